@@ -1,0 +1,193 @@
+"""Typed, frozen configuration: YAML presets layered over defaults, then dotted CLI overrides.
+
+Every section is a frozen dataclass owned by the module that uses it; :class:`Config` composes them.
+Unknown keys fail with the list of valid keys, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from unimed.data.config import DataConfig
+from unimed.models.config import ModelConfig
+from unimed.phantom.config import PhantomConfig
+from unimed.text.config import MLMConfig, VocabConfig
+from unimed.train.config import TrainConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used, with the valid alternatives in the message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes, and its global seed."""
+
+    name: str = "demo"
+    output_dir: str = "runs"
+    seed: int = 0
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a run."""
+
+    run: RunConfig = RunConfig()
+    phantom: PhantomConfig = PhantomConfig()
+    data: DataConfig = DataConfig()
+    vocab: VocabConfig = VocabConfig()
+    mlm: MLMConfig = MLMConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(path: str, key: str, cls: type) -> ConfigError:
+    valid = ", ".join(f.name for f in dataclasses.fields(cls))
+    where = f"{path}.{key}" if path else key
+    return ConfigError(f"unknown config key '{where}'; valid keys here: {valid}")
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' expects a mapping, got {value!r}")
+        return _build(annotation, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{path}' expects a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' expects a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{path}' expects true/false, got {value!r}")
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"config key '{path}' expects {annotation.__name__}, got {value!r}"
+            ) from None
+    return value
+
+
+def _build(cls: type[T], values: dict[str, Any], path: str = "") -> T:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise _unknown_key(path, key, cls)
+        kwargs[key] = _coerce(value, types_[key], f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-serialisable data."""
+    out = dataclasses.asdict(cfg)
+    return _plain(out)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type[T] = Config
+) -> T:
+    """Defaults <- YAML preset (which may name `base:` presets) <- dotted overrides."""
+    data = to_dict(cls())
+    if path is not None:
+        data = _merge(data, _read_yaml(Path(path)))
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"unknown config section '{'.'.join(keys[: depth + 1])}' in override '{item}'"
+                )
+            node = child
+        node[keys[-1]] = value
+    return _build(cls, data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_read_yaml(path.parent / base), data)
+    return data
+
+
+def save_config(cfg: Any, directory: str | Path) -> Path:
+    """Write the resolved config as `config.yaml` in `directory` and return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / "config.yaml"
+    out.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return out

@@ -1,0 +1,1 @@
+"""Data: dataset adapters to canonical records, report processing, transforms, pre-training datasets."""

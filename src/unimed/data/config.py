@@ -1,0 +1,20 @@
+"""Configuration of dataset reading and the pre-training data pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the datasets live and how records are filtered and split."""
+
+    root: str = "data/phantom"
+    pretrain_datasets: tuple[str, ...] = ("mimic-cxr", "padchest")
+    min_report_tokens: int = 3
+    split_seed: int = 0
+    on_error: str = "raise"
+    image_size: int = 224
+    resize_size: int = 256
+    max_length: int = 128
+    num_workers: int = 0

@@ -1,0 +1,27 @@
+"""Configuration of the phantom world generator."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomConfig:
+    """Size, difficulty and seed of the generated world; counts are studies per dataset layout."""
+
+    root: str = "data/phantom"
+    seed: int = 0
+    image_size: int = 256
+    difficulty: float = 1.0
+    lateral_fraction: float = 0.15
+    mimic_studies: int = 600
+    padchest_studies: int = 600
+    chexpert_studies: int = 300
+    cxp500_studies: int = 100
+    rsna_studies: int = 300
+    siim_studies: int = 300
+    covidx_studies: int = 300
+    object_cxr_studies: int = 300
+    pdc_studies: int = 100
+    languages: tuple[str, ...] = ("en", "es")
+    workers: int = 1
