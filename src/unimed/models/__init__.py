@@ -1,0 +1,1 @@
+"""Vision and text encoders, projection heads and the method models."""

@@ -1,0 +1,1 @@
+"""Cross-lingual text encoder: vocabulary extension and masked-language-model training."""
