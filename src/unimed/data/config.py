@@ -18,3 +18,6 @@ class DataConfig:
     resize_size: int = 256
     max_length: int = 128
     num_workers: int = 0
+    split_dir: str | None = None
+    check_images: bool = False
+    progress: bool = True

@@ -7,7 +7,11 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class PhantomConfig:
-    """Size, difficulty and seed of the generated world; counts are studies per dataset layout."""
+    """Size, difficulty and seed of the generated world; counts are studies per dataset layout.
+
+    `difficulty` 1.0 is the calibrated default (see benchmarks/phantom_learnability.py); larger values
+    lower lesion contrast and size and raise noise.
+    """
 
     root: str = "data/phantom"
     seed: int = 0
@@ -25,3 +29,5 @@ class PhantomConfig:
     pdc_studies: int = 100
     languages: tuple[str, ...] = ("en", "es")
     workers: int = 1
+    lang_dir: str = ""  # folder of language packs; empty = the packaged phantom/lang
+    sites_file: str = ""  # sites YAML; empty = the packaged phantom/sites.yaml

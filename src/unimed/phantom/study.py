@@ -64,7 +64,11 @@ class Finding:
 
 @dataclasses.dataclass
 class Study:
-    """Everything generated for one study; all fields derive from the same latent findings."""
+    """Everything generated for one study; all fields derive from the same latent findings.
+
+    `pneumothorax_mask` is a (H, W) bool mask on frontal views with a pneumothorax, else None;
+    `boxes` (pneumonia opacities, foreign objects) are given on frontal views only.
+    """
 
     index: int
     patient_id: str
@@ -83,3 +87,5 @@ class Study:
     chexpert: dict[str, float]
     pdc: dict[str, int]
     covid_class: str
+    padchest_labels: list[str] = dataclasses.field(default_factory=list)
+    negated: tuple[str, ...] = ()  # absent findings the reports state as absent

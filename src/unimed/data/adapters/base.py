@@ -1,0 +1,133 @@
+"""What every adapter shares: the registry, the read context (filters, errors), the result types."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from unimed.data.adapters.tables import CsvTable
+from unimed.data.errors import EMPTY_REPORT, MISSING_IMAGE, DataError, DropCounter
+from unimed.data.images import check_image
+from unimed.data.records import Record
+from unimed.data.reports import count_tokens
+from unimed.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+LATERAL_VIEW = "lateral view"
+OTHER_VIEW = "other view"
+
+
+@dataclasses.dataclass
+class AdapterResult:
+    """Records as read, with `split` holding a pool: an official split, or a key of `carve`
+    whose records are split per patient with the ratios `carve[pool]`."""
+
+    records: list[Record]
+    carve: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ReadContext:
+    """Per-read settings and the drop counter that adapters report filters and bad rows to."""
+
+    dataset: str
+    root: Path
+    drops: DropCounter
+    min_report_tokens: int = 3
+    check_images: bool = False
+    progress: bool = False
+
+    def rows(
+        self, table: CsvTable, parse: Callable[[int, dict[str, str]], Record | None]
+    ) -> list[Record]:
+        """Parse every row of `table`; None means filtered, a DataError is raised or skipped."""
+        records = []
+        bar = tqdm(
+            table,
+            desc=f"{self.dataset}: {table.path.name}",
+            disable=not self.progress,
+            unit=" rows",
+        )
+        for line, values in bar:
+            try:
+                record = parse(line, table.row(line, values))
+            except DataError as err:
+                self.drops.bad(err)
+                continue
+            if record is not None:
+                records.append(record)
+        return records
+
+    def image(self, path: Path, source: Path, line: int | None) -> Path:
+        """`path` if the image exists (and opens, with check_images); else a DataError naming both
+        the image and the table line that lists it."""
+        if not path.is_file():
+            raise DataError(f"image file not found: {path}", source, line, reason=MISSING_IMAGE)
+        if self.check_images:
+            try:
+                check_image(path)
+            except DataError as err:
+                raise DataError(f"{err} (listed here)", source, line, reason=err.reason) from None
+        return path
+
+    def accept_report(
+        self, text: str, source: Path, line: int | None, column: str | None = None
+    ) -> bool:
+        """False (counted) for a report under `min_report_tokens`; DataError for an empty one."""
+        if not text.strip():
+            raise DataError("empty report", source, line, column, reason=EMPTY_REPORT)
+        if count_tokens(text) < self.min_report_tokens:
+            self.drops.drop(f"report under {self.min_report_tokens} tokens")
+            return False
+        return True
+
+    def key(self, record: Record) -> str:
+        """The record's split-file key: its image path relative to the dataset root."""
+        return record.image_path.relative_to(self.root).as_posix()
+
+
+Adapter = Callable[[Path, ReadContext], AdapterResult]
+ADAPTERS: Registry[Adapter] = Registry("dataset")
+
+
+@dataclasses.dataclass
+class DatasetRead:
+    """The records of one dataset and how many rows were dropped, by reason."""
+
+    records: list[Record]
+    dropped: dict[str, int]
+
+    def summary(self) -> dict:
+        """Counts per split / language / site / view, and per-label positives and prevalence
+        (positives over records where the label is stated)."""
+        out: dict = {"records": len(self.records), "dropped": dict(self.dropped)}
+        for field in ("split", "language", "site", "view", "target"):
+            counts = collections.Counter(str(getattr(r, field)) for r in self.records)
+            out[field] = dict(sorted(counts.items()))
+        out["labels"] = _label_prevalence(self.records)
+        return out
+
+
+def _label_prevalence(records: Iterable[Record]) -> dict[str, dict[str, float]]:
+    positive: collections.Counter[str] = collections.Counter()
+    stated: collections.Counter[str] = collections.Counter()
+    for record in records:
+        for name, value in record.labels.items():
+            if not math.isnan(value):
+                stated[name] += 1
+                positive[name] += value == 1.0
+    return {
+        name: {
+            "positive": positive[name],
+            "stated": stated[name],
+            "prevalence": positive[name] / stated[name],
+        }
+        for name in sorted(stated)
+    }

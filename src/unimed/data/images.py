@@ -1,0 +1,110 @@
+"""Reading chest images (JPEG, 8/16-bit PNG, DICOM) as float32 grey arrays in [0, 1]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.errors import InvalidDicomError
+
+from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
+
+DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
+# Pillow modes of single-channel images and the value that maps to 1.0.
+_GREY_MAX: dict[str, float] = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0}
+# What Pillow and pydicom raise on a truncated, corrupt or unsupported file (pydicom raises
+# RuntimeError / NotImplementedError for compressed pixel data without a decoder plugin, and
+# AttributeError when PixelData is absent).
+_READ_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    RuntimeError,
+    NotImplementedError,
+    AttributeError,
+    InvalidDicomError,
+)
+
+
+def is_dicom(path: str | Path) -> bool:
+    """Whether `path` is read as DICOM (by its suffix)."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image as float32 (H, W) in [0, 1]; raises DataError naming the file when it cannot.
+
+    DICOM is scaled by its stored bit depth (MONOCHROME1 inverted so bright is dense); PNG/JPEG by
+    their bit depth; colour images are converted to grey.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("image file not found", path, reason=MISSING_IMAGE)
+    try:
+        image = _load_dicom(path) if is_dicom(path) else _load_pil(path)
+    except DataError:
+        raise
+    except _READ_ERRORS as err:
+        raise DataError(f"cannot read image ({err})", path, reason=UNREADABLE_IMAGE) from None
+    if image.ndim != 2:
+        raise DataError(
+            f"expected a 2-D image, got shape {image.shape}", path, reason=UNREADABLE_IMAGE
+        )
+    return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _load_pil(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode == "I":
+            # Pillow reads some 16-bit greyscale files as 32-bit "I"; their range is still 16-bit.
+            return np.asarray(im, dtype=np.float32) / 65535.0  # (H, W)
+        if im.mode not in _GREY_MAX:
+            im = im.convert("L")
+        return np.asarray(im, dtype=np.float32) / _GREY_MAX[im.mode]  # (H, W)
+
+
+def _load_dicom(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array.astype(np.float32)  # (H, W)
+    if int(getattr(ds, "PixelRepresentation", 0)) == 0:
+        bits = int(getattr(ds, "BitsStored", 8 * pixels.itemsize))
+        image = pixels / float(2**bits - 1)
+    else:
+        # Signed data (rare for radiographs) has no fixed range, so it is min-max scaled.
+        low, high = float(pixels.min()), float(pixels.max())
+        image = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        image = 1.0 - image
+    return image
+
+
+def check_image(path: str | Path) -> None:
+    """Cheap check that an image opens: PIL `verify` or a DICOM header read; raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("image file not found", path, reason=MISSING_IMAGE)
+    try:
+        if is_dicom(path):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if "Rows" not in ds or "Columns" not in ds:
+                raise DataError("DICOM has no Rows/Columns", path, reason=UNREADABLE_IMAGE)
+        else:
+            with Image.open(path) as im:
+                im.verify()
+    except DataError:
+        raise
+    except _READ_ERRORS as err:
+        raise DataError(f"cannot read image ({err})", path, reason=UNREADABLE_IMAGE) from None
+
+
+def dicom_header(path: str | Path) -> pydicom.Dataset:
+    """The DICOM header (no pixels) of `path`; raises DataError naming the file when unreadable."""
+    path = Path(path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except _READ_ERRORS as err:
+        raise DataError(
+            f"cannot read DICOM header ({err})", path, reason=UNREADABLE_IMAGE
+        ) from None

@@ -1,0 +1,194 @@
+"""Mixed-language image-report dataset, its collate and its resumable sampler.
+
+Each item is one image (two independently augmented views, for L_SSV) and its tokenised report.
+Augmentations are seeded per (seed, epoch, index), so a sample looks the same whichever worker or
+rank reads it and whether or not the run was resumed; the sampler hands those seeds to the dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from unimed.data.config import DataConfig
+from unimed.data.errors import EMPTY_REPORT, DataError
+from unimed.data.images import load_image
+from unimed.data.records import Record
+from unimed.data.transforms import ImageTransform, TwoViews, pretrain_transform
+
+UNKNOWN_SITE = "unknown"
+SampleKey = int | tuple[int, int]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for the augmentation of sample `index` in `epoch`."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _check_records(records: Sequence[Record]) -> None:
+    if len(records) == 0:
+        raise ValueError("no records to pre-train on: the adapters returned an empty list")
+    for i, rec in enumerate(records):
+        if not rec.report or not rec.report.strip():
+            raise DataError(f"record {i} ({rec.dataset}, study {rec.study_id}) has no report",
+                            rec.image_path, reason=EMPTY_REPORT)
+        if not rec.language:
+            raise DataError(f"record {i} ({rec.dataset}, study {rec.study_id}) has no language",
+                            rec.image_path)
+
+
+class PretrainDataset(Dataset):
+    """Image-report pairs from canonical records of any language and site.
+
+    `languages` / `sites` fix the integer ids (default: sorted names found in the records; a record
+    without a site gets "unknown"). Items are dicts: image, image_aug (3, S, S), input_ids (L,),
+    language, site, index. Index it with `(index, seed)` (what :class:`PretrainSampler` yields) or
+    with a plain index (seeded by the index alone).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        tokenizer: Any,
+        *,
+        max_length: int,
+        transform: ImageTransform,
+        seed: int = 0,
+        languages: Sequence[str] | None = None,
+        sites: Sequence[str] | None = None,
+        image_loader: Callable[[Path], np.ndarray] = load_image,
+    ) -> None:
+        _check_records(records)
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.views = TwoViews(transform)
+        self.seed = seed
+        self.image_loader = image_loader
+        self.languages = tuple(languages or sorted({r.language for r in self.records}))
+        self.sites = tuple(sites or sorted({r.site or UNKNOWN_SITE for r in self.records}))
+        self._language_id = _ids(self.languages, [r.language for r in self.records], "language")
+        self._site_id = _ids(self.sites, [r.site or UNKNOWN_SITE for r in self.records], "site")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, sample_seed(self.seed, 0, key))
+        rec = self.records[index]
+        image = self.image_loader(rec.image_path)  # (H, W) in [0, 1]
+        # A private RNG stream, so augmenting never moves the global one that dropout uses.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            view, view_aug = self.views(image)
+        ids = self.tokenizer(rec.report, truncation=True, max_length=self.max_length)["input_ids"]
+        return {
+            "image": view,
+            "image_aug": view_aug,
+            "input_ids": torch.as_tensor(ids, dtype=torch.long),
+            "language": self._language_id[index],
+            "site": self._site_id[index],
+            "index": index,
+        }
+
+
+def _ids(names: Sequence[str], values: Sequence[str], what: str) -> list[int]:
+    table = {name: i for i, name in enumerate(names)}
+    missing = sorted(set(values) - set(table))
+    if missing:
+        raise ValueError(f"records have {what}s {missing} outside the given {what}s {list(names)}")
+    return [table[v] for v in values]
+
+
+class PretrainCollator:
+    """Stacks images and pads token ids to the longest report in the batch."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [item["input_ids"] for item in items]
+        masks = [torch.ones_like(x) for x in ids]
+        return {
+            "image": torch.stack([item["image"] for item in items]),  # (B, 3, S, S)
+            "image_aug": torch.stack([item["image_aug"] for item in items]),  # (B, 3, S, S)
+            "input_ids": pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id),  # (B, L)
+            "attention_mask": pad_sequence(masks, batch_first=True, padding_value=0),  # (B, L)
+            "language": torch.tensor([item["language"] for item in items], dtype=torch.long),
+            "site": torch.tensor([item["site"] for item in items], dtype=torch.long),
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        }
+
+
+class PretrainSampler(DistributedSampler):
+    """torch's DistributedSampler (seeded shuffle, `set_epoch`, one shard per rank; world size 1 is
+    a plain seeded shuffle) that yields `(index, augmentation seed)` and can start mid-epoch."""
+
+    def __init__(self, dataset: Dataset, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        self._start = 0
+
+    def set_start(self, start: int) -> None:
+        """Skip the first `start` samples of this rank's shard on the next pass only (resume)."""
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start {start} is outside this rank's {self.num_samples} samples")
+        self._start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, self._start = self._start, 0
+        indices = list(super().__iter__())
+        for index in indices[start:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+def build_pretrain_dataset(
+    records: Sequence[Record], tokenizer: Any, cfg: DataConfig, *, seed: int = 0
+) -> PretrainDataset:
+    """The dataset with the paper's augmentations at the config's sizes."""
+    transform = pretrain_transform(cfg.image_size, cfg.resize_size)
+    return PretrainDataset(records, tokenizer, max_length=cfg.max_length, transform=transform, seed=seed)
+
+
+def build_pretrain_loader(
+    dataset: PretrainDataset,
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> DataLoader:
+    """A DataLoader over this rank's shard: full batches only, workers from `cfg.num_workers`
+    (persistent, prefetching), pinned memory when asked (on CUDA).
+
+    The loader gets its own generator so iterating it never draws from the global RNG.
+    """
+    pad_id = dataset.tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+    sampler = PretrainSampler(dataset, rank=rank, world_size=world_size, seed=seed)
+    if len(sampler) < batch_size:
+        raise ValueError(f"{len(dataset)} records give rank {rank} only {len(sampler)} samples, "
+                         f"fewer than one batch of {batch_size}")
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=PretrainCollator(pad_id),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )

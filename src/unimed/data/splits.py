@@ -1,0 +1,176 @@
+"""Per-patient, seeded train / valid / test splits, persisted in split files.
+
+A split file `<split_dir>/<dataset>.csv` has the columns key, patient_id, split. When it exists it
+is the truth and is read back instead of recomputed, so results stay comparable across runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from unimed.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+SPLIT_FILE_COLUMNS: tuple[str, ...] = ("key", "patient_id", "split")
+
+
+def _split_counts(n: int, ratios: Mapping[str, float]) -> dict[str, int]:
+    """Largest-remainder counts that sum to `n`; every split with a positive ratio gets at least one
+    patient when there are enough patients, so a tiny dataset never gets an empty test split."""
+    names = list(ratios)
+    weights = np.array([ratios[k] for k in names], dtype=float)
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"split ratios must be non-negative and not all zero, got {dict(ratios)}")
+    exact = weights / weights.sum() * n
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    positive = weights > 0
+    if n >= positive.sum():
+        for i in np.flatnonzero(positive & (counts == 0)):
+            counts[int(np.argmax(counts))] -= 1
+            counts[i] += 1
+    return {name: int(c) for name, c in zip(names, counts)}
+
+
+def assign_patient_splits(
+    patient_ids: Sequence[str], ratios: Mapping[str, float], seed: int
+) -> dict[str, str]:
+    """Map each distinct patient to a split with the given ratios; deterministic given the seed.
+
+    Patients are sorted before a seeded permutation, so the input order does not matter.
+    """
+    patients = sorted(set(patient_ids))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    counts = _split_counts(len(patients), ratios)
+    assignment: dict[str, str] = {}
+    start = 0
+    for name, count in counts.items():
+        for index in order[start : start + count]:
+            assignment[patients[index]] = name
+        start += count
+    return assignment
+
+
+def split_file_path(split_dir: str | Path, dataset: str) -> Path:
+    """Where the split file of `dataset` lives."""
+    return Path(split_dir) / f"{dataset}.csv"
+
+
+def read_split_file(path: Path) -> dict[str, tuple[str, str]]:
+    """Read a split file into {key: (patient_id, split)}; DataError names line and column."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in SPLIT_FILE_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(
+                    f"missing column(s) {missing}; expected columns {list(SPLIT_FILE_COLUMNS)}",
+                    path,
+                    column=missing[0],
+                )
+            table: dict[str, tuple[str, str]] = {}
+            for row in reader:
+                if row["split"] not in SPLITS:
+                    raise DataError(
+                        f"split {row['split']!r} is not one of {list(SPLITS)}",
+                        path,
+                        reader.line_num,
+                        "split",
+                    )
+                table[row["key"]] = (row["patient_id"], row["split"])
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text ({err.reason})", path) from None
+    return table
+
+
+def write_split_file(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+    """Write (key, patient_id, split) rows, sorted by key, atomically (temp file then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(SPLIT_FILE_COLUMNS)
+        writer.writerows(sorted(rows))
+    tmp.replace(path)
+    logger.info("wrote split file %s (%d rows)", path, len(rows))
+
+
+def leaking_patients(rows: Sequence[tuple[str, str, str]]) -> list[str]:
+    """Patients that appear in more than one split among (key, patient_id, split) rows."""
+    first: dict[str, str] = {}
+    leaking: set[str] = set()
+    for _, patient, split in rows:
+        if first.setdefault(patient, split) != split:
+            leaking.add(patient)
+    return sorted(leaking)
+
+
+def resolve_splits(
+    dataset: str,
+    rows: Sequence[tuple[str, str, str]],
+    carve: Mapping[str, Mapping[str, float]],
+    seed: int,
+    split_dir: str | Path | None = None,
+) -> dict[str, str]:
+    """Final split of every (key, patient_id, pool) row, as {key: split}.
+
+    A pool is either an official split ("train" / "valid" / "test"), kept as is, or a name in
+    `carve` whose rows are split per patient with the ratios `carve[pool]` and `seed`. With
+    `split_dir`, an existing `<split_dir>/<dataset>.csv` is read instead (a key missing from it is
+    an error), and a missing one is computed and written. Without `split_dir` nothing is written.
+    """
+    if split_dir is not None and split_file_path(split_dir, dataset).is_file():
+        return _splits_from_file(split_file_path(split_dir, dataset), rows)
+    by_pool: dict[str, list[str]] = {}
+    for _, patient, pool in rows:
+        by_pool.setdefault(pool, []).append(patient)
+    assignment: dict[str, dict[str, str]] = {}
+    for pool, patients in by_pool.items():
+        if pool in carve:
+            assignment[pool] = assign_patient_splits(patients, carve[pool], seed)
+        elif pool not in SPLITS:
+            raise ValueError(f"{dataset}: pool {pool!r} is neither a split {SPLITS} nor carved")
+    final = [
+        (key, patient, assignment[pool][patient] if pool in assignment else pool)
+        for key, patient, pool in rows
+    ]
+    _warn_leakage(dataset, final)
+    if split_dir is not None:
+        write_split_file(split_file_path(split_dir, dataset), final)
+    return {key: split for key, _, split in final}
+
+
+def _splits_from_file(path: Path, rows: Sequence[tuple[str, str, str]]) -> dict[str, str]:
+    table = read_split_file(path)
+    out: dict[str, str] = {}
+    for key, _, _ in rows:
+        if key not in table:
+            raise DataError(
+                f"record {key!r} is not in the split file; delete the file to recompute the splits "
+                "or point split_dir elsewhere",
+                path,
+            )
+        out[key] = table[key][1]
+    logger.info("read splits of %d records from %s", len(out), path)
+    return out
+
+
+def _warn_leakage(dataset: str, rows: Sequence[tuple[str, str, str]]) -> None:
+    # Carved pools never leak by construction; an official split that puts a patient in two splits
+    # is the dataset's own choice, so it is reported rather than silently changed.
+    leaking = leaking_patients(rows)
+    if leaking:
+        logger.warning(
+            "%s: %d patient(s) appear in more than one split, e.g. %s",
+            dataset,
+            len(leaking),
+            leaking[:3],
+        )

@@ -1,0 +1,103 @@
+"""Image transforms: Med-UniC pre-training augmentations and the deterministic eval transform.
+
+Input is a grey image as `load_image` returns it: float32 (H, W) in [0, 1] (a numpy array or a
+tensor). Output is a (3, S, S) float32 tensor in [0, 1], or normalised when `mean` / `std` are
+given (the image encoder's normalisation).
+
+Pre-training (Med-UniC supplement 3.2): resize to 256, random crop 224, horizontal flip, random
+rotation in [0, 180] degrees, auto-contrast (torchvision.transforms.v2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+ImageTransform = Callable[[np.ndarray | torch.Tensor], torch.Tensor]
+
+
+def to_tensor_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A grey (H, W) or channel-first (C, H, W) image as a float32 tensor."""
+    tensor = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    if tensor.ndim == 2:
+        tensor = tensor.unsqueeze(0)  # (1, H, W)
+    if tensor.ndim != 3:
+        raise ValueError(f"expected a (H, W) or (C, H, W) image, got shape {tuple(tensor.shape)}")
+    return tensor.to(torch.float32)
+
+
+def _clamp01(image: torch.Tensor) -> torch.Tensor:
+    # Antialiased resizing overshoots slightly at sharp edges.
+    return image.clamp(0.0, 1.0)
+
+
+def _grey_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    # (1, H, W) -> (3, H, W): the image encoders expect RGB input.
+    return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+
+
+def _finish(mean: Sequence[float] | None, std: Sequence[float] | None) -> list[v2.Transform]:
+    steps: list[v2.Transform] = [v2.Lambda(_clamp01), v2.Lambda(_grey_to_rgb)]
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std for normalisation, or neither")
+    if mean is not None:
+        steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    return steps
+
+
+def pretrain_transform(
+    image_size: int = 224,
+    resize_size: int = 256,
+    *,
+    rotation: float = 180.0,
+    flip_p: float = 0.5,
+    autocontrast_p: float = 0.5,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> v2.Compose:
+    """Random augmentation of one view: resize -> random crop -> flip -> rotation -> autocontrast.
+
+    Uses the global torch RNG (as torchvision does); seed it per sample for reproducible views.
+    """
+    if image_size > resize_size:
+        raise ValueError(f"image_size {image_size} is larger than resize_size {resize_size}")
+    return v2.Compose([
+        v2.Lambda(to_tensor_image),
+        v2.Resize((resize_size, resize_size), antialias=True),
+        v2.RandomCrop(image_size),
+        v2.RandomHorizontalFlip(p=flip_p),
+        v2.RandomRotation(degrees=(0.0, rotation)),
+        v2.RandomAutocontrast(p=autocontrast_p),
+        *_finish(mean, std),
+    ])
+
+
+def eval_transform(
+    image_size: int = 224,
+    resize_size: int = 256,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> v2.Compose:
+    """Deterministic transform: resize -> center crop -> 3 channels."""
+    if image_size > resize_size:
+        raise ValueError(f"image_size {image_size} is larger than resize_size {resize_size}")
+    return v2.Compose([
+        v2.Lambda(to_tensor_image),
+        v2.Resize((resize_size, resize_size), antialias=True),
+        v2.CenterCrop(image_size),
+        *_finish(mean, std),
+    ])
+
+
+class TwoViews:
+    """Two independent draws of `transform` on the same image (the SSV views)."""
+
+    def __init__(self, transform: ImageTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(image), self.transform(image)

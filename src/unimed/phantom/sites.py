@@ -1,0 +1,100 @@
+"""Acquisition sites (`sites.yaml`): report language, acquisition chain and disease prevalence."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unimed.phantom.catalogue import FINDING_NAMES
+
+SITES_FILE = Path(__file__).with_name("sites.yaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Acquisition:
+    """How one site turns density into pixels."""
+
+    ap_fraction: float
+    gain: float
+    gamma: float
+    noise: float
+    markers: dict[str, str]
+    border_value: float
+    border_fraction: tuple[float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One hospital of the phantom world."""
+
+    name: str
+    language: str
+    age: tuple[int, int]
+    female_fraction: float
+    acquisition: Acquisition
+    prevalence: dict[str, float]
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, or raise ValueError naming the file."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ValueError(f"phantom data file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping at top level")
+    return data
+
+
+def require(data: dict[str, Any], key: str, where: str) -> Any:
+    """`data[key]`, or a ValueError naming the file and key."""
+    if key not in data:
+        raise ValueError(f"{where}: missing key '{key}'")
+    return data[key]
+
+
+def _parse_site(name: str, raw: Any, path: Path) -> Site:
+    where = f"{path}: site '{name}'"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping")
+    acq = require(raw, "acquisition", where)
+    fields = {f.name for f in dataclasses.fields(Acquisition)}
+    missing = sorted(fields - set(acq))
+    if missing:
+        raise ValueError(f"{where}.acquisition: missing keys {missing}")
+    acq = {k: acq[k] for k in fields}
+    acq["border_fraction"] = tuple(acq["border_fraction"])
+    prevalence = dict(require(raw, "prevalence", where))
+    unknown = sorted(set(prevalence) - set(FINDING_NAMES))
+    if unknown:
+        raise ValueError(f"{where}.prevalence: unknown findings {unknown}; valid: {list(FINDING_NAMES)}")
+    return Site(
+        name=name,
+        language=str(require(raw, "language", where)),
+        age=tuple(require(raw, "age", where)),
+        female_fraction=float(require(raw, "female_fraction", where)),
+        acquisition=Acquisition(**acq),
+        prevalence={f: float(prevalence.get(f, 0.0)) for f in FINDING_NAMES},
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def load_sites(path: Path = SITES_FILE) -> dict[str, Site]:
+    """All sites defined in `path` (the packaged `sites.yaml` by default)."""
+    data = load_yaml(path)
+    return {name: _parse_site(name, raw, path) for name, raw in data.items()}
+
+
+def get_site(name: str, path: Path = SITES_FILE) -> Site:
+    """The named site, or ValueError listing the valid site names."""
+    sites = load_sites(path)
+    if name not in sites:
+        raise ValueError(f"unknown phantom site '{name}'; valid sites: {sorted(sites)}")
+    return sites[name]

@@ -1,0 +1,188 @@
+"""Write the whole phantom world: every dataset layout under one root, plus `manifest.json`.
+
+Studies are generated and written in chunks of consecutive indices, optionally by several worker
+processes; the table rows come back in index order, so the bytes on disk do not depend on the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import shutil
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tqdm import tqdm
+
+from unimed.phantom.config import PhantomConfig
+from unimed.phantom.generator import generate_study
+from unimed.phantom.writers import LAYOUTS, WRITERS, LayoutWriter, ManifestEntry, StudyResult
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MARKER = ".unimed-phantom"
+"""Empty file in every folder the world writes; only such folders are ever deleted on a rewrite."""
+CHUNK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetManifest:
+    """What one dataset folder holds. `views` counts every image; all other counts are over frontal
+    images (what an adapter keeping PA/AP returns). Split names are the official ones on disk
+    ("validate", "dev", ...), "none" where the real dataset has no official split."""
+
+    folder: str
+    dataset: str
+    studies: int
+    images: int
+    views: dict[str, int]
+    splits: dict[str, int]
+    sites: dict[str, int]
+    languages: dict[str, int]
+    positives: dict[str, int]
+    prevalence: dict[str, float]
+    boxes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldManifest:
+    """The manifest of a written world: generation settings and one :class:`DatasetManifest` per folder."""
+
+    seed: int
+    image_size: int
+    difficulty: float
+    datasets: dict[str, DatasetManifest]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorldManifest:
+        """Inverse of :meth:`to_dict`."""
+        datasets = {k: DatasetManifest(**v) for k, v in data["datasets"].items()}
+        return cls(data["seed"], data["image_size"], data["difficulty"], datasets)
+
+
+def load_manifest(root: str | Path) -> WorldManifest:
+    """Read `<root>/manifest.json`; a clear error when it is missing or malformed."""
+    path = Path(root) / MANIFEST
+    try:
+        return WorldManifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no phantom manifest (write the world first)") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: malformed phantom manifest ({exc})") from None
+
+
+def summarize(writer: type[LayoutWriter], entries: Sequence[ManifestEntry]) -> DatasetManifest:
+    """Count what a dataset's studies put on disk."""
+    frontal = [e for e in entries if e.frontal]
+    positives: Counter[str] = Counter()
+    for entry in frontal:
+        positives.update(name for name, value in entry.labels.items() if value == 1.0)
+    names = sorted({name for e in entries for name in e.labels})
+    return DatasetManifest(
+        folder=writer.folder,
+        dataset=writer.dataset,
+        studies=len(entries),
+        images=sum(e.images for e in entries),
+        views={"frontal": len(frontal), "lateral": len(entries) - len(frontal)},
+        splits=dict(sorted(Counter(e.split for e in frontal).items())),
+        sites=dict(sorted(Counter(e.site for e in frontal).items())),
+        languages=dict(sorted(Counter(e.language for e in frontal).items())),
+        positives={name: positives[name] for name in names},
+        prevalence={name: round(positives[name] / max(len(frontal), 1), 6) for name in names},
+        boxes=sum(e.boxes for e in frontal),
+    )
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a dataset folder that holds something the phantom did not write (a real download, say)."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{folder}: exists and is not a folder; refusing to overwrite it")
+    if any(folder.iterdir()) and not (folder / MARKER).exists():
+        raise FileExistsError(
+            f"{folder}: non-empty folder not written by the phantom (no {MARKER}); "
+            "refusing to overwrite it — choose another root"
+        )
+
+
+def _reset(folder: Path) -> None:
+    """Replace a dataset folder by an empty one carrying the phantom marker."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / MARKER).touch()
+
+
+def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> list[StudyResult]:
+    """Generate and write studies [start, stop) of one layout (runs in a worker process)."""
+    folder, start, stop = job
+    writer = WRITERS.get(folder)(cfg, root / folder)
+    results = []
+    for index in range(start, stop):
+        study = generate_study(
+            cfg, writer.dataset, index, site=writer.site(index),
+            frontal_only=writer.frontal_only, enrich=writer.enrich,
+        )
+        results.append(writer.write_study(study, writer.split(study)))
+    return results
+
+
+def _jobs(cfg: PhantomConfig) -> list[tuple[str, int, int]]:
+    jobs = []
+    for writer in LAYOUTS:
+        count = writer(cfg, Path()).count()
+        if count < 0:
+            raise ValueError(f"phantom.{writer.count_field} = {count} must be >= 0")
+        jobs += [(writer.folder, s, min(s + CHUNK, count)) for s in range(0, count, CHUNK)]
+    return jobs
+
+
+def _run(cfg: PhantomConfig, root: Path, jobs: list[tuple[str, int, int]]) -> Iterator[list[StudyResult]]:
+    work = partial(_write_chunk, cfg, root)
+    if cfg.workers <= 1:
+        yield from map(work, jobs)
+        return
+    with multiprocessing.Pool(cfg.workers) as pool:
+        yield from pool.imap(work, jobs)
+
+
+def write_world(cfg: PhantomConfig, root: str | Path | None = None, *, progress: bool = True) -> WorldManifest:
+    """Generate the phantom world and write every dataset layout under `root` (default `cfg.root`).
+
+    Only the dataset folders written here are replaced, and only if the phantom wrote them before.
+    Returns the manifest, also saved as `<root>/manifest.json`.
+    """
+    root = Path(cfg.root if root is None else root)
+    root.mkdir(parents=True, exist_ok=True)
+    for writer in LAYOUTS:
+        _check_writable(root / writer.folder)
+    for writer in LAYOUTS:
+        _reset(root / writer.folder)
+    jobs = _jobs(cfg)
+    results: dict[str, list[StudyResult]] = {w.folder: [] for w in LAYOUTS}
+    with tqdm(total=sum(stop - start for _, start, stop in jobs), desc="phantom world",
+              unit="study", disable=not progress) as bar:
+        for (folder, _, _), chunk in zip(jobs, _run(cfg, root, jobs)):
+            results[folder] += chunk
+            bar.update(len(chunk))
+    datasets = {}
+    for writer in LAYOUTS:
+        done = results[writer.folder]
+        writer(cfg, root / writer.folder).write_tables([row for r in done for row in r.rows])
+        datasets[writer.folder] = summarize(writer, [r.entry for r in done])
+    manifest = WorldManifest(cfg.seed, cfg.image_size, cfg.difficulty, datasets)
+    (root / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+    log.info("phantom world: %d studies in %d layouts under %s",
+             sum(d.studies for d in datasets.values()), len(datasets), root)
+    return manifest

@@ -1,0 +1,61 @@
+"""Image loading: 8/16-bit PNG, JPEG, DICOM (MONOCHROME1/2), colour, and errors naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_layouts import write_dicom
+from PIL import Image
+
+from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
+from unimed.data.images import check_image, load_image
+
+RAMP8 = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+RAMP16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+
+
+def test_png_8_and_16_bit_scale_by_depth(tmp_path: Path) -> None:
+    Image.fromarray(RAMP8).save(tmp_path / "a.png")
+    Image.fromarray(RAMP16).save(tmp_path / "b.png")
+    a, b = load_image(tmp_path / "a.png"), load_image(tmp_path / "b.png")
+    assert a.dtype == np.float32 and a.shape == (8, 8)
+    np.testing.assert_allclose(a, RAMP8 / 255.0, atol=1e-6)
+    np.testing.assert_allclose(b, RAMP16 / 65535.0, atol=1e-6)
+
+
+def test_jpeg_and_colour_become_grey_in_unit_range(tmp_path: Path) -> None:
+    Image.fromarray(np.stack([RAMP8] * 3, axis=-1)).save(tmp_path / "c.jpg", quality=95)
+    image = load_image(tmp_path / "c.jpg")
+    assert image.shape == (8, 8) and 0.0 <= image.min() and image.max() <= 1.0
+    np.testing.assert_allclose(image, RAMP8 / 255.0, atol=0.05)
+
+
+@pytest.mark.parametrize("array", [RAMP8, RAMP16])
+def test_dicom_monochrome2_and_inverted_monochrome1(array: np.ndarray, tmp_path: Path) -> None:
+    write_dicom(tmp_path / "m2.dcm", array)
+    write_dicom(tmp_path / "m1.dcm", array, photometric="MONOCHROME1")
+    scale = float(np.iinfo(array.dtype).max)
+    np.testing.assert_allclose(load_image(tmp_path / "m2.dcm"), array / scale, atol=1e-6)
+    np.testing.assert_allclose(load_image(tmp_path / "m1.dcm"), 1.0 - array / scale, atol=1e-6)
+
+
+def test_missing_and_unreadable_images_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nope.png") as info:
+        load_image(tmp_path / "nope.png")
+    assert info.value.reason == MISSING_IMAGE
+    for name in ("bad.png", "bad.jpg", "bad.dcm"):
+        (tmp_path / name).write_bytes(b"\x00garbage")
+        for reader in (load_image, check_image):
+            with pytest.raises(DataError, match=name) as info:
+                reader(tmp_path / name)
+            assert info.value.reason == UNREADABLE_IMAGE
+
+
+def test_truncated_png_is_unreadable(tmp_path: Path) -> None:
+    Image.fromarray(RAMP16).save(tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="t.png"):
+        load_image(tmp_path / "t.png")

@@ -1,0 +1,113 @@
+"""Per-patient seeded splits: no leakage, determinism, ratios, split files written and read back."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from data_layouts import BUILDERS
+
+from unimed.data.adapters import load_dataset
+from unimed.data.errors import DataError
+from unimed.data.splits import assign_patient_splits, leaking_patients, resolve_splits
+
+RATIOS = {"train": 0.7, "valid": 0.15, "test": 0.15}
+PATIENTS = [f"p{i:03d}" for i in range(40)]
+
+
+def test_assignment_is_seeded_order_free_and_follows_ratios() -> None:
+    first = assign_patient_splits(PATIENTS, RATIOS, seed=3)
+    assert first == assign_patient_splits(list(reversed(PATIENTS)) * 2, RATIOS, seed=3)
+    assert first != assign_patient_splits(PATIENTS, RATIOS, seed=4)
+    assert Counter(first.values()) == {"train": 28, "valid": 6, "test": 6}
+
+
+def test_tiny_pools_still_fill_every_split() -> None:
+    assert set(assign_patient_splits(["a", "b", "c"], RATIOS, seed=0).values()) == {
+        "train",
+        "valid",
+        "test",
+    }
+
+
+def test_bad_ratios_are_rejected() -> None:
+    with pytest.raises(ValueError, match="ratios"):
+        assign_patient_splits(PATIENTS, {"train": 0.0, "test": 0.0}, seed=0)
+
+
+def test_images_of_one_patient_share_a_split() -> None:
+    rows = [(f"img{i}", PATIENTS[i // 3], "all") for i in range(60)]
+    splits = resolve_splits("x", rows, {"all": RATIOS}, seed=0)
+    assert leaking_patients([(k, p, splits[k]) for k, p, _ in rows]) == []
+    assert len(set(splits.values())) == 3
+
+
+def test_official_pools_are_kept_and_only_named_pools_carved() -> None:
+    rows = [(f"a{i}", f"p{i}", "train") for i in range(10)] + [
+        (f"b{i}", f"q{i}", "test") for i in range(4)
+    ]
+    splits = resolve_splits("x", rows, {"train": {"train": 0.8, "valid": 0.2}}, seed=0)
+    assert [splits[f"b{i}"] for i in range(4)] == ["test"] * 4
+    assert Counter(splits[f"a{i}"] for i in range(10)) == {"train": 8, "valid": 2}
+
+
+@pytest.mark.parametrize("name", ["padchest", "siim", "covidx", "chexpert"])
+def test_no_patient_leaks_between_splits(name: str, tmp_path: Path) -> None:
+    read = load_dataset(name, BUILDERS[name](tmp_path / name).write())
+    assert (
+        leaking_patients([(str(r.image_path), r.patient_id, r.split) for r in read.records]) == []
+    )
+
+
+def test_split_file_is_written_then_read_instead_of_recomputed(tmp_path: Path) -> None:
+    root = BUILDERS["rsna"](tmp_path / "rsna").write()
+    split_dir = tmp_path / "splits"
+    first = load_dataset("rsna", root, split_dir=split_dir)
+    path = split_dir / "rsna.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [list(r) for r in rows[:1]] == [["key", "patient_id", "split"]]
+    assert {r["key"]: r["split"] for r in rows} == {
+        r.image_path.relative_to(root).as_posix(): r.split for r in first.records
+    }
+    # Edit the file: the next read must follow it, whatever the seed says.
+    for row in rows:
+        row["split"] = "test"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["key", "patient_id", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    again = load_dataset("rsna", root, split_dir=split_dir, split_seed=99)
+    assert {r.split for r in again.records} == {"test"}
+
+
+def test_record_missing_from_split_file_is_named(tmp_path: Path) -> None:
+    root = BUILDERS["rsna"](tmp_path / "rsna").write()
+    split_dir = tmp_path / "splits"
+    load_dataset("rsna", root, split_dir=split_dir)
+    path = split_dir / "rsna.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(line for line in lines if "pid2.dcm" not in line) + "\n")
+    with pytest.raises(DataError, match="pid2.dcm"):
+        load_dataset("rsna", root, split_dir=split_dir)
+
+
+def test_bad_split_value_in_split_file(tmp_path: Path) -> None:
+    root = BUILDERS["rsna"](tmp_path / "rsna").write()
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "rsna.csv").write_text(
+        "key,patient_id,split\nstage_2_train_images/pid0.dcm,pid0,dev\n"
+    )
+    with pytest.raises(DataError, match=r"rsna\.csv, line 2, column 'split'"):
+        load_dataset("rsna", root, split_dir=tmp_path / "splits")
+
+
+def test_without_split_dir_nothing_is_written_and_result_is_deterministic(tmp_path: Path) -> None:
+    root = BUILDERS["padchest"](tmp_path / "padchest").write()
+    before = sorted(p for p in tmp_path.rglob("*"))
+    first = load_dataset("padchest", root, split_seed=5)
+    second = load_dataset("padchest", root, split_seed=5)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert [r.split for r in first.records] == [r.split for r in second.records]

@@ -1,0 +1,117 @@
+"""write_world end to end on a tiny world: manifest vs files on disk, determinism, safe overwrite."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from unimed.phantom.config import PhantomConfig
+from unimed.phantom.writers import WRITERS
+from unimed.phantom.world import MANIFEST, load_manifest, write_world
+
+TINY = PhantomConfig(
+    seed=5, image_size=64, mimic_studies=8, padchest_studies=8, chexpert_studies=8, cxp500_studies=3,
+    rsna_studies=4, siim_studies=4, covidx_studies=6, object_cxr_studies=4, pdc_studies=3,
+    lateral_fraction=0.3,
+)
+IMAGE_SUFFIXES = {".jpg", ".png", ".dcm"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return root, write_world(TINY, root, progress=False)
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_manifest_counts_match_files_on_disk(world):
+    root, manifest = world
+    assert load_manifest(root) == manifest
+    for folder, entry in manifest.datasets.items():
+        images = [p for p in (root / folder).rglob("*") if p.suffix in IMAGE_SUFFIXES]
+        assert len(images) == entry.images == entry.studies == WRITERS.get(folder)(TINY, root).count()
+        assert entry.views["frontal"] + entry.views["lateral"] == entry.images
+        assert sum(entry.splits.values()) == sum(entry.sites.values()) == entry.views["frontal"]
+
+
+def test_manifest_splits_views_and_labels_match_the_tables(world):
+    root, manifest = world
+    mimic = root / "mimic-cxr-jpg"
+    meta = csv_rows(mimic / "mimic-cxr-2.0.0-metadata.csv.gz")
+    split = {r["dicom_id"]: r["split"] for r in csv_rows(mimic / "mimic-cxr-2.0.0-split.csv.gz")}
+    frontal = [r for r in meta if r["ViewPosition"] in ("PA", "AP")]
+    entry = manifest.datasets["mimic-cxr-jpg"]
+    assert entry.views == {"frontal": len(frontal), "lateral": len(meta) - len(frontal)}
+    for name in ("train", "validate", "test"):
+        assert entry.splits.get(name, 0) == sum(split[r["dicom_id"]] == name for r in frontal)
+    chexpert = csv_rows(root / "chexpert" / "CheXpert-v1.0-small" / "train.csv")
+    chexpert += csv_rows(root / "chexpert" / "CheXpert-v1.0-small" / "valid.csv")
+    frontal = [r for r in chexpert if r["Frontal/Lateral"] == "Frontal"]
+    for label, positives in manifest.datasets["chexpert"].positives.items():
+        assert positives == sum(r[label] == "1.0" for r in frontal)
+    covidx = [ln.split() for s in ("train", "test") for ln in (root / "covidx" / f"{s}.txt").read_text().splitlines()]
+    assert manifest.datasets["covidx"].sites == {
+        site: sum(ln[3] == site for ln in covidx) for site in ("alicante", "boston")
+    }
+
+
+def test_laterals_only_where_the_real_dataset_has_them(world):
+    _, manifest = world
+    for folder, entry in manifest.datasets.items():
+        if folder not in ("mimic-cxr-jpg", "padchest", "chexpert"):
+            assert entry.views["lateral"] == 0, folder
+    assert manifest.datasets["padchest"].languages == {"es": manifest.datasets["padchest"].views["frontal"]}
+
+
+def test_same_seed_same_bytes_whatever_the_workers(world, tmp_path):
+    root, _ = world
+    write_world(dataclasses.replace(TINY, workers=2), tmp_path / "two", progress=False)
+    assert tree_digest(tmp_path / "two") == tree_digest(root)
+    other = dataclasses.replace(TINY, seed=6, mimic_studies=2, padchest_studies=0, chexpert_studies=0)
+    write_world(other, tmp_path / "other", progress=False)
+    assert tree_digest(tmp_path / "other") != tree_digest(root)
+
+
+def test_rewrite_replaces_phantom_folders_and_refuses_foreign_ones(tmp_path):
+    small = dataclasses.replace(TINY, mimic_studies=2, padchest_studies=2, chexpert_studies=2)
+    write_world(small, tmp_path, progress=False)
+    stale = tmp_path / "siim" / "stale.txt"
+    stale.write_text("old")
+    keep = tmp_path / "notes" / "mine.txt"
+    keep.parent.mkdir()
+    keep.write_text("mine")
+    write_world(small, tmp_path, progress=False)
+    assert not stale.exists() and keep.read_text() == "mine"
+    foreign = tmp_path / "other-root"
+    (foreign / "rsna").mkdir(parents=True)
+    (foreign / "rsna" / "real.dcm").write_bytes(b"real data")
+    with pytest.raises(FileExistsError, match="not written by the phantom"):
+        write_world(small, foreign, progress=False)
+    assert (foreign / "rsna" / "real.dcm").read_bytes() == b"real data"
+    assert sorted(p.name for p in foreign.iterdir()) == ["rsna"]  # checked before anything is written
+
+
+def test_load_manifest_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=MANIFEST):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text("{}")
+    with pytest.raises(ValueError, match="malformed phantom manifest"):
+        load_manifest(tmp_path)
