@@ -7,7 +7,14 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Encoders, projectors and which losses are on (weight 0 switches a loss off)."""
+    """Encoders, projectors and which losses are on (weight 0 switches a loss off).
+
+    `text_encoder` is a local Hugging Face BERT folder (CXR-BERT, BioClinicalBERT, the MLM stage's
+    output); when it is None a fresh BERT of the `text_*` sizes is built. `frozen_text_layers` N
+    freezes the word/position embeddings and the first N transformer layers (paper: 9 of 12; 0
+    trains everything). Projectors are Linear-BN-ReLU-Linear with `projector_hidden_dim` hidden
+    units; P_v and P_l end in a BatchNorm1d (paper: "batch normalization before interaction").
+    """
 
     name: str = "medunic"
     image_encoder: str = "resnet18"
@@ -16,10 +23,35 @@ class ModelConfig:
     frozen_text_layers: int = 9
     embed_dim: int = 512
     ctr_dim: int = 1024
+    projector_hidden_dim: int = 2048
     temperature: float = 0.07
     ssv_temperature: float = 0.07
+    ssv_symmetric: bool = False
     ctr_lambda: float = 5.1e-3
     cvl_weight: float = 1.0
     ssv_weight: float = 1.0
     ctr_weight: float = 1.0
     text_dropout: float = 0.1
+    text_hidden_size: int = 128
+    text_num_layers: int = 12
+    text_num_heads: int = 4
+    text_intermediate_size: int = 512
+
+    def __post_init__(self) -> None:
+        for key in ("embed_dim", "ctr_dim", "projector_hidden_dim", "text_hidden_size",
+                    "text_num_layers", "text_num_heads", "text_intermediate_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("temperature", "ssv_temperature"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("cvl_weight", "ssv_weight", "ctr_weight", "ctr_lambda", "frozen_text_layers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"model.text_dropout must be in [0, 1), got {self.text_dropout}")
+        if self.text_hidden_size % self.text_num_heads:
+            raise ValueError(
+                f"model.text_hidden_size ({self.text_hidden_size}) must be divisible by "
+                f"model.text_num_heads ({self.text_num_heads})"
+            )

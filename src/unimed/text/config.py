@@ -7,18 +7,30 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class VocabConfig:
-    """Cross-lingual vocabulary: base English WordPiece vocabulary + top-M Spanish TF-IDF terms."""
+    """Cross-lingual vocabulary: base English WordPiece vocabulary + top-M second-language TF-IDF terms.
+
+    ``base_model`` is a local Hugging Face folder whose tokenizer is extended (CXR-BERT in the paper);
+    when unset, an English WordPiece vocabulary of ``english_vocab_size`` entries is trained on the
+    English reports. ``lowercase`` only applies to that trained vocabulary: a base tokenizer keeps its
+    own normalisation, and the new terms are normalised the same way so that they can match.
+    """
 
     base_model: str | None = None
     english_vocab_size: int = 4000
     new_terms: int = 500
     language: str = "es"
     lowercase: bool = True
+    min_term_length: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class MLMConfig:
-    """Cross-lingual masked language modelling (paper: Adam 5e-4, 10% warm-up, 15 epochs, len 256)."""
+    """Cross-lingual masked language modelling (paper: Adam 5e-4, 10% warm-up, 15 epochs, len 256).
+
+    The model sizes are used only when no base model is given (a fresh BERT). ``lr_schedule`` is a
+    name understood by ``transformers.get_scheduler``: "linear" (warm-up then linear decay, as BERT),
+    "constant_with_warmup" or "cosine". ``fp16`` autocast is applied on CUDA only.
+    """
 
     hidden_size: int = 128
     num_layers: int = 4
@@ -26,8 +38,14 @@ class MLMConfig:
     intermediate_size: int = 512
     epochs: int = 15
     batch_size: int = 32
+    grad_accum_steps: int = 1
     lr: float = 5.0e-4
+    lr_schedule: str = "linear"
     warmup_ratio: float = 0.1
     max_length: int = 256
     mask_prob: float = 0.15
     weight_decay: float = 0.0
+    adam_eps: float = 1.0e-8
+    max_grad_norm: float = 1.0
+    fp16: bool = True
+    log_every: int = 10

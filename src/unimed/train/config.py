@@ -7,16 +7,33 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimiser, schedule and loop settings (paper: AdamW 4e-5, wd 5e-2, warm-up + cosine)."""
+    """Optimiser, schedule and loop settings (paper: AdamW 4e-5, wd 5e-2, warm-up + cosine).
+
+    `batch_size` is per rank and per micro-step; the global batch is
+    `batch_size * grad_accum * world_size`. `max_steps` stops early (tests, benchmarks) without
+    changing the schedule, which always spans `epochs`. `precision` is "auto" (fp16 on CUDA, fp32
+    elsewhere), "fp32", "fp16" (CUDA only) or "bf16" (only where the device runs it natively).
+    `checkpoint_every` counts epochs, `checkpoint_every_steps` optimizer steps (0 = off).
+    `sync_batchnorm` turns BatchNorm into SyncBatchNorm under DDP on CUDA (batch statistics over
+    the global batch; per-rank statistics otherwise, as in the reference implementations).
+    """
 
     epochs: int = 50
     batch_size: int = 128
     lr: float = 4.0e-5
     weight_decay: float = 5.0e-2
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1.0e-8
     warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
     grad_accum: int = 1
     grad_clip: float = 1.0
     precision: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 1
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
     max_steps: int | None = None
+    find_unused_parameters: bool = False
+    sync_batchnorm: bool = False
+    tensorboard: bool = True

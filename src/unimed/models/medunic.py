@@ -1,0 +1,147 @@
+"""Med-UniC: image encoder F_v, cross-lingual BERT F_l, projectors P_v, P_l (CVL/SSV) and P_d (CTR).
+
+Efficiency and BatchNorm semantics of the two-view forward:
+
+* The two image views run through F_v as one concatenated (2B) batch, and the two text views as one
+  (2B) batch through F_l; dropout masks are drawn per element, so the text rows still differ.
+* For convolutional encoders this means F_v's BatchNorm normalises over both views together, as in
+  SimCLR (the paper's reference [19] for SSV); ViTs use LayerNorm and are unaffected.
+* The projectors run on each view separately, so the "BN before interaction" of ``image_features``
+  uses the statistics of view 1 alone: switching SSV on or off does not change how the CVL features
+  are normalised, and P_d normalises each dropout view on its own as in Barlow Twins.
+* Work for a loss whose weight is 0 is skipped (no second image view without SSV, one text pass
+  without CTR, no P_l pass without CVL). A module that then gets no gradient (P_l with
+  ``cvl_weight`` 0) needs DDP's ``find_unused_parameters``; P_d is not even built without CTR.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertModel
+
+from unimed.models.config import ModelConfig
+from unimed.models.factory import MODELS
+from unimed.models.heads import ProjectionHead
+from unimed.models.image import create_image_encoder
+from unimed.models.text import cls_features, create_text_encoder, freeze_text_layers
+
+
+class MedUniC(nn.Module):
+    """The Med-UniC model; ``forward(batch)`` returns the features the Med-UniC losses consume.
+
+    ``encode_image`` / ``encode_text`` return projected features after the final BatchNorm and are
+    *not* L2-normalised unless ``normalize=True``; zero-shot and retrieval use cosine similarity.
+    """
+
+    def __init__(self, cfg: ModelConfig, image_encoder: nn.Module, text_encoder: BertModel) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = image_encoder
+        self.text = text_encoder
+        image_width = int(image_encoder.num_features)
+        text_width = int(text_encoder.config.hidden_size)
+        hidden = cfg.projector_hidden_dim
+        self.image_proj = ProjectionHead(image_width, hidden, cfg.embed_dim, out_norm=True)  # P_v
+        self.text_proj = ProjectionHead(text_width, hidden, cfg.embed_dim, out_norm=True)  # P_l
+        self.ctr_proj = (  # P_d
+            ProjectionHead(text_width, hidden, cfg.ctr_dim, out_norm=False)
+            if cfg.ctr_weight > 0
+            else None
+        )
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, embed_dim): P_v(F_v(image))."""
+        features = self.image_proj(self.visual(image))  # (B, E)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False
+    ) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, embed_dim): P_l([CLS] of F_l)."""
+        features = self.text_proj(cls_features(self.text, input_ids, attention_mask))  # (B, E)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward_intermediates(
+        self, image: torch.Tensor, indices: int | list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Dense feature maps of F_v, each (B, C_i, H_i, W_i), shallow to deep (timm's indices)."""
+        return self.visual.forward_intermediates(image, indices=indices, intermediates_only=True)
+
+    def lock_image(self) -> None:
+        """Freeze F_v and P_v (for evaluation protocols that train only a head)."""
+        for module in (self.visual, self.image_proj):
+            module.requires_grad_(False)
+
+    def lock_text(self) -> None:
+        """Freeze F_l and P_l."""
+        for module in (self.text, self.text_proj):
+            module.requires_grad_(False)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Features for the enabled losses from a batch with "image", "image_aug", "input_ids",
+        "attention_mask".
+
+        Returns "image_features" and "image_aug_features" (B, embed_dim), "text_features"
+        (B, embed_dim) and "ctr_a", "ctr_b" (B, ctr_dim); keys whose loss has weight 0 are absent.
+        """
+        cfg = self.cfg
+        out: dict[str, torch.Tensor] = {}
+        if cfg.cvl_weight > 0 or cfg.ssv_weight > 0:
+            out.update(self._image_views(batch, two_views=cfg.ssv_weight > 0))
+        if cfg.cvl_weight > 0 or cfg.ctr_weight > 0:
+            out.update(self._text_views(batch))
+        return out
+
+    def _image_views(self, batch: dict[str, Any], two_views: bool) -> dict[str, torch.Tensor]:
+        image = _require(batch, "image", "the image encoder")
+        if not two_views:
+            return {"image_features": self.image_proj(self.visual(image))}
+        image_aug = _require(batch, "image_aug", f"SSV (ssv_weight={self.cfg.ssv_weight})")
+        if image_aug.shape != image.shape:
+            raise ValueError(
+                f"batch 'image' {tuple(image.shape)} and 'image_aug' {tuple(image_aug.shape)} "
+                "must have the same shape"
+            )
+        pooled = self.visual(torch.cat([image, image_aug]))  # (2B, D_v)
+        view1, view2 = pooled.chunk(2)
+        return {
+            "image_features": self.image_proj(view1),
+            "image_aug_features": self.image_proj(view2),
+        }
+
+    def _text_views(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        input_ids = _require(batch, "input_ids", "the text encoder")
+        attention_mask = _require(batch, "attention_mask", "the text encoder")
+        if self.ctr_proj is None:
+            cls = cls_features(self.text, input_ids, attention_mask)  # (B, H)
+            return {"text_features": self.text_proj(cls)}
+        out: dict[str, torch.Tensor] = {}
+        # Both dropout views in one pass; the dropout masks differ per row.
+        cls = cls_features(self.text, input_ids.repeat(2, 1), attention_mask.repeat(2, 1))  # (2B,H)
+        view_a, view_b = cls.chunk(2)
+        if self.cfg.cvl_weight > 0:
+            out["text_features"] = self.text_proj(view_a)
+        out["ctr_a"] = self.ctr_proj(view_a)
+        out["ctr_b"] = self.ctr_proj(view_b)
+        return out
+
+
+def _require(batch: dict[str, Any], key: str, needed_by: str) -> torch.Tensor:
+    if key not in batch:
+        raise KeyError(f"batch has no '{key}' (needed by {needed_by}); batch keys: {sorted(batch)}")
+    return batch[key]
+
+
+@MODELS.register("medunic")
+def build_medunic(
+    cfg: ModelConfig, *, vocab_size: int | None = None, text_encoder: str | None = None
+) -> MedUniC:
+    """Med-UniC from `cfg`: timm image preset, BERT text encoder with its first layers frozen."""
+    image = create_image_encoder(cfg.image_encoder, cfg.image_weights)
+    text = create_text_encoder(text_encoder or cfg.text_encoder, cfg, vocab_size=vocab_size)
+    freeze_text_layers(text, cfg.frozen_text_layers)
+    return MedUniC(cfg, image, text)

@@ -1,0 +1,94 @@
+"""Text encoder: a Hugging Face ``BertModel``, loaded from a local folder or freshly initialised.
+
+Sentence features are the last layer's [CLS] hidden state. The pooler is not built: Med-UniC does
+not use it, and a parameter that never receives a gradient breaks DDP without
+``find_unused_parameters``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel
+
+from unimed.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def create_text_encoder(
+    path: str | Path | None, cfg: ModelConfig, *, vocab_size: int | None = None
+) -> BertModel:
+    """A BERT encoder from the local folder `path`, or a fresh one of `cfg`'s ``text_*`` sizes.
+
+    Dropout (hidden and attention) is set to ``cfg.text_dropout`` either way, since it makes the two
+    CTR text views. `vocab_size` is the tokenizer's size: it is required for a fresh encoder, and a
+    loaded encoder with fewer embedding rows grows to it (new rows randomly initialised, as for the
+    appended Spanish terms); a tokenizer smaller than the encoder's vocabulary is an error.
+    """
+    dropout = {
+        "hidden_dropout_prob": cfg.text_dropout,
+        "attention_probs_dropout_prob": cfg.text_dropout,
+    }
+    if path is None:
+        if vocab_size is None:
+            raise ValueError("a fresh text encoder (model.text_encoder unset) needs vocab_size")
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.text_hidden_size,
+            num_hidden_layers=cfg.text_num_layers,
+            num_attention_heads=cfg.text_num_heads,
+            intermediate_size=cfg.text_intermediate_size,
+            **dropout,
+        )
+        return BertModel(config, add_pooling_layer=False)
+    return _load_text_encoder(Path(path), vocab_size, dropout)
+
+
+def _load_text_encoder(path: Path, vocab_size: int | None, dropout: dict[str, float]) -> BertModel:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text encoder folder {path} has no config.json; expected a Hugging Face model folder "
+            "(save_pretrained output)"
+        )
+    model = BertModel.from_pretrained(
+        str(path), add_pooling_layer=False, local_files_only=True, **dropout
+    )
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab_size is not None and vocab_size != rows:
+        if vocab_size < rows:
+            raise ValueError(
+                f"tokenizer has {vocab_size} tokens but the text encoder at {path} has {rows} "
+                "embedding rows; use the tokenizer saved with this encoder"
+            )
+        log.info("growing word embeddings of %s from %d to %d rows", path, rows, vocab_size)
+        model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def freeze_text_layers(encoder: BertModel, n: int) -> None:
+    """Freeze the embeddings and the first `n` transformer layers (``n == 0`` freezes nothing).
+
+    Frozen layers still apply dropout in train mode, which is what makes the two CTR views differ.
+    """
+    layers = encoder.encoder.layer
+    if not 0 <= n <= len(layers):
+        raise ValueError(
+            f"model.frozen_text_layers={n} but the text encoder has {len(layers)} layers; "
+            f"use a value in 0..{len(layers)}"
+        )
+    if n == 0:
+        return
+    for module in (encoder.embeddings, *layers[:n]):
+        for param in module.parameters():
+            param.requires_grad_(False)
+
+
+def cls_features(
+    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The last layer's [CLS] hidden state, (B, hidden)."""
+    out = encoder(input_ids=input_ids, attention_mask=attention_mask)
+    return out.last_hidden_state[:, 0]  # (B, H)

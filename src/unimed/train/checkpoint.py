@@ -1,0 +1,162 @@
+"""Checkpoints: weights in safetensors, training state in a weights_only-loadable `.pt` beside them.
+
+Layout under a run's checkpoint folder::
+
+    step_00000120/model.safetensors   # model.state_dict(), shared tensors stored once
+    step_00000120/state.pt            # optimizer, scheduler, scaler, counters, RNG states
+    latest                            # the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder, fsynced, then renamed into place, and `latest` is
+replaced the same way, so a crash mid-write leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+LATEST_FILE = "latest"
+PREFIX = "step_"
+_TMP_PREFIX = ".tmp-"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and (when present) CUDA generator states as tensors, ints and floats,
+    so the `.pt` file loads with `weights_only=True`."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generator states written by :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_pointer(root: Path, name: str) -> None:
+    tmp = root / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST_FILE)
+    _fsync_dir(root)
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint taken after `step` optimizer steps (sorts by step)."""
+    return f"{PREFIX}{step:08d}"
+
+
+def save_checkpoint(
+    root: str | Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Atomically write weights + `state` as checkpoint `step`, point `latest` at it, and keep only
+    the newest `keep` checkpoints; returns the checkpoint folder.
+
+    `state` must hold only tensors, numbers, strings, lists and dicts (weights_only loading).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / WEIGHTS_FILE))
+    torch.save(state, tmp / STATE_FILE)
+    for file in (WEIGHTS_FILE, STATE_FILE):
+        _fsync_file(tmp / file)
+    _fsync_dir(tmp)
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_pointer(root, name)
+    _prune(root, keep)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints and leftovers of interrupted writes."""
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    for old in done[: max(0, len(done) - max(1, keep))]:
+        shutil.rmtree(old)
+    for stale in root.glob(f"{_TMP_PREFIX}{PREFIX}*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint that `latest` names, or None when there is none yet."""
+    pointer = Path(root) / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text(encoding="utf-8").strip()
+    if not (path / WEIGHTS_FILE).is_file() or not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load the weights of checkpoint folder `path` into `model` (strict) and return its state dict,
+    read with `torch.load(weights_only=True)`."""
+    path = Path(path)
+    for file in (WEIGHTS_FILE, STATE_FILE):
+        if not (path / file).is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no {file}")
+    load_weights(model, path / WEIGHTS_FILE)
+    return torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+
+
+def load_weights(model: nn.Module, file: str | Path) -> None:
+    """Load a safetensors weights file into `model`, failing on missing or unexpected keys."""
+    device = next(iter(model.state_dict().values())).device
+    try:
+        load_model(model, str(file), strict=True, device=str(device))
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot load weights from {file}: {exc}") from None

@@ -1,0 +1,118 @@
+"""Image encoder presets and local weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+
+from unimed.models.image import IMAGE_ENCODERS, create_image_encoder, load_image_weights
+
+
+def test_registry_holds_paper_and_cpu_presets() -> None:
+    names = set(IMAGE_ENCODERS.names())
+    assert {"resnet50", "vit_base_patch16_224", "vit_large_patch32_224"} <= names
+    assert {"resnet18", "resnet10t", "vit_tiny_patch8_64"} <= names
+
+
+def test_unknown_preset_lists_valid_names() -> None:
+    with pytest.raises(KeyError, match="resnet10t"):
+        create_image_encoder("resnet-nope")
+
+
+# Presets above this size (the paper's) are checked on the meta device only: a real forward/backward
+# of ViT-L on 2 shared CPU cores takes tens of seconds, and their numerics are timm's own tests'.
+_REAL_RUN_MAX_PARAMS = 15_000_000
+
+
+@pytest.mark.parametrize("name", IMAGE_ENCODERS.names())
+def test_every_preset_forward_backward_shapes(name: str) -> None:
+    with torch.device("meta"):
+        model = create_image_encoder(name)
+        image = torch.randn(2, 3, 64, 64)
+        pooled = model(image)  # (B, D)
+        pooled.square().mean().backward()
+        maps = model.forward_intermediates(image, intermediates_only=True)
+    assert pooled.shape == (2, model.num_features)
+    assert all(p.grad is not None for p in model.parameters())
+    assert maps and all(m.ndim == 4 and m.shape[0] == 2 for m in maps)
+
+
+def _small_presets() -> list[str]:
+    with torch.device("meta"):
+        sizes = {n: sum(p.numel() for p in IMAGE_ENCODERS.get(n)().parameters())
+                 for n in IMAGE_ENCODERS.names()}
+    return [n for n, size in sizes.items() if size <= _REAL_RUN_MAX_PARAMS]
+
+
+def test_small_presets_exist() -> None:
+    assert {"resnet10t", "vit_tiny_patch8_64"} <= set(_small_presets())
+
+
+@pytest.mark.parametrize("name", _small_presets())
+def test_small_preset_real_forward_backward(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_image_encoder(name)
+    image = torch.randn(2, 3, 64, 64)
+    pooled = model(image)  # (B, D)
+    assert torch.isfinite(pooled).all()
+    pooled.square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def _save(state: dict[str, torch.Tensor], path, fmt: str) -> None:
+    if fmt == "safetensors":
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth", "bin"])
+def test_weights_round_trip_ignores_classifier(tmp_path, fmt: str) -> None:
+    torch.manual_seed(0)
+    source = create_image_encoder("resnet10t").eval()
+    state = dict(source.state_dict())
+    state["fc.weight"] = torch.zeros(10, source.num_features)  # as a torchvision/timm classifier
+    state["fc.bias"] = torch.zeros(10)
+    path = tmp_path / f"weights.{fmt}"
+    _save(state, path, fmt)
+    torch.manual_seed(1)
+    target = create_image_encoder("resnet10t", weights=path).eval()
+    image = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(target(image), source(image))
+
+
+def test_wrapped_ddp_checkpoint_loads(tmp_path) -> None:
+    source = create_image_encoder("resnet10t")
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "ckpt.pth")
+    target = create_image_encoder("resnet10t")
+    load_image_weights(target, tmp_path / "ckpt.pth")
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path) -> None:
+    state = dict(create_image_encoder("resnet10t").state_dict())
+    del state["conv1.0.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "partial.safetensors"
+    _save(state, path, "safetensors")
+    with pytest.raises(ValueError) as info:
+        create_image_encoder("resnet10t", weights=path)
+    message = str(info.value)
+    assert "partial.safetensors" in message
+    assert "conv1.0.weight" in message and "extra.weight" in message
+
+
+def test_shape_mismatch_and_bad_files_are_clear(tmp_path) -> None:
+    _save(create_image_encoder("resnet18").state_dict(), tmp_path / "r18.pth", "pth")
+    with pytest.raises(ValueError, match="r18.pth"):
+        create_image_encoder("resnet10t", weights=tmp_path / "r18.pth")
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        create_image_encoder("resnet10t", weights=tmp_path / "absent.pth")
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="unsupported suffix"):
+        create_image_encoder("resnet10t", weights=tmp_path / "weights.npz")

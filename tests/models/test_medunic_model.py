@@ -1,0 +1,162 @@
+"""The Med-UniC model: outputs, view batching, loss switches, freezing and a training step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from unimed.losses import MedUniCLoss
+from unimed.models import MODELS, MedUniC, create_model
+from unimed.models.config import ModelConfig
+
+VOCAB = 40
+B, L = 4, 7
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    base = ModelConfig(
+        image_encoder="resnet10t", text_hidden_size=16, text_num_layers=3, text_num_heads=2,
+        text_intermediate_size=32, frozen_text_layers=1, projector_hidden_dim=24, embed_dim=8,
+        ctr_dim=12,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def tiny_batch(seed: int = 0, size: int = 32) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 5:] = 0
+    return {
+        "image": torch.randn(B, 3, size, size, generator=gen),
+        "image_aug": torch.randn(B, 3, size, size, generator=gen),
+        "input_ids": torch.randint(0, VOCAB, (B, L), generator=gen),
+        "attention_mask": mask,
+    }
+
+
+def _model(cfg: ModelConfig) -> MedUniC:
+    torch.manual_seed(0)
+    return create_model(cfg, vocab_size=VOCAB)
+
+
+def _record_batch_sizes(module: torch.nn.Module) -> list[int]:
+    sizes: list[int] = []
+
+    def hook(_module, args, kwargs):
+        first = args[0] if args else kwargs["input_ids"]
+        sizes.append(first.shape[0])
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+    return sizes
+
+
+def test_registered_and_unknown_name_lists_valid() -> None:
+    assert "medunic" in MODELS
+    with pytest.raises(KeyError, match="medunic"):
+        create_model(tiny_cfg(name="nope"), vocab_size=VOCAB)
+
+
+def test_forward_keys_shapes_and_single_concatenated_passes() -> None:
+    model = _model(tiny_cfg())
+    image_calls, text_calls = _record_batch_sizes(model.visual), _record_batch_sizes(model.text)
+    out = model(tiny_batch())
+    shapes = {k: tuple(v.shape) for k, v in out.items()}
+    assert shapes == {"image_features": (B, 8), "image_aug_features": (B, 8),
+                      "text_features": (B, 8), "ctr_a": (B, 12), "ctr_b": (B, 12)}
+    assert image_calls == [2 * B] and text_calls == [2 * B]
+    assert not torch.allclose(out["ctr_a"], out["ctr_b"])  # different dropout masks
+
+
+def test_concatenated_views_match_separate_encoding_in_eval() -> None:
+    model = _model(tiny_cfg()).eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        out = model(batch)
+        torch.testing.assert_close(out["image_features"], model.encode_image(batch["image"]))
+        aug = model.encode_image(batch["image_aug"])
+        torch.testing.assert_close(out["image_aug_features"], aug)
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(out["text_features"], text)
+    torch.testing.assert_close(out["ctr_a"], out["ctr_b"])  # no dropout in eval
+
+
+def test_projector_batchnorm_sees_one_view_at_a_time() -> None:
+    # A LayerNorm backbone isolates the projector: in train mode image_features must be exactly
+    # P_v(F_v(view 1)) with batch statistics of view 1 alone.
+    model = _model(tiny_cfg(image_encoder="vit_tiny_patch8_64")).train()
+    batch = tiny_batch(size=64)
+    with torch.no_grad():
+        out = model(batch)
+        alone = model.image_proj(model.visual(batch["image"]))
+    torch.testing.assert_close(out["image_features"], alone)
+
+
+def test_zero_weights_skip_work() -> None:
+    model = _model(tiny_cfg(ssv_weight=0.0, ctr_weight=0.0))
+    assert model.ctr_proj is None
+    image_calls, text_calls = _record_batch_sizes(model.visual), _record_batch_sizes(model.text)
+    batch = tiny_batch()
+    del batch["image_aug"]
+    out = model(batch)
+    assert set(out) == {"image_features", "text_features"}
+    assert image_calls == [B] and text_calls == [B]
+    ctr_only = _model(tiny_cfg(cvl_weight=0.0, ssv_weight=0.0))
+    assert set(ctr_only(tiny_batch())) == {"ctr_a", "ctr_b"}
+    no_cvl = _model(tiny_cfg(cvl_weight=0.0))
+    assert set(no_cvl(tiny_batch())) == {"image_features", "image_aug_features", "ctr_a", "ctr_b"}
+
+
+def test_missing_batch_key_is_named() -> None:
+    batch = tiny_batch()
+    del batch["image_aug"]
+    with pytest.raises(KeyError, match="image_aug"):
+        _model(tiny_cfg())(batch)
+
+
+def test_encode_normalize_and_dense_features() -> None:
+    model = _model(tiny_cfg()).eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        image = model.encode_image(batch["image"], normalize=True)
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)
+        maps = model.forward_intermediates(batch["image"])
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(B))
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(B))
+    assert [m.shape[1] for m in maps] == [f["num_chs"] for f in model.visual.feature_info]
+    assert all(m.shape[0] == B for m in maps)
+
+
+def test_trainable_parameters_follow_frozen_text_layers() -> None:
+    model = _model(tiny_cfg(frozen_text_layers=2))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {
+        n for n, _ in model.named_parameters()
+        if not n.startswith("text.") or n.startswith("text.encoder.layer.2.")
+    }
+    assert trainable == expected
+    with pytest.raises(ValueError, match="frozen_text_layers=4"):
+        _model(tiny_cfg(frozen_text_layers=4))
+
+
+def test_lock_helpers_freeze_one_tower() -> None:
+    model = _model(tiny_cfg(frozen_text_layers=0))
+    model.lock_image()
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert not any(p.requires_grad for p in model.image_proj.parameters())
+    assert all(p.requires_grad for p in model.text.parameters())
+    model.lock_text()
+    assert not any(p.requires_grad for p in model.text_proj.parameters())
+
+
+def test_training_step_reaches_every_trainable_parameter() -> None:
+    cfg = tiny_cfg()
+    model = _model(cfg)
+    losses = MedUniCLoss(cfg)(**model(tiny_batch()))
+    losses["loss"].backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        else:
+            assert param.grad is None, name

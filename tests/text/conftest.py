@@ -1,0 +1,35 @@
+"""Fixtures of the cross-lingual text tests: a tiny locally saved BERT, single-threaded torch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from text_corpora import tiny_vocab
+from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+
+@pytest.fixture(autouse=True)
+def single_thread_torch() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pre-trained-like BERT folder (model + tokenizer), as a CXR-BERT download would look."""
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = BertTokenizerFast(vocab=tiny_vocab(), model_max_length=64)
+    tokenizer.save_pretrained(str(path))
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(str(path))
+    return path

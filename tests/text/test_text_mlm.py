@@ -1,0 +1,113 @@
+"""Cross-lingual MLM: embedding extension from a local BERT folder, training, saving, loading back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from text_corpora import ENGLISH_REPORTS, SPANISH_REPORTS
+from transformers import AutoTokenizer, BertForMaskedLM, BertModel
+
+from unimed.text.config import MLMConfig, VocabConfig
+from unimed.text.mlm import build_mlm_model, train_mlm
+from unimed.text.vocab import build_cross_lingual_tokenizer
+
+CORPUS = ENGLISH_REPORTS + SPANISH_REPORTS
+TINY = MLMConfig(
+    hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, batch_size=8, max_length=48, log_every=1
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT's vocabulary extended with Spanish terms, as the vocabulary stage would write it."""
+    out = tmp_path_factory.mktemp("tiny_xling_tok")
+    build_cross_lingual_tokenizer(
+        ENGLISH_REPORTS, SPANISH_REPORTS, VocabConfig(new_terms=25), out, base_model=tiny_bert_dir, progress=False
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def fresh_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fresh_xling_tok")
+    cfg = VocabConfig(english_vocab_size=200, new_terms=40)
+    build_cross_lingual_tokenizer(ENGLISH_REPORTS, SPANISH_REPORTS, cfg, out, progress=False)
+    return out
+
+
+def test_extended_embeddings_keep_old_rows_and_draw_new_rows(tiny_bert_dir, tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    base = BertForMaskedLM.from_pretrained(str(tiny_bert_dir))
+    old = base.get_input_embeddings().weight.detach().clone()  # (V0, D)
+    model = build_mlm_model(tokenizer, TINY, base_model=tiny_bert_dir, seed=3)
+    weight = model.get_input_embeddings().weight.detach()  # (V0 + M, D)
+    n_old = old.shape[0]
+    assert weight.shape == (len(tokenizer), old.shape[1]) and len(tokenizer) == n_old + 25
+    torch.testing.assert_close(weight[:n_old], old, rtol=0, atol=0)
+    new = weight[n_old:]  # (M, D)
+    assert not torch.allclose(new, old.mean(dim=0).expand_as(new), atol=1e-3)
+    assert (new - new.mean(dim=0)).norm(dim=1).min() > 0  # rows differ from each other, unlike mean init
+    std = model.config.initializer_range
+    assert 0.7 * std < new.std().item() < 1.3 * std
+    # The output layer is tied to the embeddings, so the new terms can also be predicted.
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    ids = tokenizer("derram cardiomegali", return_tensors="pt")
+    assert model(**ids).logits.shape == (1, ids["input_ids"].shape[1], len(tokenizer))
+
+
+def test_train_from_local_bert_folder_saves_a_loadable_model(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
+    cfg = MLMConfig(**{**TINY.__dict__, "epochs": 1, "batch_size": 12})
+    result = train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
+    assert result.steps == 2 and len(result.loss_history) == 1 and result.out_dir == tmp_path
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    encoder = BertModel.from_pretrained(str(tmp_path))
+    assert encoder.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert encoder(**tokenizer("derram pleural", return_tensors="pt")).last_hidden_state.shape[-1] == 32
+    records = [json.loads(line) for line in (tmp_path / "mlm_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "step"] == [1, 2]
+    assert records[-1] == {"event": "epoch", "epoch": 0, "step": 2, "loss": result.loss_history[0]}
+
+
+def test_mlm_loss_goes_down_on_a_bilingual_corpus(fresh_tokenizer_dir, tmp_path):
+    cfg = MLMConfig(**{**TINY.__dict__, "epochs": 20, "lr": 3e-3, "warmup_ratio": 0.1})
+    result = train_mlm(CORPUS, fresh_tokenizer_dir, cfg, tmp_path, seed=0, progress=False)
+    first, last = result.loss_history[0], sum(result.loss_history[-3:]) / 3
+    assert last < first - 0.5, result.loss_history
+
+
+def test_same_seed_same_losses(fresh_tokenizer_dir, tmp_path):
+    cfg = MLMConfig(**{**TINY.__dict__, "epochs": 2})
+    runs = [train_mlm(CORPUS, fresh_tokenizer_dir, cfg, tmp_path / str(i), seed=7, progress=False) for i in (0, 1)]
+    assert runs[0].loss_history == runs[1].loss_history
+    other = train_mlm(CORPUS, fresh_tokenizer_dir, cfg, tmp_path / "other", seed=8, progress=False)
+    assert other.loss_history != runs[0].loss_history
+
+
+def test_tokenizer_not_built_on_the_base_model_is_rejected(tiny_bert_dir, fresh_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(fresh_tokenizer_dir))
+    with pytest.raises(ValueError, match="changed id|must extend"):
+        build_mlm_model(tokenizer, TINY, base_model=tiny_bert_dir)
+
+
+@pytest.mark.parametrize(
+    ("corpus", "cfg", "message"),
+    [
+        ([], TINY, "corpus is empty"),
+        (["derram pleural", 3], TINY, r"corpus\[1\] is a int"),
+        (CORPUS, MLMConfig(**{**TINY.__dict__, "epochs": 0}), "mlm.epochs must be at least 1"),
+        (CORPUS, MLMConfig(**{**TINY.__dict__, "mask_prob": 0.0}), "mlm.mask_prob"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(fresh_tokenizer_dir, tmp_path, corpus, cfg, message):
+    with pytest.raises(ValueError, match=message):
+        train_mlm(corpus, fresh_tokenizer_dir, cfg, tmp_path, progress=False)
+
+
+def test_missing_folders_are_reported(fresh_tokenizer_dir, tmp_path):
+    with pytest.raises(ValueError, match="tokenizer folder .* does not exist"):
+        train_mlm(CORPUS, tmp_path / "nope", TINY, tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="base model folder .* does not exist"):
+        train_mlm(CORPUS, fresh_tokenizer_dir, TINY, tmp_path / "out", base_model=tmp_path / "cxr", progress=False)

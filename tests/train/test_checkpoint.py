@@ -1,0 +1,84 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unimed.train import checkpoint as ckpt
+
+
+class Tied(nn.Module):
+    """Input embedding and output layer share one tensor, as BERT's MLM head does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = self.embed.weight
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "values": [1.5, 2], "nested": {"t": torch.arange(3)}, "rng": ckpt.rng_state()}
+
+
+def test_roundtrip_with_shared_tensors_and_weights_only(tmp_path):
+    model = Tied()
+    path = ckpt.save_checkpoint(tmp_path, 7, model, _state(7))
+    other = Tied()
+    state = ckpt.load_checkpoint(path, other)
+    assert torch.equal(other.embed.weight, model.embed.weight)
+    assert other.out.weight.data_ptr() == other.embed.weight.data_ptr()
+    assert state["step"] == 7 and torch.equal(state["nested"]["t"], torch.arange(3))
+    # The state file really is weights_only-loadable on its own.
+    torch.load(path / ckpt.STATE_FILE, weights_only=True)
+    assert ckpt.latest_checkpoint(tmp_path) == path
+
+
+def test_rng_state_roundtrip():
+    state = ckpt.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.random(), np.random.rand(), torch.rand(1)
+    ckpt.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = nn.Linear(2, 2)
+    first = ckpt.save_checkpoint(tmp_path, 1, model, _state(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 2, model, _state(2))
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path) == first
+    assert not (tmp_path / ckpt.checkpoint_name(2)).exists()
+    restored = nn.Linear(2, 2)
+    assert ckpt.load_checkpoint(first, restored)["step"] == 1
+    assert torch.equal(restored.weight, before["weight"])
+
+
+def test_keeps_only_last_n_and_cleans_interrupted_writes(tmp_path):
+    model = nn.Linear(2, 2)
+    stale = tmp_path / ".tmp-step_00000009-999999"
+    stale.mkdir(parents=True)
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, model, _state(step), keep=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["latest", ckpt.checkpoint_name(2), ckpt.checkpoint_name(3)]
+
+
+def test_missing_or_mismatched_checkpoint_errors(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    path = ckpt.save_checkpoint(tmp_path, 1, nn.Linear(2, 2), _state(1))
+    with pytest.raises(RuntimeError, match="model.safetensors"):
+        ckpt.load_checkpoint(path, nn.Linear(2, 3))
+    (path / ckpt.STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        ckpt.latest_checkpoint(tmp_path)

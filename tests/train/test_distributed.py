@@ -1,0 +1,98 @@
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from train_helpers import ToyDataset, ToyMedUniC, ToyModel, contrastive_loss, tiny_cfg, toy_loader
+from unimed.losses.medunic import MedUniCLoss
+from unimed.models.config import ModelConfig
+from unimed.train.distributed import DistInfo, cleanup, dist_info_from_env, init_distributed
+from unimed.train.loop import train
+
+# lr 1, eps 1, no decay, no clipping: Adam's first update is g / (|g| + 1) elementwise, which is
+# one-to-one in g, so equal parameter updates mean equal (DDP-averaged) gradients.
+STEP_CFG = dict(lr=1.0, eps=1.0, weight_decay=0.0, grad_clip=0.0, warmup_ratio=0.0, max_steps=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# No BatchNorm in these models: in train mode it normalises with per-rank statistics, which a
+# single process on the global batch cannot match (SyncBatchNorm fixes that, on CUDA only).
+SETUPS = {
+    "toy": (lambda: ToyModel(dropout=0.0), lambda: contrastive_loss, "cvl_loss"),
+    "medunic_loss": (ToyMedUniC, lambda: MedUniCLoss(ModelConfig()), "tf_loss"),
+}
+
+
+def _one_step(out_dir, dist: DistInfo, batch_size: int, setup: str) -> dict:
+    make_model, make_loss, _ = SETUPS[setup]
+    torch.manual_seed(0)
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    loader = toy_loader(ToyDataset(), batch_size, rank=dist.rank, world_size=dist.world_size)
+    result = train(model, make_loss(), loader, tiny_cfg(**STEP_CFG), out_dir, dist, progress=False)
+    update = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    return {"row": result.history[0], "update": update}
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, setup: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist = init_distributed()
+    try:
+        out = _one_step(out_dir, dist, batch_size=4, setup=setup)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        cleanup()
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_two_rank_gloo_step_equals_one_process_on_the_global_batch(tmp_path, setup):
+    # fork, not spawn: the children skip re-importing torch (seconds each on a busy machine).
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), setup), nprocs=2, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = _one_step(tmp_path / "single", DistInfo(), batch_size=8, setup=setup)
+
+    # Each rank reports its share; their mean is the global loss (per-rank convention of the
+    # losses). The gathered term of the toy loss is already global on every rank.
+    global_term = SETUPS[setup][2]
+    mean_term = sum(out["row"][global_term] for out in ranks) / 2
+    assert mean_term == pytest.approx(single["row"][global_term], abs=1e-6)
+    mean_loss = sum(out["row"]["loss"] for out in ranks) / 2
+    assert mean_loss == pytest.approx(single["row"]["loss"], abs=1e-6)
+    for a, b, c in zip(ranks[0]["update"], ranks[1]["update"], single["update"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        # float32 sums in another order (gathered halves, DDP's average): rounding-level gaps only.
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    # Only rank 0 wrote logs and checkpoints.
+    assert (tmp_path / "train_log.jsonl").read_text().count("\n") == 1
+
+
+def test_dist_info_from_env(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    info = dist_info_from_env("cpu")
+    assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    info = dist_info_from_env("cpu")
+    assert (info.rank, info.local_rank, info.world_size, info.is_main) == (3, 1, 4, False)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        dist_info_from_env("cpu")
+
+
+def test_world_size_one_creates_no_process_group(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    info = init_distributed(device="cpu")
+    assert info.world_size == 1 and not torch.distributed.is_initialized()

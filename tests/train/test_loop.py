@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from train_helpers import ToyDataset, ToyModel, contrastive_loss, mse_loss, tiny_cfg, toy_loader
+from unimed.train import checkpoint as ckpt
+from unimed.train.distributed import DistInfo
+from unimed.train.loop import CHECKPOINT_DIR, resolve_precision, train
+
+CPU = DistInfo()
+
+
+def _run(out_dir, cfg, *, seed=0, resume=False, dropout=0.3, loss=contrastive_loss, batch_size=4):
+    torch.manual_seed(seed)
+    model = ToyModel(dropout=dropout)
+    loader = toy_loader(ToyDataset(), batch_size)
+    result = train(model, loss, loader, cfg, out_dir, CPU, resume=resume, progress=False)
+    return model, result
+
+
+@pytest.mark.parametrize("stop_at", [5, 8])
+def test_resume_gives_the_same_loss_curve(tmp_path, stop_at):
+    cfg = tiny_cfg()
+    full_model, full = _run(tmp_path / "full", cfg)
+    assert full.steps == 16 and len(full.losses) == 16
+
+    _, first = _run(tmp_path / "cut", tiny_cfg(max_steps=stop_at))
+    assert first.steps == stop_at
+    # A different init seed: everything must come from the checkpoint.
+    resumed_model, rest = _run(tmp_path / "cut", cfg, seed=99, resume=True)
+    assert [r["step"] for r in rest.history] == list(range(stop_at + 1, 17))
+    assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_dropout_really_draws_from_the_restored_rng(tmp_path):
+    """Guard for the test above: with a different RNG after resume the curves do differ."""
+    cfg = tiny_cfg()
+    _, full = _run(tmp_path / "full", cfg)
+    _run(tmp_path / "cut", tiny_cfg(max_steps=5))
+    state_file = ckpt.latest_checkpoint(tmp_path / "cut" / CHECKPOINT_DIR) / ckpt.STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    torch.manual_seed(1234)
+    state["rng"][0]["torch"] = torch.get_rng_state()
+    torch.save(state, state_file)
+    _, rest = _run(tmp_path / "cut", cfg, resume=True)
+    assert rest.losses[0] != pytest.approx(full.losses[5], abs=1e-6)
+
+
+def test_gradient_accumulation_matches_a_double_batch(tmp_path):
+    kwargs = dict(dropout=0.0, loss=mse_loss)
+    big_model, big = _run(tmp_path / "big", tiny_cfg(grad_accum=1), batch_size=8, **kwargs)
+    acc_model, acc = _run(tmp_path / "acc", tiny_cfg(grad_accum=2), batch_size=4, **kwargs)
+    assert len(big.losses) == len(acc.losses) == 8
+    assert acc.losses == pytest.approx(big.losses, abs=1e-6, rel=0)
+    for a, b in zip(big_model.parameters(), acc_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_jsonl_log_and_checkpoints(tmp_path):
+    cfg = tiny_cfg(log_every=3, checkpoint_every_steps=5, keep_checkpoints=3, tensorboard=True)
+    _, result = _run(tmp_path, cfg)
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12, 15, 16]
+    for key in ("loss", "cvl_loss", "mse_loss", "lr", "samples_per_s", "data_time",
+                "compute_time", "data_wait_share", "grad_norm"):
+        assert all(key in r for r in rows), key
+    assert rows[1]["loss"] == pytest.approx(result.losses[5])
+    assert all(0.0 <= r["data_wait_share"] <= 1.0 for r in rows)
+    # Steps 5, 8 (epoch end), 10, 15, 16 (epoch end) were saved; the last 3 remain.
+    names = sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).glob("step_*"))
+    assert names == [ckpt.checkpoint_name(s) for s in (10, 15, 16)]
+    assert result.checkpoint == tmp_path / CHECKPOINT_DIR / ckpt.checkpoint_name(16)
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_precision_resolution_stays_fp32_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("fp32", cpu) is None
+    for precision in ("fp16", "bf16"):
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            resolve_precision(precision, cpu)
+    with pytest.raises(ValueError, match="one of"):
+        resolve_precision("fp8", cpu)
+
+
+def test_too_few_batches_and_loss_without_total_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="grad_accum=16"):
+        _run(tmp_path, tiny_cfg(grad_accum=16))
+
+    def no_total(image_features, text_features, *, rank, world_size):
+        return {"mse_loss": (image_features - text_features).pow(2).mean()}
+
+    with pytest.raises(KeyError, match="'loss'"):
+        _run(tmp_path, tiny_cfg(), loss=no_total)

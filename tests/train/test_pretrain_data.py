@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from transformers import BertTokenizerFast
+
+from train_helpers import make_tokenizer, write_records
+from unimed.data.config import DataConfig
+from unimed.data.errors import DataError
+from unimed.data.pretrain import (
+    PretrainSampler,
+    build_pretrain_dataset,
+    build_pretrain_loader,
+)
+from unimed.data.records import Record
+from unimed.data.transforms import eval_transform, pretrain_transform
+
+CFG = DataConfig(image_size=16, resize_size=20, max_length=6, num_workers=0)
+
+
+@pytest.fixture
+def tokenizer(tmp_path) -> BertTokenizerFast:
+    return make_tokenizer(tmp_path)
+
+
+def test_pretrain_transform_shape_range_and_two_different_views():
+    image = np.linspace(0, 1, 30 * 40, dtype=np.float32).reshape(30, 40)
+    a, b = pretrain_transform(16, 20)(image), pretrain_transform(16, 20)(image)
+    assert a.shape == (3, 16, 16) and a.dtype == torch.float32
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert torch.equal(a[0], a[2])
+    assert not torch.equal(a, b)
+    e1, e2 = eval_transform(16, 20)(image), eval_transform(16, 20)(image)
+    assert torch.equal(e1, e2) and e1.shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="larger than resize_size"):
+        eval_transform(32, 20)
+
+
+def test_batch_has_canonical_keys_and_padding(tmp_path, tokenizer):
+    dataset = build_pretrain_dataset(write_records(tmp_path), tokenizer, CFG)
+    assert dataset.languages == ("en", "es") and dataset.sites == ("mimic", "padchest")
+    batch = next(iter(build_pretrain_loader(dataset, CFG, batch_size=4)))
+    assert batch["image"].shape == batch["image_aug"].shape == (4, 3, 16, 16)
+    assert not torch.equal(batch["image"], batch["image_aug"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == mask.shape and ids.shape[1] <= CFG.max_length
+    for row in range(4):
+        index = int(batch["index"][row])
+        english = index % 2 == 0
+        assert int(batch["language"][row]) == (0 if english else 1)
+        assert int(batch["site"][row]) == (0 if english else 1)
+        length = int(mask[row].sum())
+        assert (ids[row, length:] == tokenizer.pad_token_id).all()
+        assert ids[row, 0] == tokenizer.cls_token_id and ids[row, length - 1] == tokenizer.sep_token_id
+    # English reports are truncated to max_length; the short Spanish ones are padded.
+    assert ids.shape[1] == CFG.max_length
+
+
+def test_same_sample_same_views_across_epoch_start_and_resume(tmp_path, tokenizer):
+    dataset = build_pretrain_dataset(write_records(tmp_path), tokenizer, CFG)
+    sampler = PretrainSampler(dataset, seed=1)
+    sampler.set_epoch(2)
+    keys = list(sampler)
+    sampler.set_start(3)
+    assert list(sampler) == keys[3:]
+    assert list(sampler) == keys  # the start applies to one pass only
+    sampler.set_epoch(3)
+    assert [k[0] for k in sampler] != [k[0] for k in keys]
+    first, again = dataset[keys[4]], dataset[keys[4]]
+    assert torch.equal(first["image"], again["image"])
+    state = torch.get_rng_state()
+    dataset[keys[0]]
+    assert torch.equal(state, torch.get_rng_state())  # augmenting leaves the global RNG alone
+
+
+def test_distributed_shards_are_disjoint(tmp_path, tokenizer):
+    dataset = build_pretrain_dataset(write_records(tmp_path), tokenizer, CFG)
+    shards = [{k[0] for k in PretrainSampler(dataset, rank=r, world_size=2)} for r in range(2)]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 8
+
+
+def test_bad_records_fail_clearly(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="no records"):
+        build_pretrain_dataset([], tokenizer, CFG)
+    records = write_records(tmp_path, 2)
+    records[1] = Record(dataset="padchest", image_path=records[1].image_path, patient_id="1",
+                        study_id="s1", split="train", report="  ", language="es")
+    with pytest.raises(DataError, match="img1.png.*no report"):
+        build_pretrain_dataset(records, tokenizer, CFG)
+    dataset = build_pretrain_dataset(write_records(tmp_path, 2), tokenizer, CFG)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        build_pretrain_loader(dataset, CFG, batch_size=4)
+    (tmp_path / "img0.png").unlink()
+    with pytest.raises(DataError, match="img0.png"):
+        dataset[0]
