@@ -37,4 +37,6 @@ def run_dir(cfg: Config, subdir: str | None = None) -> Path:
     return out
 
 
-from unimed.commands import phantom  # noqa: E402,F401  (registers its sub-commands)
+from unimed.commands import phantom  # noqa: E402,F401  (each module registers its sub-commands)
+from unimed.commands import medunic  # noqa: E402,F401
+from unimed.commands import demo  # noqa: E402,F401

@@ -1,0 +1,36 @@
+"""`unimed demo`: the main job — phantom world, cross-lingual vocabulary, MLM, Med-UniC pre-training."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from unimed.commands import command, run_dir
+from unimed.commands.medunic import print_loss_summary, run_mlm, run_pretrain, run_vocab
+from unimed.commands.phantom import phantom
+from unimed.commands.tables import print_table
+from unimed.config import Config
+
+
+@command("demo", "the main job: phantom world -> vocabulary -> MLM -> Med-UniC pre-training")
+def demo(cfg: Config, args: argparse.Namespace) -> int:
+    run_dir(cfg)
+    progress = not args.quiet
+    times: list[list[str]] = []
+
+    def timed(name: str, fn, *a, **kw):
+        start = time.perf_counter()
+        out = fn(*a, **kw)
+        times.append([name, f"{time.perf_counter() - start:.1f}"])
+        return out
+
+    args.preview = True
+    if timed("phantom world", phantom, cfg, args) != 0:
+        return 1
+    timed("vocabulary", run_vocab, cfg, progress=progress)
+    timed("cross-lingual MLM", run_mlm, cfg, progress=progress)
+    result = timed("Med-UniC pre-training", run_pretrain, cfg, resume=False, progress=progress)
+    print_loss_summary(result.history)
+    print_table("Demo stages", ["stage", "seconds"], times)
+    print(f"outputs: {cfg.run.dir}")
+    return 0

