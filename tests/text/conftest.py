@@ -1,4 +1,4 @@
-"""Fixtures of the cross-lingual text tests: a tiny locally saved BERT, single-threaded torch."""
+"""Fixtures of the cross-lingual text tests: a tiny locally saved BERT."""
 
 from __future__ import annotations
 
@@ -9,15 +9,6 @@ import pytest
 import torch
 from text_corpora import tiny_vocab
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
-
-
-@pytest.fixture(autouse=True)
-def single_thread_torch() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
