@@ -160,3 +160,12 @@ def test_training_step_reaches_every_trainable_parameter() -> None:
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
         else:
             assert param.grad is None, name
+
+
+def test_compiled_image_encoder_keeps_state_dict_keys() -> None:
+    eager = _model(tiny_cfg())
+    compiled = _model(tiny_cfg(compile_image_encoder=True))
+    assert compiled.visual._compiled_call_impl is not None
+    assert eager.visual._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())

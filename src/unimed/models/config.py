@@ -32,6 +32,7 @@ class ModelConfig:
     ssv_weight: float = 1.0
     ctr_weight: float = 1.0
     text_dropout: float = 0.1
+    compile_image_encoder: bool = False
     text_hidden_size: int = 128
     text_num_layers: int = 12
     text_num_heads: int = 4
