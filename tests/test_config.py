@@ -43,6 +43,8 @@ def test_unknown_key_lists_valid_keys(tmp_path):
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigError, match=r"train\.epochs.*expects int"):
         load_config(overrides=["train.epochs=abc"])
+    with pytest.raises(ConfigError, match=r"model\.ssv_weight must be >= 0"):
+        load_config(overrides=["model.ssv_weight=-1"])
     with pytest.raises(ConfigError, match=r"must look like"):
         load_config(overrides=["train.epochs"])
 

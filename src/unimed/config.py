@@ -113,7 +113,10 @@ def _build(cls: type[T], values: dict[str, Any], path: str = "") -> T:
         if key not in types_:
             raise _unknown_key(path, key, cls)
         kwargs[key] = _coerce(value, types_[key], f"{path}.{key}" if path else key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section's own validation (__post_init__) names the key
+        raise ConfigError(str(exc)) from None
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
