@@ -13,30 +13,6 @@ import re
 import spacy
 from spacy.language import Language
 
-# Headers that open a section in MIMIC-CXR reports. Any other upper-case "WORDS:" at the start of a
-# line is also treated as a header, so an unlisted section never leaks into the previous one.
-KNOWN_HEADERS: tuple[str, ...] = (
-    "EXAMINATION",
-    "EXAM",
-    "INDICATION",
-    "HISTORY",
-    "CLINICAL HISTORY",
-    "CLINICAL INFORMATION",
-    "REASON FOR EXAMINATION",
-    "REASON FOR EXAM",
-    "COMPARISON",
-    "COMPARISONS",
-    "TECHNIQUE",
-    "FINDINGS",
-    "FINDING",
-    "IMPRESSION",
-    "IMPRESSIONS",
-    "CONCLUSION",
-    "RECOMMENDATION",
-    "RECOMMENDATIONS",
-    "NOTIFICATION",
-    "WET READ",
-)
 # Sections that describe the request rather than the reading; never used as the report text.
 PREAMBLE_SECTIONS: frozenset[str] = frozenset(
     {
@@ -55,6 +31,20 @@ PREAMBLE_SECTIONS: frozenset[str] = frozenset(
         "WET READ",
     }
 )
+# Headers that open a section in MIMIC-CXR reports: the request sections and the reading ones. Any
+# other upper-case "WORDS:" at the start of a line is also treated as a header, so an unlisted
+# section never leaks into the previous one.
+KNOWN_HEADERS: tuple[str, ...] = (
+    *sorted(PREAMBLE_SECTIONS),
+    "FINDINGS",
+    "FINDING",
+    "IMPRESSION",
+    "IMPRESSIONS",
+    "CONCLUSION",
+    "RECOMMENDATION",
+    "RECOMMENDATIONS",
+)
+
 _SECTION_ALIASES = {"FINDING": "FINDINGS", "IMPRESSIONS": "IMPRESSION", "CONCLUSION": "IMPRESSION"}
 
 _KNOWN = "|".join(re.escape(h) for h in sorted(KNOWN_HEADERS, key=len, reverse=True))
