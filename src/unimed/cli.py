@@ -2,6 +2,7 @@
 
     unimed phantom --config configs/demo.yaml phantom.mimic_studies=2000
     unimed pretrain configs/demo.yaml train.epochs=2
+    unimed evaluate runs/demo --tasks zero_shot,linear_probe
 """
 
 from __future__ import annotations
@@ -13,19 +14,20 @@ import sys
 from unimed.commands import COMMANDS
 from unimed.config import ConfigError, load_config
 from unimed.data.errors import DataError
+from unimed.eval.errors import EvalError
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One sub-parser per registered command, all sharing the preset + overrides arguments."""
     parser = argparse.ArgumentParser(prog="unimed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, _, add_args) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+    for name, spec in COMMANDS.items():
+        p = sub.add_parser(name, help=spec.help)
+        spec.add_args(p)
         p.add_argument("config_path", nargs="?", default=None, help="YAML preset (or use --config)")
         p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.epochs=2")
         p.add_argument("--config", dest="config_flag", default=None, help="YAML preset")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        add_args(p)
     return parser
 
 
@@ -46,16 +48,25 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `unimed` console script; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling positionals at the first option, so overrides given after an option
+    # (`evaluate runs/demo --tasks zero_shot data.root=...`) arrive here; anything else is an error.
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
     try:
+        spec = COMMANDS[args.command]
         path, overrides = _split_config_and_overrides(args)
-        cfg = load_config(path, overrides)
-        _, handler, _ = COMMANDS[args.command]
-        return handler(cfg, args)
+        cfg = load_config(path or spec.default_config(args), overrides)
+        return spec.handler(cfg, args)
     except ConfigError as exc:
         print(f"unimed: config error: {exc}", file=sys.stderr)
     except DataError as exc:
         print(f"unimed: data error: {exc}", file=sys.stderr)
+    except EvalError as exc:
+        print(f"unimed: evaluation error: {exc}", file=sys.stderr)
     return 2
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from unimed.data.config import DataConfig
+from unimed.eval.config import EvalConfig
 from unimed.models.config import ModelConfig
 from unimed.phantom.config import PhantomConfig
 from unimed.text.config import MLMConfig, VocabConfig
@@ -51,6 +52,7 @@ class Config:
     mlm: MLMConfig = MLMConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def _field_types(cls: type) -> dict[str, Any]:

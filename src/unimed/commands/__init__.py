@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -10,20 +11,38 @@ from unimed.config import Config, save_config
 
 Handler = Callable[[Config, argparse.Namespace], int]
 ArgAdder = Callable[[argparse.ArgumentParser], None]
+DefaultConfig = Callable[[argparse.Namespace], str | None]
 
 
 def _no_args(parser: argparse.ArgumentParser) -> None:
-    """Sub-commands without options of their own."""
+    """Sub-commands without arguments of their own."""
 
 
-COMMANDS: dict[str, tuple[str, Handler, ArgAdder]] = {}
+def _no_default(args: argparse.Namespace) -> None:
+    """Sub-commands whose config comes only from a preset and overrides."""
 
 
-def command(name: str, help_text: str, add_args: ArgAdder = _no_args) -> Callable[[Handler], Handler]:
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A sub-command: its help, handler, own arguments (added before the shared preset and
+    overrides, so they may be positional) and the preset used when none is given."""
+
+    help: str
+    handler: Handler
+    add_args: ArgAdder = _no_args
+    default_config: DefaultConfig = _no_default
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str, help_text: str, add_args: ArgAdder = _no_args, default_config: DefaultConfig = _no_default
+) -> Callable[[Handler], Handler]:
     """Register a sub-command handler under `name`."""
 
     def decorator(fn: Handler) -> Handler:
-        COMMANDS[name] = (help_text, fn, add_args)
+        COMMANDS[name] = Command(help_text, fn, add_args, default_config)
         return fn
 
     return decorator
@@ -39,4 +58,6 @@ def run_dir(cfg: Config, subdir: str | None = None) -> Path:
 
 from unimed.commands import phantom  # noqa: E402,F401  (each module registers its sub-commands)
 from unimed.commands import medunic  # noqa: E402,F401
+from unimed.commands import evaluate  # noqa: E402,F401
+from unimed.commands import ablate  # noqa: E402,F401
 from unimed.commands import demo  # noqa: E402,F401

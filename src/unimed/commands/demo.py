@@ -1,4 +1,5 @@
-"""`unimed demo`: the main job — phantom world, cross-lingual vocabulary, MLM, Med-UniC pre-training."""
+"""`unimed demo`: the main job — phantom world, cross-lingual vocabulary, MLM, Med-UniC pre-training,
+evaluation of every downstream task against the random-init / MLM-only baseline, report."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import argparse
 import time
 
 from unimed.commands import command, run_dir
+from unimed.commands.evaluate import print_summary, run_evaluation
 from unimed.commands.medunic import print_loss_summary, run_mlm, run_pretrain, run_vocab
 from unimed.commands.phantom import phantom
 from unimed.commands.tables import print_table
 from unimed.config import Config
 
 
-@command("demo", "the main job: phantom world -> vocabulary -> MLM -> Med-UniC pre-training")
+@command("demo", "the main job: phantom world -> vocabulary -> MLM -> Med-UniC pre-training -> "
+                 "evaluation -> report")
 def demo(cfg: Config, args: argparse.Namespace) -> int:
     run_dir(cfg)
     progress = not args.quiet
@@ -31,6 +34,9 @@ def demo(cfg: Config, args: argparse.Namespace) -> int:
     timed("cross-lingual MLM", run_mlm, cfg, progress=progress)
     result = timed("Med-UniC pre-training", run_pretrain, cfg, resume=False, progress=progress)
     print_loss_summary(result.history)
+    metrics = timed("evaluation and report", run_evaluation, cfg, cfg.run.dir, cfg.eval.tasks,
+                    progress=progress)
+    print_summary(metrics, cfg.run.dir)
     print_table("Demo stages", ["stage", "seconds"], times)
     print(f"outputs: {cfg.run.dir}")
     return 0

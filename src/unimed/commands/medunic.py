@@ -99,6 +99,11 @@ def text_encoder_dir(cfg: Config) -> str:
     return str(mlm_dir)
 
 
+def tokenizer_dir(cfg: Config) -> str:
+    """The tokenizer of pre-training and evaluation: `model.tokenizer`, else the text encoder's."""
+    return resolve_encoder(cfg.model.tokenizer) if cfg.model.tokenizer else text_encoder_dir(cfg)
+
+
 def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     """Med-UniC vision-language pre-training (torchrun-aware); returns the TrainResult."""
     from transformers import AutoTokenizer
@@ -113,7 +118,7 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     try:
         seed_everything(cfg.run.seed, info.rank)
         encoder = text_encoder_dir(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(encoder)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
         dataset = build_pretrain_dataset(pretrain_records(cfg), tokenizer, cfg.data, seed=cfg.run.seed)
         loader = build_pretrain_loader(
             dataset, cfg.data, batch_size=cfg.train.batch_size, rank=info.rank,

@@ -152,7 +152,7 @@ def build_pretrain_dataset(
     records: Sequence[Record], tokenizer: Any, cfg: DataConfig, *, seed: int = 0
 ) -> PretrainDataset:
     """The dataset with the paper's augmentations at the config's sizes."""
-    transform = pretrain_transform(cfg.image_size, cfg.resize_size)
+    transform = pretrain_transform(cfg.image_size, cfg.resize_size, rotation=cfg.rotation)
     return PretrainDataset(records, tokenizer, max_length=cfg.max_length, transform=transform, seed=seed)
 
 

@@ -12,14 +12,17 @@ class ModelConfig:
     `text_encoder` is a local Hugging Face BERT folder (CXR-BERT, BioClinicalBERT, the MLM stage's
     output); when it is None a fresh BERT of the `text_*` sizes is built. `frozen_text_layers` N
     freezes the word/position embeddings and the first N transformer layers (paper: 9 of 12; 0
-    trains everything). Projectors are Linear-BN-ReLU-Linear with `projector_hidden_dim` hidden
-    units; P_v and P_l end in a BatchNorm1d (paper: "batch normalization before interaction").
+    trains everything). `tokenizer` is a tokenizer folder; None uses the text encoder's own (the
+    MLM stage saves the cross-lingual one beside its weights). Projectors are Linear-BN-ReLU-Linear
+    with `projector_hidden_dim` hidden units; P_v and P_l end in a BatchNorm1d (paper: "batch
+    normalization before interaction").
     """
 
     name: str = "medunic"
     image_encoder: str = "resnet18"
     image_weights: str | None = None
     text_encoder: str | None = None
+    tokenizer: str | None = None
     frozen_text_layers: int = 9
     embed_dim: int = 512
     ctr_dim: int = 1024

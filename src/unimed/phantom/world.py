@@ -22,6 +22,8 @@ from tqdm import tqdm
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import LAYOUTS, WRITERS, LayoutWriter, ManifestEntry, StudyResult
+from unimed.phantom.writers.base import write_csv
+from unimed.phantom.writers.mimic import PARALLEL_COLUMNS, PARALLEL_CSV
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,13 @@ def _run(cfg: PhantomConfig, root: Path, jobs: list[tuple[str, int, int]]) -> It
         yield from pool.imap(work, jobs)
 
 
+def _write_parallel_reports(root: Path, results: dict[str, list[StudyResult]]) -> None:
+    """The parallel (translated) test reports that the layouts' rows carry, as one CSV."""
+    rows = [cells for done in results.values() for r in done for table, cells in r.rows
+            if table == PARALLEL_CSV]
+    write_csv(root / PARALLEL_CSV, PARALLEL_COLUMNS, rows)
+
+
 def write_world(cfg: PhantomConfig, root: str | Path | None = None, *, progress: bool = True) -> WorldManifest:
     """Generate the phantom world and write every dataset layout under `root` (default `cfg.root`).
 
@@ -165,10 +174,11 @@ def write_world(cfg: PhantomConfig, root: str | Path | None = None, *, progress:
     """
     root = Path(cfg.root if root is None else root)
     root.mkdir(parents=True, exist_ok=True)
-    for writer in LAYOUTS:
-        _check_writable(root / writer.folder)
-    for writer in LAYOUTS:
-        _reset(root / writer.folder)
+    folders = [root / writer.folder for writer in LAYOUTS] + [(root / PARALLEL_CSV).parent]
+    for folder in folders:
+        _check_writable(folder)
+    for folder in folders:
+        _reset(folder)
     jobs = _jobs(cfg)
     results: dict[str, list[StudyResult]] = {w.folder: [] for w in LAYOUTS}
     with tqdm(total=sum(stop - start for _, start, stop in jobs), desc="phantom world",
@@ -181,6 +191,7 @@ def write_world(cfg: PhantomConfig, root: str | Path | None = None, *, progress:
         done = results[writer.folder]
         writer(cfg, root / writer.folder).write_tables([row for r in done for row in r.rows])
         datasets[writer.folder] = summarize(writer, [r.entry for r in done])
+    _write_parallel_reports(root, results)
     manifest = WorldManifest(cfg.seed, cfg.image_size, cfg.difficulty, datasets)
     (root / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
     log.info("phantom world: %d studies in %d layouts under %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from unimed.data.reports import clean_report, mimic_report_text
 from unimed.phantom.study import Study
 from unimed.phantom.writers.base import (
     LayoutWriter,
@@ -24,6 +25,10 @@ from unimed.phantom.writers.base import (
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv.gz"
 CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv.gz"
+PARALLEL_CSV = "parallel-reports/test.csv"
+"""Relative to the world's root: the test studies' reports in every language, for cross-lingual
+retrieval (the MIMIC and PadChest layouts each hold one language per study)."""
+PARALLEL_COLUMNS = ("study_id", "en", "es")
 
 METADATA_COLUMNS = (
     "dicom_id",
@@ -77,6 +82,12 @@ def dicom_id(seed: int, image_id: str) -> str:
     return "-".join(digest[i : i + 8] for i in range(0, 40, 8))
 
 
+def parallel_row(study: Study, study_id: str) -> tuple[str, str, str]:
+    """(study_id, English, Spanish) as the models read them: the MIMIC adapter's FINDINGS +
+    IMPRESSION text, and the stemmed PadChest-style Spanish report the Spanish site would write."""
+    return study_id, mimic_report_text(study.reports["en"]), clean_report(study.reports["es"])
+
+
 class MimicWriter(LayoutWriter):
     """MIMIC-CXR-JPG: English reports, PA/AP/LATERAL views, official train/validate/test by patient."""
 
@@ -99,6 +110,8 @@ class MimicWriter(LayoutWriter):
             (SPLIT_CSV, (image, study_no, subject, split)),
             (CHEXPERT_CSV, (subject, study_no, *(format_label(study.chexpert[n]) for n in MIMIC_LABELS))),
         )
+        if split == "test" and study.view != "LATERAL":
+            rows += ((PARALLEL_CSV, parallel_row(study, study_no)),)
         entry = ManifestEntry(split, study.view != "LATERAL", study.site, study.language, dict(study.chexpert))
         return StudyResult(rows, entry)
 

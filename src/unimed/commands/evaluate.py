@@ -1,0 +1,136 @@
+"""`unimed evaluate CHECKPOINT` and `unimed ablate`: downstream tasks, metrics.json, report.html.
+
+The checkpoint's own resolved config (saved with its run) is used when no preset is given, so
+`unimed evaluate runs/demo` needs nothing else; overrides still apply (e.g. `data.root=...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import time
+from pathlib import Path
+
+from unimed.commands import command, run_dir
+from unimed.commands.medunic import text_encoder_dir, tokenizer_dir
+from unimed.commands.tables import print_table
+from unimed.config import Config, ConfigError
+from unimed.eval.config import TASK_NAMES
+
+log = logging.getLogger(__name__)
+
+MODEL_LABEL = "Med-UniC"
+BASELINE_LABELS = {"init": "Random init / MLM-only"}
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+EVAL_DIR = "eval"
+
+
+def parse_tasks(text: str | None, cfg: Config) -> tuple[str, ...]:
+    """`--tasks a,b` (or `eval.tasks`), each checked against the known task names."""
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip()) if text else cfg.eval.tasks
+    unknown = [t for t in tasks if t not in TASK_NAMES]
+    if unknown or not tasks:
+        raise ConfigError(f"unknown task(s) {unknown or '(none given)'}; valid: {', '.join(TASK_NAMES)}")
+    return tasks
+
+
+def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[str, ...]) -> list:
+    """The checkpoint's encoder (when given) followed by the requested baselines."""
+    from unimed.eval.encoders import build_encoder, find_checkpoint
+
+    unknown = [b for b in baselines if b not in BASELINE_LABELS]
+    if unknown:
+        raise ConfigError(f"eval.baselines: unknown {unknown}; valid: {', '.join(BASELINE_LABELS)}")
+    common = dict(text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg),
+                  seed=cfg.run.seed, max_length=cfg.data.max_length)
+    encoders = []
+    if checkpoint is not None:
+        try:
+            weights = find_checkpoint(checkpoint)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+        encoders.append(build_encoder("medunic", MODEL_LABEL, cfg.model, weights=weights, **common))
+    for name in baselines:
+        encoders.append(build_encoder(name, BASELINE_LABELS[name], cfg.model, **common))
+    return encoders
+
+
+def run_evaluation(
+    cfg: Config, checkpoint: str | Path | None, tasks: tuple[str, ...], *, progress: bool,
+    baselines: tuple[str, ...] | None = None,
+) -> dict:
+    """Evaluate the checkpoint and baselines on `tasks`; metrics.json + report.html in the run dir."""
+    from unimed.eval.data import EvalData
+    from unimed.eval.runner import evaluate
+    from unimed.eval.tasks import TaskContext
+
+    start = time.perf_counter()
+    out_dir, figures = cfg.run.dir, run_dir(cfg, EVAL_DIR)
+    encoders = build_encoders(cfg, checkpoint, cfg.eval.baselines if baselines is None else baselines)
+    ctx = TaskContext(EvalData(cfg.data, progress=progress), cfg.eval, figures, progress)
+    metrics = {
+        "run": cfg.run.name,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "data_root": cfg.data.root,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        **evaluate(encoders, ctx, tasks),
+    }
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    previous = out_dir / METRICS_FILE
+    if previous.is_file() and "ablation" in (old := json.loads(previous.read_text(encoding="utf-8"))):
+        metrics["ablation"] = old["ablation"]
+    write_outputs(metrics, out_dir, figures)
+    return metrics
+
+
+def write_outputs(metrics: dict, out_dir: Path, figures: Path) -> None:
+    """metrics.json and report.html in `out_dir` (figures embedded from `figures`)."""
+    from unimed.eval.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_report(metrics, out_dir / REPORT_FILE, figures)
+
+
+def print_summary(metrics: dict, out_dir: Path) -> None:
+    """The paper-style tables and the quality checks in the terminal."""
+    from unimed.eval.checks import quality_checks
+    from unimed.eval.report import format_tables
+
+    for title, header, rows in format_tables(metrics):
+        print_table(title, header, rows)
+    checks = quality_checks(metrics)
+    if checks:
+        status = {True: "pass", False: "FAIL", None: "not measured"}
+        print_table("Quality checks", ["check", "result", "detail"],
+                    [[c.name, status[c.passed], c.detail] for c in checks])
+    print(f"report: {out_dir / REPORT_FILE}\nmetrics: {out_dir / METRICS_FILE}")
+
+
+def _eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder, its checkpoints/ folder, or a run folder")
+    parser.add_argument("--tasks", default=None,
+                        help=f"comma-separated subset of {','.join(TASK_NAMES)} (default: eval.tasks)")
+
+
+def _checkpoint_config(args: argparse.Namespace) -> str | None:
+    """The config saved with the checkpoint's run, when the checkpoint can be found."""
+    from unimed.eval.encoders import checkpoint_config, find_checkpoint
+
+    try:
+        return str(checkpoint_config(find_checkpoint(args.checkpoint)))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@command("evaluate", "downstream evaluation of a checkpoint (and baselines): metrics.json + report.html",
+         _eval_args, _checkpoint_config)
+def evaluate_command(cfg: Config, args: argparse.Namespace) -> int:
+    tasks = parse_tasks(args.tasks, cfg)
+    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=not args.quiet)
+    print_summary(metrics, cfg.run.dir)
+    return 0

@@ -1,0 +1,148 @@
+"""Configuration of the downstream evaluation protocol (one section per task).
+
+Every task reads only its own section. Fractions are shares of the training split's labelled
+images; `min_train_images` keeps the 1% rows of small (phantom) sets from training on one or two
+images, and the number of images actually used is reported beside every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+TASK_NAMES: tuple[str, ...] = (
+    "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam",
+)
+
+
+# The CheXpert competition classes (CXP500) and the ten physician-labelled PDC classes.
+ZERO_SHOT_CLASSES: dict[str, list[str]] = {
+    "cxp500": ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"],
+    "pdc": [
+        "atelectasis", "cardiomegaly", "consolidation", "edema", "pleural effusion",
+        "hilar enlargement", "pneumothorax", "pneumonia", "vascular redistribution",
+        "heart insufficiency",
+    ],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot classification: positive prompt vs negative prompt per class (Med-UniC Table 1).
+
+    `classes` maps a dataset to the label names scored on it (as the dataset spells them).
+    """
+
+    datasets: tuple[str, ...] = ("cxp500", "pdc")
+    languages: tuple[str, ...] = ("en", "es")
+    classes: dict[str, list[str]] = dataclasses.field(
+        default_factory=lambda: {k: list(v) for k, v in ZERO_SHOT_CLASSES.items()}
+    )
+    prompt_dir: str = ""  # folder of <language>.yaml prompt files; empty = the packaged ones
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearProbeConfig:
+    """Frozen image encoder + one linear layer (paper: AdamW 5e-4, weight decay 1e-6, early stop)."""
+
+    datasets: tuple[str, ...] = ("chexpert", "rsna", "covidx")
+    lr: float = 5.0e-4
+    weight_decay: float = 1.0e-6
+    epochs: int = 200
+    batch_size: int = 64
+    patience: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationConfig:
+    """U-Net decoder (segmentation_models_pytorch) on the frozen image encoder; Dice."""
+
+    datasets: tuple[str, ...] = ("siim", "rsna")
+    lr: float = 3.0e-3
+    weight_decay: float = 1.0e-6
+    # Masks are sparse: training first collapses to "all background" (val Dice 0) for a dozen
+    # epochs before it finds the lesions, so the patience must outlast that phase.
+    epochs: int = 40
+    batch_size: int = 16
+    patience: int = 15
+    # One U-Net block per encoder map of stride >= min_stride (4 for ResNets and the ViT pyramid);
+    # narrow blocks keep the demo's CPU budget, the last block ends at stride min_stride / 2.
+    decoder_channels: tuple[int, ...] = (64, 32, 16, 8)
+    min_stride: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionConfig:
+    """torchvision detector on the frozen image encoder; mAP over IoU 0.4:0.05:0.75."""
+
+    datasets: tuple[str, ...] = ("rsna", "object-cxr")
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-4
+    epochs: int = 20
+    batch_size: int = 8
+    patience: int = 6
+    iou_thresholds: tuple[float, ...] = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+    min_stride: int = 8  # encoder maps of at least this stride feed the FPN
+    fpn_channels: int = 64  # FPN and head width (a multiple of 16: FCOS's GroupNorm)
+    head_convs: int = 2  # conv layers per FCOS tower (torchvision's default is 4)
+    score_thresh: float = 0.05  # detections scored lower are dropped before NMS
+    max_detections: int = 20  # per image, after NMS
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """Image->report / report->image Recall@K and Precision@K, and cross-lingual report retrieval."""
+
+    datasets: tuple[str, ...] = ("mimic-cxr", "padchest")
+    ks: tuple[int, ...] = (1, 5, 10)
+    max_queries: int = 1000
+    parallel_file: str = ""  # CSV study_id,en,es; empty = <data.root>/parallel-reports/test.csv
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasConfig:
+    """Community-bias audit: how separable languages and sites are in the embeddings (Fig. 1, 4)."""
+
+    datasets: tuple[str, ...] = ("mimic-cxr", "padchest")
+    samples_per_group: int = 1000
+    knn_k: int = 10
+    folds: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCAMConfig:
+    """Grad-CAM maps of image-prompt similarity for prompts in each language (Fig. 5)."""
+
+    dataset: str = "pdc"
+    classes: tuple[str, ...] = ("pleural effusion", "pneumothorax", "cardiomegaly", "consolidation")
+    languages: tuple[str, ...] = ("en", "es")
+    images_per_class: int = 2
+    prompt_dir: str = ""  # folder of <language>.yaml prompt files; empty = the packaged ones
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Which tasks run, on which encoders, with which label fractions and seed."""
+
+    tasks: tuple[str, ...] = TASK_NAMES
+    baselines: tuple[str, ...] = ("init",)
+    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    min_train_images: int = 16
+    batch_size: int = 64
+    seed: int = 0
+    zero_shot: ZeroShotConfig = ZeroShotConfig()
+    linear_probe: LinearProbeConfig = LinearProbeConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
+    detection: DetectionConfig = DetectionConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    bias: BiasConfig = BiasConfig()
+    gradcam: GradCAMConfig = GradCAMConfig()
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASK_NAMES]
+        if unknown:
+            raise ValueError(f"eval.tasks: unknown task(s) {unknown}; valid tasks: {', '.join(TASK_NAMES)}")
+        bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
+        if bad:
+            raise ValueError(f"eval.fractions must lie in (0, 1], got {bad}")
+        if self.min_train_images < 1:
+            raise ValueError(f"eval.min_train_images must be >= 1, got {self.min_train_images}")

@@ -1,0 +1,94 @@
+"""Downstream data for evaluation: records per dataset and split, their images decoded once.
+
+Images are cached as (N, 1, S, S) float32 tensors in [0, 1] (grey), so every encoder and every task
+reuses one decode; `rgb` expands them to the 3 channels the encoders take. Two geometries:
+
+* ``"crop"``: resize to ``resize_size`` then centre-crop ``image_size`` (the paper's zero-shot and
+  classification transform, as in pre-training);
+* ``"full"``: the whole image resized to ``image_size`` x ``image_size``, so boxes and masks map by
+  a plain scale (segmentation, detection).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from unimed.data.adapters import load_from_config
+from unimed.data.config import DataConfig
+from unimed.data.images import load_image
+from unimed.data.records import Record
+from unimed.data.transforms import eval_transform
+from unimed.eval.errors import EvalError
+
+log = logging.getLogger(__name__)
+
+GEOMETRIES = ("crop", "full")
+
+
+class EvalData:
+    """Lazily read, cached datasets of one evaluation run."""
+
+    def __init__(self, cfg: DataConfig, *, progress: bool = False) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self._records: dict[str, list[Record]] = {}
+        self._images: dict[tuple[str, str | None, str], torch.Tensor] = {}
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images every task sees."""
+        return self.cfg.image_size
+
+    def records(self, dataset: str, split: str | None = None) -> list[Record]:
+        """The dataset's records (one split, or all when `split` is None), in adapter order."""
+        if dataset not in self._records:
+            self._records[dataset] = load_from_config(dataset, self.cfg).records
+        records = self._records[dataset]
+        return records if split is None else [r for r in records if r.split == split]
+
+    def require(self, dataset: str, split: str | None = None) -> list[Record]:
+        """`records`, but an empty result is an error naming the dataset, split and root."""
+        records = self.records(dataset, split)
+        if not records:
+            where = f"split '{split}' of " if split else ""
+            raise EvalError(f"no records in {where}dataset '{dataset}' under {self.cfg.root}")
+        return records
+
+    def images(self, dataset: str, split: str | None = None, geometry: str = "crop") -> torch.Tensor:
+        """(N, 1, S, S) grey images of `records(dataset, split)` in the given geometry."""
+        if geometry not in GEOMETRIES:
+            raise EvalError(f"unknown geometry {geometry!r}; valid: {', '.join(GEOMETRIES)}")
+        key = (dataset, split, geometry)
+        if key not in self._images:
+            self._images[key] = self.load(self.records(dataset, split), geometry, f"{dataset}/{split}")
+        return self._images[key]
+
+    def load(self, records: Sequence[Record], geometry: str, desc: str = "images") -> torch.Tensor:
+        """Decode and resize the images of `records` (uncached)."""
+        size = self.cfg.image_size
+        if geometry == "crop":
+            transform = eval_transform(size, self.cfg.resize_size)
+        else:
+            transform = eval_transform(size, size)
+        out = torch.empty(len(records), 1, size, size)
+        for i, record in enumerate(tqdm(records, desc=desc, unit="img", disable=not self.progress)):
+            out[i] = transform(load_image(record.image_path))[:1]
+        return out
+
+
+def rgb(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, S, S) -> (N, 3, S, S) view, the input the image encoders take."""
+    return images.expand(-1, 3, -1, -1)
+
+
+def fraction_indices(n: int, fraction: float, min_images: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subset of `n` training items: `fraction` of them, at least
+    `min_images` (or all `n`). Subsets of one seed are nested: 1% is inside 10% is inside 100%."""
+    count = min(n, max(int(round(fraction * n)), min_images))
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[:count])

@@ -1,0 +1,152 @@
+"""Linear classification on the frozen image encoder (Med-UniC Table 2).
+
+Pooled image-encoder features are computed once per split; a single linear layer is trained on a
+seeded `fraction` of the training images with AdamW (paper: lr 5e-4, weight decay 1e-6), early
+stopping on the validation metric, and scored on the test split with the best validation state.
+Features are standardised with the training subset's mean and standard deviation (an affine map the
+linear layer could learn itself; it only makes one learning rate fit every encoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from unimed.data.records import Record
+from unimed.eval.config import LinearProbeConfig
+from unimed.eval.data import fraction_indices, rgb
+from unimed.eval.encoders import Encoder
+from unimed.eval.errors import EvalError
+from unimed.eval.metrics import accuracy, macro, per_class_auc
+from unimed.eval.tasks import TASKS, TaskContext, fraction_label
+from unimed.phantom.study import COVIDX_CLASSES
+
+log = logging.getLogger(__name__)
+
+CHEXPERT_COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeTarget:
+    """What a dataset's probe predicts: label columns scored by macro AUC (multi-label / binary),
+    or the class of `Record.target` scored by accuracy (multi-class)."""
+
+    metric: str
+    classes: tuple[str, ...]
+
+
+PROBE_TARGETS: dict[str, ProbeTarget] = {
+    "chexpert": ProbeTarget("auc", CHEXPERT_COMPETITION),
+    "rsna": ProbeTarget("auc", ("Pneumonia",)),
+    "covidx": ProbeTarget("accuracy", COVIDX_CLASSES),
+}
+
+
+def targets(records: Sequence[Record], target: ProbeTarget, dataset: str) -> torch.Tensor:
+    """(N, C) float 0/1 labels for "auc" probes, (N,) class indices for "accuracy" probes.
+
+    Uncertain labels (-1) count as positive and unstated ones (NaN) as negative (the "U-Ones"
+    policy of CheXpert linear probes).
+    """
+    if target.metric == "accuracy":
+        index = {name: i for i, name in enumerate(target.classes)}
+        missing = [r.image_path for r in records if r.target not in index]
+        if missing:
+            raise EvalError(f"{dataset}: record {missing[0]} has no class in {list(target.classes)}")
+        return torch.tensor([index[r.target] for r in records])
+    rows = []
+    for record in records:
+        values = [record.label(name) for name in target.classes]
+        rows.append([0.0 if math.isnan(v) else float(v != 0.0) for v in values])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def score(logits: torch.Tensor, y: torch.Tensor, metric: str) -> float | None:
+    """Macro AUC over label columns, or accuracy of the arg-max class."""
+    logits = logits.detach()
+    if metric == "accuracy":
+        return accuracy(y.numpy(), logits.argmax(1).numpy())
+    return macro(per_class_auc(y.numpy(), logits.numpy()))
+
+
+def train_probe(
+    train: tuple[torch.Tensor, torch.Tensor],
+    valid: tuple[torch.Tensor, torch.Tensor],
+    metric: str,
+    cfg: LinearProbeConfig,
+    seed: int,
+) -> nn.Linear:
+    """A linear layer fitted on `train` (features, targets), the state of best `valid` metric."""
+    x, y = train
+    classes = int(y.max()) + 1 if metric == "accuracy" else y.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(x.shape[1], classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer.reset_parameters()
+    loss_fn = F.cross_entropy if metric == "accuracy" else F.binary_cross_entropy_with_logits
+    opt = torch.optim.AdamW(layer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state, stale = -math.inf, layer.state_dict(), 0
+    for _ in range(cfg.epochs):
+        for batch in torch.randperm(len(x), generator=generator).split(cfg.batch_size):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(layer(x[batch]), y[batch]).backward()
+            opt.step()
+        with torch.no_grad():
+            value = score(layer(valid[0]), valid[1], metric)
+        value = -math.inf if value is None else value
+        if value > best:
+            best, best_state, stale = value, {k: v.clone() for k, v in layer.state_dict().items()}, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    layer.load_state_dict(best_state)
+    return layer
+
+
+def _features(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> torch.Tensor:
+    images = rgb(ctx.data.images(dataset, split))
+    return encoder.image_features(images, projected=False, batch_size=ctx.cfg.batch_size)
+
+
+def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
+    """One dataset's probe at every configured label fraction."""
+    if dataset not in PROBE_TARGETS:
+        raise EvalError(f"no linear-probe target for '{dataset}'; known: {sorted(PROBE_TARGETS)}")
+    target = PROBE_TARGETS[dataset]
+    split_y = {s: targets(ctx.data.require(dataset, s), target, dataset) for s in ("train", "valid", "test")}
+    split_x = {s: _features(encoder, ctx, dataset, s) for s in split_y}
+    fractions = {}
+    for fraction in tqdm(ctx.cfg.fractions, desc=f"linear probe {dataset}", disable=not ctx.progress):
+        subset = torch.from_numpy(
+            fraction_indices(len(split_x["train"]), fraction, ctx.cfg.min_train_images, ctx.cfg.seed)
+        )
+        x_train = split_x["train"][subset]
+        mean, std = x_train.mean(0), x_train.std(0, unbiased=False).clamp_min(1e-6)
+        norm = {s: (x - mean) / std for s, x in split_x.items()}
+        layer = train_probe((norm["train"][subset], split_y["train"][subset]),
+                            (norm["valid"], split_y["valid"]), target.metric, ctx.cfg.linear_probe,
+                            ctx.cfg.seed)
+        with torch.no_grad():
+            value = score(layer(norm["test"]), split_y["test"], target.metric)
+        fractions[fraction_label(fraction)] = {"value": value, "train_images": int(len(subset))}
+    return {"metric": target.metric, "fractions": fractions}
+
+
+@TASKS.register("linear_probe")
+def run(encoder: Encoder, ctx: TaskContext) -> dict:
+    """{dataset: {"metric", "fractions": {"1%": {"value", "train_images"}, ...}}}."""
+    out = {}
+    for dataset in ctx.cfg.linear_probe.datasets:
+        out[dataset] = probe_dataset(encoder, ctx, dataset)
+        log.info("%s linear probe on %s: %s", encoder.label, dataset, out[dataset]["fractions"])
+    return out

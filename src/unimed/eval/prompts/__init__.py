@@ -1,0 +1,89 @@
+"""Zero-shot prompts per language: class names and templates are data (`<language>.yaml`), not code.
+
+A prompt file holds the positive and negative templates, the class phrases keyed by the lower-cased
+class name the datasets use, and how to preprocess a prompt so that it reads like the training
+reports of that language (lower-casing, Snowball stemming for the stemmed PadChest reports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import snowballstemmer
+import yaml
+
+from unimed.phantom.reports import stem_text
+
+PROMPT_DIR = Path(__file__).parent
+_KEYS = ("language", "positive", "negative", "classes")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """The prompts of one language; class lookups ignore case."""
+
+    language: str
+    positive_template: str
+    negative_template: str
+    classes: dict[str, str]
+    stemmer: str | None = None
+    lowercase: bool = False
+    source: str = ""
+
+    def phrase(self, class_name: str) -> str:
+        """How this language says `class_name`; KeyError naming the file and the known classes."""
+        try:
+            return self.classes[class_name.lower()]
+        except KeyError:
+            known = ", ".join(sorted(self.classes))
+            raise KeyError(
+                f"no {self.language} prompt for class '{class_name}' in {self.source}; known: {known}"
+            ) from None
+
+    def display(self, class_name: str, negative: bool = False) -> str:
+        """The prompt as a person reads it (not preprocessed)."""
+        template = self.negative_template if negative else self.positive_template
+        return template.format(disease=self.phrase(class_name))
+
+    def prepare(self, text: str) -> str:
+        """`text` preprocessed like this language's training reports."""
+        text = text.lower() if self.lowercase else text
+        return stem_text(text, self.stemmer) if self.stemmer else text
+
+    def positive(self, class_name: str) -> str:
+        """The positive prompt of `class_name`, ready for the tokenizer."""
+        return self.prepare(self.display(class_name))
+
+    def negative(self, class_name: str) -> str:
+        """The negative prompt of `class_name`, ready for the tokenizer."""
+        return self.prepare(self.display(class_name, negative=True))
+
+
+def load_prompts(language: str, prompt_dir: str | Path = "") -> PromptSet:
+    """The prompts of `language` from `<prompt_dir>/<language>.yaml` (default: the packaged ones)."""
+    folder = Path(prompt_dir) if prompt_dir else PROMPT_DIR
+    path = folder / f"{language}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise FileNotFoundError(f"no prompt file {path}; languages with prompts there: {known}")
+    data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    missing = [k for k in _KEYS if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ValueError(f"prompt file {path}: missing key(s) {missing}")
+    stemmer = data.get("stemmer")
+    if stemmer is not None and stemmer not in snowballstemmer.algorithms():
+        raise ValueError(f"prompt file {path}: unknown stemmer '{stemmer}'")
+    for key in ("positive", "negative"):
+        if "{disease}" not in str(data[key]):
+            raise ValueError(f"prompt file {path}: '{key}' must contain {{disease}}")
+    return PromptSet(
+        language=str(data["language"]),
+        positive_template=str(data["positive"]),
+        negative_template=str(data["negative"]),
+        classes={str(k).lower(): str(v) for k, v in data["classes"].items()},
+        stemmer=stemmer,
+        lowercase=bool(data.get("lowercase", False)),
+        source=str(path),
+    )

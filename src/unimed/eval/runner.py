@@ -1,0 +1,42 @@
+"""Run evaluation tasks on encoders and collect one metrics dict (what metrics.json holds)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from unimed.eval import (  # noqa: F401  (each task module registers itself in TASKS)
+    bias,
+    detection,
+    gradcam,
+    linear_probe,
+    retrieval,
+    segmentation,
+    zero_shot,
+)
+from unimed.eval.encoders import Encoder
+from unimed.eval.tasks import TASKS, TaskContext
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]) -> dict:
+    """{"encoders": {name: {"label", "seconds": {task: s}, "tasks": {task: metrics}}}}.
+
+    Every encoder runs every task on the same cached data, splits and seeds.
+    """
+    runners = {task: TASKS.get(task) for task in tasks}
+    out: dict = {"encoders": {}}
+    jobs = [(encoder, task) for encoder in encoders for task in runners]
+    for encoder, task in tqdm(jobs, desc="evaluate", unit="task", disable=not ctx.progress):
+        entry = out["encoders"].setdefault(
+            encoder.name, {"label": encoder.label, "seconds": {}, "tasks": {}}
+        )
+        start = time.perf_counter()
+        entry["tasks"][task] = runners[task](encoder, ctx)
+        entry["seconds"][task] = round(time.perf_counter() - start, 2)
+        log.info("%s: %s took %.1f s", encoder.label, task, entry["seconds"][task])
+    return out

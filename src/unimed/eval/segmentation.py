@@ -1,0 +1,297 @@
+"""Semantic segmentation on the frozen image encoder: a U-Net decoder, Dice (SIIM and RSNA).
+
+Images use the "full" geometry (whole image resized to S x S); masks are built at the original
+image size -- SIIM from its RLE, RSNA from its pneumonia boxes filled as rectangles -- and resized
+the same way (nearest). The encoder's dense maps are computed once per split, without
+augmentation, and only a segmentation_models_pytorch ``UnetDecoder`` + ``SegmentationHead`` train
+on them, per label fraction, with Dice + BCE, AdamW and early stopping on validation Dice; the test
+Dice of the best-validation state is reported.
+
+Convolutional encoders give maps at distinct strides (2 ... 32), used as the U-Net's skips.
+Plain ViTs give every block at one stride: four evenly spaced blocks are resampled (bilinear) to
+strides 4, 8, 16 and 32, a simple feature pyramid, so any timm image encoder works.
+
+The feature cache lives in memory (float16), sized for the phantom demo sets, not full-size ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segmentation_models_pytorch.base import SegmentationHead
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+from torch import nn
+from tqdm.auto import tqdm
+
+from unimed.data.images import dicom_header, is_dicom
+from unimed.data.records import BoxAnn, Record
+from unimed.data.rle import rle_decode
+from unimed.eval.config import SegmentationConfig
+from unimed.eval.data import EvalData, fraction_indices, rgb
+from unimed.eval.encoders import Encoder
+from unimed.eval.errors import EvalError
+from unimed.eval.tasks import TASKS, TaskContext, fraction_label
+
+log = logging.getLogger(__name__)
+
+# Strides a single-stride (ViT) encoder's maps are resampled to: the U-Net's usual pyramid.
+VIT_STRIDES = (4, 8, 16, 32)
+
+Maps = list[torch.Tensor]  # dense maps, each (N, C_i, H_i, W_i), shallow to deep
+
+
+def original_size(record: Record) -> tuple[int, int]:
+    """(H, W) of the record's image on disk: `image_size` when known, else the DICOM header or PIL."""
+    if record.image_size is not None:
+        return record.image_size
+    if is_dicom(record.image_path):
+        header = dicom_header(record.image_path)
+        return int(header.Rows), int(header.Columns)
+    with Image.open(record.image_path) as image:
+        width, height = image.size
+    return height, width
+
+
+def box_mask(boxes: Sequence[BoxAnn], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) boolean mask with every box filled: pixel (r, c) is in when its centre is inside."""
+    mask = np.zeros(shape, dtype=bool)
+    for box in boxes:
+        rows = slice(max(math.ceil(box.y0 - 0.5), 0), max(math.ceil(box.y1 - 0.5), 0))
+        cols = slice(max(math.ceil(box.x0 - 0.5), 0), max(math.ceil(box.x1 - 0.5), 0))
+        mask[rows, cols] = True
+    return mask
+
+
+def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W) boolean mask -> (size, size) float mask, nearest (pixel centres), like the images."""
+    tensor = torch.from_numpy(mask).float()[None, None]  # (1, 1, H, W)
+    return F.interpolate(tensor, size=(size, size), mode="nearest-exact")[0, 0]
+
+
+def record_mask(record: Record, size: int) -> torch.Tensor:
+    """(size, size) float mask of a record: its RLE mask when it has one, else its boxes filled."""
+    if record.mask_rle is not None:
+        if record.image_size is None:
+            raise EvalError(f"{record.dataset} record {record.study_id} has an RLE mask but no image_size")
+        return resize_mask(rle_decode(record.mask_rle, record.image_size), size)
+    return resize_mask(box_mask(record.boxes, original_size(record)), size)
+
+
+def dataset_masks(data: EvalData, dataset: str, split: str) -> torch.Tensor:
+    """(N, 1, S, S) masks of one split, aligned with ``data.images(dataset, split, "full")``."""
+    records = data.require(dataset, split)
+    masks = torch.stack([record_mask(r, data.image_size) for r in records])  # (N, S, S)
+    return masks[:, None]
+
+
+def require_positives(dataset: str, split: str, count: int, what: str) -> None:
+    """Raise a ValueError naming the dataset when its `split` holds no annotation (`count` == 0)."""
+    if count == 0:
+        raise EvalError(
+            f"dataset '{dataset}' has no {what} in its '{split}' split; it cannot be used for this task"
+        )
+
+
+def dice_score(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
+    """Global Dice 2|P & G| / (|P| + |G|) over all pixels, P = probs > threshold; 1.0 if both empty."""
+    pred = probs > threshold
+    truth = target > 0.5
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
+
+
+def feature_layout(visual: nn.Module, min_stride: int) -> tuple[list[int], tuple[int, ...] | None]:
+    """Which intermediates to take from the timm model and the strides to resample them to.
+
+    Multi-stride (convolutional) models: every stage of stride >= `min_stride`, no resampling
+    (None). Single-stride (ViT): evenly spaced blocks, resampled to the `VIT_STRIDES` >= `min_stride`.
+    """
+    reductions = [int(info["reduction"]) for info in visual.feature_info]
+    if len(set(reductions)) > 1:
+        indices = [i for i, r in enumerate(reductions) if r >= min_stride]
+        strides = None
+    else:
+        targets = tuple(s for s in VIT_STRIDES if s >= min_stride)
+        indices = sorted({int(i) for i in np.linspace(0, len(reductions) - 1, len(targets)).round()})
+        strides = targets[len(targets) - len(indices):]
+    if not indices:
+        raise EvalError(
+            f"the image encoder has no feature map of stride >= {min_stride} (strides {reductions})"
+        )
+    return indices, strides
+
+
+@torch.no_grad()
+def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_stride: int) -> Maps:
+    """(N, 1, S, S) images -> frozen encoder maps of stride s_i >= `min_stride` (float16, CPU),
+    each (N, C_i, S / s_i, S / s_i), shallow to deep."""
+    indices, strides = feature_layout(encoder.visual, min_stride)
+    size = images.shape[-1]
+    chunks: list[Maps] = []
+    for start in range(0, len(images), batch_size):
+        x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
+        maps = encoder.visual.forward_intermediates(x, indices=indices, intermediates_only=True)
+        if strides is not None:
+            maps = [
+                F.interpolate(m, size=(size // s, size // s), mode="bilinear")
+                for m, s in zip(maps, strides)
+            ]
+        chunks.append([m.half().cpu() for m in maps])
+    return [torch.cat(level) for level in zip(*chunks)]
+
+
+class UNetHead(nn.Module):
+    """smp U-Net decoder + segmentation head: encoder maps -> (B, 1, S, S) logits.
+
+    One decoder block per map: the deepest map is the U-Net's bottom, the others its skips, and
+    the last block (no skip) doubles the resolution of the shallowest map; the head's logits are
+    then resized (bilinear) to S x S.
+    """
+
+    def __init__(self, channels: Sequence[int], decoder_channels: Sequence[int], image_size: int) -> None:
+        super().__init__()
+        if len(decoder_channels) < len(channels):
+            raise EvalError(
+                f"segmentation.decoder_channels has {len(decoder_channels)} entries; the encoder "
+                f"gives {len(channels)} maps, one decoder block each"
+            )
+        blocks = tuple(decoder_channels[: len(channels)])
+        self.image_size = image_size
+        # smp reads its first feature (the input image in smp encoders) only for the last block's
+        # output size, so a 0-channel placeholder at twice the shallowest map's size stands in.
+        self.decoder = UnetDecoder(
+            encoder_channels=[0, *channels], decoder_channels=blocks, n_blocks=len(blocks)
+        )
+        self.head = SegmentationHead(blocks[-1], 1, kernel_size=3)
+
+    def forward(self, maps: Maps) -> torch.Tensor:
+        """List of (B, C_i, H_i, W_i) -> (B, 1, S, S) logits."""
+        batch, (height, width) = maps[0].shape[0], maps[0].shape[-2:]
+        placeholder = maps[0].new_empty(batch, 0, 2 * height, 2 * width)
+        logits = self.head(self.decoder([placeholder, *maps]))  # (B, 1, 2 H_0, 2 W_0)
+        return F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear")
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU torch.Generator seeded with `seed` (batch order)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def fit_early_stopping(
+    model: nn.Module, train_epoch: Callable[[], None], score: Callable[[], float], *,
+    epochs: int, patience: int, desc: str, progress: bool,
+) -> float:
+    """Run `train_epoch` up to `epochs` times, scoring (validation, higher is better) after each;
+    stop after `patience` epochs without improvement, load the best state and return its score."""
+    best, best_state, stale = -math.inf, copy.deepcopy(model.state_dict()), 0
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=not progress)
+    for epoch in bar:
+        train_epoch()
+        value = score()
+        bar.set_postfix(val=f"{value:.3f}")
+        if value > best:
+            best, best_state, stale = value, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+        if stale >= patience:
+            log.debug("%s: early stop after epoch %d (best %.4f)", desc, epoch + 1, best)
+            break
+    model.load_state_dict(best_state)
+    return best
+
+
+def _batch(maps: Maps, index: torch.Tensor, device: torch.device) -> Maps:
+    return [m[index].to(device).float() for m in maps]
+
+
+@torch.no_grad()
+def predict_masks(model: UNetHead, maps: Maps, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(N, 1, S, S) foreground probabilities on the CPU."""
+    model.eval()
+    out = []
+    for start in range(0, len(maps[0]), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(maps[0])))
+        out.append(torch.sigmoid(model(_batch(maps, index, device))).cpu())
+    return torch.cat(out)
+
+
+def fit_decoder(
+    train: tuple[Maps, torch.Tensor], valid: tuple[Maps, torch.Tensor], cfg: SegmentationConfig, *,
+    seed: int, device: torch.device, desc: str = "segmentation", progress: bool = False,
+) -> tuple[UNetHead, float]:
+    """Train a U-Net head on (maps, (N, 1, S, S) masks); returns the best-validation head and its Dice."""
+    maps, masks = train
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UNetHead([m.shape[1] for m in maps], cfg.decoder_channels, masks.shape[-1]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dice_loss, bce = smp.losses.DiceLoss("binary", from_logits=True), nn.BCEWithLogitsLoss()
+    generator = seeded_generator(seed)
+
+    def train_epoch() -> None:
+        model.train()
+        order = torch.randperm(len(masks), generator=generator)
+        for start in range(0, len(order), cfg.batch_size):
+            index = order[start : start + cfg.batch_size]
+            logits = model(_batch(maps, index, device))  # (B, 1, S, S)
+            target = masks[index].to(device)
+            loss = dice_loss(logits, target) + bce(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def score() -> float:
+        return dice_score(predict_masks(model, valid[0], cfg.batch_size, device), valid[1])
+
+    best = fit_early_stopping(model, train_epoch, score, epochs=cfg.epochs, patience=cfg.patience,
+                              desc=desc, progress=progress)
+    return model, best
+
+
+def _split(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tuple[Maps, torch.Tensor]:
+    masks = dataset_masks(ctx.data, dataset, split)
+    images = ctx.data.images(dataset, split, "full")  # (N, 1, S, S)
+    return dense_features(encoder, images, ctx.cfg.batch_size, ctx.cfg.segmentation.min_stride), masks
+
+
+def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
+    """One dataset's row: test Dice of the best-validation decoder per label fraction."""
+    cfg = ctx.cfg.segmentation
+    train_maps, train_masks = _split(encoder, ctx, dataset, "train")
+    require_positives(dataset, "train", int(train_masks.sum()), "mask or box")
+    valid = _split(encoder, ctx, dataset, "valid")
+    test_maps, test_masks = _split(encoder, ctx, dataset, "test")
+    rows = {}
+    for fraction in ctx.cfg.fractions:
+        label = fraction_label(fraction)
+        index = torch.from_numpy(
+            fraction_indices(len(train_masks), fraction, ctx.cfg.min_train_images, ctx.cfg.seed)
+        )
+        model, best = fit_decoder(
+            ([m[index] for m in train_maps], train_masks[index]), valid, cfg, seed=ctx.cfg.seed,
+            device=encoder.device, desc=f"{dataset} {label}", progress=ctx.progress,
+        )
+        value = dice_score(predict_masks(model, test_maps, cfg.batch_size, encoder.device), test_masks)
+        log.info("segmentation %s %s %s: val Dice %.4f, test Dice %.4f (%d images)",
+                 encoder.name, dataset, label, best, value, len(index))
+        rows[label] = {"value": value, "train_images": len(index)}
+    return {"metric": "dice", "fractions": rows}
+
+
+@TASKS.register("segmentation")
+def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
+    """Test Dice per dataset of ``segmentation.datasets`` and label fraction (see module doc)."""
+    datasets = ctx.cfg.segmentation.datasets
+    return {
+        dataset: segment_dataset(encoder, ctx, dataset)
+        for dataset in tqdm(datasets, desc="segmentation", disable=not ctx.progress)
+    }

@@ -1,0 +1,41 @@
+"""The task registry and what every task receives.
+
+A task is ``run(encoder, ctx) -> metrics`` where `metrics` is JSON-serialisable. Tasks that draw
+figures save PNGs under ``ctx.out_dir`` and list them under ``metrics["figures"]`` (name -> file name
+relative to ``ctx.out_dir``), so the report can embed them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+from unimed.eval.config import EvalConfig
+from unimed.eval.data import EvalData
+from unimed.eval.encoders import Encoder
+from unimed.registry import Registry
+
+
+@dataclasses.dataclass
+class TaskContext:
+    """Shared by every task of one evaluation: cached data, the eval config, where figures go."""
+
+    data: EvalData
+    cfg: EvalConfig
+    out_dir: Path
+    progress: bool = False
+
+    def figure_path(self, encoder: Encoder, name: str) -> Path:
+        """Where `encoder`'s figure `name` (a PNG) is written; the folder is created."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self.out_dir / f"{encoder.name}_{name}.png"
+
+
+Task = Callable[[Encoder, TaskContext], dict[str, Any]]
+TASKS: Registry[Task] = Registry("evaluation task")
+
+
+def fraction_label(fraction: float) -> str:
+    """0.01 -> "1%", 1.0 -> "100%" (the keys of per-fraction metrics)."""
+    return f"{fraction * 100:g}%"

@@ -1,0 +1,96 @@
+"""Zero-shot classification (Med-UniC Table 1): positive vs negative prompt, per class and language.
+
+An image is called positive for a class when its cosine similarity to the positive prompt
+("{disease}") exceeds that to the negative prompt ("No {disease}" / "No hay {enfermedad}"); the
+difference of the two similarities is the score the AUC ranks. Macro AUC and macro F1 average over
+the classes (a class with a single label value in the test set has no AUC and is left out).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from unimed.data.records import Record
+from unimed.eval.data import rgb
+from unimed.eval.encoders import Encoder
+from unimed.eval.errors import EvalError
+from unimed.eval.metrics import auc_or_none, binary_f1, macro
+from unimed.eval.prompts import PromptSet, load_prompts
+from unimed.eval.tasks import TASKS, TaskContext
+
+log = logging.getLogger(__name__)
+
+SPLIT = "test"
+
+
+def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str) -> np.ndarray:
+    """(N, C) 0/1 labels; a class the dataset does not state, or an uncertain/missing value, is an
+    error naming the dataset, record and class (zero-shot sets are fully labelled)."""
+    out = np.zeros((len(records), len(classes)), dtype=np.int64)
+    for i, record in enumerate(records):
+        by_lower = {name.lower(): value for name, value in record.labels.items()}
+        for c, name in enumerate(classes):
+            value = by_lower.get(name.lower(), float("nan"))
+            if value not in (0.0, 1.0):
+                raise EvalError(
+                    f"{dataset}: record {record.image_path} has label {value!r} for class '{name}'; "
+                    "zero-shot sets need 0/1 labels for every scored class"
+                )
+            out[i, c] = int(value)
+    return out
+
+
+def prompt_scores(
+    encoder: Encoder, image_features: torch.Tensor, prompts: PromptSet, classes: Sequence[str]
+) -> np.ndarray:
+    """(N, C) cosine(image, positive prompt) - cosine(image, negative prompt)."""
+    texts = [prompts.positive(c) for c in classes] + [prompts.negative(c) for c in classes]
+    text = encoder.text_features(texts, normalize=True)  # (2C, E)
+    sims = image_features @ text.T  # (N, 2C)
+    return (sims[:, : len(classes)] - sims[:, len(classes) :]).numpy()
+
+
+def score_language(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> dict:
+    """Macro AUC / F1 and the per-class values for one prompt language."""
+    per_class = {}
+    for c, name in enumerate(classes):
+        per_class[name] = {
+            "auc": auc_or_none(labels[:, c], scores[:, c]),
+            "f1": binary_f1(labels[:, c], scores[:, c] > 0),
+            "positives": int(labels[:, c].sum()),
+        }
+    return {
+        "auc": macro([v["auc"] for v in per_class.values()]),
+        "f1": macro([v["f1"] for v in per_class.values()]),
+        "images": int(len(labels)),
+        "per_class": per_class,
+    }
+
+
+@TASKS.register("zero_shot")
+def run(encoder: Encoder, ctx: TaskContext) -> dict:
+    """{dataset: {language: {"auc", "f1", "images", "per_class"}}} for every configured set."""
+    cfg = ctx.cfg.zero_shot
+    prompts = {lang: load_prompts(lang, cfg.prompt_dir) for lang in cfg.languages}
+    out: dict = {}
+    for dataset in cfg.datasets:
+        if dataset not in cfg.classes:
+            raise EvalError(
+                f"eval.zero_shot.classes has no class list for '{dataset}'; it has {sorted(cfg.classes)}"
+            )
+        classes = cfg.classes[dataset]
+        records = ctx.data.require(dataset, SPLIT)
+        labels = label_matrix(records, classes, dataset)
+        images = rgb(ctx.data.images(dataset, SPLIT))
+        features = encoder.image_features(images, normalize=True, batch_size=ctx.cfg.batch_size)
+        out[dataset] = {
+            lang: score_language(labels, prompt_scores(encoder, features, p, classes), classes)
+            for lang, p in prompts.items()
+        }
+        log.info("%s zero-shot on %s: %s", encoder.label, dataset,
+                 {lang: round(v["auc"] or float("nan"), 4) for lang, v in out[dataset].items()})
+    return out

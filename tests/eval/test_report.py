@@ -1,0 +1,215 @@
+"""The evaluation report (tables, HTML) and the quality checks, on hand-made metrics dicts."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from unimed.eval import report
+from unimed.eval.checks import Check, percent, quality_checks
+from unimed.eval.report import format_tables, render_report, table_notes, write_report
+
+CLASSES = ("Atelectasis", "Edema")
+
+
+def _fractions(base: float) -> dict:
+    return {f: {"value": base + 0.05 * i, "train_images": n}
+            for i, (f, n) in enumerate((("1%", 16), ("10%", 160), ("100%", 1600)))}
+
+
+def _zero_shot(auc: float) -> dict:
+    per_class = {c: {"auc": auc, "f1": auc - 0.3} for c in CLASSES}
+    return {"auc": auc, "f1": auc - 0.3, "images": 100, "per_class": per_class}
+
+
+def _separability(probe: float) -> dict:
+    return {"probe_accuracy": probe, "knn_accuracy": probe - 0.05, "silhouette": 0.3}
+
+
+def _tasks(key: str, base: float, auc: float, language_probe: float) -> dict:
+    recall = {m: base for m in ("R@1", "R@5", "R@10", "P@1", "P@5", "P@10")}
+    space = {"language": _separability(language_probe), "site": _separability(0.6)}
+    return {
+        "zero_shot": {s: {"en": _zero_shot(auc), "es": _zero_shot(auc - 0.01)} for s in ("cxp500", "pdc")},
+        "linear_probe": {"chexpert": {"metric": "auc", "fractions": _fractions(base)},
+                         "rsna": {"metric": "auc", "fractions": _fractions(base)},
+                         "covidx": {"metric": "accuracy", "fractions": _fractions(base)}},
+        "segmentation": {d: {"metric": "dice", "fractions": _fractions(base - 0.2)}
+                         for d in ("siim", "rsna")},
+        "detection": {d: {"metric": "map", "fractions": _fractions(base - 0.4)}
+                      for d in ("rsna", "object-cxr")},
+        "retrieval": {"image_to_report": {"mimic-cxr": recall, "padchest": recall},
+                      "report_to_image": {"mimic-cxr": recall, "padchest": recall},
+                      "cross_lingual": {"en_to_es": {"R@1": base}, "es_to_en": {"R@1": base}},
+                      "queries": {"mimic-cxr": 60, "padchest": 60}},
+        "bias": {"text": {"cls": space, "projected": space}, "image": {"pooled": space, "projected": space},
+                 "samples": {"en": 60, "es": 60},
+                 "figures": {"tsne_text": f"{key}_tsne_text.png", "tsne_image": f"{key}_tsne_image.png"}},
+        "gradcam": {"figures": {"gradcam": f"{key}_gradcam.png"}, "classes": list(CLASSES),
+                    "images_per_class": 2},
+    }
+
+
+def _metrics() -> dict:
+    """A full run: Med-UniC clearly above the MLM-only baseline everywhere, plus an ablation."""
+    medunic = _tasks("medunic", 0.7, 0.8123, 0.55)
+    ablation = [{"name": name, "objectives": {"ssv": ssv, "cvl": True, "ctr": ctr, "mlm": True},
+                 "metrics": {k: medunic[k] for k in ("zero_shot", "linear_probe", "segmentation")}}
+                for name, ssv, ctr in (("CVL + MLM", False, False), ("All", True, True))]
+    return {
+        "run": "demo", "checkpoint": "runs/demo/pretrain/checkpoints/step_00000150",
+        "data_root": "data/phantom", "created": "2026-11-25T16:00:00", "seconds": 312.5,
+        "encoders": {
+            "medunic": {"label": "Med-UniC", "seconds": {"zero_shot": 3.1, "linear_probe": 40.0},
+                        "tasks": medunic},
+            "init": {"label": "Random init / MLM-only", "seconds": {"zero_shot": 2.0},
+                     "tasks": _tasks("init", 0.5, 0.55, 0.99)},
+        },
+        "ablation": {"rows": ablation},
+    }
+
+
+@pytest.fixture
+def figure_dir(tmp_path: Path) -> Path:
+    """Tiny PNGs for every figure the metrics name."""
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    for key in ("medunic", "init"):
+        for name in ("tsne_text", "tsne_image", "gradcam"):
+            Image.new("RGB", (4, 3), (200, 30, 30)).save(folder / f"{key}_{name}.png")
+    return folder
+
+
+def _table(metrics: dict, title: str) -> tuple[list[str], list[list[str]]]:
+    tables = {t: (header, rows) for t, header, rows in format_tables(metrics)}
+    return tables[title]
+
+
+def test_percent_formatting() -> None:
+    assert percent(0.8123) == "81.2"
+    assert percent(None) == percent(float("nan")) == percent("0.5") == "–"
+
+
+def test_zero_shot_table_layout() -> None:
+    header, rows = _table(_metrics(), report.TITLE_ZERO_SHOT)
+    assert header[:3] == ["Method", "CXP500 (En) / AUC", "CXP500 (En) / F1"]
+    assert header[-1] == "PDC (Sp) / F1"
+    assert rows[0][:3] == ["Med-UniC", "81.2", "51.2"]
+    assert rows[1][0] == "Random init / MLM-only"
+
+
+def test_fraction_tables_follow_the_paper() -> None:
+    metrics = _metrics()
+    header, rows = _table(metrics, report.TITLE_LINEAR)
+    assert header[1:4] == ["CheXpert (AUC) / 1%", "CheXpert (AUC) / 10%", "CheXpert (AUC) / 100%"]
+    assert header[-1] == "COVIDx (ACC) / 100%"
+    assert rows[0][1:4] == ["70.0", "75.0", "80.0"]
+    header, _ = _table(metrics, report.TITLE_SEG_DET)
+    assert "RSNA (Dice) / 1%" in header and "Object-CXR (mAP) / 100%" in header
+    header, rows = _table(metrics, report.TITLE_ABLATION)
+    assert header[:5] == ["Variant", "SSV", "CVL", "CTR", "MLM"]
+    assert header[-4:] == ["CXP500 (F1) / En", "CXP500 (F1) / Sp", "PDC (F1) / En", "PDC (F1) / Sp"]
+    assert rows[0][1:5] == ["", "✓", "", "✓"]
+    assert "Training images: CheXpert: 1% 16, 10% 160, 100% 1600" in table_notes(metrics)[report.TITLE_LINEAR]
+
+
+def test_holes_show_a_dash() -> None:
+    metrics = _metrics()
+    del metrics["encoders"]["init"]["tasks"]["zero_shot"]["pdc"]["es"]
+    del metrics["encoders"]["init"]["tasks"]["linear_probe"]["covidx"]["fractions"]["10%"]
+    _, rows = _table(metrics, report.TITLE_ZERO_SHOT)
+    assert rows[1][-2:] == ["–", "–"]
+    header, rows = _table(metrics, report.TITLE_LINEAR)
+    assert rows[1][header.index("COVIDx (ACC) / 10%")] == "–"
+
+
+def test_html_report(tmp_path: Path, figure_dir: Path) -> None:
+    out = write_report(_metrics(), tmp_path / "out" / "report.html", figure_dir)
+    page = out.read_text(encoding="utf-8")
+    for title in (report.TITLE_ZERO_SHOT, report.TITLE_PER_CLASS, report.TITLE_LINEAR,
+                  report.TITLE_SEG_DET, report.TITLE_I2R, report.TITLE_R2I, report.TITLE_CROSS,
+                  report.TITLE_BIAS, report.TITLE_ABLATION, report.TITLE_TIMINGS, "Quality checks"):
+        assert report.E(title) in page
+    assert re.search(r'<td class="num best[^"]*">81\.2</td>', page)
+    assert re.search(r'<td class="num( gs)?">55\.0</td>', page)  # the baseline, not bold
+    assert page.count("data:image/png;base64,") == 6
+    assert 'colspan="2"' in page and 'rowspan="2"' in page
+    assert "<script" not in page and 'src="http' not in page and "url(" not in page
+    assert "PASS" in page and "Figure missing" not in page
+
+
+def test_html_escapes_strings_from_metrics(tmp_path: Path, figure_dir: Path) -> None:
+    metrics = _metrics()
+    metrics["encoders"]["medunic"]["label"] = "<script>alert(1)</script>"
+    metrics["run"] = 'a"b<i>'
+    metrics["encoders"]["init"]["tasks"]["zero_shot"]["cxp500"]["en"]["per_class"]["<b>x</b>"] = {"auc": 0.5}
+    page = render_report(metrics, figure_dir)
+    assert "<script" not in page and "<b>x</b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+@pytest.mark.parametrize("metrics", [
+    {},
+    {"run": "z", "encoders": {}},
+    {"encoders": {"medunic": {"label": "M", "tasks": {"zero_shot": {"cxp500": {"en": {"auc": 0.9}}}}}}},
+    {"encoders": {"medunic": {"tasks": {"linear_probe": {"rsna": None}, "bias": [], "retrieval": {}},
+                              "seconds": None}, "init": None},
+     "ablation": {"rows": None}, "seconds": "n/a"},
+])
+def test_sparse_metrics_render(tmp_path: Path, metrics: dict) -> None:
+    page = write_report(metrics, tmp_path / "report.html", tmp_path).read_text(encoding="utf-8")
+    assert "Not in this run." in page and "Quality checks" in page
+
+
+def test_sparse_zero_shot_only() -> None:
+    metrics = {"encoders": {"medunic": {"label": "M", "tasks": {
+        "zero_shot": {"cxp500": {"en": {"auc": 0.9}}}}}}}
+    tables = format_tables(metrics)
+    assert [t[0] for t in tables] == [report.TITLE_ZERO_SHOT]
+    assert tables[0][1:] == (["Method", "CXP500 (En) / AUC", "CXP500 (En) / F1"], [["M", "90.0", "–"]])
+
+
+def test_missing_figure_is_reported(tmp_path: Path) -> None:
+    page = render_report(_metrics(), tmp_path / "nowhere")
+    assert "Figure missing: medunic_gradcam.png" in page and "data:image/png" not in page
+
+
+def _by_state(checks: list[Check]) -> dict[bool | None, int]:
+    return {state: sum(c.passed is state for c in checks) for state in (True, False, None)}
+
+
+def test_checks_all_pass() -> None:
+    checks = quality_checks(_metrics())
+    assert _by_state(checks) == {True: 4 + 3 * 3 + 2 * 3 + 2 * 3 + 1, False: 0, None: 0}
+    probe = checks[-1]
+    assert "language" in probe.name.lower() and "55.0%" in probe.detail and "94.0%" in probe.detail
+    assert any("Med-UniC 70.0 vs Random init / MLM-only 50.0" in c.detail for c in checks)
+
+
+def test_checks_fail() -> None:
+    metrics = _metrics()
+    model = metrics["encoders"]["medunic"]["tasks"]
+    model["zero_shot"]["pdc"]["es"]["auc"] = 0.79
+    model["segmentation"]["siim"]["fractions"]["10%"]["value"] = 0.1
+    model["bias"]["text"]["cls"]["language"]["probe_accuracy"] = 0.995
+    failed = [c.name for c in quality_checks(metrics) if c.passed is False]
+    assert len(failed) == 3
+    assert "PDC (Sp)" in failed[0] and "SIIM 10%" in failed[1] and "Language-ID" in failed[2]
+    assert quality_checks(metrics, zero_shot_min=0.5)[3].passed is True
+
+
+def test_checks_missing_metrics_are_none() -> None:
+    metrics = copy.deepcopy(_metrics())
+    del metrics["encoders"]["init"]
+    del metrics["encoders"]["medunic"]["tasks"]["detection"]
+    del metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["cxp500"]["es"]
+    checks = quality_checks(metrics)
+    states = _by_state(checks)
+    assert states[False] == 0 and states[True] == 3
+    detection = [c for c in checks if c.name.startswith("Detection")]
+    assert len(detection) == 1 and detection[0].passed is None and detection[0].detail == "not evaluated"
+    assert quality_checks({}) and all(c.passed is None for c in quality_checks({}))

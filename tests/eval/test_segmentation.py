@@ -1,0 +1,139 @@
+"""Segmentation task: Dice, masks in the "full" geometry, the U-Net head, the task end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unimed.data.records import BoxAnn, Record
+from unimed.eval.data import fraction_indices
+from unimed.eval.encoders import Encoder
+from unimed.eval.segmentation import (
+    UNetHead, box_mask, dataset_masks, dense_features, dice_score, feature_layout, fit_decoder,
+    predict_masks, record_mask, resize_mask, run,
+)
+from unimed.eval.tasks import TASKS, TaskContext
+from unimed.models.image import create_image_encoder
+
+
+def _record(**fields: object) -> Record:
+    return Record(dataset="x", image_path=Path("none.png"), patient_id="p", study_id="s", split="train",
+                  **fields)
+
+
+@pytest.mark.parametrize(
+    ("probs", "target", "expected"),
+    [
+        ([[0.9, 0.2], [0.6, 0.4]], [[1, 0], [0, 1]], 2 * 1 / (2 + 2)),
+        ([[0.9, 0.9], [0.9, 0.9]], [[1, 0], [0, 0]], 2 * 1 / (4 + 1)),
+        ([[0.5, 0.1], [0.0, 0.2]], [[1, 0], [0, 0]], 0.0),  # 0.5 is not above the threshold
+        ([[0.1, 0.1], [0.1, 0.1]], [[0, 0], [0, 0]], 1.0),  # nothing to find, nothing found
+    ],
+)
+def test_dice_score_hand_values(probs: list, target: list, expected: float) -> None:
+    assert dice_score(torch.tensor(probs), torch.tensor(target)) == pytest.approx(expected)
+
+
+def test_dice_score_is_global_over_images() -> None:
+    probs = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])  # (2, 1, 2)
+    target = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
+    # |P| = 3, |G| = 1, |P & G| = 1 over both images (not a mean of per-image scores).
+    assert dice_score(probs, target) == pytest.approx(2 / 4)
+
+
+def test_box_mask_fills_pixels_whose_centres_are_inside() -> None:
+    mask = box_mask([BoxAnn(1.0, 0.0, 3.0, 2.0, "a"), BoxAnn(3.6, 2.6, 4.4, 3.4, "b")], (3, 4))
+    expected = np.array([[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=bool)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_resize_mask_nearest_keeps_the_region() -> None:
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:2, :2] = True
+    assert resize_mask(mask, 2).tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert resize_mask(mask, 8).sum() == 16 and resize_mask(mask, 8)[:4, :4].all()
+
+
+def test_record_mask_from_rle_and_from_boxes() -> None:
+    from_rle = record_mask(_record(mask_rle="2 2", image_size=(4, 2)), 4)  # column 0, rows 2-3
+    assert from_rle[2:, :2].all() and from_rle.sum() == 4
+    from_boxes = record_mask(_record(boxes=(BoxAnn(0, 0, 2, 2, "p"),), image_size=(4, 4)), 8)
+    assert from_boxes[:4, :4].all() and from_boxes.sum() == 16
+
+
+def test_siim_masks_line_up_with_images(task_context: TaskContext) -> None:
+    masks = dataset_masks(task_context.data, "siim", "train")  # (N, 1, S, S)
+    images = task_context.data.images("siim", "train", "full")
+    assert masks.shape == images.shape
+    positive = masks.flatten(1).sum(1) > 0
+    masks, images = masks[positive], images[positive]
+    # A pneumothorax is dark (air, no lung markings): darker than the mirrored place in the
+    # other lung. A transposed or mirrored RLE decode would break this.
+    mirrored = masks.flip(-1)
+    inside = (images * masks).flatten(1).sum(1) / masks.flatten(1).sum(1)
+    opposite = (images * mirrored).flatten(1).sum(1) / mirrored.flatten(1).sum(1)
+    assert positive.sum() >= 5
+    assert (inside < opposite).float().mean() >= 0.75
+
+
+def test_vit_maps_are_resampled_to_a_pyramid() -> None:
+    visual = create_image_encoder("vit_tiny_patch8_64").eval()
+    indices, strides = feature_layout(visual, min_stride=4)
+    assert len(indices) == 4 and strides == (4, 8, 16, 32)
+    encoder = types.SimpleNamespace(visual=visual, device=torch.device("cpu"))
+    maps = dense_features(encoder, torch.rand(2, 1, 64, 64), batch_size=2, min_stride=4)
+    assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]
+    head = UNetHead([m.shape[1] for m in maps], (16, 8, 8, 8), 64)
+    assert head([m.float() for m in maps]).shape == (2, 1, 64, 64)
+
+
+def test_too_few_decoder_channels_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="decoder_channels"):
+        UNetHead([8, 16, 32], (8, 8), 64)
+
+
+def test_decoder_learns_an_easy_target(tiny_encoder: Encoder, task_context: TaskContext) -> None:
+    """Target = the brightest quarter of each image: visible in the frozen maps, so a trained head
+    must find it much better than an untrained one."""
+    images = task_context.data.images("siim", "train", "full")  # (N, 1, S, S)
+    masks = (images > images.quantile(0.75)).float()
+    maps = dense_features(tiny_encoder, images, batch_size=32, min_stride=4)
+    train = ([m[:24] for m in maps], masks[:24])
+    valid = ([m[24:] for m in maps], masks[24:])
+    cfg = dataclasses.replace(task_context.cfg.segmentation, epochs=25, patience=25)
+    model, best = fit_decoder(train, valid, cfg, seed=0, device=torch.device("cpu"))
+    untrained = UNetHead([m.shape[1] for m in maps], cfg.decoder_channels, images.shape[-1])
+    baseline = dice_score(predict_masks(untrained, valid[0], 16, torch.device("cpu")), valid[1])
+    assert best > 0.6 and best > baseline + 0.2
+    assert dice_score(predict_masks(model, valid[0], 16, torch.device("cpu")), valid[1]) == best
+
+
+def _context(task_context: TaskContext, **overrides: object) -> TaskContext:
+    seg = dataclasses.replace(task_context.cfg.segmentation, epochs=2, patience=2, **overrides)
+    cfg = dataclasses.replace(task_context.cfg, segmentation=seg, fractions=(0.1, 1.0))
+    return dataclasses.replace(task_context, cfg=cfg)
+
+
+def test_task_runs_end_to_end(tiny_encoder: Encoder, task_context: TaskContext) -> None:
+    ctx = _context(task_context)
+    assert TASKS.get("segmentation") is run
+    out = run(tiny_encoder, ctx)
+    assert set(out) == {"siim", "rsna"}
+    for dataset, row in out.items():
+        assert row["metric"] == "dice" and set(row["fractions"]) == {"10%", "100%"}
+        n_train = len(ctx.data.records(dataset, "train"))
+        for fraction, label in ((0.1, "10%"), (1.0, "100%")):
+            cell = row["fractions"][label]
+            assert 0.0 <= cell["value"] <= 1.0
+            assert cell["train_images"] == len(fraction_indices(n_train, fraction, 8, ctx.cfg.seed))
+    assert run(tiny_encoder, _context(task_context, datasets=("siim",)))["siim"] == out["siim"]
+
+
+def test_dataset_without_masks_is_a_clear_error(tiny_encoder: Encoder, task_context: TaskContext) -> None:
+    with pytest.raises(ValueError, match="'chexpert'.*'train'"):
+        run(tiny_encoder, _context(task_context, datasets=("chexpert",)))
