@@ -123,6 +123,15 @@ def test_unknown_key_is_a_clean_error(preset: Path, capsys):
     assert "unknown config key 'phantom.studies'" in err and "mimic_studies" in err
 
 
+def test_overrides_may_follow_options_but_stray_words_fail(preset: Path, capsys):
+    assert main(["phantom", str(preset), "--quiet", "phantom.studies=5"]) == 2
+    assert "unknown config key 'phantom.studies'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["phantom", str(preset), "--quiet", "stray", "--bogus"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: stray --bogus" in capsys.readouterr().err
+
+
 def test_pretrain_without_text_encoder_explains(preset: Path, capsys):
     assert main(["pretrain", str(preset), "--quiet"]) == 2
     assert "run `unimed mlm` first" in capsys.readouterr().err

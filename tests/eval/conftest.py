@@ -14,15 +14,10 @@ from unimed.eval.config import EvalConfig
 from unimed.eval.data import EvalData
 from unimed.eval.encoders import Encoder, build_encoder
 from unimed.eval.tasks import TaskContext
-from unimed.models.config import ModelConfig
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.world import write_world
 
-IMAGE_SIZE = 64
-TINY_MODEL = ModelConfig(
-    image_encoder="resnet10t", frozen_text_layers=0, embed_dim=16, ctr_dim=16,
-    projector_hidden_dim=32,
-)
+from eval_helpers import IMAGE_SIZE, TINY_MODEL
 
 
 @pytest.fixture(scope="session")
