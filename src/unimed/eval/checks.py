@@ -141,6 +141,12 @@ def _language_probe_check(model: dict, base: dict, labels: tuple[str, str]) -> C
     ours, theirs = lookup(model, *path) or {}, lookup(base, *path) or {}
     probe = as_float(lookup(ours, "probe_accuracy")), as_float(lookup(theirs, "probe_accuracy"))
     passed = None if None in probe else probe[0] < probe[1]
+    silhouette = as_float(lookup(ours, "silhouette")), as_float(lookup(theirs, "silhouette"))
     detail = (f"probe accuracy {percent(probe[0])}% vs {percent(probe[1])}%; kNN accuracy "
-              f"{percent(lookup(ours, 'knn_accuracy'))}% vs {percent(lookup(theirs, 'knn_accuracy'))}%")
+              f"{percent(lookup(ours, 'knn_accuracy'))}% vs {percent(lookup(theirs, 'knn_accuracy'))}%; "
+              f"silhouette {_raw(silhouette[0])} vs {_raw(silhouette[1])}")
     return Check(f"Language-ID probe on text embeddings: {labels[0]} below {labels[1]}", passed, detail)
+
+
+def _raw(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.2f}"
