@@ -7,7 +7,6 @@ import csv
 import dataclasses
 import gzip
 import hashlib
-import io
 import math
 from pathlib import Path
 

@@ -7,7 +7,6 @@ The checkpoint's own resolved config (saved with its run) is used when no preset
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
