@@ -57,6 +57,16 @@ def test_loaded_encoder_grows_to_tokenizer_size(tmp_path) -> None:
         create_text_encoder(tmp_path, ModelConfig(), vocab_size=40)
 
 
+def test_grown_rows_are_random_not_drawn_around_the_old_rows(tmp_path) -> None:
+    saved = BertModel(_tiny_bert_config(vocab_size=50))
+    with torch.no_grad():
+        saved.get_input_embeddings().weight.fill_(5.0)
+    saved.save_pretrained(tmp_path)
+    new_rows = create_text_encoder(tmp_path, ModelConfig(), vocab_size=60).get_input_embeddings().weight[50:]
+    # BERT's own initialisation (normal, std 0.02), not a draw around the old rows' mean of 5.
+    assert new_rows.abs().mean() < 0.1 and 0.005 < new_rows.std() < 0.05
+
+
 def test_missing_folder_is_named(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no-such-bert"):
         create_text_encoder(tmp_path / "no-such-bert", ModelConfig())

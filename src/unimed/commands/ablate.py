@@ -1,7 +1,9 @@
 """`unimed ablate`: the rows of Med-UniC Table 4 — which objectives and whether MLM came first.
 
 Each row pre-trains its own model under `<run>/ablation/<row>` (same data, seed and schedule) and is
-evaluated on the Table 4 tasks; the full row is the main run's checkpoint when one exists. The
+evaluated on the Table 4 tasks; the full row is the main run's checkpoint when one exists. Rows
+resume from their newest checkpoint, so an interrupted ablation continues where it stopped and a
+finished row is only evaluated again. The
 table is printed, saved as `ablation.json` and added to the run's metrics.json and report.html.
 """
 
@@ -78,7 +80,7 @@ def run_row(cfg: Config, row: AblationRow, *, progress: bool) -> dict:
     if all((row.ssv, row.cvl, row.ctr, row.mlm)) and checkpoint.is_dir():
         log.info("ablation row '%s' is the main run: evaluating %s", row.name, checkpoint)
     else:
-        run_pretrain(row_cfg, resume=False, progress=progress)
+        run_pretrain(row_cfg, resume=True, progress=progress)
         checkpoint = row_cfg.run.dir / "pretrain" / "checkpoints"
     metrics = run_evaluation(row_cfg, checkpoint, ABLATION_TASKS, progress=progress, baselines=())
     return metrics["encoders"]["medunic"]["tasks"]

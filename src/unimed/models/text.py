@@ -64,7 +64,9 @@ def _load_text_encoder(path: Path, vocab_size: int | None, dropout: dict[str, fl
                 "embedding rows; use the tokenizer saved with this encoder"
             )
         log.info("growing word embeddings of %s from %d to %d rows", path, rows, vocab_size)
-        model.resize_token_embeddings(vocab_size)
+        # Plain random rows like the MLM stage's (paper: "M random initialized vectors"), not
+        # transformers' default draw from the old rows' mean and covariance.
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model
 
 
