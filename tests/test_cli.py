@@ -102,7 +102,10 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys):
     assert metrics["checkpoint"] == str(checkpoint)
     assert "CXP500" in capsys.readouterr().out
 
+    capsys.readouterr()
     assert main(["ablate", str(preset), base, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "Table 4: Ablation" in out and "Quality checks" not in out
     ablation = json.loads((run / "ablation.json").read_text())
     assert [row["name"] for row in ablation["rows"]] == [
         "CVL + MLM", "SSV + CVL + MLM", "SSV + CVL + CTR", "SSV + CVL + CTR + MLM"]
