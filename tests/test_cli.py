@@ -113,6 +113,8 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys):
                for row in ablation["rows"])
     assert (run / "ablation" / "ssv_cvl_ctr" / "pretrain" / "checkpoints" / "latest").is_file()
     assert json.loads((run / "metrics.json").read_text())["ablation"] == ablation
+    assert main(["ablate", str(preset), base, "train.lr=1e-3", "--quiet"]) == 2
+    assert "was pre-trained with another config" in capsys.readouterr().err
 
     assert main(["evaluate", str(tmp_path / "nowhere"), "--quiet"]) == 2
     assert "no checkpoint at" in capsys.readouterr().err

@@ -3,8 +3,10 @@
 Each row pre-trains its own model under `<run>/ablation/<row>` (same data, seed and schedule) and is
 evaluated on the Table 4 tasks; the full row is the main run's checkpoint when one exists. Rows
 resume from their newest checkpoint, so an interrupted ablation continues where it stopped and a
-finished row is only evaluated again. The
-table is printed, saved as `ablation.json` and added to the run's metrics.json and report.html.
+finished row is only evaluated again; a row trained with another config is refused, never reused.
+The table is printed, saved as `ablation.json` and added to the run's metrics.json and report.html
+(a later `unimed evaluate` rewrites those two without it: run `unimed ablate` again, which then only
+re-evaluates).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 import dataclasses
 import json
 import logging
+
+import yaml
 
 from unimed.commands import command
 from unimed.commands.evaluate import (
@@ -23,7 +27,8 @@ from unimed.commands.evaluate import (
     write_outputs,
 )
 from unimed.commands.medunic import resolve_encoder, run_pretrain
-from unimed.config import Config, ConfigError
+from unimed.config import Config, ConfigError, to_dict
+from unimed.eval.encoders import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,16 @@ def row_config(cfg: Config, row: AblationRow) -> Config:
     return dataclasses.replace(cfg, run=run, model=model)
 
 
+def _check_same_config(row_cfg: Config, row: AblationRow) -> None:
+    """A row resumes only a run made with the same config (else its checkpoint would be stale)."""
+    saved = row_cfg.run.dir / "pretrain" / CONFIG_FILE
+    if saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) != to_dict(row_cfg):
+        raise ConfigError(
+            f"ablation row '{row.name}' was pre-trained with another config ({saved}); "
+            f"delete {row_cfg.run.dir} to train it again"
+        )
+
+
 def run_row(cfg: Config, row: AblationRow, *, progress: bool) -> dict:
     """Pre-train (unless the main run is this row) and evaluate one row; its metrics."""
     row_cfg = row_config(cfg, row)
@@ -80,6 +95,7 @@ def run_row(cfg: Config, row: AblationRow, *, progress: bool) -> dict:
     if all((row.ssv, row.cvl, row.ctr, row.mlm)) and checkpoint.is_dir():
         log.info("ablation row '%s' is the main run: evaluating %s", row.name, checkpoint)
     else:
+        _check_same_config(row_cfg, row)
         run_pretrain(row_cfg, resume=True, progress=progress)
         checkpoint = row_cfg.run.dir / "pretrain" / "checkpoints"
     metrics = run_evaluation(row_cfg, checkpoint, ABLATION_TASKS, progress=progress, baselines=())

@@ -79,9 +79,6 @@ def run_evaluation(
         **evaluate(encoders, ctx, tasks),
     }
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    previous = out_dir / METRICS_FILE
-    if previous.is_file() and "ablation" in (old := json.loads(previous.read_text(encoding="utf-8"))):
-        metrics["ablation"] = old["ablation"]
     write_outputs(metrics, out_dir, figures)
     return metrics
 
