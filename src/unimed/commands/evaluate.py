@@ -1,4 +1,4 @@
-"""`unimed evaluate CHECKPOINT` and `unimed ablate`: downstream tasks, metrics.json, report.html.
+"""`unimed evaluate CHECKPOINT`: downstream tasks on a checkpoint and baselines, metrics.json, report.html.
 
 The checkpoint's own resolved config (saved with its run) is used when no preset is given, so
 `unimed evaluate runs/demo` needs nothing else; overrides still apply (e.g. `data.root=...`).
@@ -21,7 +21,7 @@ from unimed.eval.config import TASK_NAMES
 
 log = logging.getLogger(__name__)
 
-MODEL_LABEL = "Med-UniC"
+MODEL_LABELS = {"medunic": "Med-UniC"}  # display names of registered methods (default: the name)
 BASELINE_LABELS = {"init": "Random init / MLM-only"}
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -52,7 +52,8 @@ def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[
             weights = find_checkpoint(checkpoint)
         except FileNotFoundError as exc:
             raise ConfigError(str(exc)) from None
-        encoders.append(build_encoder("medunic", MODEL_LABEL, cfg.model, weights=weights, **common))
+        label = MODEL_LABELS.get(cfg.model.name, cfg.model.name)
+        encoders.append(build_encoder("medunic", label, cfg.model, weights=weights, **common))
     for name in baselines:
         encoders.append(build_encoder(name, BASELINE_LABELS[name], cfg.model, **common))
     return encoders
