@@ -21,6 +21,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
@@ -33,12 +34,11 @@ from tqdm.auto import tqdm
 
 from unimed.data.records import Record
 from unimed.eval.config import DetectionConfig
-from unimed.eval.data import fraction_indices
 from unimed.eval.encoders import Encoder
 from unimed.eval.segmentation import (
     Maps, dense_features, fit_early_stopping, original_size, require_positives, seeded_generator,
 )
-from unimed.eval.tasks import TASKS, TaskContext, fraction_label
+from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +185,8 @@ def detect_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str
     test_maps, test_targets = _split(encoder, ctx, dataset, "test")
     require_positives(dataset, "test", sum(len(t["boxes"]) for t in test_targets), "box")
     strides = [size // m.shape[-1] for m in train_maps]
-    rows = {}
-    for fraction in ctx.cfg.fractions:
-        label = fraction_label(fraction)
-        index = fraction_indices(len(train_targets), fraction, ctx.cfg.min_train_images, ctx.cfg.seed)
+
+    def score(index: np.ndarray, label: str) -> float:
         model, best = fit_detector(
             ([m[index] for m in train_maps], [train_targets[i] for i in index]), valid, cfg,
             strides=strides, image_size=size, seed=ctx.cfg.seed, device=encoder.device,
@@ -198,7 +196,9 @@ def detect_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str
         value = mean_average_precision(preds, test_targets, cfg.iou_thresholds)
         log.info("detection %s %s %s: val mAP %.4f, test mAP %.4f (%d images)",
                  encoder.name, dataset, label, best, value, len(index))
-        rows[label] = {"value": value, "train_images": len(index)}
+        return value
+
+    rows = sweep_fractions(ctx, len(train_targets), score, f"detection {dataset}")
     return {"metric": "map", "fractions": rows}
 
 

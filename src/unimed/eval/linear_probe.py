@@ -14,18 +14,18 @@ import logging
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from unimed.data.records import Record
 from unimed.eval.config import LinearProbeConfig
-from unimed.eval.data import fraction_indices, rgb
+from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.metrics import accuracy, macro, per_class_auc
-from unimed.eval.tasks import TASKS, TaskContext, fraction_label
+from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
 from unimed.phantom.study import COVIDX_CLASSES
 
 log = logging.getLogger(__name__)
@@ -124,11 +124,9 @@ def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
     target = PROBE_TARGETS[dataset]
     split_y = {s: targets(ctx.data.require(dataset, s), target, dataset) for s in ("train", "valid", "test")}
     split_x = {s: _features(encoder, ctx, dataset, s) for s in split_y}
-    fractions = {}
-    for fraction in tqdm(ctx.cfg.fractions, desc=f"linear probe {dataset}", disable=not ctx.progress):
-        subset = torch.from_numpy(
-            fraction_indices(len(split_x["train"]), fraction, ctx.cfg.min_train_images, ctx.cfg.seed)
-        )
+
+    def fit_and_score(index: np.ndarray, label: str) -> float | None:
+        subset = torch.from_numpy(index)
         x_train = split_x["train"][subset]
         mean, std = x_train.mean(0), x_train.std(0, unbiased=False).clamp_min(1e-6)
         norm = {s: (x - mean) / std for s, x in split_x.items()}
@@ -136,8 +134,11 @@ def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
                             (norm["valid"], split_y["valid"]), target.metric, ctx.cfg.linear_probe,
                             ctx.cfg.seed)
         with torch.no_grad():
-            value = score(layer(norm["test"]), split_y["test"], target.metric)
-        fractions[fraction_label(fraction)] = {"value": value, "train_images": int(len(subset))}
+            return score(layer(norm["test"]), split_y["test"], target.metric)
+
+    fractions = sweep_fractions(
+        ctx, len(split_x["train"]), fit_and_score, f"linear probe {dataset}"
+    )
     return {"metric": target.metric, "fractions": fractions}
 
 

@@ -36,10 +36,10 @@ from unimed.data.images import dicom_header, is_dicom
 from unimed.data.records import BoxAnn, Record
 from unimed.data.rle import rle_decode
 from unimed.eval.config import SegmentationConfig
-from unimed.eval.data import EvalData, fraction_indices, rgb
+from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
-from unimed.eval.tasks import TASKS, TaskContext, fraction_label
+from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
 
 log = logging.getLogger(__name__)
 
@@ -270,20 +270,19 @@ def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[st
     require_positives(dataset, "train", int(train_masks.sum()), "mask or box")
     valid = _split(encoder, ctx, dataset, "valid")
     test_maps, test_masks = _split(encoder, ctx, dataset, "test")
-    rows = {}
-    for fraction in ctx.cfg.fractions:
-        label = fraction_label(fraction)
-        index = torch.from_numpy(
-            fraction_indices(len(train_masks), fraction, ctx.cfg.min_train_images, ctx.cfg.seed)
-        )
+
+    def score(index: np.ndarray, label: str) -> float:
+        subset = torch.from_numpy(index)
         model, best = fit_decoder(
-            ([m[index] for m in train_maps], train_masks[index]), valid, cfg, seed=ctx.cfg.seed,
+            ([m[subset] for m in train_maps], train_masks[subset]), valid, cfg, seed=ctx.cfg.seed,
             device=encoder.device, desc=f"{dataset} {label}", progress=ctx.progress,
         )
         value = dice_score(predict_masks(model, test_maps, cfg.batch_size, encoder.device), test_masks)
         log.info("segmentation %s %s %s: val Dice %.4f, test Dice %.4f (%d images)",
                  encoder.name, dataset, label, best, value, len(index))
-        rows[label] = {"value": value, "train_images": len(index)}
+        return value
+
+    rows = sweep_fractions(ctx, len(train_masks), score, f"segmentation {dataset}")
     return {"metric": "dice", "fractions": rows}
 
 

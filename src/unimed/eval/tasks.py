@@ -11,8 +11,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from unimed.eval.config import EvalConfig
-from unimed.eval.data import EvalData
+from unimed.eval.data import EvalData, fraction_indices
 from unimed.eval.encoders import Encoder
 from unimed.registry import Registry
 
@@ -39,3 +42,16 @@ TASKS: Registry[Task] = Registry("evaluation task")
 def fraction_label(fraction: float) -> str:
     """0.01 -> "1%", 1.0 -> "100%" (the keys of per-fraction metrics)."""
     return f"{fraction * 100:g}%"
+
+
+def sweep_fractions(
+    ctx: TaskContext, n_train: int, score: Callable[[np.ndarray, str], float | None], desc: str
+) -> dict[str, dict[str, Any]]:
+    """{"1%": {"value", "train_images"}, ...}: `score(train_indices, label)` for every configured
+    label fraction, on the seeded, nested training subsets of :func:`fraction_indices`."""
+    rows = {}
+    for fraction in tqdm(ctx.cfg.fractions, desc=desc, unit="fraction", disable=not ctx.progress):
+        label = fraction_label(fraction)
+        index = fraction_indices(n_train, fraction, ctx.cfg.min_train_images, ctx.cfg.seed)
+        rows[label] = {"value": score(index, label), "train_images": int(len(index))}
+    return rows
