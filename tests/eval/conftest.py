@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_helpers import IMAGE_SIZE, TINY_MODEL
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from unimed.data.config import DataConfig
@@ -16,8 +17,6 @@ from unimed.eval.encoders import Encoder, build_encoder
 from unimed.eval.tasks import TaskContext
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.world import write_world
-
-from eval_helpers import IMAGE_SIZE, TINY_MODEL
 
 
 @pytest.fixture(scope="session")

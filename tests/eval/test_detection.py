@@ -11,7 +11,13 @@ import torch
 from unimed.data.records import BoxAnn, Record
 from unimed.eval.data import fraction_indices
 from unimed.eval.detection import (
-    build_detector, dataset_targets, detect, detection_loss, mean_average_precision, run, scale_boxes,
+    build_detector,
+    dataset_targets,
+    detect,
+    detection_loss,
+    mean_average_precision,
+    run,
+    scale_boxes,
 )
 from unimed.eval.encoders import Encoder
 from unimed.eval.segmentation import dense_features

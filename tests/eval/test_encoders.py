@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_helpers import TINY_MODEL
 from safetensors.torch import save_model
 
 from unimed.eval.encoders import build_encoder, checkpoint_config, find_checkpoint
 from unimed.eval.tasks import fraction_label
-
-from eval_helpers import TINY_MODEL
 
 
 def _fake_run(tmp_path: Path, model: torch.nn.Module) -> Path:

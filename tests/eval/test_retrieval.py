@@ -12,7 +12,13 @@ import pytest
 
 from unimed.data.errors import DataError
 from unimed.eval.config import RetrievalConfig
-from unimed.eval.retrieval import precision_at_k, read_parallel, recall_at_k, run, same_value
+from unimed.eval.retrieval import (
+    precision_at_k,
+    read_parallel,
+    recall_at_k,
+    run,
+    same_value,
+)
 from unimed.eval.tasks import TASKS
 
 # Three queries over a gallery of four; query i matches gallery item i.

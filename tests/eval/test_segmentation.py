@@ -14,8 +14,17 @@ from unimed.data.records import BoxAnn, Record
 from unimed.eval.data import fraction_indices
 from unimed.eval.encoders import Encoder
 from unimed.eval.segmentation import (
-    UNetHead, box_mask, dataset_masks, dense_features, dice_score, feature_layout, fit_decoder,
-    predict_masks, record_mask, resize_mask, run,
+    UNetHead,
+    box_mask,
+    dataset_masks,
+    dense_features,
+    dice_score,
+    feature_layout,
+    fit_decoder,
+    predict_masks,
+    record_mask,
+    resize_mask,
+    run,
 )
 from unimed.eval.tasks import TASKS, TaskContext
 from unimed.models.image import create_image_encoder

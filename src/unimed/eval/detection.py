@@ -36,7 +36,12 @@ from unimed.data.records import Record
 from unimed.eval.config import DetectionConfig
 from unimed.eval.encoders import Encoder
 from unimed.eval.segmentation import (
-    Maps, dense_features, fit_early_stopping, original_size, require_positives, seeded_generator,
+    Maps,
+    dense_features,
+    fit_early_stopping,
+    original_size,
+    require_positives,
+    seeded_generator,
 )
 from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
 

@@ -20,7 +20,12 @@ from transformers import AutoTokenizer
 from unimed.models import create_model
 from unimed.models.config import ModelConfig
 from unimed.models.text import cls_features
-from unimed.train.checkpoint import LATEST_FILE, WEIGHTS_FILE, latest_checkpoint, load_weights
+from unimed.train.checkpoint import (
+    LATEST_FILE,
+    WEIGHTS_FILE,
+    latest_checkpoint,
+    load_weights,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,20 @@ from functools import partial
 from pathlib import Path
 
 from unimed.eval.checks import (
-    LANGUAGE_NAMES, METRIC_NAMES, MISSING, TASK_NAMES, ZERO_SHOT_SETS, Check, as_float, dict_keys,
-    display_name, fraction_order, lookup, ordered, percent, quality_checks,
+    LANGUAGE_NAMES,
+    METRIC_NAMES,
+    MISSING,
+    TASK_NAMES,
+    ZERO_SHOT_SETS,
+    Check,
+    as_float,
+    dict_keys,
+    display_name,
+    fraction_order,
+    lookup,
+    ordered,
+    percent,
+    quality_checks,
 )
 
 Table = tuple[str, list[str], list[list[str]]]
