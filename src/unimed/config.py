@@ -23,6 +23,9 @@ from unimed.train.config import TrainConfig
 
 T = TypeVar("T")
 
+CONFIG_FILE = "config.yaml"
+"""Name of the resolved config saved in every output folder."""
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used, with the valid alternatives in the message."""
@@ -193,6 +196,6 @@ def save_config(cfg: Any, directory: str | Path) -> Path:
     """Write the resolved config as `config.yaml` in `directory` and return its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    out = directory / "config.yaml"
+    out = directory / CONFIG_FILE
     out.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     return out

@@ -27,8 +27,7 @@ from unimed.commands.evaluate import (
     write_outputs,
 )
 from unimed.commands.medunic import resolve_encoder, run_pretrain
-from unimed.config import Config, ConfigError, to_dict
-from unimed.eval.encoders import CONFIG_FILE
+from unimed.config import CONFIG_FILE, Config, ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from unimed.config import CONFIG_FILE
 from unimed.models import create_model
 from unimed.models.config import ModelConfig
 from unimed.models.text import cls_features
@@ -28,8 +29,6 @@ from unimed.train.checkpoint import (
 )
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"
 
 
 @dataclasses.dataclass
