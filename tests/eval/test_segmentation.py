@@ -94,7 +94,9 @@ def test_vit_maps_are_resampled_to_a_pyramid() -> None:
     visual = create_image_encoder("vit_tiny_patch8_64").eval()
     indices, strides = feature_layout(visual, min_stride=4)
     assert len(indices) == 4 and strides == (4, 8, 16, 32)
-    encoder = types.SimpleNamespace(visual=visual, device=torch.device("cpu"))
+    model = types.SimpleNamespace(forward_intermediates=lambda x, indices: visual.forward_intermediates(
+        x, indices=indices, intermediates_only=True))
+    encoder = types.SimpleNamespace(visual=visual, model=model, device=torch.device("cpu"))
     maps = dense_features(encoder, torch.rand(2, 1, 64, 64), batch_size=2, min_stride=4)
     assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]
     head = UNetHead([m.shape[1] for m in maps], (16, 8, 8, 8), 64)

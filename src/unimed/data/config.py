@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 
+CVL_VIEWS = ("original", "light", "paper")
+BATCH_COMPOSITIONS = ("mixed", "community")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the datasets live, how records are filtered and split, and the pre-training views.
 
     `rotation` is the largest random rotation of a pre-training view in degrees (paper: 180).
+    `cvl_view` is the view paired with the report: "original" (unaugmented, as the paper and the
+    authors' code), "light" (random crop only) or "paper" (the SSV augmentations). The SSV view always
+    gets the full set. `batch_composition` is "mixed" (batches drawn across communities) or
+    "community" (every global batch from one community: one language at one site), so the
+    contrastive negatives cannot be told apart by language or acquisition alone.
     """
 
     root: str = "data/phantom"
@@ -20,8 +28,19 @@ class DataConfig:
     image_size: int = 224
     resize_size: int = 256
     rotation: float = 180.0
+    cvl_view: str = "original"
+    batch_composition: str = "mixed"
     max_length: int = 128
     num_workers: int = 0
     split_dir: str | None = None
     check_images: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cvl_view not in CVL_VIEWS:
+            raise ValueError(f"data.cvl_view must be one of {', '.join(CVL_VIEWS)}, got {self.cvl_view!r}")
+        if self.batch_composition not in BATCH_COMPOSITIONS:
+            raise ValueError(
+                f"data.batch_composition must be one of {', '.join(BATCH_COMPOSITIONS)}, "
+                f"got {self.batch_composition!r}"
+            )

@@ -1,6 +1,7 @@
 """Mixed-language image-report dataset, its collate and its resumable sampler.
 
-Each item is one image (two independently augmented views, for L_SSV) and its tokenised report.
+Each item is one image in two views (the one paired with the report for L_CVL, and an augmented
+one for L_SSV) and its tokenised report.
 Augmentations are seeded per (seed, epoch, index), so a sample looks the same whichever worker or
 rank reads it and whether or not the run was resumed; the sampler hands those seeds to the dataset.
 """
@@ -19,7 +20,7 @@ from unimed.data.config import DataConfig
 from unimed.data.errors import EMPTY_REPORT, DataError
 from unimed.data.images import load_image
 from unimed.data.records import Record
-from unimed.data.transforms import ImageTransform, TwoViews, pretrain_transform
+from unimed.data.transforms import ImageTransform, cvl_transform, pretrain_transform
 
 UNKNOWN_SITE = "unknown"
 SampleKey = int | tuple[int, int]
@@ -45,7 +46,8 @@ def _check_records(records: Sequence[Record]) -> None:
 class PretrainDataset(Dataset):
     """Image-report pairs from canonical records of any language and site.
 
-    `languages` / `sites` fix the integer ids (default: sorted names found in the records; a record
+    `transform` makes the view paired with the report, `aug_transform` the SSV view (default: a
+    second draw of `transform`). `languages` / `sites` fix the integer ids (default: sorted names found in the records; a record
     without a site gets "unknown"). Items are dicts: image, image_aug (3, S, S), input_ids (L,),
     language, site, index. Index it with `(index, seed)` (what :class:`PretrainSampler` yields) or
     with a plain index (seeded by the index alone).
@@ -58,6 +60,7 @@ class PretrainDataset(Dataset):
         *,
         max_length: int,
         transform: ImageTransform,
+        aug_transform: ImageTransform | None = None,
         seed: int = 0,
         languages: Sequence[str] | None = None,
         sites: Sequence[str] | None = None,
@@ -67,13 +70,21 @@ class PretrainDataset(Dataset):
         self.records = list(records)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.views = TwoViews(transform)
+        self.transform = transform
+        self.aug_transform = aug_transform or transform
         self.seed = seed
         self.image_loader = image_loader
         self.languages = tuple(languages or sorted({r.language for r in self.records}))
         self.sites = tuple(sites or sorted({r.site or UNKNOWN_SITE for r in self.records}))
         self._language_id = _ids(self.languages, [r.language for r in self.records], "language")
         self._site_id = _ids(self.sites, [r.site or UNKNOWN_SITE for r in self.records], "site")
+
+    @property
+    def communities(self) -> list[int]:
+        """Per record, the id of its community: one (site, language) pair."""
+        pairs = list(zip(self._site_id, self._language_id))
+        table = {pair: i for i, pair in enumerate(sorted(set(pairs)))}
+        return [table[pair] for pair in pairs]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -85,7 +96,7 @@ class PretrainDataset(Dataset):
         # A private RNG stream, so augmenting never moves the global one that dropout uses.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            view, view_aug = self.views(image)
+            view, view_aug = self.transform(image), self.aug_transform(image)
         ids = self.tokenizer(rec.report, truncation=True, max_length=self.max_length)["input_ids"]
         return {
             "image": view,
@@ -148,12 +159,55 @@ class PretrainSampler(DistributedSampler):
             yield index, sample_seed(self.seed, self.epoch, index)
 
 
+class CommunitySampler(PretrainSampler):
+    """A :class:`PretrainSampler` whose every global batch holds one community only.
+
+    Each epoch, every community's indices are shuffled and cut into global batches of
+    `batch_size * world_size` (the remainder is dropped), the batches of all communities are
+    shuffled together, and rank r takes the r-th slice of `batch_size` of each. Seeded by
+    (seed, epoch), identical on every rank.
+    """
+
+    def __init__(self, dataset: Dataset, communities: Sequence[int], *, batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        super().__init__(dataset, rank=rank, world_size=world_size, seed=seed)
+        if len(communities) != len(dataset):
+            raise ValueError(f"{len(communities)} community ids for {len(dataset)} samples")
+        self.batch_size = batch_size
+        self.communities = np.asarray(communities)
+        global_batch = batch_size * world_size
+        batches = sum(int(np.sum(self.communities == c)) // global_batch
+                      for c in np.unique(self.communities))
+        self.num_samples = batches * batch_size
+        self.total_size = self.num_samples * world_size
+
+    def _global_batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        global_batch = self.batch_size * self.num_replicas
+        batches: list[np.ndarray] = []
+        for community in np.unique(self.communities):
+            members = rng.permutation(np.flatnonzero(self.communities == community))
+            whole = len(members) // global_batch
+            batches += list(members[: whole * global_batch].reshape(whole, global_batch))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, self._start = self._start, 0
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        indices = [int(i) for batch in self._global_batches() for i in batch[mine]]
+        for index in indices[start:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
 def build_pretrain_dataset(
     records: Sequence[Record], tokenizer: Any, cfg: DataConfig, *, seed: int = 0
 ) -> PretrainDataset:
-    """The dataset with the paper's augmentations at the config's sizes."""
-    transform = pretrain_transform(cfg.image_size, cfg.resize_size, rotation=cfg.rotation)
-    return PretrainDataset(records, tokenizer, max_length=cfg.max_length, transform=transform, seed=seed)
+    """The dataset at the config's sizes: `data.cvl_view` for the view paired with the report, the
+    paper's augmentations for the SSV view."""
+    transform = cvl_transform(cfg.cvl_view, cfg.image_size, cfg.resize_size, rotation=cfg.rotation)
+    aug = pretrain_transform(cfg.image_size, cfg.resize_size, rotation=cfg.rotation)
+    return PretrainDataset(records, tokenizer, max_length=cfg.max_length, transform=transform,
+                           aug_transform=aug, seed=seed)
 
 
 def build_pretrain_loader(
@@ -175,7 +229,13 @@ def build_pretrain_loader(
     pad_id = dataset.tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
-    sampler = PretrainSampler(dataset, rank=rank, world_size=world_size, seed=seed)
+    if cfg.batch_composition == "community":
+        sampler: PretrainSampler = CommunitySampler(
+            dataset, dataset.communities, batch_size=batch_size, rank=rank,
+            world_size=world_size, seed=seed,
+        )
+    else:
+        sampler = PretrainSampler(dataset, rank=rank, world_size=world_size, seed=seed)
     if len(sampler) < batch_size:
         raise ValueError(f"{len(dataset)} records give rank {rank} only {len(sampler)} samples, "
                          f"fewer than one batch of {batch_size}")

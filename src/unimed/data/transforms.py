@@ -5,7 +5,8 @@ tensor). Output is a (3, S, S) float32 tensor in [0, 1], or normalised when `mea
 given (the image encoder's normalisation).
 
 Pre-training (Med-UniC supplement 3.2): resize to 256, random crop 224, horizontal flip, random
-rotation in [0, 180] degrees, auto-contrast (torchvision.transforms.v2).
+rotation in [0, 180] degrees, auto-contrast (torchvision.transforms.v2) for the SSV view; the view
+paired with the report is chosen by :func:`cvl_transform`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torchvision.transforms import v2
+
+from unimed.data.config import CVL_VIEWS
 
 ImageTransform = Callable[[np.ndarray | torch.Tensor], torch.Tensor]
 
@@ -93,11 +96,23 @@ def eval_transform(
     ])
 
 
-class TwoViews:
-    """Two independent draws of `transform` on the same image (the SSV views)."""
+def cvl_transform(
+    view: str,
+    image_size: int = 224,
+    resize_size: int = 256,
+    *,
+    rotation: float = 180.0,
+) -> v2.Compose:
+    """The image paired with the report (L_CVL); the SSV view always gets :func:`pretrain_transform`.
 
-    def __init__(self, transform: ImageTransform) -> None:
-        self.transform = transform
-
-    def __call__(self, image: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(image), self.transform(image)
+    "original": resize + centre crop, the unaugmented image (Med-UniC 3.3 and the authors' code pair
+    the original image with the text). "light": resize + random crop, no flip (a flip contradicts
+    "left" / "right" in the report), no rotation, no auto-contrast. "paper": the full SSV set.
+    """
+    if view == "original":
+        return eval_transform(image_size, resize_size)
+    if view == "light":
+        return pretrain_transform(image_size, resize_size, rotation=0.0, flip_p=0.0, autocontrast_p=0.0)
+    if view == "paper":
+        return pretrain_transform(image_size, resize_size, rotation=rotation)
+    raise ValueError(f"data.cvl_view must be one of {', '.join(CVL_VIEWS)}, got {view!r}")

@@ -1,9 +1,10 @@
 """Encoders under evaluation: a trained checkpoint, or the model as pre-training starts it.
 
 Every evaluation task talks to an :class:`Encoder`, never to a method's model class directly: it
-needs ``encode_image`` / ``encode_text`` (projected, for zero-shot, retrieval and Grad-CAM), the
-image backbone ``visual`` (pooled features for linear probes, dense ``forward_intermediates`` for
-segmentation and detection) and the text backbone ``text`` with its tokenizer.
+needs ``encode_image`` / ``encode_text`` (projected, for zero-shot, retrieval and Grad-CAM),
+``pooled_image`` (pooled backbone features for linear probes), ``forward_intermediates`` (dense maps
+for segmentation and detection; the backbone ``visual`` describes their layout) and the text
+backbone ``text`` with its tokenizer. Images go in as pixels in [0, 1]: the model normalises them.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Encoder:
         out = []
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(self.device)
-            feats = self.model.encode_image(x) if projected else self.visual(x)
+            feats = self.model.encode_image(x) if projected else self.model.pooled_image(x)
             out.append(_maybe_normalize(feats, normalize).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 

@@ -139,7 +139,7 @@ def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_
     chunks: list[Maps] = []
     for start in range(0, len(images), batch_size):
         x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
-        maps = encoder.visual.forward_intermediates(x, indices=indices, intermediates_only=True)
+        maps = encoder.model.forward_intermediates(x, indices=indices)
         if strides is not None:
             maps = [
                 F.interpolate(m, size=(size // s, size // s), mode="bilinear")

