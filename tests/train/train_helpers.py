@@ -111,7 +111,7 @@ def make_tokenizer(directory: Path) -> BertTokenizerFast:
     """A WordPiece tokenizer over a handful of report words, built offline."""
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab))
+    return BertTokenizerFast(vocab=str(vocab))
 
 
 def write_records(root: Path, n: int = 8) -> list[Record]:

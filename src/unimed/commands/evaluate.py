@@ -7,6 +7,7 @@ The checkpoint's own resolved config (saved with its run) is used when no preset
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -22,7 +23,9 @@ from unimed.eval.config import TASK_NAMES
 log = logging.getLogger(__name__)
 
 MODEL_LABELS = {"medunic": "Med-UniC"}  # display names of registered methods (default: the name)
-BASELINE_LABELS = {"init": "Random init / MLM-only"}
+# Baselines: "init" is the model as pre-training starts it (the preset's image weights, e.g. ImageNet,
+# and the MLM-only text encoder); "random" the same with a randomly initialised image encoder.
+BASELINE_LABELS = {"init": "{image} init / MLM-only", "random": "Random init / MLM-only"}
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 EVAL_DIR = "eval"
@@ -46,7 +49,7 @@ def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[
         raise ConfigError(f"eval.baselines: unknown {unknown}; valid: {', '.join(BASELINE_LABELS)}")
     common = dict(text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg),
                   seed=cfg.run.seed, max_length=cfg.data.max_length)
-    encoders = []
+    encoders: list = []
     if checkpoint is not None:
         try:
             weights = find_checkpoint(checkpoint)
@@ -54,8 +57,14 @@ def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[
             raise ConfigError(str(exc)) from None
         label = MODEL_LABELS.get(cfg.model.name, cfg.model.name)
         encoders.append(build_encoder("medunic", label, cfg.model, weights=weights, **common))
+    image = "ImageNet" if cfg.model.image_weights else "Random"
     for name in baselines:
-        encoders.append(build_encoder(name, BASELINE_LABELS[name], cfg.model, **common))
+        model_cfg = cfg.model if name == "init" else dataclasses.replace(cfg.model, image_weights=None)
+        if name == "random" and "init" in baselines and cfg.model.image_weights is None:
+            log.info("baseline 'random' is the 'init' baseline here (no image weights): not repeated")
+            continue
+        label = BASELINE_LABELS[name].format(image=image)
+        encoders.append(build_encoder(name, label, model_cfg, **common))
     return encoders
 
 

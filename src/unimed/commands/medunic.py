@@ -84,7 +84,56 @@ def run_mlm(cfg: Config, *, progress: bool) -> Path:
         ["epoch", "loss"],
         [[str(i + 1), f"{loss:.4f}"] for i, loss in enumerate(result.loss_history)],
     )
+    mlm_retrieval_check(cfg, out)
     return out
+
+
+MLM_CHECK_FILE = "retrieval_check.json"
+
+
+def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
+    """Cross-lingual retrieval of the parallel reports with the text encoder as the MLM stage
+    started it (base model, vocabulary grown) and as it ended; written to `retrieval_check.json`.
+
+    The MLM stage must not make an encoder worse: "passed" is False when R@1 (mean of the two
+    directions, `model.text_pooling`) dropped. Skipped (None) without a base model or a parallel
+    corpus under `data.root`.
+    """
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    from unimed.eval.retrieval import PARALLEL_DEFAULT, read_parallel
+    from unimed.models.text import create_text_encoder
+    from unimed.text.crosslingual import embed_texts, parallel_recall_at_1
+
+    base = resolve_encoder(cfg.vocab.base_model)
+    path = Path(cfg.data.root) / PARALLEL_DEFAULT
+    if base is None or not path.is_file():
+        log.warning("MLM retrieval check skipped: needs vocab.base_model and %s", path)
+        return None
+    corpus = read_parallel(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        before = create_text_encoder(base, cfg.model, vocab_size=len(tokenizer))
+    after = BertModel.from_pretrained(str(mlm_dir), add_pooling_layer=False, local_files_only=True)
+    rows, scores = [], {}
+    for name, encoder in (("before MLM", before.eval()), ("after MLM", after.eval())):
+        embed = [embed_texts(encoder, tokenizer, texts, pooling=cfg.model.text_pooling,
+                             max_length=cfg.mlm.max_length) for texts in (corpus.en, corpus.es)]
+        recall = parallel_recall_at_1(*embed)
+        scores[name] = (recall["first_to_second"] + recall["second_to_first"]) / 2
+        rows.append([name, f"{100 * recall['first_to_second']:.1f}",
+                     f"{100 * recall['second_to_first']:.1f}"])
+    result = {"before": scores["before MLM"], "after": scores["after MLM"],
+              "passed": scores["after MLM"] >= scores["before MLM"], "pairs": len(corpus.en),
+              "pooling": cfg.model.text_pooling}
+    print_table(f"Cross-lingual retrieval R@1 (%) of {len(corpus.en)} parallel reports, "
+                f"{cfg.model.text_pooling} pooling", ["text encoder", "En→Es", "Es→En"], rows)
+    (mlm_dir / MLM_CHECK_FILE).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result
 
 
 def text_encoder_dir(cfg: Config) -> str:

@@ -124,7 +124,7 @@ class EvalConfig:
     """Which tasks run, on which encoders, with which label fractions and seed."""
 
     tasks: tuple[str, ...] = TASK_NAMES
-    baselines: tuple[str, ...] = ("init",)
+    baselines: tuple[str, ...] = ("init", "random")
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     min_train_images: int = 16
     batch_size: int = 64

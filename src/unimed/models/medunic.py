@@ -27,7 +27,7 @@ from unimed.models.config import ModelConfig
 from unimed.models.factory import MODELS
 from unimed.models.heads import ProjectionHead
 from unimed.models.image import create_image_encoder
-from unimed.models.text import cls_features, create_text_encoder, freeze_text_layers
+from unimed.models.text import create_text_encoder, freeze_text_layers, pool_text
 
 
 class MedUniC(nn.Module):
@@ -78,9 +78,13 @@ class MedUniC(nn.Module):
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False
     ) -> torch.Tensor:
-        """(B, L) token ids and mask -> (B, embed_dim): P_l([CLS] of F_l)."""
-        features = self.text_proj(cls_features(self.text, input_ids, attention_mask))  # (B, E)
+        """(B, L) token ids and mask -> (B, embed_dim): P_l(pooled F_l)."""
+        features = self.text_proj(self.pooled_text(input_ids, attention_mask))  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, hidden) sentence features of F_l (`model.text_pooling`)."""
+        return pool_text(self.text, input_ids, attention_mask, self.cfg.text_pooling)
 
     def forward_intermediates(
         self, image: torch.Tensor, indices: int | list[int] | None = None
@@ -136,12 +140,11 @@ class MedUniC(nn.Module):
         input_ids = _require(batch, "input_ids", "the text encoder")
         attention_mask = _require(batch, "attention_mask", "the text encoder")
         if self.ctr_proj is None:
-            cls = cls_features(self.text, input_ids, attention_mask)  # (B, H)
-            return {"text_features": self.text_proj(cls)}
+            return {"text_features": self.text_proj(self.pooled_text(input_ids, attention_mask))}
         out: dict[str, torch.Tensor] = {}
         # Both dropout views in one pass; the dropout masks differ per row.
-        cls = cls_features(self.text, input_ids.repeat(2, 1), attention_mask.repeat(2, 1))  # (2B,H)
-        view_a, view_b = cls.chunk(2)
+        pooled = self.pooled_text(input_ids.repeat(2, 1), attention_mask.repeat(2, 1))  # (2B, H)
+        view_a, view_b = pooled.chunk(2)
         if self.cfg.cvl_weight > 0:
             out["text_features"] = self.text_proj(view_a)
         out["ctr_a"] = self.ctr_proj(view_a)

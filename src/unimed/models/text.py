@@ -1,6 +1,7 @@
 """Text encoder: a Hugging Face ``BertModel``, loaded from a local folder or freshly initialised.
 
-Sentence features are the last layer's [CLS] hidden state. The pooler is not built: Med-UniC does
+Sentence features are the last layer's [CLS] hidden state or its mean over tokens
+(``model.text_pooling``; see :func:`pool_text`). The pooler is not built: Med-UniC does
 not use it, and a parameter that never receives a gradient breaks DDP without
 ``find_unused_parameters``.
 """
@@ -88,9 +89,19 @@ def freeze_text_layers(encoder: BertModel, n: int) -> None:
             param.requires_grad_(False)
 
 
-def cls_features(
-    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+POOLINGS = ("cls", "mean")
+
+
+def pool_text(
+    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "cls"
 ) -> torch.Tensor:
-    """The last layer's [CLS] hidden state, (B, hidden)."""
-    out = encoder(input_ids=input_ids, attention_mask=attention_mask)
-    return out.last_hidden_state[:, 0]  # (B, H)
+    """(B, hidden) sentence features of the last layer: the [CLS] state ("cls", BERT / CXR-BERT) or
+    the mean over the non-padding tokens ("mean", how sentence-transformers encoders such as MiniLM
+    were trained)."""
+    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,L,H)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    raise ValueError(f"model.text_pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")

@@ -70,7 +70,7 @@ def train_mlm(
     texts = [t for t in require_texts(corpus, "corpus") if t.strip()]
     tokenizer = _load_tokenizer(Path(tokenizer_dir))
     torch.manual_seed(seed)
-    model = build_mlm_model(tokenizer, cfg, base_model=base_model, seed=seed)
+    model = build_mlm_model(tokenizer, cfg, base_model=base_model, seed=seed, corpus=texts)
     loader = _make_loader(texts, tokenizer, cfg, model.config.max_position_embeddings, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,14 +84,21 @@ def train_mlm(
 
 
 def build_mlm_model(
-    tokenizer: PreTrainedTokenizerBase, cfg: MLMConfig, *, base_model: str | Path | None = None, seed: int = 0
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: MLMConfig,
+    *,
+    base_model: str | Path | None = None,
+    seed: int = 0,
+    corpus: Sequence[str] = (),
 ) -> BertForMaskedLM:
     """A masked LM whose word embeddings have one row per token of ``tokenizer``.
 
     From ``base_model`` the first rows keep their pre-trained values and the rows of the new tokens
     are drawn from normal(0, initializer_range), as in the paper. transformers' default resizing
     would set them to the mean of the old rows, which makes every new term start as the same vector.
-    Without a base model, a fresh BERT is built from the sizes in ``cfg``.
+    A base model without an MLM head (a sentence encoder such as MiniLM) gets the head of
+    :func:`init_missing_head` instead of a random one. Without a base model, a fresh BERT is built
+    from the sizes in ``cfg``.
     """
     if base_model is None:
         config = BertConfig(
@@ -109,7 +116,7 @@ def build_mlm_model(
     path = Path(base_model)
     if not path.is_dir():
         raise ValueError(f"base model folder {path} does not exist; models are never downloaded")
-    model = BertForMaskedLM.from_pretrained(str(path))
+    model, info = BertForMaskedLM.from_pretrained(str(path), output_loading_info=True)
     n_old = model.get_input_embeddings().num_embeddings
     if len(tokenizer) < n_old:
         raise ValueError(
@@ -119,7 +126,42 @@ def build_mlm_model(
     _check_vocab_prefix(tokenizer, path)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     _init_new_rows(model, n_old, seed)
+    init_missing_head(model, set(info["missing_keys"]), _token_counts(tokenizer, corpus))
     return model
+
+
+def init_missing_head(model: BertForMaskedLM, missing: set[str], counts: torch.Tensor) -> None:
+    """Give the parts of the MLM head that the checkpoint lacks a start that keeps the encoder's
+    geometry, so the first updates do not push a random head's errors into a pre-trained encoder.
+
+    * The decoder is the word-embedding matrix (tied), so a hidden state predicts the tokens whose
+      embeddings it resembles.
+    * A missing transform (dense -> GELU -> LayerNorm) starts as the identity dense layer.
+    * A missing output bias starts at the log unigram frequency of each token in the MLM corpus
+      (`counts`, add-one smoothed), the best guess of a masked token before reading its context.
+    """
+    heads = model.cls.predictions
+    if heads.decoder.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        raise ValueError("the MLM decoder is not tied to the word embeddings (tie_word_embeddings)")
+    with torch.no_grad():
+        if any(k.startswith("cls.predictions.transform.dense") for k in missing):
+            heads.transform.dense.weight.copy_(torch.eye(heads.transform.dense.weight.shape[0]))
+            heads.transform.dense.bias.zero_()
+        if "cls.predictions.bias" in missing:
+            prior = torch.log((counts + 1.0) / (counts.sum() + len(counts)))
+            heads.bias.copy_((prior - prior.mean()).to(heads.bias.dtype))
+    initialised = sorted(k for k in missing if k.startswith("cls."))
+    if initialised:
+        logger.info("MLM head: %s absent from the checkpoint, initialised (identity transform, "
+                    "tied decoder, log-frequency bias)", ", ".join(initialised))
+
+
+def _token_counts(tokenizer: PreTrainedTokenizerBase, corpus: Sequence[str]) -> torch.Tensor:
+    """(V,) how often each token id occurs in the tokenised `corpus`."""
+    counts = torch.zeros(len(tokenizer))
+    for ids in tokenizer(list(corpus), add_special_tokens=False)["input_ids"] if corpus else []:
+        counts += torch.bincount(torch.as_tensor(ids, dtype=torch.long), minlength=len(tokenizer))
+    return counts
 
 
 def _check_config(cfg: MLMConfig) -> None:
