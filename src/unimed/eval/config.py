@@ -96,6 +96,10 @@ class RetrievalConfig:
     ks: tuple[int, ...] = (1, 5, 10)
     max_queries: int = 1000
     parallel_file: str = ""  # CSV study_id,en,es; empty = <data.root>/parallel-reports/test.csv
+    # Shortcut diagnostic on the pre-training pairs (train split of `datasets`): at most
+    # `diagnostic_pairs` per language, InfoNCE over batches of `diagnostic_batch_size`.
+    diagnostic_pairs: int = 512
+    diagnostic_batch_size: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +133,7 @@ class EvalConfig:
     min_train_images: int = 16
     batch_size: int = 64
     seed: int = 0
+    bootstrap_resamples: int = 1000  # resamples of the test images behind every 95 % interval
     zero_shot: ZeroShotConfig = ZeroShotConfig()
     linear_probe: LinearProbeConfig = LinearProbeConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
@@ -146,3 +151,5 @@ class EvalConfig:
             raise ValueError(f"eval.fractions must lie in (0, 1], got {bad}")
         if self.min_train_images < 1:
             raise ValueError(f"eval.min_train_images must be >= 1, got {self.min_train_images}")
+        if self.bootstrap_resamples < 10:
+            raise ValueError(f"eval.bootstrap_resamples must be >= 10, got {self.bootstrap_resamples}")
