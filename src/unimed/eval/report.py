@@ -3,7 +3,8 @@
 :func:`format_tables` lays the numbers out as plain-string tables, which the CLI prints in the
 terminal and :func:`write_report` renders into one self-contained HTML file (inline CSS, figures
 embedded as data URIs), so the two never disagree. Every part of the metrics may be missing: holes
-are shown as "–" and empty tables are left out.
+are shown as "–" and empty tables are left out. A value with a bootstrap interval is shown with it,
+"81.2 (78.0–84.1)".
 """
 
 from __future__ import annotations
@@ -15,19 +16,26 @@ from functools import partial
 from pathlib import Path
 
 from unimed.eval.checks import (
+    FAIL,
     LANGUAGE_NAMES,
     METRIC_NAMES,
     MISSING,
+    NOT_MEASURED,
+    PASS,
     TASK_NAMES,
+    TIE,
     ZERO_SHOT_SETS,
     Check,
+    Replicates,
     as_float,
+    ci_of,
     dict_keys,
     display_name,
     fraction_order,
     lookup,
     ordered,
     percent,
+    percent_ci,
     quality_checks,
 )
 
@@ -43,11 +51,14 @@ TITLE_SEG_DET = "Table 3: Semantic segmentation (Dice) and object detection (mAP
 TITLE_I2R = "Retrieval: image → report (%)"
 TITLE_R2I = "Retrieval: report → image (%)"
 TITLE_CROSS = "Retrieval: cross-lingual report → report (%)"
+TITLE_POOLED = "Retrieval: image → report on the pooled test sets, whole gallery vs own language (%)"
+TITLE_SHORTCUT = "Language-shortcut diagnostic on the pre-training pairs"
 TITLE_BIAS = "Community bias: how separable languages and sites are (%, silhouette raw)"
 TITLE_ABLATION = "Table 4: Ablation of the learning objectives (%)"
 TITLE_TIMINGS = "Timings (seconds)"
+TITLE_SPLITS = "Evaluation sets: published split files (image ids) and their SHA-256"
 BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I, TITLE_CROSS,
-             TITLE_ABLATION}
+             TITLE_POOLED, TITLE_ABLATION}
 
 LINEAR_SETS = ("chexpert", "rsna", "covidx")
 RETRIEVAL_SETS = ("mimic-cxr", "padchest")
@@ -57,6 +68,14 @@ BIAS_METRICS = (("probe_accuracy", "probe"), ("knn_accuracy", "kNN"), ("silhouet
 OBJECTIVES = ("ssv", "cvl", "ctr", "mlm")
 FIGURE_CAPTIONS = {"tsne_text": "t-SNE of text embeddings", "tsne_image": "t-SNE of image embeddings",
                    "gradcam": "Grad-CAM"}
+POOLED_GROUPS = {"all_languages": "Whole gallery", "within_language": "Own language",
+                 "chance": "Chance (own language)"}
+SHORTCUT_COLUMNS = (("loss_mixed", "InfoNCE / mixed batches"),
+                    ("loss_single_language", "InfoNCE / single-language batches"),
+                    ("chance_loss", "InfoNCE / chance (ln B)"))
+TOP1_COLUMNS = (("right_study", "Top-1 report (%) / right study"),
+                ("right_language_wrong_study", "Top-1 report (%) / right language, wrong study"),
+                ("wrong_language", "Top-1 report (%) / wrong language"))
 
 
 def _methods(metrics: dict) -> list[tuple[str, dict]]:
@@ -76,6 +95,11 @@ def _keys(rows: list[Row], *path: str) -> list[str]:
     return dict_keys(*(lookup(data, *path) for _, data in rows))
 
 
+def _metric_keys(rows: list[Row], *path: str) -> list[str]:
+    """`_keys` without the "ci" entry that holds the intervals of the metrics beside it."""
+    return [key for key in _keys(rows, *path) if key != "ci"]
+
+
 def _number(value: object, digits: int = 2) -> str:
     number = as_float(value)
     return MISSING if number is None else f"{number:.{digits}f}"
@@ -89,11 +113,17 @@ def _table(title: str, first: list[str], rows: list[Row], columns: list[Column])
     return title, first + [header for header, _ in columns], body
 
 
+def _with_ci(path: tuple[str, ...], data: object) -> str:
+    """The percentage at ``path`` with the interval stored beside it, when there is one."""
+    return percent_ci(lookup(data, *path), ci_of(lookup(data, *path[:-1]), path[-1]))
+
+
 def _value(path: tuple[str, ...], data: object, fmt: Callable[[object], str] = percent) -> str:
-    return fmt(lookup(data, *path))
+    return _with_ci(path, data) if fmt is percent else fmt(lookup(data, *path))
 
 
 def _column(header: str, *path: str, fmt: Callable[[object], str] = percent) -> Column:
+    """A column reading ``path``; percentages come with their interval when it is stored."""
     return header, partial(_value, path, fmt=fmt)
 
 
@@ -144,7 +174,7 @@ def _per_class_table(metrics: dict) -> Table | None:
 
 
 def _per_class_cell(tasks: object, metric: str, path: object) -> str:
-    return percent(lookup(tasks, *path, metric))
+    return _with_ci((*path, metric), tasks)
 
 
 def _linear_table(metrics: dict) -> Table | None:
@@ -166,9 +196,27 @@ def _retrieval_table(metrics: dict, direction: str, title: str) -> Table | None:
     for name in ordered(RETRIEVAL_SETS, _keys(rows, "retrieval", direction)):
         group = (" → ".join(display_name(lang, LANGUAGE_NAMES) for lang in name.split("_to_"))
                  if "_to_" in name else display_name(name))
-        for metric in ordered(RETRIEVAL_METRICS, _keys(rows, "retrieval", direction, name)):
+        for metric in ordered(RETRIEVAL_METRICS, _metric_keys(rows, "retrieval", direction, name)):
             columns.append(_column(f"{group}{SEP}{metric}", "retrieval", direction, name, metric))
     return _table(title, ["Method"], rows, columns)
+
+
+def _pooled_table(metrics: dict) -> Table | None:
+    """Recall@K over the pooled test gallery and over the image's own language, beside chance."""
+    rows = _task_rows(metrics)
+    columns = [_column(f"{POOLED_GROUPS[group]}{SEP}{metric}", "retrieval", "pooled", group, metric)
+               for group in POOLED_GROUPS
+               for metric in ordered(RETRIEVAL_METRICS, _metric_keys(rows, "retrieval", "pooled", group))]
+    return _table(TITLE_POOLED, ["Method"], rows, columns)
+
+
+def _shortcut_table(metrics: dict) -> Table | None:
+    """InfoNCE in mixed vs single-language batches and where the top-1 report lands."""
+    rows = _task_rows(metrics)
+    path = ("retrieval", "shortcut")
+    columns = [_column(header, *path, key, fmt=_number) for key, header in SHORTCUT_COLUMNS]
+    columns += [_column(header, *path, "top1", key) for key, header in TOP1_COLUMNS]
+    return _table(TITLE_SHORTCUT, ["Method"], rows, columns)
 
 
 def _bias_table(metrics: dict) -> Table | None:
@@ -199,6 +247,16 @@ def _ablation_table(metrics: dict) -> Table | None:
     return _table(TITLE_ABLATION, ["Variant", *(key.upper() for key in OBJECTIVES)], rows, columns)
 
 
+def _splits_table(metrics: dict) -> Table | None:
+    """One row per evaluated dataset split: images, split file and its hash."""
+    splits = metrics.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        return None
+    rows = [[name, str(lookup(entry, "images") or MISSING), str(lookup(entry, "file") or MISSING),
+             str(lookup(entry, "sha256") or MISSING)] for name, entry in splits.items()]
+    return TITLE_SPLITS, ["Set", "Images", "File", "SHA-256"], rows
+
+
 def _timings_table(metrics: dict) -> Table | None:
     rows: list[Row] = [([label], entry.get("seconds") or {}) for label, entry in _methods(metrics)]
     tasks = ordered(TASK_NAMES, _keys(rows))
@@ -219,7 +277,7 @@ TABLE_BUILDERS: tuple[Callable[[dict], Table | None], ...] = (
     partial(_retrieval_table, direction="image_to_report", title=TITLE_I2R),
     partial(_retrieval_table, direction="report_to_image", title=TITLE_R2I),
     partial(_retrieval_table, direction="cross_lingual", title=TITLE_CROSS),
-    _bias_table, _ablation_table, _timings_table,
+    _pooled_table, _shortcut_table, _bias_table, _ablation_table, _timings_table, _splits_table,
 )
 
 
@@ -287,7 +345,7 @@ td.num{text-align:right}.gs{border-left:1px solid #bcccdc}td.text{text-align:lef
 .note,.muted{color:#7b8794;font-size:12px;margin:2px 0 0}
 .badge{display:inline-block;min-width:40px;text-align:center;border-radius:10px;padding:1px 8px;
 font-size:11px;font-weight:700;color:#fff}
-.pass{background:#2f855a}.fail{background:#c53030}.na{background:#9aa5b1}
+.pass{background:#2f855a}.fail{background:#c53030}.tie{background:#b7791f}.na{background:#9aa5b1}
 td.detail{white-space:normal;color:#52606d}
 .figures{display:flex;flex-wrap:wrap;gap:16px}
 figure{margin:0;border:1px solid #e4e7eb;padding:6px;background:#fff}
@@ -299,11 +357,12 @@ SECTIONS = (
     ("Zero-shot classification", (TITLE_ZERO_SHOT, TITLE_PER_CLASS), None),
     ("Linear classification", (TITLE_LINEAR,), None),
     ("Segmentation and detection", (TITLE_SEG_DET,), None),
-    ("Retrieval", (TITLE_I2R, TITLE_R2I, TITLE_CROSS), None),
+    ("Retrieval", (TITLE_I2R, TITLE_R2I, TITLE_CROSS, TITLE_POOLED, TITLE_SHORTCUT), None),
     ("Community bias", (TITLE_BIAS,), "bias"),
     ("Grad-CAM", (), "gradcam"),
     ("Ablation", (TITLE_ABLATION,), None),
     ("Timings", (TITLE_TIMINGS,), None),
+    ("Evaluation sets", (TITLE_SPLITS,), None),
 )
 E = html.escape
 GROUP_START = ' class="gs"'
@@ -314,8 +373,9 @@ def _is_number(cell: str) -> bool:
 
 
 def _parse(cell: str) -> float | None:
+    """The number a cell starts with ("81.2 (78.0–84.1)" -> 81.2), or None."""
     try:
-        return float(cell)
+        return float(cell.split(" ", 1)[0])
     except ValueError:
         return None
 
@@ -404,18 +464,24 @@ def _figures_html(metrics: dict, task: str, figure_dir: Path) -> str:
     return "".join(parts)
 
 
+BADGES = {PASS: ("pass", "PASS"), FAIL: ("fail", "FAIL"), TIE: ("tie", "TIE"),
+          NOT_MEASURED: ("na", "N/A")}
+
+
 def _checks_html(checks: list[Check]) -> str:
-    """Summary line and one row per check with a PASS / FAIL / N/A badge."""
+    """Summary line and one row per check with a PASS / FAIL / TIE / N/A badge and, for failed
+    and tied checks, the likely cause."""
     if not checks:
         return '<p class="muted">No checks.</p>'
-    counts = [sum(c.passed is state for c in checks) for state in (True, False, None)]
-    summary = f"{counts[0]} passed, {counts[1]} failed, {counts[2]} not checked"
-    badges = {True: ("pass", "PASS"), False: ("fail", "FAIL"), None: ("na", "N/A")}
+    counts = {state: sum(c.status == state for c in checks) for state in BADGES}
+    summary = (f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[TIE]} tied (difference "
+               f"within noise), {counts[NOT_MEASURED]} not checked")
     rows = "".join(
-        f'<tr><td><span class="badge {badges[c.passed][0]}">{badges[c.passed][1]}</span></td>'
-        f'<td class="text">{E(c.name)}</td><td class="detail">{E(c.detail)}</td></tr>' for c in checks)
+        f'<tr><td><span class="badge {BADGES[c.status][0]}">{BADGES[c.status][1]}</span></td>'
+        f'<td class="text">{E(c.name)}</td><td class="detail">{E(c.detail)}</td>'
+        f'<td class="detail">{E(c.cause)}</td></tr>' for c in checks)
     return (f"<p>{E(summary)}</p><table><thead><tr><th>Status</th><th>Check</th><th>Detail</th>"
-            f"</tr></thead><tbody>{rows}</tbody></table>")
+            f"<th>Likely cause</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _duration(seconds: object) -> str:
@@ -438,12 +504,26 @@ def _meta_html(metrics: dict) -> str:
     return f"<h1>Evaluation report{E(': ' + run) if run else ''}</h1><dl class=\"meta\">{items}</dl>"
 
 
-def render_report(metrics: dict, figure_dir: Path, checks: list[Check] | None = None) -> str:
+def _pretraining_html(metrics: dict, figure_dir: Path) -> str:
+    """The loss curves of the pre-training log, one panel per loss term."""
+    figure = lookup(metrics, "pretraining", "figure")
+    if not isinstance(figure, str):
+        return '<p class="muted">No pre-training log in this run.</p>'
+    terms = lookup(metrics, "pretraining", "terms")
+    caption = "Pre-training loss per term: " + (", ".join(map(str, terms)) if isinstance(terms, list)
+                                                 else MISSING)
+    note = f'<p class="note">Log: {E(str(lookup(metrics, "pretraining", "log")))}</p>'
+    return f'<div class="figures">{_image_html(figure_dir / figure, caption)}</div>{note}'
+
+
+def render_report(metrics: dict, figure_dir: Path, checks: list[Check] | None = None,
+                  replicates: Replicates | None = None) -> str:
     """The report as one self-contained HTML string (see :func:`write_report`)."""
-    checks = quality_checks(metrics) if checks is None else checks
+    checks = quality_checks(metrics, replicates) if checks is None else checks
     tables = {table[0]: table for table in format_tables(metrics)}
     notes = table_notes(metrics)
-    parts = [_meta_html(metrics), "<h2>Quality checks</h2>", _checks_html(checks)]
+    parts = [_meta_html(metrics), "<h2>Quality checks</h2>", _checks_html(checks),
+             "<h2>Pre-training</h2>", _pretraining_html(metrics, Path(figure_dir))]
     for heading, titles, figure_task in SECTIONS:
         content = "".join(_table_html(tables[t], notes.get(t, "")) for t in titles if t in tables)
         if figure_task:
@@ -455,13 +535,14 @@ def render_report(metrics: dict, figure_dir: Path, checks: list[Check] | None = 
 
 
 def write_report(metrics: dict, out_path: Path, figure_dir: Path,
-                 checks: list[Check] | None = None) -> Path:
+                 checks: list[Check] | None = None, replicates: Replicates | None = None) -> Path:
     """Write the HTML report of ``metrics`` to ``out_path`` and return it.
 
     The file is self-contained: inline CSS, every figure (paths relative to ``figure_dir``) embedded
-    as a base64 PNG data URI, no script. ``checks`` defaults to :func:`quality_checks` of the metrics.
+    as a base64 PNG data URI, no script. ``checks`` defaults to :func:`quality_checks` of the metrics
+    and the bootstrap ``replicates``.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(render_report(metrics, figure_dir, checks), encoding="utf-8")
+    out_path.write_text(render_report(metrics, figure_dir, checks, replicates), encoding="utf-8")
     return out_path

@@ -118,13 +118,13 @@ class Pairs:
     text: torch.Tensor  # (N, E)
 
 
-def with_reports(ctx: TaskContext, dataset: str, split: str) -> tuple[list[Record], torch.Tensor]:
-    """The records of `dataset`/`split` that have a report, and their (N, 1, S, S) images."""
-    records = ctx.data.require(dataset, split)
+def with_reports(ctx: TaskContext, dataset: str) -> tuple[list[Record], torch.Tensor]:
+    """The test records of `dataset` that have a report, and their (N, 1, S, S) images."""
+    records = ctx.data.require(dataset, SPLIT)
     keep = [i for i, r in enumerate(records) if r.report]
     if not keep:
-        raise EvalError(f"retrieval: no {split} records with a report in dataset '{dataset}'")
-    return [records[i] for i in keep], ctx.data.images(dataset, split, "crop")[keep]
+        raise EvalError(f"retrieval: no test records with a report in dataset '{dataset}'")
+    return [records[i] for i in keep], ctx.data.images(dataset, SPLIT, "crop")[keep]
 
 
 def encode_pairs(encoder: Encoder, records: list[Record], images: torch.Tensor, batch_size: int
@@ -198,25 +198,26 @@ def mean_batch_loss(pairs: Pairs, orders: Sequence[np.ndarray], batch_size: int,
     return float(np.mean(losses)) if losses else None
 
 
-def shortcut_diagnostic(encoder: Encoder, ctx: TaskContext,
-                        pools: Sequence[tuple[list[Record], torch.Tensor]]) -> dict[str, Any]:
+def shortcut_diagnostic(encoder: Encoder, ctx: TaskContext, records: Sequence[Record]
+                        ) -> dict[str, Any]:
     """Can the image-text alignment lean on the language instead of the findings?
 
-    On the pre-training pairs (`pools`: train records with reports and their images; at most
-    ``retrieval.diagnostic_pairs`` per language, seeded), the CVL InfoNCE loss (the encoder's
+    On the pre-training pairs (`records`: train records with reports; at most
+    ``retrieval.diagnostic_pairs`` per language, seeded, whose images alone are decoded), the CVL
+    InfoNCE loss (the encoder's
     temperature) over batches that mix the languages and over single-language batches of the same
     size: when the mixed loss is clearly lower, other-language negatives were easy, i.e. language
     was a shortcut (chance is ln B for both). And where each image's top-1 report lands over the
     pooled pairs: its own study, the right language but a wrong study, or the other language.
     """
     cfg = ctx.cfg.retrieval
-    records = [r for pool, _ in pools for r in pool]
     languages = np.array([str(r.language) for r in records])
     rng = np.random.default_rng(ctx.cfg.seed)
     keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(languages == lang))[
         : cfg.diagnostic_pairs] for lang in np.unique(languages)]))
-    images = torch.cat([pool_images for _, pool_images in pools])[torch.from_numpy(keep)]
-    pairs = encode_pairs(encoder, [records[i] for i in keep], images, ctx.cfg.batch_size)
+    chosen = [records[i] for i in keep]
+    images = ctx.data.load(chosen, "crop", "shortcut diagnostic")
+    pairs = encode_pairs(encoder, chosen, images, ctx.cfg.batch_size)
     languages = languages[keep]
     size, temperature = cfg.diagnostic_batch_size, encoder.temperature
     mixed = [rng.permutation(len(keep))]
@@ -301,7 +302,7 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     out: dict[str, Any] = {"image_to_report": {}, "report_to_image": {}, "queries": {}}
     test_pairs = []
     for dataset in tqdm(cfg.datasets, desc="retrieval", unit="dataset", disable=not ctx.progress):
-        pairs = encode_pairs(encoder, *with_reports(ctx, dataset, SPLIT), ctx.cfg.batch_size)
+        pairs = encode_pairs(encoder, *with_reports(ctx, dataset), ctx.cfg.batch_size)
         test_pairs.append(pairs)
         result = dataset_retrieval(pairs, ctx, dataset)
         out["image_to_report"][dataset] = result["image_to_report"]
@@ -310,8 +311,8 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
         log.info("%s retrieval on %s: image->report %s", encoder.name, dataset,
                  {k: round(v, 4) for k, v in result["image_to_report"].items() if k.startswith("R@")})
     out["pooled"] = within_language(test_pairs, ctx)
-    out["shortcut"] = shortcut_diagnostic(encoder, ctx, [with_reports(ctx, d, "train")
-                                                          for d in cfg.datasets])
+    train = [r for d in cfg.datasets for r in ctx.data.require(d, "train") if r.report]
+    out["shortcut"] = shortcut_diagnostic(encoder, ctx, train)
     path = parallel_path(ctx)
     if not path.is_file():
         log.warning("no parallel report corpus at %s: cross-lingual retrieval skipped", path)
