@@ -94,7 +94,7 @@ def assert_outputs_of_evaluation(run: Path, metrics: dict, out: str) -> None:
     split_file = (run / "eval" / cxp500["file"]).read_bytes()
     assert hashlib.sha256(split_file).hexdigest() == cxp500["sha256"]
     assert len(split_file.splitlines()) == cxp500["images"] == zero_shot["images"]
-    assert metrics["pretraining"]["terms"] == ["cvl_loss", "loss", "ssv_loss", "tf_loss", "tt_loss"]
+    assert metrics["pretraining"]["terms"] == ["loss", "cvl_loss", "ssv_loss", "tf_loss", "tt_loss"]
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and cxp500["sha256"] in html
     assert "Pre-training loss per term" in html and "Quality checks" in out

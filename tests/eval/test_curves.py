@@ -19,7 +19,7 @@ def _log(path: Path, rows: list[dict]) -> Path:
 
 def test_every_loss_term_in_step_order_and_a_resumed_step_keeps_its_last_row(tmp_path: Path):
     path = _log(tmp_path / "train_log.jsonl", [
-        {"step": 1, "loss": 3.0, "cvl_loss": 2.0, "lr": 0.1},
+        {"cvl_loss": 2.0, "loss": 3.0, "lr": 0.1, "step": 1},
         {"step": 2, "loss": 2.5, "cvl_loss": 1.5, "lr": 0.1},
         {"step": 2, "loss": 2.4, "cvl_loss": 1.4, "lr": 0.1},  # resumed from step 1
         {"step": 3, "loss": 2.0, "cvl_loss": 1.0, "ssv_loss": 0.5},

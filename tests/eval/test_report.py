@@ -22,7 +22,8 @@ from unimed.eval.checks import (
     percent,
     quality_checks,
 )
-from unimed.eval.report import format_tables, render_report, table_notes, write_report
+from unimed.eval.html_report import E, render_report, write_report
+from unimed.eval.report import format_tables, table_notes
 
 CLASSES = ("Atelectasis", "Edema")
 
@@ -144,7 +145,7 @@ def test_html_report(tmp_path: Path, figure_dir: Path) -> None:
     for title in (report.TITLE_ZERO_SHOT, report.TITLE_PER_CLASS, report.TITLE_LINEAR,
                   report.TITLE_SEG_DET, report.TITLE_I2R, report.TITLE_R2I, report.TITLE_CROSS,
                   report.TITLE_BIAS, report.TITLE_ABLATION, report.TITLE_TIMINGS, "Quality checks"):
-        assert report.E(title) in page
+        assert E(title) in page
     assert re.search(r'<td class="num best[^"]*">81\.2</td>', page)
     assert re.search(r'<td class="num( gs)?">55\.0</td>', page)  # the baseline, not bold
     assert page.count("data:image/png;base64,") == 6

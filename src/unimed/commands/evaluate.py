@@ -115,7 +115,7 @@ def write_outputs(metrics: dict, out_dir: Path, figures: Path,
                   replicates: Mapping[str, np.ndarray] | None = None) -> None:
     """metrics.json, bootstrap.npz (when `replicates` are given; else the saved ones are read for
     the checks) and report.html in `out_dir` (figures embedded from `figures`)."""
-    from unimed.eval.report import write_report
+    from unimed.eval.html_report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if replicates is None:

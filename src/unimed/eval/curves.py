@@ -18,8 +18,8 @@ LOG_FILE = "train_log.jsonl"
 
 
 def read_loss_log(path: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """{term: (steps, values)} of every loss term in the log, in step order; a line that is not a
-    JSON object with a "step" is an error naming the file and line."""
+    """{term: (steps, values)} of every loss term in the log (the total "loss" first), in step
+    order; a line that is not a JSON object with a "step" is an error naming the file and line."""
     rows: dict[int, dict] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -29,7 +29,8 @@ def read_loss_log(path: Path) -> dict[str, tuple[list[int], list[float]]]:
             rows[int(row["step"])] = row
         except (ValueError, KeyError, TypeError) as exc:
             raise EvalError(f"{path}, line {number}: not a log row with a 'step' ({exc})") from None
-    terms = dict.fromkeys(k for row in rows.values() for k in row if k == "loss" or k.endswith("_loss"))
+    found = dict.fromkeys(k for row in rows.values() for k in row if k.endswith("_loss"))
+    terms = (["loss"] if any("loss" in row for row in rows.values()) else []) + list(found)
     curves = {}
     for term in terms:
         steps = sorted(step for step, row in rows.items() if isinstance(row.get(term), int | float))
