@@ -103,6 +103,13 @@ class RetrievalConfig:
     diagnostic_pairs: int = 128
     diagnostic_batch_size: int = 32
 
+    def __post_init__(self) -> None:
+        if self.diagnostic_pairs < 1:
+            raise ValueError(f"eval.retrieval.diagnostic_pairs must be >= 1, got {self.diagnostic_pairs}")
+        if self.diagnostic_batch_size < 2:
+            raise ValueError("eval.retrieval.diagnostic_batch_size must be >= 2 (one positive, one "
+                             f"negative), got {self.diagnostic_batch_size}")
+
 
 @dataclasses.dataclass(frozen=True)
 class BiasConfig:

@@ -312,6 +312,8 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
                  {k: round(v, 4) for k, v in result["image_to_report"].items() if k.startswith("R@")})
     out["pooled"] = within_language(test_pairs, ctx)
     train = [r for d in cfg.datasets for r in ctx.data.require(d, "train") if r.report]
+    if not train:
+        raise EvalError(f"retrieval: no train records with a report in datasets {list(cfg.datasets)}")
     out["shortcut"] = shortcut_diagnostic(encoder, ctx, train)
     path = parallel_path(ctx)
     if not path.is_file():
