@@ -17,11 +17,12 @@ def _log(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_every_loss_term_in_step_order_and_a_resumed_step_keeps_its_last_row(tmp_path: Path):
+def test_every_loss_term_in_step_order_and_a_resumed_run_replaces_the_rows_it_redoes(tmp_path: Path):
     path = _log(tmp_path / "train_log.jsonl", [
         {"cvl_loss": 2.0, "loss": 3.0, "lr": 0.1, "step": 1},
         {"step": 2, "loss": 2.5, "cvl_loss": 1.5, "lr": 0.1},
-        {"step": 2, "loss": 2.4, "cvl_loss": 1.4, "lr": 0.1},  # resumed from step 1
+        {"step": 3, "loss": 2.2, "cvl_loss": 1.2, "lr": 0.1},
+        {"step": 2, "loss": 2.4, "cvl_loss": 1.4, "lr": 0.1},  # resumed from a step-1 checkpoint
         {"step": 3, "loss": 2.0, "cvl_loss": 1.0, "ssv_loss": 0.5},
     ])
     curves = read_loss_log(path)
@@ -45,3 +46,9 @@ def test_a_bad_line_names_the_file_and_line(tmp_path: Path):
     path.write_text('{"step": 1, "loss": 1.0}\n{"loss": 2.0}\n', encoding="utf-8")
     with pytest.raises(EvalError, match=r"log\.jsonl, line 2: not a log row with a 'step'"):
         read_loss_log(path)
+
+
+def test_a_run_restarted_from_step_one_leaves_nothing_of_the_old_one(tmp_path: Path):
+    path = _log(tmp_path / "log.jsonl", [{"step": s, "loss": 9.0} for s in (5, 10, 15)]
+                + [{"step": 5, "loss": 1.0}])
+    assert read_loss_log(path) == {"loss": ([5], [1.0])}

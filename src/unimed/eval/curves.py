@@ -2,7 +2,9 @@
 
 The log (``<run>/pretrain/train_log.jsonl``, written by :class:`unimed.train.logs.RunLogger`) holds
 one JSON object per logged step; every key named ``loss`` or ``*_loss`` is a loss term. A resumed
-run appends to the same file, so a step logged twice keeps its last row.
+or restarted run appends to the same file: a row whose step is not after the previous row's starts
+a newer history, which replaces every earlier row from that step on (a run restarted from step 1
+leaves nothing of the old one; a resumed run keeps the old rows up to its checkpoint).
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ LOG_FILE = "train_log.jsonl"
 
 
 def read_loss_log(path: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """{term: (steps, values)} of every loss term in the log (the total "loss" first), in step
-    order; a line that is not a JSON object with a "step" is an error naming the file and line."""
+    """{term: (steps, values)} of every loss term in the newest history of the log (the total
+    "loss" first), in step order; a line that is not a JSON object with a "step" is an error naming
+    the file and line."""
     rows: dict[int, dict] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            rows[int(row["step"])] = row
+            step = int(row["step"])
         except (ValueError, KeyError, TypeError) as exc:
             raise EvalError(f"{path}, line {number}: not a log row with a 'step' ({exc})") from None
+        if rows and step <= max(rows):
+            rows = {s: r for s, r in rows.items() if s < step}
+        rows[step] = row
     found = dict.fromkeys(k for row in rows.values() for k in row if k.endswith("_loss"))
     terms = (["loss"] if any("loss" in row for row in rows.values()) else []) + list(found)
     curves = {}
