@@ -1,8 +1,11 @@
 """End-to-end: the `unimed` command line on a tiny phantom world, every Med-UniC stage."""
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -54,21 +57,50 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert (run / "mlm" / "config.json").is_file()
     log = [json.loads(line) for line in (run / "pretrain" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2]
-    assert all(row["cvl_loss"] > 0 and row["ssv_loss"] > 0 for row in log)
+    terms = ["cvl_loss", "ssv_loss", "tf_loss", "tt_loss"]  # L_CVL + L_SSV + L_CTR (= L_TF + L_TT)
+    for row in log:  # the total is the weighted sum (weights 1) of every objective
+        assert sorted(k for k in row if k.endswith("_loss")) == terms
+        assert row["loss"] == pytest.approx(sum(row[k] for k in terms), rel=1e-5)
     assert (run / "pretrain" / "checkpoints" / "latest").exists()
     saved = yaml.safe_load((run / "pretrain" / "config.yaml").read_text())
     assert saved["model"]["image_encoder"] == "vit_tiny_patch8_64"
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["encoders"]) == {"medunic", "init"}
-    assert set(metrics["encoders"]["medunic"]["tasks"]) == {
+    tasks = metrics["encoders"]["medunic"]["tasks"]
+    assert set(tasks) == {
         "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam"}
-    html = (run / "report.html").read_text()
-    assert "data:image/png;base64," in html and "Quality checks" in out
+    assert_outputs_of_evaluation(run, metrics, out)
 
     assert main(["pretrain", str(preset), "train.max_steps=3", "--resume", "--quiet"]) == 0
     log = [json.loads(line) for line in (run / "pretrain" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log][-1] == 3
+
+
+def assert_outputs_of_evaluation(run: Path, metrics: dict, out: str) -> None:
+    """Intervals beside the values, paired replicates in bootstrap.npz, published split files
+    whose hashes match, loss curves and checks in the report and the terminal."""
+    tasks = metrics["encoders"]["medunic"]["tasks"]
+    zero_shot = tasks["zero_shot"]["cxp500"]["en"]
+    assert zero_shot["ci"]["f1"][0] <= zero_shot["f1"] <= zero_shot["ci"]["f1"][1]
+    row = tasks["linear_probe"]["rsna"]["fractions"]["100%"]
+    assert row["ci"][0] <= row["value"] <= row["ci"][1]
+    assert set(tasks["retrieval"]["pooled"]) == {"all_languages", "within_language", "chance"}
+    assert {"loss_mixed", "loss_single_language", "top1"} <= set(tasks["retrieval"]["shortcut"])
+    with np.load(run / "bootstrap.npz") as saved:
+        ours, theirs = (saved[f"{e}/linear_probe/rsna/fractions/100%/value"] for e in ("medunic", "init"))
+    assert ours.shape == theirs.shape == (metrics["bootstrap"]["resamples"],)
+    cxp500 = metrics["splits"]["cxp500/test"]
+    split_file = (run / "eval" / cxp500["file"]).read_bytes()
+    assert hashlib.sha256(split_file).hexdigest() == cxp500["sha256"]
+    assert len(split_file.splitlines()) == cxp500["images"] == zero_shot["images"]
+    assert metrics["pretraining"]["terms"] == ["loss", "cvl_loss", "ssv_loss", "tf_loss", "tt_loss"]
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64," in html and cxp500["sha256"] in html
+    assert "Pre-training loss per term" in html and "Quality checks" in out
+    assert re.search(r"\d+\.\d \(\d+\.\d–\d+\.\d\)", out)  # a value with its interval
+    flagged = [line for line in out.splitlines() if line.startswith(("FAIL: ", "TIE: "))]
+    assert flagged and all(" -- " in line and line.split(" -- ")[1] for line in flagged)
 
 
 def _tiny_english_bert(path: Path) -> Path:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from unimed.eval.bias import knn_accuracy, separability
@@ -80,3 +81,33 @@ def test_one_language_is_a_clear_error(tiny_encoder, task_context) -> None:
     cfg = dataclasses.replace(task_context.cfg, bias=BiasConfig(datasets=("padchest",)))
     with pytest.raises(ValueError, match="at least two languages"):
         TASKS.get("bias")(tiny_encoder, dataclasses.replace(task_context, cfg=cfg))
+
+
+class _LanguageInText:
+    """Text features that say only the report's language; image features that say nothing (all
+    the same)."""
+
+    name = label = "language-in-text"
+
+    def __init__(self, languages: dict[str, str]) -> None:
+        self.languages = languages
+
+    def text_features(self, texts, projected=True, batch_size=64):
+        spanish = torch.tensor([[float(self.languages[t] == "es")] for t in texts])
+        return torch.cat([spanish, 1 - spanish], dim=1)
+
+    def image_features(self, images, projected=True, batch_size=64):
+        return torch.ones(len(images), 8)
+
+
+def test_language_coded_in_text_is_found_there_and_not_in_the_images(task_context) -> None:
+    records = [r for d in task_context.cfg.bias.datasets for r in task_context.data.records(d)]
+    encoder = _LanguageInText({r.report: r.language for r in records if r.report})
+    cfg = dataclasses.replace(task_context.cfg, bias=BiasConfig(knn_k=1))  # groups of a few test records
+    metrics = TASKS.get("bias")(encoder, dataclasses.replace(task_context, cfg=cfg))
+    assert min(metrics["samples"].values()) >= 4
+    for space in ("cls", "projected"):
+        text = metrics["text"][space]["language"]
+        assert text["probe_accuracy"] == text["knn_accuracy"] == 1.0 and text["silhouette"] == 1.0
+    image = metrics["image"]["pooled"]["language"]
+    assert image["silhouette"] == 0.0 and image["probe_accuracy"] <= image["chance"]

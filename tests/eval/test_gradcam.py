@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from unimed.eval import gradcam
 from unimed.eval.config import GradCAMConfig
 from unimed.eval.encoders import build_encoder
 from unimed.eval.gradcam import pick_images, similarity_cams, token_grid
@@ -85,3 +86,14 @@ def test_run_with_stub_prompts(tiny_encoder, task_context, tmp_path) -> None:
     ctx = dataclasses.replace(task_context, cfg=dataclasses.replace(task_context.cfg, gradcam=gradcam))
     metrics = TASKS.get("gradcam")(tiny_encoder, ctx)
     assert metrics["images"] == len(metrics["classes"]) and "cam_correlation" not in metrics
+
+
+def test_every_cam_overlay_has_a_colour_bar_of_its_scale(tmp_path, monkeypatch) -> None:
+    drawn = []
+    monkeypatch.setattr(gradcam.Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
+    row = {"image": np.zeros((8, 8)), "class": "edema", "study": "s1",
+           "cams": [np.zeros((8, 8)), np.ones((8, 8))], "prompts": ["edema", "edema"]}
+    gradcam.plot_grid([row, row], ["en", "es"], str(tmp_path / "grid.png"))
+    bars = [ax for ax in drawn[0].axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 4
+    assert all(bar.get_ylim() == (0.0, 1.0) and "Grad-CAM" in bar.get_ylabel() for bar in bars)

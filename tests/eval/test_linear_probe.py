@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import numpy as np
@@ -46,28 +45,54 @@ def test_probe_separates_separable_classes():
     assert linear_probe.score(binary(xb), yb, "auc") > 0.99
 
 
-def test_best_validation_state_is_kept():
-    """With labels that are noise, later epochs cannot beat the best one: the returned layer scores
-    exactly the best validation value seen."""
-    cfg = LinearProbeConfig(epochs=15, patience=100, lr=1e-1)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(40, 5, generator=g), torch.randint(0, 2, (40, 1), generator=g).float()
-    xv, yv = torch.randn(40, 5, generator=g), torch.randint(0, 2, (40, 1), generator=g).float()
-    layer = linear_probe.train_probe((x, y), (xv, yv), "auc", cfg, seed=0)
-    kept = linear_probe.score(layer(xv).detach(), yv, "auc")
-    seen = []
-    probe = torch.nn.Linear(5, 1)
-    torch.manual_seed(0)
-    probe.reset_parameters()
-    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    perm = torch.Generator().manual_seed(0)
-    for _ in range(cfg.epochs):
-        for batch in torch.randperm(40, generator=perm).split(cfg.batch_size):
-            opt.zero_grad()
-            torch.nn.functional.binary_cross_entropy_with_logits(probe(x[batch]), y[batch]).backward()
-            opt.step()
-        seen.append(linear_probe.score(probe(xv).detach(), yv, "auc"))
-    assert kept == pytest.approx(max(seen))
+def _binary(n: int, seed: int, shuffled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A binary problem in 5-D whose label is the sign of the first feature (or a permutation of
+    those labels, which no feature predicts)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = (x[:, :1] > 0).float()
+    return x, y[torch.randperm(n, generator=g)] if shuffled else y
+
+
+def test_probe_on_shuffled_labels_scores_chance():
+    cfg = LinearProbeConfig(epochs=30, patience=5, lr=5e-2)
+    layer = linear_probe.train_probe(_binary(200, 0, True), _binary(200, 1, True), "auc", cfg, seed=0)
+    x, y = _binary(2000, 2, True)
+    assert abs(linear_probe.score(layer(x), y, "auc") - 0.5) < 0.05
+
+
+def test_probe_is_deterministic_given_the_seed():
+    cfg = LinearProbeConfig(epochs=5, patience=5, lr=5e-2, batch_size=16)
+    fit = [linear_probe.train_probe(_binary(64, 0), _binary(32, 1), "auc", cfg, seed=s)
+           for s in (3, 3, 4)]
+    assert torch.equal(fit[0].weight, fit[1].weight) and torch.equal(fit[0].bias, fit[1].bias)
+    assert not torch.equal(fit[0].weight, fit[2].weight)
+
+
+def test_early_stopping_keeps_the_best_validation_state():
+    """A probe trained on noise labels: the returned layer scores on the validation set exactly
+    the best value seen when training as long without early stopping, and at least as well as the
+    last epoch's state."""
+    noise, valid = _binary(60, 0, True), _binary(60, 1, True)
+    cfg = LinearProbeConfig(epochs=12, patience=100, lr=1e-1)
+    kept = linear_probe.train_probe(noise, valid, "auc", cfg, seed=0)
+    kept_score = linear_probe.score(kept(valid[0]), valid[1], "auc")
+    per_epoch = [linear_probe.score(
+        linear_probe.train_probe(noise, valid, "auc",
+                                 dataclasses.replace(cfg, epochs=e, patience=e + 1), seed=0)(valid[0]),
+        valid[1], "auc") for e in range(1, cfg.epochs + 1)]
+    assert kept_score == pytest.approx(max(per_epoch))
+
+
+def test_test_estimate_bootstraps_accuracy_with_the_given_resamples():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 2.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 1, 1, 0])  # correct: 1, 1, 0, 1, 1
+    resamples = np.random.default_rng(0).integers(0, 5, size=(300, 5))
+    got = linear_probe.test_estimate(logits, y, "accuracy", resamples)
+    correct = np.array([1, 1, 0, 1, 1])
+    assert got.value == pytest.approx(0.8)
+    assert np.allclose(got.replicates, correct[resamples].mean(1))
+    assert got.ci == pytest.approx(tuple(np.percentile(correct[resamples].mean(1), [2.5, 97.5])))
 
 
 def test_fractions_are_nested_and_have_a_floor():
@@ -87,5 +112,6 @@ def test_runs_on_the_tiny_world(tiny_encoder, task_context):
         n_train = len(task_context.data.records(dataset, "train"))
         assert result["fractions"]["100%"]["train_images"] == n_train
         assert result["fractions"]["10%"]["train_images"] == min(n_train, 8)
-        assert all(0.0 <= v["value"] <= 1.0 for v in result["fractions"].values()
-                   if not math.isnan(v["value"]))
+        for row in result["fractions"].values():
+            assert row["ci"][0] <= row["value"] <= row["ci"][1]
+            assert row["replicates"]["value"].shape == (cfg.bootstrap_resamples,)

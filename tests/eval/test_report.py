@@ -6,12 +6,24 @@ import copy
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from unimed.eval import report
-from unimed.eval.checks import Check, percent, quality_checks
-from unimed.eval.report import format_tables, render_report, table_notes, write_report
+from unimed.eval.checks import (
+    FAIL,
+    FINETUNE_TASKS,
+    NOT_MEASURED,
+    PASS,
+    TIE,
+    Check,
+    beats_cause,
+    percent,
+    quality_checks,
+)
+from unimed.eval.html_report import E, render_report, write_report
+from unimed.eval.report import format_tables, table_notes
 
 CLASSES = ("Atelectasis", "Edema")
 
@@ -133,7 +145,7 @@ def test_html_report(tmp_path: Path, figure_dir: Path) -> None:
     for title in (report.TITLE_ZERO_SHOT, report.TITLE_PER_CLASS, report.TITLE_LINEAR,
                   report.TITLE_SEG_DET, report.TITLE_I2R, report.TITLE_R2I, report.TITLE_CROSS,
                   report.TITLE_BIAS, report.TITLE_ABLATION, report.TITLE_TIMINGS, "Quality checks"):
-        assert report.E(title) in page
+        assert E(title) in page
     assert re.search(r'<td class="num best[^"]*">81\.2</td>', page)
     assert re.search(r'<td class="num( gs)?">55\.0</td>', page)  # the baseline, not bold
     assert page.count("data:image/png;base64,") == 6
@@ -178,16 +190,62 @@ def test_missing_figure_is_reported(tmp_path: Path) -> None:
     assert "Figure missing: medunic_gradcam.png" in page and "data:image/png" not in page
 
 
-def _by_state(checks: list[Check]) -> dict[bool | None, int]:
-    return {state: sum(c.passed is state for c in checks) for state in (True, False, None)}
+def _by_state(checks: list[Check]) -> dict[str, int]:
+    return {state: sum(c.status == state for c in checks) for state in (PASS, FAIL, TIE, NOT_MEASURED)}
+
+
+def _replicates(metrics: dict, noise: float = 0.01) -> dict[str, np.ndarray]:
+    """Replicates of every fraction row: its value plus resampling noise that every encoder shares
+    (same resamples), as the tasks' paired bootstrap gives."""
+    shared = np.random.default_rng(0).normal(scale=noise, size=200)
+    out = {}
+    for key, entry in metrics["encoders"].items():
+        for task in FINETUNE_TASKS:
+            for name, block in entry["tasks"][task].items():
+                for fraction, row in block["fractions"].items():
+                    out[f"{key}/{task}/{name}/fractions/{fraction}/value"] = row["value"] + shared
+    return out
 
 
 def test_checks_all_pass() -> None:
-    checks = quality_checks(_metrics())
-    assert _by_state(checks) == {True: 4 + 3 * 3 + 2 * 3 + 2 * 3 + 1, False: 0, None: 0}
+    metrics = _metrics()
+    checks = quality_checks(metrics, _replicates(metrics))
+    assert _by_state(checks) == {PASS: 4 + 3 * 3 + 2 * 3 + 2 * 3 + 1, FAIL: 0, TIE: 0, NOT_MEASURED: 0}
     probe = checks[-1]
     assert "language" in probe.name.lower() and "55.0%" in probe.detail and "94.0%" in probe.detail
     assert any("Med-UniC 70.0 vs Random init / MLM-only 50.0" in c.detail for c in checks)
+    assert any("difference 95% CI [+20.0, +20.0] points" in c.detail for c in checks)
+    assert all(c.cause == "" for c in checks)
+
+
+def test_beats_without_replicates_is_not_measured() -> None:
+    checks = [c for c in quality_checks(_metrics()) if "beats" in c.name]
+    assert checks and all(c.status == NOT_MEASURED for c in checks)
+    assert all("no bootstrap replicates" in c.detail for c in checks)
+
+
+def test_difference_within_noise_is_a_tie_and_below_zero_a_fail() -> None:
+    metrics = _metrics()
+    replicates = _replicates(metrics)
+    noise = np.random.default_rng(1).normal(scale=0.05, size=200)
+    key = "/linear_probe/rsna/fractions/10%/value"
+    replicates["medunic" + key] = replicates["init" + key] + noise  # straddles zero
+    model = metrics["encoders"]["medunic"]["tasks"]
+    model["segmentation"]["siim"]["fractions"]["1%"]["value"] = 0.1
+    replicates["medunic/segmentation/siim/fractions/1%/value"] = 0.1 + replicates[
+        "init/segmentation/siim/fractions/1%/value"] - 0.3
+    checks = quality_checks(metrics, replicates)
+    tied = [c for c in checks if c.status == TIE]
+    assert [c.name for c in tied] == ["Linear probe RSNA 10%: Med-UniC beats Random init / MLM-only"]
+    assert "within noise" in tied[0].cause
+    failed = [c for c in checks if c.status == FAIL]
+    assert [c.name for c in failed] == ["Segmentation SIIM 1%: Med-UniC beats Random init / MLM-only"]
+    assert "baseline is better" in failed[0].cause
+
+
+def test_tie_between_two_chance_level_aucs_says_so() -> None:
+    assert "near chance" in beats_cause(TIE, [0.51, 0.49], "auc")
+    assert "within noise" in beats_cause(TIE, [0.71, 0.69], "auc")
 
 
 def test_checks_fail() -> None:
@@ -196,20 +254,76 @@ def test_checks_fail() -> None:
     model["zero_shot"]["pdc"]["es"]["auc"] = 0.79
     model["segmentation"]["siim"]["fractions"]["10%"]["value"] = 0.1
     model["bias"]["text"]["cls"]["language"]["probe_accuracy"] = 0.995
-    failed = [c.name for c in quality_checks(metrics) if c.passed is False]
+    failed = [c.name for c in quality_checks(metrics, _replicates(metrics)) if c.status == FAIL]
     assert len(failed) == 3
     assert "PDC (Sp)" in failed[0] and "SIIM 10%" in failed[1] and "Language-ID" in failed[2]
-    assert quality_checks(metrics, zero_shot_min=0.5)[3].passed is True
+    assert quality_checks(metrics, zero_shot_min=0.5)[3].status == PASS
 
 
-def test_checks_missing_metrics_are_none() -> None:
+@pytest.mark.parametrize("pooled, shortcut, expected", [
+    ({"within_language": {"R@1": 0.02, "ci": {"R@1": [0.0, 0.05]}}, "chance": {"R@1": 0.02}}, {},
+     "did not learn the findings"),
+    ({"within_language": {"R@1": 0.3, "ci": {"R@1": [0.2, 0.4]}}, "chance": {"R@1": 0.02}},
+     {"loss_mixed": 2.0, "loss_single_language": 3.0}, "leans on the language"),
+    ({"within_language": {"R@1": 0.3, "ci": {"R@1": [0.2, 0.4]}}, "chance": {"R@1": 0.02}},
+     {"loss_mixed": 2.0, "loss_single_language": 2.0}, "prompts"),
+])
+def test_zero_shot_failure_cause_reads_the_retrieval_diagnostics(pooled, shortcut, expected) -> None:
+    metrics = _metrics()
+    model = metrics["encoders"]["medunic"]["tasks"]
+    model["zero_shot"]["cxp500"]["en"].update(auc=0.52, ci={"auc": [0.45, 0.6]})
+    model["retrieval"].update(pooled=pooled, shortcut=shortcut)
+    check = quality_checks(metrics)[0]
+    assert check.status == FAIL and check.detail == "macro AUC 52.0 (45.0–60.0)%"
+    assert expected in check.cause
+
+
+def test_checks_missing_metrics_are_not_measured() -> None:
     metrics = copy.deepcopy(_metrics())
     del metrics["encoders"]["init"]
     del metrics["encoders"]["medunic"]["tasks"]["detection"]
     del metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["cxp500"]["es"]
     checks = quality_checks(metrics)
     states = _by_state(checks)
-    assert states[False] == 0 and states[True] == 3
+    assert states[FAIL] == states[TIE] == 0 and states[PASS] == 3
     detection = [c for c in checks if c.name.startswith("Detection")]
-    assert len(detection) == 1 and detection[0].passed is None and detection[0].detail == "not evaluated"
-    assert quality_checks({}) and all(c.passed is None for c in quality_checks({}))
+    assert len(detection) == 1 and detection[0].status == NOT_MEASURED
+    assert detection[0].detail == "not evaluated"
+    assert quality_checks({}) and all(c.status == NOT_MEASURED for c in quality_checks({}))
+
+
+def test_values_show_their_interval_and_ties_show_in_the_report(tmp_path: Path, figure_dir: Path
+                                                                ) -> None:
+    metrics = _metrics()
+    metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["cxp500"]["en"]["ci"] = {
+        "auc": [0.78, 0.8412]}
+    metrics["encoders"]["medunic"]["tasks"]["linear_probe"]["rsna"]["fractions"]["1%"]["ci"] = [
+        0.6, 0.8]
+    header, rows = _table(metrics, report.TITLE_ZERO_SHOT)
+    assert rows[0][1] == "81.2 (78.0–84.1)"
+    header, rows = _table(metrics, report.TITLE_LINEAR)
+    assert rows[0][header.index("RSNA (AUC) / 1%")] == "70.0 (60.0–80.0)"
+    replicates = _replicates(metrics)
+    key = "/linear_probe/rsna/fractions/10%/value"
+    replicates["medunic" + key] = replicates["init" + key] + np.linspace(-0.1, 0.1, 200)
+    page = render_report(metrics, figure_dir, replicates=replicates)
+    assert re.search(r'<td class="num best[^"]*">81\.2 \(78\.0–84\.1\)</td>', page)
+    assert '<span class="badge tie">TIE</span>' in page and "within noise" in page
+    assert "1 tied" in page
+
+
+def test_terminal_ends_with_one_line_per_failed_or_tied_check(tmp_path: Path, figure_dir: Path,
+                                                              capsys) -> None:
+    from unimed.commands.evaluate import print_summary, read_replicates, write_outputs
+
+    metrics = _metrics()
+    replicates = _replicates(metrics)
+    key = "/linear_probe/rsna/fractions/10%/value"
+    replicates["medunic" + key] = replicates["init" + key] + np.linspace(-0.1, 0.1, 200)
+    write_outputs(metrics, tmp_path, figure_dir, replicates)
+    assert read_replicates(tmp_path).keys() == replicates.keys()
+    print_summary(metrics, tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith(("FAIL: ", "TIE: "))]
+    assert lines == ["TIE: Linear probe RSNA 10%: Med-UniC beats Random init / MLM-only -- "
+                     "difference within noise: enlarge the test set (or pre-train longer)"]

@@ -5,21 +5,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from unimed.data.errors import DataError
 from unimed.eval.config import RetrievalConfig
 from unimed.eval.retrieval import (
-    precision_at_k,
+    Pairs,
+    info_nce,
+    mean_batch_loss,
+    precision_values,
     read_parallel,
-    recall_at_k,
+    recall_hits,
     run,
     same_value,
 )
+from unimed.eval.runner import pop_replicates
 from unimed.eval.tasks import TASKS
+
+
+def recall_at_k(scores: np.ndarray, match: np.ndarray, ks) -> dict[str, float]:
+    return {name: float(hits.mean()) for name, hits in recall_hits(scores, match, ks).items()}
+
+
+def precision_at_k(scores: np.ndarray, relevant: np.ndarray, ks) -> dict[str, float]:
+    return {name: float(v.mean()) for name, v in precision_values(scores, relevant, ks).items()}
 
 # Three queries over a gallery of four; query i matches gallery item i.
 SCORES = np.array([
@@ -95,13 +109,38 @@ def test_phantom_writes_parallel_test_reports(tiny_world: Path, eval_data) -> No
 
 
 def check_scores(block: dict, ks: tuple[int, ...], prefixes: str = "RP") -> None:
-    assert set(block) == {f"{p}@{k}" for p in prefixes for k in ks}
-    assert all(0.0 <= v <= 1.0 for v in block.values())
+    names = {f"{p}@{k}" for p in prefixes for k in ks}
+    assert set(block) == names | {"ci"} and set(block["ci"]) == names
+    assert all(block["ci"][n][0] <= block[n] <= block["ci"][n][1] <= 1.0 for n in names)
+
+
+def test_info_nce_is_zero_for_perfect_pairs_and_ln_b_for_identical_features() -> None:
+    eye = torch.eye(4)
+    assert info_nce(eye, eye, temperature=0.01) == pytest.approx(0.0, abs=1e-6)
+    same = torch.ones(4, 4) / 2
+    assert info_nce(same, same, temperature=0.07) == pytest.approx(math.log(4))
+
+
+def test_language_only_features_win_in_mixed_batches_only() -> None:
+    """Features that encode only the language: in a single-language batch every report is as
+    likely (ln B); in a batch mixing two languages only half are (ln B/2)."""
+    languages = np.array([0, 1] * 8)
+    features = torch.nn.functional.one_hot(torch.from_numpy(languages)).float()  # (16, 2)
+    pairs = Pairs([], features, features)
+    single = [np.flatnonzero(languages == lang) for lang in (0, 1)]
+    mixed = [np.arange(16)]
+    tau = 0.01
+    assert mean_batch_loss(pairs, single, 4, tau) == pytest.approx(math.log(4), abs=1e-4)
+    assert mean_batch_loss(pairs, mixed, 4, tau) == pytest.approx(math.log(2), abs=1e-4)
+    assert mean_batch_loss(pairs, mixed, 32, tau) is None
 
 
 def test_run_on_tiny_world(tiny_encoder, task_context) -> None:
     metrics = TASKS.get("retrieval")(tiny_encoder, task_context)
+    replicates = pop_replicates(metrics, "tiny/retrieval")
     json.dumps(metrics)
+    assert replicates["tiny/retrieval/image_to_report/mimic-cxr/R@1"].shape == (
+        task_context.cfg.bootstrap_resamples,)
     ks = task_context.cfg.retrieval.ks
     for direction in ("image_to_report", "report_to_image"):
         assert set(metrics[direction]) == {"mimic-cxr", "padchest"}
@@ -110,6 +149,17 @@ def test_run_on_tiny_world(tiny_encoder, task_context) -> None:
     for block in metrics["cross_lingual"].values():
         check_scores(block, ks, "R")
     assert metrics["queries"]["cross_lingual"]["queries"] > 0
+    pooled = metrics["pooled"]
+    for name in ("all_languages", "within_language"):
+        check_scores(pooled[name], ks, "R")
+    # Restricting the gallery to the image's language can only raise the rank of its own report.
+    assert all(pooled["within_language"][f"R@{k}"] >= pooled["all_languages"][f"R@{k}"] for k in ks)
+    shortcut = metrics["shortcut"]
+    assert set(shortcut["pairs"]) == {"en", "es"} and shortcut["chance_loss"] == pytest.approx(
+        math.log(task_context.cfg.retrieval.diagnostic_batch_size))
+    shares = [shortcut["top1"][k] for k in ("right_study", "right_language_wrong_study",
+                                            "wrong_language")]
+    assert sum(shares) == pytest.approx(1.0)
 
 
 def test_run_without_parallel_corpus_skips_cross_lingual(tiny_encoder, task_context, caplog) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from unimed.data.records import Record
 from unimed.eval import zero_shot
+from unimed.eval.metrics import resample_indices
 from unimed.eval.prompts import load_prompts
 
 
@@ -47,17 +50,28 @@ def test_prompt_errors_name_the_file_and_class(tmp_path: Path):
 def test_scores_match_hand_computed_auc_and_f1():
     labels = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
     scores = np.array([[0.3, -0.1], [-0.2, 0.4], [0.1, -0.3], [-0.4, 0.2]])
-    out = zero_shot.score_language(labels, scores, ["a", "b"])
+    resamples = resample_indices(4, 200, seed=0, dataset="toy", split="test")
+    out = zero_shot.score_language(labels, scores, ["a", "b"], resamples)
     # class a: positives score 0.3, -0.2; negatives 0.1, -0.4 -> pairs won 3 of 4 -> AUC 0.75;
     # predicted positive (score > 0): rows 0, 2 -> TP 1, FP 1, FN 1 -> F1 0.5.
-    assert out["per_class"]["a"] == {"auc": 0.75, "f1": 0.5, "positives": 2}
+    assert (out["per_class"]["a"]["auc"], out["per_class"]["a"]["f1"]) == (0.75, 0.5)
     # class b: positives 0.4, -0.3; negatives -0.1, 0.2 -> 2 of 4 -> 0.5; predicted rows 1, 3 -> F1 0.5.
-    assert out["per_class"]["b"] == {"auc": 0.5, "f1": 0.5, "positives": 2}
+    assert (out["per_class"]["b"]["auc"], out["per_class"]["b"]["f1"]) == (0.5, 0.5)
+    assert out["per_class"]["a"]["positives"] == 2
     assert out["auc"] == pytest.approx(0.625) and out["f1"] == pytest.approx(0.5)
+    # The macro AUC's interval comes from the per-resample AUCs computed by sklearn.
+    per_resample = []
+    for index in resamples:
+        aucs = [roc_auc_score(labels[index, c], scores[index, c]) for c in range(2)
+                if len(set(labels[index, c])) == 2]
+        per_resample.append(np.mean(aucs) if aucs else np.nan)
+    assert np.allclose(out["replicates"]["auc"], per_resample, equal_nan=True)
+    assert "replicates" not in out["per_class"]["a"]
 
 
 def test_class_without_both_label_values_has_no_auc():
-    out = zero_shot.score_language(np.array([[1], [1]]), np.array([[0.2], [-0.1]]), ["a"])
+    resamples = resample_indices(2, 20, seed=0, dataset="toy", split="test")
+    out = zero_shot.score_language(np.array([[1], [1]]), np.array([[0.2], [-0.1]]), ["a"], resamples)
     assert out["per_class"]["a"]["auc"] is None and out["auc"] is None
 
 
@@ -86,6 +100,41 @@ def test_uncertain_label_is_a_clear_error(tmp_path: Path):
         zero_shot.label_matrix([record], ["edema"], "cxp500")
 
 
+class _OracleEncoder:
+    """Prompt embeddings are orthonormal; an image's embedding is the sum of the positive prompts
+    of the classes it has and the negative prompts of those it lacks (swapped when `flipped`)."""
+
+    name = label = "oracle"
+
+    def __init__(self, labels: np.ndarray, prompts, classes, flipped: bool = False) -> None:
+        self.labels, self.flipped = labels, flipped
+        self.texts = [prompts.positive(c) for c in classes] + [prompts.negative(c) for c in classes]
+
+    def image_features(self, images, normalize=False, batch_size=64):
+        assert len(images) == len(self.labels)
+        has = torch.from_numpy(self.labels != self.flipped).float()  # (N, C)
+        return torch.nn.functional.normalize(torch.cat([has, 1 - has], dim=1), dim=-1)
+
+    def text_features(self, texts, normalize=False):
+        return torch.eye(len(self.texts))[[self.texts.index(t) for t in texts]]
+
+
+@pytest.mark.parametrize("flipped, expected", [(False, 1.0), (True, 0.0)])
+def test_images_aligned_with_their_prompts_score_auc_one(task_context, flipped, expected):
+    cfg = task_context.cfg.zero_shot
+    classes = cfg.classes["pdc"]
+    labels = zero_shot.label_matrix(task_context.data.records("pdc", "test"), classes, "pdc")
+    encoder = _OracleEncoder(labels, load_prompts("en"), classes, flipped)
+    only_pdc = dataclasses.replace(cfg, datasets=("pdc",), languages=("en",))
+    ctx = dataclasses.replace(task_context, cfg=dataclasses.replace(task_context.cfg,
+                                                                    zero_shot=only_pdc))
+    out = zero_shot.run(encoder, ctx)["pdc"]["en"]
+    assert out["auc"] == expected and out["ci"]["auc"] == [expected, expected]
+    assert out["f1"] == expected
+    defined = [v["auc"] for v in out["per_class"].values() if v["auc"] is not None]
+    assert len(defined) >= 5 and set(defined) == {expected}
+
+
 def test_runs_on_the_tiny_world(tiny_encoder, task_context):
     out = zero_shot.run(tiny_encoder, task_context)
     assert set(out) == {"cxp500", "pdc"}
@@ -94,7 +143,9 @@ def test_runs_on_the_tiny_world(tiny_encoder, task_context):
         assert set(by_lang) == {"en", "es"}
         for result in by_lang.values():
             assert result["images"] == len(task_context.data.records(dataset, "test"))
-            assert 0.0 <= result["f1"] <= 1.0
+            lo, hi = result["ci"]["f1"]
+            assert 0.0 <= lo <= result["f1"] <= hi <= 1.0
             assert result["auc"] is None or 0.0 <= result["auc"] <= 1.0
+            assert result["replicates"]["auc"].shape == (task_context.cfg.bootstrap_resamples,)
     assert out["pdc"]["es"]["images"] == n
     assert len(out["pdc"]["en"]["per_class"]) == 10

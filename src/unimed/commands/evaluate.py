@@ -2,6 +2,11 @@
 
 The checkpoint's own resolved config (saved with its run) is used when no preset is given, so
 `unimed evaluate runs/demo` needs nothing else; overrides still apply (e.g. `data.root=...`).
+
+Beside metrics.json: bootstrap.npz, the bootstrap replicates of every metric keyed
+"<encoder>/<task>/<path>/<metric>" (the paired comparisons of the checks read them; in the JSON they
+would be thousands of numbers per metric), and under eval/ the published split files of the
+evaluation sets, whose SHA-256 metrics.json and the report list.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import datetime
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
 
 from unimed.commands import command, run_dir
 from unimed.commands.medunic import text_encoder_dir, tokenizer_dir
@@ -28,7 +36,9 @@ MODEL_LABELS = {"medunic": "Med-UniC"}  # display names of registered methods (d
 BASELINE_LABELS = {"init": "{image} init / MLM-only", "random": "Random init / MLM-only"}
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
+BOOTSTRAP_FILE = "bootstrap.npz"
 EVAL_DIR = "eval"
+LOSS_FIGURE = "loss_curves.png"
 
 
 def parse_tasks(text: str | None, cfg: Config) -> tuple[str, ...]:
@@ -73,7 +83,9 @@ def run_evaluation(
     baselines: tuple[str, ...] | None = None,
 ) -> dict:
     """Evaluate the checkpoint and baselines on `tasks`; metrics.json + report.html in the run dir."""
+    from unimed.eval.curves import LOG_FILE, plot_loss_curves
     from unimed.eval.data import EvalData
+    from unimed.eval.metrics import CONFIDENCE
     from unimed.eval.runner import evaluate
     from unimed.eval.tasks import TaskContext
 
@@ -87,33 +99,58 @@ def run_evaluation(
         "data_root": cfg.data.root,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         **evaluate(encoders, ctx, tasks),
+        "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "confidence": CONFIDENCE,
+                      "seed": cfg.eval.seed, "replicates": BOOTSTRAP_FILE},
+        "splits": ctx.data.publish(figures),
     }
+    log_path = cfg.run.dir / "pretrain" / LOG_FILE
+    if log_path.is_file():
+        metrics["pretraining"] = plot_loss_curves(log_path, figures / LOSS_FIGURE)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    write_outputs(metrics, out_dir, figures)
+    write_outputs(metrics, out_dir, figures, ctx.replicates)
     return metrics
 
 
-def write_outputs(metrics: dict, out_dir: Path, figures: Path) -> None:
-    """metrics.json and report.html in `out_dir` (figures embedded from `figures`)."""
-    from unimed.eval.report import write_report
+def read_replicates(out_dir: Path) -> dict[str, np.ndarray]:
+    """The bootstrap replicates saved in `out_dir` (empty when there are none)."""
+    path = out_dir / BOOTSTRAP_FILE
+    if not path.is_file():
+        return {}
+    with np.load(path) as saved:
+        return {key: saved[key] for key in saved.files}
+
+
+def write_outputs(metrics: dict, out_dir: Path, figures: Path,
+                  replicates: Mapping[str, np.ndarray] | None = None) -> None:
+    """metrics.json, bootstrap.npz (when `replicates` are given; else the saved ones are read for
+    the checks) and report.html in `out_dir` (figures embedded from `figures`)."""
+    from unimed.eval.html_report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if replicates is None:
+        replicates = read_replicates(out_dir)
+    else:
+        np.savez_compressed(out_dir / BOOTSTRAP_FILE, **replicates)
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    write_report(metrics, out_dir / REPORT_FILE, figures)
+    write_report(metrics, out_dir / REPORT_FILE, figures, replicates=replicates)
 
 
 def print_summary(metrics: dict, out_dir: Path, *, with_checks: bool = True) -> None:
-    """The paper-style tables (those `metrics` has data for) and, optionally, the quality checks."""
-    from unimed.eval.checks import quality_checks
+    """The paper-style tables (those `metrics` has data for) and, optionally, the quality checks
+    followed by one line per failed or tied check with its likely cause."""
+    from unimed.eval.checks import FAIL, TIE, quality_checks
     from unimed.eval.report import format_tables
 
     for title, header, rows in format_tables(metrics):
         print_table(title, header, rows)
     if with_checks:
-        checks = quality_checks(metrics)
-        status = {True: "pass", False: "FAIL", None: "not measured"}
+        checks = quality_checks(metrics, read_replicates(out_dir))
         print_table("Quality checks", ["check", "result", "detail"],
-                    [[c.name, status[c.passed], c.detail] for c in checks])
+                    [[c.name, c.status.upper() if c.status in (FAIL, TIE) else c.status, c.detail]
+                     for c in checks])
+        for check in checks:
+            if check.status in (FAIL, TIE):
+                print(f"{check.status.upper()}: {check.name} -- {check.cause}")
     print(f"report: {out_dir / REPORT_FILE}\nmetrics: {out_dir / METRICS_FILE}")
 
 

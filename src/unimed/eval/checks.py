@@ -7,8 +7,12 @@ languages and metrics, percent formatting, safe nested look-ups), so both say th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+import numpy as np
+
+from unimed.eval.metrics import paired_difference
 
 MISSING = "–"
 DATASET_NAMES = {
@@ -22,16 +26,27 @@ TASK_NAMES = {
     "detection": "Detection", "retrieval": "Retrieval", "bias": "Bias audit", "gradcam": "Grad-CAM",
 }
 ZERO_SHOT_SETS = ("cxp500", "pdc")
+CHANCE = {"auc": 0.5}  # value of an uninformative score, for the metrics where it is fixed
 FINETUNE_TASKS = ("linear_probe", "segmentation", "detection")
+
+
+PASS, FAIL, TIE, NOT_MEASURED = "pass", "fail", "tie", "not measured"
+Replicates = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class Check:
-    """One line of the quality bar; ``passed`` is None when the metric needed is missing."""
+    """One line of the quality bar.
+
+    ``status`` is PASS, FAIL, TIE (a comparison whose 95 % interval of the paired difference holds
+    zero: neither side won) or NOT_MEASURED (a metric or its replicates are missing); ``cause`` is
+    a short heuristic reading of the numbers for a failed or tied check, empty otherwise.
+    """
 
     name: str
-    passed: bool | None
+    status: str
     detail: str
+    cause: str = ""
 
 
 def lookup(tree: object, *keys: str) -> object | None:
@@ -54,6 +69,29 @@ def percent(value: object) -> str:
     """A fraction as a percentage with one decimal like the paper (0.8123 -> "81.2"), or "–"."""
     number = as_float(value)
     return MISSING if number is None else f"{100 * number:.1f}"
+
+
+def interval(ci: object) -> tuple[float, float] | None:
+    """A JSON interval [lo, hi] as two floats, or None when it is missing or malformed."""
+    if not isinstance(ci, list | tuple) or len(ci) != 2:
+        return None
+    lo, hi = as_float(ci[0]), as_float(ci[1])
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def percent_ci(value: object, ci: object = None) -> str:
+    """"81.2 (78.0–84.1)": the value and its 95 % interval in percent, or the value alone."""
+    bounds = interval(ci)
+    if as_float(value) is None or bounds is None:
+        return percent(value)
+    return f"{percent(value)} ({percent(bounds[0])}–{percent(bounds[1])})"
+
+
+def ci_of(node: object, metric: str) -> object | None:
+    """The interval of ``metric`` in a metrics node: ``node["ci"]`` beside a "value",
+    ``node["ci"][metric]`` beside named metrics."""
+    ci = lookup(node, "ci")
+    return ci if metric == "value" else lookup(ci, metric)
 
 
 def display_name(key: str, names: dict[str, str] = DATASET_NAMES) -> str:
@@ -82,22 +120,50 @@ def fraction_order(fraction: str) -> float:
 
 
 def quality_checks(
-    metrics: dict, *, model: str = "medunic", baseline: str = "init", zero_shot_min: float = 0.80
+    metrics: dict, replicates: Replicates | None = None, *, model: str = "medunic",
+    baseline: str = "init", zero_shot_min: float = 0.80,
 ) -> list[Check]:
     """The quality bar: zero-shot AUC, model beats baseline everywhere, lower language-ID probe.
 
-    ``model`` and ``baseline`` are keys of ``metrics["encoders"]``; every check whose metric is
-    missing is returned with ``passed=None`` rather than skipped, so holes stay visible.
+    ``model`` and ``baseline`` are keys of ``metrics["encoders"]``; ``replicates`` are the bootstrap
+    replicates keyed "<encoder>/<task>/<path>/<metric>" (bootstrap.npz), from which "beats" checks
+    take the paired difference. Every check whose metric is missing is returned NOT_MEASURED
+    rather than skipped, so holes stay visible.
     """
     encoders = metrics.get("encoders") or {}
     model_enc, base_enc = encoders.get(model) or {}, encoders.get(baseline) or {}
     labels = (str(model_enc.get("label") or model), str(base_enc.get("label") or baseline))
     model_tasks, base_tasks = model_enc.get("tasks") or {}, base_enc.get("tasks") or {}
     checks = _zero_shot_checks(model_tasks, zero_shot_min)
+    pair = _Pair((model, baseline), labels, replicates or {})
     for task in FINETUNE_TASKS:
-        checks += _beats_baseline_checks(task, model_tasks, base_tasks, labels)
+        checks += _beats_baseline_checks(task, model_tasks, base_tasks, pair)
     checks.append(_language_probe_check(model_tasks, base_tasks, labels))
     return checks
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """The two encoders a "beats" check compares: keys, display labels, shared replicates."""
+
+    keys: tuple[str, str]
+    labels: tuple[str, str]
+    replicates: Replicates
+
+    def difference(self, *path: str) -> tuple[float, float] | None:
+        """95 % interval of model minus baseline at ``path``, None without both replicates."""
+        found = [self.replicates.get("/".join((key, *path))) for key in self.keys]
+        if any(r is None for r in found) or found[0].shape != found[1].shape:
+            return None
+        return paired_difference(found[0], found[1])
+
+
+def compare(difference: tuple[float, float] | None) -> str:
+    """PASS when the interval of the paired difference lies above zero, FAIL below, else TIE."""
+    if difference is None:
+        return NOT_MEASURED
+    lo, hi = difference
+    return PASS if lo > 0 else FAIL if hi < 0 else TIE
 
 
 def _zero_shot_checks(tasks: dict, minimum: float) -> list[Check]:
@@ -105,34 +171,82 @@ def _zero_shot_checks(tasks: dict, minimum: float) -> list[Check]:
     checks = []
     for name in ordered(ZERO_SHOT_SETS, dict_keys(lookup(tasks, "zero_shot"))):
         for lang in ("en", "es"):
-            auc = as_float(lookup(tasks, "zero_shot", name, lang, "auc"))
+            node = lookup(tasks, "zero_shot", name, lang)
+            auc = as_float(lookup(node, "auc"))
             title = (f"Zero-shot {display_name(name)} ({display_name(lang, LANGUAGE_NAMES)}) "
                      f"macro AUC ≥ {percent(minimum)}%")
             if auc is None:
-                checks.append(Check(title, None, "not evaluated"))
-            else:
-                checks.append(Check(title, auc >= minimum, f"macro AUC {percent(auc)}%"))
+                checks.append(Check(title, NOT_MEASURED, "not evaluated"))
+                continue
+            status = PASS if auc >= minimum else FAIL
+            detail = f"macro AUC {percent_ci(auc, ci_of(node, 'auc'))}%"
+            cause = zero_shot_cause(auc, lookup(tasks, "retrieval")) if status == FAIL else ""
+            checks.append(Check(title, status, detail, cause))
     return checks
 
 
-def _beats_baseline_checks(
-    task: str, model: dict, base: dict, labels: tuple[str, str]
-) -> list[Check]:
-    """One check per dataset and label fraction of ``task``: the model's value above the baseline's."""
+def zero_shot_cause(auc: float, retrieval: object) -> str:
+    """A likely reason for a zero-shot AUC under the bar, read from the retrieval diagnostics."""
+    within = lookup(retrieval, "pooled", "within_language")
+    recall, chance = as_float(lookup(within, "R@1")), as_float(lookup(retrieval, "pooled", "chance", "R@1"))
+    bounds = interval(ci_of(within, "R@1"))
+    mixed = as_float(lookup(retrieval, "shortcut", "loss_mixed"))
+    single = as_float(lookup(retrieval, "shortcut", "loss_single_language"))
+    if recall is not None and chance is not None and bounds is not None and bounds[0] <= chance:
+        return (f"image–text alignment did not learn the findings: within-language retrieval R@1 "
+                f"{percent_ci(recall, list(bounds))}% is at chance ({percent(chance)}%)")
+    if mixed is not None and single is not None and single - mixed > 0.1:
+        return (f"alignment leans on the language: InfoNCE {mixed:.2f} in mixed-language batches vs "
+                f"{single:.2f} in single-language ones (other-language negatives are easy)")
+    if auc < 0.6:
+        return ("retrieval is above chance but the prompts are not: the short class prompts do "
+                "not match how the reports word the findings (check the prompt files)")
+    return "above chance but below the bar: pre-train longer or on more pairs"
+
+
+def _beats_baseline_checks(task: str, model: dict, base: dict, pair: _Pair) -> list[Check]:
+    """One check per dataset and label fraction of ``task``: the model's value above the baseline's,
+    by a paired-bootstrap interval of the difference that excludes zero."""
     task_name = display_name(task, TASK_NAMES)
+    labels = pair.labels
     checks = []
     for name in dict_keys(lookup(model, task), lookup(base, task)):
         fractions = dict_keys(lookup(model, task, name, "fractions"), lookup(base, task, name, "fractions"))
         metric = lookup(model, task, name, "metric") or lookup(base, task, name, "metric") or ""
         for fraction in sorted(fractions, key=fraction_order):
-            ours = as_float(lookup(model, task, name, "fractions", fraction, "value"))
-            theirs = as_float(lookup(base, task, name, "fractions", fraction, "value"))
-            passed = None if ours is None or theirs is None else ours > theirs
-            detail = (f"{labels[0]} {percent(ours)} vs {labels[1]} {percent(theirs)} "
+            rows = [lookup(side, task, name, "fractions", fraction) for side in (model, base)]
+            values = [as_float(lookup(row, "value")) for row in rows]
+            difference = pair.difference(task, name, "fractions", fraction, "value")
+            status = NOT_MEASURED if None in values else compare(difference)
+            detail = (f"{labels[0]} {percent_ci(values[0], ci_of(rows[0], 'value'))} vs {labels[1]} "
+                      f"{percent_ci(values[1], ci_of(rows[1], 'value'))} "
                       f"({display_name(str(metric), METRIC_NAMES)}, %)")
+            if difference is not None:
+                detail += f"; difference {_signed_ci(difference)}"
+            elif None not in values:
+                detail += "; no bootstrap replicates to compare them"
             title = f"{task_name} {display_name(name)} {fraction}: {labels[0]} beats {labels[1]}"
-            checks.append(Check(title, passed, detail))
-    return checks or [Check(f"{task_name}: {labels[0]} beats {labels[1]}", None, "not evaluated")]
+            checks.append(Check(title, status, detail, beats_cause(status, values, str(metric))))
+    if checks:
+        return checks
+    return [Check(f"{task_name}: {labels[0]} beats {labels[1]}", NOT_MEASURED, "not evaluated")]
+
+
+def beats_cause(status: str, values: list[float | None], metric: str) -> str:
+    """A likely reason for a lost or tied comparison."""
+    if status == FAIL:
+        return ("the baseline is better beyond noise: the pre-trained features fit this task worse "
+                "(check the loss curves and the learning rate)")
+    if status != TIE:
+        return ""
+    chance = CHANCE.get(metric)
+    if chance is not None and all(v is not None and abs(v - chance) < 0.05 for v in values):
+        return "both near chance: neither encoder's features carry this label"
+    return "difference within noise: enlarge the test set (or pre-train longer)"
+
+
+def _signed_ci(bounds: tuple[float, float]) -> str:
+    return f"95% CI [{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}] points"
 
 
 def _language_probe_check(model: dict, base: dict, labels: tuple[str, str]) -> Check:
@@ -140,12 +254,15 @@ def _language_probe_check(model: dict, base: dict, labels: tuple[str, str]) -> C
     path = ("bias", "text", "cls", "language")
     ours, theirs = lookup(model, *path) or {}, lookup(base, *path) or {}
     probe = as_float(lookup(ours, "probe_accuracy")), as_float(lookup(theirs, "probe_accuracy"))
-    passed = None if None in probe else probe[0] < probe[1]
+    status = NOT_MEASURED if None in probe else PASS if probe[0] < probe[1] else FAIL
     silhouette = as_float(lookup(ours, "silhouette")), as_float(lookup(theirs, "silhouette"))
     detail = (f"probe accuracy {percent(probe[0])}% vs {percent(probe[1])}%; kNN accuracy "
               f"{percent(lookup(ours, 'knn_accuracy'))}% vs {percent(lookup(theirs, 'knn_accuracy'))}%; "
               f"silhouette {_raw(silhouette[0])} vs {_raw(silhouette[1])}")
-    return Check(f"Language-ID probe on text embeddings: {labels[0]} below {labels[1]}", passed, detail)
+    cause = ("the text embeddings still tell the languages apart as well as the baseline's: the "
+             "cross-lingual objectives did not remove the community bias") if status == FAIL else ""
+    return Check(f"Language-ID probe on text embeddings: {labels[0]} below {labels[1]}", status,
+                 detail, cause)
 
 
 def _raw(value: float | None) -> str:

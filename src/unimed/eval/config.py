@@ -96,6 +96,19 @@ class RetrievalConfig:
     ks: tuple[int, ...] = (1, 5, 10)
     max_queries: int = 1000
     parallel_file: str = ""  # CSV study_id,en,es; empty = <data.root>/parallel-reports/test.csv
+    # Shortcut diagnostic on the pre-training pairs (train split of `datasets`): at most
+    # `diagnostic_pairs` per language (encoding 1024 pairs with the CPU demo's encoders takes about
+    # a minute per encoder on 2 cores, 256 a quarter of that), InfoNCE over batches of
+    # `diagnostic_batch_size`.
+    diagnostic_pairs: int = 128
+    diagnostic_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.diagnostic_pairs < 1:
+            raise ValueError(f"eval.retrieval.diagnostic_pairs must be >= 1, got {self.diagnostic_pairs}")
+        if self.diagnostic_batch_size < 2:
+            raise ValueError("eval.retrieval.diagnostic_batch_size must be >= 2 (one positive, one "
+                             f"negative), got {self.diagnostic_batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +142,7 @@ class EvalConfig:
     min_train_images: int = 16
     batch_size: int = 64
     seed: int = 0
+    bootstrap_resamples: int = 1000  # resamples of the test images behind every 95 % interval
     zero_shot: ZeroShotConfig = ZeroShotConfig()
     linear_probe: LinearProbeConfig = LinearProbeConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
@@ -146,3 +160,5 @@ class EvalConfig:
             raise ValueError(f"eval.fractions must lie in (0, 1], got {bad}")
         if self.min_train_images < 1:
             raise ValueError(f"eval.min_train_images must be >= 1, got {self.min_train_images}")
+        if self.bootstrap_resamples < 10:
+            raise ValueError(f"eval.bootstrap_resamples must be >= 10, got {self.bootstrap_resamples}")

@@ -7,12 +7,17 @@ reuses one decode; `rgb` expands them to the 3 channels the encoders take. Two g
   classification transform, as in pre-training);
 * ``"full"``: the whole image resized to ``image_size`` x ``image_size``, so boxes and masks map by
   a plain scale (segmentation, detection).
+
+Every dataset split whose images a task reads is published after the run (:meth:`EvalData.publish`)
+as a split file listing its image ids, with the file's SHA-256, so a set can be reproduced exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +33,7 @@ from unimed.eval.errors import EvalError
 log = logging.getLogger(__name__)
 
 GEOMETRIES = ("crop", "full")
+SPLITS_DIR = "splits"
 
 
 class EvalData:
@@ -67,6 +73,30 @@ class EvalData:
         if key not in self._images:
             self._images[key] = self.load(self.records(dataset, split), geometry, f"{dataset}/{split}")
         return self._images[key]
+
+    def image_id(self, record: Record) -> str:
+        """The record's image path relative to the data root (POSIX), its id in split files."""
+        path = Path(record.image_path)
+        try:
+            return path.relative_to(self.cfg.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def publish(self, out_dir: Path) -> dict[str, dict[str, object]]:
+        """Write one split file per dataset split read so far (`<out_dir>/splits/<dataset>_<split>.txt`,
+        one image id per line in adapter order) and return {"<dataset>/<split>": {"file" (relative
+        to `out_dir`), "sha256", "images"}}."""
+        published = {}
+        for dataset, split in dict.fromkeys((d, s) for d, s, _ in self._images):
+            name = f"{dataset}/{split or 'all'}"
+            text = "".join(self.image_id(r) + "\n" for r in self.records(dataset, split))
+            relative = Path(SPLITS_DIR) / f"{dataset}_{split or 'all'}.txt"
+            (out_dir / SPLITS_DIR).mkdir(parents=True, exist_ok=True)
+            (out_dir / relative).write_text(text, encoding="utf-8")
+            published[name] = {"file": relative.as_posix(),
+                               "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                               "images": text.count("\n")}
+        return published
 
     def load(self, records: Sequence[Record], geometry: str, desc: str = "images") -> torch.Tensor:
         """Decode and resize the images of `records` (uncached)."""

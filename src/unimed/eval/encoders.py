@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 class Encoder:
     """A frozen image + text encoder pair with its tokenizer, on one device, in eval mode.
 
-    `name` keys the encoder in metrics.json; `label` is what tables show.
+    `name` keys the encoder in metrics.json; `label` is what tables show; `temperature` is the
+    contrastive temperature the model was trained with (``model.temperature``).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Encoder:
     tokenizer: object
     max_length: int = 128
     device: torch.device = torch.device("cpu")
+    temperature: float = 0.07
 
     def __post_init__(self) -> None:
         self.model.to(self.device).eval().requires_grad_(False)
@@ -158,4 +160,5 @@ def build_encoder(
         weights = Path(weights)
         load_weights(model, weights / WEIGHTS_FILE if weights.is_dir() else weights)
         log.info("%s: loaded weights from %s", name, weights)
-    return Encoder(name, label, model, tokenizer_, max_length, device or default_device())
+    return Encoder(name, label, model, tokenizer_, max_length, device or default_device(),
+                   cfg.temperature)

@@ -125,7 +125,8 @@ def pick_images(records: Sequence[Record], classes: Sequence[str], dataset: str,
 
 
 def plot_grid(rows: list[dict[str, Any]], languages: Sequence[str], path: str) -> None:
-    """Rows of image | one CAM overlay per language, titled with the prompt as a person reads it."""
+    """Rows of image | one CAM overlay per language, titled with the prompt as a person reads it;
+    each overlay has a colour bar of its scale (CAMs are normalised to [0, 1] per map)."""
     fig = Figure(figsize=(2.6 * (1 + len(languages)), 2.8 * len(rows)))
     axes = fig.subplots(len(rows), 1 + len(languages), squeeze=False)
     for row, ax_row in zip(rows, axes):
@@ -133,8 +134,11 @@ def plot_grid(rows: list[dict[str, Any]], languages: Sequence[str], path: str) -
         ax_row[0].set_title(f"{row['class']}\n{row['study']}", fontsize=8)
         for ax, language, cam, prompt in zip(ax_row[1:], languages, row["cams"], row["prompts"]):
             ax.imshow(row["image"], cmap="gray")
-            ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            overlay = ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
             ax.set_title(f"{language.upper()}: \"{prompt}\"", fontsize=8)
+            bar = fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.02)
+            bar.set_label("Grad-CAM (0–1 per map)", fontsize=7)
+            bar.ax.tick_params(labelsize=6)
         for ax in ax_row:
             ax.set_axis_off()
     fig.tight_layout()

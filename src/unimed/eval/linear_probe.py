@@ -2,7 +2,8 @@
 
 Pooled image-encoder features are computed once per split; a single linear layer is trained on a
 seeded `fraction` of the training images with AdamW (paper: lr 5e-4, weight decay 1e-6), early
-stopping on the validation metric, and scored on the test split with the best validation state.
+stopping on the validation metric, and scored on the test split with the best validation state,
+with a bootstrap 95 % interval over resamples of the test images.
 Features are standardised with the training subset's mean and standard deviation (an affine map the
 linear layer could learn itself; it only makes one learning rate fit every encoder).
 """
@@ -24,7 +25,16 @@ from unimed.eval.config import LinearProbeConfig
 from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
-from unimed.eval.metrics import accuracy, macro, per_class_auc
+from unimed.eval.metrics import (
+    Estimate,
+    accuracy,
+    batched_auc,
+    batched_mean,
+    bootstrap,
+    macro,
+    macro_estimate,
+    per_class_auc,
+)
 from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
 from unimed.phantom.study import COVIDX_CLASSES
 
@@ -76,6 +86,16 @@ def score(logits: torch.Tensor, y: torch.Tensor, metric: str) -> float | None:
     return macro(per_class_auc(y.numpy(), logits.numpy()))
 
 
+def test_estimate(logits: torch.Tensor, y: torch.Tensor, metric: str, resamples: np.ndarray
+                  ) -> Estimate:
+    """:func:`score` on the test split with its interval over the (R, N) `resamples`."""
+    logits, y = logits.detach().numpy(), y.numpy()
+    if metric == "accuracy":
+        return bootstrap(batched_mean, [logits.argmax(1) == y], resamples)
+    return macro_estimate([bootstrap(batched_auc, [y[:, c], logits[:, c]], resamples)
+                           for c in range(y.shape[1])])
+
+
 def train_probe(
     train: tuple[torch.Tensor, torch.Tensor],
     valid: tuple[torch.Tensor, torch.Tensor],
@@ -125,7 +145,9 @@ def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
     split_y = {s: targets(ctx.data.require(dataset, s), target, dataset) for s in ("train", "valid", "test")}
     split_x = {s: _features(encoder, ctx, dataset, s) for s in split_y}
 
-    def fit_and_score(index: np.ndarray, label: str) -> float | None:
+    resamples = ctx.resamples(dataset, "test", len(split_y["test"]))
+
+    def fit_and_score(index: np.ndarray, label: str) -> Estimate:
         subset = torch.from_numpy(index)
         x_train = split_x["train"][subset]
         mean, std = x_train.mean(0), x_train.std(0, unbiased=False).clamp_min(1e-6)
@@ -134,7 +156,7 @@ def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
                             (norm["valid"], split_y["valid"]), target.metric, ctx.cfg.linear_probe,
                             ctx.cfg.seed)
         with torch.no_grad():
-            return score(layer(norm["test"]), split_y["test"], target.metric)
+            return test_estimate(layer(norm["test"]), split_y["test"], target.metric, resamples)
 
     fractions = sweep_fractions(
         ctx, len(split_x["train"]), fit_and_score, f"linear probe {dataset}"
@@ -144,9 +166,10 @@ def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
 
 @TASKS.register("linear_probe")
 def run(encoder: Encoder, ctx: TaskContext) -> dict:
-    """{dataset: {"metric", "fractions": {"1%": {"value", "train_images"}, ...}}}."""
+    """{dataset: {"metric", "fractions": {"1%": {"value", "ci", "train_images"}, ...}}}."""
     out = {}
     for dataset in ctx.cfg.linear_probe.datasets:
         out[dataset] = probe_dataset(encoder, ctx, dataset)
-        log.info("%s linear probe on %s: %s", encoder.label, dataset, out[dataset]["fractions"])
+        log.info("%s linear probe on %s: %s", encoder.label, dataset,
+                 {k: v["value"] for k, v in out[dataset]["fractions"].items()})
     return out

@@ -1,18 +1,16 @@
 """Evaluation report: the paper's tables (Med-UniC Tables 1–4) from a ``metrics.json`` dict.
 
 :func:`format_tables` lays the numbers out as plain-string tables, which the CLI prints in the
-terminal and :func:`write_report` renders into one self-contained HTML file (inline CSS, figures
-embedded as data URIs), so the two never disagree. Every part of the metrics may be missing: holes
-are shown as "–" and empty tables are left out.
+terminal and :func:`unimed.eval.html_report.write_report` renders into one self-contained HTML file,
+so the two never disagree. Every part of the metrics may be missing: holes
+are shown as "–" and empty tables are left out. A value with a bootstrap interval is shown with it,
+"81.2 (78.0–84.1)".
 """
 
 from __future__ import annotations
 
-import base64
-import html
 from collections.abc import Callable, Iterable
 from functools import partial
-from pathlib import Path
 
 from unimed.eval.checks import (
     LANGUAGE_NAMES,
@@ -20,15 +18,15 @@ from unimed.eval.checks import (
     MISSING,
     TASK_NAMES,
     ZERO_SHOT_SETS,
-    Check,
     as_float,
+    ci_of,
     dict_keys,
     display_name,
     fraction_order,
     lookup,
     ordered,
     percent,
-    quality_checks,
+    percent_ci,
 )
 
 Table = tuple[str, list[str], list[list[str]]]
@@ -43,11 +41,14 @@ TITLE_SEG_DET = "Table 3: Semantic segmentation (Dice) and object detection (mAP
 TITLE_I2R = "Retrieval: image → report (%)"
 TITLE_R2I = "Retrieval: report → image (%)"
 TITLE_CROSS = "Retrieval: cross-lingual report → report (%)"
+TITLE_POOLED = "Retrieval: image → report on the pooled test sets, whole gallery vs own language (%)"
+TITLE_SHORTCUT = "Language-shortcut diagnostic on the pre-training pairs"
 TITLE_BIAS = "Community bias: how separable languages and sites are (%, silhouette raw)"
 TITLE_ABLATION = "Table 4: Ablation of the learning objectives (%)"
 TITLE_TIMINGS = "Timings (seconds)"
+TITLE_SPLITS = "Evaluation sets: published split files (image ids) and their SHA-256"
 BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I, TITLE_CROSS,
-             TITLE_ABLATION}
+             TITLE_POOLED, TITLE_ABLATION}
 
 LINEAR_SETS = ("chexpert", "rsna", "covidx")
 RETRIEVAL_SETS = ("mimic-cxr", "padchest")
@@ -57,9 +58,17 @@ BIAS_METRICS = (("probe_accuracy", "probe"), ("knn_accuracy", "kNN"), ("silhouet
 OBJECTIVES = ("ssv", "cvl", "ctr", "mlm")
 FIGURE_CAPTIONS = {"tsne_text": "t-SNE of text embeddings", "tsne_image": "t-SNE of image embeddings",
                    "gradcam": "Grad-CAM"}
+POOLED_GROUPS = {"all_languages": "Whole gallery", "within_language": "Own language",
+                 "chance": "Chance (own language)"}
+SHORTCUT_COLUMNS = (("loss_mixed", "InfoNCE / mixed batches"),
+                    ("loss_single_language", "InfoNCE / single-language batches"),
+                    ("chance_loss", "InfoNCE / chance (ln B)"))
+TOP1_COLUMNS = (("right_study", "Top-1 report (%) / right study"),
+                ("right_language_wrong_study", "Top-1 report (%) / right language, wrong study"),
+                ("wrong_language", "Top-1 report (%) / wrong language"))
 
 
-def _methods(metrics: dict) -> list[tuple[str, dict]]:
+def methods(metrics: dict) -> list[tuple[str, dict]]:
     """(label, encoder entry) of every encoder, in the order of the metrics."""
     encoders = metrics.get("encoders") or {}
     return [(str(entry.get("label") or key), entry) for key, entry in encoders.items()
@@ -68,12 +77,17 @@ def _methods(metrics: dict) -> list[tuple[str, dict]]:
 
 def _task_rows(metrics: dict) -> list[Row]:
     """One row per encoder, whose getters read the encoder's ``tasks`` dict."""
-    return [([label], entry.get("tasks") or {}) for label, entry in _methods(metrics)]
+    return [([label], entry.get("tasks") or {}) for label, entry in methods(metrics)]
 
 
 def _keys(rows: list[Row], *path: str) -> list[str]:
     """Union over the rows of the keys found at ``path``."""
     return dict_keys(*(lookup(data, *path) for _, data in rows))
+
+
+def _metric_keys(rows: list[Row], *path: str) -> list[str]:
+    """`_keys` without the "ci" entry that holds the intervals of the metrics beside it."""
+    return [key for key in _keys(rows, *path) if key != "ci"]
 
 
 def _number(value: object, digits: int = 2) -> str:
@@ -89,11 +103,17 @@ def _table(title: str, first: list[str], rows: list[Row], columns: list[Column])
     return title, first + [header for header, _ in columns], body
 
 
+def _with_ci(path: tuple[str, ...], data: object) -> str:
+    """The percentage at ``path`` with the interval stored beside it, when there is one."""
+    return percent_ci(lookup(data, *path), ci_of(lookup(data, *path[:-1]), path[-1]))
+
+
 def _value(path: tuple[str, ...], data: object, fmt: Callable[[object], str] = percent) -> str:
-    return fmt(lookup(data, *path))
+    return _with_ci(path, data) if fmt is percent else fmt(lookup(data, *path))
 
 
 def _column(header: str, *path: str, fmt: Callable[[object], str] = percent) -> Column:
+    """A column reading ``path``; percentages come with their interval when it is stored."""
     return header, partial(_value, path, fmt=fmt)
 
 
@@ -144,7 +164,7 @@ def _per_class_table(metrics: dict) -> Table | None:
 
 
 def _per_class_cell(tasks: object, metric: str, path: object) -> str:
-    return percent(lookup(tasks, *path, metric))
+    return _with_ci((*path, metric), tasks)
 
 
 def _linear_table(metrics: dict) -> Table | None:
@@ -166,15 +186,33 @@ def _retrieval_table(metrics: dict, direction: str, title: str) -> Table | None:
     for name in ordered(RETRIEVAL_SETS, _keys(rows, "retrieval", direction)):
         group = (" → ".join(display_name(lang, LANGUAGE_NAMES) for lang in name.split("_to_"))
                  if "_to_" in name else display_name(name))
-        for metric in ordered(RETRIEVAL_METRICS, _keys(rows, "retrieval", direction, name)):
+        for metric in ordered(RETRIEVAL_METRICS, _metric_keys(rows, "retrieval", direction, name)):
             columns.append(_column(f"{group}{SEP}{metric}", "retrieval", direction, name, metric))
     return _table(title, ["Method"], rows, columns)
+
+
+def _pooled_table(metrics: dict) -> Table | None:
+    """Recall@K over the pooled test gallery and over the image's own language, beside chance."""
+    rows = _task_rows(metrics)
+    columns = [_column(f"{POOLED_GROUPS[group]}{SEP}{metric}", "retrieval", "pooled", group, metric)
+               for group in POOLED_GROUPS
+               for metric in ordered(RETRIEVAL_METRICS, _metric_keys(rows, "retrieval", "pooled", group))]
+    return _table(TITLE_POOLED, ["Method"], rows, columns)
+
+
+def _shortcut_table(metrics: dict) -> Table | None:
+    """InfoNCE in mixed vs single-language batches and where the top-1 report lands."""
+    rows = _task_rows(metrics)
+    path = ("retrieval", "shortcut")
+    columns = [_column(header, *path, key, fmt=_number) for key, header in SHORTCUT_COLUMNS]
+    columns += [_column(header, *path, "top1", key) for key, header in TOP1_COLUMNS]
+    return _table(TITLE_SHORTCUT, ["Method"], rows, columns)
 
 
 def _bias_table(metrics: dict) -> Table | None:
     """One row per encoder × embedding space; language and site separability columns."""
     rows: list[Row] = []
-    for label, entry in _methods(metrics):
+    for label, entry in methods(metrics):
         bias = lookup(entry, "tasks", "bias") or {}
         found = [(m, v) for m in dict_keys(bias) for v in dict_keys(bias.get(m))]
         for modality, variant in ordered(BIAS_SPACES, found):
@@ -199,8 +237,18 @@ def _ablation_table(metrics: dict) -> Table | None:
     return _table(TITLE_ABLATION, ["Variant", *(key.upper() for key in OBJECTIVES)], rows, columns)
 
 
+def _splits_table(metrics: dict) -> Table | None:
+    """One row per evaluated dataset split: images, split file and its hash."""
+    splits = metrics.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        return None
+    rows = [[name, str(lookup(entry, "images") or MISSING), str(lookup(entry, "file") or MISSING),
+             str(lookup(entry, "sha256") or MISSING)] for name, entry in splits.items()]
+    return TITLE_SPLITS, ["Set", "Images", "File", "SHA-256"], rows
+
+
 def _timings_table(metrics: dict) -> Table | None:
-    rows: list[Row] = [([label], entry.get("seconds") or {}) for label, entry in _methods(metrics)]
+    rows: list[Row] = [([label], entry.get("seconds") or {}) for label, entry in methods(metrics)]
     tasks = ordered(TASK_NAMES, _keys(rows))
     columns = [_column(display_name(task, TASK_NAMES), task, fmt=partial(_number, digits=1))
                for task in tasks]
@@ -219,7 +267,7 @@ TABLE_BUILDERS: tuple[Callable[[dict], Table | None], ...] = (
     partial(_retrieval_table, direction="image_to_report", title=TITLE_I2R),
     partial(_retrieval_table, direction="report_to_image", title=TITLE_R2I),
     partial(_retrieval_table, direction="cross_lingual", title=TITLE_CROSS),
-    _bias_table, _ablation_table, _timings_table,
+    _pooled_table, _shortcut_table, _bias_table, _ablation_table, _timings_table, _splits_table,
 )
 
 
@@ -265,203 +313,3 @@ def _train_note(methods: list[Row], tasks: tuple[str, ...]) -> str:
             if counts:
                 parts.append(f"{prefix}{display_name(name)}: " + ", ".join(counts))
     return "Training images: " + "; ".join(parts) if parts else ""
-
-
-# ---- HTML -----------------------------------------------------------------------------------------
-
-CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#1f2933;margin:0;
-background:#f5f7fa;font-size:14px}
-main{max-width:1240px;margin:0 auto;padding:24px 32px 48px;background:#fff;min-height:100vh}
-h1{font-size:24px;margin:0 0 12px}h2{font-size:18px;margin:32px 0 8px;padding-bottom:4px;
-border-bottom:2px solid #3b6ea5;color:#24466b}h3{font-size:14px;margin:16px 0 6px;color:#334e68}
-dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:0}
-dl.meta dt{font-weight:600;color:#52606d}dl.meta dd{margin:0;font-family:monospace}
-.scroll{overflow-x:auto}
-table{border-collapse:collapse;margin:4px 0;font-variant-numeric:tabular-nums}
-th,td{padding:4px 9px;border-bottom:1px solid #e4e7eb;white-space:nowrap}
-th{background:#e8eef5;font-weight:600;text-align:center}
-thead tr:first-child th{border-bottom:1px solid #bcccdc}
-tbody tr:nth-child(even){background:#f7f9fb}
-td.num{text-align:right}.gs{border-left:1px solid #bcccdc}td.text{text-align:left}td.best{font-weight:700}
-.note,.muted{color:#7b8794;font-size:12px;margin:2px 0 0}
-.badge{display:inline-block;min-width:40px;text-align:center;border-radius:10px;padding:1px 8px;
-font-size:11px;font-weight:700;color:#fff}
-.pass{background:#2f855a}.fail{background:#c53030}.na{background:#9aa5b1}
-td.detail{white-space:normal;color:#52606d}
-.figures{display:flex;flex-wrap:wrap;gap:16px}
-figure{margin:0;border:1px solid #e4e7eb;padding:6px;background:#fff}
-figure img{display:block;max-width:560px;height:auto}figcaption{font-size:12px;color:#52606d;
-margin-top:4px}
-"""
-
-SECTIONS = (
-    ("Zero-shot classification", (TITLE_ZERO_SHOT, TITLE_PER_CLASS), None),
-    ("Linear classification", (TITLE_LINEAR,), None),
-    ("Segmentation and detection", (TITLE_SEG_DET,), None),
-    ("Retrieval", (TITLE_I2R, TITLE_R2I, TITLE_CROSS), None),
-    ("Community bias", (TITLE_BIAS,), "bias"),
-    ("Grad-CAM", (), "gradcam"),
-    ("Ablation", (TITLE_ABLATION,), None),
-    ("Timings", (TITLE_TIMINGS,), None),
-)
-E = html.escape
-GROUP_START = ' class="gs"'
-
-
-def _is_number(cell: str) -> bool:
-    return cell == MISSING or as_float(_parse(cell)) is not None
-
-
-def _parse(cell: str) -> float | None:
-    try:
-        return float(cell)
-    except ValueError:
-        return None
-
-
-def _best_cells(rows: list[list[str]]) -> set[tuple[int, int]]:
-    """(row, column) of the highest value of each numeric column holding at least two values."""
-    best = set()
-    for col in range(1, max((len(row) for row in rows), default=0)):
-        values = [(i, v) for i, row in enumerate(rows) if (v := _parse(row[col])) is not None]
-        if len(values) >= 2:
-            top = max(v for _, v in values)
-            best |= {(i, col) for i, v in values if v == top}
-    return best
-
-
-def _split_header(cell: str) -> list[str]:
-    """["group", "column"] of a grouped header (split at the last separator), else [cell]."""
-    return cell.rsplit(SEP, 1) if SEP in cell else [cell]
-
-
-def _group_starts(header: list[str]) -> set[int]:
-    """Columns that open a new header group, drawn with a rule on their left."""
-    split = [_split_header(cell) for cell in header]
-    return {j for j in range(1, len(split)) if len(split[j]) == 2 and split[j][0] != split[j - 1][0]}
-
-
-def _header_html(header: list[str]) -> str:
-    """One header row, or two when some columns are grouped as "group / column"."""
-    split = [_split_header(cell) for cell in header]
-    if all(len(parts) == 1 for parts in split):
-        return "<tr>" + "".join(f"<th>{E(cell)}</th>" for cell in header) + "</tr>"
-    top, bottom = [], []
-    i = 0
-    while i < len(split):
-        if len(split[i]) == 1:
-            top.append(f'<th rowspan="2">{E(split[i][0])}</th>')
-            i += 1
-            continue
-        j = i
-        while j < len(split) and len(split[j]) == 2 and split[j][0] == split[i][0]:
-            bottom.append(f"<th{GROUP_START if j == i else ''}>{E(split[j][1])}</th>")
-            j += 1
-        top.append(f'<th colspan="{j - i}" class="gs">{E(split[i][0])}</th>')
-        i = j
-    return f"<tr>{''.join(top)}</tr><tr>{''.join(bottom)}</tr>"
-
-
-def _table_html(table: Table, note: str = "") -> str:
-    """A table with its title, two-level header, best values in bold when the table ranks methods."""
-    title, header, rows = table
-    best = _best_cells(rows) if title in BOLD_BEST else set()
-    starts = _group_starts(header)
-    body = []
-    for i, row in enumerate(rows):
-        cells = [f'<td class="{"num" if _is_number(c) else "text"}{" best" if (i, j) in best else ""}'
-                 f'{" gs" if j in starts else ""}">{E(c)}</td>' for j, c in enumerate(row)]
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    note_html = f'<p class="note">{E(note)}</p>' if note else ""
-    return (f"<h3>{E(title)}</h3><div class=\"scroll\"><table><thead>{_header_html(header)}</thead>"
-            f"<tbody>{''.join(body)}</tbody></table></div>{note_html}")
-
-
-def _image_html(path: Path, caption: str) -> str:
-    """A figure with the PNG embedded as a data URI, or a muted line when the file is missing."""
-    if not path.is_file():
-        return f'<p class="muted">Figure missing: {E(path.name)}</p>'
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{E(caption)}">'
-            f"<figcaption>{E(caption)}</figcaption></figure>")
-
-
-def _figures_html(metrics: dict, task: str, figure_dir: Path) -> str:
-    """Each encoder's figures of ``task`` side by side, under the encoder's label."""
-    parts = []
-    for label, entry in _methods(metrics):
-        figures = lookup(entry, "tasks", task, "figures")
-        if not isinstance(figures, dict) or not figures:
-            continue
-        images = "".join(_image_html(figure_dir / str(name), f"{label}: {FIGURE_CAPTIONS.get(k, k)}")
-                         for k, name in figures.items())
-        classes = lookup(entry, "tasks", task, "classes")
-        note = (f'<p class="note">Classes: {E(", ".join(map(str, classes)))}; '
-                f'{E(str(lookup(entry, "tasks", task, "images_per_class") or MISSING))} images each</p>'
-                if isinstance(classes, list) else "")
-        parts.append(f'<h3>{E(label)}</h3><div class="figures">{images}</div>{note}')
-    return "".join(parts)
-
-
-def _checks_html(checks: list[Check]) -> str:
-    """Summary line and one row per check with a PASS / FAIL / N/A badge."""
-    if not checks:
-        return '<p class="muted">No checks.</p>'
-    counts = [sum(c.passed is state for c in checks) for state in (True, False, None)]
-    summary = f"{counts[0]} passed, {counts[1]} failed, {counts[2]} not checked"
-    badges = {True: ("pass", "PASS"), False: ("fail", "FAIL"), None: ("na", "N/A")}
-    rows = "".join(
-        f'<tr><td><span class="badge {badges[c.passed][0]}">{badges[c.passed][1]}</span></td>'
-        f'<td class="text">{E(c.name)}</td><td class="detail">{E(c.detail)}</td></tr>' for c in checks)
-    return (f"<p>{E(summary)}</p><table><thead><tr><th>Status</th><th>Check</th><th>Detail</th>"
-            f"</tr></thead><tbody>{rows}</tbody></table>")
-
-
-def _duration(seconds: object) -> str:
-    value = as_float(seconds)
-    if value is None:
-        return MISSING
-    minutes, rest = divmod(round(value), 60)
-    return f"{minutes} min {rest} s" if minutes else f"{value:.1f} s"
-
-
-def _meta_html(metrics: dict) -> str:
-    """Title and run metadata."""
-    fields = [("Run", metrics.get("run")), ("Checkpoint", metrics.get("checkpoint")),
-              ("Data root", metrics.get("data_root")), ("Created", metrics.get("created")),
-              ("Duration", _duration(metrics.get("seconds"))),
-              ("Encoders", ", ".join(label for label, _ in _methods(metrics)) or None)]
-    items = "".join(f"<dt>{E(name)}</dt><dd>{E(str(MISSING if value is None else value))}</dd>"
-                    for name, value in fields)
-    run = str(metrics.get("run") or "")
-    return f"<h1>Evaluation report{E(': ' + run) if run else ''}</h1><dl class=\"meta\">{items}</dl>"
-
-
-def render_report(metrics: dict, figure_dir: Path, checks: list[Check] | None = None) -> str:
-    """The report as one self-contained HTML string (see :func:`write_report`)."""
-    checks = quality_checks(metrics) if checks is None else checks
-    tables = {table[0]: table for table in format_tables(metrics)}
-    notes = table_notes(metrics)
-    parts = [_meta_html(metrics), "<h2>Quality checks</h2>", _checks_html(checks)]
-    for heading, titles, figure_task in SECTIONS:
-        content = "".join(_table_html(tables[t], notes.get(t, "")) for t in titles if t in tables)
-        if figure_task:
-            content += _figures_html(metrics, figure_task, Path(figure_dir))
-        parts.append(f"<h2>{E(heading)}</h2>" + (content or '<p class="muted">Not in this run.</p>'))
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>Evaluation report</title><style>{CSS}</style></head>"
-            f"<body><main>{''.join(parts)}</main></body></html>\n")
-
-
-def write_report(metrics: dict, out_path: Path, figure_dir: Path,
-                 checks: list[Check] | None = None) -> Path:
-    """Write the HTML report of ``metrics`` to ``out_path`` and return it.
-
-    The file is self-contained: inline CSS, every figure (paths relative to ``figure_dir``) embedded
-    as a base64 PNG data URI, no script. ``checks`` defaults to :func:`quality_checks` of the metrics.
-    """
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(render_report(metrics, figure_dir, checks), encoding="utf-8")
-    return out_path

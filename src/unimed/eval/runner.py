@@ -1,4 +1,9 @@
-"""Run evaluation tasks on encoders and collect one metrics dict (what metrics.json holds)."""
+"""Run evaluation tasks on encoders and collect one metrics dict (what metrics.json holds).
+
+The bootstrap replicates the tasks return under "replicates" keys are moved into
+``ctx.replicates``, keyed ``"<encoder>/<task>/<path>/<metric>"`` (e.g.
+``"medunic/zero_shot/cxp500/en/auc"``), so the metrics stay JSON and the checks can pair encoders.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from unimed.eval import (  # noqa: F401  (each task module registers itself in TASKS)
@@ -37,6 +43,19 @@ def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]
         )
         start = time.perf_counter()
         entry["tasks"][task] = runners[task](encoder, ctx)
+        ctx.replicates.update(pop_replicates(entry["tasks"][task], f"{encoder.name}/{task}"))
         entry["seconds"][task] = round(time.perf_counter() - start, 2)
         log.info("%s: %s took %.1f s", encoder.label, task, entry["seconds"][task])
     return out
+
+
+def pop_replicates(tree: object, prefix: str) -> dict[str, np.ndarray]:
+    """Remove every "replicates" dict from the nested `tree`; {"<prefix>/<path>/<metric>": array}."""
+    found: dict[str, np.ndarray] = {}
+    if not isinstance(tree, dict):
+        return found
+    for metric, values in (tree.pop("replicates", None) or {}).items():
+        found[f"{prefix}/{metric}"] = np.asarray(values)
+    for key, child in tree.items():
+        found.update(pop_replicates(child, f"{prefix}/{key}"))
+    return found

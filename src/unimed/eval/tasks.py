@@ -1,8 +1,15 @@
 """The task registry and what every task receives.
 
-A task is ``run(encoder, ctx) -> metrics`` where `metrics` is JSON-serialisable. Tasks that draw
-figures save PNGs under ``ctx.out_dir`` and list them under ``metrics["figures"]`` (name -> file name
-relative to ``ctx.out_dir``), so the report can embed them.
+A task is ``run(encoder, ctx) -> metrics``. Tasks that draw figures save PNGs under ``ctx.out_dir``
+and list them under ``metrics["figures"]`` (name -> file name relative to ``ctx.out_dir``), so the
+report can embed them.
+
+Bootstrap intervals (see :mod:`unimed.eval.metrics`) sit beside the values they qualify: a dict of
+metrics gains ``"ci": {name: [lo, hi]}`` (:func:`with_intervals`), a per-fraction row
+``{"value", "train_images"}`` gains ``"ci": [lo, hi]``. The replicates behind them travel under
+``"replicates"`` keys holding numpy arrays, which the runner moves out of the metrics into
+``ctx.replicates`` (saved beside metrics.json for the paired comparisons of the checks); everything
+else a task returns is JSON-serialisable.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from tqdm.auto import tqdm
 from unimed.eval.config import EvalConfig
 from unimed.eval.data import EvalData, fraction_indices
 from unimed.eval.encoders import Encoder
+from unimed.eval.metrics import Estimate, resample_indices
 from unimed.registry import Registry
 
 
@@ -28,6 +36,12 @@ class TaskContext:
     cfg: EvalConfig
     out_dir: Path
     progress: bool = False
+    replicates: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def resamples(self, dataset: str, split: str, n: int) -> np.ndarray:
+        """(R, n) bootstrap indices of the `n` scored images of `dataset`/`split`, the same for
+        every encoder (see :func:`unimed.eval.metrics.resample_indices`)."""
+        return resample_indices(n, self.cfg.bootstrap_resamples, self.cfg.seed, dataset, split)
 
     def figure_path(self, encoder: Encoder, name: str) -> Path:
         """Where `encoder`'s figure `name` (a PNG) is written; the folder is created."""
@@ -44,14 +58,35 @@ def fraction_label(fraction: float) -> str:
     return f"{fraction * 100:g}%"
 
 
+def with_intervals(estimates: dict[str, Estimate], *, replicates: bool = True) -> dict[str, Any]:
+    """{name: value, ..., "ci": {name: [lo, hi]}}, plus "replicates": {name: (R,) array} when
+    `replicates` (the values that checks compare between encoders)."""
+    out = {**{name: e.value for name, e in estimates.items()},
+           "ci": {name: e.json_ci() for name, e in estimates.items()}}
+    if replicates:
+        out["replicates"] = {name: e.replicates for name, e in estimates.items()}
+    return out
+
+
+def fraction_row(score: Estimate | float | None, train_images: int) -> dict[str, Any]:
+    """{"value", "train_images"} of one label fraction, with "ci" and "replicates" when `score`
+    is a bootstrap :class:`Estimate`."""
+    if not isinstance(score, Estimate):
+        return {"value": score, "train_images": train_images}
+    return {"value": score.value, "ci": score.json_ci(), "train_images": train_images,
+            "replicates": {"value": score.replicates}}
+
+
 def sweep_fractions(
-    ctx: TaskContext, n_train: int, score: Callable[[np.ndarray, str], float | None], desc: str
+    ctx: TaskContext, n_train: int, score: Callable[[np.ndarray, str], Estimate | float | None],
+    desc: str,
 ) -> dict[str, dict[str, Any]]:
-    """{"1%": {"value", "train_images"}, ...}: `score(train_indices, label)` for every configured
-    label fraction, on the seeded, nested training subsets of :func:`fraction_indices`."""
+    """{"1%": {"value", "ci", "train_images"}, ...}: `score(train_indices, label)` for every
+    configured label fraction, on the seeded, nested training subsets of :func:`fraction_indices`.
+    A score that is an :class:`Estimate` brings its interval (see :func:`fraction_row`)."""
     rows = {}
     for fraction in tqdm(ctx.cfg.fractions, desc=desc, unit="fraction", disable=not ctx.progress):
         label = fraction_label(fraction)
         index = fraction_indices(n_train, fraction, ctx.cfg.min_train_images, ctx.cfg.seed)
-        rows[label] = {"value": score(index, label), "train_images": int(len(index))}
+        rows[label] = fraction_row(score(index, label), int(len(index)))
     return rows

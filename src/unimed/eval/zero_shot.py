@@ -3,7 +3,8 @@
 An image is called positive for a class when its cosine similarity to the positive prompt
 ("{disease}") exceeds that to the negative prompt ("No {disease}" / "No hay {enfermedad}"); the
 difference of the two similarities is the score the AUC ranks. Macro AUC and macro F1 average over
-the classes (a class with a single label value in the test set has no AUC and is left out).
+the classes (a class with a single label value in the test set has no AUC and is left out). Every
+value carries a bootstrap 95 % interval over resamples of the test images, shared by all encoders.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from unimed.data.records import Record
 from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
-from unimed.eval.metrics import auc_or_none, binary_f1, macro
+from unimed.eval.metrics import batched_auc, batched_f1, bootstrap, macro_estimate
 from unimed.eval.prompts import PromptSet, load_prompts
-from unimed.eval.tasks import TASKS, TaskContext
+from unimed.eval.tasks import TASKS, TaskContext, with_intervals
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,24 @@ def prompt_scores(
     return (sims[:, : len(classes)] - sims[:, len(classes) :]).numpy()
 
 
-def score_language(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> dict:
-    """Macro AUC / F1 and the per-class values for one prompt language."""
-    per_class = {}
+def _positive_f1(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    return batched_f1(labels, scores > 0)
+
+
+def score_language(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str],
+                   resamples: np.ndarray) -> dict:
+    """Macro AUC / F1 and the per-class values for one prompt language, each with its interval
+    over the (R, N) `resamples` of the images."""
+    per_class, estimates = {}, {"auc": [], "f1": []}
     for c, name in enumerate(classes):
-        per_class[name] = {
-            "auc": auc_or_none(labels[:, c], scores[:, c]),
-            "f1": binary_f1(labels[:, c], scores[:, c] > 0),
-            "positives": int(labels[:, c].sum()),
-        }
-    return {
-        "auc": macro([v["auc"] for v in per_class.values()]),
-        "f1": macro([v["f1"] for v in per_class.values()]),
-        "images": int(len(labels)),
-        "per_class": per_class,
-    }
+        pair = [labels[:, c], scores[:, c]]
+        auc, f1 = bootstrap(batched_auc, pair, resamples), bootstrap(_positive_f1, pair, resamples)
+        estimates["auc"].append(auc)
+        estimates["f1"].append(f1)
+        row = with_intervals({"auc": auc, "f1": f1}, replicates=False)
+        per_class[name] = {**row, "positives": int(labels[:, c].sum())}
+    macros = {metric: macro_estimate(values) for metric, values in estimates.items()}
+    return {**with_intervals(macros), "images": int(len(labels)), "per_class": per_class}
 
 
 @TASKS.register("zero_shot")
@@ -87,8 +91,10 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict:
         labels = label_matrix(records, classes, dataset)
         images = rgb(ctx.data.images(dataset, SPLIT))
         features = encoder.image_features(images, normalize=True, batch_size=ctx.cfg.batch_size)
+        resamples = ctx.resamples(dataset, SPLIT, len(records))
         out[dataset] = {
-            lang: score_language(labels, prompt_scores(encoder, features, p, classes), classes)
+            lang: score_language(labels, prompt_scores(encoder, features, p, classes), classes,
+                                 resamples)
             for lang, p in prompts.items()
         }
         log.info("%s zero-shot on %s: %s", encoder.label, dataset,

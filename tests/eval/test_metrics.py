@@ -1,0 +1,88 @@
+"""Bootstrap intervals and the vectorised metrics behind them, against independent computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, roc_auc_score
+
+from unimed.eval.metrics import (
+    Estimate,
+    batched_auc,
+    batched_f1,
+    batched_mean,
+    bootstrap,
+    macro_estimate,
+    paired_difference,
+    percentile_interval,
+    resample_indices,
+)
+
+
+def test_resamples_depend_only_on_seed_dataset_split_and_size():
+    first = resample_indices(50, 100, seed=0, dataset="cxp500", split="test")
+    assert first.shape == (100, 50) and first.min() >= 0 and first.max() < 50
+    assert np.array_equal(first, resample_indices(50, 100, seed=0, dataset="cxp500", split="test"))
+    for other in (dict(seed=1, dataset="cxp500", split="test"),
+                  dict(seed=0, dataset="pdc", split="test"),
+                  dict(seed=0, dataset="cxp500", split="valid")):
+        assert not np.array_equal(first, resample_indices(50, 100, **other))
+    assert not np.array_equal(first[:, :49], resample_indices(49, 100, seed=0, dataset="cxp500",
+                                                              split="test"))
+
+
+def test_bootstrap_of_a_mean_matches_numpy_percentiles_of_resampled_means():
+    rng = np.random.default_rng(1)
+    dice = rng.uniform(size=40)
+    indices = resample_indices(40, 1000, seed=0, dataset="siim", split="test")
+    got = bootstrap(batched_mean, [dice], indices)
+    means = np.array([dice[i].mean() for i in indices])
+    assert got.value == pytest.approx(dice.mean())
+    assert np.allclose(got.replicates, means)
+    assert got.ci == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    assert got.ci[0] < dice.mean() < got.ci[1]
+    assert got.json_ci() == [got.ci[0], got.ci[1]]
+
+
+def test_batched_auc_equals_sklearn_with_ties_and_is_nan_for_one_class():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, size=(20, 30))
+    scores = rng.integers(0, 5, size=(20, 30)).astype(float)  # many ties
+    expected = [roc_auc_score(y, s) for y, s in zip(labels, scores)]
+    assert np.allclose(batched_auc(labels, scores), expected)
+    assert np.isnan(batched_auc(np.ones((1, 4)), np.arange(4.0)[None]))[0]
+
+
+def test_batched_f1_equals_sklearn_including_no_positives():
+    rng = np.random.default_rng(3)
+    labels, predictions = rng.integers(0, 2, size=(2, 25, 12))
+    labels[0], predictions[0] = 0, 0
+    expected = [f1_score(y, p, zero_division=0.0) for y, p in zip(labels, predictions)]
+    assert np.allclose(batched_f1(labels, predictions), expected)
+
+
+def test_macro_estimate_averages_the_defined_classes_per_resample():
+    a = Estimate(0.6, None, np.array([0.5, np.nan, 0.7, np.nan]))
+    b = Estimate(None, None, np.array([0.9, 0.8, np.nan, np.nan]))
+    got = macro_estimate([a, b])
+    assert got.value == 0.6
+    assert np.allclose(got.replicates, [0.7, 0.8, 0.7, np.nan], equal_nan=True)
+
+
+def test_interval_needs_half_the_replicates_defined():
+    assert percentile_interval(np.array([0.1, np.nan, np.nan])) is None
+    assert percentile_interval(np.array([0.2, 0.2, np.nan])) == (0.2, 0.2)
+
+
+def test_paired_difference_cancels_the_shared_resampling_noise():
+    """Encoder B is A plus 0.01 on every image: the unpaired intervals overlap, the paired one
+    is exactly 0.01."""
+    rng = np.random.default_rng(4)
+    a_images = rng.uniform(size=60)
+    indices = resample_indices(60, 500, seed=0, dataset="rsna", split="test")
+    a = bootstrap(batched_mean, [a_images], indices)
+    b = bootstrap(batched_mean, [a_images + 0.01], indices)
+    assert b.ci[0] < a.ci[1]
+    assert paired_difference(b.replicates, a.replicates) == pytest.approx((0.01, 0.01))
+    with pytest.raises(ValueError, match="different resamples"):
+        paired_difference(a.replicates, a.replicates[:10])
