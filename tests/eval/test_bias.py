@@ -49,6 +49,26 @@ def test_single_group_is_undefined_not_an_error() -> None:
                    "distance_ratio": None, "chance": 1.0}
 
 
+def test_patient_grouping_stops_the_probe_from_recognising_patients() -> None:
+    # 40 patients with 3 records each; the label is a coin flip per patient and the features are
+    # the patient's own random anatomy plus a little noise: nothing but the patient predicts it.
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(40), 3).astype(str)
+    labels = np.repeat(rng.permutation(["en", "es"] * 20), 3)
+    x = np.repeat(rng.normal(size=(40, 64)), 3, axis=0) + rng.normal(scale=0.05, size=(120, 64))
+    leaky = separability(x, labels, knn_k=3, folds=5, seed=0)
+    grouped = separability(x, labels, knn_k=3, folds=5, seed=0, patients=patients)
+    assert leaky["probe_accuracy"] > 0.95 and leaky["knn_accuracy"] == 1.0
+    assert grouped["probe_accuracy"] < 0.7 and grouped["knn_accuracy"] < 0.7
+    assert grouped["distance_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert leaky["distance_ratio"] > grouped["distance_ratio"]
+
+
+def test_knn_without_other_patients_is_undefined() -> None:
+    x, labels = clouds(True, n=2)
+    assert knn_accuracy(x, labels, k=3, patients=np.array(["p"] * 4)) is None
+
+
 def on_circle(degrees: list[float], norms: list[float]) -> np.ndarray:
     angles = np.deg2rad(degrees)
     return np.stack([np.cos(angles), np.sin(angles)], axis=1) * np.array(norms)[:, None]
@@ -71,6 +91,15 @@ def test_distance_ratio_excludes_self_pairs_and_pools_within_pairs() -> None:
     # Between pairs: a x b (b at 270): 1, 2, 1; a x c (c at 0): 0, 1, 2; b x c: 1 -> mean 8/7.
     x = on_circle([0, 90, 180, 270, 0], [1.0] * 5)
     assert distance_ratio(x, np.array(["a", "a", "a", "b", "c"])) == pytest.approx((8 / 7) / (4 / 3))
+
+
+def test_distance_ratio_leaves_out_pairs_of_one_patient() -> None:
+    # a: 0 and 0 degrees (patient p1), 90 (p2); b: 180 (p3). Within pairs of different patients:
+    # (0, 90) twice -> distance 1. Between: 2, 2, 1 -> 5/3. Ratio 5/3 (5/2 with the p1 pair kept).
+    x = on_circle([0, 0, 90, 180], [1.0, 2.0, 1.0, 1.0])
+    labels, patients = np.array(["a", "a", "a", "b"]), np.array(["p1", "p1", "p2", "p3"])
+    assert distance_ratio(x, labels, patients) == pytest.approx(5 / 3)
+    assert distance_ratio(x, labels) == pytest.approx(5 / 2)
 
 
 def test_distance_ratio_is_one_when_labels_carry_nothing_and_grows_with_separation() -> None:

@@ -15,6 +15,10 @@ pooled features and their projection P_v. For the language and the site of every
 * ``chance``: the majority group's share, the accuracy of always guessing it.
 
 High values mean a biased, community-separated space; a debiased model brings them towards chance.
+Records of one patient share anatomy, so they are kept on one side of every probe fold, are never
+each other's kNN neighbours and are left out of the distance ratio's pairs: otherwise a probe names
+a community by recognising a patient (random image features scored 70% on the phantom's control
+community with record-level folds, chance with patient-level folds).
 Two numbers cannot fail on their own: reports in two languages with disjoint vocabularies are
 linearly separable whatever the encoder (text probe near 100%), and sites that differ in acquisition
 separate in image space whatever the text does. Hence two measurements that can:
@@ -42,7 +46,7 @@ from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
@@ -63,12 +67,14 @@ GROUPINGS = ("language", "site")
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """The audited records, their (N, 1, S, S) images, and each record's language and site."""
+    """The audited records, their (N, 1, S, S) images, and each record's language, site and
+    patient ("<dataset>/<patient_id>")."""
 
     records: list[Record]
     images: torch.Tensor
     languages: np.ndarray
     sites: np.ndarray
+    patients: np.ndarray
 
 
 def _dataset_pool(ctx: TaskContext, dataset: str) -> tuple[list[Record], torch.Tensor]:
@@ -93,7 +99,12 @@ def draw_sample(ctx: TaskContext, datasets: Sequence[str], per_group: int, seed:
     chosen = per_language(languages, per_group, np.random.default_rng(seed))
     picked = [records[i] for i in chosen]
     sites = np.array([r.site or "unknown" for r in picked])
-    return Sample(picked, images[chosen], languages[chosen], sites)
+    return Sample(picked, images[chosen], languages[chosen], sites, patient_ids(picked))
+
+
+def patient_ids(records: Sequence[Record]) -> np.ndarray:
+    """(N,) "<dataset>/<patient_id>" of every record."""
+    return np.array([f"{r.dataset}/{r.patient_id}" for r in records])
 
 
 def per_language(languages: np.ndarray, per_group: int, rng: np.random.Generator) -> list[int]:
@@ -132,7 +143,7 @@ def draw_control(ctx: TaskContext, datasets: Sequence[str], per_group: int, seed
         picked = [pool[i] for i in per_language(languages, per_group, rng)]
         images = ctx.data.load(picked, "crop", f"bias control/{subset}")  # (N, 1, S, S)
         out[subset] = Sample(picked, images, np.array([r.language for r in picked]),
-                             np.array([r.site for r in picked]))
+                             np.array([r.site for r in picked]), patient_ids(picked))
     return out
 
 
@@ -141,13 +152,25 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Leave-one-out accuracy of a cosine k-NN majority vote; a tied vote goes to the class of the
-    nearest of the tied neighbours."""
+def other_patients(n: int, patients: np.ndarray | None) -> np.ndarray:
+    """(N, N) bool: pairs of distinct records of different patients (any distinct pair without
+    `patients`)."""
+    if patients is None:
+        return ~np.eye(n, dtype=bool)
+    return patients[:, None] != patients[None, :]
+
+
+def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int,
+                 patients: np.ndarray | None = None) -> float | None:
+    """Leave-one-out accuracy of a cosine k-NN majority vote among the records of other patients
+    (k lowered to the fewest such records); a tied vote goes to the class of the nearest of the
+    tied neighbours. None when a record has no other patient's record to vote."""
     x = unit_rows(features)  # (N, D)
-    sims = x @ x.T  # (N, N)
-    np.fill_diagonal(sims, -np.inf)
-    k = min(k, len(x) - 1)
+    candidates = other_patients(len(x), patients)  # (N, N)
+    sims = np.where(candidates, x @ x.T, -np.inf)  # (N, N)
+    k = min(k, int(candidates.sum(axis=1).min()))
+    if k < 1:
+        return None
     neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (N, k), nearest first
     votes = labels[neighbours]  # (N, k)
     correct = 0
@@ -159,21 +182,26 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int) -> float:
     return correct / len(x)
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> float | None:
-    """Stratified `folds`-fold accuracy of a logistic-regression probe; None when a group has
-    fewer than two members."""
-    smallest = int(np.unique(labels, return_counts=True)[1].min())
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: int,
+                   patients: np.ndarray | None = None) -> float | None:
+    """Stratified `folds`-fold accuracy of a logistic-regression probe, each patient's records in
+    one fold (so the probe cannot name a group by recognising a patient seen in training); None
+    when a group has fewer than two members (patients)."""
+    units = patients if patients is not None else np.arange(len(labels))
+    smallest = min(len(set(units[labels == g].tolist())) for g in np.unique(labels))
     if smallest < 2:
         return None
-    cv = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
+    cv = StratifiedGroupKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    return float(cross_val_score(probe, features, labels, cv=cv).mean())
+    return float(cross_val_score(probe, features, labels, groups=units, cv=cv).mean())
 
 
-def distance_ratio(features: np.ndarray, labels: np.ndarray) -> float | None:
+def distance_ratio(features: np.ndarray, labels: np.ndarray,
+                   patients: np.ndarray | None = None) -> float | None:
     """Mean cosine distance (1 - cos) over pairs of records from different groups, divided by the
-    mean over pairs of distinct records from the same group (all groups' pairs pooled); None with
-    fewer than two groups or no within-group pair, inf when every group is a single point.
+    mean over pairs of distinct records from the same group (all groups' pairs pooled); pairs of
+    one patient's records are left out. None with fewer than two groups or no within-group pair,
+    inf when every group is a single point.
 
     Why this statistic: it lives in the cosine geometry that retrieval and zero-shot use, it does
     not depend on the scale of the features, and it has a fixed null: when the labels carry no
@@ -184,32 +212,33 @@ def distance_ratio(features: np.ndarray, labels: np.ndarray) -> float | None:
     How it fails: a value well above 1 means the space is organised by community (language or
     site) rather than by content; a debiased space is near 1.
     """
-    groups = np.unique(labels)
+    pairs = other_patients(len(labels), patients)  # (N, N)
     same = labels[:, None] == labels[None, :]  # (N, N)
-    within_pairs = same & ~np.eye(len(labels), dtype=bool)
-    if len(groups) < 2 or not within_pairs.any():
+    within_pairs, between_pairs = same & pairs, ~same & pairs
+    if not within_pairs.any() or not between_pairs.any():
         return None
     x = unit_rows(features)
     distance = 1.0 - x @ x.T  # (N, N)
-    within, between = float(distance[within_pairs].mean()), float(distance[~same].mean())
+    within, between = float(distance[within_pairs].mean()), float(distance[between_pairs].mean())
     return between / within if within > 0 else math.inf
 
 
 def separability(features: np.ndarray, labels: np.ndarray, *, knn_k: int, folds: int,
-                 seed: int) -> dict[str, float | None]:
+                 seed: int, patients: np.ndarray | None = None) -> dict[str, float | None]:
     """How well `labels` (N,) can be told apart in `features` (N, D); None where undefined (a
-    single group, or a group too small)."""
+    single group, or a group too small). With `patients` (N,), records of one patient never meet
+    across probe folds, as kNN neighbours or as a distance-ratio pair (the silhouette keeps them)."""
     groups, counts = np.unique(labels, return_counts=True)
     chance = float(counts.max() / counts.sum())
     if len(groups) < 2:
         return {"probe_accuracy": None, "knn_accuracy": None, "silhouette": None,
                 "distance_ratio": None, "chance": chance}
     return {
-        "probe_accuracy": probe_accuracy(features, labels, folds, seed),
-        "knn_accuracy": knn_accuracy(features, labels, knn_k),
+        "probe_accuracy": probe_accuracy(features, labels, folds, seed, patients),
+        "knn_accuracy": knn_accuracy(features, labels, knn_k, patients),
         "silhouette": float(silhouette_score(features, labels, metric="cosine"))
         if len(groups) < len(labels) else None,
-        "distance_ratio": distance_ratio(features, labels),
+        "distance_ratio": distance_ratio(features, labels, patients),
         "chance": chance,
     }
 
@@ -343,7 +372,8 @@ def control_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | None
         spaces = embeddings(encoder, sample, ctx.cfg.batch_size)
         out[subset] = {
             modality: {space: separability(x, sample.languages, knn_k=cfg.knn_k, folds=cfg.folds,
-                                           seed=ctx.cfg.seed) for space, x in feats.items()}
+                                           seed=ctx.cfg.seed, patients=sample.patients)
+                       for space, x in feats.items()}
             for modality, feats in spaces.items()
         }
     return out
@@ -362,7 +392,7 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     for modality, space in tqdm(jobs, desc="bias audit", unit="space", disable=not ctx.progress):
         out[modality][space] = {
             name: separability(spaces[modality][space], labels, knn_k=cfg.knn_k, folds=cfg.folds,
-                               seed=ctx.cfg.seed)
+                               seed=ctx.cfg.seed, patients=sample.patients)
             for name, labels in groups.items()
         }
     for modality, feats in spaces.items():
