@@ -146,7 +146,7 @@ def test_parallel_retrieval_identity_and_language_clusters() -> None:
 def test_parallel_retrieval_matches_brute_force() -> None:
     rng = np.random.default_rng(1)
     content = rng.normal(size=(15, 4))
-    first, second = content + rng.normal(scale=0.8, size=(15, 4)), content + rng.normal(scale=0.8, size=(15, 4))
+    first, second = (content + rng.normal(scale=0.8, size=(15, 4)) for _ in range(2))
     got = parallel_retrieval(first, second)
     expected = brute_force_parallel(first, second)
     assert got == {side: pytest.approx(values) for side, values in expected.items()}
@@ -155,7 +155,8 @@ def test_parallel_retrieval_matches_brute_force() -> None:
 
 def test_parallel_retrieval_ties_count_against_the_query() -> None:
     same = np.ones((3, 2))
-    assert parallel_retrieval(same, same) == {side: {"R@1": 0.0, "cross_top1": 0.0} for side in ("first", "second")}
+    expected = {side: {"R@1": 0.0, "cross_top1": 0.0} for side in ("first", "second")}
+    assert parallel_retrieval(same, same) == expected
 
 
 def test_control_sites_are_those_with_several_languages() -> None:

@@ -28,8 +28,8 @@ separate in image space whatever the text does. Hence two measurements that can:
   (:func:`parallel_retrieval`).
 * ``control``: a control community -- a site with records in several languages, whose acquisition
   and prevalence are the same for every language (the phantom's `miami`) -- audited on its own,
-  split into the records pre-training saw (``seen``: its split) and the others (``unseen``), see
-  :func:`draw_control`. On real data without such a site the section is None.
+  split into the records pre-training saw (``seen``: the pre-training split) and the others
+  (``unseen``), see :func:`control_section`. On real data without such a site the section is None.
 """
 
 from __future__ import annotations

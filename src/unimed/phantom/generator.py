@@ -74,10 +74,12 @@ def study_language(site: Site, language: str | None) -> str:
     the site's only language when None; ValueError otherwise."""
     if language is None:
         if len(site.languages) > 1:
-            raise ValueError(f"site '{site.name}' reports in {list(site.languages)}: name the study's language")
+            raise ValueError(
+                f"site '{site.name}' reports in {list(site.languages)}: name the study's language")
         return site.languages[0]
     if language not in site.languages:
-        raise ValueError(f"site '{site.name}' does not report in '{language}'; its languages: {list(site.languages)}")
+        raise ValueError(
+            f"site '{site.name}' does not report in '{language}'; its languages: {list(site.languages)}")
     return language
 
 

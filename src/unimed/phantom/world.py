@@ -147,7 +147,8 @@ def _jobs(cfg: PhantomConfig) -> list[tuple[str, int, int]]:
         if count < 0:
             raise ValueError(f"phantom.{writer.count_field} = {count} must be >= 0")
         for span in writer(cfg, Path()).index_ranges():
-            jobs += [(writer.folder, s, min(s + CHUNK, span.stop)) for s in range(span.start, span.stop, CHUNK)]
+            jobs += [(writer.folder, s, min(s + CHUNK, span.stop))
+                     for s in range(span.start, span.stop, CHUNK)]
     return jobs
 
 
