@@ -247,7 +247,8 @@ def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[
     """Row i of `first` (N, D) and row i of `second` (N, D) embed one report in two languages.
 
     Every one of the 2N reports queries the other 2N - 1 of both languages by cosine similarity
-    (ties ranked against the query). Per query language ("first", "second"):
+    (ties ranked against the query, so repeated report texts count against it). Per query
+    language ("first", "second"):
 
     * ``R@1``: share of queries whose nearest report is their own translation. Chance 1/(2N - 1);
       an encoder that separates the languages puts same-language reports first and scores near 0,
@@ -266,7 +267,8 @@ def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[
     own[np.arange(2 * n), (np.arange(2 * n) + n) % (2 * n)] = True
     top_own = np.take_along_axis(own, pessimistic_order(sims, own)[:, :1], axis=1)[:, 0]
     top_other = np.take_along_axis(other, pessimistic_order(sims, other)[:, :1], axis=1)[:, 0]
-    return {name: {"R@1": float(top_own[side == k].mean()), "cross_top1": float(top_other[side == k].mean())}
+    return {name: {"R@1": float(top_own[side == k].mean()),
+                   "cross_top1": float(top_other[side == k].mean())}
             for k, name in enumerate(("first", "second"))}
 
 
