@@ -16,7 +16,7 @@ TINY = {
     "phantom": {
         "image_size": 64, "mimic_studies": 40, "padchest_studies": 40, "chexpert_studies": 30,
         "cxp500_studies": 16, "rsna_studies": 40, "siim_studies": 40, "covidx_studies": 30,
-        "object_cxr_studies": 40, "pdc_studies": 16,
+        "object_cxr_studies": 40, "pdc_studies": 16, "control_studies": 12,
     },
     "data": {"image_size": 64, "resize_size": 72, "max_length": 48, "progress": False},
     "vocab": {"english_vocab_size": 300, "new_terms": 40},

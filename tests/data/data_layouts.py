@@ -37,6 +37,11 @@ class Table:
     def set(self, row: int, column: str, value: str) -> None:
         self.rows[row][self.columns.index(column)] = value
 
+    def add_column(self, column: str, values: list[str]) -> None:
+        self.columns.append(column)
+        for row, value in zip(self.rows, values, strict=True):
+            row.append(value)
+
     def drop_column(self, column: str) -> None:
         index = self.columns.index(column)
         for values in [self.columns, *self.rows] + ([self.header] if self.header else []):

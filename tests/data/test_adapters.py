@@ -69,6 +69,35 @@ def test_padchest_labels_language_site_and_views(tmp_path: Path) -> None:
     assert records["1/img4.png"].labels == {"atelectasis": 1.0, "pneumonia": 1.0}
 
 
+def _mimic_image(row: dict[str, str]) -> str:
+    subject = row["subject_id"]
+    return f"files/p{subject[:2]}/p{subject}/s{row['study_id']}/{row['dicom_id']}.jpg"
+
+
+@pytest.mark.parametrize(
+    ("name", "table", "column", "default", "image_of"),
+    [
+        ("mimic-cxr", "mimic-cxr-2.0.0-metadata.csv.gz", "InstitutionName", "boston", _mimic_image),
+        ("padchest", PADCHEST_CSV, "InstitutionName_DICOM", "alicante",
+         lambda row: f"{row['ImageDir']}/{row['ImageID']}"),
+    ],
+)
+def test_site_comes_from_the_institution_column_else_the_dataset_default(
+    name: str, table: str, column: str, default: str, image_of, tmp_path: Path
+) -> None:
+    layout = BUILDERS[name](tmp_path / name)
+    written = layout.tables[table]
+    written.add_column(column, ["miami" if i % 2 else " " for i in range(len(written.rows))])
+    read = load_dataset(name, layout.write())
+    expected = {}
+    for values in written.rows:
+        row = dict(zip(written.columns, values))
+        expected[image_of(row)] = row[column].strip() or default
+    got = {r.image_path.relative_to(layout.root).as_posix(): r.site for r in read.records}
+    assert got == {image: expected[image] for image in layout.kept}
+    assert set(got.values()) == {"miami", default}
+
+
 def test_pdc_is_physician_only_test_split_with_complete_labels(tmp_path: Path) -> None:
     _, records, dropped = _read("pdc", tmp_path)
     assert dropped["not physician-labelled"] == 1

@@ -26,7 +26,7 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = PhantomConfig(
         root=str(root), image_size=IMAGE_SIZE, mimic_studies=40, padchest_studies=40,
         chexpert_studies=60, cxp500_studies=24, rsna_studies=48, siim_studies=48,
-        covidx_studies=48, object_cxr_studies=48, pdc_studies=24,
+        covidx_studies=48, object_cxr_studies=48, pdc_studies=24, control_studies=24,
     )
     write_world(cfg, progress=False)
     return root

@@ -129,6 +129,30 @@ def test_fraction_tables_follow_the_paper() -> None:
     assert "Training images: CheXpert: 1% 16, 10% 160, 100% 1600" in table_notes(metrics)[report.TITLE_LINEAR]
 
 
+def test_bias_tables_show_ratio_parallel_retrieval_and_control() -> None:
+    metrics = _metrics()
+    bias = metrics["encoders"]["medunic"]["tasks"]["bias"]
+    bias["text"]["cls"]["language"]["distance_ratio"] = 1.234
+    bias["parallel"] = {"pairs": 50, "cls": {"en": {"R@1": 0.42, "cross_top1": 0.9},
+                                             "es": {"R@1": 0.38, "cross_top1": 0.8}}}
+    control = {"language": {"probe_accuracy": 0.61, "distance_ratio": 1.05}}
+    bias["control"] = {"sites": ["miami"], "seen": {"image": {"pooled": control}}, "unseen": None}
+    header, rows = _table(metrics, report.TITLE_BIAS)
+    assert [row[1] for row in rows[:4]] == ["Text (cls)", "Text (projected)", "Image (pooled)",
+                                           "Image (projected)"]
+    assert len(rows) == 8 and rows[0][header.index("Language / ratio")] == "1.23"
+    header, rows = _table(metrics, report.TITLE_BIAS_CONTROL)
+    assert [row[:2] for row in rows] == [["Med-UniC", "Text (cls)"], ["Med-UniC", "Image (pooled)"]]
+    cells = dict(zip(header, rows[0]))
+    assert cells["Parallel reports / R@1 EN"] == "42.0"
+    assert cells["Parallel reports / other-language top-1 ES"] == "80.0"
+    assert cells["Control, seen / language probe"] == "–"
+    cells = dict(zip(header, rows[1]))
+    assert cells["Control, seen / language probe"] == "61.0"
+    assert cells["Control, seen / language ratio"] == "1.05"
+    assert cells["Control, unseen / language probe"] == "–"
+
+
 def test_holes_show_a_dash() -> None:
     metrics = _metrics()
     del metrics["encoders"]["init"]["tasks"]["zero_shot"]["pdc"]["es"]

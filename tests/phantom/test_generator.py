@@ -13,6 +13,7 @@ from unimed.phantom.catalogue import FINDING_NAMES
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.phantom.lesions import RENDERERS, Canvas
+from unimed.phantom.sites import SITES_FILE
 from unimed.phantom.study import CHEXPERT_LABELS, COVIDX_CLASSES, PDC_LABELS
 
 CFG = PhantomConfig(image_size=64)
@@ -111,6 +112,19 @@ def test_enrich_sets_prevalence_and_rejects_unknown_names():
 def test_unknown_site_lists_valid_sites():
     with pytest.raises(ValueError, match="alicante.*boston"):
         generate_study(CFG, "x", 0, site="paris")
+
+
+@pytest.mark.parametrize(("value", "message"), [("[]", "a language code or a list"),
+                                               ("[en, en]", "lists a language twice"),
+                                               ("{en: 1}", "a language code or a list")])
+def test_bad_site_language_names_file_and_site(tmp_path, value, message):
+    text = (SITES_FILE.read_text(encoding="utf-8")
+            .replace("miami:\n  language: [en, es]", f"miami:\n  language: {value}"))
+    path = tmp_path / "sites.yaml"
+    path.write_text(text, encoding="utf-8")
+    cfg = dataclasses.replace(CFG, sites_file=str(path))
+    with pytest.raises(ValueError, match=f"{path}: site 'miami'.language .*{message}"):
+        generate_study(cfg, "x", 0, site="boston")
 
 
 def test_lateral_fraction_is_respected():

@@ -6,18 +6,22 @@ import csv
 import dataclasses
 import gzip
 import hashlib
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from unimed.data.adapters import load_dataset
 from unimed.phantom.config import PhantomConfig
+from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import WRITERS
 from unimed.phantom.world import MANIFEST, load_manifest, write_world
 
 TINY = PhantomConfig(
     seed=5, image_size=64, mimic_studies=8, padchest_studies=8, chexpert_studies=8, cxp500_studies=3,
     rsna_studies=4, siim_studies=4, covidx_studies=6, object_cxr_studies=4, pdc_studies=3,
-    lateral_fraction=0.3,
+    control_studies=6, lateral_fraction=0.3,
 )
 IMAGE_SUFFIXES = {".jpg", ".png", ".dcm"}
 
@@ -47,7 +51,8 @@ def test_manifest_counts_match_files_on_disk(world):
     assert load_manifest(root) == manifest
     for folder, entry in manifest.datasets.items():
         images = [p for p in (root / folder).rglob("*") if p.suffix in IMAGE_SUFFIXES]
-        assert len(images) == entry.images == entry.studies == WRITERS.get(folder)(TINY, root).count()
+        spans = WRITERS.get(folder)(TINY, root).index_ranges()
+        assert len(images) == entry.images == entry.studies == sum(len(span) for span in spans)
         assert entry.views["frontal"] + entry.views["lateral"] == entry.images
         assert sum(entry.splits.values()) == sum(entry.sites.values()) == entry.views["frontal"]
 
@@ -81,6 +86,31 @@ def test_laterals_only_where_the_real_dataset_has_them(world):
     assert manifest.datasets["padchest"].languages == {"es": manifest.datasets["padchest"].views["frontal"]}
 
 
+def test_control_community_is_read_back_with_its_site_and_both_languages(world):
+    root, manifest = world
+    expected = {"mimic-cxr": ("mimic-cxr-jpg", "boston", "en"), "padchest": ("padchest", "alicante", "es")}
+    for dataset, (folder, home, language) in expected.items():
+        read = load_dataset(dataset, root / folder)
+        pairs = Counter((r.site, r.language) for r in read.records)
+        assert set(pairs) == {(home, language), ("miami", language)}, dataset
+        assert dict(sorted(Counter(r.site for r in read.records).items())) == manifest.datasets[folder].sites
+        written = manifest.datasets[folder]
+        assert written.studies == getattr(TINY, WRITERS.get(folder).count_field) + TINY.control_studies
+    assert "miami" not in manifest.datasets["pdc"].sites
+
+
+def test_control_site_images_do_not_depend_on_the_report_language():
+    english, spanish = (generate_study(TINY, "mimic-cxr", 600_001, site="miami", language=lang)
+                        for lang in ("en", "es"))
+    assert (english.language, spanish.language) == ("en", "es")
+    assert np.array_equal(english.image, spanish.image)
+    assert english.view == spanish.view and english.reports == spanish.reports
+    with pytest.raises(ValueError, match="name the study's language"):
+        generate_study(TINY, "mimic-cxr", 0, site="miami")
+    with pytest.raises(ValueError, match="does not report in 'es'"):
+        generate_study(TINY, "mimic-cxr", 0, site="boston", language="es")
+
+
 def test_same_seed_same_bytes_whatever_the_workers(world, tmp_path):
     root, _ = world
     write_world(dataclasses.replace(TINY, workers=2), tmp_path / "two", progress=False)
@@ -88,6 +118,10 @@ def test_same_seed_same_bytes_whatever_the_workers(world, tmp_path):
     other = dataclasses.replace(TINY, seed=6, mimic_studies=2, padchest_studies=0, chexpert_studies=0)
     write_world(other, tmp_path / "other", progress=False)
     assert tree_digest(tmp_path / "other") != tree_digest(root)
+    fewer = dataclasses.replace(TINY, control_studies=2)
+    write_world(fewer, tmp_path / "fewer", progress=False)
+    assert tree_digest(tmp_path / "fewer" / "rsna") == tree_digest(root / "rsna")
+    assert tree_digest(tmp_path / "fewer" / "padchest") != tree_digest(root / "padchest")
 
 
 def test_rewrite_replaces_phantom_folders_and_refuses_foreign_ones(tmp_path):

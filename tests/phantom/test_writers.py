@@ -83,8 +83,10 @@ def test_mimic_layout(tmp_path):
     meta = read_csv(tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz")
     assert meta[0] == ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
                        "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-                       "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+                       "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning",
+                       "InstitutionName"]
     assert [r[4] for r in meta[1:]] == ["PA", "LATERAL", "AP"]
+    assert [r[-1] for r in meta[1:]] == [s.site for s in studies]
     split = read_csv(tmp_path / "mimic-cxr-2.0.0-split.csv.gz")
     assert split[0] == ["dicom_id", "study_id", "subject_id", "split"]
     assert {r[3] for r in split[1:]} <= {"train", "validate", "test"}
@@ -120,10 +122,11 @@ def test_padchest_layout(tmp_path):
         "ViewPosition_DICOM", "Projection", "MethodProjection", "Pediatric", "Modality_DICOM",
         "Manufacturer_DICOM", "PhotometricInterpretation_DICOM", "Rows_DICOM", "Columns_DICOM", "Report",
         "MethodLabel", "Labels", "Localizations", "LabelsLocalizationsBySentence", "labelCUIS",
-        "LocalizationsCUIS",
+        "LocalizationsCUIS", "InstitutionName_DICOM",
     ]
     records = [dict(zip(header, r)) for r in rows[1:]]
     assert [r["Projection"] for r in records][:2] == ["PA", "L"]
+    assert [r["InstitutionName_DICOM"] for r in records] == ["alicante"] * len(studies)
     assert records[2]["Projection"] in ("AP", "AP_horizontal")
     assert {r["MethodLabel"] for r in records} <= {"Physician", "RNN_model"}
     for record, study in zip(records, studies):

@@ -10,16 +10,33 @@ pooled features and their projection P_v. For the language and the site of every
 * ``knn_accuracy``: leave-one-out accuracy of a k-nearest-neighbour vote under cosine similarity --
   how mixed are the neighbourhoods (what a t-SNE plot shows)?
 * ``silhouette``: cosine silhouette score of the groups (1 separated, 0 mixed).
+* ``distance_ratio``: mean cosine distance between groups over mean distance within groups
+  (:func:`distance_ratio`; 1 mixed, above 1 clustered by group).
 * ``chance``: the majority group's share, the accuracy of always guessing it.
 
 High values mean a biased, community-separated space; a debiased model brings them towards chance.
-In the phantom world language and site coincide; on real data they differ.
+Records of one patient share anatomy, so they are kept on one side of every probe fold, are never
+each other's kNN neighbours and are left out of the distance ratio's pairs: otherwise a probe names
+a community by recognising a patient (random image features scored 70% on the phantom's control
+community with record-level folds, chance with patient-level folds).
+Two numbers cannot fail on their own: reports in two languages with disjoint vocabularies are
+linearly separable whatever the encoder (text probe near 100%), and sites that differ in acquisition
+separate in image space whatever the text does. Hence two measurements that can:
+
+* ``parallel`` (text spaces): every report of a parallel corpus (``retrieval.parallel_file``, the
+  same test studies in English and Spanish) queries all other reports of both languages
+  (:func:`parallel_retrieval`).
+* ``control``: a control community -- a site with records in several languages, whose acquisition
+  and prevalence are the same for every language (the phantom's `miami`) -- audited on its own,
+  split into the records pre-training saw (``seen``: the pre-training split) and the others
+  (``unseen``), see :func:`control_section`. On real data without such a site the section is None.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +46,7 @@ from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
@@ -38,22 +55,26 @@ from unimed.data.records import Record
 from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
+from unimed.eval.retrieval import parallel_path, pessimistic_order, read_parallel, sample_queries
 from unimed.eval.tasks import TASKS, TaskContext
 
 log = logging.getLogger(__name__)
 
 SPLIT = "test"
+PRETRAIN_SPLIT = "train"
 GROUPINGS = ("language", "site")
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """The audited records, their (N, 1, S, S) images, and each record's language and site."""
+    """The audited records, their (N, 1, S, S) images, and each record's language, site and
+    patient ("<dataset>/<patient_id>")."""
 
     records: list[Record]
     images: torch.Tensor
     languages: np.ndarray
     sites: np.ndarray
+    patients: np.ndarray
 
 
 def _dataset_pool(ctx: TaskContext, dataset: str) -> tuple[list[Record], torch.Tensor]:
@@ -75,24 +96,81 @@ def draw_sample(ctx: TaskContext, datasets: Sequence[str], per_group: int, seed:
             f"bias audit: records with a report in datasets {list(datasets)} have languages "
             f"{sorted(set(languages))}; at least two languages are needed"
         )
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for language in sorted(set(languages)):
-        members = np.flatnonzero(languages == language)
-        chosen += rng.permutation(members)[:per_group].tolist()
-    chosen = sorted(chosen)
+    chosen = per_language(languages, per_group, np.random.default_rng(seed))
     picked = [records[i] for i in chosen]
     sites = np.array([r.site or "unknown" for r in picked])
-    return Sample(picked, images[chosen], languages[chosen], sites)
+    return Sample(picked, images[chosen], languages[chosen], sites, patient_ids(picked))
 
 
-def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Leave-one-out accuracy of a cosine k-NN majority vote; a tied vote goes to the class of the
-    nearest of the tied neighbours."""
-    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # (N, D)
-    sims = x @ x.T  # (N, N)
-    np.fill_diagonal(sims, -np.inf)
-    k = min(k, len(x) - 1)
+def patient_ids(records: Sequence[Record]) -> np.ndarray:
+    """(N,) "<dataset>/<patient_id>" of every record."""
+    return np.array([f"{r.dataset}/{r.patient_id}" for r in records])
+
+
+def per_language(languages: np.ndarray, per_group: int, rng: np.random.Generator) -> list[int]:
+    """Sorted indices of up to `per_group` seeded members of every language."""
+    chosen = []
+    for language in sorted(set(languages.tolist())):
+        members = np.flatnonzero(languages == language)
+        chosen += rng.permutation(members)[:per_group].tolist()
+    return sorted(chosen)
+
+
+def control_sites(records: Sequence[Record]) -> list[str]:
+    """Sites with records in more than one language: where language is decoupled from the site's
+    acquisition, so the control community of the audit."""
+    languages: dict[str, set[str]] = {}
+    for record in records:
+        if record.site and record.language:
+            languages.setdefault(record.site, set()).add(record.language)
+    return sorted(site for site, found in languages.items() if len(found) > 1)
+
+
+def draw_control(ctx: TaskContext, datasets: Sequence[str], per_group: int, seed: int
+                 ) -> dict[str, Sample] | None:
+    """The control community's records with a report, from every split of `datasets`: "seen"
+    (the pre-training split) and "unseen" (the others), each with up to `per_group` seeded records
+    per language and their images; None when no site has records in two languages."""
+    records = [r for d in datasets for r in ctx.data.require(d) if r.report and r.language]
+    sites = control_sites(records)
+    if not sites:
+        return None
+    rng = np.random.default_rng(seed)
+    out = {}
+    for subset, seen in (("seen", True), ("unseen", False)):
+        pool = [r for r in records if r.site in sites and (r.split == PRETRAIN_SPLIT) == seen]
+        languages = np.array([r.language for r in pool])
+        picked = [pool[i] for i in per_language(languages, per_group, rng)]
+        images = ctx.data.load(picked, "crop", f"bias control/{subset}")  # (N, 1, S, S)
+        out[subset] = Sample(picked, images, np.array([r.language for r in picked]),
+                             np.array([r.site for r in picked]), patient_ids(picked))
+    return out
+
+
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """(N, D) rows scaled to unit L2 norm (zero rows stay zero)."""
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def other_patients(n: int, patients: np.ndarray | None) -> np.ndarray:
+    """(N, N) bool: pairs of distinct records of different patients (any distinct pair without
+    `patients`)."""
+    if patients is None:
+        return ~np.eye(n, dtype=bool)
+    return patients[:, None] != patients[None, :]
+
+
+def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int,
+                 patients: np.ndarray | None = None) -> float | None:
+    """Leave-one-out accuracy of a cosine k-NN majority vote among the records of other patients
+    (k lowered to the fewest such records); a tied vote goes to the class of the nearest of the
+    tied neighbours. None when a record has no other patient's record to vote."""
+    x = unit_rows(features)  # (N, D)
+    candidates = other_patients(len(x), patients)  # (N, N)
+    sims = np.where(candidates, x @ x.T, -np.inf)  # (N, N)
+    k = min(k, int(candidates.sum(axis=1).min()))
+    if k < 1:
+        return None
     neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (N, k), nearest first
     votes = labels[neighbours]  # (N, k)
     correct = 0
@@ -104,32 +182,94 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int) -> float:
     return correct / len(x)
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> float | None:
-    """Stratified `folds`-fold accuracy of a logistic-regression probe; None when a group has
-    fewer than two members."""
-    smallest = int(np.unique(labels, return_counts=True)[1].min())
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: int,
+                   patients: np.ndarray | None = None) -> float | None:
+    """Stratified `folds`-fold accuracy of a logistic-regression probe, each patient's records in
+    one fold (so the probe cannot name a group by recognising a patient seen in training); None
+    when a group has fewer than two members (patients)."""
+    units = patients if patients is not None else np.arange(len(labels))
+    smallest = min(len(set(units[labels == g].tolist())) for g in np.unique(labels))
     if smallest < 2:
         return None
-    cv = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
+    cv = StratifiedGroupKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    return float(cross_val_score(probe, features, labels, cv=cv).mean())
+    return float(cross_val_score(probe, features, labels, groups=units, cv=cv).mean())
+
+
+def distance_ratio(features: np.ndarray, labels: np.ndarray,
+                   patients: np.ndarray | None = None) -> float | None:
+    """Mean cosine distance (1 - cos) over pairs of records from different groups, divided by the
+    mean over pairs of distinct records from the same group (all groups' pairs pooled); pairs of
+    one patient's records are left out. None with fewer than two groups or no within-group pair,
+    inf when every group is a single point.
+
+    Why this statistic: it lives in the cosine geometry that retrieval and zero-shot use, it does
+    not depend on the scale of the features, and it has a fixed null: when the labels carry no
+    information about the features, between- and within-group pairs are both random pairs, so the
+    ratio is 1 up to sampling noise. Unlike the probe it measures how far apart the communities are
+    relative to how spread each is, not whether a hyperplane exists, so it does not saturate at
+    100% for two languages with disjoint vocabularies.
+    How it fails: a value well above 1 means the space is organised by community (language or
+    site) rather than by content; a debiased space is near 1.
+    """
+    pairs = other_patients(len(labels), patients)  # (N, N)
+    same = labels[:, None] == labels[None, :]  # (N, N)
+    within_pairs, between_pairs = same & pairs, ~same & pairs
+    if not within_pairs.any() or not between_pairs.any():
+        return None
+    x = unit_rows(features)
+    distance = 1.0 - x @ x.T  # (N, N)
+    within, between = float(distance[within_pairs].mean()), float(distance[between_pairs].mean())
+    return between / within if within > 0 else math.inf
 
 
 def separability(features: np.ndarray, labels: np.ndarray, *, knn_k: int, folds: int,
-                 seed: int) -> dict[str, float | None]:
+                 seed: int, patients: np.ndarray | None = None) -> dict[str, float | None]:
     """How well `labels` (N,) can be told apart in `features` (N, D); None where undefined (a
-    single group, or a group too small)."""
+    single group, or a group too small). With `patients` (N,), records of one patient never meet
+    across probe folds, as kNN neighbours or as a distance-ratio pair (the silhouette keeps them)."""
     groups, counts = np.unique(labels, return_counts=True)
     chance = float(counts.max() / counts.sum())
     if len(groups) < 2:
-        return {"probe_accuracy": None, "knn_accuracy": None, "silhouette": None, "chance": chance}
+        return {"probe_accuracy": None, "knn_accuracy": None, "silhouette": None,
+                "distance_ratio": None, "chance": chance}
     return {
-        "probe_accuracy": probe_accuracy(features, labels, folds, seed),
-        "knn_accuracy": knn_accuracy(features, labels, knn_k),
+        "probe_accuracy": probe_accuracy(features, labels, folds, seed, patients),
+        "knn_accuracy": knn_accuracy(features, labels, knn_k, patients),
         "silhouette": float(silhouette_score(features, labels, metric="cosine"))
         if len(groups) < len(labels) else None,
+        "distance_ratio": distance_ratio(features, labels, patients),
         "chance": chance,
     }
+
+
+def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[str, float]]:
+    """Row i of `first` (N, D) and row i of `second` (N, D) embed one report in two languages.
+
+    Every one of the 2N reports queries the other 2N - 1 of both languages by cosine similarity
+    (ties ranked against the query, so repeated report texts count against it). Per query
+    language ("first", "second"):
+
+    * ``R@1``: share of queries whose nearest report is their own translation. Chance 1/(2N - 1);
+      an encoder that separates the languages puts same-language reports first and scores near 0,
+      whatever its probe accuracy, so this fails where the probe cannot.
+    * ``cross_top1``: share of queries whose nearest report is in the other language at all. About
+      N/(2N - 1) (one half) for a language-blind space; near 0 means every neighbourhood is
+      monolingual (the clusters of Fig. 1a-b).
+    """
+    n = len(first)
+    x = unit_rows(np.concatenate([first, second]))  # (2N, D)
+    sims = x @ x.T  # (2N, 2N)
+    np.fill_diagonal(sims, -np.inf)
+    side = np.repeat([0, 1], n)  # (2N,)
+    other = side[:, None] != side[None, :]  # (2N, 2N)
+    own = np.zeros_like(other)
+    own[np.arange(2 * n), (np.arange(2 * n) + n) % (2 * n)] = True
+    top_own = np.take_along_axis(own, pessimistic_order(sims, own)[:, :1], axis=1)[:, 0]
+    top_other = np.take_along_axis(other, pessimistic_order(sims, other)[:, :1], axis=1)[:, 0]
+    return {name: {"R@1": float(top_own[side == k].mean()),
+                   "cross_top1": float(top_other[side == k].mean())}
+            for k, name in enumerate(("first", "second"))}
 
 
 def embeddings(encoder: Encoder, sample: Sample, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
@@ -150,7 +290,7 @@ def embeddings(encoder: Encoder, sample: Sample, batch_size: int) -> dict[str, d
 
 def tsne_2d(features: np.ndarray, seed: int) -> np.ndarray:
     """(N, D) -> (N, 2) t-SNE of the L2-normalised features, perplexity adapted to small N."""
-    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    x = unit_rows(features)
     perplexity = float(min(30.0, max(1.0, (len(x) - 1) / 3)))
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
 
@@ -174,9 +314,77 @@ def plot_tsne(points: dict[str, np.ndarray], sample: Sample, title: str, path: s
     fig.savefig(path, dpi=120)
 
 
+def language_counts(languages: np.ndarray) -> dict[str, int]:
+    """{language: number of records}."""
+    found, counts = np.unique(languages, return_counts=True)
+    return {str(k): int(v) for k, v in zip(found, counts)}
+
+
+def parallel_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | None:
+    """:func:`parallel_retrieval` in both text spaces on up to `samples_per_group` seeded pairs of
+    the parallel corpus; None (with a warning) when there is no corpus."""
+    path = parallel_path(ctx)
+    if not path.is_file():
+        log.warning("no parallel report corpus at %s: parallel-report retrieval skipped", path)
+        return None
+    corpus = read_parallel(path)
+    keep = sample_queries(len(corpus.study_ids), ctx.cfg.bias.samples_per_group, ctx.cfg.seed)
+    texts = {"en": [corpus.en[i] for i in keep], "es": [corpus.es[i] for i in keep]}
+    n = len(keep)
+    out: dict[str, Any] = {"pairs": n, "chance": {"R@1": 1 / (2 * n - 1), "cross_top1": n / (2 * n - 1)}}
+    for space, projected in (("cls", False), ("projected", True)):
+        en, es = (encoder.text_features(texts[lang], projected=projected, batch_size=ctx.cfg.batch_size)
+                  .numpy() for lang in ("en", "es"))
+        got = parallel_retrieval(en, es)
+        out[space] = {"en": got["first"], "es": got["second"]}
+    return out
+
+
+def control_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | None:
+    """Language separability (every metric of :func:`separability`) inside the control community,
+    per subset ("seen", "unseen") and embedding space; None when there is no control community.
+
+    The control community's images are acquired alike whatever the report language, so:
+    * text spaces: its two languages describe the same disease mix, so ``distance_ratio`` is 1 for
+      a language-blind encoder; above 1 is a language offset that content cannot explain (the
+      main sample's ratio also carries the sites' different prevalence).
+    * image spaces, ``unseen``: an image carries no trace of its report's language, so every
+      encoder reads chance (probe near 50%, ratio near 1). This is the null reference of the
+      image numbers at this sample size; above it, language leaks through the pipeline (the two
+      layouts store images differently: 8-bit JPEG vs 16-bit PNG), not through training.
+    * image spaces, ``seen``: the images pre-training paired with reports of one language. A
+      language signal here beyond ``unseen`` can only come from training -- the image encoder
+      pulled towards language-clustered text (Fig. 4 without CTR); with CTR it should be at the
+      ``unseen`` level.
+    """
+    cfg = ctx.cfg.bias
+    subsets = draw_control(ctx, cfg.datasets, cfg.samples_per_group, ctx.cfg.seed)
+    if subsets is None:
+        log.warning("bias audit: no site has records in two languages in %s, so language cannot be "
+                    "told from acquisition (no control community)", list(cfg.datasets))
+        return None
+    out: dict[str, Any] = {
+        "sites": sorted({str(site) for sample in subsets.values() for site in sample.sites}),
+        "samples": {subset: language_counts(sample.languages) for subset, sample in subsets.items()},
+    }
+    for subset, sample in subsets.items():
+        if len(set(sample.languages.tolist())) < 2:
+            out[subset] = None
+            continue
+        spaces = embeddings(encoder, sample, ctx.cfg.batch_size)
+        out[subset] = {
+            modality: {space: separability(x, sample.languages, knn_k=cfg.knn_k, folds=cfg.folds,
+                                           seed=ctx.cfg.seed, patients=sample.patients)
+                       for space, x in feats.items()}
+            for modality, feats in spaces.items()
+        }
+    return out
+
+
 @TASKS.register("bias")
 def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
-    """Language / site separability of every embedding space, and t-SNE figures by language."""
+    """Language / site separability of every embedding space, t-SNE figures by language,
+    parallel-report retrieval and the control community (see the module docstring)."""
     cfg = ctx.cfg.bias
     sample = draw_sample(ctx, cfg.datasets, cfg.samples_per_group, ctx.cfg.seed)
     spaces = embeddings(encoder, sample, ctx.cfg.batch_size)
@@ -186,7 +394,7 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     for modality, space in tqdm(jobs, desc="bias audit", unit="space", disable=not ctx.progress):
         out[modality][space] = {
             name: separability(spaces[modality][space], labels, knn_k=cfg.knn_k, folds=cfg.folds,
-                               seed=ctx.cfg.seed)
+                               seed=ctx.cfg.seed, patients=sample.patients)
             for name, labels in groups.items()
         }
     for modality, feats in spaces.items():
@@ -194,7 +402,8 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
         path = ctx.figure_path(encoder, f"tsne_{modality}")
         plot_tsne(points, sample, f"{encoder.label} {modality}", str(path))
         out["figures"][f"tsne_{modality}"] = str(path.relative_to(ctx.out_dir))
-    languages, counts = np.unique(sample.languages, return_counts=True)
-    out["samples"] = {str(k): int(v) for k, v in zip(languages, counts)}
+    out["samples"] = language_counts(sample.languages)
+    out["parallel"] = parallel_section(encoder, ctx)
+    out["control"] = control_section(encoder, ctx)
     log.info("%s bias audit: text/projected language %s", encoder.name, out["text"]["projected"])
     return out

@@ -43,7 +43,9 @@ TITLE_R2I = "Retrieval: report → image (%)"
 TITLE_CROSS = "Retrieval: cross-lingual report → report (%)"
 TITLE_POOLED = "Retrieval: image → report on the pooled test sets, whole gallery vs own language (%)"
 TITLE_SHORTCUT = "Language-shortcut diagnostic on the pre-training pairs"
-TITLE_BIAS = "Community bias: how separable languages and sites are (%, silhouette raw)"
+TITLE_BIAS = "Community bias: how separable languages and sites are (%, silhouette and ratio raw)"
+TITLE_BIAS_CONTROL = ("Community bias where it can fail: parallel-report retrieval and language inside "
+                      "the control community (%, ratio raw)")
 TITLE_ABLATION = "Table 4: Ablation of the learning objectives (%)"
 TITLE_TIMINGS = "Timings (seconds)"
 TITLE_SPLITS = "Evaluation sets: published split files (image ids) and their SHA-256"
@@ -54,7 +56,9 @@ LINEAR_SETS = ("chexpert", "rsna", "covidx")
 RETRIEVAL_SETS = ("mimic-cxr", "padchest")
 RETRIEVAL_METRICS = ("R@1", "R@5", "R@10", "P@1", "P@5", "P@10")
 BIAS_SPACES = (("text", "cls"), ("text", "projected"), ("image", "pooled"), ("image", "projected"))
-BIAS_METRICS = (("probe_accuracy", "probe"), ("knn_accuracy", "kNN"), ("silhouette", "silhouette"))
+BIAS_METRICS = (("probe_accuracy", "probe"), ("knn_accuracy", "kNN"), ("silhouette", "silhouette"),
+                ("distance_ratio", "ratio"))
+RAW_BIAS_METRICS = ("silhouette", "distance_ratio")
 OBJECTIVES = ("ssv", "cvl", "ctr", "mlm")
 FIGURE_CAPTIONS = {"tsne_text": "t-SNE of text embeddings", "tsne_image": "t-SNE of image embeddings",
                    "gradcam": "Grad-CAM"}
@@ -217,12 +221,35 @@ def _bias_table(metrics: dict) -> Table | None:
         found = [(m, v) for m in dict_keys(bias) for v in dict_keys(bias.get(m))]
         for modality, variant in ordered(BIAS_SPACES, found):
             space = lookup(bias, modality, variant)
-            if isinstance(space, dict) and any(isinstance(v, dict) for v in space.values()):
+            if modality in ("text", "image") and isinstance(space, dict) and any(
+                    isinstance(v, dict) for v in space.values()):
                 rows.append(([label, f"{modality.title()} ({variant})"], space))
     columns = [_column(f"{attribute.title()}{SEP}{name}", attribute, key,
-                       fmt=_number if key == "silhouette" else percent)
+                       fmt=_number if key in RAW_BIAS_METRICS else percent)
                for attribute in ("language", "site") for key, name in BIAS_METRICS]
     return _table(TITLE_BIAS, ["Method", "Space"], rows, columns)
+
+
+def _bias_control_table(metrics: dict) -> Table | None:
+    """One row per encoder × space: parallel-report R@1 and other-language top-1 (text spaces),
+    language probe and distance ratio inside the control community, seen and unseen in pre-training."""
+    rows: list[Row] = []
+    for label, entry in methods(metrics):
+        bias = lookup(entry, "tasks", "bias") or {}
+        for modality, variant in BIAS_SPACES:
+            data = {"parallel": lookup(bias, "parallel", variant) if modality == "text" else None,
+                    **{subset: lookup(bias, "control", subset, modality, variant, "language")
+                       for subset in ("seen", "unseen")}}
+            if any(isinstance(v, dict) for v in data.values()):
+                rows.append(([label, f"{modality.title()} ({variant})"], data))
+    columns = [_column(f"Parallel reports{SEP}{name} {lang.upper()}", "parallel", lang, key)
+               for key, name in (("R@1", "R@1"), ("cross_top1", "other-language top-1"))
+               for lang in ("en", "es")]
+    columns += [_column(f"Control, {subset}{SEP}language {name}", subset, key,
+                        fmt=_number if key in RAW_BIAS_METRICS else percent)
+                for subset in ("seen", "unseen")
+                for key, name in (("probe_accuracy", "probe"), ("distance_ratio", "ratio"))]
+    return _table(TITLE_BIAS_CONTROL, ["Method", "Space"], rows, columns)
 
 
 def _ablation_table(metrics: dict) -> Table | None:
@@ -267,7 +294,8 @@ TABLE_BUILDERS: tuple[Callable[[dict], Table | None], ...] = (
     partial(_retrieval_table, direction="image_to_report", title=TITLE_I2R),
     partial(_retrieval_table, direction="report_to_image", title=TITLE_R2I),
     partial(_retrieval_table, direction="cross_lingual", title=TITLE_CROSS),
-    _pooled_table, _shortcut_table, _bias_table, _ablation_table, _timings_table, _splits_table,
+    _pooled_table, _shortcut_table, _bias_table, _bias_control_table, _ablation_table,
+    _timings_table, _splits_table,
 )
 
 

@@ -9,6 +9,10 @@ import dataclasses
 class PhantomConfig:
     """Size, difficulty and seed of the generated world; counts are studies per dataset layout.
 
+    The control community (`control_site`, see sites.yaml) adds `control_studies` studies to each
+    layout that writes one of its languages, with one acquisition chain for every language, so that
+    community-bias measurements can tell language from acquisition (docs/LAYOUTS.md).
+
     `difficulty` 1.0 is the calibrated default (see benchmarks/phantom_learnability.py); larger values
     lower lesion contrast and size and raise noise.
     """
@@ -27,6 +31,8 @@ class PhantomConfig:
     covidx_studies: int = 300
     object_cxr_studies: int = 300
     pdc_studies: int = 100
+    control_site: str = "miami"  # the control community: a site reporting in several languages
+    control_studies: int = 100  # its studies per language, beside the layout's own (MIMIC-CXR, PadChest)
     languages: tuple[str, ...] = ("en", "es")
     workers: int = 1
     lang_dir: str = ""  # folder of language packs; empty = the packaged phantom/lang

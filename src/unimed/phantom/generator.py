@@ -1,7 +1,7 @@
 """One phantom study from its key: latent findings -> image, mask, boxes, reports, labels.
 
-`generate_study` is a pure function of (cfg.seed, dataset, index, site, frontal_only, enrich) and of
-the packaged data files: the same inputs give identical arrays and strings in any process.
+`generate_study` is a pure function of (cfg.seed, dataset, index, site, language, frontal_only,
+enrich) and of the packaged data files: the same inputs give identical arrays and strings in any process.
 """
 
 from __future__ import annotations
@@ -69,18 +69,34 @@ def render_image(
     return image, canvas.pneumothorax, canvas.boxes
 
 
+def study_language(site: Site, language: str | None) -> str:
+    """The report language of a study at `site`: `language`, which the site must report in, or
+    the site's only language when None; ValueError otherwise."""
+    if language is None:
+        if len(site.languages) > 1:
+            raise ValueError(
+                f"site '{site.name}' reports in {list(site.languages)}: name the study's language")
+        return site.languages[0]
+    if language not in site.languages:
+        raise ValueError(
+            f"site '{site.name}' does not report in '{language}'; its languages: {list(site.languages)}")
+    return language
+
+
 def generate_study(
-    cfg: PhantomConfig, dataset: str, index: int, *, site: str, frontal_only: bool = False,
-    enrich: Mapping[str, float] | None = None,
+    cfg: PhantomConfig, dataset: str, index: int, *, site: str, language: str | None = None,
+    frontal_only: bool = False, enrich: Mapping[str, float] | None = None,
 ) -> Study:
-    """Generate study `index` of `dataset` as acquired at `site`.
+    """Generate study `index` of `dataset` as acquired at `site` and reported in `language`
+    (default: the site's only language).
 
     `enrich` overrides the site prevalence of named findings (e.g. {"pneumothorax": 0.5});
-    unknown sites or finding names raise ValueError listing the valid ones.
+    unknown sites, languages or finding names raise ValueError listing the valid ones.
     """
     if index < 0:
         raise ValueError(f"study index must be >= 0, got {index}")
     where = site_of(cfg, site)
+    language = study_language(where, language)
     prevalence = resolve_prevalence(where.prevalence, enrich)
     patient, visit = patient_of(cfg.seed, dataset, index)
     sex, age, geometry = _patient(cfg, dataset, patient, where)
@@ -89,7 +105,7 @@ def generate_study(
     )
     view = _view(view_rng, cfg, where, frontal_only)
     present = sample_findings(finding_rng, prevalence, view)
-    pack = load_pack(where.language, lang_dir(cfg))
+    pack = load_pack(language, lang_dir(cfg))
     findings, negated = report_flags(finding_rng, present, pack.rates)
     image, mask, boxes = render_image(cfg, where, geometry, view, present, render_rng)
     reports = render_reports(
@@ -102,7 +118,7 @@ def generate_study(
         study_id=str(50_000_000 + index),
         image_id=str(90_000_000 + index),
         site=site,
-        language=where.language,
+        language=language,
         view=view,
         sex=sex,
         age=age + visit,

@@ -1,4 +1,4 @@
-"""Acquisition sites (`sites.yaml`): report language, acquisition chain and disease prevalence."""
+"""Acquisition sites (`sites.yaml`): report language(s), acquisition chain and disease prevalence."""
 
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ class Acquisition:
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One hospital of the phantom world."""
+    """One hospital of the phantom world; `languages` are the languages its reports are written in
+    (one for most sites; several for a bilingual site, whose studies take the language of the
+    layout that writes them)."""
 
     name: str
-    language: str
+    languages: tuple[str, ...]
     age: tuple[int, int]
     female_fraction: float
     acquisition: Acquisition
@@ -60,6 +62,17 @@ def require(data: dict[str, Any], key: str, where: str) -> Any:
     return data[key]
 
 
+def _languages(raw: Any, where: str) -> tuple[str, ...]:
+    """`language`: one language code or a non-empty list of distinct codes."""
+    value = require(raw, "language", where)
+    codes = [value] if isinstance(value, str) else value
+    if not isinstance(codes, list) or not codes or not all(isinstance(c, str) and c for c in codes):
+        raise ValueError(f"{where}.language must be a language code or a list of them, got {value!r}")
+    if len(set(codes)) != len(codes):
+        raise ValueError(f"{where}.language lists a language twice: {codes}")
+    return tuple(codes)
+
+
 def _parse_site(name: str, raw: Any, path: Path) -> Site:
     where = f"{path}: site '{name}'"
     if not isinstance(raw, dict):
@@ -77,7 +90,7 @@ def _parse_site(name: str, raw: Any, path: Path) -> Site:
         raise ValueError(f"{where}.prevalence: unknown findings {unknown}; valid: {list(FINDING_NAMES)}")
     return Site(
         name=name,
-        language=str(require(raw, "language", where)),
+        languages=_languages(raw, where),
         age=tuple(require(raw, "age", where)),
         female_fraction=float(require(raw, "female_fraction", where)),
         acquisition=Acquisition(**acq),

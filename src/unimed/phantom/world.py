@@ -133,7 +133,7 @@ def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> l
     results = []
     for index in range(start, stop):
         study = generate_study(
-            cfg, writer.dataset, index, site=writer.site(index),
+            cfg, writer.dataset, index, site=writer.study_site(index), language=writer.language,
             frontal_only=writer.frontal_only, enrich=writer.enrich,
         )
         results.append(writer.write_study(study, writer.split(study)))
@@ -146,7 +146,9 @@ def _jobs(cfg: PhantomConfig) -> list[tuple[str, int, int]]:
         count = writer(cfg, Path()).count()
         if count < 0:
             raise ValueError(f"phantom.{writer.count_field} = {count} must be >= 0")
-        jobs += [(writer.folder, s, min(s + CHUNK, count)) for s in range(0, count, CHUNK)]
+        for span in writer(cfg, Path()).index_ranges():
+            jobs += [(writer.folder, s, min(s + CHUNK, span.stop))
+                     for s in range(span.start, span.stop, CHUNK)]
     return jobs
 
 

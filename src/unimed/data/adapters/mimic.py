@@ -23,6 +23,10 @@ CHEXPERT_COLUMNS = ("subject_id", "study_id", *CHEXPERT_LABELS)
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 LATERAL_VIEWS = frozenset({"LATERAL", "LL", "RL"})
 OFFICIAL_SPLITS = {"train": "train", "validate": "valid", "test": "test"}
+SITE_COLUMN = "InstitutionName"
+DEFAULT_SITE = "boston"
+"""The site of a row whose metadata CSV has no (or a blank) InstitutionName: the real MIMIC-CXR
+comes from one hospital in Boston and has no such column."""
 
 
 def _read_splits(root: Path) -> dict[str, str | DataError]:
@@ -88,7 +92,8 @@ class _Reports:
 
 @ADAPTERS.register("mimic-cxr")
 def read_mimic(root: Path, ctx: ReadContext) -> AdapterResult:
-    """Frontal (PA/AP) MIMIC-CXR images with FINDINGS + IMPRESSION text and the official split."""
+    """Frontal (PA/AP) MIMIC-CXR images with FINDINGS + IMPRESSION text and the official split;
+    the site is the metadata's optional InstitutionName column, else DEFAULT_SITE."""
     table = CsvTable(find_file(root, [METADATA_FILE], "MIMIC-CXR metadata CSV"), METADATA_COLUMNS)
     splits, labels, reports = _read_splits(root), _read_labels(root), _Reports()
 
@@ -121,7 +126,7 @@ def read_mimic(root: Path, ctx: ReadContext) -> AdapterResult:
             split=split,
             report=report,
             language="en",
-            site="boston",
+            site=row.get(SITE_COLUMN, "").strip() or DEFAULT_SITE,
             view=view,
             labels=dict(study_labels),
         )

@@ -27,6 +27,10 @@ FRONTAL_PROJECTIONS = frozenset({"PA", "AP", "AP_horizontal"})
 LATERAL_PROJECTIONS = frozenset({"L"})
 SPLIT_RATIOS = {"train": 0.8, "valid": 0.1, "test": 0.1}
 NOT_PHYSICIAN = "not physician-labelled"
+SITE_COLUMN = "InstitutionName_DICOM"
+DEFAULT_SITE = "alicante"
+"""The site of a row without (or with a blank) InstitutionName_DICOM: the real PadChest comes from
+one hospital in Alicante and has no such column."""
 
 
 def parse_label_list(table: CsvTable, line: int, text: str) -> list[str]:
@@ -94,7 +98,7 @@ def _read(root: Path, ctx: ReadContext, variant: _Variant) -> list[Record]:
             split=variant.pool,
             report=report or None,
             language="es",
-            site="alicante",
+            site=row.get(SITE_COLUMN, "").strip() or DEFAULT_SITE,
             view=projection,
             labels=labels,
         )
@@ -105,7 +109,8 @@ def _read(root: Path, ctx: ReadContext, variant: _Variant) -> list[Record]:
 @ADAPTERS.register("padchest")
 def read_padchest(root: Path, ctx: ReadContext) -> AdapterResult:
     """Frontal PadChest images with their stemmed Spanish report; labels present -> 1.0 (others NaN,
-    since RNN-labelled rows do not state absences reliably); seeded per-patient 80/10/10 split."""
+    since RNN-labelled rows do not state absences reliably); seeded per-patient 80/10/10 split;
+    the site is the optional InstitutionName_DICOM column, else DEFAULT_SITE."""
     return AdapterResult(_read(root, ctx, PADCHEST), {"all": SPLIT_RATIOS})
 
 

@@ -24,6 +24,9 @@ from unimed.phantom.config import PhantomConfig
 from unimed.phantom.study import Study
 
 JPEG_QUALITY = 95
+CONTROL_START = 600_000
+"""Study index of a layout's first control-community study: a multiple of the patient block size
+(latent.patient_of) above any layout's own count, so control patients share no id with the others."""
 
 Row = tuple[str, tuple[str, ...]]
 """(table name, cell values) — one line of one of the layout's index files."""
@@ -64,6 +67,10 @@ class LayoutWriter(abc.ABC):
     enrich: ClassVar[Mapping[str, float] | None] = None
     splits: ClassVar[tuple[tuple[str, float], ...]] = ()
     """Official splits as (name, fraction of patients); empty when the real dataset has none."""
+    language: ClassVar[str | None] = None
+    """The language of the layout's reports; None: each study's site has only one."""
+    control: ClassVar[bool] = False
+    """Whether the control community's studies in `language` are written through this layout too."""
 
     def __init__(self, cfg: PhantomConfig, dest: Path) -> None:
         self.cfg = cfg
@@ -73,9 +80,26 @@ class LayoutWriter(abc.ABC):
         """How many studies the world asks for."""
         return int(getattr(self.cfg, self.count_field))
 
+    def control_count(self) -> int:
+        """How many control-community studies the layout holds beside its own."""
+        return int(self.cfg.control_studies) if self.control else 0
+
+    def index_ranges(self) -> tuple[range, ...]:
+        """The study indices of the layout: its own studies, then the control community's."""
+        own, control = self.count(), self.control_count()
+        if own > CONTROL_START:
+            raise ValueError(f"phantom.{self.count_field} = {own} exceeds {CONTROL_START}")
+        if control < 0:
+            raise ValueError(f"phantom.control_studies = {control} must be >= 0")
+        return range(own), range(CONTROL_START, CONTROL_START + control)
+
     def site(self, index: int) -> str:
-        """The acquisition site of study `index`."""
+        """The acquisition site of the layout's own study `index`."""
         return "boston"
+
+    def study_site(self, index: int) -> str:
+        """The acquisition site of study `index`: the control site's for the control indices."""
+        return self.cfg.control_site if index >= CONTROL_START else self.site(index)
 
     def split(self, study: Study) -> str:
         """The official split of a study, per patient and seeded; "none" when there is no official split."""

@@ -43,6 +43,7 @@ METADATA_COLUMNS = (
     "ProcedureCodeSequence_CodeMeaning",
     "ViewCodeSequence_CodeMeaning",
     "PatientOrientationCodeSequence_CodeMeaning",
+    "InstitutionName",  # not in the real file (one hospital); the phantom names each study's site
 )
 SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
 # MIMIC's chexpert CSV orders the labels alphabetically, unlike CheXpert's own CSVs.
@@ -89,12 +90,15 @@ def parallel_row(study: Study, study_id: str) -> tuple[str, str, str]:
 
 
 class MimicWriter(LayoutWriter):
-    """MIMIC-CXR-JPG: English reports, PA/AP/LATERAL views, official train/validate/test by patient."""
+    """MIMIC-CXR-JPG: English reports, PA/AP/LATERAL views, official train/validate/test by patient;
+    the English-speaking site's studies, then the control community's English ones."""
 
     folder = "mimic-cxr-jpg"
     dataset = "mimic-cxr"
     count_field = "mimic_studies"
     frontal_only = False
+    language = "en"
+    control = True
     splits = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
 
     def write_study(self, study: Study, split: str) -> StudyResult:
@@ -134,6 +138,7 @@ class MimicWriter(LayoutWriter):
             procedure,
             VIEW_MEANING[study.view],
             ORIENTATION[study.view],
+            study.site,
         )
 
     def write_tables(self, rows: Sequence[Row]) -> None:

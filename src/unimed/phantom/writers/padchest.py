@@ -44,6 +44,7 @@ COLUMNS = (
     "LabelsLocalizationsBySentence",
     "labelCUIS",
     "LocalizationsCUIS",
+    "InstitutionName_DICOM",  # not in the real file (one hospital); the phantom names each study's site
 )
 IMAGE_DIRS = 54
 VIEW_DICOM = {"PA": "POSTEROANTERIOR", "AP": "ANTEROPOSTERIOR", "LATERAL": "LATERAL"}
@@ -66,12 +67,15 @@ def labels_cell(labels: list[str], spaced: bool) -> str:
 
 
 class PadchestWriter(LayoutWriter):
-    """PadChest from the Spanish-speaking site: PA/AP/AP_horizontal/L projections, no official split."""
+    """PadChest from the Spanish-speaking site, then the control community's Spanish studies:
+    PA/AP/AP_horizontal/L projections, no official split."""
 
     folder = "padchest"
     dataset = "padchest"
     count_field = "padchest_studies"
     frontal_only = False
+    language = "es"
+    control = True
     physician_fraction = PHYSICIAN_FRACTION
 
     def site(self, index: int) -> str:
@@ -127,6 +131,7 @@ class PadchestWriter(LayoutWriter):
             str([[label] for label in labels]),
             "[]",
             "[]",
+            study.site,
         )
         entry = ManifestEntry(
             split, study.view != "LATERAL", study.site, study.language, {label: 1.0 for label in labels}
@@ -144,6 +149,7 @@ class PdcWriter(PadchestWriter):
     dataset = "pdc"
     count_field = "pdc_studies"
     frontal_only = True
+    control = False
     physician_fraction = 1.0
     # Enough of every class's findings that each of the ten zero-shot classes has positives.
     enrich = {
