@@ -135,17 +135,20 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys):
     assert "CXP500" in capsys.readouterr().out
 
     capsys.readouterr()
-    assert main(["ablate", str(preset), base, "--quiet"]) == 0
+    assert main(["ablate", str(preset), base, "--seeds", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "Table 4: Ablation" in out and "Quality checks" not in out
     ablation = json.loads((run / "ablation.json").read_text())
     assert [row["name"] for row in ablation["rows"]] == [
         "CVL + MLM", "SSV + CVL + MLM", "SSV + CVL + CTR", "SSV + CVL + CTR + MLM"]
     assert all(set(row["metrics"]) == {"zero_shot", "linear_probe", "segmentation"}
-               for row in ablation["rows"])
-    assert (run / "ablation" / "ssv_cvl_ctr" / "pretrain" / "checkpoints" / "latest").is_file()
+               and set(row["seeds"]) == {"0", "1"} for row in ablation["rows"])
+    for seed in ("seed0", "seed1"):
+        assert (run / "ablation" / "ssv_cvl_ctr" / seed / "pretrain" / "checkpoints" / "latest").is_file()
+    assert ablation["orderings"] and {o["verdict"] for o in ablation["orderings"]} <= {
+        "holds", "reversed", "tie"}
     assert json.loads((run / "metrics.json").read_text())["ablation"] == ablation
-    assert main(["ablate", str(preset), base, "train.lr=1e-3", "--quiet"]) == 2
+    assert main(["ablate", str(preset), base, "--seeds", "2", "train.lr=1e-3", "--quiet"]) == 2
     assert "was pre-trained with another config" in capsys.readouterr().err
 
     assert main(["evaluate", str(tmp_path / "nowhere"), "--quiet"]) == 2

@@ -1,7 +1,11 @@
 """`unimed ablate`: the rows of Med-UniC Table 4 — which objectives and whether MLM came first.
 
-Each row pre-trains its own model under `<run>/ablation/<row>` (same data, seed and schedule) and is
-evaluated on the Table 4 tasks; the full row is the main run's checkpoint when one exists. Rows
+Each row pre-trains its own model per seed under `<run>/ablation/<row>/seed<k>` (same data and
+schedule; `--seeds`, default 3) and is evaluated on the Table 4 tasks; the full row at the run's own
+seed is the main run's checkpoint when one exists. Every metric is reported as the mean and standard
+deviation over seeds, and each ordering the paper claims (:data:`ORDERINGS`) is tested on the seed
+means: it holds when the Welch 95 % interval of the difference lies above zero, is reversed when it
+lies below, and is a tie otherwise. Rows
 resume from their newest checkpoint, so an interrupted ablation continues where it stopped and a
 finished row is only evaluated again; a row trained with another config is refused, never reused.
 The table is printed, saved as `ablation.json` and added to the run's metrics.json and report.html
@@ -15,8 +19,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
+from collections.abc import Sequence
 
+import numpy as np
 import yaml
+from scipy import stats
 
 from unimed.commands import command
 from unimed.commands.evaluate import (
@@ -58,7 +66,17 @@ ROWS = (
 )
 
 
-def row_config(cfg: Config, row: AblationRow) -> Config:
+# (better, worse): the orderings of Med-UniC Table 4.
+ORDERINGS = (
+    ("SSV + CVL + MLM", "CVL + MLM"),
+    ("SSV + CVL + CTR + MLM", "SSV + CVL + MLM"),
+    ("SSV + CVL + CTR + MLM", "SSV + CVL + CTR"),
+)
+# Leaves of a row's metrics that the orderings are judged on (the Table 4 columns).
+HEADLINE = (("zero_shot", "f1"), ("linear_probe", "value"), ("segmentation", "value"))
+
+
+def row_config(cfg: Config, row: AblationRow, seed: int | None = None) -> Config:
     """The run config of `row`: loss weights switched, text encoder with or without MLM."""
     model = dataclasses.replace(
         cfg.model,
@@ -73,7 +91,8 @@ def row_config(cfg: Config, row: AblationRow) -> Config:
                                     tokenizer=str(cfg.run.dir / "vocab"))
     elif model.text_encoder is None:
         model = dataclasses.replace(model, text_encoder=str(cfg.run.dir / "mlm"))
-    run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}/ablation/{row.slug}")
+    seed = cfg.run.seed if seed is None else seed
+    run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}/ablation/{row.slug}/seed{seed}", seed=seed)
     return dataclasses.replace(cfg, run=run, model=model)
 
 
@@ -87,11 +106,12 @@ def _check_same_config(row_cfg: Config, row: AblationRow) -> None:
         )
 
 
-def run_row(cfg: Config, row: AblationRow, *, progress: bool) -> dict:
-    """Pre-train (unless the main run is this row) and evaluate one row; its metrics."""
-    row_cfg = row_config(cfg, row)
+def run_row(cfg: Config, row: AblationRow, seed: int, *, progress: bool) -> dict:
+    """Pre-train (unless the main run is this row and seed) and evaluate one row; its metrics."""
+    row_cfg = row_config(cfg, row, seed)
     checkpoint = cfg.run.dir / "pretrain" / "checkpoints"
-    if all((row.ssv, row.cvl, row.ctr, row.mlm)) and checkpoint.is_dir():
+    main_run = all((row.ssv, row.cvl, row.ctr, row.mlm)) and seed == cfg.run.seed
+    if main_run and checkpoint.is_dir():
         log.info("ablation row '%s' is the main run: evaluating %s", row.name, checkpoint)
     else:
         _check_same_config(row_cfg, row)
@@ -101,14 +121,84 @@ def run_row(cfg: Config, row: AblationRow, *, progress: bool) -> dict:
     return metrics["encoders"]["medunic"]["tasks"]
 
 
-@command("ablate", "Med-UniC Table 4: pre-train and evaluate each objective / MLM ablation row")
+def aggregate(runs: Sequence[dict]) -> tuple[dict, dict]:
+    """Mean and sample standard deviation over seeds of every numeric leaf the runs share
+    (structure of one run's metrics; intervals of single runs are dropped)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        mean, sd = {}, {}
+        for key in first:
+            if key == "ci" or not all(isinstance(r, dict) and key in r for r in runs):
+                continue
+            m, d = aggregate([r[key] for r in runs])
+            if m is not None:
+                mean[key], sd[key] = m, d
+        return (mean, sd) if mean else (None, None)
+    values = [r for r in runs if isinstance(r, int | float) and not isinstance(r, bool)]
+    if len(values) != len(runs) or not all(math.isfinite(v) for v in values):
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def leaves(tree: object, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], float]:
+    """Every numeric leaf of a metrics tree by its path."""
+    if isinstance(tree, dict):
+        return {p: v for key, sub in tree.items() for p, v in leaves(sub, (*path, key)).items()}
+    return {path: float(tree)} if isinstance(tree, int | float) and not isinstance(tree, bool) else {}
+
+
+def welch_interval(better: Sequence[float], worse: Sequence[float]) -> tuple[float, float, float]:
+    """Difference of means and its Welch 95 % interval (t distribution, Welch-Satterthwaite df)."""
+    a, b = np.asarray(better, float), np.asarray(worse, float)
+    diff = float(a.mean() - b.mean())
+    var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(var_a + var_b)
+    if se == 0.0:
+        return diff, diff, diff
+    df = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.975, df)) * se
+    return diff, diff - half, diff + half
+
+
+def orderings(rows: Sequence[dict]) -> list[dict]:
+    """Each Table 4 ordering on each headline metric: difference of seed means, Welch interval,
+    verdict ("holds", "reversed", "tie"); needs two seeds or more per row."""
+    by_name = {row["name"]: row for row in rows}
+    out = []
+    for better, worse in ORDERINGS:
+        if better not in by_name or worse not in by_name:
+            continue
+        runs = [[leaves(m) for m in by_name[name]["seeds"].values()] for name in (better, worse)]
+        if min(len(r) for r in runs) < 2:
+            continue
+        for path in sorted(set(runs[0][0]) & set(runs[1][0])):
+            if (path[0], path[-1]) not in HEADLINE or "per_class" in path:
+                continue
+            diff, lo, hi = welch_interval([r[path] for r in runs[0]], [r[path] for r in runs[1]])
+            verdict = "holds" if lo > 0 else "reversed" if hi < 0 else "tie"
+            out.append({"better": better, "worse": worse, "metric": "/".join(path),
+                        "difference": diff, "ci": [lo, hi], "verdict": verdict})
+    return out
+
+
+def _seeds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
+
+
+@command("ablate", "Med-UniC Table 4: pre-train and evaluate each objective / MLM ablation row",
+         _seeds)
 def ablate(cfg: Config, args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    seeds = [cfg.run.seed + k for k in range(args.seeds)]
     rows = []
     for row in ROWS:
         objectives = {k: getattr(row, k) for k in ("ssv", "cvl", "ctr", "mlm")}
-        rows.append({"name": row.name, "objectives": objectives,
-                     "metrics": run_row(cfg, row, progress=not args.quiet)})
-    ablation = {"rows": rows}
+        runs = {str(seed): run_row(cfg, row, seed, progress=not args.quiet) for seed in seeds}
+        mean, sd = aggregate(list(runs.values()))
+        rows.append({"name": row.name, "objectives": objectives, "metrics": mean, "sd": sd,
+                     "seeds": runs})
+    ablation = {"rows": rows, "seeds": seeds, "orderings": orderings(rows)}
     cfg.run.dir.mkdir(parents=True, exist_ok=True)
     (cfg.run.dir / ABLATION_FILE).write_text(json.dumps(ablation, indent=2) + "\n", encoding="utf-8")
     metrics_path = cfg.run.dir / METRICS_FILE

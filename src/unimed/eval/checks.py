@@ -28,6 +28,7 @@ TASK_NAMES = {
 ZERO_SHOT_SETS = ("cxp500", "pdc")
 CHANCE = {"auc": 0.5}  # value of an uninformative score, for the metrics where it is fixed
 FINETUNE_TASKS = ("linear_probe", "segmentation", "detection")
+DENSE_TASKS = ("segmentation", "detection")
 
 
 PASS, FAIL, TIE, NOT_MEASURED = "pass", "fail", "tie", "not measured"
@@ -121,9 +122,11 @@ def fraction_order(fraction: str) -> float:
 
 def quality_checks(
     metrics: dict, replicates: Replicates | None = None, *, model: str = "medunic",
-    baseline: str = "init", zero_shot_min: float = 0.80,
+    baseline: str = "init", random: str = "random", zero_shot_min: float = 0.80,
 ) -> list[Check]:
-    """The quality bar: zero-shot AUC, model beats baseline everywhere, lower language-ID probe.
+    """The quality bar: zero-shot AUC, model beats baseline everywhere, lower language-ID probe,
+    and (when a `random` encoder was evaluated beside the baseline) the dense tasks telling the
+    baseline's image weights from a random image encoder.
 
     ``model`` and ``baseline`` are keys of ``metrics["encoders"]``; ``replicates`` are the bootstrap
     replicates keyed "<encoder>/<task>/<path>/<metric>" (bootstrap.npz), from which "beats" checks
@@ -139,6 +142,12 @@ def quality_checks(
     for task in FINETUNE_TASKS:
         checks += _beats_baseline_checks(task, model_tasks, base_tasks, pair)
     checks.append(_language_probe_check(model_tasks, base_tasks, labels))
+    random_enc = encoders.get(random) or {}
+    if random_enc and random != baseline:
+        dense = _Pair((baseline, random), (labels[1], str(random_enc.get("label") or random)),
+                      replicates or {})
+        for task in DENSE_TASKS:
+            checks += _beats_baseline_checks(task, base_tasks, random_enc.get("tasks") or {}, dense)
     return checks
 
 

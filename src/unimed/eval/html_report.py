@@ -29,6 +29,7 @@ from unimed.eval.report import (
     FIGURE_CAPTIONS,
     SEP,
     TITLE_ABLATION,
+    TITLE_ORDERINGS,
     TITLE_BIAS,
     TITLE_BIAS_CONTROL,
     TITLE_CROSS,
@@ -81,7 +82,7 @@ SECTIONS = (
     ("Retrieval", (TITLE_I2R, TITLE_R2I, TITLE_CROSS, TITLE_POOLED, TITLE_SHORTCUT), None),
     ("Community bias", (TITLE_BIAS, TITLE_BIAS_CONTROL), "bias"),
     ("Grad-CAM", (), "gradcam"),
-    ("Ablation", (TITLE_ABLATION,), None),
+    ("Ablation", (TITLE_ABLATION, TITLE_ORDERINGS), None),
     ("Timings", (TITLE_TIMINGS,), None),
     ("Evaluation sets", (TITLE_SPLITS,), None),
 )
