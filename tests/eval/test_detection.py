@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from unimed.data.records import BoxAnn, Record
+from unimed.eval.config import DetectionConfig, EvalConfig
 from unimed.eval.data import fraction_indices
 from unimed.eval.dense import dense_features
 from unimed.eval.detection import (
@@ -128,3 +129,8 @@ def test_task_runs_end_to_end(tiny_encoder: Encoder, task_context: TaskContext) 
 def test_dataset_without_boxes_is_a_clear_error(tiny_encoder: Encoder, task_context: TaskContext) -> None:
     with pytest.raises(ValueError, match="'chexpert'.*'train'"):
         run(tiny_encoder, _context(task_context, datasets=("chexpert",)))
+
+
+def test_min_epoch_steps_below_one_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="eval.detection.min_epoch_steps must be >= 1, got 0"):
+        EvalConfig(detection=DetectionConfig(min_epoch_steps=0))

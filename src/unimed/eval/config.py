@@ -58,10 +58,11 @@ class SegmentationConfig:
 
     From the papers: AdamW, weight decay 1e-8, early stopping on validation Dice (Med-UniC
     supplement, segmentation); loss 10 x focal - log(Dice) (GLoRIA / MGCA ``MixedLoss``). Forced by
-    the phantom's scale: batch 16 instead of 4 and lr 1e-3 instead of 5e-4 (CPU throughput: fewer,
-    larger steps), and every epoch runs at least `min_epoch_steps` batches, because a 1% row trains
-    on 16 images -- one batch per epoch -- and without it stops before the decoder leaves the
-    all-background state. Epochs are a CPU budget (papers: 50 / 100).
+    the phantom's scale and the CPU: batch 16 instead of 4 with lr 1e-3 instead of 5e-4 (fewer,
+    larger steps; chosen, not tuned), and every epoch runs at least `min_epoch_steps` batches,
+    because a 1% row trains on 16 images -- one batch per epoch -- and without it stops before the
+    decoder leaves the all-background state. Epochs and patience are a CPU budget (papers: 50 /
+    100 epochs).
     """
 
     datasets: tuple[str, ...] = ("siim", "rsna")
@@ -86,8 +87,10 @@ class DetectionConfig:
     0.5, the IoU thresholds. Forced by the phantom's scale: at the demo's 96 px, Object-CXR boxes
     are 2-6 px and RSNA boxes 6-12 px, so the pyramid starts at the encoder's stride-2 map
     (`min_stride` 2): FCOS only trains on locations inside a box, and at stride 8 only 14% of the
-    Object-CXR boxes contain one (53% at stride 4, 93% at stride 2). Batch 8 instead of 4 and
-    `min_epoch_steps` as in :class:`SegmentationConfig`; FCOS instead of YOLOv3 (module docstring).
+    Object-CXR boxes contain one (53% at stride 4, 93% at stride 2; a ViT's pyramid starts at
+    stride 4). Batch 8 instead of 4, a 32-wide one-conv head, `min_epoch_steps`, epochs and
+    patience as in :class:`SegmentationConfig` (CPU budget); FCOS instead of YOLOv3 (module
+    docstring).
     """
 
     datasets: tuple[str, ...] = ("rsna", "object-cxr")
@@ -164,3 +167,6 @@ class EvalConfig:
             raise ValueError(f"eval.fractions must lie in (0, 1], got {bad}")
         if self.min_train_images < 1:
             raise ValueError(f"eval.min_train_images must be >= 1, got {self.min_train_images}")
+        for name, section in (("segmentation", self.segmentation), ("detection", self.detection)):
+            if section.min_epoch_steps < 1:
+                raise ValueError(f"eval.{name}.min_epoch_steps must be >= 1, got {section.min_epoch_steps}")
