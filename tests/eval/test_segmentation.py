@@ -12,14 +12,15 @@ import torch
 
 from unimed.data.records import BoxAnn, Record
 from unimed.eval.data import fraction_indices
+from unimed.eval.dense import dense_features, feature_layout
 from unimed.eval.encoders import Encoder
 from unimed.eval.segmentation import (
     UNetHead,
     box_mask,
     dataset_masks,
-    dense_features,
+    dice_per_image,
     dice_score,
-    feature_layout,
+    epoch_batches,
     fit_decoder,
     predict_masks,
     record_mask,
@@ -35,24 +36,37 @@ def _record(**fields: object) -> Record:
                   **fields)
 
 
-@pytest.mark.parametrize(
-    ("probs", "target", "expected"),
-    [
-        ([[0.9, 0.2], [0.6, 0.4]], [[1, 0], [0, 1]], 2 * 1 / (2 + 2)),
-        ([[0.9, 0.9], [0.9, 0.9]], [[1, 0], [0, 0]], 2 * 1 / (4 + 1)),
-        ([[0.5, 0.1], [0.0, 0.2]], [[1, 0], [0, 0]], 0.0),  # 0.5 is not above the threshold
-        ([[0.1, 0.1], [0.1, 0.1]], [[0, 0], [0, 0]], 1.0),  # nothing to find, nothing found
-    ],
-)
-def test_dice_score_hand_values(probs: list, target: list, expected: float) -> None:
-    assert dice_score(torch.tensor(probs), torch.tensor(target)) == pytest.approx(expected)
+def test_dice_is_per_image_with_the_empty_mask_convention() -> None:
+    """GLoRIA / MGCA: Dice per image, then the mean; an empty mask scores 1 only for an empty
+    prediction. Hand values for four 2 x 2 images."""
+    probs = torch.tensor([
+        [[0.9, 0.2], [0.6, 0.4]],  # P = {(0,0), (1,0)}, G = {(0,0), (1,1)}: 2 * 1 / (2 + 2)
+        [[0.9, 0.9], [0.9, 0.9]],  # P = all 4, G = {(0,0)}: 2 * 1 / (4 + 1)
+        [[0.1, 0.5], [0.0, 0.2]],  # P empty (0.5 is not above the threshold), G empty: 1
+        [[0.1, 0.7], [0.0, 0.2]],  # P = {(0,1)}, G empty: 0
+    ])[:, None]  # (4, 1, 2, 2)
+    target = torch.tensor([
+        [[1, 0], [0, 1]], [[1, 0], [0, 0]], [[0, 0], [0, 0]], [[0, 0], [0, 0]],
+    ])[:, None].float()
+    expected = [0.5, 0.4, 1.0, 0.0]
+    torch.testing.assert_close(dice_per_image(probs, target), torch.tensor(expected))
+    assert dice_score(probs, target) == pytest.approx(sum(expected) / 4)
+    # Not the global Dice over all pixels: |P| = 7, |G| = 3, |P & G| = 2 would give 0.4.
+    assert dice_score(probs, target) != pytest.approx(2 * 2 / (7 + 3))
 
 
-def test_dice_score_is_global_over_images() -> None:
-    probs = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])  # (2, 1, 2)
-    target = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
-    # |P| = 3, |G| = 1, |P & G| = 1 over both images (not a mean of per-image scores).
-    assert dice_score(probs, target) == pytest.approx(2 / 4)
+def test_all_background_scores_the_share_of_empty_masks() -> None:
+    target = torch.zeros(4, 1, 3, 3)
+    target[0, 0, 1, 1] = 1.0
+    assert dice_score(torch.zeros(4, 1, 3, 3), target) == pytest.approx(3 / 4)
+
+
+def test_epoch_batches_give_small_sets_enough_steps() -> None:
+    batches = list(epoch_batches(5, 4, min_steps=3, generator=torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [4, 4, 4]
+    seen = torch.cat(batches)
+    assert sorted(seen[:5].tolist()) == [0, 1, 2, 3, 4]  # the first pass is a permutation
+    assert [len(b) for b in epoch_batches(10, 4, 1, torch.Generator())] == [4, 4, 2]
 
 
 def test_box_mask_fills_pixels_whose_centres_are_inside() -> None:
@@ -109,10 +123,13 @@ def test_too_few_decoder_channels_is_a_clear_error() -> None:
 
 
 def test_decoder_learns_an_easy_target(tiny_encoder: Encoder, task_context: TaskContext) -> None:
-    """Target = the brightest quarter of each image: visible in the frozen maps, so a trained head
-    must find it much better than an untrained one."""
-    images = task_context.data.images("siim", "train", "full")  # (N, 1, S, S)
-    masks = (images > images.quantile(0.75)).float()
+    """Target = the pixels above one brightness level: visible in the frozen maps, so a trained
+    head must find it much better than an untrained one and than "background everywhere".
+    Every other image is dimmed below the level: nothing to find, Dice 1 only for no prediction."""
+    images = task_context.data.images("siim", "train", "full").clone()  # (N, 1, S, S)
+    level = images.quantile(0.75)
+    images[::2] *= 0.5
+    masks = (images > level).float()
     maps = dense_features(tiny_encoder, images, batch_size=32, min_stride=4)
     train = ([m[:24] for m in maps], masks[:24])
     valid = ([m[24:] for m in maps], masks[24:])
@@ -120,7 +137,8 @@ def test_decoder_learns_an_easy_target(tiny_encoder: Encoder, task_context: Task
     model, best = fit_decoder(train, valid, cfg, seed=0, device=torch.device("cpu"))
     untrained = UNetHead([m.shape[1] for m in maps], cfg.decoder_channels, images.shape[-1])
     baseline = dice_score(predict_masks(untrained, valid[0], 16, torch.device("cpu")), valid[1])
-    assert best > 0.6 and best > baseline + 0.2
+    background = dice_score(torch.zeros_like(valid[1]), valid[1])
+    assert best > 0.6 and best > baseline + 0.2 and best > background + 0.2
     assert dice_score(predict_masks(model, valid[0], 16, torch.device("cpu")), valid[1]) == best
 
 
@@ -140,9 +158,14 @@ def test_task_runs_end_to_end(tiny_encoder: Encoder, task_context: TaskContext) 
         n_train = len(ctx.data.records(dataset, "train"))
         for fraction, label in ((0.1, "10%"), (1.0, "100%")):
             cell = row["fractions"][label]
-            assert 0.0 <= cell["value"] <= 1.0
+            replicates = cell["replicates"]["value"]  # mean Dice of each shared resample of the test images
+            assert replicates.shape == (ctx.cfg.bootstrap_resamples,)
+            lo, hi = cell["ci"]
+            assert lo <= cell["value"] <= hi and lo <= np.median(replicates) <= hi
             assert cell["train_images"] == len(fraction_indices(n_train, fraction, 8, ctx.cfg.seed))
-    assert run(tiny_encoder, _context(task_context, datasets=("siim",)))["siim"] == out["siim"]
+    again = run(tiny_encoder, _context(task_context, datasets=("siim",)))["siim"]["fractions"]
+    assert [(c["value"], c["ci"]) for c in again.values()] == [
+        (c["value"], c["ci"]) for c in out["siim"]["fractions"].values()]
 
 
 def test_dataset_without_masks_is_a_clear_error(tiny_encoder: Encoder, task_context: TaskContext) -> None:

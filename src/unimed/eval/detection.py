@@ -1,18 +1,26 @@
 """Object detection on the frozen image encoder: torchvision FCOS heads, mAP (RSNA, Object-CXR).
 
 Images use the "full" geometry; boxes are scaled from original pixel coordinates to S x S. The
-frozen encoder's maps of stride >= ``detection.min_stride`` are computed once per split (the same
-cache as segmentation, :func:`unimed.eval.segmentation.dense_features`); a torchvision
-``FeaturePyramidNetwork`` and the FCOS head train on them, per label fraction, with AdamW and early
-stopping on validation mAP; the test mAP (``torchmetrics`` MeanAveragePrecision over
-``detection.iou_thresholds``) of the best-validation state is reported. Images without boxes are
-negatives.
+frozen encoder's maps of stride >= ``detection.min_stride`` come from the context's feature cache
+(:mod:`unimed.eval.dense`, shared with segmentation); a torchvision ``FeaturePyramidNetwork`` and
+the FCOS head train on them, per label fraction, with AdamW and early stopping on validation mAP;
+the test mAP of the best-validation state is reported.
 
-FCOS rather than Faster R-CNN or RetinaNet: it is one-stage and anchor-free (no RoI sampling or
-anchor grid to tune for small images), and its head depth is a constructor argument, so a two-conv,
-64-channel head trains in seconds on two CPU cores. Because the trunk runs once per split, FCOS's
-``backbone`` slot holds only the trainable FPN and :func:`head_outputs` replays ``FCOS.forward``
-from the backbone on; FCOS's image transform is never used.
+AP convention (Med-UniC / MGCA: "mAP with IoU thresholds 0.4~0.75"): ``torchmetrics``
+MeanAveragePrecision (pycocotools backend), one class, COCO 101-point interpolated AP at each IoU
+of ``detection.iou_thresholds`` (0.40, 0.45, ..., 0.75), averaged; all box areas; at most
+``detection.max_detections`` boxes per image (after NMS at ``detection.nms_thresh``, below
+torchmetrics' own cap of 100). Every test image counts: an image without boxes adds no positive,
+and each box predicted on it is a false positive that lowers precision. A detector that finds
+nothing scores 0.
+
+FCOS rather than YOLOv3 (the papers' head), Faster R-CNN or RetinaNet: it is one-stage and
+anchor-free (no RoI sampling or anchor grid to tune for small images), and its head depth is a
+constructor argument, so a small head trains in seconds on two CPU cores. FCOS trains only on
+feature locations inside a box, which is why the pyramid must start at a stride finer than the
+smallest boxes (see :class:`~unimed.eval.config.DetectionConfig`). Because the trunk runs once per
+split, FCOS's ``backbone`` slot holds only the trainable FPN and :func:`head_outputs` replays
+``FCOS.forward`` from the backbone on; FCOS's image transform is never used.
 """
 
 from __future__ import annotations
@@ -34,10 +42,10 @@ from tqdm.auto import tqdm
 
 from unimed.data.records import Record
 from unimed.eval.config import DetectionConfig
+from unimed.eval.dense import Maps
 from unimed.eval.encoders import Encoder
 from unimed.eval.segmentation import (
-    Maps,
-    dense_features,
+    epoch_batches,
     fit_early_stopping,
     original_size,
     require_positives,
@@ -92,7 +100,7 @@ def build_detector(channels: list[int], strides: list[int], image_size: int, cfg
     return FCOS(
         neck, num_classes=1, min_size=image_size, max_size=image_size, image_mean=[0.0] * 3,
         image_std=[1.0] * 3, anchor_generator=anchors, head=head, score_thresh=cfg.score_thresh,
-        detections_per_img=cfg.max_detections,
+        nms_thresh=cfg.nms_thresh, detections_per_img=cfg.max_detections,
     )
 
 
@@ -154,9 +162,7 @@ def fit_detector(
 
     def train_epoch() -> None:
         model.train()
-        order = torch.randperm(len(targets), generator=generator)
-        for start in range(0, len(order), cfg.batch_size):
-            index = order[start : start + cfg.batch_size]
+        for index in epoch_batches(len(targets), cfg.batch_size, cfg.min_epoch_steps, generator):
             batch = [m[index].to(device).float() for m in maps]
             batch_targets = [{k: v.to(device) for k, v in targets[i].items()} for i in index.tolist()]
             loss = detection_loss(model, batch, batch_targets, image_size)
@@ -177,8 +183,7 @@ def _split(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tupl
     """Cached maps of stride >= min_stride and targets of one split."""
     size = ctx.data.image_size
     targets = dataset_targets(ctx.data.require(dataset, split), size)
-    images = ctx.data.images(dataset, split, "full")  # (N, 1, S, S)
-    return dense_features(encoder, images, ctx.cfg.batch_size, ctx.cfg.detection.min_stride), targets
+    return ctx.dense_maps(encoder, dataset, split, ctx.cfg.detection.min_stride), targets
 
 
 def detect_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:

@@ -2,16 +2,16 @@
 
 Images use the "full" geometry (whole image resized to S x S); masks are built at the original
 image size -- SIIM from its RLE, RSNA from its pneumonia boxes filled as rectangles -- and resized
-the same way (nearest). The encoder's dense maps are computed once per split, without
-augmentation, and only a segmentation_models_pytorch ``UnetDecoder`` + ``SegmentationHead`` train
-on them, per label fraction, with Dice + BCE, AdamW and early stopping on validation Dice; the test
-Dice of the best-validation state is reported.
+the same way (nearest). The encoder's dense maps come from the context's feature cache
+(:mod:`unimed.eval.dense`, shared with detection); only a segmentation_models_pytorch
+``UnetDecoder`` + ``SegmentationHead`` train on them, per label fraction, and the test Dice of the
+best-validation state is reported.
 
-Convolutional encoders give maps at distinct strides (2 ... 32), used as the U-Net's skips.
-Plain ViTs give every block at one stride: four evenly spaced blocks are resampled (bilinear) to
-strides 4, 8, 16 and 32, a simple feature pyramid, so any timm image encoder works.
-
-The feature cache lives in memory (float16), sized for the phantom demo sets, not full-size ones.
+Dice is per image and averaged, as GLoRIA and MGCA compute it (``get_dice`` in their code): an
+image with an empty mask scores 1 when nothing is predicted on it and 0 otherwise, so a decoder
+that predicts background everywhere scores the share of empty test images, not 0. The interval is a
+bootstrap of the per-image values (resamples shared by every encoder, so differences are paired). The loss is theirs too: 10 x focal - log(soft Dice) (GLoRIA's ``MixedLoss``), from
+smp's ``FocalLoss`` and ``DiceLoss(log_loss=True)``; see :class:`SegmentationConfig` for the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,18 +36,14 @@ from unimed.data.images import dicom_header, is_dicom
 from unimed.data.records import BoxAnn, Record
 from unimed.data.rle import rle_decode
 from unimed.eval.config import SegmentationConfig
-from unimed.eval.data import EvalData, rgb
+from unimed.eval.data import EvalData
+from unimed.eval.dense import Maps
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
+from unimed.eval.metrics import Estimate, batched_mean, bootstrap
 from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
 
 log = logging.getLogger(__name__)
-
-# Strides a single-stride (ViT) encoder's maps are resampled to: the U-Net's usual pyramid.
-VIT_STRIDES = (4, 8, 16, 32)
-
-Maps = list[torch.Tensor]  # dense maps, each (N, C_i, H_i, W_i), shallow to deep
-
 
 def original_size(record: Record) -> tuple[int, int]:
     """(H, W) of the record's image on disk: `image_size` when known, else the DICOM header or PIL."""
@@ -101,52 +97,19 @@ def require_positives(dataset: str, split: str, count: int, what: str) -> None:
         )
 
 
+def dice_per_image(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(N,) Dice 2|P & G| / (|P| + |G|) of each image, P = probs > threshold, G = target > 0.5;
+    an image with an empty G scores 1 when P is empty too, else 0 (GLoRIA / MGCA)."""
+    pred = (probs > threshold).flatten(1)
+    truth = (target > 0.5).flatten(1)
+    overlap = (pred & truth).sum(1).float()
+    total = (pred.sum(1) + truth.sum(1)).float()
+    return torch.where(total > 0, 2.0 * overlap / total.clamp(min=1.0), torch.ones_like(total))
+
+
 def dice_score(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
-    """Global Dice 2|P & G| / (|P| + |G|) over all pixels, P = probs > threshold; 1.0 if both empty."""
-    pred = probs > threshold
-    truth = target > 0.5
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
-
-
-def feature_layout(visual: nn.Module, min_stride: int) -> tuple[list[int], tuple[int, ...] | None]:
-    """Which intermediates to take from the timm model and the strides to resample them to.
-
-    Multi-stride (convolutional) models: every stage of stride >= `min_stride`, no resampling
-    (None). Single-stride (ViT): evenly spaced blocks, resampled to the `VIT_STRIDES` >= `min_stride`.
-    """
-    reductions = [int(info["reduction"]) for info in visual.feature_info]
-    if len(set(reductions)) > 1:
-        indices = [i for i, r in enumerate(reductions) if r >= min_stride]
-        strides = None
-    else:
-        targets = tuple(s for s in VIT_STRIDES if s >= min_stride)
-        indices = sorted({int(i) for i in np.linspace(0, len(reductions) - 1, len(targets)).round()})
-        strides = targets[len(targets) - len(indices):]
-    if not indices:
-        raise EvalError(
-            f"the image encoder has no feature map of stride >= {min_stride} (strides {reductions})"
-        )
-    return indices, strides
-
-
-@torch.no_grad()
-def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_stride: int) -> Maps:
-    """(N, 1, S, S) images -> frozen encoder maps of stride s_i >= `min_stride` (float16, CPU),
-    each (N, C_i, S / s_i, S / s_i), shallow to deep."""
-    indices, strides = feature_layout(encoder.visual, min_stride)
-    size = images.shape[-1]
-    chunks: list[Maps] = []
-    for start in range(0, len(images), batch_size):
-        x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
-        maps = encoder.model.forward_intermediates(x, indices=indices)
-        if strides is not None:
-            maps = [
-                F.interpolate(m, size=(size // s, size // s), mode="bilinear")
-                for m, s in zip(maps, strides)
-            ]
-        chunks.append([m.half().cpu() for m in maps])
-    return [torch.cat(level) for level in zip(*chunks)]
+    """Mean per-image Dice of (N, 1, S, S) probabilities against masks (:func:`dice_per_image`)."""
+    return float(dice_per_image(probs, target, threshold).mean())
 
 
 class UNetHead(nn.Module):
@@ -184,6 +147,18 @@ class UNetHead(nn.Module):
 def seeded_generator(seed: int) -> torch.Generator:
     """A CPU torch.Generator seeded with `seed` (batch order)."""
     return torch.Generator().manual_seed(seed)
+
+
+def epoch_batches(
+    n: int, batch_size: int, min_steps: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch: one shuffled pass over `n` items, or, when that is fewer than
+    `min_steps` batches, `min_steps` full batches from successive shuffled passes -- so a 16-image
+    1% subset gets as many optimiser steps per epoch as a larger set."""
+    items = n if math.ceil(n / batch_size) >= min_steps else min_steps * batch_size
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(math.ceil(items / n))])
+    for start in range(0, items, batch_size):
+        yield order[start : start + batch_size]
 
 
 def fit_early_stopping(
@@ -234,17 +209,16 @@ def fit_decoder(
         torch.manual_seed(seed)
         model = UNetHead([m.shape[1] for m in maps], cfg.decoder_channels, masks.shape[-1]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    dice_loss, bce = smp.losses.DiceLoss("binary", from_logits=True), nn.BCEWithLogitsLoss()
+    focal = smp.losses.FocalLoss("binary")
+    log_dice = smp.losses.DiceLoss("binary", from_logits=True, log_loss=True)
     generator = seeded_generator(seed)
 
     def train_epoch() -> None:
         model.train()
-        order = torch.randperm(len(masks), generator=generator)
-        for start in range(0, len(order), cfg.batch_size):
-            index = order[start : start + cfg.batch_size]
+        for index in epoch_batches(len(masks), cfg.batch_size, cfg.min_epoch_steps, generator):
             logits = model(_batch(maps, index, device))  # (B, 1, S, S)
             target = masks[index].to(device)
-            loss = dice_loss(logits, target) + bce(logits, target)
+            loss = cfg.focal_weight * focal(logits, target) + log_dice(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -258,29 +232,31 @@ def fit_decoder(
 
 
 def _split(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tuple[Maps, torch.Tensor]:
-    masks = dataset_masks(ctx.data, dataset, split)
-    images = ctx.data.images(dataset, split, "full")  # (N, 1, S, S)
-    return dense_features(encoder, images, ctx.cfg.batch_size, ctx.cfg.segmentation.min_stride), masks
+    maps = ctx.dense_maps(encoder, dataset, split, ctx.cfg.segmentation.min_stride)
+    return maps, dataset_masks(ctx.data, dataset, split)
 
 
 def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
-    """One dataset's row: test Dice of the best-validation decoder per label fraction."""
+    """One dataset's row: mean test Dice of the best-validation decoder per label fraction, with
+    its bootstrap interval over the test images."""
     cfg = ctx.cfg.segmentation
     train_maps, train_masks = _split(encoder, ctx, dataset, "train")
     require_positives(dataset, "train", int(train_masks.sum()), "mask or box")
     valid = _split(encoder, ctx, dataset, "valid")
     test_maps, test_masks = _split(encoder, ctx, dataset, "test")
 
-    def score(index: np.ndarray, label: str) -> float:
+    def score(index: np.ndarray, label: str) -> Estimate:
         subset = torch.from_numpy(index)
         model, best = fit_decoder(
             ([m[subset] for m in train_maps], train_masks[subset]), valid, cfg, seed=ctx.cfg.seed,
             device=encoder.device, desc=f"{dataset} {label}", progress=ctx.progress,
         )
-        value = dice_score(predict_masks(model, test_maps, cfg.batch_size, encoder.device), test_masks)
+        probs = predict_masks(model, test_maps, cfg.batch_size, encoder.device)
+        per_image = dice_per_image(probs, test_masks)
         log.info("segmentation %s %s %s: val Dice %.4f, test Dice %.4f (%d images)",
-                 encoder.name, dataset, label, best, value, len(index))
-        return value
+                 encoder.name, dataset, label, best, float(per_image.mean()), len(index))
+        values = per_image.numpy().astype(np.float64)
+        return bootstrap(batched_mean, [values], ctx.resamples(dataset, "test", len(values)))
 
     rows = sweep_fractions(ctx, len(train_masks), score, f"segmentation {dataset}")
     return {"metric": "dice", "fractions": rows}

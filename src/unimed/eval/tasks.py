@@ -10,6 +10,8 @@ metrics gains ``"ci": {name: [lo, hi]}`` (:func:`with_intervals`), a per-fractio
 ``"replicates"`` keys holding numpy arrays, which the runner moves out of the metrics into
 ``ctx.replicates`` (saved beside metrics.json for the paired comparisons of the checks); everything
 else a task returns is JSON-serialisable.
+The context's feature cache computes an encoder's dense maps of a split once for every dense
+task (segmentation, detection).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from unimed.eval.config import EvalConfig
 from unimed.eval.data import EvalData, fraction_indices
+from unimed.eval.dense import FeatureCache, Maps
 from unimed.eval.encoders import Encoder
 from unimed.eval.metrics import Estimate, resample_indices
 from unimed.registry import Registry
@@ -30,7 +33,8 @@ from unimed.registry import Registry
 
 @dataclasses.dataclass
 class TaskContext:
-    """Shared by every task of one evaluation: cached data, the eval config, where figures go."""
+    """Shared by every task of one evaluation: cached data and dense maps, the eval config, where
+    figures go."""
 
     data: EvalData
     cfg: EvalConfig
@@ -42,6 +46,12 @@ class TaskContext:
         """(R, n) bootstrap indices of the `n` scored images of `dataset`/`split`, the same for
         every encoder (see :func:`unimed.eval.metrics.resample_indices`)."""
         return resample_indices(n, self.cfg.bootstrap_resamples, self.cfg.seed, dataset, split)
+    features: FeatureCache = dataclasses.field(default_factory=FeatureCache)
+
+    def dense_maps(self, encoder: Encoder, dataset: str, split: str, min_stride: int) -> Maps:
+        """`encoder`'s frozen maps of stride >= `min_stride` on one split ("full" geometry), cached."""
+        return self.features.maps(encoder, self.data, dataset, split, min_stride=min_stride,
+                                  batch_size=self.cfg.batch_size)
 
     def figure_path(self, encoder: Encoder, name: str) -> Path:
         """Where `encoder`'s figure `name` (a PNG) is written; the folder is created."""

@@ -1,0 +1,97 @@
+"""Frozen dense maps of the image encoder, computed once and shared by segmentation and detection.
+
+Images use the "full" geometry (whole image resized to S x S). Convolutional encoders give maps at
+distinct strides (2 ... 32); plain ViTs give every block at one stride, so four evenly spaced
+blocks are resampled (bilinear) to strides 4, 8, 16 and 32, a simple feature pyramid, and any
+timm image encoder works.
+
+:class:`FeatureCache` keeps, per (encoder, dataset, split, geometry, image size), every level the
+encoder offers (float16, CPU); a task takes the levels of stride >= its ``min_stride``. It lives
+in memory, sized for the phantom demo sets, not full-size ones.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unimed.eval.data import EvalData, rgb
+from unimed.eval.encoders import Encoder
+from unimed.eval.errors import EvalError
+
+log = logging.getLogger(__name__)
+
+# Strides a single-stride (ViT) encoder's maps are resampled to: the U-Net's usual pyramid.
+VIT_STRIDES = (4, 8, 16, 32)
+GEOMETRY = "full"  # dense tasks map boxes and masks by a plain scale
+
+Maps = list[torch.Tensor]  # dense maps, each (N, C_i, H_i, W_i), shallow to deep
+
+
+def feature_layout(visual: nn.Module, min_stride: int = 1) -> tuple[list[int], tuple[int, ...] | None]:
+    """Which intermediates to take from the timm model and the strides to resample them to.
+
+    Multi-stride (convolutional) models: every stage of stride >= `min_stride`, no resampling
+    (None). Single-stride (ViT): evenly spaced blocks, resampled to the `VIT_STRIDES` >= `min_stride`.
+    """
+    reductions = [int(info["reduction"]) for info in visual.feature_info]
+    if len(set(reductions)) > 1:
+        indices = [i for i, r in enumerate(reductions) if r >= min_stride]
+        strides = None
+    else:
+        targets = tuple(s for s in VIT_STRIDES if s >= min_stride)
+        indices = sorted({int(i) for i in np.linspace(0, len(reductions) - 1, len(targets)).round()})
+        strides = targets[len(targets) - len(indices):]
+    if not indices:
+        raise EvalError(
+            f"the image encoder has no feature map of stride >= {min_stride} (strides {reductions})"
+        )
+    return indices, strides
+
+
+@torch.no_grad()
+def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_stride: int = 1) -> Maps:
+    """(N, 1, S, S) images -> frozen encoder maps of stride s_i >= `min_stride` (float16, CPU),
+    each (N, C_i, S / s_i, S / s_i), shallow to deep."""
+    indices, strides = feature_layout(encoder.visual, min_stride)
+    size = images.shape[-1]
+    chunks: list[Maps] = []
+    for start in range(0, len(images), batch_size):
+        x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
+        maps = encoder.model.forward_intermediates(x, indices=indices)
+        if strides is not None:
+            maps = [
+                F.interpolate(m, size=(size // s, size // s), mode="bilinear")
+                for m, s in zip(maps, strides)
+            ]
+        chunks.append([m.half().cpu() for m in maps])
+    return [torch.cat(level) for level in zip(*chunks)]
+
+
+def select_levels(maps: Maps, image_size: int, min_stride: int) -> Maps:
+    """The maps of stride >= `min_stride` (stride = image_size / map side)."""
+    chosen = [m for m in maps if image_size // m.shape[-1] >= min_stride]
+    if not chosen:
+        strides = [image_size // m.shape[-1] for m in maps]
+        raise EvalError(f"the image encoder has no feature map of stride >= {min_stride} (strides {strides})")
+    return chosen
+
+
+class FeatureCache:
+    """Every dense level of each (encoder, dataset, split), computed on first use."""
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[str, str, str, str, int], Maps] = {}
+
+    def maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, min_stride: int,
+             batch_size: int) -> Maps:
+        """Maps of stride >= `min_stride` of `data.images(dataset, split, "full")`, shallow to deep."""
+        key = (encoder.name, dataset, split, GEOMETRY, data.image_size)
+        if key not in self._maps:
+            log.debug("dense features of %s on %s/%s", encoder.name, dataset, split)
+            self._maps[key] = dense_features(encoder, data.images(dataset, split, GEOMETRY), batch_size)
+        return select_levels(self._maps[key], data.image_size, min_stride)
