@@ -111,3 +111,36 @@ def test_missing_folders_are_reported(fresh_tokenizer_dir, tmp_path):
         train_mlm(CORPUS, tmp_path / "nope", TINY, tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="base model folder .* does not exist"):
         train_mlm(CORPUS, fresh_tokenizer_dir, TINY, tmp_path / "out", base_model=tmp_path / "cxr", progress=False)
+
+
+def test_max_steps_ends_training_early(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
+    cfg = MLMConfig(**{**TINY.__dict__, "epochs": 3, "batch_size": 12, "max_steps": 3})
+    result = train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
+    assert result.steps == 3 and len(result.loss_history) == 2  # two steps in epoch 1, one in epoch 2
+
+
+def test_missing_mlm_head_starts_tied_with_identity_transform_and_frequency_bias(
+        tiny_bert_dir, tiny_tokenizer_dir):
+    import torch
+    from transformers import BertModel as Encoder
+
+    from unimed.text.mlm import build_mlm_model
+
+    headless = tiny_bert_dir.parent / "headless"
+    Encoder.from_pretrained(str(tiny_bert_dir)).save_pretrained(str(headless))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_bert_dir / name).exists():
+            (headless / name).write_bytes((tiny_bert_dir / name).read_bytes())
+    corpus = ["derram pleural derram", "no pleural effusion"]
+    model = build_mlm_model(tokenizer, MLMConfig(**TINY.__dict__), base_model=headless, corpus=corpus)
+    head = model.cls.predictions
+    torch.testing.assert_close(head.transform.dense.weight, torch.eye(head.transform.dense.weight.shape[0]))
+    counts = torch.zeros(len(tokenizer))
+    for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"]:
+        for i in ids:
+            counts[i] += 1
+    prior = torch.log((counts + 1) / (counts.sum() + len(counts)))
+    torch.testing.assert_close(head.bias, prior - prior.mean())
+    with_head = build_mlm_model(tokenizer, MLMConfig(**TINY.__dict__), base_model=tiny_bert_dir, corpus=corpus)
+    assert not torch.allclose(with_head.cls.predictions.bias, head.bias)  # a saved head is kept

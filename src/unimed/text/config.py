@@ -29,7 +29,8 @@ class MLMConfig:
 
     The model sizes are used only when no base model is given (a fresh BERT). ``lr_schedule`` is a
     name understood by ``transformers.get_scheduler``: "linear" (warm-up then linear decay, as BERT),
-    "constant_with_warmup" or "cosine". ``fp16`` autocast is applied on CUDA only.
+    "constant_with_warmup" or "cosine". ``fp16`` autocast is applied on CUDA only. ``max_steps``
+    ends training early (the schedule then spans those steps), for CPU presets.
     """
 
     hidden_size: int = 128
@@ -37,6 +38,7 @@ class MLMConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     epochs: int = 15
+    max_steps: int | None = None
     batch_size: int = 32
     grad_accum_steps: int = 1
     lr: float = 5.0e-4

@@ -165,6 +165,8 @@ def _token_counts(tokenizer: PreTrainedTokenizerBase, corpus: Sequence[str]) -> 
 
 
 def _check_config(cfg: MLMConfig) -> None:
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"mlm.max_steps must be at least 1 (or null), got {cfg.max_steps}")
     for key in ("epochs", "batch_size", "grad_accum_steps", "max_length", "log_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"mlm.{key} must be at least 1, got {getattr(cfg, key)}")
@@ -244,6 +246,8 @@ def _train(
 ) -> tuple[list[float], int]:
     """Run ``cfg.epochs`` epochs; returns the mean loss of each epoch and the optimizer step count."""
     total = math.ceil(len(loader) / cfg.grad_accum_steps) * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps)
     use_amp = cfg.fp16 and device.type == "cuda"  # fp16 only on CUDA; CPUs stay in fp32
     optim = _Optim(
@@ -256,7 +260,9 @@ def _train(
     history: list[float] = []
     with tqdm(total=total, desc="mlm", disable=not progress) as bar:
         for epoch in range(cfg.epochs):
-            history.append(_run_epoch(model, loader, cfg, device, optim, bar, log_file, epoch))
+            if optim.steps >= total:
+                break
+            history.append(_run_epoch(model, loader, cfg, device, optim, bar, log_file, epoch, total))
             bar.set_postfix(loss=f"{history[-1]:.3f}")
             _log(log_file, event="epoch", epoch=epoch, step=optim.steps, loss=history[-1])
     return history, optim.steps
@@ -271,11 +277,15 @@ def _run_epoch(
     bar: tqdm,
     log_file: IO[str],
     epoch: int,
+    total: int,
 ) -> float:
-    """One pass over the loader with gradient accumulation; returns the mean loss of its batches."""
+    """One pass over the loader with gradient accumulation, stopping at `total` optimizer steps;
+    returns the mean loss of its batches."""
     losses: list[float] = []
     pending = 0
     for i, batch in enumerate(loader):
+        if optim.steps >= total:
+            break
         # A batch of short reports can come out of the collator with no masked token; its loss is
         # NaN (a mean over zero targets) and would poison the weights, so it is skipped.
         if (batch["labels"] != -100).any():
