@@ -1,14 +1,22 @@
 """`unimed demo`: the main job — phantom world, cross-lingual vocabulary, MLM, Med-UniC pre-training,
-evaluation of every downstream task against the random-init / MLM-only baseline, report."""
+evaluation of every downstream task against the ImageNet-init and random-init baselines, report."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from unimed.commands import command, run_dir
 from unimed.commands.evaluate import print_summary, run_evaluation
-from unimed.commands.medunic import print_loss_summary, run_mlm, run_pretrain, run_vocab
+from unimed.commands.medunic import (
+    MLM_CHECK_FILE,
+    mlm_check_line,
+    print_loss_summary,
+    run_mlm,
+    run_pretrain,
+    run_vocab,
+)
 from unimed.commands.phantom import phantom
 from unimed.commands.tables import print_table
 from unimed.config import Config
@@ -37,6 +45,9 @@ def demo(cfg: Config, args: argparse.Namespace) -> int:
     metrics = timed("evaluation and report", run_evaluation, cfg, cfg.run.dir, cfg.eval.tasks,
                     progress=progress)
     print_summary(metrics, cfg.run.dir)
+    mlm_check = cfg.run.dir / "mlm" / MLM_CHECK_FILE
+    if mlm_check.is_file():
+        print(mlm_check_line(json.loads(mlm_check.read_text(encoding="utf-8"))))
     print_table("Demo stages", ["stage", "seconds"], times)
     print(f"outputs: {cfg.run.dir}")
     return 0

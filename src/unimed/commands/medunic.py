@@ -133,7 +133,17 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     print_table(f"Cross-lingual retrieval R@1 (%) of {len(corpus.en)} parallel reports, "
                 f"{cfg.model.text_pooling} pooling", ["text encoder", "En→Es", "Es→En"], rows)
     (mlm_dir / MLM_CHECK_FILE).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print(mlm_check_line(result))
     return result
+
+
+def mlm_check_line(result: dict) -> str:
+    """One line saying whether MLM kept cross-lingual retrieval of the parallel reports."""
+    change = (f"cross-lingual R@1 {100 * result['before']:.1f}% before MLM, "
+              f"{100 * result['after']:.1f}% after ({result['pairs']} parallel reports)")
+    if result["passed"]:
+        return f"PASS: MLM did not make the text encoder worse: {change}"
+    return f"FAIL: MLM made cross-lingual retrieval worse: {change}"
 
 
 def text_encoder_dir(cfg: Config) -> str:
