@@ -148,16 +148,14 @@ def leaves(tree: object, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], fl
 
 
 def welch_interval(better: Sequence[float], worse: Sequence[float]) -> tuple[float, float, float]:
-    """Difference of means and its Welch 95 % interval (t distribution, Welch-Satterthwaite df)."""
+    """Difference of means and its Welch 95 % interval (scipy's unequal-variance t-test); without
+    any spread in either group the interval is the difference itself."""
     a, b = np.asarray(better, float), np.asarray(worse, float)
     diff = float(a.mean() - b.mean())
-    var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(var_a + var_b)
-    if se == 0.0:
+    if a.var() == 0.0 and b.var() == 0.0:
         return diff, diff, diff
-    df = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.975, df)) * se
-    return diff, diff - half, diff + half
+    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return diff, float(interval.low), float(interval.high)
 
 
 def orderings(rows: Sequence[dict]) -> list[dict]:

@@ -104,9 +104,9 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     import torch
     from transformers import AutoTokenizer, BertModel
 
-    from unimed.eval.retrieval import PARALLEL_DEFAULT, read_parallel
+    from unimed.eval.retrieval import PARALLEL_DEFAULT, read_parallel, recall_hits, same_value
     from unimed.models.text import create_text_encoder
-    from unimed.text.crosslingual import embed_texts, parallel_recall_at_1
+    from unimed.text.crosslingual import embed_texts
 
     base = resolve_encoder(cfg.vocab.base_model)
     path = Path(cfg.data.root) / PARALLEL_DEFAULT
@@ -119,14 +119,15 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
         torch.manual_seed(cfg.run.seed)
         before = create_text_encoder(base, cfg.model, vocab_size=len(tokenizer))
     after = BertModel.from_pretrained(str(mlm_dir), add_pooling_layer=False, local_files_only=True)
+    match = same_value(corpus.study_ids)  # (N, N) row i of English translates row i of Spanish
     rows, scores = [], {}
     for name, encoder in (("before MLM", before.eval()), ("after MLM", after.eval())):
-        embed = [embed_texts(encoder, tokenizer, texts, pooling=cfg.model.text_pooling,
-                             max_length=cfg.mlm.max_length) for texts in (corpus.en, corpus.es)]
-        recall = parallel_recall_at_1(*embed)
-        scores[name] = (recall["first_to_second"] + recall["second_to_first"]) / 2
-        rows.append([name, f"{100 * recall['first_to_second']:.1f}",
-                     f"{100 * recall['second_to_first']:.1f}"])
+        en, es = [embed_texts(encoder, tokenizer, texts, pooling=cfg.model.text_pooling,
+                              max_length=cfg.mlm.max_length) for texts in (corpus.en, corpus.es)]
+        sims = (en @ es.T).numpy()  # (N English, N Spanish)
+        recall = [float(recall_hits(s, match, (1,))["R@1"].mean()) for s in (sims, sims.T)]
+        scores[name] = sum(recall) / 2
+        rows.append([name, *(f"{100 * r:.1f}" for r in recall)])
     result = {"before": scores["before MLM"], "after": scores["after MLM"],
               "passed": scores["after MLM"] >= scores["before MLM"], "pairs": len(corpus.en),
               "pooling": cfg.model.text_pooling}

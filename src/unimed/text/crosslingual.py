@@ -1,6 +1,5 @@
-"""Cross-lingual retrieval of parallel reports: does a text encoder place a report and its
-translation together? The MLM stage's guard (it must not make this worse) and a text-bias measure.
-"""
+"""Sentence features of a bare text encoder (no projector), as the MLM stage's cross-lingual
+retrieval check needs them; the retrieval metrics themselves are :mod:`unimed.eval.retrieval`'s."""
 
 from __future__ import annotations
 
@@ -31,14 +30,3 @@ def embed_texts(
                           max_length=max_length, return_tensors="pt").to(device)
         out.append(pool_text(encoder, batch["input_ids"], batch["attention_mask"], pooling).float())
     return F.normalize(torch.cat(out), dim=-1).cpu()
-
-
-def parallel_recall_at_1(first: torch.Tensor, second: torch.Tensor) -> dict[str, float]:
-    """Row i of `first` (N, D) and row i of `second` (N, D) are translations of each other: the share
-    of rows whose nearest neighbour in the other language is their translation, each direction."""
-    sims = first @ second.T  # (N, N)
-    target = torch.arange(len(sims))
-    return {
-        "first_to_second": float((sims.argmax(1) == target).float().mean()),
-        "second_to_first": float((sims.argmax(0) == target).float().mean()),
-    }
