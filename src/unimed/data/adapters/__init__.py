@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from unimed.data.adapters import chexpert, covidx, mimic, object_cxr, padchest, rsna, siim
+from unimed.data.adapters import bcv, bimcv, ccii, chexpert, covidx, luna16, mimic, object_cxr, padchest, rsna, siim
 from unimed.data.adapters.base import ADAPTERS, AdapterResult, DatasetRead, ReadContext
 from unimed.data.config import DataConfig
 from unimed.data.errors import DataError, DropCounter
@@ -29,6 +29,13 @@ DATASET_FOLDERS: dict[str, str] = {
     "covidx": "covidx",
     "object-cxr": "object-cxr",
     "pdc": "pdc",
+}
+# Folder of each 3D (volume) dataset, written by the phantom's CT world (phantom.ct.enabled).
+VOLUME_FOLDERS: dict[str, str] = {
+    "bimcv-covid19": "bimcv-covid19",
+    "cc-ccii": "cc-ccii",
+    "luna16": "luna16",
+    "bcv": "bcv",
 }
 
 
@@ -75,7 +82,7 @@ def load_from_config(name: str, cfg: DataConfig) -> DatasetRead:
     ADAPTERS.get(name)
     return load_dataset(
         name,
-        Path(cfg.root) / DATASET_FOLDERS[name],
+        Path(cfg.root) / {**DATASET_FOLDERS, **VOLUME_FOLDERS}[name],
         on_error=cfg.on_error,
         min_report_tokens=cfg.min_report_tokens,
         split_seed=cfg.split_seed,
@@ -89,10 +96,15 @@ __all__ = [
     "ADAPTERS",
     "DATASET_FOLDERS",
     "DatasetRead",
+    "VOLUME_FOLDERS",
+    "bcv",
+    "bimcv",
+    "ccii",
     "chexpert",
     "covidx",
     "load_dataset",
     "load_from_config",
+    "luna16",
     "mimic",
     "object_cxr",
     "padchest",
