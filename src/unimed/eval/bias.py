@@ -273,12 +273,12 @@ def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[
 
 
 def embeddings(encoder: Encoder, sample: Sample, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
-    """{"text": {"cls", "projected"}, "image": {"pooled", "projected"}} -> (N, D) arrays."""
+    """{"text": {"pooled", "projected"}, "image": {"pooled", "projected"}} -> (N, D) arrays."""
     texts = [r.report or "" for r in sample.records]
     images = rgb(sample.images)  # (N, 3, S, S)
     return {
         "text": {
-            "cls": encoder.text_features(texts, projected=False, batch_size=batch_size).numpy(),
+            "pooled": encoder.text_features(texts, projected=False, batch_size=batch_size).numpy(),
             "projected": encoder.text_features(texts, batch_size=batch_size).numpy(),
         },
         "image": {
@@ -332,7 +332,7 @@ def parallel_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | Non
     texts = {"en": [corpus.en[i] for i in keep], "es": [corpus.es[i] for i in keep]}
     n = len(keep)
     out: dict[str, Any] = {"pairs": n, "chance": {"R@1": 1 / (2 * n - 1), "cross_top1": n / (2 * n - 1)}}
-    for space, projected in (("cls", False), ("projected", True)):
+    for space, projected in (("pooled", False), ("projected", True)):
         en, es = (encoder.text_features(texts[lang], projected=projected, batch_size=ctx.cfg.batch_size)
                   .numpy() for lang in ("en", "es"))
         got = parallel_retrieval(en, es)
