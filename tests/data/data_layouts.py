@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from unimed.data.rle import rle_encode
-from unimed.phantom.study import CHEXPERT_LABELS
+from unimed.data.labels import CHEXPERT_LABELS
 
 SIZE = 16
 

@@ -36,7 +36,7 @@ from unimed.eval.metrics import (
     per_class_auc,
 )
 from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
-from unimed.phantom.study import COVIDX_CLASSES
+from unimed.data.labels import COVIDX_CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,15 @@ logger = logging.getLogger(__name__)
 
 LATERAL_VIEW = "lateral view"
 OTHER_VIEW = "other view"
+SITE_COLUMN = "Site"
+"""The optional column naming each image's acquisition site in layouts whose official tables have
+no institution column (CheXpert, CXP500, RSNA, Object-CXR): the site then comes from the data, and
+a table without it leaves the site unknown (None)."""
+
+
+def site_of(row: dict[str, str], column: str = SITE_COLUMN) -> str | None:
+    """The row's site: its stripped `column` cell, None when the column is absent or blank."""
+    return row.get(column, "").strip() or None
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import snowballstemmer
 import yaml
 
-from unimed.phantom.reports import stem_text
+from unimed.text.stemming import stem_text
 
 PROMPT_DIR = Path(__file__).parent
 _KEYS = ("language", "positive", "negative", "classes")
