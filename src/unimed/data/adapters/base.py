@@ -52,6 +52,7 @@ class ReadContext:
     min_report_tokens: int = 3
     check_images: bool = False
     progress: bool = False
+    require_images: bool = True
 
     def rows(
         self, table: CsvTable, parse: Callable[[int, dict[str, str]], Record | None]
@@ -76,7 +77,10 @@ class ReadContext:
 
     def image(self, path: Path, source: Path, line: int | None) -> Path:
         """`path` if the image exists (and opens, with check_images); else a DataError naming both
-        the image and the table line that lists it."""
+        the image and the table line that lists it. Without `require_images` (the text stages)
+        images are not looked at."""
+        if not self.require_images:
+            return path
         if not path.is_file():
             raise DataError(f"image file not found: {path}", source, line, reason=MISSING_IMAGE)
         if self.check_images:
@@ -98,8 +102,13 @@ class ReadContext:
         return True
 
     def key(self, record: Record) -> str:
-        """The record's split-file key: its image path relative to the dataset root."""
-        return record.image_path.relative_to(self.root).as_posix()
+        """The record's split-file key: its image path relative to the dataset root (the study id
+        of a text-only row)."""
+        if record.image_path is None:
+            return record.study_id
+        if record.image_path.is_relative_to(self.root):
+            return record.image_path.relative_to(self.root).as_posix()
+        return record.image_path.as_posix()
 
 
 Adapter = Callable[[Path, ReadContext], AdapterResult]
