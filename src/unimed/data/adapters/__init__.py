@@ -81,13 +81,24 @@ def load_dataset(
     for reason, count in dropped.items():
         logger.info("%s: dropped %d record(s): %s", name, count, reason)
     logger.info("%s: %d record(s) read from %s", name, len(records), root)
-    return DatasetRead(records, dropped)
+    return DatasetRead(records, dropped, dict(drops.examples))
 
 
 def dataset_folder(name: str, root: str | Path) -> Path:
     """Where dataset `name` lives under `root`: its official layout's folder, else `<root>/<name>`
     (a generic records table)."""
     return Path(root) / DATASET_FOLDERS.get(name, name)
+
+
+def find_datasets(root: str | Path) -> list[str]:
+    """The datasets present under `root`: official layouts whose folder exists, then every other
+    sub-folder holding a generic records table (named by the folder)."""
+    root = Path(root)
+    official = [name for name, folder in DATASET_FOLDERS.items() if (root / folder).is_dir()]
+    taken = set(DATASET_FOLDERS.values())
+    generic = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in taken
+                     and is_generic(p)) if root.is_dir() else []
+    return official + generic
 
 
 def load_from_config(name: str, cfg: DataConfig, *, require_images: bool = True) -> DatasetRead:
@@ -128,6 +139,7 @@ __all__ = [
     "DatasetRead",
     "chexpert",
     "dataset_folder",
+    "find_datasets",
     "covidx",
     "load_dataset",
     "load_from_config",

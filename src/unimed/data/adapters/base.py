@@ -117,10 +117,12 @@ ADAPTERS: Registry[Adapter] = Registry("dataset")
 
 @dataclasses.dataclass
 class DatasetRead:
-    """The records of one dataset and how many rows were dropped, by reason."""
+    """The records of one dataset, how many rows were dropped by reason, and the first messages of
+    each reason of bad input that was skipped (`examples`; filters have none)."""
 
     records: list[Record]
     dropped: dict[str, int]
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         """Counts per split / language / site / view, and per-label positives and prevalence
