@@ -45,10 +45,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR_OPTIONS:
-            raise ValueError(f"data.on_error must be one of {', '.join(ON_ERROR_OPTIONS)}, got {self.on_error!r}")
-        bad = [s for s in self.text_splits if s not in SPLITS]
-        if bad or not self.text_splits:
-            raise ValueError(f"data.text_splits must be a non-empty list of {', '.join(SPLITS)}, got {list(self.text_splits)}")
+            raise ValueError(f"data.on_error must be one of {', '.join(ON_ERROR_OPTIONS)}, "
+                             f"got {self.on_error!r}")
+        if not self.text_splits or any(s not in SPLITS for s in self.text_splits):
+            raise ValueError(f"data.text_splits must be a non-empty list of {', '.join(SPLITS)}, "
+                             f"got {list(self.text_splits)}")
         for key in ("image_size", "resize_size", "max_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")

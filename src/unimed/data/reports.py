@@ -1,8 +1,9 @@
 """Radiology report text: section extraction, cleaning, sentence splitting and token counting.
 
 MIMIC-style reports are free text with upper-case section headers (``FINDINGS:``, ``IMPRESSION:``),
-lines wrapped at ~80 characters and ``___`` de-identification gaps (``XXXX`` in Open-i / IU X-ray). PadChest reports are already a
-single short, lower-case, stemmed Spanish paragraph and only need cleaning.
+lines wrapped at ~80 characters and ``___`` de-identification gaps (``XXXX`` in Open-i / IU X-ray).
+PadChest reports are already a single short, lower-case, stemmed Spanish paragraph and only need
+cleaning.
 """
 
 from __future__ import annotations

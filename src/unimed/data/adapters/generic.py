@@ -131,12 +131,13 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
     if split not in (*SPLITS, CARVED):
         raise DataError(f"split {split!r} is not one of {list(SPLITS)} or blank", path, line, "split")
     labels = _labels(path, line, row, [c for c in columns if c not in KNOWN_COLUMNS])
-    image, study = None, row.get("study_id", "").strip() or f"{path.name}:{line}"
+    image, relative = None, f"{path.name}:{line}"  # a text-only row is named by its line
     if IMAGE in columns:
         relative = row.get(IMAGE, "").strip()
         if not relative:
             raise DataError("empty image path", path, line, IMAGE)
         image = ctx.image(path.parent / relative, path, line)
+    study = row.get("study_id", "").strip() or relative
     return Record(
         dataset=ctx.dataset,
         image_path=image,
