@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from unimed.data.volumes import SLICE_WINDOW
 from unimed.phantom.catalogue import PADCHEST_NAME
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.ct.anatomy import ORGANS
@@ -29,8 +30,6 @@ TRUTH_CSV = "phantom_findings.csv"
 TRUTH_COLUMNS = ("key", "finding", "slices", "x_mm", "y_mm", "z_mm", "diameter_mm")
 HU_INTERCEPT = -1024.0
 """Rescale intercept of the `rescaled` storage: stored = HU + 1024 (uint16), slope 1."""
-CCII_WINDOW = (-1400.0, 200.0)
-"""HU window of the CC-CCII slice images: 0 and 255 are these HU values (lung window)."""
 LUNA_UID_ROOT = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 
 
@@ -171,7 +170,7 @@ class CcciiWriter(CTLayoutWriter):
     def write_study(self, study: CTStudy) -> StudyResult:
         scan = str(stable_int("ccii-scan", self.cfg.seed, study.index) % 10**4)
         rel = f"{study.ccii_class}/{study.patient_id}/{scan}"
-        low, high = CCII_WINDOW
+        low, high = SLICE_WINDOW
         pixels = np.clip((study.hu.astype(np.float32) - low) / (high - low) * 255.0, 0, 255)
         pixels = np.rint(pixels).astype(np.uint8)[:, ::-1, ::-1]
         for k, plane in enumerate(pixels):
