@@ -2,7 +2,8 @@
 
 Up to `samples_per_group` records per language are drawn (seeded) from the test splits of the
 audited datasets (all splits when a dataset has no test records). Four embedding spaces are
-audited: the text encoder's un-projected [CLS] state and its projection P_l, the image backbone's
+audited: the text encoder's un-projected sentence feature ("pooled": [CLS] state or token mean, per
+model.text_pooling) and its projection P_l, the image backbone's
 pooled features and their projection P_v. For the language and the site of every record:
 
 * ``probe_accuracy``: stratified k-fold accuracy of a logistic-regression probe (standardised
@@ -290,12 +291,12 @@ def image_embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample, space: 
 
 
 def embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample) -> dict[str, dict[str, np.ndarray]]:
-    """{"text": {"cls", "projected"}, "image": {"pooled", "projected"}} -> (N, D) arrays (texts
+    """{"text": {"pooled", "projected"}, "image": {"pooled", "projected"}} -> (N, D) arrays (texts
     and the cached splits' images through the context's feature cache)."""
     texts = [r.report or "" for r in sample.records]
     return {
         "text": {
-            "cls": ctx.text_features(encoder, texts, "pooled").numpy(),
+            "pooled": ctx.text_features(encoder, texts, "pooled").numpy(),
             "projected": ctx.text_features(encoder, texts, "projected").numpy(),
         },
         "image": {space: image_embeddings(encoder, ctx, sample, space)
@@ -347,10 +348,10 @@ def parallel_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | Non
     texts = {"en": [corpus.en[i] for i in keep], "es": [corpus.es[i] for i in keep]}
     n = len(keep)
     out: dict[str, Any] = {"pairs": n, "chance": {"R@1": 1 / (2 * n - 1), "cross_top1": n / (2 * n - 1)}}
-    for name, space in (("cls", "pooled"), ("projected", "projected")):
+    for space in ("pooled", "projected"):
         en, es = (ctx.text_features(encoder, texts[lang], space).numpy() for lang in ("en", "es"))
         got = parallel_retrieval(en, es)
-        out[name] = {"en": got["first"], "es": got["second"]}
+        out[space] = {"en": got["first"], "es": got["second"]}
     return out
 
 

@@ -93,6 +93,8 @@ class Trainer:
         self.cfg, self.dist, self.loader, self.progress = cfg, dist, loader, progress
         self.out_dir = Path(out_dir)
         self.model = model.to(dist.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.loss_fn = _prepare_loss(loss_fn, dist.device)
         self.net = self._wrap(self.model)
         if cfg.grad_accum < 1:
