@@ -278,7 +278,7 @@ def evaluation(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
     eval_cfg = cfg.eval
     if args.dry_run:
         phantom = dataclasses.replace(phantom, image_size=64, workers=1, **TOY_WORLD)
-        data = dataclasses.replace(data, image_size=32, resize_size=36)
+        data = dataclasses.replace(data, image_size=64, resize_size=72)
         eval_cfg = dataclasses.replace(
             eval_cfg, fractions=(1.0,), min_train_images=8, bootstrap_resamples=20,
             segmentation=SegmentationConfig(datasets=("rsna",), epochs=1, min_epoch_steps=1),
@@ -320,9 +320,10 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only:
-            start = time.perf_counter()
+            start, out_dir = time.perf_counter(), Path(tmp) / name.split()[0]
+            out_dir.mkdir()
             try:
-                detail, ok = CHECKS[name](args, device, Path(tmp) / name.split()[0]), True
+                detail, ok = CHECKS[name](args, device, out_dir), True
             except Exception as exc:  # every check runs; the summary names what failed
                 traceback.print_exc()
                 detail, ok = f"{type(exc).__name__}: {exc}", False
