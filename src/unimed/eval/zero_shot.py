@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from unimed.data.records import Record
-from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.metrics import batched_auc, batched_f1, bootstrap, macro_estimate
@@ -89,8 +88,7 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict:
         classes = cfg.classes[dataset]
         records = ctx.data.require(dataset, SPLIT)
         labels = label_matrix(records, classes, dataset)
-        images = rgb(ctx.data.images(dataset, SPLIT))
-        features = encoder.image_features(images, normalize=True, batch_size=ctx.cfg.batch_size)
+        features = ctx.image_features(encoder, dataset, SPLIT, "projected", normalize=True)
         resamples = ctx.resamples(dataset, SPLIT, len(records))
         out[dataset] = {
             lang: score_language(labels, prompt_scores(encoder, features, p, classes), classes,
