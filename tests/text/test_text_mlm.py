@@ -41,6 +41,28 @@ def fresh_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_subword_mean_rows_start_at_the_mean_of_their_base_pieces(tiny_bert_dir, tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    base_tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    old = BertForMaskedLM.from_pretrained(str(tiny_bert_dir)).get_input_embeddings().weight.detach()
+    cfg = MLMConfig(**{**TINY.__dict__, "new_rows": "subword_mean"})
+    weight = build_mlm_model(tokenizer, cfg, base_model=tiny_bert_dir).get_input_embeddings().weight.detach()
+    n_old = old.shape[0]
+    torch.testing.assert_close(weight[:n_old], old, rtol=0, atol=0)
+    vocab = tokenizer.get_vocab()
+    for term, row in sorted(vocab.items(), key=lambda kv: kv[1])[n_old:]:
+        pieces = base_tokenizer.tokenize(term)
+        assert pieces, term
+        expected = torch.stack([old[base_tokenizer.convert_tokens_to_ids(p)] for p in pieces]).sum(0) / len(pieces)
+        torch.testing.assert_close(weight[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_new_rows_rule_is_a_config_error(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
+    cfg = MLMConfig(**{**TINY.__dict__, "new_rows": "zeros"})
+    with pytest.raises(ValueError, match="mlm.new_rows must be one of random, subword_mean"):
+        train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
+
+
 def test_extended_embeddings_keep_old_rows_and_draw_new_rows(tiny_bert_dir, tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     base = BertForMaskedLM.from_pretrained(str(tiny_bert_dir))

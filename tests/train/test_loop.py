@@ -153,3 +153,28 @@ def test_several_loaders_alternate_and_resume_mid_epoch(tmp_path):
     resumed, rest = _two_loaders(tmp_path / "cut", tiny_cfg(grad_accum=1), seed=5, resume=True)
     assert resumed.seen[0] == "b" and len(resumed.seen) == 17
     assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
+class ConvToy(ToyModel):
+    """The toy model with a convolution in the image tower (x[:, :4] as a 2-channel 1x2 'image')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        pooled = self.conv(batch["x"][:, :4].reshape(-1, 2, 1, 2)).mean((2, 3))  # (B, 4)
+        out["image_features"] = out["image_features"] + pooled
+        return out
+
+
+def test_channels_last_changes_the_layout_not_the_loss_curve(tmp_path):
+    curves = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = ConvToy()
+        result = train(ToyMethod(model, contrastive_loss), toy_loader(ToyDataset(), 4),
+                       tiny_cfg(channels_last=channels_last), tmp_path / str(channels_last), CPU,
+                       progress=False)
+        assert model.conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        curves[channels_last] = result.losses
+    assert curves[True] == pytest.approx(curves[False], abs=1e-5, rel=0)

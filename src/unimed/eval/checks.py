@@ -263,8 +263,8 @@ def _signed_ci(bounds: tuple[float, float]) -> str:
 
 
 def _language_probe_check(model: dict, base: dict, labels: tuple[str, str]) -> Check:
-    """Language-ID probe accuracy on the text [CLS] embeddings lower than the baseline's."""
-    path = ("bias", "text", "cls", "language")
+    """Language-ID probe accuracy on the pooled text embeddings (before projection) lower than the baseline's."""
+    path = ("bias", "text", "pooled", "language")
     ours, theirs = lookup(model, *path) or {}, lookup(base, *path) or {}
     probe = as_float(lookup(ours, "probe_accuracy")), as_float(lookup(theirs, "probe_accuracy"))
     status = NOT_MEASURED if None in probe else PASS if probe[0] < probe[1] else FAIL

@@ -154,6 +154,9 @@ def _epoch_means(history: list[dict[str, float]]) -> list[float]:
     return [sum(v) / len(v) for v in by_epoch.values()]
 
 
+NEW_ROWS = ("random", "subword_mean")
+
+
 def build_mlm_model(
     tokenizer: PreTrainedTokenizerBase,
     cfg: MLMConfig,
@@ -165,8 +168,9 @@ def build_mlm_model(
     """A masked LM whose word embeddings have one row per token of ``tokenizer``.
 
     From ``base_model`` the first rows keep their pre-trained values and the rows of the new tokens
-    are drawn from normal(0, initializer_range), as in the paper. transformers' default resizing
-    would set them to the mean of the old rows, which makes every new term start as the same vector.
+    start as ``cfg.new_rows`` says: drawn from normal(0, initializer_range) as in the paper, or the
+    mean of their base-tokenizer pieces' rows. transformers' default resizing would set them all to
+    the mean of the old rows, which makes every new term start as the same vector.
     A base model without an MLM head (a sentence encoder such as MiniLM) gets the head of
     :func:`init_missing_head` instead of a random one. Without a base model, a fresh BERT is built
     from the sizes in ``cfg``.
@@ -194,9 +198,14 @@ def build_mlm_model(
             f"tokenizer has {len(tokenizer)} tokens but {path} has {n_old} embedding rows: the tokenizer "
             "must extend the base model's vocabulary (build it with base_model set to the same folder)"
         )
-    _check_vocab_prefix(tokenizer, path)
+    base_tokenizer = _check_vocab_prefix(tokenizer, path)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    _init_new_rows(model, n_old, seed)
+    if cfg.new_rows == "subword_mean":
+        if base_tokenizer is None:
+            raise ValueError(f"mlm.new_rows=subword_mean needs the base tokenizer, but {path} has none")
+        _init_new_rows_from_subwords(model, n_old, tokenizer, base_tokenizer)
+    else:
+        _init_new_rows(model, n_old, seed)
     init_missing_head(model, set(info["missing_keys"]), _token_counts(tokenizer, corpus))
     return model
 
@@ -245,19 +254,25 @@ def _check_config(cfg: MLMConfig) -> None:
         raise ValueError(f"mlm.mask_prob must be in (0, 1), got {cfg.mask_prob}")
     if not 0.0 <= cfg.warmup_ratio <= 1.0:
         raise ValueError(f"mlm.warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if cfg.new_rows not in NEW_ROWS:
+        raise ValueError(f"mlm.new_rows must be one of {', '.join(NEW_ROWS)}, got {cfg.new_rows!r}")
 
 
-def _check_vocab_prefix(tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """Old embedding rows are only meaningful if every base token keeps its id in the new tokenizer."""
+def _check_vocab_prefix(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokenizerBase | None:
+    """Old embedding rows are only meaningful if every base token keeps its id in the new tokenizer.
+
+    Returns the base tokenizer (None when the base folder has none)."""
     if not any((path / name).exists() for name in ("tokenizer.json", "vocab.txt")):
-        return
-    base_vocab = AutoTokenizer.from_pretrained(str(path)).get_vocab()
+        return None
+    base = AutoTokenizer.from_pretrained(str(path))
+    base_vocab = base.get_vocab()
     moved = [t for t, i in base_vocab.items() if tokenizer.convert_tokens_to_ids(t) != i]
     if moved:
         raise ValueError(
             f"tokenizer does not extend the vocabulary of {path}: {len(moved)} tokens changed id "
             f"(e.g. {moved[:3]}); build the tokenizer with base_model set to this folder"
         )
+    return base
 
 
 def _init_new_rows(model: BertForMaskedLM, n_old: int, seed: int) -> None:
@@ -267,6 +282,19 @@ def _init_new_rows(model: BertForMaskedLM, n_old: int, seed: int) -> None:
     new_rows = torch.randn(weight.shape[0] - n_old, weight.shape[1], generator=generator)  # (M, D)
     with torch.no_grad():
         weight[n_old:] = (new_rows * model.config.initializer_range).to(weight.dtype)
+
+
+def _init_new_rows_from_subwords(
+    model: BertForMaskedLM, n_old: int, tokenizer: PreTrainedTokenizerBase, base: PreTrainedTokenizerBase
+) -> None:
+    """Row of each new token (ids from ``n_old`` on) = mean of the old rows of the pieces ``base``
+    tokenizes it into; a term the base tokenizer maps to [UNK] alone keeps the [UNK] row."""
+    weight = model.get_input_embeddings().weight  # (V, D)
+    terms = tokenizer.convert_ids_to_tokens(list(range(n_old, weight.shape[0])))
+    pieces = base(terms, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for row, ids in enumerate(pieces, start=n_old):
+            weight[row] = weight[torch.as_tensor(ids or [base.unk_token_id])].mean(0)
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

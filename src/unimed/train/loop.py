@@ -101,6 +101,8 @@ class Trainer:
             raise ValueError("the training loop needs at least one loader")
         self.out_dir = Path(out_dir)
         self.method = self._convert(method.to(dist.device))
+        if cfg.channels_last:
+            self.method.to(memory_format=torch.channels_last)
         if cfg.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {cfg.grad_accum}")
         self.batches_per_epoch = len(self.loaders) * min(len(v) for v in self.loaders.values())
