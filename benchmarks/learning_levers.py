@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from unimed.commands.medunic import run_pretrain, text_encoder_dir, tokenizer_dir
+from unimed.commands.train import run_pretrain, text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
 from unimed.config import load_config
 from unimed.eval.config import ZERO_SHOT_CLASSES
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true", help="also score the untrained model")
     args = parser.parse_args()
     rows = [parse_row(r) for r in args.row] or [("preset", [])]
-    base = [f"model.text_encoder={args.text_encoder}", f"run.output_dir={args.output_dir}",
+    base = [f"method.text.encoder={args.text_encoder}", f"run.output_dir={args.output_dir}",
             "train.tensorboard=false", "train.checkpoint_every=1000"]
     table = []
     data = None
@@ -111,11 +111,11 @@ def main() -> None:
             result = run_pretrain(cfg, resume=False, progress=False)
             seconds = time.perf_counter() - start
             texts = {"text_encoder": text_encoder_dir(cfg), "tokenizer": tokenizer_dir(cfg)}
-            encoder = build_encoder(name, name, cfg.model, weights=result.checkpoint, seed=seed,
+            encoder = build_encoder(name, name, cfg.method, weights=result.checkpoint, seed=seed,
                                     **texts)
             table.append(_row(name, seed, encoder, data, result.history, seconds))
             if args.untrained and seed == args.seeds[0]:
-                untrained = build_encoder("untrained", "untrained", cfg.model, seed=seed, **texts)
+                untrained = build_encoder("untrained", "untrained", cfg.method, seed=seed, **texts)
                 table.append(_row(f"{name} untrained", seed, untrained, data, [], 0.0))
             print_table("Learning levers (validation splits)", HEADER, table)
     print(f"Sp*: diagnostic, not the protocol: Spanish negative prompt '{REPORT_NEGATION_ES}' "

@@ -120,6 +120,6 @@ def test_bad_image_weights_file_is_a_config_error(content, name: str, message: s
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(ConfigError, match=f"model.image_weights={path}: {message}") as err:
+    with pytest.raises(ConfigError, match=f"method.image.weights={path}: {message}") as err:
         create_image_encoder("resnet10t", weights=path)
     assert "\n" not in str(err.value)

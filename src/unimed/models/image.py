@@ -104,7 +104,7 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 def create_image_encoder(name: str, weights: str | Path | None = None) -> nn.Module:
     """Build the registered image encoder `name`; load `weights` if given: a local state dict, or
     the name of packaged weights (:data:`PACKAGED_WEIGHTS`). A weights file that is missing,
-    unreadable or does not fit is one ConfigError line naming `model.image_weights` and the file."""
+    unreadable or does not fit is one ConfigError line naming `method.image.weights` and the file."""
     model = IMAGE_ENCODERS.get(name)()
     if weights is None:
         return model
@@ -116,14 +116,14 @@ def create_image_encoder(name: str, weights: str | Path | None = None) -> nn.Mod
         if packaged.preset != name:
             raise ValueError(
                 f"packaged image weights '{weights}' fit the '{packaged.preset}' encoder, not "
-                f"'{name}'; set model.image_encoder={packaged.preset}"
+                f"'{name}'; set method.image.encoder={packaged.preset}"
             )
         load_weights_by_position(model, packaged.path())
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, struct.error,
             safetensors.SafetensorError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         message = message.removeprefix(f"image weights {weights}: ")
-        raise ConfigError(f"model.image_weights={weights}: {message}") from None
+        raise ConfigError(f"method.image.weights={weights}: {message}") from None
     return model
 
 
