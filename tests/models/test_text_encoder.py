@@ -111,3 +111,49 @@ def test_pooling_reads_cls_or_the_mean_of_unpadded_tokens() -> None:
     torch.testing.assert_close(pool_text(encoder, ids, mask, "mean"), expected)
     with pytest.raises(ValueError, match="method.text.pooling"):
         pool_text(encoder, ids, mask, "max")
+
+
+def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([[2, 5, 6, 0, 0], [2, 7, 8, 9, 3]])
+    return ids, (ids != 0).long()
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_shared_trunk_equals_the_full_encoder_without_dropout(pooling) -> None:
+    torch.manual_seed(0)
+    encoder = create_text_encoder(None, TextTowerConfig(**TINY), vocab_size=30).eval()
+    freeze_text_layers(encoder, 2)
+    ids, mask = _padded_batch()
+    full = pool_text(encoder, ids, mask, pooling)
+    shared = pool_text(encoder, ids, mask, pooling, views=2, shared_layers=2)
+    torch.testing.assert_close(shared, torch.cat([full, full]))
+
+
+def test_shared_trunk_views_differ_by_the_trainable_layers_dropout_only() -> None:
+    torch.manual_seed(0)
+    encoder = create_text_encoder(None, TextTowerConfig(**TINY, dropout=0.3), vocab_size=30)
+    freeze_text_layers(encoder, 3)
+    encoder.train()
+    ids, mask = _padded_batch()
+    # Every layer shared: no dropout is left, the two views are the eval-mode features.
+    views = pool_text(encoder, ids, mask, "mean", views=2, shared_layers=3)
+    expected = pool_text(encoder.eval(), ids, mask, "mean")
+    torch.testing.assert_close(views, torch.cat([expected, expected]))
+    encoder.train()
+    assert all(module.training for module in encoder.modules()), "the trunk's mode was not restored"
+    # One trainable layer above the trunk: its dropout makes the views differ, and only it learns.
+    for param in encoder.encoder.layer[2].parameters():
+        param.requires_grad_(True)
+    views = pool_text(encoder, ids, mask, "mean", views=2, shared_layers=2)
+    first, second = views.chunk(2)
+    assert not torch.allclose(first, second)
+    views.sum().backward()
+    assert encoder.encoder.layer[2].output.dense.weight.grad is not None
+
+
+def test_shared_trunk_must_be_frozen() -> None:
+    encoder = create_text_encoder(None, TextTowerConfig(**TINY), vocab_size=30)
+    freeze_text_layers(encoder, 1)
+    ids, mask = _padded_batch()
+    with pytest.raises(ValueError, match="frozen_layers >= 2"):
+        pool_text(encoder, ids, mask, "mean", views=2, shared_layers=2)

@@ -143,13 +143,13 @@ def write_outputs(metrics: dict, out_dir: Path, figures: Path,
 def print_summary(metrics: dict, out_dir: Path, *, with_checks: bool = True) -> None:
     """The paper-style tables (those `metrics` has data for) and, optionally, the quality checks
     followed by one line per failed or tied check with its likely cause."""
-    from unimed.eval.checks import FAIL, TIE, quality_checks
+    from unimed.eval.checks import FAIL, TIE, all_quality_checks
     from unimed.eval.report import format_tables
 
     for title, header, rows in format_tables(metrics):
         print_table(title, header, rows)
     if with_checks:
-        checks = quality_checks(metrics, read_replicates(out_dir))
+        checks = all_quality_checks(metrics, read_replicates(out_dir))
         print_table("Quality checks", ["check", "result", "detail"],
                     [[c.name, c.status.upper() if c.status in (FAIL, TIE) else c.status, c.detail]
                      for c in checks])

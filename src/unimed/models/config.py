@@ -47,7 +47,9 @@ class TextTowerConfig:
     beside its weights). `pooling` makes the sentence feature: "cls" (the [CLS] state, BERT-style
     encoders such as CXR-BERT) or "mean" (mean over tokens, sentence-transformers encoders such as
     MiniLM); MLM's retrieval check, pre-training and evaluation all use it. `dropout` is the hidden
-    and attention dropout.
+    and attention dropout. `frozen_dropout` false runs the frozen layers once per report in
+    pre-training, without dropout, so the text views (CTR) differ by the trainable layers' dropout
+    only; true (the paper's code) applies dropout in every layer of every view.
     """
 
     encoder: str | None = None
@@ -55,6 +57,7 @@ class TextTowerConfig:
     frozen_layers: int = 9
     pooling: str = "cls"
     dropout: float = 0.1
+    frozen_dropout: bool = True
     hidden_size: int = 128
     num_layers: int = 12
     num_heads: int = 4

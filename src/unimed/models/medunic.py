@@ -142,12 +142,14 @@ class MedUniC(nn.Module):
     def _text_views(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         input_ids = _require(batch, "input_ids", "the text encoder")
         attention_mask = _require(batch, "attention_mask", "the text encoder")
+        text = self.cfg.text
+        views = 1 if self.ctr_proj is None else 2  # CTR: two dropout views, drawn per row
+        pooled = pool_text(self.text, input_ids, attention_mask, text.pooling, views=views,
+                           shared_layers=0 if text.frozen_dropout else text.frozen_layers)
         if self.ctr_proj is None:
-            return {"text_features": self.text_proj(self.pooled_text(input_ids, attention_mask))}
+            return {"text_features": self.text_proj(pooled)}
         out: dict[str, torch.Tensor] = {}
-        # Both dropout views in one pass; the dropout masks differ per row.
-        pooled = self.pooled_text(input_ids.repeat(2, 1), attention_mask.repeat(2, 1))  # (2B, H)
-        view_a, view_b = pooled.chunk(2)
+        view_a, view_b = pooled.chunk(2)  # (B, H) each
         if self.cfg.loss.cvl_weight > 0:
             out["text_features"] = self.text_proj(view_a)
         out["ctr_a"] = self.ctr_proj(view_a)

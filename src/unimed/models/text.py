@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertModel
+from transformers.masking_utils import create_bidirectional_mask
 
 from unimed.models.config import TextTowerConfig
 
@@ -93,15 +94,59 @@ POOLINGS = ("cls", "mean")
 
 
 def pool_text(
-    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "cls"
+    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "cls",
+    *, views: int = 1, shared_layers: int = 0,
 ) -> torch.Tensor:
-    """(B, hidden) sentence features of the last layer: the [CLS] state ("cls", BERT / CXR-BERT) or
-    the mean over the non-padding tokens ("mean", how sentence-transformers encoders such as MiniLM
-    were trained)."""
-    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,L,H)
+    """(views * B, hidden) sentence features of the last layer: the [CLS] state ("cls", BERT /
+    CXR-BERT) or the mean over the non-padding tokens ("mean", how sentence-transformers encoders
+    such as MiniLM were trained).
+
+    `views` > 1 encodes every report that many times (rows ``v * B + b``); in train mode each view
+    draws its own dropout masks (the CTR views). With `shared_layers` N > 0 the embeddings and the
+    first N layers (which must be frozen) run once per report, without dropout and without autograd,
+    and only the layers above them run per view: the views then differ by the dropout of the
+    trainable layers alone, at a fraction of the cost (``method.text.frozen_dropout: false``).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"method.text.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if shared_layers:
+        hidden = _shared_trunk_states(encoder, input_ids, attention_mask, views, shared_layers)
+    else:
+        hidden = encoder(input_ids=input_ids.repeat(views, 1),
+                         attention_mask=attention_mask.repeat(views, 1)).last_hidden_state  # (VB,L,H)
+    mask = attention_mask.repeat(views, 1)
     if pooling == "cls":
         return hidden[:, 0]
-    if pooling == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-    raise ValueError(f"method.text.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (VB, L, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _shared_trunk_states(
+    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, views: int, n: int
+) -> torch.Tensor:
+    """Last hidden states (views * B, L, H): embeddings + layers[:n] once in eval mode, no grad;
+    layers[n:] on the repeated states in the encoder's own mode."""
+    layers = encoder.encoder.layer
+    trunk = [encoder.embeddings, *layers[:n]]
+    if any(p.requires_grad for module in trunk for p in module.parameters()):
+        raise ValueError(f"the first {n} text layers are shared by the views, so they must be frozen "
+                         f"(method.text.frozen_layers >= {n})")
+    modes = [module.training for module in trunk]
+    try:
+        with torch.no_grad():
+            for module in trunk:
+                module.eval()
+            hidden = encoder.embeddings(input_ids=input_ids)  # (B, L, H)
+            mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden,
+                                             attention_mask=attention_mask)
+            for layer in layers[:n]:
+                hidden = layer(hidden, mask)
+    finally:
+        for module, mode in zip(trunk, modes):
+            module.train(mode)
+    hidden = hidden.repeat(views, 1, 1)
+    mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden,
+                                     attention_mask=attention_mask.repeat(views, 1))
+    for layer in layers[n:]:
+        hidden = layer(hidden, mask)
+    return hidden
