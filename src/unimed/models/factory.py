@@ -34,3 +34,4 @@ def create_model(
 
 # Imported last: the built-in model modules register themselves in MODELS, which must exist first.
 from unimed.models import medunic as _medunic  # noqa: E402,F401
+from unimed.models import prior as _prior  # noqa: E402,F401
