@@ -65,8 +65,7 @@ def test_each_stage_trains_its_parts(stage: int) -> None:
 def test_patch_tokens_are_row_major_cells() -> None:
     model = _model().eval()
     image = _batch()["image"]
-    fmap = model.visual.forward_intermediates(model.preprocess(image), indices=1,
-                                              intermediates_only=True)[-1]
+    fmap = model.visual.forward_features(model.preprocess(image))
     cells, _ = model._image_features(image)
     g = model.grid
     for k in range(g * g):

@@ -83,8 +83,10 @@ class Prior(nn.Module):
 
     def _image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels -> ((B, P, width) cell tokens, (B, width) attention-pooled global)."""
-        fmap = self.visual.forward_intermediates(
-            self.preprocess(image), indices=1, intermediates_only=True)[-1]  # (B, W, g, g)
+        fmap = self.visual.forward_features(self.preprocess(image))  # (B, W, g, g)
+        if fmap.dim() != 4:
+            raise ValueError(f"PRIOR needs a convolutional image encoder (a feature map), "
+                             f"{self.cfg.image_encoder} gives shape {tuple(fmap.shape)}")
         if fmap.shape[-2:] != (self.grid, self.grid):
             raise ValueError(f"image of size {tuple(image.shape[-2:])} gives a "
                              f"{tuple(fmap.shape[-2:])} grid; the model was built for "
