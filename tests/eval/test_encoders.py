@@ -10,16 +10,18 @@ import torch
 from eval_helpers import TINY_MODEL
 from safetensors.torch import save_model
 
-from unimed.eval.encoders import build_encoder, checkpoint_config, find_checkpoint
+from unimed.eval.encoders import build_encoder
 from unimed.eval.tasks import fraction_label
+from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
 
 def _fake_run(tmp_path: Path, model: torch.nn.Module) -> Path:
-    """runs/x/pretrain/{config.yaml, checkpoints/{latest, step_00000007/...}} as training writes it."""
+    """runs/x/pretrain/{config.yaml, checkpoints/{latest, step_00000007/...}} as training writes it
+    (the weights of the whole method, whose model sits under "model.")."""
     pretrain = tmp_path / "runs" / "x" / "pretrain"
     step = pretrain / "checkpoints" / "step_00000007"
     step.mkdir(parents=True)
-    save_model(model, str(step / "model.safetensors"))
+    save_model(torch.nn.ModuleDict({"model": model}), str(step / "model.safetensors"))
     (step / "state.pt").write_bytes(b"")
     (pretrain / "checkpoints" / "latest").write_text("step_00000007\n")
     (pretrain / "config.yaml").write_text("run: {name: x}\n")
@@ -49,7 +51,8 @@ def test_weights_load_exactly_and_baseline_is_seeded(tmp_path, tiny_text_dir, ti
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path, tiny_text_dir):
-    other = dataclasses.replace(TINY_MODEL, embed_dim=8)
+    other = dataclasses.replace(
+        TINY_MODEL, projector=dataclasses.replace(TINY_MODEL.projector, embed_dim=8))
     step = _fake_run(tmp_path, build_encoder("o", "O", other, text_encoder=str(tiny_text_dir)).model)
     with pytest.raises(RuntimeError, match="cannot load weights from .*model.safetensors"):
         build_encoder("b", "B", TINY_MODEL, text_encoder=str(tiny_text_dir), weights=step)

@@ -14,10 +14,10 @@ from unimed.eval.config import GradCAMConfig
 from unimed.eval.encoders import build_encoder
 from unimed.eval.gradcam import pick_images, similarity_cams, token_grid
 from unimed.eval.tasks import TASKS
-from unimed.models.config import ModelConfig
+from eval_helpers import TINY_MODEL
+from unimed.models.config import ImageTowerConfig
 
-TINY_VIT = ModelConfig(image_encoder="vit_tiny_patch8_64", frozen_text_layers=0, embed_dim=16,
-                       ctr_dim=16, projector_hidden_dim=32)
+TINY_VIT = dataclasses.replace(TINY_MODEL, image=ImageTowerConfig(encoder="vit_tiny_patch8_64"))
 
 
 def grad_flags(encoder) -> list[bool]:

@@ -58,7 +58,7 @@ def _tasks(key: str, base: float, auc: float, language_probe: float) -> dict:
                       "report_to_image": {"mimic-cxr": recall, "padchest": recall},
                       "cross_lingual": {"en_to_es": {"R@1": base}, "es_to_en": {"R@1": base}},
                       "queries": {"mimic-cxr": 60, "padchest": 60}},
-        "bias": {"text": {"cls": space, "projected": space}, "image": {"pooled": space, "projected": space},
+        "bias": {"text": {"pooled": space, "projected": space}, "image": {"pooled": space, "projected": space},
                  "samples": {"en": 60, "es": 60},
                  "figures": {"tsne_text": f"{key}_tsne_text.png", "tsne_image": f"{key}_tsne_image.png"}},
         "gradcam": {"figures": {"gradcam": f"{key}_gradcam.png"}, "classes": list(CLASSES),
@@ -132,17 +132,17 @@ def test_fraction_tables_follow_the_paper() -> None:
 def test_bias_tables_show_ratio_parallel_retrieval_and_control() -> None:
     metrics = _metrics()
     bias = metrics["encoders"]["medunic"]["tasks"]["bias"]
-    bias["text"]["cls"]["language"]["distance_ratio"] = 1.234
-    bias["parallel"] = {"pairs": 50, "cls": {"en": {"R@1": 0.42, "cross_top1": 0.9},
+    bias["text"]["pooled"]["language"]["distance_ratio"] = 1.234
+    bias["parallel"] = {"pairs": 50, "pooled": {"en": {"R@1": 0.42, "cross_top1": 0.9},
                                              "es": {"R@1": 0.38, "cross_top1": 0.8}}}
     control = {"language": {"probe_accuracy": 0.61, "distance_ratio": 1.05}}
     bias["control"] = {"sites": ["miami"], "seen": {"image": {"pooled": control}}, "unseen": None}
     header, rows = _table(metrics, report.TITLE_BIAS)
-    assert [row[1] for row in rows[:4]] == ["Text (cls)", "Text (projected)", "Image (pooled)",
+    assert [row[1] for row in rows[:4]] == ["Text (pooled)", "Text (projected)", "Image (pooled)",
                                            "Image (projected)"]
     assert len(rows) == 8 and rows[0][header.index("Language / ratio")] == "1.23"
     header, rows = _table(metrics, report.TITLE_BIAS_CONTROL)
-    assert [row[:2] for row in rows] == [["Med-UniC", "Text (cls)"], ["Med-UniC", "Image (pooled)"]]
+    assert [row[:2] for row in rows] == [["Med-UniC", "Text (pooled)"], ["Med-UniC", "Image (pooled)"]]
     cells = dict(zip(header, rows[0]))
     assert cells["Parallel reports / R@1 EN"] == "42.0"
     assert cells["Parallel reports / other-language top-1 ES"] == "80.0"
@@ -277,7 +277,7 @@ def test_checks_fail() -> None:
     model = metrics["encoders"]["medunic"]["tasks"]
     model["zero_shot"]["pdc"]["es"]["auc"] = 0.79
     model["segmentation"]["siim"]["fractions"]["10%"]["value"] = 0.1
-    model["bias"]["text"]["cls"]["language"]["probe_accuracy"] = 0.995
+    model["bias"]["text"]["pooled"]["language"]["probe_accuracy"] = 0.995
     failed = [c.name for c in quality_checks(metrics, _replicates(metrics)) if c.status == FAIL]
     assert len(failed) == 3
     assert "PDC (Sp)" in failed[0] and "SIIM 10%" in failed[1] and "Language-ID" in failed[2]

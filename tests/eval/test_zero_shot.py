@@ -105,6 +105,7 @@ class _OracleEncoder:
     of the classes it has and the negative prompts of those it lacks (swapped when `flipped`)."""
 
     name = label = "oracle"
+    model = None  # no zero-shot rule of its own: the generic cosine rule applies
 
     def __init__(self, labels: np.ndarray, prompts, classes, flipped: bool = False) -> None:
         self.labels, self.flipped = labels, flipped
@@ -133,6 +134,52 @@ def test_images_aligned_with_their_prompts_score_auc_one(task_context, flipped, 
     assert out["f1"] == expected
     defined = [v["auc"] for v in out["per_class"].values() if v["auc"] is not None]
     assert len(defined) >= 5 and set(defined) == {expected}
+
+
+class _OwnRule:
+    """A model with its own zero-shot rule: +1 for the classes an image has, -1 for the others,
+    read from the labels row by row (so image batches must arrive in order)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels, self.rows, self.prompts = labels, 0, []
+
+    def zero_shot_scores(self, images, positive, negative):
+        rows = self.labels[self.rows : self.rows + len(images)]
+        self.rows += len(images)
+        self.prompts.append((positive[0][:, 0].tolist(), negative[0][:, 0].tolist()))
+        return torch.from_numpy(2.0 * rows - 1.0)
+
+
+class _OwnRuleEncoder(_OracleEncoder):
+    """Tokenises a prompt as its index among the prompts; the generic rule must not run."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, labels, prompts, classes) -> None:
+        super().__init__(labels, prompts, classes)
+        self.model = _OwnRule(labels)
+
+    def tokenize(self, texts):
+        ids = torch.tensor([[self.texts.index(t)] for t in texts])
+        return ids, torch.ones_like(ids)
+
+    def image_features(self, *args, **kwargs):
+        raise AssertionError("the method's own zero-shot rule replaces the cosine rule")
+
+
+def test_a_methods_own_zero_shot_rule_replaces_the_cosine_rule(task_context):
+    cfg = task_context.cfg.zero_shot
+    classes = cfg.classes["pdc"]
+    labels = zero_shot.label_matrix(task_context.data.records("pdc", "test"), classes, "pdc")
+    encoder = _OwnRuleEncoder(labels, load_prompts("en"), classes)
+    only_pdc = dataclasses.replace(cfg, datasets=("pdc",), languages=("en",))
+    ctx = dataclasses.replace(task_context, cfg=dataclasses.replace(
+        task_context.cfg, zero_shot=only_pdc, batch_size=5))
+    out = zero_shot.run(encoder, ctx)["pdc"]["en"]
+    assert out["auc"] == 1.0 and out["f1"] == 1.0
+    assert encoder.model.rows == len(labels)
+    c = len(classes)
+    assert encoder.model.prompts[0] == (list(range(c)), list(range(c, 2 * c)))
 
 
 def test_runs_on_the_tiny_world(tiny_encoder, task_context):

@@ -18,13 +18,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from unimed.losses import MedUniCLoss, gather_features
-from unimed.models.config import ModelConfig
+from unimed.models.config import MedUniCLossConfig
 
 WORLD = 2
 LOCAL = 3
 KEYS = ("image_features", "image_aug_features", "text_features", "ctr_a", "ctr_b")
 TERMS = ("cvl_loss", "ssv_loss", "tf_loss", "tt_loss", "loss")
-CONFIGS = {"paper": ModelConfig(), "symmetric_ssv": ModelConfig(ssv_symmetric=True, ctr_weight=0.5)}
+CONFIGS = {"paper": MedUniCLossConfig(), "symmetric_ssv": MedUniCLossConfig(ssv_symmetric=True, ctr_weight=0.5)}
 
 
 def _global_batch() -> dict[str, torch.Tensor]:
@@ -33,7 +33,7 @@ def _global_batch() -> dict[str, torch.Tensor]:
 
 
 def _losses_and_grads(
-    cfg: ModelConfig, features: dict[str, torch.Tensor], rank: int, world_size: int
+    cfg: MedUniCLossConfig, features: dict[str, torch.Tensor], rank: int, world_size: int
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Each term's value and its gradient w.r.t. every input, one autograd.grad call per term."""
     inputs = {k: v.clone().requires_grad_(True) for k, v in features.items()}

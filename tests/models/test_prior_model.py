@@ -3,6 +3,7 @@ deterministic evaluation and the zero-shot scorer (spec §2-7)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,24 +11,28 @@ import torch
 from transformers import BertTokenizerFast
 
 from unimed.eval.encoders import Encoder
-from unimed.eval.prior_zero_shot import binary_scores, combine_scores, multiclass_scores
+from unimed.eval.prior_zero_shot import multiclass_scores
 from unimed.eval.prompts import load_prompts
+from unimed.eval.zero_shot import own_scores
 from unimed.losses.prior import PriorLoss
-from unimed.models import create_model
+from unimed.methods import create_method
+from unimed.models.config import ImageTowerConfig, TextTowerConfig
+from unimed.models.prior import combine_scores
 from unimed.models.prior_config import PriorConfig
 
 TINY = PriorConfig(
-    image_encoder="resnet10t", image_size=64, embed_dim=32, pool_heads=4, prototypes=16,
-    decoder_layers=2, decoder_heads=4, decoder_queries=4, max_sentences=4, text_hidden_size=32,
-    text_num_layers=2, text_num_heads=2, text_intermediate_size=64,
+    image=ImageTowerConfig(encoder="resnet10t"), image_size=64, embed_dim=32, pool_heads=4,
+    prototypes=16, decoder_layers=2, decoder_heads=4, decoder_queries=4, max_sentences=4,
+    text=TextTowerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                         frozen_layers=0),
 )
 WORDS = ["no", "pleural", "effusion", "cardiomegaly", "is", "observed", "."]
 
 
 def _model(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = PriorConfig(**{**TINY.__dict__, **overrides})
-    return create_model(cfg, vocab_size=len(WORDS) + 5)
+    cfg = dataclasses.replace(TINY, **overrides)
+    return create_method(cfg, vocab_size=len(WORDS) + 5).model
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -115,12 +120,12 @@ def test_scores_combine_softmaxes_as_the_paper() -> None:
 
 
 def test_binary_scores_pair_observed_and_negative_prompts() -> None:
-    model = _model()
+    model = _model(zero_shot_local_weight=0.5)
     encoder = _encoder(model)
     images = _batch()["image"]
     prompts = load_prompts("en")
     classes = ["pleural effusion", "cardiomegaly"]
-    got = binary_scores(encoder, images, prompts, classes, local_weight=0.5)
+    got = own_scores(encoder, images, prompts, classes)
     texts = [prompts.observed(c) for c in classes] + [prompts.negative(c) for c in classes]
     ids, mask = encoder.tokenize(texts)
     with torch.no_grad():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from unimed.commands.medunic import mlm_check_line
-from unimed.models.config import ModelConfig
+from unimed.commands.train import mlm_check_line
+from unimed.models.config import TextTowerConfig
 from unimed.models.text import create_text_encoder, pool_text
 from unimed.text.crosslingual import embed_texts
 
@@ -15,7 +15,7 @@ def test_embed_texts_are_unit_pooled_features_in_batches(tmp_path) -> None:
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "pleural", "sin"]))
     tokenizer = BertTokenizerFast(vocab=str(vocab))
-    cfg = ModelConfig(text_hidden_size=16, text_num_layers=2, text_num_heads=2, text_intermediate_size=32)
+    cfg = TextTowerConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
     encoder = create_text_encoder(None, cfg, vocab_size=len(tokenizer)).eval()
     texts = ["no pleural", "sin", "pleural pleural no"]
     got = embed_texts(encoder, tokenizer, texts, pooling="mean", batch_size=2)

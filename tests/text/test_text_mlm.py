@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 from text_corpora import ENGLISH_REPORTS, SPANISH_REPORTS
 from transformers import AutoTokenizer, BertForMaskedLM, BertModel
 
+from unimed.methods.base import StepContext
+from unimed.text import mlm
 from unimed.text.config import MLMConfig, VocabConfig
 from unimed.text.mlm import build_mlm_model, train_mlm
 from unimed.text.vocab import build_cross_lingual_tokenizer
@@ -36,6 +39,28 @@ def fresh_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = VocabConfig(english_vocab_size=200, new_terms=40)
     build_cross_lingual_tokenizer(ENGLISH_REPORTS, SPANISH_REPORTS, cfg, out, progress=False)
     return out
+
+
+def test_subword_mean_rows_start_at_the_mean_of_their_base_pieces(tiny_bert_dir, tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    base_tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    old = BertForMaskedLM.from_pretrained(str(tiny_bert_dir)).get_input_embeddings().weight.detach()
+    cfg = MLMConfig(**{**TINY.__dict__, "new_rows": "subword_mean"})
+    weight = build_mlm_model(tokenizer, cfg, base_model=tiny_bert_dir).get_input_embeddings().weight.detach()
+    n_old = old.shape[0]
+    torch.testing.assert_close(weight[:n_old], old, rtol=0, atol=0)
+    vocab = tokenizer.get_vocab()
+    for term, row in sorted(vocab.items(), key=lambda kv: kv[1])[n_old:]:
+        pieces = base_tokenizer.tokenize(term)
+        assert pieces, term
+        expected = torch.stack([old[base_tokenizer.convert_tokens_to_ids(p)] for p in pieces]).sum(0) / len(pieces)
+        torch.testing.assert_close(weight[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_new_rows_rule_is_a_config_error(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
+    cfg = MLMConfig(**{**TINY.__dict__, "new_rows": "zeros"})
+    with pytest.raises(ValueError, match="mlm.new_rows must be one of random, subword_mean"):
+        train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
 
 
 def test_extended_embeddings_keep_old_rows_and_draw_new_rows(tiny_bert_dir, tiny_tokenizer_dir):
@@ -66,9 +91,48 @@ def test_train_from_local_bert_folder_saves_a_loadable_model(tiny_bert_dir, tiny
     encoder = BertModel.from_pretrained(str(tmp_path))
     assert encoder.get_input_embeddings().weight.shape[0] == len(tokenizer)
     assert encoder(**tokenizer("derram pleural", return_tensors="pt")).last_hidden_state.shape[-1] == 32
-    records = [json.loads(line) for line in (tmp_path / "mlm_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["event"] == "step"] == [1, 2]
-    assert records[-1] == {"event": "epoch", "epoch": 0, "step": 2, "loss": result.loss_history[0]}
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["masked_tokens"] > 0 for r in rows)
+    assert result.loss_history == [pytest.approx((rows[0]["loss"] + rows[1]["loss"]) / 2)]
+    assert (tmp_path / "checkpoints" / "latest").is_file()
+
+
+def test_mlm_runs_on_the_training_loop_and_resumes_on_the_same_curve(fresh_tokenizer_dir, tmp_path,
+                                                                     monkeypatch):
+    """A run killed after 4 of 6 steps and resumed logs the same losses as an uninterrupted one
+    (masks, dropout and data order all come back from the checkpoint)."""
+    cfg = MLMConfig(**{**TINY.__dict__, "epochs": 2})  # 24 reports in batches of 8: 6 steps
+    full = train_mlm(CORPUS, fresh_tokenizer_dir, cfg, tmp_path / "full", seed=1, progress=False)
+    assert full.steps == 6
+    whole_loop = mlm.loop_config
+    monkeypatch.setattr(mlm, "loop_config", lambda c: dataclasses.replace(whole_loop(c), max_steps=4))
+    assert train_mlm(CORPUS, fresh_tokenizer_dir, cfg, tmp_path / "cut", seed=1, progress=False).steps == 4
+    monkeypatch.undo()
+    rest = train_mlm(CORPUS, fresh_tokenizer_dir, cfg, tmp_path / "cut", seed=2, progress=False,
+                     resume=True)
+    assert rest.steps == 6
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6, rel=0)
+    saved = [BertForMaskedLM.from_pretrained(str(tmp_path / run)).state_dict() for run in ("full", "cut")]
+    for key, value in saved[0].items():
+        torch.testing.assert_close(saved[1][key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_a_batch_without_masked_tokens_gives_zero_loss_not_nan(fresh_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(fresh_tokenizer_dir))
+    model = build_mlm_model(tokenizer, TINY).eval()
+    ids = tokenizer(["derram pleural", "no pleural effusion"], padding=True, return_tensors="pt")
+    labels = torch.full_like(ids["input_ids"], -100)
+    out = mlm.MaskedLM(model, TINY)({**ids, "labels": labels}, StepContext(step=0, epoch=0, stage="mlm"))
+    assert out["loss"].item() == 0.0 and out["masked_tokens"].item() == 0
+    labels[0, 1] = ids["input_ids"][0, 1]
+    out = mlm.MaskedLM(model, TINY)({**ids, "labels": labels}, StepContext(step=0, epoch=0, stage="mlm"))
+    logits = model(**ids).logits[0, 1]  # the one masked position, (V,)
+    expected = -torch.log_softmax(logits, dim=-1)[ids["input_ids"][0, 1]]
+    torch.testing.assert_close(out["loss"], expected)
 
 
 def test_mlm_loss_goes_down_on_a_bilingual_corpus(fresh_tokenizer_dir, tmp_path):

@@ -5,9 +5,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from train_helpers import ToyDataset, ToyMedUniC, ToyModel, contrastive_loss, tiny_cfg, toy_loader
+from train_helpers import (
+    ToyDataset,
+    ToyMedUniC,
+    ToyMethod,
+    ToyModel,
+    contrastive_loss,
+    tiny_cfg,
+    toy_loader,
+)
 from unimed.losses.medunic import MedUniCLoss
-from unimed.models.config import ModelConfig
+from unimed.models.config import MedUniCLossConfig
 from unimed.train.distributed import DistInfo, cleanup, dist_info_from_env, init_distributed
 from unimed.train.loop import train
 
@@ -26,7 +34,7 @@ def _free_port() -> int:
 # single process on the global batch cannot match (SyncBatchNorm fixes that, on CUDA only).
 SETUPS = {
     "toy": (lambda: ToyModel(dropout=0.0), lambda: contrastive_loss, "cvl_loss"),
-    "medunic_loss": (ToyMedUniC, lambda: MedUniCLoss(ModelConfig()), "tf_loss"),
+    "medunic_loss": (ToyMedUniC, lambda: MedUniCLoss(MedUniCLossConfig()), "tf_loss"),
 }
 
 
@@ -36,7 +44,8 @@ def _one_step(out_dir, dist: DistInfo, batch_size: int, setup: str) -> dict:
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
     loader = toy_loader(ToyDataset(), batch_size, rank=dist.rank, world_size=dist.world_size)
-    result = train(model, make_loss(), loader, tiny_cfg(**STEP_CFG), out_dir, dist, progress=False)
+    result = train(ToyMethod(model, make_loss()), loader, tiny_cfg(**STEP_CFG), out_dir, dist,
+                   progress=False)
     update = [p.detach() - b for p, b in zip(model.parameters(), before)]
     return {"row": result.history[0], "update": update}
 

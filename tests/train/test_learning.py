@@ -18,9 +18,13 @@ from unimed.data.config import DataConfig
 from unimed.data.pretrain import build_pretrain_dataset, build_pretrain_loader
 from unimed.data.records import Record
 from unimed.data.transforms import eval_transform
-from unimed.losses.medunic import MedUniCLoss
-from unimed.models.config import ModelConfig
-from unimed.models.factory import create_model
+from unimed.methods import create_method
+from unimed.models.config import (
+    ImageTowerConfig,
+    MedUniCConfig,
+    MedUniCProjectorConfig,
+    TextTowerConfig,
+)
 from unimed.train.config import TrainConfig
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import train
@@ -31,9 +35,12 @@ PLACES = {
            "opacidad inferior derecha"],
 }
 CORNERS = [(4, 4), (4, 18), (18, 4), (18, 18)]
-MODEL = ModelConfig(image_encoder="resnet10t", embed_dim=32, ctr_dim=32, projector_hidden_dim=64,
-                    text_hidden_size=32, text_num_layers=2, text_num_heads=2,
-                    text_intermediate_size=64, frozen_text_layers=0, text_pooling="mean")
+MODEL = MedUniCConfig(
+    image=ImageTowerConfig(encoder="resnet10t"),
+    text=TextTowerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                         frozen_layers=0, pooling="mean"),
+    projector=MedUniCProjectorConfig(embed_dim=32, ctr_dim=32, hidden_dim=64),
+)
 DATA = DataConfig(image_size=32, resize_size=32, max_length=8, batch_composition="community")
 
 
@@ -86,12 +93,13 @@ def test_pretraining_learns_the_findings_not_the_community(tmp_path):
     tokenizer = _tokenizer(tmp_path)
     records = _world(tmp_path)
     torch.manual_seed(0)
-    model = create_model(MODEL, vocab_size=len(tokenizer))
+    method = create_method(MODEL, vocab_size=len(tokenizer))
+    model = method.model
     untrained = _within_language_accuracy(model, records, tokenizer)
     loader = build_pretrain_loader(build_pretrain_dataset(records, tokenizer, DATA), DATA, batch_size=8)
     cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-3, warmup_ratio=0.1, log_every=100,
                       checkpoint_every=100, tensorboard=False)
-    result = train(model, MedUniCLoss(MODEL), loader, cfg, tmp_path / "run", DistInfo(), progress=False)
+    result = train(method, loader, cfg, tmp_path / "run", DistInfo(), progress=False)
     trained = _within_language_accuracy(model, records, tokenizer)
     cvl = [row["cvl_loss"] for row in result.history]
     assert sum(cvl[-4:]) < 0.6 * sum(cvl[:4])

@@ -3,7 +3,17 @@ import json
 import pytest
 import torch
 
-from train_helpers import ToyDataset, ToyModel, contrastive_loss, mse_loss, tiny_cfg, toy_loader
+from train_helpers import (
+    LoaderRecorder,
+    StagedToyMethod,
+    ToyDataset,
+    ToyMethod,
+    ToyModel,
+    contrastive_loss,
+    mse_loss,
+    tiny_cfg,
+    toy_loader,
+)
 from unimed.train import checkpoint as ckpt
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import CHECKPOINT_DIR, resolve_precision, train
@@ -15,7 +25,7 @@ def _run(out_dir, cfg, *, seed=0, resume=False, dropout=0.3, loss=contrastive_lo
     torch.manual_seed(seed)
     model = ToyModel(dropout=dropout)
     loader = toy_loader(ToyDataset(), batch_size)
-    result = train(model, loss, loader, cfg, out_dir, CPU, resume=resume, progress=False)
+    result = train(ToyMethod(model, loss), loader, cfg, out_dir, CPU, resume=resume, progress=False)
     return model, result
 
 
@@ -94,5 +104,77 @@ def test_too_few_batches_and_loss_without_total_fail_clearly(tmp_path):
     def no_total(image_features, text_features, *, rank, world_size):
         return {"mse_loss": (image_features - text_features).pow(2).mean()}
 
-    with pytest.raises(KeyError, match="'loss'"):
+    with pytest.raises(KeyError, match="without the total under 'loss'"):
         _run(tmp_path, tiny_cfg(), loss=no_total)
+
+
+def _staged(out_dir, cfg, *, seed=0, resume=False):
+    torch.manual_seed(seed)
+    method = StagedToyMethod()
+    result = train(method, toy_loader(ToyDataset(), 4), cfg, out_dir, CPU, resume=resume,
+                   progress=False)
+    return method, result
+
+
+@pytest.mark.parametrize("stop_at", [5, 8, 11])
+def test_stages_own_optimizers_hooks_and_state_survive_resume(tmp_path, stop_at):
+    full_method, full = _staged(tmp_path / "full", tiny_cfg())
+    assert full.steps == 16 and full_method.started == ["align", "teacher"]
+    assert [r["stage"] for r in full.history] == [0] * 8 + [1] * 8
+    assert all("pull_loss" in r for r in full.history[8:]) and "pull_loss" not in full.history[0]
+    assert full_method.hook_calls == 16
+    # Stage 2's optimizer holds only the text tower: the image tower ends as stage 1 left it.
+    stage1, _ = _staged(tmp_path / "stage1", tiny_cfg(max_steps=8))
+    for a, b in zip(stage1.model.image.parameters(), full_method.model.image.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(stage1.model.text.weight, full_method.model.text.weight)
+
+    _, first = _staged(tmp_path / "cut", tiny_cfg(max_steps=stop_at))
+    resumed, rest = _staged(tmp_path / "cut", tiny_cfg(), seed=99, resume=True)
+    assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
+    assert resumed.hook_calls == 16
+    torch.testing.assert_close(resumed.teacher, full_method.teacher, atol=1e-6, rtol=0)
+
+
+def _two_loaders(out_dir, cfg, *, seed=0, resume=False):
+    torch.manual_seed(seed)
+    method = LoaderRecorder()
+    loaders = {"a": toy_loader(ToyDataset(n=32, seed=0), 4),  # 8 batches
+               "b": toy_loader(ToyDataset(n=24, seed=1), 4)}  # 6 batches: sets the epoch length
+    return method, train(method, loaders, cfg, out_dir, CPU, resume=resume, progress=False)
+
+
+def test_several_loaders_alternate_and_resume_mid_epoch(tmp_path):
+    method, full = _two_loaders(tmp_path / "full", tiny_cfg(grad_accum=1))
+    assert full.steps == 2 * 12  # two epochs of 6 batches from each loader
+    assert method.seen == ["a", "b"] * 12
+    # Stopped after an "a" batch, in the middle of both loaders' epoch.
+    _, first = _two_loaders(tmp_path / "cut", tiny_cfg(grad_accum=1, max_steps=7))
+    resumed, rest = _two_loaders(tmp_path / "cut", tiny_cfg(grad_accum=1), seed=5, resume=True)
+    assert resumed.seen[0] == "b" and len(resumed.seen) == 17
+    assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
+class ConvToy(ToyModel):
+    """The toy model with a convolution in the image tower (x[:, :4] as a 2-channel 1x2 'image')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        pooled = self.conv(batch["x"][:, :4].reshape(-1, 2, 1, 2)).mean((2, 3))  # (B, 4)
+        out["image_features"] = out["image_features"] + pooled
+        return out
+
+
+def test_channels_last_changes_the_layout_not_the_loss_curve(tmp_path):
+    curves = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = ConvToy()
+        result = train(ToyMethod(model, contrastive_loss), toy_loader(ToyDataset(), 4),
+                       tiny_cfg(channels_last=channels_last), tmp_path / str(channels_last), CPU,
+                       progress=False)
+        assert model.conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        curves[channels_last] = result.losses
+    assert curves[True] == pytest.approx(curves[False], abs=1e-5, rel=0)

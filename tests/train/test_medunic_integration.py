@@ -9,15 +9,22 @@ import torch
 from train_helpers import make_tokenizer, tiny_cfg, write_records
 from unimed.data.config import DataConfig
 from unimed.data.pretrain import build_pretrain_dataset, build_pretrain_loader
-from unimed.losses.medunic import MedUniCLoss
-from unimed.models.config import ModelConfig
-from unimed.models.factory import create_model
+from unimed.methods import create_method
+from unimed.models.config import (
+    ImageTowerConfig,
+    MedUniCConfig,
+    MedUniCProjectorConfig,
+    TextTowerConfig,
+)
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import train
 
-MODEL = ModelConfig(image_encoder="vit_tiny_patch8_64", embed_dim=16, ctr_dim=16, projector_hidden_dim=16,
-                    text_hidden_size=16, text_num_layers=2, text_num_heads=2,
-                    text_intermediate_size=32, frozen_text_layers=1)
+MODEL = MedUniCConfig(
+    image=ImageTowerConfig(encoder="vit_tiny_patch8_64"),
+    text=TextTowerConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                         frozen_layers=1),
+    projector=MedUniCProjectorConfig(embed_dim=16, ctr_dim=16, hidden_dim=16),
+)
 DATA = DataConfig(image_size=16, resize_size=20, max_length=8, num_workers=0)
 
 
@@ -33,11 +40,10 @@ def one_thread():
 
 def _run(out_dir, records, tok, cfg, *, seed=0, resume=False):
     torch.manual_seed(seed)
-    model = create_model(MODEL, vocab_size=len(tok))
+    method = create_method(MODEL, vocab_size=len(tok))
     loader = build_pretrain_loader(build_pretrain_dataset(records, tok, DATA, seed=5), DATA,
                                    batch_size=4)
-    return train(model, MedUniCLoss(MODEL), loader, cfg, out_dir, DistInfo(), resume=resume,
-                 progress=False)
+    return train(method, loader, cfg, out_dir, DistInfo(), resume=resume, progress=False)
 
 
 def test_medunic_resume_matches_uninterrupted_run(tmp_path):

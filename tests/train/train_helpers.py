@@ -1,4 +1,4 @@
-"""Tiny stand-ins for the model, loss and data, so loop tests run in a fraction of a second."""
+"""Tiny stand-ins for the model, loss, method and data, so loop tests run in a fraction of a second."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from transformers import BertTokenizerFast
 
 from unimed.data.pretrain import PretrainSampler
 from unimed.data.records import Record
+from unimed.methods.base import Method, StepContext
 from unimed.train.config import TrainConfig
 
 DIM = 6
@@ -62,6 +63,18 @@ class ToyMedUniC(ToyModel):
         out["ctr_a"] = self.ctr(batch["y"])
         out["ctr_b"] = self.ctr(batch["y"] * 0.9)
         return out
+
+
+class ToyMethod(Method):
+    """A model and a loss function as a method: the loss of the model's outputs."""
+
+    def __init__(self, model: nn.Module, loss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss
+
+    def forward(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
+        return self.loss_fn(**self.model(batch), rank=ctx.rank, world_size=ctx.world_size)
 
 
 def gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -129,3 +142,60 @@ def write_records(root: Path, n: int = 8) -> list[Record]:
             language="en" if english else "es", site="mimic" if english else "padchest",
         ))
     return out
+
+
+class StagedToyMethod(ToyMethod):
+    """Two stages, as PRIOR's: "align" trains both towers with the contrastive loss; "teacher"
+    adds a pull of the text tower towards an EMA teacher (a buffer the after-step hook updates)
+    and trains only the text tower with its own optimizer (SGD, constant lr). A count of hook
+    calls is kept as training state."""
+
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__(ToyModel(dropout=dropout), contrastive_loss)
+        self.register_buffer("teacher", torch.zeros(4, DIM))
+        self.hook_calls = 0
+        self.started: list[str] = []
+
+    def stages(self, train):
+        from unimed.methods.base import Stage
+
+        return [Stage("align", 1), Stage("teacher", 1)]
+
+    def start_stage(self, stage) -> None:
+        self.started.append(stage.name)
+
+    def configure_optimizer(self, stage, train, total_steps):
+        if stage.name == "align":
+            return super().configure_optimizer(stage, train, total_steps)
+        optimizer = torch.optim.SGD(self.model.text.parameters(), lr=0.05)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def forward(self, batch, ctx):
+        out = super().forward(batch, ctx)
+        if ctx.stage == "teacher":
+            pull = (self.model.text.weight - self.teacher).pow(2).sum()
+            out = {**out, "pull_loss": pull, "loss": out["loss"] + pull}
+        return out
+
+    def after_optimizer_step(self, ctx) -> None:
+        with torch.no_grad():
+            self.teacher.mul_(0.9).add_(0.1 * self.model.text.weight)
+        self.hook_calls += 1
+
+    def train_state(self) -> dict:
+        return {"hook_calls": self.hook_calls}
+
+    def load_train_state(self, state: dict) -> None:
+        self.hook_calls = state["hook_calls"]
+
+
+class LoaderRecorder(ToyMethod):
+    """The toy method, noting which loader each micro-batch came from."""
+
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__(ToyModel(dropout=dropout), contrastive_loss)
+        self.seen: list[str] = []
+
+    def forward(self, batch, ctx):
+        self.seen.append(ctx.loader)
+        return super().forward(batch, ctx)

@@ -57,7 +57,7 @@ def run_dir(cfg: Config, subdir: str | None = None) -> Path:
 
 
 from unimed.commands import phantom  # noqa: E402,F401  (each module registers its sub-commands)
-from unimed.commands import medunic  # noqa: E402,F401
+from unimed.commands import train  # noqa: E402,F401
 from unimed.commands import evaluate  # noqa: E402,F401
 from unimed.commands import ablate  # noqa: E402,F401
 from unimed.commands import demo  # noqa: E402,F401

@@ -34,7 +34,7 @@ from unimed.commands.evaluate import (
     run_evaluation,
     write_outputs,
 )
-from unimed.commands.medunic import resolve_encoder, run_pretrain
+from unimed.commands.train import resolve_encoder, run_pretrain
 from unimed.config import CONFIG_FILE, Config, ConfigError, to_dict
 
 log = logging.getLogger(__name__)
@@ -78,22 +78,26 @@ HEADLINE = (("zero_shot", "f1"), ("linear_probe", "value"), ("segmentation", "va
 
 def row_config(cfg: Config, row: AblationRow, seed: int | None = None) -> Config:
     """The run config of `row`: loss weights switched, text encoder with or without MLM."""
-    model = dataclasses.replace(
-        cfg.model,
-        ssv_weight=cfg.model.ssv_weight if row.ssv else 0.0,
-        cvl_weight=cfg.model.cvl_weight if row.cvl else 0.0,
-        ctr_weight=cfg.model.ctr_weight if row.ctr else 0.0,
+    if cfg.method.name != "medunic":
+        raise ConfigError(f"unimed ablate runs the Med-UniC Table 4 rows; method.name is {cfg.method.name!r}")
+    weights = cfg.method.loss
+    loss = dataclasses.replace(
+        weights,
+        ssv_weight=weights.ssv_weight if row.ssv else 0.0,
+        cvl_weight=weights.cvl_weight if row.cvl else 0.0,
+        ctr_weight=weights.ctr_weight if row.ctr else 0.0,
     )
+    text = cfg.method.text
     if not row.mlm:
         if cfg.vocab.base_model is None:
             raise ConfigError("the row without MLM starts from vocab.base_model, which is not set")
-        model = dataclasses.replace(model, text_encoder=resolve_encoder(cfg.vocab.base_model),
-                                    tokenizer=str(cfg.run.dir / "vocab"))
-    elif model.text_encoder is None:
-        model = dataclasses.replace(model, text_encoder=str(cfg.run.dir / "mlm"))
+        text = dataclasses.replace(text, encoder=resolve_encoder(cfg.vocab.base_model),
+                                   tokenizer=str(cfg.run.dir / "vocab"))
+    elif text.encoder is None:
+        text = dataclasses.replace(text, encoder=str(cfg.run.dir / "mlm"))
     seed = cfg.run.seed if seed is None else seed
     run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}/ablation/{row.slug}/seed{seed}", seed=seed)
-    return dataclasses.replace(cfg, run=run, model=model)
+    return dataclasses.replace(cfg, run=run, method=dataclasses.replace(cfg.method, loss=loss, text=text))
 
 
 def _check_same_config(row_cfg: Config, row: AblationRow) -> None:
@@ -118,7 +122,7 @@ def run_row(cfg: Config, row: AblationRow, seed: int, *, progress: bool) -> dict
         run_pretrain(row_cfg, resume=True, progress=progress)
         checkpoint = row_cfg.run.dir / "pretrain" / "checkpoints"
     metrics = run_evaluation(row_cfg, checkpoint, ABLATION_TASKS, progress=progress, baselines=())
-    return metrics["encoders"]["medunic"]["tasks"]
+    return metrics["encoders"][cfg.method.name]["tasks"]
 
 
 def aggregate(runs: Sequence[dict]) -> tuple[dict, dict]:

@@ -1,5 +1,6 @@
-"""`unimed demo`: the main job — phantom world, cross-lingual vocabulary, MLM, Med-UniC pre-training,
-evaluation of every downstream task against the ImageNet-init and random-init baselines, report."""
+"""`unimed demo`: the main job — phantom world, cross-lingual vocabulary, MLM, pre-training of the
+configured method (Med-UniC in configs/demo.yaml), evaluation of every downstream task against the
+ImageNet-init and random-init baselines, report."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 from unimed.commands import command, run_dir
 from unimed.commands.evaluate import print_summary, run_evaluation
-from unimed.commands.medunic import (
+from unimed.commands.train import (
     MLM_CHECK_FILE,
     mlm_check_line,
     print_loss_summary,
@@ -20,9 +21,10 @@ from unimed.commands.medunic import (
 from unimed.commands.phantom import phantom
 from unimed.commands.tables import print_table
 from unimed.config import Config
+from unimed.methods import method_label
 
 
-@command("demo", "the main job: phantom world -> vocabulary -> MLM -> Med-UniC pre-training -> "
+@command("demo", "the main job: phantom world -> vocabulary -> MLM -> pre-training -> "
                  "evaluation -> report")
 def demo(cfg: Config, args: argparse.Namespace) -> int:
     run_dir(cfg)
@@ -40,7 +42,8 @@ def demo(cfg: Config, args: argparse.Namespace) -> int:
         return 1
     timed("vocabulary", run_vocab, cfg, progress=progress)
     timed("cross-lingual MLM", run_mlm, cfg, progress=progress)
-    result = timed("Med-UniC pre-training", run_pretrain, cfg, resume=False, progress=progress)
+    result = timed(f"{method_label(cfg.method.name)} pre-training", run_pretrain, cfg, resume=False,
+                   progress=progress)
     print_loss_summary(result.history)
     metrics = timed("evaluation and report", run_evaluation, cfg, cfg.run.dir, cfg.eval.tasks,
                     progress=progress)

@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from unimed.commands import command, run_dir
-from unimed.commands.medunic import text_encoder_dir, tokenizer_dir
+from unimed.commands.train import text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
 from unimed.config import Config, ConfigError
 from unimed.eval.config import TASK_NAMES
 
 log = logging.getLogger(__name__)
 
-MODEL_LABELS = {"medunic": "Med-UniC"}  # display names of registered methods (default: the name)
 # Baselines: "init" is the model as pre-training starts it (the preset's image weights, e.g. ImageNet,
 # and the MLM-only text encoder); "random" the same with a randomly initialised image encoder.
 BASELINE_LABELS = {"init": "{image} init / MLM-only", "random": "Random init / MLM-only"}
@@ -51,8 +50,11 @@ def parse_tasks(text: str | None, cfg: Config) -> tuple[str, ...]:
 
 
 def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[str, ...]) -> list:
-    """The checkpoint's encoder (when given) followed by the requested baselines."""
-    from unimed.eval.encoders import build_encoder, find_checkpoint
+    """The checkpoint's encoder (when given, filed under the method's name) followed by the
+    requested baselines."""
+    from unimed.eval.encoders import build_encoder
+    from unimed.methods import method_label
+    from unimed.train.checkpoint import find_checkpoint
 
     unknown = [b for b in baselines if b not in BASELINE_LABELS]
     if unknown:
@@ -65,16 +67,18 @@ def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[
             weights = find_checkpoint(checkpoint)
         except FileNotFoundError as exc:
             raise ConfigError(str(exc)) from None
-        label = MODEL_LABELS.get(cfg.model.name, cfg.model.name)
-        encoders.append(build_encoder("medunic", label, cfg.model, weights=weights, **common))
-    image = "ImageNet" if cfg.model.image_weights else "Random"
+        name = cfg.method.name
+        encoders.append(build_encoder(name, method_label(name), cfg.method, weights=weights, **common))
+    image_cfg = cfg.method.image
+    image = "ImageNet" if image_cfg.weights else "Random"
     for name in baselines:
-        model_cfg = cfg.model if name == "init" else dataclasses.replace(cfg.model, image_weights=None)
-        if name == "random" and "init" in baselines and cfg.model.image_weights is None:
+        method_cfg = cfg.method if name == "init" else dataclasses.replace(
+            cfg.method, image=dataclasses.replace(image_cfg, weights=None))
+        if name == "random" and "init" in baselines and image_cfg.weights is None:
             log.info("baseline 'random' is the 'init' baseline here (no image weights): not repeated")
             continue
         label = BASELINE_LABELS[name].format(image=image)
-        encoders.append(build_encoder(name, label, model_cfg, **common))
+        encoders.append(build_encoder(name, label, method_cfg, **common))
     return encoders
 
 
@@ -95,6 +99,7 @@ def run_evaluation(
     ctx = TaskContext(EvalData(cfg.data, progress=progress), cfg.eval, figures, progress)
     metrics = {
         "run": cfg.run.name,
+        "method": cfg.method.name,
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "data_root": cfg.data.root,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -162,7 +167,7 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
 
 def _checkpoint_config(args: argparse.Namespace) -> str | None:
     """The config saved with the checkpoint's run, when the checkpoint can be found."""
-    from unimed.eval.encoders import checkpoint_config, find_checkpoint
+    from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
     try:
         return str(checkpoint_config(find_checkpoint(args.checkpoint)))

@@ -2,7 +2,8 @@
 
 Up to `samples_per_group` records per language are drawn (seeded) from the test splits of the
 audited datasets (all splits when a dataset has no test records). Four embedding spaces are
-audited: the text encoder's un-projected [CLS] state and its projection P_l, the image backbone's
+audited: the text encoder's un-projected sentence feature ("pooled": [CLS] state or token mean, per
+method.text.pooling) and its projection P_l, the image backbone's
 pooled features and their projection P_v. For the language and the site of every record:
 
 * ``probe_accuracy``: stratified k-fold accuracy of a logistic-regression probe (standardised
@@ -273,12 +274,12 @@ def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[
 
 
 def embeddings(encoder: Encoder, sample: Sample, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
-    """{"text": {"cls", "projected"}, "image": {"pooled", "projected"}} -> (N, D) arrays."""
+    """{"text": {"pooled", "projected"}, "image": {"pooled", "projected"}} -> (N, D) arrays."""
     texts = [r.report or "" for r in sample.records]
     images = rgb(sample.images)  # (N, 3, S, S)
     return {
         "text": {
-            "cls": encoder.text_features(texts, projected=False, batch_size=batch_size).numpy(),
+            "pooled": encoder.text_features(texts, projected=False, batch_size=batch_size).numpy(),
             "projected": encoder.text_features(texts, batch_size=batch_size).numpy(),
         },
         "image": {
@@ -332,7 +333,7 @@ def parallel_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | Non
     texts = {"en": [corpus.en[i] for i in keep], "es": [corpus.es[i] for i in keep]}
     n = len(keep)
     out: dict[str, Any] = {"pairs": n, "chance": {"R@1": 1 / (2 * n - 1), "cross_top1": n / (2 * n - 1)}}
-    for space, projected in (("cls", False), ("projected", True)):
+    for space, projected in (("pooled", False), ("projected", True)):
         en, es = (encoder.text_features(texts[lang], projected=projected, batch_size=ctx.cfg.batch_size)
                   .numpy() for lang in ("en", "es"))
         got = parallel_retrieval(en, es)

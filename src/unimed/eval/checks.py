@@ -121,19 +121,23 @@ def fraction_order(fraction: str) -> float:
 
 
 def quality_checks(
-    metrics: dict, replicates: Replicates | None = None, *, model: str = "medunic",
+    metrics: dict, replicates: Replicates | None = None, *, model: str | None = None,
     baseline: str = "init", random: str = "random", zero_shot_min: float = 0.80,
 ) -> list[Check]:
     """The quality bar: zero-shot AUC, model beats baseline everywhere, lower language-ID probe,
     and (when a `random` encoder was evaluated beside the baseline) the dense tasks telling the
     baseline's image weights from a random image encoder.
 
-    ``model`` and ``baseline`` are keys of ``metrics["encoders"]``; ``replicates`` are the bootstrap
+    ``model`` and ``baseline`` are keys of ``metrics["encoders"]`` (default model: the method
+    ``metrics["method"]`` names, else the first encoder that is no baseline); ``replicates`` are the bootstrap
     replicates keyed "<encoder>/<task>/<path>/<metric>" (bootstrap.npz), from which "beats" checks
     take the paired difference. Every check whose metric is missing is returned NOT_MEASURED
     rather than skipped, so holes stay visible.
     """
     encoders = metrics.get("encoders") or {}
+    if model is None:
+        model = metrics.get("method") or next(
+            (name for name in encoders if name not in (baseline, random)), "")
     model_enc, base_enc = encoders.get(model) or {}, encoders.get(baseline) or {}
     labels = (str(model_enc.get("label") or model), str(base_enc.get("label") or baseline))
     model_tasks, base_tasks = model_enc.get("tasks") or {}, base_enc.get("tasks") or {}
@@ -259,8 +263,8 @@ def _signed_ci(bounds: tuple[float, float]) -> str:
 
 
 def _language_probe_check(model: dict, base: dict, labels: tuple[str, str]) -> Check:
-    """Language-ID probe accuracy on the text [CLS] embeddings lower than the baseline's."""
-    path = ("bias", "text", "cls", "language")
+    """Language-ID probe accuracy on the pooled text embeddings (before projection) lower than the baseline's."""
+    path = ("bias", "text", "pooled", "language")
     ours, theirs = lookup(model, *path) or {}, lookup(base, *path) or {}
     probe = as_float(lookup(ours, "probe_accuracy")), as_float(lookup(theirs, "probe_accuracy"))
     status = NOT_MEASURED if None in probe else PASS if probe[0] < probe[1] else FAIL

@@ -12,7 +12,9 @@ of ``detection.iou_thresholds`` (0.40, 0.45, ..., 0.75), averaged; all box areas
 ``detection.max_detections`` boxes per image (after NMS at ``detection.nms_thresh``, below
 torchmetrics' own cap of 100). Every test image counts: an image without boxes adds no positive,
 and each box predicted on it is a false positive that lowers precision. A detector that finds
-nothing scores 0.
+nothing scores 0. The test mAP carries a bootstrap interval over the test images
+(:mod:`unimed.eval.box_ap`, the same COCO AP re-weighted per resample); validation mAP for early
+stopping is torchmetrics' own.
 
 FCOS rather than YOLOv3 (the papers' head), Faster R-CNN or RetinaNet: it is one-stage and
 anchor-free (no RoI sampling or anchor grid to tune for small images), and its head depth is a
@@ -41,9 +43,11 @@ from torchvision.ops import FeaturePyramidNetwork
 from tqdm.auto import tqdm
 
 from unimed.data.records import Record
+from unimed.eval.box_ap import bootstrap_map
 from unimed.eval.config import DetectionConfig
 from unimed.eval.dense import Maps
 from unimed.eval.encoders import Encoder
+from unimed.eval.metrics import Estimate
 from unimed.eval.segmentation import (
     epoch_batches,
     fit_early_stopping,
@@ -196,17 +200,18 @@ def detect_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str
     require_positives(dataset, "test", sum(len(t["boxes"]) for t in test_targets), "box")
     strides = [size // m.shape[-1] for m in train_maps]
 
-    def score(index: np.ndarray, label: str) -> float:
+    def score(index: np.ndarray, label: str) -> Estimate:
         model, best = fit_detector(
             ([m[index] for m in train_maps], [train_targets[i] for i in index]), valid, cfg,
             strides=strides, image_size=size, seed=ctx.cfg.seed, device=encoder.device,
             desc=f"{dataset} {label}", progress=ctx.progress,
         )
         preds = detect(model, test_maps, size, cfg.batch_size, encoder.device)
-        value = mean_average_precision(preds, test_targets, cfg.iou_thresholds)
+        estimate = bootstrap_map(preds, test_targets, cfg.iou_thresholds,
+                                 ctx.resamples(dataset, "test", len(test_targets)))
         log.info("detection %s %s %s: val mAP %.4f, test mAP %.4f (%d images)",
-                 encoder.name, dataset, label, best, value, len(index))
-        return value
+                 encoder.name, dataset, label, best, estimate.value or 0.0, len(index))
+        return estimate
 
     rows = sweep_fractions(ctx, len(train_targets), score, f"detection {dataset}")
     return {"metric": "map", "fractions": rows}

@@ -1,10 +1,13 @@
 """Encoders under evaluation: a trained checkpoint, or the model as pre-training starts it.
 
-Every evaluation task talks to an :class:`Encoder`, never to a method's model class directly: it
-needs ``encode_image`` / ``encode_text`` (projected, for zero-shot, retrieval and Grad-CAM),
-``pooled_image`` (pooled backbone features for linear probes), ``forward_intermediates`` (dense maps
-for segmentation and detection; the backbone ``visual`` describes their layout) and the text
-backbone ``text`` with its tokenizer. Images go in as pixels in [0, 1]: the model normalises them.
+Every evaluation task talks to an :class:`Encoder`, never to a method's model class directly. The
+encoder holds the ``model`` of a method (:mod:`unimed.methods`, built by name from the config) and
+uses only its evaluation interface: ``encode_image`` / ``encode_text`` (projected, for zero-shot,
+retrieval and Grad-CAM), ``pooled_image`` / ``pooled_text`` (pooled backbone features for linear
+probes), ``forward_intermediates`` (dense maps for segmentation and detection; the backbone
+``visual`` describes their layout), ``temperature`` (the contrastive temperature it was trained
+with) and, optionally, ``zero_shot_scores`` (a method's own zero-shot rule). Images go in as pixels
+in [0, 1]: the model normalises them itself.
 """
 
 from __future__ import annotations
@@ -18,15 +21,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from unimed.config import CONFIG_FILE
-from unimed.models import create_model
-from unimed.models.config import ModelConfig
-from unimed.train.checkpoint import (
-    LATEST_FILE,
-    WEIGHTS_FILE,
-    latest_checkpoint,
-    load_weights,
-)
+from unimed.methods import MethodConfig, create_method
+from unimed.train.checkpoint import WEIGHTS_FILE, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +32,7 @@ class Encoder:
     """A frozen image + text encoder pair with its tokenizer, on one device, in eval mode.
 
     `name` keys the encoder in metrics.json; `label` is what tables show; `temperature` is the
-    contrastive temperature the model was trained with (``model.temperature``).
+    contrastive temperature the model was trained with (its ``temperature``).
     """
 
     name: str
@@ -102,39 +98,10 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder (holding model.safetensors) that `path` names.
-
-    `path` may be the checkpoint folder itself, a `checkpoints/` folder (its `latest`), a
-    pre-training output folder (`pretrain/`) or a run folder (`runs/<name>`).
-    """
-    path = Path(path)
-    if (path / WEIGHTS_FILE).is_file():
-        return path
-    for folder in (path, path / "checkpoints", path / "pretrain" / "checkpoints"):
-        if (folder / LATEST_FILE).is_file():
-            found = latest_checkpoint(folder)
-            if found is not None:
-                return found
-    raise FileNotFoundError(
-        f"no checkpoint at {path}: expected a folder with {WEIGHTS_FILE}, a checkpoints folder "
-        f"with a '{LATEST_FILE}' file, or a run folder holding pretrain/checkpoints"
-    )
-
-
-def checkpoint_config(checkpoint: str | Path) -> Path:
-    """The resolved config.yaml saved with the run that wrote `checkpoint` (first one above it)."""
-    checkpoint = Path(checkpoint).resolve()
-    for folder in (checkpoint, *checkpoint.parents):
-        if (folder / CONFIG_FILE).is_file():
-            return folder / CONFIG_FILE
-    raise FileNotFoundError(f"no {CONFIG_FILE} in {checkpoint} or the folders above it")
-
-
 def build_encoder(
     name: str,
     label: str,
-    model_cfg: ModelConfig,
+    method_cfg: MethodConfig,
     *,
     text_encoder: str,
     tokenizer: str | None = None,
@@ -143,22 +110,24 @@ def build_encoder(
     max_length: int = 128,
     device: torch.device | None = None,
 ) -> Encoder:
-    """The model of `model_cfg` with the tokenizer of the `tokenizer` folder (default: the
-    `text_encoder` folder's own).
+    """The model of the method `method_cfg` names, with the tokenizer of the `tokenizer` folder
+    (default: the `text_encoder` folder's own).
 
-    With `weights` (a checkpoint folder or a model.safetensors file), every tensor is loaded,
-    strictly. Without, the model is what pre-training starts from: image encoder and projectors
-    randomly initialised from `seed`, text encoder as loaded from `text_encoder` (the MLM stage's
-    output for Med-UniC) -- the "random init" and "MLM-only" baselines in one model.
+    With `weights` (a checkpoint folder or a model.safetensors file), every tensor of the method is
+    loaded, strictly. Without, the model is what pre-training starts from: image encoder and
+    projectors randomly initialised from `seed`, text encoder as loaded from `text_encoder` (the MLM
+    stage's output for Med-UniC) -- the "random init" and "MLM-only" baselines in one model.
     """
-    cfg = dataclasses.replace(model_cfg, compile_image_encoder=False)
+    image = dataclasses.replace(method_cfg.image, compile=False)
+    cfg = dataclasses.replace(method_cfg, image=image)
     tokenizer_ = AutoTokenizer.from_pretrained(tokenizer or text_encoder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = create_model(cfg, vocab_size=len(tokenizer_), text_encoder=text_encoder)
+        method = create_method(cfg, vocab_size=len(tokenizer_), text_encoder=text_encoder)
     if weights is not None:
         weights = Path(weights)
-        load_weights(model, weights / WEIGHTS_FILE if weights.is_dir() else weights)
+        load_weights(method, weights / WEIGHTS_FILE if weights.is_dir() else weights)
         log.info("%s: loaded weights from %s", name, weights)
+    model = method.model
     return Encoder(name, label, model, tokenizer_, max_length, device or default_device(),
-                   cfg.temperature)
+                   float(model.temperature))

@@ -7,10 +7,9 @@ prompts are encoded without Gumbel noise (the code samples it: spec §11-B7) and
 (§11-B8), and any batch size gives the same scores (§11-B13).
 
 :func:`multiclass_scores` is the paper's protocol (one label per image, CheXpert 5x200): softmax
-over the classes. :func:`binary_scores` serves the project's multi-label zero-shot sets: per class,
-the observed prompt competes with the negative prompt ("No {X}"), and the score is the combined
-score of the first minus that of the second (> 0: present), the shape :mod:`unimed.eval.zero_shot`
-ranks and thresholds.
+over the classes. The project's multi-label zero-shot sets use the model's own
+``Prior.zero_shot_scores`` through :mod:`unimed.eval.zero_shot`: per class, the observed prompt
+competes with the negative prompt ("No {X}"), each pair normalised alone.
 """
 
 from __future__ import annotations
@@ -22,12 +21,7 @@ import torch
 
 from unimed.eval.encoders import Encoder
 from unimed.eval.prompts import PromptSet
-
-
-def combine_scores(global_scores: torch.Tensor, local_scores: torch.Tensor,
-                   local_weight: float = 1.0) -> torch.Tensor:
-    """softmax(global) + local_weight * softmax(local), both over the last axis."""
-    return torch.softmax(global_scores, dim=-1) + local_weight * torch.softmax(local_scores, dim=-1)
+from unimed.models.prior import combine_scores
 
 
 @torch.no_grad()
@@ -53,15 +47,3 @@ def multiclass_scores(encoder: Encoder, images: torch.Tensor, prompts: PromptSet
     texts = [prompts.observed(c) for c in classes]
     g, l = raw_scores(encoder, images, texts, batch_size=batch_size)
     return combine_scores(g, l, local_weight).numpy()
-
-
-def binary_scores(encoder: Encoder, images: torch.Tensor, prompts: PromptSet,
-                  classes: Sequence[str], *, local_weight: float = 1.0,
-                  batch_size: int = 64) -> np.ndarray:
-    """(N, C) combined(observed prompt) - combined(negative prompt), each pair normalised alone."""
-    c = len(classes)
-    texts = [prompts.observed(name) for name in classes] + [prompts.negative(name) for name in classes]
-    g, l = raw_scores(encoder, images, texts, batch_size=batch_size)
-    pairs = [torch.stack([s[:, :c], s[:, c:]], dim=-1) for s in (g, l)]  # (N, C, 2)
-    combined = combine_scores(*pairs, local_weight)
-    return (combined[..., 0] - combined[..., 1]).numpy()

@@ -56,7 +56,7 @@ BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I,
 LINEAR_SETS = ("chexpert", "rsna", "covidx")
 RETRIEVAL_SETS = ("mimic-cxr", "padchest")
 RETRIEVAL_METRICS = ("R@1", "R@5", "R@10", "P@1", "P@5", "P@10")
-BIAS_SPACES = (("text", "cls"), ("text", "projected"), ("image", "pooled"), ("image", "projected"))
+BIAS_SPACES = (("text", "pooled"), ("text", "projected"), ("image", "pooled"), ("image", "projected"))
 BIAS_METRICS = (("probe_accuracy", "probe"), ("knn_accuracy", "kNN"), ("silhouette", "silhouette"),
                 ("distance_ratio", "ratio"))
 RAW_BIAS_METRICS = ("silhouette", "distance_ratio")

@@ -2,7 +2,8 @@
 
 An image is called positive for a class when its cosine similarity to the positive prompt
 ("{disease}") exceeds that to the negative prompt ("No {disease}" / "No hay {enfermedad}"); the
-difference of the two similarities is the score the AUC ranks. Macro AUC and macro F1 average over
+difference of the two similarities is the score the AUC ranks. A method whose model has its own rule
+(``zero_shot_scores``, e.g. PRIOR's global + local score) is scored with it instead. Macro AUC and macro F1 average over
 the classes (a class with a single label value in the test set has no AUC and is left out). Every
 value carries a bootstrap 95 % interval over resamples of the test images, shared by all encoders.
 """
@@ -55,6 +56,25 @@ def prompt_scores(
     return (sims[:, : len(classes)] - sims[:, len(classes) :]).numpy()
 
 
+def own_scores(
+    encoder: Encoder, images: torch.Tensor, prompts: PromptSet, classes: Sequence[str],
+    batch_size: int = 64,
+) -> np.ndarray:
+    """(N, C) scores of the model's own zero-shot rule, ``model.zero_shot_scores(images, positive,
+    negative)``: pixels in [0, 1] and the tokenised positive and negative prompts ((ids, mask) of
+    shape (C, L) each); a score > 0 calls the class present. A model's ``zero_shot_prompt`` names
+    the :class:`PromptSet` template of its positive prompts (PRIOR: "observed")."""
+    template = getattr(prompts, getattr(encoder.model, "zero_shot_prompt", "positive"))
+    positive = encoder.tokenize([template(c) for c in classes])
+    negative = encoder.tokenize([prompts.negative(c) for c in classes])
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(encoder.device)
+            out.append(encoder.model.zero_shot_scores(x, positive, negative).float().cpu())
+    return torch.cat(out).numpy()
+
+
 def _positive_f1(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return batched_f1(labels, scores > 0)
 
@@ -90,12 +110,15 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict:
         records = ctx.data.require(dataset, SPLIT)
         labels = label_matrix(records, classes, dataset)
         images = rgb(ctx.data.images(dataset, SPLIT))
-        features = encoder.image_features(images, normalize=True, batch_size=ctx.cfg.batch_size)
         resamples = ctx.resamples(dataset, SPLIT, len(records))
+        if hasattr(encoder.model, "zero_shot_scores"):
+            scores = {lang: own_scores(encoder, images, p, classes, ctx.cfg.batch_size)
+                      for lang, p in prompts.items()}
+        else:
+            features = encoder.image_features(images, normalize=True, batch_size=ctx.cfg.batch_size)
+            scores = {lang: prompt_scores(encoder, features, p, classes) for lang, p in prompts.items()}
         out[dataset] = {
-            lang: score_language(labels, prompt_scores(encoder, features, p, classes), classes,
-                                 resamples)
-            for lang, p in prompts.items()
+            lang: score_language(labels, scores[lang], classes, resamples) for lang in prompts
         }
         log.info("%s zero-shot on %s: %s", encoder.label, dataset,
                  {lang: round(v["auc"] or float("nan"), 4) for lang, v in out[dataset].items()})

@@ -7,7 +7,7 @@ from torch import nn
 
 from unimed.losses.contrastive import CVLLoss, SSVLoss
 from unimed.losses.ctr import CTRLoss
-from unimed.models.config import ModelConfig
+from unimed.models.config import MedUniCLossConfig
 
 
 class MedUniCLoss(nn.Module):
@@ -19,11 +19,11 @@ class MedUniCLoss(nn.Module):
     values follow :mod:`unimed.losses.common`: their mean over ranks is the global loss.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: MedUniCLossConfig) -> None:
         super().__init__()
         if cfg.cvl_weight == 0 and cfg.ssv_weight == 0 and cfg.ctr_weight == 0:
             raise ValueError(
-                "model.cvl_weight, ssv_weight and ctr_weight are all 0: nothing to train"
+                "method.loss.cvl_weight, ssv_weight and ctr_weight are all 0: nothing to train"
             )
         self.cfg = cfg
         self.cvl = CVLLoss(cfg.temperature) if cfg.cvl_weight > 0 else None
@@ -55,7 +55,7 @@ def _take(outputs: dict[str, torch.Tensor], *keys: str, loss: str) -> list[torch
     if missing:
         raise KeyError(
             f"{loss} loss needs model outputs {list(keys)}; missing {missing} "
-            f"(got {sorted(outputs)}); is the model config's {loss.lower()}_weight 0?"
+            f"(got {sorted(outputs)}); is method.loss.{loss.lower()}_weight 0?"
         )
     return [outputs[k] for k in keys]
 

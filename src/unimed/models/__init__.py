@@ -1,7 +1,7 @@
-"""Vision and text encoders, projection heads and the method models.
+"""Vision and text encoders, projection heads and the methods' models.
 
-``create_model(cfg)`` builds the model registered under ``cfg.name`` (see :data:`MODELS`); image
-encoder presets are listed in :data:`IMAGE_ENCODERS`.
+Methods (:mod:`unimed.methods`) build these; image encoder presets are listed in
+:data:`IMAGE_ENCODERS`.
 
 Exports are resolved lazily: :mod:`unimed.config` imports :mod:`unimed.models.config`, and loading
 timm and transformers (seconds) just to read a config would slow every CLI command.
@@ -13,8 +13,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "MODELS": "unimed.models.factory",
-    "create_model": "unimed.models.factory",
     "IMAGE_ENCODERS": "unimed.models.image",
     "create_image_encoder": "unimed.models.image",
     "load_image_weights": "unimed.models.image",

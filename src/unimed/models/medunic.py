@@ -23,11 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertModel
 
-from unimed.models.config import ModelConfig
-from unimed.models.factory import MODELS
+from unimed.models.config import ImageTowerConfig, MedUniCConfig
 from unimed.models.heads import ProjectionHead
-from unimed.models.image import create_image_encoder
-from unimed.models.text import create_text_encoder, freeze_text_layers, pool_text
+from unimed.models.text import pool_text
 
 
 class MedUniC(nn.Module):
@@ -39,28 +37,33 @@ class MedUniC(nn.Module):
     encoder's mean / std) itself, so callers never normalise.
     """
 
-    def __init__(self, cfg: ModelConfig, image_encoder: nn.Module, text_encoder: BertModel) -> None:
+    def __init__(self, cfg: MedUniCConfig, image_encoder: nn.Module, text_encoder: BertModel) -> None:
         super().__init__()
         self.cfg = cfg
         self.visual = image_encoder
-        if cfg.compile_image_encoder:
+        if cfg.image.compile:
             # In place, so state-dict keys stay unchanged; on 2 CPU cores a compiled ResNet-50
             # forward + backward ran 30% faster than eager, after about a minute of compiling.
             self.visual.compile()
         self.text = text_encoder
-        mean, std = image_normalisation(cfg, image_encoder)
+        mean, std = image_normalisation(cfg.image, image_encoder)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         image_width = int(image_encoder.num_features)
         text_width = int(text_encoder.config.hidden_size)
-        hidden = cfg.projector_hidden_dim
-        self.image_proj = ProjectionHead(image_width, hidden, cfg.embed_dim, out_norm=True)  # P_v
-        self.text_proj = ProjectionHead(text_width, hidden, cfg.embed_dim, out_norm=True)  # P_l
+        hidden, embed_dim = cfg.projector.hidden_dim, cfg.projector.embed_dim
+        self.image_proj = ProjectionHead(image_width, hidden, embed_dim, out_norm=True)  # P_v
+        self.text_proj = ProjectionHead(text_width, hidden, embed_dim, out_norm=True)  # P_l
         self.ctr_proj = (  # P_d
-            ProjectionHead(text_width, hidden, cfg.ctr_dim, out_norm=False)
-            if cfg.ctr_weight > 0
+            ProjectionHead(text_width, hidden, cfg.projector.ctr_dim, out_norm=False)
+            if cfg.loss.ctr_weight > 0
             else None
         )
+
+    @property
+    def temperature(self) -> float:
+        """The CVL temperature the model is trained with."""
+        return self.cfg.loss.temperature
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] -> the image encoder's normalised input."""
@@ -83,8 +86,8 @@ class MedUniC(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids and mask -> (B, hidden) sentence features of F_l (`model.text_pooling`)."""
-        return pool_text(self.text, input_ids, attention_mask, self.cfg.text_pooling)
+        """(B, L) token ids and mask -> (B, hidden) sentence features of F_l (`method.text.pooling`)."""
+        return pool_text(self.text, input_ids, attention_mask, self.cfg.text.pooling)
 
     def forward_intermediates(
         self, image: torch.Tensor, indices: int | list[int] | None = None
@@ -111,11 +114,11 @@ class MedUniC(nn.Module):
         Returns "image_features" and "image_aug_features" (B, embed_dim), "text_features"
         (B, embed_dim) and "ctr_a", "ctr_b" (B, ctr_dim); keys whose loss has weight 0 are absent.
         """
-        cfg = self.cfg
+        weights = self.cfg.loss
         out: dict[str, torch.Tensor] = {}
-        if cfg.cvl_weight > 0 or cfg.ssv_weight > 0:
-            out.update(self._image_views(batch, two_views=cfg.ssv_weight > 0))
-        if cfg.cvl_weight > 0 or cfg.ctr_weight > 0:
+        if weights.cvl_weight > 0 or weights.ssv_weight > 0:
+            out.update(self._image_views(batch, two_views=weights.ssv_weight > 0))
+        if weights.cvl_weight > 0 or weights.ctr_weight > 0:
             out.update(self._text_views(batch))
         return out
 
@@ -123,7 +126,7 @@ class MedUniC(nn.Module):
         image = _require(batch, "image", "the image encoder")
         if not two_views:
             return {"image_features": self.encode_image(image)}
-        image_aug = _require(batch, "image_aug", f"SSV (ssv_weight={self.cfg.ssv_weight})")
+        image_aug = _require(batch, "image_aug", f"SSV (ssv_weight={self.cfg.loss.ssv_weight})")
         if image_aug.shape != image.shape:
             raise ValueError(
                 f"batch 'image' {tuple(image.shape)} and 'image_aug' {tuple(image_aug.shape)} "
@@ -145,7 +148,7 @@ class MedUniC(nn.Module):
         # Both dropout views in one pass; the dropout masks differ per row.
         pooled = self.pooled_text(input_ids.repeat(2, 1), attention_mask.repeat(2, 1))  # (2B, H)
         view_a, view_b = pooled.chunk(2)
-        if self.cfg.cvl_weight > 0:
+        if self.cfg.loss.cvl_weight > 0:
             out["text_features"] = self.text_proj(view_a)
         out["ctr_a"] = self.ctr_proj(view_a)
         out["ctr_b"] = self.ctr_proj(view_b)
@@ -153,12 +156,12 @@ class MedUniC(nn.Module):
 
 
 def image_normalisation(
-    cfg: ModelConfig, image_encoder: nn.Module
+    cfg: ImageTowerConfig, image_encoder: nn.Module
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of the image input: the config's, else the encoder's own."""
     own = getattr(image_encoder, "pretrained_cfg", {}) or {}
-    mean = cfg.image_mean or own.get("mean") or (0.0, 0.0, 0.0)
-    std = cfg.image_std or own.get("std") or (1.0, 1.0, 1.0)
+    mean = cfg.mean or own.get("mean") or (0.0, 0.0, 0.0)
+    std = cfg.std or own.get("std") or (1.0, 1.0, 1.0)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
@@ -166,14 +169,3 @@ def _require(batch: dict[str, Any], key: str, needed_by: str) -> torch.Tensor:
     if key not in batch:
         raise KeyError(f"batch has no '{key}' (needed by {needed_by}); batch keys: {sorted(batch)}")
     return batch[key]
-
-
-@MODELS.register("medunic")
-def build_medunic(
-    cfg: ModelConfig, *, vocab_size: int | None = None, text_encoder: str | None = None
-) -> MedUniC:
-    """Med-UniC from `cfg`: timm image preset, BERT text encoder with its first layers frozen."""
-    image = create_image_encoder(cfg.image_encoder, cfg.image_weights)
-    text = create_text_encoder(text_encoder or cfg.text_encoder, cfg, vocab_size=vocab_size)
-    freeze_text_layers(text, cfg.frozen_text_layers)
-    return MedUniC(cfg, image, text)

@@ -20,8 +20,6 @@ from torch import nn
 from transformers import BertModel
 
 from unimed.losses.prior import hungarian_align
-from unimed.models.factory import MODELS
-from unimed.models.image import create_image_encoder
 from unimed.models.prior_config import STAGES, PriorConfig
 from unimed.models.prior_layers import (
     ImageDecoder,
@@ -31,7 +29,17 @@ from unimed.models.prior_layers import (
     SentencePrototypeBank,
     WordPool,
 )
-from unimed.models.text import create_text_encoder, freeze_text_layers
+
+
+PRIOR_MEAN = (0.4755,) * 3  # Supp §2.1: grey intensities in [0, 1], z-scored
+PRIOR_STD = (0.3011,) * 3
+
+
+def combine_scores(global_scores: torch.Tensor, local_scores: torch.Tensor,
+                   local_weight: float = 1.0) -> torch.Tensor:
+    """PRIOR's zero-shot rule (Supp §3.2): softmax(global) + local_weight * softmax(local), both
+    over the last axis (the candidates). The Supp adds them (weight 1), the released code uses 0.5."""
+    return torch.softmax(global_scores, dim=-1) + local_weight * torch.softmax(local_scores, dim=-1)
 
 
 class Prior(nn.Module):
@@ -39,18 +47,21 @@ class Prior(nn.Module):
     from stage 2 on, sentences pass through the prototype bank wherever they are used, at
     evaluation too (deterministically)."""
 
+    zero_shot_prompt = "observed"  # the prompt template evaluation uses: "{X} is observed"
+
     def __init__(self, cfg: PriorConfig, image_encoder: nn.Module, text_encoder: BertModel) -> None:
         super().__init__()
         self.cfg = cfg
         self.visual = image_encoder
         self.text = text_encoder
-        self.register_buffer("pixel_mean", torch.tensor(cfg.image_mean), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.image_std), persistent=False)
+        mean, std = cfg.image.mean or PRIOR_MEAN, cfg.image.std or PRIOR_STD
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("stage", torch.tensor(1))
         stride = int(image_encoder.feature_info[-1]["reduction"])
         if cfg.image_size % stride:
-            raise ValueError(f"prior.image_size {cfg.image_size} is not a multiple of the "
-                             f"{cfg.image_encoder} encoder's stride {stride}")
+            raise ValueError(f"method.image_size {cfg.image_size} is not a multiple of the "
+                             f"{cfg.image.encoder} encoder's stride {stride}")
         self.grid = cfg.image_size // stride
         width, dim = int(image_encoder.num_features), cfg.embed_dim
         self.image_pool = QueryAttentionPool(width, cfg.pool_heads, num_positions=self.grid**2)
@@ -86,11 +97,11 @@ class Prior(nn.Module):
         fmap = self.visual.forward_features(self.preprocess(image))  # (B, W, g, g)
         if fmap.dim() != 4:
             raise ValueError(f"PRIOR needs a convolutional image encoder (a feature map), "
-                             f"{self.cfg.image_encoder} gives shape {tuple(fmap.shape)}")
+                             f"{self.cfg.image.encoder} gives shape {tuple(fmap.shape)}")
         if fmap.shape[-2:] != (self.grid, self.grid):
             raise ValueError(f"image of size {tuple(image.shape[-2:])} gives a "
                              f"{tuple(fmap.shape[-2:])} grid; the model was built for "
-                             f"prior.image_size={self.cfg.image_size}")
+                             f"method.image_size={self.cfg.image_size}")
         cells = fmap.flatten(2).transpose(1, 2)  # (B, P, W)
         return cells, self.image_pool(cells)
 
@@ -176,6 +187,23 @@ class Prior(nn.Module):
         local_scores = self.lam.mean_attention(self.local_image_proj(cells), sentences[:, 0])
         return {"global": global_scores, "local": local_scores}
 
+    @torch.no_grad()
+    def zero_shot_scores(self, image: torch.Tensor, positive: tuple[torch.Tensor, torch.Tensor],
+                         negative: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(N, C) multi-label scores: per class, the observed prompt and the negative prompt are
+        the two candidates of :func:`combine_scores`; the score is the first's combined score minus
+        the second's (> 0: present). `positive` / `negative` are (ids, mask) of shape (C, L)."""
+        c = positive[0].shape[0]
+        width = max(positive[0].shape[1], negative[0].shape[1])
+        ids = torch.cat([F.pad(positive[0], (0, width - positive[0].shape[1])),
+                         F.pad(negative[0], (0, width - negative[0].shape[1]))])
+        mask = torch.cat([F.pad(positive[1], (0, width - positive[1].shape[1])),
+                          F.pad(negative[1], (0, width - negative[1].shape[1]))])
+        raw = self.prompt_scores(image, ids, mask)
+        pairs = [torch.stack([s[:, :c], s[:, c:]], dim=-1) for s in (raw["global"], raw["local"])]
+        combined = combine_scores(*pairs, self.cfg.zero_shot_local_weight)  # (N, C, 2)
+        return combined[..., 0] - combined[..., 1]
+
     # ---------------------------------------------------------------------------------- train
     def forward(self, batch: dict[str, Any], stage: int | None = None) -> dict[str, torch.Tensor]:
         """The tensors of `stage` (default: the model's) for :class:`PriorLoss`."""
@@ -255,14 +283,3 @@ def _require(batch: dict[str, Any], key: str) -> torch.Tensor:
     if key not in batch:
         raise KeyError(f"PRIOR needs batch['{key}']; batch keys: {sorted(batch)}")
     return batch[key]
-
-
-@MODELS.register("prior")
-def build_prior(cfg: PriorConfig, *, vocab_size: int | None = None,
-                text_encoder: str | None = None) -> Prior:
-    """PRIOR from `cfg`: a registered image preset and the BERT text encoder (fully fine-tuned by
-    default, ``frozen_text_layers=0``)."""
-    image = create_image_encoder(cfg.image_encoder, cfg.image_weights)
-    text = create_text_encoder(text_encoder or cfg.text_encoder, cfg, vocab_size=vocab_size)
-    freeze_text_layers(text, cfg.frozen_text_layers)
-    return Prior(cfg, image, text)

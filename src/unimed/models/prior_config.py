@@ -8,41 +8,37 @@ from __future__ import annotations
 
 import dataclasses
 
-from unimed.models.prior_layers import (
-    BANK_EVAL_MODES,
-    GUMBEL_SCHEDULES,
-    PROTOTYPE_INITS,
-    WORD_POOLINGS,
-)
+from unimed.models.config import ImageTowerConfig, TextTowerConfig
 
 STAGES = (1, 2, 3)
+STAGE_NAMES = ("alignment", "prototypes", "reconstruction")
+WORD_POOLINGS = ("attention", "mean")
+PROTOTYPE_INITS = ("l1", "gaussian")
+GUMBEL_SCHEDULES = ("fixed", "linear", "exp")
+BANK_EVAL_MODES = ("softmax", "argmax")
 
 
 @dataclasses.dataclass(frozen=True)
 class PriorConfig:
     """The PRIOR model and objective (spec §2-7).
 
-    Towers: any registered image encoder preset (paper: resnet50) fed grey images z-scored with
-    `image_mean` / `image_std` on every channel (a grey image copied to 3 channels through an RGB
-    conv1 equals the code's 1-channel conv1 whose kernels are the RGB kernels summed); a BERT text
-    encoder from a local folder or fresh of the ``text_*`` sizes, on the project's cross-lingual
+    Towers: any registered convolutional image encoder preset (paper: resnet50) fed grey images
+    z-scored with PRIOR's statistics on every channel (a grey image copied to 3 channels through an
+    RGB conv1 equals the code's 1-channel conv1 whose kernels are the RGB kernels summed); a BERT
+    text encoder (fully fine-tuned: ``text.frozen_layers`` 0) on the project's cross-lingual
     tokenizer. `image_size` fixes the patch grid (image_size / the encoder's stride).
+    `stage_epochs` are the epochs of stage 1 (alignment), 2 (+ prototype bank) and 3
+    (+ reconstruction) (Supp: 20 / 30 / 50); `min_sentences` is the report filter (Supp: 4).
     """
 
     name: str = "prior"
-    image_encoder: str = "resnet50"
-    image_weights: str | None = None
+    image: ImageTowerConfig = ImageTowerConfig(encoder="resnet50", mean=(0.4755,) * 3,
+                                               std=(0.3011,) * 3)
+    text: TextTowerConfig = TextTowerConfig(frozen_layers=0, hidden_size=768, num_layers=12,
+                                            num_heads=12, intermediate_size=3072)
     image_size: int = 224
-    image_mean: float = 0.4755
-    image_std: float = 0.3011
-    text_encoder: str | None = None
-    tokenizer: str | None = None
-    frozen_text_layers: int = 0
-    text_dropout: float = 0.1
-    text_hidden_size: int = 768
-    text_num_layers: int = 12
-    text_num_heads: int = 12
-    text_intermediate_size: int = 3072
+    stage_epochs: tuple[int, ...] = (20, 30, 50)
+    min_sentences: int = 4
     embed_dim: int = 768
     pool_heads: int = 8
     word_pooling: str = "attention"  # code: "mean"
@@ -73,33 +69,30 @@ class PriorConfig:
 
     def __post_init__(self) -> None:
         for key in ("image_size", "embed_dim", "pool_heads", "prototypes", "decoder_layers",
-                    "decoder_heads", "decoder_queries", "max_sentences", "text_hidden_size",
-                    "text_num_layers", "text_num_heads", "text_intermediate_size"):
+                    "decoder_heads", "decoder_queries", "max_sentences", "min_sentences"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"prior.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("temperature", "local_temperature", "gumbel_start", "gumbel_end", "image_std"):
+                raise ValueError(f"method.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("temperature", "local_temperature", "gumbel_start", "gumbel_end"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"prior.{key} must be > 0, got {getattr(self, key)}")
+                raise ValueError(f"method.{key} must be > 0, got {getattr(self, key)}")
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
-        for key in (*weights, "frozen_text_layers"):
+        for key in weights:
             if getattr(self, key) < 0:
-                raise ValueError(f"prior.{key} must be >= 0, got {getattr(self, key)}")
+                raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)}")
         for key, allowed in (("word_pooling", WORD_POOLINGS), ("prototype_init", PROTOTYPE_INITS),
                              ("gumbel_schedule", GUMBEL_SCHEDULES), ("bank_eval", BANK_EVAL_MODES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(
-                    f"prior.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"
+                    f"method.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"
                 )
         for key, heads in (("pool_heads", self.pool_heads), ("decoder_heads", self.decoder_heads)):
             if self.embed_dim % heads:
-                raise ValueError(f"prior.embed_dim ({self.embed_dim}) must be divisible by prior.{key} ({heads})")
-        if self.text_hidden_size % self.text_num_heads:
-            raise ValueError(
-                f"prior.text_hidden_size ({self.text_hidden_size}) must be divisible by "
-                f"prior.text_num_heads ({self.text_num_heads})"
-            )
+                raise ValueError(f"method.embed_dim ({self.embed_dim}) must be divisible by method.{key} ({heads})")
+        if len(self.stage_epochs) != 3 or min(self.stage_epochs) < 0 or sum(self.stage_epochs) == 0:
+            raise ValueError(f"method.stage_epochs needs 3 epoch counts >= 0 (stages 1-3), "
+                             f"got {list(self.stage_epochs)}")
         if self.max_sentences > self.decoder_queries:
-            raise ValueError(f"prior.max_sentences ({self.max_sentences}) must not exceed "
-                             f"prior.decoder_queries ({self.decoder_queries})")
-        if not 0.0 <= self.image_dropout < 1.0 or not 0.0 <= self.text_dropout < 1.0:
-            raise ValueError("prior.image_dropout and prior.text_dropout must be in [0, 1)")
+            raise ValueError(f"method.max_sentences ({self.max_sentences}) must not exceed "
+                             f"method.decoder_queries ({self.decoder_queries})")
+        if not 0.0 <= self.image_dropout < 1.0:
+            raise ValueError(f"method.image_dropout must be in [0, 1), got {self.image_dropout}")

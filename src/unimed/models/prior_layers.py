@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WORD_POOLINGS = ("attention", "mean")
-PROTOTYPE_INITS = ("l1", "gaussian")
-GUMBEL_SCHEDULES = ("fixed", "linear", "exp")
-BANK_EVAL_MODES = ("softmax", "argmax")
+from unimed.models.prior_config import (
+    BANK_EVAL_MODES,
+    GUMBEL_SCHEDULES,
+    PROTOTYPE_INITS,
+    WORD_POOLINGS,
+)
 
 
 class QueryAttentionPool(nn.Module):

@@ -1,7 +1,7 @@
 """Text encoder: a Hugging Face ``BertModel``, loaded from a local folder or freshly initialised.
 
 Sentence features are the last layer's [CLS] hidden state or its mean over tokens
-(``model.text_pooling``; see :func:`pool_text`). The pooler is not built: Med-UniC does
+(``method.text.pooling``; see :func:`pool_text`). The pooler is not built: Med-UniC does
 not use it, and a parameter that never receives a gradient breaks DDP without
 ``find_unused_parameters``.
 """
@@ -14,34 +14,34 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel
 
-from unimed.models.config import ModelConfig
+from unimed.models.config import TextTowerConfig
 
 log = logging.getLogger(__name__)
 
 
 def create_text_encoder(
-    path: str | Path | None, cfg: ModelConfig, *, vocab_size: int | None = None
+    path: str | Path | None, cfg: TextTowerConfig, *, vocab_size: int | None = None
 ) -> BertModel:
-    """A BERT encoder from the local folder `path`, or a fresh one of `cfg`'s ``text_*`` sizes.
+    """A BERT encoder from the local folder `path`, or a fresh one of `cfg`'s sizes.
 
-    Dropout (hidden and attention) is set to ``cfg.text_dropout`` either way, since it makes the two
+    Dropout (hidden and attention) is set to ``cfg.dropout`` either way, since it makes the two
     CTR text views. `vocab_size` is the tokenizer's size: it is required for a fresh encoder, and a
     loaded encoder with fewer embedding rows grows to it (new rows randomly initialised, as for the
     appended Spanish terms); a tokenizer smaller than the encoder's vocabulary is an error.
     """
     dropout = {
-        "hidden_dropout_prob": cfg.text_dropout,
-        "attention_probs_dropout_prob": cfg.text_dropout,
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.dropout,
     }
     if path is None:
         if vocab_size is None:
-            raise ValueError("a fresh text encoder (model.text_encoder unset) needs vocab_size")
+            raise ValueError("a fresh text encoder (method.text.encoder unset) needs vocab_size")
         config = BertConfig(
             vocab_size=vocab_size,
-            hidden_size=cfg.text_hidden_size,
-            num_hidden_layers=cfg.text_num_layers,
-            num_attention_heads=cfg.text_num_heads,
-            intermediate_size=cfg.text_intermediate_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
             **dropout,
         )
         return BertModel(config, add_pooling_layer=False)
@@ -79,7 +79,7 @@ def freeze_text_layers(encoder: BertModel, n: int) -> None:
     layers = encoder.encoder.layer
     if not 0 <= n <= len(layers):
         raise ValueError(
-            f"model.frozen_text_layers={n} but the text encoder has {len(layers)} layers; "
+            f"method.text.frozen_layers={n} but the text encoder has {len(layers)} layers; "
             f"use a value in 0..{len(layers)}"
         )
     if n == 0:
@@ -104,4 +104,4 @@ def pool_text(
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-    raise ValueError(f"model.text_pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    raise ValueError(f"method.text.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")

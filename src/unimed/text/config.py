@@ -30,7 +30,11 @@ class MLMConfig:
     The model sizes are used only when no base model is given (a fresh BERT). ``lr_schedule`` is a
     name understood by ``transformers.get_scheduler``: "linear" (warm-up then linear decay, as BERT),
     "constant_with_warmup" or "cosine". ``fp16`` autocast is applied on CUDA only. ``max_steps``
-    ends training early (the schedule then spans those steps), for CPU presets.
+    ends training early (the schedule then spans those steps), for CPU presets. ``new_rows`` is how
+    the embedding rows of the appended second-language terms start: "random" (normal(0,
+    initializer_range), the paper's "M random initialized vectors") or "subword_mean" (the mean of
+    the base model's rows of the pieces the base tokenizer cuts the term into, fast vocabulary
+    transfer: 'neumotorax' starts near 'ne ##um ##oto ##rax', cognates near their English pieces).
     """
 
     hidden_size: int = 128
@@ -51,3 +55,4 @@ class MLMConfig:
     max_grad_norm: float = 1.0
     fp16: bool = True
     log_every: int = 10
+    new_rows: str = "random"

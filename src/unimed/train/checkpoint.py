@@ -1,8 +1,10 @@
-"""Checkpoints: weights in safetensors, training state in a weights_only-loadable `.pt` beside them.
+"""Checkpoint I/O of training and evaluation: weights in safetensors, training state in a
+weights_only-loadable `.pt` beside them, and finding a run's checkpoint and config.
 
 Layout under a run's checkpoint folder::
 
-    step_00000120/model.safetensors   # model.state_dict(), shared tensors stored once
+    step_00000120/model.safetensors   # method.state_dict(): the model under "model.", the
+                                      # method's other modules and buffers beside it
     step_00000120/state.pt            # optimizer, scheduler, scaler, counters, RNG states
     latest                            # the name of the newest complete checkpoint
 
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from unimed.config import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +144,25 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(
-    path: str | Path, model: nn.Module, map_location: str | torch.device = "cpu"
-) -> dict[str, Any]:
-    """Load the weights of checkpoint folder `path` into `model` (strict) and return its state dict,
-    read with `torch.load(weights_only=True)`."""
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The training state of checkpoint folder `path`, read with `torch.load(weights_only=True)`."""
     path = Path(path)
     for file in (WEIGHTS_FILE, STATE_FILE):
         if not (path / file).is_file():
             raise FileNotFoundError(f"checkpoint {path} has no {file}")
-    load_weights(model, path / WEIGHTS_FILE)
-    return torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (torch raises many kinds on a damaged file)
+        raise RuntimeError(f"cannot read training state {path / STATE_FILE}: {exc}") from None
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load the weights of checkpoint folder `path` into `model` (strict) and return its state dict."""
+    state = load_state(path, map_location)
+    load_weights(model, Path(path) / WEIGHTS_FILE)
+    return state
 
 
 def load_weights(model: nn.Module, file: str | Path) -> None:
@@ -160,3 +172,32 @@ def load_weights(model: nn.Module, file: str | Path) -> None:
         load_model(model, str(file), strict=True, device=str(device))
     except RuntimeError as exc:
         raise RuntimeError(f"cannot load weights from {file}: {exc}") from None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder (holding model.safetensors) that `path` names.
+
+    `path` may be the checkpoint folder itself, a `checkpoints/` folder (its `latest`), a
+    pre-training output folder (`pretrain/`) or a run folder (`runs/<name>`).
+    """
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return path
+    for folder in (path, path / "checkpoints", path / "pretrain" / "checkpoints"):
+        if (folder / LATEST_FILE).is_file():
+            found = latest_checkpoint(folder)
+            if found is not None:
+                return found
+    raise FileNotFoundError(
+        f"no checkpoint at {path}: expected a folder with {WEIGHTS_FILE}, a checkpoints folder "
+        f"with a '{LATEST_FILE}' file, or a run folder holding pretrain/checkpoints"
+    )
+
+
+def checkpoint_config(checkpoint: str | Path) -> Path:
+    """The resolved config.yaml saved with the run that wrote `checkpoint` (first one above it)."""
+    checkpoint = Path(checkpoint).resolve()
+    for folder in (checkpoint, *checkpoint.parents):
+        if (folder / CONFIG_FILE).is_file():
+            return folder / CONFIG_FILE
+    raise FileNotFoundError(f"no {CONFIG_FILE} in {checkpoint} or the folders above it")

@@ -1,10 +1,14 @@
-"""The pre-training loop: AdamW + warm-up/cosine, accumulation, clipping, AMP, DDP, logs, resume.
+"""The training loop: stages, AdamW + warm-up/cosine, accumulation, clipping, AMP, DDP, logs, resume.
 
-The model takes a canonical batch dict and returns a dict of named tensors; the loss takes those
-tensors plus `rank` / `world_size` and returns a dict with the total under "loss" and each term
-beside it. Only rank 0 writes (JSONL log, TensorBoard, checkpoints).
+One loop for every method (:class:`unimed.methods.base.Method`): per micro-batch it calls
+``method(batch, ctx)``, which returns a dict with the total under "loss" and each term beside it;
+per optimizer step it steps the current stage's optimizer and schedule, then calls
+``method.after_optimizer_step(ctx)``. Stages run one after the other, each with the optimizer and
+schedule the method configures for it. Several named loaders are alternated batch by batch (loader
+1, loader 2, ..., loader 1, ...); an epoch takes as many batches from each as the shortest has.
+Only rank 0 writes (JSONL log, TensorBoard, checkpoints).
 
-Resume is exact (same loss curve as an uninterrupted run) when the loader's sampler has
+Resume is exact (same loss curve as an uninterrupted run) when every loader's sampler has
 `set_epoch` / `set_start` (see :mod:`unimed.data.pretrain`) and the loader carries its own
 `generator`, so building an iterator does not draw from the global RNG that dropout uses.
 """
@@ -16,7 +20,8 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,11 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from unimed.methods.base import Method, Stage, StepContext
 from unimed.train import checkpoint as ckpt
 from unimed.train.config import TrainConfig
 from unimed.train.distributed import DistInfo, barrier, gather_objects
 from unimed.train.logs import RunLogger
-from unimed.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +83,39 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 class Trainer:
-    """Owns the model (DDP-wrapped when world size > 1), optimizer, schedule, scaler and counters."""
+    """Owns the method (DDP-wrapped when world size > 1), the current stage's optimizer and
+    schedule, the scaler and the counters."""
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: Callable[..., dict[str, torch.Tensor]],
-        loader: DataLoader,
+        method: Method,
+        loaders: DataLoader | Mapping[str, DataLoader],
         cfg: TrainConfig,
         out_dir: str | Path,
         dist: DistInfo,
         progress: bool = True,
     ) -> None:
-        self.cfg, self.dist, self.loader, self.progress = cfg, dist, loader, progress
+        self.cfg, self.dist, self.progress = cfg, dist, progress
+        self.loaders = {"train": loaders} if isinstance(loaders, DataLoader) else dict(loaders)
+        if not self.loaders:
+            raise ValueError("the training loop needs at least one loader")
         self.out_dir = Path(out_dir)
-        self.model = model.to(dist.device)
-        self.loss_fn = _prepare_loss(loss_fn, dist.device)
-        self.net = self._wrap(self.model)
+        self.method = self._convert(method.to(dist.device))
+        if cfg.channels_last:
+            self.method.to(memory_format=torch.channels_last)
         if cfg.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {cfg.grad_accum}")
-        self.steps_per_epoch = len(loader) // cfg.grad_accum
+        self.batches_per_epoch = len(self.loaders) * min(len(v) for v in self.loaders.values())
+        self.steps_per_epoch = self.batches_per_epoch // cfg.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"{len(loader)} batches per epoch cannot make an optimizer step with "
+                f"{self.batches_per_epoch} batches per epoch cannot make an optimizer step with "
                 f"train.grad_accum={cfg.grad_accum}; use a smaller batch size or more data"
             )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.stages = method.stages(cfg)
+        _check_stages(self.stages)
+        self.total_epochs = sum(stage.epochs for stage in self.stages)
+        self.total_steps = self.total_epochs * self.steps_per_epoch
         self.amp_dtype = resolve_precision(cfg.precision, dist.device)
         self.scaler = torch.amp.GradScaler(
             dist.device.type, enabled=self.amp_dtype == torch.float16
@@ -113,19 +123,54 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
+        self.stage_index = -1
+        self._enter_stage(0)
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        if not self.dist.distributed:
-            return model
-        if self.cfg.sync_batchnorm:
+    def _convert(self, method: Method) -> Method:
+        if self.dist.distributed and self.cfg.sync_batchnorm:
             if self.dist.device.type != "cuda":
                 raise ValueError("train.sync_batchnorm needs CUDA; on CPU put BatchNorm in eval mode")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            self.model = model
+            return nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        return method
+
+    def _wrap(self) -> nn.Module:
+        """DDP around the method, built per stage (a stage may freeze or unfreeze parameters)."""
+        if not self.dist.distributed:
+            return self.method
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         return DistributedDataParallel(
-            model, device_ids=device_ids, find_unused_parameters=self.cfg.find_unused_parameters
+            self.method, device_ids=device_ids,
+            find_unused_parameters=self.cfg.find_unused_parameters,
         )
+
+    # ---------------------------------------------------------------- stages
+    @property
+    def stage(self) -> Stage:
+        return self.stages[self.stage_index]
+
+    def _stage_of_epoch(self, epoch: int) -> int:
+        end = 0
+        for index, stage in enumerate(self.stages):
+            end += stage.epochs
+            if epoch < end:
+                return index
+        return len(self.stages) - 1
+
+    def _stage_start_epoch(self, index: int) -> int:
+        return sum(stage.epochs for stage in self.stages[:index])
+
+    def _enter_stage(self, index: int) -> None:
+        """Start stage `index`: the method's hook, a fresh optimizer and schedule, DDP."""
+        self.stage_index = index
+        stage = self.stages[index]
+        self.method.start_stage(stage)
+        self.optimizer, self.scheduler = self.method.configure_optimizer(
+            stage, self.cfg, stage.epochs * self.steps_per_epoch
+        )
+        self.net = self._wrap()
+
+    def _stage_step(self) -> int:
+        return self.step - self._stage_start_epoch(self.stage_index) * self.steps_per_epoch
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -134,13 +179,18 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "method": self.method.train_state(),
             "step": self.step,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
+            "stage": self.stage.name,
             "world_size": self.dist.world_size,
-            "batch_size": int(self.loader.batch_size or 0),
+            "batch_size": self._batch_sizes(),
             "grad_accum": self.cfg.grad_accum,
         }
+
+    def _batch_sizes(self) -> list[int]:
+        return [int(loader.batch_size or 0) for loader in self.loaders.values()]
 
     def save(self) -> Path | None:
         """Collect every rank's RNG state, then rank 0 writes the checkpoint (all ranks must call)."""
@@ -149,61 +199,99 @@ class Trainer:
         if self.dist.is_main:
             state = {**self.state_dict(), "rng": rngs}
             path = ckpt.save_checkpoint(
-                self.out_dir / CHECKPOINT_DIR, self.step, self.model, state, self.cfg.keep_checkpoints
+                self.out_dir / CHECKPOINT_DIR, self.step, self.method, state, self.cfg.keep_checkpoints
             )
         barrier(self.dist)
         return path
 
     def resume(self) -> bool:
-        """Load the newest checkpoint under `out_dir`, if any; True when one was loaded."""
+        """Load the newest checkpoint under `out_dir`, if any; True when one was loaded.
+
+        The stage the checkpoint was taken in is entered first (its hook, optimizer and schedule),
+        then weights, buffers and the optimizer's and schedule's state are loaded into it.
+        """
         path = ckpt.latest_checkpoint(self.out_dir / CHECKPOINT_DIR)
         if path is None:
             log.info("no checkpoint under %s; starting from step 0", self.out_dir / CHECKPOINT_DIR)
             return False
-        state = ckpt.load_checkpoint(path, self.model, map_location=self.dist.device)
+        state = ckpt.load_state(path, map_location=self.dist.device)
         self._check_compatible(state, path)
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        index = self._stage_of_epoch(self.epoch)
+        if index != self.stage_index:
+            self._enter_stage(index)
+        ckpt.load_weights(self.method, path / ckpt.WEIGHTS_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.method.load_train_state(state["method"])
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             ckpt.set_rng_state(_to_cpu(rngs[self.dist.rank]))
         else:
             log.warning("checkpoint has RNG states of %d ranks, job has %d: keeping fresh seeds",
                         len(rngs), self.dist.world_size)
-        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+        log.info("resumed from %s at step %d (epoch %d, stage %s)", path, self.step, self.epoch,
+                 self.stage.name)
         return True
 
     def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
-        """A mid-epoch position only means something with the same per-rank data split."""
+        """The checkpoint's stage must be this run's, and a mid-epoch position only means
+        something with the same per-rank data split."""
+        missing = [k for k in ("step", "epoch", "step_in_epoch", "stage", "method") if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint {path} has no {missing} in its training state: it was not "
+                             "written by this training loop; start a fresh run")
+        names = [stage.name for stage in self.stages]
+        expected = names[self._stage_of_epoch(state["epoch"])]
+        if state["stage"] != expected:
+            raise ValueError(
+                f"checkpoint {path} was taken in stage '{state['stage']}' at epoch {state['epoch']}, "
+                f"where this run's stages ({', '.join(names)}) are in '{expected}'"
+            )
         if state["step_in_epoch"] == 0:
             return
-        now = (self.dist.world_size, int(self.loader.batch_size or 0), self.cfg.grad_accum)
-        then = (state["world_size"], state["batch_size"], state["grad_accum"])
+        now = (self.dist.world_size, self._batch_sizes(), self.cfg.grad_accum)
+        then = (state["world_size"], list(state["batch_size"]), state["grad_accum"])
         if now != then:
             raise ValueError(
-                f"checkpoint {path} stopped mid-epoch with (world size, batch size, grad_accum) = "
+                f"checkpoint {path} stopped mid-epoch with (world size, batch sizes, grad_accum) = "
                 f"{then}; this run has {now}. Resume with the same settings or from an epoch end."
             )
 
     # ------------------------------------------------------------------ data
-    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
-        """The epoch's batches from the current position (sampler seeded by epoch)."""
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        skip = self.step_in_epoch * self.cfg.grad_accum
-        if skip and hasattr(sampler, "set_start"):
-            sampler.set_start(skip * int(self.loader.batch_size))
-            skip = 0
-        batches = iter(self.loader)
-        for _ in range(skip):  # a sampler that cannot start mid-epoch: read and drop
-            next(batches)
-        return batches
+    def _epoch_batches(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The epoch's (loader name, batch) pairs from the current position, loaders alternating
+        (samplers seeded by epoch)."""
+        names = list(self.loaders)
+        done = self.step_in_epoch * self.cfg.grad_accum  # batches of this epoch already used
+        iterators = []
+        for i, name in enumerate(names):
+            loader = self.loaders[name]
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+            skip = len(range(i, done, len(names)))  # this loader's batches among the first `done`
+            if skip and hasattr(sampler, "set_start"):
+                sampler.set_start(skip * int(loader.batch_size))
+                skip = 0
+            batches = iter(loader)
+            for _ in range(skip):  # a sampler that cannot start mid-epoch: read and drop
+                next(batches)
+            iterators.append(batches)
+        return (
+            (names[i % len(names)], next(iterators[i % len(names)]))
+            for i in range(done, self.batches_per_epoch)
+        )
 
     # --------------------------------------------------------------- compute
-    def _micro_step(self, batch: dict[str, Any], sync: bool) -> dict[str, torch.Tensor]:
+    def _context(self, loader: str) -> StepContext:
+        return StepContext(
+            step=self.step, epoch=self.epoch, stage=self.stage.name, stage_step=self._stage_step(),
+            loader=loader, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+
+    def _micro_step(self, batch: dict[str, Any], ctx: StepContext, sync: bool) -> dict[str, torch.Tensor]:
         batch = _to_device(batch, self.dist.device)
         no_sync = self.net.no_sync() if self.dist.distributed and not sync else contextlib.nullcontext()
         with no_sync:
@@ -211,10 +299,9 @@ class Trainer:
                 self.dist.device.type, dtype=self.amp_dtype or torch.float32,
                 enabled=self.amp_dtype is not None,
             ):
-                out = self.net(batch)
-                losses = self.loss_fn(**out, rank=self.dist.rank, world_size=self.dist.world_size)
+                losses = self.net(batch, ctx)
             if "loss" not in losses:
-                raise KeyError(f"the loss returned {sorted(losses)}, without the total under 'loss'")
+                raise KeyError(f"the method returned {sorted(losses)}, without the total under 'loss'")
             self.scaler.scale(losses["loss"] / self.cfg.grad_accum).backward()
         return {k: v.detach() for k, v in losses.items() if v.ndim == 0}
 
@@ -229,31 +316,33 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
-    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
+    def train_step(self, batches: Iterator[tuple[str, dict[str, Any]]]) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches; returns the step's log row."""
         lr = self.optimizer.param_groups[0]["lr"]
         data_time, terms, samples = 0.0, {}, 0
         start = time.perf_counter()
         for micro in range(self.cfg.grad_accum):
             t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
+            item = next(batches, None)
+            if item is None:
                 raise RuntimeError(
-                    f"the loader ran out at optimizer step {self.step_in_epoch} of epoch "
-                    f"{self.epoch}, though len(loader) promised {len(self.loader)} batches"
+                    f"the loaders ran out at optimizer step {self.step_in_epoch} of epoch "
+                    f"{self.epoch}, though they promised {self.batches_per_epoch} batches"
                 )
+            name, batch = item
             data_time += time.perf_counter() - t0
             samples += _batch_len(batch)
-            out = self._micro_step(batch, sync=micro == self.cfg.grad_accum - 1)
+            out = self._micro_step(batch, self._context(name), sync=micro == self.cfg.grad_accum - 1)
             for k, v in out.items():
                 terms[k] = terms.get(k, 0.0) + v / self.cfg.grad_accum
         grad_norm = self._optimizer_step()
+        self.method.after_optimizer_step(self._context(name))
         row = {k: float(v) for k, v in terms.items()}  # one host sync per step, after the update
         total = time.perf_counter() - start
         self.step += 1
         self.step_in_epoch += 1
         row.update(
-            step=self.step, epoch=self.epoch, lr=lr, grad_norm=grad_norm,
+            step=self.step, epoch=self.epoch, stage=self.stage_index, lr=lr, grad_norm=grad_norm,
             data_time=data_time, compute_time=total - data_time,
             data_wait_share=data_time / total if total > 0 else 0.0,
             samples_per_s=samples * self.dist.world_size / total if total > 0 else 0.0,
@@ -269,13 +358,13 @@ class Trainer:
         return every > 0 and count % every == 0
 
     def run(self, logger: RunLogger) -> TrainResult:
-        """Train from the current position to the end of the schedule or `max_steps`."""
+        """Train from the current position to the end of the last stage or `max_steps`."""
         history: list[dict[str, float]] = []
         saved_at, path = -1, None
         last = self._last_step()
-        bar = tqdm(total=last, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and self.dist.is_main))
-        self.net.train()
+        bar = tqdm(total=last, initial=self.step, desc=self.stage.name, unit="step",
+                   dynamic_ncols=True, disable=not (self.progress and self.dist.is_main))
+        self.method.train()
         while self.step < last:
             batches = self._epoch_batches()
             while self.step_in_epoch < self.steps_per_epoch and self.step < last:
@@ -290,12 +379,24 @@ class Trainer:
             if self.step_in_epoch == self.steps_per_epoch:
                 self.epoch += 1
                 self.step_in_epoch = 0
+                if self.epoch < self.total_epochs and self._stage_of_epoch(self.epoch) != self.stage_index:
+                    self._enter_stage(self._stage_of_epoch(self.epoch))
+                    bar.set_description(self.stage.name)
                 if self._due(self.cfg.checkpoint_every, self.epoch) and saved_at != self.step:
                     path, saved_at = self.save(), self.step
         bar.close()
         if history and saved_at != self.step:
             path = self.save()
         return TrainResult(history=history, steps=self.step, checkpoint=path)
+
+
+def _check_stages(stages: list[Stage]) -> None:
+    names = [stage.name for stage in stages]
+    if not stages or len(set(names)) != len(names):
+        raise ValueError(f"a method needs one or more stages with distinct names, got {names}")
+    for stage in stages:
+        if stage.epochs < 1:
+            raise ValueError(f"stage '{stage.name}' must last at least one epoch, got {stage.epochs}")
 
 
 def _batch_len(batch: dict[str, Any]) -> int:
@@ -316,21 +417,9 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def _prepare_loss(loss_fn: Callable, device: torch.device) -> Callable:
-    if isinstance(loss_fn, nn.Module):
-        if any(p.requires_grad for p in loss_fn.parameters()):
-            raise ValueError(
-                "the loss has trainable parameters, which this loop would neither optimise nor "
-                "save; put learnable parts (e.g. a temperature) in the model"
-            )
-        return loss_fn.to(device)
-    return loss_fn
-
-
 def train(
-    model: nn.Module,
-    loss_fn: Callable[..., dict[str, torch.Tensor]],
-    loader: DataLoader,
+    method: Method,
+    loaders: DataLoader | Mapping[str, DataLoader],
     cfg: TrainConfig,
     out_dir: str | Path,
     dist: DistInfo,
@@ -338,12 +427,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Pre-train `model` on `loader` with `loss_fn`; checkpoints and logs go under `out_dir`.
+    """Train `method` on `loaders` (one, or several by name, alternated) through its stages;
+    checkpoints and logs go under `out_dir`.
 
-    With `resume`, continue from the newest checkpoint there (weights, optimizer, schedule, scaler,
-    RNG and data position), so the loss curve matches an uninterrupted run. Call on every rank.
+    With `resume`, continue from the newest checkpoint there (weights and buffers, method state,
+    stage, optimizer, schedule, scaler, RNG and data position), so the loss curve matches an
+    uninterrupted run. Call on every rank.
     """
-    trainer = Trainer(model, loss_fn, loader, cfg, out_dir, dist, progress)
+    trainer = Trainer(method, loaders, cfg, out_dir, dist, progress)
     if resume:
         trainer.resume()
     with RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard) as logger:

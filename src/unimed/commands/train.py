@@ -1,7 +1,8 @@
-"""Med-UniC stages on the command line: `unimed vocab`, `unimed mlm`, `unimed pretrain`.
+"""Training stages on the command line: `unimed vocab`, `unimed mlm`, `unimed pretrain`.
 
 Each stage reads its inputs from the run directory (`run.output_dir/run.name`) when the previous stage
-wrote them there, so `vocab -> mlm -> pretrain` chain without extra arguments.
+wrote them there, so `vocab -> mlm -> pretrain` chain without extra arguments. `pretrain` trains the
+method `method.name` names; `mlm` and `pretrain` run on the same loop (torchrun-aware, resumable).
 """
 
 from __future__ import annotations
@@ -66,19 +67,27 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
     return out
 
 
-def run_mlm(cfg: Config, *, progress: bool) -> Path:
-    """Cross-lingual MLM on the mixed English + second-language reports; returns the model folder."""
+def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
+    """Cross-lingual MLM on the mixed English + second-language reports (torchrun-aware); returns
+    the model folder."""
     from unimed.text.mlm import train_mlm
+    from unimed.train.distributed import cleanup, init_distributed
 
     tokenizer_dir = cfg.run.dir / "vocab"
     if not (tokenizer_dir / "vocab.txt").is_file():
         raise ConfigError(f"no tokenizer at {tokenizer_dir}: run `unimed vocab` with this config first")
     corpus = [r.report for r in pretrain_records(cfg)]
-    out = run_dir(cfg, "mlm")
-    result = train_mlm(
-        corpus, tokenizer_dir, cfg.mlm, out, base_model=resolve_encoder(cfg.vocab.base_model),
-        seed=cfg.run.seed, progress=progress,
-    )
+    info = init_distributed()
+    try:
+        out = run_dir(cfg, "mlm") if info.is_main else cfg.run.dir / "mlm"
+        result = train_mlm(
+            corpus, tokenizer_dir, cfg.mlm, out, base_model=resolve_encoder(cfg.vocab.base_model),
+            seed=cfg.run.seed, progress=progress, dist=info, resume=resume,
+        )
+    finally:
+        cleanup()
+    if not info.is_main:
+        return out
     print_table(
         "Cross-lingual MLM loss per epoch",
         ["epoch", "loss"],
@@ -96,7 +105,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     started it (base model, vocabulary grown) and as it ended; written to `retrieval_check.json`.
 
     The MLM stage must not make an encoder worse: "passed" is False when R@1 (mean of the two
-    directions, `model.text_pooling`) dropped. Skipped (None) without a base model or a parallel
+    directions, `method.text.pooling`) dropped. Skipped (None) without a base model or a parallel
     corpus under `data.root`.
     """
     import json
@@ -114,15 +123,16 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
         log.warning("MLM retrieval check skipped: needs vocab.base_model and %s", path)
         return None
     corpus = read_parallel(path)
+    text_cfg = cfg.method.text
     tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
-        before = create_text_encoder(base, cfg.model, vocab_size=len(tokenizer))
+        before = create_text_encoder(base, text_cfg, vocab_size=len(tokenizer))
     after = BertModel.from_pretrained(str(mlm_dir), add_pooling_layer=False, local_files_only=True)
     match = same_value(corpus.study_ids)  # (N, N) row i of English translates row i of Spanish
     rows, scores = [], {}
     for name, encoder in (("before MLM", before.eval()), ("after MLM", after.eval())):
-        en, es = [embed_texts(encoder, tokenizer, texts, pooling=cfg.model.text_pooling,
+        en, es = [embed_texts(encoder, tokenizer, texts, pooling=text_cfg.pooling,
                               max_length=cfg.mlm.max_length) for texts in (corpus.en, corpus.es)]
         sims = (en @ es.T).numpy()  # (N English, N Spanish)
         recall = [float(recall_hits(s, match, (1,))["R@1"].mean()) for s in (sims, sims.T)]
@@ -130,9 +140,9 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
         rows.append([name, *(f"{100 * r:.1f}" for r in recall)])
     result = {"before": scores["before MLM"], "after": scores["after MLM"],
               "passed": scores["after MLM"] >= scores["before MLM"], "pairs": len(corpus.en),
-              "pooling": cfg.model.text_pooling}
+              "pooling": text_cfg.pooling}
     print_table(f"Cross-lingual retrieval R@1 (%) of {len(corpus.en)} parallel reports, "
-                f"{cfg.model.text_pooling} pooling", ["text encoder", "En→Es", "Es→En"], rows)
+                f"{text_cfg.pooling} pooling", ["text encoder", "En→Es", "Es→En"], rows)
     (mlm_dir / MLM_CHECK_FILE).write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(mlm_check_line(result))
     return result
@@ -148,29 +158,30 @@ def mlm_check_line(result: dict) -> str:
 
 
 def text_encoder_dir(cfg: Config) -> str:
-    """The text encoder for pre-training: `model.text_encoder`, else this run's MLM output."""
-    if cfg.model.text_encoder is not None:
-        return resolve_encoder(cfg.model.text_encoder)
+    """The text encoder for pre-training: `method.text.encoder`, else this run's MLM output."""
+    if cfg.method.text.encoder is not None:
+        return resolve_encoder(cfg.method.text.encoder)
     mlm_dir = cfg.run.dir / "mlm"
     if not (mlm_dir / "config.json").is_file():
         raise ConfigError(
-            f"no text encoder: set model.text_encoder or run `unimed mlm` first (looked in {mlm_dir})"
+            f"no text encoder: set method.text.encoder or run `unimed mlm` first (looked in {mlm_dir})"
         )
     return str(mlm_dir)
 
 
 def tokenizer_dir(cfg: Config) -> str:
-    """The tokenizer of pre-training and evaluation: `model.tokenizer`, else the text encoder's."""
-    return resolve_encoder(cfg.model.tokenizer) if cfg.model.tokenizer else text_encoder_dir(cfg)
+    """The tokenizer of pre-training and evaluation: `method.text.tokenizer`, else the text
+    encoder's."""
+    tokenizer = cfg.method.text.tokenizer
+    return resolve_encoder(tokenizer) if tokenizer else text_encoder_dir(cfg)
 
 
 def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
-    """Med-UniC vision-language pre-training (torchrun-aware); returns the TrainResult."""
+    """Vision-language pre-training of the method `method.name` (torchrun-aware); returns the
+    TrainResult."""
     from transformers import AutoTokenizer
 
-    from unimed.data.pretrain import build_pretrain_dataset, build_pretrain_loader
-    from unimed.losses import MedUniCLoss
-    from unimed.models import create_model
+    from unimed.methods import create_method
     from unimed.train.distributed import cleanup, init_distributed, seed_everything
     from unimed.train.loop import train
 
@@ -179,15 +190,15 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
         seed_everything(cfg.run.seed, info.rank)
         encoder = text_encoder_dir(cfg)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
-        dataset = build_pretrain_dataset(pretrain_records(cfg), tokenizer, cfg.data, seed=cfg.run.seed)
-        loader = build_pretrain_loader(
-            dataset, cfg.data, batch_size=cfg.train.batch_size, rank=info.rank,
+        records = pretrain_records(cfg)
+        method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
+        loaders = method.build_loaders(
+            records, tokenizer, cfg.data, batch_size=cfg.train.batch_size, rank=info.rank,
             world_size=info.world_size, seed=cfg.run.seed, pin_memory=info.device.type == "cuda",
         )
-        model = create_model(cfg.model, vocab_size=len(tokenizer), text_encoder=encoder)
         out = run_dir(cfg, "pretrain") if info.is_main else cfg.run.dir / "pretrain"
-        return train(model, MedUniCLoss(cfg.model), loader, cfg.train, out, info,
-                     resume=resume, progress=progress and info.is_main)
+        return train(method, loaders, cfg.train, out, info, resume=resume,
+                     progress=progress and info.is_main)
     finally:
         cleanup()
 
@@ -202,7 +213,7 @@ def print_loss_summary(history: list[dict[str, float]]) -> None:
     print_table(f"Pre-training losses over {len(history)} steps", ["loss", "first step", "last step"], rows)
 
 
-def _pretrain_args(parser: argparse.ArgumentParser) -> None:
+def _resume_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
 
 
@@ -212,14 +223,15 @@ def vocab(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-@command("mlm", "cross-lingual masked-language-model training of the text encoder")
+@command("mlm", "cross-lingual masked-language-model training of the text encoder (use torchrun for "
+                "several processes)", _resume_args)
 def mlm(cfg: Config, args: argparse.Namespace) -> int:
-    print(f"text encoder: {run_mlm(cfg, progress=not args.quiet)}")
+    print(f"text encoder: {run_mlm(cfg, progress=not args.quiet, resume=args.resume)}")
     return 0
 
 
-@command("pretrain", "Med-UniC vision-language pre-training (use torchrun for several processes)",
-         _pretrain_args)
+@command("pretrain", "vision-language pre-training of the method `method.name` (use torchrun for "
+                     "several processes)", _resume_args)
 def pretrain(cfg: Config, args: argparse.Namespace) -> int:
     result = run_pretrain(cfg, resume=args.resume, progress=not args.quiet)
     print_loss_summary(result.history)
