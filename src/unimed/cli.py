@@ -15,6 +15,7 @@ from unimed.commands import COMMANDS
 from unimed.config import ConfigError, load_config
 from unimed.data.errors import DataError
 from unimed.eval.errors import EvalError
+from unimed.train.checkpoint import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unimed: data error: {exc}", file=sys.stderr)
     except EvalError as exc:
         print(f"unimed: evaluation error: {exc}", file=sys.stderr)
+    except CheckpointError as exc:
+        print(f"unimed: checkpoint error: {exc}", file=sys.stderr)
     return 2
 
 

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from unimed.data.rle import rle_encode
-from unimed.phantom.study import CHEXPERT_LABELS
+from unimed.data.labels import CHEXPERT_LABELS
 
 SIZE = 16
 
@@ -476,3 +476,29 @@ BUILDERS: dict[str, Callable[[Path], Layout]] = {
     "covidx": covidx,
     "object-cxr": object_cxr,
 }
+
+
+# ---- Generic records table ----------------------------------------------------------------------
+
+GENERIC_COLUMNS = ["image", "report", "language", "patient_id", "site", "split", "Effusion",
+                   "Nodule"]
+
+
+def generic(root: Path) -> Layout:
+    """12 images of 6 patients in PNG, JPEG and DICOM; English and Spanish reports, two label
+    columns, sites from the table, two rows with an official split and the rest carved."""
+    layout = Layout(root)
+    rows = []
+    for i in range(12):
+        patient = f"pt{i // 2}"
+        image = f"images/{patient}/img{i}.{('png', 'jpg', 'dcm')[i % 3]}"
+        layout.images[image] = grey(i)
+        layout.kept.append(image)
+        spanish = i % 2 == 1
+        report = ("Derrame pleural izquierdo. XXXX sin neumotorax." if spanish
+                  else "Small left effusion.\n No ___ pneumothorax.")
+        split = {0: "test", 1: "test"}.get(i, "")
+        rows.append([image, report, "es" if spanish else "en", patient, f"site{i % 3}", split,
+                     str(i % 2), "" if i % 4 == 0 else str((i // 2) % 2)])
+    layout.tables["records.csv"] = Table(list(GENERIC_COLUMNS), rows)
+    return layout

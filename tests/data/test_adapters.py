@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from unimed.data.adapters.object_cxr import parse_annotation
 from unimed.data.config import DataConfig
 from unimed.data.records import BoxAnn, Record
 from unimed.data.rle import rle_decode
-from unimed.phantom.study import CHEXPERT_LABELS, PDC_LABELS
+from unimed.data.labels import CHEXPERT_LABELS, PDC_LABELS
 
 
 def _read(name: str, tmp_path: Path, **kwargs) -> tuple[Layout, dict[str, Record], dict[str, int]]:
@@ -96,6 +97,35 @@ def test_site_comes_from_the_institution_column_else_the_dataset_default(
     got = {r.image_path.relative_to(layout.root).as_posix(): r.site for r in read.records}
     assert got == {image: expected[image] for image in layout.kept}
     assert set(got.values()) == {"miami", default}
+
+
+# Layouts whose official tables have no institution column: [(table, image key of a row), ...].
+SITE_TABLES: dict[str, list[tuple[str, Callable[[dict[str, str]], str]]]] = {
+    "chexpert": [(f"CheXpert-v1.0-small/{n}.csv", lambda row: row["Path"]) for n in ("train", "valid")],
+    "cxp500": [("test_labels.csv", lambda row: row["Path"])],
+    "rsna": [("stage_2_train_labels.csv",
+              lambda row: f"stage_2_train_images/{row['patientId']}.dcm")],
+    "object-cxr": [(f"{n}.csv", lambda row, n=n: f"{n}/{row['image_name']}") for n in ("train", "dev")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SITE_TABLES))
+def test_site_comes_from_the_optional_site_column_else_unknown(name: str, tmp_path: Path) -> None:
+    layout = BUILDERS[name](tmp_path / name)
+    unknown = {r.site for r in load_dataset(name, layout.write()).records}
+    assert unknown == {None}
+    expected = {}
+    for table, image_of in SITE_TABLES[name]:
+        written = layout.tables[table]
+        sites = [f"site{i % 2}" for i in range(len(written.rows))]
+        written.add_column("Site", sites)
+        for values in written.rows:
+            row = dict(zip(written.columns, values))
+            expected.setdefault(image_of(row), row["Site"])
+    read = load_dataset(name, layout.write())
+    got = {r.image_path.relative_to(layout.root).as_posix(): r.site for r in read.records}
+    assert got == {image: expected[image] for image in layout.kept}
+    assert set(got.values()) == {"site0", "site1"}
 
 
 def test_pdc_is_physician_only_test_split_with_complete_labels(tmp_path: Path) -> None:
@@ -195,7 +225,7 @@ def test_summary_counts(tmp_path: Path) -> None:
     summary = load_dataset("rsna", layout.write()).summary()
     assert summary["records"] == 6 and sum(summary["split"].values()) == 6
     assert summary["labels"]["Pneumonia"] == {"positive": 2, "stated": 6, "prevalence": 2 / 6}
-    assert summary["site"] == {"boston": 6}
+    assert summary["site"] == {"None": 6}  # the RSNA tables do not say where the images come from
 
 
 def test_load_from_config_uses_layout_folder(tmp_path: Path) -> None:

@@ -241,7 +241,8 @@ def test_invalid_on_error_lists_options(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_lists_names(tmp_path: Path) -> None:
-    with pytest.raises(KeyError, match="mimic-cxr"):
+    with pytest.raises(DataError, match=r"'mimic' is neither an official layout \(.*mimic-cxr.*\) nor a "
+                       "generic dataset: no records.csv"):
         load_dataset("mimic", tmp_path)
 
 

@@ -54,6 +54,13 @@ def test_clean_report_collapses_space_and_deid() -> None:
     assert clean_report("  A ___ gap ,\n wrapped\tline .  ") == "A gap, wrapped line."
 
 
+def test_open_i_xxxx_gaps_are_cleaned_like_mimic_gaps() -> None:
+    open_i = clean_report("XXXX-year-old with XXXX. Heart size normal. No XXXX effusion.")
+    mimic = clean_report("___-year-old with ___. Heart size normal. No ___ effusion.")
+    assert open_i == mimic == "-year-old with. Heart size normal. No effusion."
+    assert clean_report("XR chest, X-ray of XX") == "XR chest, X-ray of XX"  # not a gap
+
+
 def test_sentences_in_english_and_spanish() -> None:
     assert split_sentences("No effusion. Mild cardiomegaly.", "en") == [
         "No effusion.",

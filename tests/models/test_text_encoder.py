@@ -109,5 +109,5 @@ def test_pooling_reads_cls_or_the_mean_of_unpadded_tokens() -> None:
     torch.testing.assert_close(pool_text(encoder, ids, mask, "cls"), hidden[:, 0])
     expected = torch.stack([hidden[0, :3].mean(0), hidden[1].mean(0)])
     torch.testing.assert_close(pool_text(encoder, ids, mask, "mean"), expected)
-    with pytest.raises(ValueError, match="text_pooling"):
+    with pytest.raises(ValueError, match="method.text.pooling"):
         pool_text(encoder, ids, mask, "max")

@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 
+from unimed.data.labels import CHEXPERT_LABELS, COVIDX_CLASSES, PDC_LABELS
 from unimed.phantom.anatomy import draw_geometry, render_frontal
 from unimed.phantom.catalogue import FINDING_NAMES
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.phantom.lesions import RENDERERS, Canvas
 from unimed.phantom.sites import SITES_FILE
-from unimed.phantom.study import CHEXPERT_LABELS, COVIDX_CLASSES, PDC_LABELS
 
 CFG = PhantomConfig(image_size=64)
 

@@ -12,7 +12,8 @@ import yaml
 
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
-from unimed.phantom.reports import LANG_DIR, load_pack, stem_text
+from unimed.phantom.reports import LANG_DIR, load_pack
+from unimed.text.stemming import stem_text
 
 CFG = PhantomConfig(image_size=32)
 # An independent reading of the English text: which words signal which CheXpert label.

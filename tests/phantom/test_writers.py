@@ -15,10 +15,11 @@ import pydicom
 import pytest
 from PIL import Image
 
+from unimed.data.labels import CHEXPERT_LABELS
 from unimed.data.rle import rle_decode
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.labels import padchest_labels, pdc_labels
-from unimed.phantom.study import CHEXPERT_LABELS, Box, Finding, Study
+from unimed.phantom.study import Box, Finding, Study
 from unimed.phantom.writers import WRITERS, LayoutWriter, StudyResult
 from unimed.phantom.writers.base import to_uint8, to_uint16
 

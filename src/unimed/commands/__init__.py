@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from unimed.config import Config, save_config
+from unimed.config import Config, ConfigError, save_config
 
 Handler = Callable[[Config, argparse.Namespace], int]
 ArgAdder = Callable[[argparse.ArgumentParser], None]
@@ -49,10 +49,15 @@ def command(
 
 
 def run_dir(cfg: Config, subdir: str | None = None) -> Path:
-    """The run's output directory, created, with the resolved config saved in it."""
+    """The run's output directory, created, with the resolved config saved in it; a folder that
+    cannot be written is a ConfigError naming it."""
     out = cfg.run.dir if subdir is None else cfg.run.dir / subdir
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run folder {out} ({exc.strerror or exc}); "
+                          "set run.output_dir to a writable folder") from None
     return out
 
 
@@ -61,3 +66,4 @@ from unimed.commands import train  # noqa: E402,F401
 from unimed.commands import evaluate  # noqa: E402,F401
 from unimed.commands import ablate  # noqa: E402,F401
 from unimed.commands import demo  # noqa: E402,F401
+from unimed.commands import check_data  # noqa: E402,F401

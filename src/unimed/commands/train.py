@@ -44,12 +44,19 @@ def pretrain_records(cfg: Config, split: str = "train") -> list:
 
 
 def run_vocab(cfg: Config, *, progress: bool) -> Path:
-    """Build the cross-lingual tokenizer from the pre-training reports; returns its folder."""
+    """Build the cross-lingual tokenizer from the text datasets' reports; returns its folder."""
+    from unimed.data.adapters import load_texts
     from unimed.text.vocab import build_cross_lingual_tokenizer
 
-    records = pretrain_records(cfg)
+    records = load_texts(cfg.data)
     english = [r.report for r in records if r.language == "en"]
     second = [r.report for r in records if r.language == cfg.vocab.language]
+    names = ", ".join(cfg.data.text_datasets or cfg.data.pretrain_datasets)
+    if not second:
+        raise ConfigError(f"no {cfg.vocab.language} reports (vocab.language) in {names}")
+    if not english and cfg.vocab.base_model is None:
+        raise ConfigError(f"no en reports in {names}: set vocab.base_model to a tokenizer that "
+                          "supplies the English vocabulary, or add English reports")
     out = run_dir(cfg, "vocab")
     result = build_cross_lingual_tokenizer(
         english, second, cfg.vocab, out, base_model=resolve_encoder(cfg.vocab.base_model), progress=progress
@@ -70,13 +77,14 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
 def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
     """Cross-lingual MLM on the mixed English + second-language reports (torchrun-aware); returns
     the model folder."""
+    from unimed.data.adapters import load_texts
     from unimed.text.mlm import train_mlm
     from unimed.train.distributed import cleanup, init_distributed
 
     tokenizer_dir = cfg.run.dir / "vocab"
     if not (tokenizer_dir / "vocab.txt").is_file():
         raise ConfigError(f"no tokenizer at {tokenizer_dir}: run `unimed vocab` with this config first")
-    corpus = [r.report for r in pretrain_records(cfg)]
+    corpus = [r.report for r in load_texts(cfg.data)]
     info = init_distributed()
     try:
         out = run_dir(cfg, "mlm") if info.is_main else cfg.run.dir / "mlm"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.data.errors import ON_ERROR_OPTIONS
+from unimed.data.splits import SPLITS
+
 CVL_VIEWS = ("original", "light", "paper")
 BATCH_COMPOSITIONS = ("mixed", "community")
 
@@ -18,10 +21,14 @@ class DataConfig:
     gets the full set. `batch_composition` is "mixed" (batches drawn across communities) or
     "community" (every global batch from one community: one language at one site), so the
     contrastive negatives cannot be told apart by language or acquisition alone.
+    `text_datasets` are the report corpora of the text stages (`unimed vocab`, `unimed mlm`; empty:
+    the pre-training datasets), read from their `text_splits`; their images are not needed.
     """
 
     root: str = "data/phantom"
     pretrain_datasets: tuple[str, ...] = ("mimic-cxr", "padchest")
+    text_datasets: tuple[str, ...] = ()
+    text_splits: tuple[str, ...] = ("train",)
     min_report_tokens: int = 3
     split_seed: int = 0
     on_error: str = "raise"
@@ -37,6 +44,18 @@ class DataConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR_OPTIONS:
+            raise ValueError(f"data.on_error must be one of {', '.join(ON_ERROR_OPTIONS)}, "
+                             f"got {self.on_error!r}")
+        if not self.text_splits or any(s not in SPLITS for s in self.text_splits):
+            raise ValueError(f"data.text_splits must be a non-empty list of {', '.join(SPLITS)}, "
+                             f"got {list(self.text_splits)}")
+        for key in ("image_size", "resize_size", "max_length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("min_report_tokens", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
         if self.cvl_view not in CVL_VIEWS:
             raise ValueError(f"data.cvl_view must be one of {', '.join(CVL_VIEWS)}, got {self.cvl_view!r}")
         if self.batch_composition not in BATCH_COMPOSITIONS:

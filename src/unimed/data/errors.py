@@ -57,12 +57,17 @@ def check_on_error(on_error: str) -> str:
     return on_error
 
 
+EXAMPLES_PER_REASON = 3
+
+
 class DropCounter:
-    """Counts dropped records by reason and applies the raise-or-skip policy to bad rows."""
+    """Counts dropped records by reason and applies the raise-or-skip policy to bad rows; keeps the
+    first messages of each reason of bad input (`examples`) so a summary can show them."""
 
     def __init__(self, on_error: str = "raise") -> None:
         self.on_error = check_on_error(on_error)
         self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, list[str]] = {}
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count `count` records removed by a filter (not an error)."""
@@ -72,6 +77,9 @@ class DropCounter:
         """Raise `error` under on_error="raise"; otherwise count it under its reason and go on."""
         if self.on_error == "raise":
             raise error
+        shown = self.examples.setdefault(error.reason, [])
+        if len(shown) < EXAMPLES_PER_REASON:
+            shown.append(str(error))
         if self.counts[error.reason] == 0:
             logger.warning("skipping bad input (%s): %s", error.reason, error)
         else:

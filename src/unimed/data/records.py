@@ -25,10 +25,11 @@ class Record:
     `labels` maps a label name to 1.0 / 0.0 / -1.0 (uncertain) / NaN (not mentioned).
     `target` is the class name of single-label datasets (COVIDx).
     `mask_rle` is a Kaggle-style relative RLE of a segmentation mask (SIIM), with `image_size` (H, W).
+    `image_path` is None only for a row of a text-only corpus (read by the text stages alone).
     """
 
     dataset: str
-    image_path: Path
+    image_path: Path | None
     patient_id: str
     study_id: str
     split: str

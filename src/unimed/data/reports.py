@@ -1,8 +1,9 @@
 """Radiology report text: section extraction, cleaning, sentence splitting and token counting.
 
 MIMIC-style reports are free text with upper-case section headers (``FINDINGS:``, ``IMPRESSION:``),
-lines wrapped at ~80 characters and ``___`` de-identification gaps. PadChest reports are already a
-single short, lower-case, stemmed Spanish paragraph and only need cleaning.
+lines wrapped at ~80 characters and ``___`` de-identification gaps (``XXXX`` in Open-i / IU X-ray).
+PadChest reports are already a single short, lower-case, stemmed Spanish paragraph and only need
+cleaning.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ _KNOWN = "|".join(re.escape(h) for h in sorted(KNOWN_HEADERS, key=len, reverse=T
 _HEADER_RE = re.compile(
     rf"^[ \t]*(?:(?i:(?P<known>{_KNOWN}))|(?P<caps>[A-Z][A-Z /&()-]{{2,40}}?))[ \t]*:", re.MULTILINE
 )
-_DEID_RE = re.compile(r"_{2,}")
+# De-identification gaps: MIMIC's "___" and Open-i / IU X-ray's "XXXX".
+_DEID_RE = re.compile(r"_{2,}|\bX{3,}\b")
 _SPACE_RE = re.compile(r"\s+")
 _SPACE_BEFORE_PUNCT_RE = re.compile(r"\s+([.,;:!?])")
 _WORD_RE = re.compile(r"\w+")

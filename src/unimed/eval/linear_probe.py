@@ -36,7 +36,7 @@ from unimed.eval.metrics import (
     per_class_auc,
 )
 from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
-from unimed.phantom.study import COVIDX_CLASSES
+from unimed.data.labels import COVIDX_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ CHEXPERT_COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
 @dataclasses.dataclass(frozen=True)
 class ProbeTarget:
     """What a dataset's probe predicts: label columns scored by macro AUC (multi-label / binary),
-    or the class of `Record.target` scored by accuracy (multi-class)."""
+    or the class of `Record.target` scored by accuracy (multi-class). A dataset not in
+    PROBE_TARGETS (a generic records table) predicts all its label columns (:func:`label_target`)."""
 
     metric: str
     classes: tuple[str, ...]
@@ -57,6 +58,16 @@ PROBE_TARGETS: dict[str, ProbeTarget] = {
     "rsna": ProbeTarget("auc", ("Pneumonia",)),
     "covidx": ProbeTarget("accuracy", COVIDX_CLASSES),
 }
+
+
+def label_target(records: Sequence[Record], dataset: str) -> ProbeTarget:
+    """The probe of a dataset without a built-in target (a generic records table): every label
+    column its records state, scored by macro AUC."""
+    classes = tuple(dict.fromkeys(name for record in records for name in record.labels))
+    if not classes:
+        raise EvalError(f"no linear-probe target for '{dataset}': its records have no label columns "
+                        f"(built-in targets: {sorted(PROBE_TARGETS)})")
+    return ProbeTarget("auc", classes)
 
 
 def targets(records: Sequence[Record], target: ProbeTarget, dataset: str) -> torch.Tensor:
@@ -139,9 +150,7 @@ def _features(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> t
 
 def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
     """One dataset's probe at every configured label fraction."""
-    if dataset not in PROBE_TARGETS:
-        raise EvalError(f"no linear-probe target for '{dataset}'; known: {sorted(PROBE_TARGETS)}")
-    target = PROBE_TARGETS[dataset]
+    target = PROBE_TARGETS.get(dataset) or label_target(ctx.data.require(dataset, "train"), dataset)
     split_y = {s: targets(ctx.data.require(dataset, s), target, dataset) for s in ("train", "valid", "test")}
     split_x = {s: _features(encoder, ctx, dataset, s) for s in split_y}
 

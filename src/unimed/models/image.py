@@ -20,14 +20,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import pickle
+import struct
 from pathlib import Path
 from typing import Callable
 
+import safetensors
 import safetensors.torch
 import timm
 import torch
 from torch import nn
 
+from unimed.config import ConfigError
 from unimed.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -99,20 +103,27 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 
 def create_image_encoder(name: str, weights: str | Path | None = None) -> nn.Module:
     """Build the registered image encoder `name`; load `weights` if given: a local state dict, or
-    the name of packaged weights (:data:`PACKAGED_WEIGHTS`)."""
+    the name of packaged weights (:data:`PACKAGED_WEIGHTS`). A weights file that is missing,
+    unreadable or does not fit is one ConfigError line naming `method.image.weights` and the file."""
     model = IMAGE_ENCODERS.get(name)()
     if weights is None:
         return model
     packaged = PACKAGED_WEIGHTS.get(str(weights))
-    if packaged is None:
-        load_image_weights(model, weights)
-        return model
-    if packaged.preset != name:
-        raise ValueError(
-            f"packaged image weights '{weights}' fit the '{packaged.preset}' encoder, not '{name}'; "
-            f"set method.image.encoder={packaged.preset}"
-        )
-    load_weights_by_position(model, packaged.path())
+    try:
+        if packaged is None:
+            load_image_weights(model, weights)
+            return model
+        if packaged.preset != name:
+            raise ValueError(
+                f"packaged image weights '{weights}' fit the '{packaged.preset}' encoder, not "
+                f"'{name}'; set method.image.encoder={packaged.preset}"
+            )
+        load_weights_by_position(model, packaged.path())
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, struct.error,
+            safetensors.SafetensorError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = message.removeprefix(f"image weights {weights}: ")
+        raise ConfigError(f"method.image.weights={weights}: {message}") from None
     return model
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
+from unimed.data.labels import CHEXPERT_LABELS, COVIDX_CLASSES, PDC_LABELS
 from unimed.phantom.catalogue import CHEXPERT_OF, NOT_PATHOLOGY, PADCHEST_NAME, PDC_OF
-from unimed.phantom.study import CHEXPERT_LABELS, COVIDX_CLASSES, PDC_LABELS, Finding
+from unimed.phantom.study import Finding
 
 
 def chexpert_labels(findings: list[Finding], negated: tuple[str, ...]) -> dict[str, float]:

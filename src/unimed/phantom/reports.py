@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ import snowballstemmer
 from unimed.phantom.catalogue import FINDING_NAMES, NEGATABLE
 from unimed.phantom.sites import load_yaml, require
 from unimed.phantom.study import Finding
+from unimed.text.stemming import stem_text
 
 LANG_DIR = Path(__file__).with_name("lang")
 _RATES = ("omit", "hedge", "negate", "negate_normal")
-_WORD = re.compile(r"\w+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +87,6 @@ def load_pack(code: str, lang_dir: Path = LANG_DIR) -> LanguagePack:
         attrs=dict(data.get("attrs") or {}),
         findings=_check_findings(require(data, "findings", where), where),
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _stemmer(name: str) -> Any:
-    return snowballstemmer.stemmer(name)
-
-
-def stem_text(text: str, algorithm: str) -> str:
-    """Stem every word of `text` with the named snowball algorithm, keeping punctuation."""
-    stemmer = _stemmer(algorithm)
-    return _WORD.sub(lambda m: stemmer.stemWord(m.group()), text)
 
 
 def _pick(rng: np.random.Generator, options: list[str]) -> str:

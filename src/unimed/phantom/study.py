@@ -6,38 +6,6 @@ import dataclasses
 
 import numpy as np
 
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
-
-PDC_LABELS: tuple[str, ...] = (
-    "atelectasis",
-    "cardiomegaly",
-    "consolidation",
-    "edema",
-    "pleural effusion",
-    "hilar enlargement",
-    "pneumothorax",
-    "pneumonia",
-    "vascular redistribution",
-    "heart insufficiency",
-)
-
-COVIDX_CLASSES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
-
 
 @dataclasses.dataclass(frozen=True)
 class Box:

@@ -59,15 +59,17 @@ def build_cross_lingual_tokenizer(
     """Extend an English WordPiece vocabulary with the top ``cfg.new_terms`` second-language terms.
 
     The English vocabulary is the tokenizer of ``base_model`` (default ``cfg.base_model``), a local
-    Hugging Face folder, or else a WordPiece vocabulary trained on ``english_reports``. Writes the
-    tokenizer (``save_pretrained`` plus ``vocab.txt``), ``added_terms.txt`` (term<TAB>score) and
-    ``vocab_stats.json`` into ``out_dir``.
+    Hugging Face folder (``english_reports`` may then be empty), or else a WordPiece vocabulary
+    trained on ``english_reports``. Writes the tokenizer (``save_pretrained`` plus ``vocab.txt``),
+    ``added_terms.txt`` (term<TAB>score) and ``vocab_stats.json`` into ``out_dir``.
     """
     if cfg.new_terms < 0 or cfg.english_vocab_size < len(SPECIAL_TOKENS):
         raise ValueError(f"vocab.new_terms must be >= 0 and vocab.english_vocab_size >= 5; got {cfg}")
-    english = require_texts(english_reports, "english_reports")
-    second = require_texts(second_reports, "second_reports")
     base_model = base_model if base_model is not None else cfg.base_model
+    english = list(english_reports)
+    if base_model is None or english:  # a base tokenizer supplies English: reports then optional
+        english = require_texts(english, "english_reports")
+    second = require_texts(second_reports, "second_reports")
     base = _load_base(base_model) if base_model is not None else _train_wordpiece(english, cfg)
     base_vocab = _wordpiece_vocab(base, base_model)
     analyzer = SpacyTermAnalyzer(cfg.language, _normalizer_of(base), cfg.min_term_length)
@@ -76,7 +78,7 @@ def build_cross_lingual_tokenizer(
     if len(added) < cfg.new_terms:
         logger.warning("only %d new %s terms found (vocab.new_terms=%d)", len(added), cfg.language, cfg.new_terms)
     tokenizer = _extend(base, base_vocab, [term for term, _ in added])
-    corpora = {ENGLISH: english, cfg.language: second}
+    corpora = {ENGLISH: english, cfg.language: second} if english else {cfg.language: second}
     result = VocabResult(
         tokenizer=tokenizer,
         added_terms=added,

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -35,6 +38,18 @@ STATE_FILE = "state.pt"
 LATEST_FILE = "latest"
 PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
+# What reading a truncated or corrupt weights / state file raises.
+_READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, struct.error,
+                SafetensorError)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not fit the model; the message names the file."""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0] + (f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else "")
 
 
 def rng_state() -> dict[str, Any]:
@@ -152,8 +167,9 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
             raise FileNotFoundError(f"checkpoint {path} has no {file}")
     try:
         return torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (torch raises many kinds on a damaged file)
-        raise RuntimeError(f"cannot read training state {path / STATE_FILE}: {exc}") from None
+    except _READ_ERRORS as exc:
+        raise CheckpointError(f"cannot read {path / STATE_FILE} (truncated or corrupt?): "
+                              f"{_first_line(exc)}") from None
 
 
 def load_checkpoint(
@@ -166,12 +182,13 @@ def load_checkpoint(
 
 
 def load_weights(model: nn.Module, file: str | Path) -> None:
-    """Load a safetensors weights file into `model`, failing on missing or unexpected keys."""
+    """Load a safetensors weights file into `model`, failing on missing or unexpected keys or an
+    unreadable file with one CheckpointError line naming the file."""
     device = next(iter(model.state_dict().values())).device
     try:
         load_model(model, str(file), strict=True, device=str(device))
-    except RuntimeError as exc:
-        raise RuntimeError(f"cannot load weights from {file}: {exc}") from None
+    except _READ_ERRORS as exc:
+        raise CheckpointError(f"cannot load weights from {file}: {_first_line(exc)}") from None
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -240,8 +240,8 @@ class Trainer:
         something with the same per-rank data split."""
         missing = [k for k in ("step", "epoch", "step_in_epoch", "stage", "method") if k not in state]
         if missing:
-            raise ValueError(f"checkpoint {path} has no {missing} in its training state: it was not "
-                             "written by this training loop; start a fresh run")
+            raise ckpt.CheckpointError(f"checkpoint {path} has no {missing} in its training state: "
+                                       "it was not written by this training loop; start a fresh run")
         names = [stage.name for stage in self.stages]
         expected = names[self._stage_of_epoch(state["epoch"])]
         if state["stage"] != expected:

@@ -1,7 +1,9 @@
-"""Dataset adapters: one module per official layout, each returning canonical records.
+"""Dataset adapters: one module per official layout, each returning canonical records, and the
+generic records table (:mod:`.generic`) for data in no official layout.
 
-`load_dataset(name, root)` reads a dataset in its official layout (see docs/LAYOUTS.md), applies the
-filters, resolves per-patient splits and returns the records with the count of every dropped row.
+`load_dataset(name, root)` reads a dataset in its official layout, or a generic table when `name` is
+not an official layout (see docs/LAYOUTS.md), applies the filters, resolves per-patient splits and
+returns the records with the count of every dropped row.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from unimed.data.adapters import chexpert, covidx, mimic, object_cxr, padchest, rsna, siim
 from unimed.data.adapters.base import ADAPTERS, AdapterResult, DatasetRead, ReadContext
+from unimed.data.adapters.generic import is_generic, read_generic
 from unimed.data.config import DataConfig
 from unimed.data.errors import DataError, DropCounter
 from unimed.data.splits import resolve_splits
@@ -42,6 +45,7 @@ def load_dataset(
     split_dir: str | Path | None = None,
     check_images: bool = False,
     progress: bool = False,
+    require_images: bool = True,
 ) -> DatasetRead:
     """Read dataset `name` from `root` (the folder in its official layout) as canonical records.
 
@@ -50,13 +54,23 @@ def load_dataset(
     split_dir: where `<name>.csv` split files are read from (when present) or written to; None
     computes the splits in memory and writes nothing.
     check_images: also verify that every image opens (slower), not only that it exists.
+    require_images: False for the text stages, which read reports only: images are not looked at
+    and a generic text-only table (no image column) is accepted.
     """
     drops = DropCounter(on_error)
-    adapter = ADAPTERS.get(name)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder of '{name}' not found", root)
-    ctx = ReadContext(name, root, drops, min_report_tokens, check_images, progress)
+    if name in ADAPTERS:
+        adapter = ADAPTERS.get(name)
+    elif is_generic(root):
+        adapter = read_generic
+    else:
+        raise DataError(
+            f"'{name}' is neither an official layout ({', '.join(ADAPTERS.names())}) nor a generic "
+            "dataset: no records.csv / records.jsonl in this folder (see docs/LAYOUTS.md)", root,
+        )
+    ctx = ReadContext(name, root, drops, min_report_tokens, check_images, progress, require_images)
     result: AdapterResult = adapter(root, ctx)
     rows = [(ctx.key(r), r.patient_id, r.split) for r in result.records]
     splits = resolve_splits(name, rows, result.carve, split_seed, split_dir)
@@ -67,22 +81,56 @@ def load_dataset(
     for reason, count in dropped.items():
         logger.info("%s: dropped %d record(s): %s", name, count, reason)
     logger.info("%s: %d record(s) read from %s", name, len(records), root)
-    return DatasetRead(records, dropped)
+    return DatasetRead(records, dropped, dict(drops.examples))
 
 
-def load_from_config(name: str, cfg: DataConfig) -> DatasetRead:
+def dataset_folder(name: str, root: str | Path) -> Path:
+    """Where dataset `name` lives under `root`: its official layout's folder, else `<root>/<name>`
+    (a generic records table)."""
+    return Path(root) / DATASET_FOLDERS.get(name, name)
+
+
+def find_datasets(root: str | Path) -> list[str]:
+    """The datasets present under `root`: official layouts whose folder exists, then every other
+    sub-folder holding a generic records table (named by the folder)."""
+    root = Path(root)
+    official = [name for name, folder in DATASET_FOLDERS.items() if (root / folder).is_dir()]
+    taken = set(DATASET_FOLDERS.values())
+    generic = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in taken
+                     and is_generic(p)) if root.is_dir() else []
+    return official + generic
+
+
+def load_from_config(name: str, cfg: DataConfig, *, require_images: bool = True) -> DatasetRead:
     """`load_dataset` for `<cfg.root>/<folder of name>` with the settings of `cfg`."""
-    ADAPTERS.get(name)
     return load_dataset(
         name,
-        Path(cfg.root) / DATASET_FOLDERS[name],
+        dataset_folder(name, cfg.root),
         on_error=cfg.on_error,
         min_report_tokens=cfg.min_report_tokens,
         split_seed=cfg.split_seed,
         split_dir=cfg.split_dir,
-        check_images=cfg.check_images,
+        check_images=cfg.check_images and require_images,
         progress=cfg.progress,
+        require_images=require_images,
     )
+
+
+def load_texts(cfg: DataConfig) -> list[Record]:
+    """The records with a report in `cfg.text_splits` of the text-stage datasets (`text_datasets`,
+    else `pretrain_datasets`), for `unimed vocab` and `unimed mlm`: images are not read, so a
+    report table without images (or a generic text-only table) is enough."""
+    names = cfg.text_datasets or cfg.pretrain_datasets
+    records = []
+    for name in names:
+        read = load_from_config(name, cfg, require_images=False)
+        records += [r for r in read.records if r.split in cfg.text_splits and r.report]
+    if not records:
+        raise DataError(
+            f"no reports in split(s) {', '.join(cfg.text_splits)} of the text datasets "
+            f"({', '.join(names)}); see data.text_datasets and data.text_splits", cfg.root,
+        )
+    return records
 
 
 __all__ = [
@@ -90,9 +138,12 @@ __all__ = [
     "DATASET_FOLDERS",
     "DatasetRead",
     "chexpert",
+    "dataset_folder",
+    "find_datasets",
     "covidx",
     "load_dataset",
     "load_from_config",
+    "load_texts",
     "mimic",
     "object_cxr",
     "padchest",

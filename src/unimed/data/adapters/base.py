@@ -22,6 +22,15 @@ logger = logging.getLogger(__name__)
 
 LATERAL_VIEW = "lateral view"
 OTHER_VIEW = "other view"
+SITE_COLUMN = "Site"
+"""The optional column naming each image's acquisition site in layouts whose official tables have
+no institution column (CheXpert, CXP500, RSNA, Object-CXR): the site then comes from the data, and
+a table without it leaves the site unknown (None)."""
+
+
+def site_of(row: dict[str, str], column: str = SITE_COLUMN) -> str | None:
+    """The row's site: its stripped `column` cell, None when the column is absent or blank."""
+    return row.get(column, "").strip() or None
 
 
 @dataclasses.dataclass
@@ -43,6 +52,7 @@ class ReadContext:
     min_report_tokens: int = 3
     check_images: bool = False
     progress: bool = False
+    require_images: bool = True
 
     def rows(
         self, table: CsvTable, parse: Callable[[int, dict[str, str]], Record | None]
@@ -67,7 +77,10 @@ class ReadContext:
 
     def image(self, path: Path, source: Path, line: int | None) -> Path:
         """`path` if the image exists (and opens, with check_images); else a DataError naming both
-        the image and the table line that lists it."""
+        the image and the table line that lists it. Without `require_images` (the text stages)
+        images are not looked at."""
+        if not self.require_images:
+            return path
         if not path.is_file():
             raise DataError(f"image file not found: {path}", source, line, reason=MISSING_IMAGE)
         if self.check_images:
@@ -89,8 +102,13 @@ class ReadContext:
         return True
 
     def key(self, record: Record) -> str:
-        """The record's split-file key: its image path relative to the dataset root."""
-        return record.image_path.relative_to(self.root).as_posix()
+        """The record's split-file key: its image path relative to the dataset root (the study id
+        of a text-only row)."""
+        if record.image_path is None:
+            return record.study_id
+        if record.image_path.is_relative_to(self.root):
+            return record.image_path.relative_to(self.root).as_posix()
+        return record.image_path.as_posix()
 
 
 Adapter = Callable[[Path, ReadContext], AdapterResult]
@@ -99,10 +117,12 @@ ADAPTERS: Registry[Adapter] = Registry("dataset")
 
 @dataclasses.dataclass
 class DatasetRead:
-    """The records of one dataset and how many rows were dropped, by reason."""
+    """The records of one dataset, how many rows were dropped by reason, and the first messages of
+    each reason of bad input that was skipped (`examples`; filters have none)."""
 
     records: list[Record]
     dropped: dict[str, int]
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         """Counts per split / language / site / view, and per-label positives and prevalence

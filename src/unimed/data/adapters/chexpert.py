@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from unimed.data.adapters.base import ADAPTERS, LATERAL_VIEW, AdapterResult, ReadContext
+from unimed.data.adapters.base import ADAPTERS, LATERAL_VIEW, AdapterResult, ReadContext, site_of
 from unimed.data.adapters.tables import CsvTable, find_file, parse_labels
 from unimed.data.errors import DataError
 from unimed.data.records import Record
-from unimed.phantom.study import CHEXPERT_LABELS
+from unimed.data.labels import CHEXPERT_LABELS
 
 CHEXPERT_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 CHEXPERT_COLUMNS = ("Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS)
@@ -55,7 +55,7 @@ def _read_chexpert_csv(path: Path, base: Path, pool: str, ctx: ReadContext) -> l
             patient_id=patient,
             study_id=study,
             split=pool,
-            site="boston",
+            site=site_of(row),
             view=row["AP/PA"].strip() or None,
             labels=labels,
         )
@@ -66,7 +66,7 @@ def _read_chexpert_csv(path: Path, base: Path, pool: str, ctx: ReadContext) -> l
 @ADAPTERS.register("chexpert")
 def read_chexpert(root: Path, ctx: ReadContext) -> AdapterResult:
     """Frontal CheXpert images with 14 labels (1 / 0 / -1 / NaN); valid.csv -> "test", train.csv
-    split per patient into train / valid (90/10)."""
+    split per patient into train / valid (90/10); the site is the optional `Site` column."""
     folder = _find_chexpert(root)
     # `Path` in the CSVs starts with the CheXpert folder name, so it is relative to its parent.
     base = folder.parent if folder != root else root.parent
@@ -97,7 +97,7 @@ def read_cxp500(root: Path, ctx: ReadContext) -> AdapterResult:
             patient_id=patient,
             study_id=study,
             split="test",
-            site="boston",
+            site=site_of(row),
             view=None,
             labels=labels,
         )

@@ -8,7 +8,7 @@ from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext
 from unimed.data.adapters.tables import check_utf8, find_file, read_lines
 from unimed.data.errors import DataError
 from unimed.data.records import Record
-from unimed.phantom.study import COVIDX_CLASSES
+from unimed.data.labels import COVIDX_CLASSES
 
 TRAIN_CARVE = {"train": 0.8, "valid": 0.2}
 

@@ -10,7 +10,7 @@ from unimed.data.adapters.tables import CsvTable, find_file, parse_labels
 from unimed.data.errors import MISSING_REPORT, NON_UTF8, DataError
 from unimed.data.records import Record
 from unimed.data.reports import mimic_report_text
-from unimed.phantom.study import CHEXPERT_LABELS
+from unimed.data.labels import CHEXPERT_LABELS
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext
+from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext, site_of
 from unimed.data.adapters.tables import CsvTable, find_file
 from unimed.data.records import BoxAnn, Record
 
@@ -58,7 +58,7 @@ def _read_csv(root: Path, name: str, pool: str, ctx: ReadContext) -> list[Record
             patient_id=image_id,
             study_id=image_id,
             split=pool,
-            site="boston",
+            site=site_of(row),
             labels={"Foreign Object": float(bool(boxes))},
             boxes=boxes,
         )
@@ -69,6 +69,7 @@ def _read_csv(root: Path, name: str, pool: str, ctx: ReadContext) -> list[Record
 @ADAPTERS.register("object-cxr")
 def read_object_cxr(root: Path, ctx: ReadContext) -> AdapterResult:
     """Object-CXR images with foreign-object boxes; dev -> "test", "valid" carved from train per
-    image (the dataset has no patient ids, so each image is its own patient), 80/20."""
+    image (the dataset has no patient ids, so each image is its own patient), 80/20; the site is the
+    optional `Site` column."""
     records = _read_csv(root, "train", "train", ctx) + _read_csv(root, "dev", "test", ctx)
     return AdapterResult(records, {"train": TRAIN_CARVE})

@@ -10,7 +10,7 @@ from unimed.data.adapters.base import ADAPTERS, LATERAL_VIEW, OTHER_VIEW, Adapte
 from unimed.data.adapters.tables import CsvTable, find_file
 from unimed.data.records import Record
 from unimed.data.reports import clean_report
-from unimed.phantom.study import PDC_LABELS
+from unimed.data.labels import PDC_LABELS
 
 CSV_FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
 COLUMNS = (

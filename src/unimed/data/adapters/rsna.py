@@ -6,7 +6,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext
+from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext, site_of
 from unimed.data.adapters.tables import CsvTable, find_file, parse_number, raw_cell
 from unimed.data.errors import DataError
 from unimed.data.records import BoxAnn, Record
@@ -23,6 +23,7 @@ class _Patient:
     line: int
     target: float
     boxes: list[BoxAnn]
+    site: str | None
 
 
 def _parse_row(table: CsvTable, line: int, row: dict[str, str]) -> tuple[float, BoxAnn | None]:
@@ -54,7 +55,7 @@ def _group(table: CsvTable, ctx: ReadContext) -> dict[str, _Patient]:
             row = table.row(line, values)
             patient_id = row["patientId"].strip()
             target, box = _parse_row(table, line, row)
-            known = patients.setdefault(patient_id, _Patient(line, target, []))
+            known = patients.setdefault(patient_id, _Patient(line, target, [], site_of(row)))
             if known.target != target:
                 raise table.error(
                     f"patient {patient_id!r} has Target {known.target:g} at line {known.line} "
@@ -73,7 +74,8 @@ def _group(table: CsvTable, ctx: ReadContext) -> dict[str, _Patient]:
 
 @ADAPTERS.register("rsna")
 def read_rsna(root: Path, ctx: ReadContext) -> AdapterResult:
-    """One record per image with its pneumonia boxes (pixel coords); per-patient 60/20/20 split."""
+    """One record per image with its pneumonia boxes (pixel coords); per-patient 60/20/20 split;
+    the site is the optional `Site` column (of the patient's first row)."""
     table = CsvTable(find_file(root, [LABELS_FILE], "RSNA labels CSV"), COLUMNS)
     records = []
     for patient_id, patient in _group(table, ctx).items():
@@ -89,7 +91,7 @@ def read_rsna(root: Path, ctx: ReadContext) -> AdapterResult:
                 patient_id=patient_id,
                 study_id=patient_id,
                 split="all",
-                site="boston",
+                site=patient.site,
                 labels={"Pneumonia": patient.target},
                 boxes=tuple(patient.boxes),
             )

@@ -91,7 +91,7 @@ def _record(
         patient_id=patient_id,
         study_id=image_id,
         split="all",
-        site="boston",
+        site=str(getattr(header, "InstitutionName", "") or "").strip() or None,
         labels={"Pneumothorax": 0.0 if mask_rle == EMPTY else 1.0},
         mask_rle=mask_rle,
         image_size=shape,
@@ -101,7 +101,8 @@ def _record(
 @ADAPTERS.register("siim")
 def read_siim(root: Path, ctx: ReadContext) -> AdapterResult:
     """One record per ImageId with the union of its RLE rows and the image size from the DICOM
-    header; patient from the DICOM PatientID; per-patient 70/15/15 split."""
+    header; patient from the DICOM PatientID, site from its InstitutionName (None when absent);
+    per-patient 70/15/15 split."""
     table = CsvTable(find_file(root, [RLE_FILE], "SIIM train-rle.csv"), COLUMNS)
     folder = root / IMAGE_DIR if (root / IMAGE_DIR).is_dir() else root
     dicoms = index_dicoms(folder)

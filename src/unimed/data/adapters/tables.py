@@ -56,8 +56,8 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
 class CsvTable:
     """A CSV file whose header holds `required` columns (names compared after stripping spaces).
 
-    Iterating yields (line number, row dict); a row with the wrong number of fields raises a
-    DataError from :meth:`row` so the caller can skip it under on_error="skip".
+    Iterating yields (line number the row starts on, row dict); a row with the wrong number of
+    fields raises a DataError from :meth:`row` so the caller can skip it under on_error="skip".
     """
 
     def __init__(self, path: Path, required: Sequence[str]) -> None:
@@ -82,14 +82,15 @@ class CsvTable:
             )
 
     def _records(self) -> Iterator[tuple[int, list[str]]]:
+        # A quoted cell may span lines: a record is named by the line it starts on.
         line = 0
         try:
             with open_text(self.path) as f:
                 reader = csv.reader(f)
                 for values in reader:
-                    line = reader.line_num
+                    start, line = line + 1, reader.line_num
                     if values:
-                        yield line, values
+                        yield start, values
         except (OSError, EOFError, csv.Error) as err:
             raise DataError(f"cannot read CSV ({err})", self.path, line + 1) from None
 

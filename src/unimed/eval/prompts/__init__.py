@@ -8,13 +8,17 @@ reports of that language (lower-casing, Snowball stemming for the stemmed PadChe
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from pathlib import Path
 from typing import Any
 
 import snowballstemmer
 import yaml
 
-from unimed.phantom.reports import stem_text
+from unimed.text.stemming import stem_text
+
+log = logging.getLogger(__name__)
 
 PROMPT_DIR = Path(__file__).parent
 _KEYS = ("language", "positive", "negative", "classes")
@@ -34,14 +38,13 @@ class PromptSet:
     observed_template: str = "{disease}"
 
     def phrase(self, class_name: str) -> str:
-        """How this language says `class_name`; KeyError naming the file and the known classes."""
-        try:
-            return self.classes[class_name.lower()]
-        except KeyError:
-            known = ", ".join(sorted(self.classes))
-            raise KeyError(
-                f"no {self.language} prompt for class '{class_name}' in {self.source}; known: {known}"
-            ) from None
+        """How this language says `class_name`: the prompt file's phrase, else the class name as
+        written (a user's own label column), with a warning naming the file."""
+        phrase = self.classes.get(class_name.lower())
+        if phrase is None:
+            _warn_unknown_class(self.language, class_name, self.source)
+            return class_name
+        return phrase
 
     def display(self, class_name: str, negative: bool = False) -> str:
         """The prompt as a person reads it (not preprocessed)."""
@@ -65,6 +68,13 @@ class PromptSet:
     def negative(self, class_name: str) -> str:
         """The negative prompt of `class_name`, ready for the tokenizer."""
         return self.prepare(self.display(class_name, negative=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unknown_class(language: str, class_name: str, source: str) -> None:
+    log.warning("no %s phrase for class '%s' in %s: prompting with the class name as written "
+                "(add it to a prompt file in eval.zero_shot.prompt_dir to translate it)",
+                language, class_name, source)
 
 
 def load_prompts(language: str, prompt_dir: str | Path = "") -> PromptSet:

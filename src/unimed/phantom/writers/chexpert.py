@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from unimed.data.labels import CHEXPERT_LABELS
 from unimed.phantom.catalogue import CHEXPERT_OF, NOT_PATHOLOGY
-from unimed.phantom.study import CHEXPERT_LABELS, Study
+from unimed.phantom.study import Study
 from unimed.phantom.writers.base import (
     LayoutWriter,
     ManifestEntry,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from unimed.phantom.study import COVIDX_CLASSES, Study
+from unimed.data.labels import COVIDX_CLASSES
+from unimed.phantom.study import Study
 from unimed.phantom.writers.base import LayoutWriter, ManifestEntry, Row, StudyResult, save_jpeg
 
 

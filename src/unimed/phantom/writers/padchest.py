@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from unimed.data.labels import PDC_LABELS
 from unimed.phantom.catalogue import PADCHEST_NAME, PDC_OF
-from unimed.phantom.study import PDC_LABELS, Study
+from unimed.phantom.study import Study
 from unimed.phantom.writers.base import (
     LayoutWriter,
     ManifestEntry,

@@ -1,0 +1,89 @@
+"""`unimed check-data`: read a data root through the adapters and say, per dataset, what was found,
+what was dropped and why, without training or writing anything."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from unimed.commands import command
+from unimed.commands.tables import print_table
+from unimed.config import Config, ConfigError
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default=None, help="data root to check (default: data.root)")
+    parser.add_argument("--datasets", default=None,
+                        help="comma-separated dataset names (default: every dataset under the root)")
+    parser.add_argument("--no-image-check", action="store_true",
+                        help="only check that images exist, not that they open (faster)")
+
+
+def _counts(values: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "-"
+
+
+def check_dataset(name: str, cfg: Config, check_images: bool):
+    """(DatasetRead, None), or (None, the error) when the dataset cannot be read at all. Bad rows
+    are skipped and counted; a generic text-only table is read as the text stages read it."""
+    from unimed.data.adapters import dataset_folder, load_dataset
+    from unimed.data.adapters.generic import IMAGE, find_table, is_generic, read_rows
+    from unimed.data.errors import DataError
+
+    folder = dataset_folder(name, cfg.data.root)
+    try:
+        text_only = is_generic(folder) and IMAGE not in read_rows(find_table(folder))[0]
+        read = load_dataset(name, folder, on_error="skip", min_report_tokens=cfg.data.min_report_tokens,
+                            split_seed=cfg.data.split_seed, check_images=check_images,
+                            require_images=not text_only)
+    except DataError as err:
+        return None, str(err)
+    return read, "text-only" if text_only else None
+
+
+@command("check-data", "read a data root through the adapters and print, per dataset, what was "
+         "found and what was dropped and why (no training)", _args)
+def check_data(cfg: Config, args: argparse.Namespace) -> int:
+    from unimed.data.adapters import find_datasets
+    from unimed.data.splits import leaking_patients
+
+    if args.root is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.root))
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise ConfigError(f"data root not found: {root} (data.root or --root)")
+    names = [n for n in args.datasets.split(",") if n] if args.datasets else find_datasets(root)
+    if not names:
+        raise ConfigError(f"no dataset under {root}: no official layout folder and no sub-folder "
+                          "with a records.csv / records.jsonl (see docs/LAYOUTS.md)")
+    rows, problems, failed = [], [], False
+    for name in names:
+        read, note = check_dataset(name, cfg, check_images=not args.no_image_check)
+        if read is None:
+            rows.append([name, "FAILED", "-", "-", "-", "-", "-", "-"])
+            problems.append(f"{name}: {note}")
+            failed = True
+            continue
+        summary = read.summary()
+        bad = {reason: read.dropped[reason] for reason in read.examples}
+        filtered = {k: v for k, v in read.dropped.items() if k not in bad}
+        keys = [(r.image_path.as_posix() if r.image_path else r.study_id, r.patient_id, r.split)
+                for r in read.records]
+        leaking = leaking_patients(keys)
+        rows.append([name + (f" ({note})" if note else ""), str(len(read.records)),
+                     _counts(summary["split"]), _counts(summary["language"]), _counts(summary["site"]),
+                     str(len(summary["labels"])), _counts(filtered), _counts(bad)])
+        for reason, messages in read.examples.items():
+            problems += [f"{name}: {bad[reason]} x {reason}, e.g. {m}" for m in messages]
+        if leaking:
+            problems.append(f"{name}: {len(leaking)} patient(s) in more than one split, e.g. {leaking[:3]}")
+        failed = failed or bool(bad) or bool(leaking)
+    print_table(f"Datasets under {root}, read through the adapters (bad rows skipped and counted)",
+                ["dataset", "records", "split", "language", "site", "label columns", "filtered",
+                 "bad input (skipped)"], rows)
+    for line in problems:
+        print(line)
+    print("OK: every row read" if not failed else
+          f"{len(problems)} problem(s); fix them, or set data.on_error=skip to train without those rows")
+    return 1 if failed else 0

@@ -1,0 +1,178 @@
+"""Generic image-report tables: one CSV or JSONL row per image, for data in no official layout.
+
+A dataset whose name is not an official layout is read from ``<data.root>/<name>/records.csv``
+(or ``records.csv.gz``, ``records.jsonl``, ``records.jsonl.gz``); docs/LAYOUTS.md documents the
+columns. In short: ``image`` (path relative to the table's folder, or absolute; any format
+:func:`unimed.data.images.load_image` reads), ``report``, ``language``, ``patient_id``, and the
+optional ``study_id``, ``site``, ``view`` and ``split`` (train / valid / test; rows where it is
+blank or absent are split per patient 80/10/10). Every other column is a label: 1, 0, -1
+(uncertain) or blank (not stated).
+
+A table without an ``image`` column is a text-only corpus: `unimed vocab` and `unimed mlm` read it
+(its records have no image); the image stages refuse it with a message saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+from unimed.data.adapters.base import AdapterResult, ReadContext
+from unimed.data.adapters.tables import CsvTable, check_utf8, find_file, open_text
+from unimed.data.errors import DataError
+from unimed.data.records import Record
+from unimed.data.reports import clean_report
+from unimed.data.splits import SPLITS
+
+TABLE_NAMES = ("records.csv", "records.jsonl")
+IMAGE, REPORT, LANGUAGE, PATIENT = "image", "report", "language", "patient_id"
+KNOWN_COLUMNS = frozenset({IMAGE, REPORT, LANGUAGE, PATIENT, "study_id", "site", "view", "split"})
+SPLIT_RATIOS = {"train": 0.8, "valid": 0.1, "test": 0.1}
+CARVED = "all"
+LABEL_VALUES = frozenset({1.0, 0.0, -1.0})
+
+Row = tuple[int, "dict[str, str] | DataError"]
+
+
+def find_table(folder: Path) -> Path:
+    """The records table of a generic dataset folder; DataError listing the accepted names."""
+    return find_file(folder, TABLE_NAMES, "records table of a generic dataset (docs/LAYOUTS.md)")
+
+
+def is_generic(folder: Path) -> bool:
+    """Whether `folder` holds a records table."""
+    return any((folder / f"{n}{gz}").is_file() for n in TABLE_NAMES for gz in ("", ".gz"))
+
+
+def _cell(value: object) -> str:
+    """A JSON value as the text a CSV cell would hold (null -> blank, true -> 1)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    """(line, {key: text}) per non-blank line; a line that is not a JSON object yields its error."""
+    try:
+        with open_text(path) as f:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    check_utf8(text, path, line)
+                    value = json.loads(text)
+                    if not isinstance(value, dict):
+                        raise DataError(f"expected a JSON object, got {type(value).__name__}", path, line)
+                except json.JSONDecodeError as err:
+                    yield line, DataError(f"not a JSON object ({err.msg})", path, line)
+                    continue
+                except DataError as err:
+                    yield line, err
+                    continue
+                yield line, {str(k).strip(): _cell(v) for k, v in value.items()}
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read file ({err})", path) from None
+
+
+def _csv_rows(table: CsvTable) -> Iterator[Row]:
+    for line, values in table:
+        try:
+            yield line, table.row(line, values)
+        except DataError as err:
+            yield line, err
+
+
+def read_rows(path: Path) -> tuple[list[str], Iterator[Row]]:
+    """The columns of a records table (of a JSONL table: every key any object has) and its rows."""
+    if ".jsonl" in path.suffixes:
+        keys = dict.fromkeys(k for _, row in _jsonl_rows(path) if isinstance(row, dict) for k in row)
+        if not keys:
+            raise DataError("no JSON object in the table", path)
+        return list(keys), _jsonl_rows(path)
+    table = CsvTable(path, (PATIENT,))
+    return table.columns, _csv_rows(table)
+
+
+def _labels(path: Path, line: int, row: dict[str, str], columns: list[str]) -> dict[str, float]:
+    labels = {}
+    for column in columns:
+        text = row.get(column, "").strip()
+        try:
+            value = float(text) if text else math.nan
+        except ValueError:
+            value = None
+        if value is None or not (math.isnan(value) or value in LABEL_VALUES):
+            raise DataError(
+                f"label {text!r} is not 1, 0, -1 or blank (every column other than "
+                f"{', '.join(sorted(KNOWN_COLUMNS))} is a label)", path, line, column,
+            )
+        labels[column] = value
+    return labels
+
+
+def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns: list[str]
+           ) -> Record | None:
+    patient = row.get(PATIENT, "").strip()
+    if not patient:
+        raise DataError("empty patient_id", path, line, PATIENT)
+    report = language = None
+    if REPORT in columns:
+        report = clean_report(row.get(REPORT, ""))
+        if not ctx.accept_report(report, path, line, REPORT):
+            return None
+        language = row.get(LANGUAGE, "").strip()
+        if not language:
+            raise DataError("empty language (a code such as en or es)", path, line, LANGUAGE)
+    split = row.get("split", "").strip() or CARVED
+    if split not in (*SPLITS, CARVED):
+        raise DataError(f"split {split!r} is not one of {list(SPLITS)} or blank", path, line, "split")
+    labels = _labels(path, line, row, [c for c in columns if c not in KNOWN_COLUMNS])
+    image, relative = None, f"{path.name}:{line}"  # a text-only row is named by its line
+    if IMAGE in columns:
+        relative = row.get(IMAGE, "").strip()
+        if not relative:
+            raise DataError("empty image path", path, line, IMAGE)
+        image = ctx.image(path.parent / relative, path, line)
+    study = row.get("study_id", "").strip() or relative
+    return Record(
+        dataset=ctx.dataset,
+        image_path=image,
+        patient_id=patient,
+        study_id=study,
+        split=split,
+        report=report,
+        language=language,
+        site=row.get("site", "").strip() or None,
+        view=row.get("view", "").strip() or None,
+        labels=labels,
+    )
+
+
+def read_generic(root: Path, ctx: ReadContext) -> AdapterResult:
+    """The records of a generic table; rows without a `split` are split per patient 80/10/10."""
+    path = find_table(root)
+    columns, rows = read_rows(path)
+    missing = [c for c in (PATIENT, *((LANGUAGE,) if REPORT in columns else ())) if c not in columns]
+    if missing:
+        raise DataError(f"missing column {missing[0]!r}; found {columns}", path, 1, missing[0])
+    if IMAGE not in columns and ctx.require_images:
+        raise DataError(
+            "no 'image' column: a text-only corpus, read by `unimed vocab` and `unimed mlm` only",
+            path, 1,
+        )
+    records = []
+    for line, row in rows:
+        try:
+            if isinstance(row, DataError):
+                raise row
+            record = _parse(ctx, path, line, row, columns)
+        except DataError as err:
+            ctx.drops.bad(err)
+            continue
+        if record is not None:
+            records.append(record)
+    return AdapterResult(records, {CARVED: SPLIT_RATIOS})

@@ -1,0 +1,167 @@
+"""The generic records table (CSV or JSONL): records, labels, sites and splits from the table, text-
+only corpora for the text stages, and bad rows named by file, line and column."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from data_layouts import GENERIC_COLUMNS, generic
+
+from unimed.data.adapters import load_dataset, load_from_config, load_texts
+from unimed.data.config import DataConfig
+from unimed.data.errors import EMPTY_REPORT, MALFORMED_ROW, MISSING_IMAGE, DataError
+from unimed.data.images import load_image
+from unimed.data.splits import leaking_patients
+
+
+def _by_image(read, root: Path) -> dict:
+    return {r.image_path.relative_to(root).as_posix(): r for r in read.records}
+
+
+def _as_jsonl(layout) -> None:
+    """Rewrite the layout's CSV table as records.jsonl (numbers as JSON numbers, blanks as null)."""
+    table = layout.tables.pop("records.csv")
+    lines = []
+    for values in table.rows:
+        row = dict(zip(table.columns, values))
+        for label in ("Effusion", "Nodule"):
+            row[label] = int(row[label]) if row[label] else None
+        lines.append(json.dumps(row))
+    layout.texts["records.jsonl"] = ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_generic_table_reads_every_row_with_its_fields(fmt: str, tmp_path: Path) -> None:
+    layout = generic(tmp_path / "mine")
+    table = layout.tables["records.csv"]
+    if fmt == "jsonl":
+        _as_jsonl(layout)
+    read = load_dataset("mine", layout.write(), check_images=True)
+    records = _by_image(read, layout.root)
+    assert sorted(records) == sorted(layout.kept) and read.dropped == {}
+    for values in table.rows:
+        row = dict(zip(table.columns, values))
+        record = records[row["image"]]
+        assert (record.patient_id, record.language, record.site) == (
+            row["patient_id"], row["language"], row["site"])
+        assert record.labels["Effusion"] == float(row["Effusion"])
+        nodule = record.labels["Nodule"]
+        assert math.isnan(nodule) if not row["Nodule"] else nodule == float(row["Nodule"])
+        if row["split"]:
+            assert record.split == row["split"]
+        load_image(record.image_path)  # PNG, JPEG and DICOM all decode
+    english = records["images/pt0/img0.png"]
+    assert english.report == "Small left effusion. No pneumothorax."
+    assert records["images/pt0/img1.jpg"].report == "Derrame pleural izquierdo. sin neumotorax."
+    assert {r.split for r in read.records} == {"train", "valid", "test"}
+    rows = [(key, r.patient_id, r.split) for key, r in records.items()]
+    assert leaking_patients(rows) == []
+
+
+def test_generic_dataset_is_found_by_name_under_the_data_root(tmp_path: Path) -> None:
+    generic(tmp_path / "mine").write()
+    read = load_from_config("mine", DataConfig(root=str(tmp_path), progress=False))
+    assert len(read.records) == 12
+    with pytest.raises(DataError, match="neither an official layout .* nor a generic dataset"):
+        (tmp_path / "other").mkdir()
+        load_from_config("other", DataConfig(root=str(tmp_path), progress=False))
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason", "message"),
+    [
+        ("Effusion", "yes", MALFORMED_ROW, "label 'yes' is not 1, 0, -1 or blank"),
+        ("report", "  ", EMPTY_REPORT, "empty report"),
+        ("image", "images/none.png", MISSING_IMAGE, "image file not found"),
+        ("split", "holdout", MALFORMED_ROW, "split 'holdout' is not one of"),
+        ("patient_id", "", MALFORMED_ROW, "empty patient_id"),
+        ("language", "", MALFORMED_ROW, "empty language"),
+    ],
+)
+def test_generic_bad_row_is_named_or_skipped_and_counted(
+    column: str, value: str, reason: str, message: str, tmp_path: Path
+) -> None:
+    layout = generic(tmp_path / "mine")
+    table = layout.tables["records.csv"]
+    table.set(3, column, value)
+    root = layout.write()
+    with pytest.raises(DataError) as err:
+        load_dataset("mine", root)
+    text = str(err.value)
+    line = 2 + sum(1 + "".join(row).count("\n") for row in table.rows[:3])  # reports span lines
+    assert text.startswith(f"{root / 'records.csv'}, line {line}") and message in text
+    if column != "image":
+        assert f"column '{column}'" in text
+    read = load_dataset("mine", root, on_error="skip")
+    assert len(read.records) == 11 and read.dropped == {reason: 1}
+
+
+def test_generic_jsonl_bad_line_is_named_and_later_lines_still_read(tmp_path: Path) -> None:
+    layout = generic(tmp_path / "mine")
+    _as_jsonl(layout)
+    lines = layout.texts["records.jsonl"].decode().splitlines()
+    lines[2] = lines[2][:-5]  # a truncated object
+    layout.texts["records.jsonl"] = ("\n".join(lines) + "\n").encode()
+    root = layout.write()
+    with pytest.raises(DataError, match=r"records.jsonl, line 3: not a JSON object"):
+        load_dataset("mine", root)
+    assert len(load_dataset("mine", root, on_error="skip").records) == 11
+
+
+def test_generic_table_without_patient_column_names_it(tmp_path: Path) -> None:
+    layout = generic(tmp_path / "mine")
+    layout.tables["records.csv"].drop_column("patient_id")
+    with pytest.raises(DataError, match=r"records.csv, line 1, column 'patient_id': missing"):
+        load_dataset("mine", layout.write())
+
+
+def _text_only(root: Path) -> Path:
+    """A Spanish report table without images: 10 rows of 10 patients, two of them in test."""
+    lines = ["report,language,patient_id,split"]
+    lines += [f"derrame pleural numero {i} sin neumotorax,es,p{i},{'test' if i < 2 else ''}"
+              for i in range(10)]
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "records.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_text_only_table_feeds_the_text_stages_not_the_image_stages(tmp_path: Path) -> None:
+    root = _text_only(tmp_path)
+    cfg = DataConfig(root=str(root), text_datasets=("notes",), progress=False)
+    with pytest.raises(DataError, match="no 'image' column: a text-only corpus"):
+        load_from_config("notes", cfg)
+    train = load_texts(cfg)
+    assert train and {r.split for r in train} == {"train"} and {r.language for r in train} == {"es"}
+    assert all(r.image_path is None for r in train)
+    every = load_texts(DataConfig(root=str(root), text_datasets=("notes",), progress=False,
+                                  text_splits=("train", "valid", "test")))
+    assert len(every) == 10
+
+
+def test_text_stages_read_reports_whose_images_are_missing(tmp_path: Path) -> None:
+    layout = generic(tmp_path / "mine")
+    layout.images.clear()
+    layout.write()
+    cfg = DataConfig(root=str(tmp_path), pretrain_datasets=("mine",), progress=False,
+                     text_splits=("train", "valid", "test"))
+    assert len(load_texts(cfg)) == 12
+    with pytest.raises(DataError, match="image file not found"):
+        load_from_config("mine", cfg)
+
+
+def test_empty_text_corpus_is_one_data_error(tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "records.csv").write_text(
+        "report,language,patient_id,split\nderrame pleural izquierdo,es,p1,test\n", encoding="utf-8")
+    cfg = DataConfig(root=str(tmp_path), text_datasets=("notes",), progress=False)
+    with pytest.raises(DataError, match=r"no reports in split\(s\) train of the text datasets"):
+        load_texts(cfg)
+
+
+def test_generic_columns_are_documented() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "LAYOUTS.md").read_text(encoding="utf-8")
+    for column in GENERIC_COLUMNS[:6] + ["study_id", "view"]:
+        assert f"`{column}`" in docs

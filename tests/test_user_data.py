@@ -1,0 +1,110 @@
+"""A user's own data on the command line: `unimed check-data` on a root of generic tables, and a
+folder of images + a report table through vocab -> mlm -> pretrain -> evaluate, no invented layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from unimed.cli import main
+
+REPORTS = {
+    "en": ["Small left pleural effusion. No pneumothorax.", "Heart size is normal. Lungs are clear."],
+    "es": ["Derrame pleural izquierdo pequeño. Sin neumotórax.", "Corazón normal. Pulmones claros."],
+}
+
+
+def write_images_and_table(folder: Path, n: int = 24) -> Path:
+    """`n` PNG/JPEG images of n/2 patients with English and Spanish reports, an 'Effusion' label
+    that the report states, and the site of each row."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        image = f"scans/{i}.{'png' if i % 2 else 'jpg'}"
+        (folder / "scans").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(folder / image)
+        language, effusion = ("es" if i % 3 == 0 else "en"), i % 2
+        rows.append({"image": image, "report": REPORTS[language][1 - effusion], "language": language,
+                     "patient_id": f"P{i // 2:03d}", "site": f"hospital-{'ab'[i % 2]}",
+                     "Effusion": effusion})
+    with (folder / "records.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_check_data_names_every_problem_and_passes_once_fixed(tmp_path: Path, capsys):
+    root = tmp_path / "data"
+    table = write_images_and_table(root / "mine") / "records.csv"
+    good = table.read_text(encoding="utf-8")
+    lines = good.splitlines()
+    lines[3] = lines[3].replace("scans/2.jpg", "scans/missing.jpg")
+    lines[5] = lines[5][: lines[5].rindex(",")]  # a short row
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "notes").mkdir()
+    (root / "notes" / "records.csv").write_text(
+        "report,language,patient_id\nDerrame pleural.,es,P1\n,es,P2\n", encoding="utf-8")
+
+    assert main(["check-data", "--root", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "mine" in out and "notes (text-only)" in out
+    assert f"{table}, line 4: image file not found" in out
+    assert f"{table}, line 6: expected 6 fields, found 5" in out
+    assert f"{root / 'notes' / 'records.csv'}, line 3, column 'report': empty report" in out
+    assert "3 problem(s)" in out
+
+    table.write_text(good, encoding="utf-8")
+    (root / "notes" / "records.csv").write_text(
+        "report,language,patient_id\nDerrame pleural.,es,P1\n", encoding="utf-8")
+    assert main(["check-data", "--root", str(root), "--datasets", "mine,notes", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "OK: every row read" in out and "hospital-a=12" in out
+
+
+def test_check_data_on_a_root_without_datasets_is_one_config_error(tmp_path: Path, capsys):
+    assert main(["check-data", "--root", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"unimed: config error: no dataset under {tmp_path}: no official layout folder "
+                   "and no sub-folder with a records.csv / records.jsonl (see docs/LAYOUTS.md)"]
+
+
+@pytest.fixture()
+def user_preset(tmp_path: Path) -> Path:
+    write_images_and_table(tmp_path / "data" / "mine")
+    preset = {
+        "run": {"name": "mine", "output_dir": str(tmp_path / "runs"), "seed": 0},
+        "data": {"root": str(tmp_path / "data"), "pretrain_datasets": ["mine"], "image_size": 64,
+                 "resize_size": 72, "max_length": 32, "progress": False,
+                 "text_splits": ["train", "valid", "test"]},
+        "vocab": {"english_vocab_size": 200, "new_terms": 10},
+        "mlm": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                "epochs": 1, "batch_size": 8, "max_length": 32},
+        "method": {"name": "medunic", "image": {"encoder": "resnet10t"}, "text": {"frozen_layers": 1},
+                   "projector": {"embed_dim": 16, "ctr_dim": 16, "hidden_dim": 32}},
+        "train": {"epochs": 1, "batch_size": 4, "max_steps": 2, "log_every": 1,
+                  "tensorboard": False},
+        "eval": {"tasks": ["zero_shot", "linear_probe"], "baselines": [], "fractions": [1.0],
+                 "min_train_images": 4, "bootstrap_resamples": 20,
+                 "zero_shot": {"datasets": ["mine"], "classes": {"mine": ["Effusion"]}},
+                 "linear_probe": {"datasets": ["mine"], "epochs": 2, "patience": 1}},
+    }
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(preset), encoding="utf-8")
+    return path
+
+
+def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_path: Path):
+    for stage in ("vocab", "mlm", "pretrain"):
+        assert main([stage, str(user_preset), "--quiet"]) == 0, stage
+    run = tmp_path / "runs" / "mine"
+    assert main(["evaluate", str(run), "--quiet"]) == 0
+    metrics = json.loads(next(run.rglob("metrics.json")).read_text(encoding="utf-8"))
+    text = json.dumps(metrics)
+    assert '"mine"' in text and "Effusion" in text
