@@ -59,3 +59,19 @@ def test_truncated_png_is_unreadable(tmp_path: Path) -> None:
     (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="t.png"):
         load_image(tmp_path / "t.png")
+
+
+def test_jpeg_draft_decodes_at_the_smallest_scale_covering_min_side(tmp_path: Path) -> None:
+    y, x = np.mgrid[0:1200, 0:1000]
+    smooth = (127 + 100 * np.sin(x / 90.0) * np.cos(y / 70.0)).astype(np.uint8)  # (1200, 1000)
+    Image.fromarray(smooth).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(smooth).save(tmp_path / "big.png")
+    full = load_image(tmp_path / "big.jpg")
+    assert full.shape == (1200, 1000)
+    assert load_image(tmp_path / "big.jpg", min_side=200).shape == (300, 250)  # 1/4: 150 < 200
+    assert load_image(tmp_path / "big.jpg", min_side=1000).shape == (1200, 1000)
+    assert load_image(tmp_path / "big.png", min_side=200).shape == (1200, 1000)  # PNG: no draft
+    small = load_image(tmp_path / "big.jpg", min_side=200)
+    # The DCT-scaled decode is the full image averaged over 4 x 4 blocks, up to JPEG rounding.
+    blocks = full.reshape(300, 4, 250, 4).mean(axis=(1, 3))
+    assert np.abs(small - blocks).max() < 0.03

@@ -117,7 +117,7 @@ class _OracleEncoder:
         self.labels, self.flipped = labels, flipped
         self.texts = [prompts.positive(c) for c in classes] + [prompts.negative(c) for c in classes]
 
-    def image_features(self, images, normalize=False, batch_size=64):
+    def image_features(self, images, projected=True, normalize=False, batch_size=64):
         assert len(images) == len(self.labels)
         has = torch.from_numpy(self.labels != self.flipped).float()  # (N, C)
         return torch.nn.functional.normalize(torch.cat([has, 1 - has], dim=1), dim=-1)

@@ -113,7 +113,7 @@ def test_shape_mismatch_and_bad_files_are_clear(tmp_path) -> None:
     _save(create_image_encoder("resnet18").state_dict(), tmp_path / "r18.pth", "pth")
     with pytest.raises(ValueError, match="r18.pth"):
         create_image_encoder("resnet10t", weights=tmp_path / "r18.pth")
-    with pytest.raises(ConfigError, match=r"model.image_weights=.*absent.pth: image weights file not found"):
+    with pytest.raises(ConfigError, match=r"method.image.weights=.*absent.pth: image weights file not found"):
         create_image_encoder("resnet10t", weights=tmp_path / "absent.pth")
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported suffix"):

@@ -144,3 +144,11 @@ def test_missing_base_model_folder_is_reported(tmp_path):
 def test_bad_config_gives_a_clear_error(tmp_path, cfg, message):
     with pytest.raises(ValueError, match=message):
         build_cross_lingual_tokenizer(ENGLISH_REPORTS, SPANISH_REPORTS, cfg, tmp_path, progress=False)
+
+
+def test_base_tokenizer_needs_no_english_corpus(tmp_path, tiny_bert_dir):
+    result = build_cross_lingual_tokenizer(
+        [], SPANISH_REPORTS, VocabConfig(new_terms=5), tmp_path, base_model=tiny_bert_dir, progress=False
+    )
+    assert result.vocab_size == result.base_vocab_size + len(result.added_terms) > result.base_vocab_size
+    assert set(result.tokens_per_word_before) == {"es"}

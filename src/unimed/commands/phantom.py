@@ -101,6 +101,26 @@ def _prevalence_rows(reads: dict) -> list[list[str]]:
     return rows
 
 
+def read_back_ct(cfg: Config, root: Path, manifest, *, progress: bool) -> tuple[list[list[str]], list[str]]:
+    """The 3D layouts read through their adapters: table rows and differences from the CT manifest."""
+    from unimed.data.adapters import VOLUME_FOLDERS, load_dataset
+
+    rows, failures = [], []
+    for name, folder in VOLUME_FOLDERS.items():
+        read = load_dataset(name, root / folder, on_error=cfg.data.on_error,
+                            min_report_tokens=cfg.data.min_report_tokens, split_seed=cfg.data.split_seed,
+                            split_dir=root / "splits", progress=progress)
+        summary, expected = read.summary(), manifest.datasets[folder]
+        filtered = read.dropped.get(f"report under {cfg.data.min_report_tokens} tokens", 0)
+        if len(read.records) + filtered != expected.studies:
+            failures.append(f"{name}: {len(read.records)} records + {filtered} filtered, "
+                            f"{expected.studies} volumes written")
+        rows.append([name, str(len(read.records)), _fmt(summary["split"]), _fmt(summary["language"]),
+                     _fmt(expected.sites), _fmt(read.dropped),
+                     "matches" if len(read.records) + filtered == expected.studies else "differs"])
+    return rows, failures
+
+
 @command("phantom", "generate the phantom world in every dataset layout and read it back", _add_args)
 def phantom(cfg: Config, args: argparse.Namespace) -> int:
     from unimed.phantom.world import write_world
@@ -124,6 +144,17 @@ def phantom(cfg: Config, args: argparse.Namespace) -> int:
         ["dataset", "prevalence", "boxes", "masks"],
         _prevalence_rows(reads),
     )
+    if cfg.phantom.ct.enabled:
+        from unimed.phantom.ct.world import write_ct_world
+
+        ct_manifest = write_ct_world(cfg.phantom, progress=not args.quiet)
+        ct_rows, ct_failures = read_back_ct(cfg, root, ct_manifest, progress=not args.quiet)
+        failures += ct_failures
+        print_table(
+            f"Phantom CT world at {root} ({'x'.join(map(str, cfg.phantom.ct.shape))} volumes), read back",
+            ["dataset", "records", "split", "language", "sites written", "dropped", "vs generated"],
+            ct_rows,
+        )
     for failure in failures:
         log.error("read-back differs from what was generated: %s", failure)
     return 1 if failures else 0

@@ -33,17 +33,20 @@ def is_dicom(path: str | Path) -> bool:
     return Path(path).suffix.lower() in DICOM_SUFFIXES
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     """Read an image as float32 (H, W) in [0, 1]; raises DataError naming the file when it cannot.
 
     DICOM is scaled by its stored bit depth (MONOCHROME1 inverted so bright is dense); PNG/JPEG by
-    their bit depth; colour images are converted to grey.
+    their bit depth; colour images are converted to grey. With `min_side`, a JPEG is decoded at the
+    smallest of its DCT scales (1/2, 1/4, 1/8) whose sides stay >= `min_side` (Pillow's ``draft``:
+    several times faster for a 3000-px radiograph that is resized to 256 px anyway); other formats
+    are read at full size.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError("image file not found", path, reason=MISSING_IMAGE)
     try:
-        image = _load_dicom(path) if is_dicom(path) else _load_pil(path)
+        image = _load_dicom(path) if is_dicom(path) else _load_pil(path, min_side)
     except DataError:
         raise
     except _READ_ERRORS as err:
@@ -55,8 +58,10 @@ def load_image(path: str | Path) -> np.ndarray:
     return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def _load_pil(path: Path) -> np.ndarray:
+def _load_pil(path: Path, min_side: int | None = None) -> np.ndarray:
     with Image.open(path) as im:
+        if min_side is not None and im.format == "JPEG":
+            im.draft("L", (min_side, min_side))
         if im.mode == "I":
             # Pillow reads some 16-bit greyscale files as 32-bit "I"; their range is still 16-bit.
             return np.asarray(im, dtype=np.float32) / 65535.0  # (H, W)

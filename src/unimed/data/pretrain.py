@@ -8,6 +8,7 @@ rank reads it and whether or not the run was resumed; the sampler hands those se
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -203,11 +204,13 @@ def build_pretrain_dataset(
     records: Sequence[Record], tokenizer: Any, cfg: DataConfig, *, seed: int = 0
 ) -> PretrainDataset:
     """The dataset at the config's sizes: `data.cvl_view` for the view paired with the report, the
-    paper's augmentations for the SSV view."""
+    paper's augmentations for the SSV view. JPEGs are decoded at the smallest DCT scale that
+    still covers `data.resize_size` (both views start by resizing to it)."""
     transform = cvl_transform(cfg.cvl_view, cfg.image_size, cfg.resize_size, rotation=cfg.rotation)
     aug = pretrain_transform(cfg.image_size, cfg.resize_size, rotation=cfg.rotation)
     return PretrainDataset(records, tokenizer, max_length=cfg.max_length, transform=transform,
-                           aug_transform=aug, seed=seed)
+                           aug_transform=aug, seed=seed,
+                           image_loader=functools.partial(load_image, min_side=cfg.resize_size))
 
 
 def build_pretrain_loader(

@@ -19,6 +19,17 @@ class BoxAnn:
 
 
 @dataclasses.dataclass(frozen=True)
+class PointAnn:
+    """A point finding of a volume (a LUNA16 nodule): centre in RAS world millimetres, diameter in mm."""
+
+    x: float
+    y: float
+    z: float
+    diameter_mm: float
+    label: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Record:
     """One image (and its report, when the dataset has one) in canonical form.
 
@@ -26,6 +37,9 @@ class Record:
     `target` is the class name of single-label datasets (COVIDx).
     `mask_rle` is a Kaggle-style relative RLE of a segmentation mask (SIIM), with `image_size` (H, W).
     `image_path` is None only for a row of a text-only corpus (read by the text stages alone).
+    `ndim` is 2 for images, 3 for volumes (`image_path` is then a NIfTI, a `.mhd` header or a folder
+    of slice images; read it with `unimed.data.volumes.read_volume`); `mask_path` is a volume's label
+    map (BCV) and `points` its point findings (LUNA16 nodules).
     """
 
     dataset: str
@@ -42,6 +56,9 @@ class Record:
     boxes: tuple[BoxAnn, ...] = ()
     mask_rle: str | None = None
     image_size: tuple[int, int] | None = None
+    ndim: int = 2
+    mask_path: Path | None = None
+    points: tuple[PointAnn, ...] = ()
 
     def label(self, name: str) -> float:
         """The label value, NaN when the dataset does not state it."""

@@ -68,39 +68,47 @@ GROUPINGS = ("language", "site")
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """The audited records, their (N, 1, S, S) images, and each record's language, site and
-    patient ("<dataset>/<patient_id>")."""
+    """The audited records, each record's language, site and patient ("<dataset>/<patient_id>"),
+    and where their images are: `images` (N, 1, S, S) decoded for this sample alone, or else
+    `rows`, per (dataset, split) the rows of the cached split (``ctx.data.images(dataset, split,
+    "crop")``) in sample order, so the split's features are shared with the other tasks."""
 
     records: list[Record]
-    images: torch.Tensor
     languages: np.ndarray
     sites: np.ndarray
     patients: np.ndarray
+    images: torch.Tensor | None = None
+    rows: tuple[tuple[str, str | None, np.ndarray], ...] = ()
 
 
-def _dataset_pool(ctx: TaskContext, dataset: str) -> tuple[list[Record], torch.Tensor]:
-    """Test records with a report and a language (all splits when there is no test split)."""
+def _dataset_pool(ctx: TaskContext, dataset: str) -> tuple[list[Record], str | None, np.ndarray]:
+    """Test records with a report and a language (all splits when there is no test split), the
+    split read and their rows in it."""
     split: str | None = SPLIT if ctx.data.records(dataset, SPLIT) else None
     records = ctx.data.require(dataset, split)
-    keep = [i for i, r in enumerate(records) if r.report and r.language]
-    return [records[i] for i in keep], ctx.data.images(dataset, split, "crop")[keep]
+    keep = np.array([i for i, r in enumerate(records) if r.report and r.language], dtype=np.int64)
+    return [records[i] for i in keep], split, keep
 
 
 def draw_sample(ctx: TaskContext, datasets: Sequence[str], per_group: int, seed: int) -> Sample:
-    """Up to `per_group` seeded records per language from `datasets`, with their images."""
+    """Up to `per_group` seeded records per language from `datasets`, with their image rows."""
     pools = [_dataset_pool(ctx, d) for d in datasets]
-    records = [r for recs, _ in pools for r in recs]
-    images = torch.cat([imgs for _, imgs in pools])  # (N_all, 1, S, S)
+    records = [r for recs, _, _ in pools for r in recs]
     languages = np.array([r.language for r in records])
     if len(set(languages)) < 2:
         raise EvalError(
             f"bias audit: records with a report in datasets {list(datasets)} have languages "
             f"{sorted(set(languages))}; at least two languages are needed"
         )
-    chosen = per_language(languages, per_group, np.random.default_rng(seed))
+    chosen = np.array(per_language(languages, per_group, np.random.default_rng(seed)), dtype=np.int64)
     picked = [records[i] for i in chosen]
     sites = np.array([r.site or "unknown" for r in picked])
-    return Sample(picked, images[chosen], languages[chosen], sites, patient_ids(picked))
+    rows, start = [], 0
+    for dataset, (recs, split, keep) in zip(datasets, pools):
+        inside = chosen[(chosen >= start) & (chosen < start + len(recs))] - start
+        rows.append((dataset, split, keep[inside]))
+        start += len(recs)
+    return Sample(picked, languages[chosen], sites, patient_ids(picked), rows=tuple(rows))
 
 
 def patient_ids(records: Sequence[Record]) -> np.ndarray:
@@ -143,8 +151,8 @@ def draw_control(ctx: TaskContext, datasets: Sequence[str], per_group: int, seed
         languages = np.array([r.language for r in pool])
         picked = [pool[i] for i in per_language(languages, per_group, rng)]
         images = ctx.data.load(picked, "crop", f"bias control/{subset}")  # (N, 1, S, S)
-        out[subset] = Sample(picked, images, np.array([r.language for r in picked]),
-                             np.array([r.site for r in picked]), patient_ids(picked))
+        out[subset] = Sample(picked, np.array([r.language for r in picked]),
+                             np.array([r.site for r in picked]), patient_ids(picked), images)
     return out
 
 
@@ -273,19 +281,26 @@ def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[
             for k, name in enumerate(("first", "second"))}
 
 
-def embeddings(encoder: Encoder, sample: Sample, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
-    """{"text": {"pooled", "projected"}, "image": {"pooled", "projected"}} -> (N, D) arrays."""
+def image_embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample, space: str) -> np.ndarray:
+    """(N, D) `space` ("pooled" / "projected") features of the sample's images."""
+    if sample.images is not None:
+        return encoder.image_features(rgb(sample.images), projected=space == "projected",
+                                      batch_size=ctx.cfg.batch_size).numpy()
+    return torch.cat([ctx.image_features(encoder, dataset, split, space)[torch.from_numpy(rows)]
+                      for dataset, split, rows in sample.rows]).numpy()
+
+
+def embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample) -> dict[str, dict[str, np.ndarray]]:
+    """{"text": {"pooled", "projected"}, "image": {"pooled", "projected"}} -> (N, D) arrays (texts
+    and the cached splits' images through the context's feature cache)."""
     texts = [r.report or "" for r in sample.records]
-    images = rgb(sample.images)  # (N, 3, S, S)
     return {
         "text": {
-            "pooled": encoder.text_features(texts, projected=False, batch_size=batch_size).numpy(),
-            "projected": encoder.text_features(texts, batch_size=batch_size).numpy(),
+            "pooled": ctx.text_features(encoder, texts, "pooled").numpy(),
+            "projected": ctx.text_features(encoder, texts, "projected").numpy(),
         },
-        "image": {
-            "pooled": encoder.image_features(images, projected=False, batch_size=batch_size).numpy(),
-            "projected": encoder.image_features(images, batch_size=batch_size).numpy(),
-        },
+        "image": {space: image_embeddings(encoder, ctx, sample, space)
+                  for space in ("pooled", "projected")},
     }
 
 
@@ -333,9 +348,8 @@ def parallel_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | Non
     texts = {"en": [corpus.en[i] for i in keep], "es": [corpus.es[i] for i in keep]}
     n = len(keep)
     out: dict[str, Any] = {"pairs": n, "chance": {"R@1": 1 / (2 * n - 1), "cross_top1": n / (2 * n - 1)}}
-    for space, projected in (("pooled", False), ("projected", True)):
-        en, es = (encoder.text_features(texts[lang], projected=projected, batch_size=ctx.cfg.batch_size)
-                  .numpy() for lang in ("en", "es"))
+    for space in ("pooled", "projected"):
+        en, es = (ctx.text_features(encoder, texts[lang], space).numpy() for lang in ("en", "es"))
         got = parallel_retrieval(en, es)
         out[space] = {"en": got["first"], "es": got["second"]}
     return out
@@ -372,7 +386,7 @@ def control_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | None
         if len(set(sample.languages.tolist())) < 2:
             out[subset] = None
             continue
-        spaces = embeddings(encoder, sample, ctx.cfg.batch_size)
+        spaces = embeddings(encoder, ctx, sample)
         out[subset] = {
             modality: {space: separability(x, sample.languages, knn_k=cfg.knn_k, folds=cfg.folds,
                                            seed=ctx.cfg.seed, patients=sample.patients)
@@ -388,7 +402,7 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     parallel-report retrieval and the control community (see the module docstring)."""
     cfg = ctx.cfg.bias
     sample = draw_sample(ctx, cfg.datasets, cfg.samples_per_group, ctx.cfg.seed)
-    spaces = embeddings(encoder, sample, ctx.cfg.batch_size)
+    spaces = embeddings(encoder, ctx, sample)
     groups = {"language": sample.languages, "site": sample.sites}
     out: dict[str, Any] = {"text": {}, "image": {}, "figures": {}}
     jobs = [(m, s) for m in spaces for s in spaces[m]]

@@ -73,10 +73,20 @@ def weighted_map(image_index: np.ndarray, tp: np.ndarray, n_boxes: np.ndarray,
             recall = tps / positives[:, None]
         precision = tps / (tps + fps + np.spacing(1))
         precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
-        first = (recall[:, :, None] < RECALL_POINTS).sum(1)  # (B, 101): first index with recall >= r
+        first = _first_reaching(np.nan_to_num(recall, nan=0.0, posinf=0.0))  # (B, 101)
         picked = np.take_along_axis(precision, np.minimum(first, tp.shape[1] - 1), axis=1)
         aps.append(np.where(first < tp.shape[1], picked, 0.0).mean(1))
     return np.where(positives > 0, np.mean(aps, axis=0), np.nan)
+
+
+def _first_reaching(recall: np.ndarray) -> np.ndarray:
+    """(B, 101) index of the first column of each row of the non-decreasing (B, D) `recall` that
+    reaches each of RECALL_POINTS (D when none does): one searchsorted over all rows, each row
+    shifted by 2 x its number so that the rows stay apart in one sorted array."""
+    rows, length = recall.shape
+    shift = 2.0 * np.arange(rows)[:, None]
+    flat = np.searchsorted((recall + shift).ravel(), (RECALL_POINTS[None, :] + shift).ravel(), side="left")
+    return flat.reshape(rows, -1) - length * np.arange(rows)[:, None]
 
 
 def bootstrap_map(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]],

@@ -1,13 +1,12 @@
-"""Frozen dense maps of the image encoder, computed once and shared by segmentation and detection.
+"""Frozen dense maps of the image encoder (segmentation and detection).
 
 Images use the "full" geometry (whole image resized to S x S). Convolutional encoders give maps at
 distinct strides (2 ... 32); plain ViTs give every block at one stride, so four evenly spaced
 blocks are resampled (bilinear) to strides 4, 8, 16 and 32, a simple feature pyramid, and any
 timm image encoder works.
 
-:class:`FeatureCache` keeps, per (encoder, dataset, split, geometry, image size), every level the
-encoder offers (float16, CPU); a task takes the levels of stride >= its ``min_stride``. It lives
-in memory, sized for the phantom demo sets, not full-size ones.
+:class:`unimed.eval.features.FeatureCache` keeps every level the encoder offers (float16, CPU) once
+per split; a task takes the levels of stride >= its ``min_stride`` (:func:`select_levels`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimed.eval.data import EvalData, rgb
+from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 
@@ -79,19 +78,3 @@ def select_levels(maps: Maps, image_size: int, min_stride: int) -> Maps:
         strides = [image_size // m.shape[-1] for m in maps]
         raise EvalError(f"the image encoder has no feature map of stride >= {min_stride} (strides {strides})")
     return chosen
-
-
-class FeatureCache:
-    """Every dense level of each (encoder, dataset, split), computed on first use."""
-
-    def __init__(self) -> None:
-        self._maps: dict[tuple[str, str, str, str, int], Maps] = {}
-
-    def maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, min_stride: int,
-             batch_size: int) -> Maps:
-        """Maps of stride >= `min_stride` of `data.images(dataset, split, "full")`, shallow to deep."""
-        key = (encoder.name, dataset, split, GEOMETRY, data.image_size)
-        if key not in self._maps:
-            log.debug("dense features of %s on %s/%s", encoder.name, dataset, split)
-            self._maps[key] = dense_features(encoder, data.images(dataset, split, GEOMETRY), batch_size)
-        return select_levels(self._maps[key], data.image_size, min_stride)

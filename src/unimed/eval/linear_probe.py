@@ -1,6 +1,6 @@
 """Linear classification on the frozen image encoder (Med-UniC Table 2).
 
-Pooled image-encoder features are computed once per split; a single linear layer is trained on a
+Pooled image-encoder features are computed once per split (the context's feature cache); a single linear layer is trained on a
 seeded `fraction` of the training images with AdamW (paper: lr 5e-4, weight decay 1e-6), early
 stopping on the validation metric, and scored on the test split with the best validation state,
 with a bootstrap 95 % interval over resamples of the test images.
@@ -22,7 +22,6 @@ from torch import nn
 
 from unimed.data.records import Record
 from unimed.eval.config import LinearProbeConfig
-from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.metrics import (
@@ -143,16 +142,11 @@ def train_probe(
     return layer
 
 
-def _features(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> torch.Tensor:
-    images = rgb(ctx.data.images(dataset, split))
-    return encoder.image_features(images, projected=False, batch_size=ctx.cfg.batch_size)
-
-
 def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
     """One dataset's probe at every configured label fraction."""
     target = PROBE_TARGETS.get(dataset) or label_target(ctx.data.require(dataset, "train"), dataset)
     split_y = {s: targets(ctx.data.require(dataset, s), target, dataset) for s in ("train", "valid", "test")}
-    split_x = {s: _features(encoder, ctx, dataset, s) for s in split_y}
+    split_x = {s: ctx.image_features(encoder, dataset, s, "pooled") for s in split_y}
 
     resamples = ctx.resamples(dataset, "test", len(split_y["test"]))
 

@@ -118,13 +118,17 @@ class Pairs:
     text: torch.Tensor  # (N, E)
 
 
-def with_reports(ctx: TaskContext, dataset: str) -> tuple[list[Record], torch.Tensor]:
-    """The test records of `dataset` that have a report, and their (N, 1, S, S) images."""
+def dataset_pairs(encoder: Encoder, ctx: TaskContext, dataset: str) -> Pairs:
+    """The test records of `dataset` that have a report, with their features (from the context's
+    cache, shared with zero-shot and the bias audit)."""
     records = ctx.data.require(dataset, SPLIT)
     keep = [i for i, r in enumerate(records) if r.report]
     if not keep:
         raise EvalError(f"retrieval: no test records with a report in dataset '{dataset}'")
-    return [records[i] for i in keep], ctx.data.images(dataset, SPLIT, "crop")[keep]
+    chosen = [records[i] for i in keep]
+    image = ctx.image_features(encoder, dataset, SPLIT, "projected", normalize=True)[keep]
+    text = ctx.text_features(encoder, [r.report for r in chosen], "projected", normalize=True)
+    return Pairs(chosen, image, text)
 
 
 def encode_pairs(encoder: Encoder, records: list[Record], images: torch.Tensor, batch_size: int
@@ -277,8 +281,8 @@ def cross_lingual(encoder: Encoder, corpus: ParallelCorpus, ctx: TaskContext, na
                   ) -> dict[str, Any]:
     """English->Spanish and Spanish->English report Recall@K over the whole corpus as gallery."""
     cfg = ctx.cfg
-    en = encoder.text_features(corpus.en, normalize=True, batch_size=cfg.batch_size)  # (N, E)
-    es = encoder.text_features(corpus.es, normalize=True, batch_size=cfg.batch_size)  # (N, E)
+    en = ctx.text_features(encoder, corpus.en, "projected", normalize=True)  # (N, E)
+    es = ctx.text_features(encoder, corpus.es, "projected", normalize=True)  # (N, E)
     match = same_value(corpus.study_ids)  # (N, N)
     sims = (en @ es.T).numpy()  # (N English, N Spanish)
     queries = sample_queries(len(match), cfg.retrieval.max_queries, cfg.seed)
@@ -302,7 +306,7 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     out: dict[str, Any] = {"image_to_report": {}, "report_to_image": {}, "queries": {}}
     test_pairs = []
     for dataset in tqdm(cfg.datasets, desc="retrieval", unit="dataset", disable=not ctx.progress):
-        pairs = encode_pairs(encoder, *with_reports(ctx, dataset), ctx.cfg.batch_size)
+        pairs = dataset_pairs(encoder, ctx, dataset)
         test_pairs.append(pairs)
         result = dataset_retrieval(pairs, ctx, dataset)
         out["image_to_report"][dataset] = result["image_to_report"]

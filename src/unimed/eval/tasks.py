@@ -10,48 +10,68 @@ metrics gains ``"ci": {name: [lo, hi]}`` (:func:`with_intervals`), a per-fractio
 ``"replicates"`` keys holding numpy arrays, which the runner moves out of the metrics into
 ``ctx.replicates`` (saved beside metrics.json for the paired comparisons of the checks); everything
 else a task returns is JSON-serialisable.
-The context's feature cache computes an encoder's dense maps of a split once for every dense
-task (segmentation, detection).
+The context's feature cache (:mod:`unimed.eval.features`) computes an encoder's frozen features
+once per run and shares them across tasks: the dense maps of a split (segmentation, detection), the
+pooled or projected embeddings of a split's images and of texts (zero-shot, linear probe,
+retrieval, bias audit).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unimed.eval.config import EvalConfig
 from unimed.eval.data import EvalData, fraction_indices
-from unimed.eval.dense import FeatureCache, Maps
+from unimed.eval.dense import Maps
 from unimed.eval.encoders import Encoder
+from unimed.eval.features import FeatureCache
 from unimed.eval.metrics import Estimate, resample_indices
 from unimed.registry import Registry
 
 
 @dataclasses.dataclass
 class TaskContext:
-    """Shared by every task of one evaluation: cached data and dense maps, the eval config, where
-    figures go."""
+    """Shared by every task of one evaluation: cached data and frozen features, the eval config,
+    where figures go."""
 
     data: EvalData
     cfg: EvalConfig
     out_dir: Path
     progress: bool = False
     replicates: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    features: FeatureCache = dataclasses.field(default_factory=FeatureCache)
 
     def resamples(self, dataset: str, split: str, n: int) -> np.ndarray:
         """(R, n) bootstrap indices of the `n` scored images of `dataset`/`split`, the same for
         every encoder (see :func:`unimed.eval.metrics.resample_indices`)."""
         return resample_indices(n, self.cfg.bootstrap_resamples, self.cfg.seed, dataset, split)
-    features: FeatureCache = dataclasses.field(default_factory=FeatureCache)
 
     def dense_maps(self, encoder: Encoder, dataset: str, split: str, min_stride: int) -> Maps:
         """`encoder`'s frozen maps of stride >= `min_stride` on one split ("full" geometry), cached."""
         return self.features.maps(encoder, self.data, dataset, split, min_stride=min_stride,
                                   batch_size=self.cfg.batch_size)
+
+    def image_features(self, encoder: Encoder, dataset: str, split: str | None, space: str, *,
+                       geometry: str = "crop", normalize: bool = False) -> torch.Tensor:
+        """(N, D) `space` ("pooled" F_v or "projected" P_v F_v) embeddings of the split's images
+        (``data.images(dataset, split, geometry)``, record order), cached."""
+        features = self.features.images(encoder, self.data, dataset, split, space=space,
+                                        geometry=geometry, batch_size=self.cfg.batch_size)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def text_features(self, encoder: Encoder, texts: Sequence[str], space: str, *,
+                      normalize: bool = False) -> torch.Tensor:
+        """(N, D) `space` ("pooled" or "projected") embeddings of `texts`, each text cached."""
+        features = self.features.texts(encoder, texts, space=space, batch_size=self.cfg.batch_size)
+        return F.normalize(features, dim=-1) if normalize and len(features) else features
 
     def figure_path(self, encoder: Encoder, name: str) -> Path:
         """Where `encoder`'s figure `name` (a PNG) is written; the folder is created."""

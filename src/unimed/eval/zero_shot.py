@@ -109,13 +109,13 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict:
         classes = cfg.classes[dataset]
         records = ctx.data.require(dataset, SPLIT)
         labels = label_matrix(records, classes, dataset)
-        images = rgb(ctx.data.images(dataset, SPLIT))
         resamples = ctx.resamples(dataset, SPLIT, len(records))
         if hasattr(encoder.model, "zero_shot_scores"):
+            images = rgb(ctx.data.images(dataset, SPLIT))
             scores = {lang: own_scores(encoder, images, p, classes, ctx.cfg.batch_size)
                       for lang, p in prompts.items()}
         else:
-            features = encoder.image_features(images, normalize=True, batch_size=ctx.cfg.batch_size)
+            features = ctx.image_features(encoder, dataset, SPLIT, "projected", normalize=True)
             scores = {lang: prompt_scores(encoder, features, p, classes) for lang, p in prompts.items()}
         out[dataset] = {
             lang: score_language(labels, scores[lang], classes, resamples) for lang in prompts

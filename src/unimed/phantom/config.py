@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.phantom.ct.config import CTConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class PhantomConfig:
@@ -37,3 +39,4 @@ class PhantomConfig:
     workers: int = 1
     lang_dir: str = ""  # folder of language packs; empty = the packaged phantom/lang
     sites_file: str = ""  # sites YAML; empty = the packaged phantom/sites.yaml
+    ct: CTConfig = CTConfig()  # the 3D (CT) world, written only with phantom.ct.enabled

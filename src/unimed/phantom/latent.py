@@ -74,7 +74,7 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
     return str(options[int(rng.integers(len(options)))])
 
 
-def _attrs(name: str, rng: np.random.Generator) -> dict[str, str]:
+def finding_attrs(name: str, rng: np.random.Generator) -> dict[str, str]:
     """Attributes of one finding, as the report words they become (language packs translate them)."""
     sides, sizes = ("left", "right"), ("small", "moderate", "large")
     zones = ("upper", "middle", "lower")
@@ -120,11 +120,12 @@ def sample_findings(rng: np.random.Generator, prevalence: Mapping[str, float], v
         present.add("pneumonia")
     if "heart_insufficiency" in present:
         present.update(HEART_INSUFFICIENCY_PARTS)
-    return {name: _attrs(name, rng) for name in FINDING_NAMES if name in present}
+    return {name: finding_attrs(name, rng) for name in FINDING_NAMES if name in present}
 
 
 def report_flags(
-    rng: np.random.Generator, present: Mapping[str, dict[str, str]], rates: Mapping[str, float]
+    rng: np.random.Generator, present: Mapping[str, dict[str, str]], rates: Mapping[str, float],
+    negatable: tuple[str, ...] = NEGATABLE,
 ) -> tuple[list[Finding], tuple[str, ...]]:
     """Decide once, for every language, which findings the reports mention, hedge or negate.
 
@@ -142,9 +143,9 @@ def report_flags(
     ]
     taken = {label for n in names for label in CHEXPERT_OF[n]}
     negate_p = rates["negate_normal"] if not names else rates["negate"]
-    draws = rng.random(len(NEGATABLE))
+    draws = rng.random(len(negatable))
     negated = tuple(
-        n for n, u in zip(NEGATABLE, draws)
+        n for n, u in zip(negatable, draws)
         if n not in present and not taken & set(CHEXPERT_OF[n]) and u < negate_p
     )
     return findings, negated

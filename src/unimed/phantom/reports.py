@@ -45,12 +45,14 @@ class LanguagePack:
     findings: dict[str, dict[str, Any]]
 
 
-def _check_findings(findings: Any, where: str) -> dict[str, dict[str, Any]]:
+def _check_findings(
+    findings: Any, where: str, names: tuple[str, ...], negatable: tuple[str, ...]
+) -> dict[str, dict[str, Any]]:
     if not isinstance(findings, dict):
         raise ValueError(f"{where}: 'findings' must be a mapping")
-    for name in FINDING_NAMES:
+    for name in names:
         entry = require(findings, name, f"{where}: findings")
-        for key in ("noun", "positive") + (("negative",) if name in NEGATABLE else ()):
+        for key in ("noun", "positive") + (("negative",) if name in negatable else ()):
             phrases = require(entry, key, f"{where}: findings.{name}")
             if not isinstance(phrases, list) or not phrases:
                 raise ValueError(f"{where}: findings.{name}.{key} must be a non-empty list")
@@ -58,8 +60,14 @@ def _check_findings(findings: Any, where: str) -> dict[str, dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=16)
-def load_pack(code: str, lang_dir: Path = LANG_DIR) -> LanguagePack:
-    """Read and validate `<lang_dir>/<code>.yaml`; errors name the file and the missing key."""
+def load_pack(
+    code: str, lang_dir: Path = LANG_DIR, names: tuple[str, ...] = FINDING_NAMES,
+    negatable: tuple[str, ...] = NEGATABLE,
+) -> LanguagePack:
+    """Read and validate `<lang_dir>/<code>.yaml`; errors name the file and the missing key.
+
+    `names` are the findings the pack must phrase (the 3D world's packs phrase the CT findings
+    only), `negatable` those it must also be able to state as absent."""
     path = Path(lang_dir) / f"{code}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in Path(lang_dir).glob("*.yaml"))
@@ -85,7 +93,7 @@ def load_pack(code: str, lang_dir: Path = LANG_DIR) -> LanguagePack:
         impression_normal=list(require(data, "impression_normal", where)),
         hedges=list(require(data, "hedges", where)),
         attrs=dict(data.get("attrs") or {}),
-        findings=_check_findings(require(data, "findings", where), where),
+        findings=_check_findings(require(data, "findings", where), where, names, negatable),
     )
 
 
@@ -148,12 +156,13 @@ def render_report(
 
 def render_reports(
     codes: tuple[str, ...], findings: list[Finding], negated: tuple[str, ...], *, view: str, sex: str,
-    seed: int, lang_dir: Path = LANG_DIR,
+    seed: int, lang_dir: Path = LANG_DIR, names: tuple[str, ...] = FINDING_NAMES,
+    negatable: tuple[str, ...] = NEGATABLE,
 ) -> dict[str, str]:
     """Reports keyed by language code; a pack with a stemmer also gives `<code>_plain` (un-stemmed)."""
     out = {}
     for code in codes:
-        pack = load_pack(code, Path(lang_dir))
+        pack = load_pack(code, Path(lang_dir), names, negatable)
         text = render_report(pack, findings, negated, view=view, sex=sex, seed=seed)
         if pack.stemmer:
             out[code] = stem_text(text, pack.stemmer)

@@ -264,7 +264,7 @@ def _check_vocab_prefix(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTr
     Returns the base tokenizer (None when the base folder has none)."""
     if not any((path / name).exists() for name in ("tokenizer.json", "vocab.txt")):
         return None
-    base = AutoTokenizer.from_pretrained(str(path))
+    base = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     base_vocab = base.get_vocab()
     moved = [t for t, i in base_vocab.items() if tokenizer.convert_tokens_to_ids(t) != i]
     if moved:

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from unimed.data.adapters import chexpert, covidx, mimic, object_cxr, padchest, rsna, siim
+from unimed.data.adapters import bcv, bimcv, ccii, chexpert, covidx, luna16, mimic, object_cxr, padchest, rsna, siim
 from unimed.data.adapters.base import ADAPTERS, AdapterResult, DatasetRead, ReadContext
 from unimed.data.adapters.generic import is_generic, read_generic
 from unimed.data.config import DataConfig
@@ -32,6 +32,13 @@ DATASET_FOLDERS: dict[str, str] = {
     "covidx": "covidx",
     "object-cxr": "object-cxr",
     "pdc": "pdc",
+}
+# Folder of each 3D (volume) dataset, written by the phantom's CT world (phantom.ct.enabled).
+VOLUME_FOLDERS: dict[str, str] = {
+    "bimcv-covid19": "bimcv-covid19",
+    "cc-ccii": "cc-ccii",
+    "luna16": "luna16",
+    "bcv": "bcv",
 }
 
 
@@ -95,7 +102,7 @@ def find_datasets(root: str | Path) -> list[str]:
     sub-folder holding a generic records table (named by the folder)."""
     root = Path(root)
     official = [name for name, folder in DATASET_FOLDERS.items() if (root / folder).is_dir()]
-    taken = set(DATASET_FOLDERS.values())
+    taken = set(DATASET_FOLDERS.values()) | set(VOLUME_FOLDERS.values())
     generic = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in taken
                      and is_generic(p)) if root.is_dir() else []
     return official + generic
@@ -137,6 +144,10 @@ __all__ = [
     "ADAPTERS",
     "DATASET_FOLDERS",
     "DatasetRead",
+    "VOLUME_FOLDERS",
+    "bcv",
+    "bimcv",
+    "ccii",
     "chexpert",
     "dataset_folder",
     "find_datasets",
@@ -144,6 +155,7 @@ __all__ = [
     "load_dataset",
     "load_from_config",
     "load_texts",
+    "luna16",
     "mimic",
     "object_cxr",
     "padchest",

@@ -1,0 +1,74 @@
+"""Evaluation speed: seconds per task for ONE encoder through the library's evaluation runner.
+
+    python benchmarks/eval_speed.py runs/demo --threads 2
+
+The run folder's checkpoint is evaluated on every task of its config's ``eval.tasks`` (or
+``--tasks``) on the same data, splits and seeds as ``unimed evaluate``; figures go to a temporary
+folder, nothing is written in the run folder. The table has one row per task and a total; the first
+task of a dataset pays for decoding its images and for the encoder's frozen features, later tasks
+reuse them (see :mod:`unimed.eval.features`). Target: total < 60 s on 2 cores for the demo
+preset. The process's CPU time is printed too: on a shared machine wall time grows with the load. ``--profile N`` prints the N functions with the most cumulative time (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from unimed.commands.evaluate import build_encoders, parse_tasks
+from unimed.commands.tables import print_table
+from unimed.config import load_config
+from unimed.eval.data import EvalData
+from unimed.eval.encoders import checkpoint_config, find_checkpoint
+from unimed.eval.runner import evaluate
+from unimed.eval.tasks import TaskContext
+
+TARGET_S = 60.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="run folder (or checkpoint) to evaluate, e.g. runs/demo")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: eval.tasks)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N functions with the most cumulative time")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.root=...")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = find_checkpoint(args.run)
+    cfg = load_config(checkpoint_config(checkpoint), args.overrides)
+    tasks = parse_tasks(args.tasks, cfg)
+    encoders = build_encoders(cfg, checkpoint, ())
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = TaskContext(EvalData(cfg.data), cfg.eval, Path(tmp))
+        profiler = cProfile.Profile() if args.profile else None
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if profiler is not None:
+            profiler.enable()
+        metrics = evaluate(encoders, ctx, tasks)
+        if profiler is not None:
+            profiler.disable()
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    seconds = metrics["encoders"][encoders[0].name]["seconds"]
+    rows = [[task, f"{s:.1f}", f"{100 * s / total:.0f}%"] for task, s in seconds.items()]
+    rows.append(["total (one encoder)", f"{total:.1f}", f"target < {TARGET_S:.0f} s"])
+    rows.append(["process CPU time, all threads", f"{cpu:.1f}", ""])
+    print_table(f"Evaluation of {encoders[0].label} ({checkpoint}), {torch.get_num_threads()} threads",
+                ["task", "seconds", "share"], rows)
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)
+        print(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()

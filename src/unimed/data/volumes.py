@@ -1,0 +1,222 @@
+"""Reading CT volumes (NIfTI, MetaImage `.mhd/.raw`, folders of slice images) in RAS and HU.
+
+nibabel reads NIfTI (applying the header's rescale slope / intercept), SimpleITK reads MetaImage
+(whose world frame is LPS), and MONAI does the spatial work: orientation to RAS, resampling to a
+target spacing or size, HU windowing. Every failure is a :class:`DataError` naming the file:
+truncated or unreadable files, a `.raw` that is missing or short, non-positive spacing, NaN voxels,
+and values that can only come from rescaling stored values that were already in HU (the double
+rescale that CT-CLIP's pipeline is known for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientation, Resize, ScaleIntensityRange, Spacing
+from PIL import Image
+
+from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+"""Axis letters of the world frame every affine here is written in (nibabel's and MONAI's RAS)."""
+DOUBLE_RESCALE_HU = -1500.0
+"""No CT voxel lies below this HU (air is -1000, scanners clip at -1024): anything lower means the
+stored values were already HU when the rescale intercept was applied again."""
+NOT_HU_LOW = -200.0
+"""A chest or abdominal CT always holds air; a volume whose lowest 0.1 % lies above this is not HU."""
+SLICE_WINDOW = (-1400.0, 200.0)
+"""HU of the grey values 0 and 255 in a folder of 8-bit slice images (the CC-CCII layout)."""
+SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclasses.dataclass
+class Volume:
+    """A CT volume: `array` (X, Y, Z) float32 HU with axes towards R, A, S; `affine` voxel -> RAS mm."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    def world_to_voxel(self, xyz_ras: Sequence[float]) -> np.ndarray:
+        """Continuous voxel (i, j, k) of a RAS world point in mm."""
+        return (np.linalg.inv(self.affine) @ np.array([*xyz_ras, 1.0]))[:3]
+
+    def contains(self, voxel: np.ndarray) -> bool:
+        """Whether a continuous voxel index lies inside the volume (half a voxel of margin)."""
+        return bool(np.all(voxel >= -0.5) and np.all(voxel <= np.array(self.array.shape) - 0.5))
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with nib.openers.ImageOpener(str(path)) as f:
+            block = f.read(348)
+        if len(block) < 348:
+            raise DataError(f"cannot read NIfTI volume, truncated or corrupt ({len(block)}-byte header)", path,
+                            reason=UNREADABLE_IMAGE)
+        stored = nib.Nifti1Header(binaryblock=block, check=False)  # as stored, before nibabel repairs it
+        spacing = np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+        if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise DataError(f"voxel spacing {spacing.round(4).tolist()} in the header is not positive and finite",
+                            path, reason=UNREADABLE_IMAGE)
+        image = nib.load(str(path))
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        raise DataError(f"cannot read NIfTI volume, truncated or corrupt ({err})", path,
+                        reason=UNREADABLE_IMAGE) from None
+    return data, image.affine
+
+
+def _raw_path(path: Path) -> Path:
+    """The `.raw` a MetaImage header names (ElementDataFile), checked to exist."""
+    name = None
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            name = value.strip()
+    if name is None or name == "LOCAL":
+        return path
+    raw = path.parent / name
+    if not raw.is_file():
+        raise DataError(f"MetaImage data file {name} not found beside the header", path, reason=MISSING_IMAGE)
+    return raw
+
+
+def _read_mhd(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    _, affine = mhd_geometry(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise DataError(f"cannot read MetaImage ({first})", path, reason=UNREADABLE_IMAGE) from None
+    return sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0), affine  # (x, y, z)
+
+
+def mhd_geometry(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(size (X, Y, Z), affine voxel -> RAS mm) from a MetaImage header alone, without its voxels."""
+    raw = _raw_path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise DataError(f"cannot read MetaImage header ({first})", path, reason=UNREADABLE_IMAGE) from None
+    expected = int(np.prod(reader.GetSize())) * _pixel_bytes(reader.GetPixelID())
+    if raw != path and raw.stat().st_size < expected:
+        raise DataError(f"{raw.name} holds {raw.stat().st_size} bytes, the header needs {expected} "
+                        "(truncated .raw)", path, reason=UNREADABLE_IMAGE)
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(reader.GetDirection()).reshape(3, 3) @ np.diag(reader.GetSpacing())
+    lps[:3, 3] = reader.GetOrigin()
+    return tuple(int(v) for v in reader.GetSize()), LPS_TO_RAS @ lps
+
+
+def _pixel_bytes(pixel_id: int) -> int:
+    return {sitk.sitkInt8: 1, sitk.sitkUInt8: 1, sitk.sitkInt16: 2, sitk.sitkUInt16: 2, sitk.sitkInt32: 4,
+            sitk.sitkUInt32: 4, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}.get(pixel_id, 1)
+
+
+def _read_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A folder of 8-bit slice images (0000 the most inferior; rows anterior to posterior, columns
+    patient right to left), mapped back to HU through SLICE_WINDOW. The layout stores no spacing,
+    so the affine is the identity (1 mm voxels)."""
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES),
+                   key=lambda p: (len(p.stem), p.stem))
+    if not files:
+        raise DataError("no slice images in the scan folder", folder, reason=MISSING_IMAGE)
+    planes = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                planes.append(np.asarray(image.convert("L"), dtype=np.float32))
+        except (OSError, ValueError, SyntaxError) as err:
+            raise DataError(f"cannot read slice image ({err})", file, reason=UNREADABLE_IMAGE) from None
+        if planes[-1].shape != planes[0].shape:
+            raise DataError(f"slice is {planes[-1].shape}, the scan's first slice {planes[0].shape} "
+                            "(inconsistent slices)", file, reason=UNREADABLE_IMAGE)
+    stack = np.stack(planes)[:, ::-1, ::-1]  # (z, y, x) with axes towards S, A, R
+    low, high = SLICE_WINDOW
+    return np.ascontiguousarray(stack.transpose(2, 1, 0)) / 255.0 * (high - low) + low, np.eye(4)
+
+
+def check_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """DataError for NaN voxels, bad spacing, or intensities that are not HU."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise DataError(f"voxel spacing {spacing.round(4).tolist()} is not positive and finite", path,
+                        reason=UNREADABLE_IMAGE)
+    if array.ndim != 3 or min(array.shape) < 2:
+        raise DataError(f"expected a 3-D volume, got shape {array.shape}", path, reason=UNREADABLE_IMAGE)
+    if not np.isfinite(array).all():
+        raise DataError(f"{int((~np.isfinite(array)).sum())} NaN or infinite voxel(s)", path,
+                        reason=UNREADABLE_IMAGE)
+    low = float(array.min())
+    if low < DOUBLE_RESCALE_HU:
+        raise DataError(f"values down to {low:.0f} HU: the stored values look rescaled twice (already HU "
+                        "before the rescale slope / intercept was applied)", path, reason=UNREADABLE_IMAGE)
+    if float(np.percentile(array, 0.1)) > NOT_HU_LOW:
+        raise DataError(f"no air in the volume (0.1th percentile {np.percentile(array, 0.1):.0f}): the values "
+                        "are not HU (stored values without their rescale intercept?)", path,
+                        reason=UNREADABLE_IMAGE)
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The array re-ordered (MONAI Orientation) so its axes run towards R, A, S, with its new affine."""
+    tensor = Orientation(axcodes="RAS", labels=RAS_LABELS)(MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None],
+                                                   affine=torch.as_tensor(affine)))
+    return tensor[0].numpy(), tensor.affine.numpy().astype(np.float64)
+
+
+def read_volume(path: str | Path, *, labels: bool = False) -> Volume:
+    """A CT volume (or, with `labels`, a label map) from a NIfTI file, a `.mhd` header or a folder of
+    slice images, re-oriented to RAS; intensities are checked to be HU unless `labels`."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("volume not found", path, reason=MISSING_IMAGE)
+    if path.is_dir():
+        array, affine = _read_slices(path)
+    elif path.name.endswith((".nii", ".nii.gz")):
+        array, affine = _read_nifti(path)
+    elif path.suffix == ".mhd":
+        array, affine = _read_mhd(path)
+    else:
+        raise DataError("not a volume: expected .nii, .nii.gz, .mhd or a folder of slices", path,
+                        reason=UNREADABLE_IMAGE)
+    if labels:
+        if not np.isfinite(array).all():
+            raise DataError("NaN labels", path, reason=UNREADABLE_IMAGE)
+    else:
+        check_volume(array, affine, path)
+    array, affine = to_ras(array, affine)
+    return Volume(array=array, affine=affine, path=path)
+
+
+def prepare_volume(
+    volume: Volume, *, spacing: Sequence[float] | None = None, shape: Sequence[int] | None = None,
+    window: tuple[float, float] = (-1000.0, 400.0), labels: bool = False,
+) -> torch.Tensor:
+    """The (1, X, Y, Z) network input of a RAS volume: resampled to `spacing` mm (MONAI Spacing),
+    resized to `shape` (MONAI Resize), and HU windowed to [0, 1] (MONAI ScaleIntensityRange).
+    Label maps are resampled with nearest neighbours and not windowed."""
+    tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None],
+                        affine=torch.as_tensor(volume.affine))
+    if spacing is not None:
+        tensor = Spacing(pixdim=tuple(spacing), mode="nearest" if labels else "bilinear")(tensor)
+    if shape is not None:
+        tensor = Resize(spatial_size=tuple(shape), mode="nearest" if labels else "trilinear")(tensor)
+    if not labels:
+        tensor = ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)(tensor)
+    return tensor.as_tensor()

@@ -1,0 +1,92 @@
+"""Frozen features of each encoder, computed once per evaluation run and shared by every task.
+
+Evaluation trains only small heads on a frozen encoder, so the encoder's forward passes are the
+part worth sharing: segmentation and detection read one split's dense maps, zero-shot, retrieval
+and the bias audit the same test images' embeddings, retrieval and the bias audit the same reports.
+:class:`FeatureCache` keys them
+
+* dense maps by (encoder, dataset, split, "full" geometry, image size): every level the encoder
+  offers (:func:`unimed.eval.dense.dense_features`, float16);
+* image embeddings by (encoder, dataset, split, geometry, image size, space): a whole split,
+  ``"pooled"`` (F_v) or ``"projected"`` (P_v F_v), unnormalised float32 rows in record order;
+* text embeddings by (encoder, space) and the text itself: ``"pooled"`` or ``"projected"``.
+
+Everything lives in memory on the CPU, sized for the phantom's and the papers' test sets (a few
+thousand images), not for embedding a whole pre-training corpus. With ``enabled=False`` every call
+computes afresh (what the tests compare the cached path against).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from unimed.eval.data import EvalData, rgb
+from unimed.eval.dense import GEOMETRY, Maps, dense_features, select_levels
+from unimed.eval.encoders import Encoder
+from unimed.eval.errors import EvalError
+
+log = logging.getLogger(__name__)
+
+SPACES = ("pooled", "projected")
+
+
+def _check_space(space: str) -> bool:
+    if space not in SPACES:
+        raise EvalError(f"unknown feature space {space!r}; valid: {', '.join(SPACES)}")
+    return space == "projected"
+
+
+class FeatureCache:
+    """Dense maps, image and text embeddings of each encoder, computed on first use."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._maps: dict[tuple, Maps] = {}
+        self._images: dict[tuple, torch.Tensor] = {}
+        self._texts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+
+    def maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, min_stride: int,
+             batch_size: int) -> Maps:
+        """Maps of stride >= `min_stride` of `data.images(dataset, split, "full")`, shallow to deep."""
+        key = (encoder.name, dataset, split, GEOMETRY, data.image_size)
+        maps = self._maps.get(key)
+        if maps is None:
+            log.debug("dense features of %s on %s/%s", encoder.name, dataset, split)
+            maps = dense_features(encoder, data.images(dataset, split, GEOMETRY), batch_size)
+            if self.enabled:
+                self._maps[key] = maps
+        return select_levels(maps, data.image_size, min_stride)
+
+    def images(self, encoder: Encoder, data: EvalData, dataset: str, split: str | None, *,
+               space: str, geometry: str = "crop", batch_size: int) -> torch.Tensor:
+        """(N, D) embeddings of `data.images(dataset, split, geometry)`, unnormalised."""
+        projected = _check_space(space)
+        key = (encoder.name, dataset, split, geometry, data.image_size, space)
+        features = self._images.get(key)
+        if features is None:
+            log.debug("%s image features of %s on %s/%s", space, encoder.name, dataset, split)
+            images = rgb(data.images(dataset, split, geometry))  # (N, 3, S, S)
+            features = encoder.image_features(images, projected=projected, batch_size=batch_size)
+            if self.enabled:
+                self._images[key] = features
+        return features
+
+    def texts(self, encoder: Encoder, texts: Sequence[str], *, space: str, batch_size: int
+              ) -> torch.Tensor:
+        """(N, D) embeddings of `texts` in order, unnormalised; each distinct text is encoded once
+        per (encoder, space) over the whole run."""
+        projected = _check_space(space)
+        if not self.enabled:
+            return encoder.text_features(texts, projected=projected, batch_size=batch_size)
+        known = self._texts.setdefault((encoder.name, space), {})
+        # Length-sorted batches pad less (each batch is padded to its longest text).
+        missing = sorted((t for t in dict.fromkeys(texts) if t not in known), key=len)
+        if missing:
+            rows = encoder.text_features(missing, projected=projected, batch_size=batch_size)
+            known.update(zip(missing, rows))
+        if not texts:
+            return torch.empty(0)
+        return torch.stack([known[t] for t in texts])

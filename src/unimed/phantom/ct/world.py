@@ -1,0 +1,119 @@
+"""Write the 3D phantom world: the four CT layouts under the phantom root, plus `manifest-ct.json`.
+
+Studies are generated in chunks of consecutive indices, optionally by several worker processes
+(`phantom.workers`); rows come back in index order, so the bytes do not depend on the worker count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from unimed.phantom.config import PhantomConfig
+from unimed.phantom.ct.generator import generate_ct_study
+from unimed.phantom.ct.writers import CT_LAYOUTS
+from unimed.phantom.world import CHUNK, DatasetManifest, _check_writable, _reset, summarize
+from unimed.phantom.writers import StudyResult
+
+log = logging.getLogger(__name__)
+
+CT_MANIFEST = "manifest-ct.json"
+WRITERS_BY_FOLDER = {writer.folder: writer for writer in CT_LAYOUTS}
+
+
+@dataclasses.dataclass(frozen=True)
+class CTWorldManifest:
+    """What the 3D world holds: generation settings and one :class:`DatasetManifest` per folder."""
+
+    seed: int
+    shape: tuple[int, int, int]
+    difficulty: float
+    datasets: dict[str, DatasetManifest]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CTWorldManifest:
+        datasets = {k: DatasetManifest(**v) for k, v in data["datasets"].items()}
+        return cls(data["seed"], tuple(data["shape"]), data["difficulty"], datasets)
+
+
+def load_ct_manifest(root: str | Path) -> CTWorldManifest:
+    """Read `<root>/manifest-ct.json`; a clear error when it is missing or malformed."""
+    path = Path(root) / CT_MANIFEST
+    try:
+        return CTWorldManifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no CT phantom manifest (write the 3D world first)") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: malformed CT phantom manifest ({exc})") from None
+
+
+def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> list[StudyResult]:
+    folder, start, stop = job
+    writer = WRITERS_BY_FOLDER[folder](cfg, root / folder)
+    return [
+        writer.write_study(generate_ct_study(cfg.ct, cfg.seed, writer.dataset, index,
+                                             site=writer.site(index), enrich=writer.enrich))
+        for index in range(start, stop)
+    ]
+
+
+def ct_jobs(cfg: PhantomConfig) -> list[tuple[str, int, int]]:
+    """(folder, start, stop) chunks of every CT layout."""
+    jobs = []
+    for writer in CT_LAYOUTS:
+        count = writer(cfg, Path()).count()
+        if count < 0:
+            raise ValueError(f"phantom.ct.{writer.count_field} = {count} must be >= 0")
+        jobs += [(writer.folder, s, min(s + CHUNK, count)) for s in range(0, count, CHUNK)]
+    return jobs
+
+
+def write_ct_world(cfg: PhantomConfig, root: str | Path | None = None, *, progress: bool = True) -> CTWorldManifest:
+    """Generate the CT studies and write the four 3D layouts under `root` (default `cfg.root`).
+
+    Only folders the phantom wrote before are replaced. Returns the manifest, also saved as
+    `<root>/manifest-ct.json`.
+    """
+    root = Path(cfg.root if root is None else root)
+    root.mkdir(parents=True, exist_ok=True)
+    folders = [root / writer.folder for writer in CT_LAYOUTS]
+    for folder in folders:
+        _check_writable(folder)
+    for folder in folders:
+        _reset(folder)
+    jobs = ct_jobs(cfg)
+    results: dict[str, list[StudyResult]] = {writer.folder: [] for writer in CT_LAYOUTS}
+    work = partial(_write_chunk, cfg, root)
+    with tqdm(total=sum(stop - start for _, start, stop in jobs), desc="phantom CT world",
+              unit="volume", disable=not progress) as bar:
+        if cfg.workers <= 1:
+            chunks = map(work, jobs)
+        else:
+            pool = multiprocessing.Pool(cfg.workers)
+            chunks = pool.imap(work, jobs)
+        for (folder, _, _), chunk in zip(jobs, chunks):
+            results[folder] += chunk
+            bar.update(len(chunk))
+        if cfg.workers > 1:
+            pool.close()
+            pool.join()
+    datasets = {}
+    for writer in CT_LAYOUTS:
+        done = results[writer.folder]
+        writer(cfg, root / writer.folder).write_tables([row for r in done for row in r.rows])
+        datasets[writer.folder] = summarize(writer, [r.entry for r in done])
+    manifest = CTWorldManifest(cfg.seed, tuple(cfg.ct.shape), cfg.ct.difficulty, datasets)
+    (root / CT_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+    log.info("phantom CT world: %d volumes in %d layouts under %s",
+             sum(d.studies for d in datasets.values()), len(datasets), root)
+    return manifest

@@ -1,0 +1,227 @@
+"""The four 3D layouts: writer -> adapter round trips in RAS / HU for every site variant, counts
+against the manifest, determinism, per-patient splits, and bad volumes named in one clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from unimed.data.adapters import VOLUME_FOLDERS, load_dataset
+from unimed.data.errors import DataError
+from unimed.data.splits import leaking_patients
+from unimed.data.volumes import SLICE_WINDOW, prepare_volume, read_volume
+from unimed.phantom.config import PhantomConfig
+from unimed.phantom.ct.config import CTConfig
+from unimed.phantom.ct.generator import generate_ct_study
+from unimed.phantom.ct.sites import get_ct_site
+from unimed.phantom.ct.world import WRITERS_BY_FOLDER, load_ct_manifest, write_ct_world
+
+TINY = PhantomConfig(seed=2, ct=CTConfig(enabled=True, shape=(16, 64, 64), bimcv_studies=4, ccii_studies=6,
+                                         luna_studies=6, bcv_studies=4))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ct-world")
+    return root, write_ct_world(TINY, root, progress=False)
+
+
+def _study(folder: str, index: int):
+    writer = WRITERS_BY_FOLDER[folder](TINY, Path())
+    return generate_ct_study(TINY.ct, TINY.seed, writer.dataset, index, site=writer.site(index), enrich=writer.enrich)
+
+
+def test_read_back_matches_the_manifest(world, tmp_path):
+    root, manifest = world
+    assert load_ct_manifest(root) == manifest
+    for name, folder in VOLUME_FOLDERS.items():
+        read = load_dataset(name, root / folder, split_dir=tmp_path, check_images=True)
+        expected = manifest.datasets[folder]
+        assert len(read.records) == expected.studies and not read.dropped
+        assert all(r.ndim == 3 for r in read.records)
+        for label, count in expected.positives.items():
+            got = sum(r.labels.get(label) == 1.0 or r.target == label or
+                      (r.mask_path is not None and label in expected.positives) for r in read.records)
+            assert got == count, (name, label)
+        rows = [(r.image_path.as_posix(), r.patient_id, r.split) for r in read.records]
+        assert not leaking_patients(rows) and (tmp_path / f"{name}.csv").is_file()
+
+
+def test_same_seed_same_bytes(world, tmp_path):
+    root, _ = world
+    again = tmp_path / "again"
+    write_ct_world(dataclasses.replace(TINY, workers=2), again, progress=False)
+
+    def digest(base: Path) -> str:
+        h = hashlib.sha256()
+        for path in sorted(p for p in base.rglob("*") if p.is_file() and p.name != "manifest-ct.json"):
+            h.update(path.relative_to(base).as_posix().encode() + path.read_bytes())
+        return h.hexdigest()
+
+    assert digest(root) == digest(again)
+
+
+@pytest.mark.parametrize("folder", ["bimcv-covid19", "bcv"])
+def test_nifti_layouts_recover_hu_in_ras_for_both_sites(world, folder):
+    root, _ = world
+    name = next(n for n, f in VOLUME_FOLDERS.items() if f == folder)
+    records = load_dataset(name, root / folder).records
+    seen = set()
+    for index in range(len(records)):
+        study = _study(folder, index)
+        acq = get_ct_site(study.site).acquisition
+        seen.add((acq.orientation, acq.storage))
+        if folder == "bcv":
+            path = root / folder / "img" / f"img{index + 1:04d}.nii.gz"
+        else:
+            path = next((root / folder).glob(f"sub-S{study.patient_id}/ses-E{study.study_id}/mod-ct/*.nii.gz"))
+        volume = read_volume(path)
+        np.testing.assert_array_equal(volume.array, study.hu.transpose(2, 1, 0).astype(np.float32))
+        np.testing.assert_allclose(volume.affine, study.affine(), atol=1e-4)
+        if folder == "bcv":
+            labels = read_volume(root / folder / "label" / f"label{index + 1:04d}.nii.gz", labels=True)
+            np.testing.assert_array_equal(labels.array, study.organs.transpose(2, 1, 0))
+    assert {o for o, _ in seen} == {"RAS", "LPS"}
+
+
+def test_luna_nodule_world_mm_maps_back_to_its_voxel(world):
+    root, _ = world
+    records = load_dataset("luna16", root / "luna16").records
+    by_uid = {r.patient_id: r for r in records}
+    orientations, checked = set(), 0
+    from unimed.phantom.ct.writers import LUNA_UID_ROOT
+    from unimed.phantom.writers.base import stable_int
+
+    for index in range(TINY.ct.luna_studies):
+        study = _study("luna16", index)
+        record = by_uid[LUNA_UID_ROOT + str(stable_int("luna-uid", TINY.seed, index))]
+        nodules = [lesion for lesion in study.lesions if lesion.name == "nodule"]
+        assert record.labels["nodule"] == float(bool(nodules)) and len(record.points) == len(nodules)
+        volume = read_volume(record.image_path)
+        np.testing.assert_array_equal(volume.array, study.hu.transpose(2, 1, 0).astype(np.float32))
+        orientations.add(get_ct_site(study.site).acquisition.orientation)
+        for point, lesion in zip(record.points, nodules):
+            voxel = volume.world_to_voxel((point.x, point.y, point.z))
+            k, j, i = lesion.centre_voxel
+            np.testing.assert_allclose(voxel, (i, j, k), atol=1e-3)
+            assert point.diameter_mm == pytest.approx(lesion.diameter_mm)
+            checked += 1
+    assert checked >= 1 and orientations == {"RAS", "LPS"}
+
+
+def test_ccii_slices_come_back_as_windowed_hu(world):
+    root, _ = world
+    records = load_dataset("cc-ccii", root / "cc-ccii").records
+    low, high = SLICE_WINDOW
+    for index in range(len(records)):
+        study = _study("cc-ccii", index)
+        record = next(r for r in records if r.image_path.parent.name == study.patient_id
+                      and r.target == study.ccii_class and r.image_path.parent.parent.name == study.ccii_class)
+        volume = read_volume(record.image_path)
+        assert volume.array.shape == study.hu.shape[::-1]
+        expected = np.clip(study.hu.transpose(2, 1, 0), low, high)
+        assert np.abs(volume.array - expected).max() <= (high - low) / 255 / 2 + 1e-3
+        break
+
+
+def test_prepare_volume_resamples_and_windows(world):
+    root, _ = world
+    path = next((root / "bcv" / "img").glob("*.nii.gz"))
+    volume = read_volume(path)
+    tensor = prepare_volume(volume, spacing=(4.0, 4.0, 8.0))
+    extent = np.array(volume.array.shape) * np.array(volume.spacing)
+    assert tensor.shape[0] == 1
+    np.testing.assert_allclose(np.array(tensor.shape[1:]), extent / np.array([4.0, 4.0, 8.0]), atol=1.5)
+    assert float(tensor.min()) == 0.0 and float(tensor.max()) == 1.0
+    labels = read_volume(root / "bcv" / "label" / path.name.replace("img", "label"), labels=True)
+    resized = prepare_volume(labels, shape=(32, 32, 16), labels=True)
+    assert resized.shape == (1, 32, 32, 16) and set(np.unique(resized.numpy())) <= set(np.unique(labels.array))
+
+
+def _nifti(path: Path, data: np.ndarray, *, slope=np.nan, inter=np.nan) -> Path:
+    image = nib.Nifti1Image(data, np.diag([2.0, 2.0, 5.0, 1.0]))
+    image.header.set_slope_inter(slope, inter)
+    nib.save(image, str(path))
+    return path
+
+
+def _body(dtype=np.int16) -> np.ndarray:
+    data = np.full((12, 12, 6), -1000, dtype=np.int32)
+    data[3:9, 3:9] = 40
+    return data.astype(dtype)
+
+
+def test_bad_volumes_give_one_clear_error(tmp_path):
+    good = _nifti(tmp_path / "good.nii.gz", _body())
+    assert read_volume(good).array.min() == -1000
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(DataError, match=r"truncated\.nii\.gz: cannot read NIfTI"):
+        read_volume(truncated)
+    twice = _nifti(tmp_path / "twice.nii.gz", _body(), slope=1.0, inter=-1024.0)
+    with pytest.raises(DataError, match=r"twice\.nii\.gz: values down to -2024 HU: .*rescaled twice"):
+        read_volume(twice)
+    raw = _nifti(tmp_path / "raw.nii.gz", (_body(np.int32) + 1024).astype(np.uint16))
+    with pytest.raises(DataError, match=r"raw\.nii\.gz: no air .* not HU"):
+        read_volume(raw)
+    nan = _body(np.float32)
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(DataError, match=r"nan\.nii\.gz: 1 NaN"):
+        read_volume(_nifti(tmp_path / "nan.nii.gz", nan))
+    flat = bytearray(_nifti(tmp_path / "flat.nii", _body()).read_bytes())
+    flat[84:88] = np.float32(0.0).tobytes()  # pixdim[2]: the y spacing of the qform affine
+    flat[252:256] = np.int16(1).tobytes() + np.int16(0).tobytes()  # qform_code 1, sform_code 0
+    (tmp_path / "flat.nii").write_bytes(bytes(flat))
+    with pytest.raises(DataError, match=r"flat\.nii: voxel spacing \[2\.0, 0\.0, 5\.0\] .* not positive"):
+        read_volume(tmp_path / "flat.nii")
+    with pytest.raises(DataError, match="volume not found"):
+        read_volume(tmp_path / "absent.nii.gz")
+
+
+def test_bad_luna_input(world, tmp_path):
+    root, _ = world
+    luna = tmp_path / "luna16"
+    shutil.copytree(root / "luna16", luna)
+    header = sorted(luna.glob("subset*/*.mhd"))[0]
+    raw = header.with_suffix(".raw")
+    raw.write_bytes(raw.read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"\.mhd: .*\.raw holds 1000 bytes.*truncated"):
+        read_volume(header)
+    raw.unlink()
+    with pytest.raises(DataError, match=r"\.mhd: MetaImage data file .*\.raw not found"):
+        load_dataset("luna16", luna)
+    skipped = load_dataset("luna16", luna, on_error="skip")
+    assert len(skipped.records) == TINY.ct.luna_studies - 1 and sum(skipped.dropped.values()) >= 1
+    shutil.rmtree(luna)
+    shutil.copytree(root / "luna16", luna)
+    uid = sorted(luna.glob("subset*/*.mhd"))[0].stem
+    with (luna / "annotations.csv").open("a", encoding="utf-8") as f:
+        f.write(f"{uid},5000.0,0.0,0.0,10.0\n")
+    lines = (luna / "annotations.csv").read_text(encoding="utf-8").count("\n")
+    with pytest.raises(DataError, match=rf"annotations\.csv, line {lines}: nodule at .* outside the volume"):
+        load_dataset("luna16", luna)
+
+
+def test_bad_ccii_and_bcv_input(world, tmp_path):
+    root, _ = world
+    ccii = tmp_path / "cc-ccii"
+    shutil.copytree(root / "cc-ccii", ccii)
+    scan = next(p for p in ccii.glob("*/*/*") if p.is_dir())
+    sorted(scan.glob("*.png"))[-1].unlink()
+    with pytest.raises(DataError, match=r"unzip_filenames\.csv, line \d+, column 'n_slice': .* 15 slice image"):
+        load_dataset("cc-ccii", ccii)
+    bcv = tmp_path / "bcv"
+    shutil.copytree(root / "bcv", bcv)
+    (bcv / "label" / "label0002.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"img0002\.nii\.gz: label map label/label0002\.nii\.gz missing"):
+        load_dataset("bcv", bcv)
+    (bcv / "img" / "img0003.nii.gz").write_bytes(gzip.compress(b"not a nifti"))
+    read = load_dataset("bcv", bcv, on_error="skip", check_images=True)
+    assert len(read.records) == TINY.ct.bcv_studies - 2 and read.dropped
