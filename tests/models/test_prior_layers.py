@@ -137,3 +137,18 @@ def test_report_decoder_causal_switch(causal: bool) -> None:
     changed_early = not torch.allclose(before[0, :3], after[0, :3])
     assert changed_early is not causal  # non-causal: every query sees the last one
     assert not torch.allclose(before[0, 3], after[0, 3])
+
+
+def test_default_bank_keeps_sentences_apart() -> None:
+    """At the paper's width the default bank maps different sentences to different vectors; the
+    Supp's L1-normalised bank maps them all to nearly the same one (the stage-2 collapse)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 768, generator=_gen(1))  # sentence vectors of unit-variance entries
+
+    def spread(bank: SentencePrototypeBank) -> float:
+        with torch.no_grad():
+            out = bank.eval()(x)["prototype_sentences"]
+        return float(out.std(0).mean() / x.std(0).mean())
+
+    assert spread(SentencePrototypeBank(512, 768)) > 0.5
+    assert spread(SentencePrototypeBank(512, 768, init="l1")) < 0.01

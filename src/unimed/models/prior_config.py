@@ -45,7 +45,10 @@ class PriorConfig:
     temperature: float = 0.01  # initial global InfoNCE temperature (learnable, unclamped)
     local_temperature: float = 0.01  # initial sentence-level InfoNCE temperature (learnable)
     prototypes: int = 512
-    prototype_init: str = "l1"  # code: "gaussian" (no L1 normalisation)
+    # Supp: N(0, 1) + L1 normalisation; that makes every prototype entry ~1/D, the bank's output
+    # ~0 for every sentence: on the phantom demo preset the global loss jumped to chance (ln 32)
+    # at stage 2 and stayed there; with the code's plain N(0, 1) it stayed at its stage-1 level.
+    prototype_init: str = "gaussian"
     gumbel_schedule: str = "exp"  # code: "fixed" (0.9 throughout)
     gumbel_start: float = 0.9
     gumbel_end: float = 0.01  # code's linear / exp schedules end at 0.09

@@ -164,12 +164,13 @@ class SentencePrototypeBank(nn.Module):
 
     Query: logits = x E^T, y = Gumbel-softmax(logits, tau) (soft), out = y E. At evaluation there is
     no noise: y = softmax(logits / tau) (``eval_mode="softmax"``) or the one-hot argmax. The bank
-    starts N(0, 1), each prototype L1-normalised (Supp; ``init="gaussian"`` keeps the code's plain
-    N(0, 1)); it learns by gradient only. `temperature` is a buffer, so it is checkpointed; the
+    starts N(0, 1) as in the code (``init="l1"``: each prototype also L1-normalised, as the Supp
+    says; its entries are then ~1/D and the bank maps every sentence to nearly the same vector);
+    it learns by gradient only. `temperature` is a buffer, so it is checkpointed; the
     training loop sets it each step from :func:`gumbel_temperature`.
     """
 
-    def __init__(self, num_prototypes: int, dim: int, *, init: str = "l1",
+    def __init__(self, num_prototypes: int, dim: int, *, init: str = "gaussian",
                  temperature: float = 0.9, eval_mode: str = "softmax") -> None:
         super().__init__()
         if init not in PROTOTYPE_INITS:
