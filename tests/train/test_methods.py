@@ -16,6 +16,7 @@ from unimed.models.config import (
     MedUniCProjectorConfig,
     TextTowerConfig,
 )
+from unimed.models.prior_config import PriorConfig
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import train
 
@@ -26,6 +27,15 @@ TINY_METHODS = {
         text=TextTowerConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
                              frozen_layers=1),
         projector=MedUniCProjectorConfig(embed_dim=16, ctr_dim=16, hidden_dim=16),
+    ),
+    # A CNN without timm's zero-initialised last BN of residual blocks (resnet10t's residual
+    # branches get no gradient on the first step).
+    "prior": PriorConfig(
+        image=ImageTowerConfig(encoder="efficientnet_lite0"),
+        text=TextTowerConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                             frozen_layers=0),
+        image_size=32, stage_epochs=(1, 1, 1), min_sentences=1, embed_dim=16, pool_heads=2,
+        prototypes=8, decoder_layers=1, decoder_heads=2, decoder_queries=4, max_sentences=4,
     ),
 }
 DATA = DataConfig(image_size=16, resize_size=20, max_length=8, num_workers=0)

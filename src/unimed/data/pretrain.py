@@ -223,11 +223,13 @@ def build_pretrain_loader(
     seed: int = 0,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
 ) -> DataLoader:
     """A DataLoader over this rank's shard: full batches only, workers from `cfg.num_workers`
     (persistent, prefetching), pinned memory when asked (on CUDA).
 
-    The loader gets its own generator so iterating it never draws from the global RNG.
+    The loader gets its own generator so iterating it never draws from the global RNG. The
+    default `collate_fn` is :class:`PretrainCollator`.
     """
     pad_id = dataset.tokenizer.pad_token_id
     if pad_id is None:
@@ -247,7 +249,7 @@ def build_pretrain_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=PretrainCollator(pad_id),
+        collate_fn=collate_fn or PretrainCollator(pad_id),
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=True,

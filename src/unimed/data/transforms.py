@@ -96,6 +96,19 @@ def eval_transform(
     ])
 
 
+def prior_transform(image_size: int = 224, *, degrees: float = 5.0, flip_p: float = 0.5
+                    ) -> v2.Compose:
+    """PRIOR's pre-training view (Supp §2.1): resize to S x S -> random affine (rotation within
+    +-`degrees`) -> horizontal flip -> 3 channels in [0, 1] (the model applies its z-score)."""
+    return v2.Compose([
+        v2.Lambda(to_tensor_image),
+        v2.Resize((image_size, image_size), antialias=True),
+        v2.RandomAffine(degrees=degrees),
+        v2.RandomHorizontalFlip(p=flip_p),
+        *_finish(None, None),
+    ])
+
+
 def cvl_transform(
     view: str,
     image_size: int = 224,

@@ -62,8 +62,10 @@ def own_scores(
 ) -> np.ndarray:
     """(N, C) scores of the model's own zero-shot rule, ``model.zero_shot_scores(images, positive,
     negative)``: pixels in [0, 1] and the tokenised positive and negative prompts ((ids, mask) of
-    shape (C, L) each); a score > 0 calls the class present."""
-    positive = encoder.tokenize([prompts.positive(c) for c in classes])
+    shape (C, L) each); a score > 0 calls the class present. A model's ``zero_shot_prompt`` names
+    the :class:`PromptSet` template of its positive prompts (PRIOR: "observed")."""
+    template = getattr(prompts, getattr(encoder.model, "zero_shot_prompt", "positive"))
+    positive = encoder.tokenize([template(c) for c in classes])
     negative = encoder.tokenize([prompts.negative(c) for c in classes])
     out = []
     with torch.no_grad():

@@ -15,7 +15,9 @@ from unimed.methods.registry import (
     register_method,
 )
 from unimed.models.config import MedUniCConfig
+from unimed.models.prior_config import PriorConfig
 
 register_method("medunic", MedUniCConfig, "unimed.methods.medunic:build_medunic", "Med-UniC")
+register_method("prior", PriorConfig, "unimed.methods.prior:build_prior", "PRIOR")
 
 __all__ = ["METHODS", "MethodConfig", "MethodSpec", "create_method", "method_label", "register_method"]

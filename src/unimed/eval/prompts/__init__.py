@@ -35,6 +35,7 @@ class PromptSet:
     stemmer: str | None = None
     lowercase: bool = False
     source: str = ""
+    observed_template: str = "{disease}"
 
     def phrase(self, class_name: str) -> str:
         """How this language says `class_name`: the prompt file's phrase, else the class name as
@@ -58,6 +59,11 @@ class PromptSet:
     def positive(self, class_name: str) -> str:
         """The positive prompt of `class_name`, ready for the tokenizer."""
         return self.prepare(self.display(class_name))
+
+    def observed(self, class_name: str) -> str:
+        """PRIOR's one-sentence prompt of `class_name` ("{disease} is observed"), ready for the
+        tokenizer."""
+        return self.prepare(self.observed_template.format(disease=self.phrase(class_name)))
 
     def negative(self, class_name: str) -> str:
         """The negative prompt of `class_name`, ready for the tokenizer."""
@@ -85,8 +91,8 @@ def load_prompts(language: str, prompt_dir: str | Path = "") -> PromptSet:
     stemmer = data.get("stemmer")
     if stemmer is not None and stemmer not in snowballstemmer.algorithms():
         raise ValueError(f"prompt file {path}: unknown stemmer '{stemmer}'")
-    for key in ("positive", "negative"):
-        if "{disease}" not in str(data[key]):
+    for key in ("positive", "negative", "observed"):
+        if key in data and "{disease}" not in str(data[key]):
             raise ValueError(f"prompt file {path}: '{key}' must contain {{disease}}")
     return PromptSet(
         language=str(data["language"]),
@@ -96,4 +102,5 @@ def load_prompts(language: str, prompt_dir: str | Path = "") -> PromptSet:
         stemmer=stemmer,
         lowercase=bool(data.get("lowercase", False)),
         source=str(path),
+        observed_template=str(data.get("observed", "{disease}")),
     )
