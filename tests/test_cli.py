@@ -37,12 +37,25 @@ TINY = {
 }
 
 
+# The demo's second method: its own method and train sections, everything else from TINY.
+TINY_PRIOR = {
+    "method": {"name": "prior", "image": {"encoder": "efficientnet_lite0"},
+               "text": {"frozen_layers": 1, "frozen_dropout": False}, "image_size": 64, "stage_epochs": [1, 1, 1],
+               "min_sentences": 1, "embed_dim": 16, "pool_heads": 2, "prototypes": 8,
+               "decoder_layers": 1, "decoder_heads": 2, "decoder_queries": 4, "max_sentences": 4},
+    "train": {"batch_size": 8, "epoch_steps": 1, "log_every": 1, "tensorboard": False},
+}
+
+
 @pytest.fixture()
 def preset(tmp_path: Path) -> Path:
     cfg = dict(TINY)
     cfg["run"] = {**TINY["run"], "output_dir": str(tmp_path / "runs")}
     cfg["phantom"] = {**TINY["phantom"], "root": str(tmp_path / "world")}
     cfg["data"] = {**TINY["data"], "root": str(tmp_path / "world")}
+    prior = tmp_path / "tiny_prior.yaml"
+    prior.write_text(yaml.safe_dump(TINY_PRIOR))
+    cfg["demo"] = {"methods": [str(prior)]}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -51,7 +64,10 @@ def preset(tmp_path: Path) -> Path:
 def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert main(["demo", str(preset), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "read back through the adapters" in out and "Pre-training losses over 2 steps" in out
+    assert "read back through the adapters" in out
+    words = " ".join(out.split())  # table titles wrap at the table's width
+    assert "Med-UniC pre-training losses over 2 steps" in words
+    assert "PRIOR pre-training losses over 3 steps" in words  # one step in each of its 3 stages
     run = tmp_path / "runs" / "tiny"
     assert (run / "config.yaml").is_file() and (run / "phantom_preview.png").is_file()
     assert (run / "vocab" / "added_terms.txt").is_file()
@@ -66,11 +82,21 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     saved = yaml.safe_load((run / "pretrain" / "config.yaml").read_text())
     assert saved["method"]["image"]["encoder"] == "vit_tiny_patch8_64"
 
+    prior_log = [json.loads(line) for line in
+                 (run / "prior" / "pretrain" / "train_log.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["stage"]) for row in prior_log] == [(1, 0), (2, 1), (3, 2)]
+    assert "image_rec_loss" in prior_log[-1] and "spb_loss" in prior_log[1]
+
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["encoders"]) == {"medunic", "init"}
-    tasks = metrics["encoders"]["medunic"]["tasks"]
-    assert set(tasks) == {
-        "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam"}
+    assert list(metrics["encoders"]) == ["medunic", "prior", "init"]
+    assert metrics["methods"] == ["medunic", "prior"]
+    for name in metrics["methods"]:
+        assert set(metrics["encoders"][name]["tasks"]) == {
+            "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam"}
+    assert metrics["pretraining_methods"]["prior"]["terms"][0] == "loss"
+    html = (run / "report.html").read_text()
+    assert "PRIOR: Zero-shot CXP500" in html and "Med-UniC: Zero-shot CXP500" in html
+    assert "Pre-training loss per term (PRIOR)" in html
     assert_outputs_of_evaluation(run, metrics, out)
 
     assert main(["pretrain", str(preset), "train.max_steps=3", "--resume", "--quiet"]) == 0

@@ -48,6 +48,16 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """`unimed demo` only: further method presets (YAML files, relative to the working directory)
+    the demo trains and evaluates beside `method`. From each it takes the `method` and `train`
+    sections; the run, phantom, data, vocabulary, MLM text encoder and evaluation are this
+    config's, and the method's outputs go to ``<run dir>/<method name>/``."""
+
+    methods: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -59,6 +69,7 @@ class Config:
     method: MethodConfig = MedUniCConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    demo: DemoConfig = DemoConfig()
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -178,3 +178,15 @@ def test_channels_last_changes_the_layout_not_the_loss_curve(tmp_path):
         assert model.conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
         curves[channels_last] = result.losses
     assert curves[True] == pytest.approx(curves[False], abs=1e-5, rel=0)
+
+
+def test_epoch_steps_caps_every_epoch_and_resumes_on_the_same_curve(tmp_path):
+    epochs = tiny_cfg().epochs
+    _, full = _run(tmp_path / "full", tiny_cfg(epoch_steps=3))
+    assert full.steps == 3 * epochs
+    assert [r["epoch"] for r in full.history] == [e for e in range(epochs) for _ in range(3)]
+    _, first = _run(tmp_path / "cut", tiny_cfg(epoch_steps=3, max_steps=4))
+    _, rest = _run(tmp_path / "cut", tiny_cfg(epoch_steps=3), seed=99, resume=True)
+    assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
+    with pytest.raises(ValueError, match="train.epoch_steps must be >= 1"):
+        tiny_cfg(epoch_steps=0)

@@ -1,15 +1,20 @@
 """`unimed demo`: the main job — phantom world, cross-lingual vocabulary, MLM, pre-training of the
-configured method (Med-UniC in configs/demo.yaml), evaluation of every downstream task against the
-ImageNet-init and random-init baselines, report."""
+configured method (Med-UniC in configs/demo.yaml) and of the further methods `demo.methods` names
+(PRIOR), evaluation of every downstream task against the ImageNet-init and random-init baselines,
+report."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from pathlib import Path
 
 from unimed.commands import command, run_dir
 from unimed.commands.evaluate import print_summary, run_evaluation
+from unimed.commands.phantom import phantom
+from unimed.commands.tables import print_table
 from unimed.commands.train import (
     MLM_CHECK_FILE,
     mlm_check_line,
@@ -17,16 +22,42 @@ from unimed.commands.train import (
     run_mlm,
     run_pretrain,
     run_vocab,
+    text_encoder_dir,
+    tokenizer_dir,
 )
-from unimed.commands.phantom import phantom
-from unimed.commands.tables import print_table
-from unimed.config import Config
+from unimed.config import Config, ConfigError, DemoConfig, load_config
 from unimed.methods import method_label
+
+
+def method_presets(cfg: Config) -> list[Config]:
+    """The presets `demo.methods` names, read before any work starts (a bad one fails at once)."""
+    presets = []
+    for preset in cfg.demo.methods:
+        if not Path(preset).is_file():
+            raise ConfigError(f"demo.methods: preset {preset} not found (paths are relative to the "
+                              "working directory)")
+        other = load_config(preset)
+        if other.method.name in [cfg.method.name, *(p.method.name for p in presets)]:
+            raise ConfigError(f"demo.methods: {preset} trains method '{other.method.name}', which "
+                              "the demo already trains")
+        presets.append(other)
+    return presets
+
+
+def method_run(cfg: Config, preset: Config) -> Config:
+    """The run of a further demo method: `preset`'s method and train sections on this run's data,
+    MLM text encoder and evaluation, written to ``<run dir>/<method name>``."""
+    text = dataclasses.replace(preset.method.text, encoder=text_encoder_dir(cfg),
+                               tokenizer=tokenizer_dir(cfg))
+    run = dataclasses.replace(cfg.run, output_dir=str(cfg.run.dir), name=preset.method.name)
+    return dataclasses.replace(cfg, run=run, method=dataclasses.replace(preset.method, text=text),
+                               train=preset.train, demo=DemoConfig())
 
 
 @command("demo", "the main job: phantom world -> vocabulary -> MLM -> pre-training -> "
                  "evaluation -> report")
 def demo(cfg: Config, args: argparse.Namespace) -> int:
+    presets = method_presets(cfg)
     run_dir(cfg)
     progress = not args.quiet
     times: list[list[str]] = []
@@ -42,11 +73,15 @@ def demo(cfg: Config, args: argparse.Namespace) -> int:
         return 1
     timed("vocabulary", run_vocab, cfg, progress=progress)
     timed("cross-lingual MLM", run_mlm, cfg, progress=progress)
-    result = timed(f"{method_label(cfg.method.name)} pre-training", run_pretrain, cfg, resume=False,
-                   progress=progress)
-    print_loss_summary(result.history)
+    also = []
+    for run_cfg in [cfg, *(method_run(cfg, preset) for preset in presets)]:
+        result = timed(f"{method_label(run_cfg.method.name)} pre-training", run_pretrain, run_cfg,
+                       resume=False, progress=progress)
+        print_loss_summary(result.history, method_label(run_cfg.method.name))
+        if run_cfg is not cfg:
+            also.append((run_cfg, run_cfg.run.dir))
     metrics = timed("evaluation and report", run_evaluation, cfg, cfg.run.dir, cfg.eval.tasks,
-                    progress=progress)
+                    progress=progress, also=also)
     print_summary(metrics, cfg.run.dir)
     mlm_check = cfg.run.dir / "mlm" / MLM_CHECK_FILE
     if mlm_check.is_file():

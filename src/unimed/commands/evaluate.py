@@ -17,7 +17,7 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,26 +49,19 @@ def parse_tasks(text: str | None, cfg: Config) -> tuple[str, ...]:
     return tasks
 
 
-def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[str, ...]) -> list:
-    """The checkpoint's encoder (when given, filed under the method's name) followed by the
-    requested baselines."""
+def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[str, ...],
+                   also: Sequence[tuple[Config, str | Path]] = ()) -> list:
+    """The checkpoint's encoder (when given, filed under the method's name), those of the further
+    trained methods `also` (each with its own run config), then the requested baselines."""
     from unimed.eval.encoders import build_encoder
-    from unimed.methods import method_label
-    from unimed.train.checkpoint import find_checkpoint
 
     unknown = [b for b in baselines if b not in BASELINE_LABELS]
     if unknown:
         raise ConfigError(f"eval.baselines: unknown {unknown}; valid: {', '.join(BASELINE_LABELS)}")
+    trained = ([(cfg, checkpoint)] if checkpoint is not None else []) + list(also)
+    encoders: list = [_trained_encoder(run_cfg, weights) for run_cfg, weights in trained]
     common = dict(text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg),
                   seed=cfg.run.seed, max_length=cfg.data.max_length)
-    encoders: list = []
-    if checkpoint is not None:
-        try:
-            weights = find_checkpoint(checkpoint)
-        except FileNotFoundError as exc:
-            raise ConfigError(str(exc)) from None
-        name = cfg.method.name
-        encoders.append(build_encoder(name, method_label(name), cfg.method, weights=weights, **common))
     image_cfg = cfg.method.image
     image = "ImageNet" if image_cfg.weights else "Random"
     for name in baselines:
@@ -82,11 +75,28 @@ def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[
     return encoders
 
 
+def _trained_encoder(cfg: Config, checkpoint: str | Path):
+    """The encoder of the newest checkpoint under `checkpoint`, named after `cfg`'s method."""
+    from unimed.eval.encoders import build_encoder
+    from unimed.methods import method_label
+    from unimed.train.checkpoint import find_checkpoint
+
+    try:
+        weights = find_checkpoint(checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    name = cfg.method.name
+    return build_encoder(name, method_label(name), cfg.method, weights=weights,
+                         text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg),
+                         seed=cfg.run.seed, max_length=cfg.data.max_length)
+
+
 def run_evaluation(
     cfg: Config, checkpoint: str | Path | None, tasks: tuple[str, ...], *, progress: bool,
-    baselines: tuple[str, ...] | None = None,
+    baselines: tuple[str, ...] | None = None, also: Sequence[tuple[Config, str | Path]] = (),
 ) -> dict:
-    """Evaluate the checkpoint and baselines on `tasks`; metrics.json + report.html in the run dir."""
+    """Evaluate the checkpoint, the further trained methods `also` (run config, checkpoint) and the
+    baselines on `tasks`; metrics.json + report.html in the run dir."""
     from unimed.eval.curves import LOG_FILE, plot_loss_curves
     from unimed.eval.data import EvalData
     from unimed.eval.metrics import CONFIDENCE
@@ -95,11 +105,14 @@ def run_evaluation(
 
     start = time.perf_counter()
     out_dir, figures = cfg.run.dir, run_dir(cfg, EVAL_DIR)
-    encoders = build_encoders(cfg, checkpoint, cfg.eval.baselines if baselines is None else baselines)
+    encoders = build_encoders(cfg, checkpoint, cfg.eval.baselines if baselines is None else baselines,
+                              also)
     ctx = TaskContext(EvalData(cfg.data, progress=progress), cfg.eval, figures, progress)
+    trained = ([cfg] if checkpoint is not None else []) + [run_cfg for run_cfg, _ in also]
     metrics = {
         "run": cfg.run.name,
         "method": cfg.method.name,
+        "methods": [run_cfg.method.name for run_cfg in trained],
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "data_root": cfg.data.root,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -111,6 +124,12 @@ def run_evaluation(
     log_path = cfg.run.dir / "pretrain" / LOG_FILE
     if log_path.is_file():
         metrics["pretraining"] = plot_loss_curves(log_path, figures / LOSS_FIGURE)
+    for run_cfg, _ in also:
+        name, method_log = run_cfg.method.name, run_cfg.run.dir / "pretrain" / LOG_FILE
+        curves = (plot_loss_curves(method_log, figures / f"{name}_{LOSS_FIGURE}")
+                  if method_log.is_file() else None)
+        if curves is not None:
+            metrics.setdefault("pretraining_methods", {})[name] = curves
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_outputs(metrics, out_dir, figures, ctx.replicates)
     return metrics

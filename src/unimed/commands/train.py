@@ -211,14 +211,15 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
         cleanup()
 
 
-def print_loss_summary(history: list[dict[str, float]]) -> None:
-    """First and last value of every loss term of a training history."""
+def print_loss_summary(history: list[dict[str, float]], label: str = "") -> None:
+    """First and last value of every loss term of a training history (of the method `label`)."""
     if not history:
         print("no optimizer step was run")
         return
     keys = [k for k in history[0] if k == "loss" or k.endswith("_loss")]
     rows = [[k, f"{history[0][k]:.4f}", f"{history[-1][k]:.4f}"] for k in keys]
-    print_table(f"Pre-training losses over {len(history)} steps", ["loss", "first step", "last step"], rows)
+    title = f"{label} pre-training losses" if label else "Pre-training losses"
+    print_table(f"{title} over {len(history)} steps", ["loss", "first step", "last step"], rows)
 
 
 def _resume_args(parser: argparse.ArgumentParser) -> None:

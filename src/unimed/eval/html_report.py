@@ -227,15 +227,22 @@ def _meta_html(metrics: dict) -> str:
 
 
 def _pretraining_html(metrics: dict, figure_dir: Path) -> str:
-    """The loss curves of the pre-training log, one panel per loss term."""
-    figure = lookup(metrics, "pretraining", "figure")
-    if not isinstance(figure, str):
-        return '<p class="muted">No pre-training log in this run.</p>'
-    terms = lookup(metrics, "pretraining", "terms")
-    caption = "Pre-training loss per term: " + (", ".join(map(str, terms)) if isinstance(terms, list)
-                                                 else MISSING)
-    note = f'<p class="note">Log: {E(str(lookup(metrics, "pretraining", "log")))}</p>'
-    return f'<div class="figures">{_image_html(figure_dir / figure, caption)}</div>{note}'
+    """The loss curves of every trained method's pre-training log, one panel per loss term."""
+    curves = {metrics.get("method"): metrics.get("pretraining"),
+              **(metrics.get("pretraining_methods") or {})}
+    encoders = metrics.get("encoders") or {}
+    parts = []
+    for name, entry in curves.items():
+        figure = lookup(entry, "figure")
+        if not isinstance(figure, str):
+            continue
+        label = str(lookup(encoders, name, "label") or name or "")
+        terms = lookup(entry, "terms")
+        caption = (f"Pre-training loss per term ({label}): "
+                   + (", ".join(map(str, terms)) if isinstance(terms, list) else MISSING))
+        note = f'<p class="note">Log: {E(str(lookup(entry, "log")))}</p>'
+        parts.append(f'<div class="figures">{_image_html(figure_dir / figure, caption)}</div>{note}')
+    return "".join(parts) or '<p class="muted">No pre-training log in this run.</p>'
 
 
 def render_report(metrics: dict, figure_dir: Path, checks: list[Check] | None = None,

@@ -29,6 +29,7 @@ from unimed.models.prior_layers import (
     SentencePrototypeBank,
     WordPool,
 )
+from unimed.models.text import token_states
 
 
 PRIOR_MEAN = (0.4755,) * 3  # Supp §2.1: grey intensities in [0, 1], z-scored
@@ -87,6 +88,11 @@ class Prior(nn.Module):
             raise ValueError(f"PRIOR stage must be one of {STAGES}, got {stage!r}")
         self.stage.fill_(stage)
 
+    @property
+    def temperature(self) -> float:
+        """The global InfoNCE temperature as learned (1 / exp(logit_scale))."""
+        return float(torch.exp(-self.logit_scale.detach()))
+
     # ----------------------------------------------------------------------------- image side
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) grey pixels in [0, 1] -> PRIOR's z-score (mean 0.4755, std 0.3011)."""
@@ -132,7 +138,9 @@ class Prior(nn.Module):
         [CLS] and [SEP] is one sentence (prompts)."""
         if sentence_index is None:
             sentence_index = single_sentence_index(attention_mask)
-        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        text = self.cfg.text
+        hidden = token_states(self.text, input_ids, attention_mask,
+                              shared_layers=0 if text.frozen_dropout else text.frozen_layers)
         return self.word_pool(self.local_text_proj(hidden), sentence_index)
 
     def use_bank(self) -> bool:

@@ -109,16 +109,25 @@ def pool_text(
     """
     if pooling not in POOLINGS:
         raise ValueError(f"method.text.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    if shared_layers:
-        hidden = _shared_trunk_states(encoder, input_ids, attention_mask, views, shared_layers)
-    else:
-        hidden = encoder(input_ids=input_ids.repeat(views, 1),
-                         attention_mask=attention_mask.repeat(views, 1)).last_hidden_state  # (VB,L,H)
+    hidden = token_states(encoder, input_ids, attention_mask, views=views,
+                          shared_layers=shared_layers)  # (VB, L, H)
     mask = attention_mask.repeat(views, 1)
     if pooling == "cls":
         return hidden[:, 0]
     weights = mask.unsqueeze(-1).to(hidden.dtype)  # (VB, L, 1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def token_states(
+    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, views: int = 1,
+    shared_layers: int = 0,
+) -> torch.Tensor:
+    """(views * B, L, H) last-layer token states; `views` and `shared_layers` as in
+    :func:`pool_text`."""
+    if shared_layers:
+        return _shared_trunk_states(encoder, input_ids, attention_mask, views, shared_layers)
+    return encoder(input_ids=input_ids.repeat(views, 1),
+                   attention_mask=attention_mask.repeat(views, 1)).last_hidden_state
 
 
 def _shared_trunk_states(

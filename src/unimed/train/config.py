@@ -18,6 +18,10 @@ class TrainConfig:
     the global batch; per-rank statistics otherwise, as in the reference implementations).
     `channels_last` stores the 4-D (convolution) weights in channels-last memory format, which the
     CPU (oneDNN) and CUDA convolution kernels run faster; numerics agree to float rounding.
+    `epoch_steps` caps the optimizer steps of every epoch (None: a full pass over the data): each
+    epoch then trains on the first batches of its own shuffled order, so short CPU presets of
+    multi-stage methods still see different data in every stage; the schedule spans the capped
+    epochs.
     """
 
     epochs: int = 50
@@ -40,3 +44,8 @@ class TrainConfig:
     sync_batchnorm: bool = False
     tensorboard: bool = True
     channels_last: bool = False
+    epoch_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epoch_steps is not None and self.epoch_steps < 1:
+            raise ValueError(f"train.epoch_steps must be >= 1 (or null), got {self.epoch_steps}")

@@ -107,6 +107,8 @@ class Trainer:
             raise ValueError(f"train.grad_accum must be >= 1, got {cfg.grad_accum}")
         self.batches_per_epoch = len(self.loaders) * min(len(v) for v in self.loaders.values())
         self.steps_per_epoch = self.batches_per_epoch // cfg.grad_accum
+        if cfg.epoch_steps is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.epoch_steps)
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"{self.batches_per_epoch} batches per epoch cannot make an optimizer step with "
