@@ -41,8 +41,9 @@ TINY = {
 TINY_PRIOR = {
     "method": {"name": "prior", "image": {"encoder": "efficientnet_lite0"},
                "text": {"frozen_layers": 1, "frozen_dropout": False}, "image_size": 64,
-               "stage_epochs": [1, 1, 1], "min_sentences": 1, "embed_dim": 16, "pool_heads": 2, "prototypes": 8,
-               "decoder_layers": 1, "decoder_heads": 2, "decoder_queries": 4, "max_sentences": 4},
+               "stage_epochs": [1, 1, 1], "min_sentences": 1, "embed_dim": 16, "pool_heads": 2,
+               "prototypes": 8, "decoder_layers": 1, "decoder_heads": 2, "decoder_queries": 4,
+               "max_sentences": 4},
     "train": {"batch_size": 8, "epoch_steps": 1, "log_every": 1, "tensorboard": False},
 }
 
