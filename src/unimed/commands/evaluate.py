@@ -49,12 +49,22 @@ def parse_tasks(text: str | None, cfg: Config) -> tuple[str, ...]:
     return tasks
 
 
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The checkpoint folder `checkpoint` names (see find_checkpoint), checked intact; a missing
+    one is a ConfigError naming it."""
+    from unimed.train.checkpoint import find_checkpoint
+
+    try:
+        return find_checkpoint(checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[str, ...]) -> list:
     """The checkpoint's encoder (when given, filed under the method's name) followed by the
     requested baselines."""
     from unimed.eval.encoders import build_encoder
     from unimed.methods import method_label
-    from unimed.train.checkpoint import find_checkpoint
 
     unknown = [b for b in baselines if b not in BASELINE_LABELS]
     if unknown:
@@ -63,10 +73,7 @@ def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[
                   seed=cfg.run.seed, max_length=cfg.data.max_length)
     encoders: list = []
     if checkpoint is not None:
-        try:
-            weights = find_checkpoint(checkpoint)
-        except FileNotFoundError as exc:
-            raise ConfigError(str(exc)) from None
+        weights = resolve_checkpoint(checkpoint)
         name = cfg.method.name
         encoders.append(build_encoder(name, method_label(name), cfg.method, weights=weights, **common))
     image_cfg = cfg.method.image
@@ -94,6 +101,8 @@ def run_evaluation(
     from unimed.eval.tasks import TaskContext
 
     start = time.perf_counter()
+    if checkpoint is not None:
+        resolve_checkpoint(checkpoint)  # a missing or corrupt checkpoint fails before anything is written
     out_dir, figures = cfg.run.dir, run_dir(cfg, EVAL_DIR)
     encoders = build_encoders(cfg, checkpoint, cfg.eval.baselines if baselines is None else baselines)
     ctx = TaskContext(EvalData(cfg.data, progress=progress), cfg.eval, figures, progress)
@@ -167,10 +176,10 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
 
 def _checkpoint_config(args: argparse.Namespace) -> str | None:
     """The config saved with the checkpoint's run, when the checkpoint can be found."""
-    from unimed.train.checkpoint import checkpoint_config, find_checkpoint
+    from unimed.train.checkpoint import checkpoint_config
 
     try:
-        return str(checkpoint_config(find_checkpoint(args.checkpoint)))
+        return str(checkpoint_config(resolve_checkpoint(args.checkpoint)))
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
 

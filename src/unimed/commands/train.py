@@ -74,6 +74,19 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
     return out
 
 
+def writable_run_dir(cfg: Config, stage: str, is_main: bool) -> Path:
+    """The stage's output folder, its config saved and its checkpoints folder checked writable by
+    the main process, before any data is read or model built."""
+    from unimed.train.checkpoint import check_writable
+    from unimed.train.loop import CHECKPOINT_DIR
+
+    if not is_main:
+        return cfg.run.dir / stage
+    out = run_dir(cfg, stage)
+    check_writable(out / CHECKPOINT_DIR)
+    return out
+
+
 def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
     """Cross-lingual MLM on the mixed English + second-language reports (torchrun-aware); returns
     the model folder."""
@@ -84,10 +97,10 @@ def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
     tokenizer_dir = cfg.run.dir / "vocab"
     if not (tokenizer_dir / "vocab.txt").is_file():
         raise ConfigError(f"no tokenizer at {tokenizer_dir}: run `unimed vocab` with this config first")
-    corpus = [r.report for r in load_texts(cfg.data)]
     info = init_distributed()
     try:
-        out = run_dir(cfg, "mlm") if info.is_main else cfg.run.dir / "mlm"
+        out = writable_run_dir(cfg, "mlm", info.is_main)
+        corpus = [r.report for r in load_texts(cfg.data)]
         result = train_mlm(
             corpus, tokenizer_dir, cfg.mlm, out, base_model=resolve_encoder(cfg.vocab.base_model),
             seed=cfg.run.seed, progress=progress, dist=info, resume=resume,
@@ -196,6 +209,7 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     info = init_distributed()
     try:
         seed_everything(cfg.run.seed, info.rank)
+        out = writable_run_dir(cfg, "pretrain", info.is_main)
         encoder = text_encoder_dir(cfg)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
         records = pretrain_records(cfg)
@@ -204,7 +218,6 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
             records, tokenizer, cfg.data, batch_size=cfg.train.batch_size, rank=info.rank,
             world_size=info.world_size, seed=cfg.run.seed, pin_memory=info.device.type == "cuda",
         )
-        out = run_dir(cfg, "pretrain") if info.is_main else cfg.run.dir / "pretrain"
         return train(method, loaders, cfg.train, out, info, resume=resume,
                      progress=progress and info.is_main)
     finally:
