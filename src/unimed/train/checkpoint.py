@@ -220,6 +220,8 @@ def latest_checkpoint(root: str | Path, *, fallback: bool = False) -> Path | Non
         return None
     path = root / pointer.read_text(encoding="utf-8").strip()
     try:
+        if not path.is_dir():
+            raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
         return verify_checkpoint(path)
     except CheckpointError as exc:
         if not fallback:
