@@ -28,7 +28,7 @@ from unimed.methods import method_label
                  "evaluation -> report")
 def demo(cfg: Config, args: argparse.Namespace) -> int:
     run_dir(cfg)
-    progress = not args.quiet
+    progress = args.progress
     times: list[list[str]] = []
 
     def timed(name: str, fn, *a, **kw):

@@ -188,6 +188,6 @@ def _checkpoint_config(args: argparse.Namespace) -> str | None:
          _eval_args, _checkpoint_config)
 def evaluate_command(cfg: Config, args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks, cfg)
-    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=not args.quiet)
+    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=args.progress)
     print_summary(metrics, cfg.run.dir)
     return 0

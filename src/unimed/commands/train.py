@@ -240,20 +240,20 @@ def _resume_args(parser: argparse.ArgumentParser) -> None:
 
 @command("vocab", "build the cross-lingual vocabulary (English WordPiece + top-M second-language terms)")
 def vocab(cfg: Config, args: argparse.Namespace) -> int:
-    print(f"tokenizer: {run_vocab(cfg, progress=not args.quiet)}")
+    print(f"tokenizer: {run_vocab(cfg, progress=args.progress)}")
     return 0
 
 
 @command("mlm", "cross-lingual masked-language-model training of the text encoder (use torchrun for "
                 "several processes)", _resume_args)
 def mlm(cfg: Config, args: argparse.Namespace) -> int:
-    print(f"text encoder: {run_mlm(cfg, progress=not args.quiet, resume=args.resume)}")
+    print(f"text encoder: {run_mlm(cfg, progress=args.progress, resume=args.resume)}")
     return 0
 
 
 @command("pretrain", "vision-language pre-training of the method `method.name` (use torchrun for "
                      "several processes)", _resume_args)
 def pretrain(cfg: Config, args: argparse.Namespace) -> int:
-    result = run_pretrain(cfg, resume=args.resume, progress=not args.quiet)
+    result = run_pretrain(cfg, resume=args.resume, progress=args.progress)
     print_loss_summary(result.history)
     return 0
