@@ -119,7 +119,8 @@ def test_every_image_input_kind_gives_the_same_embedding(tiny_run: Path, images:
     model = unimed.load(tiny_run)
     path = images / "a.png"
     grey = load_image(path)
-    inputs = [path, str(path), Image.open(path), grey, torch.from_numpy(grey)]
+    inputs = [path, str(path), Image.open(path), grey, torch.from_numpy(grey),
+              np.asarray(Image.open(path)), torch.from_numpy(grey).expand(3, -1, -1)]
     got = torch.cat([model.encode_image(item) for item in inputs])
     assert got.shape == (len(inputs), TINY["method"]["projector"]["embed_dim"])
     torch.testing.assert_close(got, got[:1].expand_as(got), rtol=1e-5, atol=1e-5)

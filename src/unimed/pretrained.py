@@ -4,8 +4,9 @@
 a folder written by :func:`export`, and returns a :class:`Pretrained` on the CPU unless told
 otherwise: ``encode_image`` / ``encode_text`` (projected embeddings), ``zero_shot`` (the positive /
 negative prompt rule of the zero-shot evaluation, prompts from the language's prompt file).
-Images go in as file paths (PNG, JPEG, DICOM: the project's readers), PIL images, or grey numpy
-arrays / tensors in [0, 1]; they are resized and centre-cropped as in the zero-shot evaluation, and
+Images go in as file paths (PNG, JPEG, DICOM: the project's readers), PIL images, or numpy arrays /
+tensors ((H, W) grey or (C, H, W), floats in [0, 1] or integers scaled by their type's maximum), one
+or a list (a 4-D array is a batch); they are resized and centre-cropped as in the zero-shot evaluation, and
 the model normalises them itself.
 
 An exported folder holds everything the model needs, read with local files only::
@@ -147,13 +148,18 @@ def _is_single(images: Any) -> bool:
 
 
 def _grey(image: ImageInput) -> np.ndarray | torch.Tensor:
-    """A grey (H, W) image in [0, 1] (or channel-first (C, H, W) as given) from any accepted input."""
+    """A grey (H, W) image in [0, 1] (or channel-first (C, H, W) as given) from any accepted input;
+    integer arrays are scaled by their type's maximum (uint8: 255)."""
     if isinstance(image, (str, Path)):
         return load_image(image)
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             return np.asarray(image, dtype=np.float32) / 65535.0
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float32) / np.iinfo(image.dtype).max
+    if isinstance(image, torch.Tensor) and not image.is_floating_point():
+        return image.numpy().astype(np.float32) / np.iinfo(image.numpy().dtype).max
     if isinstance(image, (np.ndarray, torch.Tensor)):
         return image
     raise TypeError(f"an image must be a file path, a PIL image, a numpy array or a tensor, "
