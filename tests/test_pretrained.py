@@ -101,7 +101,7 @@ def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, ima
     # Zero-shot by hand: cosine to "{disease}" minus cosine to the negative prompt, the
     # probability a two-way softmax of the two at the model's temperature.
     result = unimed.load(out).zero_shot(files, CLASSES, "es")
-    prompts = load_prompts("es")
+    prompts = load_prompts("es", stemming=cfg.eval.prompt_stemming)
     temperature = float(reference.temperature)
     for c, name in enumerate(CLASSES):
         pos, neg = reference.text_features([prompts.positive(name), prompts.negative(name)],

@@ -114,10 +114,10 @@ class Pretrained:
         return self.encoder.text_features(texts, normalize=normalize, batch_size=batch_size)
 
     def prompts(self, language: str) -> PromptSet:
-        """The zero-shot prompts of `language`; an unknown language is a ConfigError naming those
-        there are."""
+        """The zero-shot prompts of `language`, stemmed as the run's ``eval.prompt_stemming`` says; an
+        unknown language is a ConfigError naming those there are."""
         try:
-            return load_prompts(language, self.prompt_dir)
+            return load_prompts(language, self.prompt_dir, self.config.eval.prompt_stemming)
         except FileNotFoundError:
             known = sorted(p.stem for p in self.prompt_dir.glob("*.yaml"))
             raise ConfigError(f"unknown language '{language}': the model has prompts for "
