@@ -240,6 +240,9 @@ def _ddp_worker(rank: int, world: int, port: int, dry_run: bool, out_dir: str) -
         if rank == 0:
             gap = max(float((g - gathered[0]).abs().max()) for g in gathered)
             (Path(out_dir) / "ddp.txt").write_text(f"{loss} {gap}")
+        # Neither rank leaves the group while the other may still be finishing the all-gather: a
+        # gloo peer whose socket closes mid-collective aborts its process.
+        torch_dist.barrier()
     finally:
         cleanup()
 
