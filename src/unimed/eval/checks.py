@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,7 +123,6 @@ def fraction_order(fraction: str) -> float:
 def quality_checks(
     metrics: dict, replicates: Replicates | None = None, *, model: str | None = None,
     baseline: str = "init", random: str = "random", zero_shot_min: float = 0.80,
-    dense_baselines: bool = True,
 ) -> list[Check]:
     """The quality bar: zero-shot AUC, model beats baseline everywhere, lower language-ID probe,
     and (when a `random` encoder was evaluated beside the baseline) the dense tasks telling the
@@ -134,8 +132,7 @@ def quality_checks(
     ``metrics["method"]`` names, else the first encoder that is no baseline); ``replicates`` are the bootstrap
     replicates keyed "<encoder>/<task>/<path>/<metric>" (bootstrap.npz), from which "beats" checks
     take the paired difference. Every check whose metric is missing is returned NOT_MEASURED
-    rather than skipped, so holes stay visible. ``dense_baselines`` False leaves out the checks of
-    the baseline against the random encoder (they do not depend on the model).
+    rather than skipped, so holes stay visible.
     """
     encoders = metrics.get("encoders") or {}
     if model is None:
@@ -149,43 +146,12 @@ def quality_checks(
     for task in FINETUNE_TASKS:
         checks += _beats_baseline_checks(task, model_tasks, base_tasks, pair)
     checks.append(_language_probe_check(model_tasks, base_tasks, labels))
-    if dense_baselines:
-        checks += _dense_baseline_checks(metrics, replicates or {}, baseline, random)
-    return checks
-
-
-def all_quality_checks(metrics: dict, replicates: Replicates | None = None) -> list[Check]:
-    """:func:`quality_checks` for every trained method of the run (``metrics["methods"]``, else
-    the one ``metrics["method"]`` names). With several, each check's name starts with the method's
-    label and the baseline-against-random checks, which do not depend on the method, come once at
-    the end."""
-    methods = metrics.get("methods") or [None]
-    if len(methods) == 1:
-        return quality_checks(metrics, replicates, model=methods[0])
-    encoders = metrics.get("encoders") or {}
-    checks = []
-    for method in methods:
-        label = str((encoders.get(method) or {}).get("label") or method)
-        checks += [dataclasses.replace(check, name=f"{label}: {check.name}")
-                   for check in quality_checks(metrics, replicates, model=method,
-                                               dense_baselines=False)]
-    return checks + _dense_baseline_checks(metrics, replicates or {}, "init", "random")
-
-
-def _dense_baseline_checks(metrics: dict, replicates: Replicates, baseline: str,
-                           random: str) -> list[Check]:
-    """The dense tasks telling the baseline's image weights from a random image encoder (none
-    when no random encoder was evaluated beside the baseline)."""
-    encoders = metrics.get("encoders") or {}
-    base_enc, random_enc = encoders.get(baseline) or {}, encoders.get(random) or {}
-    if not random_enc or random == baseline:
-        return []
-    dense = _Pair((baseline, random), (str(base_enc.get("label") or baseline),
-                                       str(random_enc.get("label") or random)), replicates)
-    checks = []
-    for task in DENSE_TASKS:
-        checks += _beats_baseline_checks(task, base_enc.get("tasks") or {},
-                                         random_enc.get("tasks") or {}, dense)
+    random_enc = encoders.get(random) or {}
+    if random_enc and random != baseline:
+        dense = _Pair((baseline, random), (labels[1], str(random_enc.get("label") or random)),
+                      replicates or {})
+        for task in DENSE_TASKS:
+            checks += _beats_baseline_checks(task, base_tasks, random_enc.get("tasks") or {}, dense)
     return checks
 
 

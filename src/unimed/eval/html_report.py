@@ -20,9 +20,9 @@ from unimed.eval.checks import (
     TIE,
     Check,
     Replicates,
-    all_quality_checks,
     as_float,
     lookup,
+    quality_checks,
 )
 from unimed.eval.report import (
     BOLD_BEST,
@@ -241,7 +241,7 @@ def _pretraining_html(metrics: dict, figure_dir: Path) -> str:
 def render_report(metrics: dict, figure_dir: Path, checks: list[Check] | None = None,
                   replicates: Replicates | None = None) -> str:
     """The report as one self-contained HTML string (see :func:`write_report`)."""
-    checks = all_quality_checks(metrics, replicates) if checks is None else checks
+    checks = quality_checks(metrics, replicates) if checks is None else checks
     tables = {table[0]: table for table in format_tables(metrics)}
     notes = table_notes(metrics)
     parts = [_meta_html(metrics), "<h2>Quality checks</h2>", _checks_html(checks),
@@ -261,7 +261,7 @@ def write_report(metrics: dict, out_path: Path, figure_dir: Path,
     """Write the HTML report of ``metrics`` to ``out_path`` and return it.
 
     The file is self-contained: inline CSS, every figure (paths relative to ``figure_dir``) embedded
-    as a base64 PNG data URI, no script. ``checks`` defaults to :func:`all_quality_checks` of the metrics
+    as a base64 PNG data URI, no script. ``checks`` defaults to :func:`quality_checks` of the metrics
     and the bootstrap ``replicates``.
     """
     out_path = Path(out_path)
