@@ -63,6 +63,12 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
 def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[str, ...]) -> list:
     """The checkpoint's encoder (when given, filed under the method's name) followed by the
     requested baselines."""
+    weights = resolve_checkpoint(checkpoint) if checkpoint is not None else None
+    return _encoders(cfg, weights, baselines)
+
+
+def _encoders(cfg: Config, weights: Path | None, baselines: tuple[str, ...]) -> list:
+    """:func:`build_encoders` with the checkpoint folder already resolved and checked."""
     from unimed.eval.encoders import build_encoder
     from unimed.methods import method_label
 
@@ -72,8 +78,7 @@ def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[
     common = dict(text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg),
                   seed=cfg.run.seed, max_length=cfg.data.max_length)
     encoders: list = []
-    if checkpoint is not None:
-        weights = resolve_checkpoint(checkpoint)
+    if weights is not None:
         name = cfg.method.name
         encoders.append(build_encoder(name, method_label(name), cfg.method, weights=weights, **common))
     image_cfg = cfg.method.image
@@ -101,10 +106,10 @@ def run_evaluation(
     from unimed.eval.tasks import TaskContext
 
     start = time.perf_counter()
-    if checkpoint is not None:
-        resolve_checkpoint(checkpoint)  # a missing or corrupt checkpoint fails before anything is written
+    # A missing or corrupt checkpoint fails before anything is written.
+    weights = resolve_checkpoint(checkpoint) if checkpoint is not None else None
     out_dir, figures = cfg.run.dir, run_dir(cfg, EVAL_DIR)
-    encoders = build_encoders(cfg, checkpoint, cfg.eval.baselines if baselines is None else baselines)
+    encoders = _encoders(cfg, weights, cfg.eval.baselines if baselines is None else baselines)
     ctx = TaskContext(EvalData(cfg.data, progress=progress), cfg.eval, figures, progress)
     metrics = {
         "run": cfg.run.name,
@@ -152,13 +157,13 @@ def write_outputs(metrics: dict, out_dir: Path, figures: Path,
 def print_summary(metrics: dict, out_dir: Path, *, with_checks: bool = True) -> None:
     """The paper-style tables (those `metrics` has data for) and, optionally, the quality checks
     followed by one line per failed or tied check with its likely cause."""
-    from unimed.eval.checks import FAIL, TIE, all_quality_checks
+    from unimed.eval.checks import FAIL, TIE, quality_checks
     from unimed.eval.report import format_tables
 
     for title, header, rows in format_tables(metrics):
         print_table(title, header, rows)
     if with_checks:
-        checks = all_quality_checks(metrics, read_replicates(out_dir))
+        checks = quality_checks(metrics, read_replicates(out_dir))
         print_table("Quality checks", ["check", "result", "detail"],
                     [[c.name, c.status.upper() if c.status in (FAIL, TIE) else c.status, c.detail]
                      for c in checks])
