@@ -41,9 +41,16 @@ def list_images(path: str | Path) -> list[Path]:
     return found
 
 
-def _batches(items: Sequence[Path], size: int = BATCH) -> Iterator[list[Path]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
+def _batches(items: Sequence[Path], desc: str, progress: bool, size: int = BATCH
+             ) -> Iterator[list[Path]]:
+    """`items` in lists of `size`, with a progress bar over the images unless `progress` is off."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), desc=desc, unit="image", disable=not progress) as bar:
+        for start in range(0, len(items), size):
+            batch = list(items[start : start + size])
+            yield batch
+            bar.update(len(batch))
 
 
 def _relative(file: Path, root: Path) -> str:
@@ -119,7 +126,7 @@ def classify_command(cfg: Config, args: argparse.Namespace) -> int:
     model = load(args.model, device=args.device)
     model.prompts(args.language)  # an unknown language fails before any image is read
     scores, probabilities = [], []
-    for batch in _batches(files):
+    for batch in _batches(files, "classify", args.progress):
         result = model.zero_shot(batch, classes, args.language)
         scores.append(result.scores)
         probabilities.append(result.probabilities)
@@ -152,7 +159,8 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     files = list_images(args.images)
     _writable(out)
     model = load(args.model, device=args.device)
-    embeddings = torch.cat([model.encode_image(batch) for batch in _batches(files)])
+    embeddings = torch.cat([model.encode_image(batch)
+                            for batch in _batches(files, "embed", args.progress)])
     if out.suffix == ".npy":
         np.save(out, embeddings.numpy())
     else:
