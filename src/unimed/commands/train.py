@@ -145,7 +145,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
         return None
     corpus = read_parallel(path)
     text_cfg = cfg.method.text
-    tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir), local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         before = create_text_encoder(base, text_cfg, vocab_size=len(tokenizer))
@@ -178,10 +178,20 @@ def mlm_check_line(result: dict) -> str:
     return f"FAIL: MLM made cross-lingual retrieval worse: {change}"
 
 
+def _local_model_dir(name: str, key: str) -> str:
+    """`name` (a packaged encoder or a path) as a local folder; anything else, such as a model hub
+    id, is a ConfigError naming `key`: models are never downloaded."""
+    path = resolve_encoder(name)
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}={name} is not a local model folder (packaged encoders: "
+                          f"{', '.join(PACKAGED_ENCODERS)}); models are never downloaded")
+    return path
+
+
 def text_encoder_dir(cfg: Config) -> str:
     """The text encoder for pre-training: `method.text.encoder`, else this run's MLM output."""
     if cfg.method.text.encoder is not None:
-        return resolve_encoder(cfg.method.text.encoder)
+        return _local_model_dir(cfg.method.text.encoder, "method.text.encoder")
     mlm_dir = cfg.run.dir / "mlm"
     if not (mlm_dir / "config.json").is_file():
         raise ConfigError(
@@ -194,7 +204,7 @@ def tokenizer_dir(cfg: Config) -> str:
     """The tokenizer of pre-training and evaluation: `method.text.tokenizer`, else the text
     encoder's."""
     tokenizer = cfg.method.text.tokenizer
-    return resolve_encoder(tokenizer) if tokenizer else text_encoder_dir(cfg)
+    return _local_model_dir(tokenizer, "method.text.tokenizer") if tokenizer else text_encoder_dir(cfg)
 
 
 def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
@@ -211,7 +221,7 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
         seed_everything(cfg.run.seed, info.rank)
         out = writable_run_dir(cfg, "pretrain", info.is_main)
         encoder = text_encoder_dir(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg), local_files_only=True)
         records = pretrain_records(cfg)
         method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
         loaders = method.build_loaders(

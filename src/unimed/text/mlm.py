@@ -194,7 +194,8 @@ def build_mlm_model(
     path = Path(base_model)
     if not path.is_dir():
         raise ValueError(f"base model folder {path} does not exist; models are never downloaded")
-    model, info = BertForMaskedLM.from_pretrained(str(path), output_loading_info=True)
+    model, info = BertForMaskedLM.from_pretrained(str(path), output_loading_info=True,
+                                                  local_files_only=True)
     n_old = model.get_input_embeddings().num_embeddings
     if len(tokenizer) < n_old:
         raise ValueError(
@@ -303,7 +304,7 @@ def _init_new_rows_from_subwords(
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise ValueError(f"tokenizer folder {path} does not exist; run the vocabulary stage first")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.mask_token is None or tokenizer.pad_token is None:
         raise ValueError(f"tokenizer in {path} has no [MASK] or [PAD] token; masked LM needs both")
     return tokenizer
