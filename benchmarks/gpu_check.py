@@ -220,26 +220,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ddp_step(rank: int, world: int, dry_run: bool, out_dir: str, info: DistInfo) -> None:
+    """One DDP step of the toy preset; rank 0 writes the loss and the ranks' largest weight gap."""
+    cfg = preset(PRESETS[0], dry_run=True)  # toy sizes: this checks the transport, not speed
+    if dry_run:  # SyncBatchNorm needs CUDA
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sync_batchnorm=False))
+    batch = synthetic_batch(cfg, 4, seed=rank)
+    trainer = trainer_for(cfg, info.device, [batch], Path(out_dir) / f"rank{rank}", info)
+    trainer.net.train()
+    loss = trainer.train_step(trainer._epoch_batches())["loss"]
+    flat = torch.cat([p.detach().flatten() for p in trainer.method.model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch_dist.all_gather(gathered, flat)
+    if rank == 0:
+        gap = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        (Path(out_dir) / "ddp.txt").write_text(f"{loss} {gap}")
+
+
 def _ddp_worker(rank: int, world: int, port: int, dry_run: bool, out_dir: str) -> None:
+    # As under torchrun, the parent hosts the rendezvous store, so it outlives both ranks' exits.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
-    device = "cpu" if dry_run else f"cuda:{rank}"
-    info = init_distributed(device=device)
+    info = init_distributed(device="cpu" if dry_run else f"cuda:{rank}")
     try:
-        cfg = preset(PRESETS[0], dry_run=True)  # toy sizes: this checks the transport, not speed
-        if dry_run:  # SyncBatchNorm needs CUDA
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sync_batchnorm=False))
-        batch = synthetic_batch(cfg, 4, seed=rank)
-        trainer = trainer_for(cfg, info.device, [batch], Path(out_dir) / f"rank{rank}", info)
-        trainer.net.train()
-        loss = trainer.train_step(trainer._epoch_batches())["loss"]
-        flat = torch.cat([p.detach().flatten() for p in trainer.method.model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        torch_dist.all_gather(gathered, flat)
-        if rank == 0:
-            gap = max(float((g - gathered[0]).abs().max()) for g in gathered)
-            (Path(out_dir) / "ddp.txt").write_text(f"{loss} {gap}")
+        _ddp_step(rank, world, dry_run, out_dir, info)  # its DDP wrapper is freed here, group alive
+        # Neither rank leaves the group while the other may still be finishing the all-gather: a
+        # gloo peer whose socket closes mid-collective aborts its process.
+        torch_dist.barrier()
     finally:
         cleanup()
 
@@ -248,8 +256,11 @@ def nccl(args: argparse.Namespace, device: torch.device, out_dir: Path) -> str:
     backend = "gloo" if args.dry_run else "nccl"
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if args.dry_run or gpus >= 2:
-        mp.start_processes(_ddp_worker, args=(2, _free_port(), args.dry_run, str(out_dir)),
+        port = _free_port()
+        store = torch_dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+        mp.start_processes(_ddp_worker, args=(2, port, args.dry_run, str(out_dir)),
                            nprocs=2, join=True, start_method="spawn")
+        del store
         loss, gap = map(float, (out_dir / "ddp.txt").read_text().split())
         if gap != 0.0:
             raise AssertionError(f"2-process {backend} DDP step: ranks' weights differ by {gap:.2e}")

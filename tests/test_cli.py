@@ -212,3 +212,47 @@ def test_every_preset_loads():
     assert presets
     for path in presets:
         load_config(path)
+
+
+def test_quiet_silences_the_transformers_load_report(tmp_path: Path):
+    """An MLM checkpoint loaded as a BertModel (no pooler, an unused MLM head) makes transformers
+    log a LOAD REPORT table; under --quiet it does not, and the setting is restored after."""
+    import logging
+
+    from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    from unimed.cli import library_output
+
+    folder = _tiny_english_bert(tmp_path / "bert")
+    reports: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    hf_logging.get_logger().addHandler(handler)  # transformers' root logger does not propagate
+    try:
+        bars = hf_logging.is_progress_bar_enabled()
+        with library_output(quiet=True, progress=False):
+            BertModel.from_pretrained(str(folder), local_files_only=True)
+            assert not hf_logging.is_progress_bar_enabled()
+        assert not any("LOAD REPORT" in r for r in reports)
+        assert hf_logging.is_progress_bar_enabled() == bars
+        BertModel.from_pretrained(str(folder), local_files_only=True)
+        assert any("LOAD REPORT" in r for r in reports)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+
+
+@pytest.mark.parametrize(("argv", "tty", "progress"), [
+    ([], True, True), (["--quiet"], True, False), ([], False, False),
+])
+def test_progress_bars_only_on_a_terminal_and_not_quiet(argv, tty, progress, preset: Path,
+                                                         monkeypatch):
+    """A redirected log (stderr not a terminal) gets no progress bars: each redraw would be a line."""
+    import unimed.cli as cli
+    from unimed.commands import Command
+
+    seen = []
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: tty, raising=False)
+    monkeypatch.setitem(cli.COMMANDS, "vocab", Command("probe", lambda cfg, args: seen.append(args.progress) or 0))
+    assert main(["vocab", str(preset), *argv]) == 0
+    assert seen == [progress]

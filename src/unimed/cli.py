@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 from unimed.commands import COMMANDS
 from unimed.config import ConfigError, load_config
@@ -28,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config_path", nargs="?", default=None, help="YAML preset (or use --config)")
         p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.epochs=2")
         p.add_argument("--config", dest="config_flag", default=None, help="YAML preset")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--quiet", action="store_true",
+                       help="no progress bars and no transformers load reports (progress bars are "
+                            "also off when stderr is not a terminal)")
     return parser
 
 
@@ -46,6 +50,25 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
     return path, overrides
 
 
+@contextlib.contextmanager
+def library_output(*, quiet: bool, progress: bool) -> Iterator[None]:
+    """While a command runs: transformers' warnings (its LOAD REPORT tables) off when `quiet`, its
+    and the model hub's progress bars off unless `progress`; restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `unimed` console script; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -57,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*args.overrides, *extra]
+    # Progress bars redraw in place on a terminal; in a redirected log every redraw is a line.
+    args.progress = not args.quiet and sys.stderr.isatty()
     try:
         spec = COMMANDS[args.command]
         path, overrides = _split_config_and_overrides(args)
         cfg = load_config(path or spec.default_config(args), overrides)
-        return spec.handler(cfg, args)
+        with library_output(quiet=args.quiet, progress=args.progress):
+            return spec.handler(cfg, args)
     except ConfigError as exc:
         print(f"unimed: config error: {exc}", file=sys.stderr)
     except DataError as exc:

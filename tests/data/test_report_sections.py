@@ -61,6 +61,21 @@ def test_open_i_xxxx_gaps_are_cleaned_like_mimic_gaps() -> None:
     assert clean_report("XR chest, X-ray of XX") == "XR chest, X-ray of XX"  # not a gap
 
 
+def test_lower_case_and_longer_gaps_are_cleaned_alike() -> None:
+    # Lower-cased IU X-ray releases write "xxxx"; a gap may be any run of 3+ X or 2+ underscores.
+    expected = "no effusion. lungs clear."
+    for gap in ("___", "____", "XXXX", "xxxx", "XXX", "XXXXXX"):
+        assert clean_report(f"no {gap} effusion. lungs {gap} clear.") == expected, gap
+    assert clean_report("xxxx-year-old with ___.") == clean_report("XXXX-year-old with XXXX.")
+    assert clean_report("max. xx extra Xx") == "max. xx extra Xx"  # words and short runs stay
+
+
+def test_mimic_and_open_i_reports_give_the_same_model_text() -> None:
+    mimic = "FINDINGS: No ___ effusion.\n\nIMPRESSION: ___ normal chest."
+    open_i = "FINDINGS: No XXXX effusion.\n\nIMPRESSION: XXXX normal chest."
+    assert mimic_report_text(mimic) == mimic_report_text(open_i) == "No effusion. normal chest."
+
+
 def test_sentences_in_english_and_spanish() -> None:
     assert split_sentences("No effusion. Mild cardiomegaly.", "en") == [
         "No effusion.",

@@ -225,3 +225,21 @@ def test_bad_ccii_and_bcv_input(world, tmp_path):
     (bcv / "img" / "img0003.nii.gz").write_bytes(gzip.compress(b"not a nifti"))
     read = load_dataset("bcv", bcv, on_error="skip", check_images=True)
     assert len(read.records) == TINY.ct.bcv_studies - 2 and read.dropped
+
+
+def test_bimcv_reports_are_cleaned_like_every_other_report(world, tmp_path):
+    root, _ = world
+    bimcv = tmp_path / "bimcv-covid19"
+    shutil.copytree(root / "bimcv-covid19", bimcv)
+    table = bimcv / "derivatives/labels/labels_covid_posi.tsv"
+    lines = table.read_text(encoding="utf-8").splitlines()
+    report = lines[0].split("\t").index("Report")
+    gaps = ["Derrame  pleural XXXX izquierdo. Sin ___ neumotórax .",
+            "Derrame pleural izquierdo. Sin neumotórax."]
+    rows = [line.split("\t") for line in lines[1:]]
+    for i, row in enumerate(rows):
+        row[report] = gaps[i % 2]
+    table.write_text("\n".join([lines[0], *("\t".join(r) for r in rows)]) + "\n", encoding="utf-8")
+    read = load_dataset("bimcv-covid19", bimcv, split_dir=tmp_path)
+    assert len(read.records) == len(rows)
+    assert {r.report for r in read.records} == {"Derrame pleural izquierdo. Sin neumotórax."}

@@ -285,7 +285,8 @@ def test_difference_within_noise_is_a_tie_and_below_zero_a_fail() -> None:
     assert "within noise" in tied[0].cause
     failed = [c for c in checks if c.status == FAIL]
     assert [c.name for c in failed] == ["Segmentation SIIM 1%: Med-UniC beats Random init / MLM-only"]
-    assert "baseline is better" in failed[0].cause
+    assert "baseline is better" in failed[0].cause and "head's training seed" in failed[0].cause
+    assert "head's training seed" not in beats_cause(FAIL, [0.6, 0.7], "auc")  # linear probe
 
 
 def test_tie_between_two_chance_level_aucs_says_so() -> None:

@@ -11,13 +11,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from unimed.config import ConfigError, load_config
 from unimed.data.records import Record
 from unimed.eval import zero_shot
+from unimed.eval.config import EvalConfig
 from unimed.eval.metrics import resample_indices
 from unimed.eval.prompts import load_prompts
 
 
-def test_spanish_prompts_are_stemmed_like_padchest_reports():
+def test_spanish_prompts_are_stemmed_like_padchest_reports_by_default():
     es = load_prompts("es")
     assert es.display("Pleural Effusion") == "derrame pleural"
     assert es.display("pleural effusion", negative=True) == "No hay derrame pleural"
@@ -25,6 +27,41 @@ def test_spanish_prompts_are_stemmed_like_padchest_reports():
     assert es.negative("Pleural Effusion") == "no hay derram pleural"
     en = load_prompts("en")
     assert (en.positive("Edema"), en.negative("Edema")) == ("pulmonary edema", "No pulmonary edema")
+
+
+@pytest.mark.parametrize("stemming, positive, negative", [
+    ({"es": "spanish"}, "derram pleural", "no hay derram pleural"),  # PadChest-style corpus
+    ({"es": "none"}, "derrame pleural", "no hay derrame pleural"),  # plain Spanish (BIMCV-style)
+    ({}, "derrame pleural", "no hay derrame pleural"),  # a language not listed is not stemmed
+])
+def test_prompt_stemming_follows_the_setting(stemming, positive, negative):
+    es = load_prompts("es", stemming=stemming)
+    assert (es.positive("pleural effusion"), es.negative("pleural effusion")) == (positive, negative)
+    assert es.display("pleural effusion") == "derrame pleural"  # what a person reads: never stemmed
+
+
+def test_english_prompts_are_stemmed_when_the_english_corpus_was():
+    en = load_prompts("en", stemming={"en": "english"})
+    assert en.positive("pleural effusion") == "pleural effus"
+    assert load_prompts("en", stemming={"es": "spanish"}).positive("pleural effusion") == (
+        "pleural effusion")
+
+
+def test_prompt_stemming_is_a_validated_config_key():
+    assert EvalConfig().prompt_stemming == {"en": "none", "es": "spanish"}
+    cfg = load_config(None, ["eval.prompt_stemming.es=none"])
+    assert cfg.eval.prompt_stemming == {"en": "none", "es": "none"}
+    with pytest.raises(ConfigError, match=r"eval.prompt_stemming.es must be 'none' or a snowball "
+                                          r"algorithm \(.*spanish.*\), got 'snowbal'"):
+        load_config(None, ["eval.prompt_stemming.es=snowbal"])
+
+
+def test_a_prompt_file_choosing_its_own_stemmer_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "es.yaml").write_text("language: es\nstemmer: spanish\npositive: '{disease}'\n"
+                                      "negative: 'No hay {disease}'\nclasses: {edema: edema}\n")
+    with pytest.raises(ValueError, match=r"es.yaml: 'stemmer' is not read from prompt files.*"
+                                         r"eval.prompt_stemming.es"):
+        load_prompts("es", tmp_path)
 
 
 def test_every_default_class_has_a_prompt_in_both_languages():
@@ -171,6 +208,21 @@ class _OwnRuleEncoder(_OracleEncoder):
 
     def image_features(self, *args, **kwargs):
         raise AssertionError("the method's own zero-shot rule replaces the cosine rule")
+
+
+@pytest.mark.parametrize("algorithm", ["spanish", "none"])
+def test_zero_shot_prompts_follow_eval_prompt_stemming(task_context, algorithm):
+    # The oracle knows only the prompts stemmed as configured: any other text is a lookup error.
+    cfg = task_context.cfg.zero_shot
+    classes = cfg.classes["pdc"]
+    labels = zero_shot.label_matrix(task_context.data.records("pdc", "test"), classes, "pdc")
+    stemming = {"es": algorithm}
+    encoder = _OracleEncoder(labels, load_prompts("es", stemming=stemming), classes)
+    assert ("derram pleural" in encoder.texts) == (algorithm == "spanish")
+    only_pdc = dataclasses.replace(cfg, datasets=("pdc",), languages=("es",))
+    ctx = dataclasses.replace(task_context, cfg=dataclasses.replace(
+        task_context.cfg, zero_shot=only_pdc, prompt_stemming=stemming))
+    assert zero_shot.run(encoder, ctx)["pdc"]["es"]["auc"] == 1.0
 
 
 def test_a_methods_own_zero_shot_rule_replaces_the_cosine_rule(task_context):

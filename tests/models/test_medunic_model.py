@@ -160,8 +160,9 @@ def test_lock_helpers_freeze_one_tower() -> None:
     assert not any(p.requires_grad for p in model.text_proj.parameters())
 
 
-def test_training_step_reaches_every_trainable_parameter() -> None:
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("frozen_dropout", [True, False])
+def test_training_step_reaches_every_trainable_parameter(frozen_dropout) -> None:
+    cfg = tiny_cfg(text={"frozen_dropout": frozen_dropout})
     model = _model(cfg)
     losses = MedUniCLoss(cfg.loss)(**model(tiny_batch()))
     losses["loss"].backward()
@@ -170,6 +171,22 @@ def test_training_step_reaches_every_trainable_parameter() -> None:
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
         else:
             assert param.grad is None, name
+
+
+def test_shared_frozen_trunk_gives_the_same_features_in_eval_and_fewer_text_rows() -> None:
+    full, shared = (_model(tiny_cfg(text={"frozen_dropout": flag})) for flag in (True, False))
+    shared.load_state_dict(full.state_dict())
+    batch = tiny_batch()
+    with torch.no_grad():
+        for key, value in full.eval()(batch).items():
+            torch.testing.assert_close(shared.eval()(batch)[key], value, msg=key)
+    shared.train()
+    first_trainable = shared.text.encoder.layer[1]
+    rows = _record_batch_sizes(shared.text.embeddings)
+    above = _record_batch_sizes(first_trainable)
+    out = shared(batch)
+    assert rows == [B] and above == [2 * B]  # trunk once per report, trainable layers per view
+    assert not torch.allclose(out["ctr_a"], out["ctr_b"])  # their dropout still makes two views
 
 
 def test_compiled_image_encoder_keeps_state_dict_keys() -> None:

@@ -137,6 +137,23 @@ def test_a_batch_without_masked_tokens_gives_zero_loss_not_nan(fresh_tokenizer_d
     torch.testing.assert_close(out["loss"], expected)
 
 
+def test_loss_is_the_mean_cross_entropy_of_the_full_model_over_the_masked_positions(
+        fresh_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(fresh_tokenizer_dir))
+    model = build_mlm_model(tokenizer, TINY).eval()
+    ids = tokenizer(["derram pleural izquierd", "no pleural effusion seen"], padding=True,
+                    return_tensors="pt")
+    labels = torch.full_like(ids["input_ids"], -100)
+    positions = [(0, 1), (0, 2), (1, 1), (1, 3)]
+    for row, col in positions:
+        labels[row, col] = (ids["input_ids"][row, col] + 7) % len(tokenizer)  # any target works
+    out = mlm.MaskedLM(model, TINY)({**ids, "labels": labels}, StepContext(step=0, epoch=0, stage="mlm"))
+    log_probs = torch.log_softmax(model(**ids).logits, dim=-1)  # (B, L, V), every position scored
+    expected = -torch.stack([log_probs[r, c, labels[r, c]] for r, c in positions]).mean()
+    torch.testing.assert_close(out["loss"], expected)
+    assert out["masked_tokens"].item() == len(positions)
+
+
 def test_mlm_loss_goes_down_on_a_bilingual_corpus(fresh_tokenizer_dir, tmp_path):
     cfg = MLMConfig(**{**TINY.__dict__, "epochs": 20, "lr": 3e-3, "warmup_ratio": 0.1})
     result = train_mlm(CORPUS, fresh_tokenizer_dir, cfg, tmp_path, seed=0, progress=False)

@@ -54,7 +54,8 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot save checkpoint .*step_00000002 "
+                       r"\(disk full\); the previous checkpoint step_00000001 is intact"):
         ckpt.save_checkpoint(tmp_path, 2, model, _state(2))
     monkeypatch.undo()
     assert ckpt.latest_checkpoint(tmp_path) == first
@@ -80,5 +81,5 @@ def test_missing_or_mismatched_checkpoint_errors(tmp_path):
     with pytest.raises(RuntimeError, match="model.safetensors"):
         ckpt.load_checkpoint(path, nn.Linear(2, 3))
     (path / ckpt.STATE_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(ckpt.CheckpointError, match="incomplete: no state.pt"):
         ckpt.latest_checkpoint(tmp_path)

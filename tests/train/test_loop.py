@@ -55,6 +55,7 @@ def test_dropout_really_draws_from_the_restored_rng(tmp_path):
     torch.manual_seed(1234)
     state["rng"][0]["torch"] = torch.get_rng_state()
     torch.save(state, state_file)
+    (state_file.parent / ckpt.CHECKSUM_FILE).unlink()  # edited on purpose: read without checksums
     _, rest = _run(tmp_path / "cut", cfg, resume=True)
     assert rest.losses[0] != pytest.approx(full.losses[5], abs=1e-6)
 
@@ -190,3 +191,82 @@ def test_epoch_steps_caps_every_epoch_and_resumes_on_the_same_curve(tmp_path):
     assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
     with pytest.raises(ValueError, match="train.epoch_steps must be >= 1"):
         tiny_cfg(epoch_steps=0)
+
+
+def _damage(step_dir, how: str) -> tuple[str, int]:
+    """Damage the checkpoint in `step_dir` as `how` says; returns what the warning must name and
+    the step of the newest intact checkpoint left."""
+    if how == "truncated weights":
+        weights = step_dir / ckpt.WEIGHTS_FILE
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return f"{weights} is truncated or corrupt", 4
+    if how == "corrupt state":
+        state = step_dir / ckpt.STATE_FILE
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+        state.write_bytes(bytes(data))
+        return f"{state} is truncated or corrupt", 4
+    pointer = step_dir.parent / ckpt.LATEST_FILE
+    pointer.write_text("step_00000099\n")  # e.g. a copy of the run that lost its newest step
+    return f"{pointer} names step_00000099, which does not exist", 6
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "corrupt state", "latest names a missing step"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_logs_each_step_once(
+        tmp_path, how, caplog):
+    cfg = tiny_cfg(checkpoint_every=0, checkpoint_every_steps=4)
+    _, full = _run(tmp_path / "full", cfg)
+    _run(tmp_path / "cut", tiny_cfg(checkpoint_every=0, checkpoint_every_steps=4, max_steps=6))
+    root = tmp_path / "cut" / CHECKPOINT_DIR
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    named, start = _damage(root / "step_00000006", how)
+    with caplog.at_level("WARNING", logger="unimed.train.checkpoint"):
+        _, rest = _run(tmp_path / "cut", cfg, seed=99, resume=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(named), warnings
+    intact = root / ckpt.checkpoint_name(start)
+    assert warnings[0].endswith(f"resuming from the newest intact checkpoint {intact} instead")
+    # Steps after the checkpoint are trained again, as the uninterrupted run did, and logged once.
+    assert [r["step"] for r in rest.history] == list(range(start + 1, 17))
+    assert rest.losses == pytest.approx(full.losses[start:], abs=1e-6, rel=0)
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert [r["loss"] for r in rows] == pytest.approx(full.losses, abs=1e-6, rel=0)
+
+
+def test_resume_without_any_intact_checkpoint_is_one_checkpoint_error(tmp_path):
+    _run(tmp_path, tiny_cfg(checkpoint_every=0, checkpoint_every_steps=4, max_steps=6))
+    for step in ("step_00000004", "step_00000006"):
+        _damage(tmp_path / CHECKPOINT_DIR / step, "truncated weights")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        _run(tmp_path, tiny_cfg(), resume=True)
+    message = str(err.value)
+    assert "\n" not in message and message.endswith(f"no other intact checkpoint under {tmp_path / CHECKPOINT_DIR}")
+    assert message.startswith(f"{tmp_path / CHECKPOINT_DIR / 'step_00000006' / ckpt.WEIGHTS_FILE} is truncated")
+
+
+def test_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save, calls = ckpt.save_model, []
+
+    def disk_full_after_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_model", disk_full_after_first)
+    root = tmp_path / CHECKPOINT_DIR
+    with pytest.raises(ckpt.CheckpointError) as err:
+        _run(tmp_path, tiny_cfg(checkpoint_every=0, checkpoint_every_steps=4))
+    assert str(err.value) == (f"cannot save checkpoint {root / 'step_00000008'} (No space left on "
+                              "device); the previous checkpoint step_00000004 is intact")
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(root), ToyMethod(ToyModel(), contrastive_loss))["step"] == 4
+
+
+def test_unwritable_checkpoints_folder_fails_before_training(tmp_path):
+    (tmp_path / CHECKPOINT_DIR).write_text("a file where the folder should be")
+    with pytest.raises(ckpt.CheckpointError, match=f"cannot write checkpoints to {tmp_path / CHECKPOINT_DIR} "):
+        _run(tmp_path, tiny_cfg())
+    assert not (tmp_path / "train_log.jsonl").exists()

@@ -67,3 +67,4 @@ from unimed.commands import evaluate  # noqa: E402,F401
 from unimed.commands import ablate  # noqa: E402,F401
 from unimed.commands import demo  # noqa: E402,F401
 from unimed.commands import check_data  # noqa: E402,F401
+from unimed.commands import inference  # noqa: E402,F401

@@ -196,7 +196,7 @@ def ablate(cfg: Config, args: argparse.Namespace) -> int:
     rows = []
     for row in ROWS:
         objectives = {k: getattr(row, k) for k in ("ssv", "cvl", "ctr", "mlm")}
-        runs = {str(seed): run_row(cfg, row, seed, progress=not args.quiet) for seed in seeds}
+        runs = {str(seed): run_row(cfg, row, seed, progress=args.progress) for seed in seeds}
         mean, sd = aggregate(list(runs.values()))
         rows.append({"name": row.name, "objectives": objectives, "metrics": mean, "sd": sd,
                      "seeds": runs})

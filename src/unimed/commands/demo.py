@@ -59,7 +59,7 @@ def method_run(cfg: Config, preset: Config) -> Config:
 def demo(cfg: Config, args: argparse.Namespace) -> int:
     presets = method_presets(cfg)
     run_dir(cfg)
-    progress = not args.quiet
+    progress = args.progress
     times: list[list[str]] = []
 
     def timed(name: str, fn, *a, **kw):

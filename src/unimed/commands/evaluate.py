@@ -49,17 +49,46 @@ def parse_tasks(text: str | None, cfg: Config) -> tuple[str, ...]:
     return tasks
 
 
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The checkpoint folder `checkpoint` names (see find_checkpoint), checked intact; a missing
+    one is a ConfigError naming it."""
+    from unimed.train.checkpoint import find_checkpoint
+
+    try:
+        return find_checkpoint(checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[str, ...],
                    also: Sequence[tuple[Config, str | Path]] = ()) -> list:
     """The checkpoint's encoder (when given, filed under the method's name), those of the further
     trained methods `also` (each with its own run config), then the requested baselines."""
+    return _encoders(cfg, _resolve_trained(cfg, checkpoint, also), baselines)
+
+
+def _resolve_trained(cfg: Config, checkpoint: str | Path | None,
+                     also: Sequence[tuple[Config, str | Path]]) -> list[tuple[Config, Path]]:
+    """(run config, checked checkpoint folder) of `checkpoint` (when given) and of `also`."""
+    trained = ([(cfg, checkpoint)] if checkpoint is not None else []) + list(also)
+    return [(run_cfg, resolve_checkpoint(path)) for run_cfg, path in trained]
+
+
+def _encoders(cfg: Config, trained: Sequence[tuple[Config, Path]], baselines: tuple[str, ...]) -> list:
+    """:func:`build_encoders` with the trained methods' checkpoint folders already resolved."""
     from unimed.eval.encoders import build_encoder
+    from unimed.methods import method_label
 
     unknown = [b for b in baselines if b not in BASELINE_LABELS]
     if unknown:
         raise ConfigError(f"eval.baselines: unknown {unknown}; valid: {', '.join(BASELINE_LABELS)}")
-    trained = ([(cfg, checkpoint)] if checkpoint is not None else []) + list(also)
-    encoders: list = [_trained_encoder(run_cfg, weights) for run_cfg, weights in trained]
+    encoders: list = [
+        build_encoder(run_cfg.method.name, method_label(run_cfg.method.name), run_cfg.method,
+                      weights=weights, text_encoder=text_encoder_dir(run_cfg),
+                      tokenizer=tokenizer_dir(run_cfg), seed=run_cfg.run.seed,
+                      max_length=run_cfg.data.max_length)
+        for run_cfg, weights in trained
+    ]
     common = dict(text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg),
                   seed=cfg.run.seed, max_length=cfg.data.max_length)
     image_cfg = cfg.method.image
@@ -75,22 +104,6 @@ def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[
     return encoders
 
 
-def _trained_encoder(cfg: Config, checkpoint: str | Path):
-    """The encoder of the newest checkpoint under `checkpoint`, named after `cfg`'s method."""
-    from unimed.eval.encoders import build_encoder
-    from unimed.methods import method_label
-    from unimed.train.checkpoint import find_checkpoint
-
-    try:
-        weights = find_checkpoint(checkpoint)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-    name = cfg.method.name
-    return build_encoder(name, method_label(name), cfg.method, weights=weights,
-                         text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg),
-                         seed=cfg.run.seed, max_length=cfg.data.max_length)
-
-
 def run_evaluation(
     cfg: Config, checkpoint: str | Path | None, tasks: tuple[str, ...], *, progress: bool,
     baselines: tuple[str, ...] | None = None, also: Sequence[tuple[Config, str | Path]] = (),
@@ -104,15 +117,15 @@ def run_evaluation(
     from unimed.eval.tasks import TaskContext
 
     start = time.perf_counter()
+    # A missing or corrupt checkpoint fails before anything is written.
+    trained = _resolve_trained(cfg, checkpoint, also)
     out_dir, figures = cfg.run.dir, run_dir(cfg, EVAL_DIR)
-    encoders = build_encoders(cfg, checkpoint, cfg.eval.baselines if baselines is None else baselines,
-                              also)
+    encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
     ctx = TaskContext(EvalData(cfg.data, progress=progress), cfg.eval, figures, progress)
-    trained = ([cfg] if checkpoint is not None else []) + [run_cfg for run_cfg, _ in also]
     metrics = {
         "run": cfg.run.name,
         "method": cfg.method.name,
-        "methods": [run_cfg.method.name for run_cfg in trained],
+        "methods": [run_cfg.method.name for run_cfg, _ in trained],
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "data_root": cfg.data.root,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -186,10 +199,10 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
 
 def _checkpoint_config(args: argparse.Namespace) -> str | None:
     """The config saved with the checkpoint's run, when the checkpoint can be found."""
-    from unimed.train.checkpoint import checkpoint_config, find_checkpoint
+    from unimed.train.checkpoint import checkpoint_config
 
     try:
-        return str(checkpoint_config(find_checkpoint(args.checkpoint)))
+        return str(checkpoint_config(resolve_checkpoint(args.checkpoint)))
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -198,6 +211,6 @@ def _checkpoint_config(args: argparse.Namespace) -> str | None:
          _eval_args, _checkpoint_config)
 def evaluate_command(cfg: Config, args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks, cfg)
-    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=not args.quiet)
+    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=args.progress)
     print_summary(metrics, cfg.run.dir)
     return 0

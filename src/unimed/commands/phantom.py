@@ -126,13 +126,13 @@ def phantom(cfg: Config, args: argparse.Namespace) -> int:
     from unimed.phantom.world import write_world
 
     out = run_dir(cfg)
-    manifest = write_world(cfg.phantom, progress=not args.quiet)
+    manifest = write_world(cfg.phantom, progress=args.progress)
     if args.preview:
         from unimed.phantom.preview import write_preview
 
         print(f"preview: {write_preview(cfg.phantom, out / 'phantom_preview.png')}")
     root = Path(cfg.phantom.root)
-    reads = read_back(cfg, root, progress=not args.quiet)
+    reads = read_back(cfg, root, progress=args.progress)
     rows, failures = _summary_rows(reads, manifest, cfg.data.min_report_tokens)
     print_table(
         f"Phantom world at {root}, read back through the adapters",
@@ -147,8 +147,8 @@ def phantom(cfg: Config, args: argparse.Namespace) -> int:
     if cfg.phantom.ct.enabled:
         from unimed.phantom.ct.world import write_ct_world
 
-        ct_manifest = write_ct_world(cfg.phantom, progress=not args.quiet)
-        ct_rows, ct_failures = read_back_ct(cfg, root, ct_manifest, progress=not args.quiet)
+        ct_manifest = write_ct_world(cfg.phantom, progress=args.progress)
+        ct_rows, ct_failures = read_back_ct(cfg, root, ct_manifest, progress=args.progress)
         failures += ct_failures
         print_table(
             f"Phantom CT world at {root} ({'x'.join(map(str, cfg.phantom.ct.shape))} volumes), read back",

@@ -74,6 +74,19 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
     return out
 
 
+def writable_run_dir(cfg: Config, stage: str, is_main: bool) -> Path:
+    """The stage's output folder, its config saved and its checkpoints folder checked writable by
+    the main process, before any data is read or model built."""
+    from unimed.train.checkpoint import check_writable
+    from unimed.train.loop import CHECKPOINT_DIR
+
+    if not is_main:
+        return cfg.run.dir / stage
+    out = run_dir(cfg, stage)
+    check_writable(out / CHECKPOINT_DIR)
+    return out
+
+
 def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
     """Cross-lingual MLM on the mixed English + second-language reports (torchrun-aware); returns
     the model folder."""
@@ -84,10 +97,10 @@ def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
     tokenizer_dir = cfg.run.dir / "vocab"
     if not (tokenizer_dir / "vocab.txt").is_file():
         raise ConfigError(f"no tokenizer at {tokenizer_dir}: run `unimed vocab` with this config first")
-    corpus = [r.report for r in load_texts(cfg.data)]
     info = init_distributed()
     try:
-        out = run_dir(cfg, "mlm") if info.is_main else cfg.run.dir / "mlm"
+        out = writable_run_dir(cfg, "mlm", info.is_main)
+        corpus = [r.report for r in load_texts(cfg.data)]
         result = train_mlm(
             corpus, tokenizer_dir, cfg.mlm, out, base_model=resolve_encoder(cfg.vocab.base_model),
             seed=cfg.run.seed, progress=progress, dist=info, resume=resume,
@@ -132,7 +145,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
         return None
     corpus = read_parallel(path)
     text_cfg = cfg.method.text
-    tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir), local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         before = create_text_encoder(base, text_cfg, vocab_size=len(tokenizer))
@@ -165,10 +178,20 @@ def mlm_check_line(result: dict) -> str:
     return f"FAIL: MLM made cross-lingual retrieval worse: {change}"
 
 
+def _local_model_dir(name: str, key: str) -> str:
+    """`name` (a packaged encoder or a path) as a local folder; anything else, such as a model hub
+    id, is a ConfigError naming `key`: models are never downloaded."""
+    path = resolve_encoder(name)
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}={name} is not a local model folder (packaged encoders: "
+                          f"{', '.join(PACKAGED_ENCODERS)}); models are never downloaded")
+    return path
+
+
 def text_encoder_dir(cfg: Config) -> str:
     """The text encoder for pre-training: `method.text.encoder`, else this run's MLM output."""
     if cfg.method.text.encoder is not None:
-        return resolve_encoder(cfg.method.text.encoder)
+        return _local_model_dir(cfg.method.text.encoder, "method.text.encoder")
     mlm_dir = cfg.run.dir / "mlm"
     if not (mlm_dir / "config.json").is_file():
         raise ConfigError(
@@ -181,7 +204,7 @@ def tokenizer_dir(cfg: Config) -> str:
     """The tokenizer of pre-training and evaluation: `method.text.tokenizer`, else the text
     encoder's."""
     tokenizer = cfg.method.text.tokenizer
-    return resolve_encoder(tokenizer) if tokenizer else text_encoder_dir(cfg)
+    return _local_model_dir(tokenizer, "method.text.tokenizer") if tokenizer else text_encoder_dir(cfg)
 
 
 def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
@@ -196,15 +219,15 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     info = init_distributed()
     try:
         seed_everything(cfg.run.seed, info.rank)
+        out = writable_run_dir(cfg, "pretrain", info.is_main)
         encoder = text_encoder_dir(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg), local_files_only=True)
         records = pretrain_records(cfg)
         method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
         loaders = method.build_loaders(
             records, tokenizer, cfg.data, batch_size=cfg.train.batch_size, rank=info.rank,
             world_size=info.world_size, seed=cfg.run.seed, pin_memory=info.device.type == "cuda",
         )
-        out = run_dir(cfg, "pretrain") if info.is_main else cfg.run.dir / "pretrain"
         return train(method, loaders, cfg.train, out, info, resume=resume,
                      progress=progress and info.is_main)
     finally:
@@ -228,20 +251,20 @@ def _resume_args(parser: argparse.ArgumentParser) -> None:
 
 @command("vocab", "build the cross-lingual vocabulary (English WordPiece + top-M second-language terms)")
 def vocab(cfg: Config, args: argparse.Namespace) -> int:
-    print(f"tokenizer: {run_vocab(cfg, progress=not args.quiet)}")
+    print(f"tokenizer: {run_vocab(cfg, progress=args.progress)}")
     return 0
 
 
 @command("mlm", "cross-lingual masked-language-model training of the text encoder (use torchrun for "
                 "several processes)", _resume_args)
 def mlm(cfg: Config, args: argparse.Namespace) -> int:
-    print(f"text encoder: {run_mlm(cfg, progress=not args.quiet, resume=args.resume)}")
+    print(f"text encoder: {run_mlm(cfg, progress=args.progress, resume=args.resume)}")
     return 0
 
 
 @command("pretrain", "vision-language pre-training of the method `method.name` (use torchrun for "
                      "several processes)", _resume_args)
 def pretrain(cfg: Config, args: argparse.Namespace) -> int:
-    result = run_pretrain(cfg, resume=args.resume, progress=not args.quiet)
+    result = run_pretrain(cfg, resume=args.resume, progress=args.progress)
     print_loss_summary(result.history)
     return 0

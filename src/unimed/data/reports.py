@@ -52,8 +52,9 @@ _KNOWN = "|".join(re.escape(h) for h in sorted(KNOWN_HEADERS, key=len, reverse=T
 _HEADER_RE = re.compile(
     rf"^[ \t]*(?:(?i:(?P<known>{_KNOWN}))|(?P<caps>[A-Z][A-Z /&()-]{{2,40}}?))[ \t]*:", re.MULTILINE
 )
-# De-identification gaps: MIMIC's "___" and Open-i / IU X-ray's "XXXX".
-_DEID_RE = re.compile(r"_{2,}|\bX{3,}\b")
+# De-identification gaps: runs of underscores (MIMIC's "___") and whole-word runs of three or more
+# X (Open-i / IU X-ray's "XXXX", lower-case "xxxx" in lower-cased releases of it).
+_DEID_RE = re.compile(r"_{2,}|\b[Xx]{3,}\b")
 _SPACE_RE = re.compile(r"\s+")
 _SPACE_BEFORE_PUNCT_RE = re.compile(r"\s+([.,;:!?])")
 _WORD_RE = re.compile(r"\w+")
@@ -83,7 +84,11 @@ def extract_sections(text: str) -> dict[str, str]:
 
 
 def clean_report(text: str, lowercase: bool = False) -> str:
-    """Remove de-identification gaps, unwrap lines, collapse whitespace; optionally lower-case."""
+    """Remove de-identification gaps, unwrap lines, collapse whitespace; optionally lower-case.
+
+    Every adapter's report text goes through here, so pre-training, `unimed vocab`, `unimed mlm`
+    and evaluation see the same text whichever dataset's gap token a report used.
+    """
     text = _DEID_RE.sub(" ", text)
     text = _SPACE_RE.sub(" ", text).strip()
     text = _SPACE_BEFORE_PUNCT_RE.sub(r"\1", text)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import snowballstemmer
+
 TASK_NAMES: tuple[str, ...] = (
     "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam",
 )
@@ -23,6 +25,14 @@ ZERO_SHOT_CLASSES: dict[str, list[str]] = {
         "heart insufficiency",
     ],
 }
+
+
+# How the prompts of each language are stemmed before tokenisation, to read like the pre-training
+# reports of that language: a snowballstemmer algorithm, or "none". PadChest (and the phantom's
+# Spanish site) distribute Snowball-stemmed Spanish reports; plain Spanish (BIMCV-style, translated
+# reports) needs `es: none`. A language not listed is not stemmed.
+PROMPT_STEMMING: dict[str, str] = {"en": "none", "es": "spanish"}
+NO_STEMMING = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +174,8 @@ class EvalConfig:
     batch_size: int = 64
     seed: int = 0
     bootstrap_resamples: int = 1000  # resamples of the test images behind every 95 % interval
+    # Per language, the stemming of the prompts (zero-shot, Grad-CAM): see PROMPT_STEMMING.
+    prompt_stemming: dict[str, str] = dataclasses.field(default_factory=lambda: dict(PROMPT_STEMMING))
     zero_shot: ZeroShotConfig = ZeroShotConfig()
     linear_probe: LinearProbeConfig = LinearProbeConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
@@ -183,6 +195,11 @@ class EvalConfig:
             raise ValueError(f"eval.min_train_images must be >= 1, got {self.min_train_images}")
         if self.bootstrap_resamples < 10:
             raise ValueError(f"eval.bootstrap_resamples must be >= 10, got {self.bootstrap_resamples}")
+        valid = (NO_STEMMING, *snowballstemmer.algorithms())
+        for language, algorithm in self.prompt_stemming.items():
+            if algorithm not in valid:
+                raise ValueError(f"eval.prompt_stemming.{language} must be '{NO_STEMMING}' or a "
+                                 f"snowball algorithm ({', '.join(valid[1:])}), got {algorithm!r}")
         for name, section in (("segmentation", self.segmentation), ("detection", self.detection)):
             if section.min_epoch_steps < 1:
                 raise ValueError(f"eval.{name}.min_epoch_steps must be >= 1, got {section.min_epoch_steps}")

@@ -120,7 +120,7 @@ def build_encoder(
     """
     image = dataclasses.replace(method_cfg.image, compile=False)
     cfg = dataclasses.replace(method_cfg, image=image)
-    tokenizer_ = AutoTokenizer.from_pretrained(tokenizer or text_encoder)
+    tokenizer_ = AutoTokenizer.from_pretrained(tokenizer or text_encoder, local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         method = create_method(cfg, vocab_size=len(tokenizer_), text_encoder=text_encoder)

@@ -174,7 +174,8 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     cfg = ctx.cfg.gradcam
     records = ctx.data.require(cfg.dataset, SPLIT)
     images = ctx.data.images(cfg.dataset, SPLIT, "crop")  # (N, 1, S, S)
-    prompt_sets = [load_prompts(language, cfg.prompt_dir) for language in cfg.languages]
+    prompt_sets = [load_prompts(language, cfg.prompt_dir, ctx.cfg.prompt_stemming)
+                   for language in cfg.languages]
     picked = pick_images(records, cfg.classes, cfg.dataset, cfg.images_per_class, ctx.cfg.seed)
     rows: list[dict[str, Any]] = []
     for name, index in tqdm(picked.items(), desc="gradcam", unit="class", disable=not ctx.progress):

@@ -99,7 +99,8 @@ def score_language(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str
 def run(encoder: Encoder, ctx: TaskContext) -> dict:
     """{dataset: {language: {"auc", "f1", "images", "per_class"}}} for every configured set."""
     cfg = ctx.cfg.zero_shot
-    prompts = {lang: load_prompts(lang, cfg.prompt_dir) for lang in cfg.languages}
+    prompts = {lang: load_prompts(lang, cfg.prompt_dir, ctx.cfg.prompt_stemming)
+               for lang in cfg.languages}
     out: dict = {}
     for dataset in cfg.datasets:
         if dataset not in cfg.classes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from unimed.losses.medunic import MedUniCLoss
 from unimed.methods.base import Method, StepContext
@@ -30,7 +31,8 @@ class MedUniCMethod(Method):
 
 
 def build_medunic(
-    cfg: MedUniCConfig, *, vocab_size: int | None = None, text_encoder: str | None = None
+    cfg: MedUniCConfig, *, vocab_size: int | None = None,
+    text_encoder: str | PretrainedConfig | None = None,
 ) -> MedUniCMethod:
     """Med-UniC from `cfg`: timm image preset, BERT text encoder with its first layers frozen."""
     image = create_image_encoder(cfg.image.encoder, cfg.image.weights)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from unimed.registry import Registry
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class MethodConfig(Protocol):
@@ -43,11 +46,12 @@ def method_label(name: str) -> str:
 
 
 def create_method(cfg: MethodConfig, *, vocab_size: int | None = None,
-                  text_encoder: str | None = None) -> Any:
+                  text_encoder: str | PretrainedConfig | None = None) -> Any:
     """Build the method registered as ``cfg.name`` (a :class:`unimed.methods.base.Method`).
 
     `vocab_size` is the tokenizer's size; `text_encoder` (a local Hugging Face folder, e.g. the MLM
-    stage's output) overrides the config's text encoder.
+    stage's output) overrides the config's text encoder; a Hugging Face config object instead builds
+    an uninitialised text encoder of that architecture, for weights loaded next (an exported model).
     """
     module, function = METHODS.get(cfg.name).builder.split(":")
     build = getattr(importlib.import_module(module), function)

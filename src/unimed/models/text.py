@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask
 
 from unimed.models.config import TextTowerConfig
@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def create_text_encoder(
-    path: str | Path | None, cfg: TextTowerConfig, *, vocab_size: int | None = None
+    path: str | Path | PretrainedConfig | None, cfg: TextTowerConfig, *, vocab_size: int | None = None
 ) -> BertModel:
-    """A BERT encoder from the local folder `path`, or a fresh one of `cfg`'s sizes.
+    """A BERT encoder from the local folder `path`, or a fresh one of `cfg`'s sizes, or (when
+    `path` is a Hugging Face config object) an uninitialised one of that architecture whose weights
+    the caller loads next (an exported model: the text weights are in its own weights file).
 
     Dropout (hidden and attention) is set to ``cfg.dropout`` either way, since it makes the two
     CTR text views. `vocab_size` is the tokenizer's size: it is required for a fresh encoder, and a
@@ -45,6 +47,9 @@ def create_text_encoder(
             intermediate_size=cfg.intermediate_size,
             **dropout,
         )
+        return BertModel(config, add_pooling_layer=False)
+    if isinstance(path, PretrainedConfig):
+        config = BertConfig.from_dict({**path.to_dict(), **dropout})
         return BertModel(config, add_pooling_layer=False)
     return _load_text_encoder(Path(path), vocab_size, dropout)
 

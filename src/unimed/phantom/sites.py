@@ -62,7 +62,17 @@ def require(data: dict[str, Any], key: str, where: str) -> Any:
     return data[key]
 
 
-def _languages(raw: Any, where: str) -> tuple[str, ...]:
+def read_prevalence(raw: Any, where: str, valid: tuple[str, ...], kind: str) -> dict[str, Any]:
+    """`prevalence`: a mapping whose keys are among `valid` (the `kind` of finding, for the
+    message)."""
+    prevalence = dict(require(raw, "prevalence", where))
+    unknown = sorted(set(prevalence) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}.prevalence: unknown {kind} {unknown}; valid: {list(valid)}")
+    return prevalence
+
+
+def read_languages(raw: Any, where: str) -> tuple[str, ...]:
     """`language`: one language code or a non-empty list of distinct codes."""
     value = require(raw, "language", where)
     codes = [value] if isinstance(value, str) else value
@@ -84,13 +94,10 @@ def _parse_site(name: str, raw: Any, path: Path) -> Site:
         raise ValueError(f"{where}.acquisition: missing keys {missing}")
     acq = {k: acq[k] for k in fields}
     acq["border_fraction"] = tuple(acq["border_fraction"])
-    prevalence = dict(require(raw, "prevalence", where))
-    unknown = sorted(set(prevalence) - set(FINDING_NAMES))
-    if unknown:
-        raise ValueError(f"{where}.prevalence: unknown findings {unknown}; valid: {list(FINDING_NAMES)}")
+    prevalence = read_prevalence(raw, where, FINDING_NAMES, "findings")
     return Site(
         name=name,
-        languages=_languages(raw, where),
+        languages=read_languages(raw, where),
         age=tuple(require(raw, "age", where)),
         female_fraction=float(require(raw, "female_fraction", where)),
         acquisition=Acquisition(**acq),

@@ -15,7 +15,7 @@ import shutil
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
 
@@ -31,6 +31,8 @@ MANIFEST = "manifest.json"
 MARKER = ".unimed-phantom"
 """Empty file in every folder the world writes; only such folders are ever deleted on a rewrite."""
 CHUNK = 16
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +76,18 @@ class WorldManifest:
 
 def load_manifest(root: str | Path) -> WorldManifest:
     """Read `<root>/manifest.json`; a clear error when it is missing or malformed."""
-    path = Path(root) / MANIFEST
+    return read_manifest(Path(root) / MANIFEST, WorldManifest, "phantom", "the world")
+
+
+def read_manifest(path: Path, cls: type[T], kind: str, world: str) -> T:
+    """`cls.from_dict` of the JSON manifest at `path`; FileNotFoundError / ValueError naming the
+    file when it is missing or malformed (`kind` and `world` word the message)."""
     try:
-        return WorldManifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no phantom manifest (write the world first)") from None
+        raise FileNotFoundError(f"{path}: no {kind} manifest (write {world} first)") from None
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: malformed phantom manifest ({exc})") from None
+        raise ValueError(f"{path}: malformed {kind} manifest ({exc})") from None
 
 
 def summarize(writer: type[LayoutWriter], entries: Sequence[ManifestEntry]) -> DatasetManifest:

@@ -156,7 +156,7 @@ def _load_base(base_model: str | Path) -> PreTrainedTokenizerBase:
     path = Path(base_model)
     if not path.is_dir():
         raise ValueError(f"base model folder {path} does not exist (vocab.base_model); models are never downloaded")
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def _train_wordpiece(english: list[str], cfg: VocabConfig) -> PreTrainedTokenizerBase:

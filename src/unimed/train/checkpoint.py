@@ -6,14 +6,19 @@ Layout under a run's checkpoint folder::
     step_00000120/model.safetensors   # method.state_dict(): the model under "model.", the
                                       # method's other modules and buffers beside it
     step_00000120/state.pt            # optimizer, scheduler, scaler, counters, RNG states
+    step_00000120/checksums.json      # SHA-256 of the two files above
     latest                            # the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary folder, fsynced, then renamed into place, and `latest` is
-replaced the same way, so a crash mid-write leaves the previous checkpoint and pointer intact.
+replaced the same way, so a crash mid-write leaves the previous checkpoint and pointer intact; a
+failed save is one CheckpointError line. Reading checks the checksums, so a truncated or corrupt
+file is named; resuming then falls back to the newest checkpoint that is intact.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import pickle
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+CHECKSUM_FILE = "checksums.json"
 LATEST_FILE = "latest"
 PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
@@ -104,6 +110,25 @@ def _write_pointer(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create `folder` and a file in it (removed again), or fail with one CheckpointError line, so
+    a run that could not save its checkpoints stops before it trains."""
+    folder = Path(folder)
+    probe = folder / f"{_TMP_PREFIX}probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoints to {folder} ({exc.strerror or exc}); "
+                              "set run.output_dir to a writable folder") from None
+
+
 def checkpoint_name(step: int) -> str:
     """Folder name of the checkpoint taken after `step` optimizer steps (sorts by step)."""
     return f"{PREFIX}{step:08d}"
@@ -116,23 +141,34 @@ def save_checkpoint(
     the newest `keep` checkpoints; returns the checkpoint folder.
 
     `state` must hold only tensors, numbers, strings, lists and dicts (weights_only loading).
+    A save that fails (unwritable folder, full disk) raises one CheckpointError line and leaves
+    the previous checkpoint and `latest` as they were.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / WEIGHTS_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    for file in (WEIGHTS_FILE, STATE_FILE):
-        _fsync_file(tmp / file)
-    _fsync_dir(tmp)
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_pointer(root, name)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        sums = {file: _sha256(tmp / file) for file in (WEIGHTS_FILE, STATE_FILE)}
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
+        for file in (WEIGHTS_FILE, STATE_FILE, CHECKSUM_FILE):
+            _fsync_file(tmp / file)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_pointer(root, name)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = root / LATEST_FILE
+        kept = (f"the previous checkpoint {previous.read_text(encoding='utf-8').strip()} is intact"
+                if previous.is_file() else "no earlier checkpoint exists")
+        raise CheckpointError(f"cannot save checkpoint {final} ({exc.strerror or exc}); {kept}") from None
     _prune(root, keep)
     log.info("saved checkpoint %s", final)
     return final
@@ -148,23 +184,64 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint that `latest` names, or None when there is none yet."""
-    pointer = Path(root) / LATEST_FILE
+def verify_checkpoint(path: str | Path) -> Path:
+    """`path` when its weights and state files are there and match the checksums written with
+    them; else one CheckpointError line naming the file. Checkpoints written before checksums
+    existed are only checked for presence."""
+    path = Path(path)
+    for file in (WEIGHTS_FILE, STATE_FILE):
+        if not (path / file).is_file():
+            raise CheckpointError(f"checkpoint {path} is missing or incomplete: no {file}")
+    sums_file = path / CHECKSUM_FILE
+    if not sums_file.is_file():
+        return path
+    try:
+        sums = json.loads(sums_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {sums_file}: {_first_line(exc)}") from None
+    for file in (WEIGHTS_FILE, STATE_FILE):
+        if sums.get(file) != _sha256(path / file):
+            raise CheckpointError(f"{path / file} is truncated or corrupt: its SHA-256 differs "
+                                  f"from the one in {CHECKSUM_FILE}")
+    return path
+
+
+def latest_checkpoint(root: str | Path, *, fallback: bool = False) -> Path | None:
+    """The checkpoint that `latest` names, checked (:func:`verify_checkpoint`); None when there is
+    none yet.
+
+    When that checkpoint is missing, truncated or corrupt: a CheckpointError naming the file, or
+    with `fallback` the newest intact checkpoint under `root`, said in one warning line (an error
+    when none is intact).
+    """
+    root = Path(root)
+    pointer = root / LATEST_FILE
     if not pointer.is_file():
         return None
-    path = Path(root) / pointer.read_text(encoding="utf-8").strip()
-    if not (path / WEIGHTS_FILE).is_file() or not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
-    return path
+    path = root / pointer.read_text(encoding="utf-8").strip()
+    try:
+        if not path.is_dir():
+            raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+        return verify_checkpoint(path)
+    except CheckpointError as exc:
+        if not fallback:
+            raise
+        problem = str(exc)
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                         and p.name != path.name), reverse=True)
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        log.warning("%s; resuming from the newest intact checkpoint %s instead", problem, candidate)
+        return candidate
+    raise CheckpointError(f"{problem}; no other intact checkpoint under {root}")
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The training state of checkpoint folder `path`, read with `torch.load(weights_only=True)`."""
-    path = Path(path)
-    for file in (WEIGHTS_FILE, STATE_FILE):
-        if not (path / file).is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no {file}")
+    path = verify_checkpoint(path)
     try:
         return torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
     except _READ_ERRORS as exc:
@@ -195,11 +272,12 @@ def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder (holding model.safetensors) that `path` names.
 
     `path` may be the checkpoint folder itself, a `checkpoints/` folder (its `latest`), a
-    pre-training output folder (`pretrain/`) or a run folder (`runs/<name>`).
+    pre-training output folder (`pretrain/`) or a run folder (`runs/<name>`). A missing,
+    truncated or corrupt file of the checkpoint found is a CheckpointError naming it.
     """
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
-        return path
+        return verify_checkpoint(path)
     for folder in (path, path / "checkpoints", path / "pretrain" / "checkpoints"):
         if (folder / LATEST_FILE).is_file():
             found = latest_checkpoint(folder)

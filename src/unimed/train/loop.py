@@ -207,12 +207,12 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Load the newest checkpoint under `out_dir`, if any; True when one was loaded.
+        """Load the newest intact checkpoint under `out_dir`, if any; True when one was loaded.
 
         The stage the checkpoint was taken in is entered first (its hook, optimizer and schedule),
         then weights, buffers and the optimizer's and schedule's state are loaded into it.
         """
-        path = ckpt.latest_checkpoint(self.out_dir / CHECKPOINT_DIR)
+        path = ckpt.latest_checkpoint(self.out_dir / CHECKPOINT_DIR, fallback=True)
         if path is None:
             log.info("no checkpoint under %s; starting from step 0", self.out_dir / CHECKPOINT_DIR)
             return False
@@ -434,10 +434,14 @@ def train(
 
     With `resume`, continue from the newest checkpoint there (weights and buffers, method state,
     stage, optimizer, schedule, scaler, RNG and data position), so the loss curve matches an
-    uninterrupted run. Call on every rank.
+    uninterrupted run; log rows after the resumed step (written by the interrupted run past its last
+    checkpoint) are dropped, so the log has each step once. Call on every rank.
     """
+    if dist.is_main:
+        ckpt.check_writable(Path(out_dir) / CHECKPOINT_DIR)
     trainer = Trainer(method, loaders, cfg, out_dir, dist, progress)
     if resume:
         trainer.resume()
-    with RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard) as logger:
+    with RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard,
+                   start_step=trainer.step) as logger:
         return trainer.run(logger)

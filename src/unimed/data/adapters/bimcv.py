@@ -15,6 +15,7 @@ from unimed.data.adapters.tables import find_file
 from unimed.data.adapters.volume_common import CARVE, POOL, check_volume_path, read_tsv
 from unimed.data.errors import MISSING_IMAGE, DataError
 from unimed.data.records import Record
+from unimed.data.reports import clean_report
 
 LABELS_TSV = "derivatives/labels/labels_covid_posi.tsv"
 COLUMNS = ("PatientID", "ReportID", "Report", "Labels")
@@ -47,13 +48,14 @@ def read_bimcv(root: Path, ctx: ReadContext) -> AdapterResult:
         try:
             labels = parse_labels(row["Labels"], path, line)
             volume = check_volume_path(ctx, _volume(root, row["PatientID"], row["ReportID"], path, line), path, line)
-            if not ctx.accept_report(row["Report"], path, line, "Report"):
+            report = clean_report(row["Report"])
+            if not ctx.accept_report(report, path, line, "Report"):
                 continue
         except DataError as err:
             ctx.drops.bad(err)
             continue
         records.append(Record(
             dataset=ctx.dataset, image_path=volume, patient_id=row["PatientID"], study_id=row["ReportID"],
-            split=POOL, report=row["Report"], language="es", labels={name: 1.0 for name in labels}, ndim=3,
+            split=POOL, report=report, language="es", labels={name: 1.0 for name in labels}, ndim=3,
         ))
     return AdapterResult(records, CARVE)

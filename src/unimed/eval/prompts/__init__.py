@@ -1,8 +1,9 @@
 """Zero-shot prompts per language: class names and templates are data (`<language>.yaml`), not code.
 
 A prompt file holds the positive and negative templates, the class phrases keyed by the lower-cased
-class name the datasets use, and how to preprocess a prompt so that it reads like the training
-reports of that language (lower-casing, Snowball stemming for the stemmed PadChest reports).
+class name the datasets use, and whether prompts are lower-cased. Stemming is not the prompt file's
+choice but the training corpus's: `eval.prompt_stemming` says per language whether the pre-training
+reports were Snowball-stemmed (PadChest) or not (plain Spanish), and prompts are stemmed alike.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import snowballstemmer
 import yaml
 
+from unimed.eval.config import NO_STEMMING, PROMPT_STEMMING
 from unimed.text.stemming import stem_text
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,10 @@ def _warn_unknown_class(language: str, class_name: str, source: str) -> None:
                 language, class_name, source)
 
 
-def load_prompts(language: str, prompt_dir: str | Path = "") -> PromptSet:
-    """The prompts of `language` from `<prompt_dir>/<language>.yaml` (default: the packaged ones)."""
+def load_prompts(language: str, prompt_dir: str | Path = "",
+                 stemming: Mapping[str, str] = PROMPT_STEMMING) -> PromptSet:
+    """The prompts of `language` from `<prompt_dir>/<language>.yaml` (default: the packaged ones),
+    stemmed with `stemming[language]` (`eval.prompt_stemming`; not listed or "none": unstemmed)."""
     folder = Path(prompt_dir) if prompt_dir else PROMPT_DIR
     path = folder / f"{language}.yaml"
     if not path.is_file():
@@ -88,9 +92,10 @@ def load_prompts(language: str, prompt_dir: str | Path = "") -> PromptSet:
     missing = [k for k in _KEYS if not isinstance(data, dict) or k not in data]
     if missing:
         raise ValueError(f"prompt file {path}: missing key(s) {missing}")
-    stemmer = data.get("stemmer")
-    if stemmer is not None and stemmer not in snowballstemmer.algorithms():
-        raise ValueError(f"prompt file {path}: unknown stemmer '{stemmer}'")
+    if "stemmer" in data:
+        raise ValueError(f"prompt file {path}: 'stemmer' is not read from prompt files; prompts are "
+                         f"stemmed like the training reports, set eval.prompt_stemming.{language}")
+    algorithm = stemming.get(language, NO_STEMMING)
     for key in ("positive", "negative", "observed"):
         if key in data and "{disease}" not in str(data[key]):
             raise ValueError(f"prompt file {path}: '{key}' must contain {{disease}}")
@@ -99,7 +104,7 @@ def load_prompts(language: str, prompt_dir: str | Path = "") -> PromptSet:
         positive_template=str(data["positive"]),
         negative_template=str(data["negative"]),
         classes={str(k).lower(): str(v) for k, v in data["classes"].items()},
-        stemmer=stemmer,
+        stemmer=None if algorithm == NO_STEMMING else algorithm,
         lowercase=bool(data.get("lowercase", False)),
         source=str(path),
         observed_template=str(data.get("observed", "{disease}")),

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 from pathlib import Path
 
-from unimed.phantom.sites import load_yaml, require
+from unimed.phantom.sites import load_yaml, read_languages, read_prevalence, require
 
 CT_SITES_FILE = Path(__file__).with_name("sites.yaml")
 CT_FINDINGS: tuple[str, ...] = ("nodule", "covid", "pneumonia", "pleural_effusion", "pneumothorax")
@@ -69,14 +69,10 @@ def _parse(name: str, raw: object, path: Path) -> CTSite:
         storage=_choice(acq["storage"], STORAGES, f"{where}.acquisition.storage"),
         fov_z_mm=(low, high),
     )
-    prevalence = dict(require(raw, "prevalence", where))
-    unknown = sorted(set(prevalence) - set(CT_FINDINGS))
-    if unknown:
-        raise ValueError(f"{where}.prevalence: unknown CT findings {unknown}; valid: {list(CT_FINDINGS)}")
-    language = require(raw, "language", where)
+    prevalence = read_prevalence(raw, where, CT_FINDINGS, "CT findings")
     return CTSite(
         name=name,
-        languages=(language,) if isinstance(language, str) else tuple(language),
+        languages=read_languages(raw, where),
         age=tuple(require(raw, "age", where)),
         female_fraction=float(require(raw, "female_fraction", where)),
         acquisition=acquisition,

@@ -19,7 +19,14 @@ from tqdm import tqdm
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.ct.generator import generate_ct_study
 from unimed.phantom.ct.writers import CT_LAYOUTS
-from unimed.phantom.world import CHUNK, DatasetManifest, _check_writable, _reset, summarize
+from unimed.phantom.world import (
+    CHUNK,
+    DatasetManifest,
+    _check_writable,
+    _reset,
+    read_manifest,
+    summarize,
+)
 from unimed.phantom.writers import StudyResult
 
 log = logging.getLogger(__name__)
@@ -48,13 +55,7 @@ class CTWorldManifest:
 
 def load_ct_manifest(root: str | Path) -> CTWorldManifest:
     """Read `<root>/manifest-ct.json`; a clear error when it is missing or malformed."""
-    path = Path(root) / CT_MANIFEST
-    try:
-        return CTWorldManifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no CT phantom manifest (write the 3D world first)") from None
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: malformed CT phantom manifest ({exc})") from None
+    return read_manifest(Path(root) / CT_MANIFEST, CTWorldManifest, "CT phantom", "the 3D world")
 
 
 def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> list[StudyResult]:

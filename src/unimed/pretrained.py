@@ -1,0 +1,342 @@
+"""The trained model outside its run: :func:`load` for Python, :func:`export` for a self-contained folder.
+
+``unimed.load(path)`` takes a run folder, a checkpoint folder (whatever ``unimed evaluate`` takes) or
+a folder written by :func:`export`, and returns a :class:`Pretrained` on the CPU unless told
+otherwise: ``encode_image`` / ``encode_text`` (projected embeddings), ``zero_shot`` (the positive /
+negative prompt rule of the zero-shot evaluation, prompts from the language's prompt file).
+Images go in as file paths (PNG, JPEG, DICOM: the project's readers), PIL images, or numpy arrays /
+tensors ((H, W) grey or (C, H, W), floats in [0, 1] or integers scaled by their type's maximum), one
+or a list (a 4-D array is a batch); they are resized and centre-cropped as in the zero-shot evaluation, and
+the model normalises them itself.
+
+An exported folder holds everything the model needs, read with local files only::
+
+    model.safetensors      # the model's weights (image and text towers, projectors)
+    config.yaml            # the run's resolved config
+    text_encoder/          # the text encoder's Hugging Face config (its weights are above)
+    tokenizer/             # the tokenizer the model was trained with
+    prompts/               # the zero-shot prompt files (one <language>.yaml each)
+    preprocess.json        # image geometry and normalisation
+    unimed_export.json     # what this folder is: format version, method, source checkpoint
+    README.md              # model card: training data, evaluation table
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_model
+from transformers import AutoConfig, AutoTokenizer
+
+from unimed.config import CONFIG_FILE, Config, ConfigError, load_config, save_config, to_dict
+from unimed.data.images import load_image
+from unimed.data.transforms import eval_transform
+from unimed.eval.encoders import Encoder, build_encoder
+from unimed.eval.prompts import PROMPT_DIR, PromptSet, load_prompts
+from unimed.eval.zero_shot import own_scores, prompt_scores
+from unimed.methods import create_method, method_label
+from unimed.train.checkpoint import WEIGHTS_FILE, checkpoint_config, find_checkpoint, load_weights
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILE = "unimed_export.json"
+EXPORT_FORMAT = 1
+TEXT_DIR = "text_encoder"
+TOKENIZER_DIR = "tokenizer"
+PROMPTS_DIR = "prompts"
+PREPROCESS_FILE = "preprocess.json"
+CARD_FILE = "README.md"
+METRICS_FILE = "metrics.json"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
+
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShot:
+    """Zero-shot result for N images and C classes: `scores` (N, C) is the margin of the positive
+    over the negative prompt (> 0 calls the class present); `probabilities` (N, C) is the two-way
+    softmax of the positive and negative prompt at the model's temperature."""
+
+    classes: tuple[str, ...]
+    language: str
+    scores: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A trained model ready for inference: its encoder, its config, where its prompts are and its
+    image geometry (``image_size`` after centre-cropping a ``resize_size`` square)."""
+
+    encoder: Encoder
+    config: Config
+    prompt_dir: Path
+    image_size: int
+    resize_size: int
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.encoder.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """(N, 3, S, S) pixels in [0, 1] of one image or a list of them (see the module docstring)."""
+        items = [images] if _is_single(images) else list(images)
+        transform = eval_transform(self.image_size, self.resize_size)
+        out = torch.empty(len(items), 3, self.image_size, self.image_size)
+        for i, item in enumerate(items):
+            out[i] = transform(_grey(item))
+        return out
+
+    def encode_image(self, images: ImageInput | Sequence[ImageInput], *, normalize: bool = True,
+                     batch_size: int = 64) -> torch.Tensor:
+        """(N, D) projected image embeddings (L2-normalised unless `normalize=False`)."""
+        return self.encoder.image_features(self.preprocess(images), normalize=normalize,
+                                           batch_size=batch_size)
+
+    def encode_text(self, texts: str | Sequence[str], *, normalize: bool = True,
+                    batch_size: int = 64) -> torch.Tensor:
+        """(N, D) projected text embeddings of the texts as given (no prompt preprocessing)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.encoder.text_features(texts, normalize=normalize, batch_size=batch_size)
+
+    def prompts(self, language: str) -> PromptSet:
+        """The zero-shot prompts of `language`, stemmed as the run's ``eval.prompt_stemming`` says; an
+        unknown language is a ConfigError naming those there are."""
+        try:
+            return load_prompts(language, self.prompt_dir, self.config.eval.prompt_stemming)
+        except FileNotFoundError:
+            known = sorted(p.stem for p in self.prompt_dir.glob("*.yaml"))
+            raise ConfigError(f"unknown language '{language}': the model has prompts for "
+                              f"{', '.join(known) or 'no language'} (in {self.prompt_dir})") from None
+
+    def zero_shot(self, images: ImageInput | Sequence[ImageInput], class_names: Sequence[str],
+                  language: str = "en", *, batch_size: int = 64) -> ZeroShot:
+        """Per-image, per-class zero-shot scores with the prompts of `language`, by the rule of the
+        zero-shot evaluation (the model's own ``zero_shot_scores`` when it has one)."""
+        classes = tuple(class_names)
+        if not classes:
+            raise ConfigError("zero-shot needs at least one class name")
+        prompts = self.prompts(language)
+        pixels = self.preprocess(images)
+        if hasattr(self.model, "zero_shot_scores"):
+            scores = own_scores(self.encoder, pixels, prompts, classes, batch_size)
+        else:
+            features = self.encoder.image_features(pixels, normalize=True, batch_size=batch_size)
+            scores = prompt_scores(self.encoder, features, prompts, classes)
+        probabilities = torch.sigmoid(torch.from_numpy(scores) / self.encoder.temperature).numpy()
+        return ZeroShot(classes, language, scores, probabilities)
+
+
+def _is_single(images: Any) -> bool:
+    if isinstance(images, (str, Path, Image.Image)):
+        return True
+    return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
+
+
+def _grey(image: ImageInput) -> np.ndarray | torch.Tensor:
+    """A grey (H, W) image in [0, 1] (or channel-first (C, H, W) as given) from any accepted input;
+    integer arrays are scaled by their type's maximum (uint8: 255)."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return np.asarray(image, dtype=np.float32) / 65535.0
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float32) / np.iinfo(image.dtype).max
+    if isinstance(image, torch.Tensor) and not image.is_floating_point():
+        return image.numpy().astype(np.float32) / np.iinfo(image.numpy().dtype).max
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return image
+    raise TypeError(f"an image must be a file path, a PIL image, a numpy array or a tensor, "
+                    f"not {type(image).__name__}")
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether `path` is a folder written by :func:`export`."""
+    return (Path(path) / EXPORT_FILE).is_file()
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> Pretrained:
+    """The trained model at `path` (an exported folder, a run folder or a checkpoint folder) on
+    `device` (default: the CPU), in eval mode, with local files only."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"no model at {path}: the folder does not exist")
+    device = torch.device(device)
+    if is_export(path):
+        return _load_export(path, device)
+    try:
+        checkpoint = find_checkpoint(path)
+        cfg = load_config(checkpoint_config(checkpoint))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{exc} (or a folder written by `unimed export`)") from None
+    return _load_run(cfg, checkpoint, device)
+
+
+def _load_run(cfg: Config, checkpoint: Path, device: torch.device) -> Pretrained:
+    from unimed.commands.train import text_encoder_dir, tokenizer_dir
+
+    method_cfg = dataclasses.replace(cfg.method, image=dataclasses.replace(cfg.method.image, weights=None))
+    name = cfg.method.name
+    encoder = build_encoder(name, method_label(name), method_cfg, text_encoder=text_encoder_dir(cfg),
+                            tokenizer=tokenizer_dir(cfg), weights=checkpoint, seed=cfg.run.seed,
+                            max_length=cfg.data.max_length, device=device)
+    prompt_dir = Path(cfg.eval.zero_shot.prompt_dir or PROMPT_DIR)
+    return Pretrained(encoder, cfg, prompt_dir, cfg.data.image_size, cfg.data.resize_size)
+
+
+def _load_export(folder: Path, device: torch.device) -> Pretrained:
+    meta = _read_json(folder / EXPORT_FILE)
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"{folder / EXPORT_FILE}: export format {meta.get('format')!r}, this "
+                          f"version of unimed reads format {EXPORT_FORMAT}")
+    cfg = load_config(folder / CONFIG_FILE)
+    preprocess = _read_json(folder / PREPROCESS_FILE)
+    for file in (WEIGHTS_FILE, f"{TEXT_DIR}/config.json"):
+        if not (folder / file).is_file():
+            raise ConfigError(f"exported model {folder} has no {file}")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), local_files_only=True)
+    text_config = AutoConfig.from_pretrained(str(folder / TEXT_DIR), local_files_only=True)
+    image = dataclasses.replace(cfg.method.image, weights=None, compile=False)
+    method_cfg = dataclasses.replace(cfg.method, image=image)
+    method = create_method(method_cfg, vocab_size=len(tokenizer), text_encoder=text_config)
+    load_weights(method.model, folder / WEIGHTS_FILE)
+    model = method.model
+    name = cfg.method.name
+    encoder = Encoder(name, method_label(name), model, tokenizer, cfg.data.max_length, device,
+                      float(model.temperature))
+    return Pretrained(encoder, cfg, folder / PROMPTS_DIR, int(preprocess["image_size"]),
+                      int(preprocess["resize_size"]))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
+def export(run: str | Path, out: str | Path) -> Path:
+    """Write the model of `run` (a run or checkpoint folder) as a self-contained folder `out`
+    (see the module docstring); returns `out`. `out` must be new or empty."""
+    run, out = Path(run), Path(out)
+    if is_export(run):
+        raise ConfigError(f"{run} is already an exported model; copy the folder instead")
+    pretrained = load(run)
+    checkpoint = find_checkpoint(run)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"export folder {out} already exists and is not empty; choose a new one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_export(pretrained, checkpoint, out)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the export folder {out} ({exc.strerror or exc})") from None
+    log.info("exported %s to %s", checkpoint, out)
+    return out
+
+
+def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
+    model, cfg = pretrained.model, pretrained.config
+    save_model(model, str(out / WEIGHTS_FILE))
+    save_config(cfg, out)
+    model.text.config.save_pretrained(str(out / TEXT_DIR))
+    pretrained.encoder.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    (out / PROMPTS_DIR).mkdir()
+    for prompt_file in sorted(pretrained.prompt_dir.glob("*.yaml")):
+        shutil.copyfile(prompt_file, out / PROMPTS_DIR / prompt_file.name)
+    preprocess = {
+        "input": "grey image, pixels scaled to [0, 1] by bit depth (DICOM: BitsStored, MONOCHROME1 "
+                 "inverted), repeated to 3 channels",
+        "resize_size": pretrained.resize_size,
+        "image_size": pretrained.image_size,
+        "geometry": "resize to resize_size x resize_size, then centre crop image_size",
+        "mean": model.pixel_mean.flatten().tolist(),
+        "std": model.pixel_std.flatten().tolist(),
+    }
+    _write_json(out / PREPROCESS_FILE, preprocess)
+    _write_json(out / EXPORT_FILE, {"format": EXPORT_FORMAT, "method": cfg.method.name,
+                                    "checkpoint": checkpoint.name})
+    (out / CARD_FILE).write_text(model_card(pretrained, checkpoint), encoding="utf-8")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def find_metrics(checkpoint: Path) -> Path | None:
+    """The metrics.json of the run that wrote `checkpoint` (first one above it), if evaluated."""
+    for folder in checkpoint.resolve().parents:
+        if (folder / METRICS_FILE).is_file():
+            return folder / METRICS_FILE
+    return None
+
+
+def model_card(pretrained: Pretrained, checkpoint: Path) -> str:
+    """The exported folder's README.md: what the model is, how to use it, what it was trained on
+    and, when the run was evaluated, its evaluation tables."""
+    from unimed.eval.report import format_tables
+
+    cfg = pretrained.config
+    settings = to_dict(cfg)
+    name = method_label(cfg.method.name)
+    lines = [
+        f"# {name} model `{cfg.run.name}`", "",
+        f"Exported by unimed from checkpoint `{checkpoint.name}` of run `{cfg.run.name}`.", "",
+        "## Use", "",
+        "```python", "import unimed", "model = unimed.load(\"path/to/this/folder\")",
+        "result = model.zero_shot([\"image.png\"], [\"pleural effusion\"], language=\"en\")",
+        "```", "",
+        "```", "unimed classify path/to/this/folder IMAGES --classes \"pleural effusion,pneumonia\" "
+        "--language en --out scores.csv", "```", "",
+        "## Model", "",
+        f"- method: {name} (`method.name={cfg.method.name}`)",
+        f"- image encoder: `{cfg.method.image.encoder}`, input {pretrained.image_size} px "
+        f"(resize {pretrained.resize_size}, centre crop)",
+        f"- text encoder: {pretrained.model.text.config.num_hidden_layers} layers, width "
+        f"{pretrained.model.text.config.hidden_size}, vocabulary {len(pretrained.encoder.tokenizer)}",
+        f"- zero-shot prompt languages: "
+        f"{', '.join(sorted(p.stem for p in pretrained.prompt_dir.glob('*.yaml')))}", "",
+        "## Training data", "",
+        f"- data root: `{cfg.data.root}`",
+        f"- pre-training datasets: {', '.join(cfg.data.pretrain_datasets)}",
+        f"- text-stage corpora: {', '.join(cfg.data.text_datasets) or 'the pre-training datasets'} "
+        f"(splits: {', '.join(cfg.data.text_splits)})",
+        f"- training: {settings['train'].get('epochs')} epoch(s), batch size "
+        f"{settings['train'].get('batch_size')}, seed {cfg.run.seed}", "",
+    ]
+    metrics_file = find_metrics(checkpoint)
+    lines += ["## Evaluation", ""]
+    if metrics_file is None:
+        lines += ["The run was not evaluated (no metrics.json); run `unimed evaluate` on it.", ""]
+    else:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        lines += [f"From the run's `{METRICS_FILE}` (data root `{metrics.get('data_root')}`); "
+                  "values in %, 95 % bootstrap intervals in brackets.", ""]
+        for title, header, rows in format_tables(metrics):
+            lines += [f"### {title}", "", _markdown_row(header),
+                      _markdown_row(["---"] * len(header)), *(_markdown_row(r) for r in rows), ""]
+    return "\n".join(lines)
+
+
+def _markdown_row(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"

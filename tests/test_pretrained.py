@@ -1,0 +1,219 @@
+"""The trained model outside its run: `unimed.load`, `unimed export`, `unimed classify` / `embed`,
+on one tiny run (phantom -> vocab -> MLM -> pre-training -> zero-shot evaluation) shared by the module."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import unimed
+from test_cli import TINY, _tiny_english_bert
+from unimed.cli import main
+from unimed.config import load_config
+from unimed.eval.prompts import load_prompts
+from unimed.phantom.writers.dicom import dicom_ids, write_dicom
+from unimed.train.checkpoint import checkpoint_config, find_checkpoint
+
+TEXTS = ["small left pleural effusion", "no acute cardiopulmonary process", "derrame pleural"]
+CLASSES = ["pleural effusion", "pneumonia"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A pre-trained and zero-shot-evaluated tiny run folder."""
+    root = tmp_path_factory.mktemp("pretrained")
+    cfg = {**TINY, "run": {**TINY["run"], "output_dir": str(root / "runs")},
+           "phantom": {**TINY["phantom"], "root": str(root / "world")},
+           "data": {**TINY["data"], "root": str(root / "world")}}
+    preset = root / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(cfg))
+    base = f"vocab.base_model={_tiny_english_bert(root / 'english_bert')}"
+    for stage in ("phantom", "vocab", "mlm", "pretrain"):
+        assert main([stage, str(preset), base, "--quiet"]) == 0
+    run = root / "runs" / "tiny"
+    assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
+    return run
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    """A folder with one PNG, one JPEG (in a sub-folder) and one DICOM chest image, plus a text file."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    pixels = [rng.integers(0, 256, (80, 70), dtype=np.uint8) for _ in range(3)]
+    Image.fromarray(pixels[0]).save(folder / "a.png")
+    Image.fromarray(pixels[1]).save(folder / "sub" / "b.jpg", quality=95)
+    write_dicom(folder / "c.dcm", pixels[2], dicom_ids(0, "test", "p1", "s1", "i1"), view="PA",
+                sex="F", age=50)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _run_encoder(run: Path):
+    """The checkpoint's Encoder exactly as `unimed evaluate` builds it."""
+    from unimed.commands.evaluate import build_encoders
+
+    checkpoint = find_checkpoint(run)
+    return build_encoders(load_config(checkpoint_config(checkpoint)), checkpoint, ())[0]
+
+
+def _eval_pixels(files: list[Path], cfg) -> torch.Tensor:
+    """Images decoded and resized as the zero-shot evaluation does."""
+    from unimed.data.images import load_image
+    from unimed.data.transforms import eval_transform
+
+    transform = eval_transform(cfg.data.image_size, cfg.data.resize_size)
+    return torch.stack([transform(load_image(f)) for f in files])
+
+
+def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, images: Path, tmp_path: Path):
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_run), str(out), "--quiet"]) == 0
+    for name in ("model.safetensors", "config.yaml", "text_encoder/config.json", "tokenizer",
+                 "prompts/en.yaml", "prompts/es.yaml", "preprocess.json", "README.md"):
+        assert (out / name).exists(), name
+    assert not list((out / "text_encoder").glob("*.safetensors"))  # text weights live in the model's
+    card = (out / "README.md").read_text()
+    assert "Zero-shot" in card and "mimic-cxr" in card and "| --- |" in card
+    assert json.loads((out / "preprocess.json").read_text())["image_size"] == TINY["data"]["image_size"]
+
+    reference = _run_encoder(tiny_run)
+    files = sorted(p for p in images.rglob("*") if p.suffix in (".png", ".jpg", ".dcm"))
+    cfg = load_config(checkpoint_config(find_checkpoint(tiny_run)))
+    want_image = reference.image_features(_eval_pixels(files, cfg), normalize=True)
+    want_text = reference.text_features(TEXTS, normalize=True)
+    for source in (out, tiny_run):
+        model = unimed.load(source)
+        assert model.device == torch.device("cpu") and not model.model.training
+        torch.testing.assert_close(model.encode_image(files), want_image, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(TEXTS), want_text, rtol=1e-5, atol=1e-5)
+
+    # Zero-shot by hand: cosine to "{disease}" minus cosine to the negative prompt, the
+    # probability a two-way softmax of the two at the model's temperature.
+    result = unimed.load(out).zero_shot(files, CLASSES, "es")
+    prompts = load_prompts("es", stemming=cfg.eval.prompt_stemming)
+    temperature = float(reference.temperature)
+    for c, name in enumerate(CLASSES):
+        pos, neg = reference.text_features([prompts.positive(name), prompts.negative(name)],
+                                           normalize=True)
+        for i in range(len(files)):
+            a, b = float(want_image[i] @ pos), float(want_image[i] @ neg)
+            assert result.scores[i, c] == pytest.approx(a - b, abs=1e-5)
+            softmax = np.exp(a / temperature) / (np.exp(a / temperature) + np.exp(b / temperature))
+            assert result.probabilities[i, c] == pytest.approx(softmax, abs=1e-5)
+
+
+def test_every_image_input_kind_gives_the_same_embedding(tiny_run: Path, images: Path):
+    from unimed.data.images import load_image
+
+    model = unimed.load(tiny_run)
+    path = images / "a.png"
+    grey = load_image(path)
+    inputs = [path, str(path), Image.open(path), grey, torch.from_numpy(grey),
+              np.asarray(Image.open(path)), torch.from_numpy(grey).expand(3, -1, -1)]
+    got = torch.cat([model.encode_image(item) for item in inputs])
+    assert got.shape == (len(inputs), TINY["method"]["projector"]["embed_dim"])
+    torch.testing.assert_close(got, got[:1].expand_as(got), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(inputs)))
+
+
+def test_classify_and_embed_write_what_the_python_api_gives(tiny_run: Path, images: Path,
+                                                             tmp_path: Path, capsys):
+    model = unimed.load(tiny_run)
+    files = [images / "a.png", images / "c.dcm", images / "sub" / "b.jpg"]  # sorted relative paths
+    scores = tmp_path / "scores.csv"
+    args = ["classify", str(tiny_run), str(images), "--classes", ",".join(CLASSES),
+            "--language", "en", "--out", str(scores), "--quiet"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(scores.open()))
+    assert [r["file"] for r in rows] == ["a.png", "c.dcm", "sub/b.jpg"]
+    expected = model.zero_shot(files, CLASSES, "en")
+    for i, row in enumerate(rows):
+        for c, name in enumerate(CLASSES):
+            assert float(row[f"p({name})"]) == pytest.approx(expected.probabilities[i, c], abs=1e-5)
+            assert float(row[f"score({name})"]) == pytest.approx(expected.scores[i, c], abs=1e-5)
+
+    want = model.encode_image(files).numpy()
+    assert main(["embed", str(tiny_run), str(images), "--out", str(tmp_path / "e.npy"), "--quiet"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), want, atol=1e-5)
+    names = list(csv.DictReader((tmp_path / "e.csv").open()))
+    assert [(int(r["row"]), r["file"]) for r in names] == [(0, "a.png"), (1, "c.dcm"), (2, "sub/b.jpg")]
+    single = tmp_path / "one.safetensors"
+    assert main(["embed", str(tiny_run), str(files[1]), "--out", str(single), "--quiet"]) == 0
+    np.testing.assert_allclose(load_file(single)["embeddings"].numpy(), want[1:2], atol=1e-5)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "image folder or file not found"),
+    ("empty", "no images"),
+    ("unreadable", "bad.png: cannot read image"),
+    ("language", "unknown language 'xx'"),
+    ("override", "uses the model's own config"),
+    ("no model", "no checkpoint at"),
+])
+def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: Path, capsys,
+                                       case: str, expected: str):
+    folder, model, extra = images, tiny_run, []
+    if case == "missing":
+        folder = tmp_path / "nowhere"
+    elif case == "empty":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+        (folder / "readme.txt").write_text("no images here")
+    elif case == "unreadable":
+        (images / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    elif case == "language":
+        extra = ["--language", "xx"]
+    elif case == "override":
+        extra = ["train.lr=1"]
+    else:
+        model = tmp_path / "nowhere"
+    args = ["classify", str(model), str(folder), "--classes", "pneumonia",
+            "--out", str(tmp_path / "s.csv"), *extra, "--quiet"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("unimed:")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err
+
+
+def test_export_refuses_a_non_empty_folder(tiny_run: Path, tmp_path: Path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert main(["export", str(tiny_run), str(tmp_path / "taken"), "--quiet"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_nothing_touches_the_network(tiny_run: Path, images: Path, tmp_path: Path, monkeypatch):
+    attempts: list[object] = []
+
+    def refuse(self, address):
+        attempts.append(address)
+        raise OSError(f"network access attempted: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    with pytest.raises(OSError, match="network access attempted"):  # the guard itself works
+        socket.create_connection(("127.0.0.1", 9))
+    attempts.clear()
+
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_run), str(out), "--quiet"]) == 0
+    model = unimed.load(out)
+    model.zero_shot(images / "a.png", CLASSES, "es")
+    model.encode_text(TEXTS)
+    assert main(["classify", str(out), str(images), "--classes", "pneumonia",
+                 "--out", str(tmp_path / "s.csv"), "--quiet"]) == 0
+    assert main(["embed", str(out), str(images), "--out", str(tmp_path / "e.npy"), "--quiet"]) == 0
+    assert attempts == []
