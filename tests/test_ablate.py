@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from unimed.commands.ablate import aggregate, orderings, welch_interval
+from unimed.commands.ablate import (
+    ABLATIONS,
+    aggregate,
+    method_ablation,
+    orderings,
+    row_config,
+    welch_interval,
+)
+from unimed.config import ConfigError, load_config
 
 
 def test_aggregate_gives_mean_and_sample_sd_of_shared_leaves() -> None:
@@ -35,9 +43,42 @@ def _row(name: str, values: list[float]) -> dict:
 ])
 def test_orderings_verdicts(better, worse, verdict) -> None:
     rows = [_row("SSV + CVL + MLM", better), _row("CVL + MLM", worse)]
-    (result,) = orderings(rows)
+    (result,) = orderings(rows, ABLATIONS["medunic"].orderings)
     assert result["metric"] == "zero_shot/pdc/en/f1" and result["verdict"] == verdict
 
 
 def test_one_seed_gives_no_ordering() -> None:
-    assert orderings([_row("SSV + CVL + MLM", [0.8]), _row("CVL + MLM", [0.6])]) == []
+    assert orderings([_row("SSV + CVL + MLM", [0.8]), _row("CVL + MLM", [0.6])],
+                     ABLATIONS["medunic"].orderings) == []
+
+
+def _config(*overrides: str):
+    return load_config(None, ["vocab.base_model=english-bert", *overrides])
+
+
+def test_medunic_rows_switch_loss_weights_and_mlm() -> None:
+    cfg = _config("method.loss.ssv_weight=2.0")
+    rows = {row.name: row_config(cfg, row) for row in ABLATIONS["medunic"].rows}
+    loss = rows["CVL + MLM"].method.loss
+    assert (loss.ssv_weight, loss.cvl_weight, loss.ctr_weight) == (0.0, 1.0, 0.0)
+    assert rows["SSV + CVL + MLM"].method.loss.ssv_weight == 2.0
+    assert rows["SSV + CVL + CTR + MLM"].method.text.encoder == str(cfg.run.dir / "mlm")
+    assert rows["SSV + CVL + CTR"].method.text.tokenizer == str(cfg.run.dir / "vocab")
+    assert [row.full for row in ABLATIONS["medunic"].rows] == [False, False, False, True]
+
+
+def test_prior_rows_add_its_stages_one_at_a_time() -> None:
+    cfg = _config("method.name=prior", "method.stage_epochs=[4,2,3]")
+    stages = [row_config(cfg, row, seed=7) for row in ABLATIONS["prior"].rows]
+    assert [s.method.stage_epochs for s in stages] == [(4, 0, 0), (4, 2, 0), (4, 2, 3)]
+    assert stages[1].run.name == f"{cfg.run.name}/ablation/stage_1_spb/seed7"
+    assert [row.full for row in ABLATIONS["prior"].rows] == [False, False, True]
+    no_stage_3 = _config("method.name=prior", "method.stage_epochs=[4,2,0]")
+    with pytest.raises(ConfigError, match=r"method.stage_epochs is \[4, 2, 0\]"):
+        row_config(no_stage_3, ABLATIONS["prior"].rows[0])
+
+
+def test_a_method_without_ablation_rows_is_a_config_error(monkeypatch) -> None:
+    monkeypatch.delitem(ABLATIONS, "prior")
+    with pytest.raises(ConfigError, match="no ablation rows for method 'prior'"):
+        method_ablation(_config("method.name=prior"))

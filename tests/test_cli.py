@@ -165,7 +165,7 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys):
     capsys.readouterr()
     assert main(["ablate", str(preset), base, "--seeds", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "Table 4: Ablation" in out and "Quality checks" not in out
+    assert "Ablation: the rows of the method's paper table" in out and "Quality checks" not in out
     ablation = json.loads((run / "ablation.json").read_text())
     assert [row["name"] for row in ablation["rows"]] == [
         "CVL + MLM", "SSV + CVL + MLM", "SSV + CVL + CTR", "SSV + CVL + CTR + MLM"]

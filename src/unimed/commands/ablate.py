@@ -1,9 +1,11 @@
-"""`unimed ablate`: the rows of Med-UniC Table 4 — which objectives and whether MLM came first.
+"""`unimed ablate`: the ablation rows of the method's paper — Med-UniC Table 4 (which objectives and
+whether MLM came first), PRIOR's stages (alignment, + sentence prototype bank, + cross-modality
+reconstruction).
 
 Each row pre-trains its own model per seed under `<run>/ablation/<row>/seed<k>` (same data and
-schedule; `--seeds`, default 3) and is evaluated on the Table 4 tasks; the full row at the run's own
+schedule; `--seeds`, default 3) and is evaluated on the ablation tasks; the full row at the run's own
 seed is the main run's checkpoint when one exists. Every metric is reported as the mean and standard
-deviation over seeds, and each ordering the paper claims (:data:`ORDERINGS`) is tested on the seed
+deviation over seeds, and each ordering the paper claims (:data:`ABLATIONS`) is tested on the seed
 means: it holds when the Welch 95 % interval of the difference lies above zero, is reversed when it
 lies below, and is a tie otherwise. Rows
 resume from their newest checkpoint, so an interrupted ablation continues where it stopped and a
@@ -20,7 +22,8 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -45,49 +48,105 @@ ABLATION_TASKS = ("zero_shot", "linear_probe", "segmentation")
 
 @dataclasses.dataclass(frozen=True)
 class AblationRow:
-    """One row of Table 4: which objectives are on and whether the text encoder went through MLM."""
+    """One ablation row: its name, the switches the table shows (in column order), and how it
+    makes its method section from the run's (`mlm` False: the text encoder skips MLM)."""
 
     name: str
-    ssv: bool
-    cvl: bool
-    ctr: bool
-    mlm: bool
+    switches: tuple[tuple[str, bool], ...]
+    configure: Callable[[Any], Any]
 
     @property
     def slug(self) -> str:
         return self.name.lower().replace(" + ", "_").replace(" ", "_")
 
+    @property
+    def mlm(self) -> bool:
+        return dict(self.switches).get("mlm", True)
 
-ROWS = (
-    AblationRow("CVL + MLM", ssv=False, cvl=True, ctr=False, mlm=True),
-    AblationRow("SSV + CVL + MLM", ssv=True, cvl=True, ctr=False, mlm=True),
-    AblationRow("SSV + CVL + CTR", ssv=True, cvl=True, ctr=True, mlm=False),
-    AblationRow("SSV + CVL + CTR + MLM", ssv=True, cvl=True, ctr=True, mlm=True),
-)
+    @property
+    def full(self) -> bool:
+        """Every switch on: the method as the run configures it."""
+        return all(on for _, on in self.switches)
 
 
-# (better, worse): the orderings of Med-UniC Table 4.
-ORDERINGS = (
-    ("SSV + CVL + MLM", "CVL + MLM"),
-    ("SSV + CVL + CTR + MLM", "SSV + CVL + MLM"),
-    ("SSV + CVL + CTR + MLM", "SSV + CVL + CTR"),
-)
-# Leaves of a row's metrics that the orderings are judged on (the Table 4 columns).
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    """A method's ablation: the paper table it reproduces, its rows, and the orderings (better,
+    worse) the paper claims."""
+
+    table: str
+    rows: tuple[AblationRow, ...]
+    orderings: tuple[tuple[str, str], ...]
+
+
+def _medunic_row(name: str, ssv: bool, cvl: bool, ctr: bool, mlm: bool) -> AblationRow:
+    def configure(method: Any) -> Any:
+        weights = method.loss
+        loss = dataclasses.replace(
+            weights,
+            ssv_weight=weights.ssv_weight if ssv else 0.0,
+            cvl_weight=weights.cvl_weight if cvl else 0.0,
+            ctr_weight=weights.ctr_weight if ctr else 0.0,
+        )
+        return dataclasses.replace(method, loss=loss)
+
+    return AblationRow(name, (("ssv", ssv), ("cvl", cvl), ("ctr", ctr), ("mlm", mlm)), configure)
+
+
+def _prior_row(name: str, spb: bool, ccr: bool) -> AblationRow:
+    def configure(method: Any) -> Any:
+        align, prototypes, reconstruction = method.stage_epochs
+        if not (prototypes and reconstruction):
+            raise ConfigError(
+                f"PRIOR's ablation trains its stages 2 and 3, but method.stage_epochs is "
+                f"{list(method.stage_epochs)}; give every stage epochs, e.g. 'method.stage_epochs=[3,1,1]'")
+        stages = (align, prototypes if spb else 0, reconstruction if ccr else 0)
+        return dataclasses.replace(method, stage_epochs=stages)
+
+    return AblationRow(name, (("spb", spb), ("ccr", ccr)), configure)
+
+
+ABLATIONS = {
+    "medunic": Ablation(
+        "Med-UniC Table 4",
+        (
+            _medunic_row("CVL + MLM", ssv=False, cvl=True, ctr=False, mlm=True),
+            _medunic_row("SSV + CVL + MLM", ssv=True, cvl=True, ctr=False, mlm=True),
+            _medunic_row("SSV + CVL + CTR", ssv=True, cvl=True, ctr=True, mlm=False),
+            _medunic_row("SSV + CVL + CTR + MLM", ssv=True, cvl=True, ctr=True, mlm=True),
+        ),
+        (
+            ("SSV + CVL + MLM", "CVL + MLM"),
+            ("SSV + CVL + CTR + MLM", "SSV + CVL + MLM"),
+            ("SSV + CVL + CTR + MLM", "SSV + CVL + CTR"),
+        ),
+    ),
+    "prior": Ablation(
+        "PRIOR ablation of the training stages",
+        (
+            _prior_row("Stage 1", spb=False, ccr=False),
+            _prior_row("Stage 1 + SPB", spb=True, ccr=False),
+            _prior_row("Stage 1 + SPB + CCR", spb=True, ccr=True),
+        ),
+        (("Stage 1 + SPB", "Stage 1"), ("Stage 1 + SPB + CCR", "Stage 1 + SPB")),
+    ),
+}
+# Leaves of a row's metrics that the orderings are judged on (the paper tables' columns).
 HEADLINE = (("zero_shot", "f1"), ("linear_probe", "value"), ("segmentation", "value"))
 
 
+def method_ablation(cfg: Config) -> Ablation:
+    """The ablation of `cfg`'s method; a method without one is a ConfigError."""
+    if cfg.method.name not in ABLATIONS:
+        raise ConfigError(f"unimed ablate has no ablation rows for method '{cfg.method.name}'; "
+                          f"it has them for {', '.join(ABLATIONS)}")
+    return ABLATIONS[cfg.method.name]
+
+
 def row_config(cfg: Config, row: AblationRow, seed: int | None = None) -> Config:
-    """The run config of `row`: loss weights switched, text encoder with or without MLM."""
-    if cfg.method.name != "medunic":
-        raise ConfigError(f"unimed ablate runs the Med-UniC Table 4 rows; method.name is {cfg.method.name!r}")
-    weights = cfg.method.loss
-    loss = dataclasses.replace(
-        weights,
-        ssv_weight=weights.ssv_weight if row.ssv else 0.0,
-        cvl_weight=weights.cvl_weight if row.cvl else 0.0,
-        ctr_weight=weights.ctr_weight if row.ctr else 0.0,
-    )
-    text = cfg.method.text
+    """The run config of `row`: its method section, text encoder with or without MLM."""
+    method = row.configure(cfg.method)
+    text = method.text
     if not row.mlm:
         if cfg.vocab.base_model is None:
             raise ConfigError("the row without MLM starts from vocab.base_model, which is not set")
@@ -97,7 +156,7 @@ def row_config(cfg: Config, row: AblationRow, seed: int | None = None) -> Config
         text = dataclasses.replace(text, encoder=str(cfg.run.dir / "mlm"))
     seed = cfg.run.seed if seed is None else seed
     run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}/ablation/{row.slug}/seed{seed}", seed=seed)
-    return dataclasses.replace(cfg, run=run, method=dataclasses.replace(cfg.method, loss=loss, text=text))
+    return dataclasses.replace(cfg, run=run, method=dataclasses.replace(method, text=text))
 
 
 def _check_same_config(row_cfg: Config, row: AblationRow) -> None:
@@ -114,7 +173,7 @@ def run_row(cfg: Config, row: AblationRow, seed: int, *, progress: bool) -> dict
     """Pre-train (unless the main run is this row and seed) and evaluate one row; its metrics."""
     row_cfg = row_config(cfg, row, seed)
     checkpoint = cfg.run.dir / "pretrain" / "checkpoints"
-    main_run = all((row.ssv, row.cvl, row.ctr, row.mlm)) and seed == cfg.run.seed
+    main_run = row.full and seed == cfg.run.seed
     if main_run and checkpoint.is_dir():
         log.info("ablation row '%s' is the main run: evaluating %s", row.name, checkpoint)
     else:
@@ -162,12 +221,12 @@ def welch_interval(better: Sequence[float], worse: Sequence[float]) -> tuple[flo
     return diff, float(interval.low), float(interval.high)
 
 
-def orderings(rows: Sequence[dict]) -> list[dict]:
-    """Each Table 4 ordering on each headline metric: difference of seed means, Welch interval,
-    verdict ("holds", "reversed", "tie"); needs two seeds or more per row."""
+def orderings(rows: Sequence[dict], claims: Sequence[tuple[str, str]]) -> list[dict]:
+    """Each claimed ordering (better, worse) on each headline metric: difference of seed means,
+    Welch interval, verdict ("holds", "reversed", "tie"); needs two seeds or more per row."""
     by_name = {row["name"]: row for row in rows}
     out = []
-    for better, worse in ORDERINGS:
+    for better, worse in claims:
         if better not in by_name or worse not in by_name:
             continue
         runs = [[leaves(m) for m in by_name[name]["seeds"].values()] for name in (better, worse)]
@@ -187,20 +246,23 @@ def _seeds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
 
 
-@command("ablate", "Med-UniC Table 4: pre-train and evaluate each objective / MLM ablation row",
-         _seeds)
+@command("ablate", "the method's paper ablation (Med-UniC Table 4 objectives / MLM, PRIOR's "
+                   "stages): pre-train and evaluate each row over seeds", _seeds)
 def ablate(cfg: Config, args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    table = method_ablation(cfg)
+    for row in table.rows:  # a row the config cannot make fails before anything trains
+        row.configure(cfg.method)
     seeds = [cfg.run.seed + k for k in range(args.seeds)]
     rows = []
-    for row in ROWS:
-        objectives = {k: getattr(row, k) for k in ("ssv", "cvl", "ctr", "mlm")}
+    for row in table.rows:
         runs = {str(seed): run_row(cfg, row, seed, progress=args.progress) for seed in seeds}
         mean, sd = aggregate(list(runs.values()))
-        rows.append({"name": row.name, "objectives": objectives, "metrics": mean, "sd": sd,
+        rows.append({"name": row.name, "objectives": dict(row.switches), "metrics": mean, "sd": sd,
                      "seeds": runs})
-    ablation = {"rows": rows, "seeds": seeds, "orderings": orderings(rows)}
+    ablation = {"table": table.table, "rows": rows, "seeds": seeds,
+                "orderings": orderings(rows, table.orderings)}
     cfg.run.dir.mkdir(parents=True, exist_ok=True)
     (cfg.run.dir / ABLATION_FILE).write_text(json.dumps(ablation, indent=2) + "\n", encoding="utf-8")
     metrics_path = cfg.run.dir / METRICS_FILE
