@@ -6,13 +6,14 @@ from scipy import stats
 
 from unimed.commands.ablate import (
     ABLATIONS,
+    trained_as,
     aggregate,
     method_ablation,
     orderings,
     row_config,
     welch_interval,
 )
-from unimed.config import ConfigError, load_config
+from unimed.config import ConfigError, load_config, save_config
 
 
 def test_aggregate_gives_mean_and_sample_sd_of_shared_leaves() -> None:
@@ -82,3 +83,13 @@ def test_a_method_without_ablation_rows_is_a_config_error(monkeypatch) -> None:
     monkeypatch.delitem(ABLATIONS, "prior")
     with pytest.raises(ConfigError, match="no ablation rows for method 'prior'"):
         method_ablation(_config("method.name=prior"))
+
+
+def test_the_main_run_stands_for_the_full_row_only_when_trained_with_its_settings(tmp_path) -> None:
+    cfg = _config("method.name=prior", "method.stage_epochs=[4,2,3]", f"run.output_dir={tmp_path}")
+    full = row_config(cfg, ABLATIONS["prior"].rows[-1])
+    save_config(cfg, cfg.run.dir / "pretrain")
+    assert trained_as(cfg.run.dir, full)
+    save_config(_config("method.name=prior", "method.stage_epochs=[4,0,0]", f"run.output_dir={tmp_path}"),
+                cfg.run.dir / "pretrain")
+    assert not trained_as(cfg.run.dir, full)

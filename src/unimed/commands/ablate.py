@@ -23,6 +23,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,14 +170,33 @@ def _check_same_config(row_cfg: Config, row: AblationRow) -> None:
         )
 
 
+def _training_sections(config: dict) -> tuple:
+    """The method (text encoder paths aside) and train sections of a config dict."""
+    method = dict(config.get("method") or {})
+    method["text"] = {k: v for k, v in (method.get("text") or {}).items()
+                      if k not in ("encoder", "tokenizer")}
+    return method, config.get("train")
+
+
+def trained_as(run_dir: Path, row_cfg: Config) -> bool:
+    """Whether the pre-training under `run_dir` used `row_cfg`'s method and train settings."""
+    saved = run_dir / "pretrain" / CONFIG_FILE
+    return saved.is_file() and _training_sections(
+        yaml.safe_load(saved.read_text(encoding="utf-8"))) == _training_sections(to_dict(row_cfg))
+
+
 def run_row(cfg: Config, row: AblationRow, seed: int, *, progress: bool) -> dict:
-    """Pre-train (unless the main run is this row and seed) and evaluate one row; its metrics."""
+    """Pre-train (unless the main run is this row and seed, trained with the same settings) and
+    evaluate one row; its metrics."""
     row_cfg = row_config(cfg, row, seed)
     checkpoint = cfg.run.dir / "pretrain" / "checkpoints"
-    main_run = row.full and seed == cfg.run.seed
-    if main_run and checkpoint.is_dir():
+    main_run = row.full and seed == cfg.run.seed and checkpoint.is_dir()
+    if main_run and trained_as(cfg.run.dir, row_cfg):
         log.info("ablation row '%s' is the main run: evaluating %s", row.name, checkpoint)
     else:
+        if main_run:
+            log.info("ablation row '%s': the main run in %s was trained with other settings; "
+                     "training the row", row.name, cfg.run.dir)
         _check_same_config(row_cfg, row)
         run_pretrain(row_cfg, resume=True, progress=progress)
         checkpoint = row_cfg.run.dir / "pretrain" / "checkpoints"
