@@ -8,14 +8,9 @@ turns back into the single-process parameter gradient.
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_ranks
 
 from unimed.losses import MedUniCLoss, gather_features
 from unimed.models.config import MedUniCLossConfig
@@ -50,32 +45,17 @@ def _losses_and_grads(
     return result
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
-        local = {k: v[rows] for k, v in _global_batch().items()}
-        gathered = gather_features(local["ctr_a"], rank, WORLD)
-        results = {n: _losses_and_grads(cfg, local, rank, WORLD) for n, cfg in CONFIGS.items()}
-        saved = {"gathered": gathered.detach(), "results": results}
-        torch.save(saved, Path(out_dir) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _rank_losses(rank: int, world: int) -> dict:
+    rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    local = {k: v[rows] for k, v in _global_batch().items()}
+    gathered = gather_features(local["ctr_a"], rank, world)
+    results = {n: _losses_and_grads(cfg, local, rank, world) for n, cfg in CONFIGS.items()}
+    return {"gathered": gathered.detach(), "results": results}
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_ranks(_rank_losses, WORLD, tmp_path_factory.mktemp("dist"))
 
 
 def test_gather_concatenates_ranks_in_order(rank_results) -> None:

@@ -9,14 +9,10 @@ The learnable log-scale gets the same gradient summed over ranks.
 from __future__ import annotations
 
 import math
-import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_ranks
 
 from unimed.losses.prior import GlobalAlignmentLoss
 
@@ -41,30 +37,15 @@ def _loss_and_grads(image: torch.Tensor, text: torch.Tensor, rank: int, world_si
             "log_scale": log_scale.grad}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
-        image, text = _global_batch()
-        torch.save(_loss_and_grads(image[rows], text[rows], rank, WORLD),
-                   Path(out_dir) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _rank_loss(rank: int, world: int) -> dict[str, torch.Tensor]:
+    rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    image, text = _global_batch()
+    return _loss_and_grads(image[rows], text[rows], rank, world)
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("prior_dist")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_ranks(_rank_loss, WORLD, tmp_path_factory.mktemp("prior_dist"))
 
 
 def test_global_loss_over_two_ranks_equals_single_process(rank_results) -> None:
