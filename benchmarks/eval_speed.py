@@ -26,9 +26,9 @@ from unimed.commands.evaluate import build_encoders, parse_tasks
 from unimed.commands.tables import print_table
 from unimed.config import load_config
 from unimed.eval.data import EvalData
-from unimed.eval.encoders import checkpoint_config, find_checkpoint
 from unimed.eval.runner import evaluate
 from unimed.eval.tasks import TaskContext
+from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
 TARGET_S = 60.0
 
