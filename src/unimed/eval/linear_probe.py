@@ -32,6 +32,7 @@ from unimed.eval.metrics import (
     bootstrap,
     macro,
     macro_estimate,
+    per_class_auc,
 )
 from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
 from unimed.data.labels import COVIDX_CLASSES
@@ -92,9 +93,7 @@ def score(logits: torch.Tensor, y: torch.Tensor, metric: str) -> float | None:
     logits = logits.detach()
     if metric == "accuracy":
         return accuracy(y.numpy(), logits.argmax(1).numpy())
-    # One rank-based AUC over every column (the value sklearn's roc_auc_score gives per column),
-    # since this runs after every epoch.
-    return macro(batched_auc(y.numpy().T, logits.numpy().T).tolist())
+    return macro(per_class_auc(y.numpy(), logits.numpy()))
 
 
 def test_estimate(logits: torch.Tensor, y: torch.Tensor, metric: str, resamples: np.ndarray
