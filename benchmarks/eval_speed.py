@@ -7,7 +7,11 @@ The run folder's checkpoint is evaluated on every task of its config's ``eval.ta
 folder, nothing is written in the run folder. The table has one row per task and a total; the first
 task of a dataset pays for decoding its images and for the encoder's frozen features, later tasks
 reuse them (see :mod:`unimed.eval.features`). Target: total < 60 s on 2 cores for the demo
-preset. The process's CPU time is printed too: on a shared machine wall time grows with the load. ``--profile N`` prints the N functions with the most cumulative time (cProfile).
+preset. The process's CPU time is printed too: on a shared machine wall time grows with the load.
+``--profile N`` prints the N functions with the most cumulative time (cProfile); ``--metrics FILE``
+writes the tasks' metrics as JSON, to compare two code versions (run the script with each version's
+``src`` on PYTHONPATH, back to back). Overrides follow the run folder, e.g.
+``runs/demo data.root=data/phantom``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import tempfile
 import time
@@ -26,9 +31,9 @@ from unimed.commands.evaluate import build_encoders, parse_tasks
 from unimed.commands.tables import print_table
 from unimed.config import load_config
 from unimed.eval.data import EvalData
-from unimed.eval.encoders import checkpoint_config, find_checkpoint
 from unimed.eval.runner import evaluate
 from unimed.eval.tasks import TaskContext
+from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
 TARGET_S = 60.0
 
@@ -40,6 +45,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N functions with the most cumulative time")
+    parser.add_argument("--metrics", default=None, metavar="JSON",
+                        help="also write the tasks' metrics there (to compare two code versions)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.root=...")
     args = parser.parse_args()
     if args.threads:
@@ -59,6 +66,9 @@ def main() -> None:
             profiler.disable()
         total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     seconds = metrics["encoders"][encoders[0].name]["seconds"]
+    if args.metrics:
+        tasks_out = metrics["encoders"][encoders[0].name]["tasks"]
+        Path(args.metrics).write_text(json.dumps(tasks_out, indent=1, sort_keys=True), encoding="utf-8")
     rows = [[task, f"{s:.1f}", f"{100 * s / total:.0f}%"] for task, s in seconds.items()]
     rows.append(["total (one encoder)", f"{total:.1f}", f"target < {TARGET_S:.0f} s"])
     rows.append(["process CPU time, all threads", f"{cpu:.1f}", ""])

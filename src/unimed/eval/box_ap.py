@@ -41,8 +41,9 @@ def match_detections(
         per_threshold = np.zeros((len(iou_thresholds), len(boxes)), dtype=bool)
         for t, threshold in enumerate(iou_thresholds):
             free = np.ones(len(gt), dtype=bool)
-            for d in range(len(boxes)):
-                candidates = np.where(free & (iou[d] >= min(threshold, 1 - 1e-10)))[0]
+            overlaps = iou >= min(threshold, 1 - 1e-10)  # (D, G)
+            for d in np.flatnonzero(overlaps.any(axis=1)):  # the others match nothing
+                candidates = np.flatnonzero(free & overlaps[d])
                 if len(candidates):
                     best = candidates[np.argmax(iou[d, candidates])]
                     per_threshold[t, d], free[best] = True, False

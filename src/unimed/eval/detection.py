@@ -14,7 +14,8 @@ torchmetrics' own cap of 100). Every test image counts: an image without boxes a
 and each box predicted on it is a false positive that lowers precision. A detector that finds
 nothing scores 0. The test mAP carries a bootstrap interval over the test images
 (:mod:`unimed.eval.box_ap`, the same COCO AP re-weighted per resample); validation mAP for early
-stopping is torchmetrics' own.
+stopping is the same computation on the validation images (what torchmetrics reports, without
+its pycocotools set-up on every epoch).
 
 FCOS rather than YOLOv3 (the papers' head), Faster R-CNN or RetinaNet: it is one-stage and
 anchor-free (no RoI sampling or anchor grid to tune for small images), and its head depth is a
@@ -34,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
@@ -43,7 +43,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from tqdm.auto import tqdm
 
 from unimed.data.records import Record
-from unimed.eval.box_ap import bootstrap_map
+from unimed.eval.box_ap import bootstrap_map, match_detections, weighted_map
 from unimed.eval.config import DetectionConfig
 from unimed.eval.dense import Maps
 from unimed.eval.encoders import Encoder
@@ -145,10 +145,12 @@ def detect(model: FCOS, maps: Maps, image_size: int, batch_size: int, device: to
 def mean_average_precision(
     preds: list[Target], targets: list[Target], iou_thresholds: tuple[float, ...]
 ) -> float:
-    """COCO-style mAP averaged over `iou_thresholds` (torchmetrics, pycocotools backend)."""
-    metric = MeanAveragePrecision(iou_thresholds=list(iou_thresholds))
-    metric.update(preds, targets)
-    return float(metric.compute()["map"])
+    """COCO-style mAP averaged over `iou_thresholds`: the value torchmetrics'
+    MeanAveragePrecision reports (-1 when no image holds a box), computed by
+    :mod:`unimed.eval.box_ap` without building pycocotools objects for every validation pass."""
+    image_index, tp, n_boxes, _ = match_detections(preds, targets, iou_thresholds)
+    value = float(weighted_map(image_index, tp, n_boxes, np.ones((1, len(targets))))[0])
+    return value if np.isfinite(value) else -1.0
 
 
 def fit_detector(
