@@ -100,6 +100,12 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert "Pre-training loss per term (PRIOR)" in html
     assert_outputs_of_evaluation(run, metrics, out)
 
+    # Evaluating the run folder again keeps the methods trained beside Med-UniC.
+    assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["methods"] == ["medunic", "prior"] and list(again["encoders"]) == ["medunic", "prior"]
+    assert again["encoders"]["prior"]["tasks"]["zero_shot"] == metrics["encoders"]["prior"]["tasks"]["zero_shot"]
+
     assert main(["pretrain", str(preset), "train.max_steps=3", "--resume", "--quiet"]) == 0
     log = [json.loads(line) for line in (run / "pretrain" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log][-1] == 3

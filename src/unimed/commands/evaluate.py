@@ -25,7 +25,7 @@ import numpy as np
 from unimed.commands import command, run_dir
 from unimed.commands.train import text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
-from unimed.config import Config, ConfigError
+from unimed.config import CONFIG_FILE, Config, ConfigError, load_config
 from unimed.eval.config import TASK_NAMES
 
 log = logging.getLogger(__name__)
@@ -207,10 +207,26 @@ def _checkpoint_config(args: argparse.Namespace) -> str | None:
         raise ConfigError(str(exc)) from None
 
 
+def methods_beside(cfg: Config, checkpoint: str | Path) -> list[tuple[Config, Path]]:
+    """When `checkpoint` is the run folder itself, the further methods trained in it (the demo's
+    ``<run>/<method>/`` runs) with their saved configs, so evaluating the run again keeps them."""
+    if not cfg.run.dir.is_dir() or Path(checkpoint).resolve() != cfg.run.dir.resolve():
+        return []
+    found = []
+    for folder in sorted(p for p in cfg.run.dir.iterdir() if p.is_dir()):
+        saved = folder / "pretrain" / CONFIG_FILE
+        if saved.is_file():
+            other = load_config(saved)
+            if other.method.name == folder.name != cfg.method.name:
+                found.append((other, folder))
+    return found
+
+
 @command("evaluate", "downstream evaluation of a checkpoint (and baselines): metrics.json + report.html",
          _eval_args, _checkpoint_config)
 def evaluate_command(cfg: Config, args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks, cfg)
-    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=args.progress)
+    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=args.progress,
+                             also=methods_beside(cfg, args.checkpoint))
     print_summary(metrics, cfg.run.dir)
     return 0
