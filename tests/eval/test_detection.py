@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from box_sets import random_set
 from torchmetrics.detection import MeanAveragePrecision
 
 from unimed.data.records import BoxAnn, Record
@@ -59,29 +60,11 @@ def test_mean_average_precision_extremes() -> None:
     assert mean_average_precision(shifted, truth, IOUS) == pytest.approx(0.0)
 
 
-def _random_detections(n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Images with 0-2 boxes and 0-6 scored detections, half of them jittered copies of a box."""
-    g = torch.Generator().manual_seed(seed)
-    preds, targets = [], []
-    for _ in range(n):
-        k = int(torch.randint(0, 3, (1,), generator=g))
-        xy = torch.rand(k, 2, generator=g) * 60
-        truth = torch.cat([xy, xy + 8 + torch.rand(k, 2, generator=g) * 20], 1)
-        near = truth.repeat(2, 1) + torch.randn(2 * k, 4, generator=g) * 3
-        xy = torch.rand(3, 2, generator=g) * 60
-        boxes = torch.cat([near, torch.cat([xy, xy + 12], 1)])[: int(torch.randint(0, 7, (1,), generator=g))]
-        boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)], 1)
-        preds.append({"boxes": boxes, "scores": torch.rand(len(boxes), generator=g),
-                      "labels": torch.zeros(len(boxes), dtype=torch.int64)})
-        targets.append({"boxes": truth, "labels": torch.zeros(k, dtype=torch.int64)})
-    return preds, targets
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_validation_map_is_what_torchmetrics_reports(seed: int) -> None:
     """Early stopping reads mean_average_precision: the torchmetrics (pycocotools) value."""
     ious = DetectionConfig().iou_thresholds
-    preds, targets = _random_detections(40, seed)
+    preds, targets = random_set(40, seed)
     reference = MeanAveragePrecision(iou_thresholds=list(ious))
     reference.update(preds, targets)
     expected = float(reference.compute()["map"])

@@ -43,7 +43,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from tqdm.auto import tqdm
 
 from unimed.data.records import Record
-from unimed.eval.box_ap import bootstrap_map, match_detections, weighted_map
+from unimed.eval.box_ap import bootstrap_map
 from unimed.eval.config import DetectionConfig
 from unimed.eval.dense import Maps
 from unimed.eval.encoders import Encoder
@@ -148,9 +148,8 @@ def mean_average_precision(
     """COCO-style mAP averaged over `iou_thresholds`: the value torchmetrics'
     MeanAveragePrecision reports (-1 when no image holds a box), computed by
     :mod:`unimed.eval.box_ap` without building pycocotools objects for every validation pass."""
-    image_index, tp, n_boxes, _ = match_detections(preds, targets, iou_thresholds)
-    value = float(weighted_map(image_index, tp, n_boxes, np.ones((1, len(targets))))[0])
-    return value if np.isfinite(value) else -1.0
+    value = bootstrap_map(preds, targets, iou_thresholds, np.zeros((0, len(targets)), dtype=int)).value
+    return -1.0 if value is None else value
 
 
 def fit_detector(
