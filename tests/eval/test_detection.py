@@ -15,9 +15,12 @@ from unimed.eval.config import DetectionConfig, EvalConfig
 from unimed.eval.data import fraction_indices
 from unimed.eval.dense import dense_features
 from unimed.eval.detection import (
+    build_detector,
     dataset_targets,
     detect,
     fit_detector,
+    head_outputs,
+    image_detections,
     mean_average_precision,
     run,
     scale_boxes,
@@ -47,6 +50,34 @@ def test_targets_are_one_class() -> None:
     targets = dataset_targets([_record(BoxAnn(0, 0, 10, 10, "a")), _record()], 64)
     assert targets[0]["labels"].tolist() == [0] and targets[0]["labels"].dtype == torch.int64
     assert targets[1]["boxes"].shape == (0, 4) and targets[1]["labels"].shape == (0,)
+
+
+@pytest.mark.parametrize(("bias", "max_detections"), [(0.0, 20), (0.0, 400), (-3.0, 20), (-9.0, 20)])
+def test_image_detections_equal_fcos_postprocessing_of_every_location(
+    bias: float, max_detections: int
+) -> None:
+    """An untrained head scores all 320 locations above the threshold (bias 0), fewer (-3) or
+    none (-9); NMS on the best ones first must give FCOS's own detections, also when fewer than
+    ``max_detections`` boxes survive (400) and the candidates double until every one is in."""
+    cfg = DetectionConfig(max_detections=max_detections)
+    torch.manual_seed(0)
+    model = build_detector([8, 16], [4, 8], 64, cfg).eval()
+    torch.nn.init.constant_(model.head.classification_head.cls_logits.bias, bias)
+    maps = [torch.randn(3, 8, 16, 16), torch.randn(3, 16, 8, 8)]
+    with torch.no_grad():
+        outputs, anchors, per_level, images = head_outputs(model, maps, 64)
+        expected = model.postprocess_detections(
+            {k: list(v.split(per_level, dim=1)) for k, v in outputs.items()},
+            [list(a.split(per_level)) for a in anchors], images.image_sizes,
+        )
+        for i, truth in enumerate(expected):
+            found = image_detections(model, {k: v[i] for k, v in outputs.items()}, anchors[i],
+                                     per_level, 64)
+            assert torch.equal(found["boxes"], truth["boxes"])
+            assert torch.equal(found["labels"], truth["labels"])
+            torch.testing.assert_close(found["scores"], truth["scores"])  # sigmoid of fewer values: last bit
+    counts = [len(d["boxes"]) for d in expected]
+    assert max(counts) == 0 if bias == -9.0 else min(counts) > 0
 
 
 def test_mean_average_precision_extremes() -> None:

@@ -44,7 +44,9 @@ class Encoder:
     temperature: float = 0.07
 
     def __post_init__(self) -> None:
-        self.model.to(self.device).eval().requires_grad_(False)
+        # Channels-last convolution weights: oneDNN runs the frozen convolutional encoders about a
+        # third faster on the CPU (tensors of other ranks are untouched).
+        self.model.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
     @property
     def visual(self) -> nn.Module:
