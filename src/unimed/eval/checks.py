@@ -6,9 +6,9 @@ languages and metrics, percent formatting, safe nested look-ups), so both say th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np

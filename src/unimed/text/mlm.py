@@ -91,9 +91,10 @@ def train_mlm(
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
     history = _epoch_means(result.history)
-    if history:
-        logger.info("MLM: %d steps, loss %.3f -> %.3f, saved to %s", result.steps, history[0],
-                    history[-1], out)
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        logger.info("MLM: %d steps, batch loss %.3f (step %d) -> %.3f (step %d), saved to %s",
+                    result.steps, first["loss"], first["step"], last["loss"], last["step"], out)
     return MLMResult(loss_history=history, out_dir=out, steps=result.steps)
 
 
