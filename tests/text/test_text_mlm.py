@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -227,3 +228,30 @@ def test_missing_mlm_head_starts_tied_with_identity_transform_and_frequency_bias
     torch.testing.assert_close(head.bias, prior - prior.mean())
     with_head = build_mlm_model(tokenizer, MLMConfig(**TINY.__dict__), base_model=tiny_bert_dir, corpus=corpus)
     assert not torch.allclose(with_head.cls.predictions.bias, head.bias)  # a saved head is kept
+
+
+@pytest.mark.parametrize("new_rows", ["random", "subword_mean"])
+def test_retrieval_check_compares_with_the_encoder_mlm_starts_from(
+    tiny_bert_dir, tiny_tokenizer_dir, tmp_path, new_rows
+):
+    """Saved untrained, the MLM start must score exactly as the check's "before": the reference is
+    the encoder MLM starts from, with its new rows as ``mlm.new_rows`` draws them (not a resized
+    base model whose new rows start elsewhere)."""
+    from unimed.commands.train import MLM_CHECK_FILE, mlm_retrieval_check
+    from unimed.config import load_config
+
+    parallel = tmp_path / "data" / "parallel-reports"
+    parallel.mkdir(parents=True)
+    rows = [[str(i), en, es] for i, (en, es) in enumerate(zip(ENGLISH_REPORTS, SPANISH_REPORTS))]
+    with (parallel / "test.csv").open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["study_id", "en", "es"], *rows])
+    cfg = load_config(None, [f"vocab.base_model={tiny_bert_dir}", f"data.root={tmp_path / 'data'}",
+                             f"mlm.new_rows={new_rows}", "mlm.max_length=48", "run.seed=3"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    start = build_mlm_model(tokenizer, cfg.mlm, base_model=tiny_bert_dir, seed=3)
+    mlm_dir = tmp_path / "mlm"
+    start.save_pretrained(str(mlm_dir))
+    tokenizer.save_pretrained(str(mlm_dir))
+    result = mlm_retrieval_check(cfg, mlm_dir)
+    assert result["pairs"] == len(rows) and result["before"] == result["after"] and result["passed"]
+    assert json.loads((mlm_dir / MLM_CHECK_FILE).read_text())["before"] == result["before"]

@@ -123,7 +123,8 @@ MLM_CHECK_FILE = "retrieval_check.json"
 
 def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     """Cross-lingual retrieval of the parallel reports with the text encoder as the MLM stage
-    started it (base model, vocabulary grown) and as it ended; written to `retrieval_check.json`.
+    started it (base model, vocabulary grown, new rows as ``mlm.new_rows`` starts them) and as it
+    ended; written to `retrieval_check.json`.
 
     The MLM stage must not make an encoder worse: "passed" is False when R@1 (mean of the two
     directions, `method.text.pooling`) dropped. Skipped (None) without a base model or a parallel
@@ -135,8 +136,8 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     from transformers import AutoTokenizer, BertModel
 
     from unimed.eval.retrieval import PARALLEL_DEFAULT, read_parallel, recall_hits, same_value
-    from unimed.models.text import create_text_encoder
     from unimed.text.crosslingual import embed_texts
+    from unimed.text.mlm import build_mlm_model
 
     base = resolve_encoder(cfg.vocab.base_model)
     path = Path(cfg.data.root) / PARALLEL_DEFAULT
@@ -147,8 +148,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     text_cfg = cfg.method.text
     tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir), local_files_only=True)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        before = create_text_encoder(base, text_cfg, vocab_size=len(tokenizer))
+        before = build_mlm_model(tokenizer, cfg.mlm, base_model=base, seed=cfg.run.seed).bert
     after = BertModel.from_pretrained(str(mlm_dir), add_pooling_layer=False, local_files_only=True)
     match = same_value(corpus.study_ids)  # (N, N) row i of English translates row i of Spanish
     rows, scores = [], {}
