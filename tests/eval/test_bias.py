@@ -236,9 +236,13 @@ class _LanguageInText:
     def __init__(self, languages: dict[str, str]) -> None:
         self.languages = languages
 
-    def text_features(self, texts, projected=True, batch_size=64):
+    def text_spaces(self, texts, batch_size=64):
         spanish = torch.tensor([[float(self.languages[t] == "es")] for t in texts])
-        return torch.cat([spanish, 1 - spanish], dim=1)
+        features = torch.cat([spanish, 1 - spanish], dim=1)
+        return {"pooled": features, "projected": features}
+
+    def image_spaces(self, images, batch_size=64):
+        return {"pooled": torch.ones(len(images), 8), "projected": torch.ones(len(images), 8)}
 
     def image_features(self, images, projected=True, batch_size=64):
         return torch.ones(len(images), 8)

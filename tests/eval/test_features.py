@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from unimed.eval.config import BiasConfig, DetectionConfig, LinearProbeConfig, SegmentationConfig
+from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.features import FeatureCache
@@ -101,14 +102,20 @@ def test_each_split_and_text_is_encoded_once(
     again = ctx.image_features(tiny_encoder, "rsna", "test", "pooled", normalize=True)
     assert counter.images == len(first) == len(ctx.data.records("rsna", "test"))
     torch.testing.assert_close(again, torch.nn.functional.normalize(first, dim=-1))
-    ctx.image_features(tiny_encoder, "rsna", "test", "projected")  # another space: one more pass
-    assert counter.images == 2 * len(first)
+    projected = ctx.image_features(tiny_encoder, "rsna", "test", "projected")  # from the same pass
+    assert counter.images == len(first)
+    images = rgb(ctx.data.images("rsna", "test", "crop"))
+    with torch.no_grad():
+        torch.testing.assert_close(projected, tiny_encoder.model.encode_image(images))
 
     texts = ["no hay derrame", "pleural effusion", "no hay derrame"]
     rows = ctx.text_features(tiny_encoder, texts, "projected")
     assert counter.texts == 2  # distinct texts only
     ctx.text_features(tiny_encoder, texts[1:], "projected")
+    pooled = ctx.text_features(tiny_encoder, texts, "pooled")  # from the same pass
     assert counter.texts == 2
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_encoder.model.project_text(pooled), rows, rtol=0, atol=0)
     direct = tiny_encoder.text_features(texts)
     torch.testing.assert_close(rows, direct, rtol=1e-5, atol=1e-5)
     assert ctx.text_features(tiny_encoder, [], "pooled").numel() == 0

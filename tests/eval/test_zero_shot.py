@@ -154,10 +154,11 @@ class _OracleEncoder:
         self.labels, self.flipped = labels, flipped
         self.texts = [prompts.positive(c) for c in classes] + [prompts.negative(c) for c in classes]
 
-    def image_features(self, images, projected=True, normalize=False, batch_size=64):
+    def image_spaces(self, images, batch_size=64):
         assert len(images) == len(self.labels)
         has = torch.from_numpy(self.labels != self.flipped).float()  # (N, C)
-        return torch.nn.functional.normalize(torch.cat([has, 1 - has], dim=1), dim=-1)
+        features = torch.nn.functional.normalize(torch.cat([has, 1 - has], dim=1), dim=-1)
+        return {"pooled": features, "projected": features}
 
     def text_features(self, texts, normalize=False):
         return torch.eye(len(self.texts))[[self.texts.index(t) for t in texts]]
@@ -206,7 +207,7 @@ class _OwnRuleEncoder(_OracleEncoder):
         ids = torch.tensor([[self.texts.index(t)] for t in texts])
         return ids, torch.ones_like(ids)
 
-    def image_features(self, *args, **kwargs):
+    def image_spaces(self, *args, **kwargs):
         raise AssertionError("the method's own zero-shot rule replaces the cosine rule")
 
 

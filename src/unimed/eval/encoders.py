@@ -4,7 +4,8 @@ Every evaluation task talks to an :class:`Encoder`, never to a method's model cl
 encoder holds the ``model`` of a method (:mod:`unimed.methods`, built by name from the config) and
 uses only its evaluation interface: ``encode_image`` / ``encode_text`` (projected, for zero-shot,
 retrieval and Grad-CAM), ``pooled_image`` / ``pooled_text`` (pooled backbone features for linear
-probes), ``forward_intermediates`` (dense maps for segmentation and detection; the backbone
+probes) and ``project_image`` / ``project_text`` (pooled -> projected, so both spaces come from one
+pass of a tower), ``forward_intermediates`` (dense maps for segmentation and detection; the backbone
 ``visual`` describes their layout), ``temperature`` (the contrastive temperature it was trained
 with) and, optionally, ``zero_shot_scores`` (a method's own zero-shot rule). Images go in as pixels
 in [0, 1]: the model normalises them itself.
@@ -59,12 +60,8 @@ class Encoder:
         batch_size: int = 64,
     ) -> torch.Tensor:
         """(N, 3, S, S) -> (N, D) on the CPU: P_v(F_v(x)) when `projected`, else pooled F_v(x)."""
-        out = []
-        for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(self.device)
-            feats = self.model.encode_image(x) if projected else self.model.pooled_image(x)
-            out.append(_maybe_normalize(feats, normalize).float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
+        spaces = self.image_spaces(images, batch_size=batch_size)
+        return _maybe_normalize(spaces["projected" if projected else "pooled"], normalize)
 
     @torch.no_grad()
     def text_features(
@@ -72,15 +69,30 @@ class Encoder:
         batch_size: int = 64,
     ) -> torch.Tensor:
         """N texts -> (N, D) on the CPU: P_l(pooled) when `projected`, else the pooled text state."""
-        out = []
+        spaces = self.text_spaces(texts, batch_size=batch_size)
+        return _maybe_normalize(spaces["projected" if projected else "pooled"], normalize)
+
+    @torch.no_grad()
+    def image_spaces(self, images: torch.Tensor, *, batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """(N, 3, S, S) -> {"pooled": (N, D_v), "projected": (N, E)} unnormalised, on the CPU, from
+        one pass of the image tower (the projection ``project_image`` applies to its pooled output)."""
+        pooled, projected = [], []
+        for start in range(0, len(images), batch_size):
+            feats = self.model.pooled_image(images[start : start + batch_size].to(self.device))
+            pooled.append(feats.float().cpu())
+            projected.append(self.model.project_image(feats).float().cpu())
+        return _spaces(pooled, projected)
+
+    @torch.no_grad()
+    def text_spaces(self, texts: Sequence[str], *, batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """N texts -> {"pooled": (N, hidden), "projected": (N, E)} unnormalised, on the CPU, from one
+        pass of the text tower (the projection ``project_text`` applies to its pooled output)."""
+        pooled, projected = [], []
         for start in range(0, len(texts), batch_size):
-            ids, mask = self.tokenize(texts[start : start + batch_size])
-            if projected:
-                feats = self.model.encode_text(ids, mask)
-            else:
-                feats = self.model.pooled_text(ids, mask)
-            out.append(_maybe_normalize(feats, normalize).float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
+            feats = self.model.pooled_text(*self.tokenize(texts[start : start + batch_size]))
+            pooled.append(feats.float().cpu())
+            projected.append(self.model.project_text(feats).float().cpu())
+        return _spaces(pooled, projected)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (B, L) on the encoder's device, padded to the longest."""
@@ -89,6 +101,12 @@ class Encoder:
             return_tensors="pt",
         )
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+
+def _spaces(pooled: list[torch.Tensor], projected: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not pooled:
+        return {"pooled": torch.empty(0), "projected": torch.empty(0)}
+    return {"pooled": torch.cat(pooled), "projected": torch.cat(projected)}
 
 
 def _maybe_normalize(x: torch.Tensor, normalize: bool) -> torch.Tensor:

@@ -7,9 +7,10 @@ and the bias audit the same test images' embeddings, retrieval and the bias audi
 
 * dense maps by (encoder, dataset, split, "full" geometry, image size): every level the encoder
   offers (:func:`unimed.eval.dense.dense_features`, float16);
-* image embeddings by (encoder, dataset, split, geometry, image size, space): a whole split,
-  ``"pooled"`` (F_v) or ``"projected"`` (P_v F_v), unnormalised float32 rows in record order;
-* text embeddings by (encoder, space) and the text itself: ``"pooled"`` or ``"projected"``.
+* image embeddings by (encoder, dataset, split, geometry, image size): a whole split, both
+  ``"pooled"`` (F_v) and ``"projected"`` (P_v F_v) from one pass of the tower, unnormalised
+  float32 rows in record order;
+* text embeddings by encoder and the text itself, both spaces from one pass.
 
 Everything lives in memory on the CPU, sized for the phantom's and the papers' test sets (a few
 thousand images), not for embedding a whole pre-training corpus. With ``enabled=False`` every call
@@ -45,8 +46,8 @@ class FeatureCache:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._maps: dict[tuple, Maps] = {}
-        self._images: dict[tuple, torch.Tensor] = {}
-        self._texts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._images: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._texts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, min_stride: int,
              batch_size: int) -> Maps:
@@ -62,31 +63,33 @@ class FeatureCache:
 
     def images(self, encoder: Encoder, data: EvalData, dataset: str, split: str | None, *,
                space: str, geometry: str = "crop", batch_size: int) -> torch.Tensor:
-        """(N, D) embeddings of `data.images(dataset, split, geometry)`, unnormalised."""
-        projected = _check_space(space)
-        key = (encoder.name, dataset, split, geometry, data.image_size, space)
-        features = self._images.get(key)
-        if features is None:
-            log.debug("%s image features of %s on %s/%s", space, encoder.name, dataset, split)
+        """(N, D) embeddings of `data.images(dataset, split, geometry)`, unnormalised; both spaces
+        are kept from the one pass of the image tower that computes either."""
+        _check_space(space)
+        key = (encoder.name, dataset, split, geometry, data.image_size)
+        spaces = self._images.get(key)
+        if spaces is None:
+            log.debug("image features of %s on %s/%s", encoder.name, dataset, split)
             images = rgb(data.images(dataset, split, geometry))  # (N, 3, S, S)
-            features = encoder.image_features(images, projected=projected, batch_size=batch_size)
+            spaces = encoder.image_spaces(images, batch_size=batch_size)
             if self.enabled:
-                self._images[key] = features
-        return features
+                self._images[key] = spaces
+        return spaces[space]
 
     def texts(self, encoder: Encoder, texts: Sequence[str], *, space: str, batch_size: int
               ) -> torch.Tensor:
         """(N, D) embeddings of `texts` in order, unnormalised; each distinct text is encoded once
-        per (encoder, space) over the whole run."""
-        projected = _check_space(space)
+        per encoder over the whole run, both spaces from one pass of the text tower."""
+        _check_space(space)
         if not self.enabled:
-            return encoder.text_features(texts, projected=projected, batch_size=batch_size)
-        known = self._texts.setdefault((encoder.name, space), {})
+            return encoder.text_spaces(texts, batch_size=batch_size)[space]
+        known = self._texts.setdefault(encoder.name, {})
         # Length-sorted batches pad less (each batch is padded to its longest text).
         missing = sorted((t for t in dict.fromkeys(texts) if t not in known), key=len)
         if missing:
-            rows = encoder.text_features(missing, projected=projected, batch_size=batch_size)
-            known.update(zip(missing, rows))
+            spaces = encoder.text_spaces(missing, batch_size=batch_size)
+            known.update(zip(missing, zip(spaces["pooled"], spaces["projected"])))
         if not texts:
             return torch.empty(0)
-        return torch.stack([known[t] for t in texts])
+        column = SPACES.index(space)
+        return torch.stack([known[t][column] for t in texts])

@@ -73,16 +73,24 @@ class MedUniC(nn.Module):
         """(B, 3, H, W) pixels in [0, 1] -> (B, D_v) pooled F_v features (linear probes)."""
         return self.visual(self.preprocess(image))
 
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D_v) pooled image features -> (B, embed_dim): P_v."""
+        return self.image_proj(pooled)
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, hidden) pooled text features -> (B, embed_dim): P_l."""
+        return self.text_proj(pooled)
+
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] -> (B, embed_dim): P_v(F_v(image))."""
-        features = self.image_proj(self.pooled_image(image))  # (B, E)
+        features = self.project_image(self.pooled_image(image))  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False
     ) -> torch.Tensor:
         """(B, L) token ids and mask -> (B, embed_dim): P_l(pooled F_l)."""
-        features = self.text_proj(self.pooled_text(input_ids, attention_mask))  # (B, E)
+        features = self.project_text(self.pooled_text(input_ids, attention_mask))  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
     def pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -113,8 +113,16 @@ class Prior(nn.Module):
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, S, S) pixels in [0, 1] -> (B, embed_dim) global image embedding z_v."""
-        features = self.global_image_proj(self._image_features(image)[1])
+        features = self.project_image(self._image_features(image)[1])
         return F.normalize(features, dim=-1) if normalize else features
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, width) attention-pooled image features -> (B, embed_dim) z_v."""
+        return self.global_image_proj(pooled)
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The identity: PRIOR's pooled report feature is already its embedding z_t."""
+        return pooled
 
     def image_patches(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels in [0, 1] -> (B, P, embed_dim) projected patch tokens v."""
