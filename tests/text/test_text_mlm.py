@@ -84,6 +84,39 @@ def test_extended_embeddings_keep_old_rows_and_draw_new_rows(tiny_bert_dir, tiny
     assert model(**ids).logits.shape == (1, ids["input_ids"].shape[1], len(tokenizer))
 
 
+def test_new_rows_mode_updates_only_the_new_rows_and_the_head(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
+    """mlm.trainable=new_rows: after training, the transformer body and every base-vocabulary row
+    are bit-identical to the start (even with weight decay asked for), the new rows and the head
+    have moved."""
+    cfg = MLMConfig(**{**TINY.__dict__, "trainable": "new_rows", "new_rows": "subword_mean",
+                       "batch_size": 12, "max_steps": 3, "lr": 1e-2, "weight_decay": 0.1})
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    start = build_mlm_model(tokenizer, cfg, base_model=tiny_bert_dir, seed=0, corpus=CORPUS).state_dict()
+    train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
+    after = BertForMaskedLM.from_pretrained(str(tmp_path)).state_dict()
+    n_old = BertForMaskedLM.from_pretrained(str(tiny_bert_dir)).get_input_embeddings().num_embeddings
+    rows = "bert.embeddings.word_embeddings.weight"
+    for name, value in start.items():
+        if name == rows:
+            torch.testing.assert_close(after[name][:n_old], value[:n_old], rtol=0, atol=0)
+            assert (after[name][n_old:] - value[n_old:]).abs().amax(dim=1).min() > 0, "a new row never moved"
+        elif name.startswith("bert."):
+            torch.testing.assert_close(after[name], value, rtol=0, atol=0, msg=name)
+    assert not torch.equal(after["cls.predictions.bias"], start["cls.predictions.bias"])
+
+
+@pytest.mark.parametrize(("base", "trainable", "message"), [
+    (True, "head", "mlm.trainable must be one of all, new_rows"),
+    (False, "new_rows", "mlm.trainable=new_rows needs a base model"),
+])
+def test_bad_trainable_setting_is_a_config_error(tiny_bert_dir, tiny_tokenizer_dir, fresh_tokenizer_dir,
+                                                 tmp_path, base, trainable, message):
+    cfg = MLMConfig(**{**TINY.__dict__, "trainable": trainable})
+    with pytest.raises(ValueError, match=message):
+        train_mlm(CORPUS, tiny_tokenizer_dir if base else fresh_tokenizer_dir, cfg, tmp_path,
+                  base_model=tiny_bert_dir if base else None, progress=False)
+
+
 def test_train_from_local_bert_folder_saves_a_loadable_model(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
     cfg = MLMConfig(**{**TINY.__dict__, "epochs": 1, "batch_size": 12})
     result = train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)

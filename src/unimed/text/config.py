@@ -35,6 +35,10 @@ class MLMConfig:
     initializer_range), the paper's "M random initialized vectors") or "subword_mean" (the mean of
     the base model's rows of the pieces the base tokenizer cuts the term into, fast vocabulary
     transfer: 'neumotorax' starts near 'ne ##um ##oto ##rax', cognates near their English pieces).
+    ``trainable`` is what MLM updates: "all" (the paper: every parameter) or "new_rows" (only the
+    appended terms' embedding rows and the MLM head; the pre-trained transformer body and every
+    base-vocabulary row stay as they are, the lexical transfer of Artetxe et al., ACL 2020, "On the
+    cross-lingual transferability of monolingual representations"). "new_rows" needs a base model.
     """
 
     hidden_size: int = 128
@@ -56,3 +60,4 @@ class MLMConfig:
     fp16: bool = True
     log_every: int = 10
     new_rows: str = "random"
+    trainable: str = "all"

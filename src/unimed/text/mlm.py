@@ -83,6 +83,11 @@ def train_mlm(
     tokenizer = _load_tokenizer(Path(tokenizer_dir))
     torch.manual_seed(seed + dist.rank)
     model = build_mlm_model(tokenizer, cfg, base_model=base_model, seed=seed, corpus=texts)
+    if cfg.trainable == "new_rows":
+        if base_model is None:
+            raise ValueError("mlm.trainable=new_rows needs a base model (vocab.base_model): a fresh "
+                             "BERT has no pre-trained rows to keep")
+        train_new_rows_only(model, base_vocab_size(base_model))
     loader = _make_loader(texts, tokenizer, cfg, model.config.max_position_embeddings, seed, dist)
     out = Path(out_dir)
     result = train(MaskedLM(model, cfg), loader, loop_config(cfg), out, dist, resume=resume,
@@ -100,7 +105,9 @@ def train_mlm(
 
 class MaskedLM(Method):
     """Masked language modelling of a ``BertForMaskedLM`` as a method of the training loop: one
-    stage "mlm", Adam(W) with the schedule ``mlm.lr_schedule``.
+    stage "mlm", Adam(W) with the schedule ``mlm.lr_schedule`` over the parameters left trainable
+    (``mlm.trainable``; with "new_rows" there is no weight decay, which would shrink the frozen
+    base rows that share one matrix with the new ones).
 
     The loss is the mean cross-entropy over the masked tokens of the batch; a batch without any
     masked token (possible with a few short reports) gives 0 and no gradient instead of NaN.
@@ -134,8 +141,8 @@ class MaskedLM(Method):
         cfg = self.cfg
         if cfg.max_steps is not None:
             total_steps = min(total_steps, cfg.max_steps)
-        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                      eps=cfg.adam_eps)
+        decay = cfg.weight_decay if cfg.trainable == "all" else 0.0
+        optimizer = torch.optim.AdamW(param_groups(self.model, decay), lr=cfg.lr, eps=cfg.adam_eps)
         scheduler = get_scheduler(cfg.lr_schedule, optimizer, round(cfg.warmup_ratio * total_steps),
                                   total_steps)
         return optimizer, scheduler
@@ -159,6 +166,7 @@ def _epoch_means(history: list[dict[str, float]]) -> list[float]:
 
 
 NEW_ROWS = ("random", "subword_mean")
+TRAINABLE = ("all", "new_rows")
 
 
 def build_mlm_model(
@@ -241,6 +249,27 @@ def init_missing_head(model: BertForMaskedLM, missing: set[str], counts: torch.T
                     "tied decoder, log-frequency bias)", ", ".join(initialised))
 
 
+def train_new_rows_only(model: BertForMaskedLM, n_old: int) -> None:
+    """Leave only the word-embedding rows from ``n_old`` on and the MLM head trainable: the
+    transformer body is frozen and the gradient of every base-vocabulary row (ids below ``n_old``,
+    input embedding and tied decoder alike) is zeroed before it is accumulated (so before DDP
+    averages it), so with Adam and no weight decay those rows keep their exact values."""
+    embedding = model.get_input_embeddings().weight  # (V, D), also the tied decoder
+    if not 0 < n_old < embedding.shape[0]:
+        raise ValueError(f"mlm.trainable=new_rows: the base model has {n_old} rows and the grown "
+                         f"vocabulary {embedding.shape[0]}; there are no new rows to train")
+    model.bert.requires_grad_(False)
+    embedding.requires_grad_(True)
+    new_rows = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype)  # (V, 1)
+    new_rows[n_old:] = 1
+    embedding.register_hook(lambda grad: grad * new_rows.to(grad.device))
+
+
+def base_vocab_size(base_model: str | Path) -> int:
+    """Embedding rows of the base checkpoint in ``base_model`` (its vocabulary before growing)."""
+    return BertConfig.from_pretrained(str(base_model), local_files_only=True).vocab_size
+
+
 def _token_counts(tokenizer: PreTrainedTokenizerBase, corpus: Sequence[str]) -> torch.Tensor:
     """(V,) how often each token id occurs in the tokenised `corpus`."""
     counts = torch.zeros(len(tokenizer))
@@ -261,6 +290,8 @@ def _check_config(cfg: MLMConfig) -> None:
         raise ValueError(f"mlm.warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
     if cfg.new_rows not in NEW_ROWS:
         raise ValueError(f"mlm.new_rows must be one of {', '.join(NEW_ROWS)}, got {cfg.new_rows!r}")
+    if cfg.trainable not in TRAINABLE:
+        raise ValueError(f"mlm.trainable must be one of {', '.join(TRAINABLE)}, got {cfg.trainable!r}")
 
 
 def _check_vocab_prefix(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokenizerBase | None:
