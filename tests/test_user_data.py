@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,32 @@ def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_p
     metrics = json.loads(next(run.rglob("metrics.json")).read_text(encoding="utf-8"))
     text = json.dumps(metrics)
     assert '"mine"' in text and "Effusion" in text
+
+
+def test_unreadable_image_met_in_training_is_one_line_or_a_counted_skip(
+    user_preset: Path, tmp_path: Path, capsys, caplog
+):
+    """A JPEG cut short after the adapters read the table (no image check): with two loader
+    workers, `on_error=raise` stops pre-training with one line naming the file, and
+    `on_error=skip` trains on, naming the file and counting it."""
+    from unimed.commands.train import pretrain_records
+    from unimed.config import load_config
+
+    for stage in ("vocab", "mlm"):
+        assert main([stage, str(user_preset), "--quiet"]) == 0, stage
+    cfg = load_config(str(user_preset), [])
+    broken = next(r.image_path for r in pretrain_records(cfg) if r.image_path.suffix == ".jpg")
+    broken.write_bytes(broken.read_bytes()[:200])
+    every_pair = ["train.max_steps=null", "data.num_workers=2", "--quiet"]
+    capsys.readouterr()
+    assert main(["pretrain", str(user_preset), *every_pair]) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("unimed:")]
+    assert len(ours) == 1 and ours[0].startswith(f"unimed: data error: {broken}: cannot read image")
+    assert "Traceback" not in err
+    shutil.rmtree(tmp_path / "runs" / "mine" / "pretrain")
+    caplog.clear()
+    assert main(["pretrain", str(user_preset), "data.on_error=skip", *every_pair]) == 0
+    skipped = [r.getMessage() for r in caplog.records if "skipped in training" in r.getMessage()]
+    assert skipped and all(str(broken) in message for message in skipped)
+    assert any("sample(s) could not be read and were replaced" in r.getMessage() for r in caplog.records)

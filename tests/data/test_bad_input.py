@@ -249,3 +249,28 @@ def test_unknown_dataset_lists_names(tmp_path: Path) -> None:
 def test_missing_root_names_it(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         load_dataset("siim", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize("table", [MIMIC_LABELS, "mimic-cxr-2.0.0-split.csv.gz"])
+def test_mimic_short_row_fails_its_study_with_its_own_line(table: str, on_error: str,
+                                                           tmp_path: Path) -> None:
+    """A label or split row one field short is that row's error (raised, or counted under skip),
+    not a silently unlabelled study nor an image 'not in the split CSV'."""
+    layout = _layout("mimic-cxr", tmp_path)
+    kept = Path(layout.kept[0])
+    dicom, study = kept.stem, kept.parent.name[1:]
+    rows = layout.tables[table].rows
+    split = "split" in table
+    index = next(i for i, row in enumerate(rows) if (row[0] == dicom if split else row[1] == study))
+    rows[index] = rows[index][:-1]
+    root = layout.write()
+    if on_error == "raise":
+        with pytest.raises(DataError, match=rf"{table}, line {index + 2}: expected \d+ fields, found"):
+            load_dataset("mimic-cxr", root)
+        return
+    read = load_dataset("mimic-cxr", root, on_error="skip")
+    lost = [k for k in layout.kept
+            if (Path(k).stem == dicom if split else Path(k).parent == kept.parent)]
+    assert len(read.records) == len(layout.kept) - len(lost)
+    assert read.dropped[MALFORMED_ROW] == len(lost)

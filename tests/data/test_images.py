@@ -61,6 +61,22 @@ def test_truncated_png_is_unreadable(tmp_path: Path) -> None:
         load_image(tmp_path / "t.png")
 
 
+@pytest.mark.parametrize("name", ["t.jpg", "t.dcm", "t.png"])
+def test_truncated_image_fails_the_image_check(name: str, tmp_path: Path) -> None:
+    """Cut in half, a JPEG and a DICOM still have intact headers; the check decodes the pixels."""
+    path = tmp_path / name
+    array = (np.random.default_rng(0).random((120, 120)) * 255).astype(np.uint8)
+    if name.endswith(".dcm"):
+        write_dicom(path, array)
+    else:
+        Image.fromarray(array).save(path)
+    check_image(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=name) as info:
+        check_image(path)
+    assert info.value.reason == UNREADABLE_IMAGE
+
+
 def test_jpeg_draft_decodes_at_the_smallest_scale_covering_min_side(tmp_path: Path) -> None:
     y, x = np.mgrid[0:1200, 0:1000]
     smooth = (127 + 100 * np.sin(x / 90.0) * np.cos(y / 70.0)).astype(np.uint8)  # (1200, 1000)

@@ -92,8 +92,32 @@ def test_bad_records_fail_clearly(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="fewer than one batch"):
         build_pretrain_loader(dataset, CFG, batch_size=4)
     (tmp_path / "img0.png").unlink()
-    with pytest.raises(DataError, match="img0.png"):
-        dataset[0]
+    (error,) = dataset[0]["data_errors"]  # raised by the training loop, in the main process
+    assert isinstance(error, DataError) and error.path == tmp_path / "img0.png"
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_unreadable_image_is_replaced_by_its_community_and_the_error_crosses_workers(
+    tmp_path, tokenizer, on_error
+):
+    """A truncated PNG met by a loader worker: the batch keeps its size and its languages (the
+    next English pair stands in), and the DataError reaches the main process intact, under
+    "data_errors" (raise) or "skipped" (skip)."""
+    records = write_records(tmp_path)
+    broken = tmp_path / "img2.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    cfg = DataConfig(image_size=16, resize_size=20, max_length=6, num_workers=2, on_error=on_error)
+    dataset = build_pretrain_dataset(records, tokenizer, cfg)
+    batch = next(iter(build_pretrain_loader(dataset, cfg, batch_size=8)))
+    key = "data_errors" if on_error == "raise" else "skipped"
+    assert ({"data_errors", "skipped"} & set(batch)) == {key}
+    (error,) = batch[key]
+    assert isinstance(error, DataError) and error.path == broken and error.reason == "unreadable image"
+    indices = sorted(batch["index"].tolist())
+    assert indices == [0, 1, 3, 4, 4, 5, 6, 7]  # img2's place taken by img4, the next English pair
+    assert batch["image"].shape[0] == 8 and int((batch["language"] == 0).sum()) == 4
+    clean = build_pretrain_dataset(records[:2] + records[3:], tokenizer, CFG)
+    assert "skipped" not in clean[0] and "data_errors" not in clean[0]
 
 
 def test_cvl_views_original_is_unaugmented_and_light_only_crops():

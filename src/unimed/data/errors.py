@@ -37,6 +37,7 @@ class DataError(Exception):
         column: str | None = None,
         reason: str = MALFORMED_ROW,
     ) -> None:
+        self.message = message
         self.path = Path(path)
         self.line = line
         self.column = column
@@ -47,6 +48,11 @@ class DataError(Exception):
         if column is not None:
             where += f", column '{column}'"
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self) -> tuple:
+        """Pickle by the constructor's arguments, so the error crosses from a DataLoader worker to
+        the main process intact."""
+        return type(self), (self.message, self.path, self.line, self.column, self.reason)
 
 
 def check_on_error(on_error: str) -> str:

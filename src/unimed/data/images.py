@@ -86,22 +86,12 @@ def _load_dicom(path: Path) -> np.ndarray:
 
 
 def check_image(path: str | Path) -> None:
-    """Cheap check that an image opens: PIL `verify` or a DICOM header read; raises DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("image file not found", path, reason=MISSING_IMAGE)
-    try:
-        if is_dicom(path):
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            if "Rows" not in ds or "Columns" not in ds:
-                raise DataError("DICOM has no Rows/Columns", path, reason=UNREADABLE_IMAGE)
-        else:
-            with Image.open(path) as im:
-                im.verify()
-    except DataError:
-        raise
-    except _READ_ERRORS as err:
-        raise DataError(f"cannot read image ({err})", path, reason=UNREADABLE_IMAGE) from None
+    """Check that an image decodes in full; raises DataError naming the file when it does not.
+
+    Headers alone pass truncated files (a JPEG cut mid-scan, a DICOM whose pixel data ends early),
+    so the pixels are decoded: a JPEG at its smallest DCT scale (1/8, which still reads every
+    entropy-coded byte), PNG and DICOM at full size."""
+    load_image(path, min_side=1)
 
 
 def dicom_header(path: str | Path) -> pydicom.Dataset:

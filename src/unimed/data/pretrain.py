@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from unimed.data.config import DataConfig
-from unimed.data.errors import EMPTY_REPORT, DataError
+from unimed.data.errors import EMPTY_REPORT, DataError, check_on_error
 from unimed.data.images import load_image
 from unimed.data.records import Record
 from unimed.data.transforms import ImageTransform, cvl_transform, pretrain_transform
@@ -48,10 +48,16 @@ class PretrainDataset(Dataset):
     """Image-report pairs from canonical records of any language and site.
 
     `transform` makes the view paired with the report, `aug_transform` the SSV view (default: a
-    second draw of `transform`). `languages` / `sites` fix the integer ids (default: sorted names found in the records; a record
-    without a site gets "unknown"). Items are dicts: image, image_aug (3, S, S), input_ids (L,),
+    second draw of `transform`). `languages` / `sites` fix the integer ids (default: sorted names
+    found in the records; a record without a site gets "unknown"). Items are dicts: image, image_aug (3, S, S), input_ids (L,),
     language, site, index. Index it with `(index, seed)` (what :class:`PretrainSampler` yields) or
     with a plain index (seeded by the index alone).
+
+    An image that cannot be read never fails inside a loader worker: the pair is replaced by the next
+    record of the same community whose image reads (so the batch keeps its size and composition),
+    and the item carries the error: under "data_errors" with ``on_error="raise"`` (the training
+    loop raises it, one line naming the file), under "skipped" with ``on_error="skip"`` (the loop
+    counts and logs it).
     """
 
     def __init__(
@@ -66,8 +72,10 @@ class PretrainDataset(Dataset):
         languages: Sequence[str] | None = None,
         sites: Sequence[str] | None = None,
         image_loader: Callable[[Path], np.ndarray] = load_image,
+        on_error: str = "raise",
     ) -> None:
         _check_records(records)
+        self.on_error = check_on_error(on_error)
         self.records = list(records)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -79,6 +87,7 @@ class PretrainDataset(Dataset):
         self.sites = tuple(sites or sorted({r.site or UNKNOWN_SITE for r in self.records}))
         self._language_id = _ids(self.languages, [r.language for r in self.records], "language")
         self._site_id = _ids(self.sites, [r.site or UNKNOWN_SITE for r in self.records], "site")
+        self._community = self.communities
 
     @property
     def communities(self) -> list[int]:
@@ -90,10 +99,29 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def readable(self, index: int) -> tuple[int, np.ndarray, dict[str, list[DataError]]]:
+        """(index of the record used, its (H, W) image in [0, 1], the error fields of the item):
+        `index` itself, or when its image cannot be read the next record of its community whose
+        image can (see the class docstring); of any community when none of its own can be read."""
+        errors: list[DataError] = []
+        community = self._community[index]
+        n = len(self.records)
+        order = [(index + step) % n for step in range(n)]
+        same = [i for i in order if self._community[i] == community]
+        for candidate in same + [i for i in order if self._community[i] != community]:
+            try:
+                image = self.image_loader(self.records[candidate].image_path)
+            except DataError as err:
+                errors.append(err)
+                continue
+            key = "data_errors" if self.on_error == "raise" else "skipped"
+            return candidate, image, {key: errors} if errors else {}
+        raise errors[0]
+
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, sample_seed(self.seed, 0, key))
+        index, image, errors = self.readable(index)  # (H, W) in [0, 1]
         rec = self.records[index]
-        image = self.image_loader(rec.image_path)  # (H, W) in [0, 1]
         # A private RNG stream, so augmenting never moves the global one that dropout uses.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -106,7 +134,18 @@ class PretrainDataset(Dataset):
             "language": self._language_id[index],
             "site": self._site_id[index],
             "index": index,
+            **errors,
         }
+
+
+def error_fields(items: list[dict[str, Any]]) -> dict[str, list[DataError]]:
+    """The items' "data_errors" and "skipped" lists joined for the batch (absent when empty)."""
+    fields: dict[str, list[DataError]] = {}
+    for item in items:
+        for key in ("data_errors", "skipped"):
+            if key in item:
+                fields.setdefault(key, []).extend(item[key])
+    return fields
 
 
 def _ids(names: Sequence[str], values: Sequence[str], what: str) -> list[int]:
@@ -134,6 +173,7 @@ class PretrainCollator:
             "language": torch.tensor([item["language"] for item in items], dtype=torch.long),
             "site": torch.tensor([item["site"] for item in items], dtype=torch.long),
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+            **error_fields(items),
         }
 
 
@@ -209,7 +249,7 @@ def build_pretrain_dataset(
     transform = cvl_transform(cfg.cvl_view, cfg.image_size, cfg.resize_size, rotation=cfg.rotation)
     aug = pretrain_transform(cfg.image_size, cfg.resize_size, rotation=cfg.rotation)
     return PretrainDataset(records, tokenizer, max_length=cfg.max_length, transform=transform,
-                           aug_transform=aug, seed=seed,
+                           aug_transform=aug, seed=seed, on_error=cfg.on_error,
                            image_loader=functools.partial(load_image, min_side=cfg.resize_size))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from unimed.data.pretrain import PretrainDataset, sample_seed
+from unimed.data.pretrain import PretrainDataset, error_fields, sample_seed
 from unimed.data.records import Record
 from unimed.data.reports import split_sentences
 from unimed.data.transforms import ImageTransform
@@ -81,8 +81,7 @@ class PriorPretrainDataset(PretrainDataset):
 
     def __getitem__(self, key: Any) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, sample_seed(self.seed, 0, key))
-        rec = self.records[index]
-        image = self.image_loader(rec.image_path)
+        index, image, errors = self.readable(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             view = self.transform(image)
@@ -98,6 +97,7 @@ class PriorPretrainDataset(PretrainDataset):
             "language": self._language_id[index],
             "site": self._site_id[index],
             "index": index,
+            **errors,
         }
 
 
@@ -119,4 +119,5 @@ class PriorCollator:
             "language": torch.tensor([item["language"] for item in items], dtype=torch.long),
             "site": torch.tensor([item["site"] for item in items], dtype=torch.long),
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+            **error_fields(items),
         }

@@ -89,7 +89,8 @@ class PriorMethod(Method):
         resize + affine + flip view at `method.image_size`."""
         kept = filter_by_sentences(records, self.cfg.min_sentences)
         dataset = PriorPretrainDataset(kept, tokenizer, max_length=data.max_length,
-                                       transform=prior_transform(self.cfg.image_size), seed=seed)
+                                       transform=prior_transform(self.cfg.image_size), seed=seed,
+                                       on_error=data.on_error)
         loader = build_pretrain_loader(
             dataset, data, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
             pin_memory=pin_memory, collate_fn=PriorCollator(tokenizer.pad_token_id))

@@ -48,6 +48,7 @@ class TrainResult:
     history: list[dict[str, float]]
     steps: int
     checkpoint: Path | None
+    skipped: int = 0  # samples this call replaced because their data could not be read
 
     @property
     def losses(self) -> list[float]:
@@ -123,6 +124,7 @@ class Trainer:
             dist.device.type, enabled=self.amp_dtype == torch.float16
         )
         self.step = 0
+        self.skipped = 0
         self.epoch = 0
         self.step_in_epoch = 0
         self.stage_index = -1
@@ -286,6 +288,18 @@ class Trainer:
             for i in range(done, self.batches_per_epoch)
         )
 
+    def _data_errors(self, batch: dict[str, Any]) -> None:
+        """Take the dataset's error fields out of `batch`: raise the first of "data_errors" here in
+        the main process (one line naming the file, even from a loader worker); count and log
+        each of "skipped" (samples replaced under ``data.on_error=skip``)."""
+        errors = batch.pop("data_errors", None)
+        if errors:
+            raise errors[0]
+        for error in batch.pop("skipped", ()):
+            self.skipped += 1
+            log.warning("skipped in training (data.on_error=skip; another pair of its community "
+                        "took its place): %s", error)
+
     # --------------------------------------------------------------- compute
     def _context(self, loader: str) -> StepContext:
         return StepContext(
@@ -332,6 +346,7 @@ class Trainer:
                     f"{self.epoch}, though they promised {self.batches_per_epoch} batches"
                 )
             name, batch = item
+            self._data_errors(batch)
             data_time += time.perf_counter() - t0
             samples += _batch_len(batch)
             out = self._micro_step(batch, self._context(name), sync=micro == self.cfg.grad_accum - 1)
@@ -389,7 +404,10 @@ class Trainer:
         bar.close()
         if history and saved_at != self.step:
             path = self.save()
-        return TrainResult(history=history, steps=self.step, checkpoint=path)
+        if self.skipped:
+            log.warning("%d sample(s) could not be read and were replaced in training "
+                        "(data.on_error=skip); each is named above", self.skipped)
+        return TrainResult(history=history, steps=self.step, checkpoint=path, skipped=self.skipped)
 
 
 def _check_stages(stages: list[Stage]) -> None:

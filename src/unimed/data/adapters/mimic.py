@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from unimed.data.adapters.base import ADAPTERS, LATERAL_VIEW, OTHER_VIEW, AdapterResult, ReadContext
-from unimed.data.adapters.tables import CsvTable, find_file, parse_labels
+from unimed.data.adapters.tables import CsvTable, find_file, parse_labels, raw_cell
 from unimed.data.errors import MISSING_REPORT, NON_UTF8, DataError
 from unimed.data.records import Record
 from unimed.data.reports import mimic_report_text
@@ -36,8 +36,9 @@ def _read_splits(root: Path) -> dict[str, str | DataError]:
     for line, values in table:
         try:
             row = table.row(line, values)
-        except DataError:
-            continue  # the images of a short row are reported as missing from the split CSV
+        except DataError as err:  # a short row: its image fails with this row's error
+            splits[raw_cell(values, SPLIT_COLUMNS.index("dicom_id"))] = err
+            continue
         value = row["split"].strip()
         splits[row["dicom_id"].strip()] = OFFICIAL_SPLITS.get(value) or table.error(
             f"split {value!r} is not one of {list(OFFICIAL_SPLITS)}", line, "split"
@@ -54,8 +55,10 @@ def _read_labels(root: Path) -> dict[tuple[str, str], dict[str, float] | DataErr
     for line, values in table:
         try:
             row = table.row(line, values)
-        except DataError:
-            continue  # a short row leaves its study unlabelled (all NaN), which is logged below
+        except DataError as err:  # a short row: its study fails with this row's error
+            subject, study = (raw_cell(values, CHEXPERT_COLUMNS.index(c)) for c in ("subject_id", "study_id"))
+            labels[subject, study] = err
+            continue
         key = (row["subject_id"].strip(), row["study_id"].strip())
         try:
             labels[key] = parse_labels(table, line, row, CHEXPERT_LABELS)
