@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from unimed.data.labels import CCII_CLASSES
 from unimed.phantom.ct.anatomy import HU, ORGANS
 from unimed.phantom.ct.config import CTConfig
-from unimed.phantom.ct.generator import CCII_CLASSES, generate_ct_study
+from unimed.phantom.ct.generator import generate_ct_study
 from unimed.phantom.ct.sites import load_ct_sites
 
 SMALL = CTConfig(shape=(32, 64, 64))

@@ -26,7 +26,7 @@ from unimed.commands import command, run_dir
 from unimed.commands.train import text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
 from unimed.config import CONFIG_FILE, Config, ConfigError, load_config
-from unimed.eval.config import TASK_NAMES
+from unimed.eval.config import TASK_NAMES, VOLUME_TASK_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,10 @@ LOSS_FIGURE = "loss_curves.png"
 def parse_tasks(text: str | None, cfg: Config) -> tuple[str, ...]:
     """`--tasks a,b` (or `eval.tasks`), each checked against the known task names."""
     tasks = tuple(t.strip() for t in text.split(",") if t.strip()) if text else cfg.eval.tasks
-    unknown = [t for t in tasks if t not in TASK_NAMES]
+    valid = TASK_NAMES + VOLUME_TASK_NAMES
+    unknown = [t for t in tasks if t not in valid]
     if unknown or not tasks:
-        raise ConfigError(f"unknown task(s) {unknown or '(none given)'}; valid: {', '.join(TASK_NAMES)}")
+        raise ConfigError(f"unknown task(s) {unknown or '(none given)'}; valid: {', '.join(valid)}")
     return tasks
 
 
@@ -194,7 +195,8 @@ def print_summary(metrics: dict, out_dir: Path, *, with_checks: bool = True) -> 
 def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder, its checkpoints/ folder, or a run folder")
     parser.add_argument("--tasks", default=None,
-                        help=f"comma-separated subset of {','.join(TASK_NAMES)} (default: eval.tasks)")
+                        help=f"comma-separated subset of {','.join(TASK_NAMES + VOLUME_TASK_NAMES)} "
+                             "(default: eval.tasks)")
 
 
 def _checkpoint_config(args: argparse.Namespace) -> str | None:

@@ -40,3 +40,6 @@ PDC_LABELS: tuple[str, ...] = (
 
 COVIDX_CLASSES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
 """The three classes of COVIDx CXR."""
+
+CCII_CLASSES: tuple[str, ...] = ("NCP", "CP", "Normal")
+"""The three classes of CC-CCII: novel coronavirus pneumonia, common pneumonia, normal."""

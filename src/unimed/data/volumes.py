@@ -220,3 +220,13 @@ def prepare_volume(
     if not labels:
         tensor = ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)(tensor)
     return tensor.as_tensor()
+
+
+def axial_slices(volume: Volume, *, size: int, slices: int,
+                 window: tuple[float, float] = (-1000.0, 400.0)) -> torch.Tensor:
+    """(slices, size, size) axial images of a RAS volume in [0, 1], inferior to superior: the
+    volume resized (MONAI, trilinear) to size x size x `slices` and HU-windowed, each slice shown
+    in the radiological convention (rows anterior to posterior, columns patient right to left),
+    the view a 2D encoder gets of a CT through the slice-wise adapter."""
+    tensor = prepare_volume(volume, shape=(size, size, slices), window=window)[0]  # (X, Y, Z)
+    return tensor.permute(2, 1, 0).flip(1, 2).contiguous()  # (Z, Y, X): rows from A, columns from R

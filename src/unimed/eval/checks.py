@@ -19,12 +19,14 @@ MISSING = "–"
 DATASET_NAMES = {
     "cxp500": "CXP500", "pdc": "PDC", "chexpert": "CheXpert", "rsna": "RSNA", "covidx": "COVIDx",
     "siim": "SIIM", "object-cxr": "Object-CXR", "mimic-cxr": "MIMIC-CXR", "padchest": "PadChest",
+    "cc-ccii": "CC-CCII", "bimcv-covid19": "BIMCV-COVID19+",
 }
 LANGUAGE_NAMES = {"en": "En", "es": "Sp"}
 METRIC_NAMES = {"auc": "AUC", "accuracy": "ACC", "dice": "Dice", "map": "mAP", "f1": "F1"}
 TASK_NAMES = {
     "zero_shot": "Zero-shot", "linear_probe": "Linear probe", "segmentation": "Segmentation",
     "detection": "Detection", "retrieval": "Retrieval", "bias": "Bias audit", "gradcam": "Grad-CAM",
+    "volume_probe": "3D linear probe", "volume_retrieval": "3D retrieval",
 }
 ZERO_SHOT_SETS = ("cxp500", "pdc")
 CHANCE = {"auc": 0.5}  # value of an uninformative score, for the metrics where it is fixed

@@ -14,6 +14,8 @@ import snowballstemmer
 TASK_NAMES: tuple[str, ...] = (
     "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam",
 )
+# Tasks on CT volumes (the 3D world: `phantom.ct.enabled`), run only when `eval.tasks` names them.
+VOLUME_TASK_NAMES: tuple[str, ...] = ("volume_probe", "volume_retrieval")
 
 
 # The CheXpert competition classes (CXP500) and the ten physician-labelled PDC classes.
@@ -164,6 +166,30 @@ class GradCAMConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VolumeConfig:
+    """The 3D tasks (:mod:`unimed.eval.volumes`): which datasets, and how a 2D encoder sees a volume.
+
+    A 2D encoder reads a CT volume through the slice-wise adapter: the RAS volume is resized to
+    `slices` axial slices of ``data.image_size`` squared pixels, HU-windowed to [0, 1] with `window`
+    (the lung window by default), each slice encoded and the slice embeddings mean-pooled.
+    `probe_datasets` are classified by a linear probe on the frozen pooled features (CC-CCII:
+    NCP / CP / Normal accuracy, UniMedI Table 2), `retrieval_datasets` give volume <-> report
+    Recall@K on their test split (BIMCV-COVID19+ with its Spanish reports).
+    """
+
+    probe_datasets: tuple[str, ...] = ("cc-ccii",)
+    retrieval_datasets: tuple[str, ...] = ("bimcv-covid19",)
+    slices: int = 8
+    window: tuple[float, float] = (-1000.0, 400.0)
+
+    def __post_init__(self) -> None:
+        if self.slices < 1:
+            raise ValueError(f"eval.volume.slices must be >= 1, got {self.slices}")
+        if len(self.window) != 2 or not self.window[0] < self.window[1]:
+            raise ValueError(f"eval.volume.window must be [low, high] HU with low < high, got {list(self.window)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Which tasks run, on which encoders, with which label fractions and seed."""
 
@@ -183,11 +209,13 @@ class EvalConfig:
     retrieval: RetrievalConfig = RetrievalConfig()
     bias: BiasConfig = BiasConfig()
     gradcam: GradCAMConfig = GradCAMConfig()
+    volume: VolumeConfig = VolumeConfig()
 
     def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASK_NAMES]
+        valid_tasks = TASK_NAMES + VOLUME_TASK_NAMES
+        unknown = [t for t in self.tasks if t not in valid_tasks]
         if unknown:
-            raise ValueError(f"eval.tasks: unknown task(s) {unknown}; valid tasks: {', '.join(TASK_NAMES)}")
+            raise ValueError(f"eval.tasks: unknown task(s) {unknown}; valid tasks: {', '.join(valid_tasks)}")
         bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
         if bad:
             raise ValueError(f"eval.fractions must lie in (0, 1], got {bad}")

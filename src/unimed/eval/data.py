@@ -8,6 +8,9 @@ reuses one decode; `rgb` expands them to the 3 channels the encoders take. Two g
 * ``"full"``: the whole image resized to ``image_size`` x ``image_size``, so boxes and masks map by
   a plain scale (segmentation, detection).
 
+CT volumes (3D datasets) are cached as stacks of axial slices for the slice-wise adapter
+(:meth:`EvalData.slice_stacks`).
+
 Every dataset split whose images a task reads is published after the run (:meth:`EvalData.publish`)
 as a split file listing its image ids, with the file's SHA-256, so a set can be reproduced exactly.
 """
@@ -28,6 +31,7 @@ from unimed.data.config import DataConfig
 from unimed.data.images import load_image
 from unimed.data.records import Record
 from unimed.data.transforms import eval_transform
+from unimed.data.volumes import axial_slices, read_volume
 from unimed.eval.errors import EvalError
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class EvalData:
         self.progress = progress
         self._records: dict[str, list[Record]] = {}
         self._images: dict[tuple[str, str | None, str], torch.Tensor] = {}
+        self._slices: dict[tuple, torch.Tensor] = {}
 
     @property
     def image_size(self) -> int:
@@ -74,6 +79,24 @@ class EvalData:
             self._images[key] = self.load(self.records(dataset, split), geometry, f"{dataset}/{split}")
         return self._images[key]
 
+    def slice_stacks(self, dataset: str, split: str, slices: int,
+                     window: tuple[float, float]) -> torch.Tensor:
+        """(N, slices, 1, S, S) axial slices of the volumes of `records(dataset, split)`
+        (:func:`unimed.data.volumes.axial_slices`), read one volume at a time and cached."""
+        key = (dataset, split, slices, tuple(window))
+        if key not in self._slices:
+            records = self.records(dataset, split)
+            flat = [r.image_path for r in records if r.ndim != 3]
+            if flat:
+                raise EvalError(f"{dataset}: {flat[0]} is not a volume; the 3D tasks need a 3D dataset")
+            out = torch.empty(len(records), slices, 1, self.image_size, self.image_size)
+            for i, record in enumerate(tqdm(records, desc=f"{dataset}/{split}", unit="volume",
+                                            disable=not self.progress)):
+                out[i, :, 0] = axial_slices(read_volume(record.image_path), size=self.image_size,
+                                            slices=slices, window=window)
+            self._slices[key] = out
+        return self._slices[key]
+
     def image_id(self, record: Record) -> str:
         """The record's image path relative to the data root (POSIX), its id in split files."""
         path = Path(record.image_path)
@@ -87,7 +110,8 @@ class EvalData:
         one image id per line in adapter order) and return {"<dataset>/<split>": {"file" (relative
         to `out_dir`), "sha256", "images"}}."""
         published = {}
-        for dataset, split in dict.fromkeys((d, s) for d, s, _ in self._images):
+        read = [(d, s) for d, s, _ in self._images] + [(d, s) for d, s, *_ in self._slices]
+        for dataset, split in dict.fromkeys(read):
             name = f"{dataset}/{split or 'all'}"
             text = "".join(self.image_id(r) + "\n" for r in self.records(dataset, split))
             relative = Path(SPLITS_DIR) / f"{dataset}_{split or 'all'}.txt"

@@ -10,7 +10,10 @@ and the bias audit the same test images' embeddings, retrieval and the bias audi
 * image embeddings by (encoder, dataset, split, geometry, image size): a whole split, both
   ``"pooled"`` (F_v) and ``"projected"`` (P_v F_v) from one pass of the tower, unnormalised
   float32 rows in record order;
-* text embeddings by encoder and the text itself, both spaces from one pass.
+* text embeddings by encoder and the text itself, both spaces from one pass;
+* volume embeddings by (encoder, dataset, split, slices, window, image size): the slice-wise
+  adapter, the mean over a volume's axial slices of their embeddings (pooled F_v) and the
+  projection of that mean (P_v), so a 2D encoder has a volume embedding in both spaces.
 
 Everything lives in memory on the CPU, sized for the phantom's and the papers' test sets (a few
 thousand images), not for embedding a whole pre-training corpus. With ``enabled=False`` every call
@@ -47,6 +50,7 @@ class FeatureCache:
         self._maps: dict[tuple, Maps] = {}
         self._images: dict[tuple, dict[str, torch.Tensor]] = {}
         self._texts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._volumes: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, min_stride: int,
              batch_size: int) -> Maps:
@@ -73,6 +77,25 @@ class FeatureCache:
             spaces = encoder.image_spaces(images, batch_size=batch_size)
             if self.enabled:
                 self._images[key] = spaces
+        return spaces[space]
+
+    def volumes(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, space: str,
+                slices: int, window: tuple[float, float], batch_size: int) -> torch.Tensor:
+        """(N, D) embeddings of the volumes of `dataset`/`split` through the slice-wise adapter:
+        pooled = the mean of the slices' pooled features, projected = P_v of that mean."""
+        _check_space(space)
+        key = (encoder.name, dataset, split, slices, tuple(window), data.image_size)
+        spaces = self._volumes.get(key)
+        if spaces is None:
+            stacks = data.slice_stacks(dataset, split, slices, window)  # (N, K, 1, S, S)
+            n, k = stacks.shape[:2]
+            flat = encoder.image_spaces(rgb(stacks.flatten(0, 1)), batch_size=batch_size)["pooled"]
+            pooled = flat.view(n, k, -1).mean(1) if n else flat  # (N, D_v)
+            with torch.no_grad():
+                projected = encoder.model.project_image(pooled.to(encoder.device)).float().cpu()
+            spaces = {"pooled": pooled, "projected": projected}
+            if self.enabled:
+                self._volumes[key] = spaces
         return spaces[space]
 
     def texts(self, encoder: Encoder, texts: Sequence[str], *, space: str, batch_size: int

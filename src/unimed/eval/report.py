@@ -48,10 +48,12 @@ TITLE_BIAS_CONTROL = ("Community bias where it can fail: parallel-report retriev
                       "the control community (%, ratio raw)")
 TITLE_ABLATION = "Ablation: the rows of the method's paper table (%, mean over seeds)"
 TITLE_ORDERINGS = "Ablation orderings: difference of seed means with its Welch 95 % interval (points)"
+TITLE_VOLUME_PROBE = "3D: volume classification, linear probe on slice-wise features (%)"
+TITLE_VOLUME_RETRIEVAL = "3D: volume ↔ report retrieval (%)"
 TITLE_TIMINGS = "Timings (seconds)"
 TITLE_SPLITS = "Evaluation sets: published split files (image ids) and their SHA-256"
 BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I, TITLE_CROSS,
-             TITLE_POOLED, TITLE_ABLATION}
+             TITLE_POOLED, TITLE_ABLATION, TITLE_VOLUME_PROBE, TITLE_VOLUME_RETRIEVAL}
 
 LINEAR_SETS = ("chexpert", "rsna", "covidx")
 RETRIEVAL_SETS = ("mimic-cxr", "padchest")
@@ -183,6 +185,26 @@ def _seg_det_table(metrics: dict) -> Table | None:
     return _table(TITLE_SEG_DET, ["Method"], rows, columns)
 
 
+def _volume_probe_table(metrics: dict) -> Table | None:
+    rows = _task_rows(metrics)
+    return _table(TITLE_VOLUME_PROBE, ["Method"], rows,
+                  _fraction_columns(rows, "volume_probe", _keys(rows, "volume_probe")))
+
+
+def _volume_retrieval_table(metrics: dict) -> Table | None:
+    """Recall@K per 3D dataset, volume -> report then report -> volume."""
+    rows = _task_rows(metrics)
+    columns = []
+    for name in _keys(rows, "volume_retrieval"):
+        for direction, arrow in (("volume_to_report", "volume → report"),
+                                 ("report_to_volume", "report → volume")):
+            for metric in ordered(RETRIEVAL_METRICS,
+                                  _metric_keys(rows, "volume_retrieval", name, direction)):
+                columns.append(_column(f"{display_name(name)} {arrow}{SEP}{metric}",
+                                       "volume_retrieval", name, direction, metric))
+    return _table(TITLE_VOLUME_RETRIEVAL, ["Method"], rows, columns)
+
+
 def _retrieval_table(metrics: dict, direction: str, title: str) -> Table | None:
     """Recall/Precision@K per dataset (or per language pair for the cross-lingual direction)."""
     rows = _task_rows(metrics)
@@ -307,7 +329,8 @@ TABLE_BUILDERS: tuple[Callable[[dict], Table | None], ...] = (
     partial(_retrieval_table, direction="image_to_report", title=TITLE_I2R),
     partial(_retrieval_table, direction="report_to_image", title=TITLE_R2I),
     partial(_retrieval_table, direction="cross_lingual", title=TITLE_CROSS),
-    _pooled_table, _shortcut_table, _bias_table, _bias_control_table, _ablation_table,
+    _pooled_table, _shortcut_table, _bias_table, _bias_control_table, _volume_probe_table,
+    _volume_retrieval_table, _ablation_table,
     _orderings_table, _timings_table, _splits_table,
 )
 
@@ -325,7 +348,8 @@ def table_notes(metrics: dict) -> dict[str, str]:
     """Small print under some tables: training-set sizes per fraction, retrieval queries, samples."""
     methods = _task_rows(metrics)
     notes = {TITLE_LINEAR: _train_note(methods, ("linear_probe",)),
-             TITLE_SEG_DET: _train_note(methods, ("segmentation", "detection"))}
+             TITLE_SEG_DET: _train_note(methods, ("segmentation", "detection")),
+             TITLE_VOLUME_PROBE: _train_note(methods, ("volume_probe",))}
     queries = _first_found(methods, "retrieval", "queries")
     if isinstance(queries, dict) and queries:
         notes[TITLE_I2R] = "Queries: " + ", ".join(f"{display_name(k)} {v}" for k, v in queries.items())

@@ -9,10 +9,10 @@ from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext
 from unimed.data.adapters.tables import CsvTable, find_file
 from unimed.data.adapters.volume_common import CARVE, POOL, check_volume_path
 from unimed.data.errors import MISSING_IMAGE, DataError
+from unimed.data.labels import CCII_CLASSES
 from unimed.data.records import Record
 from unimed.data.volumes import SLICE_SUFFIXES
 
-CLASSES: tuple[str, ...] = ("NCP", "CP", "Normal")
 COLUMNS = ("zip_file", "label", "patient_id", "scan_id", "n_slice")
 
 
@@ -23,8 +23,8 @@ def read_ccii(root: Path, ctx: ReadContext) -> AdapterResult:
 
     def parse(line: int, row: dict[str, str]) -> Record:
         label = row["label"].strip()
-        if label not in CLASSES:
-            raise table.error(f"label {label!r} is not one of {list(CLASSES)}", line, "label")
+        if label not in CCII_CLASSES:
+            raise table.error(f"label {label!r} is not one of {list(CCII_CLASSES)}", line, "label")
         folder = check_volume_path(ctx, root / label / row["patient_id"] / row["scan_id"], table.path, line)
         slices = sum(1 for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES)
         if str(slices) != row["n_slice"].strip():
@@ -32,7 +32,7 @@ def read_ccii(root: Path, ctx: ReadContext) -> AdapterResult:
                             table.path, line, "n_slice", reason=MISSING_IMAGE)
         return Record(
             dataset=ctx.dataset, image_path=folder, patient_id=row["patient_id"], study_id=row["scan_id"],
-            split=POOL, labels={c: float(c == label) for c in CLASSES}, target=label, ndim=3,
+            split=POOL, labels={c: float(c == label) for c in CCII_CLASSES}, target=label, ndim=3,
         )
 
     return AdapterResult(ctx.rows(table, parse), CARVE)

@@ -22,8 +22,6 @@ from unimed.phantom.reports import LANG_DIR, load_pack, render_reports
 from unimed.phantom.study import Finding
 
 CT_LANG_DIR = LANG_DIR / "ct"
-CCII_CLASSES: tuple[str, ...] = ("NCP", "CP", "Normal")
-"""CC-CCII classes: novel coronavirus pneumonia, common pneumonia, normal."""
 HU_RANGE = (-1024, 3071)
 _STUDY, _PATIENT = 10, 12  # key namespaces, apart from the 2D generator's
 

@@ -1,0 +1,114 @@
+"""3D tasks: the slice-wise adapter (orientation, pooling) and the volume probe and retrieval, on
+features whose answer is known and end to end on a tiny CT world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_helpers import IMAGE_SIZE
+
+from unimed.data.config import DataConfig
+from unimed.data.volumes import Volume, axial_slices
+from unimed.eval import volumes
+from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig
+from unimed.eval.data import EvalData, rgb
+from unimed.eval.runner import evaluate
+from unimed.eval.tasks import TaskContext
+from unimed.phantom.config import PhantomConfig
+from unimed.phantom.ct.config import CTConfig
+from unimed.phantom.ct.world import write_ct_world
+
+
+@pytest.fixture(scope="module")
+def ct_context(tmp_path_factory: pytest.TempPathFactory) -> TaskContext:
+    root = tmp_path_factory.mktemp("ct_world")
+    cfg = PhantomConfig(root=str(root), seed=3, ct=CTConfig(
+        enabled=True, shape=(8, 32, 32), bimcv_studies=10, ccii_studies=60, luna_studies=1, bcv_studies=1))
+    write_ct_world(cfg, root, progress=False)
+    data = EvalData(DataConfig(root=str(root), image_size=IMAGE_SIZE, resize_size=IMAGE_SIZE, progress=False))
+    eval_cfg = EvalConfig(tasks=("volume_probe", "volume_retrieval"), min_train_images=4,
+                          bootstrap_resamples=20, linear_probe=LinearProbeConfig(epochs=30, patience=30, lr=5e-2),
+                          volume=VolumeConfig(slices=4))
+    return TaskContext(data, eval_cfg, tmp_path_factory.mktemp("ct_eval"))
+
+
+def test_axial_slices_are_inferior_to_superior_in_the_radiological_view():
+    """A bright block at the patient's right, anterior, inferior corner of a RAS volume shows in
+    the first slice, top left (rows run anterior to posterior, columns patient right to left)."""
+    array = np.full((8, 8, 4), -1000.0, dtype=np.float32)  # (X towards R, Y towards A, Z towards S)
+    array[6:, 6:, 0] = 400.0
+    slices = axial_slices(Volume(array, np.eye(4), Path("v.nii")), size=8, slices=4)
+    assert slices.shape == (4, 8, 8)
+    assert torch.equal(slices[0, :2, :2], torch.ones(2, 2)) and float(slices[0, 2:, :].max()) == 0.0
+    assert float(slices[1:].max()) == 0.0
+
+
+def test_volume_embedding_is_the_mean_of_its_slice_embeddings(ct_context, tiny_encoder):
+    pooled = ct_context.features.volumes(tiny_encoder, ct_context.data, "cc-ccii", "test", space="pooled",
+                                         slices=4, window=(-1000.0, 400.0), batch_size=16)
+    projected = ct_context.features.volumes(tiny_encoder, ct_context.data, "cc-ccii", "test",
+                                            space="projected", slices=4, window=(-1000.0, 400.0),
+                                            batch_size=16)
+    stacks = ct_context.data.slice_stacks("cc-ccii", "test", 4, (-1000.0, 400.0))  # (N, 4, 1, S, S)
+    expected = torch.stack([tiny_encoder.image_features(rgb(stack), projected=False).mean(0)
+                            for stack in stacks])
+    torch.testing.assert_close(pooled, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(projected, tiny_encoder.model.project_image(expected), rtol=1e-4, atol=1e-5)
+
+
+def _class_features(ctx: TaskContext, informative: bool):
+    """Volume features that are the class one-hot (informative) or noise, for any split."""
+    def features(encoder, context, dataset, split, space):
+        records = context.data.require(dataset, split)
+        g = torch.Generator().manual_seed(len(records))
+        noise = torch.randn(len(records), 3, generator=g)
+        if not informative:
+            return noise
+        onehot = torch.tensor([[float(r.target == c) for c in ("NCP", "CP", "Normal")] for r in records])
+        return 4 * onehot + 0.1 * noise
+    return features
+
+
+def test_volume_probe_reads_the_class_when_the_features_hold_it(ct_context, tiny_encoder, monkeypatch):
+    monkeypatch.setattr(volumes, "volume_features", _class_features(ct_context, informative=True))
+    result = volumes.probe_volumes(tiny_encoder, ct_context, "cc-ccii")
+    assert result["metric"] == "accuracy" and result["fractions"]["100%"]["value"] == 1.0
+    assert result["fractions"]["100%"]["train_images"] == result["volumes"]["train"]
+    monkeypatch.setattr(volumes, "volume_features", _class_features(ct_context, informative=False))
+    assert volumes.probe_volumes(tiny_encoder, ct_context, "cc-ccii")["fractions"]["100%"]["value"] < 0.9
+
+
+def test_volume_retrieval_finds_each_study_when_volume_and_report_agree(ct_context, tiny_encoder,
+                                                                       monkeypatch):
+    records = [r for r in ct_context.data.require("bimcv-covid19", "test") if r.report]
+    codes = torch.eye(len(records)) + 0.01
+    monkeypatch.setattr(volumes, "volume_features", lambda *args: codes)
+    monkeypatch.setattr(ct_context, "text_features", lambda encoder, texts, space: codes)
+    result = volumes.retrieve_volumes(tiny_encoder, ct_context, "bimcv-covid19")
+    assert result["queries"] == len(records) >= 2
+    assert result["volume_to_report"]["R@1"] == result["report_to_volume"]["R@1"] == 1.0
+    monkeypatch.setattr(ct_context, "text_features", lambda encoder, texts, space: codes.roll(1, 0))
+    shifted = volumes.retrieve_volumes(tiny_encoder, ct_context, "bimcv-covid19")
+    assert shifted["volume_to_report"]["R@1"] == 0.0
+
+
+def test_3d_tasks_run_end_to_end_through_the_runner(ct_context, tiny_encoder):
+    out = evaluate([tiny_encoder], ct_context, ct_context.cfg.tasks)["encoders"]["tiny"]["tasks"]
+    probe = out["volume_probe"]["cc-ccii"]
+    assert sum(probe["volumes"].values()) == len(ct_context.data.records("cc-ccii")) == 60
+    for row in probe["fractions"].values():
+        assert 0.0 <= row["value"] <= 1.0 and row["ci"][0] <= row["value"] <= row["ci"][1]
+    retrieval = out["volume_retrieval"]["bimcv-covid19"]
+    ks = {f"R@{k}" for k in ct_context.cfg.retrieval.ks if k <= retrieval["queries"]}
+    assert set(retrieval["volume_to_report"]) == set(retrieval["report_to_volume"]) == {*ks, "ci"}
+    published = ct_context.data.publish(ct_context.out_dir)
+    assert {"cc-ccii/train", "cc-ccii/valid", "cc-ccii/test", "bimcv-covid19/test"} <= set(published)
+
+
+def test_a_2d_dataset_is_refused_by_the_3d_tasks(eval_data):
+    with pytest.raises(ValueError, match="rsna: .* is not a volume"):
+        eval_data.slice_stacks("rsna", "test", 4, (-1000.0, 400.0))
