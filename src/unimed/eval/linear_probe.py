@@ -147,7 +147,15 @@ def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
     target = PROBE_TARGETS.get(dataset) or label_target(ctx.data.require(dataset, "train"), dataset)
     split_y = {s: targets(ctx.data.require(dataset, s), target, dataset) for s in ("train", "valid", "test")}
     split_x = {s: ctx.image_features(encoder, dataset, s, "pooled") for s in split_y}
+    return {"metric": target.metric,
+            "fractions": probe_fractions(ctx, split_x, split_y, target, dataset, f"linear probe {dataset}")}
 
+
+def probe_fractions(ctx: TaskContext, split_x: dict[str, torch.Tensor], split_y: dict[str, torch.Tensor],
+                    target: ProbeTarget, dataset: str, desc: str) -> dict[str, dict]:
+    """The probe protocol on frozen features ("train" / "valid" / "test" features and targets):
+    per label fraction, standardise with the training subset, fit :func:`train_probe`, score the
+    test split with its bootstrap interval (:func:`unimed.eval.tasks.sweep_fractions` rows)."""
     resamples = ctx.resamples(dataset, "test", len(split_y["test"]))
 
     def fit_and_score(index: np.ndarray, label: str) -> Estimate:
@@ -161,10 +169,7 @@ def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
         with torch.no_grad():
             return test_estimate(layer(norm["test"]), split_y["test"], target.metric, resamples)
 
-    fractions = sweep_fractions(
-        ctx, len(split_x["train"]), fit_and_score, f"linear probe {dataset}"
-    )
-    return {"metric": target.metric, "fractions": fractions}
+    return sweep_fractions(ctx, len(split_x["train"]), fit_and_score, desc)
 
 
 @TASKS.register("linear_probe")

@@ -7,7 +7,7 @@ embeddings:
 
 * ``volume_probe``: a linear layer on the frozen pooled volume features of each dataset in
   `eval.volume.probe_datasets`, trained on every label fraction exactly as the 2D linear probe
-  (:func:`unimed.eval.linear_probe.train_probe`), scored on the test split with a bootstrap interval
+  (:func:`unimed.eval.linear_probe.probe_fractions`), scored on the test split with a bootstrap interval
   (CC-CCII: accuracy over NCP / CP / Normal);
 * ``volume_retrieval``: volume -> report and report -> volume Recall@K on the test split of each
   dataset in `eval.volume.retrieval_datasets` (projected, cosine similarity; a hit is the query's
@@ -19,15 +19,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from unimed.data.labels import CCII_CLASSES
 from unimed.eval.encoders import Encoder
-from unimed.eval.linear_probe import ProbeTarget, label_target, targets, test_estimate, train_probe
+from unimed.eval.linear_probe import ProbeTarget, label_target, probe_fractions, targets
 from unimed.eval.retrieval import recall_hits, same_value, with_mean_intervals
-from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
+from unimed.eval.tasks import TASKS, TaskContext
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +48,7 @@ def probe_volumes(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str,
     target = VOLUME_TARGETS.get(dataset) or label_target(records["train"], dataset)
     split_y = {s: targets(records[s], target, dataset) for s in SPLITS}
     split_x = {s: volume_features(encoder, ctx, dataset, s, "pooled") for s in SPLITS}
-    resamples = ctx.resamples(dataset, "test", len(split_y["test"]))
-
-    def fit_and_score(index: np.ndarray, label: str):
-        subset = torch.from_numpy(index)
-        x_train = split_x["train"][subset]
-        mean, std = x_train.mean(0), x_train.std(0, unbiased=False).clamp_min(1e-6)
-        norm = {s: (x - mean) / std for s, x in split_x.items()}
-        layer = train_probe((norm["train"][subset], split_y["train"][subset]),
-                            (norm["valid"], split_y["valid"]), target.metric, ctx.cfg.linear_probe,
-                            ctx.cfg.seed)
-        with torch.no_grad():
-            return test_estimate(layer(norm["test"]), split_y["test"], target.metric, resamples)
-
-    fractions = sweep_fractions(ctx, len(split_x["train"]), fit_and_score, f"volume probe {dataset}")
+    fractions = probe_fractions(ctx, split_x, split_y, target, dataset, f"volume probe {dataset}")
     return {"metric": target.metric, "volumes": {s: len(split_y[s]) for s in SPLITS},
             "fractions": fractions}
 
