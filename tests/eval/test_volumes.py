@@ -26,7 +26,7 @@ from unimed.phantom.ct.world import write_ct_world
 def ct_context(tmp_path_factory: pytest.TempPathFactory) -> TaskContext:
     root = tmp_path_factory.mktemp("ct_world")
     cfg = PhantomConfig(root=str(root), seed=3, ct=CTConfig(
-        enabled=True, shape=(8, 32, 32), bimcv_studies=10, ccii_studies=60, luna_studies=1, bcv_studies=1))
+        enabled=True, shape=(8, 32, 32), bimcv_studies=10, ccii_studies=60, luna_studies=30, bcv_studies=1))
     write_ct_world(cfg, root, progress=False)
     data = EvalData(DataConfig(root=str(root), image_size=IMAGE_SIZE, resize_size=IMAGE_SIZE, progress=False))
     eval_cfg = EvalConfig(tasks=("volume_probe", "volume_retrieval"), min_train_images=4,
@@ -102,6 +102,8 @@ def test_3d_tasks_run_end_to_end_through_the_runner(ct_context, tiny_encoder):
     assert sum(probe["volumes"].values()) == len(ct_context.data.records("cc-ccii")) == 60
     for row in probe["fractions"].values():
         assert 0.0 <= row["value"] <= 1.0 and row["ci"][0] <= row["value"] <= row["ci"][1]
+    nodules = out["volume_probe"]["luna16"]
+    assert nodules["metric"] == "auc" and sum(nodules["volumes"].values()) == 30
     retrieval = out["volume_retrieval"]["bimcv-covid19"]
     ks = {f"R@{k}" for k in ct_context.cfg.retrieval.ks if k <= retrieval["queries"]}
     assert set(retrieval["volume_to_report"]) == set(retrieval["report_to_volume"]) == {*ks, "ci"}

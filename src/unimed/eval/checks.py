@@ -19,7 +19,7 @@ MISSING = "–"
 DATASET_NAMES = {
     "cxp500": "CXP500", "pdc": "PDC", "chexpert": "CheXpert", "rsna": "RSNA", "covidx": "COVIDx",
     "siim": "SIIM", "object-cxr": "Object-CXR", "mimic-cxr": "MIMIC-CXR", "padchest": "PadChest",
-    "cc-ccii": "CC-CCII", "bimcv-covid19": "BIMCV-COVID19+",
+    "cc-ccii": "CC-CCII", "bimcv-covid19": "BIMCV-COVID19+", "luna16": "LUNA16", "bcv": "BCV",
 }
 LANGUAGE_NAMES = {"en": "En", "es": "Sp"}
 METRIC_NAMES = {"auc": "AUC", "accuracy": "ACC", "dice": "Dice", "map": "mAP", "f1": "F1"}

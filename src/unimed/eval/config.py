@@ -173,11 +173,12 @@ class VolumeConfig:
     `slices` axial slices of ``data.image_size`` squared pixels, HU-windowed to [0, 1] with `window`
     (the lung window by default), each slice encoded and the slice embeddings mean-pooled.
     `probe_datasets` are classified by a linear probe on the frozen pooled features (CC-CCII:
-    NCP / CP / Normal accuracy, UniMedI Table 2), `retrieval_datasets` give volume <-> report
+    NCP / CP / Normal accuracy, UniMedI Table 2; LUNA16: nodule vs normal volume, AUC),
+    `retrieval_datasets` give volume <-> report
     Recall@K on their test split (BIMCV-COVID19+ with its Spanish reports).
     """
 
-    probe_datasets: tuple[str, ...] = ("cc-ccii",)
+    probe_datasets: tuple[str, ...] = ("cc-ccii", "luna16")
     retrieval_datasets: tuple[str, ...] = ("bimcv-covid19",)
     slices: int = 8
     window: tuple[float, float] = (-1000.0, 400.0)
