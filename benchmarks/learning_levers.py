@@ -35,7 +35,7 @@ from unimed.eval.config import ZERO_SHOT_CLASSES, EvalConfig
 from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import build_encoder
 from unimed.eval.metrics import auc_or_none, macro
-from unimed.eval.prompts import load_prompts
+from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.zero_shot import prompt_scores
 
 SPLIT = "valid"
@@ -54,7 +54,8 @@ def positives(labels: dict[str, float], name: str) -> int:
 
 def zero_shot_valid(encoder, data: EvalData, cfg: EvalConfig) -> dict[str, float | None]:
     out = {}
-    prompts = {lang: load_prompts(lang, cfg.zero_shot.prompt_dir, cfg.prompt_stemming)
+    corpus = corpus_stemming(encoder.tokenizer)
+    prompts = {lang: load_prompts(lang, cfg.zero_shot.prompt_dir, cfg.prompt_stemming, corpus)
                for lang in ("en", "es")}
     prompts["es*"] = dataclasses.replace(prompts["es"], negative_template=REPORT_NEGATION_ES)
     for dataset, zero_shot_set in ZERO_SHOT_VALID.items():

@@ -41,9 +41,10 @@ from unimed.config import CONFIG_FILE, Config, ConfigError, load_config, save_co
 from unimed.data.images import load_image
 from unimed.data.transforms import eval_transform
 from unimed.eval.encoders import Encoder, build_encoder
-from unimed.eval.prompts import PROMPT_DIR, PromptSet, load_prompts
+from unimed.eval.prompts import PROMPT_DIR, PromptSet, corpus_stemming, load_prompts
 from unimed.eval.zero_shot import own_scores, prompt_scores
 from unimed.methods import create_method, method_label
+from unimed.text.stemming import copy_corpus_stemming
 from unimed.train.checkpoint import WEIGHTS_FILE, checkpoint_config, find_checkpoint, load_weights
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ class Pretrained:
         """The zero-shot prompts of `language`, stemmed as the run's ``eval.prompt_stemming`` says; an
         unknown language is a ConfigError naming those there are."""
         try:
-            return load_prompts(language, self.prompt_dir, self.config.eval.prompt_stemming)
+            return load_prompts(language, self.prompt_dir, self.config.eval.prompt_stemming,
+                                corpus_stemming(self.encoder.tokenizer))
         except FileNotFoundError:
             known = sorted(p.stem for p in self.prompt_dir.glob("*.yaml"))
             raise ConfigError(f"unknown language '{language}': the model has prompts for "
@@ -261,6 +263,7 @@ def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
     save_config(cfg, out)
     model.text.config.save_pretrained(str(out / TEXT_DIR))
     pretrained.encoder.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    copy_corpus_stemming(pretrained.encoder.tokenizer.name_or_path, out / TOKENIZER_DIR)
     (out / PROMPTS_DIR).mkdir()
     for prompt_file in sorted(pretrained.prompt_dir.glob("*.yaml")):
         shutil.copyfile(prompt_file, out / PROMPTS_DIR / prompt_file.name)

@@ -29,13 +29,15 @@ def test_spanish_prompts_are_stemmed_like_padchest_reports_by_default():
     assert (en.positive("Edema"), en.negative("Edema")) == ("pulmonary edema", "No pulmonary edema")
 
 
-@pytest.mark.parametrize("stemming, positive, negative", [
-    ({"es": "spanish"}, "derram pleural", "no hay derram pleural"),  # PadChest-style corpus
-    ({"es": "none"}, "derrame pleural", "no hay derrame pleural"),  # plain Spanish (BIMCV-style)
-    ({}, "derrame pleural", "no hay derrame pleural"),  # a language not listed is not stemmed
+@pytest.mark.parametrize("stemming, corpus, positive, negative", [
+    ({"es": "spanish"}, {"es": "none"}, "derram pleural", "no hay derram pleural"),  # set: wins
+    ({"es": "none"}, {"es": "spanish"}, "derrame pleural", "no hay derrame pleural"),
+    ({"es": "corpus"}, {"es": "none"}, "derrame pleural", "no hay derrame pleural"),  # BIMCV-style corpus
+    ({}, {"es": "spanish"}, "derram pleural", "no hay derram pleural"),  # not listed: its corpus
+    ({"es": "corpus"}, {}, "derram pleural", "no hay derram pleural"),  # no record: PadChest's way
 ])
-def test_prompt_stemming_follows_the_setting(stemming, positive, negative):
-    es = load_prompts("es", stemming=stemming)
+def test_prompt_stemming_follows_the_setting_then_the_corpus(stemming, corpus, positive, negative):
+    es = load_prompts("es", stemming=stemming, corpus=corpus)
     assert (es.positive("pleural effusion"), es.negative("pleural effusion")) == (positive, negative)
     assert es.display("pleural effusion") == "derrame pleural"  # what a person reads: never stemmed
 
@@ -48,11 +50,11 @@ def test_english_prompts_are_stemmed_when_the_english_corpus_was():
 
 
 def test_prompt_stemming_is_a_validated_config_key():
-    assert EvalConfig().prompt_stemming == {"en": "none", "es": "spanish"}
+    assert EvalConfig().prompt_stemming == {"en": "corpus", "es": "corpus"}
     cfg = load_config(None, ["eval.prompt_stemming.es=none"])
-    assert cfg.eval.prompt_stemming == {"en": "none", "es": "none"}
-    with pytest.raises(ConfigError, match=r"eval.prompt_stemming.es must be 'none' or a snowball "
-                                          r"algorithm \(.*spanish.*\), got 'snowbal'"):
+    assert cfg.eval.prompt_stemming == {"en": "corpus", "es": "none"}
+    with pytest.raises(ConfigError, match=r"eval.prompt_stemming.es must be 'corpus', 'none' or a "
+                                          r"snowball algorithm \(.*spanish.*\), got 'snowbal'"):
         load_config(None, ["eval.prompt_stemming.es=snowbal"])
 
 
@@ -149,6 +151,7 @@ class _OracleEncoder:
 
     name = label = "oracle"
     model = None  # no zero-shot rule of its own: the generic cosine rule applies
+    tokenizer = None  # no corpus stemming record: eval.prompt_stemming and its fallback decide
 
     def __init__(self, labels: np.ndarray, prompts, classes, flipped: bool = False) -> None:
         self.labels, self.flipped = labels, flipped

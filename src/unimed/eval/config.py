@@ -11,6 +11,8 @@ import dataclasses
 
 import snowballstemmer
 
+from unimed.text.stemming import NO_STEMMING
+
 TASK_NAMES: tuple[str, ...] = (
     "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam",
 )
@@ -30,11 +32,14 @@ ZERO_SHOT_CLASSES: dict[str, list[str]] = {
 
 
 # How the prompts of each language are stemmed before tokenisation, to read like the pre-training
-# reports of that language: a snowballstemmer algorithm, or "none". PadChest (and the phantom's
-# Spanish site) distribute Snowball-stemmed Spanish reports; plain Spanish (BIMCV-style, translated
-# reports) needs `es: none`. A language not listed is not stemmed.
-PROMPT_STEMMING: dict[str, str] = {"en": "none", "es": "spanish"}
-NO_STEMMING = "none"
+# reports of that language: "corpus" (as the vocabulary stage found those reports, recorded beside
+# the tokenizer: see unimed.text.stemming), "none", or a snowballstemmer algorithm. Without a record
+# "corpus" falls back to FALLBACK_STEMMING: PadChest (and the phantom's Spanish site) distribute
+# Snowball-stemmed Spanish, plain Spanish (BIMCV-style, translated reports) is not. A language not
+# listed follows its corpus too.
+CORPUS_STEMMING = "corpus"
+PROMPT_STEMMING: dict[str, str] = {"en": CORPUS_STEMMING, "es": CORPUS_STEMMING}
+FALLBACK_STEMMING: dict[str, str] = {"en": NO_STEMMING, "es": "spanish"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,11 +229,12 @@ class EvalConfig:
             raise ValueError(f"eval.min_train_images must be >= 1, got {self.min_train_images}")
         if self.bootstrap_resamples < 10:
             raise ValueError(f"eval.bootstrap_resamples must be >= 10, got {self.bootstrap_resamples}")
-        valid = (NO_STEMMING, *snowballstemmer.algorithms())
+        valid = (CORPUS_STEMMING, NO_STEMMING, *snowballstemmer.algorithms())
         for language, algorithm in self.prompt_stemming.items():
             if algorithm not in valid:
-                raise ValueError(f"eval.prompt_stemming.{language} must be '{NO_STEMMING}' or a "
-                                 f"snowball algorithm ({', '.join(valid[1:])}), got {algorithm!r}")
+                raise ValueError(f"eval.prompt_stemming.{language} must be '{CORPUS_STEMMING}', "
+                                 f"'{NO_STEMMING}' or a snowball algorithm ({', '.join(valid[2:])}), "
+                                 f"got {algorithm!r}")
         for name, section in (("segmentation", self.segmentation), ("detection", self.detection)):
             if section.min_epoch_steps < 1:
                 raise ValueError(f"eval.{name}.min_epoch_steps must be >= 1, got {section.min_epoch_steps}")

@@ -31,7 +31,7 @@ from unimed.data.records import Record
 from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
-from unimed.eval.prompts import PromptSet, load_prompts
+from unimed.eval.prompts import PromptSet, corpus_stemming, load_prompts
 from unimed.eval.tasks import TASKS, TaskContext
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,8 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     cfg = ctx.cfg.gradcam
     records = ctx.data.require(cfg.dataset, SPLIT)
     images = ctx.data.images(cfg.dataset, SPLIT, "crop")  # (N, 1, S, S)
-    prompt_sets = [load_prompts(language, cfg.prompt_dir, ctx.cfg.prompt_stemming)
+    corpus = corpus_stemming(encoder.tokenizer)
+    prompt_sets = [load_prompts(language, cfg.prompt_dir, ctx.cfg.prompt_stemming, corpus)
                    for language in cfg.languages]
     picked = pick_images(records, cfg.classes, cfg.dataset, cfg.images_per_class, ctx.cfg.seed)
     rows: list[dict[str, Any]] = []

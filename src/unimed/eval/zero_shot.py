@@ -21,7 +21,7 @@ from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.metrics import batched_auc, batched_f1, bootstrap, macro_estimate
-from unimed.eval.prompts import PromptSet, load_prompts
+from unimed.eval.prompts import PromptSet, corpus_stemming, load_prompts
 from unimed.eval.tasks import TASKS, TaskContext, with_intervals
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def score_language(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str
 def run(encoder: Encoder, ctx: TaskContext) -> dict:
     """{dataset: {language: {"auc", "f1", "images", "per_class"}}} for every configured set."""
     cfg = ctx.cfg.zero_shot
-    prompts = {lang: load_prompts(lang, cfg.prompt_dir, ctx.cfg.prompt_stemming)
+    corpus = corpus_stemming(encoder.tokenizer)
+    prompts = {lang: load_prompts(lang, cfg.prompt_dir, ctx.cfg.prompt_stemming, corpus)
                for lang in cfg.languages}
     out: dict = {}
     for dataset in cfg.datasets:

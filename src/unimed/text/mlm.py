@@ -34,6 +34,7 @@ from unimed.data.pretrain import PretrainSampler
 from unimed.methods.base import Method, Stage, StepContext
 from unimed.text.config import MLMConfig
 from unimed.text.corpus import require_texts
+from unimed.text.stemming import copy_corpus_stemming
 from unimed.train.config import TrainConfig
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import train
@@ -95,6 +96,7 @@ def train_mlm(
     if dist.is_main:
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
+        copy_corpus_stemming(tokenizer_dir, out)
     history = _epoch_means(result.history)
     if result.history:
         first, last = result.history[0], result.history[-1]

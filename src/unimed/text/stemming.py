@@ -1,14 +1,39 @@
-"""Snowball stemming of report text, word by word, keeping punctuation and spacing."""
+"""Snowball stemming of report text, and whether a corpus was Snowball-stemmed.
+
+PadChest distributes its Spanish reports Snowball-stemmed ("derram pleural"); BIMCV and translated
+Spanish are plain. Zero-shot prompts must read like the reports the model was trained on, so the
+vocabulary stage records, per language of its corpus, whether the reports look stemmed
+(:func:`detect_stemming`) in ``corpus_stemming.json`` beside the tokenizer, and the evaluation's
+default (``eval.prompt_stemming: corpus``) stems the prompts of a language only if its reports were.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import snowballstemmer
 
 _WORD = re.compile(r"\w+")
+_LONG_WORD = re.compile(r"[^\W\d_]{5,}")
+
+NO_STEMMING = "none"
+STEMMING_FILE = "corpus_stemming.json"
+SNOWBALL_BY_LANGUAGE = {
+    "ca": "catalan", "da": "danish", "de": "german", "en": "english", "es": "spanish", "fr": "french",
+    "it": "italian", "nl": "dutch", "pt": "portuguese", "ro": "romanian", "ru": "russian",
+    "sv": "swedish", "tr": "turkish",
+}
+"""The snowball algorithm of each ISO 639-1 language code it covers."""
+STEMMED_SHARE = 0.5
+"""A corpus counts as stemmed when at least this share of its words of five or more letters are
+left unchanged by the language's stemmer: 0.93 on the phantom's PadChest-style Spanish, 0.08 on its
+BIMCV-style narrative Spanish."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -20,3 +45,52 @@ def stem_text(text: str, algorithm: str) -> str:
     """Stem every word of `text` with the named snowball algorithm, keeping punctuation."""
     stemmer = _stemmer(algorithm)
     return _WORD.sub(lambda m: stemmer.stemWord(m.group()), text)
+
+
+def unchanged_share(texts: Sequence[str], algorithm: str) -> tuple[float, int]:
+    """(share of the words of five or more letters that stemming leaves as they are, their count)."""
+    stemmer = _stemmer(algorithm)
+    words = [word.lower() for text in texts for word in _LONG_WORD.findall(text)]
+    if not words:
+        return 0.0, 0
+    return sum(stemmer.stemWord(word) == word for word in words) / len(words), len(words)
+
+
+def detect_stemming(texts: Sequence[str], language: str) -> dict[str, Any]:
+    """{"stemming": the snowball algorithm when `texts` look stemmed by it, else "none";
+    "unchanged_share", "words"} for reports in `language` (an ISO 639-1 code)."""
+    algorithm = SNOWBALL_BY_LANGUAGE.get(language)
+    if algorithm is None:
+        return {"stemming": NO_STEMMING, "unchanged_share": None, "words": 0}
+    share, words = unchanged_share(texts, algorithm)
+    stemmed = words > 0 and share >= STEMMED_SHARE
+    return {"stemming": algorithm if stemmed else NO_STEMMING, "unchanged_share": round(share, 4),
+            "words": words}
+
+
+def write_corpus_stemming(folder: str | Path, corpora: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """Detect the stemming of each non-empty corpus (language -> reports) and record it in
+    `folder`/corpus_stemming.json; returns the record."""
+    record = {language: detect_stemming(texts, language) for language, texts in corpora.items() if texts}
+    (Path(folder) / STEMMING_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return record
+
+
+def read_corpus_stemming(folder: str | Path | None) -> dict[str, str]:
+    """Language -> stemming recorded in `folder` by the vocabulary stage ({} when there is none)."""
+    path = Path(folder) / STEMMING_FILE if folder else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return {language: str(entry["stemming"]) for language, entry in record.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{path} is not a corpus stemming record; delete it or run `unimed vocab` "
+                         "again") from None
+
+
+def copy_corpus_stemming(source: str | Path, target: str | Path) -> None:
+    """Carry the record of a tokenizer folder along with a copy of the tokenizer."""
+    path = Path(source) / STEMMING_FILE
+    if path.is_file():
+        shutil.copyfile(path, Path(target) / STEMMING_FILE)

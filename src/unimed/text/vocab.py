@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBa
 
 from unimed.text.config import VocabConfig
 from unimed.text.corpus import require_texts
+from unimed.text.stemming import write_corpus_stemming
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def build_cross_lingual_tokenizer(
     The English vocabulary is the tokenizer of ``base_model`` (default ``cfg.base_model``), a local
     Hugging Face folder (``english_reports`` may then be empty), or else a WordPiece vocabulary
     trained on ``english_reports``. Writes the tokenizer (``save_pretrained`` plus ``vocab.txt``),
-    ``added_terms.txt`` (term<TAB>score) and ``vocab_stats.json`` into ``out_dir``.
+    ``added_terms.txt`` (term<TAB>score), ``vocab_stats.json`` and the corpora's stemming record
+    (``corpus_stemming.json``, see :mod:`unimed.text.stemming`) into ``out_dir``.
     """
     if cfg.new_terms < 0 or cfg.english_vocab_size < len(SPECIAL_TOKENS):
         raise ValueError(f"vocab.new_terms must be >= 0 and vocab.english_vocab_size >= 5; got {cfg}")
@@ -88,6 +90,9 @@ def build_cross_lingual_tokenizer(
         tokens_per_word_after={lang: tokens_per_word(tokenizer, texts) for lang, texts in corpora.items()},
     )
     _save(result, Path(out_dir))
+    stemming = write_corpus_stemming(out_dir, corpora)
+    logger.info("training reports stemmed: %s",
+                ", ".join(f"{lang} {entry['stemming']}" for lang, entry in stemming.items()))
     logger.info(
         "vocabulary %d -> %d; %s tokens/word %.2f -> %.2f",
         result.base_vocab_size,

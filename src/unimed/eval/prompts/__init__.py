@@ -2,8 +2,11 @@
 
 A prompt file holds the positive and negative templates, the class phrases keyed by the lower-cased
 class name the datasets use, and whether prompts are lower-cased. Stemming is not the prompt file's
-choice but the training corpus's: `eval.prompt_stemming` says per language whether the pre-training
-reports were Snowball-stemmed (PadChest) or not (plain Spanish), and prompts are stemmed alike.
+choice but the training corpus's: by default (`eval.prompt_stemming: corpus`) the prompts of a
+language are Snowball-stemmed exactly when the vocabulary stage found that language's training
+reports stemmed (PadChest) rather than plain (BIMCV-style Spanish), as recorded beside the tokenizer
+(:mod:`unimed.text.stemming`); `eval.prompt_stemming.<language>` set to "none" or an algorithm
+overrides it.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from unimed.eval.config import NO_STEMMING, PROMPT_STEMMING
-from unimed.text.stemming import stem_text
+from unimed.eval.config import CORPUS_STEMMING, FALLBACK_STEMMING, PROMPT_STEMMING
+from unimed.text.stemming import NO_STEMMING, read_corpus_stemming, stem_text
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +82,28 @@ def _warn_unknown_class(language: str, class_name: str, source: str) -> None:
                 language, class_name, source)
 
 
+def corpus_stemming(tokenizer: Any) -> dict[str, str]:
+    """Language -> stemming of the training reports, as recorded in the folder `tokenizer` was
+    loaded from ({} for a tokenizer without a record)."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    return read_corpus_stemming(folder) if str(folder) and folder.is_dir() else {}
+
+
+def resolve_stemming(language: str, stemming: Mapping[str, str], corpus: Mapping[str, str]) -> str:
+    """The algorithm (or "none") for the prompts of `language`: `stemming[language]` unless it is
+    "corpus" (or not listed), then the corpus record, then FALLBACK_STEMMING."""
+    algorithm = stemming.get(language, CORPUS_STEMMING)
+    if algorithm != CORPUS_STEMMING:
+        return algorithm
+    return corpus.get(language) or FALLBACK_STEMMING.get(language, NO_STEMMING)
+
+
 def load_prompts(language: str, prompt_dir: str | Path = "",
-                 stemming: Mapping[str, str] = PROMPT_STEMMING) -> PromptSet:
+                 stemming: Mapping[str, str] = PROMPT_STEMMING,
+                 corpus: Mapping[str, str] | None = None) -> PromptSet:
     """The prompts of `language` from `<prompt_dir>/<language>.yaml` (default: the packaged ones),
-    stemmed with `stemming[language]` (`eval.prompt_stemming`; not listed or "none": unstemmed)."""
+    stemmed as :func:`resolve_stemming` says for `stemming` (`eval.prompt_stemming`) and the
+    training corpus's record `corpus` (:func:`corpus_stemming` of the encoder's tokenizer)."""
     folder = Path(prompt_dir) if prompt_dir else PROMPT_DIR
     path = folder / f"{language}.yaml"
     if not path.is_file():
@@ -95,7 +116,7 @@ def load_prompts(language: str, prompt_dir: str | Path = "",
     if "stemmer" in data:
         raise ValueError(f"prompt file {path}: 'stemmer' is not read from prompt files; prompts are "
                          f"stemmed like the training reports, set eval.prompt_stemming.{language}")
-    algorithm = stemming.get(language, NO_STEMMING)
+    algorithm = resolve_stemming(language, stemming, corpus or {})
     for key in ("positive", "negative", "observed"):
         if key in data and "{disease}" not in str(data[key]):
             raise ValueError(f"prompt file {path}: '{key}' must contain {{disease}}")
