@@ -3,6 +3,7 @@ features whose answer is known and end to end on a tiny CT world."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,10 @@ from unimed.phantom.ct.world import write_ct_world
 def ct_context(tmp_path_factory: pytest.TempPathFactory) -> TaskContext:
     root = tmp_path_factory.mktemp("ct_world")
     cfg = PhantomConfig(root=str(root), seed=3, ct=CTConfig(
-        enabled=True, shape=(8, 32, 32), bimcv_studies=10, ccii_studies=60, luna_studies=30, bcv_studies=1))
+        enabled=True, shape=(16, 32, 32), bimcv_studies=24, ccii_studies=60, luna_studies=30, bcv_studies=1))
     write_ct_world(cfg, root, progress=False)
     data = EvalData(DataConfig(root=str(root), image_size=IMAGE_SIZE, resize_size=IMAGE_SIZE, progress=False))
-    eval_cfg = EvalConfig(tasks=("volume_probe", "volume_retrieval"), min_train_images=4,
+    eval_cfg = EvalConfig(tasks=("volume_probe", "volume_retrieval", "slice_localisation"), min_train_images=4,
                           bootstrap_resamples=20, linear_probe=LinearProbeConfig(epochs=30, patience=30, lr=5e-2),
                           volume=VolumeConfig(slices=4))
     return TaskContext(data, eval_cfg, tmp_path_factory.mktemp("ct_eval"))
@@ -107,6 +108,8 @@ def test_3d_tasks_run_end_to_end_through_the_runner(ct_context, tiny_encoder):
     retrieval = out["volume_retrieval"]["bimcv-covid19"]
     ks = {f"R@{k}" for k in ct_context.cfg.retrieval.ks if k <= retrieval["queries"]}
     assert set(retrieval["volume_to_report"]) == set(retrieval["report_to_volume"]) == {*ks, "ci"}
+    localisation = out["slice_localisation"]["bimcv-covid19"]
+    assert 0.0 <= localisation["en"]["hit_rate"] <= 1.0 and localisation["pairs"] >= 1
     published = ct_context.data.publish(ct_context.out_dir)
     assert {"cc-ccii/train", "cc-ccii/valid", "cc-ccii/test", "bimcv-covid19/test"} <= set(published)
 
@@ -114,3 +117,40 @@ def test_3d_tasks_run_end_to_end_through_the_runner(ct_context, tiny_encoder):
 def test_a_2d_dataset_is_refused_by_the_3d_tasks(eval_data):
     with pytest.raises(ValueError, match="rsna: .* is not a volume"):
         eval_data.slice_stacks("rsna", "test", 4, (-1000.0, 400.0))
+
+
+@pytest.mark.parametrize(("n", "m", "k"), [(32, 3, 3), (10, 1, 1), (8, 5, 4), (4, 1, 6)])
+def test_random_hit_rate_is_the_exact_chance(n, m, k):
+    draws = list(itertools.combinations(range(n), min(k, n)))
+    expected = sum(any(i < m for i in draw) for draw in draws) / len(draws)
+    assert volumes.random_hit_rate(n, m, k) == pytest.approx(expected)
+
+
+def _oracle_scores(ctx: TaskContext, sign: float):
+    """Slice scores that put each class's ground-truth slices first (sign 1) or last (sign -1)."""
+    truth = volumes.finding_slices(ctx, "bimcv-covid19")
+    root = Path(ctx.data.cfg.root) / "bimcv-covid19"
+    keys = [Path(r.image_path).relative_to(root).as_posix() for r in ctx.data.require("bimcv-covid19", "test")]
+    calls = itertools.count()
+
+    def scores(encoder, context, slices, prompts, classes):
+        findings = truth.get(keys[next(calls) % len(keys)], [])
+        out = np.zeros((len(slices), len(classes)))
+        for finding, held in findings:
+            out[sorted(held), classes.index(volumes.FINDING_CLASSES[finding])] = sign
+        return out
+    return scores
+
+
+def test_slice_localisation_scores_hits_against_the_phantom_ground_truth(ct_context, tiny_encoder,
+                                                                         monkeypatch):
+    monkeypatch.setattr(volumes, "slice_scores", _oracle_scores(ct_context, 1.0))
+    best = volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
+    assert best["pairs"] >= 2 and best["k"] == 3 and 0.0 < best["random"] < 1.0
+    assert best["en"]["hit_rate"] == best["es"]["hit_rate"] == 1.0
+    monkeypatch.setattr(volumes, "slice_scores", _oracle_scores(ct_context, -1.0))
+    worst = volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
+    assert worst["en"]["hit_rate"] == 0.0  # the k slices scored highest hold no finding
+    monkeypatch.setattr(volumes, "GROUND_TRUTH_FILE", "absent.csv")
+    with pytest.raises(ValueError, match="needs the slice ground truth .*absent.csv"):
+        volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")

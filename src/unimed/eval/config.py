@@ -17,7 +17,7 @@ TASK_NAMES: tuple[str, ...] = (
     "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam",
 )
 # Tasks on CT volumes (the 3D world: `phantom.ct.enabled`), run only when `eval.tasks` names them.
-VOLUME_TASK_NAMES: tuple[str, ...] = ("volume_probe", "volume_retrieval")
+VOLUME_TASK_NAMES: tuple[str, ...] = ("volume_probe", "volume_retrieval", "slice_localisation")
 
 
 # The CheXpert competition classes (CXP500) and the ten physician-labelled PDC classes.
@@ -180,17 +180,23 @@ class VolumeConfig:
     `probe_datasets` are classified by a linear probe on the frozen pooled features (CC-CCII:
     NCP / CP / Normal accuracy, UniMedI Table 2; LUNA16: nodule vs normal volume, AUC),
     `retrieval_datasets` give volume <-> report
-    Recall@K on their test split (BIMCV-COVID19+ with its Spanish reports).
+    Recall@K on their test split (BIMCV-COVID19+ with its Spanish reports), and in
+    `localisation_datasets` each finding of a test volume is localised by the `localisation_k`
+    slices whose embedding is closest to the finding's prompt, scored against the phantom's slice
+    ground truth (``phantom_findings.csv``).
     """
 
     probe_datasets: tuple[str, ...] = ("cc-ccii", "luna16")
     retrieval_datasets: tuple[str, ...] = ("bimcv-covid19",)
+    localisation_datasets: tuple[str, ...] = ("bimcv-covid19",)
+    localisation_k: int = 3
     slices: int = 8
     window: tuple[float, float] = (-1000.0, 400.0)
 
     def __post_init__(self) -> None:
-        if self.slices < 1:
-            raise ValueError(f"eval.volume.slices must be >= 1, got {self.slices}")
+        for key in ("slices", "localisation_k"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"eval.volume.{key} must be >= 1, got {getattr(self, key)}")
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise ValueError(f"eval.volume.window must be [low, high] HU with low < high, got {list(self.window)}")
 

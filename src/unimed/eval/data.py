@@ -48,7 +48,7 @@ class EvalData:
         self.progress = progress
         self._records: dict[str, list[Record]] = {}
         self._images: dict[tuple[str, str | None, str], torch.Tensor] = {}
-        self._slices: dict[tuple, torch.Tensor] = {}
+        self._slices: dict[tuple, torch.Tensor | list[torch.Tensor]] = {}
 
     @property
     def image_size(self) -> int:
@@ -94,6 +94,20 @@ class EvalData:
                                             disable=not self.progress)):
                 out[i, :, 0] = axial_slices(read_volume(record.image_path), size=self.image_size,
                                             slices=slices, window=window)
+            self._slices[key] = out
+        return self._slices[key]
+
+    def native_slices(self, dataset: str, split: str, window: tuple[float, float]) -> list[torch.Tensor]:
+        """Per volume of `records(dataset, split)`, all its axial slices ((Z, 1, S, S), inferior to
+        superior, Z the volume's own depth), cached: what slice localisation scores."""
+        key = (dataset, split, None, tuple(window))
+        if key not in self._slices:
+            out = []
+            for record in tqdm(self.records(dataset, split), desc=f"{dataset}/{split}", unit="volume",
+                               disable=not self.progress):
+                volume = read_volume(record.image_path)
+                out.append(axial_slices(volume, size=self.image_size, slices=volume.array.shape[2],
+                                        window=window)[:, None])
             self._slices[key] = out
         return self._slices[key]
 

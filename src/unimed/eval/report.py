@@ -50,6 +50,8 @@ TITLE_ABLATION = "Ablation: the rows of the method's paper table (%, mean over s
 TITLE_ORDERINGS = "Ablation orderings: difference of seed means with its Welch 95 % interval (points)"
 TITLE_VOLUME_PROBE = "3D: volume classification, linear probe on slice-wise features (%)"
 TITLE_VOLUME_RETRIEVAL = "3D: volume ↔ report retrieval (%)"
+TITLE_LOCALISATION = ("3D: slice localisation, share of findings that the top-k slices hit "
+                      "(%, random: k slices drawn at random)")
 TITLE_TIMINGS = "Timings (seconds)"
 TITLE_SPLITS = "Evaluation sets: published split files (image ids) and their SHA-256"
 BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I, TITLE_CROSS,
@@ -205,6 +207,23 @@ def _volume_retrieval_table(metrics: dict) -> Table | None:
     return _table(TITLE_VOLUME_RETRIEVAL, ["Method"], rows, columns)
 
 
+def _localisation_table(metrics: dict) -> Table | None:
+    """Hit rate per 3D dataset and prompt language, and the random selection's beside it."""
+    rows = _task_rows(metrics)
+    columns = []
+    for name in _keys(rows, "slice_localisation"):
+        k = _first_found(rows, "slice_localisation", name, "k")
+        group = f"{display_name(name)} (top {k})"
+        languages = [key for key in _keys(rows, "slice_localisation", name)
+                     if any(lookup(d, "slice_localisation", name, key, "hit_rate") is not None
+                            for _, d in rows)]
+        for language in ordered(LANGUAGE_NAMES, languages):
+            columns.append(_column(f"{group}{SEP}{display_name(language, LANGUAGE_NAMES)}",
+                                   "slice_localisation", name, language, "hit_rate"))
+        columns.append(_column(f"{group}{SEP}random", "slice_localisation", name, "random"))
+    return _table(TITLE_LOCALISATION, ["Method"], rows, columns)
+
+
 def _retrieval_table(metrics: dict, direction: str, title: str) -> Table | None:
     """Recall/Precision@K per dataset (or per language pair for the cross-lingual direction)."""
     rows = _task_rows(metrics)
@@ -330,7 +349,7 @@ TABLE_BUILDERS: tuple[Callable[[dict], Table | None], ...] = (
     partial(_retrieval_table, direction="report_to_image", title=TITLE_R2I),
     partial(_retrieval_table, direction="cross_lingual", title=TITLE_CROSS),
     _pooled_table, _shortcut_table, _bias_table, _bias_control_table, _volume_probe_table,
-    _volume_retrieval_table, _ablation_table,
+    _volume_retrieval_table, _localisation_table, _ablation_table,
     _orderings_table, _timings_table, _splits_table,
 )
 

@@ -11,27 +11,50 @@ embeddings:
   (CC-CCII: accuracy over NCP / CP / Normal);
 * ``volume_retrieval``: volume -> report and report -> volume Recall@K on the test split of each
   dataset in `eval.volume.retrieval_datasets` (projected, cosine similarity; a hit is the query's
-  own study), with bootstrap intervals over the queries.
+  own study), with bootstrap intervals over the queries;
+* ``slice_localisation``: for every finding of a test volume in `eval.volume.localisation_datasets`,
+  the `eval.volume.localisation_k` slices whose score for the finding's prompt is highest (the
+  zero-shot rule per slice, each prompt language), a hit when one of them holds the finding by the
+  phantom's ground truth (``phantom_findings.csv``: the slices each finding occupies), beside the
+  hit rate of k slices drawn at random (exact: 1 - C(n - m, k) / C(n, k) for a finding on m of n
+  slices). This is what UniMedI's attentive slice selection claims to do; the paper could only
+  show pictures of it.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from unimed.data.labels import CCII_CLASSES
+from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
+from unimed.eval.errors import EvalError
+from unimed.eval.metrics import batched_mean, bootstrap
+from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.linear_probe import ProbeTarget, label_target, probe_fractions, targets
 from unimed.eval.retrieval import recall_hits, same_value, with_mean_intervals
-from unimed.eval.tasks import TASKS, TaskContext
+from unimed.eval.tasks import TASKS, TaskContext, with_intervals
+from unimed.eval.zero_shot import own_scores, prompt_scores
 
 log = logging.getLogger(__name__)
 
 VOLUME_TARGETS: dict[str, ProbeTarget] = {"cc-ccii": ProbeTarget("accuracy", CCII_CLASSES)}
 SPLITS = ("train", "valid", "test")
+GROUND_TRUTH_FILE = "phantom_findings.csv"
+FINDING_CLASSES = {
+    "covid": "ground-glass opacity", "pneumonia": "consolidation", "pleural_effusion": "pleural effusion",
+    "pneumothorax": "pneumothorax", "nodule": "nodule",
+}
+"""The prompt class of each finding the phantom's CT world draws (COVID-19 as its bilateral
+peripheral ground-glass pattern, pneumonia as lobar consolidation)."""
 
 
 def volume_features(encoder: Encoder, ctx: TaskContext, dataset: str, split: str, space: str
@@ -91,4 +114,83 @@ def run_retrieval(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     for dataset, result in out.items():
         log.info("%s volume retrieval on %s: %s", encoder.label, dataset,
                  {k: v for k, v in result.get("volume_to_report", {}).items() if k.startswith("R@")})
+    return out
+
+
+def finding_slices(ctx: TaskContext, dataset: str) -> dict[str, list[tuple[str, set[int]]]]:
+    """Volume path relative to the dataset folder -> [(finding, slices it occupies)] from the
+    phantom's ground truth; an EvalError when the dataset has none (real data)."""
+    path = Path(ctx.data.cfg.root) / dataset / GROUND_TRUTH_FILE
+    if not path.is_file():
+        raise EvalError(f"slice_localisation needs the slice ground truth {path}, which only the "
+                        "phantom world writes")
+    truth: dict[str, list[tuple[str, set[int]]]] = {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            slices = {int(v) for v in row["slices"].split()}
+            if row["finding"] in FINDING_CLASSES and slices:
+                truth.setdefault(row["key"], []).append((row["finding"], slices))
+    return truth
+
+
+def random_hit_rate(n: int, m: int, k: int) -> float:
+    """Chance that k of n slices drawn without replacement include one of the m that hold a finding."""
+    k = min(k, n)
+    return 1.0 - math.comb(n - m, k) / math.comb(n, k)
+
+
+def slice_scores(encoder: Encoder, ctx: TaskContext, slices: torch.Tensor, prompts, classes: list[str]
+                 ) -> np.ndarray:
+    """(Z, C) zero-shot scores of each slice for each class (the model's own rule when it has one)."""
+    images = rgb(slices)  # (Z, 3, S, S)
+    if hasattr(encoder.model, "zero_shot_scores"):
+        return own_scores(encoder, images, prompts, classes, ctx.cfg.batch_size)
+    features = encoder.image_features(images, normalize=True, batch_size=ctx.cfg.batch_size)
+    return prompt_scores(encoder, features, prompts, classes)
+
+
+def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
+    """Hit rates of the top-k slices per prompt language on the test volumes of `dataset`."""
+    cfg = ctx.cfg.volume
+    truth = finding_slices(ctx, dataset)
+    records = ctx.data.require(dataset, "test")
+    stacks = ctx.data.native_slices(dataset, "test", cfg.window)
+    root = Path(ctx.data.cfg.root) / dataset
+    pairs = [(i, finding, slices) for i, record in enumerate(records)
+             for finding, slices in truth.get(Path(record.image_path).relative_to(root).as_posix(), [])]
+    if not pairs:
+        return {"skipped": "no test volume has a finding"}
+    classes = sorted({FINDING_CLASSES[finding] for _, finding, _ in pairs})
+    chance = np.array([random_hit_rate(len(stacks[i]), len(slices), cfg.localisation_k)
+                       for i, _, slices in pairs])
+    resamples = ctx.resamples(dataset, "test/localisation", len(pairs))
+    findings = sorted({finding for _, finding, _ in pairs})
+    out: dict[str, Any] = {
+        "k": cfg.localisation_k, "pairs": len(pairs), "random": float(chance.mean()),
+        "pairs_per_finding": {f: sum(p[1] == f for p in pairs) for f in findings},
+        "random_per_finding": {f: float(np.mean([c for c, p in zip(chance, pairs) if p[1] == f]))
+                               for f in findings},
+    }
+    corpus = corpus_stemming(encoder.tokenizer)
+    for language in ctx.cfg.zero_shot.languages:
+        prompts = load_prompts(language, ctx.cfg.zero_shot.prompt_dir, ctx.cfg.prompt_stemming, corpus)
+        scores = [slice_scores(encoder, ctx, stack, prompts, classes) for stack in stacks]
+        hits = np.array([float(bool(set(np.argsort(-scores[i][:, classes.index(FINDING_CLASSES[finding])],
+                                                   kind="stable")[:cfg.localisation_k].tolist()) & slices))
+                         for i, finding, slices in pairs])
+        per_finding = {f: float(np.mean([h for h, p in zip(hits, pairs) if p[1] == f])) for f in findings}
+        out[language] = {**with_intervals({"hit_rate": bootstrap(batched_mean, [hits], resamples)}),
+                         "per_finding": per_finding}
+    return out
+
+
+@TASKS.register("slice_localisation")
+def run_localisation(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
+    """{dataset: {"k", "pairs", "random", "pairs_per_finding", "random_per_finding",
+    language: {"hit_rate", "ci", "per_finding"}}}."""
+    out = {dataset: localise(encoder, ctx, dataset) for dataset in ctx.cfg.volume.localisation_datasets}
+    for dataset, result in out.items():
+        log.info("%s slice localisation on %s: %s (random %s)", encoder.label, dataset,
+                 {lang: round(v["hit_rate"], 3) for lang, v in result.items() if isinstance(v, dict)
+                  and "hit_rate" in v}, round(result.get("random", float("nan")), 3))
     return out
