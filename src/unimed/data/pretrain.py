@@ -49,9 +49,9 @@ class PretrainDataset(Dataset):
 
     `transform` makes the view paired with the report, `aug_transform` the SSV view (default: a
     second draw of `transform`). `languages` / `sites` fix the integer ids (default: sorted names
-    found in the records; a record without a site gets "unknown"). Items are dicts: image, image_aug (3, S, S), input_ids (L,),
-    language, site, index. Index it with `(index, seed)` (what :class:`PretrainSampler` yields) or
-    with a plain index (seeded by the index alone).
+    found in the records; a record without a site gets "unknown"). Items are dicts: image,
+    image_aug (3, S, S), input_ids (L,), language, site, index. Index it with `(index, seed)` (what
+    :class:`PretrainSampler` yields) or with a plain index (seeded by the index alone).
 
     An image that cannot be read never fails inside a loader worker: the pair is replaced by the next
     record of the same community whose image reads (so the batch keeps its size and composition),

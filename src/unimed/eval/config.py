@@ -198,7 +198,8 @@ class VolumeConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.volume.{key} must be >= 1, got {getattr(self, key)}")
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
-            raise ValueError(f"eval.volume.window must be [low, high] HU with low < high, got {list(self.window)}")
+            raise ValueError("eval.volume.window must be [low, high] HU with low < high, "
+                             f"got {list(self.window)}")
 
 
 @dataclasses.dataclass(frozen=True)

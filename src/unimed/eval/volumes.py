@@ -37,9 +37,9 @@ from unimed.data.labels import CCII_CLASSES
 from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
+from unimed.eval.linear_probe import ProbeTarget, label_target, probe_fractions, targets
 from unimed.eval.metrics import batched_mean, bootstrap
 from unimed.eval.prompts import corpus_stemming, load_prompts
-from unimed.eval.linear_probe import ProbeTarget, label_target, probe_fractions, targets
 from unimed.eval.retrieval import recall_hits, same_value, with_mean_intervals
 from unimed.eval.tasks import TASKS, TaskContext, with_intervals
 from unimed.eval.zero_shot import own_scores, prompt_scores
@@ -139,6 +139,11 @@ def random_hit_rate(n: int, m: int, k: int) -> float:
     return 1.0 - math.comb(n - m, k) / math.comb(n, k)
 
 
+def top_slices(scores: np.ndarray, k: int) -> set[int]:
+    """Indices of the k highest of (Z,) slice `scores` (ties: the lower index first)."""
+    return set(np.argsort(-scores, kind="stable")[:k].tolist())
+
+
 def slice_scores(encoder: Encoder, ctx: TaskContext, slices: torch.Tensor, prompts, classes: list[str]
                  ) -> np.ndarray:
     """(Z, C) zero-shot scores of each slice for each class (the model's own rule when it has one)."""
@@ -174,9 +179,9 @@ def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]
     corpus = corpus_stemming(encoder.tokenizer)
     for language in ctx.cfg.zero_shot.languages:
         prompts = load_prompts(language, ctx.cfg.zero_shot.prompt_dir, ctx.cfg.prompt_stemming, corpus)
-        scores = [slice_scores(encoder, ctx, stack, prompts, classes) for stack in stacks]
-        hits = np.array([float(bool(set(np.argsort(-scores[i][:, classes.index(FINDING_CLASSES[finding])],
-                                                   kind="stable")[:cfg.localisation_k].tolist()) & slices))
+        scores = [slice_scores(encoder, ctx, stack, prompts, classes) for stack in stacks]  # (Z, C) each
+        hits = np.array([float(bool(top_slices(scores[i][:, classes.index(FINDING_CLASSES[finding])],
+                                               cfg.localisation_k) & slices))
                          for i, finding, slices in pairs])
         per_finding = {f: float(np.mean([h for h, p in zip(hits, pairs) if p[1] == f])) for f in findings}
         out[language] = {**with_intervals({"hit_rate": bootstrap(batched_mean, [hits], resamples)}),
