@@ -103,10 +103,13 @@ class PretrainDataset(Dataset):
         """(index of the record used, its (H, W) image in [0, 1], the error fields of the item):
         `index` itself, or when its image cannot be read the next record of its community whose
         image can (see the class docstring); of any community when none of its own can be read."""
-        errors: list[DataError] = []
+        try:
+            return index, self.image_loader(self.records[index].image_path), {}
+        except DataError as err:
+            errors = [err]
         community = self._community[index]
         n = len(self.records)
-        order = [(index + step) % n for step in range(n)]
+        order = [(index + step) % n for step in range(1, n)]
         same = [i for i in order if self._community[i] == community]
         for candidate in same + [i for i in order if self._community[i] != community]:
             try:
@@ -114,8 +117,7 @@ class PretrainDataset(Dataset):
             except DataError as err:
                 errors.append(err)
                 continue
-            key = "data_errors" if self.on_error == "raise" else "skipped"
-            return candidate, image, {key: errors} if errors else {}
+            return candidate, image, {"data_errors" if self.on_error == "raise" else "skipped": errors}
         raise errors[0]
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:

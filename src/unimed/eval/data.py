@@ -85,10 +85,7 @@ class EvalData:
         (:func:`unimed.data.volumes.axial_slices`), read one volume at a time and cached."""
         key = (dataset, split, slices, tuple(window))
         if key not in self._slices:
-            records = self.records(dataset, split)
-            flat = [r.image_path for r in records if r.ndim != 3]
-            if flat:
-                raise EvalError(f"{dataset}: {flat[0]} is not a volume; the 3D tasks need a 3D dataset")
+            records = self._volume_records(dataset, split)
             out = torch.empty(len(records), slices, 1, self.image_size, self.image_size)
             for i, record in enumerate(tqdm(records, desc=f"{dataset}/{split}", unit="volume",
                                             disable=not self.progress)):
@@ -103,13 +100,22 @@ class EvalData:
         key = (dataset, split, None, tuple(window))
         if key not in self._slices:
             out = []
-            for record in tqdm(self.records(dataset, split), desc=f"{dataset}/{split}", unit="volume",
-                               disable=not self.progress):
+            for record in tqdm(self._volume_records(dataset, split), desc=f"{dataset}/{split}",
+                               unit="volume", disable=not self.progress):
                 volume = read_volume(record.image_path)
                 out.append(axial_slices(volume, size=self.image_size, slices=volume.array.shape[2],
                                         window=window)[:, None])
             self._slices[key] = out
         return self._slices[key]
+
+    def _volume_records(self, dataset: str, split: str) -> list[Record]:
+        """`records(dataset, split)`, which must all be volumes (an EvalError names the first
+        that is not)."""
+        records = self.records(dataset, split)
+        flat = [r.image_path for r in records if r.ndim != 3]
+        if flat:
+            raise EvalError(f"{dataset}: {flat[0]} is not a volume; the 3D tasks need a 3D dataset")
+        return records
 
     def image_id(self, record: Record) -> str:
         """The record's image path relative to the data root (POSIX), its id in split files."""

@@ -89,10 +89,11 @@ def run_probe(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
 
 def retrieve_volumes(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     """Volume -> report and report -> volume Recall@K on the test split of `dataset`."""
-    records = [r for r in ctx.data.require(dataset, "test") if r.report]
+    test = ctx.data.require(dataset, "test")
+    keep = [i for i, r in enumerate(test) if r.report]
+    records = [test[i] for i in keep]
     if len(records) < 2:
         return {"skipped": f"{len(records)} test volume(s) with a report"}
-    keep = [i for i, r in enumerate(ctx.data.records(dataset, "test")) if r.report]
     volumes = volume_features(encoder, ctx, dataset, "test", "projected")[keep]
     reports = ctx.text_features(encoder, [r.report for r in records], "projected")
     sims = (F.normalize(volumes, dim=-1) @ F.normalize(reports, dim=-1).T).numpy()  # (N, N)
