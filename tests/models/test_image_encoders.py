@@ -8,7 +8,9 @@ import safetensors.torch
 import torch
 
 from unimed.config import ConfigError
-from unimed.models.image import IMAGE_ENCODERS, create_image_encoder, load_image_weights
+from unimed.models.image import (
+    IMAGE_ENCODERS, create_image_encoder, freeze_image_levels, frozen_prefix, load_image_weights,
+)
 
 
 def test_registry_holds_paper_and_cpu_presets() -> None:
@@ -170,3 +172,47 @@ def test_loading_by_position_names_the_first_shape_mismatch(tmp_path) -> None:
     torch.save(dict(list(renamed.items())[:5]), path)
     with pytest.raises(ValueError, match="5 tensors"):
         load_weights_by_position(target, path)
+
+
+def test_frozen_levels_stop_gradients_and_batch_norm_statistics_of_the_stem_stages() -> None:
+    torch.manual_seed(0)
+    reference = create_image_encoder("resnet10t").eval()
+    model = create_image_encoder("resnet10t")
+    model.load_state_dict(reference.state_dict())
+    assert frozen_prefix(model, 2) == ["conv1", "bn1", "act1", "maxpool", "layer1"]
+    freeze_image_levels(model, 2)
+    image = torch.rand(4, 3, 64, 64)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    model(image).square().mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    frozen = [n for n in grads if n.split(".")[0] in ("conv1", "bn1", "layer1")]
+    assert frozen and all(grads[n] is None for n in frozen)
+    assert all(grads[n] is not None for n in grads if n not in frozen)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("layer2", "layer3", "layer4")) for k in moved)
+    # In train mode the frozen stages compute what the unfrozen encoder computes in eval mode.
+    with torch.no_grad():
+        level = model.forward_intermediates(image, indices=[1], intermediates_only=True)[0]
+        expected = reference.forward_intermediates(image, indices=[1], intermediates_only=True)[0]
+    torch.testing.assert_close(level, expected, rtol=1e-5, atol=1e-5)
+    # Checkpoints move between frozen and unfrozen encoders of the same preset.
+    create_image_encoder("resnet10t").load_state_dict(model.state_dict())
+    model.load_state_dict(reference.state_dict())
+
+
+def test_frozen_levels_freeze_a_vits_class_token_and_position_embeddings() -> None:
+    model = create_image_encoder("vit_tiny_patch8_64")
+    freeze_image_levels(model, 1)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= frozen
+    assert all(not n.startswith(("blocks.1.", "norm.")) for n in frozen)
+
+
+def test_frozen_levels_out_of_range_name_the_key() -> None:
+    model = create_image_encoder("resnet10t")
+    with pytest.raises(ValueError, match=r"method.image.frozen_levels=9 .* 0\.\.5"):
+        freeze_image_levels(model, 9)
+    freeze_image_levels(model, 0)
+    assert all(p.requires_grad for p in model.parameters())

@@ -6,6 +6,9 @@ target spacing or size, HU windowing. Every failure is a :class:`DataError` nami
 truncated or unreadable files, a `.raw` that is missing or short, non-positive spacing, NaN voxels,
 and values that can only come from rescaling stored values that were already in HU (the double
 rescale that CT-CLIP's pipeline is known for).
+
+MONAI is imported by the two functions that use it: importing it takes seconds, and every command
+imports this module through the dataset adapters, most of them without ever reading a volume.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Orientation, Resize, ScaleIntensityRange, Spacing
 from PIL import Image
 
 from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
@@ -175,6 +176,9 @@ def check_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The array re-ordered (MONAI Orientation) so its axes run towards R, A, S, with its new affine."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
     tensor = Orientation(axcodes="RAS", labels=RAS_LABELS)(MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None],
                                                    affine=torch.as_tensor(affine)))
     return tensor[0].numpy(), tensor.affine.numpy().astype(np.float64)
@@ -211,6 +215,9 @@ def prepare_volume(
     """The (1, X, Y, Z) network input of a RAS volume: resampled to `spacing` mm (MONAI Spacing),
     resized to `shape` (MONAI Resize), and HU windowed to [0, 1] (MONAI ScaleIntensityRange).
     Label maps are resampled with nearest neighbours and not windowed."""
+    from monai.data import MetaTensor
+    from monai.transforms import Resize, ScaleIntensityRange, Spacing
+
     tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None],
                         affine=torch.as_tensor(volume.affine))
     if spacing is not None:

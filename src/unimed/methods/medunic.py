@@ -11,7 +11,7 @@ from transformers import PretrainedConfig
 from unimed.losses.medunic import MedUniCLoss
 from unimed.methods.base import Method, StepContext
 from unimed.models.config import MedUniCConfig
-from unimed.models.image import create_image_encoder
+from unimed.models.image import create_image_encoder, freeze_image_levels
 from unimed.models.medunic import MedUniC
 from unimed.models.text import create_text_encoder, freeze_text_layers
 
@@ -36,6 +36,7 @@ def build_medunic(
 ) -> MedUniCMethod:
     """Med-UniC from `cfg`: timm image preset, BERT text encoder with its first layers frozen."""
     image = create_image_encoder(cfg.image.encoder, cfg.image.weights)
+    freeze_image_levels(image, cfg.image.frozen_levels)
     text = create_text_encoder(text_encoder or cfg.text.encoder, cfg.text, vocab_size=vocab_size)
     freeze_text_layers(text, cfg.text.frozen_layers)
     return MedUniCMethod(cfg, MedUniC(cfg, image, text))

@@ -26,7 +26,7 @@ from unimed.data.records import Record
 from unimed.data.transforms import prior_transform
 from unimed.losses.prior import PriorLoss
 from unimed.methods.base import Method, Stage, StepContext
-from unimed.models.image import create_image_encoder
+from unimed.models.image import create_image_encoder, freeze_image_levels
 from unimed.models.prior import Prior
 from unimed.models.prior_config import STAGE_NAMES, PriorConfig
 from unimed.models.prior_layers import gumbel_temperature
@@ -101,6 +101,7 @@ def build_prior(cfg: PriorConfig, *, vocab_size: int | None = None,
                 text_encoder: str | None = None) -> PriorMethod:
     """PRIOR from `cfg`: a registered convolutional image preset and the BERT text encoder."""
     image = create_image_encoder(cfg.image.encoder, cfg.image.weights)
+    freeze_image_levels(image, cfg.image.frozen_levels)
     text = create_text_encoder(text_encoder or cfg.text.encoder, cfg.text, vocab_size=vocab_size)
     freeze_text_layers(text, cfg.text.frozen_layers)
     return PriorMethod(cfg, Prior(cfg, image, text))

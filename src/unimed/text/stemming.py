@@ -41,19 +41,24 @@ def _stemmer(name: str) -> Any:
     return snowballstemmer.stemmer(name)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def stem_word(word: str, algorithm: str) -> str:
+    """`word` stemmed by the named snowball algorithm. Cached: a corpus of reports repeats a few
+    thousand words, and the pure-Python stemmers cost tens of microseconds a word."""
+    return _stemmer(algorithm).stemWord(word)
+
+
 def stem_text(text: str, algorithm: str) -> str:
     """Stem every word of `text` with the named snowball algorithm, keeping punctuation."""
-    stemmer = _stemmer(algorithm)
-    return _WORD.sub(lambda m: stemmer.stemWord(m.group()), text)
+    return _WORD.sub(lambda m: stem_word(m.group(), algorithm), text)
 
 
 def unchanged_share(texts: Sequence[str], algorithm: str) -> tuple[float, int]:
     """(share of the words of five or more letters that stemming leaves as they are, their count)."""
-    stemmer = _stemmer(algorithm)
     words = [word.lower() for text in texts for word in _LONG_WORD.findall(text)]
     if not words:
         return 0.0, 0
-    return sum(stemmer.stemWord(word) == word for word in words) / len(words), len(words)
+    return sum(stem_word(word, algorithm) == word for word in words) / len(words), len(words)
 
 
 def detect_stemming(texts: Sequence[str], language: str) -> dict[str, Any]:
