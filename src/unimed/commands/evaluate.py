@@ -6,7 +6,8 @@ The checkpoint's own resolved config (saved with its run) is used when no preset
 Beside metrics.json: bootstrap.npz, the bootstrap replicates of every metric keyed
 "<encoder>/<task>/<path>/<metric>" (the paired comparisons of the checks read them; in the JSON they
 would be thousands of numbers per metric), and under eval/ the published split files of the
-evaluation sets, whose SHA-256 metrics.json and the report list.
+evaluation sets, whose SHA-256 metrics.json and the report list. When a 3D task runs, the volume
+viewer figure of each of its datasets goes there too (once per run: it shows data, not an encoder).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +29,9 @@ from unimed.commands.train import text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
 from unimed.config import CONFIG_FILE, Config, ConfigError, load_config
 from unimed.eval.config import TASK_NAMES, VOLUME_TASK_NAMES
+
+if TYPE_CHECKING:
+    from unimed.eval.volume_viewer import Regenerated
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +121,7 @@ def run_evaluation(
     from unimed.eval.metrics import CONFIDENCE
     from unimed.eval.runner import evaluate
     from unimed.eval.tasks import TaskContext
+    from unimed.eval.volume_viewer import volume_datasets, write_volume_viewers
 
     start = time.perf_counter()
     # A missing or corrupt checkpoint fails before anything is written.
@@ -135,6 +141,9 @@ def run_evaluation(
                       "seed": cfg.eval.seed, "replicates": BOOTSTRAP_FILE},
         "splits": ctx.data.publish(figures),
     }
+    if any(task in VOLUME_TASK_NAMES for task in tasks):
+        metrics["volume_viewer"] = write_volume_viewers(ctx, volume_datasets(cfg.eval, tasks),
+                                                        phantom_volume)
     log_path = cfg.run.dir / "pretrain" / LOG_FILE
     if log_path.is_file():
         metrics["pretraining"] = plot_loss_curves(log_path, figures / LOSS_FIGURE)
@@ -147,6 +156,20 @@ def run_evaluation(
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_outputs(metrics, out_dir, figures, ctx.replicates)
     return metrics
+
+
+def phantom_volume(folder: Path, key: str) -> Regenerated | None:
+    """The phantom's CT study behind `<folder>/<key>` generated again, as the volume viewer takes it
+    (the evaluation layer never imports the phantom, so the command wires the two)."""
+    from unimed.eval.volume_viewer import Regenerated
+    from unimed.phantom.ct.world import regenerate_ct_study
+
+    study = regenerate_ct_study(folder.parent, folder.name, key)
+    if study is None:
+        return None
+    masks = {lesion.name: lesion.mask.transpose(2, 1, 0) for lesion in study.lesions
+             if lesion.mask is not None}
+    return Regenerated(study.hu.transpose(2, 1, 0), study.affine(), masks)  # (X, Y, Z): RAS order
 
 
 def read_replicates(out_dir: Path) -> dict[str, np.ndarray]:

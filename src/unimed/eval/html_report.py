@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from unimed.eval.checks import (
@@ -22,6 +24,7 @@ from unimed.eval.checks import (
     Replicates,
     all_quality_checks,
     as_float,
+    display_name,
     lookup,
 )
 from unimed.eval.report import (
@@ -35,6 +38,7 @@ from unimed.eval.report import (
     TITLE_CROSS,
     TITLE_I2R,
     TITLE_LINEAR,
+    TITLE_LOCALISATION,
     TITLE_PER_CLASS,
     TITLE_POOLED,
     TITLE_R2I,
@@ -42,6 +46,9 @@ from unimed.eval.report import (
     TITLE_SHORTCUT,
     TITLE_SPLITS,
     TITLE_TIMINGS,
+    TITLE_VOLUME_NOT_RUN,
+    TITLE_VOLUME_PROBE,
+    TITLE_VOLUME_RETRIEVAL,
     TITLE_ZERO_SHOT,
     Table,
     format_tables,
@@ -72,20 +79,13 @@ td.detail{white-space:normal;color:#52606d}
 .figures{display:flex;flex-wrap:wrap;gap:16px}
 figure{margin:0;border:1px solid #e4e7eb;padding:6px;background:#fff}
 figure img{display:block;max-width:560px;height:auto}figcaption{font-size:12px;color:#52606d;
-margin-top:4px}
+margin-top:4px}.wide figure img{max-width:100%}
 """
 
-SECTIONS = (
-    ("Zero-shot classification", (TITLE_ZERO_SHOT, TITLE_PER_CLASS), None),
-    ("Linear classification", (TITLE_LINEAR,), None),
-    ("Segmentation and detection", (TITLE_SEG_DET,), None),
-    ("Retrieval", (TITLE_I2R, TITLE_R2I, TITLE_CROSS, TITLE_POOLED, TITLE_SHORTCUT), None),
-    ("Community bias", (TITLE_BIAS, TITLE_BIAS_CONTROL), "bias"),
-    ("Grad-CAM", (), "gradcam"),
-    ("Ablation", (TITLE_ABLATION, TITLE_ORDERINGS), None),
-    ("Timings", (TITLE_TIMINGS,), None),
-    ("Evaluation sets", (TITLE_SPLITS,), None),
-)
+VIEWER_CAPTION = ("test volumes, axial slices across the finding and one outside it (last), "
+                  "radiological view; red: the finding (circle: nodule, contour: lesion mask), "
+                  "coloured contours: organ labels, orange frame: the finding's slices where no "
+                  "outline could be drawn")
 E = html.escape
 GROUP_START = ' class="gs"'
 
@@ -169,7 +169,7 @@ def _image_html(path: Path, caption: str) -> str:
             f"<figcaption>{E(caption)}</figcaption></figure>")
 
 
-def _figures_html(metrics: dict, task: str, figure_dir: Path) -> str:
+def _figures_html(metrics: dict, figure_dir: Path, task: str) -> str:
     """Each encoder's figures of ``task`` side by side, under the encoder's label."""
     parts = []
     for label, entry in methods(metrics):
@@ -184,6 +184,21 @@ def _figures_html(metrics: dict, task: str, figure_dir: Path) -> str:
                 if isinstance(classes, list) else "")
         parts.append(f'<h3>{E(label)}</h3><div class="figures">{images}</div>{note}')
     return "".join(parts)
+
+
+def _viewer_html(metrics: dict, figure_dir: Path) -> str:
+    """The volume viewer: one figure per 3D dataset of the run, and why a dataset has none."""
+    viewer = metrics.get("volume_viewer")
+    figures, skipped = lookup(viewer, "figures"), lookup(viewer, "skipped")
+    images = "".join(
+        _image_html(figure_dir / str(name), f"{display_name(str(dataset))}: {VIEWER_CAPTION}")
+        for dataset, name in figures.items()) if isinstance(figures, dict) else ""
+    notes = "".join(
+        f'<p class="note">No viewer figure for {E(display_name(str(dataset)))}: {E(str(why))}</p>'
+        for dataset, why in skipped.items()) if isinstance(skipped, dict) else ""
+    if not images and not notes:
+        return ""
+    return f'<h3>Volume viewer</h3><div class="figures wide">{images}</div>{notes}'
 
 
 BADGES = {PASS: ("pass", "PASS"), FAIL: ("fail", "FAIL"), TIE: ("tie", "TIE"),
@@ -245,6 +260,23 @@ def _pretraining_html(metrics: dict, figure_dir: Path) -> str:
     return "".join(parts) or '<p class="muted">No pre-training log in this run.</p>'
 
 
+Section = tuple[str, tuple[str, ...], Callable[[dict, Path], str] | None]
+SECTIONS: tuple[Section, ...] = (
+    ("Zero-shot classification", (TITLE_ZERO_SHOT, TITLE_PER_CLASS), None),
+    ("Linear classification", (TITLE_LINEAR,), None),
+    ("Segmentation and detection", (TITLE_SEG_DET,), None),
+    ("Retrieval", (TITLE_I2R, TITLE_R2I, TITLE_CROSS, TITLE_POOLED, TITLE_SHORTCUT), None),
+    ("Community bias", (TITLE_BIAS, TITLE_BIAS_CONTROL), partial(_figures_html, task="bias")),
+    ("Grad-CAM", (), partial(_figures_html, task="gradcam")),
+    ("3D volumes", (TITLE_VOLUME_PROBE, TITLE_VOLUME_RETRIEVAL, TITLE_LOCALISATION, TITLE_VOLUME_NOT_RUN),
+     _viewer_html),
+    ("Ablation", (TITLE_ABLATION, TITLE_ORDERINGS), None),
+    ("Timings", (TITLE_TIMINGS,), None),
+    ("Evaluation sets", (TITLE_SPLITS,), None),
+)
+"""(heading, the tables under it, what draws its figures from the metrics and the figure folder)."""
+
+
 def render_report(metrics: dict, figure_dir: Path, checks: list[Check] | None = None,
                   replicates: Replicates | None = None) -> str:
     """The report as one self-contained HTML string (see :func:`write_report`)."""
@@ -253,10 +285,10 @@ def render_report(metrics: dict, figure_dir: Path, checks: list[Check] | None = 
     notes = table_notes(metrics)
     parts = [_meta_html(metrics), "<h2>Quality checks</h2>", _checks_html(checks),
              "<h2>Pre-training</h2>", _pretraining_html(metrics, Path(figure_dir))]
-    for heading, titles, figure_task in SECTIONS:
+    for heading, titles, figures in SECTIONS:
         content = "".join(_table_html(tables[t], notes.get(t, "")) for t in titles if t in tables)
-        if figure_task:
-            content += _figures_html(metrics, figure_task, Path(figure_dir))
+        if figures is not None:
+            content += figures(metrics, Path(figure_dir))
         parts.append(f"<h2>{E(heading)}</h2>" + (content or '<p class="muted">Not in this run.</p>'))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>Evaluation report</title><style>{CSS}</style></head>"

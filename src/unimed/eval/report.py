@@ -1,4 +1,5 @@
-"""Evaluation report: the paper's tables (Med-UniC Tables 1–4) from a ``metrics.json`` dict.
+"""Evaluation report: the paper's tables (Med-UniC Tables 1–4, UniMedI's 3D tables) from a
+``metrics.json`` dict.
 
 :func:`format_tables` lays the numbers out as plain-string tables, which the CLI prints in the
 terminal and :func:`unimed.eval.html_report.write_report` renders into one self-contained HTML file,
@@ -28,6 +29,7 @@ from unimed.eval.checks import (
     percent,
     percent_ci,
 )
+from unimed.eval.config import VOLUME_TASK_NAMES
 
 Table = tuple[str, list[str], list[list[str]]]
 Row = tuple[list[str], object]  # (label cells, the object the column getters read)
@@ -48,7 +50,9 @@ TITLE_BIAS_CONTROL = ("Community bias where it can fail: parallel-report retriev
                       "the control community (%, ratio raw)")
 TITLE_ABLATION = "Ablation: the rows of the method's paper table (%, mean over seeds)"
 TITLE_ORDERINGS = "Ablation orderings: difference of seed means with its Welch 95 % interval (points)"
-TITLE_VOLUME_PROBE = "3D: volume classification, linear probe on slice-wise features (%)"
+TITLE_VOLUME_PROBE = ("UniMedI Table 2: 3D linear classification, linear probe on frozen slice-wise "
+                      "features (%)")
+TITLE_VOLUME_NOT_RUN = "UniMedI Tables 3 and 6: 3D tasks not run"
 TITLE_VOLUME_RETRIEVAL = "3D: volume ↔ report retrieval (%)"
 TITLE_LOCALISATION = ("3D: slice localisation, share of findings that the top-k slices hit "
                       "(%, random: k slices drawn at random)")
@@ -60,6 +64,16 @@ BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I,
 LINEAR_SETS = ("chexpert", "rsna", "covidx")
 RETRIEVAL_SETS = ("mimic-cxr", "padchest")
 RETRIEVAL_METRICS = ("R@1", "R@5", "R@10", "P@1", "P@5", "P@10")
+VOLUME_PROBE_SETS = ("cc-ccii", "luna16")
+VOLUME_NOT_RUN = (
+    ("Table 3", "3D fine-tuning of the whole encoder, 100 % of the labels",
+     "CC-CCII (ACC), LUNA16 (AUC)",
+     "not run: unimed has no 3D fine-tuning task yet; Table 2's linear probe keeps the encoder frozen"),
+    ("Table 6", "3D semantic segmentation (UNETR), 20 / 40 / 100 % of the labels", "BCV (Dice)",
+     "not run: unimed has no 3D segmentation task yet"),
+)
+"""The UniMedI paper's 3D tables whose task unimed does not have yet: listed with the reason, never
+filled in."""
 BIAS_SPACES = (("text", "pooled"), ("text", "projected"), ("image", "pooled"), ("image", "projected"))
 BIAS_METRICS = (("probe_accuracy", "probe"), ("knn_accuracy", "kNN"), ("silhouette", "silhouette"),
                 ("distance_ratio", "ratio"))
@@ -188,9 +202,19 @@ def _seg_det_table(metrics: dict) -> Table | None:
 
 
 def _volume_probe_table(metrics: dict) -> Table | None:
+    """UniMedI Table 2's layout: one row per encoder, a column group per dataset (CC-CCII accuracy,
+    LUNA16 AUC, then any other probed set), a column per label fraction."""
     rows = _task_rows(metrics)
     return _table(TITLE_VOLUME_PROBE, ["Method"], rows,
-                  _fraction_columns(rows, "volume_probe", _keys(rows, "volume_probe")))
+                  _fraction_columns(rows, "volume_probe", VOLUME_PROBE_SETS))
+
+
+def _volume_not_run_table(metrics: dict) -> Table | None:
+    """Beside the 3D results, the paper's 3D tables whose task did not run here, and why."""
+    if not any(_keys(_task_rows(metrics), task) for task in VOLUME_TASK_NAMES):
+        return None
+    return (TITLE_VOLUME_NOT_RUN, ["UniMedI", "Task", "Datasets", "Status"],
+            [list(row) for row in VOLUME_NOT_RUN])
 
 
 def _volume_retrieval_table(metrics: dict) -> Table | None:
@@ -349,7 +373,7 @@ TABLE_BUILDERS: tuple[Callable[[dict], Table | None], ...] = (
     partial(_retrieval_table, direction="report_to_image", title=TITLE_R2I),
     partial(_retrieval_table, direction="cross_lingual", title=TITLE_CROSS),
     _pooled_table, _shortcut_table, _bias_table, _bias_control_table, _volume_probe_table,
-    _volume_retrieval_table, _localisation_table, _ablation_table,
+    _volume_retrieval_table, _localisation_table, _volume_not_run_table, _ablation_table,
     _orderings_table, _timings_table, _splits_table,
 )
 
@@ -368,7 +392,10 @@ def table_notes(metrics: dict) -> dict[str, str]:
     methods = _task_rows(metrics)
     notes = {TITLE_LINEAR: _train_note(methods, ("linear_probe",)),
              TITLE_SEG_DET: _train_note(methods, ("segmentation", "detection")),
-             TITLE_VOLUME_PROBE: _train_note(methods, ("volume_probe",))}
+             TITLE_VOLUME_PROBE: _train_note(methods, ("volume_probe",), "volumes",
+                                             VOLUME_PROBE_SETS),
+             TITLE_VOLUME_RETRIEVAL: _count_note(methods, "volume_retrieval", "queries", "Queries"),
+             TITLE_LOCALISATION: _count_note(methods, "slice_localisation", "pairs", "Findings")}
     queries = _first_found(methods, "retrieval", "queries")
     if isinstance(queries, dict) and queries:
         notes[TITLE_I2R] = "Queries: " + ", ".join(f"{display_name(k)} {v}" for k, v in queries.items())
@@ -384,11 +411,20 @@ def _first_found(rows: list[Row], *path: str) -> object | None:
     return next((v for _, data in rows if (v := lookup(data, *path)) is not None), None)
 
 
-def _train_note(methods: list[Row], tasks: tuple[str, ...]) -> str:
-    """"Training images: SIIM 1% 16, 10% 160 …", from the first encoder that has each count."""
+def _count_note(methods: list[Row], task: str, key: str, label: str) -> str:
+    """"Queries: BIMCV-COVID19+ 14": the count `key` of each dataset of `task`."""
+    counts = [f"{display_name(name)} {count}" for name in _keys(methods, task)
+              if (count := _first_found(methods, task, name, key)) is not None]
+    return f"{label}: " + ", ".join(counts) if counts else ""
+
+
+def _train_note(methods: list[Row], tasks: tuple[str, ...], unit: str = "images",
+                order: Iterable[str] = ()) -> str:
+    """"Training images: SIIM 1% 16, 10% 160 …", from the first encoder that has each count;
+    datasets in `order` first, as their table's columns."""
     parts = []
     for task in tasks:
-        for name in _keys(methods, task):
+        for name in ordered(order, _keys(methods, task)):
             counts = [f"{fraction} {count}"
                       for fraction in sorted(_keys(methods, task, name, "fractions"), key=fraction_order)
                       if (count := _first_found(methods, task, name, "fractions", fraction,
@@ -396,4 +432,4 @@ def _train_note(methods: list[Row], tasks: tuple[str, ...]) -> str:
             prefix = f"{TASK_NAMES[task].lower()} " if len(tasks) > 1 else ""
             if counts:
                 parts.append(f"{prefix}{display_name(name)}: " + ", ".join(counts))
-    return "Training images: " + "; ".join(parts) if parts else ""
+    return f"Training {unit}: " + "; ".join(parts) if parts else ""

@@ -23,7 +23,7 @@ embeddings:
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unimed.data.adapters.tables import CsvTable, parse_number
 from unimed.data.labels import CCII_CLASSES
 from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
@@ -118,6 +119,42 @@ def run_retrieval(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class TruthRow:
+    """One finding of a phantom volume, a row of ``phantom_findings.csv``: the volume's path relative
+    to the dataset folder, the finding, the slices it occupies (RAS z indices, 0 the most inferior)
+    and, for a nodule, its centre in RAS world mm and its diameter."""
+
+    key: str
+    finding: str
+    slices: tuple[int, ...]
+    centre_mm: tuple[float, float, float] | None = None
+    diameter_mm: float | None = None
+
+
+def read_ground_truth(path: Path) -> list[TruthRow]:
+    """The rows of a ``phantom_findings.csv``; a malformed row is a DataError naming the file, the
+    line and the column."""
+    table = CsvTable(path, ("key", "finding", "slices"))
+    rows = []
+    for line, values in table:
+        row = table.row(line, values)
+        try:
+            slices = tuple(sorted({int(v) for v in row["slices"].split()}))
+        except ValueError:
+            raise table.error(f"slices {row['slices']!r} must be slice numbers separated by spaces",
+                              line, "slices") from None
+        if any(k < 0 for k in slices):
+            raise table.error(f"slices {row['slices']!r} must not be negative", line, "slices")
+        centre = tuple(parse_number(table, line, row, c) if c in row else math.nan
+                       for c in ("x_mm", "y_mm", "z_mm"))
+        diameter = parse_number(table, line, row, "diameter_mm") if "diameter_mm" in row else math.nan
+        rows.append(TruthRow(row["key"].strip(), row["finding"].strip(), slices,
+                             centre if all(math.isfinite(v) for v in centre) else None,
+                             diameter if math.isfinite(diameter) and diameter > 0 else None))
+    return rows
+
+
 def finding_slices(ctx: TaskContext, dataset: str) -> dict[str, list[tuple[str, set[int]]]]:
     """Volume path relative to the dataset folder -> [(finding, slices it occupies)] from the
     phantom's ground truth; an EvalError when the dataset has none (real data)."""
@@ -126,11 +163,9 @@ def finding_slices(ctx: TaskContext, dataset: str) -> dict[str, list[tuple[str, 
         raise EvalError(f"slice_localisation needs the slice ground truth {path}, which only the "
                         "phantom world writes")
     truth: dict[str, list[tuple[str, set[int]]]] = {}
-    with path.open(newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            slices = {int(v) for v in row["slices"].split()}
-            if row["finding"] in FINDING_CLASSES and slices:
-                truth.setdefault(row["key"], []).append((row["finding"], slices))
+    for row in read_ground_truth(path):
+        if row.finding in FINDING_CLASSES and row.slices:
+            truth.setdefault(row.key, []).append((row.finding, set(row.slices)))
     return truth
 
 

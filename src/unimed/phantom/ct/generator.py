@@ -24,6 +24,8 @@ from unimed.phantom.study import Finding
 CT_LANG_DIR = LANG_DIR / "ct"
 HU_RANGE = (-1024, 3071)
 _STUDY, _PATIENT = 10, 12  # key namespaces, apart from the 2D generator's
+PATIENT_ID_BASE, STUDY_ID_BASE = 20_000_000, 60_000_000
+"""Patient and study ids are these plus the patient and study numbers."""
 
 
 @dataclasses.dataclass
@@ -143,8 +145,8 @@ def generate_ct_study(
     )
     return CTStudy(
         index=index,
-        patient_id=str(20_000_000 + patient),
-        study_id=str(60_000_000 + index),
+        patient_id=str(PATIENT_ID_BASE + patient),
+        study_id=str(STUDY_ID_BASE + index),
         site=site,
         language=language,
         sex=sex,

@@ -22,13 +22,15 @@ SIDES = ("right", "left")
 @dataclasses.dataclass(frozen=True)
 class Lesion:
     """Where one finding is in the volume. `slices` are z indices (RAS order, 0 = most inferior);
-    nodules also give their centre in world mm (RAS) and voxels (z, y, x) and their diameter."""
+    nodules also give their centre in world mm (RAS) and voxels (z, y, x) and their diameter.
+    `mask` is the (D, H, W) region whose slices `slices` lists, what a figure outlines."""
 
     name: str
     slices: tuple[int, ...]
     centre_mm: tuple[float, float, float] | None = None
     centre_voxel: tuple[float, float, float] | None = None
     diameter_mm: float | None = None
+    mask: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def _slices(mask: np.ndarray) -> tuple[int, ...]:
@@ -76,7 +78,8 @@ def _nodule(hu, anatomy, grid, attrs, rng, contrast) -> Lesion:
     dist = np.sqrt((grid.x - centre[0]) ** 2 + (grid.y - centre[1]) ** 2 + dz**2)
     occupancy = np.clip((radius - dist) / grid.pixel_mm + 0.5, 0.0, 1.0)
     _blend(hu, occupancy, 35.0, contrast)
-    return Lesion("nodule", _slices(occupancy > 0.5), centre, centre_voxel, diameter)
+    mask = occupancy > 0.5
+    return Lesion("nodule", _slices(mask), centre, centre_voxel, diameter, mask)
 
 
 def _ground_glass(hu, anatomy, grid, rng, contrast) -> Lesion:
@@ -98,7 +101,8 @@ def _ground_glass(hu, anatomy, grid, rng, contrast) -> Lesion:
             weight += np.exp(-d2).astype(np.float32)
     weight = np.clip(weight, 0.0, 1.0) * (anatomy.lungs["right"] | anatomy.lungs["left"])
     _blend(hu, weight, -560.0, contrast)
-    return Lesion("covid", _slices(weight > 0.3))
+    mask = weight > 0.3
+    return Lesion("covid", _slices(mask), mask=mask)
 
 
 def _consolidation(hu, anatomy, grid, attrs, rng, contrast) -> Lesion:
@@ -112,7 +116,7 @@ def _consolidation(hu, anatomy, grid, attrs, rng, contrast) -> Lesion:
     edge = ndimage.gaussian_filter(rng.standard_normal(grid.shape).astype(np.float32), (1.0, 3.0, 3.0))
     region = lung & band & (edge > -0.6 * float(edge.std()))
     _blend(hu, region.astype(np.float32), 30.0, contrast)
-    return Lesion("pneumonia", _slices(region))
+    return Lesion("pneumonia", _slices(region), mask=region)
 
 
 _EFFUSION_DEPTH = {"small": (0.22, 0.3), "moderate": (0.38, 0.5), "large": (0.55, 0.75)}
@@ -128,7 +132,7 @@ def _effusion(hu, anatomy, grid, attrs, contrast) -> Lesion:
         cy, ay = anatomy.lung_centre[side][1], anatomy.lung_axes[side][1]
         region |= anatomy.lungs[side] & (grid.y < cy - ay + 2 * ay * depth) & (_zone_of(anatomy, grid, side) < height)
     _blend(hu, region.astype(np.float32), HU["fluid"], contrast)
-    return Lesion("pleural_effusion", _slices(region))
+    return Lesion("pleural_effusion", _slices(region), mask=region)
 
 
 def _pneumothorax(hu, anatomy, grid, attrs, contrast) -> Lesion:
@@ -137,7 +141,7 @@ def _pneumothorax(hu, anatomy, grid, attrs, contrast) -> Lesion:
     cy, ay = anatomy.lung_centre[side][1], anatomy.lung_axes[side][1]
     region = anatomy.lungs[side] & (grid.y > cy + ay - 2 * ay * _PNEUMOTHORAX_DEPTH[attrs["size"]])
     _blend(hu, region.astype(np.float32), HU["air"], contrast)
-    return Lesion("pneumothorax", _slices(region))
+    return Lesion("pneumothorax", _slices(region), mask=region)
 
 
 def render_lesions(

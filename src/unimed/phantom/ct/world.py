@@ -17,7 +17,8 @@ from typing import Any
 from tqdm import tqdm
 
 from unimed.phantom.config import PhantomConfig
-from unimed.phantom.ct.generator import generate_ct_study
+from unimed.phantom.ct.config import CTConfig
+from unimed.phantom.ct.generator import CTStudy, generate_ct_study
 from unimed.phantom.ct.writers import CT_LAYOUTS
 from unimed.phantom.world import (
     CHUNK,
@@ -56,6 +57,32 @@ class CTWorldManifest:
 def load_ct_manifest(root: str | Path) -> CTWorldManifest:
     """Read `<root>/manifest-ct.json`; a clear error when it is missing or malformed."""
     return read_manifest(Path(root) / CT_MANIFEST, CTWorldManifest, "CT phantom", "the 3D world")
+
+
+def regenerate_ct_study(root: str | Path, folder: str, key: str) -> CTStudy | None:
+    """The study the phantom wrote under `<root>/<folder>/<key>` (a ``phantom_findings.csv`` key),
+    generated again from the seed, shape, difficulty and study count of `manifest-ct.json`; None when
+    `folder` is not one of its CT layouts or no study of it has that key. A missing or malformed
+    manifest is a FileNotFoundError / ValueError naming it.
+
+    The manifest does not record the sites file or the language packs (the packaged ones are used),
+    so a world written with others regenerates differently: compare the result with the file on
+    disk before trusting it.
+    """
+    manifest = load_ct_manifest(root)
+    layout = WRITERS_BY_FOLDER.get(folder)
+    if layout is None or folder not in manifest.datasets:
+        return None
+    ct = CTConfig(enabled=True, shape=manifest.shape, difficulty=manifest.difficulty,
+                  **{layout.count_field: manifest.datasets[folder].studies})
+    writer = layout(PhantomConfig(root=str(root), seed=manifest.seed, ct=ct), Path(root) / folder)
+    for index in writer.candidates(key):
+        if 0 <= index < writer.count():
+            study = generate_ct_study(ct, manifest.seed, writer.dataset, index, site=writer.site(index),
+                                      enrich=writer.enrich)
+            if writer.key(study) == key:
+                return study
+    return None
 
 
 def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> list[StudyResult]:

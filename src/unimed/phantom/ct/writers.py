@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import abc
 import gzip
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import ClassVar, Mapping, Sequence
 
 import nibabel as nib
@@ -23,7 +24,7 @@ from unimed.data.volumes import SLICE_WINDOW
 from unimed.phantom.catalogue import PADCHEST_NAME
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.ct.anatomy import ORGANS
-from unimed.phantom.ct.generator import CTStudy
+from unimed.phantom.ct.generator import STUDY_ID_BASE, CTStudy
 from unimed.phantom.writers.base import ManifestEntry, Row, StudyResult, stable_int, write_csv
 
 TRUTH_CSV = "phantom_findings.csv"
@@ -99,6 +100,15 @@ class CTLayoutWriter(abc.ABC):
         return self.sites[0] if index < (self.count() + 1) // 2 else self.sites[1]
 
     @abc.abstractmethod
+    def key(self, study: CTStudy) -> str:
+        """The study's volume path under `dest` (POSIX), its key in ``phantom_findings.csv``."""
+
+    @abc.abstractmethod
+    def candidates(self, key: str) -> list[int]:
+        """Indices of the studies that may be the one written under `key`, found without generating
+        any: a study is generated again only to check that its :meth:`key` is `key`."""
+
+    @abc.abstractmethod
     def write_study(self, study: CTStudy) -> StudyResult:
         """Write the study's files; return its table rows and manifest entry."""
 
@@ -128,9 +138,17 @@ class BimcvWriter(CTLayoutWriter):
     count_field = "bimcv_studies"
     sites = ("valencia", "elche")
 
+    def key(self, study: CTStudy) -> str:
+        sub, ses = f"sub-S{study.patient_id}", f"ses-E{study.study_id}"
+        return f"{sub}/{ses}/mod-ct/{sub}_{ses}_run-1_bp-chest_ct.nii.gz"
+
+    def candidates(self, key: str) -> list[int]:
+        found = re.search(r"/ses-E(\d+)/", key)
+        return [int(found.group(1)) - STUDY_ID_BASE] if found else []
+
     def write_study(self, study: CTStudy) -> StudyResult:
         sub, ses = f"sub-S{study.patient_id}", f"ses-E{study.study_id}"
-        rel = f"{sub}/{ses}/mod-ct/{sub}_{ses}_run-1_bp-chest_ct.nii.gz"
+        rel = self.key(study)
         write_bytes(self.dest / rel, nifti_bytes(study, study.hu, intensity=True))
         labels = present_labels(study) or ["normal"]
         rows = (
@@ -167,9 +185,19 @@ class CcciiWriter(CTLayoutWriter):
     sites = ("guangzhou", "wuhan")
     enrich = {"covid": 1 / 3, "pneumonia": 1 / 3}
 
+    def scan(self, index: int) -> str:
+        """The scan id of study `index`."""
+        return str(stable_int("ccii-scan", self.cfg.seed, index) % 10**4)
+
+    def key(self, study: CTStudy) -> str:
+        return f"{study.ccii_class}/{study.patient_id}/{self.scan(study.index)}"
+
+    def candidates(self, key: str) -> list[int]:
+        scan = PurePosixPath(key).name
+        return [index for index in range(self.count()) if self.scan(index) == scan]
+
     def write_study(self, study: CTStudy) -> StudyResult:
-        scan = str(stable_int("ccii-scan", self.cfg.seed, study.index) % 10**4)
-        rel = f"{study.ccii_class}/{study.patient_id}/{scan}"
+        scan, rel = self.scan(study.index), self.key(study)
         low, high = SLICE_WINDOW
         pixels = np.clip((study.hu.astype(np.float32) - low) / (high - low) * 255.0, 0, 255)
         pixels = np.rint(pixels).astype(np.uint8)[:, ::-1, ::-1]
@@ -199,9 +227,20 @@ class Luna16Writer(CTLayoutWriter):
     sites = ("lidc_a", "lidc_b")
     enrich = {"nodule": 0.5}
 
-    def write_study(self, study: CTStudy) -> StudyResult:
-        uid = LUNA_UID_ROOT + str(stable_int("luna-uid", self.cfg.seed, study.index))
+    def uid(self, index: int) -> str:
+        """The series instance UID of study `index`."""
+        return LUNA_UID_ROOT + str(stable_int("luna-uid", self.cfg.seed, index))
+
+    def key(self, study: CTStudy) -> str:
         subset = f"subset{stable_int('luna-subset', self.cfg.seed, study.patient_id) % 10}"
+        return f"{subset}/{self.uid(study.index)}.mhd"
+
+    def candidates(self, key: str) -> list[int]:
+        uid = PurePosixPath(key).stem
+        return [index for index in range(self.count()) if self.uid(index) == uid]
+
+    def write_study(self, study: CTStudy) -> StudyResult:
+        uid, rel = self.uid(study.index), self.key(study)
         ras = study.acquisition.orientation == "RAS"
         image = sitk.GetImageFromArray(study.hu if ras else ras_to_lps_index(study.hu))
         image.SetSpacing(study.spacing)
@@ -209,7 +248,7 @@ class Luna16Writer(CTLayoutWriter):
         corner = study.origin if ras else far[:3]
         image.SetOrigin((-corner[0], -corner[1], corner[2]))
         image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1) if ras else (1, 0, 0, 0, 1, 0, 0, 0, 1))
-        path = self.dest / subset / f"{uid}.mhd"
+        path = self.dest / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(path), useCompression=False)
         rows: list[Row] = []
@@ -224,7 +263,7 @@ class Luna16Writer(CTLayoutWriter):
             vox = rng.uniform(0.3, 0.7, 3) * (np.array(study.hu.shape[::-1]) - 1)
             x, y, z = (study.affine() @ np.array([*vox, 1.0]))[:3]
             rows.append(("candidates", (uid, f"{-x:.4f}", f"{-y:.4f}", f"{z:.4f}", "0")))
-        rows += truth_rows(f"{subset}/{uid}.mhd", study)
+        rows += truth_rows(rel, study)
         return StudyResult(tuple(rows), self.entry(study, {"nodule": float(bool(nodules))}))
 
     def write_tables(self, rows: Sequence[Row]) -> None:
@@ -244,13 +283,20 @@ class BcvWriter(CTLayoutWriter):
     count_field = "bcv_studies"
     sites = ("nashville", "memphis")
 
+    def key(self, study: CTStudy) -> str:
+        return f"img/img{study.index + 1:04d}.nii.gz"
+
+    def candidates(self, key: str) -> list[int]:
+        found = re.fullmatch(r"img/img(\d+)\.nii\.gz", key)
+        return [int(found.group(1)) - 1] if found else []
+
     def write_study(self, study: CTStudy) -> StudyResult:
         number = f"{study.index + 1:04d}"
-        write_bytes(self.dest / "img" / f"img{number}.nii.gz", nifti_bytes(study, study.hu, intensity=True))
+        write_bytes(self.dest / self.key(study), nifti_bytes(study, study.hu, intensity=True))
         write_bytes(self.dest / "label" / f"label{number}.nii.gz",
                     nifti_bytes(study, study.organs, intensity=False))
         present = {name: 1.0 for name, value in ORGANS.items() if (study.organs == value).any()}
-        return StudyResult(truth_rows(f"img/img{number}.nii.gz", study), self.entry(study, present))
+        return StudyResult(truth_rows(self.key(study), study), self.entry(study, present))
 
     def write_tables(self, rows: Sequence[Row]) -> None:
         self.write_truth(rows)
