@@ -84,6 +84,20 @@ def test_early_stopping_keeps_the_best_validation_state():
     assert kept_score == pytest.approx(max(per_epoch))
 
 
+def test_a_validation_split_of_one_class_selects_by_validation_loss(caplog):
+    """AUC is undefined on an all-positive validation split. Training pushes those validation rows
+    towards the negative class, so their loss rises every epoch: the kept state must be the first
+    epoch's (the old rule never improved on minus infinity and kept the live, last weights)."""
+    x = torch.tensor([[1.0], [-1.0]]).repeat(16, 1)
+    train = (x, (x < 0).float())
+    valid = (torch.ones(6, 1), torch.ones(6, 1))
+    cfg = LinearProbeConfig(epochs=10, patience=3, lr=1e-1, batch_size=8)
+    kept = linear_probe.train_probe(train, valid, "auc", cfg, seed=0)
+    first = linear_probe.train_probe(train, valid, "auc", dataclasses.replace(cfg, epochs=1), seed=0)
+    assert torch.equal(kept.weight, first.weight) and torch.equal(kept.bias, first.bias)
+    assert "early stopping on the validation loss" in caplog.text
+
+
 def test_test_estimate_bootstraps_accuracy_with_the_given_resamples():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 2.0], [1.0, 0.0]])
     y = torch.tensor([0, 1, 1, 1, 0])  # correct: 1, 1, 0, 1, 1

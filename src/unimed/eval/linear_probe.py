@@ -113,7 +113,11 @@ def train_probe(
     cfg: LinearProbeConfig,
     seed: int,
 ) -> nn.Linear:
-    """A linear layer fitted on `train` (features, targets), the state of best `valid` metric."""
+    """A linear layer fitted on `train` (features, targets), the state of best `valid` metric.
+
+    A validation split on which the metric is undefined (AUC with one class in every column, as a
+    handful of volumes can be) selects by validation loss instead, with a warning: no state is
+    kept by accident."""
     x, y = train
     classes = int(y.max()) + 1 if metric == "accuracy" else y.shape[1]
     generator = torch.Generator().manual_seed(seed)
@@ -122,23 +126,32 @@ def train_probe(
         torch.manual_seed(seed)
         layer.reset_parameters()
     loss_fn = F.cross_entropy if metric == "accuracy" else F.binary_cross_entropy_with_logits
+    by_loss = score(layer(valid[0]), valid[1], metric) is None
+    if by_loss:
+        log.warning("linear probe: %s is undefined on the validation split (%d rows, one class); "
+                    "early stopping on the validation loss", metric, len(valid[1]))
+
+    def validation() -> float:
+        with torch.no_grad():
+            logits = layer(valid[0])
+            return -float(loss_fn(logits, valid[1])) if by_loss else score(logits, valid[1], metric)
+
     opt = torch.optim.AdamW(layer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best, best_state, stale = -math.inf, layer.state_dict(), 0
+    best, best_state, stale = -math.inf, None, 0
     for _ in range(cfg.epochs):
         for batch in torch.randperm(len(x), generator=generator).split(cfg.batch_size):
             opt.zero_grad(set_to_none=True)
             loss_fn(layer(x[batch]), y[batch]).backward()
             opt.step()
-        with torch.no_grad():
-            value = score(layer(valid[0]), valid[1], metric)
-        value = -math.inf if value is None else value
-        if value > best:
+        value = validation()
+        if best_state is None or value > best:
             best, best_state, stale = value, {k: v.clone() for k, v in layer.state_dict().items()}, 0
         else:
             stale += 1
             if stale >= cfg.patience:
                 break
-    layer.load_state_dict(best_state)
+    if best_state is not None:
+        layer.load_state_dict(best_state)
     return layer
 
 
