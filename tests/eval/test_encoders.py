@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -9,8 +10,11 @@ import pytest
 import torch
 from eval_helpers import TINY_MODEL
 from safetensors.torch import save_model
+from timm.layers import FrozenBatchNormAct2d
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from unimed.eval.encoders import build_encoder
+from unimed.eval.encoders import Encoder, build_encoder
+from unimed.methods import create_method
 from unimed.eval.tasks import fraction_label
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
@@ -61,6 +65,35 @@ def test_weights_of_another_architecture_are_refused(tmp_path, tiny_text_dir):
 def test_encoder_is_frozen_and_in_eval_mode(tiny_encoder):
     assert not tiny_encoder.model.training
     assert not any(p.requires_grad for p in tiny_encoder.model.parameters())
+
+
+@pytest.mark.parametrize("image_encoder", ["resnet10t", "efficientnet_lite0"])
+def test_frozen_batch_norms_compute_the_same_function_fused(tiny_text_dir, tiny_encoder, image_encoder):
+    # resnet10t's frozen stages hold torchvision's FrozenBatchNorm2d, EfficientNet's timm's
+    # FrozenBatchNormAct2d (with its activation).
+    image = dataclasses.replace(TINY_MODEL.image, encoder=image_encoder, frozen_levels=2)
+    model = create_method(dataclasses.replace(TINY_MODEL, image=image), text_encoder=str(tiny_text_dir),
+                          vocab_size=len(tiny_encoder.tokenizer)).model.eval()
+    frozen = [m for m in model.modules() if isinstance(m, (FrozenBatchNorm2d, FrozenBatchNormAct2d))]
+    assert frozen
+    generator = torch.Generator().manual_seed(0)
+    for norm in frozen:  # statistics far from the identity, so a dropped term or epsilon shows
+        for buffer in (norm.weight, norm.bias, norm.running_mean):
+            buffer.copy_(torch.randn(buffer.shape, generator=generator))
+        norm.running_var.copy_(torch.rand(norm.running_var.shape, generator=generator) / 20 + 0.01)
+    reference = copy.deepcopy(model)
+    encoder = Encoder("f", "F", model, tiny_encoder.tokenizer)
+    assert not any(isinstance(m, (FrozenBatchNorm2d, FrozenBatchNormAct2d))
+                   for m in encoder.model.modules())
+    images = torch.rand(4, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        pairs = [(encoder.image_features(images, projected=False), reference.pooled_image(images)),
+                 *zip(encoder.model.forward_intermediates(images),
+                      reference.forward_intermediates(images))]
+    for got, want in pairs:  # equal up to float rounding, relative to the map's scale
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert not encoder.model.training
 
 
 def test_fraction_labels():

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from timm.layers import unfreeze_batch_norm_2d
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -45,6 +46,11 @@ class Encoder:
     temperature: float = 0.07
 
     def __post_init__(self) -> None:
+        # The batch norms that method.image.frozen_levels froze (timm's FrozenBatchNormAct2d,
+        # torchvision's FrozenBatchNorm2d) compute x * scale + bias in separate eager ops; as
+        # eval-mode batch norms over the same tensors they compute the same function in one fused
+        # kernel, about three times faster on the CPU (a fifth of the demo encoder's forward).
+        unfreeze_batch_norm_2d(self.model)
         # Channels-last convolution weights: oneDNN runs the frozen convolutional encoders about a
         # third faster on the CPU (tensors of other ranks are untouched).
         self.model.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False)
