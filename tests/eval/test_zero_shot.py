@@ -163,8 +163,9 @@ class _OracleEncoder:
         features = torch.nn.functional.normalize(torch.cat([has, 1 - has], dim=1), dim=-1)
         return {"pooled": features, "projected": features}
 
-    def text_features(self, texts, normalize=False):
-        return torch.eye(len(self.texts))[[self.texts.index(t) for t in texts]]
+    def text_spaces(self, texts, batch_size=64):
+        features = torch.eye(len(self.texts))[[self.texts.index(t) for t in texts]]
+        return {"pooled": features, "projected": features}
 
 
 @pytest.mark.parametrize("flipped, expected", [(False, 1.0), (True, 0.0)])

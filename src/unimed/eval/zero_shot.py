@@ -46,14 +46,25 @@ def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str
     return out
 
 
+def prompt_texts(prompts: PromptSet, classes: Sequence[str]) -> list[str]:
+    """The positive prompts of `classes`, then their negative prompts (2C texts)."""
+    return [prompts.positive(c) for c in classes] + [prompts.negative(c) for c in classes]
+
+
+def prompt_differences(image_features: torch.Tensor, text_features: torch.Tensor) -> np.ndarray:
+    """(N, C) cosine(image, positive prompt) - cosine(image, negative prompt) from normalised
+    (N, E) image features and the (2C, E) features of :func:`prompt_texts`."""
+    sims = image_features @ text_features.T  # (N, 2C)
+    classes = len(text_features) // 2
+    return (sims[:, :classes] - sims[:, classes:]).numpy()
+
+
 def prompt_scores(
     encoder: Encoder, image_features: torch.Tensor, prompts: PromptSet, classes: Sequence[str]
 ) -> np.ndarray:
     """(N, C) cosine(image, positive prompt) - cosine(image, negative prompt)."""
-    texts = [prompts.positive(c) for c in classes] + [prompts.negative(c) for c in classes]
-    text = encoder.text_features(texts, normalize=True)  # (2C, E)
-    sims = image_features @ text.T  # (N, 2C)
-    return (sims[:, : len(classes)] - sims[:, len(classes) :]).numpy()
+    text = encoder.text_features(prompt_texts(prompts, classes), normalize=True)  # (2C, E)
+    return prompt_differences(image_features, text)
 
 
 def own_scores(
@@ -131,7 +142,10 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict:
                 encoder, images, list(prompts.values()), classes, ctx.cfg.batch_size)))
         else:
             features = ctx.image_features(encoder, dataset, SPLIT, "projected", normalize=True)
-            scores = {lang: prompt_scores(encoder, features, p, classes) for lang, p in prompts.items()}
+            # The prompts through the context's text cache: the sets share classes.
+            scores = {lang: prompt_differences(features, ctx.text_features(
+                encoder, prompt_texts(p, classes), "projected", normalize=True))
+                for lang, p in prompts.items()}
         out[dataset] = {
             lang: score_language(labels, scores[lang], classes, resamples) for lang in prompts
         }
