@@ -164,7 +164,8 @@ def fold_batch_norms(visual: nn.Module) -> nn.Module:
         for hook in hooks:
             hook.remove()
     pairs = [(conv, norm) for (conv, _, out), (norm, x, _) in zip(calls, calls[1:])
-             if isinstance(conv, nn.Conv2d) and isinstance(norm, BATCH_NORMS) and x is out]
+             if isinstance(conv, nn.Conv2d) and isinstance(norm, BATCH_NORMS) and x is out
+             and norm.running_var is not None]  # a norm without running statistics uses the batch's
     parents = {child: (parent, name) for parent in folded.modules()
                for name, child in parent.named_children()}
     for conv, norm in pairs:
