@@ -9,9 +9,12 @@ import pytest
 import torch
 from eval_helpers import TINY_MODEL
 from safetensors.torch import save_model
+from timm.layers import FrozenBatchNormAct2d
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from unimed.eval.encoders import build_encoder
+from unimed.eval.encoders import BATCH_NORMS, build_encoder, fold_batch_norms
 from unimed.eval.tasks import fraction_label
+from unimed.methods import create_method
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
 
@@ -61,6 +64,70 @@ def test_weights_of_another_architecture_are_refused(tmp_path, tiny_text_dir):
 def test_encoder_is_frozen_and_in_eval_mode(tiny_encoder):
     assert not tiny_encoder.model.training
     assert not any(p.requires_grad for p in tiny_encoder.model.parameters())
+
+
+def _randomise_norms(module: torch.nn.Module) -> None:
+    """Batch-norm statistics and affine terms far from the identity, so a dropped term shows."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for norm in module.modules():
+            if isinstance(norm, BATCH_NORMS):
+                shape = norm.running_var.shape
+                norm.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
+                norm.bias.copy_(torch.randn(shape, generator=generator) / 2)
+                norm.running_mean.copy_(torch.randn(shape, generator=generator) / 2)
+                norm.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+
+
+@pytest.mark.parametrize("image_encoder", ["resnet10t", "efficientnet_lite0"])
+def test_batch_norms_fold_into_their_convolutions(tiny_text_dir, tiny_encoder, image_encoder):
+    # Trainable and frozen norms (frozen_levels): torchvision's FrozenBatchNorm2d in resnet10t,
+    # timm's BatchNormAct2d and FrozenBatchNormAct2d (with their activation) in EfficientNet.
+    image = dataclasses.replace(TINY_MODEL.image, encoder=image_encoder, frozen_levels=2)
+    visual = create_method(dataclasses.replace(TINY_MODEL, image=image), text_encoder=str(tiny_text_dir),
+                           vocab_size=len(tiny_encoder.tokenizer)).model.visual.eval()
+    assert any(isinstance(m, (FrozenBatchNorm2d, FrozenBatchNormAct2d)) for m in visual.modules())
+    _randomise_norms(visual)
+    folded = fold_batch_norms(visual)
+    assert not any(isinstance(m, BATCH_NORMS) for m in folded.modules())
+    images = torch.rand(3, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pairs = [(folded(images), visual(images)),
+                 *zip(folded.forward_intermediates(images, intermediates_only=True),
+                      visual.forward_intermediates(images, intermediates_only=True))]
+    for got, want in pairs:  # equal up to float rounding, relative to the map's scale
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # The evaluation's encoders are built folded; without fold_norms, build_encoder keeps the
+    # method's own modules (what an export writes).
+    encoder = build_encoder("f", "F", TINY_MODEL, text_encoder=str(tiny_text_dir), fold_norms=True)
+    assert not any(isinstance(m, BATCH_NORMS) for m in encoder.visual.modules())
+    assert any(isinstance(m, BATCH_NORMS) for m in tiny_encoder.visual.modules())
+
+
+class _ConvReadTwice(torch.nn.Module):
+    """A convolution whose output feeds its batch norm and, beside it, the sum after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(4)
+
+    def forward_intermediates(self, x, intermediates_only=True):
+        y = self.conv(x)
+        return [self.norm(y) + y]
+
+    def forward(self, x):
+        return self.forward_intermediates(x)[0].mean((2, 3))
+
+
+def test_a_convolution_read_beside_its_norm_is_not_folded(caplog):
+    visual = _ConvReadTwice().eval()
+    _randomise_norms(visual)
+    with caplog.at_level("WARNING"):
+        assert fold_batch_norms(visual) is visual
+    assert "not folded" in caplog.text
+    assert isinstance(visual.norm, torch.nn.BatchNorm2d)
 
 
 def test_fraction_labels():

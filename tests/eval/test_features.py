@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unimed.eval.config import BiasConfig, DetectionConfig, LinearProbeConfig, SegmentationConfig
-from unimed.eval.data import rgb
+from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.features import FeatureCache
@@ -119,6 +119,38 @@ def test_each_split_and_text_is_encoded_once(
     direct = tiny_encoder.text_features(texts)
     torch.testing.assert_close(rows, direct, rtol=1e-5, atol=1e-5)
     assert ctx.text_features(tiny_encoder, [], "pooled").numel() == 0
+
+
+def test_each_image_is_decoded_once_per_run_and_encoded_once_per_encoder(
+    tiny_encoder: Encoder, task_context: TaskContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = EvalData(task_context.data.cfg)  # nothing decoded yet
+    decoded = {"crop": 0, "full": 0}
+    load = data.load
+
+    def counted_load(records, geometry, desc="images"):
+        decoded[geometry] += len(records)
+        return load(records, geometry, desc)
+
+    monkeypatch.setattr(data, "load", counted_load)
+    texts: list[str] = []
+    twin = dataclasses.replace(tiny_encoder, name="twin")  # a second encoder, the same model
+    for encoder in (tiny_encoder, twin):
+        def recorded(batch, spaces=encoder.text_spaces, **kwargs):
+            texts.extend(batch)
+            return spaces(batch, **kwargs)
+        monkeypatch.setattr(encoder, "text_spaces", recorded)
+    counter = Counter(tiny_encoder, monkeypatch)
+    ctx = dataclasses.replace(task_context, data=data, cfg=short_config(task_context), replicates={})
+    evaluate([tiny_encoder, twin], ctx, TASKS)
+    # Every task's images -- the splits and the samples the retrieval diagnostic and the bias
+    # audit's control community draw -- are decoded once for both encoders, and each encoder puts
+    # each decoded image through its tower once: the crop images for embeddings, the full-geometry
+    # splits for the dense maps that segmentation and detection share.
+    assert decoded["crop"] > 0 and decoded["full"] > 0
+    assert counter.images == 2 * decoded["crop"] and counter.maps == 2 * decoded["full"]
+    # Every report and prompt goes through each encoder's text tower once.
+    assert len(texts) == 2 * len(set(texts)) == counter.texts
 
 
 def test_unknown_space_is_a_clear_error(tiny_encoder: Encoder, task_context: TaskContext) -> None:

@@ -163,8 +163,9 @@ class _OracleEncoder:
         features = torch.nn.functional.normalize(torch.cat([has, 1 - has], dim=1), dim=-1)
         return {"pooled": features, "projected": features}
 
-    def text_features(self, texts, normalize=False):
-        return torch.eye(len(self.texts))[[self.texts.index(t) for t in texts]]
+    def text_spaces(self, texts, batch_size=64):
+        features = torch.eye(len(self.texts))[[self.texts.index(t) for t in texts]]
+        return {"pooled": features, "projected": features}
 
 
 @pytest.mark.parametrize("flipped, expected", [(False, 1.0), (True, 0.0)])
@@ -194,7 +195,8 @@ class _OwnRule:
         rows = self.labels[self.rows : self.rows + len(images)]
         self.rows += len(images)
         self.prompts.append((positive[0][:, 0].tolist(), negative[0][:, 0].tolist()))
-        return torch.from_numpy(2.0 * rows - 1.0)
+        sets = len(positive[0]) // self.labels.shape[1]  # the same answer for every prompt set
+        return torch.from_numpy(np.tile(2.0 * rows - 1.0, sets))
 
 
 class _OwnRuleEncoder(_OracleEncoder):
@@ -202,8 +204,10 @@ class _OwnRuleEncoder(_OracleEncoder):
 
     device = torch.device("cpu")
 
-    def __init__(self, labels, prompts, classes) -> None:
+    def __init__(self, labels, prompts, classes, *more_prompts) -> None:
         super().__init__(labels, prompts, classes)
+        for other in more_prompts:
+            self.texts += [other.positive(c) for c in classes] + [other.negative(c) for c in classes]
         self.model = _OwnRule(labels)
 
     def tokenize(self, texts):
@@ -242,6 +246,23 @@ def test_a_methods_own_zero_shot_rule_replaces_the_cosine_rule(task_context):
     assert encoder.model.rows == len(labels)
     c = len(classes)
     assert encoder.model.prompts[0] == (list(range(c)), list(range(c, 2 * c)))
+
+
+def test_an_own_rule_scores_every_language_in_one_pass_over_the_images(task_context):
+    cfg = task_context.cfg.zero_shot
+    classes = cfg.classes["pdc"]
+    labels = zero_shot.label_matrix(task_context.data.records("pdc", "test"), classes, "pdc")
+    english, spanish = load_prompts("en"), load_prompts("es")
+    encoder = _OwnRuleEncoder(labels, english, classes, spanish)
+    both = dataclasses.replace(cfg, datasets=("pdc",), languages=("en", "es"))
+    ctx = dataclasses.replace(task_context, cfg=dataclasses.replace(
+        task_context.cfg, zero_shot=both, batch_size=5))
+    out = zero_shot.run(encoder, ctx)["pdc"]
+    assert out["en"]["auc"] == out["es"]["auc"] == 1.0
+    assert encoder.model.rows == len(labels)  # each image scored once for both languages
+    c = len(classes)  # English pairs, then Spanish pairs (token id = index in encoder.texts)
+    assert encoder.model.prompts[0] == (list(range(c)) + list(range(2 * c, 3 * c)),
+                                        list(range(c, 2 * c)) + list(range(3 * c, 4 * c)))
 
 
 def test_runs_on_the_tiny_world(tiny_encoder, task_context):

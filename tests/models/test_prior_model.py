@@ -13,7 +13,7 @@ from transformers import BertTokenizerFast
 from unimed.eval.encoders import Encoder
 from unimed.eval.prior_zero_shot import multiclass_scores
 from unimed.eval.prompts import load_prompts
-from unimed.eval.zero_shot import own_scores
+from unimed.eval.zero_shot import own_scores, own_scores_by_language
 from unimed.losses.prior import PriorLoss
 from unimed.methods import create_method
 from unimed.models.config import ImageTowerConfig, TextTowerConfig
@@ -134,3 +134,14 @@ def test_binary_scores_pair_observed_and_negative_prompts() -> None:
         pair = [c, c + 2]
         combined = combine_scores(raw["global"][:, pair], raw["local"][:, pair], 0.5)
         torch.testing.assert_close(torch.as_tensor(got[:, c]), combined[:, 0] - combined[:, 1])
+
+
+def test_own_scores_of_several_languages_in_one_pass_equal_each_language_alone() -> None:
+    encoder = _encoder(_model(zero_shot_local_weight=0.5))
+    images = _batch()["image"]
+    prompt_sets = [load_prompts("en"), load_prompts("es")]
+    classes = ["pleural effusion", "cardiomegaly", "consolidation"]
+    together = own_scores_by_language(encoder, images, prompt_sets, classes)
+    for prompts, got in zip(prompt_sets, together):
+        want = own_scores(encoder, images, prompts, classes)
+        torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(want), rtol=1e-5, atol=1e-6)

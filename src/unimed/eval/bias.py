@@ -56,6 +56,7 @@ from unimed.data.records import Record
 from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
+from unimed.eval.features import SPACES
 from unimed.eval.retrieval import parallel_path, pessimistic_order, read_parallel, sample_queries
 from unimed.eval.tasks import TASKS, TaskContext
 
@@ -69,9 +70,10 @@ GROUPINGS = ("language", "site")
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """The audited records, each record's language, site and patient ("<dataset>/<patient_id>"),
-    and where their images are: `images` (N, 1, S, S) decoded for this sample alone, or else
-    `rows`, per (dataset, split) the rows of the cached split (``ctx.data.images(dataset, split,
-    "crop")``) in sample order, so the split's features are shared with the other tasks."""
+    and where their images are: `images` (N, 1, S, S), the sample's own (``ctx.data.sample_images``,
+    one decode for every encoder), or else `rows`, per (dataset, split) the rows of the cached split
+    (``ctx.data.images(dataset, split, "crop")``) in sample order, so the split's features are
+    shared with the other tasks."""
 
     records: list[Record]
     languages: np.ndarray
@@ -150,7 +152,7 @@ def draw_control(ctx: TaskContext, datasets: Sequence[str], per_group: int, seed
         pool = [r for r in records if r.site in sites and (r.split == PRETRAIN_SPLIT) == seen]
         languages = np.array([r.language for r in pool])
         picked = [pool[i] for i in per_language(languages, per_group, rng)]
-        images = ctx.data.load(picked, "crop", f"bias control/{subset}")  # (N, 1, S, S)
+        images = ctx.data.sample_images(picked, "crop", f"bias control/{subset}")  # (N, 1, S, S)
         out[subset] = Sample(picked, np.array([r.language for r in picked]),
                              np.array([r.site for r in picked]), patient_ids(picked), images)
     return out
@@ -281,13 +283,15 @@ def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[
             for k, name in enumerate(("first", "second"))}
 
 
-def image_embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample, space: str) -> np.ndarray:
-    """(N, D) `space` ("pooled" / "projected") features of the sample's images."""
+def image_embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample) -> dict[str, np.ndarray]:
+    """{"pooled", "projected"}: (N, D) features of the sample's images, both from one pass of the
+    image tower."""
     if sample.images is not None:
-        return encoder.image_features(rgb(sample.images), projected=space == "projected",
-                                      batch_size=ctx.cfg.batch_size).numpy()
-    return torch.cat([ctx.image_features(encoder, dataset, split, space)[torch.from_numpy(rows)]
-                      for dataset, split, rows in sample.rows]).numpy()
+        spaces = encoder.image_spaces(rgb(sample.images), batch_size=ctx.cfg.batch_size)
+        return {space: spaces[space].numpy() for space in SPACES}
+    return {space: torch.cat([ctx.image_features(encoder, dataset, split, space)[torch.from_numpy(rows)]
+                              for dataset, split, rows in sample.rows]).numpy()
+            for space in SPACES}
 
 
 def embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample) -> dict[str, dict[str, np.ndarray]]:
@@ -299,8 +303,7 @@ def embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample) -> dict[str, 
             "pooled": ctx.text_features(encoder, texts, "pooled").numpy(),
             "projected": ctx.text_features(encoder, texts, "projected").numpy(),
         },
-        "image": {space: image_embeddings(encoder, ctx, sample, space)
-                  for space in ("pooled", "projected")},
+        "image": image_embeddings(encoder, ctx, sample),
     }
 
 

@@ -1,7 +1,8 @@
 """Downstream data for evaluation: records per dataset and split, their images decoded once.
 
-Images are cached as (N, 1, S, S) float32 tensors in [0, 1] (grey), so every encoder and every task
-reuses one decode; `rgb` expands them to the 3 channels the encoders take. Two geometries:
+Images are cached as (N, 1, S, S) float32 tensors in [0, 1] (grey), per split and per sample a task
+draws (:meth:`EvalData.sample_images`), so every encoder and every task reuses one decode; `rgb`
+expands them to the 3 channels the encoders take. Two geometries:
 
 * ``"crop"``: resize to ``resize_size`` then centre-crop ``image_size`` (the paper's zero-shot and
   classification transform, as in pre-training);
@@ -48,6 +49,7 @@ class EvalData:
         self.progress = progress
         self._records: dict[str, list[Record]] = {}
         self._images: dict[tuple[str, str | None, str], torch.Tensor] = {}
+        self._samples: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
         self._slices: dict[tuple, torch.Tensor | list[torch.Tensor]] = {}
 
     @property
@@ -78,6 +80,17 @@ class EvalData:
         if key not in self._images:
             self._images[key] = self.load(self.records(dataset, split), geometry, f"{dataset}/{split}")
         return self._images[key]
+
+    def sample_images(self, records: Sequence[Record], geometry: str = "crop",
+                      desc: str = "images") -> torch.Tensor:
+        """(N, 1, S, S) images of `records`, a sample a task draws (not a whole split), decoded
+        once per run: every encoder reads the same decode (cached by the records' image paths)."""
+        if geometry not in GEOMETRIES:
+            raise EvalError(f"unknown geometry {geometry!r}; valid: {', '.join(GEOMETRIES)}")
+        key = (geometry, tuple(str(r.image_path) for r in records))
+        if key not in self._samples:
+            self._samples[key] = self.load(records, geometry, desc)
+        return self._samples[key]
 
     def slice_stacks(self, dataset: str, split: str, slices: int,
                      window: tuple[float, float]) -> torch.Tensor:

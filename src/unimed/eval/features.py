@@ -2,7 +2,8 @@
 
 Evaluation trains only small heads on a frozen encoder, so the encoder's forward passes are the
 part worth sharing: segmentation and detection read one split's dense maps, zero-shot, retrieval
-and the bias audit the same test images' embeddings, retrieval and the bias audit the same reports.
+and the bias audit the same test images' embeddings, retrieval and the bias audit the same reports,
+the zero-shot sets the prompts of the classes they share.
 :class:`FeatureCache` keys them
 
 * dense maps by (encoder, dataset, split, "full" geometry, image size): every level the encoder

@@ -131,11 +131,12 @@ def dataset_pairs(encoder: Encoder, ctx: TaskContext, dataset: str) -> Pairs:
     return Pairs(chosen, image, text)
 
 
-def encode_pairs(encoder: Encoder, records: list[Record], images: torch.Tensor, batch_size: int
+def encode_pairs(encoder: Encoder, ctx: TaskContext, records: list[Record], images: torch.Tensor
                  ) -> Pairs:
-    """Features of the images (N, 1, S, S) and reports of `records`."""
-    image = encoder.image_features(rgb(images), normalize=True, batch_size=batch_size)
-    text = encoder.text_features([r.report for r in records], normalize=True, batch_size=batch_size)
+    """Features of the images (N, 1, S, S) and reports (through the context's text cache) of
+    `records`."""
+    image = encoder.image_features(rgb(images), normalize=True, batch_size=ctx.cfg.batch_size)
+    text = ctx.text_features(encoder, [r.report for r in records], "projected", normalize=True)
     return Pairs(records, image, text)
 
 
@@ -207,12 +208,12 @@ def shortcut_diagnostic(encoder: Encoder, ctx: TaskContext, records: Sequence[Re
     """Can the image-text alignment lean on the language instead of the findings?
 
     On the pre-training pairs (`records`: train records with reports; at most
-    ``retrieval.diagnostic_pairs`` per language, seeded, whose images alone are decoded), the CVL
-    InfoNCE loss (the encoder's
-    temperature) over batches that mix the languages and over single-language batches of the same
-    size: when the mixed loss is clearly lower, other-language negatives were easy, i.e. language
-    was a shortcut (chance is ln B for both). And where each image's top-1 report lands over the
-    pooled pairs: its own study, the right language but a wrong study, or the other language.
+    ``retrieval.diagnostic_pairs`` per language, seeded, whose images alone are decoded, once for
+    every encoder), the CVL InfoNCE loss (the encoder's temperature) over batches that mix the
+    languages and over single-language batches of the same size: when the mixed loss is clearly
+    lower, other-language negatives were easy, i.e. language was a shortcut (chance is ln B for
+    both). And where each image's top-1 report lands over the pooled pairs: its own study, the
+    right language but a wrong study, or the other language.
     """
     cfg = ctx.cfg.retrieval
     languages = np.array([str(r.language) for r in records])
@@ -220,8 +221,8 @@ def shortcut_diagnostic(encoder: Encoder, ctx: TaskContext, records: Sequence[Re
     keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(languages == lang))[
         : cfg.diagnostic_pairs] for lang in np.unique(languages)]))
     chosen = [records[i] for i in keep]
-    images = ctx.data.load(chosen, "crop", "shortcut diagnostic")
-    pairs = encode_pairs(encoder, chosen, images, ctx.cfg.batch_size)
+    images = ctx.data.sample_images(chosen, "crop", "shortcut diagnostic")
+    pairs = encode_pairs(encoder, ctx, chosen, images)
     languages = languages[keep]
     size, temperature = cfg.diagnostic_batch_size, encoder.temperature
     mixed = [rng.permutation(len(keep))]

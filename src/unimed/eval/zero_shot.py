@@ -46,33 +46,57 @@ def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str
     return out
 
 
+def prompt_texts(prompts: PromptSet, classes: Sequence[str]) -> list[str]:
+    """The positive prompts of `classes`, then their negative prompts (2C texts)."""
+    return [prompts.positive(c) for c in classes] + [prompts.negative(c) for c in classes]
+
+
+def prompt_differences(image_features: torch.Tensor, text_features: torch.Tensor) -> np.ndarray:
+    """(N, C) cosine(image, positive prompt) - cosine(image, negative prompt) from normalised
+    (N, E) image features and the (2C, E) features of :func:`prompt_texts`."""
+    sims = image_features @ text_features.T  # (N, 2C)
+    classes = len(text_features) // 2
+    return (sims[:, :classes] - sims[:, classes:]).numpy()
+
+
 def prompt_scores(
     encoder: Encoder, image_features: torch.Tensor, prompts: PromptSet, classes: Sequence[str]
 ) -> np.ndarray:
     """(N, C) cosine(image, positive prompt) - cosine(image, negative prompt)."""
-    texts = [prompts.positive(c) for c in classes] + [prompts.negative(c) for c in classes]
-    text = encoder.text_features(texts, normalize=True)  # (2C, E)
-    sims = image_features @ text.T  # (N, 2C)
-    return (sims[:, : len(classes)] - sims[:, len(classes) :]).numpy()
+    text = encoder.text_features(prompt_texts(prompts, classes), normalize=True)  # (2C, E)
+    return prompt_differences(image_features, text)
 
 
 def own_scores(
     encoder: Encoder, images: torch.Tensor, prompts: PromptSet, classes: Sequence[str],
     batch_size: int = 64,
 ) -> np.ndarray:
-    """(N, C) scores of the model's own zero-shot rule, ``model.zero_shot_scores(images, positive,
-    negative)``: pixels in [0, 1] and the tokenised positive and negative prompts ((ids, mask) of
-    shape (C, L) each); a score > 0 calls the class present. A model's ``zero_shot_prompt`` names
-    the :class:`PromptSet` template of its positive prompts (PRIOR: "observed")."""
-    template = getattr(prompts, getattr(encoder.model, "zero_shot_prompt", "positive"))
-    positive = encoder.tokenize([template(c) for c in classes])
-    negative = encoder.tokenize([prompts.negative(c) for c in classes])
+    """(N, C) scores of the model's own zero-shot rule with one prompt set
+    (:func:`own_scores_by_language`)."""
+    return own_scores_by_language(encoder, images, [prompts], classes, batch_size)[0]
+
+
+def own_scores_by_language(
+    encoder: Encoder, images: torch.Tensor, prompt_sets: Sequence[PromptSet], classes: Sequence[str],
+    batch_size: int = 64,
+) -> list[np.ndarray]:
+    """Per prompt set, (N, C) scores of the model's own zero-shot rule, ``model.zero_shot_scores(
+    images, positive, negative)``: pixels in [0, 1] and the tokenised positive and negative prompts
+    ((ids, mask) of shape (K, L) each, K pairs); a score > 0 calls the class present. The rule
+    scores every (positive, negative) pair on its own, so the pairs of all prompt sets go in
+    together and each image passes through the image tower once, whatever the number of
+    languages. A model's ``zero_shot_prompt`` names the :class:`PromptSet` template of its positive
+    prompts (PRIOR: "observed")."""
+    template = getattr(encoder.model, "zero_shot_prompt", "positive")
+    positive = encoder.tokenize([getattr(p, template)(c) for p in prompt_sets for c in classes])
+    negative = encoder.tokenize([p.negative(c) for p in prompt_sets for c in classes])
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(encoder.device)
             out.append(encoder.model.zero_shot_scores(x, positive, negative).float().cpu())
-    return torch.cat(out).numpy()
+    scores = torch.cat(out).numpy()  # (N, sets * C)
+    return np.split(scores, len(prompt_sets), axis=1)
 
 
 def _positive_f1(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -114,11 +138,14 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict:
         resamples = ctx.resamples(dataset, SPLIT, len(records))
         if hasattr(encoder.model, "zero_shot_scores"):
             images = rgb(ctx.data.images(dataset, SPLIT))
-            scores = {lang: own_scores(encoder, images, p, classes, ctx.cfg.batch_size)
-                      for lang, p in prompts.items()}
+            scores = dict(zip(prompts, own_scores_by_language(
+                encoder, images, list(prompts.values()), classes, ctx.cfg.batch_size)))
         else:
             features = ctx.image_features(encoder, dataset, SPLIT, "projected", normalize=True)
-            scores = {lang: prompt_scores(encoder, features, p, classes) for lang, p in prompts.items()}
+            # The prompts through the context's text cache: the sets share classes.
+            scores = {lang: prompt_differences(features, ctx.text_features(
+                encoder, prompt_texts(p, classes), "projected", normalize=True))
+                for lang, p in prompts.items()}
         out[dataset] = {
             lang: score_language(labels, scores[lang], classes, resamples) for lang in prompts
         }
