@@ -230,10 +230,11 @@ def prepare_volume(
 
 
 def axial_slices(volume: Volume, *, size: int, slices: int,
-                 window: tuple[float, float] = (-1000.0, 400.0)) -> torch.Tensor:
+                 window: tuple[float, float] = (-1000.0, 400.0), labels: bool = False) -> torch.Tensor:
     """(slices, size, size) axial images of a RAS volume in [0, 1], inferior to superior: the
     volume resized (MONAI, trilinear) to size x size x `slices` and HU-windowed, each slice shown
     in the radiological convention (rows anterior to posterior, columns patient right to left),
-    the view a 2D encoder gets of a CT through the slice-wise adapter."""
-    tensor = prepare_volume(volume, shape=(size, size, slices), window=window)[0]  # (X, Y, Z)
+    the view a 2D encoder gets of a CT through the slice-wise adapter. With `labels` the volume is
+    a label map: resized with nearest neighbours, not windowed, so it stays aligned with the image."""
+    tensor = prepare_volume(volume, shape=(size, size, slices), window=window, labels=labels)[0]  # (X, Y, Z)
     return tensor.permute(2, 1, 0).flip(1, 2).contiguous()  # (Z, Y, X): rows from A, columns from R

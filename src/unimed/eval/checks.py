@@ -27,7 +27,7 @@ TASK_NAMES = {
     "zero_shot": "Zero-shot", "linear_probe": "Linear probe", "segmentation": "Segmentation",
     "detection": "Detection", "retrieval": "Retrieval", "bias": "Bias audit", "gradcam": "Grad-CAM",
     "volume_probe": "3D linear probe", "volume_retrieval": "3D retrieval",
-    "slice_localisation": "Slice localisation",
+    "slice_localisation": "Slice localisation", "volume_segmentation": "3D segmentation",
 }
 ZERO_SHOT_SETS = ("cxp500", "pdc")
 CHANCE = {"auc": 0.5}  # value of an uninformative score, for the metrics where it is fixed

@@ -17,7 +17,8 @@ TASK_NAMES: tuple[str, ...] = (
     "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam",
 )
 # Tasks on CT volumes (the 3D world: `phantom.ct.enabled`), run only when `eval.tasks` names them.
-VOLUME_TASK_NAMES: tuple[str, ...] = ("volume_probe", "volume_retrieval", "slice_localisation")
+VOLUME_TASK_NAMES: tuple[str, ...] = ("volume_probe", "volume_retrieval", "slice_localisation",
+                                       "volume_segmentation")
 
 
 # The CheXpert competition classes (CXP500) and the ten physician-labelled PDC classes.
@@ -203,6 +204,51 @@ class VolumeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VolumeSegmentationConfig:
+    """3D multi-organ segmentation (BCV, UniMedI Table 6): a UNETR decoder on the frozen encoder's
+    3D maps (:mod:`unimed.eval.volume_segmentation`); Dice per organ and mean.
+
+    From the paper (appendix 7.2): UNETR, AdamW, Dice + cross-entropy loss, batch 2 volumes,
+    20 / 40 / 100 % of the training labels (`fractions`). Its section 4 trains the decoder on a
+    frozen encoder, its appendix the entire model; here the encoder is frozen (the CPU budget: its
+    3D maps are computed once per split and cached). Forced by the CPU: volumes resized to `depth`
+    axial slices of ``data.image_size`` squared pixels (paper 48 x 224 x 224), `feature_size` 8
+    (UNETR: 16), lr 1e-3 instead of 1e-4 and `epochs` / `patience` instead of 25,000 iterations,
+    no augmentation. `min_stride`: the encoder maps of at least this stride feed the decoder;
+    `min_train_volumes` floors the small fractions (the 2D tasks' `eval.min_train_images` would
+    swallow a 21-volume training split whole).
+    """
+
+    datasets: tuple[str, ...] = ("bcv",)
+    fractions: tuple[float, ...] = (0.2, 0.4, 1.0)
+    min_train_volumes: int = 2
+    depth: int = 16
+    window: tuple[float, float] = (-160.0, 240.0)  # abdominal soft-tissue window (HU)
+    feature_size: int = 8
+    min_stride: int = 2
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-5
+    batch_size: int = 2
+    epochs: int = 12
+    min_epoch_steps: int = 8
+    patience: int = 4
+
+    def __post_init__(self) -> None:
+        for key in ("min_train_volumes", "depth", "feature_size", "min_stride", "batch_size", "epochs",
+                    "min_epoch_steps", "patience"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"eval.volume_segmentation.{key} must be >= 1, got {getattr(self, key)}")
+        bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
+        if bad or not self.fractions:
+            raise ValueError(f"eval.volume_segmentation.fractions must lie in (0, 1], got {list(self.fractions)}")
+        if not self.lr > 0:
+            raise ValueError(f"eval.volume_segmentation.lr must be > 0, got {self.lr}")
+        if len(self.window) != 2 or not self.window[0] < self.window[1]:
+            raise ValueError("eval.volume_segmentation.window must be [low, high] HU with low < high, "
+                             f"got {list(self.window)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Which tasks run, on which encoders, with which label fractions and seed."""
 
@@ -223,6 +269,7 @@ class EvalConfig:
     bias: BiasConfig = BiasConfig()
     gradcam: GradCAMConfig = GradCAMConfig()
     volume: VolumeConfig = VolumeConfig()
+    volume_segmentation: VolumeSegmentationConfig = VolumeSegmentationConfig()
 
     def __post_init__(self) -> None:
         valid_tasks = TASK_NAMES + VOLUME_TASK_NAMES

@@ -50,7 +50,7 @@ class EvalData:
         self._records: dict[str, list[Record]] = {}
         self._images: dict[tuple[str, str | None, str], torch.Tensor] = {}
         self._samples: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
-        self._slices: dict[tuple, torch.Tensor | list[torch.Tensor]] = {}
+        self._slices: dict[tuple, torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def image_size(self) -> int:
@@ -119,6 +119,20 @@ class EvalData:
                 out.append(axial_slices(volume, size=self.image_size, slices=volume.array.shape[2],
                                         window=window)[:, None])
             self._slices[key] = out
+        return self._slices[key]
+
+    def labelled_volumes(self, dataset: str, split: str, depth: int, window: tuple[float, float]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """((N, depth, S, S) windowed volumes, (N, depth, S, S) int64 label maps) of the labelled
+        volumes of `records(dataset, split)` (BCV), read one at a time and cached."""
+        from unimed.eval.volume_segmentation import read_labelled
+
+        key = (dataset, split, depth, tuple(window), "labelled")
+        if key not in self._slices:
+            records = self._volume_records(dataset, split)
+            pairs = [read_labelled(r, size=self.image_size, depth=depth, window=window)
+                     for r in tqdm(records, desc=f"{dataset}/{split}", unit="volume", disable=not self.progress)]
+            self._slices[key] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
         return self._slices[key]
 
     def _volume_records(self, dataset: str, split: str) -> list[Record]:

@@ -12,6 +12,7 @@ per split; a task takes the levels of stride >= its ``min_stride`` (:func:`selec
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimed.eval.data import rgb
-from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
+
+if TYPE_CHECKING:  # the encoder wrapper calls into this module (its slice-wise volume maps)
+    from unimed.eval.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +81,18 @@ def select_levels(maps: Maps, image_size: int, min_stride: int) -> Maps:
         strides = [image_size // m.shape[-1] for m in maps]
         raise EvalError(f"the image encoder has no feature map of stride >= {min_stride} (strides {strides})")
     return chosen
+
+
+def slice_wise_maps(encoder: Encoder, volumes: torch.Tensor, batch_size: int, min_stride: int) -> Maps:
+    """The slice-wise adapter's 3D maps: (N, D, 1, S, S) axial slices -> every slice's 2D maps of
+    stride s >= `min_stride`, stacked along depth and average-pooled there by s (at least one
+    slice deep), so each map is (N, C_i, max(D // s, 1), S / s, S / s) float16, shallow to deep."""
+    n, depth = volumes.shape[:2]
+    flat = dense_features(encoder, volumes.flatten(0, 1), batch_size, min_stride)  # (N D, C, h, w)
+    size = volumes.shape[-1]
+    out = []
+    for level in flat:
+        stacked = level.view(n, depth, *level.shape[1:]).transpose(1, 2).float()  # (N, C, D, h, w)
+        shape = (max(depth // (size // level.shape[-1]), 1), *level.shape[-2:])
+        out.append(F.adaptive_avg_pool3d(stacked, shape).half())
+    return out

@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import AutoTokenizer
 
+from unimed.eval.dense import Maps, slice_wise_maps
 from unimed.methods import MethodConfig, create_method
 from unimed.train.checkpoint import WEIGHTS_FILE, load_weights
 
@@ -96,6 +97,22 @@ class Encoder:
             pooled.append(feats.float().cpu())
             projected.append(self.model.project_text(feats).float().cpu())
         return _spaces(pooled, projected)
+
+    @torch.no_grad()
+    def volume_maps(self, volumes: torch.Tensor, *, batch_size: int = 64, min_stride: int = 2) -> Maps:
+        """(N, D, 1, S, S) axial slices in [0, 1] (inferior to superior) -> frozen 3D feature maps,
+        each (N, C_i, D_i, H_i, W_i) float16 on the CPU, shallow to deep: what 3D dense tasks read.
+
+        A native 3D encoder gives its own: a model with ``volume_intermediates`` (the same input,
+        the same output, e.g. a 3D ViT's token maps of a few blocks) is called on each batch.
+        Every 2D encoder goes through the slice-wise adapter
+        (:func:`unimed.eval.dense.slice_wise_maps`)."""
+        native = getattr(self.model, "volume_intermediates", None)
+        if native is None:
+            return slice_wise_maps(self, volumes, batch_size, min_stride)
+        chunks = [[m.half().cpu() for m in native(volumes[start : start + batch_size].to(self.device))]
+                  for start in range(0, len(volumes), batch_size)]
+        return [torch.cat(level) for level in zip(*chunks)]
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (B, L) on the encoder's device, padded to the longest."""

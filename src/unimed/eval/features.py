@@ -52,6 +52,7 @@ class FeatureCache:
         self._images: dict[tuple, dict[str, torch.Tensor]] = {}
         self._texts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._volumes: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._volume_maps: dict[tuple, Maps] = {}
 
     def maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, min_stride: int,
              batch_size: int) -> Maps:
@@ -98,6 +99,18 @@ class FeatureCache:
             if self.enabled:
                 self._volumes[key] = spaces
         return spaces[space]
+
+    def volume_maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, depth: int,
+                    window: tuple[float, float], min_stride: int, batch_size: int) -> Maps:
+        """3D maps (:meth:`Encoder.volume_maps`) of the labelled volumes of `dataset`/`split`."""
+        key = (encoder.name, dataset, split, depth, tuple(window), min_stride, data.image_size)
+        maps = self._volume_maps.get(key)
+        if maps is None:
+            volumes, _ = data.labelled_volumes(dataset, split, depth, window)  # (N, D, S, S)
+            maps = encoder.volume_maps(volumes[:, :, None], batch_size=batch_size, min_stride=min_stride)
+            if self.enabled:
+                self._volume_maps[key] = maps
+        return maps
 
     def texts(self, encoder: Encoder, texts: Sequence[str], *, space: str, batch_size: int
               ) -> torch.Tensor:

@@ -52,14 +52,18 @@ TITLE_ABLATION = "Ablation: the rows of the method's paper table (%, mean over s
 TITLE_ORDERINGS = "Ablation orderings: difference of seed means with its Welch 95 % interval (points)"
 TITLE_VOLUME_PROBE = ("UniMedI Table 2: 3D linear classification, linear probe on frozen slice-wise "
                       "features (%)")
-TITLE_VOLUME_NOT_RUN = "UniMedI Tables 3 and 6: 3D tasks not run"
+TITLE_VOLUME_SEGMENTATION = ("UniMedI Table 6: 3D semantic segmentation, UNETR decoder on the frozen "
+                             "encoder's 3D maps (Dice, %)")
+TITLE_VOLUME_ORGANS = "3D semantic segmentation: Dice per organ (%)"
+TITLE_VOLUME_NOT_RUN = "UniMedI's 3D tables: tasks not run"
 TITLE_VOLUME_RETRIEVAL = "3D: volume ↔ report retrieval (%)"
 TITLE_LOCALISATION = ("3D: slice localisation, share of findings that the top-k slices hit "
                       "(%, random: k slices drawn at random)")
 TITLE_TIMINGS = "Timings (seconds)"
 TITLE_SPLITS = "Evaluation sets: published split files (image ids) and their SHA-256"
 BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I, TITLE_CROSS,
-             TITLE_POOLED, TITLE_ABLATION, TITLE_VOLUME_PROBE, TITLE_VOLUME_RETRIEVAL}
+             TITLE_POOLED, TITLE_ABLATION, TITLE_VOLUME_PROBE, TITLE_VOLUME_RETRIEVAL,
+             TITLE_VOLUME_SEGMENTATION}
 
 LINEAR_SETS = ("chexpert", "rsna", "covidx")
 RETRIEVAL_SETS = ("mimic-cxr", "padchest")
@@ -68,12 +72,13 @@ VOLUME_PROBE_SETS = ("cc-ccii", "luna16")
 VOLUME_NOT_RUN = (
     ("Table 3", "3D fine-tuning of the whole encoder, 100 % of the labels",
      "CC-CCII (ACC), LUNA16 (AUC)",
-     "not run: unimed has no 3D fine-tuning task yet; Table 2's linear probe keeps the encoder frozen"),
+     "not run: unimed has no 3D fine-tuning task yet; Table 2's linear probe keeps the encoder frozen",
+     None),
     ("Table 6", "3D semantic segmentation (UNETR), 20 / 40 / 100 % of the labels", "BCV (Dice)",
-     "not run: unimed has no 3D segmentation task yet"),
+     "not run: add volume_segmentation to the tasks", "volume_segmentation"),
 )
-"""The UniMedI paper's 3D tables whose task unimed does not have yet: listed with the reason, never
-filled in."""
+"""The UniMedI paper's 3D tables: (table, task, datasets, why not run, the unimed task that fills
+it in, or None). A table is listed here, never filled in, unless its task ran."""
 BIAS_SPACES = (("text", "pooled"), ("text", "projected"), ("image", "pooled"), ("image", "projected"))
 BIAS_METRICS = (("probe_accuracy", "probe"), ("knn_accuracy", "kNN"), ("silhouette", "silhouette"),
                 ("distance_ratio", "ratio"))
@@ -209,12 +214,39 @@ def _volume_probe_table(metrics: dict) -> Table | None:
                   _fraction_columns(rows, "volume_probe", VOLUME_PROBE_SETS))
 
 
+def _volume_segmentation_table(metrics: dict) -> Table | None:
+    """UniMedI Table 6's layout: one row per encoder, mean Dice over organs at 20 / 40 / 100 %."""
+    rows = _task_rows(metrics)
+    return _table(TITLE_VOLUME_SEGMENTATION, ["Method"], rows,
+                  _fraction_columns(rows, "volume_segmentation", ("bcv",)))
+
+
+def _volume_organs_table(metrics: dict) -> Table | None:
+    """One row per encoder x dataset x label fraction, a column per organ."""
+    rows: list[Row] = []
+    for labels, tasks in _task_rows(metrics):
+        for name in _keys([([], tasks)], "volume_segmentation"):
+            for fraction in sorted(_keys([([], tasks)], "volume_segmentation", name, "fractions"),
+                                   key=fraction_order):
+                row = lookup(tasks, "volume_segmentation", name, "fractions", fraction) or {}
+                rows.append(([*labels, display_name(name), fraction], row))
+    organs = list(dict.fromkeys(organ for _, row in rows for organ in dict_keys(row.get("per_organ"))))
+    columns = [(organ.replace("_", " "), partial(_organ_cell, organ)) for organ in organs]
+    return _table(TITLE_VOLUME_ORGANS, ["Method", "Set", "Labels"], rows, columns)
+
+
+def _organ_cell(organ: str, row: object) -> str:
+    return percent_ci(lookup(row, "per_organ", organ), lookup(row, "per_organ_ci", organ))
+
+
 def _volume_not_run_table(metrics: dict) -> Table | None:
     """Beside the 3D results, the paper's 3D tables whose task did not run here, and why."""
-    if not any(_keys(_task_rows(metrics), task) for task in VOLUME_TASK_NAMES):
+    rows = _task_rows(metrics)
+    if not any(_keys(rows, task) for task in VOLUME_TASK_NAMES):
         return None
-    return (TITLE_VOLUME_NOT_RUN, ["UniMedI", "Task", "Datasets", "Status"],
-            [list(row) for row in VOLUME_NOT_RUN])
+    body = [[table, task, datasets, status] for table, task, datasets, status, ours in VOLUME_NOT_RUN
+            if ours is None or not _keys(rows, ours)]
+    return (TITLE_VOLUME_NOT_RUN, ["UniMedI", "Task", "Datasets", "Status"], body) if body else None
 
 
 def _volume_retrieval_table(metrics: dict) -> Table | None:
@@ -373,6 +405,7 @@ TABLE_BUILDERS: tuple[Callable[[dict], Table | None], ...] = (
     partial(_retrieval_table, direction="report_to_image", title=TITLE_R2I),
     partial(_retrieval_table, direction="cross_lingual", title=TITLE_CROSS),
     _pooled_table, _shortcut_table, _bias_table, _bias_control_table, _volume_probe_table,
+    _volume_segmentation_table, _volume_organs_table,
     _volume_retrieval_table, _localisation_table, _volume_not_run_table, _ablation_table,
     _orderings_table, _timings_table, _splits_table,
 )
@@ -394,6 +427,7 @@ def table_notes(metrics: dict) -> dict[str, str]:
              TITLE_SEG_DET: _train_note(methods, ("segmentation", "detection")),
              TITLE_VOLUME_PROBE: _train_note(methods, ("volume_probe",), "volumes",
                                              VOLUME_PROBE_SETS),
+             TITLE_VOLUME_SEGMENTATION: _train_note(methods, ("volume_segmentation",), "volumes"),
              TITLE_VOLUME_RETRIEVAL: _count_note(methods, "volume_retrieval", "queries", "Queries"),
              TITLE_LOCALISATION: _count_note(methods, "slice_localisation", "pairs", "Findings")}
     queries = _first_found(methods, "retrieval", "queries")

@@ -21,6 +21,7 @@ from unimed.eval import (  # noqa: F401  (each task module registers itself in T
     linear_probe,
     retrieval,
     segmentation,
+    volume_segmentation,
     volumes,
     zero_shot,
 )

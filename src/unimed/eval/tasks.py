@@ -109,14 +109,16 @@ def fraction_row(score: Estimate | float | None, train_images: int) -> dict[str,
 
 def sweep_fractions(
     ctx: TaskContext, n_train: int, score: Callable[[np.ndarray, str], Estimate | float | None],
-    desc: str,
+    desc: str, *, fractions: Sequence[float] | None = None, min_images: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """{"1%": {"value", "ci", "train_images"}, ...}: `score(train_indices, label)` for every
-    configured label fraction, on the seeded, nested training subsets of :func:`fraction_indices`.
+    """{"1%": {"value", "ci", "train_images"}, ...}: `score(train_indices, label)` for every label
+    fraction (`fractions`, default ``eval.fractions``), on the seeded, nested training subsets of
+    :func:`fraction_indices` (at least `min_images`, default ``eval.min_train_images``).
     A score that is an :class:`Estimate` brings its interval (see :func:`fraction_row`)."""
     rows = {}
-    for fraction in tqdm(ctx.cfg.fractions, desc=desc, unit="fraction", disable=not ctx.progress):
+    floor = ctx.cfg.min_train_images if min_images is None else min_images
+    for fraction in tqdm(fractions or ctx.cfg.fractions, desc=desc, unit="fraction", disable=not ctx.progress):
         label = fraction_label(fraction)
-        index = fraction_indices(n_train, fraction, ctx.cfg.min_train_images, ctx.cfg.seed)
+        index = fraction_indices(n_train, fraction, floor, ctx.cfg.seed)
         rows[label] = fraction_row(score(index, label), int(len(index)))
     return rows
