@@ -15,7 +15,7 @@ from unimed.data.errors import DataError
 from unimed.data.records import Record
 from unimed.eval import report
 from unimed.eval.config import VolumeSegmentationConfig
-from unimed.eval.data import fraction_indices
+from unimed.eval.data import fraction_indices, read_labelled
 from unimed.eval.encoders import Encoder
 from unimed.eval.report import format_tables
 from unimed.eval.volume_segmentation import (
@@ -24,7 +24,6 @@ from unimed.eval.volume_segmentation import (
     fit_decoder,
     organ_dice,
     predict,
-    read_labelled,
 )
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from unimed.data.adapters import load_from_config
 from unimed.data.config import DataConfig
+from unimed.data.errors import UNREADABLE_IMAGE, DataError
 from unimed.data.images import load_image
 from unimed.data.records import Record
 from unimed.data.transforms import eval_transform
@@ -39,6 +40,22 @@ log = logging.getLogger(__name__)
 
 GEOMETRIES = ("crop", "full")
 SPLITS_DIR = "splits"
+
+
+def read_labelled(record: Record, *, size: int, depth: int, window: tuple[float, float]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """((depth, size, size) image in [0, 1], (depth, size, size) int64 labels) of a labelled volume;
+    a DataError names the label map when it is missing or its shape differs from the volume's."""
+    if record.mask_path is None:
+        raise DataError("no label map for this volume", record.image_path, reason=UNREADABLE_IMAGE)
+    volume = read_volume(record.image_path)
+    labels = read_volume(record.mask_path, labels=True)
+    if labels.array.shape != volume.array.shape:
+        raise DataError(f"label map shape {labels.array.shape} differs from its volume's "
+                        f"{volume.array.shape} ({record.image_path})", record.mask_path,
+                        reason=UNREADABLE_IMAGE)
+    image = axial_slices(volume, size=size, slices=depth, window=window)
+    return image, axial_slices(labels, size=size, slices=depth, labels=True).round().long()
 
 
 class EvalData:
@@ -125,8 +142,6 @@ class EvalData:
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """((N, depth, S, S) windowed volumes, (N, depth, S, S) int64 label maps) of the labelled
         volumes of `records(dataset, split)` (BCV), read one at a time and cached."""
-        from unimed.eval.volume_segmentation import read_labelled
-
         key = (dataset, split, depth, tuple(window), "labelled")
         if key not in self._slices:
             records = self._volume_records(dataset, split)

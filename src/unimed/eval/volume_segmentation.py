@@ -34,9 +34,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unimed.data.adapters.bcv import BCV_ORGANS
-from unimed.data.errors import UNREADABLE_IMAGE, DataError
-from unimed.data.records import Record
-from unimed.data.volumes import axial_slices, read_volume
 from unimed.eval.config import VolumeSegmentationConfig
 from unimed.eval.dense import Maps
 from unimed.eval.encoders import Encoder
@@ -49,22 +46,6 @@ from unimed.eval.volumes import SPLITS
 log = logging.getLogger(__name__)
 
 Split = tuple[torch.Tensor, Maps, torch.Tensor]  # (N, 1, D, S, S) volumes, 3D maps, (N, D, S, S) labels
-
-
-def read_labelled(record: Record, *, size: int, depth: int, window: tuple[float, float]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """((depth, size, size) image in [0, 1], (depth, size, size) int64 labels) of a labelled volume;
-    a DataError names the label map when it is missing or its shape differs from the volume's."""
-    if record.mask_path is None:
-        raise DataError("no label map for this volume", record.image_path, reason=UNREADABLE_IMAGE)
-    volume = read_volume(record.image_path)
-    labels = read_volume(record.mask_path, labels=True)
-    if labels.array.shape != volume.array.shape:
-        raise DataError(f"label map shape {labels.array.shape} differs from its volume's "
-                        f"{volume.array.shape} ({record.image_path})", record.mask_path,
-                        reason=UNREADABLE_IMAGE)
-    image = axial_slices(volume, size=size, slices=depth, window=window)
-    return image, axial_slices(labels, size=size, slices=depth, labels=True).round().long()
 
 
 def organ_name(dataset: str, value: int) -> str:
