@@ -1,12 +1,14 @@
 """Every registered method, created by name, on the one training loop: forward + backward, one
-optimizer step, and a kill/resume that continues on the same loss curve."""
+optimizer step, and a kill/resume that continues on the same loss curve. A method with several
+loaders (UniMedI: X-rays and CT volumes) gets one batch of each in the forward test and both in its
+one optimizer step."""
 
 import json
 
 import pytest
 import torch
 
-from train_helpers import make_tokenizer, tiny_cfg, write_records
+from train_helpers import make_tokenizer, tiny_cfg, write_records, write_volume_records
 from unimed.data.config import DataConfig
 from unimed.methods import METHODS, create_method
 from unimed.methods.base import StepContext
@@ -17,6 +19,7 @@ from unimed.models.config import (
     TextTowerConfig,
 )
 from unimed.models.prior_config import PriorConfig
+from unimed.models.unimedi_config import UniMedIConfig
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import train
 
@@ -37,20 +40,33 @@ TINY_METHODS = {
         image_size=32, stage_epochs=(1, 1, 1), min_sentences=1, embed_dim=16, pool_heads=2,
         prototypes=8, decoder_layers=1, decoder_heads=2, decoder_queries=4, max_sentences=4,
     ),
+    "unimedi": UniMedIConfig(
+        image=ImageTowerConfig(encoder="vit_tiny_patch8_64", mean=(0.5,) * 3, std=(0.5,) * 3),
+        text=TextTowerConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                             frozen_layers=1),
+        volume_shape=(4, 16, 16), volume_patch=(2, 8, 8), volume_batch_size=4, selected_slices=1,
+        projector_hidden=16, embed_dim=16, head_out=16, head_hidden=16, head_bottleneck=8,
+        freeze_last_layer_epochs=0, teacher_temperature_epochs=1,
+    ),
 }
+READS_VOLUMES = {"unimedi"}  # methods whose data include the CT volume-report pairs
+# Parameters an optimizer step moves without a gradient: UniMedI's EMA teacher follows its student.
+EMA_STUDENTS = {"teacher.": "model.visual.", "teacher_head.": "head.",
+                "teacher_patch_head.": "patch_head."}
 DATA = DataConfig(image_size=16, resize_size=20, max_length=8, num_workers=0)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
-    return make_tokenizer(root), write_records(root, 8)
+    return make_tokenizer(root), write_records(root, 8), write_volume_records(root, 8)
 
 
 def _build(name, world, seed=0):
-    tokenizer, records = world
+    tokenizer, records, volumes = world
     torch.manual_seed(seed)
     method = create_method(TINY_METHODS[name], vocab_size=len(tokenizer))
+    records = records + volumes if name in READS_VOLUMES else records
     return method, method.build_loaders(records, tokenizer, DATA, batch_size=4, seed=5)
 
 
@@ -67,10 +83,11 @@ def test_forward_backward_reaches_every_trainable_parameter(name, world):
     method, loaders = _build(name, world)
     stage = method.stages(tiny_cfg())[0]
     method.start_stage(stage)
-    batch = next(iter(next(iter(loaders.values()))))
-    losses = method(batch, StepContext(step=0, epoch=0, stage=stage.name))
-    assert torch.isfinite(losses["loss"]) and losses["loss"].ndim == 0
-    losses["loss"].backward()
+    for loader_name, loader in loaders.items():
+        losses = method(next(iter(loader)), StepContext(step=0, epoch=0, stage=stage.name,
+                                                        loader=loader_name))
+        assert torch.isfinite(losses["loss"]) and losses["loss"].ndim == 0
+        losses["loss"].backward()
     trainable = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
     assert trainable
     for param_name, param in trainable:
@@ -81,12 +98,16 @@ def test_forward_backward_reaches_every_trainable_parameter(name, world):
 def test_one_optimizer_step_updates_only_trainable_parameters(name, world, tmp_path):
     method, loaders = _build(name, world)
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
-    result = train(method, loaders, tiny_cfg(lr=1e-3, max_steps=1), tmp_path, DistInfo(),
-                   progress=False)
+    result = train(method, loaders, tiny_cfg(lr=1e-3, max_steps=1, grad_accum=len(loaders)),
+                   tmp_path, DistInfo(), progress=False)
     assert result.steps == 1
-    for param_name, param in method.named_parameters():
-        moved = not torch.equal(param.detach(), before[param_name])
-        assert moved == param.requires_grad, param_name
+    params = dict(method.named_parameters())
+    moved = {n: not torch.equal(p.detach(), before[n]) for n, p in params.items()}
+    for param_name, param in params.items():
+        student = next((s + param_name.removeprefix(t) for t, s in EMA_STUDENTS.items()
+                        if param_name.startswith(t)), None)
+        expected = moved[student] if student is not None else param.requires_grad
+        assert moved[param_name] == expected, param_name
 
 
 @pytest.mark.parametrize("name", METHODS.names())

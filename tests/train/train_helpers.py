@@ -144,6 +144,22 @@ def write_records(root: Path, n: int = 8) -> list[Record]:
     return out
 
 
+def write_volume_records(root: Path, n: int = 8) -> list[Record]:
+    """`n` tiny NIfTI CT volumes (HU, air included) with Spanish reports, BIMCV-like."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        path = root / f"vol{i}.nii.gz"
+        array = rng.uniform(-1000.0, 400.0, (12, 12, 6)).astype(np.float32)
+        nib.save(nib.Nifti1Image(array, np.diag([2.0, 2.0, 4.0, 1.0])), str(path))
+        out.append(Record(dataset="bimcv-covid19", image_path=path, patient_id=f"v{i}",
+                          study_id=f"v{i}", split="train", report="derram izquierd . sin",
+                          language="es", site="elche", ndim=3))
+    return out
+
+
 class StagedToyMethod(ToyMethod):
     """Two stages, as PRIOR's: "align" trains both towers with the contrastive loss; "teacher"
     adds a pull of the text tower towards an EMA teacher (a buffer the after-step hook updates)

@@ -1,6 +1,7 @@
 """`unimed ablate`: the ablation rows of the method's paper — Med-UniC Table 4 (which objectives and
 whether MLM came first), PRIOR's stages (alignment, + sentence prototype bank, + cross-modality
-reconstruction).
+reconstruction), UniMedI Table 7 (image-report alignment with random slices, + self-distillation,
++ attentive slice selection and masking).
 
 Each row pre-trains its own model per seed under `<run>/ablation/<row>/seed<k>` (same data and
 schedule; `--seeds`, default 3) and is evaluated on the ablation tasks; the full row at the run's own
@@ -78,6 +79,7 @@ class Ablation:
     table: str
     rows: tuple[AblationRow, ...]
     orderings: tuple[tuple[str, str], ...]
+    tasks: tuple[str, ...] = ABLATION_TASKS
 
 
 def _medunic_row(name: str, ssv: bool, cvl: bool, ctr: bool, mlm: bool) -> AblationRow:
@@ -107,6 +109,18 @@ def _prior_row(name: str, spb: bool, ccr: bool) -> AblationRow:
     return AblationRow(name, (("spb", spb), ("ccr", ccr)), configure)
 
 
+def _unimedi_row(name: str, sd: bool, attn: bool) -> AblationRow:
+    def configure(method: Any) -> Any:
+        changes: dict[str, Any] = {}
+        if not sd:
+            changes.update(icl_weight=0.0, pcl_weight=0.0)
+        if not attn:
+            changes.update(selection="random", masking="random")
+        return dataclasses.replace(method, **changes)
+
+    return AblationRow(name, (("sd", sd), ("attn", attn)), configure)
+
+
 ABLATIONS = {
     "medunic": Ablation(
         "Med-UniC Table 4",
@@ -131,9 +145,20 @@ ABLATIONS = {
         ),
         (("Stage 1 + SPB", "Stage 1"), ("Stage 1 + SPB + CCR", "Stage 1 + SPB")),
     ),
+    "unimedi": Ablation(
+        "UniMedI Table 7",
+        (
+            _unimedi_row("VL", sd=False, attn=False),
+            _unimedi_row("VL + SD", sd=True, attn=False),
+            _unimedi_row("VL + SD + Attn", sd=True, attn=True),
+        ),
+        (("VL + SD", "VL"), ("VL + SD + Attn", "VL + SD")),
+        (*ABLATION_TASKS, "volume_probe"),
+    ),
 }
 # Leaves of a row's metrics that the orderings are judged on (the paper tables' columns).
-HEADLINE = (("zero_shot", "f1"), ("linear_probe", "value"), ("segmentation", "value"))
+HEADLINE = (("zero_shot", "f1"), ("linear_probe", "value"), ("segmentation", "value"),
+            ("volume_probe", "value"))
 
 
 def method_ablation(cfg: Config) -> Ablation:
@@ -200,7 +225,8 @@ def run_row(cfg: Config, row: AblationRow, seed: int, *, progress: bool) -> dict
         _check_same_config(row_cfg, row)
         run_pretrain(row_cfg, resume=True, progress=progress)
         checkpoint = row_cfg.run.dir / "pretrain" / "checkpoints"
-    metrics = run_evaluation(row_cfg, checkpoint, ABLATION_TASKS, progress=progress, baselines=())
+    metrics = run_evaluation(row_cfg, checkpoint, method_ablation(cfg).tasks, progress=progress,
+                             baselines=())
     return metrics["encoders"][cfg.method.name]["tasks"]
 
 

@@ -45,13 +45,15 @@ def method_presets(cfg: Config) -> list[Config]:
 
 
 def method_run(cfg: Config, preset: Config) -> Config:
-    """The run of a further demo method: `preset`'s method and train sections on this run's data,
-    MLM text encoder and evaluation, written to ``<run dir>/<method name>``."""
+    """The run of a further demo method: `preset`'s method and train sections and its pre-training
+    datasets (UniMedI adds the CT reports) on this run's data, MLM text encoder and evaluation,
+    written to ``<run dir>/<method name>``."""
     text = dataclasses.replace(preset.method.text, encoder=text_encoder_dir(cfg),
                                tokenizer=tokenizer_dir(cfg))
     run = dataclasses.replace(cfg.run, output_dir=str(cfg.run.dir), name=preset.method.name)
+    data = dataclasses.replace(cfg.data, pretrain_datasets=preset.data.pretrain_datasets)
     return dataclasses.replace(cfg, run=run, method=dataclasses.replace(preset.method, text=text),
-                               train=preset.train, demo=DemoConfig())
+                               data=data, train=preset.train, demo=DemoConfig())
 
 
 @command("demo", "the main job: phantom world -> vocabulary -> MLM -> pre-training -> "

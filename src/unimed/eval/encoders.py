@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 
 from unimed.eval.dense import Maps, slice_wise_maps
 from unimed.methods import MethodConfig, create_method
+from unimed.models.image import to_channels_last
 from unimed.train.checkpoint import WEIGHTS_FILE, load_weights
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class Encoder:
     def __post_init__(self) -> None:
         # Channels-last convolution weights: oneDNN runs the frozen convolutional encoders about a
         # third faster on the CPU (tensors of other ranks are untouched).
-        self.model.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False)
+        to_channels_last(self.model.to(self.device)).eval().requires_grad_(False)
 
     @property
     def visual(self) -> nn.Module:
@@ -96,6 +97,23 @@ class Encoder:
             feats = self.model.pooled_text(*self.tokenize(texts[start : start + batch_size]))
             pooled.append(feats.float().cpu())
             projected.append(self.model.project_text(feats).float().cpu())
+        return _spaces(pooled, projected)
+
+    @torch.no_grad()
+    def volume_spaces(self, volumes: torch.Tensor, *, batch_size: int = 64
+                      ) -> dict[str, torch.Tensor] | None:
+        """(N, D, 1, S, S) axial slices in [0, 1] (inferior to superior) -> {"pooled", "projected"}
+        volume embeddings on the CPU from a native 3D encoder (a model with ``pooled_volume``,
+        UniMedI: the volume's own tokens and its selected slices in one pass); None for a 2D
+        encoder, which the caller embeds through the slice-wise adapter."""
+        native = getattr(self.model, "pooled_volume", None)
+        if native is None:
+            return None
+        pooled, projected = [], []
+        for start in range(0, len(volumes), batch_size):
+            feats = native(volumes[start : start + batch_size].to(self.device))
+            pooled.append(feats.float().cpu())
+            projected.append(self.model.project_image(feats).float().cpu())
         return _spaces(pooled, projected)
 
     @torch.no_grad()

@@ -83,19 +83,16 @@ class FeatureCache:
 
     def volumes(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, space: str,
                 slices: int, window: tuple[float, float], batch_size: int) -> torch.Tensor:
-        """(N, D) embeddings of the volumes of `dataset`/`split` through the slice-wise adapter:
-        pooled = the mean of the slices' pooled features, projected = P_v of that mean."""
+        """(N, D) embeddings of the volumes of `dataset`/`split`: a native 3D encoder's own
+        (:meth:`Encoder.volume_spaces`), else through the slice-wise adapter: pooled = the mean of
+        the slices' pooled features, projected = P_v of that mean."""
         _check_space(space)
         key = (encoder.name, dataset, split, slices, tuple(window), data.image_size)
         spaces = self._volumes.get(key)
         if spaces is None:
             stacks = data.slice_stacks(dataset, split, slices, window)  # (N, K, 1, S, S)
-            n, k = stacks.shape[:2]
-            flat = encoder.image_spaces(rgb(stacks.flatten(0, 1)), batch_size=batch_size)["pooled"]
-            pooled = flat.view(n, k, -1).mean(1) if n else flat  # (N, D_v)
-            with torch.no_grad():
-                projected = encoder.model.project_image(pooled.to(encoder.device)).float().cpu()
-            spaces = {"pooled": pooled, "projected": projected}
+            spaces = (encoder.volume_spaces(stacks, batch_size=batch_size)
+                      or _slice_wise_spaces(encoder, stacks, batch_size))
             if self.enabled:
                 self._volumes[key] = spaces
         return spaces[space]
@@ -129,3 +126,15 @@ class FeatureCache:
             return torch.empty(0)
         column = SPACES.index(space)
         return torch.stack([known[t][column] for t in texts])
+
+
+def _slice_wise_spaces(encoder: Encoder, stacks: torch.Tensor, batch_size: int
+                       ) -> dict[str, torch.Tensor]:
+    """The slice-wise adapter's volume embeddings: pooled = the mean of the (N, K) slices' pooled
+    features, projected = P_v of that mean."""
+    n, k = stacks.shape[:2]
+    flat = encoder.image_spaces(rgb(stacks.flatten(0, 1)), batch_size=batch_size)["pooled"]
+    pooled = flat.view(n, k, -1).mean(1) if n else flat  # (N, D_v)
+    with torch.no_grad():
+        projected = encoder.model.project_image(pooled.to(encoder.device)).float().cpu()
+    return {"pooled": pooled, "projected": projected}

@@ -16,8 +16,10 @@ from unimed.methods.registry import (
 )
 from unimed.models.config import MedUniCConfig
 from unimed.models.prior_config import PriorConfig
+from unimed.models.unimedi_config import UniMedIConfig
 
 register_method("medunic", MedUniCConfig, "unimed.methods.medunic:build_medunic", "Med-UniC")
 register_method("prior", PriorConfig, "unimed.methods.prior:build_prior", "PRIOR")
+register_method("unimedi", UniMedIConfig, "unimed.methods.unimedi:build_unimedi", "UniMedI")
 
 __all__ = ["METHODS", "MethodConfig", "MethodSpec", "create_method", "method_label", "register_method"]

@@ -41,7 +41,7 @@ IMAGE_ENCODERS: Registry[Callable[[], nn.Module]] = Registry("image encoder")
 _VIT = {"dynamic_img_size": True}
 
 # name -> (timm model name, timm overrides). Paper presets first, then small CPU presets.
-_PRESETS: dict[str, tuple[str, dict]] = {
+IMAGE_PRESETS: dict[str, tuple[str, dict]] = {
     "resnet50": ("resnet50", {}),
     "vit_base_patch16_224": ("vit_base_patch16_224", _VIT),
     "vit_large_patch32_224": ("vit_large_patch32_224", _VIT),
@@ -51,6 +51,10 @@ _PRESETS: dict[str, tuple[str, dict]] = {
     # A 6-block, 192-wide ViT with 8-px patches: 64 tokens at 64 px, ~2.7 M parameters.
     "vit_tiny_patch8_64": (
         "vit_tiny_patch16_224", {**_VIT, "img_size": 64, "patch_size": 8, "depth": 6}
+    ),
+    # The same ViT with 12-px patches: 64 tokens at 96 px (UniMedI's CPU preset).
+    "vit_tiny_patch12_96": (
+        "vit_tiny_patch16_224", {**_VIT, "img_size": 96, "patch_size": 12, "depth": 6}
     ),
 }
 
@@ -65,7 +69,7 @@ def _register_preset(name: str, timm_name: str, overrides: dict) -> None:
     IMAGE_ENCODERS.register(name)(factory)
 
 
-for _name, (_timm_name, _overrides) in _PRESETS.items():
+for _name, (_timm_name, _overrides) in IMAGE_PRESETS.items():
     _register_preset(_name, _timm_name, _overrides)
 
 
@@ -208,6 +212,17 @@ def load_image_weights(model: nn.Module, path: str | Path) -> None:
 def _preview(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"[{shown}{', ...' if len(keys) > limit else ''}]"
+
+
+@torch.no_grad()
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Store every 4-D (2D convolution) parameter and buffer of `module` channels-last, in place;
+    tensors of other ranks (a Conv3d's 5-D weights, which ``Module.to(memory_format=...)`` refuses)
+    stay as they are. Returns `module`."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return module
 
 
 def frozen_prefix(model: nn.Module, levels: int) -> list[str]:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from unimed.methods.base import Method, Stage, StepContext
+from unimed.models.image import to_channels_last
 from unimed.train import checkpoint as ckpt
 from unimed.train.config import TrainConfig
 from unimed.train.distributed import DistInfo, barrier, gather_objects
@@ -103,7 +104,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.method = self._convert(method.to(dist.device))
         if cfg.channels_last:
-            self.method.to(memory_format=torch.channels_last)
+            to_channels_last(self.method)
         if cfg.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {cfg.grad_accum}")
         self.batches_per_epoch = len(self.loaders) * min(len(v) for v in self.loaders.values())

@@ -1,0 +1,290 @@
+"""UniMedI (He et al.): one ViT for 2D X-rays and 3D CT in a report-guided common space
+(spec shared/specs/UNIMEDI.md).
+
+:class:`UniMedIVision` is the vision encoder E_v: a timm ViT (its patch embedding is T_2D, its
+blocks and norm are shared) with a Conv3d tokenizer T_3D, 3D position embeddings and the [MASK]
+vector of the masked student. It also behaves as the timm backbone the 2D evaluation reads
+(``forward``, ``forward_intermediates``, ``feature_info``), so every 2D task runs on it unchanged.
+
+Token order of a CT sample: ``[CLS] | T_3D(volume) | T_2D(slice_1) | ... | T_2D(slice_k)``; the 3D
+tokens are Conv3d + ``flatten(2)`` in (depth, rows, columns) order, so token j belongs to slab
+j // (rows x columns). Attention for eq. 1 is the [CLS] query's softmax over the keys, averaged
+over layers and heads (recomputed beside each block from its own q/k projections: timm's fused
+attention does not return weights).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from torch import nn
+from transformers import BertModel
+
+from unimed.models.heads import ProjectionHead
+from unimed.models.text import pool_text
+from unimed.models.unimedi_config import UniMedIConfig
+from unimed.models.unimedi_ops import slab_to_slices, slice_scores, top_k_slices
+
+Tokens = list[torch.Tensor]
+
+
+def block_cls_attention(block: nn.Module, x: torch.Tensor, with_cls_key: bool) -> torch.Tensor:
+    """(B, N, C) input of a timm ViT block -> (B, N - 1) its [CLS] query's attention over the patch
+    keys, averaged over heads: softmax over the patch keys only (eq. 1) or, `with_cls_key`, over
+    every key with the patch part kept (A-CLIP)."""
+    attn = block.attn
+    h = block.norm1(x)
+    batch, tokens, width = h.shape
+    heads, dim = attn.num_heads, attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, :1], weight[: heads * dim], None if bias is None else bias[: heads * dim])
+    k = F.linear(h, weight[heads * dim : 2 * heads * dim],
+                 None if bias is None else bias[heads * dim : 2 * heads * dim])
+    q = attn.q_norm(q.view(batch, 1, heads, dim).transpose(1, 2))
+    k = attn.k_norm(k.view(batch, tokens, heads, dim).transpose(1, 2))
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+    if with_cls_key:
+        weights = logits.softmax(-1)[..., 1:]
+    else:
+        weights = logits[..., 1:].softmax(-1)
+    return weights[:, :, 0].mean(1)
+
+
+def slice_images(volume: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+    """(B, 1, D, H, W) volume and (B, k) slice indices -> (B x k, 3, H, W) slice images in T_2D's
+    input format (grey copied to the three channels)."""
+    rows = torch.arange(volume.shape[0], device=volume.device)[:, None]
+    return volume[:, 0][rows, slices].flatten(0, 1)[:, None].expand(-1, 3, -1, -1)
+
+
+class UniMedIVision(nn.Module):
+    """E_v: the shared ViT with its 2D and 3D tokenizers (see the module docstring)."""
+
+    def __init__(self, vit: nn.Module, volume_shape: Sequence[int], volume_patch: Sequence[int]
+                 ) -> None:
+        super().__init__()
+        if getattr(vit, "cls_token", None) is None or getattr(vit, "no_embed_class", True):
+            raise ValueError("UniMedI needs a ViT with a [CLS] token whose position embedding "
+                             "covers it (timm's default ViT)")
+        self.vit = vit
+        width = int(vit.embed_dim)
+        self.volume_patch = tuple(int(p) for p in volume_patch)
+        self.volume_grid = tuple(int(s) // p for s, p in zip(volume_shape, self.volume_patch))
+        self.volume_embed = nn.Conv3d(1, width, kernel_size=self.volume_patch,
+                                      stride=self.volume_patch)
+        self.volume_pos = nn.Parameter(torch.zeros(1, math.prod(self.volume_grid), width))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        trunc_normal_(self.volume_pos, std=0.02)
+        self.num_features = int(vit.num_features)
+        self.embed_dim = width
+        self.feature_info = [{**info, "module": f"vit.{info['module']}"} for info in vit.feature_info]
+
+    # ------------------------------------------------------------------ timm backbone interface
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised X-ray -> (B, width) pooled [CLS] (timm's forward)."""
+        return self.vit(x)
+
+    def forward_intermediates(self, x: torch.Tensor, **kwargs: Any) -> Any:
+        """timm's ``forward_intermediates`` of the 2D path."""
+        return self.vit.forward_intermediates(x, **kwargs)
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def tokens_per_slab(self) -> int:
+        return self.volume_grid[1] * self.volume_grid[2]
+
+    def tokens_2d(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, N, width) T_2D tokens with 2D positions (resampled
+        when the grid differs from the built one); `mask` (B, N) True rows become [MASK] first."""
+        vit = self.vit
+        x = vit.patch_embed(images)  # (B, h, w, C): the ViT is built with a dynamic image size
+        grid = x.shape[1:3]
+        x = self._masked(x.flatten(1, 2), mask)
+        pos = resample_abs_pos_embed(vit.pos_embed[:, vit.num_prefix_tokens :], new_size=grid,
+                                     old_size=vit.patch_embed.grid_size, num_prefix_tokens=0)
+        return x + pos
+
+    def tokens_3d(self, volumes: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, D, H, W) normalised volumes -> (B, P, width) T_3D tokens in (d, h, w) order with
+        3D positions (trilinearly resampled when the grid differs)."""
+        x = self.volume_embed(volumes)  # (B, C, d, h, w)
+        grid = tuple(x.shape[2:])
+        x = self._masked(x.flatten(2).transpose(1, 2), mask)
+        pos = self.volume_pos
+        if grid != self.volume_grid:
+            pos = pos.transpose(1, 2).reshape(1, -1, *self.volume_grid)
+            pos = F.interpolate(pos, size=grid, mode="trilinear", align_corners=False)
+            pos = pos.flatten(2).transpose(1, 2)
+        return x + pos
+
+    def ct_tokens(self, volume: torch.Tensor, slices: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> Tokens:
+        """The token groups of a CT sample: T_3D(volume) (B, P, width) and its k slices' T_2D
+        tokens (B, k x N, width); `mask` (B, P + k x N) True rows become [MASK]."""
+        batch, k = slices.shape
+        volume_tokens = math.prod(s // p for s, p in zip(volume.shape[2:], self.volume_patch))
+        masks = (None, None) if mask is None else (
+            mask[:, :volume_tokens], mask[:, volume_tokens:].reshape(batch * k, -1))
+        flat = self.tokens_2d(slice_images(volume, slices), masks[1])
+        return [self.tokens_3d(volume, masks[0]), flat.reshape(batch, -1, flat.shape[-1])]
+
+    def _masked(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return x
+        return torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+
+    def encode(self, groups: Tokens, *, attention: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[CLS] + the token groups through the blocks -> ((B, 1 + N, width) normed outputs, the
+        [CLS] attention over the N patch tokens averaged over layers and heads (eq. 1) when
+        `attention` is "patches" or "with_cls", else None)."""
+        vit = self.vit
+        batch = groups[0].shape[0]
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(batch, -1, -1)
+        x = vit.norm_pre(vit.pos_drop(torch.cat([cls, *groups], dim=1)))
+        total = None
+        for block in vit.blocks:
+            if attention is not None:
+                rows = block_cls_attention(block, x, with_cls_key=attention == "with_cls")
+                total = rows if total is None else total + rows
+            x = block(x)
+        return vit.norm(x), None if total is None else total / len(vit.blocks)
+
+    def maps_3d(self, volumes: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """(B, 1, D, H, W) normalised volumes -> the 3D token maps (B, width, d, h, w) after the
+        blocks `indices`, [CLS] + T_3D tokens only (the dense 3D tasks' input)."""
+        vit = self.vit
+        x = self.tokens_3d(volumes)
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = vit.norm_pre(vit.pos_drop(torch.cat([cls, x], dim=1)))
+        grid = (x.shape[0], -1, *[s // p for s, p in zip(volumes.shape[2:], self.volume_patch)])
+        maps = []
+        for i, block in enumerate(vit.blocks):
+            x = block(x)
+            if i in indices:
+                maps.append(x[:, 1:].transpose(1, 2).reshape(grid))
+        return maps
+
+
+class UniMedI(nn.Module):
+    """The UniMedI model under evaluation: E_v, the text encoder and the two projectors.
+
+    2D entry points take X-ray pixels in [0, 1] (normalised inside, like every model of the
+    framework). 3D entry points take what the evaluation's volume seams pass: (N, D, 1, S, S)
+    axial slices in [0, 1], inferior to superior, resampled here to `method.volume_shape`.
+    """
+
+    def __init__(self, cfg: UniMedIConfig, vit: nn.Module, text_encoder: BertModel) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = UniMedIVision(vit, cfg.volume_shape, cfg.volume_patch)
+        self.text = text_encoder
+        mean, std = cfg.image.mean or (0.5,) * 3, cfg.image.std or (0.5,) * 3
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        width, text_width = self.visual.num_features, int(text_encoder.config.hidden_size)
+        self.image_proj = ProjectionHead(width, cfg.projector_hidden, cfg.embed_dim, out_norm=True)
+        self.text_proj = ProjectionHead(text_width, cfg.projector_hidden, cfg.embed_dim,
+                                        out_norm=True)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)),
+                                        requires_grad=cfg.learn_temperature)
+
+    @property
+    def temperature(self) -> float:
+        return float(torch.exp(-self.logit_scale.detach()))
+
+    @property
+    def selection_k(self) -> int:
+        """How many slices the attentive selection feeds through T_2D."""
+        return self.cfg.selected_slices
+
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [0, 1] -> the ViT's normalised input."""
+        return (image - self.pixel_mean) / self.pixel_std
+
+    def preprocess_volume(self, volume: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) windowed volume in [0, 1] -> normalised with the grey channel's mean /
+        std (the volume and its slices get the same normalisation as an X-ray)."""
+        return (volume - self.pixel_mean[:, :1, None]) / self.pixel_std[:, :1, None]
+
+    def volume_input(self, stacks: torch.Tensor) -> torch.Tensor:
+        """(N, D, 1, S, S) axial slices in [0, 1] -> (N, 1, D', H', W') at `method.volume_shape`."""
+        volume = stacks.transpose(1, 2)  # (N, 1, D, S, S)
+        if tuple(volume.shape[2:]) != tuple(self.cfg.volume_shape):
+            volume = F.interpolate(volume, size=tuple(self.cfg.volume_shape), mode="trilinear",
+                                   align_corners=False)
+        return volume
+
+    # ------------------------------------------------------------------ 2D evaluation interface
+    def pooled_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual(self.preprocess(image))
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(pooled)
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.project_image(self.pooled_image(image))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool_text(self.text, input_ids, attention_mask, self.cfg.text.pooling)
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(pooled)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    normalize: bool = False) -> torch.Tensor:
+        features = self.project_text(self.pooled_text(input_ids, attention_mask))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward_intermediates(self, image: torch.Tensor, indices: int | list[int] | None = None
+                              ) -> list[torch.Tensor]:
+        return self.visual.forward_intermediates(self.preprocess(image), indices=indices,
+                                                 intermediates_only=True)
+
+    # ------------------------------------------------------------------ 3D
+    def select_slices(self, attention: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, P) [CLS] attention over a volume's 3D tokens -> (B, k') indices of the volume's
+        slices that go through T_2D: the top-k slabs (eq. 2), each as `method.slab_slice`."""
+        scores = slice_scores(attention, self.visual.tokens_per_slab)
+        slabs = top_k_slices(scores, self.cfg.selected_slices)
+        return slab_to_slices(slabs, self.cfg.volume_patch[0], self.cfg.slab_slice, generator)
+
+    @torch.no_grad()
+    def volume_attention(self, volume: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) normalised volume -> (B, P) [CLS] attention over its 3D tokens
+        (a pass of [CLS] + T_3D(volume) alone, eq. 1)."""
+        return self.visual.encode([self.visual.tokens_3d(volume)],
+                                  attention=self.cfg.attention_softmax)[1]
+
+    def slice_attention(self, stacks: torch.Tensor) -> torch.Tensor:
+        """(N, D, 1, S, S) axial slices in [0, 1] -> (N, D) each input slice's attentive score
+        (eq. 2: its slab's mean [CLS] attention), what the slice-selection score ranks."""
+        volume = self.preprocess_volume(self.volume_input(stacks))
+        scores = slice_scores(self.volume_attention(volume), self.visual.tokens_per_slab)
+        depth = stacks.shape[1]
+        slab = (torch.arange(depth, device=scores.device) * scores.shape[1]) // depth
+        return scores[:, slab]
+
+    def pooled_volume(self, stacks: torch.Tensor) -> torch.Tensor:
+        """(N, D, 1, S, S) axial slices in [0, 1] -> (N, width) the [CLS] of the CT sample: the
+        volume's tokens and its attentively selected slices in one pass."""
+        volume = self.preprocess_volume(self.volume_input(stacks))
+        slices = self.select_slices(self.volume_attention(volume))
+        out, _ = self.visual.encode(self.visual.ct_tokens(volume, slices))
+        return out[:, 0]
+
+    def volume_intermediates(self, stacks: torch.Tensor) -> list[torch.Tensor]:
+        """(N, D, 1, S, S) axial slices in [0, 1] -> 3D token maps (N, width, d, h, w) of four
+        evenly spaced blocks (UNETR's 3 / 6 / 9 / 12 of ViT-B), on the input's own depth and size
+        (position embeddings resampled)."""
+        depth = len(self.visual.vit.blocks)
+        indices = sorted({max(0, round(depth * q / 4) - 1) for q in range(1, 5)})
+        volume = self.preprocess_volume(stacks.transpose(1, 2))
+        return self.visual.maps_3d(volume, indices)

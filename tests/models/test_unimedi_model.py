@@ -1,0 +1,144 @@
+"""UniMedI's vision encoder and model: the 2D path is timm's ViT, eq. 1's [CLS] attention matches
+the attention matrix timm's unfused attention computes, 3D tokens follow the (d, h, w) order, the
+student's [MASK] positions and the attentive selection pick what the spec says."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from unimed.models.config import ImageTowerConfig, TextTowerConfig
+from unimed.models.image import create_image_encoder
+from unimed.models.unimedi import UniMedI, block_cls_attention, slice_images
+from unimed.models.unimedi_config import UniMedIConfig
+
+
+def _model(**overrides) -> UniMedI:
+    cfg = UniMedIConfig(
+        image=ImageTowerConfig(encoder="vit_tiny_patch8_64", mean=(0.5,) * 3, std=(0.5,) * 3),
+        text=TextTowerConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+        volume_shape=(8, 16, 16), volume_patch=(2, 8, 8), selected_slices=2,
+        projector_hidden=16, embed_dim=8, **overrides)
+    torch.manual_seed(0)
+    text = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32))
+    return UniMedI(cfg, create_image_encoder("vit_tiny_patch8_64"), text).eval()
+
+
+def _attention_matrices(model: UniMedI, groups) -> list[torch.Tensor]:
+    """Every block's (B, H, N, N) softmax attention, read off timm's unfused path (the input of
+    its attention dropout)."""
+    seen = []
+    hooks = []
+    for block in model.visual.vit.blocks:
+        block.attn.fused_attn = False
+        hooks.append(block.attn.attn_drop.register_forward_hook(
+            lambda module, args, out: seen.append(args[0].detach())))
+    try:
+        model.visual.encode(groups)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_the_2d_path_is_the_timm_vit():
+    model = _model()
+    image = model.preprocess(torch.rand(2, 3, 32, 32))  # a grid other than the built 8 x 8
+    out, _ = model.visual.encode([model.visual.tokens_2d(image)])
+    torch.testing.assert_close(out[:, 0], model.visual.vit(image), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.pooled_image(torch.rand(1, 3, 64, 64)).shape,
+                               torch.Size([1, 192]))
+
+
+@pytest.mark.parametrize("softmax", ["patches", "with_cls"])
+def test_eq1_attention_is_the_cls_row_averaged_over_layers_and_heads(softmax):
+    model = _model()
+    volume = model.preprocess_volume(torch.rand(2, 1, 8, 16, 16))
+    groups = [model.visual.tokens_3d(volume)]
+    _, attention = model.visual.encode(groups, attention=softmax)
+    rows = [matrix[:, :, 0] for matrix in _attention_matrices(model, groups)]  # (B, H, N) each
+    if softmax == "patches":  # the softmax over the patch keys alone = the row renormalised
+        rows = [row[..., 1:] / row[..., 1:].sum(-1, keepdim=True) for row in rows]
+    else:
+        rows = [row[..., 1:] for row in rows]
+    expected = torch.stack(rows).mean(dim=(0, 2))  # layers and heads
+    torch.testing.assert_close(attention, expected, atol=1e-5, rtol=0)
+    if softmax == "patches":
+        torch.testing.assert_close(attention.sum(-1), torch.ones(2))
+
+
+def test_block_attention_with_the_cls_key_sums_below_one():
+    model = _model()
+    block = model.visual.vit.blocks[0]
+    x = torch.randn(1, 5, 192)
+    with torch.no_grad():
+        with_cls, patches = (block_cls_attention(block, x, with_cls_key=w) for w in (True, False))
+    assert float(with_cls.sum()) < 1.0
+    assert float(patches.sum()) == pytest.approx(1.0)
+
+
+
+def test_3d_tokens_are_in_depth_row_column_order():
+    model = _model()
+    visual = model.visual
+    empty = torch.zeros(1, 1, 8, 16, 16)
+    volume = empty.clone()
+    volume[:, :, 4:6, 8:16, 0:8] = 1.0  # slab 2 (slices 4-5), row block 1, column block 0
+    changed = (visual.tokens_3d(volume) - visual.tokens_3d(empty)).abs().sum(-1)[0] > 0
+    assert changed.nonzero().flatten().tolist() == [2 * 4 + 1 * 2 + 0]
+
+
+def test_masked_positions_hold_the_mask_vector_plus_their_position():
+    model = _model()
+    visual = model.visual
+    with torch.no_grad():
+        visual.mask_token.normal_()
+    volume = torch.rand(1, 1, 8, 16, 16)
+    slices = torch.tensor([[1, 5]])
+    mask = torch.zeros(1, 16 + 2 * 4, dtype=torch.bool)
+    mask[0, [3, 16 + 4 + 2]] = True  # a 3D token and a token of the second slice
+    masked = visual.ct_tokens(volume, slices, mask)
+    plain = visual.ct_tokens(volume, slices)
+    torch.testing.assert_close(masked[0][0, 3], visual.mask_token[0, 0] + visual.volume_pos[0, 3])
+    pos_2d = visual.vit.pos_embed[0, 1:]  # the built 8 x 8 grid ...
+    pos_2d = torch.nn.functional.interpolate(  # ... resampled to the slices' 2 x 2 (as timm does)
+        pos_2d.reshape(1, 8, 8, -1).permute(0, 3, 1, 2), size=(2, 2), mode="bicubic",
+        antialias=True, align_corners=False).permute(0, 2, 3, 1).reshape(4, -1)
+    torch.testing.assert_close(masked[1][0, 6], visual.mask_token[0, 0] + pos_2d[2], atol=1e-5,
+                               rtol=0)
+    unmasked = ~mask[0]
+    joined = lambda tokens: torch.cat(tokens, dim=1)[0]  # noqa: E731
+    torch.testing.assert_close(joined(masked)[unmasked], joined(plain)[unmasked])
+
+
+def test_slices_fed_to_t2d_are_the_selected_slices_of_the_volume():
+    volume = torch.arange(8.0).view(1, 1, 8, 1, 1).expand(1, 1, 8, 16, 16).contiguous()
+    images = slice_images(volume, torch.tensor([[2, 7]]))
+    assert images.shape == (2, 3, 16, 16)
+    assert images[0].unique().tolist() == [2.0] and images[1].unique().tolist() == [7.0]
+
+
+def test_attentive_selection_picks_the_slabs_with_the_most_attention():
+    model = _model()  # 4 slabs of 2 x 2 tokens, k = 2, the slab's centre slice
+    attention = torch.full((1, 16), 0.01)
+    attention[0, 12:16] = 0.2  # slab 3
+    attention[0, 4:8] = 0.1  # slab 1
+    assert model.select_slices(attention).tolist() == [[1 * 2 + 1, 3 * 2 + 1]]
+
+
+def test_slice_attention_gives_each_input_slice_its_slab_score():
+    model = _model()
+    stacks = torch.rand(2, 16, 1, 16, 16)  # 16 input slices -> the model's 8 (4 slabs)
+    scores = model.slice_attention(stacks)
+    assert scores.shape == (2, 16)
+    for slab in range(4):  # every input slice of a slab carries the same score
+        block = scores[:, slab * 4 : (slab + 1) * 4]
+        assert torch.equal(block, block[:, :1].expand_as(block))
+
+
+def test_volume_embedding_and_maps_have_the_evaluation_shapes():
+    model = _model()
+    stacks = torch.rand(3, 8, 1, 16, 16)
+    assert model.pooled_volume(stacks).shape == (3, 192)
+    maps = model.volume_intermediates(stacks)
+    assert len(maps) == 4 and all(m.shape == (3, 192, 4, 2, 2) for m in maps)
