@@ -35,6 +35,9 @@ VOLUMES = (
     ("v1", 8, (2, 6), {"pleural_effusion": (0, 1, 2, 3), "pneumothorax": (6,)}),
     ("v2", 16, (2, 6), {"covid": (10, 11)}),
 )
+# Training volumes (depth 8), the position prior's ground truth: slice 2 holds a finding twice,
+# slices 3 and 6 once each, so the 2 slices most often on a finding are {2, 3} (ties: lower index).
+TRAINING = (("t0", {"nodule": (2,)}), ("t1", {"pleural_effusion": (2, 3)}), ("t2", {"covid": (6,)}))
 
 
 @dataclasses.dataclass
@@ -43,11 +46,15 @@ class HandMadeData:
     slices are given, their native depths; the ground truth file lies under `cfg.root`."""
 
     cfg: SimpleNamespace
-    records: list[Record]
+    splits: dict[str, list[Record]]
+
+    def records(self, dataset: str, split: str) -> list[Record]:
+        assert dataset == DATASET
+        return self.splits.get(split, [])
 
     def require(self, dataset: str, split: str) -> list[Record]:
-        assert (dataset, split) == (DATASET, "test")
-        return self.records
+        assert self.records(dataset, split)
+        return self.records(dataset, split)
 
     def slice_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float]) -> torch.Tensor:
         assert slices == DEPTH
@@ -58,7 +65,7 @@ class HandMadeData:
         return stacks
 
     def native_depths(self, dataset: str, split: str) -> list[int]:
-        return [depth for _, depth, _, _ in VOLUMES]
+        return [depth for _, depth, _, _ in VOLUMES] if split == "test" else [DEPTH] * len(TRAINING)
 
 
 class Bright(torch.nn.Module):
@@ -76,13 +83,15 @@ class Bright(torch.nn.Module):
 def selection_ctx(tmp_path: Path) -> TaskContext:
     folder = tmp_path / DATASET
     folder.mkdir()
+    truth = [(name, truth) for name, _, _, truth in VOLUMES] + list(TRAINING)
     rows = [f"{name}.nii.gz,{finding},{' '.join(map(str, held))}"
-            for name, _, _, truth in VOLUMES for finding, held in truth.items()]
+            for name, found in truth for finding, held in found.items()]
     (folder / volumes.GROUND_TRUTH_FILE).write_text("key,finding,slices\n" + "\n".join(rows) + "\n")
-    records = [Record(DATASET, folder / f"{name}.nii.gz", name, name, "test", ndim=3) for name, *_ in VOLUMES]
+    splits = {split: [Record(DATASET, folder / f"{name}.nii.gz", name, name, split, ndim=3) for name, *_ in found]
+              for split, found in (("test", VOLUMES), ("train", TRAINING))}
     cfg = EvalConfig(tasks=("slice_selection",), bootstrap_resamples=50)
     cfg = dataclasses.replace(cfg, volume=dataclasses.replace(cfg.volume, selection_slices=DEPTH))
-    data = HandMadeData(SimpleNamespace(root=str(tmp_path)), records)
+    data = HandMadeData(SimpleNamespace(root=str(tmp_path)), splits)
     return TaskContext(data, cfg, tmp_path / "eval")
 
 
@@ -102,6 +111,9 @@ def test_hit_rate_and_random_rate_match_the_hand_count(selection_ctx):
     assert result["gain"] == pytest.approx(2 / 3 - float(sum(chance) / 3))
     # Selected slices on a finding: v0 1 of 2, v1 2 of 2, v2 0; random: 2, 5 and 1 of 8 slices.
     assert result["precision"] == pytest.approx(1.5 / 3) and result["random_precision"] == pytest.approx(8 / 24)
+    # The position prior {2, 3} hits v0 and v1 as the model does: no gain over it.
+    assert result["prior_slices"] == [2, 3] and result["prior"] == pytest.approx(2 / 3)
+    assert result["prior_gain"] == pytest.approx(0.0)
     lo, hi = result["ci"]["hit_rate"]
     assert lo <= result["hit_rate"] <= hi and result["replicates"]["hit_rate"].shape == (50,)
     assert result["per_finding"] == {
@@ -118,6 +130,34 @@ def test_a_model_that_selects_the_wrong_slices_scores_lower(selection_ctx):
     # The darkest slices come first by index among the ties: {0, 1} for v0 / v2, {0, 1} hits v1's effusion.
     assert worst["hit_rate"] == pytest.approx(1 / 3) and worst["hit_rate"] < best["hit_rate"]
     assert worst["random"] == best["random"] and worst["gain"] < 0 < best["gain"]
+    assert worst["prior_gain"] == pytest.approx(-1 / 3)  # it misses v0, which the prior hits
+
+
+class Chooser(torch.nn.Module):
+    """A stub slab model: says which slices it feeds (`selected_slices`), the same for every volume;
+    its `slice_attention` ties (what ranking it would get wrong)."""
+
+    def __init__(self, chosen: list[int]) -> None:
+        super().__init__()
+        self.chosen = chosen
+
+    def selected_slices(self, volumes: torch.Tensor) -> torch.Tensor:  # (N, D, 1, S, S) -> (N, k)
+        return torch.tensor([self.chosen] * len(volumes))
+
+    def slice_attention(self, volumes: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(volumes.shape[:2])
+
+
+def test_a_model_that_names_its_selected_slices_is_scored_on_them(selection_ctx):
+    result = volumes.run_selection(Encoder("slab", "Slab", Chooser([2, 6]), None), selection_ctx)[DATASET]
+    assert result["k"] == 2 and result["hit_rate"] == pytest.approx(2 / 3)  # as the brightest {2, 6}
+    assert result["random"] == pytest.approx(45 / 84)
+    three = volumes.run_selection(Encoder("slab", "Slab", Chooser([0, 5, 7]), None), selection_ctx)[DATASET]
+    assert three["k"] == 3 and three["hit_rate"] == pytest.approx(2 / 3)  # v1's effusion (0), v2's COVID (5)
+    assert three["random"] == pytest.approx(float(sum(_chance(m, k=3) for m in (2, 5, 1)) / 3))
+    with pytest.raises(ValueError, match=r"slab: selected_slices must return \(N, k\) integer slice "
+                                         r"indices in \[0, 8\) .* from 2 to 8"):
+        volumes.run_selection(Encoder("slab", "Slab", Chooser([2, 8]), None), selection_ctx)
 
 
 def test_2d_encoders_are_skipped_with_the_reason_not_failed(selection_ctx, tiny_encoder):
@@ -169,8 +209,8 @@ def test_config_keys_are_validated_by_name():
 
 def _metrics() -> dict:
     row = {"k": 4, "slices": 32, "volumes": 12, "random": 0.4, "hit_rate": 0.75, "gain": 0.35,
-           "precision": 0.5, "random_precision": 0.2,
-           "ci": {"hit_rate": [0.5, 0.9], "gain": [0.1, 0.55], "precision": [0.3, 0.7]},
+           "precision": 0.5, "random_precision": 0.2, "prior": 0.7, "prior_gain": 0.05,
+           "ci": {"hit_rate": [0.5, 0.9], "gain": [0.1, 0.55], "precision": [0.3, 0.7], "prior_gain": [-0.1, 0.2]},
            "per_finding": {"nodule": {"volumes": 3, "hit_rate": 2 / 3, "random": 0.25}}}
     return {"encoders": {
         "unimedi": {"label": "UniMedI", "tasks": {"slice_selection": {DATASET: row}}},
@@ -183,12 +223,14 @@ def test_the_report_has_one_row_per_encoder_with_selection_and_names_the_others(
     header, rows = tables[report.TITLE_SELECTION]
     group = "BIMCV-COVID19+ (32 slices) / "
     assert header == ["Method", group + "k", group + "attentive", group + "random", group + "gain (points)",
+                      group + "position prior", group + "gain over prior (points)",
                       group + "slices on a finding: attentive", group + "slices on a finding: random",
                       group + "nodule (attentive / random)"]
-    assert rows == [["UniMedI", "4", "75.0 (50.0–90.0)", "40.0", "35.0 (10.0–55.0)", "50.0 (30.0–70.0)", "20.0",
-                     "66.7 / 25.0"]]
-    assert table_notes(_metrics())[report.TITLE_SELECTION] == (
-        "Test volumes with a finding: BIMCV-COVID19+ 12. Not applicable (no attentive slice selection): Med-UniC")
+    assert rows == [["UniMedI", "4", "75.0 (50.0–90.0)", "40.0", "35.0 (10.0–55.0)", "70.0", "5.0 (-10.0–20.0)",
+                     "50.0 (30.0–70.0)", "20.0", "66.7 / 25.0"]]
+    note = table_notes(_metrics())[report.TITLE_SELECTION]
+    assert note.startswith("Test volumes with a finding: BIMCV-COVID19+ 12. Position prior: ")
+    assert note.endswith(". Not applicable (no attentive slice selection): Med-UniC")
     assert "Fig. 5" not in [row[0] for row in tables[report.TITLE_VOLUME_NOT_RUN][1]]
     two_d = {"encoders": {"medunic": _metrics()["encoders"]["medunic"]}}
     tables = {title: rows for title, _, rows in format_tables(two_d)}

@@ -172,7 +172,8 @@ def test_slice_selection_reads_the_phantom_volumes_at_their_own_depth(ct_context
     ctx = TaskContext(ct_context.data, cfg, ct_context.out_dir)
     result = volumes.run_selection(Encoder("uni", "UniMedI", Lowest(), None), ctx)["bimcv-covid19"]
     truth = volumes.finding_slices(ctx, "bimcv-covid19", "slice_selection")
-    keys = [key for key in volumes.truth_keys(ctx, "bimcv-covid19") if key in truth]
+    keys = [key for key in volumes.truth_keys(ctx, "bimcv-covid19", "test") if key in truth]
     expected = [any(min(held) < 3 for _, held in truth[key]) for key in keys]
     assert result["volumes"] == len(keys) >= 2 and result["hit_rate"] == pytest.approx(np.mean(expected))
+    assert len(result["prior_slices"]) == 3 and 0.0 <= result["prior"] <= 1.0  # from the training volumes
     assert set(ctx.data.native_depths("bimcv-covid19", "test")) == {16}

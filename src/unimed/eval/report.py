@@ -275,9 +275,10 @@ def _ran_rows(rows: list[Row], task: str) -> list[Row]:
 
 
 def _selection_table(metrics: dict) -> Table | None:
-    """Per encoder with attentive slice selection and per dataset: its k, the hit rate of its top-k
-    slices, that of k random slices, the gain over random (points), the share of its slices on a
-    finding beside random's, and per finding both hit rates."""
+    """Per encoder with attentive slice selection and per dataset: its k, the hit rate of its k
+    slices, that of k random slices and the gain over them, that of the position prior (the k
+    slices most often on a finding in training) and the gain over it (points), the share of its
+    slices on a finding beside random's, and per finding both hit rates."""
     rows = _ran_rows(_task_rows(metrics), "slice_selection")
     columns = []
     for name in _keys(rows, "slice_selection"):
@@ -288,6 +289,8 @@ def _selection_table(metrics: dict) -> Table | None:
                     _column(f"{group}{SEP}attentive", *path, "hit_rate"),
                     _column(f"{group}{SEP}random", *path, "random", fmt=percent),
                     _column(f"{group}{SEP}gain (points)", *path, "gain"),
+                    _column(f"{group}{SEP}position prior", *path, "prior", fmt=percent),
+                    _column(f"{group}{SEP}gain over prior (points)", *path, "prior_gain"),
                     _column(f"{group}{SEP}slices on a finding: attentive", *path, "precision"),
                     _column(f"{group}{SEP}slices on a finding: random", *path, "random_precision",
                             fmt=percent)]
@@ -537,6 +540,9 @@ def _selection_note(methods: list[Row]) -> str:
     """Test volumes with a finding per dataset, and the encoders the task does not apply to."""
     ran = _ran_rows(methods, "slice_selection")
     note = _count_note(ran, "slice_selection", "volumes", "Test volumes with a finding")
+    if note:
+        note += (". Position prior: the k slices that most often hold a finding in the training "
+                 "volumes, the same for every volume")
     skipped = [labels[0] for labels, tasks in methods if lookup(tasks, "slice_selection", "skipped")]
     if ran and skipped:
         note += f". Not applicable (no attentive slice selection): {', '.join(skipped)}"
