@@ -71,7 +71,7 @@ def test_volume_classification_has_unimedi_table_2_layout_with_intervals():
 def test_the_papers_3d_tables_without_a_task_here_are_listed_as_not_run():
     header, rows = _table(_metrics(), report.TITLE_VOLUME_NOT_RUN)
     assert header == ["UniMedI", "Task", "Datasets", "Status"]
-    assert [row[0] for row in rows] == ["Table 3", "Table 6"]
+    assert [row[0] for row in rows] == ["Table 3", "Table 6", "Fig. 2", "Fig. 5"]
     assert rows[0][2] == "CC-CCII (ACC), LUNA16 (AUC)" and rows[1][2] == "BCV (Dice)"
     assert all(row[3].startswith("not run: ") for row in rows)
     two_d = {"encoders": {"m": {"label": "M", "tasks": {"zero_shot": {"cxp500": {"en": {"auc": 0.9}}}}}}}

@@ -146,6 +146,6 @@ def test_the_report_lays_out_table_6_and_the_organs_and_no_longer_lists_it_as_no
     header, rows = tables[report.TITLE_VOLUME_ORGANS]
     assert header == ["Method", "Set", "Labels", "spleen", "liver"]
     assert rows[2] == ["Med-UniC", "BCV", "100%", "60.0", "80.0 (70.0–90.0)"]
-    assert [row[0] for row in tables[report.TITLE_VOLUME_NOT_RUN][1]] == ["Table 3"]
+    assert [row[0] for row in tables[report.TITLE_VOLUME_NOT_RUN][1]] == ["Table 3", "Fig. 2", "Fig. 5"]
     assert report.table_notes(_metrics())[report.TITLE_VOLUME_SEGMENTATION] == (
         "Training volumes: BCV: 20% 4, 40% 8, 100% 21")

@@ -3,6 +3,7 @@ features whose answer is known and end to end on a tiny CT world."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from unimed.data.volumes import Volume, axial_slices
 from unimed.eval import volumes
 from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig
 from unimed.eval.data import EvalData, rgb
+from unimed.eval.encoders import Encoder
 from unimed.eval.runner import evaluate
 from unimed.eval.tasks import TaskContext
 from unimed.phantom.config import PhantomConfig
@@ -128,7 +130,7 @@ def test_random_hit_rate_is_the_exact_chance(n, m, k):
 
 def _oracle_scores(ctx: TaskContext, sign: float):
     """Slice scores that put each class's ground-truth slices first (sign 1) or last (sign -1)."""
-    truth = volumes.finding_slices(ctx, "bimcv-covid19")
+    truth = volumes.finding_slices(ctx, "bimcv-covid19", "slice_localisation")
     root = Path(ctx.data.cfg.root) / "bimcv-covid19"
     keys = [Path(r.image_path).relative_to(root).as_posix() for r in ctx.data.require("bimcv-covid19", "test")]
     calls = itertools.count()
@@ -154,3 +156,24 @@ def test_slice_localisation_scores_hits_against_the_phantom_ground_truth(ct_cont
     monkeypatch.setattr(volumes, "GROUND_TRUTH_FILE", "absent.csv")
     with pytest.raises(ValueError, match="needs the slice ground truth .*absent.csv"):
         volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
+
+
+def test_slice_selection_reads_the_phantom_volumes_at_their_own_depth(ct_context):
+    """A stub 3D model that always selects the lowest k slices, on the CT world's 16-slice volumes
+    read at 16 slices (the ground truth maps slice for slice): a hit exactly where a finding
+    reaches below slice k."""
+    class Lowest(torch.nn.Module):
+        selection_k = 3
+
+        def slice_attention(self, stacks: torch.Tensor) -> torch.Tensor:  # (N, D, 1, S, S) -> (N, D)
+            return -torch.arange(stacks.shape[1], dtype=torch.float32).expand(len(stacks), -1)
+
+    cfg = dataclasses.replace(ct_context.cfg, volume=dataclasses.replace(ct_context.cfg.volume, selection_slices=16))
+    ctx = TaskContext(ct_context.data, cfg, ct_context.out_dir)
+    result = volumes.run_selection(Encoder("uni", "UniMedI", Lowest(), None), ctx)["bimcv-covid19"]
+    truth = volumes.finding_slices(ctx, "bimcv-covid19", "slice_selection")
+    keys = [key for key in volumes.truth_keys(ctx, "bimcv-covid19", "test") if key in truth]
+    expected = [any(min(held) < 3 for _, held in truth[key]) for key in keys]
+    assert result["volumes"] == len(keys) >= 2 and result["hit_rate"] == pytest.approx(np.mean(expected))
+    assert len(result["prior_slices"]) == 3 and 0.0 <= result["prior"] <= 1.0  # from the training volumes
+    assert set(ctx.data.native_depths("bimcv-covid19", "test")) == {16}

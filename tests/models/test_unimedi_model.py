@@ -136,6 +136,21 @@ def test_slice_attention_gives_each_input_slice_its_slab_score():
         assert torch.equal(block, block[:, :1].expand_as(block))
 
 
+@pytest.mark.parametrize(("depth", "expected"), [(8, [3, 7]), (16, [7, 15]), (4, [1, 3])])
+def test_selected_slices_are_the_fed_slices_on_the_input_depth(depth, expected, monkeypatch):
+    """Slabs 1 and 3 of the model's 8 slices hold the most attention: their centre slices 3 and 7
+    are fed, which are input slices 7 and 15 of 16 (4 of 8: 1 and 3), inside the slabs that
+    slice_attention scores highest."""
+    model = _model()
+    attention = torch.full((1, 16), 0.01)
+    attention[0, 12:16], attention[0, 4:8] = 0.2, 0.1
+    monkeypatch.setattr(model, "volume_attention", lambda volume: attention.expand(len(volume), -1))
+    stacks = torch.rand(2, depth, 1, 16, 16)
+    assert model.selected_slices(stacks).tolist() == [expected] * 2
+    scores = model.slice_attention(stacks)[0]
+    assert set(expected) <= set(torch.nonzero(scores >= 0.1).flatten().tolist())
+
+
 def test_volume_embedding_and_maps_have_the_evaluation_shapes():
     model = _model()
     stacks = torch.rand(3, 8, 1, 16, 16)

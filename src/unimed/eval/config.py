@@ -18,7 +18,7 @@ TASK_NAMES: tuple[str, ...] = (
 )
 # Tasks on CT volumes (the 3D world: `phantom.ct.enabled`), run only when `eval.tasks` names them.
 VOLUME_TASK_NAMES: tuple[str, ...] = ("volume_probe", "volume_retrieval", "slice_localisation",
-                                       "volume_segmentation")
+                                       "volume_segmentation", "slice_selection", "modality_gap")
 
 
 # The CheXpert competition classes (CXP500) and the ten physician-labelled PDC classes.
@@ -184,23 +184,59 @@ class VolumeConfig:
     Recall@K on their test split (BIMCV-COVID19+ with its Spanish reports), and in
     `localisation_datasets` each finding of a test volume is localised by the `localisation_k`
     slices whose embedding is closest to the finding's prompt, scored against the phantom's slice
-    ground truth (``phantom_findings.csv``).
+    ground truth (``phantom_findings.csv``). In `selection_datasets` a native 3D model's attentive
+    slice selection (UniMedI: the k slices its ``slice_attention`` scores highest) is scored
+    against the same ground truth, on test volumes resized to `selection_slices` axial slices
+    (UniMedI's and the phantom's 32: the ground truth then maps slice for slice).
     """
 
     probe_datasets: tuple[str, ...] = ("cc-ccii", "luna16")
     retrieval_datasets: tuple[str, ...] = ("bimcv-covid19",)
     localisation_datasets: tuple[str, ...] = ("bimcv-covid19",)
     localisation_k: int = 3
+    selection_datasets: tuple[str, ...] = ("bimcv-covid19",)
+    selection_slices: int = 32
     slices: int = 8
     window: tuple[float, float] = (-1000.0, 400.0)
 
     def __post_init__(self) -> None:
-        for key in ("slices", "localisation_k"):
+        for key in ("slices", "localisation_k", "selection_slices"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.volume.{key} must be >= 1, got {getattr(self, key)}")
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise ValueError("eval.volume.window must be [low, high] HU with low < high, "
                              f"got {list(self.window)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalityGapConfig:
+    """2D vs 3D embeddings of the same findings (UniMedI Fig. 2, :mod:`unimed.eval.modality`).
+
+    Test X-ray images of `xray_datasets` and test CT volumes of `volume_datasets` (through
+    :meth:`unimed.eval.features.FeatureCache.volumes` with ``eval.volume.slices`` and ``window``)
+    positive for exactly one of `classes` (label names, matched case-insensitively: PadChest and
+    BIMCV spell them alike, MIMIC-CXR as CheXpert does), up to `per_class` seeded samples per class
+    and modality; a class enters when each modality has `min_per_class` samples of it (a spread
+    needs two points, and a bootstrap resample of two is one point half of the time).
+    """
+
+    xray_datasets: tuple[str, ...] = ("mimic-cxr", "padchest")
+    volume_datasets: tuple[str, ...] = ("bimcv-covid19",)
+    classes: tuple[str, ...] = ("COVID 19", "pneumonia", "pleural effusion", "pneumothorax", "nodule")
+    per_class: int = 100
+    min_per_class: int = 5
+
+    def __post_init__(self) -> None:
+        for key in ("xray_datasets", "volume_datasets", "classes"):
+            if not getattr(self, key):
+                raise ValueError(f"eval.modality_gap.{key} must name at least one entry")
+        if len({c.lower() for c in self.classes}) < len(self.classes):
+            raise ValueError(f"eval.modality_gap.classes repeats a class: {list(self.classes)}")
+        if self.min_per_class < 2:
+            raise ValueError(f"eval.modality_gap.min_per_class must be >= 2, got {self.min_per_class}")
+        if self.per_class < self.min_per_class:
+            raise ValueError(f"eval.modality_gap.per_class must be >= min_per_class ({self.min_per_class}), "
+                             f"got {self.per_class}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +305,7 @@ class EvalConfig:
     bias: BiasConfig = BiasConfig()
     gradcam: GradCAMConfig = GradCAMConfig()
     volume: VolumeConfig = VolumeConfig()
+    modality_gap: ModalityGapConfig = ModalityGapConfig()
     volume_segmentation: VolumeSegmentationConfig = VolumeSegmentationConfig()
 
     def __post_init__(self) -> None:

@@ -68,6 +68,7 @@ class EvalData:
         self._images: dict[tuple[str, str | None, str], torch.Tensor] = {}
         self._samples: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
         self._slices: dict[tuple, torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]] = {}
+        self._depths: dict[tuple[str, str], list[int]] = {}
 
     @property
     def image_size(self) -> int:
@@ -117,12 +118,24 @@ class EvalData:
         if key not in self._slices:
             records = self._volume_records(dataset, split)
             out = torch.empty(len(records), slices, 1, self.image_size, self.image_size)
+            depths = []
             for i, record in enumerate(tqdm(records, desc=f"{dataset}/{split}", unit="volume",
                                             disable=not self.progress)):
-                out[i, :, 0] = axial_slices(read_volume(record.image_path), size=self.image_size,
-                                            slices=slices, window=window)
+                volume = read_volume(record.image_path)
+                depths.append(volume.array.shape[2])
+                out[i, :, 0] = axial_slices(volume, size=self.image_size, slices=slices, window=window)
             self._slices[key] = out
+            self._depths[(dataset, split)] = depths
         return self._slices[key]
+
+    def native_depths(self, dataset: str, split: str) -> list[int]:
+        """Per volume of `records(dataset, split)`, its own number of axial slices (RAS z), which
+        slice ground truth counts in; noted while :meth:`slice_stacks` reads the volumes, else read."""
+        key = (dataset, split)
+        if key not in self._depths:
+            self._depths[key] = [read_volume(r.image_path).array.shape[2]
+                                 for r in self._volume_records(dataset, split)]
+        return self._depths[key]
 
     def native_slices(self, dataset: str, split: str, window: tuple[float, float]) -> list[torch.Tensor]:
         """Per volume of `records(dataset, split)`, all its axial slices ((Z, 1, S, S), inferior to

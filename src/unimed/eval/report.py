@@ -24,6 +24,7 @@ from unimed.eval.checks import (
     dict_keys,
     display_name,
     fraction_order,
+    interval,
     lookup,
     ordered,
     percent,
@@ -59,6 +60,8 @@ TITLE_VOLUME_NOT_RUN = "UniMedI's 3D tables: tasks not run"
 TITLE_VOLUME_RETRIEVAL = "3D: volume ↔ report retrieval (%)"
 TITLE_LOCALISATION = ("3D: slice localisation, share of findings that the top-k slices hit "
                       "(%, random: k slices drawn at random)")
+TITLE_SELECTION = "Attentive slice selection vs random (hit rate, %)"
+TITLE_MODALITY_GAP = "2D vs 3D embeddings (UniMedI Fig. 2)"
 TITLE_TIMINGS = "Timings (seconds)"
 TITLE_SPLITS = "Evaluation sets: published split files (image ids) and their SHA-256"
 BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I, TITLE_CROSS,
@@ -76,15 +79,21 @@ VOLUME_NOT_RUN = (
      None),
     ("Table 6", "3D semantic segmentation (UNETR), 20 / 40 / 100 % of the labels", "BCV (Dice)",
      "not run: add volume_segmentation to the tasks", "volume_segmentation"),
+    ("Fig. 2", "t-SNE of X-ray and CT embeddings of the same findings",
+     "MIMIC-CXR, PadChest + BIMCV-COVID19+", "not run: add modality_gap to the tasks", "modality_gap"),
+    ("Fig. 5", "attentive slice selection (the slices it picks hold the finding?)", "BIMCV-COVID19+",
+     "not run: add slice_selection to the tasks", "slice_selection"),
 )
 """The UniMedI paper's 3D tables: (table, task, datasets, why not run, the unimed task that fills
-it in, or None). A table is listed here, never filled in, unless its task ran."""
+it in, or None). A table is listed here, never filled in, unless its task ran; a task that ran but
+skipped every encoder (slice selection on 2D encoders only) is listed with the reason."""
 BIAS_SPACES = (("text", "pooled"), ("text", "projected"), ("image", "pooled"), ("image", "projected"))
 BIAS_METRICS = (("probe_accuracy", "probe"), ("knn_accuracy", "kNN"), ("silhouette", "silhouette"),
                 ("distance_ratio", "ratio"))
 RAW_BIAS_METRICS = ("silhouette", "distance_ratio")
 FIGURE_CAPTIONS = {"tsne_text": "t-SNE of text embeddings", "tsne_image": "t-SNE of image embeddings",
-                   "gradcam": "Grad-CAM"}
+                   "gradcam": "Grad-CAM",
+                   "modality_tsne": "t-SNE of X-ray (circles) and CT (triangles) embeddings, colour: finding"}
 POOLED_GROUPS = {"all_languages": "Whole gallery", "within_language": "Own language",
                  "chance": "Chance (own language)"}
 SHORTCUT_COLUMNS = (("loss_mixed", "InfoNCE / mixed batches"),
@@ -244,9 +253,81 @@ def _volume_not_run_table(metrics: dict) -> Table | None:
     rows = _task_rows(metrics)
     if not any(_keys(rows, task) for task in VOLUME_TASK_NAMES):
         return None
-    body = [[table, task, datasets, status] for table, task, datasets, status, ours in VOLUME_NOT_RUN
-            if ours is None or not _keys(rows, ours)]
+    body = []
+    for table, task, datasets, status, ours in VOLUME_NOT_RUN:
+        if ours is not None and _ran_rows(rows, ours):
+            continue
+        if ours is not None and _keys(rows, ours):  # ran, but skipped for every encoder
+            status = f"ran, not applicable to any encoder here ({_first_found(rows, ours, 'skipped')})"
+        body.append([table, task, datasets, status])
     return (TITLE_VOLUME_NOT_RUN, ["UniMedI", "Task", "Datasets", "Status"], body) if body else None
+
+
+def _ran(tasks: object, task: str) -> bool:
+    """Whether `task` ran for an encoder and was not skipped as not applicable to it."""
+    result = lookup(tasks, task)
+    return isinstance(result, dict) and "skipped" not in result
+
+
+def _ran_rows(rows: list[Row], task: str) -> list[Row]:
+    """The rows (encoders) for which `task` ran and was not skipped."""
+    return [row for row in rows if _ran(row[1], task)]
+
+
+def _selection_table(metrics: dict) -> Table | None:
+    """Per encoder with attentive slice selection and per dataset: its k, the hit rate of its k
+    slices, that of k random slices and the gain over them, that of the position prior (the k
+    slices most often on a finding in training) and the gain over it (points), the share of its
+    slices on a finding beside random's, and per finding both hit rates."""
+    rows = _ran_rows(_task_rows(metrics), "slice_selection")
+    columns = []
+    for name in _keys(rows, "slice_selection"):
+        slices = _first_found(rows, "slice_selection", name, "slices")
+        group = f"{display_name(name)} ({slices} slices)"
+        path = ("slice_selection", name)
+        columns += [_column(f"{group}{SEP}k", *path, "k", fmt=partial(_number, digits=0)),
+                    _column(f"{group}{SEP}attentive", *path, "hit_rate"),
+                    _column(f"{group}{SEP}random", *path, "random", fmt=percent),
+                    _column(f"{group}{SEP}gain (points)", *path, "gain"),
+                    _column(f"{group}{SEP}position prior", *path, "prior", fmt=percent),
+                    _column(f"{group}{SEP}gain over prior (points)", *path, "prior_gain"),
+                    _column(f"{group}{SEP}slices on a finding: attentive", *path, "precision"),
+                    _column(f"{group}{SEP}slices on a finding: random", *path, "random_precision",
+                            fmt=percent)]
+        columns += [(f"{group}{SEP}{finding.replace('_', ' ')} (attentive / random)",
+                     partial(_selection_cell, (*path, "per_finding", finding)))
+                    for finding in _keys(rows, *path, "per_finding")]
+    return _table(TITLE_SELECTION, ["Method"], rows, columns)
+
+
+def _selection_cell(path: tuple[str, ...], tasks: object) -> str:
+    """"66.7 / 25.0": one finding's hit rate of the attentive and of the random selection."""
+    node = lookup(tasks, *path)
+    if node is None:
+        return MISSING
+    return f"{percent(lookup(node, 'hit_rate'))} / {percent(lookup(node, 'random'))}"
+
+
+def _modality_gap_table(metrics: dict) -> Table | None:
+    """Per encoder: the X-ray/CT gap (raw, lower is a more shared space) beside its chance level,
+    the cross-modal nearest-class-centroid accuracy both ways beside chance, and the gap per finding."""
+    rows = _ran_rows(_task_rows(metrics), "modality_gap")
+    path = ("modality_gap",)
+    columns = [("Gap" + SEP + "X-ray vs CT", partial(_raw_ci, (*path, "gap"))),
+               _column("Gap" + SEP + "chance", *path, "chance_gap", fmt=_number),
+               _column("Nearest class centroid (%)" + SEP + "CT → X-ray", *path, "ct_to_xray"),
+               _column("Nearest class centroid (%)" + SEP + "X-ray → CT", *path, "xray_to_ct"),
+               _column("Nearest class centroid (%)" + SEP + "chance", *path, "chance_accuracy", fmt=percent)]
+    columns += [_column(f"Gap per finding{SEP}{finding}", *path, "per_finding", finding, fmt=_number)
+                for finding in _keys(rows, *path, "per_finding")]
+    return _table(TITLE_MODALITY_GAP, ["Method"], rows, columns)
+
+
+def _raw_ci(path: tuple[str, ...], data: object) -> str:
+    """"1.23 (1.10–1.41)": the raw value at ``path`` with the interval stored beside it, if any."""
+    bounds = interval(ci_of(lookup(data, *path[:-1]), path[-1]))
+    value = _number(lookup(data, *path))
+    return value if bounds is None or value == MISSING else f"{value} ({bounds[0]:.2f}–{bounds[1]:.2f})"
 
 
 def _volume_retrieval_table(metrics: dict) -> Table | None:
@@ -406,7 +487,8 @@ TABLE_BUILDERS: tuple[Callable[[dict], Table | None], ...] = (
     partial(_retrieval_table, direction="cross_lingual", title=TITLE_CROSS),
     _pooled_table, _shortcut_table, _bias_table, _bias_control_table, _volume_probe_table,
     _volume_segmentation_table, _volume_organs_table,
-    _volume_retrieval_table, _localisation_table, _volume_not_run_table, _ablation_table,
+    _volume_retrieval_table, _localisation_table, _selection_table, _modality_gap_table,
+    _volume_not_run_table, _ablation_table,
     _orderings_table, _timings_table, _splits_table,
 )
 
@@ -429,7 +511,9 @@ def table_notes(metrics: dict) -> dict[str, str]:
                                              VOLUME_PROBE_SETS),
              TITLE_VOLUME_SEGMENTATION: _train_note(methods, ("volume_segmentation",), "volumes"),
              TITLE_VOLUME_RETRIEVAL: _count_note(methods, "volume_retrieval", "queries", "Queries"),
-             TITLE_LOCALISATION: _count_note(methods, "slice_localisation", "pairs", "Findings")}
+             TITLE_LOCALISATION: _count_note(methods, "slice_localisation", "pairs", "Findings"),
+             TITLE_SELECTION: _selection_note(methods),
+             TITLE_MODALITY_GAP: _modality_gap_note(methods)}
     queries = _first_found(methods, "retrieval", "queries")
     if isinstance(queries, dict) and queries:
         notes[TITLE_I2R] = "Queries: " + ", ".join(f"{display_name(k)} {v}" for k, v in queries.items())
@@ -450,6 +534,33 @@ def _count_note(methods: list[Row], task: str, key: str, label: str) -> str:
     counts = [f"{display_name(name)} {count}" for name in _keys(methods, task)
               if (count := _first_found(methods, task, name, key)) is not None]
     return f"{label}: " + ", ".join(counts) if counts else ""
+
+
+def _selection_note(methods: list[Row]) -> str:
+    """Test volumes with a finding per dataset, and the encoders the task does not apply to."""
+    ran = _ran_rows(methods, "slice_selection")
+    note = _count_note(ran, "slice_selection", "volumes", "Test volumes with a finding")
+    if note:
+        note += (". Position prior: the k slices that most often hold a finding in the training "
+                 "volumes, the same for every volume")
+    skipped = [labels[0] for labels, tasks in methods if lookup(tasks, "slice_selection", "skipped")]
+    if ran and skipped:
+        note += f". Not applicable (no attentive slice selection): {', '.join(skipped)}"
+    return note
+
+
+def _modality_gap_note(methods: list[Row]) -> str:
+    """The samples per finding and modality, and how the gap is defined."""
+    samples = _first_found(_ran_rows(methods, "modality_gap"), "modality_gap", "samples")
+    if not isinstance(samples, dict):
+        return ""
+    xray, ct = samples.get("xray") or {}, samples.get("ct") or {}
+    counts = ", ".join(f"{name} {xray.get(name, 0)} / {ct.get(name, 0)}" for name in dict_keys(xray, ct))
+    return (f"Test samples (X-ray / CT): {counts}. Gap: distance between the X-ray and the CT centroid "
+            "of the L2-normalised projected embeddings over the mean RMS spread of each modality around "
+            "its own (class-balanced); chance: the modality labels shuffled within each finding; lower "
+            "is a more shared space. Nearest class centroid: a sample's nearest class centroid of the "
+            "other modality is of its own finding")
 
 
 def _train_note(methods: list[Row], tasks: tuple[str, ...], unit: str = "images",

@@ -19,6 +19,7 @@ from unimed.eval import (  # noqa: F401  (each task module registers itself in T
     detection,
     gradcam,
     linear_probe,
+    modality,
     retrieval,
     segmentation,
     volume_segmentation,

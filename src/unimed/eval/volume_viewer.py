@@ -63,7 +63,7 @@ ORGAN_COLOURS = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4
                  "#bcf60c", "#f032e6", "#fabebe", "#008080", "#e6beff", "#9a6324")
 """Contour colour of BCV label 1, 2, ... (distinct hues, none grey)."""
 VOLUME_DATASETS = {"volume_probe": "probe_datasets", "volume_retrieval": "retrieval_datasets",
-                   "slice_localisation": "localisation_datasets"}
+                   "slice_localisation": "localisation_datasets", "slice_selection": "selection_datasets"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,25 @@ embeddings:
   hit rate of k slices drawn at random (exact: 1 - C(n - m, k) / C(n, k) for a finding on m of n
   slices). This is what UniMedI's attentive slice selection claims to do; the paper could only
   show pictures of it.
+* ``slice_selection``: that claim measured on the model itself. A native 3D model with attentive
+  slice selection (UniMedI) has ``slice_attention(volumes) -> (N, D)``, its selection score of each
+  of the D axial slices of (N, D, 1, S, S) volumes in [0, 1] (inferior to superior, the input of
+  :meth:`unimed.eval.encoders.Encoder.volume_maps`), and ``selection_k``, how many slices it
+  selects; a model that scores slabs of several slices (tied scores) and feeds one slice per
+  selected slab says which with ``selected_slices(volumes) -> (N, k)`` indices, which the task then
+  scores instead. On the test volumes of `eval.volume.selection_datasets` that hold a finding,
+  resized to `eval.volume.selection_slices` slices, the k selected slices hit when one of them
+  holds a finding of the volume (per finding class: that finding), beside the exact hit rate of k
+  random slices and
+  the per-volume gain over it, with bootstrap intervals over the volumes. Where findings span
+  most slices (the phantom's COVID-19 pattern), k random slices nearly always hit, so beside it
+  stands the share of the selected slices that hold a finding (``precision``; random: the share
+  of the volume's slices that do). Findings gather in the middle of the chest, so any selection
+  that prefers central slices beats random ones without looking at the volume (an untrained
+  UniMedI did); the reference that needs the image is the position prior: the k slices that most
+  often hold a finding in the training volumes, the same for every volume (``prior``, and the
+  per-volume gain over it, ``prior_gain``). An encoder without ``slice_attention`` (every 2D
+  encoder) is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -27,7 +46,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -155,18 +174,24 @@ def read_ground_truth(path: Path) -> list[TruthRow]:
     return rows
 
 
-def finding_slices(ctx: TaskContext, dataset: str) -> dict[str, list[tuple[str, set[int]]]]:
+def finding_slices(ctx: TaskContext, dataset: str, task: str) -> dict[str, list[tuple[str, set[int]]]]:
     """Volume path relative to the dataset folder -> [(finding, slices it occupies)] from the
-    phantom's ground truth; an EvalError when the dataset has none (real data)."""
+    phantom's ground truth; an EvalError naming `task` when the dataset has none (real data)."""
     path = Path(ctx.data.cfg.root) / dataset / GROUND_TRUTH_FILE
     if not path.is_file():
-        raise EvalError(f"slice_localisation needs the slice ground truth {path}, which only the "
+        raise EvalError(f"{task} needs the slice ground truth {path}, which only the "
                         "phantom world writes")
     truth: dict[str, list[tuple[str, set[int]]]] = {}
     for row in read_ground_truth(path):
         if row.finding in FINDING_CLASSES and row.slices:
             truth.setdefault(row.key, []).append((row.finding, set(row.slices)))
     return truth
+
+
+def truth_keys(ctx: TaskContext, dataset: str, split: str) -> list[str]:
+    """The ground-truth key of each volume of `dataset`/`split`: its path relative to the dataset folder."""
+    root = Path(ctx.data.cfg.root) / dataset
+    return [Path(r.image_path).relative_to(root).as_posix() for r in ctx.data.require(dataset, split)]
 
 
 def random_hit_rate(n: int, m: int, k: int) -> float:
@@ -193,12 +218,10 @@ def slice_scores(encoder: Encoder, ctx: TaskContext, slices: torch.Tensor, promp
 def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     """Hit rates of the top-k slices per prompt language on the test volumes of `dataset`."""
     cfg = ctx.cfg.volume
-    truth = finding_slices(ctx, dataset)
-    records = ctx.data.require(dataset, "test")
+    truth = finding_slices(ctx, dataset, "slice_localisation")
     stacks = ctx.data.native_slices(dataset, "test", cfg.window)
-    root = Path(ctx.data.cfg.root) / dataset
-    pairs = [(i, finding, slices) for i, record in enumerate(records)
-             for finding, slices in truth.get(Path(record.image_path).relative_to(root).as_posix(), [])]
+    pairs = [(i, finding, slices) for i, key in enumerate(truth_keys(ctx, dataset, "test"))
+             for finding, slices in truth.get(key, [])]
     if not pairs:
         return {"skipped": "no test volume has a finding"}
     classes = sorted({FINDING_CLASSES[finding] for _, finding, _ in pairs})
@@ -234,4 +257,165 @@ def run_localisation(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
         log.info("%s slice localisation on %s: %s (random %s)", encoder.label, dataset,
                  {lang: round(v["hit_rate"], 3) for lang, v in result.items() if isinstance(v, dict)
                   and "hit_rate" in v}, round(result.get("random", float("nan")), 3))
+    return out
+
+
+SELECTION_INTERFACE = ("selected_slices", "slice_attention")
+"""What a model with attentive slice selection has, either one (see the module docstring)."""
+
+
+def resampled_slices(held: set[int], depth: int, slices: int) -> set[int]:
+    """Which of `slices` axial slices, resized from a volume of `depth` slices (linear along z, as
+    :func:`unimed.data.volumes.axial_slices` resizes), draw on one of the `held` slices; the same
+    set when `slices` equals `depth`."""
+    marks = torch.zeros(1, 1, depth)
+    marks[0, 0, sorted(held)] = 1.0
+    resized = F.interpolate(marks, size=slices, mode="linear", align_corners=False)[0, 0]  # (slices,)
+    return set(torch.nonzero(resized > 0).flatten().tolist())
+
+
+def selection_k(encoder: Encoder) -> int:
+    """How many slices the encoder's model selects (``selection_k``), checked to be a positive int."""
+    k = getattr(encoder.model, "selection_k", None)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise EvalError(f"{encoder.name}: the model has slice_attention but its selection_k is {k!r}; "
+                        "it must be a positive integer (how many slices it selects)")
+    return k
+
+
+def batched(method: Callable[[torch.Tensor], torch.Tensor], encoder: Encoder, volumes: torch.Tensor,
+            batch_size: int) -> torch.Tensor:
+    """`method` of the model on (N, D, 1, S, S) `volumes`, batch by batch, concatenated on the CPU."""
+    parts = [method(volumes[start : start + batch_size].to(encoder.device)).cpu()
+             for start in range(0, len(volumes), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, 0)
+
+
+def model_selection(encoder: Encoder, volumes: torch.Tensor, batch_size: int, seed: int) -> list[set[int]]:
+    """Per volume of (N, D, 1, S, S) `volumes`, the input slices the model selects: its own
+    ``selected_slices`` when it has them (a model that scores slabs ties every slice of a slab and
+    feeds one slice per selected slab: UniMedI), else the ``selection_k`` slices that
+    ``slice_attention`` scores highest. Under `seed`, so a model that picks a random slice of each
+    slab picks the same ones every run."""
+    own = getattr(encoder.model, "selected_slices", None)
+    devices = [encoder.device] if encoder.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        if own is not None:
+            return checked_selection(encoder, batched(own, encoder, volumes, batch_size), volumes.shape)
+        k = selection_k(encoder)
+        scores = batched(encoder.model.slice_attention, encoder, volumes, batch_size).float()
+    if scores.shape != volumes.shape[:2]:
+        raise EvalError(f"{encoder.name}: slice_attention returned shape {tuple(scores.shape)} for volumes "
+                        f"of shape {tuple(volumes.shape)}; expected (N, D) = {tuple(volumes.shape[:2])}")
+    return [top_slices(row, k) for row in scores.numpy()]
+
+
+def checked_selection(encoder: Encoder, picked: torch.Tensor, shape: torch.Size) -> list[set[int]]:
+    """The rows of `selected_slices`' (N, k) output as sets, checked to be slice indices of the
+    (N, D, 1, S, S) input `shape`; an EvalError naming the encoder otherwise."""
+    n, depth = shape[:2]
+    valid = (picked.ndim == 2 and len(picked) == n and not picked.is_floating_point() and picked.numel() > 0
+             and 0 <= int(picked.min()) and int(picked.max()) < depth)
+    if not valid:
+        raise EvalError(f"{encoder.name}: selected_slices must return (N, k) integer slice indices in "
+                        f"[0, {depth}) for volumes of shape {tuple(shape)}, got {picked.dtype} "
+                        f"{tuple(picked.shape)}" + (f" from {int(picked.min())} to {int(picked.max())}"
+                                                    if picked.numel() else ""))
+    return [set(row.tolist()) for row in picked]
+
+
+def held_slices(truth: list[tuple[str, set[int]]], depth: int, slices: int, where: str
+                ) -> dict[str, set[int]]:
+    """{finding: the resized slices that hold it} of one volume (a finding drawn twice, e.g. two
+    nodules, merged); an EvalError naming `where` when the ground truth lies outside the volume."""
+    out: dict[str, set[int]] = {}
+    for finding, held in truth:
+        if max(held) >= depth:
+            raise EvalError(f"{GROUND_TRUTH_FILE}: {where} puts {finding} on slice {max(held)}, but the "
+                            f"volume has {depth} slices")
+        out.setdefault(finding, set()).update(resampled_slices(held, depth, slices))
+    return out
+
+
+def held_by_volume(ctx: TaskContext, dataset: str, split: str, truth: dict[str, list[tuple[str, set[int]]]]
+                   ) -> dict[int, dict[str, set[int]]]:
+    """Row in `dataset`/`split` -> {finding: the slices of ``eval.volume.selection_slices`` that hold
+    it} of each volume of the split that holds a finding by the ground truth `truth`."""
+    keys = truth_keys(ctx, dataset, split)
+    rows = [i for i, key in enumerate(keys) if key in truth]
+    depths = ctx.data.native_depths(dataset, split) if rows else []
+    return {i: held_slices(truth[keys[i]], depths[i], ctx.cfg.volume.selection_slices, f"{dataset}/{keys[i]}")
+            for i in rows}
+
+
+def position_prior(ctx: TaskContext, dataset: str, truth: dict[str, list[tuple[str, set[int]]]], k: int
+                   ) -> set[int] | None:
+    """The k slices that most often hold a finding in the training volumes of `dataset` (ties: the
+    lower index): the best a selection can do without looking at the volume. None without any."""
+    if not ctx.data.records(dataset, "train"):
+        return None
+    held = held_by_volume(ctx, dataset, "train", truth)
+    counts = np.zeros(ctx.cfg.volume.selection_slices)
+    for found in held.values():
+        counts[sorted(set().union(*found.values()))] += 1
+    return top_slices(counts, k) if held else None
+
+
+def finding_rates(top: list[set[int]], held: list[dict[str, set[int]]], slices: int) -> dict[str, Any]:
+    """{finding: {"volumes", "hit_rate", "random"}}: per finding, over the volumes that hold it, the
+    share whose selected slices `top` include one of its slices, and the random selection's."""
+    out = {}
+    for finding in sorted({f for found in held for f in found}):
+        rows = [(bool(t & found[finding]), random_hit_rate(slices, len(found[finding]), len(t)))
+                for t, found in zip(top, held) if finding in found]
+        out[finding] = {"volumes": len(rows), "hit_rate": float(np.mean([h for h, _ in rows])),
+                        "random": float(np.mean([c for _, c in rows]))}
+    return out
+
+
+def select(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
+    """The slices the model selects on the test volumes of `dataset` that hold a finding, against
+    k random slices and against the position prior."""
+    slices = ctx.cfg.volume.selection_slices
+    truth = finding_slices(ctx, dataset, "slice_selection")
+    stacks = ctx.data.slice_stacks(dataset, "test", slices, ctx.cfg.volume.window)  # (N, D, 1, S, S)
+    held = held_by_volume(ctx, dataset, "test", truth)  # depths noted while the stacks were read
+    if not held:
+        return {"skipped": "no test volume has a finding"}
+    top = model_selection(encoder, stacks[list(held)], ctx.cfg.batch_size, ctx.cfg.seed)
+    union = [set().union(*found.values()) for found in held.values()]
+    hits = np.array([float(bool(t & u)) for t, u in zip(top, union)])
+    chance = np.array([random_hit_rate(slices, len(u), len(t)) for t, u in zip(top, union)])
+    share = np.array([len(t & u) / len(t) for t, u in zip(top, union)])
+    resamples = ctx.resamples(dataset, "test/selection", len(held))
+    estimates = {"hit_rate": bootstrap(batched_mean, [hits], resamples),
+                 "gain": bootstrap(batched_mean, [hits - chance], resamples),
+                 "precision": bootstrap(batched_mean, [share], resamples)}
+    k = max(len(t) for t in top)
+    out: dict[str, Any] = {"k": k, "slices": slices, "volumes": len(held), "random": float(chance.mean()),
+                           "random_precision": float(np.mean([len(u) / slices for u in union]))}
+    prior = position_prior(ctx, dataset, truth, k)
+    if prior is not None:
+        prior_hits = np.array([float(bool(prior & u)) for u in union])
+        estimates["prior_gain"] = bootstrap(batched_mean, [hits - prior_hits], resamples)
+        out.update(prior=float(prior_hits.mean()), prior_slices=sorted(prior))
+    per_finding = finding_rates(top, list(held.values()), slices)
+    return {**out, **with_intervals(estimates), "per_finding": per_finding}
+
+
+@TASKS.register("slice_selection")
+def run_selection(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
+    """{dataset: {"k", "slices", "volumes", "random", "random_precision", "prior", "prior_slices",
+    "hit_rate", "gain", "prior_gain", "precision", "ci", "per_finding": {finding: {"volumes",
+    "hit_rate", "random"}}}}, or {"skipped": why} for an encoder whose model has no attentive slice
+    selection."""
+    if not any(callable(getattr(encoder.model, name, None)) for name in SELECTION_INTERFACE):
+        why = f"{encoder.label} has no attentive slice selection (no slice_attention: a 2D encoder)"
+        log.info("slice selection skipped: %s", why)
+        return {"skipped": why}
+    out = {dataset: select(encoder, ctx, dataset) for dataset in ctx.cfg.volume.selection_datasets}
+    for dataset, result in out.items():
+        log.info("%s slice selection on %s: hit rate %s (random %s)", encoder.label, dataset,
+                 result.get("hit_rate"), result.get("random"))
     return out

@@ -272,6 +272,16 @@ class UniMedI(nn.Module):
         slab = (torch.arange(depth, device=scores.device) * scores.shape[1]) // depth
         return scores[:, slab]
 
+    @torch.no_grad()
+    def selected_slices(self, stacks: torch.Tensor) -> torch.Tensor:
+        """(N, D, 1, S, S) axial slices in [0, 1] -> (N, k') long indices of the input slices the
+        attentive selection feeds through T_2D (the top-k slabs, each as `method.slab_slice`),
+        mapped from the model's depth (`method.volume_shape`) back to the D input slices: what the
+        slice_selection evaluation scores (ranking `slice_attention` would tie within a slab)."""
+        volume = self.preprocess_volume(self.volume_input(stacks))
+        chosen = self.select_slices(self.volume_attention(volume))  # (N, k') at the model's depth
+        return ((2 * chosen + 1) * stacks.shape[1]) // (2 * volume.shape[2])  # slice centre -> input
+
     def pooled_volume(self, stacks: torch.Tensor) -> torch.Tensor:
         """(N, D, 1, S, S) axial slices in [0, 1] -> (N, width) the [CLS] of the CT sample: the
         volume's tokens and its attentively selected slices in one pass."""
