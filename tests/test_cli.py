@@ -1,4 +1,5 @@
-"""End-to-end: the `unimed` command line on a tiny phantom world, every Med-UniC stage."""
+"""End-to-end: the `unimed` command line on a tiny phantom world (2D and CT), every Med-UniC stage
+and the demo's further methods (PRIOR, UniMedI)."""
 
 import hashlib
 import json
@@ -17,6 +18,8 @@ TINY = {
         "image_size": 64, "mimic_studies": 40, "padchest_studies": 40, "chexpert_studies": 30,
         "cxp500_studies": 16, "rsna_studies": 40, "siim_studies": 40, "covidx_studies": 30,
         "object_cxr_studies": 40, "pdc_studies": 16, "control_studies": 12,
+        "ct": {"enabled": True, "shape": [8, 32, 32], "bimcv_studies": 16, "ccii_studies": 9,
+               "luna_studies": 6, "bcv_studies": 4},
     },
     "data": {"image_size": 64, "resize_size": 72, "max_length": 48, "progress": False},
     "vocab": {"english_vocab_size": 300, "new_terms": 40},
@@ -33,6 +36,9 @@ TINY = {
         "detection": {"epochs": 1, "patience": 1},
         "bias": {"samples_per_group": 12, "folds": 2, "knn_k": 3},
         "gradcam": {"classes": ["pleural effusion"]},
+        "modality_gap": {"per_class": 8, "min_per_class": 2},
+        "tasks": ["zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias",
+                  "gradcam", "slice_selection", "modality_gap"],
     },
 }
 
@@ -48,6 +54,19 @@ TINY_PRIOR = {
 }
 
 
+# The demo's third method: X-rays and the CT world's BIMCV volumes with their reports.
+TINY_UNIMEDI = {
+    "method": {"name": "unimedi", "image": {"encoder": "vit_tiny_patch8_64"},
+               "text": {"frozen_layers": 1}, "volume_shape": [4, 32, 32], "volume_patch": [2, 8, 8],
+               "volume_batch_size": 4, "selected_slices": 1, "projector_hidden": 16,
+               "embed_dim": 16, "head_out": 16, "head_hidden": 16, "head_bottleneck": 8,
+               "teacher_temperature_epochs": 1},
+    "data": {"pretrain_datasets": ["mimic-cxr", "padchest", "bimcv-covid19"]},
+    "train": {"epochs": 1, "batch_size": 8, "epoch_steps": 2, "log_every": 1,
+              "tensorboard": False},
+}
+
+
 @pytest.fixture()
 def preset(tmp_path: Path) -> Path:
     cfg = dict(TINY)
@@ -56,7 +75,9 @@ def preset(tmp_path: Path) -> Path:
     cfg["data"] = {**TINY["data"], "root": str(tmp_path / "world")}
     prior = tmp_path / "tiny_prior.yaml"
     prior.write_text(yaml.safe_dump(TINY_PRIOR))
-    cfg["demo"] = {"methods": [str(prior)]}
+    unimedi = tmp_path / "tiny_unimedi.yaml"
+    unimedi.write_text(yaml.safe_dump(TINY_UNIMEDI))
+    cfg["demo"] = {"methods": [str(prior), str(unimedi)]}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -69,6 +90,7 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     words = " ".join(out.split())  # table titles wrap at the table's width
     assert "Med-UniC pre-training losses over 2 steps" in words
     assert "PRIOR pre-training losses over 3 steps" in words  # one step in each of its 3 stages
+    assert "UniMedI pre-training losses over 2 steps" in words  # one X-ray and one CT batch
     run = tmp_path / "runs" / "tiny"
     assert (run / "config.yaml").is_file() and (run / "phantom_preview.png").is_file()
     assert (run / "vocab" / "added_terms.txt").is_file()
@@ -88,22 +110,36 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert [(row["step"], row["stage"]) for row in prior_log] == [(1, 0), (2, 1), (3, 2)]
     assert "image_rec_loss" in prior_log[-1] and "spb_loss" in prior_log[1]
 
+    unimedi_log = [json.loads(line) for line in
+                   (run / "unimedi" / "pretrain" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in unimedi_log] == [1, 2]
+    for row in unimedi_log:  # CLIP + DINO on [CLS] + iBOT on the patches, weights 1
+        terms = ["icl_loss", "pcl_loss", "vl_loss"]
+        assert sorted(k for k in row if k.endswith("_loss")) == terms
+        assert row["loss"] == pytest.approx(sum(row[k] for k in terms), rel=1e-5)
+
     metrics = json.loads((run / "metrics.json").read_text())
-    assert list(metrics["encoders"]) == ["medunic", "prior", "init"]
-    assert metrics["methods"] == ["medunic", "prior"]
+    assert list(metrics["encoders"]) == ["medunic", "prior", "unimedi", "init"]
+    assert metrics["methods"] == ["medunic", "prior", "unimedi"]
     for name in metrics["methods"]:
         assert set(metrics["encoders"][name]["tasks"]) == {
-            "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam"}
+            "zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias", "gradcam",
+            "slice_selection", "modality_gap"}
+    selection = metrics["encoders"]["unimedi"]["tasks"]["slice_selection"]
+    assert "skipped" in metrics["encoders"]["medunic"]["tasks"]["slice_selection"]
+    assert "skipped" not in selection
     assert metrics["pretraining_methods"]["prior"]["terms"][0] == "loss"
     html = (run / "report.html").read_text()
     assert "PRIOR: Zero-shot CXP500" in html and "Med-UniC: Zero-shot CXP500" in html
+    assert "UniMedI: Zero-shot CXP500" in html and "Attentive slice selection vs random" in html
     assert "Pre-training loss per term (PRIOR)" in html
     assert_outputs_of_evaluation(run, metrics, out)
 
     # Evaluating the run folder again keeps the methods trained beside Med-UniC.
     assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
     again = json.loads((run / "metrics.json").read_text())
-    assert again["methods"] == ["medunic", "prior"] and list(again["encoders"]) == ["medunic", "prior"]
+    assert again["methods"] == ["medunic", "prior", "unimedi"]
+    assert list(again["encoders"]) == ["medunic", "prior", "unimedi"]
     assert again["encoders"]["prior"]["tasks"]["zero_shot"] == metrics["encoders"]["prior"]["tasks"]["zero_shot"]
 
     assert main(["pretrain", str(preset), "train.max_steps=3", "--resume", "--quiet"]) == 0
