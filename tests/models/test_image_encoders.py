@@ -27,13 +27,14 @@ def test_unknown_preset_lists_valid_names() -> None:
 # Presets above this size (the paper's) are checked on the meta device only: a real forward/backward
 # of ViT-L on 2 shared CPU cores takes tens of seconds, and their numerics are timm's own tests'.
 _REAL_RUN_MAX_PARAMS = 15_000_000
+SIDE = 96  # a multiple of every preset's patch (8, 12, 16, 32 px)
 
 
 @pytest.mark.parametrize("name", IMAGE_ENCODERS.names())
 def test_every_preset_forward_backward_shapes(name: str) -> None:
     with torch.device("meta"):
         model = create_image_encoder(name)
-        image = torch.randn(2, 3, 64, 64)
+        image = torch.randn(2, 3, SIDE, SIDE)
         pooled = model(image)  # (B, D)
         pooled.square().mean().backward()
         maps = model.forward_intermediates(image, intermediates_only=True)
@@ -57,7 +58,7 @@ def test_small_presets_exist() -> None:
 def test_small_preset_real_forward_backward(name: str) -> None:
     torch.manual_seed(0)
     model = create_image_encoder(name)
-    image = torch.randn(2, 3, 64, 64)
+    image = torch.randn(2, 3, SIDE, SIDE)
     pooled = model(image)  # (B, D)
     assert torch.isfinite(pooled).all()
     pooled.square().mean().backward()
