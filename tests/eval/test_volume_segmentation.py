@@ -149,3 +149,15 @@ def test_the_report_lays_out_table_6_and_the_organs_and_no_longer_lists_it_as_no
     assert [row[0] for row in tables[report.TITLE_VOLUME_NOT_RUN][1]] == ["Table 3", "Fig. 2", "Fig. 5"]
     assert report.table_notes(_metrics())[report.TITLE_VOLUME_SEGMENTATION] == (
         "Training volumes: BCV: 20% 4, 40% 8, 100% 21")
+
+
+def test_the_head_takes_a_vit_grid_that_does_not_divide_the_input_by_a_power_of_two():
+    """UniMedI's CPU ViT: 12-px patches under a 96-px input give an 8 x 8 grid, whose levels of
+    UNETR's pyramid (48, 24, 12, 6) are reached by transposed convolution and a resample."""
+    maps = [torch.rand(2, 6, 4, 8, 8) for _ in range(4)]
+    head = UNETRHead([6] * 4, [(4, 8, 8)] * 4, (8, 96, 96), classes=3, feature_size=4)
+    assert head.targets == [(4, 48, 48), (2, 24, 24), (1, 12, 12), (1, 6, 6)]
+    logits = head(torch.rand(2, 1, 8, 96, 96), maps)
+    assert logits.shape == (2, 3, 8, 96, 96)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())

@@ -9,10 +9,11 @@ stride), a native 3D encoder's (``volume_intermediates``) as it gives them. They
 per split and cached; only the decoder trains.
 
 The decoder is UNETR's (MONAI blocks): ``UnetrBasicBlock`` on the volume itself (UNETR's
-``encoder1``), one block per encoder map bringing it to its level of a pyramid that doubles from
-the deepest map up (``UnetrBasicBlock`` when the map is already there, as the slice-wise maps of a
+``encoder1``), one block per encoder map bringing it to its level of UNETR's pyramid, the input
+halved once per map (``UnetrBasicBlock`` when the map is already there, as the slice-wise maps of a
 CNN are; ``UnetrPrUpBlock`` with a transposed convolution of the missing factor when it is coarser,
-as a ViT's token maps are), ``UnetrUpBlock`` from each level to the next with its skip, and
+as a ViT's token maps are; a trilinear resample after it when the factor is not a whole number, as
+for 12-px patches under a 96-px input), ``UnetrUpBlock`` from each level to the next with its skip, and
 ``UnetOutBlock`` to one channel per organ plus background. Loss: MONAI ``DiceCELoss`` (Dice + CE,
 the paper's). Per label fraction (seeded, nested subsets) the state of best validation mean Dice
 is kept and scored on the test split: MONAI ``DiceMetric`` per test volume and organ (background
@@ -61,17 +62,14 @@ class UNETRHead(nn.Module):
         super().__init__()
         from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
-        targets = [tuple(shapes[-1])]  # the pyramid from the deepest map up, doubling per level
-        for _ in shapes[:-1]:
-            targets.insert(0, tuple(min(2 * t, s) for t, s in zip(targets[0], input_shape)))
+        # UNETR's levels: the input halved once per encoder map (the last at 1/2^n of the input).
+        targets = [tuple(max(1, s // 2 ** (i + 1)) for s in input_shape) for i in range(len(shapes))]
         widths = [feature_size * 2 ** (i + 1) for i in range(len(shapes))]
         self.stem = UnetrBasicBlock(3, 1, feature_size, 3, 1, "instance", res_block=True)
         self.skips = nn.ModuleList()
+        self.targets = targets
         for c, shape, target, width in zip(channels, shapes, targets, widths):
-            factor = [t // s for t, s in zip(target, shape)]
-            if any(t % s or t < s for t, s in zip(target, shape)):
-                raise EvalError(f"volume_segmentation: an encoder map of shape {tuple(shape)} cannot "
-                                f"be brought to its decoder level {target}")
+            factor = [max(1, t // s) for t, s in zip(target, shape)]
             self.skips.append(UnetrBasicBlock(3, c, width, 3, 1, "instance", res_block=True)
                               if factor == [1, 1, 1] else
                               UnetrPrUpBlock(3, c, width, 0, 3, 1, factor, "instance", res_block=True))
@@ -85,11 +83,20 @@ class UNETRHead(nn.Module):
 
     def forward(self, volume: torch.Tensor, maps: Maps) -> torch.Tensor:
         """(B, 1, D, S, S) volume and its 3D maps -> (B, classes, D, S, S) logits."""
-        skips = [self.stem(volume), *(block(m) for block, m in zip(self.skips, maps))]
+        skips = [self.stem(volume), *(_resized(block(m), target)
+                                      for block, m, target in zip(self.skips, maps, self.targets))]
         x = skips[-1]
         for i in reversed(range(len(self.ups))):
             x = self.ups[i](x, skips[i])
         return self.out(x)
+
+
+def _resized(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """`x` (B, C, d, h, w) trilinearly resampled to `shape` when its level is not an integer
+    multiple of the map (a ViT's 8 x 8 token grid of 12-px patches under a 96-px input)."""
+    if tuple(x.shape[2:]) == tuple(shape):
+        return x
+    return torch.nn.functional.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=False)
 
 
 def _batch(split: Split, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Maps]:
