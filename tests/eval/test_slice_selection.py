@@ -18,6 +18,7 @@ from unimed.config import Config, ConfigError, load_config
 from unimed.data.records import Record
 from unimed.data.volumes import Volume, axial_slices
 from unimed.eval import report, volumes
+from unimed.eval.checks import quality_checks
 from unimed.eval.config import EvalConfig
 from unimed.eval.encoders import Encoder
 from unimed.eval.report import format_tables, table_notes
@@ -237,3 +238,20 @@ def test_the_report_has_one_row_per_encoder_with_selection_and_names_the_others(
     assert report.TITLE_SELECTION not in tables
     fig5 = next(row for row in tables[report.TITLE_VOLUME_NOT_RUN] if row[0] == "Fig. 5")
     assert fig5[3] == "ran, not applicable to any encoder here (Med-UniC has none)"
+
+
+@pytest.mark.parametrize("gain_ci, status", [((0.05, 0.2), "pass"), ((-0.5, -0.2), "fail"),
+                                             ((-0.1, 0.1), "tie")])
+def test_the_quality_bar_reads_the_gain_over_random_slices(gain_ci, status):
+    result = {"k": 2, "volumes": 31, "hit_rate": 0.45, "random": 0.80, "prior": 0.94,
+              "ci": {"hit_rate": [0.29, 0.61], "gain": list(gain_ci)}}
+    metrics = {"method": "unimedi", "encoders": {
+        "unimedi": {"label": "UniMedI", "tasks": {"slice_selection": {"bimcv-covid19": result}}},
+        "init": {"label": "init", "tasks": {}}}}
+    checks = [c for c in quality_checks(metrics) if c.name.startswith("Slice selection")]
+    assert [(c.name, c.status) for c in checks] == [
+        ("Slice selection BIMCV-COVID19+: attentive beats random slices", status)]
+    assert "vs random 80.0%" in checks[0].detail and "position prior 94.0%" in checks[0].detail
+    skipped = {"method": "medunic", "encoders": {"medunic": {"tasks": {"slice_selection": {
+        "skipped": "no attentive slice selection"}}}}}
+    assert not [c for c in quality_checks(skipped) if c.name.startswith("Slice selection")]
