@@ -153,7 +153,7 @@ ABLATIONS = {
             _unimedi_row("VL + SD + Attn", sd=True, attn=True),
         ),
         (("VL + SD", "VL"), ("VL + SD + Attn", "VL + SD")),
-        (*ABLATION_TASKS, "volume_probe"),
+        (*ABLATION_TASKS, "volume_probe", "slice_selection", "modality_gap"),
     ),
 }
 # Leaves of a row's metrics that the orderings are judged on (the paper tables' columns).
