@@ -56,7 +56,8 @@ def main() -> None:
                 section = dataclasses.replace(cfg.eval.volume_finetune, lr=lr)
                 start = time.perf_counter()
                 fitted = fine_tune(encoder, splits["train"], splits["valid"], target, section,
-                                   seed=cfg.eval.seed)
+                                   seed=cfg.eval.seed, desc=f"{encoder.name} {dataset} lr {lr:g}",
+                                   progress=True)
                 value = "–" if fitted.valid_value is None else f"{fitted.valid_value:.3f}"
                 rows.append([encoder.label, dataset, f"{lr:g}", f"{fitted.selected_by} {value}",
                              f"{fitted.valid_loss:.3f}", f"{fitted.epoch}/{fitted.epochs_run}",
