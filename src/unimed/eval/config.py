@@ -324,7 +324,8 @@ class VolumeFinetuneConfig:
     0.40 (1.09); 3e-4 0.90 (0.47) / 0.60 (1.06); 1e-3 0.50 (1.06) / 0.40 (1.02): mean accuracy 0.70,
     0.75, 0.45, so 3e-4 (by one volume of 20; the validation loss alone would pick 1e-4). LUNA16's
     6 validation volumes hold one class (no AUC), so it selected by validation loss only (epoch 1
-    or 2 kept at every lr but UniMedI's 1e-4) and did not enter the choice.
+    or 2 kept at every lr but UniMedI's 1e-4) and did not enter the choice. The lr fits "last"
+    only: "all" at 3e-4 (Med-UniC, CC-CCII) fell to validation accuracy 0.30; its lr is not chosen.
     """
 
     datasets: tuple[str, ...] = ("cc-ccii", "luna16")
