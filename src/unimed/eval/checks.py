@@ -29,6 +29,7 @@ TASK_NAMES = {
     "volume_probe": "3D linear probe", "volume_retrieval": "3D retrieval",
     "slice_localisation": "Slice localisation", "volume_segmentation": "3D segmentation",
     "slice_selection": "Slice selection", "modality_gap": "2D vs 3D gap",
+    "volume_finetune": "3D fine-tuning",
 }
 ZERO_SHOT_SETS = ("cxp500", "pdc")
 CHANCE = {"auc": 0.5}  # value of an uninformative score, for the metrics where it is fixed

@@ -53,6 +53,7 @@ TITLE_ABLATION = "Ablation: the rows of the method's paper table (%, mean over s
 TITLE_ORDERINGS = "Ablation orderings: difference of seed means with its Welch 95 % interval (points)"
 TITLE_VOLUME_PROBE = ("UniMedI Table 2: 3D linear classification, linear probe on frozen slice-wise "
                       "features (%)")
+TITLE_VOLUME_FINETUNE = "UniMedI Table 3: 3D fine-tuning (%)"
 TITLE_VOLUME_SEGMENTATION = ("UniMedI Table 6: 3D semantic segmentation, UNETR decoder on the frozen "
                              "encoder's 3D maps (Dice, %)")
 TITLE_VOLUME_ORGANS = "3D semantic segmentation: Dice per organ (%)"
@@ -66,7 +67,7 @@ TITLE_TIMINGS = "Timings (seconds)"
 TITLE_SPLITS = "Evaluation sets: published split files (image ids) and their SHA-256"
 BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I, TITLE_CROSS,
              TITLE_POOLED, TITLE_ABLATION, TITLE_VOLUME_PROBE, TITLE_VOLUME_RETRIEVAL,
-             TITLE_VOLUME_SEGMENTATION}
+             TITLE_VOLUME_SEGMENTATION, TITLE_VOLUME_FINETUNE}
 
 LINEAR_SETS = ("chexpert", "rsna", "covidx")
 RETRIEVAL_SETS = ("mimic-cxr", "padchest")
@@ -74,9 +75,7 @@ RETRIEVAL_METRICS = ("R@1", "R@5", "R@10", "P@1", "P@5", "P@10")
 VOLUME_PROBE_SETS = ("cc-ccii", "luna16")
 VOLUME_NOT_RUN = (
     ("Table 3", "3D fine-tuning of the whole encoder, 100 % of the labels",
-     "CC-CCII (ACC), LUNA16 (AUC)",
-     "not run: unimed has no 3D fine-tuning task yet; Table 2's linear probe keeps the encoder frozen",
-     None),
+     "CC-CCII (ACC), LUNA16 (AUC)", "not run: add volume_finetune to the tasks", "volume_finetune"),
     ("Table 6", "3D semantic segmentation (UNETR), 20 / 40 / 100 % of the labels", "BCV (Dice)",
      "not run: add volume_segmentation to the tasks", "volume_segmentation"),
     ("Fig. 2", "t-SNE of X-ray and CT embeddings of the same findings",
@@ -87,6 +86,10 @@ VOLUME_NOT_RUN = (
 """The UniMedI paper's 3D tables: (table, task, datasets, why not run, the unimed task that fills
 it in, or None). A table is listed here, never filled in, unless its task ran; a task that ran but
 skipped every encoder (slice selection on 2D encoders only) is listed with the reason."""
+FINETUNE_TRAINED = {
+    "all": "the whole image encoder + a linear head (trainable=all, the paper's)",
+    "last": "the encoder's last feature level + a linear head, the rest frozen (trainable=last)",
+}
 BIAS_SPACES = (("text", "pooled"), ("text", "projected"), ("image", "pooled"), ("image", "projected"))
 BIAS_METRICS = (("probe_accuracy", "probe"), ("knn_accuracy", "kNN"), ("silhouette", "silhouette"),
                 ("distance_ratio", "ratio"))
@@ -221,6 +224,26 @@ def _volume_probe_table(metrics: dict) -> Table | None:
     rows = _task_rows(metrics)
     return _table(TITLE_VOLUME_PROBE, ["Method"], rows,
                   _fraction_columns(rows, "volume_probe", VOLUME_PROBE_SETS))
+
+
+def _volume_finetune_table(metrics: dict) -> Table | None:
+    """UniMedI Table 3's layout: one row per encoder, CC-CCII accuracy and LUNA16 AUC (then any
+    other fine-tuned set) per label fraction, and the accuracy of a binary set beside its AUC."""
+    rows = _task_rows(metrics)
+    columns = []
+    for name in ordered(VOLUME_PROBE_SETS, _keys(rows, "volume_finetune")):
+        columns += _fraction_columns(rows, "volume_finetune", (name,), extras=False)
+        path = ("volume_finetune", name, "fractions")
+        columns += [(f"{display_name(name)} (ACC){SEP}{fraction}",
+                     partial(_accuracy_cell, (*path, fraction)))
+                    for fraction in sorted(_keys(rows, *path), key=fraction_order)
+                    if any(lookup(d, *path, fraction, "accuracy") is not None for _, d in rows)]
+    return _table(TITLE_VOLUME_FINETUNE, ["Method"], rows, columns)
+
+
+def _accuracy_cell(path: tuple[str, ...], data: object) -> str:
+    """The "accuracy" of the row at ``path`` with its "accuracy_ci"."""
+    return percent_ci(lookup(data, *path, "accuracy"), lookup(data, *path, "accuracy_ci"))
 
 
 def _volume_segmentation_table(metrics: dict) -> Table | None:
@@ -486,7 +509,7 @@ TABLE_BUILDERS: tuple[Callable[[dict], Table | None], ...] = (
     partial(_retrieval_table, direction="report_to_image", title=TITLE_R2I),
     partial(_retrieval_table, direction="cross_lingual", title=TITLE_CROSS),
     _pooled_table, _shortcut_table, _bias_table, _bias_control_table, _volume_probe_table,
-    _volume_segmentation_table, _volume_organs_table,
+    _volume_finetune_table, _volume_segmentation_table, _volume_organs_table,
     _volume_retrieval_table, _localisation_table, _selection_table, _modality_gap_table,
     _volume_not_run_table, _ablation_table,
     _orderings_table, _timings_table, _splits_table,
@@ -509,6 +532,7 @@ def table_notes(metrics: dict) -> dict[str, str]:
              TITLE_SEG_DET: _train_note(methods, ("segmentation", "detection")),
              TITLE_VOLUME_PROBE: _train_note(methods, ("volume_probe",), "volumes",
                                              VOLUME_PROBE_SETS),
+             TITLE_VOLUME_FINETUNE: _finetune_note(methods),
              TITLE_VOLUME_SEGMENTATION: _train_note(methods, ("volume_segmentation",), "volumes"),
              TITLE_VOLUME_RETRIEVAL: _count_note(methods, "volume_retrieval", "queries", "Queries"),
              TITLE_LOCALISATION: _count_note(methods, "slice_localisation", "pairs", "Findings"),
@@ -534,6 +558,18 @@ def _count_note(methods: list[Row], task: str, key: str, label: str) -> str:
     counts = [f"{display_name(name)} {count}" for name in _keys(methods, task)
               if (count := _first_found(methods, task, name, key)) is not None]
     return f"{label}: " + ", ".join(counts) if counts else ""
+
+
+def _finetune_note(methods: list[Row]) -> str:
+    """Training volumes per fraction and what was trained (eval.volume_finetune.trainable)."""
+    note = _train_note(methods, ("volume_finetune",), "volumes", VOLUME_PROBE_SETS)
+    trainable = {str(v) for _, tasks in methods for name in _keys([([], tasks)], "volume_finetune")
+                 if (v := lookup(tasks, "volume_finetune", name, "trainable")) is not None}
+    if not note or not trainable:
+        return note
+    what = " / ".join(FINETUNE_TRAINED.get(t, t) for t in sorted(trainable))
+    return (f"{note}. Trained: {what}; the state of best validation metric (validation loss where "
+            "it is undefined) is scored on the test split")
 
 
 def _selection_note(methods: list[Row]) -> str:

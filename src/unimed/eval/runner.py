@@ -22,6 +22,7 @@ from unimed.eval import (  # noqa: F401  (each task module registers itself in T
     modality,
     retrieval,
     segmentation,
+    volume_finetune,
     volume_segmentation,
     volumes,
     zero_shot,

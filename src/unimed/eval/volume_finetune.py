@@ -1,0 +1,298 @@
+"""3D fine-tuning (UniMedI Table 3): CC-CCII and LUNA16 volume classification, encoder trained.
+
+Per dataset of `eval.volume_finetune.datasets` and label fraction, a deep copy of the encoder's
+model (the text tower is shared with the original, never copied nor trained) and a linear head on
+its pooled volume feature train together; the encoder under evaluation is left as it was.
+
+* A 2D encoder sees a volume through the slice-wise adapter of ``volume_probe``, now with
+  gradients: `slices` axial slices (``eval.volume.window``), each through ``pooled_image``, their
+  features mean-pooled.
+* A native 3D model (``pooled_volume(stacks)``: (N, D, 1, S, S) in [0, 1] -> (N, width), UniMedI)
+  is fine-tuned through its own volume path.
+
+What trains (`trainable`): "all", every parameter of the copy outside the text tower that the
+pooled feature depends on (the paper's full fine-tuning; parameters off that path, e.g. the
+projectors, get no gradient and do not move), or "last", the encoder's last feature level (the
+module of the backbone ``visual``'s timm ``feature_info[-1]``: ResNet ``layer4``, EfficientNet
+``blocks.6``, the last ViT block), the parameters registered after it in the same module (the final
+norm of a ViT, EfficientNet's ``conv_head``) and the head. Everything else, UniMedI's 3D tokenizer
+and PRIOR's attention pool included, keeps its pre-trained values under "last". The copy stays in
+eval mode: batch norms keep their pre-trained statistics (the evaluation's encoders have them folded
+into their convolutions), no dropout. Each row reports how many parameters received gradients.
+
+Targets as ``volume_probe``'s: CC-CCII accuracy over NCP / CP / Normal (cross-entropy), LUNA16 the
+"nodule" label column (binary cross-entropy), scored by AUC and, beside it, by accuracy at
+probability 0.5. AdamW, training volumes flipped left-right at random (the paper's "randomflip"),
+one shuffled pass per epoch. Model selection uses the validation split only: after each epoch the
+validation metric (ties broken by the lower validation loss), or the validation loss alone where
+the metric is undefined there (a LUNA16 validation split of one class); training stops after
+`patience` epochs without improvement and the best state is scored on the test split, with
+bootstrap intervals over the test volumes on the context's shared resamples (the volume probe's).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from unimed.eval.config import VolumeFinetuneConfig
+from unimed.eval.data import rgb
+from unimed.eval.encoders import Encoder
+from unimed.eval.errors import EvalError
+from unimed.eval.linear_probe import ProbeTarget, label_target, score, targets, test_estimate
+from unimed.eval.metrics import Estimate, batched_mean, bootstrap
+from unimed.eval.segmentation import seeded_generator
+from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
+from unimed.eval.volumes import SPLITS, VOLUME_TARGETS
+
+log = logging.getLogger(__name__)
+
+Split = tuple[torch.Tensor, torch.Tensor]  # (N, K, 1, S, S) slice stacks in [0, 1], targets
+
+
+class VolumeClassifier(nn.Module):
+    """An encoder's model (a trainable copy) and a linear head on its pooled volume feature."""
+
+    def __init__(self, model: nn.Module, classes: int, width: int) -> None:
+        super().__init__()
+        self.model = model
+        self.head = nn.Linear(width, classes)
+
+    def features(self, stacks: torch.Tensor) -> torch.Tensor:
+        """(B, K, 1, S, S) axial slices in [0, 1] -> (B, width): the model's own ``pooled_volume``
+        (a native 3D model), else the mean of the K slices' ``pooled_image`` features."""
+        native = getattr(self.model, "pooled_volume", None)
+        if native is not None:
+            return native(stacks)
+        batch, k = stacks.shape[:2]
+        return self.model.pooled_image(rgb(stacks.flatten(0, 1))).reshape(batch, k, -1).mean(1)
+
+    def forward(self, stacks: torch.Tensor) -> torch.Tensor:
+        """(B, K, 1, S, S) -> (B, classes) logits."""
+        return self.head(self.features(stacks))
+
+
+def last_level(model: nn.Module) -> list[str]:
+    """Names (in `model`) of the parameters of the last feature level of the backbone
+    ``model.visual`` (timm ``feature_info[-1]["module"]``) and of those registered after it in the
+    module that holds the level (its sequence of blocks or stages)."""
+    visual = getattr(model, "visual", None)
+    info = getattr(visual, "feature_info", None)
+    if visual is None or not info:
+        raise EvalError("eval.volume_finetune.trainable=last needs a backbone `visual` with timm "
+                        "feature_info (which module is the last feature level); use trainable=all")
+    level = str(info[-1]["module"])  # "layer4", "blocks.6", "vit.blocks.5"
+    parts = level.split(".")
+    owner = parts[:-2] if parts[-1].isdigit() else parts[:-1]  # "vit" holds "vit.blocks.5"
+    prefix = "".join(f"{p}." for p in owner)
+    names = [name for name, _ in visual.named_parameters() if name.startswith(prefix)]
+    first = next((i for i, name in enumerate(names) if name.startswith(f"{level}.")), None)
+    if first is None:
+        raise EvalError(f"eval.volume_finetune.trainable=last: the backbone's last feature level "
+                        f"'{level}' has no parameters; use trainable=all")
+    return [f"visual.{name}" for name in names[first:]]
+
+
+def trainable_copy(encoder: Encoder, trainable: str) -> nn.Module:
+    """A deep copy of the encoder's model whose `trainable` parameters ("all" or "last", see the
+    module docstring) require gradients; its text tower (``model.text``) is the original's, shared
+    and frozen. The encoder's own model is not touched."""
+    model = encoder.model
+    text = getattr(model, "text", None)
+    memo: dict[int, Any] = {id(text): text} if isinstance(text, nn.Module) else {}
+    clone = copy.deepcopy(model, memo).eval()
+    shared = {id(p) for p in text.parameters()} if isinstance(text, nn.Module) else set()
+    names = None if trainable == "all" else set(last_level(clone))
+    for name, param in clone.named_parameters():
+        if id(param) not in shared:
+            param.requires_grad_(names is None or name in names)
+    return clone
+
+
+@torch.no_grad()
+def predict(model: VolumeClassifier, stacks: torch.Tensor, batch_size: int, device: torch.device
+            ) -> torch.Tensor:
+    """(N, classes) float32 logits of (N, K, 1, S, S) stacks, on the CPU."""
+    parts = [model(stacks[start : start + batch_size].to(device)).float().cpu()
+             for start in range(0, len(stacks), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, model.head.out_features)
+
+
+def flipped(stacks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each (K, 1, S, S) volume of a batch flipped left-right with probability 1/2."""
+    flip = torch.rand(len(stacks), generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1, 1), stacks.flip(-1), stacks)
+
+
+@dataclasses.dataclass
+class Fitted:
+    """A fine-tuned classifier and how it was selected on the validation split: the validation
+    metric (None where undefined) and loss of the kept state, its epoch (1-based), the epochs run,
+    whether the metric or the loss selected, and the parameters that received gradients."""
+
+    model: VolumeClassifier
+    valid_value: float | None
+    valid_loss: float
+    epoch: int
+    epochs_run: int
+    selected_by: str
+    trained_parameters: int
+
+
+def build_classifier(encoder: Encoder, sample: torch.Tensor, classes: int, trainable: str, seed: int
+                     ) -> VolumeClassifier:
+    """A trainable copy of `encoder` (:func:`trainable_copy`) with a seeded linear head as wide as
+    its pooled feature of the (1, K, 1, S, S) `sample` volume, on the encoder's device."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        body = trainable_copy(encoder, trainable)
+        with torch.no_grad():
+            width = VolumeClassifier(body, 1, 1).features(sample.to(encoder.device)).shape[-1]
+        return VolumeClassifier(body, classes, width).to(encoder.device)
+
+
+def train_epoch(model: VolumeClassifier, optimizer: torch.optim.Optimizer, train: Split,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                cfg: VolumeFinetuneConfig, generator: torch.Generator) -> int:
+    """One shuffled pass over `train` (each volume flipped left-right at random when `cfg.flip`);
+    returns how many parameters received a gradient."""
+    stacks, labels = train
+    device = next(model.head.parameters()).device
+    trained = 0
+    for index in torch.randperm(len(labels), generator=generator).split(cfg.batch_size):
+        batch = flipped(stacks[index], generator) if cfg.flip else stacks[index]
+        loss = loss_fn(model(batch.to(device)), labels[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trained = sum(p.numel() for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+    return trained
+
+
+def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
+              cfg: VolumeFinetuneConfig, *, seed: int, desc: str = "volume fine-tuning",
+              progress: bool = False) -> Fitted:
+    """Fine-tune a copy of `encoder` + a linear head on `train`, selecting on `valid` only."""
+    device = encoder.device
+    classes = len(target.classes)
+    model = build_classifier(encoder, train[0][:1], classes, cfg.trainable, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = F.cross_entropy if target.metric == "accuracy" else F.binary_cross_entropy_with_logits
+    generator = seeded_generator(seed)
+    by_loss = score(torch.zeros(len(valid[1]), classes), valid[1], target.metric) is None
+    if by_loss:
+        log.warning("%s: %s is undefined on the validation split (%d volumes); selecting by the "
+                    "validation loss", desc, target.metric, len(valid[1]))
+    trained = 0
+    best: tuple[float, ...] | None = None
+    kept: dict[str, torch.Tensor] = {}
+    selection = (None, math.inf, 0)
+    stale, epoch = 0, 0
+    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", leave=False, disable=not progress)
+    for epoch in bar:
+        trained = train_epoch(model, optimizer, train, loss_fn, cfg, generator) or trained
+        logits = predict(model, valid[0], cfg.batch_size, device)
+        value = None if by_loss else score(logits, valid[1], target.metric)
+        valid_loss = float(loss_fn(logits, valid[1]))
+        key = (-valid_loss,) if value is None else (value, -valid_loss)
+        bar.set_postfix(val=f"{key[0]:.3f}")
+        if best is None or key > best:
+            best, stale, selection = key, 0, (value, valid_loss, epoch)
+            kept = {name: p.detach().clone() for name, p in model.named_parameters()
+                    if p.requires_grad}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(kept, strict=False)
+    value, valid_loss, best_epoch = selection
+    return Fitted(model, value, valid_loss, best_epoch, epoch, "loss" if by_loss else target.metric,
+                  trained)
+
+
+def split_data(ctx: TaskContext, dataset: str, target: ProbeTarget,
+               splits: tuple[str, ...] = SPLITS) -> dict[str, Split]:
+    """Slice stacks and targets of each of the `splits` of `dataset`."""
+    cfg = ctx.cfg.volume_finetune
+    return {s: (ctx.data.slice_stacks(dataset, s, cfg.slices, ctx.cfg.volume.window),
+                targets(ctx.data.require(dataset, s), target, dataset)) for s in splits}
+
+
+def dataset_target(ctx: TaskContext, dataset: str) -> ProbeTarget:
+    """What `dataset`'s volumes are classified into (as the volume probe's)."""
+    return VOLUME_TARGETS.get(dataset) or label_target(ctx.data.require(dataset, "train"), dataset)
+
+
+def test_scores(logits: torch.Tensor, y: torch.Tensor, target: ProbeTarget, resamples: np.ndarray
+                ) -> dict[str, Estimate]:
+    """{"value": the target's metric} on the test split, plus {"accuracy"} at probability 0.5 for
+    a binary (one-column AUC) target, each with its interval over `resamples`."""
+    out = {"value": test_estimate(logits, y, target.metric, resamples)}
+    if target.metric == "auc" and y.shape[1] == 1:
+        correct = ((logits[:, 0] > 0) == (y[:, 0] > 0.5)).numpy()
+        out["accuracy"] = bootstrap(batched_mean, [correct], resamples)
+    return out
+
+
+def finetune_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
+    """One dataset's rows: the test metric of the best-validation state per label fraction."""
+    cfg = ctx.cfg.volume_finetune
+    target = dataset_target(ctx, dataset)
+    splits = split_data(ctx, dataset, target)
+    resamples = ctx.resamples(dataset, "test", len(splits["test"][1]))
+    extras: dict[str, dict[str, Any]] = {}
+
+    def fit_and_score(index: np.ndarray, label: str) -> Estimate:
+        subset = torch.from_numpy(index)
+        train = (splits["train"][0][subset], splits["train"][1][subset])
+        fitted = fine_tune(encoder, train, splits["valid"], target, cfg, seed=ctx.cfg.seed,
+                           desc=f"{dataset} {label}", progress=ctx.progress)
+        logits = predict(fitted.model, splits["test"][0], cfg.batch_size, encoder.device)
+        estimates = test_scores(logits, splits["test"][1], target, resamples)
+        extras[label] = {
+            "valid": fitted.valid_value, "valid_loss": fitted.valid_loss, "epoch": fitted.epoch,
+            "epochs_run": fitted.epochs_run, "selected_by": fitted.selected_by,
+            "trained_parameters": fitted.trained_parameters,
+        }
+        if "accuracy" in estimates:
+            accuracy = estimates["accuracy"]
+            extras[label].update(accuracy=accuracy.value, accuracy_ci=accuracy.json_ci(),
+                                 replicates={"accuracy": accuracy.replicates})
+        log.info("volume fine-tuning %s %s %s: epoch %d of %d by validation %s, test %s %s",
+                 encoder.name, dataset, label, fitted.epoch, fitted.epochs_run, fitted.selected_by,
+                 target.metric, estimates["value"].value)
+        return estimates["value"]
+
+    rows = sweep_fractions(ctx, len(splits["train"][1]), fit_and_score,
+                           f"volume fine-tuning {dataset}", fractions=cfg.fractions,
+                           min_images=cfg.min_train_volumes)
+    for label, row in rows.items():
+        extra = extras[label]
+        row.setdefault("replicates", {}).update(extra.pop("replicates", {}))
+        row.update(extra)
+    return {"metric": target.metric, "trainable": cfg.trainable,
+            "volumes": {s: len(splits[s][1]) for s in SPLITS}, "fractions": rows}
+
+
+@TASKS.register("volume_finetune")
+def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
+    """{dataset: {"metric", "trainable", "volumes", "fractions": {"100%": {"value", "ci",
+    "train_images", "valid", "valid_loss", "epoch", "epochs_run", "selected_by",
+    "trained_parameters", and for a binary AUC target "accuracy", "accuracy_ci"}}}}."""
+    out = {}
+    for dataset in ctx.cfg.volume_finetune.datasets:
+        out[dataset] = finetune_dataset(encoder, ctx, dataset)
+        log.info("%s volume fine-tuning on %s: %s", encoder.label, dataset,
+                 {k: v["value"] for k, v in out[dataset]["fractions"].items()})
+    return out
+

@@ -1,0 +1,266 @@
+"""3D fine-tuning: the trained stage learns what a frozen one cannot (and nothing at lr ~ 0), the
+encoder under evaluation is untouched, the state is chosen on the validation split only, which
+parameters "last" trains, the native 3D path, clear config errors, the report's Table 3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from eval_helpers import IMAGE_SIZE
+from torch import nn
+
+from unimed.config import Config, ConfigError, load_config
+from unimed.data.config import DataConfig
+from unimed.eval import report, volume_finetune
+from unimed.eval.config import EvalConfig, VolumeFinetuneConfig
+from unimed.eval.data import EvalData
+from unimed.eval.encoders import Encoder
+from unimed.eval.linear_probe import train_probe
+from unimed.eval.report import format_tables
+from unimed.eval.runner import evaluate
+from unimed.eval.tasks import TaskContext
+from unimed.eval.volumes import VOLUME_TARGETS
+from unimed.phantom.config import PhantomConfig
+from unimed.phantom.ct.config import CTConfig
+from unimed.phantom.ct.world import write_ct_world
+
+SIZE, SLICES = 4, 2
+CCII = VOLUME_TARGETS["cc-ccii"]
+
+
+class StubVisual(nn.Module):
+    """A two-level backbone: a fixed random first level and a last level that starts at zero, so
+    its frozen features are constant and hold no class (timm-style `feature_info`)."""
+
+    feature_info = [{"module": "stem", "num_chs": 12}, {"module": "last", "num_chs": 6}]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(SIZE * SIZE, 12)
+        self.last = nn.Linear(12, 6)
+        self.norm = nn.LayerNorm(6)
+        nn.init.zeros_(self.last.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, S) -> (B, 6)
+        return self.norm(self.last(torch.relu(self.stem(x.flatten(1)))))
+
+
+class StubModel(nn.Module):
+    """An encoder's model: the stub backbone and a text tower the fine-tuning must not copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.visual = StubVisual()
+            self.text = nn.Linear(3, 3)
+
+    def pooled_image(self, image: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, 6)
+        return self.visual(image[:, 0])
+
+
+def stub_encoder() -> Encoder:
+    return Encoder("stub", "Stub", StubModel(), tokenizer=None)
+
+
+def easy_split(n: int, seed: int, flip_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K, 1, S, S) volumes whose class (0, 1, 2) is which third of the pixels is bright."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = 0.1 * torch.rand(n, SLICES, 1, SIZE * SIZE, generator=g)
+    for c in range(3):
+        x[y == c, :, :, c * 5 : c * 5 + 5] += 1.0
+    labels = (2 - y) if flip_labels else y
+    return x.view(n, SLICES, 1, SIZE, SIZE), labels
+
+
+def config(**changes) -> VolumeFinetuneConfig:
+    base = dict(trainable="last", lr=3e-2, epochs=25, patience=25, batch_size=8, flip=False,
+                slices=SLICES)
+    return VolumeFinetuneConfig(**{**base, **changes})
+
+
+def accuracy(model: volume_finetune.VolumeClassifier, split: tuple[torch.Tensor, torch.Tensor]
+             ) -> float:
+    logits = volume_finetune.predict(model, split[0], 8, torch.device("cpu"))
+    return float((logits.argmax(1) == split[1]).float().mean())
+
+
+def test_the_fine_tuned_stage_learns_what_the_frozen_one_cannot_and_nothing_at_lr_zero():
+    train, valid, test = easy_split(48, 0), easy_split(12, 1), easy_split(30, 2)
+    fitted = volume_finetune.fine_tune(stub_encoder(), train, valid, CCII, config(), seed=0)
+    assert fitted.valid_value == 1.0 and accuracy(fitted.model, test) == 1.0
+    # The stage trained: the last level and the norm after it (6 x 12 + 6 + 6 + 6) and the head
+    # (3 x 6 + 3), not the first level.
+    assert fitted.trained_parameters == 6 * 12 + 6 + 6 + 6 + 3 * 6 + 3
+    # The volume probe on the frozen encoder's pooled features: constant, so at chance.
+    frozen = volume_finetune.VolumeClassifier(StubModel(), 3, 6)
+    with torch.no_grad():
+        features = {name: frozen.features(split[0])
+                    for name, split in (("train", train), ("valid", valid), ("test", test))}
+    probe = train_probe((features["train"], train[1]), (features["valid"], valid[1]), "accuracy",
+                        EvalConfig().linear_probe, seed=0)
+    assert float((probe(features["test"]).argmax(1) == test[1]).float().mean()) < 0.5
+    still = volume_finetune.fine_tune(stub_encoder(), train, valid, CCII, config(lr=1e-12), seed=0)
+    assert accuracy(still.model, test) < 0.5
+
+
+def test_the_encoder_under_evaluation_is_not_modified():
+    encoder = stub_encoder()
+    before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+    fitted = volume_finetune.fine_tune(encoder, easy_split(24, 0), easy_split(6, 1), CCII,
+                                       config(trainable="all", epochs=3), seed=0)
+    after = encoder.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    copy = fitted.model.model
+    assert copy is not encoder.model and copy.text is encoder.model.text  # shared, not copied
+    # "all" trains the first level too
+    assert not torch.equal(copy.visual.stem.weight, encoder.model.visual.stem.weight)
+
+
+def test_the_state_is_chosen_on_the_validation_split_not_on_the_test_split(monkeypatch):
+    """Validation labels contradict the training rule, test labels follow it: the longer the
+    training, the better on test and the worse on validation. The kept state is one of the first
+    epochs (still near chance on test), although the last one is best on test."""
+    train, test = easy_split(48, 0), easy_split(30, 2)
+    contrary = easy_split(12, 1, flip_labels=True)
+    # lr 3e-3: after epoch 1 still at chance on test, 100 % from epoch 3 on
+    section = config(datasets=("cc-ccii",), lr=3e-3, epochs=10, patience=10)
+    ctx = TaskContext(None, EvalConfig(bootstrap_resamples=20, volume_finetune=section), Path("."))
+    splits = {"train": train, "valid": contrary, "test": test}
+    monkeypatch.setattr(volume_finetune, "split_data", lambda *args: splits)
+    row = volume_finetune.run(stub_encoder(), ctx)["cc-ccii"]["fractions"]["100%"]
+    splits["valid"] = test
+    oracle = volume_finetune.run(stub_encoder(), ctx)["cc-ccii"]["fractions"]["100%"]
+    assert row["epoch"] <= 2 and row["epochs_run"] == 10 and row["selected_by"] == "accuracy"
+    assert oracle["value"] == 1.0 and row["value"] < oracle["value"]
+    assert row["ci"][0] <= row["value"] <= row["ci"][1] and row["train_images"] == 48
+
+
+def test_an_undefined_validation_auc_selects_by_the_validation_loss():
+    train = (easy_split(24, 0)[0], (easy_split(24, 0)[1] == 0).float()[:, None])
+    valid = (easy_split(6, 1)[0], torch.zeros(6, 1))  # one class: no AUC
+    target = volume_finetune.ProbeTarget("auc", ("nodule",))
+    fitted = volume_finetune.fine_tune(stub_encoder(), train, valid, target, config(epochs=4),
+                                       seed=0)
+    assert fitted.selected_by == "loss" and fitted.valid_value is None and fitted.valid_loss < 1.0
+
+
+def test_last_trains_the_last_feature_level_and_what_its_backbone_registers_after_it():
+    resnet = nn.Module()
+    resnet.visual = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    names = volume_finetune.last_level(resnet)
+    assert names and all(n.startswith("visual.layer4.") for n in names)
+
+    class Wrapped(nn.Module):  # a ViT inside a wrapper that adds parameters of its own (UniMedI)
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                                         img_size=32, patch_size=16, depth=2)
+            self.volume_embed = nn.Conv3d(1, 192, 2)
+            self.feature_info = [{**i, "module": f"vit.{i['module']}"}
+                                 for i in self.vit.feature_info]
+
+    vit = nn.Module()
+    vit.visual = Wrapped()
+    names = volume_finetune.last_level(vit)
+    assert {n.split(".")[2] for n in names} == {"blocks", "norm"}
+    assert all(n.startswith(("visual.vit.blocks.1.", "visual.vit.norm.")) for n in names)
+    with pytest.raises(ValueError, match="trainable=last .* use trainable=all"):
+        volume_finetune.last_level(nn.Linear(2, 2))
+
+
+def test_a_native_3d_model_is_fine_tuned_through_its_own_volume_path():
+    class Native(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(1, 4, 1)
+
+        def pooled_volume(self, stacks: torch.Tensor) -> torch.Tensor:  # (B, D, 1, S, S) -> (B, 4)
+            return self.conv(stacks.transpose(1, 2)).mean((2, 3, 4))
+
+        def pooled_image(self, image: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("a native 3D model is not read slice by slice")
+
+    encoder = Encoder("native", "Native", Native(), tokenizer=None)
+    fitted = volume_finetune.fine_tune(encoder, easy_split(12, 0), easy_split(6, 1), CCII,
+                                       config(trainable="all", epochs=2), seed=0)
+    assert fitted.trained_parameters == 4 + 4 + 3 * 4 + 3
+    assert not torch.equal(fitted.model.model.conv.weight, encoder.model.conv.weight)
+
+
+@pytest.fixture(scope="module")
+def ct_context(tmp_path_factory: pytest.TempPathFactory) -> TaskContext:
+    root = tmp_path_factory.mktemp("ct_world")
+    cfg = PhantomConfig(root=str(root), seed=3, ct=CTConfig(
+        enabled=True, shape=(16, 32, 32), bimcv_studies=1, ccii_studies=30, luna_studies=30,
+        bcv_studies=1))
+    write_ct_world(cfg, root, progress=False)
+    data = EvalData(DataConfig(root=str(root), image_size=IMAGE_SIZE, resize_size=IMAGE_SIZE,
+                               progress=False))
+    section = VolumeFinetuneConfig(slices=2, epochs=2, patience=2, batch_size=4)
+    eval_cfg = EvalConfig(tasks=("volume_finetune",), bootstrap_resamples=20,
+                          volume_finetune=section)
+    return TaskContext(data, eval_cfg, tmp_path_factory.mktemp("ct_eval"))
+
+
+def test_volume_finetune_runs_end_to_end_through_the_runner(ct_context, tiny_encoder):
+    before = {k: v.clone() for k, v in tiny_encoder.model.state_dict().items()}
+    out = evaluate([tiny_encoder], ct_context, ("volume_finetune",))["encoders"]["tiny"]
+    result = out["tasks"]["volume_finetune"]
+    ccii, luna = result["cc-ccii"], result["luna16"]
+    assert ccii["metric"] == "accuracy" and luna["metric"] == "auc" and ccii["trainable"] == "last"
+    assert sum(ccii["volumes"].values()) == sum(luna["volumes"].values()) == 30
+    row = luna["fractions"]["100%"]
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["train_images"] == luna["volumes"]["train"]
+    visual = sum(p.numel() for p in tiny_encoder.model.visual.parameters())
+    assert 0 < row["trained_parameters"] < visual  # "last": layer4 and the head
+    assert out["seconds"]["volume_finetune"] > 0 and "replicates" not in row
+    assert "tiny/volume_finetune/luna16/fractions/100%/accuracy" in ct_context.replicates
+    assert all(torch.equal(v, tiny_encoder.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_config_errors_name_the_key():
+    for override, key in (("eval.volume_finetune.trainable=some", "trainable"),
+                          ("eval.volume_finetune.lr=0", "lr"),
+                          ("eval.volume_finetune.fractions=[0.5,1.5]", "fractions"),
+                          ("eval.volume_finetune.patience=0", "patience"),
+                          ("eval.volume_finetune.learning_rate=1e-3", "learning_rate")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [override], cls=Config)
+        assert f"volume_finetune.{key}" in str(err.value) and "\n" not in str(err.value), override
+    cfg = load_config(None, ["eval.tasks=[volume_finetune]"], cls=Config)
+    assert cfg.eval.tasks == ("volume_finetune",)
+
+
+def _metrics() -> dict:
+    def task(ccii: float, auc: float, accuracy: float) -> dict:
+        return {"volume_finetune": {
+            "cc-ccii": {"metric": "accuracy", "trainable": "last", "fractions": {
+                "100%": {"value": ccii, "ci": [ccii - 0.1, ccii + 0.1], "train_images": 63}}},
+            "luna16": {"metric": "auc", "trainable": "last", "fractions": {
+                "100%": {"value": auc, "ci": [auc - 0.2, auc + 0.1], "train_images": 42,
+                         "accuracy": accuracy, "accuracy_ci": [accuracy - 0.1, accuracy + 0.1]}}}}}
+
+    return {"encoders": {"unimedi": {"label": "UniMedI", "tasks": task(0.8, 0.6, 0.55)},
+                         "init": {"label": "Random init", "tasks": task(0.5, 0.5, 0.5)}}}
+
+
+def test_the_report_lays_out_table_3_and_no_longer_lists_it_as_not_run():
+    tables = {title: (header, rows) for title, header, rows in format_tables(_metrics())}
+    header, rows = tables[report.TITLE_VOLUME_FINETUNE]
+    assert header == ["Method", "CC-CCII (ACC) / 100%", "LUNA16 (AUC) / 100%",
+                      "LUNA16 (ACC) / 100%"]
+    assert rows[0] == ["UniMedI", "80.0 (70.0–90.0)", "60.0 (40.0–70.0)", "55.0 (45.0–65.0)"]
+    not_run = tables[report.TITLE_VOLUME_NOT_RUN][1]
+    assert [row[0] for row in not_run] == ["Table 6", "Fig. 2", "Fig. 5"]
+    note = report.table_notes(_metrics())[report.TITLE_VOLUME_FINETUNE]
+    assert note.startswith("Training volumes: CC-CCII: 100% 63; LUNA16: 100% 42") and "last" in note
+    no_run = {"encoders": {"x": {"label": "X", "tasks": {"volume_probe": {"cc-ccii": {}}}}}}
+    listed = {title: rows for title, _, rows in format_tables(no_run)}[report.TITLE_VOLUME_NOT_RUN]
+    assert listed[0][:1] == ["Table 3"] and "add volume_finetune" in listed[0][3]
+
