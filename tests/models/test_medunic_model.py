@@ -196,3 +196,79 @@ def test_compiled_image_encoder_keeps_state_dict_keys() -> None:
     assert eager.visual._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(eager.state_dict())
     compiled.load_state_dict(eager.state_dict())
+
+
+APPENDED = 30  # the tiny encoder's base vocabulary: ids 30..39 are "appended" terms
+
+
+def _grown_encoder_dir(tmp_path, record: bool = True):
+    """A tiny BERT folder of VOCAB rows whose config says (or not) where the appended rows start."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=32)
+    if record:
+        config.unimed_base_vocab_size = APPENDED
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(tmp_path))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("frozen_dropout", [True, False])
+def test_appended_rows_train_while_base_rows_and_frozen_layers_stay_exact(tmp_path, frozen_dropout) -> None:
+    """method.text.train_appended_rows: after steps at a large lr with weight decay, every base
+    word row, the position embeddings and the frozen layer are bit-identical, and every appended row
+    the batch used has moved (also through the shared trunk, which otherwise runs without autograd)."""
+    from unimed.methods.base import Stage
+    from unimed.train.config import TrainConfig
+
+    cfg = tiny_cfg(text={"train_appended_rows": True, "frozen_dropout": frozen_dropout})
+    method = create_method(cfg, vocab_size=VOCAB, text_encoder=_grown_encoder_dir(tmp_path))
+    start = {k: v.clone() for k, v in method.model.text.state_dict().items()}
+    optimizer, _ = method.configure_optimizer(Stage("pretrain", 1),
+                                              TrainConfig(lr=1e-2, weight_decay=0.1), 3)
+    batch = tiny_batch()
+    batch["input_ids"][:, 1] = torch.arange(APPENDED, APPENDED + B)  # one appended term per report
+    for _ in range(3):
+        optimizer.zero_grad()
+        method(batch, _ctx())["loss"].backward()
+        optimizer.step()
+    after = method.model.text.state_dict()
+    rows = "embeddings.word_embeddings.weight"
+    torch.testing.assert_close(after[rows][:APPENDED], start[rows][:APPENDED], rtol=0, atol=0)
+    moved = (after[rows][APPENDED:APPENDED + B] - start[rows][APPENDED:APPENDED + B]).abs().amax(dim=1)
+    assert moved.min() > 0, "an appended row the batch used never moved"
+    for name in [k for k in start if k.startswith(("embeddings.position", "encoder.layer.0."))]:
+        torch.testing.assert_close(after[name], start[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_batch_without_appended_terms_skips_autograd_through_the_shared_trunk(tmp_path) -> None:
+    cfg = tiny_cfg(text={"train_appended_rows": True, "frozen_dropout": False})
+    method = create_method(cfg, vocab_size=VOCAB, text_encoder=_grown_encoder_dir(tmp_path))
+    batch = tiny_batch()
+    batch["input_ids"] = batch["input_ids"] % APPENDED
+    method(batch, _ctx())["loss"].backward()
+    assert method.model.text.embeddings.word_embeddings.weight.grad is None
+    batch["input_ids"][0, 1] = APPENDED
+    method(batch, _ctx())["loss"].backward()
+    assert method.model.text.embeddings.word_embeddings.weight.grad[APPENDED].abs().sum() > 0
+
+
+def test_appended_rows_need_the_growth_record_and_frozen_embeddings(tmp_path) -> None:
+    cfg = tiny_cfg(text={"train_appended_rows": True})
+    with pytest.raises(ValueError, match="does not record which embedding rows were appended"):
+        create_method(cfg, vocab_size=VOCAB, text_encoder=_grown_encoder_dir(tmp_path, record=False))
+    with pytest.raises(ValueError, match="train_appended_rows needs method.text.frozen_layers > 0"):
+        tiny_cfg(text={"train_appended_rows": True, "frozen_layers": 0})
+    from unimed.models.prior_config import PriorConfig
+    from unimed.models.unimedi_config import UniMedIConfig
+
+    for other in (PriorConfig, UniMedIConfig):
+        with pytest.raises(ValueError, match="train_appended_rows is a Med-UniC setting"):
+            other(text=TextTowerConfig(train_appended_rows=True))
+
+
+def _ctx():
+    from unimed.methods.base import StepContext
+
+    return StepContext(step=0, epoch=0, stage="pretrain", stage_step=0)

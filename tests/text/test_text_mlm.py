@@ -103,6 +103,8 @@ def test_new_rows_mode_updates_only_the_new_rows_and_the_head(tiny_bert_dir, tin
         elif name.startswith("bert."):
             torch.testing.assert_close(after[name], value, rtol=0, atol=0, msg=name)
     assert not torch.equal(after["cls.predictions.bias"], start["cls.predictions.bias"])
+    # The saved config says where the appended rows start (pre-training's train_appended_rows).
+    assert BertForMaskedLM.from_pretrained(str(tmp_path)).config.unimed_base_vocab_size == n_old
 
 
 @pytest.mark.parametrize(("base", "trainable", "message"), [

@@ -6,14 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 from transformers import PretrainedConfig
 
 from unimed.losses.medunic import MedUniCLoss
-from unimed.methods.base import Method, StepContext
+from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.config import MedUniCConfig
 from unimed.models.image import create_image_encoder, freeze_image_levels
 from unimed.models.medunic import MedUniC
-from unimed.models.text import create_text_encoder, freeze_text_layers
+from unimed.models.text import (
+    appended_rows_start,
+    create_text_encoder,
+    freeze_text_layers,
+    train_appended_rows,
+)
+from unimed.train.config import TrainConfig
+from unimed.train.optim import build_optimizer, build_scheduler
 
 
 class MedUniCMethod(Method):
@@ -29,6 +37,15 @@ class MedUniCMethod(Method):
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         return self.loss(**self.model(batch), rank=ctx.rank, world_size=ctx.world_size)
 
+    def configure_optimizer(
+        self, stage: Stage, train: TrainConfig, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, LRScheduler]:
+        """AdamW with warm-up + cosine; trainable appended word rows get no weight decay, which
+        would shrink the base rows they share a tensor with."""
+        words = self.model.text.embeddings.word_embeddings.weight
+        optimizer = build_optimizer(self, train, no_decay=(words,) if words.requires_grad else ())
+        return optimizer, build_scheduler(optimizer, train, total_steps)
+
 
 def build_medunic(
     cfg: MedUniCConfig, *, vocab_size: int | None = None,
@@ -39,4 +56,8 @@ def build_medunic(
     freeze_image_levels(image, cfg.image.frozen_levels)
     text = create_text_encoder(text_encoder or cfg.text.encoder, cfg.text, vocab_size=vocab_size)
     freeze_text_layers(text, cfg.text.frozen_layers)
-    return MedUniCMethod(cfg, MedUniC(cfg, image, text))
+    rows_from = None
+    if cfg.text.train_appended_rows:
+        rows_from = appended_rows_start(text, text_encoder or cfg.text.encoder)
+        train_appended_rows(text.embeddings.word_embeddings.weight, rows_from)
+    return MedUniCMethod(cfg, MedUniC(cfg, image, text, trainable_rows_from=rows_from))

@@ -56,6 +56,9 @@ class TextTowerConfig:
     and attention dropout. `frozen_dropout` false runs the frozen layers once per report in
     pre-training, without dropout, so the text views (CTR) differ by the trainable layers' dropout
     only; true (the paper's code) applies dropout in every layer of every view.
+    `train_appended_rows` true lets the word-embedding rows that the vocabulary stage appended (the
+    Spanish terms) keep learning in pre-training under frozen embeddings, every base row kept exact;
+    the encoder must come from ``unimed mlm``, which records where the appended rows start.
     """
 
     encoder: str | None = None
@@ -64,6 +67,7 @@ class TextTowerConfig:
     pooling: str = "cls"
     dropout: float = 0.1
     frozen_dropout: bool = True
+    train_appended_rows: bool = False
     hidden_size: int = 128
     num_layers: int = 12
     num_heads: int = 4
@@ -75,6 +79,9 @@ class TextTowerConfig:
                 raise ValueError(f"method.text.{key} must be > 0, got {getattr(self, key)}")
         if self.frozen_layers < 0:
             raise ValueError(f"method.text.frozen_layers must be >= 0, got {self.frozen_layers}")
+        if self.train_appended_rows and self.frozen_layers == 0:
+            raise ValueError("method.text.train_appended_rows needs method.text.frozen_layers > 0 "
+                             "(with 0 the whole embedding trains)")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"method.text.pooling must be cls or mean, got {self.pooling!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -37,9 +37,11 @@ class MedUniC(nn.Module):
     encoder's mean / std) itself, so callers never normalise.
     """
 
-    def __init__(self, cfg: MedUniCConfig, image_encoder: nn.Module, text_encoder: BertModel) -> None:
+    def __init__(self, cfg: MedUniCConfig, image_encoder: nn.Module, text_encoder: BertModel,
+                 *, trainable_rows_from: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.trainable_rows_from = trainable_rows_from  # appended word rows that train, if any
         self.visual = image_encoder
         if cfg.image.compile:
             # In place, so state-dict keys stay unchanged; on 2 CPU cores a compiled ResNet-50
@@ -153,7 +155,8 @@ class MedUniC(nn.Module):
         text = self.cfg.text
         views = 1 if self.ctr_proj is None else 2  # CTR: two dropout views, drawn per row
         pooled = pool_text(self.text, input_ids, attention_mask, text.pooling, views=views,
-                           shared_layers=0 if text.frozen_dropout else text.frozen_layers)
+                           shared_layers=0 if text.frozen_dropout else text.frozen_layers,
+                           trainable_rows_from=self.trainable_rows_from)
         if self.ctr_proj is None:
             return {"text_features": self.text_proj(pooled)}
         out: dict[str, torch.Tensor] = {}

@@ -71,6 +71,9 @@ class PriorConfig:
     zero_shot_local_weight: float = 1.0  # code: 0.5
 
     def __post_init__(self) -> None:
+        if self.text.train_appended_rows:
+            raise ValueError("method.text.train_appended_rows is a Med-UniC setting; this method "
+                             "trains its text tower as method.text.frozen_layers says")
         for key in ("image_size", "embed_dim", "pool_heads", "prototypes", "decoder_layers",
                     "decoder_heads", "decoder_queries", "max_sentences", "min_sentences"):
             if getattr(self, key) <= 0:

@@ -95,12 +95,40 @@ def freeze_text_layers(encoder: BertModel, n: int) -> None:
             param.requires_grad_(False)
 
 
+BASE_VOCAB_KEY = "unimed_base_vocab_size"
+"""Key of a grown encoder's config.json (written by ``unimed mlm``): the number of embedding rows of
+the base model it grew from; the rows from there on are the appended (Spanish) terms."""
+
+
+def train_appended_rows(embedding: torch.nn.Parameter, n_old: int) -> None:
+    """Make the rows of `embedding` (V, D) from ``n_old`` on trainable and keep the first ``n_old``
+    exact: their gradient is zeroed before it is accumulated (so before DDP averages it), and with
+    Adam and no weight decay on `embedding` a zero gradient moves nothing."""
+    if not 0 < n_old < embedding.shape[0]:
+        raise ValueError(f"the base model has {n_old} rows and the grown vocabulary "
+                         f"{embedding.shape[0]}; there are no appended rows to train")
+    embedding.requires_grad_(True)
+    appended = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype)  # (V, 1)
+    appended[n_old:] = 1
+    embedding.register_hook(lambda grad: grad * appended.to(grad.device))
+
+
+def appended_rows_start(encoder: BertModel, source: object) -> int:
+    """The first appended row of `encoder` as its config records it (``unimed mlm`` writes it)."""
+    n_old = getattr(encoder.config, BASE_VOCAB_KEY, None)
+    if n_old is None:
+        raise ValueError(f"method.text.train_appended_rows: the text encoder {source} does not record "
+                         f"which embedding rows were appended ({BASE_VOCAB_KEY} in its config.json); "
+                         "use the output of `unimed mlm`, which grows the vocabulary")
+    return int(n_old)
+
+
 POOLINGS = ("cls", "mean")
 
 
 def pool_text(
     encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "cls",
-    *, views: int = 1, shared_layers: int = 0,
+    *, views: int = 1, shared_layers: int = 0, trainable_rows_from: int | None = None,
 ) -> torch.Tensor:
     """(views * B, hidden) sentence features of the last layer: the [CLS] state ("cls", BERT /
     CXR-BERT) or the mean over the non-padding tokens ("mean", how sentence-transformers encoders
@@ -111,11 +139,15 @@ def pool_text(
     first N layers (which must be frozen) run once per report, without dropout and without autograd,
     and only the layers above them run per view: the views then differ by the dropout of the
     trainable layers alone, at a fraction of the cost (``method.text.frozen_dropout: false``).
+    `trainable_rows_from` N says that the word-embedding rows from N on train
+    (``method.text.train_appended_rows``): the shared layers then keep autograd for a batch that
+    holds such a token, so the gradient reaches those rows through them.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"method.text.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     hidden = token_states(encoder, input_ids, attention_mask, views=views,
-                          shared_layers=shared_layers)  # (VB, L, H)
+                          shared_layers=shared_layers,
+                          trainable_rows_from=trainable_rows_from)  # (VB, L, H)
     mask = attention_mask.repeat(views, 1)
     if pooling == "cls":
         return hidden[:, 0]
@@ -125,29 +157,34 @@ def pool_text(
 
 def token_states(
     encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, views: int = 1,
-    shared_layers: int = 0,
+    shared_layers: int = 0, trainable_rows_from: int | None = None,
 ) -> torch.Tensor:
-    """(views * B, L, H) last-layer token states; `views` and `shared_layers` as in
-    :func:`pool_text`."""
+    """(views * B, L, H) last-layer token states; `views`, `shared_layers` and
+    `trainable_rows_from` as in :func:`pool_text`."""
     if shared_layers:
-        return _shared_trunk_states(encoder, input_ids, attention_mask, views, shared_layers)
+        grad = trainable_rows_from is not None and bool((input_ids >= trainable_rows_from).any())
+        return _shared_trunk_states(encoder, input_ids, attention_mask, views, shared_layers,
+                                    grad=grad and torch.is_grad_enabled())
     return encoder(input_ids=input_ids.repeat(views, 1),
                    attention_mask=attention_mask.repeat(views, 1)).last_hidden_state
 
 
 def _shared_trunk_states(
-    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, views: int, n: int
+    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, views: int, n: int,
+    grad: bool = False,
 ) -> torch.Tensor:
-    """Last hidden states (views * B, L, H): embeddings + layers[:n] once in eval mode, no grad;
-    layers[n:] on the repeated states in the encoder's own mode."""
+    """Last hidden states (views * B, L, H): embeddings + layers[:n] once in eval mode, without
+    autograd unless `grad` (trainable appended word rows in the batch); layers[n:] on the repeated
+    states in the encoder's own mode."""
     layers = encoder.encoder.layer
     trunk = [encoder.embeddings, *layers[:n]]
-    if any(p.requires_grad for module in trunk for p in module.parameters()):
+    words = encoder.embeddings.word_embeddings.weight
+    if any(p.requires_grad for module in trunk for p in module.parameters() if p is not words):
         raise ValueError(f"the first {n} text layers are shared by the views, so they must be frozen "
                          f"(method.text.frozen_layers >= {n})")
     modes = [module.training for module in trunk]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             for module in trunk:
                 module.eval()
             hidden = encoder.embeddings(input_ids=input_ids)  # (B, L, H)

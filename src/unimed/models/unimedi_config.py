@@ -76,6 +76,9 @@ class UniMedIConfig:
     pcl_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.text.train_appended_rows:
+            raise ValueError("method.text.train_appended_rows is a Med-UniC setting; this method "
+                             "trains its text tower as method.text.frozen_layers says")
         for key, valid in (("selection", SELECTIONS), ("slab_slice", SLAB_SLICES),
                            ("attention_softmax", ATTENTION_SOFTMAX),
                            ("selection_network", SELECTION_NETWORKS), ("masking", MASKINGS),

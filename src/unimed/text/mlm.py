@@ -32,6 +32,7 @@ from transformers import (
 
 from unimed.data.pretrain import PretrainSampler
 from unimed.methods.base import Method, Stage, StepContext
+from unimed.models.text import train_appended_rows
 from unimed.text.config import MLMConfig
 from unimed.text.corpus import require_texts
 from unimed.text.stemming import copy_corpus_stemming
@@ -215,6 +216,7 @@ def build_mlm_model(
         )
     base_tokenizer = _check_vocab_prefix(tokenizer, path)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.unimed_base_vocab_size = n_old  # saved in config.json: which rows are appended
     if cfg.new_rows == "subword_mean":
         if base_tokenizer is None:
             raise ValueError(f"mlm.new_rows=subword_mean needs the base tokenizer, but {path} has none")
@@ -261,10 +263,7 @@ def train_new_rows_only(model: BertForMaskedLM, n_old: int) -> None:
         raise ValueError(f"mlm.trainable=new_rows: the base model has {n_old} rows and the grown "
                          f"vocabulary {embedding.shape[0]}; there are no new rows to train")
     model.bert.requires_grad_(False)
-    embedding.requires_grad_(True)
-    new_rows = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype)  # (V, 1)
-    new_rows[n_old:] = 1
-    embedding.register_hook(lambda grad: grad * new_rows.to(grad.device))
+    train_appended_rows(embedding, n_old)
 
 
 def base_vocab_size(base_model: str | Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,33 +13,40 @@ from torch.optim.lr_scheduler import LambdaLR
 from unimed.train.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay: Sequence[torch.Tensor] = ()
+) -> list[dict]:
     """Trainable parameters split into a decayed group (matrices, kernels, embeddings) and an
-    undecayed one (biases, norm scales, temperatures: every parameter with fewer than 2 dims).
+    undecayed one (biases, norm scales, temperatures: every parameter with fewer than 2 dims, and
+    the parameters in `no_decay`).
 
     Shape is the rule rather than names, so it holds for any backbone without a name list.
     """
-    decay, no_decay = [], []
+    keep = {id(param) for param in no_decay}
+    decay, undecayed = [], []
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
-    if not decay and not no_decay:
+        (decay if param.ndim >= 2 and id(param) not in keep else undecayed).append(param)
+    if not decay and not undecayed:
         raise ValueError("the model has no trainable parameters")
     return [
         {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": undecayed, "weight_decay": 0.0},
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with the config's lr, betas, eps and weight decay.
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, no_decay: Sequence[torch.Tensor] = ()
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with the config's lr, betas, eps and weight decay (none
+    on `no_decay`).
 
     The fused kernel (CPU and CUDA) does the whole update in one pass: on the ResNet-50 + BERT-base
     preset it cut the optimizer step on 2 CPU cores from 5.3 s (default) to 1.7 s.
     """
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True
+        param_groups(model, cfg.weight_decay, no_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True
     )
 
 
