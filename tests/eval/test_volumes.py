@@ -135,7 +135,7 @@ def _oracle_scores(ctx: TaskContext, sign: float):
     keys = [Path(r.image_path).relative_to(root).as_posix() for r in ctx.data.require("bimcv-covid19", "test")]
     calls = itertools.count()
 
-    def scores(encoder, context, slices, prompts, classes):
+    def scores(encoder, context, slices, features, prompts, classes):
         findings = truth.get(keys[next(calls) % len(keys)], [])
         out = np.zeros((len(slices), len(classes)))
         for finding, held in findings:
@@ -153,6 +153,13 @@ def test_slice_localisation_scores_hits_against_the_phantom_ground_truth(ct_cont
     monkeypatch.setattr(volumes, "slice_scores", _oracle_scores(ct_context, -1.0))
     worst = volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
     assert worst["en"]["hit_rate"] == 0.0  # the k slices scored highest hold no finding
+    monkeypatch.undo()
+    encoded = []
+    monkeypatch.setattr(volumes, "slice_features", lambda encoder, context, slices: encoded.append(slices))
+    monkeypatch.setattr(volumes, "slice_scores", _oracle_scores(ct_context, 1.0))
+    volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
+    stacks = ct_context.data.native_slices("bimcv-covid19", "test", ct_context.cfg.volume.window)
+    assert len(encoded) == len(stacks)  # each volume's slices encoded once for both languages
     monkeypatch.setattr(volumes, "GROUND_TRUTH_FILE", "absent.csv")
     with pytest.raises(ValueError, match="needs the slice ground truth .*absent.csv"):
         volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")

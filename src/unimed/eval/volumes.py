@@ -205,13 +205,20 @@ def top_slices(scores: np.ndarray, k: int) -> set[int]:
     return set(np.argsort(-scores, kind="stable")[:k].tolist())
 
 
-def slice_scores(encoder: Encoder, ctx: TaskContext, slices: torch.Tensor, prompts, classes: list[str]
-                 ) -> np.ndarray:
-    """(Z, C) zero-shot scores of each slice for each class (the model's own rule when it has one)."""
-    images = rgb(slices)  # (Z, 3, S, S)
+def slice_features(encoder: Encoder, ctx: TaskContext, slices: torch.Tensor) -> torch.Tensor | None:
+    """(Z, D) normalised embeddings of the slices, scored against every prompt language; None for
+    a model with its own zero-shot rule, which scores the images itself."""
     if hasattr(encoder.model, "zero_shot_scores"):
-        return own_scores(encoder, images, prompts, classes, ctx.cfg.batch_size)
-    features = encoder.image_features(images, normalize=True, batch_size=ctx.cfg.batch_size)
+        return None
+    return encoder.image_features(rgb(slices), normalize=True, batch_size=ctx.cfg.batch_size)
+
+
+def slice_scores(encoder: Encoder, ctx: TaskContext, slices: torch.Tensor, features: torch.Tensor | None,
+                 prompts, classes: list[str]) -> np.ndarray:
+    """(Z, C) zero-shot scores of each slice for each class: its `features` against the prompts, or
+    the model's own rule on the slices when it has one (`features` None)."""
+    if features is None:
+        return own_scores(encoder, rgb(slices), prompts, classes, ctx.cfg.batch_size)
     return prompt_scores(encoder, features, prompts, classes)
 
 
@@ -236,9 +243,11 @@ def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]
                                for f in findings},
     }
     corpus = corpus_stemming(encoder.tokenizer)
+    features = [slice_features(encoder, ctx, stack) for stack in stacks]  # once for every language
     for language in ctx.cfg.zero_shot.languages:
         prompts = load_prompts(language, ctx.cfg.zero_shot.prompt_dir, ctx.cfg.prompt_stemming, corpus)
-        scores = [slice_scores(encoder, ctx, stack, prompts, classes) for stack in stacks]  # (Z, C) each
+        scores = [slice_scores(encoder, ctx, stack, feats, prompts, classes)
+                  for stack, feats in zip(stacks, features)]  # (Z, C) each
         hits = np.array([float(bool(top_slices(scores[i][:, classes.index(FINDING_CLASSES[finding])],
                                                cfg.localisation_k) & slices))
                          for i, finding, slices in pairs])
