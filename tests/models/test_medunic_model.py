@@ -272,3 +272,17 @@ def _ctx():
     from unimed.methods.base import StepContext
 
     return StepContext(step=0, epoch=0, stage="pretrain", stage_step=0)
+
+
+def test_word_embeddings_keep_weight_decay_unless_only_appended_rows_train(tmp_path) -> None:
+    from unimed.methods.base import Stage
+    from unimed.train.config import TrainConfig
+
+    def decayed(method) -> bool:
+        optimizer, _ = method.configure_optimizer(Stage("pretrain", 1), TrainConfig(weight_decay=0.1), 3)
+        words = method.model.text.embeddings.word_embeddings.weight
+        return any(p is words for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"])
+
+    assert decayed(create_method(tiny_cfg(text={"frozen_layers": 0}), vocab_size=VOCAB))
+    appended = tiny_cfg(text={"train_appended_rows": True})
+    assert not decayed(create_method(appended, vocab_size=VOCAB, text_encoder=_grown_encoder_dir(tmp_path)))

@@ -43,7 +43,8 @@ class MedUniCMethod(Method):
         """AdamW with warm-up + cosine; trainable appended word rows get no weight decay, which
         would shrink the base rows they share a tensor with."""
         words = self.model.text.embeddings.word_embeddings.weight
-        optimizer = build_optimizer(self, train, no_decay=(words,) if words.requires_grad else ())
+        appended = self.model.trainable_rows_from is not None
+        optimizer = build_optimizer(self, train, no_decay=(words,) if appended else ())
         return optimizer, build_scheduler(optimizer, train, total_steps)
 
 
