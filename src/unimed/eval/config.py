@@ -250,8 +250,13 @@ class VolumeSegmentationConfig:
     frozen encoder, its appendix the entire model; here the encoder is frozen (the CPU budget: its
     3D maps are computed once per split and cached). Forced by the CPU: volumes resized to `depth`
     axial slices of ``data.image_size`` squared pixels (paper 48 x 224 x 224), `feature_size` 8
-    (UNETR: 16), lr 1e-3 instead of 1e-4 and `epochs` / `patience` instead of 25,000 iterations,
-    no augmentation. `min_stride`: the encoder maps of at least this stride feed the decoder;
+    (UNETR: 16), 40 `epochs` (every one run: `patience` 40; the state of best validation Dice is
+    kept) instead of 25,000 iterations, no augmentation. The lr (paper 1e-4) was chosen on the
+    validation split only, for the budget of 40 epochs (`benchmarks/volume_segmentation_lr.py`, the
+    demo's CT world, ImageNet-init encoder, 21 training and 3 validation volumes; validation mean
+    Dice): 1e-3 0.269 (0.236 at 12 epochs, the earlier default), 3e-3 0.544, 1e-2 0.630, 3e-2
+    0.813, 1e-1 0.943. The decoder's instance norms make its convolutions scale-free, and at lower
+    rates the small organs never left the background. `min_stride`: the encoder maps of at least this stride feed the decoder;
     `min_train_volumes` floors the small fractions (the 2D tasks' `eval.min_train_images` would
     swallow a 21-volume training split whole).
     """
@@ -263,12 +268,12 @@ class VolumeSegmentationConfig:
     window: tuple[float, float] = (-160.0, 240.0)  # abdominal soft-tissue window (HU)
     feature_size: int = 8
     min_stride: int = 2
-    lr: float = 1.0e-3
+    lr: float = 1.0e-1
     weight_decay: float = 1.0e-5
     batch_size: int = 2
-    epochs: int = 12
+    epochs: int = 40
     min_epoch_steps: int = 8
-    patience: int = 4
+    patience: int = 40
 
     def __post_init__(self) -> None:
         for key in ("min_train_volumes", "depth", "feature_size", "min_stride", "batch_size", "epochs",
