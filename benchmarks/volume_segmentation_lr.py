@@ -36,8 +36,11 @@ def main() -> None:
     parser.add_argument("--baselines", default="init", help="comma-separated baselines")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    schedules = [(float(lr), int(epochs)) for lr, epochs in
-                 (pair.split(":") for pair in args.schedules.split(","))]
+    try:
+        schedules = [(float(lr), int(epochs)) for lr, epochs in
+                     (pair.split(":") for pair in args.schedules.split(","))]
+    except ValueError:
+        parser.error(f"--schedules must be lr:epochs pairs such as 1e-3:12,3e-3:40, got {args.schedules!r}")
     encoders = build_encoders(cfg, None, tuple(b for b in args.baselines.split(",") if b), [])
     ctx = TaskContext(EvalData(cfg.data, progress=False), cfg.eval, cfg.run.dir / "lr_choice")
     rows = []

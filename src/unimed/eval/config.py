@@ -255,10 +255,10 @@ class VolumeSegmentationConfig:
     validation split only, for the budget of 40 epochs (`benchmarks/volume_segmentation_lr.py`, the
     demo's CT world, ImageNet-init encoder, 21 training and 3 validation volumes; validation mean
     Dice): 1e-3 0.269 (0.236 at 12 epochs, the earlier default), 3e-3 0.544, 1e-2 0.630, 3e-2
-    0.813, 1e-1 0.943. The decoder's instance norms make its convolutions scale-free, and at lower
-    rates the small organs never left the background. `min_stride`: the encoder maps of at least this stride feed the decoder;
-    `min_train_volumes` floors the small fractions (the 2D tasks' `eval.min_train_images` would
-    swallow a 21-volume training split whole).
+    0.813, 1e-1 0.943. The decoder's instance norms make its convolutions scale-free; at 1e-3 for
+    12 epochs the small organs never left the background. `min_stride`: the encoder maps of at
+    least this stride feed the decoder; `min_train_volumes` floors the small fractions (the 2D
+    tasks' `eval.min_train_images` would swallow a 21-volume training split whole).
     """
 
     datasets: tuple[str, ...] = ("bcv",)

@@ -60,5 +60,6 @@ def build_medunic(
     rows_from = None
     if cfg.text.train_appended_rows:
         rows_from = appended_rows_start(text, text_encoder or cfg.text.encoder)
-        train_appended_rows(text.embeddings.word_embeddings.weight, rows_from)
+        train_appended_rows(text.embeddings.word_embeddings.weight, rows_from,
+                            "method.text.train_appended_rows")
     return MedUniCMethod(cfg, MedUniC(cfg, image, text, trainable_rows_from=rows_from))

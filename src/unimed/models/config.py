@@ -58,7 +58,9 @@ class TextTowerConfig:
     only; true (the paper's code) applies dropout in every layer of every view.
     `train_appended_rows` true lets the word-embedding rows that the vocabulary stage appended (the
     Spanish terms) keep learning in pre-training under frozen embeddings, every base row kept exact;
-    the encoder must come from ``unimed mlm``, which records where the appended rows start.
+    the encoder must come from ``unimed mlm``, which records where the appended rows start. With
+    `frozen_dropout` false a batch without an appended term gives the embedding no gradient, so
+    DDP then needs ``train.find_unused_parameters: true``.
     """
 
     encoder: str | None = None

@@ -100,12 +100,13 @@ BASE_VOCAB_KEY = "unimed_base_vocab_size"
 the base model it grew from; the rows from there on are the appended (Spanish) terms."""
 
 
-def train_appended_rows(embedding: torch.nn.Parameter, n_old: int) -> None:
+def train_appended_rows(embedding: torch.nn.Parameter, n_old: int, setting: str) -> None:
     """Make the rows of `embedding` (V, D) from ``n_old`` on trainable and keep the first ``n_old``
     exact: their gradient is zeroed before it is accumulated (so before DDP averages it), and with
-    Adam and no weight decay on `embedding` a zero gradient moves nothing."""
+    Adam and no weight decay on `embedding` a zero gradient moves nothing. `setting` names the
+    config key that asked for it, in the error when there are no appended rows."""
     if not 0 < n_old < embedding.shape[0]:
-        raise ValueError(f"the base model has {n_old} rows and the grown vocabulary "
+        raise ValueError(f"{setting}: the base model has {n_old} rows and the grown vocabulary "
                          f"{embedding.shape[0]}; there are no appended rows to train")
     embedding.requires_grad_(True)
     appended = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype)  # (V, 1)

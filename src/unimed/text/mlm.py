@@ -32,7 +32,7 @@ from transformers import (
 
 from unimed.data.pretrain import PretrainSampler
 from unimed.methods.base import Method, Stage, StepContext
-from unimed.models.text import train_appended_rows
+from unimed.models.text import BASE_VOCAB_KEY, train_appended_rows
 from unimed.text.config import MLMConfig
 from unimed.text.corpus import require_texts
 from unimed.text.stemming import copy_corpus_stemming
@@ -216,7 +216,7 @@ def build_mlm_model(
         )
     base_tokenizer = _check_vocab_prefix(tokenizer, path)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.config.unimed_base_vocab_size = n_old  # saved in config.json: which rows are appended
+    setattr(model.config, BASE_VOCAB_KEY, n_old)  # saved in config.json: which rows are appended
     if cfg.new_rows == "subword_mean":
         if base_tokenizer is None:
             raise ValueError(f"mlm.new_rows=subword_mean needs the base tokenizer, but {path} has none")
@@ -258,12 +258,9 @@ def train_new_rows_only(model: BertForMaskedLM, n_old: int) -> None:
     transformer body is frozen and the gradient of every base-vocabulary row (ids below ``n_old``,
     input embedding and tied decoder alike) is zeroed before it is accumulated (so before DDP
     averages it), so with Adam and no weight decay those rows keep their exact values."""
-    embedding = model.get_input_embeddings().weight  # (V, D), also the tied decoder
-    if not 0 < n_old < embedding.shape[0]:
-        raise ValueError(f"mlm.trainable=new_rows: the base model has {n_old} rows and the grown "
-                         f"vocabulary {embedding.shape[0]}; there are no new rows to train")
     model.bert.requires_grad_(False)
-    train_appended_rows(embedding, n_old)
+    train_appended_rows(model.get_input_embeddings().weight, n_old,  # also the tied decoder
+                        "mlm.trainable=new_rows")
 
 
 def base_vocab_size(base_model: str | Path) -> int:

@@ -46,7 +46,8 @@ def build_optimizer(
     preset it cut the optimizer step on 2 CPU cores from 5.3 s (default) to 1.7 s.
     """
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, no_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True
+        param_groups(model, cfg.weight_decay, no_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+        eps=cfg.eps, fused=True,
     )
 
 
