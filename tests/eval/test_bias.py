@@ -12,9 +12,17 @@ import torch
 import pytest
 
 from unimed.data.records import Record
-from unimed.eval.bias import control_sites, distance_ratio, knn_accuracy, parallel_retrieval, separability
+from unimed.eval.bias import (
+    control_sites,
+    distance_ratio,
+    knn_accuracy,
+    parallel_hits,
+    parallel_retrieval,
+    separability,
+)
 from unimed.eval.config import BiasConfig
 from unimed.eval.retrieval import parallel_path, read_parallel
+from unimed.eval.runner import pop_replicates
 from unimed.eval.tasks import TASKS
 
 
@@ -153,6 +161,11 @@ def test_parallel_retrieval_matches_brute_force() -> None:
     expected = brute_force_parallel(first, second)
     assert got == {side: pytest.approx(values) for side, values in expected.items()}
     assert 0.0 < got["first"]["R@1"] < 1.0
+    hits = parallel_hits(first, second)
+    for side in ("first", "second"):
+        for name, values in hits[side].items():
+            assert values.shape == (15,) and set(np.unique(values)) <= {0.0, 1.0}
+            assert values.mean() == pytest.approx(expected[side][name])
 
 
 def test_parallel_retrieval_ties_count_against_the_query() -> None:
@@ -181,6 +194,7 @@ def test_knn_vote_tie_goes_to_nearest_neighbour() -> None:
 
 def test_run_on_tiny_world(tiny_encoder, task_context) -> None:
     metrics = TASKS.get("bias")(tiny_encoder, task_context)
+    replicates = pop_replicates(metrics, "tiny/bias")
     json.dumps(metrics)
     assert set(metrics["samples"]) == {"en", "es"} and all(metrics["samples"].values())
     for modality, spaces in (("text", {"pooled", "projected"}), ("image", {"pooled", "projected"})):
@@ -201,6 +215,11 @@ def test_run_on_tiny_world(tiny_encoder, task_context) -> None:
         for language in ("en", "es"):
             got = parallel[space][language]
             assert 0.0 <= got["R@1"] <= got["cross_top1"] <= 1.0  # one's own translation is cross-lingual
+            for name in ("R@1", "cross_top1"):  # intervals over resampled queries, paired by key
+                lo, hi = got["ci"][name]
+                assert lo <= got[name] <= hi
+                draws = replicates[f"tiny/bias/parallel/{space}/{language}/{name}"]
+                assert draws.shape == (task_context.cfg.bootstrap_resamples,)
     control = metrics["control"]
     assert control["sites"] == ["miami"]
     for subset in ("seen", "unseen"):
@@ -262,3 +281,6 @@ def test_language_coded_in_text_is_found_there_and_not_in_the_images(task_contex
         assert text["probe_accuracy"] == text["knn_accuracy"] == 1.0 and text["silhouette"] == 1.0
     image = metrics["image"]["pooled"]["language"]
     assert image["silhouette"] == 0.0 and image["probe_accuracy"] <= image["chance"]
+    for language in ("en", "es"):  # every report's nearest neighbour is in its own language
+        parallel = metrics["parallel"]["pooled"][language]
+        assert parallel["R@1"] == parallel["cross_top1"] == 0.0 and parallel["ci"]["R@1"] == [0.0, 0.0]

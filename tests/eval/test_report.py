@@ -61,6 +61,8 @@ def _tasks(key: str, base: float, auc: float, language_probe: float) -> dict:
                       "queries": {"mimic-cxr": 60, "padchest": 60}},
         "bias": {"text": {"pooled": space, "projected": space}, "image": {"pooled": space, "projected": space},
                  "samples": {"en": 60, "es": 60},
+                 "parallel": {"pairs": 50, "pooled": {lang: {"R@1": base - 0.3, "cross_top1": 0.5}
+                                                      for lang in ("en", "es")}},
                  "figures": {"tsne_text": f"{key}_tsne_text.png", "tsne_image": f"{key}_tsne_image.png"}},
         "gradcam": {"figures": {"gradcam": f"{key}_gradcam.png"}, "classes": list(CLASSES),
                     "images_per_class": 2},
@@ -134,7 +136,8 @@ def test_bias_tables_show_ratio_parallel_retrieval_and_control() -> None:
     metrics = _metrics()
     bias = metrics["encoders"]["medunic"]["tasks"]["bias"]
     bias["text"]["pooled"]["language"]["distance_ratio"] = 1.234
-    bias["parallel"] = {"pairs": 50, "pooled": {"en": {"R@1": 0.42, "cross_top1": 0.9},
+    bias["parallel"] = {"pairs": 50, "pooled": {"en": {"R@1": 0.42, "cross_top1": 0.9,
+                                                       "ci": {"R@1": [0.3, 0.5]}},
                                              "es": {"R@1": 0.38, "cross_top1": 0.8}}}
     control = {"language": {"probe_accuracy": 0.61, "distance_ratio": 1.05}}
     bias["control"] = {"sites": ["miami"], "seen": {"image": {"pooled": control}}, "unseen": None}
@@ -143,9 +146,10 @@ def test_bias_tables_show_ratio_parallel_retrieval_and_control() -> None:
                                            "Image (projected)"]
     assert len(rows) == 8 and rows[0][header.index("Language / ratio")] == "1.23"
     header, rows = _table(metrics, report.TITLE_BIAS_CONTROL)
-    assert [row[:2] for row in rows] == [["Med-UniC", "Text (pooled)"], ["Med-UniC", "Image (pooled)"]]
+    assert [row[:2] for row in rows] == [["Med-UniC", "Text (pooled)"], ["Med-UniC", "Image (pooled)"],
+                                         ["Random init / MLM-only", "Text (pooled)"]]
     cells = dict(zip(header, rows[0]))
-    assert cells["Parallel reports / R@1 EN"] == "42.0"
+    assert cells["Parallel reports / R@1 EN"] == "42.0 (30.0–50.0)"
     assert cells["Parallel reports / other-language top-1 ES"] == "80.0"
     assert cells["Control, seen / language probe"] == "–"
     cells = dict(zip(header, rows[1]))
@@ -229,15 +233,21 @@ def _replicates(metrics: dict, noise: float = 0.01) -> dict[str, np.ndarray]:
             for name, block in entry["tasks"][task].items():
                 for fraction, row in block["fractions"].items():
                     out[f"{key}/{task}/{name}/fractions/{fraction}/value"] = row["value"] + shared
+        for lang, row in entry["tasks"]["bias"]["parallel"]["pooled"].items():
+            out[f"{key}/bias/parallel/pooled/{lang}/R@1"] = row["R@1"] + shared
     return out
 
 
 def test_checks_all_pass() -> None:
     metrics = _metrics()
     checks = quality_checks(metrics, _replicates(metrics))
-    assert _by_state(checks) == {PASS: 4 + 3 * 3 + 2 * 3 + 2 * 3 + 1, FAIL: 0, TIE: 0, NOT_MEASURED: 0}
-    probe = checks[-1]
+    assert _by_state(checks) == {PASS: 4 + 3 * 3 + 2 * 3 + 2 * 3 + 1 + 2, FAIL: 0, TIE: 0, NOT_MEASURED: 0}
+    probe, *parallel = checks[-3:]
     assert "language" in probe.name.lower() and "55.0%" in probe.detail and "94.0%" in probe.detail
+    assert [c.name for c in parallel] == [
+        f"Parallel-report retrieval from {lang} reports, text embeddings: Med-UniC beats Random init / MLM-only"
+        for lang in ("En", "Sp")]
+    assert "R@1 Med-UniC 40.0% vs Random init / MLM-only 20.0%" in parallel[0].detail
     assert any("Med-UniC 70.0 vs Random init / MLM-only 50.0" in c.detail for c in checks)
     assert any("difference 95% CI [+20.0, +20.0] points" in c.detail for c in checks)
     assert all(c.cause == "" for c in checks)
@@ -254,7 +264,9 @@ def test_every_trained_method_gets_its_own_checks_and_the_dense_baselines_come_o
     ours = [c for c in checks if c.name.startswith("PRIOR: ")]
     assert [c.name for c in ours] == [f"PRIOR: {c.name}" for c in one]
     assert [c.status for c in ours] == [c.status for c in one]
-    assert _by_state(ours)[PASS] == 0 and _by_state(ours)[FAIL] == 4 + 3 * 3 + 2 * 3 + 2 * 3 + 1
+    assert _by_state(ours)[PASS] == 0 and _by_state(ours)[FAIL] == 4 + 3 * 3 + 2 * 3 + 2 * 3 + 2
+    probe = [c for c in ours if "Language-ID" in c.name]  # 99.0 % for both: the probe saturated
+    assert [c.status for c in probe] == [TIE] and "saturated" in probe[0].cause
     assert _by_state([c for c in checks if c.name.startswith("Med-UniC: ")])[FAIL] == 0
     dense = [c for c in checks if not c.name.startswith(("PRIOR: ", "Med-UniC: "))]
     assert len(dense) == 2 * 3 + 2 * 3 and all("beats Random" in c.name for c in dense)

@@ -26,7 +26,7 @@ separate in image space whatever the text does. Hence two measurements that can:
 
 * ``parallel`` (text spaces): every report of a parallel corpus (``retrieval.parallel_file``, the
   same test studies in English and Spanish) queries all other reports of both languages
-  (:func:`parallel_retrieval`).
+  (:func:`parallel_hits`), with bootstrap intervals.
 * ``control``: a control community -- a site with records in several languages, whose acquisition
   and prevalence are the same for every language (the phantom's `miami`) -- audited on its own,
   split into the records pre-training saw (``seen``: the pre-training split) and the others
@@ -57,7 +57,13 @@ from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.features import SPACES
-from unimed.eval.retrieval import parallel_path, pessimistic_order, read_parallel, sample_queries
+from unimed.eval.retrieval import (
+    parallel_path,
+    pessimistic_order,
+    read_parallel,
+    sample_queries,
+    with_mean_intervals,
+)
 from unimed.eval.tasks import TASKS, TaskContext
 
 log = logging.getLogger(__name__)
@@ -254,12 +260,12 @@ def separability(features: np.ndarray, labels: np.ndarray, *, knn_k: int, folds:
     }
 
 
-def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[str, float]]:
+def parallel_hits(first: np.ndarray, second: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """Row i of `first` (N, D) and row i of `second` (N, D) embed one report in two languages.
 
     Every one of the 2N reports queries the other 2N - 1 of both languages by cosine similarity
     (ties ranked against the query, so repeated report texts count against it). Per query
-    language ("first", "second"):
+    language ("first", "second"), (N,) per-query values whose means are:
 
     * ``R@1``: share of queries whose nearest report is their own translation. Chance 1/(2N - 1);
       an encoder that separates the languages puts same-language reports first and scores near 0,
@@ -278,9 +284,15 @@ def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[
     own[np.arange(2 * n), (np.arange(2 * n) + n) % (2 * n)] = True
     top_own = np.take_along_axis(own, pessimistic_order(sims, own)[:, :1], axis=1)[:, 0]
     top_other = np.take_along_axis(other, pessimistic_order(sims, other)[:, :1], axis=1)[:, 0]
-    return {name: {"R@1": float(top_own[side == k].mean()),
-                   "cross_top1": float(top_other[side == k].mean())}
+    return {name: {"R@1": top_own[side == k].astype(np.float64),
+                   "cross_top1": top_other[side == k].astype(np.float64)}
             for k, name in enumerate(("first", "second"))}
+
+
+def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[str, float]]:
+    """The means of :func:`parallel_hits`: {"first"|"second": {"R@1", "cross_top1"}}."""
+    return {side: {name: float(values.mean()) for name, values in hits.items()}
+            for side, hits in parallel_hits(first, second).items()}
 
 
 def image_embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample) -> dict[str, np.ndarray]:
@@ -348,8 +360,10 @@ def language_counts(languages: np.ndarray) -> dict[str, int]:
 
 
 def parallel_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | None:
-    """:func:`parallel_retrieval` in both text spaces on up to `samples_per_group` seeded pairs of
-    the parallel corpus; None (with a warning) when there is no corpus."""
+    """:func:`parallel_hits` in both text spaces on up to `samples_per_group` seeded pairs of the
+    parallel corpus, per query language the means with bootstrap intervals over resamples of the
+    queries (shared by every encoder, so the checks pair encoders); None (with a warning) when
+    there is no corpus."""
     path = parallel_path(ctx)
     if not path.is_file():
         log.warning("no parallel report corpus at %s: parallel-report retrieval skipped", path)
@@ -361,8 +375,9 @@ def parallel_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | Non
     out: dict[str, Any] = {"pairs": n, "chance": {"R@1": 1 / (2 * n - 1), "cross_top1": n / (2 * n - 1)}}
     for space in ("pooled", "projected"):
         en, es = (ctx.text_features(encoder, texts[lang], space).numpy() for lang in ("en", "es"))
-        got = parallel_retrieval(en, es)
-        out[space] = {"en": got["first"], "es": got["second"]}
+        got = parallel_hits(en, es)
+        out[space] = {lang: with_mean_intervals(got[side], ctx.resamples("parallel", lang, n))
+                      for lang, side in (("en", "first"), ("es", "second"))}
     return out
 
 
