@@ -131,14 +131,17 @@ def brute_force_parallel(first: np.ndarray, second: np.ndarray) -> dict[str, dic
     n = len(first)
     out = {}
     for name, queries in (("first", range(n)), ("second", range(n, 2 * n))):
-        own = cross = 0
+        own = cross = rank = 0
         for q in queries:
             cosines = [float(x[q] @ x[j] / np.linalg.norm(x[q]) / np.linalg.norm(x[j])) if j != q else -2.0
                        for j in range(2 * n)]
             best = int(np.argmax(cosines))
-            own += best == (q + n) % (2 * n)
+            translation = (q + n) % (2 * n)
+            own += best == translation
             cross += (best < n) != (q < n)
-        out[name] = {"R@1": own / n, "cross_top1": cross / n}
+            rank += sum(cosines[j] >= cosines[translation] for j in range(2 * n)
+                        if j not in (q, translation)) / (2 * n - 2)
+        out[name] = {"R@1": own / n, "cross_top1": cross / n, "translation_rank": rank / n}
     return out
 
 
@@ -146,11 +149,16 @@ def test_parallel_retrieval_identity_and_language_clusters() -> None:
     rng = np.random.default_rng(0)
     content = rng.normal(size=(20, 6))
     perfect = parallel_retrieval(content, content.copy())
-    assert perfect == {side: {"R@1": 1.0, "cross_top1": 1.0} for side in ("first", "second")}
+    assert perfect == {side: {"R@1": 1.0, "cross_top1": 1.0, "translation_rank": 0.0}
+                       for side in ("first", "second")}
     offset = np.zeros(6)
     offset[0] = 20.0
     clustered = parallel_retrieval(content + offset, content - offset)
-    assert clustered == {side: {"R@1": 0.0, "cross_top1": 0.0} for side in ("first", "second")}
+    assert {side: {k: v for k, v in got.items() if k != "translation_rank"}
+            for side, got in clustered.items()} == {side: {"R@1": 0.0, "cross_top1": 0.0}
+                                                    for side in ("first", "second")}
+    for got in clustered.values():  # behind the 19 reports of its own language, at the latest last
+        assert 19 / 38 <= got["translation_rank"] <= 1.0
 
 
 def test_parallel_retrieval_matches_brute_force() -> None:
@@ -164,13 +172,14 @@ def test_parallel_retrieval_matches_brute_force() -> None:
     hits = parallel_hits(first, second)
     for side in ("first", "second"):
         for name, values in hits[side].items():
-            assert values.shape == (15,) and set(np.unique(values)) <= {0.0, 1.0}
+            assert values.shape == (15,) and values.min() >= 0.0 and values.max() <= 1.0
             assert values.mean() == pytest.approx(expected[side][name])
+        assert set(np.unique(hits[side]["R@1"])) <= {0.0, 1.0}
 
 
 def test_parallel_retrieval_ties_count_against_the_query() -> None:
     same = np.ones((3, 2))
-    expected = {side: {"R@1": 0.0, "cross_top1": 0.0} for side in ("first", "second")}
+    expected = {side: {"R@1": 0.0, "cross_top1": 0.0, "translation_rank": 1.0} for side in ("first", "second")}
     assert parallel_retrieval(same, same) == expected
 
 
@@ -210,12 +219,14 @@ def test_run_on_tiny_world(tiny_encoder, task_context) -> None:
     parallel = metrics["parallel"]
     n = parallel["pairs"]
     assert n > 0 and parallel["chance"] == {"R@1": pytest.approx(1 / (2 * n - 1)),
-                                            "cross_top1": pytest.approx(n / (2 * n - 1))}
+                                            "cross_top1": pytest.approx(n / (2 * n - 1)),
+                                            "translation_rank": 0.5}
     for space in ("pooled", "projected"):
         for language in ("en", "es"):
             got = parallel[space][language]
             assert 0.0 <= got["R@1"] <= got["cross_top1"] <= 1.0  # one's own translation is cross-lingual
-            for name in ("R@1", "cross_top1"):  # intervals over resampled queries, paired by key
+            assert 0.0 <= got["translation_rank"] <= 1.0
+            for name in ("R@1", "cross_top1", "translation_rank"):  # intervals over resampled queries
                 lo, hi = got["ci"][name]
                 assert lo <= got[name] <= hi
                 draws = replicates[f"tiny/bias/parallel/{space}/{language}/{name}"]
@@ -284,3 +295,4 @@ def test_language_coded_in_text_is_found_there_and_not_in_the_images(task_contex
     for language in ("en", "es"):  # every report's nearest neighbour is in its own language
         parallel = metrics["parallel"]["pooled"][language]
         assert parallel["R@1"] == parallel["cross_top1"] == 0.0 and parallel["ci"]["R@1"] == [0.0, 0.0]
+        assert parallel["translation_rank"] == 1.0  # tied with every other-language report, ranked last

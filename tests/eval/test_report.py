@@ -61,7 +61,8 @@ def _tasks(key: str, base: float, auc: float, language_probe: float) -> dict:
                       "queries": {"mimic-cxr": 60, "padchest": 60}},
         "bias": {"text": {"pooled": space, "projected": space}, "image": {"pooled": space, "projected": space},
                  "samples": {"en": 60, "es": 60},
-                 "parallel": {"pairs": 50, "pooled": {lang: {"R@1": base - 0.3, "cross_top1": 0.5}
+                 "parallel": {"pairs": 50, "pooled": {lang: {"R@1": base - 0.3, "cross_top1": 0.5,
+                                                             "translation_rank": 1.0 - base}
                                                       for lang in ("en", "es")}},
                  "figures": {"tsne_text": f"{key}_tsne_text.png", "tsne_image": f"{key}_tsne_image.png"}},
         "gradcam": {"figures": {"gradcam": f"{key}_gradcam.png"}, "classes": list(CLASSES),
@@ -151,6 +152,8 @@ def test_bias_tables_show_ratio_parallel_retrieval_and_control() -> None:
     cells = dict(zip(header, rows[0]))
     assert cells["Parallel reports / R@1 EN"] == "42.0 (30.0–50.0)"
     assert cells["Parallel reports / other-language top-1 ES"] == "80.0"
+    assert cells["Parallel reports / translation rank EN"] == "–"  # not in this hand-made entry
+    assert dict(zip(header, rows[2]))["Parallel reports / translation rank ES"] == "50.0"
     assert cells["Control, seen / language probe"] == "–"
     cells = dict(zip(header, rows[1]))
     assert cells["Control, seen / language probe"] == "61.0"
@@ -234,7 +237,7 @@ def _replicates(metrics: dict, noise: float = 0.01) -> dict[str, np.ndarray]:
                 for fraction, row in block["fractions"].items():
                     out[f"{key}/{task}/{name}/fractions/{fraction}/value"] = row["value"] + shared
         for lang, row in entry["tasks"]["bias"]["parallel"]["pooled"].items():
-            out[f"{key}/bias/parallel/pooled/{lang}/R@1"] = row["R@1"] + shared
+            out[f"{key}/bias/parallel/pooled/{lang}/translation_rank"] = row["translation_rank"] + shared
     return out
 
 
@@ -245,9 +248,10 @@ def test_checks_all_pass() -> None:
     probe, *parallel = checks[-3:]
     assert "language" in probe.name.lower() and "55.0%" in probe.detail and "94.0%" in probe.detail
     assert [c.name for c in parallel] == [
-        f"Parallel-report retrieval from {lang} reports, text embeddings: Med-UniC beats Random init / MLM-only"
-        for lang in ("En", "Sp")]
-    assert "R@1 Med-UniC 40.0% vs Random init / MLM-only 20.0%" in parallel[0].detail
+        f"Parallel reports from {lang}: Med-UniC ranks translations nearer than Random init / MLM-only "
+        "(text embeddings)" for lang in ("En", "Sp")]
+    assert "translation rank Med-UniC 30.0% vs Random init / MLM-only 50.0%" in parallel[0].detail
+    assert "R@1 40.0% vs 20.0%" in parallel[0].detail and "[-20.0, -20.0]" in parallel[0].detail
     assert any("Med-UniC 70.0 vs Random init / MLM-only 50.0" in c.detail for c in checks)
     assert any("difference 95% CI [+20.0, +20.0] points" in c.detail for c in checks)
     assert all(c.cause == "" for c in checks)

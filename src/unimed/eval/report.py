@@ -432,7 +432,8 @@ def _bias_table(metrics: dict) -> Table | None:
 
 
 def _bias_control_table(metrics: dict) -> Table | None:
-    """One row per encoder × space: parallel-report R@1 and other-language top-1 (text spaces),
+    """One row per encoder × space: parallel-report R@1, other-language top-1 and translation rank
+    (text spaces),
     language probe and distance ratio inside the control community, seen and unseen in pre-training."""
     rows: list[Row] = []
     for label, entry in methods(metrics):
@@ -444,7 +445,8 @@ def _bias_control_table(metrics: dict) -> Table | None:
             if any(isinstance(v, dict) for v in data.values()):
                 rows.append(([label, f"{modality.title()} ({variant})"], data))
     columns = [_column(f"Parallel reports{SEP}{name} {lang.upper()}", "parallel", lang, key)
-               for key, name in (("R@1", "R@1"), ("cross_top1", "other-language top-1"))
+               for key, name in (("R@1", "R@1"), ("cross_top1", "other-language top-1"),
+                                 ("translation_rank", "translation rank"))
                for lang in ("en", "es")]
     columns += [_column(f"Control, {subset}{SEP}language {name}", subset, key,
                         fmt=_number if key in RAW_BIAS_METRICS else percent)
