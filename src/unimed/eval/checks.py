@@ -275,10 +275,7 @@ def _beats_baseline_checks(task: str, model: dict, base: dict, pair: _Pair) -> l
             detail = (f"{labels[0]} {percent_ci(values[0], ci_of(rows[0], 'value'))} vs {labels[1]} "
                       f"{percent_ci(values[1], ci_of(rows[1], 'value'))} "
                       f"({display_name(str(metric), METRIC_NAMES)}, %)")
-            if difference is not None:
-                detail += f"; difference {_signed_ci(difference)}"
-            elif None not in values:
-                detail += "; no bootstrap replicates to compare them"
+            detail += _difference_note(difference, values)
             title = f"{task_name} {display_name(name)} {fraction}: {labels[0]} beats {labels[1]}"
             cause = beats_cause(status, values, str(metric), dense=task in DENSE_TASKS)
             checks.append(Check(title, status, detail, cause))
@@ -332,6 +329,14 @@ def _signed_ci(bounds: tuple[float, float]) -> str:
     return f"95% CI [{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}] points"
 
 
+def _difference_note(difference: tuple[float, float] | None, values: list[float | None]) -> str:
+    """The tail of a comparison's detail: the interval of the paired difference, or why there is
+    none although both values exist."""
+    if difference is not None:
+        return f"; difference {_signed_ci(difference)}"
+    return "" if None in values else "; no bootstrap replicates to compare them"
+
+
 def _language_probe_check(model: dict, base: dict, labels: tuple[str, str]) -> Check:
     """Language-ID probe accuracy on the pooled text embeddings (before projection) lower than the
     baseline's. Equal accuracies are a tie: two languages with disjoint vocabularies are linearly
@@ -375,10 +380,7 @@ def _parallel_retrieval_checks(model: dict, base: dict, pair: _Pair) -> list[Che
                   f"{percent_ci(values[1], ci_of(rows[1], 'translation_rank'))}% of the other "
                   f"reports (lower: nearer the front); R@1 {percent(lookup(rows[0], 'R@1'))}% vs "
                   f"{percent(lookup(rows[1], 'R@1'))}%")
-        if difference is not None:
-            detail += f"; difference {_signed_ci(difference)}"
-        elif None not in values:
-            detail += "; no bootstrap replicates to compare them"
+        detail += _difference_note(difference, values)
         cause = {FAIL: "a report's translation is farther away than in the baseline's space: "
                        "pre-training pulled the languages apart (community bias grew)",
                  TIE: "within noise of the baseline: the cross-lingual objectives did not bring "
