@@ -39,14 +39,21 @@ MASK_DRAWS = 4
 
 def parse_row(text: str, mlm_cfg) -> tuple[str, str, object]:
     name, _, overrides = text.partition(":")
-    values = dict(item.split("=", 1) for item in overrides.split(",") if item)
+    items = [item for item in overrides.split(",") if item]
+    if any("=" not in item for item in items):
+        raise SystemExit(f"row {text!r}: overrides must be key=value pairs separated by commas")
+    values = dict(item.split("=", 1) for item in items)
     language = values.pop("lang", "all")
     changes = {}
     for key, value in values.items():
         if not hasattr(mlm_cfg, key):
             raise SystemExit(f"row {name}: mlm has no key {key!r}")
         current = getattr(mlm_cfg, key)
-        changes[key] = None if value == "null" else type(current or 0)(value)
+        try:
+            changes[key] = None if value == "null" else type(current or 0)(value)
+        except ValueError:
+            kind = type(current or 0).__name__
+            raise SystemExit(f"row {name}: mlm.{key}={value!r} is not a {kind}") from None
     return name, language, dataclasses.replace(mlm_cfg, **changes)
 
 
@@ -99,14 +106,20 @@ def main() -> None:
     data = EvalData(cfg.data, progress=False)
     valid = {d: [r.report for r in data.records(d, "valid")] for d in cfg.data.pretrain_datasets}
     valid = {d: texts for d, texts in valid.items() if texts}
+    header = ["row", "reports", "n", "steps", "lr",
+              *[f"{d} {kind}" for d in valid for kind in ("all", "appended")],
+              *[f"cos {a}/{b}" for a, b in PAIRS], "s"]
     rows = []
     for text in args.row or ["preset:"]:
         name, language, mlm_cfg = parse_row(text, cfg.mlm)
         corpus = [r.report for r in reports if language in ("all", r.language)]
         out = Path(args.output_dir) / name
         start = time.perf_counter()
-        result = train_mlm(corpus, vocab, mlm_cfg, out, base_model=base, seed=cfg.run.seed,
-                           progress=False)
+        try:
+            result = train_mlm(corpus, vocab, mlm_cfg, out, base_model=base, seed=cfg.run.seed,
+                               progress=True)
+        except ValueError as error:  # a setting train_mlm rejects, e.g. mlm.max_steps=0
+            raise SystemExit(f"row {name}: {error}") from None
         seconds = time.perf_counter() - start
         model = BertForMaskedLM.from_pretrained(str(out), local_files_only=True)
         cells = []
@@ -114,9 +127,6 @@ def main() -> None:
             cells += [f"{v:.3f}" for v in heldout_loss(model, tokenizer, texts, n_old, mlm_cfg.max_length)]
         rows.append([name, language, str(len(corpus)), str(result.steps), f"{mlm_cfg.lr:g}",
                      *cells, *row_cosines(model, tokenizer), f"{seconds:.0f}"])
-        header = ["row", "reports", "n", "steps", "lr",
-                  *[f"{d} {kind}" for d in valid for kind in ("all", "appended")],
-                  *[f"cos {a}/{b}" for a, b in PAIRS], "s"]
         print_table("MLM held-out masked-token loss (validation reports)", header, rows)
 
 

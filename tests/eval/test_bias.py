@@ -17,7 +17,6 @@ from unimed.eval.bias import (
     distance_ratio,
     knn_accuracy,
     parallel_hits,
-    parallel_retrieval,
     separability,
 )
 from unimed.eval.config import BiasConfig
@@ -123,6 +122,12 @@ def test_distance_ratio_edge_cases() -> None:
     assert distance_ratio(x, np.array(["a", "a", "b", "b"])) == math.inf
     assert distance_ratio(x, np.array(["a"] * 4)) is None
     assert distance_ratio(x[:2], np.array(["a", "b"])) is None
+
+
+def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[str, float]]:
+    """The means of :func:`parallel_hits` per query side, as the bias audit reports them."""
+    return {side: {name: float(values.mean()) for name, values in hits.items()}
+            for side, hits in parallel_hits(first, second).items()}
 
 
 def brute_force_parallel(first: np.ndarray, second: np.ndarray) -> dict[str, dict[str, float]]:

@@ -297,13 +297,6 @@ def parallel_hits(first: np.ndarray, second: np.ndarray) -> dict[str, dict[str, 
             for k, name in enumerate(("first", "second"))}
 
 
-def parallel_retrieval(first: np.ndarray, second: np.ndarray) -> dict[str, dict[str, float]]:
-    """The means of :func:`parallel_hits`: {"first"|"second": {"R@1", "cross_top1",
-    "translation_rank"}}."""
-    return {side: {name: float(values.mean()) for name, values in hits.items()}
-            for side, hits in parallel_hits(first, second).items()}
-
-
 def image_embeddings(encoder: Encoder, ctx: TaskContext, sample: Sample) -> dict[str, np.ndarray]:
     """{"pooled", "projected"}: (N, D) features of the sample's images, both from one pass of the
     image tower."""
@@ -381,8 +374,8 @@ def parallel_section(encoder: Encoder, ctx: TaskContext) -> dict[str, Any] | Non
     keep = sample_queries(len(corpus.study_ids), ctx.cfg.bias.samples_per_group, ctx.cfg.seed)
     texts = {"en": [corpus.en[i] for i in keep], "es": [corpus.es[i] for i in keep]}
     n = len(keep)
-    out: dict[str, Any] = {"pairs": n, "chance": {"R@1": 1 / (2 * n - 1), "cross_top1": n / (2 * n - 1),
-                                                      "translation_rank": 0.5}}
+    chance = {"R@1": 1 / (2 * n - 1), "cross_top1": n / (2 * n - 1), "translation_rank": 0.5}
+    out: dict[str, Any] = {"pairs": n, "chance": chance}
     for space in ("pooled", "projected"):
         en, es = (ctx.text_features(encoder, texts[lang], space).numpy() for lang in ("en", "es"))
         got = parallel_hits(en, es)

@@ -433,8 +433,8 @@ def _bias_table(metrics: dict) -> Table | None:
 
 def _bias_control_table(metrics: dict) -> Table | None:
     """One row per encoder × space: parallel-report R@1, other-language top-1 and translation rank
-    (text spaces),
-    language probe and distance ratio inside the control community, seen and unseen in pre-training."""
+    (text spaces), language probe and distance ratio inside the control community, seen and unseen
+    in pre-training."""
     rows: list[Row] = []
     for label, entry in methods(metrics):
         bias = lookup(entry, "tasks", "bias") or {}
