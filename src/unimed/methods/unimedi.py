@@ -54,7 +54,7 @@ from unimed.losses.unimedi import (
     teacher_temperature,
 )
 from unimed.methods.base import Method, Stage, StepContext
-from unimed.models.image import IMAGE_PRESETS, create_image_encoder
+from unimed.models.image import create_image_encoder, vit_presets
 from unimed.models.text import create_text_encoder, freeze_text_layers
 from unimed.models.unimedi import UniMedI, UniMedIVision
 from unimed.models.unimedi_config import UniMedIConfig
@@ -253,9 +253,9 @@ class UniMedIMethod(Method):
 def build_unimedi(cfg: UniMedIConfig, *, vocab_size: int | None = None,
                   text_encoder: str | PretrainedConfig | None = None) -> UniMedIMethod:
     """UniMedI from `cfg`: a ViT preset (dynamic image size) and the BERT text encoder."""
-    if cfg.image.encoder not in IMAGE_PRESETS or "vit" not in IMAGE_PRESETS[cfg.image.encoder][0]:
+    if cfg.image.encoder not in vit_presets():
         raise ConfigError(f"method.image.encoder={cfg.image.encoder}: UniMedI needs a ViT preset "
-                          f"({', '.join(n for n, (t, _) in IMAGE_PRESETS.items() if 'vit' in t)})")
+                          f"({', '.join(vit_presets())})")
     vit = create_image_encoder(cfg.image.encoder, cfg.image.weights)
     text = create_text_encoder(text_encoder or cfg.text.encoder, cfg.text, vocab_size=vocab_size)
     freeze_text_layers(text, cfg.text.frozen_layers)

