@@ -15,9 +15,16 @@ from unimed.eval.encoders import build_encoder
 from unimed.eval.gradcam import pick_images, similarity_cams, token_grid
 from unimed.eval.tasks import TASKS
 from eval_helpers import TINY_MODEL
-from unimed.models.config import ImageTowerConfig
+from unimed.models.config import ImageTowerConfig, TextTowerConfig
+from unimed.models.unimedi_config import UniMedIConfig
 
 TINY_VIT = dataclasses.replace(TINY_MODEL, image=ImageTowerConfig(encoder="vit_tiny_patch8_64"))
+TINY_UNIMEDI = UniMedIConfig(
+    image=ImageTowerConfig(encoder="vit_tiny_patch8_64", mean=(0.5,) * 3, std=(0.5,) * 3),
+    text=TextTowerConfig(frozen_layers=0), volume_shape=(4, 16, 16), volume_patch=(2, 8, 8),
+    selected_slices=1, projector_hidden=16, embed_dim=16, head_out=16, head_hidden=16,
+    head_bottleneck=8,
+)
 
 
 def grad_flags(encoder) -> list[bool]:
@@ -48,6 +55,17 @@ def test_similarity_cams_on_a_vit(tiny_text_dir) -> None:
     assert not any(p.requires_grad for p in encoder.model.parameters())
 
 
+def test_similarity_cams_on_unimedi_drop_its_cls_token(tiny_text_dir) -> None:
+    # UniMedI's vision encoder wraps its ViT: the [CLS] it prepends must leave the token grid.
+    encoder = build_encoder("uni", "UniMedI", TINY_UNIMEDI, text_encoder=str(tiny_text_dir),
+                            max_length=48)
+    assert encoder.visual.num_prefix_tokens == 1
+    prompt = encoder.text_features(["cardiomegaly"])  # (1, E)
+    cams = similarity_cams(encoder, torch.rand(2, 3, 64, 64), torch.cat([prompt, -prompt]))
+    assert cams.shape == (2, 2, 64, 64) and np.isfinite(cams).all()
+    assert cams.reshape(2, 2, -1).max(axis=2).max(axis=0) == pytest.approx(np.ones(2), abs=1e-3)
+
+
 def test_token_grid_reshapes_vit_tokens() -> None:
     tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)  # 1 prefix + 4x4
     grid = token_grid(1)(tokens)
@@ -55,6 +73,8 @@ def test_token_grid_reshapes_vit_tokens() -> None:
     assert torch.equal(grid[0, :, 0, 1], tokens[0, 2])
     maps = torch.zeros(2, 3, 4, 4)
     assert token_grid(1)(maps) is maps
+    with pytest.raises(ValueError, match="17 tokens are not 0 prefix"):
+        token_grid(0)(tokens)
 
 
 def test_pick_images_errors_and_skips(eval_data) -> None:

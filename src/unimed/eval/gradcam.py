@@ -68,13 +68,18 @@ def target_layer(visual: nn.Module) -> nn.Module:
 
 
 def token_grid(prefix_tokens: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """reshape_transform: (B, prefix + h*w, C) tokens -> (B, C, h, w); 4-D maps pass unchanged."""
+    """reshape_transform: (B, prefix + h*w, C) tokens of a square grid -> (B, C, h, w); 4-D maps
+    pass unchanged. Tokens that do not make a square after the prefix are an error (a wrong prefix
+    count would otherwise fold the [CLS] into the grid without one)."""
 
     def transform(x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3:
             return x
         tokens = x[:, prefix_tokens:]  # (B, h*w, C)
         side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1]:
+            raise ValueError(f"Grad-CAM: {x.shape[1]} tokens are not {prefix_tokens} prefix "
+                             "token(s) and a square grid")
         return tokens.reshape(x.shape[0], side, side, -1).permute(0, 3, 1, 2)
 
     return transform

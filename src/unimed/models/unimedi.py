@@ -80,6 +80,7 @@ class UniMedIVision(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         trunc_normal_(self.volume_pos, std=0.02)
         self.num_features = int(vit.num_features)
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
         self.embed_dim = width
         self.feature_info = [{**info, "module": f"vit.{info['module']}"} for info in vit.feature_info]
 
