@@ -322,22 +322,32 @@ def test_checks_fail() -> None:
     assert quality_checks(metrics, zero_shot_min=0.5)[3].status == PASS
 
 
-@pytest.mark.parametrize("pooled, shortcut, expected", [
-    ({"within_language": {"R@1": 0.02, "ci": {"R@1": [0.0, 0.05]}}, "chance": {"R@1": 0.02}}, {},
+@pytest.mark.parametrize("auc, pooled, shortcut, expected", [
+    ((0.52, [0.45, 0.6]),
+     {"within_language": {"R@1": 0.02, "ci": {"R@1": [0.0, 0.05]}}, "chance": {"R@1": 0.02}}, {},
      "did not learn the findings"),
-    ({"within_language": {"R@1": 0.3, "ci": {"R@1": [0.2, 0.4]}}, "chance": {"R@1": 0.02}},
+    ((0.67, [0.64, 0.7]),
+     {"within_language": {"R@1": 0.02, "ci": {"R@1": [0.0, 0.05]}}, "chance": {"R@1": 0.02}}, {},
+     "partly learned"),
+    ((0.52, [0.45, 0.6]),
+     {"within_language": {"R@1": 0.3, "ci": {"R@1": [0.2, 0.4]}}, "chance": {"R@1": 0.02}},
      {"loss_mixed": 2.0, "loss_single_language": 3.0}, "leans on the language"),
-    ({"within_language": {"R@1": 0.3, "ci": {"R@1": [0.2, 0.4]}}, "chance": {"R@1": 0.02}},
+    ((0.52, [0.45, 0.6]),
+     {"within_language": {"R@1": 0.3, "ci": {"R@1": [0.2, 0.4]}}, "chance": {"R@1": 0.02}},
      {"loss_mixed": 2.0, "loss_single_language": 2.0}, "prompts"),
 ])
-def test_zero_shot_failure_cause_reads_the_retrieval_diagnostics(pooled, shortcut, expected) -> None:
+def test_zero_shot_failure_cause_reads_the_retrieval_diagnostics(auc, pooled, shortcut, expected
+                                                                 ) -> None:
     metrics = _metrics()
     model = metrics["encoders"]["medunic"]["tasks"]
-    model["zero_shot"]["cxp500"]["en"].update(auc=0.52, ci={"auc": [0.45, 0.6]})
+    value, bounds = auc
+    model["zero_shot"]["cxp500"]["en"].update(auc=value, ci={"auc": bounds})
     model["retrieval"].update(pooled=pooled, shortcut=shortcut)
     check = quality_checks(metrics)[0]
-    assert check.status == FAIL and check.detail == "macro AUC 52.0 (45.0–60.0)%"
+    low, high = (f"{100 * b:.1f}" for b in bounds)
+    assert check.status == FAIL and check.detail == f"macro AUC {100 * value:.1f} ({low}–{high})%"
     assert expected in check.cause
+    assert ("did not learn" in check.cause) == (expected == "did not learn the findings")
 
 
 def test_checks_missing_metrics_are_not_measured() -> None:

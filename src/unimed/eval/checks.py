@@ -234,21 +234,28 @@ def _zero_shot_checks(tasks: dict, minimum: float) -> list[Check]:
                 continue
             status = PASS if auc >= minimum else FAIL
             detail = f"macro AUC {percent_ci(auc, ci_of(node, 'auc'))}%"
-            cause = zero_shot_cause(auc, lookup(tasks, "retrieval")) if status == FAIL else ""
+            cause = (zero_shot_cause(auc, ci_of(node, "auc"), lookup(tasks, "retrieval"))
+                     if status == FAIL else "")
             checks.append(Check(title, status, detail, cause))
     return checks
 
 
-def zero_shot_cause(auc: float, retrieval: object) -> str:
-    """A likely reason for a zero-shot AUC under the bar, read from the retrieval diagnostics."""
+def zero_shot_cause(auc: float, auc_ci: object, retrieval: object) -> str:
+    """A likely reason for a zero-shot AUC under the bar, read from its interval (`auc_ci`) and
+    the retrieval diagnostics."""
     within = lookup(retrieval, "pooled", "within_language")
     recall, chance = as_float(lookup(within, "R@1")), as_float(lookup(retrieval, "pooled", "chance", "R@1"))
     bounds = interval(ci_of(within, "R@1"))
     mixed = as_float(lookup(retrieval, "shortcut", "loss_mixed"))
     single = as_float(lookup(retrieval, "shortcut", "loss_single_language"))
     if recall is not None and chance is not None and bounds is not None and bounds[0] <= chance:
-        return (f"image–text alignment did not learn the findings: within-language retrieval R@1 "
-                f"{percent_ci(recall, list(bounds))}% is at chance ({percent(chance)}%)")
+        retrieval_text = (f"within-language retrieval R@1 {percent_ci(recall, list(bounds))}% is "
+                          f"at chance ({percent(chance)}%)")
+        auc_bounds = interval(auc_ci)
+        if auc_bounds is not None and auc_bounds[0] > 0.5:
+            return (f"the findings are partly learned (the AUC's interval is above 50%) but not "
+                    f"the studies: {retrieval_text}; pre-train longer")
+        return f"image–text alignment did not learn the findings: {retrieval_text}"
     if mixed is not None and single is not None and single - mixed > 0.1:
         return (f"alignment leans on the language: InfoNCE {mixed:.2f} in mixed-language batches vs "
                 f"{single:.2f} in single-language ones (other-language negatives are easy)")
