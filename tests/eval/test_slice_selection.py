@@ -115,6 +115,7 @@ def test_hit_rate_and_random_rate_match_the_hand_count(selection_ctx):
     # The position prior {2, 3} hits v0 and v1 as the model does: no gain over it.
     assert result["prior_slices"] == [2, 3] and result["prior"] == pytest.approx(2 / 3)
     assert result["prior_gain"] == pytest.approx(0.0)
+    assert result["most_selected"] == [[2, 1.0], [6, 1.0]]
     lo, hi = result["ci"]["hit_rate"]
     assert lo <= result["hit_rate"] <= hi and result["replicates"]["hit_rate"].shape == (50,)
     assert result["per_finding"] == {
@@ -243,7 +244,8 @@ def test_the_report_has_one_row_per_encoder_with_selection_and_names_the_others(
 @pytest.mark.parametrize("gain_ci, status", [((0.05, 0.2), "pass"), ((-0.5, -0.2), "fail"),
                                              ((-0.1, 0.1), "tie")])
 def test_the_quality_bar_reads_the_gain_over_random_slices(gain_ci, status):
-    result = {"k": 2, "volumes": 31, "hit_rate": 0.45, "random": 0.80, "prior": 0.94,
+    result = {"k": 2, "slices": 32, "volumes": 31, "hit_rate": 0.45, "random": 0.80, "prior": 0.94,
+              "most_selected": [[3, 0.9], [7, 0.85]],
               "ci": {"hit_rate": [0.29, 0.61], "gain": list(gain_ci)}}
     metrics = {"method": "unimedi", "encoders": {
         "unimedi": {"label": "UniMedI", "tasks": {"slice_selection": {"bimcv-covid19": result}}},
@@ -252,6 +254,8 @@ def test_the_quality_bar_reads_the_gain_over_random_slices(gain_ci, status):
     assert [(c.name, c.status) for c in checks] == [
         ("Slice selection BIMCV-COVID19+: attentive beats random slices", status)]
     assert "vs random 80.0%" in checks[0].detail and "position prior 94.0%" in checks[0].detail
+    picks = "it picks slice 3 in 90.0% and 7 in 85.0% of the volumes (of 32)"
+    assert (picks in checks[0].cause) == (status == "fail")
     skipped = {"method": "medunic", "encoders": {"medunic": {"tasks": {"slice_selection": {
         "skipped": "no attentive slice selection"}}}}}
     assert not [c for c in quality_checks(skipped) if c.name.startswith("Slice selection")]

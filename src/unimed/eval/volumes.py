@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -402,8 +403,10 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
                  "gain": bootstrap(batched_mean, [hits - chance], resamples),
                  "precision": bootstrap(batched_mean, [share], resamples)}
     k = max(len(t) for t in top)
+    picks = Counter(s for t in top for s in t).most_common(k)  # ties: the first selected first
     out: dict[str, Any] = {"k": k, "slices": slices, "volumes": len(held), "random": float(chance.mean()),
-                           "random_precision": float(np.mean([len(u) / slices for u in union]))}
+                           "random_precision": float(np.mean([len(u) / slices for u in union])),
+                           "most_selected": [[int(s), n / len(top)] for s, n in picks]}
     prior = position_prior(ctx, dataset, truth, k)
     if prior is not None:
         prior_hits = np.array([float(bool(prior & u)) for u in union])
@@ -415,9 +418,10 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
 
 @TASKS.register("slice_selection")
 def run_selection(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
-    """{dataset: {"k", "slices", "volumes", "random", "random_precision", "prior", "prior_slices",
-    "hit_rate", "gain", "prior_gain", "precision", "ci", "per_finding": {finding: {"volumes",
-    "hit_rate", "random"}}}}, or {"skipped": why} for an encoder whose model has no attentive slice
+    """{dataset: {"k", "slices", "volumes", "random", "random_precision", "most_selected" (the k
+    slices selected most often, [slice, share of volumes]), "prior", "prior_slices", "hit_rate",
+    "gain", "prior_gain", "precision", "ci", "per_finding": {finding: {"volumes", "hit_rate",
+    "random"}}}}, or {"skipped": why} for an encoder whose model has no attentive slice
     selection."""
     if not any(callable(getattr(encoder.model, name, None)) for name in SELECTION_INTERFACE):
         why = f"{encoder.label} has no attentive slice selection (no slice_attention: a 2D encoder)"
