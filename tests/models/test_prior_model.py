@@ -145,3 +145,10 @@ def test_own_scores_of_several_languages_in_one_pass_equal_each_language_alone()
     for prompts, got in zip(prompt_sets, together):
         want = own_scores(encoder, images, prompts, classes)
         torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_prior_rejects_the_frozen_text_cache() -> None:
+    """PRIOR reshuffles each report's sentences every epoch: no report's tokens repeat."""
+    text = TextTowerConfig(frozen_layers=2, frozen_dropout=False, cache_frozen=True)
+    with pytest.raises(ValueError, match="cache_frozen: PRIOR shuffles"):
+        PriorConfig(text=text)

