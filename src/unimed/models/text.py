@@ -215,7 +215,7 @@ class FrozenTrunkCache:
     (on the CPU the rows of one padded length are bit-identical whatever else is in the batch): a
     resumed run reads the same numbers as an uninterrupted one. Memory: the summed report lengths x
     hidden size floats, on the encoder's device, which suits a corpus that fits in memory (the
-    phantom world's 4,000 reports: about 200 MB), not MIMIC-CXR at full scale. The owner clears it
+    demo's 2,592 distinct training reports: 122 MB), not MIMIC-CXR at full scale. The owner clears it
     when new weights are loaded into the encoder (:meth:`watch`).
     """
 
