@@ -16,7 +16,7 @@ from train_helpers import (
 )
 from unimed.train import checkpoint as ckpt
 from unimed.train.distributed import DistInfo
-from unimed.train.loop import CHECKPOINT_DIR, resolve_precision, train
+from unimed.train.loop import CHECKPOINT_DIR, mix_schedule, resolve_precision, train
 
 CPU = DistInfo()
 
@@ -146,14 +146,48 @@ def _two_loaders(out_dir, cfg, *, seed=0, resume=False):
 
 
 def test_several_loaders_alternate_and_resume_mid_epoch(tmp_path):
-    method, full = _two_loaders(tmp_path / "full", tiny_cfg(grad_accum=1))
+    cfg = tiny_cfg(grad_accum=1, loader_mix="alternate")
+    method, full = _two_loaders(tmp_path / "full", cfg)
     assert full.steps == 2 * 12  # two epochs of 6 batches from each loader
     assert method.seen == ["a", "b"] * 12
     # Stopped after an "a" batch, in the middle of both loaders' epoch.
-    _, first = _two_loaders(tmp_path / "cut", tiny_cfg(grad_accum=1, max_steps=7))
-    resumed, rest = _two_loaders(tmp_path / "cut", tiny_cfg(grad_accum=1), seed=5, resume=True)
+    _, first = _two_loaders(tmp_path / "cut", tiny_cfg(grad_accum=1, loader_mix="alternate",
+                                                      max_steps=7))
+    resumed, rest = _two_loaders(tmp_path / "cut", cfg, seed=5, resume=True)
     assert resumed.seen[0] == "b" and len(resumed.seen) == 17
     assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
+
+
+def test_mix_schedules_by_hand():
+    assert mix_schedule([3, 2], "alternate") == [0, 1, 0, 1]
+    # Shares: loader 0 at 1/6, 3/6, 5/6; loader 1 at 1/4, 3/4.
+    assert mix_schedule([3, 2], "proportional") == [0, 1, 0, 1, 0]
+    # Ten to two: loader 1 at 1/4 and 3/4 of the epoch, between loader 0's 3rd / 4th and 8th / 9th.
+    # Ten to two: loader 1 at 1/4 and 3/4, each after loader 0's batch at the same share.
+    assert mix_schedule([10, 2], "proportional") == [0, 0, 0, 1] + [0] * 5 + [1] + [0] * 2
+    with pytest.raises(ValueError, match="loader_mix"):
+        mix_schedule([3, 2], "shortest")
+    with pytest.raises(ValueError, match="train.loader_mix"):
+        tiny_cfg(loader_mix="shortest")
+
+
+def test_proportional_mix_is_one_pass_over_every_loader_and_resumes_mid_epoch(tmp_path):
+    cfg = tiny_cfg(grad_accum=1)  # the default mix
+    assert cfg.loader_mix == "proportional"
+    method, full = _two_loaders(tmp_path / "full", cfg)
+    assert full.steps == 2 * 14  # two epochs of all 8 "a" and all 6 "b" batches
+    epoch = method.seen[:14]
+    assert epoch.count("a") == 8 and epoch.count("b") == 6 and method.seen[14:] == epoch
+    assert epoch[:2] == ["a", "b"] and "b" in epoch[-2:]  # spread through the epoch
+    # Stopped mid-epoch; the resumed run continues where the schedule stood.
+    _, first = _two_loaders(tmp_path / "cut", tiny_cfg(grad_accum=1, max_steps=9))
+    resumed, rest = _two_loaders(tmp_path / "cut", cfg, seed=5, resume=True)
+    assert resumed.seen == method.seen[9:]
+    assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
+    # A mid-epoch checkpoint does not resume under the other mix.
+    _two_loaders(tmp_path / "cut2", tiny_cfg(grad_accum=1, max_steps=9))
+    with pytest.raises(ValueError, match="loader_mix"):
+        _two_loaders(tmp_path / "cut2", tiny_cfg(grad_accum=1, loader_mix="alternate"), resume=True)
 class ConvToy(ToyModel):
     """The toy model with a convolution in the image tower (x[:, :4] as a 2-channel 1x2 'image')."""
 

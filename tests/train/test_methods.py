@@ -116,7 +116,8 @@ def test_forward_backward_reaches_every_trainable_parameter(name, world):
 def test_one_optimizer_step_updates_only_trainable_parameters(name, world, tmp_path):
     method, loaders = _build(name, world)
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
-    result = train(method, loaders, tiny_cfg(lr=1e-3, max_steps=1, grad_accum=len(loaders)),
+    result = train(method, loaders, tiny_cfg(lr=1e-3, max_steps=1, grad_accum=len(loaders),
+                                             loader_mix="alternate"),  # one batch of each loader
                    tmp_path, DistInfo(), progress=False)
     assert result.steps == 1
     params = dict(method.named_parameters())

@@ -1,8 +1,8 @@
 """UniMedI as a method: report-guided pre-training of one ViT on X-rays and CT volumes
 (spec shared/specs/UNIMEDI.md), L = L_vl + L_icl + L_pcl.
 
-Per batch (the loop alternates the "xray" and "ct" loaders; ``train.grad_accum: 2`` puts one batch
-of each into every optimizer step instead):
+Per batch (the loop mixes the "xray" and "ct" loaders as ``train.loader_mix`` says: by default an
+epoch is one pass over both, each loader's batches spread evenly through it):
 
 1. CT only, no gradient: the selector (`method.selection_network`: the EMA teacher, or the student)
    runs [CLS] + T_3D(volume); its [CLS] attention averaged over layers and heads (eq. 1), averaged

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+LOADER_MIXES = ("alternate", "proportional")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -21,7 +23,11 @@ class TrainConfig:
     `epoch_steps` caps the optimizer steps of every epoch (None: a full pass over the data): each
     epoch then trains on the first batches of its own shuffled order, so short CPU presets of
     multi-stage methods still see different data in every stage; the schedule spans the capped
-    epochs.
+    epochs. `loader_mix` says how a method's several loaders (UniMedI: X-rays and CT volumes) make an
+    epoch: "proportional" (default) is one pass over every loader, each loader's batches spread
+    evenly; "alternate" takes them in turn and stops when the shortest is spent, so the longer
+    loaders' later batches are never reached in that epoch (see
+    :func:`unimed.train.loop.mix_schedule`).
     """
 
     epochs: int = 50
@@ -45,7 +51,11 @@ class TrainConfig:
     tensorboard: bool = True
     channels_last: bool = False
     epoch_steps: int | None = None
+    loader_mix: str = "proportional"
 
     def __post_init__(self) -> None:
+        if self.loader_mix not in LOADER_MIXES:
+            raise ValueError(f"train.loader_mix must be one of {', '.join(LOADER_MIXES)}, got "
+                             f"{self.loader_mix!r}")
         if self.epoch_steps is not None and self.epoch_steps < 1:
             raise ValueError(f"train.epoch_steps must be >= 1 (or null), got {self.epoch_steps}")

@@ -4,9 +4,10 @@ One loop for every method (:class:`unimed.methods.base.Method`): per micro-batch
 ``method(batch, ctx)``, which returns a dict with the total under "loss" and each term beside it;
 per optimizer step it steps the current stage's optimizer and schedule, then calls
 ``method.after_optimizer_step(ctx)``. Stages run one after the other, each with the optimizer and
-schedule the method configures for it. Several named loaders are alternated batch by batch (loader
-1, loader 2, ..., loader 1, ...); an epoch takes as many batches from each as the shortest has.
-Only rank 0 writes (JSONL log, TensorBoard, checkpoints).
+schedule the method configures for it. Several named loaders are mixed as ``train.loader_mix``
+says (:func:`mix_schedule`): "alternate" takes them in turn (loader 1, loader 2, ..., loader 1, ...)
+and ends the epoch when the shortest is spent; "proportional" makes an epoch one pass over every
+loader, each loader's batches spread evenly through it. Only rank 0 writes (JSONL log, TensorBoard, checkpoints).
 
 Resume is exact (same loss curve as an uninterrupted run) when every loader's sampler has
 `set_epoch` / `set_start` (see :mod:`unimed.data.pretrain`) and the loader carries its own
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.image import to_channels_last
 from unimed.train import checkpoint as ckpt
-from unimed.train.config import TrainConfig
+from unimed.train.config import LOADER_MIXES, TrainConfig
 from unimed.train.distributed import DistInfo, barrier, gather_objects
 from unimed.train.logs import RunLogger
 
@@ -107,7 +108,8 @@ class Trainer:
             to_channels_last(self.method)
         if cfg.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {cfg.grad_accum}")
-        self.batches_per_epoch = len(self.loaders) * min(len(v) for v in self.loaders.values())
+        self.schedule = mix_schedule([len(v) for v in self.loaders.values()], cfg.loader_mix)
+        self.batches_per_epoch = len(self.schedule)
         self.steps_per_epoch = self.batches_per_epoch // cfg.grad_accum
         if cfg.epoch_steps is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.epoch_steps)
@@ -192,6 +194,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "batch_size": self._batch_sizes(),
             "grad_accum": self.cfg.grad_accum,
+            "loader_mix": self.cfg.loader_mix,
         }
 
     def _batch_sizes(self) -> list[int]:
@@ -256,27 +259,30 @@ class Trainer:
             )
         if state["step_in_epoch"] == 0:
             return
-        now = (self.dist.world_size, self._batch_sizes(), self.cfg.grad_accum)
-        then = (state["world_size"], list(state["batch_size"]), state["grad_accum"])
+        now = (self.dist.world_size, self._batch_sizes(), self.cfg.grad_accum, self.cfg.loader_mix)
+        then = (state["world_size"], list(state["batch_size"]), state["grad_accum"],
+                state.get("loader_mix", "alternate"))
         if now != then:
             raise ValueError(
-                f"checkpoint {path} stopped mid-epoch with (world size, batch sizes, grad_accum) = "
+                f"checkpoint {path} stopped mid-epoch with (world size, batch sizes, grad_accum, "
+                f"loader_mix) = "
                 f"{then}; this run has {now}. Resume with the same settings or from an epoch end."
             )
 
     # ------------------------------------------------------------------ data
     def _epoch_batches(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """The epoch's (loader name, batch) pairs from the current position, loaders alternating
-        (samplers seeded by epoch)."""
+        """The epoch's (loader name, batch) pairs from the current position, loaders mixed by the
+        schedule (samplers seeded by epoch)."""
         names = list(self.loaders)
         done = self.step_in_epoch * self.cfg.grad_accum  # batches of this epoch already used
+        used = self.schedule[:done]
         iterators = []
         for i, name in enumerate(names):
             loader = self.loaders[name]
             sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.epoch)
-            skip = len(range(i, done, len(names)))  # this loader's batches among the first `done`
+            skip = used.count(i)  # this loader's batches among the first `done`
             if skip and hasattr(sampler, "set_start"):
                 sampler.set_start(skip * int(loader.batch_size))
                 skip = 0
@@ -284,10 +290,7 @@ class Trainer:
             for _ in range(skip):  # a sampler that cannot start mid-epoch: read and drop
                 next(batches)
             iterators.append(batches)
-        return (
-            (names[i % len(names)], next(iterators[i % len(names)]))
-            for i in range(done, self.batches_per_epoch)
-        )
+        return ((names[i], next(iterators[i])) for i in self.schedule[done:])
 
     def _data_errors(self, batch: dict[str, Any]) -> None:
         """Take the dataset's error fields out of `batch`: raise the first of "data_errors" here in
@@ -409,6 +412,22 @@ class Trainer:
             log.warning("%d sample(s) could not be read and were replaced in training "
                         "(data.on_error=skip); each is named above", self.skipped)
         return TrainResult(history=history, steps=self.step, checkpoint=path, skipped=self.skipped)
+
+
+def mix_schedule(lengths: list[int], mode: str) -> list[int]:
+    """The loader index of every batch of an epoch, for loaders of `lengths` batches.
+
+    "alternate": loaders in turn, ``min(lengths)`` batches of each. "proportional": every batch of
+    every loader once, batch k of loader j placed at its share ``(k + 0.5) / lengths[j]`` of the
+    epoch (ties in loader order), so a loader with three times the batches of another comes three
+    times as often, all through the epoch.
+    """
+    if mode == "alternate":
+        return [i % len(lengths) for i in range(len(lengths) * min(lengths))]
+    if mode == "proportional":
+        places = [((k + 0.5) / n, j) for j, n in enumerate(lengths) for k in range(n)]
+        return [j for _, j in sorted(places)]
+    raise ValueError(f"train.loader_mix must be one of {', '.join(LOADER_MIXES)}, got {mode!r}")
 
 
 def _check_stages(stages: list[Stage]) -> None:
