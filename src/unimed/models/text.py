@@ -215,8 +215,8 @@ class FrozenTrunkCache:
     (on the CPU the rows of one padded length are bit-identical whatever else is in the batch): a
     resumed run reads the same numbers as an uninterrupted one. Memory: the summed report lengths x
     hidden size floats, on the encoder's device, which suits a corpus that fits in memory (the
-    demo's 2,592 distinct training reports: 122 MB), not MIMIC-CXR at full scale. The owner clears it
-    when new weights are loaded into the encoder (:meth:`watch`).
+    demo's 2,592 distinct training reports: 122 MB), not MIMIC-CXR at full scale. The owner clears
+    it when new weights are loaded into the encoder (:meth:`watch`).
     """
 
     def __init__(self, bucket: int = 16) -> None:

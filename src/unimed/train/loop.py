@@ -7,7 +7,8 @@ per optimizer step it steps the current stage's optimizer and schedule, then cal
 schedule the method configures for it. Several named loaders are mixed as ``train.loader_mix``
 says (:func:`mix_schedule`): "alternate" takes them in turn (loader 1, loader 2, ..., loader 1, ...)
 and ends the epoch when the shortest is spent; "proportional" makes an epoch one pass over every
-loader, each loader's batches spread evenly through it. Only rank 0 writes (JSONL log, TensorBoard, checkpoints).
+loader, each loader's batches spread evenly through it. Only rank 0 writes (JSONL log,
+TensorBoard, checkpoints).
 
 Resume is exact (same loss curve as an uninterrupted run) when every loader's sampler has
 `set_epoch` / `set_start` (see :mod:`unimed.data.pretrain`) and the loader carries its own
