@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from unimed.commands.tables import print_table
 from unimed.config import Config, load_config
+from unimed.machine import gemm_peak, synchronize
 from unimed.methods import MethodConfig, create_method
 from unimed.methods.base import Method, StepContext
 from unimed.train.distributed import DistInfo, cleanup, init_distributed
@@ -90,24 +91,6 @@ def dense_fp16_peak(device: torch.device) -> tuple[float | None, str]:
         if key in name:
             return tflops * 1e12, name
     return None, name
-
-
-def gemm_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """Best FLOP/s of five n x n matmuls."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = 0.0
-    for _ in range(6):
-        sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def preset(name: str, dry_run: bool) -> Config:
@@ -158,7 +141,7 @@ def trainer_for(cfg: Config, device: torch.device, batches: list, out_dir: Path,
 def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path) -> str:
     peak, gpu = dense_fp16_peak(device)
     gemm = gemm_peak(device, torch.float16 if device.type == "cuda" else torch.float32,
-                     512 if args.dry_run else 8192)
+                     sizes=(512 if args.dry_run else 8192,))
     rows = []
     for name in PRESETS:
         cfg = preset(name, args.dry_run)
@@ -170,11 +153,11 @@ def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
         it = trainer._epoch_batches()
         with FlopCounterMode(display=False) as counter:  # the first (warm-up) step counts FLOPs
             trainer.train_step(it)
-        sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             row = trainer.train_step(it)
-        sync(device)
+        synchronize(device)
         step_s = (time.perf_counter() - t0) / steps
         flops = counter.get_total_flops()
         mfu = flops / step_s / (peak or gemm)

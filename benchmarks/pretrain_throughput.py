@@ -26,7 +26,6 @@ import multiprocessing as mp
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from unimed.config import Config, load_config
 from unimed.data.config import DataConfig
 from unimed.data.prior import NO_SENTENCE
 from unimed.data.records import Record
+from unimed.machine import gemm_peak
 from unimed.methods import create_method
 from unimed.models.config import (
     ImageTowerConfig,
@@ -155,26 +155,6 @@ class PadToLength:
         return batch
 
 
-def gemm_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096),
-              reps: int = 5) -> float:
-    """Best FLOP/s of square matmuls over `sizes` and `reps` repeats: the machine's GEMM peak.
-
-    Best-of rather than mean because other processes share the cores: the peak is what the
-    hardware does when it is not interrupted.
-    """
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        for _ in range(reps + 1):
-            _sync(device)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            _sync(device)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
 def conv_backward_flop(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias: Any, _stride: Any,
                        _padding: Any, _dilation: Any, transposed: bool, _output_padding: Any,
                        _groups: Any, output_mask: Any, out_shape: Any = None) -> int:
@@ -186,11 +166,6 @@ def conv_backward_flop(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias: A
     positions = x_shape[2:] if transposed else grad_out_shape[2:]
     forward = 2 * grad_out_shape[0] * int(np.prod(w_shape)) * int(np.prod(positions))
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_mib(device: torch.device, rss_before_kib: int) -> float:

@@ -91,6 +91,7 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert "Med-UniC pre-training losses over 2 steps" in words
     assert "PRIOR pre-training losses over 3 steps" in words  # one step in each of its 3 stages
     assert "UniMedI pre-training losses over 2 steps" in words  # one X-ray and one CT batch
+    assert "machine: fp32 GEMM peak" in words and "Demo stages" in words
     run = tmp_path / "runs" / "tiny"
     assert (run / "config.yaml").is_file() and (run / "phantom_preview.png").is_file()
     assert (run / "vocab" / "added_terms.txt").is_file()

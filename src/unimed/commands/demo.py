@@ -11,6 +11,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from unimed.commands import command, run_dir
 from unimed.commands.evaluate import print_summary, run_evaluation
 from unimed.commands.phantom import phantom
@@ -26,6 +28,7 @@ from unimed.commands.train import (
     tokenizer_dir,
 )
 from unimed.config import Config, ConfigError, DemoConfig, load_config
+from unimed.machine import DEMO_SIZED_ON_FLOPS, gemm_peak
 from unimed.methods import method_label
 
 
@@ -56,6 +59,16 @@ def method_run(cfg: Config, preset: Config) -> Config:
                                data=data, train=preset.train, demo=DemoConfig())
 
 
+def machine_line(peak: float, threads: int) -> str:
+    """What the stage times above are relative to: this CPU's fp32 GEMM peak beside the one the
+    job's 20 minutes were sized on; the stages take roughly (sized-on peak / this peak) as long
+    as they did there."""
+    return (f"machine: fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s on {threads} CPU thread(s); the "
+            f"job's 20 minutes were sized on 2 cores measuring about {DEMO_SIZED_ON_FLOPS / 1e9:.0f}"
+            f" GFLOP/s, and its stage times scale roughly with their ratio "
+            f"({DEMO_SIZED_ON_FLOPS / peak:.1f}x here)")
+
+
 @command("demo", "the main job: phantom world -> vocabulary -> MLM -> pre-training -> "
                  "evaluation -> report")
 def demo(cfg: Config, args: argparse.Namespace) -> int:
@@ -71,6 +84,7 @@ def demo(cfg: Config, args: argparse.Namespace) -> int:
         return out
 
     args.preview = True
+    peak = gemm_peak(torch.device("cpu"), sizes=(2048,))
     if timed("phantom world", phantom, cfg, args) != 0:
         return 1
     timed("vocabulary", run_vocab, cfg, progress=progress)
@@ -89,5 +103,6 @@ def demo(cfg: Config, args: argparse.Namespace) -> int:
     if mlm_check.is_file():
         print(mlm_check_line(json.loads(mlm_check.read_text(encoding="utf-8"))))
     print_table("Demo stages", ["stage", "seconds"], times)
+    print(machine_line(peak, torch.get_num_threads()))
     print(f"outputs: {cfg.run.dir}")
     return 0
