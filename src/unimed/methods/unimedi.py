@@ -54,9 +54,9 @@ from unimed.losses.unimedi import (
     teacher_temperature,
 )
 from unimed.methods.base import Method, Stage, StepContext
-from unimed.models.image import create_image_encoder, vit_presets
+from unimed.models.image import create_image_encoder, shared_trunk_outputs, vit_presets
 from unimed.models.text import create_text_encoder, freeze_text_layers
-from unimed.models.unimedi import UniMedI, UniMedIVision
+from unimed.models.unimedi import UniMedI, UniMedIVision, slice_images
 from unimed.models.unimedi_config import UniMedIConfig
 from unimed.models.unimedi_ops import attention_keep_mask, random_slices, slab_to_slices
 from unimed.train.config import TrainConfig
@@ -139,14 +139,21 @@ class UniMedIMethod(Method):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        # The frozen CNN of a hybrid 2D tokenizer encodes each batch once for the teacher and
+        # both student views (they are one function: see shared_trunk_outputs).
+        with shared_trunk_outputs(self.teacher, self.model.visual):
+            return self._forward(batch, ctx)
+
+    def _forward(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg, model = self.cfg, self.model
         self._frozen_last_layer = ctx.epoch < cfg.freeze_last_layer_epochs
         if "volume" in batch:
             volume = model.preprocess_volume(batch["volume"])
             slices = self._select(volume)
+            pixels = slice_images(volume, slices)
 
             def tokens(visual: UniMedIVision, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-                return visual.ct_tokens(volume, slices, mask)
+                return visual.ct_tokens(volume, slices, mask, slice_pixels=pixels)
         else:
             image = model.preprocess(batch["image"])
             slices = None

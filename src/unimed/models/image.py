@@ -18,12 +18,14 @@ padding / normalisation combinations tried.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import logging
 import pickle
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +90,62 @@ HYBRID_PRESETS: dict[str, HybridPreset] = {
     ),
 }
 
+class HybridTrunk(nn.Sequential):
+    """The CNN part of a hybrid ViT's patch embedding (frozen by :func:`create_image_encoder`).
+
+    Inside :func:`shared_trunk_outputs` a trunk called on a tensor that it, or another trunk of the
+    same context, has already encoded returns that output rather than running again: UniMedI
+    tokenizes each batch for its EMA teacher, its masked student and its full student view, and the
+    three frozen trunks are one function. Outside the context it is a plain ``nn.Sequential``
+    (same state-dict names)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__(*modules)
+        self.shared_outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared_outputs
+        if shared is None or x.requires_grad:
+            return super().forward(x)
+        hit = shared.get(id(x))
+        if hit is not None and hit[0] is x:  # the entry keeps x alive, so its id is not reused
+            return hit[1]
+        out = super().forward(x)
+        shared[id(x)] = (x, out)
+        return out
+
+
+def _same_frozen_function(trunks: list[HybridTrunk]) -> bool:
+    """True when every trunk is frozen and holds the first one's weights and buffers."""
+    if any(p.requires_grad for trunk in trunks for p in trunk.parameters()):
+        return False
+    first = list(trunks[0].state_dict().values())
+    return all(len(first) == len(other) and all(torch.equal(a, b) for a, b in zip(first, other))
+               for other in (list(t.state_dict().values()) for t in trunks[1:]))
+
+
+@contextlib.contextmanager
+def shared_trunk_outputs(*modules: nn.Module | None) -> Iterator[None]:
+    """Within the block, the :class:`HybridTrunk` modules of `modules` (None entries skipped) share
+    their outputs (each input tensor runs through a trunk once) when they are one frozen function:
+    every parameter frozen, weights and buffers equal (checked on entry; a student's frozen trunk
+    and its EMA teacher's stay equal, since moving a value towards an equal one leaves it). When
+    they are not, each trunk runs as usual."""
+    trunks = [m for module in modules if module is not None for m in module.modules()
+              if isinstance(m, HybridTrunk)]
+    if not trunks or not _same_frozen_function(trunks):
+        yield
+        return
+    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for trunk in trunks:
+        trunk.shared_outputs = shared
+    try:
+        yield
+    finally:
+        for trunk in trunks:
+            trunk.shared_outputs = None
+
+
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
@@ -102,7 +160,7 @@ def _register_preset(name: str, timm_name: str, overrides: dict) -> None:
 def _register_hybrid(name: str, preset: HybridPreset) -> None:
     def factory() -> nn.Module:
         cnn = IMAGE_ENCODERS.get(preset.cnn)()
-        trunk = nn.Sequential(cnn.conv_stem, cnn.bn1, *cnn.blocks[: preset.stages])
+        trunk = HybridTrunk(cnn.conv_stem, cnn.bn1, *cnn.blocks[: preset.stages])
         return timm.create_model(preset.vit, pretrained=False, num_classes=0, patch_size=1,
                                  embed_layer=functools.partial(HybridEmbed, backbone=trunk),
                                  **preset.overrides)

@@ -123,14 +123,17 @@ class UniMedIVision(nn.Module):
         return x + pos
 
     def ct_tokens(self, volume: torch.Tensor, slices: torch.Tensor,
-                  mask: torch.Tensor | None = None) -> Tokens:
+                  mask: torch.Tensor | None = None,
+                  slice_pixels: torch.Tensor | None = None) -> Tokens:
         """The token groups of a CT sample: T_3D(volume) (B, P, width) and its k slices' T_2D
-        tokens (B, k x N, width); `mask` (B, P + k x N) True rows become [MASK]."""
+        tokens (B, k x N, width); `mask` (B, P + k x N) True rows become [MASK]. `slice_pixels`:
+        :func:`slice_images` of `volume` and `slices` when the caller already has them."""
         batch, k = slices.shape
         volume_tokens = math.prod(s // p for s, p in zip(volume.shape[2:], self.volume_patch))
         masks = (None, None) if mask is None else (
             mask[:, :volume_tokens], mask[:, volume_tokens:].reshape(batch * k, -1))
-        flat = self.tokens_2d(slice_images(volume, slices), masks[1])
+        pixels = slice_images(volume, slices) if slice_pixels is None else slice_pixels
+        flat = self.tokens_2d(pixels, masks[1])
         return [self.tokens_3d(volume, masks[0]), flat.reshape(batch, -1, flat.shape[-1])]
 
     def _masked(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
