@@ -90,6 +90,7 @@ HYBRID_PRESETS: dict[str, HybridPreset] = {
     ),
 }
 
+
 class HybridTrunk(nn.Sequential):
     """The CNN part of a hybrid ViT's patch embedding (frozen by :func:`create_image_encoder`).
 
