@@ -14,6 +14,12 @@ seed it prints the last losses and, on the validation splits of the pre-training
   "No hay {disease}", which those reports never contain. The gap between the two says how much of
   the Spanish deficit is the prompt's wording rather than the learned alignment.
 
+With ``--per-class`` each row also prints, per validation set and class, the zero-shot AUC beside
+that of a logistic probe on the pooled image features trained on the train split: a class whose
+probe is weak is missed by the image features, one whose probe is strong but zero-shot weak by the
+alignment. ``--checkpoint RUN`` scores a trained run (with its own config) instead of training
+rows, e.g. ``--checkpoint runs/demo/pretrain --per-class`` for the demo's Med-UniC.
+
 Usage (after ``make demo`` or ``unimed phantom/vocab/mlm`` with the preset)::
 
     .venv/bin/python benchmarks/learning_levers.py configs/demo.yaml --seeds 0 1 \
@@ -27,6 +33,11 @@ import dataclasses
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from unimed.commands.train import run_pretrain, text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
@@ -34,9 +45,10 @@ from unimed.config import load_config
 from unimed.eval.config import ZERO_SHOT_CLASSES, EvalConfig
 from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import build_encoder
-from unimed.eval.metrics import auc_or_none, macro
+from unimed.eval.metrics import auc_or_none, macro, per_class_auc
 from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.zero_shot import prompt_scores
+from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
 SPLIT = "valid"
 # Validation sets for the two zero-shot sets: the pre-training datasets' own validation splits.
@@ -52,23 +64,62 @@ def positives(labels: dict[str, float], name: str) -> int:
     return int(any(lowered.get(alias) == 1.0 for alias in ALIASES.get(name.lower(), (name.lower(),))))
 
 
-def zero_shot_valid(encoder, data: EvalData, cfg: EvalConfig) -> dict[str, float | None]:
+def class_labels(records, classes: list[str]) -> np.ndarray:
+    """(N, C) 0/1 labels of `classes` (see :func:`positives`)."""
+    return np.array([[positives(r.labels, c) for c in classes] for r in records])
+
+
+def valid_scores(encoder, data: EvalData, cfg: EvalConfig
+                 ) -> dict[str, tuple[np.ndarray, torch.Tensor, dict[str, np.ndarray]]]:
+    """Per pre-training dataset: the (N, C) labels of its zero-shot set's classes on the validation
+    split, the pooled image features, and the (N, C) positive-minus-negative prompt scores per
+    prompt set ("en", "es", and the "es*" diagnostic)."""
     out = {}
     corpus = corpus_stemming(encoder.tokenizer)
     prompts = {lang: load_prompts(lang, cfg.zero_shot.prompt_dir, cfg.prompt_stemming, corpus)
                for lang in ("en", "es")}
     prompts["es*"] = dataclasses.replace(prompts["es"], negative_template=REPORT_NEGATION_ES)
     for dataset, zero_shot_set in ZERO_SHOT_VALID.items():
-        records = data.require(dataset, SPLIT)
         classes = ZERO_SHOT_CLASSES[zero_shot_set]
-        labels = np.array([[positives(r.labels, c) for c in classes] for r in records])
-        features = encoder.image_features(rgb(data.images(dataset, SPLIT)), normalize=True)
-        for lang, prompt in prompts.items():
-            scores = prompt_scores(encoder, features, prompt, classes)
-            out[f"{dataset} {lang}"] = macro(
-                [auc_or_none(labels[:, c], scores[:, c]) for c in range(len(classes))]
-            )
+        spaces = encoder.image_spaces(rgb(data.images(dataset, SPLIT)))
+        projected = F.normalize(spaces["projected"], dim=-1)
+        scores = {lang: prompt_scores(encoder, projected, prompt, classes)
+                  for lang, prompt in prompts.items()}
+        out[dataset] = (class_labels(data.require(dataset, SPLIT), classes), spaces["pooled"], scores)
     return out
+
+
+def zero_shot_valid(scored) -> dict[str, float | None]:
+    """Macro AUC per dataset and prompt set of :func:`valid_scores`' output."""
+    return {f"{dataset} {lang}": macro(per_class_auc(labels, scores))
+            for dataset, (labels, _, by_lang) in scored.items() for lang, scores in by_lang.items()}
+
+
+def probe_auc(train_x: np.ndarray, train_y: np.ndarray, valid_x: np.ndarray,
+              valid_y: np.ndarray) -> float | None:
+    """Validation AUC of a logistic probe (standardised features, L2 C = 0.1) trained on
+    (train_x, train_y); None when either split holds one class only."""
+    if len(np.unique(train_y)) < 2:
+        return None
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    return auc_or_none(valid_y, probe.fit(train_x, train_y).decision_function(valid_x))
+
+
+def per_class_rows(encoder, data: EvalData, scored) -> list[list[str]]:
+    """Per validation set and class: positives, the probe's AUC on the pooled image features
+    (trained on the train split) and the zero-shot AUC per prompt set. A weak probe says the image
+    features miss the finding; a strong probe with a weak zero-shot says the alignment does."""
+    rows = []
+    for dataset, (labels, pooled, by_lang) in scored.items():
+        classes = ZERO_SHOT_CLASSES[ZERO_SHOT_VALID[dataset]]
+        train_labels = class_labels(data.require(dataset, "train"), classes)
+        train_pooled = encoder.image_features(rgb(data.images(dataset, "train")), projected=False)
+        for c, name in enumerate(classes):
+            aucs = [probe_auc(train_pooled.numpy(), train_labels[:, c], pooled.numpy(), labels[:, c]),
+                    *(auc_or_none(labels[:, c], scores[:, c]) for scores in by_lang.values())]
+            rows.append([dataset, name, f"{train_labels[:, c].sum()} / {labels[:, c].sum()}",
+                         *(f"{100 * a:.1f}" if a is not None else "-" for a in aucs)])
+    return rows
 
 
 def retrieval_valid(encoder, data: EvalData) -> dict[str, float]:
@@ -92,17 +143,32 @@ def parse_row(text: str) -> tuple[str, list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
+    parser.add_argument("config", nargs="?", help="preset the rows override (not with --checkpoint)")
     parser.add_argument("--row", action="append", default=[], help="NAME:key=value,key=value")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--text-encoder", default="runs/demo/mlm")
     parser.add_argument("--output-dir", default="runs/levers")
     parser.add_argument("--untrained", action="store_true", help="also score the untrained model")
+    parser.add_argument("--checkpoint", help="score this trained checkpoint or run folder (with its "
+                        "run's config) instead of training rows, e.g. runs/demo/pretrain")
+    parser.add_argument("--per-class", action="store_true", help="also print the zero-shot AUC "
+                        "per class beside a logistic probe on the pooled image features")
     args = parser.parse_args()
+    if (args.checkpoint is None) == (args.config is None):
+        parser.error("give a preset to train rows on, or --checkpoint, not both")
+    table = []
+    if args.checkpoint:
+        checkpoint = find_checkpoint(args.checkpoint)
+        cfg = load_config(checkpoint_config(checkpoint))
+        encoder = build_encoder("checkpoint", "checkpoint", cfg.method, weights=checkpoint,
+                                text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg))
+        table.append(_row(str(checkpoint), cfg.run.seed, encoder, EvalData(cfg.data), cfg, [], 0.0,
+                          args.per_class))
+        print_table("Learning levers (validation splits)", HEADER, table)
+        return
     rows = [parse_row(r) for r in args.row] or [("preset", [])]
     base = [f"method.text.encoder={args.text_encoder}", f"run.output_dir={args.output_dir}",
             "train.tensorboard=false", "train.checkpoint_every=1000"]
-    table = []
     data = None
     for name, overrides in rows:
         for seed in args.seeds:
@@ -115,10 +181,11 @@ def main() -> None:
             texts = {"text_encoder": text_encoder_dir(cfg), "tokenizer": tokenizer_dir(cfg)}
             encoder = build_encoder(name, name, cfg.method, weights=result.checkpoint, seed=seed,
                                     **texts)
-            table.append(_row(name, seed, encoder, data, cfg, result.history, seconds))
+            table.append(_row(name, seed, encoder, data, cfg, result.history, seconds, args.per_class))
             if args.untrained and seed == args.seeds[0]:
                 untrained = build_encoder("untrained", "untrained", cfg.method, seed=seed, **texts)
-                table.append(_row(f"{name} untrained", seed, untrained, data, cfg, [], 0.0))
+                table.append(_row(f"{name} untrained", seed, untrained, data, cfg, [], 0.0,
+                                  args.per_class))
             print_table("Learning levers (validation splits)", HEADER, table)
     print(f"Sp*: diagnostic, not the protocol: Spanish negative prompt '{REPORT_NEGATION_ES}' "
           "(the phantom reports' negation) instead of 'No hay {disease}'")
@@ -126,16 +193,21 @@ def main() -> None:
 
 HEADER = ["row", "seed", "cvl", "ssv", "grad norm", "MIMIC En", "MIMIC Sp", "MIMIC Sp*", "PadChest En",
           "PadChest Sp", "PadChest Sp*", "median rank %", "R@5 %", "train s"]
+PER_CLASS_HEADER = ["dataset", "class", "positives train / valid", "probe", "En", "Sp", "Sp*"]
 
 
-def _row(name, seed, encoder, data, cfg, history, seconds) -> list[str]:
+def _row(name, seed, encoder, data, cfg, history, seconds, per_class) -> list[str]:
     last = history[-10:]
 
     def mean(key: str) -> str:
         values = [h[key] for h in last if key in h]
         return f"{np.mean(values):.3f}" if values else "-"
 
-    zs = zero_shot_valid(encoder, data, cfg.eval)
+    scored = valid_scores(encoder, data, cfg.eval)
+    if per_class:
+        print_table(f"{name}, seed {seed}: AUC per class (validation), probe vs zero-shot",
+                    PER_CLASS_HEADER, per_class_rows(encoder, data, scored))
+    zs = zero_shot_valid(scored)
     ret = retrieval_valid(encoder, data)
     cells = [f"{100 * v:.1f}" if v is not None else "-" for v in zs.values()]
     return [name, str(seed), mean("cvl_loss"), mean("ssv_loss"), mean("grad_norm"), *cells,

@@ -1,0 +1,54 @@
+"""benchmarks/learning_levers.py: the validation macro AUC and the per-class probe it prints."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "learning_levers.py"
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("learning_levers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_zero_shot_valid_is_the_macro_auc_per_dataset_and_prompt_set() -> None:
+    levers = _benchmark()
+    labels = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
+    perfect, reversed_ = labels.astype(float), -labels.astype(float)
+    half = np.stack([labels[:, 0], -labels[:, 1]], axis=1).astype(float)  # AUC 1 and 0
+    scored = {"padchest": (labels, torch.zeros(4, 3), {"en": perfect, "es": reversed_, "es*": half})}
+    assert levers.zero_shot_valid(scored) == {
+        "padchest en": pytest.approx(1.0), "padchest es": pytest.approx(0.0),
+        "padchest es*": pytest.approx(0.5),
+    }
+
+
+def test_probe_auc_separates_a_learnable_label_from_noise() -> None:
+    levers = _benchmark()
+    rng = np.random.default_rng(0)
+    train_y, valid_y = rng.integers(0, 2, 200), rng.integers(0, 2, 100)
+    noise_train, noise_valid = rng.normal(size=(200, 8)), rng.normal(size=(100, 8))
+    signal_train = noise_train + 3.0 * train_y[:, None] * np.eye(8)[0]
+    signal_valid = noise_valid + 3.0 * valid_y[:, None] * np.eye(8)[0]
+    assert levers.probe_auc(signal_train, train_y, signal_valid, valid_y) > 0.95
+    assert abs(levers.probe_auc(noise_train, train_y, noise_valid, valid_y) - 0.5) < 0.15
+    assert levers.probe_auc(signal_train, np.zeros(200, dtype=int), signal_valid, valid_y) is None
+    assert levers.probe_auc(signal_train, train_y, signal_valid, np.ones(100, dtype=int)) is None
+
+
+@pytest.mark.parametrize("argv", [["configs/demo.yaml", "--checkpoint", "runs/demo"], []])
+def test_rows_or_a_checkpoint_not_both(argv: list[str], monkeypatch, capsys) -> None:
+    levers = _benchmark()
+    monkeypatch.setattr(sys, "argv", ["learning_levers.py", *argv])
+    with pytest.raises(SystemExit):
+        levers.main()
+    assert "give a preset to train rows on, or --checkpoint, not both" in capsys.readouterr().err
