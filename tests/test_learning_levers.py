@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "learning_levers.py"
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("learning_levers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import benchmark_script
 
 
-def test_zero_shot_valid_is_the_macro_auc_per_dataset_and_prompt_set() -> None:
-    levers = _benchmark()
+@pytest.fixture(scope="module")
+def levers():
+    with benchmark_script("learning_levers") as module:
+        yield module
+
+
+def test_zero_shot_valid_is_the_macro_auc_per_dataset_and_prompt_set(levers) -> None:
     labels = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
     perfect, reversed_ = labels.astype(float), -labels.astype(float)
     half = np.stack([labels[:, 0], -labels[:, 1]], axis=1).astype(float)  # AUC 1 and 0
@@ -32,8 +27,7 @@ def test_zero_shot_valid_is_the_macro_auc_per_dataset_and_prompt_set() -> None:
     }
 
 
-def test_probe_auc_separates_a_learnable_label_from_noise() -> None:
-    levers = _benchmark()
+def test_probe_auc_separates_a_learnable_label_from_noise(levers) -> None:
     rng = np.random.default_rng(0)
     train_y, valid_y = rng.integers(0, 2, 200), rng.integers(0, 2, 100)
     noise_train, noise_valid = rng.normal(size=(200, 8)), rng.normal(size=(100, 8))
@@ -46,8 +40,7 @@ def test_probe_auc_separates_a_learnable_label_from_noise() -> None:
 
 
 @pytest.mark.parametrize("argv", [["configs/demo.yaml", "--checkpoint", "runs/demo"], []])
-def test_rows_or_a_checkpoint_not_both(argv: list[str], monkeypatch, capsys) -> None:
-    levers = _benchmark()
+def test_rows_or_a_checkpoint_not_both(levers, argv: list[str], monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", ["learning_levers.py", *argv])
     with pytest.raises(SystemExit):
         levers.main()

@@ -3,28 +3,20 @@ values on hand-made inputs, and a tiny run yields one finite row per task."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import benchmark_script
 
 from unimed.phantom.ct.config import CTConfig
 from unimed.phantom.ct.generator import generate_ct_study
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "phantom3d_learnability.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("phantom3d_learnability", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_script("phantom3d_learnability") as module:
+        yield module
 
 
 def test_sample_targets_are_the_generator_truth_in_the_same_voxel_order(bench) -> None:

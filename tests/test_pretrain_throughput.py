@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_scripts import benchmark_script
 from torch.utils.flop_counter import FlopCounterMode
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "pretrain_throughput.py"
 
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("pretrain_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bench():
+    with benchmark_script("pretrain_throughput") as module:
+        yield module
 
 
 def _counts(conv: torch.nn.Conv2d, custom: dict) -> dict:
@@ -27,9 +22,9 @@ def _counts(conv: torch.nn.Conv2d, custom: dict) -> dict:
 
 
 @pytest.mark.parametrize(("groups", "stride"), [(1, 1), (1, 2), (8, 1), (8, 2), (2, 1)])
-def test_convolution_backward_costs_two_forwards(groups: int, stride: int) -> None:
+def test_convolution_backward_costs_two_forwards(bench, groups: int, stride: int) -> None:
     conv = torch.nn.Conv2d(8, 16, 3, stride=stride, padding=1, groups=groups)
-    mapping = {torch.ops.aten.convolution_backward: _benchmark().conv_backward_flop}
+    mapping = {torch.ops.aten.convolution_backward: bench.conv_backward_flop}
     ours = _counts(conv, mapping)
     # Forward: 2 x batch x (16 x 8/groups x 3 x 3) weights x output positions.
     positions = (10 // stride) ** 2
