@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -69,11 +70,19 @@ def class_labels(records, classes: list[str]) -> np.ndarray:
     return np.array([[positives(r.labels, c) for c in classes] for r in records])
 
 
-def valid_scores(encoder, data: EvalData, cfg: EvalConfig
-                 ) -> dict[str, tuple[np.ndarray, torch.Tensor, dict[str, np.ndarray]]]:
-    """Per pre-training dataset: the (N, C) labels of its zero-shot set's classes on the validation
-    split, the pooled image features, and the (N, C) positive-minus-negative prompt scores per
-    prompt set ("en", "es", and the "es*" diagnostic)."""
+class ValidSet(NamedTuple):
+    """One pre-training dataset's validation split, encoded once: the (N, C) labels of its zero-shot
+    set's classes, the pooled and the L2-normalised projected image features, and the (N, C)
+    positive-minus-negative prompt scores per prompt set ("en", "es", and the "es*" diagnostic)."""
+
+    labels: np.ndarray
+    pooled: torch.Tensor
+    projected: torch.Tensor
+    scores: dict[str, np.ndarray]
+
+
+def valid_scores(encoder, data: EvalData, cfg: EvalConfig) -> dict[str, ValidSet]:
+    """:class:`ValidSet` per pre-training dataset (one pass of the image tower each)."""
     out = {}
     corpus = corpus_stemming(encoder.tokenizer)
     prompts = {lang: load_prompts(lang, cfg.zero_shot.prompt_dir, cfg.prompt_stemming, corpus)
@@ -85,14 +94,15 @@ def valid_scores(encoder, data: EvalData, cfg: EvalConfig
         projected = F.normalize(spaces["projected"], dim=-1)
         scores = {lang: prompt_scores(encoder, projected, prompt, classes)
                   for lang, prompt in prompts.items()}
-        out[dataset] = (class_labels(data.require(dataset, SPLIT), classes), spaces["pooled"], scores)
+        out[dataset] = ValidSet(class_labels(data.require(dataset, SPLIT), classes),
+                                spaces["pooled"], projected, scores)
     return out
 
 
-def zero_shot_valid(scored) -> dict[str, float | None]:
-    """Macro AUC per dataset and prompt set of :func:`valid_scores`' output."""
-    return {f"{dataset} {lang}": macro(per_class_auc(labels, scores))
-            for dataset, (labels, _, by_lang) in scored.items() for lang, scores in by_lang.items()}
+def zero_shot_valid(scored: dict[str, ValidSet]) -> dict[str, float | None]:
+    """Macro AUC per dataset and prompt set."""
+    return {f"{dataset} {lang}": macro(per_class_auc(valid.labels, scores))
+            for dataset, valid in scored.items() for lang, scores in valid.scores.items()}
 
 
 def probe_auc(train_x: np.ndarray, train_y: np.ndarray, valid_x: np.ndarray,
@@ -105,30 +115,30 @@ def probe_auc(train_x: np.ndarray, train_y: np.ndarray, valid_x: np.ndarray,
     return auc_or_none(valid_y, probe.fit(train_x, train_y).decision_function(valid_x))
 
 
-def per_class_rows(encoder, data: EvalData, scored) -> list[list[str]]:
+def per_class_rows(encoder, data: EvalData, scored: dict[str, ValidSet]) -> list[list[str]]:
     """Per validation set and class: positives, the probe's AUC on the pooled image features
     (trained on the train split) and the zero-shot AUC per prompt set. A weak probe says the image
     features miss the finding; a strong probe with a weak zero-shot says the alignment does."""
     rows = []
-    for dataset, (labels, pooled, by_lang) in scored.items():
+    for dataset, valid in scored.items():
         classes = ZERO_SHOT_CLASSES[ZERO_SHOT_VALID[dataset]]
+        labels, pooled = valid.labels, valid.pooled.numpy()
         train_labels = class_labels(data.require(dataset, "train"), classes)
-        train_pooled = encoder.image_features(rgb(data.images(dataset, "train")), projected=False)
+        train_pooled = encoder.image_features(rgb(data.images(dataset, "train")), projected=False).numpy()
         for c, name in enumerate(classes):
-            aucs = [probe_auc(train_pooled.numpy(), train_labels[:, c], pooled.numpy(), labels[:, c]),
-                    *(auc_or_none(labels[:, c], scores[:, c]) for scores in by_lang.values())]
+            aucs = [probe_auc(train_pooled, train_labels[:, c], pooled, labels[:, c]),
+                    *(auc_or_none(labels[:, c], scores[:, c]) for scores in valid.scores.values())]
             rows.append([dataset, name, f"{train_labels[:, c].sum()} / {labels[:, c].sum()}",
                          *(f"{100 * a:.1f}" if a is not None else "-" for a in aucs)])
     return rows
 
 
-def retrieval_valid(encoder, data: EvalData) -> dict[str, float]:
+def retrieval_valid(encoder, data: EvalData, scored: dict[str, ValidSet]) -> dict[str, float]:
     ranks, hits = [], []
-    for dataset in ZERO_SHOT_VALID:
+    for dataset, valid in scored.items():
         records = data.require(dataset, SPLIT)
-        image = encoder.image_features(rgb(data.images(dataset, SPLIT)), normalize=True)
         text = encoder.text_features([r.report for r in records], normalize=True)
-        sims = image @ text.T  # (N, N), one language
+        sims = valid.projected @ text.T  # (N, N), one language
         rank = ((sims > sims.diagonal().unsqueeze(1)).sum(1) + 1).numpy()  # 1 = the true report
         ranks.append(rank / len(records))
         hits.append(rank <= 5)
@@ -156,6 +166,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.checkpoint is None) == (args.config is None):
         parser.error("give a preset to train rows on, or --checkpoint, not both")
+    if args.checkpoint and (args.row or args.untrained):
+        parser.error("--checkpoint scores that run only: --row and --untrained train rows on a preset")
     table = []
     if args.checkpoint:
         checkpoint = find_checkpoint(args.checkpoint)
@@ -208,7 +220,7 @@ def _row(name, seed, encoder, data, cfg, history, seconds, per_class) -> list[st
         print_table(f"{name}, seed {seed}: AUC per class (validation), probe vs zero-shot",
                     PER_CLASS_HEADER, per_class_rows(encoder, data, scored))
     zs = zero_shot_valid(scored)
-    ret = retrieval_valid(encoder, data)
+    ret = retrieval_valid(encoder, data, scored)
     cells = [f"{100 * v:.1f}" if v is not None else "-" for v in zs.values()]
     return [name, str(seed), mean("cvl_loss"), mean("ssv_loss"), mean("grad_norm"), *cells,
             f"{100 * ret['median rank']:.1f}", f"{100 * ret['R@5']:.1f}", f"{seconds:.0f}"]

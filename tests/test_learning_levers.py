@@ -20,7 +20,8 @@ def test_zero_shot_valid_is_the_macro_auc_per_dataset_and_prompt_set(levers) -> 
     labels = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
     perfect, reversed_ = labels.astype(float), -labels.astype(float)
     half = np.stack([labels[:, 0], -labels[:, 1]], axis=1).astype(float)  # AUC 1 and 0
-    scored = {"padchest": (labels, torch.zeros(4, 3), {"en": perfect, "es": reversed_, "es*": half})}
+    scores = {"en": perfect, "es": reversed_, "es*": half}
+    scored = {"padchest": levers.ValidSet(labels, torch.zeros(4, 3), torch.zeros(4, 2), scores)}
     assert levers.zero_shot_valid(scored) == {
         "padchest en": pytest.approx(1.0), "padchest es": pytest.approx(0.0),
         "padchest es*": pytest.approx(0.5),
@@ -45,3 +46,10 @@ def test_rows_or_a_checkpoint_not_both(levers, argv: list[str], monkeypatch, cap
     with pytest.raises(SystemExit):
         levers.main()
     assert "give a preset to train rows on, or --checkpoint, not both" in capsys.readouterr().err
+
+
+def test_a_checkpoint_takes_no_rows(levers, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["learning_levers.py", "--checkpoint", "runs/demo", "--row", "a:"])
+    with pytest.raises(SystemExit):
+        levers.main()
+    assert "--checkpoint scores that run only" in capsys.readouterr().err
