@@ -14,9 +14,12 @@ from unimed.data.records import BoxAnn, Record
 from unimed.eval.data import fraction_indices
 from unimed.eval.dense import dense_features, feature_layout
 from unimed.eval.encoders import Encoder
+from unimed.eval.config import SegmentationConfig
 from unimed.eval.segmentation import (
+    MaskRule,
     UNetHead,
     box_mask,
+    choose_rule,
     dataset_masks,
     dice_per_image,
     dice_score,
@@ -53,6 +56,50 @@ def test_dice_is_per_image_with_the_empty_mask_convention() -> None:
     assert dice_score(probs, target) == pytest.approx(sum(expected) / 4)
     # Not the global Dice over all pixels: |P| = 7, |G| = 3, |P & G| = 2 would give 0.4.
     assert dice_score(probs, target) != pytest.approx(2 * 2 / (7 + 3))
+
+
+def test_min_area_empties_small_predictions() -> None:
+    """Two 4 x 4 images: the first has a 2-pixel mask predicted exactly, the second is empty with
+    one stray pixel predicted. A minimum area of 1/16 keeps both predictions; 2/16 keeps the
+    2-pixel one and empties the stray pixel; 3/16 empties both."""
+    probs = torch.zeros(2, 1, 4, 4)
+    probs[0, 0, 0, :2] = 0.9
+    probs[1, 0, 3, 3] = 0.9
+    target = (probs[:1] > 0.5).float().repeat(2, 1, 1, 1)
+    target[1] = 0.0
+    expected = {1 / 16: [1.0, 0.0], 2 / 16: [1.0, 1.0], 3 / 16: [0.0, 1.0]}
+    for min_area, values in expected.items():
+        dice = dice_per_image(probs, target, MaskRule(0.5, min_area))
+        torch.testing.assert_close(dice, torch.tensor(values))
+
+
+def test_choose_rule_picks_the_best_validation_rule() -> None:
+    """Image 0: a true 4-pixel region predicted at 0.65 plus a 0.45 halo of 4 pixels; image 1:
+    empty with a 2-pixel false positive at 0.9; image 2: empty and predicted empty. Thresholds
+    0.4 / 0.5 / 0.7: 0.4 takes the halo (Dice 2*4/(8+4)), 0.5 is exact on image 0, 0.7 misses
+    it. The 2-pixel false positive costs image 1 unless the minimum area is above 2 pixels and
+    at most 4 (3/64 and 4/64 of an 8 x 8 image both qualify; the smaller wins the tie)."""
+    probs = torch.zeros(3, 1, 8, 8)
+    probs[0, 0, 2:4, 2:4] = 0.65
+    probs[0, 0, 4, 2:6] = 0.45
+    probs[1, 0, 6, 6:8] = 0.9
+    target = torch.zeros(3, 1, 8, 8)
+    target[0, 0, 2:4, 2:4] = 1.0
+    rule, dice = choose_rule(probs, target, thresholds=(0.4, 0.5, 0.7),
+                             min_areas=(0.0, 1 / 64, 3 / 64, 4 / 64, 5 / 64))
+    assert rule == MaskRule(0.5, 3 / 64) and dice == pytest.approx(1.0)
+    assert dice_score(probs, target, rule) == pytest.approx(dice)
+    # The papers' fixed rule on the same predictions: image 1 scores 0.
+    assert dice_score(probs, target) == pytest.approx(2 / 3)
+    # Every rule of a perfect prediction ties: the papers' rule is kept.
+    assert choose_rule(target, target, (0.3, 0.5, 0.7), (0.0, 0.01)) == (MaskRule(0.5, 0.0), 1.0)
+
+
+@pytest.mark.parametrize("key, value", [("thresholds", ()), ("thresholds", (1.0,)), ("min_areas", (-0.1,)),
+                                        ("min_areas", ())])
+def test_bad_rule_grid_is_a_clear_error(key: str, value: tuple) -> None:
+    with pytest.raises(ValueError, match=f"eval.segmentation.{key}"):
+        SegmentationConfig(**{key: value})
 
 
 def test_all_background_scores_the_share_of_empty_masks() -> None:
@@ -134,12 +181,13 @@ def test_decoder_learns_an_easy_target(tiny_encoder: Encoder, task_context: Task
     train = ([m[:24] for m in maps], masks[:24])
     valid = ([m[24:] for m in maps], masks[24:])
     cfg = dataclasses.replace(task_context.cfg.segmentation, epochs=25, patience=25)
-    model, best = fit_decoder(train, valid, cfg, seed=0, device=torch.device("cpu"))
+    model, rule, best = fit_decoder(train, valid, cfg, seed=0, device=torch.device("cpu"))
     untrained = UNetHead([m.shape[1] for m in maps], cfg.decoder_channels, images.shape[-1])
-    baseline = dice_score(predict_masks(untrained, valid[0], 16, torch.device("cpu")), valid[1])
+    untrained_probs = predict_masks(untrained, valid[0], 16, torch.device("cpu"))
+    _, baseline = choose_rule(untrained_probs, valid[1], cfg.thresholds, cfg.min_areas)
     background = dice_score(torch.zeros_like(valid[1]), valid[1])
     assert best > 0.6 and best > baseline + 0.2 and best > background + 0.2
-    assert dice_score(predict_masks(model, valid[0], 16, torch.device("cpu")), valid[1]) == best
+    assert dice_score(predict_masks(model, valid[0], 16, torch.device("cpu")), valid[1], rule) == best
 
 
 def _context(task_context: TaskContext, **overrides: object) -> TaskContext:
@@ -163,6 +211,8 @@ def test_task_runs_end_to_end(tiny_encoder: Encoder, task_context: TaskContext) 
             lo, hi = cell["ci"]
             assert lo <= cell["value"] <= hi and lo <= np.median(replicates) <= hi
             assert cell["train_images"] == len(fraction_indices(n_train, fraction, 8, ctx.cfg.seed))
+            cfg = ctx.cfg.segmentation
+            assert cell["rule"]["threshold"] in cfg.thresholds and cell["rule"]["min_area"] in cfg.min_areas
     again = run(tiny_encoder, _context(task_context, datasets=("siim",)))["siim"]["fractions"]
     assert [(c["value"], c["ci"]) for c in again.values()] == [
         (c["value"], c["ci"]) for c in out["siim"]["fractions"].values()]

@@ -9,9 +9,13 @@ best-validation state is reported.
 
 Dice is per image and averaged, as GLoRIA and MGCA compute it (``get_dice`` in their code): an
 image with an empty mask scores 1 when nothing is predicted on it and 0 otherwise, so a decoder
-that predicts background everywhere scores the share of empty test images, not 0. The interval is a
-bootstrap of the per-image values (resamples shared by every encoder, so differences are paired). The loss is theirs too: 10 x focal - log(soft Dice) (GLoRIA's ``MixedLoss``), from
-smp's ``FocalLoss`` and ``DiceLoss(log_loss=True)``; see :class:`SegmentationConfig` for the rest.
+that predicts background everywhere scores the share of empty test images, not 0. Which pixels
+count as predicted (a probability threshold and a minimum predicted area under which an image is
+called empty) is chosen on the validation split for each decoder (:func:`choose_rule`) and recorded
+beside its row as "rule". The interval is a bootstrap of the per-image values (resamples shared by
+every encoder, so differences are paired). The loss is theirs too: 10 x focal - log(soft Dice)
+(GLoRIA's ``MixedLoss``), from smp's ``FocalLoss`` and ``DiceLoss(log_loss=True)``; see
+:class:`SegmentationConfig` for the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import segmentation_models_pytorch as smp
@@ -97,19 +101,53 @@ def require_positives(dataset: str, split: str, count: int, what: str) -> None:
         )
 
 
-def dice_per_image(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """(N,) Dice 2|P & G| / (|P| + |G|) of each image, P = probs > threshold, G = target > 0.5;
-    an image with an empty G scores 1 when P is empty too, else 0 (GLoRIA / MGCA)."""
-    pred = (probs > threshold).flatten(1)
+class MaskRule(NamedTuple):
+    """Probabilities -> mask: the pixels above `threshold`, or none when they cover less than
+    `min_area` (a share) of the image. (0.5, 0) is the papers' rule."""
+
+    threshold: float = 0.5
+    min_area: float = 0.0
+
+
+def _dice(pred_area: torch.Tensor, overlap: torch.Tensor, truth_area: torch.Tensor) -> torch.Tensor:
+    total = (pred_area + truth_area).float()
+    return torch.where(total > 0, 2.0 * overlap.float() / total.clamp(min=1.0), torch.ones_like(total))
+
+
+def dice_per_image(probs: torch.Tensor, target: torch.Tensor, rule: MaskRule = MaskRule()) -> torch.Tensor:
+    """(N,) Dice 2|P & G| / (|P| + |G|) of each image, P the mask of `rule`, G = target > 0.5; an
+    image with an empty G scores 1 when P is empty too, else 0 (GLoRIA / MGCA)."""
+    pred = (probs > rule.threshold).flatten(1)
+    pred &= pred.sum(1, keepdim=True) >= rule.min_area * pred.shape[1]
     truth = (target > 0.5).flatten(1)
-    overlap = (pred & truth).sum(1).float()
-    total = (pred.sum(1) + truth.sum(1)).float()
-    return torch.where(total > 0, 2.0 * overlap / total.clamp(min=1.0), torch.ones_like(total))
+    return _dice(pred.sum(1), (pred & truth).sum(1), truth.sum(1))
 
 
-def dice_score(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> float:
+def dice_score(probs: torch.Tensor, target: torch.Tensor, rule: MaskRule = MaskRule()) -> float:
     """Mean per-image Dice of (N, 1, S, S) probabilities against masks (:func:`dice_per_image`)."""
-    return float(dice_per_image(probs, target, threshold).mean())
+    return float(dice_per_image(probs, target, rule).mean())
+
+
+def choose_rule(probs: torch.Tensor, target: torch.Tensor, thresholds: Sequence[float],
+                min_areas: Sequence[float]) -> tuple[MaskRule, float]:
+    """The rule of `thresholds` x `min_areas` with the highest mean Dice of `probs` against
+    `target` (validation), and that Dice; ties go to the rule nearest (0.5, 0)."""
+    truth = (target > 0.5).flatten(1)
+    truth_area, pixels = truth.sum(1), truth.shape[1]
+    counts = {}  # threshold -> ((N,) predicted area, (N,) overlap)
+    for threshold in set(thresholds):
+        pred = (probs > threshold).flatten(1)
+        counts[threshold] = (pred.sum(1), (pred & truth).sum(1))
+    rules = sorted({MaskRule(t, a) for t in thresholds for a in min_areas},
+                   key=lambda r: (abs(r.threshold - 0.5), r.min_area, r.threshold))
+    best_rule, best = rules[0], -math.inf
+    for rule in rules:
+        area, overlap = counts[rule.threshold]
+        kept = area >= rule.min_area * pixels
+        dice = float(_dice(area * kept, overlap * kept, truth_area).mean())
+        if dice > best:
+            best_rule, best = rule, dice
+    return best_rule, best
 
 
 class UNetHead(nn.Module):
@@ -199,11 +237,21 @@ def predict_masks(model: UNetHead, maps: Maps, batch_size: int, device: torch.de
     return torch.cat(out)
 
 
+class FittedDecoder(NamedTuple):
+    """A trained U-Net head, the mask rule chosen for it on validation and its validation Dice."""
+
+    model: UNetHead
+    rule: MaskRule
+    dice: float
+
+
 def fit_decoder(
     train: tuple[Maps, torch.Tensor], valid: tuple[Maps, torch.Tensor], cfg: SegmentationConfig, *,
     seed: int, device: torch.device, desc: str = "segmentation", progress: bool = False,
-) -> tuple[UNetHead, float]:
-    """Train a U-Net head on (maps, (N, 1, S, S) masks); returns the best-validation head and its Dice."""
+) -> FittedDecoder:
+    """Train a U-Net head on (maps, (N, 1, S, S) masks), scoring each epoch on validation with the
+    best rule of ``cfg.thresholds`` x ``cfg.min_areas`` (:func:`choose_rule`); returns the
+    best-validation head with its rule and Dice."""
     maps, masks = train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -223,12 +271,13 @@ def fit_decoder(
             loss.backward()
             optimizer.step()
 
-    def score() -> float:
-        return dice_score(predict_masks(model, valid[0], cfg.batch_size, device), valid[1])
+    def validate() -> tuple[MaskRule, float]:
+        probs = predict_masks(model, valid[0], cfg.batch_size, device)
+        return choose_rule(probs, valid[1], cfg.thresholds, cfg.min_areas)
 
-    best = fit_early_stopping(model, train_epoch, score, epochs=cfg.epochs, patience=cfg.patience,
-                              desc=desc, progress=progress)
-    return model, best
+    fit_early_stopping(model, train_epoch, lambda: validate()[1], epochs=cfg.epochs,
+                       patience=cfg.patience, desc=desc, progress=progress)
+    return FittedDecoder(model, *validate())
 
 
 def _split(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tuple[Maps, torch.Tensor]:
@@ -245,20 +294,26 @@ def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[st
     valid = _split(encoder, ctx, dataset, "valid")
     test_maps, test_masks = _split(encoder, ctx, dataset, "test")
 
+    rules: dict[str, MaskRule] = {}
+
     def score(index: np.ndarray, label: str) -> Estimate:
         subset = torch.from_numpy(index)
-        model, best = fit_decoder(
+        fitted = fit_decoder(
             ([m[subset] for m in train_maps], train_masks[subset]), valid, cfg, seed=ctx.cfg.seed,
             device=encoder.device, desc=f"{dataset} {label}", progress=ctx.progress,
         )
-        probs = predict_masks(model, test_maps, cfg.batch_size, encoder.device)
-        per_image = dice_per_image(probs, test_masks)
-        log.info("segmentation %s %s %s: val Dice %.4f, test Dice %.4f (%d images)",
-                 encoder.name, dataset, label, best, float(per_image.mean()), len(index))
+        probs = predict_masks(fitted.model, test_maps, cfg.batch_size, encoder.device)
+        per_image = dice_per_image(probs, test_masks, fitted.rule)
+        rules[label] = fitted.rule
+        log.info("segmentation %s %s %s: val Dice %.4f, test Dice %.4f (%d images; threshold %g, "
+                 "min area %g)", encoder.name, dataset, label, fitted.dice, float(per_image.mean()),
+                 len(index), *fitted.rule)
         values = per_image.numpy().astype(np.float64)
         return bootstrap(batched_mean, [values], ctx.resamples(dataset, "test", len(values)))
 
     rows = sweep_fractions(ctx, len(train_masks), score, f"segmentation {dataset}")
+    for label, row in rows.items():
+        row["rule"] = rules[label]._asdict()
     return {"metric": "dice", "fractions": rows}
 
 
