@@ -305,6 +305,29 @@ def test_difference_within_noise_is_a_tie_and_below_zero_a_fail() -> None:
     assert "head's training seed" not in beats_cause(FAIL, [0.6, 0.7], "auc")  # linear probe
 
 
+def test_tie_between_two_decoders_that_predict_nothing_says_so() -> None:
+    """Both SIIM 1% decoders call every test image empty: the same per-image Dice, a zero
+    difference, a tie whose cause says why (not "enlarge the test set"); one that predicts some
+    masks is an ordinary tie."""
+    metrics = _metrics()
+    replicates = _replicates(metrics)
+    key = "segmentation/siim/fractions/1%"
+    rows = [metrics["encoders"][enc]["tasks"]["segmentation"]["siim"]["fractions"]["1%"]
+            for enc in ("medunic", "init")]
+    for row in rows:
+        row.update(value=0.7, predicted_empty=1.0)
+    replicates[f"medunic/{key}/value"] = replicates[f"init/{key}/value"]
+
+    def siim_1() -> str:
+        (check,) = [c for c in quality_checks(metrics, replicates) if "SIIM 1%" in c.name]
+        assert check.status == TIE
+        return check.cause
+
+    assert "call every test image empty" in siim_1()
+    rows[0]["predicted_empty"] = 0.8
+    assert "within noise" in siim_1()
+
+
 def test_tie_between_two_chance_level_aucs_says_so() -> None:
     assert "near chance" in beats_cause(TIE, [0.51, 0.49], "auc")
     assert "within noise" in beats_cause(TIE, [0.71, 0.69], "auc")

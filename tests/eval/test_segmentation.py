@@ -213,6 +213,10 @@ def test_task_runs_end_to_end(tiny_encoder: Encoder, task_context: TaskContext) 
             assert cell["train_images"] == len(fraction_indices(n_train, fraction, 8, ctx.cfg.seed))
             cfg = ctx.cfg.segmentation
             assert cell["rule"]["threshold"] in cfg.thresholds and cell["rule"]["min_area"] in cfg.min_areas
+            assert 0.0 <= cell["predicted_empty"] <= 1.0
+            if cell["predicted_empty"] == 1.0:  # nothing predicted: Dice = the share of empty masks
+                test_masks = dataset_masks(ctx.data, dataset, "test")
+                assert cell["value"] == pytest.approx(float((test_masks.flatten(1).sum(1) == 0).float().mean()))
     again = run(tiny_encoder, _context(task_context, datasets=("siim",)))["siim"]["fractions"]
     assert [(c["value"], c["ci"]) for c in again.values()] == [
         (c["value"], c["ci"]) for c in out["siim"]["fractions"].values()]

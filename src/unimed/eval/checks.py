@@ -284,17 +284,20 @@ def _beats_baseline_checks(task: str, model: dict, base: dict, pair: _Pair) -> l
                       f"({display_name(str(metric), METRIC_NAMES)}, %)")
             detail += _difference_note(difference, values)
             title = f"{task_name} {display_name(name)} {fraction}: {labels[0]} beats {labels[1]}"
-            cause = beats_cause(status, values, str(metric), dense=task in DENSE_TASKS)
+            blank = all(as_float(lookup(row, "predicted_empty")) == 1.0 for row in rows)
+            cause = beats_cause(status, values, str(metric), dense=task in DENSE_TASKS, blank=blank)
             checks.append(Check(title, status, detail, cause))
     if checks:
         return checks
     return [Check(f"{task_name}: {labels[0]} beats {labels[1]}", NOT_MEASURED, "not evaluated")]
 
 
-def beats_cause(status: str, values: list[float | None], metric: str, *, dense: bool = False) -> str:
+def beats_cause(status: str, values: list[float | None], metric: str, *, dense: bool = False,
+                blank: bool = False) -> str:
     """A likely reason for a lost or tied comparison. For a `dense` task the interval covers the
     test images but not the head's own training (its seed moved a detection row by 18 points at
-    the demo's 3-epoch heads), which a failed check says."""
+    the demo's 3-epoch heads), which a failed check says. `blank`: both segmentation decoders
+    call every test image empty."""
     if status == FAIL and dense:
         return ("the baseline is better beyond test-set noise, but the interval does not cover the "
                 "head's training seed: rerun with another eval.seed before reading it as the encoder")
@@ -303,6 +306,9 @@ def beats_cause(status: str, values: list[float | None], metric: str, *, dense: 
                 "(check the loss curves and the learning rate)")
     if status != TIE:
         return ""
+    if blank:
+        return ("both decoders call every test image empty (Dice = the share of empty images): at "
+                "this label fraction neither found the finding well enough on validation to predict it")
     chance = CHANCE.get(metric)
     if chance is not None and all(v is not None and abs(v - chance) < 0.05 for v in values):
         return "both near chance: neither encoder's features carry this label"

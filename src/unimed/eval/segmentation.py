@@ -12,10 +12,10 @@ image with an empty mask scores 1 when nothing is predicted on it and 0 otherwis
 that predicts background everywhere scores the share of empty test images, not 0. Which pixels
 count as predicted (a probability threshold and a minimum predicted area under which an image is
 called empty) is chosen on the validation split for each decoder (:func:`choose_rule`) and recorded
-beside its row as "rule". The interval is a bootstrap of the per-image values (resamples shared by
-every encoder, so differences are paired). The loss is theirs too: 10 x focal - log(soft Dice)
-(GLoRIA's ``MixedLoss``), from smp's ``FocalLoss`` and ``DiceLoss(log_loss=True)``; see
-:class:`SegmentationConfig` for the rest.
+beside its row as "rule", with the share of test images it calls empty ("predicted_empty"). The
+interval is a bootstrap of the per-image values (resamples shared by every encoder, so differences
+are paired). The loss is theirs too: 10 x focal - log(soft Dice) (GLoRIA's ``MixedLoss``), from
+smp's ``FocalLoss`` and ``DiceLoss(log_loss=True)``; see :class:`SegmentationConfig` for the rest.
 """
 
 from __future__ import annotations
@@ -114,11 +114,16 @@ def _dice(pred_area: torch.Tensor, overlap: torch.Tensor, truth_area: torch.Tens
     return torch.where(total > 0, 2.0 * overlap.float() / total.clamp(min=1.0), torch.ones_like(total))
 
 
+def predicted_masks(probs: torch.Tensor, rule: MaskRule = MaskRule()) -> torch.Tensor:
+    """(N, P) boolean masks, flattened, that `rule` makes of (N, 1, S, S) probabilities."""
+    pred = (probs > rule.threshold).flatten(1)
+    return pred & (pred.sum(1, keepdim=True) >= rule.min_area * pred.shape[1])
+
+
 def dice_per_image(probs: torch.Tensor, target: torch.Tensor, rule: MaskRule = MaskRule()) -> torch.Tensor:
     """(N,) Dice 2|P & G| / (|P| + |G|) of each image, P the mask of `rule`, G = target > 0.5; an
     image with an empty G scores 1 when P is empty too, else 0 (GLoRIA / MGCA)."""
-    pred = (probs > rule.threshold).flatten(1)
-    pred &= pred.sum(1, keepdim=True) >= rule.min_area * pred.shape[1]
+    pred = predicted_masks(probs, rule)
     truth = (target > 0.5).flatten(1)
     return _dice(pred.sum(1), (pred & truth).sum(1), truth.sum(1))
 
@@ -294,7 +299,7 @@ def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[st
     valid = _split(encoder, ctx, dataset, "valid")
     test_maps, test_masks = _split(encoder, ctx, dataset, "test")
 
-    rules: dict[str, MaskRule] = {}
+    decisions: dict[str, dict[str, Any]] = {}  # label fraction -> the rule and what it predicted
 
     def score(index: np.ndarray, label: str) -> Estimate:
         subset = torch.from_numpy(index)
@@ -304,7 +309,8 @@ def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[st
         )
         probs = predict_masks(fitted.model, test_maps, cfg.batch_size, encoder.device)
         per_image = dice_per_image(probs, test_masks, fitted.rule)
-        rules[label] = fitted.rule
+        blank = ~predicted_masks(probs, fitted.rule).any(1)
+        decisions[label] = {"rule": fitted.rule._asdict(), "predicted_empty": float(blank.float().mean())}
         log.info("segmentation %s %s %s: val Dice %.4f, test Dice %.4f (%d images; threshold %g, "
                  "min area %g)", encoder.name, dataset, label, fitted.dice, float(per_image.mean()),
                  len(index), *fitted.rule)
@@ -313,7 +319,7 @@ def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[st
 
     rows = sweep_fractions(ctx, len(train_masks), score, f"segmentation {dataset}")
     for label, row in rows.items():
-        row["rule"] = rules[label]._asdict()
+        row.update(decisions[label])
     return {"metric": "dice", "fractions": rows}
 
 
