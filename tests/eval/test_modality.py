@@ -135,7 +135,13 @@ def test_the_task_samples_single_finding_records_keeps_shared_classes_and_draws_
 
     ctx = _context(tmp_path, data, xray_datasets=("padchest",), min_per_class=3,
                    classes=("pneumonia", "pleural effusion"))
-    assert modality.run(encoder, ctx)["classes"] == ["pneumonia"]  # 2 CT effusions: too few
+    one = modality.run(encoder, ctx)
+    assert one["classes"] == ["pneumonia"]  # 2 CT effusions: too few
+    # One class: every nearest centroid is its own, so no accuracy (not a 100 % that says nothing);
+    # the gap of that class still stands.
+    assert one["ct_to_xray"] is one["xray_to_ct"] is one["chance_accuracy"] is None
+    assert "needs two" in one["accuracy_note"] and set(one["ci"]) == {"gap"}
+    assert one["gap"] == pytest.approx(one["per_finding"]["pneumonia"]) and one["gap"] > one["chance_gap"]
     ctx = _context(tmp_path, data, xray_datasets=("padchest",), classes=("nodule",))
     skipped = modality.run(encoder, ctx)
     assert "no class of ['nodule'] has 5 X-ray and 5 CT test samples" in skipped["skipped"]

@@ -18,7 +18,9 @@ volume embedding comes from the slice-wise adapter, a native 3D model's from its
   class, what sampling alone gives when modality carries no signal: a gap near it means no
   measurable modality gap at this sample size.
 * ``ct_to_xray`` / ``xray_to_ct``: share of CT volumes whose nearest X-ray class centroid (cosine) is
-  of their own finding, and the reverse; ``chance_accuracy`` is 1 / classes.
+  of their own finding, and the reverse; ``chance_accuracy`` is 1 / classes. With one class
+  entered they are None (every sample's nearest centroid would be its own) and
+  ``accuracy_note`` says why.
 * ``per_finding``: the gap of each class's X-ray and CT embeddings alone.
 
 Intervals are bootstrap intervals over the samples, resampled within each modality and class, so
@@ -188,13 +190,19 @@ def measure(ctx: TaskContext, x: np.ndarray, y: np.ndarray, modality: np.ndarray
     values = statistics(x, y, modality)
     resamples = stratified_resamples(ctx, y, modality)  # (R, N)
     replicates = np.stack([statistics(x[rows], y, modality) for rows in resamples])  # (R, 3)
-    estimates = {name: Estimate(finite(values[i]), percentile_interval(replicates[:, i]), replicates[:, i])
-                 for i, name in enumerate(("gap", "ct_to_xray", "xray_to_ct"))}
     present = np.unique(y)
-    return {**with_intervals(estimates), "chance_gap": finite(null_gap(x, y, modality, ctx.cfg.seed)),
-            "chance_accuracy": 1 / len(present),
-            "per_finding": {classes[c]: finite(split_gap(x[y == c], y[y == c], modality[y == c]))
-                            for c in present}}
+    # With one finding class every sample's nearest centroid is its own: 100 % says nothing.
+    names = ("gap", "ct_to_xray", "xray_to_ct") if len(present) > 1 else ("gap",)
+    estimates = {name: Estimate(finite(values[i]), percentile_interval(replicates[:, i]), replicates[:, i])
+                 for i, name in enumerate(names)}
+    out = {**with_intervals(estimates), "chance_gap": finite(null_gap(x, y, modality, ctx.cfg.seed)),
+           "chance_accuracy": 1 / len(present) if len(present) > 1 else None,
+           "per_finding": {classes[c]: finite(split_gap(x[y == c], y[y == c], modality[y == c]))
+                           for c in present}}
+    if len(present) == 1:
+        out.update(ct_to_xray=None, xray_to_ct=None,
+                   accuracy_note="one finding class entered: a nearest class centroid needs two")
+    return out
 
 
 @TASKS.register("modality_gap")
