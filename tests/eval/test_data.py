@@ -1,13 +1,19 @@
-"""Evaluation data: the published split files of the evaluated sets."""
+"""Evaluation data: decoding on threads, the published split files of the evaluated sets."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
+import pytest
+import torch
 from eval_helpers import IMAGE_SIZE
 
 from unimed.data.config import DataConfig
+from unimed.data.errors import DataError
+from unimed.data.images import load_image
+from unimed.data.transforms import eval_transform
 from unimed.eval.data import EvalData
 
 
@@ -33,3 +39,21 @@ def test_published_split_files_list_the_read_sets_with_their_hash(tiny_world: Pa
     again = _data(tiny_world)
     again.images("cxp500", "test")
     assert again.publish(tmp_path / "again")["cxp500/test"]["sha256"] == entry["sha256"]
+
+
+def test_threaded_decoding_keeps_the_record_order_and_values(tiny_world: Path, monkeypatch):
+    data = _data(tiny_world)
+    records = data.records("cxp500", "test")
+    transform = eval_transform(IMAGE_SIZE, 72)
+    expected = torch.stack([transform(load_image(r.image_path))[:1] for r in records])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert torch.equal(data.images("cxp500", "test"), expected)
+
+
+def test_an_unreadable_image_stops_decoding_with_its_name(tiny_world: Path, tmp_path: Path):
+    records = _data(tiny_world).records("cxp500", "test")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    records = [*records[:3], dataclasses.replace(records[3], image_path=broken), *records[4:]]
+    with pytest.raises(DataError, match="broken.jpg"):
+        _data(tiny_world).load(records, "crop")

@@ -18,8 +18,10 @@ from unimed.eval import volumes
 from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig
 from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import Encoder
+from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.runner import evaluate
 from unimed.eval.tasks import TaskContext
+from unimed.eval.zero_shot import prompt_scores
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.ct.config import CTConfig
 from unimed.phantom.ct.world import write_ct_world
@@ -133,36 +135,52 @@ def _oracle_scores(ctx: TaskContext, sign: float):
     truth = volumes.finding_slices(ctx, "bimcv-covid19", "slice_localisation")
     root = Path(ctx.data.cfg.root) / "bimcv-covid19"
     keys = [Path(r.image_path).relative_to(root).as_posix() for r in ctx.data.require("bimcv-covid19", "test")]
-    calls = itertools.count()
 
-    def scores(encoder, context, slices, features, prompts, classes):
-        findings = truth.get(keys[next(calls) % len(keys)], [])
-        out = np.zeros((len(slices), len(classes)))
-        for finding, held in findings:
-            out[sorted(held), classes.index(volumes.FINDING_CLASSES[finding])] = sign
-        return out
+    def scores(encoder, context, stacks, prompt_sets, classes):
+        per_volume = []
+        for key, stack in zip(keys, stacks):
+            out = np.zeros((len(stack), len(classes)))
+            for finding, held in truth.get(key, []):
+                out[sorted(held), classes.index(volumes.FINDING_CLASSES[finding])] = sign
+            per_volume.append(out)
+        return [per_volume for _ in prompt_sets]
     return scores
 
 
 def test_slice_localisation_scores_hits_against_the_phantom_ground_truth(ct_context, tiny_encoder,
                                                                          monkeypatch):
-    monkeypatch.setattr(volumes, "slice_scores", _oracle_scores(ct_context, 1.0))
+    monkeypatch.setattr(volumes, "slice_prompt_scores", _oracle_scores(ct_context, 1.0))
     best = volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
     assert best["pairs"] >= 2 and best["k"] == 3 and 0.0 < best["random"] < 1.0
     assert best["en"]["hit_rate"] == best["es"]["hit_rate"] == 1.0
-    monkeypatch.setattr(volumes, "slice_scores", _oracle_scores(ct_context, -1.0))
+    monkeypatch.setattr(volumes, "slice_prompt_scores", _oracle_scores(ct_context, -1.0))
     worst = volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
     assert worst["en"]["hit_rate"] == 0.0  # the k slices scored highest hold no finding
     monkeypatch.undo()
-    encoded = []
-    monkeypatch.setattr(volumes, "slice_features", lambda encoder, context, slices: encoded.append(slices))
-    monkeypatch.setattr(volumes, "slice_scores", _oracle_scores(ct_context, 1.0))
-    volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
-    stacks = ct_context.data.native_slices("bimcv-covid19", "test", ct_context.cfg.volume.window)
-    assert len(encoded) == len(stacks)  # each volume's slices encoded once for both languages
     monkeypatch.setattr(volumes, "GROUND_TRUTH_FILE", "absent.csv")
     with pytest.raises(ValueError, match="needs the slice ground truth .*absent.csv"):
         volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
+
+
+def test_slice_prompt_scores_equal_each_volume_scored_on_its_own(ct_context, tiny_encoder, monkeypatch):
+    """All volumes' slices go through the image tower in one pass for every prompt language; the
+    scores split back per volume equal each volume's slices scored on their own."""
+    stacks = ct_context.data.native_slices("bimcv-covid19", "test", ct_context.cfg.volume.window)
+    corpus = corpus_stemming(tiny_encoder.tokenizer)
+    prompt_sets = [load_prompts(lang, ct_context.cfg.zero_shot.prompt_dir, ct_context.cfg.prompt_stemming, corpus)
+                   for lang in ("en", "es")]
+    classes = ["consolidation", "ground-glass opacity"]
+    expected = [[prompt_scores(tiny_encoder, tiny_encoder.image_features(rgb(stack), normalize=True), prompts, classes)
+                 for stack in stacks] for prompts in prompt_sets]
+    passes = []
+    encode = tiny_encoder.image_features
+    monkeypatch.setattr(tiny_encoder, "image_features", lambda images, **kw: passes.append(len(images)) or encode(images, **kw))
+    got = volumes.slice_prompt_scores(tiny_encoder, ct_context, stacks, prompt_sets, classes)
+    assert passes == [sum(len(stack) for stack in stacks)]
+    assert len(got) == 2 and [len(per_volume) for per_volume in got] == [len(stacks)] * 2
+    for got_set, expected_set in zip(got, expected):
+        for g, e in zip(got_set, expected_set):
+            np.testing.assert_allclose(g, e, atol=1e-5)
 
 
 def test_slice_selection_reads_the_phantom_volumes_at_their_own_depth(ct_context):

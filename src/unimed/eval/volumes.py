@@ -63,7 +63,7 @@ from unimed.eval.metrics import batched_mean, bootstrap
 from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.retrieval import recall_hits, same_value, with_mean_intervals
 from unimed.eval.tasks import TASKS, TaskContext, with_intervals
-from unimed.eval.zero_shot import own_scores, prompt_scores
+from unimed.eval.zero_shot import own_scores_by_language, prompt_differences, prompt_texts
 
 log = logging.getLogger(__name__)
 
@@ -206,21 +206,22 @@ def top_slices(scores: np.ndarray, k: int) -> set[int]:
     return set(np.argsort(-scores, kind="stable")[:k].tolist())
 
 
-def slice_features(encoder: Encoder, ctx: TaskContext, slices: torch.Tensor) -> torch.Tensor | None:
-    """(Z, D) normalised embeddings of the slices, scored against every prompt language; None for
-    a model with its own zero-shot rule, which scores the images itself."""
+def slice_prompt_scores(encoder: Encoder, ctx: TaskContext, stacks: list[torch.Tensor], prompt_sets: list,
+                 classes: list[str]) -> list[list[np.ndarray]]:
+    """Per prompt set, per volume, the (Z, C) zero-shot scores of each of its `stacks`' slices for
+    each class: the slices' normalised projected embeddings against the prompts (through the
+    context's text cache), or the model's own rule when it has one. All the volumes' slices pass
+    through the image tower once, whatever the number of prompt sets."""
+    slices = rgb(torch.cat(stacks))  # (sum Z, 3, S, S)
     if hasattr(encoder.model, "zero_shot_scores"):
-        return None
-    return encoder.image_features(rgb(slices), normalize=True, batch_size=ctx.cfg.batch_size)
-
-
-def slice_scores(encoder: Encoder, ctx: TaskContext, slices: torch.Tensor, features: torch.Tensor | None,
-                 prompts, classes: list[str]) -> np.ndarray:
-    """(Z, C) zero-shot scores of each slice for each class: its `features` against the prompts, or
-    the model's own rule on the slices when it has one (`features` None)."""
-    if features is None:
-        return own_scores(encoder, rgb(slices), prompts, classes, ctx.cfg.batch_size)
-    return prompt_scores(encoder, features, prompts, classes)
+        scores = own_scores_by_language(encoder, slices, prompt_sets, classes, ctx.cfg.batch_size)
+    else:
+        features = encoder.image_features(slices, normalize=True, batch_size=ctx.cfg.batch_size)
+        scores = [prompt_differences(features, ctx.text_features(
+            encoder, prompt_texts(prompts, classes), "projected", normalize=True))
+            for prompts in prompt_sets]
+    sizes = [len(stack) for stack in stacks]
+    return [np.split(s, np.cumsum(sizes)[:-1]) for s in scores]
 
 
 def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
@@ -244,11 +245,10 @@ def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]
                                for f in findings},
     }
     corpus = corpus_stemming(encoder.tokenizer)
-    features = [slice_features(encoder, ctx, stack) for stack in stacks]  # once for every language
-    for language in ctx.cfg.zero_shot.languages:
-        prompts = load_prompts(language, ctx.cfg.zero_shot.prompt_dir, ctx.cfg.prompt_stemming, corpus)
-        scores = [slice_scores(encoder, ctx, stack, feats, prompts, classes)
-                  for stack, feats in zip(stacks, features)]  # (Z, C) each
+    languages = ctx.cfg.zero_shot.languages
+    prompt_sets = [load_prompts(language, ctx.cfg.zero_shot.prompt_dir, ctx.cfg.prompt_stemming, corpus)
+                   for language in languages]
+    for language, scores in zip(languages, slice_prompt_scores(encoder, ctx, stacks, prompt_sets, classes)):
         hits = np.array([float(bool(top_slices(scores[i][:, classes.index(FINDING_CLASSES[finding])],
                                                cfg.localisation_k) & slices))
                          for i, finding, slices in pairs])
