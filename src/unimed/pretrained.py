@@ -99,7 +99,7 @@ class Pretrained:
         transform = eval_transform(self.image_size, self.resize_size)
         out = torch.empty(len(items), 3, self.image_size, self.image_size)
         for i, item in enumerate(items):
-            out[i] = transform(_grey(item))
+            out[i] = transform(_grey(item, self.resize_size))
         return out
 
     def encode_image(self, images: ImageInput | Sequence[ImageInput], *, normalize: bool = True,
@@ -149,11 +149,12 @@ def _is_single(images: Any) -> bool:
     return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
 
 
-def _grey(image: ImageInput) -> np.ndarray | torch.Tensor:
+def _grey(image: ImageInput, resize_size: int) -> np.ndarray | torch.Tensor:
     """A grey (H, W) image in [0, 1] (or channel-first (C, H, W) as given) from any accepted input;
-    integer arrays are scaled by their type's maximum (uint8: 255)."""
+    integer arrays are scaled by their type's maximum (uint8: 255). A JPEG file decodes at the
+    smallest DCT scale whose sides stay >= `resize_size`, as pre-training and evaluation read it."""
     if isinstance(image, (str, Path)):
-        return load_image(image)
+        return load_image(image, min_side=resize_size)
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             return np.asarray(image, dtype=np.float32) / 65535.0

@@ -6,8 +6,10 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from eval_helpers import IMAGE_SIZE
 
 from unimed.data.config import DataConfig
@@ -45,7 +47,7 @@ def test_threaded_decoding_keeps_the_record_order_and_values(tiny_world: Path, m
     data = _data(tiny_world)
     records = data.records("cxp500", "test")
     transform = eval_transform(IMAGE_SIZE, 72)
-    expected = torch.stack([transform(load_image(r.image_path))[:1] for r in records])
+    expected = torch.stack([transform(load_image(r.image_path, min_side=72))[:1] for r in records])
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     assert torch.equal(data.images("cxp500", "test"), expected)
 
@@ -57,3 +59,15 @@ def test_an_unreadable_image_stops_decoding_with_its_name(tiny_world: Path, tmp_
     records = [*records[:3], dataclasses.replace(records[3], image_path=broken), *records[4:]]
     with pytest.raises(DataError, match="broken.jpg"):
         _data(tiny_world).load(records, "crop")
+
+
+def test_a_large_jpeg_decodes_at_the_reduced_scale_pre_training_reads(tiny_world: Path, tmp_path: Path):
+    """A 256-px JPEG resized to 72 decodes at half scale (Pillow's draft), as pre-training reads it."""
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
+    path = tmp_path / "large.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    record = dataclasses.replace(_data(tiny_world).records("cxp500", "test")[0], image_path=path)
+    transform = eval_transform(IMAGE_SIZE, 72)
+    got = _data(tiny_world).load([record], "crop")[0]
+    assert torch.equal(got, transform(load_image(path, min_side=72))[:1])
+    assert not torch.equal(got, transform(load_image(path))[:1])

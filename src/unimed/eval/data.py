@@ -224,15 +224,14 @@ class EvalData:
         return published
 
     def load(self, records: Sequence[Record], geometry: str, desc: str = "images") -> torch.Tensor:
-        """Decode and resize the images of `records` (uncached)."""
+        """Decode and resize the images of `records` (uncached). A JPEG decodes at the smallest DCT
+        scale that keeps both sides at least the size it is resized to (as pre-training reads it)."""
         size = self.cfg.image_size
-        if geometry == "crop":
-            transform = eval_transform(size, self.cfg.resize_size)
-        else:
-            transform = eval_transform(size, size)
+        resize = self.cfg.resize_size if geometry == "crop" else size
+        transform = eval_transform(size, resize)
         out = torch.empty(len(records), 1, size, size)
-        for i, image in enumerate(self.decode(lambda r: transform(load_image(r.image_path))[:1], records,
-                                              desc, "img")):
+        for i, image in enumerate(self.decode(lambda r: transform(load_image(r.image_path, min_side=resize))[:1],
+                                              records, desc, "img")):
             out[i] = image
         return out
 
