@@ -163,20 +163,32 @@ def test_slice_localisation_scores_hits_against_the_phantom_ground_truth(ct_cont
 
 
 def test_slice_prompt_scores_equal_each_volume_scored_on_its_own(ct_context, tiny_encoder, monkeypatch):
-    """All volumes' slices go through the image tower in one pass for every prompt language; the
-    scores split back per volume equal each volume's slices scored on their own."""
+    """Each volume's slices go through the image tower once for every prompt language, the prompts
+    once for all volumes; the scores equal each volume scored on its own, language by language."""
     stacks = ct_context.data.native_slices("bimcv-covid19", "test", ct_context.cfg.volume.window)
     corpus = corpus_stemming(tiny_encoder.tokenizer)
-    prompt_sets = [load_prompts(lang, ct_context.cfg.zero_shot.prompt_dir, ct_context.cfg.prompt_stemming, corpus)
-                   for lang in ("en", "es")]
+    prompt_sets = [load_prompts(lang, ct_context.cfg.zero_shot.prompt_dir, ct_context.cfg.prompt_stemming,
+                                corpus) for lang in ("en", "es")]
     classes = ["consolidation", "ground-glass opacity"]
-    expected = [[prompt_scores(tiny_encoder, tiny_encoder.image_features(rgb(stack), normalize=True), prompts, classes)
-                 for stack in stacks] for prompts in prompt_sets]
-    passes = []
-    encode = tiny_encoder.image_features
-    monkeypatch.setattr(tiny_encoder, "image_features", lambda images, **kw: passes.append(len(images)) or encode(images, **kw))
-    got = volumes.slice_prompt_scores(tiny_encoder, ct_context, stacks, prompt_sets, classes)
-    assert passes == [sum(len(stack) for stack in stacks)]
+    expected = [[prompt_scores(tiny_encoder, tiny_encoder.image_features(rgb(stack), normalize=True),
+                               prompts, classes) for stack in stacks] for prompts in prompt_sets]
+    passes, texts = [], []
+    encode_images, encode_texts = tiny_encoder.image_features, tiny_encoder.text_spaces
+
+    def counted_images(images, **kw):
+        passes.append(len(images))
+        return encode_images(images, **kw)
+
+    def counted_texts(batch, **kw):
+        texts.extend(batch)
+        return encode_texts(batch, **kw)
+
+    monkeypatch.setattr(tiny_encoder, "image_features", counted_images)
+    monkeypatch.setattr(tiny_encoder, "text_spaces", counted_texts)
+    fresh = TaskContext(ct_context.data, ct_context.cfg, ct_context.out_dir)  # an empty text cache
+    got = volumes.slice_prompt_scores(tiny_encoder, fresh, stacks, prompt_sets, classes)
+    assert passes == [len(stack) for stack in stacks]
+    assert len(texts) == len(set(texts)) == 2 * len(classes) * len(prompt_sets)
     assert len(got) == 2 and [len(per_volume) for per_volume in got] == [len(stacks)] * 2
     for got_set, expected_set in zip(got, expected):
         for g, e in zip(got_set, expected_set):

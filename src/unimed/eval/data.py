@@ -136,7 +136,7 @@ class EvalData:
     def slice_stacks(self, dataset: str, split: str, slices: int,
                      window: tuple[float, float]) -> torch.Tensor:
         """(N, slices, 1, S, S) axial slices of the volumes of `records(dataset, split)`
-        (:func:`unimed.data.volumes.axial_slices`), read one volume at a time and cached."""
+        (:func:`unimed.data.volumes.axial_slices`), read on the decoding threads and cached."""
         key = (dataset, split, slices, tuple(window))
         if key not in self._slices:
             def read(record: Record) -> tuple[torch.Tensor, int]:
@@ -181,11 +181,14 @@ class EvalData:
     def labelled_volumes(self, dataset: str, split: str, depth: int, window: tuple[float, float]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """((N, depth, S, S) windowed volumes, (N, depth, S, S) int64 label maps) of the labelled
-        volumes of `records(dataset, split)` (BCV), read one at a time and cached."""
+        volumes of `records(dataset, split)` (BCV), read on the decoding threads and cached."""
         key = (dataset, split, depth, tuple(window), "labelled")
         if key not in self._slices:
-            pairs = list(self.decode(lambda r: read_labelled(r, size=self.image_size, depth=depth, window=window),
-                                     self._volume_records(dataset, split), f"{dataset}/{split}", "volume"))
+            def read(record: Record) -> tuple[torch.Tensor, torch.Tensor]:
+                return read_labelled(record, size=self.image_size, depth=depth, window=window)
+
+            records = self._volume_records(dataset, split)
+            pairs = list(self.decode(read, records, f"{dataset}/{split}", "volume"))
             self._slices[key] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
         return self._slices[key]
 
@@ -230,8 +233,10 @@ class EvalData:
         resize = self.cfg.resize_size if geometry == "crop" else size
         transform = eval_transform(size, resize)
         out = torch.empty(len(records), 1, size, size)
-        for i, image in enumerate(self.decode(lambda r: transform(load_image(r.image_path, min_side=resize))[:1],
-                                              records, desc, "img")):
+        def read(record: Record) -> torch.Tensor:
+            return transform(load_image(record.image_path, min_side=resize))[:1]
+
+        for i, image in enumerate(self.decode(read, records, desc, "img")):
             out[i] = image
         return out
 

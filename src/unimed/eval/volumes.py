@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,7 +61,7 @@ from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.linear_probe import ProbeTarget, label_target, probe_fractions, targets
 from unimed.eval.metrics import batched_mean, bootstrap
-from unimed.eval.prompts import corpus_stemming, load_prompts
+from unimed.eval.prompts import PromptSet, corpus_stemming, load_prompts
 from unimed.eval.retrieval import recall_hits, same_value, with_mean_intervals
 from unimed.eval.tasks import TASKS, TaskContext, with_intervals
 from unimed.eval.zero_shot import own_scores_by_language, prompt_differences, prompt_texts
@@ -206,22 +207,26 @@ def top_slices(scores: np.ndarray, k: int) -> set[int]:
     return set(np.argsort(-scores, kind="stable")[:k].tolist())
 
 
-def slice_prompt_scores(encoder: Encoder, ctx: TaskContext, stacks: list[torch.Tensor], prompt_sets: list,
-                 classes: list[str]) -> list[list[np.ndarray]]:
-    """Per prompt set, per volume, the (Z, C) zero-shot scores of each of its `stacks`' slices for
-    each class: the slices' normalised projected embeddings against the prompts (through the
-    context's text cache), or the model's own rule when it has one. All the volumes' slices pass
-    through the image tower once, whatever the number of prompt sets."""
-    slices = rgb(torch.cat(stacks))  # (sum Z, 3, S, S)
-    if hasattr(encoder.model, "zero_shot_scores"):
-        scores = own_scores_by_language(encoder, slices, prompt_sets, classes, ctx.cfg.batch_size)
-    else:
-        features = encoder.image_features(slices, normalize=True, batch_size=ctx.cfg.batch_size)
-        scores = [prompt_differences(features, ctx.text_features(
-            encoder, prompt_texts(prompts, classes), "projected", normalize=True))
-            for prompts in prompt_sets]
-    sizes = [len(stack) for stack in stacks]
-    return [np.split(s, np.cumsum(sizes)[:-1]) for s in scores]
+def slice_prompt_scores(encoder: Encoder, ctx: TaskContext, stacks: Sequence[torch.Tensor],
+                        prompt_sets: Sequence[PromptSet], classes: list[str]) -> list[list[np.ndarray]]:
+    """Per prompt set, per volume, the (Z, C) zero-shot scores of each of the volume's (Z, 1, S, S)
+    slices in `stacks` for each class: the slices' normalised projected embeddings against the
+    prompts, whose features are computed once (through the context's text cache), or the model's
+    own rule when it has one. Each volume's slices pass through the image tower once, whatever the
+    number of prompt sets."""
+    own_rule = hasattr(encoder.model, "zero_shot_scores")
+    texts = [] if own_rule else [
+        ctx.text_features(encoder, prompt_texts(p, classes), "projected", normalize=True) for p in prompt_sets
+    ]
+    per_volume = []  # (sets, Z, C) of each volume
+    for stack in stacks:
+        if own_rule:
+            per_volume.append(own_scores_by_language(encoder, rgb(stack), prompt_sets, classes,
+                                                     ctx.cfg.batch_size))
+        else:
+            features = encoder.image_features(rgb(stack), normalize=True, batch_size=ctx.cfg.batch_size)
+            per_volume.append([prompt_differences(features, text) for text in texts])
+    return [[scores[k] for scores in per_volume] for k in range(len(prompt_sets))]
 
 
 def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
