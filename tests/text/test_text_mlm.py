@@ -58,9 +58,49 @@ def test_subword_mean_rows_start_at_the_mean_of_their_base_pieces(tiny_bert_dir,
         torch.testing.assert_close(weight[row], expected, rtol=1e-5, atol=1e-6)
 
 
+def _term_and_pieces_states(model: BertModel, term_ids: list[int], cls: int, sep: int,
+                            pieces: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled last-layer states of "[CLS] term [SEP]" (one row per term) and of the terms'
+    base-tokenizer pieces (padded)."""
+    def pooled(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).float()
+        return (hidden * weights).sum(1) / weights.sum(1)
+
+    alone = torch.tensor([[cls, t, sep] for t in term_ids])
+    return pooled(alone, torch.ones_like(alone)), pooled(pieces["input_ids"], pieces["attention_mask"])
+
+
+def test_distilled_rows_read_like_their_pieces_and_change_nothing_else(tiny_bert_dir, tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    base_tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    models = {rule: build_mlm_model(tokenizer, MLMConfig(**{**TINY.__dict__, "new_rows": rule}),
+                                    base_model=tiny_bert_dir) for rule in ("subword_mean", "subword_distilled")}
+    mean, distilled = models["subword_mean"], models["subword_distilled"]
+    n_old = BertForMaskedLM.from_pretrained(str(tiny_bert_dir)).get_input_embeddings().num_embeddings
+    for (name, a), (_, b) in zip(mean.named_parameters(), distilled.named_parameters()):
+        assert a.requires_grad == b.requires_grad, name
+        if name != "bert.embeddings.word_embeddings.weight":
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    rows_mean, rows_distilled = mean.get_input_embeddings().weight, distilled.get_input_embeddings().weight
+    torch.testing.assert_close(rows_distilled[:n_old], rows_mean[:n_old], rtol=0, atol=0)
+    assert not torch.equal(rows_distilled[n_old:], rows_mean[n_old:])
+    assert mean.training == distilled.training
+    term_ids = list(range(n_old, len(tokenizer)))
+    pieces = base_tokenizer(tokenizer.convert_ids_to_tokens(term_ids), padding=True, return_tensors="pt")
+    errors = {}
+    for rule, model in models.items():
+        model.eval()
+        alone, target = _term_and_pieces_states(model.bert, term_ids, tokenizer.cls_token_id,
+                                                tokenizer.sep_token_id, pieces)
+        errors[rule] = float(((alone - target) ** 2).mean())
+    assert errors["subword_distilled"] < 0.25 * errors["subword_mean"], errors
+
+
 def test_unknown_new_rows_rule_is_a_config_error(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
     cfg = MLMConfig(**{**TINY.__dict__, "new_rows": "zeros"})
-    with pytest.raises(ValueError, match="mlm.new_rows must be one of random, subword_mean"):
+    with pytest.raises(ValueError, match="mlm.new_rows must be one of random, subword_mean, subword_distilled"):
         train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
 
 
@@ -265,7 +305,7 @@ def test_missing_mlm_head_starts_tied_with_identity_transform_and_frequency_bias
     assert not torch.allclose(with_head.cls.predictions.bias, head.bias)  # a saved head is kept
 
 
-@pytest.mark.parametrize("new_rows", ["random", "subword_mean"])
+@pytest.mark.parametrize("new_rows", ["random", "subword_mean", "subword_distilled"])
 def test_retrieval_check_compares_with_the_encoder_mlm_starts_from(
     tiny_bert_dir, tiny_tokenizer_dir, tmp_path, new_rows
 ):

@@ -34,7 +34,9 @@ class MLMConfig:
     the embedding rows of the appended second-language terms start: "random" (normal(0,
     initializer_range), the paper's "M random initialized vectors") or "subword_mean" (the mean of
     the base model's rows of the pieces the base tokenizer cuts the term into, fast vocabulary
-    transfer: 'neumotorax' starts near 'ne ##um ##oto ##rax', cognates near their English pieces).
+    transfer: 'neumotorax' starts near 'ne ##um ##oto ##rax', cognates near their English pieces) or
+    "subword_distilled" (from that mean, each row fitted so that the frozen encoder reads the term
+    alone as it reads its pieces in order: :func:`unimed.text.mlm.distil_new_rows`).
     ``trainable`` is what MLM updates: "all" (the paper: every parameter) or "new_rows" (only the
     appended terms' embedding rows and the MLM head; the pre-trained transformer body and every
     base-vocabulary row stay as they are, the lexical transfer of Artetxe et al., ACL 2020, "On the

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset
 from transformers import (
@@ -168,7 +169,9 @@ def _epoch_means(history: list[dict[str, float]]) -> list[float]:
     return [sum(v) / len(v) for v in by_epoch.values()]
 
 
-NEW_ROWS = ("random", "subword_mean")
+NEW_ROWS = ("random", "subword_mean", "subword_distilled")
+DISTIL_STEPS = 300
+DISTIL_LR = 3.0e-3
 TRAINABLE = ("all", "new_rows")
 
 
@@ -217,10 +220,12 @@ def build_mlm_model(
     base_tokenizer = _check_vocab_prefix(tokenizer, path)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     setattr(model.config, BASE_VOCAB_KEY, n_old)  # saved in config.json: which rows are appended
-    if cfg.new_rows == "subword_mean":
+    if cfg.new_rows in ("subword_mean", "subword_distilled"):
         if base_tokenizer is None:
-            raise ValueError(f"mlm.new_rows=subword_mean needs the base tokenizer, but {path} has none")
+            raise ValueError(f"mlm.new_rows={cfg.new_rows} needs the base tokenizer, but {path} has none")
         _init_new_rows_from_subwords(model, n_old, tokenizer, base_tokenizer)
+        if cfg.new_rows == "subword_distilled":
+            distil_new_rows(model, n_old, tokenizer, base_tokenizer)
     else:
         _init_new_rows(model, n_old, seed)
     init_missing_head(model, set(info["missing_keys"]), _token_counts(tokenizer, corpus))
@@ -329,6 +334,50 @@ def _init_new_rows_from_subwords(
     with torch.no_grad():
         for row, ids in enumerate(pieces, start=n_old):
             weight[row] = weight[torch.as_tensor(ids or [base.unk_token_id])].mean(0)
+
+
+def _mean_states(encoder: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, H) mean over the unmasked tokens of the last layer's states of (N, L, H) input embeddings."""
+    hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (N, L, H)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1)
+
+
+def distil_new_rows(model: BertForMaskedLM, n_old: int, tokenizer: PreTrainedTokenizerBase,
+                    base: PreTrainedTokenizerBase, *, steps: int = DISTIL_STEPS, lr: float = DISTIL_LR) -> None:
+    """Fit the row of each new token (ids from ``n_old`` on) so that the frozen encoder reads the
+    term alone ("[CLS] term [SEP]") as it reads the base tokenizer's pieces of it ("[CLS] ne ##um
+    ##oto ##ra ##x [SEP]"): Adam on the rows, the mean-pooled last-layer states' squared error,
+    starting from the pieces' mean. The mean of the pieces' rows loses their order and lets terms
+    that share their first pieces start together ('neumon' and 'neumotorax' share 'ne ##um'); the
+    encoder reading the pieces in order tells them apart, and the distilled rows inherit that."""
+    weight = model.get_input_embeddings().weight  # (V, H)
+    terms = tokenizer.convert_ids_to_tokens(list(range(n_old, weight.shape[0])))
+    if not terms:
+        return
+    encoder = model.bert
+    was_training, grads = encoder.training, [p.requires_grad for p in encoder.parameters()]
+    encoder.eval().requires_grad_(False)
+    pieces = base(terms, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        target = _mean_states(encoder, encoder.embeddings.word_embeddings(pieces["input_ids"]),
+                              pieces["attention_mask"])  # (T, H)
+        ends = weight[[tokenizer.cls_token_id, tokenizer.sep_token_id]]  # (2, H)
+    rows = weight[n_old:].detach().clone().requires_grad_(True)  # (T, H)
+    mask = torch.ones(len(terms), 3, dtype=torch.long)
+    optimizer = torch.optim.Adam([rows], lr=lr)
+    for _ in range(steps):
+        embeds = torch.stack([ends[0].expand_as(rows), rows, ends[1].expand_as(rows)], dim=1)  # (T, 3, H)
+        loss = F.mse_loss(_mean_states(encoder, embeds, mask), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        weight[n_old:] = rows
+    encoder.train(was_training)
+    for param, grad in zip(encoder.parameters(), grads):
+        param.requires_grad_(grad)
+    logger.info("new rows distilled from their pieces: mean squared error %.4f after %d steps", loss.item(), steps)
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
