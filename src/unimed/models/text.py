@@ -154,7 +154,12 @@ def pool_text(
     mask = attention_mask.repeat(views, 1)
     if pooling == "cls":
         return hidden[:, 0]
-    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (VB, L, 1)
+    return mean_pool(hidden, mask)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, H) mean of (N, L, H) token states over the tokens where the (N, L) `mask` is 1."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -33,7 +34,7 @@ from transformers import (
 
 from unimed.data.pretrain import PretrainSampler
 from unimed.methods.base import Method, Stage, StepContext
-from unimed.models.text import BASE_VOCAB_KEY, train_appended_rows
+from unimed.models.text import BASE_VOCAB_KEY, mean_pool, train_appended_rows
 from unimed.text.config import MLMConfig
 from unimed.text.corpus import require_texts
 from unimed.text.stemming import copy_corpus_stemming
@@ -85,7 +86,8 @@ def train_mlm(
     texts = [t for t in require_texts(corpus, "corpus") if t.strip()]
     tokenizer = _load_tokenizer(Path(tokenizer_dir))
     torch.manual_seed(seed + dist.rank)
-    model = build_mlm_model(tokenizer, cfg, base_model=base_model, seed=seed, corpus=texts)
+    model = build_mlm_model(tokenizer, cfg, base_model=base_model, seed=seed, corpus=texts,
+                            progress=progress and dist.is_main)
     if cfg.trainable == "new_rows":
         if base_model is None:
             raise ValueError("mlm.trainable=new_rows needs a base model (vocab.base_model): a fresh "
@@ -182,12 +184,14 @@ def build_mlm_model(
     base_model: str | Path | None = None,
     seed: int = 0,
     corpus: Sequence[str] = (),
+    progress: bool = False,
 ) -> BertForMaskedLM:
     """A masked LM whose word embeddings have one row per token of ``tokenizer``.
 
     From ``base_model`` the first rows keep their pre-trained values and the rows of the new tokens
-    start as ``cfg.new_rows`` says: drawn from normal(0, initializer_range) as in the paper, or the
-    mean of their base-tokenizer pieces' rows. transformers' default resizing would set them all to
+    start as ``cfg.new_rows`` says: drawn from normal(0, initializer_range) as in the paper, the
+    mean of their base-tokenizer pieces' rows, or that mean fitted to read like the pieces
+    (:func:`distil_new_rows`, with a progress bar when `progress`). transformers' default resizing would set them all to
     the mean of the old rows, which makes every new term start as the same vector.
     A base model without an MLM head (a sentence encoder such as MiniLM) gets the head of
     :func:`init_missing_head` instead of a random one. Without a base model, a fresh BERT is built
@@ -225,7 +229,7 @@ def build_mlm_model(
             raise ValueError(f"mlm.new_rows={cfg.new_rows} needs the base tokenizer, but {path} has none")
         _init_new_rows_from_subwords(model, n_old, tokenizer, base_tokenizer)
         if cfg.new_rows == "subword_distilled":
-            distil_new_rows(model, n_old, tokenizer, base_tokenizer)
+            distil_new_rows(model, n_old, tokenizer, base_tokenizer, progress=progress)
     else:
         _init_new_rows(model, n_old, seed)
     init_missing_head(model, set(info["missing_keys"]), _token_counts(tokenizer, corpus))
@@ -338,13 +342,12 @@ def _init_new_rows_from_subwords(
 
 def _mean_states(encoder: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, H) mean over the unmasked tokens of the last layer's states of (N, L, H) input embeddings."""
-    hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (N, L, H)
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1)
+    return mean_pool(encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask)
 
 
 def distil_new_rows(model: BertForMaskedLM, n_old: int, tokenizer: PreTrainedTokenizerBase,
-                    base: PreTrainedTokenizerBase, *, steps: int = DISTIL_STEPS, lr: float = DISTIL_LR) -> None:
+                    base: PreTrainedTokenizerBase, *, steps: int = DISTIL_STEPS, lr: float = DISTIL_LR,
+                    progress: bool = False) -> None:
     """Fit the row of each new token (ids from ``n_old`` on) so that the frozen encoder reads the
     term alone ("[CLS] term [SEP]") as it reads the base tokenizer's pieces of it ("[CLS] ne ##um
     ##oto ##ra ##x [SEP]"): Adam on the rows, the mean-pooled last-layer states' squared error,
@@ -366,7 +369,7 @@ def distil_new_rows(model: BertForMaskedLM, n_old: int, tokenizer: PreTrainedTok
     rows = weight[n_old:].detach().clone().requires_grad_(True)  # (T, H)
     mask = torch.ones(len(terms), 3, dtype=torch.long)
     optimizer = torch.optim.Adam([rows], lr=lr)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="distilling new rows", unit="step", disable=not progress):
         embeds = torch.stack([ends[0].expand_as(rows), rows, ends[1].expand_as(rows)], dim=1)  # (T, 3, H)
         loss = F.mse_loss(_mean_states(encoder, embeds, mask), target)
         optimizer.zero_grad(set_to_none=True)
