@@ -12,11 +12,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from unimed.data.adapters import VOLUME_FOLDERS, load_dataset
 from unimed.data.errors import DataError
 from unimed.data.splits import leaking_patients
-from unimed.data.volumes import SLICE_WINDOW, prepare_volume, read_volume
+from unimed.data.volumes import SLICE_WINDOW, Volume, axial_slices, prepare_volume, read_volume
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.ct.config import CTConfig
 from unimed.phantom.ct.generator import generate_ct_study
@@ -243,3 +244,18 @@ def test_bimcv_reports_are_cleaned_like_every_other_report(world, tmp_path):
     read = load_dataset("bimcv-covid19", bimcv, split_dir=tmp_path)
     assert len(read.records) == len(rows)
     assert {r.report for r in read.records} == {"Derrame pleural izquierdo. Sin neumotórax."}
+
+
+@pytest.mark.parametrize("lps", [False, True])
+def test_fortran_ordered_volumes_are_prepared_without_a_copy_and_bit_identical(tmp_path, lps):
+    """NIfTI voxels come in Fortran order; the reader keeps that view (no C-order copy of the whole
+    volume) and the prepared slices equal those of a C-contiguous copy, for RAS and LPS storage."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(-1000, 400, (20, 18, 9)).astype(np.int16)
+    affine = np.diag([-0.7, -0.7, 2.0, 1.0] if lps else [0.7, 0.7, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "v.nii.gz"))
+    volume = read_volume(tmp_path / "v.nii.gz")
+    assert volume.array.flags["F_CONTIGUOUS"] and not volume.array.flags["C_CONTIGUOUS"]
+    copy = Volume(array=np.ascontiguousarray(volume.array), affine=volume.affine, path=volume.path)
+    assert torch.equal(axial_slices(volume, size=8, slices=4), axial_slices(copy, size=8, slices=4))
+    assert np.array_equal(volume.array, (data[::-1, ::-1] if lps else data).astype(np.float32))
