@@ -194,3 +194,15 @@ def test_unimedi_runs_its_frozen_tokenizer_once_per_batch(world, monkeypatch):
     for name in batches:
         for term, value in separate[name].items():
             assert torch.equal(shared[name][term], value), (name, term)
+
+
+def test_unimedi_reads_its_ct_volumes_through_data_volume_cache(world, tmp_path):
+    tokenizer, records, volumes = world
+    method = create_method(CONFIGS["unimedi"], vocab_size=len(tokenizer))
+    cached = dataclasses.replace(DATA, volume_cache=str(tmp_path / "cache"))
+    batches = [next(iter(method.build_loaders(records + volumes, tokenizer, data, batch_size=4,
+                                               seed=5)["ct"])) for data in (DATA, cached, cached)]
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 4  # one batch of 4 volumes
+    for batch in batches[1:]:
+        assert torch.equal(batch["volume"], batches[0]["volume"])
+        assert torch.equal(batch["index"], batches[0]["index"])

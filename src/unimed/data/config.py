@@ -23,6 +23,8 @@ class DataConfig:
     contrastive negatives cannot be told apart by language or acquisition alone.
     `text_datasets` are the report corpora of the text stages (`unimed vocab`, `unimed mlm`; empty:
     the pre-training datasets), read from their `text_splits`; their images are not needed.
+    `volume_cache` is a folder where the 3D pre-training loader keeps each CT volume's prepared input
+    (read, resized and windowed once, then read back every epoch and run; None: read every time).
     """
 
     root: str = "data/phantom"
@@ -40,6 +42,7 @@ class DataConfig:
     max_length: int = 128
     num_workers: int = 0
     split_dir: str | None = None
+    volume_cache: str | None = None
     check_images: bool = False
     progress: bool = True
 

@@ -244,7 +244,8 @@ class UniMedIMethod(Method):
         if volumes:
             dataset = VolumePretrainDataset(volumes, tokenizer, max_length=data.max_length,
                                             shape=cfg.volume_shape, window=cfg.volume_window,
-                                            seed=seed, on_error=data.on_error)
+                                            seed=seed, on_error=data.on_error,
+                                            cache=data.volume_cache)
             loaders["ct"] = build_pretrain_loader(
                 dataset, data, batch_size=cfg.volume_batch_size,
                 collate_fn=VolumeCollator(tokenizer.pad_token_id), **common)
