@@ -33,6 +33,7 @@ from unimed.config import load_config
 from unimed.eval.data import EvalData
 from unimed.eval.runner import evaluate
 from unimed.eval.tasks import TaskContext
+from unimed.machine import set_malloc_for_training
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
 TARGET_S = 60.0
@@ -47,8 +48,13 @@ def main() -> None:
                         help="print the N functions with the most cumulative time")
     parser.add_argument("--metrics", default=None, metavar="JSON",
                         help="also write the tasks' metrics there (to compare two code versions)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default malloc settings (unimed's command line sets "
+                             "unimed.machine.set_malloc_for_training)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.root=...")
     args = parser.parse_args()
+    if not args.system_malloc:
+        set_malloc_for_training()  # as `unimed evaluate` does
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = find_checkpoint(args.run)
@@ -72,7 +78,9 @@ def main() -> None:
     rows = [[task, f"{s:.1f}", f"{100 * s / total:.0f}%"] for task, s in seconds.items()]
     rows.append(["total (one encoder)", f"{total:.1f}", f"target < {TARGET_S:.0f} s"])
     rows.append(["process CPU time, all threads", f"{cpu:.1f}", ""])
-    print_table(f"Evaluation of {encoders[0].label} ({checkpoint}), {torch.get_num_threads()} threads",
+    malloc = "glibc defaults" if args.system_malloc else "set_malloc_for_training"
+    print_table(f"Evaluation of {encoders[0].label} ({checkpoint}), {torch.get_num_threads()} threads, "
+                f"malloc: {malloc}",
                 ["task", "seconds", "share"], rows)
     if profiler is not None:
         text = io.StringIO()

@@ -38,7 +38,7 @@ from unimed.config import Config, load_config
 from unimed.data.config import DataConfig
 from unimed.data.prior import NO_SENTENCE
 from unimed.data.records import Record
-from unimed.machine import gemm_peak
+from unimed.machine import gemm_peak, set_malloc_for_training
 from unimed.methods import create_method
 from unimed.models.config import (
     ImageTowerConfig,
@@ -220,6 +220,8 @@ def profile_step(trainer: Trainer, batches: Any, top: int) -> str:
 
 def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Measure one configuration (run in a fresh process)."""
+    if not args.system_malloc:
+        set_malloc_for_training()  # as the unimed command line does
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -300,6 +302,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="image encoder weights in channels_last memory format")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the image encoder (as method.image.compile=true)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default malloc settings (unimed's command line sets "
+                             "unimed.machine.set_malloc_for_training)")
     parser.add_argument("--profile", action="store_true", help="profile one extra step")
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -330,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
             print(results[-1]["profile"])
     print(" ".join(["python", *sys.argv]))
     print_table(results)
+    print("malloc: " + ("glibc defaults" if args.system_malloc else
+                        "set_malloc_for_training (freed memory kept for reuse, as the unimed CLI)"))
 
 
 if __name__ == "__main__":
