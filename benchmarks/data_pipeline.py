@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from unimed.commands.tables import print_table
 from unimed.config import load_config
@@ -101,12 +102,23 @@ def stage_times(dataset, records: list[Record], batch_size: int) -> dict[str, fl
     return out
 
 
+def gpu_samples_per_s(args: argparse.Namespace, measured: float | None, flop_per_sample: float,
+                      unit: str) -> tuple[float, str]:
+    """One GPU's pre-training rate: `measured`, else the dense fp16 peak x MFU / FLOP per `unit`;
+    with the words that say which."""
+    if measured:
+        return measured, "measured"
+    return (args.gpu_tflops * 1e12 * args.mfu / flop_per_sample,
+            f"estimate: {args.gpu_tflops:g} TFLOP/s x MFU {args.mfu:g} / "
+            f"{flop_per_sample / 1e9:.0f} GFLOP per {unit}")
+
+
 def write_volumes(folder: Path, n: int, shape: tuple[int, int, int]) -> list[Record]:
     """`n` phantom CT studies of `shape` (slices, rows, columns) as BIMCV-like gzipped NIfTI files,
     alternating the two BIMCV sites (raw HU and rescaled storage), with their Spanish reports."""
     cfg = CTConfig(shape=shape)
     records = []
-    for i in range(n):
+    for i in tqdm(range(n), desc=f"writing CT volumes {'x'.join(map(str, shape))}", unit="volume"):
         study = generate_ct_study(cfg, 0, "bimcv-covid19", i, site=("valencia", "elche")[i % 2])
         path = folder / f"{i:05d}.nii.gz"
         path.write_bytes(nifti_bytes(study, study.hu, intensity=True))
@@ -148,10 +160,7 @@ def volume_table(args: argparse.Namespace, tokenizer) -> None:
     shape, window = cfg.method.volume_shape, cfg.method.volume_window
     batch = cfg.method.volume_batch_size
     max_length = cfg.data.max_length
-    gpu_rate = args.gpu_volumes_per_s or args.gpu_tflops * 1e12 * args.mfu / CT_FLOP_PER_SAMPLE
-    source = "measured" if args.gpu_volumes_per_s else (
-        f"estimate: {args.gpu_tflops:g} TFLOP/s x MFU {args.mfu:g} / "
-        f"{CT_FLOP_PER_SAMPLE / 1e9:.0f} GFLOP per volume")
+    gpu_rate, source = gpu_samples_per_s(args, args.gpu_volumes_per_s, CT_FLOP_PER_SAMPLE, "volume")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         records = write_volumes(Path(tmp), args.volumes, tuple(args.ct_shape))
@@ -187,10 +196,7 @@ def image_table(args: argparse.Namespace, tokenizer) -> None:
     cfg = load_config(CONFIG)
     batch = args.batch_size or cfg.train.batch_size
     data = dataclasses.replace(cfg.data, max_length=128)
-    gpu_rate = args.gpu_samples_per_s or args.gpu_tflops * 1e12 * args.mfu / FLOP_PER_SAMPLE
-    source = "measured" if args.gpu_samples_per_s else (
-        f"estimate: {args.gpu_tflops:g} TFLOP/s x MFU {args.mfu:g} / "
-        f"{FLOP_PER_SAMPLE / 1e9:.0f} GFLOP per sample")
+    gpu_rate, source = gpu_samples_per_s(args, args.gpu_samples_per_s, FLOP_PER_SAMPLE, "sample")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         records = write_jpegs(Path(tmp), args.images)
