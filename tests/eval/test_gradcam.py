@@ -108,12 +108,18 @@ def test_run_with_stub_prompts(tiny_encoder, task_context, tmp_path) -> None:
     assert metrics["images"] == len(metrics["classes"]) and "cam_correlation" not in metrics
 
 
-def test_every_cam_overlay_has_a_colour_bar_of_its_scale(tmp_path, monkeypatch) -> None:
+def test_every_cam_overlay_shares_the_one_colour_bar_of_its_scale(tmp_path, monkeypatch) -> None:
     drawn = []
     monkeypatch.setattr(gradcam.Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
     row = {"image": np.zeros((8, 8)), "class": "edema", "study": "s1",
            "cams": [np.zeros((8, 8)), np.ones((8, 8))], "prompts": ["edema", "edema"]}
     gradcam.plot_grid([row, row], ["en", "es"], str(tmp_path / "grid.png"))
     bars = [ax for ax in drawn[0].axes if ax.get_label() == "<colorbar>"]
-    assert len(bars) == 4
-    assert all(bar.get_ylim() == (0.0, 1.0) and "Grad-CAM" in bar.get_ylabel() for bar in bars)
+    assert len(bars) == 1
+    bar = bars[0]
+    assert bar.get_ylim() == (0.0, 1.0) and "Grad-CAM" in bar.get_ylabel()
+    scale = next(c for c in bar.collections if c.get_array() is not None)  # the colour ramp
+    overlays = [image for ax in drawn[0].axes for image in ax.get_images() if image.get_alpha()]
+    assert len(overlays) == 4  # 2 rows x 2 languages
+    assert all(image.get_clim() == scale.get_clim() == (0.0, 1.0) for image in overlays)
+    assert all(image.get_cmap().name == scale.get_cmap().name == "jet" for image in overlays)

@@ -14,6 +14,7 @@ from unimed.eval.metrics import (
     bootstrap,
     macro_estimate,
     paired_difference,
+    per_class_auc,
     percentile_interval,
     resample_indices,
 )
@@ -51,6 +52,18 @@ def test_batched_auc_equals_sklearn_with_ties_and_is_nan_for_one_class():
     expected = [roc_auc_score(y, s) for y, s in zip(labels, scores)]
     assert np.allclose(batched_auc(labels, scores), expected)
     assert np.isnan(batched_auc(np.ones((1, 4)), np.arange(4.0)[None]))[0]
+
+
+def test_per_class_auc_equals_sklearn_per_column_and_is_none_for_one_class():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, size=(40, 5))
+    labels[:, 3] = 1  # one class only: AUC undefined
+    scores = rng.normal(size=(40, 5)).astype(np.float32)  # a probe's logits
+    scores[:10, 1] = 0.0  # ties
+    got = per_class_auc(labels, scores)
+    assert got[3] is None
+    for c in (0, 1, 2, 4):
+        assert got[c] == pytest.approx(roc_auc_score(labels[:, c], scores[:, c]), abs=1e-12)
 
 
 def test_batched_f1_equals_sklearn_including_no_positives():

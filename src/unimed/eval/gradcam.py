@@ -129,11 +129,17 @@ def pick_images(records: Sequence[Record], classes: Sequence[str], dataset: str,
     return picked
 
 
+COLOUR_BAR_WIDTH = 0.1  # share of the figure's width kept for the colour bar
+
+
 def plot_grid(rows: list[dict[str, Any]], languages: Sequence[str], path: str) -> None:
-    """Rows of image | one CAM overlay per language, titled with the prompt as a person reads it;
-    each overlay has a colour bar of its scale (CAMs are normalised to [0, 1] per map)."""
-    fig = Figure(figsize=(2.6 * (1 + len(languages)), 2.8 * len(rows)))
+    """Rows of image | one CAM overlay per language, titled with the prompt as a person reads it.
+    CAMs are normalised to [0, 1] per map, so every overlay shares one colour scale, drawn once as a
+    bar beside the grid (a bar per overlay drew the same scale 2-3 times per row, and took half the
+    figure's drawing time)."""
+    fig = Figure(figsize=(2.6 * (1 + len(languages)) + 0.8, 2.8 * len(rows)))
     axes = fig.subplots(len(rows), 1 + len(languages), squeeze=False)
+    overlay = None
     for row, ax_row in zip(rows, axes):
         ax_row[0].imshow(row["image"], cmap="gray")
         ax_row[0].set_title(f"{row['class']}\n{row['study']}", fontsize=8)
@@ -141,12 +147,15 @@ def plot_grid(rows: list[dict[str, Any]], languages: Sequence[str], path: str) -
             ax.imshow(row["image"], cmap="gray")
             overlay = ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
             ax.set_title(f"{language.upper()}: \"{prompt}\"", fontsize=8)
-            bar = fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.02)
-            bar.set_label("Grad-CAM (0–1 per map)", fontsize=7)
-            bar.ax.tick_params(labelsize=6)
         for ax in ax_row:
             ax.set_axis_off()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0 - COLOUR_BAR_WIDTH, 1.0))
+    if overlay is not None:
+        cax = fig.add_axes((1.0 - 0.8 * COLOUR_BAR_WIDTH, 0.3, 0.25 * COLOUR_BAR_WIDTH, 0.4),
+                           label="<colorbar>")
+        bar = fig.colorbar(overlay, cax=cax)
+        bar.set_label("Grad-CAM (0–1 per map)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     fig.savefig(path, dpi=110)
 
 
