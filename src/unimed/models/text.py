@@ -8,14 +8,20 @@ not use it, and a parameter that never receives a gradient breaks DDP without
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
-from transformers import BertConfig, BertModel, PretrainedConfig
+from safetensors import SafetensorError
+from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import logging as hf_logging
 
 from unimed.models.config import TextTowerConfig
+from unimed.train.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +66,7 @@ def _load_text_encoder(path: Path, vocab_size: int | None, dropout: dict[str, fl
             f"text encoder folder {path} has no config.json; expected a Hugging Face model folder "
             "(save_pretrained output)"
         )
-    model = BertModel.from_pretrained(
-        str(path), add_pooling_layer=False, local_files_only=True, **dropout
-    )
+    model, _ = load_pretrained(BertModel, path, add_pooling_layer=False, **dropout)
     rows = model.get_input_embeddings().num_embeddings
     if vocab_size is not None and vocab_size != rows:
         if vocab_size < rows:
@@ -75,6 +79,57 @@ def _load_text_encoder(path: Path, vocab_size: int | None, dropout: dict[str, fl
         # transformers' default draw from the old rows' mean and covariance.
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model
+
+
+@contextlib.contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """transformers' warnings (its LOAD REPORT tables among them) off inside; restored after."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+# What a folder may hold beside the weights of a pooler-less encoder: BERT's pooler (a sentence
+# encoder's checkpoint) and an MLM head (the MLM stage's folder).
+ENCODER_EXTRAS = ("pooler.", "cls.")
+Model = TypeVar("Model", bound=PreTrainedModel)
+
+
+def load_pretrained(cls: type[Model], path: str | Path, *, initialised: tuple[str, ...] = (),
+                    **kwargs: Any) -> tuple[Model, dict[str, Any]]:
+    """``cls.from_pretrained`` of the local folder `path` (never the hub) and transformers' loading
+    info, the loading report checked here instead of printed as transformers' tables.
+
+    A folder transformers cannot read (a truncated weights file), a weight the model needs that the
+    folder lacks (other than those starting with one of `initialised`, which the caller sets
+    itself) or holds in another shape is a :class:`CheckpointError` naming the folder and the keys:
+    transformers would start such weights at random and only warn, losing trained state silently.
+    Weights the model has no place for are expected when they are a pooler or an MLM head
+    (`ENCODER_EXTRAS`) and a warning naming them otherwise.
+    """
+    try:
+        with transformers_quiet():
+            model, info = cls.from_pretrained(str(path), output_loading_info=True,
+                                              local_files_only=True, **kwargs)
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"text encoder folder {path} cannot be loaded: {reason}") from exc
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(initialised))
+    mismatched = sorted(k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"])
+    if missing or mismatched:
+        keys = missing + mismatched
+        what = "lacks" if missing else "has another shape for"
+        raise CheckpointError(f"text encoder folder {path} {what} {len(keys)} weight(s) of the "
+                              f"model, e.g. {', '.join(keys[:3])}: it is incomplete or of another "
+                              "architecture")
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(ENCODER_EXTRAS))
+    if unexpected:
+        log.warning("text encoder folder %s holds %d weight(s) the model does not use, e.g. %s",
+                    path, len(unexpected), ", ".join(unexpected[:3]))
+    return model, info
 
 
 def freeze_text_layers(encoder: BertModel, n: int) -> None:

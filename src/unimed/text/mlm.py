@@ -34,7 +34,7 @@ from transformers import (
 
 from unimed.data.pretrain import PretrainSampler
 from unimed.methods.base import Method, Stage, StepContext
-from unimed.models.text import BASE_VOCAB_KEY, mean_pool, train_appended_rows
+from unimed.models.text import BASE_VOCAB_KEY, load_pretrained, mean_pool, train_appended_rows
 from unimed.text.config import MLMConfig
 from unimed.text.corpus import require_texts
 from unimed.text.stemming import copy_corpus_stemming
@@ -213,8 +213,8 @@ def build_mlm_model(
     path = Path(base_model)
     if not path.is_dir():
         raise ValueError(f"base model folder {path} does not exist; models are never downloaded")
-    model, info = BertForMaskedLM.from_pretrained(str(path), output_loading_info=True,
-                                                  local_files_only=True)
+    # A sentence encoder has no MLM head: init_missing_head gives it one.
+    model, info = load_pretrained(BertForMaskedLM, path, initialised=("cls.",))
     n_old = model.get_input_embeddings().num_embeddings
     if len(tokenizer) < n_old:
         raise ValueError(
