@@ -4,6 +4,7 @@ parameters "last" trains, the native 3D path, clear config errors, the report's 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,55 @@ def test_the_state_is_chosen_on_the_validation_split_not_on_the_test_split(monke
     assert row["ci"][0] <= row["value"] <= row["ci"][1] and row["train_images"] == 48
 
 
+def rows_through(module: nn.Module) -> list[int]:
+    """A list that grows by the batch size of every non-empty forward pass of `module` (and of its
+    deep copies: the hook is copied with it)."""
+    rows: list[int] = []
+    module.register_forward_hook(lambda _m, args, _out: rows.append(len(args[0])) if len(args[0]) else None)
+    return rows
+
+
+def test_the_frozen_part_runs_once_per_slice_and_changes_nothing():
+    train, valid, test = easy_split(48, 0), easy_split(12, 1), easy_split(30, 2)
+    runs = {}
+    for name, gb in (("cached", 2.0), ("every epoch", 0.0)):
+        encoder = stub_encoder()
+        rows = rows_through(encoder.model.visual.stem)
+        fitted = volume_finetune.fine_tune(encoder, train, valid, CCII,
+                                           config(flip=True, frozen_cache_gb=gb), seed=0)
+        logits = volume_finetune.predict(fitted.model, test[0], 8, torch.device("cpu"))
+        runs[name] = (fitted, logits, sum(rows))
+    (cached, cached_logits, cached_rows), (direct, direct_logits, direct_rows) = runs.values()
+    assert cached.cached and not direct.cached
+    assert (cached.epoch, cached.epochs_run, cached.valid_value) == (
+        direct.epoch, direct.epochs_run, direct.valid_value)
+    assert cached.valid_loss == pytest.approx(direct.valid_loss, rel=1e-5)
+    torch.testing.assert_close(cached_logits, direct_logits, rtol=1e-4, atol=1e-5)
+    # slices through the frozen first level: the head's width probe (1 volume), then either the
+    # cache's check (2 volumes, cached and direct), the training volumes in both orientations and
+    # the validation volumes once, or every epoch's training and validation volumes.
+    assert cached_rows == SLICES * (1 + 2 * 2 + 2 * 48 + 12) + SLICES * 30
+    assert direct_rows == SLICES * (1 + 25 * (48 + 12)) + SLICES * 30
+
+
+def test_the_cache_steps_aside_when_it_does_not_fit_or_does_not_reproduce_the_model(caplog):
+    train, valid = easy_split(24, 0), easy_split(6, 1)
+    with caplog.at_level(logging.INFO, logger="unimed.eval.volume_finetune"):
+        fitted = volume_finetune.fine_tune(stub_encoder(), train, valid, CCII,
+                                           config(epochs=2, frozen_cache_gb=1e-9), seed=0)
+    assert not fitted.cached and "exceed eval.volume_finetune.frozen_cache_gb=1e-09" in caplog.text
+
+    class Twice(StubModel):  # the last level runs twice per pass: its input alone does not do
+        def pooled_image(self, image: torch.Tensor) -> torch.Tensor:
+            return self.visual(image[:, 0]) + self.visual(image[:, 0].flip(-1))
+
+    caplog.clear()
+    encoder = Encoder("twice", "Twice", Twice(), tokenizer=None)
+    fitted = volume_finetune.fine_tune(encoder, train, valid, CCII, config(epochs=2), seed=0)
+    assert not fitted.cached
+    assert "do not reproduce the model's features (the last feature level ran 2 times in 1 forward pass(es))" in caplog.text
+
+
 def test_an_undefined_validation_auc_selects_by_the_validation_loss():
     train = (easy_split(24, 0)[0], (easy_split(24, 0)[1] == 0).float()[:, None])
     valid = (easy_split(6, 1)[0], torch.zeros(6, 1))  # one class: no AUC
@@ -219,6 +269,7 @@ def test_volume_finetune_runs_end_to_end_through_the_runner(ct_context, tiny_enc
     assert 0.0 <= row["accuracy"] <= 1.0 and row["train_images"] == luna["volumes"]["train"]
     visual = sum(p.numel() for p in tiny_encoder.model.visual.parameters())
     assert 0 < row["trained_parameters"] < visual  # "last": layer4 and the head
+    assert row["frozen_part_cached"]  # the layers before layer4 ran once per slice
     assert out["seconds"]["volume_finetune"] > 0 and "replicates" not in row
     assert "tiny/volume_finetune/luna16/fractions/100%/accuracy" in ct_context.replicates
     assert all(torch.equal(v, tiny_encoder.model.state_dict()[k]) for k, v in before.items())

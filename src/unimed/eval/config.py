@@ -330,7 +330,9 @@ class VolumeFinetuneConfig:
     ``eval.volume.slices``; a native 3D model resamples them to its own input shape), batch 4,
     `epochs` / `patience`. The test split is scored with the state of best validation metric
     (validation loss where the metric is undefined there), ties broken by the lower validation
-    loss. `min_train_volumes` floors a fraction below 1.
+    loss. `min_train_volumes` floors a fraction below 1. Under "last" a slice-wise (2D) encoder's
+    frozen part runs once per slice, not once per epoch, when its activations fit in
+    `frozen_cache_gb` (:class:`unimed.eval.volume_finetune.FrozenPrefix`).
 
     `lr` was chosen on the validation splits only (train -> valid; the script never reads the test
     split) of the phantom CT world of the brief (``unimed phantom configs/demo.yaml
@@ -364,10 +366,14 @@ class VolumeFinetuneConfig:
     epochs: int = 10
     batch_size: int = 4
     patience: int = 4
+    frozen_cache_gb: float = 2.0  # memory for the frozen part's activations under "last"; 0: off
 
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ValueError("eval.volume_finetune.datasets must name at least one dataset")
+        if not self.frozen_cache_gb >= 0:
+            raise ValueError("eval.volume_finetune.frozen_cache_gb must be >= 0 (0: no cache), "
+                             f"got {self.frozen_cache_gb}")
         if self.trainable not in FINETUNE_TRAINABLE:
             raise ValueError("eval.volume_finetune.trainable must be one of "
                              f"{', '.join(FINETUNE_TRAINABLE)}, got {self.trainable!r}")

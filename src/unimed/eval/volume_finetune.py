@@ -28,6 +28,11 @@ validation metric (ties broken by the lower validation loss), or the validation 
 the metric is undefined there (a LUNA16 validation split of one class); training stops after
 `patience` epochs without improvement and the best state is scored on the test split, with
 bootstrap intervals over the test volumes on the context's shared resamples (the volume probe's).
+
+Under "last" the frozen part of a slice-wise model computes the same activations for a slice in
+every epoch, so it runs once per slice (:class:`FrozenPrefix`; the training volumes once more,
+flipped) and each epoch runs the trainable part only: on the demo's encoders the frozen part is
+all but the last of EfficientNet's seven stages.
 """
 
 from __future__ import annotations
@@ -127,17 +132,118 @@ def predict(model: VolumeClassifier, stacks: torch.Tensor, batch_size: int, devi
     return torch.cat(parts) if parts else torch.empty(0, model.head.out_features)
 
 
+def flip_draw(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n,) bool: which volumes of a batch are flipped left-right (each with probability 1/2)."""
+    return torch.rand(n, generator=generator) < 0.5
+
+
 def flipped(stacks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each (K, 1, S, S) volume of a batch flipped left-right with probability 1/2."""
-    flip = torch.rand(len(stacks), generator=generator) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1, 1), stacks.flip(-1), stacks)
+    return torch.where(flip_draw(len(stacks), generator).view(-1, 1, 1, 1, 1), stacks.flip(-1), stacks)
+
+
+class FrozenPrefix:
+    """The frozen part of a slice-wise classifier under trainable="last", run once per slice.
+
+    Everything before the backbone's last feature level (`level`, timm ``feature_info[-1]``) is
+    frozen and the copy is in eval mode, so the input `level` receives for a slice is the same in
+    every epoch. :meth:`inputs` records it once per slice. :meth:`features` runs the model's own
+    ``pooled_image`` on an *empty* batch of the slices' shape while a forward pre-hook hands `level`
+    the recorded inputs instead, so every module from the level on (the trainable level, what the
+    backbone registers after it, a timm pooling head, PRIOR's attention pool) runs as it does
+    without the cache. :func:`frozen_prefix` checks that on training volumes before it is used.
+    """
+
+    def __init__(self, model: VolumeClassifier, level: nn.Module, image_shape: tuple[int, ...]) -> None:
+        self.model, self.level, self.image_shape = model, level, image_shape
+        self.device = next(model.head.parameters()).device
+
+    @torch.no_grad()
+    def inputs(self, stacks: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """(N, K, 1, S, S) slice stacks -> (N, K, *A): the input of the last level per slice, on
+        the CPU. An EvalError when the level does not run exactly once per forward pass."""
+        captured: list[torch.Tensor] = []
+        hook = self.level.register_forward_pre_hook(
+            lambda _module, args: captured.append(args[0].detach().cpu()))
+        try:
+            chunks = stacks.split(batch_size)
+            for chunk in chunks:
+                self.model.model.pooled_image(rgb(chunk.flatten(0, 1).to(self.device)))
+        finally:
+            hook.remove()
+        if len(captured) != len(chunks):
+            raise EvalError(f"the last feature level ran {len(captured)} times in {len(chunks)} "
+                            "forward pass(es)")
+        flat = torch.cat(captured)
+        return flat.view(len(stacks), stacks.shape[1], *flat.shape[1:])
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, K, *A) inputs of the last level -> (B, width): :meth:`VolumeClassifier.features`
+        of the volumes they were recorded from."""
+        batch, k = inputs.shape[:2]
+        flat = inputs.flatten(0, 1).to(self.device)
+        hook = self.level.register_forward_pre_hook(lambda _module, args: (flat, *args[1:]))
+        try:
+            pooled = self.model.model.pooled_image(flat.new_zeros(0, *self.image_shape))
+        finally:
+            hook.remove()
+        return pooled.reshape(batch, k, -1).mean(1)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, K, *A) -> (B, classes)."""
+        return self.model.head(self.features(inputs))
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """(N, classes) float32 logits on the CPU, as :func:`predict` of the recorded volumes."""
+        return torch.cat([self.logits(chunk).float().cpu() for chunk in inputs.split(batch_size)])
+
+
+CHECKED_VOLUMES = 2  # training volumes on which the cache must reproduce the model's features
+
+
+def frozen_prefix(model: VolumeClassifier, train: torch.Tensor, valid: torch.Tensor,
+                  cfg: VolumeFinetuneConfig) -> FrozenPrefix | None:
+    """A :class:`FrozenPrefix` of `model` for the (N, K, 1, S, S) `train` and `valid` stacks, or
+    None (the frozen part then runs every epoch): with trainable "all", a native 3D model, or
+    ``frozen_cache_gb`` 0; with a line saying why when the inputs of the training (both
+    orientations with flips) and validation volumes would not fit in ``frozen_cache_gb``, or the
+    cache does not reproduce the model's features on the first training volumes."""
+    body = model.model
+    if cfg.trainable != "last" or cfg.frozen_cache_gb <= 0 or hasattr(body, "pooled_volume"):
+        return None
+    visual = body.visual
+    level = visual.get_submodule(str(visual.feature_info[-1]["module"]))
+    prefix = FrozenPrefix(model, level, (3, *train.shape[-2:]))
+    sample = train[:CHECKED_VOLUMES]
+    try:
+        inputs = prefix.inputs(sample, cfg.batch_size)
+        with torch.no_grad():
+            cached, direct = prefix.features(inputs), model.features(sample.to(prefix.device))
+        same = torch.allclose(cached, direct, rtol=1e-4, atol=1e-5)
+        reason = f"largest difference {float((cached - direct).abs().max()):.2g}"
+    except (EvalError, RuntimeError) as exc:
+        same, reason = False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not same:
+        log.warning("volume fine-tuning: the inputs of the last feature level do not reproduce the "
+                    "model's features (%s); the frozen part runs every epoch", reason)
+        return None
+    volumes = len(train) * (2 if cfg.flip else 1) + len(valid)
+    gigabytes = volumes * inputs[0].numel() * inputs.element_size() / 2**30
+    if gigabytes > cfg.frozen_cache_gb:
+        log.info("volume fine-tuning: the frozen part's activations (%.1f GB) exceed "
+                 "eval.volume_finetune.frozen_cache_gb=%g; it runs every epoch", gigabytes,
+                 cfg.frozen_cache_gb)
+        return None
+    return prefix
 
 
 @dataclasses.dataclass
 class Fitted:
     """A fine-tuned classifier and how it was selected on the validation split: the validation
     metric (None where undefined) and loss of the kept state, its epoch (1-based), the epochs run,
-    whether the metric or the loss selected, and the parameters that received gradients."""
+    whether the metric or the loss selected, the parameters that received gradients, and whether
+    the frozen part ran once per slice (:class:`FrozenPrefix`) or every epoch."""
 
     model: VolumeClassifier
     valid_value: float | None
@@ -146,6 +252,7 @@ class Fitted:
     epochs_run: int
     selected_by: str
     trained_parameters: int
+    cached: bool
 
 
 def build_classifier(encoder: Encoder, sample: torch.Tensor, classes: int, trainable: str, seed: int
@@ -160,17 +267,16 @@ def build_classifier(encoder: Encoder, sample: torch.Tensor, classes: int, train
         return VolumeClassifier(body, classes, width).to(encoder.device)
 
 
-def train_epoch(model: VolumeClassifier, optimizer: torch.optim.Optimizer, train: Split,
+def train_epoch(model: VolumeClassifier, optimizer: torch.optim.Optimizer, labels: torch.Tensor,
+                logits_of: Callable[[torch.Tensor], torch.Tensor],
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 cfg: VolumeFinetuneConfig, generator: torch.Generator) -> int:
-    """One shuffled pass over `train` (each volume flipped left-right at random when `cfg.flip`);
-    returns how many parameters received a gradient."""
-    stacks, labels = train
+    """One shuffled pass over the training volumes, `logits_of` a batch's indices giving its
+    logits; returns how many parameters received a gradient."""
     device = next(model.head.parameters()).device
     trained = 0
     for index in torch.randperm(len(labels), generator=generator).split(cfg.batch_size):
-        batch = flipped(stacks[index], generator) if cfg.flip else stacks[index]
-        loss = loss_fn(model(batch.to(device)), labels[index].to(device))
+        loss = loss_fn(logits_of(index), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trained = sum(p.numel() for p in model.parameters() if p.grad is not None)
@@ -193,6 +299,28 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
     if by_loss:
         log.warning("%s: %s is undefined on the validation split (%d volumes); selecting by the "
                     "validation loss", desc, target.metric, len(valid[1]))
+    stacks, labels = train
+    prefix = frozen_prefix(model, stacks, valid[0], cfg)
+    if prefix is None:
+        def logits_of(index: torch.Tensor) -> torch.Tensor:
+            batch = flipped(stacks[index], generator) if cfg.flip else stacks[index]
+            return model(batch.to(device))
+
+        def valid_logits() -> torch.Tensor:
+            return predict(model, valid[0], cfg.batch_size, device)
+    else:
+        plain = prefix.inputs(stacks, cfg.batch_size)  # (N, K, *A)
+        mirrored = prefix.inputs(stacks.flip(-1), cfg.batch_size) if cfg.flip else plain
+        held_out = prefix.inputs(valid[0], cfg.batch_size)
+
+        def logits_of(index: torch.Tensor) -> torch.Tensor:
+            if not cfg.flip:
+                return prefix.logits(plain[index])
+            flip = flip_draw(len(index), generator).view(-1, *[1] * (plain.dim() - 1))
+            return prefix.logits(torch.where(flip, mirrored[index], plain[index]))
+
+        def valid_logits() -> torch.Tensor:
+            return prefix.predict(held_out, cfg.batch_size)
     trained = 0
     best: tuple[float, ...] | None = None
     kept: dict[str, torch.Tensor] = {}
@@ -200,8 +328,8 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
     stale, epoch = 0, 0
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", leave=False, disable=not progress)
     for epoch in bar:
-        trained = train_epoch(model, optimizer, train, loss_fn, cfg, generator) or trained
-        logits = predict(model, valid[0], cfg.batch_size, device)
+        trained = train_epoch(model, optimizer, labels, logits_of, loss_fn, cfg, generator) or trained
+        logits = valid_logits()
         value = None if by_loss else score(logits, valid[1], target.metric)
         valid_loss = float(loss_fn(logits, valid[1]))
         key = (-valid_loss,) if value is None else (value, -valid_loss)
@@ -217,7 +345,7 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
     model.load_state_dict(kept, strict=False)
     value, valid_loss, best_epoch = selection
     return Fitted(model, value, valid_loss, best_epoch, epoch, "loss" if by_loss else target.metric,
-                  trained)
+                  trained, prefix is not None)
 
 
 def split_data(ctx: TaskContext, dataset: str, target: ProbeTarget,
@@ -262,7 +390,7 @@ def finetune_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[s
         extras[label] = {
             "valid": fitted.valid_value, "valid_loss": fitted.valid_loss, "epoch": fitted.epoch,
             "epochs_run": fitted.epochs_run, "selected_by": fitted.selected_by,
-            "trained_parameters": fitted.trained_parameters,
+            "trained_parameters": fitted.trained_parameters, "frozen_part_cached": fitted.cached,
         }
         if "accuracy" in estimates:
             accuracy = estimates["accuracy"]
@@ -288,7 +416,8 @@ def finetune_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[s
 def run(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     """{dataset: {"metric", "trainable", "volumes", "fractions": {"100%": {"value", "ci",
     "train_images", "valid", "valid_loss", "epoch", "epochs_run", "selected_by",
-    "trained_parameters", and for a binary AUC target "accuracy", "accuracy_ci"}}}}."""
+    "trained_parameters", "frozen_part_cached", and for a binary AUC target "accuracy",
+    "accuracy_ci"}}}}."""
     out = {}
     for dataset in ctx.cfg.volume_finetune.datasets:
         out[dataset] = finetune_dataset(encoder, ctx, dataset)
