@@ -99,8 +99,15 @@ def _resized(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=False)
 
 
+# The decoder runs channels-last (NDHWC): oneDNN's 3D convolutions, the weight gradients of the
+# full-resolution ones above all, are faster so on the CPU (the task 13 % faster on 2 cores; see the
+# README's 3D segmentation paragraph).
+LAYOUT = torch.channels_last_3d
+
+
 def _batch(split: Split, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Maps]:
-    return split[0][index].to(device), [m[index].to(device).float() for m in split[1]]
+    volumes = split[0][index].to(device).contiguous(memory_format=LAYOUT)
+    return volumes, [m[index].to(device).float().contiguous(memory_format=LAYOUT) for m in split[1]]
 
 
 @torch.no_grad()
@@ -141,7 +148,7 @@ def fit_decoder(train: Split, valid: Split, classes: int, cfg: VolumeSegmentatio
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = UNETRHead([m.shape[1] for m in maps], [m.shape[2:] for m in maps], volumes.shape[2:],
-                          classes, cfg.feature_size).to(device)
+                          classes, cfg.feature_size).to(device, memory_format=LAYOUT)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     generator = seeded_generator(seed)
