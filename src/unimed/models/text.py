@@ -121,7 +121,8 @@ def load_pretrained(cls: type[Model], path: str | Path, *, initialised: tuple[st
     mismatched = sorted(k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"])
     if missing or mismatched:
         keys = missing + mismatched
-        what = "lacks" if missing else "has another shape for"
+        what = " or ".join(w for w, ks in (("lacks", missing), ("has another shape for", mismatched))
+                           if ks)
         raise CheckpointError(f"text encoder folder {path} {what} {len(keys)} weight(s) of the "
                               f"model, e.g. {', '.join(keys[:3])}: it is incomplete or of another "
                               "architecture")
