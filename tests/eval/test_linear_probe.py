@@ -92,10 +92,12 @@ def test_a_validation_split_of_one_class_selects_by_validation_loss(caplog):
     train = (x, (x < 0).float())
     valid = (torch.ones(6, 1), torch.ones(6, 1))
     cfg = LinearProbeConfig(epochs=10, patience=3, lr=1e-1, batch_size=8)
-    kept = linear_probe.train_probe(train, valid, "auc", cfg, seed=0)
+    kept = linear_probe.train_probe(train, valid, "auc", cfg, seed=0, desc="volume probe luna16 10%")
     first = linear_probe.train_probe(train, valid, "auc", dataclasses.replace(cfg, epochs=1), seed=0)
     assert torch.equal(kept.weight, first.weight) and torch.equal(kept.bias, first.bias)
-    assert "early stopping on the validation loss" in caplog.text
+    assert caplog.records[0].getMessage() == (
+        "volume probe luna16 10%: auc is undefined on the validation split (6 rows, one class); "
+        "early stopping on the validation loss")
 
 
 def test_test_estimate_bootstraps_accuracy_with_the_given_resamples():

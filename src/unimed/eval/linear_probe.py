@@ -112,12 +112,13 @@ def train_probe(
     metric: str,
     cfg: LinearProbeConfig,
     seed: int,
+    desc: str = "linear probe",
 ) -> nn.Linear:
     """A linear layer fitted on `train` (features, targets), the state of best `valid` metric.
 
     A validation split on which the metric is undefined (AUC with one class in every column, as a
-    handful of volumes can be) selects by validation loss instead, with a warning: no state is
-    kept by accident."""
+    handful of volumes can be) selects by validation loss instead, with a warning that starts with
+    `desc` (which probe): no state is kept by accident."""
     x, y = train
     classes = int(y.max()) + 1 if metric == "accuracy" else y.shape[1]
     generator = torch.Generator().manual_seed(seed)
@@ -128,8 +129,8 @@ def train_probe(
     loss_fn = F.cross_entropy if metric == "accuracy" else F.binary_cross_entropy_with_logits
     by_loss = score(layer(valid[0]), valid[1], metric) is None
     if by_loss:
-        log.warning("linear probe: %s is undefined on the validation split (%d rows, one class); "
-                    "early stopping on the validation loss", metric, len(valid[1]))
+        log.warning("%s: %s is undefined on the validation split (%d rows, one class); "
+                    "early stopping on the validation loss", desc, metric, len(valid[1]))
 
     def validation() -> float:
         with torch.no_grad():
@@ -178,7 +179,7 @@ def probe_fractions(ctx: TaskContext, split_x: dict[str, torch.Tensor], split_y:
         norm = {s: (x - mean) / std for s, x in split_x.items()}
         layer = train_probe((norm["train"][subset], split_y["train"][subset]),
                             (norm["valid"], split_y["valid"]), target.metric, ctx.cfg.linear_probe,
-                            ctx.cfg.seed)
+                            ctx.cfg.seed, desc=f"{desc} {label}")
         with torch.no_grad():
             return test_estimate(layer(norm["test"]), split_y["test"], target.metric, resamples)
 
