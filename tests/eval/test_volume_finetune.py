@@ -191,6 +191,31 @@ def test_the_cache_steps_aside_when_it_does_not_fit_or_does_not_reproduce_the_mo
     assert "do not reproduce the model's features (the last feature level ran 2 times in 1 forward pass(es))" in caplog.text
 
 
+@pytest.mark.parametrize("backbone", ["resnet10t", "tf_efficientnet_lite0", "vit_tiny_patch16_224"])
+def test_the_recorded_inputs_reproduce_the_features_of_real_backbones(backbone: str):
+    """The replay (the model on an empty batch, the last level fed the recorded inputs) gives the
+    features of the whole model for timm's CNNs, TF-style padding included, and a ViT."""
+
+    class Body(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            extra = {"img_size": 32, "depth": 2} if backbone.startswith("vit") else {}
+            self.visual = timm.create_model(backbone, pretrained=False, num_classes=0, **extra)
+
+        def pooled_image(self, image: torch.Tensor) -> torch.Tensor:
+            return self.visual(image)
+
+    torch.manual_seed(0)
+    model = volume_finetune.VolumeClassifier(Body().eval(), 3, 1)
+    visual = model.model.visual
+    level = visual.get_submodule(str(visual.feature_info[-1]["module"]))
+    prefix = volume_finetune.FrozenPrefix(model, level, (3, 32, 32))
+    stacks = torch.rand(3, 2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(prefix.features(prefix.inputs(stacks, batch_size=2)),
+                                   model.features(stacks), rtol=1e-4, atol=1e-5)
+
+
 def test_an_undefined_validation_auc_selects_by_the_validation_loss():
     train = (easy_split(24, 0)[0], (easy_split(24, 0)[1] == 0).float()[:, None])
     valid = (easy_split(6, 1)[0], torch.zeros(6, 1))  # one class: no AUC
