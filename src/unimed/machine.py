@@ -15,7 +15,7 @@ DEMO_SIZED_ON_FLOPS = 190e9
 
 
 # glibc's mallopt parameters (malloc.h) and the values set_malloc_for_training gives them.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
 MALLOC_SETTINGS = {
     M_MMAP_MAX: 0,  # every block from the heap, none mapped on its own (unmapped when freed)
     M_TRIM_THRESHOLD: -1,  # never give freed heap back to the kernel (malloc(3): -1 disables trimming)
