@@ -98,9 +98,44 @@ def test_distilled_rows_read_like_their_pieces_and_change_nothing_else(tiny_bert
     assert errors["subword_distilled"] < 0.25 * errors["subword_mean"], errors
 
 
+def test_lexicon_rows_read_like_their_translation_and_untranslated_terms_like_their_pieces(
+    tiny_bert_dir, tiny_tokenizer_dir, tmp_path
+):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    base_tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    n_old = BertForMaskedLM.from_pretrained(str(tiny_bert_dir)).get_input_embeddings().num_embeddings
+    terms = tokenizer.convert_ids_to_tokens(list(range(n_old, len(tokenizer))))
+    translated = {terms[0]: "pleural effusion", terms[1]: "heart"}
+    lexicon = tmp_path / "lexicon.yaml"
+    entries = "".join(f"  {term}: {english}\n" for term, english in translated.items())
+    lexicon.write_text(f"source: es\ntarget: en\nentries:\n{entries}", encoding="utf-8")
+    configs = {rule: MLMConfig(**{**TINY.__dict__, "new_rows": rule, "lexicon": str(lexicon)})
+               for rule in ("subword_distilled", "lexicon")}
+    models = {rule: build_mlm_model(tokenizer, cfg, base_model=tiny_bert_dir) for rule, cfg in configs.items()}
+    rows = {rule: model.get_input_embeddings().weight.detach() for rule, model in models.items()}
+    torch.testing.assert_close(rows["lexicon"][:n_old], rows["subword_distilled"][:n_old], rtol=0, atol=0)
+    torch.testing.assert_close(rows["lexicon"][n_old + 2:], rows["subword_distilled"][n_old + 2:])
+    sources = [translated.get(t, t) for t in terms]
+    pieces = base_tokenizer(sources[:2], padding=True, return_tensors="pt")
+    errors = {}
+    for rule, model in models.items():
+        alone, target = _term_and_pieces_states(model.bert.eval(), [n_old, n_old + 1],
+                                                tokenizer.cls_token_id, tokenizer.sep_token_id, pieces)
+        errors[rule] = float(((alone - target) ** 2).mean())
+    assert errors["lexicon"] < 0.25 * errors["subword_distilled"], errors
+
+
+def test_a_missing_lexicon_stops_mlm_before_training(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
+    cfg = MLMConfig(**{**TINY.__dict__, "new_rows": "lexicon", "lexicon": str(tmp_path / "nowhere.yaml")})
+    with pytest.raises(ValueError, match="nowhere.yaml' is neither a file nor a packaged lexicon"):
+        train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path / "out", base_model=tiny_bert_dir, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_new_rows_rule_is_a_config_error(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
     cfg = MLMConfig(**{**TINY.__dict__, "new_rows": "zeros"})
-    with pytest.raises(ValueError, match="mlm.new_rows must be one of random, subword_mean, subword_distilled"):
+    message = "mlm.new_rows must be one of random, subword_mean, subword_distilled, lexicon"
+    with pytest.raises(ValueError, match=message):
         train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
 
 
@@ -305,7 +340,7 @@ def test_missing_mlm_head_starts_tied_with_identity_transform_and_frequency_bias
     assert not torch.allclose(with_head.cls.predictions.bias, head.bias)  # a saved head is kept
 
 
-@pytest.mark.parametrize("new_rows", ["random", "subword_mean", "subword_distilled"])
+@pytest.mark.parametrize("new_rows", ["random", "subword_mean", "subword_distilled", "lexicon"])
 def test_retrieval_check_compares_with_the_encoder_mlm_starts_from(
     tiny_bert_dir, tiny_tokenizer_dir, tmp_path, new_rows
 ):

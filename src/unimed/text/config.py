@@ -36,7 +36,10 @@ class MLMConfig:
     the base model's rows of the pieces the base tokenizer cuts the term into, fast vocabulary
     transfer: 'neumotorax' starts near 'ne ##um ##oto ##rax', cognates near their English pieces) or
     "subword_distilled" (from that mean, each row fitted so that the frozen encoder reads the term
-    alone as it reads its pieces in order: :func:`unimed.text.mlm.distil_new_rows`).
+    alone as it reads its pieces in order: :func:`unimed.text.mlm.distil_new_rows`) or "lexicon"
+    (the same, from the term's translation in the bilingual lexicon ``lexicon``, a packaged name
+    such as "es-en" or a YAML file: :mod:`unimed.text.lexicon`; terms it lacks start from their own
+    pieces).
     ``trainable`` is what MLM updates: "all" (the paper: every parameter) or "new_rows" (only the
     appended terms' embedding rows and the MLM head; the pre-trained transformer body and every
     base-vocabulary row stay as they are, the lexical transfer of Artetxe et al., ACL 2020, "On the
@@ -62,4 +65,5 @@ class MLMConfig:
     fp16: bool = True
     log_every: int = 10
     new_rows: str = "random"
+    lexicon: str = "es-en"
     trainable: str = "all"

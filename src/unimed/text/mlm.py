@@ -37,7 +37,9 @@ from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.text import BASE_VOCAB_KEY, load_pretrained, mean_pool, train_appended_rows
 from unimed.text.config import MLMConfig
 from unimed.text.corpus import require_texts
+from unimed.text.lexicon import load_lexicon
 from unimed.text.stemming import copy_corpus_stemming
+from unimed.text.vocab import normalizer_of
 from unimed.train.config import TrainConfig
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import train
@@ -171,7 +173,7 @@ def _epoch_means(history: list[dict[str, float]]) -> list[float]:
     return [sum(v) / len(v) for v in by_epoch.values()]
 
 
-NEW_ROWS = ("random", "subword_mean", "subword_distilled")
+NEW_ROWS = ("random", "subword_mean", "subword_distilled", "lexicon")
 DISTIL_STEPS = 300
 DISTIL_LR = 3.0e-3
 TRAINABLE = ("all", "new_rows")
@@ -191,8 +193,10 @@ def build_mlm_model(
     From ``base_model`` the first rows keep their pre-trained values and the rows of the new tokens
     start as ``cfg.new_rows`` says: drawn from normal(0, initializer_range) as in the paper, the
     mean of their base-tokenizer pieces' rows, or that mean fitted to read like the pieces
-    (:func:`distil_new_rows`, with a progress bar when `progress`). transformers' default resizing would set them all to
-    the mean of the old rows, which makes every new term start as the same vector.
+    (:func:`distil_new_rows`, with a progress bar when `progress`), or the same from the term's
+    translation in the bilingual lexicon ``cfg.lexicon`` where it has one. transformers' default
+    resizing would set them all to the mean of the old rows, which makes every new term start as
+    the same vector.
     A base model without an MLM head (a sentence encoder such as MiniLM) gets the head of
     :func:`init_missing_head` instead of a random one. Without a base model, a fresh BERT is built
     from the sizes in ``cfg``.
@@ -224,12 +228,13 @@ def build_mlm_model(
     base_tokenizer = _check_vocab_prefix(tokenizer, path)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     setattr(model.config, BASE_VOCAB_KEY, n_old)  # saved in config.json: which rows are appended
-    if cfg.new_rows in ("subword_mean", "subword_distilled"):
+    if cfg.new_rows != "random":
         if base_tokenizer is None:
             raise ValueError(f"mlm.new_rows={cfg.new_rows} needs the base tokenizer, but {path} has none")
-        _init_new_rows_from_subwords(model, n_old, tokenizer, base_tokenizer)
-        if cfg.new_rows == "subword_distilled":
-            distil_new_rows(model, n_old, tokenizer, base_tokenizer, progress=progress)
+        sources = row_sources(tokenizer, n_old, base_tokenizer, cfg)
+        _init_new_rows_from_subwords(model, n_old, sources, base_tokenizer)
+        if cfg.new_rows in ("subword_distilled", "lexicon"):
+            distil_new_rows(model, n_old, sources, base_tokenizer, tokenizer, progress=progress)
     else:
         _init_new_rows(model, n_old, seed)
     init_missing_head(model, set(info["missing_keys"]), _token_counts(tokenizer, corpus))
@@ -299,6 +304,8 @@ def _check_config(cfg: MLMConfig) -> None:
         raise ValueError(f"mlm.new_rows must be one of {', '.join(NEW_ROWS)}, got {cfg.new_rows!r}")
     if cfg.trainable not in TRAINABLE:
         raise ValueError(f"mlm.trainable must be one of {', '.join(TRAINABLE)}, got {cfg.trainable!r}")
+    if cfg.new_rows == "lexicon":
+        load_lexicon(cfg.lexicon)
 
 
 def _check_vocab_prefix(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokenizerBase | None:
@@ -327,14 +334,29 @@ def _init_new_rows(model: BertForMaskedLM, n_old: int, seed: int) -> None:
         weight[n_old:] = (new_rows * model.config.initializer_range).to(weight.dtype)
 
 
+def row_sources(tokenizer: PreTrainedTokenizerBase, n_old: int, base: PreTrainedTokenizerBase,
+                cfg: MLMConfig) -> list[str]:
+    """The text each appended row (ids from ``n_old`` on) starts from: the term itself, or with
+    ``new_rows: lexicon`` its translation in ``cfg.lexicon`` where the lexicon has one."""
+    terms = tokenizer.convert_ids_to_tokens(list(range(n_old, len(tokenizer))))
+    if cfg.new_rows != "lexicon":
+        return terms
+    lexicon = load_lexicon(cfg.lexicon)
+    translations = lexicon.translations(terms, normalizer_of(base))
+    missing = [term for term, translation in zip(terms, translations) if translation is None]
+    logger.info("lexicon %s (%s -> %s) translates %d of the %d appended terms%s", lexicon.path,
+                lexicon.source, lexicon.target, len(terms) - len(missing), len(terms),
+                f"; from their own pieces: {', '.join(missing)}" if missing else "")
+    return [translation or term for term, translation in zip(terms, translations)]
+
+
 def _init_new_rows_from_subwords(
-    model: BertForMaskedLM, n_old: int, tokenizer: PreTrainedTokenizerBase, base: PreTrainedTokenizerBase
+    model: BertForMaskedLM, n_old: int, sources: Sequence[str], base: PreTrainedTokenizerBase
 ) -> None:
-    """Row of each new token (ids from ``n_old`` on) = mean of the old rows of the pieces ``base``
-    tokenizes it into; a term the base tokenizer maps to [UNK] alone keeps the [UNK] row."""
+    """Row ``n_old + i`` = mean of the old rows of the pieces ``base`` tokenizes ``sources[i]``
+    into; a text the base tokenizer maps to [UNK] alone keeps the [UNK] row."""
     weight = model.get_input_embeddings().weight  # (V, D)
-    terms = tokenizer.convert_ids_to_tokens(list(range(n_old, weight.shape[0])))
-    pieces = base(terms, add_special_tokens=False)["input_ids"]
+    pieces = base(list(sources), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         for row, ids in enumerate(pieces, start=n_old):
             weight[row] = weight[torch.as_tensor(ids or [base.unk_token_id])].mean(0)
@@ -345,42 +367,46 @@ def _mean_states(encoder: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -
     return mean_pool(encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask)
 
 
-def distil_new_rows(model: BertForMaskedLM, n_old: int, tokenizer: PreTrainedTokenizerBase,
-                    base: PreTrainedTokenizerBase, *, steps: int = DISTIL_STEPS, lr: float = DISTIL_LR,
-                    progress: bool = False) -> None:
-    """Fit the row of each new token (ids from ``n_old`` on) so that the frozen encoder reads the
-    term alone ("[CLS] term [SEP]") as it reads the base tokenizer's pieces of it ("[CLS] ne ##um
-    ##oto ##ra ##x [SEP]"): Adam on the rows, the mean-pooled last-layer states' squared error,
-    starting from the pieces' mean. The mean of the pieces' rows loses their order and lets terms
-    that share their first pieces start together ('neumon' and 'neumotorax' share 'ne ##um'); the
-    encoder reading the pieces in order tells them apart, and the distilled rows inherit that."""
+def distil_new_rows(model: BertForMaskedLM, n_old: int, sources: Sequence[str],
+                    base: PreTrainedTokenizerBase, tokenizer: PreTrainedTokenizerBase, *,
+                    steps: int = DISTIL_STEPS, lr: float = DISTIL_LR, progress: bool = False) -> None:
+    """Fit row ``n_old + i`` so that the frozen encoder reads the term alone ("[CLS] term [SEP]")
+    as it reads the base tokenizer's pieces of ``sources[i]``, the term itself ("[CLS] ne ##um
+    ##oto ##ra ##x [SEP]") or its translation ("[CLS] p ##ne ##um ##otho ##ra ##x [SEP]"): Adam on
+    the rows, each row's mean-pooled last-layer states' squared error (summed over rows, so a row's
+    fit does not depend on how many others are fitted), starting from where the rows are (the
+    pieces' mean). The mean of the pieces' rows loses their order and lets terms that share their
+    first pieces start together ('neumon' and 'neumotorax' share 'ne ##um'); the encoder reading
+    the pieces in order tells them apart, and the distilled rows inherit that. A source of one
+    piece is read exactly by the row its mean gave, so only rows of several pieces are fitted."""
     weight = model.get_input_embeddings().weight  # (V, H)
-    terms = tokenizer.convert_ids_to_tokens(list(range(n_old, weight.shape[0])))
-    if not terms:
+    pieces = base(list(sources), padding=True, return_tensors="pt")
+    fitted = torch.nonzero(pieces["attention_mask"].sum(1) > 3).flatten()  # [CLS] + 2 pieces + [SEP] or more
+    if not len(fitted):
         return
     encoder = model.bert
     was_training, grads = encoder.training, [p.requires_grad for p in encoder.parameters()]
     encoder.eval().requires_grad_(False)
-    pieces = base(terms, padding=True, return_tensors="pt")
     with torch.no_grad():
-        target = _mean_states(encoder, encoder.embeddings.word_embeddings(pieces["input_ids"]),
-                              pieces["attention_mask"])  # (T, H)
+        target = _mean_states(encoder, encoder.embeddings.word_embeddings(pieces["input_ids"][fitted]),
+                              pieces["attention_mask"][fitted])  # (T, H)
         ends = weight[[tokenizer.cls_token_id, tokenizer.sep_token_id]]  # (2, H)
-    rows = weight[n_old:].detach().clone().requires_grad_(True)  # (T, H)
-    mask = torch.ones(len(terms), 3, dtype=torch.long)
+    rows = weight[n_old + fitted].detach().clone().requires_grad_(True)  # (T, H)
+    mask = torch.ones(len(fitted), 3, dtype=torch.long)
     optimizer = torch.optim.Adam([rows], lr=lr)
     for _ in tqdm(range(steps), desc="distilling new rows", unit="step", disable=not progress):
         embeds = torch.stack([ends[0].expand_as(rows), rows, ends[1].expand_as(rows)], dim=1)  # (T, 3, H)
-        loss = F.mse_loss(_mean_states(encoder, embeds, mask), target)
+        errors = (_mean_states(encoder, embeds, mask) - target).pow(2).mean(1)  # (T,)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        errors.sum().backward()
         optimizer.step()
     with torch.no_grad():
-        weight[n_old:] = rows
+        weight[n_old + fitted] = rows
     encoder.train(was_training)
     for param, grad in zip(encoder.parameters(), grads):
         param.requires_grad_(grad)
-    logger.info("new rows distilled from their pieces: mean squared error %.4f after %d steps", loss.item(), steps)
+    logger.info("%d new rows distilled from their sources' pieces: mean squared error %.4f after %d steps",
+                len(fitted), errors.mean().item(), steps)
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

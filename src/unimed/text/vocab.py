@@ -74,7 +74,7 @@ def build_cross_lingual_tokenizer(
     second = require_texts(second_reports, "second_reports")
     base = _load_base(base_model) if base_model is not None else _train_wordpiece(english, cfg)
     base_vocab = _wordpiece_vocab(base, base_model)
-    analyzer = SpacyTermAnalyzer(cfg.language, _normalizer_of(base), cfg.min_term_length)
+    analyzer = SpacyTermAnalyzer(cfg.language, normalizer_of(base), cfg.min_term_length)
     ranked = rank_terms(tqdm(second, desc="tf-idf", disable=not progress), analyzer)
     added = [(term, score) for term, score in ranked if term not in base_vocab][: cfg.new_terms]
     if len(added) < cfg.new_terms:
@@ -195,7 +195,8 @@ def _wordpiece_vocab(tokenizer: PreTrainedTokenizerBase, source: str | Path | No
     return vocab
 
 
-def _normalizer_of(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], str]:
+def normalizer_of(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], str]:
+    """The tokenizer's own text normaliser (lower-casing, accent stripping for uncased BERT)."""
     normalizer = tokenizer.backend_tokenizer.normalizer
     return normalizer.normalize_str if normalizer is not None else str
 
