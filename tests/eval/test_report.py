@@ -373,6 +373,43 @@ def test_zero_shot_failure_cause_reads_the_retrieval_diagnostics(auc, pooled, sh
     assert ("did not learn" in check.cause) == (expected == "did not learn the findings")
 
 
+def _classes(aucs: dict[str, tuple[float, float]]) -> dict:
+    """per_class entries of (AUC, half width of its interval)."""
+    return {name: {"auc": auc, "ci": {"auc": [auc - half, auc + half]}}
+            for name, (auc, half) in aucs.items()}
+
+
+def test_a_zero_shot_failure_names_the_classes_that_hold_it_down() -> None:
+    """A cell below the bar that retrieval does not explain: the classes whose prompts in the other
+    language score higher beyond both intervals (the text side of this language), then the weakest
+    of the rest; a class whose two intervals overlap is not blamed on the language."""
+    metrics = _metrics()
+    pdc = metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["pdc"]
+    pdc["en"].update(auc=0.79, per_class=_classes({
+        "atelectasis": (0.72, 0.06), "consolidation": (0.81, 0.04), "pneumonia": (0.70, 0.06),
+        "hilar enlargement": (0.64, 0.07), "edema": (0.88, 0.03)}))
+    pdc["es"].update(auc=0.75, per_class=_classes({
+        "atelectasis": (0.58, 0.07), "consolidation": (0.68, 0.05), "pneumonia": (0.66, 0.06),
+        "hilar enlargement": (0.63, 0.06), "edema": (0.82, 0.04)}))
+    checks = {c.name: c for c in quality_checks(metrics)}
+    spanish = checks["Zero-shot PDC (Sp) macro AUC ≥ 80.0%"]
+    assert spanish.status == FAIL
+    assert spanish.cause == (
+        "above chance but below the bar; with Spanish prompts atelectasis 58.0, consolidation 68.0 "
+        "score below the English prompts on the same images (72.0, 81.0, intervals apart): the "
+        "Spanish prompts or text side of those classes; weakest otherwise: hilar enlargement 63.0, "
+        "pneumonia 66.0")
+    english = checks["Zero-shot PDC (En) macro AUC ≥ 80.0%"]
+    assert english.cause == ("above chance but below the bar; weakest classes: hilar enlargement "
+                             "64.0, pneumonia 70.0")
+    pdc["es"]["per_class"]["consolidation"]["ci"]["auc"] = [0.60, 0.78]  # overlaps English 0.77-0.85
+    alone = "with Spanish prompts atelectasis 58.0 scores below the English prompts on the same images (72.0,"
+    assert alone in quality_checks(metrics)[3].cause
+    del pdc["es"]["per_class"], pdc["en"]["per_class"]
+    generic = "above chance but below the bar: pre-train longer or on more pairs"
+    assert quality_checks(metrics)[3].cause == generic
+
+
 def test_checks_missing_metrics_are_not_measured() -> None:
     metrics = copy.deepcopy(_metrics())
     del metrics["encoders"]["init"]

@@ -22,6 +22,7 @@ DATASET_NAMES = {
     "cc-ccii": "CC-CCII", "bimcv-covid19": "BIMCV-COVID19+", "luna16": "LUNA16", "bcv": "BCV",
 }
 LANGUAGE_NAMES = {"en": "En", "es": "Sp"}
+LANGUAGE_WORDS = {"en": "English", "es": "Spanish"}  # the languages in a sentence
 METRIC_NAMES = {"auc": "AUC", "accuracy": "ACC", "dice": "Dice", "map": "mAP", "f1": "F1"}
 TASK_NAMES = {
     "zero_shot": "Zero-shot", "linear_probe": "Linear probe", "segmentation": "Segmentation",
@@ -234,15 +235,65 @@ def _zero_shot_checks(tasks: dict, minimum: float) -> list[Check]:
                 continue
             status = PASS if auc >= minimum else FAIL
             detail = f"macro AUC {percent_ci(auc, ci_of(node, 'auc'))}%"
-            cause = (zero_shot_cause(auc, ci_of(node, "auc"), lookup(tasks, "retrieval"))
+            others = {other: lookup(tasks, "zero_shot", name, other) for other in ("en", "es")
+                      if other != lang}
+            cause = (zero_shot_cause(auc, ci_of(node, "auc"), lookup(tasks, "retrieval"),
+                                     weak_classes(lang, node, others, minimum))
                      if status == FAIL else "")
             checks.append(Check(title, status, detail, cause))
     return checks
 
 
-def zero_shot_cause(auc: float, auc_ci: object, retrieval: object) -> str:
-    """A likely reason for a zero-shot AUC under the bar, read from its interval (`auc_ci`) and
-    the retrieval diagnostics."""
+def class_aucs(node: object) -> dict[str, tuple[float, tuple[float, float] | None]]:
+    """Class -> (AUC, its 95 % interval or None) of a zero-shot node's ``per_class``."""
+    per_class = lookup(node, "per_class")
+    found = {}
+    for name, stats in per_class.items() if isinstance(per_class, dict) else ():
+        auc = as_float(lookup(stats, "auc"))
+        if auc is not None:
+            found[str(name)] = (auc, interval(ci_of(stats, "auc")))
+    return found
+
+
+WEAKEST_SHOWN = 2
+
+
+def weak_classes(lang: str, node: object, others: Mapping[str, object], minimum: float) -> str:
+    """Which classes hold a zero-shot cell under the bar, read from its per-class AUCs: those the
+    other language's prompts score higher on the same images with the two 95 % intervals apart (this
+    language's prompts, or its text side, miss them), then the weakest of the rest under the bar
+    (weak whatever the prompt language: the image features or the finding itself). "" when the
+    node has no per-class AUCs."""
+    mine = class_aucs(node)
+    behind = []
+    for name, (auc, ci) in mine.items():
+        for other, other_node in others.items():
+            theirs = class_aucs(other_node).get(name)
+            if ci is not None and theirs is not None and theirs[1] is not None and theirs[1][0] > ci[1]:
+                behind.append((name, auc, other, theirs[0]))
+                break
+    parts = []
+    if behind:
+        language, other = display_name(lang, LANGUAGE_WORDS), display_name(behind[0][2], LANGUAGE_WORDS)
+        named = ", ".join(f"{name} {percent(auc)}" for name, auc, _, _ in behind)
+        theirs = ", ".join(percent(auc) for *_, auc in behind)
+        verb = "scores" if len(behind) == 1 else "score"
+        parts.append(f"with {language} prompts {named} {verb} below the {other} prompts on the same "
+                     f"images ({theirs}, intervals apart): the {language} prompts or text side of "
+                     "those classes")
+    lagging = {name for name, *_ in behind}
+    weakest = sorted((auc, name) for name, (auc, _) in mine.items()
+                     if auc < minimum and name not in lagging)
+    if weakest:
+        parts.append(("weakest otherwise: " if behind else "weakest classes: ")
+                     + ", ".join(f"{name} {percent(auc)}" for auc, name in weakest[:WEAKEST_SHOWN]))
+    return "; ".join(parts)
+
+
+def zero_shot_cause(auc: float, auc_ci: object, retrieval: object, classes: str = "") -> str:
+    """A likely reason for a zero-shot AUC under the bar, read from its interval (`auc_ci`), the
+    retrieval diagnostics and, where neither explains it, the per-class reading `classes`
+    (:func:`weak_classes`)."""
     within = lookup(retrieval, "pooled", "within_language")
     recall, chance = as_float(lookup(within, "R@1")), as_float(lookup(retrieval, "pooled", "chance", "R@1"))
     bounds = interval(ci_of(within, "R@1"))
@@ -262,6 +313,8 @@ def zero_shot_cause(auc: float, auc_ci: object, retrieval: object) -> str:
     if auc < 0.6:
         return ("retrieval is above chance but the prompts are not: the short class prompts do "
                 "not match how the reports word the findings (check the prompt files)")
+    if classes:
+        return f"above chance but below the bar; {classes}"
     return "above chance but below the bar: pre-train longer or on more pairs"
 
 
