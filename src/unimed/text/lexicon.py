@@ -57,7 +57,8 @@ def load_lexicon(name: str | Path) -> Lexicon:
         path = LEXICON_DIR / f"{name}.yaml"
         if not path.is_file():
             available = ", ".join(sorted(p.stem for p in LEXICON_DIR.glob("*.yaml")))
-            raise ValueError(f"mlm.lexicon={str(name)!r} is neither a file nor a packaged lexicon ({available})")
+            raise ValueError(f"mlm.lexicon={str(name)!r} is neither a file nor a packaged lexicon "
+                             f"({available})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
