@@ -265,10 +265,11 @@ def weak_classes(lang: str, node: object, others: Mapping[str, object], minimum:
     (weak whatever the prompt language: the image features or the finding itself). "" when the
     node has no per-class AUCs."""
     mine = class_aucs(node)
+    other_aucs = {other: class_aucs(other_node) for other, other_node in others.items()}
     behind = []
     for name, (auc, ci) in mine.items():
-        for other, other_node in others.items():
-            theirs = class_aucs(other_node).get(name)
+        for other, aucs in other_aucs.items():
+            theirs = aucs.get(name)
             if ci is not None and theirs is not None and theirs[1] is not None and theirs[1][0] > ci[1]:
                 behind.append((name, auc, other, theirs[0]))
                 break
