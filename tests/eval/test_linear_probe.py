@@ -11,8 +11,10 @@ import torch
 
 from unimed.data.records import Record
 from unimed.eval import linear_probe
-from unimed.eval.config import LinearProbeConfig
+from unimed.eval.config import EvalConfig, LinearProbeConfig
 from unimed.eval.data import fraction_indices
+from unimed.eval.metrics import Estimate
+from unimed.eval.tasks import sweep_fractions
 
 
 def test_uncertain_is_positive_and_unstated_is_negative(tmp_path: Path):
@@ -116,6 +118,33 @@ def test_fractions_are_nested_and_have_a_floor():
     assert len(one) == 16 and len(ten) == 50 and len(full) == 500
     assert set(one) <= set(ten) <= set(full)
     assert np.array_equal(one, fraction_indices(500, 0.01, 16, seed=3))
+
+
+def test_a_fraction_below_the_training_split_is_the_mean_of_its_draws(task_context):
+    ctx = dataclasses.replace(task_context, cfg=EvalConfig(seed=4, min_train_images=16))
+    calls = []
+
+    def score(index: np.ndarray, label: str) -> Estimate:
+        calls.append((label, tuple(index)))
+        value = float(index.mean()) / 500
+        return Estimate(value, None, np.array([value, value + 0.1]))
+
+    rows = sweep_fractions(ctx, 500, score, "probe", fractions=(0.01, 0.1, 1.0), draws=3)
+    for label, fraction in (("1%", 0.01), ("10%", 0.1)):
+        subsets = [fraction_indices(500, fraction, 16, seed) for seed in (4, 5, 6)]
+        assert [index for name, index in calls if name == label] == [tuple(s) for s in subsets]
+        values = [s.mean() / 500 for s in subsets]
+        assert rows[label]["value"] == pytest.approx(np.mean(values))
+        assert rows[label]["replicates"]["value"] == pytest.approx([np.mean(values), np.mean(values) + 0.1])
+        assert rows[label]["draws"] == 3 and rows[label]["draw_sd"] == pytest.approx(np.std(values))
+        assert rows[label]["train_images"] == len(subsets[0])
+    assert [label for label, _ in calls].count("100%") == 1
+    assert "draws" not in rows["100%"]
+
+
+def test_draws_must_be_positive():
+    with pytest.raises(ValueError, match="eval.linear_probe.draws must be >= 1, got 0"):
+        EvalConfig(linear_probe=LinearProbeConfig(draws=0))
 
 
 def test_runs_on_the_tiny_world(tiny_encoder, task_context):

@@ -12,7 +12,7 @@ from unimed.eval.metrics import (
     batched_f1,
     batched_mean,
     bootstrap,
-    macro_estimate,
+    mean_estimate,
     paired_difference,
     per_class_auc,
     percentile_interval,
@@ -74,10 +74,10 @@ def test_batched_f1_equals_sklearn_including_no_positives():
     assert np.allclose(batched_f1(labels, predictions), expected)
 
 
-def test_macro_estimate_averages_the_defined_classes_per_resample():
+def test_mean_estimate_averages_the_defined_classes_per_resample():
     a = Estimate(0.6, None, np.array([0.5, np.nan, 0.7, np.nan]))
     b = Estimate(None, None, np.array([0.9, 0.8, np.nan, np.nan]))
-    got = macro_estimate([a, b])
+    got = mean_estimate([a, b])
     assert got.value == 0.6
     assert np.allclose(got.replicates, [0.7, 0.8, 0.7, np.nan], equal_nan=True)
 

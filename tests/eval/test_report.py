@@ -131,6 +131,10 @@ def test_fraction_tables_follow_the_paper() -> None:
     assert header[-4:] == ["CXP500 (F1) / En", "CXP500 (F1) / Sp", "PDC (F1) / En", "PDC (F1) / Sp"]
     assert rows[0][1:5] == ["", "✓", "", "✓"]
     assert "Training images: CheXpert: 1% 16, 10% 160, 100% 1600" in table_notes(metrics)[report.TITLE_LINEAR]
+    for fraction in ("1%", "10%"):
+        metrics["encoders"]["medunic"]["tasks"]["linear_probe"]["chexpert"]["fractions"][fraction]["draws"] = 5
+    assert ("Training images: CheXpert: 1% 16 (mean of 5 draws), 10% 160 (mean of 5 draws), 100% 1600"
+            in table_notes(metrics)[report.TITLE_LINEAR])
 
 
 def test_bias_tables_show_ratio_parallel_retrieval_and_control() -> None:

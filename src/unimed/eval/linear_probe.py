@@ -3,7 +3,8 @@
 Pooled image-encoder features are computed once per split (the context's feature cache); a single linear layer is trained on a
 seeded `fraction` of the training images with AdamW (paper: lr 5e-4, weight decay 1e-6), early
 stopping on the validation metric, and scored on the test split with the best validation state,
-with a bootstrap 95 % interval over resamples of the test images.
+with a bootstrap 95 % interval over resamples of the test images. A fraction below 100 % is the
+mean over `draws` seeded training subsets (the interval: of that mean, over the same resamples).
 Features are standardised with the training subset's mean and standard deviation (an affine map the
 linear layer could learn itself; it only makes one learning rate fit every encoder).
 """
@@ -31,7 +32,7 @@ from unimed.eval.metrics import (
     batched_mean,
     bootstrap,
     macro,
-    macro_estimate,
+    mean_estimate,
     per_class_auc,
 )
 from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
@@ -102,7 +103,7 @@ def test_estimate(logits: torch.Tensor, y: torch.Tensor, metric: str, resamples:
     logits, y = logits.detach().numpy(), y.numpy()
     if metric == "accuracy":
         return bootstrap(batched_mean, [logits.argmax(1) == y], resamples)
-    return macro_estimate([bootstrap(batched_auc, [y[:, c], logits[:, c]], resamples)
+    return mean_estimate([bootstrap(batched_auc, [y[:, c], logits[:, c]], resamples)
                            for c in range(y.shape[1])])
 
 
@@ -169,7 +170,8 @@ def probe_fractions(ctx: TaskContext, split_x: dict[str, torch.Tensor], split_y:
                     target: ProbeTarget, dataset: str, desc: str) -> dict[str, dict]:
     """The probe protocol on frozen features ("train" / "valid" / "test" features and targets):
     per label fraction, standardise with the training subset, fit :func:`train_probe`, score the
-    test split with its bootstrap interval (:func:`unimed.eval.tasks.sweep_fractions` rows)."""
+    test split with its bootstrap interval (:func:`unimed.eval.tasks.sweep_fractions` rows); a
+    fraction below the whole training split is the mean of ``linear_probe.draws`` subsets."""
     resamples = ctx.resamples(dataset, "test", len(split_y["test"]))
 
     def fit_and_score(index: np.ndarray, label: str) -> Estimate:
@@ -183,7 +185,8 @@ def probe_fractions(ctx: TaskContext, split_x: dict[str, torch.Tensor], split_y:
         with torch.no_grad():
             return test_estimate(layer(norm["test"]), split_y["test"], target.metric, resamples)
 
-    return sweep_fractions(ctx, len(split_x["train"]), fit_and_score, desc)
+    return sweep_fractions(ctx, len(split_x["train"]), fit_and_score, desc,
+                           draws=ctx.cfg.linear_probe.draws)
 
 
 @TASKS.register("linear_probe")

@@ -143,16 +143,17 @@ def batched_f1(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
 
 
-def macro_estimate(estimates: Sequence[Estimate]) -> Estimate:
-    """The macro average of per-class estimates made on the same resamples: the mean of the defined
-    values, and per resample the mean of the defined class replicates (NaN when none is)."""
+def mean_estimate(estimates: Sequence[Estimate]) -> Estimate:
+    """The mean of estimates made on the same resamples (the macro average of per-class estimates,
+    or of a label fraction's training-subset draws): the mean of the defined values, and per
+    resample the mean of the defined replicates (NaN when none is)."""
     replicates = np.stack([e.replicates for e in estimates])  # (C, R)
     defined = np.isfinite(replicates)
     count = defined.sum(0)
     total = np.where(defined, replicates, 0.0).sum(0)
-    macro_replicates = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    mean_replicates = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     value = macro([e.value for e in estimates])
-    return Estimate(value, percentile_interval(macro_replicates), macro_replicates)
+    return Estimate(value, percentile_interval(mean_replicates), mean_replicates)
 
 
 def batched_mean(values: np.ndarray) -> np.ndarray:

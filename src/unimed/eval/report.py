@@ -555,6 +555,16 @@ def _first_found(rows: list[Row], *path: str) -> object | None:
     return next((v for _, data in rows if (v := lookup(data, *path)) is not None), None)
 
 
+def _fraction_count(methods: list[Row], task: str, dataset: str, fraction: str) -> str | None:
+    """"1% 16": a label fraction's training images ("1% 16 (mean of 5 draws)" when its row averages
+    several subsets), or None when no encoder has the count."""
+    count = _first_found(methods, task, dataset, "fractions", fraction, "train_images")
+    if count is None:
+        return None
+    draws = _first_found(methods, task, dataset, "fractions", fraction, "draws")
+    return f"{fraction} {count}" + (f" (mean of {draws} draws)" if draws else "")
+
+
 def _count_note(methods: list[Row], task: str, key: str, label: str) -> str:
     """"Queries: BIMCV-COVID19+ 14": the count `key` of each dataset of `task`."""
     counts = [f"{display_name(name)} {count}" for name in _keys(methods, task)
@@ -603,15 +613,14 @@ def _modality_gap_note(methods: list[Row]) -> str:
 
 def _train_note(methods: list[Row], tasks: tuple[str, ...], unit: str = "images",
                 order: Iterable[str] = ()) -> str:
-    """"Training images: SIIM 1% 16, 10% 160 …", from the first encoder that has each count;
-    datasets in `order` first, as their table's columns."""
+    """"Training images: SIIM 1% 16, 10% 160 …", from the first encoder that has each count
+    ("1% 16 (mean of 5 draws)" where a row averages several training subsets); datasets in `order`
+    first, as their table's columns."""
     parts = []
     for task in tasks:
         for name in ordered(order, _keys(methods, task)):
-            counts = [f"{fraction} {count}"
-                      for fraction in sorted(_keys(methods, task, name, "fractions"), key=fraction_order)
-                      if (count := _first_found(methods, task, name, "fractions", fraction,
-                                                "train_images")) is not None]
+            counts = [text for fraction in sorted(_keys(methods, task, name, "fractions"), key=fraction_order)
+                      if (text := _fraction_count(methods, task, name, fraction)) is not None]
             prefix = f"{TASK_NAMES[task].lower()} " if len(tasks) > 1 else ""
             if counts:
                 parts.append(f"{prefix}{display_name(name)}: " + ", ".join(counts))

@@ -20,7 +20,7 @@ from unimed.data.records import Record
 from unimed.eval.data import rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
-from unimed.eval.metrics import batched_auc, batched_f1, bootstrap, macro_estimate
+from unimed.eval.metrics import batched_auc, batched_f1, bootstrap, mean_estimate
 from unimed.eval.prompts import PromptSet, corpus_stemming, load_prompts
 from unimed.eval.tasks import TASKS, TaskContext, with_intervals
 
@@ -115,7 +115,7 @@ def score_language(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str
         estimates["f1"].append(f1)
         row = with_intervals({"auc": auc, "f1": f1}, replicates=False)
         per_class[name] = {**row, "positives": int(labels[:, c].sum())}
-    macros = {metric: macro_estimate(values) for metric, values in estimates.items()}
+    macros = {metric: mean_estimate(values) for metric, values in estimates.items()}
     return {**with_intervals(macros), "images": int(len(labels)), "per_class": per_class}
 
 
