@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from text_corpora import ENGLISH_REPORTS, SPANISH_REPORTS
 from transformers import AutoTokenizer, BertForMaskedLM, BertModel
 
 from unimed.methods.base import StepContext
 from unimed.text import mlm
 from unimed.text.config import MLMConfig, VocabConfig
-from unimed.text.mlm import build_mlm_model, train_mlm
+from unimed.text.mlm import START_ROWS_FILE, build_mlm_model, start_encoder, train_mlm
 from unimed.text.vocab import build_cross_lingual_tokenizer
 
 CORPUS = ENGLISH_REPORTS + SPANISH_REPORTS
@@ -180,6 +181,21 @@ def test_new_rows_mode_updates_only_the_new_rows_and_the_head(tiny_bert_dir, tin
     assert not torch.equal(after["cls.predictions.bias"], start["cls.predictions.bias"])
     # The saved config says where the appended rows start (pre-training's train_appended_rows).
     assert BertForMaskedLM.from_pretrained(str(tmp_path)).config.unimed_base_vocab_size == n_old
+    # The start of the appended rows is saved beside the model (the MLM check's "before").
+    saved = load_file(str(tmp_path / START_ROWS_FILE))["rows"]
+    torch.testing.assert_close(saved, start[rows][n_old:], rtol=0, atol=0)
+
+
+def test_start_encoder_names_a_missing_or_mismatched_start(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    with pytest.raises(ValueError, match=f"{START_ROWS_FILE}: cannot read the appended rows"):
+        start_encoder(tokenizer, TINY, tiny_bert_dir, tmp_path)
+    (tmp_path / START_ROWS_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=f"{START_ROWS_FILE}: cannot read the appended rows"):
+        start_encoder(tokenizer, TINY, tiny_bert_dir, tmp_path)
+    save_file({"rows": torch.zeros(2, 3)}, str(tmp_path / START_ROWS_FILE))
+    with pytest.raises(ValueError, match=r"\(2, 3\) rows, but the vocabulary appends"):
+        start_encoder(tokenizer, TINY, tiny_bert_dir, tmp_path)
 
 
 @pytest.mark.parametrize(("base", "trainable", "message"), [
@@ -342,11 +358,11 @@ def test_missing_mlm_head_starts_tied_with_identity_transform_and_frequency_bias
 
 @pytest.mark.parametrize("new_rows", ["random", "subword_mean", "subword_distilled", "lexicon"])
 def test_retrieval_check_compares_with_the_encoder_mlm_starts_from(
-    tiny_bert_dir, tiny_tokenizer_dir, tmp_path, new_rows
+    tiny_bert_dir, tiny_tokenizer_dir, tmp_path, new_rows, monkeypatch
 ):
     """Saved untrained, the MLM start must score exactly as the check's "before": the reference is
     the encoder MLM starts from, with its new rows as ``mlm.new_rows`` draws them (not a resized
-    base model whose new rows start elsewhere)."""
+    base model whose new rows start elsewhere), read from the saved start, not distilled again."""
     from unimed.commands.train import MLM_CHECK_FILE, mlm_retrieval_check
     from unimed.config import load_config
 
@@ -360,8 +376,10 @@ def test_retrieval_check_compares_with_the_encoder_mlm_starts_from(
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     start = build_mlm_model(tokenizer, cfg.mlm, base_model=tiny_bert_dir, seed=3)
     mlm_dir = tmp_path / "mlm"
+    mlm.save_start_rows(start, mlm_dir)
     start.save_pretrained(str(mlm_dir))
     tokenizer.save_pretrained(str(mlm_dir))
+    monkeypatch.setattr(mlm, "distil_new_rows", lambda *args, **kwargs: pytest.fail("distilled again"))
     result = mlm_retrieval_check(cfg, mlm_dir)
     assert result["pairs"] == len(rows) and result["before"] == result["after"] and result["passed"]
     assert json.loads((mlm_dir / MLM_CHECK_FILE).read_text())["before"] == result["before"]

@@ -123,8 +123,9 @@ MLM_CHECK_FILE = "retrieval_check.json"
 
 def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     """Cross-lingual retrieval of the parallel reports with the text encoder as the MLM stage
-    started it (base model, vocabulary grown, new rows as ``mlm.new_rows`` starts them) and as it
-    ended; written to `retrieval_check.json`.
+    started it (base model, vocabulary grown, the new rows as ``mlm.new_rows`` started them, read
+    from the MLM output: :func:`unimed.text.mlm.start_encoder`) and as it ended; written to
+    `retrieval_check.json`.
 
     The MLM stage must not make an encoder worse: "passed" is False when R@1 (mean of the two
     directions, `method.text.pooling`) dropped. Skipped (None) without a base model or a parallel
@@ -138,7 +139,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     from unimed.eval.retrieval import PARALLEL_DEFAULT, read_parallel, recall_hits, same_value
     from unimed.models.text import load_pretrained
     from unimed.text.crosslingual import embed_texts
-    from unimed.text.mlm import build_mlm_model
+    from unimed.text.mlm import start_encoder
 
     base = resolve_encoder(cfg.vocab.base_model)
     path = Path(cfg.data.root) / PARALLEL_DEFAULT
@@ -149,7 +150,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     text_cfg = cfg.method.text
     tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir), local_files_only=True)
     with torch.random.fork_rng(devices=[]):
-        before = build_mlm_model(tokenizer, cfg.mlm, base_model=base, seed=cfg.run.seed).bert
+        before = start_encoder(tokenizer, cfg.mlm, base, mlm_dir)
     after, _ = load_pretrained(BertModel, mlm_dir, add_pooling_layer=False)
     match = same_value(corpus.study_ids)  # (N, N) row i of English translates row i of Spanish
     rows, scores = [], {}

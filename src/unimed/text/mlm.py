@@ -32,6 +32,9 @@ from transformers import (
     get_scheduler,
 )
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from unimed.data.pretrain import PretrainSampler
 from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.text import BASE_VOCAB_KEY, load_pretrained, mean_pool, train_appended_rows
@@ -46,6 +49,8 @@ from unimed.train.loop import train
 from unimed.train.optim import param_groups
 
 logger = logging.getLogger(__name__)
+
+START_ROWS_FILE = "appended_rows_start.safetensors"  # the appended rows as MLM started them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +85,8 @@ def train_mlm(
     embeddings are extended to the tokenizer, or ``None`` for a fresh BERT sized by ``cfg``. Seeds
     torch's global RNG with ``seed`` (offset by the rank). The training loop writes
     ``train_log.jsonl`` and ``checkpoints/`` into ``out_dir``; with ``resume`` it continues from the
-    newest checkpoint there. Rank 0 then writes the model and tokenizer (``save_pretrained``).
+    newest checkpoint there. Rank 0 then writes the model and tokenizer (``save_pretrained``); from
+    a base model it first writes the appended rows as they start (:func:`save_start_rows`).
     Call on every rank of a torchrun job (``dist``; default: one process).
     """
     _check_config(cfg)
@@ -90,13 +96,15 @@ def train_mlm(
     torch.manual_seed(seed + dist.rank)
     model = build_mlm_model(tokenizer, cfg, base_model=base_model, seed=seed, corpus=texts,
                             progress=progress and dist.is_main)
+    out = Path(out_dir)
+    if base_model is not None and dist.is_main:
+        save_start_rows(model, out)
     if cfg.trainable == "new_rows":
         if base_model is None:
             raise ValueError("mlm.trainable=new_rows needs a base model (vocab.base_model): a fresh "
                              "BERT has no pre-trained rows to keep")
         train_new_rows_only(model, base_vocab_size(base_model))
     loader = _make_loader(texts, tokenizer, cfg, model.config.max_position_embeddings, seed, dist)
-    out = Path(out_dir)
     result = train(MaskedLM(model, cfg), loader, loop_config(cfg), out, dist, resume=resume,
                    progress=progress and dist.is_main)
     if dist.is_main:
@@ -265,6 +273,38 @@ def init_missing_head(model: BertForMaskedLM, missing: set[str], counts: torch.T
     if initialised:
         logger.info("MLM head: %s absent from the checkpoint, initialised (identity transform, "
                     "tied decoder, log-frequency bias)", ", ".join(initialised))
+
+
+def save_start_rows(model: BertForMaskedLM, out_dir: Path) -> None:
+    """Write the appended word-embedding rows of a base model's MLM start to
+    ``out_dir/START_ROWS_FILE``: the MLM check's "before" encoder (:func:`start_encoder`) reads
+    them instead of starting them again (a distilled start takes seconds to minutes)."""
+    n_old = getattr(model.config, BASE_VOCAB_KEY)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"rows": model.get_input_embeddings().weight.detach()[n_old:].contiguous()},
+              str(out_dir / START_ROWS_FILE))
+
+
+def start_encoder(tokenizer: PreTrainedTokenizerBase, cfg: MLMConfig, base_model: str | Path,
+                  mlm_dir: Path) -> nn.Module:
+    """The text encoder (``BertModel``) an MLM run in `mlm_dir` started from: the base model, its
+    vocabulary grown to `tokenizer`, the appended rows read from the start :func:`train_mlm` saved
+    there. A missing or unreadable file, or rows of another shape, is a ValueError naming it."""
+    path = mlm_dir / START_ROWS_FILE
+    try:
+        rows = load_file(str(path))["rows"]
+    except (OSError, SafetensorError, KeyError) as exc:
+        raise ValueError(f"{path}: cannot read the appended rows MLM started from ({exc}); "
+                         "run `unimed mlm` again") from None
+    model = build_mlm_model(tokenizer, dataclasses.replace(cfg, new_rows="random"), base_model=base_model)
+    weight = model.get_input_embeddings().weight
+    n_old = getattr(model.config, BASE_VOCAB_KEY)
+    if rows.shape != weight[n_old:].shape:
+        raise ValueError(f"{path}: {tuple(rows.shape)} rows, but the vocabulary appends "
+                         f"{tuple(weight[n_old:].shape)} to {base_model}")
+    with torch.no_grad():
+        weight[n_old:] = rows
+    return model.bert
 
 
 def train_new_rows_only(model: BertForMaskedLM, n_old: int) -> None:
