@@ -337,6 +337,33 @@ def test_tie_between_two_chance_level_aucs_says_so() -> None:
     assert "within noise" in beats_cause(TIE, [0.71, 0.69], "auc")
 
 
+def test_chance_level_tie_says_when_more_labels_were_learned_from() -> None:
+    """Both probes at chance on 16 images, but the model's 10% row is above chance beyond its
+    interval: the cause names the row, not "neither encoder's features carry this label"."""
+    metrics = _metrics()
+    replicates = _replicates(metrics)
+    rows = {enc: metrics["encoders"][enc]["tasks"]["linear_probe"]["chexpert"]["fractions"]
+            for enc in ("medunic", "init")}
+    for enc in rows:
+        rows[enc]["1%"].update(value=0.51 if enc == "medunic" else 0.49, ci=[0.45, 0.56])
+        replicates[f"{enc}/linear_probe/chexpert/fractions/1%/value"] = np.full(200, 0.5)
+    rows["medunic"]["10%"].update(value=0.702, ci=[0.655, 0.747])
+    rows["medunic"]["100%"]["ci"] = [0.75, 0.85]
+
+    def chexpert_1() -> str:
+        (check,) = [c for c in quality_checks(metrics, replicates) if c.name.startswith("Linear probe CheXpert 1%")]
+        assert check.status == TIE
+        return check.cause
+
+    assert chexpert_1() == ("both near chance on 16 training images, too few to learn from; with more "
+                            "labels the model's features carry it (10% (160 images): 70.2 (65.5–74.7))")
+    rows["medunic"]["10%"]["ci"] = [0.48, 0.9]  # not beyond chance: the next row, 100%
+    assert "(100% (1600 images): " in chexpert_1()
+    for fraction in ("10%", "100%"):
+        rows["medunic"][fraction]["ci"] = [0.45, 0.9]
+    assert chexpert_1() == "both near chance: neither encoder's features carry this label"
+
+
 def test_checks_fail() -> None:
     metrics = _metrics()
     model = metrics["encoders"]["medunic"]["tasks"]

@@ -339,19 +339,40 @@ def _beats_baseline_checks(task: str, model: dict, base: dict, pair: _Pair) -> l
             detail += _difference_note(difference, values)
             title = f"{task_name} {display_name(name)} {fraction}: {labels[0]} beats {labels[1]}"
             blank = all(as_float(lookup(row, "predicted_empty")) == 1.0 for row in rows)
-            cause = beats_cause(status, values, str(metric), dense=task in DENSE_TASKS, blank=blank)
+            more = _learned_with_more_labels(lookup(model, task, name, "fractions"), fraction, str(metric))
+            cause = beats_cause(status, values, str(metric), dense=task in DENSE_TASKS, blank=blank,
+                                train_images=lookup(rows[0], "train_images"), more_labels=more)
             checks.append(Check(title, status, detail, cause))
     if checks:
         return checks
     return [Check(f"{task_name}: {labels[0]} beats {labels[1]}", NOT_MEASURED, "not evaluated")]
 
 
+def _learned_with_more_labels(fractions: object, fraction: str, metric: str) -> str:
+    """"10% (68 images): 70.2 (65.5–74.7)": the first label fraction above `fraction` whose row
+    (of `fractions`, one encoder's) lies above chance beyond its interval, or "" (none, or a metric
+    without a fixed chance level)."""
+    chance = CHANCE.get(metric)
+    if chance is None or not isinstance(fractions, dict):
+        return ""
+    for larger in sorted(fractions, key=fraction_order):
+        row = fractions[larger]
+        bounds = interval(ci_of(row, "value"))
+        if fraction_order(larger) > fraction_order(fraction) and bounds is not None and bounds[0] > chance:
+            images = lookup(row, "train_images")
+            count = f" ({images} images)" if images is not None else ""
+            return f"{larger}{count}: {percent_ci(as_float(lookup(row, 'value')), list(bounds))}"
+    return ""
+
+
 def beats_cause(status: str, values: list[float | None], metric: str, *, dense: bool = False,
-                blank: bool = False) -> str:
+                blank: bool = False, train_images: object = None, more_labels: str = "") -> str:
     """A likely reason for a lost or tied comparison. For a `dense` task the interval covers the
     test images but not the head's own training (its seed moved a detection row by 18 points at
     the demo's 3-epoch heads), which a failed check says. `blank`: both segmentation decoders
-    call every test image empty."""
+    call every test image empty. Two rows near chance read differently when the model's row at a
+    larger label fraction is above chance (`more_labels`, :func:`_learned_with_more_labels`): its
+    features carry the label, and the `train_images` of this row were too few to learn it from."""
     if status == FAIL and dense:
         return ("the baseline is better beyond test-set noise, but the interval does not cover the "
                 "head's training seed: rerun with another eval.seed before reading it as the encoder")
@@ -365,6 +386,10 @@ def beats_cause(status: str, values: list[float | None], metric: str, *, dense: 
                 "this label fraction neither found the finding well enough on validation to predict it")
     chance = CHANCE.get(metric)
     if chance is not None and all(v is not None and abs(v - chance) < 0.05 for v in values):
+        if more_labels:
+            images = f"{train_images} training images" if train_images is not None else "these labels"
+            return (f"both near chance on {images}, too few to learn from; with more labels "
+                    f"the model's features carry it ({more_labels})")
         return "both near chance: neither encoder's features carry this label"
     return "difference within noise: enlarge the test set (or pre-train longer)"
 
