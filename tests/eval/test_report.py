@@ -131,8 +131,9 @@ def test_fraction_tables_follow_the_paper() -> None:
     assert header[-4:] == ["CXP500 (F1) / En", "CXP500 (F1) / Sp", "PDC (F1) / En", "PDC (F1) / Sp"]
     assert rows[0][1:5] == ["", "✓", "", "✓"]
     assert "Training images: CheXpert: 1% 16, 10% 160, 100% 1600" in table_notes(metrics)[report.TITLE_LINEAR]
+    chexpert = metrics["encoders"]["medunic"]["tasks"]["linear_probe"]["chexpert"]["fractions"]
     for fraction in ("1%", "10%"):
-        metrics["encoders"]["medunic"]["tasks"]["linear_probe"]["chexpert"]["fractions"][fraction]["draws"] = 5
+        chexpert[fraction]["draws"] = 5
     assert ("Training images: CheXpert: 1% 16 (mean of 5 draws), 10% 160 (mean of 5 draws), 100% 1600"
             in table_notes(metrics)[report.TITLE_LINEAR])
 
@@ -351,7 +352,8 @@ def test_chance_level_tie_says_when_more_labels_were_learned_from() -> None:
     rows["medunic"]["100%"]["ci"] = [0.75, 0.85]
 
     def chexpert_1() -> str:
-        (check,) = [c for c in quality_checks(metrics, replicates) if c.name.startswith("Linear probe CheXpert 1%")]
+        (check,) = [c for c in quality_checks(metrics, replicates)
+                    if c.name.startswith("Linear probe CheXpert 1%")]
         assert check.status == TIE
         return check.cause
 

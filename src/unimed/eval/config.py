@@ -66,8 +66,9 @@ class LinearProbeConfig:
     A label fraction below 100 % is scored on `draws` seeded training subsets and reported as their
     mean (the papers draw one). A 1% row of a phantom set trains on 16 images: over 8 single draws
     (eval.seed 0-7) the demo's Med-UniC 1% rows moved with a standard deviation of 4-10 points
-    (CheXpert AUC, RSNA AUC, COVIDx accuracy), as much as their test-set intervals allow. The frozen
-    features are computed once; five draws added 3-4 s per encoder to the demo's three probes.
+    (CheXpert AUC, RSNA AUC, COVIDx accuracy), about as wide as their test-set intervals. The
+    frozen features are computed once; five draws added 3-4 s per encoder to the demo's three
+    probes. ``draws=1`` is the papers' single draw.
     """
 
     datasets: tuple[str, ...] = ("chexpert", "rsna", "covidx")

@@ -104,7 +104,7 @@ def test_estimate(logits: torch.Tensor, y: torch.Tensor, metric: str, resamples:
     if metric == "accuracy":
         return bootstrap(batched_mean, [logits.argmax(1) == y], resamples)
     return mean_estimate([bootstrap(batched_auc, [y[:, c], logits[:, c]], resamples)
-                           for c in range(y.shape[1])])
+                          for c in range(y.shape[1])])
 
 
 def train_probe(
