@@ -189,13 +189,13 @@ def test_new_rows_mode_updates_only_the_new_rows_and_the_head(tiny_bert_dir, tin
 def test_start_encoder_names_a_missing_or_mismatched_start(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     with pytest.raises(ValueError, match=f"{START_ROWS_FILE}: cannot read the appended rows"):
-        start_encoder(tokenizer, TINY, tiny_bert_dir, tmp_path)
+        start_encoder(tokenizer, tiny_bert_dir, tmp_path)
     (tmp_path / START_ROWS_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=f"{START_ROWS_FILE}: cannot read the appended rows"):
-        start_encoder(tokenizer, TINY, tiny_bert_dir, tmp_path)
+        start_encoder(tokenizer, tiny_bert_dir, tmp_path)
     save_file({"rows": torch.zeros(2, 3)}, str(tmp_path / START_ROWS_FILE))
     with pytest.raises(ValueError, match=r"\(2, 3\) rows, but the vocabulary appends"):
-        start_encoder(tokenizer, TINY, tiny_bert_dir, tmp_path)
+        start_encoder(tokenizer, tiny_bert_dir, tmp_path)
 
 
 @pytest.mark.parametrize(("base", "trainable", "message"), [

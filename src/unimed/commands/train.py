@@ -150,7 +150,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     text_cfg = cfg.method.text
     tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir), local_files_only=True)
     with torch.random.fork_rng(devices=[]):
-        before = start_encoder(tokenizer, cfg.mlm, base, mlm_dir)
+        before = start_encoder(tokenizer, base, mlm_dir)
     after, _ = load_pretrained(BertModel, mlm_dir, add_pooling_layer=False)
     match = same_value(corpus.study_ids)  # (N, N) row i of English translates row i of Spanish
     rows, scores = [], {}

@@ -27,6 +27,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
+    BertModel,
     DataCollatorForLanguageModeling,
     PreTrainedTokenizerBase,
     get_scheduler,
@@ -285,26 +286,26 @@ def save_start_rows(model: BertForMaskedLM, out_dir: Path) -> None:
               str(out_dir / START_ROWS_FILE))
 
 
-def start_encoder(tokenizer: PreTrainedTokenizerBase, cfg: MLMConfig, base_model: str | Path,
-                  mlm_dir: Path) -> nn.Module:
-    """The text encoder (``BertModel``) an MLM run in `mlm_dir` started from: the base model, its
-    vocabulary grown to `tokenizer`, the appended rows read from the start :func:`train_mlm` saved
-    there. A missing or unreadable file, or rows of another shape, is a ValueError naming it."""
+def start_encoder(tokenizer: PreTrainedTokenizerBase, base_model: str | Path, mlm_dir: Path) -> BertModel:
+    """The text encoder an MLM run in `mlm_dir` started from: the base model's body, its vocabulary
+    grown to `tokenizer`, the appended rows read from the start :func:`train_mlm` saved there. A
+    missing or unreadable file, or rows of another number or width, is a ValueError naming it."""
     path = mlm_dir / START_ROWS_FILE
     try:
         rows = load_file(str(path))["rows"]
     except (OSError, SafetensorError, KeyError) as exc:
         raise ValueError(f"{path}: cannot read the appended rows MLM started from ({exc}); "
                          "run `unimed mlm` again") from None
-    model = build_mlm_model(tokenizer, dataclasses.replace(cfg, new_rows="random"), base_model=base_model)
-    weight = model.get_input_embeddings().weight
-    n_old = getattr(model.config, BASE_VOCAB_KEY)
-    if rows.shape != weight[n_old:].shape:
+    encoder, _ = load_pretrained(BertModel, base_model, add_pooling_layer=False)
+    base = encoder.get_input_embeddings().weight
+    appended = (len(tokenizer) - base.shape[0], base.shape[1])
+    if tuple(rows.shape) != appended:
         raise ValueError(f"{path}: {tuple(rows.shape)} rows, but the vocabulary appends "
-                         f"{tuple(weight[n_old:].shape)} to {base_model}")
+                         f"{appended} to {base_model}")
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
-        weight[n_old:] = rows
-    return model.bert
+        encoder.get_input_embeddings().weight[-len(rows):] = rows
+    return encoder
 
 
 def train_new_rows_only(model: BertForMaskedLM, n_old: int) -> None:
