@@ -130,8 +130,9 @@ def sweep_fractions(
         if draws == 1 or len(index) == n_train:
             rows[label] = fraction_row(score(index, label), int(len(index)))
             continue
-        estimates = [score(fraction_indices(n_train, fraction, floor, ctx.cfg.seed + draw), label)
-                     for draw in range(draws)]
+        subsets = [index] + [fraction_indices(n_train, fraction, floor, ctx.cfg.seed + draw)
+                             for draw in range(1, draws)]
+        estimates = [score(subset, label) for subset in subsets]
         values = [e.value for e in estimates if e.value is not None]
         rows[label] = {**fraction_row(mean_estimate(estimates), int(len(index))), "draws": draws,
                        "draw_sd": float(np.std(values)) if values else None}
