@@ -7,12 +7,15 @@ import copy
 import numpy as np
 import pytest
 import safetensors.torch
+import timm
 import torch
+from timm.layers import Conv2dSame
+from torch import nn
 
 from unimed.config import ConfigError
 from unimed.models.image import (
-    IMAGE_ENCODERS, create_image_encoder, freeze_image_levels, frozen_prefix, load_image_weights,
-    shared_trunk_outputs,
+    IMAGE_ENCODERS, SamePadConv2d, create_image_encoder, freeze_image_levels, frozen_prefix,
+    load_image_weights, shared_trunk_outputs, without_input_padding,
 )
 
 
@@ -298,3 +301,42 @@ def test_frozen_levels_out_of_range_name_the_key() -> None:
         freeze_image_levels(model, 9)
     freeze_image_levels(model, 0)
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("size", [(16, 16), (17, 17), (16, 15), (9, 12)])
+@pytest.mark.parametrize("kernel, stride, dilation, groups", [
+    (3, 2, 1, 1), (5, 2, 1, 4), (3, 1, 1, 4), (4, 2, 1, 1), (1, 2, 1, 1), (3, 2, 2, 1),
+])
+def test_same_pad_conv_computes_timms_same_convolution(size, kernel, stride, dilation, groups) -> None:
+    # The leading zero tap stands for timm's extra trailing zero: output and gradients agree
+    # for even and odd sizes, strides 1 and 2, grouped kernels and the dilated fall-back.
+    torch.manual_seed(0)
+    reference = Conv2dSame(8, 8, kernel, stride, dilation=dilation, groups=groups)
+    same = without_input_padding(nn.Sequential(copy.deepcopy(reference)))[0]
+    assert isinstance(same, SamePadConv2d)
+    x = torch.randn(2, 8, *size, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, want = same(x), reference(x_ref)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(want)
+    out.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(same.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(same.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_lite0_presets_pad_no_input_and_keep_timms_names_and_function() -> None:
+    torch.manual_seed(0)
+    model = create_image_encoder("efficientnet_lite0").eval()
+    timm_model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    assert list(model.state_dict()) == list(timm_model.state_dict())
+    timm_model.load_state_dict(model.state_dict())
+    assert not any(type(m) is Conv2dSame for m in model.modules())
+    assert sum(isinstance(m, SamePadConv2d) for m in model.modules()) == 5  # the stride-2 layers
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), timm_model(x), rtol=1e-4, atol=1e-4)
+    hybrid = create_image_encoder("vit_tiny_lite0s32_96")
+    assert not any(type(m) is Conv2dSame for m in hybrid.modules())
