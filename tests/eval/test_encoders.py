@@ -9,12 +9,13 @@ import pytest
 import torch
 from eval_helpers import TINY_MODEL
 from safetensors.torch import save_model
-from timm.layers import FrozenBatchNormAct2d
+from timm.layers import Conv2dSame, FrozenBatchNormAct2d
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from unimed.eval.encoders import BATCH_NORMS, build_encoder, fold_batch_norms
 from unimed.eval.tasks import fraction_label
 from unimed.methods import create_method
+from unimed.models.config import ImageTowerConfig
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
 
@@ -98,11 +99,22 @@ def test_batch_norms_fold_into_their_convolutions(tiny_text_dir, tiny_encoder, i
     for got, want in pairs:  # equal up to float rounding, relative to the map's scale
         assert got.shape == want.shape
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
-    # The evaluation's encoders are built folded; without fold_norms, build_encoder keeps the
+    # The evaluation's encoders are built folded; without for_inference, build_encoder keeps the
     # method's own modules (what an export writes).
-    encoder = build_encoder("f", "F", TINY_MODEL, text_encoder=str(tiny_text_dir), fold_norms=True)
+    encoder = build_encoder("f", "F", TINY_MODEL, text_encoder=str(tiny_text_dir), for_inference=True)
     assert not any(isinstance(m, BATCH_NORMS) for m in encoder.visual.modules())
     assert any(isinstance(m, BATCH_NORMS) for m in tiny_encoder.visual.modules())
+
+
+def test_inference_encoders_of_same_padded_backbones_pad_no_input(tiny_text_dir):
+    lite0 = dataclasses.replace(TINY_MODEL, image=ImageTowerConfig(encoder="efficientnet_lite0"))
+    trained = build_encoder("t", "T", lite0, text_encoder=str(tiny_text_dir))
+    encoder = build_encoder("i", "I", lite0, text_encoder=str(tiny_text_dir), for_inference=True)
+    assert any(type(m) is Conv2dSame for m in trained.visual.modules())
+    assert not any(type(m) is Conv2dSame for m in encoder.visual.modules())
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(encoder.image_features(images), trained.image_features(images),
+                               rtol=1e-4, atol=1e-4)
 
 
 class _ConvReadTwice(torch.nn.Module):

@@ -7,7 +7,6 @@ import copy
 import numpy as np
 import pytest
 import safetensors.torch
-import timm
 import torch
 from timm.layers import Conv2dSame
 from torch import nn
@@ -327,16 +326,16 @@ def test_same_pad_conv_computes_timms_same_convolution(size, kernel, stride, dil
     torch.testing.assert_close(same.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_lite0_presets_pad_no_input_and_keep_timms_names_and_function() -> None:
+def test_without_input_padding_keeps_lite0s_names_and_function() -> None:
     torch.manual_seed(0)
-    model = create_image_encoder("efficientnet_lite0").eval()
-    timm_model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    timm_model = create_image_encoder("efficientnet_lite0").eval()  # pre-training keeps timm's
+    assert sum(type(m) is Conv2dSame for m in timm_model.modules()) == 5  # the stride-2 layers
+    model = without_input_padding(copy.deepcopy(timm_model))
     assert list(model.state_dict()) == list(timm_model.state_dict())
-    timm_model.load_state_dict(model.state_dict())
     assert not any(type(m) is Conv2dSame for m in model.modules())
-    assert sum(isinstance(m, SamePadConv2d) for m in model.modules()) == 5  # the stride-2 layers
+    assert sum(isinstance(m, SamePadConv2d) for m in model.modules()) == 5
     x = torch.rand(2, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(model(x), timm_model(x), rtol=1e-4, atol=1e-4)
-    hybrid = create_image_encoder("vit_tiny_lite0s32_96")
+    hybrid = without_input_padding(create_image_encoder("vit_tiny_lite0s32_96"))
     assert not any(type(m) is Conv2dSame for m in hybrid.modules())

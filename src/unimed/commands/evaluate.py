@@ -92,11 +92,11 @@ def _encoders(cfg: Config, trained: Sequence[tuple[Config, Path]], baselines: tu
         build_encoder(run_cfg.method.name, method_label(run_cfg.method.name), run_cfg.method,
                       weights=weights, text_encoder=text_encoder_dir(run_cfg),
                       tokenizer=tokenizer_dir(run_cfg), seed=run_cfg.run.seed,
-                      max_length=run_cfg.data.max_length, fold_norms=True)
+                      max_length=run_cfg.data.max_length, for_inference=True)
         for run_cfg, weights in trained
     ]
     common = dict(text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg),
-                  seed=cfg.run.seed, max_length=cfg.data.max_length, fold_norms=True)
+                  seed=cfg.run.seed, max_length=cfg.data.max_length, for_inference=True)
     image_cfg = cfg.method.image
     image = "ImageNet" if image_cfg.weights else "Random"
     for name in baselines:

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 
 from unimed.eval.dense import Maps, slice_wise_maps
 from unimed.methods import MethodConfig, create_method
-from unimed.models.image import to_channels_last
+from unimed.models.image import to_channels_last, without_input_padding
 from unimed.train.checkpoint import WEIGHTS_FILE, load_weights
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def build_encoder(
     seed: int = 0,
     max_length: int = 128,
     device: torch.device | None = None,
-    fold_norms: bool = False,
+    for_inference: bool = False,
 ) -> Encoder:
     """The model of the method `method_cfg` names, with the tokenizer of the `tokenizer` folder
     (default: the `text_encoder` folder's own).
@@ -250,9 +250,10 @@ def build_encoder(
     loaded, strictly. Without, the model is what pre-training starts from: image encoder and
     projectors randomly initialised from `seed`, text encoder as loaded from `text_encoder` (the MLM
     stage's output for Med-UniC) -- the "random init" and "MLM-only" baselines in one model.
-    With `fold_norms` (what the evaluation's encoders use), the image backbone's batch norms are
-    folded into its convolutions (:func:`fold_batch_norms`): faster, but the state dict is then no
-    longer the method's (an export writes the unfolded model).
+    With `for_inference` (what the evaluation's encoders use), the image backbone's batch norms are
+    folded into its convolutions (:func:`fold_batch_norms`) and its TensorFlow 'same' convolutions
+    stop padding their inputs (:class:`unimed.models.image.SamePadConv2d`): faster, but the state
+    dict is then no longer the method's (an export writes the unfolded model).
     """
     image = dataclasses.replace(method_cfg.image, compile=False)
     cfg = dataclasses.replace(method_cfg, image=image)
@@ -265,7 +266,7 @@ def build_encoder(
         load_weights(method, weights / WEIGHTS_FILE if weights.is_dir() else weights)
         log.info("%s: loaded weights from %s", name, weights)
     model = method.model
-    if fold_norms:
-        model.visual = fold_batch_norms(model.visual)
+    if for_inference:
+        model.visual = without_input_padding(fold_batch_norms(model.visual))
     return Encoder(name, label, model, tokenizer_, max_length, device or default_device(),
                    float(model.temperature))

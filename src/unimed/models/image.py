@@ -165,6 +165,11 @@ class SamePadConv2d(nn.Conv2d):
     depthwise layers. Padding the small kernel is part of the graph, so the zero tap gets no
     update. A dilated kernel (the extra tap would sit a dilation away) takes timm's path.
     Parameters and their names are ``nn.Conv2d``'s, as ``Conv2dSame``'s are.
+
+    The evaluation's frozen encoders use it (:func:`unimed.eval.encoders.build_encoder`), where the
+    outputs are the same; pre-training keeps timm's module, because its weight gradients differ
+    from timm's in the last float bits and a training run amplifies that (measured: the demo's
+    zero-shot cells moved by up to 5 points).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,8 +202,7 @@ def without_input_padding(model: nn.Module) -> nn.Module:
 
 def _register_preset(name: str, timm_name: str, overrides: dict) -> None:
     def factory() -> nn.Module:
-        return without_input_padding(
-            timm.create_model(timm_name, pretrained=False, num_classes=0, **overrides))
+        return timm.create_model(timm_name, pretrained=False, num_classes=0, **overrides)
 
     factory.__doc__ = f"timm '{timm_name}' without classifier, overrides {overrides or 'none'}."
     IMAGE_ENCODERS.register(name)(factory)
