@@ -35,6 +35,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame, HybridEmbed
+from timm.layers.conv2d_same import conv2d_same
 from timm.layers.padding import get_same_padding
 from torch import nn
 
@@ -178,8 +179,7 @@ class SamePadConv2d(nn.Conv2d):
             for total in (get_same_padding(size, k, s, d) for size, k, s, d in
                           zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)))
         if self.dilation != (1, 1):
-            x = F.pad(x, (before_w, after_w, before_h, after_h))
-            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            return conv2d_same(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
         weight = self.weight
         if after_h > before_h or after_w > before_w:
             weight = F.pad(weight, (after_w - before_w, 0, after_h - before_h, 0))

@@ -302,9 +302,10 @@ def start_encoder(tokenizer: PreTrainedTokenizerBase, base_model: str | Path, ml
     if tuple(rows.shape) != appended:
         raise ValueError(f"{path}: {tuple(rows.shape)} rows, but the vocabulary appends "
                          f"{appended} to {base_model}")
+    n_old = base.shape[0]
     encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
-        encoder.get_input_embeddings().weight[-len(rows):] = rows
+        encoder.get_input_embeddings().weight[n_old:] = rows
     return encoder
 
 
