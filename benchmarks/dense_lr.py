@@ -25,14 +25,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from unimed.commands.evaluate import build_encoders
+from unimed.commands.evaluate import preset_encoders
 from unimed.commands.tables import print_table
-from unimed.config import Config, load_config
+from unimed.config import load_config
 from unimed.eval import detection, segmentation
 from unimed.eval.data import EvalData, fraction_indices
 from unimed.eval.encoders import Encoder
 from unimed.eval.tasks import TaskContext, fraction_label
-from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
 METRICS = {"detection": "mAP", "segmentation": "Dice"}
 
@@ -69,16 +68,6 @@ def fitter(task: str, encoder: Encoder, ctx: TaskContext, dataset: str
     return len(masks["train"]), fit_segmentation
 
 
-def encoders_of(cfg: Config, args: argparse.Namespace) -> list[Encoder]:
-    also = []
-    for folder in args.checkpoint:
-        path = find_checkpoint(folder)
-        run_cfg = load_config(checkpoint_config(path), args.overrides)
-        also.append((dataclasses.replace(run_cfg, data=cfg.data), path))
-    baselines = tuple(b for b in args.baselines.split(",") if b)
-    return build_encoders(cfg, None, baselines, also)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +89,8 @@ def main() -> None:
     ctx = TaskContext(EvalData(cfg.data, progress=False), cfg.eval, cfg.run.dir / "lr_choice")
     lrs = [float(v) for v in args.lrs.split(",")]
     rows = []
-    for encoder in encoders_of(cfg, args):
+    baselines = tuple(b for b in args.baselines.split(",") if b)
+    for encoder in preset_encoders(cfg, args.checkpoint, baselines, args.overrides):
         for dataset in section.datasets:
             n_train, fit = fitter(args.task, encoder, ctx, dataset)
             for fraction in cfg.eval.fractions:

@@ -19,13 +19,12 @@ import argparse
 import dataclasses
 import time
 
-from unimed.commands.evaluate import build_encoders
+from unimed.commands.evaluate import preset_encoders
 from unimed.commands.tables import print_table
 from unimed.config import load_config
 from unimed.eval.data import EvalData
 from unimed.eval.tasks import TaskContext
 from unimed.eval.volume_finetune import dataset_target, fine_tune, split_data
-from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
 
 def main() -> None:
@@ -39,13 +38,8 @@ def main() -> None:
                         help="a trained checkpoint folder (repeatable)")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    also = []
-    for folder in args.checkpoint:
-        path = find_checkpoint(folder)
-        run_cfg = load_config(checkpoint_config(path), args.overrides)
-        also.append((dataclasses.replace(run_cfg, data=cfg.data), path))
     baselines = tuple(b for b in args.baselines.split(",") if b)
-    encoders = build_encoders(cfg, None, baselines, also)
+    encoders = preset_encoders(cfg, args.checkpoint, baselines, args.overrides)
     ctx = TaskContext(EvalData(cfg.data, progress=False), cfg.eval, cfg.run.dir / "lr_choice")
     rows = []
     for encoder in encoders:

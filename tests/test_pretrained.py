@@ -217,3 +217,19 @@ def test_nothing_touches_the_network(tiny_run: Path, images: Path, tmp_path: Pat
                  "--out", str(tmp_path / "s.csv"), "--quiet"]) == 0
     assert main(["embed", str(out), str(images), "--out", str(tmp_path / "e.npy"), "--quiet"]) == 0
     assert attempts == []
+
+
+
+def test_preset_encoders_read_each_run_with_the_presets_data(tiny_run: Path):
+    from unimed.commands.evaluate import preset_encoders
+
+    checkpoint = find_checkpoint(tiny_run)
+    run_cfg = load_config(checkpoint_config(checkpoint))
+    preset = load_config(checkpoint_config(checkpoint), ["data.max_length=40", "method.image.encoder=resnet18"])
+    trained, random = preset_encoders(preset, [tiny_run], ("random",))
+    assert (trained.name, random.name) == (run_cfg.method.name, "random")
+    assert trained.max_length == random.max_length == 40 != run_cfg.data.max_length
+    assert random.model.cfg.image.encoder == "resnet18" != trained.model.cfg.image.encoder
+    own = _run_encoder(tiny_run)
+    for (name, mine), theirs in zip(trained.model.state_dict().items(), own.model.state_dict().values()):
+        assert torch.equal(mine, theirs), name

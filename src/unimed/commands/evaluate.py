@@ -73,6 +73,21 @@ def build_encoders(cfg: Config, checkpoint: str | Path | None, baselines: tuple[
     return _encoders(cfg, _resolve_trained(cfg, checkpoint, also), baselines)
 
 
+def preset_encoders(cfg: Config, checkpoints: Sequence[str | Path], baselines: tuple[str, ...],
+                    overrides: Sequence[str] = ()) -> list:
+    """:func:`build_encoders` for a preset without a checkpoint of its own (the settings-choice
+    benchmarks): the trained `checkpoints`, each with its run's saved config (`overrides` applied)
+    and the preset's data section, then the `baselines` of the preset's method."""
+    from unimed.train.checkpoint import checkpoint_config
+
+    also = []
+    for folder in checkpoints:
+        path = resolve_checkpoint(folder)
+        run_cfg = load_config(checkpoint_config(path), list(overrides))
+        also.append((dataclasses.replace(run_cfg, data=cfg.data), path))
+    return build_encoders(cfg, None, baselines, also)
+
+
 def _resolve_trained(cfg: Config, checkpoint: str | Path | None,
                      also: Sequence[tuple[Config, str | Path]]) -> list[tuple[Config, Path]]:
     """(run config, checked checkpoint folder) of `checkpoint` (when given) and of `also`."""
