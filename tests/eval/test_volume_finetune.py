@@ -1,6 +1,7 @@
 """3D fine-tuning: the trained stage learns what a frozen one cannot (and nothing at lr ~ 0), the
 encoder under evaluation is untouched, the state is chosen on the validation split only, which
-parameters "last" trains, the native 3D path, clear config errors, the report's Table 3."""
+parameters "last" trains, the native 3D path and its selection pass run once per volume, clear
+config errors, the report's Table 3."""
 
 from __future__ import annotations
 
@@ -340,3 +341,62 @@ def test_the_report_lays_out_table_3_and_no_longer_lists_it_as_not_run():
     listed = {title: rows for title, _, rows in format_tables(no_run)}[report.TITLE_VOLUME_NOT_RUN]
     assert listed[0][:1] == ["Table 3"] and "add volume_finetune" in listed[0][3]
 
+
+
+def tiny_unimedi() -> nn.Module:
+    """A randomly initialised UniMedI: 12-block tiny ViT, 8 x 16 x 16 volumes in 4 slabs."""
+    from transformers import BertConfig, BertModel
+
+    from unimed.models.config import ImageTowerConfig, TextTowerConfig
+    from unimed.models.image import create_image_encoder
+    from unimed.models.unimedi import UniMedI
+    from unimed.models.unimedi_config import UniMedIConfig
+
+    cfg = UniMedIConfig(
+        image=ImageTowerConfig(encoder="vit_tiny_patch8_64", mean=(0.5,) * 3, std=(0.5,) * 3),
+        text=TextTowerConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+        volume_shape=(8, 16, 16), volume_patch=(2, 8, 8), selected_slices=2, projector_hidden=16,
+        embed_dim=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32))
+        return UniMedI(cfg, create_image_encoder("vit_tiny_patch8_64"), text)
+
+
+def test_a_native_models_frozen_selection_pass_runs_once_per_volume_and_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    train, valid, test = ((torch.rand(n, 4, 1, 16, 16, generator=g), torch.arange(n) % 3)
+                          for n in (16, 6, 9))
+    runs = {}
+    for name, gb, epochs in (("cached", 2.0, 3), ("cached, more epochs", 2.0, 5), ("every epoch", 0.0, 3)):
+        encoder = Encoder("unimedi", "UniMedI", tiny_unimedi(), tokenizer=None)
+        selection_passes = []  # block 0 on [CLS] + the 16 T_3D tokens alone: the selection pass
+        encoder.model.visual.vit.blocks[0].register_forward_pre_hook(
+            lambda _module, args: selection_passes.append(len(args[0])) if args[0].shape[1] == 17 else None)
+        fitted = volume_finetune.fine_tune(encoder, train, valid, CCII,
+                                           config(flip=True, epochs=epochs, frozen_cache_gb=gb), seed=0)
+        logits = volume_finetune.predict(fitted.model, test[0], 8, torch.device("cpu"))
+        runs[name] = (fitted, logits, sum(selection_passes))
+    (cached, cached_logits, cached_rows), (_, _, longer_rows), (direct, direct_logits, direct_rows) = runs.values()
+    assert cached.cached and not direct.cached
+    assert (cached.epoch, cached.epochs_run, cached.valid_value) == (
+        direct.epoch, direct.epochs_run, direct.valid_value)
+    assert cached.valid_loss == pytest.approx(direct.valid_loss, rel=1e-5)
+    torch.testing.assert_close(cached_logits, direct_logits, rtol=1e-4, atol=1e-5)
+    # Through the frozen blocks once per volume: the head's width probe (1 volume), the check (2
+    # volumes, recorded and direct), the training volumes in both orientations, the validation
+    # volumes, then the test volumes.
+    assert cached_rows == longer_rows == 1 + 2 * 2 + 2 * 16 + 6 + 9
+    assert direct_rows == 1 + 3 * (16 + 6) + 9
+
+
+def test_a_native_models_selection_cache_steps_aside_when_it_does_not_fit(caplog):
+    g = torch.Generator().manual_seed(0)
+    train, valid = ((torch.rand(n, 4, 1, 16, 16, generator=g), torch.arange(n) % 3) for n in (6, 3))
+    encoder = Encoder("unimedi", "UniMedI", tiny_unimedi(), tokenizer=None)
+    with caplog.at_level(logging.INFO, logger="unimed.eval.volume_finetune"):
+        fitted = volume_finetune.fine_tune(encoder, train, valid, CCII,
+                                           config(epochs=1, frozen_cache_gb=1e-9), seed=0)
+    assert not fitted.cached
+    assert "selection pass's frozen blocks" in caplog.text and "frozen_cache_gb=1e-09" in caplog.text

@@ -157,3 +157,22 @@ def test_volume_embedding_and_maps_have_the_evaluation_shapes():
     assert model.pooled_volume(stacks).shape == (3, 192)
     maps = model.volume_intermediates(stacks)
     assert len(maps) == 4 and all(m.shape == (3, 192, 4, 2, 2) for m in maps)
+
+
+def test_the_selection_pass_continues_from_its_frozen_blocks_to_the_same_feature():
+    model = _model()
+    stacks = torch.rand(3, 8, 1, 16, 16)
+    assert model.frozen_blocks() == 0 and model.selection_trunk(stacks) is None  # all trainable
+    model.requires_grad_(False)
+    model.visual.vit.blocks[-4:].requires_grad_(True)
+    blocks = len(model.visual.vit.blocks)
+    assert model.frozen_blocks() == blocks - 4
+    trunk = model.selection_trunk(stacks)
+    assert trunk.blocks == blocks - 4 and trunk.tokens.shape == (3, 1 + 16, 192)
+    volume = model.preprocess_volume(model.volume_input(stacks))
+    assert torch.equal(model.volume_attention(volume, trunk), model.volume_attention(volume))
+    assert torch.equal(model.pooled_volume(stacks, trunk), model.pooled_volume(stacks))
+    other = model.selection_trunk(torch.rand(3, 8, 1, 16, 16))
+    assert not torch.equal(model.volume_attention(volume, other), model.volume_attention(volume))
+    model.visual.volume_embed.requires_grad_(True)  # the selection pass's input trains
+    assert model.frozen_blocks() == 0

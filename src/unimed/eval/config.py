@@ -350,7 +350,9 @@ class VolumeFinetuneConfig:
     (validation loss where the metric is undefined there), ties broken by the lower validation
     loss. `min_train_volumes` floors a fraction below 1. Under "last" a slice-wise (2D) encoder's
     frozen part runs once per slice, not once per epoch, when its activations fit in
-    `frozen_cache_gb` (:class:`unimed.eval.volume_finetune.FrozenPrefix`).
+    `frozen_cache_gb` (:class:`unimed.eval.volume_finetune.FrozenPrefix`), and a native 3D
+    model's attentive selection pass through its frozen blocks once per volume
+    (:class:`unimed.eval.volume_finetune.FrozenSelection`).
 
     `lr` was chosen on the validation splits only (train -> valid; the script never reads the test
     split) of the phantom CT world of the brief (``unimed phantom configs/demo.yaml

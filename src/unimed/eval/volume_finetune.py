@@ -32,7 +32,9 @@ bootstrap intervals over the test volumes on the context's shared resamples (the
 Under "last" the frozen part of a slice-wise model computes the same activations for a slice in
 every epoch, so it runs once per slice (:class:`FrozenPrefix`; the training volumes once more,
 flipped) and each epoch runs the trainable part only: on the demo's encoders the frozen part is
-all but the last of EfficientNet's seven stages.
+all but the last of EfficientNet's seven stages. A native 3D model's attentive selection pass
+through its frozen blocks runs once per volume the same way (:class:`FrozenSelection`, UniMedI's
+first five of six blocks).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from unimed.eval.metrics import Estimate, batched_mean, bootstrap
 from unimed.eval.segmentation import seeded_generator
 from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
 from unimed.eval.volumes import SPLITS, VOLUME_TARGETS
+from unimed.models.unimedi import SelectionTrunk
 
 log = logging.getLogger(__name__)
 
@@ -238,12 +241,97 @@ def frozen_prefix(model: VolumeClassifier, train: torch.Tensor, valid: torch.Ten
     return prefix
 
 
+class FrozenSelection:
+    """The frozen start of a native 3D model's attentive slice selection, run once per volume.
+
+    UniMedI's pooled volume feature is two passes of its ViT: the selection pass ([CLS] + the
+    volume's 3D tokens, eq. 1), whose [CLS] attention summed over every block picks the slices,
+    then a pass over the volume's and those slices' tokens. Under "last" the blocks before the
+    trained one, and everything the selection pass reads before them, are frozen, so that pass
+    gives a volume the same tokens and attention rows through them in every epoch: the model's
+    ``selection_trunk`` records them once per volume (training volumes in both orientations with
+    flips) and ``pooled_volume(stacks, trunk)`` runs only the blocks after them. The second pass
+    is not kept: its input holds the selected slices, which the trained block's attention picks.
+    :func:`frozen_selection` checks on training volumes that it reproduces the model's features.
+    """
+
+    def __init__(self, model: VolumeClassifier) -> None:
+        self.model = model
+        self.device = next(model.head.parameters()).device
+
+    @torch.no_grad()
+    def trunks(self, stacks: torch.Tensor, batch_size: int) -> SelectionTrunk:
+        """(N, K, 1, S, S) slice stacks -> their ``selection_trunk``, on the CPU."""
+        parts = [self.model.model.selection_trunk(chunk.to(self.device))
+                 for chunk in stacks.split(batch_size)]
+        return parts[0]._replace(tokens=torch.cat([t.tokens.cpu() for t in parts]),
+                                 attention=torch.cat([t.attention.cpu() for t in parts]))
+
+    def logits(self, stacks: torch.Tensor, trunk: SelectionTrunk) -> torch.Tensor:
+        """(B, K, 1, S, S) stacks and their trunks -> (B, classes)."""
+        trunk = trunk._replace(tokens=trunk.tokens.to(self.device),
+                               attention=trunk.attention.to(self.device))
+        return self.model.head(self.model.model.pooled_volume(stacks.to(self.device), trunk))
+
+    @torch.no_grad()
+    def predict(self, stacks: torch.Tensor, trunk: SelectionTrunk, batch_size: int) -> torch.Tensor:
+        """(N, classes) float32 logits on the CPU, as :func:`predict` of the same volumes."""
+        return torch.cat([self.logits(stacks[i : i + batch_size], pick(trunk, slice(i, i + batch_size)))
+                          .float().cpu() for i in range(0, len(stacks), batch_size)])
+
+
+def pick(trunk: SelectionTrunk, index: torch.Tensor | slice, mirrored: SelectionTrunk | None = None,
+         flip: torch.Tensor | None = None) -> SelectionTrunk:
+    """The rows `index` of a selection trunk; with `flip` (bool per row), those of `mirrored`
+    where it is set."""
+    tokens, attention = trunk.tokens[index], trunk.attention[index]
+    if flip is not None:
+        tokens = torch.where(flip.view(-1, 1, 1), mirrored.tokens[index], tokens)
+        attention = torch.where(flip.view(-1, 1), mirrored.attention[index], attention)
+    return trunk._replace(tokens=tokens, attention=attention)
+
+
+def frozen_selection(model: VolumeClassifier, train: torch.Tensor, valid: torch.Tensor,
+                     cfg: VolumeFinetuneConfig) -> FrozenSelection | None:
+    """A :class:`FrozenSelection` of `model` for the `train` and `valid` stacks, or None (the
+    selection pass then runs whole every epoch): with trainable "all", a model without
+    ``selection_trunk`` (or with no frozen block), ``frozen_cache_gb`` 0; with a line saying why
+    when the trunks would not fit in ``frozen_cache_gb`` or do not reproduce the model's features
+    on the first training volumes."""
+    body = model.model
+    if cfg.trainable != "last" or cfg.frozen_cache_gb <= 0 or not hasattr(body, "selection_trunk"):
+        return None
+    sample = train[:CHECKED_VOLUMES]
+    cache = FrozenSelection(model)
+    with torch.no_grad():
+        trunk = body.selection_trunk(sample.to(cache.device))
+        if trunk is None:
+            return None
+        cached = body.pooled_volume(sample.to(cache.device), trunk)
+        direct = model.features(sample.to(cache.device))
+    if not torch.allclose(cached, direct, rtol=1e-4, atol=1e-5):
+        log.warning("volume fine-tuning: the recorded selection pass does not reproduce the "
+                    "model's features (largest difference %.2g); it runs whole every epoch",
+                    float((cached - direct).abs().max()))
+        return None
+    volumes = len(train) * (2 if cfg.flip else 1) + len(valid)
+    per_volume = (trunk.tokens[0].numel() + trunk.attention[0].numel()) * trunk.tokens.element_size()
+    gigabytes = volumes * per_volume / 2**30
+    if gigabytes > cfg.frozen_cache_gb:
+        log.info("volume fine-tuning: the selection pass's frozen blocks (%.1f GB) exceed "
+                 "eval.volume_finetune.frozen_cache_gb=%g; they run every epoch", gigabytes,
+                 cfg.frozen_cache_gb)
+        return None
+    return cache
+
+
 @dataclasses.dataclass
 class Fitted:
     """A fine-tuned classifier and how it was selected on the validation split: the validation
     metric (None where undefined) and loss of the kept state, its epoch (1-based), the epochs run,
     whether the metric or the loss selected, the parameters that received gradients, and whether
-    the frozen part ran once per slice (:class:`FrozenPrefix`) or every epoch."""
+    the frozen part ran once per slice (:class:`FrozenPrefix`) or once per volume
+    (:class:`FrozenSelection`) rather than every epoch."""
 
     model: VolumeClassifier
     valid_value: float | None
@@ -301,7 +389,22 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
                     "validation loss", desc, target.metric, len(valid[1]))
     stacks, labels = train
     prefix = frozen_prefix(model, stacks, valid[0], cfg)
-    if prefix is None:
+    selector = frozen_selection(model, stacks, valid[0], cfg) if prefix is None else None
+    if selector is not None:
+        plain_trunk = selector.trunks(stacks, cfg.batch_size)
+        mirrored_trunk = selector.trunks(stacks.flip(-1), cfg.batch_size) if cfg.flip else None
+        held_out_trunk = selector.trunks(valid[0], cfg.batch_size)
+
+        def logits_of(index: torch.Tensor) -> torch.Tensor:
+            if not cfg.flip:
+                return selector.logits(stacks[index], pick(plain_trunk, index))
+            flip = flip_draw(len(index), generator)
+            batch = torch.where(flip.view(-1, 1, 1, 1, 1), stacks[index].flip(-1), stacks[index])
+            return selector.logits(batch, pick(plain_trunk, index, mirrored_trunk, flip))
+
+        def valid_logits() -> torch.Tensor:
+            return selector.predict(valid[0], held_out_trunk, cfg.batch_size)
+    elif prefix is None:
         def logits_of(index: torch.Tensor) -> torch.Tensor:
             batch = flipped(stacks[index], generator) if cfg.flip else stacks[index]
             return model(batch.to(device))
@@ -345,7 +448,7 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
     model.load_state_dict(kept, strict=False)
     value, valid_loss, best_epoch = selection
     return Fitted(model, value, valid_loss, best_epoch, epoch, "loss" if by_loss else target.metric,
-                  trained, prefix is not None)
+                  trained, prefix is not None or selector is not None)
 
 
 def split_data(ctx: TaskContext, dataset: str, target: ProbeTarget,

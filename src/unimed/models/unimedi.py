@@ -16,7 +16,7 @@ attention does not return weights).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,15 @@ def block_cls_attention(block: nn.Module, x: torch.Tensor, with_cls_key: bool) -
     else:
         weights = logits[..., 1:].softmax(-1)
     return weights[:, :, 0].mean(1)
+
+
+class SelectionTrunk(NamedTuple):
+    """The selection pass after its first `blocks` ViT blocks: `tokens` (N, 1 + P, width) and
+    `attention`, the sum of those blocks' [CLS] attention rows (N, P)."""
+
+    blocks: int
+    tokens: torch.Tensor
+    attention: torch.Tensor
 
 
 def slice_images(volume: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
@@ -147,16 +156,27 @@ class UniMedIVision(nn.Module):
         [CLS] attention over the N patch tokens averaged over layers and heads (eq. 1) when
         `attention` is "patches" or "with_cls", else None)."""
         vit = self.vit
-        batch = groups[0].shape[0]
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(batch, -1, -1)
-        x = vit.norm_pre(vit.pos_drop(torch.cat([cls, *groups], dim=1)))
-        total = None
-        for block in vit.blocks:
+        x, total = self.run_blocks(self.prefixed(groups), vit.blocks, attention)
+        return vit.norm(x), None if total is None else total / len(vit.blocks)
+
+    def prefixed(self, groups: Tokens) -> torch.Tensor:
+        """[CLS] (with its position) + the token groups: the (B, 1 + N, width) input of block 0."""
+        vit = self.vit
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(groups[0].shape[0], -1, -1)
+        return vit.norm_pre(vit.pos_drop(torch.cat([cls, *groups], dim=1)))
+
+    @staticmethod
+    def run_blocks(x: torch.Tensor, blocks: Sequence[nn.Module], attention: str | None,
+                   total: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`x` through `blocks` in order; with `attention` ("patches" / "with_cls"), each block's
+        [CLS] attention rows over the patch tokens (:func:`block_cls_attention`) are added to
+        `total`, in block order. Returns the tokens and the sum."""
+        for block in blocks:
             if attention is not None:
                 rows = block_cls_attention(block, x, with_cls_key=attention == "with_cls")
                 total = rows if total is None else total + rows
             x = block(x)
-        return vit.norm(x), None if total is None else total / len(vit.blocks)
+        return x, total
 
     def maps_3d(self, volumes: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
         """(B, 1, D, H, W) normalised volumes -> the 3D token maps (B, width, d, h, w) after the
@@ -265,11 +285,50 @@ class UniMedI(nn.Module):
         return slab_to_slices(slabs, self.cfg.volume_patch[0], self.cfg.slab_slice, generator)
 
     @torch.no_grad()
-    def volume_attention(self, volume: torch.Tensor) -> torch.Tensor:
+    def volume_attention(self, volume: torch.Tensor, trunk: SelectionTrunk | None = None
+                         ) -> torch.Tensor:
         """(B, 1, D, H, W) normalised volume -> (B, P) [CLS] attention over its 3D tokens
-        (a pass of [CLS] + T_3D(volume) alone, eq. 1)."""
-        return self.visual.encode([self.visual.tokens_3d(volume)],
-                                  attention=self.cfg.attention_softmax)[1]
+        (a pass of [CLS] + T_3D(volume) alone, eq. 1); from `trunk` on, when given (the same
+        volumes' :meth:`selection_trunk`), only the blocks after it run."""
+        if trunk is None:
+            return self.visual.encode([self.visual.tokens_3d(volume)],
+                                      attention=self.cfg.attention_softmax)[1]
+        blocks = self.visual.vit.blocks
+        _, total = self.visual.run_blocks(trunk.tokens, blocks[trunk.blocks :],
+                                          self.cfg.attention_softmax, trunk.attention)
+        return total / len(blocks)
+
+    def frozen_blocks(self) -> int:
+        """How many ViT blocks, from the first, hold no trainable parameter, with everything
+        before them (the 3D tokenizer, [CLS], the position embeddings)."""
+        vision = self.visual
+        before = [vision.volume_embed, vision.vit.cls_token, vision.vit.pos_embed, vision.volume_pos,
+                  vision.vit.norm_pre]
+        if any(p.requires_grad for part in before
+               for p in ([part] if isinstance(part, nn.Parameter) else part.parameters())):
+            return 0
+        count = 0
+        for block in vision.vit.blocks:
+            if any(p.requires_grad for p in block.parameters()):
+                break
+            count += 1
+        return count
+
+    @torch.no_grad()
+    def selection_trunk(self, stacks: torch.Tensor) -> SelectionTrunk | None:
+        """(N, D, 1, S, S) axial slices in [0, 1] -> the selection pass (eq. 1: [CLS] + T_3D of
+        the volume) through the :meth:`frozen_blocks`: its tokens and the sum of those blocks'
+        [CLS] attention rows, which stay the same while the later blocks train (the 3D
+        fine-tuning under "last" computes them once per volume and passes them to
+        :meth:`pooled_volume`). None when no block is frozen."""
+        blocks = self.frozen_blocks()
+        if blocks == 0:
+            return None
+        volume = self.preprocess_volume(self.volume_input(stacks))
+        x = self.visual.prefixed([self.visual.tokens_3d(volume)])
+        x, total = self.visual.run_blocks(x, self.visual.vit.blocks[:blocks],
+                                          self.cfg.attention_softmax)
+        return SelectionTrunk(blocks, x, total)
 
     def slice_attention(self, stacks: torch.Tensor) -> torch.Tensor:
         """(N, D, 1, S, S) axial slices in [0, 1] -> (N, D) each input slice's attentive score
@@ -290,11 +349,13 @@ class UniMedI(nn.Module):
         chosen = self.select_slices(self.volume_attention(volume))  # (N, k') at the model's depth
         return ((2 * chosen + 1) * stacks.shape[1]) // (2 * volume.shape[2])  # slice centre -> input
 
-    def pooled_volume(self, stacks: torch.Tensor) -> torch.Tensor:
+    def pooled_volume(self, stacks: torch.Tensor, trunk: SelectionTrunk | None = None
+                      ) -> torch.Tensor:
         """(N, D, 1, S, S) axial slices in [0, 1] -> (N, width) the [CLS] of the CT sample: the
-        volume's tokens and its attentively selected slices in one pass."""
+        volume's tokens and its attentively selected slices in one pass. `trunk`: the same
+        volumes' :meth:`selection_trunk`, from which the selection pass continues."""
         volume = self.preprocess_volume(self.volume_input(stacks))
-        slices = self.select_slices(self.volume_attention(volume))
+        slices = self.select_slices(self.volume_attention(volume, trunk))
         out, _ = self.visual.encode(self.visual.ct_tokens(volume, slices))
         return out[:, 0]
 
