@@ -231,14 +231,23 @@ def frozen_prefix(model: VolumeClassifier, train: torch.Tensor, valid: torch.Ten
         log.warning("volume fine-tuning: the inputs of the last feature level do not reproduce the "
                     "model's features (%s); the frozen part runs every epoch", reason)
         return None
-    volumes = len(train) * (2 if cfg.flip else 1) + len(valid)
-    gigabytes = volumes * inputs[0].numel() * inputs.element_size() / 2**30
-    if gigabytes > cfg.frozen_cache_gb:
-        log.info("volume fine-tuning: the frozen part's activations (%.1f GB) exceed "
-                 "eval.volume_finetune.frozen_cache_gb=%g; it runs every epoch", gigabytes,
-                 cfg.frozen_cache_gb)
+    per_volume = inputs[0].numel() * inputs.element_size()
+    if not fits(cfg, len(train), len(valid), per_volume, "the frozen part's activations", "it runs"):
         return None
     return prefix
+
+
+def fits(cfg: VolumeFinetuneConfig, train: int, valid: int, per_volume: int, what: str,
+         then: str) -> bool:
+    """Whether `per_volume` bytes kept for each training volume (twice with flips) and each
+    validation volume fit in ``frozen_cache_gb``; if not, a line saying that `what` (the
+    activations) exceed it and that `then` ... every epoch."""
+    gigabytes = (train * (2 if cfg.flip else 1) + valid) * per_volume / 2**30
+    if gigabytes <= cfg.frozen_cache_gb:
+        return True
+    log.info("volume fine-tuning: %s (%.1f GB) exceed eval.volume_finetune.frozen_cache_gb=%g; %s "
+             "every epoch", what, gigabytes, cfg.frozen_cache_gb, then)
+    return False
 
 
 class FrozenSelection:
@@ -314,13 +323,9 @@ def frozen_selection(model: VolumeClassifier, train: torch.Tensor, valid: torch.
                     "model's features (largest difference %.2g); it runs whole every epoch",
                     float((cached - direct).abs().max()))
         return None
-    volumes = len(train) * (2 if cfg.flip else 1) + len(valid)
     per_volume = (trunk.tokens[0].numel() + trunk.attention[0].numel()) * trunk.tokens.element_size()
-    gigabytes = volumes * per_volume / 2**30
-    if gigabytes > cfg.frozen_cache_gb:
-        log.info("volume fine-tuning: the selection pass's frozen blocks (%.1f GB) exceed "
-                 "eval.volume_finetune.frozen_cache_gb=%g; they run every epoch", gigabytes,
-                 cfg.frozen_cache_gb)
+    if not fits(cfg, len(train), len(valid), per_volume, "the selection pass's frozen blocks",
+                "they run"):
         return None
     return cache
 
