@@ -181,13 +181,10 @@ class UniMedIVision(nn.Module):
     def maps_3d(self, volumes: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
         """(B, 1, D, H, W) normalised volumes -> the 3D token maps (B, width, d, h, w) after the
         blocks `indices`, [CLS] + T_3D tokens only (the dense 3D tasks' input)."""
-        vit = self.vit
-        x = self.tokens_3d(volumes)
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = vit.norm_pre(vit.pos_drop(torch.cat([cls, x], dim=1)))
+        x = self.prefixed([self.tokens_3d(volumes)])
         grid = (x.shape[0], -1, *[s // p for s, p in zip(volumes.shape[2:], self.volume_patch)])
         maps = []
-        for i, block in enumerate(vit.blocks):
+        for i, block in enumerate(self.vit.blocks):
             x = block(x)
             if i in indices:
                 maps.append(x[:, 1:].transpose(1, 2).reshape(grid))
