@@ -240,8 +240,8 @@ def frozen_prefix(model: VolumeClassifier, train: torch.Tensor, valid: torch.Ten
 def fits(cfg: VolumeFinetuneConfig, train: int, valid: int, per_volume: int, what: str,
          then: str) -> bool:
     """Whether `per_volume` bytes kept for each training volume (twice with flips) and each
-    validation volume fit in ``frozen_cache_gb``; if not, a line saying that `what` (the
-    activations) exceed it and that `then` ... every epoch."""
+    validation volume fit in ``frozen_cache_gb``; if not, it logs "`what` (size) exceed
+    eval.volume_finetune.frozen_cache_gb=...; `then` every epoch"."""
     gigabytes = (train * (2 if cfg.flip else 1) + valid) * per_volume / 2**30
     if gigabytes <= cfg.frozen_cache_gb:
         return True
