@@ -39,33 +39,24 @@ METRICS = {"detection": "mAP", "segmentation": "Dice"}
 def fitter(task: str, encoder: Encoder, ctx: TaskContext, dataset: str
            ) -> tuple[int, Callable[[np.ndarray, Any, int], float]]:
     """(training images, fit(index, section, seed) -> best validation metric) of one dataset."""
+    module = detection if task == "detection" else segmentation
+    (train_maps, train_labels), valid = (module.split_maps(encoder, ctx, dataset, s)
+                                         for s in ("train", "valid"))
     size = ctx.data.image_size
-    if task == "detection":
-        cfg = ctx.cfg.detection
-        maps = {s: ctx.dense_maps(encoder, dataset, s, cfg.min_stride) for s in ("train", "valid")}
-        boxes = {s: detection.dataset_targets(ctx.data.require(dataset, s), size) for s in maps}
-        strides = [size // m.shape[-1] for m in maps["train"]]
 
-        def fit_detection(index: np.ndarray, section: Any, seed: int) -> float:
-            _, best = detection.fit_detector(
-                ([m[index] for m in maps["train"]], [boxes["train"][i] for i in index]),
-                (maps["valid"], boxes["valid"]), section, strides=strides, image_size=size,
-                seed=seed, device=encoder.device)
-            return best
-
-        return len(boxes["train"]), fit_detection
-    cfg = ctx.cfg.segmentation
-    maps = {s: ctx.dense_maps(encoder, dataset, s, cfg.min_stride) for s in ("train", "valid")}
-    masks = {s: segmentation.dataset_masks(ctx.data, dataset, s) for s in maps}
+    def fit_detection(index: np.ndarray, section: Any, seed: int) -> float:
+        _, best = detection.fit_detector(
+            ([m[index] for m in train_maps], [train_labels[i] for i in index]), valid, section,
+            strides=[size // m.shape[-1] for m in train_maps], image_size=size, seed=seed,
+            device=encoder.device)
+        return best
 
     def fit_segmentation(index: np.ndarray, section: Any, seed: int) -> float:
         subset = torch.from_numpy(index)
-        fitted = segmentation.fit_decoder(([m[subset] for m in maps["train"]], masks["train"][subset]),
-                                          (maps["valid"], masks["valid"]), section, seed=seed,
-                                          device=encoder.device)
-        return fitted.dice
+        train = ([m[subset] for m in train_maps], train_labels[subset])
+        return segmentation.fit_decoder(train, valid, section, seed=seed, device=encoder.device).dice
 
-    return len(masks["train"]), fit_segmentation
+    return len(train_labels), fit_detection if task == "detection" else fit_segmentation
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def preset_encoders(cfg: Config, checkpoints: Sequence[str | Path], baselines: t
         path = resolve_checkpoint(folder)
         run_cfg = load_config(checkpoint_config(path), list(overrides))
         also.append((dataclasses.replace(run_cfg, data=cfg.data), path))
-    return build_encoders(cfg, None, baselines, also)
+    return _encoders(cfg, also, baselines)
 
 
 def _resolve_trained(cfg: Config, checkpoint: str | Path | None,

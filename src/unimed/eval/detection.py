@@ -225,7 +225,7 @@ def fit_detector(
     return model, best
 
 
-def _split(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tuple[Maps, list[Target]]:
+def split_maps(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tuple[Maps, list[Target]]:
     """Cached maps of stride >= min_stride and targets of one split."""
     size = ctx.data.image_size
     targets = dataset_targets(ctx.data.require(dataset, split), size)
@@ -235,10 +235,10 @@ def _split(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tupl
 def detect_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     """One dataset's row: test mAP of the best-validation detector per label fraction."""
     cfg, size = ctx.cfg.detection, ctx.data.image_size
-    train_maps, train_targets = _split(encoder, ctx, dataset, "train")
+    train_maps, train_targets = split_maps(encoder, ctx, dataset, "train")
     require_positives(dataset, "train", sum(len(t["boxes"]) for t in train_targets), "box")
-    valid = _split(encoder, ctx, dataset, "valid")
-    test_maps, test_targets = _split(encoder, ctx, dataset, "test")
+    valid = split_maps(encoder, ctx, dataset, "valid")
+    test_maps, test_targets = split_maps(encoder, ctx, dataset, "test")
     require_positives(dataset, "test", sum(len(t["boxes"]) for t in test_targets), "box")
     strides = [size // m.shape[-1] for m in train_maps]
 

@@ -285,7 +285,8 @@ def fit_decoder(
     return FittedDecoder(model, *validate())
 
 
-def _split(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tuple[Maps, torch.Tensor]:
+def split_maps(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tuple[Maps, torch.Tensor]:
+    """Cached maps of stride >= min_stride and the masks of one split."""
     maps = ctx.dense_maps(encoder, dataset, split, ctx.cfg.segmentation.min_stride)
     return maps, dataset_masks(ctx.data, dataset, split)
 
@@ -294,10 +295,10 @@ def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[st
     """One dataset's row: mean test Dice of the best-validation decoder per label fraction, with
     its bootstrap interval over the test images."""
     cfg = ctx.cfg.segmentation
-    train_maps, train_masks = _split(encoder, ctx, dataset, "train")
+    train_maps, train_masks = split_maps(encoder, ctx, dataset, "train")
     require_positives(dataset, "train", int(train_masks.sum()), "mask or box")
-    valid = _split(encoder, ctx, dataset, "valid")
-    test_maps, test_masks = _split(encoder, ctx, dataset, "test")
+    valid = split_maps(encoder, ctx, dataset, "valid")
+    test_maps, test_masks = split_maps(encoder, ctx, dataset, "test")
 
     decisions: dict[str, dict[str, Any]] = {}  # label fraction -> the rule and what it predicted
 

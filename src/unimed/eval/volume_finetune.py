@@ -140,9 +140,10 @@ def flip_draw(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator) < 0.5
 
 
-def flipped(stacks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each (K, 1, S, S) volume of a batch flipped left-right with probability 1/2."""
-    return torch.where(flip_draw(len(stacks), generator).view(-1, 1, 1, 1, 1), stacks.flip(-1), stacks)
+def flipped(stacks: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The (K, 1, S, S) volumes of a batch flipped left-right where the (B,) bool `flip` is set
+    (:func:`flip_draw`)."""
+    return torch.where(flip.view(-1, 1, 1, 1, 1), stacks.flip(-1), stacks)
 
 
 class FrozenPrefix:
@@ -404,14 +405,16 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
             if not cfg.flip:
                 return selector.logits(stacks[index], pick(plain_trunk, index))
             flip = flip_draw(len(index), generator)
-            batch = torch.where(flip.view(-1, 1, 1, 1, 1), stacks[index].flip(-1), stacks[index])
-            return selector.logits(batch, pick(plain_trunk, index, mirrored_trunk, flip))
+            return selector.logits(flipped(stacks[index], flip),
+                                   pick(plain_trunk, index, mirrored_trunk, flip))
 
         def valid_logits() -> torch.Tensor:
             return selector.predict(valid[0], held_out_trunk, cfg.batch_size)
     elif prefix is None:
         def logits_of(index: torch.Tensor) -> torch.Tensor:
-            batch = flipped(stacks[index], generator) if cfg.flip else stacks[index]
+            batch = stacks[index]
+            if cfg.flip:
+                batch = flipped(batch, flip_draw(len(index), generator))
             return model(batch.to(device))
 
         def valid_logits() -> torch.Tensor:

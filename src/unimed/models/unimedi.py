@@ -298,18 +298,13 @@ class UniMedI(nn.Module):
     def frozen_blocks(self) -> int:
         """How many ViT blocks, from the first, hold no trainable parameter, with everything
         before them (the 3D tokenizer, [CLS], the position embeddings)."""
-        vision = self.visual
-        before = [vision.volume_embed, vision.vit.cls_token, vision.vit.pos_embed, vision.volume_pos,
-                  vision.vit.norm_pre]
-        if any(p.requires_grad for part in before
-               for p in ([part] if isinstance(part, nn.Parameter) else part.parameters())):
+        vision, vit = self.visual, self.visual.vit
+        before = [*vision.volume_embed.parameters(), vision.volume_pos, vit.cls_token, vit.pos_embed,
+                  *vit.norm_pre.parameters()]
+        if any(p.requires_grad for p in before):
             return 0
-        count = 0
-        for block in vision.vit.blocks:
-            if any(p.requires_grad for p in block.parameters()):
-                break
-            count += 1
-        return count
+        trains = [any(p.requires_grad for p in block.parameters()) for block in vit.blocks]
+        return trains.index(True) if True in trains else len(trains)
 
     @torch.no_grad()
     def selection_trunk(self, stacks: torch.Tensor) -> SelectionTrunk | None:
