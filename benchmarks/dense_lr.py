@@ -42,7 +42,7 @@ def fitter(task: str, encoder: Encoder, ctx: TaskContext, dataset: str
     module = detection if task == "detection" else segmentation
     (train_maps, train_labels), valid = (module.split_maps(encoder, ctx, dataset, s)
                                          for s in ("train", "valid"))
-    size = ctx.data.image_size
+    size = ctx.dense_size(getattr(ctx.cfg, task))
 
     def fit_detection(index: np.ndarray, section: Any, seed: int) -> float:
         _, best = detection.fit_detector(

@@ -17,6 +17,7 @@ from unimed.data.errors import DataError
 from unimed.data.images import load_image
 from unimed.data.transforms import eval_transform
 from unimed.eval.data import EvalData
+from unimed.eval.errors import EvalError
 
 
 def _data(root: Path) -> EvalData:
@@ -27,6 +28,7 @@ def test_published_split_files_list_the_read_sets_with_their_hash(tiny_world: Pa
     data = _data(tiny_world)
     data.images("cxp500", "test")
     data.images("cxp500", "test", "full")  # one set read in two geometries is published once
+    data.images("cxp500", "test", "full", size=2 * IMAGE_SIZE)  # ... and at two sizes
     data.images("rsna", "train")
     published = data.publish(tmp_path)
     assert list(published) == ["cxp500/test", "rsna/train"]
@@ -71,3 +73,15 @@ def test_a_large_jpeg_decodes_at_the_reduced_scale_pre_training_reads(tiny_world
     got = _data(tiny_world).load([record], "crop")[0]
     assert torch.equal(got, transform(load_image(path, min_side=72))[:1])
     assert not torch.equal(got, transform(load_image(path))[:1])
+
+
+def test_the_full_geometry_reads_at_a_size_of_its_own(tiny_world: Path):
+    data = _data(tiny_world)
+    own = data.images("siim", "valid", "full", size=2 * IMAGE_SIZE)
+    base = data.images("siim", "valid", "full")
+    assert own.shape[-2:] == (2 * IMAGE_SIZE, 2 * IMAGE_SIZE) and base.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
+    assert own.shape[0] == base.shape[0] == len(data.records("siim", "valid"))
+    # the same pictures: averaging each 2 x 2 block of the large one comes close to the small one
+    assert (torch.nn.functional.avg_pool2d(own, 2) - base).abs().mean() < 0.05
+    with pytest.raises(EvalError, match="'full' geometry, not 'crop'"):
+        data.images("siim", "valid", "crop", size=2 * IMAGE_SIZE)

@@ -37,7 +37,7 @@ def test_fit_reads_no_test_split_and_gives_the_tasks_validation_metric(
     assert set(read) == {"train", "valid"}
 
     size = task_context.data.image_size
-    maps = {s: task_context.dense_maps(tiny_encoder, "rsna", s, section.min_stride) for s in ("train", "valid")}
+    maps = {s: task_context.dense_maps(tiny_encoder, "rsna", s, section) for s in ("train", "valid")}
     if task == "detection":
         boxes = {s: dataset_targets(task_context.data.require("rsna", s), size) for s in maps}
         _, expected = fit_detector(

@@ -24,6 +24,7 @@ from unimed.eval.detection import (
     mean_average_precision,
     run,
     scale_boxes,
+    split_maps,
 )
 from unimed.eval.encoders import Encoder
 from unimed.eval.tasks import TASKS, TaskContext
@@ -180,6 +181,28 @@ def test_dataset_without_boxes_is_a_clear_error(tiny_encoder: Encoder, task_cont
         run(tiny_encoder, _context(task_context, datasets=("chexpert",)))
 
 
+def test_an_image_size_of_its_own_scales_maps_and_boxes_together(
+    tiny_encoder: Encoder, task_context: TaskContext
+) -> None:
+    """`detection.image_size` twice the data's: every map twice as wide at the same strides, every
+    box at twice the coordinates; each size is its own pass of the encoder."""
+    base_maps, base_targets = split_maps(tiny_encoder, _context(task_context), "object-cxr", "valid")
+    ctx = _context(task_context, image_size=2 * task_context.data.image_size)
+    maps, targets = split_maps(tiny_encoder, ctx, "object-cxr", "valid")
+    assert [m.shape[-1] for m in maps] == [2 * m.shape[-1] for m in base_maps]
+    assert [m.shape[:2] for m in maps] == [m.shape[:2] for m in base_maps]
+    assert sum(len(t["boxes"]) for t in targets) > 0
+    for big, small in zip(targets, base_targets):
+        torch.testing.assert_close(big["boxes"], 2 * small["boxes"])
+    assert len(ctx.features._maps) == 2  # one encoder pass per image size
+
+
 def test_min_epoch_steps_below_one_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="eval.detection.min_epoch_steps must be >= 1, got 0"):
         EvalConfig(detection=DetectionConfig(min_epoch_steps=0))
+
+
+@pytest.mark.parametrize("size", [0, 16, 100])
+def test_an_image_size_off_the_stride_grid_is_a_clear_error(size: int) -> None:
+    with pytest.raises(ValueError, match=f"eval.detection.image_size must be a multiple of 32 .*got {size}"):
+        DetectionConfig(image_size=size)

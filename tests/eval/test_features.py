@@ -128,9 +128,9 @@ def test_each_image_is_decoded_once_per_run_and_encoded_once_per_encoder(
     decoded = {"crop": 0, "full": 0}
     load = data.load
 
-    def counted_load(records, geometry, desc="images"):
+    def counted_load(records, geometry, desc="images", size=None):
         decoded[geometry] += len(records)
-        return load(records, geometry, desc)
+        return load(records, geometry, desc, size=size)
 
     monkeypatch.setattr(data, "load", counted_load)
     texts: list[str] = []

@@ -151,6 +151,17 @@ def test_siim_masks_line_up_with_images(task_context: TaskContext) -> None:
     assert (inside < opposite).float().mean() >= 0.75
 
 
+def test_masks_at_an_image_size_of_their_own_line_up_with_those_images(task_context: TaskContext) -> None:
+    size = 2 * task_context.data.image_size
+    masks = dataset_masks(task_context.data, "siim", "train", size)
+    assert masks.shape[-2:] == (size, size)
+    small = dataset_masks(task_context.data, "siim", "train")
+    assert masks.flatten(1).any(1).tolist() == small.flatten(1).any(1).tolist()
+    # nearest resizing of the same masks: the large one covers about four times the pixels
+    ratio = masks.sum() / small.sum()
+    assert 3.5 < float(ratio) < 4.5
+
+
 def test_vit_maps_are_resampled_to_a_pyramid() -> None:
     visual = create_image_encoder("vit_tiny_patch8_64").eval()
     indices, strides = feature_layout(visual, min_stride=4)

@@ -113,13 +113,16 @@ class EvalData:
             raise EvalError(f"no records in {where}dataset '{dataset}' under {self.cfg.root}")
         return records
 
-    def images(self, dataset: str, split: str | None = None, geometry: str = "crop") -> torch.Tensor:
-        """(N, 1, S, S) grey images of `records(dataset, split)` in the given geometry."""
+    def images(self, dataset: str, split: str | None = None, geometry: str = "crop",
+               size: int | None = None) -> torch.Tensor:
+        """(N, 1, S, S) grey images of `records(dataset, split)` in the given geometry, S = `size`
+        (a "full" geometry of its own, as the dense tasks' ``image_size`` asks) or `image_size`."""
         if geometry not in GEOMETRIES:
             raise EvalError(f"unknown geometry {geometry!r}; valid: {', '.join(GEOMETRIES)}")
-        key = (dataset, split, geometry)
+        key = (dataset, split, geometry, size)
         if key not in self._images:
-            self._images[key] = self.load(self.records(dataset, split), geometry, f"{dataset}/{split}")
+            self._images[key] = self.load(self.records(dataset, split), geometry, f"{dataset}/{split}",
+                                          size=size)
         return self._images[key]
 
     def sample_images(self, records: Sequence[Record], geometry: str = "crop",
@@ -214,7 +217,7 @@ class EvalData:
         one image id per line in adapter order) and return {"<dataset>/<split>": {"file" (relative
         to `out_dir`), "sha256", "images"}}."""
         published = {}
-        read = [(d, s) for d, s, _ in self._images] + [(d, s) for d, s, *_ in self._slices]
+        read = [(d, s) for d, s, *_ in self._images] + [(d, s) for d, s, *_ in self._slices]
         for dataset, split in dict.fromkeys(read):
             name = f"{dataset}/{split or 'all'}"
             text = "".join(self.image_id(r) + "\n" for r in self.records(dataset, split))
@@ -226,10 +229,14 @@ class EvalData:
                                "images": text.count("\n")}
         return published
 
-    def load(self, records: Sequence[Record], geometry: str, desc: str = "images") -> torch.Tensor:
-        """Decode and resize the images of `records` (uncached). A JPEG decodes at the smallest DCT
-        scale that keeps both sides at least the size it is resized to (as pre-training reads it)."""
-        size = self.cfg.image_size
+    def load(self, records: Sequence[Record], geometry: str, desc: str = "images",
+             size: int | None = None) -> torch.Tensor:
+        """Decode and resize the images of `records` (uncached) to `size` (default `image_size`);
+        `size` is for the "full" geometry only. A JPEG decodes at the smallest DCT scale that keeps
+        both sides at least the size it is resized to (as pre-training reads it)."""
+        if size is not None and geometry != "full":
+            raise EvalError(f"an image size of its own is for the 'full' geometry, not {geometry!r}")
+        size = size or self.cfg.image_size
         resize = self.cfg.resize_size if geometry == "crop" else size
         transform = eval_transform(size, resize)
         out = torch.empty(len(records), 1, size, size)

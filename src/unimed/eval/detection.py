@@ -226,15 +226,15 @@ def fit_detector(
 
 
 def split_maps(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tuple[Maps, list[Target]]:
-    """Cached maps of stride >= min_stride and targets of one split."""
-    size = ctx.data.image_size
-    targets = dataset_targets(ctx.data.require(dataset, split), size)
-    return ctx.dense_maps(encoder, dataset, split, ctx.cfg.detection.min_stride), targets
+    """Cached maps of stride >= min_stride and targets of one split, at ``detection.image_size``."""
+    targets = dataset_targets(ctx.data.require(dataset, split), ctx.dense_size(ctx.cfg.detection))
+    return ctx.dense_maps(encoder, dataset, split, ctx.cfg.detection), targets
 
 
 def detect_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     """One dataset's row: test mAP of the best-validation detector per label fraction."""
-    cfg, size = ctx.cfg.detection, ctx.data.image_size
+    cfg = ctx.cfg.detection
+    size = ctx.dense_size(cfg)
     train_maps, train_targets = split_maps(encoder, ctx, dataset, "train")
     require_positives(dataset, "train", sum(len(t["boxes"]) for t in train_targets), "box")
     valid = split_maps(encoder, ctx, dataset, "valid")

@@ -55,16 +55,17 @@ class FeatureCache:
         self._volume_maps: dict[tuple, Maps] = {}
 
     def maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, min_stride: int,
-             batch_size: int) -> Maps:
-        """Maps of stride >= `min_stride` of `data.images(dataset, split, "full")`, shallow to deep."""
-        key = (encoder.name, dataset, split, GEOMETRY, data.image_size)
+             size: int, batch_size: int) -> Maps:
+        """Maps of stride >= `min_stride` of `data.images(dataset, split, "full", size)`, shallow
+        to deep (one encoder pass per dataset split and image size, whichever task asks first)."""
+        key = (encoder.name, dataset, split, GEOMETRY, size)
         maps = self._maps.get(key)
         if maps is None:
-            log.debug("dense features of %s on %s/%s", encoder.name, dataset, split)
-            maps = dense_features(encoder, data.images(dataset, split, GEOMETRY), batch_size)
+            log.debug("dense features of %s on %s/%s at %d px", encoder.name, dataset, split, size)
+            maps = dense_features(encoder, data.images(dataset, split, GEOMETRY, size), batch_size)
             if self.enabled:
                 self._maps[key] = maps
-        return select_levels(maps, data.image_size, min_stride)
+        return select_levels(maps, size, min_stride)
 
     def images(self, encoder: Encoder, data: EvalData, dataset: str, split: str | None, *,
                space: str, geometry: str = "crop", batch_size: int) -> torch.Tensor:

@@ -86,10 +86,11 @@ def record_mask(record: Record, size: int) -> torch.Tensor:
     return resize_mask(box_mask(record.boxes, original_size(record)), size)
 
 
-def dataset_masks(data: EvalData, dataset: str, split: str) -> torch.Tensor:
-    """(N, 1, S, S) masks of one split, aligned with ``data.images(dataset, split, "full")``."""
+def dataset_masks(data: EvalData, dataset: str, split: str, size: int | None = None) -> torch.Tensor:
+    """(N, 1, S, S) masks of one split, aligned with ``data.images(dataset, split, "full", size)``
+    (S = `size`, default ``data.image_size``)."""
     records = data.require(dataset, split)
-    masks = torch.stack([record_mask(r, data.image_size) for r in records])  # (N, S, S)
+    masks = torch.stack([record_mask(r, size or data.image_size) for r in records])  # (N, S, S)
     return masks[:, None]
 
 
@@ -286,9 +287,10 @@ def fit_decoder(
 
 
 def split_maps(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> tuple[Maps, torch.Tensor]:
-    """Cached maps of stride >= min_stride and the masks of one split."""
-    maps = ctx.dense_maps(encoder, dataset, split, ctx.cfg.segmentation.min_stride)
-    return maps, dataset_masks(ctx.data, dataset, split)
+    """Cached maps of stride >= min_stride and the masks of one split, at ``segmentation.image_size``."""
+    cfg = ctx.cfg.segmentation
+    maps = ctx.dense_maps(encoder, dataset, split, cfg)
+    return maps, dataset_masks(ctx.data, dataset, split, ctx.dense_size(cfg))
 
 
 def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unimed.eval.config import EvalConfig
+from unimed.eval.config import DetectionConfig, EvalConfig, SegmentationConfig
 from unimed.eval.data import EvalData, fraction_indices
 from unimed.eval.dense import Maps
 from unimed.eval.encoders import Encoder
@@ -54,10 +54,16 @@ class TaskContext:
         every encoder (see :func:`unimed.eval.metrics.resample_indices`)."""
         return resample_indices(n, self.cfg.bootstrap_resamples, self.cfg.seed, dataset, split)
 
-    def dense_maps(self, encoder: Encoder, dataset: str, split: str, min_stride: int) -> Maps:
-        """`encoder`'s frozen maps of stride >= `min_stride` on one split ("full" geometry), cached."""
-        return self.features.maps(encoder, self.data, dataset, split, min_stride=min_stride,
-                                  batch_size=self.cfg.batch_size)
+    def dense_size(self, section: SegmentationConfig | DetectionConfig) -> int:
+        """Side of the images a dense task reads: its own ``image_size``, else ``data.image_size``."""
+        return section.image_size or self.data.image_size
+
+    def dense_maps(self, encoder: Encoder, dataset: str, split: str,
+                   section: SegmentationConfig | DetectionConfig) -> Maps:
+        """`encoder`'s frozen maps of stride >= the task's ``min_stride`` on one split ("full"
+        geometry at :meth:`dense_size`), cached and shared by the tasks that read the same size."""
+        return self.features.maps(encoder, self.data, dataset, split, min_stride=section.min_stride,
+                                  size=self.dense_size(section), batch_size=self.cfg.batch_size)
 
     def image_features(self, encoder: Encoder, dataset: str, split: str | None, space: str, *,
                        geometry: str = "crop", normalize: bool = False) -> torch.Tensor:
