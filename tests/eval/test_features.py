@@ -151,6 +151,25 @@ def test_each_image_is_decoded_once_per_run_and_encoded_once_per_encoder(
     assert counter.images == 2 * decoded["crop"] and counter.maps == 2 * decoded["full"]
     # Every report and prompt goes through each encoder's text tower once.
     assert len(texts) == 2 * len(set(texts)) == counter.texts
+    # Each encoder's features were released after its last task: nothing is left held.
+    cache = ctx.features
+    assert not (cache._maps or cache._images or cache._texts or cache._volumes or cache._volume_maps)
+
+
+def test_release_forgets_one_encoder_only(tiny_encoder: Encoder, task_context: TaskContext,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    twin = dataclasses.replace(tiny_encoder, name="twin")
+    for encoder in (tiny_encoder, twin):
+        task_context.text_features(encoder, ["pleural effusion"], "pooled")
+        task_context.image_features(encoder, "cxp500", "test", "pooled")
+    task_context.features.release(tiny_encoder.name)
+    counter = Counter(tiny_encoder, monkeypatch)
+    task_context.text_features(twin, ["pleural effusion"], "pooled")
+    task_context.image_features(twin, "cxp500", "test", "pooled")
+    assert counter.texts == 0 and counter.images == 0  # the twin's stay cached
+    task_context.text_features(tiny_encoder, ["pleural effusion"], "pooled")
+    task_context.image_features(tiny_encoder, "cxp500", "test", "pooled")
+    assert counter.texts == 1 and counter.images == len(task_context.data.records("cxp500", "test"))
 
 
 def test_unknown_space_is_a_clear_error(tiny_encoder: Encoder, task_context: TaskContext) -> None:

@@ -17,8 +17,10 @@ the zero-shot sets the prompts of the classes they share.
   projection of that mean (P_v), so a 2D encoder has a volume embedding in both spaces.
 
 Everything lives in memory on the CPU, sized for the phantom's and the papers' test sets (a few
-thousand images), not for embedding a whole pre-training corpus. With ``enabled=False`` every call
-computes afresh (what the tests compare the cached path against).
+thousand images), not for embedding a whole pre-training corpus; the runner releases an encoder's
+entries once its last task is done (:meth:`FeatureCache.release`), so the cache holds one encoder
+at a time. With ``enabled=False`` every call computes afresh (what the tests compare the cached
+path against).
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ class FeatureCache:
         self._texts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._volumes: dict[tuple, dict[str, torch.Tensor]] = {}
         self._volume_maps: dict[tuple, Maps] = {}
+
+    def release(self, name: str) -> None:
+        """Forget every feature of the encoder called `name` (it has run its last task)."""
+        for store in (self._maps, self._images, self._volumes, self._volume_maps):
+            for key in [k for k in store if k[0] == name]:
+                del store[key]
+        self._texts.pop(name, None)
 
     def maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, min_stride: int,
              size: int, batch_size: int) -> Maps:

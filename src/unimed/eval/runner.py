@@ -36,11 +36,13 @@ log = logging.getLogger(__name__)
 def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]) -> dict:
     """{"encoders": {name: {"label", "seconds": {task: s}, "tasks": {task: metrics}}}}.
 
-    Every encoder runs every task on the same cached data, splits and seeds.
+    Every encoder runs every task on the same cached data, splits and seeds; an encoder's cached
+    features are released after its last task.
     """
     runners = {task: TASKS.get(task) for task in tasks}
     out: dict = {"encoders": {}}
     jobs = [(encoder, task) for encoder in encoders for task in runners]
+    last = list(runners)[-1] if runners else None
     for encoder, task in tqdm(jobs, desc="evaluate", unit="task", disable=not ctx.progress):
         entry = out["encoders"].setdefault(
             encoder.name, {"label": encoder.label, "seconds": {}, "tasks": {}}
@@ -50,6 +52,8 @@ def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]
         ctx.replicates.update(pop_replicates(entry["tasks"][task], f"{encoder.name}/{task}"))
         entry["seconds"][task] = round(time.perf_counter() - start, 2)
         log.info("%s: %s took %.1f s", encoder.label, task, entry["seconds"][task])
+        if task == last:
+            ctx.features.release(encoder.name)
     return out
 
 
