@@ -453,8 +453,8 @@ class EvalConfig:
     min_train_images: int = 16
     # Images per pass of a frozen tower. On the CPU a small batch keeps a depthwise network's
     # activations in cache: the demo's EfficientNet-Lite0 encoded 96 px images at 16 per batch
-    # about as fast as at 64 and 192 px maps 1.3-1.7x faster (one encoder's evaluation 85 -> 80 s,
-    # the same features); a GPU evaluation would raise it.
+    # about as fast as at 64 and 192 px maps 1.3-1.7x faster, the same features (Med-UniC's whole
+    # evaluation 5-8 % faster, UniMedI's ViT the same); a GPU evaluation would raise it.
     batch_size: int = 16
     seed: int = 0
     bootstrap_resamples: int = 1000  # resamples of the test images behind every 95 % interval
