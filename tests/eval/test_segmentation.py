@@ -15,6 +15,7 @@ from unimed.eval.data import fraction_indices
 from unimed.eval.dense import dense_features, feature_layout
 from unimed.eval.encoders import Encoder
 from unimed.eval.config import SegmentationConfig
+from unimed.eval import segmentation
 from unimed.eval.segmentation import (
     MaskRule,
     UNetHead,
@@ -198,7 +199,23 @@ def test_decoder_learns_an_easy_target(tiny_encoder: Encoder, task_context: Task
     _, baseline = choose_rule(untrained_probs, valid[1], cfg.thresholds, cfg.min_areas)
     background = dice_score(torch.zeros_like(valid[1]), valid[1])
     assert best > 0.6 and best > baseline + 0.2 and best > background + 0.2
-    assert dice_score(predict_masks(model, valid[0], 16, torch.device("cpu")), valid[1], rule) == best
+    probs = predict_masks(model, valid[0], 16, torch.device("cpu"))
+    assert dice_score(probs, valid[1], rule) == best
+    assert choose_rule(probs, valid[1], cfg.thresholds, cfg.min_areas) == (rule, best)
+
+
+def test_decoder_keeps_the_rule_of_its_best_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation after each epoch chooses a rule; the fitted decoder carries the best epoch's rule
+    and Dice, not those of the last epoch (patience 2: epochs 3 and 4 are worse, then it stops)."""
+    chosen = iter([(MaskRule(0.3, 0.0), 0.5), (MaskRule(0.7, 0.02), 0.9), (MaskRule(0.5, 0.0), 0.4),
+                   (MaskRule(0.4, 0.01), 0.3)])
+    monkeypatch.setattr(segmentation, "choose_rule", lambda *args: next(chosen))
+    torch.manual_seed(0)
+    maps = [torch.rand(8, 4, 8, 8), torch.rand(8, 8, 4, 4)]
+    masks = (torch.rand(8, 1, 32, 32) > 0.8).float()
+    cfg = dataclasses.replace(SegmentationConfig(), epochs=6, patience=2, batch_size=4, min_epoch_steps=1)
+    fitted = fit_decoder((maps, masks), (maps, masks), cfg, seed=0, device=torch.device("cpu"))
+    assert (fitted.rule, fitted.dice) == (MaskRule(0.7, 0.02), 0.9)
 
 
 def _context(task_context: TaskContext, **overrides: object) -> TaskContext:
