@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from unimed.eval.config import BiasConfig, DetectionConfig, LinearProbeConfig, SegmentationConfig
+from unimed.eval.config import (
+    BiasConfig,
+    DetectionConfig,
+    EvalConfig,
+    LinearProbeConfig,
+    SegmentationConfig,
+)
 from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
@@ -175,3 +181,8 @@ def test_release_forgets_one_encoder_only(tiny_encoder: Encoder, task_context: T
 def test_unknown_space_is_a_clear_error(tiny_encoder: Encoder, task_context: TaskContext) -> None:
     with pytest.raises(EvalError, match="unknown feature space 'cls'"):
         task_context.text_features(tiny_encoder, ["a"], "cls")
+
+
+def test_frozen_feature_batch_must_be_positive():
+    with pytest.raises(ValueError, match="eval.batch_size must be >= 1, got 0"):
+        EvalConfig(batch_size=0)

@@ -482,6 +482,8 @@ class EvalConfig:
             raise ValueError(f"eval.fractions must lie in (0, 1], got {bad}")
         if self.min_train_images < 1:
             raise ValueError(f"eval.min_train_images must be >= 1, got {self.min_train_images}")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         if self.linear_probe.draws < 1:
             raise ValueError(f"eval.linear_probe.draws must be >= 1, got {self.linear_probe.draws}")
         if self.bootstrap_resamples < 10:
