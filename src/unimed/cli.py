@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import sys
 from collections.abc import Iterator
@@ -76,6 +77,13 @@ def library_output(*, quiet: bool, progress: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+# What the machine, not the code, makes a read or write fail with: a full disk or quota, a
+# read-only or forbidden folder, a file over the size limit. Any stage that meets one ends in one
+# line naming the file; other OS errors are bugs and keep their traceback.
+FILE_SYSTEM_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.EFBIG})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `unimed` console script; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -105,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unimed: evaluation error: {exc}", file=sys.stderr)
     except CheckpointError as exc:
         print(f"unimed: checkpoint error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_FAULTS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"unimed: file system error: {where}{exc.strerror}", file=sys.stderr)
     return 2
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoTokenizer
 
@@ -45,7 +46,13 @@ from unimed.eval.prompts import PROMPT_DIR, PromptSet, corpus_stemming, load_pro
 from unimed.eval.zero_shot import own_scores, prompt_scores
 from unimed.methods import create_method, method_label
 from unimed.text.stemming import copy_corpus_stemming
-from unimed.train.checkpoint import WEIGHTS_FILE, checkpoint_config, find_checkpoint, load_weights
+from unimed.train.checkpoint import (
+    WEIGHTS_FILE,
+    checkpoint_config,
+    find_checkpoint,
+    load_weights,
+    write_failure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +259,8 @@ def export(run: str | Path, out: str | Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_export(pretrained, checkpoint, out)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the export folder {out} ({exc.strerror or exc})") from None
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"cannot write the export folder {out} ({write_failure(exc)})") from None
     log.info("exported %s to %s", checkpoint, out)
     return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from text_corpora import ENGLISH_REPORTS, SPANISH_REPORTS
 from transformers import AutoTokenizer, BertForMaskedLM, BertModel
@@ -18,6 +19,7 @@ from unimed.text import mlm
 from unimed.text.config import MLMConfig, VocabConfig
 from unimed.text.mlm import START_ROWS_FILE, build_mlm_model, start_encoder, train_mlm
 from unimed.text.vocab import build_cross_lingual_tokenizer
+from unimed.train.checkpoint import CheckpointError
 
 CORPUS = ENGLISH_REPORTS + SPANISH_REPORTS
 TINY = MLMConfig(
@@ -222,6 +224,21 @@ def test_train_from_local_bert_folder_saves_a_loadable_model(tiny_bert_dir, tiny
     assert [r["step"] for r in rows] == [1, 2] and all(r["masked_tokens"] > 0 for r in rows)
     assert result.loss_history == [pytest.approx((rows[0]["loss"] + rows[1]["loss"]) / 2)]
     assert (tmp_path / "checkpoints" / "latest").is_file()
+
+
+def test_a_full_disk_when_the_encoder_is_saved_is_one_checkpoint_error(tiny_bert_dir, tiny_tokenizer_dir,
+                                                                       tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):  # what safetensors raises, not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(BertForMaskedLM, "save_pretrained", disk_full)
+    cfg = MLMConfig(**{**TINY.__dict__, "epochs": 1, "batch_size": 12})
+    with pytest.raises(CheckpointError) as err:
+        train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
+    assert str(err.value) == (f"cannot save the MLM encoder to {tmp_path} (Error while serializing: I/O "
+                              "error: No space left on device (os error 28)); its training checkpoints "
+                              f"are in {tmp_path / 'checkpoints'}")
+    assert (tmp_path / "checkpoints" / "latest").is_file()  # the trained state is kept there
 
 
 def test_mlm_runs_on_the_training_loop_and_resumes_on_the_same_curve(fresh_tokenizer_dir, tmp_path,

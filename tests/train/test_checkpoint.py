@@ -1,3 +1,4 @@
+import errno
 import random
 
 import numpy as np
@@ -63,6 +64,30 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     restored = nn.Linear(2, 2)
     assert ckpt.load_checkpoint(first, restored)["step"] == 1
     assert torch.equal(restored.weight, before["weight"])
+
+
+def test_a_full_disk_under_torch_save_is_one_line_and_a_bug_keeps_its_error(tmp_path, monkeypatch):
+    model = nn.Linear(2, 2)
+    ckpt.save_checkpoint(tmp_path, 1, model, _state(1))
+
+    def full_disk(obj, f):  # what torch.save does on a full disk (measured on a 1 MB tmpfs)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match=r"^cannot save checkpoint .*step_00000002 \(No space "
+                       r"left on device\); the previous checkpoint step_00000001 is intact$"):
+        ckpt.save_checkpoint(tmp_path, 2, model, _state(2))
+
+    def bug(obj, f):
+        raise RuntimeError("a tensor torch cannot pickle")
+
+    monkeypatch.setattr(ckpt.torch, "save", bug)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        ckpt.save_checkpoint(tmp_path, 3, model, _state(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
 
 
 def test_keeps_only_last_n_and_cleans_interrupted_writes(tmp_path):

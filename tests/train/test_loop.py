@@ -1,7 +1,9 @@
 import json
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from train_helpers import (
     LoaderRecorder,
@@ -280,20 +282,23 @@ def test_resume_without_any_intact_checkpoint_is_one_checkpoint_error(tmp_path):
 
 
 def test_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    real_save, calls = ckpt.save_model, []
+    # safetensors writes through its Rust core, which reports a full disk as a SafetensorError
+    # (the message below is what it raised on a full disk), not as an OSError.
+    real_write, calls = safetensors.torch.serialize_file, []
 
     def disk_full_after_first(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:
-            raise OSError(28, "No space left on device")
-        real_save(*args, **kwargs)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_write(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_model", disk_full_after_first)
+    monkeypatch.setattr(safetensors.torch, "serialize_file", disk_full_after_first)
     root = tmp_path / CHECKPOINT_DIR
     with pytest.raises(ckpt.CheckpointError) as err:
         _run(tmp_path, tiny_cfg(checkpoint_every=0, checkpoint_every_steps=4))
-    assert str(err.value) == (f"cannot save checkpoint {root / 'step_00000008'} (No space left on "
-                              "device); the previous checkpoint step_00000004 is intact")
+    assert str(err.value) == (f"cannot save checkpoint {root / 'step_00000008'} (Error while serializing: "
+                              "I/O error: No space left on device (os error 28)); the previous "
+                              "checkpoint step_00000004 is intact")
     monkeypatch.undo()
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(root), ToyMethod(ToyModel(), contrastive_loss))["step"] == 4

@@ -44,9 +44,10 @@ from unimed.text.corpus import require_texts
 from unimed.text.lexicon import load_lexicon
 from unimed.text.stemming import copy_corpus_stemming
 from unimed.text.vocab import normalizer_of
+from unimed.train.checkpoint import CheckpointError, write_failure
 from unimed.train.config import TrainConfig
 from unimed.train.distributed import DistInfo
-from unimed.train.loop import train
+from unimed.train.loop import CHECKPOINT_DIR, train
 from unimed.train.optim import param_groups
 
 logger = logging.getLogger(__name__)
@@ -109,9 +110,13 @@ def train_mlm(
     result = train(MaskedLM(model, cfg), loader, loop_config(cfg), out, dist, resume=resume,
                    progress=progress and dist.is_main)
     if dist.is_main:
-        model.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
-        copy_corpus_stemming(tokenizer_dir, out)
+        try:
+            model.save_pretrained(str(out))
+            tokenizer.save_pretrained(str(out))
+            copy_corpus_stemming(tokenizer_dir, out)
+        except (OSError, SafetensorError) as exc:  # a full disk, a folder made read-only
+            raise CheckpointError(f"cannot save the MLM encoder to {out} ({write_failure(exc)}); "
+                                  f"its training checkpoints are in {out / CHECKPOINT_DIR}") from None
     history = _epoch_means(result.history)
     if result.history:
         first, last = result.history[0], result.history[-1]
@@ -281,9 +286,12 @@ def save_start_rows(model: BertForMaskedLM, out_dir: Path) -> None:
     ``out_dir/START_ROWS_FILE``: the MLM check's "before" encoder (:func:`start_encoder`) reads
     them instead of starting them again (a distilled start takes seconds to minutes)."""
     n_old = getattr(model.config, BASE_VOCAB_KEY)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"rows": model.get_input_embeddings().weight.detach()[n_old:].contiguous()},
-              str(out_dir / START_ROWS_FILE))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({"rows": model.get_input_embeddings().weight.detach()[n_old:].contiguous()},
+                  str(out_dir / START_ROWS_FILE))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot write {out_dir / START_ROWS_FILE} ({write_failure(exc)})") from None
 
 
 def start_encoder(tokenizer: PreTrainedTokenizerBase, base_model: str | Path, mlm_dir: Path) -> BertModel:

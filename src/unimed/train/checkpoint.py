@@ -53,6 +53,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model; the message names the file."""
 
 
+def write_failure(exc: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's reason ("No space left on device"), or the
+    first line of the error that safetensors raises instead of an OSError."""
+    return getattr(exc, "strerror", None) or _first_line(exc)
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
     return lines[0] + (f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else "")
@@ -153,7 +159,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_model(model, str(tmp / WEIGHTS_FILE))
-        torch.save(state, tmp / STATE_FILE)
+        _save_state(state, tmp / STATE_FILE)
         sums = {file: _sha256(tmp / file) for file in (WEIGHTS_FILE, STATE_FILE)}
         (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
         for file in (WEIGHTS_FILE, STATE_FILE, CHECKSUM_FILE):
@@ -163,15 +169,33 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_pointer(root, name)
-    except OSError as exc:
+    except BaseException as exc:  # whatever stopped the write, its half-written folder goes
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, (OSError, SafetensorError)):  # safetensors' own error for a full disk
+            raise
         previous = root / LATEST_FILE
         kept = (f"the previous checkpoint {previous.read_text(encoding='utf-8').strip()} is intact"
                 if previous.is_file() else "no earlier checkpoint exists")
-        raise CheckpointError(f"cannot save checkpoint {final} ({exc.strerror or exc}); {kept}") from None
+        raise CheckpointError(f"cannot save checkpoint {final} ({write_failure(exc)}); {kept}") from None
     _prune(root, keep)
     log.info("saved checkpoint %s", final)
     return final
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` of `state` to `path`, a failed write raised as the OSError it is.
+
+    Given a path, torch's zip writer reports a full disk as "RuntimeError: enforce fail at
+    inline_container.cc ... unexpected pos"; given a Python file, the OSError comes first and the
+    writer's RuntimeError while closing the archive hides it (its ``__context__``).
+    """
+    with open(path, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as exc:
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
 
 
 def _prune(root: Path, keep: int) -> None:
