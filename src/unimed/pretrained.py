@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoTokenizer
 
@@ -48,6 +47,7 @@ from unimed.methods import create_method, method_label
 from unimed.text.stemming import copy_corpus_stemming
 from unimed.train.checkpoint import (
     WEIGHTS_FILE,
+    WRITE_ERRORS,
     checkpoint_config,
     find_checkpoint,
     load_weights,
@@ -259,7 +259,7 @@ def export(run: str | Path, out: str | Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_export(pretrained, checkpoint, out)
-    except (OSError, SafetensorError) as exc:
+    except WRITE_ERRORS as exc:
         raise ConfigError(f"cannot write the export folder {out} ({write_failure(exc)})") from None
     log.info("exported %s to %s", checkpoint, out)
     return out

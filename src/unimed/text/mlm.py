@@ -44,7 +44,7 @@ from unimed.text.corpus import require_texts
 from unimed.text.lexicon import load_lexicon
 from unimed.text.stemming import copy_corpus_stemming
 from unimed.text.vocab import normalizer_of
-from unimed.train.checkpoint import CheckpointError, write_failure
+from unimed.train.checkpoint import WRITE_ERRORS, CheckpointError, write_failure
 from unimed.train.config import TrainConfig
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import CHECKPOINT_DIR, train
@@ -114,7 +114,7 @@ def train_mlm(
             model.save_pretrained(str(out))
             tokenizer.save_pretrained(str(out))
             copy_corpus_stemming(tokenizer_dir, out)
-        except (OSError, SafetensorError) as exc:  # a full disk, a folder made read-only
+        except WRITE_ERRORS as exc:
             raise CheckpointError(f"cannot save the MLM encoder to {out} ({write_failure(exc)}); "
                                   f"its training checkpoints are in {out / CHECKPOINT_DIR}") from None
     history = _epoch_means(result.history)
@@ -290,7 +290,7 @@ def save_start_rows(model: BertForMaskedLM, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file({"rows": model.get_input_embeddings().weight.detach()[n_old:].contiguous()},
                   str(out_dir / START_ROWS_FILE))
-    except (OSError, SafetensorError) as exc:
+    except WRITE_ERRORS as exc:
         raise CheckpointError(f"cannot write {out_dir / START_ROWS_FILE} ({write_failure(exc)})") from None
 
 

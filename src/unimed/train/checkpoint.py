@@ -47,6 +47,8 @@ _TMP_PREFIX = ".tmp-"
 # What reading a truncated or corrupt weights / state file raises.
 _READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, struct.error,
                 SafetensorError)
+# What a failed write (full disk, read-only folder) raises: safetensors has its own error for it.
+WRITE_ERRORS = (OSError, SafetensorError)
 
 
 class CheckpointError(RuntimeError):
@@ -171,7 +173,7 @@ def save_checkpoint(
         _write_pointer(root, name)
     except BaseException as exc:  # whatever stopped the write, its half-written folder goes
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, (OSError, SafetensorError)):  # safetensors' own error for a full disk
+        if not isinstance(exc, WRITE_ERRORS):
             raise
         previous = root / LATEST_FILE
         kept = (f"the previous checkpoint {previous.read_text(encoding='utf-8').strip()} is intact"
