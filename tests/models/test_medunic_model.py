@@ -70,7 +70,7 @@ def test_registered_and_unknown_name_lists_valid() -> None:
 
 def test_forward_keys_shapes_and_single_concatenated_passes() -> None:
     model = _model(tiny_cfg())
-    image_calls, text_calls = _record_batch_sizes(model.visual), _record_batch_sizes(model.text)
+    image_calls, text_calls = _record_batch_sizes(model.visual), _record_batch_sizes(model.text.embeddings)
     out = model(tiny_batch())
     shapes = {k: tuple(v.shape) for k, v in out.items()}
     assert shapes == {"image_features": (B, 8), "image_aug_features": (B, 8),
@@ -106,7 +106,7 @@ def test_projector_batchnorm_sees_one_view_at_a_time() -> None:
 def test_zero_weights_skip_work() -> None:
     model = _model(tiny_cfg(loss={"ssv_weight": 0.0, "ctr_weight": 0.0}))
     assert model.ctr_proj is None
-    image_calls, text_calls = _record_batch_sizes(model.visual), _record_batch_sizes(model.text)
+    image_calls, text_calls = _record_batch_sizes(model.visual), _record_batch_sizes(model.text.embeddings)
     batch = tiny_batch()
     del batch["image_aug"]
     out = model(batch)
@@ -183,9 +183,10 @@ def test_shared_frozen_trunk_gives_the_same_features_in_eval_and_fewer_text_rows
     shared.train()
     first_trainable = shared.text.encoder.layer[1]
     rows = _record_batch_sizes(shared.text.embeddings)
-    above = _record_batch_sizes(first_trainable)
+    above = _record_batch_sizes(first_trainable.attention.self.query)
     out = shared(batch)
-    assert rows == [B] and above == [2 * B]  # trunk once per report, trainable layers per view
+    # The trunk runs once per report, the trainable layers once per view on the real tokens only.
+    assert rows == [B] and above == [2 * int(batch["attention_mask"].sum())]
     assert not torch.allclose(out["ctr_a"], out["ctr_b"])  # their dropout still makes two views
 
 

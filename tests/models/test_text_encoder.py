@@ -15,6 +15,7 @@ from unimed.models.text import (
     FrozenTrunkCache,
     create_text_encoder,
     freeze_text_layers,
+    packed_layers,
     pool_text,
     text_cache,
 )
@@ -167,6 +168,54 @@ def test_pooling_reads_cls_or_the_mean_of_unpadded_tokens() -> None:
     torch.testing.assert_close(pool_text(encoder, ids, mask, "mean"), expected)
     with pytest.raises(ValueError, match="method.text.pooling"):
         pool_text(encoder, ids, mask, "max")
+
+
+def _layers_reference(encoder: BertModel, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's layers on the padded batch through transformers' own forward, the padding
+    masked by an additive (B, 1, 1, L) bias."""
+    bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    return encoder.encoder(hidden, attention_mask=bias).last_hidden_state
+
+
+@pytest.mark.parametrize("lengths", [(7, 3, 5, 1), (7, 7, 7, 7)], ids=["padded", "unpadded"])
+def test_packed_layers_equal_the_layers_forward_at_tokens_and_zero_at_padding(lengths) -> None:
+    torch.manual_seed(0)
+    encoder = create_text_encoder(None, TextTowerConfig(**TINY), vocab_size=30).eval()
+    mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).long()  # (4, 7)
+    hidden = torch.randn(4, 7, 16)
+    expected = _layers_reference(encoder, hidden, mask)
+    out = packed_layers(encoder.encoder.layer, hidden, mask)
+    real = mask.bool()
+    torch.testing.assert_close(out[real], expected[real])
+    assert (out[~real] == 0).all()
+
+
+def test_packed_layers_give_the_layers_gradients() -> None:
+    torch.manual_seed(0)
+    encoder = create_text_encoder(None, TextTowerConfig(**TINY), vocab_size=30).eval()
+    mask = (torch.arange(6)[None] < torch.tensor([6, 2, 4])[:, None]).long()
+    hidden = torch.randn(3, 6, 16)
+    target = torch.randn(3, 6, 16)
+    grads = []
+    for forward in (lambda x: packed_layers(encoder.encoder.layer, x, mask),
+                    lambda x: _layers_reference(encoder, x, mask)):
+        encoder.zero_grad()
+        x = hidden.clone().requires_grad_(True)
+        (forward(x) * target * mask[..., None]).sum().backward()
+        grads.append([x.grad, *(p.grad.clone() for p in encoder.encoder.parameters())])
+    for packed, reference in zip(*grads):
+        torch.testing.assert_close(packed, reference)
+
+
+def test_packed_layers_project_only_the_real_tokens() -> None:
+    encoder = create_text_encoder(None, TextTowerConfig(**TINY), vocab_size=30).train()
+    rows: list[int] = []
+    for layer in encoder.encoder.layer:
+        for module in (layer.attention.self.query, layer.intermediate.dense):
+            module.register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[0]))
+    mask = (torch.arange(8)[None] < torch.tensor([8, 2, 3])[:, None]).long()
+    packed_layers(encoder.encoder.layer, torch.randn(3, 8, 16), mask)
+    assert rows == [13] * 6  # 8 + 2 + 3 tokens, 2 projections x 3 layers, never the 11 pads
 
 
 def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import BertLayer, eager_attention_forward
 from transformers.utils import logging as hf_logging
 
 from unimed.models.config import TextTowerConfig
@@ -224,14 +226,63 @@ def token_states(
     shared_layers: int = 0, trainable_rows_from: int | None = None,
     cache: FrozenTrunkCache | None = None,
 ) -> torch.Tensor:
-    """(views * B, L, H) last-layer token states; `views`, `shared_layers`,
-    `trainable_rows_from` and `cache` as in :func:`pool_text`."""
+    """(views * B, L, H) last-layer token states, zero at padding (:func:`packed_layers`); `views`,
+    `shared_layers`, `trainable_rows_from` and `cache` as in :func:`pool_text`."""
     if shared_layers:
         grad = trainable_rows_from is not None and bool((input_ids >= trainable_rows_from).any())
         return _shared_trunk_states(encoder, input_ids, attention_mask, views, shared_layers,
                                     grad=grad and torch.is_grad_enabled(), cache=cache)
-    return encoder(input_ids=input_ids.repeat(views, 1),
-                   attention_mask=attention_mask.repeat(views, 1)).last_hidden_state
+    input_ids = input_ids.repeat(views, 1)
+    return packed_layers(encoder.encoder.layer, encoder.embeddings(input_ids=input_ids),
+                         attention_mask.repeat(views, 1))
+
+
+def packed_layers(layers: Sequence[BertLayer], hidden: torch.Tensor, attention_mask: torch.Tensor
+                  ) -> torch.Tensor:
+    """(B, L, H) output of the BERT `layers` on (B, L, H) `hidden`, where the (B, L)
+    `attention_mask` is 1 at tokens and 0 at padding; the output is zero at padding.
+
+    Only attention needs the padded (B, L) layout: the query, key, value and output projections,
+    the feed-forward block, the layer norms and the hidden dropout act on each token alone, so they
+    run on the N real tokens packed into (N, H), and no work goes to padding (a report batch is
+    padded to its longest report: the demo's MIMIC-CXR batches are about a third padding, its
+    PadChest batches nearly half). The layers' own modules do the work, so at every real token the
+    result is the layers' own forward on the padded batch (equal to the last bit on the CPU in eval
+    mode; `tests/models/test_text_encoder.py` compares values and gradients). In train mode the
+    hidden dropout masks are drawn for the packed tokens only: the same distribution, another
+    stream of random numbers than the padded forward's.
+    """
+    batch, length, width = hidden.shape
+    index = attention_mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of the tokens
+    mask = create_bidirectional_mask(config=layers[0].attention.self.config, inputs_embeds=hidden,
+                                     attention_mask=attention_mask) if len(layers) else None
+    tokens = hidden.reshape(batch * length, width)[index]  # (N, H)
+    for layer in layers:
+        tokens = _packed_layer(layer, tokens, index, batch, length, mask)
+    return _unpack(tokens, index, batch, length)
+
+
+def _unpack(tokens: torch.Tensor, index: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """(N, D) packed rows -> (B, L, D), zero at padding."""
+    padded = tokens.new_zeros(batch * length, tokens.shape[-1]).index_copy(0, index, tokens)
+    return padded.view(batch, length, -1)
+
+
+def _packed_layer(layer: BertLayer, tokens: torch.Tensor, index: torch.Tensor, batch: int,
+                  length: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """One BERT layer on (N, H) packed tokens (:func:`packed_layers`): ``BertLayer.forward`` with
+    the projections taken out of the padded layout."""
+    attention = layer.attention.self
+    heads = (batch, length, -1, attention.attention_head_size)
+    query, key, value = (_unpack(projection(tokens), index, batch, length).view(heads).transpose(1, 2)
+                         for projection in (attention.query, attention.key, attention.value))
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation,
+                                                      eager_attention_forward)
+    context, _ = interface(attention, query, key, value, mask,
+                           dropout=attention.dropout.p if attention.training else 0.0,
+                           scaling=attention.scaling)  # (B, L, heads, head size)
+    context = context.reshape(batch * length, -1)[index]  # (N, H)
+    return layer.feed_forward_chunk(layer.attention.output(context, tokens))
 
 
 def _check_shared_trunk(encoder: BertModel, n: int) -> list[torch.nn.Module]:
@@ -346,16 +397,12 @@ def _shared_trunk_states(
 ) -> torch.Tensor:
     """Last hidden states (views * B, L, H): embeddings + layers[:n] once in eval mode, without
     autograd unless `grad` (trainable appended word rows in the batch), read from `cache` when one
-    is given and no gradient is needed; layers[n:] on the repeated states in the encoder's own
-    mode."""
+    is given and no gradient is needed; layers[n:] on the repeated states, packed
+    (:func:`packed_layers`), in the encoder's own mode."""
     if cache is not None and not grad:
         _check_shared_trunk(encoder, n)
         hidden = cache.states(encoder, input_ids, attention_mask, n)
     else:
         hidden = _trunk_states(encoder, input_ids, attention_mask, n, grad)
-    hidden = hidden.repeat(views, 1, 1)
-    mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden,
-                                     attention_mask=attention_mask.repeat(views, 1))
-    for layer in encoder.encoder.layer[n:]:
-        hidden = layer(hidden, mask)
-    return hidden
+    return packed_layers(encoder.encoder.layer[n:], hidden.repeat(views, 1, 1),
+                         attention_mask.repeat(views, 1))

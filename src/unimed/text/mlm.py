@@ -38,7 +38,13 @@ from safetensors.torch import load_file, save_file
 
 from unimed.data.pretrain import PretrainSampler
 from unimed.methods.base import Method, Stage, StepContext
-from unimed.models.text import BASE_VOCAB_KEY, load_pretrained, mean_pool, train_appended_rows
+from unimed.models.text import (
+    BASE_VOCAB_KEY,
+    load_pretrained,
+    mean_pool,
+    token_states,
+    train_appended_rows,
+)
 from unimed.text.config import MLMConfig
 from unimed.text.corpus import require_texts
 from unimed.text.lexicon import load_lexicon
@@ -142,8 +148,9 @@ class MaskedLM(Method):
 
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         labels = batch["labels"]  # (B, L), -100 where not masked
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        hidden = self.model.bert(**inputs).last_hidden_state  # (B, L, H)
+        # Reports are single segments (token type 0, the embeddings' default); the layers run on
+        # the real tokens only (packed_layers).
+        hidden = token_states(self.model.bert, batch["input_ids"], batch["attention_mask"])  # (B, L, H)
         chosen = labels != -100
         # The vocabulary head only where a token is masked: the same loss as scoring every
         # position, without the (B, L, V) logits (most of the step's FLOPs on a 30k vocabulary).
