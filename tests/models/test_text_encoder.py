@@ -272,8 +272,9 @@ def _frozen_trunk_encoder(frozen: int = 2, dropout: float = 0.1) -> BertModel:
 
 
 def _count_trunk_calls(encoder: BertModel) -> list[int]:
-    calls = [0]
-    encoder.encoder.layer[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    calls = [0]  # runs of the first frozen layer (its query projection runs once per run)
+    encoder.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 

@@ -305,11 +305,8 @@ def _trunk_states(encoder: BertModel, input_ids: torch.Tensor, attention_mask: t
         with torch.set_grad_enabled(grad):
             for module in trunk:
                 module.eval()
-            hidden = encoder.embeddings(input_ids=input_ids)  # (B, L, H)
-            mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden,
-                                             attention_mask=attention_mask)
-            for layer in encoder.encoder.layer[:n]:
-                hidden = layer(hidden, mask)
+            embedded = encoder.embeddings(input_ids=input_ids)  # (B, L, H)
+            hidden = packed_layers(encoder.encoder.layer[:n], embedded, attention_mask)
     finally:
         for module, mode in zip(trunk, modes):
             module.train(mode)
