@@ -8,13 +8,9 @@ import math
 import pytest
 import torch
 
-from unimed.eval.config import (
-    BiasConfig,
-    DetectionConfig,
-    EvalConfig,
-    LinearProbeConfig,
-    SegmentationConfig,
-)
+from eval_helpers import numbers, short_config
+
+from unimed.eval.config import EvalConfig
 from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
@@ -24,29 +20,6 @@ from unimed.eval.tasks import TaskContext
 
 # Every task that reads frozen features (Grad-CAM needs gradients and has its own pass).
 TASKS = ("zero_shot", "linear_probe", "segmentation", "detection", "retrieval", "bias")
-
-
-def short_config(ctx: TaskContext):
-    """The tiny world's protocol, with heads that train in a second."""
-    return dataclasses.replace(
-        ctx.cfg, fractions=(0.5, 1.0), bootstrap_resamples=50,
-        linear_probe=LinearProbeConfig(datasets=("rsna", "covidx"), epochs=5, patience=2),
-        segmentation=SegmentationConfig(datasets=("rsna",), epochs=1, patience=1, min_epoch_steps=2),
-        detection=DetectionConfig(datasets=("rsna",), epochs=1, patience=1, min_epoch_steps=2),
-        bias=BiasConfig(samples_per_group=8, folds=2, knn_k=3),
-    )
-
-
-def numbers(tree: object, path: str = "") -> dict[str, float]:
-    """Every number in a nested metrics tree, keyed by its path (figures' file names left out)."""
-    if isinstance(tree, dict):
-        return {k: v for key, child in tree.items() if key != "figures"
-                for k, v in numbers(child, f"{path}/{key}").items()}
-    if isinstance(tree, (list, tuple)):
-        return {k: v for i, child in enumerate(tree) for k, v in numbers(child, f"{path}/{i}").items()}
-    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        return {path: float(tree)}
-    return {}
 
 
 class Counter:

@@ -456,6 +456,12 @@ class EvalConfig:
     # about as fast as at 64 and 192 px maps 1.3-1.7x faster, the same features (Med-UniC's whole
     # evaluation 5-8 % faster, UniMedI's ViT the same); a GPU evaluation would raise it.
     batch_size: int = 16
+    # Processes the CPU evaluation runs its jobs in (one encoder's task, or the tasks that share its
+    # features), each on the machine's torch threads divided among them; results do not depend on
+    # which worker runs a job (:mod:`unimed.eval.runner`). On 2 cores two single-threaded workers
+    # evaluate the demo's five encoders faster than one process on two threads (small heads and
+    # Python overhead parallelise badly inside one process). A CUDA evaluation runs in one process.
+    workers: int = 1
     seed: int = 0
     bootstrap_resamples: int = 1000  # resamples of the test images behind every 95 % interval
     # Per language, the stemming of the prompts (zero-shot, Grad-CAM): see PROMPT_STEMMING.
@@ -484,6 +490,8 @@ class EvalConfig:
             raise ValueError(f"eval.min_train_images must be >= 1, got {self.min_train_images}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise ValueError(f"eval.workers must be >= 1, got {self.workers}")
         if self.linear_probe.draws < 1:
             raise ValueError(f"eval.linear_probe.draws must be >= 1, got {self.linear_probe.draws}")
         if self.bootstrap_resamples < 10:

@@ -80,6 +80,7 @@ class EvalData:
         self._samples: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
         self._slices: dict[tuple, torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]] = {}
         self._depths: dict[tuple[str, str], list[int]] = {}
+        self._noted: dict[tuple[str, str | None], None] = {}  # splits other processes read
 
     def decode(self, read: Callable[[Record], T], records: Sequence[Record], desc: str, unit: str
                ) -> Iterator[T]:
@@ -212,13 +213,22 @@ class EvalData:
         except ValueError:
             return path.as_posix()
 
-    def publish(self, out_dir: Path) -> dict[str, dict[str, object]]:
-        """Write one split file per dataset split read so far (`<out_dir>/splits/<dataset>_<split>.txt`,
-        one image id per line in adapter order) and return {"<dataset>/<split>": {"file" (relative
-        to `out_dir`), "sha256", "images"}}."""
-        published = {}
+    def splits_read(self) -> list[tuple[str, str | None]]:
+        """(dataset, split) of every split whose images or volumes were read so far, here or (noted
+        by :meth:`note_read`) in a worker process of the same run, first read first."""
         read = [(d, s) for d, s, *_ in self._images] + [(d, s) for d, s, *_ in self._slices]
-        for dataset, split in dict.fromkeys(read):
+        return list(dict.fromkeys([*self._noted, *read]))
+
+    def note_read(self, splits: Sequence[tuple[str, str | None]]) -> None:
+        """Count `splits` ((dataset, split) pairs a worker process of this run read) as read."""
+        self._noted.update(dict.fromkeys(splits))
+
+    def publish(self, out_dir: Path) -> dict[str, dict[str, object]]:
+        """Write one split file per dataset split read so far (:meth:`splits_read`;
+        `<out_dir>/splits/<dataset>_<split>.txt`, one image id per line in adapter order) and return
+        {"<dataset>/<split>": {"file" (relative to `out_dir`), "sha256", "images"}}."""
+        published = {}
+        for dataset, split in self.splits_read():
             name = f"{dataset}/{split or 'all'}"
             text = "".join(self.image_id(r) + "\n" for r in self.records(dataset, split))
             relative = Path(SPLITS_DIR) / f"{dataset}_{split or 'all'}.txt"

@@ -3,15 +3,26 @@
 The bootstrap replicates the tasks return under "replicates" keys are moved into
 ``ctx.replicates``, keyed ``"<encoder>/<task>/<path>/<metric>"`` (e.g.
 ``"medunic/zero_shot/cxp500/en/auc"``), so the metrics stay JSON and the checks can pair encoders.
+
+The work is a list of jobs: one encoder's task, or the tasks that read the same cached features
+(`SHARED_FEATURES`), so a job computes them once. With ``eval.workers`` > 1 on the CPU the jobs run
+in that many forked worker processes, each on the machine's torch threads divided among them, taken
+in encoder order as workers free up; each job starts from the same global random state (the
+evaluation seed), so no result depends on which worker ran it or what it ran before. A worker
+decodes the data its jobs read itself (the parent's decoded splits are inherited, copy-on-write)
+and releases an encoder's features after each job.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import multiprocessing
 import time
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from unimed.eval import (  # noqa: F401  (each task module registers itself in TASKS)
@@ -32,29 +43,125 @@ from unimed.eval.tasks import TASKS, TaskContext
 
 log = logging.getLogger(__name__)
 
+# Tasks that read the same cached features run in one job: retrieval and the bias audit embed the
+# same test images and reports; the 3D tasks the same volumes and their reports.
+SHARED_FEATURES: tuple[frozenset[str], ...] = (
+    frozenset({"retrieval", "bias"}),
+    frozenset({"volume_probe", "volume_retrieval", "slice_localisation", "slice_selection",
+               "modality_gap"}),
+)
+
+Job = tuple[int, tuple[str, ...]]  # (index of the encoder, its tasks in run order)
+JobResult = tuple[dict, dict[str, float], dict[str, np.ndarray], list[tuple[str, str | None]]]
+
+
+def task_groups(tasks: Sequence[str]) -> list[tuple[str, ...]]:
+    """`tasks` in order, those of one `SHARED_FEATURES` set gathered into the group of the first."""
+    groups: list[list[str]] = []
+    for task in tasks:
+        shared = next((s for s in SHARED_FEATURES if task in s), frozenset())
+        group = next((g for g in groups if g[0] in shared), None)
+        if group is None:
+            groups.append([task])
+        else:
+            group.append(task)
+    return [tuple(g) for g in groups]
+
 
 def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]) -> dict:
     """{"encoders": {name: {"label", "seconds": {task: s}, "tasks": {task: metrics}}}}.
 
-    Every encoder runs every task on the same cached data, splits and seeds; an encoder's cached
-    features are released after its last task.
+    Every encoder runs every task on the same cached data, splits and seeds (see the module doc for
+    the jobs and ``eval.workers``).
     """
-    runners = {task: TASKS.get(task) for task in tasks}
+    for task in tasks:
+        TASKS.get(task)  # an unknown task fails before any work
+    groups = task_groups(tasks)
+    jobs: list[Job] = [(i, group) for i in range(len(encoders)) for group in groups]
+    workers = min(ctx.cfg.workers, len(jobs))
+    on_cpu = all(encoder.device.type == "cpu" for encoder in encoders)
+    if workers > 1 and not on_cpu:
+        log.info("eval.workers=%d applies to a CPU evaluation; these encoders run in this process",
+                 workers)
+    results = (_run_in_workers(encoders, ctx, jobs, workers) if workers > 1 and on_cpu
+               else _run_here(encoders, ctx, jobs))
     out: dict = {"encoders": {}}
-    jobs = [(encoder, task) for encoder in encoders for task in runners]
-    last = list(runners)[-1] if runners else None
-    for encoder, task in tqdm(jobs, desc="evaluate", unit="task", disable=not ctx.progress):
-        entry = out["encoders"].setdefault(
-            encoder.name, {"label": encoder.label, "seconds": {}, "tasks": {}}
-        )
-        start = time.perf_counter()
-        entry["tasks"][task] = runners[task](encoder, ctx)
-        ctx.replicates.update(pop_replicates(entry["tasks"][task], f"{encoder.name}/{task}"))
-        entry["seconds"][task] = round(time.perf_counter() - start, 2)
-        log.info("%s: %s took %.1f s", encoder.label, task, entry["seconds"][task])
-        if task == last:
-            ctx.features.release(encoder.name)
+    for index, encoder in enumerate(encoders):
+        entry = out["encoders"][encoder.name] = {"label": encoder.label, "seconds": {}, "tasks": {}}
+        ran = {task: result for (i, group), result in results.items() if i == index for task in group}
+        for task in tasks:
+            metrics, seconds, _, _ = ran[task]
+            entry["tasks"][task] = metrics[task]
+            entry["seconds"][task] = seconds[task]
     return out
+
+
+def _run_here(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Job]) -> dict[Job, JobResult]:
+    """Every job in this process, in order; an encoder's features are released after its last job,
+    so all its tasks share them."""
+    results = {}
+    for position, job in enumerate(tqdm(jobs, desc="evaluate", unit="job", disable=not ctx.progress)):
+        results[job] = _run_job(encoders[job[0]], ctx, job[1])
+        ctx.replicates.update(results[job][2])
+        if position + 1 == len(jobs) or jobs[position + 1][0] != job[0]:
+            ctx.features.release(encoders[job[0]].name)
+    return results
+
+
+# What a forked worker inherits from the process that starts it: the encoders and the context.
+_WORKER: dict[str, object] = {}
+
+
+def _start_worker(encoders: Sequence[Encoder], ctx: TaskContext, threads: int) -> None:
+    torch.set_num_threads(threads)
+    ctx.progress = ctx.data.progress = False  # one progress bar: the parent's
+    _WORKER.update(encoders=encoders, ctx=ctx)
+
+
+def _worker_job(job: Job) -> JobResult:
+    encoders, ctx = _WORKER["encoders"], _WORKER["ctx"]
+    encoder = encoders[job[0]]
+    try:
+        return _run_job(encoder, ctx, job[1])
+    finally:
+        ctx.features.release(encoder.name)
+
+
+def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Job], workers: int
+                    ) -> dict[Job, JobResult]:
+    """Every job in `workers` forked processes, dispatched in order as they free up; the splits the
+    workers read are noted in ``ctx.data`` (what it publishes)."""
+    threads = max(1, torch.get_num_threads() // workers)
+    log.info("evaluation: %d jobs in %d worker processes of %d thread(s) each", len(jobs), workers,
+             threads)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
+        initargs=(encoders, ctx, threads))
+    with pool:
+        futures = {pool.submit(_worker_job, job): job for job in jobs}
+        results = {}
+        done = concurrent.futures.as_completed(futures)
+        for future in tqdm(done, total=len(jobs), desc="evaluate", unit="job", disable=not ctx.progress):
+            results[futures[future]] = future.result()
+    for job in jobs:  # merged in job order, whatever order they finished in
+        ctx.replicates.update(results[job][2])
+        ctx.data.note_read(results[job][3])
+    return results
+
+
+def _run_job(encoder: Encoder, ctx: TaskContext, tasks: tuple[str, ...]) -> JobResult:
+    """({task: metrics}, {task: seconds}, replicates, splits read) of `encoder` on `tasks`; each
+    task starts from the global random state of the evaluation seed."""
+    metrics, seconds, replicates = {}, {}, {}
+    for task in tasks:
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.cfg.seed)
+            metrics[task] = TASKS.get(task)(encoder, ctx)
+        replicates.update(pop_replicates(metrics[task], f"{encoder.name}/{task}"))
+        seconds[task] = round(time.perf_counter() - start, 2)
+        log.info("%s: %s took %.1f s", encoder.label, task, seconds[task])
+    return metrics, seconds, replicates, ctx.data.splits_read()
 
 
 def pop_replicates(tree: object, prefix: str) -> dict[str, np.ndarray]:
