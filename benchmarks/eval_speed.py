@@ -11,7 +11,8 @@ preset, which evaluates in two worker processes (``eval.workers``; ``eval.worker
 process on every thread). With workers the tasks' seconds overlap, so the shares are of their sum.
 The CPU time of the process and its workers is printed too: on a shared machine wall time grows
 with the load.
-``--profile N`` prints the N functions with the most cumulative time (cProfile); ``--metrics FILE``
+``--profile N`` prints the N functions with the most cumulative time (cProfile, this process only:
+profile with ``eval.workers=1``); ``--metrics FILE``
 writes the tasks' metrics as JSON, to compare two code versions (run the script with each version's
 ``src`` on PYTHONPATH, back to back). Overrides follow the run folder, e.g.
 ``runs/demo data.root=data/phantom``.
