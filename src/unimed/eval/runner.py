@@ -52,7 +52,7 @@ SHARED_FEATURES: tuple[frozenset[str], ...] = (
 )
 
 Job = tuple[int, tuple[str, ...]]  # (index of the encoder, its tasks in run order)
-JobResult = tuple[dict, dict[str, float], dict[str, np.ndarray], list[tuple[str, str | None]]]
+JobResult = tuple[dict, dict[str, float], dict[str, np.ndarray]]  # metrics, seconds, replicates
 
 
 def task_groups(tasks: Sequence[str]) -> list[tuple[str, ...]]:
@@ -90,7 +90,7 @@ def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]
         entry = out["encoders"][encoder.name] = {"label": encoder.label, "seconds": {}, "tasks": {}}
         ran = {task: result for (i, group), result in results.items() if i == index for task in group}
         for task in tasks:
-            metrics, seconds, _, _ = ran[task]
+            metrics, seconds, _ = ran[task]
             entry["tasks"][task] = metrics[task]
             entry["seconds"][task] = seconds[task]
     return out
@@ -118,11 +118,12 @@ def _start_worker(encoders: Sequence[Encoder], ctx: TaskContext, threads: int) -
     _WORKER.update(encoders=encoders, ctx=ctx)
 
 
-def _worker_job(job: Job) -> JobResult:
+def _worker_job(job: Job) -> tuple[JobResult, list[tuple[str, str | None]]]:
+    """The job's result and the splits this worker has read so far."""
     encoders, ctx = _WORKER["encoders"], _WORKER["ctx"]
     encoder = encoders[job[0]]
     try:
-        return _run_job(encoder, ctx, job[1])
+        return _run_job(encoder, ctx, job[1]), ctx.data.splits_read()
     finally:
         ctx.features.release(encoder.name)
 
@@ -139,19 +140,19 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
         initargs=(encoders, ctx, threads))
     with pool:
         futures = {pool.submit(_worker_job, job): job for job in jobs}
-        results = {}
+        results, read = {}, {}
         done = concurrent.futures.as_completed(futures)
         for future in tqdm(done, total=len(jobs), desc="evaluate", unit="job", disable=not ctx.progress):
-            results[futures[future]] = future.result()
+            results[futures[future]], read[futures[future]] = future.result()
     for job in jobs:  # merged in job order, whatever order they finished in
         ctx.replicates.update(results[job][2])
-        ctx.data.note_read(results[job][3])
+        ctx.data.note_read(read[job])
     return results
 
 
 def _run_job(encoder: Encoder, ctx: TaskContext, tasks: tuple[str, ...]) -> JobResult:
-    """({task: metrics}, {task: seconds}, replicates, splits read) of `encoder` on `tasks`; each
-    task starts from the global random state of the evaluation seed."""
+    """({task: metrics}, {task: seconds}, replicates) of `encoder` on `tasks`; each task starts
+    from the global random state of the evaluation seed."""
     metrics, seconds, replicates = {}, {}, {}
     for task in tasks:
         start = time.perf_counter()
@@ -161,7 +162,7 @@ def _run_job(encoder: Encoder, ctx: TaskContext, tasks: tuple[str, ...]) -> JobR
         replicates.update(pop_replicates(metrics[task], f"{encoder.name}/{task}"))
         seconds[task] = round(time.perf_counter() - start, 2)
         log.info("%s: %s took %.1f s", encoder.label, task, seconds[task])
-    return metrics, seconds, replicates, ctx.data.splits_read()
+    return metrics, seconds, replicates
 
 
 def pop_replicates(tree: object, prefix: str) -> dict[str, np.ndarray]:
