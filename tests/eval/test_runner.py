@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import multiprocessing
 
 import pytest
 import torch
@@ -79,14 +80,17 @@ def test_worker_processes_give_the_metrics_of_one_process(
     assert set(forked.data.splits_read()) == set(here.data.splits_read()) != set()
 
 
-def test_an_error_in_a_worker_reaches_the_caller_as_itself(
+def test_an_error_in_a_worker_reaches_the_caller_as_itself_and_stops_the_workers(
     tiny_encoder: Encoder, task_context: TaskContext
 ) -> None:
     cfg = dataclasses.replace(short_config(task_context), workers=2,
                               segmentation=SegmentationConfig(datasets=("covidx",)))
     ctx = fresh_context(task_context, cfg)
+    before = set(multiprocessing.active_children())
     with pytest.raises(EvalError, match="dataset 'covidx' has no mask or box in its 'train' split"):
         evaluate([tiny_encoder], ctx, ("zero_shot", "segmentation"))
+    # The failure stopped the workers rather than leaving them to finish their jobs.
+    assert set(multiprocessing.active_children()) == before
 
 
 def test_workers_must_be_positive() -> None:

@@ -135,15 +135,27 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
     threads = max(1, torch.get_num_threads() // workers)
     log.info("evaluation: %d jobs in %d worker processes of %d thread(s) each", len(jobs), workers,
              threads)
+    others = set(multiprocessing.active_children())
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
         initargs=(encoders, ctx, threads))
-    with pool:
+    try:
         futures = {pool.submit(_worker_job, job): job for job in jobs}
         results, read = {}, {}
         done = concurrent.futures.as_completed(futures)
         for future in tqdm(done, total=len(jobs), desc="evaluate", unit="job", disable=not ctx.progress):
             results[futures[future]], read[futures[future]] = future.result()
+    except BaseException:
+        # A failed job or an interrupt ends the evaluation now: the jobs not started are dropped
+        # and the workers stopped, not left to finish the jobs they hold.
+        pool.shutdown(wait=False, cancel_futures=True)
+        stopped = set(multiprocessing.active_children()) - others
+        for worker in stopped:
+            worker.terminate()
+        for worker in stopped:
+            worker.join()
+        raise
+    pool.shutdown()
     for job in jobs:  # merged in job order, whatever order they finished in
         ctx.replicates.update(results[job][2])
         ctx.data.note_read(read[job])
