@@ -85,10 +85,12 @@ def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]
                  workers)
     results = (_run_in_workers(encoders, ctx, jobs, workers) if workers > 1 and on_cpu
                else _run_here(encoders, ctx, jobs))
+    for job in jobs:  # in job order, whatever order the workers finished them in
+        ctx.replicates.update(results[job][2])
     out: dict = {"encoders": {}}
     for index, encoder in enumerate(encoders):
         entry = out["encoders"][encoder.name] = {"label": encoder.label, "seconds": {}, "tasks": {}}
-        ran = {task: result for (i, group), result in results.items() if i == index for task in group}
+        ran = {task: results[(index, group)] for group in groups for task in group}
         for task in tasks:
             metrics, seconds, _ = ran[task]
             entry["tasks"][task] = metrics[task]
@@ -102,7 +104,6 @@ def _run_here(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Job]) ->
     results = {}
     for position, job in enumerate(tqdm(jobs, desc="evaluate", unit="job", disable=not ctx.progress)):
         results[job] = _run_job(encoders[job[0]], ctx, job[1])
-        ctx.replicates.update(results[job][2])
         if position + 1 == len(jobs) or jobs[position + 1][0] != job[0]:
             ctx.features.release(encoders[job[0]].name)
     return results
@@ -156,8 +157,7 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
             worker.join()
         raise
     pool.shutdown()
-    for job in jobs:  # merged in job order, whatever order they finished in
-        ctx.replicates.update(results[job][2])
+    for job in jobs:
         ctx.data.note_read(read[job])
     return results
 
