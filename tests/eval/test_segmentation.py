@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from unimed.data.records import BoxAnn, Record
-from unimed.eval.data import fraction_indices
-from unimed.eval.dense import dense_features, feature_layout
+from unimed.eval.data import fraction_indices, rgb
+from unimed.eval.dense import dense_features, feature_layout, hybrid_trunk
+from unimed.eval.errors import EvalError
 from unimed.eval.encoders import Encoder
 from unimed.eval.config import SegmentationConfig
 from unimed.eval import segmentation
@@ -174,6 +175,34 @@ def test_vit_maps_are_resampled_to_a_pyramid() -> None:
     assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]
     head = UNetHead([m.shape[1] for m in maps], (16, 8, 8, 8), 64)
     assert head([m.float() for m in maps]).shape == (2, 1, 64, 64)
+
+
+def test_a_hybrid_vit_gives_its_cnn_maps_then_its_last_block() -> None:
+    """UniMedI's CPU preset tokenizes with EfficientNet-Lite0 up to stride 32: its finer levels are
+    the CNN's own maps (TransUNet), not the 2 x 2 token map resampled."""
+    visual = create_image_encoder("vit_tiny_lite0s32_96").eval()
+
+    def intermediates(x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        return visual.forward_intermediates(x, indices=indices, intermediates_only=True)
+
+    encoder = types.SimpleNamespace(visual=visual, device=torch.device("cpu"),
+                                    model=types.SimpleNamespace(forward_intermediates=intermediates))
+    images = torch.rand(3, 1, 64, 64)
+    maps = dense_features(encoder, images, batch_size=2)
+    assert [64 // m.shape[-1] for m in maps] == [2, 4, 8, 16, 32]
+    trunk, x = hybrid_trunk(visual), rgb(images)
+    with torch.no_grad():
+        stride4 = trunk[:4](x)  # stem, its norm, the stride-2 and the stride-4 stage
+        stride16 = trunk[:7](x)  # ... and both stride-16 stages
+        top = intermediates(x, [len(visual.blocks) - 1])[-1]
+    torch.testing.assert_close(maps[1].float(), stride4, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(maps[3].float(), stride16, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(maps[4].float(), top, atol=2e-2, rtol=2e-3)
+    coarse = dense_features(encoder, images, batch_size=3, min_stride=8)
+    assert [64 // m.shape[-1] for m in coarse] == [8, 16, 32]
+    with pytest.raises(EvalError, match="stride >= 64"):
+        dense_features(encoder, images, batch_size=3, min_stride=64)
+    assert hybrid_trunk(create_image_encoder("vit_tiny_patch8_64")) is None
 
 
 def test_too_few_decoder_channels_is_a_clear_error() -> None:

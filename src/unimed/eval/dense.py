@@ -3,7 +3,9 @@
 Images use the "full" geometry (whole image resized to S x S). Convolutional encoders give maps at
 distinct strides (2 ... 32); plain ViTs give every block at one stride, so four evenly spaced
 blocks are resampled (bilinear) to strides 4, 8, 16 and 32, a simple feature pyramid, and any
-timm image encoder works.
+timm image encoder works. A hybrid ViT (a CNN tokenizer, timm's ``HybridEmbed``) is read as
+TransUNet's decoder reads one: the CNN's own maps at the strides below the patch's, then the last
+block's tokens at the patch stride (resampled tokens would hold no detail finer than the patch).
 
 :class:`unimed.eval.features.FeatureCache` keeps every level the encoder offers (float16, CPU) once
 per split; a task takes the levels of stride >= its ``min_stride`` (:func:`select_levels`).
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from timm.layers import HybridEmbed
 
 from unimed.eval.data import rgb
 from unimed.eval.errors import EvalError
@@ -59,6 +63,9 @@ def feature_layout(visual: nn.Module, min_stride: int = 1) -> tuple[list[int], t
 def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_stride: int = 1) -> Maps:
     """(N, 1, S, S) images -> frozen encoder maps of stride s_i >= `min_stride` (float16, CPU),
     each (N, C_i, S / s_i, S / s_i), shallow to deep."""
+    trunk = hybrid_trunk(encoder.visual)
+    if trunk is not None:
+        return _hybrid_features(encoder, trunk, images, batch_size, min_stride)
     indices, strides = feature_layout(encoder.visual, min_stride)
     size = images.shape[-1]
     chunks: list[Maps] = []
@@ -70,6 +77,42 @@ def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_
                 F.interpolate(m, size=(size // s, size // s), mode="bilinear")
                 for m, s in zip(maps, strides)
             ]
+        chunks.append([m.half().cpu() for m in maps])
+    return [torch.cat(level) for level in zip(*chunks)]
+
+
+def hybrid_trunk(visual: nn.Module) -> nn.Module | None:
+    """The CNN of a hybrid ViT's patch embedding (timm's ``HybridEmbed`` backbone), else None."""
+    embed = next((m for m in visual.modules() if isinstance(m, HybridEmbed)), None)
+    return None if embed is None else embed.backbone
+
+
+def _hybrid_features(encoder: Encoder, trunk: nn.Module, images: torch.Tensor, batch_size: int,
+                     min_stride: int) -> Maps:
+    """:func:`dense_features` of a hybrid ViT: the output of the last of the CNN's modules at each
+    stride >= `min_stride` below the patch stride (caught by forward hooks while the ViT runs), then
+    the last block's (N, C, S / patch, S / patch) token map."""
+    last = len(encoder.visual.feature_info) - 1
+    size = images.shape[-1]
+    chunks: list[Maps] = []
+    for start in range(0, len(images), batch_size):
+        x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
+        stages: dict[int, torch.Tensor] = {}
+
+        def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            stages[size // out.shape[-1]] = out
+
+        hooks = [child.register_forward_hook(keep) for child in trunk.children()]
+        try:
+            top = encoder.model.forward_intermediates(x, indices=[last])[-1]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        patch = size // top.shape[-1]
+        if patch < min_stride:
+            raise EvalError(f"the image encoder has no feature map of stride >= {min_stride} "
+                            f"(CNN strides {sorted(stages)}, patch stride {patch})")
+        maps = [stages[s] for s in sorted(stages) if min_stride <= s < patch] + [top]
         chunks.append([m.half().cpu() for m in maps])
     return [torch.cat(level) for level in zip(*chunks)]
 
