@@ -66,9 +66,12 @@ TOY_WORLD = dict(mimic_studies=40, padchest_studies=40, chexpert_studies=60, cxp
                  pdc_studies=24, control_studies=24)
 TOY_CT = dict(shape=(8, 32, 32), bimcv_studies=16, ccii_studies=9, luna_studies=6, bcv_studies=4)
 VOCAB = 30522  # BERT-base WordPiece (the synthetic token ids' range)
-# Dense (no sparsity) fp16 tensor-core TFLOP/s with fp32 accumulation, from the vendors' datasheets.
+# Dense (no sparsity) fp16 tensor-core TFLOP/s with fp32 accumulation, from the vendors' datasheets,
+# matched against torch.cuda.get_device_name, most specific names first: the SXM parts report their
+# memory ("NVIDIA H100 80GB HBM3"), the PCIe part "NVIDIA H100 PCIe", an H200 SXM "NVIDIA H200".
 DENSE_FP16_TFLOPS = {
-    "H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.5, "H100": 756.5,
+    "H200 NVL": 835.5, "H200": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.5, "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4, "H100": 756.5,
     "A100": 312.0, "A800": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0, "A10G": 70.0,
     "A10": 125.0, "A6000": 154.8, "V100": 125.0, "T4": 65.0, "RTX 4090": 165.2,
 }
@@ -205,12 +208,17 @@ def _free_port() -> int:
 
 
 def _ddp_step(rank: int, world: int, dry_run: bool, out_dir: str, info: DistInfo) -> None:
-    """One DDP step of the toy preset; rank 0 writes the loss and the ranks' largest weight gap."""
+    """One DDP step of the toy preset in fp32 (an fp16 step whose gradients overflow is skipped by
+    the loss scaler, and weights that never moved would match across ranks without any gradient
+    averaging); rank 0 writes the loss, the ranks' largest weight gap and how far the step moved
+    the weights."""
     cfg = preset(PRESETS[0], dry_run=True)  # toy sizes: this checks the transport, not speed
     if dry_run:  # SyncBatchNorm needs CUDA
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sync_batchnorm=False))
     batch = synthetic_batch(cfg, 4, seed=rank)
-    trainer = trainer_for(cfg, info.device, [batch], Path(out_dir) / f"rank{rank}", info)
+    trainer = trainer_for(cfg, info.device, [batch], Path(out_dir) / f"rank{rank}", info,
+                          precision="fp32")
+    before = torch.cat([p.detach().flatten() for p in trainer.method.model.parameters()])
     trainer.net.train()
     loss = trainer.train_step(trainer._epoch_batches())["loss"]
     flat = torch.cat([p.detach().flatten() for p in trainer.method.model.parameters()])
@@ -218,7 +226,8 @@ def _ddp_step(rank: int, world: int, dry_run: bool, out_dir: str, info: DistInfo
     torch_dist.all_gather(gathered, flat)
     if rank == 0:
         gap = max(float((g - gathered[0]).abs().max()) for g in gathered)
-        (Path(out_dir) / "ddp.txt").write_text(f"{loss} {gap}")
+        moved = float((flat - before).abs().max())
+        (Path(out_dir) / "ddp.txt").write_text(f"{loss} {gap} {moved}")
 
 
 def _ddp_worker(rank: int, world: int, port: int, dry_run: bool, out_dir: str) -> None:
@@ -245,10 +254,13 @@ def nccl(args: argparse.Namespace, device: torch.device, out_dir: Path) -> str:
         mp.start_processes(_ddp_worker, args=(2, port, args.dry_run, str(out_dir)),
                            nprocs=2, join=True, start_method="spawn")
         del store
-        loss, gap = map(float, (out_dir / "ddp.txt").read_text().split())
+        loss, gap, moved = map(float, (out_dir / "ddp.txt").read_text().split())
         if gap != 0.0:
             raise AssertionError(f"2-process {backend} DDP step: ranks' weights differ by {gap:.2e}")
-        return f"2-process {backend} DDP step, loss {loss:.4f}, ranks' weights identical"
+        if not moved > 0.0:
+            raise AssertionError(f"2-process {backend} DDP step left every weight where it was")
+        return (f"2-process {backend} DDP step (fp32), loss {loss:.4f}, weights moved by up to "
+                f"{moved:.2e}, ranks' weights identical")
     torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                   rank=0, world_size=1, device_id=device)
     try:

@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from benchmark_scripts import benchmark_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
 
 
@@ -18,4 +23,14 @@ def test_gpu_check_dry_run_passes_every_check() -> None:
     for check in ("throughput", "fp32 GPU = CPU", "nccl", "evaluation"):
         assert f"[ok] {check}:" in done.stdout
     assert "medunic_vit_l32" in done.stdout  # every paper preset took its steps
-    assert "2-process gloo DDP step" in done.stdout
+    assert "2-process gloo DDP step (fp32)" in done.stdout and "weights moved by up to" in done.stdout
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.5), ("NVIDIA H100 80GB HBM3", 989.4),
+    ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5), ("NVIDIA A100-SXM4-80GB", 312.0),
+])
+def test_mfu_peak_is_the_datasheet_figure_of_the_name_the_gpu_reports(name, tflops, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    with benchmark_script("gpu_check") as gpu_check:
+        assert gpu_check.dense_fp16_peak(torch.device("cuda")) == (tflops * 1e12, name)

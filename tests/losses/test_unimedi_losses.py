@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unimed.methods.unimedi import clip_loss
 from unimed.losses.unimedi import (
     DinoHead,
     DistillationLoss,
@@ -278,3 +279,21 @@ def test_distillation_loss_rejects_mismatched_inputs() -> None:
         loss_fn(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), T_T, torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="not initialised"):
         loss_fn(torch.zeros(2, 4), torch.zeros(2, 4), T_T, world_size=2)
+
+
+def test_clip_loss_is_float32_under_autocast_and_matches_cross_entropy_by_hand() -> None:
+    """UniMedI's image-report loss: the mean of the two directions' cross-entropy over logits
+    scale x cosine, computed in float32 even inside the training loop's autocast region."""
+    image = torch.randn(6, 16, generator=_gen(0))
+    text = torch.randn(6, 16, generator=_gen(1))
+    logit_scale = torch.tensor(math.log(60.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = clip_loss(image, text, logit_scale)
+    plain = clip_loss(image, text, logit_scale)
+    cos = [[float(a @ b / (a.norm() * b.norm())) for b in text] for a in image]
+    rows = [-_log_softmax([60.0 * c for c in cos[i]])[i] for i in range(6)]
+    cols = [-_log_softmax([60.0 * cos[j][i] for j in range(6)])[i] for i in range(6)]
+    expected = (sum(rows) / 6 + sum(cols) / 6) / 2
+    assert under_autocast.dtype == torch.float32
+    assert float(plain) == pytest.approx(expected, rel=1e-5)
+    assert float(under_autocast) == pytest.approx(expected, rel=1e-5)

@@ -60,6 +60,21 @@ def test_prototype_bank_training_eval_and_init() -> None:
         bank.set_temperature(0.0)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_prototype_bank_runs_in_float32_under_autocast(training: bool) -> None:
+    """At the annealed temperature (0.01) the Gumbel-softmax multiplies the logits by 100: the bank
+    must give under autocast exactly what it gives in float32 (same noise, same weights)."""
+    bank = SentencePrototypeBank(6, 16, temperature=0.01).train(training)
+    x = (3 * torch.randn(5, 16, generator=torch.Generator().manual_seed(0))).bfloat16()
+    torch.manual_seed(1)
+    plain = bank(x.float())
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = bank(x)  # a half-precision input, as a layer under autocast gives it
+    for key in ("prototype_sentences", "bank_logits", "assignment"):
+        assert torch.equal(mixed[key], plain[key]), key
+
+
 def test_word_pool_mean_and_attention_match_loops() -> None:
     gen = _gen(1)
     tokens = torch.randn(2, 7, 8, generator=gen)

@@ -47,6 +47,18 @@ def test_resume_gives_the_same_loss_curve(tmp_path, stop_at):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_a_run_without_loss_scaling_resumes_with_it(tmp_path, monkeypatch, caplog):
+    """A CPU fp32 checkpoint holds a disabled scaler's empty state; resumed where fp16 enables the
+    scaler (a GPU) it starts a fresh one instead of failing in GradScaler.load_state_dict."""
+    _run(tmp_path, tiny_cfg(max_steps=5))
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scaler(device, enabled=True))
+    with caplog.at_level("INFO", logger="unimed.train.loop"):
+        _, rest = _run(tmp_path, tiny_cfg(), resume=True)
+    assert [r["step"] for r in rest.history] == list(range(6, 17))
+    assert any("without fp16 loss scaling" in r.getMessage() for r in caplog.records)
+
+
 def test_dropout_really_draws_from_the_restored_rng(tmp_path):
     """Guard for the test above: with a different RNG after resume the curves do differ."""
     cfg = tiny_cfg()

@@ -154,7 +154,8 @@ def image_detections(
     scores = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(ctrness))  # (A,), FCOS's score
     above = int((scores > model.score_thresh).sum())
     order = scores.argsort(descending=True)
-    levels = torch.repeat_interleave(torch.arange(len(per_level)), torch.tensor(per_level))
+    levels = torch.repeat_interleave(torch.arange(len(per_level), device=scores.device),
+                                     torch.tensor(per_level, device=scores.device))  # (A,)
     count = min(above, FIRST_CANDIDATES)
     while True:
         chosen = order[:count].sort().values  # level order, as FCOS expects

@@ -5,7 +5,10 @@ Stage "alignment" (1): global + local alignment on the raw sentences. "prototype
 pass through the prototype bank, + its L1 term. "reconstruction" (3): + image and report
 reconstruction. The loop re-creates optimizer and schedule at each stage start (also when a run
 resumes inside a stage, with the schedule's state restored). Parts a stage does not use are frozen
-for it, so every trainable parameter gets a gradient (DDP needs no ``find_unused_parameters``).
+for it, so with the presets' weights every trainable parameter gets a gradient (DDP needs no
+``find_unused_parameters``); a loss weight set to 0 drops its term, and the parameters only that
+term reads (e.g. the local attention of ``local_sentence_weight``) then need
+``train.find_unused_parameters: true`` under DDP, as Med-UniC's do.
 The Gumbel temperature moves after every optimizer step of stages 2-3 (``method.gumbel_schedule``)
 and is a checkpointed buffer of the bank.
 """

@@ -69,12 +69,15 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp of the learnable temperature
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *,
               rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Symmetric CLIP InfoNCE, mean of the two directions, over L2-normalised (B, D) features;
-    negatives are the global batch."""
-    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-    temperature = torch.exp(-logit_scale.clamp(max=MAX_LOGIT_SCALE)).float()
-    offset = rank * image.shape[0]
-    return (info_nce(image, gather_features(text, rank, world_size), offset, temperature)
-            + info_nce(text, gather_features(image, rank, world_size), offset, temperature)) / 2
+    negatives are the global batch. Computed in float32 with autocast off, like every contrastive
+    loss here (:func:`unimed.losses.common.float32_forward`): under fp16 autocast the similarity
+    matmul would run in fp16 and round logits of up to 100 to steps of 0.0625."""
+    with torch.autocast(image.device.type, enabled=False):
+        image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        temperature = torch.exp(-logit_scale.float().clamp(max=MAX_LOGIT_SCALE))
+        offset = rank * image.shape[0]
+        return (info_nce(image, gather_features(text, rank, world_size), offset, temperature)
+                + info_nce(text, gather_features(image, rank, world_size), offset, temperature)) / 2
 
 
 class UniMedIMethod(Method):

@@ -196,20 +196,22 @@ class SentencePrototypeBank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(N, D) sentence vectors -> "prototype_sentences" (N, D), "bank_logits" (N, K),
-        "assignment" (N,) argmax of the (noisy, in training) weights."""
-        logits = self.logits(x)
-        tau = float(self.temperature)
-        if self.training:
-            weights = F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
-        elif self.eval_mode == "softmax":
-            weights = torch.softmax(logits / tau, dim=-1)
-        else:
-            weights = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(x.dtype)
-        return {
-            "prototype_sentences": weights @ self.prototypes,
-            "bank_logits": logits,
-            "assignment": weights.argmax(-1),
-        }
+        "assignment" (N,) argmax of the (noisy, in training) weights. Computed in float32 with
+        autocast off: the temperature anneals to 0.01, and (logits + noise) / tau overflows fp16."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.logits(x.float())
+            tau = float(self.temperature)
+            if self.training:
+                weights = F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+            elif self.eval_mode == "softmax":
+                weights = torch.softmax(logits / tau, dim=-1)
+            else:
+                weights = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+            return {
+                "prototype_sentences": weights @ self.prototypes,
+                "bank_logits": logits,
+                "assignment": weights.argmax(-1),
+            }
 
 
 class DecoderBlock(nn.Module):

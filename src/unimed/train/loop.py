@@ -232,7 +232,11 @@ class Trainer:
         ckpt.load_weights(self.method, path / ckpt.WEIGHTS_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        elif self.scaler.is_enabled():  # e.g. a CPU fp32 checkpoint resumed on a GPU in fp16
+            log.info("checkpoint %s was trained without fp16 loss scaling: the scaler starts fresh",
+                     path)
         self.method.load_train_state(state["method"])
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
