@@ -164,14 +164,20 @@ def test_masks_at_an_image_size_of_their_own_line_up_with_those_images(task_cont
     assert 3.5 < float(ratio) < 4.5
 
 
+def _bare_encoder(visual: torch.nn.Module) -> types.SimpleNamespace:
+    """What dense_features reads of an Encoder, around a bare timm model on the CPU."""
+    def intermediates(x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        return visual.forward_intermediates(x, indices=indices, intermediates_only=True)
+
+    return types.SimpleNamespace(visual=visual, device=torch.device("cpu"),
+                                 model=types.SimpleNamespace(forward_intermediates=intermediates))
+
+
 def test_vit_maps_are_resampled_to_a_pyramid() -> None:
     visual = create_image_encoder("vit_tiny_patch8_64").eval()
     indices, strides = feature_layout(visual, min_stride=4)
     assert len(indices) == 4 and strides == (4, 8, 16, 32)
-    model = types.SimpleNamespace(forward_intermediates=lambda x, indices: visual.forward_intermediates(
-        x, indices=indices, intermediates_only=True))
-    encoder = types.SimpleNamespace(visual=visual, model=model, device=torch.device("cpu"))
-    maps = dense_features(encoder, torch.rand(2, 1, 64, 64), batch_size=2, min_stride=4)
+    maps = dense_features(_bare_encoder(visual), torch.rand(2, 1, 64, 64), batch_size=2, min_stride=4)
     assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]
     head = UNetHead([m.shape[1] for m in maps], (16, 8, 8, 8), 64)
     assert head([m.float() for m in maps]).shape == (2, 1, 64, 64)
@@ -181,12 +187,7 @@ def test_a_hybrid_vit_gives_its_cnn_maps_then_its_last_block() -> None:
     """UniMedI's CPU preset tokenizes with EfficientNet-Lite0 up to stride 32: its finer levels are
     the CNN's own maps (TransUNet), not the 2 x 2 token map resampled."""
     visual = create_image_encoder("vit_tiny_lite0s32_96").eval()
-
-    def intermediates(x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-        return visual.forward_intermediates(x, indices=indices, intermediates_only=True)
-
-    encoder = types.SimpleNamespace(visual=visual, device=torch.device("cpu"),
-                                    model=types.SimpleNamespace(forward_intermediates=intermediates))
+    encoder = _bare_encoder(visual)
     images = torch.rand(3, 1, 64, 64)
     maps = dense_features(encoder, images, batch_size=2)
     assert [64 // m.shape[-1] for m in maps] == [2, 4, 8, 16, 32]
@@ -194,7 +195,7 @@ def test_a_hybrid_vit_gives_its_cnn_maps_then_its_last_block() -> None:
     with torch.no_grad():
         stride4 = trunk[:4](x)  # stem, its norm, the stride-2 and the stride-4 stage
         stride16 = trunk[:7](x)  # ... and both stride-16 stages
-        top = intermediates(x, [len(visual.blocks) - 1])[-1]
+        top = encoder.model.forward_intermediates(x, [len(visual.blocks) - 1])[-1]
     torch.testing.assert_close(maps[1].float(), stride4, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(maps[3].float(), stride16, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(maps[4].float(), top, atol=2e-2, rtol=2e-3)

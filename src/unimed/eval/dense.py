@@ -13,6 +13,7 @@ per split; a task takes the levels of stride >= its ``min_stride`` (:func:`selec
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -65,20 +66,25 @@ def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_
     each (N, C_i, S / s_i, S / s_i), shallow to deep."""
     trunk = hybrid_trunk(encoder.visual)
     if trunk is not None:
-        return _hybrid_features(encoder, trunk, images, batch_size, min_stride)
-    indices, strides = feature_layout(encoder.visual, min_stride)
-    size = images.shape[-1]
+        batch_maps = functools.partial(_hybrid_maps, encoder, trunk, min_stride=min_stride)
+    else:
+        batch_maps = functools.partial(_layout_maps, encoder, *feature_layout(encoder.visual, min_stride))
     chunks: list[Maps] = []
     for start in range(0, len(images), batch_size):
         x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
-        maps = encoder.model.forward_intermediates(x, indices=indices)
-        if strides is not None:
-            maps = [
-                F.interpolate(m, size=(size // s, size // s), mode="bilinear")
-                for m, s in zip(maps, strides)
-            ]
-        chunks.append([m.half().cpu() for m in maps])
+        chunks.append([m.half().cpu() for m in batch_maps(x)])
     return [torch.cat(level) for level in zip(*chunks)]
+
+
+def _layout_maps(encoder: Encoder, indices: list[int], strides: tuple[int, ...] | None,
+                 x: torch.Tensor) -> Maps:
+    """The intermediates `indices` of (B, 3, S, S) `x`, resampled to `strides` when given
+    (:func:`feature_layout`)."""
+    maps = encoder.model.forward_intermediates(x, indices=indices)
+    if strides is None:
+        return maps
+    size = x.shape[-1]
+    return [F.interpolate(m, size=(size // s, size // s), mode="bilinear") for m, s in zip(maps, strides)]
 
 
 def hybrid_trunk(visual: nn.Module) -> nn.Module | None:
@@ -87,34 +93,27 @@ def hybrid_trunk(visual: nn.Module) -> nn.Module | None:
     return None if embed is None else embed.backbone
 
 
-def _hybrid_features(encoder: Encoder, trunk: nn.Module, images: torch.Tensor, batch_size: int,
-                     min_stride: int) -> Maps:
-    """:func:`dense_features` of a hybrid ViT: the output of the last of the CNN's modules at each
+def _hybrid_maps(encoder: Encoder, trunk: nn.Module, x: torch.Tensor, *, min_stride: int) -> Maps:
+    """A hybrid ViT's maps of (B, 3, S, S) `x`: the output of the last of the CNN's modules at each
     stride >= `min_stride` below the patch stride (caught by forward hooks while the ViT runs), then
-    the last block's (N, C, S / patch, S / patch) token map."""
-    last = len(encoder.visual.feature_info) - 1
-    size = images.shape[-1]
-    chunks: list[Maps] = []
-    for start in range(0, len(images), batch_size):
-        x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
-        stages: dict[int, torch.Tensor] = {}
+    the last block's (B, C, S / patch, S / patch) token map."""
+    size = x.shape[-1]
+    stages: dict[int, torch.Tensor] = {}
 
-        def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            stages[size // out.shape[-1]] = out
+    def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        stages[size // out.shape[-1]] = out
 
-        hooks = [child.register_forward_hook(keep) for child in trunk.children()]
-        try:
-            top = encoder.model.forward_intermediates(x, indices=[last])[-1]
-        finally:
-            for hook in hooks:
-                hook.remove()
-        patch = size // top.shape[-1]
-        if patch < min_stride:
-            raise EvalError(f"the image encoder has no feature map of stride >= {min_stride} "
-                            f"(CNN strides {sorted(stages)}, patch stride {patch})")
-        maps = [stages[s] for s in sorted(stages) if min_stride <= s < patch] + [top]
-        chunks.append([m.half().cpu() for m in maps])
-    return [torch.cat(level) for level in zip(*chunks)]
+    hooks = [child.register_forward_hook(keep) for child in trunk.children()]
+    try:
+        top = encoder.model.forward_intermediates(x, indices=[len(encoder.visual.feature_info) - 1])[-1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    patch = size // top.shape[-1]
+    if patch < min_stride:
+        raise EvalError(f"the image encoder has no feature map of stride >= {min_stride} "
+                        f"(CNN strides {sorted(stages)}, patch stride {patch})")
+    return [stages[s] for s in sorted(stages) if min_stride <= s < patch] + [top]
 
 
 def select_levels(maps: Maps, image_size: int, min_stride: int) -> Maps:
