@@ -86,7 +86,7 @@ def test_early_stopping_keeps_the_best_validation_state():
     assert kept_score == pytest.approx(max(per_epoch))
 
 
-def test_a_validation_split_of_one_class_selects_by_validation_loss(caplog):
+def test_a_validation_split_of_one_class_selects_by_validation_loss():
     """AUC is undefined on an all-positive validation split. Training pushes those validation rows
     towards the negative class, so their loss rises every epoch: the kept state must be the first
     epoch's (the old rule never improved on minus infinity and kept the live, last weights)."""
@@ -94,12 +94,30 @@ def test_a_validation_split_of_one_class_selects_by_validation_loss(caplog):
     train = (x, (x < 0).float())
     valid = (torch.ones(6, 1), torch.ones(6, 1))
     cfg = LinearProbeConfig(epochs=10, patience=3, lr=1e-1, batch_size=8)
-    kept = linear_probe.train_probe(train, valid, "auc", cfg, seed=0, desc="volume probe luna16 10%")
+    kept = linear_probe.train_probe(train, valid, "auc", cfg, seed=0)
     first = linear_probe.train_probe(train, valid, "auc", dataclasses.replace(cfg, epochs=1), seed=0)
     assert torch.equal(kept.weight, first.weight) and torch.equal(kept.bias, first.bias)
-    assert caplog.records[0].getMessage() == (
-        "volume probe luna16 10%: auc is undefined on the validation split (6 rows, one class); "
-        "early stopping on the validation loss")
+
+
+@pytest.mark.parametrize("valid_labels, warned", [([1.0] * 6, True), ([1.0] * 5 + [0.0], False)])
+def test_a_one_class_validation_split_is_said_once_per_dataset(valid_labels, warned, task_context,
+                                                              caplog):
+    """Every fraction and draw of a dataset shares its validation split, so the probes' selection
+    by loss is one fact about the dataset: one warning, not one per fitted probe (the demo's log
+    held 55 of them)."""
+    ctx = dataclasses.replace(task_context, cfg=EvalConfig(min_train_images=8))
+    generator = torch.Generator().manual_seed(0)
+    y_train = (torch.arange(40) % 2).float()[:, None]
+    split_y = {"train": y_train, "valid": torch.tensor(valid_labels)[:, None],
+               "test": (torch.arange(10) % 2).float()[:, None]}
+    split_x = {s: torch.randn(len(y), 3, generator=generator) for s, y in split_y.items()}
+    target = linear_probe.ProbeTarget("auc", ("nodule",))
+    with caplog.at_level("WARNING", logger=linear_probe.log.name):
+        linear_probe.probe_fractions(ctx, split_x, split_y, target, "luna16", "volume probe luna16")
+    messages = [r.getMessage() for r in caplog.records if r.name == linear_probe.log.name]
+    expected = ("volume probe luna16: auc is undefined on the validation split (6 rows, one class); "
+                "every fraction's probe early-stops on the validation loss")
+    assert messages == ([expected] if warned else [])
 
 
 def test_test_estimate_bootstraps_accuracy_with_the_given_resamples():

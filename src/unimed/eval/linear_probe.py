@@ -107,19 +107,24 @@ def test_estimate(logits: torch.Tensor, y: torch.Tensor, metric: str, resamples:
                           for c in range(y.shape[1])])
 
 
+def metric_undefined(y: torch.Tensor, metric: str) -> bool:
+    """Whether `metric` is undefined on targets `y` whatever the logits: AUC with one class in
+    every column, as the validation split of a handful of volumes can be."""
+    return score(torch.zeros(len(y), y.shape[1] if y.ndim == 2 else 1), y, metric) is None
+
+
 def train_probe(
     train: tuple[torch.Tensor, torch.Tensor],
     valid: tuple[torch.Tensor, torch.Tensor],
     metric: str,
     cfg: LinearProbeConfig,
     seed: int,
-    desc: str = "linear probe",
 ) -> nn.Linear:
     """A linear layer fitted on `train` (features, targets), the state of best `valid` metric.
 
-    A validation split on which the metric is undefined (AUC with one class in every column, as a
-    handful of volumes can be) selects by validation loss instead, with a warning that starts with
-    `desc` (which probe): no state is kept by accident."""
+    A validation split on which the metric is undefined (:func:`metric_undefined`) selects by
+    validation loss instead: no state is kept by accident. :func:`probe_fractions` says so once
+    per dataset."""
     x, y = train
     classes = int(y.max()) + 1 if metric == "accuracy" else y.shape[1]
     generator = torch.Generator().manual_seed(seed)
@@ -128,10 +133,7 @@ def train_probe(
         torch.manual_seed(seed)
         layer.reset_parameters()
     loss_fn = F.cross_entropy if metric == "accuracy" else F.binary_cross_entropy_with_logits
-    by_loss = score(layer(valid[0]), valid[1], metric) is None
-    if by_loss:
-        log.warning("%s: %s is undefined on the validation split (%d rows, one class); "
-                    "early stopping on the validation loss", desc, metric, len(valid[1]))
+    by_loss = metric_undefined(valid[1], metric)
 
     def validation() -> float:
         with torch.no_grad():
@@ -173,6 +175,10 @@ def probe_fractions(ctx: TaskContext, split_x: dict[str, torch.Tensor], split_y:
     test split with its bootstrap interval (:func:`unimed.eval.tasks.sweep_fractions` rows); a
     fraction below the whole training split is the mean of ``linear_probe.draws`` subsets."""
     resamples = ctx.resamples(dataset, "test", len(split_y["test"]))
+    if metric_undefined(split_y["valid"], target.metric):
+        log.warning("%s: %s is undefined on the validation split (%d rows, one class); every "
+                    "fraction's probe early-stops on the validation loss", desc, target.metric,
+                    len(split_y["valid"]))
 
     def fit_and_score(index: np.ndarray, label: str) -> Estimate:
         subset = torch.from_numpy(index)
@@ -181,7 +187,7 @@ def probe_fractions(ctx: TaskContext, split_x: dict[str, torch.Tensor], split_y:
         norm = {s: (x - mean) / std for s, x in split_x.items()}
         layer = train_probe((norm["train"][subset], split_y["train"][subset]),
                             (norm["valid"], split_y["valid"]), target.metric, ctx.cfg.linear_probe,
-                            ctx.cfg.seed, desc=f"{desc} {label}")
+                            ctx.cfg.seed)
         with torch.no_grad():
             return test_estimate(layer(norm["test"]), split_y["test"], target.metric, resamples)
 
