@@ -147,14 +147,13 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
         for future in tqdm(done, total=len(jobs), desc="evaluate", unit="job", disable=not ctx.progress):
             results[futures[future]], read[futures[future]] = future.result()
     except BaseException:
-        # A failed job or an interrupt ends the evaluation now: the jobs not started are dropped
-        # and the workers stopped, not left to finish the jobs they hold.
-        pool.shutdown(wait=False, cancel_futures=True)
-        stopped = set(multiprocessing.active_children()) - others
-        for worker in stopped:
+        # A failed job or an interrupt ends the evaluation now: the workers are stopped, not left to
+        # finish the jobs they hold, and the jobs not started are dropped. The pool's own thread
+        # reaps the stopped workers; joining them here as well raced with it (a worker could be
+        # left looking alive, its exit status taken by the other thread's wait).
+        for worker in set(multiprocessing.active_children()) - others:
             worker.terminate()
-        for worker in stopped:
-            worker.join()
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
     for job in jobs:
