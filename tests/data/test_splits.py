@@ -111,3 +111,37 @@ def test_without_split_dir_nothing_is_written_and_result_is_deterministic(tmp_pa
     second = load_dataset("padchest", root, split_seed=5)
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert [r.split for r in first.records] == [r.split for r in second.records]
+
+
+def _table(split: dict[str, str], strata: dict[str, str]) -> Counter:
+    return Counter((strata[patient], name) for patient, name in split.items())
+
+
+def test_each_stratum_takes_its_share_of_every_split() -> None:
+    ratios = {"train": 0.7, "valid": 0.1, "test": 0.2}  # the 3D layouts' carve, LUNA16-sized
+    patients = [f"s{i:03d}" for i in range(60)]
+    strata = {p: "nodule" if i % 2 else "normal" for i, p in enumerate(patients)}
+    shares = {(c, name): n for c in ("nodule", "normal") for name, n in (("train", 21), ("valid", 3), ("test", 6))}
+    for seed in range(10):
+        split = assign_patient_splits(patients, ratios, seed, strata)
+        assert _table(split, strata) == shares
+
+
+def test_uneven_strata_are_rounded_to_a_neighbour_of_their_share_with_the_unstratified_sizes() -> None:
+    strata = {p: ("a", "b", "c")[(i % 40 > 22) + (i % 40 > 33)] for i, p in enumerate(PATIENTS)}  # 23 / 11 / 6
+    sizes = Counter(strata.values())
+    for seed in range(10):
+        split = assign_patient_splits(PATIENTS, RATIOS, seed, strata)
+        assert Counter(split.values()) == {"train": 28, "valid": 6, "test": 6}
+        table, counts = _table(split, strata), Counter(split.values())
+        for stratum, size in sizes.items():
+            for name, n in counts.items():
+                assert abs(table[stratum, name] - size * n / len(PATIENTS)) < 1, (stratum, name)
+    first = assign_patient_splits(PATIENTS, RATIOS, 3, strata)
+    assert first == assign_patient_splits(list(reversed(PATIENTS)), RATIOS, 3, strata)
+    assert first != assign_patient_splits(PATIENTS, RATIOS, 4, strata)
+
+
+def test_a_patient_without_a_stratum_is_an_error() -> None:
+    with pytest.raises(ValueError, match="without a stratum"):
+        assign_patient_splits(PATIENTS, RATIOS, 0, {p: "a" for p in PATIENTS[1:]})

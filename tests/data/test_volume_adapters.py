@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import hashlib
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -259,3 +260,28 @@ def test_fortran_ordered_volumes_are_prepared_without_a_copy_and_bit_identical(t
     copy = Volume(array=np.ascontiguousarray(volume.array), affine=volume.affine, path=volume.path)
     assert torch.equal(axial_slices(volume, size=8, slices=4), axial_slices(copy, size=8, slices=4))
     assert np.array_equal(volume.array, (data[::-1, ::-1] if lps else data).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def labelled_world(tmp_path_factory):
+    """CC-CCII and LUNA16 at 40 volumes each, enough for every class to have a place in every split."""
+    cfg = PhantomConfig(seed=2, ct=CTConfig(enabled=True, shape=(8, 32, 32), bimcv_studies=1, ccii_studies=40,
+                                            luna_studies=40, bcv_studies=1))
+    root = tmp_path_factory.mktemp("ct-labelled")
+    write_ct_world(cfg, root, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("name", ["luna16", "cc-ccii"])
+def test_single_label_volumes_are_carved_per_patient_stratified_by_class(labelled_world, name):
+    records = load_dataset(name, labelled_world / VOLUME_FOLDERS[name]).records
+    classes, split_of = {}, {}
+    for r in records:  # a patient's stratum: the classes of its scans
+        classes.setdefault(r.patient_id, set()).add(r.target)
+        split_of[r.patient_id] = r.split
+    strata = {p: "+".join(sorted(c)) for p, c in classes.items()}
+    sizes, splits = Counter(strata.values()), Counter(split_of.values())
+    table = Counter((strata[p], split_of[p]) for p in strata)
+    for stratum, size in sizes.items():
+        for split, n in splits.items():
+            assert abs(table[stratum, split] - size * n / len(strata)) < 1, (stratum, split, dict(table))

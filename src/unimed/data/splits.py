@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_flow
 
 from unimed.data.errors import DataError
 
@@ -40,16 +42,57 @@ def _split_counts(n: int, ratios: Mapping[str, float]) -> dict[str, int]:
     return {name: int(c) for name, c in zip(names, counts)}
 
 
+def _stratum_counts(sizes: Sequence[int], counts: Mapping[str, int]) -> list[dict[str, int]]:
+    """Per stratum, its number of patients in each split: every entry is its proportional share
+    (stratum size x split size / patients) rounded down or up, each stratum's entries sum to its
+    size and each split's to `counts`. Such a rounding always exists (controlled rounding of a
+    table with integer margins); it is found as a maximum flow from the strata to the splits whose
+    edges carry the rounded-up units."""
+    names = list(counts)
+    total = sum(sizes)
+    share = np.outer(sizes, [counts[k] for k in names]) / max(total, 1)
+    base = np.floor(share + 1e-9).astype(int)
+    up = (share - base) > 1e-9
+    rows, cols = len(sizes), len(names)
+    source, sink = rows + cols, rows + cols + 1
+    capacity = np.zeros((rows + cols + 2, rows + cols + 2), np.int32)
+    capacity[source, :rows] = np.asarray(sizes) - base.sum(axis=1)
+    capacity[:rows, rows:rows + cols] = up
+    capacity[rows:rows + cols, sink] = np.array([counts[k] for k in names]) - base.sum(axis=0)
+    flow = maximum_flow(csr_matrix(capacity), source, sink).flow.toarray()
+    table = base + flow[:rows, rows:rows + cols]
+    return [dict(zip(names, (int(v) for v in row))) for row in table]
+
+
 def assign_patient_splits(
-    patient_ids: Sequence[str], ratios: Mapping[str, float], seed: int
+    patient_ids: Sequence[str], ratios: Mapping[str, float], seed: int,
+    strata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Map each distinct patient to a split with the given ratios; deterministic given the seed.
 
-    Patients are sorted before a seeded permutation, so the input order does not matter.
+    Patients are sorted before a seeded permutation, so the input order does not matter. With
+    `strata` (patient -> stratum, e.g. the class of a single-label dataset), each stratum's share of
+    every split is its proportional share rounded down or up (`_stratum_counts`), with the split
+    sizes of the unstratified carve, and its patients are dealt in the seeded order: a small
+    validation split then holds every class that is large enough to have a place in it.
     """
     patients = sorted(set(patient_ids))
     order = np.random.default_rng(seed).permutation(len(patients))
     counts = _split_counts(len(patients), ratios)
+    if strata is not None:
+        missing = [p for p in patients if p not in strata]
+        if missing:
+            raise ValueError(f"patients without a stratum, e.g. {missing[:3]}")
+        groups: dict[str, list[str]] = {}
+        for index in order:
+            groups.setdefault(strata[patients[index]], []).append(patients[index])
+        names = sorted(groups)
+        assignment = {}
+        for name, per_split in zip(names, _stratum_counts([len(groups[n]) for n in names], counts)):
+            dealt = iter(groups[name])
+            for split, count in per_split.items():
+                assignment.update((next(dealt), split) for _ in range(count))
+        return assignment
     assignment: dict[str, str] = {}
     start = 0
     for name, count in counts.items():
@@ -119,11 +162,13 @@ def resolve_splits(
     carve: Mapping[str, Mapping[str, float]],
     seed: int,
     split_dir: str | Path | None = None,
+    strata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Final split of every (key, patient_id, pool) row, as {key: split}.
 
     A pool is either an official split ("train" / "valid" / "test"), kept as is, or a name in
-    `carve` whose rows are split per patient with the ratios `carve[pool]` and `seed`. With
+    `carve` whose rows are split per patient with the ratios `carve[pool]` and `seed`, stratified
+    by `strata` (patient -> stratum) when given (see `assign_patient_splits`). With
     `split_dir`, an existing `<split_dir>/<dataset>.csv` is read instead (a key missing from it is
     an error), and a missing one is computed and written. Without `split_dir` nothing is written.
     """
@@ -135,7 +180,7 @@ def resolve_splits(
     assignment: dict[str, dict[str, str]] = {}
     for pool, patients in by_pool.items():
         if pool in carve:
-            assignment[pool] = assign_patient_splits(patients, carve[pool], seed)
+            assignment[pool] = assign_patient_splits(patients, carve[pool], seed, strata)
         elif pool not in SPLITS:
             raise ValueError(f"{dataset}: pool {pool!r} is neither a split {SPLITS} nor carved")
     final = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from unimed.data.adapters import bcv, bimcv, ccii, chexpert, covidx, luna16, mimic, object_cxr, padchest, rsna, siim
@@ -17,6 +18,7 @@ from unimed.data.adapters.base import ADAPTERS, AdapterResult, DatasetRead, Read
 from unimed.data.adapters.generic import is_generic, read_generic
 from unimed.data.config import DataConfig
 from unimed.data.errors import DataError, DropCounter
+from unimed.data.records import Record
 from unimed.data.splits import resolve_splits
 
 logger = logging.getLogger(__name__)
@@ -80,7 +82,8 @@ def load_dataset(
     ctx = ReadContext(name, root, drops, min_report_tokens, check_images, progress, require_images)
     result: AdapterResult = adapter(root, ctx)
     rows = [(ctx.key(r), r.patient_id, r.split) for r in result.records]
-    splits = resolve_splits(name, rows, result.carve, split_seed, split_dir)
+    splits = resolve_splits(name, rows, result.carve, split_seed, split_dir,
+                            patient_strata(result.records) if result.stratify else None)
     records = [
         dataclasses.replace(r, split=splits[key]) for r, (key, _, _) in zip(result.records, rows)
     ]
@@ -89,6 +92,15 @@ def load_dataset(
         logger.info("%s: dropped %d record(s): %s", name, count, reason)
     logger.info("%s: %d record(s) read from %s", name, len(records), root)
     return DatasetRead(records, dropped, dict(drops.examples))
+
+
+def patient_strata(records: Sequence[Record]) -> dict[str, str]:
+    """Each patient's stratum for a stratified carve: the classes (`Record.target`) of the
+    patient's records, sorted and joined by '+' (one class for nearly every patient)."""
+    classes: dict[str, set[str]] = {}
+    for record in records:
+        classes.setdefault(record.patient_id, set()).add(str(record.target))
+    return {patient: "+".join(sorted(names)) for patient, names in classes.items()}
 
 
 def dataset_folder(name: str, root: str | Path) -> Path:

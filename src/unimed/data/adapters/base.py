@@ -36,10 +36,13 @@ def site_of(row: dict[str, str], column: str = SITE_COLUMN) -> str | None:
 @dataclasses.dataclass
 class AdapterResult:
     """Records as read, with `split` holding a pool: an official split, or a key of `carve`
-    whose records are split per patient with the ratios `carve[pool]`."""
+    whose records are split per patient with the ratios `carve[pool]`; with `stratify`, each class
+    (`Record.target`) is spread over the carved splits in proportion (a small single-label dataset
+    whose validation split would otherwise hold one class by chance)."""
 
     records: list[Record]
     carve: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    stratify: bool = False
 
 
 @dataclasses.dataclass

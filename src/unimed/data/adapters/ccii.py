@@ -18,7 +18,8 @@ COLUMNS = ("zip_file", "label", "patient_id", "scan_id", "n_slice")
 
 @ADAPTERS.register("cc-ccii")
 def read_ccii(root: Path, ctx: ReadContext) -> AdapterResult:
-    """One 3D record per scan folder (`image_path` is the folder), class in `target`; carved per patient."""
+    """One 3D record per scan folder (`image_path` is the folder), class in `target`; carved per patient,
+    stratified by class."""
     table = CsvTable(find_file(root, ["unzip_filenames.csv"], "CC-CCII unzip_filenames.csv"), COLUMNS)
 
     def parse(line: int, row: dict[str, str]) -> Record:
@@ -35,4 +36,4 @@ def read_ccii(root: Path, ctx: ReadContext) -> AdapterResult:
             split=POOL, labels={c: float(c == label) for c in CCII_CLASSES}, target=label, ndim=3,
         )
 
-    return AdapterResult(ctx.rows(table, parse), CARVE)
+    return AdapterResult(ctx.rows(table, parse), CARVE, stratify=True)

@@ -37,7 +37,8 @@ def _annotations(root: Path, ctx: ReadContext) -> tuple[CsvTable, list[tuple[int
 @ADAPTERS.register("luna16")
 def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
     """One 3D record per series with its nodules (`points`, RAS mm) and label nodule 1 / 0; an
-    annotation outside its volume or of a series with no volume is a DataError on its line."""
+    annotation outside its volume or of a series with no volume is a DataError on its line. Carved
+    per patient, stratified by label."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
     table, annotations = _annotations(root, ctx)
     geometry, points = {}, {uid: [] for uid in headers}
@@ -71,4 +72,4 @@ def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
             labels={"nodule": float(bool(nodules))}, target="nodule" if nodules else "normal",
             points=nodules, ndim=3,
         ))
-    return AdapterResult(records, CARVE)
+    return AdapterResult(records, CARVE, stratify=True)
