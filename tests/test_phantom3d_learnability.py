@@ -3,6 +3,7 @@ values on hand-made inputs, and a tiny run yields one finite row per task."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -42,6 +43,45 @@ def test_slice_targets_are_max_pooled_when_the_input_has_fewer_slices(bench) -> 
     assert any(k ^ 1 not in hit for k in hit)  # an input slice whose pair of slices is only half hit
     np.testing.assert_array_equal(np.flatnonzero(sample.slices), expected)
     assert set(np.unique(sample.slices)) == {0.0, 1.0}  # hard targets, not the share of slices hit
+
+
+def test_nodule_centres_follow_the_resize_to_the_input(bench) -> None:
+    cfg = CTConfig(shape=(32, 64, 64))
+    enrich = {"nodule": 1.0}
+    study = generate_ct_study(cfg, 0, "t", 0, site="lidc_a", enrich=enrich)
+    centres = np.array([lesion.centre_voxel for lesion in study.lesions if lesion.name == "nodule"])
+    same = bench.make_sample(bench.Job(cfg, 0, "t", 0, "lidc_a", enrich, (32, 64, 64), bench.LUNG_WINDOW))
+    half = bench.make_sample(bench.Job(cfg, 0, "t", 0, "lidc_a", enrich, (16, 32, 32), bench.LUNG_WINDOW))
+    assert len(centres) >= 1
+    np.testing.assert_allclose(same.nodules, centres, atol=1e-5)
+    np.testing.assert_allclose(half.nodules, (centres + 0.5) / 2 - 0.5, atol=1e-5)
+    for centre in same.nodules:  # a nodule is denser than the lung around it
+        core = same.image[0][tuple(np.round(centre).astype(int))]
+        assert core > np.median(bench.crop(same.image, centre))
+
+
+def test_nodule_patches_hold_jittered_nodules_and_negatives_clear_of_them(bench) -> None:
+    image = np.zeros((1, 16, 32, 32), np.float32)
+    image[0, 8, 10, 20] = 1.0  # the nodule's centre voxel
+    with_nodule = bench.Sample(image, np.zeros((16, 32, 32), np.uint8), 0, 1, np.zeros(16, np.float32),
+                               np.array([[8.0, 10.0, 20.0]], np.float32))
+    without = dataclasses.replace(with_nodule, nodule=0, nodules=np.zeros((0, 3), np.float32))
+    x, y = bench.nodule_patches([with_nodule, without], seed=0)
+    assert x.shape[1:] == (1, *bench.NODULE_PATCH)
+    assert int(y.sum()) == bench.NODULE_CROPS
+    assert (x[y == 1].amax((1, 2, 3, 4)) == 1.0).all()  # every jittered crop holds the centre
+    assert bench.NODULE_NEGATIVES < (y == 0).sum() <= 2 * bench.NODULE_NEGATIVES
+
+
+def test_windows_tile_the_volume_at_the_stride(bench) -> None:
+    image = np.random.default_rng(0).random((1, 8, 20, 24), np.float32)
+    out = bench.windows(image)
+    counts = [(n - p) // s + 1 for n, p, s in zip(image.shape[1:], bench.NODULE_PATCH, bench.WINDOW_STRIDE)]
+    assert out.shape == (int(np.prod(counts)), 1, *bench.NODULE_PATCH)
+    d, h, w = 1, 3, 2  # window index along each axis
+    corner = np.array((d, h, w)) * bench.WINDOW_STRIDE
+    expected = bench.crop(image, corner + bench.NODULE_PATCH / 2)
+    np.testing.assert_array_equal(out[(d * counts[1] + h) * counts[2] + w].numpy(), expected)
 
 
 def test_dice_of_identical_masks_is_one_and_of_disjoint_masks_zero(bench) -> None:
@@ -92,12 +132,13 @@ def test_tiny_run_gives_one_finite_row_per_task(bench) -> None:
                              "--shape", "16", "32", "32", "--input", "16", "32", "32",
                              "--epochs", "1", "--seg-epochs", "1", "--workers", "1"])
     header, rows, per_organ = bench.run(args)
-    assert [r.task for r in rows] == ["CC-CCII NCP/CP/Normal", "LUNA nodule yes/no", "slice cuts a finding",
-                                      "BCV organ segmentation"]
+    assert [r.task for r in rows] == ["CC-CCII NCP/CP/Normal", "LUNA nodule yes/no", "LUNA nodule yes/no, patches",
+                                      "slice cuts a finding", "BCV organ segmentation"]
     for r in rows:
         assert all(math.isfinite(v) for v in (r.trivial, r.random, r.supervised, r.seconds)), r
         assert 0.0 <= min(r.trivial, r.random, r.supervised) and max(r.trivial, r.random, r.supervised) <= 1.0
-    assert rows[0].counts == "8/8 vol" and rows[2].counts == "128/128 slices" and rows[3].counts == "3/2 vol"
+    assert rows[0].counts == "8/8 vol" and rows[3].counts == "128/128 slices" and rows[4].counts == "3/2 vol"
+    assert rows[2].counts.endswith(" patches/8 vol")
     assert per_organ.shape == (len(bench.ORGAN_NAMES),)
     lines = bench.table(rows).splitlines()
     assert len(lines) == 2 + len(rows) and all(r.task in text for r, text in zip(rows, lines[2:]))
