@@ -1,5 +1,7 @@
 """Seed aggregation and the ordering verdicts of `unimed ablate`."""
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -30,6 +32,18 @@ def test_welch_interval_matches_scipy() -> None:
     reference = stats.ttest_ind(better, worse, equal_var=False).confidence_interval(0.95)
     assert diff == pytest.approx(np.mean(better) - np.mean(worse))
     assert (lo, hi) == pytest.approx((reference.low, reference.high))
+
+
+def test_welch_interval_of_groups_without_spread_is_the_difference() -> None:
+    assert welch_interval([0.3, 0.3], [0.2, 0.2]) == pytest.approx((0.1, 0.1, 0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's precision-loss warning on nearly equal values
+        diff, lo, hi = welch_interval([0.1 + 0.2, 0.3, 0.3], [0.2, 0.2, 0.2])
+        assert lo == diff == hi == pytest.approx(0.1)
+        spread = [0.1, 0.2, 0.4]
+        diff, lo, hi = welch_interval([0.5, 0.5, 0.5 + 1e-17], spread)
+    half = stats.t.ppf(0.975, len(spread) - 1) * np.std(spread, ddof=1) / np.sqrt(len(spread))
+    assert (diff, lo, hi) == pytest.approx((0.5 - np.mean(spread), diff - half, diff + half))
 
 
 def _row(name: str, values: list[float]) -> dict:

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -257,13 +258,17 @@ def leaves(tree: object, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], fl
 
 
 def welch_interval(better: Sequence[float], worse: Sequence[float]) -> tuple[float, float, float]:
-    """Difference of means and its Welch 95 % interval (scipy's unequal-variance t-test); without
-    any spread in either group the interval is the difference itself."""
-    a, b = np.asarray(better, float), np.asarray(worse, float)
+    """Difference of means and its Welch 95 % interval (scipy's unequal-variance t-test). A group
+    whose seeds agree to float rounding (the same number summed in another order) counts as
+    having no spread; without spread in either group the interval is the difference itself."""
+    a, b = (np.asarray(g, float) for g in (better, worse))
+    a, b = (np.full_like(g, g.mean()) if np.allclose(g, g[0], rtol=1e-12, atol=0.0) else g for g in (a, b))
     diff = float(a.mean() - b.mean())
     if a.var() == 0.0 and b.var() == 0.0:
         return diff, diff, diff
-    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    with warnings.catch_warnings():  # scipy warns of precision loss on any group without spread
+        warnings.simplefilter("ignore", RuntimeWarning)
+        interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
     return diff, float(interval.low), float(interval.high)
 
 
