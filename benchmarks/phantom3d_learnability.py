@@ -343,13 +343,15 @@ def nodule_row(train_set: Sequence[Sample], test_set: Sequence[Sample], epochs: 
     y_test = stack(test_set, "nodule")
     torch.manual_seed(seed)
     model = small_cnn3d(1, per_slice=False)
-    features = nn.Sequential(model.body, model.pool)
+    features = copy.deepcopy(nn.Sequential(model.body, model.pool))  # frozen at the init
     probe = linear_probe(predict(features, x_train, batch=512).numpy(), y_train.numpy())
-    random = [probe.predict_proba(predict(features, windows(s.image), batch=512).numpy())[:, 1].max()
-              for s in test_set]
     train(model, x_train, y_train, nn.functional.binary_cross_entropy_with_logits, epochs=epochs, seed=seed,
           batch=64, lr=2e-3, flip=True)
-    supervised = [predict(model, windows(s.image), batch=512).max().item() for s in test_set]
+    random, supervised = [], []
+    for sample in test_set:  # a volume's windows are built once and scored by both
+        patches = windows(sample.image)
+        random.append(probe.predict_proba(predict(features, patches, batch=512).numpy())[:, 1].max())
+        supervised.append(predict(model, patches, batch=512).max().item())
     return Row("LUNA nodule yes/no, patches", "AUC", 0.5, roc_auc_score(y_test, random),
                roc_auc_score(y_test, supervised), f"{len(x_train)} patches/{len(test_set)} vol",
                time.perf_counter() - start)
