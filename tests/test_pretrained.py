@@ -233,3 +233,8 @@ def test_preset_encoders_read_each_run_with_the_presets_data(tiny_run: Path):
     own = _run_encoder(tiny_run)
     for (name, mine), theirs in zip(trained.model.state_dict().items(), own.model.state_dict().values()):
         assert torch.equal(mine, theirs), name
+    # two runs of one method: each its own name, so neither reads the other's cached features
+    first, second, init = preset_encoders(preset, [tiny_run, tiny_run], ("init",))
+    name = run_cfg.method.name
+    assert (first.name, second.name, init.name) == (f"{name}_1", f"{name}_2", "init")
+    assert first.label.endswith(" 1") and second.label.endswith(" 2")

@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,7 +78,9 @@ def preset_encoders(cfg: Config, checkpoints: Sequence[str | Path], baselines: t
                     overrides: Sequence[str] = ()) -> list:
     """:func:`build_encoders` for a preset without a checkpoint of its own (the settings-choice
     benchmarks): the trained `checkpoints`, each with its run's saved config (`overrides` applied)
-    and the preset's data section, then the `baselines` of the preset's method."""
+    and the preset's data section, then the `baselines` of the preset's method. Checkpoints of one
+    method are numbered in order ("medunic_1", "medunic_2"; labels too): an encoder's name keys its
+    cached features, so two runs of a method must not share one."""
     from unimed.train.checkpoint import checkpoint_config
 
     also = []
@@ -85,7 +88,14 @@ def preset_encoders(cfg: Config, checkpoints: Sequence[str | Path], baselines: t
         path = resolve_checkpoint(folder)
         run_cfg = load_config(checkpoint_config(path), list(overrides))
         also.append((dataclasses.replace(run_cfg, data=cfg.data), path))
-    return _encoders(cfg, also, baselines)
+    encoders = _encoders(cfg, also, baselines)
+    trained = encoders[:len(also)]
+    for name, count in Counter(encoder.name for encoder in trained).items():
+        if count > 1:
+            same = [encoder for encoder in trained if encoder.name == name]
+            for k, encoder in enumerate(same, 1):
+                encoder.name, encoder.label = f"{name}_{k}", f"{encoder.label} {k}"
+    return encoders
 
 
 def _resolve_trained(cfg: Config, checkpoint: str | Path | None,
