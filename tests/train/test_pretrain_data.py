@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -135,6 +137,40 @@ def test_cvl_views_original_is_unaugmented_and_light_only_crops():
         cvl_transform("heavy", 16, 20)
     with pytest.raises(ValueError, match="data.cvl_view"):
         DataConfig(cvl_view="heavy")
+
+
+def test_ssv_jitter_varies_brightness_contrast_and_sharpness_of_the_ssv_view_only(tmp_path, tokenizer):
+    flat = np.full((30, 40), 0.5, dtype=np.float32)
+    paper = pretrain_transform(16, 20, rotation=0.0, flip_p=0.0, autocontrast_p=0.0)
+    jittered = pretrain_transform(16, 20, rotation=0.0, flip_p=0.0, autocontrast_p=0.0, jitter=0.4)
+    means = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        assert torch.allclose(paper(flat), torch.full((3, 16, 16), 0.5))
+        torch.manual_seed(seed)
+        means.append(float(jittered(flat).mean()))
+    assert min(means) < 0.45 and max(means) > 0.55  # brightness factors span [0.6, 1.4]
+    assert all(0.3 - 1e-6 <= m <= 0.7 + 1e-6 for m in means)
+    edge = np.zeros((30, 40), dtype=np.float32)
+    edge[:, 20:] = 1.0
+    blur_only = pretrain_transform(16, 20, rotation=0.0, flip_p=0.0, autocontrast_p=0.0, jitter=1e-6)
+    sharp = eval_transform(16, 20)(edge)
+    steps = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        steps.append(float(blur_only(edge).diff(dim=-1).abs().max()))
+    assert min(steps) < 0.5 * float(sharp.diff(dim=-1).abs().max())  # blurred in some draws
+    assert max(steps) > 0.9 * float(sharp.diff(dim=-1).abs().max())  # and not in others
+    with pytest.raises(ValueError, match="data.ssv_jitter"):
+        DataConfig(ssv_jitter=1.0)
+
+    records = write_records(tmp_path)
+    plain = build_pretrain_dataset(records, tokenizer, CFG)
+    jitter = build_pretrain_dataset(records, tokenizer, dataclasses.replace(CFG, ssv_jitter=0.4))
+    key = (3, sample_seed(0, 0, 3))
+    a, b = plain[key], jitter[key]
+    assert torch.equal(a["image"], b["image"])  # the view paired with the report is untouched
+    assert not torch.equal(a["image_aug"], b["image_aug"])
 
 
 def _communities(n: int) -> list[int]:

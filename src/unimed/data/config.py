@@ -18,7 +18,9 @@ class DataConfig:
     `rotation` is the largest random rotation of a pre-training view in degrees (paper: 180).
     `cvl_view` is the view paired with the report: "original" (unaugmented, as the paper and the
     authors' code), "light" (random crop only) or "paper" (the SSV augmentations). The SSV view always
-    gets the full set. `batch_composition` is "mixed" (batches drawn across communities) or
+    gets the full set, plus grey-level distortion of strength `ssv_jitter` when it is above 0
+    (brightness / contrast jitter and blur, :func:`unimed.data.transforms.pretrain_transform`; 0: the
+    paper's set). `batch_composition` is "mixed" (batches drawn across communities) or
     "community" (every global batch from one community: one language at one site), so the
     contrastive negatives cannot be told apart by language or acquisition alone.
     `text_datasets` are the report corpora of the text stages (`unimed vocab`, `unimed mlm`; empty:
@@ -38,6 +40,7 @@ class DataConfig:
     resize_size: int = 256
     rotation: float = 180.0
     cvl_view: str = "original"
+    ssv_jitter: float = 0.0
     batch_composition: str = "mixed"
     max_length: int = 128
     num_workers: int = 0
@@ -61,6 +64,8 @@ class DataConfig:
                 raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
         if self.cvl_view not in CVL_VIEWS:
             raise ValueError(f"data.cvl_view must be one of {', '.join(CVL_VIEWS)}, got {self.cvl_view!r}")
+        if not 0.0 <= self.ssv_jitter < 1.0:
+            raise ValueError(f"data.ssv_jitter must be in [0, 1), got {self.ssv_jitter}")
         if self.batch_composition not in BATCH_COMPOSITIONS:
             raise ValueError(
                 f"data.batch_composition must be one of {', '.join(BATCH_COMPOSITIONS)}, "

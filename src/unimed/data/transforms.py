@@ -58,15 +58,28 @@ def pretrain_transform(
     rotation: float = 180.0,
     flip_p: float = 0.5,
     autocontrast_p: float = 0.5,
+    jitter: float = 0.0,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> v2.Compose:
     """Random augmentation of one view: resize -> random crop -> flip -> rotation -> autocontrast.
 
-    Uses the global torch RNG (as torchvision does); seed it per sample for reproducible views.
+    `jitter` > 0 then adds grey-level distortion: brightness and contrast factors drawn from
+    [1 - jitter, 1 + jitter] and, with probability 0.5, a Gaussian blur of sigma 0.1-2.0 with a
+    kernel a tenth of the image side (at least 3) (SimCLR's colour distortion without hue and saturation, which
+    a grey image does not have). Uses the global torch RNG (as torchvision does); seed it per sample
+    for reproducible views.
     """
     if image_size > resize_size:
         raise ValueError(f"image_size {image_size} is larger than resize_size {resize_size}")
+    if not 0.0 <= jitter < 1.0:
+        raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+    distortion: list[v2.Transform] = []
+    if jitter > 0:
+        distortion = [
+            v2.ColorJitter(brightness=jitter, contrast=jitter),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=max(3, image_size // 20 * 2 + 1), sigma=(0.1, 2.0))], p=0.5),
+        ]
     return v2.Compose([
         v2.Lambda(to_tensor_image),
         v2.Resize((resize_size, resize_size), antialias=True),
@@ -74,6 +87,7 @@ def pretrain_transform(
         v2.RandomHorizontalFlip(p=flip_p),
         v2.RandomRotation(degrees=(0.0, rotation)),
         v2.RandomAutocontrast(p=autocontrast_p),
+        *distortion,
         *_finish(mean, std),
     ])
 
