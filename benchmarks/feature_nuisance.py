@@ -4,10 +4,10 @@ For each encoder and each linear-probe dataset (`eval.linear_probe.datasets`), t
 of the training split (F_v, as the linear probe reads them) are standardised per dimension, as
 the probe standardises them. The table prints the share of their total variance that a
 least-squares fit on six intensity statistics of each image explains (mean, standard deviation,
-5th / 50th / 95th percentile, mean absolute Laplacian: brightness, contrast and noise or sharpness,
-which the SSV views share unless `data.ssv_jitter` varies them). It also prints that share over the
-ten leading principal components, where a probe trained on a few images mostly looks, and the
-share the probe's own labels explain, one indicator per class. Only training images are read.
+5th / 50th / 95th percentile, mean absolute Laplacian: brightness, contrast and noise or
+sharpness). It also prints that share over the ten leading principal components, where a probe
+trained on a few images mostly looks, and the share the probe's own labels explain, one indicator
+per class. Only training images are read.
 Run from the repository root:
 
     python benchmarks/feature_nuisance.py configs/demo.yaml \\
