@@ -29,7 +29,7 @@ from unimed.commands.evaluate import preset_encoders
 from unimed.commands.tables import print_table
 from unimed.config import load_config
 from unimed.eval.data import EvalData
-from unimed.eval.linear_probe import PROBE_TARGETS, label_target, targets
+from unimed.eval.linear_probe import PROBE_TARGETS, label_target, standardiser, targets
 from unimed.eval.tasks import TaskContext
 
 LEADING_COMPONENTS = 10
@@ -52,11 +52,6 @@ def explained_share(predictors: torch.Tensor, features: torch.Tensor) -> float:
     design = predictors - predictors.mean(0)
     fitted = design @ torch.linalg.lstsq(design, centred).solution
     return float(fitted.pow(2).sum() / centred.pow(2).sum())
-
-
-def standardise(features: torch.Tensor) -> torch.Tensor:
-    """Per-dimension z-scores, as the linear probe standardises its features."""
-    return (features - features.mean(0)) / features.std(0, unbiased=False).clamp_min(1e-6)
 
 
 def leading_components(features: torch.Tensor, k: int = LEADING_COMPONENTS) -> torch.Tensor:
@@ -85,17 +80,20 @@ def main() -> None:
     baselines = tuple(b for b in args.baselines.split(",") if b)
     encoders = preset_encoders(cfg, args.checkpoint, baselines, args.overrides)
     names = list(args.checkpoint) + [encoder.label for encoder in encoders[len(args.checkpoint):]]
+    predictors = {}  # dataset: (intensity statistics, label indicators) of its training images
+    for dataset in cfg.eval.linear_probe.datasets:
+        records = ctx.data.require(dataset, "train")
+        target = PROBE_TARGETS.get(dataset) or label_target(records, dataset)
+        predictors[dataset] = (intensity_statistics(ctx.data.images(dataset, "train")),
+                               label_matrix(targets(records, target, dataset)))
     rows = []
     for name, encoder in zip(names, encoders):
-        for dataset in cfg.eval.linear_probe.datasets:
-            records = ctx.data.require(dataset, "train")
-            target = PROBE_TARGETS.get(dataset) or label_target(records, dataset)
-            stats = intensity_statistics(ctx.data.images(dataset, "train"))
-            z = standardise(ctx.image_features(encoder, dataset, "train", "pooled"))
-            rows.append([name, dataset, len(records),
-                         f"{100 * explained_share(stats, z):.1f}",
+        for dataset, (stats, labels) in predictors.items():
+            features = ctx.image_features(encoder, dataset, "train", "pooled")
+            z = standardiser(features)(features)
+            rows.append([name, dataset, len(z), f"{100 * explained_share(stats, z):.1f}",
                          f"{100 * explained_share(stats, leading_components(z)):.1f}",
-                         f"{100 * explained_share(label_matrix(targets(records, target, dataset)), z):.1f}"])
+                         f"{100 * explained_share(labels, z):.1f}"])
             print(" | ".join(map(str, rows[-1])), flush=True)
     print_table("Share of the standardised pooled-feature variance explained (%), training splits",
                 ["Encoder", "Dataset", "images", "intensity", f"intensity, top {LEADING_COMPONENTS} PCs",

@@ -31,7 +31,7 @@ def test_explained_share_matches_a_least_squares_fit_and_ranks_components():
         assert abs(share - expected) < 1e-9
         assert module.explained_share(torch.from_numpy(stats), torch.from_numpy(features[:, :1])) > 0.999
         scores = module.leading_components(torch.from_numpy(features), k=2)
-        z = module.standardise(torch.from_numpy(features))
+        z = module.standardiser(torch.from_numpy(features))(torch.from_numpy(features))
     eigen = np.sort(np.linalg.eigvalsh(np.cov(features.T)))[::-1]
     np.testing.assert_allclose(scores.numpy().var(0, ddof=1), eigen[:2], rtol=1e-9)
     np.testing.assert_allclose(z.numpy().std(0), 1.0, rtol=1e-6)

@@ -246,10 +246,11 @@ def build_pretrain_dataset(
     records: Sequence[Record], tokenizer: Any, cfg: DataConfig, *, seed: int = 0
 ) -> PretrainDataset:
     """The dataset at the config's sizes: `data.cvl_view` for the view paired with the report, the
-    paper's augmentations (and `data.ssv_jitter`) for the SSV view. JPEGs are decoded at the smallest DCT scale that
-    still covers `data.resize_size` (both views start by resizing to it)."""
+    paper's augmentations (and `data.ssv_jitter`) for the SSV view. JPEGs are decoded at the
+    smallest DCT scale that still covers `data.resize_size` (both views start by resizing to it)."""
     transform = cvl_transform(cfg.cvl_view, cfg.image_size, cfg.resize_size, rotation=cfg.rotation)
-    aug = pretrain_transform(cfg.image_size, cfg.resize_size, rotation=cfg.rotation, jitter=cfg.ssv_jitter)
+    aug = pretrain_transform(cfg.image_size, cfg.resize_size, rotation=cfg.rotation,
+                             jitter=cfg.ssv_jitter)
     return PretrainDataset(records, tokenizer, max_length=cfg.max_length, transform=transform,
                            aug_transform=aug, seed=seed, on_error=cfg.on_error,
                            image_loader=functools.partial(load_image, min_side=cfg.resize_size))

@@ -66,9 +66,9 @@ def pretrain_transform(
 
     `jitter` > 0 then adds grey-level distortion: brightness and contrast factors drawn from
     [1 - jitter, 1 + jitter] and, with probability 0.5, a Gaussian blur of sigma 0.1-2.0 with a
-    kernel a tenth of the image side (at least 3) (SimCLR's colour distortion without hue and saturation, which
-    a grey image does not have). Uses the global torch RNG (as torchvision does); seed it per sample
-    for reproducible views.
+    kernel a tenth of the image side, at least 3 (SimCLR's colour distortion without hue and
+    saturation, which a grey image does not have). Uses the global torch RNG (as torchvision does);
+    seed it per sample for reproducible views.
     """
     if image_size > resize_size:
         raise ValueError(f"image_size {image_size} is larger than resize_size {resize_size}")
@@ -76,10 +76,8 @@ def pretrain_transform(
         raise ValueError(f"jitter must be in [0, 1), got {jitter}")
     distortion: list[v2.Transform] = []
     if jitter > 0:
-        distortion = [
-            v2.ColorJitter(brightness=jitter, contrast=jitter),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=max(3, image_size // 20 * 2 + 1), sigma=(0.1, 2.0))], p=0.5),
-        ]
+        blur = v2.GaussianBlur(kernel_size=max(3, image_size // 20 * 2 + 1), sigma=(0.1, 2.0))
+        distortion = [v2.ColorJitter(brightness=jitter, contrast=jitter), v2.RandomApply([blur], p=0.5)]
     return v2.Compose([
         v2.Lambda(to_tensor_image),
         v2.Resize((resize_size, resize_size), antialias=True),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -159,6 +159,13 @@ def train_probe(
     return layer
 
 
+def standardiser(reference: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-dimension z-scores with the mean and (biased) standard deviation of (N, D) `reference`,
+    the probe's training features; a dimension without spread is divided by 1e-6."""
+    mean, std = reference.mean(0), reference.std(0, unbiased=False).clamp_min(1e-6)
+    return lambda x: (x - mean) / std
+
+
 def probe_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict:
     """One dataset's probe at every configured label fraction."""
     target = PROBE_TARGETS.get(dataset) or label_target(ctx.data.require(dataset, "train"), dataset)
@@ -182,9 +189,8 @@ def probe_fractions(ctx: TaskContext, split_x: dict[str, torch.Tensor], split_y:
 
     def fit_and_score(index: np.ndarray, label: str) -> Estimate:
         subset = torch.from_numpy(index)
-        x_train = split_x["train"][subset]
-        mean, std = x_train.mean(0), x_train.std(0, unbiased=False).clamp_min(1e-6)
-        norm = {s: (x - mean) / std for s, x in split_x.items()}
+        scale = standardiser(split_x["train"][subset])
+        norm = {s: scale(x) for s, x in split_x.items()}
         layer = train_probe((norm["train"][subset], split_y["train"][subset]),
                             (norm["valid"], split_y["valid"]), target.metric, ctx.cfg.linear_probe,
                             ctx.cfg.seed)
