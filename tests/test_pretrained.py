@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import unimed
 from test_cli import TINY, _tiny_english_bert
 from unimed.cli import main
-from unimed.config import load_config
+from unimed.config import ConfigError, load_config
 from unimed.eval.prompts import load_prompts
 from unimed.phantom.writers.dicom import dicom_ids, write_dicom
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint
@@ -238,3 +238,17 @@ def test_preset_encoders_read_each_run_with_the_presets_data(tiny_run: Path):
     name = run_cfg.method.name
     assert (first.name, second.name, init.name) == (f"{name}_1", f"{name}_2", "init")
     assert first.label.endswith(" 1") and second.label.endswith(" 2")
+
+
+def test_preset_encoders_without_baselines_need_no_mlm_output_of_the_preset(tiny_run: Path):
+    """The settings-choice benchmarks with no baselines evaluate trained runs only: the preset's
+    own run folder (its MLM output, the baselines' text encoder) need not exist."""
+    from unimed.commands.evaluate import preset_encoders
+
+    preset = load_config(checkpoint_config(find_checkpoint(tiny_run)),
+                         ["run.name=never_trained", "method.text.encoder=null"])
+    assert not (preset.run.dir / "mlm").exists()
+    (trained,) = preset_encoders(preset, [tiny_run], ())
+    assert trained.name == load_config(checkpoint_config(find_checkpoint(tiny_run))).method.name
+    with pytest.raises(ConfigError, match="no text encoder"):
+        preset_encoders(preset, [tiny_run], ("init",))

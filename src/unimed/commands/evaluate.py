@@ -120,6 +120,8 @@ def _encoders(cfg: Config, trained: Sequence[tuple[Config, Path]], baselines: tu
                       max_length=run_cfg.data.max_length, for_inference=True)
         for run_cfg, weights in trained
     ]
+    if not baselines:  # the baselines' text encoder (this run's MLM output) is not needed
+        return encoders
     common = dict(text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg),
                   seed=cfg.run.seed, max_length=cfg.data.max_length, for_inference=True)
     image_cfg = cfg.method.image
