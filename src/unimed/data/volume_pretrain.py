@@ -6,7 +6,7 @@ convention (:func:`unimed.data.volumes.axial_slices`, the same view the 3D evalu
 encoder), HU-windowed to [0, 1], with its tokenised report. A volume that cannot be read is replaced
 like an unreadable X-ray (:class:`unimed.data.pretrain.PretrainDataset`: the next readable record of
 its community, the error carried in the item). With a cache folder (``data.volume_cache``) each
-prepared input is read from the source once and from :class:`unimed.data.volume_cache.VolumeCache`
+prepared input is read from the source once and from :class:`unimed.data.prepared_cache.PreparedCache`
 after that.
 """
 
@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 from unimed.data.errors import DataError, UNREADABLE_IMAGE
 from unimed.data.pretrain import PretrainDataset, SampleKey, error_fields
 from unimed.data.records import Record
-from unimed.data.volume_cache import VolumeCache
+from unimed.data.prepared_cache import PreparedCache
 from unimed.data.volumes import axial_slices, read_volume
 
 
@@ -45,14 +45,14 @@ def cache_tag(shape: Sequence[int], window: tuple[float, float]) -> str:
 class VolumePretrainDataset(PretrainDataset):
     """Volume-report pairs; items are dicts: volume (1, D, H, W) in [0, 1], input_ids, language,
     site, index (and the error fields). No augmentation (the paper states none for CT). `cache`: a
-    folder of prepared inputs (:class:`~unimed.data.volume_cache.VolumeCache`), or None."""
+    folder of prepared inputs (:class:`~unimed.data.prepared_cache.PreparedCache`), or None."""
 
     def __init__(self, records: Sequence[Record], tokenizer: Any, *, max_length: int,
                  shape: Sequence[int], window: tuple[float, float], seed: int = 0,
                  on_error: str = "raise", cache: str | Path | None = None) -> None:
         loader = functools.partial(load_volume_slices, shape=tuple(shape), window=tuple(window))
         if cache is not None:
-            loader = functools.partial(VolumeCache(cache, cache_tag(shape, window)).load, prepare=loader)
+            loader = functools.partial(PreparedCache(cache, cache_tag(shape, window)).load, prepare=loader)
         super().__init__(records, tokenizer, max_length=max_length, transform=torch.as_tensor,
                          seed=seed, image_loader=loader, on_error=on_error)
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from unimed.data.config import DataConfig
 from unimed.data.prior import PriorCollator, PriorPretrainDataset, filter_by_sentences
-from unimed.data.pretrain import build_pretrain_loader
+from unimed.data.pretrain import build_pretrain_loader, image_loader
 from unimed.data.records import Record
 from unimed.data.transforms import prior_transform
 from unimed.losses.prior import PriorLoss
@@ -89,11 +89,14 @@ class PriorMethod(Method):
                       batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                       pin_memory: bool = False) -> dict[str, DataLoader]:
         """Reports with >= `method.min_sentences` sentences, shuffled sentence order, PRIOR's
-        resize + affine + flip view at `method.image_size`."""
+        resize + affine + flip view at `method.image_size`; images decoded at full size, through
+        ``data.image_cache`` when set."""
         kept = filter_by_sentences(records, self.cfg.min_sentences)
+        size = self.cfg.image_size
         dataset = PriorPretrainDataset(kept, tokenizer, max_length=data.max_length,
-                                       transform=prior_transform(self.cfg.image_size), seed=seed,
-                                       on_error=data.on_error)
+                                       transform=prior_transform(size), seed=seed,
+                                       on_error=data.on_error,
+                                       image_loader=image_loader(data, None, size))
         loader = build_pretrain_loader(
             dataset, data, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
             pin_memory=pin_memory, collate_fn=PriorCollator(tokenizer.pad_token_id))

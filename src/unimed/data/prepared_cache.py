@@ -1,0 +1,98 @@
+"""A persistent on-disk cache of prepared inputs, for the pre-training loaders.
+
+Reading a CT volume means decompressing a NIfTI file of a few hundred slices, orienting it and
+resizing it, about a second per volume on one core at the size of BIMCV-COVID19+; decoding a
+MIMIC-CXR-sized JPEG takes about 9 ms even at its smallest useful DCT scale (both measured by
+``benchmarks/data_pipeline.py``). What the loader needs of a file is the same every epoch (a CT
+volume's fixed-size input, since volumes get no augmentation; an X-ray's decoded image, which the
+augmentations then start from), so each prepared array is written once as a ``.npy`` file
+(bit-identical to a fresh read) and read back from then on: ``data.volume_cache`` for the 3D loader,
+``data.image_cache`` for the X-ray loaders.
+
+An entry is keyed by the source file's resolved path, size and modification time, and by a tag
+that names the preparation (a volume's shape and HU window, an image's decoding scale): a changed
+file or a different preset never reads a stale entry. Entries are written to a temporary name and
+renamed into place, so loader workers and ranks that prepare the same file at once cannot leave a
+half-written entry. An entry that cannot be read (a truncated file, say) is prepared again from its
+source and rewritten, with a warning naming it. A source that cannot be read raises its
+:class:`~unimed.data.errors.DataError` as without a cache, and nothing is written for it. A write
+that fails (a full disk, say) is said once; that process then reads from the cache what is there
+and writes no more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from unimed.data.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "1"
+"""Bumped when the preparation of an entry changes in a way its tag does not say."""
+
+
+class PreparedCache:
+    """Prepared inputs under `folder`, one ``<hash>.npy`` per (source file, `tag`); `setting` is
+    the config key that named the folder and `what` the kind of source, for the messages."""
+
+    def __init__(self, folder: str | Path, tag: str, *, setting: str = "data.volume_cache",
+                 what: str = "volume") -> None:
+        self.folder = Path(folder)
+        self.tag = tag
+        self.setting, self.what = setting, what
+        self.writing = True  # until a write fails (a full disk, say): then reads only
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise DataError(f"{self.setting}: cannot write here ({err.strerror or err})",
+                            self.folder) from None
+
+    def entry(self, path: Path) -> Path | None:
+        """The cache file of `path`, or None when `path` cannot be stat'ed (the reader says why)."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = "\0".join((FORMAT, str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), self.tag))
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
+
+    def load(self, path: str | Path, prepare: Callable[[Path], np.ndarray]) -> np.ndarray:
+        """The prepared input of `path`: read from the cache, or `prepare(path)` then cached."""
+        path = Path(path)
+        entry = self.entry(path)
+        if entry is None:
+            return prepare(path)
+        try:
+            return np.load(entry, allow_pickle=False)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, EOFError) as err:
+            log.warning("%s cache entry %s of %s is unreadable (%s); preparing it again",
+                        self.what, entry, path, err)
+        array = prepare(path)
+        if self.writing:
+            self._write(entry, array)
+        return array
+
+    def _write(self, entry: Path, array: np.ndarray) -> None:
+        tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+            os.replace(tmp, entry)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            self.writing = False
+            log.warning("%s cache entry %s not written (%s); this process writes no more entries "
+                        "to %s and reads its other %ss from their sources", self.what, entry,
+                        err.strerror or err, self.folder, self.what)
