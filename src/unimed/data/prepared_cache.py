@@ -4,13 +4,13 @@ Reading a CT volume means decompressing a NIfTI file of a few hundred slices, or
 resizing it, about a second per volume on one core at the size of BIMCV-COVID19+; decoding a
 MIMIC-CXR-sized JPEG takes about 9 ms even at its smallest useful DCT scale (both measured by
 ``benchmarks/data_pipeline.py``). What the loader needs of a file is the same every epoch (a CT
-volume's fixed-size input, since volumes get no augmentation; an X-ray's decoded image, which the
-augmentations then start from), so each prepared array is written once as a ``.npy`` file
+volume's fixed-size input, since volumes get no augmentation; an X-ray decoded and resized as the
+augmented views start from it), so each prepared array is written once as a ``.npy`` file
 (bit-identical to a fresh read) and read back from then on: ``data.volume_cache`` for the 3D loader,
 ``data.image_cache`` for the X-ray loaders.
 
 An entry is keyed by the source file's resolved path, size and modification time, and by a tag
-that names the preparation (a volume's shape and HU window, an image's decoding scale): a changed
+that names the preparation (a volume's shape and HU window, an image's decoding scale and size): a changed
 file or a different preset never reads a stale entry. Entries are written to a temporary name and
 renamed into place, so loader workers and ranks that prepare the same file at once cannot leave a
 half-written entry. An entry that cannot be read (a truncated file, say) is prepared again from its
