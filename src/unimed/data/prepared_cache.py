@@ -10,8 +10,8 @@ augmented views start from it), so each prepared array is written once as a ``.n
 ``data.image_cache`` for the X-ray loaders.
 
 An entry is keyed by the source file's resolved path, size and modification time, and by a tag
-that names the preparation (a volume's shape and HU window, an image's decoding scale and size): a changed
-file or a different preset never reads a stale entry. Entries are written to a temporary name and
+that names the preparation (a volume's shape and HU window, an image's decoding scale and size): a
+changed file or a different preset never reads a stale entry. Entries are written to a temporary name and
 renamed into place, so loader workers and ranks that prepare the same file at once cannot leave a
 half-written entry. An entry that cannot be read (a truncated file, say) is prepared again from its
 source and rewritten, with a warning naming it. A source that cannot be read raises its
