@@ -190,10 +190,12 @@ def loader_batches(method: Method, cfg: Config, device: torch.device,
 
 
 def timed_steps(name: str, cfg: Config, method: Method, loader: str, batch: dict[str, Any],
-                steps: int, device: torch.device, out_dir: Path, peak: float) -> list:
+                steps: int, device: torch.device, out_dir: Path, peak: float,
+                profile: int = 0) -> list:
     """One table row: `steps` timed fp16 steps of `method` on `batch` as loader `loader`, after
-    one warm-up step whose FLOPs are counted."""
-    trainer = trainer_for(cfg, device, {loader: [batch] * (steps + 2)}, out_dir / loader,
+    one warm-up step whose FLOPs are counted; with `profile`, one more step profiled and its top
+    `profile` ops printed (by self device time on CUDA)."""
+    trainer = trainer_for(cfg, device, {loader: [batch] * (steps + 3)}, out_dir / loader,
                           method=method)
     trainer.net.train()
     it = trainer._epoch_batches()
@@ -205,6 +207,10 @@ def timed_steps(name: str, cfg: Config, method: Method, loader: str, batch: dict
         row = trainer.train_step(it)
     synchronize(device)
     step_s = (time.perf_counter() - t0) / steps
+    if profile:
+        from pretrain_throughput import profile_step
+
+        print(f"--- {name}: one step, top ops ---\n{profile_step(trainer, it, profile, device)}")
     flops, size = counter.get_total_flops(), len(batch["input_ids"])
     return [name, cfg.method.image.encoder, size, f"{size / step_s:.1f}", f"{step_s * 1e3:.0f}",
             f"{flops / 1e12:.2f}", f"{flops / step_s / 1e12:.1f}", f"{flops / step_s / peak:.0%}",
@@ -224,7 +230,7 @@ def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
         for loader, batch in fixed.items():
             name = preset_name if len(fixed) == 1 else f"{preset_name} ({loader})"
             rows.append(timed_steps(name, cfg, method, loader, batch, steps, device,
-                                    out_dir / preset_name, peak or gemm))
+                                    out_dir / preset_name, peak or gemm, args.profile))
         del method
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -386,6 +392,8 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="run every check on the CPU at toy sizes (tests; numbers mean nothing)")
     parser.add_argument("--steps", type=int, default=5, help="timed fp16 steps per preset")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile one more step of each preset and print its top N ops")
     parser.add_argument("--only", nargs="+", choices=sorted(CHECKS), default=list(CHECKS),
                         help="run only these checks")
     args = parser.parse_args()

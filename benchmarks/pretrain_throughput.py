@@ -213,13 +213,18 @@ def build(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Trainer, 
     return trainer, dataclasses.replace(cfg, train=train, data=data)
 
 
-def profile_step(trainer: Trainer, batches: Any, top: int) -> str:
-    """Top ops by self CPU time of one training step."""
+def profile_step(trainer: Trainer, batches: Any, top: int,
+                 device: torch.device = torch.device("cpu")) -> str:
+    """Top ops of one training step by self CPU time, or on CUDA by self device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         trainer.train_step(batches)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)
 
 
 def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -248,7 +253,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rows = [trainer.train_step(batches) for _ in range(args.steps)]
-        table = profile_step(trainer, batches, args.profile_top) if args.profile else ""
+        table = profile_step(trainer, batches, args.profile_top, device) if args.profile else ""
     peak = max(peak, gemm_peak(device, torch.float16 if amp else torch.float32))  # again, after
     total = sum(r["data_time"] + r["compute_time"] for r in rows)
     step_s = total / len(rows)
@@ -339,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"configuration {name} failed: {result!r}")
         results.append(result)
         if results[-1]["profile"]:
-            print(f"--- profile of one {name} step (top ops by self CPU time) ---")
+            by = "device" if args.device == "cuda" else "CPU"
+            print(f"--- profile of one {name} step (top ops by self {by} time) ---")
             print(results[-1]["profile"])
     print(" ".join(["python", *sys.argv]))
     print_table(results)

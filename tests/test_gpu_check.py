@@ -17,8 +17,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
 
 def test_gpu_check_dry_run_passes_every_check() -> None:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--steps", "1"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--steps", "1", "--profile", "3"],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for check in ("throughput", "fp32 GPU = CPU", "nccl", "evaluation"):
         assert f"[ok] {check}:" in done.stdout
@@ -26,7 +26,9 @@ def test_gpu_check_dry_run_passes_every_check() -> None:
     for row in ("medunic_resnet50", "medunic_vit_b16", "medunic_vit_l32", "prior_resnet50",
                 "unimedi_vit_b16 (xray)", "unimedi_vit_b16 (ct)"):
         assert f"{row} " in done.stdout.split("[ok] throughput:")[1].split("\n")[0]
-    assert "2-process gloo DDP step (fp32)" in done.stdout and "weights moved by up to" in done.stdout
+    assert done.stdout.count(": one step, top ops ---") == 6  # --profile: one table a row
+    assert "2-process gloo DDP step (fp32)" in done.stdout
+    assert "weights moved by up to" in done.stdout
 
 
 @pytest.mark.parametrize("name, tflops", [
