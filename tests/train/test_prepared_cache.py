@@ -19,6 +19,7 @@ import unimed.data.pretrain
 import unimed.data.volume_pretrain
 from unimed.data.config import DataConfig
 from unimed.data.errors import DataError
+from unimed.data.images import load_image
 from unimed.data.prepared_cache import PreparedCache
 from unimed.data.pretrain import CachedImageLoader, build_pretrain_dataset
 from unimed.data.volume_pretrain import VolumePretrainDataset, cache_tag, load_volume_slices
@@ -207,6 +208,21 @@ def test_priors_loader_reads_its_xrays_through_the_image_cache(tmp_path, image_r
     plain = create_method(TINY_METHODS["prior"], vocab_size=len(tokenizer)).build_loaders(
         records, tokenizer, DataConfig(max_length=16), batch_size=2)["train"].dataset
     assert all(torch.equal(plain[(i, 0)]["image"], items[i]) for i in range(4))
+
+
+def test_priors_loader_decodes_a_jpeg_at_the_scale_evaluation_reads_it(tmp_path):
+    """A 200 x 240 JPEG for PRIOR's 32-px view decodes at 1/4 scale (50 x 60), as `EvalData` and
+    Med-UniC's loader read it, not at full size."""
+    from test_methods import TINY_METHODS
+    from unimed.methods import create_method
+
+    records = _xray_records(tmp_path)
+    method = create_method(TINY_METHODS["prior"], vocab_size=len(make_tokenizer(tmp_path)))
+    dataset = method.build_loaders(records, make_tokenizer(tmp_path), DataConfig(max_length=16),
+                                   batch_size=2)["train"].dataset
+    got = dataset.image_loader(records[0].image_path)
+    assert got.shape == (50, 60)
+    assert np.array_equal(got, load_image(records[0].image_path, min_side=32))
 
 
 def test_a_failed_write_is_said_once_and_the_process_stops_writing(tmp_path, monkeypatch, caplog):

@@ -89,14 +89,15 @@ class PriorMethod(Method):
                       batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                       pin_memory: bool = False) -> dict[str, DataLoader]:
         """Reports with >= `method.min_sentences` sentences, shuffled sentence order, PRIOR's
-        resize + affine + flip view at `method.image_size`; images decoded at full size, through
-        ``data.image_cache`` when set."""
+        resize + affine + flip view at `method.image_size`; a JPEG decoded at its smallest DCT scale
+        that still covers that size, as evaluation reads it, through ``data.image_cache`` when
+        set."""
         kept = filter_by_sentences(records, self.cfg.min_sentences)
         size = self.cfg.image_size
         dataset = PriorPretrainDataset(kept, tokenizer, max_length=data.max_length,
                                        transform=prior_transform(size), seed=seed,
                                        on_error=data.on_error,
-                                       image_loader=image_loader(data, None, size))
+                                       image_loader=image_loader(data, size, size))
         loader = build_pretrain_loader(
             dataset, data, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
             pin_memory=pin_memory, collate_fn=PriorCollator(tokenizer.pad_token_id))
