@@ -234,6 +234,12 @@ def test_unknown_key_is_a_clean_error(preset: Path, capsys):
     assert "unknown config key 'phantom.studies'" in err and "mimic_studies" in err
 
 
+def test_a_train_value_out_of_range_is_one_line_before_any_work(preset: Path, capsys):
+    assert main(["pretrain", str(preset), "train.batch_size=0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "unimed: config error: train.batch_size must be >= 1, got 0"
+
+
 def test_overrides_may_follow_options_but_stray_words_fail(preset: Path, capsys):
     assert main(["phantom", str(preset), "--quiet", "phantom.studies=5"]) == 2
     assert "unknown config key 'phantom.studies'" in capsys.readouterr().err

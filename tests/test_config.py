@@ -70,6 +70,33 @@ def test_wrong_type_names_the_key():
         load_config(overrides=["train.epochs"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("phantom.mimic_studies=-1", "phantom.mimic_studies must be >= 0, got -1"),
+    ("phantom.control_studies=-1", "phantom.control_studies must be >= 0, got -1"),
+    ("phantom.seed=-1", "phantom.seed must be >= 0, got -1"),
+    ("phantom.image_size=4", "phantom.image_size must be >= 8, got 4"),
+    ("phantom.difficulty=0", "phantom.difficulty must be > 0, got 0.0"),
+    ("phantom.lateral_fraction=1.5", r"phantom.lateral_fraction must be in \[0, 1\], got 1.5"),
+    ("phantom.workers=0", "phantom.workers must be >= 1, got 0"),
+    ("phantom.ct.luna_studies=-1", "phantom.ct.luna_studies must be >= 0, got -1"),
+    ("phantom.ct.difficulty=-1", "phantom.ct.difficulty must be > 0, got -1.0"),
+    ("phantom.ct.shape=[4,64,64]", r"phantom.ct.shape must be 3 sizes >= 8 .* got \[4, 64, 64\]"),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("eval.seed=-1", "eval.seed must be >= 0, got -1"),
+    ("eval.linear_probe.epochs=0", "eval.linear_probe.epochs must be >= 1, got 0"),
+    ("eval.segmentation.lr=0", "eval.segmentation.lr must be > 0, got 0.0"),
+    ("eval.detection.score_thresh=2", r"eval.detection.score_thresh must be in \[0, 1\], got 2.0"),
+    ("eval.detection.fpn_channels=20", "eval.detection.fpn_channels must be a multiple of 16"),
+    ("eval.retrieval.ks=[0,5]", r"eval.retrieval.ks must be one or more ranks >= 1, got \[0, 5\]"),
+    ("eval.bias.folds=1", "eval.bias.folds must be >= 2, got 1"),
+    ("eval.gradcam.images_per_class=0", "eval.gradcam.images_per_class must be >= 1, got 0"),
+])
+def test_a_value_out_of_range_is_a_config_error_at_load(override, message):
+    """Caught when the preset is read, before any stage starts, and named by its key."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
 def test_missing_or_malformed_preset(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

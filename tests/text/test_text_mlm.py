@@ -142,6 +142,12 @@ def test_unknown_new_rows_rule_is_a_config_error(tiny_bert_dir, tiny_tokenizer_d
         train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
 
 
+def test_a_negative_max_grad_norm_is_named_as_the_mlm_key(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
+    cfg = MLMConfig(**{**TINY.__dict__, "max_grad_norm": -1.0})
+    with pytest.raises(ValueError, match="mlm.max_grad_norm must be >= 0"):
+        train_mlm(CORPUS, tiny_tokenizer_dir, cfg, tmp_path, base_model=tiny_bert_dir, progress=False)
+
+
 def test_extended_embeddings_keep_old_rows_and_draw_new_rows(tiny_bert_dir, tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     base = BertForMaskedLM.from_pretrained(str(tiny_bert_dir))

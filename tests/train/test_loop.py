@@ -241,6 +241,30 @@ def test_epoch_steps_caps_every_epoch_and_resumes_on_the_same_curve(tmp_path):
         tiny_cfg(epoch_steps=0)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("epochs", 0, "train.epochs must be >= 1, got 0"),
+    ("batch_size", 0, "train.batch_size must be >= 1, got 0"),
+    ("batch_size", -1, "train.batch_size must be >= 1, got -1"),
+    ("grad_accum", 0, "train.grad_accum must be >= 1, got 0"),
+    ("keep_checkpoints", 0, "train.keep_checkpoints must be >= 1, got 0"),
+    ("lr", -1.0, "train.lr must be > 0, got -1.0"),
+    ("eps", 0.0, "train.eps must be > 0, got 0.0"),
+    ("weight_decay", -0.1, "train.weight_decay must be >= 0, got -0.1"),
+    ("grad_clip", -1.0, "train.grad_clip must be >= 0, got -1.0"),
+    ("log_every", -1, "train.log_every must be >= 0, got -1"),
+    ("checkpoint_every", -1, "train.checkpoint_every must be >= 0, got -1"),
+    ("warmup_ratio", 2.0, r"train.warmup_ratio must be in \[0, 1\], got 2.0"),
+    ("min_lr_ratio", -1.0, r"train.min_lr_ratio must be in \[0, 1\], got -1.0"),
+    ("betas", (0.9,), r"train.betas must be two numbers in \[0, 1\), got \[0.9\]"),
+    ("betas", (0.9, 1.0), r"train.betas must be two numbers in \[0, 1\)"),
+    ("max_steps", 0, r"train.max_steps must be >= 1 \(or null\), got 0"),
+    ("precision", "fp8", "train.precision must be one of auto, fp32, fp16, bf16, got 'fp8'"),
+])
+def test_a_train_value_out_of_range_names_its_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_cfg(**{key: value})
+
+
 def _damage(step_dir, how: str) -> tuple[str, int]:
     """Damage the checkpoint in `step_dir` as `how` says; returns what the warning must name and
     the step of the newest intact checkpoint left."""

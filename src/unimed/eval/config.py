@@ -11,6 +11,7 @@ import dataclasses
 
 import snowballstemmer
 
+from unimed.bounds import check_bounds
 from unimed.text.stemming import NO_STEMMING
 
 TASK_NAMES: tuple[str, ...] = (
@@ -79,6 +80,10 @@ class LinearProbeConfig:
     patience: int = 20
     draws: int = 5
 
+    def __post_init__(self) -> None:
+        check_bounds("eval.linear_probe", self, positive=("lr",), non_negative=("weight_decay",),
+                     at_least_one=("epochs", "batch_size", "patience", "draws"))
+
 
 def check_image_size(task: str, size: int | None) -> None:
     """A dense task's own image side: None (the data's) or a positive multiple of 32, the deepest
@@ -140,6 +145,13 @@ class SegmentationConfig:
 
     def __post_init__(self) -> None:
         check_image_size("segmentation", self.image_size)
+        check_bounds("eval.segmentation", self, positive=("lr",),
+                     non_negative=("weight_decay", "focal_weight"),
+                     at_least_one=("epochs", "batch_size", "min_epoch_steps", "patience",
+                                   "min_stride"))
+        if not self.decoder_channels or min(self.decoder_channels) < 1:
+            raise ValueError("eval.segmentation.decoder_channels must be one or more widths >= 1, "
+                             f"got {list(self.decoder_channels)}")
         if not self.thresholds or not all(0.0 < t < 1.0 for t in self.thresholds):
             raise ValueError("eval.segmentation.thresholds must be probabilities strictly between 0 "
                              f"and 1, at least one, got {list(self.thresholds)}")
@@ -195,6 +207,16 @@ class DetectionConfig:
 
     def __post_init__(self) -> None:
         check_image_size("detection", self.image_size)
+        check_bounds("eval.detection", self, positive=("lr", "nms_thresh"),
+                     non_negative=("weight_decay",), unit_interval=("score_thresh", "nms_thresh"),
+                     at_least_one=("epochs", "batch_size", "min_epoch_steps", "patience",
+                                   "min_stride", "head_convs", "max_detections"))
+        if self.fpn_channels < 16 or self.fpn_channels % 16:
+            raise ValueError(f"eval.detection.fpn_channels must be a multiple of 16 (FCOS's "
+                             f"GroupNorm), got {self.fpn_channels}")
+        if not self.iou_thresholds or not all(0.0 < t < 1.0 for t in self.iou_thresholds):
+            raise ValueError("eval.detection.iou_thresholds must be one or more IoUs strictly between "
+                             f"0 and 1, got {list(self.iou_thresholds)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +235,9 @@ class RetrievalConfig:
     diagnostic_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.diagnostic_pairs < 1:
-            raise ValueError(f"eval.retrieval.diagnostic_pairs must be >= 1, got {self.diagnostic_pairs}")
+        check_bounds("eval.retrieval", self, at_least_one=("max_queries", "diagnostic_pairs"))
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"eval.retrieval.ks must be one or more ranks >= 1, got {list(self.ks)}")
         if self.diagnostic_batch_size < 2:
             raise ValueError("eval.retrieval.diagnostic_batch_size must be >= 2 (one positive, one "
                              f"negative), got {self.diagnostic_batch_size}")
@@ -229,6 +252,11 @@ class BiasConfig:
     knn_k: int = 10
     folds: int = 5
 
+    def __post_init__(self) -> None:
+        check_bounds("eval.bias", self, at_least_one=("samples_per_group", "knn_k"))
+        if self.folds < 2:
+            raise ValueError(f"eval.bias.folds must be >= 2, got {self.folds}")
+
 
 @dataclasses.dataclass(frozen=True)
 class GradCAMConfig:
@@ -238,6 +266,9 @@ class GradCAMConfig:
     classes: tuple[str, ...] = ("pleural effusion", "pneumothorax", "cardiomegaly", "consolidation")
     languages: tuple[str, ...] = ("en", "es")
     images_per_class: int = 2
+
+    def __post_init__(self) -> None:
+        check_bounds("eval.gradcam", self, at_least_one=("images_per_class",))
     prompt_dir: str = ""  # folder of <language>.yaml prompt files; empty = the packaged ones
 
 
@@ -486,14 +517,8 @@ class EvalConfig:
         bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
         if bad:
             raise ValueError(f"eval.fractions must lie in (0, 1], got {bad}")
-        if self.min_train_images < 1:
-            raise ValueError(f"eval.min_train_images must be >= 1, got {self.min_train_images}")
-        if self.batch_size < 1:
-            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
-        if self.workers < 1:
-            raise ValueError(f"eval.workers must be >= 1, got {self.workers}")
-        if self.linear_probe.draws < 1:
-            raise ValueError(f"eval.linear_probe.draws must be >= 1, got {self.linear_probe.draws}")
+        check_bounds("eval", self, at_least_one=("min_train_images", "batch_size", "workers"),
+                     non_negative=("seed",))
         if self.bootstrap_resamples < 10:
             raise ValueError(f"eval.bootstrap_resamples must be >= 10, got {self.bootstrap_resamples}")
         valid = (CORPUS_STEMMING, NO_STEMMING, *snowballstemmer.algorithms())
@@ -502,6 +527,3 @@ class EvalConfig:
                 raise ValueError(f"eval.prompt_stemming.{language} must be '{CORPUS_STEMMING}', "
                                  f"'{NO_STEMMING}' or a snowball algorithm ({', '.join(valid[2:])}), "
                                  f"got {algorithm!r}")
-        for name, section in (("segmentation", self.segmentation), ("detection", self.detection)):
-            if section.min_epoch_steps < 1:
-                raise ValueError(f"eval.{name}.min_epoch_steps must be >= 1, got {section.min_epoch_steps}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.bounds import check_bounds
 from unimed.phantom.ct.config import CTConfig
 
 
@@ -40,3 +41,10 @@ class PhantomConfig:
     lang_dir: str = ""  # folder of language packs; empty = the packaged phantom/lang
     sites_file: str = ""  # sites YAML; empty = the packaged phantom/sites.yaml
     ct: CTConfig = CTConfig()  # the 3D (CT) world, written only with phantom.ct.enabled
+
+    def __post_init__(self) -> None:
+        counts = [f.name for f in dataclasses.fields(self) if f.name.endswith("_studies")]
+        check_bounds("phantom", self, at_least_one=("workers",), positive=("difficulty",),
+                     non_negative=("seed", *counts), unit_interval=("lateral_fraction",))
+        if self.image_size < 8:
+            raise ValueError(f"phantom.image_size must be >= 8, got {self.image_size}")

@@ -54,8 +54,6 @@ def render_image(
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray | None, list[Box]]:
     """(image (S, S) float32 in [0, 1], pneumothorax mask or None, boxes) of one study."""
-    if cfg.difficulty <= 0:
-        raise ValueError(f"phantom.difficulty must be > 0, got {cfg.difficulty}")
     lateral = view == "LATERAL"
     frame = render_lateral(cfg.image_size, geometry) if lateral else render_frontal(cfg.image_size, geometry, view)
     canvas = Canvas(frame, rng, contrast=1.0 / cfg.difficulty, scale=cfg.difficulty ** -0.3)

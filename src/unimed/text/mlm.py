@@ -357,6 +357,8 @@ def _check_config(cfg: MLMConfig) -> None:
         raise ValueError(f"mlm.mask_prob must be in (0, 1), got {cfg.mask_prob}")
     if not 0.0 <= cfg.warmup_ratio <= 1.0:
         raise ValueError(f"mlm.warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if cfg.max_grad_norm < 0:
+        raise ValueError(f"mlm.max_grad_norm must be >= 0 (0: no clipping), got {cfg.max_grad_norm}")
     if cfg.new_rows not in NEW_ROWS:
         raise ValueError(f"mlm.new_rows must be one of {', '.join(NEW_ROWS)}, got {cfg.new_rows!r}")
     if cfg.trainable not in TRAINABLE:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.bounds import check_bounds
+
 LOADER_MIXES = ("alternate", "proportional")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,19 @@ class TrainConfig:
     loader_mix: str = "proportional"
 
     def __post_init__(self) -> None:
+        check_bounds("train", self,
+                     at_least_one=("epochs", "batch_size", "grad_accum", "keep_checkpoints"),
+                     positive=("lr", "eps"),
+                     non_negative=("weight_decay", "grad_clip", "log_every", "checkpoint_every",
+                                   "checkpoint_every_steps"),  # 0: no clipping, the period off
+                     unit_interval=("warmup_ratio", "min_lr_ratio"))
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1 (or null), got {self.max_steps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision!r}")
         if self.loader_mix not in LOADER_MIXES:
             raise ValueError(f"train.loader_mix must be one of {', '.join(LOADER_MIXES)}, got "
                              f"{self.loader_mix!r}")

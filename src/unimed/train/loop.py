@@ -34,14 +34,13 @@ from tqdm.auto import tqdm
 from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.image import to_channels_last
 from unimed.train import checkpoint as ckpt
-from unimed.train.config import LOADER_MIXES, TrainConfig
+from unimed.train.config import LOADER_MIXES, PRECISIONS, TrainConfig
 from unimed.train.distributed import DistInfo, barrier, gather_objects
 from unimed.train.logs import RunLogger
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclasses.dataclass
@@ -107,8 +106,6 @@ class Trainer:
         self.method = self._convert(method.to(dist.device))
         if cfg.channels_last:
             to_channels_last(self.method)
-        if cfg.grad_accum < 1:
-            raise ValueError(f"train.grad_accum must be >= 1, got {cfg.grad_accum}")
         self.schedule = mix_schedule([len(v) for v in self.loaders.values()], cfg.loader_mix)
         self.batches_per_epoch = len(self.schedule)
         self.steps_per_epoch = self.batches_per_epoch // cfg.grad_accum

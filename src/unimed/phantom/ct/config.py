@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.bounds import check_bounds
+
 
 @dataclasses.dataclass(frozen=True)
 class CTConfig:
@@ -24,3 +26,10 @@ class CTConfig:
     languages: tuple[str, ...] = ("es", "en")
     lang_dir: str = ""  # folder of CT language packs; empty = the packaged phantom/lang/ct
     sites_file: str = ""  # CT sites YAML; empty = the packaged phantom/ct/sites.yaml
+
+    def __post_init__(self) -> None:
+        counts = [f.name for f in dataclasses.fields(self) if f.name.endswith("_studies")]
+        check_bounds("phantom.ct", self, positive=("difficulty",), non_negative=counts)
+        if len(self.shape) != 3 or min(self.shape) < 8:
+            raise ValueError(f"phantom.ct.shape must be 3 sizes >= 8 (slices, rows, columns), got "
+                             f"{list(self.shape)}")

@@ -114,10 +114,6 @@ def generate_ct_study(
     (default: the site's first language) and in every language of `cfg.languages`."""
     if index < 0:
         raise ValueError(f"study index must be >= 0, got {index}")
-    if cfg.difficulty <= 0:
-        raise ValueError(f"phantom.ct.difficulty must be > 0, got {cfg.difficulty}")
-    if len(cfg.shape) != 3 or min(cfg.shape) < 8:
-        raise ValueError(f"phantom.ct.shape must be 3 sizes >= 8 (slices, rows, columns), got {cfg.shape}")
     where = ct_site_of(cfg, site)
     language = language or where.languages[0]
     if language not in where.languages:

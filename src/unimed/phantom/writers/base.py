@@ -89,8 +89,6 @@ class LayoutWriter(abc.ABC):
         own, control = self.count(), self.control_count()
         if own > CONTROL_START:
             raise ValueError(f"phantom.{self.count_field} = {own} exceeds {CONTROL_START}")
-        if control < 0:
-            raise ValueError(f"phantom.control_studies = {control} must be >= 0")
         return range(own), range(CONTROL_START, CONTROL_START + control)
 
     def site(self, index: int) -> str:
