@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.bounds import check_bounds
+
+# How the appended rows start (`mlm.new_rows`) and what the MLM stage trains (`mlm.trainable`).
+NEW_ROWS = ("random", "subword_mean", "subword_distilled", "lexicon")
+TRAINABLE = ("all", "new_rows")
+
 
 @dataclasses.dataclass(frozen=True)
 class VocabConfig:
@@ -21,6 +27,12 @@ class VocabConfig:
     language: str = "es"
     lowercase: bool = True
     min_term_length: int = 2
+
+    def __post_init__(self) -> None:
+        check_bounds("vocab", self, non_negative=("new_terms",), at_least_one=("min_term_length",))
+        if self.english_vocab_size < 5:
+            raise ValueError(f"vocab.english_vocab_size must be >= 5 (the special tokens), got "
+                             f"{self.english_vocab_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,3 +79,18 @@ class MLMConfig:
     new_rows: str = "random"
     lexicon: str = "es-en"
     trainable: str = "all"
+
+    def __post_init__(self) -> None:
+        check_bounds("mlm", self, at_least_one=("epochs", "batch_size", "grad_accum_steps",
+                                                "max_length", "log_every"),
+                     positive=("lr", "adam_eps"), non_negative=("weight_decay", "max_grad_norm"),
+                     unit_interval=("warmup_ratio",))
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"mlm.max_steps must be at least 1 (or null), got {self.max_steps}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mlm.mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.new_rows not in NEW_ROWS:
+            raise ValueError(f"mlm.new_rows must be one of {', '.join(NEW_ROWS)}, got {self.new_rows!r}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"mlm.trainable must be one of {', '.join(TRAINABLE)}, got "
+                             f"{self.trainable!r}")

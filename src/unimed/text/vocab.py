@@ -65,8 +65,6 @@ def build_cross_lingual_tokenizer(
     ``added_terms.txt`` (term<TAB>score), ``vocab_stats.json`` and the corpora's stemming record
     (``corpus_stemming.json``, see :mod:`unimed.text.stemming`) into ``out_dir``.
     """
-    if cfg.new_terms < 0 or cfg.english_vocab_size < len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab.new_terms must be >= 0 and vocab.english_vocab_size >= 5; got {cfg}")
     base_model = base_model if base_model is not None else cfg.base_model
     english = list(english_reports)
     if base_model is None or english:  # a base tokenizer supplies English: reports then optional
