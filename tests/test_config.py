@@ -90,6 +90,13 @@ def test_wrong_type_names_the_key():
     ("eval.retrieval.ks=[0,5]", r"eval.retrieval.ks must be one or more ranks >= 1, got \[0, 5\]"),
     ("eval.bias.folds=1", "eval.bias.folds must be >= 2, got 1"),
     ("eval.gradcam.images_per_class=0", "eval.gradcam.images_per_class must be >= 1, got 0"),
+    ("eval.volume_segmentation.weight_decay=-1",
+     "eval.volume_segmentation.weight_decay must be >= 0, got -1.0"),
+    ("run.seed=-1", "run.seed must be >= 0, got -1"),
+    ("data.split_seed=-1", "data.split_seed must be >= 0, got -1"),
+    ("data.rotation=270", r"data.rotation must be in \[0, 180\] degrees, got 270.0"),
+    ("vocab.new_terms=-1", "vocab.new_terms must be >= 0, got -1"),
+    ("mlm.hidden_size=0", "mlm.hidden_size must be >= 1, got 0"),
 ])
 def test_a_value_out_of_range_is_a_config_error_at_load(override, message):
     """Caught when the preset is read, before any stage starts, and named by its key."""

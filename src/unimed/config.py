@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from unimed.bounds import check_bounds
 from unimed.data.config import DataConfig
 from unimed.eval.config import EvalConfig
 from unimed.methods import METHODS, MethodConfig
@@ -41,6 +42,9 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bounds("run", self, non_negative=("seed",))
 
     @property
     def dir(self) -> Path:

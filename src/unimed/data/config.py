@@ -62,9 +62,11 @@ class DataConfig:
         for key in ("image_size", "resize_size", "max_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("min_report_tokens", "num_workers"):
+        for key in ("min_report_tokens", "num_workers", "split_seed"):
             if getattr(self, key) < 0:
                 raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.rotation <= 180.0:
+            raise ValueError(f"data.rotation must be in [0, 180] degrees, got {self.rotation}")
         if self.cvl_view not in CVL_VIEWS:
             raise ValueError(f"data.cvl_view must be one of {', '.join(CVL_VIEWS)}, got {self.cvl_view!r}")
         if not 0.0 <= self.ssv_jitter < 1.0:

@@ -383,8 +383,7 @@ class VolumeSegmentationConfig:
         bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
         if bad or not self.fractions:
             raise ValueError(f"eval.volume_segmentation.fractions must lie in (0, 1], got {list(self.fractions)}")
-        if not self.lr > 0:
-            raise ValueError(f"eval.volume_segmentation.lr must be > 0, got {self.lr}")
+        check_bounds("eval.volume_segmentation", self, positive=("lr",), non_negative=("weight_decay",))
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise ValueError("eval.volume_segmentation.window must be [low, high] HU with low < high, "
                              f"got {list(self.window)}")

@@ -81,8 +81,9 @@ class MLMConfig:
     trainable: str = "all"
 
     def __post_init__(self) -> None:
-        check_bounds("mlm", self, at_least_one=("epochs", "batch_size", "grad_accum_steps",
-                                                "max_length", "log_every"),
+        check_bounds("mlm", self, at_least_one=("hidden_size", "num_layers", "num_heads",
+                                                "intermediate_size", "epochs", "batch_size",
+                                                "grad_accum_steps", "max_length", "log_every"),
                      positive=("lr", "adam_eps"), non_negative=("weight_decay", "max_grad_norm"),
                      unit_interval=("warmup_ratio",))
         if self.max_steps is not None and self.max_steps < 1:
