@@ -15,6 +15,7 @@ from unimed.config import ConfigError, load_config
 from unimed.data.records import Record
 from unimed.eval import zero_shot
 from unimed.eval.config import EvalConfig
+from unimed.eval.errors import EvalError
 from unimed.eval.metrics import resample_indices
 from unimed.eval.prompts import load_prompts
 
@@ -84,12 +85,15 @@ def test_a_class_without_a_phrase_is_prompted_as_written_with_a_warning(caplog):
 
 
 def test_prompt_errors_name_the_file(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="languages with prompts there"):
+    with pytest.raises(EvalError, match="languages with prompts there"):
         load_prompts("fr")
     (tmp_path / "de.yaml").write_text("language: de\npositive: '{x}'\nnegative: 'Kein {disease}'\n"
                                       "classes: {edema: Ödem}\n")
-    with pytest.raises(ValueError, match="'positive' must contain"):
+    with pytest.raises(EvalError, match="'positive' must contain"):
         load_prompts("de", tmp_path)
+    (tmp_path / "it.yaml").write_text("language: it\npositive: [unclosed\n")
+    with pytest.raises(EvalError, match=r"it.yaml: not valid YAML at line 3 \(expected"):
+        load_prompts("it", tmp_path)
 
 
 def test_scores_match_hand_computed_auc_and_f1():

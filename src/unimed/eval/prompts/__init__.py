@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from unimed.eval.config import CORPUS_STEMMING, FALLBACK_STEMMING, PROMPT_STEMMING
+from unimed.eval.errors import EvalError
 from unimed.text.stemming import NO_STEMMING, read_corpus_stemming, stem_text
 
 log = logging.getLogger(__name__)
@@ -108,18 +109,24 @@ def load_prompts(language: str, prompt_dir: str | Path = "",
     path = folder / f"{language}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise FileNotFoundError(f"no prompt file {path}; languages with prompts there: {known}")
-    data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raise EvalError(f"no prompt file {path}; languages with prompts there: {known}")
+    try:
+        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise EvalError(f"prompt file {path}: not valid YAML{where} "
+                        f"({getattr(exc, 'problem', None) or exc})") from None
     missing = [k for k in _KEYS if not isinstance(data, dict) or k not in data]
     if missing:
-        raise ValueError(f"prompt file {path}: missing key(s) {missing}")
+        raise EvalError(f"prompt file {path}: missing key(s) {missing}")
     if "stemmer" in data:
-        raise ValueError(f"prompt file {path}: 'stemmer' is not read from prompt files; prompts are "
+        raise EvalError(f"prompt file {path}: 'stemmer' is not read from prompt files; prompts are "
                          f"stemmed like the training reports, set eval.prompt_stemming.{language}")
     algorithm = resolve_stemming(language, stemming, corpus or {})
     for key in ("positive", "negative", "observed"):
         if key in data and "{disease}" not in str(data[key]):
-            raise ValueError(f"prompt file {path}: '{key}' must contain {{disease}}")
+            raise EvalError(f"prompt file {path}: '{key}' must contain {{disease}}")
     return PromptSet(
         language=str(data["language"]),
         positive_template=str(data["positive"]),
