@@ -18,6 +18,7 @@ import yaml
 
 from unimed.bounds import check_bounds
 from unimed.data.config import DataConfig
+from unimed.errors import ConfigError
 from unimed.eval.config import EvalConfig
 from unimed.methods import METHODS, MethodConfig
 from unimed.models.config import MedUniCConfig
@@ -29,10 +30,6 @@ T = TypeVar("T")
 
 CONFIG_FILE = "config.yaml"
 """Name of the resolved config saved in every output folder."""
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used, with the valid alternatives in the message."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,13 +124,12 @@ class Pretrained:
     def prompts(self, language: str) -> PromptSet:
         """The zero-shot prompts of `language`, stemmed as the run's ``eval.prompt_stemming`` says; an
         unknown language is a ConfigError naming those there are."""
-        try:
-            return load_prompts(language, self.prompt_dir, self.config.eval.prompt_stemming,
-                                corpus_stemming(self.encoder.tokenizer))
-        except FileNotFoundError:
+        if not (self.prompt_dir / f"{language}.yaml").is_file():
             known = sorted(p.stem for p in self.prompt_dir.glob("*.yaml"))
             raise ConfigError(f"unknown language '{language}': the model has prompts for "
-                              f"{', '.join(known) or 'no language'} (in {self.prompt_dir})") from None
+                              f"{', '.join(known) or 'no language'} (in {self.prompt_dir})")
+        return load_prompts(language, self.prompt_dir, self.config.eval.prompt_stemming,
+                            corpus_stemming(self.encoder.tokenizer))
 
     def zero_shot(self, images: ImageInput | Sequence[ImageInput], class_names: Sequence[str],
                   language: str = "en", *, batch_size: int = 64) -> ZeroShot:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from unimed.errors import ConfigError
 from unimed.text.lexicon import LEXICON_DIR, load_lexicon
 
 
@@ -61,9 +62,9 @@ def test_the_packaged_lexicon_translates_the_phantom_spanish_terms_the_vocabular
 ])
 def test_a_bad_lexicon_file_is_one_clear_error_naming_it(tmp_path, text, message):
     path = _write(tmp_path / "bad.yaml", text)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(ConfigError, match=message) as info:
         load_lexicon(path)
-    assert str(path) in str(info.value)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_an_unknown_lexicon_names_the_packaged_ones():

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import snowballstemmer
 
+from unimed.errors import ConfigError
 from unimed.phantom.catalogue import FINDING_NAMES, NEGATABLE
 from unimed.phantom.sites import load_yaml, require
 from unimed.phantom.study import Finding
@@ -49,13 +50,13 @@ def _check_findings(
     findings: Any, where: str, names: tuple[str, ...], negatable: tuple[str, ...]
 ) -> dict[str, dict[str, Any]]:
     if not isinstance(findings, dict):
-        raise ValueError(f"{where}: 'findings' must be a mapping")
+        raise ConfigError(f"{where}: 'findings' must be a mapping")
     for name in names:
         entry = require(findings, name, f"{where}: findings")
         for key in ("noun", "positive") + (("negative",) if name in negatable else ()):
             phrases = require(entry, key, f"{where}: findings.{name}")
             if not isinstance(phrases, list) or not phrases:
-                raise ValueError(f"{where}: findings.{name}.{key} must be a non-empty list")
+                raise ConfigError(f"{where}: findings.{name}.{key} must be a non-empty list")
     return findings
 
 
@@ -71,7 +72,7 @@ def load_pack(
     path = Path(lang_dir) / f"{code}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in Path(lang_dir).glob("*.yaml"))
-        raise ValueError(f"no language pack '{code}' in {lang_dir}; available: {available}")
+        raise ConfigError(f"no language pack '{code}' in {lang_dir}; available: {available}")
     data = load_yaml(path)
     where = str(path)
     rates = require(data, "rates", where)
@@ -79,7 +80,7 @@ def load_pack(
         require(rates, key, f"{where}: rates")
     stemmer = data.get("stemmer")
     if stemmer is not None and stemmer not in snowballstemmer.algorithms():
-        raise ValueError(f"{where}: unknown stemmer '{stemmer}'; valid: {snowballstemmer.algorithms()}")
+        raise ConfigError(f"{where}: unknown stemmer '{stemmer}'; valid: {snowballstemmer.algorithms()}")
     return LanguagePack(
         code=code,
         path=path,
@@ -110,7 +111,7 @@ def _fill(pack: LanguagePack, name: str, phrase: str, attrs: dict[str, str], **e
     try:
         return phrase.format(**values, **extra)
     except KeyError as exc:
-        raise ValueError(f"{pack.path}: findings.{name}: slot {exc} is not an attribute of '{name}' "
+        raise ConfigError(f"{pack.path}: findings.{name}: slot {exc} is not an attribute of '{name}' "
                          f"(attributes: {sorted(attrs)})") from None
 
 

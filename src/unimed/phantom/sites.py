@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from unimed.errors import ConfigError, yaml_problem
 from unimed.phantom.catalogue import FINDING_NAMES
 
 SITES_FILE = Path(__file__).with_name("sites.yaml")
@@ -42,23 +43,23 @@ class Site:
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping, or raise ValueError naming the file."""
+    """Read a YAML mapping, or raise ConfigError naming the file."""
     try:
         with path.open(encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ValueError(f"phantom data file not found: {path}") from None
+        raise ConfigError(f"phantom data file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"cannot parse {path}: {exc}") from None
+        raise ConfigError(f"cannot parse {path}: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping at top level")
+        raise ConfigError(f"{path} must hold a mapping at top level")
     return data
 
 
 def require(data: dict[str, Any], key: str, where: str) -> Any:
-    """`data[key]`, or a ValueError naming the file and key."""
+    """`data[key]`, or a ConfigError naming the file and key."""
     if key not in data:
-        raise ValueError(f"{where}: missing key '{key}'")
+        raise ConfigError(f"{where}: missing key '{key}'")
     return data[key]
 
 
@@ -68,7 +69,7 @@ def read_prevalence(raw: Any, where: str, valid: tuple[str, ...], kind: str) -> 
     prevalence = dict(require(raw, "prevalence", where))
     unknown = sorted(set(prevalence) - set(valid))
     if unknown:
-        raise ValueError(f"{where}.prevalence: unknown {kind} {unknown}; valid: {list(valid)}")
+        raise ConfigError(f"{where}.prevalence: unknown {kind} {unknown}; valid: {list(valid)}")
     return prevalence
 
 
@@ -77,21 +78,21 @@ def read_languages(raw: Any, where: str) -> tuple[str, ...]:
     value = require(raw, "language", where)
     codes = [value] if isinstance(value, str) else value
     if not isinstance(codes, list) or not codes or not all(isinstance(c, str) and c for c in codes):
-        raise ValueError(f"{where}.language must be a language code or a list of them, got {value!r}")
+        raise ConfigError(f"{where}.language must be a language code or a list of them, got {value!r}")
     if len(set(codes)) != len(codes):
-        raise ValueError(f"{where}.language lists a language twice: {codes}")
+        raise ConfigError(f"{where}.language lists a language twice: {codes}")
     return tuple(codes)
 
 
 def _parse_site(name: str, raw: Any, path: Path) -> Site:
     where = f"{path}: site '{name}'"
     if not isinstance(raw, dict):
-        raise ValueError(f"{where} must be a mapping")
+        raise ConfigError(f"{where} must be a mapping")
     acq = require(raw, "acquisition", where)
     fields = {f.name for f in dataclasses.fields(Acquisition)}
     missing = sorted(fields - set(acq))
     if missing:
-        raise ValueError(f"{where}.acquisition: missing keys {missing}")
+        raise ConfigError(f"{where}.acquisition: missing keys {missing}")
     acq = {k: acq[k] for k in fields}
     acq["border_fraction"] = tuple(acq["border_fraction"])
     prevalence = read_prevalence(raw, where, FINDING_NAMES, "findings")
@@ -113,8 +114,8 @@ def load_sites(path: Path = SITES_FILE) -> dict[str, Site]:
 
 
 def get_site(name: str, path: Path = SITES_FILE) -> Site:
-    """The named site, or ValueError listing the valid site names."""
+    """The named site, or a ConfigError listing the valid site names."""
     sites = load_sites(path)
     if name not in sites:
-        raise ValueError(f"unknown phantom site '{name}'; valid sites: {sorted(sites)}")
+        raise ConfigError(f"unknown phantom site '{name}'; valid sites: {sorted(sites)}")
     return sites[name]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from unimed.errors import ConfigError, yaml_problem
 from unimed.text.stemming import SNOWBALL_BY_LANGUAGE, stem_word
 
 LEXICON_DIR = Path(__file__).parent / "lexicons"
@@ -57,18 +58,18 @@ def load_lexicon(name: str | Path) -> Lexicon:
         path = LEXICON_DIR / f"{name}.yaml"
         if not path.is_file():
             available = ", ".join(sorted(p.stem for p in LEXICON_DIR.glob("*.yaml")))
-            raise ValueError(f"mlm.lexicon={str(name)!r} is neither a file nor a packaged lexicon "
+            raise ConfigError(f"mlm.lexicon={str(name)!r} is neither a file nor a packaged lexicon "
                              f"({available})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"lexicon {path} cannot be read: {exc}") from exc
+        raise ConfigError(f"lexicon {path} cannot be read: {yaml_problem(exc)}") from None
     if not isinstance(data, dict) or set(data) != {"source", "target", "entries"}:
-        raise ValueError(f"lexicon {path} must be a mapping with exactly the keys source, target, entries")
+        raise ConfigError(f"lexicon {path} must be a mapping with exactly the keys source, target, entries")
     entries = data["entries"]
     if not isinstance(entries, dict) or not entries:
-        raise ValueError(f"lexicon {path}: entries must be a non-empty mapping of word: translation")
+        raise ConfigError(f"lexicon {path}: entries must be a non-empty mapping of word: translation")
     for word, translation in entries.items():
         if not isinstance(word, str) or not isinstance(translation, str) or not translation.strip():
-            raise ValueError(f"lexicon {path}: entry {word!r}: {translation!r} is not word: translation text")
+            raise ConfigError(f"lexicon {path}: entry {word!r}: {translation!r} is not word: translation text")
     return Lexicon(str(data["source"]), str(data["target"]), dict(entries), str(path))

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from unimed.errors import yaml_problem
 from unimed.eval.config import CORPUS_STEMMING, FALLBACK_STEMMING, PROMPT_STEMMING
 from unimed.eval.errors import EvalError
 from unimed.text.stemming import NO_STEMMING, read_corpus_stemming, stem_text
@@ -113,10 +114,7 @@ def load_prompts(language: str, prompt_dir: str | Path = "",
     try:
         data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise EvalError(f"prompt file {path}: not valid YAML{where} "
-                        f"({getattr(exc, 'problem', None) or exc})") from None
+        raise EvalError(f"prompt file {path}: not valid YAML, {yaml_problem(exc)}") from None
     missing = [k for k in _KEYS if not isinstance(data, dict) or k not in data]
     if missing:
         raise EvalError(f"prompt file {path}: missing key(s) {missing}")

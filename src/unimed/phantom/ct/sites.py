@@ -6,6 +6,7 @@ import dataclasses
 import functools
 from pathlib import Path
 
+from unimed.errors import ConfigError
 from unimed.phantom.sites import load_yaml, read_languages, read_prevalence, require
 
 CT_SITES_FILE = Path(__file__).with_name("sites.yaml")
@@ -44,22 +45,22 @@ class CTSite:
 
 def _choice(value: str, options: tuple[str, ...], where: str) -> str:
     if value not in options:
-        raise ValueError(f"{where} = {value!r}; valid: {list(options)}")
+        raise ConfigError(f"{where} = {value!r}; valid: {list(options)}")
     return value
 
 
 def _parse(name: str, raw: object, path: Path) -> CTSite:
     where = f"{path}: site '{name}'"
     if not isinstance(raw, dict):
-        raise ValueError(f"{where} must be a mapping")
+        raise ConfigError(f"{where} must be a mapping")
     acq = dict(require(raw, "acquisition", where))
     fields = [f.name for f in dataclasses.fields(CTAcquisition)]
     missing = [f for f in fields if f not in acq]
     if missing:
-        raise ValueError(f"{where}.acquisition: missing keys {missing}")
+        raise ConfigError(f"{where}.acquisition: missing keys {missing}")
     for key in ("pixel_mm", "slice_mm", "thickness_mm"):
         if float(acq[key]) <= 0:
-            raise ValueError(f"{where}.acquisition.{key} must be > 0, got {acq[key]}")
+            raise ConfigError(f"{where}.acquisition.{key} must be > 0, got {acq[key]}")
     low, high = (float(v) for v in acq["fov_z_mm"])
     acquisition = CTAcquisition(
         pixel_mm=float(acq["pixel_mm"]), slice_mm=float(acq["slice_mm"]),
@@ -87,8 +88,8 @@ def load_ct_sites(path: Path = CT_SITES_FILE) -> dict[str, CTSite]:
 
 
 def get_ct_site(name: str, path: Path = CT_SITES_FILE) -> CTSite:
-    """The named CT site, or ValueError listing the valid names."""
+    """The named CT site, or a ConfigError listing the valid names."""
     sites = load_ct_sites(path)
     if name not in sites:
-        raise ValueError(f"unknown phantom CT site '{name}'; valid sites: {sorted(sites)}")
+        raise ConfigError(f"unknown phantom CT site '{name}'; valid sites: {sorted(sites)}")
     return sites[name]
