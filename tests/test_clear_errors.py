@@ -108,12 +108,12 @@ FAULTS = {
     "a malformed phantom sites file": (
         lambda root: (root / "sites.yaml").write_text("x: [y\n") and [
             "phantom", DEMO, f"phantom.root={root / 'world'}", f"phantom.sites_file={root / 'sites.yaml'}",
-            "--quiet"],
+            f"run.output_dir={root / 'runs'}", "--quiet"],
         "unimed: config error: cannot parse {root}/sites.yaml: line 2: expected ',' or ']'"),
     "a language folder without the phantom's language packs": (
         lambda root: (root / "lang").mkdir() or [
             "phantom", DEMO, f"phantom.root={root / 'world'}", f"phantom.lang_dir={root / 'lang'}",
-            "--quiet"],
+            f"run.output_dir={root / 'runs'}", "--quiet"],
         "unimed: config error: no language pack 'en' in {root}/lang; available: []"),
     "mlm with an unwritable checkpoints folder": (
         lambda root: _blocked_checkpoints(root, "mlm"),
