@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from unimed.data.errors import DataError
+from unimed.eval import retrieval as retrieval_module
 from unimed.eval.config import RetrievalConfig
+from unimed.eval.errors import EvalError
 from unimed.eval.retrieval import (
     Pairs,
     info_nce,
@@ -162,11 +164,21 @@ def test_run_on_tiny_world(tiny_encoder, task_context) -> None:
     assert sum(shares) == pytest.approx(1.0)
 
 
-def test_run_without_parallel_corpus_skips_cross_lingual(tiny_encoder, task_context, caplog) -> None:
-    retrieval = RetrievalConfig(datasets=("padchest",), max_queries=2,
-                                parallel_file=str(task_context.out_dir / "missing.csv"))
+def test_run_without_parallel_corpus_skips_cross_lingual(tiny_encoder, task_context, caplog,
+                                                         monkeypatch) -> None:
+    """No corpus at the default place (as in most real data): skipped with a warning."""
+    monkeypatch.setattr(retrieval_module, "PARALLEL_DEFAULT", "parallel-reports/absent.csv")
+    retrieval = RetrievalConfig(datasets=("padchest",), max_queries=2)
     ctx = dataclasses.replace(task_context, cfg=dataclasses.replace(task_context.cfg, retrieval=retrieval))
     with caplog.at_level(logging.WARNING):
         metrics = run(tiny_encoder, ctx)
-    assert "cross_lingual" not in metrics and "missing.csv" in caplog.text
+    assert "cross_lingual" not in metrics and "absent.csv" in caplog.text
     assert metrics["queries"]["padchest"]["queries"] == 2
+
+
+def test_a_parallel_file_that_is_not_there_is_an_error_naming_the_key(tiny_encoder, task_context):
+    retrieval = RetrievalConfig(datasets=("padchest",), max_queries=2,
+                                parallel_file=str(task_context.out_dir / "missing.csv"))
+    ctx = dataclasses.replace(task_context, cfg=dataclasses.replace(task_context.cfg, retrieval=retrieval))
+    with pytest.raises(EvalError, match=r"eval.retrieval.parallel_file=.*missing.csv: no such file"):
+        run(tiny_encoder, ctx)

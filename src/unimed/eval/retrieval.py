@@ -21,8 +21,8 @@ pre-training pairs (:func:`shortcut_diagnostic`).
 
 The cross-lingual part needs the same reports in English and Spanish: a CSV with columns
 ``study_id,en,es`` (``retrieval.parallel_file``, default ``<data.root>/parallel-reports/test.csv``,
-which the phantom world writes for its MIMIC test studies). Without that file the part is skipped
-with a warning and absent from the metrics.
+which the phantom world writes for its MIMIC test studies). Without a file at the default place the
+part is skipped with a warning and absent from the metrics; a `parallel_file` that is set must exist.
 """
 
 from __future__ import annotations
@@ -273,9 +273,15 @@ def read_parallel(path: Path) -> ParallelCorpus:
 
 
 def parallel_path(ctx: TaskContext) -> Path:
-    """`retrieval.parallel_file`, or the default file under the data root."""
+    """`retrieval.parallel_file`, which must exist, or else the default file under the data root,
+    which may not (real datasets rarely come with parallel reports: the callers then skip)."""
     configured = ctx.cfg.retrieval.parallel_file
-    return Path(configured) if configured else Path(ctx.data.cfg.root) / PARALLEL_DEFAULT
+    if not configured:
+        return Path(ctx.data.cfg.root) / PARALLEL_DEFAULT
+    if not Path(configured).is_file():
+        raise EvalError(f"eval.retrieval.parallel_file={configured}: no such file (leave it empty "
+                        f"for <data.root>/{PARALLEL_DEFAULT}, or for none)")
+    return Path(configured)
 
 
 def cross_lingual(encoder: Encoder, corpus: ParallelCorpus, ctx: TaskContext, name: str
