@@ -15,8 +15,9 @@ import sys
 from collections.abc import Iterator
 
 from unimed.commands import COMMANDS
-from unimed.config import ConfigError, load_config
+from unimed.config import load_config
 from unimed.data.errors import DataError
+from unimed.errors import ConfigError
 from unimed.eval.errors import EvalError
 from unimed.machine import set_malloc_for_training
 from unimed.train.checkpoint import CheckpointError

@@ -37,9 +37,10 @@ from PIL import Image
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoTokenizer
 
-from unimed.config import CONFIG_FILE, Config, ConfigError, load_config, save_config, to_dict
+from unimed.config import CONFIG_FILE, Config, load_config, save_config, to_dict
 from unimed.data.images import load_image
 from unimed.data.transforms import eval_transform
+from unimed.errors import ConfigError
 from unimed.eval.encoders import Encoder, build_encoder
 from unimed.eval.prompts import PROMPT_DIR, PromptSet, corpus_stemming, load_prompts
 from unimed.eval.zero_shot import own_scores, prompt_scores

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from unimed.config import Config, ConfigError, save_config
+from unimed.config import Config, save_config
 
 Handler = Callable[[Config, argparse.Namespace], int]
 ArgAdder = Callable[[argparse.ArgumentParser], None]
@@ -68,3 +68,4 @@ from unimed.commands import ablate  # noqa: E402,F401
 from unimed.commands import demo  # noqa: E402,F401
 from unimed.commands import check_data  # noqa: E402,F401
 from unimed.commands import inference  # noqa: E402,F401
+from unimed.errors import ConfigError

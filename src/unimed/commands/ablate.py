@@ -41,7 +41,8 @@ from unimed.commands.evaluate import (
     write_outputs,
 )
 from unimed.commands.train import resolve_encoder, run_pretrain
-from unimed.config import CONFIG_FILE, Config, ConfigError, to_dict
+from unimed.config import CONFIG_FILE, Config, to_dict
+from unimed.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

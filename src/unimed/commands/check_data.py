@@ -9,7 +9,8 @@ from pathlib import Path
 
 from unimed.commands import command
 from unimed.commands.tables import print_table
-from unimed.config import Config, ConfigError
+from unimed.config import Config
+from unimed.errors import ConfigError
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

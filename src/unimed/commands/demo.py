@@ -27,7 +27,8 @@ from unimed.commands.train import (
     text_encoder_dir,
     tokenizer_dir,
 )
-from unimed.config import Config, ConfigError, DemoConfig, load_config
+from unimed.config import Config, DemoConfig, load_config
+from unimed.errors import ConfigError
 from unimed.machine import DEMO_SIZED_ON_FLOPS, gemm_peak
 from unimed.methods import method_label
 

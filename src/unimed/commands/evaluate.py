@@ -28,7 +28,8 @@ import numpy as np
 from unimed.commands import command, run_dir
 from unimed.commands.train import text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
-from unimed.config import CONFIG_FILE, Config, ConfigError, load_config
+from unimed.config import CONFIG_FILE, Config, load_config
+from unimed.errors import ConfigError
 from unimed.eval.config import TASK_NAMES, VOLUME_TASK_NAMES
 
 if TYPE_CHECKING:

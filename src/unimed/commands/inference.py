@@ -17,8 +17,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from unimed.commands import command
-from unimed.config import Config, ConfigError
+from unimed.config import Config
 from unimed.data.errors import MISSING_IMAGE, DataError
+from unimed.errors import ConfigError
 
 BATCH = 32
 EMBEDDING_SUFFIXES = (".npy", ".safetensors")

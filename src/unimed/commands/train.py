@@ -13,7 +13,8 @@ from pathlib import Path
 
 from unimed.commands import command, run_dir
 from unimed.commands.tables import print_table
-from unimed.config import Config, ConfigError
+from unimed.config import Config
+from unimed.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

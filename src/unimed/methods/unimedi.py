@@ -39,11 +39,11 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from transformers import PretrainedConfig
 
-from unimed.config import ConfigError
 from unimed.data.config import DataConfig
 from unimed.data.pretrain import build_pretrain_dataset, build_pretrain_loader
 from unimed.data.records import Record
 from unimed.data.volume_pretrain import VolumeCollator, VolumePretrainDataset
+from unimed.errors import ConfigError
 from unimed.losses.common import gather_features
 from unimed.losses.contrastive import info_nce
 from unimed.losses.unimedi import (

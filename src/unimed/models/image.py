@@ -39,7 +39,7 @@ from timm.layers.conv2d_same import conv2d_same
 from timm.layers.padding import get_same_padding
 from torch import nn
 
-from unimed.config import ConfigError
+from unimed.errors import ConfigError
 from unimed.registry import Registry
 
 log = logging.getLogger(__name__)
