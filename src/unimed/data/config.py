@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.bounds import check_bounds
 from unimed.data.errors import ON_ERROR_OPTIONS
 from unimed.data.splits import SPLITS
 
@@ -59,12 +60,8 @@ class DataConfig:
         if not self.text_splits or any(s not in SPLITS for s in self.text_splits):
             raise ValueError(f"data.text_splits must be a non-empty list of {', '.join(SPLITS)}, "
                              f"got {list(self.text_splits)}")
-        for key in ("image_size", "resize_size", "max_length"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("min_report_tokens", "num_workers", "split_seed"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        check_bounds("data", self, at_least_one=("image_size", "resize_size", "max_length"),
+                     non_negative=("min_report_tokens", "num_workers", "split_seed"))
         if not 0.0 <= self.rotation <= 180.0:
             raise ValueError(f"data.rotation must be in [0, 180] degrees, got {self.rotation}")
         if self.cvl_view not in CVL_VIEWS:

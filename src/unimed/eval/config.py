@@ -266,10 +266,10 @@ class GradCAMConfig:
     classes: tuple[str, ...] = ("pleural effusion", "pneumothorax", "cardiomegaly", "consolidation")
     languages: tuple[str, ...] = ("en", "es")
     images_per_class: int = 2
+    prompt_dir: str = ""  # folder of <language>.yaml prompt files; empty = the packaged ones
 
     def __post_init__(self) -> None:
         check_bounds("eval.gradcam", self, at_least_one=("images_per_class",))
-    prompt_dir: str = ""  # folder of <language>.yaml prompt files; empty = the packaged ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,9 +301,8 @@ class VolumeConfig:
     window: tuple[float, float] = (-1000.0, 400.0)
 
     def __post_init__(self) -> None:
-        for key in ("slices", "localisation_k", "selection_slices"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"eval.volume.{key} must be >= 1, got {getattr(self, key)}")
+        check_bounds("eval.volume", self,
+                     at_least_one=("slices", "localisation_k", "selection_slices"))
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise ValueError("eval.volume.window must be [low, high] HU with low < high, "
                              f"got {list(self.window)}")
@@ -376,14 +375,13 @@ class VolumeSegmentationConfig:
     patience: int = 40
 
     def __post_init__(self) -> None:
-        for key in ("min_train_volumes", "depth", "feature_size", "min_stride", "batch_size", "epochs",
-                    "min_epoch_steps", "patience"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"eval.volume_segmentation.{key} must be >= 1, got {getattr(self, key)}")
+        check_bounds("eval.volume_segmentation", self, positive=("lr",),
+                     non_negative=("weight_decay",),
+                     at_least_one=("min_train_volumes", "depth", "feature_size", "min_stride",
+                                   "batch_size", "epochs", "min_epoch_steps", "patience"))
         bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
         if bad or not self.fractions:
             raise ValueError(f"eval.volume_segmentation.fractions must lie in (0, 1], got {list(self.fractions)}")
-        check_bounds("eval.volume_segmentation", self, positive=("lr",), non_negative=("weight_decay",))
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise ValueError("eval.volume_segmentation.window must be [low, high] HU with low < high, "
                              f"got {list(self.window)}")
@@ -458,16 +456,13 @@ class VolumeFinetuneConfig:
         if self.trainable not in FINETUNE_TRAINABLE:
             raise ValueError("eval.volume_finetune.trainable must be one of "
                              f"{', '.join(FINETUNE_TRAINABLE)}, got {self.trainable!r}")
-        for key in ("min_train_volumes", "slices", "epochs", "batch_size", "patience"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"eval.volume_finetune.{key} must be >= 1, "
-                                 f"got {getattr(self, key)}")
+        check_bounds("eval.volume_finetune", self, positive=("lr",),
+                     at_least_one=("min_train_volumes", "slices", "epochs", "batch_size",
+                                   "patience"))
         bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
         if bad or not self.fractions:
             raise ValueError("eval.volume_finetune.fractions must lie in (0, 1], "
                              f"got {list(self.fractions)}")
-        if not self.lr > 0:
-            raise ValueError(f"eval.volume_finetune.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError("eval.volume_finetune.weight_decay must be >= 0, "
                              f"got {self.weight_decay}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.bounds import check_bounds
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageTowerConfig:
@@ -80,11 +82,9 @@ class TextTowerConfig:
     intermediate_size: int = 512
 
     def __post_init__(self) -> None:
-        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"method.text.{key} must be > 0, got {getattr(self, key)}")
-        if self.frozen_layers < 0:
-            raise ValueError(f"method.text.frozen_layers must be >= 0, got {self.frozen_layers}")
+        check_bounds("method.text", self,
+                     positive=("hidden_size", "num_layers", "num_heads", "intermediate_size"),
+                     non_negative=("frozen_layers",))
         if self.train_appended_rows and self.frozen_layers == 0:
             raise ValueError("method.text.train_appended_rows needs method.text.frozen_layers > 0 "
                              "(with 0 the whole embedding trains)")
@@ -116,9 +116,7 @@ class MedUniCProjectorConfig:
     hidden_dim: int = 2048
 
     def __post_init__(self) -> None:
-        for key in ("embed_dim", "ctr_dim", "hidden_dim"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"method.projector.{key} must be > 0, got {getattr(self, key)}")
+        check_bounds("method.projector", self, positive=("embed_dim", "ctr_dim", "hidden_dim"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,12 +134,8 @@ class MedUniCLossConfig:
     ctr_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        for key in ("temperature", "ssv_temperature"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"method.loss.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("cvl_weight", "ssv_weight", "ctr_weight", "ctr_lambda"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"method.loss.{key} must be >= 0, got {getattr(self, key)}")
+        check_bounds("method.loss", self, positive=("temperature", "ssv_temperature"),
+                     non_negative=("cvl_weight", "ssv_weight", "ctr_weight", "ctr_lambda"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.bounds import check_bounds
 from unimed.models.config import ImageTowerConfig, TextTowerConfig
 
 STAGES = (1, 2, 3)
@@ -78,17 +79,13 @@ class PriorConfig:
             raise ValueError("method.text.cache_frozen: PRIOR shuffles each report's sentences "
                              "every epoch, so a report's tokens do not repeat and nothing could "
                              "be reused; leave it false")
-        for key in ("image_size", "embed_dim", "pool_heads", "prototypes", "decoder_layers",
-                    "decoder_heads", "decoder_queries", "max_sentences", "min_sentences"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"method.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("temperature", "local_temperature", "gumbel_start", "gumbel_end"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"method.{key} must be > 0, got {getattr(self, key)}")
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
-        for key in weights:
-            if getattr(self, key) < 0:
-                raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+        check_bounds("method", self,
+                     positive=("image_size", "embed_dim", "pool_heads", "prototypes",
+                               "decoder_layers", "decoder_heads", "decoder_queries", "max_sentences",
+                               "min_sentences", "temperature", "local_temperature", "gumbel_start",
+                               "gumbel_end"),
+                     non_negative=weights)
         for key, allowed in (("word_pooling", WORD_POOLINGS), ("prototype_init", PROTOTYPE_INITS),
                              ("gumbel_schedule", GUMBEL_SCHEDULES), ("bank_eval", BANK_EVAL_MODES)):
             if getattr(self, key) not in allowed:

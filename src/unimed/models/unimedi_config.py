@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from unimed.bounds import check_bounds
 from unimed.models.config import ImageTowerConfig, TextTowerConfig
 
 SELECTIONS = ("attentive", "random")
@@ -87,10 +88,14 @@ class UniMedIConfig:
             if getattr(self, key) not in valid:
                 raise ValueError(f"method.{key} must be one of {', '.join(valid)}, "
                                  f"got {getattr(self, key)!r}")
-        for key in ("volume_batch_size", "projector_hidden", "embed_dim",
-                    "selected_slices", "head_out", "head_hidden", "head_bottleneck"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"method.{key} must be > 0, got {getattr(self, key)}")
+        check_bounds("method", self,
+                     positive=("volume_batch_size", "projector_hidden", "embed_dim", "selected_slices",
+                               "head_out", "head_hidden", "head_bottleneck", "temperature",
+                               "student_temperature", "teacher_temperature",
+                               "warmup_teacher_temperature"),
+                     unit_interval=("center_momentum", "ema_momentum"),
+                     non_negative=("teacher_temperature_epochs", "freeze_last_layer_epochs",
+                                   "vl_weight", "icl_weight", "pcl_weight"))
         for key in ("volume_shape", "volume_patch"):
             value = getattr(self, key)
             if len(value) != 3 or min(value) <= 0:
@@ -108,19 +113,6 @@ class UniMedIConfig:
                              f"{list(self.volume_window)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"method.mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        for key in ("temperature", "student_temperature", "teacher_temperature",
-                    "warmup_teacher_temperature"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"method.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("center_momentum", "ema_momentum"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"method.{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("teacher_temperature_epochs", "freeze_last_layer_epochs"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("vl_weight", "icl_weight", "pcl_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)}")
 
     @property
     def distills(self) -> bool:
