@@ -109,8 +109,9 @@ def test_missing_or_malformed_preset(tmp_path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: [unclosed\n")
-    with pytest.raises(ConfigError, match="cannot parse"):
+    with pytest.raises(ConfigError, match="cannot parse config file .*bad.yaml: line 2: ") as info:
         load_config(bad)
+    assert "\n" not in str(info.value)  # one line at the command line, not PyYAML's several
 
 
 def test_saved_config_round_trips(tmp_path):

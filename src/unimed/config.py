@@ -18,7 +18,7 @@ import yaml
 
 from unimed.bounds import check_bounds
 from unimed.data.config import DataConfig
-from unimed.errors import ConfigError
+from unimed.errors import ConfigError, yaml_problem
 from unimed.eval.config import EvalConfig
 from unimed.methods import METHODS, MethodConfig
 from unimed.models.config import MedUniCConfig
@@ -220,7 +220,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+            raise ConfigError(f"cannot parse config file {path}: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level")
     base = data.pop("base", None)
