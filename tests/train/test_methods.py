@@ -12,6 +12,7 @@ import torch
 
 from train_helpers import make_tokenizer, tiny_cfg, write_records, write_volume_records
 from unimed.data.config import DataConfig
+from unimed.errors import ConfigError
 import unimed.methods.unimedi
 from unimed.methods import METHODS, create_method
 from unimed.methods.base import StepContext
@@ -206,3 +207,11 @@ def test_unimedi_reads_its_ct_volumes_through_data_volume_cache(world, tmp_path)
     for batch in batches[1:]:
         assert torch.equal(batch["volume"], batches[0]["volume"])
         assert torch.equal(batch["index"], batches[0]["index"])
+
+
+def test_prior_refuses_a_report_sentence_subset(world):
+    tokenizer, records, _ = world
+    method = create_method(CONFIGS["prior"], vocab_size=len(tokenizer))
+    with pytest.raises(ConfigError, match="data.sentence_keep=0.5: PRIOR aligns every sentence"):
+        method.build_loaders(records, tokenizer, dataclasses.replace(DATA, sentence_keep=0.5),
+                             batch_size=4)

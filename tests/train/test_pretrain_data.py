@@ -208,3 +208,30 @@ def test_loader_uses_the_community_sampler(tmp_path, tokenizer):
         assert len(set(batch["language"].tolist())) == 1 and len(set(batch["site"].tolist())) == 1
     with pytest.raises(ValueError, match="data.batch_composition"):
         DataConfig(batch_composition="sorted")
+
+
+def test_sentence_keep_pairs_the_image_with_a_seeded_ordered_subset_of_its_sentences(tmp_path, tokenizer):
+    report = "No cardiomegaly. Small left pleural effusion. No pneumothorax. Mild pulmonary edema."
+    sentences = ["No cardiomegaly.", "Small left pleural effusion.", "No pneumothorax.",
+                 "Mild pulmonary edema."]
+    records = [dataclasses.replace(r, report=report, language="en")
+               for r in write_records(tmp_path, n=2)]
+    whole = build_pretrain_dataset(records, tokenizer, CFG)
+    assert {whole.report_text(0, seed) for seed in range(20)} == {report}
+    subset = build_pretrain_dataset(records, tokenizer, dataclasses.replace(CFG, sentence_keep=0.5))
+    texts = [subset.report_text(0, seed) for seed in range(200)]
+    assert texts == [subset.report_text(0, seed) for seed in range(200)]  # the seed decides
+    kept = [[s for s in sentences if s in text] for text in texts]
+    assert all(kept_ and " ".join(kept_) == text for kept_, text in zip(kept, texts))  # order kept
+    assert 1.6 < np.mean([len(k) for k in kept]) < 2.4  # about half of the four, at least one
+    assert len(set(texts)) > 8 and report in texts
+    item = subset[(0, 7)]
+    assert tokenizer.decode(item["input_ids"], skip_special_tokens=True) == tokenizer.decode(
+        tokenizer(subset.report_text(0, 7), truncation=True, max_length=CFG.max_length)["input_ids"],
+        skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("keep", [0.0, 1.5])
+def test_sentence_keep_outside_its_range_is_a_config_error(keep):
+    with pytest.raises(ValueError, match=r"data.sentence_keep must be in \(0, 1\]"):
+        DataConfig(sentence_keep=keep)

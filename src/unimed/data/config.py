@@ -24,6 +24,9 @@ class DataConfig:
     paper's set). `batch_composition` is "mixed" (batches drawn across communities) or
     "community" (every global batch from one community: one language at one site), so the
     contrastive negatives cannot be told apart by language or acquisition alone.
+    `sentence_keep` below 1 pairs each image with a random subset of its report's sentences (each
+    kept with that probability, at least one: CXR-CLIP's text sampling; 1, the whole report, as the
+    paper; :class:`unimed.data.pretrain.PretrainDataset`).
     `text_datasets` are the report corpora of the text stages (`unimed vocab`, `unimed mlm`; empty:
     the pre-training datasets), read from their `text_splits`; their images are not needed.
     `volume_cache` is a folder where the 3D pre-training loader keeps each CT volume's prepared input
@@ -45,6 +48,7 @@ class DataConfig:
     cvl_view: str = "original"
     ssv_jitter: float = 0.0
     batch_composition: str = "mixed"
+    sentence_keep: float = 1.0
     max_length: int = 128
     num_workers: int = 0
     split_dir: str | None = None
@@ -66,6 +70,8 @@ class DataConfig:
             raise ValueError(f"data.rotation must be in [0, 180] degrees, got {self.rotation}")
         if self.cvl_view not in CVL_VIEWS:
             raise ValueError(f"data.cvl_view must be one of {', '.join(CVL_VIEWS)}, got {self.cvl_view!r}")
+        if not 0.0 < self.sentence_keep <= 1.0:
+            raise ValueError(f"data.sentence_keep must be in (0, 1], got {self.sentence_keep}")
         if not 0.0 <= self.ssv_jitter < 1.0:
             raise ValueError(f"data.ssv_jitter must be in [0, 1), got {self.ssv_jitter}")
         if self.batch_composition not in BATCH_COMPOSITIONS:

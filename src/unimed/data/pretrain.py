@@ -23,6 +23,7 @@ from unimed.data.errors import EMPTY_REPORT, DataError, check_on_error
 from unimed.data.images import load_image
 from unimed.data.prepared_cache import PreparedCache
 from unimed.data.records import Record
+from unimed.data.reports import split_sentences
 from unimed.data.transforms import (
     ImageTransform,
     cvl_transform,
@@ -65,6 +66,10 @@ class PretrainDataset(Dataset):
     and the item carries the error: under "data_errors" with ``on_error="raise"`` (the training
     loop raises it, one line naming the file), under "skipped" with ``on_error="skip"`` (the loop
     counts and logs it).
+
+    `sentence_keep` below 1 pairs the image with a random subset of its report's sentences instead
+    of the whole report: each sentence is kept with that probability, in the report's order, at
+    least one (drawn from the sample's seed, so anew every epoch and the same on a resumed run).
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class PretrainDataset(Dataset):
         sites: Sequence[str] | None = None,
         image_loader: Callable[[Path], np.ndarray] = load_image,
         on_error: str = "raise",
+        sentence_keep: float = 1.0,
     ) -> None:
         _check_records(records)
         self.on_error = check_on_error(on_error)
@@ -95,6 +101,11 @@ class PretrainDataset(Dataset):
         self._language_id = _ids(self.languages, [r.language for r in self.records], "language")
         self._site_id = _ids(self.sites, [r.site or UNKNOWN_SITE for r in self.records], "site")
         self._community = self.communities
+        if not 0.0 < sentence_keep <= 1.0:
+            raise ValueError(f"sentence_keep must be in (0, 1], got {sentence_keep}")
+        self.sentence_keep = sentence_keep
+        self._sentences = ([split_sentences(r.report, r.language) for r in self.records]
+                           if sentence_keep < 1.0 else None)
 
     @property
     def communities(self) -> list[int]:
@@ -135,7 +146,8 @@ class PretrainDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             view, view_aug = self.transform(image), self.aug_transform(image)
-        ids = self.tokenizer(rec.report, truncation=True, max_length=self.max_length)["input_ids"]
+        ids = self.tokenizer(self.report_text(index, seed), truncation=True,
+                             max_length=self.max_length)["input_ids"]
         return {
             "image": view,
             "image_aug": view_aug,
@@ -145,6 +157,21 @@ class PretrainDataset(Dataset):
             "index": index,
             **errors,
         }
+
+
+    def report_text(self, index: int, seed: int) -> str:
+        """The text paired with record `index`'s image in the sample seeded by `seed`: the whole
+        report, or with `sentence_keep` below 1 the subset of its sentences that `seed` draws."""
+        if self._sentences is None:
+            return self.records[index].report
+        sentences = self._sentences[index]
+        if len(sentences) < 2:
+            return self.records[index].report
+        rng = np.random.default_rng(seed)
+        keep = rng.random(len(sentences)) < self.sentence_keep
+        if not keep.any():
+            keep[rng.integers(len(sentences))] = True
+        return " ".join(s for s, k in zip(sentences, keep) if k)
 
 
 def error_fields(items: list[dict[str, Any]]) -> dict[str, list[DataError]]:
@@ -294,7 +321,8 @@ def build_pretrain_dataset(
                              jitter=cfg.ssv_jitter)
     return PretrainDataset(records, tokenizer, max_length=cfg.max_length, transform=transform,
                            aug_transform=aug, seed=seed, on_error=cfg.on_error,
-                           image_loader=image_loader(cfg, cfg.resize_size, cfg.resize_size))
+                           image_loader=image_loader(cfg, cfg.resize_size, cfg.resize_size),
+                           sentence_keep=cfg.sentence_keep)
 
 
 def build_pretrain_loader(

@@ -27,6 +27,7 @@ from unimed.data.prior import PriorCollator, PriorPretrainDataset, filter_by_sen
 from unimed.data.pretrain import build_pretrain_loader, image_loader
 from unimed.data.records import Record
 from unimed.data.transforms import prior_transform
+from unimed.errors import ConfigError
 from unimed.losses.prior import PriorLoss
 from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.image import create_image_encoder, freeze_image_levels
@@ -92,6 +93,9 @@ class PriorMethod(Method):
         resize + affine + flip view at `method.image_size`; a JPEG decoded at its smallest DCT scale
         that still covers that size, as evaluation reads it, through ``data.image_cache`` when
         set."""
+        if data.sentence_keep < 1.0:
+            raise ConfigError(f"data.sentence_keep={data.sentence_keep}: PRIOR aligns every sentence "
+                              "of a report with the image (in a shuffled order); leave it 1")
         kept = filter_by_sentences(records, self.cfg.min_sentences)
         size = self.cfg.image_size
         dataset = PriorPretrainDataset(kept, tokenizer, max_length=data.max_length,
