@@ -269,7 +269,11 @@ def create_image_encoder(name: str, weights: str | Path | None = None) -> nn.Mod
     """Build the registered image encoder `name`; load `weights` if given: a local state dict, or
     the name of packaged weights (:data:`PACKAGED_WEIGHTS`; a hybrid ViT takes its CNN's weights
     into the CNN part). A weights file that is missing, unreadable or does not fit is one
-    ConfigError line naming `method.image.weights` and the file."""
+    ConfigError line naming `method.image.weights` and the file; an unknown `name` one naming
+    `method.image.encoder`."""
+    if name not in IMAGE_ENCODERS:
+        raise ConfigError(f"method.image.encoder={name}: unknown image encoder; valid names: "
+                          f"{', '.join(IMAGE_ENCODERS.names())}")
     model = IMAGE_ENCODERS.get(name)()
     hybrid = HYBRID_PRESETS.get(name)
     packaged = PACKAGED_WEIGHTS.get(str(weights))
