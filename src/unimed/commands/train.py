@@ -60,7 +60,7 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
                           "supplies the English vocabulary, or add English reports")
     out = run_dir(cfg, "vocab")
     result = build_cross_lingual_tokenizer(
-        english, second, cfg.vocab, out, base_model=resolve_encoder(cfg.vocab.base_model), progress=progress
+        english, second, cfg.vocab, out, base_model=base_model_dir(cfg), progress=progress
     )
     rows = [
         [lang, f"{result.tokens_per_word_before[lang]:.2f}", f"{result.tokens_per_word_after[lang]:.2f}"]
@@ -103,7 +103,7 @@ def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
         out = writable_run_dir(cfg, "mlm", info.is_main)
         corpus = [r.report for r in load_texts(cfg.data)]
         result = train_mlm(
-            corpus, tokenizer_dir, cfg.mlm, out, base_model=resolve_encoder(cfg.vocab.base_model),
+            corpus, tokenizer_dir, cfg.mlm, out, base_model=base_model_dir(cfg),
             seed=cfg.run.seed, progress=progress, dist=info, resume=resume,
         )
     finally:
@@ -142,7 +142,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     from unimed.text.crosslingual import embed_texts
     from unimed.text.mlm import start_encoder
 
-    base = resolve_encoder(cfg.vocab.base_model)
+    base = base_model_dir(cfg)
     path = Path(cfg.data.root) / PARALLEL_DEFAULT
     if base is None or not path.is_file():
         log.warning("MLM retrieval check skipped: needs vocab.base_model and %s", path)
@@ -181,14 +181,31 @@ def mlm_check_line(result: dict) -> str:
     return f"FAIL: MLM made cross-lingual retrieval worse: {change}"
 
 
-def _local_model_dir(name: str, key: str) -> str:
-    """`name` (a packaged encoder or a path) as a local folder; anything else, such as a model hub
-    id, is a ConfigError naming `key`: models are never downloaded."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+"""A Hugging Face folder holds its (BERT WordPiece) tokenizer in one of these."""
+
+
+def _local_model_dir(name: str, key: str, *, model: bool = True) -> str:
+    """`name` (a packaged encoder or a path) as a local folder holding a tokenizer and, when
+    `model`, a model's config.json; anything else, such as a model hub id or a folder without
+    those files, is a ConfigError naming `key`: models are never downloaded."""
     path = resolve_encoder(name)
-    if not Path(path).is_dir():
+    folder = Path(path)
+    if not folder.is_dir():
         raise ConfigError(f"{key}={name} is not a local model folder (packaged encoders: "
                           f"{', '.join(PACKAGED_ENCODERS)}); models are never downloaded")
+    if model and not (folder / "config.json").is_file():
+        raise ConfigError(f"{key}={name}: {folder} holds no config.json, so no model to load")
+    if not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        raise ConfigError(f"{key}={name}: {folder} holds no tokenizer "
+                          f"({' or '.join(TOKENIZER_FILES)})")
     return path
+
+
+def base_model_dir(cfg: Config) -> str | None:
+    """`vocab.base_model` as a local model folder (:func:`_local_model_dir`), or None when unset."""
+    name = cfg.vocab.base_model
+    return None if name is None else _local_model_dir(name, "vocab.base_model")
 
 
 def text_encoder_dir(cfg: Config) -> str:
@@ -207,7 +224,9 @@ def tokenizer_dir(cfg: Config) -> str:
     """The tokenizer of pre-training and evaluation: `method.text.tokenizer`, else the text
     encoder's."""
     tokenizer = cfg.method.text.tokenizer
-    return _local_model_dir(tokenizer, "method.text.tokenizer") if tokenizer else text_encoder_dir(cfg)
+    if tokenizer:
+        return _local_model_dir(tokenizer, "method.text.tokenizer", model=False)
+    return text_encoder_dir(cfg)
 
 
 def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
