@@ -120,6 +120,18 @@ FAULTS = {
     "a model hub id as the vocabulary's base model (never downloaded)": (
         lambda root: _notes(root) and _args(root, "vocab.base_model=bert-base-uncased"),
         "unimed: config error: vocab.base_model=bert-base-uncased is not a local model folder"),
+    "a phantom root over a dataset folder the phantom did not write": (
+        lambda root: (root / "world" / "siim").mkdir(parents=True)
+        or (root / "world" / "siim" / "real.dcm").write_bytes(b"real") and [
+            "phantom", DEMO, f"phantom.root={root / 'world'}", f"run.output_dir={root / 'runs'}",
+            "--quiet"],
+        "unimed: config error: phantom.root={root}/world: {root}/world/siim is a non-empty folder "
+        "not written by the phantom"),
+    "a phantom root that is a file": (
+        lambda root: (root / "world").write_text("x") and [
+            "phantom", DEMO, f"phantom.root={root / 'world'}", f"run.output_dir={root / 'runs'}",
+            "--quiet"],
+        "unimed: config error: phantom.root={root}/world: cannot create the folder (File exists)"),
     "a malformed phantom sites file": (
         lambda root: (root / "sites.yaml").write_text("x: [y\n") and [
             "phantom", DEMO, f"phantom.root={root / 'world'}", f"phantom.sites_file={root / 'sites.yaml'}",

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from unimed.data.adapters import load_dataset
+from unimed.errors import ConfigError
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import WRITERS
@@ -137,7 +138,8 @@ def test_rewrite_replaces_phantom_folders_and_refuses_foreign_ones(tmp_path):
     foreign = tmp_path / "other-root"
     (foreign / "rsna").mkdir(parents=True)
     (foreign / "rsna" / "real.dcm").write_bytes(b"real data")
-    with pytest.raises(FileExistsError, match="not written by the phantom"):
+    with pytest.raises(ConfigError, match=f"phantom.root={foreign}: {foreign / 'rsna'} is a "
+                                          "non-empty folder not written by the phantom"):
         write_world(small, foreign, progress=False)
     assert (foreign / "rsna" / "real.dcm").read_bytes() == b"real data"
     assert sorted(p.name for p in foreign.iterdir()) == ["rsna"]  # checked before anything is written

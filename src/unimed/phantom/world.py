@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
 
+from unimed.errors import ConfigError
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import LAYOUTS, WRITERS, LayoutWriter, ManifestEntry, StudyResult
@@ -112,16 +113,27 @@ def summarize(writer: type[LayoutWriter], entries: Sequence[ManifestEntry]) -> D
     )
 
 
+def make_root(root: Path) -> None:
+    """Create the world's root folder; one that cannot be is a ConfigError naming phantom.root."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"phantom.root={root}: cannot create the folder "
+                          f"({exc.strerror or exc}); choose another root") from None
+
+
 def _check_writable(folder: Path) -> None:
-    """Refuse a dataset folder that holds something the phantom did not write (a real download, say)."""
+    """Refuse a dataset folder that holds something the phantom did not write (a real download,
+    say): a ConfigError naming phantom.root, before anything is written."""
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise FileExistsError(f"{folder}: exists and is not a folder; refusing to overwrite it")
+        raise ConfigError(f"phantom.root={folder.parent}: {folder} exists and is not a folder; "
+                          "refusing to overwrite it: choose another root")
     if any(folder.iterdir()) and not (folder / MARKER).exists():
-        raise FileExistsError(
-            f"{folder}: non-empty folder not written by the phantom (no {MARKER}); "
-            "refusing to overwrite it — choose another root"
+        raise ConfigError(
+            f"phantom.root={folder.parent}: {folder} is a non-empty folder not written by the "
+            f"phantom (no {MARKER}); refusing to overwrite it: choose another root"
         )
 
 
@@ -179,7 +191,7 @@ def write_world(cfg: PhantomConfig, root: str | Path | None = None, *, progress:
     Returns the manifest, also saved as `<root>/manifest.json`.
     """
     root = Path(cfg.root if root is None else root)
-    root.mkdir(parents=True, exist_ok=True)
+    make_root(root)
     folders = [root / writer.folder for writer in LAYOUTS] + [(root / PARALLEL_CSV).parent]
     for folder in folders:
         _check_writable(folder)

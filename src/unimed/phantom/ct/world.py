@@ -25,6 +25,7 @@ from unimed.phantom.world import (
     DatasetManifest,
     _check_writable,
     _reset,
+    make_root,
     read_manifest,
     summarize,
 )
@@ -111,7 +112,7 @@ def write_ct_world(cfg: PhantomConfig, root: str | Path | None = None, *, progre
     `<root>/manifest-ct.json`.
     """
     root = Path(cfg.root if root is None else root)
-    root.mkdir(parents=True, exist_ok=True)
+    make_root(root)
     folders = [root / writer.folder for writer in CT_LAYOUTS]
     for folder in folders:
         _check_writable(folder)
