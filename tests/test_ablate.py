@@ -15,7 +15,8 @@ from unimed.commands.ablate import (
     row_config,
     welch_interval,
 )
-from unimed.config import ConfigError, load_config, save_config
+from unimed.config import load_config, save_config
+from unimed.errors import ConfigError
 
 
 def test_aggregate_gives_mean_and_sample_sd_of_shared_leaves() -> None:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 import unimed
 from test_cli import TINY, _tiny_english_bert
 from unimed.cli import main
-from unimed.config import ConfigError, load_config
+from unimed.config import load_config
+from unimed.errors import ConfigError
 from unimed.eval.prompts import load_prompts
 from unimed.phantom.writers.dicom import dicom_ids, write_dicom
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint

@@ -11,8 +11,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from unimed.config import ConfigError, load_config
+from unimed.config import load_config
 from unimed.data.records import Record
+from unimed.errors import ConfigError
 from unimed.eval import zero_shot
 from unimed.eval.config import EvalConfig
 from unimed.eval.errors import EvalError

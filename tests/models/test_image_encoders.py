@@ -11,7 +11,7 @@ import torch
 from timm.layers import Conv2dSame
 from torch import nn
 
-from unimed.config import ConfigError
+from unimed.errors import ConfigError
 from unimed.models.image import (
     IMAGE_ENCODERS, SamePadConv2d, create_image_encoder, freeze_image_levels, frozen_prefix,
     load_image_weights, shared_trunk_outputs, without_input_padding,
@@ -24,9 +24,11 @@ def test_registry_holds_paper_and_cpu_presets() -> None:
     assert {"resnet18", "resnet10t", "vit_tiny_patch8_64"} <= names
 
 
-def test_unknown_preset_lists_valid_names() -> None:
-    with pytest.raises(KeyError, match="resnet10t"):
+def test_unknown_preset_is_a_config_error_naming_the_key_and_the_valid_presets() -> None:
+    with pytest.raises(ConfigError, match=r"method.image.encoder=resnet-nope: unknown image "
+                                          r"encoder; valid names: .*\bresnet10t\b") as err:
         create_image_encoder("resnet-nope")
+    assert "\n" not in str(err.value)
 
 
 # Presets above this size (the paper's) are checked on the meta device only: a real forward/backward
