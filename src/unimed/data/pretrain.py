@@ -158,7 +158,6 @@ class PretrainDataset(Dataset):
             **errors,
         }
 
-
     def report_text(self, index: int, seed: int) -> str:
         """The text paired with record `index`'s image in the sample seeded by `seed`: the whole
         report, or with `sentence_keep` below 1 the subset of its sentences that `seed` draws."""
