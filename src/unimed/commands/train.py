@@ -280,13 +280,23 @@ def vocab(cfg: Config, args: argparse.Namespace) -> int:
 @command("mlm", "cross-lingual masked-language-model training of the text encoder (use torchrun for "
                 "several processes)", _resume_args)
 def mlm(cfg: Config, args: argparse.Namespace) -> int:
-    print(f"text encoder: {run_mlm(cfg, progress=args.progress, resume=args.resume)}")
+    out = run_mlm(cfg, progress=args.progress, resume=args.resume)
+    if _is_main_process():
+        print(f"text encoder: {out}")
     return 0
+
+
+def _is_main_process() -> bool:
+    """Whether this is the process that prints (rank 0 under torchrun, else the only one)."""
+    from unimed.train.distributed import dist_info_from_env
+
+    return dist_info_from_env("cpu").is_main
 
 
 @command("pretrain", "vision-language pre-training of the method `method.name` (use torchrun for "
                      "several processes)", _resume_args)
 def pretrain(cfg: Config, args: argparse.Namespace) -> int:
     result = run_pretrain(cfg, resume=args.resume, progress=args.progress)
-    print_loss_summary(result.history)
+    if _is_main_process():
+        print_loss_summary(result.history)
     return 0

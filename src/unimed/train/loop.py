@@ -35,7 +35,7 @@ from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.image import to_channels_last
 from unimed.train import checkpoint as ckpt
 from unimed.train.config import LOADER_MIXES, PRECISIONS, TrainConfig
-from unimed.train.distributed import DistInfo, barrier, gather_objects
+from unimed.train.distributed import DistInfo, all_reduce_mean, barrier, gather_objects
 from unimed.train.logs import RunLogger
 
 log = logging.getLogger(__name__)
@@ -360,7 +360,11 @@ class Trainer:
                 terms[k] = terms.get(k, 0.0) + v / self.cfg.grad_accum
         grad_norm = self._optimizer_step()
         self.method.after_optimizer_step(self._context(name))
-        row = {k: float(v) for k, v in terms.items()}  # one host sync per step, after the update
+        # The global batch's terms (each rank's mean over ranks, so every rank and the log hold
+        # the loss of the whole batch, not rank 0's share); one host sync per step, after the update.
+        names = list(terms)
+        means = all_reduce_mean(torch.stack([terms[k].float() for k in names]), self.dist)
+        row = dict(zip(names, means.tolist()))
         total = time.perf_counter() - start
         self.step += 1
         self.step_in_epoch += 1
