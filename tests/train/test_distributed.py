@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import socket
@@ -6,16 +7,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from test_methods import DATA, TINY_METHODS
 from train_helpers import (
     ToyDataset,
     ToyMedUniC,
     ToyMethod,
     ToyModel,
     contrastive_loss,
+    make_tokenizer,
     tiny_cfg,
     toy_loader,
+    write_records,
+    write_volume_records,
 )
 from unimed.losses.medunic import MedUniCLoss
+from unimed.methods import create_method
 from unimed.models.config import MedUniCLossConfig
 from unimed.train.distributed import DistInfo, cleanup, dist_info_from_env, init_distributed
 from unimed.train.loop import train
@@ -84,6 +90,48 @@ def test_two_rank_gloo_step_equals_one_process_on_the_global_batch(tmp_path, set
     # Only rank 0 wrote logs and checkpoints; the log holds the global loss.
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["loss"] == pytest.approx(single["row"]["loss"], abs=1e-6)
+
+
+# UniMedI's X-ray steps leave T_3D without a gradient; Med-UniC without CVL leaves P_l without one,
+# PRIOR without its local sentence term the attention only that term reads.
+UNUSED = {
+    "unimedi": TINY_METHODS["unimedi"],
+    "medunic-no-cvl": dataclasses.replace(TINY_METHODS["medunic"], loss=dataclasses.replace(
+        TINY_METHODS["medunic"].loss, cvl_weight=0.0)),
+    "prior-no-local-sentence": dataclasses.replace(TINY_METHODS["prior"], local_sentence_weight=0.0),
+}
+
+
+def _method_worker(rank: int, world_size: int, port: int, out_dir: str, name: str, world) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    tokenizer, records = world
+    dist = init_distributed()
+    try:
+        torch.manual_seed(0)
+        method = create_method(UNUSED[name], vocab_size=len(tokenizer))
+        loaders = method.build_loaders(records, tokenizer, DATA, batch_size=2, rank=rank,
+                                       world_size=world_size, seed=5)
+        result = train(method, loaders, tiny_cfg(max_steps=2), out_dir, dist, progress=False)
+        torch.save([row["loss"] for row in result.history], os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        cleanup()
+
+
+@pytest.mark.parametrize("name", sorted(UNUSED))
+def test_a_method_whose_steps_leave_parameters_without_gradient_trains_under_ddp(tmp_path, name):
+    """The loop turns on DDP's unused-parameter detection where the method says it needs it
+    (train.find_unused_parameters stays false), instead of failing at the second step."""
+    tokenizer = make_tokenizer(tmp_path)
+    records = write_records(tmp_path, 8)
+    if name == "unimedi":
+        records += write_volume_records(tmp_path, 8)
+    mp.start_processes(_method_worker, args=(2, _free_port(), str(tmp_path), name,
+                                             (tokenizer, records)),
+                       nprocs=2, join=True, start_method="fork")
+    losses = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]  # both ranks log the global loss
 
 
 def test_dist_info_from_env(monkeypatch):

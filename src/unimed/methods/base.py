@@ -87,6 +87,11 @@ class Method(nn.Module):
         optimizer = build_optimizer(self, train)
         return optimizer, build_scheduler(optimizer, train, total_steps)
 
+    def unused_parameters(self, loaders: Sequence[str]) -> str | None:
+        """Why a step on the named `loaders` may leave a trainable parameter without a gradient, or
+        None. DDP needs ``find_unused_parameters`` then; the loop turns it on and says why."""
+        return None
+
     def after_optimizer_step(self, ctx: StepContext) -> None:
         """Called after every optimizer step (EMA teachers, temperature schedules, queues)."""
 

@@ -3,6 +3,7 @@ CVL + SSV + CTR objective of :mod:`unimed.losses.medunic`, in one stage."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,6 +37,16 @@ class MedUniCMethod(Method):
 
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         return self.loss(**self.model(batch), rank=ctx.rank, world_size=ctx.world_size)
+
+    def unused_parameters(self, loaders: Sequence[str]) -> str | None:
+        """P_l without CVL; the word embeddings in a batch without an appended term when the
+        appended rows train under a shared frozen trunk (:mod:`unimed.models.medunic`)."""
+        if self.cfg.loss.cvl_weight == 0:
+            return "method.loss.cvl_weight is 0, so P_l gets no gradient"
+        if self.cfg.text.train_appended_rows and not self.cfg.text.frozen_dropout:
+            return ("method.text.train_appended_rows: a batch without an appended term gives the word "
+                    "embeddings no gradient")
+        return None
 
     def configure_optimizer(
         self, stage: Stage, train: TrainConfig, total_steps: int

@@ -7,14 +7,15 @@ reconstruction. The loop re-creates optimizer and schedule at each stage start (
 resumes inside a stage, with the schedule's state restored). Parts a stage does not use are frozen
 for it, so with the presets' weights every trainable parameter gets a gradient (DDP needs no
 ``find_unused_parameters``); a loss weight set to 0 drops its term, and the parameters only that
-term reads (e.g. the local attention of ``local_sentence_weight``) then need
-``train.find_unused_parameters: true`` under DDP, as Med-UniC's do.
+term reads (e.g. the local attention of ``local_sentence_weight``) then need DDP's
+``find_unused_parameters``, which the loop turns on (:meth:`PriorMethod.unused_parameters`).
 The Gumbel temperature moves after every optimizer step of stages 2-3 (``method.gumbel_schedule``)
 and is a checkpointed buffer of the bank.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,6 +71,14 @@ class PriorMethod(Method):
         offset = 0 if stage.name != "reconstruction" else round(per_epoch * second)
         self._bank_steps = (offset, max(round(per_epoch * (second + third)), 1))
         return super().configure_optimizer(stage, train, total_steps)
+
+    def unused_parameters(self, loaders: Sequence[str]) -> str | None:
+        """A training loss weight of 0 drops its term, and the parameters only it reads with it."""
+        zero = [f.name for f in dataclasses.fields(self.cfg) if f.name.endswith("_weight")
+                and f.name != "zero_shot_local_weight" and getattr(self.cfg, f.name) == 0]
+        if zero:
+            return f"method.{zero[0]} is 0, so the parameters only its term reads get no gradient"
+        return None
 
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         stage = STAGE_NAMES.index(ctx.stage) + 1

@@ -116,6 +116,13 @@ class UniMedIMethod(Method):
         self._frozen_last_layer = False
         self._total_steps = 1
 
+    def unused_parameters(self, loaders: Sequence[str]) -> str | None:
+        """An X-ray step does not run the 3D tokenizer (a CT step runs every part: its slices go
+        through T_2D)."""
+        if "xray" in loaders:
+            return "an X-ray step leaves the 3D tokenizer (T_3D) and its positions without a gradient"
+        return None
+
     # ------------------------------------------------------------------ schedule
     def configure_optimizer(self, stage: Stage, train: TrainConfig, total_steps: int
                             ) -> tuple[torch.optim.Optimizer, LRScheduler]:

@@ -65,7 +65,7 @@ class TextTowerConfig:
     Spanish terms) keep learning in pre-training under frozen embeddings, every base row kept exact;
     the encoder must come from ``unimed mlm``, which records where the appended rows start. With
     `frozen_dropout` false a batch without an appended term gives the embedding no gradient, so
-    DDP then needs ``train.find_unused_parameters: true``.
+    DDP then needs ``find_unused_parameters`` (the loop turns it on).
     """
 
     encoder: str | None = None

@@ -11,7 +11,9 @@ Efficiency and BatchNorm semantics of the two-view forward:
   are normalised, and P_d normalises each dropout view on its own as in Barlow Twins.
 * Work for a loss whose weight is 0 is skipped (no second image view without SSV, one text pass
   without CTR, no P_l pass without CVL). A module that then gets no gradient (P_l with
-  ``cvl_weight`` 0) needs DDP's ``find_unused_parameters``; P_d is not even built without CTR.
+  ``cvl_weight`` 0) needs DDP's ``find_unused_parameters``, which the loop turns on
+  (:meth:`unimed.methods.medunic.MedUniCMethod.unused_parameters`); P_d is not even built without
+  CTR.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ class TrainConfig:
     changing the schedule, which always spans `epochs`. `precision` is "auto" (fp16 on CUDA, fp32
     elsewhere), "fp32", "fp16" (CUDA only) or "bf16" (only where the device runs it natively).
     `checkpoint_every` counts epochs, `checkpoint_every_steps` optimizer steps (0 = off).
+    `find_unused_parameters` is DDP's; the loop also turns it on where the method says some
+    parameter can get no gradient in a step (:meth:`unimed.methods.base.Method.unused_parameters`:
+    UniMedI's X-ray steps, a loss weight of 0).
     `sync_batchnorm` turns BatchNorm into SyncBatchNorm under DDP on CUDA (batch statistics over
     the global batch; per-rank statistics otherwise, as in the reference implementations).
     `channels_last` stores the 4-D (convolution) weights in channels-last memory format, which the

@@ -143,10 +143,14 @@ class Trainer:
         if not self.dist.distributed:
             return self.method
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        return DistributedDataParallel(
-            self.method, device_ids=device_ids,
-            find_unused_parameters=self.cfg.find_unused_parameters,
-        )
+        find_unused = self.cfg.find_unused_parameters
+        reason = self.method.unused_parameters(tuple(self.loaders))
+        if reason and not find_unused:
+            find_unused = True
+            if self.dist.is_main:
+                log.info("DDP finds unused parameters (train.find_unused_parameters on): %s", reason)
+        return DistributedDataParallel(self.method, device_ids=device_ids,
+                                       find_unused_parameters=find_unused)
 
     # ---------------------------------------------------------------- stages
     @property
