@@ -124,7 +124,7 @@ def train_mlm(
             raise CheckpointError(f"cannot save the MLM encoder to {out} ({write_failure(exc)}); "
                                   f"its training checkpoints are in {out / CHECKPOINT_DIR}") from None
     history = _epoch_means(result.history)
-    if result.history:
+    if result.history and dist.is_main:
         first, last = result.history[0], result.history[-1]
         logger.info("MLM: %d steps, batch loss %.3f (step %d) -> %.3f (step %d), saved to %s",
                     result.steps, first["loss"], first["step"], last["loss"], last["step"], out)
