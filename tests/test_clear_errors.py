@@ -237,3 +237,14 @@ def test_bad_image_weights_file_is_a_config_error(content, name: str, message: s
     with pytest.raises(ConfigError, match=f"method.image.weights={path}: {message}") as err:
         create_image_encoder("resnet10t", weights=path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "demo", "phantom"])
+def test_a_one_process_command_under_torchrun_is_one_line(command: str, tmp_path: Path, capsys,
+                                                          monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([command, DEMO, f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"unimed: config error: unimed {command} runs as one process (WORLD_SIZE=2); "
+                   "launch it without torchrun (commands that run under torchrun: mlm, pretrain)")
+    assert not (tmp_path / "runs").exists()

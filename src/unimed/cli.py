@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import errno
 import logging
+import os
 import sys
 from collections.abc import Iterator
 
@@ -85,6 +86,16 @@ FILE_SYSTEM_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
                                 errno.EFBIG})
 
 
+def _check_launch(name: str, distributed: bool) -> None:
+    """A command that runs as one process, launched by torchrun on several ranks, is a ConfigError
+    (every rank would do the whole job and write the same files)."""
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if not distributed and world_size not in ("", "1"):
+        runs = ", ".join(sorted(n for n, c in COMMANDS.items() if c.distributed))
+        raise ConfigError(f"unimed {name} runs as one process (WORLD_SIZE={world_size}); launch it "
+                          f"without torchrun (commands that run under torchrun: {runs})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `unimed` console script; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -102,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args.progress = not args.quiet and sys.stderr.isatty()
     try:
         spec = COMMANDS[args.command]
+        _check_launch(args.command, spec.distributed)
         path, overrides = _split_config_and_overrides(args)
         cfg = load_config(path or spec.default_config(args), overrides)
         with library_output(quiet=args.quiet, progress=args.progress):

@@ -25,24 +25,27 @@ def _no_default(args: argparse.Namespace) -> None:
 @dataclasses.dataclass(frozen=True)
 class Command:
     """A sub-command: its help, handler, own arguments (added before the shared preset and
-    overrides, so they may be positional) and the preset used when none is given."""
+    overrides, so they may be positional), the preset used when none is given, and whether it runs
+    under torchrun (one process per rank) or only as one process."""
 
     help: str
     handler: Handler
     add_args: ArgAdder = _no_args
     default_config: DefaultConfig = _no_default
+    distributed: bool = False
 
 
 COMMANDS: dict[str, Command] = {}
 
 
 def command(
-    name: str, help_text: str, add_args: ArgAdder = _no_args, default_config: DefaultConfig = _no_default
+    name: str, help_text: str, add_args: ArgAdder = _no_args, default_config: DefaultConfig = _no_default,
+    *, distributed: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Register a sub-command handler under `name`."""
 
     def decorator(fn: Handler) -> Handler:
-        COMMANDS[name] = Command(help_text, fn, add_args, default_config)
+        COMMANDS[name] = Command(help_text, fn, add_args, default_config, distributed)
         return fn
 
     return decorator

@@ -278,7 +278,7 @@ def vocab(cfg: Config, args: argparse.Namespace) -> int:
 
 
 @command("mlm", "cross-lingual masked-language-model training of the text encoder (use torchrun for "
-                "several processes)", _resume_args)
+                "several processes)", _resume_args, distributed=True)
 def mlm(cfg: Config, args: argparse.Namespace) -> int:
     out = run_mlm(cfg, progress=args.progress, resume=args.resume)
     if _is_main_process():
@@ -294,7 +294,7 @@ def _is_main_process() -> bool:
 
 
 @command("pretrain", "vision-language pre-training of the method `method.name` (use torchrun for "
-                     "several processes)", _resume_args)
+                     "several processes)", _resume_args, distributed=True)
 def pretrain(cfg: Config, args: argparse.Namespace) -> int:
     result = run_pretrain(cfg, resume=args.resume, progress=args.progress)
     if _is_main_process():
