@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from unimed.config import Config, save_config
+from unimed.errors import ConfigError
 
 Handler = Callable[[Config, argparse.Namespace], int]
 ArgAdder = Callable[[argparse.ArgumentParser], None]
@@ -71,4 +72,3 @@ from unimed.commands import ablate  # noqa: E402,F401
 from unimed.commands import demo  # noqa: E402,F401
 from unimed.commands import check_data  # noqa: E402,F401
 from unimed.commands import inference  # noqa: E402,F401
-from unimed.errors import ConfigError

@@ -456,16 +456,13 @@ class VolumeFinetuneConfig:
         if self.trainable not in FINETUNE_TRAINABLE:
             raise ValueError("eval.volume_finetune.trainable must be one of "
                              f"{', '.join(FINETUNE_TRAINABLE)}, got {self.trainable!r}")
-        check_bounds("eval.volume_finetune", self, positive=("lr",),
+        check_bounds("eval.volume_finetune", self, positive=("lr",), non_negative=("weight_decay",),
                      at_least_one=("min_train_volumes", "slices", "epochs", "batch_size",
                                    "patience"))
         bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
         if bad or not self.fractions:
             raise ValueError("eval.volume_finetune.fractions must lie in (0, 1], "
                              f"got {list(self.fractions)}")
-        if self.weight_decay < 0:
-            raise ValueError("eval.volume_finetune.weight_decay must be >= 0, "
-                             f"got {self.weight_decay}")
 
 
 @dataclasses.dataclass(frozen=True)
