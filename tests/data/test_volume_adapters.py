@@ -18,7 +18,7 @@ import torch
 from unimed.data.adapters import VOLUME_FOLDERS, load_dataset
 from unimed.data.errors import DataError
 from unimed.data.splits import leaking_patients
-from unimed.data.volumes import SLICE_WINDOW, Volume, axial_slices, prepare_volume, read_volume
+from unimed.data.volumes import SLICE_WINDOW, Volume, axial_slices, crop_cube, prepare_volume, read_volume
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.ct.config import CTConfig
 from unimed.phantom.ct.generator import generate_ct_study
@@ -285,3 +285,84 @@ def test_single_label_volumes_are_carved_per_patient_stratified_by_class(labelle
     for stratum, size in sizes.items():
         for split, n in splits.items():
             assert abs(table[stratum, split] - size * n / len(strata)) < 1, (stratum, split, dict(table))
+
+
+def _candidate_rows(luna: Path) -> list[list[str]]:
+    return [line.split(",") for line in (luna / "candidates.csv").read_text(encoding="utf-8").splitlines()[1:]]
+
+
+def test_luna_candidates_are_cubes_around_each_row_of_candidates_csv(world, tmp_path):
+    root, _ = world
+    rows = _candidate_rows(root / "luna16")
+    read = load_dataset("luna16-candidates", root / "luna16", split_dir=tmp_path)
+    records = read.records
+    assert not read.dropped and len(records) == len(rows)
+    by_centre = {(r.patient_id, round(r.crop.x, 3), round(r.crop.y, 3), round(r.crop.z, 3)): r for r in records}
+    for uid, x, y, z, label in rows:  # LPS on disk, RAS in the record
+        record = by_centre[uid, round(-float(x), 3), round(-float(y), 3), round(float(z), 3)]
+        assert record.labels == {"nodule": float(label)} and record.ndim == 3
+        assert record.target == ("nodule" if label == "1" else "non-nodule")
+        assert record.image_path.stem == uid and record.crop.size_mm == 48.0
+    nodules = {(r.patient_id, round(p.x, 3), round(p.y, 3), round(p.z, 3))
+               for r in load_dataset("luna16", root / "luna16").records for p in r.points}
+    positives = {key for key, r in by_centre.items() if r.labels["nodule"] == 1.0}
+    assert positives == nodules and len(positives) >= 1
+    split_of = {}
+    for r in records:  # every candidate of a series in the series' split
+        assert split_of.setdefault(r.patient_id, r.split) == r.split
+    keys = (tmp_path / "luna16-candidates.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(keys) == len(set(keys)) == len(records) and all("@" in k for k in keys)
+
+
+def test_false_candidates_are_the_largest_lung_structures_clear_of_every_nodule():
+    from unimed.phantom.ct.writers import FALSE_CANDIDATES, false_candidates
+
+    study = generate_ct_study(CTConfig(), 0, "luna16", 2, site="lidc_a", enrich={"nodule": 1.0})
+    nodules = [lesion for lesion in study.lesions if lesion.name == "nodule"]
+    found = false_candidates(study, FALSE_CANDIDATES)
+    assert nodules and len(found) == FALSE_CANDIDATES
+    spacing = np.array(study.spacing[::-1])
+    for centre in found:
+        k, j, i = (int(round(v)) for v in centre)
+        assert -500 < study.hu[k, j, i] < 400  # soft tissue, not lung and not bone ...
+        assert (study.hu[k, j - 6:j + 7, i - 6:i + 7] < -500).any()  # ... with lung beside it
+        for lesion in nodules:
+            assert np.linalg.norm((np.array(centre) - lesion.centre_voxel) * spacing) >= lesion.diameter_mm
+    assert false_candidates(study, 2) == found[:2]  # the largest first
+
+
+def test_crop_cube_centres_the_point_and_pads_outside_with_air():
+    array = np.full((20, 20, 10), -800.0, np.float32)
+    array[12, 5, 3] = 100.0
+    affine = np.diag([2.0, 2.0, 5.0, 1.0])
+    affine[:3, 3] = (-10.0, 4.0, 30.0)
+    volume = Volume(array=array, affine=affine, path=Path("v.nii.gz"))
+    point = affine @ np.array([12, 5, 3, 1.0])
+    cube = crop_cube(volume, point[:3], 20.0)
+    assert cube.array.shape == (11, 11, 5) and cube.array[5, 5, 2] == 100.0
+    np.testing.assert_allclose(cube.affine @ np.array([5, 5, 2, 1.0]), point)
+    corner = affine @ np.array([0, 0, 0, 1.0])
+    edge = crop_cube(volume, corner[:3], 20.0)
+    assert edge.array[5, 5, 2] == -800.0 and (edge.array[:5] == -1000.0).all() and (edge.array[:, :, :2] == -1000.0).all()
+    with pytest.raises(DataError, match=r"v\.nii\.gz: crop centred at .* outside the volume"):
+        crop_cube(volume, (500.0, 0.0, 0.0), 20.0)
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ("{uid},0.0,0.0,0.0,2", "class '2' must be 0 or 1"),
+    ("1.2.3,0.0,0.0,0.0,0", r"series 1\.2\.3 has no subset\*/1\.2\.3\.mhd"),
+    ("{uid},5000.0,0.0,0.0,0", "candidate at .* outside the volume"),
+    ("{first}", "repeats the candidate of line 2"),
+])
+def test_bad_luna_candidate_rows_name_their_line(world, tmp_path, row, message):
+    root, _ = world
+    luna = tmp_path / "luna16"
+    shutil.copytree(root / "luna16", luna)
+    first = ",".join(_candidate_rows(luna)[0])
+    with (luna / "candidates.csv").open("a", encoding="utf-8") as f:
+        f.write(row.format(uid=first.split(",")[0], first=first) + "\n")
+    lines = (luna / "candidates.csv").read_text(encoding="utf-8").count("\n")
+    with pytest.raises(DataError, match=rf"candidates\.csv, line {lines}\b.*{message}"):
+        load_dataset("luna16-candidates", luna)
+    skipped = load_dataset("luna16-candidates", luna, on_error="skip")
+    assert len(skipped.records) == lines - 2 and sum(skipped.dropped.values()) == 1

@@ -59,6 +59,8 @@ def test_the_datasets_are_those_of_the_volume_tasks_that_ran():
     assert viewer.volume_datasets(cfg, ("zero_shot", "linear_probe")) == []
     assert viewer.volume_datasets(cfg, ("slice_localisation",)) == ["bimcv-covid19"]
     assert viewer.volume_datasets(cfg, VOLUME_TASK_NAMES) == ["cc-ccii", "luna16", "bimcv-covid19"]
+    candidates = dataclasses.replace(cfg, volume=dataclasses.replace(cfg.volume, probe_datasets=("luna16-candidates",)))
+    assert viewer.volume_datasets(candidates, ("volume_probe",)) == ["luna16"]  # the volumes it crops
 
 
 def test_slices_spread_over_the_finding_and_one_lies_outside_it():

@@ -13,7 +13,7 @@ import torch
 from eval_helpers import IMAGE_SIZE
 
 from unimed.data.config import DataConfig
-from unimed.data.volumes import Volume, axial_slices
+from unimed.data.volumes import Volume, axial_slices, crop_cube, read_volume
 from unimed.eval import volumes
 from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig
 from unimed.eval.data import EvalData, rgb
@@ -109,6 +109,9 @@ def test_3d_tasks_run_end_to_end_through_the_runner(ct_context, tiny_encoder):
         assert 0.0 <= row["value"] <= 1.0 and row["ci"][0] <= row["value"] <= row["ci"][1]
     nodules = out["volume_probe"]["luna16"]
     assert nodules["metric"] == "auc" and sum(nodules["volumes"].values()) == 30
+    candidates = out["volume_probe"]["luna16-candidates"]
+    rows = (Path(ct_context.data.cfg.root) / "luna16" / "candidates.csv").read_text().count("\n") - 1
+    assert candidates["metric"] == "auc" and sum(candidates["volumes"].values()) == rows > 30
     retrieval = out["volume_retrieval"]["bimcv-covid19"]
     ks = {f"R@{k}" for k in ct_context.cfg.retrieval.ks if k <= retrieval["queries"]}
     assert set(retrieval["volume_to_report"]) == set(retrieval["report_to_volume"]) == {*ks, "ci"}
@@ -116,6 +119,19 @@ def test_3d_tasks_run_end_to_end_through_the_runner(ct_context, tiny_encoder):
     assert 0.0 <= localisation["en"]["hit_rate"] <= 1.0 and localisation["pairs"] >= 1
     published = ct_context.data.publish(ct_context.out_dir)
     assert {"cc-ccii/train", "cc-ccii/valid", "cc-ccii/test", "bimcv-covid19/test"} <= set(published)
+
+
+def test_a_candidate_is_seen_as_the_cube_around_it(ct_context):
+    """The slice-wise adapter's view of a LUNA16 candidate is its cube's slices, a nodule bright at
+    the centre slice's centre."""
+    records = ct_context.data.require("luna16-candidates", "train")
+    stacks = ct_context.data.slice_stacks("luna16-candidates", "train", 4, (-1000.0, 400.0))
+    for record, stack in zip(records, stacks):
+        cube = crop_cube(read_volume(record.image_path), (record.crop.x, record.crop.y, record.crop.z), 48.0)
+        torch.testing.assert_close(stack[:, 0], axial_slices(cube, size=IMAGE_SIZE, slices=4))
+    nodule = next(i for i, r in enumerate(records) if r.labels["nodule"] == 1.0)
+    centre = stacks[nodule, :, 0, IMAGE_SIZE // 2 - 1:IMAGE_SIZE // 2 + 1, IMAGE_SIZE // 2 - 1:IMAGE_SIZE // 2 + 1]
+    assert float(centre.max()) > 0.3  # brighter than lung (-860 HU: 0.1 in the lung window)
 
 
 def test_a_2d_dataset_is_refused_by_the_3d_tasks(eval_data):

@@ -30,6 +30,21 @@ class PointAnn:
 
 
 @dataclasses.dataclass(frozen=True)
+class Crop:
+    """The cube of a volume that a record stands for (a LUNA16 candidate): its centre in RAS world
+    millimetres and its side in mm."""
+
+    x: float
+    y: float
+    z: float
+    size_mm: float
+
+    def tag(self) -> str:
+        """What tells this crop from the volume's others in a split-file key: ``@x,y,z`` (mm)."""
+        return f"@{self.x:.2f},{self.y:.2f},{self.z:.2f}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Record:
     """One image (and its report, when the dataset has one) in canonical form.
 
@@ -39,7 +54,8 @@ class Record:
     `image_path` is None only for a row of a text-only corpus (read by the text stages alone).
     `ndim` is 2 for images, 3 for volumes (`image_path` is then a NIfTI, a `.mhd` header or a folder
     of slice images; read it with `unimed.data.volumes.read_volume`); `mask_path` is a volume's label
-    map (BCV) and `points` its point findings (LUNA16 nodules).
+    map (BCV) and `points` its point findings (LUNA16 nodules). A record with a `crop` stands for
+    that cube of its volume only (a LUNA16 candidate), read with `unimed.data.volumes.crop_cube`.
     """
 
     dataset: str
@@ -59,6 +75,7 @@ class Record:
     ndim: int = 2
     mask_path: Path | None = None
     points: tuple[PointAnn, ...] = ()
+    crop: Crop | None = None
 
     def label(self, name: str) -> float:
         """The label value, NaN when the dataset does not state it."""

@@ -217,6 +217,25 @@ def read_volume(path: str | Path, *, labels: bool = False) -> Volume:
     return Volume(array=array, affine=affine, path=path)
 
 
+def crop_cube(volume: Volume, centre_ras: Sequence[float], size_mm: float, *, fill: float = -1000.0) -> Volume:
+    """The cube of `size_mm` per side centred on a RAS world point (a LUNA16 candidate), in whole
+    voxels of `volume` (the centre voxel and as many on each side as half the side covers), with
+    its own affine; the part of the cube outside the volume is `fill` (air)."""
+    centre = np.round(volume.world_to_voxel(centre_ras)).astype(int)
+    half = np.maximum(np.round(size_mm / 2 / np.array(volume.spacing)), 1).astype(int)
+    start, stop = centre - half, centre + half + 1
+    shape = np.array(volume.array.shape)
+    low, high = np.clip(start, 0, shape), np.clip(stop, 0, shape)
+    if np.any(high <= low):
+        raise DataError(f"crop centred at {np.round(centre_ras, 2).tolist()} mm lies outside the volume",
+                        volume.path, reason=UNREADABLE_IMAGE)
+    inner = volume.array[tuple(slice(a, b) for a, b in zip(low, high))]
+    array = np.pad(inner, list(zip(low - start, stop - high)), constant_values=fill)
+    affine = volume.affine.copy()
+    affine[:3, 3] = (volume.affine @ np.array([*start, 1.0]))[:3]
+    return Volume(array=np.asarray(array, dtype=np.float32), affine=affine, path=volume.path)
+
+
 def prepare_volume(
     volume: Volume, *, spacing: Sequence[float] | None = None, shape: Sequence[int] | None = None,
     window: tuple[float, float] = (-1000.0, 400.0), labels: bool = False,

@@ -19,7 +19,8 @@ MISSING = "–"
 DATASET_NAMES = {
     "cxp500": "CXP500", "pdc": "PDC", "chexpert": "CheXpert", "rsna": "RSNA", "covidx": "COVIDx",
     "siim": "SIIM", "object-cxr": "Object-CXR", "mimic-cxr": "MIMIC-CXR", "padchest": "PadChest",
-    "cc-ccii": "CC-CCII", "bimcv-covid19": "BIMCV-COVID19+", "luna16": "LUNA16", "bcv": "BCV",
+    "cc-ccii": "CC-CCII", "bimcv-covid19": "BIMCV-COVID19+", "luna16": "LUNA16",
+    "luna16-candidates": "LUNA16 candidates", "bcv": "BCV",
 }
 LANGUAGE_NAMES = {"en": "En", "es": "Sp"}
 LANGUAGE_WORDS = {"en": "English", "es": "Spanish"}  # the languages in a sentence

@@ -280,7 +280,9 @@ class VolumeConfig:
     `slices` axial slices of ``data.image_size`` squared pixels, HU-windowed to [0, 1] with `window`
     (the lung window by default), each slice encoded and the slice embeddings mean-pooled.
     `probe_datasets` are classified by a linear probe on the frozen pooled features (CC-CCII:
-    NCP / CP / Normal accuracy, UniMedI Table 2; LUNA16: nodule vs normal volume, AUC),
+    NCP / CP / Normal accuracy, UniMedI Table 2; LUNA16 candidates: nodule vs other candidate,
+    each the cube around it, AUC, as LUNA16's false-positive reduction track poses it; LUNA16:
+    nodule vs normal volume, AUC, the UniMedI paper's wording),
     `retrieval_datasets` give volume <-> report
     Recall@K on their test split (BIMCV-COVID19+ with its Spanish reports), and in
     `localisation_datasets` each finding of a test volume is localised by the `localisation_k`
@@ -291,7 +293,7 @@ class VolumeConfig:
     (UniMedI's and the phantom's 32: the ground truth then maps slice for slice).
     """
 
-    probe_datasets: tuple[str, ...] = ("cc-ccii", "luna16")
+    probe_datasets: tuple[str, ...] = ("cc-ccii", "luna16-candidates", "luna16")
     retrieval_datasets: tuple[str, ...] = ("bimcv-covid19",)
     localisation_datasets: tuple[str, ...] = ("bimcv-covid19",)
     localisation_k: int = 3
@@ -394,7 +396,8 @@ FINETUNE_TRAINABLE = ("all", "last")
 class VolumeFinetuneConfig:
     """3D fine-tuning (UniMedI Table 3, :mod:`unimed.eval.volume_finetune`): a trainable copy of the
     encoder's image side and a linear head on its pooled volume feature, per dataset of `datasets`
-    (CC-CCII: NCP / CP / Normal accuracy; LUNA16: nodule vs normal AUC, and accuracy).
+    (CC-CCII: NCP / CP / Normal accuracy; LUNA16 candidates: nodule vs other candidate AUC, and
+    accuracy; LUNA16: nodule vs normal volume AUC, and accuracy).
 
     `trainable`: "all" trains every image-side parameter (the paper's full fine-tuning); "last"
     trains the head, the encoder's last feature level (timm ``feature_info[-1]``: ResNet ``layer4``,
@@ -434,7 +437,7 @@ class VolumeFinetuneConfig:
     only: "all" at 3e-4 (Med-UniC, CC-CCII) fell to validation accuracy 0.30; its lr is not chosen.
     """
 
-    datasets: tuple[str, ...] = ("cc-ccii", "luna16")
+    datasets: tuple[str, ...] = ("cc-ccii", "luna16-candidates", "luna16")
     trainable: str = "last"
     fractions: tuple[float, ...] = (1.0,)
     min_train_volumes: int = 4

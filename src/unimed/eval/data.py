@@ -41,7 +41,7 @@ from unimed.data.errors import UNREADABLE_IMAGE, DataError
 from unimed.data.images import load_image
 from unimed.data.records import Record
 from unimed.data.transforms import eval_transform
-from unimed.data.volumes import axial_slices, read_volume
+from unimed.data.volumes import axial_slices, crop_cube, read_volume
 from unimed.eval.errors import EvalError
 
 log = logging.getLogger(__name__)
@@ -140,11 +140,15 @@ class EvalData:
     def slice_stacks(self, dataset: str, split: str, slices: int,
                      window: tuple[float, float]) -> torch.Tensor:
         """(N, slices, 1, S, S) axial slices of the volumes of `records(dataset, split)`
-        (:func:`unimed.data.volumes.axial_slices`), read on the decoding threads and cached."""
+        (:func:`unimed.data.volumes.axial_slices`; of its cube, for a record with a `crop`), read
+        on the decoding threads and cached."""
         key = (dataset, split, slices, tuple(window))
         if key not in self._slices:
             def read(record: Record) -> tuple[torch.Tensor, int]:
                 volume = read_volume(record.image_path)
+                if record.crop:
+                    crop = record.crop
+                    volume = crop_cube(volume, (crop.x, crop.y, crop.z), crop.size_mm)
                 stack = axial_slices(volume, size=self.image_size, slices=slices, window=window)
                 return stack, volume.array.shape[2]
 
@@ -206,12 +210,14 @@ class EvalData:
         return records
 
     def image_id(self, record: Record) -> str:
-        """The record's image path relative to the data root (POSIX), its id in split files."""
+        """The record's image path relative to the data root (POSIX), with its crop's tag when it
+        stands for a crop of its volume: its id in split files."""
         path = Path(record.image_path)
         try:
-            return path.relative_to(self.cfg.root).as_posix()
+            key = path.relative_to(self.cfg.root).as_posix()
         except ValueError:
-            return path.as_posix()
+            key = path.as_posix()
+        return key + record.crop.tag() if record.crop else key
 
     def splits_read(self) -> list[tuple[str, str | None]]:
         """(dataset, split) of every split whose images or volumes were read so far, here or (noted

@@ -72,7 +72,7 @@ BOLD_BEST = {TITLE_ZERO_SHOT, TITLE_LINEAR, TITLE_SEG_DET, TITLE_I2R, TITLE_R2I,
 LINEAR_SETS = ("chexpert", "rsna", "covidx")
 RETRIEVAL_SETS = ("mimic-cxr", "padchest")
 RETRIEVAL_METRICS = ("R@1", "R@5", "R@10", "P@1", "P@5", "P@10")
-VOLUME_PROBE_SETS = ("cc-ccii", "luna16")
+VOLUME_PROBE_SETS = ("cc-ccii", "luna16-candidates", "luna16")
 VOLUME_NOT_RUN = (
     ("Table 3", "3D fine-tuning of the whole encoder, 100 % of the labels",
      "CC-CCII (ACC), LUNA16 (AUC)", "not run: add volume_finetune to the tasks", "volume_finetune"),

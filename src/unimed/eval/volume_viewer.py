@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse
 
-from unimed.data.adapters import dataset_folder
+from unimed.data.adapters import SHARED_FOLDERS, dataset_folder
 from unimed.data.adapters.bcv import BCV_ORGANS
 from unimed.data.errors import DataError
 from unimed.data.records import Record
@@ -132,8 +132,9 @@ class CaseRow:
 
 
 def volume_datasets(cfg: EvalConfig, tasks: Sequence[str]) -> list[str]:
-    """The 3D datasets the run's volume tasks read, in config order, each once."""
-    return list(dict.fromkeys(name for task in tasks if task in VOLUME_DATASETS
+    """The 3D datasets the run's volume tasks read, in config order, each once; a dataset read from
+    another's folder (LUNA16's candidates) as that dataset, whose volumes it crops."""
+    return list(dict.fromkeys(SHARED_FOLDERS.get(name, name) for task in tasks if task in VOLUME_DATASETS
                               for name in getattr(cfg.volume, VOLUME_DATASETS[task])))
 
 

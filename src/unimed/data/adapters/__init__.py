@@ -42,6 +42,9 @@ VOLUME_FOLDERS: dict[str, str] = {
     "luna16": "luna16",
     "bcv": "bcv",
 }
+# Datasets read from another dataset's folder: LUNA16's nodule candidates (one record per row of
+# its candidates.csv) from the LUNA16 layout.
+SHARED_FOLDERS: dict[str, str] = {"luna16-candidates": "luna16"}
 
 
 def load_dataset(
@@ -106,7 +109,7 @@ def patient_strata(records: Sequence[Record]) -> dict[str, str]:
 def dataset_folder(name: str, root: str | Path) -> Path:
     """Where dataset `name` lives under `root`: its official layout's folder, else `<root>/<name>`
     (a generic records table)."""
-    return Path(root) / DATASET_FOLDERS.get(name, name)
+    return Path(root) / DATASET_FOLDERS.get(name, SHARED_FOLDERS.get(name, name))
 
 
 def find_datasets(root: str | Path) -> list[str]:
@@ -156,6 +159,7 @@ __all__ = [
     "ADAPTERS",
     "DATASET_FOLDERS",
     "DatasetRead",
+    "SHARED_FOLDERS",
     "VOLUME_FOLDERS",
     "bcv",
     "bimcv",

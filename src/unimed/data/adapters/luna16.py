@@ -1,10 +1,20 @@
 """LUNA16: `subset*/<seriesuid>.mhd` + `.raw` volumes, nodules in `annotations.csv` (seriesuid,
-coordX, coordY, coordZ, diameter_mm; world millimetres in ITK's LPS frame). `candidates.csv` is
-not needed for volume labels; a series with no annotation is a normal (nodule-free) volume."""
+coordX, coordY, coordZ, diameter_mm; world millimetres in ITK's LPS frame), nodule candidates in
+`candidates.csv` (seriesuid, coordX, coordY, coordZ, class: LUNA16's false-positive reduction
+track).
+
+Two datasets read the folder: ``luna16``, one record per series labelled nodule / normal (a series
+with no annotation is a normal volume; the UniMedI paper's wording of its task), and
+``luna16-candidates``, one record per candidate, the cube of CANDIDATE_CUBE_MM around it labelled
+nodule (class 1) or not (class 0): nodule classification as LUNA16's own track and the 3D
+self-supervised literature pose it (Models Genesis' NCC, an AUC on candidate cubes). UniMedI's
+Table 3 names its column "LUNA2016-v2", the version of that track's candidates table, and reports
+an AUC."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -12,26 +22,71 @@ from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext
 from unimed.data.adapters.tables import CsvTable, find_file, parse_number
 from unimed.data.adapters.volume_common import CARVE, POOL, check_volume_path
 from unimed.data.errors import MISSING_IMAGE, DataError
-from unimed.data.records import PointAnn, Record
+from unimed.data.records import Crop, PointAnn, Record
 from unimed.data.volumes import mhd_geometry
 
 COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+CANDIDATE_CUBE_MM = 48.0
+"""Side of the cube a candidate is read as: 2-15 times the diameter of LUNA16's nodules (3-30 mm),
+about the field of view of Models Genesis' 64 x 64 x 32-voxel NCC cubes."""
+
+Check = Callable[[CsvTable, int, dict[str, str], float], None]
 
 
-def _annotations(root: Path, ctx: ReadContext) -> tuple[CsvTable, list[tuple[int, str, PointAnn]]]:
-    table = CsvTable(find_file(root, ["annotations.csv"], "LUNA16 annotations.csv"), COLUMNS)
-    out = []
+def _positive_diameter(table: CsvTable, line: int, row: dict[str, str], value: float) -> None:
+    if value != value or value <= 0:
+        raise table.error(f"diameter {row['diameter_mm']!r} must be a positive number", line, "diameter_mm")
+
+
+def _class_label(table: CsvTable, line: int, row: dict[str, str], value: float) -> None:
+    if value not in (0.0, 1.0):
+        raise table.error(f"class {row['class']!r} must be 0 or 1", line, "class")
+
+
+def _points(root: Path, ctx: ReadContext, name: str, columns: tuple[str, ...], what: str,
+            headers: dict[str, Path], check: Check) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Series uid -> [(x, y, z in RAS mm, the row's last column)] of the table `name` (LPS mm on
+    disk); a row naming a series without a volume, a point outside its volume or a repeated row is
+    a DataError on its line."""
+    table = CsvTable(find_file(root, [name], f"LUNA16 {name}"), columns)
+    geometry: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
+    out: dict[str, list[tuple[float, float, float, float]]] = {uid: [] for uid in headers}
+    seen: dict[tuple[str, float, float, float], int] = {}
     for line, values in table:
         try:
             row = table.row(line, values)
-            x, y, z, d = (parse_number(table, line, row, c) for c in COLUMNS[1:])
-            if d != d or d <= 0:
-                raise table.error(f"diameter {row['diameter_mm']!r} must be a positive number", line, "diameter_mm")
+            x, y, z, value = (parse_number(table, line, row, c) for c in columns[1:])
+            check(table, line, row, value)
+            uid = row["seriesuid"].strip()
+            if uid not in headers:
+                raise table.error(f"series {uid} has no subset*/{uid}.mhd", line, "seriesuid", MISSING_IMAGE)
+            if uid not in geometry:
+                geometry[uid] = mhd_geometry(headers[uid])
+            size, affine = geometry[uid]
+            voxel = (np.linalg.inv(affine) @ np.array([-x, -y, z, 1.0]))[:3]
+            if np.any(voxel < -0.5) or np.any(voxel > np.array(size) - 0.5):
+                raise table.error(f"{what} at ({x}, {y}, {z}) mm is outside the volume "
+                                  f"(voxel {voxel.round(1).tolist()}, size {list(size)})", line)
+            if (uid, x, y, z) in seen:
+                raise table.error(f"repeats the {what} of line {seen[uid, x, y, z]}", line)
         except DataError as err:
             ctx.drops.bad(err)
             continue
-        out.append((line, row["seriesuid"].strip(), PointAnn(-x, -y, z, d, "nodule")))  # LPS -> RAS
-    return table, out
+        seen[uid, x, y, z] = line
+        out[uid].append((-x, -y, z, value))
+    return out
+
+
+def _readable(ctx: ReadContext, header: Path) -> bool:
+    """Whether the series' volume is there (a missing or short `.raw` is counted as a bad row)."""
+    try:
+        check_volume_path(ctx, header, header, None)
+        mhd_geometry(header)
+    except DataError as err:
+        ctx.drops.bad(err)
+        return False
+    return True
 
 
 @ADAPTERS.register("luna16")
@@ -40,36 +95,36 @@ def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
     annotation outside its volume or of a series with no volume is a DataError on its line. Carved
     per patient, stratified by label."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
-    table, annotations = _annotations(root, ctx)
-    geometry, points = {}, {uid: [] for uid in headers}
-    for line, uid, point in annotations:
-        try:
-            if uid not in headers:
-                raise table.error(f"series {uid} has no subset*/{uid}.mhd", line, "seriesuid", MISSING_IMAGE)
-            if uid not in geometry:
-                geometry[uid] = mhd_geometry(headers[uid])
-            size, affine = geometry[uid]
-            voxel = (np.linalg.inv(affine) @ np.array([point.x, point.y, point.z, 1.0]))[:3]
-            if np.any(voxel < -0.5) or np.any(voxel > np.array(size) - 0.5):
-                raise table.error(f"nodule at ({-point.x}, {-point.y}, {point.z}) mm is outside the volume "
-                                  f"(voxel {voxel.round(1).tolist()}, size {list(size)})", line)
-        except DataError as err:
-            ctx.drops.bad(err)
-            continue
-        points[uid].append(point)
+    nodules = _points(root, ctx, "annotations.csv", COLUMNS, "nodule", headers, _positive_diameter)
     records = []
     for uid, header in headers.items():
-        try:
-            check_volume_path(ctx, header, header, None)
-            if uid not in geometry:
-                mhd_geometry(header)
-        except DataError as err:
-            ctx.drops.bad(err)
+        if not _readable(ctx, header):
             continue
-        nodules = tuple(points[uid])
+        points = tuple(PointAnn(x, y, z, d, "nodule") for x, y, z, d in nodules[uid])
         records.append(Record(
             dataset=ctx.dataset, image_path=header, patient_id=uid, study_id=uid, split=POOL,
-            labels={"nodule": float(bool(nodules))}, target="nodule" if nodules else "normal",
-            points=nodules, ndim=3,
+            labels={"nodule": float(bool(points))}, target="nodule" if points else "normal",
+            points=points, ndim=3,
         ))
+    return AdapterResult(records, CARVE, stratify=True)
+
+
+@ADAPTERS.register("luna16-candidates")
+def read_luna16_candidates(root: Path, ctx: ReadContext) -> AdapterResult:
+    """One 3D record per row of `candidates.csv`: the cube of CANDIDATE_CUBE_MM around the
+    candidate (`crop`, RAS mm) of its series' volume, label nodule 1 / 0 by its class. A row naming
+    a series with no volume, a point outside its volume, a class other than 0 / 1 or a repeated row
+    is a DataError on its line. Carved per patient (series), stratified by the classes of a
+    series' candidates."""
+    headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
+    candidates = _points(root, ctx, "candidates.csv", CANDIDATE_COLUMNS, "candidate", headers, _class_label)
+    records = []
+    for uid, header in headers.items():
+        if not candidates[uid] or not _readable(ctx, header):
+            continue
+        records += [Record(
+            dataset=ctx.dataset, image_path=header, patient_id=uid, study_id=uid, split=POOL,
+            labels={"nodule": label}, target="nodule" if label else "non-nodule", ndim=3,
+            crop=Crop(x, y, z, CANDIDATE_CUBE_MM),
+        ) for x, y, z, label in candidates[uid]]
     return AdapterResult(records, CARVE, stratify=True)
