@@ -10,7 +10,10 @@ Tasks, each scored against the generator's ground truth:
 * CC-CCII-like: NCP / CP / Normal of a chest volume (`CTStudy.ccii_class`), accuracy; the trivial
   level is the training set's majority class predicted for every test volume.
 * LUNA-like: nodule present or not, AUC; chance 0.5. Twice: learnt from the volume label alone, and
-  at nodule scale from the nodule centres (LUNA16's `annotations.csv`), as below.
+  at nodule scale from the nodule centres (LUNA16's `annotations.csv`), as below. And the task the
+  framework evaluates (the ``luna16-candidates`` dataset): each candidate of `candidates.csv` (every
+  nodule and the phantom detector's FALSE_CANDIDATES nodule-like structures per volume) as the
+  CANDIDATE_CUBE_MM cube around it (`crop_cube`), resized to CUBE_INPUT, nodule or not.
 * slice-level: does an axial slice of the network input cut any finding (`Lesion.slices`), AUC over
   all test slices; the trivial level scores each slice by how often its position held a finding in
   training (where findings lie, without looking at the image).
@@ -71,11 +74,12 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from unimed.data.volumes import Volume, prepare_volume
+from unimed.data.adapters.luna16 import CANDIDATE_CUBE_MM
+from unimed.data.volumes import Volume, crop_cube, prepare_volume
 from unimed.phantom.ct.anatomy import ORGANS
 from unimed.phantom.ct.config import CTConfig
 from unimed.phantom.ct.generator import generate_ct_study
-from unimed.phantom.ct.writers import BcvWriter, BimcvWriter, CcciiWriter, Luna16Writer
+from unimed.phantom.ct.writers import FALSE_CANDIDATES, BcvWriter, BimcvWriter, CcciiWriter, Luna16Writer, false_candidates
 
 CHEST_SITES: tuple[str, ...] = BimcvWriter.sites + CcciiWriter.sites + Luna16Writer.sites
 CHEST_ENRICH: dict[str, float] = {**CcciiWriter.enrich, **Luna16Writer.enrich}
@@ -94,6 +98,7 @@ NODULE_PATCH = np.array((4, 12, 12))  # (d, h, w) input voxels around a nodule, 
 NODULE_CROPS = 4  # jittered crops per annotated nodule
 NODULE_NEGATIVES = 8  # random crops clear of every nodule per training volume
 WINDOW_STRIDE = (1, 2, 2)  # of the windows a volume is scored on
+CUBE_INPUT = (16, 16, 16)  # (d, h, w) network input of a candidate's cube: 3 mm voxels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +111,8 @@ class Sample:
     nodule: int
     slices: np.ndarray  # (D,) float32: 1 where the input slice cuts a finding
     nodules: np.ndarray  # (K, 3) float32: each nodule's centre in input voxels (d, h, w)
+    cubes: np.ndarray  # (C, 1, *CUBE_INPUT) float32 in [0, 1]: the cube around each candidate
+    cube_labels: np.ndarray  # (C,) float32: 1 for a nodule's cube
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +165,13 @@ def make_sample(job: Job) -> Sample:
     study = generate_ct_study(job.cfg, job.seed, job.dataset, job.index, site=job.site, enrich=job.enrich)
     size = job.shape[::-1]  # prepare_volume works on (X, Y, Z)
     where = Path(job.dataset, str(job.index))
-    image = prepare_volume(Volume(study.hu.T.astype(np.float32), study.affine(), where), shape=size, window=job.window)
+    volume = Volume(study.hu.T.astype(np.float32), study.affine(), where)
+    image = prepare_volume(volume, shape=size, window=job.window)
+    nodule_voxels = [lesion.centre_voxel for lesion in study.lesions if lesion.name == "nodule"]
+    centres = [*nodule_voxels, *false_candidates(study, FALSE_CANDIDATES)]  # (z, y, x)
+    cubes = [prepare_volume(crop_cube(volume, (study.affine() @ np.array([x, y, z, 1.0]))[:3], CANDIDATE_CUBE_MM),
+                            shape=CUBE_INPUT[::-1], window=job.window).permute(0, 3, 2, 1).numpy()
+             for z, y, x in centres]
     organs = prepare_volume(Volume(study.organs.T, study.affine(), where), shape=size, labels=True)
     hit = np.zeros(study.hu.shape[0], np.float32)
     for lesion in study.lesions:
@@ -173,6 +186,8 @@ def make_sample(job: Job) -> Sample:
         nodule=int(any(lesion.name == "nodule" for lesion in study.lesions)),
         slices=slices.numpy(),
         nodules=np.array(nodules, np.float32).reshape(-1, 3),
+        cubes=np.array(cubes, np.float32).reshape(-1, 1, *CUBE_INPUT),
+        cube_labels=np.array([1.0] * len(nodule_voxels) + [0.0] * (len(centres) - len(nodule_voxels)), np.float32),
     )
 
 
@@ -357,8 +372,20 @@ def nodule_row(train_set: Sequence[Sample], test_set: Sequence[Sample], epochs: 
                time.perf_counter() - start)
 
 
+def candidate_row(train_set: Sequence[Sample], test_set: Sequence[Sample], epochs: int, seed: int) -> Row:
+    """Nodule or not of each candidate's cube (the framework's ``luna16-candidates`` task): the small
+    CNN on the cubes against the same network frozen at its init with a linear probe."""
+    start = time.perf_counter()
+    x_train, x_test = (torch.from_numpy(np.concatenate([s.cubes for s in split])) for split in (train_set, test_set))
+    y_train, y_test = (np.concatenate([s.cube_labels for s in split]) for split in (train_set, test_set))
+    random, supervised = cnn_scores(x_train, y_train, x_test, classes=2, per_slice=False, epochs=epochs, seed=seed)
+    return Row("LUNA candidates nodule/not, cubes", "AUC", 0.5, roc_auc_score(y_test, random),
+               roc_auc_score(y_test, supervised), f"{len(x_train)}/{len(x_test)} cubes ({int(y_test.sum())} nodules)",
+               time.perf_counter() - start)
+
+
 def chest_rows(train_set: Sequence[Sample], test_set: Sequence[Sample], epochs: int, seed: int) -> list[Row]:
-    """The CC-CCII-like, LUNA-like (per volume and per patch) and slice-level rows."""
+    """The CC-CCII-like, LUNA-like (per volume, per patch and per candidate) and slice-level rows."""
     x_train, x_test = (torch.from_numpy(stack(s, "image")) for s in (train_set, test_set))
     counts = f"{len(train_set)}/{len(test_set)} vol"
     rows = []
@@ -376,6 +403,7 @@ def chest_rows(train_set: Sequence[Sample], test_set: Sequence[Sample], epochs: 
     rows.append(Row("LUNA nodule yes/no", "AUC", 0.5, roc_auc_score(y_test, random), roc_auc_score(y_test, supervised),
                     counts, time.perf_counter() - start))
     rows.append(nodule_row(train_set, test_set, epochs, seed))
+    rows.append(candidate_row(train_set, test_set, epochs, seed))
 
     start = time.perf_counter()
     s_train, s_test = stack(train_set, "slices"), stack(test_set, "slices")

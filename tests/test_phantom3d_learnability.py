@@ -64,13 +64,27 @@ def test_nodule_patches_hold_jittered_nodules_and_negatives_clear_of_them(bench)
     image = np.zeros((1, 16, 32, 32), np.float32)
     image[0, 8, 10, 20] = 1.0  # the nodule's centre voxel
     with_nodule = bench.Sample(image, np.zeros((16, 32, 32), np.uint8), 0, 1, np.zeros(16, np.float32),
-                               np.array([[8.0, 10.0, 20.0]], np.float32))
+                               np.array([[8.0, 10.0, 20.0]], np.float32), np.zeros((0, 1, *bench.CUBE_INPUT)),
+                               np.zeros(0, np.float32))
     without = dataclasses.replace(with_nodule, nodule=0, nodules=np.zeros((0, 3), np.float32))
     x, y = bench.nodule_patches([with_nodule, without], seed=0)
     assert x.shape[1:] == (1, *bench.NODULE_PATCH)
     assert int(y.sum()) == bench.NODULE_CROPS
     assert (x[y == 1].amax((1, 2, 3, 4)) == 1.0).all()  # every jittered crop holds the centre
     assert bench.NODULE_NEGATIVES < (y == 0).sum() <= 2 * bench.NODULE_NEGATIVES
+
+
+def test_candidate_cubes_are_the_nodules_then_the_detector_candidates(bench) -> None:
+    cfg = CTConfig()
+    enrich = {"nodule": 1.0}
+    sample = bench.make_sample(bench.Job(cfg, 0, "t", 0, "lidc_a", enrich, (16, 64, 64), bench.LUNG_WINDOW))
+    study = generate_ct_study(cfg, 0, "t", 0, site="lidc_a", enrich=enrich)
+    nodules = sum(lesion.name == "nodule" for lesion in study.lesions)
+    assert nodules >= 1 and sample.cubes.shape == (nodules + bench.FALSE_CANDIDATES, 1, *bench.CUBE_INPUT)
+    np.testing.assert_array_equal(sample.cube_labels, [1.0] * nodules + [0.0] * bench.FALSE_CANDIDATES)
+    d, h, w = (n // 2 for n in bench.CUBE_INPUT)
+    for cube in sample.cubes:  # a structure at the centre, denser than the cube around it
+        assert cube[0, d - 1:d + 1, h - 1:h + 1, w - 1:w + 1].max() > np.median(cube)
 
 
 def test_windows_tile_the_volume_at_the_stride(bench) -> None:
@@ -133,12 +147,13 @@ def test_tiny_run_gives_one_finite_row_per_task(bench) -> None:
                              "--epochs", "1", "--seg-epochs", "1", "--workers", "1"])
     header, rows, per_organ = bench.run(args)
     assert [r.task for r in rows] == ["CC-CCII NCP/CP/Normal", "LUNA nodule yes/no", "LUNA nodule yes/no, patches",
-                                      "slice cuts a finding", "BCV organ segmentation"]
+                                      "LUNA candidates nodule/not, cubes", "slice cuts a finding",
+                                      "BCV organ segmentation"]
     for r in rows:
         assert all(math.isfinite(v) for v in (r.trivial, r.random, r.supervised, r.seconds)), r
         assert 0.0 <= min(r.trivial, r.random, r.supervised) and max(r.trivial, r.random, r.supervised) <= 1.0
-    assert rows[0].counts == "8/8 vol" and rows[3].counts == "128/128 slices" and rows[4].counts == "3/2 vol"
-    assert rows[2].counts.endswith(" patches/8 vol")
+    assert rows[0].counts == "8/8 vol" and rows[4].counts == "128/128 slices" and rows[5].counts == "3/2 vol"
+    assert rows[2].counts.endswith(" patches/8 vol") and " cubes (" in rows[3].counts
     assert per_organ.shape == (len(bench.ORGAN_NAMES),)
     lines = bench.table(rows).splitlines()
     assert len(lines) == 2 + len(rows) and all(r.task in text for r, text in zip(rows, lines[2:]))
