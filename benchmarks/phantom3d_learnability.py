@@ -79,7 +79,8 @@ from unimed.data.volumes import Volume, crop_cube, prepare_volume
 from unimed.phantom.ct.anatomy import ORGANS
 from unimed.phantom.ct.config import CTConfig
 from unimed.phantom.ct.generator import generate_ct_study
-from unimed.phantom.ct.writers import FALSE_CANDIDATES, BcvWriter, BimcvWriter, CcciiWriter, Luna16Writer, false_candidates
+from unimed.phantom.ct.writers import (FALSE_CANDIDATES, BcvWriter, BimcvWriter, CcciiWriter, Luna16Writer,
+                                       false_candidates)
 
 CHEST_SITES: tuple[str, ...] = BimcvWriter.sites + CcciiWriter.sites + Luna16Writer.sites
 CHEST_ENRICH: dict[str, float] = {**CcciiWriter.enrich, **Luna16Writer.enrich}

@@ -353,6 +353,7 @@ def test_crop_cube_centres_the_point_and_pads_outside_with_air():
     ("1.2.3,0.0,0.0,0.0,0", r"series 1\.2\.3 has no subset\*/1\.2\.3\.mhd"),
     ("{uid},5000.0,0.0,0.0,0", "candidate at .* outside the volume"),
     ("{first}", "repeats the candidate of line 2"),
+    ("{uid},,0.0,0.0,0", r"candidate coordinates \(nan, 0\.0, 0\.0\) must be numbers"),
 ])
 def test_bad_luna_candidate_rows_name_their_line(world, tmp_path, row, message):
     root, _ = world

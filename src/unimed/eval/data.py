@@ -50,6 +50,7 @@ GEOMETRIES = ("crop", "full")
 SPLITS_DIR = "splits"
 MAX_DECODE_THREADS = 8
 
+R = TypeVar("R")
 T = TypeVar("T")
 
 
@@ -82,14 +83,14 @@ class EvalData:
         self._depths: dict[tuple[str, str], list[int]] = {}
         self._noted: dict[tuple[str, str | None], None] = {}  # splits other processes read
 
-    def decode(self, read: Callable[[Record], T], records: Sequence[Record], desc: str, unit: str
+    def decode(self, read: Callable[[R], T], items: Sequence[R], desc: str, unit: str
                ) -> Iterator[T]:
-        """`read` of each record, yielded in record order, run on ``torch.get_num_threads()``
-        threads (at most `MAX_DECODE_THREADS`); the first error raises, and the reads not yet
-        started are cancelled."""
+        """`read` of each item (a record, or the records of one volume), yielded in order, run on
+        ``torch.get_num_threads()`` threads (at most `MAX_DECODE_THREADS`); the first error
+        raises, and the reads not yet started are cancelled."""
         pool = ThreadPoolExecutor(min(MAX_DECODE_THREADS, torch.get_num_threads()))
         try:
-            yield from tqdm(pool.map(read, records), total=len(records), desc=desc, unit=unit,
+            yield from tqdm(pool.map(read, items), total=len(items), desc=desc, unit=unit,
                             disable=not self.progress)
         finally:
             pool.shutdown(cancel_futures=True)
@@ -141,24 +142,33 @@ class EvalData:
                      window: tuple[float, float]) -> torch.Tensor:
         """(N, slices, 1, S, S) axial slices of the volumes of `records(dataset, split)`
         (:func:`unimed.data.volumes.axial_slices`; of its cube, for a record with a `crop`), read
-        on the decoding threads and cached."""
+        on the decoding threads and cached. Records of one volume (the candidates of a series) are
+        read from one reading of it."""
         key = (dataset, split, slices, tuple(window))
         if key not in self._slices:
-            def read(record: Record) -> tuple[torch.Tensor, int]:
-                volume = read_volume(record.image_path)
-                if record.crop:
-                    crop = record.crop
-                    volume = crop_cube(volume, (crop.x, crop.y, crop.z), crop.size_mm)
-                stack = axial_slices(volume, size=self.image_size, slices=slices, window=window)
-                return stack, volume.array.shape[2]
-
             records = self._volume_records(dataset, split)
-            out = torch.empty(len(records), slices, 1, self.image_size, self.image_size)
-            depths = []
-            for i, (stack, depth) in enumerate(self.decode(read, records, f"{dataset}/{split}", "volume")):
-                out[i, :, 0] = stack
-                depths.append(depth)
-            self._slices[key] = out
+            groups: dict[str, list[int]] = {}
+            for i, record in enumerate(records):
+                groups.setdefault(str(record.image_path), []).append(i)
+
+            def read(indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+                volume = read_volume(records[indices[0]].image_path)
+                out = []
+                for i in indices:
+                    crop = records[i].crop
+                    view = crop_cube(volume, (crop.x, crop.y, crop.z), crop.size_mm) if crop else volume
+                    out.append((axial_slices(view, size=self.image_size, slices=slices, window=window),
+                                view.array.shape[2]))
+                return out
+
+            stacks = torch.empty(len(records), slices, 1, self.image_size, self.image_size)
+            depths = [0] * len(records)
+            members = list(groups.values())
+            for indices, read_back in zip(members, self.decode(read, members, f"{dataset}/{split}", "volume")):
+                for i, (stack, depth) in zip(indices, read_back):
+                    stacks[i, :, 0] = stack
+                    depths[i] = depth
+            self._slices[key] = stacks
             self._depths[(dataset, split)] = depths
         return self._slices[key]
 

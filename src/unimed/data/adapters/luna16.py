@@ -47,8 +47,8 @@ def _class_label(table: CsvTable, line: int, row: dict[str, str], value: float) 
 def _points(root: Path, ctx: ReadContext, name: str, columns: tuple[str, ...], what: str,
             headers: dict[str, Path], check: Check) -> dict[str, list[tuple[float, float, float, float]]]:
     """Series uid -> [(x, y, z in RAS mm, the row's last column)] of the table `name` (LPS mm on
-    disk); a row naming a series without a volume, a point outside its volume or a repeated row is
-    a DataError on its line."""
+    disk); a row naming a series without a volume, a point outside its volume or without
+    coordinates, or a repeated row is a DataError on its line."""
     table = CsvTable(find_file(root, [name], f"LUNA16 {name}"), columns)
     geometry: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
     out: dict[str, list[tuple[float, float, float, float]]] = {uid: [] for uid in headers}
@@ -58,6 +58,8 @@ def _points(root: Path, ctx: ReadContext, name: str, columns: tuple[str, ...], w
             row = table.row(line, values)
             x, y, z, value = (parse_number(table, line, row, c) for c in columns[1:])
             check(table, line, row, value)
+            if not np.isfinite((x, y, z)).all():
+                raise table.error(f"{what} coordinates ({x}, {y}, {z}) must be numbers", line)
             uid = row["seriesuid"].strip()
             if uid not in headers:
                 raise table.error(f"series {uid} has no subset*/{uid}.mhd", line, "seriesuid", MISSING_IMAGE)
@@ -92,8 +94,8 @@ def _readable(ctx: ReadContext, header: Path) -> bool:
 @ADAPTERS.register("luna16")
 def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
     """One 3D record per series with its nodules (`points`, RAS mm) and label nodule 1 / 0; an
-    annotation outside its volume or of a series with no volume is a DataError on its line. Carved
-    per patient, stratified by label."""
+    annotation outside its volume, of a series with no volume, without coordinates or repeating
+    another is a DataError on its line. Carved per patient, stratified by label."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
     nodules = _points(root, ctx, "annotations.csv", COLUMNS, "nodule", headers, _positive_diameter)
     records = []
@@ -113,8 +115,8 @@ def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
 def read_luna16_candidates(root: Path, ctx: ReadContext) -> AdapterResult:
     """One 3D record per row of `candidates.csv`: the cube of CANDIDATE_CUBE_MM around the
     candidate (`crop`, RAS mm) of its series' volume, label nodule 1 / 0 by its class. A row naming
-    a series with no volume, a point outside its volume, a class other than 0 / 1 or a repeated row
-    is a DataError on its line. Carved per patient (series), stratified by the classes of a
+    a series with no volume, a point outside its volume or without coordinates, a class other than
+    0 / 1 or a repeated row is a DataError on its line. Carved per patient (series), stratified by the classes of a
     series' candidates."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
     candidates = _points(root, ctx, "candidates.csv", CANDIDATE_COLUMNS, "candidate", headers, _class_label)
