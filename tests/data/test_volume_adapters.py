@@ -314,6 +314,16 @@ def test_luna_candidates_are_cubes_around_each_row_of_candidates_csv(world, tmp_
     assert len(keys) == len(set(keys)) == len(records) and all("@" in k for k in keys)
 
 
+def test_luna_candidates_come_from_the_v2_table_when_there_is_one(world, tmp_path):
+    root, _ = world
+    luna = tmp_path / "luna16"
+    shutil.copytree(root / "luna16", luna)
+    lines = (luna / "candidates.csv").read_text(encoding="utf-8").splitlines()
+    (luna / "candidates_V2").mkdir()
+    (luna / "candidates_V2" / "candidates_V2.csv").write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")
+    assert len(load_dataset("luna16-candidates", luna).records) == 2 < len(lines) - 1
+
+
 def test_false_candidates_are_the_largest_lung_structures_clear_of_every_nodule():
     from unimed.phantom.ct.writers import FALSE_CANDIDATES, false_candidates
 

@@ -1,15 +1,15 @@
 """LUNA16: `subset*/<seriesuid>.mhd` + `.raw` volumes, nodules in `annotations.csv` (seriesuid,
 coordX, coordY, coordZ, diameter_mm; world millimetres in ITK's LPS frame), nodule candidates in
-`candidates.csv` (seriesuid, coordX, coordY, coordZ, class: LUNA16's false-positive reduction
-track).
+a candidates table (seriesuid, coordX, coordY, coordZ, class: LUNA16's false-positive reduction
+track; CANDIDATE_TABLES).
 
 Two datasets read the folder: ``luna16``, one record per series labelled nodule / normal (a series
 with no annotation is a normal volume; the UniMedI paper's wording of its task), and
 ``luna16-candidates``, one record per candidate, the cube of CANDIDATE_CUBE_MM around it labelled
 nodule (class 1) or not (class 0): nodule classification as LUNA16's own track and the 3D
 self-supervised literature pose it (Models Genesis' NCC, an AUC on candidate cubes). UniMedI's
-Table 3 names its column "LUNA2016-v2", the version of that track's candidates table, and reports
-an AUC."""
+Table 3 names its column "LUNA2016-v2" and reports an AUC; LUNA16's candidates table is in its
+second version (candidates_V2)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ from unimed.data.volumes import mhd_geometry
 
 COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+CANDIDATE_TABLES = ("candidates_V2/candidates_V2.csv", "candidates_V2.csv", "candidates.csv")
+"""Where the candidates are read from, the first found: LUNA16 ships the extended table of its
+false-positive reduction track as `candidates_V2/candidates_V2.csv` and keeps the first
+`candidates.csv` "for completeness" (it says not to use it); the phantom writes `candidates.csv`."""
 CANDIDATE_CUBE_MM = 48.0
 """Side of the cube a candidate is read as: 2-15 times the diameter of LUNA16's nodules (3-30 mm),
 about the field of view of Models Genesis' 64 x 64 x 32-voxel NCC cubes."""
@@ -44,12 +48,12 @@ def _class_label(table: CsvTable, line: int, row: dict[str, str], value: float) 
         raise table.error(f"class {row['class']!r} must be 0 or 1", line, "class")
 
 
-def _points(root: Path, ctx: ReadContext, name: str, columns: tuple[str, ...], what: str,
+def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple[str, ...], what: str,
             headers: dict[str, Path], check: Check) -> dict[str, list[tuple[float, float, float, float]]]:
-    """Series uid -> [(x, y, z in RAS mm, the row's last column)] of the table `name` (LPS mm on
-    disk); a row naming a series without a volume, a point outside its volume or without
-    coordinates, or a repeated row is a DataError on its line."""
-    table = CsvTable(find_file(root, [name], f"LUNA16 {name}"), columns)
+    """Series uid -> [(x, y, z in RAS mm, the row's last column)] of the first table of `names`
+    found (LPS mm on disk); a row naming a series without a volume, a point outside its volume or
+    without coordinates, or a repeated row is a DataError on its line."""
+    table = CsvTable(find_file(root, names, f"LUNA16 {what} table"), columns)
     geometry: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
     out: dict[str, list[tuple[float, float, float, float]]] = {uid: [] for uid in headers}
     seen: dict[tuple[str, float, float, float], int] = {}
@@ -97,7 +101,7 @@ def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
     annotation outside its volume, of a series with no volume, without coordinates or repeating
     another is a DataError on its line. Carved per patient, stratified by label."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
-    nodules = _points(root, ctx, "annotations.csv", COLUMNS, "nodule", headers, _positive_diameter)
+    nodules = _points(root, ctx, ("annotations.csv",), COLUMNS, "nodule", headers, _positive_diameter)
     records = []
     for uid, header in headers.items():
         if not _readable(ctx, header):
@@ -113,13 +117,13 @@ def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
 
 @ADAPTERS.register("luna16-candidates")
 def read_luna16_candidates(root: Path, ctx: ReadContext) -> AdapterResult:
-    """One 3D record per row of `candidates.csv`: the cube of CANDIDATE_CUBE_MM around the
-    candidate (`crop`, RAS mm) of its series' volume, label nodule 1 / 0 by its class. A row naming
-    a series with no volume, a point outside its volume or without coordinates, a class other than
-    0 / 1 or a repeated row is a DataError on its line. Carved per patient (series), stratified by the classes of a
-    series' candidates."""
+    """One 3D record per row of the candidates table (the first of CANDIDATE_TABLES found): the
+    cube of CANDIDATE_CUBE_MM around the candidate (`crop`, RAS mm) of its series' volume, label
+    nodule 1 / 0 by its class. A row naming a series with no volume, a point outside its volume or
+    without coordinates, a class other than 0 / 1 or a repeated row is a DataError on its line.
+    Carved per patient (series), stratified by the classes of a series' candidates."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
-    candidates = _points(root, ctx, "candidates.csv", CANDIDATE_COLUMNS, "candidate", headers, _class_label)
+    candidates = _points(root, ctx, CANDIDATE_TABLES, CANDIDATE_COLUMNS, "candidate", headers, _class_label)
     records = []
     for uid, header in headers.items():
         if not candidates[uid] or not _readable(ctx, header):
