@@ -25,5 +25,6 @@ def test_phantom_command_writes_and_reads_back_the_ct_world(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Phantom CT world" in out and out.count("matches") >= 4 and "differs" not in out
     assert (root / "manifest-ct.json").is_file() and (root / "splits" / "luna16.csv").is_file()
+    assert "rows of luna16's table" in out and (root / "splits" / "luna16-candidates.csv").is_file()
     assert main(["phantom", str(preset), "--quiet", "phantom.ct.kernel=soft"]) == 2
     assert "unknown config key 'phantom.ct.kernel'" in capsys.readouterr().err

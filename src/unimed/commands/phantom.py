@@ -102,22 +102,28 @@ def _prevalence_rows(reads: dict) -> list[list[str]]:
 
 
 def read_back_ct(cfg: Config, root: Path, manifest, *, progress: bool) -> tuple[list[list[str]], list[str]]:
-    """The 3D layouts read through their adapters: table rows and differences from the CT manifest."""
-    from unimed.data.adapters import VOLUME_FOLDERS, load_dataset
+    """The 3D layouts read through their adapters: table rows and differences from the CT manifest.
+    The datasets read from another's folder (LUNA16's candidates) are read too, so that their split
+    files are written with the world's, and listed without a comparison (the manifest counts
+    volumes)."""
+    from unimed.data.adapters import SHARED_FOLDERS, VOLUME_FOLDERS, load_dataset
 
     rows, failures = [], []
-    for name, folder in VOLUME_FOLDERS.items():
+    for name, folder in {**VOLUME_FOLDERS, **SHARED_FOLDERS}.items():
         read = load_dataset(name, root / folder, on_error=cfg.data.on_error,
                             min_report_tokens=cfg.data.min_report_tokens, split_seed=cfg.data.split_seed,
                             split_dir=root / "splits", progress=progress)
         summary, expected = read.summary(), manifest.datasets[folder]
+        row = [name, str(len(read.records)), _fmt(summary["split"]), _fmt(summary["language"]),
+               _fmt(expected.sites), _fmt(read.dropped)]
+        if name in SHARED_FOLDERS:
+            rows.append([*row, f"rows of {folder}'s table"])
+            continue
         filtered = read.dropped.get(f"report under {cfg.data.min_report_tokens} tokens", 0)
         if len(read.records) + filtered != expected.studies:
             failures.append(f"{name}: {len(read.records)} records + {filtered} filtered, "
                             f"{expected.studies} volumes written")
-        rows.append([name, str(len(read.records)), _fmt(summary["split"]), _fmt(summary["language"]),
-                     _fmt(expected.sites), _fmt(read.dropped),
-                     "matches" if len(read.records) + filtered == expected.studies else "differs"])
+        rows.append([*row, "matches" if len(read.records) + filtered == expected.studies else "differs"])
     return rows, failures
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -135,9 +136,11 @@ def read_split_file(path: Path) -> dict[str, tuple[str, str]]:
 
 
 def write_split_file(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
-    """Write (key, patient_id, split) rows, sorted by key, atomically (temp file then rename)."""
+    """Write (key, patient_id, split) rows, sorted by key, atomically (temp file then rename; the
+    temp file is the process's own, so that evaluation workers creating the same split file at
+    once each rename a whole file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
+    tmp = path.with_suffix(f".csv.{os.getpid()}.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(SPLIT_FILE_COLUMNS)
