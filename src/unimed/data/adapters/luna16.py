@@ -74,12 +74,13 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
             if np.any(voxel < -0.5) or np.any(voxel > np.array(size) - 0.5):
                 raise table.error(f"{what} at ({x}, {y}, {z}) mm is outside the volume "
                                   f"(voxel {voxel.round(1).tolist()}, size {list(size)})", line)
-            if (uid, x, y, z) in seen:
-                raise table.error(f"repeats the {what} of line {seen[uid, x, y, z]}", line)
+            position = (uid, round(x, 2), round(y, 2), round(z, 2))  # a split-file key's precision
+            if position in seen:
+                raise table.error(f"repeats the {what} of line {seen[position]} (same position to 0.01 mm)", line)
         except DataError as err:
             ctx.drops.bad(err)
             continue
-        seen[uid, x, y, z] = line
+        seen[position] = line
         out[uid].append((-x, -y, z, value))
     return out
 
