@@ -239,20 +239,22 @@ def false_candidates(study: CTStudy, count: int) -> list[tuple[float, float, flo
     edge = np.unique(np.concatenate([parts[:, [0, -1], :].ravel(), parts[:, :, [0, -1]].ravel()]))
     lungs = air & ~np.isin(parts, edge)
     inside = np.stack([ndimage.binary_fill_holes(plane) for plane in lungs]) & ~lungs
-    blobs, n = ndimage.label(inside)
-    index = np.arange(1, n + 1)
-    diameters = np.cbrt(6 / np.pi * ndimage.sum_labels(inside, blobs, index) * np.prod(study.spacing))
-    brightest = ndimage.maximum(study.hu, blobs, index)
+    blobs, _ = ndimage.label(inside)
+    diameters = np.cbrt(6 / np.pi * np.bincount(blobs.ravel()) * np.prod(study.spacing))  # [0]: background
     spacing = np.array(study.spacing[::-1])  # (z, y, x) mm
     nodules = [(np.array(lesion.centre_voxel), lesion.diameter_mm) for lesion in study.lesions
                if lesion.name == "nodule"]
     found = []
     low, high = CANDIDATE_DIAMETER_MM
-    for centre, size, peak in zip(ndimage.center_of_mass(inside, blobs, index), diameters, brightest):
-        centre = np.array(centre)
-        if low <= size <= high and peak < CANDIDATE_MAX_HU and all(
-                np.linalg.norm((centre - voxel) * spacing) >= diameter for voxel, diameter in nodules):
-            found.append((-float(size), tuple(float(v) for v in centre)))
+    for label, box in enumerate(ndimage.find_objects(blobs), start=1):
+        if not low <= diameters[label] <= high:
+            continue
+        member = blobs[box] == label
+        if study.hu[box][member].max() >= CANDIDATE_MAX_HU:
+            continue
+        centre = np.argwhere(member).mean(axis=0) + [part.start for part in box]
+        if all(np.linalg.norm((centre - voxel) * spacing) >= diameter for voxel, diameter in nodules):
+            found.append((-float(diameters[label]), tuple(float(v) for v in centre)))
     return [centre for _, centre in sorted(found)[:count]]
 
 
