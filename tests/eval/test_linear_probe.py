@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unimed.data.records import Record
 from unimed.eval import linear_probe
@@ -84,6 +85,31 @@ def test_early_stopping_keeps_the_best_validation_state():
                                  dataclasses.replace(cfg, epochs=e, patience=e + 1), seed=0)(valid[0]),
         valid[1], "auc") for e in range(1, cfg.epochs + 1)]
     assert kept_score == pytest.approx(max(per_epoch))
+
+
+def test_a_tie_in_the_validation_metric_goes_to_the_lower_validation_loss():
+    """Separable classes and a small validation split: its AUC is 1.0 from the first epoch on, so
+    the first-best rule kept the first epoch's barely-trained layer; the lower validation loss
+    keeps training's later, better-fitted state (here the last: the loss falls every epoch)."""
+    x = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(16, 1)
+    train, valid = (x, (x[:, :1] > 0).float()), (x[:4], (x[:4, :1] > 0).float())
+    cfg = LinearProbeConfig(epochs=10, patience=3, lr=1e-1, batch_size=8)
+    kept = linear_probe.train_probe(train, valid, "auc", cfg, seed=0)
+    first = linear_probe.train_probe(train, valid, "auc", dataclasses.replace(cfg, epochs=1), seed=0)
+    assert linear_probe.score(first(valid[0]), valid[1], "auc") == 1.0
+    last_loss = F.binary_cross_entropy_with_logits(kept(valid[0]), valid[1])
+    assert last_loss < 0.5 * F.binary_cross_entropy_with_logits(first(valid[0]), valid[1])
+    longest = linear_probe.train_probe(train, valid, "auc", dataclasses.replace(cfg, patience=100), seed=0)
+    assert torch.equal(kept.weight, longest.weight)
+
+
+def test_an_accuracy_probe_has_a_logit_for_a_class_only_the_validation_split_holds():
+    """A 1 % subset may lack the last class; the validation loss (the tie-break) still needs its logit."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(8, 1)
+    train = (x, torch.arange(2).repeat(8))
+    valid = (torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([0, 1, 2]))
+    layer = linear_probe.train_probe(train, valid, "accuracy", LinearProbeConfig(epochs=3, lr=1e-1), seed=0)
+    assert layer.out_features == 3
 
 
 def test_a_validation_split_of_one_class_selects_by_validation_loss():

@@ -87,6 +87,20 @@ def test_volume_probe_reads_the_class_when_the_features_hold_it(ct_context, tiny
     assert volumes.probe_volumes(tiny_encoder, ct_context, "cc-ccii")["fractions"]["100%"]["value"] < 0.9
 
 
+def test_candidate_probe_reads_the_nodule_label_when_the_features_hold_it(ct_context, tiny_encoder, monkeypatch):
+    def features(encoder, context, dataset, split, space, informative=True):
+        records = context.data.require(dataset, split)
+        noise = torch.randn(len(records), 2, generator=torch.Generator().manual_seed(len(records)))
+        nodule = torch.tensor([[r.labels["nodule"], 1.0 - r.labels["nodule"]] for r in records])
+        return 4 * nodule + 0.1 * noise if informative else noise
+
+    monkeypatch.setattr(volumes, "volume_features", features)
+    result = volumes.probe_volumes(tiny_encoder, ct_context, "luna16-candidates")
+    assert result["metric"] == "auc" and result["fractions"]["100%"]["value"] == 1.0
+    monkeypatch.setattr(volumes, "volume_features", lambda *args: features(*args, informative=False))
+    assert volumes.probe_volumes(tiny_encoder, ct_context, "luna16-candidates")["fractions"]["100%"]["value"] < 0.9
+
+
 def test_volume_retrieval_finds_each_study_when_volume_and_report_agree(ct_context, tiny_encoder,
                                                                        monkeypatch):
     records = [r for r in ct_context.data.require("bimcv-covid19", "test") if r.report]

@@ -64,6 +64,10 @@ class ZeroShotConfig:
 class LinearProbeConfig:
     """Frozen image encoder + one linear layer (paper: AdamW 5e-4, weight decay 1e-6, early stop).
 
+    Early stopping keeps the state of best validation metric, ties broken by the lower validation
+    loss, and stops after `patience` epochs without either improving
+    (:func:`unimed.eval.linear_probe.train_probe`).
+
     A label fraction below 100 % is scored on `draws` seeded training subsets and reported as their
     mean (the papers draw one). A 1% row of a phantom set trains on 16 images: over 8 single draws
     (eval.seed 0-7) the demo's Med-UniC 1% rows moved with a standard deviation of 4-10 points

@@ -120,13 +120,18 @@ def train_probe(
     cfg: LinearProbeConfig,
     seed: int,
 ) -> nn.Linear:
-    """A linear layer fitted on `train` (features, targets), the state of best `valid` metric.
+    """A linear layer fitted on `train` (features, targets), the state of best `valid` metric,
+    ties broken by the lower validation loss (a small validation split reaches its best AUC or
+    accuracy early, while the probe still barely separates the classes; training on while the
+    metric holds and the loss falls keeps the better-fitted state, as the 3D fine-tuning does).
 
     A validation split on which the metric is undefined (:func:`metric_undefined`) selects by
-    validation loss instead: no state is kept by accident. :func:`probe_fractions` says so once
+    validation loss alone: no state is kept by accident. :func:`probe_fractions` says so once
     per dataset."""
     x, y = train
-    classes = int(y.max()) + 1 if metric == "accuracy" else y.shape[1]
+    # An accuracy probe has a logit for every class of either split (a small training subset may
+    # lack the last class; the validation loss needs its logit).
+    classes = int(max(y.max(), valid[1].max())) + 1 if metric == "accuracy" else y.shape[1]
     generator = torch.Generator().manual_seed(seed)
     layer = nn.Linear(x.shape[1], classes)
     with torch.random.fork_rng(devices=[]):
@@ -135,13 +140,15 @@ def train_probe(
     loss_fn = F.cross_entropy if metric == "accuracy" else F.binary_cross_entropy_with_logits
     by_loss = metric_undefined(valid[1], metric)
 
-    def validation() -> float:
+    def validation() -> tuple[float, float]:
+        """(metric, -loss), compared in that order; (-loss, -loss) where the metric is undefined."""
         with torch.no_grad():
             logits = layer(valid[0])
-            return -float(loss_fn(logits, valid[1])) if by_loss else score(logits, valid[1], metric)
+            neg_loss = -float(loss_fn(logits, valid[1]))
+            return (neg_loss if by_loss else score(logits, valid[1], metric)), neg_loss
 
     opt = torch.optim.AdamW(layer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best, best_state, stale = -math.inf, None, 0
+    best, best_state, stale = (-math.inf, -math.inf), None, 0
     for _ in range(cfg.epochs):
         for batch in torch.randperm(len(x), generator=generator).split(cfg.batch_size):
             opt.zero_grad(set_to_none=True)
