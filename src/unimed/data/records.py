@@ -77,6 +77,13 @@ class Record:
     points: tuple[PointAnn, ...] = ()
     crop: Crop | None = None
 
+    def image_key(self, root: str | Path) -> str:
+        """The record's id in split files: its image path relative to `root` (POSIX; absolute when
+        outside it), followed by its crop's tag when it stands for a crop of its volume."""
+        path = Path(self.image_path)
+        key = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+        return key + self.crop.tag() if self.crop else key
+
     def label(self, name: str) -> float:
         """The label value, NaN when the dataset does not state it."""
         return self.labels.get(name, math.nan)

@@ -220,14 +220,8 @@ class EvalData:
         return records
 
     def image_id(self, record: Record) -> str:
-        """The record's image path relative to the data root (POSIX), with its crop's tag when it
-        stands for a crop of its volume: its id in split files."""
-        path = Path(record.image_path)
-        try:
-            key = path.relative_to(self.cfg.root).as_posix()
-        except ValueError:
-            key = path.as_posix()
-        return key + record.crop.tag() if record.crop else key
+        """The record's id in split files relative to the data root (:meth:`Record.image_key`)."""
+        return record.image_key(self.cfg.root)
 
     def splits_read(self) -> list[tuple[str, str | None]]:
         """(dataset, split) of every split whose images or volumes were read so far, here or (noted

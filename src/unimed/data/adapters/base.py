@@ -107,11 +107,7 @@ class ReadContext:
     def key(self, record: Record) -> str:
         """The record's split-file key: its image path relative to the dataset root (the study id
         of a text-only row), followed by its crop's tag when it stands for a crop of its volume."""
-        if record.image_path is None:
-            return record.study_id
-        path = record.image_path
-        key = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else path.as_posix()
-        return key + record.crop.tag() if record.crop else key
+        return record.study_id if record.image_path is None else record.image_key(self.root)
 
 
 Adapter = Callable[[Path, ReadContext], AdapterResult]

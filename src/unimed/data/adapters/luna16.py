@@ -48,13 +48,18 @@ def _class_label(table: CsvTable, line: int, row: dict[str, str], value: float) 
         raise table.error(f"class {row['class']!r} must be 0 or 1", line, "class")
 
 
+Geometry = dict[str, tuple[tuple[int, int, int], np.ndarray]]
+"""Series uid -> (size, affine) of the headers read so far (:func:`mhd_geometry`), each read once."""
+
+
 def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple[str, ...], what: str,
-            headers: dict[str, Path], check: Check) -> dict[str, list[tuple[float, float, float, float]]]:
+            headers: dict[str, Path], check: Check, geometry: Geometry
+            ) -> dict[str, list[tuple[float, float, float, float]]]:
     """Series uid -> [(x, y, z in RAS mm, the row's last column)] of the first table of `names`
     found (LPS mm on disk); a row naming a series without a volume, a point outside its volume or
-    without coordinates, or a repeated row is a DataError on its line."""
+    without coordinates, or a repeated row is a DataError on its line. The headers it reads go
+    into `geometry`."""
     table = CsvTable(find_file(root, names, f"LUNA16 {what} table"), columns)
-    geometry: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
     out: dict[str, list[tuple[float, float, float, float]]] = {uid: [] for uid in headers}
     seen: dict[tuple[str, float, float, float], int] = {}
     for line, values in table:
@@ -85,11 +90,13 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
     return out
 
 
-def _readable(ctx: ReadContext, header: Path) -> bool:
-    """Whether the series' volume is there (a missing or short `.raw` is counted as a bad row)."""
+def _readable(ctx: ReadContext, header: Path, geometry: Geometry) -> bool:
+    """Whether the series' volume is there (a missing or short `.raw` is counted as a bad row);
+    its header is read unless `geometry` holds it already."""
     try:
         check_volume_path(ctx, header, header, None)
-        mhd_geometry(header)
+        if header.stem not in geometry:
+            mhd_geometry(header)
     except DataError as err:
         ctx.drops.bad(err)
         return False
@@ -102,10 +109,11 @@ def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
     annotation outside its volume, of a series with no volume, without coordinates or repeating
     another is a DataError on its line. Carved per patient, stratified by label."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
-    nodules = _points(root, ctx, ("annotations.csv",), COLUMNS, "nodule", headers, _positive_diameter)
+    geometry: Geometry = {}
+    nodules = _points(root, ctx, ("annotations.csv",), COLUMNS, "nodule", headers, _positive_diameter, geometry)
     records = []
     for uid, header in headers.items():
-        if not _readable(ctx, header):
+        if not _readable(ctx, header, geometry):
             continue
         points = tuple(PointAnn(x, y, z, d, "nodule") for x, y, z, d in nodules[uid])
         records.append(Record(
@@ -124,10 +132,12 @@ def read_luna16_candidates(root: Path, ctx: ReadContext) -> AdapterResult:
     without coordinates, a class other than 0 / 1 or a repeated row is a DataError on its line.
     Carved per patient (series), stratified by the classes of a series' candidates."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
-    candidates = _points(root, ctx, CANDIDATE_TABLES, CANDIDATE_COLUMNS, "candidate", headers, _class_label)
+    geometry: Geometry = {}
+    candidates = _points(root, ctx, CANDIDATE_TABLES, CANDIDATE_COLUMNS, "candidate", headers, _class_label,
+                         geometry)
     records = []
     for uid, header in headers.items():
-        if not candidates[uid] or not _readable(ctx, header):
+        if not candidates[uid] or not _readable(ctx, header, geometry):
             continue
         records += [Record(
             dataset=ctx.dataset, image_path=header, patient_id=uid, study_id=uid, split=POOL,
