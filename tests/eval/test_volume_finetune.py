@@ -344,7 +344,7 @@ def test_the_report_lays_out_table_3_and_no_longer_lists_it_as_not_run():
 
 
 def tiny_unimedi() -> nn.Module:
-    """A randomly initialised UniMedI: 12-block tiny ViT, 8 x 16 x 16 volumes in 4 slabs."""
+    """A randomly initialised UniMedI: 6-block tiny ViT, 8 x 16 x 16 volumes in 4 slabs."""
     from transformers import BertConfig, BertModel
 
     from unimed.models.config import ImageTowerConfig, TextTowerConfig
@@ -371,14 +371,17 @@ def test_a_native_models_frozen_selection_pass_runs_once_per_volume_and_changes_
     runs = {}
     for name, gb, epochs in (("cached", 2.0, 3), ("cached, more epochs", 2.0, 5), ("every epoch", 0.0, 3)):
         encoder = Encoder("unimedi", "UniMedI", tiny_unimedi(), tokenizer=None)
-        selection_passes = []  # block 0 on [CLS] + the 16 T_3D tokens alone: the selection pass
+        # Rows through block 0: [CLS] + the 16 T_3D tokens (the selection pass), and those + the 2
+        # selected slices' 4 T_2D tokens each (the second pass).
+        passes = {17: [], 25: []}
         encoder.model.visual.vit.blocks[0].register_forward_pre_hook(
-            lambda _module, args: selection_passes.append(len(args[0])) if args[0].shape[1] == 17 else None)
+            lambda _module, args: passes[args[0].shape[1]].append(len(args[0])))
         fitted = volume_finetune.fine_tune(encoder, train, valid, CCII,
                                            config(flip=True, epochs=epochs, frozen_cache_gb=gb), seed=0)
         logits = volume_finetune.predict(fitted.model, test[0], 8, torch.device("cpu"))
-        runs[name] = (fitted, logits, sum(selection_passes))
-    (cached, cached_logits, cached_rows), (_, _, longer_rows), (direct, direct_logits, direct_rows) = runs.values()
+        runs[name] = (fitted, logits, sum(passes[17]), sum(passes[25]))
+    (cached, cached_logits, cached_rows, cached_second), (_, _, longer_rows, longer_second), (
+        direct, direct_logits, direct_rows, direct_second) = runs.values()
     assert cached.cached and not direct.cached
     assert (cached.epoch, cached.epochs_run, cached.valid_value) == (
         direct.epoch, direct.epochs_run, direct.valid_value)
@@ -389,6 +392,11 @@ def test_a_native_models_frozen_selection_pass_runs_once_per_volume_and_changes_
     # volumes, then the test volumes.
     assert cached_rows == longer_rows == 1 + 2 * 2 + 2 * 16 + 6 + 9
     assert direct_rows == 1 + 3 * (16 + 6) + 9
+    # The second pass: once per volume and epoch without the record; with it, once per volume,
+    # orientation and selected slices met, so two more epochs cost fewer than 2 x 22 passes (the
+    # tiny random model's selections still move from epoch to epoch).
+    assert direct_second == 1 + 3 * (16 + 6) + 9
+    assert longer_second - cached_second < 2 * (16 + 6)
 
 
 def test_a_native_models_selection_cache_steps_aside_when_it_does_not_fit(caplog):
@@ -400,3 +408,35 @@ def test_a_native_models_selection_cache_steps_aside_when_it_does_not_fit(caplog
                                            config(epochs=1, frozen_cache_gb=1e-9), seed=0)
     assert not fitted.cached
     assert "selection pass's frozen blocks" in caplog.text and "frozen_cache_gb=1e-09" in caplog.text
+
+
+def test_the_second_pass_is_recorded_per_volume_orientation_and_selected_slices():
+    encoder = Encoder("unimedi", "UniMedI", tiny_unimedi(), tokenizer=None)
+    stacks = torch.rand(2, 4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = volume_finetune.build_classifier(encoder, stacks[:1], 3, "last", seed=0)
+    body = model.model
+    blocks = body.frozen_blocks()
+    assert blocks == len(body.visual.vit.blocks) - 1 and body.frozen_slice_tokens()
+    volume = body.preprocess_volume(body.volume_input(stacks))
+    computed = []
+    direct = body.ct_trunk
+    body.ct_trunk = lambda v, s, b: computed.append(len(v)) or direct(v, s, b)
+    row = body.ct_trunk(volume[:1], torch.tensor([[0, 2]]), blocks)[0].numel() * 4
+    computed.clear()
+    record = volume_finetune.FrozenSelection(model, budget=3 * row)
+    keys = [("train", 0, False), ("train", 1, False)]
+    slices = torch.tensor([[0, 2], [4, 6]])
+    first = record.second_pass(keys, blocks)(volume, slices)
+    torch.testing.assert_close(first, direct(volume, slices, blocks), rtol=1e-5, atol=1e-6)
+    assert computed == [2] and record.used == 2 * row
+    assert torch.equal(record.second_pass(keys, blocks)(volume, slices), first)
+    assert computed == [2]  # read back, nothing computed
+    other = torch.tensor([[0, 2], [2, 4]])  # volume 1 now selects other slices
+    again = record.second_pass(keys, blocks)(volume, other)
+    assert computed == [2, 1] and torch.equal(again[0], first[0]) and record.used == 3 * row
+    torch.testing.assert_close(again[1], direct(volume[1:], other[1:], blocks)[0], rtol=1e-5, atol=1e-6)
+    flipped = [("train", 0, True), ("train", 1, False)]  # another orientation is another volume
+    record.second_pass(flipped, blocks)(volume, slices)
+    assert computed == [2, 1, 1] and record.used == 3 * row  # computed, but the budget is spent
+    record.second_pass(flipped, blocks)(volume, slices)
+    assert computed == [2, 1, 1, 1] and len(record.second) == 3

@@ -417,7 +417,8 @@ class VolumeFinetuneConfig:
     loss. `min_train_volumes` floors a fraction below 1. Under "last" a slice-wise (2D) encoder's
     frozen part runs once per slice, not once per epoch, when its activations fit in
     `frozen_cache_gb` (:class:`unimed.eval.volume_finetune.FrozenPrefix`), and a native 3D
-    model's attentive selection pass through its frozen blocks once per volume
+    model's attentive selection pass through its frozen blocks once per volume, and its second
+    pass through them once per volume, orientation and selected slices
     (:class:`unimed.eval.volume_finetune.FrozenSelection`).
 
     `lr` was chosen on the validation splits only (train -> valid; the script never reads the test

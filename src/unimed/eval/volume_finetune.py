@@ -34,7 +34,8 @@ every epoch, so it runs once per slice (:class:`FrozenPrefix`; the training volu
 flipped) and each epoch runs the trainable part only: on the demo's encoders the frozen part is
 all but the last of EfficientNet's seven stages. A native 3D model's attentive selection pass
 through its frozen blocks runs once per volume the same way (:class:`FrozenSelection`, UniMedI's
-first five of six blocks).
+first five of six blocks), and its pass over the volume and the selected slices once per volume,
+orientation and selection.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from unimed.eval.metrics import Estimate, batched_mean, bootstrap
 from unimed.eval.segmentation import seeded_generator
 from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
 from unimed.eval.volumes import SPLITS, VOLUME_TARGETS
-from unimed.models.unimedi import SelectionTrunk
+from unimed.models.unimedi import CtTrunk, SelectionTrunk
 
 log = logging.getLogger(__name__)
 
@@ -252,22 +253,29 @@ def fits(cfg: VolumeFinetuneConfig, train: int, valid: int, per_volume: int, wha
 
 
 class FrozenSelection:
-    """The frozen start of a native 3D model's attentive slice selection, run once per volume.
+    """The frozen start of a native 3D model's two passes, recorded once per volume.
 
     UniMedI's pooled volume feature is two passes of its ViT: the selection pass ([CLS] + the
     volume's 3D tokens, eq. 1), whose [CLS] attention summed over every block picks the slices,
     then a pass over the volume's and those slices' tokens. Under "last" the blocks before the
-    trained one, and everything the selection pass reads before them, are frozen, so that pass
-    gives a volume the same tokens and attention rows through them in every epoch: the model's
-    ``selection_trunk`` records them once per volume (training volumes in both orientations with
-    flips) and ``pooled_volume(stacks, trunk)`` runs only the blocks after them. The second pass
-    is not kept: its input holds the selected slices, which the trained block's attention picks.
-    :func:`frozen_selection` checks on training volumes that it reproduces the model's features.
+    trained one, and everything the passes read before them (the 3D tokenizer, T_2D), are frozen,
+    so the selection pass gives a volume the same tokens and attention rows through them in every
+    epoch: the model's ``selection_trunk`` records them once per volume (training volumes in both
+    orientations with flips) and ``pooled_volume(stacks, trunk, ...)`` runs only the blocks after
+    them. The second pass's input holds the selected slices, which the trained block's attention
+    picks, so its frozen blocks' tokens (``ct_trunk``) are recorded per volume, orientation and
+    selected slices: an epoch that selects the slices an earlier one did for that volume reads
+    them, one that selects others computes and records them, while ``frozen_cache_gb`` lasts.
+    :func:`frozen_selection` checks on training volumes that both records reproduce the model's
+    features.
     """
 
-    def __init__(self, model: VolumeClassifier) -> None:
+    def __init__(self, model: VolumeClassifier, budget: int = 0) -> None:
         self.model = model
         self.device = next(model.head.parameters()).device
+        self.budget = budget  # bytes the second pass's records may take
+        self.second: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.used = 0
 
     @torch.no_grad()
     def trunks(self, stacks: torch.Tensor, batch_size: int) -> SelectionTrunk:
@@ -277,17 +285,47 @@ class FrozenSelection:
         return parts[0]._replace(tokens=torch.cat([t.tokens.cpu() for t in parts]),
                                  attention=torch.cat([t.attention.cpu() for t in parts]))
 
-    def logits(self, stacks: torch.Tensor, trunk: SelectionTrunk) -> torch.Tensor:
-        """(B, K, 1, S, S) stacks and their trunks -> (B, classes)."""
+    def second_pass(self, keys: list[tuple[Any, ...]], blocks: int) -> CtTrunk:
+        """The second pass's tokens after `blocks` frozen blocks for the volumes `keys` name (one
+        key per row: which split and volume, which orientation), read from the record where that
+        volume's selected slices were met before, else computed (and recorded)."""
+        body = self.model.model
+
+        def tokens(volume: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+            rows = [(*key, *chosen) for key, chosen in zip(keys, slices.tolist())]
+            missing = [i for i, row in enumerate(rows) if row not in self.second]
+            fresh: dict[tuple[Any, ...], torch.Tensor] = {}
+            if missing:
+                index = torch.tensor(missing, device=volume.device)
+                computed = body.ct_trunk(volume[index], slices[index], blocks).cpu()
+                for i, out in zip(missing, computed):
+                    fresh[rows[i]] = out
+                    if self.used + out.numel() * out.element_size() <= self.budget:
+                        self.second[rows[i]] = out.clone()
+                        self.used += out.numel() * out.element_size()
+            kept = [fresh[row] if row in fresh else self.second[row] for row in rows]
+            return torch.stack(kept).to(self.device)
+
+        return tokens
+
+    def logits(self, stacks: torch.Tensor, trunk: SelectionTrunk, keys: list[tuple[Any, ...]]
+               ) -> torch.Tensor:
+        """(B, K, 1, S, S) stacks, their trunks and record keys -> (B, classes)."""
         trunk = trunk._replace(tokens=trunk.tokens.to(self.device),
                                attention=trunk.attention.to(self.device))
-        return self.model.head(self.model.model.pooled_volume(stacks.to(self.device), trunk))
+        second = self.second_pass(keys, trunk.blocks) if self.budget > 0 else None
+        return self.model.head(self.model.model.pooled_volume(stacks.to(self.device), trunk, second))
 
     @torch.no_grad()
     def predict(self, stacks: torch.Tensor, trunk: SelectionTrunk, batch_size: int) -> torch.Tensor:
-        """(N, classes) float32 logits on the CPU, as :func:`predict` of the same volumes."""
-        return torch.cat([self.logits(stacks[i : i + batch_size], pick(trunk, slice(i, i + batch_size)))
-                          .float().cpu() for i in range(0, len(stacks), batch_size)])
+        """(N, classes) float32 logits on the CPU of the validation volumes, as :func:`predict`
+        of the same volumes."""
+        parts = []
+        for start in range(0, len(stacks), batch_size):
+            window = slice(start, min(start + batch_size, len(stacks)))
+            keys = [("valid", i, False) for i in range(window.start, window.stop)]
+            parts.append(self.logits(stacks[window], pick(trunk, window), keys).float().cpu())
+        return torch.cat(parts)
 
 
 def pick(trunk: SelectionTrunk, index: torch.Tensor | slice, mirrored: SelectionTrunk | None = None,
@@ -307,18 +345,19 @@ def frozen_selection(model: VolumeClassifier, train: torch.Tensor, valid: torch.
     selection pass then runs whole every epoch): with trainable "all", a model without
     ``selection_trunk`` (or with no frozen block), ``frozen_cache_gb`` 0; with a line saying why
     when the trunks would not fit in ``frozen_cache_gb`` or do not reproduce the model's features
-    on the first training volumes."""
+    on the first training volumes. The second pass's record takes what the trunks leave of
+    ``frozen_cache_gb``; it is not kept (the second pass runs whole) where T_2D trains or it does
+    not reproduce the model's features."""
     body = model.model
     if cfg.trainable != "last" or cfg.frozen_cache_gb <= 0 or not hasattr(body, "selection_trunk"):
         return None
-    sample = train[:CHECKED_VOLUMES]
-    cache = FrozenSelection(model)
+    sample = train[:CHECKED_VOLUMES].to(next(model.head.parameters()).device)
     with torch.no_grad():
-        trunk = body.selection_trunk(sample.to(cache.device))
+        trunk = body.selection_trunk(sample)
         if trunk is None:
             return None
-        cached = body.pooled_volume(sample.to(cache.device), trunk)
-        direct = model.features(sample.to(cache.device))
+        direct = model.features(sample)
+        cached = body.pooled_volume(sample, trunk)
     if not torch.allclose(cached, direct, rtol=1e-4, atol=1e-5):
         log.warning("volume fine-tuning: the recorded selection pass does not reproduce the "
                     "model's features (largest difference %.2g); it runs whole every epoch",
@@ -328,6 +367,21 @@ def frozen_selection(model: VolumeClassifier, train: torch.Tensor, valid: torch.
     if not fits(cfg, len(train), len(valid), per_volume, "the selection pass's frozen blocks",
                 "they run"):
         return None
+    trunks = (len(train) * (2 if cfg.flip else 1) + len(valid)) * per_volume
+    cache = FrozenSelection(model, int(cfg.frozen_cache_gb * 2**30) - trunks
+                            if body.frozen_slice_tokens() else 0)
+    if cache.budget > 0:
+        keys = [("check", i, False) for i in range(len(sample))]
+        with torch.no_grad():
+            recorded = [body.pooled_volume(sample, trunk, cache.second_pass(keys, trunk.blocks))
+                        for _ in range(2)]  # computing the record, then reading it
+        cache.second.clear()
+        cache.used = 0
+        if not all(torch.allclose(r, direct, rtol=1e-4, atol=1e-5) for r in recorded):
+            log.warning("volume fine-tuning: the recorded second pass does not reproduce the "
+                        "model's features (largest difference %.2g); it runs whole every epoch",
+                        max(float((r - direct).abs().max()) for r in recorded))
+            cache.budget = 0
     return cache
 
 
@@ -403,10 +457,12 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
 
         def logits_of(index: torch.Tensor) -> torch.Tensor:
             if not cfg.flip:
-                return selector.logits(stacks[index], pick(plain_trunk, index))
+                keys = [("train", i, False) for i in index.tolist()]
+                return selector.logits(stacks[index], pick(plain_trunk, index), keys)
             flip = flip_draw(len(index), generator)
+            keys = [("train", i, f) for i, f in zip(index.tolist(), flip.tolist())]
             return selector.logits(flipped(stacks[index], flip),
-                                   pick(plain_trunk, index, mirrored_trunk, flip))
+                                   pick(plain_trunk, index, mirrored_trunk, flip), keys)
 
         def valid_logits() -> torch.Tensor:
             return selector.predict(valid[0], held_out_trunk, cfg.batch_size)

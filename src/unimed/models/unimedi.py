@@ -16,7 +16,7 @@ attention does not return weights).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,11 @@ class SelectionTrunk(NamedTuple):
     blocks: int
     tokens: torch.Tensor
     attention: torch.Tensor
+
+
+# The CT pass's tokens after the selection trunk's blocks, given the normalised volume (B, 1, D, H,
+# W) and its selected slices (B, k'): UniMedI.ct_trunk, or a record of its results.
+CtTrunk = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def slice_images(volume: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
@@ -341,15 +346,36 @@ class UniMedI(nn.Module):
         chosen = self.select_slices(self.volume_attention(volume))  # (N, k') at the model's depth
         return ((2 * chosen + 1) * stacks.shape[1]) // (2 * volume.shape[2])  # slice centre -> input
 
-    def pooled_volume(self, stacks: torch.Tensor, trunk: SelectionTrunk | None = None
-                      ) -> torch.Tensor:
+    def pooled_volume(self, stacks: torch.Tensor, trunk: SelectionTrunk | None = None,
+                      ct_trunk: CtTrunk | None = None) -> torch.Tensor:
         """(N, D, 1, S, S) axial slices in [0, 1] -> (N, width) the [CLS] of the CT sample: the
         volume's tokens and its attentively selected slices in one pass. `trunk`: the same
-        volumes' :meth:`selection_trunk`, from which the selection pass continues."""
+        volumes' :meth:`selection_trunk`, from which the selection pass continues. `ct_trunk`
+        (with `trunk`): gives the CT pass's tokens after the trunk's blocks for the volume and
+        its selected slices (:meth:`ct_trunk`'s, or a record of them), and only the later
+        blocks run."""
         volume = self.preprocess_volume(self.volume_input(stacks))
         slices = self.select_slices(self.volume_attention(volume, trunk))
-        out, _ = self.visual.encode(self.visual.ct_tokens(volume, slices))
+        if ct_trunk is None:
+            out, _ = self.visual.encode(self.visual.ct_tokens(volume, slices))
+        else:
+            x, _ = self.visual.run_blocks(ct_trunk(volume, slices),
+                                          self.visual.vit.blocks[trunk.blocks :], None)
+            out = self.visual.vit.norm(x)
         return out[:, 0]
+
+    @torch.no_grad()
+    def ct_trunk(self, volume: torch.Tensor, slices: torch.Tensor, blocks: int) -> torch.Tensor:
+        """(B, 1, D, H, W) normalised volume and (B, k') selected slices -> (B, 1 + P + k' x N,
+        width) the CT pass's tokens after its first `blocks` ViT blocks, which must hold no
+        trainable parameter, nor T_2D (:meth:`frozen_blocks`, :meth:`frozen_slice_tokens`)."""
+        x = self.visual.prefixed(self.visual.ct_tokens(volume, slices))
+        return self.visual.run_blocks(x, self.visual.vit.blocks[:blocks], None)[0]
+
+    def frozen_slice_tokens(self) -> bool:
+        """Whether T_2D's patch embedding holds no trainable parameter: then the CT pass's frozen
+        blocks give a volume and its selected slices the same tokens every time."""
+        return not any(p.requires_grad for p in self.visual.vit.patch_embed.parameters())
 
     def volume_intermediates(self, stacks: torch.Tensor) -> list[torch.Tensor]:
         """(N, D, 1, S, S) axial slices in [0, 1] -> 3D token maps (N, width, d, h, w) of four
