@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 
 ForwardFn = TypeVar("ForwardFn", bound=Callable[..., dict[str, torch.Tensor]])
 
@@ -35,7 +35,7 @@ def gather_features(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
             f"gather_features got rank={rank}, world_size={world_size} but the process group has "
             f"rank={dist.get_rank()}, world_size={dist.get_world_size()}"
         )
-    return torch.cat(dist_fn.all_gather(x), dim=0)  # (W*B, ...)
+    return funcol.wait_tensor(funcol.all_gather_single(x, 0, dist.group.WORLD))  # (W*B, ...)
 
 
 def float32_forward(forward: ForwardFn) -> ForwardFn:
