@@ -67,6 +67,24 @@ def test_eq1_attention_is_the_cls_row_averaged_over_layers_and_heads(softmax):
         torch.testing.assert_close(attention.sum(-1), torch.ones(2))
 
 
+@pytest.mark.parametrize("softmax", ["patches", "with_cls"])
+def test_the_selection_pass_is_encodes_attention_without_the_last_blocks_forward(softmax):
+    model = _model(attention_softmax=softmax)
+    volume = model.preprocess_volume(torch.rand(2, 1, 8, 16, 16))
+    _, expected = model.visual.encode([model.visual.tokens_3d(volume)], attention=softmax)
+    ran = []
+    for i, block in enumerate(model.visual.vit.blocks):
+        block.register_forward_hook(lambda *_, i=i: ran.append(i))
+    assert torch.equal(model.volume_attention(volume), expected)
+    blocks = len(model.visual.vit.blocks)
+    assert ran == list(range(blocks - 1))  # the last block's output is never read
+    for frozen in (0, blocks - 1, blocks):  # continuing from block 0, the last one, or the end
+        x = model.visual.prefixed([model.visual.tokens_3d(volume)])
+        x, total = model.visual.run_blocks(x, model.visual.vit.blocks[:frozen], softmax)
+        torch.testing.assert_close(model.visual.cls_attention(x, softmax, frozen, total), expected,
+                                   atol=0, rtol=0)
+
+
 def test_block_attention_with_the_cls_key_sums_below_one():
     model = _model()
     block = model.visual.vit.blocks[0]

@@ -204,8 +204,8 @@ class UniMedIMethod(Method):
                                   cfg.selected_slices, device=volume.device)
             return slab_to_slices(slabs, cfg.volume_patch[0], cfg.slab_slice)
         selector = self.teacher if cfg.selection_network == "teacher" else self.model.visual
-        _, attention = selector.encode([selector.tokens_3d(volume)],
-                                       attention=cfg.attention_softmax)
+        attention = selector.cls_attention(selector.prefixed([selector.tokens_3d(volume)]),
+                                           cfg.attention_softmax)
         return self.model.select_slices(attention)
 
     def _groups(self, tokens: list[torch.Tensor], slices: torch.Tensor | None) -> list[int]:

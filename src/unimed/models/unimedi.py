@@ -164,6 +164,18 @@ class UniMedIVision(nn.Module):
         x, total = self.run_blocks(self.prefixed(groups), vit.blocks, attention)
         return vit.norm(x), None if total is None else total / len(vit.blocks)
 
+    def cls_attention(self, x: torch.Tensor, attention: str, first: int = 0,
+                      total: torch.Tensor | None = None) -> torch.Tensor:
+        """The [CLS] attention of :meth:`encode` alone: `x` (the input of block `first`, with
+        `total` the sum of the attention rows of the blocks before it) through the later blocks,
+        but the last one, whose output nothing reads, gives its attention row only."""
+        blocks = self.vit.blocks
+        if first < len(blocks):
+            x, total = self.run_blocks(x, blocks[first:-1], attention, total)
+            rows = block_cls_attention(blocks[-1], x, with_cls_key=attention == "with_cls")
+            total = rows if total is None else total + rows
+        return total / len(blocks)
+
     def prefixed(self, groups: Tokens) -> torch.Tensor:
         """[CLS] (with its position) + the token groups: the (B, 1 + N, width) input of block 0."""
         vit = self.vit
@@ -292,13 +304,10 @@ class UniMedI(nn.Module):
         """(B, 1, D, H, W) normalised volume -> (B, P) [CLS] attention over its 3D tokens
         (a pass of [CLS] + T_3D(volume) alone, eq. 1); from `trunk` on, when given (the same
         volumes' :meth:`selection_trunk`), only the blocks after it run."""
+        visual, attention = self.visual, self.cfg.attention_softmax
         if trunk is None:
-            return self.visual.encode([self.visual.tokens_3d(volume)],
-                                      attention=self.cfg.attention_softmax)[1]
-        blocks = self.visual.vit.blocks
-        _, total = self.visual.run_blocks(trunk.tokens, blocks[trunk.blocks :],
-                                          self.cfg.attention_softmax, trunk.attention)
-        return total / len(blocks)
+            return visual.cls_attention(visual.prefixed([visual.tokens_3d(volume)]), attention)
+        return visual.cls_attention(trunk.tokens, attention, trunk.blocks, trunk.attention)
 
     def frozen_blocks(self) -> int:
         """How many ViT blocks, from the first, hold no trainable parameter, with everything
