@@ -60,3 +60,13 @@ def test_training_malloc_reuses_a_steps_memory_without_new_page_faults():
     assert runs["tuned"][0] == "True"
     assert runs["default"][1] > pages / 2
     assert runs["tuned"][1] < pages / 4
+
+
+def test_available_memory_is_what_the_kernel_reports(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       25165824 kB\nMemFree:         1048576 kB\n"
+                       "MemAvailable:   20971520 kB\n", encoding="ascii")
+    assert machine.available_memory(str(meminfo)) == 20 * 2**30  # MemAvailable, not MemFree
+    meminfo.write_text("MemTotal:       25165824 kB\n", encoding="ascii")
+    assert machine.available_memory(str(meminfo)) is None
+    assert machine.available_memory(str(tmp_path / "absent")) is None

@@ -49,6 +49,19 @@ def set_malloc_for_training() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
 
 
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes the kernel can hand out without swapping (Linux's MemAvailable in `meminfo`,
+    reclaimable page cache included), or None where it does not say (another OS)."""
+    try:
+        with open(meminfo, encoding="ascii") as lines:
+            for line in lines:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda":

@@ -16,7 +16,9 @@ from unimed.data.config import DataConfig
 from unimed.data.volumes import Volume, axial_slices, crop_cube, read_volume
 from unimed.eval import volumes
 from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig
+from unimed.eval import data as data_module
 from unimed.eval.data import EvalData, rgb
+from unimed.eval.errors import EvalError
 from unimed.eval.encoders import Encoder
 from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.runner import evaluate
@@ -146,6 +148,32 @@ def test_a_candidate_is_seen_as_the_cube_around_it(ct_context):
     nodule = next(i for i, r in enumerate(records) if r.labels["nodule"] == 1.0)
     centre = stacks[nodule, :, 0, IMAGE_SIZE // 2 - 1:IMAGE_SIZE // 2 + 1, IMAGE_SIZE // 2 - 1:IMAGE_SIZE // 2 + 1]
     assert float(centre.max()) > 0.3  # brighter than lung (-860 HU: 0.1 in the lung window)
+
+
+def test_slice_stacks_larger_than_the_available_memory_are_one_error_before_any_reading(
+        ct_context, monkeypatch):
+    records = len(ct_context.data.require("luna16-candidates", "valid"))
+    need = records * 5 * IMAGE_SIZE**2 * 4  # float32 stacks of 5 slices
+    read = []
+    monkeypatch.setattr(data_module, "read_volume", lambda path: read.append(path))
+    monkeypatch.setattr(data_module, "available_memory", lambda: need - 1)
+    with pytest.raises(EvalError, match=rf"luna16-candidates/valid: {records} volumes x 5 slices of "
+                                        rf"{IMAGE_SIZE} px take 0.0 GB in memory, more than the 0.0 GB "
+                                        "available; evaluate on a subset"):
+        ct_context.data.slice_stacks("luna16-candidates", "valid", 5, (-1000.0, 400.0))
+    assert read == []
+    monkeypatch.setattr(data_module, "available_memory", lambda: need)  # exactly enough
+    monkeypatch.setattr(data_module, "read_volume", read_volume)
+    assert ct_context.data.slice_stacks("luna16-candidates", "valid", 5, (-1000.0, 400.0)).shape[0] == records
+
+
+def test_images_larger_than_the_available_memory_are_one_error(eval_data, monkeypatch):
+    records = eval_data.records("rsna", "valid")
+    monkeypatch.setattr(data_module, "available_memory", lambda: 1024)
+    with pytest.raises(EvalError, match=rf"rsna/valid: {len(records)} images of {IMAGE_SIZE} px take"):
+        eval_data.load(records, "crop", "rsna/valid")
+    monkeypatch.setattr(data_module, "available_memory", lambda: None)  # unknown: no check
+    assert eval_data.load(records, "crop", "rsna/valid").shape == (len(records), 1, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def test_a_2d_dataset_is_refused_by_the_3d_tasks(eval_data):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +44,7 @@ from unimed.data.records import Record
 from unimed.data.transforms import eval_transform
 from unimed.data.volumes import axial_slices, crop_cube, read_volume
 from unimed.eval.errors import EvalError
+from unimed.machine import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,19 @@ MAX_DECODE_THREADS = 8
 
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+def check_fits(shape: tuple[int, ...], what: str) -> None:
+    """An EvalError before a float32 tensor of `shape` is allocated that the memory available now
+    cannot hold (the evaluation keeps a split's decoded images or slice stacks in memory, sized
+    for test sets, not for a whole corpus): one line naming `what` and the sizes, where the
+    process would otherwise be killed for memory after decoding for hours."""
+    need = math.prod(shape) * torch.float32.itemsize
+    available = available_memory()
+    if available is not None and need > available:
+        raise EvalError(f"{what} take {need / 2**30:.1f} GB in memory, more than the "
+                        f"{available / 2**30:.1f} GB available; evaluate on a subset of the records "
+                        "(e.g. a subsample of the dataset's table) or at a smaller size")
 
 
 def read_labelled(record: Record, *, size: int, depth: int, window: tuple[float, float]
@@ -161,7 +176,10 @@ class EvalData:
                                 view.array.shape[2]))
                 return out
 
-            stacks = torch.empty(len(records), slices, 1, self.image_size, self.image_size)
+            shape = (len(records), slices, 1, self.image_size, self.image_size)
+            check_fits(shape, f"{dataset}/{split}: {len(records)} volumes x {slices} slices of "
+                              f"{self.image_size} px")
+            stacks = torch.empty(shape)
             depths = [0] * len(records)
             members = list(groups.values())
             for indices, read_back in zip(members, self.decode(read, members, f"{dataset}/{split}", "volume")):
@@ -259,7 +277,9 @@ class EvalData:
         size = size or self.cfg.image_size
         resize = self.cfg.resize_size if geometry == "crop" else size
         transform = eval_transform(size, resize)
+        check_fits((len(records), 1, size, size), f"{desc}: {len(records)} images of {size} px")
         out = torch.empty(len(records), 1, size, size)
+
         def read(record: Record) -> torch.Tensor:
             return transform(load_image(record.image_path, min_side=resize))[:1]
 
