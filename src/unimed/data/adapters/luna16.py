@@ -49,7 +49,8 @@ def _class_label(table: CsvTable, line: int, row: dict[str, str], value: float) 
 
 
 Geometry = dict[str, tuple[tuple[int, int, int], np.ndarray]]
-"""Series uid -> (size, affine) of the headers read so far (:func:`mhd_geometry`), each read once."""
+"""Series uid -> (size, world-to-voxel matrix: the inverse of the affine) of the headers read so
+far (:func:`mhd_geometry`), each read and inverted once however many rows name the series."""
 
 
 def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple[str, ...], what: str,
@@ -73,9 +74,10 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
             if uid not in headers:
                 raise table.error(f"series {uid} has no subset*/{uid}.mhd", line, "seriesuid", MISSING_IMAGE)
             if uid not in geometry:
-                geometry[uid] = mhd_geometry(headers[uid])
-            size, affine = geometry[uid]
-            voxel = (np.linalg.inv(affine) @ np.array([-x, -y, z, 1.0]))[:3]
+                size, affine = mhd_geometry(headers[uid])
+                geometry[uid] = (size, np.linalg.inv(affine))
+            size, to_voxel = geometry[uid]
+            voxel = (to_voxel @ np.array([-x, -y, z, 1.0]))[:3]
             if np.any(voxel < -0.5) or np.any(voxel > np.array(size) - 0.5):
                 raise table.error(f"{what} at ({x}, {y}, {z}) mm is outside the volume "
                                   f"(voxel {voxel.round(1).tolist()}, size {list(size)})", line)
