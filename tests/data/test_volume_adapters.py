@@ -377,3 +377,41 @@ def test_bad_luna_candidate_rows_name_their_line(world, tmp_path, row, message):
         load_dataset("luna16-candidates", luna)
     skipped = load_dataset("luna16-candidates", luna, on_error="skip")
     assert len(skipped.records) == lines - 2 and sum(skipped.dropped.values()) == 1
+
+
+def _volume_of(record) -> str:
+    return record.image_path.stem
+
+
+def test_candidate_negatives_keep_every_nodule_and_a_seeded_sample_per_series(world, tmp_path):
+    root, _ = world
+    luna = root / "luna16"
+    full = load_dataset("luna16-candidates", luna, split_dir=tmp_path).records
+    negatives = Counter(_volume_of(r) for r in full if r.labels["nodule"] == 0.0)
+    assert max(negatives.values()) >= 3  # the phantom writes four false candidates per series
+    kept = load_dataset("luna16-candidates", luna, split_dir=tmp_path, candidate_negatives=2).records
+    key = lambda r: r.image_key(luna)  # noqa: E731
+    by_key = {key(r): r for r in full}
+    assert [key(r) for r in kept] == [key(r) for r in full if key(r) in {key(k) for k in kept}]  # order
+    assert all(by_key[key(r)] == r for r in kept)  # same records, same splits
+    assert {key(r) for r in kept if r.labels["nodule"] == 1.0} == {key(r) for r in full if r.labels["nodule"] == 1.0}
+    kept_negatives = Counter(_volume_of(r) for r in kept if r.labels["nodule"] == 0.0)
+    assert kept_negatives == {volume: min(n, 2) for volume, n in negatives.items()}
+    again = load_dataset("luna16-candidates", luna, split_dir=tmp_path, candidate_negatives=2).records
+    assert [key(r) for r in again] == [key(r) for r in kept]
+    # A volume's sample depends on the seed and on that volume alone: other seeds draw others, and
+    # a table without the other series (nor their rows) keeps the same candidates of this one.
+    draws = {tuple(key(r) for r in load_dataset("luna16-candidates", luna, split_seed=seed,
+                                                 candidate_negatives=1).records) for seed in range(4)}
+    assert len(draws) > 1
+    alone = tmp_path / "luna16"
+    shutil.copytree(luna, alone)
+    series = _volume_of(kept[0])
+    lines = (alone / "candidates.csv").read_text(encoding="utf-8").splitlines()
+    rows = [line for line in lines[1:] if line.startswith(series)]
+    (alone / "candidates.csv").write_text("\n".join([lines[0], *rows[::-1]]) + "\n", encoding="utf-8")
+    one = load_dataset("luna16-candidates", alone, candidate_negatives=2).records
+    assert (sorted(r.image_key(alone) for r in one)
+            == sorted(key(r) for r in kept if _volume_of(r) == series))
+    # The per-series dataset has no candidates: nothing of it is sampled.
+    assert len(load_dataset("luna16", luna, candidate_negatives=1).records) == TINY.ct.luna_studies

@@ -159,12 +159,27 @@ def test_slice_stacks_larger_than_the_available_memory_are_one_error_before_any_
     monkeypatch.setattr(data_module, "available_memory", lambda: need - 1)
     with pytest.raises(EvalError, match=rf"luna16-candidates/valid: {records} volumes x 5 slices of "
                                         rf"{IMAGE_SIZE} px take 0.0 GB in memory, more than the 0.0 GB "
-                                        "available; evaluate on a subset"):
+                                        "available; evaluate on a subset of the records "
+                                        r"\(data.candidate_negatives for a candidates table"):
         ct_context.data.slice_stacks("luna16-candidates", "valid", 5, (-1000.0, 400.0))
     assert read == []
     monkeypatch.setattr(data_module, "available_memory", lambda: need)  # exactly enough
     monkeypatch.setattr(data_module, "read_volume", read_volume)
     assert ct_context.data.slice_stacks("luna16-candidates", "valid", 5, (-1000.0, 400.0)).shape[0] == records
+
+
+def test_candidate_negatives_sample_what_the_evaluation_reads_and_publishes(ct_context, tmp_path):
+    full = ct_context.data.require("luna16-candidates", "test")
+    data = EvalData(dataclasses.replace(ct_context.data.cfg, candidate_negatives=1))
+    records = data.require("luna16-candidates", "test")
+    assert [r for r in records if r.labels["nodule"] == 1.0] == [r for r in full if r.labels["nodule"] == 1.0]
+    negatives = [r.image_path for r in records if r.labels["nodule"] == 0.0]
+    series = {r.image_path for r in full if r.labels["nodule"] == 0.0}
+    assert len(negatives) == len(set(negatives)) == len(series) < len(full)  # one per series
+    assert data.slice_stacks("luna16-candidates", "test", 2, (-1000.0, 400.0)).shape[0] == len(records)
+    published = data.publish(tmp_path)["luna16-candidates/test"]
+    lines = (tmp_path / published["file"]).read_text(encoding="utf-8").splitlines()
+    assert lines == [data.image_id(r) for r in records] and published["images"] == len(records)
 
 
 def test_images_larger_than_the_available_memory_are_one_error(eval_data, monkeypatch):

@@ -37,7 +37,8 @@ def check_dataset(name: str, cfg: Config, check_images: bool):
         text_only = is_generic(folder) and IMAGE not in read_rows(find_table(folder))[0]
         read = load_dataset(name, folder, on_error="skip", min_report_tokens=cfg.data.min_report_tokens,
                             split_seed=cfg.data.split_seed, check_images=check_images,
-                            require_images=not text_only)
+                            require_images=not text_only,
+                            candidate_negatives=cfg.data.candidate_negatives)
     except DataError as err:
         return None, str(err)
     return read, "text-only" if text_only else None

@@ -33,6 +33,11 @@ class DataConfig:
     (read, resized and windowed once, then read back every epoch and run; None: read every time);
     `image_cache` likewise keeps each X-ray as the pre-training views start from it (decoded and
     resized; :class:`unimed.data.pretrain.CachedImageLoader`).
+    `candidate_negatives` N keeps, per volume of a candidates dataset (records that are cubes
+    around candidate points: `luna16-candidates`), every candidate with a positive label and a
+    seeded sample of at most N of the others (:func:`unimed.data.adapters.sample_candidates`), after
+    the splits are carved; None keeps every row. LUNA16's candidates_V2 table lists about 850
+    candidates per series for fewer than two nodules, more than an evaluation can hold in memory.
     """
 
     root: str = "data/phantom"
@@ -54,6 +59,7 @@ class DataConfig:
     split_dir: str | None = None
     volume_cache: str | None = None
     image_cache: str | None = None
+    candidate_negatives: int | None = None
     check_images: bool = False
     progress: bool = True
 
@@ -66,6 +72,9 @@ class DataConfig:
                              f"got {list(self.text_splits)}")
         check_bounds("data", self, at_least_one=("image_size", "resize_size", "max_length"),
                      non_negative=("min_report_tokens", "num_workers", "split_seed"))
+        if self.candidate_negatives is not None and self.candidate_negatives < 1:
+            raise ValueError("data.candidate_negatives must be >= 1 (or null: every candidate), "
+                             f"got {self.candidate_negatives}")
         if not 0.0 <= self.rotation <= 180.0:
             raise ValueError(f"data.rotation must be in [0, 180] degrees, got {self.rotation}")
         if self.cvl_view not in CVL_VIEWS:

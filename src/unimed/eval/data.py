@@ -66,7 +66,8 @@ def check_fits(shape: tuple[int, ...], what: str) -> None:
     if available is not None and need > available:
         raise EvalError(f"{what} take {need / 2**30:.1f} GB in memory, more than the "
                         f"{available / 2**30:.1f} GB available; evaluate on a subset of the records "
-                        "(e.g. a subsample of the dataset's table) or at a smaller size")
+                        "(data.candidate_negatives for a candidates table, else a subsample of the "
+                        "dataset's table) or at a smaller size")
 
 
 def read_labelled(record: Record, *, size: int, depth: int, window: tuple[float, float]

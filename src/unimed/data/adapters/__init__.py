@@ -9,9 +9,12 @@ returns the records with the count of every dropped row.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from unimed.data.adapters import bcv, bimcv, ccii, chexpert, covidx, luna16, mimic, object_cxr, padchest, rsna, siim
 from unimed.data.adapters.base import ADAPTERS, AdapterResult, DatasetRead, ReadContext
@@ -58,6 +61,7 @@ def load_dataset(
     check_images: bool = False,
     progress: bool = False,
     require_images: bool = True,
+    candidate_negatives: int | None = None,
 ) -> DatasetRead:
     """Read dataset `name` from `root` (the folder in its official layout) as canonical records.
 
@@ -68,6 +72,8 @@ def load_dataset(
     check_images: also verify that every image opens (slower), not only that it exists.
     require_images: False for the text stages, which read reports only: images are not looked at
     and a generic text-only table (no image column) is accepted.
+    candidate_negatives: per volume, at most this many candidates without a positive label are
+    kept (:func:`sample_candidates`, after the splits are carved); None keeps every record.
     """
     drops = DropCounter(on_error)
     root = Path(root)
@@ -90,11 +96,39 @@ def load_dataset(
     records = [
         dataclasses.replace(r, split=splits[key]) for r, (key, _, _) in zip(result.records, rows)
     ]
+    if candidate_negatives is not None:
+        kept = sample_candidates(records, candidate_negatives, split_seed, root)
+        logger.info("%s: %d of %d record(s) kept, every positive candidate and at most %d other(s) "
+                    "per volume (data.candidate_negatives)", name, len(kept), len(records),
+                    candidate_negatives)
+        records = kept
     dropped = drops.as_dict()
     for reason, count in dropped.items():
         logger.info("%s: dropped %d record(s): %s", name, count, reason)
     logger.info("%s: %d record(s) read from %s", name, len(records), root)
     return DatasetRead(records, dropped, dict(drops.examples))
+
+
+def sample_candidates(records: Sequence[Record], negatives: int, seed: int, root: Path) -> list[Record]:
+    """`records` in order, less the candidates without a positive label beyond `negatives` per
+    volume. A candidate is a record with a `crop` (a cube around a point of its volume); records
+    without one are all kept. Which of a volume's negatives stay is a sample seeded by `seed` and
+    the volume's path relative to `root`, so it depends neither on the other volumes nor on the
+    order of the table; a volume's records share its patient's split, so the splits keep theirs."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        if record.crop is not None and not any(v > 0 for v in record.labels.values()):
+            volume = record.image_key(root).removesuffix(record.crop.tag())
+            groups.setdefault(volume, []).append(i)
+    dropped: set[int] = set()
+    for volume, indices in groups.items():
+        if len(indices) > negatives:
+            name = volume.encode("utf-8")
+            rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(name).digest()[:8], "little")])
+            ordered = sorted(indices, key=lambda i: records[i].crop.tag())  # not the table's order
+            keep = rng.choice(len(ordered), size=negatives, replace=False)
+            dropped.update(set(ordered) - {ordered[j] for j in keep})
+    return [record for i, record in enumerate(records) if i not in dropped]
 
 
 def patient_strata(records: Sequence[Record]) -> dict[str, str]:
@@ -135,6 +169,7 @@ def load_from_config(name: str, cfg: DataConfig, *, require_images: bool = True)
         check_images=cfg.check_images and require_images,
         progress=cfg.progress,
         require_images=require_images,
+        candidate_negatives=cfg.candidate_negatives,
     )
 
 
@@ -176,5 +211,6 @@ __all__ = [
     "object_cxr",
     "padchest",
     "rsna",
+    "sample_candidates",
     "siim",
 ]
