@@ -126,10 +126,12 @@ def test_unimedi_image_report_alignment_learns_the_findings(tmp_path):
     method = create_method(cfg, vocab_size=len(tokenizer))
     untrained = _within_language_accuracy(method.model, records, tokenizer)
     loaders = method.build_loaders(records, tokenizer, DATA, batch_size=8)
-    train(method, loaders, TrainConfig(epochs=6, batch_size=8, lr=1e-3, warmup_ratio=0.1,
+    train(method, loaders, TrainConfig(epochs=12, batch_size=8, lr=4e-3, warmup_ratio=0.1,
                                        log_every=100, checkpoint_every=100, tensorboard=False),
           tmp_path / "run", DistInfo(), progress=False)
     trained = _within_language_accuracy(method.model, records, tokenizer)
     assert untrained <= 0.3
-    # Measured 0.75 with this seed.
+    # Measured 0.94 with this seed; over seeds 0-5, 0.94 / 0.25 / 0.96 / 0.81 / 1.00 / 1.00 (the
+    # ViT from random weights stays at chance in some runs). At 6 epochs and lr 1e-3, 0.25-0.48 at
+    # five seeds of six, so the guard then hung on one seed's random stream.
     assert trained >= 0.55, f"within-language retrieval {trained:.2f} (untrained {untrained:.2f})"

@@ -23,6 +23,8 @@ from transformers.models.bert.modeling_bert import BertLayer, eager_attention_fo
 from transformers.utils import logging as hf_logging
 
 from unimed.models.config import TextTowerConfig
+from unimed.models.dropout import dropout as masked_dropout
+from unimed.models.dropout import use_fast_dropout
 from unimed.train.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ def create_text_encoder(
     the caller loads next (an exported model: the text weights are in its own weights file).
 
     Dropout (hidden and attention) is set to ``cfg.dropout`` either way, since it makes the two
-    CTR text views. `vocab_size` is the tokenizer's size: it is required for a fresh encoder, and a
+    CTR text views; its CPU masks are drawn by :mod:`unimed.models.dropout` (the hidden dropout
+    modules are replaced, and :func:`packed_layers` drops the attention probabilities with it). `vocab_size` is the tokenizer's size: it is required for a fresh encoder, and a
     loaded encoder with fewer embedding rows grows to it (new rows randomly initialised, as for the
     appended Spanish terms); a tokenizer smaller than the encoder's vocabulary is an error.
     """
@@ -55,11 +58,11 @@ def create_text_encoder(
             intermediate_size=cfg.intermediate_size,
             **dropout,
         )
-        return BertModel(config, add_pooling_layer=False)
+        return use_fast_dropout(BertModel(config, add_pooling_layer=False))
     if isinstance(path, PretrainedConfig):
         config = BertConfig.from_dict({**path.to_dict(), **dropout})
-        return BertModel(config, add_pooling_layer=False)
-    return _load_text_encoder(Path(path), vocab_size, dropout)
+        return use_fast_dropout(BertModel(config, add_pooling_layer=False))
+    return use_fast_dropout(_load_text_encoder(Path(path), vocab_size, dropout))
 
 
 def _load_text_encoder(path: Path, vocab_size: int | None, dropout: dict[str, float]) -> BertModel:
@@ -276,13 +279,31 @@ def _packed_layer(layer: BertLayer, tokens: torch.Tensor, index: torch.Tensor, b
     heads = (batch, length, -1, attention.attention_head_size)
     query, key, value = (_unpack(projection(tokens), index, batch, length).view(heads).transpose(1, 2)
                          for projection in (attention.query, attention.key, attention.value))
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation,
-                                                      eager_attention_forward)
-    context, _ = interface(attention, query, key, value, mask,
-                           dropout=attention.dropout.p if attention.training else 0.0,
-                           scaling=attention.scaling)  # (B, L, heads, head size)
+    p = attention.dropout.p if attention.training else 0.0
+    if p and query.device.type == "cpu":
+        context = _attention_cpu_dropout(query, key, value, mask, p, attention.scaling)
+    else:
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation,
+                                                          eager_attention_forward)
+        context, _ = interface(attention, query, key, value, mask, dropout=p,
+                               scaling=attention.scaling)  # (B, L, heads, head size)
     context = context.reshape(batch * length, -1)[index]  # (N, H)
     return layer.feed_forward_chunk(layer.attention.output(context, tokens))
+
+
+def _attention_cpu_dropout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           mask: torch.Tensor | None, p: float, scaling: float) -> torch.Tensor:
+    """(B, L, heads, head size) attention of (B, heads, L, head size) `query`, `key`, `value`
+    with dropout `p` on the probabilities, masks from :func:`unimed.models.dropout.dropout`: SDPA
+    with dropout runs this arithmetic too (its math path, as the CPU has no fused kernel with
+    dropout) but with torch's slower masks. `mask` is SDPA's: bool (True where a key is attended)
+    or additive, broadcast over heads and queries; None attends everywhere."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)  # (B, heads, L, L)
+    if mask is not None:
+        scores = (scores.masked_fill_(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool
+                  else scores + mask)
+    probs = masked_dropout(scores.softmax(-1), p)
+    return torch.matmul(probs, value).transpose(1, 2)
 
 
 def _check_shared_trunk(encoder: BertModel, n: int) -> list[torch.nn.Module]:
