@@ -104,3 +104,17 @@ def test_packed_attention_drops_probabilities_with_the_cpu_mask(monkeypatch):
     torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
     assert float(out.detach()[~real].abs().max()) == 0.0
 
+
+
+def test_every_dropout_of_the_mlm_model_uses_it(tmp_path):
+    from transformers import BertTokenizerFast
+
+    from unimed.text.config import MLMConfig
+    from unimed.text.mlm import build_mlm_model
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    model = build_mlm_model(BertTokenizerFast(vocab=str(vocab)), MLMConfig(hidden_size=16, num_layers=1,
+                                                                         num_heads=2, intermediate_size=32))
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(type(m) is Dropout for m in dropouts)

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from unimed.data.pretrain import PretrainSampler
 from unimed.methods.base import Method, Stage, StepContext
+from unimed.models.dropout import use_fast_dropout
 from unimed.models.text import (
     BASE_VOCAB_KEY,
     load_pretrained,
@@ -218,7 +219,8 @@ def build_mlm_model(
     the same vector.
     A base model without an MLM head (a sentence encoder such as MiniLM) gets the head of
     :func:`init_missing_head` instead of a random one. Without a base model, a fresh BERT is built
-    from the sizes in ``cfg``.
+    from the sizes in ``cfg``. Its dropouts draw their CPU masks as the pre-training text tower's
+    (:func:`unimed.models.dropout.use_fast_dropout`).
     """
     if base_model is None:
         config = BertConfig(
@@ -232,7 +234,7 @@ def build_mlm_model(
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return BertForMaskedLM(config)
+            return use_fast_dropout(BertForMaskedLM(config))
     path = Path(base_model)
     if not path.is_dir():
         raise ValueError(f"base model folder {path} does not exist; models are never downloaded")
@@ -257,7 +259,7 @@ def build_mlm_model(
     else:
         _init_new_rows(model, n_old, seed)
     init_missing_head(model, set(info["missing_keys"]), _token_counts(tokenizer, corpus))
-    return model
+    return use_fast_dropout(model)
 
 
 def init_missing_head(model: BertForMaskedLM, missing: set[str], counts: torch.Tensor) -> None:
