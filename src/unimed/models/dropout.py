@@ -31,7 +31,8 @@ def keep_mask(shape: tuple[int, ...] | torch.Size, p: float) -> torch.Tensor:
     seed = int(torch.randint(2**63 - 1, ()).item())
     words = np.random.SFC64(seed).random_raw((n + 1) // 2)  # two 32-bit words per draw
     signed = torch.from_numpy(words).view(torch.int32)[:n].view(shape)
-    return signed >= round(p * 2**32) - 2**31
+    dropped = min(round(p * 2**32), 2**32 - 1)  # of the 2**32 words; p < 1 keeps one
+    return signed >= dropped - 2**31
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

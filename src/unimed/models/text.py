@@ -39,9 +39,10 @@ def create_text_encoder(
 
     Dropout (hidden and attention) is set to ``cfg.dropout`` either way, since it makes the two
     CTR text views; its CPU masks are drawn by :mod:`unimed.models.dropout` (the hidden dropout
-    modules are replaced, and :func:`packed_layers` drops the attention probabilities with it). `vocab_size` is the tokenizer's size: it is required for a fresh encoder, and a
-    loaded encoder with fewer embedding rows grows to it (new rows randomly initialised, as for the
-    appended Spanish terms); a tokenizer smaller than the encoder's vocabulary is an error.
+    modules are replaced, and :func:`packed_layers` drops the attention probabilities with it).
+    `vocab_size` is the tokenizer's size: it is required for a fresh encoder, and a loaded encoder
+    with fewer embedding rows grows to it (new rows randomly initialised, as for the appended
+    Spanish terms); a tokenizer smaller than the encoder's vocabulary is an error.
     """
     dropout = {
         "hidden_dropout_prob": cfg.dropout,
