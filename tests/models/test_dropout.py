@@ -8,12 +8,14 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from unimed.models import text as text_module
 from unimed.models.config import TextTowerConfig
 from unimed.models.dropout import Dropout, dropout, keep_mask, use_fast_dropout
 from unimed.models.text import create_text_encoder, packed_layers
+from unimed.text.config import MLMConfig
+from unimed.text.mlm import build_mlm_model
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -107,11 +109,6 @@ def test_packed_attention_drops_probabilities_with_the_cpu_mask(monkeypatch):
 
 
 def test_every_dropout_of_the_mlm_model_uses_it(tmp_path):
-    from transformers import BertTokenizerFast
-
-    from unimed.text.config import MLMConfig
-    from unimed.text.mlm import build_mlm_model
-
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
     model = build_mlm_model(BertTokenizerFast(vocab=str(vocab)), MLMConfig(hidden_size=16, num_layers=1,
