@@ -35,7 +35,13 @@ def gather_features(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
             f"gather_features got rank={rank}, world_size={world_size} but the process group has "
             f"rank={dist.get_rank()}, world_size={dist.get_world_size()}"
         )
-    return funcol.wait_tensor(funcol.all_gather_single(x, 0, dist.group.WORLD))  # (W*B, ...)
+    # The registered functional op (its autograd, registered by funcol: backward a summed
+    # reduce-scatter) waited at once. funcol.all_gather_single wraps the same op's output in an
+    # AsyncCollectiveTensor, and with it a gloo rank aborted at exit in 4-5 of 10 runs of
+    # tests/losses/test_distributed_prior.py ("terminate called without an active exception").
+    gathered = torch.ops._c10d_functional.all_gather_into_tensor(
+        x.contiguous(), world_size, dist.group.WORLD.group_name)
+    return funcol.wait_tensor(gathered)  # (W*B, ...)
 
 
 def float32_forward(forward: ForwardFn) -> ForwardFn:
