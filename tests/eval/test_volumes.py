@@ -19,6 +19,7 @@ from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig
 from unimed.eval import data as data_module
 from unimed.eval.data import EvalData, rgb
 from unimed.eval.errors import EvalError
+from unimed.eval.features import FeatureCache
 from unimed.eval.encoders import Encoder
 from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.runner import evaluate
@@ -166,6 +167,44 @@ def test_slice_stacks_larger_than_the_available_memory_are_one_error_before_any_
     monkeypatch.setattr(data_module, "available_memory", lambda: need)  # exactly enough
     monkeypatch.setattr(data_module, "read_volume", read_volume)
     assert ct_context.data.slice_stacks("luna16-candidates", "valid", 5, (-1000.0, 400.0)).shape[0] == records
+
+
+def test_a_split_larger_than_half_the_memory_streams_into_its_volume_embeddings(
+        ct_context, tiny_encoder, monkeypatch):
+    """The volume embeddings of a split that cannot be held come from pieces read one after another
+    (each within the piece budget unless it is one series' candidates), equal to the held split's
+    and in record order, here of a table whose rows of one series lie apart."""
+    window = (-1000.0, 400.0)
+    expected = {space: ct_context.features.volumes(tiny_encoder, ct_context.data, "luna16-candidates", "train",
+                                                    space=space, slices=4, window=window, batch_size=16)
+                for space in ("pooled", "projected")}
+    held = ct_context.data.slice_stacks("luna16-candidates", "train", 4, window)
+    depths = ct_context.data.native_depths("luna16-candidates", "train")
+    data = EvalData(ct_context.data.cfg)
+    table = data.records("luna16-candidates")
+    data._records["luna16-candidates"] = table[::2] + table[1::2]
+    records = data.require("luna16-candidates", "train")
+    before = ct_context.data.require("luna16-candidates", "train")
+    order = [before.index(r) for r in records]
+    assert order != sorted(order)
+    per_record = 4 * IMAGE_SIZE**2 * 4
+    monkeypatch.setattr(data_module, "available_memory", lambda: len(records) * per_record - 1)
+    monkeypatch.setattr(data_module, "STREAM_PIECE_BYTES", 5 * per_record)
+    pieces = list(data.stack_pieces("luna16-candidates", "train", 4, window))
+    assert len(pieces) > 2 and sorted(i for indices, _ in pieces for i in indices) == list(range(len(records)))
+    for indices, stacks in pieces:
+        series = {records[i].image_path for i in indices}
+        assert len(indices) <= 5 or len(series) == 1
+        assert [i for i, r in enumerate(records) if r.image_path in series] == indices  # whole series
+        torch.testing.assert_close(stacks, held[[order[i] for i in indices]])
+    assert data.native_depths("luna16-candidates", "train") == [depths[i] for i in order]
+    with pytest.raises(EvalError, match="more than the"):  # the split itself cannot be held ...
+        data.slice_stacks("luna16-candidates", "train", 4, window)
+    streamed = FeatureCache()  # ... yet its embeddings are computed
+    for space, values in expected.items():
+        torch.testing.assert_close(streamed.volumes(tiny_encoder, data, "luna16-candidates", "train", space=space,
+                                                    slices=4, window=window, batch_size=16),
+                                   values[order], rtol=1e-4, atol=1e-5)
 
 
 def test_candidate_negatives_sample_what_the_evaluation_reads_and_publishes(ct_context, tmp_path):

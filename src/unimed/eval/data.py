@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 GEOMETRIES = ("crop", "full")
 SPLITS_DIR = "splits"
 MAX_DECODE_THREADS = 8
+STREAM_PIECE_BYTES = 2**30
+"""The largest piece of slice stacks :meth:`EvalData.stack_pieces` reads at once when a split streams."""
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -84,6 +86,14 @@ def read_labelled(record: Record, *, size: int, depth: int, window: tuple[float,
                         reason=UNREADABLE_IMAGE)
     image = axial_slices(volume, size=size, slices=depth, window=window)
     return image, axial_slices(labels, size=size, slices=depth, labels=True).round().long()
+
+
+def _by_volume(records: Sequence[Record]) -> list[list[int]]:
+    """The indices of `records` grouped by volume file, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(str(record.image_path), []).append(i)
+    return list(groups.values())
 
 
 class EvalData:
@@ -163,33 +173,67 @@ class EvalData:
         key = (dataset, split, slices, tuple(window))
         if key not in self._slices:
             records = self._volume_records(dataset, split)
-            groups: dict[str, list[int]] = {}
-            for i, record in enumerate(records):
-                groups.setdefault(str(record.image_path), []).append(i)
-
-            def read(indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-                volume = read_volume(records[indices[0]].image_path)
-                out = []
-                for i in indices:
-                    crop = records[i].crop
-                    view = crop_cube(volume, (crop.x, crop.y, crop.z), crop.size_mm) if crop else volume
-                    out.append((axial_slices(view, size=self.image_size, slices=slices, window=window),
-                                view.array.shape[2]))
-                return out
-
             shape = (len(records), slices, 1, self.image_size, self.image_size)
             check_fits(shape, f"{dataset}/{split}: {len(records)} volumes x {slices} slices of "
                               f"{self.image_size} px")
-            stacks = torch.empty(shape)
-            depths = [0] * len(records)
-            members = list(groups.values())
-            for indices, read_back in zip(members, self.decode(read, members, f"{dataset}/{split}", "volume")):
-                for i, (stack, depth) in zip(indices, read_back):
-                    stacks[i, :, 0] = stack
-                    depths[i] = depth
-            self._slices[key] = stacks
-            self._depths[(dataset, split)] = depths
+            [(_, self._slices[key])] = self._read_stacks(dataset, split, slices, window,
+                                                         [list(range(len(records)))])
         return self._slices[key]
+
+    def stack_pieces(self, dataset: str, split: str, slices: int, window: tuple[float, float]
+                     ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """The slice stacks of :meth:`slice_stacks` as (record indices, (n, slices, 1, S, S))
+        pieces, for a task that needs one piece at a time (a volume embedding): the whole split as
+        one piece, read and cached by :meth:`slice_stacks`, when it is cached or takes at most half
+        the memory available now; else the split streams, pieces of at most `STREAM_PIECE_BYTES`
+        (whole volumes: a series' candidates stay in one piece) read one after another and
+        dropped after use, so memory holds a piece or two however large the split."""
+        key = (dataset, split, slices, tuple(window))
+        records = self._volume_records(dataset, split)
+        per_record = slices * self.image_size**2 * torch.float32.itemsize
+        available = available_memory()
+        if key in self._slices or available is None or len(records) * per_record <= available / 2:
+            yield list(range(len(records))), self.slice_stacks(dataset, split, slices, window)
+            return
+        pieces: list[list[int]] = [[]]
+        for group in _by_volume(records):
+            if pieces[-1] and (len(pieces[-1]) + len(group)) * per_record > STREAM_PIECE_BYTES:
+                pieces.append([])
+            pieces[-1].extend(group)
+        log.info("%s/%s: %d volumes x %d slices stream in %d pieces (%.1f GB in all, %.1f GB "
+                 "available)", dataset, split, len(records), slices, len(pieces),
+                 len(records) * per_record / 2**30, available / 2**30)
+        yield from self._read_stacks(dataset, split, slices, window, [sorted(p) for p in pieces])
+
+    def _read_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float],
+                     pieces: Sequence[list[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(indices, (n, slices, 1, S, S) stacks in their order) per piece of `pieces`, ascending
+        indices into `records(dataset, split)`; each volume is read once, on the decoding threads,
+        for all its records in the piece. The volumes' own depths are noted for
+        :meth:`native_depths` once every piece is read."""
+        records = self._volume_records(dataset, split)
+        depths = [0] * len(records)
+
+        def read(group: list[int]) -> list[tuple[torch.Tensor, int]]:
+            volume = read_volume(records[group[0]].image_path)
+            out = []
+            for i in group:
+                crop = records[i].crop
+                view = crop_cube(volume, (crop.x, crop.y, crop.z), crop.size_mm) if crop else volume
+                out.append((axial_slices(view, size=self.image_size, slices=slices, window=window),
+                            view.array.shape[2]))
+            return out
+
+        for piece in pieces:
+            row = {index: k for k, index in enumerate(piece)}
+            groups = [[piece[k] for k in group] for group in _by_volume([records[i] for i in piece])]
+            stacks = torch.empty(len(piece), slices, 1, self.image_size, self.image_size)
+            for group, read_back in zip(groups, self.decode(read, groups, f"{dataset}/{split}", "volume")):
+                for i, (stack, depth) in zip(group, read_back):
+                    stacks[row[i], :, 0] = stack
+                    depths[i] = depth
+            yield piece, stacks
+        self._depths[(dataset, split)] = depths
 
     def native_depths(self, dataset: str, split: str) -> list[int]:
         """Per volume of `records(dataset, split)`, its own number of axial slices (RAS z), which

@@ -17,7 +17,8 @@ the zero-shot sets the prompts of the classes they share.
   projection of that mean (P_v), so a 2D encoder has a volume embedding in both spaces.
 
 Everything lives in memory on the CPU, sized for the phantom's and the papers' test sets (a few
-thousand images), not for embedding a whole pre-training corpus; the runner releases an encoder's
+thousand images), not for embedding a whole pre-training corpus (a volume split too large to hold
+streams through the encoder, and only its embeddings stay); the runner releases an encoder's
 entries once its last task is done (:meth:`FeatureCache.release`), so the cache holds one encoder
 at a time. With ``enabled=False`` every call computes afresh (what the tests compare the cached
 path against).
@@ -95,14 +96,16 @@ class FeatureCache:
                 slices: int, window: tuple[float, float], batch_size: int) -> torch.Tensor:
         """(N, D) embeddings of the volumes of `dataset`/`split`: a native 3D encoder's own
         (:meth:`Encoder.volume_spaces`), else through the slice-wise adapter: pooled = the mean of
-        the slices' pooled features, projected = P_v of that mean."""
+        the slices' pooled features, projected = P_v of that mean. A split too large to hold
+        streams (:meth:`EvalData.stack_pieces`): only its embeddings are kept."""
         _check_space(space)
         key = (encoder.name, dataset, split, slices, tuple(window), data.image_size)
         spaces = self._volumes.get(key)
         if spaces is None:
-            stacks = data.slice_stacks(dataset, split, slices, window)  # (N, K, 1, S, S)
-            spaces = (encoder.volume_spaces(stacks, batch_size=batch_size)
+            parts = [(indices, encoder.volume_spaces(stacks, batch_size=batch_size)
                       or _slice_wise_spaces(encoder, stacks, batch_size))
+                     for indices, stacks in data.stack_pieces(dataset, split, slices, window)]
+            spaces = _in_record_order(parts)
             if self.enabled:
                 self._volumes[key] = spaces
         return spaces[space]
@@ -136,6 +139,16 @@ class FeatureCache:
             return torch.empty(0)
         column = SPACES.index(space)
         return torch.stack([known[t][column] for t in texts])
+
+
+def _in_record_order(parts: list[tuple[list[int], dict[str, torch.Tensor]]]
+                     ) -> dict[str, torch.Tensor]:
+    """The spaces of the pieces (record indices, {space: rows in their order}) of one split,
+    as one tensor per space in record order."""
+    if len(parts) == 1:
+        return parts[0][1]
+    order = torch.tensor([i for indices, _ in parts for i in indices]).argsort()
+    return {space: torch.cat([spaces[space] for _, spaces in parts])[order] for space in SPACES}
 
 
 def _slice_wise_spaces(encoder: Encoder, stacks: torch.Tensor, batch_size: int
