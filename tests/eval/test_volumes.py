@@ -19,8 +19,8 @@ from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig
 from unimed.eval import data as data_module
 from unimed.eval.data import EvalData, rgb
 from unimed.eval.errors import EvalError
-from unimed.eval.features import FeatureCache
 from unimed.eval.encoders import Encoder
+from unimed.eval.features import FeatureCache
 from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.runner import evaluate
 from unimed.eval.tasks import TaskContext
