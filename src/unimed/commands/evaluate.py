@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,7 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 BOOTSTRAP_FILE = "bootstrap.npz"
 EVAL_DIR = "eval"
+VOLUME_SPILL_DIR = ".volume-spill"
 LOSS_FIGURE = "loss_curves.png"
 
 
@@ -156,7 +158,14 @@ def run_evaluation(
     trained = _resolve_trained(cfg, checkpoint, also)
     out_dir, figures = cfg.run.dir, run_dir(cfg, EVAL_DIR)
     encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
-    ctx = TaskContext(EvalData(cfg.data, progress=progress), cfg.eval, figures, progress)
+    # Slice stacks too large to hold go to disk beside the report (unimed.eval.data), for this run only.
+    spill_dir = figures / VOLUME_SPILL_DIR
+    ctx = TaskContext(EvalData(cfg.data, progress=progress, spill_dir=spill_dir), cfg.eval, figures,
+                      progress)
+    try:
+        results = evaluate(encoders, ctx, tasks)
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
     metrics = {
         "run": cfg.run.name,
         "method": cfg.method.name,
@@ -164,7 +173,7 @@ def run_evaluation(
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "data_root": cfg.data.root,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        **evaluate(encoders, ctx, tasks),
+        **results,
         "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "confidence": CONFIDENCE,
                       "seed": cfg.eval.seed, "replicates": BOOTSTRAP_FILE},
         "splits": ctx.data.publish(figures),

@@ -10,7 +10,13 @@ expands them to the 3 channels the encoders take. Two geometries:
   a plain scale (segmentation, detection).
 
 CT volumes (3D datasets) are cached as stacks of axial slices for the slice-wise adapter
-(:meth:`EvalData.slice_stacks`).
+(:meth:`EvalData.slice_stacks`). A split whose stacks take more than half the memory available is
+not held: given a ``spill_dir`` (the evaluate command gives one in the run's evaluation folder,
+removed when it ends), its stacks are written there once, piece by piece, and read back as a
+memory-mapped array whose pages the kernel loads on use and drops under pressure, so a 3D task
+over a whole corpus runs in bounded memory and every encoder reuses one decode; without one, the
+volume embeddings stream piece by piece (:meth:`EvalData.stack_pieces`) and a task that needs the
+split whole holds it, or is one error where it exceeds the memory available.
 
 Files are decoded on as many threads as torch computes on (``torch.get_num_threads()``, at most
 `MAX_DECODE_THREADS`): PIL's and zlib's decoders release the GIL, so on 2 cores the demo's splits
@@ -24,9 +30,13 @@ as a split file listing its image ids, with the file's SHA-256, so a set can be 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import math
+import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,6 +98,33 @@ def read_labelled(record: Record, *, size: int, depth: int, window: tuple[float,
     return image, axial_slices(labels, size=size, slices=depth, labels=True).round().long()
 
 
+def _too_large(nbytes: int) -> bool:
+    """Whether `nbytes` exceed half the memory available now (unknown: never)."""
+    available = available_memory()
+    return available is not None and nbytes > available / 2
+
+
+def _spilled(path: Path) -> torch.Tensor:
+    """The float32 array of the .npy file `path`, memory-mapped copy-on-write (the file is never
+    written back)."""
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def _write_whole(path: Path, write: Callable[[Path], None], what: str) -> None:
+    """`write` a file under a temporary name beside `path`, then rename it to `path`, so the file
+    appears whole (another process of the run may be writing the same); an EvalError names `what`
+    and `path` when it cannot be written (an unwritable folder, a full disk)."""
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # never created, or its folder cannot be made
+            temporary.unlink()
+        raise EvalError(f"{what}: cannot write {path}: {exc.strerror or exc}") from None
+
+
 def _by_volume(records: Sequence[Record]) -> list[list[int]]:
     """The indices of `records` grouped by volume file, in order of first appearance."""
     groups: dict[str, list[int]] = {}
@@ -99,14 +136,16 @@ def _by_volume(records: Sequence[Record]) -> list[list[int]]:
 class EvalData:
     """Lazily read, cached datasets of one evaluation run."""
 
-    def __init__(self, cfg: DataConfig, *, progress: bool = False) -> None:
+    def __init__(self, cfg: DataConfig, *, progress: bool = False, spill_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.progress = progress
+        self.spill_dir = spill_dir  # where slice stacks too large to hold go (see the module docstring)
         self._records: dict[str, list[Record]] = {}
         self._images: dict[tuple[str, str | None, str], torch.Tensor] = {}
         self._samples: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
         self._slices: dict[tuple, torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]] = {}
         self._depths: dict[tuple[str, str], list[int]] = {}
+        self._spill_keys: set[tuple] = set()  # keys of _slices memory-mapped from spill_dir
         self._noted: dict[tuple[str, str | None], None] = {}  # splits other processes read
 
     def decode(self, read: Callable[[R], T], items: Sequence[R], desc: str, unit: str
@@ -169,41 +208,92 @@ class EvalData:
         """(N, slices, 1, S, S) axial slices of the volumes of `records(dataset, split)`
         (:func:`unimed.data.volumes.axial_slices`; of its cube, for a record with a `crop`), read
         on the decoding threads and cached. Records of one volume (the candidates of a series) are
-        read from one reading of it."""
+        read from one reading of it. Stacks taking more than half the memory available are
+        memory-mapped from ``spill_dir`` (:meth:`_spill_stacks`) where there is one; else an
+        EvalError before any reading when they exceed the memory available."""
         key = (dataset, split, slices, tuple(window))
         if key not in self._slices:
             records = self._volume_records(dataset, split)
             shape = (len(records), slices, 1, self.image_size, self.image_size)
-            check_fits(shape, f"{dataset}/{split}: {len(records)} volumes x {slices} slices of "
-                              f"{self.image_size} px")
-            [(_, self._slices[key])] = self._read_stacks(dataset, split, slices, window,
-                                                         [list(range(len(records)))])
+            if self.spill_dir is not None and _too_large(math.prod(shape) * torch.float32.itemsize):
+                self._slices[key] = self._spill_stacks(dataset, split, slices, window, shape)
+            else:
+                check_fits(shape, f"{dataset}/{split}: {len(records)} volumes x {slices} slices of "
+                                  f"{self.image_size} px")
+                [(_, self._slices[key])] = self._read_stacks(dataset, split, slices, window,
+                                                             [list(range(len(records)))])
         return self._slices[key]
 
     def stack_pieces(self, dataset: str, split: str, slices: int, window: tuple[float, float]
                      ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """The slice stacks of :meth:`slice_stacks` as (record indices, (n, slices, 1, S, S))
         pieces, for a task that needs one piece at a time (a volume embedding): the whole split as
-        one piece, read and cached by :meth:`slice_stacks`, when it is cached or takes at most half
-        the memory available now; else the split streams, pieces of at most `STREAM_PIECE_BYTES`
-        (whole volumes: a series' candidates stay in one piece) read one after another and
-        dropped after use, so memory holds a piece or two however large the split."""
+        one piece, read and cached by :meth:`slice_stacks`, when it is held or takes at most half
+        the memory available now; else pieces of at most `STREAM_PIECE_BYTES` (whole volumes: a
+        series' candidates stay in one piece), copied one after another from the split's stacks
+        in ``spill_dir`` (written there once), or, without one, read one after another and dropped
+        after use, so memory holds a piece or two however large the split."""
         key = (dataset, split, slices, tuple(window))
         records = self._volume_records(dataset, split)
         per_record = slices * self.image_size**2 * torch.float32.itemsize
-        available = available_memory()
-        if key in self._slices or available is None or len(records) * per_record <= available / 2:
+        if key not in self._spill_keys and (key in self._slices or not _too_large(len(records) * per_record)):
             yield list(range(len(records))), self.slice_stacks(dataset, split, slices, window)
             return
+        pieces = self._pieces(records, per_record)
+        log.info("%s/%s: %d volumes x %d slices in %d piece(s) (%.1f GB in all, %s)", dataset, split,
+                 len(records), slices, len(pieces), len(records) * per_record / 2**30,
+                 "streamed" if self.spill_dir is None else f"on disk in {self.spill_dir}")
+        if self.spill_dir is None:
+            yield from self._read_stacks(dataset, split, slices, window, pieces)
+            return
+        stacks = self.slice_stacks(dataset, split, slices, window)
+        for piece in pieces:
+            yield piece, stacks[piece]
+
+    @staticmethod
+    def _pieces(records: Sequence[Record], per_record: int) -> list[list[int]]:
+        """Ascending indices into `records`, grouped into pieces of at most `STREAM_PIECE_BYTES`
+        of whole volumes (`per_record` bytes each; a volume larger than that is a piece of its own)."""
         pieces: list[list[int]] = [[]]
         for group in _by_volume(records):
             if pieces[-1] and (len(pieces[-1]) + len(group)) * per_record > STREAM_PIECE_BYTES:
                 pieces.append([])
             pieces[-1].extend(group)
-        log.info("%s/%s: %d volumes x %d slices stream in %d pieces (%.1f GB in all, %.1f GB "
-                 "available)", dataset, split, len(records), slices, len(pieces),
-                 len(records) * per_record / 2**30, available / 2**30)
-        yield from self._read_stacks(dataset, split, slices, window, [sorted(p) for p in pieces])
+        return [sorted(p) for p in pieces]
+
+    def _spill_path(self, *key: object) -> Path:
+        """The file in ``spill_dir`` of one cached array, named after its dataset and split and a
+        digest of its whole key (what was read, how)."""
+        digest = hashlib.sha256(repr((key, self.image_size)).encode()).hexdigest()[:16]
+        return self.spill_dir / f"{key[0]}-{key[1]}-{digest}.npy"
+
+    def _spill_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float],
+                      shape: tuple[int, ...]) -> torch.Tensor:
+        """The stacks of :meth:`slice_stacks` written piece by piece (:meth:`_pieces`) to an .npy
+        file in ``spill_dir`` and memory-mapped back; a file another worker of the run wrote is
+        read as it is (files appear whole: written under a temporary name, then renamed), with the
+        volumes' depths beside it. An EvalError names the file when it cannot be written."""
+        path = self._spill_path(dataset, split, slices, tuple(window))
+        depths_path = path.with_suffix(".depths.json")
+        if not path.is_file():
+            records = self._volume_records(dataset, split)
+            log.info("%s/%s: %d volumes x %d slices (%.1f GB) go to %s", dataset, split, len(records),
+                     slices, math.prod(shape) * torch.float32.itemsize / 2**30, path)
+            what = f"{dataset}/{split}: its slice stacks"
+
+            def write(temporary: Path) -> None:
+                out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape)
+                pieces = self._pieces(records, math.prod(shape[1:]) * torch.float32.itemsize)
+                for piece, stacks in self._read_stacks(dataset, split, slices, window, pieces):
+                    out[piece] = stacks.numpy()
+                out.flush()
+                _write_whole(depths_path, lambda json_file: json_file.write_text(
+                    json.dumps(self._depths[(dataset, split)]), encoding="utf-8"), what)
+
+            _write_whole(path, write, what)
+        self._depths.setdefault((dataset, split), json.loads(depths_path.read_text(encoding="utf-8")))
+        self._spill_keys.add((dataset, split, slices, tuple(window)))
+        return _spilled(path)
 
     def _read_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float],
                      pieces: Sequence[list[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -247,16 +337,38 @@ class EvalData:
 
     def native_slices(self, dataset: str, split: str, window: tuple[float, float]) -> list[torch.Tensor]:
         """Per volume of `records(dataset, split)`, all its axial slices ((Z, 1, S, S), inferior to
-        superior, Z the volume's own depth), cached: what slice localisation scores."""
+        superior, Z the volume's own depth), cached: what slice localisation scores. With a
+        ``spill_dir``, volumes are held while they take at most half the memory available, the
+        others written there, one file each, and memory-mapped back."""
         key = (dataset, split, None, tuple(window))
         if key not in self._slices:
-            def read(record: Record) -> torch.Tensor:
-                volume = read_volume(record.image_path)
-                return axial_slices(volume, size=self.image_size, slices=volume.array.shape[2],
-                                    window=window)[:, None]
+            available = available_memory()
+            budget = None if self.spill_dir is None or available is None else available / 2
+            held, lock = 0, threading.Lock()
 
-            self._slices[key] = list(self.decode(read, self._volume_records(dataset, split),
-                                                 f"{dataset}/{split}", "volume"))
+            def read(item: tuple[int, Record]) -> torch.Tensor:
+                nonlocal held
+                index, record = item
+                path = None if budget is None else self._spill_path(dataset, split, "native",
+                                                                     tuple(window), index)
+                if path is not None and path.is_file():
+                    return _spilled(path)
+                volume = read_volume(record.image_path)
+                stack = axial_slices(volume, size=self.image_size, slices=volume.array.shape[2],
+                                     window=window)[:, None]
+                if path is None:
+                    return stack
+                with lock:
+                    keep = held + stack.nbytes <= budget
+                    held += stack.nbytes if keep else 0
+                if keep:
+                    return stack
+                _write_whole(path, lambda temporary: np.save(temporary, stack.numpy()),
+                             f"{dataset}/{split}: the slices of {record.image_path}")
+                return _spilled(path)
+
+            items = list(enumerate(self._volume_records(dataset, split)))
+            self._slices[key] = list(self.decode(read, items, f"{dataset}/{split}", "volume"))
         return self._slices[key]
 
     def labelled_volumes(self, dataset: str, split: str, depth: int, window: tuple[float, float]

@@ -164,15 +164,17 @@ class FrozenPrefix:
         self.device = next(model.head.parameters()).device
 
     @torch.no_grad()
-    def inputs(self, stacks: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """(N, K, 1, S, S) slice stacks -> (N, K, *A): the input of the last level per slice, on
-        the CPU. An EvalError when the level does not run exactly once per forward pass."""
+    def inputs(self, stacks: torch.Tensor, batch_size: int, mirrored: bool = False) -> torch.Tensor:
+        """(N, K, 1, S, S) slice stacks (flipped left-right if `mirrored`, batch by batch) ->
+        (N, K, *A): the input of the last level per slice, on the CPU. An EvalError when the level
+        does not run exactly once per forward pass."""
         captured: list[torch.Tensor] = []
         hook = self.level.register_forward_pre_hook(
             lambda _module, args: captured.append(args[0].detach().cpu()))
         try:
             chunks = stacks.split(batch_size)
             for chunk in chunks:
+                chunk = chunk.flip(-1) if mirrored else chunk  # one batch's copy, not the split's
                 self.model.model.pooled_image(rgb(chunk.flatten(0, 1).to(self.device)))
         finally:
             hook.remove()
@@ -278,9 +280,10 @@ class FrozenSelection:
         self.used = 0
 
     @torch.no_grad()
-    def trunks(self, stacks: torch.Tensor, batch_size: int) -> SelectionTrunk:
-        """(N, K, 1, S, S) slice stacks -> their ``selection_trunk``, on the CPU."""
-        parts = [self.model.model.selection_trunk(chunk.to(self.device))
+    def trunks(self, stacks: torch.Tensor, batch_size: int, mirrored: bool = False) -> SelectionTrunk:
+        """(N, K, 1, S, S) slice stacks (flipped left-right if `mirrored`, batch by batch) -> their
+        ``selection_trunk``, on the CPU."""
+        parts = [self.model.model.selection_trunk((chunk.flip(-1) if mirrored else chunk).to(self.device))
                  for chunk in stacks.split(batch_size)]
         return parts[0]._replace(tokens=torch.cat([t.tokens.cpu() for t in parts]),
                                  attention=torch.cat([t.attention.cpu() for t in parts]))
@@ -452,7 +455,7 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
     selector = frozen_selection(model, stacks, valid[0], cfg) if prefix is None else None
     if selector is not None:
         plain_trunk = selector.trunks(stacks, cfg.batch_size)
-        mirrored_trunk = selector.trunks(stacks.flip(-1), cfg.batch_size) if cfg.flip else None
+        mirrored_trunk = selector.trunks(stacks, cfg.batch_size, mirrored=True) if cfg.flip else None
         held_out_trunk = selector.trunks(valid[0], cfg.batch_size)
 
         def logits_of(index: torch.Tensor) -> torch.Tensor:
@@ -477,7 +480,7 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
             return predict(model, valid[0], cfg.batch_size, device)
     else:
         plain = prefix.inputs(stacks, cfg.batch_size)  # (N, K, *A)
-        mirrored = prefix.inputs(stacks.flip(-1), cfg.batch_size) if cfg.flip else plain
+        mirrored = prefix.inputs(stacks, cfg.batch_size, mirrored=True) if cfg.flip else plain
         held_out = prefix.inputs(valid[0], cfg.batch_size)
 
         def logits_of(index: torch.Tensor) -> torch.Tensor:
@@ -549,7 +552,9 @@ def finetune_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[s
 
     def fit_and_score(index: np.ndarray, label: str) -> Estimate:
         subset = torch.from_numpy(index)
-        train = (splits["train"][0][subset], splits["train"][1][subset])
+        # All of them (100 %): the split itself, not a copy (it may be memory-mapped from disk).
+        train = (splits["train"] if len(index) == len(splits["train"][1])
+                 else (splits["train"][0][subset], splits["train"][1][subset]))
         fitted = fine_tune(encoder, train, splits["valid"], target, cfg, seed=ctx.cfg.seed,
                            desc=f"{dataset} {label}", progress=ctx.progress)
         logits = predict(fitted.model, splits["test"][0], cfg.batch_size, encoder.device)

@@ -299,30 +299,35 @@ def selection_k(encoder: Encoder) -> int:
 
 
 def batched(method: Callable[[torch.Tensor], torch.Tensor], encoder: Encoder, volumes: torch.Tensor,
-            batch_size: int) -> torch.Tensor:
-    """`method` of the model on (N, D, 1, S, S) `volumes`, batch by batch, concatenated on the CPU."""
-    parts = [method(volumes[start : start + batch_size].to(encoder.device)).cpu()
-             for start in range(0, len(volumes), batch_size)]
+            batch_size: int, rows: Sequence[int] | None = None) -> torch.Tensor:
+    """`method` of the model on (N, D, 1, S, S) `volumes` (or on their `rows`, each batch copied
+    out of `volumes` on its own: the stacks may be memory-mapped), batch by batch, concatenated on
+    the CPU."""
+    rows = range(len(volumes)) if rows is None else rows
+    parts = [method(volumes[list(rows[start : start + batch_size])].to(encoder.device)).cpu()
+             for start in range(0, len(rows), batch_size)]
     return torch.cat(parts) if parts else torch.empty(0, 0)
 
 
-def model_selection(encoder: Encoder, volumes: torch.Tensor, batch_size: int, seed: int) -> list[set[int]]:
-    """Per volume of (N, D, 1, S, S) `volumes`, the input slices the model selects: its own
-    ``selected_slices`` when it has them (a model that scores slabs ties every slice of a slab and
-    feeds one slice per selected slab: UniMedI), else the ``selection_k`` slices that
-    ``slice_attention`` scores highest. Under `seed`, so a model that picks a random slice of each
-    slab picks the same ones every run."""
+def model_selection(encoder: Encoder, volumes: torch.Tensor, batch_size: int, seed: int,
+                    rows: Sequence[int] | None = None) -> list[set[int]]:
+    """Per volume of (N, D, 1, S, S) `volumes` (or of their `rows`), the input slices the model
+    selects: its own ``selected_slices`` when it has them (a model that scores slabs ties every
+    slice of a slab and feeds one slice per selected slab: UniMedI), else the ``selection_k``
+    slices that ``slice_attention`` scores highest. Under `seed`, so a model that picks a random
+    slice of each slab picks the same ones every run."""
     own = getattr(encoder.model, "selected_slices", None)
     devices = [encoder.device] if encoder.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
+        shape = volumes.shape if rows is None else torch.Size((len(rows), *volumes.shape[1:]))
         if own is not None:
-            return checked_selection(encoder, batched(own, encoder, volumes, batch_size), volumes.shape)
+            return checked_selection(encoder, batched(own, encoder, volumes, batch_size, rows), shape)
         k = selection_k(encoder)
-        scores = batched(encoder.model.slice_attention, encoder, volumes, batch_size).float()
-    if scores.shape != volumes.shape[:2]:
+        scores = batched(encoder.model.slice_attention, encoder, volumes, batch_size, rows).float()
+    if scores.shape != shape[:2]:
         raise EvalError(f"{encoder.name}: slice_attention returned shape {tuple(scores.shape)} for volumes "
-                        f"of shape {tuple(volumes.shape)}; expected (N, D) = {tuple(volumes.shape[:2])}")
+                        f"of shape {tuple(shape)}; expected (N, D) = {tuple(shape[:2])}")
     return [top_slices(row, k) for row in scores.numpy()]
 
 
@@ -398,7 +403,7 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     held = held_by_volume(ctx, dataset, "test", truth)  # depths noted while the stacks were read
     if not held:
         return {"skipped": "no test volume has a finding"}
-    top = model_selection(encoder, stacks[list(held)], ctx.cfg.batch_size, ctx.cfg.seed)
+    top = model_selection(encoder, stacks, ctx.cfg.batch_size, ctx.cfg.seed, list(held))
     union = [set().union(*found.values()) for found in held.values()]
     hits = np.array([float(bool(t & u)) for t, u in zip(top, union)])
     chance = np.array([random_hit_rate(slices, len(u), len(t)) for t, u in zip(top, union)])

@@ -1,0 +1,168 @@
+"""Slice stacks too large to hold go to disk (``EvalData.spill_dir``): written once, memory-mapped
+back, equal to the held stacks, shared by a second process of the run, and the 3D tasks that need a
+split whole (fine-tuning, slice localisation, slice selection) score a spilled split as a held one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_helpers import IMAGE_SIZE
+
+from unimed.data.config import DataConfig
+from unimed.data.volumes import read_volume
+from unimed.eval import data as data_module
+from unimed.eval import volume_finetune, volumes
+from unimed.eval.config import EvalConfig, VolumeConfig, VolumeFinetuneConfig
+from unimed.eval.data import EvalData
+from unimed.eval.errors import EvalError
+from unimed.eval.features import FeatureCache
+from unimed.eval.runner import evaluate
+from unimed.eval.tasks import TaskContext
+from unimed.phantom.config import PhantomConfig
+from unimed.phantom.ct.config import CTConfig
+from unimed.phantom.ct.world import write_ct_world
+
+WINDOW = (-1000.0, 400.0)
+SLICES = 4
+PER_RECORD = SLICES * IMAGE_SIZE**2 * 4  # bytes of one record's float32 stack
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
+    root = tmp_path_factory.mktemp("ct_world")
+    cfg = PhantomConfig(root=str(root), seed=5, ct=CTConfig(
+        enabled=True, shape=(16, 32, 32), bimcv_studies=16, ccii_studies=30, luna_studies=30, bcv_studies=1))
+    write_ct_world(cfg, root, progress=False)
+    return DataConfig(root=str(root), image_size=IMAGE_SIZE, resize_size=IMAGE_SIZE, progress=False)
+
+
+def mapped_from(tensor: torch.Tensor, path: Path) -> bool:
+    """Whether `tensor`'s memory lies in a mapping of the file `path` (/proc/self/maps)."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path.resolve()):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
+def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The volume files read from now on, in order."""
+    read: list[Path] = []
+
+    def counted(path, *args, **kwargs):
+        read.append(Path(path))
+        return read_volume(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "read_volume", counted)
+    return read
+
+
+def test_stacks_larger_than_half_the_memory_are_mapped_from_one_file_written_once(world, tmp_path, monkeypatch):
+    held_data = EvalData(world)
+    held = held_data.slice_stacks("luna16-candidates", "train", SLICES, WINDOW)
+    depths = held_data.native_depths("luna16-candidates", "train")
+    spill = tmp_path / "spill"
+    monkeypatch.setattr(data_module, "available_memory", lambda: len(held) * PER_RECORD * 2 - 1)
+    monkeypatch.setattr(data_module, "STREAM_PIECE_BYTES", 5 * PER_RECORD)  # several pieces
+    read = counting_reads(monkeypatch)
+    data = EvalData(world, spill_dir=spill)
+    stacks = data.slice_stacks("luna16-candidates", "train", SLICES, WINDOW)
+    [file] = spill.glob("*.npy")
+    assert mapped_from(stacks, file) and not mapped_from(held, file)
+    torch.testing.assert_close(stacks, held, rtol=0, atol=0)
+    series = {r.image_path for r in data.require("luna16-candidates", "train")}
+    assert sorted(read) == sorted(series)  # each series read once, for all its candidates
+    assert data.native_depths("luna16-candidates", "train") == depths
+    assert sorted(p.name for p in spill.iterdir()) == sorted([file.name, file.stem + ".depths.json"])
+    read.clear()
+    other = EvalData(world, spill_dir=spill)  # another worker process of the run
+    torch.testing.assert_close(other.slice_stacks("luna16-candidates", "train", SLICES, WINDOW), held,
+                               rtol=0, atol=0)
+    assert read == [] and other.native_depths("luna16-candidates", "train") == depths
+
+
+def test_pieces_and_embeddings_of_a_spilled_split_equal_the_held_ones(world, tiny_encoder, tmp_path, monkeypatch):
+    held_data = EvalData(world)
+    held = held_data.slice_stacks("luna16-candidates", "train", SLICES, WINDOW)
+    expected = FeatureCache().volumes(tiny_encoder, held_data, "luna16-candidates", "train", space="pooled",
+                                      slices=SLICES, window=WINDOW, batch_size=16)
+    monkeypatch.setattr(data_module, "available_memory", lambda: len(held) * PER_RECORD)
+    monkeypatch.setattr(data_module, "STREAM_PIECE_BYTES", 5 * PER_RECORD)
+    data = EvalData(world, spill_dir=tmp_path)
+    pieces = list(data.stack_pieces("luna16-candidates", "train", SLICES, WINDOW))
+    assert len(pieces) > 2 and sorted(i for indices, _ in pieces for i in indices) == list(range(len(held)))
+    [file] = tmp_path.glob("*.npy")
+    for indices, stacks in pieces:
+        assert not mapped_from(stacks, file)  # a copy of one piece, not the mapping
+        torch.testing.assert_close(stacks, held[indices], rtol=0, atol=0)
+    read = counting_reads(monkeypatch)
+    spilled = FeatureCache().volumes(tiny_encoder, data, "luna16-candidates", "train", space="pooled",
+                                     slices=SLICES, window=WINDOW, batch_size=16)
+    assert read == []  # the file, not the volumes again
+    torch.testing.assert_close(spilled, expected)
+
+
+def test_native_slices_beyond_half_the_memory_go_to_disk_one_file_per_volume(world, tmp_path, monkeypatch):
+    held = EvalData(world).native_slices("bimcv-covid19", "test", WINDOW)
+    budget = sum(s.nbytes for s in held[:2])
+    monkeypatch.setattr(data_module, "available_memory", lambda: 2 * budget)
+    spilled = EvalData(world, spill_dir=tmp_path).native_slices("bimcv-covid19", "test", WINDOW)
+    files = sorted(tmp_path.glob("*.npy"))
+    assert 0 < len(files) == len(held) - 2  # two volumes fit the budget (which two: whichever came first)
+    mapped = [any(mapped_from(s, f) for f in files) for s in spilled]
+    assert sum(mapped) == len(files)
+    for stack, expected in zip(spilled, held):
+        torch.testing.assert_close(stack, expected, rtol=0, atol=0)
+
+
+def test_fine_tuning_localisation_and_selection_score_a_spilled_split_as_a_held_one(
+        world, tiny_encoder, tmp_path, monkeypatch):
+    eval_cfg = EvalConfig(tasks=("volume_finetune", "slice_localisation"), bootstrap_resamples=20,
+                          volume=VolumeConfig(slices=SLICES),
+                          volume_finetune=VolumeFinetuneConfig(slices=2, epochs=2, patience=2, batch_size=4))
+
+    def tasks(data: EvalData) -> dict:
+        out = evaluate([tiny_encoder], TaskContext(data, eval_cfg, tmp_path / "eval"), eval_cfg.tasks)
+        return json.loads(json.dumps(out["encoders"]["tiny"]["tasks"]))
+
+    held = tasks(EvalData(world))
+    monkeypatch.setattr(data_module, "available_memory", lambda: 2 * PER_RECORD)  # nothing fits
+    spill = tmp_path / "spill"
+    whole_splits = []  # per fine-tuning on a whole training split: whether it trained on the mapping
+    fine_tune = volume_finetune.fine_tune
+
+    def spy(encoder, train, *args, **kwargs):
+        if len(train[1]) == len(data.require(kwargs["desc"].split()[0], "train")):
+            whole_splits.append(any(mapped_from(train[0], f) for f in spill.glob("*-train-*.npy")))
+        return fine_tune(encoder, train, *args, **kwargs)
+
+    monkeypatch.setattr(volume_finetune, "fine_tune", spy)
+    data = EvalData(world, spill_dir=spill)
+    spilled = tasks(data)
+    assert spilled == held and held["volume_finetune"]["cc-ccii"]["fractions"]["100%"]["train_images"] > 0
+    assert whole_splits and all(whole_splits)  # the training splits themselves, not copies
+    assert len(list(spill.glob("*.npy"))) >= 6  # CC-CCII's and LUNA16's three splits, BIMCV's slices
+    stacks = torch.from_numpy(np.load(next(spill.glob("cc-ccii-test-*.npy"))))
+    rows = [3, 0, 5, 4]
+    model = torch.nn.Module()
+    model.selection_k = 2
+    model.slice_attention = lambda v: v.mean((2, 3, 4)) + torch.arange(v.shape[1]) * 1e-3
+    encoder = type("Stub", (), {"model": model, "device": torch.device("cpu"), "name": "stub"})()
+    assert (volumes.model_selection(encoder, stacks, 2, 0, rows)
+            == volumes.model_selection(encoder, stacks[rows], 2, 0))
+
+
+def test_an_unwritable_spill_folder_is_one_error_naming_the_file(world, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(data_module, "available_memory", lambda: 2 * PER_RECORD)
+    data = EvalData(world, spill_dir=blocker / "spill")
+    with pytest.raises(EvalError, match=rf"cc-ccii/test: its slice stacks: cannot write {blocker}/spill/cc-ccii-test-"):
+        data.slice_stacks("cc-ccii", "test", SLICES, WINDOW)
