@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,3 +167,16 @@ def test_an_unwritable_spill_folder_is_one_error_naming_the_file(world, tmp_path
     data = EvalData(world, spill_dir=blocker / "spill")
     with pytest.raises(EvalError, match=rf"cc-ccii/test: its slice stacks: cannot write {blocker}/spill/cc-ccii-test-"):
         data.slice_stacks("cc-ccii", "test", SLICES, WINDOW)
+
+
+def test_a_spill_the_disk_cannot_hold_is_one_error_before_any_reading(world, tmp_path, monkeypatch):
+    records = len(EvalData(world).require("cc-ccii", "train"))
+    monkeypatch.setattr(data_module, "available_memory", lambda: 2 * PER_RECORD)
+    monkeypatch.setattr(data_module.shutil, "disk_usage",
+                        lambda path: SimpleNamespace(free=records * PER_RECORD - 1))
+    read = counting_reads(monkeypatch)
+    with pytest.raises(EvalError, match=rf"cc-ccii/train: {records} volumes x {SLICES} slices of {IMAGE_SIZE} px "
+                                        r"take 0.0 GB, more than half the memory available and more than the "
+                                        rf"0.0 GB free on the disk of {tmp_path / 'spill'}; evaluate on a subset"):
+        EvalData(world, spill_dir=tmp_path / "spill").slice_stacks("cc-ccii", "train", SLICES, WINDOW)
+    assert read == [] and not (tmp_path / "spill").exists()

@@ -36,6 +36,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +82,19 @@ def check_fits(shape: tuple[int, ...], what: str) -> None:
                         f"{available / 2**30:.1f} GB available; evaluate on a subset of the records "
                         "(data.candidate_negatives for a candidates table, else a subsample of the "
                         "dataset's table) or at a smaller size")
+
+
+def check_disk(folder: Path, need: int, what: str) -> None:
+    """An EvalError before `need` bytes are written under `folder` that the disk there cannot hold
+    (free space of its nearest existing ancestor): one line naming `what`, the sizes and `folder`,
+    where the write would otherwise fail after the volumes were decoded."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise EvalError(f"{what} take {need / 2**30:.1f} GB, more than half the memory available and "
+                        f"more than the {free / 2**30:.1f} GB free on the disk of {folder}; evaluate on "
+                        "a subset of the records (data.candidate_negatives for a candidates table, else "
+                        "a subsample of the dataset's table) or at a smaller size")
 
 
 def read_labelled(record: Record, *, size: int, depth: int, window: tuple[float, float]
@@ -265,7 +280,8 @@ class EvalData:
         """The file in ``spill_dir`` of one cached array, named after its dataset and split and a
         digest of its whole key (what was read, how)."""
         digest = hashlib.sha256(repr((key, self.image_size)).encode()).hexdigest()[:16]
-        return self.spill_dir / f"{key[0]}-{key[1]}-{digest}.npy"
+        name = re.sub(r"[^\w.-]", "_", f"{key[0]}-{key[1]}")  # a dataset name is no path
+        return self.spill_dir / f"{name}-{digest}.npy"
 
     def _spill_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float],
                       shape: tuple[int, ...]) -> torch.Tensor:
@@ -277,6 +293,8 @@ class EvalData:
         depths_path = path.with_suffix(".depths.json")
         if not path.is_file():
             records = self._volume_records(dataset, split)
+            check_disk(path.parent, math.prod(shape) * torch.float32.itemsize,
+                       f"{dataset}/{split}: {len(records)} volumes x {slices} slices of {self.image_size} px")
             log.info("%s/%s: %d volumes x %d slices (%.1f GB) go to %s", dataset, split, len(records),
                      slices, math.prod(shape) * torch.float32.itemsize / 2**30, path)
             what = f"{dataset}/{split}: its slice stacks"
