@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from unimed.cli import main
+from unimed.eval import data as eval_data
 
 TINY = {
     "run": {"name": "tiny", "seed": 0},
@@ -191,7 +192,7 @@ def _tiny_english_bert(path: Path) -> Path:
     return path
 
 
-def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys):
+def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
     base = f"vocab.base_model={_tiny_english_bert(tmp_path / 'english_bert')}"
     for stage in ("phantom", "vocab", "mlm", "pretrain"):
         assert main([stage, str(preset), base, "--quiet"]) == 0
@@ -204,6 +205,17 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys):
     assert set(metrics["encoders"]["medunic"]["tasks"]) == {"zero_shot"}
     assert metrics["checkpoint"] == str(checkpoint)
     assert "CXP500" in capsys.readouterr().out
+    # Where no split fits in memory, the images go to the run's spill folder, which is gone after.
+    mapped: list[Path] = []
+    spilled = eval_data._spilled
+    monkeypatch.setattr(eval_data, "available_memory", lambda: 4096)
+    monkeypatch.setattr(eval_data, "_spilled", lambda path: mapped.append(path.parent) or spilled(path))
+    assert main(["evaluate", str(checkpoint), "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    assert (json.dumps(again["encoders"]["medunic"]["tasks"]["zero_shot"], sort_keys=True)
+            == json.dumps(metrics["encoders"]["medunic"]["tasks"]["zero_shot"], sort_keys=True))
+    assert mapped and set(mapped) == {run / "eval" / ".spill"} and not (run / "eval" / ".spill").exists()
+    monkeypatch.undo()
 
     capsys.readouterr()
     assert main(["ablate", str(preset), base, "--seeds", "2", "--quiet"]) == 0

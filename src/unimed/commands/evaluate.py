@@ -45,7 +45,7 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 BOOTSTRAP_FILE = "bootstrap.npz"
 EVAL_DIR = "eval"
-VOLUME_SPILL_DIR = ".volume-spill"
+SPILL_DIR = ".spill"
 LOSS_FIGURE = "loss_curves.png"
 
 
@@ -158,8 +158,9 @@ def run_evaluation(
     trained = _resolve_trained(cfg, checkpoint, also)
     out_dir, figures = cfg.run.dir, run_dir(cfg, EVAL_DIR)
     encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
-    # Slice stacks too large to hold go to disk beside the report (unimed.eval.data), for this run only.
-    spill_dir = figures / VOLUME_SPILL_DIR
+    # Images and slice stacks too large to hold go to disk beside the report (unimed.eval.data), for
+    # this run only.
+    spill_dir = figures / SPILL_DIR
     ctx = TaskContext(EvalData(cfg.data, progress=progress, spill_dir=spill_dir), cfg.eval, figures,
                       progress)
     try:

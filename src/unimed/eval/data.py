@@ -10,13 +10,16 @@ expands them to the 3 channels the encoders take. Two geometries:
   a plain scale (segmentation, detection).
 
 CT volumes (3D datasets) are cached as stacks of axial slices for the slice-wise adapter
-(:meth:`EvalData.slice_stacks`). A split whose stacks take more than half the memory available is
-not held: given a ``spill_dir`` (the evaluate command gives one in the run's evaluation folder,
-removed when it ends), its stacks are written there once, piece by piece, and read back as a
-memory-mapped array whose pages the kernel loads on use and drops under pressure, so a 3D task
-over a whole corpus runs in bounded memory and every encoder reuses one decode; without one, the
-volume embeddings stream piece by piece (:meth:`EvalData.stack_pieces`) and a task that needs the
-split whole holds it, or is one error where it exceeds the memory available.
+(:meth:`EvalData.slice_stacks`).
+
+A split (or sample) whose images or slice stacks take more than half the memory available is not
+held: given a ``spill_dir`` (the evaluate command gives one in the run's evaluation folder, removed
+when it ends), they are decoded once into a file there and read back as a memory-mapped array whose
+pages the kernel loads on use and drops under pressure, so a task over a whole corpus (CheXpert's
+223k training images for the linear probe, a LUNA16 candidates table) runs in bounded memory and
+every encoder and worker process reuses one decode. Without one, the volume embeddings stream piece
+by piece (:meth:`EvalData.stack_pieces`) and anything else is held, or one error where it exceeds
+the memory available.
 
 Files are decoded on as many threads as torch computes on (``torch.get_num_threads()``, at most
 `MAX_DECODE_THREADS`): PIL's and zlib's decoders release the GIL, so on 2 cores the demo's splits
@@ -198,14 +201,40 @@ class EvalData:
     def images(self, dataset: str, split: str | None = None, geometry: str = "crop",
                size: int | None = None) -> torch.Tensor:
         """(N, 1, S, S) grey images of `records(dataset, split)` in the given geometry, S = `size`
-        (a "full" geometry of its own, as the dense tasks' ``image_size`` asks) or `image_size`."""
+        (a "full" geometry of its own, as the dense tasks' ``image_size`` asks) or `image_size`,
+        decoded once and cached: in memory, or, where they take more than half the memory available
+        and there is a ``spill_dir``, in a file there, memory-mapped back (as slice stacks)."""
         if geometry not in GEOMETRIES:
             raise EvalError(f"unknown geometry {geometry!r}; valid: {', '.join(GEOMETRIES)}")
         key = (dataset, split, geometry, size)
         if key not in self._images:
-            self._images[key] = self.load(self.records(dataset, split), geometry, f"{dataset}/{split}",
-                                          size=size)
+            self._images[key] = self._decoded(key, self.records(dataset, split), geometry,
+                                              f"{dataset}/{split}", size)
         return self._images[key]
+
+    def _decoded(self, name: tuple, records: Sequence[Record], geometry: str, desc: str,
+                 size: int | None = None) -> torch.Tensor:
+        """:meth:`load` of `records`, held; or, where they take more than half the memory available
+        and there is a ``spill_dir``, decoded into a file there (named after `name`; one another
+        worker of the run wrote is read as it is) and memory-mapped back."""
+        side = size or self.image_size
+        shape = (len(records), 1, side, side)
+        nbytes = math.prod(shape) * torch.float32.itemsize
+        if self.spill_dir is None or not _too_large(nbytes):
+            return self.load(records, geometry, desc, size=size)
+        path = self._spill_path(*name)
+        if not path.is_file():
+            what = f"{desc}: {len(records)} images of {side} px"
+            check_disk(path.parent, nbytes, what)
+            log.info("%s (%.1f GB) go to %s", what, nbytes / 2**30, path)
+
+            def write(temporary: Path) -> None:
+                out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape)
+                self.load(records, geometry, desc, size=size, out=torch.from_numpy(out))
+                out.flush()
+
+            _write_whole(path, write, what)
+        return _spilled(path)
 
     def sample_images(self, records: Sequence[Record], geometry: str = "crop",
                       desc: str = "images") -> torch.Tensor:
@@ -215,7 +244,7 @@ class EvalData:
             raise EvalError(f"unknown geometry {geometry!r}; valid: {', '.join(GEOMETRIES)}")
         key = (geometry, tuple(str(r.image_path) for r in records))
         if key not in self._samples:
-            self._samples[key] = self.load(records, geometry, desc)
+            self._samples[key] = self._decoded(("sample", desc, *key), records, geometry, desc)
         return self._samples[key]
 
     def slice_stacks(self, dataset: str, split: str, slices: int,
@@ -443,17 +472,19 @@ class EvalData:
         return published
 
     def load(self, records: Sequence[Record], geometry: str, desc: str = "images",
-             size: int | None = None) -> torch.Tensor:
-        """Decode and resize the images of `records` (uncached) to `size` (default `image_size`);
-        `size` is for the "full" geometry only. A JPEG decodes at the smallest DCT scale that keeps
-        both sides at least the size it is resized to (as pre-training reads it)."""
+             size: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode and resize the images of `records` (uncached) to `size` (default `image_size`)
+        into `out` ((N, 1, S, S), e.g. a memory-mapped file) or a new tensor; `size` is for the
+        "full" geometry only. A JPEG decodes at the smallest DCT scale that keeps both sides at
+        least the size it is resized to (as pre-training reads it)."""
         if size is not None and geometry != "full":
             raise EvalError(f"an image size of its own is for the 'full' geometry, not {geometry!r}")
         size = size or self.cfg.image_size
         resize = self.cfg.resize_size if geometry == "crop" else size
         transform = eval_transform(size, resize)
-        check_fits((len(records), 1, size, size), f"{desc}: {len(records)} images of {size} px")
-        out = torch.empty(len(records), 1, size, size)
+        if out is None:
+            check_fits((len(records), 1, size, size), f"{desc}: {len(records)} images of {size} px")
+            out = torch.empty(len(records), 1, size, size)
 
         def read(record: Record) -> torch.Tensor:
             return transform(load_image(record.image_path, min_side=resize))[:1]

@@ -1,6 +1,7 @@
-"""Slice stacks too large to hold go to disk (``EvalData.spill_dir``): written once, memory-mapped
-back, equal to the held stacks, shared by a second process of the run, and the 3D tasks that need a
-split whole (fine-tuning, slice localisation, slice selection) score a spilled split as a held one."""
+"""Splits too large to hold go to disk (``EvalData.spill_dir``): slice stacks and 2D images are
+written once, memory-mapped back, equal to the held ones, shared by a second process of the run, and
+the tasks score a spilled split as a held one (the 3D tasks that need a split whole: fine-tuning,
+slice localisation, slice selection; the 2D feature tasks)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from unimed.data.config import DataConfig
 from unimed.data.volumes import read_volume
 from unimed.eval import data as data_module
 from unimed.eval import volume_finetune, volumes
-from unimed.eval.config import EvalConfig, VolumeConfig, VolumeFinetuneConfig
+from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig, VolumeFinetuneConfig
 from unimed.eval.data import EvalData
 from unimed.eval.errors import EvalError
 from unimed.eval.features import FeatureCache
@@ -180,3 +181,28 @@ def test_a_spill_the_disk_cannot_hold_is_one_error_before_any_reading(world, tmp
                                         rf"0.0 GB free on the disk of {tmp_path / 'spill'}; evaluate on a subset"):
         EvalData(world, spill_dir=tmp_path / "spill").slice_stacks("cc-ccii", "train", SLICES, WINDOW)
     assert read == [] and not (tmp_path / "spill").exists()
+
+
+def test_2d_images_larger_than_half_the_memory_are_mapped_from_disk_and_score_as_held(
+        eval_data, tiny_encoder, tmp_path, monkeypatch):
+    cfg = EvalConfig(tasks=("zero_shot", "linear_probe", "retrieval"), min_train_images=8, bootstrap_resamples=20,
+                     fractions=(0.1, 1.0), linear_probe=LinearProbeConfig(epochs=3, patience=2))
+
+    def tasks(data: EvalData) -> dict:
+        out = evaluate([tiny_encoder], TaskContext(data, cfg, tmp_path / "eval"), cfg.tasks)
+        return json.loads(json.dumps(out["encoders"]["tiny"]["tasks"]))
+
+    held_data = EvalData(eval_data.cfg)
+    held = tasks(held_data)
+    held_images = held_data.images("chexpert", "train")
+    monkeypatch.setattr(data_module, "available_memory", lambda: IMAGE_SIZE**2 * 4)  # not one image
+    spill = tmp_path / "spill"
+    data = EvalData(eval_data.cfg, spill_dir=spill)
+    assert tasks(data) == held
+    images = data.images("chexpert", "train")
+    [file] = spill.glob("chexpert-train-*.npy")
+    assert mapped_from(images, file)
+    torch.testing.assert_close(images, held_images, rtol=0, atol=0)
+    monkeypatch.setattr(data_module, "load_image", None)  # another worker reads the file, not the images
+    torch.testing.assert_close(EvalData(eval_data.cfg, spill_dir=spill).images("chexpert", "train"), held_images,
+                               rtol=0, atol=0)
