@@ -12,14 +12,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from eval_helpers import IMAGE_SIZE
+from eval_helpers import IMAGE_SIZE, short_config
 
 from unimed.data.config import DataConfig
 from unimed.data.volumes import read_volume
 from unimed.eval import data as data_module
-from unimed.eval import volume_finetune, volumes
+from unimed.eval import segmentation, volume_finetune, volumes
 from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig, VolumeFinetuneConfig
 from unimed.eval.data import EvalData
+from unimed.eval.dense import dense_features
 from unimed.eval.errors import EvalError
 from unimed.eval.features import FeatureCache
 from unimed.eval.runner import evaluate
@@ -206,3 +207,38 @@ def test_2d_images_larger_than_half_the_memory_are_mapped_from_disk_and_score_as
     monkeypatch.setattr(data_module, "load_image", None)  # another worker reads the file, not the images
     torch.testing.assert_close(EvalData(eval_data.cfg, spill_dir=spill).images("chexpert", "train"), held_images,
                                rtol=0, atol=0)
+
+
+def test_dense_maps_larger_than_half_the_memory_are_mapped_from_disk_and_score_as_held(
+        eval_data, tiny_encoder, tmp_path, monkeypatch):
+    base = EvalConfig(tasks=("segmentation", "detection"), bootstrap_resamples=20)
+    cfg = short_config(TaskContext(eval_data, base, tmp_path))
+
+    def tasks(data: EvalData) -> dict:
+        out = evaluate([tiny_encoder], TaskContext(data, cfg, tmp_path / "eval"), cfg.tasks)
+        return json.loads(json.dumps(out["encoders"]["tiny"]["tasks"]))
+
+    held = tasks(EvalData(eval_data.cfg))
+    monkeypatch.setattr(data_module, "available_memory", lambda: IMAGE_SIZE**2 * 4)
+    spill = tmp_path / "spill"
+    whole_splits = []  # per head trained on all of RSNA's training maps: whether on the mapped files
+    fit_decoder = segmentation.fit_decoder
+
+    def spy(train, *args, **kwargs):
+        if len(train[1]) == len(eval_data.records("rsna", "train")):
+            whole_splits.append(all(any(mapped_from(m, f) for f in spill.glob("tiny-rsna-*.npy")) for m in train[0]))
+        return fit_decoder(train, *args, **kwargs)
+
+    monkeypatch.setattr(segmentation, "fit_decoder", spy)
+    assert tasks(EvalData(eval_data.cfg, spill_dir=spill)) == held
+    assert whole_splits == [True]  # the 100 % row; the 50 % row trains on a copy of its half
+    assert len(list(spill.glob("tiny-rsna-*.npy"))) >= 3 * 2  # two or more levels of each split
+
+
+def test_maps_larger_than_the_memory_without_a_spill_folder_are_one_error(eval_data, tiny_encoder, monkeypatch):
+    images = EvalData(eval_data.cfg).images("rsna", "valid", "full")
+    monkeypatch.setattr(data_module, "available_memory", lambda: 1024)
+    allocate = EvalData(eval_data.cfg).allocator("tiny", "rsna", "valid", what="tiny's maps of rsna/valid")
+    with pytest.raises(EvalError, match=rf"tiny's maps of rsna/valid \({len(images)}, \d+, \d+, \d+\) take 0.0 GB in "
+                                        "memory, more than the 0.0 GB available"):
+        dense_features(tiny_encoder, images, batch_size=16, allocate=allocate)

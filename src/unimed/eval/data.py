@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -73,12 +74,12 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-def check_fits(shape: tuple[int, ...], what: str) -> None:
-    """An EvalError before a float32 tensor of `shape` is allocated that the memory available now
-    cannot hold (the evaluation keeps a split's decoded images or slice stacks in memory, sized
-    for test sets, not for a whole corpus): one line naming `what` and the sizes, where the
-    process would otherwise be killed for memory after decoding for hours."""
-    need = math.prod(shape) * torch.float32.itemsize
+def check_fits(shape: tuple[int, ...], what: str, dtype: torch.dtype = torch.float32) -> None:
+    """An EvalError before a tensor of `shape` is allocated that the memory available now cannot
+    hold (a split's decoded images, slice stacks or feature maps, where there is no spill folder):
+    one line naming `what` and the sizes, where the process would otherwise be killed for memory
+    after decoding or encoding for hours."""
+    need = math.prod(shape) * dtype.itemsize
     available = available_memory()
     if available is not None and need > available:
         raise EvalError(f"{what} take {need / 2**30:.1f} GB in memory, more than the "
@@ -304,6 +305,34 @@ class EvalData:
                 pieces.append([])
             pieces[-1].extend(group)
         return [sorted(p) for p in pieces]
+
+    def allocator(self, *name: object, what: str) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor]:
+        """A function (shape, dtype) -> an uninitialised tensor for a task's per-split output (an
+        encoder's feature maps of a split, `what`): in memory, or, where it would take more than
+        half the memory available and there is a ``spill_dir``, a memory-mapped file there, named
+        after `name` and the call's count, private to this process. Without a spill folder, a
+        tensor larger than the memory available is one EvalError naming `what` and the shape."""
+        calls = itertools.count()
+
+        def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            nbytes = math.prod(shape) * dtype.itemsize
+            described = f"{what} {tuple(shape)}"
+            if self.spill_dir is None or not _too_large(nbytes):
+                check_fits(shape, described, dtype)
+                return torch.empty(shape, dtype=dtype)
+            path = self._spill_path(*name, next(calls))
+            path = path.with_name(f"{path.stem}.{os.getpid()}{path.suffix}")
+            check_disk(path.parent, nbytes, described)
+            log.info("%s (%.1f GB) go to %s", described, nbytes / 2**30, path)
+            numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                array = np.lib.format.open_memmap(path, mode="w+", dtype=numpy_dtype, shape=shape)
+            except OSError as exc:
+                raise EvalError(f"{described}: cannot write {path}: {exc.strerror or exc}") from None
+            return torch.from_numpy(array)
+
+        return allocate
 
     def _spill_path(self, *key: object) -> Path:
         """The file in ``spill_dir`` of one cached array, named after its dataset and split and a

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,20 +61,31 @@ def feature_layout(visual: nn.Module, min_stride: int = 1) -> tuple[list[int], t
     return indices, strides
 
 
+Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+"""(shape, dtype) -> an uninitialised tensor (:meth:`unimed.eval.data.EvalData.allocator`)."""
+
+
 @torch.no_grad()
-def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_stride: int = 1) -> Maps:
+def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_stride: int = 1,
+                   allocate: Allocate | None = None) -> Maps:
     """(N, 1, S, S) images -> frozen encoder maps of stride s_i >= `min_stride` (float16, CPU),
-    each (N, C_i, S / s_i, S / s_i), shallow to deep."""
+    each (N, C_i, S / s_i, S / s_i), shallow to deep, written batch by batch into tensors from
+    `allocate` (in memory by default; a split's maps may go to disk)."""
     trunk = hybrid_trunk(encoder.visual)
     if trunk is not None:
         batch_maps = functools.partial(_hybrid_maps, encoder, trunk, min_stride=min_stride)
     else:
         batch_maps = functools.partial(_layout_maps, encoder, *feature_layout(encoder.visual, min_stride))
-    chunks: list[Maps] = []
+    allocate = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    out: Maps = []
     for start in range(0, len(images), batch_size):
         x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
-        chunks.append([m.half().cpu() for m in batch_maps(x)])
-    return [torch.cat(level) for level in zip(*chunks)]
+        maps = [m.half().cpu() for m in batch_maps(x)]
+        if not out:
+            out = [allocate((len(images), *m.shape[1:]), torch.float16) for m in maps]
+        for level, m in zip(out, maps):
+            level[start : start + len(m)] = m
+    return out
 
 
 def _layout_maps(encoder: Encoder, indices: list[int], strides: tuple[int, ...] | None,

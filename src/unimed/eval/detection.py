@@ -55,7 +55,7 @@ from unimed.eval.segmentation import (
     require_positives,
     seeded_generator,
 )
-from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
+from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def detect_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str
 
     def score(index: np.ndarray, label: str) -> Estimate:
         model, best = fit_detector(
-            ([m[index] for m in train_maps], [train_targets[i] for i in index]), valid, cfg,
+            ([training_rows(m, index) for m in train_maps], [train_targets[i] for i in index]), valid, cfg,
             strides=strides, image_size=size, seed=ctx.cfg.seed, device=encoder.device,
             desc=f"{dataset} {label}", progress=ctx.progress,
         )

@@ -72,7 +72,9 @@ class FeatureCache:
         maps = self._maps.get(key)
         if maps is None:
             log.debug("dense features of %s on %s/%s at %d px", encoder.name, dataset, split, size)
-            maps = dense_features(encoder, data.images(dataset, split, GEOMETRY, size), batch_size)
+            maps = dense_features(encoder, data.images(dataset, split, GEOMETRY, size), batch_size,
+                                  allocate=data.allocator(encoder.name, dataset, split, size, "maps",
+                                                          what=f"{encoder.name}'s maps of {dataset}/{split}"))
             if self.enabled:
                 self._maps[key] = maps
         return select_levels(maps, size, min_stride)

@@ -45,7 +45,7 @@ from unimed.eval.dense import Maps
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.metrics import Estimate, batched_mean, bootstrap
-from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
+from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions, training_rows
 from unimed.models.image import to_channels_last
 
 log = logging.getLogger(__name__)
@@ -311,11 +311,9 @@ def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[st
     decisions: dict[str, dict[str, Any]] = {}  # label fraction -> the rule and what it predicted
 
     def score(index: np.ndarray, label: str) -> Estimate:
-        subset = torch.from_numpy(index)
-        fitted = fit_decoder(
-            ([m[subset] for m in train_maps], train_masks[subset]), valid, cfg, seed=ctx.cfg.seed,
-            device=encoder.device, desc=f"{dataset} {label}", progress=ctx.progress,
-        )
+        train = ([training_rows(m, index) for m in train_maps], training_rows(train_masks, index))
+        fitted = fit_decoder(train, valid, cfg, seed=ctx.cfg.seed, device=encoder.device,
+                             desc=f"{dataset} {label}", progress=ctx.progress)
         probs = predict_masks(fitted.model, test_maps, cfg.batch_size, encoder.device)
         per_image = dice_per_image(probs, test_masks, fitted.rule)
         blank = ~predicted_masks(probs, fitted.rule).any(1)

@@ -113,6 +113,13 @@ def fraction_row(score: Estimate | float | None, train_images: int) -> dict[str,
             "replicates": {"value": score.replicates}}
 
 
+def training_rows(values: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """`values`' rows `index` (sorted, as :func:`unimed.eval.data.fraction_indices` draws them):
+    `values` itself when they are all of them, so a 100 % row trains on the split (which may be
+    memory-mapped from disk), not on a copy of it."""
+    return values if len(index) == len(values) else values[torch.from_numpy(index)]
+
+
 def sweep_fractions(
     ctx: TaskContext, n_train: int, score: Callable[[np.ndarray, str], Estimate | float | None],
     desc: str, *, fractions: Sequence[float] | None = None, min_images: int | None = None,

@@ -59,7 +59,7 @@ from unimed.eval.errors import EvalError
 from unimed.eval.linear_probe import ProbeTarget, label_target, score, targets, test_estimate
 from unimed.eval.metrics import Estimate, batched_mean, bootstrap
 from unimed.eval.segmentation import seeded_generator
-from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
+from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions, training_rows
 from unimed.eval.volumes import SPLITS, VOLUME_TARGETS
 from unimed.models.unimedi import CtTrunk, SelectionTrunk
 
@@ -551,10 +551,7 @@ def finetune_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[s
     extras: dict[str, dict[str, Any]] = {}
 
     def fit_and_score(index: np.ndarray, label: str) -> Estimate:
-        subset = torch.from_numpy(index)
-        # All of them (100 %): the split itself, not a copy (it may be memory-mapped from disk).
-        train = (splits["train"] if len(index) == len(splits["train"][1])
-                 else (splits["train"][0][subset], splits["train"][1][subset]))
+        train = (training_rows(splits["train"][0], index), training_rows(splits["train"][1], index))
         fitted = fine_tune(encoder, train, splits["valid"], target, cfg, seed=ctx.cfg.seed,
                            desc=f"{dataset} {label}", progress=ctx.progress)
         logits = predict(fitted.model, splits["test"][0], cfg.batch_size, encoder.device)
