@@ -167,7 +167,8 @@ def test_an_unwritable_spill_folder_is_one_error_naming_the_file(world, tmp_path
     blocker.write_text("not a folder")
     monkeypatch.setattr(data_module, "available_memory", lambda: 2 * PER_RECORD)
     data = EvalData(world, spill_dir=blocker / "spill")
-    with pytest.raises(EvalError, match=rf"cc-ccii/test: its slice stacks: cannot write {blocker}/spill/cc-ccii-test-"):
+    with pytest.raises(EvalError,
+                       match=rf"cc-ccii/test: its slice stacks: cannot write {blocker}/spill/cc-ccii-test-"):
         data.slice_stacks("cc-ccii", "test", SLICES, WINDOW)
 
 
@@ -226,7 +227,8 @@ def test_dense_maps_larger_than_half_the_memory_are_mapped_from_disk_and_score_a
 
     def spy(train, *args, **kwargs):
         if len(train[1]) == len(eval_data.records("rsna", "train")):
-            whole_splits.append(all(any(mapped_from(m, f) for f in spill.glob("tiny-rsna-*.npy")) for m in train[0]))
+            files = list(spill.glob("tiny-rsna-*.npy"))
+            whole_splits.append(all(any(mapped_from(m, f) for f in files) for m in train[0]))
         return fit_decoder(train, *args, **kwargs)
 
     monkeypatch.setattr(segmentation, "fit_decoder", spy)

@@ -158,8 +158,8 @@ def run_evaluation(
     trained = _resolve_trained(cfg, checkpoint, also)
     out_dir, figures = cfg.run.dir, run_dir(cfg, EVAL_DIR)
     encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
-    # Images and slice stacks too large to hold go to disk beside the report (unimed.eval.data), for
-    # this run only.
+    # Images, slice stacks and feature maps too large to hold go to disk beside the report
+    # (unimed.eval.data), for this run only.
     spill_dir = figures / SPILL_DIR
     ctx = TaskContext(EvalData(cfg.data, progress=progress, spill_dir=spill_dir), cfg.eval, figures,
                       progress)
