@@ -6,6 +6,8 @@ slice localisation, slice selection; the 2D feature tasks)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,12 +85,43 @@ def test_stacks_larger_than_half_the_memory_are_mapped_from_one_file_written_onc
     series = {r.image_path for r in data.require("luna16-candidates", "train")}
     assert sorted(read) == sorted(series)  # each series read once, for all its candidates
     assert data.native_depths("luna16-candidates", "train") == depths
-    assert sorted(p.name for p in spill.iterdir()) == sorted([file.name, file.stem + ".depths.json"])
+    assert sorted(p.name for p in spill.iterdir() if not p.name.startswith(".")) == sorted(
+        [file.name, file.stem + ".depths.json"])  # and a lock file (hidden): nothing half-written
     read.clear()
     other = EvalData(world, spill_dir=spill)  # another worker process of the run
     torch.testing.assert_close(other.slice_stacks("luna16-candidates", "train", SLICES, WINDOW), held,
                                rtol=0, atol=0)
     assert read == [] and other.native_depths("luna16-candidates", "train") == depths
+
+
+def test_two_workers_that_need_the_same_split_decode_it_once(world, tmp_path, monkeypatch):
+    """The second waits for the first's file (a lock beside it) instead of decoding the split too."""
+    held = EvalData(world).slice_stacks("cc-ccii", "train", SLICES, WINDOW)
+    monkeypatch.setattr(data_module, "available_memory", lambda: 2 * PER_RECORD)
+    read = counting_reads(monkeypatch)
+    counted = data_module.read_volume
+
+    def slow(path, *args, **kwargs):
+        time.sleep(0.02)  # both workers would be decoding at once without the lock
+        return counted(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "read_volume", slow)
+    start = threading.Barrier(2)
+    results: list[torch.Tensor] = []
+
+    def worker() -> None:
+        data = EvalData(world, spill_dir=tmp_path)
+        start.wait()
+        results.append(data.slice_stacks("cc-ccii", "train", SLICES, WINDOW))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and len(read) == len(held)  # one volume per record, read once
+    for stacks in results:
+        torch.testing.assert_close(stacks, held, rtol=0, atol=0)
 
 
 def test_pieces_and_embeddings_of_a_spilled_split_equal_the_held_ones(world, tiny_encoder, tmp_path, monkeypatch):
@@ -168,7 +201,8 @@ def test_an_unwritable_spill_folder_is_one_error_naming_the_file(world, tmp_path
     monkeypatch.setattr(data_module, "available_memory", lambda: 2 * PER_RECORD)
     data = EvalData(world, spill_dir=blocker / "spill")
     with pytest.raises(EvalError,
-                       match=rf"cc-ccii/test: its slice stacks: cannot write {blocker}/spill/cc-ccii-test-"):
+                       match=rf"cc-ccii/test: \d+ volumes x {SLICES} slices of {IMAGE_SIZE} px: cannot write "
+                             rf"{blocker}/spill/cc-ccii-test-"):
         data.slice_stacks("cc-ccii", "test", SLICES, WINDOW)
 
 
@@ -182,7 +216,7 @@ def test_a_spill_the_disk_cannot_hold_is_one_error_before_any_reading(world, tmp
                                         r"take 0.0 GB, more than half the memory available and more than the "
                                         rf"0.0 GB free on the disk of {tmp_path / 'spill'}; evaluate on a subset"):
         EvalData(world, spill_dir=tmp_path / "spill").slice_stacks("cc-ccii", "train", SLICES, WINDOW)
-    assert read == [] and not (tmp_path / "spill").exists()
+    assert read == [] and not list((tmp_path / "spill").glob("*.npy"))
 
 
 def test_2d_images_larger_than_half_the_memory_are_mapped_from_disk_and_score_as_held(

@@ -34,6 +34,7 @@ as a split file listing its image ids, with the file's SHA-256, so a set can be 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -129,6 +130,22 @@ def _spilled(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
+@contextlib.contextmanager
+def _one_writer(path: Path, what: str) -> Iterator[None]:
+    """Held while this process makes `path` (an exclusive lock on a file beside it): another worker
+    process of the run that needs the same file waits, then finds it written, rather than
+    decoding the same split at the same time. An EvalError names `what` and `path` when the
+    folder cannot be made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(f".{path.name}.lock").open("a")  # closed by the with below
+    except OSError as exc:
+        raise EvalError(f"{what}: cannot write {path}: {exc.strerror or exc}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _write_whole(path: Path, write: Callable[[Path], None], what: str) -> None:
     """`write` a file under a temporary name beside `path`, then rename it to `path`, so the file
     appears whole (another process of the run may be writing the same); an EvalError names `what`
@@ -217,24 +234,25 @@ class EvalData:
                  size: int | None = None) -> torch.Tensor:
         """:meth:`load` of `records`, held; or, where they take more than half the memory available
         and there is a ``spill_dir``, decoded into a file there (named after `name`; one another
-        worker of the run wrote is read as it is) and memory-mapped back."""
+        worker of the run wrote is read as it is, one it is writing waited for) and memory-mapped
+        back."""
         side = size or self.image_size
         shape = (len(records), 1, side, side)
         nbytes = math.prod(shape) * torch.float32.itemsize
         if self.spill_dir is None or not _too_large(nbytes):
             return self.load(records, geometry, desc, size=size)
-        path = self._spill_path(*name)
-        if not path.is_file():
-            what = f"{desc}: {len(records)} images of {side} px"
-            check_disk(path.parent, nbytes, what)
-            log.info("%s (%.1f GB) go to %s", what, nbytes / 2**30, path)
+        path, what = self._spill_path(*name), f"{desc}: {len(records)} images of {side} px"
 
-            def write(temporary: Path) -> None:
-                out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape)
-                self.load(records, geometry, desc, size=size, out=torch.from_numpy(out))
-                out.flush()
+        def write(temporary: Path) -> None:
+            out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape)
+            self.load(records, geometry, desc, size=size, out=torch.from_numpy(out))
+            out.flush()
 
-            _write_whole(path, write, what)
+        with _one_writer(path, what):
+            if not path.is_file():
+                check_disk(path.parent, nbytes, what)
+                log.info("%s (%.1f GB) go to %s", what, nbytes / 2**30, path)
+                _write_whole(path, write, what)
         return _spilled(path)
 
     def sample_images(self, records: Sequence[Record], geometry: str = "crop",
@@ -344,29 +362,29 @@ class EvalData:
     def _spill_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float],
                       shape: tuple[int, ...]) -> torch.Tensor:
         """The stacks of :meth:`slice_stacks` written piece by piece (:meth:`_pieces`) to an .npy
-        file in ``spill_dir`` and memory-mapped back; a file another worker of the run wrote is
-        read as it is (files appear whole: written under a temporary name, then renamed), with the
-        volumes' depths beside it. An EvalError names the file when it cannot be written."""
+        file in ``spill_dir`` and memory-mapped back, with the volumes' depths beside it; a file
+        another worker of the run wrote is read as it is, one it is writing waited for
+        (:func:`_one_writer`). An EvalError names the file when it cannot be written."""
         path = self._spill_path(dataset, split, slices, tuple(window))
         depths_path = path.with_suffix(".depths.json")
-        if not path.is_file():
-            records = self._volume_records(dataset, split)
-            check_disk(path.parent, math.prod(shape) * torch.float32.itemsize,
-                       f"{dataset}/{split}: {len(records)} volumes x {slices} slices of {self.image_size} px")
-            log.info("%s/%s: %d volumes x %d slices (%.1f GB) go to %s", dataset, split, len(records),
-                     slices, math.prod(shape) * torch.float32.itemsize / 2**30, path)
-            what = f"{dataset}/{split}: its slice stacks"
+        records = self._volume_records(dataset, split)
+        nbytes = math.prod(shape) * torch.float32.itemsize
+        what = f"{dataset}/{split}: {len(records)} volumes x {slices} slices of {self.image_size} px"
 
-            def write(temporary: Path) -> None:
-                out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape)
-                pieces = self._pieces(records, math.prod(shape[1:]) * torch.float32.itemsize)
-                for piece, stacks in self._read_stacks(dataset, split, slices, window, pieces):
-                    out[piece] = stacks.numpy()
-                out.flush()
-                _write_whole(depths_path, lambda json_file: json_file.write_text(
-                    json.dumps(self._depths[(dataset, split)]), encoding="utf-8"), what)
+        def write(temporary: Path) -> None:
+            out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape)
+            pieces = self._pieces(records, math.prod(shape[1:]) * torch.float32.itemsize)
+            for piece, stacks in self._read_stacks(dataset, split, slices, window, pieces):
+                out[piece] = stacks.numpy()
+            out.flush()
+            _write_whole(depths_path, lambda json_file: json_file.write_text(
+                json.dumps(self._depths[(dataset, split)]), encoding="utf-8"), what)
 
-            _write_whole(path, write, what)
+        with _one_writer(path, what):
+            if not path.is_file():
+                check_disk(path.parent, nbytes, what)
+                log.info("%s (%.1f GB) go to %s", what, nbytes / 2**30, path)
+                _write_whole(path, write, what)
         self._depths.setdefault((dataset, split), json.loads(depths_path.read_text(encoding="utf-8")))
         self._spill_keys.add((dataset, split, slices, tuple(window)))
         return _spilled(path)
