@@ -20,7 +20,13 @@ from unimed.data.config import DataConfig
 from unimed.data.volumes import read_volume
 from unimed.eval import data as data_module
 from unimed.eval import segmentation, volume_finetune, volumes
-from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig, VolumeFinetuneConfig
+from unimed.eval.config import (
+    EvalConfig,
+    LinearProbeConfig,
+    VolumeConfig,
+    VolumeFinetuneConfig,
+    VolumeSegmentationConfig,
+)
 from unimed.eval.data import EvalData
 from unimed.eval.dense import dense_features
 from unimed.eval.errors import EvalError
@@ -40,7 +46,7 @@ PER_RECORD = SLICES * IMAGE_SIZE**2 * 4  # bytes of one record's float32 stack
 def world(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
     root = tmp_path_factory.mktemp("ct_world")
     cfg = PhantomConfig(root=str(root), seed=5, ct=CTConfig(
-        enabled=True, shape=(16, 32, 32), bimcv_studies=16, ccii_studies=30, luna_studies=30, bcv_studies=1))
+        enabled=True, shape=(16, 32, 32), bimcv_studies=16, ccii_studies=30, luna_studies=30, bcv_studies=8))
     write_ct_world(cfg, root, progress=False)
     return DataConfig(root=str(root), image_size=IMAGE_SIZE, resize_size=IMAGE_SIZE, progress=False)
 
@@ -278,3 +284,24 @@ def test_maps_larger_than_the_memory_without_a_spill_folder_are_one_error(eval_d
     with pytest.raises(EvalError, match=rf"tiny's maps of rsna/valid \({len(images)}, \d+, \d+, \d+\) take 0.0 GB in "
                                         "memory, more than the 0.0 GB available"):
         dense_features(tiny_encoder, images, batch_size=16, allocate=allocate)
+
+
+def test_bcv_volumes_labels_and_maps_larger_than_half_the_memory_go_to_disk_and_score_as_held(
+        world, tiny_encoder, tmp_path, monkeypatch):
+    section = VolumeSegmentationConfig(depth=4, feature_size=4, epochs=1, patience=1, min_epoch_steps=1,
+                                       fractions=(0.5, 1.0))
+    cfg = EvalConfig(tasks=("volume_segmentation",), bootstrap_resamples=20, volume_segmentation=section)
+
+    def tasks(data: EvalData) -> dict:
+        out = evaluate([tiny_encoder], TaskContext(data, cfg, tmp_path / "eval"), cfg.tasks)
+        return json.loads(json.dumps(out["encoders"]["tiny"]["tasks"]))
+
+    held = tasks(EvalData(world))
+    monkeypatch.setattr(data_module, "available_memory", lambda: 2 * PER_RECORD)
+    spill = tmp_path / "spill"
+    data = EvalData(world, spill_dir=spill)
+    assert tasks(data) == held and held["volume_segmentation"]["bcv"]["fractions"]["100%"]["value"] is not None
+    volumes, labels = data.labelled_volumes("bcv", "train", 4, section.window)
+    files = list(spill.glob("bcv-train-*.npy"))
+    assert any(mapped_from(volumes, f) for f in files) and any(mapped_from(labels, f) for f in files)
+    assert list(spill.glob("tiny-bcv-*.npy")) and list(spill.glob("bcv-test-*.npy"))  # maps, class maps

@@ -16,6 +16,7 @@ from unimed.data.records import Record
 from unimed.eval import report
 from unimed.eval.config import VolumeSegmentationConfig
 from unimed.eval.data import fraction_indices, read_labelled
+from unimed.eval.dense import dense_features
 from unimed.eval.encoders import Encoder
 from unimed.eval.report import format_tables
 from unimed.eval.volume_segmentation import (
@@ -97,6 +98,18 @@ def test_slice_wise_maps_stack_slices_along_depth_and_pool_by_stride(tiny_encode
     strides = [64 // m.shape[-1] for m in maps]
     assert strides == sorted(strides) and strides[0] >= 2
     assert [m.shape[2] for m in maps] == [max(8 // s, 1) for s in strides]
+
+
+def test_slice_wise_maps_in_groups_of_volumes_equal_every_slice_encoded_at_once(tiny_encoder):
+    """Volumes go through in groups whose slices fill whole batches (here 3 volumes of 6 slices per
+    group of 18 = 2 batches of 9), so each batch is the one a single pass over every slice runs."""
+    volumes = torch.rand(7, 6, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    maps = tiny_encoder.volume_maps(volumes, batch_size=9, min_stride=2)
+    flat = dense_features(tiny_encoder, volumes.flatten(0, 1), 9, 2)
+    for level, whole in zip(maps, flat):
+        stacked = whole.view(7, 6, *whole.shape[1:]).transpose(1, 2).float()
+        pooled = torch.nn.functional.adaptive_avg_pool3d(stacked, level.shape[2:]).half()
+        torch.testing.assert_close(level, pooled, rtol=0, atol=0)
 
 
 def _nifti(path: Path, array: np.ndarray) -> Path:

@@ -71,6 +71,8 @@ MAX_DECODE_THREADS = 8
 STREAM_PIECE_BYTES = 2**30
 """The largest piece of slice stacks :meth:`EvalData.stack_pieces` reads at once when a split streams."""
 
+_ALLOCATIONS = itertools.count()  # numbers the files EvalData.allocator makes in this process
+
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -328,9 +330,9 @@ class EvalData:
         """A function (shape, dtype) -> an uninitialised tensor for a task's per-split output (an
         encoder's feature maps of a split, `what`): in memory, or, where it would take more than
         half the memory available and there is a ``spill_dir``, a memory-mapped file there, named
-        after `name` and the call's count, private to this process. Without a spill folder, a
-        tensor larger than the memory available is one EvalError naming `what` and the shape."""
-        calls = itertools.count()
+        after `name`, this process and a count, so no two allocations share one. Without a spill
+        folder, a tensor larger than the memory available is one EvalError naming `what` and the
+        shape."""
 
         def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             nbytes = math.prod(shape) * dtype.itemsize
@@ -338,8 +340,8 @@ class EvalData:
             if self.spill_dir is None or not _too_large(nbytes):
                 check_fits(shape, described, dtype)
                 return torch.empty(shape, dtype=dtype)
-            path = self._spill_path(*name, next(calls))
-            path = path.with_name(f"{path.stem}.{os.getpid()}{path.suffix}")
+            path = self._spill_path(*name)
+            path = path.with_name(f"{path.stem}.{os.getpid()}.{next(_ALLOCATIONS)}{path.suffix}")
             check_disk(path.parent, nbytes, described)
             log.info("%s (%.1f GB) go to %s", described, nbytes / 2**30, path)
             numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
@@ -468,15 +470,21 @@ class EvalData:
     def labelled_volumes(self, dataset: str, split: str, depth: int, window: tuple[float, float]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """((N, depth, S, S) windowed volumes, (N, depth, S, S) int64 label maps) of the labelled
-        volumes of `records(dataset, split)` (BCV), read on the decoding threads and cached."""
+        volumes of `records(dataset, split)` (BCV), read on the decoding threads and cached, in
+        memory or, each taking more than half the memory available, in ``spill_dir``
+        (:meth:`allocator`)."""
         key = (dataset, split, depth, tuple(window), "labelled")
         if key not in self._slices:
             def read(record: Record) -> tuple[torch.Tensor, torch.Tensor]:
                 return read_labelled(record, size=self.image_size, depth=depth, window=window)
 
             records = self._volume_records(dataset, split)
-            pairs = list(self.decode(read, records, f"{dataset}/{split}", "volume"))
-            self._slices[key] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+            shape = (len(records), depth, self.image_size, self.image_size)
+            allocate = self.allocator(*key, what=f"{dataset}/{split}: {len(records)} labelled volumes")
+            volumes, labels = allocate(shape, torch.float32), allocate(shape, torch.int64)
+            for i, (volume, label) in enumerate(self.decode(read, records, f"{dataset}/{split}", "volume")):
+                volumes[i], labels[i] = volume, label
+            self._slices[key] = (volumes, labels)
         return self._slices[key]
 
     def _volume_records(self, dataset: str, split: str) -> list[Record]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -76,13 +77,22 @@ def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_
         batch_maps = functools.partial(_hybrid_maps, encoder, trunk, min_stride=min_stride)
     else:
         batch_maps = functools.partial(_layout_maps, encoder, *feature_layout(encoder.visual, min_stride))
+
+    def batch(start: int) -> tuple[int, Maps]:
+        x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
+        return start, [m.half().cpu() for m in batch_maps(x)]
+
+    return filled((batch(start) for start in range(0, len(images), batch_size)), len(images), allocate)
+
+
+def filled(batches: Iterable[tuple[int, Maps]], n: int, allocate: Allocate | None = None) -> Maps:
+    """`n` rows of maps from (first row, float16 maps of the rows from there) batches, written into
+    tensors from `allocate` (in memory by default) as the batches come, shallow to deep."""
     allocate = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
     out: Maps = []
-    for start in range(0, len(images), batch_size):
-        x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
-        maps = [m.half().cpu() for m in batch_maps(x)]
+    for start, maps in batches:
         if not out:
-            out = [allocate((len(images), *m.shape[1:]), torch.float16) for m in maps]
+            out = [allocate((n, *m.shape[1:]), torch.float16) for m in maps]
         for level, m in zip(out, maps):
             level[start : start + len(m)] = m
     return out
@@ -137,16 +147,26 @@ def select_levels(maps: Maps, image_size: int, min_stride: int) -> Maps:
     return chosen
 
 
-def slice_wise_maps(encoder: Encoder, volumes: torch.Tensor, batch_size: int, min_stride: int) -> Maps:
+def slice_wise_maps(encoder: Encoder, volumes: torch.Tensor, batch_size: int, min_stride: int,
+                    allocate: Allocate | None = None) -> Maps:
     """The slice-wise adapter's 3D maps: (N, D, 1, S, S) axial slices -> every slice's 2D maps of
     stride s >= `min_stride`, stacked along depth and average-pooled there by s (at least one
-    slice deep), so each map is (N, C_i, max(D // s, 1), S / s, S / s) float16, shallow to deep."""
-    n, depth = volumes.shape[:2]
-    flat = dense_features(encoder, volumes.flatten(0, 1), batch_size, min_stride)  # (N D, C, h, w)
-    size = volumes.shape[-1]
-    out = []
-    for level in flat:
-        stacked = level.view(n, depth, *level.shape[1:]).transpose(1, 2).float()  # (N, C, D, h, w)
-        shape = (max(depth // (size // level.shape[-1]), 1), *level.shape[-2:])
-        out.append(F.adaptive_avg_pool3d(stacked, shape).half())
-    return out
+    slice deep), so each map is (N, C_i, max(D // s, 1), S / s, S / s) float16, shallow to deep,
+    written into tensors from `allocate`. The volumes go through in groups whose slices fill whole
+    batches of `batch_size` (the least common multiple of it and D), so only a group's 2D maps are
+    held and every batch is the one that encoding all slices at once would run."""
+    n, depth, size = volumes.shape[0], volumes.shape[1], volumes.shape[-1]
+    group = math.lcm(batch_size, depth) // depth
+
+    def pooled(start: int) -> tuple[int, Maps]:
+        chunk = volumes[start : start + group]
+        flat = dense_features(encoder, chunk.flatten(0, 1), batch_size, min_stride)  # (G D, C, h, w)
+        out = []
+        for level in flat:
+            stacked = level.view(len(chunk), depth, *level.shape[1:]).transpose(1, 2)  # (G, C, D, h, w)
+            stacked = stacked.float()
+            shape = (max(depth // (size // level.shape[-1]), 1), *level.shape[-2:])
+            out.append(F.adaptive_avg_pool3d(stacked, shape).half())
+        return start, out
+
+    return filled((pooled(start) for start in range(0, n, group)), n, allocate)

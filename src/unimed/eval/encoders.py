@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import AutoTokenizer
 
-from unimed.eval.dense import Maps, slice_wise_maps
+from unimed.eval.dense import Allocate, Maps, filled, slice_wise_maps
 from unimed.methods import MethodConfig, create_method
 from unimed.models.image import to_channels_last, without_input_padding
 from unimed.train.checkpoint import WEIGHTS_FILE, load_weights
@@ -117,9 +117,11 @@ class Encoder:
         return _spaces(pooled, projected)
 
     @torch.no_grad()
-    def volume_maps(self, volumes: torch.Tensor, *, batch_size: int = 64, min_stride: int = 2) -> Maps:
+    def volume_maps(self, volumes: torch.Tensor, *, batch_size: int = 64, min_stride: int = 2,
+                    allocate: Allocate | None = None) -> Maps:
         """(N, D, 1, S, S) axial slices in [0, 1] (inferior to superior) -> frozen 3D feature maps,
-        each (N, C_i, D_i, H_i, W_i) float16 on the CPU, shallow to deep: what 3D dense tasks read.
+        each (N, C_i, D_i, H_i, W_i) float16 on the CPU, shallow to deep: what 3D dense tasks read,
+        written batch by batch into tensors from `allocate` (in memory by default).
 
         A native 3D encoder gives its own: a model with ``volume_intermediates`` (the same input,
         the same output, e.g. a 3D ViT's token maps of a few blocks) is called on each batch.
@@ -127,10 +129,13 @@ class Encoder:
         (:func:`unimed.eval.dense.slice_wise_maps`)."""
         native = getattr(self.model, "volume_intermediates", None)
         if native is None:
-            return slice_wise_maps(self, volumes, batch_size, min_stride)
-        chunks = [[m.half().cpu() for m in native(volumes[start : start + batch_size].to(self.device))]
-                  for start in range(0, len(volumes), batch_size)]
-        return [torch.cat(level) for level in zip(*chunks)]
+            return slice_wise_maps(self, volumes, batch_size, min_stride, allocate)
+
+        def batch(start: int) -> tuple[int, Maps]:
+            x = volumes[start : start + batch_size].to(self.device)
+            return start, [m.half().cpu() for m in native(x)]
+
+        return filled((batch(start) for start in range(0, len(volumes), batch_size)), len(volumes), allocate)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (B, L) on the encoder's device, padded to the longest."""

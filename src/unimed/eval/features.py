@@ -119,7 +119,9 @@ class FeatureCache:
         maps = self._volume_maps.get(key)
         if maps is None:
             volumes, _ = data.labelled_volumes(dataset, split, depth, window)  # (N, D, S, S)
-            maps = encoder.volume_maps(volumes[:, :, None], batch_size=batch_size, min_stride=min_stride)
+            maps = encoder.volume_maps(volumes[:, :, None], batch_size=batch_size, min_stride=min_stride,
+                                       allocate=data.allocator(*key, what=f"{encoder.name}'s 3D maps of "
+                                                                          f"{dataset}/{split}"))
             if self.enabled:
                 self._volume_maps[key] = maps
         return maps

@@ -41,7 +41,7 @@ from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.metrics import Estimate, bootstrap
 from unimed.eval.segmentation import epoch_batches, fit_early_stopping, seeded_generator
-from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions
+from unimed.eval.tasks import TASKS, TaskContext, sweep_fractions, training_rows
 from unimed.eval.volumes import SPLITS
 
 log = logging.getLogger(__name__)
@@ -179,28 +179,37 @@ def load_split(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> 
     return volumes[:, None], maps, labels
 
 
-def relabel(labels: torch.Tensor, organs: Sequence[int]) -> torch.Tensor:
-    """Label values -> class indices (organ k of `organs` -> k + 1; any other value -> 0)."""
-    table = torch.zeros(int(max(labels.max().item(), max(organs))) + 1, dtype=torch.long)
+def relabel(labels: torch.Tensor, organs: Sequence[int], allocate: Allocate | None = None) -> torch.Tensor:
+    """Label values -> class indices (organ k of `organs` -> k + 1; any other value -> 0), volume by
+    volume into a tensor from `allocate` (in memory by default)."""
+    top = max(max(int(volume.max()) for volume in labels) if len(labels) else 0, max(organs))
+    table = torch.zeros(top + 1, dtype=torch.long)
     table[torch.tensor(list(organs))] = torch.arange(1, len(organs) + 1)
-    return table[labels]
+    allocate = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    out = allocate(tuple(labels.shape), torch.long)
+    for i, volume in enumerate(labels):
+        out[i] = table[volume]
+    return out
 
 
 def segment_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     """One dataset's rows: mean and per-organ test Dice per label fraction, with intervals."""
     cfg = ctx.cfg.volume_segmentation
     splits = {s: load_split(encoder, ctx, dataset, s) for s in SPLITS}
-    organs = sorted(int(v) for v in splits["train"][2].unique() if v > 0)
+    organs = sorted({int(v) for labels in splits["train"][2] for v in labels.unique() if v > 0})
     if not organs:
         raise EvalError(f"dataset '{dataset}' has no labelled organ in its 'train' split")
-    splits = {s: (v, m, relabel(y, organs)) for s, (v, m, y) in splits.items()}
+    splits = {s: (v, m, relabel(y, organs, ctx.data.allocator(dataset, s, "classes",
+                                                              what=f"{dataset}/{s}: class maps")))
+              for s, (v, m, y) in splits.items()}
     names = [organ_name(dataset, v) for v in organs]
     resamples = ctx.resamples(dataset, "test", len(splits["test"][2]))
     per_organ: dict[str, dict[str, Any]] = {}
 
     def score(index: np.ndarray, label: str) -> Estimate:
-        subset = torch.from_numpy(index)
-        train = (splits["train"][0][subset], [m[subset] for m in splits["train"][1]], splits["train"][2][subset])
+        volumes, maps, labels = splits["train"]
+        train = (training_rows(volumes, index), [training_rows(m, index) for m in maps],
+                 training_rows(labels, index))
         model, best = fit_decoder(train, splits["valid"], len(organs) + 1, cfg, seed=ctx.cfg.seed,
                                   device=encoder.device, desc=f"{dataset} {label}", progress=ctx.progress)
         dice = organ_dice(predict(model, splits["test"], cfg.batch_size, encoder.device), splits["test"][2],
