@@ -66,9 +66,14 @@ Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 """(shape, dtype) -> an uninitialised tensor (:meth:`unimed.eval.data.EvalData.allocator`)."""
 
 
+def in_memory(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The default :data:`Allocate`: a tensor in memory."""
+    return torch.empty(shape, dtype=dtype)
+
+
 @torch.no_grad()
 def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_stride: int = 1,
-                   allocate: Allocate | None = None) -> Maps:
+                   allocate: Allocate = in_memory) -> Maps:
     """(N, 1, S, S) images -> frozen encoder maps of stride s_i >= `min_stride` (float16, CPU),
     each (N, C_i, S / s_i, S / s_i), shallow to deep, written batch by batch into tensors from
     `allocate` (in memory by default; a split's maps may go to disk)."""
@@ -85,10 +90,9 @@ def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_
     return filled((batch(start) for start in range(0, len(images), batch_size)), len(images), allocate)
 
 
-def filled(batches: Iterable[tuple[int, Maps]], n: int, allocate: Allocate | None = None) -> Maps:
+def filled(batches: Iterable[tuple[int, Maps]], n: int, allocate: Allocate = in_memory) -> Maps:
     """`n` rows of maps from (first row, float16 maps of the rows from there) batches, written into
     tensors from `allocate` (in memory by default) as the batches come, shallow to deep."""
-    allocate = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
     out: Maps = []
     for start, maps in batches:
         if not out:
@@ -148,7 +152,7 @@ def select_levels(maps: Maps, image_size: int, min_stride: int) -> Maps:
 
 
 def slice_wise_maps(encoder: Encoder, volumes: torch.Tensor, batch_size: int, min_stride: int,
-                    allocate: Allocate | None = None) -> Maps:
+                    allocate: Allocate = in_memory) -> Maps:
     """The slice-wise adapter's 3D maps: (N, D, 1, S, S) axial slices -> every slice's 2D maps of
     stride s >= `min_stride`, stacked along depth and average-pooled there by s (at least one
     slice deep), so each map is (N, C_i, max(D // s, 1), S / s, S / s) float16, shallow to deep,

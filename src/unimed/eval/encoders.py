@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import AutoTokenizer
 
-from unimed.eval.dense import Allocate, Maps, filled, slice_wise_maps
+from unimed.eval.dense import Allocate, Maps, filled, in_memory, slice_wise_maps
 from unimed.methods import MethodConfig, create_method
 from unimed.models.image import to_channels_last, without_input_padding
 from unimed.train.checkpoint import WEIGHTS_FILE, load_weights
@@ -118,7 +118,7 @@ class Encoder:
 
     @torch.no_grad()
     def volume_maps(self, volumes: torch.Tensor, *, batch_size: int = 64, min_stride: int = 2,
-                    allocate: Allocate | None = None) -> Maps:
+                    allocate: Allocate = in_memory) -> Maps:
         """(N, D, 1, S, S) axial slices in [0, 1] (inferior to superior) -> frozen 3D feature maps,
         each (N, C_i, D_i, H_i, W_i) float16 on the CPU, shallow to deep: what 3D dense tasks read,
         written batch by batch into tensors from `allocate` (in memory by default).

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from unimed.data.adapters.bcv import BCV_ORGANS
 from unimed.eval.config import VolumeSegmentationConfig
-from unimed.eval.dense import Maps
+from unimed.eval.dense import Allocate, Maps, in_memory
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.metrics import Estimate, bootstrap
@@ -179,13 +179,12 @@ def load_split(encoder: Encoder, ctx: TaskContext, dataset: str, split: str) -> 
     return volumes[:, None], maps, labels
 
 
-def relabel(labels: torch.Tensor, organs: Sequence[int], allocate: Allocate | None = None) -> torch.Tensor:
+def relabel(labels: torch.Tensor, organs: Sequence[int], allocate: Allocate = in_memory) -> torch.Tensor:
     """Label values -> class indices (organ k of `organs` -> k + 1; any other value -> 0), volume by
     volume into a tensor from `allocate` (in memory by default)."""
     top = max(max(int(volume.max()) for volume in labels) if len(labels) else 0, max(organs))
     table = torch.zeros(top + 1, dtype=torch.long)
     table[torch.tensor(list(organs))] = torch.arange(1, len(organs) + 1)
-    allocate = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
     out = allocate(tuple(labels.shape), torch.long)
     for i, volume in enumerate(labels):
         out[i] = table[volume]
