@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import benchmark_script
 from eval_helpers import IMAGE_SIZE, short_config
 
 from unimed.data.config import DataConfig
@@ -305,3 +306,15 @@ def test_bcv_volumes_labels_and_maps_larger_than_half_the_memory_go_to_disk_and_
     files = list(spill.glob("bcv-train-*.npy"))
     assert any(mapped_from(volumes, f) for f in files) and any(mapped_from(labels, f) for f in files)
     assert list(spill.glob("tiny-bcv-*.npy")) and list(spill.glob("bcv-test-*.npy"))  # maps, class maps
+
+
+def test_the_memory_benchmark_measures_a_held_and_a_spilled_run_whose_metrics_agree(
+        eval_data, tiny_encoder, monkeypatch):
+    monkeypatch.setattr(data_module, "available_memory", data_module.available_memory)  # restored after
+    cfg = SimpleNamespace(data=eval_data.cfg, eval=EvalConfig(bootstrap_resamples=20))
+    with benchmark_script("eval_memory") as script:
+        held = script.measure([tiny_encoder], cfg, ("zero_shot",), None)
+        spilled = script.measure([tiny_encoder], cfg, ("zero_shot",), IMAGE_SIZE**2 * 4)
+    assert held["files"] == 0 < spilled["files"] and spilled["spilled"] > 0
+    assert json.dumps(held["tasks"], sort_keys=True) == json.dumps(spilled["tasks"], sort_keys=True)
+    assert held["wall"] > 0 and 0 < held["anon"] <= held["maxrss"]
