@@ -132,12 +132,12 @@ def _spilled(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
-@contextlib.contextmanager
-def _one_writer(path: Path, what: str) -> Iterator[None]:
-    """Held while this process makes `path` (an exclusive lock on a file beside it): another worker
-    process of the run that needs the same file waits, then finds it written, rather than
-    decoding the same split at the same time. An EvalError names `what` and `path` when the
-    folder cannot be made."""
+def _write_once(path: Path, write: Callable[[Path], None], nbytes: int, what: str) -> None:
+    """`write` the spill file `path` (`nbytes`, `what` for the messages) unless it is there, under
+    an exclusive lock on a file beside it: another worker process of the run that needs the same
+    file waits, then finds it written, rather than decoding the same split at the same time. A
+    disk without room is one EvalError before `write` runs (:func:`check_disk`); so is a folder
+    that cannot be made."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = path.with_name(f".{path.name}.lock").open("a")  # closed by the with below
@@ -145,7 +145,10 @@ def _one_writer(path: Path, what: str) -> Iterator[None]:
         raise EvalError(f"{what}: cannot write {path}: {exc.strerror or exc}") from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        if not path.is_file():
+            check_disk(path.parent, nbytes, what)
+            log.info("%s (%.1f GB) go to %s", what, nbytes / 2**30, path)
+            _write_whole(path, write, what)
 
 
 def _write_whole(path: Path, write: Callable[[Path], None], what: str) -> None:
@@ -177,7 +180,7 @@ class EvalData:
     def __init__(self, cfg: DataConfig, *, progress: bool = False, spill_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.progress = progress
-        self.spill_dir = spill_dir  # where slice stacks too large to hold go (see the module docstring)
+        self.spill_dir = spill_dir  # where what is too large to hold goes (see the module docstring)
         self._records: dict[str, list[Record]] = {}
         self._images: dict[tuple[str, str | None, str], torch.Tensor] = {}
         self._samples: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
@@ -250,11 +253,7 @@ class EvalData:
             self.load(records, geometry, desc, size=size, out=torch.from_numpy(out))
             out.flush()
 
-        with _one_writer(path, what):
-            if not path.is_file():
-                check_disk(path.parent, nbytes, what)
-                log.info("%s (%.1f GB) go to %s", what, nbytes / 2**30, path)
-                _write_whole(path, write, what)
+        _write_once(path, write, nbytes, what)
         return _spilled(path)
 
     def sample_images(self, records: Sequence[Record], geometry: str = "crop",
@@ -366,7 +365,7 @@ class EvalData:
         """The stacks of :meth:`slice_stacks` written piece by piece (:meth:`_pieces`) to an .npy
         file in ``spill_dir`` and memory-mapped back, with the volumes' depths beside it; a file
         another worker of the run wrote is read as it is, one it is writing waited for
-        (:func:`_one_writer`). An EvalError names the file when it cannot be written."""
+        (:func:`_write_once`). An EvalError names the file when it cannot be written."""
         path = self._spill_path(dataset, split, slices, tuple(window))
         depths_path = path.with_suffix(".depths.json")
         records = self._volume_records(dataset, split)
@@ -382,11 +381,7 @@ class EvalData:
             _write_whole(depths_path, lambda json_file: json_file.write_text(
                 json.dumps(self._depths[(dataset, split)]), encoding="utf-8"), what)
 
-        with _one_writer(path, what):
-            if not path.is_file():
-                check_disk(path.parent, nbytes, what)
-                log.info("%s (%.1f GB) go to %s", what, nbytes / 2**30, path)
-                _write_whole(path, write, what)
+        _write_once(path, write, nbytes, what)
         self._depths.setdefault((dataset, split), json.loads(depths_path.read_text(encoding="utf-8")))
         self._spill_keys.add((dataset, split, slices, tuple(window)))
         return _spilled(path)

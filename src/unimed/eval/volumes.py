@@ -303,9 +303,11 @@ def batched(method: Callable[[torch.Tensor], torch.Tensor], encoder: Encoder, vo
     """`method` of the model on (N, D, 1, S, S) `volumes` (or on their `rows`, each batch copied
     out of `volumes` on its own: the stacks may be memory-mapped), batch by batch, concatenated on
     the CPU."""
-    rows = range(len(volumes)) if rows is None else rows
-    parts = [method(volumes[list(rows[start : start + batch_size])].to(encoder.device)).cpu()
-             for start in range(0, len(rows), batch_size)]
+    def batch(start: int) -> torch.Tensor:
+        index = slice(start, start + batch_size) if rows is None else list(rows[start : start + batch_size])
+        return method(volumes[index].to(encoder.device)).cpu()
+
+    parts = [batch(start) for start in range(0, len(volumes) if rows is None else len(rows), batch_size)]
     return torch.cat(parts) if parts else torch.empty(0, 0)
 
 
