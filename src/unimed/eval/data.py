@@ -382,7 +382,8 @@ class EvalData:
                 json.dumps(self._depths[(dataset, split)]), encoding="utf-8"), what)
 
         _write_once(path, write, nbytes, what)
-        self._depths.setdefault((dataset, split), json.loads(depths_path.read_text(encoding="utf-8")))
+        if (dataset, split) not in self._depths:  # written by another process: its depths are on disk
+            self._depths[(dataset, split)] = json.loads(depths_path.read_text(encoding="utf-8"))
         self._spill_keys.add((dataset, split, slices, tuple(window)))
         return _spilled(path)
 

@@ -82,12 +82,16 @@ def dense_features(encoder: Encoder, images: torch.Tensor, batch_size: int, min_
         batch_maps = functools.partial(_hybrid_maps, encoder, trunk, min_stride=min_stride)
     else:
         batch_maps = functools.partial(_layout_maps, encoder, *feature_layout(encoder.visual, min_stride))
+    return batched_maps(lambda x: batch_maps(rgb(x).to(encoder.device)), images, batch_size, allocate)
 
-    def batch(start: int) -> tuple[int, Maps]:
-        x = rgb(images[start : start + batch_size]).to(encoder.device)  # (B, 3, S, S)
-        return start, [m.half().cpu() for m in batch_maps(x)]
 
-    return filled((batch(start) for start in range(0, len(images), batch_size)), len(images), allocate)
+def batched_maps(maps_of: Callable[[torch.Tensor], Maps], inputs: torch.Tensor, batch_size: int,
+                 allocate: Allocate = in_memory) -> Maps:
+    """`maps_of` each batch of `batch_size` rows of `inputs`, in order, as float16 CPU maps
+    written into tensors from `allocate` (:func:`filled`)."""
+    batches = ((start, [m.half().cpu() for m in maps_of(inputs[start : start + batch_size])])
+               for start in range(0, len(inputs), batch_size))
+    return filled(batches, len(inputs), allocate)
 
 
 def filled(batches: Iterable[tuple[int, Maps]], n: int, allocate: Allocate = in_memory) -> Maps:
@@ -168,9 +172,8 @@ def slice_wise_maps(encoder: Encoder, volumes: torch.Tensor, batch_size: int, mi
         out = []
         for level in flat:
             stacked = level.view(len(chunk), depth, *level.shape[1:]).transpose(1, 2)  # (G, C, D, h, w)
-            stacked = stacked.float()
             shape = (max(depth // (size // level.shape[-1]), 1), *level.shape[-2:])
-            out.append(F.adaptive_avg_pool3d(stacked, shape).half())
+            out.append(F.adaptive_avg_pool3d(stacked.float(), shape).half())
         return start, out
 
     return filled((pooled(start) for start in range(0, n, group)), n, allocate)

@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import AutoTokenizer
 
-from unimed.eval.dense import Allocate, Maps, filled, in_memory, slice_wise_maps
+from unimed.eval.dense import Allocate, Maps, batched_maps, in_memory, slice_wise_maps
 from unimed.methods import MethodConfig, create_method
 from unimed.models.image import to_channels_last, without_input_padding
 from unimed.train.checkpoint import WEIGHTS_FILE, load_weights
@@ -130,12 +130,7 @@ class Encoder:
         native = getattr(self.model, "volume_intermediates", None)
         if native is None:
             return slice_wise_maps(self, volumes, batch_size, min_stride, allocate)
-
-        def batch(start: int) -> tuple[int, Maps]:
-            x = volumes[start : start + batch_size].to(self.device)
-            return start, [m.half().cpu() for m in native(x)]
-
-        return filled((batch(start) for start in range(0, len(volumes), batch_size)), len(volumes), allocate)
+        return batched_maps(lambda x: native(x.to(self.device)), volumes, batch_size, allocate)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (B, L) on the encoder's device, padded to the longest."""
