@@ -280,13 +280,16 @@ SELECTION_INTERFACE = ("selected_slices", "slice_attention")
 
 
 def resampled_slices(held: set[int], depth: int, slices: int) -> set[int]:
-    """Which of `slices` axial slices, resized from a volume of `depth` slices (linear along z, as
-    :func:`unimed.data.volumes.axial_slices` resizes), draw on one of the `held` slices; the same
-    set when `slices` equals `depth`."""
-    marks = torch.zeros(1, 1, depth)
-    marks[0, 0, sorted(held)] = 1.0
-    resized = F.interpolate(marks, size=slices, mode="linear", align_corners=False)[0, 0]  # (slices,)
-    return set(torch.nonzero(resized > 0).flatten().tolist())
+    """Which of `slices` axial slices, resized from a volume of `depth` slices, hold one of the
+    `held` slices: those whose extent (resized slice j spans the stored slices' [j, j + 1) x depth
+    / slices) overlaps a held slice's. A stored slice always lands on one or two resized ones
+    (:func:`unimed.data.volumes.axial_slices` smooths before it downsamples, so each is seen); the
+    same set when `slices` equals `depth`."""
+    out: set[int] = set()
+    for z in held:
+        first, last = z * slices // depth, -(-(z + 1) * slices // depth) - 1
+        out.update(range(first, min(last, slices - 1) + 1))
+    return out
 
 
 def selection_k(encoder: Encoder) -> int:
