@@ -154,46 +154,39 @@ def _slab(depth: int, k: int, *, side: int = 16) -> Volume:
     return Volume(array=array, affine=np.diag([2.0, 2.0, 2.0, 1.0]), path=None)
 
 
-@pytest.mark.parametrize("depth, slices, tolerance", [(32, 8, 0.1), (40, 5, 0.35), (32, 16, 0.1)])
-def test_fewer_slices_still_see_every_slice(depth, slices, tolerance):
-    """Downsampling is anti-aliased: a finding on any one slice of the volume reaches the fewer
-    slices an encoder reads, with about the same weight wherever it lies (trilinear sampling alone
-    never reads half the slices at 32 -> 8), and what the slices hold in all is kept (but on the
-    two end slices, which the replicated edges count more; at a factor of 8 the Gaussian of sigma
-    3.5 is narrow beside the output's slice spacing, so a slice's weight varies more with its
-    position)."""
+@pytest.mark.parametrize("depth, slices", [(32, 8), (40, 5), (32, 16)])
+def test_fewer_slices_still_see_every_slice(depth, slices):
+    """Downsampling averages: a finding on any one slice of the volume reaches the fewer slices an
+    encoder reads with the same weight wherever it lies (trilinear sampling alone never reads half
+    the slices at 32 -> 8), and what the slices hold in all is kept."""
     window = (-1000.0, 400.0)
-    weights = []
+    peaks = []
     for k in range(depth):
         out = axial_slices(_slab(depth, k), size=16, slices=slices, window=window)
         assert out.shape == (slices, 16, 16)
-        peak = float(out.sum(dim=(1, 2)).max())
-        assert peak > 0, k
-        if 0 < k < depth - 1:
-            weights.append(peak)
-            total = float(out.sum()) * depth / slices
-            assert total == pytest.approx(16 * 16 * 1040 / 1400, rel=tolerance), k
-    assert min(weights) > 0.5 * max(weights)
+        peaks.append(float(out.sum(dim=(1, 2)).max()))
+        assert float(out.sum()) * depth / slices == pytest.approx(16 * 16 * 1040 / 1400, rel=1e-4), k
+    assert min(peaks) == pytest.approx(max(peaks), rel=1e-4)
 
 
-def test_smoothing_keeps_the_edges_of_an_hu_volume():
-    """The anti-aliasing Gaussian replicates the edges: air at the border stays air (zero padding
-    would read as water there)."""
+def test_averaging_keeps_the_edges_of_an_hu_volume():
+    """Air at the border of a volume stays air (a smoothing filter padded with zeros would read it
+    as water there)."""
     air = Volume(array=np.full((16, 16, 32), -1000.0, np.float32), affine=np.eye(4), path=None)
     assert float(axial_slices(air, size=8, slices=4).abs().max()) == 0.0
 
 
-def test_labels_are_not_smoothed():
+def test_labels_are_not_averaged():
     labels = np.zeros((16, 16, 32), np.float32)
     labels[4:12, 4:12, 8:24] = 3.0
     out = prepare_volume(Volume(array=labels, affine=np.eye(4), path=None), shape=(8, 8, 8), labels=True)
     assert set(np.unique(out.numpy())) == {0.0, 3.0}
 
 
-def test_coarser_spacing_is_anti_aliased():
-    """Resampling to a coarser spacing smooths first, as resizing does: every slice counts."""
-    sums = [float(prepare_volume(_slab(32, k), spacing=(2.0, 2.0, 8.0)).sum()) for k in range(2, 30)]
-    assert min(sums) > 0.5 * max(sums)
+def test_a_coarser_spacing_sees_every_slice():
+    """Resampling to a coarser spacing averages first, as resizing does: every slice counts."""
+    sums = [float(prepare_volume(_slab(32, k), spacing=(2.0, 2.0, 8.0)).sum()) for k in range(32)]
+    assert sums == pytest.approx([16 * 16 * 1040 / 1400 / 4] * 32, rel=1e-4)
 
 
 def _nifti(path: Path, data: np.ndarray, *, slope=np.nan, inter=np.nan) -> Path:

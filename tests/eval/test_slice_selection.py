@@ -189,9 +189,9 @@ def test_a_broken_selection_interface_is_one_clear_error(selection_ctx):
 
 @pytest.mark.parametrize(("depth", "slices"), [(8, 8), (16, 8), (32, 8), (12, 5), (6, 9)])
 def test_resized_ground_truth_is_where_the_resize_puts_the_finding(depth, slices):
-    """A finding on one stored slice is held by one or two resized slices (more when upsampling),
-    each showing it (above the window floor), the one that shows it most among them: for the
-    resize the volume tasks use, which smooths before it downsamples."""
+    """A finding on one stored slice is held by the resized slices that show it (above the window
+    floor) when downsampling, one or two, for the resize the volume tasks use (which averages);
+    when upsampling, by slices that each show it, the one that shows it most among them."""
     for z in range(depth):
         array = np.full((4, 4, depth), -1000.0, dtype=np.float32)
         array[:, :, z] = 400.0
@@ -200,6 +200,8 @@ def test_resized_ground_truth_is_where_the_resize_puts_the_finding(depth, slices
         held = volumes.resampled_slices({z}, depth, slices)
         assert held and max(held) - min(held) + 1 == len(held) <= max(2, -(-slices // depth) + 1)
         assert all(response[j] > 0 for j in held) and int(response.argmax()) in held
+        if depth >= slices:
+            assert held == set(torch.nonzero(response > 0).flatten().tolist())
     assert volumes.resampled_slices({3, 5}, 8, 8) == {3, 5}
     assert volumes.resampled_slices({0, 3, 4, 7}, 32, 8) == {0, 1}
 

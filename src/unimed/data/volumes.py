@@ -236,17 +236,6 @@ def crop_cube(volume: Volume, centre_ras: Sequence[float], size_mm: float, *, fi
     return Volume(array=np.asarray(array, dtype=np.float32), affine=affine, path=volume.path)
 
 
-def anti_alias(array: np.ndarray, factors: Sequence[float]) -> np.ndarray:
-    """`array` smoothed along each axis that a resampling makes `factor` times coarser: a Gaussian
-    of sigma (factor - 1) / 2 voxels (scikit-image's and MONAI's anti-aliasing rule), edges
-    replicated (zero padding would pull the border of an HU volume towards water); unchanged where
-    no axis gets coarser."""
-    from scipy.ndimage import gaussian_filter
-
-    sigma = [max(0.0, (factor - 1.0) / 2.0) for factor in factors]
-    return gaussian_filter(array, sigma, mode="nearest") if any(sigma) else array
-
-
 def prepare_volume(
     volume: Volume, *, spacing: Sequence[float] | None = None, shape: Sequence[int] | None = None,
     window: tuple[float, float] = (-1000.0, 400.0), labels: bool = False,
@@ -254,30 +243,40 @@ def prepare_volume(
     """The (1, X, Y, Z) network input of a RAS volume: resampled to `spacing` mm (MONAI Spacing),
     resized to `shape` (MONAI Resize), and HU windowed to [0, 1] (MONAI ScaleIntensityRange).
 
-    An axis made coarser is smoothed first (:func:`anti_alias`): trilinear sampling alone reads two
+    An axis made coarser is first averaged down (MONAI Resize, "area": each output voxel the mean of
+    the input voxels its extent covers, as a scanner reconstructs a thicker slice), then
+    interpolated (trilinear for a size, bilinear for a spacing): trilinear sampling alone reads two
     input voxels per output voxel, so beyond a factor of 2 it never reads some of them (at 32 -> 8
     slices, every other pair of slices) and a finding there would not reach the network. Label
-    maps are resampled with nearest neighbours, not smoothed and not windowed."""
+    maps are resampled with nearest neighbours and not windowed."""
     from monai.data import MetaTensor
     from monai.transforms import Resize, ScaleIntensityRange, Spacing
 
-    array = np.asarray(volume.array, dtype=np.float32)
+    tensor = MetaTensor(as_tensor(np.asarray(volume.array, dtype=np.float32))[None],
+                        affine=torch.as_tensor(volume.affine))
     if spacing is not None:
         if not labels:
-            array = anti_alias(array, [new / old for new, old in zip(spacing, volume.spacing)])
-        resampled = Spacing(pixdim=tuple(spacing), mode="nearest" if labels else "bilinear")(
-            MetaTensor(as_tensor(array)[None], affine=torch.as_tensor(volume.affine)))
-        array = resampled.as_tensor()[0].numpy()
+            tensor = _averaged_down(tensor, [round(n * old / new) for n, old, new
+                                             in zip(tensor.shape[1:], volume.spacing, spacing)])
+        tensor = Spacing(pixdim=tuple(spacing), mode="nearest" if labels else "bilinear")(tensor)
     if shape is not None:
         if not labels:
-            array = anti_alias(array, [old / new for old, new in zip(array.shape, shape)])
-        tensor = Resize(spatial_size=tuple(shape), mode="nearest" if labels else "trilinear")(
-            as_tensor(array)[None])
-    else:
-        tensor = as_tensor(array)[None]
+            tensor = _averaged_down(tensor, shape)
+        tensor = Resize(spatial_size=tuple(shape), mode="nearest" if labels else "trilinear")(tensor)
     if not labels:
         tensor = ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)(tensor)
-    return tensor.as_subclass(torch.Tensor)
+    return tensor.as_tensor()
+
+
+def _averaged_down(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(1, X, Y, Z) `tensor` averaged down (MONAI Resize, "area") along each axis longer than in
+    `shape`, to that length; unchanged where no axis is."""
+    from monai.transforms import Resize
+
+    smaller = [max(1, min(n, size)) for n, size in zip(tensor.shape[1:], shape)]
+    if smaller == list(tensor.shape[1:]):
+        return tensor
+    return Resize(spatial_size=smaller, mode="area")(tensor)
 
 
 def axial_slices(volume: Volume, *, size: int, slices: int,

@@ -282,9 +282,9 @@ SELECTION_INTERFACE = ("selected_slices", "slice_attention")
 def resampled_slices(held: set[int], depth: int, slices: int) -> set[int]:
     """Which of `slices` axial slices, resized from a volume of `depth` slices, hold one of the
     `held` slices: those whose extent (resized slice j spans the stored slices' [j, j + 1) x depth
-    / slices) overlaps a held slice's. A stored slice always lands on one or two resized ones
-    (:func:`unimed.data.volumes.axial_slices` smooths before it downsamples, so each is seen); the
-    same set when `slices` equals `depth`."""
+    / slices) overlaps a held slice's: when downsampling, exactly the resized slices whose average
+    includes it (:func:`unimed.data.volumes.axial_slices` averages before it interpolates), one or
+    two; the same set when `slices` equals `depth`."""
     out: set[int] = set()
     for z in held:
         first, last = z * slices // depth, -(-(z + 1) * slices // depth) - 1
