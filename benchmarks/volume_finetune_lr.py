@@ -45,7 +45,7 @@ def main() -> None:
     for encoder in encoders:
         for dataset in cfg.eval.volume_finetune.datasets:
             target = dataset_target(ctx, dataset)
-            splits = split_data(ctx, dataset, target, ("train", "valid"))
+            splits = split_data(encoder, ctx, dataset, target, ("train", "valid"))
             for lr in (float(v) for v in args.lrs.split(",")):
                 section = dataclasses.replace(cfg.eval.volume_finetune, lr=lr)
                 start = time.perf_counter()

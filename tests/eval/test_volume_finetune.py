@@ -263,6 +263,7 @@ def test_a_native_3d_model_is_fine_tuned_through_its_own_volume_path():
             raise AssertionError("a native 3D model is not read slice by slice")
 
     encoder = Encoder("native", "Native", Native(), tokenizer=None)
+    assert encoder.volume_slices(2) == 2  # a model without volume_depth reads the adapter's slices
     fitted = volume_finetune.fine_tune(encoder, easy_split(12, 0), easy_split(6, 1), CCII,
                                        config(trainable="all", epochs=2), seed=0)
     assert fitted.trained_parameters == 4 + 4 + 3 * 4 + 3
@@ -282,6 +283,15 @@ def ct_context(tmp_path_factory: pytest.TempPathFactory) -> TaskContext:
     eval_cfg = EvalConfig(tasks=("volume_finetune",), bootstrap_resamples=20,
                           volume_finetune=section)
     return TaskContext(data, eval_cfg, tmp_path_factory.mktemp("ct_eval"))
+
+
+def test_a_native_3d_model_is_fine_tuned_on_volumes_at_its_own_depth(ct_context):
+    class Deep(nn.Module):
+        volume_depth = 6
+
+    splits = volume_finetune.split_data(Encoder("deep", "Deep", Deep(), tokenizer=None), ct_context,
+                                        "cc-ccii", CCII, ("train",))
+    assert splits["train"][0].shape[1] == 6  # the adapter's slices are 2 here
 
 
 def test_volume_finetune_runs_end_to_end_through_the_runner(ct_context, tiny_encoder):

@@ -68,6 +68,31 @@ def test_volume_embedding_is_the_mean_of_its_slice_embeddings(ct_context, tiny_e
         torch.testing.assert_close(projected, tiny_encoder.model.project_image(expected), rtol=1e-4, atol=1e-5)
 
 
+class NativeDepth(torch.nn.Module):
+    """A native 3D model that reads volumes at 8 slices: its volume embedding is the mean of each
+    slice's mean intensity, one feature per slice."""
+
+    volume_depth = 8
+
+    def pooled_volume(self, stacks: torch.Tensor) -> torch.Tensor:  # (N, D, 1, S, S) -> (N, D)
+        assert stacks.shape[1] == self.volume_depth, stacks.shape
+        return stacks.mean(dim=(2, 3, 4))
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled
+
+
+def test_a_native_3d_model_reads_volumes_at_its_own_depth(ct_context):
+    """The slice-wise adapter's `slices` (4 here) are for 2D encoders; a native 3D model gets the
+    volume at the depth its pre-training read it (``volume_depth``)."""
+    encoder = Encoder("native", "Native", NativeDepth(), tokenizer=None)
+    assert encoder.volume_slices(4) == 8
+    pooled = ct_context.features.volumes(encoder, ct_context.data, "cc-ccii", "test", space="pooled",
+                                         slices=4, window=(-1000.0, 400.0), batch_size=16)
+    stacks = ct_context.data.slice_stacks("cc-ccii", "test", 8, (-1000.0, 400.0))
+    torch.testing.assert_close(pooled, stacks.mean(dim=(2, 3, 4)))
+
+
 def _class_features(ctx: TaskContext, informative: bool):
     """Volume features that are the class one-hot (informative) or noise, for any split."""
     def features(encoder, context, dataset, split, space):

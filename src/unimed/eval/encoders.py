@@ -99,6 +99,13 @@ class Encoder:
             projected.append(self.model.project_text(feats).float().cpu())
         return _spaces(pooled, projected)
 
+    def volume_slices(self, adapter_slices: int) -> int:
+        """How many axial slices this encoder reads a volume at: a native 3D model's own depth (its
+        ``volume_depth``, UniMedI's ``method.volume_shape``, the depth its pre-training read), so it
+        is evaluated on what it learnt from, else `adapter_slices` (the slice-wise adapter's)."""
+        depth = getattr(self.model, "volume_depth", None)
+        return adapter_slices if depth is None else int(depth)
+
     @torch.no_grad()
     def volume_spaces(self, volumes: torch.Tensor, *, batch_size: int = 64
                       ) -> dict[str, torch.Tensor] | None:

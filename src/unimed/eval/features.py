@@ -97,10 +97,12 @@ class FeatureCache:
     def volumes(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, space: str,
                 slices: int, window: tuple[float, float], batch_size: int) -> torch.Tensor:
         """(N, D) embeddings of the volumes of `dataset`/`split`: a native 3D encoder's own
-        (:meth:`Encoder.volume_spaces`), else through the slice-wise adapter: pooled = the mean of
+        (:meth:`Encoder.volume_spaces`, the volumes read at its own depth,
+        :meth:`Encoder.volume_slices`), else through the slice-wise adapter: pooled = the mean of
         the slices' pooled features, projected = P_v of that mean. A split too large to hold
         streams (:meth:`EvalData.stack_pieces`): only its embeddings are kept."""
         _check_space(space)
+        slices = encoder.volume_slices(slices)
         key = (encoder.name, dataset, split, slices, tuple(window), data.image_size)
         spaces = self._volumes.get(key)
         if spaces is None:

@@ -518,11 +518,12 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
                   trained, prefix is not None or selector is not None)
 
 
-def split_data(ctx: TaskContext, dataset: str, target: ProbeTarget,
+def split_data(encoder: Encoder, ctx: TaskContext, dataset: str, target: ProbeTarget,
                splits: tuple[str, ...] = SPLITS) -> dict[str, Split]:
-    """Slice stacks and targets of each of the `splits` of `dataset`."""
-    cfg = ctx.cfg.volume_finetune
-    return {s: (ctx.data.slice_stacks(dataset, s, cfg.slices, ctx.cfg.volume.window),
+    """Slice stacks (at the encoder's :meth:`~Encoder.volume_slices`) and targets of each of the
+    `splits` of `dataset`."""
+    slices = encoder.volume_slices(ctx.cfg.volume_finetune.slices)
+    return {s: (ctx.data.slice_stacks(dataset, s, slices, ctx.cfg.volume.window),
                 targets(ctx.data.require(dataset, s), target, dataset)) for s in splits}
 
 
@@ -546,7 +547,7 @@ def finetune_dataset(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[s
     """One dataset's rows: the test metric of the best-validation state per label fraction."""
     cfg = ctx.cfg.volume_finetune
     target = dataset_target(ctx, dataset)
-    splits = split_data(ctx, dataset, target)
+    splits = split_data(encoder, ctx, dataset, target)
     resamples = ctx.resamples(dataset, "test", len(splits["test"][1]))
     extras: dict[str, dict[str, Any]] = {}
 

@@ -237,6 +237,11 @@ class UniMedI(nn.Module):
         return float(torch.exp(-self.logit_scale.detach()))
 
     @property
+    def volume_depth(self) -> int:
+        """How many axial slices the model reads a volume at (``method.volume_shape``'s depth)."""
+        return int(self.cfg.volume_shape[0])
+
+    @property
     def selection_k(self) -> int:
         """How many slices the attentive selection feeds through T_2D."""
         return self.cfg.selected_slices
