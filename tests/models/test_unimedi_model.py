@@ -177,6 +177,20 @@ def test_volume_embedding_and_maps_have_the_evaluation_shapes():
     assert len(maps) == 4 and all(m.shape == (3, 192, 4, 2, 2) for m in maps)
 
 
+def test_every_input_slice_reaches_the_model_depth():
+    """A stack deeper than the model's depth is averaged down, not sampled: a bright slice
+    anywhere in 4x the model's depth reaches its input with the same weight."""
+    model = _model()
+    depth = model.volume_depth
+    assert depth == model.cfg.volume_shape[0]
+    weights = []
+    for k in range(4 * depth):
+        stacks = torch.zeros(1, 4 * depth, 1, 16, 16)
+        stacks[0, k] = 1.0
+        weights.append(float(model.volume_input(stacks).sum()))
+    assert weights == pytest.approx([weights[0]] * len(weights)) and weights[0] > 0
+
+
 def test_the_selection_pass_continues_from_its_frozen_blocks_to_the_same_feature():
     model = _model()
     stacks = torch.rand(3, 8, 1, 16, 16)

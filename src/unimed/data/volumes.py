@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
@@ -241,42 +242,43 @@ def prepare_volume(
     window: tuple[float, float] = (-1000.0, 400.0), labels: bool = False,
 ) -> torch.Tensor:
     """The (1, X, Y, Z) network input of a RAS volume: resampled to `spacing` mm (MONAI Spacing),
-    resized to `shape` (MONAI Resize), and HU windowed to [0, 1] (MONAI ScaleIntensityRange).
-
-    An axis made coarser is first averaged down (MONAI Resize, "area": each output voxel the mean of
-    the input voxels its extent covers, as a scanner reconstructs a thicker slice), then
-    interpolated (trilinear for a size, bilinear for a spacing): trilinear sampling alone reads two
-    input voxels per output voxel, so beyond a factor of 2 it never reads some of them (at 32 -> 8
-    slices, every other pair of slices) and a finding there would not reach the network. Label
-    maps are resampled with nearest neighbours and not windowed."""
+    resized to `shape` (:func:`resize_volume`), and HU windowed to [0, 1] (MONAI
+    ScaleIntensityRange). An axis made coarser is averaged down first (for a spacing, MONAI Resize
+    "area" to the nearest whole number of voxels, then Spacing's bilinear resampling), so every
+    stored voxel reaches the network. Label maps are resampled with nearest neighbours and not
+    windowed."""
     from monai.data import MetaTensor
     from monai.transforms import Resize, ScaleIntensityRange, Spacing
 
     tensor = MetaTensor(as_tensor(np.asarray(volume.array, dtype=np.float32))[None],
                         affine=torch.as_tensor(volume.affine))
     if spacing is not None:
-        if not labels:
-            tensor = _averaged_down(tensor, [round(n * old / new) for n, old, new
-                                             in zip(tensor.shape[1:], volume.spacing, spacing)])
+        coarser = [min(n, round(n * old / new)) for n, old, new in zip(tensor.shape[1:], volume.spacing, spacing)]
+        if not labels and coarser != list(tensor.shape[1:]):
+            tensor = Resize(spatial_size=coarser, mode="area")(tensor)
         tensor = Spacing(pixdim=tuple(spacing), mode="nearest" if labels else "bilinear")(tensor)
+    tensor = tensor.as_tensor()
     if shape is not None:
-        if not labels:
-            tensor = _averaged_down(tensor, shape)
-        tensor = Resize(spatial_size=tuple(shape), mode="nearest" if labels else "trilinear")(tensor)
+        tensor = (F.interpolate(tensor[None], size=tuple(shape), mode="nearest")[0] if labels
+                  else resize_volume(tensor[None], shape)[0])
     if not labels:
         tensor = ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)(tensor)
-    return tensor.as_tensor()
+    return tensor.as_subclass(torch.Tensor)
 
 
-def _averaged_down(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """(1, X, Y, Z) `tensor` averaged down (MONAI Resize, "area") along each axis longer than in
-    `shape`, to that length; unchanged where no axis is."""
-    from monai.transforms import Resize
-
-    smaller = [max(1, min(n, size)) for n, size in zip(tensor.shape[1:], shape)]
-    if smaller == list(tensor.shape[1:]):
-        return tensor
-    return Resize(spatial_size=smaller, mode="area")(tensor)
+def resize_volume(volumes: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N, C, *spatial) float `volumes` resized to `size`: every axis that shrinks is first averaged
+    down (``F.interpolate`` "area": each new voxel the mean of the voxels its extent covers, as a
+    scanner reconstructs a thicker slice), then the volume is interpolated (trilinear). Trilinear
+    sampling alone reads the two voxels nearest each new one, so beyond a factor of 2 it never
+    reads some of them (at 32 -> 8 slices, every other pair of slices) and a finding there would
+    not reach the network."""
+    smaller = [min(n, s) for n, s in zip(volumes.shape[2:], size)]
+    if smaller != list(volumes.shape[2:]):
+        volumes = F.interpolate(volumes, size=smaller, mode="area")
+    if list(volumes.shape[2:]) != list(size):
+        volumes = F.interpolate(volumes, size=tuple(size), mode="trilinear", align_corners=False)
+    return volumes
 
 
 def axial_slices(volume: Volume, *, size: int, slices: int,
