@@ -2,7 +2,8 @@
 
 nibabel reads NIfTI (applying the header's rescale slope / intercept), SimpleITK reads MetaImage
 (whose world frame is LPS), and MONAI does the spatial work: orientation to RAS, resampling to a
-target spacing or size, HU windowing. Every failure is a :class:`DataError` naming the file:
+target spacing, HU windowing; :func:`resize_volume` resizes to a shape (torch's "area" along the
+axes that shrink, then trilinear). Every failure is a :class:`DataError` naming the file:
 truncated or unreadable files, a `.raw` that is missing or short, non-positive spacing, NaN voxels,
 and values that can only come from rescaling stored values that were already in HU (the double
 rescale that CT-CLIP's pipeline is known for).
@@ -253,7 +254,8 @@ def prepare_volume(
     tensor = MetaTensor(as_tensor(np.asarray(volume.array, dtype=np.float32))[None],
                         affine=torch.as_tensor(volume.affine))
     if spacing is not None:
-        coarser = [min(n, round(n * old / new)) for n, old, new in zip(tensor.shape[1:], volume.spacing, spacing)]
+        coarser = [min(n, round(n * old / new))
+                   for n, old, new in zip(tensor.shape[1:], volume.spacing, spacing)]
         if not labels and coarser != list(tensor.shape[1:]):
             tensor = Resize(spatial_size=coarser, mode="area")(tensor)
         tensor = Spacing(pixdim=tuple(spacing), mode="nearest" if labels else "bilinear")(tensor)
