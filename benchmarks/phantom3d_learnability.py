@@ -24,7 +24,7 @@ The chest tasks share one set of volumes that cycles through the six chest CT si
 CC-CCII- and LUNA16-like) with the CC-CCII enrichment (covid and pneumonia 1/3 each) and the LUNA16
 one (nodule 1/2), so acquisition chains differ within every task and nodules co-occur with
 infections (unlike in LUNA16). Segmentation uses BCV's two abdominal sites. Every volume goes
-through the project's 3D input path (`prepare_volume`: MONAI trilinear resize to the network input,
+through the project's 3D input path (`prepare_volume`: `resize_volume` to the network input,
 then an HU window to [0, 1]: the lung window -1000..400 of the project's 3D evaluation for the
 chest, the usual soft-tissue window -175..250 for the abdomen); the input defaults to 16x64x64, half
 the generated resolution along every axis, for CPU speed.
@@ -486,7 +486,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[Row], np.ndarray]:
     gen_s = time.perf_counter() - start
     n = args.train + args.test + args.seg_train + args.seg_test
     header = (f"difficulty {args.difficulty}, generated at {'x'.join(map(str, args.shape))}, network input "
-              f"{'x'.join(map(str, shape))} (MONAI resize), {args.epochs} epochs ({args.seg_epochs} for the U-Net), "
+              f"{'x'.join(map(str, shape))} (resize_volume), {args.epochs} epochs ({args.seg_epochs} for the U-Net), "
               f"seed {args.seed}; {n} volumes generated in {gen_s:.0f} s")
     rows = chest_rows(*chest, args.epochs, args.seed)
     organ, per_organ = organ_row(*abdomen, args.seg_epochs, args.seed)
