@@ -168,6 +168,21 @@ def test_2d_encoders_are_skipped_with_the_reason_not_failed(selection_ctx, tiny_
     assert set(result) == {"skipped"} and "no attentive slice selection" in result["skipped"]
 
 
+def test_a_model_that_says_its_depth_is_scored_at_that_depth(selection_ctx):
+    """UniMedI reads volumes at its own depth (``volume_depth``): the task gives it stacks of that
+    many slices and scores its picks there, whatever ``eval.volume.selection_slices`` says (the
+    hand-made data accept stacks of DEPTH slices only)."""
+
+    class Deep(Bright):
+        volume_depth = DEPTH
+
+    cfg = dataclasses.replace(selection_ctx.cfg, volume=dataclasses.replace(selection_ctx.cfg.volume,
+                                                                            selection_slices=32))
+    ctx = TaskContext(selection_ctx.data, cfg, selection_ctx.out_dir)
+    result = volumes.run_selection(Encoder("uni", "UniMedI", Deep(k=2), None), ctx)[DATASET]
+    assert (result["slices"], result["hit_rate"], result["prior_slices"]) == (DEPTH, pytest.approx(2 / 3), [2, 3])
+
+
 def test_a_broken_selection_interface_is_one_clear_error(selection_ctx):
     with pytest.raises(ValueError, match="uni: .*selection_k is 0"):
         volumes.run_selection(Encoder("uni", "UniMedI", Bright(k=0), None), selection_ctx)

@@ -293,8 +293,9 @@ class VolumeConfig:
     slices whose embedding is closest to the finding's prompt, scored against the phantom's slice
     ground truth (``phantom_findings.csv``). In `selection_datasets` a native 3D model's attentive
     slice selection (UniMedI: the k slices its ``slice_attention`` scores highest) is scored
-    against the same ground truth, on test volumes resized to `selection_slices` axial slices
-    (UniMedI's and the phantom's 32: the ground truth then maps slice for slice).
+    against the same ground truth, on test volumes resized to the depth the model reads a volume at
+    (``Encoder.volume_slices``: UniMedI's ``method.volume_shape``, 16 in the demo, 32 in the paper
+    preset), or to `selection_slices` axial slices for a model that does not say.
     """
 
     probe_datasets: tuple[str, ...] = ("cc-ccii", "luna16-candidates", "luna16")

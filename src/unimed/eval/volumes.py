@@ -26,7 +26,8 @@ embeddings:
   selects; a model that scores slabs of several slices (tied scores) and feeds one slice per
   selected slab says which with ``selected_slices(volumes) -> (N, k)`` indices, which the task then
   scores instead. On the test volumes of `eval.volume.selection_datasets` that hold a finding,
-  resized to `eval.volume.selection_slices` slices, the k selected slices hit when one of them
+  resized to the depth the model reads a volume at (its ``volume_depth``, UniMedI's
+  ``method.volume_shape``; else `eval.volume.selection_slices`), the k selected slices hit when one of them
   holds a finding of the volume (per finding class: that finding), beside the exact hit rate of k
   random slices and
   the per-volume gain over it, with bootstrap intervals over the volumes. Where findings span
@@ -363,25 +364,25 @@ def held_slices(truth: list[tuple[str, set[int]]], depth: int, slices: int, wher
     return out
 
 
-def held_by_volume(ctx: TaskContext, dataset: str, split: str, truth: dict[str, list[tuple[str, set[int]]]]
-                   ) -> dict[int, dict[str, set[int]]]:
-    """Row in `dataset`/`split` -> {finding: the slices of ``eval.volume.selection_slices`` that hold
+def held_by_volume(ctx: TaskContext, dataset: str, split: str, truth: dict[str, list[tuple[str, set[int]]]],
+                   slices: int) -> dict[int, dict[str, set[int]]]:
+    """Row in `dataset`/`split` -> {finding: the slices of the volume resized to `slices` that hold
     it} of each volume of the split that holds a finding by the ground truth `truth`."""
     keys = truth_keys(ctx, dataset, split)
     rows = [i for i, key in enumerate(keys) if key in truth]
     depths = ctx.data.native_depths(dataset, split) if rows else []
-    return {i: held_slices(truth[keys[i]], depths[i], ctx.cfg.volume.selection_slices, f"{dataset}/{keys[i]}")
-            for i in rows}
+    return {i: held_slices(truth[keys[i]], depths[i], slices, f"{dataset}/{keys[i]}") for i in rows}
 
 
-def position_prior(ctx: TaskContext, dataset: str, truth: dict[str, list[tuple[str, set[int]]]], k: int
-                   ) -> set[int] | None:
-    """The k slices that most often hold a finding in the training volumes of `dataset` (ties: the
-    lower index): the best a selection can do without looking at the volume. None without any."""
+def position_prior(ctx: TaskContext, dataset: str, truth: dict[str, list[tuple[str, set[int]]]], k: int,
+                   slices: int) -> set[int] | None:
+    """The k of `slices` slices that most often hold a finding in the training volumes of `dataset`
+    (ties: the lower index): the best a selection can do without looking at the volume. None
+    without any."""
     if not ctx.data.records(dataset, "train"):
         return None
-    held = held_by_volume(ctx, dataset, "train", truth)
-    counts = np.zeros(ctx.cfg.volume.selection_slices)
+    held = held_by_volume(ctx, dataset, "train", truth, slices)
+    counts = np.zeros(slices)
     for found in held.values():
         counts[sorted(set().union(*found.values()))] += 1
     return top_slices(counts, k) if held else None
@@ -401,11 +402,13 @@ def finding_rates(top: list[set[int]], held: list[dict[str, set[int]]], slices: 
 
 def select(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     """The slices the model selects on the test volumes of `dataset` that hold a finding, against
-    k random slices and against the position prior."""
-    slices = ctx.cfg.volume.selection_slices
+    k random slices and against the position prior, all at the depth the model reads a volume at
+    (:meth:`Encoder.volume_slices`; ``eval.volume.selection_slices`` for a model that does not say):
+    a selected slice is the one the model saw, and the ground truth names what that slice holds."""
+    slices = encoder.volume_slices(ctx.cfg.volume.selection_slices)
     truth = finding_slices(ctx, dataset, "slice_selection")
     stacks = ctx.data.slice_stacks(dataset, "test", slices, ctx.cfg.volume.window)  # (N, D, 1, S, S)
-    held = held_by_volume(ctx, dataset, "test", truth)  # depths noted while the stacks were read
+    held = held_by_volume(ctx, dataset, "test", truth, slices)  # depths noted while the stacks were read
     if not held:
         return {"skipped": "no test volume has a finding"}
     top = model_selection(encoder, stacks, ctx.cfg.batch_size, ctx.cfg.seed, list(held))
@@ -422,7 +425,7 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     out: dict[str, Any] = {"k": k, "slices": slices, "volumes": len(held), "random": float(chance.mean()),
                            "random_precision": float(np.mean([len(u) / slices for u in union])),
                            "most_selected": [[int(s), n / len(top)] for s, n in picks]}
-    prior = position_prior(ctx, dataset, truth, k)
+    prior = position_prior(ctx, dataset, truth, k, slices)
     if prior is not None:
         prior_hits = np.array([float(bool(prior & u)) for u in union])
         estimates["prior_gain"] = bootstrap(batched_mean, [hits - prior_hits], resamples)
