@@ -187,6 +187,9 @@ def test_a_coarser_spacing_sees_every_slice():
     """Resampling to a coarser spacing averages first, as resizing does: every slice counts."""
     sums = [float(prepare_volume(_slab(32, k), spacing=(2.0, 2.0, 8.0)).sum()) for k in range(32)]
     assert sums == pytest.approx([16 * 16 * 1040 / 1400 / 4] * 32, rel=1e-4)
+    one = [prepare_volume(_slab(32, k), spacing=(2.0, 2.0, 1000.0)) for k in (0, 5, 31)]  # one slice left
+    assert all(o.shape == (1, 16, 16, 1) for o in one)
+    assert [float(o.sum()) for o in one] == pytest.approx([16 * 16 * 1040 / 1400 / 32] * 3, rel=1e-4)
 
 
 def _nifti(path: Path, data: np.ndarray, *, slope=np.nan, inter=np.nan) -> Path:

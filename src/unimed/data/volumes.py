@@ -254,7 +254,7 @@ def prepare_volume(
     tensor = MetaTensor(as_tensor(np.asarray(volume.array, dtype=np.float32))[None],
                         affine=torch.as_tensor(volume.affine))
     if spacing is not None:
-        coarser = [min(n, round(n * old / new))
+        coarser = [max(1, min(n, round(n * old / new)))
                    for n, old, new in zip(tensor.shape[1:], volume.spacing, spacing)]
         if not labels and coarser != list(tensor.shape[1:]):
             tensor = Resize(spatial_size=coarser, mode="area")(tensor)
