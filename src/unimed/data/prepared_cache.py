@@ -34,7 +34,7 @@ from unimed.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "2"
+FORMAT = "1"
 """Bumped when the preparation of an entry changes in a way its tag does not say."""
 
 
