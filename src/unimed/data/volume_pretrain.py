@@ -39,7 +39,7 @@ def load_volume_slices(path: Path, *, shape: Sequence[int], window: tuple[float,
 
 def cache_tag(shape: Sequence[int], window: tuple[float, float]) -> str:
     """What a cached input of :func:`load_volume_slices` was prepared with ("averaged down": the
-    resize since :func:`unimed.data.volumes.resize_volume`, so an entry the trilinear resize alone
+    resize since :func:`unimed.data.resize.resize_volume`, so an entry the trilinear resize alone
     wrote is prepared again)."""
     return f"axial slices {'x'.join(map(str, shape))} averaged down, HU window {window[0]:g}..{window[1]:g}"
 

@@ -2,8 +2,8 @@
 
 nibabel reads NIfTI (applying the header's rescale slope / intercept), SimpleITK reads MetaImage
 (whose world frame is LPS), and MONAI does the spatial work: orientation to RAS, resampling to a
-target spacing, HU windowing; :func:`resize_volume` resizes to a shape (torch's "area" along the
-axes that shrink, then trilinear). Every failure is a :class:`DataError` naming the file:
+target spacing, HU windowing; :func:`~unimed.data.resize.resize_volume` resizes to a shape
+(torch's "area" along the axes that shrink, then trilinear). Every failure is a :class:`DataError` naming the file:
 truncated or unreadable files, a `.raw` that is missing or short, non-positive spacing, NaN voxels,
 and values that can only come from rescaling stored values that were already in HU (the double
 rescale that CT-CLIP's pipeline is known for).
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
+from unimed.data.resize import resize_volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -266,21 +267,6 @@ def prepare_volume(
     if not labels:
         tensor = ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)(tensor)
     return tensor.as_subclass(torch.Tensor)
-
-
-def resize_volume(volumes: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """(N, C, *spatial) float `volumes` resized to `size`: every axis that shrinks is first averaged
-    down (``F.interpolate`` "area": each new voxel the mean of the voxels its extent covers, as a
-    scanner reconstructs a thicker slice), then the volume is interpolated (trilinear). Trilinear
-    sampling alone reads the two voxels nearest each new one, so beyond a factor of 2 it never
-    reads some of them (at 32 -> 8 slices, every other pair of slices) and a finding there would
-    not reach the network."""
-    smaller = [min(n, s) for n, s in zip(volumes.shape[2:], size)]
-    if smaller != list(volumes.shape[2:]):
-        volumes = F.interpolate(volumes, size=smaller, mode="area")
-    if list(volumes.shape[2:]) != list(size):
-        volumes = F.interpolate(volumes, size=tuple(size), mode="trilinear", align_corners=False)
-    return volumes
 
 
 def axial_slices(volume: Volume, *, size: int, slices: int,

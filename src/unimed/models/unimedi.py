@@ -24,7 +24,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import nn
 from transformers import BertModel
 
-from unimed.data.volumes import resize_volume
+from unimed.data.resize import resize_volume
 from unimed.models.heads import ProjectionHead
 from unimed.models.text import pool_text, text_cache
 from unimed.models.unimedi_config import UniMedIConfig
@@ -259,7 +259,7 @@ class UniMedI(nn.Module):
 
     def volume_input(self, stacks: torch.Tensor) -> torch.Tensor:
         """(N, D, 1, S, S) axial slices in [0, 1] -> (N, 1, D', H', W') at `method.volume_shape`
-        (:func:`~unimed.data.volumes.resize_volume`: averaged down along an axis that shrinks)."""
+        (:func:`~unimed.data.resize.resize_volume`: averaged down along an axis that shrinks)."""
         return resize_volume(stacks.transpose(1, 2), self.cfg.volume_shape)
 
     # ------------------------------------------------------------------ 2D evaluation interface
