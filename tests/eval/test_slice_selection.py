@@ -48,6 +48,7 @@ class HandMadeData:
 
     cfg: SimpleNamespace
     splits: dict[str, list[Record]]
+    image_size: int = 4
 
     def records(self, dataset: str, split: str) -> list[Record]:
         assert dataset == DATASET
@@ -57,9 +58,10 @@ class HandMadeData:
         assert self.records(dataset, split)
         return self.records(dataset, split)
 
-    def slice_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float]) -> torch.Tensor:
-        assert slices == DEPTH
-        stacks = torch.zeros(len(VOLUMES), DEPTH, 1, 4, 4)
+    def slice_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float],
+                     side: int) -> torch.Tensor:
+        assert (slices, side) == (DEPTH, self.image_size)
+        stacks = torch.zeros(len(VOLUMES), DEPTH, 1, side, side)
         for i, (_, _, bright, _) in enumerate(VOLUMES):
             for rank, z in enumerate(bright):  # the first bright slice brightest
                 stacks[i, z] = 1.0 - 0.1 * rank

@@ -285,13 +285,13 @@ def ct_context(tmp_path_factory: pytest.TempPathFactory) -> TaskContext:
     return TaskContext(data, eval_cfg, tmp_path_factory.mktemp("ct_eval"))
 
 
-def test_a_native_3d_model_is_fine_tuned_on_volumes_at_its_own_depth(ct_context):
+def test_a_native_3d_model_is_fine_tuned_on_volumes_at_its_own_depth_and_side(ct_context):
     class Deep(nn.Module):
-        volume_depth = 6
+        volume_depth, volume_side = 6, 16
 
     splits = volume_finetune.split_data(Encoder("deep", "Deep", Deep(), tokenizer=None), ct_context,
                                         "cc-ccii", CCII, ("train",))
-    assert splits["train"][0].shape[1] == 6  # the adapter's slices are 2 here
+    assert splits["train"][0].shape[1:] == (6, 1, 16, 16)  # the adapter's: 2 slices of 64 px
 
 
 def test_volume_finetune_runs_end_to_end_through_the_runner(ct_context, tiny_encoder):

@@ -13,6 +13,7 @@ import torch
 from eval_helpers import IMAGE_SIZE
 
 from unimed.data.config import DataConfig
+from unimed.data.volume_pretrain import load_volume_slices
 from unimed.data.volumes import Volume, axial_slices, crop_cube, read_volume
 from unimed.eval import volumes
 from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig
@@ -68,29 +69,40 @@ def test_volume_embedding_is_the_mean_of_its_slice_embeddings(ct_context, tiny_e
         torch.testing.assert_close(projected, tiny_encoder.model.project_image(expected), rtol=1e-4, atol=1e-5)
 
 
-class NativeDepth(torch.nn.Module):
-    """A native 3D model that reads volumes at 8 slices: its volume embedding is the mean of each
-    slice's mean intensity, one feature per slice."""
+class NativeGrid(torch.nn.Module):
+    """A native 3D model that reads volumes at 8 slices of 16 x 16 pixels and keeps what it was
+    given: its volume embedding is each slice's mean intensity."""
 
-    volume_depth = 8
+    volume_depth, volume_side = 8, 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
 
     def pooled_volume(self, stacks: torch.Tensor) -> torch.Tensor:  # (N, D, 1, S, S) -> (N, D)
-        assert stacks.shape[1] == self.volume_depth, stacks.shape
+        self.seen.append(stacks.clone())
         return stacks.mean(dim=(2, 3, 4))
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled
 
 
-def test_a_native_3d_model_reads_volumes_at_its_own_depth(ct_context):
-    """The slice-wise adapter's `slices` (4 here) are for 2D encoders; a native 3D model gets the
-    volume at the depth its pre-training read it (``volume_depth``)."""
-    encoder = Encoder("native", "Native", NativeDepth(), tokenizer=None)
-    assert encoder.volume_slices(4) == 8
+def test_a_native_3d_model_reads_volumes_as_its_pre_training_did(ct_context):
+    """The slice-wise adapter's `slices` (4 here) and the 2D images' side (64) are for 2D
+    encoders; a native 3D model gets each volume at the depth and side its pre-training read it
+    (``volume_depth``, ``volume_side``), in one resize of the stored volume: exactly the input of
+    UniMedI's pre-training loader (:func:`load_volume_slices`), not a 64-px stack resized again."""
+    window = (-1000.0, 400.0)
+    encoder = Encoder("native", "Native", NativeGrid(), tokenizer=None)
+    assert (encoder.volume_slices(4), encoder.volume_side(IMAGE_SIZE)) == (8, 16)
     pooled = ct_context.features.volumes(encoder, ct_context.data, "cc-ccii", "test", space="pooled",
-                                         slices=4, window=(-1000.0, 400.0), batch_size=16)
-    stacks = ct_context.data.slice_stacks("cc-ccii", "test", 8, (-1000.0, 400.0))
-    torch.testing.assert_close(pooled, stacks.mean(dim=(2, 3, 4)))
+                                         slices=4, window=window, batch_size=16)
+    [seen] = encoder.model.seen
+    records = ct_context.data.require("cc-ccii", "test")
+    pretraining = torch.stack([torch.from_numpy(load_volume_slices(r.image_path, shape=(8, 16, 16),
+                                                                   window=window)) for r in records])
+    torch.testing.assert_close(seen[:, :, 0], pretraining)
+    torch.testing.assert_close(pooled, pretraining.mean(dim=(2, 3)))
 
 
 def _class_features(ctx: TaskContext, informative: bool):

@@ -2,6 +2,8 @@
 the attention matrix timm's unfused attention computes, 3D tokens follow the (d, h, w) order, the
 student's [MASK] positions and the attentive selection pick what the spec says."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel
@@ -175,6 +177,13 @@ def test_volume_embedding_and_maps_have_the_evaluation_shapes():
     assert model.pooled_volume(stacks).shape == (3, 192)
     maps = model.volume_intermediates(stacks)
     assert len(maps) == 4 and all(m.shape == (3, 192, 4, 2, 2) for m in maps)
+
+
+def test_the_model_says_the_grid_it_reads_volumes_at():
+    model = _model()
+    assert (model.volume_depth, model.volume_side) == (8, 16)
+    with pytest.raises(ValueError, match=r"method.volume_shape needs square slices .*\[8, 16, 24\]"):
+        dataclasses.replace(model.cfg, volume_shape=(8, 16, 24))
 
 
 def test_every_input_slice_reaches_the_model_depth():

@@ -267,29 +267,31 @@ class EvalData:
             self._samples[key] = self._decoded(("sample", desc, *key), records, geometry, desc)
         return self._samples[key]
 
-    def slice_stacks(self, dataset: str, split: str, slices: int,
-                     window: tuple[float, float]) -> torch.Tensor:
+    def slice_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float],
+                     side: int | None = None) -> torch.Tensor:
         """(N, slices, 1, S, S) axial slices of the volumes of `records(dataset, split)`
-        (:func:`unimed.data.volumes.axial_slices`; of its cube, for a record with a `crop`), read
+        (:func:`unimed.data.volumes.axial_slices`; of its cube, for a record with a `crop`), S =
+        `side` (default ``image_size``; a native 3D model's own, :meth:`Encoder.volume_side`), read
         on the decoding threads and cached. Records of one volume (the candidates of a series) are
         read from one reading of it. Stacks taking more than half the memory available are
         memory-mapped from ``spill_dir`` (:meth:`_spill_stacks`) where there is one; else an
         EvalError before any reading when they exceed the memory available."""
-        key = (dataset, split, slices, tuple(window))
+        side = side or self.image_size
+        key = (dataset, split, slices, tuple(window), side)
         if key not in self._slices:
             records = self._volume_records(dataset, split)
-            shape = (len(records), slices, 1, self.image_size, self.image_size)
+            shape = (len(records), slices, 1, side, side)
             if self.spill_dir is not None and _too_large(math.prod(shape) * torch.float32.itemsize):
                 self._slices[key] = self._spill_stacks(dataset, split, slices, window, shape)
             else:
                 check_fits(shape, f"{dataset}/{split}: {len(records)} volumes x {slices} slices of "
-                                  f"{self.image_size} px")
-                [(_, self._slices[key])] = self._read_stacks(dataset, split, slices, window,
+                                  f"{side} px")
+                [(_, self._slices[key])] = self._read_stacks(dataset, split, slices, window, side,
                                                              [list(range(len(records)))])
         return self._slices[key]
 
-    def stack_pieces(self, dataset: str, split: str, slices: int, window: tuple[float, float]
-                     ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def stack_pieces(self, dataset: str, split: str, slices: int, window: tuple[float, float],
+                     side: int | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
         """The slice stacks of :meth:`slice_stacks` as (record indices, (n, slices, 1, S, S))
         pieces, for a task that needs one piece at a time (a volume embedding): the whole split as
         one piece, read and cached by :meth:`slice_stacks`, when it is held or takes at most half
@@ -297,20 +299,21 @@ class EvalData:
         series' candidates stay in one piece), copied one after another from the split's stacks
         in ``spill_dir`` (written there once), or, without one, read one after another and dropped
         after use, so memory holds a piece or two however large the split."""
-        key = (dataset, split, slices, tuple(window))
+        side = side or self.image_size
+        key = (dataset, split, slices, tuple(window), side)
         records = self._volume_records(dataset, split)
-        per_record = slices * self.image_size**2 * torch.float32.itemsize
+        per_record = slices * side**2 * torch.float32.itemsize
         if key not in self._spill_keys and (key in self._slices or not _too_large(len(records) * per_record)):
-            yield list(range(len(records))), self.slice_stacks(dataset, split, slices, window)
+            yield list(range(len(records))), self.slice_stacks(dataset, split, slices, window, side)
             return
         pieces = self._pieces(records, per_record)
         log.info("%s/%s: %d volumes x %d slices in %d piece(s) (%.1f GB in all, %s)", dataset, split,
                  len(records), slices, len(pieces), len(records) * per_record / 2**30,
                  "streamed" if self.spill_dir is None else f"on disk in {self.spill_dir}")
         if self.spill_dir is None:
-            yield from self._read_stacks(dataset, split, slices, window, pieces)
+            yield from self._read_stacks(dataset, split, slices, window, side, pieces)
             return
-        stacks = self.slice_stacks(dataset, split, slices, window)
+        stacks = self.slice_stacks(dataset, split, slices, window, side)
         for piece in pieces:
             yield piece, stacks[piece]
 
@@ -366,16 +369,17 @@ class EvalData:
         file in ``spill_dir`` and memory-mapped back, with the volumes' depths beside it; a file
         another worker of the run wrote is read as it is, one it is writing waited for
         (:func:`_write_once`). An EvalError names the file when it cannot be written."""
-        path = self._spill_path(dataset, split, slices, tuple(window))
+        side = shape[-1]
+        path = self._spill_path(dataset, split, slices, tuple(window), side)
         depths_path = path.with_suffix(".depths.json")
         records = self._volume_records(dataset, split)
         nbytes = math.prod(shape) * torch.float32.itemsize
-        what = f"{dataset}/{split}: {len(records)} volumes x {slices} slices of {self.image_size} px"
+        what = f"{dataset}/{split}: {len(records)} volumes x {slices} slices of {side} px"
 
         def write(temporary: Path) -> None:
             out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape)
             pieces = self._pieces(records, math.prod(shape[1:]) * torch.float32.itemsize)
-            for piece, stacks in self._read_stacks(dataset, split, slices, window, pieces):
+            for piece, stacks in self._read_stacks(dataset, split, slices, window, side, pieces):
                 out[piece] = stacks.numpy()
             out.flush()
             _write_whole(depths_path, lambda json_file: json_file.write_text(
@@ -384,12 +388,12 @@ class EvalData:
         _write_once(path, write, nbytes, what)
         if (dataset, split) not in self._depths:  # written by another process: its depths are on disk
             self._depths[(dataset, split)] = json.loads(depths_path.read_text(encoding="utf-8"))
-        self._spill_keys.add((dataset, split, slices, tuple(window)))
+        self._spill_keys.add((dataset, split, slices, tuple(window), side))
         return _spilled(path)
 
     def _read_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float],
-                     pieces: Sequence[list[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """(indices, (n, slices, 1, S, S) stacks in their order) per piece of `pieces`, ascending
+                     side: int, pieces: Sequence[list[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(indices, (n, slices, 1, S, S) stacks in their order, S = `side`) per piece of `pieces`, ascending
         indices into `records(dataset, split)`; each volume is read once, on the decoding threads,
         for all its records in the piece. The volumes' own depths are noted for
         :meth:`native_depths` once every piece is read."""
@@ -402,14 +406,14 @@ class EvalData:
             for i in group:
                 crop = records[i].crop
                 view = crop_cube(volume, (crop.x, crop.y, crop.z), crop.size_mm) if crop else volume
-                out.append((axial_slices(view, size=self.image_size, slices=slices, window=window),
+                out.append((axial_slices(view, size=side, slices=slices, window=window),
                             view.array.shape[2]))
             return out
 
         for piece in pieces:
             row = {index: k for k, index in enumerate(piece)}
             groups = [[piece[k] for k in group] for group in _by_volume([records[i] for i in piece])]
-            stacks = torch.empty(len(piece), slices, 1, self.image_size, self.image_size)
+            stacks = torch.empty(len(piece), slices, 1, side, side)
             for group, read_back in zip(groups, self.decode(read, groups, f"{dataset}/{split}", "volume")):
                 for i, (stack, depth) in zip(group, read_back):
                     stacks[row[i], :, 0] = stack

@@ -106,6 +106,14 @@ class Encoder:
         depth = getattr(self.model, "volume_depth", None)
         return adapter_slices if depth is None else int(depth)
 
+    def volume_side(self, adapter_side: int) -> int:
+        """The side in pixels of the axial slices this encoder reads a volume at: a native 3D
+        model's own (its ``volume_side``, UniMedI's ``method.volume_shape`` in-plane, what its
+        pre-training read the stored volume at in one resize), else `adapter_side` (the 2D
+        images' ``data.image_size``, the slice-wise adapter's)."""
+        side = getattr(self.model, "volume_side", None)
+        return adapter_side if side is None else int(side)
+
     @torch.no_grad()
     def volume_spaces(self, volumes: torch.Tensor, *, batch_size: int = 64
                       ) -> dict[str, torch.Tensor] | None:

@@ -102,13 +102,13 @@ class FeatureCache:
         the slices' pooled features, projected = P_v of that mean. A split too large to hold
         streams (:meth:`EvalData.stack_pieces`): only its embeddings are kept."""
         _check_space(space)
-        slices = encoder.volume_slices(slices)
-        key = (encoder.name, dataset, split, slices, tuple(window), data.image_size)
+        slices, side = encoder.volume_slices(slices), encoder.volume_side(data.image_size)
+        key = (encoder.name, dataset, split, slices, tuple(window), side)
         spaces = self._volumes.get(key)
         if spaces is None:
             parts = [(indices, encoder.volume_spaces(stacks, batch_size=batch_size)
                       or _slice_wise_spaces(encoder, stacks, batch_size))
-                     for indices, stacks in data.stack_pieces(dataset, split, slices, window)]
+                     for indices, stacks in data.stack_pieces(dataset, split, slices, window, side)]
             spaces = _in_record_order(parts)
             if self.enabled:
                 self._volumes[key] = spaces

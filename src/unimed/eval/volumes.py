@@ -407,7 +407,8 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     a selected slice is the one the model saw, and the ground truth names what that slice holds."""
     slices = encoder.volume_slices(ctx.cfg.volume.selection_slices)
     truth = finding_slices(ctx, dataset, "slice_selection")
-    stacks = ctx.data.slice_stacks(dataset, "test", slices, ctx.cfg.volume.window)  # (N, D, 1, S, S)
+    stacks = ctx.data.slice_stacks(dataset, "test", slices, ctx.cfg.volume.window,
+                                   encoder.volume_side(ctx.data.image_size))  # (N, D, 1, S, S)
     held = held_by_volume(ctx, dataset, "test", truth, slices)  # depths noted while the stacks were read
     if not held:
         return {"skipped": "no test volume has a finding"}

@@ -243,6 +243,12 @@ class UniMedI(nn.Module):
         return int(self.cfg.volume_shape[0])
 
     @property
+    def volume_side(self) -> int:
+        """The side of the axial slices the model reads a volume at (``method.volume_shape``'s
+        rows = columns)."""
+        return int(self.cfg.volume_shape[1])
+
+    @property
     def selection_k(self) -> int:
         """How many slices the attentive selection feeds through T_2D."""
         return self.cfg.selected_slices

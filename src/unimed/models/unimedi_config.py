@@ -101,6 +101,9 @@ class UniMedIConfig:
             if len(value) != 3 or min(value) <= 0:
                 raise ValueError(f"method.{key} needs 3 positive sizes (depth, rows, columns), "
                                  f"got {list(value)}")
+        if self.volume_shape[1] != self.volume_shape[2]:
+            raise ValueError("method.volume_shape needs square slices (rows = columns: the selected "
+                             f"slices go through T_2D), got {list(self.volume_shape)}")
         if any(s % p for s, p in zip(self.volume_shape, self.volume_patch)):
             raise ValueError(f"method.volume_shape {list(self.volume_shape)} is not a multiple of "
                              f"method.volume_patch {list(self.volume_patch)}")
