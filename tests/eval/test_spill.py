@@ -101,6 +101,26 @@ def test_stacks_larger_than_half_the_memory_are_mapped_from_one_file_written_onc
     assert read == [] and other.native_depths("luna16-candidates", "train") == depths
 
 
+def test_stacks_at_another_side_spill_to_a_file_of_their_own(world, tmp_path, monkeypatch):
+    """A native 3D model's stacks (its own side, ``Encoder.volume_side``) and the adapter's
+    stacks of the same split and depth are two files, each read back at its own side."""
+    side = IMAGE_SIZE // 2
+    held = EvalData(world).slice_stacks("cc-ccii", "train", SLICES, WINDOW)
+    held_small = EvalData(world).slice_stacks("cc-ccii", "train", SLICES, WINDOW, side)
+    monkeypatch.setattr(data_module, "available_memory", lambda: 1)  # every split spills
+    data = EvalData(world, spill_dir=tmp_path)
+    small = data.slice_stacks("cc-ccii", "train", SLICES, WINDOW, side)
+    large = data.slice_stacks("cc-ccii", "train", SLICES, WINDOW)
+    assert small.shape[-2:] == (side, side) and large.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
+    files = sorted(tmp_path.glob("*.npy"))
+    assert len(files) == 2 and {mapped_from(small, f) for f in files} == {True, False}
+    torch.testing.assert_close(small, held_small, rtol=0, atol=0)
+    torch.testing.assert_close(large, held, rtol=0, atol=0)
+    again = EvalData(world, spill_dir=tmp_path)  # another worker of the run reads both back
+    torch.testing.assert_close(again.slice_stacks("cc-ccii", "train", SLICES, WINDOW, side), held_small,
+                               rtol=0, atol=0)
+
+
 def test_two_workers_that_need_the_same_split_decode_it_once(world, tmp_path, monkeypatch):
     """The second waits for the first's file (a lock beside it) instead of decoding the split too."""
     held = EvalData(world).slice_stacks("cc-ccii", "train", SLICES, WINDOW)
