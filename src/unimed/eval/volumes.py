@@ -26,8 +26,9 @@ embeddings:
   selects; a model that scores slabs of several slices (tied scores) and feeds one slice per
   selected slab says which with ``selected_slices(volumes) -> (N, k)`` indices, which the task then
   scores instead. On the test volumes of `eval.volume.selection_datasets` that hold a finding,
-  resized to the depth the model reads a volume at (its ``volume_depth``, UniMedI's
-  ``method.volume_shape``; else `eval.volume.selection_slices`), the k selected slices hit when one of them
+  resized to the depth and side the model reads a volume at (its ``volume_depth`` and
+  ``volume_side``, UniMedI's ``method.volume_shape``; else `eval.volume.selection_slices` of
+  ``data.image_size``), the k selected slices hit when one of them
   holds a finding of the volume (per finding class: that finding), beside the exact hit rate of k
   random slices and
   the per-volume gain over it, with bootstrap intervals over the volumes. Where findings span
