@@ -414,8 +414,8 @@ class VolumeFinetuneConfig:
     From the paper (appendix 7.2): AdamW, 100 % of the training labels (`fractions`), random flips
     of the training volumes (`flip`: left-right), batch 8, 50 / 100 epochs. Forced by the CPU:
     `slices` axial slices per volume (what the slice-wise adapter encodes, like
-    ``eval.volume.slices``; a native 3D model reads its own depth and side, ``Encoder.volume_slices``
-    and ``Encoder.volume_side``), batch 4,
+    ``eval.volume.slices``; a native 3D model reads its own depth and side,
+    ``Encoder.volume_slices`` and ``Encoder.volume_side``), batch 4,
     `epochs` / `patience`. The test split is scored with the state of best validation metric
     (validation loss where the metric is undefined there), ties broken by the lower validation
     loss. `min_train_volumes` floors a fraction below 1. Under "last" a slice-wise (2D) encoder's

@@ -392,11 +392,12 @@ class EvalData:
         return _spilled(path)
 
     def _read_stacks(self, dataset: str, split: str, slices: int, window: tuple[float, float],
-                     side: int, pieces: Sequence[list[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """(indices, (n, slices, 1, S, S) stacks in their order, S = `side`) per piece of `pieces`, ascending
-        indices into `records(dataset, split)`; each volume is read once, on the decoding threads,
-        for all its records in the piece. The volumes' own depths are noted for
-        :meth:`native_depths` once every piece is read."""
+                     side: int, pieces: Sequence[list[int]]
+                     ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(indices, (n, slices, 1, S, S) stacks in their order, S = `side`) per piece of
+        `pieces`, ascending indices into `records(dataset, split)`; each volume is read once, on
+        the decoding threads, for all its records in the piece. The volumes' own depths are noted
+        for :meth:`native_depths` once every piece is read."""
         records = self._volume_records(dataset, split)
         depths = [0] * len(records)
 
