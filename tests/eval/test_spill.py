@@ -102,7 +102,7 @@ def test_stacks_larger_than_half_the_memory_are_mapped_from_one_file_written_onc
 
 
 def test_stacks_at_another_side_spill_to_a_file_of_their_own(world, tmp_path, monkeypatch):
-    """A native 3D model's stacks (its own side, ``Encoder.volume_side``) and the adapter's
+    """A native 3D model's stacks (its own side, ``Encoder.volume_grid``) and the adapter's
     stacks of the same split and depth are two files, each read back at its own side."""
     side = IMAGE_SIZE // 2
     held = EvalData(world).slice_stacks("cc-ccii", "train", SLICES, WINDOW)

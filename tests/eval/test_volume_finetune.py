@@ -263,7 +263,7 @@ def test_a_native_3d_model_is_fine_tuned_through_its_own_volume_path():
             raise AssertionError("a native 3D model is not read slice by slice")
 
     encoder = Encoder("native", "Native", Native(), tokenizer=None)
-    assert encoder.volume_slices(2) == 2  # a model without volume_depth reads the adapter's slices
+    assert encoder.volume_grid(2, IMAGE_SIZE) == (2, IMAGE_SIZE)  # no volume_depth / volume_side: the adapter's
     fitted = volume_finetune.fine_tune(encoder, easy_split(12, 0), easy_split(6, 1), CCII,
                                        config(trainable="all", epochs=2), seed=0)
     assert fitted.trained_parameters == 4 + 4 + 3 * 4 + 3

@@ -94,7 +94,7 @@ def test_a_native_3d_model_reads_volumes_as_its_pre_training_did(ct_context):
     UniMedI's pre-training loader (:func:`load_volume_slices`), not a 64-px stack resized again."""
     window = (-1000.0, 400.0)
     encoder = Encoder("native", "Native", NativeGrid(), tokenizer=None)
-    assert (encoder.volume_slices(4), encoder.volume_side(IMAGE_SIZE)) == (8, 16)
+    assert encoder.volume_grid(4, IMAGE_SIZE) == (8, 16)
     pooled = ct_context.features.volumes(encoder, ct_context.data, "cc-ccii", "test", space="pooled",
                                          slices=4, window=window, batch_size=16)
     [seen] = encoder.model.seen

@@ -294,8 +294,8 @@ class VolumeConfig:
     ground truth (``phantom_findings.csv``). In `selection_datasets` a native 3D model's attentive
     slice selection (UniMedI: the k slices its ``slice_attention`` scores highest) is scored
     against the same ground truth, on test volumes resized to the depth the model reads a volume at
-    (``Encoder.volume_slices``: UniMedI's ``method.volume_shape``, 16 in the demo, 32 in the paper
-    preset; in-plane its side, ``Encoder.volume_side``), or to `selection_slices` axial slices for
+    (``Encoder.volume_grid``: UniMedI's ``method.volume_shape``, 16 in the demo, 32 in the paper
+    preset, in-plane its side too), or to `selection_slices` axial slices for
     a model that does not say. A native 3D model reads every volume at its own depth and side, in
     one resize of the stored volume, as its pre-training did.
     """
@@ -415,7 +415,7 @@ class VolumeFinetuneConfig:
     of the training volumes (`flip`: left-right), batch 8, 50 / 100 epochs. Forced by the CPU:
     `slices` axial slices per volume (what the slice-wise adapter encodes, like
     ``eval.volume.slices``; a native 3D model reads its own depth and side,
-    ``Encoder.volume_slices`` and ``Encoder.volume_side``), batch 4,
+    ``Encoder.volume_grid``), batch 4,
     `epochs` / `patience`. The test split is scored with the state of best validation metric
     (validation loss where the metric is undefined there), ties broken by the lower validation
     loss. `min_train_volumes` floors a fraction below 1. Under "last" a slice-wise (2D) encoder's

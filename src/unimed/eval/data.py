@@ -271,7 +271,7 @@ class EvalData:
                      side: int | None = None) -> torch.Tensor:
         """(N, slices, 1, S, S) axial slices of the volumes of `records(dataset, split)`
         (:func:`unimed.data.volumes.axial_slices`; of its cube, for a record with a `crop`), S =
-        `side` (default ``image_size``; a native 3D model's own, :meth:`Encoder.volume_side`), read
+        `side` (default ``image_size``; a native 3D model's own, :meth:`Encoder.volume_grid`), read
         on the decoding threads and cached. Records of one volume (the candidates of a series) are
         read from one reading of it. Stacks taking more than half the memory available are
         memory-mapped from ``spill_dir`` (:meth:`_spill_stacks`) where there is one; else an

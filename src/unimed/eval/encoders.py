@@ -99,20 +99,16 @@ class Encoder:
             projected.append(self.model.project_text(feats).float().cpu())
         return _spaces(pooled, projected)
 
-    def volume_slices(self, adapter_slices: int) -> int:
-        """How many axial slices this encoder reads a volume at: a native 3D model's own depth (its
-        ``volume_depth``, UniMedI's ``method.volume_shape``, the depth its pre-training read), so it
-        is evaluated on what it learnt from, else `adapter_slices` (the slice-wise adapter's)."""
+    def volume_grid(self, adapter_slices: int, adapter_side: int) -> tuple[int, int]:
+        """(slices, side): how many axial slices of how many pixels square this encoder reads a
+        volume at. A native 3D model's own (its ``volume_depth`` and ``volume_side``, UniMedI's
+        ``method.volume_shape``: what its pre-training read the stored volume at, in one resize),
+        so it is evaluated on what it learnt from; else the slice-wise adapter's `adapter_slices`
+        of `adapter_side` (the 2D images' ``data.image_size``)."""
         depth = getattr(self.model, "volume_depth", None)
-        return adapter_slices if depth is None else int(depth)
-
-    def volume_side(self, adapter_side: int) -> int:
-        """The side in pixels of the axial slices this encoder reads a volume at: a native 3D
-        model's own (its ``volume_side``, UniMedI's ``method.volume_shape`` in-plane, what its
-        pre-training read the stored volume at in one resize), else `adapter_side` (the 2D
-        images' ``data.image_size``, the slice-wise adapter's)."""
         side = getattr(self.model, "volume_side", None)
-        return adapter_side if side is None else int(side)
+        return (adapter_slices if depth is None else int(depth),
+                adapter_side if side is None else int(side))
 
     @torch.no_grad()
     def volume_spaces(self, volumes: torch.Tensor, *, batch_size: int = 64

@@ -98,11 +98,11 @@ class FeatureCache:
                 slices: int, window: tuple[float, float], batch_size: int) -> torch.Tensor:
         """(N, D) embeddings of the volumes of `dataset`/`split`: a native 3D encoder's own
         (:meth:`Encoder.volume_spaces`, the volumes read at its own depth,
-        :meth:`Encoder.volume_slices`), else through the slice-wise adapter: pooled = the mean of
+        :meth:`Encoder.volume_grid`), else through the slice-wise adapter: pooled = the mean of
         the slices' pooled features, projected = P_v of that mean. A split too large to hold
         streams (:meth:`EvalData.stack_pieces`): only its embeddings are kept."""
         _check_space(space)
-        slices, side = encoder.volume_slices(slices), encoder.volume_side(data.image_size)
+        slices, side = encoder.volume_grid(slices, data.image_size)
         key = (encoder.name, dataset, split, slices, tuple(window), side)
         spaces = self._volumes.get(key)
         if spaces is None:

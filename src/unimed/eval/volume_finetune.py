@@ -520,10 +520,9 @@ def fine_tune(encoder: Encoder, train: Split, valid: Split, target: ProbeTarget,
 
 def split_data(encoder: Encoder, ctx: TaskContext, dataset: str, target: ProbeTarget,
                splits: tuple[str, ...] = SPLITS) -> dict[str, Split]:
-    """Slice stacks (at the encoder's :meth:`~Encoder.volume_slices` and
-    :meth:`~Encoder.volume_side`) and targets of each of the `splits` of `dataset`."""
-    slices = encoder.volume_slices(ctx.cfg.volume_finetune.slices)
-    side = encoder.volume_side(ctx.data.image_size)
+    """Slice stacks (at the encoder's :meth:`~Encoder.volume_grid`) and targets of each of the
+    `splits` of `dataset`."""
+    slices, side = encoder.volume_grid(ctx.cfg.volume_finetune.slices, ctx.data.image_size)
     return {s: (ctx.data.slice_stacks(dataset, s, slices, ctx.cfg.volume.window, side),
                 targets(ctx.data.require(dataset, s), target, dataset)) for s in splits}
 

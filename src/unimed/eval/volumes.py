@@ -404,12 +404,11 @@ def finding_rates(top: list[set[int]], held: list[dict[str, set[int]]], slices: 
 def select(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
     """The slices the model selects on the test volumes of `dataset` that hold a finding, against
     k random slices and against the position prior, all at the depth the model reads a volume at
-    (:meth:`Encoder.volume_slices`; ``eval.volume.selection_slices`` for a model that does not say):
+    (:meth:`Encoder.volume_grid`; ``eval.volume.selection_slices`` for a model that does not say):
     a selected slice is the one the model saw, and the ground truth names what that slice holds."""
-    slices = encoder.volume_slices(ctx.cfg.volume.selection_slices)
+    slices, side = encoder.volume_grid(ctx.cfg.volume.selection_slices, ctx.data.image_size)
     truth = finding_slices(ctx, dataset, "slice_selection")
-    stacks = ctx.data.slice_stacks(dataset, "test", slices, ctx.cfg.volume.window,
-                                   encoder.volume_side(ctx.data.image_size))  # (N, D, 1, S, S)
+    stacks = ctx.data.slice_stacks(dataset, "test", slices, ctx.cfg.volume.window, side)  # (N, D, 1, S, S)
     held = held_by_volume(ctx, dataset, "test", truth, slices)  # depths noted while the stacks were read
     if not held:
         return {"skipped": "no test volume has a finding"}
