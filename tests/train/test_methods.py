@@ -55,7 +55,8 @@ TINY_METHODS = {
 }
 # Further configs of a registered method, run through the same forward and optimizer-step checks:
 # UniMedI on the hybrid ViT whose tokenizer is Lite0's frozen ImageNet stages, the image-text loss
-# on the full student view (the demo's preset);
+# on the full student view (the demo's preset), with the paper's tubelet T_3D and with the hybrid
+# T_3D (that frozen CNN on every slice);
 # Med-UniC and UniMedI reading their frozen text layers' output from the cache after the first
 # epoch (the demo's setting; these also resume on the same loss curve).
 CACHED = {
@@ -69,9 +70,12 @@ VARIANTS = {
         mean=(0.5,) * 3, std=(0.5,) * 3), vl_view="full"),
     **{f"{name}-cached": cfg for name, cfg in CACHED.items()},
 }
+VARIANTS["unimedi-hybrid3d"] = dataclasses.replace(
+    VARIANTS["unimedi-hybrid"], volume_tokenizer="hybrid", volume_shape=(4, 32, 32),
+    volume_patch=(2, 32, 32))
 CONFIGS = {**TINY_METHODS, **VARIANTS}
 # Configs whose data include the CT volume-report pairs.
-READS_VOLUMES = {"unimedi", "unimedi-hybrid", "unimedi-cached"}
+READS_VOLUMES = {"unimedi", "unimedi-hybrid", "unimedi-hybrid3d", "unimedi-cached"}
 # Parameters an optimizer step moves without a gradient: UniMedI's EMA teacher follows its student.
 EMA_STUDENTS = {"teacher.": "model.visual.", "teacher_head.": "head.",
                 "teacher_patch_head.": "patch_head."}
@@ -165,11 +169,12 @@ def test_training_fills_the_text_cache_and_evaluation_leaves_it(name, world, tmp
     assert len(cache) == len(reports)
 
 
-def test_unimedi_runs_its_frozen_tokenizer_once_per_batch(world, monkeypatch):
+@pytest.mark.parametrize(("name", "ct_inputs"), [("unimedi-hybrid", 1), ("unimedi-hybrid3d", 2)])
+def test_unimedi_runs_its_frozen_tokenizer_once_per_batch(name, ct_inputs, world, monkeypatch):
     """The hybrid tokenizer's frozen CNN encodes a batch once for the teacher and both student
-    views (X-rays, and a CT batch's selected slices), and the losses are those of running it for
-    each."""
-    method, loaders = _build("unimedi-hybrid", world)
+    views (X-rays, and a CT batch's selected slices; with the hybrid T_3D also the volume's slices,
+    for the selection pass too), and the losses are those of running it for each."""
+    method, loaders = _build(name, world)
     stage = method.stages(tiny_cfg())[0]
     method.start_stage(stage)
     batches = {name: next(iter(loader)) for name, loader in loaders.items()}
@@ -187,11 +192,13 @@ def test_unimedi_runs_its_frozen_tokenizer_once_per_batch(world, monkeypatch):
                 for name, batch in batches.items()}
 
     shared = losses()
-    assert len(calls) == 2  # one X-ray batch, one CT batch
+    assert len(calls) == 1 + ct_inputs  # the X-ray batch; the CT batch's slices (and volume)
     monkeypatch.setattr(unimed.methods.unimedi, "shared_trunk_outputs",
                         lambda *modules: contextlib.nullcontext())
     separate = losses()
-    assert len(calls) == 2 + 6  # teacher, masked student, full student view: three runs each
+    # teacher, masked student, full student view: three runs of each input, and the hybrid T_3D's
+    # selection pass
+    assert len(calls) == 1 + ct_inputs + 3 * (1 + ct_inputs) + (ct_inputs - 1)
     for name in batches:
         for term, value in separate[name].items():
             assert torch.equal(shared[name][term], value), (name, term)

@@ -97,26 +97,36 @@ HYBRID_PRESETS: dict[str, HybridPreset] = {
 class HybridTrunk(nn.Sequential):
     """The CNN part of a hybrid ViT's patch embedding (frozen by :func:`create_image_encoder`).
 
-    Inside :func:`shared_trunk_outputs` a trunk called on a tensor that it, or another trunk of the
+    Inside :func:`shared_trunk_outputs` a trunk called on an input that it, or another trunk of the
     same context, has already encoded returns that output rather than running again: UniMedI
     tokenizes each batch for its EMA teacher, its masked student and its full student view, and the
-    three frozen trunks are one function. Outside the context it is a plain ``nn.Sequential``
-    (same state-dict names)."""
+    three frozen trunks are one function. An input is the same when it is the same memory in the
+    same layout (:func:`_input_key`: a view made again of the same tensor, as a hybrid T_3D makes
+    of each volume, is the same input). Outside the context it is a plain ``nn.Sequential`` (same
+    state-dict names)."""
 
     def __init__(self, *modules: nn.Module) -> None:
         super().__init__(*modules)
-        self.shared_outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.shared_outputs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_outputs
         if shared is None or x.requires_grad:
             return super().forward(x)
-        hit = shared.get(id(x))
-        if hit is not None and hit[0] is x:  # the entry keeps x alive, so its id is not reused
+        key = _input_key(x)
+        hit = shared.get(key)
+        if hit is not None:  # the entry keeps its input alive, so its memory is not reused
             return hit[1]
         out = super().forward(x)
-        shared[id(x)] = (x, out)
+        shared[key] = (x, out)
         return out
+
+
+def _input_key(x: torch.Tensor) -> tuple:
+    """What makes two tensors the same input: their memory, layout, type and version counter
+    (shared by a tensor and its views, bumped by every in-place change)."""
+    return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(),
+            x.dtype, x._version)
 
 
 def _same_frozen_function(trunks: list[HybridTrunk]) -> bool:
@@ -140,7 +150,7 @@ def shared_trunk_outputs(*modules: nn.Module | None) -> Iterator[None]:
     if not trunks or not _same_frozen_function(trunks):
         yield
         return
-    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for trunk in trunks:
         trunk.shared_outputs = shared
     try:

@@ -8,9 +8,10 @@ vector of the masked student. It also behaves as the timm backbone the 2D evalua
 
 Token order of a CT sample: ``[CLS] | T_3D(volume) | T_2D(slice_1) | ... | T_2D(slice_k)``; the 3D
 tokens are Conv3d + ``flatten(2)`` in (depth, rows, columns) order, so token j belongs to slab
-j // (rows x columns). Attention for eq. 1 is the [CLS] query's softmax over the keys, averaged
-over layers and heads (recomputed beside each block from its own q/k projections: timm's fused
-attention does not return weights).
+j // (rows x columns). T_3D's Conv3d reads the voxels (the paper's tubelets) or, with a hybrid ViT,
+the maps its frozen CNN (T_2D's trunk) makes of every axial slice. Attention for eq. 1 is the [CLS]
+query's softmax over the keys, averaged over layers and heads (recomputed beside each block from
+its own q/k projections: timm's fused attention does not return weights).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from torch import nn
 from transformers import BertModel
 
 from unimed.data.resize import resize_volume
+from unimed.errors import ConfigError
 from unimed.models.heads import ProjectionHead
+from unimed.models.image import shared_trunk_outputs
 from unimed.models.text import pool_text, text_cache
 from unimed.models.unimedi_config import UniMedIConfig
 from unimed.models.unimedi_ops import slab_to_slices, slice_scores, top_k_slices
@@ -76,11 +79,28 @@ def slice_images(volume: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
     return volume[:, 0][rows, slices].flatten(0, 1)[:, None].expand(-1, 3, -1, -1)
 
 
+def hybrid_trunk_channels(vit: nn.Module, volume_patch: Sequence[int]) -> int:
+    """The channels of a hybrid ViT's frozen CNN (T_2D's ``HybridEmbed``), which a hybrid T_3D runs
+    on every slice; a ConfigError when `vit` is not hybrid or `volume_patch`'s in-plane size is not
+    the CNN's stride (one T_3D token per cell of its map)."""
+    embed = vit.patch_embed
+    if not isinstance(getattr(embed, "backbone", None), nn.Module):
+        raise ConfigError("method.volume_tokenizer=hybrid runs T_2D's CNN on every slice: "
+                          "method.image.encoder must be a hybrid ViT preset (a CNN trunk and a "
+                          "1x1 projection)")
+    stride = tuple(int(r) for r in embed.feature_ratio)
+    if tuple(volume_patch[1:]) != stride:
+        raise ConfigError(f"method.volume_patch {list(volume_patch)}: with "
+                          "method.volume_tokenizer=hybrid its rows and columns must be the CNN's "
+                          f"stride {list(stride)}")
+    return int(embed.feature_dim)
+
+
 class UniMedIVision(nn.Module):
     """E_v: the shared ViT with its 2D and 3D tokenizers (see the module docstring)."""
 
-    def __init__(self, vit: nn.Module, volume_shape: Sequence[int], volume_patch: Sequence[int]
-                 ) -> None:
+    def __init__(self, vit: nn.Module, volume_shape: Sequence[int], volume_patch: Sequence[int],
+                 volume_tokenizer: str = "tubelet") -> None:
         super().__init__()
         if getattr(vit, "cls_token", None) is None or getattr(vit, "no_embed_class", True):
             raise ValueError("UniMedI needs a ViT with a [CLS] token whose position embedding "
@@ -89,8 +109,13 @@ class UniMedIVision(nn.Module):
         width = int(vit.embed_dim)
         self.volume_patch = tuple(int(p) for p in volume_patch)
         self.volume_grid = tuple(int(s) // p for s, p in zip(volume_shape, self.volume_patch))
-        self.volume_embed = nn.Conv3d(1, width, kernel_size=self.volume_patch,
-                                      stride=self.volume_patch)
+        self.hybrid_volume = volume_tokenizer == "hybrid"
+        if self.hybrid_volume:
+            channels = hybrid_trunk_channels(vit, self.volume_patch)
+            kernel = (self.volume_patch[0], 1, 1)
+        else:
+            channels, kernel = 1, self.volume_patch
+        self.volume_embed = nn.Conv3d(channels, width, kernel_size=kernel, stride=kernel)
         self.volume_pos = nn.Parameter(torch.zeros(1, math.prod(self.volume_grid), width))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         trunc_normal_(self.volume_pos, std=0.02)
@@ -124,10 +149,21 @@ class UniMedIVision(nn.Module):
                                      old_size=vit.patch_embed.grid_size, num_prefix_tokens=0)
         return x + pos
 
+    def embed_3d(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) normalised volumes -> (B, width, d, h, w) T_3D's map: the Conv3d over the
+        voxels, or (hybrid) over each slab's slices of the frozen CNN's per-slice feature maps."""
+        if not self.hybrid_volume:
+            return self.volume_embed(volumes)
+        batch, _, depth = volumes.shape[:3]
+        slices = volumes.flatten(0, 2)[:, None].expand(-1, 3, -1, -1)  # grey -> T_2D's 3 channels
+        maps = self.vit.patch_embed.backbone(slices)  # (B x D, C, h, w)
+        maps = maps.view(batch, depth, *maps.shape[1:]).transpose(1, 2)
+        return self.volume_embed(maps)
+
     def tokens_3d(self, volumes: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, D, H, W) normalised volumes -> (B, P, width) T_3D tokens in (d, h, w) order with
         3D positions (trilinearly resampled when the grid differs)."""
-        x = self.volume_embed(volumes)  # (B, C, d, h, w)
+        x = self.embed_3d(volumes)  # (B, C, d, h, w)
         grid = tuple(x.shape[2:])
         x = self._masked(x.flatten(2).transpose(1, 2), mask)
         pos = self.volume_pos
@@ -137,6 +173,14 @@ class UniMedIVision(nn.Module):
             pos = pos.flatten(2).transpose(1, 2)
         return x + pos
 
+    def volume_tokens(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """The (d, h, w) grid of T_3D's tokens for a volume of spatial `shape` (D, H, W): a hybrid's
+        CNN rounds a map's size up ('same' padding), the tubelet Conv3d down."""
+        depth = int(shape[0]) // self.volume_patch[0]
+        if self.hybrid_volume:
+            return depth, *(-(-int(s) // p) for s, p in zip(shape[1:], self.volume_patch[1:]))
+        return depth, *(int(s) // p for s, p in zip(shape[1:], self.volume_patch[1:]))
+
     def ct_tokens(self, volume: torch.Tensor, slices: torch.Tensor,
                   mask: torch.Tensor | None = None,
                   slice_pixels: torch.Tensor | None = None) -> Tokens:
@@ -144,7 +188,7 @@ class UniMedIVision(nn.Module):
         tokens (B, k x N, width); `mask` (B, P + k x N) True rows become [MASK]. `slice_pixels`:
         :func:`slice_images` of `volume` and `slices` when the caller already has them."""
         batch, k = slices.shape
-        volume_tokens = math.prod(s // p for s, p in zip(volume.shape[2:], self.volume_patch))
+        volume_tokens = math.prod(self.volume_tokens(volume.shape[2:]))
         masks = (None, None) if mask is None else (
             mask[:, :volume_tokens], mask[:, volume_tokens:].reshape(batch * k, -1))
         pixels = slice_images(volume, slices) if slice_pixels is None else slice_pixels
@@ -200,7 +244,7 @@ class UniMedIVision(nn.Module):
         """(B, 1, D, H, W) normalised volumes -> the 3D token maps (B, width, d, h, w) after the
         blocks `indices`, [CLS] + T_3D tokens only (the dense 3D tasks' input)."""
         x = self.prefixed([self.tokens_3d(volumes)])
-        grid = (x.shape[0], -1, *[s // p for s, p in zip(volumes.shape[2:], self.volume_patch)])
+        grid = (x.shape[0], -1, *self.volume_tokens(volumes.shape[2:]))
         maps = []
         for i, block in enumerate(self.vit.blocks):
             x = block(x)
@@ -220,7 +264,7 @@ class UniMedI(nn.Module):
     def __init__(self, cfg: UniMedIConfig, vit: nn.Module, text_encoder: BertModel) -> None:
         super().__init__()
         self.cfg = cfg
-        self.visual = UniMedIVision(vit, cfg.volume_shape, cfg.volume_patch)
+        self.visual = UniMedIVision(vit, cfg.volume_shape, cfg.volume_patch, cfg.volume_tokenizer)
         self.text = text_encoder
         self.text_cache = text_cache(cfg.text.cache_frozen, text_encoder)
         mean, std = cfg.image.mean or (0.5,) * 3, cfg.image.std or (0.5,) * 3
@@ -373,13 +417,14 @@ class UniMedI(nn.Module):
         its selected slices (:meth:`ct_trunk`'s, or a record of them), and only the later
         blocks run."""
         volume = self.preprocess_volume(self.volume_input(stacks))
-        slices = self.select_slices(self.volume_attention(volume, trunk))
-        if ct_trunk is None:
-            out, _ = self.visual.encode(self.visual.ct_tokens(volume, slices))
-        else:
-            x, _ = self.visual.run_blocks(ct_trunk(volume, slices),
-                                          self.visual.vit.blocks[trunk.blocks :], None)
-            out = self.visual.vit.norm(x)
+        with shared_trunk_outputs(self.visual):  # a hybrid T_3D's CNN reads the volume once
+            slices = self.select_slices(self.volume_attention(volume, trunk))
+            if ct_trunk is None:
+                out, _ = self.visual.encode(self.visual.ct_tokens(volume, slices))
+            else:
+                x, _ = self.visual.run_blocks(ct_trunk(volume, slices),
+                                              self.visual.vit.blocks[trunk.blocks :], None)
+                out = self.visual.vit.norm(x)
         return out[:, 0]
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ MASKINGS = ("attentive", "random")
 MASK_RANKINGS = ("per_group", "joint")
 PATCH_LOSS_TOKENS = ("masked", "all")
 VL_VIEWS = ("masked", "full")
+VOLUME_TOKENIZERS = ("tubelet", "hybrid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +28,13 @@ class UniMedIConfig:
     """The UniMedI model and objective.
 
     Vision: a ViT preset of ``unimed.models.image`` (`image.encoder`; paper ViT-B/16, randomly
-    initialised unless `image.weights`) whose 2D patch embedding is T_2D, plus a Conv3d tokenizer
-    T_3D with `volume_patch` (depth, rows, columns) over volumes of `volume_shape` (paper
-    32x128x128, spec default patch 4x16x16), each with its own position embeddings, one [CLS].
+    initialised unless `image.weights`) whose 2D patch embedding is T_2D, plus a tokenizer T_3D
+    with `volume_patch` (depth, rows, columns) over volumes of `volume_shape` (paper 32x128x128,
+    spec default patch 4x16x16), each with its own position embeddings, one [CLS]. T_3D
+    (`volume_tokenizer`) is a Conv3d over the voxels ("tubelet", the paper's), or ("hybrid", for a
+    hybrid ViT whose T_2D is a frozen CNN and a 1x1 projection) that frozen CNN on every axial
+    slice and a learned Conv3d over each slab's `volume_patch[0]` slices of its feature maps; the
+    in-plane patch is then the CNN's stride.
     X-rays come at ``data.image_size``. A CT sample is ``[CLS] | T_3D(volume) | T_2D(slice_1) | ... |
     T_2D(slice_k)``, the `selected_slices` slices (k) fed at the volume's in-plane size.
     Text: the framework's BERT (cross-lingual tokenizer), pooled per `text.pooling`.
@@ -42,6 +47,7 @@ class UniMedIConfig:
                                             num_heads=12, intermediate_size=3072)
     volume_shape: tuple[int, int, int] = (32, 128, 128)
     volume_patch: tuple[int, int, int] = (4, 16, 16)
+    volume_tokenizer: str = "tubelet"  # T_3D: Conv3d over voxels, or "hybrid": T_2D's CNN per slice
     volume_batch_size: int = 16  # CT batch per rank (the X-ray batch is train.batch_size)
     volume_window: tuple[float, float] = (-1000.0, 400.0)  # HU -> [0, 1]; not stated in the paper
     # Projectors as MGCA's GlobalEmbedding: Linear-BN-ReLU-Linear-BN(affine=False).
@@ -84,7 +90,8 @@ class UniMedIConfig:
                            ("attention_softmax", ATTENTION_SOFTMAX),
                            ("selection_network", SELECTION_NETWORKS), ("masking", MASKINGS),
                            ("mask_ranking", MASK_RANKINGS),
-                           ("patch_loss_tokens", PATCH_LOSS_TOKENS), ("vl_view", VL_VIEWS)):
+                           ("patch_loss_tokens", PATCH_LOSS_TOKENS), ("vl_view", VL_VIEWS),
+                           ("volume_tokenizer", VOLUME_TOKENIZERS)):
             if getattr(self, key) not in valid:
                 raise ValueError(f"method.{key} must be one of {', '.join(valid)}, "
                                  f"got {getattr(self, key)!r}")
