@@ -9,6 +9,10 @@ seed it prints the last losses and, on the validation splits of the pre-training
   PadChest valid (the PDC classes), positive vs negative prompt as in the evaluation protocol;
 * within-language image->report retrieval: the true report's median rank among the reports of the
   same language (chance: half their number) and R@5;
+* for a model with an attentive slice selection (UniMedI), the share of the volumes with a finding
+  where one of its selected slices holds it, beside k random slices' exact rate
+  (``eval.volume.selection_datasets``, the slice_selection task), on the validation split and on
+  the training split (pre-training reads those volumes, never their slice ground truth);
 * a diagnostic that is not the evaluation protocol: Spanish zero-shot with the negative prompt in the
   phrasing the phantom's Spanish reports use ("no se observa {disease}") instead of the protocol's
   "No hay {disease}", which those reports never contain. The gap between the two says how much of
@@ -30,7 +34,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import tempfile
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -48,6 +55,8 @@ from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import build_encoder
 from unimed.eval.metrics import auc_or_none, macro, per_class_auc
 from unimed.eval.prompts import corpus_stemming, load_prompts
+from unimed.eval.tasks import TaskContext
+from unimed.eval.volumes import SELECTION_INTERFACE, select
 from unimed.eval.zero_shot import prompt_scores
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
@@ -146,15 +155,31 @@ def retrieval_valid(encoder, data: EvalData, scored: dict[str, ValidSet]) -> dic
             "R@5": float(np.mean(np.concatenate(hits)))}
 
 
+def selection_rates(encoder, data: EvalData, cfg: EvalConfig) -> str:
+    """"hit / random" % of the attentive selection on the validation volumes, then on the training
+    volumes (more of them; pre-training never sees the slice ground truth), of each selection
+    dataset; "-" for a model without one."""
+    if not any(callable(getattr(encoder.model, name, None)) for name in SELECTION_INTERFACE):
+        return "-"
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = TaskContext(data, cfg, Path(tmp))
+        results = [select(encoder, ctx, dataset, split=split)
+                   for dataset in cfg.volume.selection_datasets for split in (SPLIT, "train")]
+    return ", ".join(f"{100 * r['hit_rate']:.1f} / {100 * r['random']:.1f}" if "hit_rate" in r else "-"
+                     for r in results)
+
+
 def parse_row(text: str) -> tuple[str, list[str]]:
+    """"NAME:key=value,key=[a,b]" -> (NAME, ["key=value", "key=[a,b]"]): commas inside brackets
+    belong to a list value."""
     name, _, overrides = text.partition(":")
-    return name, [o for o in overrides.split(",") if o]
+    return name, [o for o in re.split(r",(?![^\[]*\])", overrides) if o]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="preset the rows override (not with --checkpoint)")
-    parser.add_argument("--row", action="append", default=[], help="NAME:key=value,key=value")
+    parser.add_argument("--row", action="append", default=[], help="NAME:key=value,key=[a,b]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--text-encoder", default="runs/demo/mlm")
     parser.add_argument("--output-dir", default="runs/levers")
@@ -204,7 +229,7 @@ def main() -> None:
 
 
 HEADER = ["row", "seed", "cvl", "ssv", "grad norm", "MIMIC En", "MIMIC Sp", "MIMIC Sp*", "PadChest En",
-          "PadChest Sp", "PadChest Sp*", "median rank %", "R@5 %", "train s"]
+          "PadChest Sp", "PadChest Sp*", "median rank %", "R@5 %", "selection / random %, valid, train", "train s"]
 PER_CLASS_HEADER = ["dataset", "class", "positives train / valid", "probe", "En", "Sp", "Sp*"]
 
 
@@ -223,7 +248,8 @@ def _row(name, seed, encoder, data, cfg, history, seconds, per_class) -> list[st
     ret = retrieval_valid(encoder, data, scored)
     cells = [f"{100 * v:.1f}" if v is not None else "-" for v in zs.values()]
     return [name, str(seed), mean("cvl_loss"), mean("ssv_loss"), mean("grad_norm"), *cells,
-            f"{100 * ret['median rank']:.1f}", f"{100 * ret['R@5']:.1f}", f"{seconds:.0f}"]
+            f"{100 * ret['median rank']:.1f}", f"{100 * ret['R@5']:.1f}",
+            selection_rates(encoder, data, cfg.eval), f"{seconds:.0f}"]
 
 
 if __name__ == "__main__":

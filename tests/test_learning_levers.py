@@ -53,3 +53,9 @@ def test_a_checkpoint_takes_no_rows(levers, monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit):
         levers.main()
     assert "--checkpoint scores that run only" in capsys.readouterr().err
+
+
+def test_a_row_keeps_the_commas_of_a_list_value(levers) -> None:
+    assert levers.parse_row("h3d:method.volume_shape=[16,96,96],train.epochs=1,a.b=[1, 2]") == (
+        "h3d", ["method.volume_shape=[16,96,96]", "train.epochs=1", "a.b=[1, 2]"])
+    assert levers.parse_row("base:") == ("base", [])

@@ -68,7 +68,7 @@ class HandMadeData:
         return stacks
 
     def native_depths(self, dataset: str, split: str) -> list[int]:
-        return [depth for _, depth, _, _ in VOLUMES] if split == "test" else [DEPTH] * len(TRAINING)
+        return [DEPTH] * len(TRAINING) if split == "train" else [depth for _, depth, _, _ in VOLUMES]
 
 
 class Bright(torch.nn.Module):
@@ -126,6 +126,16 @@ def test_hit_rate_and_random_rate_match_the_hand_count(selection_ctx):
         "pleural_effusion": {"volumes": 1, "hit_rate": 1.0, "random": pytest.approx(22 / 28)},  # 4 of 8
         "pneumothorax": {"volumes": 1, "hit_rate": 1.0, "random": pytest.approx(7 / 28)},
     }
+
+
+def test_selection_scores_the_split_it_is_given(selection_ctx):
+    """benchmarks/learning_levers.py scores the selection on the validation volumes: the same
+    volumes moved to "valid" score there as they did under "test"."""
+    encoder = Encoder("uni", "UniMedI", Bright(k=2), None)
+    splits = selection_ctx.data.splits
+    splits["valid"] = [dataclasses.replace(r, split="valid") for r in splits.pop("test")]
+    result = volumes.select(encoder, selection_ctx, DATASET, split="valid")
+    assert (result["volumes"], result["hit_rate"]) == (3, pytest.approx(2 / 3))
 
 
 def test_a_model_that_selects_the_wrong_slices_scores_lower(selection_ctx):

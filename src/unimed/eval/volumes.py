@@ -401,23 +401,23 @@ def finding_rates(top: list[set[int]], held: list[dict[str, set[int]]], slices: 
     return out
 
 
-def select(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
-    """The slices the model selects on the test volumes of `dataset` that hold a finding, against
+def select(encoder: Encoder, ctx: TaskContext, dataset: str, split: str = "test") -> dict[str, Any]:
+    """The slices the model selects on the `split` volumes of `dataset` that hold a finding, against
     k random slices and against the position prior, all at the depth the model reads a volume at
     (:meth:`Encoder.volume_grid`; ``eval.volume.selection_slices`` for a model that does not say):
     a selected slice is the one the model saw, and the ground truth names what that slice holds."""
     slices, side = encoder.volume_grid(ctx.cfg.volume.selection_slices, ctx.data.image_size)
     truth = finding_slices(ctx, dataset, "slice_selection")
-    stacks = ctx.data.slice_stacks(dataset, "test", slices, ctx.cfg.volume.window, side)  # (N, D, 1, S, S)
-    held = held_by_volume(ctx, dataset, "test", truth, slices)  # depths noted while the stacks were read
+    stacks = ctx.data.slice_stacks(dataset, split, slices, ctx.cfg.volume.window, side)  # (N, D, 1, S, S)
+    held = held_by_volume(ctx, dataset, split, truth, slices)  # depths noted while the stacks were read
     if not held:
-        return {"skipped": "no test volume has a finding"}
+        return {"skipped": f"no {split} volume has a finding"}
     top = model_selection(encoder, stacks, ctx.cfg.batch_size, ctx.cfg.seed, list(held))
     union = [set().union(*found.values()) for found in held.values()]
     hits = np.array([float(bool(t & u)) for t, u in zip(top, union)])
     chance = np.array([random_hit_rate(slices, len(u), len(t)) for t, u in zip(top, union)])
     share = np.array([len(t & u) / len(t) for t, u in zip(top, union)])
-    resamples = ctx.resamples(dataset, "test/selection", len(held))
+    resamples = ctx.resamples(dataset, f"{split}/selection", len(held))
     estimates = {"hit_rate": bootstrap(batched_mean, [hits], resamples),
                  "gain": bootstrap(batched_mean, [hits - chance], resamples),
                  "precision": bootstrap(batched_mean, [share], resamples)}
