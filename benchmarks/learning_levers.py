@@ -56,7 +56,7 @@ from unimed.eval.encoders import build_encoder
 from unimed.eval.metrics import auc_or_none, macro, per_class_auc
 from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.tasks import TaskContext
-from unimed.eval.volumes import SELECTION_INTERFACE, select
+from unimed.eval.volumes import select, selects_slices
 from unimed.eval.zero_shot import prompt_scores
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
@@ -159,7 +159,7 @@ def selection_rates(encoder, data: EvalData, cfg: EvalConfig) -> str:
     """"hit / random" % of the attentive selection on the validation volumes, then on the training
     volumes (more of them; pre-training never sees the slice ground truth), of each selection
     dataset; "-" for a model without one."""
-    if not any(callable(getattr(encoder.model, name, None)) for name in SELECTION_INTERFACE):
+    if not selects_slices(encoder):
         return "-"
     with tempfile.TemporaryDirectory() as tmp:
         ctx = TaskContext(data, cfg, Path(tmp))

@@ -281,6 +281,11 @@ SELECTION_INTERFACE = ("selected_slices", "slice_attention")
 """What a model with attentive slice selection has, either one (see the module docstring)."""
 
 
+def selects_slices(encoder: Encoder) -> bool:
+    """Whether `encoder`'s model has an attentive slice selection (:data:`SELECTION_INTERFACE`)."""
+    return any(callable(getattr(encoder.model, name, None)) for name in SELECTION_INTERFACE)
+
+
 def resampled_slices(held: set[int], depth: int, slices: int) -> set[int]:
     """Which of `slices` axial slices, resized from a volume of `depth` slices, hold one of the
     `held` slices: those whose extent (resized slice j spans the stored slices' [j, j + 1) x depth
@@ -442,7 +447,7 @@ def run_selection(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     "gain", "prior_gain", "precision", "ci", "per_finding": {finding: {"volumes", "hit_rate",
     "random"}}}}, or {"skipped": why} for an encoder whose model has no attentive slice
     selection."""
-    if not any(callable(getattr(encoder.model, name, None)) for name in SELECTION_INTERFACE):
+    if not selects_slices(encoder):
         why = f"{encoder.label} has no attentive slice selection (no slice_attention: a 2D encoder)"
         log.info("slice selection skipped: %s", why)
         return {"skipped": why}
