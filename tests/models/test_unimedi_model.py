@@ -131,7 +131,7 @@ def test_a_hybrid_t3d_projects_each_slabs_cnn_maps():
     visual = model.visual
     volume = model.preprocess_volume(torch.rand(2, 1, 8, 64, 64))
     tokens = visual.tokens_3d(volume)
-    assert tokens.shape == (2, 4 * 2 * 2, 192) and visual.volume_tokens((8, 72, 72)) == (4, 3, 3)
+    assert tokens.shape == (2, 4 * 2 * 2, 192) and visual.token_grid((8, 72, 72)) == (4, 3, 3)
     trunk, conv = visual.vit.patch_embed.backbone, visual.volume_embed
     with torch.no_grad():
         maps = [trunk(volume[:, :, d].expand(-1, 3, -1, -1)) for d in range(8)]  # (2, 320, 2, 2)

@@ -108,8 +108,8 @@ class UniMedIVision(nn.Module):
         self.vit = vit
         width = int(vit.embed_dim)
         self.volume_patch = tuple(int(p) for p in volume_patch)
-        self.volume_grid = tuple(int(s) // p for s, p in zip(volume_shape, self.volume_patch))
         self.hybrid_volume = volume_tokenizer == "hybrid"
+        self.volume_grid = self.token_grid(volume_shape)
         if self.hybrid_volume:
             channels = hybrid_trunk_channels(vit, self.volume_patch)
             kernel = (self.volume_patch[0], 1, 1)
@@ -173,7 +173,7 @@ class UniMedIVision(nn.Module):
             pos = pos.flatten(2).transpose(1, 2)
         return x + pos
 
-    def volume_tokens(self, shape: Sequence[int]) -> tuple[int, int, int]:
+    def token_grid(self, shape: Sequence[int]) -> tuple[int, int, int]:
         """The (d, h, w) grid of T_3D's tokens for a volume of spatial `shape` (D, H, W): a hybrid's
         CNN rounds a map's size up ('same' padding), the tubelet Conv3d down."""
         depth = int(shape[0]) // self.volume_patch[0]
@@ -188,7 +188,7 @@ class UniMedIVision(nn.Module):
         tokens (B, k x N, width); `mask` (B, P + k x N) True rows become [MASK]. `slice_pixels`:
         :func:`slice_images` of `volume` and `slices` when the caller already has them."""
         batch, k = slices.shape
-        volume_tokens = math.prod(self.volume_tokens(volume.shape[2:]))
+        volume_tokens = math.prod(self.token_grid(volume.shape[2:]))
         masks = (None, None) if mask is None else (
             mask[:, :volume_tokens], mask[:, volume_tokens:].reshape(batch * k, -1))
         pixels = slice_images(volume, slices) if slice_pixels is None else slice_pixels
@@ -244,7 +244,7 @@ class UniMedIVision(nn.Module):
         """(B, 1, D, H, W) normalised volumes -> the 3D token maps (B, width, d, h, w) after the
         blocks `indices`, [CLS] + T_3D tokens only (the dense 3D tasks' input)."""
         x = self.prefixed([self.tokens_3d(volumes)])
-        grid = (x.shape[0], -1, *self.volume_tokens(volumes.shape[2:]))
+        grid = (x.shape[0], -1, *self.token_grid(volumes.shape[2:]))
         maps = []
         for i, block in enumerate(self.vit.blocks):
             x = block(x)
