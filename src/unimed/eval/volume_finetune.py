@@ -263,11 +263,13 @@ class FrozenSelection:
     trained one, and everything the passes read before them (the 3D tokenizer, T_2D), are frozen,
     so the selection pass gives a volume the same tokens and attention rows through them in every
     epoch: the model's ``selection_trunk`` records them once per volume (training volumes in both
-    orientations with flips) and ``pooled_volume(stacks, trunk, ...)`` runs only the blocks after
-    them. The second pass's input holds the selected slices, which the trained block's attention
-    picks, so its frozen blocks' tokens (``ct_trunk``) are recorded per volume, orientation and
-    selected slices: an epoch that selects the slices an earlier one did for that volume reads
-    them, one that selects others computes and records them, while ``frozen_cache_gb`` lasts.
+    orientations with flips), with a hybrid T_3D's slice maps (its frozen CNN's, which the CT pass
+    projects again rather than running the CNN), and ``pooled_volume(stacks, trunk, ...)`` runs
+    only the blocks after them. The second pass's input holds the selected slices, which the
+    trained block's attention picks, so its frozen blocks' tokens (``ct_trunk``) are recorded per
+    volume, orientation and selected slices: an epoch that selects the slices an earlier one did
+    for that volume reads them, one that selects others computes and records them, while
+    ``frozen_cache_gb`` lasts.
     :func:`frozen_selection` checks on training volumes that both records reproduce the model's
     features.
     """
@@ -285,8 +287,9 @@ class FrozenSelection:
         ``selection_trunk``, on the CPU."""
         parts = [self.model.model.selection_trunk((chunk.flip(-1) if mirrored else chunk).to(self.device))
                  for chunk in stacks.split(batch_size)]
+        maps = None if parts[0].maps is None else torch.cat([t.maps.cpu() for t in parts])
         return parts[0]._replace(tokens=torch.cat([t.tokens.cpu() for t in parts]),
-                                 attention=torch.cat([t.attention.cpu() for t in parts]))
+                                 attention=torch.cat([t.attention.cpu() for t in parts]), maps=maps)
 
     def second_pass(self, keys: list[tuple[Any, ...]], blocks: int) -> CtTrunk:
         """The second pass's tokens after `blocks` frozen blocks for the volumes `keys` name (one
@@ -294,13 +297,15 @@ class FrozenSelection:
         volume's selected slices were met before, else computed (and recorded)."""
         body = self.model.model
 
-        def tokens(volume: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+        def tokens(volume: torch.Tensor, slices: torch.Tensor, maps: torch.Tensor | None
+                   ) -> torch.Tensor:
             rows = [(*key, *chosen) for key, chosen in zip(keys, slices.tolist())]
             missing = [i for i, row in enumerate(rows) if row not in self.second]
             fresh: dict[tuple[Any, ...], torch.Tensor] = {}
             if missing:
                 index = torch.tensor(missing, device=volume.device)
-                computed = body.ct_trunk(volume[index], slices[index], blocks).cpu()
+                computed = body.ct_trunk(volume[index], slices[index], blocks,
+                                         None if maps is None else maps[index]).cpu()
                 for i, out in zip(missing, computed):
                     fresh[rows[i]] = out
                     if self.used + out.numel() * out.element_size() <= self.budget:
@@ -315,7 +320,8 @@ class FrozenSelection:
                ) -> torch.Tensor:
         """(B, K, 1, S, S) stacks, their trunks and record keys -> (B, classes)."""
         trunk = trunk._replace(tokens=trunk.tokens.to(self.device),
-                               attention=trunk.attention.to(self.device))
+                               attention=trunk.attention.to(self.device),
+                               maps=None if trunk.maps is None else trunk.maps.to(self.device))
         second = self.second_pass(keys, trunk.blocks) if self.budget > 0 else None
         return self.model.head(self.model.model.pooled_volume(stacks.to(self.device), trunk, second))
 
@@ -335,11 +341,14 @@ def pick(trunk: SelectionTrunk, index: torch.Tensor | slice, mirrored: Selection
          flip: torch.Tensor | None = None) -> SelectionTrunk:
     """The rows `index` of a selection trunk; with `flip` (bool per row), those of `mirrored`
     where it is set."""
-    tokens, attention = trunk.tokens[index], trunk.attention[index]
-    if flip is not None:
-        tokens = torch.where(flip.view(-1, 1, 1), mirrored.tokens[index], tokens)
-        attention = torch.where(flip.view(-1, 1), mirrored.attention[index], attention)
-    return trunk._replace(tokens=tokens, attention=attention)
+    def rows(name: str) -> torch.Tensor | None:
+        plain = getattr(trunk, name)
+        if plain is None or flip is None:
+            return None if plain is None else plain[index]
+        return torch.where(flip.view(-1, *[1] * (plain.dim() - 1)), getattr(mirrored, name)[index],
+                           plain[index])
+
+    return trunk._replace(**{name: rows(name) for name in ("tokens", "attention", "maps")})
 
 
 def frozen_selection(model: VolumeClassifier, train: torch.Tensor, valid: torch.Tensor,
@@ -366,7 +375,8 @@ def frozen_selection(model: VolumeClassifier, train: torch.Tensor, valid: torch.
                     "model's features (largest difference %.2g); it runs whole every epoch",
                     float((cached - direct).abs().max()))
         return None
-    per_volume = (trunk.tokens[0].numel() + trunk.attention[0].numel()) * trunk.tokens.element_size()
+    per_volume = sum(part[0].numel() * part.element_size()
+                     for part in (trunk.tokens, trunk.attention, trunk.maps) if part is not None)
     if not fits(cfg, len(train), len(valid), per_volume, "the selection pass's frozen blocks",
                 "they run"):
         return None

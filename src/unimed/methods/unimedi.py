@@ -160,7 +160,8 @@ class UniMedIMethod(Method):
         if "volume" in batch:
             volume = model.preprocess_volume(batch["volume"])
             slices = self._select(volume)
-            pixels = slice_images(volume, slices)
+            # a hybrid T_3D projects the selected slices' CNN maps (UniMedIVision.ct_tokens)
+            pixels = None if model.visual.hybrid_volume else slice_images(volume, slices)
 
             def tokens(visual: UniMedIVision, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
                 return visual.ct_tokens(volume, slices, mask, slice_pixels=pixels)

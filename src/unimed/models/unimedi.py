@@ -9,7 +9,8 @@ vector of the masked student. It also behaves as the timm backbone the 2D evalua
 Token order of a CT sample: ``[CLS] | T_3D(volume) | T_2D(slice_1) | ... | T_2D(slice_k)``; the 3D
 tokens are Conv3d + ``flatten(2)`` in (depth, rows, columns) order, so token j belongs to slab
 j // (rows x columns). T_3D's Conv3d reads the voxels (the paper's tubelets) or, with a hybrid ViT,
-the maps its frozen CNN (T_2D's trunk) makes of every axial slice. Attention for eq. 1 is the [CLS]
+the maps its frozen CNN (T_2D's trunk) makes of every axial slice; the selected slices' T_2D
+tokens then project those maps (the CNN runs once per slice of a CT sample). Attention for eq. 1 is the [CLS]
 query's softmax over the keys, averaged over layers and heads (recomputed beside each block from
 its own q/k projections: timm's fused attention does not return weights).
 """
@@ -60,16 +61,20 @@ def block_cls_attention(block: nn.Module, x: torch.Tensor, with_cls_key: bool) -
 
 class SelectionTrunk(NamedTuple):
     """The selection pass after its first `blocks` ViT blocks: `tokens` (N, 1 + P, width) and
-    `attention`, the sum of those blocks' [CLS] attention rows (N, P)."""
+    `attention`, the sum of those blocks' [CLS] attention rows (N, P); with a hybrid T_3D, `maps`
+    (N, D, C, h, w): the frozen CNN's map of every slice, from which the CT pass's tokens are
+    made again without the CNN (:meth:`UniMedI.ct_trunk`)."""
 
     blocks: int
     tokens: torch.Tensor
     attention: torch.Tensor
+    maps: torch.Tensor | None = None
 
 
 # The CT pass's tokens after the selection trunk's blocks, given the normalised volume (B, 1, D, H,
-# W) and its selected slices (B, k'): UniMedI.ct_trunk, or a record of its results.
-CtTrunk = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# W), its selected slices (B, k') and (hybrid T_3D) its slices' CNN maps or None:
+# UniMedI.ct_trunk, or a record of its results.
+CtTrunk = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def slice_images(volume: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
@@ -141,29 +146,45 @@ class UniMedIVision(nn.Module):
     def tokens_2d(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, N, width) T_2D tokens with 2D positions (resampled
         when the grid differs from the built one); `mask` (B, N) True rows become [MASK] first."""
+        return self._positioned(self.vit.patch_embed(images), mask)  # (B, h, w, C): dynamic size
+
+    def projected_maps(self, maps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, h, w) a hybrid ViT's CNN maps of B images -> those images' :meth:`tokens_2d`:
+        the hybrid patch embedding's projection, without running the CNN again."""
+        return self._positioned(self.vit.patch_embed.proj(maps).permute(0, 2, 3, 1), mask)
+
+    def _positioned(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, h, w, C) patch embeddings -> (B, h x w, C) tokens, masked, with 2D positions."""
         vit = self.vit
-        x = vit.patch_embed(images)  # (B, h, w, C): the ViT is built with a dynamic image size
         grid = x.shape[1:3]
         x = self._masked(x.flatten(1, 2), mask)
         pos = resample_abs_pos_embed(vit.pos_embed[:, vit.num_prefix_tokens :], new_size=grid,
                                      old_size=vit.patch_embed.grid_size, num_prefix_tokens=0)
         return x + pos
 
-    def embed_3d(self, volumes: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W) normalised volumes -> (B, width, d, h, w) T_3D's map: the Conv3d over the
-        voxels, or (hybrid) over each slab's slices of the frozen CNN's per-slice feature maps."""
-        if not self.hybrid_volume:
-            return self.volume_embed(volumes)
+    def slice_maps(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) normalised volumes -> (B, D, C, h, w) a hybrid ViT's frozen CNN map of
+        every axial slice, each slice entering as it enters T_2D (:func:`slice_images`)."""
         batch, _, depth = volumes.shape[:3]
         slices = volumes.flatten(0, 2)[:, None].expand(-1, 3, -1, -1)  # grey -> T_2D's 3 channels
         maps = self.vit.patch_embed.backbone(slices)  # (B x D, C, h, w)
-        maps = maps.view(batch, depth, *maps.shape[1:]).transpose(1, 2)
-        return self.volume_embed(maps)
+        return maps.view(batch, depth, *maps.shape[1:])
 
-    def tokens_3d(self, volumes: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_3d(self, volumes: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, D, H, W) normalised volumes -> (B, width, d, h, w) T_3D's map: the Conv3d over the
+        voxels, or (hybrid) over each slab's :meth:`slice_maps` (`maps` when the caller has
+        them)."""
+        if not self.hybrid_volume:
+            return self.volume_embed(volumes)
+        maps = self.slice_maps(volumes) if maps is None else maps
+        return self.volume_embed(maps.transpose(1, 2))
+
+    def tokens_3d(self, volumes: torch.Tensor, mask: torch.Tensor | None = None,
+                  maps: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, D, H, W) normalised volumes -> (B, P, width) T_3D tokens in (d, h, w) order with
-        3D positions (trilinearly resampled when the grid differs)."""
-        x = self.embed_3d(volumes)  # (B, C, d, h, w)
+        3D positions (trilinearly resampled when the grid differs); `maps`: a hybrid T_3D's
+        :meth:`slice_maps` of the volumes, when the caller has them."""
+        x = self.embed_3d(volumes, maps)  # (B, C, d, h, w)
         grid = tuple(x.shape[2:])
         x = self._masked(x.flatten(2).transpose(1, 2), mask)
         pos = self.volume_pos
@@ -183,17 +204,25 @@ class UniMedIVision(nn.Module):
 
     def ct_tokens(self, volume: torch.Tensor, slices: torch.Tensor,
                   mask: torch.Tensor | None = None,
-                  slice_pixels: torch.Tensor | None = None) -> Tokens:
+                  slice_pixels: torch.Tensor | None = None,
+                  maps: torch.Tensor | None = None) -> Tokens:
         """The token groups of a CT sample: T_3D(volume) (B, P, width) and its k slices' T_2D
-        tokens (B, k x N, width); `mask` (B, P + k x N) True rows become [MASK]. `slice_pixels`:
-        :func:`slice_images` of `volume` and `slices` when the caller already has them."""
+        tokens (B, k x N, width); `mask` (B, P + k x N) True rows become [MASK]. A hybrid T_3D
+        runs the CNN on every slice once (:meth:`slice_maps`, or `maps` when the caller has them)
+        and the k slices' tokens project their maps; otherwise T_2D reads `slice_pixels`
+        (:func:`slice_images` of `volume` and `slices`, when the caller already has them)."""
         batch, k = slices.shape
         volume_tokens = math.prod(self.token_grid(volume.shape[2:]))
         masks = (None, None) if mask is None else (
             mask[:, :volume_tokens], mask[:, volume_tokens:].reshape(batch * k, -1))
-        pixels = slice_images(volume, slices) if slice_pixels is None else slice_pixels
-        flat = self.tokens_2d(pixels, masks[1])
-        return [self.tokens_3d(volume, masks[0]), flat.reshape(batch, -1, flat.shape[-1])]
+        if self.hybrid_volume:
+            maps = self.slice_maps(volume) if maps is None else maps
+            rows = torch.arange(batch, device=slices.device)[:, None]
+            flat = self.projected_maps(maps[rows, slices].flatten(0, 1), masks[1])
+        else:
+            pixels = slice_images(volume, slices) if slice_pixels is None else slice_pixels
+            flat = self.tokens_2d(pixels, masks[1])
+        return [self.tokens_3d(volume, masks[0], maps), flat.reshape(batch, -1, flat.shape[-1])]
 
     def _masked(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is None:
@@ -379,15 +408,16 @@ class UniMedI(nn.Module):
         the volume) through the :meth:`frozen_blocks`: its tokens and the sum of those blocks'
         [CLS] attention rows, which stay the same while the later blocks train (the 3D
         fine-tuning under "last" computes them once per volume and passes them to
-        :meth:`pooled_volume`). None when no block is frozen."""
+        :meth:`pooled_volume`), and a hybrid T_3D's slice maps. None when no block is frozen."""
         blocks = self.frozen_blocks()
         if blocks == 0:
             return None
+        visual = self.visual
         volume = self.preprocess_volume(self.volume_input(stacks))
-        x = self.visual.prefixed([self.visual.tokens_3d(volume)])
-        x, total = self.visual.run_blocks(x, self.visual.vit.blocks[:blocks],
-                                          self.cfg.attention_softmax)
-        return SelectionTrunk(blocks, x, total)
+        maps = visual.slice_maps(volume) if visual.hybrid_volume else None
+        x = visual.prefixed([visual.tokens_3d(volume, maps=maps)])
+        x, total = visual.run_blocks(x, visual.vit.blocks[:blocks], self.cfg.attention_softmax)
+        return SelectionTrunk(blocks, x, total, maps)
 
     def slice_attention(self, stacks: torch.Tensor) -> torch.Tensor:
         """(N, D, 1, S, S) axial slices in [0, 1] -> (N, D) each input slice's attentive score
@@ -412,27 +442,30 @@ class UniMedI(nn.Module):
                       ct_trunk: CtTrunk | None = None) -> torch.Tensor:
         """(N, D, 1, S, S) axial slices in [0, 1] -> (N, width) the [CLS] of the CT sample: the
         volume's tokens and its attentively selected slices in one pass. `trunk`: the same
-        volumes' :meth:`selection_trunk`, from which the selection pass continues. `ct_trunk`
-        (with `trunk`): gives the CT pass's tokens after the trunk's blocks for the volume and
-        its selected slices (:meth:`ct_trunk`'s, or a record of them), and only the later
-        blocks run."""
+        volumes' :meth:`selection_trunk`, from which the selection pass continues (and whose
+        slice maps the CT pass reads). `ct_trunk` (with `trunk`): gives the CT pass's tokens after
+        the trunk's blocks for the volume, its selected slices and the trunk's maps
+        (:meth:`ct_trunk`'s, or a record of them), and only the later blocks run."""
         volume = self.preprocess_volume(self.volume_input(stacks))
+        maps = None if trunk is None else trunk.maps
         with shared_trunk_outputs(self.visual):  # a hybrid T_3D's CNN reads the volume once
             slices = self.select_slices(self.volume_attention(volume, trunk))
             if ct_trunk is None:
-                out, _ = self.visual.encode(self.visual.ct_tokens(volume, slices))
+                out, _ = self.visual.encode(self.visual.ct_tokens(volume, slices, maps=maps))
             else:
-                x, _ = self.visual.run_blocks(ct_trunk(volume, slices),
+                x, _ = self.visual.run_blocks(ct_trunk(volume, slices, maps),
                                               self.visual.vit.blocks[trunk.blocks :], None)
                 out = self.visual.vit.norm(x)
         return out[:, 0]
 
     @torch.no_grad()
-    def ct_trunk(self, volume: torch.Tensor, slices: torch.Tensor, blocks: int) -> torch.Tensor:
+    def ct_trunk(self, volume: torch.Tensor, slices: torch.Tensor, blocks: int,
+                 maps: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, D, H, W) normalised volume and (B, k') selected slices -> (B, 1 + P + k' x N,
         width) the CT pass's tokens after its first `blocks` ViT blocks, which must hold no
-        trainable parameter, nor T_2D (:meth:`frozen_blocks`, :meth:`frozen_slice_tokens`)."""
-        x = self.visual.prefixed(self.visual.ct_tokens(volume, slices))
+        trainable parameter, nor T_2D (:meth:`frozen_blocks`, :meth:`frozen_slice_tokens`);
+        `maps`: a hybrid T_3D's slice maps of the volume (:attr:`SelectionTrunk.maps`)."""
+        x = self.visual.prefixed(self.visual.ct_tokens(volume, slices, maps=maps))
         return self.visual.run_blocks(x, self.visual.vit.blocks[:blocks], None)[0]
 
     def frozen_slice_tokens(self) -> bool:
