@@ -287,9 +287,8 @@ class FrozenSelection:
         ``selection_trunk``, on the CPU."""
         parts = [self.model.model.selection_trunk((chunk.flip(-1) if mirrored else chunk).to(self.device))
                  for chunk in stacks.split(batch_size)]
-        maps = None if parts[0].maps is None else torch.cat([t.maps.cpu() for t in parts])
-        return parts[0]._replace(tokens=torch.cat([t.tokens.cpu() for t in parts]),
-                                 attention=torch.cat([t.attention.cpu() for t in parts]), maps=maps)
+        return parts[0]._replace(**{name: torch.cat([getattr(t, name).cpu() for t in parts])
+                                    for name in parts[0].tensors()})
 
     def second_pass(self, keys: list[tuple[Any, ...]], blocks: int) -> CtTrunk:
         """The second pass's tokens after `blocks` frozen blocks for the volumes `keys` name (one
@@ -319,9 +318,7 @@ class FrozenSelection:
     def logits(self, stacks: torch.Tensor, trunk: SelectionTrunk, keys: list[tuple[Any, ...]]
                ) -> torch.Tensor:
         """(B, K, 1, S, S) stacks, their trunks and record keys -> (B, classes)."""
-        trunk = trunk._replace(tokens=trunk.tokens.to(self.device),
-                               attention=trunk.attention.to(self.device),
-                               maps=None if trunk.maps is None else trunk.maps.to(self.device))
+        trunk = trunk._replace(**{name: t.to(self.device) for name, t in trunk.tensors().items()})
         second = self.second_pass(keys, trunk.blocks) if self.budget > 0 else None
         return self.model.head(self.model.model.pooled_volume(stacks.to(self.device), trunk, second))
 
@@ -341,14 +338,13 @@ def pick(trunk: SelectionTrunk, index: torch.Tensor | slice, mirrored: Selection
          flip: torch.Tensor | None = None) -> SelectionTrunk:
     """The rows `index` of a selection trunk; with `flip` (bool per row), those of `mirrored`
     where it is set."""
-    def rows(name: str) -> torch.Tensor | None:
-        plain = getattr(trunk, name)
-        if plain is None or flip is None:
-            return None if plain is None else plain[index]
+    def rows(name: str, plain: torch.Tensor) -> torch.Tensor:
+        if flip is None:
+            return plain[index]
         return torch.where(flip.view(-1, *[1] * (plain.dim() - 1)), getattr(mirrored, name)[index],
                            plain[index])
 
-    return trunk._replace(**{name: rows(name) for name in ("tokens", "attention", "maps")})
+    return trunk._replace(**{name: rows(name, t) for name, t in trunk.tensors().items()})
 
 
 def frozen_selection(model: VolumeClassifier, train: torch.Tensor, valid: torch.Tensor,
@@ -375,8 +371,7 @@ def frozen_selection(model: VolumeClassifier, train: torch.Tensor, valid: torch.
                     "model's features (largest difference %.2g); it runs whole every epoch",
                     float((cached - direct).abs().max()))
         return None
-    per_volume = sum(part[0].numel() * part.element_size()
-                     for part in (trunk.tokens, trunk.attention, trunk.maps) if part is not None)
+    per_volume = sum(t[0].numel() * t.element_size() for t in trunk.tensors().values())
     if not fits(cfg, len(train), len(valid), per_volume, "the selection pass's frozen blocks",
                 "they run"):
         return None

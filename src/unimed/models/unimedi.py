@@ -70,6 +70,12 @@ class SelectionTrunk(NamedTuple):
     attention: torch.Tensor
     maps: torch.Tensor | None = None
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Its tensors by field name (`maps` only when there are maps): what a caller moves,
+        indexes or joins row by row."""
+        return {name: value for name, value in self._asdict().items()
+                if isinstance(value, torch.Tensor)}
+
 
 # The CT pass's tokens after the selection trunk's blocks, given the normalised volume (B, 1, D, H,
 # W), its selected slices (B, k') and (hybrid T_3D) its slices' CNN maps or None:
