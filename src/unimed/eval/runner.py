@@ -7,8 +7,9 @@ The bootstrap replicates the tasks return under "replicates" keys are moved into
 The work is a list of jobs: one encoder's task, or the tasks that read the same cached features
 (`SHARED_FEATURES`), so a job computes them once. With ``eval.workers`` > 1 on the CPU the jobs run
 in that many forked worker processes, each on the machine's torch threads divided among them, taken
-in encoder order as workers free up; each job starts from the same global random state (the
-evaluation seed), so no result depends on which worker ran it or what it ran before. A worker
+longest first (`TASK_SECONDS`) as workers free up, so the evaluation does not end on one long job
+while the other workers idle; each job starts from the same global random state (the evaluation
+seed), so no result depends on which worker ran it or what it ran before. A worker
 decodes the data its jobs read itself (the parent's decoded splits are inherited, copy-on-write)
 and releases an encoder's features after each job.
 """
@@ -44,12 +45,24 @@ from unimed.eval.tasks import TASKS, TaskContext
 log = logging.getLogger(__name__)
 
 # Tasks that read the same cached features run in one job: retrieval and the bias audit embed the
-# same test images and reports; the 3D tasks the same volumes and their reports.
+# same test images and reports; the 3D probe and the 3D fine-tuning read the same CC-CCII volumes;
+# the 3D tasks on BIMCV-COVID19+ the same test volumes and their reports.
 SHARED_FEATURES: tuple[frozenset[str], ...] = (
     frozenset({"retrieval", "bias"}),
-    frozenset({"volume_probe", "volume_retrieval", "slice_localisation", "slice_selection",
-               "modality_gap"}),
+    frozenset({"volume_probe", "volume_finetune"}),
+    frozenset({"volume_retrieval", "slice_localisation", "slice_selection", "modality_gap"}),
 )
+
+# About how many seconds each task takes one single-threaded worker for one encoder on the demo
+# preset (UniMedI's, the slowest, from `benchmarks/eval_speed.py runs/demo/unimedi`); BCV
+# segmentation from its README paragraph. Only the order in which the workers take the jobs reads
+# them (longest first); a task not listed goes last.
+TASK_SECONDS: dict[str, float] = {
+    "volume_segmentation": 280.0, "volume_probe": 26.0, "segmentation": 24.0, "detection": 19.0,
+    "linear_probe": 17.0, "volume_finetune": 15.0, "retrieval": 9.0, "bias": 7.0, "zero_shot": 6.0,
+    "slice_localisation": 4.5, "volume_retrieval": 3.5, "slice_selection": 2.5, "gradcam": 2.5,
+    "modality_gap": 1.5,
+}
 
 Job = tuple[int, tuple[str, ...]]  # (index of the encoder, its tasks in run order)
 JobResult = tuple[dict, dict[str, float], dict[str, np.ndarray]]  # metrics, seconds, replicates
@@ -66,6 +79,11 @@ def task_groups(tasks: Sequence[str]) -> list[tuple[str, ...]]:
         else:
             group.append(task)
     return [tuple(g) for g in groups]
+
+
+def longest_first(jobs: Sequence[Job]) -> list[Job]:
+    """`jobs` by their tasks' `TASK_SECONDS` summed, longest first; equal ones in their order."""
+    return sorted(jobs, key=lambda job: -sum(TASK_SECONDS.get(task, 0.0) for task in job[1]))
 
 
 def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]) -> dict:
@@ -131,8 +149,8 @@ def _worker_job(job: Job) -> tuple[JobResult, list[tuple[str, str | None]]]:
 
 def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Job], workers: int
                     ) -> dict[Job, JobResult]:
-    """Every job in `workers` forked processes, dispatched in order as they free up; the splits the
-    workers read are noted in ``ctx.data`` (what it publishes)."""
+    """Every job in `workers` forked processes, dispatched longest first (:func:`longest_first`) as
+    they free up; the splits the workers read are noted in ``ctx.data`` (what it publishes)."""
     threads = max(1, torch.get_num_threads() // workers)
     log.info("evaluation: %d jobs in %d worker processes of %d thread(s) each", len(jobs), workers,
              threads)
@@ -141,7 +159,7 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
         workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
         initargs=(encoders, ctx, threads))
     try:
-        futures = {pool.submit(_worker_job, job): job for job in jobs}
+        futures = {pool.submit(_worker_job, job): job for job in longest_first(jobs)}
         results, read = {}, {}
         done = concurrent.futures.as_completed(futures)
         for future in tqdm(done, total=len(jobs), desc="evaluate", unit="job", disable=not ctx.progress):
