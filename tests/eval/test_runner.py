@@ -16,8 +16,8 @@ from unimed.eval.data import EvalData
 from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.features import FeatureCache
-from unimed.eval.runner import evaluate, task_groups
-from unimed.eval.tasks import TaskContext
+from unimed.eval.runner import TASK_SECONDS, evaluate, longest_first, task_groups
+from unimed.eval.tasks import TASKS as REGISTERED, TaskContext
 
 TASKS = ("zero_shot", "retrieval", "linear_probe", "segmentation", "bias")
 
@@ -26,10 +26,28 @@ def test_tasks_that_share_features_form_one_job_in_task_order() -> None:
     tasks = ["zero_shot", "bias", "linear_probe", "retrieval", "volume_probe", "gradcam",
              "modality_gap", "volume_finetune", "slice_localisation"]
     assert task_groups(tasks) == [
-        ("zero_shot",), ("bias", "retrieval"), ("linear_probe",),
-        ("volume_probe", "modality_gap", "slice_localisation"), ("gradcam",), ("volume_finetune",),
+        ("zero_shot",), ("bias", "retrieval"), ("linear_probe",), ("volume_probe", "volume_finetune"),
+        ("gradcam",), ("modality_gap", "slice_localisation"),
     ]
     assert task_groups([]) == []
+
+
+def test_workers_take_the_jobs_longest_first_whatever_the_encoder() -> None:
+    jobs = [(0, ("zero_shot",)), (0, ("segmentation",)), (0, ("retrieval", "bias")),
+            (1, ("zero_shot",)), (1, ("segmentation",)), (1, ("retrieval", "bias")),
+            (1, ("a_task_not_listed",))]
+    assert TASK_SECONDS["segmentation"] > TASK_SECONDS["retrieval"] + TASK_SECONDS["bias"]
+    assert TASK_SECONDS["retrieval"] + TASK_SECONDS["bias"] > TASK_SECONDS["zero_shot"]
+    # Equal estimates keep their order (encoder 0 before encoder 1); an unknown task goes last.
+    assert longest_first(jobs) == [
+        (0, ("segmentation",)), (1, ("segmentation",)), (0, ("retrieval", "bias")),
+        (1, ("retrieval", "bias")), (0, ("zero_shot",)), (1, ("zero_shot",)),
+        (1, ("a_task_not_listed",)),
+    ]
+
+
+def test_every_registered_task_has_a_time_estimate() -> None:
+    assert set(TASK_SECONDS) == set(REGISTERED.names())
 
 
 def fresh_context(ctx: TaskContext, cfg: EvalConfig) -> TaskContext:
