@@ -409,22 +409,55 @@ def _slice_selection_checks(model: dict) -> list[Check]:
                   f"vs random {percent(result.get('random'))}%, position prior "
                   f"{percent(result.get('prior'))}% (k = {result.get('k')}, "
                   f"{result.get('volumes')} volumes)")
+        facts = "; ".join(part for part in (_picks(result), _precision(result)) if part)
+        facts = f" ({facts})" if facts else ""
         cause = {FAIL: "the selected slices hold findings less often than random ones: the [CLS] "
-                       f"attention is not drawn to lesions ({_picks(result)}pre-train longer)",
-                 TIE: "within noise of random slices: more test volumes or more pre-training"
+                       f"attention is not drawn to lesions{facts}; {_prior_note(result)}pre-train "
+                       "longer",
+                 TIE: f"within noise of random slices{_below(result)}{facts}; {_prior_note(result)}"
+                      "more test volumes or more pre-training"
                  }.get(status, "")
         checks.append(Check(title, status, detail, cause))
     return checks
 
 
+def _below(result: dict) -> str:
+    """", below them" when a slice-selection result's hit rate is under the random rate."""
+    hit, chance = as_float(result.get("hit_rate")), as_float(result.get("random"))
+    return ", below them" if hit is not None and chance is not None and hit < chance else ""
+
+
+def _precision(result: dict) -> str:
+    """"40.0% of its slices hold a finding against 59.1% of random ones" from a slice-selection
+    result, or "" when it has no precision."""
+    if as_float(result.get("precision")) is None:
+        return ""
+    return (f"{percent(result['precision'])}% of its slices hold a finding against "
+            f"{percent(result.get('random_precision'))}% of random ones")
+
+
+def _prior_note(result: dict) -> str:
+    """When the position prior (the training volumes' most frequent finding slices, never looking
+    at the volume) hits at least as often as both the selection and random slices, a clause saying
+    that the hit rate there tells little; else ""."""
+    prior = as_float(result.get("prior"))
+    others = [as_float(result.get(key)) for key in ("hit_rate", "random")]
+    if prior is None or None in others or prior < max(others):
+        return ""
+    slices = ", ".join(str(s) for s in result.get("prior_slices") or [])
+    return (f"the training volumes' most frequent finding slices{f' ({slices})' if slices else ''} "
+            f"hit {percent(prior)}% without looking at the volume: where findings lie varies little "
+            "here, so the hit rate tells little; ")
+
+
 def _picks(result: dict) -> str:
-    """"it picks slice 3 in 90% and 7 in 85% of the volumes (of 32); " from a slice-selection
+    """"it picks slice 3 in 90% and 7 in 85% of the volumes (of 32)" from a slice-selection
     result's most selected slices, or "" when it has none."""
     picks = result.get("most_selected") or []
     if not picks:
         return ""
     shares = " and ".join(f"{int(s)} in {percent(share)}%" for s, share in picks)
-    return f"it picks slice {shares} of the volumes (of {result.get('slices')}); "
+    return f"it picks slice {shares} of the volumes (of {result.get('slices')})"
 
 
 def _signed_ci(bounds: tuple[float, float]) -> str:
