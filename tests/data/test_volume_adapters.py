@@ -18,7 +18,15 @@ import torch
 from unimed.data.adapters import VOLUME_FOLDERS, load_dataset
 from unimed.data.errors import DataError
 from unimed.data.splits import leaking_patients
-from unimed.data.volumes import SLICE_WINDOW, Volume, axial_slices, crop_cube, prepare_volume, read_volume
+from unimed.data.volumes import (
+    SLICE_WINDOW,
+    Volume,
+    axial_depth,
+    axial_slices,
+    crop_cube,
+    prepare_volume,
+    read_volume,
+)
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.ct.config import CTConfig
 from unimed.phantom.ct.generator import generate_ct_study
@@ -230,6 +238,35 @@ def test_bad_volumes_give_one_clear_error(tmp_path):
         read_volume(tmp_path / "flat.nii")
     with pytest.raises(DataError, match="volume not found"):
         read_volume(tmp_path / "absent.nii.gz")
+
+
+def test_the_axial_depth_from_a_header_is_the_depth_of_the_volume_read(world, tmp_path):
+    root, _ = world
+    for name, folder in [*VOLUME_FOLDERS.items(), ("luna16-candidates", "luna16")]:
+        records = load_dataset(name, root / folder, split_dir=tmp_path).records
+        assert records, name
+        for record in records:
+            volume = read_volume(record.image_path)
+            if record.crop is not None:  # a candidate: its cube's depth
+                crop = record.crop
+                volume = crop_cube(volume, (crop.x, crop.y, crop.z), crop.size_mm)
+            assert axial_depth(record.image_path, record.crop and record.crop.size_mm) == \
+                volume.array.shape[2], (name, record.image_path)
+    # Axes stored in another order: superior-inferior is the array's first axis, reversed, 2 mm apart.
+    data = _body().transpose(2, 0, 1)  # (6, 12, 12)
+    affine = np.array([[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, -5.0, 0.0], [-2.0, 0.0, 0.0, 0.0], [0, 0, 0, 1]])
+    path = tmp_path / "permuted.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    volume = read_volume(path)
+    assert volume.array.shape == (12, 12, 6) and axial_depth(path) == 6
+    # An 11 mm cube at 2 mm: round(2.75) = 3 slices each side of the centre, 7 in all.
+    assert axial_depth(path, 11.0) == crop_cube(volume, (0.0, 0.0, -4.0), 11.0).array.shape[2] == 7
+    with pytest.raises(DataError, match="volume not found"):
+        axial_depth(tmp_path / "absent.nii.gz")
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(gzip.compress(b"\0" * 100))
+    with pytest.raises(DataError, match=r"truncated\.nii\.gz: cannot read NIfTI header"):
+        axial_depth(truncated)
 
 
 def test_bad_luna_input(world, tmp_path):

@@ -133,14 +133,20 @@ def _pixel_bytes(pixel_id: int) -> int:
             sitk.sitkUInt32: 4, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}.get(pixel_id, 1)
 
 
-def _read_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A folder of 8-bit slice images (0000 the most inferior; rows anterior to posterior, columns
-    patient right to left), mapped back to HU through SLICE_WINDOW. The layout stores no spacing,
-    so the affine is the identity (1 mm voxels)."""
+def _slice_files(folder: Path) -> list[Path]:
+    """The slice images of a scan folder in slice order (0000 the most inferior)."""
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES),
                    key=lambda p: (len(p.stem), p.stem))
     if not files:
         raise DataError("no slice images in the scan folder", folder, reason=MISSING_IMAGE)
+    return files
+
+
+def _read_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A folder of 8-bit slice images (0000 the most inferior; rows anterior to posterior, columns
+    patient right to left), mapped back to HU through SLICE_WINDOW. The layout stores no spacing,
+    so the affine is the identity (1 mm voxels)."""
+    files = _slice_files(folder)
     planes = []
     for file in files:
         try:
@@ -196,6 +202,46 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return tensor[0].numpy(), tensor.affine.numpy().astype(np.float64)
 
 
+def _nifti_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine voxel -> RAS mm) of a NIfTI file from its header alone."""
+    try:
+        image = nib.load(str(path))
+        return tuple(int(v) for v in image.shape), np.asarray(image.affine, dtype=np.float64)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        raise DataError(f"cannot read NIfTI header, truncated or corrupt ({err})", path,
+                        reason=UNREADABLE_IMAGE) from None
+
+
+def cube_half(size_mm: float, spacing: np.ndarray | float) -> np.ndarray:
+    """Whole voxels on each side of the centre voxel of a `size_mm` cube (:func:`crop_cube`) at
+    `spacing` mm per voxel: half the side, rounded, at least one."""
+    return np.maximum(np.round(size_mm / 2 / np.asarray(spacing)), 1).astype(int)
+
+
+def axial_depth(path: str | Path, crop_mm: float | None = None) -> int:
+    """How many axial (RAS z) slices :func:`read_volume` gives the volume at `path`, or, with
+    `crop_mm`, a :func:`crop_cube` of that side cut from it: from the NIfTI or MetaImage header, or
+    the slice images a scan folder holds, without reading a voxel (a volume's depth is what slice
+    ground truth counts in)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("volume not found", path, reason=MISSING_IMAGE)
+    if path.is_dir():
+        depth, spacing = len(_slice_files(path)), 1.0  # the layout's identity affine
+    else:
+        if path.name.endswith((".nii", ".nii.gz")):
+            shape, affine = _nifti_geometry(path)
+        elif path.suffix == ".mhd":
+            shape, affine = mhd_geometry(path)
+        else:
+            raise DataError("not a volume: expected .nii, .nii.gz, .mhd or a folder of slices", path,
+                            reason=UNREADABLE_IMAGE)
+        # The array axis that RAS orientation (MONAI's, through nibabel's) turns into S.
+        axis = int(np.flatnonzero(nib.orientations.io_orientation(affine)[:, 0] == 2)[0])
+        depth, spacing = shape[axis], float(np.linalg.norm(affine[:3, axis]))
+    return depth if crop_mm is None else 2 * int(cube_half(crop_mm, spacing)) + 1
+
+
 def read_volume(path: str | Path, *, labels: bool = False) -> Volume:
     """A CT volume (or, with `labels`, a label map) from a NIfTI file, a `.mhd` header or a folder of
     slice images, re-oriented to RAS; intensities are checked to be HU unless `labels`."""
@@ -225,7 +271,7 @@ def crop_cube(volume: Volume, centre_ras: Sequence[float], size_mm: float, *, fi
     voxels of `volume` (the centre voxel and as many on each side as half the side covers), with
     its own affine; the part of the cube outside the volume is `fill` (air)."""
     centre = np.round(volume.world_to_voxel(centre_ras)).astype(int)
-    half = np.maximum(np.round(size_mm / 2 / np.array(volume.spacing)), 1).astype(int)
+    half = cube_half(size_mm, np.array(volume.spacing))
     start, stop = centre - half, centre + half + 1
     shape = np.array(volume.array.shape)
     low, high = np.clip(start, 0, shape), np.clip(stop, 0, shape)

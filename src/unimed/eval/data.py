@@ -59,7 +59,7 @@ from unimed.data.errors import UNREADABLE_IMAGE, DataError
 from unimed.data.images import load_image
 from unimed.data.records import Record
 from unimed.data.transforms import eval_transform
-from unimed.data.volumes import axial_slices, crop_cube, read_volume
+from unimed.data.volumes import axial_depth, axial_slices, crop_cube, read_volume
 from unimed.eval.errors import EvalError
 from unimed.machine import available_memory
 
@@ -424,12 +424,12 @@ class EvalData:
 
     def native_depths(self, dataset: str, split: str) -> list[int]:
         """Per volume of `records(dataset, split)`, its own number of axial slices (RAS z), which
-        slice ground truth counts in; noted while :meth:`slice_stacks` reads the volumes, else read."""
+        slice ground truth counts in (a candidate's, its cube's); noted while :meth:`slice_stacks`
+        reads the volumes, else read from their headers (:func:`~unimed.data.volumes.axial_depth`)."""
         key = (dataset, split)
         if key not in self._depths:
-            self._depths[key] = list(self.decode(lambda r: read_volume(r.image_path).array.shape[2],
-                                                 self._volume_records(dataset, split), f"{dataset}/{split}",
-                                                 "volume"))
+            self._depths[key] = [axial_depth(r.image_path, r.crop.size_mm if r.crop else None)
+                                 for r in self._volume_records(dataset, split)]
         return self._depths[key]
 
     def native_slices(self, dataset: str, split: str, window: tuple[float, float]) -> list[torch.Tensor]:
