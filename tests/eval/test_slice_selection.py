@@ -114,6 +114,10 @@ def test_hit_rate_and_random_rate_match_the_hand_count(selection_ctx):
     assert result["gain"] == pytest.approx(2 / 3 - float(sum(chance) / 3))
     # Selected slices on a finding: v0 1 of 2, v1 2 of 2, v2 0; random: 2, 5 and 1 of 8 slices.
     assert result["precision"] == pytest.approx(1.5 / 3) and result["random_precision"] == pytest.approx(8 / 24)
+    # Per volume, the share less random's: 1/2 - 2/8, 1 - 5/8, 0 - 1/8.
+    assert result["precision_gain"] == pytest.approx((0.25 + 0.375 - 0.125) / 3)
+    lo, hi = result["ci"]["precision_gain"]
+    assert lo <= result["precision_gain"] <= hi and result["replicates"]["precision_gain"].shape == (50,)
     # The position prior {2, 3} hits v0 and v1 as the model does: no gain over it.
     assert result["prior_slices"] == [2, 3] and result["prior"] == pytest.approx(2 / 3)
     assert result["prior_gain"] == pytest.approx(0.0)
@@ -244,8 +248,9 @@ def test_config_keys_are_validated_by_name():
 
 def _metrics() -> dict:
     row = {"k": 4, "slices": 32, "volumes": 12, "random": 0.4, "hit_rate": 0.75, "gain": 0.35,
-           "precision": 0.5, "random_precision": 0.2, "prior": 0.7, "prior_gain": 0.05,
-           "ci": {"hit_rate": [0.5, 0.9], "gain": [0.1, 0.55], "precision": [0.3, 0.7], "prior_gain": [-0.1, 0.2]},
+           "precision": 0.5, "random_precision": 0.2, "precision_gain": 0.3, "prior": 0.7, "prior_gain": 0.05,
+           "ci": {"hit_rate": [0.5, 0.9], "gain": [0.1, 0.55], "precision": [0.3, 0.7], "prior_gain": [-0.1, 0.2],
+                  "precision_gain": [0.12, 0.45]},
            "per_finding": {"nodule": {"volumes": 3, "hit_rate": 2 / 3, "random": 0.25}}}
     return {"encoders": {
         "unimedi": {"label": "UniMedI", "tasks": {"slice_selection": {DATASET: row}}},
@@ -260,9 +265,9 @@ def test_the_report_has_one_row_per_encoder_with_selection_and_names_the_others(
     assert header == ["Method", group + "k", group + "attentive", group + "random", group + "gain (points)",
                       group + "position prior", group + "gain over prior (points)",
                       group + "slices on a finding: attentive", group + "slices on a finding: random",
-                      group + "nodule (attentive / random)"]
+                      group + "slices on a finding: gain (points)", group + "nodule (attentive / random)"]
     assert rows == [["UniMedI", "4", "75.0 (50.0–90.0)", "40.0", "35.0 (10.0–55.0)", "70.0", "5.0 (-10.0–20.0)",
-                     "50.0 (30.0–70.0)", "20.0", "66.7 / 25.0"]]
+                     "50.0 (30.0–70.0)", "20.0", "30.0 (12.0–45.0)", "66.7 / 25.0"]]
     note = table_notes(_metrics())[report.TITLE_SELECTION]
     assert note.startswith("Test volumes with a finding: BIMCV-COVID19+ 12. Position prior: ")
     assert note.endswith(". Not applicable (no attentive slice selection): Med-UniC")
@@ -282,11 +287,14 @@ def test_the_quality_bar_reads_the_gain_over_random_slices(gain_ci, status):
               "most_selected": [[3, 0.9], [7, 0.85]],
               "ci": {"hit_rate": [0.29, 0.61], "gain": list(gain_ci)}}
 
-    def check(result: dict):
+    def checks(result: dict):
         metrics = {"method": "unimedi", "encoders": {
             "unimedi": {"label": "UniMedI", "tasks": {"slice_selection": {"bimcv-covid19": result}}},
             "init": {"label": "init", "tasks": {}}}}
-        [found] = [c for c in quality_checks(metrics) if c.name.startswith("Slice selection")]
+        return [c for c in quality_checks(metrics) if c.name.startswith("Slice selection")]
+
+    def check(result: dict):
+        [found] = checks(result)  # metrics without a precision gain: the hit-rate check alone
         return found
 
     found = check(result)
@@ -307,6 +315,16 @@ def test_the_quality_bar_reads_the_gain_over_random_slices(gain_ci, status):
     if status == "tie":
         assert above.cause == ("within noise of random slices (it picks slice 3 in 90.0% and 7 in 85.0% "
                                "of the volumes (of 32)); more test volumes or more pre-training")
+    # Where the task measured it, a second check reads the share of the selected slices on a
+    # finding against random slices' share, with its own interval.
+    hits, shares = checks({**result, "ci": {**result["ci"], "precision_gain": list(gain_ci)}})
+    assert (hits.status, hits.cause) == (found.status, found.cause)
+    assert (shares.name, shares.status) == (
+        "Slice selection BIMCV-COVID19+: attentive slices hold findings more often than random ones",
+        status)
+    assert shares.detail.startswith("37.1% of the selected slices on a finding vs 59.1% of random ones; "
+                                    "difference 95% CI [")
+    assert ("it picks slice 3 in 90.0% and 7 in 85.0%" in shares.cause) == (status != "pass")
     skipped = {"method": "medunic", "encoders": {"medunic": {"tasks": {"slice_selection": {
         "skipped": "no attentive slice selection"}}}}}
     assert not [c for c in quality_checks(skipped) if c.name.startswith("Slice selection")]

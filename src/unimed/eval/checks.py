@@ -397,8 +397,10 @@ def beats_cause(status: str, values: list[float | None], metric: str, *, dense: 
 
 def _slice_selection_checks(model: dict) -> list[Check]:
     """Attentive slice selection beats k random slices (UniMedI's claim), per dataset it ran on:
-    the 95 % interval of the per-volume gain over the random rate; none for a model without
-    attentive selection (the task skipped it) or when the task did not run."""
+    the 95 % interval of the per-volume gain over the random hit rate, and, where the task
+    measured it, of the gain in the share of the selected slices that hold a finding over random
+    slices' share (the hit rate saturates where findings span most slices); none for a model
+    without attentive selection (the task skipped it) or when the task did not run."""
     checks = []
     for dataset, result in (lookup(model, "slice_selection") or {}).items():
         if not isinstance(result, dict) or "hit_rate" not in result:
@@ -411,13 +413,29 @@ def _slice_selection_checks(model: dict) -> list[Check]:
                   f"{result.get('volumes')} volumes)")
         facts = "; ".join(part for part in (_picks(result), _precision(result)) if part)
         facts = f" ({facts})" if facts else ""
-        cause = {FAIL: "the selected slices hold findings less often than random ones: the [CLS] "
-                       f"attention is not drawn to lesions{facts}; {_prior_note(result)}pre-train "
-                       "longer",
+        cause = {FAIL: "the selected slices miss a volume's findings more often than random ones: "
+                       f"the [CLS] attention is not drawn to lesions{facts}; {_prior_note(result)}"
+                       "pre-train longer",
                  TIE: f"within noise of random slices{_below(result)}{facts}; {_prior_note(result)}"
                       "more test volumes or more pre-training"
                  }.get(status, "")
         checks.append(Check(title, status, detail, cause))
+        gain = interval(lookup(result, "ci", "precision_gain"))
+        if gain is None:  # metrics written before the task measured it
+            continue
+        status = compare(gain)
+        picks = f" ({_picks(result)})" if _picks(result) else ""
+        checks.append(Check(
+            f"Slice selection {display_name(dataset)}: attentive slices hold findings more often "
+            "than random ones",
+            status,
+            f"{percent_ci(result.get('precision'), lookup(result, 'ci', 'precision'))}% of the "
+            f"selected slices on a finding vs {percent(result.get('random_precision'))}% of random "
+            f"ones; difference {_signed_ci(gain)}",
+            {FAIL: f"the [CLS] attention is drawn to slices without findings{picks}; pre-train "
+                   "longer",
+             TIE: f"within noise of random slices{picks}; more test volumes or more pre-training"
+             }.get(status, "")))
     return checks
 
 

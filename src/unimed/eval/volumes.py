@@ -34,7 +34,8 @@ embeddings:
   the per-volume gain over it, with bootstrap intervals over the volumes. Where findings span
   most slices (the phantom's COVID-19 pattern), k random slices nearly always hit, so beside it
   stands the share of the selected slices that hold a finding (``precision``; random: the share
-  of the volume's slices that do). Findings gather in the middle of the chest, so any selection
+  of the volume's slices that do; ``precision_gain``, per volume the one less the other).
+  Findings gather in the middle of the chest, so any selection
   that prefers central slices beats random ones without looking at the volume (an untrained
   UniMedI did); the reference that needs the image is the position prior: the k slices that most
   often hold a finding in the training volumes, the same for every volume (``prior``, and the
@@ -422,14 +423,16 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str, split: str = "test"
     hits = np.array([float(bool(t & u)) for t, u in zip(top, union)])
     chance = np.array([random_hit_rate(slices, len(u), len(t)) for t, u in zip(top, union)])
     share = np.array([len(t & u) / len(t) for t, u in zip(top, union)])
+    covered = np.array([len(u) / slices for u in union])  # a random slice's chance to hold a finding
     resamples = ctx.resamples(dataset, f"{split}/selection", len(held))
     estimates = {"hit_rate": bootstrap(batched_mean, [hits], resamples),
                  "gain": bootstrap(batched_mean, [hits - chance], resamples),
-                 "precision": bootstrap(batched_mean, [share], resamples)}
+                 "precision": bootstrap(batched_mean, [share], resamples),
+                 "precision_gain": bootstrap(batched_mean, [share - covered], resamples)}
     k = max(len(t) for t in top)
     picks = Counter(s for t in top for s in t).most_common(k)  # ties: the first selected first
     out: dict[str, Any] = {"k": k, "slices": slices, "volumes": len(held), "random": float(chance.mean()),
-                           "random_precision": float(np.mean([len(u) / slices for u in union])),
+                           "random_precision": float(covered.mean()),
                            "most_selected": [[int(s), n / len(top)] for s, n in picks]}
     prior = position_prior(ctx, dataset, truth, k, slices)
     if prior is not None:
@@ -444,9 +447,9 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str, split: str = "test"
 def run_selection(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     """{dataset: {"k", "slices", "volumes", "random", "random_precision", "most_selected" (the k
     slices selected most often, [slice, share of volumes]), "prior", "prior_slices", "hit_rate",
-    "gain", "prior_gain", "precision", "ci", "per_finding": {finding: {"volumes", "hit_rate",
-    "random"}}}}, or {"skipped": why} for an encoder whose model has no attentive slice
-    selection."""
+    "gain", "prior_gain", "precision", "precision_gain", "ci", "per_finding": {finding:
+    {"volumes", "hit_rate", "random"}}}}, or {"skipped": why} for an encoder whose model has no
+    attentive slice selection."""
     if not selects_slices(encoder):
         why = f"{encoder.label} has no attentive slice selection (no slice_attention: a 2D encoder)"
         log.info("slice selection skipped: %s", why)
