@@ -224,39 +224,38 @@ def axial_depth(path: str | Path, crop_mm: float | None = None) -> int:
     the slice images a scan folder holds, without reading a voxel (a volume's depth is what slice
     ground truth counts in)."""
     path = Path(path)
-    if not path.exists():
-        raise DataError("volume not found", path, reason=MISSING_IMAGE)
-    if path.is_dir():
+    kind = _volume_kind(path)
+    if kind == "slices":
         depth, spacing = len(_slice_files(path)), 1.0  # the layout's identity affine
     else:
-        if path.name.endswith((".nii", ".nii.gz")):
-            shape, affine = _nifti_geometry(path)
-        elif path.suffix == ".mhd":
-            shape, affine = mhd_geometry(path)
-        else:
-            raise DataError("not a volume: expected .nii, .nii.gz, .mhd or a folder of slices", path,
-                            reason=UNREADABLE_IMAGE)
+        shape, affine = _nifti_geometry(path) if kind == "nifti" else mhd_geometry(path)
         # The array axis that RAS orientation (MONAI's, through nibabel's) turns into S.
         axis = int(np.flatnonzero(nib.orientations.io_orientation(affine)[:, 0] == 2)[0])
         depth, spacing = shape[axis], float(np.linalg.norm(affine[:3, axis]))
     return depth if crop_mm is None else 2 * int(cube_half(crop_mm, spacing)) + 1
 
 
+def _volume_kind(path: Path) -> str:
+    """"slices" (a scan folder), "nifti" or "mhd"; a DataError naming `path` when it is missing or
+    none of them."""
+    if not path.exists():
+        raise DataError("volume not found", path, reason=MISSING_IMAGE)
+    if path.is_dir():
+        return "slices"
+    if path.name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if path.suffix == ".mhd":
+        return "mhd"
+    raise DataError("not a volume: expected .nii, .nii.gz, .mhd or a folder of slices", path,
+                    reason=UNREADABLE_IMAGE)
+
+
 def read_volume(path: str | Path, *, labels: bool = False) -> Volume:
     """A CT volume (or, with `labels`, a label map) from a NIfTI file, a `.mhd` header or a folder of
     slice images, re-oriented to RAS; intensities are checked to be HU unless `labels`."""
     path = Path(path)
-    if not path.exists():
-        raise DataError("volume not found", path, reason=MISSING_IMAGE)
-    if path.is_dir():
-        array, affine = _read_slices(path)
-    elif path.name.endswith((".nii", ".nii.gz")):
-        array, affine = _read_nifti(path)
-    elif path.suffix == ".mhd":
-        array, affine = _read_mhd(path)
-    else:
-        raise DataError("not a volume: expected .nii, .nii.gz, .mhd or a folder of slices", path,
-                        reason=UNREADABLE_IMAGE)
+    read = {"slices": _read_slices, "nifti": _read_nifti, "mhd": _read_mhd}[_volume_kind(path)]
+    array, affine = read(path)
     if labels:
         if not np.isfinite(array).all():
             raise DataError("NaN labels", path, reason=UNREADABLE_IMAGE)
