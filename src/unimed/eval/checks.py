@@ -411,8 +411,8 @@ def _slice_selection_checks(model: dict) -> list[Check]:
                   f"vs random {percent(result.get('random'))}%, position prior "
                   f"{percent(result.get('prior'))}% (k = {result.get('k')}, "
                   f"{result.get('volumes')} volumes)")
-        facts = "; ".join(part for part in (_picks(result), _precision(result)) if part)
-        facts = f" ({facts})" if facts else ""
+        picks = _picks(result)
+        facts = _bracketed(picks, _precision(result))
         cause = {FAIL: "the selected slices miss a volume's findings more often than random ones: "
                        f"the [CLS] attention is not drawn to lesions{facts}; {_prior_note(result)}"
                        "pre-train longer",
@@ -424,7 +424,6 @@ def _slice_selection_checks(model: dict) -> list[Check]:
         if gain is None:  # metrics written before the task measured it
             continue
         status = compare(gain)
-        picks = f" ({_picks(result)})" if _picks(result) else ""
         checks.append(Check(
             f"Slice selection {display_name(dataset)}: attentive slices hold findings more often "
             "than random ones",
@@ -432,11 +431,18 @@ def _slice_selection_checks(model: dict) -> list[Check]:
             f"{percent_ci(result.get('precision'), lookup(result, 'ci', 'precision'))}% of the "
             f"selected slices on a finding vs {percent(result.get('random_precision'))}% of random "
             f"ones; difference {_signed_ci(gain)}",
-            {FAIL: f"the [CLS] attention is drawn to slices without findings{picks}; pre-train "
-                   "longer",
-             TIE: f"within noise of random slices{picks}; more test volumes or more pre-training"
+            {FAIL: f"the [CLS] attention is drawn to slices without findings{_bracketed(picks)}; "
+                   "pre-train longer",
+             TIE: f"within noise of random slices{_bracketed(picks)}; more test volumes or more "
+                  "pre-training"
              }.get(status, "")))
     return checks
+
+
+def _bracketed(*parts: str) -> str:
+    """" (a; b)" of the parts that are not empty, or "" when all are."""
+    text = "; ".join(part for part in parts if part)
+    return f" ({text})" if text else ""
 
 
 def _below(result: dict) -> str:
