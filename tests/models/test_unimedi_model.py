@@ -11,6 +11,7 @@ from transformers import BertConfig, BertModel
 from unimed.errors import ConfigError
 from unimed.models.config import ImageTowerConfig, TextTowerConfig
 from unimed.models.image import create_image_encoder
+from unimed.models import unimedi
 from unimed.models.unimedi import UniMedI, block_cls_attention, slice_images
 from unimed.models.unimedi_config import UniMedIConfig
 
@@ -171,6 +172,23 @@ def test_a_hybrid_t3d_reads_each_volume_once_per_embedding():
             v, s, trunk.blocks, maps))
     torch.testing.assert_close(second, direct)
     assert len(calls) == 2
+
+
+def test_a_hybrid_t3d_runs_its_cnn_on_chunks_of_slices_on_the_cpu(monkeypatch):
+    """On the CPU the slices go through the CNN `CPU_SLICE_CHUNK` at a time, in order: the maps
+    are those of one call on every slice (up to float rounding)."""
+    model = _hybrid_3d()
+    volume = model.preprocess_volume(torch.rand(2, 1, 8, 64, 64))
+    trunk = model.visual.vit.patch_embed.backbone
+    with torch.no_grad():
+        whole = trunk(volume.flatten(0, 2)[:, None].expand(-1, 3, -1, -1))
+    calls = []
+    trunk[0].register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    monkeypatch.setattr(unimedi, "CPU_SLICE_CHUNK", 5)
+    with torch.no_grad():
+        maps = model.visual.slice_maps(volume)
+    assert calls == [5, 5, 5, 1] and maps.shape == (2, 8, 320, 2, 2)
+    torch.testing.assert_close(maps.flatten(0, 1), whole, atol=1e-4, rtol=1e-4)
 
 
 def test_a_hybrid_ct_sample_tokenizes_its_slices_as_t2d_does():
