@@ -309,6 +309,10 @@ def test_the_quality_bar_reads_the_gain_over_random_slices(gain_ci, status):
     prior = "most frequent finding slices (15, 16) hit 94.0% without looking at the volume"
     assert (facts in found.cause) == (prior in found.cause) == (status != "pass")
     assert ("within noise of random slices, below them (" in found.cause) == (status == "tie")
+    # A failing selection names the script that tells how flat its attention is and what it follows.
+    assert found.cause.endswith("pre-train longer (benchmarks/slice_attention.py: how flat the attention "
+                                "is, and whether it follows the volume or the input position)") == (
+        status == "fail")
     # Above random and above the prior: neither clause.
     above = check({**result, "hit_rate": 0.96, "prior": 0.9, "precision": None})
     assert "without looking" not in above.cause and "below them" not in above.cause
@@ -325,6 +329,7 @@ def test_the_quality_bar_reads_the_gain_over_random_slices(gain_ci, status):
     assert shares.detail.startswith("37.1% of the selected slices on a finding vs 59.1% of random ones; "
                                     "difference 95% CI [")
     assert ("it picks slice 3 in 90.0% and 7 in 85.0%" in shares.cause) == (status != "pass")
+    assert shares.cause.endswith("input position)") == (status == "fail")
     skipped = {"method": "medunic", "encoders": {"medunic": {"tasks": {"slice_selection": {
         "skipped": "no attentive slice selection"}}}}}
     assert not [c for c in quality_checks(skipped) if c.name.startswith("Slice selection")]

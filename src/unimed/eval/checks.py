@@ -415,7 +415,7 @@ def _slice_selection_checks(model: dict) -> list[Check]:
         facts = _bracketed(picks, _precision(result))
         cause = {FAIL: "the selected slices miss a volume's findings more often than random ones: "
                        f"the [CLS] attention is not drawn to lesions{facts}; {_prior_note(result)}"
-                       "pre-train longer",
+                       f"pre-train longer{SELECTION_DIAGNOSIS}",
                  TIE: f"within noise of random slices{_below(result)}{facts}; {_prior_note(result)}"
                       "more test volumes or more pre-training"
                  }.get(status, "")
@@ -432,7 +432,7 @@ def _slice_selection_checks(model: dict) -> list[Check]:
             f"selected slices on a finding vs {percent(result.get('random_precision'))}% of random "
             f"ones; difference {_signed_ci(gain)}",
             {FAIL: f"the [CLS] attention is drawn to slices without findings{_bracketed(picks)}; "
-                   "pre-train longer",
+                   f"pre-train longer{SELECTION_DIAGNOSIS}",
              TIE: f"within noise of random slices{_bracketed(picks)}; more test volumes or more "
                   "pre-training"
              }.get(status, "")))
@@ -458,6 +458,10 @@ def _precision(result: dict) -> str:
         return ""
     return (f"{percent(result['precision'])}% of its slices hold a finding against "
             f"{percent(result.get('random_precision'))}% of random ones")
+
+
+SELECTION_DIAGNOSIS = (" (benchmarks/slice_attention.py: how flat the attention is, and whether it "
+                       "follows the volume or the input position)")
 
 
 def _prior_note(result: dict) -> str:
