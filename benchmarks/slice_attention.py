@@ -39,11 +39,14 @@ import torch
 from unimed.commands.evaluate import build_encoders
 from unimed.commands.tables import print_table
 from unimed.config import load_config
+from unimed.data.errors import DataError
+from unimed.errors import ConfigError
 from unimed.eval.data import EvalData
+from unimed.eval.errors import EvalError
 from unimed.eval.tasks import TaskContext
 from unimed.eval.volumes import batched, finding_slices, held_by_volume, selects_slices
 from unimed.models.unimedi_ops import top_k_slices
-from unimed.train.checkpoint import checkpoint_config, find_checkpoint
+from unimed.train.checkpoint import CheckpointError, checkpoint_config, find_checkpoint
 
 
 def slab_scores(slice_scores: np.ndarray, thickness: int) -> np.ndarray:
@@ -124,6 +127,9 @@ def main() -> None:
             thickness = int(model.cfg.volume_patch[0])
             stacks = ctx.data.slice_stacks(args.dataset, args.split, depth, volume.window, side)
             held = held_by_volume(ctx, args.dataset, args.split, truth, depth)
+            if not held:
+                print(f"{encoder.label}: no {args.split} volume of {args.dataset} holds a finding")
+                continue
             rows = list(held)
             scores, reversed_scores = (
                 slab_scores(batched(method, encoder, stacks, cfg.eval.batch_size, rows).float().numpy(),
@@ -137,6 +143,9 @@ def main() -> None:
                             f"(random {percent(out['random_kept'])})",
                             f"{percent(out['precision'])} (random {percent(out['random_precision'])})"])
             per_slab.append((encoder.label, thickness, out))
+    if not summary:
+        raise SystemExit(f"{args.run}: no encoder to diagnose (a model with slice_attention, and "
+                         f"{args.split} volumes of {args.dataset} that hold a finding)")
     print_table(f"What the attentive selection looks at: {args.dataset} {args.split}, volumes with a "
                 "finding (%)",
                 ["encoder", "volumes", "picks", "slab scores: median spread", "position share of "
@@ -152,4 +161,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError, EvalError, CheckpointError, FileNotFoundError) as error:
+        raise SystemExit(f"slice_attention.py: {error}") from None

@@ -3,6 +3,10 @@ selection that follows the anatomy, one that follows the input position, a flat 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from benchmark_scripts import benchmark_script
@@ -62,3 +66,12 @@ def test_slab_scores_and_finding_slabs_read_slabs_of_the_model_thickness(bench):
     with pytest.raises(ValueError, match="not constant within slabs of 3 slices"):
         bench.slab_scores(slices, 3)
     assert bench.finding_slabs({"nodule": {1}, "covid": {4, 5}}, 2) == {0, 2}
+
+
+def test_a_run_folder_without_a_checkpoint_is_one_line(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "slice_attention.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"slice_attention.py: no checkpoint at {tmp_path}: expected a "
+                                                "folder with model.safetensors, a checkpoints folder with a "
+                                                "'latest' file, or a run folder holding pretrain/checkpoints"]
