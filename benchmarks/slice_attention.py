@@ -41,6 +41,7 @@ from unimed.commands.tables import print_table
 from unimed.config import load_config
 from unimed.data.errors import DataError
 from unimed.errors import ConfigError
+from unimed.eval.checks import percent
 from unimed.eval.data import EvalData
 from unimed.eval.errors import EvalError
 from unimed.eval.tasks import TaskContext
@@ -92,10 +93,6 @@ def diagnose(scores: np.ndarray, reversed_scores: np.ndarray, found: list[set[in
         "picked_reversed": np.bincount([s for c in chosen_reversed for s in c], minlength=slabs) / n,
         "holds_finding": np.bincount([s for f in found for s in f], minlength=slabs) / n,
     }
-
-
-def percent(value: float) -> str:
-    return f"{100 * value:.1f}"
 
 
 def main() -> None:

@@ -180,7 +180,7 @@ class UniMedIVision(nn.Module):
         rounding, in bounded memory)."""
         batch, _, depth = volumes.shape[:3]
         slices = volumes.flatten(0, 2)[:, None].expand(-1, 3, -1, -1)  # grey -> T_2D's 3 channels
-        chunk = len(slices) if slices.is_cuda else CPU_SLICE_CHUNK
+        chunk = CPU_SLICE_CHUNK if slices.device.type == "cpu" else len(slices)
         maps = torch.cat([self.vit.patch_embed.backbone(part) for part in slices.split(chunk)])
         return maps.view(batch, depth, *maps.shape[1:])  # (B, D, C, h, w)
 
