@@ -125,11 +125,14 @@ def test_binary_scores_pair_observed_and_negative_prompts() -> None:
     images = _batch()["image"]
     prompts = load_prompts("en")
     classes = ["pleural effusion", "cardiomegaly"]
-    got = own_scores(encoder, images, prompts, classes)
+    encoded = []
+    encode = model.encode_prompts
+    model.encode_prompts = lambda *args: encoded.append(args) or encode(*args)
+    got = own_scores(encoder, images, prompts, classes, batch_size=1)
+    assert len(encoded) == 1  # the prompts once, for every batch of images
     texts = [prompts.observed(c) for c in classes] + [prompts.negative(c) for c in classes]
-    ids, mask = encoder.tokenize(texts)
     with torch.no_grad():
-        raw = model.prompt_scores(images, ids, mask)
+        raw = model.prompt_scores(images, encode(*encoder.tokenize(texts)))
     for c in range(2):
         pair = [c, c + 2]
         combined = combine_scores(raw["global"][:, pair], raw["local"][:, pair], 0.5)

@@ -7,7 +7,8 @@ retrieval and Grad-CAM), ``pooled_image`` / ``pooled_text`` (pooled backbone fea
 probes) and ``project_image`` / ``project_text`` (pooled -> projected, so both spaces come from one
 pass of a tower), ``forward_intermediates`` (dense maps for segmentation and detection; the backbone
 ``visual`` describes their layout), ``temperature`` (the contrastive temperature it was trained
-with) and, optionally, ``zero_shot_scores`` (a method's own zero-shot rule). Images go in as pixels
+with) and, optionally, ``zero_shot_prompts`` / ``zero_shot_scores`` (a method's own zero-shot
+rule: the prompts encoded once, then the images scored against them). Images go in as pixels
 in [0, 1]: the model normalises them itself.
 """
 

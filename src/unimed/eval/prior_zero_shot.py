@@ -30,11 +30,11 @@ def raw_scores(encoder: Encoder, images: torch.Tensor, texts: Sequence[str], *,
     """(N, 3, S, S) images, M one-sentence texts -> (N, M) global and (N, M) local scores (CPU)."""
     if not hasattr(encoder.model, "prompt_scores"):
         raise TypeError(f"encoder '{encoder.name}' has no PRIOR prompt scorer (prompt_scores)")
-    ids, mask = encoder.tokenize(texts)
+    prompts = encoder.model.encode_prompts(*encoder.tokenize(texts))
     global_rows, local_rows = [], []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(encoder.device)
-        scores = encoder.model.prompt_scores(x, ids, mask)
+        scores = encoder.model.prompt_scores(x, prompts)
         global_rows.append(scores["global"].float().cpu())
         local_rows.append(scores["local"].float().cpu())
     return torch.cat(global_rows), torch.cat(local_rows)

@@ -67,7 +67,7 @@ from unimed.eval.metrics import batched_mean, bootstrap
 from unimed.eval.prompts import PromptSet, corpus_stemming, load_prompts
 from unimed.eval.retrieval import recall_hits, same_value, with_mean_intervals
 from unimed.eval.tasks import TASKS, TaskContext, with_intervals
-from unimed.eval.zero_shot import own_scores_by_language, prompt_differences, prompt_texts
+from unimed.eval.zero_shot import own_prompts, prompt_differences, prompt_texts, scores_with_own_prompts
 
 log = logging.getLogger(__name__)
 
@@ -215,17 +215,19 @@ def slice_prompt_scores(encoder: Encoder, ctx: TaskContext, stacks: Sequence[tor
     """Per prompt set, per volume, the (Z, C) zero-shot scores of each of the volume's (Z, 1, S, S)
     slices in `stacks` for each class: the slices' normalised projected embeddings against the
     prompts, whose features are computed once (through the context's text cache), or the model's
-    own rule when it has one. Each volume's slices pass through the image tower once, whatever the
-    number of prompt sets."""
+    own rule when it has one (its prompts encoded once for all volumes). Each volume's slices pass
+    through the image tower once, whatever the number of prompt sets."""
     own_rule = hasattr(encoder.model, "zero_shot_scores")
-    texts = [] if own_rule else [
-        ctx.text_features(encoder, prompt_texts(p, classes), "projected", normalize=True) for p in prompt_sets
-    ]
+    if own_rule:
+        prompts = own_prompts(encoder, prompt_sets, classes)
+    else:
+        texts = [ctx.text_features(encoder, prompt_texts(p, classes), "projected", normalize=True)
+                 for p in prompt_sets]
     per_volume = []  # (sets, Z, C) of each volume
     for stack in stacks:
         if own_rule:
-            per_volume.append(own_scores_by_language(encoder, rgb(stack), prompt_sets, classes,
-                                                     ctx.cfg.batch_size))
+            per_volume.append(scores_with_own_prompts(encoder, rgb(stack), prompts, len(prompt_sets),
+                                                      ctx.cfg.batch_size))
         else:
             features = encoder.image_features(rgb(stack), normalize=True, batch_size=ctx.cfg.batch_size)
             per_volume.append([prompt_differences(features, text) for text in texts])

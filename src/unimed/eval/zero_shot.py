@@ -3,7 +3,7 @@
 An image is called positive for a class when its cosine similarity to the positive prompt
 ("{disease}") exceeds that to the negative prompt ("No {disease}" / "No hay {enfermedad}"); the
 difference of the two similarities is the score the AUC ranks. A method whose model has its own rule
-(``zero_shot_scores``, e.g. PRIOR's global + local score) is scored with it instead. Macro AUC and macro F1 average over
+(``zero_shot_prompts`` / ``zero_shot_scores``, e.g. PRIOR's global + local score) is scored with it instead. Macro AUC and macro F1 average over
 the classes (a class with a single label value in the test set has no AUC and is left out). Every
 value carries a bootstrap 95 % interval over resamples of the test images, shared by all encoders.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,23 +81,39 @@ def own_scores_by_language(
     encoder: Encoder, images: torch.Tensor, prompt_sets: Sequence[PromptSet], classes: Sequence[str],
     batch_size: int = 64,
 ) -> list[np.ndarray]:
-    """Per prompt set, (N, C) scores of the model's own zero-shot rule, ``model.zero_shot_scores(
-    images, positive, negative)``: pixels in [0, 1] and the tokenised positive and negative prompts
-    ((ids, mask) of shape (K, L) each, K pairs); a score > 0 calls the class present. The rule
-    scores every (positive, negative) pair on its own, so the pairs of all prompt sets go in
-    together and each image passes through the image tower once, whatever the number of
-    languages. A model's ``zero_shot_prompt`` names the :class:`PromptSet` template of its positive
-    prompts (PRIOR: "observed")."""
+    """Per prompt set, (N, C) scores of the model's own zero-shot rule (:func:`own_prompts`,
+    :func:`scores_with_own_prompts`)."""
+    prompts = own_prompts(encoder, prompt_sets, classes)
+    return scores_with_own_prompts(encoder, images, prompts, len(prompt_sets), batch_size)
+
+
+def own_prompts(encoder: Encoder, prompt_sets: Sequence[PromptSet], classes: Sequence[str]) -> Any:
+    """The model's own encoding of every prompt set's (positive, negative) prompt pairs,
+    ``model.zero_shot_prompts(positive, negative)`` of the tokenised prompts ((ids, mask) of shape
+    (K, L) each, K pairs), computed once for any number of images. A model's
+    ``zero_shot_prompt`` names the :class:`PromptSet` template of its positive prompts (PRIOR:
+    "observed")."""
     template = getattr(encoder.model, "zero_shot_prompt", "positive")
     positive = encoder.tokenize([getattr(p, template)(c) for p in prompt_sets for c in classes])
     negative = encoder.tokenize([p.negative(c) for p in prompt_sets for c in classes])
+    with torch.no_grad():
+        return encoder.model.zero_shot_prompts(positive, negative)
+
+
+def scores_with_own_prompts(encoder: Encoder, images: torch.Tensor, prompts: Any, sets: int,
+                            batch_size: int = 64) -> list[np.ndarray]:
+    """Per prompt set, (N, C) scores ``model.zero_shot_scores(images, prompts)`` of pixels in
+    [0, 1] against the `sets` prompt sets encoded by :func:`own_prompts`; a score > 0 calls the
+    class present. The rule scores every (positive, negative) pair on its own, so the pairs of all
+    prompt sets go in together and each image passes through the image tower once, whatever the
+    number of languages."""
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(encoder.device)
-            out.append(encoder.model.zero_shot_scores(x, positive, negative).float().cpu())
+            out.append(encoder.model.zero_shot_scores(x, prompts).float().cpu())
     scores = torch.cat(out).numpy()  # (N, sets * C)
-    return np.split(scores, len(prompt_sets), axis=1)
+    return np.split(scores, sets, axis=1)
 
 
 def _positive_f1(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -188,34 +188,48 @@ class Prior(nn.Module):
 
     # ------------------------------------------------------------------------------- zero-shot
     @torch.no_grad()
-    def prompt_scores(self, image: torch.Tensor, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """N images, C one-sentence prompts -> "global" (N, C) s * cos(z_v, z_prompt) and "local"
-        (N, C) ½[mean A_vs + mean A_sv], the mean sigmoid LAM weights between the patches and the
-        prompt sentence (spec §7). Prompts are encoded deterministically (no Gumbel noise)."""
+    def encode_prompts(self, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """C one-sentence prompts -> "global" (C, D) normalised z_prompt and "sentence" (C, D) the
+        prompt's sentence vector (the LAM's text side), encoded deterministically (no Gumbel
+        noise). Encode them once and score any number of image batches with :meth:`prompt_scores`."""
         sentences, mask = self.sentences(input_ids, attention_mask)
         if self.use_bank():
             sentences = self.through_bank(sentences, mask)["prototype_sentences"]
-        prompt = F.normalize(self.sentence_pool(sentences, mask), dim=-1)  # (C, D)
+        return {"global": F.normalize(self.sentence_pool(sentences, mask), dim=-1),
+                "sentence": sentences[:, 0]}
+
+    @torch.no_grad()
+    def prompt_scores(self, image: torch.Tensor,
+                      prompts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """N images, C prompts from :meth:`encode_prompts` -> "global" (N, C) s * cos(z_v,
+        z_prompt) and "local" (N, C) ½[mean A_vs + mean A_sv], the mean sigmoid LAM weights
+        between the patches and the prompt sentence (spec §7)."""
         cells, pooled = self._image_features(image)
         z_v = F.normalize(self.global_image_proj(pooled), dim=-1)  # (N, D)
-        global_scores = self.logit_scale.exp() * z_v @ prompt.T
-        local_scores = self.lam.mean_attention(self.local_image_proj(cells), sentences[:, 0])
+        global_scores = self.logit_scale.exp() * z_v @ prompts["global"].T
+        local_scores = self.lam.mean_attention(self.local_image_proj(cells), prompts["sentence"])
         return {"global": global_scores, "local": local_scores}
 
     @torch.no_grad()
-    def zero_shot_scores(self, image: torch.Tensor, positive: tuple[torch.Tensor, torch.Tensor],
-                         negative: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """(N, C) multi-label scores: per class, the observed prompt and the negative prompt are
-        the two candidates of :func:`combine_scores`; the score is the first's combined score minus
-        the second's (> 0: present). `positive` / `negative` are (ids, mask) of shape (C, L)."""
-        c = positive[0].shape[0]
+    def zero_shot_prompts(self, positive: tuple[torch.Tensor, torch.Tensor],
+                          negative: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The C positive and C negative prompts ((ids, mask) of shape (C, L) each) encoded for
+        :meth:`zero_shot_scores`: the positives' rows first."""
         width = max(positive[0].shape[1], negative[0].shape[1])
         ids = torch.cat([F.pad(positive[0], (0, width - positive[0].shape[1])),
                          F.pad(negative[0], (0, width - negative[0].shape[1]))])
         mask = torch.cat([F.pad(positive[1], (0, width - positive[1].shape[1])),
                           F.pad(negative[1], (0, width - negative[1].shape[1]))])
-        raw = self.prompt_scores(image, ids, mask)
+        return self.encode_prompts(ids, mask)
+
+    @torch.no_grad()
+    def zero_shot_scores(self, image: torch.Tensor, prompts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, C) multi-label scores against :meth:`zero_shot_prompts`: per class, the observed
+        prompt and the negative prompt are the two candidates of :func:`combine_scores`; the score
+        is the first's combined score minus the second's (> 0: present)."""
+        raw = self.prompt_scores(image, prompts)
+        c = prompts["global"].shape[0] // 2
         pairs = [torch.stack([s[:, :c], s[:, c:]], dim=-1) for s in (raw["global"], raw["local"])]
         combined = combine_scores(*pairs, self.cfg.zero_shot_local_weight)  # (N, C, 2)
         return combined[..., 0] - combined[..., 1]
