@@ -344,6 +344,37 @@ def test_slice_prompt_scores_equal_each_volume_scored_on_its_own(ct_context, tin
             np.testing.assert_allclose(g, e, atol=1e-5)
 
 
+
+class _OwnRuleModel(torch.nn.Module):
+    """A model with its own zero-shot rule: every prompt pair scores an image by its mean pixel
+    (times the pair's position, so the sets' columns differ); counts how often prompts are encoded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoded = 0
+
+    def zero_shot_prompts(self, positive, negative):
+        self.encoded += 1
+        return torch.arange(1, len(positive[0]) + 1, dtype=torch.float32)
+
+    def zero_shot_scores(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))[:, None] * prompts
+
+
+def test_slice_prompt_scores_encode_a_models_own_prompts_once_for_all_volumes(ct_context, tiny_encoder):
+    stacks = ct_context.data.native_slices("bimcv-covid19", "test", ct_context.cfg.volume.window)
+    prompt_sets = [load_prompts("en"), load_prompts("es")]
+    classes = ["consolidation", "ground-glass opacity"]
+    model = _OwnRuleModel()
+    encoder = dataclasses.replace(tiny_encoder, model=model)
+    got = volumes.slice_prompt_scores(encoder, ct_context, stacks, prompt_sets, classes)
+    assert model.encoded == 1 and len(stacks) > 1
+    for k, per_volume in enumerate(got):
+        for stack, scores in zip(stacks, per_volume):
+            columns = torch.arange(1, 3, dtype=torch.float32) + 2 * k
+            want = rgb(stack).mean(dim=(1, 2, 3))[:, None] * columns
+            np.testing.assert_allclose(scores, want.numpy(), rtol=1e-6)
+
 def test_slice_selection_reads_the_phantom_volumes_at_their_own_depth(ct_context):
     """A stub 3D model that always selects the lowest k slices, on the CT world's 16-slice volumes
     read at 16 slices (the ground truth maps slice for slice): a hit exactly where a finding
