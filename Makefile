@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install bench clean
 
-# uv installs the same packages as pip (torch's CUDA wheels are most of the 6.5 GB) in about a
+# uv installs the same packages as pip (torch's CUDA wheels are most of the 6.5 GB) in a third to a
 # sixth of the time: it downloads and unpacks in parallel. It reads no pip configuration, so where
 # it cannot install (a private index set in pip.conf, say), pip does.
 $(STAMP): pyproject.toml
