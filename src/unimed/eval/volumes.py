@@ -217,20 +217,20 @@ def slice_prompt_scores(encoder: Encoder, ctx: TaskContext, stacks: Sequence[tor
     prompts, whose features are computed once (through the context's text cache), or the model's
     own rule when it has one (its prompts encoded once for all volumes). Each volume's slices pass
     through the image tower once, whatever the number of prompt sets."""
-    own_rule = hasattr(encoder.model, "zero_shot_scores")
-    if own_rule:
+    if hasattr(encoder.model, "zero_shot_scores"):
         prompts = own_prompts(encoder, prompt_sets, classes)
+
+        def score(stack: torch.Tensor) -> list[np.ndarray]:
+            return scores_with_own_prompts(encoder, rgb(stack), prompts, len(prompt_sets),
+                                           ctx.cfg.batch_size)
     else:
         texts = [ctx.text_features(encoder, prompt_texts(p, classes), "projected", normalize=True)
                  for p in prompt_sets]
-    per_volume = []  # (sets, Z, C) of each volume
-    for stack in stacks:
-        if own_rule:
-            per_volume.append(scores_with_own_prompts(encoder, rgb(stack), prompts, len(prompt_sets),
-                                                      ctx.cfg.batch_size))
-        else:
+
+        def score(stack: torch.Tensor) -> list[np.ndarray]:
             features = encoder.image_features(rgb(stack), normalize=True, batch_size=ctx.cfg.batch_size)
-            per_volume.append([prompt_differences(features, text) for text in texts])
+            return [prompt_differences(features, text) for text in texts]
+    per_volume = [score(stack) for stack in stacks]  # (sets, Z, C) of each volume
     return [[scores[k] for scores in per_volume] for k in range(len(prompt_sets))]
 
 
