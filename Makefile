@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 
 # uv installs the same packages as pip (torch's CUDA wheels are most of the 6.5 GB) in a third to a
 # sixth of the time: it downloads and unpacks in parallel. It reads no pip configuration, so where
-# it cannot install (a private index set in pip.conf, say), pip does.
+# it cannot install (a private index set in pip.conf, say), pip does. Pinned: the version measured.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet uv && $(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test]' \
+	$(BIN)/pip install --quiet uv==0.13.9 && $(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test]' \
 		|| $(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
