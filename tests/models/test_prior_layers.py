@@ -107,6 +107,42 @@ def test_query_attention_pool_ignores_padding() -> None:
     torch.testing.assert_close(pool(x), want[:, 0])
 
 
+@pytest.mark.parametrize("positions, masked", [(9, False), (0, True)])
+def test_query_attention_pool_is_torch_attention_of_the_mean_query(positions: int, masked: bool) -> None:
+    """The pool's single-query form against ``nn.MultiheadAttention``'s own forward on the same
+    parameters (every projection weight and bias random, the key bias included), values and
+    gradients of the tokens and of every parameter."""
+    torch.manual_seed(0)
+    pool = QueryAttentionPool(32, 4, out_dim=16, num_positions=positions)
+    with torch.no_grad():
+        for parameter in pool.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=_gen(parameter.numel())) / 4)
+    tokens = torch.randn(5, max(positions, 6), 32, generator=_gen(3), requires_grad=True)
+    mask = torch.rand(5, tokens.shape[1], generator=_gen(4)) > 0.4 if masked else None
+
+    def reference() -> torch.Tensor:
+        if mask is None:
+            mean = tokens.mean(1, keepdim=True)
+        else:
+            weights = mask.unsqueeze(-1).float()
+            mean = (tokens * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
+        x = torch.cat([mean, tokens], 1) + (0 if pool.pos is None else pool.pos)
+        padding = None if mask is None else ~torch.cat([torch.ones(5, 1, dtype=torch.bool), mask], 1)
+        out, _ = pool.attn(x[:, :1], x, x, key_padding_mask=padding, need_weights=False)
+        return pool.proj(out[:, 0])
+
+    results = []
+    for forward in (reference, lambda: pool(tokens, mask)):
+        out = forward()
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(), [tokens, *pool.parameters()])
+        results.append((out, grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    names = ["tokens", *(name for name, _ in pool.named_parameters())]
+    for name, g, w in zip(names, got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_local_alignment_matches_per_sample_formulas() -> None:
     torch.manual_seed(0)
     lam = LocalAlignment(6)
