@@ -64,16 +64,16 @@ class QueryAttentionPool(nn.Module):
             x = x + self.pos.to(x.dtype)
         attn = self.attn
         batch, _, dim = x.shape
-        heads = attn.num_heads
-        w_q, w_k, w_v = (w.view(heads, dim // heads, dim) for w in attn.in_proj_weight.chunk(3))
+        per_head = (attn.num_heads, attn.head_dim, dim)
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
         b_q, _, b_v = attn.in_proj_bias.chunk(3)
-        query = F.linear(x[:, 0], w_q.flatten(0, 1), b_q).view(batch, heads, -1) * attn.head_dim ** -0.5
-        scores = torch.einsum("bhf,bnf->bhn", torch.einsum("bhe,hef->bhf", query, w_k), x)
+        query = F.linear(x[:, 0], w_q, b_q).view(batch, *per_head[:2]) * attn.head_dim ** -0.5
+        scores = torch.einsum("bhf,bnf->bhn", torch.einsum("bhe,hef->bhf", query, w_k.view(per_head)), x)
         if mask is not None:
             keep = torch.cat([mask.new_ones(batch, 1), mask], dim=1).bool()
             scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))
         pooled = torch.einsum("bhn,bnf->bhf", scores.softmax(-1), x)  # (B, heads, dim)
-        out = torch.einsum("bhf,hef->bhe", pooled, w_v).reshape(batch, dim) + b_v
+        out = torch.einsum("bhf,hef->bhe", pooled, w_v.view(per_head)).reshape(batch, dim) + b_v
         return self.proj(attn.out_proj(out))
 
 
