@@ -344,7 +344,6 @@ def test_slice_prompt_scores_equal_each_volume_scored_on_its_own(ct_context, tin
             np.testing.assert_allclose(g, e, atol=1e-5)
 
 
-
 class _OwnRuleModel(torch.nn.Module):
     """A model with its own zero-shot rule: every prompt pair scores an image by its mean pixel
     (times the pair's position, so the sets' columns differ); counts how often prompts are encoded."""
@@ -374,6 +373,7 @@ def test_slice_prompt_scores_encode_a_models_own_prompts_once_for_all_volumes(ct
             columns = torch.arange(1, 3, dtype=torch.float32) + 2 * k
             want = rgb(stack).mean(dim=(1, 2, 3))[:, None] * columns
             np.testing.assert_allclose(scores, want.numpy(), rtol=1e-6)
+
 
 def test_slice_selection_reads_the_phantom_volumes_at_their_own_depth(ct_context):
     """A stub 3D model that always selects the lowest k slices, on the CT world's 16-slice volumes
