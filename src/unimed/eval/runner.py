@@ -55,8 +55,8 @@ SHARED_FEATURES: tuple[frozenset[str], ...] = (
 
 # About how many seconds each task takes one single-threaded worker for one encoder on the demo
 # preset (UniMedI's, the slowest, from `benchmarks/eval_speed.py runs/demo/unimedi`); BCV
-# segmentation from its README paragraph. Only the order in which the workers take the jobs reads
-# them (longest first); a task not listed goes last.
+# segmentation from docs/EVALUATION.md ("The 3D tasks, measured"). Only the order in which the
+# workers take the jobs reads them (longest first); a task not listed goes last.
 TASK_SECONDS: dict[str, float] = {
     "volume_segmentation": 280.0, "volume_probe": 26.0, "segmentation": 24.0, "detection": 19.0,
     "linear_probe": 17.0, "volume_finetune": 15.0, "retrieval": 9.0, "bias": 7.0, "zero_shot": 6.0,

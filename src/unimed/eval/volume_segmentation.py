@@ -100,8 +100,8 @@ def _resized(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 # The decoder runs channels-last (NDHWC): oneDNN's 3D convolutions, the weight gradients of the
-# full-resolution ones above all, are faster so on the CPU (the task 13 % faster on 2 cores; see the
-# README's 3D segmentation paragraph).
+# full-resolution ones above all, are faster so on the CPU (the task 13 % faster on 2 cores; see
+# docs/EVALUATION.md, "The 3D tasks, measured").
 LAYOUT = torch.channels_last_3d
 
 
