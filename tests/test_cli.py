@@ -93,6 +93,11 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert "PRIOR pre-training losses over 3 steps" in words  # one step in each of its 3 stages
     assert "UniMedI pre-training losses over 2 steps" in words  # one X-ray and one CT batch
     assert "machine: fp32 GEMM peak" in words and "Demo stages" in words
+    lines = out.splitlines()
+    tally = next(i for i, line in enumerate(lines) if line.startswith("Checks: "))
+    # one line per method; no "baselines" line, since no random-init encoder runs beside ImageNet init
+    assert [line.split()[0] for line in lines[tally + 1:tally + 5]] == ["Med-UniC", "PRIOR", "UniMedI",
+                                                                        "report:"]
     run = tmp_path / "runs" / "tiny"
     assert (run / "config.yaml").is_file() and (run / "phantom_preview.png").is_file()
     assert (run / "vocab" / "added_terms.txt").is_file()

@@ -22,6 +22,7 @@ from unimed.eval.checks import (
     beats_cause,
     percent,
     quality_checks,
+    tally_lines,
 )
 from unimed.eval.html_report import E, render_report, write_report
 from unimed.eval.report import format_tables, table_notes
@@ -488,7 +489,31 @@ def test_terminal_ends_with_one_line_per_failed_or_tied_check(tmp_path: Path, fi
     write_outputs(metrics, tmp_path, figure_dir, replicates)
     assert read_replicates(tmp_path).keys() == replicates.keys()
     print_summary(metrics, tmp_path)
-    lines = [line for line in capsys.readouterr().out.splitlines()
-             if line.startswith(("FAIL: ", "TIE: "))]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith(("FAIL: ", "TIE: "))]
     assert lines == ["TIE: Linear probe RSNA 10%: Med-UniC beats Random init / MLM-only -- "
                      "difference within noise: enlarge the test set (or pre-train longer)"]
+    statuses = [check.status for check in all_quality_checks(metrics, replicates)]
+    passed = statuses.count(PASS)
+    assert passed > 0 and statuses.count(FAIL) == 0 and statuses.count(TIE) == 1
+    tally = [line for line in out if line.startswith("Checks: ")]
+    assert tally == [f"Checks: {passed} passed, 0 failed, 1 tied (difference within noise), "
+                     f"{statuses.count(NOT_MEASURED)} not checked"]
+    assert out.index(tally[0]) > out.index(lines[0])  # after the causes, before the file paths
+
+
+def test_the_tally_counts_each_methods_checks_and_the_baselines_apart() -> None:
+    metrics = {"methods": ["medunic", "prior"],
+               "encoders": {"medunic": {"label": "Med-UniC"}, "prior": {"label": "PRIOR"}}}
+    checks = [Check("Med-UniC: zero-shot", PASS, ""), Check("Med-UniC: probe", TIE, ""),
+              Check("Med-UniC: retrieval", PASS, ""), Check("PRIOR: zero-shot", FAIL, ""),
+              Check("PRIOR: probe", NOT_MEASURED, ""),
+              Check("Segmentation SIIM 1%: ImageNet init beats Random init", PASS, "")]
+    assert tally_lines(metrics, checks) == [
+        "Checks: 3 passed, 1 failed, 1 tied (difference within noise), 1 not checked",
+        "  Med-UniC   2 passed, 0 failed, 1 tied (difference within noise), 0 not checked",
+        "  PRIOR      0 passed, 1 failed, 0 tied (difference within noise), 1 not checked",
+        "  baselines  1 passed, 0 failed, 0 tied (difference within noise), 0 not checked",
+    ]
+    assert tally_lines({"methods": ["medunic"]}, checks[:3]) == [
+        "Checks: 2 passed, 0 failed, 1 tied (difference within noise), 0 not checked"]

@@ -236,8 +236,9 @@ def write_outputs(metrics: dict, out_dir: Path, figures: Path,
 
 def print_summary(metrics: dict, out_dir: Path, *, with_checks: bool = True) -> None:
     """The paper-style tables (those `metrics` has data for) and, optionally, the quality checks
-    followed by one line per failed or tied check with its likely cause."""
-    from unimed.eval.checks import FAIL, TIE, all_quality_checks
+    followed by one line per failed or tied check with its likely cause and how many checks
+    passed, failed and tied, per trained method."""
+    from unimed.eval.checks import FAIL, TIE, all_quality_checks, tally_lines
     from unimed.eval.report import format_tables
 
     for title, header, rows in format_tables(metrics):
@@ -250,6 +251,7 @@ def print_summary(metrics: dict, out_dir: Path, *, with_checks: bool = True) -> 
         for check in checks:
             if check.status in (FAIL, TIE):
                 print(f"{check.status.upper()}: {check.name} -- {check.cause}")
+        print("\n".join(tally_lines(metrics, checks)))
     print(f"report: {out_dir / REPORT_FILE}\nmetrics: {out_dir / METRICS_FILE}")
 
 

@@ -163,6 +163,35 @@ def quality_checks(
     return checks
 
 
+def tally(checks: Iterable[Check]) -> str:
+    """How `checks` came out: "N passed, N failed, N tied (difference within noise), N not
+    checked"."""
+    statuses = [check.status for check in checks]
+    return (f"{statuses.count(PASS)} passed, {statuses.count(FAIL)} failed, {statuses.count(TIE)} "
+            f"tied (difference within noise), {statuses.count(NOT_MEASURED)} not checked")
+
+
+def tally_lines(metrics: dict, checks: list[Check]) -> list[str]:
+    """The end of a run's output: "Checks: <tally>" and, with several trained methods, one line
+    per method (its checks are named "<label>: ...", :func:`all_quality_checks`) and one for the
+    checks that compare the baselines alone."""
+    lines = [f"Checks: {tally(checks)}"]
+    methods = metrics.get("methods") or []
+    if len(methods) < 2:
+        return lines
+    encoders = metrics.get("encoders") or {}
+    labels = [str((encoders.get(method) or {}).get("label") or method) for method in methods]
+    width = max(len(label) for label in [*labels, "baselines"])
+    for label in labels:
+        own = [check for check in checks if check.name.startswith(f"{label}: ")]
+        lines.append(f"  {label:<{width}}  {tally(own)}")
+    prefixes = tuple(f"{label}: " for label in labels)
+    rest = [check for check in checks if not check.name.startswith(prefixes)]
+    if rest:
+        lines.append(f"  {'baselines':<{width}}  {tally(rest)}")
+    return lines
+
+
 def all_quality_checks(metrics: dict, replicates: Replicates | None = None) -> list[Check]:
     """:func:`quality_checks` for every trained method of the run (``metrics["methods"]``, else
     the one ``metrics["method"]`` names). With several, each check's name starts with the method's

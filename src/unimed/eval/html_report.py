@@ -26,6 +26,7 @@ from unimed.eval.checks import (
     as_float,
     display_name,
     lookup,
+    tally,
 )
 from unimed.eval.report import (
     BOLD_BEST,
@@ -215,9 +216,7 @@ def _checks_html(checks: list[Check]) -> str:
     and tied checks, the likely cause."""
     if not checks:
         return '<p class="muted">No checks.</p>'
-    counts = {state: sum(c.status == state for c in checks) for state in BADGES}
-    summary = (f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[TIE]} tied (difference "
-               f"within noise), {counts[NOT_MEASURED]} not checked")
+    summary = tally(checks)
     rows = "".join(
         f'<tr><td><span class="badge {BADGES[c.status][0]}">{BADGES[c.status][1]}</span></td>'
         f'<td class="text">{E(c.name)}</td><td class="detail">{E(c.detail)}</td>'
