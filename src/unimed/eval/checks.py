@@ -163,6 +163,12 @@ def quality_checks(
     return checks
 
 
+def method_label(metrics: dict, method: str) -> str:
+    """The label a trained method's checks are named by ("<label>: ..."): its encoder's label in
+    `metrics`, else its name."""
+    return str(((metrics.get("encoders") or {}).get(method) or {}).get("label") or method)
+
+
 def tally(checks: Iterable[Check]) -> str:
     """How `checks` came out: "N passed, N failed, N tied (difference within noise), N not
     checked"."""
@@ -179,8 +185,7 @@ def tally_lines(metrics: dict, checks: list[Check]) -> list[str]:
     methods = metrics.get("methods") or []
     if len(methods) < 2:
         return lines
-    encoders = metrics.get("encoders") or {}
-    labels = [str((encoders.get(method) or {}).get("label") or method) for method in methods]
+    labels = [method_label(metrics, method) for method in methods]
     width = max(len(label) for label in [*labels, "baselines"])
     for label in labels:
         own = [check for check in checks if check.name.startswith(f"{label}: ")]
@@ -200,10 +205,9 @@ def all_quality_checks(metrics: dict, replicates: Replicates | None = None) -> l
     methods = metrics.get("methods") or [None]
     if len(methods) == 1:
         return quality_checks(metrics, replicates, model=methods[0])
-    encoders = metrics.get("encoders") or {}
     checks = []
     for method in methods:
-        label = str((encoders.get(method) or {}).get("label") or method)
+        label = method_label(metrics, method)
         checks += [dataclasses.replace(check, name=f"{label}: {check.name}")
                    for check in quality_checks(metrics, replicates, model=method,
                                                dense_baselines=False)]
