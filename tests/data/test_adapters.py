@@ -225,7 +225,7 @@ def test_summary_counts(tmp_path: Path) -> None:
     summary = load_dataset("rsna", layout.write()).summary()
     assert summary["records"] == 6 and sum(summary["split"].values()) == 6
     assert summary["labels"]["Pneumonia"] == {"positive": 2, "stated": 6, "prevalence": 2 / 6}
-    assert summary["site"] == {"None": 6}  # the RSNA tables do not say where the images come from
+    assert summary["site"] == {"unset": 6}  # the RSNA tables do not say where the images come from
 
 
 def test_load_from_config_uses_layout_folder(tmp_path: Path) -> None:

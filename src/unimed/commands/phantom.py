@@ -56,9 +56,9 @@ def compare_with_manifest(read, expected, min_report_tokens: int) -> list[str]:
     if filtered:
         return []
     problems = []
-    if "None" not in summary["site"] and summary["site"] != expected.sites:
+    if "unset" not in summary["site"] and summary["site"] != expected.sites:
         problems.append(f"site counts {summary['site']} != written {expected.sites}")
-    if "None" not in summary["language"] and summary["language"] != expected.languages:
+    if "unset" not in summary["language"] and summary["language"] != expected.languages:
         problems.append(f"language counts {summary['language']} != written {expected.languages}")
     for name, count in expected.positives.items():
         got = _positives(summary, name)
@@ -93,7 +93,7 @@ def _prevalence_rows(reads: dict) -> list[list[str]]:
         labels = sorted(summary["labels"].items(), key=lambda kv: -kv[1]["positive"])
         n = max(len(read.records), 1)
         text = ", ".join(f"{k} {v['positive'] / n:.0%}" for k, v in labels if v["positive"])
-        if not labels and set(summary["target"]) != {"None"}:
+        if not labels and set(summary["target"]) != {"unset"}:
             text = _fmt(summary["target"])
         boxes = sum(len(r.boxes) for r in read.records)
         masks = sum(r.mask_rle not in (None, "-1") for r in read.records)

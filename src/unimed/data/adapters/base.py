@@ -124,11 +124,12 @@ class DatasetRead:
     examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
-        """Counts per split / language / site / view, and per-label positives and prevalence
-        (positives over records where the label is stated)."""
+        """Counts per split / language / site / view ("unset" where a record has none), and
+        per-label positives and prevalence (positives over records where the label is stated)."""
         out: dict = {"records": len(self.records), "dropped": dict(self.dropped)}
         for field in ("split", "language", "site", "view", "target"):
-            counts = collections.Counter(str(getattr(r, field)) for r in self.records)
+            counts = collections.Counter("unset" if getattr(r, field) is None else str(getattr(r, field))
+                                         for r in self.records)
             out[field] = dict(sorted(counts.items()))
         out["labels"] = _label_prevalence(self.records)
         return out
