@@ -27,7 +27,7 @@ from pathlib import Path
 
 from unimed.commands.evaluate import build_encoders, parse_tasks
 from unimed.commands.tables import print_table
-from unimed.config import load_config
+from unimed.config import load_run_config
 from unimed.eval import data as data_module
 from unimed.eval.data import EvalData
 from unimed.eval.runner import evaluate
@@ -107,7 +107,7 @@ def main() -> None:
         sys.exit(0 if same else 1)
     set_malloc_for_training()  # as `unimed evaluate` does
     checkpoint = find_checkpoint(args.run)
-    cfg = load_config(checkpoint_config(checkpoint), args.overrides)
+    cfg = load_run_config(checkpoint_config(checkpoint), args.overrides)
     tasks = parse_tasks(args.tasks, cfg)
     encoders = build_encoders(cfg, checkpoint, ())
     result = measure(encoders, cfg, tasks, args.memory if args.child == "spilled" else None)

@@ -35,7 +35,7 @@ import torch
 
 from unimed.commands.evaluate import build_encoders, parse_tasks
 from unimed.commands.tables import print_table
-from unimed.config import load_config
+from unimed.config import load_run_config
 from unimed.eval.data import EvalData
 from unimed.eval.runner import evaluate
 from unimed.eval.tasks import TaskContext
@@ -71,7 +71,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = find_checkpoint(args.run)
-    cfg = load_config(checkpoint_config(checkpoint), args.overrides)
+    cfg = load_run_config(checkpoint_config(checkpoint), args.overrides)
     tasks = parse_tasks(args.tasks, cfg)
     encoders = build_encoders(cfg, checkpoint, ())
     with tempfile.TemporaryDirectory() as tmp:

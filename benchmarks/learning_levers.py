@@ -49,7 +49,7 @@ from sklearn.preprocessing import StandardScaler
 
 from unimed.commands.train import run_pretrain, text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
-from unimed.config import load_config
+from unimed.config import load_config, load_run_config
 from unimed.eval.config import ZERO_SHOT_CLASSES, EvalConfig
 from unimed.eval.data import EvalData, rgb
 from unimed.eval.encoders import build_encoder
@@ -196,7 +196,7 @@ def main() -> None:
     table = []
     if args.checkpoint:
         checkpoint = find_checkpoint(args.checkpoint)
-        cfg = load_config(checkpoint_config(checkpoint))
+        cfg = load_run_config(checkpoint_config(checkpoint))
         encoder = build_encoder("checkpoint", "checkpoint", cfg.method, weights=checkpoint,
                                 text_encoder=text_encoder_dir(cfg), tokenizer=tokenizer_dir(cfg))
         table.append(_row(str(checkpoint), cfg.run.seed, encoder, EvalData(cfg.data), cfg, [], 0.0,

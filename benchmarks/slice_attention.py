@@ -38,7 +38,7 @@ import torch
 
 from unimed.commands.evaluate import build_encoders
 from unimed.commands.tables import print_table
-from unimed.config import load_config
+from unimed.config import load_run_config
 from unimed.data.errors import DataError
 from unimed.errors import ConfigError
 from unimed.eval.checks import percent
@@ -108,7 +108,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = find_checkpoint(args.run)
-    cfg = load_config(checkpoint_config(checkpoint), args.overrides)
+    cfg = load_run_config(checkpoint_config(checkpoint), args.overrides)
     encoders = build_encoders(cfg, checkpoint, tuple(b for b in args.baselines.split(",") if b))
     volume = cfg.eval.volume
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from unimed.config import Config, ConfigError, load_config, save_config, to_dict
+from unimed.config import Config, ConfigError, launch_dir, load_config, load_run_config, save_config, to_dict
 
 
 def test_defaults_are_frozen_dataclasses():
@@ -121,3 +121,46 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load(path.read_text())["run"]["seed"] == 11
     assert load_config(path) == cfg
     assert to_dict(load_config(path)) == to_dict(cfg)
+
+
+def _saved_run(project, monkeypatch):
+    """A run launched from `project` with relative paths: its data root, its MLM output as the text
+    encoder, a packaged lexicon name; the config saved as a run saves it (below the run folder)."""
+    (project / "world").mkdir(parents=True)
+    (project / "runs" / "x" / "mlm").mkdir(parents=True)
+    monkeypatch.chdir(project)
+    cfg = load_config(None, ["run.name=x", "data.root=world", "method.text.encoder=runs/x/mlm",
+                             "data.image_cache=cache", "mlm.lexicon=es-en",
+                             "demo.methods=[configs/none.yaml]"])
+    return save_config(cfg, project / "runs" / "x" / "pretrain")
+
+
+def test_a_saved_run_config_reads_its_paths_where_the_run_was_launched(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    saved = _saved_run(project, monkeypatch)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_run_config(saved, ["data.split_dir=splits"])
+    assert cfg.run.dir == project / "runs" / "x"
+    assert cfg.data.root == str(project / "world")
+    assert cfg.method.text.encoder == str(project / "runs" / "x" / "mlm")
+    # what names nothing in the project stays as written: packaged names, folders not made yet
+    assert (cfg.mlm.lexicon, cfg.data.image_cache, cfg.demo.methods) == ("es-en", "cache", ("configs/none.yaml",))
+    assert cfg.data.split_dir == "splits"  # an override is the user's, relative to where they are
+    assert launch_dir(saved, cfg.run) is None  # already absolute: nothing more to relocate
+    # a plain preset read is left alone
+    assert load_config(saved).data.root == "world"
+
+
+def test_a_saved_run_config_read_where_it_was_launched_or_moved_is_read_as_written(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    saved = _saved_run(project, monkeypatch)
+    assert launch_dir(saved, load_config(saved).run) is None
+    assert load_run_config(saved).data.root == "world"
+    renamed = project / "runs" / "y"
+    (project / "runs" / "x").rename(renamed)
+    monkeypatch.chdir(tmp_path)
+    moved = renamed / "pretrain" / "config.yaml"
+    assert launch_dir(moved, load_config(moved).run) is None
+    assert load_run_config(moved).data.root == "world"

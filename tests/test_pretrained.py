@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 import unimed
 from test_cli import TINY, _tiny_english_bert
 from unimed.cli import main
-from unimed.config import load_config
+from unimed.config import load_run_config
 from unimed.errors import ConfigError
 from unimed.eval.prompts import load_prompts
 from unimed.phantom.writers.dicom import dicom_ids, write_dicom
@@ -30,19 +31,23 @@ CLASSES = ["pleural effusion", "pneumonia"]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A pre-trained and zero-shot-evaluated tiny run folder."""
+    """A pre-trained and zero-shot-evaluated tiny run folder, launched as a user launches one: from
+    its project folder, with relative paths. Every test here then reads it from another working
+    directory (the repository's), as a notebook or a script elsewhere would."""
     root = tmp_path_factory.mktemp("pretrained")
-    cfg = {**TINY, "run": {**TINY["run"], "output_dir": str(root / "runs")},
-           "phantom": {**TINY["phantom"], "root": str(root / "world")},
-           "data": {**TINY["data"], "root": str(root / "world")}}
-    preset = root / "tiny.yaml"
-    preset.write_text(yaml.safe_dump(cfg))
-    base = f"vocab.base_model={_tiny_english_bert(root / 'english_bert')}"
-    for stage in ("phantom", "vocab", "mlm", "pretrain"):
-        assert main([stage, str(preset), base, "--quiet"]) == 0
-    run = root / "runs" / "tiny"
-    assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
-    return run
+    cfg = {**TINY, "run": {**TINY["run"], "output_dir": "runs"},
+           "phantom": {**TINY["phantom"], "root": "world"}, "data": {**TINY["data"], "root": "world"}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    _tiny_english_bert(root / "english_bert")
+    launched_from = Path.cwd()
+    os.chdir(root)
+    try:
+        for stage in ("phantom", "vocab", "mlm", "pretrain"):
+            assert main([stage, "tiny.yaml", "vocab.base_model=english_bert", "--quiet"]) == 0
+        assert main(["evaluate", "runs/tiny", "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
+    finally:
+        os.chdir(launched_from)
+    return root / "runs" / "tiny"
 
 
 @pytest.fixture()
@@ -65,7 +70,7 @@ def _run_encoder(run: Path):
     from unimed.commands.evaluate import build_encoders
 
     checkpoint = find_checkpoint(run)
-    return build_encoders(load_config(checkpoint_config(checkpoint)), checkpoint, ())[0]
+    return build_encoders(load_run_config(checkpoint_config(checkpoint)), checkpoint, ())[0]
 
 
 def _eval_pixels(files: list[Path], cfg) -> torch.Tensor:
@@ -90,7 +95,7 @@ def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, ima
 
     reference = _run_encoder(tiny_run)
     files = sorted(p for p in images.rglob("*") if p.suffix in (".png", ".jpg", ".dcm"))
-    cfg = load_config(checkpoint_config(find_checkpoint(tiny_run)))
+    cfg = load_run_config(checkpoint_config(find_checkpoint(tiny_run)))
     want_image = reference.image_features(_eval_pixels(files, cfg), normalize=True)
     want_text = reference.text_features(TEXTS, normalize=True)
     for source in (out, tiny_run):
@@ -160,11 +165,14 @@ def test_classify_and_embed_write_what_the_python_api_gives(tiny_run: Path, imag
     ("unreadable", "bad.png: cannot read image"),
     ("language", "unknown language 'xx'"),
     ("override", "uses the model's own config"),
+    ("device", "device 'cuda:99'"),
+    ("device name", "device 'gpu' is not a torch device name"),
+    ("out", "notes.txt is a file, not a folder"),
     ("no model", "no checkpoint at"),
 ])
 def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: Path, capsys,
                                        case: str, expected: str):
-    folder, model, extra = images, tiny_run, []
+    folder, model, extra, out = images, tiny_run, [], tmp_path / "s.csv"
     if case == "missing":
         folder = tmp_path / "nowhere"
     elif case == "empty":
@@ -177,15 +185,33 @@ def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: P
         extra = ["--language", "xx"]
     elif case == "override":
         extra = ["train.lr=1"]
+    elif case.startswith("device"):
+        extra = ["--device", "gpu" if case == "device name" else "cuda:99"]
+    elif case == "out":
+        out = images / "notes.txt" / "s.csv"
     else:
         model = tmp_path / "nowhere"
     args = ["classify", str(model), str(folder), "--classes", "pneumonia",
-            "--out", str(tmp_path / "s.csv"), *extra, "--quiet"]
+            "--out", str(out), *extra, "--quiet"]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("unimed:")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err
+
+
+def test_a_run_evaluated_from_another_folder_reads_and_writes_its_own(tiny_run: Path, tmp_path: Path,
+                                                                       monkeypatch):
+    """The run was launched from its project folder with relative paths (data root, run folder);
+    evaluated from elsewhere it reads that project's data and writes into the run folder itself."""
+    metrics = tiny_run / "metrics.json"
+    before = metrics.stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(tiny_run), "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
+    assert not (tmp_path / "runs").exists() and metrics.stat().st_mtime_ns > before
+    saved = yaml.safe_load((tiny_run / "eval" / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(tiny_run.parents[1] / "world")
+    assert json.loads(metrics.read_text())["data_root"] == str(tiny_run.parents[1] / "world")
 
 
 def test_export_refuses_a_non_empty_folder(tiny_run: Path, tmp_path: Path, capsys):
@@ -225,8 +251,8 @@ def test_preset_encoders_read_each_run_with_the_presets_data(tiny_run: Path):
     from unimed.commands.evaluate import preset_encoders
 
     checkpoint = find_checkpoint(tiny_run)
-    run_cfg = load_config(checkpoint_config(checkpoint))
-    preset = load_config(checkpoint_config(checkpoint), ["data.max_length=40", "method.image.encoder=resnet18"])
+    run_cfg = load_run_config(checkpoint_config(checkpoint))
+    preset = load_run_config(checkpoint_config(checkpoint), ["data.max_length=40", "method.image.encoder=resnet18"])
     trained, random = preset_encoders(preset, [tiny_run], ("random",))
     assert (trained.name, random.name) == (run_cfg.method.name, "random")
     assert trained.max_length == random.max_length == 40 != run_cfg.data.max_length
@@ -246,10 +272,10 @@ def test_preset_encoders_without_baselines_need_no_mlm_output_of_the_preset(tiny
     own run folder (its MLM output, the baselines' text encoder) need not exist."""
     from unimed.commands.evaluate import preset_encoders
 
-    preset = load_config(checkpoint_config(find_checkpoint(tiny_run)),
+    preset = load_run_config(checkpoint_config(find_checkpoint(tiny_run)),
                          ["run.name=never_trained", "method.text.encoder=null"])
     assert not (preset.run.dir / "mlm").exists()
     (trained,) = preset_encoders(preset, [tiny_run], ())
-    assert trained.name == load_config(checkpoint_config(find_checkpoint(tiny_run))).method.name
+    assert trained.name == load_run_config(checkpoint_config(find_checkpoint(tiny_run))).method.name
     with pytest.raises(ConfigError, match="no text encoder"):
         preset_encoders(preset, [tiny_run], ("init",))

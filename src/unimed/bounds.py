@@ -1,10 +1,21 @@
 """Range checks of configuration values, run by each section's ``__post_init__`` so that a value
-out of range is a config error naming its key when the preset is read, before any stage starts."""
+out of range is a config error naming its key when the preset is read, before any stage starts; and
+the marker of the options that name files or folders."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
+
+PATH_OPTION = "path"
+"""Field metadata key of an option that names a file or folder: a relative one is relative to the
+working directory the run was launched from (:func:`unimed.config.load_run_config`)."""
+
+
+def path_option(default: Any) -> Any:
+    """A config field holding a file or folder path (or a list of them, or None)."""
+    return dataclasses.field(default=default, metadata={PATH_OPTION: True})
 
 
 def check_bounds(prefix: str, section: Any, *, at_least_one: Iterable[str] = (),

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 
 from unimed.commands import COMMANDS
-from unimed.config import load_config
+from unimed.config import load_config, load_run_config
 from unimed.data.errors import DataError
 from unimed.errors import ConfigError
 from unimed.eval.errors import EvalError
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = COMMANDS[args.command]
         _check_launch(args.command, spec.distributed)
         path, overrides = _split_config_and_overrides(args)
-        cfg = load_config(path or spec.default_config(args), overrides)
+        saved = None if path else spec.default_config(args)  # a run's own config, found from its folder
+        cfg = load_run_config(saved, overrides) if saved else load_config(path, overrides)
         with library_output(quiet=args.quiet, progress=args.progress):
             return spec.handler(cfg, args)
     except ConfigError as exc:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from unimed.bounds import check_bounds
+from unimed.bounds import PATH_OPTION, check_bounds, path_option
 from unimed.data.config import DataConfig
 from unimed.errors import ConfigError, yaml_problem
 from unimed.eval.config import EvalConfig
@@ -37,7 +37,7 @@ class RunConfig:
     """Where a run writes, and its global seed."""
 
     name: str = "demo"
-    output_dir: str = "runs"
+    output_dir: str = path_option("runs")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,7 +55,7 @@ class DemoConfig:
     sections; the run, phantom, data, vocabulary, MLM text encoder and evaluation are this
     config's, and the method's outputs go to ``<run dir>/<method name>/``."""
 
-    methods: tuple[str, ...] = ()
+    methods: tuple[str, ...] = path_option(())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +192,86 @@ def load_config(
     The method section starts from the chosen method's own defaults (its dataclass), so switching
     `method.name` never carries another method's keys along.
     """
+    data = _defaults(cls)
+    if path is not None:
+        data = _merge(data, _read_yaml(Path(path)))
+    return _build(cls, _overridden(data, overrides))
+
+
+def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config a run saved (a ``config.yaml`` in its folder) <- dotted overrides, its relative
+    paths read where the run was launched from.
+
+    A run reads a relative path option (:func:`unimed.bounds.path_option`: its output folder, the
+    data root, the text encoder, ...) against the working directory it was launched from, and saves
+    it as given. From another working directory (a notebook elsewhere, ``unimed evaluate
+    /abs/runs/demo``) those paths would name other folders, or none. The launch directory is where
+    the saved file lies, less the run folder ``run.output_dir/run.name`` and what is below it; a
+    relative path option that names something there is made absolute there. Overrides stay relative
+    to the working directory. Where the launch directory is the working directory, or cannot be
+    told (``run.output_dir`` absolute, or the run folder renamed), the file is read as
+    :func:`load_config` reads it.
+    """
+    data = _merge(_defaults(Config), _read_yaml(Path(path)))
+    saved = _build(Config, data)
+    launch = launch_dir(Path(path), saved.run)
+    if launch is not None:
+        for keys, value in _path_options(saved):
+            moved = _relocated(value, launch)
+            if moved != value:
+                node = data
+                for key in keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[keys[-1]] = moved
+    return _build(Config, _overridden(data, overrides))
+
+
+def launch_dir(saved: Path, run: RunConfig) -> Path | None:
+    """The working directory a run was launched from, told by where its saved config file `saved`
+    lies (the folder above its run folder ``run.output_dir/run.name``); None where that is the
+    working directory now or cannot be told."""
+    run_parts = tuple(part for part in run.dir.parts if part != ".")
+    if run.dir.is_absolute() or ".." in run_parts:
+        return None
+    for folder in (saved.resolve().parent, *saved.resolve().parent.parents):
+        if folder.parts[len(folder.parts) - len(run_parts):] == run_parts:
+            launch = Path(*folder.parts[:len(folder.parts) - len(run_parts)])
+            return None if launch == Path.cwd().resolve() else launch
+    return None
+
+
+def _path_options(section: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """(dotted keys, value) of every path option in the config `section`, depth first."""
+    found = []
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        if dataclasses.is_dataclass(value):
+            found += _path_options(value, (*keys, field.name))
+        elif field.metadata.get(PATH_OPTION):
+            found.append(((*keys, field.name), value))
+    return found
+
+
+def _relocated(value: Any, launch: Path) -> Any:
+    """A path option's `value` (a path, a list of them, or None) with each relative path that names
+    something under `launch` made absolute there; packaged names (``es-en``, a packaged encoder)
+    and paths that name nothing there are kept."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_relocated(v, launch) for v in value)
+    if not value or Path(value).is_absolute() or not (launch / value).exists():
+        return value
+    return str(launch / value)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
     data = to_dict(cls())
     if isinstance(data.get("method"), dict):
         data["method"] = {"name": data["method"]["name"]}
-    if path is not None:
-        data = _merge(data, _read_yaml(Path(path)))
+    return data
+
+
+def _overridden(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`data` with the dotted `overrides` set in it (in place)."""
     for item in overrides:
         keys, value = _parse_override(item)
         node = data
@@ -210,7 +285,7 @@ def load_config(
                 )
             node = child
         node[keys[-1]] = value
-    return _build(cls, data)
+    return data
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

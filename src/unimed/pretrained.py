@@ -37,7 +37,7 @@ from PIL import Image
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoTokenizer
 
-from unimed.config import CONFIG_FILE, Config, load_config, save_config, to_dict
+from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, save_config, to_dict
 from unimed.data.images import load_image
 from unimed.data.transforms import eval_transform
 from unimed.errors import ConfigError
@@ -187,15 +187,34 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> Pretrained:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"no model at {path}: the folder does not exist")
-    device = torch.device(device)
+    device = _usable_device(device)
     if is_export(path):
         return _load_export(path, device)
     try:
         checkpoint = find_checkpoint(path)
-        cfg = load_config(checkpoint_config(checkpoint))
+        cfg = load_run_config(checkpoint_config(checkpoint))
     except FileNotFoundError as exc:
         raise ConfigError(f"{exc} (or a folder written by `unimed export`)") from None
     return _load_run(cfg, checkpoint, device)
+
+
+def _usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that this machine can put a tensor on; a ConfigError naming it
+    otherwise (not a device name, no CUDA device, no such device)."""
+    name = str(device)
+    try:
+        checked = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a torch device name (cpu, cuda, cuda:1, ...)") from None
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: this machine has no usable CUDA device (use cpu)")
+    if checked.type == "cuda" and (checked.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.empty(0, device=checked)
+    except (RuntimeError, AssertionError, NotImplementedError):
+        raise ConfigError(f"device {name!r}: this torch build or machine cannot run on it (use cpu)") from None
+    return checked
 
 
 def _load_run(cfg: Config, checkpoint: Path, device: torch.device) -> Pretrained:

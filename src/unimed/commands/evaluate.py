@@ -29,7 +29,7 @@ import numpy as np
 from unimed.commands import command, run_dir
 from unimed.commands.train import text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
-from unimed.config import CONFIG_FILE, Config, load_config
+from unimed.config import CONFIG_FILE, Config, load_config, load_run_config
 from unimed.errors import ConfigError
 from unimed.eval.config import TASK_NAMES, VOLUME_TASK_NAMES
 
@@ -89,7 +89,7 @@ def preset_encoders(cfg: Config, checkpoints: Sequence[str | Path], baselines: t
     also = []
     for folder in checkpoints:
         path = resolve_checkpoint(folder)
-        run_cfg = load_config(checkpoint_config(path), list(overrides))
+        run_cfg = load_run_config(checkpoint_config(path), list(overrides))
         also.append((dataclasses.replace(run_cfg, data=cfg.data), path))
     encoders = _encoders(cfg, also, baselines)
     trained = encoders[:len(also)]
@@ -281,7 +281,7 @@ def methods_beside(cfg: Config, checkpoint: str | Path) -> list[tuple[Config, Pa
     for folder in sorted(p for p in cfg.run.dir.iterdir() if p.is_dir()):
         saved = folder / "pretrain" / CONFIG_FILE
         if saved.is_file():
-            other = load_config(saved)
+            other = load_run_config(saved)
             if other.method.name == folder.name != cfg.method.name:
                 found.append((other, folder))
     return found

@@ -183,6 +183,9 @@ def _writable(path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8"):
             pass
+    except (FileExistsError, NotADirectoryError):  # a file where the path needs a folder
+        blocking = next((folder for folder in path.parents if folder.is_file()), path.parent)
+        raise ConfigError(f"cannot write {path} ({blocking} is a file, not a folder)") from None
     except OSError as exc:
         raise ConfigError(f"cannot write {path} ({exc.strerror or exc})") from None
     return path

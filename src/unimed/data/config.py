@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from unimed.bounds import check_bounds
+from unimed.bounds import check_bounds, path_option
 from unimed.data.errors import ON_ERROR_OPTIONS
 from unimed.data.splits import SPLITS
 
@@ -40,7 +40,7 @@ class DataConfig:
     candidates per series for fewer than two nodules, more than an evaluation can hold in memory.
     """
 
-    root: str = "data/phantom"
+    root: str = path_option("data/phantom")
     pretrain_datasets: tuple[str, ...] = ("mimic-cxr", "padchest")
     text_datasets: tuple[str, ...] = ()
     text_splits: tuple[str, ...] = ("train",)
@@ -56,9 +56,9 @@ class DataConfig:
     sentence_keep: float = 1.0
     max_length: int = 128
     num_workers: int = 0
-    split_dir: str | None = None
-    volume_cache: str | None = None
-    image_cache: str | None = None
+    split_dir: str | None = path_option(None)
+    volume_cache: str | None = path_option(None)
+    image_cache: str | None = path_option(None)
     candidate_negatives: int | None = None
     check_images: bool = False
     progress: bool = True

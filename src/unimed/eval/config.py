@@ -11,7 +11,7 @@ import dataclasses
 
 import snowballstemmer
 
-from unimed.bounds import check_bounds
+from unimed.bounds import check_bounds, path_option
 from unimed.text.stemming import NO_STEMMING
 
 TASK_NAMES: tuple[str, ...] = (
@@ -57,7 +57,7 @@ class ZeroShotConfig:
     classes: dict[str, list[str]] = dataclasses.field(
         default_factory=lambda: {k: list(v) for k, v in ZERO_SHOT_CLASSES.items()}
     )
-    prompt_dir: str = ""  # folder of <language>.yaml prompt files; empty = the packaged ones
+    prompt_dir: str = path_option("")  # folder of <language>.yaml prompt files; empty = the packaged ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +230,7 @@ class RetrievalConfig:
     datasets: tuple[str, ...] = ("mimic-cxr", "padchest")
     ks: tuple[int, ...] = (1, 5, 10)
     max_queries: int = 1000
-    parallel_file: str = ""  # CSV study_id,en,es; empty = <data.root>/parallel-reports/test.csv
+    parallel_file: str = path_option("")  # CSV study_id,en,es; empty = <data.root>/parallel-reports/test.csv
     # Shortcut diagnostic on the pre-training pairs (train split of `datasets`): at most
     # `diagnostic_pairs` per language (encoding 1024 pairs with the CPU demo's encoders takes about
     # a minute per encoder on 2 cores, 256 a quarter of that), InfoNCE over batches of
@@ -270,7 +270,7 @@ class GradCAMConfig:
     classes: tuple[str, ...] = ("pleural effusion", "pneumothorax", "cardiomegaly", "consolidation")
     languages: tuple[str, ...] = ("en", "es")
     images_per_class: int = 2
-    prompt_dir: str = ""  # folder of <language>.yaml prompt files; empty = the packaged ones
+    prompt_dir: str = path_option("")  # folder of <language>.yaml prompt files; empty = the packaged ones
 
     def __post_init__(self) -> None:
         check_bounds("eval.gradcam", self, at_least_one=("images_per_class",))

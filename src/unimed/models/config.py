@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from unimed.bounds import check_bounds
+from unimed.bounds import check_bounds, path_option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class ImageTowerConfig:
     """
 
     encoder: str = "resnet18"
-    weights: str | None = None
+    weights: str | None = path_option(None)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     compile: bool = False
@@ -68,8 +68,8 @@ class TextTowerConfig:
     DDP then needs ``find_unused_parameters`` (the loop turns it on).
     """
 
-    encoder: str | None = None
-    tokenizer: str | None = None
+    encoder: str | None = path_option(None)
+    tokenizer: str | None = path_option(None)
     frozen_layers: int = 9
     pooling: str = "cls"
     dropout: float = 0.1

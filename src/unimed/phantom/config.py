@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from unimed.bounds import check_bounds
+from unimed.bounds import check_bounds, path_option
 from unimed.phantom.ct.config import CTConfig
 
 
@@ -20,7 +20,7 @@ class PhantomConfig:
     lower lesion contrast and size and raise noise.
     """
 
-    root: str = "data/phantom"
+    root: str = path_option("data/phantom")
     seed: int = 0
     image_size: int = 256
     difficulty: float = 1.0
@@ -38,8 +38,8 @@ class PhantomConfig:
     control_studies: int = 100  # its studies per language, beside the layout's own (MIMIC-CXR, PadChest)
     languages: tuple[str, ...] = ("en", "es")
     workers: int = 1
-    lang_dir: str = ""  # folder of language packs; empty = the packaged phantom/lang
-    sites_file: str = ""  # sites YAML; empty = the packaged phantom/sites.yaml
+    lang_dir: str = path_option("")  # folder of language packs; empty = the packaged phantom/lang
+    sites_file: str = path_option("")  # sites YAML; empty = the packaged phantom/sites.yaml
     ct: CTConfig = CTConfig()  # the 3D (CT) world, written only with phantom.ct.enabled
 
     def __post_init__(self) -> None:

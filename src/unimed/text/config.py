@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from unimed.bounds import check_bounds
+from unimed.bounds import check_bounds, path_option
 
 # How the appended rows start (`mlm.new_rows`) and what the MLM stage trains (`mlm.trainable`).
 NEW_ROWS = ("random", "subword_mean", "subword_distilled", "lexicon")
@@ -21,7 +21,7 @@ class VocabConfig:
     own normalisation, and the new terms are normalised the same way so that they can match.
     """
 
-    base_model: str | None = None
+    base_model: str | None = path_option(None)
     english_vocab_size: int = 4000
     new_terms: int = 500
     language: str = "es"
@@ -77,7 +77,7 @@ class MLMConfig:
     fp16: bool = True
     log_every: int = 10
     new_rows: str = "random"
-    lexicon: str = "es-en"
+    lexicon: str = path_option("es-en")
     trainable: str = "all"
 
     def __post_init__(self) -> None:
