@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import yaml
 
-from unimed.config import Config, ConfigError, launch_dir, load_config, load_run_config, save_config, to_dict
+from unimed.config import (Config, ConfigError, load_config, load_run_config, run_folder, save_config,
+                           to_dict)
 
 
 def test_defaults_are_frozen_dataclasses():
@@ -123,16 +124,16 @@ def test_saved_config_round_trips(tmp_path):
     assert to_dict(load_config(path)) == to_dict(cfg)
 
 
-def _saved_run(project, monkeypatch):
-    """A run launched from `project` with relative paths: its data root, its MLM output as the text
-    encoder, a packaged lexicon name; the config saved as a run saves it (below the run folder)."""
-    (project / "world").mkdir(parents=True)
-    (project / "runs" / "x" / "mlm").mkdir(parents=True)
+def _saved_run(project, monkeypatch, name="x", output_dir="runs", encoder="runs/x/mlm"):
+    """A run launched from `project` with relative paths: its data root, an MLM output as the text
+    encoder, a packaged lexicon name; its config saved as the pre-training stage saves it."""
+    (project / "world").mkdir(parents=True, exist_ok=True)
+    (project / encoder).mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(project)
-    cfg = load_config(None, ["run.name=x", "data.root=world", "method.text.encoder=runs/x/mlm",
-                             "data.image_cache=cache", "mlm.lexicon=es-en",
-                             "demo.methods=[configs/none.yaml]"])
-    return save_config(cfg, project / "runs" / "x" / "pretrain")
+    cfg = load_config(None, [f"run.name={name}", f"run.output_dir={output_dir}", "data.root=world",
+                             f"method.text.encoder={encoder}", "data.image_cache=cache",
+                             "mlm.lexicon=es-en", "demo.methods=[configs/none.yaml]"])
+    return save_config(cfg, project / output_dir / name / "pretrain")
 
 
 def test_a_saved_run_config_reads_its_paths_where_the_run_was_launched(tmp_path, monkeypatch):
@@ -142,25 +143,49 @@ def test_a_saved_run_config_reads_its_paths_where_the_run_was_launched(tmp_path,
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     cfg = load_run_config(saved, ["data.split_dir=splits"])
-    assert cfg.run.dir == project / "runs" / "x"
+    assert cfg.run.dir == project / "runs" / "x" == run_folder(saved, cfg.run)
     assert cfg.data.root == str(project / "world")
     assert cfg.method.text.encoder == str(project / "runs" / "x" / "mlm")
     # what names nothing in the project stays as written: packaged names, folders not made yet
     assert (cfg.mlm.lexicon, cfg.data.image_cache, cfg.demo.methods) == ("es-en", "cache", ("configs/none.yaml",))
     assert cfg.data.split_dir == "splits"  # an override is the user's, relative to where they are
-    assert launch_dir(saved, cfg.run) is None  # already absolute: nothing more to relocate
-    # a plain preset read is left alone
-    assert load_config(saved).data.root == "world"
+    assert load_config(saved).data.root == "world"  # a plain preset read is left alone
 
 
-def test_a_saved_run_config_read_where_it_was_launched_or_moved_is_read_as_written(tmp_path, monkeypatch):
+def test_a_saved_run_config_read_where_it_was_launched_is_read_as_written(tmp_path, monkeypatch):
+    saved = _saved_run(tmp_path / "project", monkeypatch)
+    assert load_run_config(saved) == load_config(saved)
+
+
+def test_a_renamed_run_folder_reads_its_own_paths_not_the_old_names(tmp_path, monkeypatch):
+    """Renamed, the run must not read (or write into) whatever now sits at its old name."""
     project = tmp_path / "project"
-    saved = _saved_run(project, monkeypatch)
-    assert launch_dir(saved, load_config(saved).run) is None
-    assert load_run_config(saved).data.root == "world"
-    renamed = project / "runs" / "y"
-    (project / "runs" / "x").rename(renamed)
+    _saved_run(project, monkeypatch)
+    (project / "runs" / "x").rename(project / "runs" / "y")
+    (project / "runs" / "x" / "mlm").mkdir(parents=True)  # a new run under the old name
+    cfg = load_run_config(project / "runs" / "y" / "pretrain" / "config.yaml")
+    assert (cfg.run.output_dir, cfg.run.name) == (str(project / "runs"), "y")
+    assert cfg.method.text.encoder == str(project / "runs" / "y" / "mlm")
+    assert cfg.data.root == str(project / "world")
+
+
+def test_a_method_run_inside_a_renamed_run_finds_the_outer_runs_text_encoder(tmp_path, monkeypatch):
+    """The demo trains each further method in <run>/<method>/ on the run's own MLM output."""
+    project = tmp_path / "project"
+    _saved_run(project, monkeypatch, name="prior", output_dir="runs/x", encoder="runs/x/mlm")
+    (project / "runs" / "x").rename(project / "runs" / "z")
     monkeypatch.chdir(tmp_path)
-    moved = renamed / "pretrain" / "config.yaml"
-    assert launch_dir(moved, load_config(moved).run) is None
-    assert load_run_config(moved).data.root == "world"
+    cfg = load_run_config(project / "runs" / "z" / "prior" / "pretrain" / "config.yaml")
+    assert cfg.run.dir == project / "runs" / "z" / "prior"
+    assert cfg.method.text.encoder == str(project / "runs" / "z" / "mlm")
+    assert cfg.data.root == str(project / "world")
+
+
+def test_a_config_outside_any_run_folder_is_read_as_written(tmp_path, monkeypatch):
+    saved = _saved_run(tmp_path / "project", monkeypatch)
+    copy = tmp_path / "exported" / "config.yaml"
+    copy.parent.mkdir()
+    copy.write_text(saved.read_text())
+    monkeypatch.chdir(tmp_path)
+    assert run_folder(copy, load_config(copy).run) is None
+    assert load_run_config(copy) == load_config(copy)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -212,6 +213,28 @@ def test_a_run_evaluated_from_another_folder_reads_and_writes_its_own(tiny_run: 
     saved = yaml.safe_load((tiny_run / "eval" / "config.yaml").read_text())
     assert saved["data"]["root"] == str(tiny_run.parents[1] / "world")
     assert json.loads(metrics.read_text())["data_root"] == str(tiny_run.parents[1] / "world")
+
+
+def test_a_renamed_run_evaluates_into_itself_not_into_its_old_name(tiny_run: Path, images: Path):
+    """A copy of the run under another name reads its own MLM output, and its evaluation writes
+    into the copy, leaving the folder at the old name (here the original run) untouched."""
+    renamed = tiny_run.parent / "tiny_v1"
+    shutil.copytree(tiny_run, renamed)
+    try:
+        (renamed / "mlm" / "config.json").rename(renamed / "mlm" / "config.json.bak")
+        with pytest.raises(ConfigError, match=str(renamed / "mlm")):
+            unimed.load(renamed)  # its own MLM output, missing, not the original run's
+        (renamed / "mlm" / "config.json.bak").rename(renamed / "mlm" / "config.json")
+        files = sorted(p for p in images.rglob("*") if p.suffix in (".png", ".jpg", ".dcm"))
+        torch.testing.assert_close(unimed.load(renamed).encode_image(files),
+                                   unimed.load(tiny_run).encode_image(files))
+        original = (tiny_run / "metrics.json").stat().st_mtime_ns
+        (renamed / "metrics.json").unlink()
+        assert main(["evaluate", str(renamed), "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
+        assert (renamed / "metrics.json").is_file()
+        assert (tiny_run / "metrics.json").stat().st_mtime_ns == original
+    finally:
+        shutil.rmtree(renamed)
 
 
 def test_export_refuses_a_non_empty_folder(tiny_run: Path, tmp_path: Path, capsys):

@@ -199,45 +199,69 @@ def load_config(
 
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The config a run saved (a ``config.yaml`` in its folder) <- dotted overrides, its relative
-    paths read where the run was launched from.
+    """The config a run saved (``config.yaml`` in its run folder or in a stage folder of it) <-
+    dotted overrides, its paths read where the run folder is now.
 
     A run reads a relative path option (:func:`unimed.bounds.path_option`: its output folder, the
     data root, the text encoder, ...) against the working directory it was launched from, and saves
-    it as given. From another working directory (a notebook elsewhere, ``unimed evaluate
-    /abs/runs/demo``) those paths would name other folders, or none. The launch directory is where
-    the saved file lies, less the run folder ``run.output_dir/run.name`` and what is below it; a
-    relative path option that names something there is made absolute there. Overrides stay relative
-    to the working directory. Where the launch directory is the working directory, or cannot be
-    told (``run.output_dir`` absolute, or the run folder renamed), the file is read as
-    :func:`load_config` reads it.
+    it as given. Read from another working directory (a notebook elsewhere, ``unimed evaluate
+    /abs/runs/demo``), or after the run folder was renamed or moved, those paths would name other
+    folders (another run's), or none. So where the run folder is now (:func:`run_folder`) is not
+    ``run.output_dir/run.name`` seen from here, the run section names it, and a path option under
+    the run folder, under a folder above it or under the folder it was launched from is read at the
+    same place relative to the run folder now (:func:`_relocated`), where that names something.
+    Overrides stay relative to the working directory.
     """
     data = _merge(_defaults(Config), _read_yaml(Path(path)))
     saved = _build(Config, data)
-    launch = launch_dir(Path(path), saved.run)
-    if launch is not None:
+    here = run_folder(Path(path), saved.run)
+    if here is not None and here != saved.run.dir.resolve():
         for keys, value in _path_options(saved):
-            moved = _relocated(value, launch)
-            if moved != value:
-                node = data
-                for key in keys[:-1]:
-                    node = node.setdefault(key, {})
-                node[keys[-1]] = moved
+            node = data
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = _relocated(value, saved.run.dir, here)
+        data["run"].update(output_dir=str(here.parent), name=here.name)
     return _build(Config, _overridden(data, overrides))
 
 
-def launch_dir(saved: Path, run: RunConfig) -> Path | None:
-    """The working directory a run was launched from, told by where its saved config file `saved`
-    lies (the folder above its run folder ``run.output_dir/run.name``); None where that is the
-    working directory now or cannot be told."""
-    run_parts = tuple(part for part in run.dir.parts if part != ".")
-    if run.dir.is_absolute() or ".." in run_parts:
-        return None
-    for folder in (saved.resolve().parent, *saved.resolve().parent.parents):
-        if folder.parts[len(folder.parts) - len(run_parts):] == run_parts:
-            launch = Path(*folder.parts[:len(folder.parts) - len(run_parts)])
-            return None if launch == Path.cwd().resolve() else launch
-    return None
+RUN_STAGES = ("vocab", "mlm", "pretrain", "eval")
+"""The sub-folders of a run folder in which a stage saves its config (``unimed.commands.run_dir``)."""
+
+
+def run_folder(saved: Path, run: RunConfig) -> Path | None:
+    """The run folder, as it is now, of the config file `saved` that a run wrote: the nearest
+    folder above the file whose last parts are ``run.output_dir/run.name`` (read from anywhere),
+    else the folder the file is in, or the one above it when that is a stage folder
+    (:data:`RUN_STAGES`: the run folder was renamed or moved); None for a file in neither place."""
+    folder = saved.resolve().parent
+    parts = tuple(part for part in run.dir.parts if part != ".")
+    if not run.dir.is_absolute() and ".." not in parts:
+        for above in (folder, *folder.parents):
+            if len(above.parts) > len(parts) and above.parts[len(above.parts) - len(parts):] == parts:
+                return above
+    if folder.name in RUN_STAGES:
+        return folder.parent
+    return folder if folder.name == run.name else None
+
+
+def _relocated(value: Any, old_run: Path, here: Path) -> Any:
+    """A path option's `value` (a path, a list of them, or None) read with the run folder
+    `old_run` (as the run saved it) now at `here`: a path under `old_run` or under a folder above
+    it (up to the launch folder, for a relative `old_run`) becomes the path at the same place
+    relative to `here`, where that names something; packaged names (``es-en``, a packaged
+    encoder), paths elsewhere and paths that name nothing there are kept."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_relocated(v, old_run, here) for v in value)
+    if not value or Path(value).is_absolute() != old_run.is_absolute():
+        return value
+    path = Path(value)
+    olds = [old_run, *old_run.parents]  # a relative one ends at Path("."), the launch folder
+    for depth, old in enumerate(olds):
+        if depth <= len(here.parents) and path.is_relative_to(old):
+            candidate = (here.parents[depth - 1] if depth else here) / path.relative_to(old)
+            return str(candidate) if candidate.exists() else value
+    return value
 
 
 def _path_options(section: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
@@ -250,17 +274,6 @@ def _path_options(section: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[
         elif field.metadata.get(PATH_OPTION):
             found.append(((*keys, field.name), value))
     return found
-
-
-def _relocated(value: Any, launch: Path) -> Any:
-    """A path option's `value` (a path, a list of them, or None) with each relative path that names
-    something under `launch` made absolute there; packaged names (``es-en``, a packaged encoder)
-    and paths that name nothing there are kept."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(_relocated(v, launch) for v in value)
-    if not value or Path(value).is_absolute() or not (launch / value).exists():
-        return value
-    return str(launch / value)
 
 
 def _defaults(cls: type) -> dict[str, Any]:
