@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from unimed.cli import main
+from unimed.config import load_config
+from unimed.errors import ConfigError
 from unimed.eval import data as eval_data
 
 TINY = {
@@ -153,6 +155,40 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     log = [json.loads(line) for line in (run / "pretrain" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log][-1] == 3
 
+    # Training afresh over it would replace its config and mix two runs' checkpoints: one line,
+    # and nothing of the earlier run changes.
+    saved, latest = (run / "pretrain" / "config.yaml").read_text(), (run / "pretrain" / "checkpoints" / "latest").read_text()
+    capsys.readouterr()
+    assert main(["pretrain", str(preset), "train.max_steps=1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the checkpoints of an earlier run" in err[0] and "--resume" in err[0]
+    assert (run / "pretrain" / "config.yaml").read_text() == saved
+    assert (run / "pretrain" / "checkpoints" / "latest").read_text() == latest
+
+
+def test_the_demo_starts_its_training_stages_over(preset: Path, tmp_path: Path):
+    """`make demo` run twice: the second run removes the checkpoints the first left in its own
+    training stages (which a plain rerun of a stage refuses) and nothing else."""
+    import torch
+
+    from unimed.commands.demo import method_presets, start_over
+    from unimed.commands.train import writable_run_dir
+    from unimed.train.checkpoint import checkpoints, save_checkpoint
+
+    cfg = load_config(preset)
+    run = tmp_path / "runs" / "tiny"
+    stages = [run / "mlm", run / "pretrain", run / "prior" / "pretrain", run / "unimedi" / "pretrain"]
+    for stage in stages:
+        save_checkpoint(stage / "checkpoints", 7, torch.nn.Linear(2, 2), {"step": 7})
+    (run / "eval").mkdir()
+    (run / "eval" / "kept.txt").write_text("evaluation output")
+    with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run"):
+        writable_run_dir(cfg, "pretrain", True, resume=False)
+    start_over(cfg, method_presets(cfg))
+    assert [checkpoints(stage / "checkpoints") for stage in stages] == [[], [], [], []]
+    assert (run / "eval" / "kept.txt").read_text() == "evaluation output"
+    assert writable_run_dir(cfg, "pretrain", True, resume=False) == run / "pretrain"
+
 
 def assert_outputs_of_evaluation(run: Path, metrics: dict, out: str) -> None:
     """Intervals beside the values, paired replicates in bootstrap.npz, published split files
@@ -272,8 +308,6 @@ def test_pretrain_without_text_encoder_explains(preset: Path, capsys):
 
 
 def test_every_preset_loads():
-    from unimed.config import load_config
-
     presets = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
     assert presets
     for path in presets:

@@ -100,6 +100,20 @@ def test_keeps_only_last_n_and_cleans_interrupted_writes(tmp_path):
     assert names == ["latest", ckpt.checkpoint_name(2), ckpt.checkpoint_name(3)]
 
 
+def test_a_checkpoint_below_an_earlier_runs_steps_is_kept(tmp_path):
+    """A run started afresh in a folder an earlier, longer run left: pruning by step alone deleted
+    every checkpoint the new run wrote, and `latest` named a deleted folder."""
+    model = nn.Linear(2, 2)
+    for step in (300, 344):
+        ckpt.save_checkpoint(tmp_path, step, model, _state(step), keep=2)
+    written = ckpt.save_checkpoint(tmp_path, 50, model, _state(50), keep=2)
+    assert ckpt.latest_checkpoint(tmp_path) == written
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == [ckpt.checkpoint_name(50), ckpt.checkpoint_name(344)]
+    ckpt.save_checkpoint(tmp_path, 100, model, _state(100), keep=2)
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == [ckpt.checkpoint_name(100), ckpt.checkpoint_name(344)]
+    assert ckpt.checkpoints(tmp_path / "none") == []
+
+
 def test_missing_or_mismatched_checkpoint_errors(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path) is None
     path = ckpt.save_checkpoint(tmp_path, 1, nn.Linear(2, 2), _state(1))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from unimed.config import Config, DemoConfig, load_config
 from unimed.errors import ConfigError
 from unimed.machine import DEMO_SIZED_ON_FLOPS, gemm_peak
 from unimed.methods import method_label
+
+log = logging.getLogger(__name__)
 
 
 def method_presets(cfg: Config) -> list[Config]:
@@ -76,11 +80,28 @@ def machine_line(peaks: tuple[float, float], threads: int) -> str:
             f"{scaling}")
 
 
+def start_over(cfg: Config, presets: list[Config]) -> None:
+    """Remove the checkpoints an earlier demo left in this run's training stages (MLM, the
+    method's pre-training, each further method's), said in one line each: the main job trains
+    every stage afresh, and a training stage refuses a folder holding an earlier run's checkpoints
+    (:func:`unimed.commands.train.writable_run_dir`)."""
+    from unimed.train.checkpoint import checkpoints
+    from unimed.train.loop import CHECKPOINT_DIR
+
+    stages = [cfg.run.dir / "mlm", cfg.run.dir / "pretrain",
+              *(cfg.run.dir / preset.method.name / "pretrain" for preset in presets)]
+    for folder in (stage / CHECKPOINT_DIR for stage in stages):
+        if checkpoints(folder):
+            log.info("the main job starts over: removing %s (an earlier run's checkpoints)", folder)
+            shutil.rmtree(folder)
+
+
 @command("demo", "the main job: phantom world -> vocabulary -> MLM -> pre-training -> "
                  "evaluation -> report")
 def demo(cfg: Config, args: argparse.Namespace) -> int:
     presets = method_presets(cfg)
     run_dir(cfg)
+    start_over(cfg, presets)
     progress = args.progress
     times: list[list[str]] = []
 

@@ -75,14 +75,24 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
     return out
 
 
-def writable_run_dir(cfg: Config, stage: str, is_main: bool) -> Path:
+def writable_run_dir(cfg: Config, stage: str, is_main: bool, resume: bool) -> Path:
     """The stage's output folder, its config saved and its checkpoints folder checked writable by
-    the main process, before any data is read or model built."""
-    from unimed.train.checkpoint import check_writable
+    the main process, before any data is read or model built. A run that does not resume stops
+    with one ConfigError, before anything is written, where the folder holds an earlier run's
+    checkpoints: training afresh would replace that run's config and, its steps counting from 0
+    again, mix its checkpoints with the earlier ones (the demo starts over on purpose:
+    :func:`unimed.commands.demo.start_over`)."""
+    from unimed.train.checkpoint import check_writable, checkpoints
     from unimed.train.loop import CHECKPOINT_DIR
 
+    out = cfg.run.dir / stage
+    earlier = [] if resume else checkpoints(out / CHECKPOINT_DIR)
+    if earlier:
+        raise ConfigError(f"{out} holds the checkpoints of an earlier run (the newest "
+                          f"{earlier[-1].name}): continue it with --resume, train under another "
+                          f"run.name, or delete {out} to train it again")
     if not is_main:
-        return cfg.run.dir / stage
+        return out
     out = run_dir(cfg, stage)
     check_writable(out / CHECKPOINT_DIR)
     return out
@@ -100,7 +110,7 @@ def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
         raise ConfigError(f"no tokenizer at {tokenizer_dir}: run `unimed vocab` with this config first")
     info = init_distributed()
     try:
-        out = writable_run_dir(cfg, "mlm", info.is_main)
+        out = writable_run_dir(cfg, "mlm", info.is_main, resume)
         corpus = [r.report for r in load_texts(cfg.data)]
         result = train_mlm(
             corpus, tokenizer_dir, cfg.mlm, out, base_model=base_model_dir(cfg),
@@ -241,7 +251,7 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     info = init_distributed()
     try:
         seed_everything(cfg.run.seed, info.rank)
-        out = writable_run_dir(cfg, "pretrain", info.is_main)
+        out = writable_run_dir(cfg, "pretrain", info.is_main, resume)
         encoder = text_encoder_dir(cfg)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg), local_files_only=True)
         records = pretrain_records(cfg)

@@ -179,7 +179,7 @@ def save_checkpoint(
         kept = (f"the previous checkpoint {previous.read_text(encoding='utf-8').strip()} is intact"
                 if previous.is_file() else "no earlier checkpoint exists")
         raise CheckpointError(f"cannot save checkpoint {final} ({write_failure(exc)}); {kept}") from None
-    _prune(root, keep)
+    _prune(root, keep, final)
     log.info("saved checkpoint %s", final)
     return final
 
@@ -200,10 +200,20 @@ def _save_state(state: dict[str, Any], path: Path) -> None:
             raise
 
 
-def _prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints and leftovers of interrupted writes."""
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
-    for old in done[: max(0, len(done) - max(1, keep))]:
+def checkpoints(root: str | Path) -> list[Path]:
+    """The checkpoint folders under `root` (none when it does not exist), lowest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def _prune(root: Path, keep: int, current: Path) -> None:
+    """Delete all but `current` (the checkpoint just written) and the `keep` - 1 newest others,
+    and leftovers of interrupted writes. `current` stays whatever its step: a run started afresh
+    in a folder holding an earlier, longer run's checkpoints must not delete what it writes."""
+    others = [p for p in checkpoints(root) if p != current]
+    for old in others[: max(0, len(others) - (max(1, keep) - 1))]:
         shutil.rmtree(old)
     for stale in root.glob(f"{_TMP_PREFIX}{PREFIX}*"):
         if not stale.name.endswith(f"-{os.getpid()}"):
