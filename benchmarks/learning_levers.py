@@ -47,7 +47,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from unimed.commands.train import run_pretrain, text_encoder_dir, tokenizer_dir
+from unimed.commands.train import run_pretrain, start_stage_over, text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
 from unimed.config import load_config, load_run_config
 from unimed.eval.config import ZERO_SHOT_CLASSES, EvalConfig
@@ -212,6 +212,7 @@ def main() -> None:
             cfg = load_config(args.config, [*base, *overrides, f"run.name={name}_s{seed}",
                                             f"run.seed={seed}"])
             data = data or EvalData(cfg.data)
+            start_stage_over(cfg.run.dir / "pretrain")  # a row of an earlier call trains again
             start = time.perf_counter()
             result = run_pretrain(cfg, resume=False, progress=False)
             seconds = time.perf_counter() - start

@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from unimed.commands.train import (
     run_mlm,
     run_pretrain,
     run_vocab,
+    start_stage_over,
     text_encoder_dir,
     tokenizer_dir,
 )
@@ -33,8 +32,6 @@ from unimed.config import Config, DemoConfig, load_config
 from unimed.errors import ConfigError
 from unimed.machine import DEMO_SIZED_ON_FLOPS, gemm_peak
 from unimed.methods import method_label
-
-log = logging.getLogger(__name__)
 
 
 def method_presets(cfg: Config) -> list[Config]:
@@ -81,19 +78,12 @@ def machine_line(peaks: tuple[float, float], threads: int) -> str:
 
 
 def start_over(cfg: Config, presets: list[Config]) -> None:
-    """Remove the checkpoints an earlier demo left in this run's training stages (MLM, the
-    method's pre-training, each further method's), said in one line each: the main job trains
-    every stage afresh, and a training stage refuses a folder holding an earlier run's checkpoints
-    (:func:`unimed.commands.train.writable_run_dir`)."""
-    from unimed.train.checkpoint import checkpoints
-    from unimed.train.loop import CHECKPOINT_DIR
-
-    stages = [cfg.run.dir / "mlm", cfg.run.dir / "pretrain",
-              *(cfg.run.dir / preset.method.name / "pretrain" for preset in presets)]
-    for folder in (stage / CHECKPOINT_DIR for stage in stages):
-        if checkpoints(folder):
-            log.info("the main job starts over: removing %s (an earlier run's checkpoints)", folder)
-            shutil.rmtree(folder)
+    """The main job trains every stage afresh: the checkpoints an earlier demo left in this run's
+    training stages (MLM, the method's pre-training, each further method's) go first
+    (:func:`unimed.commands.train.start_stage_over`)."""
+    for stage in (cfg.run.dir / "mlm", cfg.run.dir / "pretrain",
+                  *(cfg.run.dir / preset.method.name / "pretrain" for preset in presets)):
+        start_stage_over(stage)
 
 
 @command("demo", "the main job: phantom world -> vocabulary -> MLM -> pre-training -> "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 from unimed.commands import command, run_dir
@@ -75,13 +76,26 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
     return out
 
 
+def start_stage_over(stage_dir: Path) -> None:
+    """Remove the checkpoints an earlier run left in the training stage folder `stage_dir`, said in
+    one line, for a job that trains the stage afresh by design (the demo, the lever benchmark),
+    which :func:`writable_run_dir` would otherwise refuse."""
+    from unimed.train.checkpoint import checkpoints
+    from unimed.train.loop import CHECKPOINT_DIR
+
+    folder = stage_dir / CHECKPOINT_DIR
+    if checkpoints(folder):
+        log.info("starting over: removing %s (an earlier run's checkpoints)", folder)
+        shutil.rmtree(folder)
+
+
 def writable_run_dir(cfg: Config, stage: str, is_main: bool, resume: bool) -> Path:
     """The stage's output folder, its config saved and its checkpoints folder checked writable by
     the main process, before any data is read or model built. A run that does not resume stops
     with one ConfigError, before anything is written, where the folder holds an earlier run's
     checkpoints: training afresh would replace that run's config and, its steps counting from 0
-    again, mix its checkpoints with the earlier ones (the demo starts over on purpose:
-    :func:`unimed.commands.demo.start_over`)."""
+    again, mix its checkpoints with the earlier ones (:func:`start_stage_over` for a job that
+    trains afresh on purpose)."""
     from unimed.train.checkpoint import check_writable, checkpoints
     from unimed.train.loop import CHECKPOINT_DIR
 
