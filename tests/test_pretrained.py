@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,10 @@ def _eval_pixels(files: list[Path], cfg) -> torch.Tensor:
     return torch.stack([transform(load_image(f)) for f in files])
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, images: Path, tmp_path: Path):
     out = tmp_path / "exported"
     assert main(["export", str(tiny_run), str(out), "--quiet"]) == 0
@@ -90,6 +95,8 @@ def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, ima
                  "prompts/en.yaml", "prompts/es.yaml", "preprocess.json", "README.md"):
         assert (out / name).exists(), name
     assert not list((out / "text_encoder").glob("*.safetensors"))  # text weights live in the model's
+    # safetensors creates its files 0o600 (safetensors#782): the weights are readable like the rest.
+    assert _mode(out / "model.safetensors") == _mode(out / "config.yaml")
     card = (out / "README.md").read_text()
     assert "Zero-shot" in card and "mimic-cxr" in card and "| --- |" in card
     assert json.loads((out / "preprocess.json").read_text())["image_size"] == TINY["data"]["image_size"]
@@ -158,6 +165,7 @@ def test_classify_and_embed_write_what_the_python_api_gives(tiny_run: Path, imag
     single = tmp_path / "one.safetensors"
     assert main(["embed", str(tiny_run), str(files[1]), "--out", str(single), "--quiet"]) == 0
     np.testing.assert_allclose(load_file(single)["embeddings"].numpy(), want[1:2], atol=1e-5)
+    assert _mode(single) == _mode(single.with_suffix(".csv"))
 
 
 @pytest.mark.parametrize("case, expected", [

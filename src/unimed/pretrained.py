@@ -52,6 +52,7 @@ from unimed.train.checkpoint import (
     checkpoint_config,
     find_checkpoint,
     load_weights,
+    umask_permissions,
     write_failure,
 )
 
@@ -287,6 +288,7 @@ def export(run: str | Path, out: str | Path) -> Path:
 def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
     model, cfg = pretrained.model, pretrained.config
     save_model(model, str(out / WEIGHTS_FILE))
+    umask_permissions(out / WEIGHTS_FILE)
     save_config(cfg, out)
     model.text.config.save_pretrained(str(out / TEXT_DIR))
     pretrained.encoder.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))

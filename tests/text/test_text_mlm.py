@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,10 @@ def test_extended_embeddings_keep_old_rows_and_draw_new_rows(tiny_bert_dir, tiny
     assert model(**ids).logits.shape == (1, ids["input_ids"].shape[1], len(tokenizer))
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def test_new_rows_mode_updates_only_the_new_rows_and_the_head(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
     """mlm.trainable=new_rows: after training, the transformer body and every base-vocabulary row
     are bit-identical to the start (even with weight decay asked for), the new rows and the head
@@ -179,6 +184,7 @@ def test_new_rows_mode_updates_only_the_new_rows_and_the_head(tiny_bert_dir, tin
     # The start of the appended rows is saved beside the model (the MLM check's "before").
     saved = load_file(str(tmp_path / START_ROWS_FILE))["rows"]
     torch.testing.assert_close(saved, start[rows][n_old:], rtol=0, atol=0)
+    assert _mode(tmp_path / START_ROWS_FILE) == _mode(tmp_path / "config.json")  # not safetensors' 0o600
 
 
 def test_start_encoder_names_a_missing_or_mismatched_start(tiny_bert_dir, tiny_tokenizer_dir, tmp_path):
@@ -211,6 +217,8 @@ def test_train_from_local_bert_folder_saves_a_loadable_model(tiny_bert_dir, tiny
     assert [r["step"] for r in rows] == [1, 2] and all(r["masked_tokens"] > 0 for r in rows)
     assert result.loss_history == [pytest.approx((rows[0]["loss"] + rows[1]["loss"]) / 2)]
     assert (tmp_path / "checkpoints" / "latest").is_file()
+    # safetensors creates its files 0o600 (safetensors#782); the encoder is readable like its config.
+    assert _mode(tmp_path / "model.safetensors") == _mode(tmp_path / "config.json")
 
 
 def test_a_full_disk_when_the_encoder_is_saved_is_one_checkpoint_error(tiny_bert_dir, tiny_tokenizer_dir,

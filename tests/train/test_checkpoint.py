@@ -1,5 +1,7 @@
 import errno
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -34,6 +36,21 @@ def test_roundtrip_with_shared_tensors_and_weights_only(tmp_path):
     # The state file really is weights_only-loadable on its own.
     torch.load(path / ckpt.STATE_FILE, weights_only=True)
     assert ckpt.latest_checkpoint(tmp_path) == path
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_the_weights_file_gets_the_permissions_of_the_umask(tmp_path, mask):
+    """safetensors creates its files 0o600 whatever the umask (safetensors#782): a checkpoint's
+    weights get the mode that open() gives its checksums file, so a run shared with other users
+    (a lab server, a container running as another user) loads there."""
+    old = os.umask(mask)
+    try:
+        path = ckpt.save_checkpoint(tmp_path, 1, Tied(), _state(1))
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((path / name).stat().st_mode) for name in (ckpt.WEIGHTS_FILE, ckpt.CHECKSUM_FILE)}
+    assert modes == {ckpt.WEIGHTS_FILE: 0o666 & ~mask, ckpt.CHECKSUM_FILE: 0o666 & ~mask}
 
 
 def test_rng_state_roundtrip():

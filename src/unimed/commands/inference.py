@@ -152,6 +152,7 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from unimed.pretrained import load
+    from unimed.train.checkpoint import umask_permissions
 
     _no_preset(args)
     out = Path(args.out)
@@ -166,6 +167,7 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
         np.save(out, embeddings.numpy())
     else:
         save_file({"embeddings": embeddings.contiguous()}, str(out))
+        umask_permissions(out)
     names = out.with_suffix(".csv")
     root = Path(args.images)
     with names.open("w", newline="", encoding="utf-8") as f:

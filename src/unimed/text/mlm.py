@@ -51,7 +51,7 @@ from unimed.text.corpus import require_texts
 from unimed.text.lexicon import load_lexicon
 from unimed.text.stemming import copy_corpus_stemming
 from unimed.text.vocab import normalizer_of
-from unimed.train.checkpoint import WRITE_ERRORS, CheckpointError, write_failure
+from unimed.train.checkpoint import WRITE_ERRORS, CheckpointError, umask_permissions, write_failure
 from unimed.train.config import TrainConfig
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import CHECKPOINT_DIR, train
@@ -119,6 +119,7 @@ def train_mlm(
     if dist.is_main:
         try:
             model.save_pretrained(str(out))
+            umask_permissions(*out.glob("*.safetensors"))
             tokenizer.save_pretrained(str(out))
             copy_corpus_stemming(tokenizer_dir, out)
         except WRITE_ERRORS as exc:
@@ -297,6 +298,7 @@ def save_start_rows(model: BertForMaskedLM, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file({"rows": model.get_input_embeddings().weight.detach()[n_old:].contiguous()},
                   str(out_dir / START_ROWS_FILE))
+        umask_permissions(out_dir / START_ROWS_FILE)
     except WRITE_ERRORS as exc:
         raise CheckpointError(f"cannot write {out_dir / START_ROWS_FILE} ({write_failure(exc)})") from None
 

@@ -61,6 +61,23 @@ def write_failure(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or _first_line(exc)
 
 
+def umask_permissions(*paths: str | Path) -> None:
+    """Give each file the permissions a plain ``open()`` gives a new file (0o666 less the umask).
+
+    safetensors 0.8 writes through a temporary file that is created 0o600 and renamed into place
+    (safetensors/safetensors#782, open), so a model file came out readable by its owner only while
+    the config beside it is readable by all: a run or export shared on a lab server, or copied into
+    a container that runs as another user, could not be loaded there. Call it on every file that
+    safetensors (or transformers' ``save_pretrained``) writes. No-op where there are no POSIX modes.
+    """
+    if os.name != "posix":
+        return
+    mask = os.umask(0)  # reading the umask means setting it; it is put back at once
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
     return lines[0] + (f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else "")
@@ -161,6 +178,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_model(model, str(tmp / WEIGHTS_FILE))
+        umask_permissions(tmp / WEIGHTS_FILE)
         _save_state(state, tmp / STATE_FILE)
         sums = {file: _sha256(tmp / file) for file in (WEIGHTS_FILE, STATE_FILE)}
         (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
