@@ -258,7 +258,7 @@ def test_run_caps_samples_per_language(tiny_encoder, task_context) -> None:
 
 def test_one_language_is_a_clear_error(tiny_encoder, task_context) -> None:
     cfg = dataclasses.replace(task_context.cfg, bias=BiasConfig(datasets=("padchest",)))
-    with pytest.raises(ValueError, match="at least two languages"):
+    with pytest.raises(ValueError, match=r"have languages \['es'\]; at least two languages"):
         TASKS.get("bias")(tiny_encoder, dataclasses.replace(task_context, cfg=cfg))
 
 

@@ -144,10 +144,17 @@ def test_prompt_score_is_positive_minus_negative_cosine():
     assert got[:, 0] == pytest.approx(expected, abs=1e-6)
 
 
-def test_uncertain_label_is_a_clear_error(tmp_path: Path):
-    record = Record("cxp500", tmp_path / "x.jpg", "p", "s", "test", labels={"Edema": -1.0})
-    with pytest.raises(ValueError, match="cxp500: record .*x.jpg has label -1.0 for class 'edema'"):
-        zero_shot.label_matrix([record], ["edema"], "cxp500")
+def test_a_label_that_is_not_0_or_1_is_a_clear_error(tmp_path: Path):
+    records = [Record("cxr", tmp_path / f"{i}.jpg", "p", "s", "test", labels=labels)
+               for i, labels in enumerate([{"Edema": 1.0}, {"Edema": -1.0, "Mass": 0.0}, {"Mass": 1.0}])]
+    with pytest.raises(ValueError, match=r"cxr: 2 of 3 records have no 0/1 label for 'edema' \(the first, "
+                                         r".*1.jpg, is -1 \(uncertain\)\)"):
+        zero_shot.label_matrix(records, ["edema"], "cxr")
+    with pytest.raises(ValueError, match=r"1 of 3 records .* for 'Mass' \(the first, .*0.jpg, is blank\)"):
+        zero_shot.label_matrix(records, ["Mass"], "cxr")
+    with pytest.raises(ValueError, match=r"cxr: no record states a label 'Nodule'; its labels: Edema, Mass$"):
+        zero_shot.label_matrix(records, ["Nodule"], "cxr")
+    np.testing.assert_array_equal(zero_shot.label_matrix(records[:1], ["EDEMA"], "cxr"), [[1]])
 
 
 class _OracleEncoder:

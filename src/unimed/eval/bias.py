@@ -106,7 +106,7 @@ def draw_sample(ctx: TaskContext, datasets: Sequence[str], per_group: int, seed:
     if len(set(languages)) < 2:
         raise EvalError(
             f"bias audit: records with a report in datasets {list(datasets)} have languages "
-            f"{sorted(set(languages))}; at least two languages are needed"
+            f"{sorted(set(languages.tolist()))}; at least two languages are needed"
         )
     chosen = np.array(per_language(languages, per_group, np.random.default_rng(seed)), dtype=np.int64)
     picked = [records[i] for i in chosen]

@@ -11,6 +11,7 @@ value carries a bootstrap 95 % interval over resamples of the test images, share
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,19 +32,27 @@ SPLIT = "test"
 
 
 def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str) -> np.ndarray:
-    """(N, C) 0/1 labels; a class the dataset does not state, or an uncertain/missing value, is an
-    error naming the dataset, record and class (zero-shot sets are fully labelled)."""
+    """(N, C) 0/1 labels of `classes` (case-insensitive). Zero-shot sets are fully labelled: a
+    class no record states is an error listing the labels the dataset has, and a class some records
+    leave blank or uncertain (-1) is an error counting them and naming the first."""
     out = np.zeros((len(records), len(classes)), dtype=np.int64)
-    for i, record in enumerate(records):
-        by_lower = {name.lower(): value for name, value in record.labels.items()}
-        for c, name in enumerate(classes):
-            value = by_lower.get(name.lower(), float("nan"))
-            if value not in (0.0, 1.0):
-                raise EvalError(
-                    f"{dataset}: record {record.image_path} has label {value!r} for class '{name}'; "
-                    "zero-shot sets need 0/1 labels for every scored class"
-                )
-            out[i, c] = int(value)
+    rows = [{name.lower(): value for name, value in record.labels.items()} for record in records]
+    for c, name in enumerate(classes):
+        values = [row.get(name.lower(), float("nan")) for row in rows]
+        if all(math.isnan(v) for v in values):
+            stated = sorted({label for record in records for label in record.labels})
+            raise EvalError(f"{dataset}: no record states a label '{name}'; its labels: "
+                            f"{', '.join(stated) or 'none'}")
+        unusable = [i for i, v in enumerate(values) if v not in (0.0, 1.0)]
+        if unusable:
+            first = values[unusable[0]]
+            what = "blank" if math.isnan(first) else f"{first:g}" + (" (uncertain)" if first == -1 else "")
+            raise EvalError(
+                f"{dataset}: {len(unusable)} of {len(records)} records have no 0/1 label for '{name}' "
+                f"(the first, {records[unusable[0]].image_path}, is {what}); zero-shot sets need 0/1 "
+                "labels for every scored class"
+            )
+        out[:, c] = values
     return out
 
 
