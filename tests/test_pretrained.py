@@ -134,11 +134,28 @@ def test_every_image_input_kind_gives_the_same_embedding(tiny_run: Path, images:
     path = images / "a.png"
     grey = load_image(path)
     inputs = [path, str(path), Image.open(path), grey, torch.from_numpy(grey),
-              np.asarray(Image.open(path)), torch.from_numpy(grey).expand(3, -1, -1)]
+              np.asarray(Image.open(path)), torch.from_numpy(grey).expand(3, -1, -1),
+              Image.fromarray(grey)]  # a float ("F") PIL image: "L" would round it to 0 / 1
     got = torch.cat([model.encode_image(item) for item in inputs])
     assert got.shape == (len(inputs), TINY["method"]["projector"]["embed_dim"])
     torch.testing.assert_close(got, got[:1].expand_as(got), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(inputs)))
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda grey: grey * 255, r"image 1: float pixels must lie in \[0, 1\], these span 0 \.\. 255 "),
+    (lambda grey: np.where(grey > 0.5, np.nan, grey), "image 1: its pixels include NaN or infinite values"),
+    (lambda grey: np.stack([grey] * 3, axis=-1), r"image 1: an image array must be \(H, W\) grey or "
+                                                 r"\(C, H, W\) with C = 1 or 3, got shape \(\d+, \d+, 3\)"),
+])
+def test_an_image_array_the_model_cannot_read_as_given_is_named(tiny_run: Path, images: Path, make, expected):
+    """Not an embedding of clipped or NaN pixels, nor an error from deep in the resize."""
+    from unimed.data.images import load_image
+
+    grey = load_image(images / "a.png")
+    grey = (grey - grey.min()) / (grey.max() - grey.min())  # spans 0 .. 1 exactly
+    with pytest.raises(ValueError, match=expected):
+        unimed.load(tiny_run).encode_image([grey, make(grey)])
 
 
 def test_classify_and_embed_write_what_the_python_api_gives(tiny_run: Path, images: Path,

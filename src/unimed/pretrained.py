@@ -7,7 +7,8 @@ negative prompt rule of the zero-shot evaluation, prompts from the language's pr
 Images go in as file paths (PNG, JPEG, DICOM: the project's readers), PIL images, or numpy arrays /
 tensors ((H, W) grey or (C, H, W), floats in [0, 1] or integers scaled by their type's maximum), one
 or a list (a 4-D array is a batch); they are resized and centre-cropped as in the zero-shot evaluation, and
-the model normalises them itself.
+the model normalises them itself. An array it cannot read as given (float pixels outside [0, 1], NaN,
+channels last) is a ValueError naming its place in the input, not an embedding of clipped pixels.
 
 An exported folder holds everything the model needs, read with local files only::
 
@@ -108,7 +109,7 @@ class Pretrained:
         transform = eval_transform(self.image_size, self.resize_size)
         out = torch.empty(len(items), 3, self.image_size, self.image_size)
         for i, item in enumerate(items):
-            out[i] = transform(_grey(item, self.resize_size))
+            out[i] = transform(_checked(_grey(item, self.resize_size), i))
         return out
 
     def encode_image(self, images: ImageInput | Sequence[ImageInput], *, normalize: bool = True,
@@ -166,6 +167,8 @@ def _grey(image: ImageInput, resize_size: int) -> np.ndarray | torch.Tensor:
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             return np.asarray(image, dtype=np.float32) / 65535.0
+        if image.mode == "F":  # floats as they are (converting to "L" would round them to 0 or 1)
+            return np.array(image, dtype=np.float32)
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.integer):
         return image.astype(np.float32) / np.iinfo(image.dtype).max
@@ -175,6 +178,24 @@ def _grey(image: ImageInput, resize_size: int) -> np.ndarray | torch.Tensor:
         return image
     raise TypeError(f"an image must be a file path, a PIL image, a numpy array or a tensor, "
                     f"not {type(image).__name__}")
+
+
+def _checked(image: np.ndarray | torch.Tensor, index: int) -> np.ndarray | torch.Tensor:
+    """`image` ((H, W), or (C, H, W) with C = 1 or 3) when its pixels are finite and in [0, 1];
+    otherwise a ValueError naming the image (its place in the input) and what is wrong, instead of
+    an embedding of clipped or NaN pixels, or an error from deep in the resize."""
+    shape = tuple(image.shape)
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3))):
+        raise ValueError(f"image {index}: an image array must be (H, W) grey or (C, H, W) with C = 1 "
+                         f"or 3, got shape {shape}")
+    values = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if not np.isfinite(values).all():
+        raise ValueError(f"image {index}: its pixels include NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"image {index}: float pixels must lie in [0, 1], these span {low:g} .. {high:g} "
+                         "(pass integers, e.g. uint8, to have them scaled by their type's maximum)")
+    return image
 
 
 def is_export(path: str | Path) -> bool:
