@@ -125,6 +125,9 @@ def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, ima
             assert result.scores[i, c] == pytest.approx(a - b, abs=1e-5)
             softmax = np.exp(a / temperature) / (np.exp(a / temperature) + np.exp(b / temperature))
             assert result.probabilities[i, c] == pytest.approx(softmax, abs=1e-5)
+    one = unimed.load(out).zero_shot(files, CLASSES[1], "es")  # one class, not its letters
+    assert one.classes == (CLASSES[1],)
+    np.testing.assert_allclose(one.scores[:, 0], result.scores[:, 1], atol=1e-6)
 
 
 def test_every_image_input_kind_gives_the_same_embedding(tiny_run: Path, images: Path):

@@ -134,11 +134,12 @@ class Pretrained:
         return load_prompts(language, self.prompt_dir, self.config.eval.prompt_stemming,
                             corpus_stemming(self.encoder.tokenizer))
 
-    def zero_shot(self, images: ImageInput | Sequence[ImageInput], class_names: Sequence[str],
+    def zero_shot(self, images: ImageInput | Sequence[ImageInput], class_names: str | Sequence[str],
                   language: str = "en", *, batch_size: int = 64) -> ZeroShot:
         """Per-image, per-class zero-shot scores with the prompts of `language`, by the rule of the
-        zero-shot evaluation (the model's own ``zero_shot_scores`` when it has one)."""
-        classes = tuple(class_names)
+        zero-shot evaluation (the model's own ``zero_shot_scores`` when it has one); `class_names`
+        is one class or a list of them."""
+        classes = (class_names,) if isinstance(class_names, str) else tuple(class_names)
         if not classes:
             raise ConfigError("zero-shot needs at least one class name")
         prompts = self.prompts(language)
