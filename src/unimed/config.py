@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
 import yaml
@@ -42,6 +42,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_bounds("run", self, non_negative=("seed",))
+        parts = PurePath(self.name).parts
+        if not parts or PurePath(self.name).is_absolute() or ".." in parts:
+            raise ConfigError(f"run.name must name a folder inside run.output_dir (a/b nests one), "
+                              f"got {self.name!r}")
 
     @property
     def dir(self) -> Path:

@@ -265,10 +265,11 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
 
     from unimed.methods import create_method
     from unimed.train.distributed import cleanup, init_distributed, seed_everything
-    from unimed.train.loop import train
+    from unimed.train.loop import resolve_precision, train
 
     info = init_distributed()
     try:
+        resolve_precision(cfg.train.precision, info.device)  # one that cannot run fails before data is read
         seed_everything(cfg.run.seed, info.rank)
         out = writable_run_dir(cfg, "pretrain", info.is_main, resume)
         encoder = text_encoder_dir(cfg)

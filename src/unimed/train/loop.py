@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from unimed.errors import ConfigError
 from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.image import to_channels_last
 from unimed.train import checkpoint as ckpt
@@ -65,15 +66,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     matmuls there can be hundreds of times slower than fp32.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     cuda = device.type == "cuda"
     if precision == "fp32" or (precision == "auto" and not cuda):
         return None
     if not cuda:
-        raise ValueError(f"train.precision={precision} needs a CUDA device, this run is on {device}")
+        raise ConfigError(f"train.precision={precision} needs a CUDA device, this run is on {device}")
     if precision == "bf16":
         if not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise ValueError("train.precision=bf16 but this GPU has no native bf16 support")
+            raise ConfigError("train.precision=bf16 but this GPU has no native bf16 support")
         return torch.bfloat16
     return torch.float16
 
