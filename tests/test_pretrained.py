@@ -4,6 +4,7 @@ on one tiny run (phantom -> vocab -> MLM -> pre-training -> zero-shot evaluation
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -143,6 +144,35 @@ def test_every_image_input_kind_gives_the_same_embedding(tiny_run: Path, images:
     assert got.shape == (len(inputs), TINY["method"]["projector"]["embed_dim"])
     torch.testing.assert_close(got, got[:1].expand_as(got), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(inputs)))
+
+
+def test_encode_volume_gives_the_3d_evaluations_volume_embeddings(tiny_run: Path, tmp_path: Path):
+    """A CT volume (NIfTI, and a folder of slice images) embeds as the 3D evaluation embeds the
+    same volume of a records table: the evaluation's feature cache is the reference."""
+    import nibabel as nib
+
+    from unimed.eval.data import EvalData
+    from unimed.eval.features import FeatureCache
+
+    folder = tmp_path / "data" / "ct"
+    (folder / "scan").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    hu = np.clip(rng.normal(-500, 400, (20, 18, 7)), -1000, 400).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu, np.diag([1.5, 1.5, 4.0, 1.0])), str(folder / "a.nii.gz"))
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / "scan" / f"{k:04d}.png")
+    (folder / "records.csv").write_text("volume,patient_id,split\na.nii.gz,p1,test\nscan,p2,test\n",
+                                        encoding="utf-8")
+    model = unimed.load(tiny_run)
+    cfg = model.config
+    data = EvalData(dataclasses.replace(cfg.data, root=str(tmp_path / "data")))
+    want = FeatureCache().volumes(model.encoder, data, "ct", "test", space="projected",
+                                  slices=cfg.eval.volume.slices, window=cfg.eval.volume.window,
+                                  batch_size=4)
+    got = model.encode_volume([folder / "a.nii.gz", str(folder / "scan")], normalize=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    one = model.encode_volume(folder / "a.nii.gz")
+    torch.testing.assert_close(one, torch.nn.functional.normalize(want[:1], dim=-1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("make, expected", [

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -117,6 +119,69 @@ def test_a_vocabulary_without_second_language_reports_says_what_to_do(user_prese
     assert len(err) == 1 and err[0].startswith(
         "unimed: config error: no fr reports (vocab.language) in mine (their languages: en, es); ")
     assert "set vocab.language to one your reports are in" in err[0]
+
+
+def write_ct_table(folder: Path, n: int = 40) -> Path:
+    """`n` small NIfTI CT volumes of n/2 patients with English and Spanish reports and a 'Covid'
+    label that the report states (a bright patch in the lungs when it is 1)."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        covid = i % 2
+        hu = np.full((16, 16, 6), -1000.0) + rng.normal(0, 20, (16, 16, 6))
+        hu[4:12, 4:12] = 40.0 if not covid else -300.0
+        volume = f"ct/{i}.nii.gz"
+        (folder / "ct").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(hu.astype(np.int16), np.diag([2.0, 2.0, 5.0, 1.0])), str(folder / volume))
+        language = "es" if i % 3 == 0 else "en"
+        rows.append({"volume": volume, "report": REPORTS[language][1 - covid], "language": language,
+                     "patient_id": f"C{i // 2:03d}", "Covid": covid})
+    with (folder / "records.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_own_ct_volumes_train_unimedi_and_feed_the_3d_tasks_and_nothing_else(
+        user_preset: Path, tmp_path: Path, capsys, caplog):
+    """A table with a `volume` column: UniMedI pre-trains on its volumes and reports, the 3D probe
+    reads its label column; a 2D method given it stops with one line naming the dataset."""
+    from test_cli import TINY_UNIMEDI
+
+    write_ct_table(tmp_path / "data" / "mine_ct")
+    assert main(["check-data", "--root", str(tmp_path / "data"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "│ mine_ct " in out and "text-only" not in out  # its volumes are read and checked
+    for stage in ("vocab", "mlm"):
+        assert main([stage, str(user_preset), "--quiet"]) == 0, stage
+    both = "data.pretrain_datasets=[mine,mine_ct]"
+    assert main(["pretrain", str(user_preset), both, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"unimed: config error: data.pretrain_datasets: mine_ct holds CT volumes ({tmp_path}/data/mine_ct/ct/")
+    assert err[0].endswith("method medunic pre-trains on 2D images (UniMedI reads volumes)")
+
+    preset = yaml.safe_load(user_preset.read_text(encoding="utf-8"))
+    preset["method"] = TINY_UNIMEDI["method"]
+    preset["train"] |= {"epoch_steps": 2}
+    unimedi = tmp_path / "mine_unimedi.yaml"
+    unimedi.write_text(yaml.safe_dump(preset), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="unimed.methods.unimedi"):
+        assert main(["pretrain", str(unimedi), "data.pretrain_datasets=[mine_ct]", "--quiet"]) == 0
+    assert "UniMedI pre-trains on CT volumes only" in caplog.text
+    run = tmp_path / "runs" / "mine"
+    log = [json.loads(line) for line in (run / "pretrain" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2] and all(math.isfinite(row["loss"]) for row in log)
+    assert main(["evaluate", str(run), "--tasks", "volume_probe,volume_retrieval",
+                 "eval.volume.probe_datasets=[mine_ct]", "eval.volume.retrieval_datasets=[mine_ct]",
+                 "--quiet"]) == 0
+    tasks = json.loads((run / "metrics.json").read_text(encoding="utf-8"))["encoders"]["unimedi"]["tasks"]
+    probe = tasks["volume_probe"]["mine_ct"]
+    assert probe["metric"] == "auc" and sum(probe["volumes"].values()) == 40
+    assert "mine_ct" in tasks["volume_retrieval"]
 
 
 def test_unreadable_image_met_in_training_is_one_line_or_a_counted_skip(

@@ -3,7 +3,8 @@
 ``unimed.load(path)`` takes a run folder, a checkpoint folder (whatever ``unimed evaluate`` takes) or
 a folder written by :func:`export`, and returns a :class:`Pretrained` on the CPU unless told
 otherwise: ``encode_image`` / ``encode_text`` (projected embeddings), ``zero_shot`` (the positive /
-negative prompt rule of the zero-shot evaluation, prompts from the language's prompt file).
+negative prompt rule of the zero-shot evaluation, prompts from the language's prompt file),
+``encode_volume`` (CT volumes in the reports' space, read as the 3D evaluation reads them).
 Images go in as file paths (PNG, JPEG, DICOM: the project's readers), PIL images, or numpy arrays /
 tensors ((H, W) grey or (C, H, W), floats in [0, 1] or integers scaled by their type's maximum), one
 or a list (a 4-D array is a batch); they are resized and centre-cropped as in the zero-shot evaluation, and
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoTokenizer
@@ -41,8 +43,10 @@ from transformers import AutoConfig, AutoTokenizer
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, save_config, to_dict
 from unimed.data.images import load_image
 from unimed.data.transforms import eval_transform
+from unimed.data.volumes import axial_slices, read_volume
 from unimed.errors import ConfigError
 from unimed.eval.encoders import Encoder, build_encoder
+from unimed.eval.features import volume_spaces
 from unimed.eval.prompts import PROMPT_DIR, PromptSet, corpus_stemming, load_prompts
 from unimed.eval.zero_shot import own_scores, prompt_scores
 from unimed.methods import create_method, method_label
@@ -117,6 +121,23 @@ class Pretrained:
         """(N, D) projected image embeddings (L2-normalised unless `normalize=False`)."""
         return self.encoder.image_features(self.preprocess(images), normalize=normalize,
                                            batch_size=batch_size)
+
+    def encode_volume(self, volumes: str | Path | Sequence[str | Path], *, normalize: bool = True,
+                      batch_size: int = 16) -> torch.Tensor:
+        """(N, D) projected embeddings of CT volumes (files or folders that
+        :func:`unimed.data.volumes.read_volume` reads: NIfTI, MetaImage, a DICOM series, slice
+        images; one or a list), in the space of the reports' embeddings: read as the 3D
+        evaluation reads them (axial slices in ``eval.volume.window``; a native 3D model at its
+        own depth and side, a 2D model through the slice-wise adapter, ``eval.volume.slices``
+        slices embedded and mean-pooled)."""
+        paths = [volumes] if isinstance(volumes, (str, Path)) else list(volumes)
+        cfg = self.config.eval.volume
+        slices, side = self.encoder.volume_grid(cfg.slices, self.config.data.image_size)
+        stacks = torch.empty(len(paths), slices, 1, side, side)
+        for i, path in enumerate(paths):
+            stacks[i, :, 0] = axial_slices(read_volume(path), size=side, slices=slices, window=cfg.window)
+        features = volume_spaces(self.encoder, stacks, batch_size)["projected"]
+        return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, texts: str | Sequence[str], *, normalize: bool = True,
                     batch_size: int = 64) -> torch.Tensor:

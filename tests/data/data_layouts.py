@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from unimed.data.rle import rle_encode
 from unimed.data.labels import CHEXPERT_LABELS
@@ -102,6 +102,34 @@ def write_dicom(
     ds.PatientID = patient_id
     ds.set_pixel_data(array, photometric_interpretation=photometric, bits_stored=8 * array.itemsize)
     ds.save_as(path, enforce_file_format=True)
+
+
+def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(0.7, 0.8, 2.5), origin=(-100.0, -120.0, 50.0),
+                    slope: float = 1.0, intercept: float = -1024.0) -> Path:
+    """One axial CT series of (Z, Y, X) HU `hu` as a scanner writes it: a file per slice (named
+    without a suffix, written in reverse slice order), int16 stored values with a rescale slope and
+    intercept, rows towards posterior and columns towards the patient's left (the LPS frame),
+    slice k at ImagePositionPatient z = origin z + k x slice spacing (superior as k grows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    stored = np.round((hu - intercept) / slope).astype(np.int16)
+    for number, k in enumerate(reversed(range(len(hu)))):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = study, series, "CT", "P1"
+        ds.SeriesNumber, ds.InstanceNumber = 1, number + 1
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[2]]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [spacing[1], spacing[0]]  # between rows, between columns
+        ds.SliceThickness = spacing[2]
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.set_pixel_data(np.ascontiguousarray(stored[k]), photometric_interpretation="MONOCHROME2",
+                          bits_stored=16)
+        ds.save_as(folder / f"IM{number:04d}", enforce_file_format=True)
+    return folder
 
 
 def grey(seed: int, dtype: type = np.uint8) -> np.ndarray:

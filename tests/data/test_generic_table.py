@@ -7,14 +7,18 @@ import json
 import math
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
-from data_layouts import GENERIC_COLUMNS, generic
+from data_layouts import GENERIC_COLUMNS, generic, write_ct_series
+from PIL import Image
 
 from unimed.data.adapters import load_dataset, load_from_config, load_texts
 from unimed.data.config import DataConfig
 from unimed.data.errors import EMPTY_REPORT, MALFORMED_ROW, MISSING_IMAGE, DataError
 from unimed.data.images import load_image
 from unimed.data.splits import leaking_patients
+from unimed.data.volumes import read_volume
 
 
 def _by_image(read, root: Path) -> dict:
@@ -131,7 +135,7 @@ def _text_only(root: Path) -> Path:
 def test_text_only_table_feeds_the_text_stages_not_the_image_stages(tmp_path: Path) -> None:
     root = _text_only(tmp_path)
     cfg = DataConfig(root=str(root), text_datasets=("notes",), progress=False)
-    with pytest.raises(DataError, match="no 'image' column: a text-only corpus"):
+    with pytest.raises(DataError, match="no 'image' or 'volume' column: a text-only corpus"):
         load_from_config("notes", cfg)
     train = load_texts(cfg)
     assert train and {r.split for r in train} == {"train"} and {r.language for r in train} == {"es"}
@@ -161,7 +165,45 @@ def test_empty_text_corpus_is_one_data_error(tmp_path: Path) -> None:
         load_texts(cfg)
 
 
+def _ct_table(folder: Path, rows: str) -> Path:
+    """A table of CT rows: a NIfTI volume, a DICOM series folder and an X-ray beside them."""
+    hu = np.full((4, 8, 8), -1000.0, dtype=np.float32)
+    hu[:, 2:6, 2:6] = 40.0
+    folder.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0).astype(np.int16), np.diag([1.0, 1.0, 3.0, 1.0])),
+             str(folder / "ct1.nii.gz"))
+    write_ct_series(folder / "ct2", hu)
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(folder / "cxr.png")
+    (folder / "records.csv").write_text("image,volume,report,language,patient_id,Covid\n" + rows,
+                                        encoding="utf-8")
+    return folder
+
+
+def test_a_volume_column_makes_3d_records_of_nifti_files_and_dicom_series(tmp_path: Path) -> None:
+    folder = _ct_table(tmp_path / "ct", ",ct1.nii.gz,Vidrio deslustrado bilateral.,es,P1,1\n"
+                                        ",ct2,No hay hallazgos.,es,P2,0\n"
+                                        "cxr.png,,Lungs are clear.,en,P3,\n")
+    read = load_dataset("ct", folder, check_images=True)
+    got = {r.image_path.name: (r.ndim, r.patient_id, r.labels["Covid"] == 1.0) for r in read.records}
+    assert got == {"ct1.nii.gz": (3, "P1", True), "ct2": (3, "P2", False), "cxr.png": (2, "P3", False)}
+    for record in read.records:
+        if record.ndim == 3:
+            assert read_volume(record.image_path).array.min() == -1000.0
+
+
+@pytest.mark.parametrize("row, message", [
+    ("cxr.png,ct1.nii.gz,Small left pleural effusion.,en,P1,1\n",
+     "column 'volume': an image and a volume: a row is one or the other"),
+    (",,Small left pleural effusion.,en,P1,1\n", "column 'image': empty image and volume path"),
+    (",absent.nii.gz,Small left pleural effusion.,en,P1,1\n", "volume not found"),
+])
+def test_a_volume_row_that_cannot_be_read_is_named(row: str, message: str, tmp_path: Path) -> None:
+    folder = _ct_table(tmp_path / "ct", row)
+    with pytest.raises(DataError, match=f"{folder / 'records.csv'}, line 2.*{message}"):
+        load_dataset("ct", folder, check_images=True)
+
+
 def test_generic_columns_are_documented() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "LAYOUTS.md").read_text(encoding="utf-8")
-    for column in GENERIC_COLUMNS[:6] + ["study_id", "view"]:
+    for column in GENERIC_COLUMNS[:6] + ["study_id", "view", "volume"]:
         assert f"`{column}`" in docs

@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from data_layouts import write_ct_series
 
 from unimed.data.adapters import VOLUME_FOLDERS, load_dataset
 from unimed.data.errors import DataError
@@ -238,6 +239,36 @@ def test_bad_volumes_give_one_clear_error(tmp_path):
         read_volume(tmp_path / "flat.nii")
     with pytest.raises(DataError, match="volume not found"):
         read_volume(tmp_path / "absent.nii.gz")
+
+
+def test_a_dicom_series_folder_reads_in_hu_and_ras(tmp_path):
+    """GDCM sorts the slices by position (they are written in reverse, named without a suffix),
+    the rescale applies, and the LPS rows / columns come back towards R and A: the expected array
+    and affine are worked out here from the series' own geometry."""
+    hu = np.round(np.random.default_rng(0).uniform(-1000, 400, (5, 6, 7))).astype(np.float32)  # (Z, Y, X)
+    (sx, sy, sz), (ox, oy, oz) = (0.7, 0.8, 2.5), (-100.0, -120.0, 50.0)
+    folder = write_ct_series(tmp_path / "series", hu, spacing=(sx, sy, sz), origin=(ox, oy, oz),
+                             slope=2.0, intercept=-1024.0)
+    volume = read_volume(folder)
+    expected = hu.transpose(2, 1, 0)[::-1, ::-1, :]  # LPS (x to L, y to P) -> RAS
+    np.testing.assert_allclose(volume.array, np.round((expected + 1024) / 2) * 2 - 1024)
+    corner = [-(ox + (hu.shape[2] - 1) * sx), -(oy + (hu.shape[1] - 1) * sy), oz]  # RAS voxel (0, 0, 0)
+    np.testing.assert_allclose(volume.affine, [[sx, 0, 0, corner[0]], [0, sy, 0, corner[1]],
+                                               [0, 0, sz, corner[2]], [0, 0, 0, 1]], atol=1e-6)
+
+
+def test_a_folder_that_holds_no_series_or_two_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no slice images and no DICOM series in the scan folder"):
+        read_volume(tmp_path / "empty")
+    hu = np.full((2, 4, 4), -1000.0, dtype=np.float32)
+    write_ct_series(tmp_path / "two" / "a", hu)
+    write_ct_series(tmp_path / "two" / "b", hu)
+    for file in (tmp_path / "two" / "b").iterdir():
+        file.rename(tmp_path / "two" / "a" / f"b{file.name}")
+    with pytest.raises(DataError, match=r"a: holds 2 DICOM series \(SeriesInstanceUID .*\); a volume is "
+                                        r"the folder of one series"):
+        read_volume(tmp_path / "two" / "a")
 
 
 def test_the_axial_depth_from_a_header_is_the_depth_of_the_volume_read(world, tmp_path):

@@ -75,3 +75,19 @@ def test_zero_shot_with_the_users_class_names(tiny_encoder, tmp_path: Path):
         result = out["mine"][language]
         assert result["images"] == len(test) and set(result["per_class"]) == {"Effusion", "Nodule"}
         assert result["per_class"]["Effusion"]["positives"] == sum(r.labels["Effusion"] for r in test)
+
+
+def test_a_table_of_volumes_in_a_2d_task_is_named(tiny_encoder, tmp_path: Path):
+    import nibabel as nib
+
+    folder = tmp_path / "data" / "ct"
+    folder.mkdir(parents=True)
+    hu = np.full((8, 8, 4), -1000, dtype=np.int16)
+    rows = ["volume,patient_id,Covid"]
+    for i in range(10):
+        nib.save(nib.Nifti1Image(hu, np.eye(4)), str(folder / f"{i}.nii.gz"))
+        rows.append(f"{i}.nii.gz,p{i},{i % 2}")
+    (folder / "records.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    ctx = _context(tmp_path / "data", tmp_path, linear_probe=LinearProbeConfig(datasets=("ct",)))
+    with pytest.raises(EvalError, match=r"ct/train: .*\.nii\.gz is a volume; the 2D tasks need images"):
+        linear_probe.run(tiny_encoder, ctx)

@@ -92,6 +92,23 @@ def test_another_preparation_or_a_changed_source_is_not_read_from_stale_entries(
     assert torch.equal(volume, torch.zeros_like(volume))  # all air: 0 after the window
 
 
+def test_a_file_rewritten_in_a_folder_source_is_not_read_from_a_stale_entry(tmp_path):
+    """A folder source (a DICOM series, slice images) keeps its own modification time when a file
+    in it is rewritten in place: the entry is keyed by its files'."""
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((6, 6), 40 * k, dtype=np.uint8)).save(scan / f"{k:04d}.png")
+    cache = PreparedCache(tmp_path / "cache", "t")
+    first = cache.entry(scan)
+    assert cache.entry(scan) == first
+    folder_time = scan.stat().st_mtime_ns
+    Image.fromarray(np.zeros((6, 6), dtype=np.uint8)).save(scan / "0001.png")
+    os.utime(scan / "0001.png", ns=(1, 1))  # a new modification time even on a coarse clock
+    os.utime(scan, ns=(folder_time, folder_time))
+    assert cache.entry(scan) != first
+
+
 def test_a_damaged_entry_is_prepared_again_with_a_warning(world, tmp_path, caplog):
     folder = tmp_path / "cache"
     first = _volumes(_dataset(world, folder))

@@ -29,12 +29,12 @@ def check_dataset(name: str, cfg: Config, check_images: bool):
     """(DatasetRead, None), or (None, the error) when the dataset cannot be read at all. Bad rows
     are skipped and counted; a generic text-only table is read as the text stages read it."""
     from unimed.data.adapters import dataset_folder, load_dataset
-    from unimed.data.adapters.generic import IMAGE, find_table, is_generic, read_rows
+    from unimed.data.adapters.generic import find_table, is_generic, is_text_only, read_rows
     from unimed.data.errors import DataError
 
     folder = dataset_folder(name, cfg.data.root)
     try:
-        text_only = is_generic(folder) and IMAGE not in read_rows(find_table(folder))[0]
+        text_only = is_generic(folder) and is_text_only(read_rows(find_table(folder))[0])
         read = load_dataset(name, folder, on_error="skip", min_report_tokens=cfg.data.min_report_tokens,
                             split_seed=cfg.data.split_seed, check_images=check_images,
                             require_images=not text_only,

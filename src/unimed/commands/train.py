@@ -276,6 +276,11 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg), local_files_only=True)
         records = pretrain_records(cfg)
         method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
+        volume = next((r for r in records if r.ndim == 3), None)
+        if volume is not None and not method.reads_volumes:
+            raise ConfigError(f"data.pretrain_datasets: {volume.dataset} holds CT volumes "
+                              f"({volume.image_path}); method {cfg.method.name} pre-trains on 2D "
+                              "images (UniMedI reads volumes)")
         loaders = method.build_loaders(
             records, tokenizer, cfg.data, batch_size=cfg.train.batch_size, rank=info.rank,
             world_size=info.world_size, seed=cfg.run.seed, pin_memory=info.device.type == "cuda",

@@ -9,9 +9,11 @@ augmented views start from it), so each prepared array is written once as a ``.n
 (bit-identical to a fresh read) and read back from then on: ``data.volume_cache`` for the 3D loader,
 ``data.image_cache`` for the X-ray loaders.
 
-An entry is keyed by the source file's resolved path, size and modification time, and by a tag
-that names the preparation (a volume's shape and HU window, an image's decoding scale and size): a
-changed file or a different preset never reads a stale entry. Entries are written to a temporary name and
+An entry is keyed by the source file's resolved path, size and modification time (a source that
+is a folder, a DICOM series or slice images: those of every file in it, since a file rewritten in
+place leaves the folder's own time as it was), and by a tag that names the preparation (a volume's
+shape and HU window, an image's decoding scale and size): a changed file or a different preset
+never reads a stale entry. Entries are written to a temporary name and
 renamed into place, so loader workers and ranks that prepare the same file at once cannot leave a
 half-written entry. An entry that cannot be read (a truncated file, say) is prepared again from its
 source and rewritten, with a warning naming it. A source that cannot be read raises its
@@ -38,6 +40,16 @@ FORMAT = "1"
 """Bumped when the preparation of an entry changes in a way its tag does not say."""
 
 
+def _state(path: Path) -> tuple[str, ...]:
+    """What tells a changed source: a file's size and modification time; a folder's, those of each
+    file in it, by name."""
+    if not path.is_dir():
+        stat = path.stat()
+        return str(stat.st_size), str(stat.st_mtime_ns)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return tuple(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 class PreparedCache:
     """Prepared inputs under `folder`, one ``<hash>.npy`` per (source file, `tag`); `setting` is
     the config key that named the folder and `what` the kind of source, for the messages."""
@@ -60,10 +72,10 @@ class PreparedCache:
     def entry(self, path: Path) -> Path | None:
         """The cache file of `path`, or None when `path` cannot be stat'ed (the reader says why)."""
         try:
-            stat = path.stat()
+            state = _state(path)
         except OSError:
             return None
-        key = "\0".join((FORMAT, str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), self.tag))
+        key = "\0".join((FORMAT, str(path.resolve()), *state, self.tag))
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
 
     def load(self, path: str | Path, prepare: Callable[[Path], np.ndarray]) -> np.ndarray:

@@ -1,12 +1,15 @@
-"""Reading CT volumes (NIfTI, MetaImage `.mhd/.raw`, folders of slice images) in RAS and HU.
+"""Reading CT volumes (NIfTI, MetaImage `.mhd/.raw`, DICOM series, folders of slice images) in RAS
+and HU.
 
 nibabel reads NIfTI (applying the header's rescale slope / intercept), SimpleITK reads MetaImage
-(whose world frame is LPS), and MONAI does the spatial work: orientation to RAS, resampling to a
-target spacing, HU windowing; :func:`~unimed.data.resize.resize_volume` resizes to a shape
-(torch's "area" along the axes that shrink, then trilinear). Every failure is a :class:`DataError` naming the file:
-truncated or unreadable files, a `.raw` that is missing or short, non-positive spacing, NaN voxels,
-and values that can only come from rescaling stored values that were already in HU (the double
-rescale that CT-CLIP's pipeline is known for).
+and DICOM series (a folder of one series' files, sorted by GDCM along the slice normal, rescale
+slope / intercept applied; both in the LPS world frame), and MONAI does the spatial work:
+orientation to RAS, resampling to a target spacing, HU windowing;
+:func:`~unimed.data.resize.resize_volume` resizes to a shape (torch's "area" along the axes that
+shrink, then trilinear). Every failure is a :class:`DataError` naming the file: truncated or
+unreadable files, a `.raw` that is missing or short, a folder of several DICOM series,
+non-positive spacing, NaN voxels, and values that can only come from rescaling stored values that
+were already in HU (the double rescale that CT-CLIP's pipeline is known for).
 
 MONAI is imported by the two functions that use it: importing it takes seconds, and every command
 imports this module through the dataset adapters, most of them without ever reading a volume.
@@ -142,6 +145,30 @@ def _slice_files(folder: Path) -> list[Path]:
     return files
 
 
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The one DICOM series in `folder` (its files in any order, named any way): HU voxels (the
+    rescale slope and intercept applied) and the affine from the image position, orientation and
+    pixel spacing, the slice spacing from the positions of consecutive slices."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise DataError("no slice images and no DICOM series in the scan folder", folder,
+                        reason=MISSING_IMAGE)
+    if len(series) > 1:
+        raise DataError(f"holds {len(series)} DICOM series (SeriesInstanceUID {', '.join(series)}); "
+                        "a volume is the folder of one series", folder, reason=UNREADABLE_IMAGE)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise DataError(f"cannot read DICOM series ({first})", folder, reason=UNREADABLE_IMAGE) from None
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0), LPS_TO_RAS @ lps
+
+
 def _read_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """A folder of 8-bit slice images (0000 the most inferior; rows anterior to posterior, columns
     patient right to left), mapped back to HU through SLICE_WINDOW. The layout stores no spacing,
@@ -236,25 +263,27 @@ def axial_depth(path: str | Path, crop_mm: float | None = None) -> int:
 
 
 def _volume_kind(path: Path) -> str:
-    """"slices" (a scan folder), "nifti" or "mhd"; a DataError naming `path` when it is missing or
-    none of them."""
+    """"slices" (a folder of slice images), "dicom" (any other folder: a DICOM series), "nifti" or
+    "mhd"; a DataError naming `path` when it is missing or none of them."""
     if not path.exists():
         raise DataError("volume not found", path, reason=MISSING_IMAGE)
     if path.is_dir():
-        return "slices"
+        return "slices" if any(p.suffix.lower() in SLICE_SUFFIXES for p in path.iterdir()) else "dicom"
     if path.name.endswith((".nii", ".nii.gz")):
         return "nifti"
     if path.suffix == ".mhd":
         return "mhd"
-    raise DataError("not a volume: expected .nii, .nii.gz, .mhd or a folder of slices", path,
-                    reason=UNREADABLE_IMAGE)
+    raise DataError("not a volume: expected .nii, .nii.gz, .mhd or a folder (a DICOM series or slice "
+                    "images)", path, reason=UNREADABLE_IMAGE)
 
 
 def read_volume(path: str | Path, *, labels: bool = False) -> Volume:
-    """A CT volume (or, with `labels`, a label map) from a NIfTI file, a `.mhd` header or a folder of
-    slice images, re-oriented to RAS; intensities are checked to be HU unless `labels`."""
+    """A CT volume (or, with `labels`, a label map) from a NIfTI file, a `.mhd` header, a folder of
+    one DICOM series or a folder of slice images, re-oriented to RAS; intensities are checked to be
+    HU unless `labels`."""
     path = Path(path)
-    read = {"slices": _read_slices, "nifti": _read_nifti, "mhd": _read_mhd}[_volume_kind(path)]
+    read = {"slices": _read_slices, "dicom": _read_dicom_series, "nifti": _read_nifti,
+            "mhd": _read_mhd}[_volume_kind(path)]
     array, affine = read(path)
     if labels:
         if not np.isfinite(array).all():

@@ -241,6 +241,10 @@ class EvalData:
         and there is a ``spill_dir``, decoded into a file there (named after `name`; one another
         worker of the run wrote is read as it is, one it is writing waited for) and memory-mapped
         back."""
+        volumes = [r.image_path for r in records if r.ndim == 3]
+        if volumes:
+            raise EvalError(f"{desc}: {volumes[0]} is a volume; the 2D tasks need images (a CT "
+                            "dataset goes in the 3D tasks' eval.volume.* lists)")
         side = size or self.image_size
         shape = (len(records), 1, side, side)
         nbytes = math.prod(shape) * torch.float32.itemsize

@@ -106,8 +106,7 @@ class FeatureCache:
         key = (encoder.name, dataset, split, slices, tuple(window), side)
         spaces = self._volumes.get(key)
         if spaces is None:
-            parts = [(indices, encoder.volume_spaces(stacks, batch_size=batch_size)
-                      or _slice_wise_spaces(encoder, stacks, batch_size))
+            parts = [(indices, volume_spaces(encoder, stacks, batch_size))
                      for indices, stacks in data.stack_pieces(dataset, split, slices, window, side)]
             spaces = _in_record_order(parts)
             if self.enabled:
@@ -155,6 +154,13 @@ def _in_record_order(parts: list[tuple[list[int], dict[str, torch.Tensor]]]
         return parts[0][1]
     order = torch.tensor([i for indices, _ in parts for i in indices]).argsort()
     return {space: torch.cat([spaces[space] for _, spaces in parts])[order] for space in SPACES}
+
+
+def volume_spaces(encoder: Encoder, stacks: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """{"pooled", "projected"} (N, D) embeddings of (N, K, 1, S, S) slice stacks read at
+    :meth:`Encoder.volume_grid`: a native 3D encoder's own, else the slice-wise adapter's."""
+    return (encoder.volume_spaces(stacks, batch_size=batch_size)
+            or _slice_wise_spaces(encoder, stacks, batch_size))
 
 
 def _slice_wise_spaces(encoder: Encoder, stacks: torch.Tensor, batch_size: int

@@ -63,9 +63,11 @@ class StepContext:
 
 class Method(nn.Module):
     """Base class of every training method; subclasses set ``self.model`` and define
-    :meth:`forward`."""
+    :meth:`forward`. `reads_volumes`: whether its loaders take 3D records (CT volumes) beside the
+    2D image-report pairs; a method that does not refuses pre-training data holding them."""
 
     model: nn.Module
+    reads_volumes: bool = False
 
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         """The training forward: the loss terms of `batch`, the total under "loss" (0-dim tensors

@@ -84,6 +84,8 @@ class UniMedIMethod(Method):
     """UniMedI pre-training: ``forward`` returns "vl_loss", "icl_loss", "pcl_loss" (weighted) and
     their sum "loss"."""
 
+    reads_volumes = True
+
     def __init__(self, cfg: UniMedIConfig, model: UniMedI) -> None:
         super().__init__()
         self.cfg = cfg

@@ -3,13 +3,15 @@
 A dataset whose name is not an official layout is read from ``<data.root>/<name>/records.csv``
 (or ``records.csv.gz``, ``records.jsonl``, ``records.jsonl.gz``); docs/LAYOUTS.md documents the
 columns. In short: ``image`` (path relative to the table's folder, or absolute; any format
-:func:`unimed.data.images.load_image` reads), ``report``, ``language``, ``patient_id``, and the
+:func:`unimed.data.images.load_image` reads) or ``volume`` (a CT volume, any format
+:func:`unimed.data.volumes.read_volume` reads: NIfTI, MetaImage, a folder of one DICOM series or of
+slice images; the record is 3D), ``report``, ``language``, ``patient_id``, and the
 optional ``study_id``, ``site``, ``view`` and ``split`` (train / valid / test; rows where it is
 blank or absent are split per patient 80/10/10). Every other column is a label: 1, 0, -1
 (uncertain) or blank (not stated).
 
-A table without an ``image`` column is a text-only corpus: `unimed vocab` and `unimed mlm` read it
-(its records have no image); the image stages refuse it with a message saying so.
+A table without an ``image`` or ``volume`` column is a text-only corpus: `unimed vocab` and `unimed
+mlm` read it (its records have no image); the image stages refuse it with a message saying so.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from pathlib import Path
 
 from unimed.data.adapters.base import AdapterResult, ReadContext
 from unimed.data.adapters.tables import CsvTable, check_utf8, find_file, open_text
+from unimed.data.adapters.volume_common import check_volume_path
 from unimed.data.errors import DataError
 from unimed.data.records import Record
 from unimed.data.reports import clean_report
 from unimed.data.splits import SPLITS
 
 TABLE_NAMES = ("records.csv", "records.jsonl")
-IMAGE, REPORT, LANGUAGE, PATIENT = "image", "report", "language", "patient_id"
-KNOWN_COLUMNS = frozenset({IMAGE, REPORT, LANGUAGE, PATIENT, "study_id", "site", "view", "split"})
+IMAGE, VOLUME, REPORT, LANGUAGE, PATIENT = "image", "volume", "report", "language", "patient_id"
+KNOWN_COLUMNS = frozenset({IMAGE, VOLUME, REPORT, LANGUAGE, PATIENT, "study_id", "site", "view", "split"})
 SPLIT_RATIOS = {"train": 0.8, "valid": 0.1, "test": 0.1}
 CARVED = "all"
 LABEL_VALUES = frozenset({1.0, 0.0, -1.0})
@@ -44,6 +47,11 @@ def find_table(folder: Path) -> Path:
 def is_generic(folder: Path) -> bool:
     """Whether `folder` holds a records table."""
     return any((folder / f"{n}{gz}").is_file() for n in TABLE_NAMES for gz in ("", ".gz"))
+
+
+def is_text_only(columns: list[str]) -> bool:
+    """Whether a table of these columns is a text-only corpus (no image and no volume column)."""
+    return IMAGE not in columns and VOLUME not in columns
 
 
 def _cell(value: object) -> str:
@@ -131,12 +139,21 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
     if split not in (*SPLITS, CARVED):
         raise DataError(f"split {split!r} is not one of {list(SPLITS)} or blank", path, line, "split")
     labels = _labels(path, line, row, [c for c in columns if c not in KNOWN_COLUMNS])
-    image, relative = None, f"{path.name}:{line}"  # a text-only row is named by its line
-    if IMAGE in columns:
-        relative = row.get(IMAGE, "").strip()
-        if not relative:
-            raise DataError("empty image path", path, line, IMAGE)
-        image = ctx.image(path.parent / relative, path, line)
+    image, ndim, relative = None, 2, f"{path.name}:{line}"  # a text-only row is named by its line
+    given = {column: row.get(column, "").strip() for column in (IMAGE, VOLUME) if column in columns}
+    if given:
+        filled = [column for column, value in given.items() if value]
+        if not filled:
+            raise DataError(f"empty {' and '.join(given)} path", path, line, next(iter(given)))
+        if len(filled) > 1:
+            raise DataError("an image and a volume: a row is one or the other", path, line, VOLUME)
+        relative = given[filled[0]]
+        if filled[0] == IMAGE:
+            image = ctx.image(path.parent / relative, path, line)
+        else:
+            image, ndim = path.parent / relative, 3
+            if ctx.require_images:
+                check_volume_path(ctx, image, path, line)
     study = row.get("study_id", "").strip() or relative
     return Record(
         dataset=ctx.dataset,
@@ -149,6 +166,7 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
         site=row.get("site", "").strip() or None,
         view=row.get("view", "").strip() or None,
         labels=labels,
+        ndim=ndim,
     )
 
 
@@ -159,10 +177,10 @@ def read_generic(root: Path, ctx: ReadContext) -> AdapterResult:
     missing = [c for c in (PATIENT, *((LANGUAGE,) if REPORT in columns else ())) if c not in columns]
     if missing:
         raise DataError(f"missing column {missing[0]!r}; found {columns}", path, 1, missing[0])
-    if IMAGE not in columns and ctx.require_images:
+    if is_text_only(columns) and ctx.require_images:
         raise DataError(
-            "no 'image' column: a text-only corpus, read by `unimed vocab` and `unimed mlm` only",
-            path, 1,
+            "no 'image' or 'volume' column: a text-only corpus, read by `unimed vocab` and `unimed mlm` "
+            "only", path, 1,
         )
     records = []
     for line, row in rows:
