@@ -16,6 +16,7 @@ from train_helpers import (
     tiny_cfg,
     toy_loader,
 )
+from unimed.errors import ConfigError
 from unimed.train import checkpoint as ckpt
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import CHECKPOINT_DIR, mix_schedule, resolve_precision, train
@@ -106,14 +107,14 @@ def test_precision_resolution_stays_fp32_on_cpu():
     assert resolve_precision("auto", cpu) is None
     assert resolve_precision("fp32", cpu) is None
     for precision in ("fp16", "bf16"):
-        with pytest.raises(ValueError, match="needs a CUDA device"):
+        with pytest.raises(ConfigError, match="needs a CUDA device"):
             resolve_precision(precision, cpu)
     with pytest.raises(ValueError, match="one of"):
         resolve_precision("fp8", cpu)
 
 
 def test_too_few_batches_and_loss_without_total_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="grad_accum=16"):
+    with pytest.raises(ConfigError, match="grad_accum=16"):
         _run(tmp_path, tiny_cfg(grad_accum=16))
 
     def no_total(image_features, text_features, *, rank, world_size):
@@ -200,7 +201,7 @@ def test_proportional_mix_is_one_pass_over_every_loader_and_resumes_mid_epoch(tm
     assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
     # A mid-epoch checkpoint does not resume under the other mix.
     _two_loaders(tmp_path / "cut2", tiny_cfg(grad_accum=1, max_steps=9))
-    with pytest.raises(ValueError, match="loader_mix"):
+    with pytest.raises(ConfigError, match="loader_mix"):  # one line on the command line
         _two_loaders(tmp_path / "cut2", tiny_cfg(grad_accum=1, loader_mix="alternate"), resume=True)
 class ConvToy(ToyModel):
     """The toy model with a convolution in the image tower (x[:, :4] as a 2-channel 1x2 'image')."""

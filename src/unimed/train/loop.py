@@ -113,7 +113,7 @@ class Trainer:
         if cfg.epoch_steps is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.epoch_steps)
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.batches_per_epoch} batches per epoch cannot make an optimizer step with "
                 f"train.grad_accum={cfg.grad_accum}; use a smaller batch size or more data"
             )
@@ -135,7 +135,7 @@ class Trainer:
     def _convert(self, method: Method) -> Method:
         if self.dist.distributed and self.cfg.sync_batchnorm:
             if self.dist.device.type != "cuda":
-                raise ValueError("train.sync_batchnorm needs CUDA; on CPU put BatchNorm in eval mode")
+                raise ConfigError("train.sync_batchnorm needs CUDA; on CPU put BatchNorm in eval mode")
             return nn.SyncBatchNorm.convert_sync_batchnorm(method)
         return method
 
@@ -260,7 +260,7 @@ class Trainer:
         names = [stage.name for stage in self.stages]
         expected = names[self._stage_of_epoch(state["epoch"])]
         if state["stage"] != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {path} was taken in stage '{state['stage']}' at epoch {state['epoch']}, "
                 f"where this run's stages ({', '.join(names)}) are in '{expected}'"
             )
@@ -270,7 +270,7 @@ class Trainer:
         then = (state["world_size"], list(state["batch_size"]), state["grad_accum"],
                 state.get("loader_mix", "alternate"))
         if now != then:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {path} stopped mid-epoch with (world size, batch sizes, grad_accum, "
                 f"loader_mix) = "
                 f"{then}; this run has {now}. Resume with the same settings or from an epoch end."
