@@ -98,6 +98,22 @@ def _build(name, world, seed=0):
 
 def test_every_registered_method_is_covered():
     assert sorted(TINY_METHODS) == METHODS.names()
+
+
+def test_a_method_says_it_reads_volumes_exactly_when_its_loaders_take_them(world):
+    """`reads_volumes` is what lets volume records through to a method (unimed pretrain)."""
+    tokenizer = world[0]
+    for name, cfg in CONFIGS.items():
+        assert create_method(cfg, vocab_size=len(tokenizer)).reads_volumes == (name in READS_VOLUMES), name
+
+
+def test_a_setting_the_built_model_rejects_is_a_config_error(world):
+    """Checkable only once the model is built (here the image encoder's levels): one line on the
+    command line, not a ValueError traceback."""
+    cfg = TINY_METHODS["medunic"]
+    cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, frozen_levels=99))
+    with pytest.raises(ConfigError, match=r"method.image.frozen_levels=99 but the image encoder has"):
+        create_method(cfg, vocab_size=len(world[0]))
     for name, cfg in TINY_METHODS.items():
         assert cfg.name == name
 

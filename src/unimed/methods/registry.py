@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
+from unimed.errors import ConfigError
 from unimed.registry import Registry
 
 if TYPE_CHECKING:
@@ -55,4 +56,9 @@ def create_method(cfg: MethodConfig, *, vocab_size: int | None = None,
     """
     module, function = METHODS.get(cfg.name).builder.split(":")
     build = getattr(importlib.import_module(module), function)
-    return build(cfg, vocab_size=vocab_size, text_encoder=text_encoder)
+    try:
+        return build(cfg, vocab_size=vocab_size, text_encoder=text_encoder)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a setting checkable only on the built model (a level count, a stride)
+        raise ConfigError(str(exc)) from None
