@@ -295,6 +295,28 @@ def test_a_renamed_run_evaluates_into_itself_not_into_its_old_name(tiny_run: Pat
         shutil.rmtree(renamed)
 
 
+def test_evaluating_a_run_again_keeps_its_previous_evaluation(tiny_run: Path):
+    """A second evaluation (here of one task, without baselines) does not replace the first in
+    place: metrics.json, bootstrap.npz, report.html and eval/ move to previous_evaluations/<its
+    creation time>/, and `unimed ablate`'s table is carried into the new metrics.json."""
+    run = tiny_run.parent / "tiny_again"
+    shutil.copytree(tiny_run, run)
+    try:
+        first = json.loads((run / "metrics.json").read_text())
+        first["ablation"] = {"rows": [], "seeds": [0]}
+        (run / "metrics.json").write_text(json.dumps(first))
+        kept = {name: (run / name).read_bytes() for name in ("bootstrap.npz", "report.html")}
+        assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
+        history = run / "previous_evaluations" / first["created"].replace(":", "-")
+        assert json.loads((history / "metrics.json").read_text()) == first
+        assert {name: (history / name).read_bytes() for name in kept} == kept
+        assert (history / "eval" / "config.yaml").is_file() and (run / "eval" / "config.yaml").is_file()
+        second = json.loads((run / "metrics.json").read_text())
+        assert second["ablation"] == first["ablation"] and list(second["encoders"]) == ["medunic"]
+    finally:
+        shutil.rmtree(run)
+
+
 def test_export_refuses_a_non_empty_folder(tiny_run: Path, tmp_path: Path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")

@@ -8,6 +8,8 @@ Beside metrics.json: bootstrap.npz, the bootstrap replicates of every metric key
 would be thousands of numbers per metric), and under eval/ the published split files of the
 evaluation sets, whose SHA-256 metrics.json and the report list. When a 3D task runs, the volume
 viewer figure of each of its datasets goes there too (once per run: it shows data, not an encoder).
+An evaluation never replaces an earlier one in place: that one moves to
+previous_evaluations/<its creation time>/ first (:func:`keep_previous_evaluation`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 BOOTSTRAP_FILE = "bootstrap.npz"
 EVAL_DIR = "eval"
+PREVIOUS_DIR = "previous_evaluations"
 SPILL_DIR = ".spill"
 LOSS_FIGURE = "loss_curves.png"
 
@@ -156,8 +159,9 @@ def run_evaluation(
     start = time.perf_counter()
     # A missing or corrupt checkpoint fails before anything is written.
     trained = _resolve_trained(cfg, checkpoint, also)
-    out_dir, figures = cfg.run.dir, run_dir(cfg, EVAL_DIR)
     encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
+    out_dir, previous = cfg.run.dir, keep_previous_evaluation(cfg.run.dir)
+    figures = run_dir(cfg, EVAL_DIR)
     # Images, slice stacks and feature maps too large to hold go to disk beside the report
     # (unimed.eval.data), for this run only.
     spill_dir = figures / SPILL_DIR
@@ -191,9 +195,43 @@ def run_evaluation(
                   if method_log.is_file() else None)
         if curves is not None:
             metrics.setdefault("pretraining_methods", {})[name] = curves
+    if "ablation" in previous:  # `unimed ablate`'s table (its own runs and seeds) stays in the report
+        metrics["ablation"] = previous["ablation"]
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_outputs(metrics, out_dir, figures, ctx.replicates)
     return metrics
+
+
+def keep_previous_evaluation(out_dir: Path) -> dict:
+    """Move the run's previous evaluation, if any (metrics.json, bootstrap.npz, report.html and
+    eval/), into ``previous_evaluations/<its creation time>/`` before a new one is written, and
+    return its metrics: an evaluation of a few tasks, or of an earlier checkpoint, would otherwise
+    replace the whole evaluation in place. The report there embeds its figures."""
+    metrics_path = out_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        return {}
+    try:
+        previous = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = {}
+    created = previous.get("created") if isinstance(previous, dict) else None
+    if not isinstance(created, str):
+        created = datetime.datetime.fromtimestamp(metrics_path.stat().st_mtime).isoformat(timespec="seconds")
+    target = out_dir / PREVIOUS_DIR / created.replace(":", "-")
+    for n in range(2, 1000):
+        if not target.exists():
+            break
+        target = target.with_name(f"{created.replace(':', '-')}_{n}")
+    try:
+        target.mkdir(parents=True)
+        for name in (METRICS_FILE, BOOTSTRAP_FILE, REPORT_FILE, EVAL_DIR):
+            if (out_dir / name).exists():
+                shutil.move(out_dir / name, target / name)
+    except OSError as exc:
+        raise ConfigError(f"cannot keep the run's previous evaluation in {target} "
+                          f"({exc.strerror or exc}); nothing was evaluated") from None
+    log.info("the run's previous evaluation (created %s) moved to %s", created, target)
+    return previous if isinstance(previous, dict) else {}
 
 
 def phantom_volume(folder: Path, key: str) -> Regenerated | None:
