@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import safetensors.torch
@@ -171,6 +172,17 @@ def test_several_loaders_alternate_and_resume_mid_epoch(tmp_path):
     resumed, rest = _two_loaders(tmp_path / "cut", cfg, seed=5, resume=True)
     assert resumed.seen[0] == "b" and len(resumed.seen) == 17
     assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
+
+
+def test_a_resume_at_an_epoch_end_under_other_settings_says_so(tmp_path, caplog):
+    """Allowed (no batch of the epoch is half used), but the curve is no longer the one an
+    uninterrupted run would give: a warning names both settings."""
+    _two_loaders(tmp_path / "cut", tiny_cfg(grad_accum=1, loader_mix="alternate", max_steps=12))
+    with caplog.at_level(logging.WARNING, logger="unimed.train.loop"):
+        _two_loaders(tmp_path / "cut", tiny_cfg(grad_accum=2, loader_mix="alternate"), resume=True)
+    assert "resuming at an epoch end with (world size, batch sizes, grad_accum, loader_mix) = " \
+           "(1, [4, 4], 2, 'alternate') where checkpoint" in caplog.text
+    assert "had (1, [4, 4], 1, 'alternate')" in caplog.text
 
 
 def test_mix_schedules_by_hand():

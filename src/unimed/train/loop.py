@@ -264,11 +264,15 @@ class Trainer:
                 f"checkpoint {path} was taken in stage '{state['stage']}' at epoch {state['epoch']}, "
                 f"where this run's stages ({', '.join(names)}) are in '{expected}'"
             )
-        if state["step_in_epoch"] == 0:
-            return
         now = (self.dist.world_size, self._batch_sizes(), self.cfg.grad_accum, self.cfg.loader_mix)
         then = (state["world_size"], list(state["batch_size"]), state["grad_accum"],
                 state.get("loader_mix", "alternate"))
+        if state["step_in_epoch"] == 0:
+            if now != then:
+                log.warning("resuming at an epoch end with (world size, batch sizes, grad_accum, "
+                            "loader_mix) = %s where checkpoint %s had %s: the epochs from here use "
+                            "this run's", now, path, then)
+            return
         if now != then:
             raise ConfigError(
                 f"checkpoint {path} stopped mid-epoch with (world size, batch sizes, grad_accum, "
