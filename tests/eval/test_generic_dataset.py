@@ -16,6 +16,7 @@ from unimed.eval import linear_probe, zero_shot
 from unimed.eval.config import EvalConfig, LinearProbeConfig, ZeroShotConfig
 from unimed.eval.data import EvalData
 from unimed.eval.errors import EvalError
+from unimed.eval.runner import evaluate
 from unimed.eval.tasks import TaskContext
 
 
@@ -91,3 +92,16 @@ def test_a_table_of_volumes_in_a_2d_task_is_named(tiny_encoder, tmp_path: Path):
     ctx = _context(tmp_path / "data", tmp_path, linear_probe=LinearProbeConfig(datasets=("ct",)))
     with pytest.raises(EvalError, match=r"ct/train: .*\.nii\.gz is a volume; the 2D tasks need images"):
         linear_probe.run(tiny_encoder, ctx)
+
+
+def test_unusable_zero_shot_labels_fail_before_any_task_runs(tiny_encoder, tmp_path: Path):
+    root = write_table(tmp_path / "data")
+    table = root / "mine" / "records.csv"
+    lines = table.read_text(encoding="utf-8").splitlines()
+    lines[1:] = [line[: line.rindex(",")] + "," for line in lines[1:]]  # every 'Nodule' blank
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ctx = _context(root, tmp_path, linear_probe=LinearProbeConfig(datasets=("mine",)),
+                   zero_shot=ZeroShotConfig(datasets=("mine",), classes={"mine": ["Nodule"]}))
+    with pytest.raises(EvalError, match="mine: no record states a label 'Nodule'; its labels: Effusion$"):
+        evaluate([tiny_encoder], ctx, ("linear_probe", "zero_shot"))
+    assert ctx.data.splits_read() == []  # the linear probe never read an image

@@ -94,6 +94,8 @@ def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]
     """
     for task in tasks:
         TASKS.get(task)  # an unknown task fails before any work
+    if "zero_shot" in tasks:
+        zero_shot.check_labels(ctx)  # so do a zero-shot set's unusable labels
     groups = task_groups(tasks)
     jobs: list[Job] = [(i, group) for i in range(len(encoders)) for group in groups]
     workers = min(ctx.cfg.workers, len(jobs))

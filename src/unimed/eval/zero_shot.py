@@ -40,7 +40,8 @@ def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str
     for c, name in enumerate(classes):
         values = [row.get(name.lower(), float("nan")) for row in rows]
         if all(math.isnan(v) for v in values):
-            stated = sorted({label for record in records for label in record.labels})
+            stated = sorted({label for record in records for label, value in record.labels.items()
+                             if not math.isnan(value)})
             raise EvalError(f"{dataset}: no record states a label '{name}'; its labels: "
                             f"{', '.join(stated) or 'none'}")
         unusable = [i for i, v in enumerate(values) if v not in (0.0, 1.0)]
@@ -145,6 +146,25 @@ def score_language(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str
     return {**with_intervals(macros), "images": int(len(labels)), "per_class": per_class}
 
 
+def dataset_labels(ctx: TaskContext, dataset: str) -> tuple[list[str], list[Record], np.ndarray]:
+    """The classes ``eval.zero_shot.classes`` names for `dataset`, its test records and their
+    (N, C) 0/1 labels (:func:`label_matrix`); an EvalError when it names none or a label is unusable."""
+    classes = ctx.cfg.zero_shot.classes
+    if dataset not in classes:
+        raise EvalError(
+            f"eval.zero_shot.classes has no class list for '{dataset}'; it has {sorted(classes)}"
+        )
+    records = ctx.data.require(dataset, SPLIT)
+    return list(classes[dataset]), records, label_matrix(records, classes[dataset], dataset)
+
+
+def check_labels(ctx: TaskContext) -> None:
+    """Every zero-shot set's classes and labels (:func:`dataset_labels`), before any task runs: a
+    user's table with a blank label fails at once, not after the tasks before zero-shot."""
+    for dataset in ctx.cfg.zero_shot.datasets:
+        dataset_labels(ctx, dataset)
+
+
 @TASKS.register("zero_shot")
 def run(encoder: Encoder, ctx: TaskContext) -> dict:
     """{dataset: {language: {"auc", "f1", "images", "per_class"}}} for every configured set."""
@@ -154,13 +174,7 @@ def run(encoder: Encoder, ctx: TaskContext) -> dict:
                for lang in cfg.languages}
     out: dict = {}
     for dataset in cfg.datasets:
-        if dataset not in cfg.classes:
-            raise EvalError(
-                f"eval.zero_shot.classes has no class list for '{dataset}'; it has {sorted(cfg.classes)}"
-            )
-        classes = cfg.classes[dataset]
-        records = ctx.data.require(dataset, SPLIT)
-        labels = label_matrix(records, classes, dataset)
+        classes, records, labels = dataset_labels(ctx, dataset)
         resamples = ctx.resamples(dataset, SPLIT, len(records))
         if hasattr(encoder.model, "zero_shot_scores"):
             images = rgb(ctx.data.images(dataset, SPLIT))
