@@ -313,6 +313,14 @@ def test_evaluating_a_run_again_keeps_its_previous_evaluation(tiny_run: Path):
         assert (history / "eval" / "config.yaml").is_file() and (run / "eval" / "config.yaml").is_file()
         second = json.loads((run / "metrics.json").read_text())
         assert second["ablation"] == first["ablation"] and list(second["encoders"]) == ["medunic"]
+        # An evaluation that fails leaves the run's evaluation as it was.
+        names = ("metrics.json", "bootstrap.npz", "report.html")
+        before = {name: (run / name).read_bytes() for name in names}
+        listed = sorted((run / "previous_evaluations").iterdir())
+        assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.zero_shot.datasets=[absent]",
+                     "--quiet"]) == 2
+        assert {name: (run / name).read_bytes() for name in before} == before
+        assert sorted((run / "previous_evaluations").iterdir()) == listed
     finally:
         shutil.rmtree(run)
 

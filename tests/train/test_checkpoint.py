@@ -49,7 +49,8 @@ def test_the_weights_file_gets_the_permissions_of_the_umask(tmp_path, mask):
         path = ckpt.save_checkpoint(tmp_path, 1, Tied(), _state(1))
     finally:
         os.umask(old)
-    modes = {name: stat.S_IMODE((path / name).stat().st_mode) for name in (ckpt.WEIGHTS_FILE, ckpt.CHECKSUM_FILE)}
+    modes = {name: stat.S_IMODE((path / name).stat().st_mode)
+             for name in (ckpt.WEIGHTS_FILE, ckpt.CHECKSUM_FILE)}
     assert modes == {ckpt.WEIGHTS_FILE: 0o666 & ~mask, ckpt.CHECKSUM_FILE: 0o666 & ~mask}
 
 

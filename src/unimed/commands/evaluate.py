@@ -9,12 +9,14 @@ would be thousands of numbers per metric), and under eval/ the published split f
 evaluation sets, whose SHA-256 metrics.json and the report list. When a 3D task runs, the volume
 viewer figure of each of its datasets goes there too (once per run: it shows data, not an encoder).
 An evaluation never replaces an earlier one in place: that one moves to
-previous_evaluations/<its creation time>/ first (:func:`keep_previous_evaluation`).
+previous_evaluations/<its creation time>/ first, and back if the new one fails
+(:func:`replacing_evaluation`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -22,7 +24,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -160,78 +162,95 @@ def run_evaluation(
     # A missing or corrupt checkpoint fails before anything is written.
     trained = _resolve_trained(cfg, checkpoint, also)
     encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
-    out_dir, previous = cfg.run.dir, keep_previous_evaluation(cfg.run.dir)
-    figures = run_dir(cfg, EVAL_DIR)
-    # Images, slice stacks and feature maps too large to hold go to disk beside the report
-    # (unimed.eval.data), for this run only.
-    spill_dir = figures / SPILL_DIR
-    ctx = TaskContext(EvalData(cfg.data, progress=progress, spill_dir=spill_dir), cfg.eval, figures,
-                      progress)
-    try:
-        results = evaluate(encoders, ctx, tasks)
-    finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
-    metrics = {
-        "run": cfg.run.name,
-        "method": cfg.method.name,
-        "methods": [run_cfg.method.name for run_cfg, _ in trained],
-        "checkpoint": str(checkpoint) if checkpoint is not None else None,
-        "data_root": cfg.data.root,
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        **results,
-        "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "confidence": CONFIDENCE,
-                      "seed": cfg.eval.seed, "replicates": BOOTSTRAP_FILE},
-        "splits": ctx.data.publish(figures),
-    }
-    if any(task in VOLUME_TASK_NAMES for task in tasks):
-        metrics["volume_viewer"] = write_volume_viewers(ctx, volume_datasets(cfg.eval, tasks),
-                                                        phantom_volume)
-    log_path = cfg.run.dir / "pretrain" / LOG_FILE
-    if log_path.is_file():
-        metrics["pretraining"] = plot_loss_curves(log_path, figures / LOSS_FIGURE)
-    for run_cfg, _ in also:
-        name, method_log = run_cfg.method.name, run_cfg.run.dir / "pretrain" / LOG_FILE
-        curves = (plot_loss_curves(method_log, figures / f"{name}_{LOSS_FIGURE}")
-                  if method_log.is_file() else None)
-        if curves is not None:
-            metrics.setdefault("pretraining_methods", {})[name] = curves
-    if "ablation" in previous:  # `unimed ablate`'s table (its own runs and seeds) stays in the report
-        metrics["ablation"] = previous["ablation"]
-    metrics["seconds"] = round(time.perf_counter() - start, 1)
-    write_outputs(metrics, out_dir, figures, ctx.replicates)
+    out_dir = cfg.run.dir
+    with replacing_evaluation(out_dir) as previous:
+        figures = run_dir(cfg, EVAL_DIR)
+        # Images, slice stacks and feature maps too large to hold go to disk beside the report
+        # (unimed.eval.data), for this run only.
+        spill_dir = figures / SPILL_DIR
+        ctx = TaskContext(EvalData(cfg.data, progress=progress, spill_dir=spill_dir), cfg.eval, figures,
+                          progress)
+        try:
+            results = evaluate(encoders, ctx, tasks)
+        finally:
+            shutil.rmtree(spill_dir, ignore_errors=True)
+        metrics = {
+            "run": cfg.run.name,
+            "method": cfg.method.name,
+            "methods": [run_cfg.method.name for run_cfg, _ in trained],
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "data_root": cfg.data.root,
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            **results,
+            "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "confidence": CONFIDENCE,
+                          "seed": cfg.eval.seed, "replicates": BOOTSTRAP_FILE},
+            "splits": ctx.data.publish(figures),
+        }
+        if any(task in VOLUME_TASK_NAMES for task in tasks):
+            metrics["volume_viewer"] = write_volume_viewers(ctx, volume_datasets(cfg.eval, tasks),
+                                                            phantom_volume)
+        log_path = cfg.run.dir / "pretrain" / LOG_FILE
+        if log_path.is_file():
+            metrics["pretraining"] = plot_loss_curves(log_path, figures / LOSS_FIGURE)
+        for run_cfg, _ in also:
+            name, method_log = run_cfg.method.name, run_cfg.run.dir / "pretrain" / LOG_FILE
+            curves = (plot_loss_curves(method_log, figures / f"{name}_{LOSS_FIGURE}")
+                      if method_log.is_file() else None)
+            if curves is not None:
+                metrics.setdefault("pretraining_methods", {})[name] = curves
+        if "ablation" in previous:  # `unimed ablate`'s table (its own runs and seeds) stays in the report
+            metrics["ablation"] = previous["ablation"]
+        metrics["seconds"] = round(time.perf_counter() - start, 1)
+        write_outputs(metrics, out_dir, figures, ctx.replicates)
     return metrics
 
 
-def keep_previous_evaluation(out_dir: Path) -> dict:
-    """Move the run's previous evaluation, if any (metrics.json, bootstrap.npz, report.html and
-    eval/), into ``previous_evaluations/<its creation time>/`` before a new one is written, and
-    return its metrics: an evaluation of a few tasks, or of an earlier checkpoint, would otherwise
-    replace the whole evaluation in place. The report there embeds its figures."""
+@contextlib.contextmanager
+def replacing_evaluation(out_dir: Path) -> Iterator[dict]:
+    """Around writing a new evaluation of the run in `out_dir`: the previous one, if any
+    (metrics.json, bootstrap.npz, report.html and eval/), moves to ``previous_evaluations/<its
+    creation time>/`` first and its metrics are yielded; an evaluation of a few tasks, or of an
+    earlier checkpoint, would otherwise replace the whole evaluation in place (the report there
+    embeds its figures). An evaluation that fails puts the previous one back as it was."""
     metrics_path = out_dir / METRICS_FILE
     if not metrics_path.is_file():
-        return {}
+        yield {}
+        return
     try:
         previous = json.loads(metrics_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        previous = {}
-    created = previous.get("created") if isinstance(previous, dict) else None
+        previous = None
+    previous = previous if isinstance(previous, dict) else {}
+    created = previous.get("created")
     if not isinstance(created, str):
         created = datetime.datetime.fromtimestamp(metrics_path.stat().st_mtime).isoformat(timespec="seconds")
-    target = out_dir / PREVIOUS_DIR / created.replace(":", "-")
-    for n in range(2, 1000):
-        if not target.exists():
-            break
-        target = target.with_name(f"{created.replace(':', '-')}_{n}")
+    stamp = created.replace(":", "-")
+    target = next(out_dir / PREVIOUS_DIR / name for name in [stamp, *(f"{stamp}_{n}" for n in range(2, 1000))]
+                  if not (out_dir / PREVIOUS_DIR / name).exists())
+    names = [name for name in (METRICS_FILE, BOOTSTRAP_FILE, REPORT_FILE, EVAL_DIR)
+             if (out_dir / name).exists()]
     try:
         target.mkdir(parents=True)
-        for name in (METRICS_FILE, BOOTSTRAP_FILE, REPORT_FILE, EVAL_DIR):
-            if (out_dir / name).exists():
-                shutil.move(out_dir / name, target / name)
+        for name in names:
+            shutil.move(out_dir / name, target / name)
     except OSError as exc:
         raise ConfigError(f"cannot keep the run's previous evaluation in {target} "
                           f"({exc.strerror or exc}); nothing was evaluated") from None
     log.info("the run's previous evaluation (created %s) moved to %s", created, target)
-    return previous if isinstance(previous, dict) else {}
+    try:
+        yield previous
+    except BaseException:
+        for name in names:  # what the failed evaluation wrote goes; the previous one comes back
+            if (out_dir / name).is_dir():
+                shutil.rmtree(out_dir / name)
+            elif (out_dir / name).exists():
+                (out_dir / name).unlink()
+            shutil.move(target / name, out_dir / name)
+        target.rmdir()
+        with contextlib.suppress(OSError):  # previous_evaluations/ itself, when it was made for this
+            target.parent.rmdir()
+        log.info("the evaluation failed: the run's previous evaluation is back in %s", out_dir)
+        raise
 
 
 def phantom_volume(folder: Path, key: str) -> Regenerated | None:
