@@ -174,6 +174,18 @@ def test_encode_volume_gives_the_3d_evaluations_volume_embeddings(tiny_run: Path
     one = model.encode_volume(folder / "a.nii.gz")
     torch.testing.assert_close(one, torch.nn.functional.normalize(want[:1], dim=-1), rtol=1e-5, atol=1e-5)
 
+    # The command line: a folder of volumes (a file and a slice folder), and a folder that is one.
+    (folder / "records.csv").rename(tmp_path / "records.csv")  # leave only the volumes in it
+    out = tmp_path / "ct.npy"
+    assert main(["embed", str(tiny_run), str(folder), "--volumes", "--out", str(out), "--quiet"]) == 0
+    np.testing.assert_allclose(np.load(out), torch.nn.functional.normalize(want, dim=-1).numpy(), atol=1e-5)
+    assert [r["file"] for r in csv.DictReader(out.with_suffix(".csv").open())] == ["a.nii.gz", "scan"]
+    args = ["--volumes", "--out", str(out), "--quiet"]
+    assert main(["embed", str(tiny_run), str(folder / "scan"), *args]) == 0
+    unit = torch.nn.functional.normalize(want, dim=-1).numpy()
+    np.testing.assert_allclose(np.load(out), unit[1:], atol=1e-5)
+    assert [r["file"] for r in csv.DictReader(out.with_suffix(".csv").open())] == ["scan"]
+
 
 @pytest.mark.parametrize("make, expected", [
     (lambda grey: grey * 255, r"image 1: float pixels must lie in \[0, 1\], these span 0 \.\. 255 "),
@@ -254,6 +266,28 @@ def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: P
             "--out", str(out), *extra, "--quiet"]
     capsys.readouterr()
     assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("unimed:")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "nowhere: volume folder or file not found"),
+    ("empty", "empty: empty folder: no volume in it, and not a volume itself"),
+    ("not a volume", "a.png: not a volume: expected .nii, .nii.gz, .mhd or a folder"),
+    ("unreadable", "scan/0000.png: cannot read slice image"),
+])
+def test_volume_embedding_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: Path, capsys,
+                                              case: str, expected: str):
+    path = {"missing": tmp_path / "nowhere", "empty": tmp_path / "empty", "not a volume": images / "a.png",
+            "unreadable": tmp_path / "scan"}[case]
+    if case in ("empty", "unreadable"):
+        path.mkdir()
+    if case == "unreadable":
+        (path / "0000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    capsys.readouterr()
+    out = tmp_path / "v.npy"
+    assert main(["embed", str(tiny_run), str(path), "--volumes", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("unimed:")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err

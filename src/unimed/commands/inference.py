@@ -22,6 +22,7 @@ from unimed.data.errors import MISSING_IMAGE, DataError
 from unimed.errors import ConfigError
 
 BATCH = 32
+VOLUME_BATCH = 4  # volumes read and embedded at once (each is read whole before it is resized)
 EMBEDDING_SUFFIXES = (".npy", ".safetensors")
 
 
@@ -42,12 +43,35 @@ def list_images(path: str | Path) -> list[Path]:
     return found
 
 
-def _batches(items: Sequence[Path], desc: str, progress: bool, size: int = BATCH
-             ) -> Iterator[list[Path]]:
-    """`items` in lists of `size`, with a progress bar over the images unless `progress` is off."""
+def list_volumes(path: str | Path) -> list[Path]:
+    """The CT volumes at `path`: a volume file (NIfTI, .mhd), a folder that is one volume (a DICOM
+    series or slice images: files only), or a folder of volumes (its volume files and sub-folders,
+    one level, sorted); a DataError naming `path` otherwise."""
+    from unimed.data.volumes import VOLUME_SUFFIXES
+
+    path = Path(path)
+    if path.is_file():
+        if not path.name.endswith(VOLUME_SUFFIXES):
+            raise DataError(f"not a volume: expected {', '.join(VOLUME_SUFFIXES)} or a folder", path,
+                            reason=MISSING_IMAGE)
+        return [path]
+    if not path.is_dir():
+        raise DataError("volume folder or file not found", path, reason=MISSING_IMAGE)
+    inside = sorted(path.iterdir())
+    volumes = [p for p in inside if p.is_dir() or p.name.endswith(VOLUME_SUFFIXES)]
+    if volumes:
+        return volumes
+    if not inside:
+        raise DataError("empty folder: no volume in it, and not a volume itself", path, reason=MISSING_IMAGE)
+    return [path]  # its files are the slices of one volume
+
+
+def _batches(items: Sequence[Path], desc: str, progress: bool, size: int = BATCH,
+             unit: str = "image") -> Iterator[list[Path]]:
+    """`items` in lists of `size`, with a progress bar over them unless `progress` is off."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(items), desc=desc, unit="image", disable=not progress) as bar:
+    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
         for start in range(0, len(items), size):
             batch = list(items[start : start + size])
             yield batch
@@ -55,7 +79,7 @@ def _batches(items: Sequence[Path], desc: str, progress: bool, size: int = BATCH
 
 
 def _relative(file: Path, root: Path) -> str:
-    return file.name if root.is_file() else file.relative_to(root).as_posix()
+    return file.name if root.is_file() or file == root else file.relative_to(root).as_posix()
 
 
 def _model_config(args: argparse.Namespace) -> str:
@@ -87,6 +111,13 @@ def _inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", help="an image file or a folder of PNG / JPEG / DICOM images")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def _embed_args(parser: argparse.ArgumentParser) -> None:
+    _inference_args(parser)
+    parser.add_argument("--volumes", action="store_true",
+                        help="the path holds CT volumes: a NIfTI or .mhd file, a folder of one DICOM "
+                             "series or of slice images, or a folder of such volumes (one level)")
 
 
 def _classify_args(parser: argparse.ArgumentParser) -> None:
@@ -144,8 +175,8 @@ def classify_command(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-@command("embed", "image embeddings of a folder of images (.npy or .safetensors + a CSV of files)",
-         _inference_args, _model_config)
+@command("embed", "image (or, with --volumes, CT volume) embeddings of a folder (.npy or "
+         ".safetensors + a CSV of files)", _embed_args, _model_config)
 def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -158,11 +189,15 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in EMBEDDING_SUFFIXES:
         raise ConfigError(f"--out {out}: the file must end in {' or '.join(EMBEDDING_SUFFIXES)}")
-    files = list_images(args.images)
+    files = list_volumes(args.images) if args.volumes else list_images(args.images)
     _writable(out)
     model = load(args.model, device=args.device)
-    embeddings = torch.cat([model.encode_image(batch)
-                            for batch in _batches(files, "embed", args.progress)])
+    if args.volumes:
+        embeddings = torch.cat([model.encode_volume(batch) for batch in
+                                _batches(files, "embed", args.progress, VOLUME_BATCH, "volume")])
+    else:
+        embeddings = torch.cat([model.encode_image(batch)
+                                for batch in _batches(files, "embed", args.progress)])
     if out.suffix == ".npy":
         np.save(out, embeddings.numpy())
     else:
@@ -174,7 +209,8 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
         writer = csv.writer(f)
         writer.writerow(["row", "file"])
         writer.writerows((i, _relative(file, root)) for i, file in enumerate(files))
-    print(f"embedded {len(files)} image(s) as {tuple(embeddings.shape)}: {out} (files: {names})")
+    what = "volume" if args.volumes else "image"
+    print(f"embedded {len(files)} {what}(s) as {tuple(embeddings.shape)}: {out} (files: {names})")
     return 0
 
 

@@ -43,6 +43,8 @@ NOT_HU_LOW = -200.0
 SLICE_WINDOW = (-1400.0, 200.0)
 """HU of the grey values 0 and 255 in a folder of 8-bit slice images (the CC-CCII layout)."""
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mhd")
+"""The files that are volumes by their name (a folder is one too: a DICOM series, slice images)."""
 
 
 @dataclasses.dataclass
