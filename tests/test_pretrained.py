@@ -174,6 +174,16 @@ def test_encode_volume_gives_the_3d_evaluations_volume_embeddings(tiny_run: Path
     one = model.encode_volume(folder / "a.nii.gz")
     torch.testing.assert_close(one, torch.nn.functional.normalize(want[:1], dim=-1), rtol=1e-5, atol=1e-5)
 
+    # Zero-shot on CT: the cosine to the positive prompt minus the cosine to the negative one.
+    result = model.zero_shot_volume([folder / "a.nii.gz", folder / "scan"], CLASSES, "es")
+    prompts = model.prompts("es")
+    for c, name in enumerate(CLASSES):
+        pos, neg = model.encode_text([prompts.positive(name), prompts.negative(name)])
+        expected = (torch.nn.functional.normalize(want, dim=-1) @ (pos - neg)).numpy()
+        np.testing.assert_allclose(result.scores[:, c], expected, atol=1e-5)
+        np.testing.assert_allclose(result.probabilities[:, c],
+                                   1 / (1 + np.exp(-expected / float(model.encoder.temperature))), atol=1e-5)
+
     # The command line: a folder of volumes (a file and a slice folder), and a folder that is one.
     (folder / "records.csv").rename(tmp_path / "records.csv")  # leave only the volumes in it
     out = tmp_path / "ct.npy"

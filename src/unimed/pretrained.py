@@ -4,7 +4,8 @@
 a folder written by :func:`export`, and returns a :class:`Pretrained` on the CPU unless told
 otherwise: ``encode_image`` / ``encode_text`` (projected embeddings), ``zero_shot`` (the positive /
 negative prompt rule of the zero-shot evaluation, prompts from the language's prompt file),
-``encode_volume`` (CT volumes in the reports' space, read as the 3D evaluation reads them).
+``encode_volume`` / ``zero_shot_volume`` (CT volumes in the reports' space, read as the 3D
+evaluation reads them).
 Images go in as file paths (PNG, JPEG, DICOM: the project's readers), PIL images, or numpy arrays /
 tensors ((H, W) grey or (C, H, W), floats in [0, 1] or integers scaled by their type's maximum), one
 or a list (a 4-D array is a batch); they are resized and centre-cropped as in the zero-shot evaluation, and
@@ -160,18 +161,35 @@ class Pretrained:
         """Per-image, per-class zero-shot scores with the prompts of `language`, by the rule of the
         zero-shot evaluation (the model's own ``zero_shot_scores`` when it has one); `class_names`
         is one class or a list of them."""
-        classes = (class_names,) if isinstance(class_names, str) else tuple(class_names)
-        if not classes:
-            raise ConfigError("zero-shot needs at least one class name")
-        prompts = self.prompts(language)
+        classes, prompts = _class_names(class_names), self.prompts(language)
         pixels = self.preprocess(images)
         if hasattr(self.model, "zero_shot_scores"):
             scores = own_scores(self.encoder, pixels, prompts, classes, batch_size)
         else:
             features = self.encoder.image_features(pixels, normalize=True, batch_size=batch_size)
             scores = prompt_scores(self.encoder, features, prompts, classes)
+        return self._zero_shot(classes, language, scores)
+
+    def zero_shot_volume(self, volumes: str | Path | Sequence[str | Path], class_names: str | Sequence[str],
+                         language: str = "en", *, batch_size: int = 16) -> ZeroShot:
+        """Per-volume, per-class zero-shot scores of CT volumes (:meth:`encode_volume`) against the
+        prompts of `language`: the cosine to "{disease}" minus the cosine to its negative prompt,
+        the rule of the 2D zero-shot evaluation, in the space volume <-> report retrieval reads."""
+        classes, prompts = _class_names(class_names), self.prompts(language)
+        features = self.encode_volume(volumes, batch_size=batch_size)
+        return self._zero_shot(classes, language, prompt_scores(self.encoder, features, prompts, classes))
+
+    def _zero_shot(self, classes: tuple[str, ...], language: str, scores: np.ndarray) -> ZeroShot:
         probabilities = torch.sigmoid(torch.from_numpy(scores) / self.encoder.temperature).numpy()
         return ZeroShot(classes, language, scores, probabilities)
+
+
+def _class_names(class_names: str | Sequence[str]) -> tuple[str, ...]:
+    """One class name or a list of them as a tuple; none is a ConfigError."""
+    classes = (class_names,) if isinstance(class_names, str) else tuple(class_names)
+    if not classes:
+        raise ConfigError("zero-shot needs at least one class name")
+    return classes
 
 
 def _is_single(images: Any) -> bool:
