@@ -272,8 +272,12 @@ def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: P
         out = images / "notes.txt" / "s.csv"
     else:
         model = tmp_path / "nowhere"
-    args = ["classify", str(model), str(folder), "--classes", "pneumonia",
-            "--out", str(out), *extra, "--quiet"]
+    _fails_in_one_line(capsys, ["classify", str(model), str(folder), "--classes", "pneumonia",
+                                "--out", str(out), *extra, "--quiet"], expected)
+
+
+def _fails_in_one_line(capsys, args: list[str], expected: str) -> None:
+    """The command `args` exits 2 with one `unimed:` line holding `expected`, and no traceback."""
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -295,12 +299,9 @@ def test_volume_embedding_errors_are_one_line(tiny_run: Path, images: Path, tmp_
         path.mkdir()
     if case == "unreadable":
         (path / "0000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    capsys.readouterr()
     out = tmp_path / "v.npy"
-    assert main(["embed", str(tiny_run), str(path), "--volumes", "--out", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("unimed:")]
-    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err
+    _fails_in_one_line(capsys, ["embed", str(tiny_run), str(path), "--volumes", "--out", str(out), "--quiet"],
+                       expected)
 
 
 def test_a_run_evaluated_from_another_folder_reads_and_writes_its_own(tiny_run: Path, tmp_path: Path,
