@@ -47,16 +47,14 @@ def list_volumes(path: str | Path) -> list[Path]:
     """The CT volumes at `path`: a volume file (NIfTI, .mhd), a folder that is one volume (a DICOM
     series or slice images: files only), or a folder of volumes (its volume files and sub-folders,
     one level, sorted); a DataError naming `path` otherwise."""
-    from unimed.data.volumes import VOLUME_SUFFIXES
+    from unimed.data.volumes import VOLUME_SUFFIXES, volume_kind
 
     path = Path(path)
-    if path.is_file():
-        if not path.name.endswith(VOLUME_SUFFIXES):
-            raise DataError(f"not a volume: expected {', '.join(VOLUME_SUFFIXES)} or a folder", path,
-                            reason=MISSING_IMAGE)
-        return [path]
-    if not path.is_dir():
+    if not path.exists():
         raise DataError("volume folder or file not found", path, reason=MISSING_IMAGE)
+    if path.is_file():
+        volume_kind(path)  # a file that is no volume is a DataError naming it
+        return [path]
     inside = sorted(path.iterdir())
     volumes = [p for p in inside if p.is_dir() or p.name.endswith(VOLUME_SUFFIXES)]
     if volumes:

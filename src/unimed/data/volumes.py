@@ -253,7 +253,7 @@ def axial_depth(path: str | Path, crop_mm: float | None = None) -> int:
     the slice images a scan folder holds, without reading a voxel (a volume's depth is what slice
     ground truth counts in)."""
     path = Path(path)
-    kind = _volume_kind(path)
+    kind = volume_kind(path)
     if kind == "slices":
         depth, spacing = len(_slice_files(path)), 1.0  # the layout's identity affine
     else:
@@ -264,19 +264,17 @@ def axial_depth(path: str | Path, crop_mm: float | None = None) -> int:
     return depth if crop_mm is None else 2 * int(cube_half(crop_mm, spacing)) + 1
 
 
-def _volume_kind(path: Path) -> str:
+def volume_kind(path: Path) -> str:
     """"slices" (a folder of slice images), "dicom" (any other folder: a DICOM series), "nifti" or
     "mhd"; a DataError naming `path` when it is missing or none of them."""
     if not path.exists():
         raise DataError("volume not found", path, reason=MISSING_IMAGE)
     if path.is_dir():
         return "slices" if any(p.suffix.lower() in SLICE_SUFFIXES for p in path.iterdir()) else "dicom"
-    if path.name.endswith((".nii", ".nii.gz")):
-        return "nifti"
-    if path.suffix == ".mhd":
-        return "mhd"
-    raise DataError("not a volume: expected .nii, .nii.gz, .mhd or a folder (a DICOM series or slice "
-                    "images)", path, reason=UNREADABLE_IMAGE)
+    if not path.name.endswith(VOLUME_SUFFIXES):
+        raise DataError(f"not a volume: expected {', '.join(VOLUME_SUFFIXES)} or a folder (a DICOM "
+                        "series or slice images)", path, reason=UNREADABLE_IMAGE)
+    return "mhd" if path.suffix == ".mhd" else "nifti"
 
 
 def read_volume(path: str | Path, *, labels: bool = False) -> Volume:
@@ -285,7 +283,7 @@ def read_volume(path: str | Path, *, labels: bool = False) -> Volume:
     HU unless `labels`."""
     path = Path(path)
     read = {"slices": _read_slices, "dicom": _read_dicom_series, "nifti": _read_nifti,
-            "mhd": _read_mhd}[_volume_kind(path)]
+            "mhd": _read_mhd}[volume_kind(path)]
     array, affine = read(path)
     if labels:
         if not np.isfinite(array).all():
