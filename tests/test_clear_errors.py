@@ -259,3 +259,23 @@ def test_a_one_process_command_under_torchrun_is_one_line(command: str, tmp_path
     assert err == (f"unimed: config error: unimed {command} runs as one process (WORLD_SIZE=2); "
                    "launch it without torchrun (commands that run under torchrun: mlm, pretrain)")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE must be an integer, got 'two'"),
+        ({"WORLD_SIZE": "2", "RANK": "2"},
+         "RANK=2, LOCAL_RANK=0, WORLD_SIZE=2: torchrun sets 0 <= LOCAL_RANK and 0 <= RANK < WORLD_SIZE"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"},
+         "RANK=0, LOCAL_RANK=-1, WORLD_SIZE=2: torchrun sets 0 <= LOCAL_RANK and 0 <= RANK < WORLD_SIZE"),
+    ],
+)
+def test_a_malformed_torchrun_environment_is_one_line(env: dict[str, str], message: str,
+                                                      tmp_path: Path, capsys, monkeypatch) -> None:
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["pretrain", DEMO, f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"unimed: config error: {message}"

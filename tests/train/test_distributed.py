@@ -20,6 +20,7 @@ from train_helpers import (
     write_records,
     write_volume_records,
 )
+from unimed.errors import ConfigError
 from unimed.losses.medunic import MedUniCLoss
 from unimed.methods import create_method
 from unimed.models.config import MedUniCLossConfig
@@ -145,7 +146,10 @@ def test_dist_info_from_env(monkeypatch):
     info = dist_info_from_env("cpu")
     assert (info.rank, info.local_rank, info.world_size, info.is_main) == (3, 1, 4, False)
     monkeypatch.setenv("WORLD_SIZE", "two")
-    with pytest.raises(ValueError, match="WORLD_SIZE"):
+    with pytest.raises(ConfigError, match="WORLD_SIZE must be an integer, got 'two'"):
+        dist_info_from_env("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="RANK=3, LOCAL_RANK=1, WORLD_SIZE=3"):
         dist_info_from_env("cpu")
 
 

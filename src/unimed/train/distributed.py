@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from unimed.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+        raise ConfigError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
 
 def dist_info_from_env(device: str | torch.device | None = None) -> DistInfo:
@@ -56,8 +58,9 @@ def dist_info_from_env(device: str | torch.device | None = None) -> DistInfo:
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ConfigError(f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world_size}: torchrun "
+                          "sets 0 <= LOCAL_RANK and 0 <= RANK < WORLD_SIZE")
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     return DistInfo(rank, local_rank, world_size, torch.device(device))
