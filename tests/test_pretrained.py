@@ -195,6 +195,14 @@ def test_encode_volume_gives_the_3d_evaluations_volume_embeddings(tiny_run: Path
     unit = torch.nn.functional.normalize(want, dim=-1).numpy()
     np.testing.assert_allclose(np.load(out), unit[1:], atol=1e-5)
     assert [r["file"] for r in csv.DictReader(out.with_suffix(".csv").open())] == ["scan"]
+    scores = tmp_path / "ct.csv"
+    assert main(["classify", str(tiny_run), str(folder), "--volumes", "--classes", ",".join(CLASSES),
+                 "--language", "es", "--out", str(scores), "--quiet"]) == 0
+    rows = list(csv.DictReader(scores.open()))
+    assert [r["file"] for r in rows] == ["a.nii.gz", "scan"]
+    for c, name in enumerate(CLASSES):
+        np.testing.assert_allclose([float(r[f"score({name})"]) for r in rows], result.scores[:, c], atol=1e-5)
+        np.testing.assert_allclose([float(r[f"p({name})"]) for r in rows], result.probabilities[:, c], atol=1e-5)
 
 
 @pytest.mark.parametrize("make, expected", [
@@ -285,23 +293,24 @@ def _fails_in_one_line(capsys, args: list[str], expected: str) -> None:
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["embed", "classify"])
 @pytest.mark.parametrize("case, expected", [
     ("missing", "nowhere: volume folder or file not found"),
     ("empty", "empty: empty folder: no volume in it, and not a volume itself"),
     ("not a volume", "a.png: not a volume: expected .nii, .nii.gz, .mhd or a folder"),
     ("unreadable", "scan/0000.png: cannot read slice image"),
 ])
-def test_volume_embedding_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: Path, capsys,
-                                              case: str, expected: str):
+def test_volume_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: Path, capsys,
+                                              case: str, expected: str, command: str):
     path = {"missing": tmp_path / "nowhere", "empty": tmp_path / "empty", "not a volume": images / "a.png",
             "unreadable": tmp_path / "scan"}[case]
     if case in ("empty", "unreadable"):
         path.mkdir()
     if case == "unreadable":
         (path / "0000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    out = tmp_path / "v.npy"
-    _fails_in_one_line(capsys, ["embed", str(tiny_run), str(path), "--volumes", "--out", str(out), "--quiet"],
-                       expected)
+    extra = ["--out", str(tmp_path / "v.npy")] if command == "embed" else [
+        "--out", str(tmp_path / "v.csv"), "--classes", "pneumonia"]
+    _fails_in_one_line(capsys, [command, str(tiny_run), str(path), "--volumes", *extra, "--quiet"], expected)
 
 
 def test_a_run_evaluated_from_another_folder_reads_and_writes_its_own(tiny_run: Path, tmp_path: Path,

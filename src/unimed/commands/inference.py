@@ -3,6 +3,7 @@
     unimed export runs/demo exported/demo
     unimed classify exported/demo xrays/ --classes "pleural effusion,pneumonia" --language es --out scores.csv
     unimed embed runs/demo xrays/ --out embeddings.npy
+    unimed classify runs/demo ct/ --volumes --classes "nodule" --out ct_scores.csv
 
 MODEL is what :func:`unimed.load` takes (an exported folder, a run or a checkpoint folder); its own
 config is used, so these commands take no preset or overrides. Inference runs on the CPU unless
@@ -109,13 +110,17 @@ def _inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", help="an image file or a folder of PNG / JPEG / DICOM images")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-
-
-def _embed_args(parser: argparse.ArgumentParser) -> None:
-    _inference_args(parser)
     parser.add_argument("--volumes", action="store_true",
                         help="the path holds CT volumes: a NIfTI or .mhd file, a folder of one DICOM "
                              "series or of slice images, or a folder of such volumes (one level)")
+
+
+def _inputs(args: argparse.Namespace) -> tuple[list[Path], str, int]:
+    """The files the command reads (volumes with --volumes, else images), what one is called, and
+    how many are read at once."""
+    if args.volumes:
+        return list_volumes(args.images), "volume", VOLUME_BATCH
+    return list_images(args.images), "image", BATCH
 
 
 def _classify_args(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +145,8 @@ def export_command(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-@command("classify", "zero-shot class scores of images (CSV), with prompts in a language",
+@command("classify", "zero-shot class scores of images (or, with --volumes, CT volumes) as a CSV, "
+         "with prompts in a language",
          _classify_args, _model_config)
 def classify_command(cfg: Config, args: argparse.Namespace) -> int:
     import numpy as np
@@ -151,13 +157,14 @@ def classify_command(cfg: Config, args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise ConfigError("--classes: give at least one class name")
-    files = list_images(args.images)
+    files, what, size = _inputs(args)
     out = _writable(args.out)
     model = load(args.model, device=args.device)
     model.prompts(args.language)  # an unknown language fails before any image is read
+    classify = model.zero_shot_volume if args.volumes else model.zero_shot
     scores, probabilities = [], []
-    for batch in _batches(files, "classify", args.progress):
-        result = model.zero_shot(batch, classes, args.language)
+    for batch in _batches(files, "classify", args.progress, size, what):
+        result = classify(batch, classes, args.language)
         scores.append(result.scores)
         probabilities.append(result.probabilities)
     score, prob = np.concatenate(scores), np.concatenate(probabilities)
@@ -168,13 +175,13 @@ def classify_command(cfg: Config, args: argparse.Namespace) -> int:
         for i, file in enumerate(files):
             writer.writerow([_relative(file, root), *(f"{v:.6f}" for v in prob[i]),
                              *(f"{v:.6f}" for v in score[i])])
-    print(f"classified {len(files)} image(s) into {len(classes)} class(es) ({args.language} "
+    print(f"classified {len(files)} {what}(s) into {len(classes)} class(es) ({args.language} "
           f"prompts): {out}")
     return 0
 
 
 @command("embed", "image (or, with --volumes, CT volume) embeddings of a folder (.npy or "
-         ".safetensors + a CSV of files)", _embed_args, _model_config)
+         ".safetensors + a CSV of files)", _inference_args, _model_config)
 def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -187,15 +194,11 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in EMBEDDING_SUFFIXES:
         raise ConfigError(f"--out {out}: the file must end in {' or '.join(EMBEDDING_SUFFIXES)}")
-    files = list_volumes(args.images) if args.volumes else list_images(args.images)
+    files, what, size = _inputs(args)
     _writable(out)
     model = load(args.model, device=args.device)
-    if args.volumes:
-        embeddings = torch.cat([model.encode_volume(batch) for batch in
-                                _batches(files, "embed", args.progress, VOLUME_BATCH, "volume")])
-    else:
-        embeddings = torch.cat([model.encode_image(batch)
-                                for batch in _batches(files, "embed", args.progress)])
+    encode = model.encode_volume if args.volumes else model.encode_image
+    embeddings = torch.cat([encode(batch) for batch in _batches(files, "embed", args.progress, size, what)])
     if out.suffix == ".npy":
         np.save(out, embeddings.numpy())
     else:
@@ -207,7 +210,6 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
         writer = csv.writer(f)
         writer.writerow(["row", "file"])
         writer.writerows((i, _relative(file, root)) for i, file in enumerate(files))
-    what = "volume" if args.volumes else "image"
     print(f"embedded {len(files)} {what}(s) as {tuple(embeddings.shape)}: {out} (files: {names})")
     return 0
 
