@@ -107,7 +107,8 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 
 def _inference_args(parser: argparse.ArgumentParser) -> None:
     _model_arg(parser)
-    parser.add_argument("images", help="an image file or a folder of PNG / JPEG / DICOM images")
+    parser.add_argument("images", help="an image file or a folder of PNG / JPEG / DICOM images "
+                                        "(with --volumes: CT volumes)")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--volumes", action="store_true",
