@@ -110,6 +110,8 @@ def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, ima
     for source in (out, tiny_run):
         model = unimed.load(source)
         assert model.device == torch.device("cpu") and not model.model.training
+        assert repr(model) == (f"Pretrained(method='medunic', image={TINY['method']['image']['encoder']!r}, "
+                               f"image_size={TINY['data']['image_size']}, languages=('en', 'es'), device='cpu')")
         torch.testing.assert_close(model.encode_image(files), want_image, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.encode_text(TEXTS), want_text, rtol=1e-5, atol=1e-5)
 

@@ -89,7 +89,7 @@ class ZeroShot:
     probabilities: np.ndarray
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Pretrained:
     """A trained model ready for inference: its encoder, its config, where its prompts are and its
     image geometry (``image_size`` after centre-cropping a ``resize_size`` square)."""
@@ -107,6 +107,15 @@ class Pretrained:
     @property
     def device(self) -> torch.device:
         return self.encoder.device
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """The languages the model has zero-shot prompts for."""
+        return tuple(sorted(p.stem for p in self.prompt_dir.glob("*.yaml")))
+
+    def __repr__(self) -> str:
+        return (f"Pretrained(method={self.config.method.name!r}, image={self.config.method.image.encoder!r}, "
+                f"image_size={self.image_size}, languages={self.languages}, device={str(self.device)!r})")
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """(N, 3, S, S) pixels in [0, 1] of one image or a list of them (see the module docstring)."""
@@ -150,9 +159,8 @@ class Pretrained:
         """The zero-shot prompts of `language`, stemmed as the run's ``eval.prompt_stemming`` says; an
         unknown language is a ConfigError naming those there are."""
         if not (self.prompt_dir / f"{language}.yaml").is_file():
-            known = sorted(p.stem for p in self.prompt_dir.glob("*.yaml"))
             raise ConfigError(f"unknown language '{language}': the model has prompts for "
-                              f"{', '.join(known) or 'no language'} (in {self.prompt_dir})")
+                              f"{', '.join(self.languages) or 'no language'} (in {self.prompt_dir})")
         return load_prompts(language, self.prompt_dir, self.config.eval.prompt_stemming,
                             corpus_stemming(self.encoder.tokenizer))
 
