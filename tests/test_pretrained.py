@@ -389,6 +389,31 @@ def test_export_refuses_a_non_empty_folder(tiny_run: Path, tmp_path: Path, capsy
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 
+def test_an_exported_model_evaluates_as_its_run_does(tiny_run: Path, tmp_path: Path, capsys):
+    """`unimed evaluate EXPORT`: the run's zero-shot numbers to the digit, from the prompts the
+    export ships with, written into the export (not the training machine's run folder), alone (the
+    baselines need the run's MLM-only text encoder); run.output_dir / run.name still choose."""
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_run), str(out), "--quiet"]) == 0
+    run_files = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
+    assert main(["evaluate", str(out), "--tasks", "zero_shot", "--quiet"]) == 0
+    assert f"metrics: {out.resolve() / 'metrics.json'}" in capsys.readouterr().out
+
+    def zero_shot(path: Path) -> dict:
+        metrics = json.loads(path.read_text())
+        assert list(metrics["encoders"]) == ["medunic"]
+        return metrics["encoders"]["medunic"]["tasks"]["zero_shot"]
+
+    assert zero_shot(out / "metrics.json") == zero_shot(tiny_run / "metrics.json")
+    assert {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")} == run_files  # the run is untouched
+    assert unimed.load(out).encode_text(TEXTS).shape[0] == len(TEXTS)  # still a loadable export
+
+    elsewhere = tmp_path / "results"
+    assert main(["evaluate", str(out), "--tasks", "zero_shot", f"run.output_dir={elsewhere}", "run.name=ex",
+                 "--quiet"]) == 0
+    assert zero_shot(elsewhere / "ex" / "metrics.json") == zero_shot(tiny_run / "metrics.json")
+
+
 def test_nothing_touches_the_network(tiny_run: Path, images: Path, tmp_path: Path, monkeypatch):
     attempts: list[object] = []
 

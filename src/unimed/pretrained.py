@@ -46,7 +46,7 @@ from unimed.data.images import load_image
 from unimed.data.transforms import eval_transform
 from unimed.data.volumes import axial_slices, read_volume
 from unimed.errors import ConfigError
-from unimed.eval.encoders import Encoder, build_encoder
+from unimed.eval.encoders import Encoder, build_encoder, default_device, inference_ready
 from unimed.eval.features import volume_spaces
 from unimed.eval.prompts import PROMPT_DIR, PromptSet, corpus_stemming, load_prompts
 from unimed.eval.zero_shot import own_scores, prompt_scores
@@ -299,7 +299,9 @@ def _load_run(cfg: Config, checkpoint: Path, device: torch.device) -> Pretrained
     return Pretrained(encoder, cfg, prompt_dir, cfg.data.image_size, cfg.data.resize_size)
 
 
-def _load_export(folder: Path, device: torch.device) -> Pretrained:
+def _load_export(folder: Path, device: torch.device, *, for_inference: bool = False) -> Pretrained:
+    """The exported model in `folder`; with `for_inference`, its encoder as the evaluation builds
+    one (:func:`unimed.eval.encoders.build_encoder`'s `for_inference`)."""
     meta = _read_json(folder / EXPORT_FILE)
     if meta.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{folder / EXPORT_FILE}: export format {meta.get('format')!r}, this "
@@ -315,12 +317,18 @@ def _load_export(folder: Path, device: torch.device) -> Pretrained:
     method_cfg = dataclasses.replace(cfg.method, image=image)
     method = create_method(method_cfg, vocab_size=len(tokenizer), text_encoder=text_config)
     load_weights(method.model, folder / WEIGHTS_FILE)
-    model = method.model
+    model = inference_ready(method.model) if for_inference else method.model
     name = cfg.method.name
     encoder = Encoder(name, method_label(name), model, tokenizer, cfg.data.max_length, device,
                       float(model.temperature))
     return Pretrained(encoder, cfg, folder / PROMPTS_DIR, int(preprocess["image_size"]),
                       int(preprocess["resize_size"]))
+
+
+def export_encoder(folder: str | Path) -> Encoder:
+    """The encoder of the exported model in `folder` as `unimed evaluate` evaluates a run's
+    checkpoint: on the evaluation's device, its image backbone made ready for inference."""
+    return _load_export(Path(folder), default_device(), for_inference=True).encoder
 
 
 def _read_json(path: Path) -> dict:

@@ -108,20 +108,25 @@ def preset_encoders(cfg: Config, checkpoints: Sequence[str | Path], baselines: t
 
 def _resolve_trained(cfg: Config, checkpoint: str | Path | None,
                      also: Sequence[tuple[Config, str | Path]]) -> list[tuple[Config, Path]]:
-    """(run config, checked checkpoint folder) of `checkpoint` (when given) and of `also`."""
+    """(run config, checked checkpoint folder or exported model folder) of `checkpoint` (when
+    given) and of `also`."""
+    from unimed.pretrained import is_export
+
     trained = ([(cfg, checkpoint)] if checkpoint is not None else []) + list(also)
-    return [(run_cfg, resolve_checkpoint(path)) for run_cfg, path in trained]
+    return [(run_cfg, Path(path) if is_export(path) else resolve_checkpoint(path)) for run_cfg, path in trained]
 
 
 def _encoders(cfg: Config, trained: Sequence[tuple[Config, Path]], baselines: tuple[str, ...]) -> list:
     """:func:`build_encoders` with the trained methods' checkpoint folders already resolved."""
     from unimed.eval.encoders import build_encoder
     from unimed.methods import method_label
+    from unimed.pretrained import export_encoder, is_export
 
     unknown = [b for b in baselines if b not in BASELINE_LABELS]
     if unknown:
         raise ConfigError(f"eval.baselines: unknown {unknown}; valid: {', '.join(BASELINE_LABELS)}")
     encoders: list = [
+        export_encoder(weights) if is_export(weights) else
         build_encoder(run_cfg.method.name, method_label(run_cfg.method.name), run_cfg.method,
                       weights=weights, text_encoder=text_encoder_dir(run_cfg),
                       tokenizer=tokenizer_dir(run_cfg), seed=run_cfg.run.seed,
@@ -313,16 +318,21 @@ def print_summary(metrics: dict, out_dir: Path, *, with_checks: bool = True) -> 
 
 
 def _eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder, its checkpoints/ folder, or a run folder")
+    parser.add_argument("checkpoint", help="checkpoint folder, its checkpoints/ folder, a run folder, or a "
+                                           "folder written by `unimed export`")
     parser.add_argument("--tasks", default=None,
                         help=f"comma-separated subset of {','.join(TASK_NAMES + VOLUME_TASK_NAMES)} "
                              "(default: eval.tasks)")
 
 
 def _checkpoint_config(args: argparse.Namespace) -> str | None:
-    """The config saved with the checkpoint's run, when the checkpoint can be found."""
+    """The config saved with the checkpoint's run (or the exported model's), when the checkpoint
+    can be found."""
+    from unimed.pretrained import is_export
     from unimed.train.checkpoint import checkpoint_config
 
+    if is_export(args.checkpoint):
+        return str(Path(args.checkpoint) / CONFIG_FILE)
     try:
         return str(checkpoint_config(resolve_checkpoint(args.checkpoint)))
     except FileNotFoundError as exc:
@@ -344,11 +354,36 @@ def methods_beside(cfg: Config, checkpoint: str | Path) -> list[tuple[Config, Pa
     return found
 
 
+def exported_model_config(cfg: Config, folder: Path) -> Config:
+    """`cfg` (the exported model's config, overrides applied) reading the prompts the model ships
+    with and writing into `folder` (unless ``run.output_dir`` / ``run.name`` were overridden: the
+    run folder its config names is the training machine's). The model is evaluated alone: the
+    baselines would need its run's MLM-only text encoder, which an export does not hold."""
+    from unimed.pretrained import PROMPTS_DIR
+
+    if cfg.eval.baselines:
+        log.info("%s is an exported model: evaluated without the baselines %s (they need its run's "
+                 "MLM-only text encoder)", folder, ", ".join(cfg.eval.baselines))
+    run = cfg.run
+    if run.dir.resolve() in (load_config(folder / CONFIG_FILE).run.dir.resolve(), folder.resolve()):
+        run = dataclasses.replace(run, output_dir=str(folder.resolve().parent), name=folder.resolve().name)
+    prompts = str(folder / PROMPTS_DIR)
+    ev = cfg.eval
+    return dataclasses.replace(cfg, run=run, eval=dataclasses.replace(
+        ev, zero_shot=dataclasses.replace(ev.zero_shot, prompt_dir=prompts),
+        gradcam=dataclasses.replace(ev.gradcam, prompt_dir=prompts)))
+
+
 @command("evaluate", "downstream evaluation of a checkpoint (and baselines): metrics.json + report.html",
          _eval_args, _checkpoint_config)
 def evaluate_command(cfg: Config, args: argparse.Namespace) -> int:
+    from unimed.pretrained import is_export
+
     tasks = parse_tasks(args.tasks, cfg)
-    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=args.progress,
+    baselines = None
+    if is_export(args.checkpoint):
+        cfg, baselines = exported_model_config(cfg, Path(args.checkpoint)), ()
+    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=args.progress, baselines=baselines,
                              also=methods_beside(cfg, args.checkpoint))
     print_summary(metrics, cfg.run.dir)
     return 0

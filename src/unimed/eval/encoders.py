@@ -277,8 +277,13 @@ def build_encoder(
         weights = Path(weights)
         load_weights(method, weights / WEIGHTS_FILE if weights.is_dir() else weights)
         log.info("%s: loaded weights from %s", name, weights)
-    model = method.model
-    if for_inference:
-        model.visual = without_input_padding(fold_batch_norms(model.visual))
+    model = inference_ready(method.model) if for_inference else method.model
     return Encoder(name, label, model, tokenizer_, max_length, device or default_device(),
                    float(model.temperature))
+
+
+def inference_ready(model: nn.Module) -> nn.Module:
+    """`model` with its image backbone's batch norms folded into its convolutions and its 'same'
+    convolutions no longer padding their inputs (see :func:`build_encoder`'s `for_inference`)."""
+    model.visual = without_input_padding(fold_batch_norms(model.visual))
+    return model
