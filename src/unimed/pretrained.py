@@ -416,7 +416,9 @@ def model_card(pretrained: Pretrained, checkpoint: Path) -> str:
         "result = model.zero_shot([\"image.png\"], [\"pleural effusion\"], language=\"en\")",
         "```", "",
         "```", "unimed classify path/to/this/folder IMAGES --classes \"pleural effusion,pneumonia\" "
-        "--language en --out scores.csv", "```", "",
+        "--language en --out scores.csv",
+        "unimed evaluate path/to/this/folder data.root=DATA   # the downstream protocol, on your data",
+        "```", "",
         "## Model", "",
         f"- method: {name} (`method.name={cfg.method.name}`)",
         f"- image encoder: `{cfg.method.image.encoder}`, input {pretrained.image_size} px "
