@@ -414,6 +414,19 @@ def test_an_exported_model_evaluates_as_its_run_does(tiny_run: Path, tmp_path: P
     assert zero_shot(elsewhere / "ex" / "metrics.json") == zero_shot(tiny_run / "metrics.json")
 
 
+def test_a_run_evaluated_into_another_folder_keeps_its_text_encoder(tiny_run: Path, tmp_path: Path):
+    """The tiny run pre-trained on its own MLM output (no method.text.encoder): evaluated with
+    run.output_dir / run.name pointing elsewhere, it still reads that encoder (and its baselines
+    the MLM-only one), instead of looking for an MLM stage in the new folder."""
+    elsewhere = tmp_path / "results"
+    assert main(["evaluate", str(tiny_run), "--tasks", "zero_shot", "eval.baselines=[init]",
+                 f"run.output_dir={elsewhere}", "run.name=copy", "--quiet"]) == 0
+    got = json.loads((elsewhere / "copy" / "metrics.json").read_text())["encoders"]
+    want = json.loads((tiny_run / "metrics.json").read_text())["encoders"]
+    assert list(got) == ["medunic", "init"]
+    assert got["medunic"]["tasks"]["zero_shot"] == want["medunic"]["tasks"]["zero_shot"]
+
+
 def test_nothing_touches_the_network(tiny_run: Path, images: Path, tmp_path: Path, monkeypatch):
     attempts: list[object] = []
 

@@ -214,7 +214,9 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     ``run.output_dir/run.name`` seen from here, the run section names it, and a path option under
     the run folder, under a folder above it or under the folder it was launched from is read at the
     same place relative to the run folder now (:func:`_relocated`), where that names something.
-    Overrides stay relative to the working directory.
+    Overrides stay relative to the working directory. A run that pre-trained on its own MLM output
+    (no ``method.text.encoder``) gets that folder named, so overriding ``run.output_dir`` /
+    ``run.name`` (to evaluate into another folder) keeps the text encoder the run was trained with.
     """
     data = _merge(_defaults(Config), _read_yaml(Path(path)))
     saved = _build(Config, data)
@@ -226,6 +228,9 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
                 node = node.setdefault(key, {})
             node[keys[-1]] = _relocated(value, saved.run.dir, here)
         data["run"].update(output_dir=str(here.parent), name=here.name)
+    mlm = (here or saved.run.dir.resolve()) / "mlm"
+    if saved.method.text.encoder is None and (mlm / "config.json").is_file():
+        data["method"]["text"]["encoder"] = str(mlm)
     return _build(Config, _overridden(data, overrides))
 
 
