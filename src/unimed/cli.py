@@ -22,6 +22,7 @@ from unimed.errors import ConfigError
 from unimed.eval.errors import EvalError
 from unimed.machine import set_malloc_for_training
 from unimed.train.checkpoint import CheckpointError
+from unimed.train.stop import TrainingInterrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +87,12 @@ FILE_SYSTEM_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
                                 errno.EFBIG})
 
 
+# How a command stopped by SIGINT / SIGTERM mid-training goes on (unimed.train.stop).
+RESUME_HINT = "run the same command with --resume to continue from it"
+RESUME_HINTS = {"ablate": "run the same command again to continue from it",
+                "demo": "the main job starts its stages over when run again"}
+
+
 def _check_launch(name: str, distributed: bool) -> None:
     """A command that runs as one process, launched by torchrun on several ranks, is a ConfigError
     (every rank would do the whole job and write the same files)."""
@@ -119,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(saved, overrides) if saved else load_config(path, overrides)
         with library_output(quiet=args.quiet, progress=args.progress):
             return spec.handler(cfg, args)
+    except TrainingInterrupted as exc:
+        print(f"unimed: interrupted: {exc}; {RESUME_HINTS.get(args.command, RESUME_HINT)}", file=sys.stderr)
+        return exc.exit_code
     except ConfigError as exc:
         print(f"unimed: config error: {exc}", file=sys.stderr)
     except DataError as exc:

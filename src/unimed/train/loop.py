@@ -10,7 +10,9 @@ and ends the epoch when the shortest is spent; "proportional" makes an epoch one
 loader, each loader's batches spread evenly through it. Only rank 0 writes (JSONL log,
 TensorBoard, checkpoints).
 
-Resume is exact (same loss curve as an uninterrupted run) when every loader's sampler has
+SIGINT / SIGTERM end training after the step in progress, with a checkpoint there
+(:mod:`unimed.train.stop`). Resume is exact (same loss curve as an uninterrupted run) when every
+loader's sampler has
 `set_epoch` / `set_start` (see :mod:`unimed.data.pretrain`) and the loader carries its own
 `generator`, so building an iterator does not draw from the global RNG that dropout uses.
 """
@@ -38,6 +40,7 @@ from unimed.train import checkpoint as ckpt
 from unimed.train.config import LOADER_MIXES, PRECISIONS, TrainConfig
 from unimed.train.distributed import DistInfo, all_reduce_mean, barrier, gather_objects
 from unimed.train.logs import RunLogger
+from unimed.train.stop import StopRequest, TrainingInterrupted, leave_stop_signals_to_training
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,8 @@ class Trainer:
         self.loaders = {"train": loaders} if isinstance(loaders, DataLoader) else dict(loaders)
         if not self.loaders:
             raise ValueError("the training loop needs at least one loader")
+        for loader in self.loaders.values():
+            leave_stop_signals_to_training(loader)
         self.out_dir = Path(out_dir)
         self.method = self._convert(method.to(dist.device))
         if cfg.channels_last:
@@ -130,6 +135,8 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.stage_index = -1
+        self.stop_request: StopRequest | None = None  # set while :meth:`run` runs under :func:`train`
+        self.stopping = False  # some rank was asked to stop: every rank stops after this step
         self._enter_stage(0)
 
     def _convert(self, method: Method) -> Method:
@@ -203,10 +210,11 @@ class Trainer:
     def _batch_sizes(self) -> list[int]:
         return [int(loader.batch_size or 0) for loader in self.loaders.values()]
 
-    def save(self) -> Path | None:
-        """Collect every rank's RNG state, then rank 0 writes the checkpoint (all ranks must call)."""
+    def save(self) -> Path:
+        """Collect every rank's RNG state, then rank 0 writes the checkpoint (all ranks must call);
+        every rank returns its folder."""
         rngs = gather_objects(ckpt.rng_state(), self.dist)
-        path = None
+        path = self.out_dir / CHECKPOINT_DIR / ckpt.checkpoint_name(self.step)
         if self.dist.is_main:
             state = {**self.state_dict(), "rng": rngs}
             path = ckpt.save_checkpoint(
@@ -371,9 +379,13 @@ class Trainer:
         self.method.after_optimizer_step(self._context(name))
         # The global batch's terms (each rank's mean over ranks, so every rank and the log hold
         # the loss of the whole batch, not rank 0's share); one host sync per step, after the update.
+        # A stop request rides along: when any rank has one, every rank stops after this step.
         names = list(terms)
-        means = all_reduce_mean(torch.stack([terms[k].float() for k in names]), self.dist)
-        row = dict(zip(names, means.tolist()))
+        asked = self.stop_request is not None and self.stop_request.received is not None
+        values = torch.stack([*(terms[k].float() for k in names), terms[names[0]].new_tensor(float(asked))])
+        means = all_reduce_mean(values, self.dist).tolist()
+        row = dict(zip(names, means))
+        self.stopping = means[-1] > 0
         total = time.perf_counter() - start
         self.step += 1
         self.step_in_epoch += 1
@@ -403,12 +415,12 @@ class Trainer:
         self.method.train()
         while self.step < last:
             batches = self._epoch_batches()
-            while self.step_in_epoch < self.steps_per_epoch and self.step < last:
+            while self.step_in_epoch < self.steps_per_epoch and self.step < last and not self.stopping:
                 row = self.train_step(batches)
                 history.append(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-                if self._due(self.cfg.log_every, self.step) or self.step == last:
+                if self._due(self.cfg.log_every, self.step) or self.step == last or self.stopping:
                     logger.log(row)
                 if self._due(self.cfg.checkpoint_every_steps, self.step):
                     path, saved_at = self.save(), self.step
@@ -420,6 +432,10 @@ class Trainer:
                     bar.set_description(self.stage.name)
                 if self._due(self.cfg.checkpoint_every, self.epoch) and saved_at != self.step:
                     path, saved_at = self.save(), self.step
+            if self.stopping and self.step < last:
+                bar.close()
+                received = self.stop_request.received if self.stop_request is not None else None
+                raise TrainingInterrupted(received, self.step, path if saved_at == self.step else self.save())
         bar.close()
         if history and saved_at != self.step:
             path = self.save()
@@ -488,7 +504,9 @@ def train(
     With `resume`, continue from the newest checkpoint there (weights and buffers, method state,
     stage, optimizer, schedule, scaler, RNG and data position), so the loss curve matches an
     uninterrupted run; log rows after the resumed step (written by the interrupted run past its last
-    checkpoint) are dropped, so the log has each step once. Call on every rank.
+    checkpoint) are dropped, so the log has each step once. SIGINT / SIGTERM stop it after the
+    step in progress, with a checkpoint there (:class:`unimed.train.stop.TrainingInterrupted`).
+    Call on every rank.
     """
     if dist.is_main:
         ckpt.check_writable(Path(out_dir) / CHECKPOINT_DIR)
@@ -496,5 +514,5 @@ def train(
     if resume:
         trainer.resume()
     with RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard,
-                   start_step=trainer.step) as logger:
+                   start_step=trainer.step) as logger, StopRequest() as trainer.stop_request:
         return trainer.run(logger)

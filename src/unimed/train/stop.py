@@ -1,0 +1,89 @@
+"""Stopping a training run without losing it: SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption or
+time limit, ``scancel``, torchrun shutting its workers down) lets the optimizer step in progress
+finish; the training loop then saves a checkpoint at that step and ends with
+:class:`TrainingInterrupted`, from which ``--resume`` continues on the same loss curve. A second
+signal acts as it did before (Ctrl-C twice stops at once).
+
+Under torchrun the ranks stop at the same step even when the signal reaches only some of them (the
+loop adds the request to the all-reduce every step already makes). DataLoader workers ignore the
+two signals (:func:`leave_stop_signals_to_training`): Ctrl-C reaches a terminal's whole process group, and a
+worker killed by SIGTERM would make PyTorch raise in the main process before the checkpoint is
+written; the workers end with the main process, as they always do.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal after `step`, with a checkpoint saved at that step; a
+    KeyboardInterrupt, so ``except Exception`` does not swallow it."""
+
+    def __init__(self, received: signal.Signals | None, step: int, checkpoint: Path) -> None:
+        self.received, self.step, self.checkpoint = received, step, checkpoint
+        what = received.name if received is not None else "a stop signal to another rank"
+        super().__init__(f"training stopped by {what} after step {step}: checkpoint {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + int(self.received if self.received is not None else signal.SIGTERM)
+
+
+class StopRequest:
+    """While entered, the first SIGINT or SIGTERM is recorded in :attr:`received` (and said)
+    instead of ending the process, and the previous handlers are put back at once (and on exit).
+    Outside the main thread, where Python cannot catch signals, it installs nothing and
+    :attr:`received` stays None."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                previous = signal.signal(sig, self._handle)
+                self._previous[sig] = signal.SIG_DFL if previous is None else previous
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        self._restore()  # a second signal, of either kind, acts as it did before
+        log.warning("%s: the step in progress finishes, then a checkpoint is saved and training stops "
+                    "(send it again to stop at once)", self.received.name)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+def leave_stop_signals_to_training(loader: DataLoader) -> None:
+    """Make the workers of `loader` ignore SIGINT and SIGTERM (see the module docstring), before
+    its own ``worker_init_fn``, if any."""
+    if loader.num_workers > 0 and getattr(loader.worker_init_fn, "func", None) is not _ignore_stop_signals:
+        loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
+
+
+def _ignore_stop_signals(then: Callable[[int], None] | None, worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
