@@ -427,6 +427,36 @@ def test_a_run_evaluated_into_another_folder_keeps_its_text_encoder(tiny_run: Pa
     assert got["medunic"]["tasks"]["zero_shot"] == want["medunic"]["tasks"]["zero_shot"]
 
 
+def test_a_checkpoint_before_its_runs_last_step_is_said_so_where_it_is_used(tiny_run: Path, tmp_path: Path,
+                                                                            capsys):
+    """A run stopped early (its checkpoint records the step its run trains to) is evaluated and
+    exported as asked, and each says so: the evaluation's summary, metrics.json, the export's card."""
+    import hashlib
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    step = find_checkpoint(run)
+    state = torch.load(step / "state.pt", weights_only=True)
+    assert state["last_step"] == state["step"] == 2  # the tiny run finished
+    state["last_step"] = 12
+    torch.save(state, step / "state.pt")
+    sums = json.loads((step / "checksums.json").read_text())
+    sums["state.pt"] = hashlib.sha256((step / "state.pt").read_bytes()).hexdigest()
+    (step / "checksums.json").write_text(json.dumps(sums))
+
+    line = f"checkpoint {step} is step 2 of the 12 its run trains: training stopped early or is still running"
+    world = tiny_run.parents[1] / "world"
+    assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]", f"data.root={world}",
+                 "--quiet"]) == 0
+    assert f"NOTE: {line}" in capsys.readouterr().out
+    assert [note.split(" (")[0] for note in json.loads((run / "metrics.json").read_text())["unfinished"]] == [line]
+    assert main(["export", str(run), str(tmp_path / "exported"), "--quiet"]) == 0
+    assert "That is step 2 of the 12 its run trains: training did not finish." in (
+        tmp_path / "exported" / "README.md").read_text()
+    assert main(["export", str(tiny_run), str(tmp_path / "finished"), "--quiet"]) == 0
+    assert "did not finish" not in (tmp_path / "finished" / "README.md").read_text()
+
+
 def test_nothing_touches_the_network(tiny_run: Path, images: Path, tmp_path: Path, monkeypatch):
     attempts: list[object] = []
 

@@ -58,7 +58,9 @@ from unimed.train.checkpoint import (
     checkpoint_config,
     find_checkpoint,
     load_weights,
+    training_progress,
     umask_permissions,
+    unfinished,
     write_failure,
 )
 
@@ -290,6 +292,8 @@ def _usable_device(device: str | torch.device) -> torch.device:
 def _load_run(cfg: Config, checkpoint: Path, device: torch.device) -> Pretrained:
     from unimed.commands.train import text_encoder_dir, tokenizer_dir
 
+    unfinished(checkpoint)  # said, not refused: an early checkpoint may be what is wanted
+
     method_cfg = dataclasses.replace(cfg.method, image=dataclasses.replace(cfg.method.image, weights=None))
     name = cfg.method.name
     encoder = build_encoder(name, method_label(name), method_cfg, text_encoder=text_encoder_dir(cfg),
@@ -408,9 +412,12 @@ def model_card(pretrained: Pretrained, checkpoint: Path) -> str:
     cfg = pretrained.config
     settings = to_dict(cfg)
     name = method_label(cfg.method.name)
+    step, last = training_progress(checkpoint)
+    progress = (f" That is step {step} of the {last} its run trains: training did not finish."
+                if last is not None and step < last else "")
     lines = [
         f"# {name} model `{cfg.run.name}`", "",
-        f"Exported by unimed from checkpoint `{checkpoint.name}` of run `{cfg.run.name}`.", "",
+        f"Exported by unimed from checkpoint `{checkpoint.name}` of run `{cfg.run.name}`.{progress}", "",
         "## Use", "",
         "```python", "import unimed", "model = unimed.load(\"path/to/this/folder\")",
         "result = model.zero_shot([\"image.png\"], [\"pleural effusion\"], language=\"en\")",

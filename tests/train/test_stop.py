@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from test_distributed import _free_port
 from train_helpers import ToyDataset, ToyMethod, ToyModel, contrastive_loss, tiny_cfg, toy_loader
 from unimed.cli import main
+from unimed.train.checkpoint import training_progress, unfinished
 from unimed.train.distributed import DistInfo, cleanup, init_distributed
 from unimed.train.loop import CHECKPOINT_DIR, train
 from unimed.train.stop import StopRequest, TrainingInterrupted, leave_stop_signals_to_training
@@ -57,11 +58,15 @@ def test_a_stop_signal_ends_training_after_the_step_and_resume_continues_the_cur
     assert str(stopped.value) == (f"training stopped by {sig.name} after step 5: checkpoint "
                                   f"{tmp_path / 'cut' / CHECKPOINT_DIR / 'step_00000005'}")
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
+    assert training_progress(stopped.value.checkpoint) == (5, 16)
+    assert unfinished(stopped.value.checkpoint).startswith(f"checkpoint {stopped.value.checkpoint} is step 5 of "
+                                                          "the 16 its run trains")
     logged = [json.loads(line)["step"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5]
 
     resumed_model, rest = _run(tmp_path / "cut", resume=True, seed=99)
     assert [row["step"] for row in rest.history] == list(range(6, 17))
+    assert training_progress(rest.checkpoint) == (16, 16) and unfinished(rest.checkpoint) is None
     cut_log = [json.loads(line) for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
     assert [row["loss"] for row in cut_log] == pytest.approx(full.losses, abs=1e-6, rel=0)
     for a, b in zip(full_model.parameters(), resumed_model.parameters()):

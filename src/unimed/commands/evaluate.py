@@ -163,9 +163,13 @@ def run_evaluation(
     from unimed.eval.tasks import TaskContext
     from unimed.eval.volume_viewer import volume_datasets, write_volume_viewers
 
+    from unimed.pretrained import is_export
+    from unimed.train.checkpoint import unfinished
+
     start = time.perf_counter()
     # A missing or corrupt checkpoint fails before anything is written.
     trained = _resolve_trained(cfg, checkpoint, also)
+    early = [line for _, path in trained if not is_export(path) and (line := unfinished(path))]
     encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
     out_dir = cfg.run.dir
     with replacing_evaluation(out_dir) as previous:
@@ -203,6 +207,8 @@ def run_evaluation(
                       if method_log.is_file() else None)
             if curves is not None:
                 metrics.setdefault("pretraining_methods", {})[name] = curves
+        if early:
+            metrics["unfinished"] = early
         if "ablation" in previous:  # `unimed ablate`'s table (its own runs and seeds) stays in the report
             metrics["ablation"] = previous["ablation"]
         metrics["seconds"] = round(time.perf_counter() - start, 1)
@@ -314,6 +320,8 @@ def print_summary(metrics: dict, out_dir: Path, *, with_checks: bool = True) -> 
             if check.status in (FAIL, TIE):
                 print(f"{check.status.upper()}: {check.name} -- {check.cause}")
         print("\n".join(tally_lines(metrics, checks)))
+    for line in metrics.get("unfinished", []):
+        print(f"NOTE: {line}")
     print(f"report: {out_dir / REPORT_FILE}\nmetrics: {out_dir / METRICS_FILE}")
 
 

@@ -239,6 +239,7 @@ def _meta_html(metrics: dict) -> str:
               ("Data root", metrics.get("data_root")), ("Created", metrics.get("created")),
               ("Duration", _duration(metrics.get("seconds"))),
               ("Encoders", ", ".join(label for label, _ in methods(metrics)) or None)]
+    fields += [("Unfinished training", line) for line in metrics.get("unfinished") or []]
     items = "".join(f"<dt>{E(name)}</dt><dd>{E(str(MISSING if value is None else value))}</dd>"
                     for name, value in fields)
     run = str(metrics.get("run") or "")

@@ -303,6 +303,29 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
                               f"{_first_line(exc)}") from None
 
 
+def training_progress(path: str | Path) -> tuple[int, int | None]:
+    """(step, last step its run was to train to) of checkpoint folder `path`, read without loading
+    its optimizer state; the last step is None for a checkpoint written before it was recorded."""
+    try:
+        state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except _READ_ERRORS as exc:
+        raise CheckpointError(f"cannot read {Path(path) / STATE_FILE} (truncated or corrupt?): "
+                              f"{_first_line(exc)}") from None
+    return int(state["step"]), state.get("last_step")
+
+
+def unfinished(path: str | Path) -> str | None:
+    """A line saying that checkpoint `path` is not its run's last step (training was stopped or is
+    still running), logged as a warning; None when it is (or its checkpoint does not say)."""
+    step, last = training_progress(path)
+    if last is None or step >= last:
+        return None
+    line = (f"checkpoint {path} is step {step} of the {last} its run trains: training stopped early "
+            "or is still running (`--resume` continues it)")
+    log.warning(line)
+    return line
+
+
 def load_checkpoint(
     path: str | Path, model: nn.Module, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:

@@ -198,6 +198,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "method": self.method.train_state(),
             "step": self.step,
+            "last_step": self._last_step(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "stage": self.stage.name,
