@@ -110,8 +110,9 @@ def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, ima
     for source in (out, tiny_run):
         model = unimed.load(source)
         assert model.device == torch.device("cpu") and not model.model.training
-        assert repr(model) == (f"Pretrained(method='medunic', image={TINY['method']['image']['encoder']!r}, "
-                               f"image_size={TINY['data']['image_size']}, languages=('en', 'es'), device='cpu')")
+        assert repr(model) == (
+            f"Pretrained(method='medunic', image={TINY['method']['image']['encoder']!r}, "
+            f"image_size={TINY['data']['image_size']}, languages=('en', 'es'), device='cpu')")
         torch.testing.assert_close(model.encode_image(files), want_image, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.encode_text(TEXTS), want_text, rtol=1e-5, atol=1e-5)
 
@@ -203,8 +204,8 @@ def test_encode_volume_gives_the_3d_evaluations_volume_embeddings(tiny_run: Path
     rows = list(csv.DictReader(scores.open()))
     assert [r["file"] for r in rows] == ["a.nii.gz", "scan"]
     for c, name in enumerate(CLASSES):
-        np.testing.assert_allclose([float(r[f"score({name})"]) for r in rows], result.scores[:, c], atol=1e-5)
-        np.testing.assert_allclose([float(r[f"p({name})"]) for r in rows], result.probabilities[:, c], atol=1e-5)
+        for column, want in ((f"score({name})", result.scores), (f"p({name})", result.probabilities)):
+            np.testing.assert_allclose([float(r[column]) for r in rows], want[:, c], atol=1e-5)
 
 
 @pytest.mark.parametrize("make, expected", [
@@ -449,7 +450,8 @@ def test_a_checkpoint_before_its_runs_last_step_is_said_so_where_it_is_used(tiny
     assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]", f"data.root={world}",
                  "--quiet"]) == 0
     assert f"NOTE: {line}" in capsys.readouterr().out
-    assert [note.split(" (")[0] for note in json.loads((run / "metrics.json").read_text())["unfinished"]] == [line]
+    notes = json.loads((run / "metrics.json").read_text())["unfinished"]
+    assert [note.split(" (")[0] for note in notes] == [line]
     assert main(["export", str(run), str(tmp_path / "exported"), "--quiet"]) == 0
     assert "That is step 2 of the 12 its run trains: training did not finish." in (
         tmp_path / "exported" / "README.md").read_text()

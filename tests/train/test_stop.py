@@ -59,10 +59,10 @@ def test_a_stop_signal_ends_training_after_the_step_and_resume_continues_the_cur
                                   f"{tmp_path / 'cut' / CHECKPOINT_DIR / 'step_00000005'}")
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
     assert training_progress(stopped.value.checkpoint) == (5, 16)
-    assert unfinished(stopped.value.checkpoint).startswith(f"checkpoint {stopped.value.checkpoint} is step 5 of "
-                                                          "the 16 its run trains")
-    logged = [json.loads(line)["step"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3, 4, 5]
+    assert unfinished(stopped.value.checkpoint).startswith(
+        f"checkpoint {stopped.value.checkpoint} is step 5 of the 16 its run trains")
+    log = (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4, 5]
 
     resumed_model, rest = _run(tmp_path / "cut", resume=True, seed=99)
     assert [row["step"] for row in rest.history] == list(range(6, 17))

@@ -113,7 +113,8 @@ def _resolve_trained(cfg: Config, checkpoint: str | Path | None,
     from unimed.pretrained import is_export
 
     trained = ([(cfg, checkpoint)] if checkpoint is not None else []) + list(also)
-    return [(run_cfg, Path(path) if is_export(path) else resolve_checkpoint(path)) for run_cfg, path in trained]
+    return [(run_cfg, Path(path) if is_export(path) else resolve_checkpoint(path))
+            for run_cfg, path in trained]
 
 
 def _encoders(cfg: Config, trained: Sequence[tuple[Config, Path]], baselines: tuple[str, ...]) -> list:
