@@ -150,6 +150,13 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert again["methods"] == ["medunic", "prior", "unimedi"]
     assert list(again["encoders"]) == ["medunic", "prior", "unimedi"]
     assert again["encoders"]["prior"]["tasks"]["zero_shot"] == metrics["encoders"]["prior"]["tasks"]["zero_shot"]
+    # So does evaluating it into another folder.
+    assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]",
+                 f"run.output_dir={tmp_path / 'elsewhere'}", "--quiet"]) == 0
+    elsewhere = json.loads((tmp_path / "elsewhere" / "tiny" / "metrics.json").read_text())
+    assert elsewhere["methods"] == again["methods"]
+    assert {name: e["tasks"] for name, e in elsewhere["encoders"].items()} == {
+        name: e["tasks"] for name, e in again["encoders"].items()}
 
     assert main(["pretrain", str(preset), "train.max_steps=3", "--resume", "--quiet"]) == 0
     log = [json.loads(line) for line in (run / "pretrain" / "train_log.jsonl").read_text().splitlines()]

@@ -349,12 +349,14 @@ def _checkpoint_config(args: argparse.Namespace) -> str | None:
 
 
 def methods_beside(cfg: Config, checkpoint: str | Path) -> list[tuple[Config, Path]]:
-    """When `checkpoint` is the run folder itself, the further methods trained in it (the demo's
-    ``<run>/<method>/`` runs) with their saved configs, so evaluating the run again keeps them."""
-    if not cfg.run.dir.is_dir() or Path(checkpoint).resolve() != cfg.run.dir.resolve():
+    """When `checkpoint` is a run folder (its pre-training in ``pretrain/``), the further methods
+    trained in it (the demo's ``<run>/<method>/`` runs) with their saved configs, so evaluating the
+    run again keeps them, wherever ``run.output_dir`` / ``run.name`` put the evaluation."""
+    run = Path(checkpoint)
+    if not (run / "pretrain" / CONFIG_FILE).is_file():
         return []
     found = []
-    for folder in sorted(p for p in cfg.run.dir.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in run.iterdir() if p.is_dir()):
         saved = folder / "pretrain" / CONFIG_FILE
         if saved.is_file():
             other = load_run_config(saved)
