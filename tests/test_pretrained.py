@@ -413,6 +413,8 @@ def test_an_exported_model_evaluates_as_its_run_does(tiny_run: Path, tmp_path: P
     assert main(["evaluate", str(out), "--tasks", "zero_shot", f"run.output_dir={elsewhere}", "run.name=ex",
                  "--quiet"]) == 0
     assert zero_shot(elsewhere / "ex" / "metrics.json") == zero_shot(tiny_run / "metrics.json")
+    _fails_in_one_line(capsys, ["evaluate", str(out), f"data.root={tmp_path / 'nowhere'}", "--quiet"],
+                       f"data.root {tmp_path / 'nowhere'} is not a folder here")
 
 
 def test_a_run_evaluated_into_another_folder_keeps_its_text_encoder(tiny_run: Path, tmp_path: Path):

@@ -372,6 +372,9 @@ def exported_model_config(cfg: Config, folder: Path) -> Config:
     baselines would need its run's MLM-only text encoder, which an export does not hold."""
     from unimed.pretrained import PROMPTS_DIR
 
+    if not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root {cfg.data.root} is not a folder here (an exported model's config "
+                          "names its training machine's): give data.root=/path/to/evaluation/data")
     if cfg.eval.baselines:
         log.info("%s is an exported model: evaluated without the baselines %s (they need its run's "
                  "MLM-only text encoder)", folder, ", ".join(cfg.eval.baselines))
