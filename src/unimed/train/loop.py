@@ -383,7 +383,8 @@ class Trainer:
         # A stop request rides along: when any rank has one, every rank stops after this step.
         names = list(terms)
         asked = self.stop_request is not None and self.stop_request.received is not None
-        values = torch.stack([*(terms[k].float() for k in names), terms[names[0]].new_tensor(float(asked))])
+        flag = terms[names[0]].new_full((), float(asked))  # a fill on the device: no host copy, no sync
+        values = torch.stack([*(terms[k].float() for k in names), flag])
         means = all_reduce_mean(values, self.dist).tolist()
         row = dict(zip(names, means))
         self.stopping = means[-1] > 0
