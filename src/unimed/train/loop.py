@@ -383,7 +383,7 @@ class Trainer:
         # A stop request rides along: when any rank has one, every rank stops after this step.
         names = list(terms)
         asked = self.stop_request is not None and self.stop_request.received is not None
-        flag = terms[names[0]].new_full((), float(asked))  # a fill on the device: no host copy, no sync
+        flag = terms[names[0]].new_full((), float(asked), dtype=torch.float32)  # on the device: no host copy
         values = torch.stack([*(terms[k].float() for k in names), flag])
         means = all_reduce_mean(values, self.dist).tolist()
         row = dict(zip(names, means))
