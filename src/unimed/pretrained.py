@@ -293,7 +293,6 @@ def _load_run(cfg: Config, checkpoint: Path, device: torch.device) -> Pretrained
     from unimed.commands.train import text_encoder_dir, tokenizer_dir
 
     unfinished(checkpoint)  # said, not refused: an early checkpoint may be what is wanted
-
     method_cfg = dataclasses.replace(cfg.method, image=dataclasses.replace(cfg.method.image, weights=None))
     name = cfg.method.name
     encoder = build_encoder(name, method_label(name), method_cfg, text_encoder=text_encoder_dir(cfg),

@@ -163,7 +163,6 @@ def run_evaluation(
     from unimed.eval.runner import evaluate
     from unimed.eval.tasks import TaskContext
     from unimed.eval.volume_viewer import volume_datasets, write_volume_viewers
-
     from unimed.pretrained import is_export
     from unimed.train.checkpoint import unfinished
 

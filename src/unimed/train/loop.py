@@ -12,9 +12,9 @@ TensorBoard, checkpoints).
 
 SIGINT / SIGTERM end training after the step in progress, with a checkpoint there
 (:mod:`unimed.train.stop`). Resume is exact (same loss curve as an uninterrupted run) when every
-loader's sampler has
-`set_epoch` / `set_start` (see :mod:`unimed.data.pretrain`) and the loader carries its own
-`generator`, so building an iterator does not draw from the global RNG that dropout uses.
+loader's sampler has `set_epoch` / `set_start` (see :mod:`unimed.data.pretrain`) and the loader
+carries its own `generator`, so building an iterator does not draw from the global RNG that dropout
+uses.
 """
 
 from __future__ import annotations
