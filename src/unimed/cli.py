@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"unimed: interrupted: {exc}; {RESUME_HINTS.get(args.command, RESUME_HINT)}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save, no traceback to read
+        print(f"unimed: interrupted: unimed {args.command} stopped by Ctrl-C", file=sys.stderr)
+        return 128 + signal.SIGINT
     except ConfigError as exc:
         print(f"unimed: config error: {exc}", file=sys.stderr)
     except DataError as exc:

@@ -19,7 +19,12 @@ from unimed.cli import main
 from unimed.train.checkpoint import training_progress, unfinished
 from unimed.train.distributed import DistInfo, cleanup, init_distributed
 from unimed.train.loop import CHECKPOINT_DIR, train
-from unimed.train.stop import StopRequest, TrainingInterrupted, leave_stop_signals_to_training
+from unimed.train.stop import (
+    StopRequest,
+    TrainingInterrupted,
+    leave_interrupts_to_parent,
+    leave_stop_signals_to_training,
+)
 
 
 class SignalledMethod(ToyMethod):
@@ -173,3 +178,23 @@ def test_the_command_line_says_where_training_stopped_and_how_to_go_on(command, 
     assert main([command, "configs/demo.yaml", f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 130
     assert capsys.readouterr().err.strip() == (
         f"unimed: interrupted: training stopped by SIGINT after step 7: checkpoint {checkpoint}; {hint}")
+
+
+def test_a_worker_pool_leaves_ctrl_c_to_its_parent():
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1, initializer=leave_interrupts_to_parent) as pool:
+        worker = pool.apply(os.getpid)
+        os.kill(worker, signal.SIGINT)
+        assert pool.apply(os.getpid) == worker  # alive, and serving
+
+
+def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("unimed.phantom.world.write_world", interrupted)
+    assert main(["phantom", "configs/demo.yaml", f"phantom.root={tmp_path / 'world'}",
+                 f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 130
+    assert capsys.readouterr().err.strip() == "unimed: interrupted: unimed phantom stopped by Ctrl-C"
+

@@ -41,6 +41,7 @@ from unimed.eval import (  # noqa: F401  (each task module registers itself in T
 )
 from unimed.eval.encoders import Encoder
 from unimed.eval.tasks import TASKS, TaskContext
+from unimed.train.stop import leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ _WORKER: dict[str, object] = {}
 
 
 def _start_worker(encoders: Sequence[Encoder], ctx: TaskContext, threads: int) -> None:
+    leave_interrupts_to_parent()
     torch.set_num_threads(threads)
     ctx.progress = ctx.data.progress = False  # one progress bar: the parent's
     _WORKER.update(encoders=encoders, ctx=ctx)

@@ -25,6 +25,7 @@ from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import LAYOUTS, WRITERS, LayoutWriter, ManifestEntry, StudyResult
 from unimed.phantom.writers.base import write_csv
 from unimed.phantom.writers.mimic import PARALLEL_COLUMNS, PARALLEL_CSV
+from unimed.train.stop import leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def _run(cfg: PhantomConfig, root: Path, jobs: list[tuple[str, int, int]]) -> It
     if cfg.workers <= 1:
         yield from map(work, jobs)
         return
-    with multiprocessing.Pool(cfg.workers) as pool:
+    with multiprocessing.Pool(cfg.workers, initializer=leave_interrupts_to_parent) as pool:
         yield from pool.imap(work, jobs)
 
 

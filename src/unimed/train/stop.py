@@ -20,8 +20,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from torch.utils.data import DataLoader
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,13 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+
+
+def leave_interrupts_to_parent() -> None:
+    """A worker process's initializer (the phantom's writers, the evaluation's workers): Ctrl-C,
+    which a terminal sends to its whole process group, is left to the parent, which stops its
+    workers, so an interrupted command ends in one line rather than a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def leave_stop_signals_to_training(loader: DataLoader) -> None:

@@ -6,6 +6,7 @@ Studies are generated in chunks of consecutive indices, optionally by several wo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ from unimed.phantom.world import (
     summarize,
 )
 from unimed.phantom.writers import StudyResult
+from unimed.train.stop import leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +125,16 @@ def write_ct_world(cfg: PhantomConfig, root: str | Path | None = None, *, progre
     work = partial(_write_chunk, cfg, root)
     with tqdm(total=sum(stop - start for _, start, stop in jobs), desc="phantom CT world",
               unit="volume", disable=not progress) as bar:
-        if cfg.workers <= 1:
-            chunks = map(work, jobs)
-        else:
-            pool = multiprocessing.Pool(cfg.workers)
-            chunks = pool.imap(work, jobs)
-        for (folder, _, _), chunk in zip(jobs, chunks):
-            results[folder] += chunk
-            bar.update(len(chunk))
-        if cfg.workers > 1:
-            pool.close()
-            pool.join()
+        with contextlib.ExitStack() as stack:
+            if cfg.workers <= 1:
+                chunks = map(work, jobs)
+            else:
+                pool = stack.enter_context(multiprocessing.Pool(cfg.workers,
+                                                                initializer=leave_interrupts_to_parent))
+                chunks = pool.imap(work, jobs)
+            for (folder, _, _), chunk in zip(jobs, chunks):
+                results[folder] += chunk
+                bar.update(len(chunk))
     datasets = {}
     for writer in CT_LAYOUTS:
         done = results[writer.folder]
