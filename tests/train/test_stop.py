@@ -1,6 +1,7 @@
 """SIGINT / SIGTERM during training: the step in progress finishes, a checkpoint is saved there,
 training ends with TrainingInterrupted, and --resume continues on the uninterrupted loss curve;
-every rank stops at the same step; DataLoader workers leave the signals to the training loop."""
+every rank stops at the same step; DataLoader workers leave the signals to the training loop, and
+worker pools leave Ctrl-C to their parent, so a command ends in one line."""
 
 from __future__ import annotations
 
