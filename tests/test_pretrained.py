@@ -251,6 +251,72 @@ def test_classify_and_embed_write_what_the_python_api_gives(tiny_run: Path, imag
     assert _mode(single) == _mode(single.with_suffix(".csv"))
 
 
+def test_preprocessed_input_gives_what_the_files_give(tiny_run: Path, images: Path, tmp_path: Path):
+    """`preprocess` / `preprocess_volume` then ``preprocessed=True`` (the reading done elsewhere, in
+    a DataLoader's workers say) is the same as passing the files; anything else is named."""
+    import nibabel as nib
+
+    model = unimed.load(tiny_run)
+    files = [images / "a.png", images / "sub" / "b.jpg"]
+    pixels = model.preprocess(files)
+    torch.testing.assert_close(model.encode_image(pixels, preprocessed=True), model.encode_image(files))
+    np.testing.assert_array_equal(model.zero_shot(pixels, CLASSES, preprocessed=True).scores,
+                                  model.zero_shot(files, CLASSES).scores)
+    rng = np.random.default_rng(1)
+    volume = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(rng.integers(-1000, 400, (20, 18, 7)).astype(np.int16), np.eye(4)), str(volume))
+    stacks = model.preprocess_volume([volume, volume])
+    torch.testing.assert_close(model.encode_volume(stacks, preprocessed=True), model.encode_volume([volume] * 2))
+    np.testing.assert_array_equal(model.zero_shot_volume(stacks, CLASSES, preprocessed=True).scores,
+                                  model.zero_shot_volume([volume] * 2, CLASSES).scores)
+    side = model.image_size
+    with pytest.raises(ValueError, match=rf"takes the float tensor of shape \(N, 3, {side}, {side}\) that "
+                                         rf"preprocess\(\) returns, got a torch.float32 tensor of shape \(2, 1, "):
+        model.encode_image(pixels[:, :1], preprocessed=True)
+    with pytest.raises(ValueError, match="that preprocess_volume\\(\\) returns, got a list"):
+        model.encode_volume([volume], preprocessed=True)
+
+
+def test_unreadable_files_are_skipped_and_listed_when_asked(tiny_run: Path, images: Path, tmp_path: Path,
+                                                             capsys):
+    """With ``--on-error skip`` a bad file among good ones is left out of the output and listed with
+    its reason; the rows of the others are the Python API's, read in worker processes or not; a
+    folder of bad files only is one line."""
+    model = unimed.load(tiny_run)
+    good = [images / "a.png", images / "c.dcm", images / "sub" / "b.jpg"]
+    (images / "sub" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    want = model.zero_shot(good, CLASSES, "en")
+    scores = tmp_path / "scores.csv"
+    for workers in ("0", "2"):
+        capsys.readouterr()
+        assert main(["classify", str(tiny_run), str(images), "--classes", ",".join(CLASSES), "--out",
+                     str(scores), "--on-error", "skip", "--workers", workers, "--quiet"]) == 0
+        assert "skipped 1 of 4 image(s) that could not be read" in capsys.readouterr().out
+        rows = list(csv.DictReader(scores.open()))
+        assert [r["file"] for r in rows] == ["a.png", "c.dcm", "sub/b.jpg"]
+        np.testing.assert_allclose([[float(r[f"score({c})"]) for c in CLASSES] for r in rows], want.scores,
+                                   atol=1e-5)
+        listed = list(csv.DictReader((tmp_path / "scores.skipped.csv").open()))
+        assert [(r["file"], r["reason"]) for r in listed] == [("sub/bad.png", "unreadable image")]
+        assert listed[0]["error"].startswith("cannot read image")
+
+    embeddings = tmp_path / "e.npy"
+    assert main(["embed", str(tiny_run), str(images), "--out", str(embeddings), "--on-error", "skip",
+                 "--workers", "1", "--quiet"]) == 0
+    np.testing.assert_allclose(np.load(embeddings), model.encode_image(good).numpy(), atol=1e-5)
+    names = list(csv.DictReader(embeddings.with_suffix(".csv").open()))
+    assert [(int(r["row"]), r["file"]) for r in names] == [(0, "a.png"), (1, "c.dcm"), (2, "sub/b.jpg")]
+    assert [r["file"] for r in csv.DictReader((tmp_path / "e.skipped.csv").open())] == ["sub/bad.png"]
+
+    _fails_in_one_line(capsys, ["classify", str(tiny_run), str(images), "--classes", "pneumonia",
+                                "--out", str(scores), "--quiet"], "sub/bad.png: cannot read image")
+    _fails_in_one_line(capsys, ["embed", str(tiny_run), str(images / "sub" / "bad.png"), "--out",
+                                str(embeddings), "--on-error", "skip", "--quiet"],
+                       "none of the 1 image(s) could be read (each is listed in")
+    _fails_in_one_line(capsys, ["embed", str(tiny_run), str(images), "--out", str(embeddings),
+                                "--workers", "-1", "--quiet"], "--workers -1: give 0 or more processes")
+
+
 @pytest.mark.parametrize("case, expected", [
     ("missing", "image folder or file not found"),
     ("empty", "no images"),

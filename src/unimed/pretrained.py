@@ -11,6 +11,8 @@ tensors ((H, W) grey or (C, H, W), floats in [0, 1] or integers scaled by their 
 or a list (a 4-D array is a batch); they are resized and centre-cropped as in the zero-shot evaluation, and
 the model normalises them itself. An array it cannot read as given (float pixels outside [0, 1], NaN,
 channels last) is a ValueError naming its place in the input, not an embedding of clipped pixels.
+``preprocess`` / ``preprocess_volume`` do the reading alone (in a DataLoader's workers, say); every
+method that takes images or volumes takes their output with ``preprocessed=True``.
 
 An exported folder holds everything the model needs, read with local files only::
 
@@ -120,7 +122,8 @@ class Pretrained:
                 f"image_size={self.image_size}, languages={self.languages}, device={str(self.device)!r})")
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """(N, 3, S, S) pixels in [0, 1] of one image or a list of them (see the module docstring)."""
+        """(N, 3, S, S) pixels in [0, 1] of one image or a list of them (see the module docstring):
+        what the image methods take with ``preprocessed=True``."""
         items = [images] if _is_single(images) else list(images)
         transform = eval_transform(self.image_size, self.resize_size)
         out = torch.empty(len(items), 3, self.image_size, self.image_size)
@@ -128,26 +131,45 @@ class Pretrained:
             out[i] = transform(_checked(_grey(item, self.resize_size), i))
         return out
 
-    def encode_image(self, images: ImageInput | Sequence[ImageInput], *, normalize: bool = True,
-                     batch_size: int = 64) -> torch.Tensor:
-        """(N, D) projected image embeddings (L2-normalised unless `normalize=False`)."""
-        return self.encoder.image_features(self.preprocess(images), normalize=normalize,
-                                           batch_size=batch_size)
-
-    def encode_volume(self, volumes: str | Path | Sequence[str | Path], *, normalize: bool = True,
-                      batch_size: int = 16) -> torch.Tensor:
-        """(N, D) projected embeddings of CT volumes (files or folders that
+    def preprocess_volume(self, volumes: str | Path | Sequence[str | Path]) -> torch.Tensor:
+        """(N, K, 1, S, S) axial slices of CT volumes (files or folders that
         :func:`unimed.data.volumes.read_volume` reads: NIfTI, MetaImage, a DICOM series, slice
-        images; one or a list), in the space of the reports' embeddings: read as the 3D
-        evaluation reads them (axial slices in ``eval.volume.window``; a native 3D model at its
-        own depth and side, a 2D model through the slice-wise adapter, ``eval.volume.slices``
-        slices embedded and mean-pooled)."""
+        images; one or a list) as the 3D evaluation reads them: in ``eval.volume.window``, at the
+        model's depth K and side S (a native 3D model its own, a 2D model ``eval.volume.slices``
+        slices at the image size). What the volume methods take with ``preprocessed=True``."""
         paths = [volumes] if isinstance(volumes, (str, Path)) else list(volumes)
         cfg = self.config.eval.volume
-        slices, side = self.encoder.volume_grid(cfg.slices, self.config.data.image_size)
+        slices, side = self._volume_grid()
         stacks = torch.empty(len(paths), slices, 1, side, side)
         for i, path in enumerate(paths):
             stacks[i, :, 0] = axial_slices(read_volume(path), size=side, slices=slices, window=cfg.window)
+        return stacks
+
+    def _volume_grid(self) -> tuple[int, int]:
+        return self.encoder.volume_grid(self.config.eval.volume.slices, self.config.data.image_size)
+
+    def _pixels(self, images: Any, preprocessed: bool) -> torch.Tensor:
+        if not preprocessed:
+            return self.preprocess(images)
+        return _batch_of(images, (3, self.image_size, self.image_size), "preprocess")
+
+    def encode_image(self, images: ImageInput | Sequence[ImageInput], *, normalize: bool = True,
+                     batch_size: int = 64, preprocessed: bool = False) -> torch.Tensor:
+        """(N, D) projected image embeddings (L2-normalised unless `normalize=False`);
+        ``preprocessed=True`` takes :meth:`preprocess`'s output (e.g. from a DataLoader's workers)."""
+        return self.encoder.image_features(self._pixels(images, preprocessed), normalize=normalize,
+                                           batch_size=batch_size)
+
+    def encode_volume(self, volumes: str | Path | Sequence[str | Path] | torch.Tensor, *,
+                      normalize: bool = True, batch_size: int = 16, preprocessed: bool = False) -> torch.Tensor:
+        """(N, D) projected embeddings of CT volumes (as :meth:`preprocess_volume` reads them, or
+        its output with ``preprocessed=True``) in the space of the reports' embeddings: a 2D model
+        embeds the slices and mean-pools them (the slice-wise adapter of the 3D evaluation)."""
+        if preprocessed:
+            slices, side = self._volume_grid()
+            stacks = _batch_of(volumes, (slices, 1, side, side), "preprocess_volume")
+        else:
+            stacks = self.preprocess_volume(volumes)
         features = volume_spaces(self.encoder, stacks, batch_size)["projected"]
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -167,12 +189,12 @@ class Pretrained:
                             corpus_stemming(self.encoder.tokenizer))
 
     def zero_shot(self, images: ImageInput | Sequence[ImageInput], class_names: str | Sequence[str],
-                  language: str = "en", *, batch_size: int = 64) -> ZeroShot:
+                  language: str = "en", *, batch_size: int = 64, preprocessed: bool = False) -> ZeroShot:
         """Per-image, per-class zero-shot scores with the prompts of `language`, by the rule of the
         zero-shot evaluation (the model's own ``zero_shot_scores`` when it has one); `class_names`
-        is one class or a list of them."""
+        is one class or a list of them; ``preprocessed`` as in :meth:`encode_image`."""
         classes, prompts = _class_names(class_names), self.prompts(language)
-        pixels = self.preprocess(images)
+        pixels = self._pixels(images, preprocessed)
         if hasattr(self.model, "zero_shot_scores"):
             scores = own_scores(self.encoder, pixels, prompts, classes, batch_size)
         else:
@@ -180,13 +202,14 @@ class Pretrained:
             scores = prompt_scores(self.encoder, features, prompts, classes)
         return self._zero_shot(classes, language, scores)
 
-    def zero_shot_volume(self, volumes: str | Path | Sequence[str | Path], class_names: str | Sequence[str],
-                         language: str = "en", *, batch_size: int = 16) -> ZeroShot:
+    def zero_shot_volume(self, volumes: str | Path | Sequence[str | Path] | torch.Tensor,
+                         class_names: str | Sequence[str], language: str = "en", *, batch_size: int = 16,
+                         preprocessed: bool = False) -> ZeroShot:
         """Per-volume, per-class zero-shot scores of CT volumes (:meth:`encode_volume`) against the
         prompts of `language`: the cosine to "{disease}" minus the cosine to its negative prompt,
         the rule of the 2D zero-shot evaluation, in the space volume <-> report retrieval reads."""
         classes, prompts = _class_names(class_names), self.prompts(language)
-        features = self.encode_volume(volumes, batch_size=batch_size)
+        features = self.encode_volume(volumes, batch_size=batch_size, preprocessed=preprocessed)
         return self._zero_shot(classes, language, prompt_scores(self.encoder, features, prompts, classes))
 
     def _zero_shot(self, classes: tuple[str, ...], language: str, scores: np.ndarray) -> ZeroShot:
@@ -200,6 +223,18 @@ def _class_names(class_names: str | Sequence[str]) -> tuple[str, ...]:
     if not classes:
         raise ConfigError("zero-shot needs at least one class name")
     return classes
+
+
+def _batch_of(pixels: Any, shape: tuple[int, ...], made_by: str) -> torch.Tensor:
+    """`pixels` when it is a float tensor of shape (N, *shape), as `made_by` makes it; a ValueError
+    that says what it should be otherwise."""
+    if not (isinstance(pixels, torch.Tensor) and pixels.is_floating_point()
+            and tuple(pixels.shape[1:]) == shape and pixels.ndim == len(shape) + 1):
+        got = (f"a {pixels.dtype} tensor of shape {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor)
+               else f"a {type(pixels).__name__}")
+        raise ValueError(f"preprocessed=True takes the float tensor of shape (N, {', '.join(map(str, shape))}) "
+                         f"that {made_by}() returns, got {got}")
+    return pixels
 
 
 def _is_single(images: Any) -> bool:

@@ -7,24 +7,34 @@
 
 MODEL is what :func:`unimed.load` takes (an exported folder, a run or a checkpoint folder); its own
 config is used, so these commands take no preset or overrides. Inference runs on the CPU unless
-``--device`` says otherwise.
+``--device`` says otherwise; ``--workers N`` reads and resizes the files in N processes beside it.
+A file that cannot be read stops the command with one line naming it; with ``--on-error skip`` it is
+left out and listed, with the reason, in ``<out>.skipped.csv`` (written whenever skip is on).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from unimed.commands import command
 from unimed.config import Config
-from unimed.data.errors import MISSING_IMAGE, DataError
+from unimed.data.errors import MISSING_IMAGE, ON_ERROR_OPTIONS, DataError
 from unimed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from unimed.pretrained import Pretrained
 
 BATCH = 32
 VOLUME_BATCH = 4  # volumes read and embedded at once (each is read whole before it is resized)
 EMBEDDING_SUFFIXES = (".npy", ".safetensors")
+SKIPPED_SUFFIX = ".skipped.csv"
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -65,20 +75,69 @@ def list_volumes(path: str | Path) -> list[Path]:
     return [path]  # its files are the slices of one volume
 
 
-def _batches(items: Sequence[Path], desc: str, progress: bool, size: int = BATCH,
-             unit: str = "image") -> Iterator[list[Path]]:
-    """`items` in lists of `size`, with a progress bar over them unless `progress` is off."""
+class _Files(Dataset):
+    """Each file read by `read` (in the loader's workers): (index, pixels, None), or (index, None,
+    the DataError) for a file that cannot be read."""
+
+    def __init__(self, read: Callable[[Path], torch.Tensor], files: Sequence[Path]) -> None:
+        self.read, self.files = read, files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, DataError | None]:
+        try:
+            return index, self.read(self.files[index])[0], None
+        except DataError as exc:
+            return index, None, exc
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, DataError | None]]) -> tuple:
+    read = [(index, pixels) for index, pixels, _ in items if pixels is not None]
+    errors = [error for _, _, error in items if error is not None]
+    return [index for index, _ in read], torch.stack([p for _, p in read]) if read else None, errors
+
+
+def _read(model: Pretrained, files: Sequence[Path], args: argparse.Namespace, desc: str,
+          skipped: list[DataError]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The files' pixels as the model reads them, in batches (with their indices in `files`), read
+    in ``args.workers`` processes; a file that cannot be read is raised (a DataError naming it) or,
+    with ``--on-error skip``, appended to `skipped`."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
-        for start in range(0, len(items), size):
-            batch = list(items[start : start + size])
-            yield batch
-            bar.update(len(batch))
+    read, size, unit = ((model.preprocess_volume, VOLUME_BATCH, "volume") if args.volumes
+                        else (model.preprocess, BATCH, "image"))
+    loader = DataLoader(_Files(read, files), batch_size=size, num_workers=args.workers, collate_fn=_collate)
+    with tqdm(total=len(files), desc=desc, unit=unit, disable=not args.progress) as bar:
+        for indices, pixels, errors in loader:
+            if errors and args.on_error == "raise":
+                raise errors[0]
+            skipped.extend(errors)
+            if pixels is not None:
+                yield indices, pixels
+            bar.update(len(indices) + len(errors))
+
+
+def _write_skipped(out: Path, skipped: list[DataError], total: int, what: str, root: Path) -> None:
+    """`<out>.skipped.csv`: one row per file left out (relative to `root`, the command's input, as in
+    the output), with the reason; all of them left out is a DataError naming `root`."""
+    listing = out.with_name(out.stem + SKIPPED_SUFFIX)
+    with listing.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "reason", "error"])
+        writer.writerows((_relative(e.path, root), e.reason, e.message) for e in skipped)
+    if len(skipped) == total:
+        raise DataError(f"none of the {total} {what}(s) could be read (each is listed in {listing})",
+                        root, reason=skipped[0].reason)
+    if skipped:
+        print(f"skipped {len(skipped)} of {total} {what}(s) that could not be read (--on-error skip): "
+              f"{listing}")
 
 
 def _relative(file: Path, root: Path) -> str:
-    return file.name if root.is_file() or file == root else file.relative_to(root).as_posix()
+    if root.is_file() or file == root:
+        return file.name
+    return file.relative_to(root).as_posix() if file.is_relative_to(root) else str(file)
 
 
 def _model_config(args: argparse.Namespace) -> str:
@@ -114,14 +173,21 @@ def _inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--volumes", action="store_true",
                         help="the path holds CT volumes: a NIfTI or .mhd file, a folder of one DICOM "
                              "series or of slice images, or a folder of such volumes (one level)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that read and resize the files beside the model (default: 0, "
+                             "read in the main process)")
+    parser.add_argument("--on-error", choices=ON_ERROR_OPTIONS, default="raise",
+                        help="a file that cannot be read: stop with a line naming it (raise, the "
+                             "default) or leave it out and list it in <out>.skipped.csv (skip)")
 
 
-def _inputs(args: argparse.Namespace) -> tuple[list[Path], str, int]:
-    """The files the command reads (volumes with --volumes, else images), what one is called, and
-    how many are read at once."""
+def _inputs(args: argparse.Namespace) -> tuple[list[Path], str]:
+    """The files the command reads (volumes with --volumes, else images) and what one is called."""
+    if args.workers < 0:
+        raise ConfigError(f"--workers {args.workers}: give 0 or more processes")
     if args.volumes:
-        return list_volumes(args.images), "volume", VOLUME_BATCH
-    return list_images(args.images), "image", BATCH
+        return list_volumes(args.images), "volume"
+    return list_images(args.images), "image"
 
 
 def _classify_args(parser: argparse.ArgumentParser) -> None:
@@ -158,25 +224,28 @@ def classify_command(cfg: Config, args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise ConfigError("--classes: give at least one class name")
-    files, what, size = _inputs(args)
+    files, what = _inputs(args)
     out = _writable(args.out)
     model = load(args.model, device=args.device)
     model.prompts(args.language)  # an unknown language fails before any image is read
     classify = model.zero_shot_volume if args.volumes else model.zero_shot
-    scores, probabilities = [], []
-    for batch in _batches(files, "classify", args.progress, size, what):
-        result = classify(batch, classes, args.language)
+    rows, scores, probabilities, skipped = [], [], [], []
+    for indices, pixels in _read(model, files, args, "classify", skipped):
+        result = classify(pixels, classes, args.language, preprocessed=True)
+        rows.extend(indices)
         scores.append(result.scores)
         probabilities.append(result.probabilities)
+    if args.on_error == "skip":
+        _write_skipped(out, skipped, len(files), what, Path(args.images))
     score, prob = np.concatenate(scores), np.concatenate(probabilities)
     root = Path(args.images)
     with out.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file", *(f"p({c})" for c in classes), *(f"score({c})" for c in classes)])
-        for i, file in enumerate(files):
-            writer.writerow([_relative(file, root), *(f"{v:.6f}" for v in prob[i]),
+        for i, row in enumerate(rows):
+            writer.writerow([_relative(files[row], root), *(f"{v:.6f}" for v in prob[i]),
                              *(f"{v:.6f}" for v in score[i])])
-    print(f"classified {len(files)} {what}(s) into {len(classes)} class(es) ({args.language} "
+    print(f"classified {len(rows)} {what}(s) into {len(classes)} class(es) ({args.language} "
           f"prompts): {out}")
     return 0
 
@@ -185,7 +254,6 @@ def classify_command(cfg: Config, args: argparse.Namespace) -> int:
          ".safetensors + a CSV of files)", _inference_args, _model_config)
 def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
     from safetensors.torch import save_file
 
     from unimed.pretrained import load
@@ -195,11 +263,17 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in EMBEDDING_SUFFIXES:
         raise ConfigError(f"--out {out}: the file must end in {' or '.join(EMBEDDING_SUFFIXES)}")
-    files, what, size = _inputs(args)
+    files, what = _inputs(args)
     _writable(out)
     model = load(args.model, device=args.device)
     encode = model.encode_volume if args.volumes else model.encode_image
-    embeddings = torch.cat([encode(batch) for batch in _batches(files, "embed", args.progress, size, what)])
+    rows, embedded, skipped = [], [], []
+    for indices, pixels in _read(model, files, args, "embed", skipped):
+        rows.extend(indices)
+        embedded.append(encode(pixels, preprocessed=True))
+    if args.on_error == "skip":
+        _write_skipped(out, skipped, len(files), what, Path(args.images))
+    embeddings = torch.cat(embedded)
     if out.suffix == ".npy":
         np.save(out, embeddings.numpy())
     else:
@@ -210,8 +284,8 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     with names.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["row", "file"])
-        writer.writerows((i, _relative(file, root)) for i, file in enumerate(files))
-    print(f"embedded {len(files)} {what}(s) as {tuple(embeddings.shape)}: {out} (files: {names})")
+        writer.writerows((i, _relative(files[row], root)) for i, row in enumerate(rows))
+    print(f"embedded {len(rows)} {what}(s) as {tuple(embeddings.shape)}: {out} (files: {names})")
     return 0
 
 
