@@ -41,6 +41,60 @@ def test_dicom_monochrome2_and_inverted_monochrome1(array: np.ndarray, tmp_path:
     np.testing.assert_allclose(load_image(tmp_path / "m1.dcm"), 1.0 - array / scale, atol=1e-6)
 
 
+def _compressed(source: Path, target: Path, syntax: str) -> None:
+    """`source` re-encoded with the transfer syntax `syntax` (a gdcm.TransferSyntax name), by GDCM."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+
+
+@pytest.mark.parametrize("syntax, uid", [
+    ("JPEGLosslessProcess14_1", "1.2.840.10008.1.2.4.70"),  # what CR / DX images are mostly stored as
+    ("JPEGLSLossless", "1.2.840.10008.1.2.4.80"),
+    ("JPEG2000Lossless", "1.2.840.10008.1.2.4.90"),
+    ("RLELossless", "1.2.840.10008.1.2.5"),
+])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_compressed_dicom_decodes_to_the_uncompressed_pixels(syntax: str, uid: str, bits: int,
+                                                             tmp_path: Path) -> None:
+    import pydicom
+
+    rng = np.random.default_rng(bits)
+    array = rng.integers(0, 2**bits, (48, 40), dtype=np.uint8 if bits == 8 else np.uint16)
+    write_dicom(tmp_path / "plain.dcm", array)
+    _compressed(tmp_path / "plain.dcm", tmp_path / "packed.dcm", syntax)
+    assert pydicom.dcmread(tmp_path / "packed.dcm").file_meta.TransferSyntaxUID == uid
+    np.testing.assert_array_equal(load_image(tmp_path / "packed.dcm"), load_image(tmp_path / "plain.dcm"))
+
+
+def test_a_dicom_no_installed_decoder_reads_is_one_line_naming_it(tmp_path: Path) -> None:
+    """12-bit JPEG Extended (pydicom's own test file): only a GPL decoder reads it, not installed;
+    pydicom's message lists each plugin on a line of its own, the error keeps it to one."""
+    import shutil
+
+    import pydicom
+
+    sample = Path(pydicom.__file__).parent / "data" / "test_files" / "JPGExtended.dcm"
+    shutil.copyfile(sample, tmp_path / "extended.dcm")
+    with pytest.raises(DataError) as info:
+        load_image(tmp_path / "extended.dcm")
+    message = str(info.value)
+    assert "\n" not in message and info.value.reason == UNREADABLE_IMAGE
+    assert message.startswith(f"{tmp_path / 'extended.dcm'}: cannot read image (")
+    assert "gdcm: GDCM does not support 'JPEG Extended' for samples with 12-bit precision; pillow:" in message
+
+
 def test_missing_and_unreadable_images_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nope.png") as info:
         load_image(tmp_path / "nope.png")

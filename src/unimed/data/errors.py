@@ -26,7 +26,9 @@ NON_UTF8 = "non-UTF-8 text"
 class DataError(Exception):
     """Bad input data; the message names the file and, when relevant, the line and column.
 
-    `reason` is the short category under which the error is counted when rows are skipped.
+    `reason` is the short category under which the error is counted when rows are skipped. The
+    message is kept on one line (a library's own message may span several: pydicom lists each
+    decoder plugin it tried on a line of its own), so it reads as one line wherever it is shown.
     """
 
     def __init__(
@@ -37,7 +39,7 @@ class DataError(Exception):
         column: str | None = None,
         reason: str = MALFORMED_ROW,
     ) -> None:
-        self.message = message
+        self.message = _one_line(message)
         self.path = Path(path)
         self.line = line
         self.column = column
@@ -47,12 +49,17 @@ class DataError(Exception):
             where += f", line {line}"
         if column is not None:
             where += f", column '{column}'"
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{where}: {self.message}")
 
     def __reduce__(self) -> tuple:
         """Pickle by the constructor's arguments, so the error crosses from a DataLoader worker to
         the main process intact."""
         return type(self), (self.message, self.path, self.line, self.column, self.reason)
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return "; ".join(lines).replace(":; ", ": ")
 
 
 def check_on_error(on_error: str) -> str:

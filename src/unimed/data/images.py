@@ -71,6 +71,9 @@ def _load_pil(path: Path, min_side: int | None = None) -> np.ndarray:
 
 
 def _load_dicom(path: Path) -> np.ndarray:
+    """Compressed pixel data decodes through pydicom's plugins: Pillow (JPEG baseline, JPEG 2000),
+    GDCM (also JPEG lossless, the usual compression of CR / DX images, and JPEG-LS), pydicom's own
+    RLE. 12-bit JPEG Extended is left unread (only a GPL decoder reads it): a DataError."""
     ds = pydicom.dcmread(path)
     pixels = ds.pixel_array.astype(np.float32)  # (H, W)
     if int(getattr(ds, "PixelRepresentation", 0)) == 0:
