@@ -103,14 +103,48 @@ def user_preset(tmp_path: Path) -> Path:
     return path
 
 
-def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_path: Path):
+def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_path: Path, capsys):
     for stage in ("vocab", "mlm", "pretrain"):
         assert main([stage, str(user_preset), "--quiet"]) == 0, stage
     run = tmp_path / "runs" / "mine"
     assert main(["evaluate", str(run), "--quiet"]) == 0
     metrics = json.loads(next(run.rglob("metrics.json")).read_text(encoding="utf-8"))
-    text = json.dumps(metrics)
-    assert '"mine"' in text and "Effusion" in text
+    scored = metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["mine"]["en"]
+    images = scored["images"]
+    assert scored["per_class"]["Effusion"]["labelled"] == images > 0
+    assert 0.0 <= scored["auc"] <= 1.0 and metrics["encoders"]["medunic"]["tasks"]["linear_probe"]["mine"]
+
+    # Labels from a report labeller: blank or uncertain for some rows. The protocol's default
+    # stops naming the first; missing_labels=exclude scores the class on the others alone.
+    from unimed.config import load_config
+    from unimed.eval.data import EvalData
+
+    table = tmp_path / "data" / "mine" / "records.csv"
+    test = EvalData(load_config(str(user_preset)).data).records("mine", "test")
+    assert images == len(test) >= 2
+    uncertain = test[0].image_path.relative_to(table.parent).as_posix()
+    rows = list(csv.DictReader(table.open(encoding="utf-8")))
+    for i, row in enumerate(rows):
+        if row["image"] == uncertain or i == 0:  # one test row uncertain, and a blank in any split
+            row["Effusion"] = "-1" if row["image"] == uncertain else ""
+    with table.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    test = EvalData(load_config(str(user_preset)).data).records("mine", "test")
+    labelled = sum(r.labels["Effusion"] in (0.0, 1.0) for r in test)
+    assert 0 < labelled < images == len(test)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--tasks", "zero_shot", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"(the first, {test[0].image_path}, is -1 (uncertain))" in err[0]
+    assert err[0].endswith("(eval.zero_shot.missing_labels=exclude leaves such records out of the class's scores)")
+    assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.zero_shot.missing_labels=exclude",
+                 "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    effusion = metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["mine"]["en"]["per_class"]["Effusion"]
+    assert (effusion["labelled"], metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["mine"]["en"]["images"]) == (
+        labelled, images)
 
 
 def test_a_vocabulary_without_second_language_reports_says_what_to_do(user_preset: Path, capsys):

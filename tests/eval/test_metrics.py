@@ -74,6 +74,26 @@ def test_batched_f1_equals_sklearn_including_no_positives():
     assert np.allclose(batched_f1(labels, predictions), expected)
 
 
+def test_a_nan_label_leaves_its_entry_out_of_auc_and_f1():
+    """Each row's AUC and F1 are sklearn's on the entries with a label; rows without NaN read as
+    they do with integer labels."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, size=(12, 40)).astype(float)
+    scores = rng.integers(0, 6, size=(12, 40)).astype(float)  # ties, also with left-out entries
+    labels[rng.random(labels.shape) < 0.3] = np.nan
+    labels[0] = rng.integers(0, 2, 40)  # a row with every label
+    predictions = scores > 2
+    for row in range(12):
+        known = ~np.isnan(labels[row])
+        y = labels[row, known].astype(int)
+        assert batched_auc(labels, scores)[row] == pytest.approx(roc_auc_score(y, scores[row, known]))
+        assert batched_f1(labels, predictions)[row] == pytest.approx(
+            f1_score(y, predictions[row, known], zero_division=0.0))
+    assert batched_auc(labels[:1], scores[:1])[0] == batched_auc(labels[:1].astype(int), scores[:1])[0]
+    one_class = np.array([[1.0, np.nan, 1.0, np.nan]])  # the labelled entries hold one value
+    assert np.isnan(batched_auc(one_class, np.array([[0.1, 0.9, 0.2, 0.0]])))[0]
+
+
 def test_mean_estimate_averages_the_defined_classes_per_resample():
     a = Estimate(0.6, None, np.array([0.5, np.nan, 0.7, np.nan]))
     b = Estimate(None, None, np.array([0.9, 0.8, np.nan, np.nan]))

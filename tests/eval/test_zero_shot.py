@@ -15,7 +15,7 @@ from unimed.config import load_config
 from unimed.data.records import Record
 from unimed.errors import ConfigError
 from unimed.eval import zero_shot
-from unimed.eval.config import EvalConfig
+from unimed.eval.config import EvalConfig, ZeroShotConfig
 from unimed.eval.errors import EvalError
 from unimed.eval.metrics import resample_indices
 from unimed.eval.prompts import load_prompts
@@ -155,6 +155,36 @@ def test_a_label_that_is_not_0_or_1_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ValueError, match=r"cxr: no record states a label 'Nodule'; its labels: Edema, Mass$"):
         zero_shot.label_matrix(records, ["Nodule"], "cxr")
     np.testing.assert_array_equal(zero_shot.label_matrix(records[:1], ["EDEMA"], "cxr"), [[1]])
+
+
+def test_records_without_a_0_1_label_are_left_out_of_that_class_when_asked(tmp_path: Path):
+    """``missing_labels=exclude``: a blank or uncertain label is NaN in the matrix, and the class is
+    scored on its labelled records alone, its interval too; the other classes keep every record."""
+    labels = [{"Edema": 1.0, "Mass": 0.0}, {"Edema": -1.0, "Mass": 1.0}, {"Mass": 0.0},
+              {"Edema": 0.0, "Mass": 1.0}, {"Edema": 1.0, "Mass": 0.0}, {"Edema": 0.0, "Mass": 1.0}]
+    records = [Record("cxr", tmp_path / f"{i}.jpg", "p", "s", "test", labels=row) for i, row in enumerate(labels)]
+    matrix = zero_shot.label_matrix(records, ["Edema", "Mass"], "cxr", "exclude")
+    np.testing.assert_array_equal(matrix, [[1, 0], [np.nan, 1], [np.nan, 0], [0, 1], [1, 0], [0, 1]])
+    scores = np.array([[0.3, 0.1], [0.9, 0.4], [-0.8, -0.2], [0.2, 0.3], [-0.1, 0.0], [-0.3, 0.5]])
+    resamples = resample_indices(6, 300, seed=0, dataset="toy", split="test")
+    out = zero_shot.score_language(matrix, scores, ["Edema", "Mass"], resamples)
+    edema, mass = out["per_class"]["Edema"], out["per_class"]["Mass"]
+    # Edema on records 0, 3, 4, 5: positives 0.3, -0.1; negatives 0.2, -0.3 -> 3 of 4 pairs.
+    assert edema["auc"] == 0.75 and (edema["labelled"], edema["positives"]) == (4, 2)
+    assert edema["f1"] == 0.5  # predicted: records 0 and 3 -> TP 1, FP 1, FN 1 -> 2 / (2 + 1 + 1)
+    assert mass["auc"] == 1.0 and (mass["labelled"], mass["positives"]) == (6, 3)
+    per_resample = []
+    for index in resamples:
+        aucs = []
+        for c in range(2):
+            known = index[~np.isnan(matrix[index, c])]
+            if len(set(matrix[known, c])) == 2:
+                aucs.append(roc_auc_score(matrix[known, c].astype(int), scores[known, c]))
+        per_resample.append(np.mean(aucs) if aucs else np.nan)
+    np.testing.assert_allclose(out["replicates"]["auc"], per_resample, equal_nan=True)
+    with pytest.raises(ValueError, match="eval.zero_shot.missing_labels must be one of error, exclude, "
+                                         "got 'drop'"):
+        ZeroShotConfig(missing_labels="drop")
 
 
 class _OracleEncoder:

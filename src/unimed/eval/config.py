@@ -43,6 +43,7 @@ ZERO_SHOT_CLASSES: dict[str, list[str]] = {
 CORPUS_STEMMING = "corpus"
 PROMPT_STEMMING: dict[str, str] = {"en": CORPUS_STEMMING, "es": CORPUS_STEMMING}
 FALLBACK_STEMMING: dict[str, str] = {"en": NO_STEMMING, "es": "spanish"}
+MISSING_LABELS = ("error", "exclude")  # eval.zero_shot.missing_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,11 @@ class ZeroShotConfig:
     """Zero-shot classification: positive prompt vs negative prompt per class (Med-UniC Table 1).
 
     `classes` maps a dataset to the label names scored on it (as the dataset spells them).
+    `missing_labels` says what a test record without a 0/1 label for a scored class (blank, or
+    uncertain: -1) does: "error" (the protocol's sets are fully labelled) stops the evaluation
+    naming the first; "exclude" leaves the record out of that class's AUC and F1 (a test split
+    labelled by a report labeller, such as MIMIC-CXR's with CheXpert labels), and the class's
+    ``labelled`` count says how many records it was scored on.
     """
 
     datasets: tuple[str, ...] = ("cxp500", "pdc")
@@ -58,6 +64,12 @@ class ZeroShotConfig:
         default_factory=lambda: {k: list(v) for k, v in ZERO_SHOT_CLASSES.items()}
     )
     prompt_dir: str = path_option("")  # folder of <language>.yaml prompt files; empty = the packaged ones
+    missing_labels: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.missing_labels not in MISSING_LABELS:
+            raise ValueError(f"eval.zero_shot.missing_labels must be one of {', '.join(MISSING_LABELS)}, "
+                             f"got {self.missing_labels!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,12 +121,25 @@ def paired_difference(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDEN
     return percentile_interval(a - b, confidence)
 
 
+def _known(labels: np.ndarray) -> np.ndarray | None:
+    """Where float `labels` are not NaN (None for labels without NaN: every entry counts)."""
+    if labels.dtype.kind != "f":
+        return None
+    known = ~np.isnan(labels)
+    return None if known.all() else known
+
+
 def batched_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """(B,) ROC AUC of each row of binary `labels` (B, N) against `scores` (B, N): the Mann–Whitney
-    statistic with mid-ranks for ties; NaN for a row with one label value."""
+    """(B,) ROC AUC of each row of binary `labels` (B, N) against finite `scores` (B, N): the
+    Mann–Whitney statistic with mid-ranks for ties; NaN for a row with one label value. A NaN label
+    leaves its entry out (a record without a label for the class)."""
+    known = _known(labels)
+    if known is not None:  # left-out entries rank above every other: the others' ranks are theirs alone
+        scores = np.where(known, scores, np.inf)
+        labels = np.where(known, labels, 0.0)
     positive = labels.astype(bool)
     n_pos = positive.sum(-1)
-    n_neg = labels.shape[-1] - n_pos
+    n_neg = (labels.shape[-1] if known is None else known.sum(-1)) - n_pos
     ranks = rankdata(scores, axis=-1)
     rank_sum = np.where(positive, ranks, 0.0).sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -135,7 +148,11 @@ def batched_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def batched_f1(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
-    """(B,) F1 of the positive class per row of (B, N) binary arrays; 0 without positives at all."""
+    """(B,) F1 of the positive class per row of (B, N) binary arrays; 0 without positives at all.
+    A NaN label leaves its entry out."""
+    known = _known(labels)
+    if known is not None:
+        labels, predictions = np.where(known, labels, 0.0), predictions & known
     labels, predictions = labels.astype(bool), predictions.astype(bool)
     tp = (labels & predictions).sum(-1)
     wrong = (labels != predictions).sum(-1)

@@ -31,11 +31,14 @@ log = logging.getLogger(__name__)
 SPLIT = "test"
 
 
-def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str) -> np.ndarray:
-    """(N, C) 0/1 labels of `classes` (case-insensitive). Zero-shot sets are fully labelled: a
-    class no record states is an error listing the labels the dataset has, and a class some records
-    leave blank or uncertain (-1) is an error counting them and naming the first."""
-    out = np.zeros((len(records), len(classes)), dtype=np.int64)
+def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str,
+                 missing: str = "error") -> np.ndarray:
+    """(N, C) 0/1 labels of `classes` (case-insensitive). A class no record states is an error
+    listing the labels the dataset has. A record whose label for a class is blank or uncertain (-1)
+    is, with `missing` "error", an error counting such records and naming the first (zero-shot sets
+    are fully labelled); with "exclude" it is NaN there, left out of that class's scores (the
+    matrix is then float)."""
+    out = np.zeros((len(records), len(classes)), dtype=np.int64 if missing == "error" else np.float64)
     rows = [{name.lower(): value for name, value in record.labels.items()} for record in records]
     for c, name in enumerate(classes):
         values = [row.get(name.lower(), float("nan")) for row in rows]
@@ -45,15 +48,16 @@ def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str
             raise EvalError(f"{dataset}: no record states a label '{name}'; its labels: "
                             f"{', '.join(stated) or 'none'}")
         unusable = [i for i, v in enumerate(values) if v not in (0.0, 1.0)]
-        if unusable:
+        if unusable and missing == "error":
             first = values[unusable[0]]
             what = "blank" if math.isnan(first) else f"{first:g}" + (" (uncertain)" if first == -1 else "")
             raise EvalError(
                 f"{dataset}: {len(unusable)} of {len(records)} records have no 0/1 label for '{name}' "
                 f"(the first, {records[unusable[0]].image_path}, is {what}); zero-shot sets need 0/1 "
-                "labels for every scored class"
+                "labels for every scored class (eval.zero_shot.missing_labels=exclude leaves such "
+                "records out of the class's scores)"
             )
-        out[:, c] = values
+        out[:, c] = [v if v in (0.0, 1.0) else float("nan") for v in values]
     return out
 
 
@@ -141,21 +145,25 @@ def score_language(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str
         estimates["auc"].append(auc)
         estimates["f1"].append(f1)
         row = with_intervals({"auc": auc, "f1": f1}, replicates=False)
-        per_class[name] = {**row, "positives": int(labels[:, c].sum())}
+        labelled = ~np.isnan(labels[:, c]) if labels.dtype.kind == "f" else np.ones(len(labels), bool)
+        per_class[name] = {**row, "positives": int((labels[labelled, c] == 1).sum()),
+                           "labelled": int(labelled.sum())}
     macros = {metric: mean_estimate(values) for metric, values in estimates.items()}
     return {**with_intervals(macros), "images": int(len(labels)), "per_class": per_class}
 
 
 def dataset_labels(ctx: TaskContext, dataset: str) -> tuple[list[str], list[Record], np.ndarray]:
     """The classes ``eval.zero_shot.classes`` names for `dataset`, its test records and their
-    (N, C) 0/1 labels (:func:`label_matrix`); an EvalError when it names none or a label is unusable."""
+    (N, C) 0/1 labels (:func:`label_matrix`, NaN where ``eval.zero_shot.missing_labels=exclude``
+    leaves a record out); an EvalError when it names none or a label is unusable."""
     classes = ctx.cfg.zero_shot.classes
     if dataset not in classes:
         raise EvalError(
             f"eval.zero_shot.classes has no class list for '{dataset}'; it has {sorted(classes)}"
         )
     records = ctx.data.require(dataset, SPLIT)
-    return list(classes[dataset]), records, label_matrix(records, classes[dataset], dataset)
+    return list(classes[dataset]), records, label_matrix(records, classes[dataset], dataset,
+                                                         ctx.cfg.zero_shot.missing_labels)
 
 
 def check_labels(ctx: TaskContext) -> None:
