@@ -72,6 +72,22 @@ def test_wrong_type_names_the_key():
 
 
 @pytest.mark.parametrize("override, message", [
+    ("run.name=[a]", "config key 'run.name' expects str, got ['a']"),  # not the folder "['a']"
+    ("run.name={a: b}", "config key 'run.name' expects str, got {'a': 'b'}"),
+    ("run.name=null", "config key 'run.name' expects str, got None"),  # not the folder "None"
+    ("train.epochs=true", "config key 'train.epochs' expects int, got True"),  # not 1
+    ("train.lr=false", "config key 'train.lr' expects float, got False"),
+    ("train.epochs=[1", "override 'train.epochs=[1': its value is not valid YAML (expected ',' or ']', "
+                        "but got '<stream end>'); quote a list or mapping for the shell"),
+])
+def test_a_value_of_another_kind_is_named_not_converted(override: str, message: str):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert load_config(overrides=["run.name=3"]).run.name == "3"  # a number is a fine name
+
+
+@pytest.mark.parametrize("override, message", [
     ("phantom.mimic_studies=-1", "phantom.mimic_studies must be >= 0, got -1"),
     ("phantom.control_studies=-1", "phantom.control_studies must be >= 0, got -1"),
     ("phantom.seed=-1", "phantom.seed must be >= 0, got -1"),

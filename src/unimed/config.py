@@ -124,6 +124,9 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
         try:
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
+            if value is None or isinstance(value, (dict, list, tuple)) or (
+                    annotation is not str and isinstance(value, bool)):
+                raise TypeError  # str() or int() would take these: "None", "{'a': 1}", 1 for true
             return annotation(value)
         except (TypeError, ValueError):
             raise ConfigError(
@@ -171,7 +174,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or yaml_problem(exc)
+        raise ConfigError(f"override '{item}': its value is not valid YAML ({problem}); quote a "
+                          "list or mapping for the shell, e.g. 'data.pretrain_datasets=[mimic-cxr]'") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
