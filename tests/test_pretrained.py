@@ -448,6 +448,49 @@ def test_evaluating_a_run_again_keeps_its_previous_evaluation(tiny_run: Path):
         shutil.rmtree(run)
 
 
+def test_sigterm_during_an_evaluation_stops_its_workers_and_puts_the_previous_one_back(
+        tiny_run: Path, monkeypatch, capsys):
+    """SIGTERM (a cluster's time limit, `kill`) ends `unimed evaluate` as Ctrl-C does: its worker
+    processes stopped rather than left running, the run's previous evaluation back in place, one
+    line and the shell's 143; without it the command died where it stood and its workers ran on."""
+    import multiprocessing
+    import signal
+    import time
+
+    from unimed.eval.tasks import TASKS
+
+    run = tiny_run.parent / "tiny_terminated"
+    shutil.copytree(tiny_run, run)
+    command = os.getpid()
+
+    def terminated(encoder, ctx):  # in a worker: the signal reaches the command, as `kill` sends it
+        os.kill(command, signal.SIGTERM)
+        time.sleep(60)
+
+    def busy(encoder, ctx):
+        time.sleep(60)
+
+    monkeypatch.setitem(TASKS._items, "zero_shot", terminated)
+    monkeypatch.setitem(TASKS._items, "gradcam", busy)
+    try:
+        before = {name: (run / name).read_bytes() for name in ("metrics.json", "bootstrap.npz", "report.html")}
+        children = set(multiprocessing.active_children())
+        start = time.monotonic()
+        capsys.readouterr()
+        assert main(["evaluate", str(run), "--tasks", "zero_shot,gradcam", "eval.baselines=[]",
+                     "eval.workers=2", "--quiet"]) == 143
+        assert time.monotonic() - start < 30  # the workers' sleeping jobs were not waited for
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == "unimed: terminated: unimed evaluate stopped by SIGTERM"
+        assert "Traceback" not in "\n".join(err)
+        assert set(multiprocessing.active_children()) == children
+        assert {name: (run / name).read_bytes() for name in before} == before
+        assert not (run / "previous_evaluations").exists()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command put it back
+    finally:
+        shutil.rmtree(run)
+
+
 def test_export_refuses_a_non_empty_folder(tiny_run: Path, tmp_path: Path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")

@@ -23,7 +23,7 @@ from unimed.errors import ConfigError
 from unimed.eval.errors import EvalError
 from unimed.machine import set_malloc_for_training
 from unimed.train.checkpoint import CheckpointError
-from unimed.train.stop import TrainingInterrupted
+from unimed.train.stop import Terminated, TrainingInterrupted, terminate_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         path, overrides = _split_config_and_overrides(args)
         saved = None if path else spec.default_config(args)  # a run's own config, found from its folder
         cfg = load_run_config(saved, overrides) if saved else load_config(path, overrides)
-        with library_output(quiet=args.quiet, progress=args.progress):
+        with library_output(quiet=args.quiet, progress=args.progress), terminate_as_interrupt():
             return spec.handler(cfg, args)
     except TrainingInterrupted as exc:
         print(f"unimed: interrupted: {exc}; {RESUME_HINTS.get(args.command, RESUME_HINT)}", file=sys.stderr)
+        return exc.exit_code
+    except Terminated as exc:  # SIGTERM outside training
+        print(f"unimed: terminated: unimed {args.command} stopped by SIGTERM", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save, no traceback to read
         print(f"unimed: interrupted: unimed {args.command} stopped by Ctrl-C", file=sys.stderr)

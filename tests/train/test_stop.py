@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,6 +190,58 @@ def test_a_worker_pool_leaves_ctrl_c_to_its_parent():
         worker = pool.apply(os.getpid)
         os.kill(worker, signal.SIGINT)
         assert pool.apply(os.getpid) == worker  # alive, and serving
+
+
+def test_a_worker_ends_with_its_parent_killed_outright():
+    """A parent killed by SIGKILL (or the OOM killer) runs no exception handler that could stop
+    its workers: the parent-death signal does. A process pool's worker (the evaluation's kind)
+    would otherwise wait for work forever, holding its memory."""
+    import concurrent.futures
+    import multiprocessing
+
+    read, write = os.pipe()
+    parent = os.fork()
+    if parent == 0:  # the parent of the pool: says its worker's pid, then waits to be killed
+        try:
+            os.close(read)
+            pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("fork"), initializer=leave_interrupts_to_parent)
+            os.write(write, str(pool.submit(os.getpid).result()).encode())
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write)
+    worker = int(os.read(read, 32))
+    os.close(read)
+    assert _alive(worker)
+    os.kill(parent, signal.SIGKILL)
+    os.waitpid(parent, 0)
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead and not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_sigterm_outside_training_is_one_line(monkeypatch, capsys, tmp_path):
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal ends the command at once, as Ctrl-C would
+
+    monkeypatch.setattr("unimed.phantom.world.write_world", terminated)
+    start = time.monotonic()
+    assert main(["phantom", "configs/demo.yaml", f"phantom.root={tmp_path / 'world'}",
+                 f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 143
+    assert time.monotonic() - start < 20
+    assert capsys.readouterr().err.strip() == "unimed: terminated: unimed phantom stopped by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys, tmp_path):

@@ -13,11 +13,15 @@ written; the workers end with the main process, as they always do.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import logging
+import os
 import signal
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -77,11 +82,47 @@ class StopRequest:
         self._restore()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (:func:`terminate_as_interrupt`): the command ends as Ctrl-C ends
+    it, its workers stopped and a replaced evaluation put back, in one line with the shell's 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While entered, SIGTERM raises :class:`Terminated` in the main thread, as Ctrl-C raises
+    KeyboardInterrupt, instead of ending the process where it stands (its worker processes left
+    running, files half written). Training's :class:`StopRequest` takes SIGTERM over while it
+    runs. Outside the main thread it installs nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def leave_interrupts_to_parent() -> None:
     """A worker process's initializer (the phantom's writers, the evaluation's workers): Ctrl-C,
     which a terminal sends to its whole process group, is left to the parent, which stops its
-    workers, so an interrupted command ends in one line rather than a traceback per worker."""
+    workers, so an interrupted command ends in one line rather than a traceback per worker.
+    SIGTERM kills the worker as it would have before the parent's :func:`terminate_as_interrupt`,
+    and on Linux the worker ends with its parent (the parent-death signal): a parent killed
+    outright (SIGKILL, the OOM killer) leaves no worker behind, idle and holding its memory."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os._exit(1)
 
 
 def leave_stop_signals_to_training(loader: DataLoader) -> None:
