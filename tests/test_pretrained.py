@@ -266,12 +266,14 @@ def test_preprocessed_input_gives_what_the_files_give(tiny_run: Path, images: Pa
     volume = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(rng.integers(-1000, 400, (20, 18, 7)).astype(np.int16), np.eye(4)), str(volume))
     stacks = model.preprocess_volume([volume, volume])
-    torch.testing.assert_close(model.encode_volume(stacks, preprocessed=True), model.encode_volume([volume] * 2))
+    torch.testing.assert_close(model.encode_volume(stacks, preprocessed=True),
+                               model.encode_volume([volume] * 2))
     np.testing.assert_array_equal(model.zero_shot_volume(stacks, CLASSES, preprocessed=True).scores,
                                   model.zero_shot_volume([volume] * 2, CLASSES).scores)
     side = model.image_size
     with pytest.raises(ValueError, match=rf"takes the float tensor of shape \(N, 3, {side}, {side}\) that "
-                                         rf"preprocess\(\) returns, got a torch.float32 tensor of shape \(2, 1, "):
+                                         rf"preprocess\(\) returns, got a torch.float32 tensor "
+                                         rf"of shape \(2, 1, "):
         model.encode_image(pixels[:, :1], preprocessed=True)
     with pytest.raises(ValueError, match="that preprocess_volume\\(\\) returns, got a list"):
         model.encode_volume([volume], preprocessed=True)
@@ -308,8 +310,10 @@ def test_unreadable_files_are_skipped_and_listed_when_asked(tiny_run: Path, imag
     assert [(int(r["row"]), r["file"]) for r in names] == [(0, "a.png"), (1, "c.dcm"), (2, "sub/b.jpg")]
     assert [r["file"] for r in csv.DictReader((tmp_path / "e.skipped.csv").open())] == ["sub/bad.png"]
 
+    never = tmp_path / "never.csv"
     _fails_in_one_line(capsys, ["classify", str(tiny_run), str(images), "--classes", "pneumonia",
-                                "--out", str(scores), "--quiet"], "sub/bad.png: cannot read image")
+                                "--out", str(never), "--quiet"], "sub/bad.png: cannot read image")
+    assert not never.exists()  # no empty output left by the check that the folder is writable
     _fails_in_one_line(capsys, ["embed", str(tiny_run), str(images / "sub" / "bad.png"), "--out",
                                 str(embeddings), "--on-error", "skip", "--quiet"],
                        "none of the 1 image(s) could be read (each is listed in")
@@ -473,7 +477,8 @@ def test_sigterm_during_an_evaluation_stops_its_workers_and_puts_the_previous_on
     monkeypatch.setitem(TASKS._items, "zero_shot", terminated)
     monkeypatch.setitem(TASKS._items, "gradcam", busy)
     try:
-        before = {name: (run / name).read_bytes() for name in ("metrics.json", "bootstrap.npz", "report.html")}
+        names = ("metrics.json", "bootstrap.npz", "report.html")
+        before = {name: (run / name).read_bytes() for name in names}
         history = run / "previous_evaluations"
         listed = sorted(history.iterdir()) if history.exists() else None  # earlier tests' evaluations
         children = set(multiprocessing.active_children())

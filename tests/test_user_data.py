@@ -138,13 +138,13 @@ def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_p
     assert main(["evaluate", str(run), "--tasks", "zero_shot", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"(the first, {test[0].image_path}, is -1 (uncertain))" in err[0]
-    assert err[0].endswith("(eval.zero_shot.missing_labels=exclude leaves such records out of the class's scores)")
+    assert err[0].endswith("(eval.zero_shot.missing_labels=exclude leaves such records out of the "
+                           "class's scores)")
     assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.zero_shot.missing_labels=exclude",
                  "--quiet"]) == 0
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    effusion = metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["mine"]["en"]["per_class"]["Effusion"]
-    assert (effusion["labelled"], metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["mine"]["en"]["images"]) == (
-        labelled, images)
+    scored = metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["mine"]["en"]
+    assert (scored["per_class"]["Effusion"]["labelled"], scored["images"]) == (labelled, images)
 
 
 def test_a_vocabulary_without_second_language_reports_says_what_to_do(user_preset: Path, capsys):

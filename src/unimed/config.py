@@ -178,8 +178,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or yaml_problem(exc)
-        raise ConfigError(f"override '{item}': its value is not valid YAML ({problem}); quote a "
-                          "list or mapping for the shell, e.g. 'data.pretrain_datasets=[mimic-cxr]'") from None
+        raise ConfigError(f"override '{item}': its value is not valid YAML ({problem}); quote a list "
+                          "or mapping for the shell, e.g. 'data.pretrain_datasets=[mimic-cxr]'") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -161,7 +161,8 @@ class Pretrained:
                                            batch_size=batch_size)
 
     def encode_volume(self, volumes: str | Path | Sequence[str | Path] | torch.Tensor, *,
-                      normalize: bool = True, batch_size: int = 16, preprocessed: bool = False) -> torch.Tensor:
+                      normalize: bool = True, batch_size: int = 16,
+                      preprocessed: bool = False) -> torch.Tensor:
         """(N, D) projected embeddings of CT volumes (as :meth:`preprocess_volume` reads them, or
         its output with ``preprocessed=True``) in the space of the reports' embeddings: a 2D model
         embeds the slices and mean-pools them (the slice-wise adapter of the 3D evaluation)."""
@@ -232,8 +233,9 @@ def _batch_of(pixels: Any, shape: tuple[int, ...], made_by: str) -> torch.Tensor
             and tuple(pixels.shape[1:]) == shape and pixels.ndim == len(shape) + 1):
         got = (f"a {pixels.dtype} tensor of shape {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor)
                else f"a {type(pixels).__name__}")
-        raise ValueError(f"preprocessed=True takes the float tensor of shape (N, {', '.join(map(str, shape))}) "
-                         f"that {made_by}() returns, got {got}")
+        sizes = ", ".join(map(str, shape))
+        raise ValueError(f"preprocessed=True takes the float tensor of shape (N, {sizes}) that {made_by}() "
+                         f"returns, got {got}")
     return pixels
 
 

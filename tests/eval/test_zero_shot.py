@@ -162,7 +162,8 @@ def test_records_without_a_0_1_label_are_left_out_of_that_class_when_asked(tmp_p
     scored on its labelled records alone, its interval too; the other classes keep every record."""
     labels = [{"Edema": 1.0, "Mass": 0.0}, {"Edema": -1.0, "Mass": 1.0}, {"Mass": 0.0},
               {"Edema": 0.0, "Mass": 1.0}, {"Edema": 1.0, "Mass": 0.0}, {"Edema": 0.0, "Mass": 1.0}]
-    records = [Record("cxr", tmp_path / f"{i}.jpg", "p", "s", "test", labels=row) for i, row in enumerate(labels)]
+    records = [Record("cxr", tmp_path / f"{i}.jpg", "p", "s", "test", labels=row)
+               for i, row in enumerate(labels)]
     matrix = zero_shot.label_matrix(records, ["Edema", "Mass"], "cxr", "exclude")
     np.testing.assert_array_equal(matrix, [[1, 0], [np.nan, 1], [np.nan, 0], [0, 1], [1, 0], [0, 1]])
     scores = np.array([[0.3, 0.1], [0.9, 0.4], [-0.8, -0.2], [0.2, 0.3], [-0.1, 0.0], [-0.3, 0.5]])

@@ -290,12 +290,16 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _writable(path: str | Path) -> Path:
-    """`path` with its folder created; a folder that cannot be written is a ConfigError."""
+    """`path` with its folder created; a folder that cannot be written is a ConfigError. The check
+    leaves no empty file behind, for a command stopped before it writes one."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
         with path.open("a", encoding="utf-8"):
             pass
+        if not existed:
+            path.unlink()
     except (FileExistsError, NotADirectoryError):  # a file where the path needs a folder
         blocking = next((folder for folder in path.parents if folder.is_file()), path.parent)
         raise ConfigError(f"cannot write {path} ({blocking} is a file, not a folder)") from None
