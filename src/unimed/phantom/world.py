@@ -15,7 +15,7 @@ import shutil
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
 
@@ -169,12 +169,15 @@ def _jobs(cfg: PhantomConfig) -> list[tuple[str, int, int]]:
     return jobs
 
 
-def _run(cfg: PhantomConfig, root: Path, jobs: list[tuple[str, int, int]]) -> Iterator[list[StudyResult]]:
-    work = partial(_write_chunk, cfg, root)
-    if cfg.workers <= 1:
+def run_chunks(work: Callable[[tuple[str, int, int]], list[StudyResult]], jobs: list[tuple[str, int, int]],
+               workers: int) -> Iterator[list[StudyResult]]:
+    """`work` on each job, results in job order; in a pool of `workers` processes when more than one
+    (they leave Ctrl-C to this process and end with it: :func:`leave_interrupts_to_parent`), the
+    pool stopped when the caller stops reading."""
+    if workers <= 1:
         yield from map(work, jobs)
         return
-    with multiprocessing.Pool(cfg.workers, initializer=leave_interrupts_to_parent) as pool:
+    with multiprocessing.Pool(workers, initializer=leave_interrupts_to_parent) as pool:
         yield from pool.imap(work, jobs)
 
 
@@ -200,9 +203,10 @@ def write_world(cfg: PhantomConfig, root: str | Path | None = None, *, progress:
         _reset(folder)
     jobs = _jobs(cfg)
     results: dict[str, list[StudyResult]] = {w.folder: [] for w in LAYOUTS}
+    chunks = run_chunks(partial(_write_chunk, cfg, root), jobs, cfg.workers)
     with tqdm(total=sum(stop - start for _, start, stop in jobs), desc="phantom world",
               unit="study", disable=not progress) as bar:
-        for (folder, _, _), chunk in zip(jobs, _run(cfg, root, jobs)):
+        for (folder, _, _), chunk in zip(jobs, chunks):
             results[folder] += chunk
             bar.update(len(chunk))
     datasets = {}

@@ -6,11 +6,9 @@ Studies are generated in chunks of consecutive indices, optionally by several wo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import multiprocessing
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,10 +26,10 @@ from unimed.phantom.world import (
     _reset,
     make_root,
     read_manifest,
+    run_chunks,
     summarize,
 )
 from unimed.phantom.writers import StudyResult
-from unimed.train.stop import leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -122,19 +120,12 @@ def write_ct_world(cfg: PhantomConfig, root: str | Path | None = None, *, progre
         _reset(folder)
     jobs = ct_jobs(cfg)
     results: dict[str, list[StudyResult]] = {writer.folder: [] for writer in CT_LAYOUTS}
-    work = partial(_write_chunk, cfg, root)
+    chunks = run_chunks(partial(_write_chunk, cfg, root), jobs, cfg.workers)
     with tqdm(total=sum(stop - start for _, start, stop in jobs), desc="phantom CT world",
               unit="volume", disable=not progress) as bar:
-        with contextlib.ExitStack() as stack:
-            if cfg.workers <= 1:
-                chunks = map(work, jobs)
-            else:
-                pool = stack.enter_context(multiprocessing.Pool(cfg.workers,
-                                                                initializer=leave_interrupts_to_parent))
-                chunks = pool.imap(work, jobs)
-            for (folder, _, _), chunk in zip(jobs, chunks):
-                results[folder] += chunk
-                bar.update(len(chunk))
+        for (folder, _, _), chunk in zip(jobs, chunks):
+            results[folder] += chunk
+            bar.update(len(chunk))
     datasets = {}
     for writer in CT_LAYOUTS:
         done = results[writer.folder]
