@@ -295,9 +295,12 @@ def latest_checkpoint(root: str | Path, *, fallback: bool = False) -> Path | Non
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The training state of checkpoint folder `path`, read with `torch.load(weights_only=True)`."""
-    path = verify_checkpoint(path)
+    return _read_state(verify_checkpoint(path), map_location)
+
+
+def _read_state(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     try:
-        return torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+        return torch.load(path / STATE_FILE, map_location=map_location, weights_only=True, mmap=mmap)
     except _READ_ERRORS as exc:
         raise CheckpointError(f"cannot read {path / STATE_FILE} (truncated or corrupt?): "
                               f"{_first_line(exc)}") from None
@@ -306,11 +309,7 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
 def training_progress(path: str | Path) -> tuple[int, int | None]:
     """(step, last step its run was to train to) of checkpoint folder `path`, read without loading
     its optimizer state; the last step is None for a checkpoint written before it was recorded."""
-    try:
-        state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-    except _READ_ERRORS as exc:
-        raise CheckpointError(f"cannot read {Path(path) / STATE_FILE} (truncated or corrupt?): "
-                              f"{_first_line(exc)}") from None
+    state = _read_state(Path(path), mmap=True)
     return int(state["step"]), state.get("last_step")
 
 
