@@ -153,6 +153,12 @@ class Pretrained:
             return self.preprocess(images)
         return _batch_of(images, (3, self.image_size, self.image_size), "preprocess")
 
+    def _stacks(self, volumes: Any, preprocessed: bool) -> torch.Tensor:
+        if not preprocessed:
+            return self.preprocess_volume(volumes)
+        slices, side = self._volume_grid()
+        return _batch_of(volumes, (slices, 1, side, side), "preprocess_volume")
+
     def encode_image(self, images: ImageInput | Sequence[ImageInput], *, normalize: bool = True,
                      batch_size: int = 64, preprocessed: bool = False) -> torch.Tensor:
         """(N, D) projected image embeddings (L2-normalised unless `normalize=False`);
@@ -166,12 +172,7 @@ class Pretrained:
         """(N, D) projected embeddings of CT volumes (as :meth:`preprocess_volume` reads them, or
         its output with ``preprocessed=True``) in the space of the reports' embeddings: a 2D model
         embeds the slices and mean-pools them (the slice-wise adapter of the 3D evaluation)."""
-        if preprocessed:
-            slices, side = self._volume_grid()
-            stacks = _batch_of(volumes, (slices, 1, side, side), "preprocess_volume")
-        else:
-            stacks = self.preprocess_volume(volumes)
-        features = volume_spaces(self.encoder, stacks, batch_size)["projected"]
+        features = volume_spaces(self.encoder, self._stacks(volumes, preprocessed), batch_size)["projected"]
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, texts: str | Sequence[str], *, normalize: bool = True,

@@ -98,17 +98,16 @@ def _collate(items: list[tuple[int, torch.Tensor | None, DataError | None]]) -> 
     return [index for index, _ in read], torch.stack([p for _, p in read]) if read else None, errors
 
 
-def _read(model: Pretrained, files: Sequence[Path], args: argparse.Namespace, desc: str,
+def _read(model: Pretrained, files: Sequence[Path], what: str, args: argparse.Namespace,
           skipped: list[DataError]) -> Iterator[tuple[list[int], torch.Tensor]]:
     """The files' pixels as the model reads them, in batches (with their indices in `files`), read
     in ``args.workers`` processes; a file that cannot be read is raised (a DataError naming it) or,
     with ``--on-error skip``, appended to `skipped`."""
     from tqdm.auto import tqdm
 
-    read, size, unit = ((model.preprocess_volume, VOLUME_BATCH, "volume") if args.volumes
-                        else (model.preprocess, BATCH, "image"))
+    read, size = (model.preprocess_volume, VOLUME_BATCH) if args.volumes else (model.preprocess, BATCH)
     loader = DataLoader(_Files(read, files), batch_size=size, num_workers=args.workers, collate_fn=_collate)
-    with tqdm(total=len(files), desc=desc, unit=unit, disable=not args.progress) as bar:
+    with tqdm(total=len(files), desc=args.command, unit=what, disable=not args.progress) as bar:
         for indices, pixels, errors in loader:
             if errors and args.on_error == "raise":
                 raise errors[0]
@@ -230,7 +229,7 @@ def classify_command(cfg: Config, args: argparse.Namespace) -> int:
     model.prompts(args.language)  # an unknown language fails before any image is read
     classify = model.zero_shot_volume if args.volumes else model.zero_shot
     rows, scores, probabilities, skipped = [], [], [], []
-    for indices, pixels in _read(model, files, args, "classify", skipped):
+    for indices, pixels in _read(model, files, what, args, skipped):
         result = classify(pixels, classes, args.language, preprocessed=True)
         rows.extend(indices)
         scores.append(result.scores)
@@ -268,7 +267,7 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     model = load(args.model, device=args.device)
     encode = model.encode_volume if args.volumes else model.encode_image
     rows, embedded, skipped = [], [], []
-    for indices, pixels in _read(model, files, args, "embed", skipped):
+    for indices, pixels in _read(model, files, what, args, skipped):
         rows.extend(indices)
         embedded.append(encode(pixels, preprocessed=True))
     if args.on_error == "skip":

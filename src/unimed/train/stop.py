@@ -9,6 +9,10 @@ loop adds the request to the all-reduce every step already makes). DataLoader wo
 two signals (:func:`leave_stop_signals_to_training`): Ctrl-C reaches a terminal's whole process group, and a
 worker killed by SIGTERM would make PyTorch raise in the main process before the checkpoint is
 written; the workers end with the main process, as they always do.
+
+Outside training, :func:`terminate_as_interrupt` (around every command) turns SIGTERM into
+:class:`Terminated`, so a command ends as Ctrl-C ends it, and worker pools' processes
+(:func:`leave_interrupts_to_parent`) leave both signals to their parent and end with it.
 """
 
 from __future__ import annotations
