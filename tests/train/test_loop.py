@@ -185,6 +185,39 @@ def test_a_resume_at_an_epoch_end_under_other_settings_says_so(tmp_path, caplog)
     assert "had (1, [4, 4], 1, 'alternate')" in caplog.text
 
 
+def test_a_run_resumed_with_other_settings_trains_under_them(tmp_path, caplog):
+    """The checkpoint's optimizer settings give way to the resumed run's: a finished run resumed
+    with more epochs goes on along the longer run's schedule (not at the old schedule's final rate,
+    0), a lower learning rate or another weight decay is used from the resumed step, each said in
+    one warning; the same settings resume silently (and exactly: the tests above)."""
+    _, first = _run(tmp_path / "longer", tiny_cfg(epochs=2))
+    _, longer = _run(tmp_path / "fresh", tiny_cfg(epochs=4))
+    with caplog.at_level(logging.WARNING, logger="unimed.train.loop"):
+        _, rest = _run(tmp_path / "longer", tiny_cfg(epochs=4), resume=True)
+    assert [r["step"] for r in rest.history] == list(range(17, 33))
+    assert [r["lr"] for r in rest.history] == pytest.approx([r["lr"] for r in longer.history[16:]])
+    assert min(r["lr"] for r in rest.history) > 0 and first.history[-1]["lr"] < rest.history[0]["lr"]
+    assert "warmup_steps 4 -> 8, total_steps 16 -> 32" in caplog.text
+    assert "apply from step 16, at a learning rate of 0.0075 where the checkpoint's schedule has 0" \
+        in caplog.text
+
+    caplog.clear()
+    _run(tmp_path / "lower", tiny_cfg(max_steps=5))
+    with caplog.at_level(logging.WARNING, logger="unimed.train.loop"):
+        model, rest = _run(tmp_path / "lower", tiny_cfg(lr=5e-3, weight_decay=0.05), resume=True)
+    _, same = _run(tmp_path / "same", tiny_cfg(lr=5e-3, weight_decay=0.05))
+    assert [r["lr"] for r in rest.history] == pytest.approx([r["lr"] for r in same.history[5:]])
+    assert "lr 0.01 -> 0.005, weight_decay 0.01 -> 0.05" in caplog.text
+    saved = ckpt.load_state(ckpt.latest_checkpoint(tmp_path / "lower" / CHECKPOINT_DIR))
+    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [0.05, 0.0]
+    assert saved["scheduler"]["base_lrs"] == [5e-3] * len(saved["scheduler"]["base_lrs"])
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unimed.train.loop"):
+        _run(tmp_path / "lower", tiny_cfg(lr=5e-3, weight_decay=0.05, epochs=3), resume=True)
+    assert "total_steps 16 -> 24" in caplog.text and "lr 0.01" not in caplog.text
+
+
 def test_mix_schedules_by_hand():
     assert mix_schedule([3, 2], "alternate") == [0, 1, 0, 1]
     # Shares: loader 0 at 1/6, 3/6, 5/6; loader 1 at 1/4, 3/4.

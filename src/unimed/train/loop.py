@@ -14,7 +14,8 @@ SIGINT / SIGTERM end training after the step in progress, with a checkpoint ther
 (:mod:`unimed.train.stop`). Resume is exact (same loss curve as an uninterrupted run) when every
 loader's sampler has `set_epoch` / `set_start` (see :mod:`unimed.data.pretrain`) and the loader
 carries its own `generator`, so building an iterator does not draw from the global RNG that dropout
-uses.
+uses, and the run keeps its optimizer settings (a run resumed under others trains under them from
+the resumed step, with a warning: `Trainer.resume`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from unimed.train.stop import StopRequest, TrainingInterrupted, leave_stop_signa
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+OPTIMIZER_SETTINGS = ("weight_decay", "betas", "eps")
+"""The optimizer's settings besides the learning rate that a run's config sets (TrainConfig)."""
 
 
 @dataclasses.dataclass
@@ -228,7 +231,8 @@ class Trainer:
         """Load the newest intact checkpoint under `out_dir`, if any; True when one was loaded.
 
         The stage the checkpoint was taken in is entered first (its hook, optimizer and schedule),
-        then weights, buffers and the optimizer's and schedule's state are loaded into it.
+        then weights, buffers and the optimizer's and schedule's state are loaded into it, under
+        this run's optimizer settings (:meth:`_load_optimizer_state`).
         """
         path = ckpt.latest_checkpoint(self.out_dir / CHECKPOINT_DIR, fallback=True)
         if path is None:
@@ -241,8 +245,7 @@ class Trainer:
         if index != self.stage_index:
             self._enter_stage(index)
         ckpt.load_weights(self.method, path / ckpt.WEIGHTS_FILE)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._load_optimizer_state(state, path)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         elif self.scaler.is_enabled():  # e.g. a CPU fp32 checkpoint resumed on a GPU in fp16
@@ -258,6 +261,35 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, stage %s)", path, self.step, self.epoch,
                  self.stage.name)
         return True
+
+    def _load_optimizer_state(self, state: dict[str, Any], path: Path) -> None:
+        """The optimizer's moments and the schedule's position from the checkpoint, under this
+        run's settings: its learning rate, warm-up, number of steps, weight decay, betas and eps.
+        The checkpoint holds the settings it was trained with too; loaded as they are, a run
+        resumed with more epochs would go on at the schedule's final rate (0 by default) and one
+        resumed with a lower rate would ignore it. Where the settings differ, a warning names them
+        and the rate at the resumed step under both; where they are the same, resume is exact."""
+        schedule = self.scheduler.state_dict()
+        ours = _optimizer_settings(self.optimizer.param_groups, schedule)
+        self.optimizer.load_state_dict(state["optimizer"])
+        loaded = state["scheduler"]
+        theirs = _optimizer_settings(self.optimizer.param_groups, loaded)
+        changes = [f"{name} {then} -> {now}" for then_group, now_group in zip(theirs, ours)
+                   for name, now in now_group.items() if (then := then_group.get(name)) != now]
+        if not changes:
+            self.scheduler.load_state_dict(loaded)
+            return
+        rates = [base * rule(loaded["last_epoch"])
+                 for base, rule in zip(schedule["base_lrs"], self.scheduler.lr_lambdas)]
+        for group, settings, rate in zip(self.optimizer.param_groups, ours, rates):
+            group.update({key: settings[key] for key in OPTIMIZER_SETTINGS if key in group},
+                         lr=rate, initial_lr=settings["lr"])
+        self.scheduler.load_state_dict({**loaded, "base_lrs": schedule["base_lrs"],
+                                        "lr_lambdas": schedule["lr_lambdas"], "_last_lr": rates})
+        log.warning("checkpoint %s was trained with other optimizer settings than this run's (%s): "
+                    "this run's apply from step %d, at a learning rate of %.3g where the "
+                    "checkpoint's schedule has %.3g", path, ", ".join(dict.fromkeys(changes)),
+                    self.step, rates[0], loaded["_last_lr"][0])
 
     def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
         """The checkpoint's stage must be this run's, and a mid-epoch position only means
@@ -477,6 +509,14 @@ def _batch_len(batch: dict[str, Any]) -> int:
         if isinstance(value, torch.Tensor) and value.ndim > 0:
             return int(value.shape[0])
     return 0
+
+
+def _optimizer_settings(groups: list[dict[str, Any]], schedule: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per parameter group, what a run's config sets: the base learning rate, `OPTIMIZER_SETTINGS`
+    and the schedule's numbers (:class:`unimed.train.optim.WarmupCosine`), from the optimizer's
+    groups and a LambdaLR state dict."""
+    return [{"lr": base, **{key: group[key] for key in OPTIMIZER_SETTINGS if key in group}, **(rule or {})}
+            for group, base, rule in zip(groups, schedule["base_lrs"], schedule["lr_lambdas"])]
 
 
 def _to_cpu(value: Any) -> Any:
