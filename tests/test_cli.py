@@ -1,10 +1,17 @@
 """End-to-end: the `unimed` command line on a tiny phantom world (2D and CT), every Med-UniC stage
 and the demo's further methods (PRIOR, UniMedI)."""
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -172,6 +179,74 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert (run / "pretrain" / "config.yaml").read_text() == saved
     assert (run / "pretrain" / "checkpoints" / "latest").read_text() == latest
 
+    # The same stage, or an evaluation of the same run, started while another process writes it
+    # (a job submitted twice): one line naming that process, and nothing of the run changes.
+    metrics_json = (run / "metrics.json").read_text()
+    kept = sorted(p.name for p in (run / "previous_evaluations").iterdir())
+    for folder, job, argv in [(run / "pretrain", "pretrain", ["pretrain", str(preset), "--resume"]),
+                              (run, "evaluation", ["evaluate", str(run), "--tasks", "zero_shot"])]:
+        with held_by_another_process(folder, job) as pid:
+            capsys.readouterr()
+            assert main([*argv, "--quiet"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"{folder} is in use" in err[0] and f"pid {pid} " in err[0], err
+        assert (run / "pretrain" / "config.yaml").read_text() == saved
+        assert (run / "pretrain" / "checkpoints" / "latest").read_text() == latest
+        assert (run / "metrics.json").read_text() == metrics_json
+        assert sorted(p.name for p in (run / "previous_evaluations").iterdir()) == kept
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path, job: str) -> Iterator[int]:
+    """A Python process holding `folder` for `job` as a unimed command does; killed outright at
+    the end (its hold ends with it); yields its pid."""
+    code = ("import sys; from pathlib import Path; from unimed.commands import holding\n"
+            "with holding(Path(sys.argv[1]), sys.argv[2]):\n"
+            "    print('held', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), job], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_a_folder_is_held_by_one_process_at_a_time(tmp_path: Path, caplog):
+    """The hold of a job on a folder stops a second hold of the same job there, names the holder,
+    ends with the process (a killed holder leaves nothing that stops the next), and leaves other
+    jobs in the same folder alone (the demo holds its run folder while its stages hold theirs)."""
+    from unimed.commands import holding
+
+    folder = tmp_path / "runs" / "x"
+    with held_by_another_process(folder, "pretrain") as pid:
+        with pytest.raises(ConfigError, match=rf"{folder} is in use: .*pid {pid} on .* writing its "
+                                              "pretrain there"):
+            with holding(folder, "pretrain"):
+                pytest.fail("held twice")
+        with holding(folder, "evaluation"), holding(folder / "mlm", "mlm"):
+            pass
+    with holding(folder, "pretrain"):
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()} "):
+            with holding(folder, "pretrain"):
+                pytest.fail("held twice")
+    with holding(folder, "pretrain"):
+        pass
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with mock.patch("fcntl.flock", no_locks), caplog.at_level("WARNING"):
+        with holding(folder, "pretrain"):
+            pass
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write the run folder .*Not a directory"):
+        with holding(tmp_path / "file" / "run", "pretrain"):
+            pytest.fail("held a folder that cannot exist")
+
 
 def test_the_demo_starts_its_training_stages_over(preset: Path, tmp_path: Path):
     """`make demo` run twice: the second run removes the checkpoints the first left in its own
@@ -190,11 +265,13 @@ def test_the_demo_starts_its_training_stages_over(preset: Path, tmp_path: Path):
     (run / "eval").mkdir()
     (run / "eval" / "kept.txt").write_text("evaluation output")
     with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run"):
-        writable_run_dir(cfg, "pretrain", True, resume=False)
+        with writable_run_dir(cfg, "pretrain", True, resume=False):
+            pytest.fail("the earlier run's checkpoints were not seen")
     start_over(cfg, method_presets(cfg))
     assert [checkpoints(stage / "checkpoints") for stage in stages] == [[], [], [], []]
     assert (run / "eval" / "kept.txt").read_text() == "evaluation output"
-    assert writable_run_dir(cfg, "pretrain", True, resume=False) == run / "pretrain"
+    with writable_run_dir(cfg, "pretrain", True, resume=False) as out:
+        assert out == run / "pretrain"
 
 
 def assert_outputs_of_evaluation(run: Path, metrics: dict, out: str) -> None:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
 from unimed.config import Config, save_config
 from unimed.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[Config, argparse.Namespace], int]
 ArgAdder = Callable[[argparse.ArgumentParser], None]
@@ -60,9 +69,50 @@ def run_dir(cfg: Config, subdir: str | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
     except OSError as exc:
-        raise ConfigError(f"cannot write the run folder {out} ({exc.strerror or exc}); "
-                          "set run.output_dir to a writable folder") from None
+        raise _unwritable(out, exc) from None
     return out
+
+
+def _unwritable(folder: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write the run folder {folder} ({exc.strerror or exc}); "
+                       "set run.output_dir to a writable folder")
+
+
+@contextlib.contextmanager
+def holding(folder: Path, job: str) -> Iterator[None]:
+    """Hold `folder` for this process while it writes `job` there (a stage's checkpoints, an
+    evaluation, the phantom world): a second unimed process that would write the same `job` into
+    the same folder at the same time (a job started twice, a scheduler's requeue while the first
+    still runs) stops with one ConfigError naming the holder, before it writes anything; two
+    processes writing one folder would mix their checkpoints, or move each other's evaluation away.
+
+    The hold is an advisory lock (``flock``) on ``.unimed-<job>.lock`` in `folder`, released when
+    the process ends however it ends, so a killed run leaves none behind. A file system without
+    locks (some network mounts) is a warning, and the job goes on unguarded."""
+    path = folder / f".unimed-{job.replace(' ', '-')}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+", encoding="utf-8")
+    except OSError as exc:
+        raise _unwritable(folder, exc) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has just started"
+            raise ConfigError(f"{folder} is in use: another unimed process ({holder}) is writing "
+                              f"its {job} there; wait for it to end, or write to another folder "
+                              "(run.output_dir, run.name)") from None
+        except OSError as exc:
+            log.warning("cannot lock %s (%s): a second process writing the %s there at the same "
+                        "time would not be stopped", path, exc.strerror or exc, job)
+        else:
+            since = datetime.datetime.now().isoformat(timespec="seconds")
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
+            handle.flush()
+        yield
 
 
 from unimed.commands import phantom  # noqa: E402,F401  (each module registers its sub-commands)

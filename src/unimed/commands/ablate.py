@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from unimed.commands import command
+from unimed.commands import command, holding
 from unimed.commands.evaluate import (
     EVAL_DIR,
     METRICS_FILE,
@@ -303,24 +303,25 @@ def _seeds(parser: argparse.ArgumentParser) -> None:
 def ablate(cfg: Config, args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
-    table = method_ablation(cfg)
-    for row in table.rows:  # a row the config cannot make fails before anything trains
-        row.configure(cfg.method)
-    seeds = [cfg.run.seed + k for k in range(args.seeds)]
-    rows = []
-    for row in table.rows:
-        runs = {str(seed): run_row(cfg, row, seed, progress=args.progress) for seed in seeds}
-        mean, sd = aggregate(list(runs.values()))
-        rows.append({"name": row.name, "objectives": dict(row.switches), "metrics": mean, "sd": sd,
-                     "seeds": runs})
-    ablation = {"table": table.table, "rows": rows, "seeds": seeds,
-                "orderings": orderings(rows, table.orderings)}
-    cfg.run.dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run.dir / ABLATION_FILE).write_text(json.dumps(ablation, indent=2) + "\n", encoding="utf-8")
-    metrics_path = cfg.run.dir / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {
-        "run": cfg.run.name, "encoders": {}}
-    metrics["ablation"] = ablation
-    write_outputs(metrics, cfg.run.dir, cfg.run.dir / EVAL_DIR)
-    print_summary({"ablation": ablation}, cfg.run.dir, with_checks=False)
-    return 0
+    with holding(cfg.run.dir, "ablation"):
+        table = method_ablation(cfg)
+        for row in table.rows:  # a row the config cannot make fails before anything trains
+            row.configure(cfg.method)
+        seeds = [cfg.run.seed + k for k in range(args.seeds)]
+        rows = []
+        for row in table.rows:
+            runs = {str(seed): run_row(cfg, row, seed, progress=args.progress) for seed in seeds}
+            mean, sd = aggregate(list(runs.values()))
+            rows.append({"name": row.name, "objectives": dict(row.switches), "metrics": mean, "sd": sd,
+                         "seeds": runs})
+        ablation = {"table": table.table, "rows": rows, "seeds": seeds,
+                    "orderings": orderings(rows, table.orderings)}
+        cfg.run.dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run.dir / ABLATION_FILE).write_text(json.dumps(ablation, indent=2) + "\n", encoding="utf-8")
+        metrics_path = cfg.run.dir / METRICS_FILE
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {
+            "run": cfg.run.name, "encoders": {}}
+        metrics["ablation"] = ablation
+        write_outputs(metrics, cfg.run.dir, cfg.run.dir / EVAL_DIR)
+        print_summary({"ablation": ablation}, cfg.run.dir, with_checks=False)
+        return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from unimed.commands import command, run_dir
+from unimed.commands import command, holding, run_dir
 from unimed.commands.evaluate import print_summary, run_evaluation
 from unimed.commands.phantom import phantom
 from unimed.commands.tables import print_table
@@ -89,39 +89,40 @@ def start_over(cfg: Config, presets: list[Config]) -> None:
 @command("demo", "the main job: phantom world -> vocabulary -> MLM -> pre-training -> "
                  "evaluation -> report")
 def demo(cfg: Config, args: argparse.Namespace) -> int:
-    presets = method_presets(cfg)
-    run_dir(cfg)
-    start_over(cfg, presets)
-    progress = args.progress
-    times: list[list[str]] = []
+    with holding(cfg.run.dir, "demo"):
+        presets = method_presets(cfg)
+        run_dir(cfg)
+        start_over(cfg, presets)
+        progress = args.progress
+        times: list[list[str]] = []
 
-    def timed(name: str, fn, *a, **kw):
-        start = time.perf_counter()
-        out = fn(*a, **kw)
-        times.append([name, f"{time.perf_counter() - start:.1f}"])
-        return out
+        def timed(name: str, fn, *a, **kw):
+            start = time.perf_counter()
+            out = fn(*a, **kw)
+            times.append([name, f"{time.perf_counter() - start:.1f}"])
+            return out
 
-    args.preview = True
-    peak = gemm_peak(torch.device("cpu"), sizes=(2048,))
-    if timed("phantom world", phantom, cfg, args) != 0:
-        return 1
-    timed("vocabulary", run_vocab, cfg, progress=progress)
-    timed("cross-lingual MLM", run_mlm, cfg, progress=progress)
-    also = []
-    for run_cfg in [cfg, *(method_run(cfg, preset) for preset in presets)]:
-        result = timed(f"{method_label(run_cfg.method.name)} pre-training", run_pretrain, run_cfg,
-                       resume=False, progress=progress)
-        print_loss_summary(result.history, method_label(run_cfg.method.name))
-        if run_cfg is not cfg:
-            also.append((run_cfg, run_cfg.run.dir))
-    metrics = timed("evaluation and report", run_evaluation, cfg, cfg.run.dir, cfg.eval.tasks,
-                    progress=progress, also=also)
-    print_summary(metrics, cfg.run.dir)
-    mlm_check = cfg.run.dir / "mlm" / MLM_CHECK_FILE
-    if mlm_check.is_file():
-        print(mlm_check_line(json.loads(mlm_check.read_text(encoding="utf-8"))))
-    print_table("Demo stages", ["stage", "seconds"], times)
-    peaks = (peak, gemm_peak(torch.device("cpu"), sizes=(2048,)))
-    print(machine_line(peaks, torch.get_num_threads()))
-    print(f"outputs: {cfg.run.dir}")
-    return 0
+        args.preview = True
+        peak = gemm_peak(torch.device("cpu"), sizes=(2048,))
+        if timed("phantom world", phantom, cfg, args) != 0:
+            return 1
+        timed("vocabulary", run_vocab, cfg, progress=progress)
+        timed("cross-lingual MLM", run_mlm, cfg, progress=progress)
+        also = []
+        for run_cfg in [cfg, *(method_run(cfg, preset) for preset in presets)]:
+            result = timed(f"{method_label(run_cfg.method.name)} pre-training", run_pretrain, run_cfg,
+                           resume=False, progress=progress)
+            print_loss_summary(result.history, method_label(run_cfg.method.name))
+            if run_cfg is not cfg:
+                also.append((run_cfg, run_cfg.run.dir))
+        metrics = timed("evaluation and report", run_evaluation, cfg, cfg.run.dir, cfg.eval.tasks,
+                        progress=progress, also=also)
+        print_summary(metrics, cfg.run.dir)
+        mlm_check = cfg.run.dir / "mlm" / MLM_CHECK_FILE
+        if mlm_check.is_file():
+            print(mlm_check_line(json.loads(mlm_check.read_text(encoding="utf-8"))))
+        print_table("Demo stages", ["stage", "seconds"], times)
+        peaks = (peak, gemm_peak(torch.device("cpu"), sizes=(2048,)))
+        print(machine_line(peaks, torch.get_num_threads()))
+        print(f"outputs: {cfg.run.dir}")
+        return 0

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from unimed.commands import command, run_dir
+from unimed.commands import command, holding, run_dir
 from unimed.commands.train import text_encoder_dir, tokenizer_dir
 from unimed.commands.tables import print_table
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config
@@ -172,7 +172,7 @@ def run_evaluation(
     early = [line for _, path in trained if not is_export(path) and (line := unfinished(path))]
     encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
     out_dir = cfg.run.dir
-    with replacing_evaluation(out_dir) as previous:
+    with holding(out_dir, "evaluation"), replacing_evaluation(out_dir) as previous:
         figures = run_dir(cfg, EVAL_DIR)
         # Images, slice stacks and feature maps too large to hold go to disk beside the report
         # (unimed.eval.data), for this run only.

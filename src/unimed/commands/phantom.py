@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from unimed.commands import command, run_dir
+from unimed.commands import command, holding, run_dir
 from unimed.commands.tables import print_table
 from unimed.config import Config
 
@@ -129,38 +129,40 @@ def read_back_ct(cfg: Config, root: Path, manifest, *, progress: bool) -> tuple[
 
 @command("phantom", "generate the phantom world in every dataset layout and read it back", _add_args)
 def phantom(cfg: Config, args: argparse.Namespace) -> int:
-    from unimed.phantom.world import write_world
+    from unimed.phantom.world import make_root, write_world
 
-    out = run_dir(cfg)
-    manifest = write_world(cfg.phantom, progress=args.progress)
-    if args.preview:
-        from unimed.phantom.preview import write_preview
-
-        print(f"preview: {write_preview(cfg.phantom, out / 'phantom_preview.png')}")
     root = Path(cfg.phantom.root)
-    reads = read_back(cfg, root, progress=args.progress)
-    rows, failures = _summary_rows(reads, manifest, cfg.data.min_report_tokens)
-    print_table(
-        f"Phantom world at {root}, read back through the adapters",
-        ["dataset", "records", "split", "language", "site", "view", "dropped", "vs generated"],
-        rows,
-    )
-    print_table(
-        "Finding prevalence (share of records labelled positive), boxes and masks",
-        ["dataset", "prevalence", "boxes", "masks"],
-        _prevalence_rows(reads),
-    )
-    if cfg.phantom.ct.enabled:
-        from unimed.phantom.ct.world import write_ct_world
+    make_root(root)  # a root that cannot be a folder is named by its key before it is held
+    with holding(root, "phantom world"):
+        out = run_dir(cfg)
+        manifest = write_world(cfg.phantom, progress=args.progress)
+        if args.preview:
+            from unimed.phantom.preview import write_preview
 
-        ct_manifest = write_ct_world(cfg.phantom, progress=args.progress)
-        ct_rows, ct_failures = read_back_ct(cfg, root, ct_manifest, progress=args.progress)
-        failures += ct_failures
+            print(f"preview: {write_preview(cfg.phantom, out / 'phantom_preview.png')}")
+        reads = read_back(cfg, root, progress=args.progress)
+        rows, failures = _summary_rows(reads, manifest, cfg.data.min_report_tokens)
         print_table(
-            f"Phantom CT world at {root} ({'x'.join(map(str, cfg.phantom.ct.shape))} volumes), read back",
-            ["dataset", "records", "split", "language", "sites written", "dropped", "vs generated"],
-            ct_rows,
+            f"Phantom world at {root}, read back through the adapters",
+            ["dataset", "records", "split", "language", "site", "view", "dropped", "vs generated"],
+            rows,
         )
-    for failure in failures:
-        log.error("read-back differs from what was generated: %s", failure)
-    return 1 if failures else 0
+        print_table(
+            "Finding prevalence (share of records labelled positive), boxes and masks",
+            ["dataset", "prevalence", "boxes", "masks"],
+            _prevalence_rows(reads),
+        )
+        if cfg.phantom.ct.enabled:
+            from unimed.phantom.ct.world import write_ct_world
+
+            ct_manifest = write_ct_world(cfg.phantom, progress=args.progress)
+            ct_rows, ct_failures = read_back_ct(cfg, root, ct_manifest, progress=args.progress)
+            failures += ct_failures
+            print_table(
+                f"Phantom CT world at {root} ({'x'.join(map(str, cfg.phantom.ct.shape))} volumes), read back",
+                ["dataset", "records", "split", "language", "sites written", "dropped", "vs generated"],
+                ct_rows,
+            )
+        for failure in failures:
+            log.error("read-back differs from what was generated: %s", failure)
+        return 1 if failures else 0

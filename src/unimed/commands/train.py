@@ -8,11 +8,13 @@ method `method.name` names; `mlm` and `pretrain` run on the same loop (torchrun-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from unimed.commands import command, run_dir
+from unimed.commands import command, holding, run_dir
 from unimed.commands.tables import print_table
 from unimed.config import Config
 from unimed.errors import ConfigError
@@ -64,10 +66,11 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
     if not english and cfg.vocab.base_model is None:
         raise ConfigError(f"no en reports in {names}: set vocab.base_model to a tokenizer that "
                           "supplies the English vocabulary, or add English reports")
-    out = run_dir(cfg, "vocab")
-    result = build_cross_lingual_tokenizer(
-        english, second, cfg.vocab, out, base_model=base_model_dir(cfg), progress=progress
-    )
+    with holding(cfg.run.dir / "vocab", "vocab"):
+        out = run_dir(cfg, "vocab")
+        result = build_cross_lingual_tokenizer(
+            english, second, cfg.vocab, out, base_model=base_model_dir(cfg), progress=progress
+        )
     rows = [
         [lang, f"{result.tokens_per_word_before[lang]:.2f}", f"{result.tokens_per_word_after[lang]:.2f}"]
         for lang in result.tokens_per_word_before
@@ -94,9 +97,11 @@ def start_stage_over(stage_dir: Path) -> None:
         shutil.rmtree(folder)
 
 
-def writable_run_dir(cfg: Config, stage: str, is_main: bool, resume: bool) -> Path:
-    """The stage's output folder, its config saved and its checkpoints folder checked writable by
-    the main process, before any data is read or model built. A run that does not resume stops
+@contextlib.contextmanager
+def writable_run_dir(cfg: Config, stage: str, is_main: bool, resume: bool) -> Iterator[Path]:
+    """The stage's output folder, held by the main process while the stage trains (:func:`holding`:
+    the same stage started twice stops with one line), its config saved and its checkpoints folder
+    checked writable before any data is read or model built. A run that does not resume stops
     with one ConfigError, before anything is written, where the folder holds an earlier run's
     checkpoints: training afresh would replace that run's config and, its steps counting from 0
     again, mix its checkpoints with the earlier ones (:func:`start_stage_over` for a job that
@@ -105,16 +110,16 @@ def writable_run_dir(cfg: Config, stage: str, is_main: bool, resume: bool) -> Pa
     from unimed.train.loop import CHECKPOINT_DIR
 
     out = cfg.run.dir / stage
-    earlier = [] if resume else checkpoints(out / CHECKPOINT_DIR)
-    if earlier:
-        raise ConfigError(f"{out} holds the checkpoints of an earlier run (the newest "
-                          f"{earlier[-1].name}): continue it with --resume, train under another "
-                          f"run.name, or delete {out} to train it again")
-    if not is_main:
-        return out
-    out = run_dir(cfg, stage)
-    check_writable(out / CHECKPOINT_DIR)
-    return out
+    with holding(out, stage) if is_main else contextlib.nullcontext():
+        earlier = [] if resume else checkpoints(out / CHECKPOINT_DIR)
+        if earlier:
+            raise ConfigError(f"{out} holds the checkpoints of an earlier run (the newest "
+                              f"{earlier[-1].name}): continue it with --resume, train under another "
+                              f"run.name, or delete {out} to train it again")
+        if is_main:
+            run_dir(cfg, stage)
+            check_writable(out / CHECKPOINT_DIR)
+        yield out
 
 
 def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
@@ -129,12 +134,12 @@ def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
         raise ConfigError(f"no tokenizer at {tokenizer_dir}: run `unimed vocab` with this config first")
     info = init_distributed()
     try:
-        out = writable_run_dir(cfg, "mlm", info.is_main, resume)
-        corpus = [r.report for r in load_texts(cfg.data)]
-        result = train_mlm(
-            corpus, tokenizer_dir, cfg.mlm, out, base_model=base_model_dir(cfg),
-            seed=cfg.run.seed, progress=progress, dist=info, resume=resume,
-        )
+        with writable_run_dir(cfg, "mlm", info.is_main, resume) as out:
+            corpus = [r.report for r in load_texts(cfg.data)]
+            result = train_mlm(
+                corpus, tokenizer_dir, cfg.mlm, out, base_model=base_model_dir(cfg),
+                seed=cfg.run.seed, progress=progress, dist=info, resume=resume,
+            )
     finally:
         cleanup()
     if not info.is_main:
@@ -271,22 +276,22 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     try:
         resolve_precision(cfg.train.precision, info.device)  # one that cannot run fails before data is read
         seed_everything(cfg.run.seed, info.rank)
-        out = writable_run_dir(cfg, "pretrain", info.is_main, resume)
-        encoder = text_encoder_dir(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg), local_files_only=True)
-        records = pretrain_records(cfg)
-        method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
-        volume = next((r for r in records if r.ndim == 3), None)
-        if volume is not None and not method.reads_volumes:
-            raise ConfigError(f"data.pretrain_datasets: {volume.dataset} holds CT volumes "
-                              f"({volume.image_path}); method {cfg.method.name} pre-trains on 2D "
-                              "images (UniMedI reads volumes)")
-        loaders = method.build_loaders(
-            records, tokenizer, cfg.data, batch_size=cfg.train.batch_size, rank=info.rank,
-            world_size=info.world_size, seed=cfg.run.seed, pin_memory=info.device.type == "cuda",
-        )
-        return train(method, loaders, cfg.train, out, info, resume=resume,
-                     progress=progress and info.is_main)
+        with writable_run_dir(cfg, "pretrain", info.is_main, resume) as out:
+            encoder = text_encoder_dir(cfg)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg), local_files_only=True)
+            records = pretrain_records(cfg)
+            method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
+            volume = next((r for r in records if r.ndim == 3), None)
+            if volume is not None and not method.reads_volumes:
+                raise ConfigError(f"data.pretrain_datasets: {volume.dataset} holds CT volumes "
+                                  f"({volume.image_path}); method {cfg.method.name} pre-trains on 2D "
+                                  "images (UniMedI reads volumes)")
+            loaders = method.build_loaders(
+                records, tokenizer, cfg.data, batch_size=cfg.train.batch_size, rank=info.rank,
+                world_size=info.world_size, seed=cfg.run.seed, pin_memory=info.device.type == "cuda",
+            )
+            return train(method, loaders, cfg.train, out, info, resume=resume,
+                         progress=progress and info.is_main)
     finally:
         cleanup()
 
