@@ -195,6 +195,17 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
         assert (run / "metrics.json").read_text() == metrics_json
         assert sorted(p.name for p in (run / "previous_evaluations").iterdir()) == kept
 
+    # Resumed under settings its checkpoint cannot take: one line, and the run's config still
+    # describes its checkpoints (so evaluating or exporting the run still loads them).
+    for setting, message in [("method.text.frozen_layers=0", "trained other parameters than this run"),
+                             ("method.image.encoder=resnet18", "cannot load weights from")]:
+        capsys.readouterr()
+        assert main(["pretrain", str(preset), "--resume", setting, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert (run / "pretrain" / "config.yaml").read_text() == saved
+        assert (run / "pretrain" / "checkpoints" / "latest").read_text() == latest
+
 
 @contextlib.contextmanager
 def held_by_another_process(folder: Path, job: str) -> Iterator[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from unimed.commands import command, holding, run_dir
 from unimed.commands.tables import print_table
-from unimed.config import Config
+from unimed.config import CONFIG_FILE, Config
 from unimed.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,10 @@ def writable_run_dir(cfg: Config, stage: str, is_main: bool, resume: bool) -> It
     with one ConfigError, before anything is written, where the folder holds an earlier run's
     checkpoints: training afresh would replace that run's config and, its steps counting from 0
     again, mix its checkpoints with the earlier ones (:func:`start_stage_over` for a job that
-    trains afresh on purpose)."""
-    from unimed.train.checkpoint import check_writable, checkpoints
+    trains afresh on purpose). A resumed run that fails before it writes a checkpoint (one whose
+    settings its checkpoint cannot take: another image encoder, other frozen layers) puts the
+    config it replaced back, so the folder's config still describes its checkpoints."""
+    from unimed.train.checkpoint import LATEST_FILE, check_writable, checkpoints
     from unimed.train.loop import CHECKPOINT_DIR
 
     out = cfg.run.dir / stage
@@ -116,10 +118,28 @@ def writable_run_dir(cfg: Config, stage: str, is_main: bool, resume: bool) -> It
             raise ConfigError(f"{out} holds the checkpoints of an earlier run (the newest "
                               f"{earlier[-1].name}): continue it with --resume, train under another "
                               f"run.name, or delete {out} to train it again")
+        saved, latest = out / CONFIG_FILE, out / CHECKPOINT_DIR / LATEST_FILE
+        kept = saved.read_bytes() if is_main and resume and saved.is_file() else None
+        pointer = _identity(latest)
         if is_main:
             run_dir(cfg, stage)
             check_writable(out / CHECKPOINT_DIR)
-        yield out
+        try:
+            yield out
+        except BaseException:
+            if kept is not None and _identity(latest) == pointer:
+                saved.write_bytes(kept)
+                log.info("the resumed run wrote no checkpoint: %s is back as it was", saved)
+            raise
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time) of `path`, None when there is none: a file replaced since differs."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:

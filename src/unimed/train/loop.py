@@ -269,6 +269,14 @@ class Trainer:
         resumed with more epochs would go on at the schedule's final rate (0 by default) and one
         resumed with a lower rate would ignore it. Where the settings differ, a warning names them
         and the rate at the resumed step under both; where they are the same, resume is exact."""
+        then = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+        now = [len(group["params"]) for group in self.optimizer.param_groups]
+        if then != now:
+            raise ConfigError(
+                f"checkpoint {path} trained other parameters than this run would (tensors per "
+                f"optimizer group: {then}; this run's: {now}): a setting that freezes or adds "
+                "parameters changed since; resume with the settings it was trained with, or train "
+                "afresh under another run.name")
         schedule = self.scheduler.state_dict()
         ours = _optimizer_settings(self.optimizer.param_groups, schedule)
         self.optimizer.load_state_dict(state["optimizer"])
