@@ -151,12 +151,25 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert "Pre-training loss per term (PRIOR)" in html
     assert_outputs_of_evaluation(run, metrics, out)
 
-    # Evaluating the run folder again keeps the methods trained beside Med-UniC.
+    # Evaluating the run folder again keeps the methods trained beside Med-UniC, and reads the
+    # tokenizer each was trained with, kept beside its checkpoints: the run's vocabulary built again
+    # meanwhile (here the same tokens under other ids) changes nothing.
+    mlm_tokenizer = run / "mlm" / "tokenizer.json"
+    original = mlm_tokenizer.read_text()
+    assert (run / "pretrain" / "tokenizer" / "tokenizer.json").is_file()
+    mlm_tokenizer.write_text(json.dumps(renumbered(json.loads(original))))
     assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]", "--quiet"]) == 0
     again = json.loads((run / "metrics.json").read_text())
     assert again["methods"] == ["medunic", "prior", "unimedi"]
     assert list(again["encoders"]) == ["medunic", "prior", "unimedi"]
-    assert again["encoders"]["prior"]["tasks"]["zero_shot"] == metrics["encoders"]["prior"]["tasks"]["zero_shot"]
+    for name in again["methods"]:
+        assert again["encoders"][name]["tasks"]["zero_shot"] == metrics["encoders"][name]["tasks"]["zero_shot"]
+    # Resuming under the rebuilt vocabulary would go on with other token ids: one line.
+    capsys.readouterr()
+    assert main(["pretrain", str(preset), "--resume", "train.max_steps=3", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained with the tokenizer kept in" in err[0], err
+    mlm_tokenizer.write_text(original)
     # So does evaluating it into another folder.
     assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]",
                  f"run.output_dir={tmp_path / 'elsewhere'}", "--quiet"]) == 0
@@ -205,6 +218,17 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
         assert len(err) == 1 and message in err[0], err
         assert (run / "pretrain" / "config.yaml").read_text() == saved
         assert (run / "pretrain" / "checkpoints" / "latest").read_text() == latest
+
+
+def renumbered(tokenizer: dict) -> dict:
+    """A WordPiece tokenizer.json's vocabulary of the same size and tokens, the ids of every token
+    but the special ones reversed: a rebuilt vocabulary that a model trained on the first misreads."""
+    vocab = tokenizer["model"]["vocab"]
+    special = {token["content"] for token in tokenizer["added_tokens"]}
+    plain = [token for token in vocab if token not in special]
+    ids = sorted(vocab[token] for token in plain)
+    tokenizer["model"]["vocab"] = {**{t: vocab[t] for t in special}, **dict(zip(plain, reversed(ids)))}
+    return tokenizer
 
 
 @contextlib.contextmanager

@@ -328,14 +328,14 @@ def _usable_device(device: str | torch.device) -> torch.device:
 
 
 def _load_run(cfg: Config, checkpoint: Path, device: torch.device) -> Pretrained:
-    from unimed.commands.train import text_encoder_dir, tokenizer_dir
+    from unimed.commands.train import text_encoder_dir, trained_tokenizer_dir
 
     unfinished(checkpoint)  # said, not refused: an early checkpoint may be what is wanted
     method_cfg = dataclasses.replace(cfg.method, image=dataclasses.replace(cfg.method.image, weights=None))
     name = cfg.method.name
     encoder = build_encoder(name, method_label(name), method_cfg, text_encoder=text_encoder_dir(cfg),
-                            tokenizer=tokenizer_dir(cfg), weights=checkpoint, seed=cfg.run.seed,
-                            max_length=cfg.data.max_length, device=device)
+                            tokenizer=trained_tokenizer_dir(cfg, checkpoint), weights=checkpoint,
+                            seed=cfg.run.seed, max_length=cfg.data.max_length, device=device)
     prompt_dir = Path(cfg.eval.zero_shot.prompt_dir or PROMPT_DIR)
     return Pretrained(encoder, cfg, prompt_dir, cfg.data.image_size, cfg.data.resize_size)
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from unimed.commands import command, holding, run_dir
-from unimed.commands.train import text_encoder_dir, tokenizer_dir
+from unimed.commands.train import text_encoder_dir, tokenizer_dir, trained_tokenizer_dir
 from unimed.commands.tables import print_table
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config
 from unimed.errors import ConfigError
@@ -130,7 +130,7 @@ def _encoders(cfg: Config, trained: Sequence[tuple[Config, Path]], baselines: tu
         export_encoder(weights) if is_export(weights) else
         build_encoder(run_cfg.method.name, method_label(run_cfg.method.name), run_cfg.method,
                       weights=weights, text_encoder=text_encoder_dir(run_cfg),
-                      tokenizer=tokenizer_dir(run_cfg), seed=run_cfg.run.seed,
+                      tokenizer=trained_tokenizer_dir(run_cfg, weights), seed=run_cfg.run.seed,
                       max_length=run_cfg.data.max_length, for_inference=True)
         for run_cfg, weights in trained
     ]

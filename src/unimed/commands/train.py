@@ -283,6 +283,49 @@ def tokenizer_dir(cfg: Config) -> str:
     return text_encoder_dir(cfg)
 
 
+def trained_tokenizer_dir(cfg: Config, checkpoint: str | Path) -> str:
+    """The tokenizer `checkpoint` was trained with: the copy its stage keeps beside its
+    checkpoints (:func:`keep_tokenizer`), else (a run trained before the copy was kept)
+    :func:`tokenizer_dir`."""
+    from unimed.pretrained import TOKENIZER_DIR
+    from unimed.train.checkpoint import checkpoint_config
+
+    try:
+        kept = checkpoint_config(checkpoint).parent / TOKENIZER_DIR
+    except FileNotFoundError:
+        return tokenizer_dir(cfg)
+    return str(kept) if any((kept / file).is_file() for file in TOKENIZER_FILES) else tokenizer_dir(cfg)
+
+
+def keep_tokenizer(tokenizer, source: str, out: Path, resume: bool) -> None:
+    """Keep the tokenizer the stage in `out` trains with beside its checkpoints (``tokenizer/``,
+    with the record of the corpus's stemming), so evaluating, loading or exporting the stage reads
+    the tokenizer it was trained with even after the run's `unimed vocab` / `unimed mlm` were run
+    again: a rebuilt vocabulary of the same size would otherwise give its token ids silently. A
+    resumed stage whose tokenizer (from `source`) differs from the kept one stops with one line."""
+    from transformers import AutoTokenizer
+
+    from unimed.pretrained import TOKENIZER_DIR
+    from unimed.text.stemming import copy_corpus_stemming
+    from unimed.train.checkpoint import checkpoints
+    from unimed.train.loop import CHECKPOINT_DIR
+
+    kept = out / TOKENIZER_DIR
+    if resume and checkpoints(out / CHECKPOINT_DIR) and any((kept / f).is_file() for f in TOKENIZER_FILES):
+        trained = AutoTokenizer.from_pretrained(str(kept), local_files_only=True).get_vocab()
+        now = tokenizer.get_vocab()
+        if now != trained:
+            differ = len(set(now.items()) ^ set(trained.items())) // 2
+            raise ConfigError(
+                f"{out} was trained with the tokenizer kept in {kept}, and the one this run reads "
+                f"({source}) differs from it (about {differ} of {len(trained)} tokens): the run's "
+                f"vocabulary was built again since; resume with method.text.tokenizer={kept}, or "
+                "train afresh under another run.name")
+        return
+    tokenizer.save_pretrained(str(kept))
+    copy_corpus_stemming(source, kept)
+
+
 def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     """Vision-language pre-training of the method `method.name` (torchrun-aware); returns the
     TrainResult."""
@@ -299,6 +342,8 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
         with writable_run_dir(cfg, "pretrain", info.is_main, resume) as out:
             encoder = text_encoder_dir(cfg)
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg), local_files_only=True)
+            if info.is_main:
+                keep_tokenizer(tokenizer, tokenizer_dir(cfg), out, resume)
             records = pretrain_records(cfg)
             method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
             volume = next((r for r in records if r.ndim == 3), None)
