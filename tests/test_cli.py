@@ -170,6 +170,13 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was trained with the tokenizer kept in" in err[0], err
     mlm_tokenizer.write_text(original)
+    vocab_tokenizer = run / "vocab" / "tokenizer.json"
+    built = vocab_tokenizer.read_text()
+    vocab_tokenizer.write_text(json.dumps(renumbered(json.loads(built))))
+    assert main(["mlm", str(preset), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run / 'mlm'} was trained with the tokenizer kept in" in err[0], err
+    vocab_tokenizer.write_text(built)
     # So does evaluating it into another folder.
     assert main(["evaluate", str(run), "--tasks", "zero_shot", "eval.baselines=[]",
                  f"run.output_dir={tmp_path / 'elsewhere'}", "--quiet"]) == 0

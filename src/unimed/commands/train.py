@@ -145,6 +145,8 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
     """Cross-lingual MLM on the mixed English + second-language reports (torchrun-aware); returns
     the model folder."""
+    from transformers import AutoTokenizer
+
     from unimed.data.adapters import load_texts
     from unimed.text.mlm import train_mlm
     from unimed.train.distributed import cleanup, init_distributed
@@ -155,6 +157,9 @@ def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
     info = init_distributed()
     try:
         with writable_run_dir(cfg, "mlm", info.is_main, resume) as out:
+            if info.is_main:
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+                keep_tokenizer(tokenizer, str(tokenizer_dir), out, resume)
             corpus = [r.report for r in load_texts(cfg.data)]
             result = train_mlm(
                 corpus, tokenizer_dir, cfg.mlm, out, base_model=base_model_dir(cfg),
@@ -299,10 +304,11 @@ def trained_tokenizer_dir(cfg: Config, checkpoint: str | Path) -> str:
 
 def keep_tokenizer(tokenizer, source: str, out: Path, resume: bool) -> None:
     """Keep the tokenizer the stage in `out` trains with beside its checkpoints (``tokenizer/``,
-    with the record of the corpus's stemming), so evaluating, loading or exporting the stage reads
-    the tokenizer it was trained with even after the run's `unimed vocab` / `unimed mlm` were run
-    again: a rebuilt vocabulary of the same size would otherwise give its token ids silently. A
-    resumed stage whose tokenizer (from `source`) differs from the kept one stops with one line."""
+    with the record of the corpus's stemming), so evaluating, loading or exporting a pre-training
+    stage reads the tokenizer it was trained with even after the run's `unimed vocab` / `unimed
+    mlm` were run again: a rebuilt vocabulary of the same size would otherwise give its token ids
+    silently. A resumed stage (pre-training or MLM) whose tokenizer (from `source`) differs from
+    the kept one stops with one line."""
     from transformers import AutoTokenizer
 
     from unimed.pretrained import TOKENIZER_DIR
@@ -319,8 +325,8 @@ def keep_tokenizer(tokenizer, source: str, out: Path, resume: bool) -> None:
             raise ConfigError(
                 f"{out} was trained with the tokenizer kept in {kept}, and the one this run reads "
                 f"({source}) differs from it (about {differ} of {len(trained)} tokens): the run's "
-                f"vocabulary was built again since; resume with method.text.tokenizer={kept}, or "
-                "train afresh under another run.name")
+                f"vocabulary was built again since; put the kept one back where this run reads "
+                "it, or train afresh under another run.name")
         return
     tokenizer.save_pretrained(str(kept))
     copy_corpus_stemming(source, kept)
