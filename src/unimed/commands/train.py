@@ -137,7 +137,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
     """(inode, modification time) of `path`, None when there is none: a file replaced since differs."""
     try:
         stat = path.stat()
-    except FileNotFoundError:
+    except OSError:  # none there, or the folder above it is not one
         return None
     return stat.st_ino, stat.st_mtime_ns
 
