@@ -1,5 +1,6 @@
 import json
 import logging
+import signal
 
 import pytest
 import safetensors.torch
@@ -216,6 +217,36 @@ def test_a_run_resumed_with_other_settings_trains_under_them(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="unimed.train.loop"):
         _run(tmp_path / "lower", tiny_cfg(lr=5e-3, weight_decay=0.05, epochs=3), resume=True)
     assert "total_steps 16 -> 24" in caplog.text and "lr 0.01" not in caplog.text
+
+
+def _run_on(out_dir, n, cfg, *, resume=False):
+    return train(ToyMethod(ToyModel(), contrastive_loss), toy_loader(ToyDataset(n), 4), cfg, out_dir, CPU,
+                 resume=resume, progress=False)
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("the resumed run did not end")
+
+
+@pytest.mark.parametrize("n, position, steps", [(16, "that epoch is over", [8]),
+                                                (48, "the rest of that epoch is drawn", [8, 9, 10, 11, 12])])
+def test_a_mid_epoch_resume_on_data_of_another_size_goes_on_and_says_so(tmp_path, caplog, n, position,
+                                                                       steps):
+    """Stopped 7 steps into an epoch of 8 (32 samples, batches of 4) and resumed on 16 samples
+    (epochs of 4: the position is past the epoch's end, which once spun the loop forever, deaf to
+    SIGTERM) or on 48: the epoch goes on from this run's data, and a warning says so."""
+    _run_on(tmp_path, 32, tiny_cfg(max_steps=7))
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(30)
+    try:
+        with caplog.at_level(logging.WARNING, logger="unimed.train.loop"):
+            rest = _run_on(tmp_path, n, tiny_cfg(max_steps=12), resume=True)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [r["step"] for r in rest.history] == steps
+    assert f"stopped after step 7 of an epoch of 8 steps; this run's data and train.epoch_steps make " \
+           f"epochs of {n // 4}" in caplog.text and position in caplog.text
 
 
 def test_mix_schedules_by_hand():

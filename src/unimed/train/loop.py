@@ -209,6 +209,7 @@ class Trainer:
             "batch_size": self._batch_sizes(),
             "grad_accum": self.cfg.grad_accum,
             "loader_mix": self.cfg.loader_mix,
+            "steps_per_epoch": self.steps_per_epoch,
         }
 
     def _batch_sizes(self) -> list[int]:
@@ -328,6 +329,15 @@ class Trainer:
                 f"loader_mix) = "
                 f"{then}; this run has {now}. Resume with the same settings or from an epoch end."
             )
+        steps = state.get("steps_per_epoch")
+        past = state["step_in_epoch"] >= self.steps_per_epoch
+        if steps != self.steps_per_epoch and (steps is not None or past):
+            rest = ("that epoch is over in this run's" if past
+                    else "the rest of that epoch is drawn from this run's order")
+            log.warning("checkpoint %s stopped after step %d of an epoch of %s steps; this run's data "
+                        "and train.epoch_steps make epochs of %d (the data changed since?): %s",
+                        path, state["step_in_epoch"], steps if steps is not None else "more",
+                        self.steps_per_epoch, rest)
 
     # ------------------------------------------------------------------ data
     def _epoch_batches(self) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -456,7 +466,8 @@ class Trainer:
                    dynamic_ncols=True, disable=not (self.progress and self.dist.is_main))
         self.method.train()
         while self.step < last:
-            batches = self._epoch_batches()
+            # None left where a resumed run's epochs are shorter than the checkpoint's position
+            batches = self._epoch_batches() if self.step_in_epoch < self.steps_per_epoch else iter(())
             while self.step_in_epoch < self.steps_per_epoch and self.step < last and not self.stopping:
                 row = self.train_step(batches)
                 history.append(row)
@@ -466,7 +477,7 @@ class Trainer:
                     logger.log(row)
                 if self._due(self.cfg.checkpoint_every_steps, self.step):
                     path, saved_at = self.save(), self.step
-            if self.step_in_epoch == self.steps_per_epoch:
+            if self.step_in_epoch >= self.steps_per_epoch:  # past it: resumed on fewer steps per epoch
                 self.epoch += 1
                 self.step_in_epoch = 0
                 if self.epoch < self.total_epochs and self._stage_of_epoch(self.epoch) != self.stage_index:
