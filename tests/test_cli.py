@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import torch.multiprocessing as mp
 import yaml
 
 from unimed.cli import main
@@ -215,6 +217,17 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
         assert (run / "metrics.json").read_text() == metrics_json
         assert sorted(p.name for p in (run / "previous_evaluations").iterdir()) == kept
 
+    # `unimed pretrain` as torchrun starts it, two ranks: rank 0 alone holds the folder, keeps the
+    # tokenizer and writes the log and checkpoints, and both ranks end with 0.
+    ddp = tmp_path / "runs" / "tiny-ddp"
+    mp.start_processes(_pretrain_rank, args=(2, _free_port(), str(preset), str(run / "mlm"), str(ddp)),
+                       nprocs=2, join=True, start_method="fork")
+    assert [(ddp / f"rank{rank}.exit").read_text() for rank in range(2)] == ["0", "0"]
+    ddp_log = [json.loads(line) for line in (ddp / "pretrain" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in ddp_log] == [1, 2]
+    assert (ddp / "pretrain" / "tokenizer" / "tokenizer.json").is_file()
+    assert (ddp / "pretrain" / ".unimed-pretrain.lock").read_text().startswith("pid ")
+
     # Resumed under settings its checkpoint cannot take: one line, and the run's config still
     # describes its checkpoints (so evaluating or exporting the run still loads them).
     for setting, message in [("method.text.frozen_layers=0", "trained other parameters than this run"),
@@ -225,6 +238,24 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
         assert len(err) == 1 and message in err[0], err
         assert (run / "pretrain" / "config.yaml").read_text() == saved
         assert (run / "pretrain" / "checkpoints" / "latest").read_text() == latest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pretrain_rank(rank: int, world_size: int, port: int, preset: str, mlm: str, out: str) -> None:
+    """One rank of `unimed pretrain` under torchrun's environment; its exit code in rank<k>.exit."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    import torch
+
+    torch.set_num_threads(1)
+    code = main(["pretrain", preset, "run.name=tiny-ddp", f"method.text.encoder={mlm}",
+                 "train.max_steps=2", "--quiet"])
+    Path(out, f"rank{rank}.exit").write_text(str(code))
 
 
 def renumbered(tokenizer: dict) -> dict:
