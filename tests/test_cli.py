@@ -228,6 +228,14 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert (ddp / "pretrain" / "tokenizer" / "tokenizer.json").is_file()
     assert (ddp / "pretrain" / ".unimed-pretrain.lock").read_text().startswith("pid ")
 
+    # A learning rate that blows the weights up: one line naming the step and the newest checkpoint.
+    capsys.readouterr()
+    assert main(["pretrain", str(preset), "run.name=tiny-nan", f"method.text.encoder={run / 'mlm'}",
+                 "train.lr=1e38", "train.max_steps=3", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"unimed: training diverged: step \d \(epoch 0, stage \w+\) gave a "
+                                      r"non-finite .*newest checkpoint is none yet", err[0]), err
+
     # Resumed under settings its checkpoint cannot take: one line, and the run's config still
     # describes its checkpoints (so evaluating or exporting the run still loads them).
     for setting, message in [("method.text.frozen_layers=0", "trained other parameters than this run"),

@@ -23,7 +23,7 @@ from unimed.errors import ConfigError
 from unimed.eval.errors import EvalError
 from unimed.machine import set_malloc_for_training
 from unimed.train.checkpoint import CheckpointError
-from unimed.train.stop import Terminated, TrainingInterrupted, terminate_as_interrupt
+from unimed.train.stop import Terminated, TrainingDiverged, TrainingInterrupted, terminate_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unimed: evaluation error: {exc}", file=sys.stderr)
     except CheckpointError as exc:
         print(f"unimed: checkpoint error: {exc}", file=sys.stderr)
+    except TrainingDiverged as exc:
+        print(f"unimed: training diverged: {exc}", file=sys.stderr)
     except OSError as exc:
         if exc.errno not in FILE_SYSTEM_FAULTS:
             raise

@@ -1,5 +1,7 @@
+import itertools
 import json
 import logging
+import math
 import signal
 
 import pytest
@@ -22,6 +24,7 @@ from unimed.errors import ConfigError
 from unimed.train import checkpoint as ckpt
 from unimed.train.distributed import DistInfo
 from unimed.train.loop import CHECKPOINT_DIR, mix_schedule, resolve_precision, train
+from unimed.train.stop import TrainingDiverged
 
 CPU = DistInfo()
 
@@ -218,6 +221,12 @@ def test_a_run_resumed_with_other_settings_trains_under_them(tmp_path, caplog):
         _run(tmp_path / "lower", tiny_cfg(lr=5e-3, weight_decay=0.05, epochs=3), resume=True)
     assert "total_steps 16 -> 24" in caplog.text and "lr 0.01" not in caplog.text
 
+    caplog.clear()
+    _run(tmp_path / "unchanged", tiny_cfg(max_steps=5))
+    with caplog.at_level(logging.WARNING, logger="unimed.train.loop"):
+        _run(tmp_path / "unchanged", tiny_cfg(), resume=True)
+    assert "optimizer settings" not in caplog.text
+
 
 def _run_on(out_dir, n, cfg, *, resume=False):
     return train(ToyMethod(ToyModel(), contrastive_loss), toy_loader(ToyDataset(n), 4), cfg, out_dir, CPU,
@@ -247,6 +256,42 @@ def test_a_mid_epoch_resume_on_data_of_another_size_goes_on_and_says_so(tmp_path
     assert [r["step"] for r in rest.history] == steps
     assert f"stopped after step 7 of an epoch of 8 steps; this run's data and train.epoch_steps make " \
            f"epochs of {n // 4}" in caplog.text and position in caplog.text
+
+
+def _diverging(after: int, *, gradient_only: bool = False):
+    """mse_loss for `after` calls, then NaN: in the loss itself, or (`gradient_only`) only in the
+    gradient, through a term worth 0 whose derivative is 0/0."""
+    calls = itertools.count(1)
+
+    def loss(image_features, text_features, *, rank, world_size):
+        out = mse_loss(image_features, text_features, rank=rank, world_size=world_size)
+        if next(calls) <= after:
+            return out
+        if gradient_only:
+            zero = image_features - image_features.detach()
+            return {**out, "loss": out["loss"] + torch.sqrt(zero**2).sum()}
+        return {k: v * float("nan") for k, v in out.items()}
+
+    return loss
+
+
+@pytest.mark.parametrize("gradient_only, bad", [(False, "loss nan, mse_loss nan, grad_norm nan"),
+                                                (True, "grad_norm nan")])
+def test_a_non_finite_step_ends_training_before_a_checkpoint_takes_it(tmp_path, gradient_only, bad):
+    """NaN from step 5 on: the run stops there with one message naming the step, the values and
+    the newest checkpoint (step 4, finite), logs the step's row, and writes no checkpoint of the
+    NaN weights (which pruning would otherwise let replace every good one)."""
+    cfg = tiny_cfg(checkpoint_every_steps=2, keep_checkpoints=2)
+    torch.manual_seed(0)
+    method = ToyMethod(ToyModel(), _diverging(4, gradient_only=gradient_only))
+    with pytest.raises(TrainingDiverged, match=rf"step 5 \(epoch 0, stage \w+\) gave a non-finite {bad} at "
+                                               rf"learning rate .*newest checkpoint is .*step_00000004: --resume"):
+        train(method, toy_loader(ToyDataset(), 4), cfg, tmp_path, CPU, progress=False)
+    assert [p.name for p in ckpt.checkpoints(tmp_path / CHECKPOINT_DIR)] == ["step_00000002", "step_00000004"]
+    weights = safetensors.torch.load_file(tmp_path / CHECKPOINT_DIR / "step_00000004" / ckpt.WEIGHTS_FILE)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5] and not math.isfinite(log[-1]["grad_norm"])
 
 
 def test_mix_schedules_by_hand():

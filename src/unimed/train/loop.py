@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from collections.abc import Iterator, Mapping
@@ -41,7 +42,12 @@ from unimed.train import checkpoint as ckpt
 from unimed.train.config import LOADER_MIXES, PRECISIONS, TrainConfig
 from unimed.train.distributed import DistInfo, all_reduce_mean, barrier, gather_objects
 from unimed.train.logs import RunLogger
-from unimed.train.stop import StopRequest, TrainingInterrupted, leave_stop_signals_to_training
+from unimed.train.stop import (
+    StopRequest,
+    TrainingDiverged,
+    TrainingInterrupted,
+    leave_stop_signals_to_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +460,25 @@ class Trainer:
         cap = self.cfg.max_steps
         return self.total_steps if cap is None else min(cap, self.total_steps)
 
+    def _check_finite(self, row: dict[str, float], logger: RunLogger) -> None:
+        """A step whose loss is not finite (or whose gradient norm is not, where no fp16 loss
+        scaler skips such steps) has put NaN or inf into the weights: the row is logged and the
+        run stops with :class:`TrainingDiverged` before any checkpoint holds them, so the newest
+        checkpoint on disk is still one to resume from."""
+        losses = {k: v for k, v in row.items() if k == "loss" or k.endswith("_loss")}
+        scaled = self.scaler.is_enabled()
+        if all(math.isfinite(v) for v in losses.values()) and (scaled or math.isfinite(row["grad_norm"])):
+            return
+        logger.log(row)
+        bad = ", ".join(f"{k} {v:.4g}" for k, v in {**losses, "grad_norm": row["grad_norm"]}.items()
+                        if not math.isfinite(v)) or "none"
+        newest = ckpt.latest_checkpoint(self.out_dir / CHECKPOINT_DIR) if self.dist.is_main else None
+        raise TrainingDiverged(
+            f"step {self.step} (epoch {self.epoch}, stage {self.stage.name}) gave a non-finite "
+            f"{bad} at learning rate {row['lr']:.3g}; its update was not saved, and the newest "
+            f"checkpoint is {newest or 'none yet'}: --resume from it with a lower train.lr or "
+            "train.grad_clip, or look at that step's data")
+
     def _due(self, every: int, count: int) -> bool:
         return every > 0 and count % every == 0
 
@@ -470,6 +495,7 @@ class Trainer:
             batches = self._epoch_batches() if self.step_in_epoch < self.steps_per_epoch else iter(())
             while self.step_in_epoch < self.steps_per_epoch and self.step < last and not self.stopping:
                 row = self.train_step(batches)
+                self._check_finite(row, logger)
                 history.append(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")

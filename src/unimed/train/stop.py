@@ -10,6 +10,10 @@ two signals (:func:`leave_stop_signals_to_training`): Ctrl-C reaches a terminal'
 worker killed by SIGTERM would make PyTorch raise in the main process before the checkpoint is
 written; the workers end with the main process, as they always do.
 
+A step whose loss or gradient is not finite ends training with :class:`TrainingDiverged` before a
+checkpoint takes the NaN or inf weights (:meth:`unimed.train.loop.Trainer._check_finite`), so the
+newest checkpoint is still one to resume from.
+
 Outside training, :func:`terminate_as_interrupt` (around every command) turns SIGTERM into
 :class:`Terminated`, so a command ends as Ctrl-C ends it, and worker pools' processes
 (:func:`leave_interrupts_to_parent`) leave both signals to their parent and end with it.
@@ -37,6 +41,11 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+
+
+class TrainingDiverged(RuntimeError):
+    """A training step gave a non-finite loss or gradient; the message names the step, the values
+    and the newest checkpoint."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
