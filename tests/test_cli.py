@@ -165,7 +165,8 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     assert again["methods"] == ["medunic", "prior", "unimedi"]
     assert list(again["encoders"]) == ["medunic", "prior", "unimedi"]
     for name in again["methods"]:
-        assert again["encoders"][name]["tasks"]["zero_shot"] == metrics["encoders"][name]["tasks"]["zero_shot"]
+        zero_shot = again["encoders"][name]["tasks"]["zero_shot"]
+        assert zero_shot == metrics["encoders"][name]["tasks"]["zero_shot"]
     # Resuming under the rebuilt vocabulary would go on with other token ids: one line.
     capsys.readouterr()
     assert main(["pretrain", str(preset), "--resume", "train.max_steps=3", "--quiet"]) == 2
@@ -324,8 +325,11 @@ def test_a_folder_is_held_by_one_process_at_a_time(tmp_path: Path, caplog):
     assert "cannot lock" in caplog.text and "No locks available" in caplog.text
 
     (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigError, match="cannot write the run folder .*Not a directory"):
+    with pytest.raises(ConfigError, match="cannot write the run folder .*Not a directory.*run.output_dir"):
         with holding(tmp_path / "file" / "run", "pretrain"):
+            pytest.fail("held a folder that cannot exist")
+    with pytest.raises(ConfigError, match="cannot write the folder .*; set phantom.root to a writable"):
+        with holding(tmp_path / "file" / "world", "phantom world", setting="phantom.root"):
             pytest.fail("held a folder that cannot exist")
 
 

@@ -284,8 +284,9 @@ def test_a_non_finite_step_ends_training_before_a_checkpoint_takes_it(tmp_path, 
     cfg = tiny_cfg(checkpoint_every_steps=2, keep_checkpoints=2)
     torch.manual_seed(0)
     method = ToyMethod(ToyModel(), _diverging(4, gradient_only=gradient_only))
-    with pytest.raises(TrainingDiverged, match=rf"step 5 \(epoch 0, stage \w+\) gave a non-finite {bad} at "
-                                               rf"learning rate .*newest checkpoint is .*step_00000004: --resume"):
+    message = (rf"step 5 \(epoch 0, stage \w+\) gave a non-finite {bad} at learning rate .*newest "
+               r"checkpoint is .*step_00000004: --resume")
+    with pytest.raises(TrainingDiverged, match=message):
         train(method, toy_loader(ToyDataset(), 4), cfg, tmp_path, CPU, progress=False)
     assert [p.name for p in ckpt.checkpoints(tmp_path / CHECKPOINT_DIR)] == ["step_00000002", "step_00000004"]
     weights = safetensors.torch.load_file(tmp_path / CHECKPOINT_DIR / "step_00000004" / ckpt.WEIGHTS_FILE)

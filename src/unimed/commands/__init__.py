@@ -73,13 +73,14 @@ def run_dir(cfg: Config, subdir: str | None = None) -> Path:
     return out
 
 
-def _unwritable(folder: Path, exc: OSError) -> ConfigError:
-    return ConfigError(f"cannot write the run folder {folder} ({exc.strerror or exc}); "
-                       "set run.output_dir to a writable folder")
+def _unwritable(folder: Path, exc: OSError, setting: str = "run.output_dir") -> ConfigError:
+    what = "the run folder" if setting == "run.output_dir" else "the folder"
+    return ConfigError(f"cannot write {what} {folder} ({exc.strerror or exc}); "
+                       f"set {setting} to a writable folder")
 
 
 @contextlib.contextmanager
-def holding(folder: Path, job: str) -> Iterator[None]:
+def holding(folder: Path, job: str, setting: str = "run.output_dir") -> Iterator[None]:
     """Hold `folder` for this process while it writes `job` there (a stage's checkpoints, an
     evaluation, the phantom world): a second unimed process that would write the same `job` into
     the same folder at the same time (a job started twice, a scheduler's requeue while the first
@@ -88,13 +89,14 @@ def holding(folder: Path, job: str) -> Iterator[None]:
 
     The hold is an advisory lock (``flock``) on ``.unimed-<job>.lock`` in `folder`, released when
     the process ends however it ends, so a killed run leaves none behind. A file system without
-    locks (some network mounts) is a warning, and the job goes on unguarded."""
+    locks (some network mounts) is a warning, and the job goes on unguarded; a folder that cannot
+    be written is a ConfigError naming the `setting` that chose it."""
     path = folder / f".unimed-{job.replace(' ', '-')}.lock"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+", encoding="utf-8")
     except OSError as exc:
-        raise _unwritable(folder, exc) from None
+        raise _unwritable(folder, exc, setting) from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
