@@ -325,7 +325,7 @@ def keep_tokenizer(tokenizer, source: str, out: Path, resume: bool) -> None:
             raise ConfigError(
                 f"{out} was trained with the tokenizer kept in {kept}, and the one this run reads "
                 f"({source}) differs from it (about {differ} of {len(trained)} tokens): the run's "
-                f"vocabulary was built again since; put the kept one back where this run reads "
+                "vocabulary was built again since; put the kept one back where this run reads "
                 "it, or train afresh under another run.name")
         return
     tokenizer.save_pretrained(str(kept))

@@ -276,12 +276,12 @@ class Trainer:
         resumed with more epochs would go on at the schedule's final rate (0 by default) and one
         resumed with a lower rate would ignore it. Where the settings differ, a warning names them
         and the rate at the resumed step under both; where they are the same, resume is exact."""
-        then = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
-        now = [len(group["params"]) for group in self.optimizer.param_groups]
-        if then != now:
+        saved_sizes = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+        sizes = [len(group["params"]) for group in self.optimizer.param_groups]
+        if saved_sizes != sizes:
             raise ConfigError(
                 f"checkpoint {path} trained other parameters than this run would (tensors per "
-                f"optimizer group: {then}; this run's: {now}): a setting that freezes or adds "
+                f"optimizer group: {saved_sizes}; this run's: {sizes}): a setting that freezes or adds "
                 "parameters changed since; resume with the settings it was trained with, or train "
                 "afresh under another run.name")
         schedule = self.scheduler.state_dict()
@@ -472,7 +472,7 @@ class Trainer:
         logger.log(row)
         bad = ", ".join(f"{k} {v:.4g}" for k, v in {**losses, "grad_norm": row["grad_norm"]}.items()
                         if not math.isfinite(v)) or "none"
-        newest = ckpt.latest_checkpoint(self.out_dir / CHECKPOINT_DIR) if self.dist.is_main else None
+        newest = ckpt.latest_checkpoint(self.out_dir / CHECKPOINT_DIR)
         raise TrainingDiverged(
             f"step {self.step} (epoch {self.epoch}, stage {self.stage.name}) gave a non-finite "
             f"{bad} at learning rate {row['lr']:.3g}; its update was not saved, and the newest "
