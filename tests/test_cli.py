@@ -227,7 +227,7 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     ddp_log = [json.loads(line) for line in (ddp / "pretrain" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in ddp_log] == [1, 2]
     assert (ddp / "pretrain" / "tokenizer" / "tokenizer.json").is_file()
-    assert (ddp / "pretrain" / ".unimed-pretrain.lock").read_text().startswith("pid ")
+    assert (ddp / "pretrain" / ".unimed-pretrain.lock").read_text() == ""  # the hold ended with the run
 
     # A learning rate that blows the weights up: one line naming the step and the newest checkpoint.
     capsys.readouterr()
@@ -314,7 +314,8 @@ def test_a_folder_is_held_by_one_process_at_a_time(tmp_path: Path, caplog):
             with holding(folder, "pretrain"):
                 pytest.fail("held twice")
     with holding(folder, "pretrain"):
-        pass
+        assert (folder / ".unimed-pretrain.lock").read_text().startswith(f"pid {os.getpid()} on ")
+    assert (folder / ".unimed-pretrain.lock").read_text() == ""  # left empty: equal outputs stay equal
 
     def no_locks(handle, operation):
         raise OSError(errno.ENOLCK, "No locks available")

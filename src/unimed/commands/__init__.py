@@ -88,7 +88,8 @@ def holding(folder: Path, job: str, setting: str = "run.output_dir") -> Iterator
     processes writing one folder would mix their checkpoints, or move each other's evaluation away.
 
     The hold is an advisory lock (``flock``) on ``.unimed-<job>.lock`` in `folder`, released when
-    the process ends however it ends, so a killed run leaves none behind. A file system without
+    the process ends however it ends, so a killed run leaves none behind; the file holds the
+    holder's line while the job runs and is left empty after it. A file system without
     locks (some network mounts) is a warning, and the job goes on unguarded; a folder that cannot
     be written is a ConfigError naming the `setting` that chose it."""
     path = folder / f".unimed-{job.replace(' ', '-')}.lock"
@@ -98,6 +99,7 @@ def holding(folder: Path, job: str, setting: str = "run.output_dir") -> Iterator
     except OSError as exc:
         raise _unwritable(folder, exc, setting) from None
     with handle:
+        locked = True
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,12 +111,18 @@ def holding(folder: Path, job: str, setting: str = "run.output_dir") -> Iterator
         except OSError as exc:
             log.warning("cannot lock %s (%s): a second process writing the %s there at the same "
                         "time would not be stopped", path, exc.strerror or exc, job)
-        else:
+            locked = False
+        if locked:
             since = datetime.datetime.now().isoformat(timespec="seconds")
             handle.truncate(0)
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
             handle.flush()
-        yield
+        try:
+            yield
+        finally:  # the holder's line goes with the hold: two worlds of one seed stay equal, file for file
+            if locked:
+                with contextlib.suppress(OSError):
+                    handle.truncate(0)
 
 
 from unimed.commands import phantom  # noqa: E402,F401  (each module registers its sub-commands)
