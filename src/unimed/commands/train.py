@@ -244,6 +244,11 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 """A Hugging Face folder holds its (BERT WordPiece) tokenizer in one of these."""
 
 
+def holds_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer (one of `TOKENIZER_FILES`)."""
+    return any((folder / file).is_file() for file in TOKENIZER_FILES)
+
+
 def _local_model_dir(name: str, key: str, *, model: bool = True) -> str:
     """`name` (a packaged encoder or a path) as a local folder holding a tokenizer and, when
     `model`, a model's config.json; anything else, such as a model hub id or a folder without
@@ -255,7 +260,7 @@ def _local_model_dir(name: str, key: str, *, model: bool = True) -> str:
                           f"{', '.join(PACKAGED_ENCODERS)}); models are never downloaded")
     if model and not (folder / "config.json").is_file():
         raise ConfigError(f"{key}={name}: {folder} holds no config.json, so no model to load")
-    if not any((folder / file).is_file() for file in TOKENIZER_FILES):
+    if not holds_tokenizer(folder):
         raise ConfigError(f"{key}={name}: {folder} holds no tokenizer "
                           f"({' or '.join(TOKENIZER_FILES)})")
     return path
@@ -299,7 +304,7 @@ def trained_tokenizer_dir(cfg: Config, checkpoint: str | Path) -> str:
         kept = checkpoint_config(checkpoint).parent / TOKENIZER_DIR
     except FileNotFoundError:
         return tokenizer_dir(cfg)
-    return str(kept) if any((kept / file).is_file() for file in TOKENIZER_FILES) else tokenizer_dir(cfg)
+    return str(kept) if holds_tokenizer(kept) else tokenizer_dir(cfg)
 
 
 def keep_tokenizer(tokenizer, source: str, out: Path, resume: bool) -> None:
@@ -317,7 +322,7 @@ def keep_tokenizer(tokenizer, source: str, out: Path, resume: bool) -> None:
     from unimed.train.loop import CHECKPOINT_DIR
 
     kept = out / TOKENIZER_DIR
-    if resume and checkpoints(out / CHECKPOINT_DIR) and any((kept / f).is_file() for f in TOKENIZER_FILES):
+    if resume and checkpoints(out / CHECKPOINT_DIR) and holds_tokenizer(kept):
         trained = AutoTokenizer.from_pretrained(str(kept), local_files_only=True).get_vocab()
         now = tokenizer.get_vocab()
         if now != trained:
@@ -346,10 +351,10 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
         resolve_precision(cfg.train.precision, info.device)  # one that cannot run fails before data is read
         seed_everything(cfg.run.seed, info.rank)
         with writable_run_dir(cfg, "pretrain", info.is_main, resume) as out:
-            encoder = text_encoder_dir(cfg)
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg), local_files_only=True)
+            encoder, source = text_encoder_dir(cfg), tokenizer_dir(cfg)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             if info.is_main:
-                keep_tokenizer(tokenizer, tokenizer_dir(cfg), out, resume)
+                keep_tokenizer(tokenizer, source, out, resume)
             records = pretrain_records(cfg)
             method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
             volume = next((r for r in records if r.ndim == 3), None)
