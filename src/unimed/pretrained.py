@@ -415,8 +415,8 @@ def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
     for prompt_file in sorted(pretrained.prompt_dir.glob("*.yaml")):
         shutil.copyfile(prompt_file, out / PROMPTS_DIR / prompt_file.name)
     preprocess = {
-        "input": "grey image, pixels scaled to [0, 1] by bit depth (DICOM: BitsStored, MONOCHROME1 "
-                 "inverted), repeated to 3 channels",
+        "input": "grey image, pixels scaled to [0, 1] by bit depth (DICOM: its VOI LUT or window, "
+                 "else BitsStored; MONOCHROME1 inverted), repeated to 3 channels",
         "resize_size": pretrained.resize_size,
         "image_size": pretrained.image_size,
         "geometry": "resize to resize_size x resize_size, then centre crop image_size",

@@ -41,6 +41,79 @@ def test_dicom_monochrome2_and_inverted_monochrome1(array: np.ndarray, tmp_path:
     np.testing.assert_allclose(load_image(tmp_path / "m1.dcm"), 1.0 - array / scale, atol=1e-6)
 
 
+# A CR image as detectors store it: 12 of 16 bits, values in the part of the range bodies reach.
+STORED12 = np.random.default_rng(12).integers(1200, 3100, (24, 20)).astype(np.uint16)
+
+
+def _with_voi(path: Path, stored: np.ndarray = STORED12, photometric: str = "MONOCHROME2",
+              **elements: object) -> Path:
+    """A 12-bit DICOM of `stored` carrying the VOI LUT Module (and other) `elements` given."""
+    import pydicom
+
+    write_dicom(path, stored, photometric=photometric)
+    ds = pydicom.dcmread(path)
+    ds.BitsStored, ds.HighBit = 12, 11
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+    return path
+
+
+def _linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 (LINEAR), its output range taken as [0, 1]."""
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_window_shows_the_window_over_the_whole_unit_range(photometric: str, tmp_path: Path) -> None:
+    """Scaled by its 12 bits alone this image would fill [0.29, 0.76]; its window makes it [0, 1]."""
+    path = _with_voi(tmp_path / "w.dcm", photometric=photometric, WindowCenter=2150, WindowWidth=1300)
+    expected = _linear_window(STORED12.astype(np.float64), 2150, 1300)
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    image = load_image(path)
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+    assert image.min() == 0.0 and image.max() == 1.0
+
+
+def test_dicom_window_follows_the_rescale_and_takes_the_first_of_several(tmp_path: Path) -> None:
+    """The modality rescale comes before the window; of two windows the first is the default."""
+    path = _with_voi(tmp_path / "r.dcm", RescaleSlope=2, RescaleIntercept=-1000,
+                     WindowCenter=[3300, 100], WindowWidth=[2000, 50])
+    expected = _linear_window(STORED12 * 2.0 - 1000.0, 3300, 2000)
+    np.testing.assert_allclose(load_image(path), expected, atol=1e-6)
+
+
+def test_dicom_sigmoid_window(tmp_path: Path) -> None:
+    path = _with_voi(tmp_path / "s.dcm", WindowCenter=2000, WindowWidth=800, VOILUTFunction="SIGMOID")
+    expected = 1.0 / (1.0 + np.exp(-4.0 * (STORED12 - 2000.0) / 800.0))  # PS3.3 C.11.2.1.3.1
+    np.testing.assert_allclose(load_image(path), expected, atol=1e-5)
+
+
+def test_dicom_voi_lut_is_preferred_and_scaled_by_its_own_entries(tmp_path: Path) -> None:
+    """A LUT declaring 16-bit entries that hold 100..3000 (as many CR LUTs do): its entries, not
+    the declared depth, are the range; it wins over a window given beside it."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    first, entries = 1500, 1024
+    table = np.round(100 + 2900 * np.linspace(0.0, 1.0, entries) ** 0.7).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [entries, first, 16]
+    item.LUTData = table.astype("<u2").tobytes()
+    path = _with_voi(tmp_path / "l.dcm", VOILUTSequence=Sequence([item]), WindowCenter=2150, WindowWidth=1300)
+    expected = (table[np.clip(STORED12.astype(np.int64) - first, 0, entries - 1)] - 100.0) / 2900.0
+    np.testing.assert_allclose(load_image(path), expected, atol=1e-6)
+
+
+def test_dicom_invalid_window_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    path = _with_voi(tmp_path / "bad-window.dcm", WindowCenter=2000, WindowWidth=0)
+    with pytest.raises(DataError) as info:
+        load_image(path)
+    assert info.value.reason == UNREADABLE_IMAGE and "\n" not in str(info.value)
+    assert str(info.value).startswith(f"{path}: cannot read image (") and "Window Width" in str(info.value)
+
+
 def _compressed(source: Path, target: Path, syntax: str) -> None:
     """`source` re-encoded with the transfer syntax `syntax` (a gdcm.TransferSyntax name), by GDCM."""
     import gdcm

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
 from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
 
@@ -36,8 +37,8 @@ def is_dicom(path: str | Path) -> bool:
 def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     """Read an image as float32 (H, W) in [0, 1]; raises DataError naming the file when it cannot.
 
-    DICOM is scaled by its stored bit depth (MONOCHROME1 inverted so bright is dense); PNG/JPEG by
-    their bit depth; colour images are converted to grey. With `min_side`, a JPEG is decoded at the
+    DICOM is shown as its VOI LUT or window says (MONOCHROME1 inverted so bright is dense), or
+    scaled by its stored bit depth where it has neither; PNG/JPEG by their bit depth; colour images are converted to grey. With `min_side`, a JPEG is decoded at the
     smallest of its DCT scales (1/2, 1/4, 1/8) whose sides stay >= `min_side` (Pillow's ``draft``:
     several times faster for a 3000-px radiograph that is resized to 256 px anyway); other formats
     are read at full size.
@@ -75,17 +76,45 @@ def _load_dicom(path: Path) -> np.ndarray:
     GDCM (also JPEG lossless, the usual compression of CR / DX images, and JPEG-LS), pydicom's own
     RLE. 12-bit JPEG Extended is left unread (only a GPL decoder reads it): a DataError."""
     ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array.astype(np.float32)  # (H, W)
-    if int(getattr(ds, "PixelRepresentation", 0)) == 0:
-        bits = int(getattr(ds, "BitsStored", 8 * pixels.itemsize))
-        image = pixels / float(2**bits - 1)
-    else:
+    stored = ds.pixel_array  # (H, W)
+    image = _shown(stored, ds)
+    if image is None and int(getattr(ds, "PixelRepresentation", 0)) == 0:
+        bits = int(getattr(ds, "BitsStored", 8 * stored.itemsize))
+        image = stored.astype(np.float32) / float(2**bits - 1)
+    elif image is None:
         # Signed data (rare for radiographs) has no fixed range, so it is min-max scaled.
-        low, high = float(pixels.min()), float(pixels.max())
-        image = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+        image = _unit_range(stored.astype(np.float32), float(stored.min()), float(stored.max()))
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         image = 1.0 - image
     return image
+
+
+def _shown(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+    """The image as its VOI LUT Module says to show it (PS3.3 C.11.2), in [0, 1]; None without one.
+
+    CR / DX images store 10-16 bit detector values of which the window or LUT picks the part worth
+    seeing (MIMIC-CXR-JPG was made this way): scaled by bit depth alone, such an image fills a
+    third of [0, 1]. The modality LUT (rescale) comes first; the VOI LUT is preferred to the window
+    where both are given, as pydicom does; the first of several windows is the default one. The
+    result is scaled by the VOI's output range: the window's, or the LUT's lowest and highest entry
+    (LUTs declaring 16-bit entries that hold 12-bit values are common)."""
+    values = apply_modality_lut(stored, ds)
+    lut = ds.get("VOILUTSequence")
+    if lut and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]:
+        entries, first = int(lut[0].LUTDescriptor[0]) or 2**16, int(lut[0].LUTDescriptor[1])
+        table = apply_voi(np.arange(first, first + entries), ds)
+        shown = apply_voi(np.rint(values).astype(np.int64), ds)
+        low, high = float(table.min()), float(table.max())
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        shown = apply_windowing(values, ds)
+        low, high = (float(v) for v in apply_windowing(np.array([-np.inf, np.inf]), ds))
+    else:
+        return None
+    return _unit_range(shown.astype(np.float32), low, high)
+
+
+def _unit_range(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
 def check_image(path: str | Path) -> None:
