@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import unimed
-from test_cli import TINY, _tiny_english_bert
+from test_cli import TINY, TINY_PRIOR, _tiny_english_bert
 from unimed.cli import main
 from unimed.config import load_run_config
 from unimed.errors import ConfigError
@@ -634,3 +634,97 @@ def test_preset_encoders_without_baselines_need_no_mlm_output_of_the_preset(tiny
     assert trained.name == load_run_config(checkpoint_config(find_checkpoint(tiny_run))).method.name
     with pytest.raises(ConfigError, match="no text encoder"):
         preset_encoders(preset, [tiny_run], ("init",))
+
+
+def _warm_start(tiny_run: Path, out: Path, source: Path, *overrides: str) -> int:
+    """`unimed pretrain` of a new run `out/warm` of the tiny preset, with the tiny run's MLM text
+    encoder, started from `source` (`train.init_from`) for one step at a learning rate that moves
+    no weight measurably."""
+    root = tiny_run.parent.parent
+    return main(["pretrain", str(root / "tiny.yaml"), f"run.output_dir={out}", "run.name=warm",
+                 f"data.root={root / 'world'}", f"method.text.encoder={tiny_run / 'mlm'}",
+                 f"train.init_from={source}", "train.lr=1e-30", "train.max_steps=1", *overrides,
+                 "--quiet"])
+
+
+def _assert_started_from(file: Path, expected: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """The weights in `file` are `expected` one step (that moved no weight) later: the batch norms'
+    running statistics moved by the step's batch, their count of batches on from the source's."""
+    got = load_file(file)
+    assert expected and all(prefix + name in got for name in expected)
+    counts = [name for name in expected if name.endswith("num_batches_tracked")]
+    assert counts
+    for name, tensor in expected.items():
+        if name in counts:
+            assert int(got[prefix + name]) > int(tensor) > 0, name
+        elif not name.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(got[prefix + name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_warm_started_run_starts_from_the_checkpoints_weights_under_a_fresh_schedule(
+        tiny_run: Path, tmp_path: Path):
+    from unimed.train.checkpoint import WEIGHTS_FILE, training_progress
+
+    assert _warm_start(tiny_run, tmp_path, tiny_run) == 0
+    source = find_checkpoint(tiny_run)
+    warm = find_checkpoint(tmp_path / "warm")
+    _assert_started_from(warm / WEIGHTS_FILE, load_file(source / WEIGHTS_FILE))
+    assert training_progress(warm)[0] == 1 and training_progress(source)[0] > 1
+    saved = load_run_config(checkpoint_config(warm))
+    assert Path(saved.train.init_from) == tiny_run
+
+
+def test_a_run_warm_started_from_an_export_loads_its_model_and_resumes_without_it(
+        tiny_run: Path, tmp_path: Path, monkeypatch):
+    """The export's model, every tensor, the method told so (UniMedI's teacher then starts as the
+    student: tests/train/test_methods.py); a resume continues from the run's own checkpoint, so
+    the source may have gone meanwhile."""
+    from unimed.methods.base import Method
+    from unimed.train.checkpoint import WEIGHTS_FILE
+
+    exported = tmp_path / "exported"
+    assert main(["export", str(tiny_run), str(exported), "--quiet"]) == 0
+    told = []
+    monkeypatch.setattr(Method, "start_from_model", lambda self: told.append(type(self).__name__))
+    assert _warm_start(tiny_run, tmp_path, exported) == 0
+    assert told == ["MedUniCMethod"]
+    model = load_file(exported / WEIGHTS_FILE)
+    _assert_started_from(find_checkpoint(tmp_path / "warm") / WEIGHTS_FILE, model, prefix="model.")
+    exported.rename(tmp_path / "gone")
+    assert _warm_start(tiny_run, tmp_path, exported, "train.max_steps=2", "--resume") == 0
+    assert find_checkpoint(tmp_path / "warm").name.endswith("2")
+
+
+def test_a_warm_start_the_run_cannot_take_is_one_line_before_any_step(tiny_run: Path, tmp_path: Path,
+                                                                       capsys):
+    from unimed.train.checkpoint import checkpoints
+
+    kept = tiny_run / "pretrain" / "tokenizer"
+    cases = [
+        ([f"method.text.encoder={tiny_run.parent.parent / 'english_bert'}"],
+         f"was trained with the tokenizer in {kept}, and this run's"),
+        (["method.projector.embed_dim=16"],
+         "its weights do not fit this run's model (8 tensors of another shape"),
+        ([f"train.init_from={tmp_path / 'nothing'}"],
+         f"train.init_from={tmp_path / 'nothing'}: no checkpoint at"),
+    ]
+    for overrides, expected in cases:
+        assert _warm_start(tiny_run, tmp_path, tiny_run, *overrides) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
+        assert not checkpoints(tmp_path / "warm" / "pretrain" / "checkpoints")
+    prior = yaml.safe_load((tiny_run.parent.parent / "tiny.yaml").read_text())
+    prior["method"] = TINY_PRIOR["method"]
+    (tmp_path / "prior.yaml").write_text(yaml.safe_dump(prior))
+    assert main(["pretrain", str(tmp_path / "prior.yaml"), f"run.output_dir={tmp_path}",
+                 f"data.root={tiny_run.parent.parent / 'world'}", f"method.text.encoder={tiny_run / 'mlm'}",
+                 f"train.init_from={tiny_run}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_run} holds a medunic model and this run trains prior" in err and err.count("\n") == 1, err
+    exported = tmp_path / "exported"
+    assert main(["export", str(tiny_run), str(exported), "--quiet"]) == 0
+    weights = exported / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert _warm_start(tiny_run, tmp_path, exported) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load weights from {weights}" in err and err.count("\n") == 1, err

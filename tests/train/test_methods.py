@@ -171,6 +171,21 @@ def test_kill_and_resume_continue_on_the_same_loss_curve(name, world, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=key)
 
 
+def test_unimedi_teacher_starts_as_the_student_its_model_was_replaced_by(world):
+    """A warm start from an exported model (`train.init_from`) replaces the model alone; the
+    teacher, a copy of the student's image encoder when built, must follow it."""
+    source, _ = _build("unimedi", world, seed=0)
+    method, _ = _build("unimedi", world, seed=7)
+    method.model.load_state_dict(source.model.state_dict())
+    student = source.model.visual.state_dict()
+    assert any(not torch.equal(t, student[n]) for n, t in method.teacher.state_dict().items())
+    method.start_from_model()
+    assert method.teacher.state_dict().keys() == student.keys()
+    for name, tensor in method.teacher.state_dict().items():
+        assert torch.equal(tensor, student[name]), name
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+
+
 @pytest.mark.parametrize("name", [f"{name}-cached" for name in CACHED])
 def test_training_fills_the_text_cache_and_evaluation_leaves_it(name, world, tmp_path):
     method, loaders = _build(name, world)

@@ -343,8 +343,9 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     from transformers import AutoTokenizer
 
     from unimed.methods import create_method
+    from unimed.train.checkpoint import checkpoints
     from unimed.train.distributed import cleanup, init_distributed, seed_everything
-    from unimed.train.loop import resolve_precision, train
+    from unimed.train.loop import CHECKPOINT_DIR, resolve_precision, train
 
     info = init_distributed()
     try:
@@ -357,6 +358,8 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
                 keep_tokenizer(tokenizer, source, out, resume)
             records = pretrain_records(cfg)
             method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
+            if cfg.train.init_from is not None and not (resume and checkpoints(out / CHECKPOINT_DIR)):
+                warm_start(method, cfg, tokenizer, source)
             volume = next((r for r in records if r.ndim == 3), None)
             if volume is not None and not method.reads_volumes:
                 raise ConfigError(f"data.pretrain_datasets: {volume.dataset} holds CT volumes "
@@ -370,6 +373,74 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
                          progress=progress and info.is_main)
     finally:
         cleanup()
+
+
+def warm_start(method, cfg: Config, tokenizer, source: str) -> None:
+    """Load the weights `train.init_from` names into the freshly built `method` (the run's optimizer
+    and schedule start fresh): every tensor of a run's checkpoint of the same method, or the model
+    of an exported folder (the method's own parts, such as PRIOR's prototypes or UniMedI's heads,
+    keep their initialisation; UniMedI's teacher starts as the loaded student). The source must
+    have been trained with this run's tokenizer (`source`), whose token ids its text encoder's
+    embeddings are rows of, and with this run's architecture: either mismatch is one ConfigError
+    line saying which setting to change, before any step."""
+    from transformers import AutoTokenizer
+
+    from unimed.config import load_config, load_run_config
+    from unimed.pretrained import TOKENIZER_DIR, is_export
+    from unimed.train.checkpoint import (
+        WEIGHTS_FILE, checkpoint_config, find_checkpoint, load_weights, unfinished)
+
+    key = f"train.init_from={cfg.train.init_from}"
+    path = Path(cfg.train.init_from)
+    if is_export(path):
+        trained, kept, weights, target = (load_config(path / CONFIG_FILE), path / TOKENIZER_DIR, path,
+                                          method.model)
+    else:
+        try:
+            weights = find_checkpoint(path)
+            trained = load_run_config(checkpoint_config(weights))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        kept, target = Path(trained_tokenizer_dir(trained, weights)), method
+        unfinished(weights)
+    if trained.method.name != cfg.method.name:
+        raise ConfigError(f"{key} holds a {trained.method.name} model and this run trains "
+                          f"{cfg.method.name}: warm starts are within one method")
+    vocabulary = AutoTokenizer.from_pretrained(str(kept), local_files_only=True).get_vocab()
+    if vocabulary != tokenizer.get_vocab():
+        raise ConfigError(f"{key} was trained with the tokenizer in {kept}, and this run's ({source}) "
+                          "differs from it: its text encoder's embeddings are rows of that "
+                          f"tokenizer's ids, so set method.text.tokenizer={kept}")
+    _fits(target, weights / WEIGHTS_FILE, key)
+    load_weights(target, weights / WEIGHTS_FILE)
+    if target is not method:
+        method.start_from_model()
+    log.info("%s: the run starts from the weights of %s%s", cfg.method.name, weights,
+             "" if target is method else " (an exported model; the method's own parts start fresh)")
+
+
+def _fits(model, file: Path, key: str) -> None:
+    """A ConfigError naming the first tensor where the weights in `file` and `model` differ in name
+    or shape: the source was trained under other architecture settings."""
+    from safetensors import SafetensorError, safe_open
+
+    from unimed.train.checkpoint import CheckpointError
+
+    wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    try:
+        with safe_open(str(file), "pt") as stored:
+            held = {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot load weights from {file}: {exc}") from None
+    differ = sorted(n for n in wanted.keys() & held.keys() if wanted[n] != held[n])
+    missing, extra = sorted(wanted.keys() - held.keys()), sorted(held.keys() - wanted.keys())
+    if differ or missing or extra:
+        first = (f"{differ[0]} is {list(held[differ[0]])} there and {list(wanted[differ[0]])} here"
+                 if differ else f"{(missing or extra)[0]} is {'not there' if missing else 'not here'}")
+        raise ConfigError(f"{key}: its weights do not fit this run's model ({len(differ)} tensors "
+                          f"of another shape, {len(missing)} missing, {len(extra)} unexpected; "
+                          f"{first}): its method settings (image encoder, text encoder, sizes) must "
+                          "be this run's")
 
 
 def print_loss_summary(history: list[dict[str, float]], label: str = "") -> None:

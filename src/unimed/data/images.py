@@ -38,10 +38,10 @@ def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     """Read an image as float32 (H, W) in [0, 1]; raises DataError naming the file when it cannot.
 
     DICOM is shown as its VOI LUT or window says (MONOCHROME1 inverted so bright is dense), or
-    scaled by its stored bit depth where it has neither; PNG/JPEG by their bit depth; colour images are converted to grey. With `min_side`, a JPEG is decoded at the
-    smallest of its DCT scales (1/2, 1/4, 1/8) whose sides stay >= `min_side` (Pillow's ``draft``:
-    several times faster for a 3000-px radiograph that is resized to 256 px anyway); other formats
-    are read at full size.
+    scaled by its stored bit depth where it has neither; PNG/JPEG by their bit depth; colour images
+    are converted to grey. With `min_side`, a JPEG is decoded at the smallest of its DCT scales
+    (1/2, 1/4, 1/8) whose sides stay >= `min_side` (Pillow's ``draft``: several times faster for a
+    3000-px radiograph that is resized to 256 px anyway); other formats are read at full size.
     """
     path = Path(path)
     if not path.is_file():

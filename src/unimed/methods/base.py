@@ -94,6 +94,10 @@ class Method(nn.Module):
         None. DDP needs ``find_unused_parameters`` then; the loop turns it on and says why."""
         return None
 
+    def start_from_model(self) -> None:
+        """Called after ``self.model``'s weights were replaced from outside (``train.init_from`` an
+        exported model): what the method derived from the model when it was built follows it."""
+
     def after_optimizer_step(self, ctx: StepContext) -> None:
         """Called after every optimizer step (EMA teachers, temperature schedules, queues)."""
 

@@ -138,6 +138,11 @@ class UniMedIMethod(Method):
         normalisation undoes)."""
         return torch.zeros_like(grad) if self._frozen_last_layer else grad
 
+    def start_from_model(self) -> None:
+        """The teacher starts as the student's image encoder, as when it was built."""
+        if self.teacher is not None:
+            self.teacher.load_state_dict(self.model.visual.state_dict())
+
     def after_optimizer_step(self, ctx: StepContext) -> None:
         """Move the teacher (E_v and heads) towards the student."""
         if self.teacher is None:

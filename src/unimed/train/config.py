@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from unimed.bounds import check_bounds
+from unimed.bounds import check_bounds, path_option
 
 LOADER_MIXES = ("alternate", "proportional")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -34,6 +34,11 @@ class TrainConfig:
     evenly; "alternate" takes them in turn and stops when the shortest is spent, so the longer
     loaders' later batches are never reached in that epoch (see
     :func:`unimed.train.loop.mix_schedule`).
+    `init_from` starts the run from another run's weights (a warm start: continued pre-training on
+    other data, say) under this run's fresh optimizer and schedule: a run or checkpoint folder of
+    the same method (every tensor, heads and teachers included) or a folder of ``unimed export``
+    (its model; the method's own parts start fresh). It applies when the run starts; a resumed run
+    continues from its own checkpoint. See :func:`unimed.commands.train.warm_start`.
     """
 
     epochs: int = 50
@@ -58,6 +63,7 @@ class TrainConfig:
     channels_last: bool = False
     epoch_steps: int | None = None
     loader_mix: str = "proportional"
+    init_from: str | None = path_option(None)
 
     def __post_init__(self) -> None:
         check_bounds("train", self,
