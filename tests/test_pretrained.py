@@ -728,3 +728,62 @@ def test_a_warm_start_the_run_cannot_take_is_one_line_before_any_step(tiny_run: 
     assert _warm_start(tiny_run, tmp_path, exported) == 2
     err = capsys.readouterr().err
     assert f"cannot load weights from {weights}" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_evaluation_that_stopped_goes_on_where_it_stopped(tiny_run: Path, workers: int, monkeypatch,
+                                                             capsys):
+    """A task that fails in the last job (a crash, a preempted job) used to cost the whole
+    evaluation; run again, it now takes the finished jobs (their metrics, replicates and figures)
+    from evaluation_jobs/ and runs the rest: the same numbers as an evaluation never stopped. A
+    store kept under another config is not read; the store goes once the evaluation is written."""
+    import time
+
+    from unimed.eval.errors import EvalError
+    from unimed.eval.tasks import TASKS
+
+    runs = {name: tiny_run.parent / f"tiny_{name}_{workers}" for name in ("whole", "stopped")}
+    for run in runs.values():
+        shutil.copytree(tiny_run, run)
+    args = ["--tasks", "zero_shot,gradcam,retrieval,bias", "eval.baselines=[random]",
+            f"eval.workers={workers}", "--quiet"]
+    try:
+        assert main(["evaluate", str(runs["whole"]), *args]) == 0
+        whole = json.loads((runs["whole"] / "metrics.json").read_text())
+        bias, calls = TASKS.get("bias"), []
+        store = runs["stopped"] / "evaluation_jobs"
+
+        def kept() -> list[Path]:
+            return [p for p in store.iterdir() if not p.name.startswith(".")] if store.exists() else []
+
+        def fails_last(encoder, ctx):  # the random encoder's bias audit, once every other job ended
+            if encoder.name != "random":
+                return bias(encoder, ctx)
+            for _ in range(600):
+                if len(kept()) == 5:
+                    break
+                time.sleep(0.1)
+            raise EvalError("the bias audit failed")
+
+        monkeypatch.setitem(TASKS._items, "bias", fails_last)
+        assert main(["evaluate", str(runs["stopped"]), *args]) == 2
+        assert len(kept()) == 5
+        monkeypatch.setitem(TASKS._items, "bias", bias)
+        for task in ("zero_shot", "gradcam"):  # finished for both encoders: must not run again
+            monkeypatch.setitem(TASKS._items, task, lambda encoder, ctx: calls.append(encoder.name))
+        assert main(["evaluate", str(runs["stopped"]), *args]) == 0
+        assert calls == [] and not store.exists()
+        resumed = json.loads((runs["stopped"] / "metrics.json").read_text())
+        for metrics in (whole, resumed):
+            for entry in metrics["encoders"].values():
+                del entry["seconds"]
+        assert resumed["encoders"] == whole["encoders"] and resumed["splits"] == whole["splits"]
+        figures = [f for e in whole["encoders"].values() for f in e["tasks"]["gradcam"]["figures"].values()]
+        assert figures and all((runs["stopped"] / "eval" / f).is_file() for f in figures)
+        saved = dict(np.load(runs["stopped"] / "bootstrap.npz"))
+        with np.load(runs["whole"] / "bootstrap.npz") as expected:
+            assert sorted(saved) == sorted(expected.files)
+            assert all(np.array_equal(saved[k], expected[k], equal_nan=True) for k in expected.files)
+    finally:
+        for run in runs.values():
+            shutil.rmtree(run)

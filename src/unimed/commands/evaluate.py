@@ -10,7 +10,9 @@ evaluation sets, whose SHA-256 metrics.json and the report list. When a 3D task 
 viewer figure of each of its datasets goes there too (once per run: it shows data, not an encoder).
 An evaluation never replaces an earlier one in place: that one moves to
 previous_evaluations/<its creation time>/ first, and back if the new one fails
-(:func:`replacing_evaluation`).
+(:func:`replacing_evaluation`). Its finished jobs are kept in evaluation_jobs/ until it is written,
+so one that stopped (Ctrl-C, a preempted job, a failed task) goes on where it stopped when run again
+(:mod:`unimed.eval.jobs`).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import numpy as np
 from unimed.commands import command, holding, run_dir
 from unimed.commands.train import text_encoder_dir, tokenizer_dir, trained_tokenizer_dir
 from unimed.commands.tables import print_table
-from unimed.config import CONFIG_FILE, Config, load_config, load_run_config
+from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, to_dict
 from unimed.errors import ConfigError
 from unimed.eval.config import TASK_NAMES, VOLUME_TASK_NAMES
 
 if TYPE_CHECKING:
+    from unimed.eval.jobs import JobStore
     from unimed.eval.volume_viewer import Regenerated
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ BOOTSTRAP_FILE = "bootstrap.npz"
 EVAL_DIR = "eval"
 PREVIOUS_DIR = "previous_evaluations"
 SPILL_DIR = ".spill"
+JOBS_DIR = "evaluation_jobs"
 LOSS_FIGURE = "loss_curves.png"
 
 
@@ -179,8 +183,9 @@ def run_evaluation(
         spill_dir = figures / SPILL_DIR
         ctx = TaskContext(EvalData(cfg.data, progress=progress, spill_dir=spill_dir), cfg.eval, figures,
                           progress)
+        store = job_store(cfg, out_dir)
         try:
-            results = evaluate(encoders, ctx, tasks)
+            results = evaluate(encoders, ctx, tasks, store)
         finally:
             shutil.rmtree(spill_dir, ignore_errors=True)
         metrics = {
@@ -213,7 +218,22 @@ def run_evaluation(
             metrics["ablation"] = previous["ablation"]
         metrics["seconds"] = round(time.perf_counter() - start, 1)
         write_outputs(metrics, out_dir, figures, ctx.replicates)
+        store.clear()
     return metrics
+
+
+def job_store(cfg: Config, out_dir: Path) -> JobStore:
+    """The store of the finished jobs of an evaluation of `out_dir` under `cfg`: keyed by its
+    evaluation and data config, the prompt files and this version of unimed (with each job's
+    encoder and tasks, :mod:`unimed.eval.jobs`)."""
+    from unimed import __version__
+    from unimed.eval.jobs import JobStore, context_identity
+    from unimed.eval.prompts import PROMPT_DIR
+
+    folders = {Path(section.prompt_dir or PROMPT_DIR) for section in (cfg.eval.zero_shot, cfg.eval.gradcam)}
+    context = context_identity(__version__, to_dict(cfg.eval), to_dict(cfg.data),
+                               files=[file for folder in folders for file in folder.glob("*.yaml")])
+    return JobStore(out_dir / JOBS_DIR, context)
 
 
 @contextlib.contextmanager

@@ -188,6 +188,8 @@ class EvalData:
         self._depths: dict[tuple[str, str], list[int]] = {}
         self._spill_keys: set[tuple] = set()  # keys of _slices memory-mapped from spill_dir
         self._noted: dict[tuple[str, str | None], None] = {}  # splits other processes read
+        self._fingerprints: dict[str, str] = {}
+        self._asked: list[set[str]] = []  # of each `asking` block open: the datasets asked for
 
     def decode(self, read: Callable[[R], T], items: Sequence[R], desc: str, unit: str
                ) -> Iterator[T]:
@@ -208,10 +210,37 @@ class EvalData:
 
     def records(self, dataset: str, split: str | None = None) -> list[Record]:
         """The dataset's records (one split, or all when `split` is None), in adapter order."""
+        for asked in self._asked:
+            asked.add(dataset)
         if dataset not in self._records:
             self._records[dataset] = load_from_config(dataset, self.cfg).records
         records = self._records[dataset]
         return records if split is None else [r for r in records if r.split == split]
+
+    @contextlib.contextmanager
+    def asking(self) -> Iterator[set[str]]:
+        """The set of the datasets whose records are asked for inside the block (what an
+        evaluation job read: :mod:`unimed.eval.jobs`)."""
+        asked: set[str] = set()
+        self._asked.append(asked)
+        try:
+            yield asked
+        finally:
+            self._asked.remove(asked)
+
+    def fingerprint(self, dataset: str) -> str:
+        """A SHA-256 of every field of every record of `dataset` and of the size and modification
+        time of each file they name: a relabelled, regenerated or rewritten dataset has another."""
+        if dataset not in self._fingerprints:
+            digest = hashlib.sha256()
+            for record in self.records(dataset):
+                digest.update(repr(record).encode())
+                for path in (record.image_path, record.mask_path):
+                    with contextlib.suppress(OSError, TypeError):
+                        stat = os.stat(path)
+                        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            self._fingerprints[dataset] = digest.hexdigest()
+        return self._fingerprints[dataset]
 
     def require(self, dataset: str, split: str | None = None) -> list[Record]:
         """`records`, but an empty result is an error naming the dataset, split and root."""

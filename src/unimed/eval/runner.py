@@ -11,7 +11,9 @@ longest first (`TASK_SECONDS`) as workers free up, so the evaluation does not en
 while the other workers idle; each job starts from the same global random state (the evaluation
 seed), so no result depends on which worker ran it or what it ran before. A worker
 decodes the data its jobs read itself (the parent's decoded splits are inherited, copy-on-write)
-and releases an encoder's features after each job.
+and releases an encoder's features after each job. Given a :class:`~unimed.eval.jobs.JobStore`,
+each finished job is kept there as it ends, and the jobs it holds are taken from it instead of run,
+so an evaluation that stopped goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from unimed.eval import (  # noqa: F401  (each task module registers itself in T
     zero_shot,
 )
 from unimed.eval.encoders import Encoder
+from unimed.eval.jobs import JobStore, encoder_identity
 from unimed.eval.tasks import TASKS, TaskContext
 from unimed.train.stop import leave_interrupts_to_parent
 
@@ -67,6 +70,10 @@ TASK_SECONDS: dict[str, float] = {
 
 Job = tuple[int, tuple[str, ...]]  # (index of the encoder, its tasks in run order)
 JobResult = tuple[dict, dict[str, float], dict[str, np.ndarray]]  # metrics, seconds, replicates
+Splits = list[tuple[str, str | None]]  # (dataset, split) pairs read
+# Called in this process as each job ends: the job, its result, the splits its process has read so
+# far and the fingerprints of the datasets the job read (EvalData.fingerprint).
+Finished = Callable[[Job, JobResult, Splits, dict[str, str]], None]
 
 
 def task_groups(tasks: Sequence[str]) -> list[tuple[str, ...]]:
@@ -87,11 +94,12 @@ def longest_first(jobs: Sequence[Job]) -> list[Job]:
     return sorted(jobs, key=lambda job: -sum(TASK_SECONDS.get(task, 0.0) for task in job[1]))
 
 
-def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]) -> dict:
+def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str],
+             store: JobStore | None = None) -> dict:
     """{"encoders": {name: {"label", "seconds": {task: s}, "tasks": {task: metrics}}}}.
 
     Every encoder runs every task on the same cached data, splits and seeds (see the module doc for
-    the jobs and ``eval.workers``).
+    the jobs, ``eval.workers`` and the `store` of finished jobs).
     """
     for task in tasks:
         TASKS.get(task)  # an unknown task fails before any work
@@ -99,13 +107,16 @@ def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]
         zero_shot.check_labels(ctx)  # so do a zero-shot set's unusable labels
     groups = task_groups(tasks)
     jobs: list[Job] = [(i, group) for i in range(len(encoders)) for group in groups]
-    workers = min(ctx.cfg.workers, len(jobs))
+    results, finished = _kept_jobs(encoders, ctx, jobs, store)
+    todo = [job for job in jobs if job not in results]
+    workers = min(ctx.cfg.workers, len(todo))
     on_cpu = all(encoder.device.type == "cpu" for encoder in encoders)
     if workers > 1 and not on_cpu:
         log.info("eval.workers=%d applies to a CPU evaluation; these encoders run in this process",
                  workers)
-    results = (_run_in_workers(encoders, ctx, jobs, workers) if workers > 1 and on_cpu
-               else _run_here(encoders, ctx, jobs))
+    if todo:
+        results.update(_run_in_workers(encoders, ctx, todo, workers, finished) if workers > 1 and on_cpu
+                       else _run_here(encoders, ctx, todo, finished))
     for job in jobs:  # in job order, whatever order the workers finished them in
         ctx.replicates.update(results[job][2])
     out: dict = {"encoders": {}}
@@ -119,40 +130,70 @@ def evaluate(encoders: Sequence[Encoder], ctx: TaskContext, tasks: Sequence[str]
     return out
 
 
-def _run_here(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Job]) -> dict[Job, JobResult]:
+def _kept_jobs(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Job], store: JobStore | None
+               ) -> tuple[dict[Job, JobResult], Finished | None]:
+    """The results of the `jobs` that `store` holds (their splits noted as read in ``ctx.data``),
+    and what keeps each job that ends from now on there (None without a store)."""
+    if store is None:
+        return {}, None
+    identities = [encoder_identity(encoder) for encoder in encoders]
+    keys = {job: store.key(identities[job[0]], job[1]) for job in jobs}
+    kept = {}
+    for job in jobs:
+        found = store.load(keys[job], ctx.data, ctx.out_dir)
+        if found is not None:
+            kept[job] = found[0]
+            ctx.data.note_read(found[1])
+    if kept:
+        log.info("evaluation: %d of %d jobs were finished by an earlier run of this evaluation (kept "
+                 "in %s); the other %d run now", len(kept), len(jobs), store.folder, len(jobs) - len(kept))
+
+    def finished(job: Job, result: JobResult, splits: Splits, datasets: dict[str, str]) -> None:
+        store.save(keys[job], result, splits, datasets, ctx.out_dir)
+
+    return kept, finished
+
+
+def _run_here(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Job], finished: Finished | None
+              ) -> dict[Job, JobResult]:
     """Every job in this process, in order; an encoder's features are released after its last job,
     so all its tasks share them."""
     results = {}
     for position, job in enumerate(tqdm(jobs, desc="evaluate", unit="job", disable=not ctx.progress)):
-        results[job] = _run_job(encoders[job[0]], ctx, job[1])
+        results[job], datasets = _run_job(encoders[job[0]], ctx, job[1], finished is not None)
+        if finished is not None:
+            finished(job, results[job], ctx.data.splits_read(), datasets)
         if position + 1 == len(jobs) or jobs[position + 1][0] != job[0]:
             ctx.features.release(encoders[job[0]].name)
     return results
 
 
-# What a forked worker inherits from the process that starts it: the encoders and the context.
+# What a forked worker inherits from the process that starts it: the encoders, the context and
+# whether its jobs are kept (their datasets' fingerprints then go with their results).
 _WORKER: dict[str, object] = {}
 
 
-def _start_worker(encoders: Sequence[Encoder], ctx: TaskContext, threads: int) -> None:
+def _start_worker(encoders: Sequence[Encoder], ctx: TaskContext, threads: int, keep: bool) -> None:
     leave_interrupts_to_parent()
     torch.set_num_threads(threads)
     ctx.progress = ctx.data.progress = False  # one progress bar: the parent's
-    _WORKER.update(encoders=encoders, ctx=ctx)
+    _WORKER.update(encoders=encoders, ctx=ctx, keep=keep)
 
 
-def _worker_job(job: Job) -> tuple[JobResult, list[tuple[str, str | None]]]:
-    """The job's result and the splits this worker has read so far."""
+def _worker_job(job: Job) -> tuple[JobResult, Splits, dict[str, str]]:
+    """The job's result, the splits this worker has read so far and the fingerprints of the
+    datasets the job read (where jobs are kept)."""
     encoders, ctx = _WORKER["encoders"], _WORKER["ctx"]
     encoder = encoders[job[0]]
     try:
-        return _run_job(encoder, ctx, job[1]), ctx.data.splits_read()
+        result, datasets = _run_job(encoder, ctx, job[1], bool(_WORKER["keep"]))
+        return result, ctx.data.splits_read(), datasets
     finally:
         ctx.features.release(encoder.name)
 
 
-def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Job], workers: int
-                    ) -> dict[Job, JobResult]:
+def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Job], workers: int,
+                    finished: Finished | None) -> dict[Job, JobResult]:
     """Every job in `workers` forked processes, dispatched longest first (:func:`longest_first`) as
     they free up; the splits the workers read are noted in ``ctx.data`` (what it publishes)."""
     threads = max(1, torch.get_num_threads() // workers)
@@ -161,13 +202,16 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
     others = set(multiprocessing.active_children())
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
-        initargs=(encoders, ctx, threads))
+        initargs=(encoders, ctx, threads, finished is not None))
     try:
         futures = {pool.submit(_worker_job, job): job for job in longest_first(jobs)}
         results, read = {}, {}
         done = concurrent.futures.as_completed(futures)
         for future in tqdm(done, total=len(jobs), desc="evaluate", unit="job", disable=not ctx.progress):
-            results[futures[future]], read[futures[future]] = future.result()
+            job = futures[future]
+            results[job], read[job], datasets = future.result()
+            if finished is not None:
+                finished(job, results[job], read[job], datasets)
     except BaseException:
         # A failed job or an interrupt ends the evaluation now: the workers are stopped, not left to
         # finish the jobs they hold, and the jobs not started are dropped. The pool's own thread
@@ -183,19 +227,23 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
     return results
 
 
-def _run_job(encoder: Encoder, ctx: TaskContext, tasks: tuple[str, ...]) -> JobResult:
-    """({task: metrics}, {task: seconds}, replicates) of `encoder` on `tasks`; each task starts
+def _run_job(encoder: Encoder, ctx: TaskContext, tasks: tuple[str, ...], fingerprints: bool = False
+             ) -> tuple[JobResult, dict[str, str]]:
+    """(({task: metrics}, {task: seconds}, replicates), {dataset: fingerprint} of the datasets
+    read, when asked for the `fingerprints`, else {}) of `encoder` on `tasks`; each task starts
     from the global random state of the evaluation seed."""
     metrics, seconds, replicates = {}, {}, {}
-    for task in tasks:
-        start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.cfg.seed)
-            metrics[task] = TASKS.get(task)(encoder, ctx)
-        replicates.update(pop_replicates(metrics[task], f"{encoder.name}/{task}"))
-        seconds[task] = round(time.perf_counter() - start, 2)
-        log.info("%s: %s took %.1f s", encoder.label, task, seconds[task])
-    return metrics, seconds, replicates
+    with ctx.data.asking() as datasets:
+        for task in tasks:
+            start = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(ctx.cfg.seed)
+                metrics[task] = TASKS.get(task)(encoder, ctx)
+            replicates.update(pop_replicates(metrics[task], f"{encoder.name}/{task}"))
+            seconds[task] = round(time.perf_counter() - start, 2)
+            log.info("%s: %s took %.1f s", encoder.label, task, seconds[task])
+    read = sorted(datasets) if fingerprints else []
+    return (metrics, seconds, replicates), {name: ctx.data.fingerprint(name) for name in read}
 
 
 def pop_replicates(tree: object, prefix: str) -> dict[str, np.ndarray]:
