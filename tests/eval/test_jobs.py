@@ -57,6 +57,11 @@ def test_a_kept_job_whose_records_changed_or_that_cannot_be_read_runs_again(tmp_
     with caplog.at_level(logging.INFO):
         assert store.load("job", Records(cxp500="relabelled"), figures) is None
     assert "the records of cxp500 changed" in caplog.text
+    (store.folder / "job" / "figures" / "zs" / "curve.png").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert store.load("job", Records(cxp500="same"), figures) is None
+    assert "cannot be read" in caplog.text and "curve.png" in caplog.text
+    caplog.clear()
     (store.folder / "job" / "result.json").write_text('{"metrics": ')
     with caplog.at_level(logging.WARNING):
         assert store.load("job", Records(cxp500="same"), figures) is None

@@ -81,24 +81,27 @@ class JobStore:
         """((metrics, seconds, replicates), splits read) of the kept job `key`, its figures copied
         back under `figures`; None where there is none or the records it read have changed."""
         folder = self.folder / key
+        if not folder.is_dir():
+            return None
         try:
             saved = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
             with np.load(folder / REPLICATES_FILE) as stored:
                 replicates = {name: stored[name] for name in stored.files}
-        except (OSError, ValueError) as exc:
-            if folder.exists():
-                log.warning("evaluation job kept in %s cannot be read (%s): it runs again", folder, exc)
+            metrics, seconds, datasets = saved["metrics"], saved["seconds"], saved["datasets"]
+            splits = [(dataset, split) for dataset, split in saved["splits"]]
+            changed = [d for d, fingerprint in datasets.items() if data.fingerprint(d) != fingerprint]
+            if not changed:
+                for name in _figures(metrics):
+                    (figures / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(folder / FIGURES_DIR / name, figures / name)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("the evaluation job kept in %s cannot be read (%s): it runs again", folder, exc)
             return None
-        changed = [d for d, fingerprint in saved["datasets"].items() if data.fingerprint(d) != fingerprint]
         if changed:
             log.info("the records of %s changed since the job kept in %s ran: it runs again",
                      ", ".join(changed), folder)
             return None
-        for name in _figures(saved["metrics"]):
-            (figures / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / FIGURES_DIR / name, figures / name)
-        splits = [(d, s) for d, s in saved["splits"]]
-        return (saved["metrics"], saved["seconds"], replicates), splits
+        return (metrics, seconds, replicates), splits
 
     def save(self, key: str, result: tuple[dict, dict, Mapping[str, np.ndarray]],
              splits: Iterable[tuple[str, str | None]], datasets: Mapping[str, str], figures: Path) -> None:
