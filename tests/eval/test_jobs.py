@@ -78,7 +78,8 @@ def test_an_unwritable_store_is_said_and_the_evaluation_goes_on(tmp_path: Path, 
     assert "cannot keep the finished evaluation job" in caplog.text
 
 
-def test_the_key_follows_the_config_the_prompts_the_encoder_and_the_tasks(tmp_path: Path, tiny_encoder) -> None:
+def test_the_key_follows_the_config_the_prompts_the_encoder_and_the_tasks(tmp_path: Path,
+                                                                           tiny_encoder) -> None:
     prompts = tmp_path / "en.yaml"
     prompts.write_text("pleural effusion: [effusion]\n")
     context = context_identity({"seed": 0}, files=[prompts])

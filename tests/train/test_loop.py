@@ -157,11 +157,11 @@ def test_stages_own_optimizers_hooks_and_state_survive_resume(tmp_path, stop_at)
     torch.testing.assert_close(resumed.teacher, full_method.teacher, atol=1e-6, rtol=0)
 
 
-def _two_loaders(out_dir, cfg, *, seed=0, resume=False):
+def _two_loaders(out_dir, cfg, *, seed=0, resume=False, data_seed=3):
     torch.manual_seed(seed)
     method = LoaderRecorder()
-    loaders = {"a": toy_loader(ToyDataset(n=32, seed=0), 4),  # 8 batches
-               "b": toy_loader(ToyDataset(n=24, seed=1), 4)}  # 6 batches: sets the epoch length
+    loaders = {"a": toy_loader(ToyDataset(n=32, seed=0), 4, seed=data_seed),  # 8 batches
+               "b": toy_loader(ToyDataset(n=24, seed=1), 4, seed=data_seed)}  # 6: the epoch length
     return method, train(method, loaders, cfg, out_dir, CPU, resume=resume, progress=False)
 
 
@@ -187,6 +187,21 @@ def test_a_resume_at_an_epoch_end_under_other_settings_says_so(tmp_path, caplog)
     assert "resuming at an epoch end with (world size, batch sizes, grad_accum, loader_mix) = " \
            "(1, [4, 4], 2, 'alternate') where checkpoint" in caplog.text
     assert "had (1, [4, 4], 1, 'alternate')" in caplog.text
+
+
+def test_a_resume_under_another_data_seed_is_refused_mid_epoch_and_said_at_an_epoch_end(tmp_path, caplog):
+    """Mid-epoch, the checkpoint's position counts batches of its seed's order: under another
+    seed the rest of the epoch would repeat some samples and skip others (it went on silently)."""
+    cfg = tiny_cfg(grad_accum=1, loader_mix="alternate")
+    _two_loaders(tmp_path / "mid", tiny_cfg(grad_accum=1, loader_mix="alternate", max_steps=7))
+    with pytest.raises(ConfigError, match=r"the data order of the seeds \[3, 3\]; this run's are \[4, 4\]"):
+        _two_loaders(tmp_path / "mid", cfg, resume=True, data_seed=4)
+    _two_loaders(tmp_path / "mid", cfg, resume=True)  # the checkpoint's seed: resumes
+    _two_loaders(tmp_path / "end", tiny_cfg(grad_accum=1, loader_mix="alternate", max_steps=12))
+    with caplog.at_level(logging.WARNING, logger="unimed.train.loop"):
+        method, _ = _two_loaders(tmp_path / "end", cfg, resume=True, data_seed=4)
+    assert "drew its data with the seeds [3, 3] and this run's are [4, 4] (run.seed)" in caplog.text
+    assert len(method.seen) == 12
 
 
 def test_a_run_resumed_with_other_settings_trains_under_them(tmp_path, caplog):

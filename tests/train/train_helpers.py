@@ -104,8 +104,8 @@ def mse_loss(image_features, text_features, *, rank: int, world_size: int):
 
 
 def toy_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
-               shuffle: bool = True) -> DataLoader:
-    sampler = PretrainSampler(dataset, rank=rank, world_size=world_size, shuffle=shuffle, seed=3)
+               shuffle: bool = True, seed: int = 3) -> DataLoader:
+    sampler = PretrainSampler(dataset, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                       generator=torch.Generator().manual_seed(0))
 

@@ -224,16 +224,18 @@ def run_evaluation(
 
 def job_store(cfg: Config, out_dir: Path) -> JobStore:
     """The store of the finished jobs of an evaluation of `out_dir` under `cfg`: keyed by its
-    evaluation and data config, the prompt files and this version of unimed (with each job's
-    encoder and tasks, :mod:`unimed.eval.jobs`)."""
-    from unimed import __version__
+    evaluation and data config, the prompt files and unimed's own code (every module's source: a
+    stopped evaluation run again after an upgrade runs every job again), with each job's encoder
+    and tasks (:mod:`unimed.eval.jobs`)."""
+    import unimed
     from unimed.eval.jobs import JobStore, context_identity
     from unimed.eval.prompts import PROMPT_DIR
 
     folders = {Path(section.prompt_dir or PROMPT_DIR) for section in (cfg.eval.zero_shot, cfg.eval.gradcam)}
-    context = context_identity(__version__, to_dict(cfg.eval), to_dict(cfg.data),
-                               files=[file for folder in folders for file in folder.glob("*.yaml")])
-    return JobStore(out_dir / JOBS_DIR, context)
+    prompts = [file for folder in folders for file in folder.glob("*.yaml")]
+    code = Path(unimed.__file__).parent.rglob("*.py")
+    return JobStore(out_dir / JOBS_DIR, context_identity(to_dict(cfg.eval), to_dict(cfg.data),
+                                                         files=[*prompts, *code]))
 
 
 @contextlib.contextmanager

@@ -7,9 +7,10 @@ its metrics, timings, bootstrap replicates, the figures it drew and the splits i
 to ``<store>/<key>/`` (to a temporary name first, then renamed, so a stop mid-write leaves no half
 job). The key is a SHA-256 of everything a job's result depends on: the encoder (its weights,
 tokenizer, text length, device type, name and label), the job's tasks, the evaluation and data
-config, the zero-shot prompt files and the store's format. A kept job is taken only where the
-records of every dataset it read are still those it read (their fingerprints, over every field of
-every record: a relabelled or regenerated dataset runs again). Jobs start from the evaluation seed
+config, the zero-shot prompt files and unimed's code (a stopped evaluation run again after an
+upgrade runs every job again). A kept job is taken only where the records of every dataset it read
+are still those it read (their fingerprints: every field of every record, each file's size and
+modification time; a relabelled or regenerated dataset runs again). Jobs start from the evaluation seed
 (:func:`unimed.eval.runner._run_job`), so a kept result is the one the job would give again. The
 store goes when the evaluation is written; a failed one leaves it for the next run.
 """
@@ -33,8 +34,6 @@ from unimed.eval.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
-FORMAT = "1"
-"""Bumped when what a job writes, or what its result depends on, changes unseen by its key."""
 RESULT_FILE = "result.json"
 REPLICATES_FILE = "replicates.npz"
 FIGURES_DIR = "figures"
@@ -55,12 +54,12 @@ def encoder_identity(encoder: Encoder) -> str:
 
 
 def context_identity(*parts: object, files: Iterable[Path] = ()) -> str:
-    """A SHA-256 of JSON-serialisable `parts` (the evaluation and data config) and of the contents
-    of `files` (the prompt files), with the store's `FORMAT`."""
-    digest = hashlib.sha256(json.dumps([FORMAT, *parts], sort_keys=True, default=str).encode())
+    """A SHA-256 of JSON-serialisable `parts` (the evaluation and data config) and of the names and
+    contents of `files` (the prompt files, the code)."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     for path in sorted(files):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        digest.update(path.name.encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
 

@@ -216,10 +216,16 @@ class Trainer:
             "grad_accum": self.cfg.grad_accum,
             "loader_mix": self.cfg.loader_mix,
             "steps_per_epoch": self.steps_per_epoch,
+            "data_seeds": self._data_seeds(),
         }
 
     def _batch_sizes(self) -> list[int]:
         return [int(loader.batch_size or 0) for loader in self.loaders.values()]
+
+    def _data_seeds(self) -> list[int | None]:
+        """The seed of each loader's sampler (``run.seed`` on the command line), which orders and
+        augments its data; None for a loader without a seeded sampler."""
+        return [getattr(getattr(loader, "sampler", None), "seed", None) for loader in self.loaders.values()]
 
     def save(self) -> Path:
         """Collect every rank's RNG state, then rank 0 writes the checkpoint (all ranks must call);
@@ -323,6 +329,16 @@ class Trainer:
         now = (self.dist.world_size, self._batch_sizes(), self.cfg.grad_accum, self.cfg.loader_mix)
         then = (state["world_size"], list(state["batch_size"]), state["grad_accum"],
                 state.get("loader_mix", "alternate"))
+        seeds, saved_seeds = self._data_seeds(), state.get("data_seeds", self._data_seeds())
+        if seeds != saved_seeds and state["step_in_epoch"] == 0:
+            log.warning("checkpoint %s drew its data with the seeds %s and this run's are %s "
+                        "(run.seed): the epochs from here are ordered and augmented by this run's",
+                        path, saved_seeds, seeds)
+        elif seeds != saved_seeds:
+            raise ConfigError(
+                f"checkpoint {path} stopped mid-epoch in the data order of the seeds {saved_seeds}; "
+                f"this run's are {seeds} (run.seed), so the rest of that epoch would repeat some "
+                "samples and skip others. Resume with the checkpoint's run.seed or from an epoch end.")
         if state["step_in_epoch"] == 0:
             if now != then:
                 log.warning("resuming at an epoch end with (world size, batch sizes, grad_accum, "
