@@ -329,7 +329,8 @@ class Trainer:
         now = (self.dist.world_size, self._batch_sizes(), self.cfg.grad_accum, self.cfg.loader_mix)
         then = (state["world_size"], list(state["batch_size"]), state["grad_accum"],
                 state.get("loader_mix", "alternate"))
-        seeds, saved_seeds = self._data_seeds(), state.get("data_seeds", self._data_seeds())
+        seeds = self._data_seeds()
+        saved_seeds = state.get("data_seeds", seeds)
         if seeds != saved_seeds and state["step_in_epoch"] == 0:
             log.warning("checkpoint %s drew its data with the seeds %s and this run's are %s "
                         "(run.seed): the epochs from here are ordered and augmented by this run's",
