@@ -131,12 +131,7 @@ class JobStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _figures(tree: Any) -> list[str]:
-    """The figure files (relative names) listed under "figures" keys anywhere in `tree`."""
-    if not isinstance(tree, dict):
-        return []
-    found = [name for name in (tree.get("figures") or {}).values() if isinstance(name, str)]
-    for key, child in tree.items():
-        if key != "figures":
-            found += _figures(child)
-    return found
+def _figures(metrics: Mapping[str, Any]) -> list[str]:
+    """The figure files (names relative to the figures folder) a job's {task: metrics} list, under
+    each task's "figures" as :mod:`unimed.eval.tasks` has tasks list them."""
+    return [name for task in metrics.values() for name in (task.get("figures") or {}).values()]
