@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
 from transformers import PreTrainedTokenizerBase
 
 from unimed.cli import main
 from unimed.errors import ConfigError
 from unimed.models.image import create_image_encoder
-from unimed.train.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from unimed.train.checkpoint import (CheckpointError, load_checkpoint, load_weights, save_checkpoint,
+                                     weights_mismatch)
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 NOTES = "report,language,patient_id,split\nDerrame pleural izquierdo.,es,P1,\nSin hallazgos.,es,P2,\n"
@@ -217,8 +218,39 @@ def test_truncated_or_foreign_checkpoint_weights_are_one_checkpoint_error(tmp_pa
     assert "\n" not in str(err.value)
     other = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Linear(2, 1))
     save_file(other.state_dict(), str(path))
-    with pytest.raises(CheckpointError, match=r"cannot load weights from .* \(\+\d+ more lines\)"):
+    with pytest.raises(CheckpointError) as err:
         load_weights(model, path)
+    assert str(err.value).startswith(
+        f"the weights in {path} do not fit the model (1 tensors of another shape, 0 missing, "
+        "0 unexpected; 0.weight is [2, 4] there and [2, 3] here)")
+
+
+def test_weights_that_do_not_fit_name_what_is_missing_or_unexpected(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    model = _tiny_model()
+    save_file({k: v for k, v in model.state_dict().items() if k != "1.bias"}, str(path))
+    with pytest.raises(CheckpointError, match=r"\(0 tensors of another shape, 1 missing, 0 unexpected; "
+                                              r"1\.bias is not there\)"):
+        load_weights(model, path)
+    save_file({**model.state_dict(), "2.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(CheckpointError, match=r"0 missing, 1 unexpected; 2\.weight is not here\)"):
+        load_weights(model, path)
+    assert weights_mismatch(model, path) is not None
+    save_file(model.state_dict(), str(path))
+    assert weights_mismatch(model, path) is None
+
+
+def test_tied_weights_saved_once_fit(tmp_path: Path) -> None:
+    tied = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+    tied[1].weight = tied[0].weight
+    expected = {k: v.clone() for k, v in tied.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    save_model(tied, str(path))
+    for parameter in tied.parameters():
+        torch.nn.init.zeros_(parameter)
+    assert weights_mismatch(tied, path) is None
+    load_weights(tied, path)
+    assert all(torch.equal(tied.state_dict()[k], v) for k, v in expected.items())
 
 
 def test_truncated_training_state_is_one_checkpoint_error(tmp_path: Path) -> None:

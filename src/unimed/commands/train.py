@@ -421,26 +421,14 @@ def warm_start(method, cfg: Config, tokenizer, source: str) -> None:
 
 def _fits(model, file: Path, key: str) -> None:
     """A ConfigError naming the first tensor where the weights in `file` and `model` differ in name
-    or shape: the source was trained under other architecture settings."""
-    from safetensors import SafetensorError, safe_open
+    or shape (:func:`unimed.train.checkpoint.weights_mismatch`): the source was trained under other
+    architecture settings."""
+    from unimed.train.checkpoint import weights_mismatch
 
-    from unimed.train.checkpoint import CheckpointError
-
-    wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    try:
-        with safe_open(str(file), "pt") as stored:
-            held = {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot load weights from {file}: {exc}") from None
-    differ = sorted(n for n in wanted.keys() & held.keys() if wanted[n] != held[n])
-    missing, extra = sorted(wanted.keys() - held.keys()), sorted(held.keys() - wanted.keys())
-    if differ or missing or extra:
-        first = (f"{differ[0]} is {list(held[differ[0]])} there and {list(wanted[differ[0]])} here"
-                 if differ else f"{(missing or extra)[0]} is {'not there' if missing else 'not here'}")
-        raise ConfigError(f"{key}: its weights do not fit this run's model ({len(differ)} tensors "
-                          f"of another shape, {len(missing)} missing, {len(extra)} unexpected; "
-                          f"{first}): its method settings (image encoder, text encoder, sizes) must "
-                          "be this run's")
+    mismatch = weights_mismatch(model, file)
+    if mismatch is not None:
+        raise ConfigError(f"{key}: its weights do not fit this run's model ({mismatch}): its method "
+                          "settings (image encoder, text encoder, sizes) must be this run's")
 
 
 def print_loss_summary(history: list[dict[str, float]], label: str = "") -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -335,13 +335,44 @@ def load_checkpoint(
 
 
 def load_weights(model: nn.Module, file: str | Path) -> None:
-    """Load a safetensors weights file into `model`, failing on missing or unexpected keys or an
-    unreadable file with one CheckpointError line naming the file."""
+    """Load a safetensors weights file into `model`, failing on an unreadable file or on tensors
+    that do not fit (:func:`weights_mismatch`) with one CheckpointError line naming the file."""
+    mismatch = weights_mismatch(model, file)
+    if mismatch is not None:
+        raise CheckpointError(f"the weights in {file} do not fit the model ({mismatch}): they were "
+                              "trained under other method settings (image encoder, text encoder, "
+                              "sizes) than this config's")
     device = next(iter(model.state_dict().values())).device
     try:
         load_model(model, str(file), strict=True, device=str(device))
     except _READ_ERRORS as exc:
         raise CheckpointError(f"cannot load weights from {file}: {_first_line(exc)}") from None
+
+
+def weights_mismatch(model: nn.Module, file: str | Path) -> str | None:
+    """How the tensors in the safetensors file `file` differ from `model`'s in name or shape, read
+    from the file's header (the counts and the first tensor that differs), or None where they fit;
+    an unreadable file is one CheckpointError line naming it. A tensor of `model` that shares its
+    storage with one in the file (tied weights, which safetensors saves once) is not missing."""
+    try:
+        with safe_open(str(file), "pt") as stored:
+            held = {name: list(stored.get_slice(name).get_shape()) for name in stored.keys()}
+    except _READ_ERRORS as exc:
+        raise CheckpointError(f"cannot load weights from {file}: {_first_line(exc)}") from None
+    state = model.state_dict()
+    saved_storage = {state[name].data_ptr() for name in held.keys() & state.keys()}
+    differ = sorted(name for name in held.keys() & state.keys() if held[name] != list(state[name].shape))
+    missing = sorted(name for name in state.keys() - held.keys()
+                     if state[name].data_ptr() not in saved_storage)
+    extra = sorted(held.keys() - state.keys())
+    if not (differ or missing or extra):
+        return None
+    if differ:
+        first = f"{differ[0]} is {held[differ[0]]} there and {list(state[differ[0]].shape)} here"
+    else:
+        first = f"{missing[0]} is not there" if missing else f"{extra[0]} is not here"
+    return (f"{len(differ)} tensors of another shape, {len(missing)} missing, {len(extra)} "
+            f"unexpected; {first}")
 
 
 def find_checkpoint(path: str | Path) -> Path:
