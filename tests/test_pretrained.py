@@ -251,6 +251,18 @@ def test_classify_and_embed_write_what_the_python_api_gives(tiny_run: Path, imag
     assert _mode(single) == _mode(single.with_suffix(".csv"))
 
 
+def test_a_folder_lists_its_tiffs_and_float_tiffs_embed_as_their_pixels(tiny_run: Path, images: Path):
+    from unimed.commands.inference import list_images
+    from unimed.data.images import load_image
+
+    grey = load_image(images / "a.png")
+    Image.fromarray(grey).save(images / "sub" / "d.tiff")
+    assert [p.relative_to(images).as_posix() for p in list_images(images)] == [
+        "a.png", "c.dcm", "sub/b.jpg", "sub/d.tiff"]
+    model = unimed.load(tiny_run)
+    torch.testing.assert_close(model.encode_image(images / "sub" / "d.tiff"), model.encode_image(grey))
+
+
 def test_preprocessed_input_gives_what_the_files_give(tiny_run: Path, images: Path, tmp_path: Path):
     """`preprocess` / `preprocess_volume` then ``preprocessed=True`` (the reading done elsewhere, in
     a DataLoader's workers say) is the same as passing the files; anything else is named."""

@@ -6,7 +6,7 @@ otherwise: ``encode_image`` / ``encode_text`` (projected embeddings), ``zero_sho
 negative prompt rule of the zero-shot evaluation, prompts from the language's prompt file),
 ``encode_volume`` / ``zero_shot_volume`` (CT volumes in the reports' space, read as the 3D
 evaluation reads them).
-Images go in as file paths (PNG, JPEG, DICOM: the project's readers), PIL images, or numpy arrays /
+Images go in as file paths (PNG, JPEG, TIFF, DICOM: the project's readers), PIL images, or numpy arrays /
 tensors ((H, W) grey or (C, H, W), floats in [0, 1] or integers scaled by their type's maximum), one
 or a list (a 4-D array is a batch); they are resized and centre-cropped as in the zero-shot evaluation, and
 the model normalises them itself. An array it cannot read as given (float pixels outside [0, 1], NaN,
@@ -44,7 +44,7 @@ from safetensors.torch import save_model
 from transformers import AutoConfig, AutoTokenizer
 
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, save_config, to_dict
-from unimed.data.images import load_image
+from unimed.data.images import load_image, pil_grey
 from unimed.data.transforms import eval_transform
 from unimed.data.volumes import axial_slices, read_volume
 from unimed.errors import ConfigError
@@ -76,7 +76,7 @@ PROMPTS_DIR = "prompts"
 PREPROCESS_FILE = "preprocess.json"
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"})
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -253,11 +253,7 @@ def _grey(image: ImageInput, resize_size: int) -> np.ndarray | torch.Tensor:
     if isinstance(image, (str, Path)):
         return load_image(image, min_side=resize_size)
     if isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            return np.asarray(image, dtype=np.float32) / 65535.0
-        if image.mode == "F":  # floats as they are (converting to "L" would round them to 0 or 1)
-            return np.array(image, dtype=np.float32)
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        return pil_grey(image)
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.integer):
         return image.astype(np.float32) / np.iinfo(image.dtype).max
     if isinstance(image, torch.Tensor) and not image.is_floating_point():

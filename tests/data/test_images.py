@@ -218,3 +218,21 @@ def test_jpeg_draft_decodes_at_the_smallest_scale_covering_min_side(tmp_path: Pa
     # The DCT-scaled decode is the full image averaged over 4 x 4 blocks, up to JPEG rounding.
     blocks = full.reshape(300, 4, 250, 4).mean(axis=(1, 3))
     assert np.abs(small - blocks).max() < 0.03
+
+
+def test_float_and_32_bit_tiffs_read_their_values_or_name_the_span(tmp_path: Path) -> None:
+    ramp = (RAMP8 / 255.0).astype(np.float32)
+    Image.fromarray(ramp).save(tmp_path / "float.tif")
+    Image.fromarray(RAMP16.astype(np.int32)).save(tmp_path / "int32.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    assert Image.open(tmp_path / "int32.tif").mode == "I"
+    np.testing.assert_allclose(load_image(tmp_path / "float.tif"), ramp, atol=1e-7)
+    np.testing.assert_allclose(load_image(tmp_path / "int32.tif"), RAMP16 / 65535.0, atol=1e-6)
+    for name, array, span in [("hu.tif", ramp * 2000 - 1000, "span -1000 .. 976.471"),
+                              ("nan.tif", np.where(ramp > 0.5, np.nan, ramp).astype(np.float32),
+                               "include NaN"),
+                              ("wide.tif", RAMP16.astype(np.int32) * 4, "span 0 .. 252000")]:
+        Image.fromarray(array).save(tmp_path / name)
+        with pytest.raises(DataError, match="pixels must lie in 0 .. ") as err:
+            load_image(tmp_path / name)
+        assert err.value.reason == UNREADABLE_IMAGE and name in str(err.value) and span in str(err.value)

@@ -38,7 +38,7 @@ SKIPPED_SUFFIX = ".skipped.csv"
 
 
 def list_images(path: str | Path) -> list[Path]:
-    """The images (PNG, JPEG, DICOM by suffix) of a folder, searched recursively and sorted, or the
+    """The images (PNG, JPEG, TIFF, DICOM by suffix) of a folder, searched recursively and sorted, or the
     single image file `path`; a missing path or a folder without images is a DataError."""
     from unimed.pretrained import IMAGE_SUFFIXES
 
@@ -165,7 +165,7 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 
 def _inference_args(parser: argparse.ArgumentParser) -> None:
     _model_arg(parser)
-    parser.add_argument("images", help="an image file or a folder of PNG / JPEG / DICOM images "
+    parser.add_argument("images", help="an image file or a folder of PNG / JPEG / TIFF / DICOM images "
                                         "(with --volumes: CT volumes)")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")

@@ -1,4 +1,4 @@
-"""Reading chest images (JPEG, 8/16-bit PNG, DICOM) as float32 grey arrays in [0, 1]."""
+"""Reading chest images (JPEG, 8/16-bit PNG, TIFF, DICOM) as float32 grey arrays in [0, 1]."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
 
 DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
-# Pillow modes of single-channel images and the value that maps to 1.0.
-_GREY_MAX: dict[str, float] = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0}
+# Pillow modes of single-channel images and the value that maps to 1.0: 8- and 16-bit grey, 32-bit
+# integers ("I", in which Pillow reads some 16-bit greyscale files, so read as 16-bit) and 32-bit
+# floats ("F", taken as they are: converted to 8-bit grey they would be rounded to 0 and 1).
+_GREY_MAX: dict[str, float] = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0,
+                               "I": 65535.0, "F": 1.0}
+# The modes whose pixels can lie outside that range.
+_WIDE_MODES: dict[str, str] = {"I": "32-bit integer", "F": "floating-point"}
 # What Pillow and pydicom raise on a truncated, corrupt or unsupported file (pydicom raises
 # RuntimeError / NotImplementedError for compressed pixel data without a decoder plugin, and
 # AttributeError when PixelData is absent).
@@ -38,8 +43,9 @@ def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     """Read an image as float32 (H, W) in [0, 1]; raises DataError naming the file when it cannot.
 
     DICOM is shown as its VOI LUT or window says (MONOCHROME1 inverted so bright is dense), or
-    scaled by its stored bit depth where it has neither; PNG/JPEG by their bit depth; colour images
-    are converted to grey. With `min_side`, a JPEG is decoded at the smallest of its DCT scales
+    scaled by its stored bit depth where it has neither; PNG/JPEG/TIFF by their bit depth (float
+    TIFFs as they are, when in [0, 1]; pixels outside their range are a DataError, not clipped);
+    colour images are converted to grey. With `min_side`, a JPEG is decoded at the smallest of its DCT scales
     (1/2, 1/4, 1/8) whose sides stay >= `min_side` (Pillow's ``draft``: several times faster for a
     3000-px radiograph that is resized to 256 px anyway); other formats are read at full size.
     """
@@ -59,16 +65,28 @@ def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
 
 
+def pil_grey(im: Image.Image) -> np.ndarray:
+    """A PIL image as float32 grey (H, W) scaled by its mode's range (colour and palette images
+    converted to 8-bit grey first). Pixels of the 32-bit modes can come out of [0, 1], or NaN: they
+    are neither clipped nor rescaled here, for the caller to refuse."""
+    if im.mode not in _GREY_MAX:
+        im = im.convert("L")
+    return np.asarray(im, dtype=np.float32) / _GREY_MAX[im.mode]
+
+
 def _load_pil(path: Path, min_side: int | None = None) -> np.ndarray:
     with Image.open(path) as im:
         if min_side is not None and im.format == "JPEG":
             im.draft("L", (min_side, min_side))
-        if im.mode == "I":
-            # Pillow reads some 16-bit greyscale files as 32-bit "I"; their range is still 16-bit.
-            return np.asarray(im, dtype=np.float32) / 65535.0  # (H, W)
-        if im.mode not in _GREY_MAX:
-            im = im.convert("L")
-        return np.asarray(im, dtype=np.float32) / _GREY_MAX[im.mode]  # (H, W)
+        mode, image = im.mode, pil_grey(im)
+    if mode in _WIDE_MODES and not (0.0 <= image.min() and image.max() <= 1.0):  # NaN fails too
+        top = _GREY_MAX[mode]
+        these = ("include NaN" if np.isnan(image).any() else
+                 f"span {image.min() * top:g} .. {image.max() * top:g}")
+        raise DataError(f"{_WIDE_MODES[mode]} pixels must lie in 0 .. {top:g}, these {these} (store "
+                        "the image as 8- or 16-bit grey, or as floats in [0, 1])", path,
+                        reason=UNREADABLE_IMAGE)
+    return image
 
 
 def _load_dicom(path: Path) -> np.ndarray:

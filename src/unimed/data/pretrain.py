@@ -289,8 +289,8 @@ class CachedImageLoader:
         self.min_side = min_side
         self.resize = v2.Resize((size, size), antialias=True)
         self.cache = PreparedCache(
-            folder, f"grey image (DICOM through its VOI LUT or window) decoded for a side of {min_side}, "
-                    f"resized to {size}x{size}",
+            folder, "grey image (DICOM through its VOI LUT or window, a float TIFF as its values) "
+                    f"decoded for a side of {min_side}, resized to {size}x{size}",
             setting="data.image_cache", what="image")
 
     def __call__(self, path: str | Path) -> np.ndarray:
