@@ -17,6 +17,7 @@ from unimed.data.pretrain import (
 )
 from unimed.data.records import Record
 from unimed.data.transforms import cvl_transform, eval_transform, pretrain_transform
+from unimed.errors import ConfigError
 
 CFG = DataConfig(image_size=16, resize_size=20, max_length=6, num_workers=0)
 
@@ -91,8 +92,14 @@ def test_bad_records_fail_clearly(tmp_path, tokenizer):
     with pytest.raises(DataError, match="img1.png.*no report"):
         build_pretrain_dataset(records, tokenizer, CFG)
     dataset = build_pretrain_dataset(write_records(tmp_path, 2), tokenizer, CFG)
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(ConfigError, match=r"^train\.batch_size=4: of the 2 pre-training pairs, process 0 "
+                                          r"of 1 gets 2, fewer than one batch; lower train\.batch_size$"):
         build_pretrain_loader(dataset, CFG, batch_size=4)
+    community = dataclasses.replace(CFG, batch_composition="community")
+    with pytest.raises(ConfigError, match=r"^method\.volume_batch_size=2: .* gets 0 \(data\."
+                                          r"batch_composition=community: every batch holds one community, "
+                                          r"and the largest has 1 pairs\), fewer than one batch"):
+        build_pretrain_loader(dataset, community, batch_size=2, setting="method.volume_batch_size")
     (tmp_path / "img0.png").unlink()
     (error,) = dataset[0]["data_errors"]  # raised by the training loop, in the main process
     assert isinstance(error, DataError) and error.path == tmp_path / "img0.png"

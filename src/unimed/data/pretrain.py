@@ -30,6 +30,7 @@ from unimed.data.transforms import (
     pretrain_transform,
     to_tensor_image,
 )
+from unimed.errors import ConfigError
 
 UNKNOWN_SITE = "unknown"
 SampleKey = int | tuple[int, int]
@@ -336,12 +337,14 @@ def build_pretrain_loader(
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
+    setting: str = "train.batch_size",
 ) -> DataLoader:
     """A DataLoader over this rank's shard: full batches only, workers from `cfg.num_workers`
     (persistent, prefetching), pinned memory when asked (on CUDA).
 
     The loader gets its own generator so iterating it never draws from the global RNG. The
-    default `collate_fn` is :class:`PretrainCollator`.
+    default `collate_fn` is :class:`PretrainCollator`. A shard smaller than one batch is a
+    ConfigError naming `setting`, the option that set `batch_size`.
     """
     pad_id = dataset.tokenizer.pad_token_id
     if pad_id is None:
@@ -354,8 +357,12 @@ def build_pretrain_loader(
     else:
         sampler = PretrainSampler(dataset, rank=rank, world_size=world_size, seed=seed)
     if len(sampler) < batch_size:
-        raise ValueError(f"{len(dataset)} records give rank {rank} only {len(sampler)} samples, "
-                         f"fewer than one batch of {batch_size}")
+        largest = (f" (data.batch_composition=community: every batch holds one community, and the "
+                   f"largest has {np.bincount(dataset.communities).max()} pairs)"
+                   if cfg.batch_composition == "community" else "")
+        raise ConfigError(f"{setting}={batch_size}: of the {len(dataset)} pre-training pairs, process "
+                          f"{rank} of {world_size} gets {len(sampler)}{largest}, fewer than one batch; "
+                          f"lower {setting}")
     workers = cfg.num_workers
     return DataLoader(
         dataset,

@@ -265,7 +265,7 @@ class UniMedIMethod(Method):
                                             seed=seed, on_error=data.on_error,
                                             cache=data.volume_cache)
             loaders["ct"] = build_pretrain_loader(
-                dataset, data, batch_size=cfg.volume_batch_size,
+                dataset, data, batch_size=cfg.volume_batch_size, setting="method.volume_batch_size",
                 collate_fn=VolumeCollator(tokenizer.pad_token_id), **common)
         if not loaders:
             raise ConfigError("UniMedI found no image-report or volume-report records in "
