@@ -100,6 +100,8 @@ def test_bad_records_fail_clearly(tmp_path, tokenizer):
                                           r"batch_composition=community: every batch holds one community, "
                                           r"and the largest has 1 pairs\), fewer than one batch"):
         build_pretrain_loader(dataset, community, batch_size=2, setting="method.volume_batch_size")
+    with pytest.raises(ConfigError, match=r"^train\.batch_size=1: a pre-training batch needs at least 2 "):
+        build_pretrain_loader(dataset, CFG, batch_size=1)
     (tmp_path / "img0.png").unlink()
     (error,) = dataset[0]["data_errors"]  # raised by the training loop, in the main process
     assert isinstance(error, DataError) and error.path == tmp_path / "img0.png"

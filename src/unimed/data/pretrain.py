@@ -343,9 +343,13 @@ def build_pretrain_loader(
     (persistent, prefetching), pinned memory when asked (on CUDA).
 
     The loader gets its own generator so iterating it never draws from the global RNG. The
-    default `collate_fn` is :class:`PretrainCollator`. A shard smaller than one batch is a
-    ConfigError naming `setting`, the option that set `batch_size`.
+    default `collate_fn` is :class:`PretrainCollator`. A batch of one pair, or a shard smaller
+    than one batch, is a ConfigError naming `setting`, the option that set `batch_size`.
     """
+    if batch_size < 2:
+        raise ConfigError(f"{setting}={batch_size}: a pre-training batch needs at least 2 pairs in "
+                          "every process (each pair is contrasted with the others, and the "
+                          "projection heads' batch norms need two samples)")
     pad_id = dataset.tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
