@@ -113,6 +113,7 @@ def test_a_value_of_another_kind_is_named_not_converted(override: str, message: 
     ("data.split_seed=-1", "data.split_seed must be >= 0, got -1"),
     ("data.rotation=270", r"data.rotation must be in \[0, 180\] degrees, got 270.0"),
     ("data.candidate_negatives=0", r"data.candidate_negatives must be >= 1 \(or null: every candidate\), got 0"),
+    ("data.image_size=300", "data.image_size=300 is larger than data.resize_size=256: an image is resized"),
     ("vocab.new_terms=-1", "vocab.new_terms must be >= 0, got -1"),
     ("mlm.hidden_size=0", "mlm.hidden_size must be >= 1, got 0"),
 ])

@@ -72,6 +72,10 @@ class DataConfig:
                              f"got {list(self.text_splits)}")
         check_bounds("data", self, at_least_one=("image_size", "resize_size", "max_length"),
                      non_negative=("min_report_tokens", "num_workers", "split_seed"))
+        if self.image_size > self.resize_size:
+            raise ValueError(f"data.image_size={self.image_size} is larger than data.resize_size="
+                             f"{self.resize_size}: an image is resized to resize_size, then cropped "
+                             "to image_size")
         if self.candidate_negatives is not None and self.candidate_negatives < 1:
             raise ValueError("data.candidate_negatives must be >= 1 (or null: every candidate), "
                              f"got {self.candidate_negatives}")
