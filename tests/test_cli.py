@@ -240,7 +240,9 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     # Resumed under settings its checkpoint cannot take: one line, and the run's config still
     # describes its checkpoints (so evaluating or exporting the run still loads them).
     for setting, message in [("method.text.frozen_layers=0", "trained other parameters than this run"),
-                             ("method.image.encoder=resnet18", "do not fit the model (")]:
+                             ("method.image.encoder=resnet18", "do not fit the model ("),
+                             ("data.max_length=100000", "data.max_length=100000 is more tokens than the "
+                                                        "text encoder's")]:
         capsys.readouterr()
         assert main(["pretrain", str(preset), "--resume", setting, "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

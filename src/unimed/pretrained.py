@@ -53,6 +53,7 @@ from unimed.eval.features import volume_spaces
 from unimed.eval.prompts import PROMPT_DIR, PromptSet, corpus_stemming, load_prompts
 from unimed.eval.zero_shot import own_scores, prompt_scores
 from unimed.methods import create_method, method_label
+from unimed.models.text import check_max_length
 from unimed.text.stemming import copy_corpus_stemming
 from unimed.train.checkpoint import (
     WEIGHTS_FILE,
@@ -353,6 +354,7 @@ def _load_export(folder: Path, device: torch.device, *, for_inference: bool = Fa
     image = dataclasses.replace(cfg.method.image, weights=None, compile=False)
     method_cfg = dataclasses.replace(cfg.method, image=image)
     method = create_method(method_cfg, vocab_size=len(tokenizer), text_encoder=text_config)
+    check_max_length(cfg.data.max_length, method.model.text)
     load_weights(method.model, folder / WEIGHTS_FILE)
     model = inference_ready(method.model) if for_inference else method.model
     name = cfg.method.name

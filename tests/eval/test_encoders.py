@@ -12,11 +12,17 @@ from safetensors.torch import save_model
 from timm.layers import Conv2dSame, FrozenBatchNormAct2d
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from unimed.errors import ConfigError
 from unimed.eval.encoders import BATCH_NORMS, build_encoder, fold_batch_norms
 from unimed.eval.tasks import fraction_label
 from unimed.methods import create_method
 from unimed.models.config import ImageTowerConfig
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint
+
+
+def _build(name: str, model, text_dir, **kwargs):
+    """`build_encoder` of the tiny text encoder, at the sequence length it has positions for."""
+    return build_encoder(name, name.upper(), model, text_encoder=str(text_dir), max_length=48, **kwargs)
 
 
 def _fake_run(tmp_path: Path, model: torch.nn.Module) -> Path:
@@ -42,25 +48,33 @@ def test_checkpoint_is_found_from_any_level_with_its_config(tmp_path, tiny_encod
 
 
 def test_weights_load_exactly_and_baseline_is_seeded(tmp_path, tiny_text_dir, tiny_encoder):
-    trained = build_encoder("a", "A", TINY_MODEL, text_encoder=str(tiny_text_dir), seed=5)
+    trained = _build("a", TINY_MODEL, tiny_text_dir, seed=5)
     step = _fake_run(tmp_path, trained.model)
-    loaded = build_encoder("b", "B", TINY_MODEL, text_encoder=str(tiny_text_dir), weights=step, seed=0)
+    loaded = _build("b", TINY_MODEL, tiny_text_dir, weights=step, seed=0)
     images = torch.rand(3, 3, 64, 64)
     assert torch.equal(loaded.image_features(images), trained.image_features(images))
     texts = ["no pleural effusion", "derram pleural"]
     assert torch.equal(loaded.text_features(texts), trained.text_features(texts))
-    again = build_encoder("c", "C", TINY_MODEL, text_encoder=str(tiny_text_dir), seed=0)
+    again = _build("c", TINY_MODEL, tiny_text_dir, seed=0)
     assert torch.equal(again.image_features(images), tiny_encoder.image_features(images))
     assert not torch.equal(again.image_features(images), trained.image_features(images))
+
+
+def test_a_sequence_length_past_the_text_positions_is_a_config_error(tiny_text_dir):
+    with pytest.raises(ConfigError, match=r"^data\.max_length=97 is more tokens than the text encoder's 96 "
+                                          r"positions; set data\.max_length=96 or less$"):
+        build_encoder("a", "A", TINY_MODEL, text_encoder=str(tiny_text_dir), max_length=97)
+    assert _build("a", TINY_MODEL, tiny_text_dir).max_length == 48
+    assert build_encoder("a", "A", TINY_MODEL, text_encoder=str(tiny_text_dir), max_length=96)
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path, tiny_text_dir):
     other = dataclasses.replace(
         TINY_MODEL, projector=dataclasses.replace(TINY_MODEL.projector, embed_dim=8))
-    step = _fake_run(tmp_path, build_encoder("o", "O", other, text_encoder=str(tiny_text_dir)).model)
+    step = _fake_run(tmp_path, _build("o", other, tiny_text_dir).model)
     with pytest.raises(RuntimeError, match=r"the weights in .*model\.safetensors do not fit the model "
                                            r"\(\d+ tensors of another shape, 0 missing, 0 unexpected; "):
-        build_encoder("b", "B", TINY_MODEL, text_encoder=str(tiny_text_dir), weights=step)
+        _build("b", TINY_MODEL, tiny_text_dir, weights=step)
 
 
 def test_encoder_is_frozen_and_in_eval_mode(tiny_encoder):
@@ -102,15 +116,15 @@ def test_batch_norms_fold_into_their_convolutions(tiny_text_dir, tiny_encoder, i
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     # The evaluation's encoders are built folded; without for_inference, build_encoder keeps the
     # method's own modules (what an export writes).
-    encoder = build_encoder("f", "F", TINY_MODEL, text_encoder=str(tiny_text_dir), for_inference=True)
+    encoder = _build("f", TINY_MODEL, tiny_text_dir, for_inference=True)
     assert not any(isinstance(m, BATCH_NORMS) for m in encoder.visual.modules())
     assert any(isinstance(m, BATCH_NORMS) for m in tiny_encoder.visual.modules())
 
 
 def test_inference_encoders_of_same_padded_backbones_pad_no_input(tiny_text_dir):
     lite0 = dataclasses.replace(TINY_MODEL, image=ImageTowerConfig(encoder="efficientnet_lite0"))
-    trained = build_encoder("t", "T", lite0, text_encoder=str(tiny_text_dir))
-    encoder = build_encoder("i", "I", lite0, text_encoder=str(tiny_text_dir), for_inference=True)
+    trained = _build("t", lite0, tiny_text_dir)
+    encoder = _build("i", lite0, tiny_text_dir, for_inference=True)
     assert any(type(m) is Conv2dSame for m in trained.visual.modules())
     assert not any(type(m) is Conv2dSame for m in encoder.visual.modules())
     images = torch.rand(2, 3, 64, 64)

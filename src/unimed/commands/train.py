@@ -343,6 +343,7 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     from transformers import AutoTokenizer
 
     from unimed.methods import create_method
+    from unimed.models.text import check_max_length
     from unimed.train.checkpoint import checkpoints
     from unimed.train.distributed import cleanup, init_distributed, seed_everything
     from unimed.train.loop import CHECKPOINT_DIR, resolve_precision, train
@@ -358,6 +359,7 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
                 keep_tokenizer(tokenizer, source, out, resume)
             records = pretrain_records(cfg)
             method = create_method(cfg.method, vocab_size=len(tokenizer), text_encoder=encoder)
+            check_max_length(cfg.data.max_length, method.model.text)
             if cfg.train.init_from is not None and not (resume and checkpoints(out / CHECKPOINT_DIR)):
                 warm_start(method, cfg, tokenizer, source)
             volume = next((r for r in records if r.ndim == 3), None)

@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from unimed.eval.dense import Allocate, Maps, batched_maps, in_memory, slice_wise_maps
 from unimed.methods import MethodConfig, create_method
 from unimed.models.image import to_channels_last, without_input_padding
+from unimed.models.text import check_max_length
 from unimed.train.checkpoint import WEIGHTS_FILE, load_weights
 
 log = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ def build_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         method = create_method(cfg, vocab_size=len(tokenizer_), text_encoder=text_encoder)
+    check_max_length(max_length, method.model.text)
     if weights is not None:
         weights = Path(weights)
         load_weights(method, weights / WEIGHTS_FILE if weights.is_dir() else weights)

@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 from unimed.models.config import TextTowerConfig
 from unimed.models.dropout import dropout as masked_dropout
 from unimed.models.dropout import use_fast_dropout
+from unimed.errors import ConfigError
 from unimed.train.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -429,3 +430,13 @@ def _shared_trunk_states(
         hidden = _trunk_states(encoder, input_ids, attention_mask, n, grad)
     return packed_layers(encoder.encoder.layer[n:], hidden.repeat(views, 1, 1),
                          attention_mask.repeat(views, 1))
+
+
+def check_max_length(max_length: int, text: PreTrainedModel) -> None:
+    """A ConfigError when `max_length` (``data.max_length``) tokens reach past the position
+    embeddings of the text encoder `text`: the first report that long would stop the run with an
+    index error from inside the encoder, hours into it."""
+    positions = text.config.max_position_embeddings
+    if max_length > positions:
+        raise ConfigError(f"data.max_length={max_length} is more tokens than the text encoder's "
+                          f"{positions} positions; set data.max_length={positions} or less")
