@@ -544,6 +544,13 @@ def test_an_exported_model_evaluates_as_its_run_does(tiny_run: Path, tmp_path: P
     _fails_in_one_line(capsys, ["evaluate", str(out), f"data.root={tmp_path / 'nowhere'}", "--quiet"],
                        f"data.root {tmp_path / 'nowhere'} is not a folder here")
 
+    # An override of how texts are read applies to the export as to its run.
+    short = ["--tasks", "zero_shot", "data.max_length=4", f"run.output_dir={elsewhere}", "--quiet"]
+    assert main(["evaluate", str(tiny_run), *short, "eval.baselines=[]", "run.name=run4"]) == 0
+    assert main(["evaluate", str(out), *short, "run.name=export4"]) == 0
+    truncated = zero_shot(elsewhere / "run4" / "metrics.json")
+    assert zero_shot(elsewhere / "export4" / "metrics.json") == truncated != zero_shot(tiny_run / "metrics.json")
+
 
 def test_a_run_evaluated_into_another_folder_keeps_its_text_encoder(tiny_run: Path, tmp_path: Path):
     """The tiny run pre-trained on its own MLM output (no method.text.encoder): evaluated with

@@ -364,10 +364,13 @@ def _load_export(folder: Path, device: torch.device, *, for_inference: bool = Fa
                       int(preprocess["resize_size"]))
 
 
-def export_encoder(folder: str | Path) -> Encoder:
+def export_encoder(folder: str | Path, max_length: int) -> Encoder:
     """The encoder of the exported model in `folder` as `unimed evaluate` evaluates a run's
-    checkpoint: on the evaluation's device, its image backbone made ready for inference."""
-    return _load_export(Path(folder), default_device(), for_inference=True).encoder
+    checkpoint: on the evaluation's device, its image backbone made ready for inference, texts
+    tokenized to `max_length` (``data.max_length``, overrides applied, as for a run)."""
+    encoder = _load_export(Path(folder), default_device(), for_inference=True).encoder
+    check_max_length(max_length, encoder.model.text)
+    return dataclasses.replace(encoder, max_length=max_length)
 
 
 def _read_json(path: Path) -> dict:

@@ -131,7 +131,7 @@ def _encoders(cfg: Config, trained: Sequence[tuple[Config, Path]], baselines: tu
     if unknown:
         raise ConfigError(f"eval.baselines: unknown {unknown}; valid: {', '.join(BASELINE_LABELS)}")
     encoders: list = [
-        export_encoder(weights) if is_export(weights) else
+        export_encoder(weights, run_cfg.data.max_length) if is_export(weights) else
         build_encoder(run_cfg.method.name, method_label(run_cfg.method.name), run_cfg.method,
                       weights=weights, text_encoder=text_encoder_dir(run_cfg),
                       tokenizer=trained_tokenizer_dir(run_cfg, weights), seed=run_cfg.run.seed,
