@@ -241,6 +241,18 @@ def test_bad_volumes_give_one_clear_error(tmp_path):
         read_volume(tmp_path / "absent.nii.gz")
 
 
+def test_a_nifti_with_a_trailing_unit_axis_is_the_volume_and_several_volumes_are_named(tmp_path):
+    body = (_body(np.int32) + 1024).astype(np.uint16)  # stored values, HU through the intercept
+    three = read_volume(_nifti(tmp_path / "three.nii.gz", body, slope=1.0, inter=-1024.0))
+    four = read_volume(_nifti(tmp_path / "four.nii.gz", body[..., None], slope=1.0, inter=-1024.0))
+    np.testing.assert_array_equal(three.array, _body(np.float32))
+    np.testing.assert_array_equal(four.array, three.array)
+    np.testing.assert_array_equal(four.affine, three.affine)
+    with pytest.raises(DataError, match=r"series\.nii\.gz: expected a 3-D volume, got shape "
+                                        r"\(12, 12, 6, 2\)"):
+        read_volume(_nifti(tmp_path / "series.nii.gz", np.stack([body, body], axis=-1)))
+
+
 def test_a_dicom_series_folder_reads_in_hu_and_ras(tmp_path):
     """GDCM sorts the slices by position (they are written in reverse, named without a suffix),
     the rescale applies, and the LPS rows / columns come back towards R and A: the expected array

@@ -80,7 +80,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
             raise DataError(f"voxel spacing {spacing.round(4).tolist()} in the header is not positive and finite",
                             path, reason=UNREADABLE_IMAGE)
-        image = nib.load(str(path))
+        image = nib.funcs.squeeze_image(nib.load(str(path)))  # (X, Y, Z, 1), as some tools write: 3-D
         data = np.asarray(image.get_fdata(dtype=np.float32))
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
         raise DataError(f"cannot read NIfTI volume, truncated or corrupt ({err})", path,
