@@ -283,12 +283,28 @@ def test_preprocessed_input_gives_what_the_files_give(tiny_run: Path, images: Pa
     np.testing.assert_array_equal(model.zero_shot_volume(stacks, CLASSES, preprocessed=True).scores,
                                   model.zero_shot_volume([volume] * 2, CLASSES).scores)
     side = model.image_size
-    with pytest.raises(ValueError, match=rf"takes the float tensor of shape \(N, 3, {side}, {side}\) that "
-                                         rf"preprocess\(\) returns, got a torch.float32 tensor "
+    with pytest.raises(ValueError, match=rf"takes the float tensor of shape \(N, 3, {side}, {side}\), "
+                                         rf"N >= 1, that preprocess\(\) returns, got a torch.float32 tensor "
                                          rf"of shape \(2, 1, "):
         model.encode_image(pixels[:, :1], preprocessed=True)
+    with pytest.raises(ValueError, match=rf"got a torch.float32 tensor of shape \(0, 3, {side}, {side}\)"):
+        model.zero_shot(pixels[:0], CLASSES, preprocessed=True)
     with pytest.raises(ValueError, match="that preprocess_volume\\(\\) returns, got a list"):
         model.encode_volume([volume], preprocessed=True)
+
+
+@pytest.mark.parametrize("call, what", [
+    (lambda model: model.encode_image([]), "images"),
+    (lambda model: model.zero_shot([], CLASSES), "images"),
+    (lambda model: model.preprocess([]), "images"),
+    (lambda model: model.encode_volume([]), "volumes"),
+    (lambda model: model.zero_shot_volume([], CLASSES), "volumes"),
+    (lambda model: model.encode_text([]), "texts"),
+])
+def test_an_empty_list_is_named_not_an_empty_result_of_another_shape(tiny_run: Path, call, what):
+    """Not a (0,) tensor where (N, D) is promised, nor a shape error from inside the model."""
+    with pytest.raises(ValueError, match=rf"^no {what} given \(an empty list\)$"):
+        call(unimed.load(tiny_run))
 
 
 def test_unreadable_files_are_skipped_and_listed_when_asked(tiny_run: Path, images: Path, tmp_path: Path,

@@ -125,7 +125,7 @@ class Pretrained:
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """(N, 3, S, S) pixels in [0, 1] of one image or a list of them (see the module docstring):
         what the image methods take with ``preprocessed=True``."""
-        items = [images] if _is_single(images) else list(images)
+        items = _some([images] if _is_single(images) else list(images), "images")
         transform = eval_transform(self.image_size, self.resize_size)
         out = torch.empty(len(items), 3, self.image_size, self.image_size)
         for i, item in enumerate(items):
@@ -138,7 +138,7 @@ class Pretrained:
         images; one or a list) as the 3D evaluation reads them: in ``eval.volume.window``, at the
         model's depth K and side S (a native 3D model its own, a 2D model ``eval.volume.slices``
         slices at the image size). What the volume methods take with ``preprocessed=True``."""
-        paths = [volumes] if isinstance(volumes, (str, Path)) else list(volumes)
+        paths = _some([volumes] if isinstance(volumes, (str, Path)) else list(volumes), "volumes")
         cfg = self.config.eval.volume
         slices, side = self._volume_grid()
         stacks = torch.empty(len(paths), slices, 1, side, side)
@@ -179,7 +179,7 @@ class Pretrained:
     def encode_text(self, texts: str | Sequence[str], *, normalize: bool = True,
                     batch_size: int = 64) -> torch.Tensor:
         """(N, D) projected text embeddings of the texts as given (no prompt preprocessing)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _some([texts] if isinstance(texts, str) else list(texts), "texts")
         return self.encoder.text_features(texts, normalize=normalize, batch_size=batch_size)
 
     def prompts(self, language: str) -> PromptSet:
@@ -232,13 +232,21 @@ def _batch_of(pixels: Any, shape: tuple[int, ...], made_by: str) -> torch.Tensor
     """`pixels` when it is a float tensor of shape (N, *shape), as `made_by` makes it; a ValueError
     that says what it should be otherwise."""
     if not (isinstance(pixels, torch.Tensor) and pixels.is_floating_point()
-            and tuple(pixels.shape[1:]) == shape and pixels.ndim == len(shape) + 1):
+            and tuple(pixels.shape[1:]) == shape and pixels.ndim == len(shape) + 1 and len(pixels)):
         got = (f"a {pixels.dtype} tensor of shape {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor)
                else f"a {type(pixels).__name__}")
         sizes = ", ".join(map(str, shape))
-        raise ValueError(f"preprocessed=True takes the float tensor of shape (N, {sizes}) that {made_by}() "
-                         f"returns, got {got}")
+        raise ValueError(f"preprocessed=True takes the float tensor of shape (N, {sizes}), N >= 1, that "
+                         f"{made_by}() returns, got {got}")
     return pixels
+
+
+def _some(items: list, what: str) -> list:
+    """`items`, or a ValueError when there are none (instead of an empty result of the wrong shape,
+    or an error from inside the model)."""
+    if not items:
+        raise ValueError(f"no {what} given (an empty list)")
+    return items
 
 
 def _is_single(images: Any) -> bool:
