@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -16,7 +17,8 @@ import pytest
 import torch
 from data_layouts import write_ct_series
 
-from unimed.data.adapters import VOLUME_FOLDERS, load_dataset
+from unimed.cli import main
+from unimed.data.adapters import VOLUME_FOLDERS, find_datasets, load_dataset
 from unimed.data.errors import DataError
 from unimed.data.splits import leaking_patients
 from unimed.data.volumes import (
@@ -63,6 +65,16 @@ def test_read_back_matches_the_manifest(world, tmp_path):
             assert got == count, (name, label)
         rows = [(r.image_path.as_posix(), r.patient_id, r.split) for r in read.records]
         assert not leaking_patients(rows) and (tmp_path / f"{name}.csv").is_file()
+
+
+def test_check_data_finds_and_reads_every_3d_layout(world, capsys):
+    root, manifest = world
+    assert find_datasets(root) == ["bimcv-covid19", "cc-ccii", "luna16", "bcv", "luna16-candidates"]
+    assert main(["check-data", "--root", str(root), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for name in find_datasets(root):
+        records = len(load_dataset(name, root / VOLUME_FOLDERS.get(name, "luna16")).records)
+        assert re.search(rf"│ {name} +│ {records} +│", out), name
 
 
 def test_same_seed_same_bytes(world, tmp_path):

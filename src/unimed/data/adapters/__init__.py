@@ -147,10 +147,12 @@ def dataset_folder(name: str, root: str | Path) -> Path:
 
 
 def find_datasets(root: str | Path) -> list[str]:
-    """The datasets present under `root`: official layouts whose folder exists, then every other
-    sub-folder holding a generic records table (named by the folder)."""
+    """The datasets present under `root`: official layouts (2D, then 3D, then those read from
+    another one's folder, LUNA16's candidates) whose folder exists, then every other sub-folder
+    holding a generic records table (named by the folder)."""
     root = Path(root)
-    official = [name for name, folder in DATASET_FOLDERS.items() if (root / folder).is_dir()]
+    folders = {**DATASET_FOLDERS, **VOLUME_FOLDERS, **SHARED_FOLDERS}
+    official = [name for name, folder in folders.items() if (root / folder).is_dir()]
     taken = set(DATASET_FOLDERS.values()) | set(VOLUME_FOLDERS.values())
     generic = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in taken
                      and is_generic(p)) if root.is_dir() else []
