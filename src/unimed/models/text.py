@@ -22,10 +22,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertLayer, eager_attention_forward
 from transformers.utils import logging as hf_logging
 
+from unimed.errors import ConfigError
 from unimed.models.config import TextTowerConfig
 from unimed.models.dropout import dropout as masked_dropout
 from unimed.models.dropout import use_fast_dropout
-from unimed.errors import ConfigError
 from unimed.train.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
