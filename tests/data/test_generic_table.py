@@ -80,6 +80,8 @@ def test_generic_dataset_is_found_by_name_under_the_data_root(tmp_path: Path) ->
         ("Effusion", "yes", MALFORMED_ROW, "label 'yes' is not 1, 0, -1 or blank"),
         ("report", "  ", EMPTY_REPORT, "empty report"),
         ("image", "images/none.png", MISSING_IMAGE, "image file not found"),
+        ("image", "images\\a0.png", MISSING_IMAGE,
+         "image file not found: {root}/images\\a0.png (the path holds '\\': write paths with '/')"),
         ("split", "holdout", MALFORMED_ROW, "split 'holdout' is not one of"),
         ("patient_id", "", MALFORMED_ROW, "empty patient_id"),
         ("language", "", MALFORMED_ROW, "empty language"),
@@ -96,7 +98,7 @@ def test_generic_bad_row_is_named_or_skipped_and_counted(
         load_dataset("mine", root)
     text = str(err.value)
     line = 2 + sum(1 + "".join(row).count("\n") for row in table.rows[:3])  # reports span lines
-    assert text.startswith(f"{root / 'records.csv'}, line {line}") and message in text
+    assert text.startswith(f"{root / 'records.csv'}, line {line}") and message.format(root=root) in text
     if column != "image":
         assert f"column '{column}'" in text
     read = load_dataset("mine", root, on_error="skip")
@@ -196,6 +198,8 @@ def test_a_volume_column_makes_3d_records_of_nifti_files_and_dicom_series(tmp_pa
      "column 'volume': an image and a volume: a row is one or the other"),
     (",,Small left pleural effusion.,en,P1,1\n", "column 'image': empty image and volume path"),
     (",absent.nii.gz,Small left pleural effusion.,en,P1,1\n", "volume not found"),
+    (",scans\\ct1.nii.gz,Small left pleural effusion.,en,P1,1\n",
+     r"volume not found: .*scans\\ct1\.nii\.gz \(the path holds '\\': write paths with '/'\)"),
 ])
 def test_a_volume_row_that_cannot_be_read_is_named(row: str, message: str, tmp_path: Path) -> None:
     folder = _ct_table(tmp_path / "ct", row)

@@ -45,6 +45,12 @@ class AdapterResult:
     stratify: bool = False
 
 
+def windows_hint(path: Path) -> str:
+    """What to add to "not found" for a path a table lists: a table written on Windows separates
+    its folders with '\\', which names no folder here."""
+    return " (the path holds '\\': write paths with '/')" if "\\" in str(path) else ""
+
+
 @dataclasses.dataclass
 class ReadContext:
     """Per-read settings and the drop counter that adapters report filters and bad rows to."""
@@ -85,7 +91,8 @@ class ReadContext:
         if not self.require_images:
             return path
         if not path.is_file():
-            raise DataError(f"image file not found: {path}", source, line, reason=MISSING_IMAGE)
+            raise DataError(f"image file not found: {path}{windows_hint(path)}", source, line,
+                            reason=MISSING_IMAGE)
         if self.check_images:
             try:
                 check_image(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from unimed.data.adapters.base import ReadContext
+from unimed.data.adapters.base import ReadContext, windows_hint
 from unimed.data.adapters.tables import check_utf8, read_lines
 from unimed.data.errors import MISSING_IMAGE, DataError
 from unimed.data.volumes import read_volume
@@ -19,7 +19,7 @@ def check_volume_path(ctx: ReadContext, path: Path, source: Path, line: int | No
     """`path` if the volume exists (and reads as RAS / HU, with check_images); else a DataError
     naming the volume and the table line that lists it."""
     if not path.exists():
-        raise DataError(f"volume not found: {path}", source, line, reason=MISSING_IMAGE)
+        raise DataError(f"volume not found: {path}{windows_hint(path)}", source, line, reason=MISSING_IMAGE)
     if ctx.check_images:
         try:
             read_volume(path)
