@@ -416,7 +416,7 @@ def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
     model, cfg = pretrained.model, pretrained.config
     save_model(model, str(out / WEIGHTS_FILE))
     umask_permissions(out / WEIGHTS_FILE)
-    save_config(cfg, out)
+    save_config(_as_exported(cfg, checkpoint), out)
     model.text.config.save_pretrained(str(out / TEXT_DIR))
     pretrained.encoder.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     copy_corpus_stemming(pretrained.encoder.tokenizer.name_or_path, out / TOKENIZER_DIR)
@@ -436,6 +436,16 @@ def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
     _write_json(out / EXPORT_FILE, {"format": EXPORT_FORMAT, "method": cfg.method.name,
                                     "checkpoint": checkpoint.name})
     (out / CARD_FILE).write_text(model_card(pretrained, checkpoint), encoding="utf-8")
+
+
+def _as_exported(cfg: Config, checkpoint: Path) -> Config:
+    """`cfg` as the export saves it: a text encoder that the run trained from its own MLM output
+    stays unnamed, as the run saved it (:func:`unimed.config.load_run_config` names that folder by
+    its path on this machine, which the export neither holds nor needs: it holds the encoder)."""
+    if load_config(checkpoint_config(checkpoint)).method.text.encoder is not None:
+        return cfg
+    text = dataclasses.replace(cfg.method.text, encoder=None)
+    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, text=text))
 
 
 def _write_json(path: Path, data: dict) -> None:
