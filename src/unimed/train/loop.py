@@ -46,6 +46,7 @@ from unimed.train.stop import (
     StopRequest,
     TrainingDiverged,
     TrainingInterrupted,
+    end_workers,
     leave_stop_signals_to_training,
 )
 
@@ -615,8 +616,12 @@ def train(
     if dist.is_main:
         ckpt.check_writable(Path(out_dir) / CHECKPOINT_DIR)
     trainer = Trainer(method, loaders, cfg, out_dir, dist, progress)
-    if resume:
-        trainer.resume()
-    with RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard,
-                   start_step=trainer.step) as logger, StopRequest() as trainer.stop_request:
-        return trainer.run(logger)
+    try:
+        if resume:
+            trainer.resume()
+        with RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard,
+                       start_step=trainer.step) as logger, StopRequest() as trainer.stop_request:
+            return trainer.run(logger)
+    finally:
+        for loader in trainer.loaders.values():
+            end_workers(loader)

@@ -8,7 +8,7 @@ Under torchrun the ranks stop at the same step even when the signal reaches only
 loop adds the request to the all-reduce every step already makes). DataLoader workers ignore the
 two signals (:func:`leave_stop_signals_to_training`): Ctrl-C reaches a terminal's whole process group, and a
 worker killed by SIGTERM would make PyTorch raise in the main process before the checkpoint is
-written; the workers end with the main process, as they always do.
+written; the workers are ended when training ends, however it ends (:func:`end_workers`).
 
 A step whose loss or gradient is not finite ends training with :class:`TrainingDiverged` before a
 checkpoint takes the NaN or inf weights (:meth:`unimed.train.loop.Trainer._check_finite`), so the
@@ -143,6 +143,18 @@ def leave_stop_signals_to_training(loader: DataLoader) -> None:
     its own ``worker_init_fn``, if any."""
     if loader.num_workers > 0 and getattr(loader.worker_init_fn, "func", None) is not _ignore_stop_signals:
         loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
+
+
+def end_workers(loader: DataLoader) -> None:
+    """End the worker processes of `loader`'s persistent iterator now, as deleting the iterator
+    would. Call it when training ends, by an error too: a worker ignores SIGTERM, and Python's
+    exit, which asks child processes to end with SIGTERM and then waits for them, would wait
+    forever for workers that an exception's reference cycle still holds (a training data error
+    raised from a worker's batch is one)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        loader._iterator = None
+        iterator._shutdown_workers()
 
 
 def _ignore_stop_signals(then: Callable[[int], None] | None, worker_id: int) -> None:
