@@ -345,9 +345,11 @@ def _load_run(cfg: Config, checkpoint: Path, device: torch.device) -> Pretrained
     return Pretrained(encoder, cfg, prompt_dir, cfg.data.image_size, cfg.data.resize_size)
 
 
-def _load_export(folder: Path, device: torch.device, *, for_inference: bool = False) -> Pretrained:
+def _load_export(folder: Path, device: torch.device, *, for_inference: bool = False,
+                 max_length: int | None = None) -> Pretrained:
     """The exported model in `folder`; with `for_inference`, its encoder as the evaluation builds
-    one (:func:`unimed.eval.encoders.build_encoder`'s `for_inference`)."""
+    one (:func:`unimed.eval.encoders.build_encoder`'s `for_inference`); texts tokenized to
+    `max_length` (default: the export's ``data.max_length``)."""
     meta = _read_json(folder / EXPORT_FILE)
     if meta.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{folder / EXPORT_FILE}: export format {meta.get('format')!r}, this "
@@ -362,11 +364,12 @@ def _load_export(folder: Path, device: torch.device, *, for_inference: bool = Fa
     image = dataclasses.replace(cfg.method.image, weights=None, compile=False)
     method_cfg = dataclasses.replace(cfg.method, image=image)
     method = create_method(method_cfg, vocab_size=len(tokenizer), text_encoder=text_config)
-    check_max_length(cfg.data.max_length, method.model.text)
+    max_length = cfg.data.max_length if max_length is None else max_length
+    check_max_length(max_length, method.model.text)
     load_weights(method.model, folder / WEIGHTS_FILE)
     model = inference_ready(method.model) if for_inference else method.model
     name = cfg.method.name
-    encoder = Encoder(name, method_label(name), model, tokenizer, cfg.data.max_length, device,
+    encoder = Encoder(name, method_label(name), model, tokenizer, max_length, device,
                       float(model.temperature))
     return Pretrained(encoder, cfg, folder / PROMPTS_DIR, int(preprocess["image_size"]),
                       int(preprocess["resize_size"]))
@@ -376,9 +379,7 @@ def export_encoder(folder: str | Path, max_length: int) -> Encoder:
     """The encoder of the exported model in `folder` as `unimed evaluate` evaluates a run's
     checkpoint: on the evaluation's device, its image backbone made ready for inference, texts
     tokenized to `max_length` (``data.max_length``, overrides applied, as for a run)."""
-    encoder = _load_export(Path(folder), default_device(), for_inference=True).encoder
-    check_max_length(max_length, encoder.model.text)
-    return dataclasses.replace(encoder, max_length=max_length)
+    return _load_export(Path(folder), default_device(), for_inference=True, max_length=max_length).encoder
 
 
 def _read_json(path: Path) -> dict:

@@ -153,7 +153,7 @@ def find_datasets(root: str | Path) -> list[str]:
     root = Path(root)
     folders = {**DATASET_FOLDERS, **VOLUME_FOLDERS, **SHARED_FOLDERS}
     official = [name for name, folder in folders.items() if (root / folder).is_dir()]
-    taken = set(DATASET_FOLDERS.values()) | set(VOLUME_FOLDERS.values())
+    taken = set(folders.values())
     generic = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in taken
                      and is_generic(p)) if root.is_dir() else []
     return official + generic
