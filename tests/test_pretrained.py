@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -309,6 +310,21 @@ def test_an_empty_list_is_named_not_an_empty_result_of_another_shape(tiny_run: P
         call(unimed.load(tiny_run))
 
 
+@pytest.mark.parametrize("classes, expected", [
+    ([], "give at least one class name"),
+    (["pneumonia", " "], "class names are non-empty strings, got ' '"),
+    (["pneumonia", None], "class names are non-empty strings, got None"),
+    (["Edema", "pneumonia", "edema"], "class 'edema' is given twice (as 'Edema' and 'edema'"),
+])
+def test_class_names_that_would_give_no_or_a_doubled_column_are_named(tiny_run: Path, images: Path,
+                                                                       classes, expected):
+    """Not a result with two columns of one class, nor an error from inside the prompt lookup."""
+    model = unimed.load(tiny_run)
+    for call in (model.zero_shot, model.zero_shot_volume):
+        with pytest.raises(ConfigError, match=re.escape(f"zero-shot: {expected}")):
+            call(images / "a.png", classes)
+
+
 def test_unreadable_files_are_skipped_and_listed_when_asked(tiny_run: Path, images: Path, tmp_path: Path,
                                                              capsys):
     """With ``--on-error skip`` a bad file among good ones is left out of the output and listed with
@@ -361,10 +377,11 @@ def test_unreadable_files_are_skipped_and_listed_when_asked(tiny_run: Path, imag
     ("device name", "device 'gpu' is not a torch device name"),
     ("out", "notes.txt is a file, not a folder"),
     ("no model", "no checkpoint at"),
+    ("classes", "--classes: class 'pneumonia' is given twice (as 'Pneumonia' and 'pneumonia'"),
 ])
 def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: Path, capsys,
                                        case: str, expected: str):
-    folder, model, extra, out = images, tiny_run, [], tmp_path / "s.csv"
+    folder, model, extra, out, classes = images, tiny_run, [], tmp_path / "s.csv", "pneumonia"
     if case == "missing":
         folder = tmp_path / "nowhere"
     elif case == "empty":
@@ -381,9 +398,11 @@ def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: P
         extra = ["--device", "gpu" if case == "device name" else "cuda:99"]
     elif case == "out":
         out = images / "notes.txt" / "s.csv"
+    elif case == "classes":
+        classes = "Pneumonia,effusion,pneumonia"
     else:
         model = tmp_path / "nowhere"
-    _fails_in_one_line(capsys, ["classify", str(model), str(folder), "--classes", "pneumonia",
+    _fails_in_one_line(capsys, ["classify", str(model), str(folder), "--classes", classes,
                                 "--out", str(out), *extra, "--quiet"], expected)
 
 

@@ -196,7 +196,7 @@ class Pretrained:
         """Per-image, per-class zero-shot scores with the prompts of `language`, by the rule of the
         zero-shot evaluation (the model's own ``zero_shot_scores`` when it has one); `class_names`
         is one class or a list of them; ``preprocessed`` as in :meth:`encode_image`."""
-        classes, prompts = _class_names(class_names), self.prompts(language)
+        classes, prompts = checked_class_names(class_names), self.prompts(language)
         pixels = self._pixels(images, preprocessed)
         if hasattr(self.model, "zero_shot_scores"):
             scores = own_scores(self.encoder, pixels, prompts, classes, batch_size)
@@ -211,7 +211,7 @@ class Pretrained:
         """Per-volume, per-class zero-shot scores of CT volumes (:meth:`encode_volume`) against the
         prompts of `language`: the cosine to "{disease}" minus the cosine to its negative prompt,
         the rule of the 2D zero-shot evaluation, in the space volume <-> report retrieval reads."""
-        classes, prompts = _class_names(class_names), self.prompts(language)
+        classes, prompts = checked_class_names(class_names), self.prompts(language)
         features = self.encode_volume(volumes, batch_size=batch_size, preprocessed=preprocessed)
         return self._zero_shot(classes, language, prompt_scores(self.encoder, features, prompts, classes))
 
@@ -220,11 +220,21 @@ class Pretrained:
         return ZeroShot(classes, language, scores, probabilities)
 
 
-def _class_names(class_names: str | Sequence[str]) -> tuple[str, ...]:
-    """One class name or a list of them as a tuple; none is a ConfigError."""
-    classes = (class_names,) if isinstance(class_names, str) else tuple(class_names)
+def checked_class_names(names: str | Sequence[str], given_as: str = "zero-shot") -> tuple[str, ...]:
+    """One class name or a list of them as a tuple. None, a blank or non-string name, or a name
+    given twice (ignoring case, as the prompt files' lookups do: both would get the same prompts
+    and the same output column) is a ConfigError that `given_as` starts."""
+    classes = (names,) if isinstance(names, str) else tuple(names)
     if not classes:
-        raise ConfigError("zero-shot needs at least one class name")
+        raise ConfigError(f"{given_as}: give at least one class name")
+    seen: dict[str, str] = {}
+    for name in classes:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{given_as}: class names are non-empty strings, got {name!r}")
+        if name.lower() in seen:
+            raise ConfigError(f"{given_as}: class {name!r} is given twice (as {seen[name.lower()]!r} "
+                              f"and {name!r}; class names ignore case)")
+        seen[name.lower()] = name
     return classes
 
 

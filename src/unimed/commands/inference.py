@@ -217,12 +217,10 @@ def export_command(cfg: Config, args: argparse.Namespace) -> int:
 def classify_command(cfg: Config, args: argparse.Namespace) -> int:
     import numpy as np
 
-    from unimed.pretrained import load
+    from unimed.pretrained import checked_class_names, load
 
     _no_preset(args)
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    if not classes:
-        raise ConfigError("--classes: give at least one class name")
+    classes = checked_class_names([c.strip() for c in args.classes.split(",") if c.strip()], "--classes")
     files, what = _inputs(args)
     out = _writable(args.out)
     model = load(args.model, device=args.device)
