@@ -73,6 +73,26 @@ def test_check_data_names_every_problem_and_passes_once_fixed(tmp_path: Path, ca
     assert "OK: every row read" in out and "hospital-a=12" in out
 
 
+def test_check_data_says_a_table_saved_in_windows_1252_or_with_semicolons_as_such(tmp_path: Path, capsys):
+    """Excel's "CSV" on a Western Windows: Windows-1252 bytes, and with some locales ';' between
+    fields. The first is one problem of every accented row (three shown), not three problems."""
+    root = tmp_path / "data"
+    table = write_images_and_table(root / "mine") / "records.csv"
+    good = table.read_text(encoding="utf-8")
+    table.write_bytes(good.encode("cp1252"))
+    assert main(["check-data", "--root", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    problem = out.index("mine: 8 x non-UTF-8 text, e.g.")
+    assert out[problem + 1:] == [
+        *(f"  {table}, line {line}: not UTF-8 text (byte {byte}, {char!r} in Windows-1252; save the table "
+          "as UTF-8)" for line, byte, char in ((2, "0xf3", "ó"), (5, "0xf1", "ñ"), (8, "0xf3", "ó"))),
+        "1 problem(s); fix them, or set data.on_error=skip to train without those rows"]
+
+    table.write_text(good.replace(",", ";"), encoding="utf-8")
+    assert main(["check-data", "--root", str(root), "--quiet"]) == 1
+    assert "(the table is separated by ';'; it must be comma-separated)" in capsys.readouterr().out
+
+
 def test_check_data_on_a_root_without_datasets_is_one_config_error(tmp_path: Path, capsys):
     assert main(["check-data", "--root", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -77,7 +77,9 @@ def check_data(cfg: Config, args: argparse.Namespace) -> int:
                      _counts(summary["split"]), _counts(summary["language"]), _counts(summary["site"]),
                      str(len(summary["labels"])), _counts(filtered), _counts(bad)])
         for reason, messages in read.examples.items():
-            problems += [f"{name}: {bad[reason]} x {reason}, e.g. {m}" for m in messages]
+            shown = "".join(f"\n  {m}" for m in messages)
+            problems.append(f"{name}: {bad[reason]} x {reason}"
+                            f"{', e.g.' if bad[reason] > len(messages) else ':'}{shown}")
         if leaking:
             problems.append(f"{name}: {len(leaking)} patient(s) in more than one split, e.g. {leaking[:3]}")
         failed = failed or bool(bad) or bool(leaking)

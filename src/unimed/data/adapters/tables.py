@@ -24,13 +24,17 @@ def open_text(path: Path) -> IO[str]:
 
 
 def check_utf8(text: str, path: Path, line: int) -> None:
-    """Raise DataError naming the line if `text` came from bytes that are not UTF-8."""
+    """Raise DataError naming the line if `text` came from bytes that are not UTF-8, with the
+    first such byte and what it reads as in Windows-1252 (Excel's "CSV" on Western Windows; a
+    table saved so is one error per line with an accent)."""
     if text.isascii():
         return
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise DataError("not UTF-8 text", path, line, reason=NON_UTF8) from None
+    except UnicodeEncodeError as err:
+        raw = err.object[err.start].encode("utf-8", "surrogateescape")
+        raise DataError(f"not UTF-8 text (byte 0x{raw.hex()}, {raw.decode('cp1252', 'replace')!r} in "
+                        "Windows-1252; save the table as UTF-8)", path, line, reason=NON_UTF8) from None
 
 
 def find_file(root: Path, names: Sequence[str], what: str) -> Path:
@@ -73,9 +77,11 @@ class CsvTable:
         self.columns = [name.strip() for name in header[1]]
         missing = [c for c in required if c not in self.columns]
         if missing:
+            other = [d for d in ";\t|" if len(self.columns) == 1 and d in self.columns[0]]
             raise DataError(
                 f"missing column(s) {missing}; expected columns {list(required)}, "
-                f"found {self.columns}",
+                f"found {self.columns}"
+                + (f" (the table is separated by {other[0]!r}; it must be comma-separated)" if other else ""),
                 path,
                 1,
                 missing[0],
