@@ -137,6 +137,23 @@ def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, ima
     np.testing.assert_allclose(one.scores[:, 0], result.scores[:, 1], atol=1e-6)
 
 
+def test_text_in_a_language_is_embedded_as_its_training_reports_were_written(tiny_run: Path):
+    """The phantom's Spanish reports are distributed stemmed (as PadChest's are), so raw Spanish
+    text tokenizes into other pieces than the model trained on; with ``language="es"`` it is
+    written as they were, as the zero-shot prompts are."""
+    model = unimed.load(tiny_run)
+    raw = ["Derrame pleural izquierdo.", "No se observa neumotórax."]
+    prepared = [model.prompts("es").prepare(text) for text in raw]
+    assert prepared == ["derram pleural izquierd.", "no se observ neumotorax."]
+    torch.testing.assert_close(model.encode_text(raw, language="es"), model.encode_text(prepared))
+    tokenize = model.encoder.tokenizer.tokenize
+    assert [tokenize(t) for t in raw] != [tokenize(t) for t in prepared]  # as given: other input ids
+    with pytest.raises(ConfigError, match="unknown language 'xx'"):
+        model.encode_text(raw, language="xx")
+    with pytest.raises(ValueError, match=r"^texts are strings; item 1 is None$"):
+        model.encode_text(["derrame", None], language="es")
+
+
 def test_every_image_input_kind_gives_the_same_embedding(tiny_run: Path, images: Path):
     from unimed.data.images import load_image
 

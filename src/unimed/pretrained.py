@@ -176,10 +176,19 @@ class Pretrained:
         features = volume_spaces(self.encoder, self._stacks(volumes, preprocessed), batch_size)["projected"]
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, texts: str | Sequence[str], *, normalize: bool = True,
+    def encode_text(self, texts: str | Sequence[str], language: str | None = None, *, normalize: bool = True,
                     batch_size: int = 64) -> torch.Tensor:
-        """(N, D) projected text embeddings of the texts as given (no prompt preprocessing)."""
+        """(N, D) projected text embeddings. With `language`, each text is first written as the
+        model's training reports of that language were (lowercased and stemmed where they were:
+        PadChest's Spanish reports are distributed stemmed), as the zero-shot prompts are; without
+        it the texts are embedded as given."""
         texts = _some([texts] if isinstance(texts, str) else list(texts), "texts")
+        wrong = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+        if wrong is not None:
+            raise ValueError(f"texts are strings; item {wrong} is {texts[wrong]!r}")
+        if language is not None:
+            prepare = self.prompts(language).prepare
+            texts = [prepare(text) for text in texts]
         return self.encoder.text_features(texts, normalize=normalize, batch_size=batch_size)
 
     def prompts(self, language: str) -> PromptSet:
