@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from data_layouts import write_dicom
 from PIL import Image
 
 from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
-from unimed.data.images import check_image, load_image
+from unimed.data.images import check_image, dicom_header, load_image
 
 RAMP8 = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
 RAMP16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
@@ -236,3 +237,40 @@ def test_float_and_32_bit_tiffs_read_their_values_or_name_the_span(tmp_path: Pat
         with pytest.raises(DataError, match="pixels must lie in 0 .. ") as err:
             load_image(tmp_path / name)
         assert err.value.reason == UNREADABLE_IMAGE and name in str(err.value) and span in str(err.value)
+
+
+def test_colour_dicom_becomes_the_grey_a_colour_png_does(tmp_path: Path) -> None:
+    """A secondary capture stored as RGB reads as Pillow reads the same pixels from a PNG (luma,
+    which Pillow rounds to 8 bits), not as an error."""
+    rgb = np.random.default_rng(3).integers(0, 256, (12, 10, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    write_dicom(tmp_path / "c.dcm", rgb, photometric="RGB")
+    np.testing.assert_allclose(load_image(tmp_path / "c.dcm"), load_image(tmp_path / "c.png"), atol=0.5 / 255)
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_dicom_without_preamble_and_file_meta_reads_as_with_them(implicit_vr: bool, tmp_path: Path) -> None:
+    """A data set written without the Part 10 preamble, 'DICM' prefix and file meta (older archives):
+    its pixels and header, read in the encoding it was written in."""
+    write_dicom(tmp_path / "full.dcm", RAMP16)
+    bare = pydicom.dcmread(tmp_path / "full.dcm")
+    del bare.file_meta
+    bare.preamble = None
+    bare.save_as(tmp_path / "bare.dcm", implicit_vr=implicit_vr, little_endian=True)
+    assert not (tmp_path / "bare.dcm").read_bytes()[128:132] == b"DICM"
+    np.testing.assert_array_equal(load_image(tmp_path / "bare.dcm"), load_image(tmp_path / "full.dcm"))
+    assert dicom_header(tmp_path / "bare.dcm").Rows == RAMP16.shape[0]
+
+
+def test_multi_frame_and_non_dicom_files_are_named_as_such(tmp_path: Path) -> None:
+    write_dicom(tmp_path / "frames.dcm", np.stack([RAMP8, RAMP8]))
+    ds = pydicom.dcmread(tmp_path / "frames.dcm")
+    ds.NumberOfFrames = 2
+    ds.save_as(tmp_path / "frames.dcm")
+    with pytest.raises(DataError, match=r"frames.dcm: a multi-frame DICOM \(2 frames\): an X-ray record is "):
+        load_image(tmp_path / "frames.dcm")
+    Image.fromarray(RAMP8).save(tmp_path / "renamed.dcm", format="PNG")
+    for reader, what in ((load_image, "image"), (dicom_header, "DICOM header")):
+        expected = rf"renamed.dcm: cannot read {what} \(not DICOM: no 'DICM' prefix, nor an image data set"
+        with pytest.raises(DataError, match=expected + r" without one\)$"):
+            reader(tmp_path / "renamed.dcm")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
 
@@ -18,6 +20,8 @@ DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
 # floats ("F", taken as they are: converted to 8-bit grey they would be rounded to 0 and 1).
 _GREY_MAX: dict[str, float] = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0,
                                "I": 65535.0, "F": 1.0}
+# ITU-R 601-2 luma, the weights of Pillow's colour-to-"L" conversion.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # The modes whose pixels can lie outside that range.
 _WIDE_MODES: dict[str, str] = {"I": "32-bit integer", "F": "floating-point"}
 # What Pillow and pydicom raise on a truncated, corrupt or unsupported file (pydicom raises
@@ -89,12 +93,44 @@ def _load_pil(path: Path, min_side: int | None = None) -> np.ndarray:
     return image
 
 
+def _dcmread(path: Path, **kwargs) -> pydicom.Dataset:
+    """`path` read by pydicom; a file without the 128-byte preamble and file meta header (written
+    before DICOM Part 10, or by tools that leave them out) is read as a bare data set, its transfer
+    syntax the encoding pydicom found it in (an uncompressed one: such files cannot say another)."""
+    try:
+        return pydicom.dcmread(path, **kwargs)
+    except InvalidDicomError:
+        not_dicom = InvalidDicomError("not DICOM: no 'DICM' prefix, nor an image data set without one")
+    try:
+        with warnings.catch_warnings():  # forced reads of other files warn of the VR they guess
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True, **kwargs)
+    except _READ_ERRORS:
+        raise not_dicom from None
+    if "Rows" not in ds:  # every image data set has it: any other file read by force lacks it
+        raise not_dicom
+    implicit, little = ds.original_encoding
+    if "TransferSyntaxUID" not in ds.file_meta and implicit is not None:
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
 def _load_dicom(path: Path) -> np.ndarray:
     """Compressed pixel data decodes through pydicom's plugins: Pillow (JPEG baseline, JPEG 2000),
     GDCM (also JPEG lossless, the usual compression of CR / DX images, and JPEG-LS), pydicom's own
-    RLE. 12-bit JPEG Extended is left unread (only a GPL decoder reads it): a DataError."""
-    ds = pydicom.dcmread(path)
-    stored = ds.pixel_array  # (H, W)
+    RLE. 12-bit JPEG Extended is left unread (only a GPL decoder reads it): a DataError. A colour
+    image (RGB, or YBR that pydicom converts to RGB; secondary captures) becomes grey by the luma
+    weights Pillow's conversion of a colour PNG uses; a multi-frame file is a DataError."""
+    ds = _dcmread(path)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise DataError(f"a multi-frame DICOM ({frames} frames): an X-ray record is one image (a CT "
+                        "series is a volume: the `volume` column)", path, reason=UNREADABLE_IMAGE)
+    stored = ds.pixel_array  # (H, W), or (H, W, 3) RGB
+    if int(ds.get("SamplesPerPixel") or 1) == 3:
+        bits = int(getattr(ds, "BitsStored", 8 * stored.itemsize))
+        return stored.astype(np.float32) @ _LUMA / float(2**bits - 1)
     image = _shown(stored, ds)
     if image is None and int(getattr(ds, "PixelRepresentation", 0)) == 0:
         bits = int(getattr(ds, "BitsStored", 8 * stored.itemsize))
@@ -148,7 +184,7 @@ def dicom_header(path: str | Path) -> pydicom.Dataset:
     """The DICOM header (no pixels) of `path`; raises DataError naming the file when unreadable."""
     path = Path(path)
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return _dcmread(path, stop_before_pixels=True)
     except _READ_ERRORS as err:
         raise DataError(
             f"cannot read DICOM header ({err})", path, reason=UNREADABLE_IMAGE
