@@ -283,6 +283,24 @@ def test_a_folder_lists_its_tiffs_and_float_tiffs_embed_as_their_pixels(tiny_run
     torch.testing.assert_close(model.encode_image(images / "sub" / "d.tiff"), model.encode_image(grey))
 
 
+def test_dicom_files_named_without_a_suffix_are_found_and_read(tiny_run: Path, images: Path):
+    """Hospital exports name DICOM files by instance UID or "IM0001": listed by their 'DICM' prefix
+    and read as DICOM; a DICOMDIR index and other files are not listed."""
+    from unimed.commands.inference import list_images
+
+    export = images / "export" / "S1"
+    export.mkdir(parents=True)
+    shutil.copy(images / "c.dcm", export / "1.2.840.113619.2.55.3.5")
+    shutil.copy(images / "c.dcm", export / "IM0001")
+    shutil.copy(images / "c.dcm", images / "export" / "DICOMDIR")
+    (export / "log.1").write_text("not an image")
+    assert [p.relative_to(images).as_posix() for p in list_images(images)] == [
+        "a.png", "c.dcm", "export/S1/1.2.840.113619.2.55.3.5", "export/S1/IM0001", "sub/b.jpg"]
+    model = unimed.load(tiny_run)
+    torch.testing.assert_close(model.encode_image([export / "IM0001", export / "1.2.840.113619.2.55.3.5"]),
+                               model.encode_image([images / "c.dcm"] * 2))
+
+
 def test_preprocessed_input_gives_what_the_files_give(tiny_run: Path, images: Path, tmp_path: Path):
     """`preprocess` / `preprocess_volume` then ``preprocessed=True`` (the reading done elsewhere, in
     a DataLoader's workers say) is the same as passing the files; anything else is named."""

@@ -38,8 +38,10 @@ SKIPPED_SUFFIX = ".skipped.csv"
 
 
 def list_images(path: str | Path) -> list[Path]:
-    """The images (PNG, JPEG, TIFF, DICOM by suffix) of a folder, searched recursively and sorted, or the
+    """The images of a folder (PNG, JPEG, TIFF, DICOM by suffix, and DICOM files named without one,
+    found by their 'DICM' prefix; not a DICOMDIR index), searched recursively and sorted, or the
     single image file `path`; a missing path or a folder without images is a DataError."""
+    from unimed.data.images import is_dicom
     from unimed.pretrained import IMAGE_SUFFIXES
 
     path = Path(path)
@@ -47,7 +49,8 @@ def list_images(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError("image folder or file not found", path, reason=MISSING_IMAGE)
-    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(p for p in path.rglob("*") if p.is_file() and (
+        p.suffix.lower() in IMAGE_SUFFIXES or (p.name.upper() != "DICOMDIR" and is_dicom(p))))
     if not found:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder", path,
                         reason=MISSING_IMAGE)

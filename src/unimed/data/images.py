@@ -39,8 +39,21 @@ _READ_ERRORS = (
 
 
 def is_dicom(path: str | Path) -> bool:
-    """Whether `path` is read as DICOM (by its suffix)."""
-    return Path(path).suffix.lower() in DICOM_SUFFIXES
+    """Whether `path` is read as DICOM: by its suffix (.dcm, .dicom), or, for a name without the
+    suffix of a format Pillow reads (DICOM files are often named by their instance UID,
+    "1.2.840.113619....", or "IM0001"), by the 'DICM' prefix after the 128-byte preamble."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix in Image.registered_extensions():
+        return False
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
