@@ -177,6 +177,24 @@ def test_a_vocabulary_without_second_language_reports_says_what_to_do(user_prese
     assert "set vocab.language to one your reports are in" in err[0]
 
 
+def test_reports_in_a_third_language_are_said_to_add_no_vocabulary(user_preset: Path, tmp_path: Path, caplog):
+    """The vocabulary is English plus vocab.language: French reports beside them were passed over
+    without a word."""
+    notes = tmp_path / "data" / "notes"
+    notes.mkdir()
+    reports = [("en", "Small left effusion."), ("es", "Derrame pleural izquierdo."),
+               ("fr", "Petit épanchement pleural."), ("fr", "Les poumons sont clairs."),
+               ("de", "Kleiner Erguss links.")]
+    rows = [f"{text},{language},P{i}" for i, (language, text) in enumerate(reports * 4)]
+    table = "report,language,patient_id\n" + "\n".join(rows) + "\n"
+    (notes / "records.csv").write_text(table, encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="unimed.commands.train"):
+        assert main(["vocab", str(user_preset), "data.text_datasets=[notes]", "--quiet"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "unimed.commands.train"] == [
+        "4 de report(s), 8 fr report(s) in notes add no terms: the vocabulary is English and one second "
+        "language (vocab.language=es); mlm and pretrain still train on them, in the English and es pieces"]
+
+
 def write_ct_table(folder: Path, n: int = 40) -> Path:
     """`n` small NIfTI CT volumes of n/2 patients with English and Spanish reports and a 'Covid'
     label that the report states (a bright patch in the lungs when it is 1)."""

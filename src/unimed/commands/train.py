@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,12 @@ def run_vocab(cfg: Config, *, progress: bool) -> Path:
     if not english and cfg.vocab.base_model is None:
         raise ConfigError(f"no en reports in {names}: set vocab.base_model to a tokenizer that "
                           "supplies the English vocabulary, or add English reports")
+    others = Counter(r.language for r in records if r.language not in ("en", cfg.vocab.language))
+    if others:
+        log.warning("%s in %s add no terms: the vocabulary is English and one second language "
+                    "(vocab.language=%s); mlm and pretrain still train on them, in the English and %s pieces",
+                    ", ".join(f"{n} {lang} report(s)" for lang, n in sorted(others.items())), names,
+                    cfg.vocab.language, cfg.vocab.language)
     with holding(cfg.run.dir / "vocab", "vocab"):
         out = run_dir(cfg, "vocab")
         result = build_cross_lingual_tokenizer(
