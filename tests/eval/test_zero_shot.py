@@ -90,8 +90,23 @@ def test_prompt_errors_name_the_file(tmp_path: Path):
         load_prompts("fr")
     (tmp_path / "de.yaml").write_text("language: de\npositive: '{x}'\nnegative: 'Kein {disease}'\n"
                                       "classes: {edema: Ödem}\n")
-    with pytest.raises(EvalError, match="'positive' must contain"):
+    with pytest.raises(EvalError, match=r"de.yaml: 'positive' must be a text holding \{disease\} and no "):
         load_prompts("de", tmp_path)
+    for text, expected in [
+        ("positive: '{disease} {grade}'\nnegative: 'No {disease}'\nclasses: {edema: edema}",
+         r"'positive' must be a text holding \{disease\} and no other \{field\}, got "
+         r"'\{disease\} \{grade\}'"),
+        ("positive: '{disease}'\nnegative: 'No {disease'\nclasses: {edema: edema}",
+         r"'negative' is not a template \(expected '\}' before end of string\); write a literal brace twice"),
+        ("positive: '{disease}'\nnegative: 'No {disease}'\nclasses: [edema, effusion]",
+         r"'classes' maps each class name to its phrase \('pleural effusion: derrame pleural'\), got a list"),
+        ("positive: '{disease}'\nnegative: 'Pas de {disease}'\n"
+         "classes: {edema: œdème, effusion: , nodule: 3}",
+         r"class\(es\) \['effusion', 'nodule'\] have no phrase \(a non-empty string\)"),
+    ]:
+        (tmp_path / "fr.yaml").write_text(f"language: fr\n{text}\n", encoding="utf-8")
+        with pytest.raises(EvalError, match=rf"^prompt file {tmp_path / 'fr.yaml'}: {expected}$"):
+            load_prompts("fr", tmp_path)
     (tmp_path / "it.yaml").write_text("language: it\npositive: [unclosed\n")
     with pytest.raises(EvalError, match="it.yaml: not valid YAML, line 3: expected ','"):
         load_prompts("it", tmp_path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,19 @@ class PromptSet:
         return self.prepare(self.display(class_name, negative=True))
 
 
+def _check_template(path: Path, key: str, template: Any) -> None:
+    """A prompt template is a string holding ``{disease}`` and no other field (a literal brace is
+    written twice, as str.format reads it)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(str(template)) if name is not None}
+    except ValueError as exc:
+        raise EvalError(f"prompt file {path}: '{key}' is not a template ({exc}); write a literal brace "
+                        "twice") from None
+    if not isinstance(template, str) or fields != {"disease"}:
+        raise EvalError(f"prompt file {path}: '{key}' must be a text holding {{disease}} and no other "
+                        f"{{field}}, got {template!r}")
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_unknown_class(language: str, class_name: str, source: str) -> None:
     log.warning("no %s phrase for class '%s' in %s: prompting with the class name as written "
@@ -123,13 +137,20 @@ def load_prompts(language: str, prompt_dir: str | Path = "",
                          f"stemmed like the training reports, set eval.prompt_stemming.{language}")
     algorithm = resolve_stemming(language, stemming, corpus or {})
     for key in ("positive", "negative", "observed"):
-        if key in data and "{disease}" not in str(data[key]):
-            raise EvalError(f"prompt file {path}: '{key}' must contain {{disease}}")
+        if key in data:
+            _check_template(path, key, data[key])
+    classes = data["classes"]
+    if not isinstance(classes, dict):
+        raise EvalError(f"prompt file {path}: 'classes' maps each class name to its phrase "
+                        f"('pleural effusion: derrame pleural'), got a {type(classes).__name__}")
+    blank = [str(k) for k, v in classes.items() if not isinstance(v, str) or not v.strip()]
+    if blank:
+        raise EvalError(f"prompt file {path}: class(es) {blank} have no phrase (a non-empty string)")
     return PromptSet(
         language=str(data["language"]),
         positive_template=str(data["positive"]),
         negative_template=str(data["negative"]),
-        classes={str(k).lower(): str(v) for k, v in data["classes"].items()},
+        classes={str(k).lower(): v for k, v in classes.items()},
         stemmer=None if algorithm == NO_STEMMING else algorithm,
         lowercase=bool(data.get("lowercase", False)),
         source=str(path),
