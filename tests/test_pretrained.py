@@ -623,6 +623,13 @@ def test_an_exported_model_evaluates_as_its_run_does(tiny_run: Path, tmp_path: P
     truncated, whole = zero_shot(elsewhere / "run4" / "metrics.json"), zero_shot(tiny_run / "metrics.json")
     assert zero_shot(elsewhere / "export4" / "metrics.json") == truncated != whole
 
+    # The model's own settings are its own: an override of them was ignored without a word.
+    _fails_in_one_line(capsys, ["evaluate", str(out), "method.image.encoder=resnet18",
+                                "method.projector.embed_dim=8", "--quiet"],
+                       "an exported model is evaluated as it was exported: method.image.encoder=resnet18 "
+                       "(the model's: vit_tiny_patch8_64); method.projector.embed_dim=8 (the model's: 32); "
+                       "remove the method.* override")
+
 
 def test_a_run_evaluated_into_another_folder_keeps_its_text_encoder(tiny_run: Path, tmp_path: Path):
     """The tiny run pre-trained on its own MLM output (no method.text.encoder): evaluated with

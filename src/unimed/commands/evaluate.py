@@ -393,6 +393,10 @@ def exported_model_config(cfg: Config, folder: Path) -> Config:
     baselines would need its run's MLM-only text encoder, which an export does not hold."""
     from unimed.pretrained import PROMPTS_DIR
 
+    changed = _changed(to_dict(cfg.method), to_dict(load_run_config(folder / CONFIG_FILE).method), "method")
+    if changed:
+        raise ConfigError(f"an exported model is evaluated as it was exported: {'; '.join(changed)}; "
+                          "remove the method.* override")
     if not Path(cfg.data.root).is_dir():
         raise ConfigError(f"data.root {cfg.data.root} is not a folder here (an exported model's config "
                           "names its training machine's): give data.root=/path/to/evaluation/data")
@@ -407,6 +411,17 @@ def exported_model_config(cfg: Config, folder: Path) -> Config:
     return dataclasses.replace(cfg, run=run, eval=dataclasses.replace(
         ev, zero_shot=dataclasses.replace(ev.zero_shot, prompt_dir=prompts),
         gradcam=dataclasses.replace(ev.gradcam, prompt_dir=prompts)))
+
+
+def _changed(given: Mapping, saved: Mapping, prefix: str) -> list[str]:
+    """'key=given (the model's: saved)' for each dotted key whose value differs."""
+    out = []
+    for key, value in given.items():
+        if isinstance(value, Mapping) and isinstance(saved.get(key), Mapping):
+            out += _changed(value, saved[key], f"{prefix}.{key}")
+        elif value != saved.get(key):
+            out.append(f"{prefix}.{key}={value} (the model's: {saved.get(key)})")
+    return out
 
 
 @command("evaluate", "downstream evaluation of a checkpoint (and baselines): metrics.json + report.html",
