@@ -263,6 +263,9 @@ def test_a_nifti_with_a_trailing_unit_axis_is_the_volume_and_several_volumes_are
     with pytest.raises(DataError, match=r"series\.nii\.gz: expected a 3-D volume, got shape "
                                         r"\(12, 12, 6, 2\)"):
         read_volume(_nifti(tmp_path / "series.nii.gz", np.stack([body, body], axis=-1)))
+    with pytest.raises(DataError, match=r"slice\.nii\.gz: expected a 3-D volume, got shape \(12, 12, 1\) "
+                                        r"\(a single slice: a volume has at least 2 along every axis\)$"):
+        read_volume(_nifti(tmp_path / "slice.nii.gz", body[..., :1]))
 
 
 def test_a_dicom_series_folder_reads_in_hu_and_ras(tmp_path):

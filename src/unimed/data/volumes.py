@@ -198,7 +198,9 @@ def check_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
         raise DataError(f"voxel spacing {spacing.round(4).tolist()} is not positive and finite", path,
                         reason=UNREADABLE_IMAGE)
     if array.ndim != 3 or min(array.shape) < 2:
-        raise DataError(f"expected a 3-D volume, got shape {array.shape}", path, reason=UNREADABLE_IMAGE)
+        raise DataError(f"expected a 3-D volume, got shape {array.shape}" + (
+            " (a single slice: a volume has at least 2 along every axis)" if array.ndim == 3 else ""),
+            path, reason=UNREADABLE_IMAGE)
     if not np.isfinite(array).all():
         raise DataError(f"{int((~np.isfinite(array)).sum())} NaN or infinite voxel(s)", path,
                         reason=UNREADABLE_IMAGE)
