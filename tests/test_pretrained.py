@@ -233,15 +233,31 @@ def test_encode_volume_gives_the_3d_evaluations_volume_embeddings(tiny_run: Path
     (lambda grey: np.where(grey > 0.5, np.nan, grey), "image 1: its pixels include NaN or infinite values"),
     (lambda grey: np.stack([grey] * 3, axis=-1), r"image 1: an image array must be \(H, W\) grey or "
                                                  r"\(C, H, W\) with C = 1 or 3, got shape \(\d+, \d+, 3\)"),
+    # np.array of Python ints is int64: scaled by int64's maximum it was a black image, without a word.
+    (lambda grey: np.rint(grey * 4095).astype(np.int64), r"image 1: a int64 array; pass uint8 or uint16 "),
+    (lambda grey: torch.from_numpy(np.rint(grey * 4095).astype(np.int32)), r"image 1: a int32 array; "),
+    (lambda grey: grey[:0], r"image 1: it is empty, shape \(0, \d+\)$"),
 ])
 def test_an_image_array_the_model_cannot_read_as_given_is_named(tiny_run: Path, images: Path, make, expected):
-    """Not an embedding of clipped or NaN pixels, nor an error from deep in the resize."""
+    """Not an embedding of clipped, black or NaN pixels, nor an error from deep in the resize."""
     from unimed.data.images import load_image
 
     grey = load_image(images / "a.png")
     grey = (grey - grey.min()) / (grey.max() - grey.min())  # spans 0 .. 1 exactly
     with pytest.raises(ValueError, match=expected):
         unimed.load(tiny_run).encode_image([grey, make(grey)])
+
+
+def test_uint8_uint16_and_boolean_arrays_read_as_their_grey_values(tiny_run: Path):
+    model = unimed.load(tiny_run)
+    levels = np.random.default_rng(5).integers(0, 256, (70, 80))
+    grey = (levels / 255).astype(np.float32)
+    want = model.preprocess(grey)
+    torch.testing.assert_close(model.preprocess(levels.astype(np.uint8)), want)
+    torch.testing.assert_close(model.preprocess(torch.from_numpy(levels.astype(np.uint8))), want)
+    torch.testing.assert_close(model.preprocess((levels * 257).astype(np.uint16)), want)
+    mask = levels > 127
+    torch.testing.assert_close(model.preprocess(mask), model.preprocess(mask.astype(np.float32)))
 
 
 def test_classify_and_embed_write_what_the_python_api_gives(tiny_run: Path, images: Path,

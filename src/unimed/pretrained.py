@@ -7,7 +7,7 @@ negative prompt rule of the zero-shot evaluation, prompts from the language's pr
 ``encode_volume`` / ``zero_shot_volume`` (CT volumes in the reports' space, read as the 3D
 evaluation reads them).
 Images go in as file paths (PNG, JPEG, TIFF, DICOM: the project's readers), PIL images, or numpy arrays /
-tensors ((H, W) grey or (C, H, W), floats in [0, 1] or integers scaled by their type's maximum), one
+tensors ((H, W) grey or (C, H, W), floats in [0, 1], or uint8 / uint16 scaled by 255 / 65535), one
 or a list (a 4-D array is a batch); they are resized and centre-cropped as in the zero-shot evaluation, and
 the model normalises them itself. An array it cannot read as given (float pixels outside [0, 1], NaN,
 channels last) is a ValueError naming its place in the input, not an embedding of clipped pixels.
@@ -129,7 +129,7 @@ class Pretrained:
         transform = eval_transform(self.image_size, self.resize_size)
         out = torch.empty(len(items), 3, self.image_size, self.image_size)
         for i, item in enumerate(items):
-            out[i] = transform(_checked(_grey(item, self.resize_size), i))
+            out[i] = transform(_checked(_grey(item, self.resize_size, i), i))
         return out
 
     def preprocess_volume(self, volumes: str | Path | Sequence[str | Path]) -> torch.Tensor:
@@ -274,18 +274,25 @@ def _is_single(images: Any) -> bool:
     return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
 
 
-def _grey(image: ImageInput, resize_size: int) -> np.ndarray | torch.Tensor:
-    """A grey (H, W) image in [0, 1] (or channel-first (C, H, W) as given) from any accepted input;
-    integer arrays are scaled by their type's maximum (uint8: 255). A JPEG file decodes at the
-    smallest DCT scale whose sides stay >= `resize_size`, as pre-training and evaluation read it."""
+def _grey(image: ImageInput, resize_size: int, index: int) -> np.ndarray | torch.Tensor:
+    """A grey (H, W) image in [0, 1] (or channel-first (C, H, W) as given) from any accepted input
+    (`index`: its place in the input, for the errors); uint8 and uint16 arrays are scaled by their
+    type's maximum, booleans are 0 and 1, other integer types are a ValueError: they have no fixed
+    range (scaled by int64's maximum, a 12-bit image would read as black). A JPEG file decodes at
+    the smallest DCT scale whose sides stay >= `resize_size`, as pre-training and evaluation read it."""
     if isinstance(image, (str, Path)):
         return load_image(image, min_side=resize_size)
     if isinstance(image, Image.Image):
         return pil_grey(image)
-    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.integer):
-        return image.astype(np.float32) / np.iinfo(image.dtype).max
     if isinstance(image, torch.Tensor) and not image.is_floating_point():
-        return image.numpy().astype(np.float32) / np.iinfo(image.numpy().dtype).max
+        image = image.cpu().numpy()
+    if isinstance(image, np.ndarray) and image.dtype == np.bool_:
+        return image.astype(np.float32)
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.integer):
+        if image.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"image {index}: a {image.dtype} array; pass uint8 or uint16 pixels (scaled "
+                             "by 255 or 65535) or floats in [0, 1]: other integer types have no fixed range")
+        return image.astype(np.float32) / np.iinfo(image.dtype).max
     if isinstance(image, (np.ndarray, torch.Tensor)):
         return image
     raise TypeError(f"an image must be a file path, a PIL image, a numpy array or a tensor, "
@@ -301,6 +308,8 @@ def _checked(image: np.ndarray | torch.Tensor, index: int) -> np.ndarray | torch
         raise ValueError(f"image {index}: an image array must be (H, W) grey or (C, H, W) with C = 1 "
                          f"or 3, got shape {shape}")
     values = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if not values.size:
+        raise ValueError(f"image {index}: it is empty, shape {shape}")
     if not np.isfinite(values).all():
         raise ValueError(f"image {index}: its pixels include NaN or infinite values")
     low, high = float(values.min()), float(values.max())
