@@ -125,7 +125,7 @@ def user_preset(tmp_path: Path) -> Path:
     return path
 
 
-def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_path: Path, capsys):
+def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_path: Path, capsys, caplog):
     for stage in ("vocab", "mlm", "pretrain"):
         assert main([stage, str(user_preset), "--quiet"]) == 0, stage
     run = tmp_path / "runs" / "mine"
@@ -167,6 +167,23 @@ def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_p
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     scored = metrics["encoders"]["medunic"]["tasks"]["zero_shot"]["mine"]["en"]
     assert (scored["per_class"]["Effusion"]["labelled"], scored["images"]) == (labelled, images)
+
+    # Label columns the test split cannot score (never stated; positive in training only) are said
+    # to be left out of the probe's macro AUC, not dropped from it without a word.
+    in_test = {r.image_path for r in test}
+    for i, row in enumerate(rows):  # Effusion as written first (both classes in the test split)
+        row["Effusion"], row["Nodule"] = str(i % 2), ""
+        row["Mass"] = str(int(table.parent / row["image"] not in in_test and i % 4 == 0))
+    with table.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unimed.eval.linear_probe"):
+        assert main(["evaluate", str(run), "--tasks", "linear_probe", "--quiet"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "unimed.eval.linear_probe"] == [
+        f"linear probe mine: one class only (no positive, or no negative) in the {len(test)} test rows for "
+        "Nodule, Mass: left out of the macro AUC, which covers Effusion"]
 
 
 def test_a_vocabulary_without_second_language_reports_says_what_to_do(user_preset: Path, capsys):

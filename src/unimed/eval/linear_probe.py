@@ -189,6 +189,12 @@ def probe_fractions(ctx: TaskContext, split_x: dict[str, torch.Tensor], split_y:
     test split with its bootstrap interval (:func:`unimed.eval.tasks.sweep_fractions` rows); a
     fraction below the whole training split is the mean of ``linear_probe.draws`` subsets."""
     resamples = ctx.resamples(dataset, "test", len(split_y["test"]))
+    if target.metric == "auc":
+        one = [c for c, column in zip(target.classes, split_y["test"].T) if column.min() == column.max()]
+        if one:
+            log.warning("%s: one class only (no positive, or no negative) in the %d test rows for %s: "
+                        "left out of the macro AUC, which covers %s", desc, len(split_y["test"]),
+                        ", ".join(one), ", ".join(c for c in target.classes if c not in one) or "no class")
     if metric_undefined(split_y["valid"], target.metric):
         log.warning("%s: %s is undefined on the validation split (%d rows, one class); every "
                     "fraction's probe early-stops on the validation loss", desc, target.metric,
