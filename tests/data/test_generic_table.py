@@ -117,6 +117,23 @@ def test_generic_jsonl_bad_line_is_named_and_later_lines_still_read(tmp_path: Pa
     assert len(load_dataset("mine", root, on_error="skip").records) == 11
 
 
+def test_generic_jsonl_list_or_object_value_is_a_bad_row_not_its_python_text(tmp_path: Path) -> None:
+    """A report written as a list of sentences was read as the text "['Heart size normal', ...]"."""
+    layout = generic(tmp_path / "mine")
+    _as_jsonl(layout)
+    lines = layout.texts["records.jsonl"].decode().splitlines()
+    row = json.loads(lines[2])
+    row["report"] = ["Heart size normal.", "No effusion."]
+    lines[2] = json.dumps(row)
+    layout.texts["records.jsonl"] = ("\n".join(lines) + "\n").encode()
+    root = layout.write()
+    with pytest.raises(DataError, match=r"records.jsonl, line 3, column 'report': a JSON list; a value is "
+                                        r"text, a number, true / false or null$"):
+        load_dataset("mine", root)
+    read = load_dataset("mine", root, on_error="skip")
+    assert len(read.records) == 11 and read.dropped == {MALFORMED_ROW: 1}
+
+
 def test_generic_table_without_patient_column_names_it(tmp_path: Path) -> None:
     layout = generic(tmp_path / "mine")
     layout.tables["records.csv"].drop_column("patient_id")

@@ -75,6 +75,10 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                     value = json.loads(text)
                     if not isinstance(value, dict):
                         raise DataError(f"expected a JSON object, got {type(value).__name__}", path, line)
+                    nested = next((k for k, v in value.items() if isinstance(v, (list, dict))), None)
+                    if nested is not None:  # str() of it would be read as text: "['Heart size', ...]"
+                        raise DataError(f"a JSON {type(value[nested]).__name__}; a value is text, a number, "
+                                        "true / false or null", path, line, str(nested).strip())
                 except json.JSONDecodeError as err:
                     yield line, DataError(f"not a JSON object ({err.msg})", path, line)
                     continue
