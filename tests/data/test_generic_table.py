@@ -134,6 +134,28 @@ def test_generic_jsonl_list_or_object_value_is_a_bad_row_not_its_python_text(tmp
     assert len(read.records) == 11 and read.dropped == {MALFORMED_ROW: 1}
 
 
+def test_a_column_named_twice_is_named_and_unnamed_blank_columns_are_no_labels(tmp_path: Path) -> None:
+    """Two 'Effusion' columns (one of them 'Effusion ' before its spaces are stripped): one was read
+    and the other lost without a word. Columns without a name, as a spreadsheet's trailing commas
+    write them, were a label called ''."""
+    layout = generic(tmp_path / "mine")
+    table = layout.tables["records.csv"]
+    table.add_column("Effusion ", ["0"] * len(table.rows))
+    with pytest.raises(DataError, match=r"records.csv, line 1, column 'Effusion': column 'Effusion' "
+                                        r"appears 2 times \(columns \[7, 9\]\); one of them would be read"):
+        load_dataset("mine", layout.write())
+
+    table.drop_column("Effusion ")
+    want = [r.labels for r in load_dataset("mine", layout.write()).records]
+    table.add_column("", [""] * len(table.rows))
+    table.add_column("", [""] * len(table.rows))
+    assert [r.labels for r in load_dataset("mine", layout.write()).records] == want
+    table.set(3, "", "x")
+    line = 2 + sum(1 + "".join(row).count("\n") for row in table.rows[:3])  # reports span lines
+    with pytest.raises(DataError, match=rf"records.csv, line {line}: 'x' in a column without a name"):
+        load_dataset("mine", layout.write())
+
+
 def test_generic_table_without_patient_column_names_it(tmp_path: Path) -> None:
     layout = generic(tmp_path / "mine")
     layout.tables["records.csv"].drop_column("patient_id")

@@ -110,9 +110,16 @@ def read_rows(path: Path) -> tuple[list[str], Iterator[Row]]:
 
 
 def _labels(path: Path, line: int, row: dict[str, str], columns: list[str]) -> dict[str, float]:
+    """The row's label columns as 1 / 0 / -1 / NaN (blank). Columns without a name (the trailing
+    commas of a spreadsheet's export) are not labels, and must stay blank."""
     labels = {}
     for column in columns:
         text = row.get(column, "").strip()
+        if not column:
+            if text:
+                raise DataError(f"{text!r} in a column without a name (name every column in the header "
+                                "line; pandas writes its index so unless to_csv(index=False))", path, line)
+            continue
         try:
             value = float(text) if text else math.nan
         except ValueError:

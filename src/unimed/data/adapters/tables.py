@@ -75,6 +75,11 @@ class CsvTable:
             raise DataError(f"empty file; expected columns {list(required)}", path, 1)
         check_utf8("".join(header[1]), path, 1)
         self.columns = [name.strip() for name in header[1]]
+        twice = next((c for i, c in enumerate(self.columns) if c and c in self.columns[:i]), None)
+        if twice is not None:
+            places = [i + 1 for i, c in enumerate(self.columns) if c == twice]
+            raise DataError(f"column {twice!r} appears {len(places)} times (columns {places}); one of them "
+                            "would be read and the others lost", path, 1, twice)
         missing = [c for c in required if c not in self.columns]
         if missing:
             other = [d for d in ";\t|" if len(self.columns) == 1 and d in self.columns[0]]
@@ -112,7 +117,11 @@ class CsvTable:
             raise DataError(
                 f"expected {len(self.columns)} fields, found {len(values)}", self.path, line
             )
-        return dict(zip(self.columns, values))
+        row: dict[str, str] = {}
+        for column, value in zip(self.columns, values):
+            if column not in row or value.strip():  # columns without a name: a value in any is kept
+                row[column] = value
+        return row
 
     def error(
         self, message: str, line: int, column: str | None = None, reason: str = MALFORMED_ROW
