@@ -156,6 +156,24 @@ def test_a_column_named_twice_is_named_and_unnamed_blank_columns_are_no_labels(t
         load_dataset("mine", layout.write())
 
 
+def test_a_quote_left_open_fails_the_table_instead_of_skipping_one_row_for_the_rest(tmp_path: Path) -> None:
+    """An opening quote never closed swallows every later line into one field: skipped as one bad
+    row, the rest of the table was lost while the count said one row."""
+    table = tmp_path / "notes" / "records.csv"
+    table.parent.mkdir()
+    rows = [f"Small effusion number {i} seen.,en,P{i}" for i in range(40)]
+    rows[5] = '"' + rows[5]
+    table.write_text("report,language,patient_id\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataError, match=r"records.csv, line 7: a quoted field opened here runs to "
+                                            r"line 41 \(a quote left open\?\): its 35 lines read as one "):
+            load_dataset("notes", table.parent, on_error=on_error, require_images=False)
+    rows[5] = '"Small ""effusion"" number 5,\n seen.",en,P5'  # quotes written as CSV writes them
+    table.write_text("report,language,patient_id\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    read = load_dataset("notes", table.parent, require_images=False)
+    assert len(read.records) == 40 and read.records[5].report == 'Small "effusion" number 5, seen.'
+
+
 def test_generic_table_without_patient_column_names_it(tmp_path: Path) -> None:
     layout = generic(tmp_path / "mine")
     layout.tables["records.csv"].drop_column("patient_id")

@@ -73,8 +73,8 @@ class CsvTable:
             records.close()
         if header is None:
             raise DataError(f"empty file; expected columns {list(required)}", path, 1)
-        check_utf8("".join(header[1]), path, 1)
-        self.columns = [name.strip() for name in header[1]]
+        check_utf8("".join(header[2]), path, 1)
+        self.columns = [name.strip() for name in header[2]]
         twice = next((c for i, c in enumerate(self.columns) if c and c in self.columns[:i]), None)
         if twice is not None:
             places = [i + 1 for i, c in enumerate(self.columns) if c == twice]
@@ -92,7 +92,7 @@ class CsvTable:
                 missing[0],
             )
 
-    def _records(self) -> Iterator[tuple[int, list[str]]]:
+    def _records(self) -> Iterator[tuple[int, int, list[str]]]:
         # A quoted cell may span lines: a record is named by the line it starts on.
         line = 0
         try:
@@ -101,14 +101,24 @@ class CsvTable:
                 for values in reader:
                     start, line = line + 1, reader.line_num
                     if values:
-                        yield start, values
+                        yield start, line, values
         except (OSError, EOFError, csv.Error) as err:
             raise DataError(f"cannot read CSV ({err})", self.path, line + 1) from None
 
     def __iter__(self) -> Iterator[tuple[int, list[str]]]:
+        """(line, values) per record. A record over several lines with the wrong number of fields
+        is an error of the table, not a row to skip: a quote left open swallows every line up to
+        the next quote (or the end of the file) into one field, rows that a skip would lose
+        while counting one."""
         records = self._records()
         next(records, None)
-        yield from records
+        for start, end, values in records:
+            if end > start and len(values) != len(self.columns):
+                raise DataError(f"a quoted field opened here runs to line {end} (a quote left open?): "
+                                f"its {end - start + 1} lines read as one record of {len(values)} field(s), "
+                                f"not {len(self.columns)}; write a quote inside a field as \"\"",
+                                self.path, start)
+            yield start, values
 
     def row(self, line: int, values: list[str]) -> dict[str, str]:
         """The row as {column: value}; raises DataError if its field count or encoding is wrong."""
