@@ -86,11 +86,13 @@ def test_check_data_says_a_table_saved_in_windows_1252_or_with_semicolons_as_suc
     assert out[problem + 1:] == [
         *(f"  {table}, line {line}: not UTF-8 text (byte {byte}, {char!r} in Windows-1252; save the table "
           "as UTF-8)" for line, byte, char in ((2, "0xf3", "ó"), (5, "0xf1", "ñ"), (8, "0xf3", "ó"))),
-        "1 problem(s); fix them, or set data.on_error=skip to train without those rows"]
+        "1 problem(s); fix them, or set data.on_error=skip to train without the rows skipped here"]
 
     table.write_text(good.replace(",", ";"), encoding="utf-8")
     assert main(["check-data", "--root", str(root), "--quiet"]) == 1
-    assert "(the table is separated by ';'; it must be comma-separated)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(the table is separated by ';'; it must be comma-separated)" in out
+    assert out.endswith("\n1 problem(s); fix them\n")  # skipping rows does not mend a table
 
 
 def test_check_data_on_a_root_without_datasets_is_one_config_error(tmp_path: Path, capsys):

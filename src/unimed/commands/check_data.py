@@ -59,7 +59,7 @@ def check_data(cfg: Config, args: argparse.Namespace) -> int:
     if not names:
         raise ConfigError(f"no dataset under {root}: no official layout folder and no sub-folder "
                           "with a records.csv / records.jsonl (see docs/LAYOUTS.md)")
-    rows, problems, failed = [], [], False
+    rows, problems, failed, skipped = [], [], False, False
     for name in names:
         read, note = check_dataset(name, cfg, check_images=not args.no_image_check)
         if read is None:
@@ -82,12 +82,13 @@ def check_data(cfg: Config, args: argparse.Namespace) -> int:
                             f"{', e.g.' if bad[reason] > len(messages) else ':'}{shown}")
         if leaking:
             problems.append(f"{name}: {len(leaking)} patient(s) in more than one split, e.g. {leaking[:3]}")
-        failed = failed or bool(bad) or bool(leaking)
+        failed, skipped = failed or bool(bad) or bool(leaking), skipped or bool(bad)
     print_table(f"Datasets under {root}, read through the adapters (bad rows skipped and counted)",
                 ["dataset", "records", "split", "language", "site", "label columns", "filtered",
                  "bad input (skipped)"], rows)
     for line in problems:
         print(line)
     print("OK: every row read" if not failed else
-          f"{len(problems)} problem(s); fix them, or set data.on_error=skip to train without those rows")
+          f"{len(problems)} problem(s); fix them"
+          + (", or set data.on_error=skip to train without the rows skipped here" if skipped else ""))
     return 1 if failed else 0
