@@ -133,6 +133,12 @@ def test_generic_jsonl_list_or_object_value_is_a_bad_row_not_its_python_text(tmp
     read = load_dataset("mine", root, on_error="skip")
     assert len(read.records) == 11 and read.dropped == {MALFORMED_ROW: 1}
 
+    lines[2] = lines[2].replace('"Effusion":', '"Effusion": 0, "Effusion ":')  # one key twice: one was lost
+    layout.texts["records.jsonl"] = ("\n".join(lines) + "\n").encode()
+    with pytest.raises(DataError, match=r"records.jsonl, line 3, column 'Effusion': key 'Effusion' appears "
+                                        r"twice in the object \(one of the values would be read"):
+        load_dataset("mine", layout.write())
+
 
 def test_a_column_named_twice_is_named_and_unnamed_blank_columns_are_no_labels(tmp_path: Path) -> None:
     """Two 'Effusion' columns (one of them 'Effusion ' before its spaces are stripped): one was read

@@ -63,6 +63,19 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object holding a key twice (compared after stripping spaces, as column names are)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key.strip() in out:
+            raise _RepeatedKey(key.strip())
+        out[key.strip()] = value
+    return out
+
+
 def _jsonl_rows(path: Path) -> Iterator[Row]:
     """(line, {key: text}) per non-blank line; a line that is not a JSON object yields its error."""
     try:
@@ -72,20 +85,24 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                     continue
                 try:
                     check_utf8(text, path, line)
-                    value = json.loads(text)
+                    value = json.loads(text, object_pairs_hook=_unique_keys)
                     if not isinstance(value, dict):
                         raise DataError(f"expected a JSON object, got {type(value).__name__}", path, line)
                     nested = next((k for k, v in value.items() if isinstance(v, (list, dict))), None)
                     if nested is not None:  # str() of it would be read as text: "['Heart size', ...]"
                         raise DataError(f"a JSON {type(value[nested]).__name__}; a value is text, a number, "
-                                        "true / false or null", path, line, str(nested).strip())
+                                        "true / false or null", path, line, nested)
                 except json.JSONDecodeError as err:
                     yield line, DataError(f"not a JSON object ({err.msg})", path, line)
+                    continue
+                except _RepeatedKey as err:
+                    yield line, DataError(f"key {err.args[0]!r} appears twice in the object (one of the "
+                                          "values would be read and the other lost)", path, line, err.args[0])
                     continue
                 except DataError as err:
                     yield line, err
                     continue
-                yield line, {str(k).strip(): _cell(v) for k, v in value.items()}
+                yield line, {k: _cell(v) for k, v in value.items()}
     except (OSError, EOFError) as err:
         raise DataError(f"cannot read file ({err})", path) from None
 
