@@ -180,6 +180,23 @@ def test_a_quote_left_open_fails_the_table_instead_of_skipping_one_row_for_the_r
     assert len(read.records) == 40 and read.records[5].report == 'Small "effusion" number 5, seen.'
 
 
+def test_a_patient_with_a_stated_split_has_its_unstated_rows_there_too(tmp_path: Path) -> None:
+    """Rows whose split is blank were carved per patient regardless of the patient's stated rows:
+    a patient with one row in test had the others in train (18 of 20 patients here)."""
+    table = tmp_path / "notes" / "records.csv"
+    table.parent.mkdir()
+    rows = [f"Small effusion number {i} seen.,en,P{i // 2},{'test' if i % 2 == 0 and i < 20 else ''}"
+            for i in range(60)]
+    table.write_text("report,language,patient_id,split\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    read = load_dataset("notes", table.parent, require_images=False, split_dir=tmp_path / "splits")
+    by_patient: dict[str, set[str]] = {}
+    for record in read.records:
+        by_patient.setdefault(record.patient_id, set()).add(record.split)
+    assert all(by_patient[f"P{p}"] == {"test"} for p in range(10))
+    assert leaking_patients([(r.study_id, r.patient_id, r.split) for r in read.records]) == []
+    assert {s for p in range(10, 30) for s in by_patient[f"P{p}"]} == {"train", "valid", "test"}  # carved
+
+
 def test_generic_table_without_patient_column_names_it(tmp_path: Path) -> None:
     layout = generic(tmp_path / "mine")
     layout.tables["records.csv"].drop_column("patient_id")

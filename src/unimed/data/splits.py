@@ -171,19 +171,29 @@ def resolve_splits(
 
     A pool is either an official split ("train" / "valid" / "test"), kept as is, or a name in
     `carve` whose rows are split per patient with the ratios `carve[pool]` and `seed`, stratified
-    by `strata` (patient -> stratum) when given (see `assign_patient_splits`). With
+    by `strata` (patient -> stratum) when given (see `assign_patient_splits`). A patient with rows
+    in one official split has its carved rows in that split too (a table that states the split of
+    some rows only would otherwise put the patient in two splits). With
     `split_dir`, an existing `<split_dir>/<dataset>.csv` is read instead (a key missing from it is
     an error), and a missing one is computed and written. Without `split_dir` nothing is written.
     """
     if split_dir is not None and split_file_path(split_dir, dataset).is_file():
         return _splits_from_file(split_file_path(split_dir, dataset), rows)
     by_pool: dict[str, list[str]] = {}
+    stated: dict[str, set[str]] = {}
     for _, patient, pool in rows:
         by_pool.setdefault(pool, []).append(patient)
+        if pool in SPLITS and pool not in carve:
+            stated.setdefault(patient, set()).add(pool)
     assignment: dict[str, dict[str, str]] = {}
     for pool, patients in by_pool.items():
         if pool in carve:
-            assignment[pool] = assign_patient_splits(patients, carve[pool], seed, strata)
+            known = {p: next(iter(stated[p])) for p in patients if len(stated.get(p, ())) == 1}
+            if known:
+                logger.info("%s: %d patient(s) with rows in one official split keep their other rows "
+                            "there", dataset, len(known))
+            rest = [p for p in patients if p not in known]
+            assignment[pool] = {**assign_patient_splits(rest, carve[pool], seed, strata), **known}
         elif pool not in SPLITS:
             raise ValueError(f"{dataset}: pool {pool!r} is neither a split {SPLITS} nor carved")
     final = [

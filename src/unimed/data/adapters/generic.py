@@ -7,7 +7,8 @@ columns. In short: ``image`` (path relative to the table's folder, or absolute; 
 :func:`unimed.data.volumes.read_volume` reads: NIfTI, MetaImage, a folder of one DICOM series or of
 slice images; the record is 3D), ``report``, ``language``, ``patient_id``, and the
 optional ``study_id``, ``site``, ``view`` and ``split`` (train / valid / test; rows where it is
-blank or absent are split per patient 80/10/10). Every other column is a label: 1, 0, -1
+blank or absent follow their patient's stated rows, or are split per patient 80/10/10). Every
+other column is a label: 1, 0, -1
 (uncertain) or blank (not stated).
 
 A table without an ``image`` or ``volume`` column is a text-only corpus: `unimed vocab` and `unimed
