@@ -197,6 +197,25 @@ def test_a_patient_with_a_stated_split_has_its_unstated_rows_there_too(tmp_path:
     assert {s for p in range(10, 30) for s in by_patient[f"P{p}"]} == {"train", "valid", "test"}  # carved
 
 
+def test_an_image_listed_twice_is_a_bad_row_naming_its_first_line(tmp_path: Path) -> None:
+    """A table written twice into one held every image twice: double weight in training, each
+    test image counted twice in every metric. An image with reports in two languages (a
+    translation) is two records."""
+    layout = generic(tmp_path / "mine")
+    table = layout.tables["records.csv"]
+    table.rows.append(list(table.rows[4]))
+    root = layout.write()
+    line = 2 + sum(1 + "".join(row).count("\n") for row in table.rows[:-1])  # reports span lines
+    first = 2 + sum(1 + "".join(row).count("\n") for row in table.rows[:4])
+    with pytest.raises(DataError, match=rf"records.csv, line {line}, column 'image': the image of line "
+                                        rf"{first} again, with a report in the same language \(en\) \(one "):
+        load_dataset("mine", root)
+    read = load_dataset("mine", root, on_error="skip")
+    assert len(read.records) == 12 and read.dropped == {MALFORMED_ROW: 1}
+    table.set(len(table.rows) - 1, "language", "es")  # the same image with a translated report: kept
+    assert len(load_dataset("mine", layout.write()).records) == 13
+
+
 def test_generic_table_without_patient_column_names_it(tmp_path: Path) -> None:
     layout = generic(tmp_path / "mine")
     layout.tables["records.csv"].drop_column("patient_id")

@@ -211,15 +211,30 @@ def read_generic(root: Path, ctx: ReadContext) -> AdapterResult:
             "no 'image' or 'volume' column: a text-only corpus, read by `unimed vocab` and `unimed mlm` "
             "only", path, 1,
         )
-    records = []
+    records: list[Record] = []
+    first: dict[tuple[Path, str | None], int] = {}  # (image / volume, language) -> its first line
     for line, row in rows:
         try:
             if isinstance(row, DataError):
                 raise row
             record = _parse(ctx, path, line, row, columns)
+            if record is not None and record.image_path is not None:
+                _check_repeated(record, first, path, line)
         except DataError as err:
             ctx.drops.bad(err)
             continue
         if record is not None:
             records.append(record)
     return AdapterResult(records, {CARVED: SPLIT_RATIOS})
+
+
+def _check_repeated(record: Record, first: dict[tuple[Path, str | None], int], path: Path, line: int) -> None:
+    """DataError when `record`'s image (or volume) came before with a report in the same language
+    (or without reports), as in a table written twice into one; `first` keeps each one's line. An
+    image with reports in two languages (a translation) is two records."""
+    key = (record.image_path, record.language)
+    if first.setdefault(key, line) != line:
+        kind = VOLUME if record.ndim == 3 else IMAGE
+        same = f", with a report in the same language ({record.language})" if record.language else ""
+        raise DataError(f"the {kind} of line {first[key]} again{same} (one row per {kind} and language: a "
+                        "table written twice into one?)", path, line, kind)
