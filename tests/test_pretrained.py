@@ -376,6 +376,25 @@ def test_class_names_that_would_give_no_or_a_doubled_column_are_named(tiny_run: 
             call(images / "a.png", classes)
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_a_batch_size_that_is_not_a_whole_number_above_zero_is_named(tiny_run: Path, images: Path,
+                                                                       batch_size):
+    """batch_size=-1 gave an empty (0,) tensor where (N, D) is promised, 0 and 2.5 errors from
+    inside range()."""
+    import nibabel as nib
+
+    model = unimed.load(tiny_run)
+    volume = images.parent / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 4), -1000, np.int16), np.eye(4)), str(volume))
+    for call in (lambda: model.encode_image(images / "a.png", batch_size=batch_size),
+                 lambda: model.zero_shot(images / "a.png", CLASSES, batch_size=batch_size),
+                 lambda: model.encode_text(TEXTS, batch_size=batch_size),
+                 lambda: model.encode_volume(volume, batch_size=batch_size),
+                 lambda: model.zero_shot_volume(volume, CLASSES, batch_size=batch_size)):
+        with pytest.raises(ValueError, match=rf"^batch_size is a whole number >= 1, got {batch_size!r}$"):
+            call()
+
+
 def test_unreadable_files_are_skipped_and_listed_when_asked(tiny_run: Path, images: Path, tmp_path: Path,
                                                              capsys):
     """With ``--on-error skip`` a bad file among good ones is left out of the output and listed with

@@ -165,7 +165,7 @@ class Pretrained:
         """(N, D) projected image embeddings (L2-normalised unless `normalize=False`);
         ``preprocessed=True`` takes :meth:`preprocess`'s output (e.g. from a DataLoader's workers)."""
         return self.encoder.image_features(self._pixels(images, preprocessed), normalize=normalize,
-                                           batch_size=batch_size)
+                                           batch_size=_batch_size(batch_size))
 
     def encode_volume(self, volumes: str | Path | Sequence[str | Path] | torch.Tensor, *,
                       normalize: bool = True, batch_size: int = 16,
@@ -173,7 +173,8 @@ class Pretrained:
         """(N, D) projected embeddings of CT volumes (as :meth:`preprocess_volume` reads them, or
         its output with ``preprocessed=True``) in the space of the reports' embeddings: a 2D model
         embeds the slices and mean-pools them (the slice-wise adapter of the 3D evaluation)."""
-        features = volume_spaces(self.encoder, self._stacks(volumes, preprocessed), batch_size)["projected"]
+        stacks = self._stacks(volumes, preprocessed)
+        features = volume_spaces(self.encoder, stacks, _batch_size(batch_size))["projected"]
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, texts: str | Sequence[str], language: str | None = None, *, normalize: bool = True,
@@ -189,7 +190,7 @@ class Pretrained:
         if language is not None:
             prepare = self.prompts(language).prepare
             texts = [prepare(text) for text in texts]
-        return self.encoder.text_features(texts, normalize=normalize, batch_size=batch_size)
+        return self.encoder.text_features(texts, normalize=normalize, batch_size=_batch_size(batch_size))
 
     def prompts(self, language: str) -> PromptSet:
         """The zero-shot prompts of `language`, stemmed as the run's ``eval.prompt_stemming`` says; an
@@ -206,7 +207,7 @@ class Pretrained:
         zero-shot evaluation (the model's own ``zero_shot_scores`` when it has one); `class_names`
         is one class or a list of them; ``preprocessed`` as in :meth:`encode_image`."""
         classes, prompts = checked_class_names(class_names), self.prompts(language)
-        pixels = self._pixels(images, preprocessed)
+        pixels, batch_size = self._pixels(images, preprocessed), _batch_size(batch_size)
         if hasattr(self.model, "zero_shot_scores"):
             scores = own_scores(self.encoder, pixels, prompts, classes, batch_size)
         else:
@@ -258,6 +259,13 @@ def _batch_of(pixels: Any, shape: tuple[int, ...], made_by: str) -> torch.Tensor
         raise ValueError(f"preprocessed=True takes the float tensor of shape (N, {sizes}), N >= 1, that "
                          f"{made_by}() returns, got {got}")
     return pixels
+
+
+def _batch_size(value: Any) -> int:
+    """`value` when it is a whole number >= 1; a ValueError otherwise (-1 gave an empty result)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"batch_size is a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def _some(items: list, what: str) -> list:
