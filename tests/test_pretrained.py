@@ -169,6 +169,18 @@ def test_every_image_input_kind_gives_the_same_embedding(tiny_run: Path, images:
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(inputs)))
 
 
+def test_paths_under_the_home_folder_may_start_with_a_tilde(tiny_run: Path, images: Path, monkeypatch):
+    import nibabel as nib
+
+    volume = images / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 4), -1000, np.int16), np.eye(4)), str(volume))
+    monkeypatch.setenv("HOME", str(tiny_run.parent))
+    model = unimed.load(f"~/{tiny_run.name}")
+    monkeypatch.setenv("HOME", str(images))
+    torch.testing.assert_close(model.encode_image("~/a.png"), model.encode_image(images / "a.png"))
+    torch.testing.assert_close(model.encode_volume("~/ct.nii.gz"), model.encode_volume(volume))
+
+
 def test_encode_volume_gives_the_3d_evaluations_volume_embeddings(tiny_run: Path, tmp_path: Path):
     """A CT volume (NIfTI, and a folder of slice images) embeds as the 3D evaluation embeds the
     same volume of a records table: the evaluation's feature cache is the reference."""

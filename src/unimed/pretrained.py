@@ -143,7 +143,8 @@ class Pretrained:
         slices, side = self._volume_grid()
         stacks = torch.empty(len(paths), slices, 1, side, side)
         for i, path in enumerate(paths):
-            stacks[i, :, 0] = axial_slices(read_volume(path), size=side, slices=slices, window=cfg.window)
+            volume = read_volume(Path(path).expanduser())
+            stacks[i, :, 0] = axial_slices(volume, size=side, slices=slices, window=cfg.window)
         return stacks
 
     def _volume_grid(self) -> tuple[int, int]:
@@ -289,7 +290,7 @@ def _grey(image: ImageInput, resize_size: int, index: int) -> np.ndarray | torch
     range (scaled by int64's maximum, a 12-bit image would read as black). A JPEG file decodes at
     the smallest DCT scale whose sides stay >= `resize_size`, as pre-training and evaluation read it."""
     if isinstance(image, (str, Path)):
-        return load_image(image, min_side=resize_size)
+        return load_image(Path(image).expanduser(), min_side=resize_size)
     if isinstance(image, Image.Image):
         return pil_grey(image)
     if isinstance(image, torch.Tensor) and not image.is_floating_point():
@@ -334,8 +335,9 @@ def is_export(path: str | Path) -> bool:
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Pretrained:
     """The trained model at `path` (an exported folder, a run folder or a checkpoint folder) on
-    `device` (default: the CPU), in eval mode, with local files only."""
-    path = Path(path)
+    `device` (default: the CPU), in eval mode, with local files only ("~/runs/demo" is under the
+    home folder, as are image and volume paths "~/...")."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"no model at {path}: the folder does not exist")
     device = _usable_device(device)
