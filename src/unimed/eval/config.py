@@ -489,6 +489,25 @@ class VolumeFinetuneConfig:
                              f"got {list(self.fractions)}")
 
 
+# The config fields (section, key) naming the datasets each task reads.
+TASK_DATASETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "zero_shot": (("zero_shot", "datasets"),),
+    "linear_probe": (("linear_probe", "datasets"),),
+    "segmentation": (("segmentation", "datasets"),),
+    "detection": (("detection", "datasets"),),
+    "retrieval": (("retrieval", "datasets"),),
+    "bias": (("bias", "datasets"),),
+    "gradcam": (("gradcam", "dataset"),),
+    "volume_probe": (("volume", "probe_datasets"),),
+    "volume_retrieval": (("volume", "retrieval_datasets"),),
+    "slice_localisation": (("volume", "localisation_datasets"),),
+    "slice_selection": (("volume", "selection_datasets"),),
+    "modality_gap": (("modality_gap", "xray_datasets"), ("modality_gap", "volume_datasets")),
+    "volume_segmentation": (("volume_segmentation", "datasets"),),
+    "volume_finetune": (("volume_finetune", "datasets"),),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Which tasks run, on which encoders, with which label fractions and seed."""
@@ -523,6 +542,14 @@ class EvalConfig:
     modality_gap: ModalityGapConfig = ModalityGapConfig()
     volume_segmentation: VolumeSegmentationConfig = VolumeSegmentationConfig()
     volume_finetune: VolumeFinetuneConfig = VolumeFinetuneConfig()
+
+    def task_datasets(self, task: str) -> tuple[str, ...]:
+        """The datasets `task` reads, as its settings name them (the keys of TASK_DATASETS)."""
+        names: list[str] = []
+        for section, key in TASK_DATASETS[task]:
+            value = getattr(getattr(self, section), key)
+            names += [value] if isinstance(value, str) else list(value)
+        return tuple(dict.fromkeys(names))
 
     def __post_init__(self) -> None:
         valid_tasks = TASK_NAMES + VOLUME_TASK_NAMES
