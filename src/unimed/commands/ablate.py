@@ -36,6 +36,7 @@ from unimed.commands import command, holding
 from unimed.commands.evaluate import (
     EVAL_DIR,
     METRICS_FILE,
+    check_datasets_present,
     print_summary,
     run_evaluation,
     write_outputs,
@@ -307,6 +308,7 @@ def ablate(cfg: Config, args: argparse.Namespace) -> int:
         table = method_ablation(cfg)
         for row in table.rows:  # a row the config cannot make fails before anything trains
             row.configure(cfg.method)
+        check_datasets_present(cfg, table.tasks)  # as does a dataset the evaluations would miss
         seeds = [cfg.run.seed + k for k in range(args.seeds)]
         rows = []
         for row in table.rows:

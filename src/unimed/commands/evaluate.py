@@ -171,7 +171,7 @@ def run_evaluation(
     from unimed.train.checkpoint import unfinished
 
     start = time.perf_counter()
-    _check_datasets_present(cfg, tasks)
+    check_datasets_present(cfg, tasks)
     # A missing or corrupt checkpoint fails before anything is written.
     trained = _resolve_trained(cfg, checkpoint, also)
     early = [line for _, path in trained if not is_export(path) and (line := unfinished(path))]
@@ -370,7 +370,7 @@ def _checkpoint_config(args: argparse.Namespace) -> str | None:
         raise ConfigError(str(exc)) from None
 
 
-def _check_datasets_present(cfg: Config, tasks: Sequence[str]) -> None:
+def check_datasets_present(cfg: Config, tasks: Sequence[str]) -> None:
     """One ConfigError naming every dataset the tasks read whose folder is not under data.root,
     with the tasks that read it, before any model is built (the evaluation stopped at the first,
     and a root holding few of the defaults took a run per missing dataset to find them all)."""
@@ -384,8 +384,8 @@ def _check_datasets_present(cfg: Config, tasks: Sequence[str]) -> None:
     if missing:
         listed = "; ".join(f"{name} ({', '.join(by)})" for name, by in missing.items())
         raise ConfigError(f"{len(missing)} dataset(s) the tasks read are not under data.root "
-                          f"{cfg.data.root}: {listed}. Point data.root at them, name others in the tasks' "
-                          "eval.<task> settings, or pick tasks with --tasks")
+                          f"{cfg.data.root}: {listed}. Point data.root at them, or name other datasets in "
+                          "the tasks' eval.<task> settings")
 
 
 def methods_beside(cfg: Config, checkpoint: str | Path) -> list[tuple[Config, Path]]:
