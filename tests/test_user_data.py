@@ -188,6 +188,28 @@ def test_own_images_and_report_table_train_and_evaluate(user_preset: Path, tmp_p
         "Nodule, Mass: left out of the macro AUC, which covers Effusion"]
 
 
+def test_a_text_or_pretraining_dataset_without_reports_is_said_to_add_nothing(user_preset: Path,
+                                                                               tmp_path: Path, caplog):
+    """A labelled set named among the pre-training datasets was passed over without a word."""
+    from unimed.commands.train import pretrain_records
+    from unimed.config import load_config
+    from unimed.data.adapters import load_texts
+
+    labels = tmp_path / "data" / "labels"
+    (labels / "scans").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(labels / "scans" / "a.png")
+    (labels / "records.csv").write_text("image,patient_id,Effusion\nscans/a.png,P1,1\n", encoding="utf-8")
+    cfg = load_config(user_preset, ["data.pretrain_datasets=[mine,labels]"])
+    with caplog.at_level(logging.WARNING, logger="unimed.data.adapters"):
+        records = pretrain_records(cfg)
+        texts = load_texts(cfg.data)
+    assert records and {r.dataset for r in records} == {r.dataset for r in texts} == {"mine"}
+    said = ("labels: none of its 1 records has a report, so it adds no reports and no pre-training pairs "
+            "(a labelled set is read by the evaluation: eval.<task>.datasets)")
+    assert [r.getMessage() for r in caplog.records if r.name == "unimed.data.adapters"
+            and r.levelno == logging.WARNING] == [said, said]
+
+
 def test_a_vocabulary_without_second_language_reports_says_what_to_do(user_preset: Path, capsys):
     assert main(["vocab", str(user_preset), "vocab.language=fr", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -37,12 +37,11 @@ def resolve_encoder(name: str | None) -> str | None:
 
 def pretrain_records(cfg: Config, split: str = "train") -> list:
     """The image-report records of the pre-training datasets for `split`."""
-    from unimed.data.adapters import load_from_config
+    from unimed.data.adapters import load_from_config, with_reports
 
     records = []
     for name in cfg.data.pretrain_datasets:
-        read = load_from_config(name, cfg.data)
-        records += [r for r in read.records if r.split == split and r.report]
+        records += [r for r in with_reports(name, load_from_config(name, cfg.data)) if r.split == split]
     if not records:
         raise ConfigError(f"no {split} records with reports in data.pretrain_datasets under {cfg.data.root}")
     return records

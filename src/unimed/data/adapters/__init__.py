@@ -175,6 +175,17 @@ def load_from_config(name: str, cfg: DataConfig, *, require_images: bool = True)
     )
 
 
+def with_reports(name: str, read: DatasetRead) -> list[Record]:
+    """The records of dataset `name` (as `read`) that have a report; a dataset with none is said
+    to add nothing to the text stages and pre-training, instead of passing unseen."""
+    paired = [r for r in read.records if r.report]
+    if not paired:
+        logger.warning("%s: none of its %d records has a report, so it adds no reports and no pre-training "
+                       "pairs (a labelled set is read by the evaluation: eval.<task>.datasets)", name,
+                       len(read.records))
+    return paired
+
+
 def load_texts(cfg: DataConfig) -> list[Record]:
     """The records with a report in `cfg.text_splits` of the text-stage datasets (`text_datasets`,
     else `pretrain_datasets`), for `unimed vocab` and `unimed mlm`: images are not read, so a
@@ -183,7 +194,7 @@ def load_texts(cfg: DataConfig) -> list[Record]:
     records = []
     for name in names:
         read = load_from_config(name, cfg, require_images=False)
-        records += [r for r in read.records if r.split in cfg.text_splits and r.report]
+        records += [r for r in with_reports(name, read) if r.split in cfg.text_splits]
     if not records:
         raise DataError(
             f"no reports in split(s) {', '.join(cfg.text_splits)} of the text datasets "
@@ -215,4 +226,5 @@ __all__ = [
     "rsna",
     "sample_candidates",
     "siim",
+    "with_reports",
 ]
