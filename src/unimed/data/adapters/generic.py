@@ -161,7 +161,7 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
         report = clean_report(row.get(REPORT, ""))
         if not ctx.accept_report(report, path, line, REPORT):
             return None
-        language = row.get(LANGUAGE, "").strip()
+        language = row.get(LANGUAGE, "").strip().lower()  # codes ignore case: "EN" rows are "en" rows
         if not language:
             raise DataError("empty language (a code such as en or es)", path, line, LANGUAGE)
     split = row.get("split", "").strip() or CARVED
