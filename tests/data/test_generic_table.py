@@ -216,7 +216,7 @@ def test_an_image_listed_twice_is_a_bad_row_naming_its_first_line(tmp_path: Path
     assert len(load_dataset("mine", layout.write()).records) == 13
 
 
-def test_language_codes_ignore_case(tmp_path: Path) -> None:
+def test_language_codes_and_split_names_ignore_case(tmp_path: Path) -> None:
     """'EN' beside 'en' made two languages: two communities in batches and in the bias audit, and
     reports the vocabulary did not count as English."""
     layout = generic(tmp_path / "mine")
@@ -225,6 +225,9 @@ def test_language_codes_ignore_case(tmp_path: Path) -> None:
         table.set(row, "language", table.rows[row][table.columns.index("language")].upper())
     languages = {r.language for r in load_dataset("mine", layout.write()).records}
     assert languages == {"en", "es"}
+    want = {r.image_path: r.split for r in load_dataset("mine", layout.write()).records}
+    table.set(0, "split", "Test")  # a split written with a capital is that split
+    assert {r.image_path: r.split for r in load_dataset("mine", layout.write()).records} == want
 
 
 def test_generic_table_without_patient_column_names_it(tmp_path: Path) -> None:

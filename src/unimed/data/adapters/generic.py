@@ -164,7 +164,7 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
         language = row.get(LANGUAGE, "").strip().lower()  # codes ignore case: "EN" rows are "en" rows
         if not language:
             raise DataError("empty language (a code such as en or es)", path, line, LANGUAGE)
-    split = row.get("split", "").strip() or CARVED
+    split = row.get("split", "").strip().lower() or CARVED  # "Train", "TEST": the splits
     if split not in (*SPLITS, CARVED):
         raise DataError(f"split {split!r} is not one of {list(SPLITS)} or blank", path, line, "split")
     labels = _labels(path, line, row, [c for c in columns if c not in KNOWN_COLUMNS])
