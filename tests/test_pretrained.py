@@ -488,6 +488,20 @@ def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: P
                                 "--out", str(out), *extra, "--quiet"], expected)
 
 
+def test_the_mlm_stages_text_encoder_is_named_as_such_where_a_model_is_expected(tiny_run: Path, capsys):
+    """`unimed.load` / `unimed evaluate` of the MLM output said "missing or incomplete: no state.pt"
+    (of the folder) or, of its checkpoints, that the weights were "trained under other method
+    settings"."""
+    mlm = tiny_run / "mlm"
+    for path in (mlm, mlm / "checkpoints", next((mlm / "checkpoints").glob("step_*"))):
+        with pytest.raises(ConfigError, match=rf"^no checkpoint at {re.escape(str(path))}: "
+                                              rf"{re.escape(str(mlm))} is a text encoder \(a transformers "):
+            unimed.load(path)
+    _fails_in_one_line(capsys, ["evaluate", str(mlm), "--quiet"],
+                       f"give the run folder ({tiny_run}) or its pretrain/checkpoints")
+    assert unimed.load(tiny_run / "pretrain" / "checkpoints") is not None
+
+
 def test_every_dataset_missing_under_the_data_root_is_named_at_once(tiny_run: Path, tmp_path: Path, capsys):
     """Not the first one only, after the workers started: a root holding few of the defaults took
     one run per missing dataset to find them all."""

@@ -42,6 +42,8 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 CHECKSUM_FILE = "checksums.json"
 LATEST_FILE = "latest"
+CHECKPOINTS_DIR = "checkpoints"
+TEXT_MODEL_FILE = "config.json"  # a transformers model folder's (the MLM stage writes one)
 PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
 # What reading a truncated or corrupt weights / state file raises.
@@ -383,9 +385,16 @@ def find_checkpoint(path: str | Path) -> Path:
     truncated or corrupt file of the checkpoint found is a CheckpointError naming it.
     """
     path = Path(path)
+    stage = path.parent if path.name == CHECKPOINTS_DIR else (
+        path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path)
+    if (stage / TEXT_MODEL_FILE).is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: {stage} is a text encoder (a transformers model folder, as "
+            f"`unimed mlm` writes one), not a pre-trained image-text model; give the run folder "
+            f"({stage.parent}) or its pretrain/checkpoints")
     if (path / WEIGHTS_FILE).is_file():
         return verify_checkpoint(path)
-    for folder in (path, path / "checkpoints", path / "pretrain" / "checkpoints"):
+    for folder in (path, path / CHECKPOINTS_DIR, path / "pretrain" / CHECKPOINTS_DIR):
         if (folder / LATEST_FILE).is_file():
             found = latest_checkpoint(folder)
             if found is not None:
