@@ -171,9 +171,9 @@ def run_evaluation(
     from unimed.train.checkpoint import unfinished
 
     start = time.perf_counter()
-    check_datasets_present(cfg, tasks)
-    # A missing or corrupt checkpoint fails before anything is written.
+    # A missing or corrupt checkpoint fails before anything is written, then missing datasets.
     trained = _resolve_trained(cfg, checkpoint, also)
+    check_datasets_present(cfg, tasks)
     early = [line for _, path in trained if not is_export(path) and (line := unfinished(path))]
     encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
     out_dir = cfg.run.dir
