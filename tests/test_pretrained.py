@@ -499,7 +499,9 @@ def test_the_mlm_stages_text_encoder_is_named_as_such_where_a_model_is_expected(
             unimed.load(path)
     _fails_in_one_line(capsys, ["evaluate", str(mlm), "--quiet"],
                        f"give the run folder ({tiny_run}) or its pretrain/checkpoints")
-    assert unimed.load(tiny_run / "pretrain" / "checkpoints") is not None
+    latest = tiny_run / "pretrain" / "checkpoints" / "latest"  # the pointer file: its checkpoint
+    torch.testing.assert_close(unimed.load(latest).encode_text(TEXTS),
+                               unimed.load(tiny_run).encode_text(TEXTS))
 
 
 def test_every_dataset_missing_under_the_data_root_is_named_at_once(tiny_run: Path, tmp_path: Path, capsys):

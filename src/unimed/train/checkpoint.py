@@ -380,11 +380,13 @@ def weights_mismatch(model: nn.Module, file: str | Path) -> str | None:
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder (holding model.safetensors) that `path` names.
 
-    `path` may be the checkpoint folder itself, a `checkpoints/` folder (its `latest`), a
-    pre-training output folder (`pretrain/`) or a run folder (`runs/<name>`). A missing,
-    truncated or corrupt file of the checkpoint found is a CheckpointError naming it.
+    `path` may be the checkpoint folder itself, a `checkpoints/` folder (its `latest`) or that
+    `latest` file, a pre-training output folder (`pretrain/`) or a run folder (`runs/<name>`). A
+    missing, truncated or corrupt file of the checkpoint found is a CheckpointError naming it.
     """
     path = Path(path)
+    if path.name == LATEST_FILE and path.is_file():  # the pointer file itself: its checkpoints folder
+        path = path.parent
     stage = path.parent if path.name == CHECKPOINTS_DIR else (
         path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path)
     if (stage / TEXT_MODEL_FILE).is_file():
