@@ -194,12 +194,14 @@ class Pretrained:
         return self.encoder.text_features(texts, normalize=normalize, batch_size=_batch_size(batch_size))
 
     def prompts(self, language: str) -> PromptSet:
-        """The zero-shot prompts of `language`, stemmed as the run's ``eval.prompt_stemming`` says; an
-        unknown language is a ConfigError naming those there are."""
-        if not (self.prompt_dir / f"{language}.yaml").is_file():
+        """The zero-shot prompts of `language` (its code in any case, "ES" as "es"), stemmed as the
+        run's ``eval.prompt_stemming`` says; an unknown language is a ConfigError naming those
+        there are."""
+        known = next((code for code in self.languages if code.lower() == str(language).lower()), None)
+        if known is None:
             raise ConfigError(f"unknown language '{language}': the model has prompts for "
                               f"{', '.join(self.languages) or 'no language'} (in {self.prompt_dir})")
-        return load_prompts(language, self.prompt_dir, self.config.eval.prompt_stemming,
+        return load_prompts(known, self.prompt_dir, self.config.eval.prompt_stemming,
                             corpus_stemming(self.encoder.tokenizer))
 
     def zero_shot(self, images: ImageInput | Sequence[ImageInput], class_names: str | Sequence[str],
