@@ -314,8 +314,9 @@ def test_a_folder_lists_its_tiffs_and_float_tiffs_embed_as_their_pixels(tiny_run
 
 def test_dicom_files_named_without_a_suffix_are_found_and_read(tiny_run: Path, images: Path):
     """Hospital exports name DICOM files by instance UID or "IM0001": listed by their 'DICM' prefix
-    and read as DICOM; a DICOMDIR index and other files are not listed."""
-    from unimed.commands.inference import list_images
+    and read as DICOM; a DICOMDIR index and other files are not listed, nor hidden ones (a Mac's
+    '._' resource forks, which `classify` stopped at as unreadable images)."""
+    from unimed.commands.inference import list_images, list_volumes
 
     export = images / "export" / "S1"
     export.mkdir(parents=True)
@@ -323,8 +324,16 @@ def test_dicom_files_named_without_a_suffix_are_found_and_read(tiny_run: Path, i
     shutil.copy(images / "c.dcm", export / "IM0001")
     shutil.copy(images / "c.dcm", images / "export" / "DICOMDIR")
     (export / "log.1").write_text("not an image")
+    (images / "sub" / "._b.jpg").write_bytes(b"\x00\x05\x16\x07 a Mac's resource fork")
+    (images / ".ipynb_checkpoints").mkdir()
+    shutil.copy(images / "a.png", images / ".ipynb_checkpoints" / "a.png")
     assert [p.relative_to(images).as_posix() for p in list_images(images)] == [
         "a.png", "c.dcm", "export/S1/1.2.840.113619.2.55.3.5", "export/S1/IM0001", "sub/b.jpg"]
+    scans = images / "scans"
+    (scans / ".ipynb_checkpoints").mkdir(parents=True)
+    for name in ("ct.nii.gz", "._ct.nii.gz"):
+        (scans / name).write_bytes(b"")
+    assert list_volumes(scans) == [scans / "ct.nii.gz"]
     model = unimed.load(tiny_run)
     torch.testing.assert_close(model.encode_image([export / "IM0001", export / "1.2.840.113619.2.55.3.5"]),
                                model.encode_image([images / "c.dcm"] * 2))

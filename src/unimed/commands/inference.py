@@ -37,10 +37,17 @@ EMBEDDING_SUFFIXES = (".npy", ".safetensors")
 SKIPPED_SUFFIX = ".skipped.csv"
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    """Whether `path` is hidden below `root` (a name starting with '.' on the way: the '._a.png'
+    resource forks a Mac copies beside each file, .DS_Store, .ipynb_checkpoints)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def list_images(path: str | Path) -> list[Path]:
     """The images of a folder (PNG, JPEG, TIFF, DICOM by suffix, and DICOM files named without one,
-    found by their 'DICM' prefix; not a DICOMDIR index), searched recursively and sorted, or the
-    single image file `path`; a missing path or a folder without images is a DataError."""
+    found by their 'DICM' prefix; not a DICOMDIR index, nor hidden files and folders), searched
+    recursively and sorted, or the single image file `path`; a missing path or a folder without
+    images is a DataError."""
     from unimed.data.images import is_dicom
     from unimed.pretrained import IMAGE_SUFFIXES
 
@@ -49,7 +56,7 @@ def list_images(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError("image folder or file not found", path, reason=MISSING_IMAGE)
-    found = sorted(p for p in path.rglob("*") if p.is_file() and (
+    found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path) and (
         p.suffix.lower() in IMAGE_SUFFIXES or (p.name.upper() != "DICOMDIR" and is_dicom(p))))
     if not found:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder", path,
@@ -69,7 +76,7 @@ def list_volumes(path: str | Path) -> list[Path]:
     if path.is_file():
         volume_kind(path)  # a file that is no volume is a DataError naming it
         return [path]
-    inside = sorted(path.iterdir())
+    inside = sorted(p for p in path.iterdir() if not _hidden(p, path))
     volumes = [p for p in inside if p.is_dir() or p.name.endswith(VOLUME_SUFFIXES)]
     if volumes:
         return volumes
