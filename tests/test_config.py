@@ -231,3 +231,11 @@ def test_every_task_says_which_datasets_it_reads():
     assert cfg.task_datasets("modality_gap") == ("mimic-cxr", "padchest", "bimcv-covid19")
     assert cfg.task_datasets("gradcam") == ("pdc",)
     assert all(cfg.task_datasets(task) for task in TASK_DATASETS)
+
+
+def test_a_zero_shot_class_named_twice_is_a_config_error():
+    """[Effusion, effusion] scored the class twice, and counted it twice in the macro AUC."""
+    with pytest.raises(ConfigError, match=r"^eval.zero_shot.classes.mine names 'effusion' twice \(class "):
+        load_config(None, ["eval.zero_shot.classes={mine: [Effusion, Nodule, effusion]}"])
+    cfg = load_config(None, ["eval.zero_shot.classes={mine: [Effusion, Nodule]}"])
+    assert cfg.eval.zero_shot.classes == {"mine": ["Effusion", "Nodule"]}

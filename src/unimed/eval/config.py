@@ -70,6 +70,12 @@ class ZeroShotConfig:
         if self.missing_labels not in MISSING_LABELS:
             raise ValueError(f"eval.zero_shot.missing_labels must be one of {', '.join(MISSING_LABELS)}, "
                              f"got {self.missing_labels!r}")
+        for dataset, names in self.classes.items():  # twice would count twice in the macro AUC
+            lowered = [str(name).lower() for name in names]
+            twice = next((n for i, n in enumerate(names) if lowered[i] in lowered[:i]), None)
+            if twice is not None:
+                raise ValueError(f"eval.zero_shot.classes.{dataset} names {twice!r} twice (class names "
+                                 "ignore case, as the prompt files' lookups do)")
 
 
 @dataclasses.dataclass(frozen=True)
