@@ -42,7 +42,7 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 CHECKSUM_FILE = "checksums.json"
 LATEST_FILE = "latest"
-CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_DIR = "checkpoints"  # a training stage's checkpoints folder
 TEXT_MODEL_FILE = "config.json"  # a transformers model folder's (the MLM stage writes one)
 PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
@@ -387,8 +387,8 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.name == LATEST_FILE and path.is_file():  # the pointer file itself: its checkpoints folder
         path = path.parent
-    stage = path.parent if path.name == CHECKPOINTS_DIR else (
-        path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path)
+    stage = path.parent if path.name == CHECKPOINT_DIR else (
+        path.parent.parent if path.parent.name == CHECKPOINT_DIR else path)
     if (stage / TEXT_MODEL_FILE).is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path}: {stage} is a text encoder (a transformers model folder, as "
@@ -396,7 +396,7 @@ def find_checkpoint(path: str | Path) -> Path:
             f"({stage.parent}) or its pretrain/checkpoints")
     if (path / WEIGHTS_FILE).is_file():
         return verify_checkpoint(path)
-    for folder in (path, path / CHECKPOINTS_DIR, path / "pretrain" / CHECKPOINTS_DIR):
+    for folder in (path, path / CHECKPOINT_DIR, path / "pretrain" / CHECKPOINT_DIR):
         if (folder / LATEST_FILE).is_file():
             found = latest_checkpoint(folder)
             if found is not None:

@@ -52,7 +52,7 @@ from unimed.train.stop import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = ckpt.CHECKPOINT_DIR
 OPTIMIZER_SETTINGS = ("weight_decay", "betas", "eps")
 """The optimizer's settings besides the learning rate that a run's config sets (TrainConfig)."""
 
