@@ -48,6 +48,7 @@ from unimed.data.images import load_image, pil_grey
 from unimed.data.transforms import eval_transform
 from unimed.data.volumes import axial_slices, read_volume
 from unimed.errors import ConfigError
+from unimed.eval.config import repeated_class
 from unimed.eval.encoders import Encoder, build_encoder, default_device, inference_ready
 from unimed.eval.features import volume_spaces
 from unimed.eval.prompts import PROMPT_DIR, PromptSet, corpus_stemming, load_prompts
@@ -240,14 +241,13 @@ def checked_class_names(names: str | Sequence[str], given_as: str = "zero-shot")
     classes = (names,) if isinstance(names, str) else tuple(names)
     if not classes:
         raise ConfigError(f"{given_as}: give at least one class name")
-    seen: dict[str, str] = {}
-    for name in classes:
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"{given_as}: class names are non-empty strings, got {name!r}")
-        if name.lower() in seen:
-            raise ConfigError(f"{given_as}: class {name!r} is given twice (as {seen[name.lower()]!r} "
-                              f"and {name!r}; class names ignore case)")
-        seen[name.lower()] = name
+    blank = next((i for i, name in enumerate(classes) if not isinstance(name, str) or not name.strip()), None)
+    if blank is not None:
+        raise ConfigError(f"{given_as}: class names are non-empty strings, got {classes[blank]!r}")
+    twice = repeated_class(classes)
+    if twice is not None:
+        raise ConfigError(f"{given_as}: class {twice[1]!r} is given twice (as {twice[0]!r} and {twice[1]!r}; "
+                          "class names ignore case)")
     return classes
 
 

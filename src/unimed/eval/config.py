@@ -8,6 +8,7 @@ images, and the number of images actually used is reported beside every row.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import snowballstemmer
 
@@ -46,6 +47,18 @@ FALLBACK_STEMMING: dict[str, str] = {"en": NO_STEMMING, "es": "spanish"}
 MISSING_LABELS = ("error", "exclude")  # eval.zero_shot.missing_labels
 
 
+def repeated_class(names: Sequence[str]) -> tuple[str, str] | None:
+    """The first class name given again, ignoring case as the prompt files' lookups do, as (its
+    first spelling, the repeat); None when every name differs."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = str(name).lower()
+        if key in seen:
+            return seen[key], name
+        seen[key] = name
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class ZeroShotConfig:
     """Zero-shot classification: positive prompt vs negative prompt per class (Med-UniC Table 1).
@@ -71,10 +84,9 @@ class ZeroShotConfig:
             raise ValueError(f"eval.zero_shot.missing_labels must be one of {', '.join(MISSING_LABELS)}, "
                              f"got {self.missing_labels!r}")
         for dataset, names in self.classes.items():  # twice would count twice in the macro AUC
-            lowered = [str(name).lower() for name in names]
-            twice = next((n for i, n in enumerate(names) if lowered[i] in lowered[:i]), None)
+            twice = repeated_class(names)
             if twice is not None:
-                raise ValueError(f"eval.zero_shot.classes.{dataset} names {twice!r} twice (class names "
+                raise ValueError(f"eval.zero_shot.classes.{dataset} names {twice[1]!r} twice (class names "
                                  "ignore case, as the prompt files' lookups do)")
 
 
