@@ -300,6 +300,40 @@ def test_classify_and_embed_write_what_the_python_api_gives(tiny_run: Path, imag
     assert _mode(single) == _mode(single.with_suffix(".csv"))
 
 
+def test_a_listing_beside_the_output_replaces_only_an_earlier_listing(tiny_run: Path, images: Path,
+                                                                       tmp_path: Path, capsys):
+    """embed's `<out>.csv` and `<out>.skipped.csv` overwrite an earlier run's listings, never a file
+    of the user's own that happens to have their name: that is one line, before any image is read."""
+    mine = tmp_path / "e.csv"
+    mine.write_text("patient,finding\n1,effusion\n", encoding="utf-8")
+    out = tmp_path / "e.npy"
+    _fails_in_one_line(capsys, ["embed", str(tiny_run), str(images), "--out", str(out), "--quiet"],
+                       f"--out: {mine} exists and was not written by unimed")
+    assert mine.read_text(encoding="utf-8") == "patient,finding\n1,effusion\n" and not out.exists()
+    mine.write_bytes(b"\xff\xfe\x00binary")
+    _fails_in_one_line(capsys, ["embed", str(tiny_run), str(images), "--out", str(out), "--quiet"],
+                       f"--out: {mine} exists and was not written by unimed")
+    mine.unlink()
+    assert main(["embed", str(tiny_run), str(images), "--out", str(out), "--quiet"]) == 0
+    assert main(["embed", str(tiny_run), str(images), "--out", str(out), "--quiet"]) == 0  # its own: replaced
+    assert len(list(csv.DictReader(mine.open()))) == 3
+
+    notes = tmp_path / "scores.skipped.csv"
+    notes.write_text("my notes\n", encoding="utf-8")
+    for args in (["embed", str(tiny_run), str(images), "--out", str(tmp_path / "scores.npy")],
+                 ["classify", str(tiny_run), str(images), "--classes", "pneumonia", "--out",
+                  str(tmp_path / "scores.csv")]):
+        _fails_in_one_line(capsys, [*args, "--on-error", "skip", "--quiet"],
+                           f"--on-error skip: {notes} exists and was not written by unimed")
+        assert notes.read_text(encoding="utf-8") == "my notes\n"
+    notes.unlink()
+    assert main(["classify", str(tiny_run), str(images), "--classes", "pneumonia", "--out",
+                 str(tmp_path / "scores.csv"), "--on-error", "skip", "--quiet"]) == 0
+    assert main(["classify", str(tiny_run), str(images), "--classes", "pneumonia", "--out",
+                 str(tmp_path / "scores.csv"), "--on-error", "skip", "--quiet"]) == 0
+    assert list(csv.DictReader(notes.open())) == []
+
+
 def test_a_folder_lists_its_tiffs_and_float_tiffs_embed_as_their_pixels(tiny_run: Path, images: Path):
     from unimed.commands.inference import list_images
     from unimed.data.images import load_image

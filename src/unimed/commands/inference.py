@@ -35,6 +35,8 @@ BATCH = 32
 VOLUME_BATCH = 4  # volumes read and embedded at once (each is read whole before it is resized)
 EMBEDDING_SUFFIXES = (".npy", ".safetensors")
 SKIPPED_SUFFIX = ".skipped.csv"
+SKIPPED_HEADER = ("file", "reason", "error")
+NAMES_HEADER = ("row", "file")  # embed's `<out>.csv`: which file each embedding row is
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -130,10 +132,10 @@ def _read(model: Pretrained, files: Sequence[Path], what: str, args: argparse.Na
 def _write_skipped(out: Path, skipped: list[DataError], total: int, what: str, root: Path) -> None:
     """`<out>.skipped.csv`: one row per file left out (relative to `root`, the command's input, as in
     the output), with the reason; all of them left out is a DataError naming `root`."""
-    listing = out.with_name(out.stem + SKIPPED_SUFFIX)
+    listing = _skipped_listing(out)
     with listing.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "reason", "error"])
+        writer.writerow(SKIPPED_HEADER)
         writer.writerows((_relative(e.path, root), e.reason, e.message) for e in skipped)
     if len(skipped) == total:
         raise DataError(f"none of the {total} {what}(s) could be read (each is listed in {listing})",
@@ -141,6 +143,26 @@ def _write_skipped(out: Path, skipped: list[DataError], total: int, what: str, r
     if skipped:
         print(f"skipped {len(skipped)} of {total} {what}(s) that could not be read (--on-error skip): "
               f"{listing}")
+
+
+def _skipped_listing(out: Path) -> Path:
+    return out.with_name(out.stem + SKIPPED_SUFFIX)
+
+
+def _own_listing(path: Path, header: Sequence[str], option: str) -> None:
+    """A listing written beside the output (embed's `<out>.csv`, `<out>.skipped.csv`) replaces only
+    an earlier one of its kind: a file of another kind at that path (a table of the user's own beside
+    `--out`) is a ConfigError, checked before any image is read."""
+    if not path.exists():
+        return
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            ours = tuple(next(csv.reader(f), ())) == tuple(header)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        ours = False
+    if not ours:
+        raise ConfigError(f"{option}: {path} exists and was not written by unimed (its first row is not "
+                          f"{','.join(header)}); it would be overwritten: choose another --out or move it")
 
 
 def _relative(file: Path, root: Path) -> str:
@@ -233,6 +255,8 @@ def classify_command(cfg: Config, args: argparse.Namespace) -> int:
     classes = checked_class_names([c.strip() for c in args.classes.split(",") if c.strip()], "--classes")
     files, what = _inputs(args)
     out = _writable(args.out)
+    if args.on_error == "skip":
+        _own_listing(_skipped_listing(out), SKIPPED_HEADER, "--on-error skip")
     model = load(args.model, device=args.device)
     model.prompts(args.language)  # an unknown language fails before any image is read
     classify = model.zero_shot_volume if args.volumes else model.zero_shot
@@ -272,6 +296,10 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out}: the file must end in {' or '.join(EMBEDDING_SUFFIXES)}")
     files, what = _inputs(args)
     _writable(out)
+    names = out.with_suffix(".csv")
+    _own_listing(names, NAMES_HEADER, "--out")
+    if args.on_error == "skip":
+        _own_listing(_skipped_listing(out), SKIPPED_HEADER, "--on-error skip")
     model = load(args.model, device=args.device)
     encode = model.encode_volume if args.volumes else model.encode_image
     rows, embedded, skipped = [], [], []
@@ -286,11 +314,10 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     else:
         save_file({"embeddings": embeddings.contiguous()}, str(out))
         umask_permissions(out)
-    names = out.with_suffix(".csv")
     root = Path(args.images)
     with names.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "file"])
+        writer.writerow(NAMES_HEADER)
         writer.writerows((i, _relative(files[row], root)) for i, row in enumerate(rows))
     print(f"embedded {len(rows)} {what}(s) as {tuple(embeddings.shape)}: {out} (files: {names})")
     return 0
