@@ -269,6 +269,9 @@ def test_uint8_uint16_and_boolean_arrays_read_as_their_grey_values(tiny_run: Pat
     torch.testing.assert_close(model.preprocess(levels.astype(np.uint8)), want)
     torch.testing.assert_close(model.preprocess(torch.from_numpy(levels.astype(np.uint8))), want)
     torch.testing.assert_close(model.preprocess((levels * 257).astype(np.uint16)), want)
+    twelve_bit = np.random.default_rng(6).integers(0, 4096, (70, 80))  # pydicom's pixel_array of a CR
+    torch.testing.assert_close(model.preprocess(twelve_bit.astype(np.uint16)),
+                               model.preprocess((twelve_bit / 4095).astype(np.float32)))
     mask = levels > 127
     torch.testing.assert_close(model.preprocess(mask), model.preprocess(mask.astype(np.float32)))
 

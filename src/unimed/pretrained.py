@@ -7,7 +7,8 @@ negative prompt rule of the zero-shot evaluation, prompts from the language's pr
 ``encode_volume`` / ``zero_shot_volume`` (CT volumes in the reports' space, read as the 3D
 evaluation reads them).
 Images go in as file paths (PNG, JPEG, TIFF, DICOM: the project's readers), PIL images, or numpy arrays /
-tensors ((H, W) grey or (C, H, W), floats in [0, 1], or uint8 / uint16 scaled by 255 / 65535), one
+tensors ((H, W) grey or (C, H, W), floats in [0, 1], or uint8 / uint16 scaled by 255 / the top of
+their 12, 14 or 16 stored bits), one
 or a list (a 4-D array is a batch); they are resized and centre-cropped as in the zero-shot evaluation, and
 the model normalises them itself. An array it cannot read as given (float pixels outside [0, 1], NaN,
 channels last) is a ValueError naming its place in the input, not an embedding of clipped pixels.
@@ -44,7 +45,7 @@ from safetensors.torch import save_model
 from transformers import AutoConfig, AutoTokenizer
 
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, save_config, to_dict
-from unimed.data.images import load_image, pil_grey
+from unimed.data.images import load_image, pil_grey, stored_range
 from unimed.data.transforms import eval_transform
 from unimed.data.volumes import axial_slices, read_volume
 from unimed.errors import ConfigError
@@ -287,9 +288,11 @@ def _is_single(images: Any) -> bool:
 
 def _grey(image: ImageInput, resize_size: int, index: int) -> np.ndarray | torch.Tensor:
     """A grey (H, W) image in [0, 1] (or channel-first (C, H, W) as given) from any accepted input
-    (`index`: its place in the input, for the errors); uint8 and uint16 arrays are scaled by their
-    type's maximum, booleans are 0 and 1, other integer types are a ValueError: they have no fixed
-    range (scaled by int64's maximum, a 12-bit image would read as black). A JPEG file decodes at
+    (`index`: its place in the input, for the errors); uint8 arrays are scaled by 255, uint16 by
+    the top of the bits their pixels use (4095, 16383 or 65535, as a 16-bit file is read: 12-bit
+    pixel data of pydicom, say, is not read 16 times darker), booleans are 0 and 1, other integer
+    types are a ValueError: they have no fixed range (scaled by int64's maximum, a 12-bit image would
+    read as black). A JPEG file decodes at
     the smallest DCT scale whose sides stay >= `resize_size`, as pre-training and evaluation read it."""
     if isinstance(image, (str, Path)):
         return load_image(Path(image).expanduser(), min_side=resize_size)
@@ -302,8 +305,10 @@ def _grey(image: ImageInput, resize_size: int, index: int) -> np.ndarray | torch
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.integer):
         if image.dtype not in (np.uint8, np.uint16):
             raise ValueError(f"image {index}: a {image.dtype} array; pass uint8 or uint16 pixels (scaled "
-                             "by 255 or 65535) or floats in [0, 1]: other integer types have no fixed range")
-        return image.astype(np.float32) / np.iinfo(image.dtype).max
+                             "by 255 or by the top of their stored bits) or floats in [0, 1]: other "
+                             "integer types have no fixed range")
+        top = 255.0 if image.dtype == np.uint8 else stored_range(int(image.max(initial=0)))
+        return image.astype(np.float32) / top
     if isinstance(image, (np.ndarray, torch.Tensor)):
         return image
     raise TypeError(f"an image must be a file path, a PIL image, a numpy array or a tensor, "
@@ -465,7 +470,8 @@ def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
     for prompt_file in sorted(pretrained.prompt_dir.glob("*.yaml")):
         shutil.copyfile(prompt_file, out / PROMPTS_DIR / prompt_file.name)
     preprocess = {
-        "input": "grey image, pixels scaled to [0, 1] by bit depth (DICOM: its VOI LUT or window, "
+        "input": "grey image, pixels scaled to [0, 1] by bit depth (16-bit: the 12, 14 or 16 bits its "
+                 "pixels use; DICOM: its VOI LUT or window, "
                  "else BitsStored; MONOCHROME1 inverted), repeated to 3 channels",
         "resize_size": pretrained.resize_size,
         "image_size": pretrained.image_size,

@@ -26,6 +26,22 @@ def test_png_8_and_16_bit_scale_by_depth(tmp_path: Path) -> None:
     np.testing.assert_allclose(b, RAMP16 / 65535.0, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("bits", [12, 14, 16])
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_16_bit_file_reads_on_the_scale_of_the_bits_its_pixels_use(bits: int, suffix: str,
+                                                                      tmp_path: Path) -> None:
+    """DICOM converted to PNG / TIFF keeps 12- or 14-bit detector values in a 16-bit file: divided by
+    65535 a 12-bit radiograph read 16 times darker (brightest pixel 0.06). Each reads on its bits'
+    scale, so the same picture stored at 8, 12, 14 or 16 bits reads alike."""
+    top = 2**bits - 1
+    stored = np.rint(RAMP8 / 252.0 * top).astype(np.uint16)  # the ramp's brightest pixel is the top
+    Image.fromarray(stored).save(tmp_path / f"stored{suffix}")
+    image = load_image(tmp_path / f"stored{suffix}")
+    np.testing.assert_allclose(image, stored / top, atol=1e-6)
+    assert image.max() == 1.0
+    np.testing.assert_allclose(image, RAMP8 / 252.0, atol=1e-3)
+
 def test_jpeg_and_colour_become_grey_in_unit_range(tmp_path: Path) -> None:
     Image.fromarray(np.stack([RAMP8] * 3, axis=-1)).save(tmp_path / "c.jpg", quality=95)
     image = load_image(tmp_path / "c.jpg")

@@ -20,6 +20,12 @@ DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
 # floats ("F", taken as they are: converted to 8-bit grey they would be rounded to 0 and 1).
 _GREY_MAX: dict[str, float] = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0,
                                "I": 65535.0, "F": 1.0}
+# The bit depths a 16-bit file's pixels are read at: the smallest that holds its brightest pixel.
+# DICOM converted to PNG / TIFF keeps the detector's 12- or 14-bit values in a 16-bit file (no PNG
+# reader exposes its sBIT chunk), and divided by 65535 such an image reads 16 (or 4) times darker:
+# nearly black, which the encoders would embed without a word.
+STORED_BITS: tuple[int, ...] = (12, 14, 16)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})
 # ITU-R 601-2 luma, the weights of Pillow's colour-to-"L" conversion.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # The modes whose pixels can lie outside that range.
@@ -60,7 +66,8 @@ def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     """Read an image as float32 (H, W) in [0, 1]; raises DataError naming the file when it cannot.
 
     DICOM is shown as its VOI LUT or window says (MONOCHROME1 inverted so bright is dense), or
-    scaled by its stored bit depth where it has neither; PNG/JPEG/TIFF by their bit depth (float
+    scaled by its stored bit depth where it has neither; PNG/JPEG/TIFF by their bit depth, a 16-bit
+    file by the bits its pixels use (12, 14 or 16: `stored_range`) (float
     TIFFs as they are, when in [0, 1]; pixels outside their range are a DataError, not clipped);
     colour images are converted to grey. With `min_side`, a JPEG is decoded at the smallest of its DCT scales
     (1/2, 1/4, 1/8) whose sides stay >= `min_side` (Pillow's ``draft``: several times faster for a
@@ -82,28 +89,43 @@ def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
 
 
+def stored_range(brightest: float) -> float:
+    """The value that maps to 1.0 in a 16-bit image whose brightest pixel is `brightest`: 4095,
+    16383 or 65535, the top of the smallest of `STORED_BITS` that holds it."""
+    bits = next((b for b in STORED_BITS if brightest < 2**b), STORED_BITS[-1])
+    return float(2**bits - 1)
+
+
 def pil_grey(im: Image.Image) -> np.ndarray:
     """A PIL image as float32 grey (H, W) scaled by its mode's range (colour and palette images
-    converted to 8-bit grey first). Pixels of the 32-bit modes can come out of [0, 1], or NaN: they
-    are neither clipped nor rescaled here, for the caller to refuse."""
+    converted to 8-bit grey first); a 16-bit image by the range of its stored bits (`stored_range`).
+    Pixels of the 32-bit modes can come out of [0, 1], or NaN: they are neither clipped nor rescaled
+    here, for the caller to refuse."""
     if im.mode not in _GREY_MAX:
         im = im.convert("L")
-    return np.asarray(im, dtype=np.float32) / _GREY_MAX[im.mode]
+    image = np.asarray(im, dtype=np.float32)
+    if im.mode in _SIXTEEN_BIT_MODES:
+        return image / stored_range(float(image.max(initial=0)))
+    return image / _GREY_MAX[im.mode]
 
 
 def _load_pil(path: Path, min_side: int | None = None) -> np.ndarray:
     with Image.open(path) as im:
         if min_side is not None and im.format == "JPEG":
             im.draft("L", (min_side, min_side))
-        mode, image = im.mode, pil_grey(im)
-    if mode in _WIDE_MODES and not (0.0 <= image.min() and image.max() <= 1.0):  # NaN fails too
-        top = _GREY_MAX[mode]
-        these = ("include NaN" if np.isnan(image).any() else
-                 f"span {image.min() * top:g} .. {image.max() * top:g}")
+        if im.mode in _WIDE_MODES:
+            _check_wide(np.asarray(im, dtype=np.float32), im.mode, path)
+        return pil_grey(im)
+
+
+def _check_wide(pixels: np.ndarray, mode: str, path: Path) -> None:
+    """A DataError naming `path` when pixels of a 32-bit mode lie outside 0 .. its top (or are NaN)."""
+    top = _GREY_MAX[mode]
+    if pixels.size and not (0.0 <= pixels.min() and pixels.max() <= top):  # NaN fails too
+        these = "include NaN" if np.isnan(pixels).any() else f"span {pixels.min():g} .. {pixels.max():g}"
         raise DataError(f"{_WIDE_MODES[mode]} pixels must lie in 0 .. {top:g}, these {these} (store "
                         "the image as 8- or 16-bit grey, or as floats in [0, 1])", path,
                         reason=UNREADABLE_IMAGE)
-    return image
 
 
 def _dcmread(path: Path, **kwargs) -> pydicom.Dataset:
