@@ -36,7 +36,7 @@ from unimed.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "1"
+FORMAT = "2"
 """Bumped when the preparation of an entry changes in a way its tag does not say."""
 
 
