@@ -74,10 +74,26 @@ def test_generic_dataset_is_found_by_name_under_the_data_root(tmp_path: Path) ->
         load_from_config("other", DataConfig(root=str(tmp_path), progress=False))
 
 
+def test_a_boolean_label_column_as_pandas_or_a_spreadsheet_writes_it_reads_as_1_and_0(
+        tmp_path: Path) -> None:
+    """A DataFrame's bool column goes to CSV as True / False (a spreadsheet's as TRUE / FALSE): read
+    as 1 / 0, as the same table's JSONL true / false are, not as a bad row each."""
+    layout = generic(tmp_path / "mine")
+    table = layout.tables["records.csv"]
+    words = ["False", "True", "FALSE", "TRUE", "false", "true"]
+    for i in range(len(table.rows)):
+        table.set(i, "Effusion", words[i % len(words)])
+    read = load_dataset("mine", layout.write())
+    assert read.dropped == {}
+    for i, (image, record) in enumerate(sorted(_by_image(read, layout.root).items(),
+                                               key=lambda item: layout.kept.index(item[0]))):
+        assert record.labels["Effusion"] == float(i % 2)
+
+
 @pytest.mark.parametrize(
     ("column", "value", "reason", "message"),
     [
-        ("Effusion", "yes", MALFORMED_ROW, "label 'yes' is not 1, 0, -1 or blank"),
+        ("Effusion", "yes", MALFORMED_ROW, "label 'yes' is not 1, 0, -1, true / false or blank"),
         ("report", "  ", EMPTY_REPORT, "empty report"),
         ("image", "images/none.png", MISSING_IMAGE, "image file not found"),
         ("image", "images\\a0.png", MISSING_IMAGE,

@@ -9,7 +9,8 @@ slice images; the record is 3D), ``report``, ``language``, ``patient_id``, and t
 optional ``study_id``, ``site``, ``view`` and ``split`` (train / valid / test; rows where it is
 blank or absent follow their patient's stated rows, or are split per patient 80/10/10). Every
 other column is a label: 1, 0, -1
-(uncertain) or blank (not stated).
+(uncertain) or blank (not stated); true / false (a boolean column as pandas or a spreadsheet writes
+it, in any case) are 1 / 0.
 
 A table without an ``image`` or ``volume`` column is a text-only corpus: `unimed vocab` and `unimed
 mlm` read it (its records have no image); the image stages refuse it with a message saying so.
@@ -36,6 +37,9 @@ KNOWN_COLUMNS = frozenset({IMAGE, VOLUME, REPORT, LANGUAGE, PATIENT, "study_id",
 SPLIT_RATIOS = {"train": 0.8, "valid": 0.1, "test": 0.1}
 CARVED = "all"
 LABEL_VALUES = frozenset({1.0, 0.0, -1.0})
+# A boolean column as pandas (True / False) and spreadsheets (TRUE / FALSE) write it: 1 / 0, as a
+# JSONL table's true / false are read.
+BOOLEAN_LABELS = {"true": 1.0, "false": 0.0}
 
 Row = tuple[int, "dict[str, str] | DataError"]
 
@@ -139,12 +143,13 @@ def _labels(path: Path, line: int, row: dict[str, str], columns: list[str]) -> d
                                 "line; pandas writes its index so unless to_csv(index=False))", path, line)
             continue
         try:
-            value = float(text) if text else math.nan
+            value = BOOLEAN_LABELS[text.lower()] if text.lower() in BOOLEAN_LABELS else (
+                float(text) if text else math.nan)
         except ValueError:
             value = None
         if value is None or not (math.isnan(value) or value in LABEL_VALUES):
             raise DataError(
-                f"label {text!r} is not 1, 0, -1 or blank (every column other than "
+                f"label {text!r} is not 1, 0, -1, true / false or blank (every column other than "
                 f"{', '.join(sorted(KNOWN_COLUMNS))} is a label)", path, line, column,
             )
         labels[column] = value
