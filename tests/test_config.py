@@ -133,6 +133,25 @@ def test_missing_or_malformed_preset(tmp_path):
     assert "\n" not in str(info.value)  # one line at the command line, not PyYAML's several
 
 
+
+def test_a_key_given_twice_in_a_preset_is_an_error_naming_its_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: a preset with two `train:` sections trained with
+    the first one's epochs at the default (50), and an override's mapping lost a class list."""
+    preset = tmp_path / "twice.yaml"
+    preset.write_text("train:\n  epochs: 3\nmethod:\n  name: medunic\ntrain:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"^cannot parse config file .*twice.yaml: line 5: key 'train' "
+                                          r"appears twice in one mapping \(first on line 1\): one of its "
+                                          r"values would be lost$"):
+        load_config(preset)
+    preset.write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match="line 4: key 'epochs' appears twice .*first on line 2"):
+        load_config(preset)
+    with pytest.raises(ConfigError, match="key 'cxp500' appears twice"):
+        load_config(overrides=["eval.zero_shot.classes={cxp500: [Edema], cxp500: [Atelectasis]}"])
+    preset.write_text("train:\n  <<: {epochs: 3, lr: 0.1}\n  epochs: 5\n")  # a merge's keys are overridden
+    cfg = load_config(preset)
+    assert (cfg.train.epochs, cfg.train.lr) == (5, 0.1)
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(overrides=["run.seed=11", "method.text.encoder=/models/bert"])
     path = save_config(cfg, tmp_path)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from unimed import yaml_files
 from unimed.bounds import PATH_OPTION, check_bounds, path_option
 from unimed.data.config import DataConfig
 from unimed.errors import ConfigError, yaml_problem
@@ -188,7 +189,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, raw = item.split("=", 1)
     try:
-        return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+        return key.strip().split("."), yaml_files.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or yaml_problem(exc)
         raise ConfigError(f"override '{item}': its value is not valid YAML ({problem}); quote a list "
@@ -336,7 +337,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     with path.open(encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml_files.safe_load(f) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot parse config file {path}: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):

@@ -110,6 +110,10 @@ def test_prompt_errors_name_the_file(tmp_path: Path):
     (tmp_path / "it.yaml").write_text("language: it\npositive: [unclosed\n")
     with pytest.raises(EvalError, match="it.yaml: not valid YAML, line 3: expected ','"):
         load_prompts("it", tmp_path)
+    (tmp_path / "it.yaml").write_text("language: it\npositive: '{disease}'\nnegative: 'Nessun {disease}'\n"
+                                      "classes:\n  edema: edema\n  edema: versamento\n")
+    with pytest.raises(EvalError, match="it.yaml: not valid YAML, line 6: key 'edema' appears twice"):
+        load_prompts("it", tmp_path)
 
 
 def test_scores_match_hand_computed_auc_and_f1():

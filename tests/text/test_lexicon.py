@@ -59,6 +59,8 @@ def test_the_packaged_lexicon_translates_the_phantom_spanish_terms_the_vocabular
     ("source: es\ntarget: en\nentries:\n  neumonía: ''\n", "entry 'neumonía'"),
     ("source: es\ntarget: en\nentries:\n  neumonía: [pneumonia]\n", "entry 'neumonía'"),
     ("source: es\ntarget: en\nentries: [a: b\n", "cannot be read"),
+    ("source: es\ntarget: en\nentries:\n  derrame: effusion\n  derrame: spill\n",
+     "line 5: key 'derrame' appears twice in one mapping"),
 ])
 def test_a_bad_lexicon_file_is_one_clear_error_naming_it(tmp_path, text, message):
     path = _write(tmp_path / "bad.yaml", text)

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from unimed import yaml_files
 from unimed.errors import ConfigError, yaml_problem
 from unimed.phantom.catalogue import FINDING_NAMES
 
@@ -46,7 +47,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping, or raise ConfigError naming the file."""
     try:
         with path.open(encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml_files.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"phantom data file not found: {path}") from None
     except yaml.YAMLError as exc:

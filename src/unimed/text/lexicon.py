@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from unimed import yaml_files
 from unimed.errors import ConfigError, yaml_problem
 from unimed.text.stemming import SNOWBALL_BY_LANGUAGE, stem_word
 
@@ -61,7 +62,7 @@ def load_lexicon(name: str | Path) -> Lexicon:
             raise ConfigError(f"mlm.lexicon={str(name)!r} is neither a file nor a packaged lexicon "
                              f"({available})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_files.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"lexicon {path} cannot be read: {yaml_problem(exc)}") from None
     if not isinstance(data, dict) or set(data) != {"source", "target", "entries"}:

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from unimed import yaml_files
 from unimed.errors import yaml_problem
 from unimed.eval.config import CORPUS_STEMMING, FALLBACK_STEMMING, PROMPT_STEMMING
 from unimed.eval.errors import EvalError
@@ -126,7 +127,7 @@ def load_prompts(language: str, prompt_dir: str | Path = "",
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise EvalError(f"no prompt file {path}; languages with prompts there: {known}")
     try:
-        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data: Any = yaml_files.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise EvalError(f"prompt file {path}: not valid YAML, {yaml_problem(exc)}") from None
     missing = [k for k in _KEYS if not isinstance(data, dict) or k not in data]
