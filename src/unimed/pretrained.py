@@ -185,11 +185,15 @@ class Pretrained:
         """(N, D) projected text embeddings. With `language`, each text is first written as the
         model's training reports of that language were (lowercased and stemmed where they were:
         PadChest's Spanish reports are distributed stemmed), as the zero-shot prompts are; without
-        it the texts are embedded as given."""
+        it the texts are embedded as given. A text that is not a string, or is empty, is a ValueError."""
         texts = _some([texts] if isinstance(texts, str) else list(texts), "texts")
         wrong = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
         if wrong is not None:
             raise ValueError(f"texts are strings; item {wrong} is {texts[wrong]!r}")
+        blank = next((i for i, text in enumerate(texts) if not text.strip()), None)
+        if blank is not None:  # the model would embed [CLS] [SEP] as if it were a report
+            raise ValueError(f"texts hold words; item {blank} is {texts[blank]!r} (an empty report is "
+                             "left out of training and evaluation too)")
         if language is not None:
             prepare = self.prompts(language).prepare
             texts = [prepare(text) for text in texts]
