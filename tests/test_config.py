@@ -100,6 +100,11 @@ def test_a_value_of_another_kind_is_named_not_converted(override: str, message: 
     ("phantom.ct.shape=[4,64,64]", r"phantom.ct.shape must be 3 sizes >= 8 .* got \[4, 64, 64\]"),
     ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
     ("eval.seed=-1", "eval.seed must be >= 0, got -1"),
+    ("eval.fractions=[0.1,1.5]", r"eval.fractions must lie in \(0, 1\], got \[1.5\]"),
+    ("eval.fractions=[]", r"eval.fractions must name at least one fraction in \(0, 1\], got \[\]"),
+    ("eval.linear_probe.datasets=[]", "eval.tasks runs linear_probe, but eval.linear_probe.datasets names no "
+                                      "dataset: name one, or take linear_probe out of eval.tasks"),
+    ("eval.gradcam.dataset=", "eval.tasks runs gradcam, but eval.gradcam.dataset names no dataset"),
     ("eval.linear_probe.epochs=0", "eval.linear_probe.epochs must be >= 1, got 0"),
     ("eval.segmentation.lr=0", "eval.segmentation.lr must be > 0, got 0.0"),
     ("eval.detection.score_thresh=2", r"eval.detection.score_thresh must be in \[0, 1\], got 2.0"),
@@ -258,3 +263,10 @@ def test_a_zero_shot_class_named_twice_is_a_config_error():
         load_config(None, ["eval.zero_shot.classes={mine: [Effusion, Nodule, effusion]}"])
     cfg = load_config(None, ["eval.zero_shot.classes={mine: [Effusion, Nodule]}"])
     assert cfg.eval.zero_shot.classes == {"mine": ["Effusion", "Nodule"]}
+
+
+def test_a_task_left_out_of_eval_tasks_may_name_no_dataset():
+    """Only a task that runs must have a dataset (`eval.linear_probe.datasets=[]` with the probe in
+    eval.tasks gave a report without a probe row and without a word)."""
+    cfg = load_config(overrides=["eval.tasks=[zero_shot]", "eval.linear_probe.datasets=[]"])
+    assert cfg.eval.linear_probe.datasets == ()

@@ -575,8 +575,14 @@ class EvalConfig:
         if unknown:
             raise ValueError(f"eval.tasks: unknown task(s) {unknown}; valid tasks: {', '.join(valid_tasks)}")
         bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
-        if bad:
-            raise ValueError(f"eval.fractions must lie in (0, 1], got {bad}")
+        if bad or not self.fractions:
+            raise ValueError(f"eval.fractions must {'lie' if bad else 'name at least one fraction'} in "
+                             f"(0, 1], got {bad}")
+        for task in dict.fromkeys(self.tasks):  # a task asked for would otherwise give no row
+            for section, key in TASK_DATASETS[task]:
+                if not getattr(getattr(self, section), key):
+                    raise ValueError(f"eval.tasks runs {task}, but eval.{section}.{key} names no dataset: "
+                                     f"name one, or take {task} out of eval.tasks")
         check_bounds("eval", self, at_least_one=("min_train_images", "batch_size", "workers"),
                      non_negative=("seed",))
         if self.bootstrap_resamples < 10:
