@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from data_layouts import BUILDERS
+from data_layouts import BUILDERS, GENERIC_COLUMNS, generic
 
 from unimed.data.adapters import load_dataset
 from unimed.data.errors import DataError
@@ -93,6 +93,32 @@ def test_record_missing_from_split_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="pid2.dcm"):
         load_dataset("rsna", root, split_dir=split_dir)
 
+
+def test_a_split_file_the_data_no_longer_matches_is_named_not_followed(tmp_path: Path) -> None:
+    """A table that gained a stated split, or had a patient ID corrected, since its split file was
+    written: the file's old split was used without a word (the user's own test rows in train, or a
+    patient in two splits). Now the record is named, with what the data and the file say."""
+    layout = generic(tmp_path / "mine")
+    table = layout.tables["records.csv"]
+    split_dir = tmp_path / "splits"
+    root = layout.write()
+    written = {r.image_path.relative_to(root).as_posix(): r.split
+               for r in load_dataset("mine", root, split_dir=split_dir).records}
+    row = next(i for i, values in enumerate(table.rows) if not values[GENERIC_COLUMNS.index("split")])
+    key = table.rows[row][GENERIC_COLUMNS.index("image")]
+    stated = next(split for split in ("test", "train") if split != written[key])
+    table.set(row, "split", stated)
+    layout.write()
+    with pytest.raises(DataError, match=rf"mine.csv: record '{key}' is in split '{stated}' in the data and "
+                                        rf"'{written[key]}' in the split file \(the data changed since"):
+        load_dataset("mine", root, split_dir=split_dir)
+    table.set(row, "split", written[key])  # the split the file gives: nothing to say
+    layout.write()
+    assert load_dataset("mine", root, split_dir=split_dir).records
+    table.set(row, "patient_id", "pt-corrected")
+    layout.write()
+    with pytest.raises(DataError, match=rf"record '{key}' is patient 'pt-corrected' in the data and 'pt"):
+        load_dataset("mine", root, split_dir=split_dir)
 
 def test_bad_split_value_in_split_file(tmp_path: Path) -> None:
     root = BUILDERS["rsna"](tmp_path / "rsna").write()

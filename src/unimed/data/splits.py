@@ -1,7 +1,8 @@
 """Per-patient, seeded train / valid / test splits, persisted in split files.
 
 A split file `<split_dir>/<dataset>.csv` has the columns key, patient_id, split. When it exists it
-is the truth and is read back instead of recomputed, so results stay comparable across runs.
+is the truth and is read back instead of recomputed, so results stay comparable across runs, as long
+as the data still matches it (the same records, patients and stated splits; else a DataError).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def resolve_splits(
     an error), and a missing one is computed and written. Without `split_dir` nothing is written.
     """
     if split_dir is not None and split_file_path(split_dir, dataset).is_file():
-        return _splits_from_file(split_file_path(split_dir, dataset), rows)
+        return _splits_from_file(split_file_path(split_dir, dataset), rows, carve)
     by_pool: dict[str, list[str]] = {}
     stated: dict[str, set[str]] = {}
     for _, patient, pool in rows:
@@ -206,17 +207,26 @@ def resolve_splits(
     return {key: split for key, _, split in final}
 
 
-def _splits_from_file(path: Path, rows: Sequence[tuple[str, str, str]]) -> dict[str, str]:
+def _splits_from_file(path: Path, rows: Sequence[tuple[str, str, str]],
+                      carve: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+    """The splits the file gives `rows`, which must still be the records it was written for: the
+    same keys, each of the same patient, and a row whose split the data states (a pool that is not
+    carved) in that split. A table that gained a split column, or had its patient IDs corrected,
+    since the file was written would otherwise be split as before without a word."""
     table = read_split_file(path)
+    redo = "delete the file to recompute the splits or point split_dir elsewhere"
     out: dict[str, str] = {}
-    for key, _, _ in rows:
+    for key, patient, pool in rows:
         if key not in table:
-            raise DataError(
-                f"record {key!r} is not in the split file; delete the file to recompute the splits "
-                "or point split_dir elsewhere",
-                path,
-            )
-        out[key] = table[key][1]
+            raise DataError(f"record {key!r} is not in the split file; {redo}", path)
+        listed_patient, split = table[key]
+        if listed_patient != patient:
+            raise DataError(f"record {key!r} is patient {patient!r} in the data and {listed_patient!r} "
+                            f"in the split file (the data changed since it was written); {redo}", path)
+        if pool in SPLITS and pool not in carve and pool != split:
+            raise DataError(f"record {key!r} is in split {pool!r} in the data and {split!r} in the split "
+                            f"file (the data changed since it was written); {redo}", path)
+        out[key] = split
     logger.info("read splits of %d records from %s", len(out), path)
     return out
 
