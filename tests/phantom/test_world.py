@@ -17,7 +17,7 @@ from unimed.errors import ConfigError
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import WRITERS
-from unimed.phantom.world import MANIFEST, load_manifest, write_world
+from unimed.phantom.world import MANIFEST, SPLIT_DIR, load_manifest, write_world
 
 TINY = PhantomConfig(
     seed=5, image_size=64, mimic_studies=8, padchest_studies=8, chexpert_studies=8, cxp500_studies=3,
@@ -144,6 +144,21 @@ def test_rewrite_replaces_phantom_folders_and_refuses_foreign_ones(tmp_path):
     assert (foreign / "rsna" / "real.dcm").read_bytes() == b"real data"
     assert sorted(p.name for p in foreign.iterdir()) == ["rsna"]  # checked before anything is written
 
+
+def test_a_rewritten_world_is_split_afresh_not_by_the_old_worlds_split_files(tmp_path):
+    """The read-back writes `<root>/splits/<dataset>.csv`; a world written again with other sizes
+    stopped there ("record ... is not in the split file") until the files were deleted by hand.
+    Rewriting a folder now deletes its datasets' split files; other split files stay."""
+    splits = tmp_path / SPLIT_DIR
+    small = dataclasses.replace(TINY, mimic_studies=2, padchest_studies=2, chexpert_studies=2)
+    write_world(small, tmp_path, progress=False)
+    before = load_dataset("mimic-cxr", tmp_path / "mimic-cxr-jpg", split_dir=splits).records
+    mine = splits / "mine.csv"
+    mine.write_text("key,patient_id,split\n", encoding="utf-8")
+    write_world(dataclasses.replace(small, mimic_studies=6), tmp_path, progress=False)
+    assert not (splits / "mimic-cxr.csv").exists() and mine.exists()
+    after = load_dataset("mimic-cxr", tmp_path / "mimic-cxr-jpg", split_dir=splits).records
+    assert len(after) > len(before) and (splits / "mimic-cxr.csv").exists()
 
 def test_load_manifest_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=MANIFEST):

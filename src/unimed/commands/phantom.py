@@ -20,6 +20,7 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
 def read_back(cfg: Config, root: Path, *, progress: bool) -> dict:
     """Every dataset of the world read through its adapter: dataset name -> DatasetRead."""
     from unimed.data.adapters import DATASET_FOLDERS, load_dataset
+    from unimed.phantom.world import SPLIT_DIR
 
     return {
         name: load_dataset(
@@ -28,7 +29,7 @@ def read_back(cfg: Config, root: Path, *, progress: bool) -> dict:
             on_error=cfg.data.on_error,
             min_report_tokens=cfg.data.min_report_tokens,
             split_seed=cfg.data.split_seed,
-            split_dir=root / "splits",
+            split_dir=root / SPLIT_DIR,
             progress=progress,
         )
         for name, folder in DATASET_FOLDERS.items()
@@ -107,12 +108,13 @@ def read_back_ct(cfg: Config, root: Path, manifest, *, progress: bool) -> tuple[
     files are written with the world's, and listed without a comparison (the manifest counts
     volumes)."""
     from unimed.data.adapters import SHARED_FOLDERS, VOLUME_FOLDERS, load_dataset
+    from unimed.phantom.world import SPLIT_DIR
 
     rows, failures = [], []
     for name, folder in {**VOLUME_FOLDERS, **SHARED_FOLDERS}.items():
         read = load_dataset(name, root / folder, on_error=cfg.data.on_error,
                             min_report_tokens=cfg.data.min_report_tokens, split_seed=cfg.data.split_seed,
-                            split_dir=root / "splits", progress=progress)
+                            split_dir=root / SPLIT_DIR, progress=progress)
         summary, expected = read.summary(), manifest.datasets[folder]
         row = [name, str(len(read.records)), _fmt(summary["split"]), _fmt(summary["language"]),
                _fmt(expected.sites), _fmt(read.dropped)]

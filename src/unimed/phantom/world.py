@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
 
+from unimed.data.adapters import DATASET_FOLDERS, SHARED_FOLDERS, VOLUME_FOLDERS
+from unimed.data.splits import split_file_path
 from unimed.errors import ConfigError
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MARKER = ".unimed-phantom"
 """Empty file in every folder the world writes; only such folders are ever deleted on a rewrite."""
+SPLIT_DIR = "splits"
+"""Where the read-back writes the split files (`<root>/splits/<dataset>.csv`)."""
 CHUNK = 16
 
 T = TypeVar("T")
@@ -139,11 +143,16 @@ def _check_writable(folder: Path) -> None:
 
 
 def _reset(folder: Path) -> None:
-    """Replace a dataset folder by an empty one carrying the phantom marker."""
+    """Replace a dataset folder by an empty one carrying the phantom marker, and delete the split
+    files of the datasets read from it: written for the world it held, they would split the new
+    world's records as the old ones' (or stop its read-back on a record they lack)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / MARKER).touch()
+    folders = {**DATASET_FOLDERS, **VOLUME_FOLDERS, **SHARED_FOLDERS}
+    for name in (name for name, where in folders.items() if where == folder.name):
+        split_file_path(folder.parent / SPLIT_DIR, name).unlink(missing_ok=True)
 
 
 def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> list[StudyResult]:
