@@ -95,6 +95,31 @@ def test_check_data_says_a_table_saved_in_windows_1252_or_with_semicolons_as_suc
     assert out.endswith("\n1 problem(s); fix them\n")  # skipping rows does not mend a table
 
 
+def test_check_data_reads_the_split_files_the_stages_read_and_writes_none(tmp_path: Path, capsys):
+    """With data.split_dir, the stages read a dataset's split file: check-data reads it too, so a
+    file the table no longer matches (a split column added since) is named here, not first by the
+    training; where there is no file it carves as the stages would, and writes nothing."""
+    root, splits = tmp_path / "data", tmp_path / "splits"
+    table = write_images_and_table(root / "mine") / "records.csv"
+    split_dir = f"data.split_dir={splits}"
+    assert main(["check-data", "--root", str(root), split_dir, "--quiet"]) == 0
+    assert not splits.exists()
+    assert main(["vocab", split_dir, f"data.root={root}", "data.pretrain_datasets=[mine]",
+                 "vocab.new_terms=5", f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 0
+    written = {row["key"]: row["split"] for row in csv.DictReader((splits / "mine.csv").open())}
+    rows = list(csv.DictReader(table.open(encoding="utf-8")))
+    moved = next(i for i, row in enumerate(rows) if written[row["image"]] != "test")
+    for i, row in enumerate(rows):
+        row["split"] = "test" if i == moved else written[row["image"]]
+    with table.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    capsys.readouterr()
+    assert main(["check-data", "--root", str(root), split_dir, "--quiet"]) == 1
+    assert (f"mine: {splits / 'mine.csv'}: record '{rows[moved]['image']}' is in split 'test' in the data "
+            f"and '{written[rows[moved]['image']]}' in the split file") in capsys.readouterr().out
+
 def test_check_data_on_a_root_without_datasets_is_one_config_error(tmp_path: Path, capsys):
     assert main(["check-data", "--root", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -27,16 +27,22 @@ def _counts(values: dict[str, int]) -> str:
 
 def check_dataset(name: str, cfg: Config, check_images: bool):
     """(DatasetRead, None), or (None, the error) when the dataset cannot be read at all. Bad rows
-    are skipped and counted; a generic text-only table is read as the text stages read it."""
+    are skipped and counted; a generic text-only table is read as the text stages read it, and a
+    split file in ``data.split_dir`` as the stages read it (one the data no longer matches is the
+    dataset's error; none is written)."""
     from unimed.data.adapters import dataset_folder, load_dataset
     from unimed.data.adapters.generic import find_table, is_generic, is_text_only, read_rows
     from unimed.data.errors import DataError
+    from unimed.data.splits import split_file_path
 
     folder = dataset_folder(name, cfg.data.root)
+    split_dir = cfg.data.split_dir
+    if split_dir is not None and not split_file_path(split_dir, name).is_file():
+        split_dir = None  # the stages would carve the splits as this read does, and write the file
     try:
         text_only = is_generic(folder) and is_text_only(read_rows(find_table(folder))[0])
         read = load_dataset(name, folder, on_error="skip", min_report_tokens=cfg.data.min_report_tokens,
-                            split_seed=cfg.data.split_seed, check_images=check_images,
+                            split_seed=cfg.data.split_seed, split_dir=split_dir, check_images=check_images,
                             require_images=not text_only,
                             candidate_negatives=cfg.data.candidate_negatives)
     except DataError as err:
