@@ -53,6 +53,15 @@ def test_resume_gives_the_same_loss_curve(tmp_path, stop_at):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_resume_without_a_checkpoint_starts_from_step_0_with_a_warning(tmp_path, caplog):
+    """A requeued job passes --resume from its first start; a misspelt run.name would train from
+    scratch for hours: the run goes on, and says so above the INFO lines."""
+    with caplog.at_level(logging.WARNING, logger="unimed.train.loop"):
+        _, result = _run(tmp_path / "new", tiny_cfg(max_steps=2), resume=True)
+    assert result.steps == 2
+    assert f"--resume: no checkpoint under {tmp_path / 'new' / CHECKPOINT_DIR}; starting from step 0" \
+        in caplog.text
+
 def test_a_run_without_loss_scaling_resumes_with_it(tmp_path, monkeypatch, caplog):
     """A CPU fp32 checkpoint holds a disabled scaler's empty state; resumed where fp16 enables the
     scaler (a GPU) it starts a fresh one instead of failing in GradScaler.load_state_dict."""

@@ -250,7 +250,10 @@ class Trainer:
         """
         path = ckpt.latest_checkpoint(self.out_dir / CHECKPOINT_DIR, fallback=True)
         if path is None:
-            log.info("no checkpoint under %s; starting from step 0", self.out_dir / CHECKPOINT_DIR)
+            # A job resubmitted with --resume starts this way the first time; a misspelt run.name
+            # would train from scratch for hours, so it is said above the INFO lines.
+            log.warning("--resume: no checkpoint under %s; starting from step 0",
+                        self.out_dir / CHECKPOINT_DIR)
             return False
         state = ckpt.load_state(path, map_location=self.dist.device)
         self._check_compatible(state, path)
