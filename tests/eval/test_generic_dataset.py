@@ -102,6 +102,7 @@ def test_unusable_zero_shot_labels_fail_before_any_task_runs(tiny_encoder, tmp_p
     table.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ctx = _context(root, tmp_path, linear_probe=LinearProbeConfig(datasets=("mine",)),
                    zero_shot=ZeroShotConfig(datasets=("mine",), classes={"mine": ["Nodule"]}))
-    with pytest.raises(EvalError, match="mine: no record states a label 'Nodule'; its labels: Effusion$"):
+    with pytest.raises(EvalError, match=r"mine \(test\): none of the \d+ records scored states a label "
+                                         r"'Nodule' \(the labels they state: Effusion\)$"):
         evaluate([tiny_encoder], ctx, ("linear_probe", "zero_shot"))
     assert ctx.data.splits_read() == []  # the linear probe never read an image

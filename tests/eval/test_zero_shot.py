@@ -171,7 +171,8 @@ def test_a_label_that_is_not_0_or_1_is_a_clear_error(tmp_path: Path):
         zero_shot.label_matrix(records, ["edema"], "cxr")
     with pytest.raises(ValueError, match=r"1 of 3 records .* for 'Mass' \(the first, .*0.jpg, is blank\)"):
         zero_shot.label_matrix(records, ["Mass"], "cxr")
-    with pytest.raises(ValueError, match=r"cxr: no record states a label 'Nodule'; its labels: Edema, Mass$"):
+    with pytest.raises(ValueError, match=r"cxr: none of the \d+ records scored states a label 'Nodule' "
+                                         r"\(the labels they state: Edema, Mass\)$"):
         zero_shot.label_matrix(records, ["Nodule"], "cxr")
     np.testing.assert_array_equal(zero_shot.label_matrix(records[:1], ["EDEMA"], "cxr"), [[1]])
 

@@ -34,7 +34,8 @@ SPLIT = "test"
 def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str,
                  missing: str = "error") -> np.ndarray:
     """(N, C) 0/1 labels of `classes` (case-insensitive). A class no record states is an error
-    listing the labels the dataset has. A record whose label for a class is blank or uncertain (-1)
+    counting the records and listing the labels they state (a column of the table left blank in
+    every record of the split). A record whose label for a class is blank or uncertain (-1)
     is, with `missing` "error", an error counting such records and naming the first (zero-shot sets
     are fully labelled); with "exclude" it is NaN there, left out of that class's scores (the
     matrix is then float)."""
@@ -45,8 +46,8 @@ def label_matrix(records: Sequence[Record], classes: Sequence[str], dataset: str
         if all(math.isnan(v) for v in values):
             stated = sorted({label for record in records for label, value in record.labels.items()
                              if not math.isnan(value)})
-            raise EvalError(f"{dataset}: no record states a label '{name}'; its labels: "
-                            f"{', '.join(stated) or 'none'}")
+            raise EvalError(f"{dataset}: none of the {len(records)} records scored states a label "
+                            f"'{name}' (the labels they state: {', '.join(stated) or 'none'})")
         unusable = [i for i, v in enumerate(values) if v not in (0.0, 1.0)]
         if unusable and missing == "error":
             first = values[unusable[0]]
@@ -162,8 +163,8 @@ def dataset_labels(ctx: TaskContext, dataset: str) -> tuple[list[str], list[Reco
             f"eval.zero_shot.classes has no class list for '{dataset}'; it has {sorted(classes)}"
         )
     records = ctx.data.require(dataset, SPLIT)
-    return list(classes[dataset]), records, label_matrix(records, classes[dataset], dataset,
-                                                         ctx.cfg.zero_shot.missing_labels)
+    return list(classes[dataset]), records, label_matrix(
+        records, classes[dataset], f"{dataset} ({SPLIT})", ctx.cfg.zero_shot.missing_labels)
 
 
 def check_labels(ctx: TaskContext) -> None:
