@@ -308,6 +308,18 @@ def test_same_seed_same_losses(fresh_tokenizer_dir, tmp_path):
     assert other.loss_history != runs[0].loss_history
 
 
+def test_an_mlm_length_that_cuts_the_corpus_is_said(fresh_tokenizer_dir, tmp_path, caplog):
+    tokenizer = AutoTokenizer.from_pretrained(str(fresh_tokenizer_dir))
+    lengths = sorted(len(tokenizer(text)["input_ids"]) for text in CORPUS)
+    limit = lengths[len(lengths) // 2]  # cuts the longer half of the reports
+    share = sum(length > limit for length in lengths) / len(lengths)
+    cfg = MLMConfig(**{**TINY.__dict__, "epochs": 1, "max_length": limit})
+    with caplog.at_level("WARNING", logger="unimed.data.reports"):
+        train_mlm(CORPUS, fresh_tokenizer_dir, cfg, tmp_path, seed=0, progress=False)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"mlm.max_length={limit} cuts {100 * share:.0f} % of the MLM corpus's reports "
+                              f"(of {len(CORPUS)} measured")
+
 def test_tokenizer_not_built_on_the_base_model_is_rejected(tiny_bert_dir, fresh_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(fresh_tokenizer_dir))
     with pytest.raises(ValueError, match="changed id|must extend"):

@@ -23,7 +23,7 @@ from unimed.data.errors import EMPTY_REPORT, DataError, check_on_error
 from unimed.data.images import load_image
 from unimed.data.prepared_cache import PreparedCache
 from unimed.data.records import Record
-from unimed.data.reports import split_sentences
+from unimed.data.reports import split_sentences, warn_truncated
 from unimed.data.transforms import (
     ImageTransform,
     cvl_transform,
@@ -107,6 +107,10 @@ class PretrainDataset(Dataset):
         self.sentence_keep = sentence_keep
         self._sentences = ([split_sentences(r.report, r.language) for r in self.records]
                            if sentence_keep < 1.0 else None)
+        reports: dict[str, list[str]] = {}
+        for record in self.records:
+            reports.setdefault(record.dataset, []).append(record.report)
+        warn_truncated(reports, tokenizer, max_length, "data.max_length")
 
     @property
     def communities(self) -> list[int]:

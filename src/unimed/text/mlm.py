@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from unimed.data.pretrain import PretrainSampler
+from unimed.data.reports import warn_truncated
 from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.dropout import use_fast_dropout
 from unimed.models.text import (
@@ -488,6 +489,7 @@ def _make_loader(
     max_length = min(cfg.max_length, max_positions)
     if max_length < cfg.max_length:
         logger.warning("mlm.max_length=%d exceeds the model's %d positions", cfg.max_length, max_positions)
+    warn_truncated({"the MLM corpus": texts}, tokenizer, max_length, "mlm.max_length")
     encoded = tokenizer(texts, truncation=True, max_length=max_length, return_special_tokens_mask=True)
     features = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
     dataset = _Encoded(features)
