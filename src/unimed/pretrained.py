@@ -296,8 +296,8 @@ def _grey(image: ImageInput, resize_size: int, index: int) -> np.ndarray | torch
     the top of the bits their pixels use (4095, 16383 or 65535, as a 16-bit file is read: 12-bit
     pixel data of pydicom, say, is not read 16 times darker), booleans are 0 and 1, other integer
     types are a ValueError: they have no fixed range (scaled by int64's maximum, a 12-bit image would
-    read as black). A JPEG file decodes at
-    the smallest DCT scale whose sides stay >= `resize_size`, as pre-training and evaluation read it."""
+    read as black). A JPEG file decodes at the smallest DCT scale whose sides stay >= `resize_size`,
+    as pre-training and evaluation read it."""
     if isinstance(image, (str, Path)):
         return load_image(Path(image).expanduser(), min_side=resize_size)
     if isinstance(image, Image.Image):

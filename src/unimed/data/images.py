@@ -66,8 +66,8 @@ def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     """Read an image as float32 (H, W) in [0, 1]; raises DataError naming the file when it cannot.
 
     DICOM is shown as its VOI LUT or window says (MONOCHROME1 inverted so bright is dense), or
-    scaled by its stored bit depth where it has neither; PNG/JPEG/TIFF by their bit depth, a 16-bit
-    file by the bits its pixels use (12, 14 or 16: `stored_range`) (float
+    scaled by its stored bit depth where it has neither; PNG/JPEG/TIFF by their bit depth (a 16-bit
+    file by the 12, 14 or 16 bits its pixels use, `stored_range`; float
     TIFFs as they are, when in [0, 1]; pixels outside their range are a DataError, not clipped);
     colour images are converted to grey. With `min_side`, a JPEG is decoded at the smallest of its DCT scales
     (1/2, 1/4, 1/8) whose sides stay >= `min_side` (Pillow's ``draft``: several times faster for a

@@ -142,11 +142,12 @@ def _labels(path: Path, line: int, row: dict[str, str], columns: list[str]) -> d
                 raise DataError(f"{text!r} in a column without a name (name every column in the header "
                                 "line; pandas writes its index so unless to_csv(index=False))", path, line)
             continue
-        try:
-            value = BOOLEAN_LABELS[text.lower()] if text.lower() in BOOLEAN_LABELS else (
-                float(text) if text else math.nan)
-        except ValueError:
-            value = None
+        value = BOOLEAN_LABELS.get(text.lower())
+        if value is None:
+            try:
+                value = float(text) if text else math.nan
+            except ValueError:
+                pass
         if value is None or not (math.isnan(value) or value in LABEL_VALUES):
             raise DataError(
                 f"label {text!r} is not 1, 0, -1, true / false or blank (every column other than "
