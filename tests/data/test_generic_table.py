@@ -90,6 +90,28 @@ def test_a_boolean_label_column_as_pandas_or_a_spreadsheet_writes_it_reads_as_1_
         assert record.labels["Effusion"] == float(i % 2)
 
 
+def test_a_missing_value_written_as_text_reads_as_the_blank_it_was(tmp_path: Path) -> None:
+    """pandas' astype(str) writes a missing value as "nan" (or "None"), a database export as
+    "NULL": kept as text, every row without a patient ID became one patient "nan" (all in one
+    split), a site "nan" a community of its own, a label "None" a bad row."""
+    layout = generic(tmp_path / "mine")
+    table = layout.tables["records.csv"]
+    image = {i: table.rows[i][GENERIC_COLUMNS.index("image")] for i in range(len(table.rows))}
+    table.set(2, "site", "nan")
+    table.set(3, "Nodule", "None")
+    table.set(4, "Effusion", "NULL")
+    table.set(5, "patient_id", "nan")
+    table.set(6, "report", "NaN")
+    table.set(7, "language", "None")
+    root = layout.write()
+    read = load_dataset("mine", root, on_error="skip")
+    records = _by_image(read, root)
+    assert records[image[2]].site is None
+    assert math.isnan(records[image[3]].labels["Nodule"]) and math.isnan(records[image[4]].labels["Effusion"])
+    assert {image[5], image[6], image[7]}.isdisjoint(records)
+    assert read.dropped == {MALFORMED_ROW: 2, EMPTY_REPORT: 1}
+    assert "nan" not in {r.patient_id for r in read.records}
+
 @pytest.mark.parametrize(
     ("column", "value", "reason", "message"),
     [

@@ -40,6 +40,10 @@ LABEL_VALUES = frozenset({1.0, 0.0, -1.0})
 # A boolean column as pandas (True / False) and spreadsheets (TRUE / FALSE) write it: 1 / 0, as a
 # JSONL table's true / false are read.
 BOOLEAN_LABELS = {"true": 1.0, "false": 0.0}
+# What a missing value becomes once a column is turned into text (pandas' `astype(str)`: "nan",
+# "None") or in a database export ("NULL"): read as the blank cell it was. Kept as text, a blank
+# patient_id became one patient "nan" holding every such row, a blank site a site "nan".
+MISSING_VALUES = frozenset({"nan", "none", "null"})
 
 Row = tuple[int, "dict[str, str] | DataError"]
 
@@ -131,12 +135,19 @@ def read_rows(path: Path) -> tuple[list[str], Iterator[Row]]:
     return table.columns, _csv_rows(table)
 
 
+def _text(row: dict[str, str], column: str) -> str:
+    """The row's cell of `column`, stripped; blank where it holds a missing-value marker
+    (`MISSING_VALUES`, in any case)."""
+    text = row.get(column, "").strip()
+    return "" if text.lower() in MISSING_VALUES else text
+
+
 def _labels(path: Path, line: int, row: dict[str, str], columns: list[str]) -> dict[str, float]:
     """The row's label columns as 1 / 0 / -1 / NaN (blank). Columns without a name (the trailing
     commas of a spreadsheet's export) are not labels, and must stay blank."""
     labels = {}
     for column in columns:
-        text = row.get(column, "").strip()
+        text = _text(row, column)
         if not column:
             if text:
                 raise DataError(f"{text!r} in a column without a name (name every column in the header "
@@ -159,23 +170,23 @@ def _labels(path: Path, line: int, row: dict[str, str], columns: list[str]) -> d
 
 def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns: list[str]
            ) -> Record | None:
-    patient = row.get(PATIENT, "").strip()
+    patient = _text(row, PATIENT)
     if not patient:
         raise DataError("empty patient_id", path, line, PATIENT)
     report = language = None
     if REPORT in columns:
-        report = clean_report(row.get(REPORT, ""))
+        report = clean_report(_text(row, REPORT))
         if not ctx.accept_report(report, path, line, REPORT):
             return None
-        language = row.get(LANGUAGE, "").strip().lower()  # codes ignore case: "EN" rows are "en" rows
+        language = _text(row, LANGUAGE).lower()  # codes ignore case: "EN" rows are "en" rows
         if not language:
             raise DataError("empty language (a code such as en or es)", path, line, LANGUAGE)
-    split = row.get("split", "").strip().lower() or CARVED  # "Train", "TEST": the splits
+    split = _text(row, "split").lower() or CARVED  # "Train", "TEST": the splits
     if split not in (*SPLITS, CARVED):
         raise DataError(f"split {split!r} is not one of {list(SPLITS)} or blank", path, line, "split")
     labels = _labels(path, line, row, [c for c in columns if c not in KNOWN_COLUMNS])
     image, ndim, relative = None, 2, f"{path.name}:{line}"  # a text-only row is named by its line
-    given = {column: row.get(column, "").strip() for column in (IMAGE, VOLUME) if column in columns}
+    given = {column: _text(row, column) for column in (IMAGE, VOLUME) if column in columns}
     if given:
         filled = [column for column, value in given.items() if value]
         if not filled:
@@ -189,7 +200,7 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
             image, ndim = path.parent / relative, 3
             if ctx.require_images:
                 check_volume_path(ctx, image, path, line)
-    study = row.get("study_id", "").strip() or relative
+    study = _text(row, "study_id") or relative
     return Record(
         dataset=ctx.dataset,
         image_path=image,
@@ -198,8 +209,8 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
         split=split,
         report=report,
         language=language,
-        site=row.get("site", "").strip() or None,
-        view=row.get("view", "").strip() or None,
+        site=_text(row, "site") or None,
+        view=_text(row, "view") or None,
         labels=labels,
         ndim=ndim,
     )
