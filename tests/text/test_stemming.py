@@ -46,6 +46,23 @@ def test_plain_english_that_stemming_leaves_half_unchanged_is_not_called_stemmed
     assert stemmed["stemming"] == "english" and stemmed["unchanged_share"] > 0.85
 
 
+def test_a_corpus_mixing_stemmed_and_plain_reports_is_said_to_be(tmp_path, caplog):
+    """PadChest's stemmed Spanish beside another dataset's plain Spanish is one corpus to the
+    vocabulary stage: its share of unchanged words falls between the two, and which way it is
+    classed decides the Spanish prompts. Each report judged alone tells the mix; it is said."""
+    stemmed = [stem_text(text.lower(), "spanish") for text in PLAIN_SPANISH]
+    with caplog.at_level("WARNING", logger="unimed.text.stemming"):
+        record = write_corpus_stemming(tmp_path, {"es": stemmed * 2 + PLAIN_SPANISH, "en": ENGLISH_REPORTS})
+    assert (record["es"]["stemmed_reports"], record["es"]["reports_judged"]) == (6, 9)
+    assert record["en"]["stemmed_reports"] / record["en"]["reports_judged"] < 0.1
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("the es reports mix stemmed (6 of 9 judged alone) and plain ones")
+    assert f"recorded as {'stemmed' if record['es']['stemming'] == 'spanish' else 'plain'}" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unimed.text.stemming"):
+        write_corpus_stemming(tmp_path, {"es": stemmed, "en": ENGLISH_REPORTS})
+    assert caplog.records == []
+
 def test_record_is_written_read_and_carried(tmp_path):
     stemmed = [stem_text(text, "spanish") for text in PLAIN_SPANISH]
     record = write_corpus_stemming(tmp_path, {"en": ENGLISH_REPORTS, "es": stemmed, "fr": []})
