@@ -561,11 +561,15 @@ class EvalConfig:
     volume_segmentation: VolumeSegmentationConfig = VolumeSegmentationConfig()
     volume_finetune: VolumeFinetuneConfig = VolumeFinetuneConfig()
 
+    def task_settings(self, task: str) -> list[tuple[str, str | tuple[str, ...]]]:
+        """(`eval.<section>.<key>`, its value) of each setting naming the datasets `task` reads."""
+        return [(f"eval.{section}.{key}", getattr(getattr(self, section), key))
+                for section, key in TASK_DATASETS[task]]
+
     def task_datasets(self, task: str) -> tuple[str, ...]:
         """The datasets `task` reads, as its settings name them (the keys of TASK_DATASETS)."""
         names: list[str] = []
-        for section, key in TASK_DATASETS[task]:
-            value = getattr(getattr(self, section), key)
+        for _, value in self.task_settings(task):
             names += [value] if isinstance(value, str) else list(value)
         return tuple(dict.fromkeys(names))
 
@@ -579,10 +583,10 @@ class EvalConfig:
             raise ValueError(f"eval.fractions must {'lie' if bad else 'name at least one fraction'} in "
                              f"(0, 1], got {bad}")
         for task in dict.fromkeys(self.tasks):  # a task asked for would otherwise give no row
-            for section, key in TASK_DATASETS[task]:
-                if not getattr(getattr(self, section), key):
-                    raise ValueError(f"eval.tasks runs {task}, but eval.{section}.{key} names no dataset: "
-                                     f"name one, or take {task} out of eval.tasks")
+            empty = next((setting for setting, value in self.task_settings(task) if not value), None)
+            if empty is not None:
+                raise ValueError(f"eval.tasks runs {task}, but {empty} names no dataset: name one, or "
+                                 f"take {task} out of eval.tasks")
         check_bounds("eval", self, at_least_one=("min_train_images", "batch_size", "workers"),
                      non_negative=("seed",))
         if self.bootstrap_resamples < 10:

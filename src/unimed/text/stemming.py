@@ -66,26 +66,27 @@ def stem_text(text: str, algorithm: str) -> str:
     return _WORD.sub(lambda m: stem_word(m.group(), algorithm), text)
 
 
-def unchanged_share(texts: Sequence[str], algorithm: str) -> tuple[float, int]:
-    """(share of the words of five or more letters that stemming leaves as they are, their count)."""
-    words = [word.lower() for text in texts for word in _LONG_WORD.findall(text)]
-    if not words:
-        return 0.0, 0
-    return sum(stem_word(word, algorithm) == word for word in words) / len(words), len(words)
+def unchanged_words(text: str, algorithm: str) -> tuple[int, int]:
+    """(words of five or more letters in `text` that stemming leaves as they are, their count)."""
+    words = [word.lower() for word in _LONG_WORD.findall(text)]
+    return sum(stem_word(word, algorithm) == word for word in words), len(words)
 
 
 def detect_stemming(texts: Sequence[str], language: str) -> dict[str, Any]:
     """{"stemming": the snowball algorithm when `texts` look stemmed by it, else "none";
-    "unchanged_share", "words"} for reports in `language` (an ISO 639-1 code)."""
+    "unchanged_share", "words" over the whole corpus; "stemmed_reports" of "reports_judged", the
+    reports with `MIN_REPORT_WORDS` long words that look stemmed alone} for reports in `language`
+    (an ISO 639-1 code)."""
     algorithm = SNOWBALL_BY_LANGUAGE.get(language)
     if algorithm is None:
         return {"stemming": NO_STEMMING, "unchanged_share": None, "words": 0}
-    share, words = unchanged_share(texts, algorithm)
-    stemmed = words > 0 and share >= STEMMED_SHARE
-    alone = [unchanged_share([text], algorithm) for text in texts]
-    judged = [report_share >= STEMMED_SHARE for report_share, count in alone if count >= MIN_REPORT_WORDS]
-    return {"stemming": algorithm if stemmed else NO_STEMMING, "unchanged_share": round(share, 4),
-            "words": words, "stemmed_reports": sum(judged), "reports_judged": len(judged)}
+    counts = [unchanged_words(text, algorithm) for text in texts]
+    words = sum(count for _, count in counts)
+    share = sum(unchanged for unchanged, _ in counts) / words if words else 0.0
+    judged = [unchanged / count >= STEMMED_SHARE for unchanged, count in counts if count >= MIN_REPORT_WORDS]
+    return {"stemming": algorithm if words and share >= STEMMED_SHARE else NO_STEMMING,
+            "unchanged_share": round(share, 4), "words": words, "stemmed_reports": sum(judged),
+            "reports_judged": len(judged)}
 
 
 def write_corpus_stemming(folder: str | Path, corpora: Mapping[str, Sequence[str]]) -> dict[str, Any]:
