@@ -102,6 +102,17 @@ def test_an_mlm_folder_loads_without_transformers_report_or_warning(tmp_path, ca
     assert hf_logging.get_verbosity() == verbosity
 
 
+def test_loading_draws_no_progress_bar_and_leaves_the_setting_as_it_was(tmp_path, capsys) -> None:
+    """transformers draws a "Loading weights" bar over the tensors of every load: noise on every
+    ``unimed.load`` in a notebook or script, for a local load of milliseconds."""
+    BertModel(_tiny_bert_config()).save_pretrained(tmp_path)
+    hf_logging.enable_progress_bar()
+    capsys.readouterr()
+    create_text_encoder(tmp_path, TextTowerConfig(), vocab_size=50)
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_a_folder_lacking_encoder_weights_is_a_checkpoint_error(tmp_path) -> None:
     model = BertModel(_tiny_bert_config(), add_pooling_layer=False)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.layer.2.")}

@@ -90,13 +90,17 @@ def _load_text_encoder(path: Path, vocab_size: int | None, dropout: dict[str, fl
 
 @contextlib.contextmanager
 def transformers_quiet() -> Iterator[None]:
-    """transformers' warnings (its LOAD REPORT tables among them) off inside; restored after."""
-    verbosity = hf_logging.get_verbosity()
+    """transformers' warnings (its LOAD REPORT tables among them) and progress bars (a "Loading
+    weights" bar over the tensors of every load) off inside; restored after."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # What a folder may hold beside the weights of a pooler-less encoder: BERT's pooler (a sentence
