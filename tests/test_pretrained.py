@@ -153,6 +153,9 @@ def test_text_in_a_language_is_embedded_as_its_training_reports_were_written(tin
         model.encode_text(raw, language="xx")
     with pytest.raises(ValueError, match=r"^texts are strings; item 1 is None$"):
         model.encode_text(["derrame", None], language="es")
+    for given, kind in ((5, "int"), (b"derrame", "bytes"), (None, "NoneType")):
+        with pytest.raises(ValueError, match=rf"^texts are a string or strings, not {kind}$"):
+            model.encode_text(given)
     for blank in ("", " \n\t"):
         with pytest.raises(ValueError, match=rf"^texts hold words; item 1 is {re.escape(repr(blank))} \(an empty"):
             model.encode_text(["derrame", blank])

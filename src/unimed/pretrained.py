@@ -33,7 +33,7 @@ import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,8 @@ class Pretrained:
         model's training reports of that language were (lowercased and stemmed where they were:
         PadChest's Spanish reports are distributed stemmed), as the zero-shot prompts are; without
         it the texts are embedded as given. A text that is not a string, or is empty, is a ValueError."""
+        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (str, Iterable)):
+            raise ValueError(f"texts are a string or strings, not {type(texts).__name__}")
         texts = _some([texts] if isinstance(texts, str) else list(texts), "texts")
         wrong = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
         if wrong is not None:

@@ -189,6 +189,11 @@ def test_missing_and_unreadable_images_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nope.png") as info:
         load_image(tmp_path / "nope.png")
     assert info.value.reason == MISSING_IMAGE
+    (tmp_path / "scans.png").mkdir()
+    for reader in (load_image, check_image):
+        with pytest.raises(DataError, match=r"scans\.png: a folder, not an image file$") as info:
+            reader(tmp_path / "scans.png")
+        assert info.value.reason == MISSING_IMAGE
     for name in ("bad.png", "bad.jpg", "bad.dcm"):
         (tmp_path / name).write_bytes(b"\x00garbage")
         for reader in (load_image, check_image):

@@ -75,7 +75,7 @@ def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError("image file not found", path, reason=MISSING_IMAGE)
+        raise DataError(not_an_image_file(path), path, reason=MISSING_IMAGE)
     try:
         image = _load_dicom(path) if is_dicom(path) else _load_pil(path, min_side)
     except DataError:
@@ -87,6 +87,12 @@ def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
             f"expected a 2-D image, got shape {image.shape}", path, reason=UNREADABLE_IMAGE
         )
     return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def not_an_image_file(path: Path) -> str:
+    """Why `path`, which is not a file, gives no image: a folder there (a study's folder given for
+    its image), or nothing."""
+    return "a folder, not an image file" if path.is_dir() else "image file not found"
 
 
 def stored_range(brightest: float) -> float:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from unimed.data.adapters.tables import CsvTable
 from unimed.data.errors import EMPTY_REPORT, MISSING_IMAGE, DataError, DropCounter
-from unimed.data.images import check_image
+from unimed.data.images import check_image, not_an_image_file
 from unimed.data.records import Record
 from unimed.data.reports import count_tokens
 from unimed.registry import Registry
@@ -91,7 +91,7 @@ class ReadContext:
         if not self.require_images:
             return path
         if not path.is_file():
-            raise DataError(f"image file not found: {path}{windows_hint(path)}", source, line,
+            raise DataError(f"{not_an_image_file(path)}: {path}{windows_hint(path)}", source, line,
                             reason=MISSING_IMAGE)
         if self.check_images:
             try:
