@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from data_layouts import write_ct_series
 
 from unimed.cli import main
@@ -251,6 +252,17 @@ def test_bad_volumes_give_one_clear_error(tmp_path):
         read_volume(tmp_path / "flat.nii")
     with pytest.raises(DataError, match="volume not found"):
         read_volume(tmp_path / "absent.nii.gz")
+
+
+def test_a_slice_folder_of_16_bit_images_is_named_not_clipped(tmp_path):
+    """The slice layout holds 8-bit grey in SLICE_WINDOW; a 16-bit slice (HU + 1024, say) converted
+    to 8-bit grey saturates at 255, and the scan read as tissue at the window's top throughout."""
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    for i, plane in enumerate(np.random.default_rng(0).integers(0, 3000, (4, 32, 32))):
+        Image.fromarray(plane.astype(np.uint16)).save(scan / f"{i:04d}.png")
+    with pytest.raises(DataError, match=r"0000\.png: a 16-bit slice image \(Pillow mode I;16\): .*8-bit"):
+        read_volume(scan)
 
 
 def test_a_nifti_with_a_trailing_unit_axis_is_the_volume_and_several_volumes_are_named(tmp_path):

@@ -43,6 +43,8 @@ NOT_HU_LOW = -200.0
 SLICE_WINDOW = (-1400.0, 200.0)
 """HU of the grey values 0 and 255 in a folder of 8-bit slice images (the CC-CCII layout)."""
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Pillow modes of slice images wider than 8 bits: 16-bit grey (some files open as 32-bit "I").
+WIDE_SLICE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "16- or 32-bit"}
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mhd")
 """The files that are volumes by their name (a folder is one too: a DICOM series, slice images)."""
 
@@ -206,6 +208,12 @@ def _read_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     for file in files:
         try:
             with Image.open(file) as image:
+                if image.mode in WIDE_SLICE_MODES:
+                    raise DataError(f"a {WIDE_SLICE_MODES[image.mode]} slice image (Pillow mode "
+                                    f"{image.mode}): a folder of slice images holds 8-bit grey (0 and "
+                                    f"255 the window's {SLICE_WINDOW[0]:g} and {SLICE_WINDOW[1]:g} HU), "
+                                    "and converted to it these values would saturate; store the scan as "
+                                    "NIfTI, MetaImage or DICOM, in HU", file, reason=UNREADABLE_IMAGE)
                 planes.append(np.asarray(image.convert("L"), dtype=np.float32))
         except (OSError, ValueError, SyntaxError) as err:
             raise DataError(f"cannot read slice image ({err})", file, reason=UNREADABLE_IMAGE) from None
