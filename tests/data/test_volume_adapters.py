@@ -353,6 +353,25 @@ def test_the_axial_depth_from_a_header_is_the_depth_of_the_volume_read(world, tm
         axial_depth(truncated)
 
 
+def test_a_compressed_metaimage_reads_and_a_truncated_one_is_named(tmp_path):
+    """ITK and SimpleITK write a compressed MetaImage (`useCompression`) as a `.zraw` far smaller
+    than the voxels: its size is checked against the header's CompressedDataSize, not the voxels'."""
+    import SimpleITK as sitk
+
+    hu = _body(np.int16)
+    image = sitk.GetImageFromArray(hu.transpose(2, 1, 0))
+    image.SetSpacing((0.7, 0.7, 2.5))
+    sitk.WriteImage(image, str(tmp_path / "c.mhd"), useCompression=True)
+    data = tmp_path / "c.zraw"
+    assert data.stat().st_size < hu.nbytes
+    volume = read_volume(tmp_path / "c.mhd")
+    np.testing.assert_array_equal(volume.array, hu[::-1, ::-1].astype(np.float32))  # LPS -> RAS
+    data.write_bytes(data.read_bytes()[:50])
+    with pytest.raises(DataError, match=r"c\.mhd: c\.zraw holds 50 bytes, the header's CompressedDataSize is "
+                                        r"\d+ \(truncated\)"):
+        read_volume(tmp_path / "c.mhd")
+
+
 def test_bad_luna_input(world, tmp_path):
     root, _ = world
     luna = tmp_path / "luna16"

@@ -90,13 +90,19 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, image.affine
 
 
-def _raw_path(path: Path) -> Path:
-    """The `.raw` a MetaImage header names (ElementDataFile), checked to exist."""
-    name = None
+def _header_fields(path: Path) -> dict[str, str]:
+    """A MetaImage header's `key = value` lines (the last of a key given twice)."""
+    fields = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         key, _, value = line.partition("=")
-        if key.strip() == "ElementDataFile":
-            name = value.strip()
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def _raw_path(path: Path, fields: dict[str, str]) -> Path:
+    """The data file (`.raw`, or `.zraw` when compressed) a MetaImage header names
+    (ElementDataFile), checked to exist."""
+    name = fields.get("ElementDataFile")
     if name is None or name == "LOCAL":
         return path
     raw = path.parent / name
@@ -117,7 +123,8 @@ def _read_mhd(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def mhd_geometry(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
     """(size (X, Y, Z), affine voxel -> RAS mm) from a MetaImage header alone, without its voxels."""
-    raw = _raw_path(path)
+    fields = _header_fields(path)
+    raw = _raw_path(path, fields)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -125,14 +132,28 @@ def mhd_geometry(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
         raise DataError(f"cannot read MetaImage header ({first})", path, reason=UNREADABLE_IMAGE) from None
-    expected = int(np.prod(reader.GetSize())) * _pixel_bytes(reader.GetPixelID())
-    if raw != path and raw.stat().st_size < expected:
-        raise DataError(f"{raw.name} holds {raw.stat().st_size} bytes, the header needs {expected} "
-                        "(truncated .raw)", path, reason=UNREADABLE_IMAGE)
+    if raw != path:
+        _check_data_size(raw, fields, int(np.prod(reader.GetSize())) * _pixel_bytes(reader.GetPixelID()),
+                         path)
     lps = np.eye(4)
     lps[:3, :3] = np.asarray(reader.GetDirection()).reshape(3, 3) @ np.diag(reader.GetSpacing())
     lps[:3, 3] = reader.GetOrigin()
     return tuple(int(v) for v in reader.GetSize()), LPS_TO_RAS @ lps
+
+
+def _check_data_size(raw: Path, fields: dict[str, str], voxel_bytes: int, path: Path) -> None:
+    """DataError when the data file `raw` is shorter than the header says: the voxels' bytes, or a
+    compressed file's CompressedDataSize (ITK writes it; without it the reader finds a short one)."""
+    held = raw.stat().st_size
+    if fields.get("CompressedData", "False").lower() != "true":
+        if held < voxel_bytes:
+            raise DataError(f"{raw.name} holds {held} bytes, the header needs {voxel_bytes} (truncated .raw)",
+                            path, reason=UNREADABLE_IMAGE)
+        return
+    stated = fields.get("CompressedDataSize", "")
+    if stated.isdigit() and held < int(stated):
+        raise DataError(f"{raw.name} holds {held} bytes, the header's CompressedDataSize is {stated} "
+                        "(truncated)", path, reason=UNREADABLE_IMAGE)
 
 
 def _pixel_bytes(pixel_id: int) -> int:
