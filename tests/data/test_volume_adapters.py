@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import logging
 import re
 import shutil
 from collections import Counter
@@ -430,6 +431,24 @@ def test_bimcv_reports_are_cleaned_like_every_other_report(world, tmp_path):
     read = load_dataset("bimcv-covid19", bimcv, split_dir=tmp_path)
     assert len(read.records) == len(rows)
     assert {r.report for r in read.records} == {"Derrame pleural izquierdo. Sin neumotórax."}
+
+
+def test_a_bimcv_session_with_several_ct_runs_reads_its_series_with_the_most_slices(world, tmp_path,
+                                                                                     caplog):
+    """A BIMCV session can hold several CT runs (a scout, another reconstruction): the session's
+    report goes with its series of the most slices, not with whichever file sorts first, and the
+    log says how many sessions had a choice."""
+    root, _ = world
+    bimcv = tmp_path / "bimcv-covid19"
+    shutil.copytree(root / "bimcv-covid19", bimcv)
+    full = sorted(bimcv.glob("*/*/mod-ct/*_run-1_bp-chest_ct.nii.gz"))[0]
+    scout = _nifti(full.parent / full.name.replace("run-1", "run-0"), _body())  # 6 slices, sorts first
+    with caplog.at_level(logging.WARNING):
+        read = load_dataset("bimcv-covid19", bimcv, split_dir=tmp_path)
+    paths = [r.image_path for r in read.records]
+    assert full in paths and scout not in paths and len(paths) == TINY.ct.bimcv_studies
+    warned = [r.getMessage() for r in caplog.records if "several CT volumes" in r.getMessage()]
+    assert len(warned) == 1 and "1 session(s)" in warned[0] and full.name in warned[0], warned
 
 
 @pytest.mark.parametrize("lps", [False, True])
