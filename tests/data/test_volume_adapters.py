@@ -564,7 +564,6 @@ def test_crop_cube_centres_the_point_and_pads_outside_with_air():
 
 @pytest.mark.parametrize(("row", "message"), [
     ("{uid},0.0,0.0,0.0,2", "class '2' must be 0 or 1"),
-    ("1.2.3,0.0,0.0,0.0,0", r"series 1\.2\.3 has no subset\*/1\.2\.3\.mhd"),
     ("{uid},5000.0,0.0,0.0,0", "candidate at .* outside the volume"),
     ("{first}", "repeats the candidate of line 2"),
     ("{uid},,0.0,0.0,0", r"candidate coordinates \(nan, 0\.0, 0\.0\) must be numbers"),
@@ -581,6 +580,34 @@ def test_bad_luna_candidate_rows_name_their_line(world, tmp_path, row, message):
         load_dataset("luna16-candidates", luna)
     skipped = load_dataset("luna16-candidates", luna, on_error="skip")
     assert len(skipped.records) == lines - 2 and sum(skipped.dropped.values()) == 1
+
+
+@pytest.mark.parametrize(("name", "table", "row"), [
+    ("luna16", "annotations.csv", "1.2.{i},0.0,0.0,0.0,6.5"),
+    ("luna16-candidates", "candidates.csv", "1.2.{i},0.0,0.0,0.0,1"),
+])
+def test_luna_rows_of_series_not_downloaded_are_left_out_and_counted(world, tmp_path, caplog, name, table,
+                                                                     row):
+    """LUNA16 comes as ten subset archives and its tables list the nodules and candidates of all
+    of them: a folder holding some subsets reads their series, counts the other rows and says so;
+    a table none of whose rows names a series here is an error (every volume would read normal)."""
+    root, _ = world
+    luna = tmp_path / "luna16"
+    shutil.copytree(root / "luna16", luna)
+    before = load_dataset(name, luna, split_dir=tmp_path / "before")
+    with (luna / table).open("a", encoding="utf-8") as f:
+        f.write("".join(row.format(i=i) + "\n" for i in (1, 2, 2)))
+    with caplog.at_level(logging.WARNING):
+        after = load_dataset(name, luna, split_dir=tmp_path / "after")
+    assert [(r.image_path, r.labels, r.points, r.crop) for r in after.records] == [
+        (r.image_path, r.labels, r.points, r.crop) for r in before.records]
+    assert after.dropped == {**before.dropped, "series not here": 3}
+    warned = [r.getMessage() for r in caplog.records if "a subset not downloaded" in r.getMessage()]
+    assert len(warned) == 1 and f"{table}: 3 row(s) name 2 series without a subset*/<seriesuid>.mhd" in warned[0]
+    header = (luna / table).read_text(encoding="utf-8").splitlines()[0]
+    (luna / table).write_text(header + "\n" + row.format(i=1) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{table}: none of its 1 row\(s\) names a series here"):
+        load_dataset(name, luna, split_dir=tmp_path / "none")
 
 
 def _volume_of(record) -> str:

@@ -13,6 +13,8 @@ second version (candidates_V2)."""
 
 from __future__ import annotations
 
+import collections
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +23,7 @@ import numpy as np
 from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext
 from unimed.data.adapters.tables import CsvTable, find_file, parse_number
 from unimed.data.adapters.volume_common import CARVE, POOL, check_volume_path
-from unimed.data.errors import MISSING_IMAGE, DataError
+from unimed.data.errors import DataError
 from unimed.data.records import Crop, PointAnn, Record
 from unimed.data.volumes import mhd_geometry
 
@@ -35,7 +37,10 @@ CANDIDATE_CUBE_MM = 48.0
 """Side of the cube a candidate is read as: 2-15 times the diameter of LUNA16's nodules (3-30 mm),
 about the field of view of Models Genesis' 64 x 64 x 32-voxel NCC cubes."""
 
+SERIES_NOT_HERE = "series not here"
+"""The drop reason of a table row naming a series whose subset is not in the folder."""
 Check = Callable[[CsvTable, int, dict[str, str], float], None]
+log = logging.getLogger(__name__)
 
 
 def _positive_diameter(table: CsvTable, line: int, row: dict[str, str], value: float) -> None:
@@ -57,12 +62,13 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
             headers: dict[str, Path], check: Check, geometry: Geometry
             ) -> dict[str, list[tuple[float, float, float, float]]]:
     """Series uid -> [(x, y, z in RAS mm, the row's last column)] of the first table of `names`
-    found (LPS mm on disk); a row naming a series without a volume, a point outside its volume or
-    without coordinates, or a repeated row is a DataError on its line. The headers it reads go
-    into `geometry`."""
+    found (LPS mm on disk); a point outside its volume or without coordinates, or a repeated row is
+    a DataError on its line, a row naming a series without a volume here is left out and counted
+    (:func:`_say_absent`). The headers it reads go into `geometry`."""
     table = CsvTable(find_file(root, names, f"LUNA16 {what} table"), columns)
     out: dict[str, list[tuple[float, float, float, float]]] = {uid: [] for uid in headers}
     seen: dict[tuple[str, float, float, float], int] = {}
+    absent: collections.Counter[str] = collections.Counter()  # rows per series not here
     for line, values in table:
         try:
             row = table.row(line, values)
@@ -72,7 +78,9 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
                 raise table.error(f"{what} coordinates ({x}, {y}, {z}) must be numbers", line)
             uid = row["seriesuid"].strip()
             if uid not in headers:
-                raise table.error(f"series {uid} has no subset*/{uid}.mhd", line, "seriesuid", MISSING_IMAGE)
+                absent[uid] += 1
+                ctx.drops.drop(SERIES_NOT_HERE)
+                continue
             if uid not in geometry:
                 size, affine = mhd_geometry(headers[uid])
                 geometry[uid] = (size, np.linalg.inv(affine))
@@ -89,7 +97,24 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
             continue
         seen[position] = line
         out[uid].append((-x, -y, z, value))
+    _say_absent(table, absent, out)
     return out
+
+
+def _say_absent(table: CsvTable, absent: collections.Counter[str],
+                read: dict[str, list[tuple[float, float, float, float]]]) -> None:
+    """A warning counting the rows of `table` that name series without a volume here (LUNA16
+    comes as ten subset archives, and its tables list all of them); a DataError when no row names
+    a series here (the table is another folder's: every volume would read as having none)."""
+    if not absent:
+        return
+    rows = sum(absent.values())
+    if not any(read.values()):
+        raise DataError(f"none of its {rows} row(s) names a series here (e.g. {next(iter(absent))}; no "
+                        "subset*/<seriesuid>.mhd of theirs): the table and the volumes are not of one "
+                        "dataset", table.path)
+    log.warning("%s: %d row(s) name %d series without a subset*/<seriesuid>.mhd here (e.g. %s: a "
+                "subset not downloaded?); left out", table.path, rows, len(absent), next(iter(absent)))
 
 
 def _readable(ctx: ReadContext, header: Path, geometry: Geometry) -> bool:
@@ -108,8 +133,9 @@ def _readable(ctx: ReadContext, header: Path, geometry: Geometry) -> bool:
 @ADAPTERS.register("luna16")
 def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
     """One 3D record per series with its nodules (`points`, RAS mm) and label nodule 1 / 0; an
-    annotation outside its volume, of a series with no volume, without coordinates or repeating
-    another is a DataError on its line. Carved per patient, stratified by label."""
+    annotation outside its volume, without coordinates or repeating another is a DataError on its
+    line (one of a series not here is left out and counted). Carved per patient, stratified by
+    label."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
     geometry: Geometry = {}
     nodules = _points(root, ctx, ("annotations.csv",), COLUMNS, "nodule", headers, _positive_diameter, geometry)
@@ -130,8 +156,9 @@ def read_luna16(root: Path, ctx: ReadContext) -> AdapterResult:
 def read_luna16_candidates(root: Path, ctx: ReadContext) -> AdapterResult:
     """One 3D record per row of the candidates table (the first of CANDIDATE_TABLES found): the
     cube of CANDIDATE_CUBE_MM around the candidate (`crop`, RAS mm) of its series' volume, label
-    nodule 1 / 0 by its class. A row naming a series with no volume, a point outside its volume or
-    without coordinates, a class other than 0 / 1 or a repeated row is a DataError on its line.
+    nodule 1 / 0 by its class. A point outside its volume or without coordinates, a class other
+    than 0 / 1 or a repeated row is a DataError on its line (a row of a series not here is left out
+    and counted).
     Carved per patient (series), stratified by the classes of a series' candidates."""
     headers = {p.stem: p for p in sorted(root.glob("subset*/*.mhd"))}
     geometry: Geometry = {}
