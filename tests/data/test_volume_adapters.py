@@ -415,6 +415,36 @@ def test_bad_ccii_and_bcv_input(world, tmp_path):
     assert len(read.records) == TINY.ct.bcv_studies - 2 and read.dropped
 
 
+def test_ccii_scans_of_archives_not_unzipped_are_left_out_and_counted(world, tmp_path, caplog):
+    """CC-CCII comes as many zip archives and `unzip_filenames.csv` lists the scans of all of them:
+    the scans of an archive with no folder here are left out and counted, with one warning; a
+    missing scan of an archive that is here is still a bad row, and a table none of whose archives
+    is here an error."""
+    root, _ = world
+    ccii = tmp_path / "cc-ccii"
+    shutil.copytree(root / "cc-ccii", ccii)
+    table = ccii / "unzip_filenames.csv"
+    header, *rows = [line.split(",") for line in table.read_text(encoding="utf-8").splitlines()]
+    gone = rows[0][0]
+    for zip_file, label, patient, scan, _ in rows:
+        if zip_file == gone:
+            shutil.rmtree(ccii / label / patient / scan)
+    kept = [row for row in rows if row[0] != gone]
+    with caplog.at_level(logging.WARNING):
+        read = load_dataset("cc-ccii", ccii, split_dir=tmp_path / "some")
+    assert sorted(r.study_id for r in read.records) == sorted(row[3] for row in kept)
+    assert read.dropped == {"archive not unzipped": len(rows) - len(kept)}
+    warned = [r.getMessage() for r in caplog.records if "not unzipped here" in r.getMessage()]
+    assert len(warned) == 1 and f"(e.g. {gone})" in warned[0], warned
+    with table.open("a", encoding="utf-8") as f:
+        f.write(f"{kept[0][0]},{kept[0][1]},{kept[0][2]},999999,8\n")
+    with pytest.raises(DataError, match=rf"unzip_filenames\.csv, line {len(rows) + 2}\b.*volume not found"):
+        load_dataset("cc-ccii", ccii, split_dir=tmp_path / "bad")
+    table.write_text(",".join(header) + "\n" + ",".join(rows[0]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"unzip_filenames\.csv: none of the 1 scan\(s\) it lists is here"):
+        load_dataset("cc-ccii", ccii, split_dir=tmp_path / "none")
+
+
 def test_bimcv_reports_are_cleaned_like_every_other_report(world, tmp_path):
     root, _ = world
     bimcv = tmp_path / "bimcv-covid19"

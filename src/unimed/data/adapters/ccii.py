@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import collections
+import logging
 from pathlib import Path
 
 from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext
@@ -16,17 +18,47 @@ from unimed.data.volumes import SLICE_SUFFIXES
 COLUMNS = ("zip_file", "label", "patient_id", "scan_id", "n_slice")
 
 
+ARCHIVE_NOT_UNZIPPED = "archive not unzipped"
+"""The drop reason of a scan whose zip archive (`zip_file`) has no scan folder here."""
+log = logging.getLogger(__name__)
+
+
+def _scan_folder(root: Path, row: dict[str, str]) -> Path:
+    return root / row["label"].strip() / row["patient_id"] / row["scan_id"]
+
+
+def unzipped_archives(root: Path, table: CsvTable) -> set[str]:
+    """The `zip_file` names of which at least one scan folder is here: CC-CCII comes as many zip
+    archives, and `unzip_filenames.csv` lists the scans of all of them."""
+    present = set()
+    for line, values in table:
+        try:
+            row = table.row(line, values)
+        except DataError:
+            continue  # the row's own read names it
+        if _scan_folder(root, row).is_dir():
+            present.add(row["zip_file"].strip())
+    return present
+
+
 @ADAPTERS.register("cc-ccii")
 def read_ccii(root: Path, ctx: ReadContext) -> AdapterResult:
     """One 3D record per scan folder (`image_path` is the folder), class in `target`; carved per patient,
-    stratified by class."""
+    stratified by class. The scans of an archive with no folder here (not unzipped) are left out and
+    counted; a missing scan of an archive that is here is a bad row."""
     table = CsvTable(find_file(root, ["unzip_filenames.csv"], "CC-CCII unzip_filenames.csv"), COLUMNS)
+    present = unzipped_archives(root, table)
+    absent: collections.Counter[str] = collections.Counter()  # scans per archive not here
 
-    def parse(line: int, row: dict[str, str]) -> Record:
+    def parse(line: int, row: dict[str, str]) -> Record | None:
         label = row["label"].strip()
         if label not in CCII_CLASSES:
             raise table.error(f"label {label!r} is not one of {list(CCII_CLASSES)}", line, "label")
-        folder = check_volume_path(ctx, root / label / row["patient_id"] / row["scan_id"], table.path, line)
+        if row["zip_file"].strip() not in present:
+            absent[row["zip_file"].strip()] += 1
+            ctx.drops.drop(ARCHIVE_NOT_UNZIPPED)
+            return None
+        folder = check_volume_path(ctx, _scan_folder(root, row), table.path, line)
         slices = sum(1 for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES)
         if str(slices) != row["n_slice"].strip():
             raise DataError(f"{folder} holds {slices} slice image(s), n_slice says {row['n_slice']}",
@@ -36,4 +68,11 @@ def read_ccii(root: Path, ctx: ReadContext) -> AdapterResult:
             split=POOL, labels={c: float(c == label) for c in CCII_CLASSES}, target=label, ndim=3,
         )
 
-    return AdapterResult(ctx.rows(table, parse), CARVE, stratify=True)
+    records = ctx.rows(table, parse)
+    if absent and not present:
+        raise DataError(f"none of the {sum(absent.values())} scan(s) it lists is here (no "
+                        "<label>/<patient_id>/<scan_id> folder of any of its zip archives)", table.path)
+    if absent:
+        log.warning("%s: %d scan(s) of %d zip archive(s) not unzipped here (e.g. %s) left out", table.path,
+                    sum(absent.values()), len(absent), next(iter(absent)))
+    return AdapterResult(records, CARVE, stratify=True)
