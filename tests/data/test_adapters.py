@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from data_layouts import BUILDERS, PADCHEST_CSV, SIZE, Layout, mimic, siim_compo
 from unimed.data.adapters import DATASET_FOLDERS, load_dataset, load_from_config
 from unimed.data.adapters.object_cxr import parse_annotation
 from unimed.data.config import DataConfig
+from unimed.data.errors import DataError
 from unimed.data.records import BoxAnn, Record
 from unimed.data.rle import rle_decode
 from unimed.data.labels import CHEXPERT_LABELS, PDC_LABELS
@@ -54,6 +57,46 @@ def test_mimic_joins_csvs_and_extracts_report(gz: bool, tmp_path: Path) -> None:
     assert set(record.labels) == set(CHEXPERT_LABELS)
     assert record.labels[sorted(CHEXPERT_LABELS)[1]] == 1.0
     assert math.isnan(record.labels[sorted(CHEXPERT_LABELS)[0]])
+
+
+def test_rows_of_image_folders_not_downloaded_are_left_out_and_counted(tmp_path: Path, caplog) -> None:
+    """PadChest comes as numbered zip folders and MIMIC-CXR-JPG's images as files/p10 .. p19, each
+    listed whole by the tables: rows of a folder that holds no images here (MIMIC's reports, a
+    separate download, fill the same tree) are left out, counted and said once; a missing image
+    in a folder that is here stays a bad row; a table none of whose folders is here is an error."""
+    layout = BUILDERS["padchest"](tmp_path / "padchest")
+    root = layout.write()
+    for rel in [r for r in layout.images if r.startswith("1/")]:
+        (root / rel).unlink()
+    (root / "1").rmdir()
+    with caplog.at_level(logging.WARNING):
+        read = load_dataset("padchest", root, split_dir=tmp_path / "splits")
+    assert sorted(r.image_path.relative_to(root).as_posix() for r in read.records) == sorted(
+        r for r in layout.kept if not r.startswith("1/"))
+    left_out = sum(k.startswith("1/") for k in layout.kept)
+    assert read.dropped["folder not downloaded"] == left_out > 0
+    assert [r.getMessage() for r in caplog.records if "partial download" in r.getMessage()] == [
+        f"padchest: {left_out} row(s) left out, folder not downloaded (1, e.g. 1): a partial download?"]
+    (root / sorted(k for k in layout.kept if k.startswith("0/"))[0]).unlink()
+    with pytest.raises(DataError, match="image file not found"):
+        load_dataset("padchest", root, split_dir=tmp_path / "splits")
+    assert load_dataset("padchest", root, require_images=False).dropped.get("folder not downloaded") is None
+
+    layout = mimic(tmp_path / "mimic", gz=False)
+    layout.tables["mimic-cxr-2.0.0-metadata.csv"].rows.append(
+        ["d9", "11000009", "50000009", "CHEST (PA AND LAT)", "PA", str(SIZE), str(SIZE), "21800101"])
+    layout.tables["mimic-cxr-2.0.0-split.csv"].rows.append(["d9", "50000009", "11000009", "train"])
+    layout.texts["files/p11/p11000009/s50000009.txt"] = b"FINDINGS: Clear lungs. No effusion seen."
+    root = layout.write()
+    read = load_dataset("mimic-cxr", root)
+    assert sorted(r.image_path.relative_to(root).as_posix() for r in read.records) == sorted(layout.kept)
+    assert read.dropped["folder not downloaded"] == 1
+    assert len(load_dataset("mimic-cxr", root, require_images=False).records) == len(layout.kept) + 1
+    for study in {(root / rel).parent for rel in layout.images}:  # the reports stay
+        shutil.rmtree(study)
+    with pytest.raises(DataError, match=r"mimic: none of the \d+ row\(s\) its tables list is here "
+                                        r"\(folder not downloaded: 2, e\.g\. files/p1[01]\)"):
+        load_dataset("mimic-cxr", root)
 
 
 def test_padchest_labels_language_site_and_views(tmp_path: Path) -> None:

@@ -434,14 +434,16 @@ def test_ccii_scans_of_archives_not_unzipped_are_left_out_and_counted(world, tmp
         read = load_dataset("cc-ccii", ccii, split_dir=tmp_path / "some")
     assert sorted(r.study_id for r in read.records) == sorted(row[3] for row in kept)
     assert read.dropped == {"archive not unzipped": len(rows) - len(kept)}
-    warned = [r.getMessage() for r in caplog.records if "not unzipped here" in r.getMessage()]
-    assert len(warned) == 1 and f"(e.g. {gone})" in warned[0], warned
+    warned = [r.getMessage() for r in caplog.records if "partial download" in r.getMessage()]
+    assert warned == [f"cc-ccii: {len(rows) - len(kept)} row(s) left out, archive not unzipped (1, e.g. "
+                      f"{gone}): a partial download?"]
     with table.open("a", encoding="utf-8") as f:
         f.write(f"{kept[0][0]},{kept[0][1]},{kept[0][2]},999999,8\n")
     with pytest.raises(DataError, match=rf"unzip_filenames\.csv, line {len(rows) + 2}\b.*volume not found"):
         load_dataset("cc-ccii", ccii, split_dir=tmp_path / "bad")
     table.write_text(",".join(header) + "\n" + ",".join(rows[0]) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"unzip_filenames\.csv: none of the 1 scan\(s\) it lists is here"):
+    with pytest.raises(DataError, match=r"cc-ccii: none of the 1 row\(s\) its tables list is here \(archive "
+                                        r"not unzipped: 1, e\.g\. .*\): is this the dataset's folder\?"):
         load_dataset("cc-ccii", ccii, split_dir=tmp_path / "none")
 
 
@@ -632,8 +634,8 @@ def test_luna_rows_of_series_not_downloaded_are_left_out_and_counted(world, tmp_
     assert [(r.image_path, r.labels, r.points, r.crop) for r in after.records] == [
         (r.image_path, r.labels, r.points, r.crop) for r in before.records]
     assert after.dropped == {**before.dropped, "series not here": 3}
-    warned = [r.getMessage() for r in caplog.records if "a subset not downloaded" in r.getMessage()]
-    assert len(warned) == 1 and f"{table}: 3 row(s) name 2 series without a subset*/<seriesuid>.mhd" in warned[0]
+    warned = [r.getMessage() for r in caplog.records if "partial download" in r.getMessage()]
+    assert warned == [f"{name}: 3 row(s) left out, series not here (2, e.g. 1.2.1): a partial download?"]
     header = (luna / table).read_text(encoding="utf-8").splitlines()[0]
     (luna / table).write_text(header + "\n" + row.format(i=1) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"{table}: none of its 1 row\(s\) names a series here"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from unimed.data.adapters import bcv, bimcv, ccii, chexpert, covidx, luna16, mimic, object_cxr, padchest, rsna, siim
-from unimed.data.adapters.base import ADAPTERS, AdapterResult, DatasetRead, ReadContext
+from unimed.data.adapters.base import ADAPTERS, AdapterResult, DatasetRead, ReadContext, say_not_here
 from unimed.data.adapters.generic import is_generic, read_generic
 from unimed.data.config import DataConfig
 from unimed.data.errors import DataError, DropCounter
@@ -90,6 +90,7 @@ def load_dataset(
         )
     ctx = ReadContext(name, root, drops, min_report_tokens, check_images, progress, require_images)
     result: AdapterResult = adapter(root, ctx)
+    say_not_here(ctx, result.records)
     rows = [(ctx.key(r), r.patient_id, r.split) for r in result.records]
     splits = resolve_splits(name, rows, result.carve, split_seed, split_dir,
                             patient_strata(result.records) if result.stratify else None)

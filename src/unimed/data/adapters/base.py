@@ -6,7 +6,7 @@ import collections
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,6 +21,8 @@ from unimed.registry import Registry
 logger = logging.getLogger(__name__)
 
 LATERAL_VIEW = "lateral view"
+PART_NOT_DOWNLOADED = "folder not downloaded"
+"""The drop reason of a row whose image folder, one part of a download that comes in parts, is not here."""
 OTHER_VIEW = "other view"
 SITE_COLUMN = "Site"
 """The optional column naming each image's acquisition site in layouts whose official tables have
@@ -62,6 +64,9 @@ class ReadContext:
     check_images: bool = False
     progress: bool = False
     require_images: bool = True
+    # Drop reason -> {part of the download not here: rows left out} (:meth:`leave_out`).
+    not_here: dict[str, collections.Counter[str]] = dataclasses.field(default_factory=dict)
+    _parts: dict[Path, bool] = dataclasses.field(default_factory=dict)
 
     def rows(
         self, table: CsvTable, parse: Callable[[int, dict[str, str]], Record | None]
@@ -100,6 +105,27 @@ class ReadContext:
                 raise DataError(f"{err} (listed here)", source, line, reason=err.reason) from None
         return path
 
+    def leave_out(self, reason: str, part: str) -> None:
+        """Count a row left out because `part` of a download that comes in parts (a LUNA16 subset,
+        a CC-CCII zip archive, a PadChest image folder) is not here; :func:`say_not_here` says it."""
+        self.not_here.setdefault(reason, collections.Counter())[part] += 1
+        self.drops.drop(reason)
+
+    def part_missing(self, folder: Path, holds_images: Callable[[Path], bool] = Path.is_dir) -> bool:
+        """Whether `folder`, one part of a download that comes in parts (PadChest's numbered image
+        folders, MIMIC-CXR-JPG's files/pNN), holds no images here (`holds_images`, asked once per
+        folder): a partial download, whose rows are then left out and counted
+        (:meth:`leave_out`, PART_NOT_DOWNLOADED) rather than each a missing image. Never without
+        `require_images`."""
+        if not self.require_images:
+            return False
+        if folder not in self._parts:
+            self._parts[folder] = holds_images(folder)
+        if self._parts[folder]:
+            return False
+        self.leave_out(PART_NOT_DOWNLOADED, folder.relative_to(self.root).as_posix())
+        return True
+
     def accept_report(
         self, text: str, source: Path, line: int | None, column: str | None = None
     ) -> bool:
@@ -115,6 +141,18 @@ class ReadContext:
         """The record's split-file key: its image path relative to the dataset root (the study id
         of a text-only row), followed by its crop's tag when it stands for a crop of its volume."""
         return record.study_id if record.image_path is None else record.image_key(self.root)
+
+
+def say_not_here(ctx: ReadContext, records: Sequence[Record]) -> None:
+    """One warning per reason of the rows left out for parts of the download not here
+    (:meth:`ReadContext.leave_out`); a DataError when such rows were all there was."""
+    for reason, parts in ctx.not_here.items():
+        rows, example = sum(parts.values()), next(iter(parts))
+        if not records:
+            raise DataError(f"none of the {rows} row(s) its tables list is here ({reason}: {len(parts)}, "
+                            f"e.g. {example}): is this the dataset's folder?", ctx.root)
+        logger.warning("%s: %d row(s) left out, %s (%d, e.g. %s): a partial download?", ctx.dataset, rows,
+                       reason, len(parts), example)
 
 
 Adapter = Callable[[Path, ReadContext], AdapterResult]

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import collections
-import logging
 from pathlib import Path
 
 from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext
@@ -20,7 +18,6 @@ COLUMNS = ("zip_file", "label", "patient_id", "scan_id", "n_slice")
 
 ARCHIVE_NOT_UNZIPPED = "archive not unzipped"
 """The drop reason of a scan whose zip archive (`zip_file`) has no scan folder here."""
-log = logging.getLogger(__name__)
 
 
 def _scan_folder(root: Path, row: dict[str, str]) -> Path:
@@ -48,15 +45,13 @@ def read_ccii(root: Path, ctx: ReadContext) -> AdapterResult:
     counted; a missing scan of an archive that is here is a bad row."""
     table = CsvTable(find_file(root, ["unzip_filenames.csv"], "CC-CCII unzip_filenames.csv"), COLUMNS)
     present = unzipped_archives(root, table)
-    absent: collections.Counter[str] = collections.Counter()  # scans per archive not here
 
     def parse(line: int, row: dict[str, str]) -> Record | None:
         label = row["label"].strip()
         if label not in CCII_CLASSES:
             raise table.error(f"label {label!r} is not one of {list(CCII_CLASSES)}", line, "label")
         if row["zip_file"].strip() not in present:
-            absent[row["zip_file"].strip()] += 1
-            ctx.drops.drop(ARCHIVE_NOT_UNZIPPED)
+            ctx.leave_out(ARCHIVE_NOT_UNZIPPED, row["zip_file"].strip())
             return None
         folder = check_volume_path(ctx, _scan_folder(root, row), table.path, line)
         slices = sum(1 for p in folder.iterdir() if p.suffix.lower() in SLICE_SUFFIXES)
@@ -68,11 +63,4 @@ def read_ccii(root: Path, ctx: ReadContext) -> AdapterResult:
             split=POOL, labels={c: float(c == label) for c in CCII_CLASSES}, target=label, ndim=3,
         )
 
-    records = ctx.rows(table, parse)
-    if absent and not present:
-        raise DataError(f"none of the {sum(absent.values())} scan(s) it lists is here (no "
-                        "<label>/<patient_id>/<scan_id> folder of any of its zip archives)", table.path)
-    if absent:
-        log.warning("%s: %d scan(s) of %d zip archive(s) not unzipped here (e.g. %s) left out", table.path,
-                    sum(absent.values()), len(absent), next(iter(absent)))
-    return AdapterResult(records, CARVE, stratify=True)
+    return AdapterResult(ctx.rows(table, parse), CARVE, stratify=True)

@@ -13,8 +13,6 @@ second version (candidates_V2)."""
 
 from __future__ import annotations
 
-import collections
-import logging
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +38,6 @@ about the field of view of Models Genesis' 64 x 64 x 32-voxel NCC cubes."""
 SERIES_NOT_HERE = "series not here"
 """The drop reason of a table row naming a series whose subset is not in the folder."""
 Check = Callable[[CsvTable, int, dict[str, str], float], None]
-log = logging.getLogger(__name__)
 
 
 def _positive_diameter(table: CsvTable, line: int, row: dict[str, str], value: float) -> None:
@@ -64,11 +61,11 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
     """Series uid -> [(x, y, z in RAS mm, the row's last column)] of the first table of `names`
     found (LPS mm on disk); a point outside its volume or without coordinates, or a repeated row is
     a DataError on its line, a row naming a series without a volume here is left out and counted
-    (:func:`_say_absent`). The headers it reads go into `geometry`."""
+    (a subset not downloaded; an error when no row names one here). The headers it reads go into `geometry`."""
     table = CsvTable(find_file(root, names, f"LUNA16 {what} table"), columns)
     out: dict[str, list[tuple[float, float, float, float]]] = {uid: [] for uid in headers}
     seen: dict[tuple[str, float, float, float], int] = {}
-    absent: collections.Counter[str] = collections.Counter()  # rows per series not here
+    absent = 0  # rows naming a series not here
     for line, values in table:
         try:
             row = table.row(line, values)
@@ -78,8 +75,8 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
                 raise table.error(f"{what} coordinates ({x}, {y}, {z}) must be numbers", line)
             uid = row["seriesuid"].strip()
             if uid not in headers:
-                absent[uid] += 1
-                ctx.drops.drop(SERIES_NOT_HERE)
+                absent += 1
+                ctx.leave_out(SERIES_NOT_HERE, uid)
                 continue
             if uid not in geometry:
                 size, affine = mhd_geometry(headers[uid])
@@ -97,24 +94,10 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
             continue
         seen[position] = line
         out[uid].append((-x, -y, z, value))
-    _say_absent(table, absent, out)
+    if absent and not any(out.values()):  # every volume would read as having none
+        raise DataError(f"none of its {absent} row(s) names a series here (no subset*/<seriesuid>.mhd of "
+                        "theirs): the table and the volumes are not of one dataset", table.path)
     return out
-
-
-def _say_absent(table: CsvTable, absent: collections.Counter[str],
-                read: dict[str, list[tuple[float, float, float, float]]]) -> None:
-    """A warning counting the rows of `table` that name series without a volume here (LUNA16
-    comes as ten subset archives, and its tables list all of them); a DataError when no row names
-    a series here (the table is another folder's: every volume would read as having none)."""
-    if not absent:
-        return
-    rows = sum(absent.values())
-    if not any(read.values()):
-        raise DataError(f"none of its {rows} row(s) names a series here (e.g. {next(iter(absent))}; no "
-                        "subset*/<seriesuid>.mhd of theirs): the table and the volumes are not of one "
-                        "dataset", table.path)
-    log.warning("%s: %d row(s) name %d series without a subset*/<seriesuid>.mhd here (e.g. %s: a "
-                "subset not downloaded?); left out", table.path, rows, len(absent), next(iter(absent)))
 
 
 def _readable(ctx: ReadContext, header: Path, geometry: Geometry) -> bool:

@@ -93,6 +93,15 @@ class _Reports:
             )
 
 
+def holds_image_studies(part: Path) -> bool:
+    """Whether a files/p<NN> folder holds a study folder of images (p<subject>/s<study>/): the
+    download comes as ten such parts, and the reports' separate download fills the same tree with
+    s<study>.txt files alone."""
+    if not part.is_dir():
+        return False
+    return any(study.is_dir() for patient in part.iterdir() if patient.is_dir() for study in patient.iterdir())
+
+
 @ADAPTERS.register("mimic-cxr")
 def read_mimic(root: Path, ctx: ReadContext) -> AdapterResult:
     """Frontal (PA/AP) MIMIC-CXR images with FINDINGS + IMPRESSION text and the official split;
@@ -117,6 +126,8 @@ def read_mimic(root: Path, ctx: ReadContext) -> AdapterResult:
             if isinstance(value, DataError):
                 raise value
         folder = root / "files" / f"p{subject[:2]}" / f"p{subject}"
+        if ctx.part_missing(folder.parent, holds_image_studies):
+            return None
         report = reports.get(folder / f"s{study}.txt")
         if not ctx.accept_report(report, folder / f"s{study}.txt", None):
             return None

@@ -87,6 +87,8 @@ def _read(root: Path, ctx: ReadContext, variant: _Variant) -> list[Record]:
         if variant.filter_reports and not ctx.accept_report(report, table.path, line, "Report"):
             return None
         image_dir = _image_dir(table, line, row["ImageDir"].strip())
+        if ctx.part_missing(root / image_dir):  # one of the download's numbered zip folders
+            return None
         image = ctx.image(root / image_dir / row["ImageID"].strip(), table.path, line)
         labels = dict.fromkeys(variant.label_names, 0.0)
         labels.update({name: 1.0 for name in present})
