@@ -61,7 +61,8 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
     """Series uid -> [(x, y, z in RAS mm, the row's last column)] of the first table of `names`
     found (LPS mm on disk); a point outside its volume or without coordinates, or a repeated row is
     a DataError on its line, a row naming a series without a volume here is left out and counted
-    (a subset not downloaded; an error when no row names one here). The headers it reads go into `geometry`."""
+    (a subset not downloaded; an error when no row names one here). The headers it reads go into
+    `geometry`."""
     table = CsvTable(find_file(root, names, f"LUNA16 {what} table"), columns)
     out: dict[str, list[tuple[float, float, float, float]]] = {uid: [] for uid in headers}
     seen: dict[tuple[str, float, float, float], int] = {}

@@ -99,7 +99,8 @@ def holds_image_studies(part: Path) -> bool:
     s<study>.txt files alone."""
     if not part.is_dir():
         return False
-    return any(study.is_dir() for patient in part.iterdir() if patient.is_dir() for study in patient.iterdir())
+    patients = (patient for patient in part.iterdir() if patient.is_dir())
+    return any(study.is_dir() for patient in patients for study in patient.iterdir())
 
 
 @ADAPTERS.register("mimic-cxr")
