@@ -203,6 +203,18 @@ def test_covidx_malformed_line(on_error: str, tmp_path: Path) -> None:
     assert len(read.records) == len(layout.kept) - 1 and read.dropped == {MALFORMED_ROW: 1}
 
 
+def test_covidx_of_the_binary_releases_is_named_as_such(tmp_path: Path) -> None:
+    """COVIDx CXR-2 and later label positive / negative; the benchmark's COVIDx is three-class."""
+    layout = _layout("covidx", tmp_path)
+    text = layout.texts["train.txt"].decode()
+    for label, binary in (("COVID-19", "positive"), ("pneumonia", "negative"), ("normal", "negative")):
+        text = text.replace(f" {label} ", f" {binary} ")
+    layout.texts["train.txt"] = text.encode()
+    with pytest.raises(DataError, match=r"train\.txt, line 1, column 'label': label '(positive|negative)' is "
+                                        r"one of COVIDx CXR-2's and later releases' two classes .*three-class"):
+        load_dataset("covidx", layout.write())
+
+
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 @pytest.mark.parametrize("name", sorted(EMPTY_REPORTS))
 def test_empty_report(name: str, on_error: str, tmp_path: Path) -> None:

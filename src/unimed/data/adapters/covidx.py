@@ -11,6 +11,8 @@ from unimed.data.records import Record
 from unimed.data.labels import COVIDX_CLASSES
 
 TRAIN_CARVE = {"train": 0.8, "valid": 0.2}
+BINARY_LABELS = frozenset({"positive", "negative"})
+"""The classes of COVIDx CXR-2 and later (COVID-19 or not), which the three-class probe cannot read."""
 
 
 def parse_line(path: Path, line: int, text: str) -> tuple[str, str, str, str]:
@@ -22,6 +24,10 @@ def parse_line(path: Path, line: int, text: str) -> tuple[str, str, str, str]:
             f"expected 'patient_id filename label source', got {text[:80]!r}", path, line
         )
     patient, label, source = fields[0], fields[-2], fields[-1]
+    if label in BINARY_LABELS:
+        raise DataError(f"label {label!r} is one of COVIDx CXR-2's and later releases' two classes "
+                        "(positive / negative); the benchmark reads the three-class COVIDx (v5-v8: "
+                        f"{' / '.join(COVIDX_CLASSES)})", path, line, "label")
     if label not in COVIDX_CLASSES:
         raise DataError(
             f"label {label!r} is not one of {list(COVIDX_CLASSES)}", path, line, "label"
