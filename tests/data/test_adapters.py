@@ -99,6 +99,20 @@ def test_rows_of_image_folders_not_downloaded_are_left_out_and_counted(tmp_path:
         load_dataset("mimic-cxr", root)
 
 
+@pytest.mark.parametrize("name", ["chexpert", "CheXpert-v1.0-small"])
+def test_chexpert_reads_from_its_folder_under_any_name(tmp_path: Path, name: str) -> None:
+    """The CSVs' paths start with the archive's folder (CheXpert-v1.0-small/train/...): a dataset
+    folder that is that folder renamed (train.csv in it) reads the same images."""
+    layout = BUILDERS["chexpert"](tmp_path / "download")
+    archive = layout.write() / "CheXpert-v1.0-small"
+    root = tmp_path / "data" / name
+    root.parent.mkdir()
+    archive.rename(root)
+    read = load_dataset("chexpert", root)
+    assert sorted(r.image_path.relative_to(root).as_posix() for r in read.records) == sorted(
+        k.removeprefix("CheXpert-v1.0-small/") for k in layout.kept)
+
+
 def test_padchest_labels_language_site_and_views(tmp_path: Path) -> None:
     _, records, dropped = _read("padchest", tmp_path)
     assert dropped == {"lateral view": 1, "other view": 1, "report under 3 tokens": 1}

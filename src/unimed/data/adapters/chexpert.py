@@ -38,7 +38,15 @@ def _find_chexpert(root: Path) -> Path:
     )
 
 
-def _read_chexpert_csv(path: Path, base: Path, pool: str, ctx: ReadContext) -> list[Record]:
+def _image_path(folder: Path, relative: str) -> Path:
+    """The image a CSV's `Path` names: it starts with the archive's folder name
+    (CheXpert-v1.0-small/train/...), read below `folder`, the folder holding the CSV, whatever its
+    name (a dataset folder that is the archive's folder renamed)."""
+    parts = PurePosixPath(relative).parts
+    return folder.joinpath(*parts[1:]) if parts and parts[0] in CHEXPERT_FOLDERS else folder / relative
+
+
+def _read_chexpert_csv(path: Path, folder: Path, pool: str, ctx: ReadContext) -> list[Record]:
     table = CsvTable(path, CHEXPERT_COLUMNS)
 
     def parse(line: int, row: dict[str, str]) -> Record | None:
@@ -48,7 +56,7 @@ def _read_chexpert_csv(path: Path, base: Path, pool: str, ctx: ReadContext) -> l
         relative = row["Path"].strip()
         patient, study = _patient_study(table, line, relative)
         labels = parse_labels(table, line, row, CHEXPERT_LABELS)
-        image = ctx.image(base / relative, table.path, line)
+        image = ctx.image(_image_path(folder, relative), table.path, line)
         return Record(
             dataset=ctx.dataset,
             image_path=image,
@@ -68,12 +76,10 @@ def read_chexpert(root: Path, ctx: ReadContext) -> AdapterResult:
     """Frontal CheXpert images with 14 labels (1 / 0 / -1 / NaN); valid.csv -> "test", train.csv
     split per patient into train / valid (90/10); the site is the optional `Site` column."""
     folder = _find_chexpert(root)
-    # `Path` in the CSVs starts with the CheXpert folder name, so it is relative to its parent.
-    base = folder.parent if folder != root else root.parent
     records = []
     for name, pool in (("train.csv", "train"), ("valid.csv", "test")):
         records += _read_chexpert_csv(
-            find_file(folder, [name], f"CheXpert {name}"), base, pool, ctx
+            find_file(folder, [name], f"CheXpert {name}"), folder, pool, ctx
         )
     return AdapterResult(records, {"train": TRAIN_CARVE})
 
