@@ -13,6 +13,7 @@ second version (candidates_V2)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,7 @@ about the field of view of Models Genesis' 64 x 64 x 32-voxel NCC cubes."""
 SERIES_NOT_HERE = "series not here"
 """The drop reason of a table row naming a series whose subset is not in the folder."""
 Check = Callable[[CsvTable, int, dict[str, str], float], None]
+log = logging.getLogger(__name__)
 
 
 def _positive_diameter(table: CsvTable, line: int, row: dict[str, str], value: float) -> None:
@@ -61,7 +63,7 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
     """Series uid -> [(x, y, z in RAS mm, the row's last column)] of the first table of `names`
     found (LPS mm on disk); a point outside its volume or without coordinates, or a repeated row is
     a DataError on its line, a row naming a series without a volume here is left out and counted
-    (a subset not downloaded; an error when no row names one here). The headers it reads go into
+    (a subset not downloaded; a warning when no row names one here). The headers it reads go into
     `geometry`."""
     table = CsvTable(find_file(root, names, f"LUNA16 {what} table"), columns)
     out: dict[str, list[tuple[float, float, float, float]]] = {uid: [] for uid in headers}
@@ -95,9 +97,10 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
             continue
         seen[position] = line
         out[uid].append((-x, -y, z, value))
-    if absent and not any(out.values()):  # every volume would read as having none
-        raise DataError(f"none of its {absent} row(s) names a series here (no subset*/<seriesuid>.mhd of "
-                        "theirs): the table and the volumes are not of one dataset", table.path)
+    if absent and not any(out.values()):  # a few nodule-free series copied, or another dataset's table
+        log.warning("%s: none of its %d row(s) names a series here (no subset*/<seriesuid>.mhd of theirs): "
+                    "no volume has a %s (are the table and the volumes of one dataset?)", table.path, absent,
+                    what)
     return out
 
 
