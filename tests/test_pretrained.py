@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -380,6 +381,26 @@ def test_dicom_files_named_without_a_suffix_are_found_and_read(tiny_run: Path, i
     model = unimed.load(tiny_run)
     torch.testing.assert_close(model.encode_image([export / "IM0001", export / "1.2.840.113619.2.55.3.5"]),
                                model.encode_image([images / "c.dcm"] * 2))
+
+
+def test_a_folder_of_volumes_leaves_out_sub_folders_without_a_file(tmp_path: Path, caplog):
+    """A folder of volumes lists its volume files and the sub-folders that hold files (a DICOM
+    series, slice images); an empty sub-folder (left by an extraction, or an output folder), which
+    stopped `embed --volumes` as an unreadable series, is left out and named in a warning."""
+    from unimed.commands.inference import list_volumes
+
+    scans = tmp_path / "scans"
+    for folder, name in (("slices", "0000.png"), ("series", "IM0001"), ("empty/inner", None)):
+        (scans / folder).mkdir(parents=True)
+        if name:
+            (scans / folder / name).write_bytes(b"")
+    (scans / "hidden-only").mkdir()
+    (scans / "hidden-only" / ".DS_Store").write_bytes(b"")
+    (scans / "ct.nii.gz").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        assert list_volumes(scans) == [scans / "ct.nii.gz", scans / "series", scans / "slices"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{scans}: 2 sub-folder(s) hold no file, left out: empty, hidden-only"]
 
 
 def test_preprocessed_input_gives_what_the_files_give(tiny_run: Path, images: Path, tmp_path: Path):

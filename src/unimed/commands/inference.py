@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ from unimed.errors import ConfigError
 
 if TYPE_CHECKING:
     from unimed.pretrained import Pretrained
+
+log = logging.getLogger(__name__)
 
 BATCH = 32
 VOLUME_BATCH = 4  # volumes read and embedded at once (each is read whole before it is resized)
@@ -66,10 +69,15 @@ def list_images(path: str | Path) -> list[Path]:
     return found
 
 
+def _holds_a_file(folder: Path) -> bool:
+    return any(p.is_file() and not p.name.startswith(".") for p in folder.iterdir())
+
+
 def list_volumes(path: str | Path) -> list[Path]:
     """The CT volumes at `path`: a volume file (NIfTI, .mhd), a folder that is one volume (a DICOM
-    series or slice images: files only), or a folder of volumes (its volume files and sub-folders,
-    one level, sorted); a DataError naming `path` otherwise."""
+    series or slice images: files only), or a folder of volumes (its volume files and the
+    sub-folders that hold a file, one level, sorted; a sub-folder without one is named in a
+    warning); a DataError naming `path` otherwise."""
     from unimed.data.volumes import VOLUME_SUFFIXES, volume_kind
 
     path = Path(path)
@@ -79,7 +87,11 @@ def list_volumes(path: str | Path) -> list[Path]:
         volume_kind(path)  # a file that is no volume is a DataError naming it
         return [path]
     inside = sorted(p for p in path.iterdir() if not _hidden(p, path))
-    volumes = [p for p in inside if p.is_dir() or p.name.endswith(VOLUME_SUFFIXES)]
+    hollow = [p for p in inside if p.is_dir() and not _holds_a_file(p)]
+    volumes = [p for p in inside if (p.is_dir() and p not in hollow) or p.name.endswith(VOLUME_SUFFIXES)]
+    if hollow:
+        log.warning("%s: %d sub-folder(s) hold no file, left out: %s", path, len(hollow),
+                    ", ".join(p.name for p in hollow))
     if volumes:
         return volumes
     if not inside:
