@@ -17,9 +17,10 @@ imports this module through the dataset adapters, most of them without ever read
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -170,11 +171,23 @@ def _slice_files(folder: Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def itk_warnings_off() -> Iterator[None]:
+    """ITK's warnings, which it prints to stderr itself, off inside; the setting restored after."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """The one DICOM series in `folder` (its files in any order, named any way): HU voxels (the
     rescale slope and intercept applied) and the affine from the image position, orientation and
     pixel spacing, the slice spacing from the positions of consecutive slices."""
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    with itk_warnings_off():  # ITK's "No Series were found" on stderr, before the line below says it
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise DataError("no slice images and no DICOM series in the scan folder", folder,
                         reason=MISSING_IMAGE)
@@ -186,7 +199,8 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        image = reader.Execute()
+        with itk_warnings_off():  # ITK's "Non uniform sampling or missing slices": checked below
+            image = reader.Execute()
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
         raise DataError(f"cannot read DICOM series ({first})", folder, reason=UNREADABLE_IMAGE) from None
