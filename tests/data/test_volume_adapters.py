@@ -319,6 +319,11 @@ def test_a_folder_that_holds_no_series_or_two_is_named(tmp_path, capfd):
     with pytest.raises(DataError, match=r"empty: no slice images and no DICOM series in the scan folder"):
         read_volume(tmp_path / "empty")
     assert "WARNING" not in capfd.readouterr().err  # ITK's own "No Series were found", before the line
+    write_ct_series(tmp_path / "study" / "series-2", np.full((2, 4, 4), -1000.0, dtype=np.float32))
+    with pytest.raises(DataError, match=r"study: no slice images and no DICOM series in the scan folder; "
+                                        r"it holds sub-folders \(series-2\): a volume is the folder of "
+                                        r"one series$"):
+        read_volume(tmp_path / "study")
     hu = np.full((2, 4, 4), -1000.0, dtype=np.float32)
     write_ct_series(tmp_path / "two" / "a", hu)
     write_ct_series(tmp_path / "two" / "b", hu)

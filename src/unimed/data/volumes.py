@@ -189,7 +189,10 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     with itk_warnings_off():  # ITK's "No Series were found" on stderr, before the line below says it
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise DataError("no slice images and no DICOM series in the scan folder", folder,
+        inner = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        shown = ", ".join(inner[:3]) + (", ..." if len(inner) > 3 else "")
+        hint = f"; it holds sub-folders ({shown}): a volume is the folder of one series" if inner else ""
+        raise DataError(f"no slice images and no DICOM series in the scan folder{hint}", folder,
                         reason=MISSING_IMAGE)
     if len(series) > 1:
         raise DataError(f"holds {len(series)} DICOM series (SeriesInstanceUID {', '.join(series)}); "
