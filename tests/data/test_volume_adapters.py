@@ -406,6 +406,23 @@ def test_bad_luna_input(world, tmp_path):
         load_dataset("luna16", luna)
 
 
+@pytest.mark.parametrize("inner", ["Training", "RawData/Training"])
+def test_bcv_reads_its_download_as_unpacked(world, tmp_path, inner):
+    """BCV's RawData.zip unpacks to RawData/Training/{img,label} (and RawData/Testing/img, without
+    label maps): a dataset folder holding it reads the training volumes."""
+    root, _ = world
+    bcv = tmp_path / "bcv"
+    shutil.copytree(root / "bcv", bcv / inner)
+    (bcv / inner / "../Testing/img").resolve().mkdir(parents=True)
+    read = load_dataset("bcv", bcv, split_dir=tmp_path)
+    assert len(read.records) == TINY.ct.bcv_studies
+    assert {r.image_path.parent for r in read.records} == {bcv / inner / "img"}
+    shutil.rmtree(bcv / inner)
+    with pytest.raises(DataError, match=r"bcv: no img/img\*\.nii\.gz volumes \(looked in \., Training, "
+                                        r"RawData/Training\)"):
+        load_dataset("bcv", bcv)
+
+
 def test_bad_ccii_and_bcv_input(world, tmp_path):
     root, _ = world
     ccii = tmp_path / "cc-ccii"

@@ -19,20 +19,29 @@ BCV_ORGANS: dict[int, str] = {
 }
 
 
+TRAINING_FOLDERS = (".", "Training", "RawData/Training")
+"""Where the labelled volumes' `img/` and `label/` are looked for, the first holding volumes: the
+dataset folder, or below it as BCV's RawData.zip unpacks (RawData/Training; RawData/Testing has no
+label maps)."""
+
+
 @ADAPTERS.register("bcv")
 def read_bcv(root: Path, ctx: ReadContext) -> AdapterResult:
-    """One 3D record per `img/img<NNNN>.nii.gz` with its label map in `mask_path`; carved per patient
-    (one patient per number)."""
-    images = sorted((root / "img").glob("img*.nii.gz"))
+    """One 3D record per `img/img<NNNN>.nii.gz` (in the first of TRAINING_FOLDERS that holds one) with
+    its label map in `mask_path`; carved per patient (one patient per number)."""
+    images = next((found for place in TRAINING_FOLDERS
+                   if (found := sorted((root / place / "img").glob("img*.nii.gz")))), [])
     if not images:
-        raise DataError("no img/img*.nii.gz volumes", root, reason=MISSING_IMAGE)
+        raise DataError(f"no img/img*.nii.gz volumes (looked in {', '.join(TRAINING_FOLDERS)})", root,
+                        reason=MISSING_IMAGE)
+    folder = images[0].parent.parent  # the folder of img/ and label/
     records = []
     for image in images:
         number = image.name[len("img"):-len(".nii.gz")]
-        label = root / "label" / f"label{number}.nii.gz"
+        label = folder / "label" / f"label{number}.nii.gz"
         try:
             if not label.is_file():
-                raise DataError(f"label map {label.relative_to(root)} missing for this volume", image,
+                raise DataError(f"label map {label.relative_to(folder)} missing for this volume", image,
                                 reason=MISSING_IMAGE)
             check_volume_path(ctx, image, image, None)
         except DataError as err:
