@@ -255,12 +255,15 @@ def test_an_image_listed_twice_is_a_bad_row_naming_its_first_line(tmp_path: Path
 
 
 def test_language_codes_and_split_names_ignore_case(tmp_path: Path) -> None:
-    """'EN' beside 'en' made two languages: two communities in batches and in the bias audit, and
-    reports the vocabulary did not count as English."""
+    """'EN' (or 'en-US') beside 'en' made two languages: two communities in batches and in the bias
+    audit, and reports the vocabulary did not count as English."""
     layout = generic(tmp_path / "mine")
     table = layout.tables["records.csv"]
     for row in range(0, len(table.rows), 4):
         table.set(row, "language", table.rows[row][table.columns.index("language")].upper())
+    region = {"en": "en-US", "es": "es_ES"}  # a BCP 47 / locale region, as hospital systems write it
+    for row in range(1, len(table.rows), 4):
+        table.set(row, "language", region[table.rows[row][table.columns.index("language")]])
     languages = {r.language for r in load_dataset("mine", layout.write()).records}
     assert languages == {"en", "es"}
     want = {r.image_path: r.split for r in load_dataset("mine", layout.write()).records}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,7 +179,8 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
         report = clean_report(_text(row, REPORT))
         if not ctx.accept_report(report, path, line, REPORT):
             return None
-        language = _text(row, LANGUAGE).lower()  # codes ignore case: "EN" rows are "en" rows
+        # Codes ignore case and a region: "EN", "en-US" and "en_GB" rows are "en" rows.
+        language = re.split(r"[-_]", _text(row, LANGUAGE).lower(), maxsplit=1)[0]
         if not language:
             raise DataError("empty language (a code such as en or es)", path, line, LANGUAGE)
     split = _text(row, "split").lower() or CARVED  # "Train", "TEST": the splits
