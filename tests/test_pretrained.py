@@ -148,6 +148,7 @@ def test_text_in_a_language_is_embedded_as_its_training_reports_were_written(tin
     assert prepared == ["derram pleural izquierd.", "no se observ neumotorax."]
     torch.testing.assert_close(model.encode_text(raw, language="es"), model.encode_text(prepared))
     torch.testing.assert_close(model.encode_text(raw, language="ES"), model.encode_text(prepared))  # any case
+    torch.testing.assert_close(model.encode_text(raw, language="es-ES"), model.encode_text(prepared))
     tokenize = model.encoder.tokenizer.tokenize
     assert [tokenize(t) for t in raw] != [tokenize(t) for t in prepared]  # as given: other input ids
     with pytest.raises(ConfigError, match="unknown language 'xx'"):

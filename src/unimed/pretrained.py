@@ -46,6 +46,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, save_config, to_dict
 from unimed.data.images import load_image, pil_grey, stored_range
+from unimed.data.records import language_code
 from unimed.data.transforms import eval_transform
 from unimed.data.volumes import axial_slices, read_volume
 from unimed.errors import ConfigError
@@ -202,10 +203,10 @@ class Pretrained:
         return self.encoder.text_features(texts, normalize=normalize, batch_size=_batch_size(batch_size))
 
     def prompts(self, language: str) -> PromptSet:
-        """The zero-shot prompts of `language` (its code in any case, "ES" as "es"), stemmed as the
-        run's ``eval.prompt_stemming`` says; an unknown language is a ConfigError naming those
-        there are."""
-        known = next((code for code in self.languages if code.lower() == str(language).lower()), None)
+        """The zero-shot prompts of `language` (its code in any case and with or without a region,
+        "ES" and "es-ES" as "es"), stemmed as the run's ``eval.prompt_stemming`` says; an unknown
+        language is a ConfigError naming those there are."""
+        known = next((code for code in self.languages if code.lower() == language_code(language)), None)
         if known is None:
             raise ConfigError(f"unknown language '{language}': the model has prompts for "
                               f"{', '.join(self.languages) or 'no language'} (in {self.prompt_dir})")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
+
+
+def language_code(value: str) -> str:
+    """A report language as records and prompts name it: its code in lower case, without a region
+    ("EN", "en-US" and "en_GB" are "en")."""
+    return re.split(r"[-_]", str(value).strip().lower(), maxsplit=1)[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from unimed.data.adapters.base import AdapterResult, ReadContext
 from unimed.data.adapters.tables import CsvTable, check_utf8, find_file, open_text
 from unimed.data.adapters.volume_common import check_volume_path
 from unimed.data.errors import DataError
-from unimed.data.records import Record
+from unimed.data.records import Record, language_code
 from unimed.data.reports import clean_report
 from unimed.data.splits import SPLITS
 
@@ -179,8 +178,7 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
         report = clean_report(_text(row, REPORT))
         if not ctx.accept_report(report, path, line, REPORT):
             return None
-        # Codes ignore case and a region: "EN", "en-US" and "en_GB" rows are "en" rows.
-        language = re.split(r"[-_]", _text(row, LANGUAGE).lower(), maxsplit=1)[0]
+        language = language_code(_text(row, LANGUAGE))  # "EN", "en-US" and "en_GB" rows are "en" rows
         if not language:
             raise DataError("empty language (a code such as en or es)", path, line, LANGUAGE)
     split = _text(row, "split").lower() or CARVED  # "Train", "TEST": the splits
