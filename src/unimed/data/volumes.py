@@ -173,7 +173,8 @@ def _slice_files(folder: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def itk_warnings_off() -> Iterator[None]:
-    """ITK's warnings, which it prints to stderr itself, off inside; the setting restored after."""
+    """ITK's warnings, which it prints to stderr itself, off inside; the setting restored after. It
+    is process-wide, so series read in threads at once may leave it off (they all turn it off)."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
