@@ -384,6 +384,23 @@ def test_dicom_files_named_without_a_suffix_are_found_and_read(tiny_run: Path, i
                                model.encode_image([images / "c.dcm"] * 2))
 
 
+def test_images_in_linked_folders_are_listed_once(tmp_path: Path):
+    """A folder of images often links its sub-folders in from elsewhere (a NAS share per hospital);
+    Python's rglob does not enter a linked folder, so `embed` / `classify` left their images out
+    without a word. A link back up (a cycle) is entered once."""
+    from unimed.commands.inference import list_images
+
+    shared = tmp_path / "nas" / "hospital-a"
+    (shared / "2024").mkdir(parents=True)
+    (tmp_path / "images" / "local").mkdir(parents=True)
+    for path in (shared / "a.png", shared / "2024" / "b.png", tmp_path / "images" / "local" / "c.png"):
+        path.write_bytes(b"")
+    (tmp_path / "images" / "hospital-a").symlink_to(shared, target_is_directory=True)
+    (shared / "2024" / "up").symlink_to(tmp_path / "images", target_is_directory=True)  # a cycle
+    assert [p.relative_to(tmp_path / "images").as_posix() for p in list_images(tmp_path / "images")] == [
+        "hospital-a/2024/b.png", "hospital-a/a.png", "local/c.png"]
+
+
 def test_a_folder_of_volumes_leaves_out_sub_folders_without_a_file(tmp_path: Path, caplog):
     """A folder of volumes lists its volume files and the sub-folders that hold files (a DICOM
     series, slice images); an empty sub-folder (left by an extraction, or an output folder), which

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,11 +49,24 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def _files_below(folder: Path) -> Iterator[Path]:
+    """Every file below `folder`, linked folders entered too (rglob does not: a folder of images
+    often links its sub-folders in from elsewhere), each real folder once, so a link cycle ends."""
+    seen: set[str] = set()
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        yield from (Path(parent) / name for name in files)
+
+
 def list_images(path: str | Path) -> list[Path]:
     """The images of a folder (PNG, JPEG, TIFF, DICOM by suffix, and DICOM files named without one,
     found by their 'DICM' prefix; not a DICOMDIR index, nor hidden files and folders), searched
-    recursively and sorted, or the single image file `path`; a missing path or a folder without
-    images is a DataError."""
+    recursively (linked folders too) and sorted, or the single image file `path`; a missing path or
+    a folder without images is a DataError."""
     from unimed.data.images import is_dicom
     from unimed.pretrained import IMAGE_SUFFIXES
 
@@ -61,7 +75,7 @@ def list_images(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError("image folder or file not found", path, reason=MISSING_IMAGE)
-    found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path) and (
+    found = sorted(p for p in _files_below(path) if p.is_file() and not _hidden(p, path) and (
         p.suffix.lower() in IMAGE_SUFFIXES or (p.name.upper() != "DICOMDIR" and is_dicom(p))))
     if not found:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder", path,
