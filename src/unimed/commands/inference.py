@@ -84,7 +84,7 @@ def list_images(path: str | Path) -> list[Path]:
 
 
 def _holds_a_file(folder: Path) -> bool:
-    return any(p.is_file() and not p.name.startswith(".") for p in folder.iterdir())
+    return any(p.is_file() and not _hidden(p, folder) for p in folder.iterdir())
 
 
 def list_volumes(path: str | Path) -> list[Path]:

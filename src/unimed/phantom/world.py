@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
 
-from unimed.data.adapters import DATASET_FOLDERS, SHARED_FOLDERS, VOLUME_FOLDERS
+from unimed.data.adapters import OFFICIAL_FOLDERS
 from unimed.data.splits import split_file_path
 from unimed.errors import ConfigError
 from unimed.phantom.config import PhantomConfig
@@ -150,8 +150,7 @@ def _reset(folder: Path) -> None:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / MARKER).touch()
-    folders = {**DATASET_FOLDERS, **VOLUME_FOLDERS, **SHARED_FOLDERS}
-    for name in (name for name, where in folders.items() if where == folder.name):
+    for name in (name for name, where in OFFICIAL_FOLDERS.items() if where == folder.name):
         split_file_path(folder.parent / SPLIT_DIR, name).unlink(missing_ok=True)
 
 

@@ -48,6 +48,8 @@ VOLUME_FOLDERS: dict[str, str] = {
 # Datasets read from another dataset's folder: LUNA16's nodule candidates (one record per row of
 # its candidates.csv) from the LUNA16 layout.
 SHARED_FOLDERS: dict[str, str] = {"luna16-candidates": "luna16"}
+OFFICIAL_FOLDERS: dict[str, str] = {**DATASET_FOLDERS, **VOLUME_FOLDERS, **SHARED_FOLDERS}
+"""The folder of every official layout's dataset: 2D, then 3D, then those read from another's."""
 
 
 def load_dataset(
@@ -152,9 +154,8 @@ def find_datasets(root: str | Path) -> list[str]:
     another one's folder, LUNA16's candidates) whose folder exists, then every other sub-folder
     holding a generic records table (named by the folder)."""
     root = Path(root)
-    folders = {**DATASET_FOLDERS, **VOLUME_FOLDERS, **SHARED_FOLDERS}
-    official = [name for name, folder in folders.items() if (root / folder).is_dir()]
-    taken = set(folders.values())
+    official = [name for name, folder in OFFICIAL_FOLDERS.items() if (root / folder).is_dir()]
+    taken = set(OFFICIAL_FOLDERS.values())
     generic = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in taken
                      and is_generic(p)) if root.is_dir() else []
     return official + generic
@@ -208,6 +209,7 @@ __all__ = [
     "ADAPTERS",
     "DATASET_FOLDERS",
     "DatasetRead",
+    "OFFICIAL_FOLDERS",
     "SHARED_FOLDERS",
     "VOLUME_FOLDERS",
     "bcv",

@@ -68,7 +68,6 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
     table = CsvTable(find_file(root, names, f"LUNA16 {what} table"), columns)
     out: dict[str, list[tuple[float, float, float, float]]] = {uid: [] for uid in headers}
     seen: dict[tuple[str, float, float, float], int] = {}
-    absent = 0  # rows naming a series not here
     for line, values in table:
         try:
             row = table.row(line, values)
@@ -78,7 +77,6 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
                 raise table.error(f"{what} coordinates ({x}, {y}, {z}) must be numbers", line)
             uid = row["seriesuid"].strip()
             if uid not in headers:
-                absent += 1
                 ctx.leave_out(SERIES_NOT_HERE, uid)
                 continue
             if uid not in geometry:
@@ -97,6 +95,7 @@ def _points(root: Path, ctx: ReadContext, names: tuple[str, ...], columns: tuple
             continue
         seen[position] = line
         out[uid].append((-x, -y, z, value))
+    absent = sum(ctx.not_here.get(SERIES_NOT_HERE, {}).values())
     if absent and not any(out.values()):  # a few nodule-free series copied, or another dataset's table
         log.warning("%s: none of its %d row(s) names a series here (no subset*/<seriesuid>.mhd of theirs): "
                     "no volume has a %s (are the table and the volumes of one dataset?)", table.path, absent,
