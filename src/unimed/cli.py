@@ -23,6 +23,7 @@ from unimed.errors import ConfigError
 from unimed.eval.errors import EvalError
 from unimed.machine import set_malloc_for_training
 from unimed.train.checkpoint import CheckpointError
+from unimed.train.distributed import log_on_rank_zero
 from unimed.train.stop import Terminated, TrainingDiverged, TrainingInterrupted, terminate_as_interrupt
 
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = COMMANDS[args.command]
         _check_launch(args.command, spec.distributed)
+        if spec.distributed:
+            log_on_rank_zero()
         path, overrides = _split_config_and_overrides(args)
         saved = None if path else spec.default_config(args)  # a run's own config, found from its folder
         cfg = load_run_config(saved, overrides) if saved else load_config(path, overrides)

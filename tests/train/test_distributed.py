@@ -1,5 +1,7 @@
 import dataclasses
+import io
 import json
+import logging
 import os
 import socket
 
@@ -24,7 +26,8 @@ from unimed.errors import ConfigError
 from unimed.losses.medunic import MedUniCLoss
 from unimed.methods import create_method
 from unimed.models.config import MedUniCLossConfig
-from unimed.train.distributed import DistInfo, cleanup, dist_info_from_env, init_distributed
+from unimed.train.distributed import (EACH_RANK, DistInfo, cleanup, dist_info_from_env, init_distributed,
+                                      log_on_rank_zero)
 from unimed.train.loop import train
 
 # lr 1, eps 1, no decay, no clipping: Adam's first update is g / (|g| + 1) elementwise, which is
@@ -158,3 +161,28 @@ def test_world_size_one_creates_no_process_group(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     info = init_distributed(device="cpu")
     assert info.world_size == 1 and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ranks_other_than_zero_log_their_own_events_and_errors_only(monkeypatch, rank):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    log_on_rank_zero()
+    log = logging.getLogger("unimed.data.adapters")
+    log.warning("padchest: 2 row(s) left out")
+    log.error("a shared failure")
+    log.warning("skipped in training: a.png", extra=EACH_RANK)
+    if rank == 0:
+        assert stream.getvalue().splitlines() == [
+            "WARNING unimed.data.adapters: padchest: 2 row(s) left out",
+            "ERROR unimed.data.adapters: a shared failure",
+            "WARNING unimed.data.adapters: skipped in training: a.png"]
+    else:
+        assert stream.getvalue().splitlines() == [
+            "rank 1: ERROR unimed.data.adapters: a shared failure",
+            "rank 1: WARNING unimed.data.adapters: skipped in training: a.png"]

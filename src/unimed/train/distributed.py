@@ -66,6 +66,27 @@ def dist_info_from_env(device: str | torch.device | None = None) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, torch.device(device))
 
 
+EACH_RANK = {"each_rank": True}
+"""``extra=`` of a log record that every rank of a torchrun job prints: an event of its own shard of
+the data (a sample skipped in its batches). The rest, which every rank would log alike (what the
+adapters read, a warning about the settings), prints on rank 0 only: :func:`log_on_rank_zero`."""
+
+
+def log_on_rank_zero() -> None:
+    """On a rank other than 0 of a torchrun job, let the root logger's handlers print errors and
+    :data:`EACH_RANK` records only, each line starting with the rank; as one process, nothing
+    changes. Eight ranks would otherwise print every line eight times."""
+    info = dist_info_from_env("cpu")
+    if info.is_main:
+        return
+    def own_or_error(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or getattr(record, "each_rank", False)
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(own_or_error)
+        handler.setFormatter(logging.Formatter(f"rank {info.rank}: %(levelname)s %(name)s: %(message)s"))
+
+
 def init_distributed(backend: str | None = None, device: str | torch.device | None = None) -> DistInfo:
     """Join the torchrun job (nccl on CUDA, gloo on CPU); world size 1 creates no process group."""
     info = dist_info_from_env(device)

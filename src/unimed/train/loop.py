@@ -40,7 +40,7 @@ from unimed.methods.base import Method, Stage, StepContext
 from unimed.models.image import to_channels_last
 from unimed.train import checkpoint as ckpt
 from unimed.train.config import LOADER_MIXES, PRECISIONS, TrainConfig
-from unimed.train.distributed import DistInfo, all_reduce_mean, barrier, gather_objects
+from unimed.train.distributed import EACH_RANK, DistInfo, all_reduce_mean, barrier, gather_objects
 from unimed.train.logs import RunLogger
 from unimed.train.stop import (
     StopRequest,
@@ -399,7 +399,7 @@ class Trainer:
         for error in batch.pop("skipped", ()):
             self.skipped += 1
             log.warning("skipped in training (data.on_error=skip; another pair of its community "
-                        "took its place): %s", error)
+                        "took its place): %s", error, extra=EACH_RANK)
 
     # --------------------------------------------------------------- compute
     def _context(self, loader: str) -> StepContext:
@@ -541,7 +541,7 @@ class Trainer:
             path = self.save()
         if self.skipped:
             log.warning("%d sample(s) could not be read and were replaced in training "
-                        "(data.on_error=skip); each is named above", self.skipped)
+                        "(data.on_error=skip); each is named above", self.skipped, extra=EACH_RANK)
         return TrainResult(history=history, steps=self.step, checkpoint=path, skipped=self.skipped)
 
 
