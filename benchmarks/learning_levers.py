@@ -13,6 +13,10 @@ seed it prints the last losses and, on the validation splits of the pre-training
   where one of its selected slices holds it, beside k random slices' exact rate
   (``eval.volume.selection_datasets``, the slice_selection task), on the validation split and on
   the training split (pre-training reads those volumes, never their slice ground truth);
+* for a model pre-trained on CT volumes with reports (UniMedI), volume->report retrieval on each
+  volume retrieval dataset (``eval.volume.retrieval_datasets``): the true report's median rank among
+  the split's reports and R@5, on the validation split and on the training split (the pairs
+  pre-training read);
 * a diagnostic that is not the evaluation protocol: Spanish zero-shot with the negative prompt in the
   phrasing the phantom's Spanish reports use ("no se observa {disease}") instead of the protocol's
   "No hay {disease}", which those reports never contain. The gap between the two says how much of
@@ -56,7 +60,7 @@ from unimed.eval.encoders import build_encoder
 from unimed.eval.metrics import auc_or_none, macro, per_class_auc
 from unimed.eval.prompts import corpus_stemming, load_prompts
 from unimed.eval.tasks import TaskContext
-from unimed.eval.volumes import select, selects_slices
+from unimed.eval.volumes import select, selects_slices, volume_features
 from unimed.eval.zero_shot import prompt_scores
 from unimed.train.checkpoint import checkpoint_config, find_checkpoint
 
@@ -147,12 +151,38 @@ def retrieval_valid(encoder, data: EvalData, scored: dict[str, ValidSet]) -> dic
     for dataset, valid in scored.items():
         records = data.require(dataset, SPLIT)
         text = encoder.text_features([r.report for r in records], normalize=True)
-        sims = valid.projected @ text.T  # (N, N), one language
-        rank = ((sims > sims.diagonal().unsqueeze(1)).sum(1) + 1).numpy()  # 1 = the true report
+        rank = true_ranks(valid.projected @ text.T)  # (N, N), one language
         ranks.append(rank / len(records))
         hits.append(rank <= 5)
     return {"median rank": float(np.median(np.concatenate(ranks))),
             "R@5": float(np.mean(np.concatenate(hits)))}
+
+
+def true_ranks(sims: torch.Tensor) -> np.ndarray:
+    """The rank of each query's true match, the diagonal of the (N, N) `sims` (1 = first)."""
+    return ((sims > sims.diagonal().unsqueeze(1)).sum(1) + 1).numpy()
+
+
+def volume_retrieval(encoder, data: EvalData, cfg) -> str:
+    """"median rank % / R@5 %" of volume->report retrieval on the validation split, then on the
+    training split, of each volume retrieval dataset pre-training read; "-" when it read none."""
+    datasets = [d for d in cfg.eval.volume.retrieval_datasets if d in cfg.data.pretrain_datasets]
+    if not datasets:
+        return "-"
+    cells = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = TaskContext(data, cfg.eval, Path(tmp))
+        for dataset in datasets:
+            for split in (SPLIT, "train"):
+                records = data.require(dataset, split)
+                keep = [i for i, r in enumerate(records) if r.report]
+                volumes = volume_features(encoder, ctx, dataset, split, "projected")[keep]
+                volumes = F.normalize(volumes, dim=-1)
+                reports = ctx.text_features(encoder, [records[i].report for i in keep], "projected",
+                                            normalize=True)
+                ranks = true_ranks(volumes @ reports.T)
+                cells.append(f"{100 * np.median(ranks) / len(ranks):.1f} / {100 * np.mean(ranks <= 5):.1f}")
+    return ", ".join(cells)
 
 
 def selection_rates(encoder, data: EvalData, cfg: EvalConfig) -> str:
@@ -230,7 +260,8 @@ def main() -> None:
 
 
 HEADER = ["row", "seed", "cvl", "ssv", "grad norm", "MIMIC En", "MIMIC Sp", "MIMIC Sp*", "PadChest En",
-          "PadChest Sp", "PadChest Sp*", "median rank %", "R@5 %", "selection / random %, valid, train", "train s"]
+          "PadChest Sp", "PadChest Sp*", "median rank %", "R@5 %", "selection / random %, valid, train",
+          "volume->report median rank % / R@5 %, valid, train", "train s"]
 PER_CLASS_HEADER = ["dataset", "class", "positives train / valid", "probe", "En", "Sp", "Sp*"]
 
 
@@ -250,7 +281,7 @@ def _row(name, seed, encoder, data, cfg, history, seconds, per_class) -> list[st
     cells = [f"{100 * v:.1f}" if v is not None else "-" for v in zs.values()]
     return [name, str(seed), mean("cvl_loss"), mean("ssv_loss"), mean("grad_norm"), *cells,
             f"{100 * ret['median rank']:.1f}", f"{100 * ret['R@5']:.1f}",
-            selection_rates(encoder, data, cfg.eval), f"{seconds:.0f}"]
+            selection_rates(encoder, data, cfg.eval), volume_retrieval(encoder, data, cfg), f"{seconds:.0f}"]
 
 
 if __name__ == "__main__":

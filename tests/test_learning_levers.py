@@ -59,3 +59,8 @@ def test_a_row_keeps_the_commas_of_a_list_value(levers) -> None:
     assert levers.parse_row("h3d:method.volume_shape=[16,96,96],train.epochs=1,a.b=[1, 2]") == (
         "h3d", ["method.volume_shape=[16,96,96]", "train.epochs=1", "a.b=[1, 2]"])
     assert levers.parse_row("base:") == ("base", [])
+
+
+def test_true_ranks_count_the_candidates_scored_above_the_true_match(levers) -> None:
+    sims = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.4, 0.6], [0.3, 0.2, 0.1]])
+    assert levers.true_ranks(sims).tolist() == [1, 3, 3]
