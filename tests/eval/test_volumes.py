@@ -105,6 +105,23 @@ def test_a_native_3d_model_reads_volumes_as_its_pre_training_did(ct_context):
     torch.testing.assert_close(pooled, pretraining.mean(dim=(2, 3)))
 
 
+class NativeWithVolumeProjector(NativeGrid):
+    """A native 3D model whose volume embeddings have a projector of their own (UniMedI's
+    ``project_volume``: the projector's CT running statistics)."""
+
+    def project_volume(self, pooled: torch.Tensor) -> torch.Tensor:
+        return -pooled
+
+
+def test_a_native_3d_models_volumes_are_projected_by_its_volume_projector():
+    encoder = Encoder("native", "Native", NativeWithVolumeProjector(), tokenizer=None)
+    spaces = encoder.volume_spaces(torch.rand(3, 8, 1, 16, 16))
+    torch.testing.assert_close(spaces["projected"], -spaces["pooled"])
+    encoder = Encoder("native", "Native", NativeGrid(), tokenizer=None)
+    spaces = encoder.volume_spaces(torch.rand(3, 8, 1, 16, 16))
+    torch.testing.assert_close(spaces["projected"], spaces["pooled"])
+
+
 def _class_features(ctx: TaskContext, informative: bool):
     """Volume features that are the class one-hot (informative) or noise, for any split."""
     def features(encoder, context, dataset, split, space):

@@ -237,6 +237,28 @@ def test_unimedi_runs_its_frozen_tokenizer_once_per_batch(name, selection_runs, 
             assert torch.equal(shared[name][term], value), (name, term)
 
 
+def test_unimedi_keeps_the_projector_statistics_of_its_ct_batches_apart(world):
+    """A CT batch moves the image projector's CT running statistics and an X-ray batch the
+    default ones, each never the other's: evaluated, a CT sample is normalised as CT batches
+    were in training (ProjectionHead's domains)."""
+    method, loaders = _build("unimedi", world)
+    stage = method.stages(tiny_cfg())[0]
+    method.start_stage(stage)
+    projector = method.model.image_proj
+    norms = {"xray": [projector.mlp[1], projector.norm], "ct": list(projector.domain_norms["ct"])}
+
+    def statistics() -> dict[str, list[torch.Tensor]]:
+        return {kind: [n.running_mean.clone() for n in found] for kind, found in norms.items()}
+
+    for loader_name, loader in loaders.items():
+        before = statistics()
+        method(next(iter(loader)), StepContext(step=0, epoch=0, stage=stage.name, loader=loader_name))
+        after = statistics()
+        for kind in norms:
+            moved = [not torch.equal(a, b) for a, b in zip(before[kind], after[kind])]
+            assert moved == [kind == loader_name] * 2, (loader_name, kind)
+
+
 def test_unimedi_reads_its_ct_volumes_through_data_volume_cache(world, tmp_path):
     tokenizer, records, volumes = world
     method = create_method(CONFIGS["unimedi"], vocab_size=len(tokenizer))

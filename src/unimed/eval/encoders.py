@@ -122,11 +122,12 @@ class Encoder:
         native = getattr(self.model, "pooled_volume", None)
         if native is None:
             return None
+        project = getattr(self.model, "project_volume", self.model.project_image)
         pooled, projected = [], []
         for start in range(0, len(volumes), batch_size):
             feats = native(volumes[start : start + batch_size].to(self.device))
             pooled.append(feats.float().cpu())
-            projected.append(self.model.project_image(feats).float().cpu())
+            projected.append(project(feats).float().cpu())
         return _spaces(pooled, projected)
 
     @torch.no_grad()

@@ -195,8 +195,9 @@ class UniMedIMethod(Method):
         if cfg.vl_view == "full" and mask is not None:
             vl_cls = model.visual.encode(tokens(model.visual))[0][:, 0]
         text = model.project_text(model.pooled_text(batch["input_ids"], batch["attention_mask"]))
+        project = model.project_volume if "volume" in batch else model.project_image
         terms = {"vl_loss": cfg.vl_weight * clip_loss(
-            model.project_image(vl_cls), text, model.logit_scale, rank=ctx.rank,
+            project(vl_cls), text, model.logit_scale, rank=ctx.rank,
             world_size=ctx.world_size)}
         if teacher_out is not None:
             terms.update(self._distill(student_out, teacher_out, mask, ctx))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -12,9 +14,18 @@ class ProjectionHead(nn.Module):
     The trailing BatchNorm1d is the paper's "batch normalization before interaction" for P_v and
     P_l; it has no affine parameters because the features are L2-normalised right after, so a
     learned per-dimension scale would only re-weight dimensions of the cosine similarity.
+
+    `domains` name inputs of another kind than the default one (UniMedI's CT volumes beside its
+    X-rays) that train in batches of their own: each gets batch norms with running statistics of
+    its own and the default ones' affine parameters (the same tensors), selected by ``forward``'s
+    `domain`. A batch norm trains on its batch's statistics whatever they are, but evaluates with
+    running ones, and one set of running statistics averaged over two kinds of batches fits
+    neither (measured on UniMedI's CT volumes: docs/LEARNING.md, "UniMedI learns the findings only
+    in part").
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, out_norm: bool) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, out_norm: bool,
+                 domains: Sequence[str] = ()) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
@@ -23,7 +34,23 @@ class ProjectionHead(nn.Module):
             nn.Linear(hidden_dim, out_dim),
         )
         self.norm = nn.BatchNorm1d(out_dim, affine=False) if out_norm else nn.Identity()
+        self.domain_norms = nn.ModuleDict({domain: self._norms_like_default() for domain in domains})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_dim) -> (B, out_dim)."""
-        return self.norm(self.mlp(x))
+    def _norms_like_default(self) -> nn.ModuleList:
+        """The hidden and output batch norms of another domain: fresh running statistics, the
+        default hidden norm's affine parameters."""
+        default = self.mlp[1]
+        hidden = nn.BatchNorm1d(default.num_features)
+        hidden.weight, hidden.bias = default.weight, default.bias
+        out = nn.BatchNorm1d(self.norm.num_features, affine=False) if isinstance(self.norm, nn.BatchNorm1d) \
+            else nn.Identity()
+        return nn.ModuleList([hidden, out])
+
+    def forward(self, x: torch.Tensor, domain: str | None = None) -> torch.Tensor:
+        """(B, in_dim) -> (B, out_dim), through the batch norms of `domain` (one of `domains`;
+        None: the default ones)."""
+        if domain is None:
+            return self.norm(self.mlp(x))
+        hidden_norm, out_norm = self.domain_norms[domain]
+        first, _, act, second = self.mlp
+        return out_norm(second(act(hidden_norm(first(x)))))

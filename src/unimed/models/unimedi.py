@@ -314,7 +314,10 @@ class UniMedI(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         width, text_width = self.visual.num_features, int(text_encoder.config.hidden_size)
-        self.image_proj = ProjectionHead(width, cfg.projector_hidden, cfg.embed_dim, out_norm=True)
+        # CT samples train in batches of their own: the projector keeps their running statistics
+        # apart from the X-rays' (ProjectionHead's domains; project_volume)
+        self.image_proj = ProjectionHead(width, cfg.projector_hidden, cfg.embed_dim, out_norm=True,
+                                         domains=("ct",))
         self.text_proj = ProjectionHead(text_width, cfg.projector_hidden, cfg.embed_dim,
                                         out_norm=True)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)),
@@ -361,6 +364,11 @@ class UniMedI(nn.Module):
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.image_proj(pooled)
+
+    def project_volume(self, pooled: torch.Tensor) -> torch.Tensor:
+        """P_v of a CT sample's [CLS] (:meth:`pooled_volume`), through the projector's CT batch
+        norms, whose running statistics only CT batches update."""
+        return self.image_proj(pooled, "ct")
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.project_image(self.pooled_image(image))
