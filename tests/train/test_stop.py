@@ -96,12 +96,23 @@ def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path):
     assert result.steps == 16 and result.checkpoint.name == "step_00000016"
 
 
-def test_a_second_signal_acts_as_before():
-    with StopRequest() as stop:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.received == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # Python's own handler again
+@pytest.mark.parametrize("before", [signal.default_int_handler, signal.SIG_IGN])
+def test_a_second_signal_acts_as_before(before):
+    """Python's own handler raises again; an ignored SIGINT (a process a non-interactive shell
+    started in the background begins so) stays ignored, and the handler found is put back."""
+    previous = signal.signal(signal.SIGINT, before)
+    try:
+        with StopRequest() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.received == signal.SIGINT
+            if before is signal.SIG_IGN:
+                signal.raise_signal(signal.SIGINT)
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    signal.raise_signal(signal.SIGINT)  # Python's own handler again
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class PidDataset(Dataset):
