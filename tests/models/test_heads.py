@@ -48,3 +48,15 @@ def test_each_domain_is_evaluated_with_its_own_running_statistics():
     cosine = torch.nn.functional.cosine_similarity
     assert cosine(own, own.mean(0, keepdim=True)).mean() < 0.3
     assert cosine(default, default.mean(0, keepdim=True)).mean() > 0.7
+
+
+def test_an_untracked_pass_computes_the_same_and_leaves_the_running_statistics():
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 8, 4, out_norm=True).train()
+    x = 2.0 + torch.randn(16, 6)
+    before, twin = _norm_buffers(head, None), copy.deepcopy(head)
+    assert torch.equal(head.untracked(x), twin(x))
+    assert all(torch.equal(a, b) for a, b in zip(_norm_buffers(head, None), before))
+    assert not any(torch.equal(a, b) for a, b in zip(_norm_buffers(twin, None), before))
+    head.eval()
+    assert torch.equal(head.untracked(x), head(x))

@@ -103,6 +103,23 @@ def test_projector_batchnorm_sees_one_view_at_a_time() -> None:
     torch.testing.assert_close(out["image_features"], alone)
 
 
+def test_only_the_original_view_moves_the_projectors_running_statistics() -> None:
+    """The augmented SSV view trains through the image projector but is never evaluated: a
+    training step leaves its running statistics where the original view alone would have."""
+    model = _model(tiny_cfg(image={"encoder": "vit_tiny_patch8_64"})).train()
+    batch = tiny_batch(size=64)
+    original_only = [model.image_proj.mlp[1], model.image_proj.norm]
+    start = {k: v.clone() for k, v in model.image_proj.state_dict().items()}
+    with torch.no_grad():
+        model(batch)
+        after_step = [(n.running_mean.clone(), n.running_var.clone()) for n in original_only]
+        model.image_proj.load_state_dict(start)
+        model.image_proj(model.pooled_image(batch["image"]))
+    for (mean, var), norm in zip(after_step, original_only):
+        assert torch.equal(mean, norm.running_mean) and torch.equal(var, norm.running_var)
+    assert not torch.equal(after_step[0][0], start["mlp.1.running_mean"])
+
+
 def test_zero_weights_skip_work() -> None:
     model = _model(tiny_cfg(loss={"ssv_weight": 0.0, "ctr_weight": 0.0}))
     assert model.ctr_proj is None

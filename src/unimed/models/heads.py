@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -54,3 +55,19 @@ class ProjectionHead(nn.Module):
         hidden_norm, out_norm = self.domain_norms[domain]
         first, _, act, second = self.mlp
         return out_norm(second(act(hidden_norm(first(x)))))
+
+    def untracked(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` computes, leaving the running statistics as they are: for a view that
+        trains but is never evaluated (Med-UniC's augmented SSV view), whose batches would
+        otherwise average into the statistics the evaluation reads. In training the batch norms
+        normalise by the batch's statistics either way; in evaluation this is ``forward``."""
+        first, hidden_norm, act, second = self.mlp
+        return _untracked(self.norm, second(act(_untracked(hidden_norm, first(x)))))
+
+
+def _untracked(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm` applied to `x`; a training batch norm by the batch's statistics without updating
+    its running ones."""
+    if not (isinstance(norm, nn.BatchNorm1d) and norm.training):
+        return norm(x)
+    return F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)

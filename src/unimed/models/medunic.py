@@ -147,9 +147,11 @@ class MedUniC(nn.Module):
             )
         pooled = self.pooled_image(torch.cat([image, image_aug]))  # (2B, D_v)
         view1, view2 = pooled.chunk(2)
+        # The augmented view trains but is never evaluated: it leaves the projector's running
+        # statistics to the original views (ProjectionHead.untracked)
         return {
             "image_features": self.image_proj(view1),
-            "image_aug_features": self.image_proj(view2),
+            "image_aug_features": self.image_proj.untracked(view2),
         }
 
     def _text_views(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
