@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class ProjectionHead(nn.Module):
@@ -35,16 +35,16 @@ class ProjectionHead(nn.Module):
             nn.Linear(hidden_dim, out_dim),
         )
         self.norm = nn.BatchNorm1d(out_dim, affine=False) if out_norm else nn.Identity()
-        self.domain_norms = nn.ModuleDict({domain: self._norms_like_default() for domain in domains})
+        self.domain_norms = nn.ModuleDict({domain: self._norms_like_default(out_dim, out_norm)
+                                           for domain in domains})
 
-    def _norms_like_default(self) -> nn.ModuleList:
+    def _norms_like_default(self, out_dim: int, out_norm: bool) -> nn.ModuleList:
         """The hidden and output batch norms of another domain: fresh running statistics, the
         default hidden norm's affine parameters."""
         default = self.mlp[1]
         hidden = nn.BatchNorm1d(default.num_features)
         hidden.weight, hidden.bias = default.weight, default.bias
-        out = nn.BatchNorm1d(self.norm.num_features, affine=False) if isinstance(self.norm, nn.BatchNorm1d) \
-            else nn.Identity()
+        out = nn.BatchNorm1d(out_dim, affine=False) if out_norm else nn.Identity()
         return nn.ModuleList([hidden, out])
 
     def forward(self, x: torch.Tensor, domain: str | None = None) -> torch.Tensor:
@@ -66,8 +66,12 @@ class ProjectionHead(nn.Module):
 
 
 def _untracked(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`norm` applied to `x`; a training batch norm by the batch's statistics without updating
-    its running ones."""
-    if not (isinstance(norm, nn.BatchNorm1d) and norm.training):
+    """`norm` applied to `x`; a training batch norm (a SyncBatchNorm too) by the batch's statistics
+    with a momentum of 0 for the call, so its running ones stay as they are."""
+    if not (isinstance(norm, _BatchNorm) and norm.training):
         return norm(x)
-    return F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+    momentum, norm.momentum = norm.momentum, 0.0
+    try:
+        return norm(x)
+    finally:
+        norm.momentum = momentum

@@ -79,6 +79,7 @@ def log_on_rank_zero() -> None:
     info = dist_info_from_env("cpu")
     if info.is_main:
         return
+
     def own_or_error(record: logging.LogRecord) -> bool:
         return record.levelno >= logging.ERROR or getattr(record, "each_rank", False)
 
