@@ -3,9 +3,11 @@ the attention matrix timm's unfused attention computes, 3D tokens follow the (d,
 student's [MASK] positions and the attentive selection pick what the spec says."""
 
 import dataclasses
+import logging
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
 from unimed.errors import ConfigError
@@ -14,6 +16,7 @@ from unimed.models.image import create_image_encoder
 from unimed.models import unimedi
 from unimed.models.unimedi import UniMedI, block_cls_attention, slice_images
 from unimed.models.unimedi_config import UniMedIConfig
+from unimed.train.checkpoint import load_weights, weights_mismatch
 
 
 def _model(**overrides) -> UniMedI:
@@ -317,3 +320,28 @@ def test_the_selection_pass_continues_from_its_frozen_blocks_to_the_same_feature
     assert not torch.equal(model.volume_attention(volume, other), model.volume_attention(volume))
     model.visual.volume_embed.requires_grad_(True)  # the selection pass's input trains
     assert model.frozen_blocks() == 0
+
+
+def test_a_checkpoint_from_before_the_ct_statistics_loads_them_from_its_one_set(tmp_path, caplog):
+    """A UniMedI checkpoint written before the projector kept CT statistics (0c2060e) loads, each
+    CT norm starting from the one set it holds, with a warning; a file without that set does not."""
+    model = _model()
+    with torch.no_grad():
+        for norm in (model.image_proj.mlp[1], model.image_proj.norm):
+            norm.running_mean.uniform_()
+            norm.running_var.uniform_(1.0, 2.0)
+    old = {k: v.clone() for k, v in model.state_dict().items() if "domain_norms" not in k}
+    file = tmp_path / "model.safetensors"
+    save_file(old, str(file))
+    fresh = _model()
+    assert weights_mismatch(fresh, file) is None
+    with caplog.at_level(logging.WARNING):
+        load_weights(fresh, file)
+    assert "image_proj: the checkpoint predates running statistics per domain (ct)" in caplog.text
+    hidden, out = fresh.image_proj.domain_norms["ct"]
+    assert torch.equal(hidden.running_mean, old["image_proj.mlp.1.running_mean"])
+    assert torch.equal(out.running_var, old["image_proj.norm.running_var"])
+    assert hidden.weight is fresh.image_proj.mlp[1].weight
+    del old["image_proj.norm.running_var"]
+    save_file(old, str(file))
+    assert "2 missing" in weights_mismatch(_model(), file)

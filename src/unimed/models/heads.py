@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+log = logging.getLogger(__name__)
+
+# A domain batch norm's statistic in a state dict: the head's prefix, the norm (0: hidden, 1:
+# output) and the statistic's name.
+_DOMAIN_STATISTIC = re.compile(r"(?P<head>.*)domain_norms\.[^.]+\.(?P<norm>[01])\."
+                               r"(?P<name>running_mean|running_var|num_batches_tracked)")
+
+
+def statistic_before_domains(key: str) -> str | None:
+    """The key of the default batch norm's statistic from which the domain norm's statistic `key`
+    starts when a checkpoint written before its head had domains (UniMedI before 0c2060e) is
+    loaded; None for any other key."""
+    match = _DOMAIN_STATISTIC.fullmatch(key)
+    if match is None:
+        return None
+    return f"{match['head']}{'mlp.1.' if match['norm'] == '0' else 'norm.'}{match['name']}"
 
 
 class ProjectionHead(nn.Module):
@@ -46,6 +66,23 @@ class ProjectionHead(nn.Module):
         hidden.weight, hidden.bias = default.weight, default.bias
         out = nn.BatchNorm1d(out_dim, affine=False) if out_norm else nn.Identity()
         return nn.ModuleList([hidden, out])
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+                              ) -> None:
+        """A checkpoint written before the head had `domains` holds one set of running statistics:
+        each domain starts from it (the statistics its samples were evaluated with then), said in
+        one warning."""
+        filled = []
+        for key in self.domain_norms.state_dict(prefix=f"{prefix}domain_norms."):
+            default = statistic_before_domains(key)
+            if key not in state_dict and default in state_dict:
+                state_dict[key] = state_dict[default].clone()
+                filled.append(key)
+        if filled:
+            log.warning("%s: the checkpoint predates running statistics per domain (%s): each starts "
+                        "from the one set it holds, as its samples were evaluated before 0c2060e",
+                        prefix.rstrip(".") or "projection head", ", ".join(self.domain_norms))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, domain: str | None = None) -> torch.Tensor:
         """(B, in_dim) -> (B, out_dim), through the batch norms of `domain` (one of `domains`;

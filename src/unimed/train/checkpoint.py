@@ -35,6 +35,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from unimed.config import CONFIG_FILE
+from unimed.models.heads import statistic_before_domains
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,8 @@ def weights_mismatch(model: nn.Module, file: str | Path) -> str | None:
     saved_storage = {state[name].data_ptr() for name in held.keys() & state.keys()}
     differ = sorted(name for name in held.keys() & state.keys() if held[name] != list(state[name].shape))
     missing = sorted(name for name in state.keys() - held.keys()
-                     if state[name].data_ptr() not in saved_storage)
+                     if state[name].data_ptr() not in saved_storage
+                     and statistic_before_domains(name) not in held)  # filled on load
     extra = sorted(held.keys() - state.keys())
     if not (differ or missing or extra):
         return None
