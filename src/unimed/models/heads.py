@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -89,17 +90,21 @@ class ProjectionHead(nn.Module):
         None: the default ones)."""
         if domain is None:
             return self.norm(self.mlp(x))
-        hidden_norm, out_norm = self.domain_norms[domain]
-        first, _, act, second = self.mlp
-        return out_norm(second(act(hidden_norm(first(x)))))
+        return self._through(x, *self.domain_norms[domain])
 
     def untracked(self, x: torch.Tensor) -> torch.Tensor:
         """What ``forward`` computes, leaving the running statistics as they are: for a view that
         trains but is never evaluated (Med-UniC's augmented SSV view), whose batches would
         otherwise average into the statistics the evaluation reads. In training the batch norms
         normalise by the batch's statistics either way; in evaluation this is ``forward``."""
-        first, hidden_norm, act, second = self.mlp
-        return _untracked(self.norm, second(act(_untracked(hidden_norm, first(x)))))
+        return self._through(x, functools.partial(_untracked, self.mlp[1]),
+                             functools.partial(_untracked, self.norm))
+
+    def _through(self, x: torch.Tensor, hidden_norm: Callable[[torch.Tensor], torch.Tensor],
+                 out_norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The head's layers with `hidden_norm` and `out_norm` in place of its own two norms."""
+        first, _, act, second = self.mlp
+        return out_norm(second(act(hidden_norm(first(x)))))
 
 
 def _untracked(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
