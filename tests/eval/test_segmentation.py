@@ -13,6 +13,7 @@ import torch
 from unimed.data.records import BoxAnn, Record
 from unimed.eval.data import fraction_indices, rgb
 from unimed.eval.dense import dense_features, feature_layout, hybrid_trunk
+from unimed.models import image as image_models
 from unimed.eval.errors import EvalError
 from unimed.eval.encoders import Encoder
 from unimed.eval.config import SegmentationConfig
@@ -204,6 +205,20 @@ def test_a_hybrid_vit_gives_its_cnn_maps_then_its_last_block() -> None:
     with pytest.raises(EvalError, match="stride >= 64"):
         dense_features(encoder, images, batch_size=3, min_stride=64)
     assert hybrid_trunk(create_image_encoder("vit_tiny_patch8_64")) is None
+
+
+def test_a_hybrid_vits_maps_are_the_same_when_its_cnn_runs_in_pieces(monkeypatch) -> None:
+    """On the CPU a hybrid ViT's CNN takes a batch a few images at a time (its pixel budget); the
+    maps caught from its modules are then every piece's, in order, not the last piece's."""
+    visual = create_image_encoder("vit_tiny_lite0s32_96").eval()
+    encoder = _bare_encoder(visual)
+    images = torch.rand(5, 1, 64, 64)
+    whole = dense_features(encoder, images, batch_size=5)
+    monkeypatch.setattr(image_models, "CPU_PIXELS_PER_PASS", 2 * 64 * 64)
+    pieces = dense_features(encoder, images, batch_size=5)
+    assert [m.shape for m in pieces] == [m.shape for m in whole]
+    for got, want in zip(pieces, whole):
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-3)  # float16 maps
 
 
 def test_too_few_decoder_channels_is_a_clear_error() -> None:

@@ -12,8 +12,8 @@ from transformers import BertConfig, BertModel
 
 from unimed.errors import ConfigError
 from unimed.models.config import ImageTowerConfig, TextTowerConfig
+from unimed.models import image
 from unimed.models.image import create_image_encoder
-from unimed.models import unimedi
 from unimed.models.unimedi import UniMedI, block_cls_attention, slice_images
 from unimed.models.unimedi_config import UniMedIConfig
 from unimed.train.checkpoint import load_weights, weights_mismatch
@@ -177,9 +177,9 @@ def test_a_hybrid_t3d_reads_each_volume_once_per_embedding():
     assert len(calls) == 2
 
 
-def test_a_hybrid_t3d_runs_its_cnn_on_chunks_of_slices_on_the_cpu(monkeypatch):
-    """On the CPU the slices go through the CNN `CPU_SLICE_CHUNK` at a time, in order: the maps
-    are those of one call on every slice (up to float rounding)."""
+def test_a_hybrid_t3d_runs_its_cnn_on_pieces_of_slices_on_the_cpu(monkeypatch):
+    """On the CPU the slices go through the CNN `CPU_PIXELS_PER_PASS` pixels at a time, in order:
+    the maps are those of one call on every slice (up to float rounding)."""
     model = _hybrid_3d()
     volume = model.preprocess_volume(torch.rand(2, 1, 8, 64, 64))
     trunk = model.visual.vit.patch_embed.backbone
@@ -187,11 +187,34 @@ def test_a_hybrid_t3d_runs_its_cnn_on_chunks_of_slices_on_the_cpu(monkeypatch):
         whole = trunk(volume.flatten(0, 2)[:, None].expand(-1, 3, -1, -1))
     calls = []
     trunk[0].register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
-    monkeypatch.setattr(unimedi, "CPU_SLICE_CHUNK", 5)
+    monkeypatch.setattr(image, "CPU_PIXELS_PER_PASS", 5 * 64 * 64 + 100)
     with torch.no_grad():
         maps = model.visual.slice_maps(volume)
     assert calls == [5, 5, 5, 1] and maps.shape == (2, 8, 320, 2, 2)
     torch.testing.assert_close(maps.flatten(0, 1), whole, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side, pieces", [(32, [4, 4, 2]), (64, [1] * 10), (16, [10])])
+def test_a_hybrid_trunk_takes_as_many_images_per_piece_as_fit_its_pixel_budget(monkeypatch, side,
+                                                                                 pieces):
+    """The piece size follows the images' side (the budget over their pixels, at least one), also
+    inside a shared-output block, and gradients reach the input through every piece."""
+    trunk = _hybrid_3d().visual.vit.patch_embed.backbone
+    x = torch.rand(10, 3, side, side, requires_grad=True)
+    with torch.no_grad():
+        whole = trunk(x)
+    calls = []
+    trunk[0].register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    monkeypatch.setattr(image, "CPU_PIXELS_PER_PASS", 4 * 32 * 32)
+    out = trunk(x)
+    assert calls == pieces
+    torch.testing.assert_close(out, whole, atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    assert x.grad is not None and bool((x.grad.flatten(1).abs().sum(1) > 0).all())
+    with image.shared_trunk_outputs(trunk), torch.no_grad():
+        calls.clear()
+        trunk(x.detach())
+        assert calls == pieces
 
 
 def test_a_hybrid_ct_sample_tokenizes_its_slices_as_t2d_does():

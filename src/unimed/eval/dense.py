@@ -125,15 +125,22 @@ def hybrid_trunk(visual: nn.Module) -> nn.Module | None:
 
 def _hybrid_maps(encoder: Encoder, trunk: nn.Module, x: torch.Tensor, *, min_stride: int) -> Maps:
     """A hybrid ViT's maps of (B, 3, S, S) `x`: the output of the last of the CNN's modules at each
-    stride >= `min_stride` below the patch stride (caught by forward hooks while the ViT runs), then
-    the last block's (B, C, S / patch, S / patch) token map."""
+    stride >= `min_stride` below the patch stride (caught by forward hooks while the ViT runs; on
+    the CPU the CNN takes `x` in pieces, :class:`unimed.models.image.HybridTrunk`, whose maps are
+    joined in order), then the last block's (B, C, S / patch, S / patch) token map."""
     size = x.shape[-1]
-    stages: dict[int, torch.Tensor] = {}
+    stages: dict[int, tuple[int, list[torch.Tensor]]] = {}  # stride -> (module index, its outputs)
 
-    def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        stages[size // out.shape[-1]] = out
+    def keep(index: int, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        stride = size // out.shape[-1]
+        last, pieces = stages.get(stride, (-1, []))
+        if index > last:  # a later module at this stride: its maps replace the earlier one's
+            stages[stride] = (index, [out])
+        elif index == last:
+            pieces.append(out)
 
-    hooks = [child.register_forward_hook(keep) for child in trunk.children()]
+    hooks = [child.register_forward_hook(functools.partial(keep, i))
+             for i, child in enumerate(trunk.children())]
     try:
         top = encoder.model.forward_intermediates(x, indices=[len(encoder.visual.feature_info) - 1])[-1]
     finally:
@@ -143,7 +150,7 @@ def _hybrid_maps(encoder: Encoder, trunk: nn.Module, x: torch.Tensor, *, min_str
     if patch < min_stride:
         raise EvalError(f"the image encoder has no feature map of stride >= {min_stride} "
                         f"(CNN strides {sorted(stages)}, patch stride {patch})")
-    return [stages[s] for s in sorted(stages) if min_stride <= s < patch] + [top]
+    return [torch.cat(stages[s][1]) for s in sorted(stages) if min_stride <= s < patch] + [top]
 
 
 def select_levels(maps: Maps, image_size: int, min_stride: int) -> Maps:

@@ -94,6 +94,16 @@ HYBRID_PRESETS: dict[str, HybridPreset] = {
 }
 
 
+CPU_PIXELS_PER_PASS = 16 * 96 * 96
+"""Input pixels per call of a :class:`HybridTrunk` on the CPU: a larger input is run in pieces of
+this many pixels' images (16 at 96 px, 4 at 192, at least one), whose maps stay in the CPU's caches.
+A depthwise CNN's maps are memory-bound: on 2 cores of an AMD EPYC the frozen Lite0 stages took
+1.9-2.0 ms per 96-px image in pieces of 16 against 2.5-3.9 in pieces of 32-64, 7.4-7.7 ms per
+192-px image in pieces of 4 against 9.7 in pieces of 8 and 14.5 in pieces of 16 (benchmarks/README.md,
+"Evaluation, data pipeline"). The trunk is frozen, its batch norms fixed: each image's map does not
+depend on the others in its piece."""
+
+
 class HybridTrunk(nn.Sequential):
     """The CNN part of a hybrid ViT's patch embedding (frozen by :func:`create_image_encoder`).
 
@@ -112,14 +122,22 @@ class HybridTrunk(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_outputs
         if shared is None or x.requires_grad:
-            return super().forward(x)
+            return self._in_pieces(x)
         key = _input_key(x)
         hit = shared.get(key)
         if hit is not None:  # the entry keeps its input alive, so its memory is not reused
             return hit[1]
-        out = super().forward(x)
+        out = self._in_pieces(x)
         shared[key] = (x, out)
         return out
+
+    def _in_pieces(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's map of (N, C, H, W) `x`, on the CPU in pieces of `CPU_PIXELS_PER_PASS`."""
+        piece = max(1, CPU_PIXELS_PER_PASS // (x.shape[-2] * x.shape[-1]))
+        run = super().forward
+        if x.device.type != "cpu" or len(x) <= piece:
+            return run(x)
+        return torch.cat([run(part) for part in x.split(piece)])
 
 
 def _input_key(x: torch.Tensor) -> tuple:

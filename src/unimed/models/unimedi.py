@@ -35,11 +35,6 @@ from unimed.models.unimedi_config import UniMedIConfig
 from unimed.models.unimedi_ops import slab_to_slices, slice_scores, top_k_slices
 
 Tokens = list[torch.Tensor]
-CPU_SLICE_CHUNK = 64
-"""Slices per call of a hybrid T_3D's CNN on the CPU: an evaluation batch of 64 demo volumes is
-1,024 slices, whose first maps take hundreds of MB each. In chunks of 64 slices the largest process
-of the demo UniMedI's evaluation holds 1.6 GB instead of 2.1, in the same time, every metric and the
-demo's pre-training the same to the bit (``benchmarks/README.md``, "Evaluation, data pipeline")."""
 
 
 def block_cls_attention(block: nn.Module, x: torch.Tensor, with_cls_key: bool) -> torch.Tensor:
@@ -176,12 +171,11 @@ class UniMedIVision(nn.Module):
     def slice_maps(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) normalised volumes -> (B, D, C, h, w) a hybrid ViT's frozen CNN map of
         every axial slice, each slice entering as it enters T_2D (:func:`slice_images`). On the
-        CPU the slices go through the CNN `CPU_SLICE_CHUNK` at a time (the same maps up to float
-        rounding, in bounded memory)."""
+        CPU the trunk takes the slices a few at a time (:data:`unimed.models.image.CPU_PIXELS_PER_PASS`:
+        the same maps up to float rounding, faster, in bounded memory)."""
         batch, _, depth = volumes.shape[:3]
         slices = volumes.flatten(0, 2)[:, None].expand(-1, 3, -1, -1)  # grey -> T_2D's 3 channels
-        chunk = CPU_SLICE_CHUNK if slices.device.type == "cpu" else len(slices)
-        maps = torch.cat([self.vit.patch_embed.backbone(part) for part in slices.split(chunk)])
+        maps = self.vit.patch_embed.backbone(slices)
         return maps.view(batch, depth, *maps.shape[1:])  # (B, D, C, h, w)
 
     def embed_3d(self, volumes: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
