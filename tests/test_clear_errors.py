@@ -4,6 +4,7 @@ faults at the function that reads them."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import save_file, save_model
 from transformers import PreTrainedTokenizerBase
 
 from unimed.cli import main
+from unimed.commands import COMMANDS
 from unimed.errors import ConfigError
 from unimed.models.image import create_image_encoder
 from unimed.train.checkpoint import (CheckpointError, load_checkpoint, load_weights, save_checkpoint,
@@ -318,3 +320,51 @@ def test_a_malformed_torchrun_environment_is_one_line(env: dict[str, str], messa
         monkeypatch.setenv(name, value)
     assert main(["pretrain", DEMO, f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == f"unimed: config error: {message}"
+
+
+def _handler_raising(error: BaseException):
+    def handler(cfg, args) -> int:
+        raise error
+    return handler
+
+
+def _cpu_allocation_failure() -> RuntimeError:
+    """The error torch's CPU allocator raises for a request the machine cannot hold."""
+    try:
+        torch.empty(2**60, dtype=torch.uint8)
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("a 1 EiB allocation succeeded")
+
+
+@pytest.mark.parametrize(
+    ("command", "error", "message"),
+    [
+        ("pretrain", torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB "
+            "of which 1.25 GiB is free. Of the allocated memory 75.2 GiB is allocated by PyTorch"),
+         "tried to allocate 2.00 GiB on the GPU; lower train.batch_size (per process; train.grad_accum "
+         "keeps the global batch), UniMedI's method.volume_batch_size, or data.image_size"),
+        ("mlm", _cpu_allocation_failure(),
+         "tried to allocate 1073741824.00 GiB on the CPU; lower mlm.batch_size or mlm.max_length"),
+        ("demo", torch.OutOfMemoryError(""),
+         "the GPU's memory is full; lower train.batch_size, mlm.batch_size, eval.batch_size"),
+    ],
+)
+def test_running_out_of_memory_is_one_line_naming_the_settings(command: str, error: BaseException,
+                                                               message: str, tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    """A batch too large for the machine is a setting to lower, said in one line, not a traceback."""
+    monkeypatch.setitem(COMMANDS, command, dataclasses.replace(COMMANDS[command],
+                                                               handler=_handler_raising(error)))
+    assert main([command, DEMO, f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"unimed: out of memory: {message}") and "\n" not in err
+
+
+def test_another_runtime_error_keeps_its_traceback(tmp_path: Path, monkeypatch) -> None:
+    """Only an allocation that did not fit is told as a setting; any other RuntimeError is a bug."""
+    monkeypatch.setitem(COMMANDS, "pretrain", dataclasses.replace(
+        COMMANDS["pretrain"], handler=_handler_raising(RuntimeError("shape mismatch"))))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["pretrain", DEMO, f"run.output_dir={tmp_path / 'runs'}", "--quiet"])

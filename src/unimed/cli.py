@@ -12,9 +12,12 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
+
+import torch
 
 from unimed.commands import COMMANDS
 from unimed.config import load_config, load_run_config
@@ -94,6 +97,37 @@ RESUME_HINT = "run the same command with --resume to continue from it"
 RESUME_HINTS = {"ablate": "run the same command again to continue from it",
                 "demo": "the main job starts its stages over when run again"}
 
+# The settings that size what a command holds in memory at once, named when it runs out: a batch
+# that does not fit is a config value too large for the machine, not a bug to read a traceback for.
+_EVAL_MEMORY = ("eval.batch_size (the frozen towers' batches) or a task's own batch "
+                "(eval.segmentation.batch_size, eval.detection.batch_size, eval.volume_finetune.batch_size, "
+                "eval.volume_segmentation.batch_size)")
+MEMORY_SETTINGS = {
+    "pretrain": "train.batch_size (per process; train.grad_accum keeps the global batch), UniMedI's "
+                "method.volume_batch_size, or data.image_size",
+    "mlm": "mlm.batch_size or mlm.max_length",
+    "evaluate": _EVAL_MEMORY,
+    "demo": f"train.batch_size, mlm.batch_size, {_EVAL_MEMORY}",
+    "ablate": f"train.batch_size, mlm.batch_size, {_EVAL_MEMORY}",
+}
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that did not fit: torch's OutOfMemoryError (a GPU's memory)
+    or the CPU allocator's failure, which torch raises as a plain RuntimeError."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
+
+
+def _allocation(exc: BaseException) -> str:
+    """What did not fit, from torch's message: "tried to allocate 2.00 GiB on the GPU"."""
+    where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "CPU"
+    asked = re.search(r"[Tt]ried to allocate (\d+(?:\.\d+)? [KMGTP]iB|(\d+) bytes)", str(exc))
+    if asked is None:
+        return f"the {where}'s memory is full"
+    size = f"{int(asked.group(2)) / 2**30:.2f} GiB" if asked.group(2) else asked.group(1)
+    return f"tried to allocate {size} on the {where}"
+
 
 def _check_launch(name: str, distributed: bool) -> None:
     """A command that runs as one process, launched by torchrun on several ranks, is a ConfigError
@@ -154,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"unimed: file system error: {where}{exc.strerror}", file=sys.stderr)
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not _out_of_memory(exc):
+            raise
+        print(f"unimed: out of memory: {_allocation(exc)}; lower "
+              f"{MEMORY_SETTINGS.get(args.command, 'the batch sizes of the config')}", file=sys.stderr)
     return 2
 
 
