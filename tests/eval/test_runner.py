@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import multiprocessing
+import os
+import signal
 
 import pytest
 import torch
@@ -108,6 +110,27 @@ def test_an_error_in_a_worker_reaches_the_caller_as_itself_and_stops_the_workers
     with pytest.raises(EvalError, match="dataset 'covidx' has no mask or box in its 'train' split"):
         evaluate([tiny_encoder], ctx, ("zero_shot", "segmentation"))
     # The failure stopped the workers rather than leaving them to finish their jobs.
+    assert set(multiprocessing.active_children()) == before
+
+
+def test_a_worker_the_system_kills_is_one_clear_error(tiny_encoder: Encoder, task_context: TaskContext,
+                                                     monkeypatch) -> None:
+    """A worker killed from outside (the kernel's out-of-memory killer sends SIGKILL) ends the
+    evaluation with an EvalError saying how it ended and what to lower, not the pool's traceback."""
+    parent = os.getpid()
+
+    def killed_in_a_worker(encoder, ctx):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {}
+
+    monkeypatch.setitem(REGISTERED._items, "zero_shot", killed_in_a_worker)
+    ctx = fresh_context(task_context, dataclasses.replace(short_config(task_context), workers=2))
+    before = set(multiprocessing.active_children())
+    with pytest.raises(EvalError, match=r"^an evaluation worker process was killed by SIGKILL, as the "
+                                        r"system ends a process when memory runs out: evaluate in fewer "
+                                        r"processes \(eval.workers=1\) or smaller batches"):
+        evaluate([tiny_encoder], ctx, ("zero_shot", "retrieval"))
     assert set(multiprocessing.active_children()) == before
 
 
