@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import gzip
 import hashlib
+import multiprocessing
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from unimed.errors import ConfigError
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import WRITERS
-from unimed.phantom.world import MANIFEST, SPLIT_DIR, load_manifest, write_world
+from unimed.phantom.world import MANIFEST, SPLIT_DIR, load_manifest, run_chunks, write_world
 
 TINY = PhantomConfig(
     seed=5, image_size=64, mimic_studies=8, padchest_studies=8, chexpert_studies=8, cxp500_studies=3,
@@ -166,3 +170,25 @@ def test_load_manifest_errors_name_the_file(tmp_path):
     (tmp_path / MANIFEST).write_text("{}")
     with pytest.raises(ValueError, match="malformed phantom manifest"):
         load_manifest(tmp_path)
+
+
+def _killed_on_the_fourth_job(parent: int | None, job: tuple[str, int, int]) -> list[tuple[str, int, int]]:
+    """[job]; in a process other than `parent` (None: never), the fourth job kills its process."""
+    if parent is not None and job[1] == 3 and os.getpid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's out-of-memory killer sends
+    return [job]
+
+
+def test_a_writer_the_system_kills_is_one_config_error_not_a_hang():
+    """A writer process killed from outside ends the world's writing with a ConfigError naming
+    phantom.workers (a multiprocessing.Pool waited forever for the job it held), its pool stopped;
+    the jobs' results come in job order whatever the workers."""
+    jobs = [("x", i, i + 1) for i in range(8)]
+    work = functools.partial(_killed_on_the_fourth_job, None)
+    assert [r for chunk in run_chunks(work, jobs, 2) for r in chunk] == jobs
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ConfigError, match=r"^a phantom writer process was killed by SIGKILL, as the system "
+                                          r"ends a process when memory runs out: write the world in "
+                                          r"fewer processes \(phantom.workers=1\)$"):
+        list(run_chunks(functools.partial(_killed_on_the_fourth_job, os.getpid()), jobs, 2))
+    assert set(multiprocessing.active_children()) == before

@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import multiprocessing
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +47,7 @@ from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.jobs import JobStore, encoder_identity
 from unimed.eval.tasks import TASKS, TaskContext
-from unimed.train.stop import leave_interrupts_to_parent
+from unimed.train.stop import how_it_ended, leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +226,7 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
             worker.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
         if isinstance(sys.exc_info()[1], BrokenProcessPool):
-            raise EvalError(f"an evaluation worker process {_how_it_ended(started)}, as the system ends "
+            raise EvalError(f"an evaluation worker process {how_it_ended(started)}, as the system ends "
                             "a process when memory runs out: evaluate in fewer processes "
                             "(eval.workers=1) or smaller batches (eval.batch_size)") from None
         raise
@@ -235,18 +234,6 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
     for job in jobs:
         ctx.data.note_read(read[job])
     return results
-
-
-def _how_it_ended(workers: set[multiprocessing.process.BaseProcess]) -> str:
-    """How a worker of `workers` that ended abruptly ended: "was killed by SIGKILL", "exited with
-    code 1", or "ended abruptly" when none says. SIGTERM is how the pool and this runner stop the
-    workers left, so it does not count."""
-    codes = sorted({w.exitcode for w in workers} - {None, 0, -signal.SIGTERM})
-    if not codes:
-        return "ended abruptly"
-    if codes[0] < 0:  # ended by a signal
-        return f"was killed by {signal.Signals(-codes[0]).name}"
-    return f"exited with code {codes[0]}"
 
 
 def _run_job(encoder: Encoder, ctx: TaskContext, tasks: tuple[str, ...], fingerprints: bool = False

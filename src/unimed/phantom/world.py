@@ -7,12 +7,14 @@ number of workers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import multiprocessing
 import shutil
 from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -27,7 +29,7 @@ from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import LAYOUTS, WRITERS, LayoutWriter, ManifestEntry, StudyResult
 from unimed.phantom.writers.base import write_csv
 from unimed.phantom.writers.mimic import PARALLEL_COLUMNS, PARALLEL_CSV
-from unimed.train.stop import leave_interrupts_to_parent
+from unimed.train.stop import how_it_ended, leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +181,31 @@ def _jobs(cfg: PhantomConfig) -> list[tuple[str, int, int]]:
 
 def run_chunks(work: Callable[[tuple[str, int, int]], list[StudyResult]], jobs: list[tuple[str, int, int]],
                workers: int) -> Iterator[list[StudyResult]]:
-    """`work` on each job, results in job order; in a pool of `workers` processes when more than one
-    (they leave Ctrl-C to this process and end with it: :func:`leave_interrupts_to_parent`), the
-    pool stopped when the caller stops reading."""
+    """`work` on each job, results in job order; in `workers` forked processes when more than one
+    (they leave Ctrl-C to this process and end with it: :func:`leave_interrupts_to_parent`), stopped
+    when the caller stops reading. A worker the system kills (out of memory) is a ConfigError naming
+    `phantom.workers`: a ``multiprocessing.Pool`` waited forever for the job it held."""
     if workers <= 1:
         yield from map(work, jobs)
         return
-    with multiprocessing.Pool(workers, initializer=leave_interrupts_to_parent) as pool:
-        yield from pool.imap(work, jobs)
+    others = set(multiprocessing.active_children())
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                                  initializer=leave_interrupts_to_parent)
+    started: set[multiprocessing.process.BaseProcess] = set()
+    try:
+        results = pool.map(work, jobs)
+        started = set(multiprocessing.active_children()) - others
+        yield from results
+    except BaseException as exc:
+        for worker in set(multiprocessing.active_children()) - others:
+            worker.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(exc, BrokenProcessPool):
+            raise ConfigError(f"a phantom writer process {how_it_ended(started)}, as the system ends a "
+                              "process when memory runs out: write the world in fewer processes "
+                              "(phantom.workers=1)") from None
+        raise
+    pool.shutdown()
 
 
 def _write_parallel_reports(root: Path, results: dict[str, list[StudyResult]]) -> None:

@@ -25,11 +25,12 @@ import contextlib
 import ctypes
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -136,6 +137,18 @@ def leave_interrupts_to_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before the request was in place
             os._exit(1)
+
+
+def how_it_ended(workers: Iterable[multiprocessing.process.BaseProcess]) -> str:
+    """How a worker of `workers` that ended abruptly ended, for an error message: "was killed by
+    SIGKILL" (the kernel's out-of-memory killer), "exited with code 1", or "ended abruptly" when
+    none says. SIGTERM is how a pool and its parent stop the workers left, so it does not count."""
+    codes = sorted({w.exitcode for w in workers} - {None, 0, -signal.SIGTERM})
+    if not codes:
+        return "ended abruptly"
+    if codes[0] < 0:  # ended by a signal
+        return f"was killed by {signal.Signals(-codes[0]).name}"
+    return f"exited with code {codes[0]}"
 
 
 def leave_stop_signals_to_training(loader: DataLoader) -> None:
