@@ -349,6 +349,9 @@ def _cpu_allocation_failure() -> RuntimeError:
          "tried to allocate 1073741824.00 GiB on the CPU; lower mlm.batch_size or mlm.max_length"),
         ("demo", torch.OutOfMemoryError(""),
          "the GPU's memory is full; lower train.batch_size, mlm.batch_size, eval.batch_size"),
+        ("pretrain", RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "),
+         "DataLoader worker (pid 4242) is killed by signal: Killed (the system ends a process so when "
+         "memory runs out); lower data.num_workers or train.batch_size"),
     ],
 )
 def test_running_out_of_memory_is_one_line_naming_the_settings(command: str, error: BaseException,
@@ -367,4 +370,9 @@ def test_another_runtime_error_keeps_its_traceback(tmp_path: Path, monkeypatch) 
     monkeypatch.setitem(COMMANDS, "pretrain", dataclasses.replace(
         COMMANDS["pretrain"], handler=_handler_raising(RuntimeError("shape mismatch"))))
     with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["pretrain", DEMO, f"run.output_dir={tmp_path / 'runs'}", "--quiet"])
+    crash = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Segmentation fault. ")
+    monkeypatch.setitem(COMMANDS, "pretrain", dataclasses.replace(COMMANDS["pretrain"],
+                                                                  handler=_handler_raising(crash)))
+    with pytest.raises(RuntimeError, match="Segmentation fault"):  # a crash, not memory
         main(["pretrain", DEMO, f"run.output_dir={tmp_path / 'runs'}", "--quiet"])

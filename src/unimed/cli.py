@@ -189,10 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"unimed: file system error: {where}{exc.strerror}", file=sys.stderr)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
-        if not _out_of_memory(exc):
+        settings = MEMORY_SETTINGS.get(args.command, "the batch sizes of the config")
+        if _out_of_memory(exc):
+            print(f"unimed: out of memory: {_allocation(exc)}; lower {settings}", file=sys.stderr)
+        elif str(exc).startswith("DataLoader worker") and "signal: Killed" in str(exc):  # SIGKILL
+            print(f"unimed: out of memory: {str(exc).strip().splitlines()[0].rstrip('. ')} (the system "
+                  f"ends a process so when memory runs out); lower data.num_workers or {settings}",
+                  file=sys.stderr)
+        else:
             raise
-        print(f"unimed: out of memory: {_allocation(exc)}; lower "
-              f"{MEMORY_SETTINGS.get(args.command, 'the batch sizes of the config')}", file=sys.stderr)
     return 2
 
 
