@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import multiprocessing
-import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -47,7 +46,7 @@ from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.jobs import JobStore, encoder_identity
 from unimed.eval.tasks import TASKS, TaskContext
-from unimed.train.stop import how_it_ended, leave_interrupts_to_parent
+from unimed.train.stop import how_it_ended, leave_interrupts_to_parent, stop_pool
 
 log = logging.getLogger(__name__)
 
@@ -217,15 +216,9 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
             results[job], read[job], datasets = future.result()
             if finished is not None:
                 finished(job, results[job], read[job], datasets)
-    except BaseException:
-        # A failed job or an interrupt ends the evaluation now: the workers are stopped, not left to
-        # finish the jobs they hold, and the jobs not started are dropped. The pool's own thread
-        # reaps the stopped workers; joining them here as well raced with it (a worker could be
-        # left looking alive, its exit status taken by the other thread's wait).
-        for worker in set(multiprocessing.active_children()) - others:
-            worker.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
-        if isinstance(sys.exc_info()[1], BrokenProcessPool):
+    except BaseException as exc:  # a failed job or an interrupt ends the evaluation now
+        stop_pool(pool, others)
+        if isinstance(exc, BrokenProcessPool):
             raise EvalError(f"an evaluation worker process {how_it_ended(started)}, as the system ends "
                             "a process when memory runs out: evaluate in fewer processes "
                             "(eval.workers=1) or smaller batches (eval.batch_size)") from None

@@ -29,7 +29,7 @@ from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import LAYOUTS, WRITERS, LayoutWriter, ManifestEntry, StudyResult
 from unimed.phantom.writers.base import write_csv
 from unimed.phantom.writers.mimic import PARALLEL_COLUMNS, PARALLEL_CSV
-from unimed.train.stop import how_it_ended, leave_interrupts_to_parent
+from unimed.train.stop import how_it_ended, leave_interrupts_to_parent, stop_pool
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,8 @@ def run_chunks(work: Callable[[tuple[str, int, int]], list[StudyResult]], jobs: 
         results = pool.map(work, jobs)
         started = set(multiprocessing.active_children()) - others
         yield from results
-    except BaseException as exc:
-        for worker in set(multiprocessing.active_children()) - others:
-            worker.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException as exc:  # a failed job, an interrupt, or the caller stopped reading
+        stop_pool(pool, others)
         if isinstance(exc, BrokenProcessPool):
             raise ConfigError(f"a phantom writer process {how_it_ended(started)}, as the system ends a "
                               "process when memory runs out: write the world in fewer processes "

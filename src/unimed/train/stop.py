@@ -21,6 +21,7 @@ Outside training, :func:`terminate_as_interrupt` (around every command) turns SI
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -137,6 +138,17 @@ def leave_interrupts_to_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before the request was in place
             os._exit(1)
+
+
+def stop_pool(pool: concurrent.futures.ProcessPoolExecutor,
+              others: set[multiprocessing.process.BaseProcess]) -> None:
+    """Stop `pool` now: its workers (the child processes not in `others`, those that were there
+    before it) terminated rather than left to finish the jobs they hold, the jobs not started
+    dropped. The pool's own thread reaps the stopped workers; joining them here as well raced with
+    it (a worker could be left looking alive, its exit status taken by the other thread's wait)."""
+    for worker in set(multiprocessing.active_children()) - others:
+        worker.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def how_it_ended(workers: Iterable[multiprocessing.process.BaseProcess]) -> str:
