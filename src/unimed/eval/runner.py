@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import multiprocessing
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -46,7 +44,7 @@ from unimed.eval.encoders import Encoder
 from unimed.eval.errors import EvalError
 from unimed.eval.jobs import JobStore, encoder_identity
 from unimed.eval.tasks import TASKS, TaskContext
-from unimed.train.stop import how_it_ended, leave_interrupts_to_parent, stop_pool
+from unimed.train.stop import forked_pool, leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +199,9 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
     threads = max(1, torch.get_num_threads() // workers)
     log.info("evaluation: %d jobs in %d worker processes of %d thread(s) each", len(jobs), workers,
              threads)
-    others = set(multiprocessing.active_children())
-    pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
-        initargs=(encoders, ctx, threads, finished is not None))
-    started: set[multiprocessing.process.BaseProcess] = set()
-    try:
+    with forked_pool(workers, _worker_killed, _start_worker,
+                     (encoders, ctx, threads, finished is not None)) as pool:
         futures = {pool.submit(_worker_job, job): job for job in longest_first(jobs)}
-        started = set(multiprocessing.active_children()) - others
         results, read = {}, {}
         done = concurrent.futures.as_completed(futures)
         for future in tqdm(done, total=len(jobs), desc="evaluate", unit="job", disable=not ctx.progress):
@@ -216,17 +209,15 @@ def _run_in_workers(encoders: Sequence[Encoder], ctx: TaskContext, jobs: list[Jo
             results[job], read[job], datasets = future.result()
             if finished is not None:
                 finished(job, results[job], read[job], datasets)
-    except BaseException as exc:  # a failed job or an interrupt ends the evaluation now
-        stop_pool(pool, others)
-        if isinstance(exc, BrokenProcessPool):
-            raise EvalError(f"an evaluation worker process {how_it_ended(started)}, as the system ends "
-                            "a process when memory runs out: evaluate in fewer processes "
-                            "(eval.workers=1) or smaller batches (eval.batch_size)") from None
-        raise
-    pool.shutdown()
     for job in jobs:
         ctx.data.note_read(read[job])
     return results
+
+
+def _worker_killed(how: str) -> EvalError:
+    return EvalError(f"an evaluation worker process {how}, as the system ends a process when memory "
+                     "runs out: evaluate in fewer processes (eval.workers=1) or smaller batches "
+                     "(eval.batch_size)")
 
 
 def _run_job(encoder: Encoder, ctx: TaskContext, tasks: tuple[str, ...], fingerprints: bool = False

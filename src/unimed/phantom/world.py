@@ -7,14 +7,11 @@ number of workers.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
-import multiprocessing
 import shutil
 from collections import Counter
-from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -29,7 +26,7 @@ from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import LAYOUTS, WRITERS, LayoutWriter, ManifestEntry, StudyResult
 from unimed.phantom.writers.base import write_csv
 from unimed.phantom.writers.mimic import PARALLEL_COLUMNS, PARALLEL_CSV
-from unimed.train.stop import how_it_ended, leave_interrupts_to_parent, stop_pool
+from unimed.train.stop import forked_pool, leave_interrupts_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -188,22 +185,13 @@ def run_chunks(work: Callable[[tuple[str, int, int]], list[StudyResult]], jobs: 
     if workers <= 1:
         yield from map(work, jobs)
         return
-    others = set(multiprocessing.active_children())
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                                  initializer=leave_interrupts_to_parent)
-    started: set[multiprocessing.process.BaseProcess] = set()
-    try:
-        results = pool.map(work, jobs)
-        started = set(multiprocessing.active_children()) - others
-        yield from results
-    except BaseException as exc:  # a failed job, an interrupt, or the caller stopped reading
-        stop_pool(pool, others)
-        if isinstance(exc, BrokenProcessPool):
-            raise ConfigError(f"a phantom writer process {how_it_ended(started)}, as the system ends a "
-                              "process when memory runs out: write the world in fewer processes "
-                              "(phantom.workers=1)") from None
-        raise
-    pool.shutdown()
+    with forked_pool(workers, _writer_killed, leave_interrupts_to_parent) as pool:
+        yield from pool.map(work, jobs)
+
+
+def _writer_killed(how: str) -> ConfigError:
+    return ConfigError(f"a phantom writer process {how}, as the system ends a process when memory runs "
+                       "out: write the world in fewer processes (phantom.workers=1)")
 
 
 def _write_parallel_reports(root: Path, results: dict[str, list[StudyResult]]) -> None:

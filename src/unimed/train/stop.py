@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -140,15 +141,32 @@ def leave_interrupts_to_parent() -> None:
             os._exit(1)
 
 
-def stop_pool(pool: concurrent.futures.ProcessPoolExecutor,
-              others: set[multiprocessing.process.BaseProcess]) -> None:
-    """Stop `pool` now: its workers (the child processes not in `others`, those that were there
-    before it) terminated rather than left to finish the jobs they hold, the jobs not started
-    dropped. The pool's own thread reaps the stopped workers; joining them here as well raced with
-    it (a worker could be left looking alive, its exit status taken by the other thread's wait)."""
-    for worker in set(multiprocessing.active_children()) - others:
-        worker.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)
+@contextlib.contextmanager
+def forked_pool(workers: int, killed: Callable[[str], Exception], initializer: Callable[..., None],
+                initargs: tuple = ()) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    """A pool of `workers` forked processes (`initializer` should leave interrupts to this process:
+    :func:`leave_interrupts_to_parent`), shut down when the block ends. An exception in the block
+    (a failed job, an interrupt, a caller that stopped reading) stops it now: its workers are
+    terminated rather than left to finish the jobs they hold, the jobs not started dropped. A worker
+    that died (the kernel's out-of-memory killer sends SIGKILL) is raised as ``killed(how)``, `how`
+    saying how it ended (:func:`how_it_ended`), instead of the pool's BrokenProcessPool. The pool's
+    own thread reaps the stopped workers; joining them here as well raced with it (a worker could
+    be left looking alive, its exit status taken by the other thread's wait)."""
+    others = set(multiprocessing.active_children())
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                                  initializer=initializer, initargs=initargs)
+    pool.submit(os.getpid)  # a forked pool starts all its workers with its first job
+    started = set(multiprocessing.active_children()) - others
+    try:
+        yield pool
+    except BaseException as exc:
+        for worker in set(multiprocessing.active_children()) - others:
+            worker.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(exc, BrokenProcessPool):
+            raise killed(how_it_ended(started)) from None
+        raise
+    pool.shutdown()
 
 
 def how_it_ended(workers: Iterable[multiprocessing.process.BaseProcess]) -> str:
