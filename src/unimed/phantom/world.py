@@ -36,6 +36,8 @@ MARKER = ".unimed-phantom"
 SPLIT_DIR = "splits"
 """Where the read-back writes the split files (`<root>/splits/<dataset>.csv`)."""
 CHUNK = 16
+Job = tuple[str, int, int]
+"""(layout folder, first study index, stop index): one chunk of studies for one worker."""
 
 T = TypeVar("T")
 
@@ -153,7 +155,7 @@ def _reset(folder: Path) -> None:
         split_file_path(folder.parent / SPLIT_DIR, name).unlink(missing_ok=True)
 
 
-def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> list[StudyResult]:
+def _write_chunk(cfg: PhantomConfig, root: Path, job: Job) -> list[StudyResult]:
     """Generate and write studies [start, stop) of one layout (runs in a worker process)."""
     folder, start, stop = job
     writer = WRITERS.get(folder)(cfg, root / folder)
@@ -167,7 +169,7 @@ def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> l
     return results
 
 
-def _jobs(cfg: PhantomConfig) -> list[tuple[str, int, int]]:
+def _jobs(cfg: PhantomConfig) -> list[Job]:
     jobs = []
     for writer in LAYOUTS:
         for span in writer(cfg, Path()).index_ranges():
@@ -176,7 +178,7 @@ def _jobs(cfg: PhantomConfig) -> list[tuple[str, int, int]]:
     return jobs
 
 
-def run_chunks(work: Callable[[tuple[str, int, int]], list[StudyResult]], jobs: list[tuple[str, int, int]],
+def run_chunks(work: Callable[[Job], list[StudyResult]], jobs: list[Job],
                workers: int) -> Iterator[list[StudyResult]]:
     """`work` on each job, results in job order; in `workers` forked processes when more than one
     (they leave Ctrl-C to this process and end with it: :func:`leave_interrupts_to_parent`), stopped
@@ -201,6 +203,36 @@ def _write_parallel_reports(root: Path, results: dict[str, list[StudyResult]]) -
     write_csv(root / PARALLEL_CSV, PARALLEL_COLUMNS, rows)
 
 
+def write_layouts(cfg: PhantomConfig, root: Path, layouts: Sequence[type], jobs: list[Job],
+                  write_chunk: Callable[[PhantomConfig, Path, Job], list[StudyResult]], *,
+                  also: Sequence[Path] = (), desc: str, unit: str, progress: bool
+                  ) -> tuple[dict[str, list[StudyResult]], dict[str, DatasetManifest]]:
+    """Replace the folders of `layouts` (the 2D world's or the CT world's writer classes) under
+    `root`, and the `also` folders, by the studies of `jobs`, each chunk generated and written by
+    `write_chunk(cfg, root, job)` in `cfg.workers` processes, then write each layout's tables. Every
+    folder is checked to be the phantom's before any is replaced. Returns each folder's study
+    results in index order and its manifest entry."""
+    make_root(root)
+    folders = [root / writer.folder for writer in layouts] + list(also)
+    for folder in folders:
+        _check_writable(folder)
+    for folder in folders:
+        _reset(folder)
+    results: dict[str, list[StudyResult]] = {writer.folder: [] for writer in layouts}
+    chunks = run_chunks(partial(write_chunk, cfg, root), jobs, cfg.workers)
+    with tqdm(total=sum(stop - start for _, start, stop in jobs), desc=desc, unit=unit,
+              disable=not progress) as bar:
+        for (folder, _, _), chunk in zip(jobs, chunks):
+            results[folder] += chunk
+            bar.update(len(chunk))
+    datasets = {}
+    for writer in layouts:
+        done = results[writer.folder]
+        writer(cfg, root / writer.folder).write_tables([row for r in done for row in r.rows])
+        datasets[writer.folder] = summarize(writer, [r.entry for r in done])
+    return results, datasets
+
+
 def write_world(cfg: PhantomConfig, root: str | Path | None = None, *, progress: bool = True) -> WorldManifest:
     """Generate the phantom world and write every dataset layout under `root` (default `cfg.root`).
 
@@ -208,25 +240,9 @@ def write_world(cfg: PhantomConfig, root: str | Path | None = None, *, progress:
     Returns the manifest, also saved as `<root>/manifest.json`.
     """
     root = Path(cfg.root if root is None else root)
-    make_root(root)
-    folders = [root / writer.folder for writer in LAYOUTS] + [(root / PARALLEL_CSV).parent]
-    for folder in folders:
-        _check_writable(folder)
-    for folder in folders:
-        _reset(folder)
-    jobs = _jobs(cfg)
-    results: dict[str, list[StudyResult]] = {w.folder: [] for w in LAYOUTS}
-    chunks = run_chunks(partial(_write_chunk, cfg, root), jobs, cfg.workers)
-    with tqdm(total=sum(stop - start for _, start, stop in jobs), desc="phantom world",
-              unit="study", disable=not progress) as bar:
-        for (folder, _, _), chunk in zip(jobs, chunks):
-            results[folder] += chunk
-            bar.update(len(chunk))
-    datasets = {}
-    for writer in LAYOUTS:
-        done = results[writer.folder]
-        writer(cfg, root / writer.folder).write_tables([row for r in done for row in r.rows])
-        datasets[writer.folder] = summarize(writer, [r.entry for r in done])
+    results, datasets = write_layouts(cfg, root, LAYOUTS, _jobs(cfg), _write_chunk,
+                                      also=[(root / PARALLEL_CSV).parent], desc="phantom world",
+                                      unit="study", progress=progress)
     _write_parallel_reports(root, results)
     manifest = WorldManifest(cfg.seed, cfg.image_size, cfg.difficulty, datasets)
     (root / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -9,26 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.ct.config import CTConfig
 from unimed.phantom.ct.generator import CTStudy, generate_ct_study
 from unimed.phantom.ct.writers import CT_LAYOUTS
-from unimed.phantom.world import (
-    CHUNK,
-    DatasetManifest,
-    _check_writable,
-    _reset,
-    make_root,
-    read_manifest,
-    run_chunks,
-    summarize,
-)
+from unimed.phantom.world import CHUNK, DatasetManifest, Job, read_manifest, write_layouts
 from unimed.phantom.writers import StudyResult
 
 log = logging.getLogger(__name__)
@@ -86,7 +74,7 @@ def regenerate_ct_study(root: str | Path, folder: str, key: str) -> CTStudy | No
     return None
 
 
-def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> list[StudyResult]:
+def _write_chunk(cfg: PhantomConfig, root: Path, job: Job) -> list[StudyResult]:
     folder, start, stop = job
     writer = WRITERS_BY_FOLDER[folder](cfg, root / folder)
     return [
@@ -96,7 +84,7 @@ def _write_chunk(cfg: PhantomConfig, root: Path, job: tuple[str, int, int]) -> l
     ]
 
 
-def ct_jobs(cfg: PhantomConfig) -> list[tuple[str, int, int]]:
+def ct_jobs(cfg: PhantomConfig) -> list[Job]:
     """(folder, start, stop) chunks of every CT layout."""
     jobs = []
     for writer in CT_LAYOUTS:
@@ -112,25 +100,8 @@ def write_ct_world(cfg: PhantomConfig, root: str | Path | None = None, *, progre
     `<root>/manifest-ct.json`.
     """
     root = Path(cfg.root if root is None else root)
-    make_root(root)
-    folders = [root / writer.folder for writer in CT_LAYOUTS]
-    for folder in folders:
-        _check_writable(folder)
-    for folder in folders:
-        _reset(folder)
-    jobs = ct_jobs(cfg)
-    results: dict[str, list[StudyResult]] = {writer.folder: [] for writer in CT_LAYOUTS}
-    chunks = run_chunks(partial(_write_chunk, cfg, root), jobs, cfg.workers)
-    with tqdm(total=sum(stop - start for _, start, stop in jobs), desc="phantom CT world",
-              unit="volume", disable=not progress) as bar:
-        for (folder, _, _), chunk in zip(jobs, chunks):
-            results[folder] += chunk
-            bar.update(len(chunk))
-    datasets = {}
-    for writer in CT_LAYOUTS:
-        done = results[writer.folder]
-        writer(cfg, root / writer.folder).write_tables([row for r in done for row in r.rows])
-        datasets[writer.folder] = summarize(writer, [r.entry for r in done])
+    _, datasets = write_layouts(cfg, root, CT_LAYOUTS, ct_jobs(cfg), _write_chunk,
+                                desc="phantom CT world", unit="volume", progress=progress)
     manifest = CTWorldManifest(cfg.seed, tuple(cfg.ct.shape), cfg.ct.difficulty, datasets)
     (root / CT_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
     log.info("phantom CT world: %d volumes in %d layouts under %s",
