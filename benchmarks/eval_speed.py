@@ -13,7 +13,10 @@ adds that sum over the workers: the wall time of an even split, the most any sch
 The CPU time of the process and its workers is printed too: on a shared machine wall time grows
 with the load.
 ``--profile N`` prints the N functions with the most cumulative time (cProfile, this process only:
-profile with ``eval.workers=1``); ``--metrics FILE``
+profile with ``eval.workers=1``); ``--passes`` prints every frozen pass the feature cache computed
+(an encoder's images, maps, volumes or texts of one split) with its seconds, longest first, and
+their share of the tasks' seconds (with ``eval.workers=1``: a worker's cache is its own);
+``--metrics FILE``
 writes the tasks' metrics as JSON, to compare two code versions (run the script with each version's
 ``src`` on PYTHONPATH, back to back). Overrides follow the run folder, e.g.
 ``runs/demo data.root=data/phantom``.
@@ -29,6 +32,7 @@ import pstats
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,6 +41,7 @@ from unimed.commands.evaluate import build_encoders, parse_tasks
 from unimed.commands.tables import print_table
 from unimed.config import load_run_config
 from unimed.eval.data import EvalData
+from unimed.eval.features import FeaturePass
 from unimed.eval.runner import evaluate
 from unimed.eval.tasks import TaskContext
 from unimed.machine import set_malloc_for_training
@@ -52,6 +57,15 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def passes_rows(passes: Sequence[FeaturePass], task_seconds: float) -> list[list[str]]:
+    """One row per pass (kind, what it read, seconds, share of the tasks' seconds), longest
+    first, then their sum."""
+    rows = [[p.kind, p.what, f"{p.seconds:.1f}", f"{100 * p.seconds / task_seconds:.0f}%"]
+            for p in sorted(passes, key=lambda p: -p.seconds)]
+    total = sum(p.seconds for p in passes)
+    return rows + [["all passes", f"{len(passes)}", f"{total:.1f}", f"{100 * total / task_seconds:.0f}%"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="run folder (or checkpoint) to evaluate, e.g. runs/demo")
@@ -59,6 +73,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N functions with the most cumulative time")
+    parser.add_argument("--passes", action="store_true",
+                        help="print the frozen passes the feature cache computed (eval.workers=1)")
     parser.add_argument("--metrics", default=None, metavar="JSON",
                         help="also write the tasks' metrics there (to compare two code versions)")
     parser.add_argument("--system-malloc", action="store_true",
@@ -72,6 +88,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     checkpoint = find_checkpoint(args.run)
     cfg = load_run_config(checkpoint_config(checkpoint), args.overrides)
+    if args.passes and cfg.eval.workers > 1:
+        parser.error("--passes reads this process's feature cache: add the override eval.workers=1")
     tasks = parse_tasks(args.tasks, cfg)
     encoders = build_encoders(cfg, checkpoint, ())
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +119,9 @@ def main() -> None:
     print_table(f"Evaluation of {encoders[0].label} ({checkpoint}), {torch.get_num_threads()} threads "
                 f"in {cfg.eval.workers} worker process(es), malloc: {malloc}",
                 ["task", "seconds", "share"], rows)
+    if args.passes:
+        print_table("Frozen passes of the feature cache", ["pass", "what", "seconds", "share of the tasks'"],
+                    passes_rows(ctx.features.passes, task_total))
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)

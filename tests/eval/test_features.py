@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import pytest
 import torch
@@ -133,6 +134,29 @@ def test_each_image_is_decoded_once_per_run_and_encoded_once_per_encoder(
     # Each encoder's features were released after its last task: nothing is left held.
     cache = ctx.features
     assert not (cache._maps or cache._images or cache._texts or cache._volumes or cache._volume_maps)
+
+
+def test_every_pass_the_cache_computes_is_listed_with_its_seconds(
+    tiny_encoder: Encoder, task_context: TaskContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spaces = tiny_encoder.image_spaces
+
+    def slow(images, **kwargs):
+        time.sleep(0.2)
+        return spaces(images, **kwargs)
+
+    monkeypatch.setattr(tiny_encoder, "image_spaces", slow)
+    ctx = task_context
+    ctx.image_features(tiny_encoder, "rsna", "test", "pooled")
+    ctx.image_features(tiny_encoder, "rsna", "test", "projected")  # the same pass: none listed
+    ctx.text_features(tiny_encoder, ["pleural effusion", "no hay derrame", "pleural effusion"], "pooled")
+    ctx.text_features(tiny_encoder, ["no hay derrame"], "projected")
+    ctx.features.release(tiny_encoder.name)  # forgets the features, not the passes
+    ctx.image_features(tiny_encoder, "rsna", "test", "pooled")
+    passes = ctx.features.passes
+    assert [(p.encoder, p.kind, p.what) for p in passes] == [
+        ("tiny", "images", "rsna/test"), ("tiny", "texts", "2 texts"), ("tiny", "images", "rsna/test")]
+    assert passes[0].seconds >= 0.2 and passes[2].seconds >= 0.2 and 0 < passes[1].seconds < 0.2
 
 
 def test_release_forgets_one_encoder_only(tiny_encoder: Encoder, task_context: TaskContext,

@@ -21,13 +21,17 @@ thousand images), not for embedding a whole pre-training corpus (a volume split 
 streams through the encoder, and only its embeddings stay); the runner releases an encoder's
 entries once its last task is done (:meth:`FeatureCache.release`), so the cache holds one encoder
 at a time. With ``enabled=False`` every call computes afresh (what the tests compare the cached
-path against).
+path against). Every pass the cache computes is listed in :attr:`FeatureCache.passes` with its
+seconds, in this process (what ``benchmarks/eval_speed.py --passes`` prints).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -46,11 +50,23 @@ def _check_space(space: str) -> None:
         raise EvalError(f"unknown feature space {space!r}; valid: {', '.join(SPACES)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class FeaturePass:
+    """One pass of an encoder that the cache computed: `kind` (maps, images, volumes,
+    volume_maps or texts), what it read (dataset and split, or how many texts) and its seconds."""
+
+    encoder: str
+    kind: str
+    what: str
+    seconds: float
+
+
 class FeatureCache:
     """Dense maps, image and text embeddings of each encoder, computed on first use."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.passes: list[FeaturePass] = []  # kept when an encoder's features are released
         self._maps: dict[tuple, Maps] = {}
         self._images: dict[tuple, dict[str, torch.Tensor]] = {}
         self._texts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -64,6 +80,12 @@ class FeatureCache:
                 del store[key]
         self._texts.pop(name, None)
 
+    @contextlib.contextmanager
+    def _timed(self, encoder: Encoder, kind: str, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.passes.append(FeaturePass(encoder.name, kind, what, time.perf_counter() - start))
+
     def maps(self, encoder: Encoder, data: EvalData, dataset: str, split: str, *, min_stride: int,
              size: int, batch_size: int) -> Maps:
         """Maps of stride >= `min_stride` of `data.images(dataset, split, "full", size)`, shallow
@@ -72,9 +94,11 @@ class FeatureCache:
         maps = self._maps.get(key)
         if maps is None:
             log.debug("dense features of %s on %s/%s at %d px", encoder.name, dataset, split, size)
-            maps = dense_features(encoder, data.images(dataset, split, GEOMETRY, size), batch_size,
-                                  allocate=data.allocator(encoder.name, dataset, split, size, "maps",
-                                                          what=f"{encoder.name}'s maps of {dataset}/{split}"))
+            allocate = data.allocator(encoder.name, dataset, split, size, "maps",
+                                      what=f"{encoder.name}'s maps of {dataset}/{split}")
+            with self._timed(encoder, "maps", f"{dataset}/{split} at {size} px"):
+                maps = dense_features(encoder, data.images(dataset, split, GEOMETRY, size), batch_size,
+                                      allocate=allocate)
             if self.enabled:
                 self._maps[key] = maps
         return select_levels(maps, size, min_stride)
@@ -88,8 +112,9 @@ class FeatureCache:
         spaces = self._images.get(key)
         if spaces is None:
             log.debug("image features of %s on %s/%s", encoder.name, dataset, split)
-            images = rgb(data.images(dataset, split, geometry))  # (N, 3, S, S)
-            spaces = encoder.image_spaces(images, batch_size=batch_size)
+            with self._timed(encoder, "images", f"{dataset}/{split}"):
+                images = rgb(data.images(dataset, split, geometry))  # (N, 3, S, S)
+                spaces = encoder.image_spaces(images, batch_size=batch_size)
             if self.enabled:
                 self._images[key] = spaces
         return spaces[space]
@@ -106,9 +131,10 @@ class FeatureCache:
         key = (encoder.name, dataset, split, slices, tuple(window), side)
         spaces = self._volumes.get(key)
         if spaces is None:
-            parts = [(indices, volume_spaces(encoder, stacks, batch_size))
-                     for indices, stacks in data.stack_pieces(dataset, split, slices, window, side)]
-            spaces = _in_record_order(parts)
+            with self._timed(encoder, "volumes", f"{dataset}/{split}"):
+                parts = [(indices, volume_spaces(encoder, stacks, batch_size))
+                         for indices, stacks in data.stack_pieces(dataset, split, slices, window, side)]
+                spaces = _in_record_order(parts)
             if self.enabled:
                 self._volumes[key] = spaces
         return spaces[space]
@@ -119,10 +145,11 @@ class FeatureCache:
         key = (encoder.name, dataset, split, depth, tuple(window), min_stride, data.image_size)
         maps = self._volume_maps.get(key)
         if maps is None:
-            volumes, _ = data.labelled_volumes(dataset, split, depth, window)  # (N, D, S, S)
-            maps = encoder.volume_maps(volumes[:, :, None], batch_size=batch_size, min_stride=min_stride,
-                                       allocate=data.allocator(*key, what=f"{encoder.name}'s 3D maps of "
-                                                                          f"{dataset}/{split}"))
+            allocate = data.allocator(*key, what=f"{encoder.name}'s 3D maps of {dataset}/{split}")
+            with self._timed(encoder, "volume_maps", f"{dataset}/{split}"):
+                volumes, _ = data.labelled_volumes(dataset, split, depth, window)  # (N, D, S, S)
+                maps = encoder.volume_maps(volumes[:, :, None], batch_size=batch_size, min_stride=min_stride,
+                                           allocate=allocate)
             if self.enabled:
                 self._volume_maps[key] = maps
         return maps
@@ -133,12 +160,14 @@ class FeatureCache:
         per encoder over the whole run, both spaces from one pass of the text tower."""
         _check_space(space)
         if not self.enabled:
-            return encoder.text_spaces(texts, batch_size=batch_size)[space]
+            with self._timed(encoder, "texts", f"{len(texts)} texts"):
+                return encoder.text_spaces(texts, batch_size=batch_size)[space]
         known = self._texts.setdefault(encoder.name, {})
         # Length-sorted batches pad less (each batch is padded to its longest text).
         missing = sorted((t for t in dict.fromkeys(texts) if t not in known), key=len)
         if missing:
-            spaces = encoder.text_spaces(missing, batch_size=batch_size)
+            with self._timed(encoder, "texts", f"{len(missing)} texts"):
+                spaces = encoder.text_spaces(missing, batch_size=batch_size)
             known.update(zip(missing, zip(spaces["pooled"], spaces["projected"])))
         if not texts:
             return torch.empty(0)
