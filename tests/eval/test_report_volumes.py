@@ -35,8 +35,9 @@ def _metrics() -> dict:
                 "volume_retrieval": {"bimcv-covid19": {"queries": 14, "volume_to_report": recall,
                                                        "report_to_volume": recall}},
                 "slice_localisation": {"bimcv-covid19": {
-                    "k": 3, "pairs": 20, "random": 0.3125,
-                    "en": {"hit_rate": 0.55, "ci": {"hit_rate": [0.35, 0.75]}},
+                    "k": 3, "pairs": 20, "random": 0.3125, "random_precision": 0.125,
+                    "en": {"hit_rate": 0.55, "precision": 0.4,
+                           "ci": {"hit_rate": [0.35, 0.75], "precision": [0.25, 0.55]}},
                     "es": {"hit_rate": 0.5, "ci": {"hit_rate": [0.3, 0.7]}}}}}
 
     return {"encoders": {
@@ -87,9 +88,12 @@ def test_volume_retrieval_and_localisation_group_columns_by_dataset():
     assert rows[0] == ["Med-UniC", "30.0 (20.0–40.0)", "50.0 (40.0–60.0)", "30.0 (20.0–40.0)",
                        "50.0 (40.0–60.0)"]
     header, rows = _table(metrics, report.TITLE_LOCALISATION)
-    assert header == ["Method", "BIMCV-COVID19+ (top 3) / En", "BIMCV-COVID19+ (top 3) / Sp",
-                      "BIMCV-COVID19+ (top 3) / random"]
-    assert rows[2] == ["Random init / MLM-only", "55.0 (35.0–75.0)", "50.0 (30.0–70.0)", "31.2"]
+    # Spanish has no precision here (metrics written before it, say): no column for it.
+    assert header == ["Method", "BIMCV-COVID19+ (top 3) / hit, En", "BIMCV-COVID19+ (top 3) / hit, Sp",
+                      "BIMCV-COVID19+ (top 3) / hit, random", "BIMCV-COVID19+ (top 3) / precision, En",
+                      "BIMCV-COVID19+ (top 3) / precision, random"]
+    assert rows[2] == ["Random init / MLM-only", "55.0 (35.0–75.0)", "50.0 (30.0–70.0)", "31.2",
+                       "40.0 (25.0–55.0)", "12.5"]
     notes = table_notes(metrics)
     assert notes[report.TITLE_VOLUME_RETRIEVAL] == "Queries: BIMCV-COVID19+ 14"
     assert notes[report.TITLE_LOCALISATION] == "Findings: BIMCV-COVID19+ 20"

@@ -319,9 +319,20 @@ def test_slice_localisation_scores_hits_against_the_phantom_ground_truth(ct_cont
     best = volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
     assert best["pairs"] >= 2 and best["k"] == 3 and 0.0 < best["random"] < 1.0
     assert best["en"]["hit_rate"] == best["es"]["hit_rate"] == 1.0
+    # Precision: the share of the k slices on the finding, all k where it spans k slices or more;
+    # random slices expect the share of the volume's slices it spans.
+    truth = volumes.finding_slices(ct_context, "bimcv-covid19", "slice_localisation")
+    stacks = ct_context.data.native_slices("bimcv-covid19", "test", ct_context.cfg.volume.window)
+    keys = volumes.truth_keys(ct_context, "bimcv-covid19", "test")
+    spans = [(len(stacks[i]), len(held)) for i, key in enumerate(keys) for _, held in truth.get(key, [])]
+    assert len(spans) == best["pairs"]
+    assert best["en"]["precision"] == pytest.approx(np.mean([min(m, 3) / 3 for _, m in spans]))
+    assert best["random_precision"] == pytest.approx(np.mean([m / n for n, m in spans]))
+    assert best["en"]["ci"]["precision"][0] <= best["en"]["precision"] <= best["en"]["ci"]["precision"][1]
     monkeypatch.setattr(volumes, "slice_prompt_scores", _oracle_scores(ct_context, -1.0))
     worst = volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
     assert worst["en"]["hit_rate"] == 0.0  # the k slices scored highest hold no finding
+    assert worst["en"]["precision"] == 0.0
     monkeypatch.undo()
     monkeypatch.setattr(volumes, "GROUND_TRUTH_FILE", "absent.csv")
     with pytest.raises(ValueError, match="needs the slice ground truth .*absent.csv"):

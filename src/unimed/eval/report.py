@@ -59,8 +59,8 @@ TITLE_VOLUME_SEGMENTATION = ("UniMedI Table 6: 3D semantic segmentation, UNETR d
 TITLE_VOLUME_ORGANS = "3D semantic segmentation: Dice per organ (%)"
 TITLE_VOLUME_NOT_RUN = "UniMedI's 3D tables: tasks not run"
 TITLE_VOLUME_RETRIEVAL = "3D: volume ↔ report retrieval (%)"
-TITLE_LOCALISATION = ("3D: slice localisation, share of findings that the top-k slices hit "
-                      "(%, random: k slices drawn at random)")
+TITLE_LOCALISATION = ("3D: slice localisation, share of findings that the top-k slices hit and "
+                      "share of those slices on the finding (%, random: k slices drawn at random)")
 TITLE_SELECTION = "Attentive slice selection vs random (hit rate, %)"
 TITLE_MODALITY_GAP = "2D vs 3D embeddings (UniMedI Fig. 2)"
 TITLE_TIMINGS = "Timings (seconds)"
@@ -370,19 +370,23 @@ def _volume_retrieval_table(metrics: dict) -> Table | None:
 
 
 def _localisation_table(metrics: dict) -> Table | None:
-    """Hit rate per 3D dataset and prompt language, and the random selection's beside it."""
+    """Hit rate and precision per 3D dataset and prompt language, the random selection's beside
+    each (a metric no encoder has, as in metrics written before precision, gets no columns)."""
     rows = _task_rows(metrics)
     columns = []
     for name in _keys(rows, "slice_localisation"):
         k = _first_found(rows, "slice_localisation", name, "k")
         group = f"{display_name(name)} (top {k})"
-        languages = [key for key in _keys(rows, "slice_localisation", name)
-                     if any(lookup(d, "slice_localisation", name, key, "hit_rate") is not None
-                            for _, d in rows)]
-        for language in ordered(LANGUAGE_NAMES, languages):
-            columns.append(_column(f"{group}{SEP}{display_name(language, LANGUAGE_NAMES)}",
-                                   "slice_localisation", name, language, "hit_rate"))
-        columns.append(_column(f"{group}{SEP}random", "slice_localisation", name, "random"))
+        for metric, random, label in (("hit_rate", "random", "hit"), ("precision", "random_precision",
+                                                                      "precision")):
+            languages = [key for key in _keys(rows, "slice_localisation", name)
+                         if any(lookup(d, "slice_localisation", name, key, metric) is not None
+                                for _, d in rows)]
+            for language in ordered(LANGUAGE_NAMES, languages):
+                columns.append(_column(f"{group}{SEP}{label}, {display_name(language, LANGUAGE_NAMES)}",
+                                       "slice_localisation", name, language, metric))
+            if languages:
+                columns.append(_column(f"{group}{SEP}{label}, random", "slice_localisation", name, random))
     return _table(TITLE_LOCALISATION, ["Method"], rows, columns)
 
 

@@ -17,8 +17,10 @@ embeddings:
   zero-shot rule per slice, each prompt language), a hit when one of them holds the finding by the
   phantom's ground truth (``phantom_findings.csv``: the slices each finding occupies), beside the
   hit rate of k slices drawn at random (exact: 1 - C(n - m, k) / C(n, k) for a finding on m of n
-  slices). This is what UniMedI's attentive slice selection claims to do; the paper could only
-  show pictures of it.
+  slices); beside it the share of the k slices that hold the finding (``precision``; random: m /
+  n), which still tells encoders apart where a finding spans so many slices that k random ones
+  nearly always hit it. This is what UniMedI's attentive slice selection claims to do; the paper
+  could only show pictures of it.
 * ``slice_selection``: that claim measured on the model itself. A native 3D model with attentive
   slice selection (UniMedI) has ``slice_attention(volumes) -> (N, D)``, its selection score of each
   of the D axial slices of (N, D, 1, S, S) volumes in [0, 1] (inferior to superior, the input of
@@ -246,10 +248,13 @@ def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]
     classes = sorted({FINDING_CLASSES[finding] for _, finding, _ in pairs})
     chance = np.array([random_hit_rate(len(stacks[i]), len(slices), cfg.localisation_k)
                        for i, _, slices in pairs])
+    # The share of a volume's slices that hold the finding: what k random slices' precision expects.
+    covered = np.array([len(slices) / len(stacks[i]) for i, _, slices in pairs])
     resamples = ctx.resamples(dataset, "test/localisation", len(pairs))
     findings = sorted({finding for _, finding, _ in pairs})
     out: dict[str, Any] = {
         "k": cfg.localisation_k, "pairs": len(pairs), "random": float(chance.mean()),
+        "random_precision": float(covered.mean()),
         "pairs_per_finding": {f: sum(p[1] == f for p in pairs) for f in findings},
         "random_per_finding": {f: float(np.mean([c for c, p in zip(chance, pairs) if p[1] == f]))
                                for f in findings},
@@ -259,19 +264,21 @@ def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]
     prompt_sets = [load_prompts(language, ctx.cfg.zero_shot.prompt_dir, ctx.cfg.prompt_stemming, corpus)
                    for language in languages]
     for language, scores in zip(languages, slice_prompt_scores(encoder, ctx, stacks, prompt_sets, classes)):
-        hits = np.array([float(bool(top_slices(scores[i][:, classes.index(FINDING_CLASSES[finding])],
-                                               cfg.localisation_k) & slices))
-                         for i, finding, slices in pairs])
+        tops = [top_slices(scores[i][:, classes.index(FINDING_CLASSES[finding])], cfg.localisation_k)
+                for i, finding, _ in pairs]
+        hits = np.array([float(bool(top & slices)) for top, (_, _, slices) in zip(tops, pairs)])
+        share = np.array([len(top & slices) / len(top) for top, (_, _, slices) in zip(tops, pairs)])
         per_finding = {f: float(np.mean([h for h, p in zip(hits, pairs) if p[1] == f])) for f in findings}
-        out[language] = {**with_intervals({"hit_rate": bootstrap(batched_mean, [hits], resamples)}),
+        out[language] = {**with_intervals({"hit_rate": bootstrap(batched_mean, [hits], resamples),
+                                           "precision": bootstrap(batched_mean, [share], resamples)}),
                          "per_finding": per_finding}
     return out
 
 
 @TASKS.register("slice_localisation")
 def run_localisation(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
-    """{dataset: {"k", "pairs", "random", "pairs_per_finding", "random_per_finding",
-    language: {"hit_rate", "ci", "per_finding"}}}."""
+    """{dataset: {"k", "pairs", "random", "random_precision", "pairs_per_finding",
+    "random_per_finding", language: {"hit_rate", "precision", "ci", "per_finding"}}}."""
     out = {dataset: localise(encoder, ctx, dataset) for dataset in ctx.cfg.volume.localisation_datasets}
     for dataset, result in out.items():
         log.info("%s slice localisation on %s: %s (random %s)", encoder.label, dataset,
