@@ -102,13 +102,14 @@ RESUME_HINTS = {"ablate": "run the same command again to continue from it",
 _EVAL_MEMORY = ("eval.batch_size (the frozen towers' batches) or a task's own batch "
                 "(eval.segmentation.batch_size, eval.detection.batch_size, eval.volume_finetune.batch_size, "
                 "eval.volume_segmentation.batch_size)")
+_STAGES_MEMORY = f"train.batch_size, mlm.batch_size, {_EVAL_MEMORY}"  # commands that run every stage
 MEMORY_SETTINGS = {
     "pretrain": "train.batch_size (per process; train.grad_accum keeps the global batch), UniMedI's "
                 "method.volume_batch_size, or data.image_size",
     "mlm": "mlm.batch_size or mlm.max_length",
     "evaluate": _EVAL_MEMORY,
-    "demo": f"train.batch_size, mlm.batch_size, {_EVAL_MEMORY}",
-    "ablate": f"train.batch_size, mlm.batch_size, {_EVAL_MEMORY}",
+    "demo": _STAGES_MEMORY,
+    "ablate": _STAGES_MEMORY,
 }
 
 
