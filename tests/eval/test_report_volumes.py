@@ -35,7 +35,8 @@ def _metrics() -> dict:
                 "volume_retrieval": {"bimcv-covid19": {"queries": 14, "volume_to_report": recall,
                                                        "report_to_volume": recall}},
                 "slice_localisation": {"bimcv-covid19": {
-                    "k": 3, "pairs": 20, "random": 0.3125, "random_precision": 0.125,
+                    "k": 3, "pairs": 20, "random": 0.3125, "random_precision": 0.125, "prior": 0.9,
+                    "prior_precision": 0.625,
                     "en": {"hit_rate": 0.55, "precision": 0.4,
                            "ci": {"hit_rate": [0.35, 0.75], "precision": [0.25, 0.55]}},
                     "es": {"hit_rate": 0.5, "ci": {"hit_rate": [0.3, 0.7]}}}}}
@@ -90,10 +91,18 @@ def test_volume_retrieval_and_localisation_group_columns_by_dataset():
     header, rows = _table(metrics, report.TITLE_LOCALISATION)
     # Spanish has no precision here (metrics written before it, say): no column for it.
     assert header == ["Method", "BIMCV-COVID19+ (top 3) / hit, En", "BIMCV-COVID19+ (top 3) / hit, Sp",
-                      "BIMCV-COVID19+ (top 3) / hit, random", "BIMCV-COVID19+ (top 3) / precision, En",
-                      "BIMCV-COVID19+ (top 3) / precision, random"]
-    assert rows[2] == ["Random init / MLM-only", "55.0 (35.0–75.0)", "50.0 (30.0–70.0)", "31.2",
-                       "40.0 (25.0–55.0)", "12.5"]
+                      "BIMCV-COVID19+ (top 3) / hit, random", "BIMCV-COVID19+ (top 3) / hit, prior",
+                      "BIMCV-COVID19+ (top 3) / precision, En", "BIMCV-COVID19+ (top 3) / precision, random",
+                      "BIMCV-COVID19+ (top 3) / precision, prior"]
+    assert rows[2] == ["Random init / MLM-only", "55.0 (35.0–75.0)", "50.0 (30.0–70.0)", "31.2", "90.0",
+                       "40.0 (25.0–55.0)", "12.5", "62.5"]
+    # Metrics written before the position prior: no column for it.
+    for encoder in metrics["encoders"].values():
+        for key in ("prior", "prior_precision"):
+            del encoder["tasks"]["slice_localisation"]["bimcv-covid19"][key]
+    header, rows = _table(metrics, report.TITLE_LOCALISATION)
+    assert [h for h in header if h.endswith("prior")] == [] and len(header) == 6
+    metrics = _metrics()
     notes = table_notes(metrics)
     assert notes[report.TITLE_VOLUME_RETRIEVAL] == "Queries: BIMCV-COVID19+ 14"
     assert notes[report.TITLE_LOCALISATION] == "Findings: BIMCV-COVID19+ 20"

@@ -16,6 +16,7 @@ from unimed.data.config import DataConfig
 from unimed.data.volume_pretrain import load_volume_slices
 from unimed.data.volumes import Volume, axial_slices, crop_cube, read_volume
 from unimed.eval import volumes
+from unimed.eval.checks import quality_checks
 from unimed.eval.config import EvalConfig, LinearProbeConfig, VolumeConfig
 from unimed.eval import data as data_module
 from unimed.eval.data import EvalData, rgb
@@ -329,14 +330,78 @@ def test_slice_localisation_scores_hits_against_the_phantom_ground_truth(ct_cont
     assert best["en"]["precision"] == pytest.approx(np.mean([min(m, 3) / 3 for _, m in spans]))
     assert best["random_precision"] == pytest.approx(np.mean([m / n for n, m in spans]))
     assert best["en"]["ci"]["precision"][0] <= best["en"]["precision"] <= best["en"]["ci"]["precision"][1]
+    # The position prior, counted by hand: where every volume has the same depth, the k slices
+    # that hold the finding in the most training volumes (ties: the lower slice; any finding for
+    # one no training volume holds), the same for every test volume.
+    depths = {len(stack) for stack in stacks} | set(ct_context.data.native_depths("bimcv-covid19", "train"))
+    assert len(depths) == 1
+    [depth] = depths
+    counts: dict[str, np.ndarray] = {}
+    for key in volumes.truth_keys(ct_context, "bimcv-covid19", "train"):
+        for finding, held in truth.get(key, []):
+            for name in (finding, "any"):
+                counts.setdefault(name, np.zeros(depth))[sorted(held)] += 1
+    tested = [(finding, held) for key in keys for finding, held in truth.get(key, [])]
+    assert {finding for finding, _ in tested} - set(counts)  # the fallback is exercised
+    prior = [set(np.argsort(-counts.get(finding, counts["any"]), kind="stable")[:3].tolist())
+             for finding, _ in tested]
+    assert best["prior"] == pytest.approx(
+        np.mean([bool(top & held) for top, (_, held) in zip(prior, tested)]))
+    assert best["prior_precision"] == pytest.approx(
+        np.mean([len(top & held) / 3 for top, (_, held) in zip(prior, tested)]))
+    assert best["en"]["prior_precision_gain"] == pytest.approx(
+        best["en"]["precision"] - best["prior_precision"])
+    # Where the top slices and the findings sit in depth.
+    assert best["finding_depth"] == pytest.approx(
+        np.mean([np.mean([(k + 0.5) / depth for k in held]) for _, held in tested]))
     monkeypatch.setattr(volumes, "slice_prompt_scores", _oracle_scores(ct_context, -1.0))
     worst = volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
     assert worst["en"]["hit_rate"] == 0.0  # the k slices scored highest hold no finding
     assert worst["en"]["precision"] == 0.0
+    assert worst["en"]["prior_precision_gain"] == pytest.approx(-best["prior_precision"])
     monkeypatch.undo()
     monkeypatch.setattr(volumes, "GROUND_TRUTH_FILE", "absent.csv")
     with pytest.raises(ValueError, match="needs the slice ground truth .*absent.csv"):
         volumes.localise(tiny_encoder, ct_context, "bimcv-covid19")
+
+
+@pytest.mark.parametrize("gain_ci, status", [((0.05, 0.2), "pass"), ((-0.6, -0.4), "fail"),
+                                             ((-0.1, 0.1), "tie")])
+def test_the_quality_bar_reads_localisation_against_the_position_prior(gain_ci, status):
+    result = {"k": 3, "pairs": 41, "random": 0.8, "random_precision": 0.468, "prior": 0.95,
+              "prior_precision": 0.821, "finding_depth": 0.49,
+              "en": {"hit_rate": 0.44, "precision": 0.244, "depth": 0.23,
+                     "ci": {"precision": [0.138, 0.341], "prior_precision_gain": list(gain_ci)}},
+              "es": {"hit_rate": 0.8, "precision": 0.455, "ci": {"precision": [0.341, 0.569]}}}
+    metrics = {"method": "medunic", "encoders": {
+        "medunic": {"label": "Med-UniC", "tasks": {"slice_localisation": {"bimcv-covid19": result}}}}}
+    # One check per prompt language with the prior's difference measured (Spanish has none here).
+    [found] = [c for c in quality_checks(metrics) if c.name.startswith("Slice localisation")]
+    assert (found.name, found.status) == (
+        "Slice localisation BIMCV-COVID19+ (En): the prompts' top slices hold the finding more often "
+        "than the position prior's", status)
+    assert found.detail.startswith("24.4 (13.8–34.1)% of the top 3 slices on the finding vs 82.1% for "
+                                   "the prior, 46.8% for random slices; difference 95% CI [")
+    assert found.detail.endswith("(41 findings)")
+    where = "the top slices sit at relative depth 0.23 on average, the findings at 0.49"
+    assert (where in found.cause) == (status != "pass")
+    skipped = {"method": "medunic", "encoders": {"medunic": {"tasks": {"slice_localisation": {
+        "bimcv-covid19": {"skipped": "no test volume has a finding"}}}}}}
+    assert not [c for c in quality_checks(skipped) if c.name.startswith("Slice localisation")]
+
+
+def test_the_position_prior_counts_volumes_of_any_depth_by_relative_depth():
+    # Two training volumes hold the finding in their upper half, at 4 and at 8 slices: each counts
+    # once wherever its slices lie, and a 6-slice volume's upper three slices score both.
+    profile = volumes.depth_profile([(4, {2, 3}), (8, {4, 5, 6, 7})])
+    np.testing.assert_allclose(volumes.profile_scores(profile, 6), [0, 0, 0, 2, 2, 2])
+    # The lowest quarter of one volume: half of a 2-slice volume's lower slice, all of an
+    # 8-slice volume's lowest two.
+    profile = volumes.depth_profile([(4, {0})])
+    np.testing.assert_allclose(volumes.profile_scores(profile, 2), [0.5, 0])
+    np.testing.assert_allclose(volumes.profile_scores(profile, 8), [1, 1, 0, 0, 0, 0, 0, 0])
+    assert volumes.relative_depth({0, 3}, 4) == pytest.approx(0.5)
+    assert volumes.relative_depth({0}, 4) == pytest.approx(0.125)
 
 
 def test_slice_prompt_scores_equal_each_volume_scored_on_its_own(ct_context, tiny_encoder, monkeypatch):

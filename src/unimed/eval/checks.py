@@ -158,6 +158,7 @@ def quality_checks(
     checks.append(_language_probe_check(model_tasks, base_tasks, labels))
     checks += _parallel_retrieval_checks(model_tasks, base_tasks, pair)
     checks += _slice_selection_checks(model_tasks)
+    checks += _slice_localisation_checks(model_tasks)
     if dense_baselines:
         checks += _dense_baseline_checks(metrics, replicates or {}, baseline, random)
     return checks
@@ -469,6 +470,39 @@ def _slice_selection_checks(model: dict) -> list[Check]:
              TIE: f"within noise of random slices{_bracketed(picks)}; more test volumes or more "
                   "pre-training"
              }.get(status, "")))
+    return checks
+
+
+def _slice_localisation_checks(model: dict) -> list[Check]:
+    """Per dataset and prompt language where slice localisation measured the position prior: the
+    top slices of a finding's prompt hold the finding more often than the k slices at the depths
+    where the training volumes most often hold it (the 95 % interval of the per-finding difference
+    in precision excludes zero); a prompt score that follows the slices' anatomy can beat k random
+    slices without looking at the finding, not the prior."""
+    checks = []
+    for dataset, result in (lookup(model, "slice_localisation") or {}).items():
+        for lang in ordered(LANGUAGE_NAMES, dict_keys(result)):
+            node = lookup(result, lang)
+            gain = interval(lookup(node, "ci", "prior_precision_gain"))
+            if gain is None:  # no prior measured (metrics written before it, no training volumes)
+                continue
+            status = compare(gain)
+            depths = (f"the top slices sit at relative depth {node['depth']:.2f} on average, the "
+                      f"findings at {result['finding_depth']:.2f} (0 inferior, 1 superior)"
+                      if as_float(node.get("depth")) is not None
+                      and as_float(result.get("finding_depth")) is not None else "")
+            checks.append(Check(
+                f"Slice localisation {display_name(dataset)} ({display_name(lang, LANGUAGE_NAMES)}): "
+                "the prompts' top slices hold the finding more often than the position prior's",
+                status,
+                f"{percent_ci(node.get('precision'), lookup(node, 'ci', 'precision'))}% of the top "
+                f"{result.get('k')} slices on the finding vs {percent(result.get('prior_precision'))}% "
+                f"for the prior, {percent(result.get('random_precision'))}% for random slices; "
+                f"difference {_signed_ci(gain)} ({result.get('pairs')} findings)",
+                {FAIL: f"the prompt scores rank axial slices by more than the finding{_bracketed(depths)}: "
+                       "a model that never saw CT slices reads their anatomy",
+                 TIE: f"within noise of the position prior{_bracketed(depths)}; more test volumes"
+                 }.get(status, "")))
     return checks
 
 

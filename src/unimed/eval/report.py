@@ -60,7 +60,8 @@ TITLE_VOLUME_ORGANS = "3D semantic segmentation: Dice per organ (%)"
 TITLE_VOLUME_NOT_RUN = "UniMedI's 3D tables: tasks not run"
 TITLE_VOLUME_RETRIEVAL = "3D: volume ↔ report retrieval (%)"
 TITLE_LOCALISATION = ("3D: slice localisation, share of findings that the top-k slices hit and "
-                      "share of those slices on the finding (%, random: k slices drawn at random)")
+                      "share of those slices on the finding (%, random: k slices drawn at random; "
+                      "prior: the k slices at the depths where training volumes hold the finding)")
 TITLE_SELECTION = "Attentive slice selection vs random (hit rate, %)"
 TITLE_MODALITY_GAP = "2D vs 3D embeddings (UniMedI Fig. 2)"
 TITLE_TIMINGS = "Timings (seconds)"
@@ -370,23 +371,28 @@ def _volume_retrieval_table(metrics: dict) -> Table | None:
 
 
 def _localisation_table(metrics: dict) -> Table | None:
-    """Hit rate and precision per 3D dataset and prompt language, the random selection's beside
-    each (a metric no encoder has, as in metrics written before precision, gets no columns)."""
+    """Hit rate and precision per 3D dataset and prompt language, the random selection's and the
+    position prior's beside each (a metric no encoder has, as in metrics written before precision
+    or the prior, gets no columns)."""
     rows = _task_rows(metrics)
     columns = []
     for name in _keys(rows, "slice_localisation"):
         k = _first_found(rows, "slice_localisation", name, "k")
         group = f"{display_name(name)} (top {k})"
-        for metric, random, label in (("hit_rate", "random", "hit"), ("precision", "random_precision",
-                                                                      "precision")):
+        for metric, label in (("hit_rate", "hit"), ("precision", "precision")):
             languages = [key for key in _keys(rows, "slice_localisation", name)
                          if any(lookup(d, "slice_localisation", name, key, metric) is not None
                                 for _, d in rows)]
             for language in ordered(LANGUAGE_NAMES, languages):
                 columns.append(_column(f"{group}{SEP}{label}, {display_name(language, LANGUAGE_NAMES)}",
                                        "slice_localisation", name, language, metric))
-            if languages:
-                columns.append(_column(f"{group}{SEP}{label}, random", "slice_localisation", name, random))
+            if not languages:
+                continue
+            for reference in ("random", "prior"):
+                key = reference if metric == "hit_rate" else f"{reference}_precision"
+                if _first_found(rows, "slice_localisation", name, key) is not None:
+                    columns.append(_column(f"{group}{SEP}{label}, {reference}", "slice_localisation",
+                                           name, key))
     return _table(TITLE_LOCALISATION, ["Method"], rows, columns)
 
 

@@ -20,7 +20,13 @@ embeddings:
   slices); beside it the share of the k slices that hold the finding (``precision``; random: m /
   n), which still tells encoders apart where a finding spans so many slices that k random ones
   nearly always hit it. This is what UniMedI's attentive slice selection claims to do; the paper
-  could only show pictures of it.
+  could only show pictures of it. The reference that needs the image is the position prior: per
+  finding, the k slices at the relative depths where the training volumes most often hold that
+  finding (any finding's, for one no training volume holds): ``prior`` and ``prior_precision``,
+  and per language ``prior_precision_gain``, per pair the encoder's precision less the prior's.
+  A score that ranks slices by their anatomy (a 2D encoder's prompt direction meeting axial CT
+  slices it never saw) can sit far from random without looking at the finding; one that finds
+  the finding beats the prior.
 * ``slice_selection``: that claim measured on the model itself. A native 3D model with attentive
   slice selection (UniMedI) has ``slice_attention(volumes) -> (N, D)``, its selection score of each
   of the D axial slices of (N, D, 1, S, S) volumes in [0, 1] (inferior to superior, the input of
@@ -236,8 +242,50 @@ def slice_prompt_scores(encoder: Encoder, ctx: TaskContext, stacks: Sequence[tor
     return [[scores[k] for scores in per_volume] for k in range(len(prompt_sets))]
 
 
+DEPTH_CELLS = 4096
+"""Cells of relative depth a finding's position prior is counted in: finer than a volume's slices."""
+
+
+def depth_profile(held: Sequence[tuple[int, set[int]]]) -> np.ndarray:
+    """(DEPTH_CELLS,) over relative depth (0 inferior, 1 superior), how many of the (depth, slices
+    holding the finding) volumes hold it there: volumes of any depth count alike."""
+    centres = (np.arange(DEPTH_CELLS) + 0.5) / DEPTH_CELLS
+    profile = np.zeros(DEPTH_CELLS)
+    for depth, slices in held:
+        profile += np.isin(np.floor(centres * depth).astype(int), sorted(slices))
+    return profile
+
+
+def profile_scores(profile: np.ndarray, depth: int) -> np.ndarray:
+    """(depth,) each slice of a `depth`-slice volume scored by the mean of `profile` over the
+    relative depths it spans."""
+    cells = np.floor((np.arange(len(profile)) + 0.5) / len(profile) * depth).astype(int)
+    return np.bincount(cells, profile, depth) / np.maximum(np.bincount(cells, minlength=depth), 1)
+
+
+def finding_profiles(ctx: TaskContext, dataset: str, truth: dict[str, list[tuple[str, set[int]]]]
+                     ) -> dict[str | None, np.ndarray]:
+    """{finding: :func:`depth_profile` of the training volumes of `dataset` that hold it, None:
+    that of every finding (for a finding no training volume holds)}; empty without a training
+    volume that holds a finding."""
+    if not ctx.data.records(dataset, "train"):
+        return {}
+    held: dict[str | None, list[tuple[int, set[int]]]] = {}
+    for key, depth in zip(truth_keys(ctx, dataset, "train"), ctx.data.native_depths(dataset, "train")):
+        for finding, slices in truth.get(key, []):
+            held.setdefault(finding, []).append((depth, slices))
+            held.setdefault(None, []).append((depth, slices))
+    return {finding: depth_profile(volumes) for finding, volumes in held.items()}
+
+
+def relative_depth(slices: set[int], depth: int) -> float:
+    """Mean relative depth of `slices` of a `depth`-slice volume (slice centres: 0 inferior, 1 superior)."""
+    return float(np.mean([(k + 0.5) / depth for k in slices]))
+
+
 def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]:
-    """Hit rates of the top-k slices per prompt language on the test volumes of `dataset`."""
+    """Hit rates and precision of the top-k slices per prompt language on the test volumes of
+    `dataset`, beside k random slices' and the position prior's."""
     cfg = ctx.cfg.volume
     truth = finding_slices(ctx, dataset, "slice_localisation")
     stacks = ctx.data.native_slices(dataset, "test", cfg.window)
@@ -258,7 +306,16 @@ def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]
         "pairs_per_finding": {f: sum(p[1] == f for p in pairs) for f in findings},
         "random_per_finding": {f: float(np.mean([c for c, p in zip(chance, pairs) if p[1] == f]))
                                for f in findings},
+        "finding_depth": float(np.mean([relative_depth(slices, len(stacks[i])) for i, _, slices in pairs])),
     }
+    profiles = finding_profiles(ctx, dataset, truth)
+    prior_share = None
+    if profiles:
+        prior = [top_slices(profile_scores(profiles.get(finding, profiles[None]), len(stacks[i])),
+                            cfg.localisation_k) for i, finding, _ in pairs]
+        prior_share = np.array([len(top & slices) / len(top) for top, (_, _, slices) in zip(prior, pairs)])
+        out.update(prior=float(np.mean([bool(top & slices) for top, (_, _, slices) in zip(prior, pairs)])),
+                   prior_precision=float(prior_share.mean()))
     corpus = corpus_stemming(encoder.tokenizer)
     languages = ctx.cfg.zero_shot.languages
     prompt_sets = [load_prompts(language, ctx.cfg.zero_shot.prompt_dir, ctx.cfg.prompt_stemming, corpus)
@@ -269,16 +326,22 @@ def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]
         hits = np.array([float(bool(top & slices)) for top, (_, _, slices) in zip(tops, pairs)])
         share = np.array([len(top & slices) / len(top) for top, (_, _, slices) in zip(tops, pairs)])
         per_finding = {f: float(np.mean([h for h, p in zip(hits, pairs) if p[1] == f])) for f in findings}
-        out[language] = {**with_intervals({"hit_rate": bootstrap(batched_mean, [hits], resamples),
-                                           "precision": bootstrap(batched_mean, [share], resamples)}),
-                         "per_finding": per_finding}
+        estimates = {"hit_rate": bootstrap(batched_mean, [hits], resamples),
+                     "precision": bootstrap(batched_mean, [share], resamples)}
+        if prior_share is not None:
+            estimates["prior_precision_gain"] = bootstrap(batched_mean, [share - prior_share], resamples)
+        depth = np.mean([relative_depth(top, len(stacks[i])) for top, (i, _, _) in zip(tops, pairs)])
+        out[language] = {**with_intervals(estimates), "per_finding": per_finding, "depth": float(depth)}
     return out
 
 
 @TASKS.register("slice_localisation")
 def run_localisation(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
-    """{dataset: {"k", "pairs", "random", "random_precision", "pairs_per_finding",
-    "random_per_finding", language: {"hit_rate", "precision", "ci", "per_finding"}}}."""
+    """{dataset: {"k", "pairs", "random", "random_precision", "prior", "prior_precision",
+    "pairs_per_finding", "random_per_finding", "finding_depth", language: {"hit_rate",
+    "precision", "prior_precision_gain", "ci", "per_finding", "depth"}}}: ``finding_depth`` and
+    ``depth`` are the mean relative depth (:func:`relative_depth`) of the findings' slices and of
+    the top-k slices (no prior without a training volume that holds a finding)."""
     out = {dataset: localise(encoder, ctx, dataset) for dataset in ctx.cfg.volume.localisation_datasets}
     for dataset, result in out.items():
         log.info("%s slice localisation on %s: %s (random %s)", encoder.label, dataset,
