@@ -487,8 +487,8 @@ def _slice_localisation_checks(model: dict) -> list[Check]:
             if gain is None:  # no prior measured (metrics written before it, no training volumes)
                 continue
             status = compare(gain)
-            depths = (f"the top slices sit at relative depth {node['depth']:.2f} on average, the "
-                      f"findings at {result['finding_depth']:.2f} (0 inferior, 1 superior)"
+            depths = (f"; the top slices sit at mean relative depth {node['depth']:.2f} (0 the lowest "
+                      f"slice, 1 the highest), the findings at {result['finding_depth']:.2f}"
                       if as_float(node.get("depth")) is not None
                       and as_float(result.get("finding_depth")) is not None else "")
             checks.append(Check(
@@ -499,9 +499,8 @@ def _slice_localisation_checks(model: dict) -> list[Check]:
                 f"{result.get('k')} slices on the finding vs {percent(result.get('prior_precision'))}% "
                 f"for the prior, {percent(result.get('random_precision'))}% for random slices; "
                 f"difference {_signed_ci(gain)} ({result.get('pairs')} findings)",
-                {FAIL: f"the prompt scores rank axial slices by more than the finding{_bracketed(depths)}: "
-                       "a model that never saw CT slices reads their anatomy",
-                 TIE: f"within noise of the position prior{_bracketed(depths)}; more test volumes"
+                {FAIL: f"the prompt scores pick slices by where they lie more than by the finding{depths}",
+                 TIE: f"within noise of the position prior{depths}; more test volumes"
                  }.get(status, "")))
     return checks
 
