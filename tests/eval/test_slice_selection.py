@@ -125,6 +125,10 @@ def test_hit_rate_and_random_rate_match_the_hand_count(selection_ctx):
     # The position prior {2, 3} hits v0 and v1 as the model does: no gain over it.
     assert result["prior_slices"] == [2, 3] and result["prior"] == pytest.approx(2 / 3)
     assert result["prior_gain"] == pytest.approx(0.0)
+    # Its slices on a finding: v0 2 of 2, v1 2 of 2, v2 0 (slice 5 of 8): against the model's 1/2,
+    # 1 and 0 per volume.
+    assert result["prior_precision"] == pytest.approx(2 / 3)
+    assert result["prior_precision_gain"] == pytest.approx((0.5 - 1 + 0 + 0) / 3)
     assert result["most_selected"] == [[2, 1.0], [6, 1.0]]
     lo, hi = result["ci"]["hit_rate"]
     assert lo <= result["hit_rate"] <= hi and result["replicates"]["hit_rate"].shape == (50,)
@@ -253,8 +257,9 @@ def test_config_keys_are_validated_by_name():
 def _metrics() -> dict:
     row = {"k": 4, "slices": 32, "volumes": 12, "random": 0.4, "hit_rate": 0.75, "gain": 0.35,
            "precision": 0.5, "random_precision": 0.2, "precision_gain": 0.3, "prior": 0.7, "prior_gain": 0.05,
+           "prior_precision": 0.625, "prior_precision_gain": -0.125,
            "ci": {"hit_rate": [0.5, 0.9], "gain": [0.1, 0.55], "precision": [0.3, 0.7], "prior_gain": [-0.1, 0.2],
-                  "precision_gain": [0.12, 0.45]},
+                  "precision_gain": [0.12, 0.45], "prior_precision_gain": [-0.3, 0.05]},
            "per_finding": {"nodule": {"volumes": 3, "hit_rate": 2 / 3, "random": 0.25}}}
     return {"encoders": {
         "unimedi": {"label": "UniMedI", "tasks": {"slice_selection": {DATASET: row}}},
@@ -269,9 +274,13 @@ def test_the_report_has_one_row_per_encoder_with_selection_and_names_the_others(
     assert header == ["Method", group + "k", group + "attentive", group + "random", group + "gain (points)",
                       group + "position prior", group + "gain over prior (points)",
                       group + "slices on a finding: attentive", group + "slices on a finding: random",
-                      group + "slices on a finding: gain (points)", group + "nodule (attentive / random)"]
+                      group + "slices on a finding: gain (points)",
+                      group + "slices on a finding: position prior",
+                      group + "slices on a finding: gain over prior (points)",
+                      group + "nodule (attentive / random)"]
     assert rows == [["UniMedI", "4", "75.0 (50.0–90.0)", "40.0", "35.0 (10.0–55.0)", "70.0", "5.0 (-10.0–20.0)",
-                     "50.0 (30.0–70.0)", "20.0", "30.0 (12.0–45.0)", "66.7 / 25.0"]]
+                     "50.0 (30.0–70.0)", "20.0", "30.0 (12.0–45.0)", "62.5", "-12.5 (-30.0–5.0)",
+                     "66.7 / 25.0"]]
     note = table_notes(_metrics())[report.TITLE_SELECTION]
     assert note.startswith("Test volumes with a finding: BIMCV-COVID19+ 12. Position prior: ")
     assert note.endswith(". Not applicable (no attentive slice selection): Med-UniC")
@@ -334,6 +343,25 @@ def test_the_quality_bar_reads_the_gain_over_random_slices(gain_ci, status):
                                     "difference 95% CI [")
     assert ("it picks slice 3 in 90.0% and 7 in 85.0%" in shares.cause) == (status != "pass")
     assert shares.cause.endswith("input position)") == (status == "fail")
+    # Where the task measured the prior's share too, a third check reads the gain over it.
+    with_prior = {**result, "prior_precision": 0.93,
+                  "ci": {**result["ci"], "precision_gain": [0.1, 0.3], "prior_precision_gain": list(gain_ci)}}
+    hits, shares, prior = checks(with_prior)
+    assert shares.status == "pass"
+    assert (prior.name, prior.status) == (
+        "Slice selection BIMCV-COVID19+: attentive slices hold findings more often than the position prior's",
+        status)
+    assert prior.detail.startswith("37.1% of the selected slices on a finding vs 93.0% of the training "
+                                   "volumes' most frequent finding slices (15, 16); difference 95% CI [")
+    assert prior.cause == {
+        "pass": "",
+        "fail": "the attention picks slices that hold findings less often than where findings usually lie "
+                "(it picks slice 3 in 90.0% and 7 in 85.0% of the volumes (of 32)); pre-train longer "
+                "(benchmarks/slice_attention.py: how flat the attention is, and whether it follows the "
+                "volume or the input position)",
+        "tie": "within noise of the position prior (it picks slice 3 in 90.0% and 7 in 85.0% of the volumes "
+               "(of 32)): the selection adds nothing measurable to where findings usually lie; more test "
+               "volumes or more pre-training"}[status]
     skipped = {"method": "medunic", "encoders": {"medunic": {"tasks": {"slice_selection": {
         "skipped": "no attentive slice selection"}}}}}
     assert not [c for c in quality_checks(skipped) if c.name.startswith("Slice selection")]

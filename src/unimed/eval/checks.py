@@ -470,7 +470,24 @@ def _slice_selection_checks(model: dict) -> list[Check]:
              TIE: f"within noise of random slices{_bracketed(picks)}; more test volumes or more "
                   "pre-training"
              }.get(status, "")))
+        gain = interval(lookup(result, "ci", "prior_precision_gain"))
+        if gain is None:  # metrics written before the task measured it
+            continue
+        status = compare(gain)
+        checks.append(Check(
+            f"Slice selection {display_name(dataset)}: attentive slices hold findings more often "
+            "than the position prior's",
+            status,
+            f"{percent_ci(result.get('precision'), lookup(result, 'ci', 'precision'))}% of the "
+            f"selected slices on a finding vs {percent(result.get('prior_precision'))}% of "
+            f"{_prior_slices(result)}; difference {_signed_ci(gain)}",
+            {FAIL: f"the attention picks slices that hold findings less often than where findings "
+                   f"usually lie{_bracketed(picks)}; pre-train longer{SELECTION_DIAGNOSIS}",
+             TIE: f"within noise of the position prior{_bracketed(picks)}: the selection adds nothing "
+                  "measurable to where findings usually lie; more test volumes or more pre-training"
+             }.get(status, "")))
     return checks
+
 
 
 def _slice_localisation_checks(model: dict) -> list[Check]:
@@ -538,10 +555,15 @@ def _prior_note(result: dict) -> str:
     others = [as_float(result.get(key)) for key in ("hit_rate", "random")]
     if prior is None or None in others or prior < max(others):
         return ""
+    return (f"{_prior_slices(result)} hit {percent(prior)}% without looking at the volume: where "
+            "findings lie varies little here, so the hit rate tells little; ")
+
+
+def _prior_slices(result: dict) -> str:
+    """"the training volumes' most frequent finding slices (7, 8)": a slice-selection result's
+    position prior, its slices in brackets where recorded."""
     slices = ", ".join(str(s) for s in result.get("prior_slices") or [])
-    return (f"the training volumes' most frequent finding slices{f' ({slices})' if slices else ''} "
-            f"hit {percent(prior)}% without looking at the volume: where findings lie varies little "
-            "here, so the hit rate tells little; ")
+    return f"the training volumes' most frequent finding slices{f' ({slices})' if slices else ''}"
 
 
 def _picks(result: dict) -> str:

@@ -302,7 +302,8 @@ def _selection_table(metrics: dict) -> Table | None:
     """Per encoder with attentive slice selection and per dataset: its k, the hit rate of its k
     slices, that of k random slices and the gain over them, that of the position prior (the k
     slices most often on a finding in training) and the gain over it (points), the share of its
-    slices on a finding beside random's and the gain over it, and per finding both hit rates."""
+    slices on a finding beside random's and the prior's and the gains over them, and per finding
+    both hit rates."""
     rows = _ran_rows(_task_rows(metrics), "slice_selection")
     columns = []
     for name in _keys(rows, "slice_selection"):
@@ -319,7 +320,11 @@ def _selection_table(metrics: dict) -> Table | None:
                     _column(f"{group}{SEP}slices on a finding: random", *path, "random_precision",
                             fmt=percent),
                     _column(f"{group}{SEP}slices on a finding: gain (points)", *path,
-                            "precision_gain")]
+                            "precision_gain"),
+                    _column(f"{group}{SEP}slices on a finding: position prior", *path, "prior_precision",
+                            fmt=percent),
+                    _column(f"{group}{SEP}slices on a finding: gain over prior (points)", *path,
+                            "prior_precision_gain")]
         columns += [(f"{group}{SEP}{finding.replace('_', ' ')} (attentive / random)",
                      partial(_selection_cell, (*path, "per_finding", finding)))
                     for finding in _keys(rows, *path, "per_finding")]

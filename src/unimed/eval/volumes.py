@@ -46,8 +46,9 @@ embeddings:
   Findings gather in the middle of the chest, so any selection
   that prefers central slices beats random ones without looking at the volume (an untrained
   UniMedI did); the reference that needs the image is the position prior: the k slices that most
-  often hold a finding in the training volumes, the same for every volume (``prior``, and the
-  per-volume gain over it, ``prior_gain``). An encoder without ``slice_attention`` (every 2D
+  often hold a finding in the training volumes, the same for every volume (``prior`` and
+  ``prior_precision``, and the per-volume gains over them, ``prior_gain`` and
+  ``prior_precision_gain``). An encoder without ``slice_attention`` (every 2D
   encoder) is skipped with the reason.
 """
 
@@ -509,8 +510,11 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str, split: str = "test"
     prior = position_prior(ctx, dataset, truth, k, slices)
     if prior is not None:
         prior_hits = np.array([float(bool(prior & u)) for u in union])
+        prior_share = np.array([len(prior & u) / len(prior) for u in union])
         estimates["prior_gain"] = bootstrap(batched_mean, [hits - prior_hits], resamples)
-        out.update(prior=float(prior_hits.mean()), prior_slices=sorted(prior))
+        estimates["prior_precision_gain"] = bootstrap(batched_mean, [share - prior_share], resamples)
+        out.update(prior=float(prior_hits.mean()), prior_precision=float(prior_share.mean()),
+                   prior_slices=sorted(prior))
     per_finding = finding_rates(top, list(held.values()), slices)
     return {**out, **with_intervals(estimates), "per_finding": per_finding}
 
@@ -518,8 +522,9 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str, split: str = "test"
 @TASKS.register("slice_selection")
 def run_selection(encoder: Encoder, ctx: TaskContext) -> dict[str, Any]:
     """{dataset: {"k", "slices", "volumes", "random", "random_precision", "most_selected" (the k
-    slices selected most often, [slice, share of volumes]), "prior", "prior_slices", "hit_rate",
-    "gain", "prior_gain", "precision", "precision_gain", "ci", "per_finding": {finding:
+    slices selected most often, [slice, share of volumes]), "prior", "prior_precision",
+    "prior_slices", "hit_rate", "gain", "prior_gain", "precision", "precision_gain",
+    "prior_precision_gain", "ci", "per_finding": {finding:
     {"volumes", "hit_rate", "random"}}}}, or {"skipped": why} for an encoder whose model has no
     attentive slice selection."""
     if not selects_slices(encoder):
