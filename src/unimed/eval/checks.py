@@ -489,7 +489,6 @@ def _slice_selection_checks(model: dict) -> list[Check]:
     return checks
 
 
-
 def _slice_localisation_checks(model: dict) -> list[Check]:
     """Per dataset and prompt language where slice localisation measured the position prior: the
     top slices of a finding's prompt hold the finding more often than the k slices at the depths

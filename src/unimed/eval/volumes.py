@@ -24,9 +24,9 @@ embeddings:
   finding, the k slices at the relative depths where the training volumes most often hold that
   finding (any finding's, for one no training volume holds): ``prior`` and ``prior_precision``,
   and per language ``prior_precision_gain``, per pair the encoder's precision less the prior's.
-  A score that ranks slices by their anatomy (a 2D encoder's prompt direction meeting axial CT
-  slices it never saw) can sit far from random without looking at the finding; one that finds
-  the finding beats the prior.
+  A score that ranks slices by their anatomy (a fixed prompt direction meets the features of
+  axial slices from the abdomen to the apices) can sit far from random without looking at the
+  finding; one that finds the finding beats the prior.
 * ``slice_selection``: that claim measured on the model itself. A native 3D model with attentive
   slice selection (UniMedI) has ``slice_attention(volumes) -> (N, D)``, its selection score of each
   of the D axial slices of (N, D, 1, S, S) volumes in [0, 1] (inferior to superior, the input of
