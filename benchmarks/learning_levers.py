@@ -10,9 +10,10 @@ seed it prints the last losses and, on the validation splits of the pre-training
 * within-language image->report retrieval: the true report's median rank among the reports of the
   same language (chance: half their number) and R@5;
 * for a model with an attentive slice selection (UniMedI), the share of the volumes with a finding
-  where one of its selected slices holds it, beside k random slices' exact rate
-  (``eval.volume.selection_datasets``, the slice_selection task), on the validation split and on
-  the training split (pre-training reads those volumes, never their slice ground truth);
+  where one of its selected slices holds it, beside k random slices' exact rate, and the share of
+  its selected slices on a finding, beside the position prior's (``eval.volume.selection_datasets``,
+  the slice_selection task), on the validation split and on the training split (pre-training
+  reads those volumes, never their slice ground truth);
 * for a model pre-trained on CT volumes with reports (UniMedI), volume->report retrieval on each
   volume retrieval dataset (``eval.volume.retrieval_datasets``): the true report's median rank among
   the split's reports and R@5, on the validation split and on the training split (the pairs
@@ -186,17 +187,29 @@ def volume_retrieval(encoder, data: EvalData, cfg) -> str:
 
 
 def selection_rates(encoder, data: EvalData, cfg: EvalConfig) -> str:
-    """"hit / random" % of the attentive selection on the validation volumes, then on the training
-    volumes (more of them; pre-training never sees the slice ground truth), of each selection
-    dataset; "-" for a model without one."""
+    """"hit / random; on a finding / prior" % of the attentive selection on the validation volumes,
+    then on the training volumes (more of them; pre-training never sees the slice ground truth), of
+    each selection dataset: its hit rate beside k random slices', then the share of its slices on
+    a finding beside the position prior's (the hit rate saturates where findings span most
+    slices); "-" for a model without one."""
     if not selects_slices(encoder):
         return "-"
     with tempfile.TemporaryDirectory() as tmp:
         ctx = TaskContext(data, cfg, Path(tmp))
         results = [select(encoder, ctx, dataset, split=split)
                    for dataset in cfg.volume.selection_datasets for split in (SPLIT, "train")]
-    return ", ".join(f"{100 * r['hit_rate']:.1f} / {100 * r['random']:.1f}" if "hit_rate" in r else "-"
-                     for r in results)
+    return ", ".join(_selection_cell(result) for result in results)
+
+
+def _selection_cell(result: dict) -> str:
+    """"100.0 / 84.0; 91.9 / 95.2" from a slice-selection result ("-" where it was skipped or lacks
+    a value)."""
+    if "hit_rate" not in result:
+        return "-"
+
+    def pct(key: str) -> str:
+        return "-" if result.get(key) is None else f"{100 * result[key]:.1f}"
+    return f"{pct('hit_rate')} / {pct('random')}; {pct('precision')} / {pct('prior_precision')}"
 
 
 def parse_row(text: str) -> tuple[str, list[str]]:
@@ -260,7 +273,8 @@ def main() -> None:
 
 
 HEADER = ["row", "seed", "cvl", "ssv", "grad norm", "MIMIC En", "MIMIC Sp", "MIMIC Sp*", "PadChest En",
-          "PadChest Sp", "PadChest Sp*", "median rank %", "R@5 %", "selection / random %, valid, train",
+          "PadChest Sp", "PadChest Sp*", "median rank %", "R@5 %",
+          "selection hit / random; on a finding / prior %, valid, train",
           "volume->report median rank % / R@5 %, valid, train", "train s"]
 PER_CLASS_HEADER = ["dataset", "class", "positives train / valid", "probe", "En", "Sp", "Sp*"]
 

@@ -64,3 +64,17 @@ def test_a_row_keeps_the_commas_of_a_list_value(levers) -> None:
 def test_true_ranks_count_the_candidates_scored_above_the_true_match(levers) -> None:
     sims = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.4, 0.6], [0.3, 0.2, 0.1]])
     assert levers.true_ranks(sims).tolist() == [1, 3, 3]
+
+
+def test_the_selection_column_gives_hits_against_random_and_slices_on_a_finding_against_the_prior(
+        levers, monkeypatch) -> None:
+    results = {"valid": {"hit_rate": 1.0, "random": 0.84, "precision": 0.919, "prior_precision": 0.952},
+               "train": {"hit_rate": 0.5, "random": 0.25, "precision": 0.4}}  # no training prior
+    monkeypatch.setattr(levers, "selects_slices", lambda encoder: True)
+    monkeypatch.setattr(levers, "select", lambda encoder, ctx, dataset, split: results[split])
+    cfg = levers.EvalConfig()
+    cell = levers.selection_rates(None, None, cfg)
+    assert cell == ", ".join(["100.0 / 84.0; 91.9 / 95.2", "50.0 / 25.0; 40.0 / -"]
+                             * len(cfg.volume.selection_datasets))
+    monkeypatch.setattr(levers, "select", lambda encoder, ctx, dataset, split: {"skipped": "none"})
+    assert set(levers.selection_rates(None, None, cfg).split(", ")) == {"-"}
