@@ -432,8 +432,9 @@ def beats_cause(status: str, values: list[float | None], metric: str, *, dense: 
 def _slice_selection_checks(model: dict) -> list[Check]:
     """Attentive slice selection beats k random slices (UniMedI's claim), per dataset it ran on:
     the 95 % interval of the per-volume gain over the random hit rate, and, where the task
-    measured it, of the gain in the share of the selected slices that hold a finding over random
-    slices' share (the hit rate saturates where findings span most slices); none for a model
+    measured them, of the gains in the share of the selected slices that hold a finding over random
+    slices' share and over the position prior's (the hit rate saturates where findings span most
+    slices, and central slices beat random ones without looking); none for a model
     without attentive selection (the task skipped it) or when the task did not run."""
     checks = []
     for dataset, result in (lookup(model, "slice_selection") or {}).items():
@@ -454,39 +455,41 @@ def _slice_selection_checks(model: dict) -> list[Check]:
                       "more test volumes or more pre-training"
                  }.get(status, "")
         checks.append(Check(title, status, detail, cause))
-        gain = interval(lookup(result, "ci", "precision_gain"))
-        if gain is None:  # metrics written before the task measured it
-            continue
-        status = compare(gain)
-        checks.append(Check(
-            f"Slice selection {display_name(dataset)}: attentive slices hold findings more often "
-            "than random ones",
-            status,
-            f"{percent_ci(result.get('precision'), lookup(result, 'ci', 'precision'))}% of the "
-            f"selected slices on a finding vs {percent(result.get('random_precision'))}% of random "
-            f"ones; difference {_signed_ci(gain)}",
-            {FAIL: f"the [CLS] attention is drawn to slices without findings{_bracketed(picks)}; "
-                   f"pre-train longer{SELECTION_DIAGNOSIS}",
-             TIE: f"within noise of random slices{_bracketed(picks)}; more test volumes or more "
-                  "pre-training"
-             }.get(status, "")))
-        gain = interval(lookup(result, "ci", "prior_precision_gain"))
-        if gain is None:  # metrics written before the task measured it
-            continue
-        status = compare(gain)
-        checks.append(Check(
-            f"Slice selection {display_name(dataset)}: attentive slices hold findings more often "
-            "than the position prior's",
-            status,
-            f"{percent_ci(result.get('precision'), lookup(result, 'ci', 'precision'))}% of the "
-            f"selected slices on a finding vs {percent(result.get('prior_precision'))}% of "
-            f"{_prior_slices(result)}; difference {_signed_ci(gain)}",
-            {FAIL: f"the attention picks slices that hold findings less often than where findings "
-                   f"usually lie{_bracketed(picks)}; pre-train longer{SELECTION_DIAGNOSIS}",
-             TIE: f"within noise of the position prior{_bracketed(picks)}: the selection adds nothing "
-                  "measurable to where findings usually lie; more test volumes or more pre-training"
-             }.get(status, "")))
+        shares = (
+            _share_check(dataset, result, "precision_gain", "random ones",
+                         f"{percent(result.get('random_precision'))}% of random ones",
+                         fail=f"the [CLS] attention is drawn to slices without findings{_bracketed(picks)}; "
+                              f"pre-train longer{SELECTION_DIAGNOSIS}",
+                         tie=f"within noise of random slices{_bracketed(picks)}; more test volumes or more "
+                             "pre-training"),
+            _share_check(dataset, result, "prior_precision_gain", "the position prior's",
+                         f"{percent(result.get('prior_precision'))}% of {_prior_slices(result)}",
+                         fail="the attention picks slices that hold findings less often than where "
+                              f"findings usually lie{_bracketed(picks)}; pre-train longer"
+                              f"{SELECTION_DIAGNOSIS}",
+                         tie=f"within noise of the position prior{_bracketed(picks)}: the selection adds "
+                             "nothing measurable to where findings usually lie; more test volumes or "
+                             "more pre-training"))
+        checks += [check for check in shares if check is not None]
     return checks
+
+
+def _share_check(dataset: str, result: dict, gain_key: str, reference: str, reference_share: str, *,
+                 fail: str, tie: str) -> Check | None:
+    """"Slice selection <dataset>: attentive slices hold findings more often than `reference`",
+    read from the interval of the per-volume difference in the share of slices on a finding at
+    ``ci[gain_key]``; None where the task did not measure it (metrics written before it)."""
+    gain = interval(lookup(result, "ci", gain_key))
+    if gain is None:
+        return None
+    status = compare(gain)
+    return Check(
+        f"Slice selection {display_name(dataset)}: attentive slices hold findings more often than "
+        f"{reference}",
+        status,
+        f"{percent_ci(result.get('precision'), lookup(result, 'ci', 'precision'))}% of the selected "
+        f"slices on a finding vs {reference_share}; difference {_signed_ci(gain)}",
+        {FAIL: fail, TIE: tie}.get(status, ""))
 
 
 def _slice_localisation_checks(model: dict) -> list[Check]:
