@@ -214,6 +214,14 @@ def random_hit_rate(n: int, m: int, k: int) -> float:
     return 1.0 - math.comb(n - m, k) / math.comb(n, k)
 
 
+def overlaps(tops: Sequence[set[int]], held: Sequence[set[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair of selected slices `tops` and slices `held` (the ones holding a finding): 1.0 when
+    one of the selected slices holds it (a hit), else 0.0, and the share of them that do."""
+    hits = np.array([float(bool(top & found)) for top, found in zip(tops, held)])
+    shares = np.array([len(top & found) / len(top) for top, found in zip(tops, held)])
+    return hits, shares
+
+
 def top_slices(scores: np.ndarray, k: int) -> set[int]:
     """Indices of the k highest of (Z,) slice `scores` (ties: the lower index first)."""
     return set(np.argsort(-scores, kind="stable")[:k].tolist())
@@ -310,13 +318,13 @@ def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]
         "finding_depth": float(np.mean([relative_depth(slices, len(stacks[i])) for i, _, slices in pairs])),
     }
     profiles = finding_profiles(ctx, dataset, truth)
+    held = [slices for _, _, slices in pairs]
     prior_share = None
     if profiles:
         prior = [top_slices(profile_scores(profiles.get(finding, profiles[None]), len(stacks[i])),
                             cfg.localisation_k) for i, finding, _ in pairs]
-        prior_share = np.array([len(top & slices) / len(top) for top, (_, _, slices) in zip(prior, pairs)])
-        out.update(prior=float(np.mean([bool(top & slices) for top, (_, _, slices) in zip(prior, pairs)])),
-                   prior_precision=float(prior_share.mean()))
+        prior_hits, prior_share = overlaps(prior, held)
+        out.update(prior=float(prior_hits.mean()), prior_precision=float(prior_share.mean()))
     corpus = corpus_stemming(encoder.tokenizer)
     languages = ctx.cfg.zero_shot.languages
     prompt_sets = [load_prompts(language, ctx.cfg.zero_shot.prompt_dir, ctx.cfg.prompt_stemming, corpus)
@@ -324,8 +332,7 @@ def localise(encoder: Encoder, ctx: TaskContext, dataset: str) -> dict[str, Any]
     for language, scores in zip(languages, slice_prompt_scores(encoder, ctx, stacks, prompt_sets, classes)):
         tops = [top_slices(scores[i][:, classes.index(FINDING_CLASSES[finding])], cfg.localisation_k)
                 for i, finding, _ in pairs]
-        hits = np.array([float(bool(top & slices)) for top, (_, _, slices) in zip(tops, pairs)])
-        share = np.array([len(top & slices) / len(top) for top, (_, _, slices) in zip(tops, pairs)])
+        hits, share = overlaps(tops, held)
         per_finding = {f: float(np.mean([h for h, p in zip(hits, pairs) if p[1] == f])) for f in findings}
         estimates = {"hit_rate": bootstrap(batched_mean, [hits], resamples),
                      "precision": bootstrap(batched_mean, [share], resamples)}
@@ -493,9 +500,8 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str, split: str = "test"
         return {"skipped": f"no {split} volume has a finding"}
     top = model_selection(encoder, stacks, ctx.cfg.batch_size, ctx.cfg.seed, list(held))
     union = [set().union(*found.values()) for found in held.values()]
-    hits = np.array([float(bool(t & u)) for t, u in zip(top, union)])
+    hits, share = overlaps(top, union)
     chance = np.array([random_hit_rate(slices, len(u), len(t)) for t, u in zip(top, union)])
-    share = np.array([len(t & u) / len(t) for t, u in zip(top, union)])
     covered = np.array([len(u) / slices for u in union])  # a random slice's chance to hold a finding
     resamples = ctx.resamples(dataset, f"{split}/selection", len(held))
     estimates = {"hit_rate": bootstrap(batched_mean, [hits], resamples),
@@ -509,8 +515,7 @@ def select(encoder: Encoder, ctx: TaskContext, dataset: str, split: str = "test"
                            "most_selected": [[int(s), n / len(top)] for s, n in picks]}
     prior = position_prior(ctx, dataset, truth, k, slices)
     if prior is not None:
-        prior_hits = np.array([float(bool(prior & u)) for u in union])
-        prior_share = np.array([len(prior & u) / len(prior) for u in union])
+        prior_hits, prior_share = overlaps([prior] * len(union), union)
         estimates["prior_gain"] = bootstrap(batched_mean, [hits - prior_hits], resamples)
         estimates["prior_precision_gain"] = bootstrap(batched_mean, [share - prior_share], resamples)
         out.update(prior=float(prior_hits.mean()), prior_precision=float(prior_share.mean()),
