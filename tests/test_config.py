@@ -121,6 +121,10 @@ def test_a_value_of_another_kind_is_named_not_converted(override: str, message: 
     ("data.image_size=300", "data.image_size=300 is larger than data.resize_size=256: an image is resized"),
     ("vocab.new_terms=-1", "vocab.new_terms must be >= 0, got -1"),
     ("mlm.hidden_size=0", "mlm.hidden_size must be >= 1, got 0"),
+    ("train.lr=.inf", "train.lr must be a finite number > 0, got inf"),
+    ("train.weight_decay=.inf", "train.weight_decay must be a finite number >= 0, got inf"),
+    ("phantom.difficulty=.inf", "phantom.difficulty must be a finite number > 0, got inf"),
+    ("eval.segmentation.lr=-.inf", "eval.segmentation.lr must be a finite number > 0, got -inf"),
 ])
 def test_a_value_out_of_range_is_a_config_error_at_load(override, message):
     """Caught when the preset is read, before any stage starts, and named by its key."""
@@ -136,6 +140,25 @@ def test_missing_or_malformed_preset(tmp_path):
     with pytest.raises(ConfigError, match="cannot parse config file .*bad.yaml: line 2: ") as info:
         load_config(bad)
     assert "\n" not in str(info.value)  # one line at the command line, not PyYAML's several
+    bad.write_bytes(b"run:\n  name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"^config file .*bad.yaml is not UTF-8 text \(byte 13: b'\\xff'\)$"):
+        load_config(bad)
+
+
+def test_a_base_chain_that_comes_back_to_a_file_is_a_config_error(tmp_path):
+    """A preset whose base: names itself (or a chain of them that loops) recursed until Python's
+    RecursionError."""
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"self.yaml: its base: chain comes back to itself"):
+        load_config(tmp_path / "self.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nrun:\n  name: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml -> .*b.yaml -> .*a.yaml\)$"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: b2.yaml\n")
+    (tmp_path / "b2.yaml").write_text("run:\n  name: b2\n")
+    (tmp_path / "d.yaml").write_text("base: b2.yaml\n")  # two files on one base is no loop
+    assert load_config(tmp_path / "c.yaml").run.name == load_config(tmp_path / "d.yaml").run.name == "b2"
 
 
 

@@ -5,6 +5,7 @@ the marker of the options that name files or folders."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,7 +24,8 @@ def check_bounds(prefix: str, section: Any, *, at_least_one: Iterable[str] = (),
                  unit_interval: Iterable[str] = ()) -> None:
     """Raise ValueError naming ``<prefix>.<field>`` for the first field of `section` outside its
     range: ``at_least_one`` (integers >= 1), ``positive`` (> 0), ``non_negative`` (>= 0),
-    ``unit_interval`` (in [0, 1])."""
+    ``unit_interval`` (in [0, 1]); each a finite number (YAML's ``.inf`` as a learning rate trained
+    a step of NaN weights, as a phantom difficulty drew pure noise)."""
     rules = (
         (at_least_one, lambda v: v >= 1, ">= 1"),
         (positive, lambda v: v > 0, "> 0"),
@@ -33,5 +35,7 @@ def check_bounds(prefix: str, section: Any, *, at_least_one: Iterable[str] = (),
     for keys, holds, bound in rules:
         for key in keys:
             value = getattr(section, key)
+            if math.isinf(value):
+                raise ValueError(f"{prefix}.{key} must be a finite number {bound}, got {value}")
             if not holds(value):
                 raise ValueError(f"{prefix}.{key} must be {bound}, got {value}")

@@ -332,19 +332,27 @@ def _overridden(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) ->
     return data
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, below: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of the config file `path` over the one its ``base:`` names (read the same way);
+    `below` are the files whose ``base:`` led here, so a chain that comes back to one is refused."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in below:
+        chain = " -> ".join(str(p) for p in (*below, path.resolve()))
+        raise ConfigError(f"config file {path}: its base: chain comes back to itself ({chain})")
     with path.open(encoding="utf-8") as f:
         try:
             data = yaml_files.safe_load(f) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot parse config file {path}: {yaml_problem(exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: "
+                              f"{exc.object[exc.start:exc.start + 1]!r})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level")
     base = data.pop("base", None)
     if base is not None:
-        data = _merge(_read_yaml(path.parent / base), data)
+        data = _merge(_read_yaml(path.parent / base, (*below, path.resolve())), data)
     return data
 
 
