@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_model
-from transformers import AutoConfig, AutoTokenizer
 
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, save_config, to_dict
 from unimed.data.images import load_image, pil_grey, stored_range
@@ -56,7 +55,7 @@ from unimed.eval.features import volume_spaces
 from unimed.eval.prompts import PROMPT_DIR, PromptSet, corpus_stemming, load_prompts
 from unimed.eval.zero_shot import own_scores, prompt_scores
 from unimed.methods import create_method, method_label
-from unimed.models.text import check_max_length
+from unimed.models.text import check_max_length, load_text_config, load_tokenizer
 from unimed.text.stemming import copy_corpus_stemming
 from unimed.train.checkpoint import (
     WEIGHTS_FILE,
@@ -411,8 +410,8 @@ def _load_export(folder: Path, device: torch.device, *, for_inference: bool = Fa
     for file in (WEIGHTS_FILE, f"{TEXT_DIR}/config.json"):
         if not (folder / file).is_file():
             raise ConfigError(f"exported model {folder} has no {file}")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), local_files_only=True)
-    text_config = AutoConfig.from_pretrained(str(folder / TEXT_DIR), local_files_only=True)
+    tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
+    text_config = load_text_config(folder / TEXT_DIR)
     image = dataclasses.replace(cfg.method.image, weights=None, compile=False)
     method_cfg = dataclasses.replace(cfg.method, image=image)
     method = create_method(method_cfg, vocab_size=len(tokenizer), text_encoder=text_config)

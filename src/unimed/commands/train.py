@@ -151,9 +151,8 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
     """Cross-lingual MLM on the mixed English + second-language reports (torchrun-aware); returns
     the model folder."""
-    from transformers import AutoTokenizer
-
     from unimed.data.adapters import load_texts
+    from unimed.models.text import load_tokenizer
     from unimed.text.mlm import train_mlm
     from unimed.train.distributed import cleanup, init_distributed
 
@@ -164,7 +163,7 @@ def run_mlm(cfg: Config, *, progress: bool, resume: bool = False) -> Path:
     try:
         with writable_run_dir(cfg, "mlm", info.is_main, resume) as out:
             if info.is_main:
-                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+                tokenizer = load_tokenizer(tokenizer_dir)
                 keep_tokenizer(tokenizer, str(tokenizer_dir), out, resume)
             corpus = [r.report for r in load_texts(cfg.data)]
             result = train_mlm(
@@ -200,10 +199,10 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
     import json
 
     import torch
-    from transformers import AutoTokenizer, BertModel
+    from transformers import BertModel
 
     from unimed.eval.retrieval import PARALLEL_DEFAULT, read_parallel, recall_hits, same_value
-    from unimed.models.text import load_pretrained
+    from unimed.models.text import load_pretrained, load_tokenizer
     from unimed.text.crosslingual import embed_texts
     from unimed.text.mlm import start_encoder
 
@@ -214,7 +213,7 @@ def mlm_retrieval_check(cfg: Config, mlm_dir: Path) -> dict | None:
         return None
     corpus = read_parallel(path)
     text_cfg = cfg.method.text
-    tokenizer = AutoTokenizer.from_pretrained(str(mlm_dir), local_files_only=True)
+    tokenizer = load_tokenizer(mlm_dir)
     with torch.random.fork_rng(devices=[]):
         before = start_encoder(tokenizer, base, mlm_dir)
     after, _ = load_pretrained(BertModel, mlm_dir, add_pooling_layer=False)
@@ -320,8 +319,7 @@ def keep_tokenizer(tokenizer, source: str, out: Path, resume: bool) -> None:
     mlm` were run again: a rebuilt vocabulary of the same size would otherwise give its token ids
     silently. A resumed stage (pre-training or MLM) whose tokenizer (from `source`) differs from
     the kept one stops with one line."""
-    from transformers import AutoTokenizer
-
+    from unimed.models.text import load_tokenizer
     from unimed.pretrained import TOKENIZER_DIR
     from unimed.text.stemming import copy_corpus_stemming
     from unimed.train.checkpoint import checkpoints
@@ -329,7 +327,7 @@ def keep_tokenizer(tokenizer, source: str, out: Path, resume: bool) -> None:
 
     kept = out / TOKENIZER_DIR
     if resume and checkpoints(out / CHECKPOINT_DIR) and holds_tokenizer(kept):
-        trained = AutoTokenizer.from_pretrained(str(kept), local_files_only=True).get_vocab()
+        trained = load_tokenizer(kept).get_vocab()
         now = tokenizer.get_vocab()
         if now != trained:
             differ = len(set(now.items()) ^ set(trained.items())) // 2
@@ -346,10 +344,8 @@ def keep_tokenizer(tokenizer, source: str, out: Path, resume: bool) -> None:
 def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
     """Vision-language pre-training of the method `method.name` (torchrun-aware); returns the
     TrainResult."""
-    from transformers import AutoTokenizer
-
     from unimed.methods import create_method
-    from unimed.models.text import check_max_length
+    from unimed.models.text import check_max_length, load_tokenizer
     from unimed.train.checkpoint import checkpoints
     from unimed.train.distributed import cleanup, init_distributed, seed_everything
     from unimed.train.loop import CHECKPOINT_DIR, resolve_precision, train
@@ -360,7 +356,7 @@ def run_pretrain(cfg: Config, *, resume: bool, progress: bool):
         seed_everything(cfg.run.seed, info.rank)
         with writable_run_dir(cfg, "pretrain", info.is_main, resume) as out:
             encoder, source = text_encoder_dir(cfg), tokenizer_dir(cfg)
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            tokenizer = load_tokenizer(source)
             if info.is_main:
                 keep_tokenizer(tokenizer, source, out, resume)
             records = pretrain_records(cfg)
@@ -391,9 +387,8 @@ def warm_start(method, cfg: Config, tokenizer, source: str) -> None:
     have been trained with this run's tokenizer (`source`), whose token ids its text encoder's
     embeddings are rows of, and with this run's architecture: either mismatch is one ConfigError
     line saying which setting to change, before any step."""
-    from transformers import AutoTokenizer
-
     from unimed.config import load_config, load_run_config
+    from unimed.models.text import load_tokenizer
     from unimed.pretrained import TOKENIZER_DIR, is_export
     from unimed.train.checkpoint import (
         WEIGHTS_FILE, checkpoint_config, find_checkpoint, load_weights, unfinished)
@@ -414,7 +409,7 @@ def warm_start(method, cfg: Config, tokenizer, source: str) -> None:
     if trained.method.name != cfg.method.name:
         raise ConfigError(f"{key} holds a {trained.method.name} model and this run trains "
                           f"{cfg.method.name}: warm starts are within one method")
-    vocabulary = AutoTokenizer.from_pretrained(str(kept), local_files_only=True).get_vocab()
+    vocabulary = load_tokenizer(kept).get_vocab()
     if vocabulary != tokenizer.get_vocab():
         raise ConfigError(f"{key} was trained with the tokenizer in {kept}, and this run's ({source}) "
                           "differs from it: its text encoder's embeddings are rows of that "

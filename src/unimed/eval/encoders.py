@@ -24,12 +24,11 @@ import torch
 from timm.layers import FrozenBatchNormAct2d
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
-from transformers import AutoTokenizer
 
 from unimed.eval.dense import Allocate, Maps, batched_maps, in_memory, slice_wise_maps
 from unimed.methods import MethodConfig, create_method
 from unimed.models.image import to_channels_last, without_input_padding
-from unimed.models.text import check_max_length
+from unimed.models.text import check_max_length, load_tokenizer
 from unimed.train.checkpoint import WEIGHTS_FILE, load_weights
 
 log = logging.getLogger(__name__)
@@ -271,7 +270,7 @@ def build_encoder(
     """
     image = dataclasses.replace(method_cfg.image, compile=False)
     cfg = dataclasses.replace(method_cfg, image=image)
-    tokenizer_ = AutoTokenizer.from_pretrained(tokenizer or text_encoder, local_files_only=True)
+    tokenizer_ = load_tokenizer(tokenizer or text_encoder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         method = create_method(cfg, vocab_size=len(tokenizer_), text_encoder=text_encoder)

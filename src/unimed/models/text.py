@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
-from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoTokenizer, BertConfig, BertModel, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertLayer, eager_attention_forward
@@ -142,6 +143,37 @@ def load_pretrained(cls: type[Model], path: str | Path, *, initialised: tuple[st
         log.warning("text encoder folder %s holds %d weight(s) the model does not use, e.g. %s",
                     path, len(unexpected), ", ".join(unexpected[:3]))
     return model, info
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """transformers' tokenizer of the local folder `path` (never the hub); a folder whose tokenizer
+    files or ``config.json`` cannot be read is a :class:`CheckpointError` naming it."""
+    return _read_local("tokenizer", path, lambda: AutoTokenizer.from_pretrained(
+        str(path), local_files_only=True))
+
+
+def load_text_config(path: str | Path) -> PretrainedConfig:
+    """transformers' model config (``config.json``) of the local folder `path`; one that cannot be
+    read is a :class:`CheckpointError` naming the folder."""
+    return _read_local("text encoder config", path, lambda: AutoConfig.from_pretrained(
+        str(path), local_files_only=True))
+
+
+Loaded = TypeVar("Loaded")
+
+
+def _read_local(what: str, path: str | Path, read: Callable[[], Loaded]) -> Loaded:
+    """`read()`, whose failure on the files of the folder `path` is one CheckpointError line. Any
+    exception counts: an empty tokenizer.json is a JSONDecodeError, one without ``added_tokens``
+    a KeyError, one whose model is not a mapping an AttributeError, a config.json that is not JSON
+    an OSError, a file that is not UTF-8 a UnicodeDecodeError."""
+    try:
+        with transformers_quiet():
+            return read()
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{what} folder {path} cannot be read: {type(exc).__name__}: "
+                              f"{reason}") from exc
 
 
 def freeze_text_layers(encoder: BertModel, n: int) -> None:

@@ -24,7 +24,6 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import (
-    AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
     BertModel,
@@ -43,6 +42,7 @@ from unimed.models.dropout import use_fast_dropout
 from unimed.models.text import (
     BASE_VOCAB_KEY,
     load_pretrained,
+    load_tokenizer,
     mean_pool,
     token_states,
     train_appended_rows,
@@ -362,7 +362,7 @@ def _check_vocab_prefix(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTr
     Returns the base tokenizer (None when the base folder has none)."""
     if not any((path / name).exists() for name in ("tokenizer.json", "vocab.txt")):
         return None
-    base = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    base = load_tokenizer(path)
     base_vocab = base.get_vocab()
     moved = [t for t, i in base_vocab.items() if tokenizer.convert_tokens_to_ids(t) != i]
     if moved:
@@ -460,7 +460,7 @@ def distil_new_rows(model: BertForMaskedLM, n_old: int, sources: Sequence[str],
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise ValueError(f"tokenizer folder {path} does not exist; run the vocabulary stage first")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = load_tokenizer(path)
     if tokenizer.mask_token is None or tokenizer.pad_token is None:
         raise ValueError(f"tokenizer in {path} has no [MASK] or [PAD] token; masked LM needs both")
     return tokenizer

@@ -19,8 +19,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from tokenizers.implementations import BertWordPieceTokenizer
 from tokenizers.models import WordPiece
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
+from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
+from unimed.models.text import load_tokenizer
 from unimed.text.config import VocabConfig
 from unimed.text.corpus import require_texts
 from unimed.text.stemming import write_corpus_stemming
@@ -159,7 +160,7 @@ def _load_base(base_model: str | Path) -> PreTrainedTokenizerBase:
     path = Path(base_model)
     if not path.is_dir():
         raise ValueError(f"base model folder {path} does not exist (vocab.base_model); models are never downloaded")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return load_tokenizer(path)
 
 
 def _train_wordpiece(english: list[str], cfg: VocabConfig) -> PreTrainedTokenizerBase:
