@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -749,6 +750,35 @@ def test_sigterm_during_an_evaluation_stops_its_workers_and_puts_the_previous_on
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command put it back
     finally:
         shutil.rmtree(run)
+
+
+def test_a_damaged_export_or_checkpoint_is_refused_not_read_as_nan_weights(tiny_run: Path, images: Path,
+                                                                          tmp_path: Path, capsys):
+    """An export wrote no checksum, so 64 KB of its weights overwritten with 0xff bytes classified
+    an image as "nan,nan,..." with exit 0; a checkpoint whose checksums.json was gone evaluated to
+    NaN AUCs with exit 0."""
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_run), str(out), "--quiet"]) == 0
+    weights = out / "model.safetensors"
+    sums = json.loads((out / "checksums.json").read_text())
+    assert sums == {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    data = bytearray(weights.read_bytes())
+    data[-4096:] = b"\xff" * 4096  # the last tensor's values, the header intact: NaN floats
+    weights.write_bytes(bytes(data))
+    image = str(sorted(p for p in images.rglob("*") if p.suffix in (".png", ".jpg"))[0])
+    argv = ["classify", str(out), image, "--out", str(tmp_path / "c.csv"), "--classes", "Edema", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"unimed: checkpoint error: {weights} is truncated or corrupt: its SHA-256 differs "
+                   "from the one in checksums.json"]
+    (out / "checksums.json").unlink()  # an export written before checksums: the values are read
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(
+        rf"unimed: checkpoint error: the weights in {weights} hold NaN or infinite values \(\d+ "
+        r"tensor\(s\), e\.g\. [\w.]+\): the file is corrupt, or was saved from a run that diverged",
+        err[0]), err
+    assert not (tmp_path / "c.csv").exists()
 
 
 def test_export_refuses_a_non_empty_folder(tiny_run: Path, tmp_path: Path, capsys):

@@ -18,6 +18,7 @@ method that takes images or volumes takes their output with ``preprocessed=True`
 An exported folder holds everything the model needs, read with local files only::
 
     model.safetensors      # the model's weights (image and text towers, projectors)
+    checksums.json         # its SHA-256, checked on load (a truncated or overwritten file)
     config.yaml            # the run's resolved config
     text_encoder/          # the text encoder's Hugging Face config (its weights are above)
     tokenizer/             # the tokenizer the model was trained with
@@ -66,6 +67,8 @@ from unimed.train.checkpoint import (
     training_progress,
     umask_permissions,
     unfinished,
+    verify_checksums,
+    write_checksums,
     write_failure,
 )
 
@@ -410,6 +413,7 @@ def _load_export(folder: Path, device: torch.device, *, for_inference: bool = Fa
     for file in (WEIGHTS_FILE, f"{TEXT_DIR}/config.json"):
         if not (folder / file).is_file():
             raise ConfigError(f"exported model {folder} has no {file}")
+    verify_checksums(folder, (WEIGHTS_FILE,))
     tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
     text_config = load_text_config(folder / TEXT_DIR)
     image = dataclasses.replace(cfg.method.image, weights=None, compile=False)
@@ -468,6 +472,7 @@ def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
     model, cfg = pretrained.model, pretrained.config
     save_model(model, str(out / WEIGHTS_FILE))
     umask_permissions(out / WEIGHTS_FILE)
+    write_checksums(out, (WEIGHTS_FILE,))
     save_config(_as_exported(cfg, checkpoint), out)
     model.text.config.save_pretrained(str(out / TEXT_DIR))
     pretrained.encoder.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))

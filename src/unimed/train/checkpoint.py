@@ -183,8 +183,7 @@ def save_checkpoint(
         save_model(model, str(tmp / WEIGHTS_FILE))
         umask_permissions(tmp / WEIGHTS_FILE)
         _save_state(state, tmp / STATE_FILE)
-        sums = {file: _sha256(tmp / file) for file in (WEIGHTS_FILE, STATE_FILE)}
-        (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
+        write_checksums(tmp, (WEIGHTS_FILE, STATE_FILE))
         for file in (WEIGHTS_FILE, STATE_FILE, CHECKSUM_FILE):
             _fsync_file(tmp / file)
         _fsync_dir(tmp)
@@ -249,18 +248,32 @@ def verify_checkpoint(path: str | Path) -> Path:
     for file in (WEIGHTS_FILE, STATE_FILE):
         if not (path / file).is_file():
             raise CheckpointError(f"checkpoint {path} is missing or incomplete: no {file}")
-    sums_file = path / CHECKSUM_FILE
+    verify_checksums(path, (WEIGHTS_FILE, STATE_FILE))
+    return path
+
+
+def write_checksums(folder: Path, files: tuple[str, ...]) -> None:
+    """`CHECKSUM_FILE` in `folder`: the SHA-256 of each of its `files`."""
+    sums = {file: _sha256(folder / file) for file in files}
+    (folder / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
+
+
+def verify_checksums(folder: Path, files: tuple[str, ...]) -> None:
+    """One CheckpointError line naming the first of `files` in `folder` whose SHA-256 differs from
+    the one its `CHECKSUM_FILE` holds; nothing to check in a folder written before checksums were."""
+    sums_file = folder / CHECKSUM_FILE
     if not sums_file.is_file():
-        return path
+        return
     try:
         sums = json.loads(sums_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {sums_file}: {_first_line(exc)}") from None
-    for file in (WEIGHTS_FILE, STATE_FILE):
-        if sums.get(file) != _sha256(path / file):
-            raise CheckpointError(f"{path / file} is truncated or corrupt: its SHA-256 differs "
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"cannot read {sums_file}: not a JSON object")
+    for file in files:
+        if sums.get(file) != _sha256(folder / file):
+            raise CheckpointError(f"{folder / file} is truncated or corrupt: its SHA-256 differs "
                                   f"from the one in {CHECKSUM_FILE}")
-    return path
 
 
 def latest_checkpoint(root: str | Path, *, fallback: bool = False) -> Path | None:
@@ -338,8 +351,10 @@ def load_checkpoint(
 
 
 def load_weights(model: nn.Module, file: str | Path) -> None:
-    """Load a safetensors weights file into `model`, failing on an unreadable file or on tensors
-    that do not fit (:func:`weights_mismatch`) with one CheckpointError line naming the file."""
+    """Load a safetensors weights file into `model`, failing on an unreadable file, on tensors
+    that do not fit (:func:`weights_mismatch`) or on NaN or infinite values (a file overwritten
+    with other bytes where no checksum says so: every output would be NaN) with one
+    CheckpointError line naming the file."""
     mismatch = weights_mismatch(model, file)
     if mismatch is not None:
         raise CheckpointError(f"the weights in {file} do not fit the model ({mismatch}): they were "
@@ -350,6 +365,12 @@ def load_weights(model: nn.Module, file: str | Path) -> None:
         load_model(model, str(file), strict=True, device=str(device))
     except _READ_ERRORS as exc:
         raise CheckpointError(f"cannot load weights from {file}: {_first_line(exc)}") from None
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise CheckpointError(f"the weights in {file} hold NaN or infinite values ({len(broken)} "
+                              f"tensor(s), e.g. {broken[0]}): the file is corrupt, or was saved "
+                              "from a run that diverged")
 
 
 def weights_mismatch(model: nn.Module, file: str | Path) -> str | None:
