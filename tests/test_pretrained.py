@@ -781,6 +781,32 @@ def test_a_damaged_export_or_checkpoint_is_refused_not_read_as_nan_weights(tiny_
     assert not (tmp_path / "c.csv").exists()
 
 
+def test_an_export_with_a_bad_preprocess_file_or_without_its_marker_is_named(tiny_run: Path, tmp_path: Path,
+                                                                            capsys):
+    """preprocess.json's "image_size": "big" was a ValueError traceback from int(); a folder that
+    lost unimed_export.json was read as a checkpoint "missing or incomplete: no state.pt"."""
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_run), str(out), "--quiet"]) == 0
+    preprocess = json.loads((out / "preprocess.json").read_text())
+    for value in ("big", 0, 1.5, None, True):
+        (out / "preprocess.json").write_text(json.dumps({**preprocess, "image_size": value}))
+        with pytest.raises(ConfigError) as err:
+            unimed.load(out)
+        assert str(err.value) == (f"{out / 'preprocess.json'}: image_size must be a side in pixels (an "
+                                  f"integer >= 1), got {value!r}")
+    (out / "preprocess.json").write_text(json.dumps(preprocess))
+    assert unimed.load(out).image_size == preprocess["image_size"]
+    (out / "unimed_export.json").unlink()
+    message = (f"{out} holds an exported model's preprocess.json but no unimed_export.json, which says "
+               "what the folder is: copy it from the export, or export the run again")
+    with pytest.raises(ConfigError) as err:
+        unimed.load(out)
+    assert str(err.value) == message
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--tasks", "zero_shot", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"unimed: config error: {message}"]
+
+
 def test_export_refuses_a_non_empty_folder(tiny_run: Path, tmp_path: Path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")

@@ -345,8 +345,17 @@ def _checked(image: np.ndarray | torch.Tensor, index: int) -> np.ndarray | torch
 
 
 def is_export(path: str | Path) -> bool:
-    """Whether `path` is a folder written by :func:`export`."""
-    return (Path(path) / EXPORT_FILE).is_file()
+    """Whether `path` is a folder written by :func:`export`. One that holds an export's
+    preprocess.json but not its unimed_export.json is a ConfigError saying so (read as a checkpoint
+    folder, it lacked "state.pt")."""
+    path = Path(path)
+    if (path / EXPORT_FILE).is_file():
+        return True
+    if (path / PREPROCESS_FILE).is_file():
+        raise ConfigError(f"{path} holds an exported model's {PREPROCESS_FILE} but no {EXPORT_FILE}, "
+                          "which says what the folder is: copy it from the export, or export the "
+                          "run again")
+    return False
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Pretrained:
@@ -426,8 +435,17 @@ def _load_export(folder: Path, device: torch.device, *, for_inference: bool = Fa
     name = cfg.method.name
     encoder = Encoder(name, method_label(name), model, tokenizer, max_length, device,
                       float(model.temperature))
-    return Pretrained(encoder, cfg, folder / PROMPTS_DIR, int(preprocess["image_size"]),
-                      int(preprocess["resize_size"]))
+    image_size, resize_size = (_size(preprocess, key, folder / PREPROCESS_FILE)
+                               for key in ("image_size", "resize_size"))
+    return Pretrained(encoder, cfg, folder / PROMPTS_DIR, image_size, resize_size)
+
+
+def _size(preprocess: dict, key: str, path: Path) -> int:
+    """`preprocess[key]`, an image side in pixels; a ConfigError naming `path` and `key` otherwise."""
+    value = preprocess.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}: {key} must be a side in pixels (an integer >= 1), got {value!r}")
+    return value
 
 
 def export_encoder(folder: str | Path, max_length: int) -> Encoder:

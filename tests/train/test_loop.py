@@ -426,11 +426,15 @@ def _damage(step_dir, how: str) -> tuple[str, int]:
         state.write_bytes(bytes(data))
         return f"{state} is truncated or corrupt", 4
     pointer = step_dir.parent / ckpt.LATEST_FILE
+    if how == "latest is empty":  # a pointer emptied by a full disk or an editor: it read the folder itself
+        pointer.write_text("")
+        return f"{pointer} names no checkpoint folder (''): it should hold the newest one's name", 6
     pointer.write_text("step_00000099\n")  # e.g. a copy of the run that lost its newest step
     return f"{pointer} names step_00000099, which does not exist", 6
 
 
-@pytest.mark.parametrize("how", ["truncated weights", "corrupt state", "latest names a missing step"])
+@pytest.mark.parametrize("how", ["truncated weights", "corrupt state", "latest names a missing step",
+                                 "latest is empty"])
 def test_resume_falls_back_to_the_newest_intact_checkpoint_and_logs_each_step_once(
         tmp_path, how, caplog):
     cfg = tiny_cfg(checkpoint_every=0, checkpoint_every_steps=4)
@@ -451,6 +455,15 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_logs_each_step_on
     rows = [json.loads(line) for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 17))
     assert [r["loss"] for r in rows] == pytest.approx(full.losses, abs=1e-6, rel=0)
+
+
+def test_an_empty_latest_pointer_is_named_as_such_not_as_a_checkpoint_lacking_its_weights(tmp_path):
+    _run(tmp_path, tiny_cfg(checkpoint_every=0, checkpoint_every_steps=4, max_steps=4))
+    root = tmp_path / CHECKPOINT_DIR
+    named, _ = _damage(root / "step_00000004", "latest is empty")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.find_checkpoint(tmp_path)
+    assert str(err.value) == f"{named}, such as step_00000000"
 
 
 def test_resume_without_any_intact_checkpoint_is_one_checkpoint_error(tmp_path):

@@ -288,8 +288,12 @@ def latest_checkpoint(root: str | Path, *, fallback: bool = False) -> Path | Non
     pointer = root / LATEST_FILE
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text(encoding="utf-8").strip()
+    name = pointer.read_text(encoding="utf-8").strip()
+    path = root / name
     try:
+        if not name or "/" in name or name in (".", ".."):
+            raise CheckpointError(f"{pointer} names no checkpoint folder ({name!r}): it should hold "
+                                  f"the newest one's name, such as {checkpoint_name(0)}")
         if not path.is_dir():
             raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
         return verify_checkpoint(path)
