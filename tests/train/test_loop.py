@@ -8,8 +8,10 @@ import pytest
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
+from torch import nn
 
 from train_helpers import (
+    DIM,
     LoaderRecorder,
     StagedToyMethod,
     ToyDataset,
@@ -185,6 +187,20 @@ def test_several_loaders_alternate_and_resume_mid_epoch(tmp_path):
     resumed, rest = _two_loaders(tmp_path / "cut", cfg, seed=5, resume=True)
     assert resumed.seen[0] == "b" and len(resumed.seen) == 17
     assert first.losses + rest.losses == pytest.approx(full.losses, abs=1e-6, rel=0)
+
+
+def test_resuming_another_methods_checkpoint_names_its_weights_before_its_training_state(tmp_path):
+    """A UniMedI run's checkpoint (two loaders, stopped mid-epoch) resumed by a Med-UniC run was
+    refused for its loaders' seeds, with advice (resume with the checkpoint's run.seed) that could
+    not help: its weights are another model's."""
+    _two_loaders(tmp_path, tiny_cfg(grad_accum=1, loader_mix="alternate", max_steps=7))
+    other = ToyMethod(nn.Sequential(nn.Linear(DIM, 4)), contrastive_loss)
+    weights = tmp_path / CHECKPOINT_DIR / "step_00000007" / ckpt.WEIGHTS_FILE
+    with pytest.raises(ckpt.CheckpointError) as err:
+        train(other, toy_loader(ToyDataset(), 4), tiny_cfg(), tmp_path, CPU, resume=True, progress=False)
+    assert str(err.value).startswith(f"the weights in {weights} do not fit the model (")
+    assert str(err.value).endswith("trained under other method settings (method.name, image encoder, "
+                                   "text encoder, sizes) than this config's")
 
 
 def test_a_resume_at_an_epoch_end_under_other_settings_says_so(tmp_path, caplog):

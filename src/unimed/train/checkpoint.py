@@ -359,11 +359,7 @@ def load_weights(model: nn.Module, file: str | Path) -> None:
     that do not fit (:func:`weights_mismatch`) or on NaN or infinite values (a file overwritten
     with other bytes where no checksum says so: every output would be NaN) with one
     CheckpointError line naming the file."""
-    mismatch = weights_mismatch(model, file)
-    if mismatch is not None:
-        raise CheckpointError(f"the weights in {file} do not fit the model ({mismatch}): they were "
-                              "trained under other method settings (image encoder, text encoder, "
-                              "sizes) than this config's")
+    check_weights_fit(model, file)
     device = next(iter(model.state_dict().values())).device
     try:
         load_model(model, str(file), strict=True, device=str(device))
@@ -375,6 +371,16 @@ def load_weights(model: nn.Module, file: str | Path) -> None:
         raise CheckpointError(f"the weights in {file} hold NaN or infinite values ({len(broken)} "
                               f"tensor(s), e.g. {broken[0]}): the file is corrupt, or was saved "
                               "from a run that diverged")
+
+
+def check_weights_fit(model: nn.Module, file: str | Path) -> None:
+    """One CheckpointError line naming `file` when its tensors do not fit `model`
+    (:func:`weights_mismatch`)."""
+    mismatch = weights_mismatch(model, file)
+    if mismatch is not None:
+        raise CheckpointError(f"the weights in {file} do not fit the model ({mismatch}): they were "
+                              "trained under other method settings (method.name, image encoder, "
+                              "text encoder, sizes) than this config's")
 
 
 def weights_mismatch(model: nn.Module, file: str | Path) -> str | None:

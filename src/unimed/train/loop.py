@@ -255,6 +255,9 @@ class Trainer:
             log.warning("--resume: no checkpoint under %s; starting from step 0",
                         self.out_dir / CHECKPOINT_DIR)
             return False
+        # Weights of another method or architecture are the first thing to say: the training
+        # state's checks below would otherwise name a symptom (its loaders' seeds, its stages).
+        ckpt.check_weights_fit(self.method, path / ckpt.WEIGHTS_FILE)
         state = ckpt.load_state(path, map_location=self.dist.device)
         self._check_compatible(state, path)
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
