@@ -439,6 +439,15 @@ def test_bad_ccii_and_bcv_input(world, tmp_path):
     (bcv / "img" / "img0003.nii.gz").write_bytes(gzip.compress(b"not a nifti"))
     read = load_dataset("bcv", bcv, on_error="skip", check_images=True)
     assert len(read.records) == TINY.ct.bcv_studies - 2 and read.dropped
+    # A truncated label map: `unimed check-data` read the volumes only and said OK, and the
+    # segmentation stopped on it later.
+    label = bcv / "label" / "label0001.nii.gz"
+    label.write_bytes(label.read_bytes()[:500])
+    assert len(load_dataset("bcv", bcv, on_error="skip").records) == TINY.ct.bcv_studies - 1  # not read
+    with pytest.raises(DataError, match=r"label0001\.nii\.gz: cannot read NIfTI volume"):
+        load_dataset("bcv", bcv, on_error="raise", check_images=True)
+    read = load_dataset("bcv", bcv, on_error="skip", check_images=True)
+    assert len(read.records) == TINY.ct.bcv_studies - 3
 
 
 def test_ccii_scans_of_archives_not_unzipped_are_left_out_and_counted(world, tmp_path, caplog):

@@ -11,6 +11,7 @@ from unimed.data.adapters.base import ADAPTERS, AdapterResult, ReadContext
 from unimed.data.adapters.volume_common import CARVE, POOL, check_volume_path
 from unimed.data.errors import MISSING_IMAGE, DataError
 from unimed.data.records import Record
+from unimed.data.volumes import read_volume
 
 BCV_ORGANS: dict[int, str] = {
     1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder", 5: "esophagus", 6: "liver",
@@ -28,7 +29,9 @@ label maps)."""
 @ADAPTERS.register("bcv")
 def read_bcv(root: Path, ctx: ReadContext) -> AdapterResult:
     """One 3D record per `img/img<NNNN>.nii.gz` (in the first of TRAINING_FOLDERS that holds one) with
-    its label map in `mask_path`; carved per patient (one patient per number)."""
+    its label map in `mask_path`; carved per patient (one patient per number). With check_images
+    the label map is read too (a truncated one passed `unimed check-data` and stopped the
+    segmentation)."""
     images = next((found for place in TRAINING_FOLDERS
                    if (found := sorted((root / place / "img").glob("img*.nii.gz")))), [])
     if not images:
@@ -44,6 +47,8 @@ def read_bcv(root: Path, ctx: ReadContext) -> AdapterResult:
                 raise DataError(f"label map {label.relative_to(folder)} missing for this volume", image,
                                 reason=MISSING_IMAGE)
             check_volume_path(ctx, image, image, None)
+            if ctx.check_images:
+                read_volume(label, labels=True)
         except DataError as err:
             ctx.drops.bad(err)
             continue
