@@ -451,6 +451,9 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
     assert "no checkpoint at" in capsys.readouterr().err
     assert main(["evaluate", str(run), "--tasks", "zero_shot,telepathy", "--quiet"]) == 2
     assert "unknown task(s) ['telepathy']" in capsys.readouterr().err
+    for empty in ("", " , "):  # an empty list in a script's variable ran every task
+        assert main(["evaluate", str(run), "--tasks", empty, "--quiet"]) == 2
+        assert capsys.readouterr().err.startswith("unimed: config error: unknown task(s) (none given); valid: ")
 
 
 def test_unknown_key_is_a_clean_error(preset: Path, capsys):
