@@ -196,6 +196,26 @@ def test_a_full_disk_in_any_stage_is_one_line_naming_the_file(tmp_path: Path, ca
         f"unimed: file system error: {target}: No space left on device"]
 
 
+def test_a_full_disk_while_the_phantom_is_written_names_the_worlds_root(tmp_path: Path, capsys,
+                                                                       monkeypatch) -> None:
+    """The OSError of a full disk met when a file is closed (Path.write_text's flush) names no
+    file: the line said "No space left on device" and nothing else."""
+    from unimed.phantom.writers.mimic import MimicWriter
+
+    def disk_full(self, study, split):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MimicWriter, "write_study", disk_full)
+    root = tmp_path / "world"
+    argv = ["phantom", f"phantom.root={root}", f"run.output_dir={tmp_path / 'runs'}", "phantom.workers=1",
+            "phantom.image_size=64", "phantom.mimic_studies=4", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("unimed:")] == [
+        f"unimed: file system error: {root}: No space left on device"]
+
+
 def test_an_os_error_of_the_code_keeps_its_traceback(tmp_path: Path, monkeypatch) -> None:
     def bug(*args, **kwargs):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "a path the code made up")

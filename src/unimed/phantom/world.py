@@ -219,17 +219,24 @@ def write_layouts(cfg: PhantomConfig, root: Path, layouts: Sequence[type], jobs:
     for folder in folders:
         _reset(folder)
     results: dict[str, list[StudyResult]] = {writer.folder: [] for writer in layouts}
-    chunks = run_chunks(partial(write_chunk, cfg, root), jobs, cfg.workers)
-    with tqdm(total=sum(stop - start for _, start, stop in jobs), desc=desc, unit=unit,
-              disable=not progress) as bar:
-        for (folder, _, _), chunk in zip(jobs, chunks):
-            results[folder] += chunk
-            bar.update(len(chunk))
-    datasets = {}
-    for writer in layouts:
-        done = results[writer.folder]
-        writer(cfg, root / writer.folder).write_tables([row for r in done for row in r.rows])
-        datasets[writer.folder] = summarize(writer, [r.entry for r in done])
+    try:
+        chunks = run_chunks(partial(write_chunk, cfg, root), jobs, cfg.workers)
+        with tqdm(total=sum(stop - start for _, start, stop in jobs), desc=desc, unit=unit,
+                  disable=not progress) as bar:
+            for (folder, _, _), chunk in zip(jobs, chunks):
+                results[folder] += chunk
+                bar.update(len(chunk))
+        datasets = {}
+        for writer in layouts:
+            done = results[writer.folder]
+            writer(cfg, root / writer.folder).write_tables([row for r in done for row in r.rows])
+            datasets[writer.folder] = summarize(writer, [r.entry for r in done])
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # A full disk met when a file is closed (write_text's flush) names no file: the world's
+        # root is named instead.
+        raise OSError(exc.errno, exc.strerror, str(root)) from exc
     return results, datasets
 
 
