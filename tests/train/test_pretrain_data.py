@@ -149,6 +149,20 @@ def test_unreadable_image_is_replaced_by_its_community_and_the_error_crosses_wor
     assert "skipped" not in clean[0] and "data_errors" not in clean[0]
 
 
+def test_a_replaced_pair_carries_its_own_error_not_those_of_unreadable_stand_ins(tmp_path, tokenizer):
+    """Two unreadable English images in a row: img2's pair, whose first stand-in (img4) failed
+    too, carried both errors, so img4 was counted twice in an epoch (once more for its own pair)."""
+    records = write_records(tmp_path)
+    for name in ("img2.png", "img4.png"):
+        (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:40])
+    cfg = DataConfig(image_size=16, resize_size=20, max_length=6, on_error="skip")
+    dataset = build_pretrain_dataset(records, tokenizer, cfg)
+    item = dataset[2]
+    assert item["index"] == 6 and [e.path for e in item["skipped"]] == [tmp_path / "img2.png"]
+    item = dataset[4]
+    assert item["index"] == 6 and [e.path for e in item["skipped"]] == [tmp_path / "img4.png"]
+
+
 def test_cvl_views_original_is_unaugmented_and_light_only_crops():
     image = np.random.default_rng(0).random((30, 40), dtype=np.float32)
     original = cvl_transform("original", 16, 20)

@@ -140,7 +140,9 @@ class PretrainDataset(Dataset):
             except DataError as err:
                 errors.append(err)
                 continue
-            return candidate, image, {"data_errors" if self.on_error == "raise" else "skipped": errors}
+            # The replaced pair's own error only: a stand-in tried before, unreadable too, is
+            # reported when its own pair comes (it was counted as a second replaced sample).
+            return candidate, image, {"data_errors" if self.on_error == "raise" else "skipped": errors[:1]}
         raise errors[0]
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:

@@ -142,6 +142,7 @@ class Trainer:
         )
         self.step = 0
         self.skipped = 0
+        self.skipped_files: set[str] = set()
         self.epoch = 0
         self.step_in_epoch = 0
         self.stage_index = -1
@@ -401,8 +402,10 @@ class Trainer:
             raise errors[0]
         for error in batch.pop("skipped", ()):
             self.skipped += 1
-            log.warning("skipped in training (data.on_error=skip; another pair of its community "
-                        "took its place): %s", error, extra=EACH_RANK)
+            if str(error) not in self.skipped_files:  # named once, however many epochs meet it
+                self.skipped_files.add(str(error))
+                log.warning("skipped in training (data.on_error=skip; another pair of its community "
+                            "takes its place): %s", error, extra=EACH_RANK)
 
     # --------------------------------------------------------------- compute
     def _context(self, loader: str) -> StepContext:
@@ -544,7 +547,8 @@ class Trainer:
             path = self.save()
         if self.skipped:
             log.warning("%d sample(s) could not be read and were replaced in training "
-                        "(data.on_error=skip); each is named above", self.skipped, extra=EACH_RANK)
+                        "(data.on_error=skip): %d file(s), each named above", self.skipped,
+                        len(self.skipped_files), extra=EACH_RANK)
         return TrainResult(history=history, steps=self.step, checkpoint=path, skipped=self.skipped)
 
 
