@@ -59,8 +59,18 @@ def test_an_unreadable_image_stops_decoding_with_its_name(tiny_world: Path, tmp_
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     records = [*records[:3], dataclasses.replace(records[3], image_path=broken), *records[4:]]
-    with pytest.raises(DataError, match="broken.jpg"):
+    with pytest.raises(DataError, match="broken.jpg") as err:
         _data(tiny_world).load(records, "crop")
+    assert "data.on_error=skip" not in str(err.value)
+    # Under data.on_error=skip the set is fixed when its dataset is read: the error says how to
+    # leave such images out (the setting was silently not applied).
+    skip = EvalData(DataConfig(root=str(tiny_world), image_size=IMAGE_SIZE, resize_size=72, progress=False,
+                               on_error="skip"))
+    with pytest.raises(DataError) as err:
+        skip.load(records, "crop")
+    assert str(err.value).startswith(f"{broken}: ") and str(err.value).endswith(
+        "(data.on_error=skip leaves out the images found unreadable when a dataset is read; with "
+        "data.check_images=true every image is read then)")
 
 
 def test_a_large_jpeg_decodes_at_the_reduced_scale_pre_training_reads(tiny_world: Path, tmp_path: Path):

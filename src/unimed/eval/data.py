@@ -195,11 +195,19 @@ class EvalData:
                ) -> Iterator[T]:
         """`read` of each item (a record, or the records of one volume), yielded in order, run on
         ``torch.get_num_threads()`` threads (at most `MAX_DECODE_THREADS`); the first error
-        raises, and the reads not yet started are cancelled."""
+        raises, and the reads not yet started are cancelled. An evaluation set is fixed when its
+        dataset is read, so an image found unreadable here is not skipped under
+        ``data.on_error=skip``: the error then says how to leave such images out."""
         pool = ThreadPoolExecutor(min(MAX_DECODE_THREADS, torch.get_num_threads()))
         try:
             yield from tqdm(pool.map(read, items), total=len(items), desc=desc, unit=unit,
                             disable=not self.progress)
+        except DataError as err:
+            if self.cfg.on_error != "skip" or self.cfg.check_images:
+                raise
+            raise DataError(f"{err.message} (data.on_error=skip leaves out the images found "
+                            "unreadable when a dataset is read; with data.check_images=true every "
+                            "image is read then)", err.path, err.line, err.column, err.reason) from None
         finally:
             pool.shutdown(cancel_futures=True)
 
