@@ -20,12 +20,12 @@ from collections.abc import Iterator
 import torch
 
 from unimed.commands import COMMANDS
-from unimed.config import load_config, load_run_config
+from unimed.config import Config, load_config, load_run_config
 from unimed.data.errors import DataError
 from unimed.errors import ConfigError
 from unimed.eval.errors import EvalError
 from unimed.machine import set_malloc_for_training
-from unimed.train.checkpoint import CheckpointError
+from unimed.train.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint
 from unimed.train.distributed import log_on_rank_zero
 from unimed.train.stop import Terminated, TrainingDiverged, TrainingInterrupted, terminate_as_interrupt
 
@@ -130,6 +130,28 @@ def _allocation(exc: BaseException) -> str:
     return f"tried to allocate {size} on the {where}"
 
 
+STAGE_OF = {"pretrain": "pretrain", "mlm": "mlm"}
+"""The run folder's stage whose checkpoints a training command writes."""
+
+
+def _kept(command: str, cfg: Config | None) -> str:
+    """What a training command stopped at once (a second Ctrl-C, which does not wait for the step
+    to end and be saved) keeps: its newest checkpoint, named, or that none was saved; "" for
+    other commands."""
+    stage = STAGE_OF.get(command)
+    if stage is None or cfg is None:
+        return ""
+    root = cfg.run.dir / stage / CHECKPOINT_DIR
+    try:
+        newest = latest_checkpoint(root)
+    except CheckpointError:
+        newest = None
+    if newest is None:
+        return f" before any checkpoint was saved in {root}"
+    return (f"; its newest checkpoint is {newest} (the steps after it are lost): "
+            f"{RESUME_HINTS.get(command, RESUME_HINT)}")
+
+
 def _check_launch(name: str, distributed: bool) -> None:
     """A command that runs as one process, launched by torchrun on several ranks, is a ConfigError
     (every rank would do the whole job and write the same files)."""
@@ -155,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*args.overrides, *extra]
     # Progress bars redraw in place on a terminal; in a redirected log every redraw is a line.
     args.progress = not args.quiet and sys.stderr.isatty()
+    cfg = None
     try:
         spec = COMMANDS[args.command]
         _check_launch(args.command, spec.distributed)
@@ -171,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as exc:  # SIGTERM outside training
         print(f"unimed: terminated: unimed {args.command} stopped by SIGTERM", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save, no traceback to read
-        print(f"unimed: interrupted: unimed {args.command} stopped by Ctrl-C", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside training (or twice in it): no traceback to read
+        print(f"unimed: interrupted: unimed {args.command} stopped by Ctrl-C{_kept(args.command, cfg)}",
+              file=sys.stderr)
         return 128 + signal.SIGINT
     except ConfigError as exc:
         print(f"unimed: config error: {exc}", file=sys.stderr)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from test_distributed import _free_port
 from train_helpers import ToyDataset, ToyMethod, ToyModel, contrastive_loss, tiny_cfg, toy_loader
 from unimed.cli import main
-from unimed.train.checkpoint import training_progress, unfinished
+from unimed.train.checkpoint import save_checkpoint, training_progress, unfinished
 from unimed.train.distributed import DistInfo, cleanup, init_distributed
 from unimed.train.loop import CHECKPOINT_DIR, train
 from unimed.train.stop import (
@@ -192,6 +192,27 @@ def test_the_command_line_says_where_training_stopped_and_how_to_go_on(command, 
     assert main([command, "configs/demo.yaml", f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 130
     assert capsys.readouterr().err.strip() == (
         f"unimed: interrupted: training stopped by SIGINT after step 7: checkpoint {checkpoint}; {hint}")
+
+
+def test_ctrl_c_twice_in_training_names_the_newest_checkpoint_kept(monkeypatch, capsys, tmp_path):
+    """The second Ctrl-C stops at once, without the step's checkpoint: the line said only
+    "stopped by Ctrl-C", not what was kept nor that the steps after it were lost."""
+    root = tmp_path / "runs" / "demo" / "pretrain" / CHECKPOINT_DIR
+
+    def stopped_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("unimed.commands.train.run_pretrain", stopped_at_once)
+    argv = ["pretrain", "configs/demo.yaml", f"run.output_dir={tmp_path / 'runs'}", "--quiet"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"unimed: interrupted: unimed pretrain stopped by Ctrl-C before any checkpoint was saved in {root}")
+    save_checkpoint(root, 24, torch.nn.Linear(2, 2), {"step": 24})
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"unimed: interrupted: unimed pretrain stopped by Ctrl-C; its newest checkpoint is "
+        f"{root / 'step_00000024'} (the steps after it are lost): run the same command with --resume "
+        "to continue from it")
 
 
 def test_a_worker_pool_leaves_ctrl_c_to_its_parent():
