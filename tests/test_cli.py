@@ -453,7 +453,8 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
     assert "unknown task(s) ['telepathy']" in capsys.readouterr().err
     for empty in ("", " , "):  # an empty list in a script's variable ran every task
         assert main(["evaluate", str(run), "--tasks", empty, "--quiet"]) == 2
-        assert capsys.readouterr().err.startswith("unimed: config error: unknown task(s) (none given); valid: ")
+        assert capsys.readouterr().err.startswith(
+            "unimed: config error: unknown task(s) (none given); valid: ")
 
 
 def test_unknown_key_is_a_clean_error(preset: Path, capsys):

@@ -141,7 +141,8 @@ def test_missing_or_malformed_preset(tmp_path):
         load_config(bad)
     assert "\n" not in str(info.value)  # one line at the command line, not PyYAML's several
     bad.write_bytes(b"run:\n  name: \xff\xfe\n")
-    with pytest.raises(ConfigError, match=r"^config file .*bad.yaml is not UTF-8 text \(byte 13: b'\\xff'\)$"):
+    with pytest.raises(ConfigError,
+                       match=r"^config file .*bad.yaml is not UTF-8 text \(byte 13: b'\\xff'\)$"):
         load_config(bad)
 
 

@@ -392,5 +392,6 @@ def test_a_text_config_that_cannot_be_read_is_a_checkpoint_error_naming_the_fold
     BertModel(_tiny_bert_config()).save_pretrained(tmp_path)
     assert load_text_config(tmp_path).hidden_size == 16
     (tmp_path / "config.json").write_text('{"hidden_size": 16,')
-    with pytest.raises(CheckpointError, match=rf"^text encoder config folder {tmp_path} cannot be read: OSError: "):
+    with pytest.raises(CheckpointError,
+                       match=rf"^text encoder config folder {tmp_path} cannot be read: OSError: "):
         load_text_config(tmp_path)
