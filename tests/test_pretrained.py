@@ -240,7 +240,7 @@ def test_encode_volume_gives_the_3d_evaluations_volume_embeddings(tiny_run: Path
     unit = torch.nn.functional.normalize(want, dim=-1).numpy()
     np.testing.assert_allclose(np.load(out), unit[1:], atol=1e-5)
     assert [r["file"] for r in csv.DictReader(out.with_suffix(".csv").open())] == ["scan"]
-    scores = tmp_path / "ct.csv"
+    scores = tmp_path / "ct_scores.csv"  # not ct.csv, the embeddings' listing: that is refused
     assert main(["classify", str(tiny_run), str(folder), "--volumes", "--classes", ",".join(CLASSES),
                  "--language", "es", "--out", str(scores), "--quiet"]) == 0
     rows = list(csv.DictReader(scores.open()))
@@ -339,6 +339,19 @@ def test_a_listing_beside_the_output_replaces_only_an_earlier_listing(tiny_run: 
                            f"--on-error skip: {notes} exists and was not written by unimed")
         assert notes.read_text(encoding="utf-8") == "my notes\n"
     notes.unlink()
+    # The output itself: a table of the user's at classify's --out, an array without embed's
+    # listing beside it, were overwritten without a word.
+    precious = tmp_path / "precious.csv"
+    precious.write_text("my precious table\n", encoding="utf-8")
+    _fails_in_one_line(capsys, ["classify", str(tiny_run), str(images), "--classes", "pneumonia", "--out",
+                                str(precious), "--quiet"],
+                       f"--out: {precious} exists and was not written by unimed classify")
+    assert precious.read_text(encoding="utf-8") == "my precious table\n"
+    array = tmp_path / "mine.npy"
+    np.save(array, np.arange(3))
+    _fails_in_one_line(capsys, ["embed", str(tiny_run), str(images), "--out", str(array), "--quiet"],
+                       f"--out: {array} exists without the listing mine.csv that unimed embed writes")
+    np.testing.assert_array_equal(np.load(array), np.arange(3))
     assert main(["classify", str(tiny_run), str(images), "--classes", "pneumonia", "--out",
                  str(tmp_path / "scores.csv"), "--on-error", "skip", "--quiet"]) == 0
     assert main(["classify", str(tiny_run), str(images), "--classes", "pneumonia", "--out",

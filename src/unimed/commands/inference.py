@@ -179,16 +179,28 @@ def _own_listing(path: Path, header: Sequence[str], option: str) -> None:
     """A listing written beside the output (embed's `<out>.csv`, `<out>.skipped.csv`) replaces only
     an earlier one of its kind: a file of another kind at that path (a table of the user's own beside
     `--out`) is a ConfigError, checked before any image is read."""
-    if not path.exists():
-        return
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            ours = tuple(next(csv.reader(f), ())) == tuple(header)
-    except (OSError, UnicodeDecodeError, csv.Error):
-        ours = False
-    if not ours:
+    if path.exists() and _first_row(path) != tuple(header):
         raise ConfigError(f"{option}: {path} exists and was not written by unimed (its first row is not "
                           f"{','.join(header)}); it would be overwritten: choose another --out or move it")
+
+
+def _own_scores(path: Path) -> None:
+    """classify's `--out` replaces only an earlier table of scores (first row: file, p(...), ...,
+    score(...)); any other file there is a ConfigError, checked before any image is read."""
+    row = _first_row(path) if path.exists() else None
+    if path.exists() and not (row and row[0] == "file" and len(row) > 1 and row[1].startswith("p(")):
+        raise ConfigError(f"--out: {path} exists and was not written by unimed classify (its first row is "
+                          "not file,p(<class>),...); it would be overwritten: choose another --out or "
+                          "move it")
+
+
+def _first_row(path: Path) -> tuple[str, ...] | None:
+    """The first row of the CSV file `path`; None for one that cannot be read as UTF-8 CSV."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return tuple(next(csv.reader(f), ()))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
 
 
 def _relative(file: Path, root: Path) -> str:
@@ -281,6 +293,7 @@ def classify_command(cfg: Config, args: argparse.Namespace) -> int:
     classes = checked_class_names([c.strip() for c in args.classes.split(",") if c.strip()], "--classes")
     files, what = _inputs(args)
     out = _writable(args.out)
+    _own_scores(out)
     if args.on_error == "skip":
         _own_listing(_skipped_listing(out), SKIPPED_HEADER, "--on-error skip")
     model = load(args.model, device=args.device)
@@ -324,6 +337,10 @@ def embed_command(cfg: Config, args: argparse.Namespace) -> int:
     _writable(out)
     names = out.with_suffix(".csv")
     _own_listing(names, NAMES_HEADER, "--out")
+    if out.exists() and not names.exists():  # an earlier embed wrote both
+        raise ConfigError(f"--out: {out} exists without the listing {names.name} that unimed embed "
+                          "writes beside its embeddings; it would be overwritten: choose another "
+                          "--out or move it")
     if args.on_error == "skip":
         _own_listing(_skipped_listing(out), SKIPPED_HEADER, "--on-error skip")
     model = load(args.model, device=args.device)
