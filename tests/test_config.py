@@ -217,6 +217,30 @@ def test_a_saved_run_config_reads_its_paths_where_the_run_was_launched(tmp_path,
     assert load_config(saved).data.root == "world"  # a plain preset read is left alone
 
 
+def test_a_moved_run_whose_path_names_nothing_beside_it_says_it_reads_one_from_here(tmp_path, monkeypatch,
+                                                                                    caplog):
+    """A run moved away from its project, its data root gone with the project, evaluated from a
+    folder that holds a `world` of its own: it scored that folder's data without a word."""
+    project = tmp_path / "project"
+    saved = _saved_run(project, monkeypatch)
+    (project / "runs").rename(tmp_path / "moved")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "world").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    moved = tmp_path / "moved" / saved.relative_to(project / "runs")
+    with caplog.at_level("WARNING", logger="unimed.config"):
+        cfg = load_run_config(moved)
+    assert cfg.data.root == "world"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.root=world names nothing where the run folder is now; read from the working directory as "
+        f"{elsewhere / 'world'}"]
+    caplog.clear()
+    (elsewhere / "world").rmdir()
+    with caplog.at_level("WARNING", logger="unimed.config"):
+        load_run_config(moved)
+    assert not caplog.records  # nothing read from here: the missing root is named when it is read
+
+
 def test_a_saved_run_config_read_where_it_was_launched_is_read_as_written(tmp_path, monkeypatch):
     saved = _saved_run(tmp_path / "project", monkeypatch)
     assert load_run_config(saved) == load_config(saved)

@@ -610,7 +610,8 @@ def test_the_mlm_stages_text_encoder_is_named_as_such_where_a_model_is_expected(
                                unimed.load(tiny_run).encode_text(TEXTS))
 
 
-def test_every_dataset_missing_under_the_data_root_is_named_at_once(tiny_run: Path, tmp_path: Path, capsys):
+def test_every_dataset_missing_under_the_data_root_is_named_at_once(tiny_run: Path, tmp_path: Path, capsys,
+                                                                    monkeypatch):
     """Not the first one only, after the workers started: a root holding few of the defaults took
     one run per missing dataset to find them all."""
     root = tmp_path / "mine"
@@ -622,6 +623,10 @@ def test_every_dataset_missing_under_the_data_root_is_named_at_once(tiny_run: Pa
                        "chexpert (linear_probe); rsna (linear_probe); covidx (linear_probe); mimic-cxr "
                        "(modality_gap); padchest (modality_gap); bimcv-covid19 (modality_gap). Point "
                        "data.root at them, or name other datasets in the tasks' eval.<task> settings")
+    monkeypatch.chdir(tmp_path)  # a relative root is named where it was looked for, too
+    _fails_in_one_line(capsys, ["evaluate", str(tiny_run), "data.root=mine", "--tasks", "zero_shot",
+                                "--quiet"],
+                       f"1 dataset(s) the tasks read are not under data.root mine ({root}): pdc (zero_shot)")
 
 
 def _fails_in_one_line(capsys, args: list[str], expected: str) -> None:

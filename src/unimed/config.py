@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -27,6 +28,8 @@ from unimed.models.config import MedUniCConfig
 from unimed.phantom.config import PhantomConfig
 from unimed.text.config import MLMConfig, VocabConfig
 from unimed.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -249,6 +252,7 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             for key in keys[:-1]:
                 node = node.setdefault(key, {})
             node[keys[-1]] = _relocated(value, saved.run.dir, here)
+            _warn_if_read_from_here(".".join(keys), value, node[keys[-1]], saved.run.dir)
         data["run"].update(output_dir=str(here.parent), name=here.name)
     mlm = (here or saved.run.dir.resolve()) / "mlm"
     if saved.method.text.encoder is None and (mlm / "config.json").is_file():
@@ -293,6 +297,17 @@ def _relocated(value: Any, old_run: Path, here: Path) -> Any:
             candidate = (here.parents[depth - 1] if depth else here) / path.relative_to(old)
             return str(candidate) if candidate.exists() else value
     return value
+
+
+def _warn_if_read_from_here(key: str, saved: Any, now: Any, old_run: Path) -> None:
+    """A relative path option the moved run's folder could not place (it names nothing at the
+    same place relative to the run folder now) is read from the working directory; where it names
+    something there, a warning says so: it may be another project's folder of that name (a run
+    whose data root had moved scored the data in ./data without a word)."""
+    if (isinstance(saved, str) and saved and saved == now and not old_run.is_absolute()
+            and not Path(saved).is_absolute() and Path(saved).exists()):
+        log.warning("%s=%s names nothing where the run folder is now; read from the working "
+                    "directory as %s", key, saved, Path(saved).resolve())
 
 
 def _path_options(section: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:

@@ -384,8 +384,10 @@ def check_datasets_present(cfg: Config, tasks: Sequence[str]) -> None:
                 missing.setdefault(name, []).append(task)
     if missing:
         listed = "; ".join(f"{name} ({', '.join(by)})" for name, by in missing.items())
+        root = Path(cfg.data.root)
+        where = f"{root} ({root.resolve()})" if not root.is_absolute() else str(root)
         raise ConfigError(f"{len(missing)} dataset(s) the tasks read are not under data.root "
-                          f"{cfg.data.root}: {listed}. Point data.root at them, or name other datasets in "
+                          f"{where}: {listed}. Point data.root at them, or name other datasets in "
                           "the tasks' eval.<task> settings")
 
 
