@@ -295,3 +295,25 @@ def test_multi_frame_and_non_dicom_files_are_named_as_such(tmp_path: Path) -> No
         expected = rf"renamed.dcm: cannot read {what} \(not DICOM: no 'DICM' prefix, nor an image data set"
         with pytest.raises(DataError, match=expected + r" without one\)$"):
             reader(tmp_path / "renamed.dcm")
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_a_picture_stored_turned_is_read_upright_as_its_exif_orientation_says(tmp_path: Path,
+                                                                               suffix: str) -> None:
+    """EXIF orientation 6 (stored turned a quarter to the left: viewers turn it back) was ignored:
+    a 128-wide, 256-tall radiograph photographed by a phone was read 256 wide, sideways."""
+    upright = np.zeros((256, 128), dtype=np.uint8)
+    upright[:32] = 255  # a bright band at the top
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # as the phone stored it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"photo{suffix}"
+    stored.save(path, exif=exif.tobytes(), **({"quality": 95} if suffix == ".jpg" else {}))
+    pixels = load_image(path)
+    assert pixels.shape == (256, 128)
+    assert pixels[:32].mean() > 0.9 and pixels[64:].mean() < 0.1  # the band is at the top again
+    plain = tmp_path / f"plain{suffix}"
+    Image.fromarray(upright).save(plain)
+    assert load_image(plain).shape == (256, 128)  # no orientation tag: read as stored
+    if suffix == ".jpg":
+        assert load_image(path, min_side=64).shape == (128, 64)  # the reduced decode, turned too

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image
+from PIL import Image, ImageOps
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -115,10 +115,20 @@ def pil_grey(im: Image.Image) -> np.ndarray:
     return image / _GREY_MAX[im.mode]
 
 
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag saying how a camera or a phone held the picture: 1 upright, 2-8 mirrored or
+turned, which viewers (and Pillow's ``ImageOps.exif_transpose``) undo."""
+
+
 def _load_pil(path: Path, min_side: int | None = None) -> np.ndarray:
+    """The grey pixels of a PIL-readable file, upright: a JPEG or PNG whose EXIF orientation says it
+    was stored turned (a photograph of a film, a scan from a phone) is turned back, as a viewer
+    shows it (it was read as stored, sideways)."""
     with Image.open(path) as im:
         if min_side is not None and im.format == "JPEG":
             im.draft("L", (min_side, min_side))
+        if "exif" in im.info and im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # info: no decode
+            im = ImageOps.exif_transpose(im)
         if im.mode in _WIDE_MODES:
             _check_wide(np.asarray(im, dtype=np.float32), im.mode, path)
         return pil_grey(im)
