@@ -72,6 +72,11 @@ def test_check_data_names_every_problem_and_passes_once_fixed(tmp_path: Path, ca
     assert main(["check-data", "--root", str(root), "--datasets", "mine,notes", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "OK: every row read" in out and "hospital-a=12" in out
+    for empty in ("", ",", " , "):  # checked every dataset, or said the root held none
+        assert main(["check-data", "--root", str(root), "--datasets", empty, "--quiet"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"unimed: config error: --datasets {empty!r} names no dataset: give names separated by commas, "
+            "or leave the option out to check every dataset under the root")
 
 
 def test_check_data_says_a_table_saved_in_windows_1252_or_with_semicolons_as_such(tmp_path: Path, capsys):

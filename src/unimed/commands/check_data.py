@@ -61,7 +61,11 @@ def check_data(cfg: Config, args: argparse.Namespace) -> int:
     root = Path(cfg.data.root)
     if not root.is_dir():
         raise ConfigError(f"data root not found: {root} (data.root or --root)")
-    names = [n for n in args.datasets.split(",") if n] if args.datasets else find_datasets(root)
+    names = ([n.strip() for n in args.datasets.split(",") if n.strip()] if args.datasets is not None
+             else find_datasets(root))
+    if args.datasets is not None and not names:  # "" or "," checked every dataset, or said none was there
+        raise ConfigError(f"--datasets {args.datasets!r} names no dataset: give names separated by "
+                          "commas, or leave the option out to check every dataset under the root")
     if not names:
         raise ConfigError(f"no dataset under {root}: no official layout folder and no sub-folder "
                           "with a records.csv / records.jsonl (see docs/LAYOUTS.md)")
