@@ -108,3 +108,23 @@ def test_the_main_run_stands_for_the_full_row_only_when_trained_with_its_setting
     save_config(_config("method.name=prior", "method.stage_epochs=[4,0,0]", f"run.output_dir={tmp_path}"),
                 cfg.run.dir / "pretrain")
     assert not trained_as(cfg.run.dir, full)
+
+
+def test_ablate_refuses_a_row_or_a_task_it_cannot_run_before_any_row_trains(tmp_path, monkeypatch,
+                                                                              capsys) -> None:
+    """The row without MLM needs vocab.base_model: that was found after two rows had pre-trained
+    and been evaluated. A task of the table whose datasets are empty ran as an empty result
+    ({"zero_shot": {}}) in every row."""
+    from unimed.cli import main
+
+    trained = []
+    monkeypatch.setattr("unimed.commands.ablate.run_row", lambda *args, **kwargs: trained.append(args))
+    base = ["ablate", "configs/demo.yaml", f"run.output_dir={tmp_path}", "--seeds", "1", "--quiet"]
+    assert main([*base, "vocab.base_model=null"]) == 2
+    assert capsys.readouterr().err.strip() == ("unimed: config error: the row without MLM starts from "
+                                               "vocab.base_model, which is not set")
+    assert main([*base, "eval.zero_shot.datasets=[]", "eval.tasks=[retrieval]"]) == 2
+    assert capsys.readouterr().err.strip() == ("unimed: config error: unimed ablate scores every row on "
+                                               "zero_shot, but eval.zero_shot.datasets names no dataset: "
+                                               "name one")
+    assert trained == []

@@ -307,7 +307,12 @@ def ablate(cfg: Config, args: argparse.Namespace) -> int:
     with holding(cfg.run.dir, "ablation"):
         table = method_ablation(cfg)
         for row in table.rows:  # a row the config cannot make fails before anything trains
-            row.configure(cfg.method)
+            row_config(cfg, row)
+        for task in table.tasks:  # its rows are scored on these tasks, whatever eval.tasks says
+            empty = next((key for key, value in cfg.eval.task_settings(task) if not value), None)
+            if empty is not None:
+                raise ConfigError(f"unimed ablate scores every row on {task}, but {empty} names no "
+                                  "dataset: name one")
         check_datasets_present(cfg, table.tasks)  # as does a dataset the evaluations would miss
         seeds = [cfg.run.seed + k for k in range(args.seeds)]
         rows = []
