@@ -123,6 +123,11 @@ def test_a_missing_value_written_as_text_reads_as_the_blank_it_was(tmp_path: Pat
         ("split", "holdout", MALFORMED_ROW, "split 'holdout' is not one of"),
         ("patient_id", "", MALFORMED_ROW, "empty patient_id"),
         ("language", "", MALFORMED_ROW, "empty language"),
+        # Read as communities of their own beside "en" and "es", without a word:
+        ("language", "english", MALFORMED_ROW, "language 'english' is not a two-letter ISO 639-1 code"),
+        ("language", "Español", MALFORMED_ROW, "language 'Español' is not a two-letter ISO 639-1 code"),
+        ("language", "123", MALFORMED_ROW, "language '123' is not a two-letter"),
+        ("language", "-", MALFORMED_ROW, "language '-' is not a two-letter"),  # read as empty
     ],
 )
 def test_generic_bad_row_is_named_or_skipped_and_counted(

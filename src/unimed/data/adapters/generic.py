@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,9 +179,13 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
         report = clean_report(_text(row, REPORT))
         if not ctx.accept_report(report, path, line, REPORT):
             return None
-        language = language_code(_text(row, LANGUAGE))  # "EN", "en-US" and "en_GB" rows are "en" rows
-        if not language:
+        given = _text(row, LANGUAGE)
+        language = language_code(given)  # "EN", "en-US" and "en_GB" rows are "en" rows
+        if not given:
             raise DataError("empty language (a code such as en or es)", path, line, LANGUAGE)
+        if not re.fullmatch("[a-z]{2}", language):  # "english" was a community of its own beside "en"
+            raise DataError(f"language {given!r} is not a two-letter ISO 639-1 code (such as en or es, "
+                            "as the prompt files are named)", path, line, LANGUAGE)
     split = _text(row, "split").lower() or CARVED  # "Train", "TEST": the splits
     if split not in (*SPLITS, CARVED):
         raise DataError(f"split {split!r} is not one of {list(SPLITS)} or blank", path, line, "split")
