@@ -130,18 +130,17 @@ def _allocation(exc: BaseException) -> str:
     return f"tried to allocate {size} on the {where}"
 
 
-STAGE_OF = {"pretrain": "pretrain", "mlm": "mlm"}
-"""The run folder's stage whose checkpoints a training command writes."""
+TRAINING_COMMANDS = ("pretrain", "mlm")
+"""The commands that write checkpoints, each in the run folder's stage of its name."""
 
 
 def _kept(command: str, cfg: Config | None) -> str:
     """What a training command stopped at once (a second Ctrl-C, which does not wait for the step
     to end and be saved) keeps: its newest checkpoint, named, or that none was saved; "" for
     other commands."""
-    stage = STAGE_OF.get(command)
-    if stage is None or cfg is None:
+    if command not in TRAINING_COMMANDS or cfg is None:
         return ""
-    root = cfg.run.dir / stage / CHECKPOINT_DIR
+    root = cfg.run.dir / command / CHECKPOINT_DIR
     try:
         newest = latest_checkpoint(root)
     except CheckpointError:
