@@ -74,9 +74,12 @@ def run_dir(cfg: Config, subdir: str | None = None) -> Path:
 
 
 def _unwritable(folder: Path, exc: OSError, setting: str = "run.output_dir") -> ConfigError:
+    """Why `folder` cannot be written, naming the file that stands where it or a folder above it
+    should be (the OSError says only "File exists" or "Not a directory")."""
     what = "the run folder" if setting == "run.output_dir" else "the folder"
-    return ConfigError(f"cannot write {what} {folder} ({exc.strerror or exc}); "
-                       f"set {setting} to a writable folder")
+    blocking = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    why = f"{blocking} is a file, not a folder" if blocking is not None else exc.strerror or exc
+    return ConfigError(f"cannot write {what} {folder} ({why}); set {setting} to a writable folder")
 
 
 @contextlib.contextmanager
