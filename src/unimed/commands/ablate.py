@@ -309,7 +309,7 @@ def ablate(cfg: Config, args: argparse.Namespace) -> int:
         for row in table.rows:  # a row the config cannot make fails before anything trains
             row_config(cfg, row)
         for task in table.tasks:  # its rows are scored on these tasks, whatever eval.tasks says
-            empty = next((key for key, value in cfg.eval.task_settings(task) if not value), None)
+            empty = cfg.eval.empty_setting(task)
             if empty is not None:
                 raise ConfigError(f"unimed ablate scores every row on {task}, but {empty} names no "
                                   "dataset: name one")

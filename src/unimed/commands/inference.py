@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from unimed.commands import command
+from unimed.commands import command, file_in_the_way
 from unimed.config import Config
 from unimed.data.errors import MISSING_IMAGE, ON_ERROR_OPTIONS, DataError
 from unimed.errors import ConfigError
@@ -378,7 +378,7 @@ def _writable(path: str | Path) -> Path:
         if not existed:
             path.unlink()
     except (FileExistsError, NotADirectoryError):  # a file where the path needs a folder
-        blocking = next((folder for folder in path.parents if folder.is_file()), path.parent)
+        blocking = file_in_the_way(path.parent) or path.parent
         raise ConfigError(f"cannot write {path} ({blocking} is a file, not a folder)") from None
     except OSError as exc:
         raise ConfigError(f"cannot write {path} ({exc.strerror or exc})") from None

@@ -566,6 +566,11 @@ class EvalConfig:
         return [(f"eval.{section}.{key}", getattr(getattr(self, section), key))
                 for section, key in TASK_DATASETS[task]]
 
+    def empty_setting(self, task: str) -> str | None:
+        """The first setting naming `task`'s datasets that names none (the task would give no
+        row), or None."""
+        return next((setting for setting, value in self.task_settings(task) if not value), None)
+
     def task_datasets(self, task: str) -> tuple[str, ...]:
         """The datasets `task` reads, as its settings name them (the keys of TASK_DATASETS)."""
         names: list[str] = []
@@ -583,7 +588,7 @@ class EvalConfig:
             raise ValueError(f"eval.fractions must {'lie' if bad else 'name at least one fraction'} in "
                              f"(0, 1], got {bad}")
         for task in dict.fromkeys(self.tasks):  # a task asked for would otherwise give no row
-            empty = next((setting for setting, value in self.task_settings(task) if not value), None)
+            empty = self.empty_setting(task)
             if empty is not None:
                 raise ValueError(f"eval.tasks runs {task}, but {empty} names no dataset: name one, or "
                                  f"take {task} out of eval.tasks")
