@@ -11,7 +11,7 @@ from data_layouts import write_dicom
 from PIL import Image
 
 from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
-from unimed.data.images import check_image, dicom_header, load_image
+from unimed.data.images import MIN_IMAGE_SIDE, check_image, dicom_header, load_image
 
 RAMP8 = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
 RAMP16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
@@ -224,6 +224,32 @@ def test_truncated_image_fails_the_image_check(name: str, tmp_path: Path) -> Non
     with pytest.raises(DataError, match=name) as info:
         check_image(path)
     assert info.value.reason == UNREADABLE_IMAGE
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (2, 40), (40, MIN_IMAGE_SIDE - 1)])
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".dcm"])
+def test_an_image_of_a_few_pixels_is_named_not_scored(shape: tuple[int, int], suffix: str,
+                                                      tmp_path: Path) -> None:
+    """A placeholder of a few pixels decodes, and resized it would be a flat image scored like any
+    other: it is a DataError naming the file and its size, whichever reader meets it."""
+    path = tmp_path / f"tiny{suffix}"
+    array = np.full(shape, 128, dtype=np.uint8)
+    write_dicom(path, array) if suffix == ".dcm" else Image.fromarray(array).save(path)
+    size = rf"{shape[1]} x {shape[0]} pixels: too small for a radiograph"
+    for read in (load_image, check_image, lambda p: load_image(p, min_side=96)):
+        with pytest.raises(DataError, match=rf"tiny\{suffix}: the image is {size}") as info:
+            read(path)
+        assert info.value.reason == UNREADABLE_IMAGE
+
+
+def test_the_smallest_side_read_is_the_stored_one_not_the_jpeg_draft(tmp_path: Path) -> None:
+    """A 16-px JPEG decodes at 1/8 (2 x 2 pixels) in the image check and passes: the rule reads
+    the stored size."""
+    Image.fromarray(np.full((16, 16), 90, dtype=np.uint8)).save(tmp_path / "small.jpg")
+    Image.fromarray(np.full((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE), 90, dtype=np.uint8)).save(tmp_path / "edge.png")
+    check_image(tmp_path / "small.jpg")
+    assert load_image(tmp_path / "small.jpg", min_side=1).shape == (2, 2)
+    assert load_image(tmp_path / "edge.png").shape == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
 
 
 def test_jpeg_draft_decodes_at_the_smallest_scale_covering_min_side(tmp_path: Path) -> None:

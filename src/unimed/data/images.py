@@ -115,6 +115,20 @@ def pil_grey(im: Image.Image) -> np.ndarray:
     return image / _GREY_MAX[im.mode]
 
 
+MIN_IMAGE_SIDE = 8
+"""The shortest side, in stored pixels, of an image read as a radiograph. The smallest chest images
+in use are MedMNIST's 28 x 28; a file of a few pixels is a placeholder or a broken export, which
+resizing would turn into a flat image, embedded and scored like any other."""
+
+
+def check_side(height: int, width: int, path: Path) -> None:
+    """A DataError naming `path` when its stored image is smaller than `MIN_IMAGE_SIDE` a side."""
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise DataError(f"the image is {width} x {height} pixels: too small for a radiograph (at least "
+                        f"{MIN_IMAGE_SIDE} a side; a placeholder or a broken export?)", path,
+                        reason=UNREADABLE_IMAGE)
+
+
 EXIF_ORIENTATION = 0x0112
 """The EXIF tag saying how a camera or a phone held the picture: 1 upright, 2-8 mirrored or
 turned, which viewers (and Pillow's ``ImageOps.exif_transpose``) undo."""
@@ -125,6 +139,7 @@ def _load_pil(path: Path, min_side: int | None = None) -> np.ndarray:
     was stored turned (a photograph of a film, a scan from a phone) is turned back, as a viewer
     shows it (it was read as stored, sideways)."""
     with Image.open(path) as im:
+        check_side(im.height, im.width, path)  # the stored size: a JPEG's draft decodes it smaller
         if min_side is not None and im.format == "JPEG":
             im.draft("L", (min_side, min_side))
         if "exif" in im.info and im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # info: no decode
@@ -179,6 +194,7 @@ def _load_dicom(path: Path) -> np.ndarray:
         raise DataError(f"a multi-frame DICOM ({frames} frames): an X-ray record is one image (a CT "
                         "series is a volume: the `volume` column)", path, reason=UNREADABLE_IMAGE)
     stored = ds.pixel_array  # (H, W), or (H, W, 3) RGB
+    check_side(stored.shape[0], stored.shape[1], path)
     if int(ds.get("SamplesPerPixel") or 1) == 3:
         bits = int(getattr(ds, "BitsStored", 8 * stored.itemsize))
         return stored.astype(np.float32) @ _LUMA / float(2**bits - 1)
