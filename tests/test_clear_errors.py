@@ -134,7 +134,14 @@ FAULTS = {
         lambda root: (root / "world").write_text("x") and [
             "phantom", DEMO, f"phantom.root={root / 'world'}", f"run.output_dir={root / 'runs'}",
             "--quiet"],
-        "unimed: config error: phantom.root={root}/world: cannot create the folder (File exists)"),
+        "unimed: config error: phantom.root={root}/world: cannot create the folder ({root}/world is a file, "
+        "not a folder); choose another root"),
+    "a phantom root below a file": (
+        lambda root: (root / "world").write_text("x") and [
+            "phantom", DEMO, f"phantom.root={root / 'world' / 'phantom'}", f"run.output_dir={root / 'runs'}",
+            "--quiet"],
+        "unimed: config error: phantom.root={root}/world/phantom: cannot create the folder ({root}/world is "
+        "a file, not a folder); choose another root"),
     "a malformed phantom sites file": (
         lambda root: (root / "sites.yaml").write_text("x: [y\n") and [
             "phantom", DEMO, f"phantom.root={root / 'world'}", f"phantom.sites_file={root / 'sites.yaml'}",

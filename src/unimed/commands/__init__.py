@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from unimed.config import Config, save_config
-from unimed.errors import ConfigError
+from unimed.errors import ConfigError, why_unwritable
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,8 @@ def _unwritable(folder: Path, exc: OSError, setting: str = "run.output_dir") -> 
     """Why `folder` cannot be written, naming the file that stands where it or a folder above it
     should be (the OSError says only "File exists" or "Not a directory")."""
     what = "the run folder" if setting == "run.output_dir" else "the folder"
-    blocking = file_in_the_way(folder)
-    why = f"{blocking} is a file, not a folder" if blocking is not None else exc.strerror or exc
-    return ConfigError(f"cannot write {what} {folder} ({why}); set {setting} to a writable folder")
-
-
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file that stands where `folder` or a folder above it should be, if any."""
-    return next((path for path in (folder, *folder.parents) if path.is_file()), None)
+    return ConfigError(f"cannot write {what} {folder} ({why_unwritable(folder, exc)}); set {setting} to a "
+                       "writable folder")
 
 
 @contextlib.contextmanager

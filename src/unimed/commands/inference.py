@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from unimed.commands import command, file_in_the_way
+from unimed.commands import command
 from unimed.config import Config
 from unimed.data.errors import MISSING_IMAGE, ON_ERROR_OPTIONS, DataError
-from unimed.errors import ConfigError
+from unimed.errors import ConfigError, why_unwritable
 
 if TYPE_CHECKING:
     from unimed.pretrained import Pretrained
@@ -377,9 +377,6 @@ def _writable(path: str | Path) -> Path:
             pass
         if not existed:
             path.unlink()
-    except (FileExistsError, NotADirectoryError):  # a file where the path needs a folder
-        blocking = file_in_the_way(path.parent) or path.parent
-        raise ConfigError(f"cannot write {path} ({blocking} is a file, not a folder)") from None
     except OSError as exc:
-        raise ConfigError(f"cannot write {path} ({exc.strerror or exc})") from None
+        raise ConfigError(f"cannot write {path} ({why_unwritable(path.parent, exc)})") from None
     return path

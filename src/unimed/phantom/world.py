@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from unimed.data.adapters import OFFICIAL_FOLDERS
 from unimed.data.splits import split_file_path
-from unimed.errors import ConfigError
+from unimed.errors import ConfigError, why_unwritable
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
 from unimed.phantom.writers import LAYOUTS, WRITERS, LayoutWriter, ManifestEntry, StudyResult
@@ -125,7 +125,7 @@ def make_root(root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"phantom.root={root}: cannot create the folder "
-                          f"({exc.strerror or exc}); choose another root") from None
+                          f"({why_unwritable(root, exc)}); choose another root") from None
 
 
 def _check_writable(folder: Path) -> None:
