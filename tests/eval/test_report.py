@@ -392,6 +392,7 @@ def test_checks_fail() -> None:
     ((0.52, [0.45, 0.6]),
      {"within_language": {"R@1": 0.3, "ci": {"R@1": [0.2, 0.4]}}, "chance": {"R@1": 0.02}},
      {"loss_mixed": 2.0, "loss_single_language": 2.0}, "prompts"),
+    ((0.52, [0.45, 0.6]), None, None, "retrieval was not measured"),  # evaluate --tasks zero_shot
 ])
 def test_zero_shot_failure_cause_reads_the_retrieval_diagnostics(auc, pooled, shortcut, expected
                                                                  ) -> None:
@@ -399,12 +400,16 @@ def test_zero_shot_failure_cause_reads_the_retrieval_diagnostics(auc, pooled, sh
     model = metrics["encoders"]["medunic"]["tasks"]
     value, bounds = auc
     model["zero_shot"]["cxp500"]["en"].update(auc=value, ci={"auc": bounds})
-    model["retrieval"].update(pooled=pooled, shortcut=shortcut)
+    if pooled is None:
+        del model["retrieval"]
+    else:
+        model["retrieval"].update(pooled=pooled, shortcut=shortcut)
     check = quality_checks(metrics)[0]
     low, high = (f"{100 * b:.1f}" for b in bounds)
     assert check.status == FAIL and check.detail == f"macro AUC {100 * value:.1f} ({low}–{high})%"
     assert expected in check.cause
     assert ("did not learn" in check.cause) == (expected == "did not learn the findings")
+    assert ("retrieval is above chance" in check.cause) == (expected == "prompts")
 
 
 def _classes(aucs: dict[str, tuple[float, float]]) -> dict:

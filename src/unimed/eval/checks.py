@@ -346,6 +346,9 @@ def zero_shot_cause(auc: float, auc_ci: object, retrieval: object, classes: str 
     if mixed is not None and single is not None and single - mixed > 0.1:
         return (f"alignment leans on the language: InfoNCE {mixed:.2f} in mixed-language batches vs "
                 f"{single:.2f} in single-language ones (other-language negatives are easy)")
+    if auc < 0.6 and recall is None:
+        return ("near chance, and within-language retrieval was not measured to tell a model that "
+                "learned nothing from prompts that miss the reports' wording: add the retrieval task")
     if auc < 0.6:
         return ("retrieval is above chance but the prompts are not: the short class prompts do "
                 "not match how the reports word the findings (check the prompt files)")
