@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         with library_output(quiet=args.quiet, progress=args.progress), terminate_as_interrupt():
             return spec.handler(cfg, args)
     except TrainingInterrupted as exc:
-        print(f"unimed: interrupted: {exc}; {RESUME_HINTS.get(args.command, RESUME_HINT)}", file=sys.stderr)
+        hint = RESUME_HINTS.get(args.command, "nothing is left to train" if exc.complete else RESUME_HINT)
+        print(f"unimed: interrupted: {exc}; {hint}", file=sys.stderr)
         return exc.exit_code
     except Terminated as exc:  # SIGTERM outside training
         print(f"unimed: terminated: unimed {args.command} stopped by SIGTERM", file=sys.stderr)

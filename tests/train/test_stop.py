@@ -91,9 +91,16 @@ def test_a_signal_at_an_epochs_last_step_resumes_at_the_next_epoch(tmp_path):
     assert rest.losses == pytest.approx(full.losses[8:], abs=1e-6, rel=0)
 
 
-def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path):
-    _, result = _run(tmp_path / "run", sig=signal.SIGTERM, at=16)
-    assert result.steps == 16 and result.checkpoint.name == "step_00000016"
+def test_a_signal_during_the_last_step_saves_the_whole_run_and_still_stops(tmp_path):
+    """The stage's training is complete, but the command that trains it (an ablation's rows, the
+    demo's stages) must not go on as if no one had asked it to stop."""
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _run(tmp_path / "run", sig=signal.SIGTERM, at=16)
+    assert stopped.value.complete and stopped.value.step == 16
+    assert stopped.value.checkpoint == tmp_path / "run" / CHECKPOINT_DIR / "step_00000016"
+    assert "after step 16 (its last: the stage's training is complete)" in str(stopped.value)
+    assert training_progress(stopped.value.checkpoint) == (16, 16)
+    assert unfinished(stopped.value.checkpoint) is None
 
 
 @pytest.mark.parametrize("before", [signal.default_int_handler, signal.SIG_IGN])
@@ -176,22 +183,25 @@ def test_every_rank_stops_at_the_step_one_rank_was_signalled(tmp_path):
     assert (tmp_path / CHECKPOINT_DIR / "step_00000003").is_dir()
 
 
-@pytest.mark.parametrize(("command", "hint"), [
-    ("pretrain", "run the same command with --resume to continue from it"),
-    ("demo", "the main job starts its stages over when run again"),
+@pytest.mark.parametrize(("command", "complete", "hint"), [
+    ("pretrain", False, "run the same command with --resume to continue from it"),
+    ("pretrain", True, "nothing is left to train"),
+    ("demo", False, "the main job starts its stages over when run again"),
+    ("demo", True, "the main job starts its stages over when run again"),
 ])
-def test_the_command_line_says_where_training_stopped_and_how_to_go_on(command, hint, monkeypatch, capsys,
-                                                                         tmp_path):
+def test_the_command_line_says_where_training_stopped_and_how_to_go_on(command, complete, hint, monkeypatch,
+                                                                         capsys, tmp_path):
     checkpoint = tmp_path / "runs" / "demo" / "pretrain" / CHECKPOINT_DIR / "step_00000007"
 
     def interrupted(*args, **kwargs):
-        raise TrainingInterrupted(signal.SIGINT, 7, checkpoint)
+        raise TrainingInterrupted(signal.SIGINT, 7, checkpoint, complete=complete)
 
     monkeypatch.setattr("unimed.commands.train.run_pretrain", interrupted)
     monkeypatch.setattr("unimed.commands.demo.phantom", interrupted)
     assert main([command, "configs/demo.yaml", f"run.output_dir={tmp_path / 'runs'}", "--quiet"]) == 130
-    assert capsys.readouterr().err.strip() == (
-        f"unimed: interrupted: training stopped by SIGINT after step 7: checkpoint {checkpoint}; {hint}")
+    last = " (its last: the stage's training is complete)" if complete else ""
+    assert capsys.readouterr().err.strip() == (f"unimed: interrupted: training stopped by SIGINT after step "
+                                               f"7{last}: checkpoint {checkpoint}; {hint}")
 
 
 def test_ctrl_c_twice_in_training_names_the_newest_checkpoint_kept(monkeypatch, capsys, tmp_path):

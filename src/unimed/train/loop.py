@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from collections.abc import Iterator, Mapping
@@ -540,8 +541,8 @@ class Trainer:
                     path, saved_at = self.save(), self.step
             if self.stopping and self.step < last:
                 bar.close()
-                received = self.stop_request.received if self.stop_request is not None else None
-                raise TrainingInterrupted(received, self.step, path if saved_at == self.step else self.save())
+                raise TrainingInterrupted(self._received(), self.step,
+                                          path if saved_at == self.step else self.save())
         bar.close()
         if history and saved_at != self.step:
             path = self.save()
@@ -549,7 +550,13 @@ class Trainer:
             log.warning("%d sample(s) could not be read and were replaced in training "
                         "(data.on_error=skip): %d file(s), each named above", self.skipped,
                         len(self.skipped_files), extra=EACH_RANK)
+        if self.stopping:  # asked during the last step: the stage is whole, the command stops
+            raise TrainingInterrupted(self._received(), self.step, path, complete=True)
         return TrainResult(history=history, steps=self.step, checkpoint=path, skipped=self.skipped)
+
+    def _received(self) -> signal.Signals | None:
+        """The stop signal this rank received (None: another rank's stopped every rank)."""
+        return self.stop_request.received if self.stop_request is not None else None
 
 
 def mix_schedule(lengths: list[int], mode: str) -> list[int]:

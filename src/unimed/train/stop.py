@@ -53,12 +53,17 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped by a signal after `step`, with a checkpoint saved at that step; a
-    KeyboardInterrupt, so ``except Exception`` does not swallow it."""
+    KeyboardInterrupt, so ``except Exception`` does not swallow it. `complete`: the signal came
+    during the stage's last step, so its training is whole, and the command stops all the same
+    (an ablation's next row, the demo's next stage are not started)."""
 
-    def __init__(self, received: signal.Signals | None, step: int, checkpoint: Path) -> None:
+    def __init__(self, received: signal.Signals | None, step: int, checkpoint: Path,
+                 complete: bool = False) -> None:
         self.received, self.step, self.checkpoint = received, step, checkpoint
+        self.complete = complete
         what = received.name if received is not None else "a stop signal to another rank"
-        super().__init__(f"training stopped by {what} after step {step}: checkpoint {checkpoint}")
+        done = " (its last: the stage's training is complete)" if complete else ""
+        super().__init__(f"training stopped by {what} after step {step}{done}: checkpoint {checkpoint}")
 
     @property
     def exit_code(self) -> int:
