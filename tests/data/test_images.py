@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,24 @@ def test_the_smallest_side_read_is_the_stored_one_not_the_jpeg_draft(tmp_path: P
     check_image(tmp_path / "small.jpg")
     assert load_image(tmp_path / "small.jpg", min_side=1).shape == (2, 2)
     assert load_image(tmp_path / "edge.png").shape == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
+
+
+def test_an_image_over_pillows_pixel_limit_is_named_and_one_below_it_read_without_a_warning(
+        tmp_path: Path, monkeypatch) -> None:
+    """Pillow refuses an image of more than twice MAX_IMAGE_PIXELS (a decompression bomb) with its
+    own exception, which was a traceback even under on_error=skip; above the limit alone it
+    printed a bare DecompressionBombWarning."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.fromarray(np.full((12, 12), 70, dtype=np.uint8)).save(tmp_path / "large.png")  # 144 px
+    Image.fromarray(np.full((16, 16), 70, dtype=np.uint8)).save(tmp_path / "huge.png")  # 256 > 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / "large.png").shape == (12, 12)
+    for read in (load_image, check_image):
+        with pytest.raises(DataError, match=r"huge\.png: cannot read image \(Image size \(256 pixels\) "
+                                            r"exceeds limit of 200 pixels") as info:
+            read(tmp_path / "huge.png")
+        assert info.value.reason == UNREADABLE_IMAGE
 
 
 def test_jpeg_draft_decodes_at_the_smallest_scale_covering_min_side(tmp_path: Path) -> None:

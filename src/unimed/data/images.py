@@ -41,6 +41,7 @@ _READ_ERRORS = (
     NotImplementedError,
     AttributeError,
     InvalidDicomError,
+    Image.DecompressionBombError,  # over twice Pillow's MAX_IMAGE_PIXELS: not decoded
 )
 
 
@@ -138,7 +139,10 @@ def _load_pil(path: Path, min_side: int | None = None) -> np.ndarray:
     """The grey pixels of a PIL-readable file, upright: a JPEG or PNG whose EXIF orientation says it
     was stored turned (a photograph of a film, a scan from a phone) is turned back, as a viewer
     shows it (it was read as stored, sideways)."""
-    with Image.open(path) as im:
+    with warnings.catch_warnings():  # an image over MAX_IMAGE_PIXELS (but not twice it) is read
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)
+    with opened as im:
         check_side(im.height, im.width, path)  # the stored size: a JPEG's draft decodes it smaller
         if min_side is not None and im.format == "JPEG":
             im.draft("L", (min_side, min_side))
