@@ -4,19 +4,23 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from unimed.commands.ablate import (
     ABLATIONS,
-    trained_as,
     aggregate,
+    main_run_differs,
     method_ablation,
     orderings,
     row_config,
+    trained_as,
     welch_interval,
 )
 from unimed.config import load_config, save_config
 from unimed.errors import ConfigError
+from unimed.train.checkpoint import save_checkpoint
+from unimed.train.loop import CHECKPOINT_DIR
 
 
 def test_aggregate_gives_mean_and_sample_sd_of_shared_leaves() -> None:
@@ -105,9 +109,28 @@ def test_the_main_run_stands_for_the_full_row_only_when_trained_with_its_setting
     full = row_config(cfg, ABLATIONS["prior"].rows[-1])
     save_config(cfg, cfg.run.dir / "pretrain")
     assert trained_as(cfg.run.dir, full)
-    save_config(_config("method.name=prior", "method.stage_epochs=[4,0,0]", f"run.output_dir={tmp_path}"),
+    for other in ("method.stage_epochs=[4,0,0]", "data.image_size=48", "data.pretrain_datasets=[mimic-cxr]"):
+        save_config(_config("method.name=prior", "method.stage_epochs=[4,2,3]", f"run.output_dir={tmp_path}",
+                            other), cfg.run.dir / "pretrain")
+        assert not trained_as(cfg.run.dir, full), other  # data: the rows were compared on other data
+    # Where its files are kept and how it shows progress do not change what a run trains.
+    save_config(_config("method.name=prior", "method.stage_epochs=[4,2,3]", f"run.output_dir={tmp_path}",
+                        "data.num_workers=3", "data.progress=false", f"data.split_dir={tmp_path}"),
                 cfg.run.dir / "pretrain")
-    assert not trained_as(cfg.run.dir, full)
+    assert trained_as(cfg.run.dir, full)
+
+
+def test_a_main_run_stopped_before_its_end_does_not_stand_for_the_full_row(tmp_path) -> None:
+    """It was evaluated as the full row (the newest checkpoint of a run stopped at step 5 of 16)."""
+    cfg = _config("method.name=prior", "method.stage_epochs=[4,2,3]", f"run.output_dir={tmp_path}")
+    full = row_config(cfg, ABLATIONS["prior"].rows[-1])
+    save_config(cfg, cfg.run.dir / "pretrain")
+    checkpoints = cfg.run.dir / "pretrain" / CHECKPOINT_DIR
+    assert main_run_differs(cfg.run.dir, full) == "holds no checkpoint"
+    save_checkpoint(checkpoints, 5, torch.nn.Linear(2, 2), {"step": 5, "last_step": 16})
+    assert main_run_differs(cfg.run.dir, full) == "stopped at step 5 of 16 (step_00000005)"
+    save_checkpoint(checkpoints, 16, torch.nn.Linear(2, 2), {"step": 16, "last_step": 16})
+    assert main_run_differs(cfg.run.dir, full) is None
 
 
 def test_ablate_refuses_a_row_or_a_task_it_cannot_run_before_any_row_trains(tmp_path, monkeypatch,

@@ -44,6 +44,8 @@ from unimed.commands.evaluate import (
 from unimed.commands.train import resolve_encoder, run_pretrain
 from unimed.config import CONFIG_FILE, Config, to_dict
 from unimed.errors import ConfigError
+from unimed.train.checkpoint import latest_checkpoint, training_progress
+from unimed.train.loop import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -198,36 +200,58 @@ def _check_same_config(row_cfg: Config, row: AblationRow) -> None:
         )
 
 
+# Data settings that say where files are kept and how the run shows its progress, not what it
+# trains on.
+UNTRAINED_DATA_KEYS = ("num_workers", "progress", "split_dir", "volume_cache", "image_cache")
+
+
 def _training_sections(config: dict) -> tuple:
-    """The method (text encoder paths aside) and train sections of a config dict."""
+    """The method (text encoder paths aside), data (`UNTRAINED_DATA_KEYS` aside) and train sections
+    of a config dict."""
     method = dict(config.get("method") or {})
     method["text"] = {k: v for k, v in (method.get("text") or {}).items()
                       if k not in ("encoder", "tokenizer")}
-    return method, config.get("train")
+    data = {k: v for k, v in (config.get("data") or {}).items() if k not in UNTRAINED_DATA_KEYS}
+    return method, data, config.get("train")
 
 
 def trained_as(run_dir: Path, row_cfg: Config) -> bool:
-    """Whether the pre-training under `run_dir` used `row_cfg`'s method and train settings."""
+    """Whether the pre-training under `run_dir` used `row_cfg`'s method, data and train settings."""
     saved = run_dir / "pretrain" / CONFIG_FILE
     return saved.is_file() and _training_sections(
         yaml.safe_load(saved.read_text(encoding="utf-8"))) == _training_sections(to_dict(row_cfg))
 
 
+def main_run_differs(run_dir: Path, row_cfg: Config) -> str | None:
+    """Why the main run's pre-training under `run_dir` cannot stand for the row `row_cfg` trains
+    (other settings, or its training not finished); None when it can."""
+    if not trained_as(run_dir, row_cfg):
+        return "was trained with other method, data or train settings"
+    newest = latest_checkpoint(run_dir / "pretrain" / CHECKPOINT_DIR)
+    if newest is None:
+        return "holds no checkpoint"
+    step, last = training_progress(newest)
+    if last is not None and step < last:
+        return f"stopped at step {step} of {last} ({newest.name})"
+    return None
+
+
 def run_row(cfg: Config, row: AblationRow, seed: int, *, progress: bool) -> dict:
-    """Pre-train (unless the main run is this row and seed, trained with the same settings) and
-    evaluate one row; its metrics."""
+    """Pre-train (unless the main run is this row and seed, trained to its end with the same
+    settings) and evaluate one row; its metrics."""
     row_cfg = row_config(cfg, row, seed)
-    checkpoint = cfg.run.dir / "pretrain" / "checkpoints"
+    checkpoint = cfg.run.dir / "pretrain" / CHECKPOINT_DIR
     main_run = row.full and seed == cfg.run.seed and checkpoint.is_dir()
-    if main_run and trained_as(cfg.run.dir, row_cfg):
+    differs = main_run_differs(cfg.run.dir, row_cfg) if main_run else None
+    if main_run and differs is None:
         log.info("ablation row '%s' is the main run: evaluating %s", row.name, checkpoint)
     else:
         if main_run:
-            log.info("ablation row '%s': the main run in %s was trained with other settings; "
-                     "training the row", row.name, cfg.run.dir)
+            log.warning("ablation row '%s': the main run in %s %s; training the row", row.name,
+                        cfg.run.dir, differs)
         _check_same_config(row_cfg, row)
         run_pretrain(row_cfg, resume=True, progress=progress)
-        checkpoint = row_cfg.run.dir / "pretrain" / "checkpoints"
+        checkpoint = row_cfg.run.dir / "pretrain" / CHECKPOINT_DIR
     metrics = run_evaluation(row_cfg, checkpoint, method_ablation(cfg).tasks, progress=progress,
                              baselines=())
     return metrics["encoders"][cfg.method.name]["tasks"]
