@@ -151,3 +151,26 @@ def test_ablate_refuses_a_row_or_a_task_it_cannot_run_before_any_row_trains(tmp_
                                                "zero_shot, but eval.zero_shot.datasets names no dataset: "
                                                "name one")
     assert trained == []
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("metrics.json", b'{"encoders": {', "cannot be read (Expecting"),
+    ("metrics.json", b"[1, 2]", "holds a JSON list, not an evaluation's metrics (an object)"),
+    ("bootstrap.npz", b"PK\x03\x04 cut", "cannot be read ("),
+])
+def test_a_damaged_evaluation_of_the_run_stops_ablate_before_any_row_trains(tmp_path, monkeypatch, capsys,
+                                                                          name, content, message) -> None:
+    """The ablation writes its table into the run's metrics.json and report: a damaged file there
+    was a traceback after every row had trained."""
+    from unimed.cli import main
+
+    trained = []
+    monkeypatch.setattr("unimed.commands.ablate.run_row", lambda *args, **kwargs: trained.append(args))
+    run = tmp_path / "demo"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"encoders": {}}')
+    (run / name).write_bytes(content)
+    assert main(["ablate", "configs/demo.yaml", f"run.output_dir={tmp_path}", "--seeds", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"unimed: config error: {run / name} {message}"), err
+    assert trained == []

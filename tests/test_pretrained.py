@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -831,6 +832,41 @@ def test_export_refuses_a_non_empty_folder(tiny_run: Path, tmp_path: Path, capsy
     assert main(["export", str(tiny_run), str(tmp_path / "taken"), "--quiet"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("content", ['{"encoders": {', '["x"]'])
+def test_export_of_a_run_with_damaged_metrics_writes_its_card_without_them(tiny_run: Path, tmp_path: Path,
+                                                                           caplog, content: str):
+    """A truncated metrics.json (or one that is not an object) was a traceback from the model card,
+    after the weights, config and tokenizer had been written: a half export that a rerun refused."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "metrics.json").write_text(content)
+    with caplog.at_level("WARNING"):
+        assert main(["export", str(run), str(tmp_path / "out"), "--quiet"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "The run's `metrics.json` could not be read; run `unimed evaluate` on it." in card
+    assert f"the model card has no evaluation tables: {run / 'metrics.json'}" in caplog.text
+    unimed.load(tmp_path / "out")
+
+
+def test_an_export_that_fails_midway_leaves_no_partial_folder(tiny_run: Path, tmp_path: Path, monkeypatch,
+                                                              capsys):
+    """The folder appears whole or not at all: a disk that filled while the tokenizer was written
+    left weights and config that a rerun refused as "not empty"."""
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("unimed.pretrained.copy_corpus_stemming", full_disk)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        assert main(["export", str(tiny_run), str(out), "--quiet"]) == 2
+        assert "cannot write the export folder" in capsys.readouterr().err
+        assert not out.exists() or not any(out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no partial folder beside them
+    monkeypatch.undo()
+    assert main(["export", str(tiny_run), str(tmp_path / "empty"), "--quiet"]) == 0
+    unimed.load(tmp_path / "empty")
 
 
 def test_an_exported_model_evaluates_as_its_run_does(tiny_run: Path, tmp_path: Path, capsys):

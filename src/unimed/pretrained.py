@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -477,16 +478,23 @@ def export(run: str | Path, out: str | Path) -> Path:
     checkpoint = find_checkpoint(run)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export folder {out} already exists and is not empty; choose a new one")
+    card = model_card(pretrained, checkpoint)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"  # renamed to `out` once whole
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_export(pretrained, checkpoint, out)
+        partial.mkdir(parents=True)
+        _write_export(pretrained, checkpoint, partial, card)
+        if out.is_dir():
+            out.rmdir()
+        partial.rename(out)
     except WRITE_ERRORS as exc:
         raise ConfigError(f"cannot write the export folder {out} ({write_failure(exc)})") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     log.info("exported %s to %s", checkpoint, out)
     return out
 
 
-def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
+def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path, card: str) -> None:
     model, cfg = pretrained.model, pretrained.config
     save_model(model, str(out / WEIGHTS_FILE))
     umask_permissions(out / WEIGHTS_FILE)
@@ -511,7 +519,7 @@ def _write_export(pretrained: Pretrained, checkpoint: Path, out: Path) -> None:
     _write_json(out / PREPROCESS_FILE, preprocess)
     _write_json(out / EXPORT_FILE, {"format": EXPORT_FORMAT, "method": cfg.method.name,
                                     "checkpoint": checkpoint.name})
-    (out / CARD_FILE).write_text(model_card(pretrained, checkpoint), encoding="utf-8")
+    (out / CARD_FILE).write_text(card, encoding="utf-8")
 
 
 def _as_exported(cfg: Config, checkpoint: Path) -> Config:
@@ -539,7 +547,7 @@ def find_metrics(checkpoint: Path) -> Path | None:
 def model_card(pretrained: Pretrained, checkpoint: Path) -> str:
     """The exported folder's README.md: what the model is, how to use it, what it was trained on
     and, when the run was evaluated, its evaluation tables."""
-    from unimed.eval.report import format_tables
+    from unimed.eval.report import format_tables, read_metrics
 
     cfg = pretrained.config
     settings = to_dict(cfg)
@@ -576,10 +584,15 @@ def model_card(pretrained: Pretrained, checkpoint: Path) -> str:
     ]
     metrics_file = find_metrics(checkpoint)
     lines += ["## Evaluation", ""]
-    if metrics_file is None:
+    try:
+        metrics = None if metrics_file is None else read_metrics(metrics_file)
+    except ConfigError as exc:
+        log.warning("the model card has no evaluation tables: %s", exc)
+        lines += [f"The run's `{METRICS_FILE}` could not be read; run `unimed evaluate` on it.", ""]
+        return "\n".join(lines)
+    if metrics is None:
         lines += ["The run was not evaluated (no metrics.json); run `unimed evaluate` on it.", ""]
     else:
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         lines += [f"From the run's `{METRICS_FILE}` (data root `{metrics.get('data_root')}`); "
                   "values in %, 95 % bootstrap intervals in brackets.", ""]
         for title, header, rows in format_tables(metrics):

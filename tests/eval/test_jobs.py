@@ -70,6 +70,17 @@ def test_a_kept_job_whose_records_changed_or_that_cannot_be_read_runs_again(tmp_
     assert not store.folder.exists()
 
 
+@pytest.mark.parametrize("size", [0, 200])
+def test_a_kept_job_whose_replicates_file_is_truncated_runs_again(tmp_path: Path, caplog, size: int) -> None:
+    """A truncated replicates.npz raised numpy's BadZipFile / EOFError, a traceback on the rerun."""
+    store, figures = _saved(tmp_path)
+    path = store.folder / "job" / "replicates.npz"
+    path.write_bytes(path.read_bytes()[:size])
+    with caplog.at_level(logging.WARNING):
+        assert store.load("job", Records(cxp500="same"), figures) is None
+    assert f"the evaluation job kept in {store.folder / 'job'} cannot be read" in caplog.text
+
+
 def test_an_unwritable_store_is_said_and_the_evaluation_goes_on(tmp_path: Path, caplog) -> None:
     (tmp_path / "jobs").write_text("a file where the store's folder goes")
     store = JobStore(tmp_path / "jobs", "context")

@@ -38,12 +38,14 @@ from unimed.commands.evaluate import (
     METRICS_FILE,
     check_datasets_present,
     print_summary,
+    read_replicates,
     run_evaluation,
     write_outputs,
 )
 from unimed.commands.train import resolve_encoder, run_pretrain
 from unimed.config import CONFIG_FILE, Config, to_dict
 from unimed.errors import ConfigError
+from unimed.eval.report import read_metrics
 from unimed.train.checkpoint import latest_checkpoint, training_progress
 from unimed.train.loop import CHECKPOINT_DIR
 
@@ -319,6 +321,20 @@ def orderings(rows: Sequence[dict], claims: Sequence[tuple[str, str]]) -> list[d
     return out
 
 
+def _run_metrics(cfg: Config) -> dict:
+    """The run's evaluation (its metrics.json, with the bootstrap replicates its report reads), into
+    which the ablation's table goes; a ConfigError naming a file that cannot be read."""
+    path = cfg.run.dir / METRICS_FILE
+    if not path.is_file():
+        return {"run": cfg.run.name, "encoders": {}}
+    read_replicates(cfg.run.dir)
+    try:
+        return read_metrics(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}: the ablation writes its table into the run's metrics; evaluate the run "
+                          "again, or move the file away") from None
+
+
 def _seeds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
 
@@ -338,6 +354,7 @@ def ablate(cfg: Config, args: argparse.Namespace) -> int:
                 raise ConfigError(f"unimed ablate scores every row on {task}, but {empty} names no "
                                   "dataset: name one")
         check_datasets_present(cfg, table.tasks)  # as does a dataset the evaluations would miss
+        _run_metrics(cfg)  # the table joins them: a damaged file stops here, not after the training
         seeds = [cfg.run.seed + k for k in range(args.seeds)]
         rows = []
         for row in table.rows:
@@ -349,10 +366,7 @@ def ablate(cfg: Config, args: argparse.Namespace) -> int:
                     "orderings": orderings(rows, table.orderings)}
         cfg.run.dir.mkdir(parents=True, exist_ok=True)
         (cfg.run.dir / ABLATION_FILE).write_text(json.dumps(ablation, indent=2) + "\n", encoding="utf-8")
-        metrics_path = cfg.run.dir / METRICS_FILE
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {
-            "run": cfg.run.name, "encoders": {}}
-        metrics["ablation"] = ablation
+        metrics = {**_run_metrics(cfg), "ablation": ablation}
         write_outputs(metrics, cfg.run.dir, cfg.run.dir / EVAL_DIR)
         print_summary({"ablation": ablation}, cfg.run.dir, with_checks=False)
         return 0

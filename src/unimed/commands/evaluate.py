@@ -25,6 +25,7 @@ import json
 import logging
 import shutil
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -307,8 +308,11 @@ def read_replicates(out_dir: Path) -> dict[str, np.ndarray]:
     path = out_dir / BOOTSTRAP_FILE
     if not path.is_file():
         return {}
-    with np.load(path) as saved:
-        return {key: saved[key] for key in saved.files}
+    try:
+        with np.load(path) as saved:
+            return {key: saved[key] for key in saved.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}): evaluate the run again to write it") from None
 
 
 def write_outputs(metrics: dict, out_dir: Path, figures: Path,

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ class JobStore:
                 for name in _figures(metrics):
                     (figures / name).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(folder / FIGURES_DIR / name, figures / name)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("the evaluation job kept in %s cannot be read (%s): it runs again", folder, exc)
             return None
         if changed:

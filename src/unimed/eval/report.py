@@ -10,8 +10,10 @@ are shown as "–" and empty tables are left out. A value with a bootstrap inter
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from functools import partial
+from pathlib import Path
 
 from unimed.eval.checks import (
     LANGUAGE_NAMES,
@@ -30,6 +32,7 @@ from unimed.eval.checks import (
     percent,
     percent_ci,
 )
+from unimed.errors import ConfigError
 from unimed.eval.config import VOLUME_TASK_NAMES
 
 Table = tuple[str, list[str], list[list[str]]]
@@ -106,6 +109,19 @@ SHORTCUT_COLUMNS = (("loss_mixed", "InfoNCE / mixed batches"),
 TOP1_COLUMNS = (("right_study", "Top-1 report (%) / right study"),
                 ("right_language_wrong_study", "Top-1 report (%) / right language, wrong study"),
                 ("wrong_language", "Top-1 report (%) / wrong language"))
+
+
+def read_metrics(path: Path) -> dict:
+    """The metrics object an evaluation saved at `path` (its ``metrics.json``); a ConfigError
+    naming the file when it is not one (truncated, not JSON, not an object)."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"{path} cannot be read ({exc})") from None
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{path} holds a JSON {type(metrics).__name__}, not an evaluation's metrics "
+                          "(an object)")
+    return metrics
 
 
 def methods(metrics: dict) -> list[tuple[str, dict]]:
