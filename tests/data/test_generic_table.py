@@ -259,6 +259,32 @@ def test_an_image_listed_twice_is_a_bad_row_naming_its_first_line(tmp_path: Path
     assert len(load_dataset("mine", layout.write()).records) == 13
 
 
+def test_an_image_under_two_patients_or_spelt_another_way_is_named(tmp_path: Path) -> None:
+    """The same image listed under a second patient took that patient's split (the image's test
+    row and its patient's other images in train: a leak, read without a word), and
+    ``images/../images/x.png`` was another image to the repeated-row check."""
+    layout = generic(tmp_path / "mine")
+    table = layout.tables["records.csv"]
+    column = table.columns.index
+    lines = [2 + sum(1 + "".join(row).count("\n") for row in table.rows[:k])
+             for k in range(len(table.rows) + 1)]
+    moved = list(table.rows[4])
+    moved[column("patient_id")] = "someone else"
+    moved[column("language")] = "es" if moved[column("language")] == "en" else "en"  # not a repeated row
+    table.rows.append(moved)
+    root = layout.write()
+    with pytest.raises(DataError, match=rf"records.csv, line {lines[-1]}, column 'patient_id': the image of "
+                                        rf"line {lines[4]} again, there under patient '.+' and here under "
+                                        r"'someone else' \(each image belongs to one patient"):
+        load_dataset("mine", root)
+    table.rows[-1] = list(table.rows[4])
+    image = Path(table.rows[-1][column("image")])  # images/pt2/img4.jpg
+    table.set(len(table.rows) - 1, "image", f"{image.parent}/../{image.parent.name}/{image.name}")
+    with pytest.raises(DataError, match=rf"line {lines[-1]}, column 'image': the image of line {lines[4]} "
+                                        "again"):
+        load_dataset("mine", layout.write())
+
+
 def test_language_codes_and_split_names_ignore_case(tmp_path: Path) -> None:
     """'EN' (or 'en-US') beside 'en' made two languages: two communities in batches and in the bias
     audit, and reports the vocabulary did not count as English."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,13 +236,14 @@ def read_generic(root: Path, ctx: ReadContext) -> AdapterResult:
         )
     records: list[Record] = []
     first: dict[tuple[Path, str | None], int] = {}  # (image / volume, language) -> its first line
+    owner: dict[Path, tuple[str, int]] = {}  # image / volume -> (its patient, its first line)
     for line, row in rows:
         try:
             if isinstance(row, DataError):
                 raise row
             record = _parse(ctx, path, line, row, columns)
             if record is not None and record.image_path is not None:
-                _check_repeated(record, first, path, line)
+                _check_repeated(record, first, owner, path, line)
         except DataError as err:
             ctx.drops.bad(err)
             continue
@@ -250,13 +252,22 @@ def read_generic(root: Path, ctx: ReadContext) -> AdapterResult:
     return AdapterResult(records, {CARVED: SPLIT_RATIOS})
 
 
-def _check_repeated(record: Record, first: dict[tuple[Path, str | None], int], path: Path, line: int) -> None:
+def _check_repeated(record: Record, first: dict[tuple[Path, str | None], int],
+                    owner: dict[Path, tuple[str, int]], path: Path, line: int) -> None:
     """DataError when `record`'s image (or volume) came before with a report in the same language
-    (or without reports), as in a table written twice into one; `first` keeps each one's line. An
-    image with reports in two languages (a translation) is two records."""
-    key = (record.image_path, record.language)
+    (or without reports), as in a table written twice into one, or under another patient, whose
+    rows the per-patient split can put in two splits; `first` keeps each image and language's line,
+    `owner` each image's patient and line. Paths are compared as written out (``a/../b`` is ``b``).
+    An image with reports in two languages (a translation) is two records."""
+    image = Path(os.path.normpath(record.image_path))
+    kind = VOLUME if record.ndim == 3 else IMAGE
+    patient, at = owner.setdefault(image, (record.patient_id, line))
+    if patient != record.patient_id:
+        raise DataError(f"the {kind} of line {at} again, there under patient {patient!r} and here under "
+                        f"{record.patient_id!r} (each {kind} belongs to one patient; the per-patient split "
+                        "could put its rows in two splits)", path, line, PATIENT)
+    key = (image, record.language)
     if first.setdefault(key, line) != line:
-        kind = VOLUME if record.ndim == 3 else IMAGE
         same = f", with a report in the same language ({record.language})" if record.language else ""
         raise DataError(f"the {kind} of line {first[key]} again{same} (one row per {kind} and language: a "
                         "table written twice into one?)", path, line, kind)
