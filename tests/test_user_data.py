@@ -92,6 +92,9 @@ def test_check_data_says_a_table_saved_in_windows_1252_or_with_semicolons_as_suc
     assert out[problem + 1:] == [
         *(f"  {table}, line {line}: not UTF-8 text (byte {byte}, {char!r} in Windows-1252; save the table "
           "as UTF-8)" for line, byte, char in ((2, "0xf3", "ó"), (5, "0xf1", "ñ"), (8, "0xf3", "ó"))),
+        # the defaults: a root of one's own data trains with data.pretrain_datasets=[mine]
+        f"NOTE: data.pretrain_datasets names mimic-cxr, padchest, not under {root}: the stages that read "
+        "them would stop there",
         "1 problem(s); fix them, or set data.on_error=skip to train without the rows skipped here"]
 
     table.write_text(good.replace(",", ";"), encoding="utf-8")
@@ -125,6 +128,22 @@ def test_check_data_reads_the_split_files_the_stages_read_and_writes_none(tmp_pa
     assert main(["check-data", "--root", str(root), split_dir, "--quiet"]) == 1
     assert (f"mine: {splits / 'mine.csv'}: record '{rows[moved]['image']}' is in split 'test' in the data "
             f"and '{written[rows[moved]['image']]}' in the split file") in capsys.readouterr().out
+
+def test_check_data_says_a_dataset_the_config_trains_on_is_not_there(tmp_path: Path, capsys):
+    """"OK: every row read" with exit 0 where data.pretrain_datasets named a folder that is not
+    under the root (or a symbolic link to nowhere): pre-training then stopped on it."""
+    root = tmp_path / "data"
+    write_images_and_table(root / "mine")
+    (root / "padchest").symlink_to(tmp_path / "nowhere")
+    argv = ["check-data", "--root", str(root), "data.pretrain_datasets=[mine,padchest]", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [f"NOTE: data.pretrain_datasets names padchest, not under {root}: the stages that "
+                        "read it would stop there", "OK: every row read"]
+    assert main([*argv, "--datasets", "padchest"]) == 1
+    assert (f"padchest: {root / 'padchest'}: dataset folder of 'padchest' not found (a symbolic link to "
+            f"{tmp_path / 'nowhere'}, which is not there)") in capsys.readouterr().out
+
 
 def test_check_data_on_a_root_without_datasets_is_one_config_error(tmp_path: Path, capsys):
     assert main(["check-data", "--root", str(tmp_path), "--quiet"]) == 2

@@ -98,6 +98,12 @@ def check_data(cfg: Config, args: argparse.Namespace) -> int:
                  "bad input (skipped)"], rows)
     for line in problems:
         print(line)
+    for setting, configured in (("data.pretrain_datasets", cfg.data.pretrain_datasets),
+                                ("data.text_datasets", cfg.data.text_datasets)):
+        absent = [name for name in configured if name not in names]
+        if absent and args.datasets is None:
+            print(f"NOTE: {setting} names {', '.join(absent)}, not under {root}: the stages that read "
+                  f"{'it' if len(absent) == 1 else 'them'} would stop there")
     print("OK: every row read" if not failed else
           f"{len(problems)} problem(s); fix them"
           + (", or set data.on_error=skip to train without the rows skipped here" if skipped else ""))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def load_dataset(
     drops = DropCounter(on_error)
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataset folder of '{name}' not found", root)
+        dangling = (f" (a symbolic link to {os.readlink(root)}, which is not there)" if root.is_symlink()
+                    else "")
+        raise DataError(f"dataset folder of '{name}' not found{dangling}", root)
     if name in ADAPTERS:
         adapter = ADAPTERS.get(name)
     elif is_generic(root):
