@@ -462,6 +462,13 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
             "unimed: config error: unknown task(s) (none given); valid: ")
 
 
+def test_a_task_named_twice_runs_once() -> None:
+    from unimed.commands.evaluate import parse_tasks
+    from unimed.config import Config
+
+    assert parse_tasks("zero_shot, retrieval,zero_shot", Config()) == ("zero_shot", "retrieval")
+
+
 def test_unknown_key_is_a_clean_error(preset: Path, capsys):
     assert main(["phantom", str(preset), "phantom.studies=5"]) == 2
     err = capsys.readouterr().err

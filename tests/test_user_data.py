@@ -145,6 +145,14 @@ def test_check_data_says_a_dataset_the_config_trains_on_is_not_there(tmp_path: P
             f"{tmp_path / 'nowhere'}, which is not there)") in capsys.readouterr().out
 
 
+def test_a_relative_data_root_not_found_says_where_it_was_looked_for(tmp_path: Path, capsys, monkeypatch):
+    """`data.root: ph` in a preset is read from the working folder, not the preset's."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["check-data", "--root", "ph", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (f"unimed: config error: data root not found: ph (data.root or "
+                                               f"--root, {tmp_path / 'ph'} from the working folder)")
+
+
 def test_check_data_on_a_root_without_datasets_is_one_config_error(tmp_path: Path, capsys):
     assert main(["check-data", "--root", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

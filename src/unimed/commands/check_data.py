@@ -60,7 +60,8 @@ def check_data(cfg: Config, args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.root))
     root = Path(cfg.data.root)
     if not root.is_dir():
-        raise ConfigError(f"data root not found: {root} (data.root or --root)")
+        where = "" if root.is_absolute() else f", {root.absolute()} from the working folder"
+        raise ConfigError(f"data root not found: {root} (data.root or --root{where})")
     names = ([n.strip() for n in args.datasets.split(",") if n.strip()] if args.datasets is not None
              else find_datasets(root))
     if args.datasets is not None and not names:  # "" or "," checked every dataset, or said none was there

@@ -61,8 +61,9 @@ LOSS_FIGURE = "loss_curves.png"
 
 def parse_tasks(text: str | None, cfg: Config) -> tuple[str, ...]:
     """`--tasks a,b` (or `eval.tasks` without the option), each checked against the known task
-    names; `--tasks ""` names none (it ran every task)."""
-    tasks = tuple(t.strip() for t in text.split(",") if t.strip()) if text is not None else cfg.eval.tasks
+    names, each once (`zero_shot,zero_shot` ran it twice); `--tasks ""` names none (it ran every task)."""
+    given = [t.strip() for t in text.split(",") if t.strip()] if text is not None else cfg.eval.tasks
+    tasks = tuple(dict.fromkeys(given))
     valid = TASK_NAMES + VOLUME_TASK_NAMES
     unknown = [t for t in tasks if t not in valid]
     if unknown or not tasks:
