@@ -165,6 +165,7 @@ def test_a_damaged_evaluation_of_the_run_stops_ablate_before_any_row_trains(tmp_
     from unimed.cli import main
 
     trained = []
+    monkeypatch.setattr("unimed.commands.ablate.check_datasets_present", lambda *args: None)  # no data here
     monkeypatch.setattr("unimed.commands.ablate.run_row", lambda *args, **kwargs: trained.append(args))
     run = tmp_path / "demo"
     run.mkdir()
@@ -174,3 +175,20 @@ def test_a_damaged_evaluation_of_the_run_stops_ablate_before_any_row_trains(tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"unimed: config error: {run / name} {message}"), err
     assert trained == []
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_ablate_with_one_seed_says_that_no_ordering_is_judged(tmp_path, monkeypatch, capsys, seeds) -> None:
+    """With --seeds 1 the orderings were left out without a word (the table still read "mean over
+    seeds")."""
+    from unimed.cli import main
+
+    scores = iter(range(100))
+    monkeypatch.setattr("unimed.commands.ablate.check_datasets_present", lambda *args: None)  # no data here
+    monkeypatch.setattr("unimed.commands.ablate.run_row", lambda *args, **kwargs: {
+        "zero_shot": {"cxp500": {"en": {"auc": 0.5 + next(scores) / 1000}}}})
+    argv = ["ablate", "configs/demo.yaml", f"run.output_dir={tmp_path}", "--seeds", str(seeds), "--quiet"]
+    assert main(argv) == 0
+    note = ("NOTE: one seed per row, so no ordering of the paper is judged (each needs a Welch interval "
+            "over 2 seeds or more: --seeds 2)")
+    assert (note in capsys.readouterr().out) == (seeds == 1)

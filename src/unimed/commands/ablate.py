@@ -369,4 +369,7 @@ def ablate(cfg: Config, args: argparse.Namespace) -> int:
         metrics = {**_run_metrics(cfg), "ablation": ablation}
         write_outputs(metrics, cfg.run.dir, cfg.run.dir / EVAL_DIR)
         print_summary({"ablation": ablation}, cfg.run.dir, with_checks=False)
+        if len(seeds) < 2:
+            print("NOTE: one seed per row, so no ordering of the paper is judged (each needs a Welch "
+                  "interval over 2 seeds or more: --seeds 2)")
         return 0
