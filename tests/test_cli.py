@@ -242,7 +242,8 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
     for setting, message in [("method.text.frozen_layers=0", "trained other parameters than this run"),
                              ("method.image.encoder=resnet18", "do not fit the model ("),
                              ("data.max_length=100000", "data.max_length=100000 is more tokens than the "
-                                                        "text encoder's")]:
+                                                        "text encoder's"),
+                             ("train.max_steps=1", "is step 3, past this run's last step 1")]:
         capsys.readouterr()
         assert main(["pretrain", str(preset), "--resume", setting, "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -460,6 +461,24 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
         assert main(["evaluate", str(run), "--tasks", empty, "--quiet"]) == 2
         assert capsys.readouterr().err.startswith(
             "unimed: config error: unknown task(s) (none given); valid: ")
+
+
+def test_resuming_with_other_data_settings_names_them(tmp_path: Path, caplog) -> None:
+    """A resumed run with another data.image_size went on without a word (another learning rate is
+    said); where files are kept and how progress shows are not what a run trains on."""
+    from unimed.commands.train import writable_run_dir
+    from unimed.config import load_config, save_config
+
+    before = load_config("configs/demo.yaml", [f"run.output_dir={tmp_path}"])
+    save_config(before, before.run.dir / "pretrain")
+    for overrides, said in [(["data.num_workers=3", "data.progress=true"], None),
+                            (["data.image_size=48", "data.num_workers=3"], "data.image_size 96 -> 48")]:
+        caplog.clear()
+        with caplog.at_level("WARNING"), writable_run_dir(load_config("configs/demo.yaml", [
+                f"run.output_dir={tmp_path}", *overrides]), "pretrain", is_main=True, resume=True):
+            pass
+        assert ("resuming with other data settings" in caplog.text) == (said is not None)
+        assert said is None or said in caplog.text
 
 
 def test_a_task_named_twice_runs_once() -> None:

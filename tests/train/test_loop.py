@@ -55,6 +55,17 @@ def test_resume_gives_the_same_loss_curve(tmp_path, stop_at):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_resuming_past_the_runs_last_step_is_refused(tmp_path):
+    """`--resume train.max_steps=10` on a run at step 16 trained nothing, said only "no optimizer
+    step was run", and its stage folder's config then said max_steps 10 beside a step-16 checkpoint."""
+    _run(tmp_path, tiny_cfg())
+    with pytest.raises(ConfigError, match=rf"checkpoint {tmp_path / CHECKPOINT_DIR / 'step_00000016'} is "
+                                          r"step 16, past this run's last step 10 \(train.max_steps"):
+        _run(tmp_path, tiny_cfg(max_steps=10), resume=True)
+    _, same = _run(tmp_path, tiny_cfg(), resume=True)  # at its last step: nothing to do, said so
+    assert same.steps == 16 and same.history == []
+
+
 def test_resume_without_a_checkpoint_starts_from_step_0_with_a_warning(tmp_path, caplog):
     """A requeued job passes --resume from its first start; a misspelt run.name would train from
     scratch for hours: the run goes on, and says so above the INFO lines."""

