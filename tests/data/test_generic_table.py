@@ -117,6 +117,8 @@ def test_a_missing_value_written_as_text_reads_as_the_blank_it_was(tmp_path: Pat
     [
         ("Effusion", "yes", MALFORMED_ROW, "label 'yes' is not 1, 0, -1, true / false or blank"),
         ("report", "  ", EMPTY_REPORT, "empty report"),
+        # De-identification blanked it (Open-i's XXXX, MIMIC's ___): the line said only "empty report".
+        ("report", "XXXX ___", EMPTY_REPORT, "empty report (nothing but de-identification gaps, such as"),
         ("image", "images/none.png", MISSING_IMAGE, "image file not found"),
         ("image", "images\\a0.png", MISSING_IMAGE,
          "image file not found: {root}/images\\a0.png (the path holds '\\': write paths with '/')"),

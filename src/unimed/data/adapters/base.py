@@ -127,11 +127,13 @@ class ReadContext:
         return True
 
     def accept_report(
-        self, text: str, source: Path, line: int | None, column: str | None = None
+        self, text: str, source: Path, line: int | None, column: str | None = None, raw: str | None = None
     ) -> bool:
-        """False (counted) for a report under `min_report_tokens`; DataError for an empty one."""
+        """False (counted) for a report under `min_report_tokens`; DataError for an empty one, which
+        says so where `raw`, the text as the file has it, held nothing but de-identification gaps."""
         if not text.strip():
-            raise DataError("empty report", source, line, column, reason=EMPTY_REPORT)
+            gaps = " (nothing but de-identification gaps, such as XXXX or ___)" if raw and raw.strip() else ""
+            raise DataError(f"empty report{gaps}", source, line, column, reason=EMPTY_REPORT)
         if count_tokens(text) < self.min_report_tokens:
             self.drops.drop(f"report under {self.min_report_tokens} tokens")
             return False

@@ -63,7 +63,7 @@ def read_bimcv(root: Path, ctx: ReadContext) -> AdapterResult:
             if len(runs) > 1:
                 several.append((volume, len(runs)))
             report = clean_report(row["Report"])
-            if not ctx.accept_report(report, path, line, "Report"):
+            if not ctx.accept_report(report, path, line, "Report", row["Report"]):
                 continue
         except DataError as err:
             ctx.drops.bad(err)

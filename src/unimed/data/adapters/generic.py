@@ -178,7 +178,7 @@ def _parse(ctx: ReadContext, path: Path, line: int, row: dict[str, str], columns
     report = language = None
     if REPORT in columns:
         report = clean_report(_text(row, REPORT))
-        if not ctx.accept_report(report, path, line, REPORT):
+        if not ctx.accept_report(report, path, line, REPORT, _text(row, REPORT)):
             return None
         given = _text(row, LANGUAGE)
         language = language_code(given)  # "EN", "en-US" and "en_GB" rows are "en" rows

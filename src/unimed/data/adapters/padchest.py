@@ -84,7 +84,8 @@ def _read(root: Path, ctx: ReadContext, variant: _Variant) -> list[Record]:
             return None
         present = parse_label_list(table, line, row["Labels"])
         report = clean_report(row["Report"])
-        if variant.filter_reports and not ctx.accept_report(report, table.path, line, "Report"):
+        if variant.filter_reports and not ctx.accept_report(report, table.path, line, "Report",
+                                                            row["Report"]):
             return None
         image_dir = _image_dir(table, line, row["ImageDir"].strip())
         if ctx.part_missing(root / image_dir):  # one of the download's numbered zip folders
