@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from PIL import Image
 from data_layouts import write_ct_series
@@ -281,6 +282,19 @@ def test_a_nifti_with_a_trailing_unit_axis_is_the_volume_and_several_volumes_are
         read_volume(_nifti(tmp_path / "slice.nii.gz", body[..., :1]))
 
 
+@pytest.mark.parametrize("shape", [(12, 12), (2, 6, 12, 12)])
+def test_a_metaimage_of_other_than_three_dimensions_is_named(tmp_path, shape):
+    """A 2-D or 4-D .mhd was a ValueError traceback from the header's direction matrix (not 3 x 3),
+    past --on-error skip."""
+    path = tmp_path / "scan.mhd"
+    (tmp_path / "scan.raw").write_bytes(np.zeros(shape, dtype=np.int16).tobytes())
+    path.write_text(f"ObjectType = Image\nNDims = {len(shape)}\nDimSize = {' '.join(map(str, shape[::-1]))}\n"
+                    "ElementType = MET_SHORT\nElementDataFile = scan.raw\n")
+    with pytest.raises(DataError, match=rf"scan\.mhd: expected a 3-D volume, the header says NDims = "
+                                        rf"{len(shape)}"):
+        read_volume(path)
+
+
 def test_a_dicom_series_folder_reads_in_hu_and_ras(tmp_path):
     """GDCM sorts the slices by position (they are written in reverse, named without a suffix),
     the rescale applies, and the LPS rows / columns come back towards R and A: the expected array
@@ -366,7 +380,6 @@ def test_the_axial_depth_from_a_header_is_the_depth_of_the_volume_read(world, tm
 def test_a_compressed_metaimage_reads_and_a_truncated_one_is_named(tmp_path):
     """ITK and SimpleITK write a compressed MetaImage (`useCompression`) as a `.zraw` far smaller
     than the voxels: its size is checked against the header's CompressedDataSize, not the voxels'."""
-    import SimpleITK as sitk
 
     hu = _body(np.int16)
     image = sitk.GetImageFromArray(hu.transpose(2, 1, 0))

@@ -133,6 +133,9 @@ def mhd_geometry(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
         raise DataError(f"cannot read MetaImage header ({first})", path, reason=UNREADABLE_IMAGE) from None
+    if reader.GetDimension() != 3:  # a 2-D image or a 4-D series: the direction is not 3 x 3
+        raise DataError(f"expected a 3-D volume, the header says NDims = {reader.GetDimension()}", path,
+                        reason=UNREADABLE_IMAGE)
     if raw != path:
         _check_data_size(raw, fields, int(np.prod(reader.GetSize())) * _pixel_bytes(reader.GetPixelID()),
                          path)
