@@ -119,6 +119,9 @@ def test_a_value_of_another_kind_is_named_not_converted(override: str, message: 
     ("data.rotation=270", r"data.rotation must be in \[0, 180\] degrees, got 270.0"),
     ("data.candidate_negatives=0", r"data.candidate_negatives must be >= 1 \(or null: every candidate\), got 0"),
     ("data.image_size=300", "data.image_size=300 is larger than data.resize_size=256: an image is resized"),
+    # [CLS] [SEP] alone: every report the same text, trained on with exit 0
+    ("data.max_length=2", r"data.max_length must be >= 3 \(a report's tokens between \[CLS\] and "
+                          r"\[SEP\]\), got 2"),
     ("vocab.new_terms=-1", "vocab.new_terms must be >= 0, got -1"),
     ("mlm.hidden_size=0", "mlm.hidden_size must be >= 1, got 0"),
     ("train.lr=.inf", "train.lr must be a finite number > 0, got inf"),

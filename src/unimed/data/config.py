@@ -72,6 +72,9 @@ class DataConfig:
                              f"got {list(self.text_splits)}")
         check_bounds("data", self, at_least_one=("image_size", "resize_size", "max_length"),
                      non_negative=("min_report_tokens", "num_workers", "split_seed"))
+        if self.max_length < 3:  # [CLS] and [SEP] alone: every report the same, and 1 is not truncated
+            raise ValueError(f"data.max_length must be >= 3 (a report's tokens between [CLS] and [SEP]), "
+                             f"got {self.max_length}")
         if self.image_size > self.resize_size:
             raise ValueError(f"data.image_size={self.image_size} is larger than data.resize_size="
                              f"{self.resize_size}: an image is resized to resize_size, then cropped "
