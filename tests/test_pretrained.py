@@ -464,6 +464,14 @@ def test_preprocessed_input_gives_what_the_files_give(tiny_run: Path, images: Pa
         model.zero_shot(pixels[:0], CLASSES, preprocessed=True)
     with pytest.raises(ValueError, match="that preprocess_volume\\(\\) returns, got a list"):
         model.encode_volume([volume], preprocessed=True)
+    # float64 was a RuntimeError from inside the model; NaN pixels were scored as NaN
+    torch.testing.assert_close(model.encode_image(pixels.double(), preprocessed=True),
+                               model.encode_image(pixels, preprocessed=True))
+    broken = pixels.clone()
+    broken[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"preprocessed=True: the tensor holds NaN or infinite values "
+                                         r"\(item 1\)"):
+        model.zero_shot(broken, CLASSES, preprocessed=True)
 
 
 @pytest.mark.parametrize("call, what", [
@@ -564,6 +572,7 @@ def test_unreadable_files_are_skipped_and_listed_when_asked(tiny_run: Path, imag
     ("override", "uses the model's own config"),
     ("device", "device 'cuda:99'"),
     ("device name", "device 'gpu' is not a torch device name"),
+    ("device meta", "device 'meta' holds no data, only shapes (use cpu or cuda)"),  # was a traceback
     ("out", "notes.txt is a file, not a folder"),
     ("no model", "no checkpoint at"),
     ("classes", "--classes: class 'pneumonia' is given twice (as 'Pneumonia' and 'pneumonia'"),
@@ -584,7 +593,7 @@ def test_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: P
     elif case == "override":
         extra = ["train.lr=1"]
     elif case.startswith("device"):
-        extra = ["--device", "gpu" if case == "device name" else "cuda:99"]
+        extra = ["--device", {"device name": "gpu", "device meta": "meta"}.get(case, "cuda:99")]
     elif case == "out":
         out = images / "notes.txt" / "s.csv"
     elif case == "classes":

@@ -263,8 +263,9 @@ def checked_class_names(names: str | Sequence[str], given_as: str = "zero-shot")
 
 
 def _batch_of(pixels: Any, shape: tuple[int, ...], made_by: str) -> torch.Tensor:
-    """`pixels` when it is a float tensor of shape (N, *shape), as `made_by` makes it; a ValueError
-    that says what it should be otherwise."""
+    """`pixels` when it is a float tensor of shape (N, *shape), as `made_by` makes it, in float32
+    (float64 was a RuntimeError from inside the model); a ValueError that says what it should be
+    otherwise, or that it holds NaN or infinite values (scored as NaN before)."""
     if not (isinstance(pixels, torch.Tensor) and pixels.is_floating_point()
             and tuple(pixels.shape[1:]) == shape and pixels.ndim == len(shape) + 1 and len(pixels)):
         got = (f"a {pixels.dtype} tensor of shape {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor)
@@ -272,7 +273,10 @@ def _batch_of(pixels: Any, shape: tuple[int, ...], made_by: str) -> torch.Tensor
         sizes = ", ".join(map(str, shape))
         raise ValueError(f"preprocessed=True takes the float tensor of shape (N, {sizes}), N >= 1, that "
                          f"{made_by}() returns, got {got}")
-    return pixels
+    if not torch.isfinite(pixels).all():
+        raise ValueError(f"preprocessed=True: the tensor holds NaN or infinite values (item "
+                         f"{int((~torch.isfinite(pixels)).flatten(1).any(1).nonzero()[0])})")
+    return pixels.float()
 
 
 def _batch_size(value: Any) -> int:
@@ -385,6 +389,8 @@ def _usable_device(device: str | torch.device) -> torch.device:
         checked = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"device {name!r} is not a torch device name (cpu, cuda, cuda:1, ...)") from None
+    if checked.type == "meta":  # holds shapes, not values: the model's weights would be gone
+        raise ConfigError(f"device {name!r} holds no data, only shapes (use cpu or cuda)")
     if checked.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r}: this machine has no usable CUDA device (use cpu)")
     if checked.type == "cuda" and (checked.index or 0) >= torch.cuda.device_count():
