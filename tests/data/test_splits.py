@@ -120,6 +120,35 @@ def test_a_split_file_the_data_no_longer_matches_is_named_not_followed(tmp_path:
     with pytest.raises(DataError, match=rf"record '{key}' is patient 'pt-corrected' in the data and 'pt"):
         load_dataset("mine", root, split_dir=split_dir)
 
+def test_a_split_file_edited_to_split_a_patient_or_to_list_a_record_twice_is_named(tmp_path: Path) -> None:
+    """Both were read without a word: a patient the data leaves to the carving in train and test
+    (its records trained on and tested on), and a record listed twice (the last row won)."""
+    root = generic(tmp_path / "mine").write()
+    split_dir = tmp_path / "splits"
+    records = load_dataset("mine", root, split_dir=split_dir).records
+    path = split_dir / "mine.csv"
+    good = path.read_text()
+    rows = list(csv.DictReader(good.splitlines()))
+    patient = next(p for p in {r["patient_id"] for r in rows} if sum(r["patient_id"] == p for r in rows) > 1)
+    mine = [r for r in rows if r["patient_id"] == patient]
+    mine[0]["split"] = next(s for s in ("train", "test") if s != mine[1]["split"])
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["key", "patient_id", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DataError, match=rf"mine\.csv: 1 patient\(s\) in more than one split, e.g. "
+                                        rf"\['{patient}'\], where the data leaves their splits to the"):
+        load_dataset("mine", root, split_dir=split_dir)
+    lines = good.splitlines()
+    path.write_text("\n".join([*lines, lines[3]]) + "\n")
+    with pytest.raises(DataError, match=rf"mine\.csv, line {len(lines) + 1}, column 'key': record "
+                                        rf"'{lines[3].split(',')[0]}' again \(first on line 4\)"):
+        load_dataset("mine", root, split_dir=split_dir)
+    path.write_text(good)
+    again = load_dataset("mine", root, split_dir=split_dir).records
+    assert [r.split for r in again] == [r.split for r in records]
+
+
 def test_bad_split_value_in_split_file(tmp_path: Path) -> None:
     root = BUILDERS["rsna"](tmp_path / "rsna").write()
     (tmp_path / "splits").mkdir()

@@ -122,7 +122,12 @@ def read_split_file(path: Path) -> dict[str, tuple[str, str]]:
                     column=missing[0],
                 )
             table: dict[str, tuple[str, str]] = {}
+            lines: dict[str, int] = {}
             for row in reader:
+                first = lines.setdefault(row["key"], reader.line_num)
+                if first != reader.line_num:  # the last one won: an edit's copy moved the record
+                    raise DataError(f"record {row['key']!r} again (first on line {first}): one row per "
+                                    "record", path, reader.line_num, "key")
                 if row["split"] not in SPLITS:
                     raise DataError(
                         f"split {row['split']!r} is not one of {list(SPLITS)}",
@@ -227,6 +232,12 @@ def _splits_from_file(path: Path, rows: Sequence[tuple[str, str, str]],
             raise DataError(f"record {key!r} is in split {pool!r} in the data and {split!r} in the split "
                             f"file (the data changed since it was written); {redo}", path)
         out[key] = split
+    carved = {patient for _, patient, pool in rows if pool not in SPLITS or pool in carve}
+    leaking = [p for p in leaking_patients([(key, patient, out[key]) for key, patient, _ in rows])
+               if p in carved]
+    if leaking:  # the file puts a patient the data leaves to the carving in two splits: an edit
+        raise DataError(f"{len(leaking)} patient(s) in more than one split, e.g. {leaking[:3]}, where the "
+                        f"data leaves their splits to the per-patient carving; {redo}", path)
     logger.info("read splits of %d records from %s", len(out), path)
     return out
 
