@@ -202,6 +202,30 @@ def test_another_decoding_or_size_is_not_read_from_stale_entries(tmp_path, image
     assert torch.equal(larger[0]["image"], _items(records, tmp_path, None, resize=128)[0]["image"])
 
 
+@pytest.mark.parametrize("overwrite, said", [
+    (np.zeros((10, 13), np.float32), "a float32 array of shape (10, 13), not float32 64 x 64"),
+    (np.full((64, 64), 7, np.int64), "a int64 array of shape (64, 64)"),
+    (np.full((64, 64), 1e6, np.float32), "pixels 1e+06 .. 1e+06, outside 0 .. 1"),
+    (np.full((64, 64), np.nan, np.float32), "pixels nan .. nan, outside 0 .. 1"),
+])
+def test_an_image_cache_entry_overwritten_with_another_array_is_prepared_again(tmp_path, image_reads, caplog,
+                                                                               overwrite, said):
+    """A valid .npy of another shape, type or scale was trained on as the image without a word (a
+    NaN one stopped training as "diverged", blaming the learning rate)."""
+    records = _xray_records(tmp_path)
+    folder = str(tmp_path / "images")
+    first = _items(records, tmp_path, folder)
+    entry = CachedImageLoader(folder, 64, 64).cache.entry(records[2].image_path)
+    np.save(entry, overwrite)
+    with caplog.at_level("WARNING"):
+        again = _items(records, tmp_path, folder)
+    assert f"image cache entry {entry} of {records[2].image_path} is not what it was prepared as ({said}" \
+        in caplog.text
+    assert len(image_reads) == 5  # that one read again, the others from the cache
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
+    assert np.load(entry).shape == (64, 64)  # and written back as prepared
+
+
 def test_an_image_cache_folder_that_cannot_be_written_is_named(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

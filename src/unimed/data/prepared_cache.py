@@ -55,10 +55,11 @@ class PreparedCache:
     the config key that named the folder and `what` the kind of source, for the messages."""
 
     def __init__(self, folder: str | Path, tag: str, *, setting: str = "data.volume_cache",
-                 what: str = "volume") -> None:
+                 what: str = "volume", check: Callable[[np.ndarray], str | None] | None = None) -> None:
         self.folder = Path(folder)
         self.tag = tag
         self.setting, self.what = setting, what
+        self.check = check  # what is wrong with an entry that `prepare` would not have made, if anything
         self.writing = True  # until a write fails (a full disk, say): then reads only
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,12 @@ class PreparedCache:
         if entry is None:
             return prepare(path)
         try:
-            return np.load(entry, allow_pickle=False)
+            array = np.load(entry, allow_pickle=False)
+            wrong = None if self.check is None else self.check(array)
+            if wrong is None:
+                return array
+            log.warning("%s cache entry %s of %s is not what it was prepared as (%s); preparing it "
+                        "again", self.what, entry, path, wrong)
         except FileNotFoundError:
             pass
         except (OSError, ValueError, EOFError) as err:
