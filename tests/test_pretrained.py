@@ -493,6 +493,8 @@ def test_an_empty_list_is_named_not_an_empty_result_of_another_shape(tiny_run: P
     (["pneumonia", " "], "class names are non-empty strings, got ' '"),
     (["pneumonia", None], "class names are non-empty strings, got None"),
     (["Edema", "pneumonia", "edema"], "class 'edema' is given twice (as 'Edema' and 'edema'"),
+    (None, "give a class name or a list of them, got None"),  # a TypeError from tuple(None)
+    ({"edema": 1}, "give a class name or a list of them, got {'edema': 1}"),  # its keys were the classes
 ])
 def test_class_names_that_would_give_no_or_a_doubled_column_are_named(tiny_run: Path, images: Path,
                                                                        classes, expected):
@@ -501,6 +503,15 @@ def test_class_names_that_would_give_no_or_a_doubled_column_are_named(tiny_run: 
     for call in (model.zero_shot, model.zero_shot_volume):
         with pytest.raises(ConfigError, match=re.escape(f"zero-shot: {expected}")):
             call(images / "a.png", classes)
+
+
+@pytest.mark.parametrize("device, expected", [
+    (None, "device 'None' is not a torch device name"),  # a TypeError from torch.device
+    ("meta", "device 'meta' holds no data, only shapes (use cpu or cuda)"),  # loaded, then a traceback
+])
+def test_a_device_the_model_cannot_run_on_is_named_at_load(tiny_run: Path, device, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        unimed.load(tiny_run, device=device)
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])

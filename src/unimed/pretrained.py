@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +249,8 @@ def checked_class_names(names: str | Sequence[str], given_as: str = "zero-shot")
     """One class name or a list of them as a tuple. None, a blank or non-string name, or a name
     given twice (ignoring case, as the prompt files' lookups do: both would get the same prompts
     and the same output column) is a ConfigError that `given_as` starts."""
+    if not isinstance(names, (str, Iterable)) or isinstance(names, Mapping):  # None was a TypeError
+        raise ConfigError(f"{given_as}: give a class name or a list of them, got {names!r}")
     classes = (names,) if isinstance(names, str) else tuple(names)
     if not classes:
         raise ConfigError(f"{given_as}: give at least one class name")
@@ -387,7 +389,7 @@ def _usable_device(device: str | torch.device) -> torch.device:
     name = str(device)
     try:
         checked = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # TypeError: None, a number of the wrong kind
         raise ConfigError(f"device {name!r} is not a torch device name (cpu, cuda, cuda:1, ...)") from None
     if checked.type == "meta":  # holds shapes, not values: the model's weights would be gone
         raise ConfigError(f"device {name!r} holds no data, only shapes (use cpu or cuda)")
