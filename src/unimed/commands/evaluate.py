@@ -39,6 +39,7 @@ from unimed.commands.tables import print_table
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, to_dict
 from unimed.errors import ConfigError
 from unimed.eval.config import TASK_NAMES, VOLUME_TASK_NAMES
+from unimed.eval.report import read_metrics
 
 if TYPE_CHECKING:
     from unimed.eval.jobs import JobStore
@@ -254,10 +255,9 @@ def replacing_evaluation(out_dir: Path) -> Iterator[dict]:
         yield {}
         return
     try:
-        previous = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        previous = None
-    previous = previous if isinstance(previous, dict) else {}
+        previous = read_metrics(metrics_path)
+    except ConfigError:  # unreadable, or not an object: moved aside all the same
+        previous = {}
     created = previous.get("created")
     if not isinstance(created, str):
         created = datetime.datetime.fromtimestamp(metrics_path.stat().st_mtime).isoformat(timespec="seconds")
