@@ -122,6 +122,29 @@ def test_a_damaged_entry_is_prepared_again_with_a_warning(world, tmp_path, caplo
     assert np.array_equal(np.load(entry), first[0][0].numpy())
 
 
+@pytest.mark.parametrize("overwrite, said", [
+    (np.zeros((2, 8, 8), np.float32), "a float32 array of shape (2, 8, 8), not float32 4 x 8 x 8"),
+    (np.full(SHAPE, -1000.0, np.float32), "values -1000 .. -1000, outside 0 .. 1"),  # HU, not windowed
+    (np.full(SHAPE, np.nan, np.float32), "values nan .. nan, outside 0 .. 1"),
+])
+def test_a_volume_cache_entry_overwritten_with_another_array_is_prepared_again(world, tmp_path, source_reads,
+                                                                               caplog, overwrite, said):
+    """A valid .npy of another shape or scale was trained on as the volume without a word (one of
+    another shape stopped the batch in the collate, far from the entry)."""
+    folder = tmp_path / "cache"
+    first = _volumes(_dataset(world, folder))
+    _, records = world
+    entry = PreparedCache(folder, cache_tag(SHAPE, WINDOW)).entry(records[1].image_path)
+    np.save(entry, overwrite)
+    with caplog.at_level(logging.WARNING, logger="unimed.data.prepared_cache"):
+        again = _volumes(_dataset(world, folder))
+    assert f"volume cache entry {entry} of {records[1].image_path} is not what it was prepared as ({said})" \
+        in caplog.text
+    assert source_reads == [r.image_path for r in records] + [records[1].image_path]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert np.array_equal(np.load(entry), first[1][0].numpy())
+
+
 def test_an_unreadable_source_names_itself_and_writes_nothing(world, tmp_path):
     folder = tmp_path / "cache"
     _, records = world
@@ -205,8 +228,8 @@ def test_another_decoding_or_size_is_not_read_from_stale_entries(tmp_path, image
 @pytest.mark.parametrize("overwrite, said", [
     (np.zeros((10, 13), np.float32), "a float32 array of shape (10, 13), not float32 64 x 64"),
     (np.full((64, 64), 7, np.int64), "a int64 array of shape (64, 64)"),
-    (np.full((64, 64), 1e6, np.float32), "pixels 1e+06 .. 1e+06, outside 0 .. 1"),
-    (np.full((64, 64), np.nan, np.float32), "pixels nan .. nan, outside 0 .. 1"),
+    (np.full((64, 64), 1e6, np.float32), "values 1e+06 .. 1e+06, outside 0 .. 1"),
+    (np.full((64, 64), np.nan, np.float32), "values nan .. nan, outside 0 .. 1"),
 ])
 def test_an_image_cache_entry_overwritten_with_another_array_is_prepared_again(tmp_path, image_reads, caplog,
                                                                                overwrite, said):

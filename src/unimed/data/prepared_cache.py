@@ -16,7 +16,8 @@ shape and HU window, an image's decoding scale and size): a changed file or a di
 never reads a stale entry. Entries are written to a temporary name and
 renamed into place, so loader workers and ranks that prepare the same file at once cannot leave a
 half-written entry. An entry that cannot be read (a truncated file, say) is prepared again from its
-source and rewritten, with a warning naming it. A source that cannot be read raises its
+source and rewritten, with a warning naming it, as is one that is not what it was prepared as (its
+`check`, such as :func:`unit_array`, says what is wrong). A source that cannot be read raises its
 :class:`~unimed.data.errors.DataError` as without a cache, and nothing is written for it. A write
 that fails (a full disk, say) is said once; that process then reads from the cache what is there
 and writes no more.
@@ -38,6 +39,27 @@ log = logging.getLogger(__name__)
 
 FORMAT = "2"
 """Bumped when the preparation of an entry changes in a way its tag does not say."""
+
+
+UNIT_TOLERANCE = 1e-4
+"""How far a cached input's values may stray from [0, 1] (float rounding of a resize whose weights
+are not negative)."""
+
+
+def unit_array(shape: tuple[int, ...]) -> Callable[[np.ndarray], str | None]:
+    """The `check` of a cache whose entries are float32 arrays of `shape` with values in [0, 1]: what
+    an entry overwritten with another valid ``.npy`` (trained on as the input without a word, a NaN one
+    stopping training as "diverged") has otherwise, or None."""
+    size = " x ".join(map(str, shape))
+
+    def wrong(array: np.ndarray) -> str | None:
+        if array.shape != shape or array.dtype != np.float32:
+            return f"a {array.dtype} array of shape {array.shape}, not float32 {size}"
+        if not (array.min() >= -UNIT_TOLERANCE and array.max() <= 1 + UNIT_TOLERANCE):  # NaN fails
+            return f"values {array.min():g} .. {array.max():g}, outside 0 .. 1"
+        return None
+
+    return wrong
 
 
 def _state(path: Path) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from unimed.data.config import DataConfig
 from unimed.data.errors import EMPTY_REPORT, DataError, check_on_error
 from unimed.data.images import load_image
-from unimed.data.prepared_cache import PreparedCache
+from unimed.data.prepared_cache import PreparedCache, unit_array
 from unimed.data.records import Record
 from unimed.data.reports import split_sentences, warn_truncated
 from unimed.data.transforms import (
@@ -282,11 +282,6 @@ class CommunitySampler(PretrainSampler):
             yield index, sample_seed(self.seed, self.epoch, index)
 
 
-IMAGE_TOLERANCE = 1e-4
-"""How far a cached image's pixels may stray from [0, 1] (float rounding of the antialiased
-bilinear resize, whose weights are not negative)."""
-
-
 class CachedImageLoader:
     """An X-ray as a pre-training loader's views start from it, read once per file: decoded by
     :func:`~unimed.data.images.load_image` for `min_side`, then resized to `size` x `size` by the
@@ -300,26 +295,16 @@ class CachedImageLoader:
     def __init__(self, folder: str | Path, min_side: int | None, size: int) -> None:
         self.min_side = min_side
         self.resize = v2.Resize((size, size), antialias=True)
-        self.size = size
         self.cache = PreparedCache(
             folder, "grey image (DICOM through its VOI LUT or window, a float TIFF as its values) "
                     f"decoded for a side of {min_side}, resized to {size}x{size}",
-            setting="data.image_cache", what="image", check=self._wrong)
+            setting="data.image_cache", what="image", check=unit_array((size, size)))
 
     def __call__(self, path: str | Path) -> np.ndarray:
         return self.cache.load(path, self._prepare)
 
     def _prepare(self, path: Path) -> np.ndarray:
         return self.resize(to_tensor_image(load_image(path, self.min_side)))[0].numpy()
-
-    def _wrong(self, array: np.ndarray) -> str | None:
-        """What makes a cache entry other than `_prepare`'s output (an entry overwritten with another
-        array was trained on as the image): its shape, type or pixels outside [0, 1]."""
-        if array.shape != (self.size, self.size) or array.dtype != np.float32:
-            return f"a {array.dtype} array of shape {array.shape}, not float32 {self.size} x {self.size}"
-        if not (array.min() >= -IMAGE_TOLERANCE and array.max() <= 1 + IMAGE_TOLERANCE):  # NaN fails
-            return f"pixels {array.min():g} .. {array.max():g}, outside 0 .. 1"
-        return None
 
 
 def image_loader(cfg: DataConfig, min_side: int | None, size: int) -> Callable[[Path], np.ndarray]:
