@@ -47,3 +47,10 @@ def test_interval_brackets_the_value_and_no_detection_scores_zero():
     empty = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
              for _ in preds]
     assert bootstrap_map(empty, targets, IOUS, resamples).value == 0.0
+
+
+def test_a_single_test_image_has_no_interval():
+    preds, targets = random_set(1, 5)
+    estimate = bootstrap_map(preds, targets, IOUS, np.zeros((50, 1), dtype=int))
+    assert estimate.value == pytest.approx(torchmetrics_map(preds, targets), abs=1e-6)
+    assert estimate.ci is None and np.isnan(estimate.replicates).all() and estimate.replicates.shape == (50,)

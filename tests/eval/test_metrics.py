@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
+from unimed.eval.config import EvalConfig
 from unimed.eval.metrics import (
     Estimate,
     batched_auc,
@@ -18,6 +19,7 @@ from unimed.eval.metrics import (
     percentile_interval,
     resample_indices,
 )
+from unimed.eval.tasks import TaskContext
 
 
 def test_resamples_depend_only_on_seed_dataset_split_and_size():
@@ -119,3 +121,26 @@ def test_paired_difference_cancels_the_shared_resampling_noise():
     assert paired_difference(b.replicates, a.replicates) == pytest.approx((0.01, 0.01))
     with pytest.raises(ValueError, match="different resamples"):
         paired_difference(a.replicates, a.replicates[:10])
+
+
+def test_a_single_test_item_has_no_interval_and_no_paired_difference():
+    """One item's resamples all repeat it: the interval was its value twice ("20.0 (20.0-20.0)") and
+    two encoders' difference on it came out certain."""
+    one = resample_indices(1, 200, seed=0, dataset="pdc", split="test")
+    a = bootstrap(batched_f1, [np.array([1.0]), np.array([True])], one)
+    b = bootstrap(batched_f1, [np.array([1.0]), np.array([False])], one)
+    assert (a.value, b.value) == (1.0, 0.0)
+    assert a.ci is None and a.json_ci() is None and a.replicates.shape == (200,)
+    assert np.isnan(a.replicates).all()
+    assert paired_difference(a.replicates, b.replicates) is None
+    two = bootstrap(batched_mean, [np.array([0.0, 1.0])], resample_indices(2, 200, 0, "pdc", "test"))
+    assert two.ci == (0.0, 1.0)
+
+
+def test_a_task_on_a_single_test_image_says_it_has_no_interval(tmp_path, caplog):
+    ctx = TaskContext(None, EvalConfig(bootstrap_resamples=20), tmp_path)
+    with caplog.at_level("WARNING", logger="unimed.eval.tasks"):
+        assert ctx.resamples("pdc", "test", 2).shape == (20, 2)
+        assert not caplog.text
+        assert ctx.resamples("pdc", "test", 1).shape == (20, 1)
+    assert "pdc/test: 1 scored image, so its metrics have no confidence interval" in caplog.text

@@ -92,7 +92,8 @@ def _first_reaching(recall: np.ndarray) -> np.ndarray:
 
 def bootstrap_map(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]],
                   iou_thresholds: tuple[float, ...], resamples: np.ndarray) -> Estimate:
-    """mAP of the test images and its percentile bootstrap interval over `resamples` (R, N)."""
+    """mAP of the test images and its percentile bootstrap interval over `resamples` (R, N); none
+    for a single test image (nothing to resample)."""
     image_index, tp, n_boxes, _ = match_detections(preds, targets, iou_thresholds)
     n = len(targets)
     value = float(weighted_map(image_index, tp, n_boxes, np.ones((1, n)))[0])
@@ -102,5 +103,5 @@ def bootstrap_map(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, 
         counts = np.zeros((len(chunk), n))
         np.add.at(counts, (np.arange(len(chunk))[:, None], chunk), 1.0)
         parts.append(weighted_map(image_index, tp, n_boxes, counts))
-    replicates = np.concatenate(parts) if parts else np.empty(0)
+    replicates = np.concatenate(parts) if parts and n > 1 else np.full(len(resamples), np.nan)
     return Estimate(value if np.isfinite(value) else None, percentile_interval(replicates), replicates)

@@ -100,11 +100,14 @@ def bootstrap(statistic: Statistic, arrays: Sequence[np.ndarray], indices: np.nd
     and returns (B,) values (NaN where undefined); it is called once with B = 1 on the arrays as
     they are, and on the resamples `indices` (R, N) in chunks. The mean of per-image values is
     ``lambda x: x.mean(-1)``; a metric that cannot be vectorised may loop over the batch.
+    A single test item has no spread to resample: every replicate is NaN (no interval).
     """
     arrays = [np.asarray(a) for a in arrays]
     value = float(statistic(*(a[None] for a in arrays))[0])
     parts = [statistic(*(a[chunk] for a in arrays)) for chunk in _chunks(indices)]
     replicates = np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
+    if indices.shape[-1] < 2:
+        replicates = np.full(len(replicates), np.nan)
     value_or_none = value if math.isfinite(value) else None
     return Estimate(value_or_none, percentile_interval(replicates), replicates)
 

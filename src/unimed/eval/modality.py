@@ -46,7 +46,7 @@ from matplotlib.figure import Figure
 from unimed.data.records import Record
 from unimed.eval.bias import tsne_2d, unit_rows
 from unimed.eval.encoders import Encoder
-from unimed.eval.metrics import Estimate, percentile_interval
+from unimed.eval.metrics import Estimate, percentile_interval, resample_indices
 from unimed.eval.tasks import TASKS, TaskContext, with_intervals
 from unimed.eval.volumes import volume_features
 
@@ -137,7 +137,9 @@ def stratified_resamples(ctx: TaskContext, y: np.ndarray, modality: np.ndarray) 
     out = np.empty((ctx.cfg.bootstrap_resamples, len(y)), dtype=np.int64)
     for m, c in sorted(set(zip(modality.tolist(), y.tolist()))):
         members = np.flatnonzero((modality == m) & (y == c))
-        out[:, members] = members[ctx.resamples("modality_gap", f"{SPLIT}/{MODALITIES[m]}/{c}", len(members))]
+        cell = resample_indices(len(members), ctx.cfg.bootstrap_resamples, ctx.cfg.seed, "modality_gap",
+                                f"{SPLIT}/{MODALITIES[m]}/{c}")
+        out[:, members] = members[cell]
     return out
 
 

@@ -19,6 +19,7 @@ retrieval, bias audit).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,8 @@ from unimed.eval.features import FeatureCache
 from unimed.eval.metrics import Estimate, mean_estimate, resample_indices
 from unimed.registry import Registry
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class TaskContext:
@@ -51,7 +54,11 @@ class TaskContext:
 
     def resamples(self, dataset: str, split: str, n: int) -> np.ndarray:
         """(R, n) bootstrap indices of the `n` scored images of `dataset`/`split`, the same for
-        every encoder (see :func:`unimed.eval.metrics.resample_indices`)."""
+        every encoder (see :func:`unimed.eval.metrics.resample_indices`); a single one gets no
+        interval, which is said."""
+        if n == 1:
+            log.warning("%s/%s: 1 scored image, so its metrics have no confidence interval (a "
+                        "bootstrap resamples at least 2)", dataset, split)
         return resample_indices(n, self.cfg.bootstrap_resamples, self.cfg.seed, dataset, split)
 
     def dense_size(self, section: SegmentationConfig | DetectionConfig) -> int:
