@@ -663,7 +663,7 @@ def _fails_in_one_line(capsys, args: list[str], expected: str) -> None:
 @pytest.mark.parametrize("case, expected", [
     ("missing", "nowhere: volume folder or file not found"),
     ("empty", "empty: empty folder: no volume in it, and not a volume itself"),
-    ("not a volume", "a.png: not a volume: expected .nii, .nii.gz, .mhd or a folder"),
+    ("not a volume", "a.png: not a volume: expected .nii, .nii.gz, .mhd, .mha or a folder"),
     ("unreadable", "scan/0000.png: cannot read slice image"),
 ])
 def test_volume_inference_errors_are_one_line(tiny_run: Path, images: Path, tmp_path: Path, capsys,

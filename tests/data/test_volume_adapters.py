@@ -395,6 +395,36 @@ def test_a_compressed_metaimage_reads_and_a_truncated_one_is_named(tmp_path):
         read_volume(tmp_path / "c.mhd")
 
 
+def test_a_metaimage_holding_its_voxels_reads_and_a_bad_data_stream_is_named(tmp_path):
+    """A .mha file (its header with ElementDataFile = LOCAL, then its voxels) was "not a volume";
+    with no voxels after the header ITK's error was "No such file or directory"; a CompressedData
+    header over data that is not zlib was read as noise and blamed on a rescale applied twice."""
+    hu = _body(np.int16)
+    image = sitk.GetImageFromArray(hu.transpose(2, 1, 0))
+    for name, compressed in (("l.mha", False), ("lz.mha", True)):
+        sitk.WriteImage(image, str(tmp_path / name), useCompression=compressed)
+        np.testing.assert_array_equal(read_volume(tmp_path / name).array, hu[::-1, ::-1].astype(np.float32))
+    local = tmp_path / "l.mha"
+    text = local.read_bytes()
+    head = text[: text.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")]
+    local.write_bytes(head)
+    with pytest.raises(DataError, match=rf"l\.mha: l\.mha after its header holds 0 bytes, the header needs "
+                                        rf"{hu.nbytes} \(truncated\)"):
+        read_volume(local)
+    packed = tmp_path / "lz.mha"
+    text = packed.read_bytes()
+    packed.write_bytes(re.sub(rb"CompressedDataSize = \d+\n", b"", text))
+    with pytest.raises(DataError, match=r"lz\.mha: CompressedData = True with ElementDataFile = LOCAL needs "
+                                        r"CompressedDataSize"):
+        read_volume(packed)
+    sitk.WriteImage(image, str(tmp_path / "p.mhd"))
+    header = tmp_path / "p.mhd"
+    header.write_text(header.read_text().replace("ElementDataFile", "CompressedData = True\nElementDataFile"))
+    with pytest.raises(DataError, match=r"p\.mhd: p\.raw is not zlib or gzip data, though the header says "
+                                        r"CompressedData = True"):
+        read_volume(header)
+
+
 def test_bad_luna_input(world, tmp_path):
     root, _ = world
     luna = tmp_path / "luna16"

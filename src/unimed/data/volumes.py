@@ -1,4 +1,4 @@
-"""Reading CT volumes (NIfTI, MetaImage `.mhd/.raw`, DICOM series, folders of slice images) in RAS
+"""Reading CT volumes (NIfTI, MetaImage `.mhd/.raw` or `.mha`, DICOM series, folders of slice images) in RAS
 and HU.
 
 nibabel reads NIfTI (applying the header's rescale slope / intercept), SimpleITK reads MetaImage
@@ -7,7 +7,8 @@ slope / intercept applied; both in the LPS world frame), and MONAI does the spat
 orientation to RAS, resampling to a target spacing, HU windowing;
 :func:`~unimed.data.resize.resize_volume` resizes to a shape (torch's "area" along the axes that
 shrink, then trilinear). Every failure is a :class:`DataError` naming the file: truncated or
-unreadable files, a `.raw` that is missing or short, a folder of several DICOM series,
+unreadable files, a `.raw` that is missing or short (an `.mha` without the voxels its header
+promises), compressed data that is not, a folder of several DICOM series,
 non-positive spacing, NaN voxels, and values that can only come from rescaling stored values that
 were already in HU (the double rescale that CT-CLIP's pipeline is known for).
 
@@ -46,7 +47,7 @@ SLICE_WINDOW = (-1400.0, 200.0)
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Pillow modes of slice images wider than 8 bits: 16-bit grey (some files open as 32-bit "I").
 WIDE_SLICE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "16- or 32-bit"}
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mhd")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha")
 """The files that are volumes by their name (a folder is one too: a DICOM series, slice images)."""
 
 
@@ -91,18 +92,23 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, image.affine
 
 
-def _header_fields(path: Path) -> dict[str, str]:
-    """A MetaImage header's `key = value` lines (the last of a key given twice)."""
+def _header_fields(path: Path) -> tuple[dict[str, str], int]:
+    """A MetaImage header's `key = value` lines (the last of a key given twice), up to
+    ElementDataFile, its last; and where that line ends (a header with ElementDataFile = LOCAL
+    holds the voxels from there)."""
     fields = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        key, _, value = line.partition("=")
-        fields[key.strip()] = value.strip()
-    return fields
+    with open(path, "rb") as f:
+        for line in iter(f.readline, b""):
+            key, _, value = line.decode("utf-8", errors="replace").partition("=")
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+        return fields, f.tell()
 
 
 def _raw_path(path: Path, fields: dict[str, str]) -> Path:
     """The data file (`.raw`, or `.zraw` when compressed) a MetaImage header names
-    (ElementDataFile), checked to exist."""
+    (ElementDataFile), checked to exist: the header itself for LOCAL."""
     name = fields.get("ElementDataFile")
     if name is None or name == "LOCAL":
         return path
@@ -124,7 +130,7 @@ def _read_mhd(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def mhd_geometry(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
     """(size (X, Y, Z), affine voxel -> RAS mm) from a MetaImage header alone, without its voxels."""
-    fields = _header_fields(path)
+    fields, header_end = _header_fields(path)
     raw = _raw_path(path, fields)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -136,28 +142,40 @@ def mhd_geometry(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
     if reader.GetDimension() != 3:  # a 2-D image or a 4-D series: the direction is not 3 x 3
         raise DataError(f"expected a 3-D volume, the header says NDims = {reader.GetDimension()}", path,
                         reason=UNREADABLE_IMAGE)
-    if raw != path:
-        _check_data_size(raw, fields, int(np.prod(reader.GetSize())) * _pixel_bytes(reader.GetPixelID()),
-                         path)
+    _check_data(raw, fields, int(np.prod(reader.GetSize())) * _pixel_bytes(reader.GetPixelID()), path,
+                start=header_end if raw == path else 0)
     lps = np.eye(4)
     lps[:3, :3] = np.asarray(reader.GetDirection()).reshape(3, 3) @ np.diag(reader.GetSpacing())
     lps[:3, 3] = reader.GetOrigin()
     return tuple(int(v) for v in reader.GetSize()), LPS_TO_RAS @ lps
 
 
-def _check_data_size(raw: Path, fields: dict[str, str], voxel_bytes: int, path: Path) -> None:
-    """DataError when the data file `raw` is shorter than the header says: the voxels' bytes, or a
-    compressed file's CompressedDataSize (ITK writes it; without it the reader finds a short one)."""
-    held = raw.stat().st_size
+def _check_data(raw: Path, fields: dict[str, str], voxel_bytes: int, path: Path, start: int) -> None:
+    """DataError when the voxels in `raw` from byte `start` (past the header for LOCAL) are not what
+    the header says, which the reader takes for a missing file or decompresses into noise: fewer
+    bytes than the voxels need, or than a compressed file's CompressedDataSize (ITK writes it; the
+    reader needs it for LOCAL); compressed data that is not zlib or gzip."""
+    held = raw.stat().st_size - start
+    where = raw.name if start == 0 else f"{raw.name} after its header"
     if fields.get("CompressedData", "False").lower() != "true":
         if held < voxel_bytes:
-            raise DataError(f"{raw.name} holds {held} bytes, the header needs {voxel_bytes} (truncated .raw)",
+            raise DataError(f"{where} holds {held} bytes, the header needs {voxel_bytes} (truncated)",
                             path, reason=UNREADABLE_IMAGE)
         return
     stated = fields.get("CompressedDataSize", "")
     if stated.isdigit() and held < int(stated):
-        raise DataError(f"{raw.name} holds {held} bytes, the header's CompressedDataSize is {stated} "
+        raise DataError(f"{where} holds {held} bytes, the header's CompressedDataSize is {stated} "
                         "(truncated)", path, reason=UNREADABLE_IMAGE)
+    if start and not stated.isdigit():
+        raise DataError("CompressedData = True with ElementDataFile = LOCAL needs CompressedDataSize",
+                        path, reason=UNREADABLE_IMAGE)
+    with open(raw, "rb") as f:
+        f.seek(start)
+        magic = f.read(2)
+    zlib_stream = len(magic) == 2 and magic[0] & 0x0F == 8 and int.from_bytes(magic, "big") % 31 == 0
+    if not (zlib_stream or magic == b"\x1f\x8b"):
+        raise DataError(f"{where} is not zlib or gzip data, though the header says CompressedData = True",
+                        path, reason=UNREADABLE_IMAGE)
 
 
 def _pixel_bytes(pixel_id: int) -> int:
@@ -352,7 +370,7 @@ def volume_kind(path: Path) -> str:
     if not path.name.endswith(VOLUME_SUFFIXES):
         raise DataError(f"not a volume: expected {', '.join(VOLUME_SUFFIXES)} or a folder (a DICOM "
                         "series or slice images)", path, reason=UNREADABLE_IMAGE)
-    return "mhd" if path.suffix == ".mhd" else "nifti"
+    return "mhd" if path.suffix in (".mhd", ".mha") else "nifti"  # .mha: a header holding its voxels
 
 
 def read_volume(path: str | Path, *, labels: bool = False) -> Volume:
