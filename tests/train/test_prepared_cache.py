@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from PIL import Image
@@ -23,6 +24,7 @@ from unimed.data.images import load_image
 from unimed.data.prepared_cache import PreparedCache
 from unimed.data.pretrain import CachedImageLoader, build_pretrain_dataset
 from unimed.data.volume_pretrain import VolumePretrainDataset, cache_tag, load_volume_slices
+from unimed.data.volumes import volume_files
 
 from train_helpers import make_tokenizer, write_records, write_volume_records
 
@@ -107,6 +109,26 @@ def test_a_file_rewritten_in_a_folder_source_is_not_read_from_a_stale_entry(tmp_
     os.utime(scan / "0001.png", ns=(1, 1))  # a new modification time even on a coarse clock
     os.utime(scan, ns=(folder_time, folder_time))
     assert cache.entry(scan) != first
+
+
+def test_a_metaimage_whose_data_file_is_rewritten_is_not_read_from_a_stale_entry(tmp_path):
+    """A .mhd header names its voxels' .raw: the entry was keyed by the header alone, so a .raw
+    written again (the header as it was) was served from the cache."""
+    header = tmp_path / "ct.mhd"
+    hu = np.full((4, 8, 8), -1000, np.int16)
+    hu[:, 2:6, 2:6] = 40
+    sitk.WriteImage(sitk.GetImageFromArray(hu), str(header))
+    cache = PreparedCache(tmp_path / "cache", cache_tag(SHAPE, WINDOW), files=volume_files)
+    prepare = functools.partial(load_volume_slices, shape=SHAPE, window=WINDOW)
+    first = cache.load(header, prepare)
+    assert np.array_equal(cache.load(header, prepare), first)
+    header_time = header.stat().st_mtime_ns
+    hu[:, 2:6, 2:6] = 400
+    (tmp_path / "ct.raw").write_bytes(hu.tobytes())
+    os.utime(tmp_path / "ct.raw", ns=(1, 1))  # a new modification time even on a coarse clock
+    assert header.stat().st_mtime_ns == header_time
+    again = cache.load(header, prepare)
+    assert not np.array_equal(again, first) and np.array_equal(again, prepare(header))
 
 
 def test_a_damaged_entry_is_prepared_again_with_a_warning(world, tmp_path, caplog):

@@ -9,18 +9,18 @@ augmented views start from it), so each prepared array is written once as a ``.n
 (bit-identical to a fresh read) and read back from then on: ``data.volume_cache`` for the 3D loader,
 ``data.image_cache`` for the X-ray loaders.
 
-An entry is keyed by the source file's resolved path, size and modification time (a source that
-is a folder, a DICOM series or slice images: those of every file in it, since a file rewritten in
-place leaves the folder's own time as it was), and by a tag that names the preparation (a volume's
-shape and HU window, an image's decoding scale and size): a changed file or a different preset
-never reads a stale entry. Entries are written to a temporary name and
-renamed into place, so loader workers and ranks that prepare the same file at once cannot leave a
-half-written entry. An entry that cannot be read (a truncated file, say) is prepared again from its
-source and rewritten, with a warning naming it, as is one that is not what it was prepared as (its
-`check`, such as :func:`unit_array`, says what is wrong). A source that cannot be read raises its
-:class:`~unimed.data.errors.DataError` as without a cache, and nothing is written for it. A write
-that fails (a full disk, say) is said once; that process then reads from the cache what is there
-and writes no more.
+An entry is keyed by the source file's resolved path, size and modification time (a source that is a
+folder, a DICOM series or slice images: those of every file in it, since a file rewritten in place
+leaves the folder's own time as it was; a MetaImage header: those of its data file too), and by a
+tag that names the preparation (a volume's shape and HU window, an image's decoding scale and size):
+a changed file or a different preset never reads a stale entry. Entries are written to a temporary
+name and renamed into place, so loader workers and ranks that prepare the same file at once cannot
+leave a half-written entry. An entry that cannot be read (a truncated file, say) is prepared again
+from its source and rewritten, with a warning naming it, as is one that is not what it was prepared
+as (its `check`, such as :func:`unit_array`, says what is wrong). A source that cannot be read
+raises its :class:`~unimed.data.errors.DataError` as without a cache, and nothing is written for it.
+A write that fails (a full disk, say) is said once; that process then reads from the cache what is
+there and writes no more.
 """
 
 from __future__ import annotations
@@ -62,13 +62,17 @@ def unit_array(shape: tuple[int, ...]) -> Callable[[np.ndarray], str | None]:
     return wrong
 
 
-def _state(path: Path) -> tuple[str, ...]:
-    """What tells a changed source: a file's size and modification time; a folder's, those of each
-    file in it, by name."""
-    if not path.is_dir():
+def source_files(path: Path) -> list[Path]:
+    """The files a source is read from: a folder's files (a DICOM series, slice images), by name;
+    a file alone."""
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+
+
+def _state(path: Path, files: list[Path]) -> tuple[str, ...]:
+    """What tells a changed source: the size and modification time of each of its files."""
+    if files == [path]:
         stat = path.stat()
         return str(stat.st_size), str(stat.st_mtime_ns)
-    files = sorted(p for p in path.iterdir() if p.is_file())
     return tuple(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
@@ -77,9 +81,11 @@ class PreparedCache:
     the config key that named the folder and `what` the kind of source, for the messages."""
 
     def __init__(self, folder: str | Path, tag: str, *, setting: str = "data.volume_cache",
-                 what: str = "volume", check: Callable[[np.ndarray], str | None] | None = None) -> None:
+                 what: str = "volume", check: Callable[[np.ndarray], str | None] | None = None,
+                 files: Callable[[Path], list[Path]] = source_files) -> None:
         self.folder = Path(folder)
         self.tag = tag
+        self.files = files  # the files a source is read from, whose changes make a new entry
         self.setting, self.what = setting, what
         self.check = check  # what is wrong with an entry that `prepare` would not have made, if anything
         self.writing = True  # until a write fails (a full disk, say): then reads only
@@ -95,7 +101,7 @@ class PreparedCache:
     def entry(self, path: Path) -> Path | None:
         """The cache file of `path`, or None when `path` cannot be stat'ed (the reader says why)."""
         try:
-            state = _state(path)
+            state = _state(path, self.files(path))
         except OSError:
             return None
         key = "\0".join((FORMAT, str(path.resolve()), *state, self.tag))

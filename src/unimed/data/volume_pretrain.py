@@ -24,7 +24,7 @@ from unimed.data.errors import DataError, UNREADABLE_IMAGE
 from unimed.data.pretrain import PretrainDataset, SampleKey, error_fields
 from unimed.data.records import Record
 from unimed.data.prepared_cache import PreparedCache, unit_array
-from unimed.data.volumes import axial_slices, read_volume
+from unimed.data.volumes import axial_slices, read_volume, volume_files
 
 
 def load_volume_slices(path: Path, *, shape: Sequence[int], window: tuple[float, float]
@@ -54,7 +54,8 @@ class VolumePretrainDataset(PretrainDataset):
                  on_error: str = "raise", cache: str | Path | None = None) -> None:
         loader = functools.partial(load_volume_slices, shape=tuple(shape), window=tuple(window))
         if cache is not None:
-            prepared = PreparedCache(cache, cache_tag(shape, window), check=unit_array(tuple(shape)))
+            prepared = PreparedCache(cache, cache_tag(shape, window), check=unit_array(tuple(shape)),
+                                     files=volume_files)
             loader = functools.partial(prepared.load, prepare=loader)
         super().__init__(records, tokenizer, max_length=max_length, transform=torch.as_tensor,
                          seed=seed, image_loader=loader, on_error=on_error)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unimed.data.errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
+from unimed.data.prepared_cache import source_files
 from unimed.data.resize import resize_volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -116,6 +117,16 @@ def _raw_path(path: Path, fields: dict[str, str]) -> Path:
     if not raw.is_file():
         raise DataError(f"MetaImage data file {name} not found beside the header", path, reason=MISSING_IMAGE)
     return raw
+
+
+def volume_files(path: Path) -> list[Path]:
+    """The files a volume is read from (for :class:`~unimed.data.prepared_cache.PreparedCache`): a
+    MetaImage header and the data file it names beside it; a folder's files; a file alone."""
+    if path.suffix not in (".mhd", ".mha") or path.is_dir():
+        return source_files(path)
+    name = _header_fields(path)[0].get("ElementDataFile", "LOCAL")
+    data = path.parent / name
+    return [path, data] if name != "LOCAL" and data.is_file() else [path]
 
 
 def _read_mhd(path: Path) -> tuple[np.ndarray, np.ndarray]:
