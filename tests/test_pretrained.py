@@ -158,10 +158,14 @@ def test_text_in_a_language_is_embedded_as_its_training_reports_were_written(tin
     with pytest.raises(ValueError, match=r"^texts are strings; item 1 is None$"):
         model.encode_text(["derrame", None], language="es")
     for given, kind in ((5, "int"), (b"derrame", "bytes"), (None, "NoneType")):
-        with pytest.raises(ValueError, match=rf"^texts are a string or strings, not {kind}$"):
+        with pytest.raises(ValueError, match=rf"^texts are a string or a sequence of strings, not {kind}$"):
             model.encode_text(given)
-    for blank in ("", " \n\t"):
-        with pytest.raises(ValueError, match=rf"^texts hold words; item 1 is {re.escape(repr(blank))} \(an empty"):
+    # A dict's keys were embedded, a set's texts in an order that matched no input.
+    for given, kind in (({"derrame": 1}, "dict"), ({"derrame", "edema"}, "set")):
+        with pytest.raises(ValueError, match=rf"^texts are a string or a sequence of strings, not {kind} \("):
+            model.encode_text(given)
+    for blank in ("", " \n\t", "\u200b", "\ufeff\xa0", " . "):  # zero-width and no-break spaces passed
+        with pytest.raises(ValueError, match=rf"^texts hold words; item 1 is {re.escape(repr(blank))} \(a "):
             model.encode_text(["derrame", blank])
 
 
@@ -260,6 +264,10 @@ def test_encode_volume_gives_the_3d_evaluations_volume_embeddings(tiny_run: Path
     (lambda grey: np.rint(grey * 4095).astype(np.int64), r"image 1: a int64 array; pass uint8 or uint16 "),
     (lambda grey: torch.from_numpy(np.rint(grey * 4095).astype(np.int32)), r"image 1: a int32 array; "),
     (lambda grey: grey[:0], r"image 1: it is empty, shape \(0, \d+\)$"),
+    # Raw errors from numpy's isfinite or from deep in torch; a complex image lost its imaginary part.
+    (lambda grey: grey.astype(object), r"image 1: a object array; pass real pixels"),
+    (lambda grey: grey.astype(np.complex64), r"image 1: a complex64 array; pass real pixels"),
+    (lambda grey: np.float32(0.5), r"image 1: an image array must be \(H, W\) .* got shape \(\)$"),
 ])
 def test_an_image_array_the_model_cannot_read_as_given_is_named(tiny_run: Path, images: Path, make, expected):
     """Not an embedding of clipped, black or NaN pixels, nor an error from deep in the resize."""
@@ -284,6 +292,10 @@ def test_uint8_uint16_and_boolean_arrays_read_as_their_grey_values(tiny_run: Pat
                                model.preprocess((twelve_bit / 4095).astype(np.float32)))
     mask = levels > 127
     torch.testing.assert_close(model.preprocess(mask), model.preprocess(mask.astype(np.float32)))
+    # A flipped view (negative strides) and a bfloat16 tensor were errors from deep in torch.
+    torch.testing.assert_close(model.preprocess(grey[::-1]), model.preprocess(grey[::-1].copy()))
+    half = torch.from_numpy(grey).bfloat16()
+    torch.testing.assert_close(model.preprocess(half), model.preprocess(half.float()))
 
 
 def test_classify_and_embed_write_what_the_python_api_gives(tiny_run: Path, images: Path,

@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from safetensors.torch import save_model
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, save_config, to_dict
 from unimed.data.images import load_image, pil_grey, stored_range
 from unimed.data.records import language_code
+from unimed.data.reports import count_tokens
 from unimed.data.transforms import eval_transform
 from unimed.data.volumes import axial_slices, read_volume
 from unimed.errors import ConfigError
@@ -189,17 +191,20 @@ class Pretrained:
         """(N, D) projected text embeddings. With `language`, each text is first written as the
         model's training reports of that language were (lowercased and stemmed where they were:
         PadChest's Spanish reports are distributed stemmed), as the zero-shot prompts are; without
-        it the texts are embedded as given. A text that is not a string, or is empty, is a ValueError."""
-        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (str, Iterable)):
-            raise ValueError(f"texts are a string or strings, not {type(texts).__name__}")
+        it the texts are embedded as given. A text that is not a string, or holds no words, is a
+        ValueError, as is a dict or a set of texts (their order is not the caller's)."""
+        unordered = isinstance(texts, (Mapping, AbstractSet))
+        if unordered or isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (str, Iterable)):
+            why = " (a dict's keys or a set's arbitrary order would be embedded)" if unordered else ""
+            raise ValueError(f"texts are a string or a sequence of strings, not {type(texts).__name__}{why}")
         texts = _some([texts] if isinstance(texts, str) else list(texts), "texts")
         wrong = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
         if wrong is not None:
             raise ValueError(f"texts are strings; item {wrong} is {texts[wrong]!r}")
-        blank = next((i for i, text in enumerate(texts) if not text.strip()), None)
+        blank = next((i for i, text in enumerate(texts) if not count_tokens(text)), None)
         if blank is not None:  # the model would embed [CLS] [SEP] as if it were a report
-            raise ValueError(f"texts hold words; item {blank} is {texts[blank]!r} (an empty report is "
-                             "left out of training and evaluation too)")
+            raise ValueError(f"texts hold words; item {blank} is {texts[blank]!r} (a report without "
+                             "words is left out of training and evaluation too)")
         if language is not None:
             prepare = self.prompts(language).prepare
             texts = [prepare(text) for text in texts]
@@ -297,7 +302,7 @@ def _some(items: list, what: str) -> list:
 
 
 def _is_single(images: Any) -> bool:
-    if isinstance(images, (str, Path, Image.Image)):
+    if isinstance(images, (str, Path, Image.Image, np.generic)):
         return True
     return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
 
@@ -314,8 +319,15 @@ def _grey(image: ImageInput, resize_size: int, index: int) -> np.ndarray | torch
         return load_image(Path(image).expanduser(), min_side=resize_size)
     if isinstance(image, Image.Image):
         return pil_grey(image)
-    if isinstance(image, torch.Tensor) and not image.is_floating_point():
-        image = image.cpu().numpy()
+    if isinstance(image, np.generic):
+        image = np.asarray(image)  # a numpy scalar: its shape () is named below
+    if isinstance(image, torch.Tensor):  # bfloat16 has no numpy type
+        image = image.cpu().numpy() if not image.is_floating_point() else image.float()
+    if isinstance(image, np.ndarray) and image.dtype.kind not in "biuf":
+        raise ValueError(f"image {index}: a {image.dtype} array; pass real pixels (uint8, uint16 or "
+                         "floats in [0, 1])")
+    if isinstance(image, np.ndarray):
+        image = np.asarray(image, order="C")  # a flipped view has negative strides torch cannot take
     if isinstance(image, np.ndarray) and image.dtype == np.bool_:
         return image.astype(np.float32)
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.integer):
