@@ -5,6 +5,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -95,7 +96,8 @@ def preset(tmp_path: Path) -> Path:
     return path
 
 
-def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
+def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys, caplog):
+    caplog.set_level("INFO")  # as the command line's logging is; pytest's leaves the root at WARNING
     assert main(["demo", str(preset), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "read back through the adapters" in out
@@ -120,6 +122,11 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys):
         assert sorted(k for k in row if k.endswith("_loss")) == terms
         assert row["loss"] == pytest.approx(sum(row[k] for k in terms), rel=1e-5)
     assert (run / "pretrain" / "checkpoints" / "latest").exists()
+    stage_log = (run / "pretrain" / "pretrain.log").read_text()
+    assert stage_log.startswith("--- unimed pretrain, pid ") and "saved checkpoint" in stage_log
+    demo_log = (run / "demo.log").read_text()  # every stage's lines, the evaluation's too
+    assert demo_log.startswith("--- unimed demo, pid ") and stage_log.splitlines()[-1] in demo_log
+    assert (run / "evaluation.log").read_text().splitlines()[-1] in demo_log
     saved = yaml.safe_load((run / "pretrain" / "config.yaml").read_text())
     assert saved["method"]["image"]["encoder"] == "vit_tiny_patch8_64"
 
@@ -340,6 +347,38 @@ def test_a_folder_is_held_by_one_process_at_a_time(tmp_path: Path, caplog):
     with pytest.raises(ConfigError, match="cannot write the folder .*; set phantom.root to a writable"):
         with holding(tmp_path / "file" / "world", "phantom world", setting="phantom.root"):
             pytest.fail("held a folder that cannot exist")
+
+
+def test_a_job_logs_to_a_file_in_the_folder_it_holds(tmp_path: Path, caplog):
+    """A run's folder kept no log: the warnings of a long training (files skipped, reports cut) were
+    on the console alone, lost with it."""
+    from unimed.commands import holding
+
+    folder = tmp_path / "runs" / "x"
+    said = logging.getLogger("unimed.test")
+    caplog.set_level("INFO")
+    with holding(folder, "pretrain"):
+        said.info("during the job")
+    said.info("after the job")
+    with pytest.raises(ConfigError, match="a bad value"):
+        with holding(folder, "pretrain"):
+            said.warning("before the error")
+            raise ConfigError("a bad value")
+    lines = (folder / "pretrain.log").read_text().splitlines()
+    headers = [line.startswith("--- unimed pretrain, pid ") for line in lines]
+    assert headers == [True, False, True, False, False]
+    assert lines[1].endswith(" INFO unimed.test: during the job")
+    assert lines[3].endswith(" WARNING unimed.test: before the error")
+    assert lines[4] == "stopped: ConfigError: a bad value"
+    files = [getattr(handler, "baseFilename", None) for handler in logging.getLogger().handlers]
+    assert str(folder / "pretrain.log") not in files
+    (folder / "mlm.log").mkdir()  # a log file that cannot be written: the job goes on
+    with caplog.at_level("WARNING"), holding(folder, "mlm"):
+        said.info("still runs")
+    assert f"cannot write the log file {folder / 'mlm.log'} (Is a directory)" in caplog.text
+    with holding(tmp_path / "world", "phantom world", setting="phantom.root", logged=False):
+        said.info("not logged")
+    assert not list((tmp_path / "world").glob("*.log"))
 
 
 def test_the_demo_starts_its_training_stages_over(preset: Path, tmp_path: Path):

@@ -82,7 +82,42 @@ def _unwritable(folder: Path, exc: OSError, setting: str = "run.output_dir") -> 
 
 
 @contextlib.contextmanager
-def holding(folder: Path, job: str, setting: str = "run.output_dir") -> Iterator[None]:
+def job_log(folder: Path, job: str) -> Iterator[None]:
+    """Append what this process logs while `job` runs (the lines the console shows, each with its
+    time; a forked evaluation worker's too) to ``<job>.log`` in `folder`, under a line naming the
+    job; when the job raises, why it stopped is the last line. The console's progress bars and
+    summary tables are not log lines and stay on the console. A file that cannot be opened is a
+    warning, and the job goes on without it."""
+    path = folder / f"{job.replace(' ', '-')}.log"
+    try:
+        handler: logging.FileHandler | None = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        log.warning("cannot write the log file %s (%s): this %s is logged on the console only",
+                    path, exc.strerror or exc, job)
+        handler = None
+    if handler is not None:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
+        handler.setLevel(logging.INFO)
+        since = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+        handler.stream.write(f"--- unimed {job}, pid {os.getpid()} on {socket.gethostname()}, {since}\n")
+        logging.getLogger().addHandler(handler)
+    try:
+        yield
+    except BaseException as exc:
+        if handler is not None:
+            handler.stream.write(f"stopped: {type(exc).__name__}: {exc}\n" if str(exc) else
+                                 f"stopped: {type(exc).__name__}\n")
+        raise
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+@contextlib.contextmanager
+def holding(folder: Path, job: str, setting: str = "run.output_dir", *, logged: bool = True
+            ) -> Iterator[None]:
     """Hold `folder` for this process while it writes `job` there (a stage's checkpoints, an
     evaluation, the phantom world): a second unimed process that would write the same `job` into
     the same folder at the same time (a job started twice, a scheduler's requeue while the first
@@ -93,7 +128,10 @@ def holding(folder: Path, job: str, setting: str = "run.output_dir") -> Iterator
     the process ends however it ends, so a killed run leaves none behind; the file holds the
     holder's line while the job runs and is left empty after it. A file system without
     locks (some network mounts) is a warning, and the job goes on unguarded; a folder that cannot
-    be written is a ConfigError naming the `setting` that chose it."""
+    be written is a ConfigError naming the `setting` that chose it.
+
+    While it holds the folder, what the process logs also goes to ``<job>.log`` there
+    (:func:`job_log`) unless `logged` is False."""
     path = folder / f".unimed-{job.replace(' ', '-')}.lock"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -119,8 +157,10 @@ def holding(folder: Path, job: str, setting: str = "run.output_dir") -> Iterator
             handle.truncate(0)
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
             handle.flush()
+        logging_to = job_log(folder, job) if logged else contextlib.nullcontext()
         try:
-            yield
+            with logging_to:
+                yield
         finally:  # the holder's line goes with the hold: two worlds of one seed stay equal, file for file
             if locked:
                 with contextlib.suppress(OSError):

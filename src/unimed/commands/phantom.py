@@ -135,7 +135,7 @@ def phantom(cfg: Config, args: argparse.Namespace) -> int:
 
     root = Path(cfg.phantom.root)
     make_root(root)  # a root that cannot be a folder is named by its key before it is held
-    with holding(root, "phantom world", setting="phantom.root"):
+    with holding(root, "phantom world", setting="phantom.root", logged=False):  # a world is its files alone
         out = run_dir(cfg)
         manifest = write_world(cfg.phantom, progress=args.progress)
         if args.preview:
