@@ -4,6 +4,7 @@ and the demo's further methods (PRIOR, UniMedI)."""
 import contextlib
 import errno
 import hashlib
+import html
 import json
 import logging
 import os
@@ -353,6 +354,7 @@ def test_a_job_logs_to_a_file_in_the_folder_it_holds(tmp_path: Path, caplog):
     """A run's folder kept no log: the warnings of a long training (files skipped, reports cut) were
     on the console alone, lost with it."""
     from unimed.commands import holding
+    from unimed.machine import describe_software, software
 
     folder = tmp_path / "runs" / "x"
     said = logging.getLogger("unimed.test")
@@ -366,10 +368,11 @@ def test_a_job_logs_to_a_file_in_the_folder_it_holds(tmp_path: Path, caplog):
             raise ConfigError("a bad value")
     lines = (folder / "pretrain.log").read_text().splitlines()
     headers = [line.startswith("--- unimed pretrain, pid ") for line in lines]
-    assert headers == [True, False, True, False, False]
-    assert lines[1].endswith(" INFO unimed.test: during the job")
-    assert lines[3].endswith(" WARNING unimed.test: before the error")
-    assert lines[4] == "stopped: ConfigError: a bad value"
+    assert headers == [True, False, False, True, False, False, False]
+    assert lines[1] == lines[4] == f"--- {describe_software(software())}"  # what ran it
+    assert lines[2].endswith(" INFO unimed.test: during the job")
+    assert lines[5].endswith(" WARNING unimed.test: before the error")
+    assert lines[6] == "stopped: ConfigError: a bad value"
     files = [getattr(handler, "baseFilename", None) for handler in logging.getLogger().handlers]
     assert str(folder / "pretrain.log") not in files
     (folder / "mlm.log").mkdir()  # a log file that cannot be written: the job goes on
@@ -451,6 +454,8 @@ def _tiny_english_bert(path: Path) -> Path:
 
 
 def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
+    from unimed.machine import describe_software, software
+
     base = f"vocab.base_model={_tiny_english_bert(tmp_path / 'english_bert')}"
     for stage in ("phantom", "vocab", "mlm", "pretrain"):
         assert main([stage, str(preset), base, "--quiet"]) == 0
@@ -462,6 +467,8 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
     assert list(metrics["encoders"]) == ["medunic"]
     assert set(metrics["encoders"]["medunic"]["tasks"]) == {"zero_shot"}
     assert metrics["checkpoint"] == str(checkpoint)
+    assert metrics["software"] == {**software(), "commit": metrics["software"]["commit"]}  # what made it
+    assert html.escape(describe_software(metrics["software"])) in (run / "report.html").read_text()
     assert "CXP500" in capsys.readouterr().out
     # Where no split fits in memory, the images go to the run's spill folder, which is gone after.
     mapped: list[Path] = []
@@ -518,6 +525,14 @@ def test_resuming_with_other_data_settings_names_them(tmp_path: Path, caplog) ->
             pass
         assert ("resuming with other data settings" in caplog.text) == (said is not None)
         assert said is None or said in caplog.text
+
+
+def test_version_names_the_package(capsys) -> None:
+    import unimed
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"unimed {unimed.__version__}\n"
 
 
 def test_a_task_named_twice_runs_once() -> None:

@@ -70,3 +70,30 @@ def test_available_memory_is_what_the_kernel_reports(tmp_path):
     meminfo.write_text("MemTotal:       25165824 kB\n", encoding="ascii")
     assert machine.available_memory(str(meminfo)) is None
     assert machine.available_memory(str(tmp_path / "absent")) is None
+
+
+def test_a_result_records_the_software_and_machine_that_made_it(monkeypatch):
+    import importlib.metadata
+    from pathlib import Path
+
+    import unimed
+
+    info = machine.software()
+    assert info["unimed"] == unimed.__version__ and info["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert info["torch"] == importlib.metadata.version("torch") == torch.__version__.split("+")[0]
+    assert info["threads"] == torch.get_num_threads() and info["processor"]
+    source = Path(unimed.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout, as CI's clean clone is: its commit, "-dirty" when edited
+        assert info["commit"].partition("-")[0] == head.stdout.strip()
+    line = machine.describe_software({**info, "commit": "0123456789abcdef0123-dirty", "gpus": ["H100"]})
+    assert line.startswith(f"unimed {unimed.__version__} (commit 0123456789ab-dirty), python ")
+    assert f"torch {info['torch']}" in line
+    assert line.endswith(f"; {info['processor']}, H100, {info['threads']} threads")
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(machine.subprocess, "run", no_git)
+    assert machine.source_commit() is None
+    assert "(commit" not in machine.describe_software(machine.software())

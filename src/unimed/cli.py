@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
+import unimed
 from unimed.commands import COMMANDS
 from unimed.config import Config, load_config, load_run_config
 from unimed.data.errors import DataError
@@ -33,6 +34,7 @@ from unimed.train.stop import Terminated, TrainingDiverged, TrainingInterrupted,
 def build_parser() -> argparse.ArgumentParser:
     """One sub-parser per registered command, all sharing the preset + overrides arguments."""
     parser = argparse.ArgumentParser(prog="unimed", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"unimed {unimed.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, spec in COMMANDS.items():
         p = sub.add_parser(name, help=spec.help)

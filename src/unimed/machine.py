@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import platform
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+import unimed
 
 # The main job was sized on 2 CPU cores whose fp32 GEMM peak measured about this (FLOP/s).
 DEMO_SIZED_ON_FLOPS = 190e9
@@ -88,3 +94,65 @@ def gemm_peak(device: torch.device, dtype: torch.dtype = torch.float32,
             synchronize(device)
             best = max(best, 2 * n**3 / (time.perf_counter() - start))
     return best
+
+
+PACKAGES = ("torch", "torchvision", "transformers", "timm", "numpy", "scikit-learn", "monai")
+"""The libraries whose versions move a result (kernels, tokenisation, metrics), recorded with it."""
+
+
+def processor() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what :mod:`platform` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10,
+                          check=False)
+
+
+def source_commit() -> str | None:
+    """The git commit of the checkout unimed runs from, with "-dirty" when its tracked files were
+    edited since; None for an installed package or where git is missing."""
+    source = Path(unimed.__file__).resolve().parent
+    try:
+        head = _git(source, "rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = _git(source, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def software() -> dict[str, object]:
+    """What produced a result, for its metrics.json and logs: unimed's version and commit, Python's
+    and the key libraries' versions (None for one not installed), the processor, the GPUs torch
+    sees and the threads it uses."""
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"unimed": unimed.__version__, "commit": source_commit(), "python": platform.python_version(),
+            **versions, "processor": processor(), "gpus": gpus, "threads": torch.get_num_threads()}
+
+
+def describe_software(info: dict) -> str:
+    """:func:`software`'s record in one line: "unimed 0.1.0 (commit 1a2b3c4), python 3.11.7, torch
+    2.14.1, ...; AMD EPYC, 2 threads"."""
+    sha, _, state = str(info.get("commit") or "").partition("-")
+    commit = f" (commit {sha[:12]}{'-' + state if state else ''})" if sha else ""
+    head = f"unimed {info.get('unimed')}{commit}"
+    libraries = [f"{name} {info[name]}" for name in ("python", *PACKAGES) if info.get(name)]
+    machine = [str(info.get("processor") or "unknown processor"), *(info.get("gpus") or []),
+               f"{info.get('threads')} threads"]
+    return f"{', '.join([head, *libraries])}; {', '.join(machine)}"

@@ -16,6 +16,7 @@ from typing import Callable
 
 from unimed.config import Config, save_config
 from unimed.errors import ConfigError, why_unwritable
+from unimed.machine import describe_software, software
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def job_log(folder: Path, job: str) -> Iterator[None]:
                                                "%Y-%m-%d %H:%M:%S"))
         handler.setLevel(logging.INFO)
         since = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
-        handler.stream.write(f"--- unimed {job}, pid {os.getpid()} on {socket.gethostname()}, {since}\n")
+        handler.stream.write(f"--- unimed {job}, pid {os.getpid()} on {socket.gethostname()}, {since}\n"
+                             f"--- {describe_software(software())}\n")
         logging.getLogger().addHandler(handler)
     try:
         yield

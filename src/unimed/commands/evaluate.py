@@ -40,6 +40,7 @@ from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, to_
 from unimed.errors import ConfigError
 from unimed.eval.config import TASK_NAMES, VOLUME_TASK_NAMES
 from unimed.eval.report import read_metrics
+from unimed.machine import software
 
 if TYPE_CHECKING:
     from unimed.eval.jobs import JobStore
@@ -200,6 +201,7 @@ def run_evaluation(
             "checkpoint": str(checkpoint) if checkpoint is not None else None,
             "data_root": cfg.data.root,
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "software": software(),
             **results,
             "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "confidence": CONFIDENCE,
                           "seed": cfg.eval.seed, "replicates": BOOTSTRAP_FILE},

@@ -61,6 +61,7 @@ from unimed.eval.report import (
     methods,
     table_notes,
 )
+from unimed.machine import describe_software
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#1f2933;margin:0;
@@ -238,6 +239,8 @@ def _meta_html(metrics: dict) -> str:
     fields = [("Run", metrics.get("run")), ("Checkpoint", metrics.get("checkpoint")),
               ("Data root", metrics.get("data_root")), ("Created", metrics.get("created")),
               ("Duration", _duration(metrics.get("seconds"))),
+              ("Software", describe_software(metrics["software"]) if isinstance(metrics.get("software"), dict)
+               else None),
               ("Encoders", ", ".join(label for label, _ in methods(metrics)) or None)]
     fields += [("Unfinished training", line) for line in metrics.get("unfinished") or []]
     items = "".join(f"<dt>{E(name)}</dt><dd>{E(str(MISSING if value is None else value))}</dd>"
