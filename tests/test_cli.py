@@ -468,7 +468,10 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
     assert set(metrics["encoders"]["medunic"]["tasks"]) == {"zero_shot"}
     assert metrics["checkpoint"] == str(checkpoint)
     assert metrics["software"] == {**software(), "commit": metrics["software"]["commit"]}  # what made it
-    assert html.escape(describe_software(metrics["software"])) in (run / "report.html").read_text()
+    report = (run / "report.html").read_text()
+    assert html.escape(describe_software(metrics["software"])) in report
+    sha = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()  # the weights that ran
+    assert metrics["weights"] == {"medunic": {"path": str(checkpoint), "sha256": sha}} and sha[:16] in report
     assert "CXP500" in capsys.readouterr().out
     # Where no split fits in memory, the images go to the run's spill folder, which is gone after.
     mapped: list[Path] = []

@@ -140,3 +140,18 @@ def test_missing_or_mismatched_checkpoint_errors(tmp_path):
     (path / ckpt.STATE_FILE).unlink()
     with pytest.raises(ckpt.CheckpointError, match="incomplete: no state.pt"):
         ckpt.latest_checkpoint(tmp_path)
+
+
+def test_the_weights_digest_is_the_checked_one_or_computed(tmp_path):
+    import hashlib
+
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / ckpt.WEIGHTS_FILE).write_bytes(b"weights")
+    computed = hashlib.sha256(b"weights").hexdigest()
+    assert ckpt.weights_sha256(folder) == computed  # a folder from before checksums were written
+    ckpt.write_checksums(folder, (ckpt.WEIGHTS_FILE,))
+    (folder / ckpt.WEIGHTS_FILE).write_bytes(b"other")  # the digest loading checked, not a new read
+    assert ckpt.weights_sha256(folder) == computed
+    (folder / ckpt.CHECKSUM_FILE).write_text("{")
+    assert ckpt.weights_sha256(folder) == hashlib.sha256(b"other").hexdigest()

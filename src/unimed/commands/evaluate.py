@@ -173,7 +173,7 @@ def run_evaluation(
     from unimed.eval.tasks import TaskContext
     from unimed.eval.volume_viewer import volume_datasets, write_volume_viewers
     from unimed.pretrained import is_export
-    from unimed.train.checkpoint import unfinished
+    from unimed.train.checkpoint import unfinished, weights_sha256
 
     start = time.perf_counter()
     # A missing or corrupt checkpoint fails before anything is written, then missing datasets.
@@ -202,6 +202,8 @@ def run_evaluation(
             "data_root": cfg.data.root,
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "software": software(),
+            "weights": {encoder.name: {"path": str(path), "sha256": weights_sha256(path)}
+                        for encoder, (_, path) in zip(encoders, trained)},
             **results,
             "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "confidence": CONFIDENCE,
                           "seed": cfg.eval.seed, "replicates": BOOTSTRAP_FILE},

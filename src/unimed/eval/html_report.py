@@ -242,6 +242,9 @@ def _meta_html(metrics: dict) -> str:
               ("Software", describe_software(metrics["software"]) if isinstance(metrics.get("software"), dict)
                else None),
               ("Encoders", ", ".join(label for label, _ in methods(metrics)) or None)]
+    weights = metrics.get("weights") if isinstance(metrics.get("weights"), dict) else {}
+    fields += [(f"Weights of {name}", f"{entry.get('path')} (SHA-256 {str(entry.get('sha256'))[:16]}…)")
+               for name, entry in weights.items() if isinstance(entry, dict)]
     fields += [("Unfinished training", line) for line in metrics.get("unfinished") or []]
     items = "".join(f"<dt>{E(name)}</dt><dd>{E(str(MISSING if value is None else value))}</dd>"
                     for name, value in fields)

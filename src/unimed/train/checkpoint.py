@@ -276,6 +276,18 @@ def verify_checksums(folder: Path, files: tuple[str, ...]) -> None:
                                   f"from the one in {CHECKSUM_FILE}")
 
 
+def weights_sha256(folder: Path) -> str:
+    """SHA-256 of the weights in a checkpoint or exported model `folder`: the one its
+    `CHECKSUM_FILE` holds (checked when the weights are loaded), else computed."""
+    try:
+        sums = json.loads((folder / CHECKSUM_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        sums = None
+    if isinstance(sums, dict) and isinstance(sums.get(WEIGHTS_FILE), str):
+        return sums[WEIGHTS_FILE]
+    return _sha256(folder / WEIGHTS_FILE)
+
+
 def latest_checkpoint(root: str | Path, *, fallback: bool = False) -> Path | None:
     """The checkpoint that `latest` names, checked (:func:`verify_checkpoint`); None when there is
     none yet.
