@@ -104,6 +104,8 @@ def test_export_round_trip_gives_the_run_encoders_embeddings(tiny_run: Path, ima
     assert _mode(out / "model.safetensors") == _mode(out / "config.yaml")
     card = (out / "README.md").read_text()
     assert "Zero-shot" in card and "mimic-cxr" in card and "| --- |" in card
+    assert "- exported with: unimed " in card and "Evaluated with: unimed " in card
+    assert "other weights" not in card  # the run was evaluated on the checkpoint exported
     assert json.loads((out / "preprocess.json").read_text())["image_size"] == TINY["data"]["image_size"]
     # The run trained on its own MLM output: the export does not name that folder of this machine.
     assert yaml.safe_load((out / "config.yaml").read_text())["method"]["text"]["encoder"] is None
@@ -984,6 +986,21 @@ def test_a_checkpoint_before_its_runs_last_step_is_said_so_where_it_is_used(tiny
         tmp_path / "exported" / "README.md").read_text()
     assert main(["export", str(tiny_run), str(tmp_path / "finished"), "--quiet"]) == 0
     assert "did not finish" not in (tmp_path / "finished" / "README.md").read_text()
+
+
+def test_an_export_whose_run_was_evaluated_on_other_weights_says_so(tiny_run: Path, tmp_path: Path):
+    """The card showed the run's tables as the exported model's even where they were measured on
+    another checkpoint (the run trained on, or evaluated at an earlier step)."""
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    earlier = "runs/tiny/pretrain/checkpoints/step_00000001"
+    metrics["weights"]["medunic"] = {"path": earlier, "sha256": "0" * 64}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["export", str(run), str(tmp_path / "exported"), "--quiet"]) == 0
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert (f"**These tables were measured on other weights** (`{earlier}`) than the exported "
+            f"checkpoint `{find_checkpoint(run).name}`") in card
 
 
 def test_nothing_touches_the_network(tiny_run: Path, images: Path, tmp_path: Path, monkeypatch):

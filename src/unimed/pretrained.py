@@ -58,6 +58,7 @@ from unimed.eval.encoders import Encoder, build_encoder, default_device, inferen
 from unimed.eval.features import volume_spaces
 from unimed.eval.prompts import PROMPT_DIR, PromptSet, corpus_stemming, load_prompts
 from unimed.eval.zero_shot import own_scores, prompt_scores
+from unimed.machine import describe_software, software
 from unimed.methods import create_method, method_label
 from unimed.models.text import check_max_length, load_text_config, load_tokenizer
 from unimed.text.stemming import copy_corpus_stemming
@@ -71,6 +72,7 @@ from unimed.train.checkpoint import (
     umask_permissions,
     unfinished,
     verify_checksums,
+    weights_sha256,
     write_checksums,
     write_failure,
 )
@@ -593,7 +595,8 @@ def model_card(pretrained: Pretrained, checkpoint: Path) -> str:
         f"- text encoder: {pretrained.model.text.config.num_hidden_layers} layers, width "
         f"{pretrained.model.text.config.hidden_size}, vocabulary {len(pretrained.encoder.tokenizer)}",
         f"- zero-shot prompt languages: "
-        f"{', '.join(sorted(p.stem for p in pretrained.prompt_dir.glob('*.yaml')))}", "",
+        f"{', '.join(sorted(p.stem for p in pretrained.prompt_dir.glob('*.yaml')))}",
+        f"- exported with: {describe_software(software())}", "",
         "## Training data", "",
         f"- data root: `{cfg.data.root}`",
         f"- pre-training datasets: {', '.join(cfg.data.pretrain_datasets)}",
@@ -615,6 +618,13 @@ def model_card(pretrained: Pretrained, checkpoint: Path) -> str:
     else:
         lines += [f"From the run's `{METRICS_FILE}` (data root `{metrics.get('data_root')}`); "
                   "values in %, 95 % bootstrap intervals in brackets.", ""]
+        if isinstance(metrics.get("software"), dict):
+            lines += [f"Evaluated with: {describe_software(metrics['software'])}.", ""]
+        weights = metrics.get("weights") if isinstance(metrics.get("weights"), dict) else {}
+        evaluated = weights.get(cfg.method.name)
+        if isinstance(evaluated, dict) and evaluated.get("sha256") != weights_sha256(checkpoint):
+            lines += [f"**These tables were measured on other weights** (`{evaluated.get('path')}`) than "
+                      f"the exported checkpoint `{checkpoint.name}`: evaluate this folder for its own.", ""]
         for title, header, rows in format_tables(metrics):
             lines += [f"### {title}", "", _markdown_row(header),
                       _markdown_row(["---"] * len(header)), *(_markdown_row(r) for r in rows), ""]
