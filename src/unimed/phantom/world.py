@@ -23,7 +23,7 @@ from unimed.data.splits import split_file_path
 from unimed.errors import ConfigError, why_unwritable
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.generator import generate_study
-from unimed.phantom.writers import LAYOUTS, WRITERS, LayoutWriter, ManifestEntry, StudyResult
+from unimed.phantom.writers import LAYOUTS, WRITERS, ManifestEntry, StudyResult
 from unimed.phantom.writers.base import write_csv
 from unimed.phantom.writers.mimic import PARALLEL_COLUMNS, PARALLEL_CSV
 from unimed.train.stop import forked_pool, leave_interrupts_to_parent
@@ -97,16 +97,17 @@ def read_manifest(path: Path, cls: type[T], kind: str, world: str) -> T:
         raise ValueError(f"{path}: malformed {kind} manifest ({exc})") from None
 
 
-def summarize(writer: type[LayoutWriter], entries: Sequence[ManifestEntry]) -> DatasetManifest:
-    """Count what a dataset's studies put on disk."""
+def summarize(folder: str, dataset: str, entries: Sequence[ManifestEntry]) -> DatasetManifest:
+    """Count what a dataset's studies put on disk (its writer's `folder` and `dataset`: a 2D or a
+    CT layout writer)."""
     frontal = [e for e in entries if e.frontal]
     positives: Counter[str] = Counter()
     for entry in frontal:
         positives.update(name for name, value in entry.labels.items() if value == 1.0)
     names = sorted({name for e in entries for name in e.labels})
     return DatasetManifest(
-        folder=writer.folder,
-        dataset=writer.dataset,
+        folder=folder,
+        dataset=dataset,
         studies=len(entries),
         images=sum(e.images for e in entries),
         views={"frontal": len(frontal), "lateral": len(entries) - len(frontal)},
@@ -230,7 +231,7 @@ def write_layouts(cfg: PhantomConfig, root: Path, layouts: Sequence[type], jobs:
         for writer in layouts:
             done = results[writer.folder]
             writer(cfg, root / writer.folder).write_tables([row for r in done for row in r.rows])
-            datasets[writer.folder] = summarize(writer, [r.entry for r in done])
+            datasets[writer.folder] = summarize(writer.folder, writer.dataset, [r.entry for r in done])
     except OSError as exc:
         if exc.filename is not None:
             raise
