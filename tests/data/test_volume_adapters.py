@@ -423,6 +423,10 @@ def test_a_metaimage_holding_its_voxels_reads_and_a_bad_data_stream_is_named(tmp
     with pytest.raises(DataError, match=r"p\.mhd: p\.raw is not zlib or gzip data, though the header says "
                                         r"CompressedData = True"):
         read_volume(header)
+    header.write_text("".join(line for line in header.read_text().splitlines(keepends=True)
+                              if not line.startswith("ElementDataFile")))
+    with pytest.raises(DataError, match=r"p\.mhd: the MetaImage header has no ElementDataFile line"):
+        read_volume(header)
 
 
 def test_bad_luna_input(world, tmp_path):

@@ -8,7 +8,7 @@ orientation to RAS, resampling to a target spacing, HU windowing;
 :func:`~unimed.data.resize.resize_volume` resizes to a shape (torch's "area" along the axes that
 shrink, then trilinear). Every failure is a :class:`DataError` naming the file: truncated or
 unreadable files, a `.raw` that is missing or short (an `.mha` without the voxels its header
-promises), compressed data that is not, a folder of several DICOM series,
+promises), compressed data that is not zlib or gzip, a folder of several DICOM series,
 non-positive spacing, NaN voxels, and values that can only come from rescaling stored values that
 were already in HU (the double rescale that CT-CLIP's pipeline is known for).
 
@@ -111,7 +111,10 @@ def _raw_path(path: Path, fields: dict[str, str]) -> Path:
     """The data file (`.raw`, or `.zraw` when compressed) a MetaImage header names
     (ElementDataFile), checked to exist: the header itself for LOCAL."""
     name = fields.get("ElementDataFile")
-    if name is None or name == "LOCAL":
+    if name is None:  # the reader's own error says "No such file or directory"
+        raise DataError("the MetaImage header has no ElementDataFile line (its data file's name, or "
+                        "LOCAL)", path, reason=UNREADABLE_IMAGE)
+    if name == "LOCAL":
         return path
     raw = path.parent / name
     if not raw.is_file():
