@@ -97,3 +97,18 @@ def test_a_result_records_the_software_and_machine_that_made_it(monkeypatch):
     monkeypatch.setattr(machine.subprocess, "run", no_git)
     assert machine.source_commit() is None
     assert "(commit" not in machine.describe_software(machine.software())
+
+
+def test_the_record_names_gpus_without_starting_cuda(monkeypatch):
+    """Naming a GPU starts the CUDA runtime, which a CPU job, or a parent about to fork workers,
+    must not do just to write a log header."""
+    def no_start(index):
+        raise AssertionError("CUDA started")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", no_start)
+    assert machine.software()["gpus"] == ["cuda:0", "cuda:1"]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"H100 #{index}")
+    assert machine.software()["gpus"] == ["H100 #0", "H100 #1"]

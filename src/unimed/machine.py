@@ -134,14 +134,17 @@ def source_commit() -> str | None:
 def software() -> dict[str, object]:
     """What produced a result, for its metrics.json and logs: unimed's version and commit, Python's
     and the key libraries' versions (None for one not installed), the processor, the GPUs torch
-    sees and the threads it uses."""
+    sees (by name once CUDA has started) and the threads it uses."""
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    # A GPU's name needs the CUDA runtime: a process that has not started it (a CPU job, a parent
+    # about to fork loader or evaluation workers) is not made to, and names the devices by index.
+    named = torch.cuda.is_initialized()
+    gpus = [torch.cuda.get_device_name(i) if named else f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return {"unimed": unimed.__version__, "commit": source_commit(), "python": platform.python_version(),
             **versions, "processor": processor(), "gpus": gpus, "threads": torch.get_num_threads()}
 
