@@ -112,3 +112,27 @@ def test_the_record_names_gpus_without_starting_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"H100 #{index}")
     assert machine.software()["gpus"] == ["H100 #0", "H100 #1"]
+
+
+def test_a_package_inside_another_projects_repository_has_no_commit(tmp_path, monkeypatch):
+    """unimed installed in a virtual environment inside one's own project's repository: git answered
+    for the project, whose commit was recorded as unimed's."""
+    import unimed
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=u", "-c", "user.email=u@x", *args],
+                       check=True, capture_output=True)
+
+    installed = tmp_path / ".venv" / "site-packages" / "unimed"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+    (tmp_path / "train.py").write_text("")
+    git("init", "-q")
+    git("add", "train.py")
+    git("commit", "-q", "-m", "the user's project")
+    monkeypatch.setattr(unimed, "__file__", str(installed / "__init__.py"))
+    assert machine.source_commit() is None
+    git("add", ".venv")  # a checkout of unimed itself tracks its package
+    git("commit", "-q", "-m", "tracked")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert machine.source_commit() == head.stdout.strip()

@@ -119,9 +119,12 @@ def _git(folder: Path, *args: str) -> subprocess.CompletedProcess:
 
 def source_commit() -> str | None:
     """The git commit of the checkout unimed runs from, with "-dirty" when its tracked files were
-    edited since; None for an installed package or where git is missing."""
+    edited since; None for an installed package (even one inside another project's repository,
+    such as a virtual environment there, whose files git does not track) or where git is missing."""
     source = Path(unimed.__file__).resolve().parent
     try:
+        if _git(source, "ls-files", "--error-unmatch", "__init__.py").returncode != 0:
+            return None
         head = _git(source, "rev-parse", "HEAD")
         if head.returncode != 0:
             return None
