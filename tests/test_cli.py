@@ -350,7 +350,7 @@ def test_a_folder_is_held_by_one_process_at_a_time(tmp_path: Path, caplog):
             pytest.fail("held a folder that cannot exist")
 
 
-def test_a_job_logs_to_a_file_in_the_folder_it_holds(tmp_path: Path, caplog):
+def test_a_job_logs_to_a_file_in_the_folder_it_holds(tmp_path: Path, caplog, capsys):
     """A run's folder kept no log: the warnings of a long training (files skipped, reports cut) were
     on the console alone, lost with it."""
     from unimed.commands import holding
@@ -379,6 +379,26 @@ def test_a_job_logs_to_a_file_in_the_folder_it_holds(tmp_path: Path, caplog):
     with caplog.at_level("WARNING"), holding(folder, "mlm"):
         said.info("still runs")
     assert f"cannot write the log file {folder / 'mlm.log'} (Is a directory)" in caplog.text
+    (folder / "vocab.log").symlink_to("/dev/full")  # a disk full for the log: the job still ends well
+    caplog.clear()
+    with holding(folder, "vocab"):
+        said.info("first line")
+        said.info("second line")
+    failed = [r.getMessage() for r in caplog.records if "cannot write the log file" in r.getMessage()]
+    assert failed == [f"cannot write the log file {folder / 'vocab.log'} (No space left on device): this "
+                      "vocab is logged on the console only from here"]
+    assert "second line" in caplog.text and "Logging error" not in caplog.text
+    caplog.clear()
+    with holding(folder, "pretrain"):  # the disk fills up mid-job: said once, the job goes on
+        log_file = next(h for h in logging.getLogger().handlers if getattr(h, "job", None) == "pretrain")
+        log_file.stream = open("/dev/full", "w", encoding="utf-8")
+        said.info("lost line")
+        said.info("another")
+    assert log_file not in logging.getLogger().handlers
+    assert [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()] == [
+        f"cannot write the log file {folder / 'pretrain.log'} (No space left on device): this pretrain "
+        "is logged on the console only from here"]
+    assert "another" in caplog.text and "Logging error" not in capsys.readouterr().err
     with holding(tmp_path / "world", "phantom world", setting="phantom.root", logged=False):
         said.info("not logged")
     assert not list((tmp_path / "world").glob("*.log"))

@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
@@ -82,34 +83,79 @@ def _unwritable(folder: Path, exc: OSError, setting: str = "run.output_dir") -> 
                        "writable folder")
 
 
+class JobLog(logging.FileHandler):
+    """A job's log file (:func:`job_log`). A write that fails (a full disk) is said once on the
+    console, and the file takes no more lines: the job goes on, as it does where the file cannot be
+    opened. A log is not worth a run."""
+
+    def __init__(self, path: Path, job: str) -> None:
+        super().__init__(path, encoding="utf-8")
+        self.job = job
+        self.failed = False
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                            "%Y-%m-%d %H:%M:%S"))
+        self.setLevel(logging.INFO)
+
+    def write(self, text: str) -> None:
+        """`text` straight into the file (a header, the line saying why the job stopped)."""
+        if self.failed:
+            return
+        try:
+            self.stream.write(text)
+            self.flush()
+        except OSError as exc:
+            self.fail(exc)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        self.fail(sys.exc_info()[1])
+
+    def fail(self, exc: BaseException | None) -> None:
+        """Stop writing the file and say so, once."""
+        if self.failed:
+            return
+        self.failed = True
+        logging.getLogger().removeHandler(self)
+        why = getattr(exc, "strerror", None) or exc
+        log.warning("cannot write the log file %s (%s): this %s is logged on the console only from "
+                    "here", self.baseFilename, why, self.job)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:  # the last lines could not be flushed
+            self.fail(exc)
+
+
 @contextlib.contextmanager
 def job_log(folder: Path, job: str) -> Iterator[None]:
     """Append what this process logs while `job` runs (the lines the console shows, each with its
     time; a forked evaluation worker's too) to ``<job>.log`` in `folder`, under a line naming the
     job; when the job raises, why it stopped is the last line. The console's progress bars and
-    summary tables are not log lines and stay on the console. A file that cannot be opened is a
-    warning, and the job goes on without it."""
+    summary tables are not log lines and stay on the console. A file that cannot be opened or
+    written is a warning (:class:`JobLog`), and the job goes on without it."""
     path = folder / f"{job.replace(' ', '-')}.log"
     try:
-        handler: logging.FileHandler | None = logging.FileHandler(path, encoding="utf-8")
+        handler: JobLog | None = JobLog(path, job)
     except OSError as exc:
         log.warning("cannot write the log file %s (%s): this %s is logged on the console only",
                     path, exc.strerror or exc, job)
         handler = None
     if handler is not None:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                               "%Y-%m-%d %H:%M:%S"))
-        handler.setLevel(logging.INFO)
         since = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
-        handler.stream.write(f"--- unimed {job}, pid {os.getpid()} on {socket.gethostname()}, {since}\n"
-                             f"--- {describe_software(software())}\n")
-        logging.getLogger().addHandler(handler)
+        handler.write(f"--- unimed {job}, pid {os.getpid()} on {socket.gethostname()}, {since}\n"
+                      f"--- {describe_software(software())}\n")
+        if not handler.failed:
+            logging.getLogger().addHandler(handler)
     try:
         yield
     except BaseException as exc:
         if handler is not None:
-            handler.stream.write(f"stopped: {type(exc).__name__}: {exc}\n" if str(exc) else
-                                 f"stopped: {type(exc).__name__}\n")
+            handler.write(f"stopped: {type(exc).__name__}: {exc}\n" if str(exc) else
+                          f"stopped: {type(exc).__name__}\n")
         raise
     finally:
         if handler is not None:
