@@ -473,9 +473,10 @@ def _tiny_english_bert(path: Path) -> Path:
     return path
 
 
-def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
+def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch, caplog):
     from unimed.machine import describe_software, software
 
+    caplog.set_level("INFO")  # as the command line's logging is
     base = f"vocab.base_model={_tiny_english_bert(tmp_path / 'english_bert')}"
     for stage in ("phantom", "vocab", "mlm", "pretrain"):
         assert main([stage, str(preset), base, "--quiet"]) == 0
@@ -492,6 +493,8 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch):
     assert html.escape(describe_software(metrics["software"])) in report
     sha = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()  # the weights that ran
     assert metrics["weights"] == {"medunic": {"path": str(checkpoint), "sha256": sha}} and sha[:16] in report
+    # The log says which weights were loaded, before the evaluation's own lines.
+    assert f"medunic: loaded weights from {checkpoint}" in (run / "evaluation.log").read_text()
     assert "CXP500" in capsys.readouterr().out
     # Where no split fits in memory, the images go to the run's spill folder, which is gone after.
     mapped: list[Path] = []

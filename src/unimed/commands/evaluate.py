@@ -176,58 +176,60 @@ def run_evaluation(
     from unimed.train.checkpoint import unfinished, weights_sha256
 
     start = time.perf_counter()
-    # A missing or corrupt checkpoint fails before anything is written, then missing datasets.
+    # A missing checkpoint fails before anything is written, then missing datasets; the weights are
+    # loaded (and checked) under the evaluation's hold, so its log says which, or why they could not be.
     trained = _resolve_trained(cfg, checkpoint, also)
     check_datasets_present(cfg, tasks)
-    early = [line for _, path in trained if not is_export(path) and (line := unfinished(path))]
-    encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
     out_dir = cfg.run.dir
-    with holding(out_dir, "evaluation"), replacing_evaluation(out_dir) as previous:
-        figures = run_dir(cfg, EVAL_DIR)
-        # Images, slice stacks and feature maps too large to hold go to disk beside the report
-        # (unimed.eval.data), for this run only.
-        spill_dir = figures / SPILL_DIR
-        ctx = TaskContext(EvalData(cfg.data, progress=progress, spill_dir=spill_dir), cfg.eval, figures,
-                          progress)
-        store = job_store(cfg, out_dir)
-        try:
-            results = evaluate(encoders, ctx, tasks, store)
-        finally:
-            shutil.rmtree(spill_dir, ignore_errors=True)
-        metrics = {
-            "run": cfg.run.name,
-            "method": cfg.method.name,
-            "methods": [run_cfg.method.name for run_cfg, _ in trained],
-            "checkpoint": str(checkpoint) if checkpoint is not None else None,
-            "data_root": cfg.data.root,
-            "created": datetime.datetime.now().isoformat(timespec="seconds"),
-            "software": software(),
-            "weights": {encoder.name: {"path": str(path), "sha256": weights_sha256(path)}
-                        for encoder, (_, path) in zip(encoders, trained)},
-            **results,
-            "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "confidence": CONFIDENCE,
-                          "seed": cfg.eval.seed, "replicates": BOOTSTRAP_FILE},
-            "splits": ctx.data.publish(figures),
-        }
-        if any(task in VOLUME_TASK_NAMES for task in tasks):
-            metrics["volume_viewer"] = write_volume_viewers(ctx, volume_datasets(cfg.eval, tasks),
-                                                            phantom_volume)
-        log_path = cfg.run.dir / "pretrain" / LOG_FILE
-        if log_path.is_file():
-            metrics["pretraining"] = plot_loss_curves(log_path, figures / LOSS_FIGURE)
-        for run_cfg, _ in also:
-            name, method_log = run_cfg.method.name, run_cfg.run.dir / "pretrain" / LOG_FILE
-            curves = (plot_loss_curves(method_log, figures / f"{name}_{LOSS_FIGURE}")
-                      if method_log.is_file() else None)
-            if curves is not None:
-                metrics.setdefault("pretraining_methods", {})[name] = curves
-        if early:
-            metrics["unfinished"] = early
-        if "ablation" in previous:  # `unimed ablate`'s table (its own runs and seeds) stays in the report
-            metrics["ablation"] = previous["ablation"]
-        metrics["seconds"] = round(time.perf_counter() - start, 1)
-        write_outputs(metrics, out_dir, figures, ctx.replicates)
-        store.clear()
+    with holding(out_dir, "evaluation"):
+        early = [line for _, path in trained if not is_export(path) and (line := unfinished(path))]
+        encoders = _encoders(cfg, trained, cfg.eval.baselines if baselines is None else baselines)
+        with replacing_evaluation(out_dir) as previous:
+            figures = run_dir(cfg, EVAL_DIR)
+            # Images, slice stacks and feature maps too large to hold go to disk beside the report
+            # (unimed.eval.data), for this run only.
+            spill_dir = figures / SPILL_DIR
+            ctx = TaskContext(EvalData(cfg.data, progress=progress, spill_dir=spill_dir), cfg.eval, figures,
+                              progress)
+            store = job_store(cfg, out_dir)
+            try:
+                results = evaluate(encoders, ctx, tasks, store)
+            finally:
+                shutil.rmtree(spill_dir, ignore_errors=True)
+            metrics = {
+                "run": cfg.run.name,
+                "method": cfg.method.name,
+                "methods": [run_cfg.method.name for run_cfg, _ in trained],
+                "checkpoint": str(checkpoint) if checkpoint is not None else None,
+                "data_root": cfg.data.root,
+                "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                "software": software(),
+                "weights": {encoder.name: {"path": str(path), "sha256": weights_sha256(path)}
+                            for encoder, (_, path) in zip(encoders, trained)},
+                **results,
+                "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "confidence": CONFIDENCE,
+                              "seed": cfg.eval.seed, "replicates": BOOTSTRAP_FILE},
+                "splits": ctx.data.publish(figures),
+            }
+            if any(task in VOLUME_TASK_NAMES for task in tasks):
+                metrics["volume_viewer"] = write_volume_viewers(ctx, volume_datasets(cfg.eval, tasks),
+                                                                phantom_volume)
+            log_path = cfg.run.dir / "pretrain" / LOG_FILE
+            if log_path.is_file():
+                metrics["pretraining"] = plot_loss_curves(log_path, figures / LOSS_FIGURE)
+            for run_cfg, _ in also:
+                name, method_log = run_cfg.method.name, run_cfg.run.dir / "pretrain" / LOG_FILE
+                curves = (plot_loss_curves(method_log, figures / f"{name}_{LOSS_FIGURE}")
+                          if method_log.is_file() else None)
+                if curves is not None:
+                    metrics.setdefault("pretraining_methods", {})[name] = curves
+            if early:
+                metrics["unfinished"] = early
+            if "ablation" in previous:  # `unimed ablate`'s table (its own runs and seeds) stays in the report
+                metrics["ablation"] = previous["ablation"]
+            metrics["seconds"] = round(time.perf_counter() - start, 1)
+            write_outputs(metrics, out_dir, figures, ctx.replicates)
+            store.clear()
     return metrics
 
 
