@@ -1001,6 +1001,12 @@ def test_an_export_whose_run_was_evaluated_on_other_weights_says_so(tiny_run: Pa
     card = (tmp_path / "exported" / "README.md").read_text()
     assert (f"**These tables were measured on other weights** (`{earlier}`) than the exported "
             f"checkpoint `{find_checkpoint(run).name}`") in card
+    del metrics["weights"]  # an evaluation from before the weights were recorded: a caution
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["export", str(run), str(tmp_path / "older"), "--quiet"]) == 0
+    card = (tmp_path / "older" / "README.md").read_text()
+    assert ("The run's evaluation does not record which weights it measured (its checkpoint: "
+            f"`{metrics['checkpoint']}`)") in card and "other weights" not in card
 
 
 def test_nothing_touches_the_network(tiny_run: Path, images: Path, tmp_path: Path, monkeypatch):

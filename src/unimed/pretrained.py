@@ -622,7 +622,11 @@ def model_card(pretrained: Pretrained, checkpoint: Path) -> str:
             lines += [f"Evaluated with: {describe_software(metrics['software'])}.", ""]
         weights = metrics.get("weights") if isinstance(metrics.get("weights"), dict) else {}
         evaluated = weights.get(cfg.method.name)
-        if isinstance(evaluated, dict) and evaluated.get("sha256") != weights_sha256(checkpoint):
+        if not isinstance(evaluated, dict):  # an evaluation from before unimed recorded its weights
+            lines += ["The run's evaluation does not record which weights it measured (its checkpoint: "
+                      f"`{metrics.get('checkpoint')}`): evaluate this folder to be sure the tables are "
+                      "its own.", ""]
+        elif evaluated.get("sha256") != weights_sha256(checkpoint):
             lines += [f"**These tables were measured on other weights** (`{evaluated.get('path')}`) than "
                       f"the exported checkpoint `{checkpoint.name}`: evaluate this folder for its own.", ""]
         for title, header, rows in format_tables(metrics):
