@@ -444,8 +444,10 @@ def test_a_folder_of_volumes_leaves_out_sub_folders_without_a_file(tmp_path: Pat
     (scans / "hidden-only").mkdir()
     (scans / "hidden-only" / ".DS_Store").write_bytes(b"")
     (scans / "ct.nii.gz").write_bytes(b"")
+    (scans / "UP.MHA").write_bytes(b"")  # an upper-case name was left out of the listing without a word
     with caplog.at_level(logging.WARNING):
-        assert list_volumes(scans) == [scans / "ct.nii.gz", scans / "series", scans / "slices"]
+        listed = list_volumes(scans)
+    assert listed == [scans / "UP.MHA", scans / "ct.nii.gz", scans / "series", scans / "slices"]
     assert [r.getMessage() for r in caplog.records] == [
         f"{scans}: 2 sub-folder(s) hold no file, left out: empty, hidden-only"]
 

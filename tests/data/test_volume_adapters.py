@@ -32,6 +32,7 @@ from unimed.data.volumes import (
     crop_cube,
     prepare_volume,
     read_volume,
+    volume_files,
 )
 from unimed.phantom.config import PhantomConfig
 from unimed.phantom.ct.config import CTConfig
@@ -426,6 +427,34 @@ def test_a_metaimage_holding_its_voxels_reads_and_a_bad_data_stream_is_named(tmp
     header.write_text("".join(line for line in header.read_text().splitlines(keepends=True)
                               if not line.startswith("ElementDataFile")))
     with pytest.raises(DataError, match=r"p\.mhd: the MetaImage header has no ElementDataFile line"):
+        read_volume(header)
+
+
+def test_a_metaimage_of_listed_slices_and_upper_case_names_read(tmp_path):
+    """ElementDataFile = LIST (one file a slice, named after the header) was "data file LIST 2D not
+    found"; an upper-case ``.MHA`` or ``.NII.GZ`` was "not a volume", and left out of a folder."""
+    hu = _body(np.int16)  # (x, y, z)
+    want = hu[::-1, ::-1].astype(np.float32)  # LPS -> RAS
+    image = sitk.GetImageFromArray(hu.transpose(2, 1, 0))
+    sitk.WriteImage(image, str(tmp_path / "up.mha"))
+    (tmp_path / "up.mha").rename(tmp_path / "UP.MHA")
+    np.testing.assert_array_equal(read_volume(tmp_path / "UP.MHA").array, want)
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    (tmp_path / "ct.nii.gz").rename(tmp_path / "CT.NII.GZ")
+    np.testing.assert_array_equal(read_volume(tmp_path / "CT.NII.GZ").array, want)
+    slices = [f"slice{z:03d}.raw" for z in range(hu.shape[2])]
+    for z, name in enumerate(slices):
+        (tmp_path / name).write_bytes(np.ascontiguousarray(hu[:, :, z].T).tobytes())
+    header = tmp_path / "listed.mhd"
+    header.write_text(f"ObjectType = Image\nNDims = 3\nDimSize = {' '.join(map(str, hu.shape))}\n"
+                      "ElementType = MET_SHORT\nElementDataFile = LIST 2D\n" + "\n".join(slices) + "\n")
+    np.testing.assert_array_equal(read_volume(header).array, want)
+    assert volume_files(header) == [header, *(tmp_path / name for name in slices)]
+    (tmp_path / slices[2]).unlink()
+    with pytest.raises(DataError, match=rf"listed\.mhd: MetaImage data file {slices[2]} not found beside"):
+        read_volume(header)
+    header.write_text(header.read_text().split("LIST 2D")[0] + "LIST 2D\n")
+    with pytest.raises(DataError, match=r"listed\.mhd: the MetaImage header's ElementDataFile = LIST names "):
         read_volume(header)
 
 

@@ -88,11 +88,11 @@ def _holds_a_file(folder: Path) -> bool:
 
 
 def list_volumes(path: str | Path) -> list[Path]:
-    """The CT volumes at `path`: a volume file (NIfTI, .mhd), a folder that is one volume (a DICOM
+    """The CT volumes at `path`: a volume file (NIfTI, .mhd, .mha), a folder that is one volume (a DICOM
     series or slice images: files only), or a folder of volumes (its volume files and the
     sub-folders that hold a file, one level, sorted; a sub-folder without one is named in a
     warning); a DataError naming `path` otherwise."""
-    from unimed.data.volumes import VOLUME_SUFFIXES, volume_kind
+    from unimed.data.volumes import is_volume_file, volume_kind
 
     path = Path(path)
     if not path.exists():
@@ -102,7 +102,7 @@ def list_volumes(path: str | Path) -> list[Path]:
         return [path]
     inside = sorted(p for p in path.iterdir() if not _hidden(p, path))
     hollow = [p for p in inside if p.is_dir() and not _holds_a_file(p)]
-    volumes = [p for p in inside if (p.is_dir() and p not in hollow) or p.name.endswith(VOLUME_SUFFIXES)]
+    volumes = [p for p in inside if (p.is_dir() and p not in hollow) or is_volume_file(p)]
     if hollow:
         log.warning("%s: %d sub-folder(s) hold no file, left out: %s", path, len(hollow),
                     ", ".join(p.name for p in hollow))
@@ -240,7 +240,7 @@ def _inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--volumes", action="store_true",
-                        help="the path holds CT volumes: a NIfTI or .mhd file, a folder of one DICOM "
+                        help="the path holds CT volumes: a NIfTI, .mhd or .mha file, a folder of one DICOM "
                              "series or of slice images, or a folder of such volumes (one level)")
     parser.add_argument("--workers", type=int, default=0,
                         help="processes that read and resize the files beside the model (default: 0, "

@@ -49,7 +49,13 @@ SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Pillow modes of slice images wider than 8 bits: 16-bit grey (some files open as 32-bit "I").
 WIDE_SLICE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "16- or 32-bit"}
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha")
-"""The files that are volumes by their name (a folder is one too: a DICOM series, slice images)."""
+"""The files that are volumes by their name, in any case (a folder is one too: a DICOM series,
+slice images)."""
+
+
+def is_volume_file(path: Path) -> bool:
+    """Whether `path` names a volume file by its suffix (``.nii.gz`` and ``.NII.GZ`` alike)."""
+    return path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
 @dataclasses.dataclass
@@ -107,35 +113,53 @@ def _header_fields(path: Path) -> tuple[dict[str, str], int]:
         return fields, f.tell()
 
 
-def _raw_path(path: Path, fields: dict[str, str]) -> Path:
-    """The data file (`.raw`, or `.zraw` when compressed) a MetaImage header names
-    (ElementDataFile), checked to exist: the header itself for LOCAL."""
+def _listed(path: Path, fields: dict[str, str], header_end: int) -> list[str] | None:
+    """The data files of an ``ElementDataFile = LIST`` header (one name a line after it, a slice
+    each), None for another header."""
+    name = fields.get("ElementDataFile", "")
+    if name.split()[:1] != ["LIST"]:
+        return None
+    with open(path, "rb") as f:
+        f.seek(header_end)
+        return [line.strip() for line in f.read().decode("utf-8", errors="replace").splitlines()
+                if line.strip()]
+
+
+def _data_files(path: Path, fields: dict[str, str], header_end: int) -> list[Path]:
+    """The data files a MetaImage header names (ElementDataFile: a `.raw`, or `.zraw` when
+    compressed; the slices of a LIST), checked to exist: the header itself for LOCAL."""
     name = fields.get("ElementDataFile")
     if name is None:  # the reader's own error says "No such file or directory"
         raise DataError("the MetaImage header has no ElementDataFile line (its data file's name, or "
                         "LOCAL)", path, reason=UNREADABLE_IMAGE)
     if name == "LOCAL":
-        return path
-    raw = path.parent / name
-    if not raw.is_file():
-        raise DataError(f"MetaImage data file {name} not found beside the header", path, reason=MISSING_IMAGE)
-    return raw
+        return [path]
+    names = _listed(path, fields, header_end)
+    if names == []:
+        raise DataError("the MetaImage header's ElementDataFile = LIST names no files after it", path,
+                        reason=UNREADABLE_IMAGE)
+    missing = next((n for n in names or [name] if not (path.parent / n).is_file()), None)
+    if missing is not None:
+        raise DataError(f"MetaImage data file {missing} not found beside the header", path,
+                        reason=MISSING_IMAGE)
+    return [path.parent / n for n in names or [name]]
 
 
 def volume_files(path: Path) -> list[Path]:
     """The files a volume is read from (for :class:`~unimed.data.prepared_cache.PreparedCache`): a
-    MetaImage header and the data file it names beside it; a folder's files; a file alone."""
-    if path.suffix not in (".mhd", ".mha") or path.is_dir():
+    MetaImage header and the data files it names beside it; a folder's files; a file alone."""
+    if path.suffix.lower() not in (".mhd", ".mha") or path.is_dir():
         return source_files(path)
-    name = _header_fields(path)[0].get("ElementDataFile", "LOCAL")
-    data = path.parent / name
-    return [path, data] if name != "LOCAL" and data.is_file() else [path]
+    fields, header_end = _header_fields(path)
+    names = _listed(path, fields, header_end) or [fields.get("ElementDataFile", "LOCAL")]
+    data = [path.parent / n for n in names if n != "LOCAL"]
+    return [path, *(f for f in data if f.is_file())]
 
 
 def _read_mhd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     _, affine = mhd_geometry(path)
     try:
-        image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path), imageIO="MetaImageIO")  # by content: an upper-case .MHA too
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
         raise DataError(f"cannot read MetaImage ({first})", path, reason=UNREADABLE_IMAGE) from None
@@ -145,9 +169,10 @@ def _read_mhd(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def mhd_geometry(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
     """(size (X, Y, Z), affine voxel -> RAS mm) from a MetaImage header alone, without its voxels."""
     fields, header_end = _header_fields(path)
-    raw = _raw_path(path, fields)
+    files = _data_files(path, fields, header_end)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    reader.SetImageIO("MetaImageIO")
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
@@ -156,8 +181,9 @@ def mhd_geometry(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
     if reader.GetDimension() != 3:  # a 2-D image or a 4-D series: the direction is not 3 x 3
         raise DataError(f"expected a 3-D volume, the header says NDims = {reader.GetDimension()}", path,
                         reason=UNREADABLE_IMAGE)
-    _check_data(raw, fields, int(np.prod(reader.GetSize())) * _pixel_bytes(reader.GetPixelID()), path,
-                start=header_end if raw == path else 0)
+    if _listed(path, fields, header_end) is None:  # a LIST's slices are checked by the reader
+        _check_data(files[0], fields, int(np.prod(reader.GetSize())) * _pixel_bytes(reader.GetPixelID()),
+                    path, start=header_end if files[0] == path else 0)
     lps = np.eye(4)
     lps[:3, :3] = np.asarray(reader.GetDirection()).reshape(3, 3) @ np.diag(reader.GetSpacing())
     lps[:3, 3] = reader.GetOrigin()
@@ -381,10 +407,10 @@ def volume_kind(path: Path) -> str:
         raise DataError("volume not found", path, reason=MISSING_IMAGE)
     if path.is_dir():
         return "slices" if any(p.suffix.lower() in SLICE_SUFFIXES for p in path.iterdir()) else "dicom"
-    if not path.name.endswith(VOLUME_SUFFIXES):
+    if not is_volume_file(path):
         raise DataError(f"not a volume: expected {', '.join(VOLUME_SUFFIXES)} or a folder (a DICOM "
                         "series or slice images)", path, reason=UNREADABLE_IMAGE)
-    return "mhd" if path.suffix in (".mhd", ".mha") else "nifti"  # .mha: a header holding its voxels
+    return "mhd" if path.suffix.lower() in (".mhd", ".mha") else "nifti"  # .mha: a header holding its voxels
 
 
 def read_volume(path: str | Path, *, labels: bool = False) -> Volume:
