@@ -51,12 +51,14 @@ class TaskContext:
     progress: bool = False
     replicates: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     features: FeatureCache = dataclasses.field(default_factory=FeatureCache)
+    single: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # test sets of one, said once
 
     def resamples(self, dataset: str, split: str, n: int) -> np.ndarray:
         """(R, n) bootstrap indices of the `n` scored images of `dataset`/`split`, the same for
         every encoder (see :func:`unimed.eval.metrics.resample_indices`); a single one gets no
-        interval, which is said."""
-        if n == 1:
+        interval, which is said once per set (not per encoder)."""
+        if n == 1 and (dataset, split) not in self.single:
+            self.single.add((dataset, split))
             log.warning("%s/%s: 1 scored image, so its metrics have no confidence interval (a "
                         "bootstrap resamples at least 2)", dataset, split)
         return resample_indices(n, self.cfg.bootstrap_resamples, self.cfg.seed, dataset, split)
