@@ -128,6 +128,10 @@ def test_demo_runs_every_stage(preset: Path, tmp_path: Path, capsys, caplog):
     demo_log = (run / "demo.log").read_text()  # every stage's lines, the evaluation's too
     assert demo_log.startswith("--- unimed demo, pid ") and stage_log.splitlines()[-1] in demo_log
     assert (run / "evaluation.log").read_text().splitlines()[-1] in demo_log
+    # It ends as the console does: what passed and failed, the stages' times, the outputs.
+    ending = demo_log.splitlines()[-10:]
+    assert ending[-1] == lines[-1] and ending[-1].startswith("outputs: ")
+    assert lines[tally] in demo_log and "demo stages (seconds): phantom world " in ending[-3]
     saved = yaml.safe_load((run / "pretrain" / "config.yaml").read_text())
     assert saved["method"]["image"]["encoder"] == "vit_tiny_patch8_64"
 

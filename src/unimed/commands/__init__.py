@@ -130,6 +130,20 @@ class JobLog(logging.FileHandler):
             self.fail(exc)
 
 
+def to_job_logs(text: str) -> None:
+    """Append `text` as it is to the job logs open in this process (:func:`job_log`)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, JobLog):
+            handler.write(f"{text}\n")
+
+
+def say(text: str) -> None:
+    """Print a line of a command's summary (a failed check and its cause, the tally of the checks)
+    and append it to the open job logs, so that a log ends as the console does."""
+    print(text)
+    to_job_logs(text)
+
+
 @contextlib.contextmanager
 def job_log(folder: Path, job: str) -> Iterator[None]:
     """Append what this process logs while `job` runs (the lines the console shows, each with its

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from unimed.commands import command, holding, run_dir
+from unimed.commands import command, holding, run_dir, say, to_job_logs
 from unimed.commands.evaluate import print_summary, run_evaluation
 from unimed.commands.phantom import phantom
 from unimed.commands.tables import print_table
@@ -120,9 +120,10 @@ def demo(cfg: Config, args: argparse.Namespace) -> int:
         print_summary(metrics, cfg.run.dir)
         mlm_check = cfg.run.dir / "mlm" / MLM_CHECK_FILE
         if mlm_check.is_file():
-            print(mlm_check_line(json.loads(mlm_check.read_text(encoding="utf-8"))))
+            say(mlm_check_line(json.loads(mlm_check.read_text(encoding="utf-8"))))
         print_table("Demo stages", ["stage", "seconds"], times)
+        to_job_logs("demo stages (seconds): " + ", ".join(f"{name} {seconds}" for name, seconds in times))
         peaks = (peak, gemm_peak(torch.device("cpu"), sizes=(2048,)))
-        print(machine_line(peaks, torch.get_num_threads()))
-        print(f"outputs: {cfg.run.dir}")
+        say(machine_line(peaks, torch.get_num_threads()))
+        say(f"outputs: {cfg.run.dir}")
         return 0

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from unimed.commands import command, holding, run_dir
+from unimed.commands import command, holding, run_dir, say
 from unimed.commands.train import text_encoder_dir, tokenizer_dir, trained_tokenizer_dir
 from unimed.commands.tables import print_table
 from unimed.config import CONFIG_FILE, Config, load_config, load_run_config, to_dict
@@ -353,11 +353,11 @@ def print_summary(metrics: dict, out_dir: Path, *, with_checks: bool = True) -> 
                      for c in checks])
         for check in checks:
             if check.status in (FAIL, TIE):
-                print(f"{check.status.upper()}: {check.name} -- {check.cause}")
-        print("\n".join(tally_lines(metrics, checks)))
+                say(f"{check.status.upper()}: {check.name} -- {check.cause}")
+        say("\n".join(tally_lines(metrics, checks)))
     for line in metrics.get("unfinished", []):
-        print(f"NOTE: {line}")
-    print(f"report: {out_dir / REPORT_FILE}\nmetrics: {out_dir / METRICS_FILE}")
+        say(f"NOTE: {line}")
+    say(f"report: {out_dir / REPORT_FILE}\nmetrics: {out_dir / METRICS_FILE}")
 
 
 def _eval_args(parser: argparse.ArgumentParser) -> None:
