@@ -497,8 +497,11 @@ def test_evaluate_and_ablate(preset: Path, tmp_path: Path, capsys, monkeypatch, 
     assert html.escape(describe_software(metrics["software"])) in report
     sha = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()  # the weights that ran
     assert metrics["weights"] == {"medunic": {"path": str(checkpoint), "sha256": sha}} and sha[:16] in report
-    # The log says which weights were loaded, before the evaluation's own lines.
-    assert f"medunic: loaded weights from {checkpoint}" in (run / "evaluation.log").read_text()
+    # The log says which weights were loaded, before the evaluation's own lines, and ends as the
+    # console does.
+    evaluation_log = (run / "evaluation.log").read_text()
+    assert f"medunic: loaded weights from {checkpoint}" in evaluation_log
+    assert evaluation_log.splitlines()[-1] == f"metrics: {run / 'metrics.json'}"
     assert "CXP500" in capsys.readouterr().out
     # Where no split fits in memory, the images go to the run's spill folder, which is gone after.
     mapped: list[Path] = []

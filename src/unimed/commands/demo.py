@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from unimed.commands import command, holding, run_dir, say, to_job_logs
-from unimed.commands.evaluate import print_summary, run_evaluation
+from unimed.commands.evaluate import run_evaluation
 from unimed.commands.phantom import phantom
 from unimed.commands.tables import print_table
 from unimed.commands.train import (
@@ -115,9 +115,8 @@ def demo(cfg: Config, args: argparse.Namespace) -> int:
             print_loss_summary(result.history, method_label(run_cfg.method.name))
             if run_cfg is not cfg:
                 also.append((run_cfg, run_cfg.run.dir))
-        metrics = timed("evaluation and report", run_evaluation, cfg, cfg.run.dir, cfg.eval.tasks,
-                        progress=progress, also=also)
-        print_summary(metrics, cfg.run.dir)
+        timed("evaluation and report", run_evaluation, cfg, cfg.run.dir, cfg.eval.tasks,
+              progress=progress, also=also, summary=True)
         mlm_check = cfg.run.dir / "mlm" / MLM_CHECK_FILE
         if mlm_check.is_file():
             say(mlm_check_line(json.loads(mlm_check.read_text(encoding="utf-8"))))

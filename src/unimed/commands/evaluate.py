@@ -163,9 +163,12 @@ def _encoders(cfg: Config, trained: Sequence[tuple[Config, Path]], baselines: tu
 def run_evaluation(
     cfg: Config, checkpoint: str | Path | None, tasks: tuple[str, ...], *, progress: bool,
     baselines: tuple[str, ...] | None = None, also: Sequence[tuple[Config, str | Path]] = (),
+    summary: bool = False,
 ) -> dict:
     """Evaluate the checkpoint, the further trained methods `also` (run config, checkpoint) and the
-    baselines on `tasks`; metrics.json + report.html in the run dir."""
+    baselines on `tasks`; metrics.json + report.html in the run dir. With `summary` the tables and
+    checks are printed (:func:`print_summary`) while the evaluation still holds its folder, so its
+    log ends with them too."""
     from unimed.eval.curves import LOG_FILE, plot_loss_curves
     from unimed.eval.data import EvalData
     from unimed.eval.metrics import CONFIDENCE
@@ -230,6 +233,8 @@ def run_evaluation(
             metrics["seconds"] = round(time.perf_counter() - start, 1)
             write_outputs(metrics, out_dir, figures, ctx.replicates)
             store.clear()
+        if summary:
+            print_summary(metrics, out_dir)
     return metrics
 
 
@@ -466,7 +471,6 @@ def evaluate_command(cfg: Config, args: argparse.Namespace) -> int:
     baselines = None
     if is_export(args.checkpoint):
         cfg, baselines = exported_model_config(cfg, Path(args.checkpoint)), ()
-    metrics = run_evaluation(cfg, args.checkpoint, tasks, progress=args.progress, baselines=baselines,
-                             also=methods_beside(cfg, args.checkpoint))
-    print_summary(metrics, cfg.run.dir)
+    run_evaluation(cfg, args.checkpoint, tasks, progress=args.progress, baselines=baselines,
+                   also=methods_beside(cfg, args.checkpoint), summary=True)
     return 0
