@@ -113,11 +113,15 @@ def _header_fields(path: Path) -> tuple[dict[str, str], int]:
         return fields, f.tell()
 
 
+def _is_list(fields: dict[str, str]) -> bool:
+    """Whether a MetaImage header's voxels are in files listed after it (``ElementDataFile = LIST``)."""
+    return fields.get("ElementDataFile", "").split()[:1] == ["LIST"]
+
+
 def _listed(path: Path, fields: dict[str, str], header_end: int) -> list[str] | None:
     """The data files of an ``ElementDataFile = LIST`` header (one name a line after it, a slice
     each), None for another header."""
-    name = fields.get("ElementDataFile", "")
-    if name.split()[:1] != ["LIST"]:
+    if not _is_list(fields):
         return None
     with open(path, "rb") as f:
         f.seek(header_end)
@@ -147,13 +151,15 @@ def _data_files(path: Path, fields: dict[str, str], header_end: int) -> list[Pat
 
 def volume_files(path: Path) -> list[Path]:
     """The files a volume is read from (for :class:`~unimed.data.prepared_cache.PreparedCache`): a
-    MetaImage header and the data files it names beside it; a folder's files; a file alone."""
+    MetaImage header and the data files it names beside it (the header alone where they are not
+    all there: the reader then names what is missing); a folder's files; a file alone."""
     if path.suffix.lower() not in (".mhd", ".mha") or path.is_dir():
         return source_files(path)
-    fields, header_end = _header_fields(path)
-    names = _listed(path, fields, header_end) or [fields.get("ElementDataFile", "LOCAL")]
-    data = [path.parent / n for n in names if n != "LOCAL"]
-    return [path, *(f for f in data if f.is_file())]
+    try:
+        data = _data_files(path, *_header_fields(path))
+    except DataError:
+        return [path]
+    return [path, *(f for f in data if f != path)]
 
 
 def _read_mhd(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +187,7 @@ def mhd_geometry(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
     if reader.GetDimension() != 3:  # a 2-D image or a 4-D series: the direction is not 3 x 3
         raise DataError(f"expected a 3-D volume, the header says NDims = {reader.GetDimension()}", path,
                         reason=UNREADABLE_IMAGE)
-    if _listed(path, fields, header_end) is None:  # a LIST's slices are checked by the reader
+    if not _is_list(fields):  # a LIST's slices are checked by the reader
         _check_data(files[0], fields, int(np.prod(reader.GetSize())) * _pixel_bytes(reader.GetPixelID()),
                     path, start=header_end if files[0] == path else 0)
     lps = np.eye(4)
